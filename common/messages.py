@@ -1,0 +1,663 @@
+"""The wire protocol: every message type streamrl sends, and its codec.
+
+This module is the only place that knows the wire format (one module owns it,
+as in jupyter_client). A message is a multipart ZeroMQ message:
+
+* frame 0: a msgpack map with the envelope (``kind``, ``schema``, ``msg_id``,
+  ``sender``, ``sent_at``) and the message's named fields;
+* frames 1..n: raw payloads. Every ``numpy.ndarray`` field travels as raw
+  little-endian bytes in its own frame, referenced from frame 0 by a msgpack
+  extension ``(frame index, dtype name, shape)``; every ``bytes`` field travels
+  the same way with ``(frame index,)``. Large payloads are therefore never
+  copied into the msgpack buffer and can be sent with ``copy=False``.
+
+Never pickle: only msgpack primitives, declared dtypes and declared shapes are
+accepted. The schema version ``(major, minor)`` is independent of the package
+version. A receiver accepts any minor version of its major version: fields it
+does not know are ignored (a newer minor may add fields), fields it needs
+must be present. ``decode`` raises :class:`ProtocolError` with a
+:class:`RejectReason` for anything it rejects; services count those by reason
+and keep running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import types
+import typing
+import uuid
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, Sequence
+
+import msgpack
+import numpy as np
+
+SCHEMA_VERSION: tuple[int, int] = (1, 0)
+"""(major, minor) of the wire schema. Bump major for incompatible changes."""
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+"""Largest message (all frames together) a decoder accepts, in bytes."""
+
+DEFAULT_MAX_FRAMES = 8192
+"""Largest number of frames in one message."""
+
+_EXT_ARRAY = 1
+_EXT_BYTES = 2
+
+_ALLOWED_DTYPES = frozenset(
+    ["bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"]
+)
+
+
+class RejectReason(str, Enum):
+    """Why a receiver rejected a message; the label of ``messages_rejected_total``."""
+
+    MALFORMED = "malformed"  # not msgpack, not a map, bad extension
+    UNKNOWN_KIND = "unknown_kind"
+    UNEXPECTED_KIND = "unexpected_kind"  # a known kind this socket does not take
+    SCHEMA_VERSION = "schema_version"  # another major version
+    BAD_FIELD = "bad_field"  # missing field or wrong type
+    BAD_ARRAY = "bad_array"  # wrong dtype, shape or byte length
+    BAD_VALUE = "bad_value"  # well-typed but absurd (NaN reward, negative version)
+    OVERSIZE = "oversize"  # too many bytes or frames
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be accepted.
+
+    Attributes:
+        reason: the :class:`RejectReason` (a metric label).
+        detail: one human-readable line saying what was wrong.
+    """
+
+    def __init__(self, reason: RejectReason, detail: str):
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class FinishReason(str, Enum):
+    """Why a completion ended: the EOS token (``stop``) or ``max_new_tokens`` (``length``)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+
+
+class ErrorCode(str, Enum):
+    """Codes carried by an :class:`Error` reply."""
+
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_VERSION = "unknown_version"  # weights version no longer (or not yet) served
+    OUT_OF_RANGE = "out_of_range"  # chunk index past the end
+    UNAVAILABLE = "unavailable"  # nothing to serve yet
+    INTERNAL = "internal"
+
+
+def array_field(dtype: str, ndim: int) -> Any:
+    """A dataclass field holding a ``numpy.ndarray`` of ``dtype`` with ``ndim`` dims."""
+    if dtype not in _ALLOWED_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not allowed on the wire")
+    return field(metadata={"dtype": dtype, "ndim": ndim})
+
+
+def _new_msg_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(kw_only=True)
+class Message:
+    """Envelope shared by every message.
+
+    Attributes:
+        msg_id: random 128-bit hex id, unique per message.
+        sender: identity of the sending process, e.g. ``generator-host-1234``.
+        sent_at: Unix time in seconds when the message object was created.
+    """
+
+    KIND: ClassVar[str] = ""
+    msg_id: str = field(default_factory=_new_msg_id)
+    sender: str = ""
+    sent_at: float = field(default_factory=time.time)
+
+    def check(self) -> None:
+        """Raise :class:`ProtocolError` (``BAD_VALUE``) for well-typed but invalid values."""
+
+
+@dataclass(kw_only=True)
+class SamplingParams:
+    """Sampling parameters a completion was drawn with.
+
+    Attributes:
+        temperature: softmax temperature (> 0).
+        top_p: nucleus mass in (0, 1].
+        max_new_tokens: generation budget in tokens.
+    """
+
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+
+@dataclass(kw_only=True)
+class Rollout(Message):
+    """One completion of one prompt, as sampled by a generator (generator -> scorer).
+
+    Attributes:
+        prompt_id: id of the prompt in its prompt source.
+        group_id: id shared by the ``group_size`` completions of one prompt draw.
+        rollout_id: globally unique id of this completion.
+        generator_id: the generator process that sampled it.
+        group_size: number of completions in the group (G).
+        prompt_tokens: ``[P]`` int32 prompt token ids (no padding).
+        completion_tokens: ``[T]`` int32 sampled token ids (EOS included when sampled).
+        behaviour_logprobs: ``[T]`` float32 log-probabilities (nats) of each sampled
+            token under the distribution it was actually sampled from (after
+            temperature and top-p), i.e. the behaviour policy mu.
+        policy_version: version of the weights that sampled it.
+        finish_reason: :class:`FinishReason`.
+        sampling: the :class:`SamplingParams` used.
+        prompt_text: the prompt as text (after any chat template).
+        completion_text: the completion decoded without special tokens.
+        metadata: extra per-prompt values for reward functions (e.g. a reference answer).
+    """
+
+    KIND: ClassVar[str] = "rollout"
+    prompt_id: str
+    group_id: str
+    rollout_id: str
+    generator_id: str
+    group_size: int
+    prompt_tokens: np.ndarray = array_field("int32", 1)
+    completion_tokens: np.ndarray = array_field("int32", 1)
+    behaviour_logprobs: np.ndarray = array_field("float32", 1)
+    policy_version: int
+    finish_reason: FinishReason
+    sampling: SamplingParams
+    prompt_text: str = ""
+    completion_text: str = ""
+    metadata: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        _require(self.group_size >= 1, "group_size must be >= 1")
+        _require(self.policy_version >= 0, "policy_version must be >= 0")
+        _require(len(self.prompt_tokens) >= 1, "prompt_tokens is empty")
+        _require(len(self.completion_tokens) >= 1, "completion_tokens is empty")
+        _require(
+            self.completion_tokens.shape == self.behaviour_logprobs.shape,
+            f"behaviour_logprobs shape {self.behaviour_logprobs.shape} != "
+            f"completion_tokens shape {self.completion_tokens.shape}",
+        )
+        lp = self.behaviour_logprobs
+        _require(bool(np.all(np.isfinite(lp))), "behaviour_logprobs has non-finite values")
+        _require(bool(np.all(lp <= 1e-4)), "behaviour_logprobs has positive log-probabilities")
+        _require(self.sampling.temperature > 0, "sampling.temperature must be > 0")
+        _require(0 < self.sampling.top_p <= 1, "sampling.top_p must be in (0, 1]")
+
+
+@dataclass(kw_only=True)
+class ScoredRollout(Message):
+    """A rollout with its reward (scorer -> buffer).
+
+    Attributes:
+        rollout: the :class:`Rollout`.
+        reward: the scalar reward (weighted sum of the parts), finite.
+        reward_parts: unweighted value of each reward component, by name.
+        scorer_id: the scorer process that scored it.
+    """
+
+    KIND: ClassVar[str] = "scored_rollout"
+    rollout: Rollout
+    reward: float
+    reward_parts: dict = field(default_factory=dict)
+    scorer_id: str = ""
+
+    def check(self) -> None:
+        self.rollout.check()
+        _require(math.isfinite(self.reward), "reward is not finite")
+        for name, value in self.reward_parts.items():
+            _require(
+                isinstance(value, (int, float)) and math.isfinite(value),
+                f"reward part {name!r} is not a finite number",
+            )
+
+
+@dataclass(kw_only=True)
+class BatchRequest(Message):
+    """The learner asks the buffer for a batch (learner -> buffer).
+
+    Attributes:
+        learner_version: the learner's current policy version; the buffer drops
+            items with ``learner_version - policy_version > max_staleness``.
+        num_groups: number of complete groups wanted.
+    """
+
+    KIND: ClassVar[str] = "batch_request"
+    learner_version: int
+    num_groups: int
+
+    def check(self) -> None:
+        _require(self.learner_version >= 0, "learner_version must be >= 0")
+        _require(self.num_groups >= 1, "num_groups must be >= 1")
+
+
+@dataclass(kw_only=True)
+class Batch(Message):
+    """A batch of complete groups (buffer -> learner).
+
+    Attributes:
+        learner_version: echo of the request's version.
+        rollouts: the scored rollouts, groups contiguous.
+        dropped_stale: rollouts dropped as too stale since the previous batch.
+        evicted: rollouts evicted (capacity or incomplete-group timeout) since the previous batch.
+        buffered_groups: complete groups still held after this batch.
+    """
+
+    KIND: ClassVar[str] = "batch"
+    learner_version: int
+    rollouts: list[ScoredRollout]
+    dropped_stale: int = 0
+    evicted: int = 0
+    buffered_groups: int = 0
+
+    def check(self) -> None:
+        for item in self.rollouts:
+            item.check()
+        _require(self.dropped_stale >= 0 and self.evicted >= 0, "negative counts")
+
+
+@dataclass(kw_only=True)
+class TensorSpec:
+    """Where one tensor lies in a weights blob.
+
+    Attributes:
+        name: parameter name in the model's ``state_dict``.
+        dtype: wire dtype name (``float32``, ``bfloat16``, ``float16``).
+        shape: tensor shape.
+        offset: byte offset in the blob.
+        nbytes: byte length in the blob.
+    """
+
+    name: str
+    dtype: str
+    shape: list[int]
+    offset: int
+    nbytes: int
+
+
+@dataclass(kw_only=True)
+class WeightsAnnounce(Message):
+    """A new policy version is available (learner -> all, PUB; repeated periodically).
+
+    Attributes:
+        version: the policy version.
+        manifest: one :class:`TensorSpec` per tensor.
+        total_bytes: blob size in bytes.
+        chunk_bytes: size of each chunk in bytes (the last may be shorter).
+        num_chunks: number of chunks.
+        sha256: hex digest of the whole blob.
+    """
+
+    KIND: ClassVar[str] = "weights_announce"
+    version: int
+    manifest: list[TensorSpec]
+    total_bytes: int
+    chunk_bytes: int
+    num_chunks: int
+    sha256: str
+
+    def check(self) -> None:
+        _require(self.version >= 0, "version must be >= 0")
+        _require(self.chunk_bytes > 0, "chunk_bytes must be > 0")
+        _require(
+            self.num_chunks == -(-self.total_bytes // self.chunk_bytes),
+            "num_chunks does not match total_bytes / chunk_bytes",
+        )
+        end = 0
+        for spec in self.manifest:
+            _require(spec.offset >= end and spec.nbytes >= 0, f"manifest entry {spec.name} overlaps")
+            end = spec.offset + spec.nbytes
+        _require(end <= self.total_bytes, "manifest runs past total_bytes")
+        _require(len(self.sha256) == 64, "sha256 must be 64 hex digits")
+
+
+@dataclass(kw_only=True)
+class WeightsChunkRequest(Message):
+    """Ask for one chunk of a version's blob (generator -> learner, DEALER -> ROUTER).
+
+    Attributes:
+        version: the policy version wanted.
+        chunk_index: 0-based chunk index.
+    """
+
+    KIND: ClassVar[str] = "weights_chunk_request"
+    version: int
+    chunk_index: int
+
+    def check(self) -> None:
+        _require(self.version >= 0 and self.chunk_index >= 0, "negative version or chunk_index")
+
+
+@dataclass(kw_only=True)
+class WeightsChunk(Message):
+    """One chunk of a version's blob (learner -> generator).
+
+    Attributes:
+        version: policy version.
+        chunk_index: 0-based chunk index.
+        data: the chunk's bytes.
+    """
+
+    KIND: ClassVar[str] = "weights_chunk"
+    version: int
+    chunk_index: int
+    data: bytes
+
+
+@dataclass(kw_only=True)
+class Error(Message):
+    """A reply saying a request failed.
+
+    Attributes:
+        code: :class:`ErrorCode`.
+        message: one human-readable line.
+        reply_to: ``msg_id`` of the request.
+    """
+
+    KIND: ClassVar[str] = "error"
+    code: ErrorCode
+    message: str
+    reply_to: str = ""
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.KIND: cls
+    for cls in (
+        Rollout,
+        ScoredRollout,
+        BatchRequest,
+        Batch,
+        WeightsAnnounce,
+        WeightsChunkRequest,
+        WeightsChunk,
+        Error,
+    )
+}
+
+
+def _require(condition: bool, detail: str) -> None:
+    if not condition:
+        raise ProtocolError(RejectReason.BAD_VALUE, detail)
+
+
+# --------------------------------------------------------------------- encode
+
+
+def encode(message: Message) -> list[bytes | memoryview]:
+    """Encode a message into frames for ``socket.send_multipart``.
+
+    Args:
+        message: any :class:`Message` subclass instance.
+
+    Returns:
+        ``[header, payload...]``: the msgpack header (bytes) followed by one
+        raw buffer per array or bytes field (memoryviews of the arrays, not
+        copies, when they are already little-endian and contiguous).
+
+    Raises:
+        TypeError: a field holds a value the wire cannot carry (e.g. an object array).
+    """
+    payloads: list[bytes | memoryview] = []
+    body = _encode_value(message, payloads, None)
+    body["kind"] = message.KIND
+    body["schema"] = list(SCHEMA_VERSION)
+    return [msgpack.packb(body, use_bin_type=True), *payloads]
+
+
+def _encode_value(value: Any, payloads: list, spec: dict | None) -> Any:
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind == "O" or value.dtype.name not in _ALLOWED_DTYPES:
+            raise TypeError(f"array dtype {value.dtype} cannot go on the wire")
+        if spec is not None and value.dtype.name != spec["dtype"]:
+            raise TypeError(f"array must be {spec['dtype']}, got {value.dtype.name}")
+        wire = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
+        payloads.append(memoryview(wire).cast("B") if wire.size else b"")
+        ref = [len(payloads), value.dtype.name, list(value.shape)]
+        return msgpack.ExtType(_EXT_ARRAY, msgpack.packb(ref))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        payloads.append(value)
+        return msgpack.ExtType(_EXT_BYTES, msgpack.packb([len(payloads)]))
+    if isinstance(value, Enum):
+        return value.value
+    if dataclasses.is_dataclass(value):
+        out = {}
+        for f in dataclasses.fields(value):
+            out[f.name] = _encode_value(getattr(value, f.name), payloads, f.metadata or None)
+        if isinstance(value, Message):
+            out["kind"] = value.KIND
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_encode_value(v, payloads, None) for v in value]
+    if isinstance(value, dict):
+        return {k: _encode_value(v, payloads, None) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{type(value).__name__} cannot go on the wire")
+
+
+# --------------------------------------------------------------------- decode
+
+
+class _Frames:
+    """Payload frames of one message; each may be referenced exactly once."""
+
+    def __init__(self, frames: Sequence[Any]):
+        self.buffers = [memoryview(_buffer(f)) for f in frames]
+        self.used = [False] * len(self.buffers)
+
+    def take(self, index: Any) -> memoryview:
+        if not isinstance(index, int) or not 1 <= index < len(self.buffers) + 1:
+            raise ProtocolError(RejectReason.MALFORMED, f"payload frame {index!r} does not exist")
+        if self.used[index - 1]:
+            raise ProtocolError(RejectReason.MALFORMED, f"payload frame {index} referenced twice")
+        self.used[index - 1] = True
+        return self.buffers[index - 1]
+
+
+def _buffer(frame: Any) -> Any:
+    return frame.buffer if hasattr(frame, "buffer") else frame
+
+
+def decode(
+    frames: Sequence[Any],
+    *,
+    expected: Sequence[type[Message]] | None = None,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+) -> Message:
+    """Decode and validate one multipart message.
+
+    Args:
+        frames: the frames from ``recv_multipart`` (bytes or ``zmq.Frame``).
+        expected: message classes this socket accepts; ``None`` accepts every kind.
+        max_bytes: limit on the total size of all frames, in bytes.
+        max_frames: limit on the number of frames.
+
+    Returns:
+        The message object, its arrays as read-only numpy views of the frames.
+
+    Raises:
+        ProtocolError: the message is rejected; ``.reason`` says why.
+    """
+    if not frames:
+        raise ProtocolError(RejectReason.MALFORMED, "no frames")
+    if len(frames) > max_frames:
+        raise ProtocolError(RejectReason.OVERSIZE, f"{len(frames)} frames > limit {max_frames}")
+    total = sum(memoryview(_buffer(f)).nbytes for f in frames)
+    if total > max_bytes:
+        raise ProtocolError(RejectReason.OVERSIZE, f"{total} bytes > limit {max_bytes}")
+    payloads = _Frames(frames[1:])
+    try:
+        header = msgpack.unpackb(
+            _buffer(frames[0]),
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_ext_hook,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(RejectReason.MALFORMED, f"header is not msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(RejectReason.MALFORMED, "header is not a map")
+    kind = header.get("kind")
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(RejectReason.UNKNOWN_KIND, f"unknown kind {kind!r}")
+    schema = header.get("schema")
+    if (
+        not isinstance(schema, list)
+        or len(schema) != 2
+        or not all(type(v) is int for v in schema)
+    ):
+        raise ProtocolError(RejectReason.MALFORMED, f"bad schema field {schema!r}")
+    if schema[0] != SCHEMA_VERSION[0]:
+        raise ProtocolError(
+            RejectReason.SCHEMA_VERSION,
+            f"schema major {schema[0]} != supported {SCHEMA_VERSION[0]}",
+        )
+    if expected is not None and cls not in expected:
+        raise ProtocolError(RejectReason.UNEXPECTED_KIND, f"kind {kind!r} not accepted here")
+    message = _build(cls, header, payloads, kind)
+    if not all(payloads.used):
+        raise ProtocolError(RejectReason.MALFORMED, "unreferenced payload frames")
+    message.check()
+    return message
+
+
+class _Ref:
+    """A decoded extension: a reference to a payload frame."""
+
+    __slots__ = ("code", "args")
+
+    def __init__(self, code: int, args: list):
+        self.code = code
+        self.args = args
+
+
+def _ext_hook(code: int, data: bytes) -> _Ref:
+    if code not in (_EXT_ARRAY, _EXT_BYTES):
+        raise ProtocolError(RejectReason.MALFORMED, f"unknown msgpack extension {code}")
+    try:
+        args = msgpack.unpackb(data, raw=False)
+    except Exception:
+        raise ProtocolError(RejectReason.MALFORMED, "bad extension payload") from None
+    if not isinstance(args, list):
+        raise ProtocolError(RejectReason.MALFORMED, "bad extension payload")
+    return _Ref(code, args)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _build(cls: type, data: Any, payloads: _Frames, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ProtocolError(RejectReason.BAD_FIELD, f"{where}: expected a map")
+    if issubclass(cls, Message) and data.get("kind") != cls.KIND:
+        raise ProtocolError(RejectReason.BAD_FIELD, f"{where}: nested kind is not {cls.KIND!r}")
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        name = f"{where}.{f.name}"
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(RejectReason.BAD_FIELD, f"{name} is missing")
+            continue
+        value = data[f.name]
+        if f.metadata.get("dtype"):
+            kwargs[f.name] = _build_array(value, f.metadata, payloads, name)
+        else:
+            kwargs[f.name] = _convert(hints[f.name], value, payloads, name)
+    return cls(**kwargs)
+
+
+def _build_array(value: Any, spec: Any, payloads: _Frames, name: str) -> np.ndarray:
+    if not isinstance(value, _Ref) or value.code != _EXT_ARRAY or len(value.args) != 3:
+        raise ProtocolError(RejectReason.BAD_ARRAY, f"{name} is not an array reference")
+    index, dtype, shape = value.args
+    if dtype != spec["dtype"]:
+        raise ProtocolError(RejectReason.BAD_ARRAY, f"{name} dtype {dtype!r} != {spec['dtype']!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != spec["ndim"]
+        or not all(type(d) is int and 0 <= d < 2**40 for d in shape)
+    ):
+        raise ProtocolError(RejectReason.BAD_ARRAY, f"{name} shape {shape!r} is not {spec['ndim']}-d")
+    buf = payloads.take(index)
+    wire_dtype = np.dtype(dtype).newbyteorder("<")
+    expected = math.prod(shape) * wire_dtype.itemsize
+    if buf.nbytes != expected:
+        raise ProtocolError(
+            RejectReason.BAD_ARRAY, f"{name} has {buf.nbytes} bytes, shape needs {expected}"
+        )
+    return np.frombuffer(buf, dtype=wire_dtype).reshape(shape).astype(dtype, copy=False)
+
+
+def _convert(tp: Any, value: Any, payloads: _Frames, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(inner, value, payloads, name)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError(RejectReason.BAD_FIELD, f"{name} must be a list")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, payloads, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is bytes:
+        if not isinstance(value, _Ref) or value.code != _EXT_BYTES or len(value.args) != 1:
+            raise ProtocolError(RejectReason.BAD_FIELD, f"{name} must be a bytes reference")
+        return payloads.take(value.args[0]).tobytes()
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ProtocolError(RejectReason.BAD_FIELD, f"{name}: {value!r} is not a {tp.__name__}") from None
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, payloads, name)
+    if tp is float:
+        if type(value) not in (int, float):
+            raise ProtocolError(RejectReason.BAD_FIELD, f"{name} must be a number")
+        return float(value)
+    if tp is int:
+        if type(value) is not int:
+            raise ProtocolError(RejectReason.BAD_FIELD, f"{name} must be an integer")
+        return value
+    if tp in (str, bool):
+        if type(value) is not tp:
+            raise ProtocolError(RejectReason.BAD_FIELD, f"{name} must be a {tp.__name__}")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict) or _contains_ref(value):
+            raise ProtocolError(RejectReason.BAD_FIELD, f"{name} must be a plain map")
+        return value
+    raise ProtocolError(RejectReason.BAD_FIELD, f"{name}: unsupported type {tp!r}")
+
+
+def _contains_ref(value: Any) -> bool:
+    if isinstance(value, _Ref):
+        return True
+    if isinstance(value, dict):
+        return any(_contains_ref(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_contains_ref(v) for v in value)
+    return False

@@ -1,0 +1,81 @@
+"""Every algorithm and service mode as an Enum.
+
+Config files name modes by their string value (``correction = "decoupled"``);
+pydantic turns the string into the Enum and rejects anything else, so no code
+path ever compares free strings.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Correction(str, Enum):
+    """How the learner corrects for the gap between behaviour policy mu and pi.
+
+    - ``none``: PPO's theta' -> theta reuse with the behaviour policy as theta':
+      r = pi / mu, clipped (Schulman et al. 2017, eq. 7).
+    - ``tis``: PPO anchored at pi_old (the learner's policy before this update),
+      times the truncated importance weight w = min(pi_old / mu, C)
+      (truncated importance sampling, Espeholt et al. 2018, IMPALA eq. 1's rho-bar).
+    - ``decoupled``: L = -w * min(r A, clip(r, 1-eps, 1+eps) A), r = pi / pi_old,
+      w = min(pi_old / mu, C) (decoupled PPO; Hilton et al. 2022, AReaL, Fu et al. 2025).
+    """
+
+    NONE = "none"
+    TIS = "tis"
+    DECOUPLED = "decoupled"
+
+
+class AdvantageEstimator(str, Enum):
+    """``gae``: critic + GAE (Schulman et al. 2016); ``grpo``: group-normalised
+    scores (Shao et al. 2024); ``rloo``: leave-one-out baseline (Ahmadian et al. 2024)."""
+
+    GAE = "gae"
+    GRPO = "grpo"
+    RLOO = "rloo"
+
+
+class KLEstimator(str, Enum):
+    """Per-token estimator of KL(pi || pi_ref) from samples of pi (Schulman 2020,
+    "Approximating KL divergence"): ``k1`` = log pi - log pi_ref (unbiased, can be
+    negative), ``k3`` = (ratio - 1) - log ratio with ratio = pi_ref / pi (unbiased,
+    always >= 0)."""
+
+    K1 = "k1"
+    K3 = "k3"
+
+
+class KLPenaltyMode(str, Enum):
+    """Where the KL penalty to the reference enters: ``reward`` subtracts
+    beta * KL per token from the reward (InstructGPT eq. 2); ``loss`` adds
+    beta * KL as a loss term (GRPO, Shao et al. 2024 eq. 3)."""
+
+    REWARD = "reward"
+    LOSS = "loss"
+
+
+class OverflowPolicy(str, Enum):
+    """What the buffer does when it holds ``capacity_groups`` complete groups:
+    ``block`` stops reading from producers (ZeroMQ backpressure reaches the
+    scorers and generators); ``evict_oldest`` drops the group with the oldest
+    behaviour policy version and counts it as evicted."""
+
+    BLOCK = "block"
+    EVICT_OLDEST = "evict_oldest"
+
+
+class WeightDtype(str, Enum):
+    """dtype of weights on the wire from learner to generators."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class Device(str, Enum):
+    """``auto`` picks CUDA when present, else CPU."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
