@@ -1,0 +1,281 @@
+"""Advantage estimation and reward shaping: GAE, GRPO / RLOO group baselines,
+masked whitening, InstructGPT per-token rewards.
+
+Masks are ``[B, T]`` bool or float tensors, non-zero = real completion token;
+completions are right-padded (positions ``0 .. len-1`` of a row are real).
+Padded positions may hold garbage (NaN/inf); it is replaced through
+``torch.where`` before any arithmetic, so it never reaches an output.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from common.modes import AdvantageEstimator
+
+__all__ = ["gae", "group_advantages", "per_token_rewards", "whiten"]
+
+
+def _bool_mask(mask: Tensor, shape: torch.Size) -> Tensor:
+    if mask.shape != shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _check_right_padded(m: Tensor) -> None:
+    """Raise ValueError unless every row of the bool ``[B, T]`` mask is 1...10...0."""
+    if m.shape[1] > 1 and bool((m[:, 1:] & ~m[:, :-1]).any()):
+        raise ValueError(
+            "mask must be right-padded (each row: real tokens first, then padding); "
+            "found a real token after a padded one"
+        )
+
+
+def _zero_pad(x: Tensor, m: Tensor) -> Tensor:
+    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+@torch.no_grad()
+def gae(
+    rewards: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    *,
+    gamma: float,
+    lam: float,
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, "High-Dimensional
+    Continuous Control Using GAE", eq. 16)::
+
+        delta_t = r_t + gamma * V_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        R_t     = A_t + V_t            (the value targets, TD(lambda) returns)
+
+    The episode ends after a row's last real token: ``V`` and ``A`` past it are 0
+    (no bootstrap). Loops backwards over ``T``, vectorised over ``B``.
+
+    Args:
+        rewards: ``[B, T]`` float per-token rewards (e.g. from :func:`per_token_rewards`).
+        values: ``[B, T]`` float value predictions ``V(s_t)``.
+        mask: ``[B, T]`` bool or float, non-zero = real token, right-padded.
+            Garbage in padded rewards/values is ignored.
+        gamma: discount in ``[0, 1]``.
+        lam: GAE lambda in ``[0, 1]``.
+
+    Returns:
+        ``(advantages, returns)``, both ``[B, T]`` in the dtype of ``rewards``,
+        detached, exactly 0 at padded positions.
+
+    Raises:
+        ValueError: shape mismatch, mask not right-padded, gamma/lam outside [0, 1].
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [B, T], got shape {tuple(rewards.shape)}")
+    if values.shape != rewards.shape:
+        raise ValueError(
+            f"values has shape {tuple(values.shape)} but rewards has {tuple(rewards.shape)}"
+        )
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    m = _bool_mask(mask, rewards.shape)
+    _check_right_padded(m)
+    r = _zero_pad(rewards.detach(), m)
+    v = _zero_pad(values.detach().to(r.dtype), m)
+    batch, length = r.shape
+    advantages = torch.zeros_like(r)
+    last = torch.zeros(batch, dtype=r.dtype, device=r.device)
+    next_value = torch.zeros(batch, dtype=r.dtype, device=r.device)
+    for t in range(length - 1, -1, -1):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        last = torch.where(m[:, t], delta + gamma * lam * last, torch.zeros_like(last))
+        advantages[:, t] = last
+        next_value = v[:, t]  # 0 at padded positions: no bootstrap past the end
+    returns = _zero_pad(advantages + v, m)
+    return advantages, returns
+
+
+def group_advantages(
+    scores: Tensor,
+    group_ids: Tensor,
+    *,
+    estimator: AdvantageEstimator,
+    scale_by_std: bool = True,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Sequence-level advantages from a per-group baseline.
+
+    Members of a group are completions of the same prompt. Groups may come in any
+    order, interleaved, and with different sizes.
+
+    - ``AdvantageEstimator.GRPO`` (Shao et al. 2024, "DeepSeekMath", sec. 4.1.2,
+      outcome supervision: ``A_i = (r_i - mean(r)) / std(r)``)::
+
+          A_i = (s_i - mean_g) / (std_g + eps)     scale_by_std=True
+          A_i =  s_i - mean_g                      scale_by_std=False (Dr. GRPO,
+                                                    Liu et al. 2025)
+
+      ``std_g`` is the *population* standard deviation (``unbiased=False``,
+      divide by ``n_g``). A group whose scores are all equal gets advantage 0.
+
+    - ``AdvantageEstimator.RLOO`` (REINFORCE leave-one-out: Kool et al. 2019,
+      "Buy 4 REINFORCE samples, get a baseline for free!"; Ahmadian et al. 2024,
+      "Back to Basics", the RLOO estimator)::
+
+          A_i = s_i - (sum_{j in g, j != i} s_j) / (n_g - 1)
+
+      ``scale_by_std`` and ``eps`` are ignored.
+
+    Statistics are computed in float64.
+
+    Args:
+        scores: ``[B]`` float sequence scores.
+        group_ids: ``[B]`` integer group labels (any values; equal = same group).
+        estimator: ``GRPO`` or ``RLOO`` (an :class:`AdvantageEstimator` or its value).
+        scale_by_std: GRPO only: divide by ``std_g + eps``.
+        eps: GRPO only: added to the std.
+
+    Returns:
+        ``[B]`` advantages, dtype of ``scores``, detached.
+
+    Raises:
+        ValueError: shapes are not matching 1-D ``[B]``; ``group_ids`` not integer;
+            non-finite scores; ``estimator`` is ``GAE`` (needs a critic: use
+            :func:`gae`); RLOO with a group of fewer than 2 members.
+    """
+    estimator = AdvantageEstimator(estimator)
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be [B], got shape {tuple(scores.shape)}")
+    if group_ids.shape != scores.shape:
+        raise ValueError(
+            f"group_ids has shape {tuple(group_ids.shape)} but scores has {tuple(scores.shape)}"
+        )
+    if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
+        raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
+    if estimator is AdvantageEstimator.GAE:
+        raise ValueError(
+            "group_advantages computes grpo or rloo advantages; for estimator 'gae' "
+            "call gae() with per-token rewards and values"
+        )
+    if scores.numel() == 0:
+        return scores.detach().clone()
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("scores contain NaN or inf; drop or fix those samples before the learner")
+
+    s = scores.detach().to(torch.float64)
+    unique_ids, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    n_groups = unique_ids.numel()
+    sums = torch.zeros(n_groups, dtype=torch.float64, device=s.device).index_add_(0, inverse, s)
+    n = counts.to(torch.float64)
+
+    if estimator is AdvantageEstimator.RLOO:
+        small = counts < 2
+        if bool(small.any()):
+            bad = unique_ids[small].tolist()
+            raise ValueError(
+                f"rloo needs at least 2 completions per group (leave-one-out baseline); "
+                f"groups {bad[:10]} have 1. Sample more completions per prompt or use grpo"
+            )
+        baseline = (sums[inverse] - s) / (n[inverse] - 1)
+        return (s - baseline).to(scores.dtype)
+
+    mean = sums / n
+    centred = s - mean[inverse]
+    if not scale_by_std:
+        return centred.to(scores.dtype)
+    var = torch.zeros(n_groups, dtype=torch.float64, device=s.device).index_add_(
+        0, inverse, centred * centred
+    ) / n
+    std = var.sqrt()
+    return (centred / (std[inverse] + eps)).to(scores.dtype)
+
+
+def whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Masked whitening: ``(x - mean) / sqrt(var + eps)`` over the real entries of
+    the whole batch (the advantage normalisation of PPO implementations; CleanRL
+    ``norm_adv``, TRL ``masked_whiten``).
+
+    ``mean`` and ``var`` are the masked mean and the masked *population* variance
+    (divide by the number of real entries). With ``shift_mean=False`` the mean is
+    added back, so only the scale changes.
+
+    Args:
+        x: ``[B, T]`` float (any shape works; ``mask`` must match it).
+        mask: same shape, bool or float, non-zero = real entry. Garbage in padded
+            entries is ignored.
+        shift_mean: subtract the mean (True) or keep it (False).
+        eps: added to the variance.
+
+    Returns:
+        Same shape and dtype as ``x``, 0 at padded positions. Differentiable.
+        An all-padding input gives all zeros.
+
+    Raises:
+        ValueError: mask shape differs from ``x``.
+    """
+    m = _bool_mask(mask, x.shape)
+    xs = _zero_pad(x, m)
+    n = m.sum().clamp(min=1).to(x.dtype)
+    mean = xs.sum() / n
+    centred = _zero_pad(xs - mean, m)
+    var = (centred * centred).sum() / n
+    out = centred * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return _zero_pad(out, m)
+
+
+@torch.no_grad()
+def per_token_rewards(
+    scores: Tensor,
+    kl: Tensor | None,
+    mask: Tensor,
+    *,
+    kl_coef: float,
+) -> Tensor:
+    """Per-token rewards with a KL penalty in the reward (Ziegler et al. 2019,
+    eq. 2; InstructGPT, Ouyang et al. 2022, eq. 2)::
+
+        r_t = -kl_coef * kl_t                  on every real token
+        r_t += score                           on the last real token
+
+    Args:
+        scores: ``[B]`` float sequence-level scores from the reward model(s).
+        kl: ``[B, T]`` per-token KL estimates to the reference (e.g.
+            :func:`losses.kl_to_reference`), or ``None`` for no penalty. Garbage
+            in padded positions is ignored.
+        mask: ``[B, T]`` bool or float, non-zero = real token, right-padded.
+        kl_coef: the penalty coefficient beta (>= 0).
+
+    Returns:
+        ``[B, T]`` rewards, dtype of ``scores`` (float32 for integer scores),
+        detached, 0 at padded positions.
+
+    Raises:
+        ValueError: shape mismatch, ``kl_coef < 0``, mask not right-padded, or a
+            row with no real token (its score would have nowhere to go).
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
+    m = _bool_mask(mask, mask.shape)
+    if scores.shape != (m.shape[0],):
+        raise ValueError(f"scores has shape {tuple(scores.shape)}, expected ({m.shape[0]},)")
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    _check_right_padded(m)
+    lengths = m.sum(dim=1)
+    if bool((lengths == 0).any()):
+        empty = torch.nonzero(lengths == 0).flatten().tolist()
+        raise ValueError(f"rows {empty[:10]} have no real token; cannot place their score")
+    dtype = scores.dtype if scores.dtype.is_floating_point else torch.float32
+    if kl is None:
+        rewards = torch.zeros(m.shape, dtype=dtype, device=m.device)
+    else:
+        if kl.shape != m.shape:
+            raise ValueError(f"kl has shape {tuple(kl.shape)}, expected {tuple(m.shape)}")
+        rewards = _zero_pad(-kl_coef * _zero_pad(kl.detach().to(dtype), m), m)
+    last = (lengths - 1).unsqueeze(1)
+    rewards.scatter_add_(1, last, scores.detach().to(dtype).unsqueeze(1))
+    return rewards

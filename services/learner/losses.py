@@ -1,0 +1,478 @@
+"""Pure tensor math for the learner's losses.
+
+Conventions shared by every function here:
+
+- ``B`` = batch of completions, ``T`` = completion length (right-padded),
+  ``V`` = vocabulary size.
+- A mask is a ``[B, T]`` tensor, ``bool`` or floating point; a non-zero entry
+  (``True`` / ``1.0``) marks a real completion token. Completions are right
+  padded: positions ``0 .. len-1`` of a row are real.
+- Aggregation is a masked token mean over the whole batch,
+  ``sum(x * mask) / clamp(sum(mask), min=1)``; an all-padding batch gives 0.
+- Padded positions may hold garbage (NaN, inf, huge numbers). Every function
+  that takes a mask replaces padded entries with a harmless constant through
+  ``torch.where`` *before* any arithmetic (multiplying by the mask would not do:
+  ``NaN * 0 == NaN``), so garbage never changes an output or a gradient, and
+  the gradient reaching a padded position is exactly 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from common.modes import Correction, KLEstimator
+
+__all__ = [
+    "PolicyLossStats",
+    "entropy_from_logits",
+    "kl_to_reference",
+    "masked_mean",
+    "policy_loss",
+    "sft_loss",
+    "token_logprobs",
+    "value_loss",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _bool_mask(mask: Tensor, shape: torch.Size, name: str = "mask") -> Tensor:
+    """Return ``mask`` as a bool tensor after checking it has ``shape``."""
+    if mask.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _check_same_shape(**tensors: Tensor) -> torch.Size:
+    """Check every tensor is 2-D ``[B, T]`` and all shapes agree; return the shape."""
+    items = list(tensors.items())
+    first_name, first = items[0]
+    if first.dim() != 2:
+        raise ValueError(f"{first_name} must be [B, T], got shape {tuple(first.shape)}")
+    for name, t in items[1:]:
+        if t.shape != first.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but {first_name} has {tuple(first.shape)}; "
+                "all per-token inputs must be [B, T] with the same B and T"
+            )
+    return first.shape
+
+
+def _zero_pad(x: Tensor, m: Tensor) -> Tensor:
+    """``x`` with padded positions replaced by 0 (gradient to them is exactly 0)."""
+    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Masked mean ``sum(x * mask) / clamp(sum(mask), min=1)``.
+
+    Args:
+        x: any float tensor, typically ``[B, T]``.
+        mask: same shape as ``x``; bool or float, non-zero = real token.
+        dim: ``None`` reduces over every element (the batch-wide token mean the
+            losses use) and returns a 0-d tensor; an ``int`` reduces over that
+            dimension only (e.g. ``dim=1`` gives a per-sequence mean ``[B]``).
+
+    Returns:
+        The mean over real entries, same dtype as ``x``; 0 where no entry is real.
+        Garbage (NaN/inf) in padded entries does not affect the value or the
+        gradient.
+
+    Raises:
+        ValueError: if ``mask`` does not have the shape of ``x``.
+    """
+    m = _bool_mask(mask, x.shape)
+    xs = _zero_pad(x, m)
+    count = m.sum(dim=dim) if dim is not None else m.sum()
+    total = xs.sum(dim=dim) if dim is not None else xs.sum()
+    return total / count.clamp(min=1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- policy loss
+
+
+@dataclass(frozen=True)
+class PolicyLossStats:
+    """Diagnostics of one :func:`policy_loss` call; plain python floats.
+
+    All statistics are over real (masked-in) tokens of the whole batch.
+
+    Attributes:
+        clip_fraction: fraction of tokens with ``|r - 1| > clip_eps`` where ``r``
+            is the ratio that gets clipped (``pi/mu`` for ``none``, ``pi/pi_old``
+            otherwise); CleanRL's ``clipfrac``.
+        approx_kl: mean k3 estimate of KL(pi_old || pi):
+            ``(rho - 1) - log rho`` with ``rho = pi / pi_old`` (CleanRL's ``approx_kl``).
+        importance_ratio_mean: mean of the raw importance weight ``pi_old / mu``
+            *before* truncation. For ``tis`` this is the sequence-level weight
+            ``prod_t pi_old/mu`` broadcast to each token of its sequence (the
+            weight ``tis`` actually truncates); otherwise the per-token ratio.
+        importance_ratio_max: max of the same raw weight. Both are 1.0 when
+            there are no tokens.
+        truncated_fraction: fraction of tokens whose raw weight exceeds
+            ``is_cap`` (and was therefore truncated). Always 0.0 for ``none``,
+            which truncates nothing.
+        effective_sample_size: ``(sum w)^2 / sum w^2`` over tokens, ``w`` the
+            truncated weights actually applied (``tis``: sequence weight per
+            token; ``decoupled``: per-token weight; ``none``: ``pi/mu``
+            detached, unclipped). 0.0 when there are no tokens.
+        ess_fraction: ``effective_sample_size / n_tokens`` in ``(0, 1]``
+            (0.0 when there are no tokens).
+    """
+
+    clip_fraction: float
+    approx_kl: float
+    importance_ratio_mean: float
+    importance_ratio_max: float
+    truncated_fraction: float
+    effective_sample_size: float
+    ess_fraction: float
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    behaviour_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    correction: Correction,
+    clip_eps: float,
+    is_cap: float,
+) -> tuple[Tensor, PolicyLossStats]:
+    """Clipped policy-gradient loss with a staleness correction.
+
+    Notation per token ``t``: ``pi`` = ``exp(logprobs)`` (current policy, carries
+    the gradient), ``pi_old`` = ``exp(old_logprobs)`` (learner policy before this
+    update), ``mu`` = ``exp(behaviour_logprobs)`` (the generator that sampled the
+    token), ``A`` = advantage, ``e`` = ``clip_eps``, ``C`` = ``is_cap``,
+    ``clip(r) = clamp(r, 1-e, 1+e)``. The loss is the masked token mean of ``L_t``:
+
+    - ``Correction.NONE`` -- PPO-clip with the behaviour policy as theta'
+      (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7)::
+
+          r = pi / mu,   L = -min(r A, clip(r) A)
+
+    - ``Correction.TIS`` -- *sequence-level* truncated importance sampling
+      (the rho-bar truncation of IMPALA, Espeholt et al. 2018, eq. 1) applied to
+      PPO anchored at pi_old::
+
+          r = pi / pi_old,
+          w = min(prod_{t in seq} pi_old_t / mu_t, C)    (one weight per sequence)
+          L = -min(w r A, w clip(r) A)
+
+      The product is taken in log space, ``exp(min(sum_t (old - behaviour), log C))``,
+      so it never overflows. Every token of a sequence shares its weight: the
+      correction treats the whole completion as one action, which is unbiased for
+      sequence-level rewards but has higher variance than ``decoupled``.
+
+    - ``Correction.DECOUPLED`` -- decoupled PPO with a *per-token* weight
+      (Hilton et al. 2022, "Batch size-invariance for policy optimization", sec. 3,
+      the decoupled clipped objective with pi_old as the proximal policy; AReaL,
+      Fu et al. 2025, its decoupled PPO objective)::
+
+          r = pi / pi_old,   w_t = min(pi_old_t / mu_t, C),
+          L = -w_t min(r A, clip(r) A)
+
+    Since ``w > 0``, ``min(w r A, w clip(r) A) = w min(r A, clip(r) A)``: ``tis`` and
+    ``decoupled`` differ only in whether ``w`` is per sequence or per token.
+    ``w`` is detached; so are ``old_logprobs``, ``behaviour_logprobs`` and
+    ``advantages`` -- the gradient flows only through ``logprobs``.
+
+    Args:
+        logprobs: ``[B, T]`` float32, log pi of the sampled tokens, requires grad.
+        old_logprobs: ``[B, T]`` float32, log pi_old.
+        behaviour_logprobs: ``[B, T]`` float32, log mu (from the generator).
+        advantages: ``[B, T]`` float32.
+        mask: ``[B, T]`` bool or float, non-zero = real completion token
+            (right-padded). Padded positions may hold any garbage.
+        correction: a :class:`Correction` (or its string value).
+        clip_eps: PPO clip range ``e > 0``.
+        is_cap: truncation ``C > 0`` of the importance weight (unused by ``none``).
+
+    Returns:
+        ``(loss, stats)``: ``loss`` a 0-d tensor (0 for an all-padding batch),
+        ``stats`` a :class:`PolicyLossStats`.
+
+    Raises:
+        ValueError: shapes differ or are not ``[B, T]``; ``clip_eps <= 0``;
+            ``is_cap <= 0``; unknown ``correction``.
+    """
+    shape = _check_same_shape(
+        logprobs=logprobs,
+        old_logprobs=old_logprobs,
+        behaviour_logprobs=behaviour_logprobs,
+        advantages=advantages,
+    )
+    m = _bool_mask(mask, shape)
+    correction = Correction(correction)
+    if not clip_eps > 0:
+        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    if not is_cap > 0:
+        raise ValueError(f"is_cap must be > 0, got {is_cap}")
+
+    lp = _zero_pad(logprobs, m)
+    old = _zero_pad(old_logprobs.detach(), m)
+    beh = _zero_pad(behaviour_logprobs.detach(), m)
+    adv = _zero_pad(advantages.detach(), m)
+    n_tokens = m.sum()
+    denom = n_tokens.clamp(min=1)
+    mf = m.to(torch.float64)
+
+    # Raw log importance weight log(pi_old/mu) of the correction, before truncation.
+    if correction is Correction.TIS:
+        seq_log_w = (old - beh).to(torch.float64).sum(dim=1, keepdim=True)  # [B, 1]
+        raw_log_w = seq_log_w.expand(shape)
+    else:
+        raw_log_w = (old - beh).to(torch.float64)
+
+    if correction is Correction.NONE:
+        log_ratio = lp - beh
+        ratio = torch.exp(log_ratio)
+        per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+        w_stats = ratio.detach().to(torch.float64)
+        truncated = torch.zeros_like(m)
+    else:
+        log_ratio = lp - old
+        ratio = torch.exp(log_ratio)
+        log_w = raw_log_w.clamp(max=math.log(is_cap))
+        w = torch.exp(log_w).to(lp.dtype)
+        per_token = -w * torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+        w_stats = torch.exp(log_w)
+        truncated = m & (raw_log_w > math.log(is_cap))
+
+    loss = _zero_pad(per_token, m).sum() / denom.to(per_token.dtype)
+
+    with torch.no_grad():
+        n = float(n_tokens.item())
+        d = max(n, 1.0)
+        r_d = ratio.detach()
+        clip_fraction = float(((r_d - 1).abs() > clip_eps).logical_and(m).sum().item()) / d
+        rho = (lp.detach() - old).to(torch.float64)
+        approx_kl = float(((torch.expm1(rho) - rho) * mf).sum().item()) / d
+        raw_w = torch.exp(raw_log_w)
+        ratio_mean = float((raw_w * mf).sum().item()) / d if n > 0 else 1.0
+        ratio_max = float(torch.where(m, raw_w, -math.inf).max().item()) if n > 0 else 1.0
+        truncated_fraction = float(truncated.sum().item()) / d
+        ws = torch.where(m, w_stats, 0.0)
+        sum_w = ws.sum()
+        sum_w2 = (ws * ws).sum()
+        ess = float((sum_w * sum_w / sum_w2).item()) if n > 0 and sum_w2.item() > 0 else 0.0
+        ess_fraction = ess / n if n > 0 else 0.0
+
+    stats = PolicyLossStats(
+        clip_fraction=clip_fraction,
+        approx_kl=approx_kl,
+        importance_ratio_mean=ratio_mean,
+        importance_ratio_max=ratio_max,
+        truncated_fraction=truncated_fraction,
+        effective_sample_size=ess,
+        ess_fraction=ess_fraction,
+    )
+    return loss, stats
+
+
+# --------------------------------------------------------------------------- value loss
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    *,
+    clip_range: float | None,
+) -> tuple[Tensor, float]:
+    """Clipped value loss (OpenAI baselines PPO2 ``vf_loss``; studied as "value
+    function loss clipping" by Andrychowicz et al. 2021, "What Matters in
+    On-Policy Reinforcement Learning?")::
+
+        v_clip = old + clamp(v - old, -c, c)
+        L = 0.5 * max((v - R)^2, (v_clip - R)^2)
+
+    masked token mean over the batch. ``clip_range=None`` gives the plain
+    ``0.5 * (v - R)^2``.
+
+    Args:
+        values: ``[B, T]`` float32, current value predictions, requires grad.
+        old_values: ``[B, T]`` float32, values at rollout / before the update (detached).
+        returns: ``[B, T]`` float32, regression targets (detached).
+        mask: ``[B, T]`` bool or float, non-zero = real token. Garbage in padded
+            positions is ignored.
+        clip_range: ``c > 0`` or ``None`` for no clipping.
+
+    Returns:
+        ``(loss, value_clip_fraction)``: ``loss`` a 0-d tensor;
+        ``value_clip_fraction`` (python float) the fraction of real tokens where
+        the clipped term is strictly larger, i.e. where clipping zeroes the
+        gradient (TRL's ``vf_clipfrac``); 0.0 when unclipped.
+
+    Raises:
+        ValueError: shapes differ or are not ``[B, T]``; ``clip_range <= 0``.
+    """
+    shape = _check_same_shape(values=values, old_values=old_values, returns=returns)
+    m = _bool_mask(mask, shape)
+    if clip_range is not None and not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0 or None, got {clip_range}")
+    v = _zero_pad(values, m)
+    ret = _zero_pad(returns.detach(), m)
+    unclipped = (v - ret) ** 2
+    if clip_range is None:
+        per_token = unclipped
+        clip_fraction = 0.0
+    else:
+        old = _zero_pad(old_values.detach(), m)
+        v_clip = old + (v - old).clamp(-clip_range, clip_range)
+        clipped = (v_clip - ret) ** 2
+        per_token = torch.maximum(unclipped, clipped)
+        with torch.no_grad():
+            n = max(float(m.sum().item()), 1.0)
+            clip_fraction = float(((clipped > unclipped) & m).sum().item()) / n
+    loss = 0.5 * masked_mean(per_token, m)
+    return loss, clip_fraction
+
+
+# --------------------------------------------------------------------------- logits helpers
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the softmax distribution at every position.
+
+    ``H = -sum_v p_v log p_v`` with ``log p = logits - logsumexp(logits)`` (never
+    ``log(softmax)``), computed in float32 (or float64 if given), so huge logits
+    do not overflow; ``-inf`` logits (banned tokens) contribute 0.
+
+    Args:
+        logits: ``[B, T, V]`` float (bf16/fp16 are upcast to float32).
+
+    Returns:
+        ``[B, T]`` entropies in nats, float32 (float64 for float64 input);
+        differentiable.
+
+    Raises:
+        ValueError: if ``logits`` is not 3-D.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    logp = x - torch.logsumexp(x, dim=-1, keepdim=True)
+    p = torch.exp(logp)
+    # where() on logp itself, not on p * logp: for a -inf logit p = 0 and
+    # logp = -inf, and the backward of p * logp would give 0 * -inf = NaN.
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    safe_logp = torch.where(p > 0, logp, zero)
+    return -(p * safe_logp).sum(dim=-1)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Log-probability of each given token: ``log_softmax(logits)[b, t, tokens[b, t]]``.
+
+    Computed as ``logits.gather(tokens) - logsumexp(logits)`` so no ``[B, T, V]``
+    log-softmax tensor is materialised (beyond the float32 upcast of bf16/fp16).
+
+    Args:
+        logits: ``[B, T, V]`` float; position ``t`` holds the logits that predict
+            ``tokens[:, t]`` (the caller shifts).
+        tokens: ``[B, T]`` int64 token ids, every entry in ``[0, V)`` (fill padded
+            positions with any valid id, e.g. the pad id).
+
+    Returns:
+        ``[B, T]`` float32 (float64 for float64 input) log-probs; differentiable
+        w.r.t. ``logits``.
+
+    Raises:
+        ValueError: wrong ranks, mismatched ``[B, T]``, non-integer tokens, or a
+            token id outside ``[0, V)``.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    if tokens.shape != logits.shape[:2]:
+        raise ValueError(
+            f"tokens has shape {tuple(tokens.shape)}, expected {tuple(logits.shape[:2])} "
+            "(the [B, T] of logits)"
+        )
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    vocab = logits.shape[-1]
+    if tokens.numel() > 0:
+        lo, hi = int(tokens.min().item()), int(tokens.max().item())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(
+                f"token ids must lie in [0, {vocab}), got min {lo} max {hi}; "
+                "replace ignore-index/padding labels with a valid id before calling"
+            )
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    picked = x.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(x, dim=-1)
+
+
+def kl_to_reference(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: KLEstimator) -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi
+    (Schulman 2020, "Approximating KL divergence")::
+
+        k1 = log pi - log pi_ref                     (unbiased, can be negative)
+        k3 = (rho - 1) - log rho,  rho = pi_ref / pi  (unbiased, always >= 0)
+
+    k1 is the penalty InstructGPT puts in the reward (Ouyang et al. 2022, eq. 2);
+    k3 is the loss term of GRPO (Shao et al. 2024, eq. 4).
+
+    Args:
+        logprobs: ``[B, T]`` float, log pi of the sampled tokens (may carry grad).
+        ref_logprobs: ``[B, T]`` float, log pi_ref of the same tokens (detached).
+        estimator: a :class:`KLEstimator` (or its string value).
+
+    Returns:
+        ``[B, T]`` per-token estimates, same dtype as ``logprobs``. Padded
+        positions are not masked here: reduce with :func:`masked_mean` (or
+        pass through a function that takes a mask), which ignores them.
+
+    Raises:
+        ValueError: shapes differ; unknown estimator.
+    """
+    if logprobs.shape != ref_logprobs.shape:
+        raise ValueError(
+            f"ref_logprobs has shape {tuple(ref_logprobs.shape)} but logprobs has "
+            f"{tuple(logprobs.shape)}"
+        )
+    estimator = KLEstimator(estimator)
+    diff = ref_logprobs.detach() - logprobs  # log rho
+    if estimator is KLEstimator.K1:
+        return -diff
+    return torch.expm1(diff) - diff
+
+
+def sft_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """Token-mean negative log-likelihood, the pretraining/SFT term of PPO-ptx
+    (InstructGPT, Ouyang et al. 2022, eq. 2: ``gamma * E_{x~D_pretrain}[log pi(x)]``;
+    the caller multiplies by gamma)::
+
+        L = -sum_{b,t} mask * log pi(labels[b,t] | ...) / clamp(sum mask, 1)
+
+    Args:
+        logits: ``[B, T, V]`` float; position ``t`` predicts ``labels[:, t]``.
+        labels: ``[B, T]`` int64 targets. Padded positions may hold anything
+            (e.g. -100); they are replaced before the gather.
+        mask: ``[B, T]`` bool or float, non-zero = token that counts. Garbage in
+            padded logits does not change the loss, and their gradient is 0.
+
+    Returns:
+        0-d float32 loss (0 for an all-padding batch).
+
+    Raises:
+        ValueError: wrong shapes or a real label outside ``[0, V)``.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    m = _bool_mask(mask, logits.shape[:2])
+    if labels.shape != m.shape:
+        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(m.shape)}")
+    safe_labels = torch.where(m, labels, torch.zeros((), dtype=labels.dtype, device=labels.device))
+    safe_logits = torch.where(
+        m.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device)
+    )
+    return -masked_mean(token_logprobs(safe_logits, safe_labels), m)
