@@ -64,6 +64,10 @@ class ModelSection(_Section):
     chat_template: bool = Field(False, description="wrap prompts in the tokenizer's chat template")
     system_prompt: Optional[str] = None
 
+    @property
+    def cache_path(self) -> Optional[Path]:
+        return Path(self.cache_dir) if self.cache_dir else None
+
 
 class EndpointsSection(_Section):
     """ZeroMQ endpoints. Binds use the same address; loopback by default."""
@@ -109,6 +113,11 @@ class PromptSource(_Section):
     first_k_words: Optional[int] = Field(None, ge=1)
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="held out, never trained on")
 
+    def loader_options(self) -> dict[str, Any]:
+        """The spec ``services.generator.prompts.load_prompts`` takes (options of this kind only)."""
+        per_kind = {"jsonl": ["text_field", "id_field"], "csv": ["column", "first_k_words"], "gsm8k": []}
+        return {key: getattr(self, key) for key in ["kind", "path", *per_kind[self.kind]]}
+
 
 class GeneratorSection(_Section):
     """Rollout generators."""
@@ -141,7 +150,9 @@ class RewardSpec(_Section):
         return self
 
     def as_dict(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
+        """The spec ``services.scorer.rewards.build_reward`` takes."""
+        keys = {"function", "weight", "kwargs", "name"} if self.function else {"model", "weight", "batch_size", "name"}
+        return self.model_dump(include=keys, exclude_none=True)
 
 
 class ScorerSection(_Section):

@@ -1,0 +1,104 @@
+"""What every service process does at start: arguments, config, logging, identity, metrics, signals.
+
+Each ``python -m services.<name>`` calls :func:`start_service` and then runs
+its loop until ``ctx.stop`` is set (SIGTERM / SIGINT set it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass, field
+
+import zmq
+
+from common.config import Config, ConfigError, load_config
+from common.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceContext:
+    """Everything a service loop needs from its process.
+
+    Attributes:
+        config: the validated run config.
+        service: ``generator``, ``scorer``, ``buffer`` or ``learner``.
+        index: replica index (0-based) among processes of this service.
+        instance: identity used in messages and metrics, e.g. ``generator-1``.
+        metrics: this process's metrics registry (already served over HTTP if enabled).
+        zmq: the process's ZeroMQ context.
+        stop: set on SIGTERM/SIGINT; loops check it at least every second.
+    """
+
+    config: Config
+    service: str
+    index: int
+    instance: str
+    metrics: ServiceMetrics
+    zmq: zmq.Context
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def close(self) -> None:
+        """Terminate the ZeroMQ context (sockets must be closed first)."""
+        self.zmq.term()
+
+
+def replica_index(explicit: int | None) -> int:
+    """The replica index: ``--index``, else honcho's ``HONCHO_PROCESS_NAME`` (``generator.3`` -> 2), else 0."""
+    if explicit is not None:
+        return explicit
+    name = os.environ.get("HONCHO_PROCESS_NAME", "")
+    _, _, number = name.rpartition(".")
+    return int(number) - 1 if number.isdigit() else 0
+
+
+def parse_args(service: str, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m services.{service}",
+                                     description=f"streamrl {service} service")
+    parser.add_argument("--config", help="TOML run config (defaults are used when omitted)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set learner.lr=1e-5 (repeatable)")
+    parser.add_argument("--index", type=int, default=None,
+                        help="replica index (default: from HONCHO_PROCESS_NAME, else 0)")
+    return parser.parse_args(argv)
+
+
+def start_service(service: str, argv: list[str] | None = None) -> ServiceContext:
+    """Parse arguments, load and validate the config, set up logging, metrics and signals.
+
+    Exits the process with status 2 and the full list of problems when the config is invalid.
+    """
+    args = parse_args(service, argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"streamrl {service}: invalid config\n{err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    index = replica_index(args.index)
+    instance = f"{service}-{index}"
+    logging.basicConfig(
+        level=config.run.log_level,
+        format=f"%(asctime)s {instance} %(levelname)s %(name)s: %(message)s",
+    )
+    metrics = ServiceMetrics(service, instance)
+    if config.metrics.enabled:
+        base = getattr(config.metrics, f"{service}_port")
+        metrics.serve(config.metrics.host, base + index if base else 0)
+    ctx = ServiceContext(config=config, service=service, index=index, instance=instance,
+                         metrics=metrics, zmq=zmq.Context())
+
+    def _on_signal(signum, _frame):
+        log.info("%s got signal %d; stopping", instance, signum)
+        ctx.stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    log.info("%s starting on %s (pid %d)", instance, socket.gethostname(), os.getpid())
+    return ctx

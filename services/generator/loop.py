@@ -1,0 +1,177 @@
+"""The rollout generator: sample with the newest weights, send rollouts to the scorers.
+
+Loop, between generation batches only (so a batch never mixes versions):
+
+1. drain weight announcements; if a newer version exists, fetch, verify and
+   load it (an atomic swap: ``load_state_dict`` runs before the next batch);
+2. if the newest announced version is still more than ``max_staleness``
+   ahead of the loaded one (the fetch failed), pause and retry: data that
+   stale would be dropped by the buffer anyway;
+3. sample ``prompts_per_batch`` x ``group_size`` completions and push one
+   ``rollout`` message per completion to the scorers (PUSH round-robins over
+   the connected scorers; a full queue blocks here: backpressure).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import torch
+import zmq
+
+from common.messages import Rollout, SamplingParams
+from common.metrics import ServiceMetrics
+from common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
+from common.service import ServiceContext
+from common.transport import make_socket, send
+from common.weights import WeightClient, WeightSyncError
+from services.generator.prompts import PromptStream, format_prompt, load_prompts, split_prompts
+from services.generator.sampling import encode_prompts, sample_completions
+
+log = logging.getLogger(__name__)
+
+
+class GeneratorMetrics:
+    """The generator's Prometheus metrics."""
+
+    def __init__(self, m: ServiceMetrics):
+        self.rollouts = m.counter("rollouts_total", "Completions sampled and sent")
+        self.tokens = m.counter("tokens_total", "Completion tokens sampled")
+        self.batch_seconds = m.histogram("generation_seconds", "Seconds per generation batch")
+        self.version = m.gauge("policy_version", "Policy version of the loaded weights")
+        self.latest_version = m.gauge("announced_version", "Newest version announced by the learner")
+        self.fetch_seconds = m.histogram("weight_fetch_seconds", "Seconds to fetch and verify one version")
+        self.load_seconds = m.histogram("weight_load_seconds", "Seconds to load fetched weights")
+        self.weight_bytes = m.counter("weight_bytes_total", "Weight bytes received")
+        self.weight_syncs = m.counter("weight_syncs_total", "Versions loaded")
+        self.weight_errors = m.counter("weight_sync_errors_total", "Failed weight fetches")
+        self.wait_weights = m.counter("weight_wait_seconds_total", "Seconds paused waiting for fresher weights")
+        self.blocked = m.counter("send_blocked_seconds_total", "Seconds blocked sending (backpressure)")
+        self.in_flight = m.gauge("prompts_in_flight", "Prompts being generated now")
+
+
+class Generator:
+    """One rollout generator process (see module docstring)."""
+
+    def __init__(self, ctx: ServiceContext):
+        cfg = ctx.config
+        self.ctx = ctx
+        self.cfg = cfg
+        gen = cfg.generator
+        configure_torch(gen.threads, seed=cfg.run.seed + 7919 * (ctx.index + 1))
+        self.device = select_device(gen.device)
+        path = resolve_model_path(cfg.model.path, cfg.model.cache_path)
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_causal_lm(path, device=self.device).eval()
+        self.chat = cfg.model.chat_template
+        prompts = load_prompts(gen.prompts.loader_options())
+        train, _held_out = split_prompts(prompts, eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
+        self.stream = PromptStream(train, seed=cfg.run.seed + ctx.index)
+        self.sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p,
+                                       max_new_tokens=gen.max_new_tokens)
+        self.generator_id = f"{ctx.instance}-{uuid.uuid4().hex[:8]}"
+        t = cfg.transport
+        self.weights = WeightClient(ctx.zmq, announce_endpoint=cfg.endpoints.weights_announce,
+                                    fetch_endpoint=cfg.endpoints.weights, inbox_metrics=ctx.metrics,
+                                    sender=self.generator_id, credit=t.weight_credit,
+                                    timeout_s=t.request_timeout_s, max_message_bytes=t.max_message_bytes,
+                                    hwm=t.hwm)
+        self.push = make_socket(ctx.zmq, zmq.PUSH, connect=cfg.endpoints.scorers,
+                                max_message_bytes=t.max_message_bytes, hwm=t.hwm)
+        self.version: int | None = None
+        self.groups_sent = 0
+        self.metrics = GeneratorMetrics(ctx.metrics)
+
+    def run(self) -> None:
+        """Generate until stopped."""
+        log.info("%s (%s) waiting for the learner's weights on %s", self.ctx.instance,
+                 self.generator_id, self.cfg.endpoints.weights_announce)
+        try:
+            while not self.ctx.stop.is_set():
+                if self.sync_weights():
+                    self.generate_batch()
+        finally:
+            self.weights.close()
+            self.push.close(0)
+
+    def sync_weights(self) -> bool:
+        """Load the newest announced version; return True when generation may proceed."""
+        latest = self.weights.poll_announcements(timeout_s=0.0 if self.version is not None else 1.0)
+        if latest is None:
+            return False
+        self.metrics.latest_version.set(latest.version)
+        if self.version is None or latest.version > self.version:
+            start = time.perf_counter()
+            try:
+                fetched = self.weights.fetch(latest)
+            except WeightSyncError as err:
+                self.metrics.weight_errors.inc()
+                log.warning("weight fetch failed: %s", err)
+            else:
+                loaded = time.perf_counter()
+                missing, unexpected = self.model.load_state_dict(fetched.tensors, strict=False)
+                if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+                    raise RuntimeError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
+                self.version = fetched.version
+                self.metrics.fetch_seconds.observe(loaded - start)
+                self.metrics.load_seconds.observe(time.perf_counter() - loaded)
+                self.metrics.weight_bytes.inc(fetched.nbytes)
+                self.metrics.weight_syncs.inc()
+                self.metrics.version.set(self.version)
+                log.info("loaded policy version %d (%.1f MB, fetch %.2fs, verify %.2fs)",
+                         self.version, fetched.nbytes / 1e6, fetched.transfer_s, fetched.verify_s)
+        if self.version is None or latest.version - self.version > self.cfg.run.max_staleness:
+            wait_start = time.perf_counter()
+            self.ctx.stop.wait(0.2)
+            self.metrics.wait_weights.inc(time.perf_counter() - wait_start)
+            return False
+        return True
+
+    def generate_batch(self) -> None:
+        """Sample one batch of groups with the loaded weights and send every rollout."""
+        gen = self.cfg.generator
+        prompts = self.stream.next_batch(gen.prompts_per_batch)
+        texts = [format_prompt(p.text, self.tokenizer, chat_template=self.chat,
+                               system=self.cfg.model.system_prompt) for p in prompts]
+        ids = encode_prompts(self.tokenizer, texts, max_prompt_tokens=gen.max_prompt_tokens,
+                             add_special_tokens=not self.chat)
+        version = self.version
+        self.metrics.in_flight.set(len(prompts))
+        start = time.perf_counter()
+        groups = sample_completions(self.model, self.tokenizer, ids, group_size=gen.group_size,
+                                    sampling=self.sampling)
+        self.metrics.batch_seconds.observe(time.perf_counter() - start)
+        self.metrics.in_flight.set(0)
+        for prompt, text, group in zip(prompts, texts, groups):
+            group_id = f"{self.generator_id}:{self.groups_sent}"
+            self.groups_sent += 1
+            for j, c in enumerate(group):
+                rollout = Rollout(
+                    sender=self.generator_id, prompt_id=prompt.prompt_id, group_id=group_id,
+                    rollout_id=f"{group_id}:{j}", generator_id=self.generator_id, group_size=gen.group_size,
+                    prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+                    behaviour_logprobs=c.logprobs, policy_version=version, finish_reason=c.finish_reason,
+                    sampling=self.sampling, prompt_text=text, completion_text=c.text,
+                    metadata=dict(prompt.metadata),
+                )
+                if not self._send(rollout):
+                    return
+                self.metrics.rollouts.inc()
+                self.metrics.tokens.inc(len(c.completion_tokens))
+
+    def _send(self, rollout: Rollout) -> bool:
+        """Send, blocking while the scorers' queues are full; False if stopped meanwhile."""
+        start = time.perf_counter()
+        while not self.ctx.stop.is_set():
+            if self.push.poll(1000, zmq.POLLOUT):
+                send(self.push, rollout)
+                self.metrics.blocked.inc(time.perf_counter() - start)
+                return True
+            if time.perf_counter() - start > self.cfg.transport.request_timeout_s:
+                log.warning("no scorer has taken a rollout for %.0fs (scorers down or buffer full)",
+                            time.perf_counter() - start)
+                start = time.perf_counter()
+        return False
+
