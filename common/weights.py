@@ -71,6 +71,19 @@ class PackedWeights:
         return memoryview(self.blob[index * size : (index + 1) * size])
 
 
+def tied_duplicates(state_dict: dict[str, torch.Tensor]) -> set[str]:
+    """Names of tensors that share storage with an earlier entry (tied weights such as
+    ``lm_head.weight`` = ``embed_tokens.weight``); they are sent once, under the first name."""
+    seen: set[tuple[int, int, tuple]] = set()
+    duplicates = set()
+    for name, t in state_dict.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            duplicates.add(name)
+        seen.add(key)
+    return duplicates
+
+
 def pack_state_dict(
     state_dict: dict[str, torch.Tensor],
     *,
@@ -79,7 +92,8 @@ def pack_state_dict(
     chunk_bytes: int,
     sender: str,
 ) -> PackedWeights:
-    """Pack floating-point tensors of ``state_dict`` into one blob (others keep their dtype).
+    """Pack ``state_dict`` into one blob: floating-point tensors in ``dtype``, tied
+    duplicates (:func:`tied_duplicates`) left out.
 
     Args:
         state_dict: parameter name -> tensor (any device).
@@ -95,7 +109,10 @@ def pack_state_dict(
     specs: list[TensorSpec] = []
     parts: list[torch.Tensor] = []
     offset = 0
+    skip = tied_duplicates(state_dict)
     for name, tensor in state_dict.items():
+        if name in skip:
+            continue
         t = tensor.detach()
         if t.is_floating_point():
             t = t.to(wire)

@@ -26,7 +26,7 @@ from common.metrics import ServiceMetrics
 from common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
 from common.service import ServiceContext
 from common.transport import make_socket, send
-from common.weights import WeightClient, WeightSyncError
+from common.weights import WeightClient, WeightSyncError, tied_duplicates
 from services.generator.prompts import PromptStream, format_prompt, load_prompts, split_prompts
 from services.generator.sampling import encode_prompts, sample_completions
 
@@ -65,6 +65,7 @@ class Generator:
         path = resolve_model_path(cfg.model.path, cfg.model.cache_path)
         self.tokenizer = load_tokenizer(path)
         self.model = load_causal_lm(path, device=self.device).eval()
+        self.tied = tied_duplicates(self.model.state_dict())
         self.chat = cfg.model.chat_template
         prompts = load_prompts(gen.prompts.loader_options())
         train, _held_out = split_prompts(prompts, eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
@@ -112,7 +113,7 @@ class Generator:
             else:
                 loaded = time.perf_counter()
                 missing, unexpected = self.model.load_state_dict(fetched.tensors, strict=False)
-                if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+                if unexpected or set(missing) - self.tied:
                     raise RuntimeError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
                 self.version = fetched.version
                 self.metrics.fetch_seconds.observe(loaded - start)

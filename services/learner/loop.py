@@ -1,0 +1,228 @@
+"""The learner service: request batches from the buffer, train, publish versioned weights.
+
+Per step: ask the buffer for ``groups_per_step`` complete groups (DEALER ->
+ROUTER; the request is re-sent when the buffer stays silent, e.g. after a
+restart), run one :class:`PPOTrainer` step, bump the version, publish the new
+weights, log diagnostics (JSONL + console + Prometheus), checkpoint every
+``checkpoint_every`` steps and at the end. On start it resumes from the newest
+complete checkpoint in ``<output_dir>/checkpoints`` when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import zmq
+
+from common.messages import Batch, BatchRequest
+from common.metrics import STALENESS_BUCKETS
+from common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
+from common.service import ServiceContext
+from common.transport import Inbox, make_socket, send
+from common.weights import WeightServer, pack_state_dict
+from services.learner.batch import collate
+from services.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from services.learner.ptx import PtxSampler
+from services.learner.trainer import PPOTrainer
+
+log = logging.getLogger(__name__)
+
+GAUGES = {
+    "loss/total": "loss",
+    "loss/policy": "policy_loss",
+    "loss/value": "value_loss",
+    "loss/kl": "kl_loss",
+    "loss/ptx": "ptx_loss",
+    "kl": "kl",
+    "kl_coef": "kl_coef",
+    "entropy": "entropy",
+    "clip_fraction": "clip_fraction",
+    "approx_kl": "approx_kl",
+    "importance_ratio_mean": "importance_ratio_mean",
+    "importance_ratio_max": "importance_ratio_max",
+    "truncated_fraction": "truncated_fraction",
+    "ess": "effective_sample_size",
+    "ess_fraction": "effective_sample_size_ratio",
+    "grad_norm": "grad_norm",
+    "reward_mean": "reward_mean",
+    "samples_per_second": "samples_per_second",
+}
+
+
+class Learner:
+    """The single learner process."""
+
+    def __init__(self, ctx: ServiceContext):
+        cfg = ctx.config
+        lc = cfg.learner
+        self.ctx = ctx
+        self.cfg = cfg
+        configure_torch(lc.threads, seed=cfg.run.seed)
+        self.device = select_device(lc.device)
+        base = resolve_model_path(cfg.model.path, cfg.model.cache_path)
+        self.output = Path(cfg.run.output_dir)
+        self.checkpoints = self.output / "checkpoints"
+        resume = latest_checkpoint(self.checkpoints)
+        self.tokenizer = load_tokenizer(base)
+        policy = load_causal_lm(str(resume / "model") if resume else base, device=self.device)
+        reference = load_causal_lm(base, device=self.device).eval()
+        ptx = None
+        if lc.ptx_coef > 0:
+            ptx = PtxSampler(lc.ptx_data, self.tokenizer, batch_size=lc.groups_per_step,
+                             max_tokens=cfg.generator.max_prompt_tokens + cfg.generator.max_new_tokens,
+                             seed=cfg.run.seed)
+        self.trainer = PPOTrainer(policy, reference, lc, temperature=cfg.generator.temperature, ptx_sampler=ptx)
+        self.step = 0
+        self.version = 0
+        if resume is not None:
+            state = load_trainer_state(resume)
+            self.trainer.load_state_dict(state)
+            self.step, self.version = int(state["step"]), int(state["version"])
+            log.info("resumed from %s at step %d, version %d", resume, self.step, self.version)
+        t = cfg.transport
+        self.weights = WeightServer(ctx.zmq, announce_endpoint=cfg.endpoints.weights_announce,
+                                    fetch_endpoint=cfg.endpoints.weights, metrics=ctx.metrics,
+                                    sender=ctx.instance, announce_interval_s=t.announce_interval_s,
+                                    max_message_bytes=t.max_message_bytes, hwm=t.hwm)
+        self.dealer = make_socket(ctx.zmq, zmq.DEALER, connect=[cfg.endpoints.batches],
+                                  max_message_bytes=t.max_message_bytes, hwm=t.hwm)
+        self.inbox = Inbox(ctx.metrics, [Batch], max_bytes=t.max_message_bytes, socket_name="batches")
+        m = ctx.metrics
+        self.gauges = {key: m.gauge(name, f"Learner {key} of the last step") for key, name in GAUGES.items()}
+        self.m_step = m.gauge("step", "Learner steps completed")
+        self.m_version = m.gauge("policy_version", "Current policy version")
+        self.m_samples = m.counter("samples_total", "Rollouts trained on")
+        self.m_tokens = m.counter("tokens_total", "Completion tokens trained on")
+        self.m_wait = m.counter("data_wait_seconds_total", "Seconds waiting for a batch")
+        self.m_publish = m.histogram("weight_publish_seconds", "Seconds to pack and publish one version")
+        self.m_staleness = m.histogram("staleness", "Staleness of trained rollouts (versions)",
+                                       buckets=STALENESS_BUCKETS)
+        self.m_dropped = m.counter("buffer_dropped_stale_total", "Stale rollouts the buffer reported dropping")
+        self.m_evicted = m.counter("buffer_evicted_total", "Rollouts the buffer reported evicting")
+        self.log_path = self.output / "metrics.jsonl"
+
+    # ------------------------------------------------------------------ main
+
+    def run(self) -> None:
+        """Train until ``total_steps`` or a stop signal; checkpoint at the end."""
+        lc = self.cfg.learner
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.publish()
+        try:
+            while self.step < lc.total_steps and not self.ctx.stop.is_set():
+                waited_from = time.perf_counter()
+                batch = self.fetch_batch()
+                if batch is None:
+                    break
+                wait_s = time.perf_counter() - waited_from
+                self.train_on(batch, wait_s)
+                if self.step % lc.checkpoint_every == 0:
+                    self.save()
+            if self.step > 0 and not (self.checkpoints / f"step-{self.step:06d}").exists():
+                self.save()
+        finally:
+            self.weights.close()
+            self.dealer.close(0)
+        log.info("learner finished at step %d, version %d", self.step, self.version)
+
+    def train_on(self, batch: Batch, wait_s: float) -> dict:
+        """One learner step on ``batch``; returns the logged record."""
+        started = time.perf_counter()
+        tb = collate(batch.rollouts, pad_id=self.tokenizer.pad_token_id)
+        stats = self.trainer.step(tb, self.version)
+        self.step += 1
+        self.version += 1
+        train_s = time.perf_counter() - started
+        publish_s = self.publish()
+        stats["samples_per_second"] = tb.size / (train_s + wait_s)
+        record = {
+            "step": self.step,
+            "version": self.version,
+            "time": time.time(),
+            **stats,
+            "dropped_stale": batch.dropped_stale,
+            "evicted": batch.evicted,
+            "buffered_groups": batch.buffered_groups,
+            "behaviour_versions": sorted({int(v) for v in tb.versions}),
+            "wait_data_s": wait_s,
+            "train_s": train_s,
+            "publish_s": publish_s,
+        }
+        self._report(record, tb)
+        return record
+
+    def fetch_batch(self) -> Batch | None:
+        """Ask the buffer for a batch and wait; None when stopped.
+
+        Raises:
+            RuntimeError: no batch within ``learner.batch_timeout_s`` seconds.
+        """
+        lc, t = self.cfg.learner, self.cfg.transport
+        request = BatchRequest(sender=self.ctx.instance, learner_version=self.version,
+                               num_groups=lc.groups_per_step)
+        start = last_sent = time.perf_counter()
+        send(self.dealer, request)
+        while not self.ctx.stop.is_set():
+            if self.dealer.poll(500):
+                msg = self.inbox.decode(self.dealer.recv_multipart(copy=False))
+                if msg is not None and msg.rollouts:
+                    self.m_wait.inc(time.perf_counter() - start)
+                    return msg
+                continue
+            now = time.perf_counter()
+            if now - start > lc.batch_timeout_s:
+                raise RuntimeError(
+                    f"no batch from the buffer at {self.cfg.endpoints.batches} for {lc.batch_timeout_s:.0f}s; "
+                    "are the buffer, scorers and generators running?"
+                )
+            if now - last_sent > t.request_timeout_s:
+                log.info("waiting %.0fs for a batch of %d groups (version %d); re-sending the request",
+                         now - start, lc.groups_per_step, self.version)
+                request.sent_at = time.time()
+                send(self.dealer, request)
+                last_sent = now
+        self.m_wait.inc(time.perf_counter() - start)
+        return None
+
+    def publish(self) -> float:
+        """Pack and publish the current weights as ``self.version``; returns seconds taken."""
+        start = time.perf_counter()
+        packed = pack_state_dict(self.trainer.policy.state_dict(), version=self.version,
+                                 dtype=self.cfg.transport.weight_dtype,
+                                 chunk_bytes=self.cfg.transport.weight_chunk_bytes, sender=self.ctx.instance)
+        self.weights.publish(packed)
+        seconds = time.perf_counter() - start
+        self.m_publish.observe(seconds)
+        self.m_version.set(self.version)
+        return seconds
+
+    def save(self) -> Path:
+        return save_checkpoint(self.checkpoints, step=self.step, version=self.version,
+                               policy=self.trainer.policy, tokenizer=self.tokenizer,
+                               trainer_state=self.trainer.state_dict())
+
+    def _report(self, record: dict, tb) -> None:
+        for key, gauge in self.gauges.items():
+            if key in record:
+                gauge.set(record[key])
+        self.m_step.set(self.step)
+        self.m_samples.inc(tb.size)
+        self.m_tokens.inc(record["tokens"])
+        self.m_dropped.inc(record["dropped_stale"])
+        self.m_evicted.inc(record["evicted"])
+        for s in (self.version - 1 - tb.versions).tolist():
+            self.m_staleness.observe(s)
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info(
+            "step %d/%d v%d | reward %.3f | kl %.4f | entropy %.3f | clip %.3f | ratio %.3f/%.3f | "
+            "ess %.2f | stale %.0f-%.0f | dropped %d | %.1f samples/s | wait %.1fs",
+            record["step"], self.cfg.learner.total_steps, record["version"], record["reward_mean"], record["kl"],
+            record["entropy"], record["clip_fraction"], record["importance_ratio_mean"],
+            record["importance_ratio_max"], record["ess_fraction"], record["staleness_min"],
+            record["staleness_max"], record["dropped_stale"], record["samples_per_second"], record["wait_data_s"],
+        )
+

@@ -1,0 +1,236 @@
+"""One PPO learner step on a batch of (possibly stale) rollouts. No sockets here.
+
+A step (Ouyang et al. 2022 "InstructGPT" sec. 3.5; Schulman et al. 2017 PPO):
+
+1. one no-grad pass computes pi_old (the policy before this update), the
+   frozen reference's log-probs and, for ``gae``, the old values;
+2. rewards are normalised with running statistics and clipped;
+3. advantages: ``gae`` uses per-token rewards ``-beta * KL_t`` plus the score
+   on the last token (InstructGPT eq. 2) and the value head; ``grpo`` / ``rloo``
+   use group baselines on the score (minus ``beta * sum_t KL_t`` when the KL
+   penalty is in the reward);
+4. ``ppo_epochs`` passes over ``minibatches`` shuffled minibatches, each one
+   optimizer update of the policy loss (with the configured staleness
+   correction), value loss, entropy bonus, KL loss term and PPO-ptx term.
+
+The policy version is the learner's step count: one step = one published
+version, however many optimizer updates it made.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from common.config import LearnerSection
+from common.modes import AdvantageEstimator, KLPenaltyMode
+from services.learner.advantages import gae, group_advantages, per_token_rewards, whiten
+from services.learner.batch import TrainBatch, forward_completions
+from services.learner.kl_control import make_kl_controller
+from services.learner.losses import kl_to_reference, masked_mean, policy_loss, sft_loss, value_loss
+from services.learner.normalization import RunningMeanStd
+
+
+@dataclass
+class PtxBatch:
+    """A pretraining / SFT minibatch for PPO-ptx.
+
+    Attributes:
+        input_ids: ``[B, L]`` int64, right-padded.
+        attention_mask: ``[B, L]`` int64.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+
+
+@dataclass
+class StepStats:
+    """Diagnostics of one learner step (means over its minibatch updates unless noted)."""
+
+    values: dict[str, float] = field(default_factory=dict)
+
+    def add(self, key: str, value: float) -> None:
+        self.values.setdefault(key, 0.0)
+        self.values[key] += value
+
+
+class PPOTrainer:
+    """Owns the policy, optional value head, reference model and optimizer.
+
+    Args:
+        policy: causal LM being trained (on ``device``).
+        reference: frozen copy of the initial policy (eval mode, no grad).
+        cfg: the learner config section.
+        temperature: sampling temperature of the generators (log-probs use the same).
+        ptx_sampler: callable returning a :class:`PtxBatch`, required when ``cfg.ptx_coef > 0``.
+    """
+
+    def __init__(self, policy, reference, cfg: LearnerSection, *, temperature: float, ptx_sampler=None):
+        self.policy = policy
+        self.reference = reference
+        self.cfg = cfg
+        self.temperature = temperature
+        self.ptx_sampler = ptx_sampler
+        self.device = next(policy.parameters()).device
+        self.value_head: torch.nn.Linear | None = None
+        params = list(policy.parameters())
+        if cfg.advantage is AdvantageEstimator.GAE:
+            self.value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(self.device)
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
+            params += list(self.value_head.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.kl_controller = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.reward_stats = RunningMeanStd()
+        for p in reference.parameters():
+            p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ step
+
+    def step(self, batch: TrainBatch, current_version: int) -> dict[str, float]:
+        """Run one learner step on ``batch``.
+
+        Args:
+            batch: the collated rollouts (any device; moved here).
+            current_version: the learner's policy version before this step
+                (staleness = current_version - batch.versions).
+
+        Returns:
+            Flat dict of diagnostics: ``loss/*``, ``kl``, ``entropy``, ``clip_fraction``,
+            ``importance_ratio_mean``/``_max`` (raw, before truncation), ``truncated_fraction``,
+            ``ess``/``ess_fraction``, ``grad_norm``, ``reward_mean``, ``staleness_*``, ...
+        """
+        cfg = self.cfg
+        batch = batch.to(self.device)
+        mask = batch.mask
+        with torch.no_grad():
+            self.policy.eval()
+            old = forward_completions(self.policy, batch, temperature=self.temperature,
+                                      value_head=self.value_head)
+            ref = forward_completions(self.reference, batch, temperature=self.temperature)
+            kl_tokens = kl_to_reference(old.logprobs, ref.logprobs, estimator=cfg.kl_estimator)
+            kl_tokens = torch.where(mask > 0, kl_tokens, torch.zeros_like(kl_tokens))
+            kl_mean = float(masked_mean(kl_tokens, mask))
+            kl_per_seq = kl_tokens.sum(1)
+            beta = self.kl_controller.value
+            scores = batch.scores
+            if cfg.normalize_rewards:
+                self.reward_stats.update(scores)
+                scores = self.reward_stats.normalize(scores, clip=cfg.reward_clip)
+            elif cfg.reward_clip is not None:
+                scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+            in_reward = cfg.kl_penalty is KLPenaltyMode.REWARD
+            returns = None
+            if cfg.advantage is AdvantageEstimator.GAE:
+                token_rewards = per_token_rewards(scores, kl_tokens if in_reward else None, mask,
+                                                  kl_coef=beta)
+                advantages, returns = gae(token_rewards, old.values, mask, gamma=cfg.gamma, lam=cfg.lam)
+            else:
+                seq_scores = scores - beta * kl_per_seq if in_reward else scores
+                seq_adv = group_advantages(seq_scores, batch.group_ids, estimator=cfg.advantage)
+                advantages = seq_adv.unsqueeze(1).expand_as(mask).clone()
+            if cfg.whiten_advantages:
+                advantages = whiten(advantages, mask)
+            advantages = torch.where(mask > 0, advantages, torch.zeros_like(advantages))
+
+        stats = StepStats()
+        updates = 0
+        ratio_max = 0.0
+        self.policy.train()
+        for _epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(batch.size, device=self.device)
+            for rows in order.chunk(cfg.minibatches):
+                mb = batch.select(rows)
+                t = mb.mask.shape[1]
+                out = forward_completions(self.policy, mb, temperature=self.temperature,
+                                          value_head=self.value_head, with_entropy=True)
+                pl, ps = policy_loss(out.logprobs, old.logprobs[rows, :t], mb.behaviour_logprobs,
+                                     advantages[rows, :t], mb.mask, correction=cfg.correction,
+                                     clip_eps=cfg.clip_eps, is_cap=cfg.is_cap)
+                entropy = masked_mean(out.entropy, mb.mask)
+                loss = pl - cfg.entropy_coef * entropy
+                if self.value_head is not None:
+                    vl, vclip = value_loss(out.values, old.values[rows, :t], returns[rows, :t], mb.mask,
+                                           clip_range=cfg.value_clip)
+                    loss = loss + cfg.vf_coef * vl
+                    stats.add("loss/value", float(vl))
+                    stats.add("value_clip_fraction", vclip)
+                if cfg.kl_penalty is KLPenaltyMode.LOSS and beta > 0:
+                    kl_term = masked_mean(kl_to_reference(out.logprobs, ref.logprobs[rows, :t],
+                                                          estimator=cfg.kl_estimator), mb.mask)
+                    loss = loss + beta * kl_term
+                    stats.add("loss/kl", float(kl_term))
+                if cfg.ptx_coef > 0:
+                    ptx = self._ptx_loss()
+                    loss = loss + cfg.ptx_coef * ptx
+                    stats.add("loss/ptx", float(ptx))
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+                if math.isfinite(float(grad_norm)):
+                    self.optimizer.step()
+                else:
+                    stats.add("skipped_updates", 1.0)
+                updates += 1
+                stats.add("loss/total", float(loss))
+                stats.add("loss/policy", float(pl))
+                stats.add("entropy", float(entropy))
+                stats.add("grad_norm", float(grad_norm))
+                stats.add("clip_fraction", ps.clip_fraction)
+                stats.add("approx_kl", ps.approx_kl)
+                stats.add("importance_ratio_mean", ps.importance_ratio_mean)
+                stats.add("truncated_fraction", ps.truncated_fraction)
+                stats.add("ess", ps.effective_sample_size)
+                stats.add("ess_fraction", ps.ess_fraction)
+                ratio_max = max(ratio_max, ps.importance_ratio_max)
+        out_stats = {k: v / updates for k, v in stats.values.items() if k != "skipped_updates"}
+        out_stats["skipped_updates"] = stats.values.get("skipped_updates", 0.0)
+        self.kl_controller.update(kl_mean, batch.size)
+        staleness = (current_version - batch.versions).float()
+        out_stats.update(
+            {
+                "importance_ratio_max": ratio_max,
+                "kl": kl_mean,
+                "kl_coef": beta,
+                "reward_mean": float(batch.scores.mean()),
+                "reward_std": float(batch.scores.std(unbiased=False)),
+                "completion_tokens_mean": float(mask.sum(1).mean()),
+                "staleness_min": float(staleness.min()),
+                "staleness_mean": float(staleness.mean()),
+                "staleness_max": float(staleness.max()),
+                "optimizer_updates": float(updates),
+                "samples": float(batch.size),
+                "tokens": float(mask.sum()),
+            }
+        )
+        return out_stats
+
+    def _ptx_loss(self) -> Tensor:
+        ptx = self.ptx_sampler()
+        ids = ptx.input_ids.to(self.device)
+        attention = ptx.attention_mask.to(self.device)
+        logits = self.policy(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        return sft_loss(logits, ids[:, 1:], attention[:, 1:])
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """Optimizer, value head, KL controller and reward statistics (for checkpoints)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "value_head": self.value_head.state_dict() if self.value_head is not None else None,
+            "kl_controller": self.kl_controller.state_dict(),
+            "reward_stats": self.reward_stats.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.value_head is not None and state.get("value_head") is not None:
+            self.value_head.load_state_dict(state["value_head"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.reward_stats.load_state_dict(state["reward_stats"])
