@@ -157,17 +157,17 @@ class PPOTrainer:
                     vl, vclip = value_loss(out.values, old.values[rows, :t], returns[rows, :t], mb.mask,
                                            clip_range=cfg.value_clip)
                     loss = loss + cfg.vf_coef * vl
-                    stats.add("loss/value", float(vl))
+                    stats.add("loss/value", vl.item())
                     stats.add("value_clip_fraction", vclip)
                 if cfg.kl_penalty is KLPenaltyMode.LOSS and beta > 0:
                     kl_term = masked_mean(kl_to_reference(out.logprobs, ref.logprobs[rows, :t],
                                                           estimator=cfg.kl_estimator), mb.mask)
                     loss = loss + beta * kl_term
-                    stats.add("loss/kl", float(kl_term))
+                    stats.add("loss/kl", kl_term.item())
                 if cfg.ptx_coef > 0:
                     ptx = self._ptx_loss()
                     loss = loss + cfg.ptx_coef * ptx
-                    stats.add("loss/ptx", float(ptx))
+                    stats.add("loss/ptx", ptx.item())
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -177,9 +177,9 @@ class PPOTrainer:
                 else:
                     stats.add("skipped_updates", 1.0)
                 updates += 1
-                stats.add("loss/total", float(loss))
-                stats.add("loss/policy", float(pl))
-                stats.add("entropy", float(entropy))
+                stats.add("loss/total", loss.item())
+                stats.add("loss/policy", pl.item())
+                stats.add("entropy", entropy.item())
                 stats.add("grad_norm", float(grad_norm))
                 stats.add("clip_fraction", ps.clip_fraction)
                 stats.add("approx_kl", ps.approx_kl)
