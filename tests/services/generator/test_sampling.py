@@ -1,0 +1,214 @@
+"""Tests for services/generator/sampling.py.
+
+The central property: the behaviour log-prob recorded for every sampled token is
+the log-probability under the distribution it was actually drawn from (the
+behaviour policy mu). We check that against an *unpadded* full forward pass of the
+same model over prompt + completion (so left padding, the KV cache and the
+temperature / top-p processing of ``generate`` must all be accounted for).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.messages import FinishReason, SamplingParams
+from common.models import build_char_tokenizer, build_tiny_model
+from services.generator.sampling import Completion, encode_prompts, sample_completions
+
+PROMPT_TEXTS = ["Hello there, friend", "abc"]  # 19 and 3 tokens: left padding is exercised
+MAX_NEW = 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is ~50x faster than two on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return build_tiny_model(tokenizer, seed=0)
+
+
+@pytest.fixture(scope="module")
+def eos_model(tokenizer):
+    """The tiny model with a +2.5 bias on the EOS logit, so completions often stop early."""
+    m = build_tiny_model(tokenizer, seed=0)
+    head = torch.nn.Linear(m.config.hidden_size, m.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(m.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tokenizer.eos_token_id] = 2.5
+    m.lm_head = head
+    m.eval()
+    return m
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    return encode_prompts(tokenizer, PROMPT_TEXTS, max_prompt_tokens=64, add_special_tokens=False)
+
+
+def sample(model, tokenizer, prompts, *, seed=0, group_size=3, temperature=1.0, top_p=1.0, max_new=MAX_NEW):
+    torch.manual_seed(seed)
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new)
+    return sample_completions(model, tokenizer, prompts, group_size=group_size, sampling=params)
+
+
+@torch.no_grad()
+def full_logits(model, c: Completion, temperature: float) -> torch.Tensor:
+    """``[T, V]`` logits / temperature predicting each completion token, from one
+    unpadded forward pass over prompt + completion (no attention mask, no cache)."""
+    ids = np.concatenate([c.prompt_tokens, c.completion_tokens]).astype(np.int64)
+    logits = model(input_ids=torch.from_numpy(ids)[None]).logits[0].double()
+    p, t = len(c.prompt_tokens), len(c.completion_tokens)
+    return logits[p - 1 : p - 1 + t] / temperature
+
+
+def token_lp(logp: torch.Tensor, c: Completion) -> np.ndarray:
+    idx = torch.from_numpy(c.completion_tokens.astype(np.int64))[:, None]
+    return logp.gather(-1, idx)[:, 0].numpy()
+
+
+def nucleus_logprobs(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Slow reference for top-p: keep the most probable tokens, in order, while the mass
+    of the tokens strictly ahead of a token is < top_p; renormalise over the kept set."""
+    out = torch.full_like(logits, -torch.inf)
+    for row in range(logits.shape[0]):
+        probs = torch.softmax(logits[row], -1)
+        order = torch.argsort(probs, descending=True).tolist()
+        mass, kept = 0.0, []
+        for v in order:
+            if mass >= top_p:
+                break
+            kept.append(v)
+            mass += float(probs[v])
+        kept_t = torch.tensor(kept)
+        out[row, kept_t] = torch.log_softmax(logits[row, kept_t], -1)
+    return out
+
+
+def all_completions(result):
+    return [c for group in result for c in group]
+
+
+# --------------------------------------------------------------------------- encode_prompts
+
+
+def test_encode_prompts_keeps_last_tokens_and_rejects_empty(tokenizer):
+    ids = encode_prompts(tokenizer, ["abcdef", "xy"], max_prompt_tokens=4, add_special_tokens=False)
+    # 'a' = 4 + (97 - 32) = 69; the last four of "abcdef" are "cdef".
+    assert ids == [[71, 72, 73, 74], [92, 93]]
+    with pytest.raises(ValueError, match="no tokens"):
+        encode_prompts(tokenizer, ["ok", ""], max_prompt_tokens=4, add_special_tokens=False)
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def test_groups_prompts_order_and_cut_at_max_new_tokens(model, tokenizer, prompts):
+    result = sample(model, tokenizer, prompts)
+    assert len(result) == 2 and [len(g) for g in result] == [3, 3]
+    for group, ids in zip(result, prompts):
+        for c in group:
+            assert c.prompt_tokens.dtype == np.int32 and c.completion_tokens.dtype == np.int32
+            assert c.logprobs.dtype == np.float32
+            np.testing.assert_array_equal(c.prompt_tokens, np.asarray(ids, dtype=np.int32))
+            assert c.logprobs.shape == c.completion_tokens.shape
+            eos_hits = np.flatnonzero(c.completion_tokens == tokenizer.eos_token_id)
+            if c.finish_reason is FinishReason.STOP:
+                assert eos_hits.tolist() == [len(c.completion_tokens) - 1]
+            else:
+                assert c.finish_reason is FinishReason.LENGTH
+                assert len(c.completion_tokens) == MAX_NEW and eos_hits.size == 0
+            assert c.text == tokenizer.decode(c.completion_tokens.tolist(), skip_special_tokens=True)
+
+
+def test_group_members_differ_and_seed_reproduces(model, tokenizer, prompts):
+    first = sample(model, tokenizer, prompts, seed=123)
+    again = sample(model, tokenizer, prompts, seed=123)
+    other = sample(model, tokenizer, prompts, seed=124)
+    for group in first:
+        seqs = [tuple(c.completion_tokens.tolist()) for c in group]
+        assert len(set(seqs)) == len(seqs), "group members must be independent samples"
+    key = lambda res: [tuple(c.completion_tokens.tolist()) for c in all_completions(res)]  # noqa: E731
+    assert key(first) == key(again)
+    assert key(first) != key(other)
+    for a, b in zip(all_completions(first), all_completions(again)):
+        np.testing.assert_array_equal(a.logprobs, b.logprobs)
+
+
+def test_eos_cuts_completion_and_sets_stop(eos_model, tokenizer, prompts):
+    result = sample(eos_model, tokenizer, prompts, seed=0, group_size=8)
+    reasons = {c.finish_reason for c in all_completions(result)}
+    assert reasons == {FinishReason.STOP, FinishReason.LENGTH}, "seed should produce both endings"
+    eos = tokenizer.eos_token_id
+    for c in all_completions(result):
+        toks = c.completion_tokens
+        if c.finish_reason is FinishReason.STOP:
+            assert toks[-1] == eos and (toks[:-1] != eos).all()
+            assert 1 <= len(toks) <= MAX_NEW
+        else:
+            assert len(toks) == MAX_NEW and (toks != eos).all()
+        assert c.text == tokenizer.decode(toks.tolist(), skip_special_tokens=True)
+        assert "<eos>" not in c.text and "<pad>" not in c.text
+        # Log-probs of EOS-ended completions (including the EOS token itself) are still exact.
+        ref = token_lp(torch.log_softmax(full_logits(eos_model, c, 1.0), -1), c)
+        np.testing.assert_allclose(c.logprobs, ref, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- behaviour log-probs
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_unpadded_forward(model, tokenizer, prompts, temperature):
+    result = sample(model, tokenizer, prompts, seed=1, temperature=temperature)
+    n_tokens = 0
+    for c in all_completions(result):
+        ref = token_lp(torch.log_softmax(full_logits(model, c, temperature), -1), c)
+        np.testing.assert_allclose(c.logprobs, ref, atol=1e-4, rtol=0)
+        n_tokens += len(ref)
+    assert n_tokens >= 6  # something was actually compared
+
+
+def test_temperature_changes_recorded_logprobs(model, tokenizer, prompts):
+    """At T=0.7 the recorded values are NOT the T=1 log-probs (the scaling is applied)."""
+    result = sample(model, tokenizer, prompts, seed=1, temperature=0.7)
+    diffs = []
+    for c in all_completions(result):
+        at_one = token_lp(torch.log_softmax(full_logits(model, c, 1.0), -1), c)
+        diffs.append(np.abs(c.logprobs - at_one).max())
+    assert max(diffs) > 1e-2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_top_p_logprobs_are_renormalised_over_nucleus(model, tokenizer, prompts, temperature):
+    top_p = 0.5
+    result = sample(model, tokenizer, prompts, seed=2, temperature=temperature, top_p=top_p)
+    for c in all_completions(result):
+        logits = full_logits(model, c, temperature)
+        full = token_lp(torch.log_softmax(logits, -1), c)
+        # Renormalising over a nucleus of mass >= top_p raises each log-prob by at most
+        # -log(top_p), never lowers it, and keeps it a log-probability.
+        assert (c.logprobs >= full - 1e-4).all()
+        assert (c.logprobs <= full - np.log(top_p) + 1e-4).all()
+        assert (c.logprobs <= 0).all()
+        # Exact value against a slow nucleus reference; every sampled token is inside it.
+        nucleus = token_lp(nucleus_logprobs(logits, top_p), c)
+        assert np.isfinite(nucleus).all(), "sampled a token outside the nucleus"
+        np.testing.assert_allclose(c.logprobs, nucleus, atol=1e-4, rtol=0)
+    # With a near-uniform tiny model the nucleus is about half the vocabulary: the
+    # shift is close to log 2 (i.e. the correction is not vacuous).
+    shift = np.concatenate([c.logprobs - token_lp(torch.log_softmax(full_logits(model, c, temperature), -1), c)
+                            for c in all_completions(result)])
+    assert shift.min() > 0.3

@@ -1,0 +1,217 @@
+"""Tests for services/learner/batch.py: exact collated tensors, padding-invariant
+log-probs against a per-row unpadded forward pass, and ``TrainBatch.select``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
+from common.models import build_char_tokenizer, build_tiny_model
+from services.learner.batch import TrainBatch, collate, forward_completions
+
+FIELDS = ["input_ids", "attention_mask", "positions", "tokens", "mask", "behaviour_logprobs",
+          "scores", "group_ids", "versions"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is ~50x faster than two on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def scored(group_id: str, prompt: list[int], completion: list[int], logprobs: list[float], *,
+           version: int, reward: float) -> ScoredRollout:
+    rollout = Rollout(
+        prompt_id=f"p-{group_id}",
+        group_id=group_id,
+        rollout_id=f"{group_id}-{len(prompt)}-{len(completion)}",
+        generator_id="gen-0",
+        group_size=2,
+        prompt_tokens=np.asarray(prompt, dtype=np.int32),
+        completion_tokens=np.asarray(completion, dtype=np.int32),
+        behaviour_logprobs=np.asarray(logprobs, dtype=np.float32),
+        policy_version=version,
+        finish_reason=FinishReason.STOP if completion[-1] == 1 else FinishReason.LENGTH,
+        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=4),
+    )
+    return ScoredRollout(rollout=rollout, reward=reward)
+
+
+def hand_rollouts() -> list[ScoredRollout]:
+    return [
+        scored("g-a", [5, 6, 7], [10, 11], [-1.0, -2.0], version=3, reward=0.5),
+        scored("g-b", [8], [12, 13, 14, 1], [-0.1, -0.2, -0.3, -0.4], version=5, reward=-1.0),
+        scored("g-a", [5, 6, 7, 9, 9], [15], [-3.0], version=4, reward=2.0),
+    ]
+
+
+# --------------------------------------------------------------------------- collate
+
+
+def test_collate_exact_tensors():
+    b = collate(hand_rollouts(), pad_id=0)
+    expected = {
+        "input_ids": [[5, 6, 7, 10, 11, 0], [8, 12, 13, 14, 1, 0], [5, 6, 7, 9, 9, 15]],
+        "attention_mask": [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]],
+        # logits at prompt_len - 1 + t predict completion token t
+        "positions": [[2, 3, 0, 0], [0, 1, 2, 3], [4, 0, 0, 0]],
+        "tokens": [[10, 11, 0, 0], [12, 13, 14, 1], [15, 0, 0, 0]],
+        "mask": [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]],
+        "behaviour_logprobs": [[-1.0, -2.0, 0, 0], [-0.1, -0.2, -0.3, -0.4], [-3.0, 0, 0, 0]],
+        "scores": [0.5, -1.0, 2.0],
+        "group_ids": [0, 1, 0],  # groups numbered in order of first appearance
+        "versions": [3, 5, 4],
+    }
+    dtypes = {"input_ids": torch.int64, "attention_mask": torch.int64, "positions": torch.int64,
+              "tokens": torch.int64, "mask": torch.float32, "behaviour_logprobs": torch.float32,
+              "scores": torch.float32, "group_ids": torch.int64, "versions": torch.int64}
+    for name in FIELDS:
+        got = getattr(b, name)
+        assert got.dtype == dtypes[name], name
+        assert torch.equal(got, torch.tensor(expected[name], dtype=dtypes[name])), name
+    assert b.size == 3
+
+
+def test_collate_pad_id_fills_padding_only():
+    b = collate(hand_rollouts(), pad_id=97)
+    assert b.input_ids[0].tolist() == [5, 6, 7, 10, 11, 97]
+    assert b.tokens[2].tolist() == [15, 97, 97, 97]
+    # the same rollouts with a different pad: identical wherever attention / mask is 1
+    a = collate(hand_rollouts(), pad_id=0)
+    assert torch.equal(a.input_ids * a.attention_mask, b.input_ids * b.attention_mask)
+    assert torch.equal(a.tokens * a.mask.long(), b.tokens * b.mask.long())
+
+
+def test_collate_empty_raises():
+    with pytest.raises(ValueError, match="empty"):
+        collate([], pad_id=0)
+
+
+def test_collate_group_ids_interleaved():
+    rs = [scored(g, [4], [5], [-1.0], version=0, reward=0.0) for g in ["z", "y", "z", "x", "y"]]
+    assert collate(rs, pad_id=0).group_ids.tolist() == [0, 1, 0, 2, 1]
+
+
+# --------------------------------------------------------------------------- select
+
+
+def test_select_trims_to_longest_selected_row():
+    b = collate(hand_rollouts(), pad_id=0)
+    sub = b.select(torch.tensor([0, 1]))
+    assert sub.input_ids.tolist() == [[5, 6, 7, 10, 11], [8, 12, 13, 14, 1]]
+    assert sub.attention_mask.tolist() == [[1] * 5, [1] * 5]
+    assert sub.positions.tolist() == [[2, 3, 0, 0], [0, 1, 2, 3]]
+    assert sub.versions.tolist() == [3, 5]
+
+    sub = b.select(torch.tensor([2, 0]))  # order kept as given
+    assert sub.input_ids.tolist() == [[5, 6, 7, 9, 9, 15], [5, 6, 7, 10, 11, 0]]
+    assert sub.positions.tolist() == [[4, 0], [2, 3]]
+    assert sub.tokens.tolist() == [[15, 0], [10, 11]]
+    assert sub.mask.tolist() == [[1, 0], [1, 1]]
+    assert sub.behaviour_logprobs.tolist() == [[-3.0, 0.0], [-1.0, -2.0]]
+    assert sub.scores.tolist() == [2.0, 0.5]
+    assert sub.group_ids.tolist() == [0, 0]
+    assert sub.versions.tolist() == [4, 3]
+
+    sub = b.select(torch.tensor([0]))
+    assert sub.input_ids.tolist() == [[5, 6, 7, 10, 11]]
+    assert sub.tokens.tolist() == [[10, 11]]
+    assert sub.size == 1
+    # the original is untouched
+    assert b.input_ids.shape == (3, 6) and b.mask.shape == (3, 4)
+
+
+# --------------------------------------------------------------------------- forward_completions
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny_model(build_char_tokenizer(), seed=0)
+
+
+def random_rollouts(seed: int) -> list[ScoredRollout]:
+    g = np.random.default_rng(seed)
+    out = []
+    for i, (p, t) in enumerate([(3, 7), (9, 2), (1, 5), (6, 6)]):
+        prompt = g.integers(4, 99, size=p).tolist()
+        completion = g.integers(1, 99, size=t).tolist()
+        out.append(scored(f"g{i % 2}", prompt, completion, [-1.0] * t, version=i, reward=float(i)))
+    return out
+
+
+@torch.no_grad()
+def row_reference(model, s: ScoredRollout, temperature: float, value_head=None):
+    """Log-probs / entropies / values of one rollout from an unpadded forward pass."""
+    r = s.rollout
+    ids = torch.from_numpy(np.concatenate([r.prompt_tokens, r.completion_tokens]).astype(np.int64))[None]
+    out = model(input_ids=ids, output_hidden_states=value_head is not None)
+    p, t = len(r.prompt_tokens), len(r.completion_tokens)
+    logits = out.logits[0, p - 1 : p - 1 + t].double() / temperature
+    logp = torch.log_softmax(logits, -1)
+    lp = logp.gather(-1, torch.from_numpy(r.completion_tokens.astype(np.int64))[:, None])[:, 0]
+    ent = -(logp.exp() * logp).sum(-1)
+    values = None
+    if value_head is not None:
+        values = value_head(out.hidden_states[-1][0, p - 1 : p - 1 + t]).squeeze(-1)
+    return lp, ent, values
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_completions_matches_unpadded_rows(model, temperature):
+    rollouts = random_rollouts(0)
+    batch = collate(rollouts, pad_id=0)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    with torch.no_grad():
+        out = forward_completions(model, batch, temperature=temperature, value_head=head, with_entropy=True)
+    assert out.logprobs.shape == batch.mask.shape
+    for i, s in enumerate(rollouts):
+        lp, ent, values = row_reference(model, s, temperature, head)
+        n = len(lp)
+        torch.testing.assert_close(out.logprobs[i, :n].double(), lp, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.entropy[i, :n].double(), ent, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.values[i, :n], values, atol=1e-5, rtol=0)
+    assert (out.logprobs[batch.mask > 0] < 0).all()
+
+
+def test_forward_completions_without_extras(model):
+    batch = collate(random_rollouts(1), pad_id=0)
+    with torch.no_grad():
+        out = forward_completions(model, batch, temperature=1.0)
+    assert out.entropy is None and out.values is None
+
+
+def test_padding_content_does_not_change_logprobs(model):
+    """Different pad ids, and a batch padded wider by an extra long row, give the same
+    log-probs on real tokens."""
+    rollouts = random_rollouts(2)
+    with torch.no_grad():
+        base = forward_completions(model, collate(rollouts, pad_id=0), temperature=1.0).logprobs
+        other_pad = forward_completions(model, collate(rollouts, pad_id=42), temperature=1.0).logprobs
+        long_row = scored("gx", list(range(4, 40)), list(range(40, 60)), [-1.0] * 20, version=0, reward=0.0)
+        wider = forward_completions(model, collate(rollouts + [long_row], pad_id=0), temperature=1.0).logprobs
+    mask = collate(rollouts, pad_id=0).mask > 0
+    torch.testing.assert_close(other_pad[mask], base[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(wider[: len(rollouts), : mask.shape[1]][mask], base[mask], atol=1e-5, rtol=0)
+
+
+def test_forward_on_selected_minibatch_matches_full_batch(model):
+    batch = collate(random_rollouts(3), pad_id=0)
+    rows = torch.tensor([1, 2])
+    with torch.no_grad():
+        full = forward_completions(model, batch, temperature=1.0).logprobs
+        sub = forward_completions(model, batch.select(rows), temperature=1.0).logprobs
+    t = sub.shape[1]
+    m = batch.mask[rows, :t] > 0
+    torch.testing.assert_close(sub[m], full[rows, :t][m], atol=1e-5, rtol=0)
+
+
+def test_to_moves_every_field():
+    b = collate(hand_rollouts(), pad_id=0).to(torch.device("cpu"))
+    assert isinstance(b, TrainBatch)
+    assert b.tokens.tolist() == [[10, 11, 0, 0], [12, 13, 14, 1], [15, 0, 0, 0]]

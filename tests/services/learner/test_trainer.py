@@ -1,0 +1,372 @@
+"""Tests for services/learner/trainer.py: PPOTrainer.step on a tiny char Llama.
+
+Diagnostics are checked against hand computations (staleness, raw importance
+ratios, truncation, ESS), learning direction against a fixed rewarded batch for
+every advantage estimator, and checkpoint state against an exact replay.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import LearnerSection
+from common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
+from common.models import build_char_tokenizer, build_tiny_model
+from services.learner.batch import TrainBatch, collate, forward_completions
+from services.learner.trainer import PPOTrainer, PtxBatch
+
+TOKENIZER = build_char_tokenizer()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is ~50x faster than two on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def ids(text: str) -> list[int]:
+    return TOKENIZER(text, add_special_tokens=False)["input_ids"]
+
+
+def scored(group: str, prompt: str, completion: str, reward: float, version: int = 0) -> ScoredRollout:
+    p, c = ids(prompt), ids(completion)
+    return ScoredRollout(
+        rollout=Rollout(
+            prompt_id=group, group_id=group, rollout_id=f"{group}/{completion}", generator_id="g0",
+            group_size=2, prompt_tokens=np.asarray(p, np.int32), completion_tokens=np.asarray(c, np.int32),
+            behaviour_logprobs=np.full(len(c), -1.0, np.float32), policy_version=version,
+            finish_reason=FinishReason.LENGTH,
+            sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8),
+        ),
+        reward=reward,
+    )
+
+
+# Two prompts x (favoured "good!!", disfavoured "bad..."), equal completion lengths.
+GOOD, BAD = "good!!", "bad..."
+
+
+def preference_batch() -> TrainBatch:
+    return collate(
+        [
+            scored("g0", "Say:", GOOD, 1.0, version=5),
+            scored("g0", "Say:", BAD, 0.0, version=7),
+            scored("g1", "Tell me", GOOD, 1.0, version=6),
+            scored("g1", "Tell me", BAD, 0.0, version=7),
+        ],
+        pad_id=TOKENIZER.pad_token_id,
+    )
+
+
+def ragged_batch() -> TrainBatch:
+    """Prompts and completions of different lengths, four groups' worth of rewards."""
+    return collate(
+        [
+            scored("a", "Hi", "there you", 0.3, version=2),
+            scored("a", "Hi", "x", -0.7, version=3),
+            scored("b", "A longer prompt", "abc", 1.5, version=3),
+            scored("b", "A longer prompt", "zz top!", 0.1, version=1),
+        ],
+        pad_id=TOKENIZER.pad_token_id,
+    )
+
+
+def learner_cfg(**overrides) -> LearnerSection:
+    base = dict(lr=1e-2, kl_coef=0.0, device="cpu")
+    base.update(overrides)
+    return LearnerSection(**base)
+
+
+def make_trainer(cfg: LearnerSection, *, seed: int = 0, temperature: float = 1.0, **kw) -> PPOTrainer:
+    policy = build_tiny_model(TOKENIZER, seed=seed)
+    reference = copy.deepcopy(policy)
+    return PPOTrainer(policy, reference, cfg, temperature=temperature, **kw)
+
+
+@torch.no_grad()
+def policy_logprobs(model, batch: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
+    return forward_completions(model, batch, temperature=temperature).logprobs * batch.mask
+
+
+def on_policy(trainer: PPOTrainer, batch: TrainBatch) -> TrainBatch:
+    """``batch`` with behaviour log-probs replaced by the trainer's current policy's."""
+    batch.behaviour_logprobs = policy_logprobs(trainer.policy, batch, trainer.temperature)
+    return batch
+
+
+def params(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# --------------------------------------------------------------------------- (a) on-policy
+
+
+@pytest.mark.parametrize("correction", ["none", "tis", "decoupled"])
+def test_on_policy_step_diagnostics(correction):
+    trainer = make_trainer(learner_cfg(correction=correction, kl_coef=0.1))
+    batch = on_policy(trainer, ragged_batch())
+    stats = trainer.step(batch, current_version=4)
+    assert stats["importance_ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert stats["importance_ratio_max"] == pytest.approx(1.0, abs=1e-4)
+    assert stats["truncated_fraction"] == 0.0
+    assert stats["ess_fraction"] == pytest.approx(1.0, abs=1e-4)
+    assert stats["ess"] == pytest.approx(float(batch.mask.sum()), abs=1e-3)
+    assert stats["clip_fraction"] == 0.0  # first (only) update: pi == pi_old
+    assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-7)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-7)  # policy == reference at step 0
+    assert stats["kl_coef"] == 0.1
+    # versions [2, 3, 3, 1] at learner version 4 -> staleness [2, 1, 1, 3]
+    assert stats["staleness_min"] == 1.0
+    assert stats["staleness_mean"] == 1.75
+    assert stats["staleness_max"] == 3.0
+    scores = np.array([0.3, -0.7, 1.5, 0.1], np.float32)
+    assert stats["reward_mean"] == pytest.approx(float(scores.mean()), abs=1e-6)
+    assert stats["reward_std"] == pytest.approx(float(scores.std()), abs=1e-6)
+    assert stats["samples"] == 4.0
+    assert stats["tokens"] == 9 + 1 + 3 + 7
+    assert stats["completion_tokens_mean"] == 20 / 4
+    assert stats["optimizer_updates"] == 1.0
+    assert stats["skipped_updates"] == 0.0
+    assert math.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
+    assert math.isfinite(stats["loss/total"])
+
+
+def test_reported_kl_is_masked_mean_of_k1_against_reference():
+    trainer = make_trainer(learner_cfg())
+    batch = ragged_batch()
+    trainer.step(on_policy(trainer, batch), current_version=3)  # policy moves away from reference
+    pi = policy_logprobs(trainer.policy, batch)
+    ref = policy_logprobs(trainer.reference, batch)
+    expected = float(((pi - ref) * batch.mask).sum() / batch.mask.sum())
+    assert abs(expected) > 1e-3
+    stats = trainer.step(on_policy(trainer, batch), current_version=4)
+    assert stats["kl"] == pytest.approx(expected, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- (b) parameters
+
+
+def test_step_updates_policy_only():
+    trainer = make_trainer(learner_cfg(kl_coef=0.05))
+    policy_before, ref_before = params(trainer.policy), params(trainer.reference)
+    trainer.step(on_policy(trainer, preference_batch()), current_version=7)
+    assert not same(params(trainer.policy), policy_before)
+    changed = sum(not torch.equal(a, b) for a, b in zip(params(trainer.policy), policy_before))
+    assert changed >= len(policy_before) // 2
+    assert same(params(trainer.reference), ref_before)
+    assert all(not p.requires_grad for p in trainer.reference.parameters())
+    assert all(p.grad is None for p in trainer.reference.parameters())
+
+
+# --------------------------------------------------------------------------- (c) learning
+
+
+def summed_logprobs(trainer: PPOTrainer, batch: TrainBatch) -> torch.Tensor:
+    return policy_logprobs(trainer.policy, batch).sum(1)  # [B]
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo", "gae"])
+@pytest.mark.parametrize("stale", [False, True], ids=["on_policy", "stale_decoupled"])
+def test_steps_raise_logprob_of_rewarded_completion(advantage, stale):
+    trainer = make_trainer(learner_cfg(advantage=advantage, correction="decoupled", lr=3e-3))
+    batch = on_policy(trainer, preference_batch())
+    good = torch.tensor([0, 2])  # rows with the rewarded completion
+    bad = torch.tensor([1, 3])
+    before = summed_logprobs(trainer, batch)
+    for step in range(5):
+        if not stale:  # else keep the step-0 behaviour log-probs: mu falls behind pi
+            on_policy(trainer, batch)
+        stats = trainer.step(batch, current_version=7 + step)
+        assert math.isfinite(stats["loss/total"])
+    after = summed_logprobs(trainer, batch)
+    assert (after[good] > before[good] + 1.0).all(), (before, after)
+    assert (after[bad] < before[bad] - 1.0).all(), (before, after)
+    if stale:
+        assert stats["importance_ratio_mean"] != pytest.approx(1.0, abs=1e-3)
+
+
+# --------------------------------------------------------------------------- (d) stale data
+
+
+def shifted_batch(trainer: PPOTrainer) -> tuple[TrainBatch, torch.Tensor]:
+    """On-policy batch, then mu := pi + shift with shift +0.5 on some tokens and -1.0 on
+    others. Returns the batch and the shift ``[B, T]``."""
+    batch = on_policy(trainer, ragged_batch())
+    shift = torch.zeros_like(batch.mask)
+    shift[0, 0] = shift[0, 4] = shift[2, 1] = 0.5  # ratio pi_old/mu = e^-0.5
+    shift[3, 6] = shift[0, 8] = -1.0  # ratio e^1 > is_cap = 2: truncated
+    assert torch.all(batch.mask[shift != 0] == 1)
+    batch.behaviour_logprobs = batch.behaviour_logprobs + shift
+    return batch, shift
+
+
+def test_stale_decoupled_ratio_stats_match_hand_computation():
+    trainer = make_trainer(learner_cfg(correction="decoupled", is_cap=2.0))
+    batch, shift = shifted_batch(trainer)
+    n = float(batch.mask.sum())  # 20 tokens: 15 with ratio 1, 3 with e^-0.5, 2 with e
+    assert n == 20
+    ratios = [1.0] * 15 + [math.exp(-0.5)] * 3 + [math.e] * 2
+    weights = [min(r, 2.0) for r in ratios]
+    stats = trainer.step(batch, current_version=3)
+    assert stats["importance_ratio_mean"] == pytest.approx(sum(ratios) / n, abs=1e-4)
+    assert stats["importance_ratio_max"] == pytest.approx(math.e, abs=1e-4)
+    assert stats["truncated_fraction"] == pytest.approx(2 / 20, abs=1e-12)
+    ess = sum(weights) ** 2 / sum(w * w for w in weights)
+    assert stats["ess"] == pytest.approx(ess, abs=1e-3)
+    assert stats["ess_fraction"] == pytest.approx(ess / n, abs=1e-4)
+
+
+def test_stale_tis_uses_sequence_weights():
+    trainer = make_trainer(learner_cfg(correction="tis", is_cap=2.0))
+    batch, shift = shifted_batch(trainer)
+    # per sequence: exp(sum_t (pi_old - mu)) = exp(-sum shift), broadcast to its tokens
+    seq_w = torch.exp(-shift.double().sum(1))  # rows: e^(-1+1)... computed below
+    lengths = batch.mask.sum(1).double()
+    expected_mean = float((seq_w * lengths).sum() / lengths.sum())
+    expected_max = float(seq_w.max())
+    truncated = float(lengths[seq_w > 2.0].sum() / lengths.sum())
+    # row 0: 0.5+0.5-1.0 = 0 -> w 1; row 2: +0.5 -> e^-0.5; row 3: -1 -> e (truncated, 7 tokens)
+    assert truncated == pytest.approx(7 / 20)
+    stats = trainer.step(batch, current_version=3)
+    assert stats["importance_ratio_mean"] == pytest.approx(expected_mean, abs=1e-4)
+    assert stats["importance_ratio_max"] == pytest.approx(expected_max, abs=1e-4)
+    assert stats["truncated_fraction"] == pytest.approx(truncated, abs=1e-12)
+
+
+def test_correction_none_never_truncates_but_reports_raw_ratio():
+    trainer = make_trainer(learner_cfg(correction="none", is_cap=2.0))
+    batch, _ = shifted_batch(trainer)
+    stats = trainer.step(batch, current_version=3)
+    ratios = [1.0] * 15 + [math.exp(-0.5)] * 3 + [math.e] * 2
+    assert stats["truncated_fraction"] == 0.0
+    assert stats["importance_ratio_mean"] == pytest.approx(sum(ratios) / 20, abs=1e-4)
+    # r = pi/mu is the clipped ratio here: 5 tokens have |r - 1| > 0.2
+    assert stats["clip_fraction"] == pytest.approx(5 / 20, abs=1e-12)
+
+
+# --------------------------------------------------------------------------- (e) state
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "gae"])
+def test_state_dict_round_trip_reproduces_next_step(advantage):
+    cfg = learner_cfg(advantage=advantage, kl_coef=0.1, kl_target=0.01, kl_horizon=10,
+                      minibatches=2, lr=3e-3)
+    first = make_trainer(cfg)
+    first.step(on_policy(first, ragged_batch()), current_version=3)
+    first.step(on_policy(first, preference_batch()), current_version=8)
+    assert first.kl_controller.value != 0.1  # the adaptive controller moved
+    assert first.reward_stats.count == 8
+
+    # a fresh trainer: same policy weights, the initial reference, loaded trainer state
+    policy = build_tiny_model(TOKENIZER, seed=0)
+    policy.load_state_dict(first.policy.state_dict())
+    second = PPOTrainer(policy, copy.deepcopy(first.reference), cfg, temperature=1.0)
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    # a fresh trainer without the state: the control that the state matters
+    policy3 = build_tiny_model(TOKENIZER, seed=0)
+    policy3.load_state_dict(first.policy.state_dict())
+    third = PPOTrainer(policy3, copy.deepcopy(first.reference), cfg, temperature=1.0)
+
+    results = []
+    for trainer in (first, second, third):
+        batch = on_policy(trainer, ragged_batch())
+        torch.manual_seed(1234)  # minibatch shuffling
+        results.append((trainer.step(batch, current_version=9), params(trainer.policy)))
+    (s1, p1), (s2, p2), (s3, p3) = results
+    assert s2["loss/total"] == s1["loss/total"]
+    assert s2["loss/policy"] == s1["loss/policy"]
+    assert s2["kl_coef"] == s1["kl_coef"]
+    assert same(p1, p2)
+    assert second.kl_controller.value == first.kl_controller.value
+    assert second.reward_stats.state_dict() == first.reward_stats.state_dict()
+    assert not same(p1, p3)
+    assert s3["kl_coef"] != s1["kl_coef"]
+
+
+# --------------------------------------------------------------------------- (f) updates
+
+
+@pytest.mark.parametrize("epochs,minibatches", [(1, 1), (2, 2), (3, 1), (1, 4), (2, 3)])
+def test_optimizer_update_count(epochs, minibatches):
+    trainer = make_trainer(learner_cfg(ppo_epochs=epochs, minibatches=minibatches))
+    calls = []
+    original = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    stats = trainer.step(on_policy(trainer, ragged_batch()), current_version=3)
+    assert stats["optimizer_updates"] == epochs * minibatches
+    assert len(calls) == epochs * minibatches
+
+
+def test_later_epochs_see_moved_policy():
+    """Epoch 2 re-uses the data with pi != pi_old: approx_kl averaged over updates > 0."""
+    trainer = make_trainer(learner_cfg(ppo_epochs=2, minibatches=2))
+    stats = trainer.step(on_policy(trainer, ragged_batch()), current_version=3)
+    assert stats["approx_kl"] > 0
+
+
+# --------------------------------------------------------------------------- (g) zero advantage
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_equal_rewards_in_every_group_leave_policy_unchanged(advantage):
+    trainer = make_trainer(learner_cfg(advantage=advantage, entropy_coef=0.0, kl_coef=0.0,
+                                       ppo_epochs=2, minibatches=2))
+    batch = preference_batch()
+    batch.scores = torch.tensor([0.7, 0.7, -2.0, -2.0])  # equal within each group
+    batch = on_policy(trainer, batch)
+    before = params(trainer.policy)
+    stats = trainer.step(batch, current_version=7)
+    assert stats["loss/policy"] == 0.0
+    assert same(params(trainer.policy), before)
+
+
+def test_entropy_bonus_alone_moves_policy_with_zero_advantages():
+    """Control for the test above: the same batch with entropy_coef > 0 does change the policy."""
+    trainer = make_trainer(learner_cfg(entropy_coef=0.1, kl_coef=0.0))
+    batch = preference_batch()
+    batch.scores = torch.tensor([0.7, 0.7, -2.0, -2.0])
+    before = params(trainer.policy)
+    trainer.step(on_policy(trainer, batch), current_version=7)
+    assert not same(params(trainer.policy), before)
+
+
+# --------------------------------------------------------------------------- KL as loss, PPO-ptx
+
+
+def test_kl_loss_term_zero_at_start():
+    trainer = make_trainer(learner_cfg(kl_penalty="loss", kl_coef=0.2, kl_estimator="k3"))
+    stats = trainer.step(on_policy(trainer, ragged_batch()), current_version=3)
+    assert stats["loss/kl"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_ptx_loss_is_token_mean_nll_of_sft_batch():
+    text = [ids("hello world"), ids("abc")]
+    input_ids = torch.zeros(2, 11, dtype=torch.long)
+    attention = torch.zeros(2, 11, dtype=torch.long)
+    for i, row in enumerate(text):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+    ptx = PtxBatch(input_ids=input_ids, attention_mask=attention)
+    trainer = make_trainer(learner_cfg(ptx_coef=0.5), ptx_sampler=lambda: ptx)
+    # slow reference: per-row unpadded NLL of next-token predictions, token mean
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for row in text:
+            logits = trainer.policy(input_ids=torch.tensor([row])).logits[0, :-1].double()
+            logp = torch.log_softmax(logits, -1)
+            nll -= float(logp.gather(-1, torch.tensor(row[1:])[:, None]).sum())
+            count += len(row) - 1
+    stats = trainer.step(on_policy(trainer, ragged_batch()), current_version=3)
+    assert stats["loss/ptx"] == pytest.approx(nll / count, abs=1e-5)
