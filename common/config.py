@@ -195,7 +195,7 @@ class LearnerSection(_Section):
     lam: float = Field(0.95, ge=0, le=1)
     value_clip: Optional[float] = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
-    whiten_advantages: bool = True
+    whiten_advantages: bool = Field(True, description="masked whitening of GAE advantages (gae only)")
     kl_coef: float = Field(0.05, ge=0)
     kl_target: Optional[float] = Field(None, gt=0, description="set to use the adaptive controller")
     kl_horizon: int = Field(10000, ge=1)

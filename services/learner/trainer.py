@@ -129,12 +129,12 @@ class PPOTrainer:
                 token_rewards = per_token_rewards(scores, kl_tokens if in_reward else None, mask,
                                                   kl_coef=beta)
                 advantages, returns = gae(token_rewards, old.values, mask, gamma=cfg.gamma, lam=cfg.lam)
-            else:
+                if cfg.whiten_advantages:
+                    advantages = whiten(advantages, mask)
+            else:  # group baselines are already normalised per group; whitening would mix groups
                 seq_scores = scores - beta * kl_per_seq if in_reward else scores
                 seq_adv = group_advantages(seq_scores, batch.group_ids, estimator=cfg.advantage)
                 advantages = seq_adv.unsqueeze(1).expand_as(mask).clone()
-            if cfg.whiten_advantages:
-                advantages = whiten(advantages, mask)
             advantages = torch.where(mask > 0, advantages, torch.zeros_like(advantages))
 
         stats = StepStats()
@@ -143,7 +143,7 @@ class PPOTrainer:
         self.policy.train()
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(batch.size, device=self.device)
-            for rows in order.tensor_split(cfg.minibatches):  # exactly `minibatches` parts
+            for rows in order.tensor_split(min(cfg.minibatches, batch.size)):  # no empty minibatch
                 mb = batch.select(rows)
                 t = mb.mask.shape[1]
                 out = forward_completions(self.policy, mb, temperature=self.temperature,
