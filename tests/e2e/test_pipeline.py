@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 
@@ -10,74 +11,98 @@ from support import local_run_config, scrape, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 
+GROUP_SIZE, GROUPS_PER_STEP = 4, 2
 
-def run_pipeline(tmp_path, tiny_model_dir, services, *, max_staleness: int, steps: int = 6):
+
+def read_records(tmp_path) -> list[dict]:
+    path = tmp_path / "run" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def try_scrape(port: int) -> dict:
+    try:
+        return scrape(port)
+    except OSError:
+        return {}
+
+
+def start_pipeline(tmp_path, tiny_model_dir, services, *, max_staleness: int, steps: int):
     sections = local_run_config(tmp_path, tiny_model_dir, run={"max_staleness": max_staleness},
                                 learner={"total_steps": steps})
-    config = write_config(tmp_path / "run.toml", sections)
-    procs = services(config)
-    ports = sections["metrics"]
-    learner = procs.start("learner")
-    procs.start("buffer")
-    procs.start("scorer")
+    procs = services(write_config(tmp_path / "run.toml", sections))
+    for name in ("learner", "buffer", "scorer"):
+        procs.start(name)
     procs.start("generator", 0)
+    return procs, sections["metrics"]
+
+
+def test_four_services_train_late_generator_joins_and_learner_resumes(tmp_path, tiny_model_dir, services):
+    procs, ports = start_pipeline(tmp_path, tiny_model_dir, services, max_staleness=1, steps=1000)
+    learner = procs.procs["learner-0"]
+    # training starts with one generator; a second one joins while it runs
+    assert wait_until(lambda: len(read_records(tmp_path)) >= 2, timeout=120), procs.logs()
+    joined_at = read_records(tmp_path)[-1]["version"]
     procs.start("generator", 1)
-    learner_samples: list[dict] = []
+    g1 = ports["generator_port"] + 1
 
-    def learner_done() -> bool:
-        try:
-            learner_samples.append(scrape(ports["learner_port"]))
-        except OSError:
-            pass
-        return learner.poll() is not None
+    def late_generator_contributed() -> bool:
+        m = try_scrape(g1)
+        return m.get("streamrl_generator_rollouts_total", 0) >= 2 * GROUP_SIZE
 
-    finished = wait_until(learner_done, timeout=240, interval=0.3)
-    assert finished and learner.returncode == 0, procs.logs()
-    scraped = {
-        "generator-0": scrape(ports["generator_port"]),
-        "generator-1": scrape(ports["generator_port"] + 1),
-        "scorer": scrape(ports["scorer_port"]),
-        "buffer": scrape(ports["buffer_port"]),
-    }
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    return procs, records, scraped, learner_samples
-
-
-def test_four_services_train_with_versioned_weights(tmp_path, tiny_model_dir, services):
-    procs, records, scraped, learner_samples = run_pipeline(tmp_path, tiny_model_dir, services, max_staleness=1)
-    # the learner ran its 6 steps and bumped the version once per step
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6], procs.logs()
-    assert [r["version"] for r in records] == [1, 2, 3, 4, 5, 6]
-    # rollouts carried several behaviour versions, none staler than max_staleness
+    assert wait_until(late_generator_contributed, timeout=120), procs.logs()
+    learner_metrics = try_scrape(ports["learner_port"])
+    # SIGTERM: the learner stops cleanly after its current step and writes a checkpoint
+    assert procs.stop("learner-0", signal.SIGTERM, timeout=60) == 0, procs.logs()
+    records = read_records(tmp_path)
+    n = len(records)
+    assert n >= 5, procs.logs()
+    assert [r["step"] for r in records] == list(range(1, n + 1))
+    assert [r["version"] for r in records] == list(range(1, n + 1))
     versions = {v for r in records for v in r["behaviour_versions"]}
     assert len(versions) >= 3, versions
     assert max(r["staleness_max"] for r in records) <= 1
-    # both generators advanced their weights and produced rollouts
+    scraped = {f"generator-{i}": scrape(ports["generator_port"] + i) for i in (0, 1)}
+    scraped["scorer"] = scrape(ports["scorer_port"])
+    scraped["buffer"] = scrape(ports["buffer_port"])
     for name in ("generator-0", "generator-1"):
         g = scraped[name]
-        assert g["streamrl_generator_policy_version"] >= 3, (name, procs.logs())
-        assert g["streamrl_generator_weight_syncs_total"] >= 3
-        assert g["streamrl_generator_rollouts_total"] > 0
+        assert g["streamrl_generator_weight_syncs_total"] >= 2, name
+        assert g["streamrl_generator_rollouts_total"] > 0, name
+    # the late generator caught up: it runs on a version newer than when it joined
+    assert scraped["generator-1"]["streamrl_generator_policy_version"] > joined_at
     assert scraped["scorer"]["streamrl_scorer_rollouts_scored_total"] > 0
     buffer = scraped["buffer"]
-    assert buffer["streamrl_buffer_inserted_total"] >= 6 * 2 * 4
-    assert buffer["streamrl_buffer_sampled_total"] == 6 * 2 * 4
-    assert buffer["streamrl_buffer_batches_total"] == 6
-    # the learner's own endpoint showed the step counter advancing while it ran
-    steps_seen = {s.get("streamrl_learner_step") for s in learner_samples if s}
-    assert len(steps_seen - {None}) >= 2 and max(steps_seen - {None}) >= 4
-    # a checkpoint folder loadable by transformers was written at the end
+    assert buffer["streamrl_buffer_batches_total"] == n
+    assert buffer["streamrl_buffer_sampled_total"] == n * GROUPS_PER_STEP * GROUP_SIZE
+    assert buffer["streamrl_buffer_inserted_total"] >= n * GROUPS_PER_STEP * GROUP_SIZE
+    assert learner_metrics["streamrl_learner_step"] >= 2
+    assert learner_metrics["streamrl_learner_samples_total"] >= 2 * GROUPS_PER_STEP * GROUP_SIZE
+
+    # the checkpoint written at shutdown loads with transformers
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "step-000006" / "model")
-    assert model.config.vocab_size > 0
+    checkpoint = tmp_path / "run" / "checkpoints" / f"step-{n:06d}"
+    assert AutoModelForCausalLM.from_pretrained(checkpoint / "model").config.vocab_size > 0
+
+    # a restarted learner resumes: step and version continue, and the generators (still
+    # running) accept the resumed versions: with max_staleness 1, the batch trained at
+    # version n + 2 can only hold rollouts sampled by a resumed version (>= n + 1)
+    resumed = procs.start("learner", 0, "--set", f"learner.total_steps={n + 4}")
+    assert wait_until(lambda: resumed.poll() is not None, timeout=120) and resumed.returncode == 0, procs.logs()
+    records = read_records(tmp_path)
+    assert [(r["step"], r["version"]) for r in records[n:]] == [(n + i, n + i) for i in range(1, 5)]
+    assert max(v for r in records[n:] for v in r["behaviour_versions"]) >= n + 1
 
 
 def test_small_max_staleness_drops_stale_rollouts(tmp_path, tiny_model_dir, services):
-    procs, records, scraped, _ = run_pipeline(tmp_path, tiny_model_dir, services, max_staleness=0)
+    procs, ports = start_pipeline(tmp_path, tiny_model_dir, services, max_staleness=0, steps=6)
+    procs.start("generator", 1)
+    learner = procs.procs["learner-0"]
+    assert wait_until(lambda: learner.poll() is not None, timeout=240) and learner.returncode == 0, procs.logs()
+    records = read_records(tmp_path)
     assert len(records) == 6, procs.logs()
     # strictly on-policy: every trained rollout was sampled by the current version
     assert all(r["staleness_max"] == 0 for r in records), [r["staleness_max"] for r in records]
     dropped = sum(r["dropped_stale"] for r in records)
     assert dropped > 0, procs.logs()
-    assert scraped["buffer"]["streamrl_buffer_dropped_stale_total"] >= dropped
+    assert scrape(ports["buffer_port"])["streamrl_buffer_dropped_stale_total"] >= dropped
