@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 EXPIRE_EVERY_S = 1.0
 
 
+def admission_capacity(capacity_groups: int, groups_per_step: int, max_staleness: int) -> int:
+    """Groups the buffer may hold: never more than the learner consumes within
+    ``max_staleness + 1`` versions (AReaL's admission control), so a full buffer
+    does not just age into stale drops while producers keep sampling."""
+    return max(groups_per_step, min(capacity_groups, groups_per_step * (max_staleness + 1)))
+
+
 class BufferService:
     """The single buffer process."""
 
@@ -32,7 +39,11 @@ class BufferService:
         cfg = ctx.config
         b = cfg.buffer
         self.ctx = ctx
-        self.store = ReplayBuffer(capacity_groups=b.capacity_groups, overflow=b.overflow, max_reuse=b.max_reuse,
+        capacity = admission_capacity(b.capacity_groups, cfg.learner.groups_per_step, cfg.run.max_staleness)
+        if capacity < b.capacity_groups:
+            log.info("admission control: holding at most %d groups (learner takes %d per version, max_staleness %d)",
+                     capacity, cfg.learner.groups_per_step, cfg.run.max_staleness)
+        self.store = ReplayBuffer(capacity_groups=capacity, overflow=b.overflow, max_reuse=b.max_reuse,
                                   max_staleness=cfg.run.max_staleness, group_timeout_s=b.group_timeout_s)
         t = cfg.transport
         self.pull = make_socket(ctx.zmq, zmq.PULL, bind=cfg.endpoints.buffer,

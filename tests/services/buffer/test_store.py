@@ -496,3 +496,12 @@ def test_version_heaps_stay_bounded_under_long_reuse():
     assert buf.sampled_total == 3000 * 3 * 2
     assert len(buf._complete_heap) <= 2 * buf.complete_groups + 65
     assert len(buf._incomplete_heap) <= 2 * buf.incomplete_groups + 65
+
+
+def test_admission_capacity_bounds_buffer_to_what_learner_uses_within_eta():
+    from services.buffer.loop import admission_capacity
+
+    assert admission_capacity(64, 4, 2) == 12  # 3 versions x 4 groups
+    assert admission_capacity(8, 4, 2) == 8  # the configured capacity is smaller
+    assert admission_capacity(64, 4, 0) == 4  # on-policy: one batch
+    assert admission_capacity(2, 4, 0) == 4  # never below one batch
