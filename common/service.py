@@ -111,3 +111,12 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
     signal.signal(signal.SIGINT, _on_signal)
     log.info("%s starting on %s (pid %d)", instance, socket.gethostname(), os.getpid())
     return ctx
+
+
+def run_service(service: str, loop_class, argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m services.<service>``: start, build ``loop_class(ctx)``, run, clean up."""
+    ctx = start_service(service, argv)
+    try:
+        loop_class(ctx).run()
+    finally:
+        ctx.close()

@@ -116,8 +116,12 @@ class Services:
         return "\n".join(out)
 
     def close(self) -> None:
+        """SIGTERM every process at once, then wait (and kill what does not exit in 10 s)."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         for name in list(self.procs):
-            self.stop(name, timeout=5.0)
+            self.stop(name, timeout=10.0)
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -1,16 +1,7 @@
-"""``python -m services.buffer --config FILE [--set key=value ...]``."""
+"""``python -m services.buffer --config FILE [--set key=value ...] [--index N]``."""
 
-from common.service import start_service
+from common.service import run_service
 from services.buffer.loop import BufferService
 
-
-def main(argv: list[str] | None = None) -> None:
-    ctx = start_service("buffer", argv)
-    try:
-        BufferService(ctx).run()
-    finally:
-        ctx.close()
-
-
 if __name__ == "__main__":
-    main()
+    run_service("buffer", BufferService)

@@ -1,16 +1,7 @@
-"""``python -m services.learner --config FILE [--set key=value ...]``."""
+"""``python -m services.learner --config FILE [--set key=value ...] [--index N]``."""
 
-from common.service import start_service
+from common.service import run_service
 from services.learner.loop import Learner
 
-
-def main(argv: list[str] | None = None) -> None:
-    ctx = start_service("learner", argv)
-    try:
-        Learner(ctx).run()
-    finally:
-        ctx.close()
-
-
 if __name__ == "__main__":
-    main()
+    run_service("learner", Learner)

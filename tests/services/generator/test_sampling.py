@@ -21,15 +21,6 @@ PROMPT_TEXTS = ["Hello there, friend", "abc"]  # 19 and 3 tokens: left padding i
 MAX_NEW = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is ~50x faster than two on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_char_tokenizer()

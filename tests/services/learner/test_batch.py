@@ -15,15 +15,6 @@ FIELDS = ["input_ids", "attention_mask", "positions", "tokens", "mask", "behavio
           "scores", "group_ids", "versions"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is ~50x faster than two on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def scored(group_id: str, prompt: list[int], completion: list[int], logprobs: list[float], *,
            version: int, reward: float) -> ScoredRollout:
     rollout = Rollout(
