@@ -225,31 +225,37 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
-        problems = []
-        lr = self.learner
-        if lr.advantage is AdvantageEstimator.RLOO and self.generator.group_size < 2:
-            problems.append(
-                "generator.group_size: rloo needs groups of at least 2; "
-                "fix: set generator.group_size >= 2 or learner.advantage = \"grpo\"/\"gae\""
-            )
-        batch = lr.groups_per_step * self.generator.group_size
-        if lr.minibatches > batch:
-            problems.append(
-                f"learner.minibatches: {lr.minibatches} minibatches of a {batch}-rollout batch "
-                "leave some empty; fix: lower learner.minibatches or raise learner.groups_per_step"
-            )
-        if lr.ptx_coef > 0 and lr.ptx_data is None:
-            problems.append(
-                "learner.ptx_coef > 0 needs learner.ptx_data; fix: add [learner.ptx_data] or set ptx_coef = 0"
-            )
-        if self.buffer.capacity_groups < lr.groups_per_step:
-            problems.append(
-                "buffer.capacity_groups must hold one learner step; "
-                f"fix: set it >= learner.groups_per_step ({lr.groups_per_step})"
-            )
+        problems = cross_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+
+def cross_problems(cfg: Config) -> list[str]:
+    """Rules that tie several sections together, one line (key, rule, fix) per broken rule."""
+    problems = []
+    lr = cfg.learner
+    if lr.advantage is AdvantageEstimator.RLOO and cfg.generator.group_size < 2:
+        problems.append(
+            "generator.group_size: rloo needs groups of at least 2; "
+            "fix: set generator.group_size >= 2 or learner.advantage = \"grpo\"/\"gae\""
+        )
+    batch = lr.groups_per_step * cfg.generator.group_size
+    if lr.minibatches > batch:
+        problems.append(
+            f"learner.minibatches: {lr.minibatches} minibatches of a {batch}-rollout batch "
+            "leave some empty; fix: lower learner.minibatches or raise learner.groups_per_step"
+        )
+    if lr.ptx_coef > 0 and lr.ptx_data is None:
+        problems.append(
+            "learner.ptx_data: ptx_coef > 0 needs an SFT data set; fix: add [learner.ptx_data] or set ptx_coef = 0"
+        )
+    if cfg.buffer.capacity_groups < lr.groups_per_step:
+        problems.append(
+            "buffer.capacity_groups: must hold one learner step; "
+            f"fix: set it >= learner.groups_per_step ({lr.groups_per_step})"
+        )
+    return problems
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -292,7 +298,27 @@ def validate_config(data: dict, source: str = "<config>") -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         lines = "\n".join(_describe(err, source) for err in exc.errors()).splitlines()
+        if not any(err["loc"] == () for err in exc.errors()):  # cross checks did not run: run them
+            lines += [f"  - {p}" for p in cross_problems(_best_effort(data))]
         raise ConfigError(f"{len(lines)} problem(s) in {source}:\n" + "\n".join(lines)) from None
+
+
+def _best_effort(data: dict) -> Config:
+    """A Config with every section that validates on its own, defaults for the others."""
+    sections = {}
+    for name, field in Config.model_fields.items():
+        raw = data.get(name, {})
+        raw = dict(raw) if isinstance(raw, dict) else {}
+        try:
+            sections[name] = field.annotation.model_validate(raw)
+        except ValidationError as exc:  # keep the keys that are fine, drop the bad ones
+            for err in exc.errors():
+                raw.pop(err["loc"][0] if err["loc"] else None, None)
+            try:
+                sections[name] = field.annotation.model_validate(raw)
+            except ValidationError:
+                sections[name] = field.annotation()
+    return Config.model_construct(**sections)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

@@ -177,11 +177,11 @@ capacity_groups = 1
     assert len(lines) == 4, lines
     rloo = line_for(lines, "generator.group_size")
     assert "rloo needs groups of at least 2" in rloo and "fix:" in rloo
-    assert any(line.startswith("  - learner.ptx_coef > 0 needs learner.ptx_data") and "fix:" in line
-               for line in lines)
+    ptx = line_for(lines, "learner.ptx_data")
+    assert "ptx_coef > 0 needs an SFT data set" in ptx and "fix:" in ptx
     mb = line_for(lines, "learner.minibatches")
     assert "3 minibatches of a 2-rollout batch" in mb
-    cap = [line for line in lines if line.startswith("  - buffer.capacity_groups must hold one learner step")]
+    cap = [line for line in lines if line.startswith("  - buffer.capacity_groups: must hold one learner step")]
     assert len(cap) == 1 and "learner.groups_per_step (2)" in cap[0]
 
 
@@ -312,3 +312,22 @@ def test_shipped_configs_validate(path):
     prompts = cfg.generator.prompts
     if prompts.kind != "gsm8k" and not Path(prompts.path).is_absolute():
         assert (REPO / prompts.path).exists(), prompts.path
+
+
+def test_cross_checks_reported_together_with_field_errors(tmp_path):
+    # one message lists the unknown key, the range error AND the cross-section rule
+    path = write(tmp_path, """
+[learner]
+lrr = 1
+clip_eps = 3
+advantage = "rloo"
+[generator]
+group_size = 1
+""")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    lines = problems(info.value)
+    assert len(lines) == 3, lines
+    assert "did you mean `lr`" in line_for(lines, "learner.lrr")
+    assert "less than 1" in line_for(lines, "learner.clip_eps")
+    assert "rloo needs groups of at least 2" in line_for(lines, "generator.group_size")
