@@ -3,15 +3,21 @@
 ``streamrl run --config FILE [--generators N] [--scorers M] [--set key=value ...]``
 validates the config, then starts every service as its own process from
 ``deploy/Procfile`` with honcho; when the learner finishes (or any process
-dies) honcho stops the others. ``streamrl check --config FILE`` only validates.
+dies) honcho stops the others; with ``--eval`` the initial and final policies are scored
+on held-out prompts, and a summary (JSON) and learning curve (PNG) are written to
+the run's output folder. ``streamrl eval`` scores one checkpoint;
+``streamrl check --config FILE`` only validates.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from common.config import ConfigError, load_config
@@ -42,8 +48,71 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from common.evaluation import evaluate
+    from common.models import resolve_model_path
+
+    config = _load(args)
+    path = args.checkpoint or resolve_model_path(config.model.path, config.model.cache_path)
+    result = evaluate(config, path, limit=args.limit, seed=args.seed)
+    print(f"{path}: {result.line()}")
+    for sample in result.samples:
+        print(f"  [{sample['reward']:+.3f}] {sample['prompt']!r} -> {sample['completion']!r}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(result.as_dict(), indent=2))
+    return 0
+
+
+def evaluate_run(config, args, started: float) -> dict:
+    """After a run: evaluate the final checkpoint, plot the curve, write and print the summary."""
+    from common.evaluation import evaluate
+    from common.report import plot_learning_curve, read_metrics
+    from services.learner.checkpoint import latest_checkpoint
+
+    output = Path(config.run.output_dir)
+    if not output.is_absolute():
+        output = REPO / output
+    records = read_metrics(output / "metrics.jsonl")
+    final = latest_checkpoint(output / "checkpoints")
+    summary: dict = {"config": str(args.config), "overrides": args.overrides, "steps": len(records),
+                     "wall_seconds": round(time.time() - started, 1)}
+    if records:
+        summary["learning_curve"] = str(plot_learning_curve(records, output / "learning_curve.png"))
+        k = max(1, len(records) // 5)
+        summary["train_reward_first"] = sum(r["reward_mean"] for r in records[:k]) / k
+        summary["train_reward_last"] = sum(r["reward_mean"] for r in records[-k:]) / k
+        summary["dropped_stale"] = sum(r["dropped_stale"] for r in records)
+        summary["behaviour_versions_seen"] = len({v for r in records for v in r["behaviour_versions"]})
+    if args.before is not None and final is not None:
+        after = evaluate(config, str(final / "model"), limit=args.eval_prompts, seed=args.eval_seed)
+        before = args.before
+        delta = after.reward_mean - before.reward_mean
+        se = math.sqrt(before.reward_stderr ** 2 + after.reward_stderr ** 2)
+        summary.update(before=before.as_dict(), after=after.as_dict(), reward_delta=delta,
+                       reward_delta_stderr=se, improved_by_2_stderr=bool(delta > 2 * se))
+        print(f"held-out before: {before.line()}")
+        print(f"held-out after:  {after.line()}")
+        print(f"held-out reward change {delta:+.4f} +- {se:.4f} ({'>' if delta > 2 * se else '<='} 2 stderr)")
+        for sample in after.samples:
+            print(f"  [{sample['reward']:+.3f}] {sample['prompt']!r} -> {sample['completion']!r}")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"summary: {output / 'summary.json'}" + (f", learning curve: {summary['learning_curve']}" if records else ""))
+    return summary
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
+    started = time.time()
+    args.before = None
+    if args.eval:
+        from common.evaluation import evaluate
+        from common.models import resolve_model_path
+
+        base = resolve_model_path(config.model.path, config.model.cache_path)
+        print("streamrl: evaluating the initial policy on held-out prompts ...", flush=True)
+        args.before = evaluate(config, base, limit=args.eval_prompts, seed=args.eval_seed)
+        print(f"held-out before: {args.before.line()}", flush=True)
     scorers = args.scorers if args.scorers is not None else len(config.endpoints.scorers)
     if scorers > len(config.endpoints.scorers):
         print(f"streamrl: --scorers {scorers} but endpoints.scorers lists {len(config.endpoints.scorers)}; "
@@ -58,7 +127,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                "-c", f"generator={args.generators},scorer={scorers}"]
     print(f"streamrl: starting learner, buffer, {scorers} scorer(s) and {args.generators} generator(s); "
           f"output in {config.run.output_dir}", flush=True)
-    return subprocess.call(command, env=env, cwd=REPO)
+    code = subprocess.call(command, env=env, cwd=REPO)
+    evaluate_run(config, args, started)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.add_argument("--generators", type=int, default=2, help="rollout generator processes (default 2)")
     run.add_argument("--scorers", type=int, default=None, help="scorer processes (default: one per endpoint)")
+    run.add_argument("--eval", action="store_true",
+                     help="evaluate the initial and final policy on held-out prompts and print both")
+    run.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts to use (default: all)")
+    run.add_argument("--eval-seed", type=int, default=1234, help="sampling seed of the evaluation")
     run.set_defaults(func=cmd_run)
+    ev = sub.add_parser("eval", help="score a checkpoint on held-out prompts (reward +- stderr, KL)")
+    _add_config_args(ev)
+    ev.add_argument("--checkpoint", help="model folder (default: the config's initial model)")
+    ev.add_argument("--limit", type=int, default=None, help="held-out prompts to use (default: all)")
+    ev.add_argument("--seed", type=int, default=1234, help="sampling seed")
+    ev.add_argument("--output", help="write the result as JSON here")
+    ev.set_defaults(func=cmd_eval)
     check = sub.add_parser("check", help="validate a config and print every problem")
     _add_config_args(check)
     check.set_defaults(func=cmd_check)
@@ -77,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     raise SystemExit(args.func(args))
 
 

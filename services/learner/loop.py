@@ -147,6 +147,7 @@ class Learner:
             "evicted": batch.evicted,
             "buffered_groups": batch.buffered_groups,
             "behaviour_versions": sorted({int(v) for v in tb.versions}),
+            "generators_in_batch": len({s.rollout.generator_id for s in batch.rollouts}),
             "wait_data_s": wait_s,
             "train_s": train_s,
             "publish_s": publish_s,
@@ -219,10 +220,11 @@ class Learner:
             f.write(json.dumps(record) + "\n")
         log.info(
             "step %d/%d v%d | reward %.3f | kl %.4f | entropy %.3f | clip %.3f | ratio %.3f/%.3f | "
-            "ess %.2f | stale %.0f-%.0f | dropped %d | %.1f samples/s | wait %.1fs",
+            "ess %.2f | stale %.0f-%.0f | dropped %d | %.1f samples/s | wait %.1fs | generators %d",
             record["step"], self.cfg.learner.total_steps, record["version"], record["reward_mean"], record["kl"],
             record["entropy"], record["clip_fraction"], record["importance_ratio_mean"],
             record["importance_ratio_max"], record["ess_fraction"], record["staleness_min"],
             record["staleness_max"], record["dropped_stale"], record["samples_per_second"], record["wait_data_s"],
+            record["generators_in_batch"],
         )
 

@@ -1,0 +1,123 @@
+"""Evaluate a policy on held-out prompts: mean reward +- standard error and KL to the reference.
+
+The held-out prompts are the ``eval_fraction`` split of the generators' prompt
+source (split by hashed prompt id, so they are never trained on). Decoding is
+seeded sampling at the configured temperature and top-p (the distribution the
+policy is trained for), one completion per prompt, so two checkpoints are
+compared on the same prompts with the same random stream. Rewards come from the
+scorer's reward config; KL is the per-sequence sum over completion tokens of
+``log pi - log pi_ref`` (k1, nats), averaged over prompts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from common.config import Config
+from common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
+from common.models import load_causal_lm, load_tokenizer, resolve_model_path, select_device
+from services.generator.prompts import format_prompt, load_prompts, split_prompts
+from services.generator.sampling import encode_prompts, sample_completions
+from services.learner.batch import collate, forward_completions
+from services.scorer.rewards import build_reward
+
+
+@dataclass
+class EvalResult:
+    """Held-out evaluation of one policy.
+
+    Attributes:
+        model: the evaluated model folder.
+        prompts: number of held-out prompts scored.
+        reward_mean: mean reward.
+        reward_stderr: standard error of the mean (sample std / sqrt(n)).
+        kl_mean: mean per-completion KL(pi || pi_ref) estimate, nats.
+        kl_per_token: mean per-token KL estimate, nats.
+        completion_tokens_mean: mean completion length, tokens.
+        samples: a few ``{"prompt", "completion", "reward"}`` examples.
+    """
+
+    model: str
+    prompts: int
+    reward_mean: float
+    reward_stderr: float
+    kl_mean: float
+    kl_per_token: float
+    completion_tokens_mean: float
+    samples: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        return (f"reward {self.reward_mean:+.4f} +- {self.reward_stderr:.4f} (n={self.prompts}) | "
+                f"KL to reference {self.kl_mean:.4f} nats/completion | {self.completion_tokens_mean:.1f} tokens")
+
+
+def held_out_prompts(cfg: Config, limit: int | None):
+    """The held-out split of the generators' prompt source (at most ``limit``)."""
+    prompts = load_prompts(cfg.generator.prompts.loader_options())
+    _, held_out = split_prompts(prompts, eval_fraction=cfg.generator.prompts.eval_fraction, seed=cfg.run.seed)
+    if not held_out:
+        raise ValueError("no held-out prompts: set generator.prompts.eval_fraction > 0")
+    return held_out[:limit] if limit else held_out
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: int = 1234,
+             batch_prompts: int = 8, num_samples: int = 3) -> EvalResult:
+    """Score ``model_path`` on the held-out prompts (see module docstring).
+
+    Raises:
+        ValueError: no held-out prompts.
+    """
+    device = select_device(cfg.learner.device)
+    base = resolve_model_path(cfg.model.path, cfg.model.cache_path)
+    tokenizer = load_tokenizer(base)
+    policy = load_causal_lm(model_path, device=device).eval()
+    reference = load_causal_lm(base, device=device).eval()
+    reward = build_reward([r.as_dict() for r in cfg.scorer.rewards], device=device)
+    gen = cfg.generator
+    sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
+    prompts = held_out_prompts(cfg, limit)
+    torch.manual_seed(seed)
+    rewards: list[float] = []
+    kls: list[float] = []
+    tokens: list[int] = []
+    samples: list[dict] = []
+    for start in range(0, len(prompts), batch_prompts):
+        chunk = prompts[start : start + batch_prompts]
+        texts = [format_prompt(p.text, tokenizer, chat_template=cfg.model.chat_template,
+                               system=cfg.model.system_prompt) for p in chunk]
+        ids = encode_prompts(tokenizer, texts, max_prompt_tokens=gen.max_prompt_tokens,
+                             add_special_tokens=not cfg.model.chat_template)
+        completions = [g[0] for g in sample_completions(policy, tokenizer, ids, group_size=1, sampling=sampling)]
+        values, _ = reward(texts, [c.text for c in completions], [p.metadata for p in chunk])
+        scored = [
+            ScoredRollout(reward=v, rollout=Rollout(
+                prompt_id=p.prompt_id, group_id=p.prompt_id, rollout_id=p.prompt_id, generator_id="eval",
+                group_size=1, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+                behaviour_logprobs=c.logprobs, policy_version=0, finish_reason=FinishReason.LENGTH,
+                sampling=sampling))
+            for p, c, v in zip(chunk, completions, values)
+        ]
+        batch = collate(scored, pad_id=tokenizer.pad_token_id).to(device)
+        pi = forward_completions(policy, batch, temperature=gen.temperature).logprobs
+        ref = forward_completions(reference, batch, temperature=gen.temperature).logprobs
+        kls += ((pi - ref) * batch.mask).sum(1).tolist()
+        tokens += batch.mask.sum(1).long().tolist()
+        rewards += list(values)
+        for text, c, v in zip(texts, completions, values):
+            if len(samples) < num_samples:
+                samples.append({"prompt": text, "completion": c.text, "reward": v})
+    n = len(rewards)
+    mean = sum(rewards) / n
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1)) if n > 1 else 0.0
+    return EvalResult(
+        model=str(model_path), prompts=n, reward_mean=mean, reward_stderr=std / math.sqrt(n),
+        kl_mean=sum(kls) / n, kl_per_token=sum(kls) / max(sum(tokens), 1),
+        completion_tokens_mean=sum(tokens) / n, samples=samples,
+    )

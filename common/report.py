@@ -1,0 +1,48 @@
+"""Run reports: the learning-curve PNG and the end-of-run summary, from ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The learner's per-step records (one JSON object per line); [] when the file is absent."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_learning_curve(records: list[dict], png: Path) -> Path:
+    """Plot mean reward and KL to the reference per learner step into ``png``.
+
+    Raises:
+        ValueError: no records.
+    """
+    if not records:
+        raise ValueError("no learner records to plot")
+    steps = [r["step"] for r in records]
+    fig, (ax_r, ax_kl) = plt.subplots(2, 1, sharex=True, figsize=(7, 5.5))
+    ax_r.plot(steps, [r["reward_mean"] for r in records], color="tab:blue", alpha=0.35, label="batch mean")
+    window = max(1, len(records) // 10)
+    smooth = [sum(r["reward_mean"] for r in records[max(0, i - window + 1): i + 1]) / len(records[max(0, i - window + 1): i + 1])
+              for i in range(len(records))]
+    ax_r.plot(steps, smooth, color="tab:blue", label=f"moving mean ({window} steps)")
+    ax_r.set_ylabel("reward")
+    ax_r.legend(loc="best")
+    ax_r.grid(alpha=0.3)
+    ax_kl.plot(steps, [r["kl"] for r in records], color="tab:red")
+    ax_kl.set_ylabel("KL to reference (nats/token)")
+    ax_kl.set_xlabel("learner step (= policy version)")
+    ax_kl.grid(alpha=0.3)
+    fig.suptitle("streamrl learning curve")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
