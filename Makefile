@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/streamrl run --config deploy/configs/default.toml
+	$(VENV)/bin/streamrl run --config deploy/configs/default.toml --eval
 
 tiny: setup
 	$(VENV)/bin/streamrl run --config deploy/configs/tiny.toml --generators 2

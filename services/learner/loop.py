@@ -148,6 +148,9 @@ class Learner:
             "buffered_groups": batch.buffered_groups,
             "behaviour_versions": sorted({int(v) for v in tb.versions}),
             "generators_in_batch": len({s.rollout.generator_id for s in batch.rollouts}),
+            "samples": [{"prompt": s.rollout.prompt_text, "completion": s.rollout.completion_text,
+                         "reward": s.reward, "policy_version": s.rollout.policy_version}
+                        for s in batch.rollouts[:2]],
             "wait_data_s": wait_s,
             "train_s": train_s,
             "publish_s": publish_s,
