@@ -54,7 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = _load(args)
     path = args.checkpoint or resolve_model_path(config.model.path, config.model.cache_path)
-    result = evaluate(config, path, limit=args.limit, seed=args.seed)
+    result = evaluate(config, path, limit=args.limit, seed=args.seed, samples_per_prompt=args.samples)
     print(f"{path}: {result.line()}")
     for sample in result.samples:
         print(f"  [{sample['reward']:+.3f}] {sample['prompt']!r} -> {sample['completion']!r}")
@@ -84,7 +84,8 @@ def evaluate_run(config, args, started: float) -> dict:
         summary["dropped_stale"] = sum(r["dropped_stale"] for r in records)
         summary["behaviour_versions_seen"] = len({v for r in records for v in r["behaviour_versions"]})
     if args.before is not None and final is not None:
-        after = evaluate(config, str(final / "model"), limit=args.eval_prompts, seed=args.eval_seed)
+        after = evaluate(config, str(final / "model"), limit=args.eval_prompts, seed=args.eval_seed,
+                         samples_per_prompt=args.eval_samples)
         before = args.before
         delta = after.reward_mean - before.reward_mean
         se = math.sqrt(before.reward_stderr ** 2 + after.reward_stderr ** 2)
@@ -111,7 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         base = resolve_model_path(config.model.path, config.model.cache_path)
         print("streamrl: evaluating the initial policy on held-out prompts ...", flush=True)
-        args.before = evaluate(config, base, limit=args.eval_prompts, seed=args.eval_seed)
+        args.before = evaluate(config, base, limit=args.eval_prompts, seed=args.eval_seed,
+                               samples_per_prompt=args.eval_samples)
         print(f"held-out before: {args.before.line()}", flush=True)
     scorers = args.scorers if args.scorers is not None else len(config.endpoints.scorers)
     if scorers > len(config.endpoints.scorers):
@@ -143,12 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="evaluate the initial and final policy on held-out prompts and print both")
     run.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts to use (default: all)")
     run.add_argument("--eval-seed", type=int, default=1234, help="sampling seed of the evaluation")
+    run.add_argument("--eval-samples", type=int, default=4, help="completions per held-out prompt (default 4)")
     run.set_defaults(func=cmd_run)
     ev = sub.add_parser("eval", help="score a checkpoint on held-out prompts (reward +- stderr, KL)")
     _add_config_args(ev)
     ev.add_argument("--checkpoint", help="model folder (default: the config's initial model)")
     ev.add_argument("--limit", type=int, default=None, help="held-out prompts to use (default: all)")
     ev.add_argument("--seed", type=int, default=1234, help="sampling seed")
+    ev.add_argument("--samples", type=int, default=4, help="completions per prompt (default 4)")
     ev.add_argument("--output", help="write the result as JSON here")
     ev.set_defaults(func=cmd_eval)
     check = sub.add_parser("check", help="validate a config and print every problem")

@@ -31,9 +31,9 @@ class EvalResult:
 
     Attributes:
         model: the evaluated model folder.
-        prompts: number of held-out prompts scored.
-        reward_mean: mean reward.
-        reward_stderr: standard error of the mean (sample std / sqrt(n)).
+        prompts: number of held-out prompts scored (n).
+        reward_mean: mean over prompts of each prompt's mean reward.
+        reward_stderr: standard error of that mean (sample std over prompts / sqrt(n)).
         kl_mean: mean per-completion KL(pi || pi_ref) estimate, nats.
         kl_per_token: mean per-token KL estimate, nats.
         completion_tokens_mean: mean completion length, tokens.
@@ -47,13 +47,15 @@ class EvalResult:
     kl_mean: float
     kl_per_token: float
     completion_tokens_mean: float
+    samples_per_prompt: int = 1
     samples: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def line(self) -> str:
-        return (f"reward {self.reward_mean:+.4f} +- {self.reward_stderr:.4f} (n={self.prompts}) | "
+        return (f"reward {self.reward_mean:+.4f} +- {self.reward_stderr:.4f} "
+                f"(n={self.prompts} prompts x {self.samples_per_prompt}) | "
                 f"KL to reference {self.kl_mean:.4f} nats/completion | {self.completion_tokens_mean:.1f} tokens")
 
 
@@ -68,8 +70,12 @@ def held_out_prompts(cfg: Config, limit: int | None):
 
 @torch.no_grad()
 def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: int = 1234,
-             batch_prompts: int = 8, num_samples: int = 3) -> EvalResult:
+             batch_prompts: int = 8, num_samples: int = 3, samples_per_prompt: int = 1) -> EvalResult:
     """Score ``model_path`` on the held-out prompts (see module docstring).
+
+    With ``samples_per_prompt`` > 1 each prompt's reward is the mean over its
+    completions, and the standard error is taken over prompts (completions of one
+    prompt are correlated, so counting them as independent would understate it).
 
     Raises:
         ValueError: no held-out prompts.
@@ -94,7 +100,11 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
                                system=cfg.model.system_prompt) for p in chunk]
         ids = encode_prompts(tokenizer, texts, max_prompt_tokens=gen.max_prompt_tokens,
                              add_special_tokens=not cfg.model.chat_template)
-        completions = [g[0] for g in sample_completions(policy, tokenizer, ids, group_size=1, sampling=sampling)]
+        groups = sample_completions(policy, tokenizer, ids, group_size=samples_per_prompt, sampling=sampling)
+        completions = [c for g in groups for c in g]
+        k = samples_per_prompt
+        chunk = [p for p in chunk for _ in range(k)]
+        texts = [t for t in texts for _ in range(k)]
         values, _ = reward(texts, [c.text for c in completions], [p.metadata for p in chunk])
         scored = [
             ScoredRollout(reward=v, rollout=Rollout(
@@ -109,15 +119,16 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
         ref = forward_completions(reference, batch, temperature=gen.temperature).logprobs
         kls += ((pi - ref) * batch.mask).sum(1).tolist()
         tokens += batch.mask.sum(1).long().tolist()
-        rewards += list(values)
+        rewards += [sum(values[i : i + k]) / k for i in range(0, len(values), k)]
         for text, c, v in zip(texts, completions, values):
             if len(samples) < num_samples:
                 samples.append({"prompt": text, "completion": c.text, "reward": v})
-    n = len(rewards)
+    n = len(rewards)  # prompts
+    kl_total, token_total = sum(kls), max(sum(tokens), 1)
     mean = sum(rewards) / n
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1)) if n > 1 else 0.0
     return EvalResult(
         model=str(model_path), prompts=n, reward_mean=mean, reward_stderr=std / math.sqrt(n),
-        kl_mean=sum(kls) / n, kl_per_token=sum(kls) / max(sum(tokens), 1),
-        completion_tokens_mean=sum(tokens) / n, samples=samples,
+        kl_mean=kl_total / len(kls), kl_per_token=kl_total / token_total, samples_per_prompt=samples_per_prompt,
+        completion_tokens_mean=token_total / len(tokens), samples=samples,
     )

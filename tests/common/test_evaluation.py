@@ -64,3 +64,14 @@ def test_learning_curve_png(tmp_path):
     records = [{"step": i, "reward_mean": i / 10, "kl": i / 100} for i in range(1, 21)]
     png = plot_learning_curve(records, tmp_path / "curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_several_samples_per_prompt_average_within_prompt(tiny_model_dir):
+    cfg = tiny_config(tiny_model_dir)
+    result = evaluate(cfg, str(tiny_model_dir), limit=4, seed=3, samples_per_prompt=3, num_samples=12)
+    assert result.prompts == 4 and result.samples_per_prompt == 3 and len(result.samples) == 12
+    per_prompt = [sum(s["reward"] for s in result.samples[i:i + 3]) / 3 for i in range(0, 12, 3)]
+    assert math.isclose(result.reward_mean, sum(per_prompt) / 4)
+    mean = sum(per_prompt) / 4
+    std = math.sqrt(sum((r - mean) ** 2 for r in per_prompt) / 3)
+    assert math.isclose(result.reward_stderr, std / 2)
