@@ -134,6 +134,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from common.status import render
+
+    config = _load(args)
+    while True:
+        table = render(config, args.generators, args.interval)
+        if not args.watch:
+            print(table)
+            return 0
+        print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + f"{config.run.name}\n" + table, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamrl", description="Streaming actor-learner RL for language models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config and print every problem")
     _add_config_args(check)
     check.set_defaults(func=cmd_check)
+    status = sub.add_parser("status", help="one table of every service's state, read from their metrics")
+    _add_config_args(status)
+    status.add_argument("--generators", type=int, default=4, help="generator replicas to look for (default 4)")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between the two scrapes for rates")
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.set_defaults(func=cmd_status)
     return parser
 
 
