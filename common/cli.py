@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start all services (honcho) and train")
     _add_config_args(run)
-    run.add_argument("--generators", type=int, default=2, help="rollout generator processes (default 2)")
+    run.add_argument("--generators", type=int, default=1,
+                     help="rollout generator processes (default 1: on 2 cores the learner and one generator "
+                          "each own a core)")
     run.add_argument("--scorers", type=int, default=None, help="scorer processes (default: one per endpoint)")
     run.add_argument("--eval", action="store_true",
                      help="evaluate the initial and final policy on held-out prompts and print both")
