@@ -217,11 +217,6 @@ class WeightServer:
                 del self._versions[old]
         self._new_version.set()
 
-    @property
-    def latest_version(self) -> int | None:
-        with self._lock:
-            return max(self._versions) if self._versions else None
-
     def close(self) -> None:
         """Stop the thread and close its sockets (waits at most 5 s)."""
         self._stop.set()

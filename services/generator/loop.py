@@ -18,7 +18,6 @@ import logging
 import time
 import uuid
 
-import torch
 import zmq
 
 from common.messages import Rollout, SamplingParams

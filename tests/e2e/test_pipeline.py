@@ -38,7 +38,6 @@ def start_pipeline(tmp_path, tiny_model_dir, services, *, max_staleness: int, st
 
 def test_four_services_train_late_generator_joins_and_learner_resumes(tmp_path, tiny_model_dir, services):
     procs, ports = start_pipeline(tmp_path, tiny_model_dir, services, max_staleness=1, steps=1000)
-    learner = procs.procs["learner-0"]
     # training starts with one generator; a second one joins while it runs
     assert wait_until(lambda: len(read_records(tmp_path)) >= 2, timeout=120), procs.logs()
     joined_at = read_records(tmp_path)[-1]["version"]
