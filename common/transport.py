@@ -12,7 +12,11 @@ peers that are not connected).
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Sequence
+
+from prometheus_client import Counter
 
 import zmq
 
@@ -82,6 +86,39 @@ def send(sock: zmq.Socket, message: Message, *, prefix: Sequence[bytes] = (), fl
     frames = [*prefix, *encode(message)]
     large = any(memoryview(f).nbytes >= LARGE_FRAME_BYTES for f in frames)
     sock.send_multipart(frames, flags=flags, copy=not large)
+
+
+def send_when_ready(
+    sock: zmq.Socket,
+    message: Message,
+    *,
+    stop: threading.Event,
+    blocked_seconds: Counter,
+    warn_after_s: float,
+    peer: str,
+) -> bool:
+    """Send ``message`` on a PUSH socket, waiting while every peer's queue is full.
+
+    The wait is how backpressure reaches a producer: the receiver stopped reading
+    and its bounded queue filled. The seconds waited are added to
+    ``blocked_seconds``; a warning is logged every ``warn_after_s`` seconds of waiting.
+
+    Returns:
+        True when sent, False when ``stop`` was set before the peers took it.
+    """
+    start = last_warning = time.perf_counter()
+    try:
+        while not stop.is_set():
+            if sock.poll(1000, zmq.POLLOUT):
+                send(sock, message)
+                return True
+            now = time.perf_counter()
+            if now - last_warning > warn_after_s:
+                log.warning("%s has not taken a message for %.0fs (down, or full downstream)", peer, now - start)
+                last_warning = now
+        return False
+    finally:
+        blocked_seconds.inc(time.perf_counter() - start)
 
 
 class Inbox:

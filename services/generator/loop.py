@@ -24,7 +24,7 @@ from common.messages import Rollout, SamplingParams
 from common.metrics import ServiceMetrics
 from common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
 from common.service import ServiceContext
-from common.transport import make_socket, send
+from common.transport import make_socket, send_when_ready
 from common.weights import WeightClient, WeightSyncError, tied_duplicates
 from services.generator.prompts import PromptStream, format_prompt, load_prompts, split_prompts
 from services.generator.sampling import encode_prompts, sample_completions
@@ -156,22 +156,8 @@ class Generator:
                     sampling=self.sampling, prompt_text=text, completion_text=c.text,
                     metadata=dict(prompt.metadata),
                 )
-                if not self._send(rollout):
+                if not send_when_ready(self.push, rollout, stop=self.ctx.stop, blocked_seconds=self.metrics.blocked,
+                                       warn_after_s=self.cfg.transport.request_timeout_s, peer="the scorers"):
                     return
                 self.metrics.rollouts.inc()
                 self.metrics.tokens.inc(len(c.completion_tokens))
-
-    def _send(self, rollout: Rollout) -> bool:
-        """Send, blocking while the scorers' queues are full; False if stopped meanwhile."""
-        start = time.perf_counter()
-        while not self.ctx.stop.is_set():
-            if self.push.poll(1000, zmq.POLLOUT):
-                send(self.push, rollout)
-                self.metrics.blocked.inc(time.perf_counter() - start)
-                return True
-            if time.perf_counter() - start > self.cfg.transport.request_timeout_s:
-                log.warning("no scorer has taken a rollout for %.0fs (scorers down or buffer full)",
-                            time.perf_counter() - start)
-                start = time.perf_counter()
-        return False
-

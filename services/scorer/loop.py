@@ -17,7 +17,7 @@ from common.messages import Rollout, ScoredRollout
 from common.metrics import REWARD_BUCKETS
 from common.models import configure_torch, select_device
 from common.service import ServiceContext
-from common.transport import Inbox, make_socket, send
+from common.transport import Inbox, make_socket, send_when_ready
 from services.scorer.rewards import build_reward
 
 log = logging.getLogger(__name__)
@@ -90,11 +90,8 @@ class Scorer:
         for rollout, total, part in zip(batch, totals, parts):
             scored = ScoredRollout(sender=self.ctx.instance, rollout=rollout, reward=total,
                                    reward_parts=part, scorer_id=self.ctx.instance)
-            blocked = time.perf_counter()
-            while not self.push.poll(1000, zmq.POLLOUT):
-                if self.ctx.stop.is_set():
-                    return
-            self.blocked.inc(time.perf_counter() - blocked)
-            send(self.push, scored)
+            if not send_when_ready(self.push, scored, stop=self.ctx.stop, blocked_seconds=self.blocked,
+                                   warn_after_s=self.ctx.config.transport.request_timeout_s, peer="the buffer"):
+                return
             self.scored.inc()
             self.rewards.observe(total)
