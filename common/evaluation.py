@@ -19,8 +19,8 @@ import torch
 from common.config import Config
 from common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
 from common.models import load_causal_lm, load_tokenizer, resolve_model_path, select_device
-from services.generator.prompts import format_prompt, load_prompts, split_prompts
-from services.generator.sampling import encode_prompts, sample_completions
+from services.generator.prompts import load_prompts, split_prompts
+from services.generator.sampling import prepare_prompts, sample_completions
 from services.learner.batch import collate, forward_completions
 from services.scorer.rewards import build_reward
 
@@ -96,10 +96,8 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
     samples: list[dict] = []
     for start in range(0, len(prompts), batch_prompts):
         chunk = prompts[start : start + batch_prompts]
-        texts = [format_prompt(p.text, tokenizer, chat_template=cfg.model.chat_template,
-                               system=cfg.model.system_prompt) for p in chunk]
-        ids = encode_prompts(tokenizer, texts, max_prompt_tokens=gen.max_prompt_tokens,
-                             add_special_tokens=not cfg.model.chat_template)
+        texts, ids = prepare_prompts(tokenizer, chunk, chat_template=cfg.model.chat_template,
+                                     system_prompt=cfg.model.system_prompt, max_prompt_tokens=gen.max_prompt_tokens)
         groups = sample_completions(policy, tokenizer, ids, group_size=samples_per_prompt, sampling=sampling)
         completions = [c for g in groups for c in g]
         k = samples_per_prompt

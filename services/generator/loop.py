@@ -26,8 +26,8 @@ from common.models import configure_torch, load_causal_lm, load_tokenizer, resol
 from common.service import ServiceContext
 from common.transport import make_socket, send_when_ready
 from common.weights import WeightClient, WeightSyncError, tied_duplicates
-from services.generator.prompts import PromptStream, format_prompt, load_prompts, split_prompts
-from services.generator.sampling import encode_prompts, sample_completions
+from services.generator.prompts import PromptStream, load_prompts, split_prompts
+from services.generator.sampling import prepare_prompts, sample_completions
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ class Generator:
         self.tokenizer = load_tokenizer(path)
         self.model = load_causal_lm(path, device=self.device).eval()
         self.tied = tied_duplicates(self.model.state_dict())
-        self.chat = cfg.model.chat_template
         prompts = load_prompts(gen.prompts.loader_options())
         train, _held_out = split_prompts(prompts, eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
         self.stream = PromptStream(train, seed=cfg.run.seed + ctx.index)
@@ -133,10 +132,9 @@ class Generator:
         """Sample one batch of groups with the loaded weights and send every rollout."""
         gen = self.cfg.generator
         prompts = self.stream.next_batch(gen.prompts_per_batch)
-        texts = [format_prompt(p.text, self.tokenizer, chat_template=self.chat,
-                               system=self.cfg.model.system_prompt) for p in prompts]
-        ids = encode_prompts(self.tokenizer, texts, max_prompt_tokens=gen.max_prompt_tokens,
-                             add_special_tokens=not self.chat)
+        texts, ids = prepare_prompts(self.tokenizer, prompts, chat_template=self.cfg.model.chat_template,
+                                     system_prompt=self.cfg.model.system_prompt,
+                                     max_prompt_tokens=gen.max_prompt_tokens)
         version = self.version
         self.metrics.in_flight.set(len(prompts))
         start = time.perf_counter()

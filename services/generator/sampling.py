@@ -16,6 +16,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from common.messages import FinishReason, SamplingParams
+from services.generator.prompts import Prompt, format_prompt
 
 
 @dataclass
@@ -52,6 +53,27 @@ def encode_prompts(
             raise ValueError(f"prompt {text!r} encodes to no tokens")
         out.append(ids)
     return out
+
+
+def prepare_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Prompt],
+    *,
+    chat_template: bool,
+    system_prompt: str | None,
+    max_prompt_tokens: int,
+) -> tuple[list[str], list[list[int]]]:
+    """Prompt texts as the policy sees them (chat template applied when asked) and their token ids.
+
+    With a chat template the template already holds the special tokens, so none are
+    added when encoding; without one the tokenizer's defaults (e.g. BOS) apply.
+
+    Raises:
+        ValueError: a prompt encodes to no tokens.
+    """
+    texts = [format_prompt(p.text, tokenizer, chat_template=chat_template, system=system_prompt) for p in prompts]
+    ids = encode_prompts(tokenizer, texts, max_prompt_tokens=max_prompt_tokens, add_special_tokens=not chat_template)
+    return texts, ids
 
 
 @torch.no_grad()
