@@ -8,8 +8,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from common.status import read as read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -125,16 +126,15 @@ class Services:
 
 
 def scrape(port: int) -> dict[str, float]:
-    """Samples of a Prometheus text endpoint: ``{'name{labels}': value}``."""
-    from prometheus_client.parser import text_string_to_metric_families
+    """Samples of a service's metrics endpoint on 127.0.0.1 (``{'name{k=v}': value}``).
 
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return out
+    Raises:
+        ConnectionError: nothing serves metrics on ``port``.
+    """
+    samples = read_metrics("127.0.0.1", port, timeout=5.0)
+    if samples is None:
+        raise ConnectionError(f"no metrics endpoint on port {port}")
+    return samples
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.5) -> bool:
