@@ -20,7 +20,8 @@ version, however many optimizer updates it made.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -28,7 +29,7 @@ from torch import Tensor
 from common.config import LearnerSection
 from common.modes import AdvantageEstimator, KLPenaltyMode
 from services.learner.advantages import gae, group_advantages, per_token_rewards, whiten
-from services.learner.batch import TrainBatch, forward_completions
+from services.learner.batch import ModelOutput, TrainBatch, forward_completions
 from services.learner.kl_control import make_kl_controller
 from services.learner.losses import kl_to_reference, masked_mean, policy_loss, sft_loss, value_loss
 from services.learner.normalization import RunningMeanStd
@@ -48,14 +49,24 @@ class PtxBatch:
 
 
 @dataclass
-class StepStats:
-    """Diagnostics of one learner step (means over its minibatch updates unless noted)."""
+class Targets:
+    """What one learner step trains towards, computed once per batch without gradients.
 
-    values: dict[str, float] = field(default_factory=dict)
+    Attributes:
+        old: pi_old outputs (log-probs, values) of the policy before the step, ``[B, T]``.
+        ref_logprobs: ``[B, T]`` frozen reference log-probs (nats).
+        advantages: ``[B, T]`` float32, 0 on padding.
+        returns: ``[B, T]`` value targets (``gae`` only, else None).
+        kl_mean: mean per-token KL(pi_old || pi_ref) estimate, nats.
+        kl_coef: the KL coefficient beta used for this step.
+    """
 
-    def add(self, key: str, value: float) -> None:
-        self.values.setdefault(key, 0.0)
-        self.values[key] += value
+    old: ModelOutput
+    ref_logprobs: Tensor
+    advantages: Tensor
+    returns: Tensor | None
+    kl_mean: float
+    kl_coef: float
 
 
 class PPOTrainer:
@@ -107,37 +118,10 @@ class PPOTrainer:
         cfg = self.cfg
         batch = batch.to(self.device)
         mask = batch.mask
-        with torch.no_grad():
-            self.policy.eval()
-            old = forward_completions(self.policy, batch, temperature=self.temperature,
-                                      value_head=self.value_head)
-            ref = forward_completions(self.reference, batch, temperature=self.temperature)
-            kl_tokens = kl_to_reference(old.logprobs, ref.logprobs, estimator=cfg.kl_estimator)
-            kl_tokens = torch.where(mask > 0, kl_tokens, torch.zeros_like(kl_tokens))
-            kl_mean = float(masked_mean(kl_tokens, mask))
-            kl_per_seq = kl_tokens.sum(1)
-            beta = self.kl_controller.value
-            scores = batch.scores
-            if cfg.normalize_rewards:
-                self.reward_stats.update(scores)
-                scores = self.reward_stats.normalize(scores, clip=cfg.reward_clip)
-            elif cfg.reward_clip is not None:
-                scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-            in_reward = cfg.kl_penalty is KLPenaltyMode.REWARD
-            returns = None
-            if cfg.advantage is AdvantageEstimator.GAE:
-                token_rewards = per_token_rewards(scores, kl_tokens if in_reward else None, mask,
-                                                  kl_coef=beta)
-                advantages, returns = gae(token_rewards, old.values, mask, gamma=cfg.gamma, lam=cfg.lam)
-                if cfg.whiten_advantages:
-                    advantages = whiten(advantages, mask)
-            else:  # group baselines are already normalised per group; whitening would mix groups
-                seq_scores = scores - beta * kl_per_seq if in_reward else scores
-                seq_adv = group_advantages(seq_scores, batch.group_ids, estimator=cfg.advantage)
-                advantages = seq_adv.unsqueeze(1).expand_as(mask).clone()
-            advantages = torch.where(mask > 0, advantages, torch.zeros_like(advantages))
+        targets = self.targets(batch)
+        old, advantages, returns, beta = targets.old, targets.advantages, targets.returns, targets.kl_coef
 
-        stats = StepStats()
+        stats: dict[str, float] = defaultdict(float)  # sums over minibatch updates
         updates = 0
         ratio_max = 0.0
         self.policy.train()
@@ -157,17 +141,17 @@ class PPOTrainer:
                     vl, vclip = value_loss(out.values, old.values[rows, :t], returns[rows, :t], mb.mask,
                                            clip_range=cfg.value_clip)
                     loss = loss + cfg.vf_coef * vl
-                    stats.add("loss/value", vl.item())
-                    stats.add("value_clip_fraction", vclip)
+                    stats["loss/value"] += vl.item()
+                    stats["value_clip_fraction"] += vclip
                 if cfg.kl_penalty is KLPenaltyMode.LOSS and beta > 0:
-                    kl_term = masked_mean(kl_to_reference(out.logprobs, ref.logprobs[rows, :t],
+                    kl_term = masked_mean(kl_to_reference(out.logprobs, targets.ref_logprobs[rows, :t],
                                                           estimator=cfg.kl_estimator), mb.mask)
                     loss = loss + beta * kl_term
-                    stats.add("loss/kl", kl_term.item())
+                    stats["loss/kl"] += kl_term.item()
                 if cfg.ptx_coef > 0:
                     ptx = self._ptx_loss()
                     loss = loss + cfg.ptx_coef * ptx
-                    stats.add("loss/ptx", ptx.item())
+                    stats["loss/ptx"] += ptx.item()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -175,27 +159,27 @@ class PPOTrainer:
                 if math.isfinite(float(grad_norm)):
                     self.optimizer.step()
                 else:
-                    stats.add("skipped_updates", 1.0)
+                    stats["skipped_updates"] += 1.0
                 updates += 1
-                stats.add("loss/total", loss.item())
-                stats.add("loss/policy", pl.item())
-                stats.add("entropy", entropy.item())
-                stats.add("grad_norm", float(grad_norm))
-                stats.add("clip_fraction", ps.clip_fraction)
-                stats.add("approx_kl", ps.approx_kl)
-                stats.add("importance_ratio_mean", ps.importance_ratio_mean)
-                stats.add("truncated_fraction", ps.truncated_fraction)
-                stats.add("ess", ps.effective_sample_size)
-                stats.add("ess_fraction", ps.ess_fraction)
+                stats["loss/total"] += loss.item()
+                stats["loss/policy"] += pl.item()
+                stats["entropy"] += entropy.item()
+                stats["grad_norm"] += float(grad_norm)
+                stats["clip_fraction"] += ps.clip_fraction
+                stats["approx_kl"] += ps.approx_kl
+                stats["importance_ratio_mean"] += ps.importance_ratio_mean
+                stats["truncated_fraction"] += ps.truncated_fraction
+                stats["ess"] += ps.effective_sample_size
+                stats["ess_fraction"] += ps.ess_fraction
                 ratio_max = max(ratio_max, ps.importance_ratio_max)
-        out_stats = {k: v / updates for k, v in stats.values.items() if k != "skipped_updates"}
-        out_stats["skipped_updates"] = stats.values.get("skipped_updates", 0.0)
-        self.kl_controller.update(kl_mean, batch.size)
+        out_stats = {k: v / updates for k, v in stats.items() if k != "skipped_updates"}
+        out_stats["skipped_updates"] = stats["skipped_updates"]
+        self.kl_controller.update(targets.kl_mean, batch.size)
         staleness = (current_version - batch.versions).float()
         out_stats.update(
             {
                 "importance_ratio_max": ratio_max,
-                "kl": kl_mean,
+                "kl": targets.kl_mean,
                 "kl_coef": beta,
                 "reward_mean": float(batch.scores.mean()),
                 "reward_std": float(batch.scores.std(unbiased=False)),
@@ -209,6 +193,44 @@ class PPOTrainer:
             }
         )
         return out_stats
+
+    @torch.no_grad()
+    def targets(self, batch: TrainBatch) -> Targets:
+        """pi_old, reference log-probs and advantages for ``batch`` (already on the device).
+
+        Rewards are normalised (running mean/std) and clipped first. ``gae``: per-token
+        rewards ``-beta * KL_t`` plus the score on the last token (InstructGPT eq. 2),
+        then GAE with the value head, whitened if configured. ``grpo``/``rloo``: group
+        baselines on the score, minus ``beta * sum_t KL_t`` when the penalty is in the
+        reward; no whitening (it would mix groups).
+        """
+        cfg, mask = self.cfg, batch.mask
+        self.policy.eval()
+        old = forward_completions(self.policy, batch, temperature=self.temperature, value_head=self.value_head)
+        ref = forward_completions(self.reference, batch, temperature=self.temperature)
+        kl_tokens = kl_to_reference(old.logprobs, ref.logprobs, estimator=cfg.kl_estimator)
+        kl_tokens = torch.where(mask > 0, kl_tokens, torch.zeros_like(kl_tokens))
+        beta = self.kl_controller.value
+        scores = batch.scores
+        if cfg.normalize_rewards:
+            self.reward_stats.update(scores)
+            scores = self.reward_stats.normalize(scores, clip=cfg.reward_clip)
+        elif cfg.reward_clip is not None:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        in_reward = cfg.kl_penalty is KLPenaltyMode.REWARD
+        returns = None
+        if cfg.advantage is AdvantageEstimator.GAE:
+            token_rewards = per_token_rewards(scores, kl_tokens if in_reward else None, mask, kl_coef=beta)
+            advantages, returns = gae(token_rewards, old.values, mask, gamma=cfg.gamma, lam=cfg.lam)
+            if cfg.whiten_advantages:
+                advantages = whiten(advantages, mask)
+        else:
+            seq_scores = scores - beta * kl_tokens.sum(1) if in_reward else scores
+            seq_adv = group_advantages(seq_scores, batch.group_ids, estimator=cfg.advantage)
+            advantages = seq_adv.unsqueeze(1).expand_as(mask).clone()
+        advantages = torch.where(mask > 0, advantages, torch.zeros_like(advantages))
+        return Targets(old=old, ref_logprobs=ref.logprobs, advantages=advantages, returns=returns,
+                       kl_mean=float(masked_mean(kl_tokens, mask)), kl_coef=beta)
 
     def _ptx_loss(self) -> Tensor:
         ptx = self.ptx_sampler()
