@@ -42,6 +42,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the config; exit status 2 with every problem listed when invalid."""
     config = _load(args)
     print(f"{args.config}: OK ({config.run.name}, model {config.model.path}, "
           f"{config.learner.total_steps} steps, max_staleness {config.run.max_staleness})")
@@ -49,6 +50,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Score one model folder on held-out prompts and print reward +- stderr, KL and samples."""
     from common.evaluation import evaluate
     from common.models import resolve_model_path
 
@@ -103,6 +105,7 @@ def evaluate_run(config, args, started: float) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Validate, optionally evaluate the initial policy, run all services under honcho, then report."""
     config = _load(args)
     started = time.time()
     args.before = None
@@ -135,6 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Print (or with --watch keep refreshing) the status table of a running job."""
     from common.status import render
 
     config = _load(args)
@@ -147,6 +151,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the ``streamrl`` command and its subcommands."""
     parser = argparse.ArgumentParser(prog="streamrl", description="Streaming actor-learner RL for language models")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start all services (honcho) and train")
@@ -182,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Console entry point: parse arguments, run the subcommand, exit with its status."""
     args = build_parser().parse_args(argv)
     import transformers
 

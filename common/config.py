@@ -66,6 +66,7 @@ class ModelSection(_Section):
 
     @property
     def cache_path(self) -> Optional[Path]:
+        """``cache_dir`` as a Path, or None for the default cache (``$STREAMRL_CACHE`` or ~/.cache/streamrl)."""
         return Path(self.cache_dir) if self.cache_dir else None
 
 

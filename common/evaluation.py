@@ -51,9 +51,11 @@ class EvalResult:
     samples: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
+        """Plain-JSON form (for summary.json)."""
         return asdict(self)
 
     def line(self) -> str:
+        """One human-readable line: reward +- stderr, KL, completion length."""
         return (f"reward {self.reward_mean:+.4f} +- {self.reward_stderr:.4f} "
                 f"(n={self.prompts} prompts x {self.samples_per_prompt}) | "
                 f"KL to reference {self.kl_mean:.4f} nats/completion | {self.completion_tokens_mean:.1f} tokens")

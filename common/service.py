@@ -66,6 +66,7 @@ def replica_index(explicit: int | None) -> int:
 
 
 def parse_args(service: str, argv: list[str] | None) -> argparse.Namespace:
+    """``--config``, ``--set`` (repeatable) and ``--index`` of a service process."""
     parser = argparse.ArgumentParser(prog=f"python -m services.{service}",
                                      description=f"streamrl {service} service")
     parser.add_argument("--config", default=os.environ.get(CONFIG_ENV),

@@ -272,10 +272,12 @@ class ReplayBuffer:
 
     @property
     def complete_groups(self) -> int:
+        """Complete groups held (waiting to be sampled)."""
         return len(self._complete)
 
     @property
     def incomplete_groups(self) -> int:
+        """Groups still waiting for members."""
         return len(self._incomplete)
 
     def is_full(self) -> bool:

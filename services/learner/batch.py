@@ -45,6 +45,7 @@ class TrainBatch:
 
     @property
     def size(self) -> int:
+        """Number of rows B."""
         return self.input_ids.shape[0]
 
     def select(self, rows: Tensor) -> "TrainBatch":
@@ -59,6 +60,7 @@ class TrainBatch:
         return TrainBatch(**sub)
 
     def to(self, device: torch.device) -> "TrainBatch":
+        """A copy with every tensor on ``device``."""
         return TrainBatch(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
 
 

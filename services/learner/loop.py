@@ -204,6 +204,7 @@ class Learner:
         return seconds
 
     def save(self) -> Path:
+        """Write a checkpoint of the current step and version; returns its folder."""
         return save_checkpoint(self.checkpoints, step=self.step, version=self.version,
                                policy=self.trainer.policy, tokenizer=self.tokenizer,
                                trainer_state=self.trainer.state_dict())

@@ -251,6 +251,7 @@ class PPOTrainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved (the policy weights are loaded separately)."""
         self.optimizer.load_state_dict(state["optimizer"])
         if self.value_head is not None and state.get("value_head") is not None:
             self.value_head.load_state_dict(state["value_head"])

@@ -77,6 +77,7 @@ class Scorer:
         return batch
 
     def score_and_send(self, batch: list[Rollout]) -> None:
+        """Score a micro-batch and push each scored rollout to the buffer (blocking on backpressure)."""
         start = time.perf_counter()
         try:
             totals, parts = self.reward([r.prompt_text for r in batch], [r.completion_text for r in batch],
