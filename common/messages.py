@@ -453,9 +453,9 @@ def _encode_value(value: Any, payloads: list, spec: dict | None) -> Any:
 class _Frames:
     """Payload frames of one message; each may be referenced exactly once."""
 
-    def __init__(self, frames: Sequence[Any]):
-        self.buffers = [memoryview(_buffer(f)) for f in frames]
-        self.used = [False] * len(self.buffers)
+    def __init__(self, buffers: list[memoryview]):
+        self.buffers = buffers
+        self.used = [False] * len(buffers)
 
     def take(self, index: Any) -> memoryview:
         if not isinstance(index, int) or not 1 <= index < len(self.buffers) + 1:
@@ -495,13 +495,14 @@ def decode(
         raise ProtocolError(RejectReason.MALFORMED, "no frames")
     if len(frames) > max_frames:
         raise ProtocolError(RejectReason.OVERSIZE, f"{len(frames)} frames > limit {max_frames}")
-    total = sum(memoryview(_buffer(f)).nbytes for f in frames)
+    buffers = [memoryview(_buffer(f)) for f in frames]
+    total = sum(b.nbytes for b in buffers)
     if total > max_bytes:
         raise ProtocolError(RejectReason.OVERSIZE, f"{total} bytes > limit {max_bytes}")
-    payloads = _Frames(frames[1:])
+    payloads = _Frames(buffers[1:])
     try:
         header = msgpack.unpackb(
-            _buffer(frames[0]),
+            buffers[0],
             raw=False,
             strict_map_key=True,
             ext_hook=_ext_hook,

@@ -144,3 +144,21 @@ def wait_until(predicate, timeout: float, interval: float = 0.5) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+def ragged_mask(lengths: list[int], t: int):
+    """``[B, t]`` bool mask, row b true on its first ``lengths[b]`` positions (right padding)."""
+    import torch
+
+    return torch.arange(t).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+
+
+def fill_garbage(x, mask):
+    """Copy of tensor ``x`` whose masked-out positions cycle through NaN, +inf, -inf, 1e30, -1e30."""
+    import math
+
+    import torch
+
+    junk = torch.tensor([math.nan, math.inf, -math.inf, 1e30, -1e30], dtype=x.dtype)
+    pad = junk[torch.arange(x.numel()) % 5].reshape(x.shape)
+    return torch.where(mask, x, pad)

@@ -6,21 +6,12 @@ import math
 
 import pytest
 import torch
+from support import fill_garbage, ragged_mask
 
 from common.modes import AdvantageEstimator
 from services.learner.advantages import gae, group_advantages, per_token_rewards, whiten
 
 ATOL = 1e-6
-
-
-def ragged_mask(lengths: list[int], t: int) -> torch.Tensor:
-    return torch.arange(t).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-
-
-def fill_garbage(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    junk = torch.tensor([math.nan, math.inf, -math.inf, 1e30, -1e30], dtype=x.dtype)
-    pad = junk[torch.arange(x.numel()) % 5].reshape(x.shape)
-    return torch.where(mask, x, pad)
 
 
 def gae_reference(rewards, values, lengths, gamma, lam):

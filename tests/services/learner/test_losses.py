@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from support import fill_garbage, ragged_mask
 
 from common.modes import Correction, KLEstimator
 from services.learner.losses import (
@@ -23,17 +24,6 @@ from services.learner.losses import (
 
 ATOL = 1e-6
 ALL_CORRECTIONS = list(Correction)
-
-
-def ragged_mask(lengths: list[int], t: int) -> torch.Tensor:
-    return torch.arange(t).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-
-
-def fill_garbage(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Copy of x with padded positions cycling through NaN, +inf, -inf, 1e30, -1e30."""
-    junk = torch.tensor([math.nan, math.inf, -math.inf, 1e30, -1e30], dtype=x.dtype)
-    pad = junk[torch.arange(x.numel()) % 5].reshape(x.shape)
-    return torch.where(mask, x, pad)
 
 
 def lp_leaf(values: list[list[float]] | torch.Tensor) -> torch.Tensor:
