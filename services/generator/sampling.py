@@ -120,9 +120,13 @@ def sample_completions(
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                          generation_config=config)
     new_tokens = out.sequences[:, width:].cpu()  # [N, T']
-    scores = torch.stack(out.scores, dim=1).float()  # [N, T', V] processed logits
-    logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens.to(scores.device).unsqueeze(-1))
-    logprobs = logprobs.squeeze(-1).cpu()  # [N, T']
+    # one [N, V] step at a time: never materialise [N, T', V] log-probs
+    sampled = out.sequences[:, width:]
+    logprobs = torch.stack(
+        [torch.log_softmax(step.float(), dim=-1).gather(-1, sampled[:, t : t + 1]).squeeze(-1)
+         for t, step in enumerate(out.scores)],
+        dim=1,
+    ).cpu()  # [N, T'] behaviour log-probs of the processed (temperature, top-p) distribution
     eos = tokenizer.eos_token_id
     result: list[list[Completion]] = [[] for _ in prompts]
     for i, ids in enumerate(rows):
