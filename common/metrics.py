@@ -22,6 +22,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from common.messages import RejectReason
+
 log = logging.getLogger(__name__)
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
@@ -48,6 +50,8 @@ class ServiceMetrics:
         self.rejected = self.counter(
             "messages_rejected_total", "Messages rejected by the decoder, by reason", ["reason"]
         )
+        for reason in RejectReason:  # export every decoder reason at 0 so dashboards show no rejections, not no data
+            self.rejected.labels(reason=reason.value)
         self.port: int | None = None
 
     def _name(self, name: str) -> str:

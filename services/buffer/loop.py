@@ -18,7 +18,7 @@ from common.messages import Batch, BatchRequest, ScoredRollout
 from common.metrics import STALENESS_BUCKETS
 from common.service import ServiceContext
 from common.transport import Inbox, make_socket, send
-from services.buffer.store import AddOutcome, ReplayBuffer
+from services.buffer.store import REJECT_OUTCOMES, AddOutcome, ReplayBuffer
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ class BufferService:
                                        buckets=STALENESS_BUCKETS)
         self.m_blocked = m.counter("producers_blocked_seconds_total",
                                    "Seconds the buffer stopped reading producers because it was full")
+        for outcome in REJECT_OUTCOMES:  # admission reasons exported at 0 next to the decoder's
+            m.rejected.labels(reason=outcome.value)
         self._synced = (0, 0, 0, 0)
 
     def run(self) -> None:
