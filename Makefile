@@ -7,9 +7,24 @@ PY := $(VENV)/bin/python
 # requirement of transformers does not pull GBs of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run tiny test
+.PHONY: setup prometheus run tiny test
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed prometheus
+
+# Prometheus and promtool (Debian package `prometheus`) for the real-Prometheus
+# test. Nothing to do when both are on PATH; otherwise apt installs them
+# (as root, else through sudo). The package's own service is kept from starting:
+# a temporary policy-rc.d denies it where none exists (CI containers have no init).
+prometheus:
+	@if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then exit 0; fi; \
+	sudo=; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+	policy=/usr/sbin/policy-rc.d; added=; \
+	if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' | $$sudo tee $$policy >/dev/null && $$sudo chmod +x $$policy && added=1; fi; \
+	echo "installing prometheus + promtool with apt-get"; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	status=$$?; [ -z "$$added" ] || $$sudo rm -f $$policy; \
+	[ $$status -eq 0 ] && command -v promtool >/dev/null || { echo "could not install prometheus (apt-get install prometheus)" >&2; exit 1; }
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
