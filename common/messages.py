@@ -44,6 +44,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_FRAMES = 8192
 """Largest number of frames in one message."""
 
+MAX_MAP_DEPTH = 32
+"""Deepest nesting of lists and maps inside a plain-map field (``metadata``, ``reward_parts``)."""
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
 _EXT_ARRAY = 1
 _EXT_BYTES = 2
 
@@ -185,6 +190,10 @@ class Rollout(Message):
         _require(self.policy_version >= 0, "policy_version must be >= 0")
         _require(len(self.prompt_tokens) >= 1, "prompt_tokens is empty")
         _require(len(self.completion_tokens) >= 1, "completion_tokens is empty")
+        _require(
+            bool(np.all(self.prompt_tokens >= 0)) and bool(np.all(self.completion_tokens >= 0)),
+            "negative token id",
+        )
         _require(
             self.completion_tokens.shape == self.behaviour_logprobs.shape,
             f"behaviour_logprobs shape {self.behaviour_logprobs.shape} != "
@@ -458,7 +467,7 @@ class _Frames:
         self.used = [False] * len(buffers)
 
     def take(self, index: Any) -> memoryview:
-        if not isinstance(index, int) or not 1 <= index < len(self.buffers) + 1:
+        if type(index) is not int or not 1 <= index < len(self.buffers) + 1:
             raise ProtocolError(RejectReason.MALFORMED, f"payload frame {index!r} does not exist")
         if self.used[index - 1]:
             raise ProtocolError(RejectReason.MALFORMED, f"payload frame {index} referenced twice")
@@ -640,25 +649,37 @@ def _convert(tp: Any, value: Any, payloads: _Frames, name: str) -> Any:
             raise ProtocolError(RejectReason.BAD_FIELD, f"{name} must be a number")
         return float(value)
     if tp is int:
-        if type(value) is not int:
-            raise ProtocolError(RejectReason.BAD_FIELD, f"{name} must be an integer")
+        if type(value) is not int or not _INT64_MIN <= value <= _INT64_MAX:
+            raise ProtocolError(RejectReason.BAD_FIELD, f"{name} must be a 64-bit integer")
         return value
     if tp in (str, bool):
         if type(value) is not tp:
             raise ProtocolError(RejectReason.BAD_FIELD, f"{name} must be a {tp.__name__}")
         return value
     if tp is dict or origin is dict:
-        if not isinstance(value, dict) or _contains_ref(value):
-            raise ProtocolError(RejectReason.BAD_FIELD, f"{name} must be a plain map")
+        if not isinstance(value, dict) or not _is_plain(value, MAX_MAP_DEPTH):
+            raise ProtocolError(
+                RejectReason.BAD_FIELD,
+                f"{name} must be a plain map (str keys; None, bool, int64, float, str, list or map "
+                f"values; at most {MAX_MAP_DEPTH} levels)",
+            )
         return value
     raise ProtocolError(RejectReason.BAD_FIELD, f"{name}: unsupported type {tp!r}")
 
 
-def _contains_ref(value: Any) -> bool:
-    if isinstance(value, _Ref):
+def _is_plain(value: Any, depth: int) -> bool:
+    """True when ``value`` is msgpack primitives only, as :func:`encode` sends a plain map:
+    no bytes (encode moves those to payload frames), no extension values, str map keys,
+    int64 integers and nesting of at most ``depth`` levels (encoding and walking such a
+    value again never exceeds Python's recursion limit)."""
+    if value is None or type(value) in (bool, float, str):
         return True
-    if isinstance(value, dict):
-        return any(_contains_ref(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_contains_ref(v) for v in value)
+    if type(value) is int:
+        return _INT64_MIN <= value <= _INT64_MAX
+    if depth <= 0:
+        return False
+    if type(value) is dict:
+        return all(type(k) is str and _is_plain(v, depth - 1) for k, v in value.items())
+    if type(value) is list:
+        return all(_is_plain(v, depth - 1) for v in value)
     return False
