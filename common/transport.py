@@ -6,7 +6,8 @@ disconnected by libzmq before the bytes reach Python), high-water marks
 (bounded queues: a full queue blocks the sender, which is how backpressure
 travels from the buffer back to the generators), ``LINGER`` (close never
 hangs) and ``IMMEDIATE`` on connecting sockets (messages are not queued for
-peers that are not connected).
+peers that are not connected) and ZMTP heartbeats (a vanished peer's
+connection is closed and re-dialled instead of hanging).
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ log = logging.getLogger(__name__)
 
 LARGE_FRAME_BYTES = 64 * 1024
 """Frames at least this large are sent zero-copy."""
+HEARTBEAT_IVL_MS = 1000
+"""ZMTP heartbeat (PING) interval on every connection, in milliseconds."""
+HEARTBEAT_TIMEOUT_MS = 5000
+"""A connection whose peer answers no PING for this long is closed (and re-dialled
+by connecting sockets), in milliseconds: a vanished peer is noticed within ~5 s
+even when the TCP connection was not closed (host crash, network partition)."""
 
 
 def make_socket(
@@ -62,6 +69,9 @@ def make_socket(
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity)
     if kind == zmq.ROUTER:
