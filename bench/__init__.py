@@ -1,0 +1,1 @@
+"""Benchmarks of streamrl (not part of the test suite); see bench/RESULTS.md."""

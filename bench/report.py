@@ -1,0 +1,182 @@
+"""What every benchmark records: machine, versions, commit, date; JSON results and a RESULTS.md section.
+
+Each benchmark writes ``bench/results/<name>.json`` (the full measurements plus
+:func:`environment`) and replaces its own section of ``bench/RESULTS.md``
+(between ``<!-- bench:<name> -->`` markers), so the four benchmarks can be re-run
+independently and the file always shows the newest run of each.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RESULTS_DIR = BENCH / "results"
+RESULTS_MD = BENCH / "RESULTS.md"
+
+HEADER = """# Benchmark results
+
+Measured by the commands under `bench/` (see the README's "Benchmarks" section). Each
+section below is rewritten by its benchmark and states the machine, versions, commit
+and date of that run. The machine is a shared 2-core CPU VM (no GPU): three other
+engineers ran tests on it at the same time, so heavy runs took `flock
+/tmp/streamrl-heavy.lock` (no other heavy run overlapped), but light background load
+is possible; figures are medians over repeats where stated.
+"""
+
+
+def median(values) -> float:
+    """Median of a non-empty sequence of numbers (NaN when empty)."""
+    values = [float(v) for v in values]
+    return statistics.median(values) if values else float("nan")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _ram_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _gpu() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return "none"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_commit() -> str:
+    """Short hash of the checked-out commit (``unknown`` outside a git checkout)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head
+
+
+def environment(extra_versions: dict[str, str] | None = None) -> dict:
+    """Machine (CPU model, cores, RAM GiB, GPU), package versions, git commit and UTC date."""
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "ram_gib": _ram_gib(),
+        "gpu": _gpu(),
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in ("torch", "transformers", "pyzmq", "msgpack", "numpy")},
+    }
+    env["versions"]["trl"] = _version("trl")
+    if extra_versions:
+        env["versions"].update(extra_versions)
+    return env
+
+
+def environment_line(env: dict) -> str:
+    """One markdown line describing ``env``."""
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    return (f"Machine: {env['cpu']}, {env['cores']} cores, {env['ram_gib']} GiB RAM, GPU {env['gpu']}; "
+            f"Python {env['python']}; {versions}; commit `{env['commit']}`; {env['date']}.")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table; floats are printed with 3 significant digits (4 for >= 1000)."""
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            if v != v:
+                return "n/a"
+            return f"{v:.4g}" if abs(v) >= 1000 else f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, results: dict, section_markdown: str, *, results_dir: Path | None = None,
+                  results_md: Path | None = None) -> Path:
+    """Write ``<results_dir>/<name>.json`` and replace the ``name`` section of the results markdown.
+
+    Args:
+        name: benchmark name (file stem and section marker).
+        results: JSON-serialisable measurements (the environment is added under ``environment``).
+        section_markdown: the section body (heading, command, tables, notes).
+        results_dir, results_md: where to write (default ``bench/results`` and ``bench/RESULTS.md``).
+
+    Returns:
+        The JSON file's path.
+    """
+    results_dir = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    results_md = Path(results_md) if results_md is not None else RESULTS_MD
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = f"{begin}\n{section_markdown.strip()}\n{end}"
+    text = results_md.read_text() if results_md.exists() else HEADER
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _m: block, text)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    results_md.write_text(text)
+    return path
+
+
+def command_line() -> str:
+    """The command that is running, as typed (``python -m bench.x ...``)."""
+    args = sys.argv[1:]
+    module = Path(sys.argv[0]).stem
+    return " ".join(["python -m bench." + module, *args])
+
+
+class Deadline:
+    """A wall-clock budget: ``left()`` seconds remain, ``expired()`` once it is spent."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        """Seconds left (may be negative)."""
+        return self.end - time.monotonic()
+
+    def expired(self) -> bool:
+        """True once the budget is spent."""
+        return self.left() <= 0

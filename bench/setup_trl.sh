@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create bench/.venv-trl: Hugging Face TRL (GRPOTrainer) for bench/trl_grpo.py only.
+# TRL is never a dependency of streamrl itself. The CPU wheel of torch is installed
+# first so that TRL's transformers/accelerate do not pull CUDA packages; TRL then
+# brings the transformers version it supports (recorded in the results).
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+VENV="${TRL_VENV:-$HERE/.venv-trl}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+TRL_SPEC="${TRL_SPEC:-trl==1.16.0}"
+if [ -f "$VENV/.installed" ]; then
+  exit 0
+fi
+python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
+"$VENV/bin/python" -m pip install --quiet "$TRL_SPEC" vaderSentiment
+"$VENV/bin/python" -c "import trl, transformers, torch; print('trl', trl.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
+touch "$VENV/.installed"
