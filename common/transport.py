@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from prometheus_client import Counter
 
@@ -23,6 +23,9 @@ import zmq
 
 from common.messages import Message, ProtocolError, decode, encode
 from common.metrics import ServiceMetrics
+
+if TYPE_CHECKING:
+    from common.security import Security
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ def make_socket(
     hwm: int,
     identity: bytes | None = None,
     subscribe: bytes | None = None,
+    security: Security | None = None,
 ) -> zmq.Socket:
     """Create a socket with the transport limits applied.
 
@@ -58,9 +62,12 @@ def make_socket(
         hwm: send and receive high-water marks, in messages.
         identity: ``ZMQ_ROUTING_ID`` for DEALER sockets.
         subscribe: topic prefix for SUB sockets (``b""`` = everything).
+        security: CURVE keys and ZAP of this process (:mod:`common.security`); None = no
+            authentication or encryption.
 
     Raises:
         zmq.ZMQError: the endpoint cannot be bound (e.g. address in use).
+        common.security.SecurityError: ``security`` lacks the key file this socket's role needs.
     """
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
@@ -80,6 +87,8 @@ def make_socket(
         sock.setsockopt(zmq.SUBSCRIBE, subscribe)
     if connect and kind in (zmq.PUSH, zmq.DEALER):
         sock.setsockopt(zmq.IMMEDIATE, 1)
+    if security is not None:
+        security.secure(sock, bind=bind, connect=connect)
     if bind is not None:
         sock.bind(bind)
     for endpoint in connect:
@@ -131,6 +140,11 @@ def send_when_ready(
         blocked_seconds.inc(time.perf_counter() - start)
 
 
+def should_log(n: int) -> bool:
+    """True for the counts at which a repeated event is logged: 1, 10, 100, 1000, ..."""
+    return n == 1 or (n >= 10 and str(n).strip("0") == "1")
+
+
 class Inbox:
     """Decodes received frames for one socket, counting and logging rejections.
 
@@ -172,7 +186,7 @@ class Inbox:
         self.metrics.rejected.labels(reason=reason).inc()
         n = self.rejected_counts.get(reason, 0) + 1
         self.rejected_counts[reason] = n
-        if n == 1 or (n >= 10 and str(n).strip("0") == "1"):
+        if should_log(n):
             log.warning(
                 "%s rejected a message on %s (%s, %d so far): %s",
                 self.metrics.instance, self.socket_name, reason, n, detail,

@@ -1,0 +1,361 @@
+"""CURVE encryption and ZAP authentication of every ZeroMQ socket.
+
+With ``security.keys_dir`` set in the config, every socket streamrl creates
+(:func:`common.transport.make_socket` with ``security=``) speaks ZeroMQ CURVE
+(Curve25519 key exchange, then XSalsa20-Poly1305 encryption and authentication
+of every frame; RFC 26 / ZMTP-CURVE). Binding sockets are CURVE servers;
+connecting sockets are CURVE clients that know the server's public key, so a
+client also authenticates the server. Each process runs one ZAP handler
+(pyzmq's :class:`zmq.auth.thread.ThreadAuthenticator`) that accepts a client
+only when its public key is in the allow-list folder.
+
+Keys folder (made by ``streamrl keys generate --dir DIR``; pyzmq certificate
+files, Z85 keys)::
+
+    DIR/server.key                  the cluster's server public key: every host
+    DIR/server.key_secret           its secret key: hosts that bind (learner, buffer, scorers)
+    DIR/clients/<service>.key       a service's client public key
+    DIR/clients/<service>.key_secret  its secret key: hosts that run that service
+    DIR/authorized/<name>.key       allow-list: client public keys the servers accept
+
+A process of service ``generator`` connects with ``clients/generator.key_secret``
+(likewise ``scorer``, ``learner``; the buffer only binds). The allow-list is
+re-read on every handshake, so a key added with ``streamrl keys authorize`` is
+accepted without a restart; deleting a key file refuses new connections from
+it (connections already made stay up until either side restarts).
+
+Refusals are counted in ``streamrl_<service>_auth_rejected_total{reason,endpoint}``
+and logged at WARNING (the first, then the 10th, 100th, ... per reason and
+endpoint) by the process that refused:
+
+* ``unknown_key``: a CURVE client whose public key is not in ``authorized/``
+  (counted by the ZAP handler, which logs the key);
+* ``no_key``: a client that presented no CURVE key: one without keys (the
+  NULL mechanism) fails the handshake on a mechanism mismatch before ZAP is
+  asked, or hangs up as soon as it sees the server's greeting (which of the
+  two the server observes is a race; the log line says which), and so does a
+  bare TCP probe (counted from the socket monitor);
+* ``bad_handshake``: any other failed handshake, e.g. a client holding a wrong
+  ``server.key`` (its HELLO does not decrypt) or garbage bytes.
+
+Each refused connection attempt is counted: libzmq stops reconnecting after a
+refused key, while a client with the wrong server key keeps retrying. A client whose
+key a server refuses logs an ERROR and counts
+``streamrl_<service>_auth_failed_total{reason,endpoint}`` (``key_refused``,
+``no_curve``: the server has no keys, ``bad_handshake``).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
+
+from common.metrics import ServiceMetrics
+from common.transport import should_log
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "server"
+CLIENTS_DIR = "clients"
+AUTHORIZED_DIR = "authorized"
+DEFAULT_CLIENTS = ("generator", "scorer", "buffer", "learner")
+"""Client key pairs ``streamrl keys generate`` makes by default (one per service)."""
+
+_SERVER_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_MONITOR_STOPPED)
+_CLIENT_EVENTS = _SERVER_EVENTS | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+_monitor_ids = itertools.count()
+
+
+class SecurityError(RuntimeError):
+    """A key file is missing or unreadable; the message names the file and the fix."""
+
+
+# ---------------------------------------------------------------- key files
+
+
+def generate_keys(keys_dir: str | Path, clients: Iterable[str] = DEFAULT_CLIENTS, *,
+                  force: bool = False) -> list[Path]:
+    """Create the server key pair, one client key pair per name, and authorize each client.
+
+    Existing keys are kept (so the command also adds clients to a running
+    cluster); ``force`` replaces the server pair, which locks out every host
+    that still holds the old ``server.key``. Secret files get mode 0600, the
+    folders 0700.
+
+    Args:
+        keys_dir: the keys folder (created when missing).
+        clients: client names, e.g. service names; each gets ``clients/<name>.key[_secret]``
+            and ``authorized/<name>.key``.
+        force: replace an existing server key pair.
+
+    Returns:
+        The files written.
+
+    Raises:
+        SecurityError: a name is not a plain file name.
+    """
+    root = Path(keys_dir)
+    names = list(clients)
+    for name in names:
+        if not name or Path(name).name != name or name.startswith("."):
+            raise SecurityError(f"client name {name!r} must be a plain file name")
+    for folder in (root, root / CLIENTS_DIR, root / AUTHORIZED_DIR):
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o700)
+    written: list[Path] = []
+    if force or not (root / f"{SERVER_NAME}.key").exists():
+        written += _create_pair(root, SERVER_NAME)
+    for name in names:
+        public = root / CLIENTS_DIR / f"{name}.key"
+        if not public.exists():
+            written += _create_pair(root / CLIENTS_DIR, name)
+        if not (root / AUTHORIZED_DIR / f"{name}.key").exists():
+            written.append(authorize(root, public, name=name))
+    return written
+
+
+def _create_pair(folder: Path, name: str) -> list[Path]:
+    public, secret = zmq.auth.create_certificates(folder, name)
+    os.chmod(secret, 0o600)
+    return [Path(public), Path(secret)]
+
+
+def authorize(keys_dir: str | Path, public_key_file: str | Path, *, name: str | None = None) -> Path:
+    """Add a client's public key to the allow-list: copy it to ``authorized/<name>.key``.
+
+    Args:
+        keys_dir: the keys folder.
+        public_key_file: the client's public ``.key`` certificate file (never its ``.key_secret``).
+        name: file name in the allow-list (default: the file's stem).
+
+    Returns:
+        The allow-list file.
+
+    Raises:
+        SecurityError: the file is unreadable, has no public key, or holds a secret key.
+    """
+    source = Path(public_key_file)
+    _public, secret = _load(source)
+    if secret is not None:
+        raise SecurityError(f"{source} holds a secret key; fix: pass the public .key file next to it")
+    target_dir = Path(keys_dir) / AUTHORIZED_DIR
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / f"{name or source.name.split('.')[0]}.key"
+    if not target.exists() or not os.path.samefile(source, target):
+        shutil.copyfile(source, target)
+    return target
+
+
+def _load(path: Path) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as err:
+        raise SecurityError(f"cannot read CURVE key {path}: {err}; fix: run "
+                            f"`streamrl keys generate --dir {path.parent}` or copy the file there") from None
+
+
+def load_allow_list(authorized_dir: str | Path) -> set[bytes]:
+    """Z85 public keys of every ``*.key`` file in ``authorized_dir`` (empty when the folder is missing)."""
+    try:
+        return set(zmq.auth.load_certificates(authorized_dir))
+    except OSError:
+        return set()
+
+
+# ---------------------------------------------------------------- sockets
+
+
+class Security:
+    """CURVE keys and the ZAP handler of one process's ZeroMQ context.
+
+    Pass it as ``make_socket(..., security=...)``: a binding socket becomes a
+    CURVE server whose ZAP domain is its endpoint, a connecting one a CURVE
+    client. The ZAP handler and a monitor thread start with the first socket;
+    :meth:`close` stops them (before ``Context.term``). One per context: the
+    ZAP endpoint ``inproc://zeromq.zap.01`` is per context.
+
+    Args:
+        ctx: the process's ZeroMQ context.
+        keys_dir: the keys folder (layout in the module docstring).
+        client_name: which ``clients/<name>.key_secret`` connecting sockets use.
+        metrics: where refusals are counted.
+
+    Raises:
+        SecurityError: ``server.key`` is missing or unreadable.
+    """
+
+    def __init__(self, ctx: zmq.Context, keys_dir: str | Path, client_name: str, metrics: ServiceMetrics):
+        self.ctx = ctx
+        self.keys_dir = Path(keys_dir)
+        self.client_name = client_name
+        self.instance = metrics.instance
+        self.authorized_dir = self.keys_dir / AUTHORIZED_DIR
+        self.server_public, _ = _load(self.keys_dir / f"{SERVER_NAME}.key")
+        self.rejected = metrics.counter("auth_rejected_total",
+                                        "Connections refused by CURVE/ZAP authentication, by reason and endpoint",
+                                        ["reason", "endpoint"])
+        self.failed = metrics.counter("auth_failed_total",
+                                      "Handshakes this process's connecting sockets failed, by reason and endpoint",
+                                      ["reason", "endpoint"])
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], int] = {}
+        self._auth: ThreadAuthenticator | None = None
+        self._monitors: dict[zmq.Socket, tuple[str, bool]] = {}
+        self._new_monitors: list[tuple[zmq.Socket, str, bool]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- called by make_socket, in the thread that owns ``sock``, before bind/connect
+
+    def secure(self, sock: zmq.Socket, *, bind: str | None, connect: Sequence[str]) -> None:
+        """Make ``sock`` a CURVE server (``bind``) or client (``connect``) and watch its handshakes.
+
+        Raises:
+            SecurityError: this host lacks the key file the role needs.
+        """
+        if bind is not None:
+            _public, secret = _load(self.keys_dir / f"{SERVER_NAME}.key_secret")
+            if secret is None:
+                raise SecurityError(f"{self.keys_dir / (SERVER_NAME + '.key_secret')} has no secret key")
+            self._start()
+            self._auth.configure_curve_callback(domain=bind, credentials_provider=self)
+            sock.curve_server = True
+            sock.curve_secretkey = secret
+            sock.zap_domain = bind.encode()
+            self._watch(sock, bind, server=True)
+        else:
+            path = self.keys_dir / CLIENTS_DIR / f"{self.client_name}.key_secret"
+            public, secret = _load(path)
+            if secret is None:
+                raise SecurityError(f"{path} has no secret key; fix: copy the .key_secret file, not the .key")
+            sock.curve_serverkey = self.server_public
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
+            self._start()
+            self._watch(sock, ", ".join(connect), server=False)
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        """ZAP decision (pyzmq credentials provider): is ``client_key`` (Z85) in the allow-list?"""
+        if client_key in load_allow_list(self.authorized_dir):
+            return True
+        self.refuse("unknown_key", domain,
+                    f"client key {client_key.decode()} is not in {self.authorized_dir}; fix if it is ours: "
+                    f"streamrl keys authorize --dir {self.keys_dir} CLIENT.key")
+        return False
+
+    def refuse(self, reason: str, endpoint: str, detail: str) -> None:
+        """Count (``auth_rejected_total{reason,endpoint}``) and rate-limited log one refusal."""
+        self.rejected.labels(reason=reason, endpoint=endpoint).inc()
+        with self._lock:
+            n = self._counts[reason, endpoint] = self._counts.get((reason, endpoint), 0) + 1
+        if should_log(n):
+            log.warning("%s refused a connection on %s (%s, %d so far): %s",
+                        self.instance, endpoint, reason, n, detail)
+
+    def close(self) -> None:
+        """Stop the monitor thread and the ZAP handler, closing their sockets (waits at most 5 s)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+    # -- internals
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._auth is None:
+                self._auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("zmq.auth"))
+                self._auth.start()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch_loop, name="auth-monitor", daemon=True)
+                self._thread.start()
+
+    def _watch(self, sock: zmq.Socket, endpoint: str, *, server: bool) -> None:
+        monitor = sock.get_monitor_socket(_SERVER_EVENTS if server else _CLIENT_EVENTS,
+                                          addr=f"inproc://streamrl-auth-monitor-{next(_monitor_ids)}")
+        with self._lock:  # handed to the monitor thread (the lock is the memory barrier)
+            self._new_monitors.append((monitor, endpoint, server))
+
+    def _watch_loop(self) -> None:
+        poller = zmq.Poller()
+        try:
+            while not self._stop.is_set():
+                with self._lock:
+                    for monitor, endpoint, server in self._new_monitors:
+                        self._monitors[monitor] = (endpoint, server)
+                        poller.register(monitor, zmq.POLLIN)
+                    self._new_monitors.clear()
+                for monitor, _ in poller.poll(200):
+                    event = recv_monitor_message(monitor)
+                    if event["event"] == zmq.EVENT_MONITOR_STOPPED:  # the watched socket closed
+                        poller.unregister(monitor)
+                        del self._monitors[monitor]
+                        monitor.close(0)
+                    else:
+                        self._on_event(event, *self._monitors[monitor])
+        finally:
+            with self._lock:
+                leftover = list(self._monitors) + [m for m, _, _ in self._new_monitors]
+                self._monitors.clear()
+                self._new_monitors.clear()
+            for monitor in leftover:
+                monitor.close(0)
+
+    def _on_event(self, event: dict, endpoint: str, server: bool) -> None:
+        kind, value = event["event"], event["value"]
+        where = event["endpoint"].decode(errors="replace") or endpoint
+        if server:
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                self.refuse("no_key", where, f"the client hung up before authenticating ({_errno_name(value)}; "
+                            "a client without keys, or a port probe)")
+            elif value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                self.refuse("no_key", where, "the client offered no CURVE key (NULL mechanism: no security.keys_dir?)")
+            else:
+                self.refuse("bad_handshake", where,
+                            f"CURVE handshake failed ({_event_name(value)}); a client with a wrong server.key?")
+            return
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            reason, why = "key_refused", (f"the server refused our key {self.keys_dir / CLIENTS_DIR}/"
+                                          f"{self.client_name}.key (ZAP status {value}); fix: authorize it on the "
+                                          "server (streamrl keys authorize) and restart this process")
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            reason, why = "no_curve", "the server does not use CURVE; fix: give it the same security.keys_dir"
+        else:
+            reason, why = "bad_handshake", f"CURVE handshake failed ({_event_name(value)})"
+        self.failed.labels(reason=reason, endpoint=where).inc()
+        log.error("%s cannot connect to %s: %s (libzmq does not retry after this)", self.instance, where, why)
+
+
+def _errno_name(value: int) -> str:
+    return errno.errorcode.get(value, str(value))
+
+
+def _event_name(value: int) -> str:
+    try:
+        return zmq.Event(value).name
+    except ValueError:
+        return str(value)
+
+
+def open_security(keys_dir: str | None, service: str, ctx: zmq.Context,
+                  metrics: ServiceMetrics) -> Security | None:
+    """A :class:`Security` for a service process, or None when ``keys_dir`` is unset (no CURVE).
+
+    Raises:
+        SecurityError: ``server.key`` is missing.
+    """
+    return None if keys_dir is None else Security(ctx, keys_dir, service, metrics)

@@ -1,0 +1,249 @@
+"""CURVE keys, the ZAP allow-list and refusal accounting, over real loopback sockets."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import stat
+import threading
+
+import pytest
+import zmq
+import zmq.auth
+
+from common.messages import BatchRequest, decode
+from common.metrics import ServiceMetrics
+from common.security import Security, SecurityError, authorize, generate_keys, load_allow_list
+from common.transport import make_socket, send
+from support import free_port, wait_until
+
+LIMITS = {"max_message_bytes": 1 << 20, "hwm": 8}
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """A keys folder with the server pair and client pairs ``good`` and ``other``; only ``good`` authorized."""
+    root = tmp_path / "keys"
+    generate_keys(root, ["good", "other"])
+    (root / "authorized" / "other.key").unlink()
+    return root
+
+
+class Process:
+    """One 'process': a context, its metrics and its Security (closed in the right order)."""
+
+    def __init__(self, keys_dir, client_name: str, service: str = "buffer"):
+        self.ctx = zmq.Context()
+        self.metrics = ServiceMetrics(service, f"{service}-0")
+        self.security = Security(self.ctx, keys_dir, client_name, self.metrics) if keys_dir else None
+        self.sockets: list[zmq.Socket] = []
+
+    def socket(self, kind, **kw) -> zmq.Socket:
+        sock = make_socket(self.ctx, kind, security=self.security, **LIMITS, **kw)
+        self.sockets.append(sock)
+        return sock
+
+    def rejected(self, reason: str, endpoint: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            f"streamrl_{self.metrics.service}_auth_rejected_total", {"reason": reason, "endpoint": endpoint})
+        return value or 0.0
+
+    def close(self):
+        for sock in self.sockets:
+            sock.close(0)
+        if self.security is not None:
+            self.security.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+def processes():
+    made: list[Process] = []
+
+    def make(*args, **kw) -> Process:
+        made.append(Process(*args, **kw))
+        return made[-1]
+
+    yield make
+    for p in reversed(made):
+        p.close()
+
+
+def request(version: int) -> BatchRequest:
+    return BatchRequest(sender="t", learner_version=version, num_groups=1)
+
+
+def test_generate_writes_pairs_with_private_secrets_and_an_allow_list(tmp_path):
+    root = tmp_path / "keys"
+    written = generate_keys(root, ["generator", "learner"])
+    assert {p.relative_to(root).as_posix() for p in written} == {
+        "server.key", "server.key_secret",
+        "clients/generator.key", "clients/generator.key_secret", "clients/learner.key", "clients/learner.key_secret",
+        "authorized/generator.key", "authorized/learner.key",
+    }
+    for path in root.rglob("*.key_secret"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    # round trip: the public file holds the public half of the secret file; Z85 keys are 40 chars
+    public, secret = zmq.auth.load_certificate(root / "server.key_secret")
+    assert zmq.auth.load_certificate(root / "server.key") == (public, None)
+    assert len(public) == len(secret) == 40 and zmq.curve_public(secret) == public
+    clients = {zmq.auth.load_certificate(root / "clients" / f"{n}.key")[0] for n in ("generator", "learner")}
+    assert load_allow_list(root / "authorized") == clients
+    assert public not in clients
+    # a second run keeps every key and adds the new client; --force replaces the server pair
+    assert [p.name for p in generate_keys(root, ["generator", "scorer"])] == [
+        "scorer.key", "scorer.key_secret", "scorer.key"]
+    assert zmq.auth.load_certificate(root / "server.key")[0] == public
+    assert len(load_allow_list(root / "authorized")) == 3
+    generate_keys(root, [], force=True)
+    assert zmq.auth.load_certificate(root / "server.key")[0] != public
+    with pytest.raises(SecurityError, match="plain file name"):
+        generate_keys(tmp_path / "other", ["../escape"])
+
+
+def test_authorize_copies_public_keys_only(keys):
+    other = keys / "clients" / "other.key"
+    assert zmq.auth.load_certificate(other)[0] not in load_allow_list(keys / "authorized")
+    target = authorize(keys, other)
+    assert target == keys / "authorized" / "other.key"
+    assert zmq.auth.load_certificate(other)[0] in load_allow_list(keys / "authorized")
+    with pytest.raises(SecurityError, match="secret key"):
+        authorize(keys, keys / "clients" / "other.key_secret")
+    with pytest.raises(SecurityError, match="cannot read"):
+        authorize(keys, keys / "clients" / "missing.key")
+
+
+def test_missing_key_files_are_reported_with_the_fix(keys, tmp_path):
+    ctx = zmq.Context()
+    try:
+        with pytest.raises(SecurityError, match="streamrl keys generate"):
+            Security(ctx, tmp_path / "nowhere", "good", ServiceMetrics("buffer", "b"))
+        # a host with only the public server key can connect but cannot bind
+        (keys / "server.key_secret").unlink()
+        security = Security(ctx, keys, "good", ServiceMetrics("buffer", "b"))
+        with pytest.raises(SecurityError, match="server.key_secret"):
+            make_socket(ctx, zmq.PULL, bind=f"tcp://127.0.0.1:{free_port()}", security=security, **LIMITS)
+        with pytest.raises(SecurityError, match="nobody.key_secret"):
+            make_socket(ctx, zmq.PUSH, connect=["tcp://127.0.0.1:1"], **LIMITS,
+                        security=Security(ctx, keys, "nobody", ServiceMetrics("scorer", "s")))
+        security.close()
+    finally:
+        ctx.destroy(0)
+
+
+class Recorder:
+    """A TCP relay 127.0.0.1:port -> target that records every byte the client sends."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.seen = bytearray()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        client, _ = self.listener.accept()
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+        self._pipe(client, upstream, True)
+
+    def _pipe(self, src, dst, record):
+        try:
+            while data := src.recv(65536):
+                if record:
+                    self.seen += data
+                dst.sendall(data)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_authorized_client_exchanges_messages_encrypted_on_the_wire(keys, processes, secure):
+    server = processes(keys if secure else None, "server", "buffer")
+    client = processes(keys if secure else None, "good", "scorer")
+    port = free_port()
+    pull = server.socket(zmq.PULL, bind=f"tcp://127.0.0.1:{port}")
+    relay = Recorder(port)
+    push = client.socket(zmq.PUSH, connect=[f"tcp://127.0.0.1:{relay.port}"])
+    marker = "needle-in-the-wire-0123456789"
+    for version in range(3):
+        message = request(version)
+        message.sender = marker
+        send(push, message)
+    got = []
+    while len(got) < 3 and pull.poll(5000):
+        got.append(decode(pull.recv_multipart()))
+    assert [m.learner_version for m in got] == [0, 1, 2]
+    assert all(m.sender == marker for m in got)
+    assert len(relay.seen) > 100
+    # with CURVE the payload is encrypted; without it the field is readable on the wire
+    assert (marker.encode() in relay.seen) is not secure
+    assert (b"CURVE" in relay.seen[:64]) is secure
+
+
+def test_unknown_key_gets_nothing_and_is_counted_and_logged(keys, processes, caplog):
+    server = processes(keys, "server", "learner")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    pub = server.socket(zmq.PUB, bind=endpoint)
+    intruder = processes(keys, "other", "generator")  # a valid pair, but not on the allow-list
+    sub = intruder.socket(zmq.SUB, connect=[endpoint], subscribe=b"")
+    friend = processes(keys, "good", "generator")
+    good_sub = friend.socket(zmq.SUB, connect=[endpoint], subscribe=b"")
+    with caplog.at_level(logging.WARNING, logger="common.security"):
+        assert wait_until(lambda: server.rejected("unknown_key", endpoint) >= 1, timeout=5)
+        for version in range(20):  # slow joiner: keep publishing until the friend hears one
+            send(pub, request(version))
+            if good_sub.poll(100):
+                break
+        assert isinstance(decode(good_sub.recv_multipart()), BatchRequest)
+        assert not sub.poll(500), "an unauthorized subscriber received a message"
+    assert server.rejected("unknown_key", endpoint) == 1  # libzmq does not retry a refused key
+    other = zmq.auth.load_certificate(keys / "clients" / "other.key")[0].decode()
+    assert any("unknown_key" in r.message and other in r.message and endpoint in r.message
+               for r in caplog.records), caplog.text
+    # the intruder's own side says why it cannot connect
+    assert wait_until(lambda: intruder.metrics.registry.get_sample_value(
+        "streamrl_generator_auth_failed_total", {"reason": "key_refused", "endpoint": endpoint}) == 1, timeout=5)
+
+
+def test_key_added_to_the_allow_list_is_accepted_without_restart(keys, processes):
+    server = processes(keys, "server", "buffer")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    router = server.socket(zmq.ROUTER, bind=endpoint)
+    late = processes(keys, "other", "learner")
+    authorize(keys, keys / "clients" / "other.key")
+    dealer = late.socket(zmq.DEALER, connect=[endpoint])
+    send(dealer, request(7))
+    assert router.poll(5000)
+    frames = router.recv_multipart()
+    assert decode(frames[1:]).learner_version == 7
+    assert server.rejected("unknown_key", endpoint) == 0
+
+
+def test_client_without_keys_gets_nothing_and_is_counted(keys, processes, caplog):
+    server = processes(keys, "server", "buffer")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    router = server.socket(zmq.ROUTER, bind=endpoint)
+    plain = processes(None, "-", "learner")
+    dealer = plain.socket(zmq.DEALER, connect=[endpoint])
+    with caplog.at_level(logging.WARNING, logger="common.security"):
+        assert wait_until(lambda: server.rejected("no_key", endpoint) >= 1, timeout=5)
+    with pytest.raises(zmq.Again):  # IMMEDIATE: nothing is queued for a peer that never connected
+        send(dealer, request(1), flags=zmq.NOBLOCK)
+    assert not router.poll(500)
+    assert any("no_key" in r.message and endpoint in r.message for r in caplog.records), caplog.text
+
+
+def test_client_with_a_wrong_server_key_is_counted_as_bad_handshake(keys, processes, tmp_path):
+    server = processes(keys, "server", "scorer")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    pull = server.socket(zmq.PULL, bind=endpoint)
+    impostor_keys = tmp_path / "impostor"
+    generate_keys(impostor_keys, ["good"])  # another cluster's server key
+    client = processes(impostor_keys, "good", "generator")
+    push = client.socket(zmq.PUSH, connect=[endpoint])
+    assert wait_until(lambda: server.rejected("bad_handshake", endpoint) >= 2, timeout=5)  # it keeps retrying
+    with pytest.raises(zmq.Again):
+        send(push, request(1), flags=zmq.NOBLOCK)
+    assert not pull.poll(200)
