@@ -271,16 +271,16 @@ class WeightServer:
         with self._lock:
             packed = self._versions.get(request.version)
         if packed is None:
-            reply = Error(sender=self._sender, code=ErrorCode.UNKNOWN_VERSION,
-                          message=f"version {request.version} not served", reply_to=request.msg_id)
+            code, detail = ErrorCode.UNKNOWN_VERSION, f"version {request.version} not served"
         elif request.chunk_index >= packed.announce.num_chunks:
-            reply = Error(sender=self._sender, code=ErrorCode.OUT_OF_RANGE,
-                          message=f"chunk {request.chunk_index} past the end", reply_to=request.msg_id)
+            code, detail = ErrorCode.OUT_OF_RANGE, f"chunk {request.chunk_index} past the end"
         else:
-            reply = WeightsChunk(sender=self._sender, version=request.version,
-                                 chunk_index=request.chunk_index, data=packed.chunk(request.chunk_index))
             self.chunks_served += 1
-        send(router, reply, prefix=route)
+            send(router, WeightsChunk(sender=self._sender, version=request.version, chunk_index=request.chunk_index,
+                                      data=packed.chunk(request.chunk_index)), prefix=route)
+            return
+        inbox.reject(code.value, detail)  # refused after decoding: counted under the error code
+        send(router, Error(sender=self._sender, code=code, message=detail, reply_to=request.msg_id), prefix=route)
 
 
 @dataclass
