@@ -22,6 +22,7 @@ from common.modes import (
     AdvantageEstimator,
     Correction,
     Device,
+    FsyncPolicy,
     KLEstimator,
     KLPenaltyMode,
     OverflowPolicy,
@@ -174,6 +175,13 @@ class BufferSection(_Section):
     overflow: OverflowPolicy = OverflowPolicy.BLOCK
     max_reuse: int = Field(1, ge=1, description="times a rollout may be served")
     group_timeout_s: float = Field(120.0, gt=0, description="incomplete groups older are evicted")
+    journal: bool = Field(True, description="write-ahead journal: accepted rollouts survive a crash")
+    journal_dir: Optional[str] = Field(None, description="default: <run.output_dir>/buffer")
+    fsync: FsyncPolicy = Field(FsyncPolicy.ALWAYS, description="always (group commit), interval or never")
+    fsync_interval_s: float = Field(1.0, gt=0, description="seconds between fsyncs with fsync = interval")
+    segment_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="journal segment size, bytes")
+    max_segments: int = Field(4, ge=1, description="more segments trigger compaction (bounded disk)")
+    keep_history: bool = Field(False, description="audit ledger of every rollout id (unbounded; tests)")
 
 
 class LearnerSection(_Section):

@@ -79,3 +79,23 @@ class Device(str, Enum):
     AUTO = "auto"
     CPU = "cpu"
     CUDA = "cuda"
+
+
+class FsyncPolicy(str, Enum):
+    """When the buffer's journal calls ``fsync``.
+
+    Every accepted rollout is written (``os.write``, no user-space buffer) to the
+    journal before it is counted or served, so a killed buffer process loses
+    nothing under any policy: the bytes are in the OS page cache. ``fsync``
+    additionally protects against a host crash or power loss:
+
+    - ``always``: group commit; one fsync after each read burst (up to 256
+      rollouts) and before every batch is sent.
+    - ``interval``: at most one fsync every ``buffer.fsync_interval_s`` seconds
+      (a host crash loses at most that much).
+    - ``never``: the OS writes back when it likes.
+    """
+
+    ALWAYS = "always"
+    INTERVAL = "interval"
+    NEVER = "never"

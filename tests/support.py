@@ -10,6 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from common import messages as m
 from common.status import read as read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,3 +165,23 @@ def fill_garbage(x, mask):
     junk = torch.tensor([math.nan, math.inf, -math.inf, 1e30, -1e30], dtype=x.dtype)
     pad = junk[torch.arange(x.numel()) % 5].reshape(x.shape)
     return torch.where(mask, x, pad)
+
+
+def scored_item(group: str, k: int, *, size: int = 2, version: int = 0, prompt: str | None = None,
+                rid: str | None = None):
+    """Member ``k`` of group ``group`` as a ScoredRollout (reward ``k``); rollout id ``{group}-{k}`` unless given."""
+    rollout = m.Rollout(
+        sender="generator-test",
+        prompt_id=prompt if prompt is not None else f"prompt-{group}",
+        group_id=group,
+        rollout_id=rid if rid is not None else f"{group}-{k}",
+        generator_id="generator-test",
+        group_size=size,
+        prompt_tokens=np.array([5, 6, 7], dtype=np.int32),
+        completion_tokens=np.array([8, 9], dtype=np.int32),
+        behaviour_logprobs=np.array([-0.5, -1.25], dtype=np.float32),
+        policy_version=version,
+        finish_reason=m.FinishReason.STOP,
+        sampling=m.SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=16),
+    )
+    return m.ScoredRollout(rollout=rollout, reward=float(k), scorer_id="s0")

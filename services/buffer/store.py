@@ -408,6 +408,37 @@ class ReplayBuffer:
         self._emit("sampled", [m.rollout.rollout_id for m in rollouts])
         return result
 
+    # ------------------------------------------------------------------ durability
+
+    def snapshot(self) -> list[tuple[list[ScoredRollout], int]]:
+        """The groups held, as ``(members, times served)`` in restore order:
+        incomplete groups by first arrival, then complete groups in FIFO order.
+        :meth:`restore` of this list into an empty buffer rebuilds the same queue."""
+        return [(list(g.members), g.served) for g in (*self._incomplete.values(), *self._complete.values())]
+
+    def restore(self, groups: list[tuple[list[ScoredRollout], int]]) -> None:
+        """Re-admit recovered groups, in order, with their serve counts.
+
+        Members go through :meth:`add` (so dedup, grouping and the bounds
+        apply) without an ``accepted`` ledger event or counting as inserted:
+        they were counted when first accepted. Groups the bounds evict (a
+        smaller capacity than before) are reported as ``evicted``. A restored
+        incomplete group's timeout starts now.
+        """
+        hook = self.on_event
+        if hook is not None:
+            self.on_event = lambda event, ids: None if event == "accepted" else hook(event, ids)
+        try:
+            for members, served in groups:
+                for item in members:
+                    if self.add(item) is AddOutcome.ACCEPTED:
+                        self.inserted_total -= 1
+                group = self._complete.get(members[0].rollout.group_id) if members else None
+                if group is not None:
+                    group.served = served
+        finally:
+            self.on_event = hook
+
     # ------------------------------------------------------------------ internals
 
     def _reject(self, outcome: AddOutcome) -> AddOutcome:

@@ -5,38 +5,17 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-import numpy as np
 import pytest
 
-from common import messages as m
 from common.modes import OverflowPolicy
 from services.buffer.store import AddOutcome, ReplayBuffer, Sample
+from support import scored_item as item
 
 BLOCK = OverflowPolicy.BLOCK
 EVICT = OverflowPolicy.EVICT_OLDEST
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def item(group: str, k: int, *, size: int = 2, version: int = 0, prompt: str | None = None,
-         rid: str | None = None) -> m.ScoredRollout:
-    """Member ``k`` of group ``group``; rollout id ``{group}-{k}`` unless given."""
-    rollout = m.Rollout(
-        sender="generator-test",
-        prompt_id=prompt if prompt is not None else f"prompt-{group}",
-        group_id=group,
-        rollout_id=rid if rid is not None else f"{group}-{k}",
-        generator_id="generator-test",
-        group_size=size,
-        prompt_tokens=np.array([5, 6, 7], dtype=np.int32),
-        completion_tokens=np.array([8, 9], dtype=np.int32),
-        behaviour_logprobs=np.array([-0.5, -1.25], dtype=np.float32),
-        policy_version=version,
-        finish_reason=m.FinishReason.STOP,
-        sampling=m.SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=16),
-    )
-    return m.ScoredRollout(rollout=rollout, reward=float(k), scorer_id="s0")
 
 
 def add_group(buf: ReplayBuffer, group: str, *, size: int = 2, version: int | list[int] = 0) -> None:
@@ -430,7 +409,7 @@ def test_ledger_conservation_in_a_seeded_random_scenario(overflow, seed):
                        on_event=lambda e, i: events[e].extend(i))
     eta = 2
     learner_version = 0
-    pending: list[m.ScoredRollout] = []  # members in flight, delivered in random order
+    pending: list = []  # members in flight, delivered in random order
     returned: list[str] = []
     for n in range(1500):
         r = rng.random()

@@ -1,0 +1,431 @@
+"""The buffer's write-ahead journal: what the buffer accepted survives a crash.
+
+The buffer writes every state change to an append-only log *before* acting on
+it (counting, serving, acknowledging), and rebuilds its state from the log
+when it starts. Recovery gives back the groups it held, in their serve order,
+with their serve counts, plus the batch it last served that the learner has
+not yet acknowledged.
+
+Files in the journal directory:
+
+* ``segment-000001.log``, ``segment-000002.log``, ...: the log, in order. A
+  new segment starts when the current one passes ``segment_bytes``. When more
+  than ``max_segments`` exist, the journal is *compacted*: the live state is
+  written to a fresh segment (a snapshot) and the older segments are deleted,
+  so disk use stays below about ``(max_segments + 1) * segment_bytes`` plus
+  one snapshot (which is bounded by the buffer's capacity).
+* ``history.jsonl`` (only with ``keep_history``): an audit trail of every
+  event's rollout ids, appended from segments before compaction deletes
+  them (ids only, about 60 bytes per rollout per event). Tests use it as
+  the ledger that proves nothing accepted was lost.
+
+Record layout (little-endian): ``u32 length | u32 crc32(type + payload) | u8
+type | payload``. Payloads are msgpack; messages are stored as their wire
+frames (``common.messages.encode``), so the journal needs no second format.
+A torn or corrupt record (crash mid-write, bad crc) ends a segment: it and
+everything after it in that segment are ignored and counted.
+
+Record types:
+
+* ``ACCEPT`` ``[frames]``: one accepted :class:`~common.messages.ScoredRollout`.
+* ``REMOVE`` ``{"event", "ids"}``: ids dropped as stale or evicted.
+* ``SERVE`` ``{"ids", "version", "batch"}``: a batch served to the learner
+  (its frames); every id's serve count goes up by one and its group goes to the
+  back of the FIFO (or leaves at ``max_reuse``); the batch becomes the
+  *unacknowledged* batch.
+* ``RESTAMP`` ``{"version"}``: the unacknowledged batch was served again
+  for a (restarted) learner at this version.
+* ``ACK`` ``{"version"}``: the learner asked for a newer version, so it
+  trained on the unacknowledged batch; it is forgotten.
+* ``SERVED`` ``{"ids", "served"}``: (snapshots only) the serve count of a group.
+* ``UNACKED`` ``{"ids", "batch"}``: (snapshots only) the unacknowledged batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import msgpack
+
+from common.messages import Batch, ProtocolError, ScoredRollout, decode, encode
+from common.modes import FsyncPolicy
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<IIB")
+"""length (u32), crc32 (u32), record type (u8)."""
+SEGMENT_PATTERN = re.compile(r"segment-(\d{6})\.log")
+
+
+class RecordType(IntEnum):
+    """Journal record types (see the module docstring)."""
+
+    ACCEPT = 1
+    REMOVE = 2
+    SERVE = 3
+    RESTAMP = 4
+    ACK = 5
+    SERVED = 6
+    UNACKED = 7
+
+
+class JournalError(RuntimeError):
+    """The journal directory cannot be used (e.g. not writable)."""
+
+
+@dataclass
+class RecoveredGroup:
+    """A group held at the time of the crash.
+
+    Attributes:
+        members: the accepted members, in arrival order.
+        served: times the group was served (< ``max_reuse``).
+        order: position in the buffer's serve order (smaller = sooner).
+    """
+
+    members: list[ScoredRollout]
+    served: int = 0
+    order: int = 0
+
+
+@dataclass
+class Recovered:
+    """What :meth:`Journal.recover` found.
+
+    Attributes:
+        groups: the groups held, in serve order (incomplete groups included).
+        unacknowledged: the last batch served that the learner did not acknowledge, or None.
+        records: records read.
+        bad_records: torn or corrupt records skipped (each ends its segment).
+    """
+
+    groups: list[RecoveredGroup] = field(default_factory=list)
+    unacknowledged: Batch | None = None
+    records: int = 0
+    bad_records: int = 0
+
+    @property
+    def rollouts(self) -> int:
+        """Rollouts held, over all groups."""
+        return sum(len(g.members) for g in self.groups)
+
+
+def _pack_frames(frames: Sequence) -> list[bytes]:
+    return [bytes(f) for f in frames]
+
+
+def _segments(directory: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in directory.glob("segment-*.log"):
+        m = SEGMENT_PATTERN.fullmatch(path.name)
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def read_records(path: Path) -> Iterator[tuple[RecordType, object]]:
+    """Yield ``(type, payload)`` of each intact record of one segment, in order.
+
+    Stops at the first torn or corrupt record and then yields ``(None, reason)``
+    once (the caller counts it).
+    """
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < HEADER.size:
+            yield None, f"torn header at byte {pos}"  # type: ignore[misc]
+            return
+        length, crc, kind = HEADER.unpack_from(data, pos)
+        start, end = pos + HEADER.size, pos + HEADER.size + length
+        if end > len(data):
+            yield None, f"torn record at byte {pos}"  # type: ignore[misc]
+            return
+        body = data[start:end]
+        if zlib.crc32(bytes([kind]) + body) != crc or kind not in RecordType._value2member_map_:
+            yield None, f"corrupt record at byte {pos}"  # type: ignore[misc]
+            return
+        yield RecordType(kind), msgpack.unpackb(body, raw=False)
+        pos = end
+
+
+class Journal:
+    """Append-only, segmented, compacted log of the buffer's state changes.
+
+    Args:
+        directory: where segments live (created if missing).
+        fsync: :class:`~common.modes.FsyncPolicy`.
+        fsync_interval_s: for ``interval``: seconds between fsyncs.
+        segment_bytes: a new segment starts past this size, in bytes.
+        max_segments: compaction runs when more segments exist.
+        keep_history: append every event's ids to ``history.jsonl`` before
+            compaction deletes a segment (an audit ledger; grows without bound).
+        max_reuse: K of the buffer, used by recovery to retire served groups.
+
+    Raises:
+        JournalError: the directory cannot be created or written.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        fsync: FsyncPolicy,
+        fsync_interval_s: float = 1.0,
+        segment_bytes: int = 64 * 1024 * 1024,
+        max_segments: int = 4,
+        keep_history: bool = False,
+        max_reuse: int = 1,
+    ):
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise JournalError(f"cannot create journal directory {self.directory}: {err}") from err
+        self.fsync_policy = FsyncPolicy(fsync)
+        self.fsync_interval_s = fsync_interval_s
+        self.segment_bytes = segment_bytes
+        self.max_segments = max_segments
+        self.keep_history = keep_history
+        self.max_reuse = max_reuse
+        self._fd: int | None = None
+        self._segment = 0
+        self._segment_size = 0
+        self._dirty = False
+        self._last_fsync = time.monotonic()
+        self.bytes_written = 0
+        self.fsyncs = 0
+        self.fsync_seconds = 0.0
+        self.compactions = 0
+
+    # ------------------------------------------------------------------ writing
+
+    def accept(self, frames: Sequence) -> None:
+        """Log one accepted scored rollout, given its wire frames."""
+        self._append(RecordType.ACCEPT, _pack_frames(frames))
+
+    def remove(self, event: str, ids: list[str]) -> None:
+        """Log ids dropped as stale (``dropped_stale``) or evicted (``evicted``)."""
+        self._append(RecordType.REMOVE, {"event": event, "ids": ids})
+
+    def serve(self, batch: Batch) -> None:
+        """Log a batch served to the learner (it becomes the unacknowledged batch)."""
+        ids = [s.rollout.rollout_id for s in batch.rollouts]
+        self._append(RecordType.SERVE, {"ids": ids, "version": batch.learner_version,
+                                        "batch": _pack_frames(encode(batch))})
+
+    def restamp(self, version: int) -> None:
+        """Log that the unacknowledged batch was served again for ``version``."""
+        self._append(RecordType.RESTAMP, {"version": version})
+
+    def ack(self, version: int) -> None:
+        """Log that the learner acknowledged the batch served for ``version``."""
+        self._append(RecordType.ACK, {"version": version})
+
+    def commit(self, *, force: bool = False) -> None:
+        """Make appended records durable according to the fsync policy (``force``: always fsync)."""
+        if not self._dirty or self._fd is None:
+            return
+        now = time.monotonic()
+        due = {
+            FsyncPolicy.ALWAYS: True,
+            FsyncPolicy.INTERVAL: now - self._last_fsync >= self.fsync_interval_s,
+            FsyncPolicy.NEVER: False,
+        }[self.fsync_policy]
+        if due or force:
+            start = time.perf_counter()
+            os.fsync(self._fd)
+            self.fsync_seconds += time.perf_counter() - start
+            self.fsyncs += 1
+            self._last_fsync = now
+            self._dirty = False
+
+    def needs_compaction(self) -> bool:
+        """True when more than ``max_segments`` segments exist."""
+        return self._segment > 0 and len(_segments(self.directory)) > self.max_segments
+
+    def compact(self, groups: list[RecoveredGroup], unacknowledged: Batch | None) -> None:
+        """Write the live state as a snapshot segment, then delete the older segments.
+
+        Args:
+            groups: the groups held now, in serve order (see ``ReplayBuffer.snapshot``).
+            unacknowledged: the batch awaiting the learner's acknowledgement, or None.
+        """
+        old = _segments(self.directory)
+        self._open_segment((old[-1][0] if old else 0) + 1)
+        for group in groups:
+            for member in group.members:
+                self.accept(encode(member))
+            if group.served:
+                self._append(RecordType.SERVED, {"ids": [m.rollout.rollout_id for m in group.members],
+                                                 "served": group.served})
+        if unacknowledged is not None:
+            self._append(RecordType.UNACKED, {"ids": [s.rollout.rollout_id for s in unacknowledged.rollouts],
+                                              "batch": _pack_frames(encode(unacknowledged))})
+        self.commit(force=True)
+        if self.keep_history:
+            self._archive([path for _, path in old])
+        for _, path in old:
+            path.unlink(missing_ok=True)
+        self._fsync_directory()
+        self.compactions += 1
+
+    def close(self) -> None:
+        """Flush (fsync) and close the current segment."""
+        if self._fd is not None:
+            self.commit(force=True)
+            os.close(self._fd)
+            self._fd = None
+
+    # ------------------------------------------------------------------ reading
+
+    def recover(self) -> Recovered:
+        """Rebuild the buffer's state from the segments on disk (read-only; see :meth:`compact`)."""
+        result = Recovered()
+        live: OrderedDict[str, RecoveredGroup] = OrderedDict()  # group_id -> group
+        group_of: dict[str, str] = {}  # rollout_id -> group_id
+        unacked: Batch | None = None
+        position = 0
+
+        def retire(group_id: str) -> None:
+            group = live.pop(group_id, None)
+            for m in group.members if group else ():
+                group_of.pop(m.rollout.rollout_id, None)
+
+        for kind, payload in self._all_records(result):
+            position += 1
+            try:
+                if kind is RecordType.ACCEPT:
+                    item = decode(payload, expected=[ScoredRollout])
+                    r = item.rollout
+                    group = live.get(r.group_id)
+                    if group is None:
+                        group = live[r.group_id] = RecoveredGroup(members=[], order=position)
+                    group.members.append(item)
+                    group_of[r.rollout_id] = r.group_id
+                    if len(group.members) == r.group_size:
+                        group.order = position  # complete groups queue in completion order
+                elif kind is RecordType.REMOVE:
+                    for group_id in {group_of[i] for i in payload["ids"] if i in group_of}:
+                        retire(group_id)
+                elif kind is RecordType.SERVE:
+                    for group_id in dict.fromkeys(group_of[i] for i in payload["ids"] if i in group_of):
+                        group = live[group_id]
+                        group.served += 1
+                        group.order = position
+                        if group.served >= self.max_reuse:
+                            retire(group_id)
+                    unacked = decode(payload["batch"], expected=[Batch])
+                elif kind is RecordType.UNACKED:
+                    unacked = decode(payload["batch"], expected=[Batch])
+                elif kind is RecordType.RESTAMP and unacked is not None:
+                    unacked.learner_version = int(payload["version"])
+                elif kind is RecordType.ACK:
+                    unacked = None
+                elif kind is RecordType.SERVED:
+                    for group_id in {group_of[i] for i in payload["ids"] if i in group_of}:
+                        live[group_id].served = int(payload["served"])
+            except (ProtocolError, KeyError, TypeError, ValueError) as err:
+                result.bad_records += 1
+                log.warning("journal: unreadable %s record (%s); skipped", kind.name, err)
+        result.groups = sorted(live.values(), key=lambda g: g.order)
+        result.unacknowledged = unacked
+        return result
+
+    def history(self) -> Iterator[tuple[str, list[str]]]:
+        """Every ``(event, rollout_ids)`` still on disk: ``history.jsonl`` then the segments.
+
+        Events: ``accepted``, ``dropped_stale``, ``evicted``, ``sampled``, ``acked``
+        (the ids of the acknowledged batch). Snapshot segments repeat the
+        ``accepted`` of live items, so treat ids as sets.
+        """
+        path = self.directory / "history.jsonl"
+        if path.exists():
+            with path.open() as f:
+                for line in f:
+                    if line.strip():
+                        entry = json.loads(line)
+                        yield entry["event"], entry["ids"]
+        yield from self._events([p for _, p in _segments(self.directory)])
+
+    # ------------------------------------------------------------------ internals
+
+    def _all_records(self, result: Recovered) -> Iterator[tuple[RecordType, object]]:
+        for _, path in _segments(self.directory):
+            for kind, payload in read_records(path):
+                if kind is None:
+                    result.bad_records += 1
+                    log.warning("journal %s: %s; ignoring the rest of this segment", path.name, payload)
+                    break
+                result.records += 1
+                yield kind, payload
+
+    def _events(self, paths: list[Path]) -> Iterator[tuple[str, list[str]]]:
+        unacked: list[str] = []
+        for path in paths:
+            for kind, payload in read_records(path):
+                if kind is None:
+                    break
+                if kind is RecordType.ACCEPT:
+                    header = msgpack.unpackb(payload[0], raw=False)
+                    yield "accepted", [header["rollout"]["rollout_id"]]
+                elif kind is RecordType.REMOVE:
+                    yield payload["event"], payload["ids"]
+                elif kind is RecordType.SERVE:
+                    unacked = payload["ids"]
+                    yield "sampled", unacked
+                elif kind is RecordType.UNACKED:
+                    unacked = payload["ids"]
+                elif kind is RecordType.ACK:
+                    yield "acked", unacked
+
+    def _archive(self, paths: list[Path]) -> None:
+        with (self.directory / "history.jsonl").open("a") as f:
+            for event, ids in self._events(paths):
+                f.write(json.dumps({"event": event, "ids": ids}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _append(self, kind: RecordType, payload: object) -> None:
+        if self._fd is None:
+            existing = _segments(self.directory)
+            self._open_segment((existing[-1][0] if existing else 0) + 1)
+        elif self._segment_size >= self.segment_bytes:
+            self.commit(force=True)
+            self._open_segment(self._segment + 1)
+        body = msgpack.packb(payload, use_bin_type=True)
+        record = HEADER.pack(len(body), zlib.crc32(bytes([kind]) + body), kind) + body
+        os.write(self._fd, record)  # type: ignore[arg-type]
+        self._segment_size += len(record)
+        self.bytes_written += len(record)
+        self._dirty = True
+
+    def _open_segment(self, number: int) -> None:
+        if self._fd is not None:
+            self.commit(force=True)
+            os.close(self._fd)
+        path = self.directory / f"segment-{number:06d}.log"
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as err:
+            raise JournalError(f"cannot write journal segment {path}: {err}") from err
+        self._segment = number
+        self._segment_size = os.fstat(self._fd).st_size
+        self._fsync_directory()
+
+    def _fsync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
