@@ -344,6 +344,11 @@ class WeightClient:
         self.chunk_inbox = Inbox(inbox_metrics, [WeightsChunk, Error], max_bytes=max_message_bytes,
                                  socket_name="weights")
         self.latest: WeightsAnnounce | None = None
+        self.last_announce: float | None = None
+
+    def seconds_since_announce(self) -> float | None:
+        """Seconds since the last valid announcement (None before the first): the learner's pulse."""
+        return None if self.last_announce is None else time.monotonic() - self.last_announce
 
     def poll_announcements(self, timeout_s: float = 0.0) -> WeightsAnnounce | None:
         """Drain announcements (waiting up to ``timeout_s`` for the first); return the newest seen."""
@@ -351,6 +356,8 @@ class WeightClient:
         while self.sub.poll(wait_ms):
             wait_ms = 0
             msg = self.announce_inbox.decode(self.sub.recv_multipart(copy=False))
+            if msg is not None:
+                self.last_announce = time.monotonic()
             if msg is not None and (self.latest is None or msg.version > self.latest.version):
                 self.latest = msg
         return self.latest

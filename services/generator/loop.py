@@ -20,6 +20,7 @@ import uuid
 
 import zmq
 
+from common.liveness import Waits
 from common.messages import Rollout, SamplingParams
 from common.metrics import ServiceMetrics
 from common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
@@ -49,6 +50,7 @@ class GeneratorMetrics:
         self.wait_weights = m.counter("weight_wait_seconds_total", "Seconds paused waiting for fresher weights")
         self.blocked = m.counter("send_blocked_seconds_total", "Seconds blocked sending (backpressure)")
         self.in_flight = m.gauge("prompts_in_flight", "Prompts being generated now")
+        self.lost = m.counter("rollouts_lost_total", "Rollouts sampled but never sent (stopped while blocked)")
 
 
 class Generator:
@@ -82,6 +84,8 @@ class Generator:
         self.version: int | None = None
         self.groups_sent = 0
         self.metrics = GeneratorMetrics(ctx.metrics)
+        self.waits = Waits(ctx.metrics, warn_after_s=max(5.0, t.request_timeout_s))
+        self.learner_silent_after_s = max(5.0, 5 * t.announce_interval_s)
 
     def run(self) -> None:
         """Generate until stopped."""
@@ -98,7 +102,9 @@ class Generator:
     def sync_weights(self) -> bool:
         """Load the newest announced version; return True when generation may proceed."""
         latest = self.weights.poll_announcements(timeout_s=0.0 if self.version is not None else 1.0)
+        self._check_learner()
         if latest is None:
+            self.waits.waiting("weights", "no weights announced yet (is the learner up?)")
             return False
         self.metrics.latest_version.set(latest.version)
         if self.version is None or latest.version > self.version:
@@ -122,11 +128,23 @@ class Generator:
                 log.info("loaded policy version %d (%.1f MB, fetch %.2fs, verify %.2fs)",
                          self.version, fetched.nbytes / 1e6, fetched.transfer_s, fetched.verify_s)
         if self.version is None or latest.version - self.version > self.cfg.run.max_staleness:
+            self.waits.waiting("weights", f"loaded version {self.version}, newest {latest.version}: more than "
+                                          f"max_staleness={self.cfg.run.max_staleness} behind and the fetch failed")
             wait_start = time.perf_counter()
             self.ctx.stop.wait(0.2)
             self.metrics.wait_weights.inc(time.perf_counter() - wait_start)
             return False
+        self.waits.done("weights")
         return True
+
+    def _check_learner(self) -> None:
+        """Notice a learner that went silent (announcements come every ``announce_interval_s``)."""
+        silent = self.weights.seconds_since_announce()
+        if silent is not None and silent > self.learner_silent_after_s:
+            self.waits.waiting("learner", f"no announcement for {silent:.0f}s; generating with version "
+                                          f"{self.version} until the learner is back")
+        else:
+            self.waits.done("learner")
 
     def generate_batch(self) -> None:
         """Sample one batch of groups with the loaded weights and send every rollout."""
@@ -142,6 +160,7 @@ class Generator:
                                     sampling=self.sampling)
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
         self.metrics.in_flight.set(0)
+        unsent = sum(len(group) for group in groups)
         for prompt, text, group in zip(prompts, texts, groups):
             group_id = f"{self.generator_id}:{self.groups_sent}"
             self.groups_sent += 1
@@ -156,6 +175,9 @@ class Generator:
                 )
                 if not send_when_ready(self.push, rollout, stop=self.ctx.stop, blocked_seconds=self.metrics.blocked,
                                        warn_after_s=self.cfg.transport.request_timeout_s, peer="the scorers"):
+                    self.metrics.lost.inc(unsent)
+                    log.info("stopped while the scorers were full: %d sampled rollouts not sent", unsent)
                     return
+                unsent -= 1
                 self.metrics.rollouts.inc()
                 self.metrics.tokens.inc(len(c.completion_tokens))

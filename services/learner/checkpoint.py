@@ -5,7 +5,7 @@ Layout of ``<output_dir>/checkpoints/step-000050/``:
 * ``model/``: ``save_pretrained`` of the policy and its tokenizer (loadable by
   ``AutoModelForCausalLM.from_pretrained``);
 * ``trainer_state.pt``: optimizer, value head, KL controller, reward statistics,
-  torch RNG state, step and version (plain tensors and primitives: read back
+  torch (and CUDA) RNG state, step and version (plain tensors and primitives: read back
   with ``torch.load(..., weights_only=True)``);
 * ``COMPLETE``: written last. A checkpoint is assembled in a temporary folder and
   renamed into place, so a half-written one is never picked up.
@@ -41,6 +41,8 @@ def save_checkpoint(
     policy.save_pretrained(tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
     state = dict(trainer_state, step=step, version=version, torch_rng=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
     torch.save(state, tmp / "trainer_state.pt")
     (tmp / MARKER).write_text(json.dumps({"step": step, "version": version}))
     if final.exists():
@@ -69,4 +71,6 @@ def load_trainer_state(checkpoint: Path) -> dict:
     """Read ``trainer_state.pt`` safely (``weights_only=True``) and restore the torch RNG."""
     state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
     torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state

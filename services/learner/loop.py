@@ -2,21 +2,34 @@
 
 Per step: ask the buffer for ``groups_per_step`` complete groups (DEALER ->
 ROUTER; the request is re-sent when the buffer stays silent, e.g. after a
-restart), run one :class:`PPOTrainer` step, bump the version, publish the new
-weights, log diagnostics (JSONL + console + Prometheus), checkpoint every
-``checkpoint_every`` steps and at the end. On start it resumes from the newest
-complete checkpoint in ``<output_dir>/checkpoints`` when there is one.
+restart), run one :class:`PPOTrainer` step, bump the version, append the
+rollout ids trained on to ``trained.jsonl`` (the learner's ledger),
+checkpoint every ``checkpoint_every`` steps, publish the new weights, and log
+diagnostics (``metrics.jsonl`` + console + Prometheus).
+
+Crash safety. On start the learner resumes from the newest complete
+checkpoint in ``<output_dir>/checkpoints`` (weights, optimizer, RNG, step,
+version). The checkpoint is written *before* its version is published, and
+``published_version`` records the newest version ever published; a learner
+that resumes behind it (killed between checkpoints) continues at
+``published + 1``, so versions never go backwards anywhere. The buffer keeps
+the last batch until a request for a newer version acknowledges it, so with
+``checkpoint_every = 1`` a killed learner retrains exactly the batch it lost;
+with a larger interval the steps since the last checkpoint are rolled back
+(their ids stay in ``trained.jsonl``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 import zmq
 
+from common.liveness import Waits
 from common.messages import Batch, BatchRequest
 from common.metrics import STALENESS_BUCKETS
 from common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
@@ -82,6 +95,12 @@ class Learner:
             self.trainer.load_state_dict(state)
             self.step, self.version = int(state["step"]), int(state["version"])
             log.info("resumed from %s at step %d, version %d", resume, self.step, self.version)
+        self.published_path = self.output / "published_version"
+        published = read_published_version(self.published_path)
+        if published is not None and published > self.version:
+            log.warning("version %d was published after the newest checkpoint (version %d): continuing at "
+                        "version %d so that versions never go backwards", published, self.version, published + 1)
+            self.version = published + 1
         t = cfg.transport
         self.weights = WeightServer(ctx.zmq, announce_endpoint=cfg.endpoints.weights_announce,
                                     fetch_endpoint=cfg.endpoints.weights, metrics=ctx.metrics,
@@ -102,7 +121,11 @@ class Learner:
                                        buckets=STALENESS_BUCKETS)
         self.m_dropped = m.counter("buffer_dropped_stale_total", "Stale rollouts the buffer reported dropping")
         self.m_evicted = m.counter("buffer_evicted_total", "Rollouts the buffer reported evicting")
+        self.m_unexpected = m.counter("unexpected_batches_total",
+                                      "Batches for another version (late duplicates of a re-sent request), ignored")
+        self.waits = Waits(m, warn_after_s=cfg.transport.request_timeout_s * 3)
         self.log_path = self.output / "metrics.jsonl"
+        self.trained_path = self.output / "trained.jsonl"
 
     # ------------------------------------------------------------------ main
 
@@ -119,8 +142,6 @@ class Learner:
                     break
                 wait_s = time.perf_counter() - waited_from
                 self.train_on(batch, wait_s)
-                if self.step % lc.checkpoint_every == 0:
-                    self.save()
             if self.step > 0 and not (self.checkpoints / f"step-{self.step:06d}").exists():
                 self.save()
         finally:
@@ -129,13 +150,20 @@ class Learner:
         log.info("learner finished at step %d, version %d", self.step, self.version)
 
     def train_on(self, batch: Batch, wait_s: float) -> dict:
-        """One learner step on ``batch``; returns the logged record."""
+        """One learner step on ``batch``: train, ledger, checkpoint (when due), publish, log.
+
+        Returns:
+            The record appended to ``metrics.jsonl``.
+        """
         started = time.perf_counter()
         tb = collate(batch.rollouts, pad_id=self.tokenizer.pad_token_id)
         stats = self.trainer.step(tb, self.version)
         self.step += 1
         self.version += 1
         train_s = time.perf_counter() - started
+        self._ledger(batch)
+        if self.step % self.cfg.learner.checkpoint_every == 0:
+            self.save()
         publish_s = self.publish()
         stats["samples_per_second"] = tb.size / (train_s + wait_s)
         record = {
@@ -164,19 +192,33 @@ class Learner:
         Raises:
             RuntimeError: no batch within ``learner.batch_timeout_s`` seconds.
         """
-        lc, t = self.cfg.learner, self.cfg.transport
         request = BatchRequest(sender=self.ctx.instance, learner_version=self.version,
-                               num_groups=lc.groups_per_step)
-        start = last_sent = time.perf_counter()
+                               num_groups=self.cfg.learner.groups_per_step)
+        start = time.perf_counter()
         send(self.dealer, request)
+        try:
+            return self._await_batch(request, start)
+        finally:
+            self.m_wait.inc(time.perf_counter() - start)
+            self.waits.done("data")
+
+    def _await_batch(self, request: BatchRequest, start: float) -> Batch | None:
+        lc, t = self.cfg.learner, self.cfg.transport
+        last_sent = start
         while not self.ctx.stop.is_set():
             if self.dealer.poll(500):
                 msg = self.inbox.decode(self.dealer.recv_multipart(copy=False))
-                if msg is not None and msg.rollouts:
-                    self.m_wait.inc(time.perf_counter() - start)
-                    return msg
-                continue
+                if msg is None or not msg.rollouts:
+                    continue
+                if msg.learner_version != self.version:
+                    self.m_unexpected.inc()
+                    log.info("ignoring a batch for version %d (now %d): a late answer to a re-sent request",
+                             msg.learner_version, self.version)
+                    continue
+                return msg
             now = time.perf_counter()
+            self.waits.waiting("data", f"no batch of {lc.groups_per_step} groups from the buffer at "
+                                       f"{self.cfg.endpoints.batches} (buffer down, or generators/scorers slow)")
             if now - start > lc.batch_timeout_s:
                 raise RuntimeError(
                     f"no batch from the buffer at {self.cfg.endpoints.batches} for {lc.batch_timeout_s:.0f}s; "
@@ -188,12 +230,15 @@ class Learner:
                 request.sent_at = time.time()
                 send(self.dealer, request)
                 last_sent = now
-        self.m_wait.inc(time.perf_counter() - start)
         return None
 
     def publish(self) -> float:
-        """Pack and publish the current weights as ``self.version``; returns seconds taken."""
+        """Pack and publish the current weights as ``self.version``; returns seconds taken.
+
+        ``published_version`` is updated (atomically) before the weights leave the process.
+        """
         start = time.perf_counter()
+        write_published_version(self.published_path, self.version)
         packed = pack_state_dict(self.trainer.policy.state_dict(), version=self.version,
                                  dtype=self.cfg.transport.weight_dtype,
                                  chunk_bytes=self.cfg.transport.weight_chunk_bytes, sender=self.ctx.instance)
@@ -202,6 +247,15 @@ class Learner:
         self.m_publish.observe(seconds)
         self.m_version.set(self.version)
         return seconds
+
+    def _ledger(self, batch: Batch) -> None:
+        """Append the step's rollout ids to ``trained.jsonl`` (flushed before the checkpoint)."""
+        line = json.dumps({"step": self.step, "version": self.version,
+                           "rollout_ids": [s.rollout.rollout_id for s in batch.rollouts]})
+        with self.trained_path.open("a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def save(self) -> Path:
         """Write a checkpoint of the current step and version; returns its folder."""
@@ -232,3 +286,19 @@ class Learner:
             record["generators_in_batch"],
         )
 
+
+
+def read_published_version(path: Path) -> int | None:
+    """The newest version a learner ever published into this output folder, or None."""
+    try:
+        return int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_published_version(path: Path, version: int) -> None:
+    """Record ``version`` as published (write a temp file, then rename: never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{version}\n")
+    os.replace(tmp, path)

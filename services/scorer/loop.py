@@ -47,7 +47,7 @@ class Scorer:
         self.inbox = Inbox(ctx.metrics, [Rollout], max_bytes=t.max_message_bytes, socket_name="rollouts")
         m = ctx.metrics
         self.scored = m.counter("rollouts_scored_total", "Rollouts scored and sent to the buffer")
-        self.lost = m.counter("rollouts_lost_total", "Rollouts lost to reward errors")
+        self.lost = m.counter("rollouts_lost_total", "Rollouts lost (reward errors; stopped while the buffer was full)")
         self.errors = m.counter("scoring_errors_total", "Reward computations that raised")
         self.rewards = m.histogram("reward", "Reward of each scored rollout", buckets=REWARD_BUCKETS)
         self.seconds = m.histogram("scoring_seconds", "Seconds to score one micro-batch")
@@ -88,11 +88,13 @@ class Scorer:
             self.lost.inc(len(batch))
             return
         self.seconds.observe(time.perf_counter() - start)
-        for rollout, total, part in zip(batch, totals, parts):
+        for sent, (rollout, total, part) in enumerate(zip(batch, totals, parts)):
             scored = ScoredRollout(sender=self.ctx.instance, rollout=rollout, reward=total,
                                    reward_parts=part, scorer_id=self.ctx.instance)
             if not send_when_ready(self.push, scored, stop=self.ctx.stop, blocked_seconds=self.blocked,
                                    warn_after_s=self.ctx.config.transport.request_timeout_s, peer="the buffer"):
+                self.lost.inc(len(batch) - sent)
+                log.info("stopped while the buffer was full: %d scored rollouts not sent", len(batch) - sent)
                 return
             self.scored.inc()
             self.rewards.observe(total)

@@ -1,0 +1,62 @@
+"""Learner checkpoints: atomic layout, half-written ones ignored, RNG restored; published version file."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from common.models import build_char_tokenizer, build_tiny_model
+from services.learner.checkpoint import MARKER, latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
+from services.learner.loop import read_published_version, write_published_version
+
+TOKENIZER = build_char_tokenizer()
+
+
+def save(root, step, model, **state):
+    return save_checkpoint(root, step=step, version=step + 100, policy=model, tokenizer=TOKENIZER,
+                           trainer_state={"optimizer": {"lr": torch.tensor(0.5)}, **state}, keep=2)
+
+
+def test_round_trip_weights_state_and_rng(tmp_path):
+    model = build_tiny_model(TOKENIZER, seed=3)
+    torch.manual_seed(7)
+    path = save(tmp_path, 4, model, extra=[1, 2])
+    expected_draw = torch.rand(3)  # what the RNG gives right after the checkpoint
+    torch.rand(10)  # move the RNG on
+    state = load_trainer_state(path)
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert (state["step"], state["version"], state["extra"]) == (4, 104, [1, 2])
+    assert state["optimizer"]["lr"].item() == 0.5
+    loaded = AutoModelForCausalLM.from_pretrained(path / "model")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_half_written_checkpoints_are_never_picked(tmp_path):
+    model = build_tiny_model(TOKENIZER, seed=0)
+    good = save(tmp_path, 1, model)
+    # a crash mid-save leaves a temp folder, and a folder without the marker
+    (tmp_path / ".tmp-step-000002-999").mkdir()
+    partial = tmp_path / "step-000003"
+    (partial / "model").mkdir(parents=True)
+    assert latest_checkpoint(tmp_path) == good
+    (partial / MARKER).write_text("{}")
+    assert latest_checkpoint(tmp_path) == partial
+
+
+def test_keeps_the_newest(tmp_path):
+    model = build_tiny_model(TOKENIZER, seed=0)
+    for step in (1, 2, 3):
+        save(tmp_path, step, model)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]
+
+
+def test_published_version_file(tmp_path):
+    path = tmp_path / "run" / "published_version"
+    assert read_published_version(path) is None
+    write_published_version(path, 12)
+    write_published_version(path, 13)
+    assert read_published_version(path) == 13
+    assert not path.with_name("published_version.tmp").exists()
+    path.write_text("garbage")
+    assert read_published_version(path) is None
