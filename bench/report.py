@@ -81,12 +81,19 @@ def _version(package: str) -> str:
 
 
 def git_commit() -> str:
-    """Short hash of the checked-out commit (``unknown`` outside a git checkout)."""
+    """Short hash of the checked-out commit (``unknown`` outside a git checkout), followed by the
+    tracked files with uncommitted changes when there are any: the benchmarks run the working
+    tree, which on a shared machine may hold other people's work in progress."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--name-only", "HEAD"], cwd=REPO, capture_output=True,
+                               text=True, check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    if dirty:
+        shown = ", ".join(dirty[:8]) + (", ..." if len(dirty) > 8 else "")
+        return f"{head} + uncommitted changes to {len(dirty)} files ({shown})"
     return head
 
 
@@ -112,7 +119,7 @@ def environment_line(env: dict) -> str:
     """One markdown line describing ``env``."""
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     return (f"Machine: {env['cpu']}, {env['cores']} cores, {env['ram_gib']} GiB RAM, GPU {env['gpu']}; "
-            f"Python {env['python']}; {versions}; commit `{env['commit']}`; {env['date']}.")
+            f"Python {env['python']}; {versions}; code: commit {env['commit']}; {env['date']}.")
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
