@@ -1,0 +1,87 @@
+"""Each benchmark under bench/ runs end to end at tiny size and writes sane results.
+
+Not measurements: these only prove the benchmark commands work (real processes on
+loopback, the tiny char-level model), so a change that breaks a benchmark is caught.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import e2e, transport, trl_grpo, weight_sync
+from bench.report import REPO
+
+pytestmark = pytest.mark.slow
+
+TINY = str(REPO / "deploy" / "configs" / "tiny.toml")
+
+
+def outputs(tmp_path) -> list[str]:
+    return ["--results-dir", str(tmp_path), "--results-md", str(tmp_path / "RESULTS.md")]
+
+
+def test_weight_sync_tiny(tmp_path):
+    assert weight_sync.main(["--models", "tiny", "--generators", "2", "--dtypes", "float32,bfloat16",
+                             "--repeats", "1", "--max-seconds", "60", *outputs(tmp_path)]) == 0
+    result = json.loads((tmp_path / "weight_sync.json").read_text())
+    fp32, bf16 = result["rows"]
+    assert (fp32["dtype"], bf16["dtype"], fp32["generators"]) == ("float32", "bfloat16", 2)
+    assert bf16["nbytes"] * 2 == fp32["nbytes"]  # every float tensor halves on the wire
+    for row in result["rows"]:
+        assert row["repeats"] == 1 and len(row["raw_seconds"]) == 1
+        assert all(row[phase] >= 0 for phase in weight_sync.PHASES)
+        # the last generator finishes after the mean generator's announce + transfer + verify + load
+        assert row["total"] >= row["transfer"] + row["verify"] + row["load"]
+        assert row["transfer_ratio"] > 0 and row["raw_MBps"] > 0
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "<!-- bench:weight_sync -->" in md and "| tiny | bfloat16 | 2 |" in md
+
+
+def test_transport_tiny(tmp_path):
+    assert transport.main(["--seconds", "2", "--warmup", "1", "--runs", "1", "--iterations", "50",
+                           "--buffer-rollouts", "256", "--repeats", "1", *outputs(tmp_path)]) == 0
+    result = json.loads((tmp_path / "transport.json").read_text())
+    run = result["pipeline_runs"][0]
+    assert run["rollouts"] > 0 and run["rollouts"] % 16 == 0  # whole batches of 4 groups x 4
+    assert run["rejected"] == {}
+    assert result["buffer"]["sample_batches"] == 256 // 16
+    assert [m["kind"] for m in result["messages"]] == ["rollout", "scored_rollout", "batch"]
+    rollout, scored, batch = result["messages"]
+    assert rollout["bytes"] < scored["bytes"] < batch["bytes"]
+    assert all(m["round_trip_us"] > 0 for m in result["messages"])
+
+
+def test_e2e_tiny(tmp_path):
+    assert e2e.main(["--config", TINY, "--steps", "3", "--runs", "1", *outputs(tmp_path)]) == 0
+    result = json.loads((tmp_path / "e2e.json").read_text())
+    sync, async_ = (next(r for r in result["runs"] if r["mode"] == m) for m in ("sync", "async"))
+    assert (sync["max_staleness"], async_["max_staleness"]) == (0, 1)  # tiny.toml's bound
+    assert sync["steps"] == async_["steps"] == 3
+    # on-policy: every trained rollout has staleness 0
+    assert set(sync["staleness_histogram"]) == {"0"}
+    assert all(r["samples_per_s"] > 0 for r in result["runs"])
+    assert result["async_over_sync"]["samples_per_s"] > 0
+
+
+def test_trl_grpo_ours_side_and_evaluation(tmp_path):
+    """The streamrl half of bench/trl_grpo.py and the shared held-out evaluation."""
+    (tmp_path / "ours").mkdir()
+    ours = trl_grpo.run_ours(TINY, [], 15.0, tmp_path / "ours")
+    assert ours["steps"] >= 1 and ours["samples"] == 32 * ours["steps"]  # tiny.toml: 4 groups x 8
+    assert trl_grpo.rates(ours)["samples_per_s"] > 0
+    result = trl_grpo.evaluate(TINY, [], ours["model"], samples=1, limit=2, workdir=tmp_path, name="ours")
+    assert result["prompts"] == 2 and result["model"] == ours["model"]
+
+
+@pytest.mark.skipif(not trl_grpo.TRL_VENV.joinpath("bin", "python").exists(),
+                    reason="TRL lives only in bench/.venv-trl (bash bench/setup_trl.sh); never a streamrl dependency")
+def test_trl_grpo_trl_side(tmp_path):
+    from common.config import load_config
+
+    cfg = load_config(TINY, ["generator.group_size=4"])
+    side = trl_grpo.run_trl(cfg, 5.0, 1, trl_grpo.TRL_VENV / "bin" / "python", tmp_path)
+    assert side["optimizer_steps"] >= 1
+    assert side["samples"] == side["optimizer_steps"] * 16  # 4 prompts x 4, tiny.toml: 1 minibatch
+    assert (tmp_path / "trl" / "model" / "config.json").exists()
