@@ -38,6 +38,7 @@ from common.messages import (
 )
 from common.metrics import ServiceMetrics
 from common.modes import WeightDtype
+from common.security import Security
 from common.transport import Inbox, make_socket, send
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ class WeightServer:
         max_message_bytes: socket and decoder size limit, in bytes.
         hwm: socket high-water mark, in messages.
         keep_versions: how many newest versions stay fetchable.
+        security: CURVE keys of this process (:mod:`common.security`); None = none.
     """
 
     def __init__(
@@ -186,6 +188,7 @@ class WeightServer:
         max_message_bytes: int,
         hwm: int,
         keep_versions: int = 2,
+        security: Security | None = None,
     ):
         self._ctx = ctx
         self._announce_endpoint = announce_endpoint
@@ -196,6 +199,7 @@ class WeightServer:
         self._max_bytes = max_message_bytes
         self._hwm = hwm
         self._keep = keep_versions
+        self._security = security
         self._versions: dict[int, PackedWeights] = {}
         self._lock = threading.Lock()
         self._new_version = threading.Event()
@@ -225,9 +229,10 @@ class WeightServer:
     def _run(self) -> None:
         try:
             pub = make_socket(self._ctx, zmq.PUB, bind=self._announce_endpoint,
-                              max_message_bytes=self._max_bytes, hwm=self._hwm)
+                              max_message_bytes=self._max_bytes, hwm=self._hwm, security=self._security)
             router = make_socket(self._ctx, zmq.ROUTER, bind=self._fetch_endpoint,
-                                 max_message_bytes=self._max_bytes, hwm=max(self._hwm, 64))
+                                 max_message_bytes=self._max_bytes, hwm=max(self._hwm, 64),
+                                 security=self._security)
         except BaseException as exc:  # surfaced to the constructor
             self._error = exc
             self._ready.set()
@@ -315,6 +320,7 @@ class WeightClient:
         timeout_s: seconds without any chunk before outstanding requests are re-sent.
         max_retries: re-sends before a fetch fails.
         max_message_bytes, hwm: socket limits.
+        security: CURVE keys of this process (:mod:`common.security`); None = none.
     """
 
     def __init__(
@@ -330,15 +336,16 @@ class WeightClient:
         max_message_bytes: int,
         hwm: int,
         max_retries: int = 5,
+        security: Security | None = None,
     ):
         self.sender = sender
         self.credit = credit
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.sub = make_socket(ctx, zmq.SUB, connect=[announce_endpoint], subscribe=b"",
-                               max_message_bytes=max_message_bytes, hwm=hwm)
+                               max_message_bytes=max_message_bytes, hwm=hwm, security=security)
         self.dealer = make_socket(ctx, zmq.DEALER, connect=[fetch_endpoint],
-                                  max_message_bytes=max_message_bytes, hwm=max(hwm, 64))
+                                  max_message_bytes=max_message_bytes, hwm=max(hwm, 64), security=security)
         self.announce_inbox = Inbox(inbox_metrics, [WeightsAnnounce], max_bytes=max_message_bytes,
                                     socket_name="weights_announce")
         self.chunk_inbox = Inbox(inbox_metrics, [WeightsChunk, Error], max_bytes=max_message_bytes,

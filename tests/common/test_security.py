@@ -247,3 +247,40 @@ def test_client_with_a_wrong_server_key_is_counted_as_bad_handshake(keys, proces
     with pytest.raises(zmq.Again):
         send(push, request(1), flags=zmq.NOBLOCK)
     assert not pull.poll(200)
+
+
+def test_weight_push_over_curve_and_a_keyless_generator_gets_nothing(keys, processes):
+    import torch
+
+    from common.modes import WeightDtype
+    from common.messages import WeightsChunkRequest
+    from common.weights import WeightClient, WeightServer, pack_state_dict
+
+    learner = processes(keys, "learner", "learner")
+    ann, fetch = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    server = WeightServer(learner.ctx, announce_endpoint=ann, fetch_endpoint=fetch, metrics=learner.metrics,
+                          sender="learner-0", announce_interval_s=0.1, security=learner.security, **LIMITS)
+    weights = {"w": torch.arange(3000, dtype=torch.float32)}
+    server.publish(pack_state_dict(weights, version=4, dtype=WeightDtype.FLOAT32, chunk_bytes=4096, sender="l"))
+
+    def client(proc):
+        return WeightClient(proc.ctx, announce_endpoint=ann, fetch_endpoint=fetch, inbox_metrics=proc.metrics,
+                            sender=proc.metrics.instance, credit=2, timeout_s=0.5, max_retries=1,
+                            security=proc.security, **LIMITS)
+
+    good = client(processes(keys, "good", "generator"))
+    keyless = client(processes(None, "-", "generator"))
+    try:
+        announce = good.poll_announcements(timeout_s=5)
+        assert announce is not None and announce.version == 4
+        assert torch.equal(good.fetch(announce).tensors["w"], weights["w"])
+        assert keyless.poll_announcements(timeout_s=1.0) is None
+        with pytest.raises(zmq.Again):  # no connection to the weight server ever completes
+            send(keyless.dealer, WeightsChunkRequest(sender="x", version=4, chunk_index=0), flags=zmq.NOBLOCK)
+        for endpoint in (ann, fetch):
+            assert learner.rejected("no_key", endpoint) >= 1
+        assert server.chunks_served == announce.num_chunks
+    finally:
+        good.close()
+        keyless.close()
+        server.close()
