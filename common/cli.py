@@ -150,6 +150,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + f"{config.run.name}\n" + table, flush=True)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """``keys generate``: server and client CURVE key pairs and the allow-list; ``keys authorize``: add a client."""
+    from common.security import SecurityError, authorize, generate_keys
+
+    try:
+        if args.keys_command == "generate":
+            written = generate_keys(args.dir, args.clients, force=args.force)
+        else:
+            written = [authorize(args.dir, args.public_key, name=args.name)]
+    except SecurityError as err:
+        print(f"streamrl keys: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print(f"{args.dir}: every key already exists")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``streamrl`` command and its subcommands."""
     parser = argparse.ArgumentParser(prog="streamrl", description="Streaming actor-learner RL for language models")
@@ -183,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--interval", type=float, default=2.0, help="seconds between the two scrapes for rates")
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
     status.set_defaults(func=cmd_status)
+    keys = sub.add_parser("keys", help="CURVE keys for security.keys_dir (authentication and encryption)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    generate = keys_sub.add_parser("generate", help="server key pair, one client pair per name, allow-list "
+                                   "(existing keys are kept)")
+    generate.add_argument("--dir", required=True, help="keys folder (security.keys_dir)")
+    generate.add_argument("--clients", nargs="*", default=["generator", "scorer", "buffer", "learner"],
+                          help="client key pairs to make (default: one per service)")
+    generate.add_argument("--force", action="store_true",
+                          help="replace the server key pair (every host then needs the new server.key)")
+    add = keys_sub.add_parser("authorize", help="add a client's public .key file to DIR/authorized")
+    add.add_argument("--dir", required=True, help="keys folder (security.keys_dir)")
+    add.add_argument("public_key", help="the client's public .key file")
+    add.add_argument("--name", help="name in the allow-list (default: the file's stem)")
+    keys.set_defaults(func=cmd_keys)
     return parser
 
 

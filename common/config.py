@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -219,6 +220,20 @@ class LearnerSection(_Section):
     batch_timeout_s: float = Field(600.0, gt=0, description="give up waiting for data after this")
 
 
+class SecuritySection(_Section):
+    """CURVE encryption and authentication of every ZeroMQ socket (see common/security.py)."""
+
+    keys_dir: Optional[str] = Field(
+        None,
+        description="folder made by `streamrl keys generate`: every socket then uses CURVE and servers accept "
+        "only client keys in <keys_dir>/authorized; unset = no authentication, no encryption",
+    )
+    allow_insecure: bool = Field(
+        False,
+        description="allow endpoints on non-loopback addresses without keys_dir (trusted networks only)",
+    )
+
+
 class Config(_Section):
     """A whole run."""
 
@@ -231,6 +246,7 @@ class Config(_Section):
     scorer: ScorerSection = Field(default_factory=ScorerSection)
     buffer: BufferSection = Field(default_factory=BufferSection)
     learner: LearnerSection = Field(default_factory=LearnerSection)
+    security: SecuritySection = Field(default_factory=SecuritySection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -264,7 +280,40 @@ def cross_problems(cfg: Config) -> list[str]:
             "buffer.capacity_groups: must hold one learner step; "
             f"fix: set it >= learner.groups_per_step ({lr.groups_per_step})"
         )
+    problems += _security_problems(cfg)
     return problems
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """True for endpoints only this host can reach: ``ipc://``, ``inproc://``, ``tcp://`` on loopback."""
+    transport, _, address = endpoint.partition("://")
+    if transport in ("ipc", "inproc"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _security_problems(cfg: Config) -> list[str]:
+    sec = cfg.security
+    if sec.keys_dir is not None:
+        if not (Path(sec.keys_dir) / "server.key").is_file():
+            return [f"security.keys_dir: {sec.keys_dir}/server.key does not exist; "
+                    f"fix: streamrl keys generate --dir {sec.keys_dir}"]
+        return []
+    if sec.allow_insecure:
+        return []
+    e = cfg.endpoints
+    named = [(f"endpoints.scorers[{i}]", ep) for i, ep in enumerate(e.scorers)] + [
+        (f"endpoints.{k}", getattr(e, k)) for k in ("buffer", "batches", "weights_announce", "weights")]
+    return [
+        f"{key}: {ep} is not a loopback address and security.keys_dir is unset, so anyone who reaches it can "
+        "send data or read the weights; fix: streamrl keys generate --dir keys and set security.keys_dir = "
+        "\"keys\", or set security.allow_insecure = true on a trusted network"
+        for key, ep in named if not is_local_endpoint(ep)
+    ]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

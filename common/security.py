@@ -127,8 +127,12 @@ def generate_keys(keys_dir: str | Path, clients: Iterable[str] = DEFAULT_CLIENTS
 
 
 def _create_pair(folder: Path, name: str) -> list[Path]:
-    public, secret = zmq.auth.create_certificates(folder, name)
-    os.chmod(secret, 0o600)
+    umask = os.umask(0o077)  # the secret file is never readable by others, not even briefly
+    try:
+        public, secret = zmq.auth.create_certificates(folder, name)
+    finally:
+        os.umask(umask)
+    os.chmod(public, 0o644)
     return [Path(public), Path(secret)]
 
 

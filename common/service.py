@@ -20,6 +20,7 @@ import zmq
 
 from common.config import Config, ConfigError, load_config
 from common.metrics import ServiceMetrics
+from common.security import Security, SecurityError, open_security
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class ServiceContext:
         metrics: this process's metrics registry (already served over HTTP if enabled).
         zmq: the process's ZeroMQ context.
         stop: set on SIGTERM/SIGINT; loops check it at least every second.
+        security: CURVE keys and ZAP of this process (``security=ctx.security`` in
+            ``make_socket``); None when ``security.keys_dir`` is unset.
     """
 
     config: Config
@@ -50,9 +53,12 @@ class ServiceContext:
     metrics: ServiceMetrics
     zmq: zmq.Context
     stop: threading.Event = field(default_factory=threading.Event)
+    security: Security | None = None
 
     def close(self) -> None:
-        """Terminate the ZeroMQ context (sockets must be closed first)."""
+        """Stop the ZAP handler and terminate the ZeroMQ context (sockets must be closed first)."""
+        if self.security is not None:
+            self.security.close()
         self.zmq.term()
 
 
@@ -101,8 +107,14 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
     if config.metrics.enabled:
         base = getattr(config.metrics, f"{service}_port")
         metrics.serve(config.metrics.host, base + index if base else 0)
+    context = zmq.Context()
+    try:
+        security = open_security(config.security.keys_dir, service, context, metrics)
+    except SecurityError as err:
+        print(f"streamrl {service}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     ctx = ServiceContext(config=config, service=service, index=index, instance=instance,
-                         metrics=metrics, zmq=zmq.Context())
+                         metrics=metrics, zmq=context, security=security)
 
     def _on_signal(signum, _frame):
         log.info("%s got signal %d; stopping", instance, signum)

@@ -69,9 +69,9 @@ class BufferService:
             self._recover()
         t = cfg.transport
         self.pull = make_socket(ctx.zmq, zmq.PULL, bind=cfg.endpoints.buffer,
-                                max_message_bytes=t.max_message_bytes, hwm=t.hwm)
+                                max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
         self.router = make_socket(ctx.zmq, zmq.ROUTER, bind=cfg.endpoints.batches,
-                                  max_message_bytes=t.max_message_bytes, hwm=t.hwm)
+                                  max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
         self.rollout_inbox = Inbox(ctx.metrics, [ScoredRollout], max_bytes=t.max_message_bytes,
                                    socket_name="scored_rollouts")
         self.request_inbox = Inbox(ctx.metrics, [BatchRequest], max_bytes=t.max_message_bytes,

@@ -78,9 +78,9 @@ class Generator:
                                     fetch_endpoint=cfg.endpoints.weights, inbox_metrics=ctx.metrics,
                                     sender=self.generator_id, credit=t.weight_credit,
                                     timeout_s=t.request_timeout_s, max_message_bytes=t.max_message_bytes,
-                                    hwm=t.hwm)
+                                    hwm=t.hwm, security=ctx.security)
         self.push = make_socket(ctx.zmq, zmq.PUSH, connect=cfg.endpoints.scorers,
-                                max_message_bytes=t.max_message_bytes, hwm=t.hwm)
+                                max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
         self.version: int | None = None
         self.groups_sent = 0
         self.metrics = GeneratorMetrics(ctx.metrics)

@@ -105,9 +105,9 @@ class Learner:
         self.weights = WeightServer(ctx.zmq, announce_endpoint=cfg.endpoints.weights_announce,
                                     fetch_endpoint=cfg.endpoints.weights, metrics=ctx.metrics,
                                     sender=ctx.instance, announce_interval_s=t.announce_interval_s,
-                                    max_message_bytes=t.max_message_bytes, hwm=t.hwm)
+                                    max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
         self.dealer = make_socket(ctx.zmq, zmq.DEALER, connect=[cfg.endpoints.batches],
-                                  max_message_bytes=t.max_message_bytes, hwm=t.hwm)
+                                  max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
         self.inbox = Inbox(ctx.metrics, [Batch], max_bytes=t.max_message_bytes, socket_name="batches")
         m = ctx.metrics
         self.gauges = {key: m.gauge(name, f"Learner {key} of the last step") for key, name in GAUGES.items()}

@@ -41,9 +41,9 @@ class Scorer:
                                    device=select_device(cfg.scorer.device))
         t = cfg.transport
         self.pull = make_socket(ctx.zmq, zmq.PULL, bind=cfg.endpoints.scorers[ctx.index],
-                                max_message_bytes=t.max_message_bytes, hwm=t.hwm)
+                                max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
         self.push = make_socket(ctx.zmq, zmq.PUSH, connect=[cfg.endpoints.buffer],
-                                max_message_bytes=t.max_message_bytes, hwm=t.hwm)
+                                max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
         self.inbox = Inbox(ctx.metrics, [Rollout], max_bytes=t.max_message_bytes, socket_name="rollouts")
         m = ctx.metrics
         self.scored = m.counter("rollouts_scored_total", "Rollouts scored and sent to the buffer")

@@ -145,7 +145,7 @@ def test_every_problem_in_one_error(tmp_path):
     assert "did you mean `path`?" in line_for(lines, "generator.prompts.pathh")
     bogus = line_for(lines, "bogus")
     assert "unknown key" in bogus
-    assert "known keys: buffer, endpoints, generator, learner, metrics, model, run, scorer, transport" in bogus
+    assert "known keys: buffer, endpoints, generator, learner, metrics, model, run, scorer, security, transport" in bogus
 
     # out-of-range values: the rule, the value given and how to fix it
     clip = line_for(lines, "learner.clip_eps")

@@ -284,3 +284,47 @@ def test_weight_push_over_curve_and_a_keyless_generator_gets_nothing(keys, proce
         good.close()
         keyless.close()
         server.close()
+
+
+def test_config_refuses_non_loopback_endpoints_without_keys(tmp_path):
+    from common.config import ConfigError, is_local_endpoint, load_config
+
+    assert [is_local_endpoint(e) for e in ("tcp://127.0.0.1:1", "tcp://127.3.0.1:1", "tcp://localhost:1",
+                                           "tcp://[::1]:1", "ipc:///tmp/x", "inproc://x")] == [True] * 6
+    assert [is_local_endpoint(e) for e in ("tcp://*:1", "tcp://0.0.0.0:1", "tcp://10.0.0.5:1",
+                                           "tcp://learner.example:1", "tcp://eth0:1")] == [False] * 5
+    load_config(None)  # the defaults bind to loopback
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ['endpoints.weights="tcp://0.0.0.0:5571"', 'endpoints.scorers=["tcp://10.0.0.2:1"]'])
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith("2 problem(s)")
+    assert "endpoints.scorers[0]: tcp://10.0.0.2:1 is not a loopback address" in lines[1]
+    assert "endpoints.weights: tcp://0.0.0.0:5571" in lines[2] and "security.allow_insecure" in lines[2]
+    load_config(None, ['endpoints.weights="tcp://0.0.0.0:5571"', "security.allow_insecure=true"])
+    with pytest.raises(ConfigError, match="server.key does not exist; fix: streamrl keys generate"):
+        load_config(None, [f'security.keys_dir="{tmp_path}"', 'endpoints.weights="tcp://0.0.0.0:5571"'])
+    generate_keys(tmp_path, ["learner"])
+    config = load_config(None, [f'security.keys_dir="{tmp_path}"', 'endpoints.weights="tcp://0.0.0.0:5571"'])
+    assert config.security.keys_dir == str(tmp_path)
+
+
+def test_cli_generates_and_authorizes(tmp_path, capsys):
+    from common.cli import build_parser
+
+    def cli(*argv) -> int:
+        args = build_parser().parse_args(list(argv))
+        return args.func(args)
+
+    assert cli("keys", "generate", "--dir", str(tmp_path / "k"), "--clients", "generator", "scorer") == 0
+    assert "wrote" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "k" / "authorized").iterdir()} == {"generator.key", "scorer.key"}
+    assert cli("keys", "generate", "--dir", str(tmp_path / "k"), "--clients", "generator") == 0
+    assert "every key already exists" in capsys.readouterr().out
+    generate_keys(tmp_path / "elsewhere", ["laptop"])
+    assert cli("keys", "authorize", "--dir", str(tmp_path / "k"),
+               str(tmp_path / "elsewhere" / "clients" / "laptop.key"), "--name", "alice") == 0
+    assert (tmp_path / "k" / "authorized" / "alice.key").read_bytes() == \
+        (tmp_path / "elsewhere" / "clients" / "laptop.key").read_bytes()
+    assert cli("keys", "authorize", "--dir", str(tmp_path / "k"),
+               str(tmp_path / "elsewhere" / "clients" / "laptop.key_secret")) == 2
+    assert "holds a secret key" in capsys.readouterr().err
