@@ -72,6 +72,11 @@ AUTHORIZED_DIR = "authorized"
 DEFAULT_CLIENTS = ("generator", "scorer", "buffer", "learner")
 """Client key pairs ``streamrl keys generate`` makes by default (one per service)."""
 
+REJECT_REASONS = ("unknown_key", "no_key", "bad_handshake")
+"""``reason`` labels of ``auth_rejected_total`` (peers a server refused)."""
+FAIL_REASONS = ("key_refused", "no_curve", "bad_handshake")
+"""``reason`` labels of ``auth_failed_total`` (handshakes a client failed)."""
+
 _SERVER_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                   | zmq.EVENT_MONITOR_STOPPED)
 _CLIENT_EVENTS = _SERVER_EVENTS | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -238,6 +243,8 @@ class Security:
             sock.curve_server = True
             sock.curve_secretkey = secret
             sock.zap_domain = bind.encode()
+            for reason in REJECT_REASONS:  # exported at 0: dashboards show no refusals, not no data
+                self.rejected.labels(reason=reason, endpoint=bind)
             self._watch(sock, bind, server=True)
         else:
             path = self.keys_dir / CLIENTS_DIR / f"{self.client_name}.key_secret"
@@ -248,6 +255,9 @@ class Security:
             sock.curve_publickey = public
             sock.curve_secretkey = secret
             self._start()
+            for endpoint in connect:
+                for reason in FAIL_REASONS:
+                    self.failed.labels(reason=reason, endpoint=endpoint)
             self._watch(sock, ", ".join(connect), server=False)
 
     def callback(self, domain: str, client_key: bytes) -> bool:
