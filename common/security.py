@@ -211,6 +211,8 @@ class Security:
         self.client_name = client_name
         self.instance = metrics.instance
         self.authorized_dir = self.keys_dir / AUTHORIZED_DIR
+        if not zmq.has("curve"):
+            raise SecurityError("this libzmq was built without CURVE; fix: install pyzmq's wheel (bundles libsodium)")
         self.server_public, _ = _load(self.keys_dir / f"{SERVER_NAME}.key")
         self.rejected = metrics.counter("auth_rejected_total",
                                         "Connections refused by CURVE/ZAP authentication, by reason and endpoint",
@@ -331,7 +333,9 @@ class Security:
 
     def _on_event(self, event: dict, endpoint: str, server: bool) -> None:
         kind, value = event["event"], event["value"]
-        where = event["endpoint"].decode(errors="replace") or endpoint
+        # a server counts under its bind string (as ZAP does: libzmq reports tcp://*:N as tcp://0.0.0.0:N);
+        # a client connected to several endpoints under the one that failed
+        where = endpoint if server else (event["endpoint"].decode(errors="replace") or endpoint)
         if server:
             if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 self.refuse("no_key", where, f"the client hung up before authenticating ({_errno_name(value)}; "

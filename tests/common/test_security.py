@@ -223,10 +223,11 @@ def test_key_added_to_the_allow_list_is_accepted_without_restart(keys, processes
 
 def test_client_without_keys_gets_nothing_and_is_counted(keys, processes, caplog):
     server = processes(keys, "server", "buffer")
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    port = free_port()
+    endpoint = f"tcp://*:{port}"  # counted under the bind string (libzmq itself says tcp://0.0.0.0:port)
     router = server.socket(zmq.ROUTER, bind=endpoint)
     plain = processes(None, "-", "learner")
-    dealer = plain.socket(zmq.DEALER, connect=[endpoint])
+    dealer = plain.socket(zmq.DEALER, connect=[f"tcp://127.0.0.1:{port}"])
     with caplog.at_level(logging.WARNING, logger="common.security"):
         assert wait_until(lambda: server.rejected("no_key", endpoint) >= 1, timeout=5)
     with pytest.raises(zmq.Again):  # IMMEDIATE: nothing is queued for a peer that never connected
