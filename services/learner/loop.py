@@ -215,6 +215,12 @@ class Learner:
                     log.info("ignoring a batch for version %d (now %d): a late answer to a re-sent request",
                              msg.learner_version, self.version)
                     continue
+                msg.rollouts = self._in_vocabulary(msg.rollouts)
+                if not msg.rollouts:  # every rollout refused: ask again
+                    request.sent_at = time.time()
+                    send(self.dealer, request)
+                    last_sent = time.perf_counter()
+                    continue
                 return msg
             now = time.perf_counter()
             self.waits.waiting("data", f"no batch of {lc.groups_per_step} groups from the buffer at "
@@ -231,6 +237,20 @@ class Learner:
                 send(self.dealer, request)
                 last_sent = now
         return None
+
+    def _in_vocabulary(self, rollouts: list) -> list:
+        """The rollouts whose token ids all index the policy's embedding. The decoder cannot
+        know the vocabulary; a larger id would crash the step, so such a rollout is counted
+        in ``messages_rejected_total{reason="bad_value"}`` and left out."""
+        vocab = self.trainer.policy.get_input_embeddings().num_embeddings
+        kept = []
+        for s in rollouts:
+            r = s.rollout  # decode guarantees non-empty int32 token arrays with ids >= 0
+            if max(int(r.prompt_tokens.max()), int(r.completion_tokens.max())) < vocab:
+                kept.append(s)
+            else:
+                self.inbox.reject("bad_value", f"rollout {r.rollout_id}: a token id >= vocabulary size {vocab}")
+        return kept
 
     def publish(self) -> float:
         """Pack and publish the current weights as ``self.version``; returns seconds taken.
