@@ -9,10 +9,14 @@ while the wait lasts, and an INFO line when it ends. A hung process is thus
 never silent: ``streamrl status`` and a Prometheus alert on
 ``waiting_seconds > N`` show what it waits on, and its log says why.
 
-Dead peers are noticed by ZeroMQ's own heartbeats (``ZMQ_HEARTBEAT_IVL`` /
-``ZMQ_HEARTBEAT_TIMEOUT``, set in :func:`common.transport.make_socket`):
-a connection whose peer stops answering is closed and re-dialled
-automatically, and the waits above make the resulting silence visible.
+Dead peers are noticed at two levels. The application's own pulses: the
+learner announces its version every ``announce_interval_s`` (generators
+report ``waiting_seconds{on="learner"}`` when it stops), the learner re-sends
+its batch request every ``request_timeout_s`` (the buffer reports
+``{on="learner"}`` when requests stop), and blocked sends report the peer
+they wait for. And TCP keepalive on every connection
+(:func:`common.transport.make_socket`): a connection whose host vanished is
+closed and re-dialled automatically.
 """
 
 from __future__ import annotations

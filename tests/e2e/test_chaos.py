@@ -1,0 +1,116 @@
+"""Chaos: kill -9 every service type at random moments of a real run, restart it, and audit the ledger.
+
+At the end: the learner reached its step target; versions only went up (learner
+log, every generator process); and every rollout id the buffer ever accepted
+was trained on, dropped as stale, evicted, or is still held, with no id
+trained twice (``max_reuse = 1``). The buffer's journal history
+(``keep_history``) and the learner's ``trained.jsonl`` are the ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+import time
+
+import pytest
+
+from common.modes import FsyncPolicy
+from services.buffer.journal import Journal
+from support import local_run_config, wait_until, write_config
+
+pytestmark = pytest.mark.slow
+
+STEPS = 24
+SEED = 20261121
+
+
+def trained_steps(run_dir) -> dict[int, list[str]]:
+    """step -> rollout ids, from the learner's ledger (a step retrained after a crash: last line wins)."""
+    path = run_dir / "trained.jsonl"
+    steps: dict[int, list[str]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            steps[record["step"]] = record["rollout_ids"]
+    return steps
+
+
+def test_kill_minus_nine_each_service_and_nothing_accepted_is_lost(tmp_path, tiny_model_dir, services):
+    run_dir = tmp_path / "run"
+    sections = local_run_config(
+        tmp_path, tiny_model_dir,
+        run={"max_staleness": 2},
+        transport={"announce_interval_s": 0.2, "request_timeout_s": 1.0},
+        buffer={"capacity_groups": 8, "group_timeout_s": 4.0, "keep_history": True},
+        learner={"total_steps": STEPS, "checkpoint_every": 1, "batch_timeout_s": 300.0},
+    )
+    procs = services(write_config(tmp_path / "run.toml", sections))
+    for name in ("learner", "buffer", "scorer", "generator"):
+        procs.start(name)
+
+    rng = random.Random(SEED)
+    victims = ["generator", "scorer", "buffer", "learner"]
+    rng.shuffle(victims)
+    # the last kill leaves more steps than the buffer can hold, so every restarted process must rejoin
+    thresholds = sorted(rng.sample(range(2, STEPS - 10), len(victims)))
+    kills: list[tuple[str, int]] = []
+    for victim, threshold in zip(victims, thresholds):
+        # training must have moved on (2 steps) since the previous restart before the next kill
+        target = max(threshold, kills[-1][1] + 2 if kills else 0)
+        assert wait_until(lambda: max(trained_steps(run_dir), default=0) >= target, timeout=240), procs.logs()
+        time.sleep(rng.uniform(0.0, 1.5))
+        name = f"{victim}-0"
+        procs.procs[name].send_signal(signal.SIGKILL)
+        procs.procs[name].wait(10)
+        kills.append((victim, max(trained_steps(run_dir), default=0)))
+        procs.start(victim)
+
+    learner = procs.procs["learner-0"]
+    assert wait_until(lambda: learner.poll() is not None, timeout=300), procs.logs()
+    assert learner.returncode == 0, procs.logs()
+    for name in ("generator-0", "scorer-0", "buffer-0"):  # a clean stop: the buffer flushes its journal
+        assert procs.stop(name, signal.SIGTERM, timeout=30) == 0, (name, procs.logs())
+    logs = {path.stem: path.read_text(errors="replace") for path in tmp_path.glob("*.log")}
+
+    # the learner reached its target, each step exactly once in the end
+    steps = trained_steps(run_dir)
+    assert sorted(steps) == list(range(1, STEPS + 1)), procs.logs()
+    # versions only went up: learner records, and every generator process's loads
+    versions = [json.loads(line)["version"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert versions == sorted(versions) and len(set(versions)) == len(versions), versions
+    assert versions[-1] >= STEPS
+    loads = re.findall(r"pid (\d+)\)|loaded policy version (\d+)", logs["generator-0"])
+    per_process: list[list[int]] = []
+    for pid, version in loads:
+        if pid:
+            per_process.append([])
+        elif per_process:
+            per_process[-1].append(int(version))
+    assert len(per_process) == 2  # started once, restarted once
+    for seen in per_process:
+        assert seen and seen == sorted(seen) and len(set(seen)) == len(seen), per_process
+
+    # the ledger: accepted == trained | dropped | evicted | held, nothing trained twice
+    journal = Journal(run_dir / "buffer", fsync=FsyncPolicy.NEVER)
+    events: dict[str, set[str]] = {}
+    for event, ids in journal.history():
+        events.setdefault(event, set()).update(ids)
+    accepted = events["accepted"]
+    trained_list = [i for ids in steps.values() for i in ids]
+    trained = set(trained_list)
+    assert len(trained_list) == len(trained), "a rollout was trained on twice"
+    dropped, evicted = events.get("dropped_stale", set()), events.get("evicted", set())
+    held = {m.rollout.rollout_id for g in journal.recover().groups for m in g.members}
+    assert trained <= accepted
+    unaccounted = accepted - (trained | dropped | evicted | held)
+    assert not unaccounted, (len(unaccounted), sorted(unaccounted)[:5])
+    assert not held & (trained | dropped | evicted)
+
+    # each restart really recovered: the buffer from its journal, the learner from a checkpoint
+    assert "resumed from" in logs["learner-0"]
+    assert re.search(r"recovered \d+ rollouts", logs["buffer-0"]) or "buffer" not in victims
+    print(f"kills (service, at step): {kills}; accepted {len(accepted)}, trained {len(trained)}, "
+          f"dropped stale {len(dropped)}, evicted {len(evicted)}, held at end {len(held)}")
