@@ -289,6 +289,14 @@ def render(result: dict, env: dict, command: str) -> str:
         "",
         f"Staleness of trained rollouts (all runs pooled): sync {hist('sync')}; async {hist('async')}.",
         "",
+        "How to read it: a generator pauses only while it is more than `max_staleness` versions behind, so "
+        "with `max_staleness = 0` it does not idle while the learner trains version v+1: it keeps sampling "
+        "with v, and the buffer drops those groups as stale when the learner asks with v+1 (the stale drops "
+        "above); the learner then waits for a fresh generation. Asynchronous, the generator's batches overlap "
+        "the learner's step, the learner hardly waits, and throughput is bounded by the learner's step time "
+        "(see the split below); the generator runs ahead to the bound, so most trained rollouts are "
+        f"{result['async_max_staleness']} versions old and some groups still go stale in the queues.",
+        "",
         per_run,
     ]
     p = result.get("profile")
