@@ -7,7 +7,7 @@ ROUTER (WeightsChunkRequest). For each message it predicts the rejection reason 
 decoder (the socket's kind, the configured size limit), or the service's own reason
 for a message the decoder accepts but the service refuses (a batch of more groups than
 the buffer holds, a chunk of a version not held or past the end, a rollout id already
-accepted); fuzz messages that turn out valid are not sent (they would be real traffic).
+accepted, a token id past the learner's vocabulary); fuzz messages that turn out valid are not sent (they would be real traffic).
 Every service's ``messages_rejected_total{reason}`` must then equal the prediction,
 reason by reason. Frames larger than ``transport.max_message_bytes`` never reach
 Python: libzmq (``ZMQ_MAXMSGSIZE``) drops the connection that sent them. Afterwards
