@@ -45,7 +45,7 @@ def test_transport_tiny(tmp_path):
     result = json.loads((tmp_path / "transport.json").read_text())
     run = result["pipeline_runs"][0]
     assert run["rollouts"] > 0 and run["rollouts"] % 16 == 0  # whole batches of 4 groups x 4
-    assert run["rejected"] == {}
+    assert run["rejected"] == {} and run["duplicates"] == 0
     assert result["buffer"]["sample_batches"] == 256 // 16
     assert [m["kind"] for m in result["messages"]] == ["rollout", "scored_rollout", "batch"]
     rollout, scored, batch = result["messages"]
