@@ -109,6 +109,20 @@ def send(sock: zmq.Socket, message: Message, *, prefix: Sequence[bytes] = (), fl
     sock.send_multipart(frames, flags=flags, copy=not large)
 
 
+def try_send(sock: zmq.Socket, message: Message, *, prefix: Sequence[bytes] = ()) -> bool:
+    """Send ``message`` without blocking; False when no peer can take it now.
+
+    For request sockets (DEALER with ``IMMEDIATE``) whose peer may be down: a
+    blocking send would wait, silently and without limit, for the peer to
+    come back. Callers re-send on their own timer instead.
+    """
+    try:
+        send(sock, message, prefix=prefix, flags=zmq.NOBLOCK)
+        return True
+    except zmq.Again:
+        return False
+
+
 def send_when_ready(
     sock: zmq.Socket,
     message: Message,

@@ -39,7 +39,7 @@ from common.messages import (
 from common.metrics import ServiceMetrics
 from common.modes import WeightDtype
 from common.security import Security
-from common.transport import Inbox, make_socket, send
+from common.transport import Inbox, make_socket, send, try_send
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +427,9 @@ class WeightClient:
         )
 
     def _request(self, version: int, index: int) -> None:
-        send(self.dealer, WeightsChunkRequest(sender=self.sender, version=version, chunk_index=index))
+        # never block: with the learner unreachable the request is dropped here, the poll
+        # times out, and the retry logic re-sends it or gives up with WeightSyncError
+        try_send(self.dealer, WeightsChunkRequest(sender=self.sender, version=version, chunk_index=index))
 
     def close(self) -> None:
         self.sub.close(0)

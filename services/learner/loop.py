@@ -34,7 +34,7 @@ from common.messages import Batch, BatchRequest
 from common.metrics import STALENESS_BUCKETS
 from common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
 from common.service import ServiceContext
-from common.transport import Inbox, make_socket, send
+from common.transport import Inbox, make_socket, try_send
 from common.weights import WeightServer, pack_state_dict
 from services.learner.batch import collate
 from services.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
@@ -195,7 +195,7 @@ class Learner:
         request = BatchRequest(sender=self.ctx.instance, learner_version=self.version,
                                num_groups=self.cfg.learner.groups_per_step)
         start = time.perf_counter()
-        send(self.dealer, request)
+        self._request(request)
         try:
             return self._await_batch(request, start)
         finally:
@@ -217,8 +217,7 @@ class Learner:
                     continue
                 msg.rollouts = self._in_vocabulary(msg.rollouts)
                 if not msg.rollouts:  # every rollout refused: ask again
-                    request.sent_at = time.time()
-                    send(self.dealer, request)
+                    self._request(request)
                     last_sent = time.perf_counter()
                     continue
                 return msg
@@ -233,10 +232,16 @@ class Learner:
             if now - last_sent > t.request_timeout_s:
                 log.info("waiting %.0fs for a batch of %d groups (version %d); re-sending the request",
                          now - start, lc.groups_per_step, self.version)
-                request.sent_at = time.time()
-                send(self.dealer, request)
+                self._request(request)
                 last_sent = now
         return None
+
+    def _request(self, request: BatchRequest) -> None:
+        """Send (or re-send) the batch request; never blocks while the buffer is down."""
+        request.sent_at = time.time()
+        if not try_send(self.dealer, request):
+            log.info("buffer at %s not connected; the request is re-sent every %.0fs",
+                     self.cfg.endpoints.batches, self.cfg.transport.request_timeout_s)
 
     def _in_vocabulary(self, rollouts: list) -> list:
         """The rollouts whose token ids all index the policy's embedding. The decoder cannot

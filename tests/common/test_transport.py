@@ -8,7 +8,7 @@ import zmq
 
 from common.messages import BatchRequest, decode
 from common.metrics import ServiceMetrics
-from common.transport import make_socket, send_when_ready
+from common.transport import make_socket, send_when_ready, try_send
 from support import free_port
 
 
@@ -36,4 +36,29 @@ def test_send_when_ready_waits_for_a_peer_and_counts_the_wait():
         pull.close(0)
     finally:
         push.close(0)
+        ctx.term()
+
+
+def test_try_send_never_blocks_without_a_peer():
+    ctx = zmq.Context()
+    try:
+        dealer = make_socket(ctx, zmq.DEALER, connect=[f"tcp://127.0.0.1:{free_port()}"],
+                             max_message_bytes=1 << 20, hwm=4)
+        assert try_send(dealer, BatchRequest(learner_version=0, num_groups=1)) is False
+        port = free_port()
+        router = make_socket(ctx, zmq.ROUTER, bind=f"tcp://127.0.0.1:{port}", max_message_bytes=1 << 20, hwm=4)
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        sent = False
+        for _ in range(50):  # once connected, the same call goes through
+            if try_send(dealer, BatchRequest(learner_version=3, num_groups=1)):
+                sent = True
+                break
+            threading.Event().wait(0.05)
+        assert sent
+        assert router.poll(2000)
+        frames = router.recv_multipart()
+        assert decode(frames[1:]).learner_version == 3
+        dealer.close(0)
+        router.close(0)
+    finally:
         ctx.term()

@@ -131,3 +131,23 @@ def test_server_survives_malformed_requests(server_and_endpoints):
         c.close()
     finally:
         dealer.close(0)
+
+
+def test_fetch_from_a_vanished_learner_fails_in_bounded_time(server_and_endpoints):
+    """The learner announced, then went away: fetch must give up (retries), never block in send."""
+    import time
+
+    ctx, server, ann, fetch, _ = server_and_endpoints
+    server.publish(pack_state_dict(state(0), version=0, dtype=WeightDtype.FLOAT32, chunk_bytes=97, sender="l"))
+    c = WeightClient(ctx, announce_endpoint=ann, fetch_endpoint=f"tcp://127.0.0.1:{free_port()}",  # nobody there
+                     inbox_metrics=ServiceMetrics("generator", "g"), sender="g", credit=2, timeout_s=0.2,
+                     max_message_bytes=1 << 24, hwm=16, max_retries=3)
+    try:
+        announce = c.poll_announcements(timeout_s=3.0)
+        assert announce is not None
+        start = time.monotonic()
+        with pytest.raises(WeightSyncError, match="no chunk"):
+            c.fetch(announce)
+        assert time.monotonic() - start < 0.2 * 4 + 2.0  # (retries + 1) timeouts, plus slack
+    finally:
+        c.close()
