@@ -144,8 +144,9 @@ def send_when_ready(
     start = last_warning = time.perf_counter()
     try:
         while not stop.is_set():
-            if sock.poll(1000, zmq.POLLOUT):
-                send(sock, message)
+            # never a blocking send: a peer that vanishes between poll and send would
+            # block it with no timeout, and SIGTERM could not stop the process
+            if sock.poll(1000, zmq.POLLOUT) and try_send(sock, message):
                 return True
             now = time.perf_counter()
             if now - last_warning > warn_after_s:

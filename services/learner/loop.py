@@ -195,18 +195,18 @@ class Learner:
         request = BatchRequest(sender=self.ctx.instance, learner_version=self.version,
                                num_groups=self.cfg.learner.groups_per_step)
         start = time.perf_counter()
-        self._request(request)
+        sent = self._request(request)
         try:
-            return self._await_batch(request, start)
+            return self._await_batch(request, start, sent)
         finally:
             self.m_wait.inc(time.perf_counter() - start)
             self.waits.done("data")
 
-    def _await_batch(self, request: BatchRequest, start: float) -> Batch | None:
+    def _await_batch(self, request: BatchRequest, start: float, sent: bool) -> Batch | None:
         lc, t = self.cfg.learner, self.cfg.transport
         last_sent = start
         while not self.ctx.stop.is_set():
-            if self.dealer.poll(500):
+            if self.dealer.poll(500 if sent else 100):
                 msg = self.inbox.decode(self.dealer.recv_multipart(copy=False))
                 if msg is None or not msg.rollouts:
                     continue
@@ -217,7 +217,7 @@ class Learner:
                     continue
                 msg.rollouts = self._in_vocabulary(msg.rollouts)
                 if not msg.rollouts:  # every rollout refused: ask again
-                    self._request(request)
+                    sent = self._request(request)
                     last_sent = time.perf_counter()
                     continue
                 return msg
@@ -229,19 +229,18 @@ class Learner:
                     f"no batch from the buffer at {self.cfg.endpoints.batches} for {lc.batch_timeout_s:.0f}s; "
                     "are the buffer, scorers and generators running?"
                 )
-            if now - last_sent > t.request_timeout_s:
-                log.info("waiting %.0fs for a batch of %d groups (version %d); re-sending the request",
-                         now - start, lc.groups_per_step, self.version)
-                self._request(request)
+            if not sent or now - last_sent > t.request_timeout_s:
+                if sent:
+                    log.info("waiting %.0fs for a batch of %d groups (version %d); re-sending the request",
+                             now - start, lc.groups_per_step, self.version)
+                sent = self._request(request)  # not connected yet: tried again in 0.1 s
                 last_sent = now
         return None
 
-    def _request(self, request: BatchRequest) -> None:
-        """Send (or re-send) the batch request; never blocks while the buffer is down."""
+    def _request(self, request: BatchRequest) -> bool:
+        """Send (or re-send) the batch request without blocking; False while the buffer is not connected."""
         request.sent_at = time.time()
-        if not try_send(self.dealer, request):
-            log.info("buffer at %s not connected; the request is re-sent every %.0fs",
-                     self.cfg.endpoints.batches, self.cfg.transport.request_timeout_s)
+        return try_send(self.dealer, request)
 
     def _in_vocabulary(self, rollouts: list) -> list:
         """The rollouts whose token ids all index the policy's embedding. The decoder cannot
