@@ -45,7 +45,7 @@ test: setup
 
 # The four benchmarks of bench/ (about 45 minutes on 2 cores; not part of `make test`).
 # Results: bench/results/*.json and bench/RESULTS.md. TRL is installed only into
-# bench/.venv-trl by bench/setup_trl.sh, never into the project's venv.
+# .venv-trl (repository root) by bench/setup_trl.sh, never into the project's venv.
 bench: setup
 	$(PY) -m bench.weight_sync
 	$(PY) -m bench.transport

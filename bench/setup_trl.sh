@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Create bench/.venv-trl: Hugging Face TRL (GRPOTrainer) for bench/trl_grpo.py only.
+# Create .venv-trl (repository root, beside .venv, outside the code tree): Hugging Face TRL (GRPOTrainer) for bench/trl_grpo.py only.
 # TRL is never a dependency of streamrl itself. The CPU wheel of torch is installed
 # first so that TRL's transformers/accelerate do not pull CUDA packages; TRL then
 # brings the transformers version it supports (recorded in the results).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
-VENV="${TRL_VENV:-$HERE/.venv-trl}"
+VENV="${TRL_VENV:-$(dirname "$HERE")/.venv-trl}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 TRL_SPEC="${TRL_SPEC:-trl==1.16.0}"
 if [ -f "$VENV/.installed" ]; then

@@ -5,7 +5,7 @@ evaluation; measured in one run of this command.
 * ours: the four services as separate processes (one generator; 2 processes busy on
   2 cores, 1 torch thread each) from ``--config``; the learner gets SIGTERM at the
   budget, finishes its step and saves the final checkpoint.
-* TRL: ``bench/trl_worker.py`` in ``bench/.venv-trl`` (created by ``bench/setup_trl.sh``),
+* TRL: ``bench/trl_worker.py`` in ``.venv-trl`` (repository root) (created by ``bench/setup_trl.sh``),
   one process with ``--trl-threads`` torch threads (default 2, the same two cores),
   offline (``HF_HUB_OFFLINE=1``); it stops after the optimizer step during which the
   budget ran out and saves the policy.
@@ -41,7 +41,7 @@ from common.config import load_config
 sys.path.insert(0, str(REPO / "tests"))
 from support import Services, wait_until  # noqa: E402
 
-TRL_VENV = BENCH / ".venv-trl"
+TRL_VENV = REPO / ".venv-trl"
 
 
 def _records(path: Path) -> list[dict]:
@@ -182,7 +182,7 @@ def render(result: dict, env: dict, command: str) -> str:
         f"Command: `{command}` (after `bash bench/setup_trl.sh`)",
         "",
         environment_line(env) + f" TRL side: trl {tv.get('trl')}, transformers {tv.get('transformers')}, "
-        f"torch {tv.get('torch')} in bench/.venv-trl.",
+        f"torch {tv.get('torch')} in .venv-trl.",
         "",
         f"Model {result['model']}, config `{result['config']}`: {result['rollouts_per_step']} completions per step "
         f"(4 prompts x group {result['group_size']}), {result['max_new_tokens']} new tokens, lr {result['lr']}, "

@@ -1,4 +1,4 @@
-"""TRL side of bench/trl_grpo.py; runs in bench/.venv-trl (TRL is not a streamrl dependency).
+"""TRL side of bench/trl_grpo.py; runs in .venv-trl (TRL is not a streamrl dependency).
 
 Trains with ``trl.GRPOTrainer`` on CPU, offline, until an absolute wall-clock deadline,
 then saves the policy as a Hugging Face folder and writes a JSON log of its steps.
@@ -8,7 +8,7 @@ from a JSON file written by bench/trl_grpo.py from streamrl's config.
 
 Usage (bench/trl_grpo.py runs it)::
 
-    HF_HUB_OFFLINE=1 PYTHONPATH=. bench/.venv-trl/bin/python bench/trl_worker.py --spec spec.json
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv-trl/bin/python bench/trl_worker.py --spec spec.json
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def test_trl_grpo_ours_side_and_evaluation(tmp_path):
 
 
 @pytest.mark.skipif(not trl_grpo.TRL_VENV.joinpath("bin", "python").exists(),
-                    reason="TRL lives only in bench/.venv-trl (bash bench/setup_trl.sh); never a streamrl dependency")
+                    reason="TRL lives only in .venv-trl (bash bench/setup_trl.sh); never a streamrl dependency")
 def test_trl_grpo_trl_side(tmp_path):
     from common.config import load_config
 
