@@ -134,26 +134,26 @@ def _segments(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def read_records(path: Path) -> Iterator[tuple[RecordType, object]]:
+def read_records(path: Path) -> Iterator[tuple[RecordType | None, object]]:
     """Yield ``(type, payload)`` of each intact record of one segment, in order.
 
     Stops at the first torn or corrupt record and then yields ``(None, reason)``
-    once (the caller counts it).
+    once, ``reason`` a str (the caller counts it).
     """
     data = path.read_bytes()
     pos = 0
     while pos < len(data):
         if len(data) - pos < HEADER.size:
-            yield None, f"torn header at byte {pos}"  # type: ignore[misc]
+            yield None, f"torn header at byte {pos}"
             return
         length, crc, kind = HEADER.unpack_from(data, pos)
         start, end = pos + HEADER.size, pos + HEADER.size + length
         if end > len(data):
-            yield None, f"torn record at byte {pos}"  # type: ignore[misc]
+            yield None, f"torn record at byte {pos}"
             return
         body = data[start:end]
         if zlib.crc32(bytes([kind]) + body) != crc or kind not in RecordType._value2member_map_:
-            yield None, f"corrupt record at byte {pos}"  # type: ignore[misc]
+            yield None, f"corrupt record at byte {pos}"
             return
         yield RecordType(kind), msgpack.unpackb(body, raw=False)
         pos = end
