@@ -1,7 +1,7 @@
 """Cost of CURVE encryption on the weight push: the same fetch with and without ``security.keys_dir``.
 
-The learner side (:class:`common.weights.WeightServer`) runs in this process; the
-generator side (:class:`common.weights.WeightClient`) in a spawned process, as in
+The learner side (:class:`streamrl.common.weights.WeightServer`) runs in this process; the
+generator side (:class:`streamrl.common.weights.WeightClient`) in a spawned process, as in
 a real run, on tcp loopback. Each size is a random float32 state dict; every
 measured sync publishes a new version and times the client's fetch (transfer:
 request to last chunk; verify: sha256 + unpack).
@@ -20,10 +20,10 @@ import torch
 import zmq
 
 from bench.report import command_line, environment, environment_line, markdown_table, median, write_results
-from common.config import TransportSection
-from common.metrics import ServiceMetrics
-from common.security import Security, generate_keys
-from common.weights import WeightClient, WeightServer, pack_state_dict
+from streamrl.common.config import TransportSection
+from streamrl.common.metrics import ServiceMetrics
+from streamrl.common.security import Security, generate_keys
+from streamrl.common.weights import WeightClient, WeightServer, pack_state_dict
 
 
 def _receiver(keys_dir: str | None, announce: str, fetch: str, repeats: int, transport: dict, conn) -> None:

@@ -1,7 +1,7 @@
 """End-to-end benchmark: the same job with ``run.max_staleness = 0`` (synchronous) and with the
 config's staleness bound (asynchronous), repeated; medians and the async/sync ratio.
 
-Each run starts the four services as separate processes (``python -m services.<name>``,
+Each run starts the four services as separate processes (``python -m streamrl.services.<name>``,
 like the e2e tests; one generator, the default on 2 cores) from one config (default:
 ``deploy/configs/default.toml``, SmolLM2-135M) with ``learner.total_steps`` lowered and
 fresh loopback ports. Figures per run:
@@ -37,15 +37,15 @@ from pathlib import Path
 
 from bench.report import (REPO, Deadline, command_line, environment, environment_line, markdown_table, median,
                           write_results)
-from common.config import load_config
+from streamrl.common.config import load_config
 
-sys.path.insert(0, str(REPO / "tests"))
-from support import Services, free_port, scrape, toml_value, wait_until  # noqa: E402
+from streamrl.testing import Services, free_port, scrape, toml_value, wait_until
 
 MODES = {"sync": 0, "async": None}  # None: the config's own max_staleness
 
 
-def _overrides(cfg, workdir: Path, steps: int, max_staleness: int, scorers: int) -> list[str]:
+def run_overrides(cfg, workdir: Path, steps: int, max_staleness: int, scorers: int) -> list[str]:
+    """`--set` overrides for one benchmark run on loopback: fresh ports, output under `workdir`, `steps` steps."""
     values = {
         "learner.total_steps": steps,
         "learner.checkpoint_every": steps,
@@ -75,7 +75,7 @@ def _staleness_histogram(samples: dict[str, float]) -> dict[str, float]:
     cumulative = []
     for key, value in samples.items():
         if key.startswith("streamrl_buffer_staleness_bucket{"):
-            labels = dict(kv.split("=", 1) for kv in key[key.index("{") + 1 : -1].split(","))  # common.status.read
+            labels = dict(kv.split("=", 1) for kv in key[key.index("{") + 1 : -1].split(","))  # streamrl.status.read
             le = labels["le"].strip('"')
             cumulative.append((float("inf") if le == "+Inf" else float(le), value))
     cumulative.sort()
@@ -93,7 +93,7 @@ def run_once(config: str, extra: list[str], mode: str, steps: int, generators: i
     cfg = load_config(config, extra)
     max_staleness = MODES[mode] if MODES[mode] is not None else cfg.run.max_staleness
     scorers = len(cfg.endpoints.scorers)
-    overrides = [*extra, *_overrides(cfg, workdir, steps, max_staleness, scorers)]
+    overrides = [*extra, *run_overrides(cfg, workdir, steps, max_staleness, scorers)]
     cfg = load_config(config, overrides)
     args = [a for o in overrides for a in ("--set", o)]
     services = Services(Path(config).resolve(), workdir)
@@ -166,14 +166,14 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
     """Split one learner step and one generation batch on this machine (1 torch thread, in-process)."""
     import torch
 
-    from common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
-    from common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path
-    from common.weights import pack_state_dict
-    from services.generator.prompts import load_prompts, split_prompts
-    from services.generator.sampling import prepare_prompts, sample_completions
-    from services.learner.batch import collate, forward_completions
-    from services.learner.trainer import PPOTrainer
-    from services.scorer.rewards import build_reward
+    from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
+    from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path
+    from streamrl.common.weights import pack_state_dict
+    from streamrl.common.prompts import load_prompts, split_prompts
+    from streamrl.services.generator.sampling import prepare_prompts, sample_completions
+    from streamrl.services.learner.batch import collate, forward_completions
+    from streamrl.services.learner.trainer import PPOTrainer
+    from streamrl.services.scorer.rewards import build_reward
 
     cfg = load_config(config, extra)
     gen, lc = cfg.generator, cfg.learner

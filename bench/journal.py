@@ -2,7 +2,7 @@
 
 Appends real scored rollouts (64 prompt + 32 completion int32 tokens, 32
 float32 behaviour log-probs, texts: the wire frames the buffer journals) with
-:class:`services.buffer.journal.Journal`, committing after every ``burst``
+:class:`streamrl.services.buffer.journal.Journal`, committing after every ``burst``
 rollouts the way the buffer service does after each read burst, for each
 policy (``always``, ``interval``, ``never``) and burst size (1 = a commit per
 rollout, the worst case; 16 = one learner batch). Reports rollouts/s,
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import Deadline, command_line, environment, environment_line, markdown_table, median, write_results
-from common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout, encode
-from common.modes import FsyncPolicy
-from services.buffer.journal import Journal
+from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout, encode
+from streamrl.common.modes import FsyncPolicy
+from streamrl.services.buffer.journal import Journal
 
 
 def rollout_frames(n: int) -> list[list]:

@@ -1,19 +1,19 @@
 """Transport benchmark: rollouts/s through generator -> scorer -> buffer -> learner with
 generation and training replaced by trivial stand-ins; per-message overhead; buffer rates.
 
-1. Pipeline: the real scorer and buffer services (``python -m services.scorer`` /
-   ``services.buffer``, started like the test suite does, with the trivial reward
-   ``services.scorer.rewards:count_char``) between a stand-in generator process
-   (builds :class:`~common.messages.Rollout` messages of real size, 64 prompt and 32
+1. Pipeline: the real scorer and buffer services (``python -m streamrl.services.scorer`` /
+   ``streamrl.services.buffer``, started like the test suite does, with the trivial reward
+   ``streamrl.services.scorer.rewards:count_char``) between a stand-in generator process
+   (builds :class:`~streamrl.common.messages.Rollout` messages of real size, 64 prompt and 32
    completion int32 tokens, 32 float32 behaviour log-probs, prompt and completion
    texts, and pushes them with the generator's ``send_when_ready``) and a stand-in
    learner process (the learner's DEALER ``batch_request`` / ``batch`` exchange,
-   decoding every batch through an :class:`~common.transport.Inbox`, no training).
+   decoding every batch through an :class:`~streamrl.common.transport.Inbox`, no training).
    The rate is rollouts received by the learner per second after a warm-up.
 2. Per-message overhead: one process, PUSH -> PULL on tcp loopback, ``send``
    (encode + send) then ``recv_multipart`` + ``decode`` (validation included), for
    a rollout, a scored rollout and a batch of 16; encode and decode alone too.
-3. :class:`services.buffer.store.ReplayBuffer` in-process: ``add`` rate (rollouts/s)
+3. :class:`streamrl.services.buffer.store.ReplayBuffer` in-process: ``add`` rate (rollouts/s)
    and ``sample`` rate (batches of 4 groups x 4 per second).
 
 Usage (from the repository root)::
@@ -36,12 +36,12 @@ import numpy as np
 import zmq
 
 from bench.report import Deadline, command_line, environment, environment_line, markdown_table, median, write_results
-from common.config import load_config
-from common.messages import Batch, BatchRequest, FinishReason, Rollout, SamplingParams, ScoredRollout, decode, encode
-from common.metrics import ServiceMetrics
-from common.modes import OverflowPolicy
-from common.transport import Inbox, make_socket, send, send_when_ready
-from services.buffer.store import ReplayBuffer
+from streamrl.common.config import load_config
+from streamrl.common.messages import Batch, BatchRequest, FinishReason, Rollout, SamplingParams, ScoredRollout, decode, encode
+from streamrl.common.metrics import ServiceMetrics
+from streamrl.common.modes import OverflowPolicy
+from streamrl.common.transport import Inbox, make_socket, send, send_when_ready
+from streamrl.services.buffer.store import ReplayBuffer
 
 PROMPT_TOKENS = 64
 COMPLETION_TOKENS = 32
@@ -156,8 +156,7 @@ def _stand_in_learner(config_path: str, seconds: float, warmup_s: float, out: st
 
 def pipeline(seconds: float, warmup_s: float, workdir: Path) -> dict:
     """Run the real scorer and buffer between the stand-ins; returns the learner's rollouts/s."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from support import Services, local_run_config, scrape, wait_until, write_config
+    from streamrl.testing import Services, local_run_config, scrape, wait_until, write_config
 
     sections = local_run_config(workdir, Path("tiny-char-llama"))
     # The stand-in generator never loads weights (its rollouts stay version 0) while the stand-in

@@ -34,12 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.e2e import _overrides, rollouts_per_step
+from bench.e2e import run_overrides, rollouts_per_step
 from bench.report import BENCH, REPO, command_line, environment, environment_line, markdown_table, write_results
-from common.config import load_config
+from streamrl.common.config import load_config
 
-sys.path.insert(0, str(REPO / "tests"))
-from support import Services, wait_until  # noqa: E402
+from streamrl.testing import Services, wait_until
 
 TRL_VENV = REPO / ".venv-trl"
 
@@ -53,7 +52,7 @@ def _records(path: Path) -> list[dict]:
 def run_ours(config: str, extra: list[str], seconds: float, workdir: Path) -> dict:
     """Train with streamrl for ``seconds`` from launch; returns steps, samples and the final checkpoint."""
     cfg = load_config(config, extra)
-    overrides = [*extra, *_overrides(cfg, workdir, 100_000, cfg.run.max_staleness, len(cfg.endpoints.scorers))]
+    overrides = [*extra, *run_overrides(cfg, workdir, 100_000, cfg.run.max_staleness, len(cfg.endpoints.scorers))]
     cfg = load_config(config, overrides)
     args = [a for o in overrides for a in ("--set", o)]
     services = Services(Path(config).resolve(), workdir)
@@ -86,9 +85,9 @@ def run_ours(config: str, extra: list[str], seconds: float, workdir: Path) -> di
 
 def trl_prompts(cfg, path: Path) -> int:
     """Write the training split of the config's prompts, formatted as our generators see them, as JSONL."""
-    from common.models import load_tokenizer, resolve_model_path
-    from services.generator.prompts import load_prompts, split_prompts
-    from services.generator.sampling import prepare_prompts
+    from streamrl.common.models import load_tokenizer, resolve_model_path
+    from streamrl.common.prompts import load_prompts, split_prompts
+    from streamrl.services.generator.sampling import prepare_prompts
 
     gen = cfg.generator
     train, _ = split_prompts(load_prompts(gen.prompts.loader_options()), eval_fraction=gen.prompts.eval_fraction,
@@ -102,7 +101,7 @@ def trl_prompts(cfg, path: Path) -> int:
 
 def run_trl(cfg, seconds: float, threads: int, python: Path, workdir: Path) -> dict:
     """Train with TRL GRPOTrainer for ``seconds`` from launch; returns its log and the saved model folder."""
-    from common.models import resolve_model_path
+    from streamrl.common.models import resolve_model_path
 
     lc, gen = cfg.learner, cfg.generator
     rollouts = lc.groups_per_step * gen.group_size
@@ -120,7 +119,7 @@ def run_trl(cfg, seconds: float, threads: int, python: Path, workdir: Path) -> d
     spec_path = workdir / "trl_spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+               OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     with open(workdir / "trl.log", "wb") as log:
         code = subprocess.call([str(python), str(BENCH / "trl_worker.py"), "--spec", str(spec_path)],
                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -141,7 +140,7 @@ def evaluate(config: str, extra: list[str], checkpoint: str | None, samples: int
              workdir: Path, name: str) -> dict:
     """``streamrl eval`` of ``checkpoint`` (None: the initial model); returns the JSON result."""
     out = workdir / f"eval_{name}.json"
-    cmd = [sys.executable, "-m", "common.cli", "eval", "--config", config, "--samples", str(samples),
+    cmd = [sys.executable, "-m", "streamrl.cli", "eval", "--config", config, "--samples", str(samples),
            "--output", str(out)]
     cmd += [a for o in extra for a in ("--set", o)]
     if checkpoint:

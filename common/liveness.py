@@ -15,7 +15,7 @@ report ``waiting_seconds{on="learner"}`` when it stops), the learner re-sends
 its batch request every ``request_timeout_s`` (the buffer reports
 ``{on="learner"}`` when requests stop), and blocked sends report the peer
 they wait for. And TCP keepalive on every connection
-(:func:`common.transport.make_socket`): a connection whose host vanished is
+(:func:`streamrl.common.transport.make_socket`): a connection whose host vanished is
 closed and re-dialled automatically.
 """
 
@@ -25,7 +25,7 @@ import logging
 import time
 from typing import Callable
 
-from common.metrics import ServiceMetrics
+from streamrl.common.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from common.messages import RejectReason
+from streamrl.common.messages import RejectReason
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from common.modes import Device
+from streamrl.common.modes import Device
 
 logger = logging.getLogger(__name__)
 

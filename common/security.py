@@ -1,7 +1,7 @@
 """CURVE encryption and ZAP authentication of every ZeroMQ socket.
 
 With ``security.keys_dir`` set in the config, every socket streamrl creates
-(:func:`common.transport.make_socket` with ``security=``) speaks ZeroMQ CURVE
+(:func:`streamrl.common.transport.make_socket` with ``security=``) speaks ZeroMQ CURVE
 (Curve25519 key exchange, then XSalsa20-Poly1305 encryption and authentication
 of every frame; RFC 26 / ZMTP-CURVE). Binding sockets are CURVE servers;
 connecting sockets are CURVE clients that know the server's public key, so a
@@ -61,8 +61,8 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-from common.metrics import ServiceMetrics
-from common.transport import should_log
+from streamrl.common.metrics import ServiceMetrics
+from streamrl.common.throttle import should_log
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What every service process does at start: arguments, config, logging, identity, metrics, signals.
 
-Each ``python -m services.<name>`` calls :func:`start_service` and then runs
+Each ``python -m streamrl.services.<name>`` calls :func:`start_service` and then runs
 its loop until ``ctx.stop`` is set (SIGTERM / SIGINT set it).
 """
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import transformers
 import zmq
 
-from common.config import Config, ConfigError, load_config
-from common.metrics import ServiceMetrics
-from common.security import Security, SecurityError, open_security
+from streamrl.common.config import Config, ConfigError, load_config
+from streamrl.common.metrics import ServiceMetrics
+from streamrl.common.security import Security, SecurityError, open_security
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def replica_index(explicit: int | None) -> int:
 
 def parse_args(service: str, argv: list[str] | None) -> argparse.Namespace:
     """``--config``, ``--set`` (repeatable) and ``--index`` of a service process."""
-    parser = argparse.ArgumentParser(prog=f"python -m services.{service}",
+    parser = argparse.ArgumentParser(prog=f"python -m streamrl.services.{service}",
                                      description=f"streamrl {service} service")
     parser.add_argument("--config", default=os.environ.get(CONFIG_ENV),
                         help=f"TOML run config (default: ${CONFIG_ENV}; built-in defaults when unset)")
@@ -127,7 +127,7 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
 
 
 def run_service(service: str, loop_class, argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m services.<service>``: start, build ``loop_class(ctx)``, run, clean up."""
+    """Entry point of ``python -m streamrl.services.<service>``: start, build ``loop_class(ctx)``, run, clean up."""
     ctx = start_service(service, argv)
     try:
         loop_class(ctx).run()

@@ -15,17 +15,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from prometheus_client import Counter
 
 import zmq
 
-from common.messages import Message, ProtocolError, decode, encode
-from common.metrics import ServiceMetrics
-
-if TYPE_CHECKING:
-    from common.security import Security
+from streamrl.common.messages import Message, ProtocolError, decode, encode
+from streamrl.common.metrics import ServiceMetrics
+from streamrl.common.security import Security
+from streamrl.common.throttle import should_log
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ the connection (crash, partition) is dropped after about 10 + 5 * 3 = 25 s, and
 connecting sockets re-dial. (ZMTP heartbeats, ZMQ_HEARTBEAT_IVL, would notice
 sooner, but with libzmq 4.3 they tripped an assertion, ``!_io_error`` in
 stream_engine_base.cpp, when a process with restarted peers shut down; the
-application-level pulses in :mod:`common.liveness` cover the fast path.)"""
+application-level pulses in :mod:`streamrl.common.liveness` cover the fast path.)"""
 
 
 def make_socket(
@@ -63,12 +62,12 @@ def make_socket(
         hwm: send and receive high-water marks, in messages.
         identity: ``ZMQ_ROUTING_ID`` for DEALER sockets.
         subscribe: topic prefix for SUB sockets (``b""`` = everything).
-        security: CURVE keys and ZAP of this process (:mod:`common.security`); None = no
+        security: CURVE keys and ZAP of this process (:mod:`streamrl.common.security`); None = no
             authentication or encryption.
 
     Raises:
         zmq.ZMQError: the endpoint cannot be bound (e.g. address in use).
-        common.security.SecurityError: ``security`` lacks the key file this socket's role needs.
+        streamrl.common.security.SecurityError: ``security`` lacks the key file this socket's role needs.
     """
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
@@ -155,11 +154,6 @@ def send_when_ready(
         return False
     finally:
         blocked_seconds.inc(time.perf_counter() - start)
-
-
-def should_log(n: int) -> bool:
-    """True for the counts at which a repeated event is logged: 1, 10, 100, 1000, ..."""
-    return n == 1 or (n >= 10 and str(n).strip("0") == "1")
 
 
 class Inbox:

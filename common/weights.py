@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import zmq
 
-from common.messages import (
+from streamrl.common.messages import (
     Error,
     ErrorCode,
     TensorSpec,
@@ -36,10 +36,10 @@ from common.messages import (
     WeightsChunk,
     WeightsChunkRequest,
 )
-from common.metrics import ServiceMetrics
-from common.modes import WeightDtype
-from common.security import Security
-from common.transport import Inbox, make_socket, send, try_send
+from streamrl.common.metrics import ServiceMetrics
+from streamrl.common.modes import WeightDtype
+from streamrl.common.security import Security
+from streamrl.common.transport import Inbox, make_socket, send, try_send
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class WeightServer:
         max_message_bytes: socket and decoder size limit, in bytes.
         hwm: socket high-water mark, in messages.
         keep_versions: how many newest versions stay fetchable.
-        security: CURVE keys of this process (:mod:`common.security`); None = none.
+        security: CURVE keys of this process (:mod:`streamrl.common.security`); None = none.
     """
 
     def __init__(
@@ -320,7 +320,7 @@ class WeightClient:
         timeout_s: seconds without any chunk before outstanding requests are re-sent.
         max_retries: re-sends before a fetch fails.
         max_message_bytes, hwm: socket limits.
-        security: CURVE keys of this process (:mod:`common.security`); None = none.
+        security: CURVE keys of this process (:mod:`streamrl.common.security`); None = none.
     """
 
     def __init__(

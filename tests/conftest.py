@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import Services  # noqa: E402
+from streamrl.testing import Services
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,7 +27,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny char-level Llama + tokenizer saved as a Hugging Face folder."""
-    from common.models import save_tiny_model
+    from streamrl.common.models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 

@@ -6,7 +6,7 @@ of frames (``bytes``) built from valid encoded messages of every kind
 (:func:`samples`) by one of the mutators in :data:`CATEGORIES`, and says what the
 decoder must answer when that is known in advance (``expect``):
 
-* a :class:`~common.messages.RejectReason`: ``decode`` must reject it for that reason;
+* a :class:`~streamrl.common.messages.RejectReason`: ``decode`` must reject it for that reason;
 * :data:`ACCEPTED`: ``decode`` must accept it (a newer schema minor, or a value only
   the service can judge, such as a chunk request for a version that is not held);
 * ``None``: a random mutation (bit flips, inserted bytes, ...) whose outcome is not
@@ -26,8 +26,8 @@ from typing import Any, Iterator
 import msgpack
 import numpy as np
 
-from common import messages as m
-from common.messages import DEFAULT_MAX_FRAMES, MAX_MAP_DEPTH, RejectReason
+from streamrl.common import messages as m
+from streamrl.common.messages import DEFAULT_MAX_FRAMES, MAX_MAP_DEPTH, RejectReason
 
 ACCEPTED = "accepted"
 """``Case.expect`` for a case the decoder must accept."""

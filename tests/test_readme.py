@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from common.config import Config
+from streamrl.common.config import Config
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

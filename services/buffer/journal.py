@@ -21,13 +21,13 @@ Files in the journal directory:
 
 Record layout (little-endian): ``u32 length | u32 crc32(type + payload) | u8
 type | payload``. Payloads are msgpack; messages are stored as their wire
-frames (``common.messages.encode``), so the journal needs no second format.
+frames (``streamrl.common.messages.encode``), so the journal needs no second format.
 A torn or corrupt record (crash mid-write, bad crc) ends a segment: it and
 everything after it in that segment are ignored and counted.
 
 Record types:
 
-* ``ACCEPT`` ``[frames]``: one accepted :class:`~common.messages.ScoredRollout`.
+* ``ACCEPT`` ``[frames]``: one accepted :class:`~streamrl.common.messages.ScoredRollout`.
 * ``REMOVE`` ``{"event", "ids"}``: ids dropped as stale or evicted.
 * ``SERVE`` ``{"ids", "version", "batch"}``: a batch served to the learner
   (its frames); every id's serve count goes up by one and its group goes to the
@@ -58,8 +58,8 @@ from typing import Iterator, Sequence
 
 import msgpack
 
-from common.messages import Batch, ProtocolError, ScoredRollout, decode, encode
-from common.modes import FsyncPolicy
+from streamrl.common.messages import Batch, ProtocolError, ScoredRollout, decode, encode
+from streamrl.common.modes import FsyncPolicy
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class Journal:
 
     Args:
         directory: where segments live (created if missing).
-        fsync: :class:`~common.modes.FsyncPolicy`.
+        fsync: :class:`~streamrl.common.modes.FsyncPolicy`.
         fsync_interval_s: for ``interval``: seconds between fsyncs.
         segment_bytes: a new segment starts past this size, in bytes.
         max_segments: compaction runs when more segments exist.

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import zmq
 
-from common.liveness import Waits
-from common.messages import Batch, BatchRequest, ScoredRollout
-from common.metrics import STALENESS_BUCKETS
-from common.service import ServiceContext
-from common.transport import Inbox, make_socket, send
-from services.buffer.journal import Journal, RecoveredGroup
-from services.buffer.store import REJECT_OUTCOMES, AddOutcome, ReplayBuffer
+from streamrl.common.liveness import Waits
+from streamrl.common.messages import Batch, BatchRequest, ScoredRollout
+from streamrl.common.metrics import STALENESS_BUCKETS
+from streamrl.common.service import ServiceContext
+from streamrl.common.transport import Inbox, make_socket, send
+from streamrl.services.buffer.journal import Journal, RecoveredGroup
+from streamrl.services.buffer.store import REJECT_OUTCOMES, AddOutcome, ReplayBuffer
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Pure, single-threaded, deterministic logic; no sockets, no threads. The buffer
 service (``services/buffer``) owns one :class:`ReplayBuffer`, feeds it every
-:class:`~common.messages.ScoredRollout` it reads and answers batch requests
+:class:`~streamrl.common.messages.ScoredRollout` it reads and answers batch requests
 with :meth:`ReplayBuffer.sample`. Time enters only through the injected
 ``clock`` (seconds, monotonic), used by :meth:`ReplayBuffer.expire`.
 
@@ -98,8 +98,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable, Hashable
 
-from common.messages import ScoredRollout
-from common.modes import OverflowPolicy
+from streamrl.common.messages import ScoredRollout
+from streamrl.common.modes import OverflowPolicy
 
 DEFAULT_DEDUP_WINDOW = 1_000_000
 """How many accepted rollout ids (and closed group ids) are remembered."""
@@ -193,7 +193,7 @@ class ReplayBuffer:
     Args:
         capacity_groups: C, complete groups held before BLOCK reports full or
             EVICT_OLDEST evicts; also the bound on incomplete groups. >= 1.
-        overflow: :class:`~common.modes.OverflowPolicy`.
+        overflow: :class:`~streamrl.common.modes.OverflowPolicy`.
         max_reuse: K, times a group is served before it is removed. >= 1.
         max_staleness: eta, largest staleness (versions) a served group may have. >= 0.
         group_timeout_s: seconds an incomplete group may wait after its first

@@ -20,15 +20,15 @@ import uuid
 
 import zmq
 
-from common.liveness import Waits
-from common.messages import Rollout, SamplingParams
-from common.metrics import ServiceMetrics
-from common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
-from common.service import ServiceContext
-from common.transport import make_socket, send_when_ready
-from common.weights import WeightClient, WeightSyncError, tied_duplicates
-from services.generator.prompts import PromptStream, load_prompts, split_prompts
-from services.generator.sampling import prepare_prompts, sample_completions
+from streamrl.common.liveness import Waits
+from streamrl.common.messages import Rollout, SamplingParams
+from streamrl.common.metrics import ServiceMetrics
+from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
+from streamrl.common.service import ServiceContext
+from streamrl.common.transport import make_socket, send_when_ready
+from streamrl.common.weights import WeightClient, WeightSyncError, tied_duplicates
+from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
+from streamrl.services.generator.sampling import prepare_prompts, sample_completions
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from common.messages import FinishReason, SamplingParams
-from services.generator.prompts import Prompt, format_prompt
+from streamrl.common.messages import FinishReason, SamplingParams
+from streamrl.common.prompts import Prompt, format_prompt
 
 
 @dataclass

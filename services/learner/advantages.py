@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from common.modes import AdvantageEstimator
+from streamrl.common.modes import AdvantageEstimator
 
 __all__ = ["gae", "group_advantages", "per_token_rewards", "whiten"]
 

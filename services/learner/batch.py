@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from common.messages import ScoredRollout
-from services.learner.losses import entropy_from_logits, token_logprobs
+from streamrl.common.messages import ScoredRollout
+from streamrl.services.learner.losses import entropy_from_logits, token_logprobs
 
 
 @dataclass

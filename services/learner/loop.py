@@ -29,17 +29,17 @@ from pathlib import Path
 
 import zmq
 
-from common.liveness import Waits
-from common.messages import Batch, BatchRequest
-from common.metrics import STALENESS_BUCKETS
-from common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
-from common.service import ServiceContext
-from common.transport import Inbox, make_socket, try_send
-from common.weights import WeightServer, pack_state_dict
-from services.learner.batch import collate
-from services.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from services.learner.ptx import PtxSampler
-from services.learner.trainer import PPOTrainer
+from streamrl.common.liveness import Waits
+from streamrl.common.messages import Batch, BatchRequest
+from streamrl.common.metrics import STALENESS_BUCKETS
+from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
+from streamrl.common.service import ServiceContext
+from streamrl.common.transport import Inbox, make_socket, try_send
+from streamrl.common.weights import WeightServer, pack_state_dict
+from streamrl.services.learner.batch import collate
+from streamrl.services.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from streamrl.services.learner.ptx import PtxSampler
+from streamrl.services.learner.trainer import PPOTrainer
 
 log = logging.getLogger(__name__)
 

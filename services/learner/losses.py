@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from common.modes import Correction, KLEstimator
+from streamrl.common.modes import Correction, KLEstimator
 
 __all__ = [
     "PolicyLossStats",

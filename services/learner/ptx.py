@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from common.config import PromptSource
-from services.generator.prompts import PromptStream, load_prompts
-from services.learner.trainer import PtxBatch
+from streamrl.common.config import PromptSource
+from streamrl.common.prompts import PromptStream, load_prompts
+from streamrl.services.learner.trainer import PtxBatch
 
 
 class PtxSampler:

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from common.config import LearnerSection
-from common.modes import AdvantageEstimator, KLPenaltyMode
-from services.learner.advantages import gae, group_advantages, per_token_rewards, whiten
-from services.learner.batch import ModelOutput, TrainBatch, forward_completions
-from services.learner.kl_control import make_kl_controller
-from services.learner.losses import kl_to_reference, masked_mean, policy_loss, sft_loss, value_loss
-from services.learner.normalization import RunningMeanStd
+from streamrl.common.config import LearnerSection
+from streamrl.common.modes import AdvantageEstimator, KLPenaltyMode
+from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards, whiten
+from streamrl.services.learner.batch import ModelOutput, TrainBatch, forward_completions
+from streamrl.services.learner.kl_control import make_kl_controller
+from streamrl.services.learner.losses import kl_to_reference, masked_mean, policy_loss, sft_loss, value_loss
+from streamrl.services.learner.normalization import RunningMeanStd
 
 
 @dataclass

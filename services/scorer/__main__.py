@@ -1,7 +1,7 @@
-"""``python -m services.scorer --config FILE [--set key=value ...] [--index N]``."""
+"""``python -m streamrl.services.scorer --config FILE [--set key=value ...] [--index N]``."""
 
-from common.service import run_service
-from services.scorer.loop import Scorer
+from streamrl.common.service import run_service
+from streamrl.services.scorer.loop import Scorer
 
 if __name__ == "__main__":
     run_service("scorer", Scorer)

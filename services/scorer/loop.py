@@ -13,12 +13,12 @@ import time
 
 import zmq
 
-from common.messages import Rollout, ScoredRollout
-from common.metrics import REWARD_BUCKETS
-from common.models import configure_torch, select_device
-from common.service import ServiceContext
-from common.transport import Inbox, make_socket, send_when_ready
-from services.scorer.rewards import build_reward
+from streamrl.common.messages import Rollout, ScoredRollout
+from streamrl.common.metrics import REWARD_BUCKETS
+from streamrl.common.models import configure_torch, select_device
+from streamrl.common.service import ServiceContext
+from streamrl.common.transport import Inbox, make_socket, send_when_ready
+from streamrl.services.scorer.rewards import build_reward
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ __all__ = [
 
 RewardFn = Callable[[list[str], list[str], list[dict]], list[float]]
 
-_SPEC_EXAMPLE = "services.scorer.rewards:vader_sentiment"
+_SPEC_EXAMPLE = "streamrl.services.scorer.rewards:vader_sentiment"
 
 
 # ---------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def load_function(spec: str) -> Callable[..., Any]:
 
     Args:
         spec: module path and attribute separated by one colon, e.g.
-            ``"services.scorer.rewards:vader_sentiment"``. The attribute may be
+            ``"streamrl.services.scorer.rewards:vader_sentiment"``. The attribute may be
             dotted (``"pkg.mod:Class.method"``).
 
     Returns:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import (
+from streamrl.common.config import (
     Config,
     ConfigError,
     LearnerSection,
@@ -17,7 +17,8 @@ from common.config import (
     parse_override,
     validate_config,
 )
-from common.modes import AdvantageEstimator, Correction, Device, KLEstimator, KLPenaltyMode, OverflowPolicy
+from streamrl.common.modes import AdvantageEstimator, Correction, Device, KLEstimator, KLPenaltyMode, OverflowPolicy
+from streamrl.deploy import DEFAULT_PROMPTS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,8 +62,9 @@ def test_defaults_without_a_file():
     assert cfg.buffer.overflow is OverflowPolicy.BLOCK
     assert cfg.generator.device is Device.AUTO
     assert (cfg.generator.group_size, cfg.generator.temperature, cfg.generator.top_p) == (4, 1.0, 1.0)
-    assert cfg.generator.prompts.path == "deploy/prompts/review_openings.jsonl"
-    assert [r.function for r in cfg.scorer.rewards] == ["services.scorer.rewards:vader_sentiment"]
+    assert Path(cfg.generator.prompts.path) == DEFAULT_PROMPTS and DEFAULT_PROMPTS.is_file()
+    assert cfg.run.output_dir == "runs/streamrl"  # runs/<run.name>, in the current directory
+    assert [r.function for r in cfg.scorer.rewards] == ["streamrl.services.scorer.rewards:vader_sentiment"]
     assert all(e.startswith("tcp://127.0.0.1:") for e in [*cfg.endpoints.scorers, cfg.endpoints.buffer])
 
 
@@ -89,7 +91,7 @@ kind = "csv"
 path = "reviews.csv"
 first_k_words = 5
 [[scorer.rewards]]
-function = "services.scorer.rewards:count_char"
+function = "streamrl.services.scorer.rewards:count_char"
 kwargs = { char = "e" }
 weight = 0.5
 """))
@@ -99,9 +101,9 @@ weight = 0.5
     assert cfg.learner.kl_estimator is KLEstimator.K3
     assert cfg.learner.kl_penalty is KLPenaltyMode.LOSS
     assert cfg.learner.kl_target == 0.02
-    assert cfg.generator.prompts.loader_options() == {"kind": "csv", "path": "reviews.csv",
+    assert cfg.generator.prompts.loader_options() == {"kind": "csv", "path": str(tmp_path / "reviews.csv"),
                                                       "column": "review", "first_k_words": 5}
-    assert cfg.scorer.rewards[0].as_dict() == {"function": "services.scorer.rewards:count_char",
+    assert cfg.scorer.rewards[0].as_dict() == {"function": "streamrl.services.scorer.rewards:count_char",
                                                "weight": 0.5, "kwargs": {"char": "e"}}
     assert cfg.learner.lr == 1e-5  # untouched keys keep defaults
 
@@ -195,7 +197,7 @@ path = "sft.jsonl"
 [generator]
 group_size = 2
 """))
-    assert cfg.learner.ptx_data.path == "sft.jsonl"
+    assert cfg.learner.ptx_data.path == str(tmp_path / "sft.jsonl")
     assert cfg.learner.ptx_coef == 0.1
 
 
@@ -331,3 +333,37 @@ group_size = 1
     assert "did you mean `lr`" in line_for(lines, "learner.lrr")
     assert "less than 1" in line_for(lines, "learner.clip_eps")
     assert "rloo needs groups of at least 2" in line_for(lines, "generator.group_size")
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
+    """Paths written in the file resolve against its folder; --set values against the current
+    directory; hub ids and built-in model names are not paths."""
+    conf = tmp_path / "conf"
+    (conf / "models" / "policy").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    path = write(conf, """
+[run]
+output_dir = "out/run1"
+[model]
+path = "models/policy"
+cache_dir = "../cache"
+[generator.prompts]
+path = "data/prompts.jsonl"
+[[scorer.rewards]]
+model = "./rm"
+[buffer]
+journal_dir = "journal"
+""")
+    cfg = load_config(path, ["learner.ptx_coef=0.1", 'learner.ptx_data.path="sft.jsonl"'])
+    assert cfg.run.output_dir == str(conf / "out" / "run1")
+    assert cfg.model.path == str(conf / "models" / "policy")
+    assert cfg.model.cache_dir == str(tmp_path / "cache")
+    assert cfg.generator.prompts.path == str(conf / "data" / "prompts.jsonl")
+    assert cfg.scorer.rewards[0].model == str(conf / "rm")
+    assert cfg.buffer.journal_dir == str(conf / "journal")
+    assert cfg.learner.ptx_data.path == "sft.jsonl"  # an override: relative to the current directory
+    for name in ("smollm2-135m-instruct", "tiny-char-llama", "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        assert load_config(write(conf, f'[model]\npath = "{name}"\n')).model.path == name
+    assert load_config(write(conf, '[model]\npath = "./missing"\n')).model.path == str(conf / "missing")

@@ -8,8 +8,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from common import messages as m
-from common.messages import ProtocolError, RejectReason
+from streamrl.common import messages as m
+from streamrl.common.messages import ProtocolError, RejectReason
 
 
 def make_rollout(**overrides) -> m.Rollout:

@@ -16,8 +16,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from common import messages as m
-from common.messages import ProtocolError, RejectReason
+from streamrl.common import messages as m
+from streamrl.common.messages import ProtocolError, RejectReason
 from fuzz_frames import ACCEPTED, CATEGORIES, HUGE_CLAIMS, Raw, array_ref, frames_of, hostile, pack, samples, \
     unpack_header
 

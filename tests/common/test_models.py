@@ -1,4 +1,4 @@
-"""Tests for common.models: char tokenizer, tiny model, SmolLM2 conversion cache."""
+"""Tests for streamrl.common.models: char tokenizer, tiny model, SmolLM2 conversion cache."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common import models
-from common.modes import Device
+from streamrl.common import models
+from streamrl.common.modes import Device
 
 CPU = torch.device("cpu")
 

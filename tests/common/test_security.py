@@ -11,11 +11,11 @@ import pytest
 import zmq
 import zmq.auth
 
-from common.messages import BatchRequest, decode
-from common.metrics import ServiceMetrics
-from common.security import Security, SecurityError, authorize, generate_keys, load_allow_list
-from common.transport import make_socket, send
-from support import free_port, wait_until
+from streamrl.common.messages import BatchRequest, decode
+from streamrl.common.metrics import ServiceMetrics
+from streamrl.common.security import Security, SecurityError, authorize, generate_keys, load_allow_list
+from streamrl.common.transport import make_socket, send
+from streamrl.testing import free_port, wait_until
 
 LIMITS = {"max_message_bytes": 1 << 20, "hwm": 8}
 
@@ -190,7 +190,7 @@ def test_unknown_key_gets_nothing_and_is_counted_and_logged(keys, processes, cap
     sub = intruder.socket(zmq.SUB, connect=[endpoint], subscribe=b"")
     friend = processes(keys, "good", "generator")
     good_sub = friend.socket(zmq.SUB, connect=[endpoint], subscribe=b"")
-    with caplog.at_level(logging.WARNING, logger="common.security"):
+    with caplog.at_level(logging.WARNING, logger="streamrl.common.security"):
         assert wait_until(lambda: server.rejected("unknown_key", endpoint) >= 1, timeout=5)
         for version in range(20):  # slow joiner: keep publishing until the friend hears one
             send(pub, request(version))
@@ -228,7 +228,7 @@ def test_client_without_keys_gets_nothing_and_is_counted(keys, processes, caplog
     router = server.socket(zmq.ROUTER, bind=endpoint)
     plain = processes(None, "-", "learner")
     dealer = plain.socket(zmq.DEALER, connect=[f"tcp://127.0.0.1:{port}"])
-    with caplog.at_level(logging.WARNING, logger="common.security"):
+    with caplog.at_level(logging.WARNING, logger="streamrl.common.security"):
         assert wait_until(lambda: server.rejected("no_key", endpoint) >= 1, timeout=5)
     with pytest.raises(zmq.Again):  # IMMEDIATE: nothing is queued for a peer that never connected
         send(dealer, request(1), flags=zmq.NOBLOCK)
@@ -253,9 +253,9 @@ def test_client_with_a_wrong_server_key_is_counted_as_bad_handshake(keys, proces
 def test_weight_push_over_curve_and_a_keyless_generator_gets_nothing(keys, processes):
     import torch
 
-    from common.modes import WeightDtype
-    from common.messages import WeightsChunkRequest
-    from common.weights import WeightClient, WeightServer, pack_state_dict
+    from streamrl.common.modes import WeightDtype
+    from streamrl.common.messages import WeightsChunkRequest
+    from streamrl.common.weights import WeightClient, WeightServer, pack_state_dict
 
     learner = processes(keys, "learner", "learner")
     ann, fetch = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
@@ -288,7 +288,7 @@ def test_weight_push_over_curve_and_a_keyless_generator_gets_nothing(keys, proce
 
 
 def test_config_refuses_non_loopback_endpoints_without_keys(tmp_path):
-    from common.config import ConfigError, is_local_endpoint, load_config
+    from streamrl.common.config import ConfigError, is_local_endpoint, load_config
 
     assert [is_local_endpoint(e) for e in ("tcp://127.0.0.1:1", "tcp://127.3.0.1:1", "tcp://localhost:1",
                                            "tcp://[::1]:1", "ipc:///tmp/x", "inproc://x")] == [True] * 6
@@ -310,7 +310,7 @@ def test_config_refuses_non_loopback_endpoints_without_keys(tmp_path):
 
 
 def test_cli_generates_and_authorizes(tmp_path, capsys):
-    from common.cli import build_parser
+    from streamrl.cli import build_parser
 
     def cli(*argv) -> int:
         args = build_parser().parse_args(list(argv))

@@ -6,10 +6,10 @@ import threading
 
 import zmq
 
-from common.messages import BatchRequest, decode
-from common.metrics import ServiceMetrics
-from common.transport import make_socket, send_when_ready, try_send
-from support import free_port
+from streamrl.common.messages import BatchRequest, decode
+from streamrl.common.metrics import ServiceMetrics
+from streamrl.common.transport import make_socket, send_when_ready, try_send
+from streamrl.testing import free_port
 
 
 def test_send_when_ready_waits_for_a_peer_and_counts_the_wait():

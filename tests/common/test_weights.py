@@ -8,11 +8,11 @@ import pytest
 import torch
 import zmq
 
-from common.messages import WeightsChunkRequest
-from common.metrics import ServiceMetrics
-from common.modes import WeightDtype
-from common.transport import make_socket, send
-from common.weights import (
+from streamrl.common.messages import WeightsChunkRequest
+from streamrl.common.metrics import ServiceMetrics
+from streamrl.common.modes import WeightDtype
+from streamrl.common.transport import make_socket, send
+from streamrl.common.weights import (
     WeightClient,
     WeightServer,
     WeightSyncError,

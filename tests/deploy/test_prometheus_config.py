@@ -8,8 +8,8 @@ import subprocess
 import pytest
 import yaml
 
-from common.config import validate_config
-from common.status import targets
+from streamrl.common.config import validate_config
+from streamrl.status import targets
 from support import REPO
 
 SHIPPED = REPO / "deploy" / "prometheus.yml"

@@ -19,9 +19,9 @@ import pytest
 import zmq
 import zmq.auth
 
-from common.messages import BatchRequest, WeightsAnnounce, WeightsChunk, WeightsChunkRequest, decode, encode
-from common.security import generate_keys
-from support import local_run_config, scrape, wait_until, write_config
+from streamrl.common.messages import BatchRequest, WeightsAnnounce, WeightsChunk, WeightsChunkRequest, decode, encode
+from streamrl.common.security import generate_keys
+from streamrl.testing import local_run_config, scrape, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 

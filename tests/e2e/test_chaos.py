@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-from common.modes import FsyncPolicy
-from services.buffer.journal import Journal
-from support import local_run_config, wait_until, write_config
+from streamrl.common.modes import FsyncPolicy
+from streamrl.services.buffer.journal import Journal
+from streamrl.testing import local_run_config, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 

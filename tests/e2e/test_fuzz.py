@@ -27,12 +27,12 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from common import messages as m
-from common.messages import ProtocolError
-from common.metrics import ServiceMetrics
-from common.weights import WeightClient, WeightSyncError
+from streamrl.common import messages as m
+from streamrl.common.messages import ProtocolError
+from streamrl.common.metrics import ServiceMetrics
+from streamrl.common.weights import WeightClient, WeightSyncError
 from fuzz_frames import frames_of, hostile
-from support import local_run_config, scrape, wait_until, write_config
+from streamrl.testing import local_run_config, scrape, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from support import local_run_config, scrape, wait_until, write_config
+from streamrl.testing import local_run_config, scrape, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 

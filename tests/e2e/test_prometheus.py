@@ -19,9 +19,10 @@ import urllib.request
 import pytest
 import yaml
 
-from common.config import MetricsSection
+from streamrl.common.config import MetricsSection
 from promql import load_dashboard, metric_names, queries, to_prometheus
-from support import REPO, free_port, local_run_config, wait_until, write_config
+from streamrl.testing import free_port, local_run_config, wait_until, write_config
+from support import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +76,7 @@ def prometheus_run(tmp_path_factory, tiny_model_dir):
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail("the prometheus binary is not on PATH: run `make setup` (installs the Debian package prometheus)")
-    from support import Services
+    from streamrl.testing import Services
 
     tmp = tmp_path_factory.mktemp("prometheus_run")
     sections = local_run_config(tmp, tiny_model_dir, scorers=SCORERS, learner={"total_steps": 1000})

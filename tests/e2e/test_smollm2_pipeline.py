@@ -7,13 +7,15 @@ import json
 import pytest
 import torch
 
-from support import REPO, local_run_config, scrape, wait_until, write_config
+from streamrl.testing import local_run_config, scrape, wait_until, write_config
+
+from support import REPO
 
 pytestmark = pytest.mark.slow
 
 
 def test_smollm2_trains_with_vader_reward(tmp_path, services):
-    from common.models import SMOLLM2_NAME, resolve_model_path
+    from streamrl.common.models import SMOLLM2_NAME, resolve_model_path
 
     base = resolve_model_path(SMOLLM2_NAME)  # converted once per machine into the cache
     sections = local_run_config(
@@ -21,7 +23,7 @@ def test_smollm2_trains_with_vader_reward(tmp_path, services):
         run={"max_staleness": 1},
         generator={"max_new_tokens": 6, "group_size": 2, "prompts_per_batch": 2,
                    "prompts": {"kind": "jsonl", "path": str(REPO / "deploy/prompts/review_openings.jsonl")}},
-        scorer={"rewards": [{"function": "services.scorer.rewards:vader_sentiment"}]},
+        scorer={"rewards": [{"function": "streamrl.services.scorer.rewards:vader_sentiment"}]},
         buffer={"capacity_groups": 4},
         learner={"total_steps": 3, "groups_per_step": 2, "lr": 1e-4, "kl_coef": 0.05},
         transport={"weight_dtype": "bfloat16", "announce_interval_s": 0.5, "request_timeout_s": 20.0},

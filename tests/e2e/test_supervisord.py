@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO, local_run_config, wait_until, write_config
+from streamrl.testing import local_run_config, wait_until, write_config
+
+from support import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from common.messages import Batch, encode
-from common.modes import FsyncPolicy, OverflowPolicy
-from services.buffer.journal import Journal, RecoveredGroup, _segments
-from services.buffer.store import AddOutcome, ReplayBuffer
+from streamrl.common.messages import Batch, encode
+from streamrl.common.modes import FsyncPolicy, OverflowPolicy
+from streamrl.services.buffer.journal import Journal, RecoveredGroup, _segments
+from streamrl.services.buffer.store import AddOutcome, ReplayBuffer
 from support import scored_item
 
 

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from common.modes import OverflowPolicy
-from services.buffer.store import AddOutcome, ReplayBuffer, Sample
+from streamrl.common.modes import OverflowPolicy
+from streamrl.services.buffer.store import AddOutcome, ReplayBuffer, Sample
 from support import scored_item as item
 
 BLOCK = OverflowPolicy.BLOCK
@@ -478,7 +478,7 @@ def test_version_heaps_stay_bounded_under_long_reuse():
 
 
 def test_admission_capacity_bounds_buffer_to_what_learner_uses_within_eta():
-    from services.buffer.loop import admission_capacity
+    from streamrl.services.buffer.loop import admission_capacity
 
     assert admission_capacity(64, 4, 2) == 12  # 3 versions x 4 groups
     assert admission_capacity(8, 4, 2) == 8  # the configured capacity is smaller

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.messages import FinishReason, SamplingParams
-from common.models import build_char_tokenizer, build_tiny_model
-from services.generator.sampling import Completion, encode_prompts, sample_completions
+from streamrl.common.messages import FinishReason, SamplingParams
+from streamrl.common.models import build_char_tokenizer, build_tiny_model
+from streamrl.services.generator.sampling import Completion, encode_prompts, sample_completions
 
 PROMPT_TEXTS = ["Hello there, friend", "abc"]  # 19 and 3 tokens: left padding is exercised
 MAX_NEW = 12

@@ -8,8 +8,8 @@ import pytest
 import torch
 from support import fill_garbage, ragged_mask
 
-from common.modes import AdvantageEstimator
-from services.learner.advantages import gae, group_advantages, per_token_rewards, whiten
+from streamrl.common.modes import AdvantageEstimator
+from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards, whiten
 
 ATOL = 1e-6
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
-from common.models import build_char_tokenizer, build_tiny_model
-from services.learner.batch import TrainBatch, collate, forward_completions
+from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
+from streamrl.common.models import build_char_tokenizer, build_tiny_model
+from streamrl.services.learner.batch import TrainBatch, collate, forward_completions
 
 FIELDS = ["input_ids", "attention_mask", "positions", "tokens", "mask", "behaviour_logprobs",
           "scores", "group_ids", "versions"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from common.models import build_char_tokenizer, build_tiny_model
-from services.learner.checkpoint import MARKER, latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
-from services.learner.loop import read_published_version, write_published_version
+from streamrl.common.models import build_char_tokenizer, build_tiny_model
+from streamrl.services.learner.checkpoint import MARKER, latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
+from streamrl.services.learner.loop import read_published_version, write_published_version
 
 TOKENIZER = build_char_tokenizer()
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from services.learner.kl_control import (
+from streamrl.services.learner.kl_control import (
     AdaptiveKLController,
     FixedKLController,
     make_kl_controller,

@@ -12,13 +12,13 @@ import copy
 import numpy as np
 import torch
 
-from common.config import LearnerSection
-from common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
-from common.models import build_char_tokenizer, build_tiny_model
-from services.generator.sampling import encode_prompts, sample_completions
-from services.learner.batch import collate
-from services.learner.trainer import PPOTrainer
-from services.scorer.rewards import count_char
+from streamrl.common.config import LearnerSection
+from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
+from streamrl.common.models import build_char_tokenizer, build_tiny_model
+from streamrl.services.generator.sampling import encode_prompts, sample_completions
+from streamrl.services.learner.batch import collate
+from streamrl.services.learner.trainer import PPOTrainer
+from streamrl.services.scorer.rewards import count_char
 
 PROMPTS = ["The film was", "I think that", "My review:", "Overall it is"]
 

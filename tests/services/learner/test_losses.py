@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from support import fill_garbage, ragged_mask
 
-from common.modes import Correction, KLEstimator
-from services.learner.losses import (
+from streamrl.common.modes import Correction, KLEstimator
+from streamrl.services.learner.losses import (
     PolicyLossStats,
     entropy_from_logits,
     kl_to_reference,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.learner.normalization import RunningMeanStd
+from streamrl.services.learner.normalization import RunningMeanStd
 
 
 def test_matches_numpy_on_concatenated_batches():

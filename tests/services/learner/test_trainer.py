@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import LearnerSection
-from common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
-from common.models import build_char_tokenizer, build_tiny_model
-from services.learner.batch import TrainBatch, collate, forward_completions
-from services.learner.trainer import PPOTrainer, PtxBatch
+from streamrl.common.config import LearnerSection
+from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
+from streamrl.common.models import build_char_tokenizer, build_tiny_model
+from streamrl.services.learner.batch import TrainBatch, collate, forward_completions
+from streamrl.services.learner.trainer import PPOTrainer, PtxBatch
 
 TOKENIZER = build_char_tokenizer()
 

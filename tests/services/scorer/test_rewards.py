@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.scorer import rewards
-from services.scorer.rewards import (
+from streamrl.services.scorer import rewards
+from streamrl.services.scorer.rewards import (
     CompositeReward,
     RewardComponent,
     RewardModelScorer,
@@ -139,28 +139,28 @@ def test_count_char_bad_args() -> None:
 
 
 def test_load_function_ok() -> None:
-    assert load_function("services.scorer.rewards:vader_sentiment") is vader_sentiment
+    assert load_function("streamrl.services.scorer.rewards:vader_sentiment") is vader_sentiment
     assert load_function("os.path:join") is __import__("os").path.join
 
 
 @pytest.mark.parametrize(
     ("spec", "fragment"),
     [
-        ("services.scorer.rewards.vader_sentiment", "malformed"),
+        ("streamrl.services.scorer.rewards.vader_sentiment", "malformed"),
         ("a:b:c", "malformed"),
         (":vader_sentiment", "malformed"),
-        ("services.scorer.rewards:", "malformed"),
-        ("services.scorer.rewards:not a name", "malformed"),
+        ("streamrl.services.scorer.rewards:", "malformed"),
+        ("streamrl.services.scorer.rewards:not a name", "malformed"),
         ("no_such_pkg_xyz.mod:fn", "not found"),
-        ("services.scorer.rewards:no_such_fn", "no attribute"),
-        ("services.scorer.rewards:__all__", "not callable"),
+        ("streamrl.services.scorer.rewards:no_such_fn", "no attribute"),
+        ("streamrl.services.scorer.rewards:__all__", "not callable"),
     ],
 )
 def test_load_function_errors(spec: str, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment) as info:
         load_function(spec)
     if fragment in ("malformed", "not found", "no attribute"):
-        assert "services.scorer.rewards:vader_sentiment" in str(info.value)
+        assert "streamrl.services.scorer.rewards:vader_sentiment" in str(info.value)
 
 
 def test_load_function_not_a_string() -> None:
@@ -220,8 +220,8 @@ def test_composite_constructor_errors() -> None:
 def test_build_reward_functions_with_kwargs_and_names() -> None:
     reward = build_reward(
         [
-            {"function": "services.scorer.rewards:count_char", "weight": 2.0, "kwargs": {"char": "b"}},
-            {"function": "services.scorer.rewards:count_char", "name": "a_count"},
+            {"function": "streamrl.services.scorer.rewards:count_char", "weight": 2.0, "kwargs": {"char": "b"}},
+            {"function": "streamrl.services.scorer.rewards:count_char", "name": "a_count"},
         ],
         device=CPU,
     )
@@ -235,17 +235,17 @@ def test_build_reward_functions_with_kwargs_and_names() -> None:
     ("specs", "fragment"),
     [
         ([], "non-empty"),
-        (["services.scorer.rewards:count_char"], "expected a dict"),
+        (["streamrl.services.scorer.rewards:count_char"], "expected a dict"),
         ([{"weight": 1.0}], "exactly one of"),
-        ([{"function": "services.scorer.rewards:count_char", "model": "/x"}], "exactly one of"),
-        ([{"function": "services.scorer.rewards:count_char", "batch_size": 3}], "unknown keys"),
-        ([{"function": "services.scorer.rewards:count_char", "weight": "heavy"}], "weight"),
-        ([{"function": "services.scorer.rewards:count_char", "weight": math.inf}], "weight"),
-        ([{"function": "services.scorer.rewards:count_char", "kwargs": [1]}], "kwargs"),
-        ([{"function": "services.scorer.rewards:count_char", "kwargs": {"chr": "a"}}], "cannot be called"),
-        ([{"function": "services.scorer.rewards:nope"}], "no attribute"),
+        ([{"function": "streamrl.services.scorer.rewards:count_char", "model": "/x"}], "exactly one of"),
+        ([{"function": "streamrl.services.scorer.rewards:count_char", "batch_size": 3}], "unknown keys"),
+        ([{"function": "streamrl.services.scorer.rewards:count_char", "weight": "heavy"}], "weight"),
+        ([{"function": "streamrl.services.scorer.rewards:count_char", "weight": math.inf}], "weight"),
+        ([{"function": "streamrl.services.scorer.rewards:count_char", "kwargs": [1]}], "kwargs"),
+        ([{"function": "streamrl.services.scorer.rewards:count_char", "kwargs": {"chr": "a"}}], "cannot be called"),
+        ([{"function": "streamrl.services.scorer.rewards:nope"}], "no attribute"),
         (
-            [{"function": "services.scorer.rewards:count_char"}, {"function": "services.scorer.rewards:count_char"}],
+            [{"function": "streamrl.services.scorer.rewards:count_char"}, {"function": "streamrl.services.scorer.rewards:count_char"}],
             "duplicate",
         ),
     ],
@@ -342,7 +342,7 @@ def test_reward_model_via_build_reward(tiny_rm_dir: Path) -> None:
     reward = build_reward(
         [
             {"model": str(tiny_rm_dir), "weight": 0.5, "batch_size": 2},
-            {"function": "services.scorer.rewards:count_char", "weight": 1.0, "kwargs": {"char": "a"}},
+            {"function": "streamrl.services.scorer.rewards:count_char", "weight": 1.0, "kwargs": {"char": "a"}},
         ],
         device=CPU,
     )

@@ -2,7 +2,7 @@
 
 ``streamrl run --config FILE [--generators N] [--scorers M] [--set key=value ...]``
 validates the config, then starts every service as its own process from
-``deploy/Procfile`` with honcho; when the learner finishes (or any process
+the Procfile that ships in the package (``streamrl.deploy``) with honcho, in the current directory; when the learner finishes (or any process
 dies) honcho stops the others; with ``--eval`` the initial and final policies are scored
 on held-out prompts, and a summary (JSON) and learning curve (PNG) are written to
 the run's output folder. ``streamrl eval`` scores one checkpoint;
@@ -20,15 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import ConfigError, load_config
-from common.service import CONFIG_ENV, OVERRIDES_ENV
+from streamrl import __version__
+from streamrl.common.config import ConfigError, load_config
+from streamrl.common.service import CONFIG_ENV, OVERRIDES_ENV
+from streamrl.deploy import DEFAULT_CONFIG, PROCFILE
 
-REPO = Path(__file__).resolve().parents[1]
-PROCFILE = REPO / "deploy" / "Procfile"
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="deploy/configs/default.toml", help="TOML run config")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
+                        help="TOML run config (default: the packaged default job, streamrl.deploy/configs/default.toml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (repeatable), e.g. --set learner.total_steps=20")
 
@@ -51,8 +52,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Score one model folder on held-out prompts and print reward +- stderr, KL and samples."""
-    from common.evaluation import evaluate
-    from common.models import resolve_model_path
+    from streamrl.evaluation import evaluate
+    from streamrl.common.models import resolve_model_path
 
     config = _load(args)
     path = args.checkpoint or resolve_model_path(config.model.path, config.model.cache_path)
@@ -67,13 +68,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def evaluate_run(config, args, started: float) -> dict:
     """After a run: evaluate the final checkpoint, plot the curve, write and print the summary."""
-    from common.evaluation import evaluate
-    from common.report import plot_learning_curve, read_metrics
-    from services.learner.checkpoint import latest_checkpoint
+    from streamrl.evaluation import evaluate
+    from streamrl.report import plot_learning_curve, read_metrics
+    from streamrl.services.learner.checkpoint import latest_checkpoint
 
     output = Path(config.run.output_dir)
-    if not output.is_absolute():
-        output = REPO / output
     records = read_metrics(output / "metrics.jsonl")
     final = latest_checkpoint(output / "checkpoints")
     summary: dict = {"config": str(args.config), "overrides": args.overrides, "steps": len(records),
@@ -110,8 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.time()
     args.before = None
     if args.eval:
-        from common.evaluation import evaluate
-        from common.models import resolve_model_path
+        from streamrl.evaluation import evaluate
+        from streamrl.common.models import resolve_model_path
 
         base = resolve_model_path(config.model.path, config.model.cache_path)
         print("streamrl: evaluating the initial policy on held-out prompts ...", flush=True)
@@ -128,18 +127,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     env[OVERRIDES_ENV] = "\n".join(args.overrides)
     env["PYTHON"] = sys.executable
     env.setdefault("PYTHONUNBUFFERED", "1")
-    command = [sys.executable, "-m", "honcho", "-f", str(PROCFILE), "-d", str(REPO), "start",
+    command = [sys.executable, "-m", "honcho", "-f", str(PROCFILE), "-d", os.getcwd(), "start",
                "-c", f"generator={args.generators},scorer={scorers}"]
     print(f"streamrl: starting learner, buffer, {scorers} scorer(s) and {args.generators} generator(s); "
           f"output in {config.run.output_dir}", flush=True)
-    code = subprocess.call(command, env=env, cwd=REPO)
+    code = subprocess.call(command, env=env)
     evaluate_run(config, args, started)
     return code
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print (or with --watch keep refreshing) the status table of a running job."""
-    from common.status import render
+    from streamrl.status import render
 
     config = _load(args)
     while True:
@@ -152,7 +151,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """``keys generate``: server and client CURVE key pairs and the allow-list; ``keys authorize``: add a client."""
-    from common.security import SecurityError, authorize, generate_keys
+    from streamrl.common.security import SecurityError, authorize, generate_keys
 
     try:
         if args.keys_command == "generate":
@@ -172,6 +171,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``streamrl`` command and its subcommands."""
     parser = argparse.ArgumentParser(prog="streamrl", description="Streaming actor-learner RL for language models")
+    parser.add_argument("--version", action="version", version=f"streamrl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start all services (honcho) and train")
     _add_config_args(run)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.generator.prompts import (
+from streamrl.common.prompts import (
     PROMPT_KINDS,
     Prompt,
     PromptStream,
@@ -22,7 +22,7 @@ from services.generator.prompts import (
     split_prompts,
 )
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / ".." / "shared" / "data"
 DEFAULT_PROMPTS = REPO / "deploy" / "prompts" / "review_openings.jsonl"
 
@@ -168,7 +168,7 @@ def test_split_stable_across_processes() -> None:
     prompts = _items(300)
     _, evaluation = split_prompts(prompts, eval_fraction=0.25, seed=3)
     code = (
-        "from services.generator.prompts import Prompt, split_prompts\n"
+        "from streamrl.common.prompts import Prompt, split_prompts\n"
         "ps=[Prompt(f'id{i}', 't', {}) for i in range(300)]\n"
         "print(','.join(p.prompt_id for p in split_prompts(ps, eval_fraction=0.25, seed=3)[1]))\n"
     )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.config import Config
+from streamrl.common.config import Config
 
 
 @dataclass

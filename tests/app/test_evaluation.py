@@ -6,11 +6,11 @@ import math
 
 import torch
 
-from common.config import validate_config
-from common.evaluation import evaluate, held_out_prompts
-from common.models import build_char_tokenizer, build_tiny_model
-from common.report import plot_learning_curve
-from services.generator.prompts import load_prompts, split_prompts
+from streamrl.common.config import validate_config
+from streamrl.evaluation import evaluate, held_out_prompts
+from streamrl.common.models import build_char_tokenizer, build_tiny_model
+from streamrl.report import plot_learning_curve
+from streamrl.common.prompts import load_prompts, split_prompts
 from support import REPO
 
 
@@ -19,7 +19,7 @@ def tiny_config(model_dir):
         "model": {"path": str(model_dir)},
         "generator": {"max_new_tokens": 10, "prompts": {"path": str(REPO / "deploy/prompts/review_openings.jsonl"),
                                                          "eval_fraction": 0.1}},
-        "scorer": {"rewards": [{"function": "services.scorer.rewards:count_char", "kwargs": {"char": "e"}}]},
+        "scorer": {"rewards": [{"function": "streamrl.services.scorer.rewards:count_char", "kwargs": {"char": "e"}}]},
         "learner": {"device": "cpu"},
     })
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from common.config import validate_config
-from common.metrics import ServiceMetrics
-from common.status import render
-from support import free_port
+from streamrl.common.config import validate_config
+from streamrl.common.metrics import ServiceMetrics
+from streamrl.status import render
+from streamrl.testing import free_port
 
 
 def test_status_table_from_live_endpoints(monkeypatch):
@@ -23,7 +23,7 @@ def test_status_table_from_live_endpoints(monkeypatch):
     cfg = validate_config({"metrics": {"buffer_port": port, "generator_port": gport,
                                        "learner_port": free_port(), "scorer_port": free_port()}})
     # 10 rollouts arrive between the two scrapes, which are "2 s" apart
-    monkeypatch.setattr("common.status.time.sleep", lambda seconds: inserted.inc(10))
+    monkeypatch.setattr("streamrl.status.time.sleep", lambda seconds: inserted.inc(10))
     table = render(cfg, generators=2, interval=2.0).splitlines()
     rows = {line.split()[0]: line for line in table[1:]}
     assert rows["learner-0"].split()[1] == "DOWN" and rows["scorer-0"].split()[1] == "DOWN"

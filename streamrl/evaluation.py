@@ -16,13 +16,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from common.config import Config
-from common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
-from common.models import load_causal_lm, load_tokenizer, resolve_model_path, select_device
-from services.generator.prompts import load_prompts, split_prompts
-from services.generator.sampling import prepare_prompts, sample_completions
-from services.learner.batch import collate, forward_completions
-from services.scorer.rewards import build_reward
+from streamrl.common.config import Config
+from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
+from streamrl.common.models import load_causal_lm, load_tokenizer, resolve_model_path, select_device
+from streamrl.common.prompts import load_prompts, split_prompts
+from streamrl.services.generator.sampling import prepare_prompts, sample_completions
+from streamrl.services.learner.batch import collate, forward_completions
+from streamrl.services.scorer.rewards import build_reward
 
 
 @dataclass

@@ -1,0 +1,5 @@
+"""``python -m streamrl`` is the ``streamrl`` command."""
+
+from streamrl.cli import main
+
+main()

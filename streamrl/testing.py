@@ -1,0 +1,153 @@
+"""Helpers for running real services on loopback, shared by tests/ and bench/.
+
+Fresh loopback ports, run configs written as TOML, a process group of service
+processes that is always cleaned up, metric scrapes and polling waits. Used by
+the test suite and the benchmarks (and usable by anyone testing a reward or a
+deployment against real processes).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from streamrl.deploy import DEFAULT_PROMPTS
+from streamrl.status import read as read_metrics
+
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return repr(value)
+
+
+def write_config(path: Path, sections: dict) -> Path:
+    """Write ``{section: {key: value}}`` as TOML (list-of-table values become [[arrays]])."""
+    lines = []
+    for section, values in sections.items():
+        tables = {k: v for k, v in values.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items() if k not in tables]
+        for key, items in tables.items():
+            for item in items:
+                lines.append(f"[[{section}.{key}]]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in item.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def local_run_config(tmp_path: Path, model_dir: Path, *, scorers: int = 1, **overrides) -> dict:
+    """Config sections for a run on loopback with fresh ports; ``overrides`` = {section: {key: value}}."""
+    sections = {
+        "run": {"output_dir": str(tmp_path / "run"), "max_staleness": 1, "seed": 0},
+        "model": {"path": str(model_dir)},
+        "endpoints": {
+            "scorers": [f"tcp://127.0.0.1:{free_port()}" for _ in range(scorers)],
+            "buffer": f"tcp://127.0.0.1:{free_port()}",
+            "batches": f"tcp://127.0.0.1:{free_port()}",
+            "weights_announce": f"tcp://127.0.0.1:{free_port()}",
+            "weights": f"tcp://127.0.0.1:{free_port()}",
+        },
+        "transport": {"announce_interval_s": 0.2, "request_timeout_s": 5.0},
+        "metrics": {
+            "generator_port": free_port(),
+            "scorer_port": free_port(),
+            "buffer_port": free_port(),
+            "learner_port": free_port(),
+        },
+        "generator": {"max_new_tokens": 12, "group_size": 4, "prompts_per_batch": 2,
+                      "prompts": {"kind": "jsonl", "path": str(DEFAULT_PROMPTS)}},
+        "scorer": {"rewards": [{"function": "streamrl.services.scorer.rewards:count_char", "kwargs": {"char": "e"}}]},
+        "buffer": {"capacity_groups": 8},
+        "learner": {"total_steps": 6, "groups_per_step": 2, "lr": 1e-3, "batch_timeout_s": 120.0},
+    }
+    for section, values in overrides.items():
+        sections.setdefault(section, {}).update(values)
+    return sections
+
+
+class Services:
+    """Starts service processes (``python -m streamrl.services.<name>``) and always cleans them up."""
+
+    def __init__(self, config: Path, log_dir: Path):
+        self.config = config
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, service: str, index: int = 0, *extra: str) -> subprocess.Popen:
+        name = f"{service}-{index}"
+        log = open(self.log_dir / f"{name}.log", "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", f"streamrl.services.{service}", "--config", str(self.config), "--index", str(index), *extra],
+            cwd=self.log_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str, sig=signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def logs(self) -> str:
+        out = []
+        for path in sorted(self.log_dir.glob("*.log")):
+            out.append(f"===== {path.name}\n" + path.read_text(errors="replace")[-4000:])
+        return "\n".join(out)
+
+    def close(self) -> None:
+        """SIGTERM every process at once, then wait (and kill what does not exit in 10 s)."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name in list(self.procs):
+            self.stop(name, timeout=10.0)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Samples of a service's metrics endpoint on 127.0.0.1 (``{'name{k=v}': value}``).
+
+    Raises:
+        ConnectionError: nothing serves metrics on ``port``.
+    """
+    samples = read_metrics("127.0.0.1", port, timeout=5.0)
+    if samples is None:
+        raise ConnectionError(f"no metrics endpoint on port {port}")
+    return samples
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+

@@ -1,0 +1,142 @@
+"""The import graph keeps its layers: ``streamrl.common`` imports no service, no service
+imports another, nothing in the library imports the application (``streamrl.cli`` etc.),
+and no module imports ``tests`` or ``bench``.
+
+Every ``import``/``from ... import`` in the source (top level, inside functions, and under
+``TYPE_CHECKING``) counts; the check parses the files with :mod:`ast` and imports nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ROOTS = {"streamrl.common": REPO / "common", "streamrl.services": REPO / "services",
+         "streamrl.deploy": REPO / "deploy", "streamrl": REPO / "streamrl"}
+APPLICATION = "streamrl"
+
+
+def module_name(path: Path) -> str:
+    """Import name of a source file under one of ``ROOTS``."""
+    for package, root in ROOTS.items():
+        if root in path.parents:
+            parts = path.relative_to(root).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            return ".".join((package, *parts))
+    raise ValueError(path)
+
+
+def imports_of(source: str, module: str) -> set[str]:
+    """Absolute names of every module that ``source`` (module ``module``) imports."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")[: -node.level]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            found.add(name)
+            found.update(f"{name}.{alias.name}" for alias in node.names)
+    return found
+
+
+def layer(name: str) -> tuple[str, str | None] | None:
+    """``("common", None)``, ``("service", "learner")``, ``("app", None)`` or None (third party)."""
+    parts = name.split(".")
+    if parts[0] in ("tests", "bench", "support"):
+        return ("test", None)
+    if parts[0] != "streamrl":
+        return None
+    if len(parts) > 1 and parts[1] in ("common", "deploy"):
+        return ("common", None)
+    if len(parts) > 1 and parts[1] == "services":
+        return ("service", parts[2]) if len(parts) > 2 else ("service", None)
+    if len(parts) == 1:  # `import streamrl` (the package root: version only)
+        return ("root", None)
+    return ("app", None)
+
+
+def violations(module: str, imported: set[str]) -> list[str]:
+    """Layering rules broken by ``module`` importing ``imported``, one line each."""
+    own = layer(module)
+    problems, reported = [], set()
+    for name in sorted(imported):
+        other = layer(name)
+        if other is None or other[0] == "root" or other in reported:
+            continue
+        reported.add(other)
+        if other[0] == "test":
+            problems.append(f"{module} imports {name}: the package never imports tests/ or bench/")
+        elif own[0] == "common" and other[0] in ("service", "app"):
+            problems.append(f"{module} imports {name}: streamrl.common is a library and imports no "
+                            "service and no application module")
+        elif own[0] == "service" and other[0] == "app":
+            problems.append(f"{module} imports {name}: a service imports no application module")
+        elif own[0] == "service" and other[0] == "service" and other[1] not in (None, own[1]):
+            problems.append(f"{module} imports {name}: services do not import each other; move the shared "
+                            "code to streamrl.common")
+    return problems
+
+
+def source_files():
+    for root in ROOTS.values():
+        yield from sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_layers_hold_in_the_source_tree():
+    problems = []
+    for path in source_files():
+        name = module_name(path)
+        problems += violations(name, imports_of(path.read_text(), name))
+    assert not problems, "\n".join(problems)
+
+
+def test_no_import_cycles_in_common():
+    """``streamrl.common`` modules form a DAG (a cycle once joined security and transport)."""
+    graph = {}
+    for path in sorted((REPO / "common").glob("*.py")):
+        name = module_name(path)
+        graph[name] = {i for i in imports_of(path.read_text(), name) if i.startswith("streamrl.common.")
+                       and i.count(".") == 2}
+    for start in graph:
+        stack, seen = [(start, (start,))], set()
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph.get(node, ()):
+                assert nxt != start, "import cycle: " + " -> ".join((*trail, nxt))
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, (*trail, nxt)))
+
+
+@pytest.mark.parametrize("module, planted, rule", [
+    ("streamrl.common.evaluation_like", "from streamrl.services.generator.sampling import sample_completions",
+     "imports no service"),
+    ("streamrl.common.x", "import streamrl.cli", "no application module"),
+    ("streamrl.services.learner.ptx", "from streamrl.services.generator import loop", "do not import each other"),
+    ("streamrl.services.learner.ptx", "from ..generator.sampling import x", "do not import each other"),
+    ("streamrl.services.scorer.loop", "def f():\n    from streamrl.status import read", "no application module"),
+    ("streamrl.cli", "from tests.support import REPO", "never imports tests/"),
+    ("streamrl.common.transport", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+     "    from streamrl.services.buffer.store import ReplayBuffer", "imports no service"),
+])
+def test_a_planted_import_is_caught(module, planted, rule):
+    found = violations(module, imports_of(planted, module))
+    assert len(found) == 1 and rule in found[0], found
+
+
+@pytest.mark.parametrize("module, allowed", [
+    ("streamrl.services.learner.loop", "from streamrl.services.learner.batch import collate"),
+    ("streamrl.services.learner.loop", "from .batch import collate"),
+    ("streamrl.services.generator.loop", "from streamrl.common.prompts import load_prompts"),
+    ("streamrl.cli", "from streamrl.services.learner.checkpoint import latest_checkpoint"),
+    ("streamrl.common.config", "from streamrl.deploy import DEFAULT_PROMPTS"),
+])
+def test_allowed_imports_pass(module, allowed):
+    assert violations(module, imports_of(allowed, module)) == []
