@@ -7,12 +7,13 @@ PY := $(VENV)/bin/python
 # requirement of transformers does not pull GBs of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup prometheus run tiny test
+.PHONY: setup prometheus run tiny test bench
 
-setup: $(VENV)/.installed prometheus
+# Python side only: no root, no system packages. `make run` needs nothing more.
+setup: $(VENV)/.installed
 
-# Prometheus and promtool (Debian package `prometheus`) for the real-Prometheus
-# test. Nothing to do when both are on PATH; otherwise apt installs them
+# Prometheus and promtool (Debian package `prometheus`), needed only by the
+# real-Prometheus test (`make test`), never by `make run`. Nothing to do when both are on PATH; otherwise apt installs them
 # (as root, else through sudo). The package's own service is kept from starting:
 # a temporary policy-rc.d denies it where none exists (CI containers have no init).
 prometheus:
@@ -40,7 +41,7 @@ run: setup
 tiny: setup
 	$(VENV)/bin/streamrl run --config deploy/configs/tiny.toml --generators 2
 
-test: setup
+test: setup prometheus
 	$(PY) -m pytest
 
 # The four benchmarks of bench/ (about 45 minutes on 2 cores; not part of `make test`).
