@@ -1,9 +1,11 @@
 """The ``streamrl`` command.
 
 ``streamrl run --config FILE [--generators N] [--scorers M] [--set key=value ...]``
-validates the config, then starts every service as its own process from
-the Procfile that ships in the package (``streamrl.deploy``) with honcho, in the current directory; when the learner finishes (or any process
-dies) honcho stops the others; with ``--eval`` the initial and final policies are scored
+validates the config, then starts every service as its own process from the
+Procfile that ships in the package (``streamrl.deploy``) with honcho's process
+manager (:mod:`streamrl.launcher`), in the current directory; when the learner
+finishes (or any process dies, or ``streamrl run`` gets SIGTERM/SIGINT) every
+service is stopped and waited for; with ``--eval`` the initial and final policies are scored
 on held-out prompts, and a summary (JSON) and learning curve (PNG) are written to
 the run's output folder. ``streamrl eval`` scores one checkpoint;
 ``streamrl check --config FILE`` only validates.
@@ -15,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from streamrl import __version__
 from streamrl.common.config import ConfigError, load_config
 from streamrl.common.service import CONFIG_ENV, OVERRIDES_ENV
 from streamrl.deploy import DEFAULT_CONFIG, PROCFILE
+from streamrl.launcher import interrupted, run_procfile
 
 
 
@@ -127,11 +129,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     env[OVERRIDES_ENV] = "\n".join(args.overrides)
     env["PYTHON"] = sys.executable
     env.setdefault("PYTHONUNBUFFERED", "1")
-    command = [sys.executable, "-m", "honcho", "-f", str(PROCFILE), "-d", os.getcwd(), "start",
-               "-c", f"generator={args.generators},scorer={scorers}"]
     print(f"streamrl: starting learner, buffer, {scorers} scorer(s) and {args.generators} generator(s); "
           f"output in {config.run.output_dir}", flush=True)
-    code = subprocess.call(command, env=env)
+    code = run_procfile(PROCFILE, {"generator": args.generators, "scorer": scorers}, env, os.getcwd(),
+                        stop_timeout_s=args.stop_timeout)
+    if interrupted(code):
+        print(f"streamrl: stopped by a signal (exit status {code}); every service has exited", file=sys.stderr)
+        if args.eval:
+            args.before = None  # no final evaluation of an interrupted run
     evaluate_run(config, args, started)
     return code
 
@@ -179,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rollout generator processes (default 1: on 2 cores the learner and one generator "
                           "each own a core)")
     run.add_argument("--scorers", type=int, default=None, help="scorer processes (default: one per endpoint)")
+    run.add_argument("--stop-timeout", type=float, default=60.0,
+                     help="seconds each service gets to exit after SIGTERM (the learner writes its final "
+                          "checkpoint) before it is killed (default 60)")
     run.add_argument("--eval", action="store_true",
                      help="evaluate the initial and final policy on held-out prompts and print both")
     run.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts to use (default: all)")
