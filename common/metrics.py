@@ -10,6 +10,7 @@ platform collectors, an info metric with the process identity, and the
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -84,3 +85,29 @@ class ServiceMetrics:
         self.port = server.server_port
         log.info("%s metrics on http://%s:%d/metrics", self.instance, host, self.port)
         return self.port
+
+
+class MetricSet:
+    """Base of each service's metrics class (``GeneratorMetrics``, ``ScorerMetrics``, ...).
+
+    A subclass names its service in ``SERVICE`` and declares every metric the
+    service itself updates in ``__init__``, on the process's
+    :class:`ServiceMetrics` (which adds the prefix ``streamrl_<service>_``).
+    Metrics of shared components (``messages_rejected_total`` here,
+    ``waiting_seconds`` in :mod:`streamrl.common.liveness`, ``auth_*`` in
+    :mod:`streamrl.common.security`) are declared by those components.
+
+    Args:
+        registry: the process's metrics (``ctx.metrics``).
+
+    Raises:
+        ValueError: ``registry`` belongs to another service (every name would carry the wrong prefix).
+    """
+
+    SERVICE: ClassVar[str]
+
+    def __init__(self, registry: ServiceMetrics):
+        if registry.service != self.SERVICE:
+            raise ValueError(f"{type(self).__name__} declares streamrl_{self.SERVICE}_* metrics; "
+                             f"it was given the {registry.service!r} registry")
+        self.registry = registry

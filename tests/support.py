@@ -52,3 +52,30 @@ def scored_item(group: str, k: int, *, size: int = 2, version: int = 0, prompt: 
         sampling=m.SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=16),
     )
     return m.ScoredRollout(rollout=rollout, reward=float(k), scorer_id="s0")
+
+
+def metric_names(registry) -> set[str]:
+    """Names in a prometheus_client registry as scraped (counters with ``_total``), process collectors left out."""
+    return {f.name + ("_total" if f.type == "counter" else "") for f in registry.collect()
+            if f.name.startswith("streamrl_")}
+
+
+def declared_metrics(metric_set_class) -> set[str]:
+    """The names (without ``streamrl_<service>_``) a service's ``MetricSet`` class adds to a fresh registry."""
+    from streamrl.common.metrics import ServiceMetrics
+
+    service = metric_set_class.SERVICE
+    bare = metric_names(ServiceMetrics(service, f"{service}-0").registry)
+    registry = ServiceMetrics(service, f"{service}-0")
+    metric_set_class(registry)
+    prefix = f"streamrl_{service}_"
+    return {name.removeprefix(prefix) for name in metric_names(registry.registry) - bare}
+
+
+def readme_metrics(service: str) -> set[str]:
+    """The metric names the README's metrics table lists in the row of ``service``."""
+    import re
+
+    rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith(f"| {service} |")]
+    assert len(rows) == 1, f"the README metrics table has {len(rows)} rows for {service}"
+    return set(re.findall(r"`([a-z_]+)`", rows[0]))
