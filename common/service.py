@@ -14,13 +14,17 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
 
 import transformers
 import zmq
 
 from streamrl.common.config import Config, ConfigError, load_config
 from streamrl.common.metrics import ServiceMetrics
+from streamrl.common.runlock import RunFolderLocked, RunLock
 from streamrl.common.security import Security, SecurityError, open_security
+from streamrl.common.transport import BindError
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +58,40 @@ class ServiceContext:
     zmq: zmq.Context
     stop: threading.Event = field(default_factory=threading.Event)
     security: Security | None = None
+    run_lock: RunLock | None = None
 
     def close(self) -> None:
-        """Stop the ZAP handler and terminate the ZeroMQ context (sockets must be closed first)."""
+        """Stop the ZAP handler, close every socket still open and end the ZeroMQ context, drop the run lock."""
         if self.security is not None:
             self.security.close()
-        self.zmq.term()
+        self.zmq.destroy(linger=0)  # also after a failure that left sockets open (term would wait forever)
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+
+def journal_folder(config: Config) -> Path:
+    """The buffer's journal folder: ``buffer.journal_dir``, default ``<run.output_dir>/buffer``."""
+    return Path(config.buffer.journal_dir or Path(config.run.output_dir) / "buffer")
+
+
+def owned_folder(config: Config, service: str) -> Path | None:
+    """The folder whose state one process of ``service`` owns (locked at start), or None.
+
+    The learner owns ``run.output_dir`` (checkpoints, ``trained.jsonl``, ``metrics.jsonl``); the buffer
+    owns its journal folder when the journal is on; generators and scorers keep no state on disk.
+    """
+    if service == "learner":
+        return Path(config.run.output_dir)
+    if service == "buffer" and config.buffer.journal:
+        return journal_folder(config)
+    return None
+
+
+def _refuse(service: str, message: str) -> NoReturn:
+    """Log and print why this process cannot start, then exit with status 2."""
+    log.error("%s", message)
+    print(f"streamrl {service}: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def replica_index(explicit: int | None) -> int:
@@ -103,10 +135,20 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
         format=f"%(asctime)s {instance} %(levelname)s %(name)s: %(message)s",
     )
     transformers.utils.logging.disable_progress_bar()  # no tqdm bars in service logs
+    folder = owned_folder(config, service)
+    try:  # before anything reads the folder (the buffer's journal recovery, the learner's resume)
+        run_lock = RunLock(folder, service) if folder is not None else None
+    except RunFolderLocked as err:
+        _refuse(service, str(err))
     metrics = ServiceMetrics(service, instance)
     if config.metrics.enabled:
         base = getattr(config.metrics, f"{service}_port")
-        metrics.serve(config.metrics.host, base + index if base else 0)
+        port = base + index if base else 0
+        try:
+            metrics.serve(config.metrics.host, port)
+        except OSError as err:
+            _refuse(service, f"cannot serve metrics on {config.metrics.host}:{port}: {err.strerror}; fix: stop the "
+                    f"process that holds the port or set metrics.{service}_port (0 = any free port)")
     context = zmq.Context()
     try:
         security = open_security(config.security.keys_dir, service, context, metrics)
@@ -114,7 +156,7 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
         print(f"streamrl {service}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     ctx = ServiceContext(config=config, service=service, index=index, instance=instance,
-                         metrics=metrics, zmq=context, security=security)
+                         metrics=metrics, zmq=context, security=security, run_lock=run_lock)
 
     def _on_signal(signum, _frame):
         log.info("%s got signal %d; stopping", instance, signum)
@@ -127,9 +169,15 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
 
 
 def run_service(service: str, loop_class, argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m streamrl.services.<service>``: start, build ``loop_class(ctx)``, run, clean up."""
+    """Entry point of ``python -m streamrl.services.<service>``: start, build ``loop_class(ctx)``, run, clean up.
+
+    A socket that cannot bind its endpoint ends the process with status 2 and a message naming the
+    address and the fix (never a hang: every socket is closed before the context ends).
+    """
     ctx = start_service(service, argv)
     try:
         loop_class(ctx).run()
+    except BindError as err:
+        _refuse(service, str(err))
     finally:
         ctx.close()

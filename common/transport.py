@@ -39,6 +39,10 @@ stream_engine_base.cpp, when a process with restarted peers shut down; the
 application-level pulses in :mod:`streamrl.common.liveness` cover the fast path.)"""
 
 
+class BindError(RuntimeError):
+    """A socket could not bind its endpoint; the message names the address and the fix."""
+
+
 def make_socket(
     ctx: zmq.Context,
     kind: int,
@@ -66,7 +70,7 @@ def make_socket(
             authentication or encryption.
 
     Raises:
-        zmq.ZMQError: the endpoint cannot be bound (e.g. address in use).
+        BindError: the endpoint cannot be bound (e.g. address in use); the socket is closed.
         streamrl.common.security.SecurityError: ``security`` lacks the key file this socket's role needs.
     """
     sock = ctx.socket(kind)
@@ -91,7 +95,13 @@ def make_socket(
     if security is not None:
         security.secure(sock, bind=bind, connect=connect)
     if bind is not None:
-        sock.bind(bind)
+        try:
+            sock.bind(bind)
+        except zmq.ZMQError as err:
+            sock.close(linger=0)  # an open socket would keep zmq_ctx_term waiting forever
+            fix = ("stop the process that holds it (another run?) or choose another endpoint in the config"
+                   if err.errno == zmq.EADDRINUSE else "check the endpoint's address in the config")
+            raise BindError(f"cannot bind {bind}: {err.strerror}; fix: {fix}") from None
     for endpoint in connect:
         sock.connect(endpoint)
     return sock
