@@ -183,7 +183,7 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
     device = torch.device("cpu")
     policy = load_causal_lm(path, device=device)
     reference = load_causal_lm(path, device=device).eval()
-    trainer = PPOTrainer(policy, reference, lc, temperature=gen.temperature)
+    trainer = PPOTrainer(policy, reference, lc)
     reward = build_reward([r.as_dict() for r in cfg.scorer.rewards], device=device)
     train, _ = split_prompts(load_prompts(gen.prompts.loader_options()), eval_fraction=gen.prompts.eval_fraction,
                              seed=cfg.run.seed)
@@ -214,10 +214,10 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
         with torch.no_grad():
             policy.eval()
             t0 = time.perf_counter()
-            forward_completions(policy, batch, temperature=gen.temperature)
+            forward_completions(policy, batch)
             timings["old"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            forward_completions(reference, batch, temperature=gen.temperature)
+            forward_completions(reference, batch)
             timings["ref"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             trainer.targets(batch)

@@ -115,8 +115,8 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
             for p, c, v in zip(chunk, completions, values)
         ]
         batch = collate(scored, pad_id=tokenizer.pad_token_id).to(device)
-        pi = forward_completions(policy, batch, temperature=gen.temperature).logprobs
-        ref = forward_completions(reference, batch, temperature=gen.temperature).logprobs
+        pi = forward_completions(policy, batch).logprobs
+        ref = forward_completions(reference, batch).logprobs
         kls += ((pi - ref) * batch.mask).sum(1).tolist()
         tokens += batch.mask.sum(1).long().tolist()
         rewards += [sum(values[i : i + k]) / k for i in range(0, len(values), k)]

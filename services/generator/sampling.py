@@ -17,6 +17,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from streamrl.common.messages import FinishReason, SamplingParams
 from streamrl.common.prompts import Prompt, format_prompt
+from streamrl.common.tensors import pad_left
 
 
 @dataclass
@@ -99,13 +100,9 @@ def sample_completions(
     """
     device = model.device
     rows = [ids for ids in prompts for _ in range(group_size)]
-    width = max(len(ids) for ids in rows)
     pad = tokenizer.pad_token_id
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):  # left padding: generation continues from the right edge
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        attention[i, width - len(ids):] = 1
+    input_ids, attention = pad_left(rows, value=pad, dtype=torch.long)  # generation continues at the right edge
+    width = input_ids.shape[1]
     config = GenerationConfig(
         do_sample=True,
         temperature=sampling.temperature,
@@ -117,7 +114,7 @@ def sample_completions(
         output_scores=True,
         return_dict_in_generate=True,
     )
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.long().to(device),
                          generation_config=config)
     new_tokens = out.sequences[:, width:].cpu()  # [N, T']
     # one [N, V] step at a time: never materialise [N, T', V] log-probs

@@ -1,5 +1,5 @@
 """Advantage estimation and reward shaping: GAE, GRPO / RLOO group baselines,
-masked whitening, InstructGPT per-token rewards.
+InstructGPT per-token rewards (masked whitening is ``streamrl.common.tensors.masked_whiten``).
 
 Masks are ``[B, T]`` bool or float tensors, non-zero = real completion token;
 completions are right-padded (positions ``0 .. len-1`` of a row are real).
@@ -13,27 +13,9 @@ import torch
 from torch import Tensor
 
 from streamrl.common.modes import AdvantageEstimator
+from streamrl.common.tensors import bool_mask, check_right_padded, fill_padding
 
-__all__ = ["gae", "group_advantages", "per_token_rewards", "whiten"]
-
-
-def _bool_mask(mask: Tensor, shape: torch.Size) -> Tensor:
-    if mask.shape != shape:
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)}")
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
-def _check_right_padded(m: Tensor) -> None:
-    """Raise ValueError unless every row of the bool ``[B, T]`` mask is 1...10...0."""
-    if m.shape[1] > 1 and bool((m[:, 1:] & ~m[:, :-1]).any()):
-        raise ValueError(
-            "mask must be right-padded (each row: real tokens first, then padding); "
-            "found a real token after a padded one"
-        )
-
-
-def _zero_pad(x: Tensor, m: Tensor) -> Tensor:
-    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
+__all__ = ["gae", "group_advantages", "per_token_rewards"]
 
 
 @torch.no_grad()
@@ -80,10 +62,10 @@ def gae(
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
-    m = _bool_mask(mask, rewards.shape)
-    _check_right_padded(m)
-    r = _zero_pad(rewards.detach(), m)
-    v = _zero_pad(values.detach().to(r.dtype), m)
+    m = bool_mask(mask, rewards.shape)
+    check_right_padded(m)
+    r = fill_padding(rewards.detach(), m)
+    v = fill_padding(values.detach().to(r.dtype), m)
     batch, length = r.shape
     advantages = torch.zeros_like(r)
     last = torch.zeros(batch, dtype=r.dtype, device=r.device)
@@ -93,7 +75,7 @@ def gae(
         last = torch.where(m[:, t], delta + gamma * lam * last, torch.zeros_like(last))
         advantages[:, t] = last
         next_value = v[:, t]  # 0 at padded positions: no bootstrap past the end
-    returns = _zero_pad(advantages + v, m)
+    returns = fill_padding(advantages + v, m)
     return advantages, returns
 
 
@@ -192,41 +174,6 @@ def group_advantages(
     return (centred / (std[inverse] + eps)).to(scores.dtype)
 
 
-def whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """Masked whitening: ``(x - mean) / sqrt(var + eps)`` over the real entries of
-    the whole batch (the advantage normalisation of PPO implementations; CleanRL
-    ``norm_adv``, TRL ``masked_whiten``).
-
-    ``mean`` and ``var`` are the masked mean and the masked *population* variance
-    (divide by the number of real entries). With ``shift_mean=False`` the mean is
-    added back, so only the scale changes.
-
-    Args:
-        x: ``[B, T]`` float (any shape works; ``mask`` must match it).
-        mask: same shape, bool or float, non-zero = real entry. Garbage in padded
-            entries is ignored.
-        shift_mean: subtract the mean (True) or keep it (False).
-        eps: added to the variance.
-
-    Returns:
-        Same shape and dtype as ``x``, 0 at padded positions. Differentiable.
-        An all-padding input gives all zeros.
-
-    Raises:
-        ValueError: mask shape differs from ``x``.
-    """
-    m = _bool_mask(mask, x.shape)
-    xs = _zero_pad(x, m)
-    n = m.sum().clamp(min=1).to(x.dtype)
-    mean = xs.sum() / n
-    centred = _zero_pad(xs - mean, m)
-    var = (centred * centred).sum() / n
-    out = centred * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return _zero_pad(out, m)
-
-
 @torch.no_grad()
 def per_token_rewards(
     scores: Tensor,
@@ -259,12 +206,12 @@ def per_token_rewards(
     """
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
-    m = _bool_mask(mask, mask.shape)
+    m = bool_mask(mask, mask.shape)
     if scores.shape != (m.shape[0],):
         raise ValueError(f"scores has shape {tuple(scores.shape)}, expected ({m.shape[0]},)")
     if kl_coef < 0:
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-    _check_right_padded(m)
+    check_right_padded(m)
     lengths = m.sum(dim=1)
     if bool((lengths == 0).any()):
         empty = torch.nonzero(lengths == 0).flatten().tolist()
@@ -275,7 +222,7 @@ def per_token_rewards(
     else:
         if kl.shape != m.shape:
             raise ValueError(f"kl has shape {tuple(kl.shape)}, expected {tuple(m.shape)}")
-        rewards = _zero_pad(-kl_coef * _zero_pad(kl.detach().to(dtype), m), m)
+        rewards = fill_padding(-kl_coef * fill_padding(kl.detach().to(dtype), m), m)
     last = (lengths - 1).unsqueeze(1)
     rewards.scatter_add_(1, last, scores.detach().to(dtype).unsqueeze(1))
     return rewards

@@ -8,13 +8,69 @@ token ``t`` of row ``b`` is predicted by the logits at position
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from streamrl.common.messages import ScoredRollout
+from streamrl.common.messages import SamplingParams, ScoredRollout
+from streamrl.common.tensors import pad_right
 from streamrl.services.learner.losses import entropy_from_logits, token_logprobs
+
+
+SAMPLING_FIELDS = ("temperature", "top_p")
+"""The :class:`SamplingParams` fields that change the distribution a token was drawn
+from; rollouts that differ in one of them cannot share a batch's log-prob pass."""
+
+
+class MixedSamplingError(ValueError):
+    """Rollouts of one batch were sampled with different distributions.
+
+    Attributes:
+        reason: ``mixed_<field>`` for the first :data:`SAMPLING_FIELDS` entry that differs.
+    """
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def sampling_key(params: SamplingParams) -> tuple[float, ...]:
+    """The values of :data:`SAMPLING_FIELDS` (equal keys = the same sampling distribution
+    for the same weights)."""
+    return tuple(float(getattr(params, name)) for name in SAMPLING_FIELDS)
+
+
+def split_by_sampling(rollouts: list[ScoredRollout]) -> tuple[list[ScoredRollout], dict[str, list[ScoredRollout]]]:
+    """Keep the rollouts that share the batch's most common sampling distribution.
+
+    The learner computes pi and pi_old with the temperature and top-p recorded in the
+    rollouts (the truth, whatever the learner's own config says), one setting per batch.
+    Rollouts sampled with another setting are refused rather than trained on with the
+    wrong distribution. The most common setting (by rollout count; ties: the first seen)
+    is kept, so a batch is never refused whole: the buffer re-serves an unacknowledged
+    batch, and refusing all of it would loop. A group comes from one generator, so its
+    members share one setting and groups stay whole.
+
+    Returns:
+        ``(kept, refused)``: ``kept`` in input order; ``refused`` maps a reason
+        ``mixed_<field>`` (the first differing field of :data:`SAMPLING_FIELDS`) to
+        the rollouts refused for it.
+    """
+    keys = [sampling_key(s.rollout.sampling) for s in rollouts]
+    counts: dict[tuple[float, ...], int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    best = max(counts, key=lambda k: counts[k])  # max keeps the first of equal counts
+    kept, refused = [], {}
+    for s, key in zip(rollouts, keys):
+        if key == best:
+            kept.append(s)
+            continue
+        field = next(name for name, a, b in zip(SAMPLING_FIELDS, key, best) if a != b)
+        refused.setdefault(f"mixed_{field}", []).append(s)
+    return kept, refused
 
 
 @dataclass
@@ -31,6 +87,8 @@ class TrainBatch:
         scores: ``[B]`` float32 rewards from the scorers.
         group_ids: ``[B]`` int64 group index (rows of one group share it).
         versions: ``[B]`` int64 behaviour policy version of each row.
+        sampling: the sampling parameters every row was drawn with (one setting per
+            batch, see :func:`split_by_sampling`); the learner's log-probs use them.
     """
 
     input_ids: Tensor
@@ -42,26 +100,30 @@ class TrainBatch:
     scores: Tensor
     group_ids: Tensor
     versions: Tensor
+    sampling: SamplingParams
 
     @property
     def size(self) -> int:
         """Number of rows B."""
         return self.input_ids.shape[0]
 
+    def _tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sampling"}
+
     def select(self, rows: Tensor) -> "TrainBatch":
         """The sub-batch of ``rows`` (``[b]`` int64 indices), trimmed of all-pad columns."""
-        sub = {name: getattr(self, name)[rows] for name in self.__dataclass_fields__}
+        sub = {name: t[rows] for name, t in self._tensors().items()}
         width = int(sub["attention_mask"].sum(1).max())
         t = max(int(sub["mask"].sum(1).max()), 1)
         for name in ("input_ids", "attention_mask"):
             sub[name] = sub[name][:, :width]
         for name in ("positions", "tokens", "mask", "behaviour_logprobs"):
             sub[name] = sub[name][:, :t]
-        return TrainBatch(**sub)
+        return TrainBatch(**sub, sampling=self.sampling)
 
     def to(self, device: torch.device) -> "TrainBatch":
         """A copy with every tensor on ``device``."""
-        return TrainBatch(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
+        return TrainBatch(**{name: t.to(device) for name, t in self._tensors().items()}, sampling=self.sampling)
 
 
 def collate(rollouts: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
@@ -69,41 +131,38 @@ def collate(rollouts: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
 
     Raises:
         ValueError: an empty list.
+        MixedSamplingError: the rollouts do not share one sampling distribution
+            (filter them with :func:`split_by_sampling` first).
     """
     if not rollouts:
         raise ValueError("cannot collate an empty batch")
-    b = len(rollouts)
-    lengths = [len(s.rollout.prompt_tokens) + len(s.rollout.completion_tokens) for s in rollouts]
-    width = max(lengths)
-    t = max(len(s.rollout.completion_tokens) for s in rollouts)
-    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((b, width), dtype=torch.long)
-    positions = torch.zeros((b, t), dtype=torch.long)
-    tokens = torch.full((b, t), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, t), dtype=torch.float32)
-    behaviour = torch.zeros((b, t), dtype=torch.float32)
+    kept, refused = split_by_sampling(rollouts)
+    if refused:
+        reason = next(iter(refused))
+        raise MixedSamplingError(reason, f"{len(rollouts) - len(kept)} of {len(rollouts)} rollouts were sampled "
+                                         f"with another {reason.removeprefix('mixed_')}; split_by_sampling first")
+    prompts = [s.rollout.prompt_tokens.astype("int64") for s in rollouts]
+    completions = [s.rollout.completion_tokens.astype("int64") for s in rollouts]
+    input_ids, attention = pad_right([np.concatenate(pc) for pc in zip(prompts, completions)], value=pad_id)
+    tokens, mask = pad_right(completions, value=pad_id)
+    behaviour, _ = pad_right([s.rollout.behaviour_logprobs for s in rollouts], value=0.0, dtype=torch.float32)
+    prompt_lengths = torch.tensor([len(p) for p in prompts])
+    # the logits at prompt_len - 1 + t predict completion token t (0 on padding)
+    positions = (prompt_lengths.unsqueeze(1) - 1 + torch.arange(tokens.shape[1])) * mask
     group_index: dict[str, int] = {}
-    for i, scored in enumerate(rollouts):
-        r = scored.rollout
-        p, n = len(r.prompt_tokens), len(r.completion_tokens)
-        input_ids[i, :p] = torch.from_numpy(r.prompt_tokens.astype("int64"))
-        input_ids[i, p : p + n] = torch.from_numpy(r.completion_tokens.astype("int64"))
-        attention[i, : p + n] = 1
-        positions[i, :n] = torch.arange(p - 1, p - 1 + n)
-        tokens[i, :n] = input_ids[i, p : p + n]
-        mask[i, :n] = 1
-        behaviour[i, :n] = torch.from_numpy(r.behaviour_logprobs.copy())
-        group_index.setdefault(r.group_id, len(group_index))
+    for s in rollouts:
+        group_index.setdefault(s.rollout.group_id, len(group_index))
     return TrainBatch(
         input_ids=input_ids,
-        attention_mask=attention,
+        attention_mask=attention.long(),
         positions=positions,
         tokens=tokens,
-        mask=mask,
+        mask=mask.float(),
         behaviour_logprobs=behaviour,
         scores=torch.tensor([s.reward for s in rollouts], dtype=torch.float32),
         group_ids=torch.tensor([group_index[s.rollout.group_id] for s in rollouts], dtype=torch.long),
         versions=torch.tensor([s.rollout.policy_version for s in rollouts], dtype=torch.long),
+        sampling=rollouts[0].rollout.sampling,
     )
 
 
@@ -112,7 +171,7 @@ class ModelOutput:
     """Per-completion-token outputs of one forward pass.
 
     Attributes:
-        logprobs: ``[B, T]`` log pi(token) at temperature ``temperature`` (nats).
+        logprobs: ``[B, T]`` log pi(token) at the batch's sampling temperature (nats).
         entropy: ``[B, T]`` entropy of pi at each position (nats), or None if not asked.
         values: ``[B, T]`` value-head predictions, or None without a value head.
     """
@@ -126,22 +185,21 @@ def forward_completions(
     model: torch.nn.Module,
     batch: TrainBatch,
     *,
-    temperature: float,
     value_head: torch.nn.Module | None = None,
     with_entropy: bool = False,
 ) -> ModelOutput:
     """Run ``model`` over ``batch`` and gather completion-aligned outputs.
 
-    The logits are divided by ``temperature`` so pi is the distribution the
-    generators sample from before top-p (top-p's truncation is what the
-    importance ratio pi_old/mu then corrects).
+    The logits are divided by the temperature recorded in the rollouts
+    (``batch.sampling.temperature``, not the learner's config), so pi is the
+    distribution the generators sampled from.
     """
     # Run the transformer body, then the vocabulary projection only at completion
     # positions: prompt positions never need [V]-sized logits (V = 49k for SmolLM2).
     hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     index = batch.positions.unsqueeze(-1)
     hidden = hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
-    logits = model.get_output_embeddings()(hidden).float() / temperature  # [B, T, V]
+    logits = model.get_output_embeddings()(hidden).float() / batch.sampling.temperature  # [B, T, V]
     values = value_head(hidden.float()).squeeze(-1) if value_head is not None else None
     return ModelOutput(
         logprobs=token_logprobs(logits, batch.tokens),

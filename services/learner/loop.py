@@ -36,7 +36,7 @@ from streamrl.common.models import configure_torch, load_causal_lm, load_tokeniz
 from streamrl.common.service import ServiceContext
 from streamrl.common.transport import Inbox, make_socket, try_send
 from streamrl.common.weights import WeightServer, pack_state_dict
-from streamrl.services.learner.batch import collate
+from streamrl.services.learner.batch import collate, split_by_sampling
 from streamrl.services.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from streamrl.services.learner.ptx import PtxSampler
 from streamrl.services.learner.trainer import PPOTrainer
@@ -87,7 +87,7 @@ class Learner:
             ptx = PtxSampler(lc.ptx_data, self.tokenizer, batch_size=lc.groups_per_step,
                              max_tokens=cfg.generator.max_prompt_tokens + cfg.generator.max_new_tokens,
                              seed=cfg.run.seed)
-        self.trainer = PPOTrainer(policy, reference, lc, temperature=cfg.generator.temperature, ptx_sampler=ptx)
+        self.trainer = PPOTrainer(policy, reference, lc, ptx_sampler=ptx)
         self.step = 0
         self.version = 0
         if resume is not None:
@@ -123,6 +123,9 @@ class Learner:
         self.m_evicted = m.counter("buffer_evicted_total", "Rollouts the buffer reported evicting")
         self.m_unexpected = m.counter("unexpected_batches_total",
                                       "Batches for another version (late duplicates of a re-sent request), ignored")
+        self.m_refused = m.counter("rollouts_refused_total", "Rollouts refused: sampled with another temperature or "
+                                   "top_p than the rest of their batch", ["reason"])
+        self.refusals_logged: set[str] = set()
         self.waits = Waits(m, warn_after_s=cfg.transport.request_timeout_s * 3)
         self.log_path = self.output / "metrics.jsonl"
         self.trained_path = self.output / "trained.jsonl"
@@ -215,7 +218,7 @@ class Learner:
                     log.info("ignoring a batch for version %d (now %d): a late answer to a re-sent request",
                              msg.learner_version, self.version)
                     continue
-                msg.rollouts = self._in_vocabulary(msg.rollouts)
+                msg.rollouts = self._one_sampling(self._in_vocabulary(msg.rollouts))
                 if not msg.rollouts:  # every rollout refused: ask again
                     sent = self._request(request)
                     last_sent = time.perf_counter()
@@ -254,6 +257,22 @@ class Learner:
                 kept.append(s)
             else:
                 self.inbox.reject("bad_value", f"rollout {r.rollout_id}: a token id >= vocabulary size {vocab}")
+        return kept
+
+    def _one_sampling(self, rollouts: list) -> list:
+        """The rollouts that share the batch's most common sampling distribution (see
+        ``split_by_sampling``); the others are counted in ``rollouts_refused_total{reason}``
+        and each reason is logged once."""
+        if not rollouts:
+            return rollouts
+        kept, refused = split_by_sampling(rollouts)
+        for reason, items in refused.items():
+            self.m_refused.labels(reason=reason).inc(len(items))
+            if reason not in self.refusals_logged:
+                self.refusals_logged.add(reason)
+                log.warning("refused %d rollouts sampled with %s (first: generator %s); the learner trains one "
+                            "sampling distribution per batch, here %s (logged once per reason)", len(items),
+                            items[0].rollout.sampling, items[0].rollout.generator_id, kept[0].rollout.sampling)
         return kept
 
     def publish(self) -> float:

@@ -19,18 +19,18 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
 from streamrl.common.modes import Correction, KLEstimator
+from streamrl.common.tensors import bool_mask, fill_padding, masked_mean
 
 __all__ = [
     "PolicyLossStats",
     "entropy_from_logits",
     "kl_to_reference",
-    "masked_mean",
     "policy_loss",
     "sft_loss",
     "token_logprobs",
@@ -39,13 +39,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _bool_mask(mask: Tensor, shape: torch.Size, name: str = "mask") -> Tensor:
-    """Return ``mask`` as a bool tensor after checking it has ``shape``."""
-    if mask.shape != shape:
-        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
-    return mask if mask.dtype == torch.bool else mask != 0
 
 
 def _check_same_shape(**tensors: Tensor) -> torch.Size:
@@ -63,43 +56,15 @@ def _check_same_shape(**tensors: Tensor) -> torch.Size:
     return first.shape
 
 
-def _zero_pad(x: Tensor, m: Tensor) -> Tensor:
-    """``x`` with padded positions replaced by 0 (gradient to them is exactly 0)."""
-    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Masked mean ``sum(x * mask) / clamp(sum(mask), min=1)``.
-
-    Args:
-        x: any float tensor, typically ``[B, T]``.
-        mask: same shape as ``x``; bool or float, non-zero = real token.
-        dim: ``None`` reduces over every element (the batch-wide token mean the
-            losses use) and returns a 0-d tensor; an ``int`` reduces over that
-            dimension only (e.g. ``dim=1`` gives a per-sequence mean ``[B]``).
-
-    Returns:
-        The mean over real entries, same dtype as ``x``; 0 where no entry is real.
-        Garbage (NaN/inf) in padded entries does not affect the value or the
-        gradient.
-
-    Raises:
-        ValueError: if ``mask`` does not have the shape of ``x``.
-    """
-    m = _bool_mask(mask, x.shape)
-    xs = _zero_pad(x, m)
-    count = m.sum(dim=dim) if dim is not None else m.sum()
-    total = xs.sum(dim=dim) if dim is not None else xs.sum()
-    return total / count.clamp(min=1).to(x.dtype)
-
-
 # --------------------------------------------------------------------------- policy loss
 
 
 @dataclass(frozen=True)
 class PolicyLossStats:
-    """Diagnostics of one :func:`policy_loss` call; plain python floats.
+    """Diagnostics of one :func:`policy_loss` call.
 
+    Each field is a detached 0-d float64 tensor on the loss's device, so computing
+    them costs no device sync; :meth:`floats` converts them all at once (one sync).
     All statistics are over real (masked-in) tokens of the whole batch.
 
     Attributes:
@@ -125,13 +90,22 @@ class PolicyLossStats:
             (0.0 when there are no tokens).
     """
 
-    clip_fraction: float
-    approx_kl: float
-    importance_ratio_mean: float
-    importance_ratio_max: float
-    truncated_fraction: float
-    effective_sample_size: float
-    ess_fraction: float
+    clip_fraction: Tensor
+    approx_kl: Tensor
+    importance_ratio_mean: Tensor
+    importance_ratio_max: Tensor
+    truncated_fraction: Tensor
+    effective_sample_size: Tensor
+    ess_fraction: Tensor
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The statistics by field name (detached 0-d tensors)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def floats(self) -> dict[str, float]:
+        """The statistics as python floats, converted in one device transfer."""
+        named = self.tensors()
+        return dict(zip(named, torch.stack(list(named.values())).tolist()))
 
 
 def policy_loss(
@@ -209,20 +183,18 @@ def policy_loss(
         behaviour_logprobs=behaviour_logprobs,
         advantages=advantages,
     )
-    m = _bool_mask(mask, shape)
+    m = bool_mask(mask, shape)
     correction = Correction(correction)
     if not clip_eps > 0:
         raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
     if not is_cap > 0:
         raise ValueError(f"is_cap must be > 0, got {is_cap}")
 
-    lp = _zero_pad(logprobs, m)
-    old = _zero_pad(old_logprobs.detach(), m)
-    beh = _zero_pad(behaviour_logprobs.detach(), m)
-    adv = _zero_pad(advantages.detach(), m)
+    lp = fill_padding(logprobs, m)
+    old = fill_padding(old_logprobs.detach(), m)
+    beh = fill_padding(behaviour_logprobs.detach(), m)
+    adv = fill_padding(advantages.detach(), m)
     n_tokens = m.sum()
-    denom = n_tokens.clamp(min=1)
-    mf = m.to(torch.float64)
 
     # Raw log importance weight log(pi_old/mu) of the correction, before truncation.
     if correction is Correction.TIS:
@@ -246,33 +218,32 @@ def policy_loss(
         w_stats = torch.exp(log_w)
         truncated = m & (raw_log_w > math.log(is_cap))
 
-    loss = _zero_pad(per_token, m).sum() / denom.to(per_token.dtype)
+    loss = fill_padding(per_token, m).sum() / n_tokens.clamp(min=1).to(per_token.dtype)
 
     with torch.no_grad():
-        n = float(n_tokens.item())
-        d = max(n, 1.0)
-        r_d = ratio.detach()
-        clip_fraction = float(((r_d - 1).abs() > clip_eps).logical_and(m).sum().item()) / d
+        n = n_tokens.to(torch.float64)
+        d = n.clamp(min=1)
+        has_tokens = n > 0
+        one = torch.ones((), dtype=torch.float64, device=lp.device)
+        clip_fraction = (((ratio.detach() - 1).abs() > clip_eps) & m).sum() / d
         rho = (lp.detach() - old).to(torch.float64)
-        approx_kl = float(((torch.expm1(rho) - rho) * mf).sum().item()) / d
+        approx_kl = fill_padding(torch.expm1(rho) - rho, m).sum() / d
         raw_w = torch.exp(raw_log_w)
-        ratio_mean = float((raw_w * mf).sum().item()) / d if n > 0 else 1.0
-        ratio_max = float(torch.where(m, raw_w, -math.inf).max().item()) if n > 0 else 1.0
-        truncated_fraction = float(truncated.sum().item()) / d
-        ws = torch.where(m, w_stats, 0.0)
-        sum_w = ws.sum()
-        sum_w2 = (ws * ws).sum()
-        ess = float((sum_w * sum_w / sum_w2).item()) if n > 0 and sum_w2.item() > 0 else 0.0
-        ess_fraction = ess / n if n > 0 else 0.0
+        ratio_mean = torch.where(has_tokens, fill_padding(raw_w, m).sum() / d, one)
+        masked_max = torch.cat([torch.where(m, raw_w, -math.inf).flatten(), -one.unsqueeze(0) * math.inf]).max()
+        ratio_max = torch.where(has_tokens, masked_max, one)
+        ws = fill_padding(w_stats, m)
+        sum_w, sum_w2 = ws.sum(), (ws * ws).sum()
+        ess = torch.where(sum_w2 > 0, sum_w * sum_w / sum_w2.clamp(min=torch.finfo(torch.float64).tiny), 0 * one)
 
     stats = PolicyLossStats(
         clip_fraction=clip_fraction,
         approx_kl=approx_kl,
         importance_ratio_mean=ratio_mean,
         importance_ratio_max=ratio_max,
-        truncated_fraction=truncated_fraction,
+        truncated_fraction=truncated.sum() / d,
         effective_sample_size=ess,
-        ess_fraction=ess_fraction,
+        ess_fraction=ess / d,
     )
     return loss, stats
 
@@ -287,7 +258,7 @@ def value_loss(
     mask: Tensor,
     *,
     clip_range: float | None,
-) -> tuple[Tensor, float]:
+) -> tuple[Tensor, Tensor]:
     """Clipped value loss (OpenAI baselines PPO2 ``vf_loss``; studied as "value
     function loss clipping" by Andrychowicz et al. 2021, "What Matters in
     On-Policy Reinforcement Learning?")::
@@ -308,7 +279,7 @@ def value_loss(
 
     Returns:
         ``(loss, value_clip_fraction)``: ``loss`` a 0-d tensor;
-        ``value_clip_fraction`` (python float) the fraction of real tokens where
+        ``value_clip_fraction`` (detached 0-d float64 tensor) the fraction of real tokens where
         the clipped term is strictly larger, i.e. where clipping zeroes the
         gradient (TRL's ``vf_clipfrac``); 0.0 when unclipped.
 
@@ -316,23 +287,22 @@ def value_loss(
         ValueError: shapes differ or are not ``[B, T]``; ``clip_range <= 0``.
     """
     shape = _check_same_shape(values=values, old_values=old_values, returns=returns)
-    m = _bool_mask(mask, shape)
+    m = bool_mask(mask, shape)
     if clip_range is not None and not clip_range > 0:
         raise ValueError(f"clip_range must be > 0 or None, got {clip_range}")
-    v = _zero_pad(values, m)
-    ret = _zero_pad(returns.detach(), m)
+    v = fill_padding(values, m)
+    ret = fill_padding(returns.detach(), m)
     unclipped = (v - ret) ** 2
     if clip_range is None:
         per_token = unclipped
-        clip_fraction = 0.0
+        clip_fraction = torch.zeros((), dtype=torch.float64, device=v.device)
     else:
-        old = _zero_pad(old_values.detach(), m)
+        old = fill_padding(old_values.detach(), m)
         v_clip = old + (v - old).clamp(-clip_range, clip_range)
         clipped = (v_clip - ret) ** 2
         per_token = torch.maximum(unclipped, clipped)
         with torch.no_grad():
-            n = max(float(m.sum().item()), 1.0)
-            clip_fraction = float(((clipped > unclipped) & m).sum().item()) / n
+            clip_fraction = ((clipped > unclipped) & m).sum() / m.sum().clamp(min=1).to(torch.float64)
     loss = 0.5 * masked_mean(per_token, m)
     return loss, clip_fraction
 
@@ -399,13 +369,11 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
         raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
     vocab = logits.shape[-1]
-    if tokens.numel() > 0:
-        lo, hi = int(tokens.min().item()), int(tokens.max().item())
-        if lo < 0 or hi >= vocab:
-            raise ValueError(
-                f"token ids must lie in [0, {vocab}), got min {lo} max {hi}; "
-                "replace ignore-index/padding labels with a valid id before calling"
-            )
+    if tokens.numel() > 0 and bool(((tokens < 0) | (tokens >= vocab)).any()):  # one device sync
+        raise ValueError(
+            f"token ids must lie in [0, {vocab}), got min {int(tokens.min())} max {int(tokens.max())}; "
+            "replace ignore-index/padding labels with a valid id before calling"
+        )
     x = logits if logits.dtype == torch.float64 else logits.float()
     picked = x.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(x, dim=-1)
@@ -468,7 +436,7 @@ def sft_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     """
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
-    m = _bool_mask(mask, logits.shape[:2])
+    m = bool_mask(mask, logits.shape[:2])
     if labels.shape != m.shape:
         raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(m.shape)}")
     safe_labels = torch.where(m, labels, torch.zeros((), dtype=labels.dtype, device=labels.device))

@@ -6,6 +6,7 @@ import torch
 
 from streamrl.common.config import PromptSource
 from streamrl.common.prompts import PromptStream, load_prompts
+from streamrl.common.tensors import pad_right
 from streamrl.services.learner.trainer import PtxBatch
 
 
@@ -32,10 +33,5 @@ class PtxSampler:
     def __call__(self) -> PtxBatch:
         texts = [p.text for p in self.stream.next_batch(self.batch_size)]
         ids = [self.tokenizer(t)["input_ids"][: self.max_tokens] for t in texts]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, : len(x)] = torch.tensor(x)
-            attention[i, : len(x)] = 1
-        return PtxBatch(input_ids=input_ids, attention_mask=attention)
+        input_ids, attention = pad_right(ids, value=self.tokenizer.pad_token_id, dtype=torch.long)
+        return PtxBatch(input_ids=input_ids, attention_mask=attention.long())

@@ -20,7 +20,6 @@ version, however many optimizer updates it made.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +27,11 @@ from torch import Tensor
 
 from streamrl.common.config import LearnerSection
 from streamrl.common.modes import AdvantageEstimator, KLPenaltyMode
-from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards, whiten
+from streamrl.common.tensors import fill_padding, masked_mean, masked_whiten
+from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards
 from streamrl.services.learner.batch import ModelOutput, TrainBatch, forward_completions
 from streamrl.services.learner.kl_control import make_kl_controller
-from streamrl.services.learner.losses import kl_to_reference, masked_mean, policy_loss, sft_loss, value_loss
+from streamrl.services.learner.losses import kl_to_reference, policy_loss, sft_loss, value_loss
 from streamrl.services.learner.normalization import RunningMeanStd
 
 
@@ -69,6 +69,31 @@ class Targets:
     kl_coef: float
 
 
+class StatSums:
+    """Sums of per-update diagnostics kept as detached device tensors: nothing is copied
+    to the host until :meth:`means`, once per learner step (each ``.item()`` would be a
+    device sync on a GPU)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, Tensor] = {}
+
+    def add(self, values: dict[str, Tensor]) -> None:
+        """Add each 0-d tensor (detached here) to its running sum."""
+        for key, value in values.items():
+            value = value.detach().to(torch.float64)
+            self._sums[key] = self._sums[key] + value if key in self._sums else value
+
+    def means(self, count: int, extra: dict[str, Tensor] | None = None) -> dict[str, float]:
+        """Every sum divided by ``count``, plus the ``extra`` tensors as they are, as python
+        floats converted in one transfer."""
+        names = list(self._sums) + list(extra or {})
+        values = [v / max(count, 1) for v in self._sums.values()] + [v.detach().to(torch.float64)
+                                                                    for v in (extra or {}).values()]
+        if not values:
+            return {}
+        return dict(zip(names, torch.stack(values).tolist()))
+
+
 class PPOTrainer:
     """Owns the policy, optional value head, reference model and optimizer.
 
@@ -76,15 +101,13 @@ class PPOTrainer:
         policy: causal LM being trained (on ``device``).
         reference: frozen copy of the initial policy (eval mode, no grad).
         cfg: the learner config section.
-        temperature: sampling temperature of the generators (log-probs use the same).
         ptx_sampler: callable returning a :class:`PtxBatch`, required when ``cfg.ptx_coef > 0``.
     """
 
-    def __init__(self, policy, reference, cfg: LearnerSection, *, temperature: float, ptx_sampler=None):
+    def __init__(self, policy, reference, cfg: LearnerSection, *, ptx_sampler=None):
         self.policy = policy
         self.reference = reference
         self.cfg = cfg
-        self.temperature = temperature
         self.ptx_sampler = ptx_sampler
         self.device = next(policy.parameters()).device
         self.value_head: torch.nn.Linear | None = None
@@ -116,22 +139,22 @@ class PPOTrainer:
             ``ess``/``ess_fraction``, ``grad_norm``, ``reward_mean``, ``staleness_*``, ...
         """
         cfg = self.cfg
+        host = batch  # per-batch statistics come from the host copy: no device sync
         batch = batch.to(self.device)
-        mask = batch.mask
         targets = self.targets(batch)
         old, advantages, returns, beta = targets.old, targets.advantages, targets.returns, targets.kl_coef
 
-        stats: dict[str, float] = defaultdict(float)  # sums over minibatch updates
+        sums = StatSums()  # detached tensors summed over minibatch updates, to floats once per step
         updates = 0
-        ratio_max = 0.0
+        skipped = 0
+        ratio_max = torch.zeros((), dtype=torch.float64, device=self.device)
         self.policy.train()
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(batch.size, device=self.device)
             for rows in order.tensor_split(min(cfg.minibatches, batch.size)):  # no empty minibatch
                 mb = batch.select(rows)
                 t = mb.mask.shape[1]
-                out = forward_completions(self.policy, mb, temperature=self.temperature,
-                                          value_head=self.value_head, with_entropy=True)
+                out = forward_completions(self.policy, mb, value_head=self.value_head, with_entropy=True)
                 pl, ps = policy_loss(out.logprobs, old.logprobs[rows, :t], mb.behaviour_logprobs,
                                      advantages[rows, :t], mb.mask, correction=cfg.correction,
                                      clip_eps=cfg.clip_eps, is_cap=cfg.is_cap)
@@ -141,48 +164,42 @@ class PPOTrainer:
                     vl, vclip = value_loss(out.values, old.values[rows, :t], returns[rows, :t], mb.mask,
                                            clip_range=cfg.value_clip)
                     loss = loss + cfg.vf_coef * vl
-                    stats["loss/value"] += vl.item()
-                    stats["value_clip_fraction"] += vclip
+                    sums.add({"loss/value": vl, "value_clip_fraction": vclip})
                 if cfg.kl_penalty is KLPenaltyMode.LOSS and beta > 0:
                     kl_term = masked_mean(kl_to_reference(out.logprobs, targets.ref_logprobs[rows, :t],
                                                           estimator=cfg.kl_estimator), mb.mask)
                     loss = loss + beta * kl_term
-                    stats["loss/kl"] += kl_term.item()
+                    sums.add({"loss/kl": kl_term})
                 if cfg.ptx_coef > 0:
                     ptx = self._ptx_loss()
                     loss = loss + cfg.ptx_coef * ptx
-                    stats["loss/ptx"] += ptx.item()
+                    sums.add({"loss/ptx": ptx})
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
-                if math.isfinite(float(grad_norm)):
+                if bool(torch.isfinite(grad_norm)):  # the one device sync per update: skip or step
                     self.optimizer.step()
                 else:
-                    stats["skipped_updates"] += 1.0
+                    skipped += 1
                 updates += 1
-                stats["loss/total"] += loss.item()
-                stats["loss/policy"] += pl.item()
-                stats["entropy"] += entropy.item()
-                stats["grad_norm"] += float(grad_norm)
-                stats["clip_fraction"] += ps.clip_fraction
-                stats["approx_kl"] += ps.approx_kl
-                stats["importance_ratio_mean"] += ps.importance_ratio_mean
-                stats["truncated_fraction"] += ps.truncated_fraction
-                stats["ess"] += ps.effective_sample_size
-                stats["ess_fraction"] += ps.ess_fraction
-                ratio_max = max(ratio_max, ps.importance_ratio_max)
-        out_stats = {k: v / updates for k, v in stats.items() if k != "skipped_updates"}
-        out_stats["skipped_updates"] = stats["skipped_updates"]
+                sums.add({"loss/total": loss, "loss/policy": pl, "entropy": entropy, "grad_norm": grad_norm,
+                          "clip_fraction": ps.clip_fraction, "approx_kl": ps.approx_kl,
+                          "importance_ratio_mean": ps.importance_ratio_mean,
+                          "truncated_fraction": ps.truncated_fraction, "ess": ps.effective_sample_size,
+                          "ess_fraction": ps.ess_fraction})
+                ratio_max = torch.maximum(ratio_max, ps.importance_ratio_max)
+        out_stats = sums.means(updates, extra={"importance_ratio_max": ratio_max})
+        out_stats["skipped_updates"] = float(skipped)
         self.kl_controller.update(targets.kl_mean, batch.size)
-        staleness = (current_version - batch.versions).float()
+        staleness = (current_version - host.versions.cpu()).float()
+        scores, mask = host.scores.cpu(), host.mask.cpu()
         out_stats.update(
             {
-                "importance_ratio_max": ratio_max,
                 "kl": targets.kl_mean,
                 "kl_coef": beta,
-                "reward_mean": float(batch.scores.mean()),
-                "reward_std": float(batch.scores.std(unbiased=False)),
+                "reward_mean": float(scores.mean()),
+                "reward_std": float(scores.std(unbiased=False)),
                 "completion_tokens_mean": float(mask.sum(1).mean()),
                 "staleness_min": float(staleness.min()),
                 "staleness_mean": float(staleness.mean()),
@@ -206,10 +223,9 @@ class PPOTrainer:
         """
         cfg, mask = self.cfg, batch.mask
         self.policy.eval()
-        old = forward_completions(self.policy, batch, temperature=self.temperature, value_head=self.value_head)
-        ref = forward_completions(self.reference, batch, temperature=self.temperature)
-        kl_tokens = kl_to_reference(old.logprobs, ref.logprobs, estimator=cfg.kl_estimator)
-        kl_tokens = torch.where(mask > 0, kl_tokens, torch.zeros_like(kl_tokens))
+        old = forward_completions(self.policy, batch, value_head=self.value_head)
+        ref = forward_completions(self.reference, batch)
+        kl_tokens = fill_padding(kl_to_reference(old.logprobs, ref.logprobs, estimator=cfg.kl_estimator), mask)
         beta = self.kl_controller.value
         scores = batch.scores
         if cfg.normalize_rewards:
@@ -223,12 +239,12 @@ class PPOTrainer:
             token_rewards = per_token_rewards(scores, kl_tokens if in_reward else None, mask, kl_coef=beta)
             advantages, returns = gae(token_rewards, old.values, mask, gamma=cfg.gamma, lam=cfg.lam)
             if cfg.whiten_advantages:
-                advantages = whiten(advantages, mask)
+                advantages = masked_whiten(advantages, mask)
         else:
             seq_scores = scores - beta * kl_tokens.sum(1) if in_reward else scores
             seq_adv = group_advantages(seq_scores, batch.group_ids, estimator=cfg.advantage)
             advantages = seq_adv.unsqueeze(1).expand_as(mask).clone()
-        advantages = torch.where(mask > 0, advantages, torch.zeros_like(advantages))
+        advantages = fill_padding(advantages, mask)
         return Targets(old=old, ref_logprobs=ref.logprobs, advantages=advantages, returns=returns,
                        kl_mean=float(masked_mean(kl_tokens, mask)), kl_coef=beta)
 

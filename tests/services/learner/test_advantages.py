@@ -9,7 +9,7 @@ import torch
 from support import fill_garbage, ragged_mask
 
 from streamrl.common.modes import AdvantageEstimator
-from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards, whiten
+from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards
 
 ATOL = 1e-6
 
@@ -175,39 +175,6 @@ def test_group_advantages_errors():
         group_advantages(SCORES, GROUPS.float(), estimator="grpo")
     with pytest.raises(ValueError, match="shape"):
         group_advantages(SCORES, GROUPS[:3], estimator="grpo")
-
-
-# --------------------------------------------------------------------------- whiten
-
-
-def test_whiten_hand_computed():
-    # real [1, 2, 3]: mean 2, population var 2/3 -> (x-2)/sqrt(2/3) = [-1.2247449, 0, 1.2247449]
-    x = torch.tensor([[1.0, 2.0, 3.0, math.nan]])
-    mask = ragged_mask([3], 4)
-    k = 1 / math.sqrt(2 / 3 + 1e-8)
-    torch.testing.assert_close(
-        whiten(x, mask), torch.tensor([[-k, 0.0, k, 0.0]]), atol=ATOL, rtol=0
-    )
-    # shift_mean=False keeps the mean 2: [2 - k, 2, 2 + k]
-    torch.testing.assert_close(
-        whiten(x, mask, shift_mean=False),
-        torch.tensor([[2 - k, 2.0, 2 + k, 0.0]]),
-        atol=ATOL,
-        rtol=0,
-    )
-
-
-def test_whiten_statistics_and_garbage():
-    g = torch.Generator().manual_seed(14)
-    mask = ragged_mask([6, 2, 4], 6)
-    x = torch.randn(3, 6, generator=g, dtype=torch.float64) * 3 + 5
-    out = whiten(x, mask)
-    real = out[mask]
-    assert real.mean().item() == pytest.approx(0.0, abs=1e-12)
-    assert real.var(unbiased=False).item() == pytest.approx(1.0, abs=1e-7)
-    assert torch.equal(whiten(fill_garbage(x, mask), mask.float()), out)
-    empty = torch.zeros(3, 6, dtype=torch.bool)
-    assert torch.equal(whiten(x, empty), torch.zeros(3, 6, dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------- per_token_rewards

@@ -9,14 +9,20 @@ import torch
 
 from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
-from streamrl.services.learner.batch import TrainBatch, collate, forward_completions
+from streamrl.services.learner.batch import (
+    MixedSamplingError,
+    TrainBatch,
+    collate,
+    forward_completions,
+    split_by_sampling,
+)
 
 FIELDS = ["input_ids", "attention_mask", "positions", "tokens", "mask", "behaviour_logprobs",
           "scores", "group_ids", "versions"]
 
 
 def scored(group_id: str, prompt: list[int], completion: list[int], logprobs: list[float], *,
-           version: int, reward: float) -> ScoredRollout:
+           version: int, reward: float, temperature: float = 1.0, top_p: float = 1.0) -> ScoredRollout:
     rollout = Rollout(
         prompt_id=f"p-{group_id}",
         group_id=group_id,
@@ -28,7 +34,7 @@ def scored(group_id: str, prompt: list[int], completion: list[int], logprobs: li
         behaviour_logprobs=np.asarray(logprobs, dtype=np.float32),
         policy_version=version,
         finish_reason=FinishReason.STOP if completion[-1] == 1 else FinishReason.LENGTH,
-        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=4),
+        sampling=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=4),
     )
     return ScoredRollout(rollout=rollout, reward=reward)
 
@@ -125,13 +131,14 @@ def model():
     return build_tiny_model(build_char_tokenizer(), seed=0)
 
 
-def random_rollouts(seed: int) -> list[ScoredRollout]:
+def random_rollouts(seed: int, temperature: float = 1.0) -> list[ScoredRollout]:
     g = np.random.default_rng(seed)
     out = []
     for i, (p, t) in enumerate([(3, 7), (9, 2), (1, 5), (6, 6)]):
         prompt = g.integers(4, 99, size=p).tolist()
         completion = g.integers(1, 99, size=t).tolist()
-        out.append(scored(f"g{i % 2}", prompt, completion, [-1.0] * t, version=i, reward=float(i)))
+        out.append(scored(f"g{i % 2}", prompt, completion, [-1.0] * t, version=i, reward=float(i),
+                          temperature=temperature))
     return out
 
 
@@ -154,12 +161,13 @@ def row_reference(model, s: ScoredRollout, temperature: float, value_head=None):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_forward_completions_matches_unpadded_rows(model, temperature):
-    rollouts = random_rollouts(0)
+    rollouts = random_rollouts(0, temperature)  # the temperature recorded in the rollouts is the one used
     batch = collate(rollouts, pad_id=0)
+    assert batch.sampling.temperature == temperature
     torch.manual_seed(0)
     head = torch.nn.Linear(model.config.hidden_size, 1)
     with torch.no_grad():
-        out = forward_completions(model, batch, temperature=temperature, value_head=head, with_entropy=True)
+        out = forward_completions(model, batch, value_head=head, with_entropy=True)
     assert out.logprobs.shape == batch.mask.shape
     for i, s in enumerate(rollouts):
         lp, ent, values = row_reference(model, s, temperature, head)
@@ -173,7 +181,7 @@ def test_forward_completions_matches_unpadded_rows(model, temperature):
 def test_forward_completions_without_extras(model):
     batch = collate(random_rollouts(1), pad_id=0)
     with torch.no_grad():
-        out = forward_completions(model, batch, temperature=1.0)
+        out = forward_completions(model, batch)
     assert out.entropy is None and out.values is None
 
 
@@ -182,10 +190,10 @@ def test_padding_content_does_not_change_logprobs(model):
     log-probs on real tokens."""
     rollouts = random_rollouts(2)
     with torch.no_grad():
-        base = forward_completions(model, collate(rollouts, pad_id=0), temperature=1.0).logprobs
-        other_pad = forward_completions(model, collate(rollouts, pad_id=42), temperature=1.0).logprobs
+        base = forward_completions(model, collate(rollouts, pad_id=0)).logprobs
+        other_pad = forward_completions(model, collate(rollouts, pad_id=42)).logprobs
         long_row = scored("gx", list(range(4, 40)), list(range(40, 60)), [-1.0] * 20, version=0, reward=0.0)
-        wider = forward_completions(model, collate(rollouts + [long_row], pad_id=0), temperature=1.0).logprobs
+        wider = forward_completions(model, collate(rollouts + [long_row], pad_id=0)).logprobs
     mask = collate(rollouts, pad_id=0).mask > 0
     torch.testing.assert_close(other_pad[mask], base[mask], atol=1e-5, rtol=0)
     torch.testing.assert_close(wider[: len(rollouts), : mask.shape[1]][mask], base[mask], atol=1e-5, rtol=0)
@@ -195,8 +203,8 @@ def test_forward_on_selected_minibatch_matches_full_batch(model):
     batch = collate(random_rollouts(3), pad_id=0)
     rows = torch.tensor([1, 2])
     with torch.no_grad():
-        full = forward_completions(model, batch, temperature=1.0).logprobs
-        sub = forward_completions(model, batch.select(rows), temperature=1.0).logprobs
+        full = forward_completions(model, batch).logprobs
+        sub = forward_completions(model, batch.select(rows)).logprobs
     t = sub.shape[1]
     m = batch.mask[rows, :t] > 0
     torch.testing.assert_close(sub[m], full[rows, :t][m], atol=1e-5, rtol=0)
@@ -204,5 +212,41 @@ def test_forward_on_selected_minibatch_matches_full_batch(model):
 
 def test_to_moves_every_field():
     b = collate(hand_rollouts(), pad_id=0).to(torch.device("cpu"))
-    assert isinstance(b, TrainBatch)
+    assert isinstance(b, TrainBatch) and b.sampling == hand_rollouts()[0].rollout.sampling
     assert b.tokens.tolist() == [[10, 11, 0, 0], [12, 13, 14, 1], [15, 0, 0, 0]]
+
+
+# --------------------------------------------------------------------------- sampling parameters
+
+
+def test_split_by_sampling_keeps_the_most_common_setting_and_names_the_reason():
+    rows = hand_rollouts()
+    mixed = [
+        rows[0],
+        scored("g-c", [5], [6], [-1.0], version=1, reward=0.0, temperature=0.7),
+        rows[1],
+        scored("g-d", [5], [6], [-1.0], version=1, reward=0.0, top_p=0.9),
+        rows[2],
+        scored("g-e", [5], [6], [-1.0], version=1, reward=0.0, temperature=0.7, top_p=0.9),
+    ]
+    kept, refused = split_by_sampling(mixed)
+    assert kept == [rows[0], rows[1], rows[2]]  # 3 at (1.0, 1.0) beat 1 at each other setting
+    assert refused == {"mixed_temperature": [mixed[1], mixed[5]], "mixed_top_p": [mixed[3]]}
+    # the majority wins even when it is not the config's setting, and max_new_tokens does not matter
+    cold = [scored(f"c{i}", [5], [6], [-1.0], version=1, reward=0.0, temperature=0.5) for i in range(3)]
+    kept, refused = split_by_sampling([rows[0], *cold])
+    assert kept == cold and refused == {"mixed_temperature": [rows[0]]}
+    # a tie keeps the first setting seen
+    kept, refused = split_by_sampling([cold[0], rows[0]])
+    assert kept == [cold[0]] and list(refused) == ["mixed_temperature"]
+    assert split_by_sampling(rows) == (rows, {})
+
+
+def test_collate_refuses_a_mixed_batch_and_records_its_sampling():
+    rows = hand_rollouts() + [scored("g-c", [5], [6], [-1.0], version=1, reward=0.0, temperature=0.7)]
+    with pytest.raises(MixedSamplingError, match="1 of 4 rollouts were sampled with another temperature") as err:
+        collate(rows, pad_id=0)
+    assert err.value.reason == "mixed_temperature"
+    batch = collate(rows[3:], pad_id=0)
+    assert batch.sampling == SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=4)
+    assert batch.select(torch.tensor([0])).sampling == batch.sampling

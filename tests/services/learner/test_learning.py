@@ -45,7 +45,7 @@ def test_policy_learns_to_emit_target_char():
     behaviour = copy.deepcopy(policy).eval()  # the generator's copy, one version behind
     cfg = LearnerSection(lr=3e-3, groups_per_step=4, kl_coef=0.0, advantage="grpo", correction="decoupled",
                          normalize_rewards=False)
-    trainer = PPOTrainer(policy, reference, cfg, temperature=1.0)
+    trainer = PPOTrainer(policy, reference, cfg)
     sampling = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8)
     ids = encode_prompts(tokenizer, PROMPTS, max_prompt_tokens=32, add_special_tokens=False)
     mean_rewards, staleness = [], []

@@ -76,20 +76,20 @@ def learner_cfg(**overrides) -> LearnerSection:
     return LearnerSection(**base)
 
 
-def make_trainer(cfg: LearnerSection, *, seed: int = 0, temperature: float = 1.0, **kw) -> PPOTrainer:
+def make_trainer(cfg: LearnerSection, *, seed: int = 0, **kw) -> PPOTrainer:
     policy = build_tiny_model(TOKENIZER, seed=seed)
     reference = copy.deepcopy(policy)
-    return PPOTrainer(policy, reference, cfg, temperature=temperature, **kw)
+    return PPOTrainer(policy, reference, cfg, **kw)
 
 
 @torch.no_grad()
-def policy_logprobs(model, batch: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
-    return forward_completions(model, batch, temperature=temperature).logprobs * batch.mask
+def policy_logprobs(model, batch: TrainBatch) -> torch.Tensor:
+    return forward_completions(model, batch).logprobs * batch.mask
 
 
 def on_policy(trainer: PPOTrainer, batch: TrainBatch) -> TrainBatch:
     """``batch`` with behaviour log-probs replaced by the trainer's current policy's."""
-    batch.behaviour_logprobs = policy_logprobs(trainer.policy, batch, trainer.temperature)
+    batch.behaviour_logprobs = policy_logprobs(trainer.policy, batch)
     return batch
 
 
@@ -263,12 +263,12 @@ def test_state_dict_round_trip_reproduces_next_step(advantage):
     # a fresh trainer: same policy weights, the initial reference, loaded trainer state
     policy = build_tiny_model(TOKENIZER, seed=0)
     policy.load_state_dict(first.policy.state_dict())
-    second = PPOTrainer(policy, copy.deepcopy(first.reference), cfg, temperature=1.0)
+    second = PPOTrainer(policy, copy.deepcopy(first.reference), cfg)
     second.load_state_dict(copy.deepcopy(first.state_dict()))
     # a fresh trainer without the state: the control that the state matters
     policy3 = build_tiny_model(TOKENIZER, seed=0)
     policy3.load_state_dict(first.policy.state_dict())
-    third = PPOTrainer(policy3, copy.deepcopy(first.reference), cfg, temperature=1.0)
+    third = PPOTrainer(policy3, copy.deepcopy(first.reference), cfg)
 
     results = []
     for trainer in (first, second, third):

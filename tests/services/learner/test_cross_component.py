@@ -1,0 +1,77 @@
+"""Cross-component tests: the real generator sampling code (``sample_completions``) feeds
+the real learner (``collate``, ``forward_completions``, ``PPOTrainer``) in-process with a
+tiny model. At staleness 0 the learner's pi_old must be the generator's mu on every token,
+under every sampling setting the config accepts.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from streamrl.common.config import Config, LearnerSection
+from streamrl.common.messages import Rollout, SamplingParams, ScoredRollout
+from streamrl.common.models import build_char_tokenizer, build_tiny_model
+from streamrl.services.generator.sampling import encode_prompts, sample_completions
+from streamrl.services.learner.batch import TrainBatch, collate
+from streamrl.services.learner.trainer import PPOTrainer
+
+TOKENIZER = build_char_tokenizer()
+PROMPTS = ["The film was", "I think that", "abc"]
+RATIO_ATOL = 1e-4  # float32 logits through a KV cache vs one padded forward pass
+
+
+def generate(model, sampling: SamplingParams, *, seed: int = 0, version: int = 0, group_size: int = 4) -> TrainBatch:
+    """Sample with the real generator code and collate as the learner does (rewards: row index)."""
+    torch.manual_seed(seed)
+    ids = encode_prompts(TOKENIZER, PROMPTS, max_prompt_tokens=32, add_special_tokens=False)
+    groups = sample_completions(model, TOKENIZER, ids, group_size=group_size, sampling=sampling)
+    rows = []
+    for g, group in enumerate(groups):
+        for j, c in enumerate(group):
+            rollout = Rollout(prompt_id=str(g), group_id=f"g{g}", rollout_id=f"g{g}-{j}", generator_id="gen-0",
+                              group_size=group_size, prompt_tokens=c.prompt_tokens,
+                              completion_tokens=c.completion_tokens, behaviour_logprobs=c.logprobs,
+                              policy_version=version, finish_reason=c.finish_reason, sampling=sampling)
+            rows.append(ScoredRollout(rollout=rollout, reward=float(len(rows) % 3)))
+    return collate(rows, pad_id=TOKENIZER.pad_token_id)
+
+
+def trainer_for(policy, **learner) -> PPOTrainer:
+    cfg = LearnerSection(**{"lr": 1e-3, "device": "cpu", **learner})
+    return PPOTrainer(policy, copy.deepcopy(policy), cfg)
+
+
+def raw_log_ratios(trainer: PPOTrainer, batch: TrainBatch) -> torch.Tensor:
+    """log(pi_old / mu) on every real token (1-D)."""
+    old = trainer.targets(batch).old.logprobs
+    return (old - batch.behaviour_logprobs)[batch.mask > 0]
+
+
+def assert_exact_ratios(trainer: PPOTrainer, batch: TrainBatch) -> None:
+    log_ratio = raw_log_ratios(trainer, batch)
+    assert log_ratio.numel() >= 20
+    assert log_ratio.abs().max().item() < RATIO_ATOL, log_ratio.abs().max()
+    stats = trainer.step(batch, current_version=0)  # staleness 0
+    assert stats["importance_ratio_mean"] == pytest.approx(1.0, abs=RATIO_ATOL)
+    assert stats["importance_ratio_max"] == pytest.approx(1.0, abs=RATIO_ATOL)
+    assert stats["ess_fraction"] == pytest.approx(1.0, abs=1e-6)
+    assert stats["clip_fraction"] == 0.0  # first update: pi == pi_old
+
+
+def test_learner_uses_the_temperature_recorded_in_the_rollouts():
+    """A generator started with --set generator.temperature=0.6 while the learner's config
+    says 1.0: the learner's ratios stay exact because it reads the rollouts' temperature."""
+    cfg = Config()
+    assert cfg.generator.temperature == 1.0
+    model = build_tiny_model(TOKENIZER, seed=0)
+    batch = generate(model, SamplingParams(temperature=0.6, top_p=1.0, max_new_tokens=10))
+    assert batch.sampling.temperature == 0.6
+    assert_exact_ratios(trainer_for(build_tiny_model(TOKENIZER, seed=0)), batch)
+    # the control: read at the config's temperature the same tokens are far from mu
+    at_config = copy.deepcopy(batch)
+    at_config.sampling = SamplingParams(temperature=cfg.generator.temperature, top_p=1.0, max_new_tokens=10)
+    assert raw_log_ratios(trainer_for(build_tiny_model(TOKENIZER, seed=0)), at_config).abs().max() > 0.05
