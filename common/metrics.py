@@ -10,7 +10,7 @@ platform collectors, an info metric with the process identity, and the
 from __future__ import annotations
 
 import logging
-from typing import ClassVar
+from typing import ClassVar, Generic, Sequence, TypeVar, overload
 
 from prometheus_client import (
     CollectorRegistry,
@@ -87,21 +87,73 @@ class ServiceMetrics:
         return self.port
 
 
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class Declared(Generic[M]):
+    """One metric declared as a class attribute of a :class:`MetricSet` (made by
+    :func:`counter`, :func:`gauge` or :func:`histogram`); on an instance the attribute
+    is the metric itself, created on the instance's registry."""
+
+    def __init__(self, kind: str, name: str, doc: str, **options):
+        self.kind, self.name, self.doc, self.options = kind, name, doc, options
+        self.attribute = ""
+
+    def __set_name__(self, owner: type, attribute: str) -> None:
+        self.attribute = attribute
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> Declared[M]: ...
+
+    @overload
+    def __get__(self, instance: MetricSet, owner: type | None = None) -> M: ...
+
+    def __get__(self, instance, owner=None):
+        return self if instance is None else instance.built[self.attribute]
+
+    def build(self, registry: ServiceMetrics) -> M:
+        """The metric, created on ``registry`` (prefix ``streamrl_<service>_``)."""
+        return getattr(registry, self.kind)(self.name, self.doc, **self.options)
+
+
+def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Declared[Counter]:
+    """Declare the counter ``streamrl_<service>_<name>`` (``name`` ends in ``_total``) on a :class:`MetricSet`."""
+    return Declared("counter", name, doc, labels=tuple(labels))
+
+
+def gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Declared[Gauge]:
+    """Declare the gauge ``streamrl_<service>_<name>`` on a :class:`MetricSet`."""
+    return Declared("gauge", name, doc, labels=tuple(labels))
+
+
+def histogram(name: str, doc: str, buckets: Sequence[float] = SECONDS_BUCKETS) -> Declared[Histogram]:
+    """Declare the histogram ``streamrl_<service>_<name>`` on a :class:`MetricSet`."""
+    return Declared("histogram", name, doc, buckets=tuple(buckets))
+
+
 class MetricSet:
     """Base of each service's metrics class (``GeneratorMetrics``, ``ScorerMetrics``, ...).
 
     A subclass names its service in ``SERVICE`` and declares every metric the
-    service itself updates in ``__init__``, on the process's
-    :class:`ServiceMetrics` (which adds the prefix ``streamrl_<service>_``).
-    Metrics of shared components (``messages_rejected_total`` here,
-    ``waiting_seconds`` in :mod:`streamrl.common.liveness`, ``auth_*`` in
-    :mod:`streamrl.common.security`) are declared by those components.
+    service itself updates as a class attribute::
+
+        class ScorerMetrics(MetricSet):
+            SERVICE = "scorer"
+            scored = counter("rollouts_scored_total", "Rollouts scored and sent to the buffer")
+
+    Building the set creates each declared metric on the process's
+    :class:`ServiceMetrics` (which adds the prefix ``streamrl_<service>_``);
+    ``metrics.scored`` is then the Prometheus counter. Metrics of shared
+    components (``messages_rejected_total`` here, ``waiting_seconds`` in
+    :mod:`streamrl.common.liveness`, ``auth_*`` in :mod:`streamrl.common.security`)
+    are declared by those components.
 
     Args:
         registry: the process's metrics (``ctx.metrics``).
 
     Raises:
-        ValueError: ``registry`` belongs to another service (every name would carry the wrong prefix).
+        ValueError: ``registry`` belongs to another service (every name would carry the wrong
+            prefix), or a name is declared twice (prometheus_client refuses it).
     """
 
     SERVICE: ClassVar[str]
@@ -111,3 +163,13 @@ class MetricSet:
             raise ValueError(f"{type(self).__name__} declares streamrl_{self.SERVICE}_* metrics; "
                              f"it was given the {registry.service!r} registry")
         self.registry = registry
+        self.built: dict[str, Counter | Gauge | Histogram] = {
+            declared.attribute: declared.build(registry) for declared in self.declared()}
+
+    @classmethod
+    def declared(cls) -> list[Declared]:
+        """The metrics declared on this class and its bases, in declaration order."""
+        found: dict[str, Declared] = {}
+        for klass in reversed(cls.__mro__):
+            found.update({k: v for k, v in vars(klass).items() if isinstance(v, Declared)})
+        return list(found.values())

@@ -1,4 +1,4 @@
-"""The rollout generator: sample with the newest weights, send rollouts to the scorers.
+"""The rollout generator's socket loop: sample with the newest weights, send rollouts to the scorers.
 
 Loop, between generation batches only (so a batch never mixes versions):
 
@@ -10,6 +10,9 @@ Loop, between generation batches only (so a batch never mixes versions):
 3. sample ``prompts_per_batch`` x ``group_size`` completions and push one
    ``rollout`` message per completion to the scorers (PUSH round-robins over
    the connected scorers; a full queue blocks here: backpressure).
+
+The version rules live in :mod:`streamrl.services.generator.versions`, the
+messages in :mod:`streamrl.services.generator.rollouts`.
 """
 
 from __future__ import annotations
@@ -21,39 +24,21 @@ import uuid
 import zmq
 
 from streamrl.common.liveness import Waits
-from streamrl.common.messages import Rollout, SamplingParams
-from streamrl.common.metrics import ServiceMetrics
+from streamrl.common.messages import SamplingParams
 from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
 from streamrl.common.service import ServiceContext
 from streamrl.common.transport import make_socket, send_when_ready
 from streamrl.common.weights import WeightClient, WeightSyncError, tied_duplicates
 from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
+from streamrl.services.generator.metrics import GeneratorMetrics
+from streamrl.services.generator.rollouts import group_rollouts
 from streamrl.services.generator.sampling import prepare_prompts, sample_completions
+from streamrl.services.generator.versions import check_fit, needs_fetch, too_stale
 
 log = logging.getLogger(__name__)
 
 
-class GeneratorMetrics:
-    """The generator's Prometheus metrics."""
-
-    def __init__(self, m: ServiceMetrics):
-        self.rollouts = m.counter("rollouts_total", "Completions sampled and sent")
-        self.tokens = m.counter("tokens_total", "Completion tokens sampled")
-        self.batch_seconds = m.histogram("generation_seconds", "Seconds per generation batch")
-        self.version = m.gauge("policy_version", "Policy version of the loaded weights")
-        self.latest_version = m.gauge("announced_version", "Newest version announced by the learner")
-        self.fetch_seconds = m.histogram("weight_fetch_seconds", "Seconds to fetch and verify one version")
-        self.load_seconds = m.histogram("weight_load_seconds", "Seconds to load fetched weights")
-        self.weight_bytes = m.counter("weight_bytes_total", "Weight bytes received")
-        self.weight_syncs = m.counter("weight_syncs_total", "Versions loaded")
-        self.weight_errors = m.counter("weight_sync_errors_total", "Failed weight fetches")
-        self.wait_weights = m.counter("weight_wait_seconds_total", "Seconds paused waiting for fresher weights")
-        self.blocked = m.counter("send_blocked_seconds_total", "Seconds blocked sending (backpressure)")
-        self.in_flight = m.gauge("prompts_in_flight", "Prompts being generated now")
-        self.lost = m.counter("rollouts_lost_total", "Rollouts sampled but never sent (stopped while blocked)")
-
-
-class Generator:
+class GeneratorService:
     """One rollout generator process (see module docstring)."""
 
     def __init__(self, ctx: ServiceContext):
@@ -67,7 +52,7 @@ class Generator:
         self.tokenizer = load_tokenizer(path)
         self.model = load_causal_lm(path, device=self.device).eval()
         self.tied = tied_duplicates(self.model.state_dict())
-        prompts = load_prompts(gen.prompts.loader_options())
+        prompts = load_prompts(gen.prompts)
         train, _held_out = split_prompts(prompts, eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
         self.stream = PromptStream(train, seed=cfg.run.seed + ctx.index)
         self.sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p,
@@ -107,7 +92,7 @@ class Generator:
             self.waits.waiting("weights", "no weights announced yet (is the learner up?)")
             return False
         self.metrics.latest_version.set(latest.version)
-        if self.version is None or latest.version > self.version:
+        if needs_fetch(self.version, latest.version):
             start = time.perf_counter()
             try:
                 fetched = self.weights.fetch(latest)
@@ -117,8 +102,7 @@ class Generator:
             else:
                 loaded = time.perf_counter()
                 missing, unexpected = self.model.load_state_dict(fetched.tensors, strict=False)
-                if unexpected or set(missing) - self.tied:
-                    raise RuntimeError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
+                check_fit(missing, unexpected, self.tied)
                 self.version = fetched.version
                 self.metrics.fetch_seconds.observe(loaded - start)
                 self.metrics.load_seconds.observe(time.perf_counter() - loaded)
@@ -127,7 +111,7 @@ class Generator:
                 self.metrics.version.set(self.version)
                 log.info("loaded policy version %d (%.1f MB, fetch %.2fs, verify %.2fs)",
                          self.version, fetched.nbytes / 1e6, fetched.transfer_s, fetched.verify_s)
-        if self.version is None or latest.version - self.version > self.cfg.run.max_staleness:
+        if too_stale(self.version, latest.version, self.cfg.run.max_staleness):
             self.waits.waiting("weights", f"loaded version {self.version}, newest {latest.version}: more than "
                                           f"max_staleness={self.cfg.run.max_staleness} behind and the fetch failed")
             wait_start = time.perf_counter()
@@ -162,17 +146,10 @@ class Generator:
         self.metrics.in_flight.set(0)
         unsent = sum(len(group) for group in groups)
         for prompt, text, group in zip(prompts, texts, groups):
-            group_id = f"{self.generator_id}:{self.groups_sent}"
+            rollouts = group_rollouts(generator_id=self.generator_id, group_number=self.groups_sent, prompt=prompt,
+                                      prompt_text=text, completions=group, version=version, sampling=self.sampling)
             self.groups_sent += 1
-            for j, c in enumerate(group):
-                rollout = Rollout(
-                    sender=self.generator_id, prompt_id=prompt.prompt_id, group_id=group_id,
-                    rollout_id=f"{group_id}:{j}", generator_id=self.generator_id, group_size=gen.group_size,
-                    prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-                    behaviour_logprobs=c.logprobs, policy_version=version, finish_reason=c.finish_reason,
-                    sampling=self.sampling, prompt_text=text, completion_text=c.text,
-                    metadata=dict(prompt.metadata),
-                )
+            for rollout in rollouts:
                 if not send_when_ready(self.push, rollout, stop=self.ctx.stop, blocked_seconds=self.metrics.blocked,
                                        warn_after_s=self.cfg.transport.request_timeout_s, peer="the scorers"):
                     self.metrics.lost.inc(unsent)
@@ -180,4 +157,4 @@ class Generator:
                     return
                 unsent -= 1
                 self.metrics.rollouts.inc()
-                self.metrics.tokens.inc(len(c.completion_tokens))
+                self.metrics.tokens.inc(len(rollout.completion_tokens))
