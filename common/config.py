@@ -207,8 +207,14 @@ class BufferSection(_Section):
     fsync: FsyncPolicy = Field(FsyncPolicy.ALWAYS, description="always (group commit), interval or never")
     fsync_interval_s: float = Field(1.0, gt=0, description="seconds between fsyncs with fsync = interval")
     segment_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="journal segment size, bytes")
-    max_segments: int = Field(4, ge=1, description="more segments trigger compaction (bounded disk)")
-    keep_history: bool = Field(False, description="audit ledger of every rollout id (unbounded; tests)")
+    max_segments: int = Field(4, ge=1, description="more segments trigger compaction (snapshot of the live "
+                              "state, older segments deleted): disk stays bounded")
+    keep_history: bool = Field(False, description="append every event's rollout ids to `history.jsonl` before "
+                               "compaction (an audit ledger; grows without bound)")
+    journal_repair: bool = Field(False, description="start even though the journal lost records (a corrupt "
+                                 "record before intact ones, a missing segment): damaged segments are moved to "
+                                 "`damaged/` in the journal folder, and groups the lost records may have served or "
+                                 "removed are quarantined; without it such a buffer refuses to start")
 
 
 class LearnerSection(_Section):

@@ -17,8 +17,10 @@ import socket
 import time
 from pathlib import Path
 
+from streamrl.common.errors import StartupRefused
 
-class RunFolderLocked(RuntimeError):
+
+class RunFolderLocked(StartupRefused):
     """Another live process holds this role's lock on the folder."""
 
 

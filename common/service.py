@@ -21,10 +21,10 @@ import transformers
 import zmq
 
 from streamrl.common.config import Config, ConfigError, load_config
+from streamrl.common.errors import StartupRefused
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.runlock import RunFolderLocked, RunLock
 from streamrl.common.security import Security, SecurityError, open_security
-from streamrl.common.transport import BindError
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +171,14 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
 def run_service(service: str, loop_class, argv: list[str] | None = None) -> None:
     """Entry point of ``python -m streamrl.services.<service>``: start, build ``loop_class(ctx)``, run, clean up.
 
-    A socket that cannot bind its endpoint ends the process with status 2 and a message naming the
-    address and the fix (never a hang: every socket is closed before the context ends).
+    A :class:`~streamrl.common.errors.StartupRefused` (a socket that cannot bind its endpoint, a damaged
+    journal) ends the process with status 2 and a message naming the problem and the fix (never a hang:
+    every socket is closed before the context ends).
     """
     ctx = start_service(service, argv)
     try:
         loop_class(ctx).run()
-    except BindError as err:
+    except StartupRefused as err:  # a taken port, a damaged journal, ...
         _refuse(service, str(err))
     finally:
         ctx.close()

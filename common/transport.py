@@ -21,6 +21,7 @@ from prometheus_client import Counter
 
 import zmq
 
+from streamrl.common.errors import StartupRefused
 from streamrl.common.messages import Message, ProtocolError, decode, encode
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.security import Security
@@ -39,7 +40,7 @@ stream_engine_base.cpp, when a process with restarted peers shut down; the
 application-level pulses in :mod:`streamrl.common.liveness` cover the fast path.)"""
 
 
-class BindError(RuntimeError):
+class BindError(StartupRefused):
     """A socket could not bind its endpoint; the message names the address and the fix."""
 
 

@@ -39,6 +39,24 @@ Record types:
   trained on the unacknowledged batch; it is forgotten.
 * ``SERVED`` ``{"ids", "served"}``: (snapshots only) the serve count of a group.
 * ``UNACKED`` ``{"ids", "batch"}``: (snapshots only) the unacknowledged batch.
+* ``BEGIN`` ``{"segment", "previous", "snapshot"}``: the first record of every segment:
+  its number, the number of the segment it continues (None for the first segment and
+  for snapshots, which depend on nothing before them) and whether it is a snapshot.
+* ``SNAPSHOT_END`` ``{}``: the last record of a complete snapshot.
+
+Recovery replays from the newest complete snapshot (older segments are superseded;
+they exist only when a compaction was interrupted before deleting them) through the
+newest segment. **Damage is never skipped silently.** A torn or corrupt record at the
+very end of the newest segment is what a crash mid-write leaves: it is ignored and
+counted. Anything else (a bad record with intact records after it, a bad record in an
+older segment, a missing segment: a gap in the numbers or a segment whose predecessor
+is gone) raises :class:`JournalDamaged`, and the buffer refuses to start. With
+``repair=True`` (``buffer.journal_repair``, an operator's explicit decision) recovery
+goes on: each damaged segment is moved to ``damaged/`` in the journal folder (never
+deleted), and every group that has a member accepted before the lost records is
+*quarantined* (not served, counted), because a record that removed it or served it
+may be among those lost: replay never brings back a rollout whose removal or training
+was recorded.
 """
 
 from __future__ import annotations
@@ -59,6 +77,7 @@ from typing import Iterator, Sequence
 import msgpack
 
 from streamrl.common.messages import Batch, ProtocolError, ScoredRollout, decode, encode
+from streamrl.common.errors import StartupRefused
 from streamrl.common.modes import FsyncPolicy
 
 log = logging.getLogger(__name__)
@@ -78,10 +97,20 @@ class RecordType(IntEnum):
     ACK = 5
     SERVED = 6
     UNACKED = 7
+    BEGIN = 8
+    SNAPSHOT_END = 9
+
+
+MARKERS = (RecordType.BEGIN, RecordType.SNAPSHOT_END)
+"""Record types that frame segments; they carry no buffer state."""
 
 
 class JournalError(RuntimeError):
     """The journal directory cannot be used (e.g. not writable)."""
+
+
+class JournalDamaged(StartupRefused):
+    """The journal lost records somewhere other than a torn tail; the message names the file and the fix."""
 
 
 @dataclass
@@ -106,14 +135,18 @@ class Recovered:
     Attributes:
         groups: the groups held, in serve order (incomplete groups included).
         unacknowledged: the last batch served that the learner did not acknowledge, or None.
-        records: records read.
+        records: state records read (segment markers not counted).
         bad_records: torn or corrupt records skipped (each ends its segment).
+        damage: what was lost other than a torn tail (only with ``repair``; else JournalDamaged).
+        quarantined: rollouts held back because records about them may be lost (``repair`` only).
     """
 
     groups: list[RecoveredGroup] = field(default_factory=list)
     unacknowledged: Batch | None = None
     records: int = 0
     bad_records: int = 0
+    damage: list[str] = field(default_factory=list)
+    quarantined: int = 0
 
     @property
     def rollouts(self) -> int:
@@ -134,28 +167,48 @@ def _segments(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _record_at(data: bytes, pos: int) -> tuple[int, int] | None:
+    """``(kind, end)`` of an intact record starting at byte ``pos``, or None (torn or corrupt)."""
+    if len(data) - pos < HEADER.size:
+        return None
+    length, crc, kind = HEADER.unpack_from(data, pos)
+    end = pos + HEADER.size + length
+    if end > len(data) or kind not in RecordType._value2member_map_:
+        return None
+    if zlib.crc32(bytes([kind]) + data[pos + HEADER.size:end]) != crc:
+        return None
+    return kind, end
+
+
+def _intact_record_after(data: bytes, pos: int) -> int | None:
+    """Offset of the first intact record after byte ``pos`` (a resync scan), or None."""
+    for candidate in range(pos + 1, len(data) - HEADER.size + 1):
+        if _record_at(data, candidate) is not None:
+            return candidate
+    return None
+
+
 def read_records(path: Path) -> Iterator[tuple[RecordType | None, object]]:
     """Yield ``(type, payload)`` of each intact record of one segment, in order.
 
     Stops at the first torn or corrupt record and then yields ``(None, reason)``
-    once, ``reason`` a str (the caller counts it).
+    once, ``reason`` a str (the caller counts it) that starts with ``"torn tail"``
+    when no intact record follows (a crash mid-write) and with ``"corrupt"`` when
+    intact records follow (damage: they and the bad record are not read).
     """
     data = path.read_bytes()
     pos = 0
     while pos < len(data):
-        if len(data) - pos < HEADER.size:
-            yield None, f"torn header at byte {pos}"
+        found = _record_at(data, pos)
+        if found is None:
+            later = _intact_record_after(data, pos)
+            if later is None:
+                yield None, f"torn tail at byte {pos} of {len(data)}"
+            else:
+                yield None, f"corrupt record at byte {pos}, intact records from byte {later} on"
             return
-        length, crc, kind = HEADER.unpack_from(data, pos)
-        start, end = pos + HEADER.size, pos + HEADER.size + length
-        if end > len(data):
-            yield None, f"torn record at byte {pos}"
-            return
-        body = data[start:end]
-        if zlib.crc32(bytes([kind]) + body) != crc or kind not in RecordType._value2member_map_:
-            yield None, f"corrupt record at byte {pos}"
-            return
-        yield RecordType(kind), msgpack.unpackb(body, raw=False)
+        kind, end = found
+        yield RecordType(kind), msgpack.unpackb(data[pos + HEADER.size:end], raw=False)
         pos = end
 
 
@@ -207,6 +260,7 @@ class Journal:
         self.fsyncs = 0
         self.fsync_seconds = 0.0
         self.compactions = 0
+        self._damaged: list[Path] = []
 
     # ------------------------------------------------------------------ writing
 
@@ -262,7 +316,7 @@ class Journal:
             unacknowledged: the batch awaiting the learner's acknowledgement, or None.
         """
         old = _segments(self.directory)
-        self._open_segment((old[-1][0] if old else 0) + 1)
+        self._open_segment((old[-1][0] if old else 0) + 1, snapshot=True)
         for group in groups:
             for member in group.members:
                 self.accept(encode(member))
@@ -272,6 +326,7 @@ class Journal:
         if unacknowledged is not None:
             self._append(RecordType.UNACKED, {"ids": [s.rollout.rollout_id for s in unacknowledged.rollouts],
                                               "batch": _pack_frames(encode(unacknowledged))})
+        self._append(RecordType.SNAPSHOT_END, {})
         self.commit(force=True)
         if self.keep_history:
             self._archive([path for _, path in old])
@@ -289,12 +344,24 @@ class Journal:
 
     # ------------------------------------------------------------------ reading
 
-    def recover(self) -> Recovered:
-        """Rebuild the buffer's state from the segments on disk (read-only; see :meth:`compact`)."""
+    def recover(self, *, repair: bool = False) -> Recovered:
+        """Rebuild the buffer's state from the segments on disk (see :meth:`compact` and the module docstring).
+
+        Args:
+            repair: go on past damage: move damaged segments to ``damaged/`` and quarantine the groups
+                whose records may be lost. Without it recovery changes nothing on disk.
+
+        Raises:
+            JournalDamaged: records were lost other than at the torn tail of the newest segment
+                (without ``repair``); the message names each problem and the fix.
+        """
         result = Recovered()
+        lost_before = 0  # groups with a member accepted at a position below this are quarantined
         live: OrderedDict[str, RecoveredGroup] = OrderedDict()  # group_id -> group
         group_of: dict[str, str] = {}  # rollout_id -> group_id
+        accepted_at: dict[str, int] = {}  # rollout_id -> replay position of its ACCEPT
         unacked: Batch | None = None
+        unacked_at = 0
         position = 0
 
         def retire(group_id: str) -> None:
@@ -302,8 +369,11 @@ class Journal:
             for m in group.members if group else ():
                 group_of.pop(m.rollout.rollout_id, None)
 
-        for kind, payload in self._all_records(result):
+        for kind, payload in self._replay(result):
             position += 1
+            if kind is None:  # records were lost here: everything accepted so far is in doubt
+                lost_before = position
+                continue
             try:
                 if kind is RecordType.ACCEPT:
                     item = decode(payload, expected=[ScoredRollout])
@@ -313,6 +383,7 @@ class Journal:
                         group = live[r.group_id] = RecoveredGroup(members=[], order=position)
                     group.members.append(item)
                     group_of[r.rollout_id] = r.group_id
+                    accepted_at[r.rollout_id] = position
                     if len(group.members) == r.group_size:
                         group.order = position  # complete groups queue in completion order
                 elif kind is RecordType.REMOVE:
@@ -325,9 +396,9 @@ class Journal:
                         group.order = position
                         if group.served >= self.max_reuse:
                             retire(group_id)
-                    unacked = decode(payload["batch"], expected=[Batch])
+                    unacked, unacked_at = decode(payload["batch"], expected=[Batch]), position
                 elif kind is RecordType.UNACKED:
-                    unacked = decode(payload["batch"], expected=[Batch])
+                    unacked, unacked_at = decode(payload["batch"], expected=[Batch]), position
                 elif kind is RecordType.RESTAMP and unacked is not None:
                     unacked.learner_version = int(payload["version"])
                 elif kind is RecordType.ACK:
@@ -338,8 +409,24 @@ class Journal:
             except (ProtocolError, KeyError, TypeError, ValueError) as err:
                 result.bad_records += 1
                 log.warning("journal: unreadable %s record (%s); skipped", kind.name, err)
+        if result.damage and not repair:
+            raise JournalDamaged(
+                f"buffer journal {self.directory} is damaged: " + "; ".join(result.damage)
+                + ". Records were lost, so replay could serve rollouts that were already trained or removed. "
+                "fix: restore the folder from a backup, or start with buffer.journal_repair = true to move the "
+                "damaged segments to damaged/ (kept, never deleted) and quarantine every group the lost records "
+                "may have concerned")
+        for group_id, group in list(live.items()):
+            if min(accepted_at[m.rollout.rollout_id] for m in group.members) < lost_before:
+                result.quarantined += len(group.members)
+                retire(group_id)
+        if result.damage:  # repair: keep the damaged files aside, never delete them
+            moved = self.move_damaged()
+            log.error("journal repaired: %s; moved aside: %s; quarantined %d rollouts accepted before the lost "
+                      "records (not served)", "; ".join(result.damage), [str(m) for m in moved] or "nothing",
+                      result.quarantined)
         result.groups = sorted(live.values(), key=lambda g: g.order)
-        result.unacknowledged = unacked
+        result.unacknowledged = None if lost_before and unacked is not None and unacked_at < lost_before else unacked
         return result
 
     def history(self) -> Iterator[tuple[str, list[str]]]:
@@ -360,15 +447,74 @@ class Journal:
 
     # ------------------------------------------------------------------ internals
 
-    def _all_records(self, result: Recovered) -> Iterator[tuple[RecordType, object]]:
-        for _, path in _segments(self.directory):
+    def _replay(self, result: Recovered) -> Iterator[tuple[RecordType | None, object]]:
+        """State records from the newest complete snapshot on; ``(None, reason)`` where records were lost.
+
+        Appends each loss other than a torn tail of the newest segment to ``result.damage`` and,
+        when the caller repairs, that is what it quarantines against (it moves nothing itself:
+        :meth:`recover` raises before anything changes on disk without ``repair``).
+        """
+        segments = _segments(self.directory)
+        start = self._newest_snapshot(segments)
+        replay = segments[start:]
+        if replay:
+            first_number, first_path = replay[0]
+            begin = self._begin(first_path)
+            if begin is not None and begin.get("previous") is not None:
+                result.damage.append(f"segment {begin['previous']:06d} before {first_path.name} is missing")
+                yield None, "missing predecessor"
+        previous_number = None
+        for index, (number, path) in enumerate(replay):
+            if previous_number is not None and number != previous_number + 1:
+                result.damage.append(f"segments {previous_number + 1:06d}..{number - 1:06d} are missing")
+                yield None, "gap"
+            previous_number = number
+            newest = index == len(replay) - 1
             for kind, payload in read_records(path):
                 if kind is None:
                     result.bad_records += 1
-                    log.warning("journal %s: %s; ignoring the rest of this segment", path.name, payload)
+                    if newest and str(payload).startswith("torn tail"):
+                        log.warning("journal %s: %s (a crash mid-write); ignored", path.name, payload)
+                    else:
+                        result.damage.append(f"{path.name}: {payload}")
+                        log.error("journal %s: %s", path.name, payload)
+                        self._damaged.append(path)
+                        yield None, payload
                     break
+                if kind in MARKERS:
+                    continue
                 result.records += 1
                 yield kind, payload
+
+    def _newest_snapshot(self, segments: list[tuple[int, Path]]) -> int:
+        """Index in ``segments`` of the newest complete snapshot (0 when none)."""
+        for index in range(len(segments) - 1, -1, -1):
+            begin = self._begin(segments[index][1])
+            if begin is not None and begin.get("snapshot"):
+                if any(kind is RecordType.SNAPSHOT_END for kind, _ in read_records(segments[index][1])):
+                    return index
+        return 0
+
+    @staticmethod
+    def _begin(path: Path) -> dict | None:
+        """The BEGIN payload of a segment, or None (a journal written before BEGIN records, or damaged)."""
+        for kind, payload in read_records(path):
+            return payload if kind is RecordType.BEGIN else None
+        return None
+
+    def move_damaged(self) -> list[Path]:
+        """Move the segments :meth:`recover` found damaged to ``damaged/`` (kept for inspection); returns the new paths."""
+        moved = []
+        if self._damaged:
+            target = self.directory / "damaged"
+            target.mkdir(exist_ok=True)
+            for path in self._damaged:
+                destination = target / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+                path.rename(destination)
+                moved.append(destination)
+            self._fsync_directory()
+            self._damaged = []
+        return moved
 
     def _events(self, paths: list[Path]) -> Iterator[tuple[str, list[str]]]:
         unacked: list[str] = []
@@ -410,7 +556,9 @@ class Journal:
         self.bytes_written += len(record)
         self._dirty = True
 
-    def _open_segment(self, number: int) -> None:
+    def _open_segment(self, number: int, *, snapshot: bool = False) -> None:
+        """Start segment ``number`` with its BEGIN record (a snapshot, or the continuation of ``number - 1``)."""
+        continues = self._fd is not None or any(n < number for n, _ in _segments(self.directory))
         if self._fd is not None:
             self.commit(force=True)
             os.close(self._fd)
@@ -422,6 +570,9 @@ class Journal:
         self._segment = number
         self._segment_size = os.fstat(self._fd).st_size
         self._fsync_directory()
+        if self._segment_size == 0:
+            self._append(RecordType.BEGIN, {"segment": number, "snapshot": snapshot,
+                                            "previous": number - 1 if continues and not snapshot else None})
 
     def _fsync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import zmq
 
 from streamrl.common.liveness import Waits
 from streamrl.common.messages import Batch, BatchRequest, ScoredRollout
 from streamrl.common.metrics import STALENESS_BUCKETS
-from streamrl.common.service import ServiceContext
+from streamrl.common.service import ServiceContext, journal_folder
 from streamrl.common.transport import Inbox, make_socket, send
 from streamrl.services.buffer.journal import Journal, RecoveredGroup
 from streamrl.services.buffer.store import REJECT_OUTCOMES, AddOutcome, ReplayBuffer
@@ -62,7 +61,7 @@ class BufferService:
         self._incoming: list | None = None
         self.journal: Journal | None = None
         if b.journal:
-            self.journal = Journal(Path(b.journal_dir or Path(cfg.run.output_dir) / "buffer"), fsync=b.fsync,
+            self.journal = Journal(journal_folder(cfg), fsync=b.fsync,
                                    fsync_interval_s=b.fsync_interval_s, segment_bytes=b.segment_bytes,
                                    max_segments=b.max_segments, keep_history=b.keep_history,
                                    max_reuse=b.max_reuse)
@@ -157,7 +156,7 @@ class BufferService:
 
     def _recover(self) -> None:
         """Rebuild the store from the journal, then compact it into one snapshot segment."""
-        recovered = self.journal.recover()
+        recovered = self.journal.recover(repair=self.ctx.config.buffer.journal_repair)
         self.store.restore([(g.members, g.served) for g in recovered.groups])
         self.unacked = recovered.unacknowledged
         self.recovered_rollouts = recovered.rollouts

@@ -8,7 +8,8 @@ import pytest
 
 from streamrl.common.messages import Batch, encode
 from streamrl.common.modes import FsyncPolicy, OverflowPolicy
-from streamrl.services.buffer.journal import Journal, RecoveredGroup, _segments
+from streamrl.services.buffer.journal import (Journal, JournalDamaged, RecordType, RecoveredGroup, _segments,
+                                               read_records)
 from streamrl.services.buffer.store import AddOutcome, ReplayBuffer
 from support import scored_item
 
@@ -186,3 +187,120 @@ def test_fsync_policy_interval_and_never(tmp_path):
     interval.accept(encode(scored_item("a", 1)))
     interval.commit()
     assert interval.fsyncs <= 1
+
+
+# ---------------------------------------------------------------- damage is never skipped silently
+
+def served_journal(directory, groups=6, segment_bytes=1 << 20):
+    """A journal of ``groups`` complete groups of 2; the first half served (and acknowledged)."""
+    j = Journaled(directory, capacity=groups, segment_bytes=segment_bytes)
+    for g in range(groups):
+        for k in range(2):
+            j.add(scored_item(f"g{g}", k))
+    for _ in range(groups // 2):
+        if j.unacked is not None:
+            j.ack()
+        j.sample(1, 0)
+    j.ack()
+    j.journal.close()
+    return j
+
+
+def flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_mid_segment_stops_recovery(tmp_path):
+    served_journal(tmp_path)
+    (_, path), = _segments(tmp_path)
+    flip_byte(path, 200)  # inside an early ACCEPT record; intact records follow
+    before = path.read_bytes()
+    with pytest.raises(JournalDamaged, match=r"segment-000001\.log: corrupt record at byte .*journal_repair"):
+        Journal(tmp_path, fsync=FsyncPolicy.NEVER).recover()
+    assert path.read_bytes() == before  # nothing on disk changed
+
+
+def test_repair_moves_the_damaged_segment_aside_and_resurrects_nothing(tmp_path):
+    """Bytes flipped before the SERVE records: repair must not bring back the groups they served."""
+    j = served_journal(tmp_path)
+    events: dict[str, set[str]] = {}
+    for event, ids in j.journal.history():
+        events.setdefault(event, set()).update(ids)
+    trained = events["sampled"]
+    assert len(trained) == 6  # three groups of two were served and acknowledged
+    (_, path), = _segments(tmp_path)
+    flip_byte(path, 200)
+    rec = Journal(tmp_path, fsync=FsyncPolicy.NEVER).recover(repair=True)
+    held = {m.rollout.rollout_id for g in rec.groups for m in g.members}
+    assert not held & trained  # no served (trained) rollout comes back
+    assert rec.quarantined == 0 and held == set()  # the only records after the damage are gone with it
+    assert rec.damage and not path.exists()
+    (kept,) = (tmp_path / "damaged").iterdir()
+    assert kept.name.startswith("segment-000001.log.") and kept.stat().st_size > 0
+
+
+def serve_in_the_middle(directory):
+    """Groups g0..g3 accepted, g0 served (SERVE in a middle segment), then g4..g11 accepted."""
+    j = Journaled(directory, capacity=12, segment_bytes=1500)
+    for g in range(12):
+        for k in range(2):
+            j.add(scored_item(f"g{g}", k))
+        if g == 3:
+            j.sample(1, 0)
+            j.ack()
+    j.journal.close()
+    serve_segment = next(path for _, path in _segments(directory)
+                         if any(kind is RecordType.SERVE for kind, _ in read_records(path)))
+    return j, serve_segment
+
+
+def test_repair_quarantines_groups_whose_later_records_are_lost(tmp_path):
+    """Damage where g0's SERVE was recorded: without quarantine, replay would serve g0 a second time."""
+    j, serve_segment = serve_in_the_middle(tmp_path)
+    assert serve_segment != _segments(tmp_path)[-1][1]
+    flip_byte(serve_segment, 30)  # the BEGIN/first records: the whole segment's content is lost
+    with pytest.raises(JournalDamaged):
+        Journal(tmp_path, fsync=FsyncPolicy.NEVER).recover()
+    rec = Journal(tmp_path, fsync=FsyncPolicy.NEVER).recover(repair=True)
+    held = {m.rollout.group_id for g in rec.groups for m in g.members}
+    assert "g0-0" not in {m.rollout.rollout_id for g in rec.groups for m in g.members}
+    assert held and all(int(g[1:]) > 3 for g in held)  # g1..g3 (in doubt) quarantined, later groups kept
+    assert rec.quarantined >= 6
+    assert (tmp_path / "damaged").is_dir() and not serve_segment.exists()
+
+
+def test_a_deleted_segment_stops_recovery(tmp_path):
+    j, serve_segment = serve_in_the_middle(tmp_path)
+    number = int(serve_segment.name[8:14])
+    serve_segment.unlink()
+    with pytest.raises(JournalDamaged, match=f"segments {number:06d}..{number:06d} are missing"):
+        Journal(tmp_path, fsync=FsyncPolicy.NEVER).recover()
+    rec = Journal(tmp_path, fsync=FsyncPolicy.NEVER).recover(repair=True)
+    assert rec.damage and rec.quarantined > 0
+    assert "g0" not in {m.rollout.group_id for g in rec.groups for m in g.members}
+
+
+def test_a_deleted_first_segment_is_noticed(tmp_path):
+    """After a compaction the oldest segment is a snapshot; deleting the segment a newer one continues is damage."""
+    served_journal(tmp_path, groups=12, segment_bytes=1500)
+    segments = _segments(tmp_path)
+    segments[0][1].unlink()
+    with pytest.raises(JournalDamaged, match=f"segment {segments[0][0]:06d} before {segments[1][1].name} is missing"):
+        Journal(tmp_path, fsync=FsyncPolicy.NEVER).recover()
+
+
+def test_an_interrupted_compaction_replays_from_the_snapshot(tmp_path):
+    """Snapshot written, old segments not yet deleted (a crash between the two): same state, no duplicates."""
+    j = served_journal(tmp_path, groups=6, segment_bytes=1500)
+    expected, _ = restored(tmp_path)
+    old = [path for _, path in _segments(tmp_path)]
+    copies = {path: path.read_bytes() for path in old}
+    journal = Journal(tmp_path, fsync=FsyncPolicy.NEVER)
+    journal.compact([RecoveredGroup(members=m, served=s) for m, s in j.store.snapshot()], None)
+    journal.close()
+    for path, data in copies.items():  # the crash: the old segments are still there
+        path.write_bytes(data)
+    store, _ = restored(tmp_path)
+    assert state(store) == state(expected) == state(j.store)
