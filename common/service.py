@@ -119,12 +119,14 @@ def parse_args(service: str, argv: list[str] | None) -> argparse.Namespace:
 def start_service(service: str, argv: list[str] | None = None) -> ServiceContext:
     """Parse arguments, load and validate the config, set up logging, metrics and signals.
 
-    Exits the process with status 2 and the full list of problems when the config is invalid.
+    Exits the process with status 2 and the full list of problems when the config is invalid
+    or names a resource this service needs that is missing (a model folder, a prompt file, a
+    reward function and its kwargs: ``resource_problems``, the checks ``streamrl check`` runs).
     """
     args = parse_args(service, argv)
     overrides = [line for line in os.environ.get(OVERRIDES_ENV, "").splitlines() if line.strip()]
     try:
-        config = load_config(args.config, overrides + args.overrides)
+        config = load_config(args.config, overrides + args.overrides, resources=[service])  # as `streamrl check`
     except ConfigError as err:
         print(f"streamrl {service}: invalid config\n{err}", file=sys.stderr)
         raise SystemExit(2) from None

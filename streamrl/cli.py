@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from streamrl import __version__
-from streamrl.common.config import ConfigError, load_config
+from streamrl.common.config import SERVICES, ConfigError, load_config
 from streamrl.common.service import CONFIG_ENV, OVERRIDES_ENV
 from streamrl.deploy import DEFAULT_CONFIG, PROCFILE
 from streamrl.launcher import interrupted, run_procfile
@@ -36,17 +36,22 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override a config value (repeatable), e.g. --set learner.total_steps=20")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, resources=()):
+    """The validated config; with ``resources`` (service names) also what those services need."""
     try:
-        return load_config(args.config, args.overrides)
+        return load_config(args.config, args.overrides, resources=resources)
     except ConfigError as err:
         print(f"streamrl: invalid config\n{err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate the config; exit status 2 with every problem listed when invalid."""
-    config = _load(args)
+    """Validate the config and what every service needs from it (files, folders, imports, devices).
+
+    The same checks each service runs at start-up; exit status 2 with every problem listed
+    (key, rule, fix) when any fails.
+    """
+    config = _load(args, SERVICES)
     print(f"{args.config}: OK ({config.run.name}, model {config.model.path}, "
           f"{config.learner.total_steps} steps, max_staleness {config.run.max_staleness})")
     return 0
@@ -57,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from streamrl.evaluation import evaluate
     from streamrl.common.models import resolve_model_path
 
-    config = _load(args)
+    config = _load(args, ("generator", "scorer"))  # the model, the prompts and the rewards
     path = args.checkpoint or resolve_model_path(config.model.path, config.model.cache_path)
     result = evaluate(config, path, limit=args.limit, seed=args.seed, samples_per_prompt=args.samples)
     print(f"{path}: {result.line()}")
@@ -107,7 +112,7 @@ def evaluate_run(config, args, started: float) -> dict:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate, optionally evaluate the initial policy, run all services under honcho, then report."""
-    config = _load(args)
+    config = _load(args, SERVICES)
     started = time.time()
     args.before = None
     if args.eval:

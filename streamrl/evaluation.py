@@ -63,7 +63,7 @@ class EvalResult:
 
 def held_out_prompts(cfg: Config, limit: int | None):
     """The held-out split of the generators' prompt source (at most ``limit``)."""
-    prompts = load_prompts(cfg.generator.prompts.loader_options())
+    prompts = load_prompts(cfg.generator.prompts)
     _, held_out = split_prompts(prompts, eval_fraction=cfg.generator.prompts.eval_fraction, seed=cfg.run.seed)
     if not held_out:
         raise ValueError("no held-out prompts: set generator.prompts.eval_fraction > 0")
@@ -87,7 +87,7 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
     tokenizer = load_tokenizer(base)
     policy = load_causal_lm(model_path, device=device).eval()
     reference = load_causal_lm(base, device=device).eval()
-    reward = build_reward([r.as_dict() for r in cfg.scorer.rewards], device=device)
+    reward = build_reward(cfg.scorer.rewards, device=device)
     gen = cfg.generator
     sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
     prompts = held_out_prompts(cfg, limit)

@@ -25,7 +25,7 @@ class PtxSampler:
     """
 
     def __init__(self, source: PromptSource, tokenizer, *, batch_size: int, max_tokens: int, seed: int):
-        self.stream = PromptStream(load_prompts(source.loader_options()), seed=seed)
+        self.stream = PromptStream(load_prompts(source), seed=seed)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_tokens = max_tokens

@@ -36,7 +36,7 @@ class ScorerService:
             raise SystemExit(str(err)) from None
         configure_torch(cfg.scorer.threads, seed=cfg.run.seed)
         self.ctx = ctx
-        self.reward = build_reward([r.as_dict() for r in cfg.scorer.rewards],
+        self.reward = build_reward(cfg.scorer.rewards,
                                    device=select_device(cfg.scorer.device))
         t = cfg.transport
         self.pull = make_socket(ctx.zmq, zmq.PULL, bind=self.endpoint,

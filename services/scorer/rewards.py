@@ -3,7 +3,8 @@
 Reward function contract
 ========================
 A reward function is any callable (referenced in the config as
-``"package.module:function"``) with the signature::
+``"package.module:function"``, or by its short name for the built-ins below) with
+the signature::
 
     fn(prompts: list[str], completions: list[str], metadata: list[dict], **kwargs) -> list[float]
 
@@ -17,29 +18,36 @@ A reward function is any callable (referenced in the config as
   reward multiplies it by the component ``weight``.
 * Extra keyword arguments come from the ``kwargs`` table of the reward spec in
   the config and are passed on every call (they are bound once with
-  :func:`functools.partial`).
+  :func:`functools.partial`). ``streamrl check`` and the scorer's start-up check
+  that the function imports and that ``kwargs`` bind to its signature; when the
+  function declares its argument types with ``pydantic.validate_call`` (as the
+  built-ins do), the ``kwargs`` values are checked against them too.
 * The function is called from one thread at a time per scorer process; it may
   keep lazily-created state (models, analysers) in module globals.
 
-Built-in functions: :func:`vader_sentiment`, :func:`gsm8k_exact_match`,
+Built-in functions (config short names ``vader_sentiment``, ``gsm8k_exact_match``,
+``count_char``): :func:`vader_sentiment`, :func:`gsm8k_exact_match`,
 :func:`count_char`. A local sequence-classification reward model is wrapped by
 :class:`RewardModelScorer`. Several sources are combined by
-:class:`CompositeReward`, built from config dicts by :func:`build_reward`.
+:class:`CompositeReward`, built from the validated ``scorer.rewards`` sections
+(:class:`streamrl.common.config.RewardSpec`) by :func:`build_reward`.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
 import math
 import re
 import threading
-from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, Sequence, Union
 
 import torch
+from pydantic import FiniteFloat, PositiveInt, StringConstraints, validate_call
+from pydantic.dataclasses import dataclass
+
+from streamrl.common.config import STRICT_ARGS, RewardSpec
 
 __all__ = [
     "RewardFn",
@@ -47,7 +55,6 @@ __all__ = [
     "gsm8k_exact_match",
     "extract_final_number",
     "count_char",
-    "load_function",
     "RewardModelScorer",
     "RewardComponent",
     "CompositeReward",
@@ -55,8 +62,6 @@ __all__ = [
 ]
 
 RewardFn = Callable[[list[str], list[str], list[dict]], list[float]]
-
-_SPEC_EXAMPLE = "streamrl.services.scorer.rewards:vader_sentiment"
 
 
 # ---------------------------------------------------------------------------
@@ -182,13 +187,14 @@ def gsm8k_exact_match(prompts: list[str], completions: list[str], metadata: list
     return scores
 
 
+@validate_call(config=STRICT_ARGS)
 def count_char(
     prompts: list[str],
     completions: list[str],
     metadata: list[dict],
     *,
-    char: str = "a",
-    max_count: int | None = None,
+    char: Annotated[str, StringConstraints(min_length=1, max_length=1)] = "a",
+    max_count: Optional[PositiveInt] = None,
 ) -> list[float]:
     """Reward for emitting a target character (the test-suite learning task).
 
@@ -206,13 +212,9 @@ def count_char(
         One float per completion, in [0, 1] (0.0 for an empty completion).
 
     Raises:
-        ValueError: if ``char`` is not a single character or ``max_count`` is
-            not a positive int.
+        pydantic.ValidationError: ``char`` is not a single character, ``max_count``
+            not a positive int or None, or the lists are not lists of str / dict.
     """
-    if not isinstance(char, str) or len(char) != 1:
-        raise ValueError(f"count_char: 'char' must be a single character, got {char!r}")
-    if max_count is not None and (isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1):
-        raise ValueError(f"count_char: 'max_count' must be a positive int or None, got {max_count!r}")
     scores: list[float] = []
     for text in completions:
         count = text.count(char)
@@ -221,71 +223,6 @@ def count_char(
         else:
             scores.append(min(count, max_count) / max_count)
     return scores
-
-
-# ---------------------------------------------------------------------------
-# User functions
-# ---------------------------------------------------------------------------
-
-
-def load_function(spec: str) -> Callable[..., Any]:
-    """Import a callable named ``"package.module:function"``.
-
-    Args:
-        spec: module path and attribute separated by one colon, e.g.
-            ``"streamrl.services.scorer.rewards:vader_sentiment"``. The attribute may be
-            dotted (``"pkg.mod:Class.method"``).
-
-    Returns:
-        The callable object.
-
-    Raises:
-        ValueError: if the spec is malformed, the module cannot be imported
-            (missing, or it fails while importing), the attribute does not
-            exist, or it is not callable. The message names the problem and
-            the expected form.
-    """
-    expected = f"expected 'package.module:function', e.g. '{_SPEC_EXAMPLE}'"
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ValueError(f"malformed reward function spec {spec!r}: {expected}")
-    module_name, attr_path = (part.strip() for part in spec.split(":"))
-    if not module_name or not attr_path:
-        raise ValueError(f"malformed reward function spec {spec!r}: {expected}")
-    if not all(part.isidentifier() for part in module_name.split(".")) or not all(
-        part.isidentifier() for part in attr_path.split(".")
-    ):
-        raise ValueError(f"malformed reward function spec {spec!r} (not dotted Python names): {expected}")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        missing = exc.name or ""
-        if module_name == missing or module_name.startswith(missing + "."):
-            raise ValueError(
-                f"reward function spec {spec!r}: module {module_name!r} not found "
-                f"(is it on PYTHONPATH?); {expected}"
-            ) from exc
-        raise ValueError(
-            f"reward function spec {spec!r}: importing module {module_name!r} failed because "
-            f"its dependency {missing!r} is not installed"
-        ) from exc
-    except Exception as exc:  # error raised inside the user's module
-        raise ValueError(
-            f"reward function spec {spec!r}: importing module {module_name!r} raised "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-    obj: Any = module
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as exc:
-            raise ValueError(
-                f"reward function spec {spec!r}: module {module_name!r} has no attribute {attr_path!r}; {expected}"
-            ) from exc
-    if not callable(obj):
-        raise ValueError(
-            f"reward function spec {spec!r}: {module_name}.{attr_path} is a {type(obj).__name__}, not callable"
-        )
-    return obj
 
 
 # ---------------------------------------------------------------------------
@@ -314,18 +251,16 @@ class RewardModelScorer:
     trailing eos tokens in a text are treated as padding.
 
     Raises:
-        ValueError: on a bad ``batch_size``/``max_length``, or when the
-            tokenizer has neither a pad nor an eos token.
+        ValueError: when the tokenizer has neither a pad nor an eos token.
+        pydantic.ValidationError: ``batch_size`` or ``max_length`` is not a positive int.
         OSError: if the folder does not hold a loadable model/tokenizer.
     """
 
-    def __init__(self, path: str, *, batch_size: int = 8, device: torch.device, max_length: int = 512) -> None:
+    @validate_call(config=STRICT_ARGS)
+    def __init__(self, path: Union[str, Path], *, batch_size: PositiveInt = 8, device: Union[torch.device, str],
+                 max_length: PositiveInt = 512) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"RewardModelScorer: batch_size must be a positive int, got {batch_size!r}")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"RewardModelScorer: max_length must be a positive int, got {max_length!r}")
         self.path = str(path)
         self.batch_size = batch_size
         self.max_length = max_length
@@ -381,19 +316,23 @@ class RewardModelScorer:
 # ---------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(config=STRICT_ARGS)
 class RewardComponent:
     """One weighted reward source.
 
     Attributes:
-        name: key of this component in the per-sample parts dict.
-        weight: multiplier applied to the component's values (dimensionless).
+        name: key of this component in the per-sample parts dict (non-empty).
+        weight: multiplier applied to the component's values (dimensionless, finite).
         fn: callable with the reward function contract (see module docstring),
             with any config kwargs already bound.
+
+    Raises:
+        pydantic.ValidationError: an empty name, a non-finite or non-numeric weight,
+            or an ``fn`` that is not callable.
     """
 
-    name: str
-    weight: float
+    name: Annotated[str, StringConstraints(min_length=1)]
+    weight: FiniteFloat
     fn: Callable[[list[str], list[str], list[dict]], Sequence[float]]
 
 
@@ -405,8 +344,7 @@ class CompositeReward:
             names.
 
     Raises:
-        ValueError: if ``components`` is empty, names repeat, or a weight is
-            not a finite number.
+        ValueError: if ``components`` is empty or names repeat.
     """
 
     def __init__(self, components: Sequence[RewardComponent]) -> None:
@@ -417,9 +355,6 @@ class CompositeReward:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"CompositeReward: duplicate component names {duplicates}; give each a distinct 'name'")
-        for c in components:
-            if isinstance(c.weight, bool) or not isinstance(c.weight, (int, float)) or not math.isfinite(c.weight):
-                raise ValueError(f"CompositeReward: component {c.name!r} has a non-finite or non-numeric weight {c.weight!r}")
         self.components = components
 
     @property
@@ -474,88 +409,36 @@ class CompositeReward:
         return totals, parts
 
 
-_FUNCTION_KEYS = {"function", "weight", "kwargs", "name"}
-_MODEL_KEYS = {"model", "weight", "batch_size", "max_length", "name"}
+def build_reward(specs: Sequence[RewardSpec], *, device: torch.device) -> CompositeReward:
+    """Build a :class:`CompositeReward` from validated reward specs (``config.scorer.rewards``).
 
-
-def build_reward(specs: list[dict], *, device: torch.device) -> CompositeReward:
-    """Build a :class:`CompositeReward` from reward spec dicts.
-
-    Each spec is one of::
-
-        {"function": "module:fn", "weight": 1.0, "kwargs": {...}, "name": "..."}
-        {"model": "/path/to/folder", "weight": 1.0, "batch_size": 8, "max_length": 512, "name": "..."}
-
-    ``weight`` defaults to 1.0, ``kwargs`` to ``{}``; ``name`` defaults to the
-    function's ``__name__`` or ``"reward_model"``.
+    A function spec becomes its function with ``kwargs`` bound (default name: the
+    function's ``__name__``); a model spec a :class:`RewardModelScorer` (default name
+    ``"reward_model"``). The specs' own rules (one source, finite weight, options of the
+    right source) were checked when the config was loaded.
 
     Args:
-        specs: non-empty list of spec dicts.
+        specs: non-empty sequence of :class:`~streamrl.common.config.RewardSpec`.
         device: torch device for reward models.
 
     Returns:
         The composite reward.
 
     Raises:
-        ValueError: on an empty list, a non-dict spec, a spec with both or
-            neither of ``function``/``model``, unknown keys, a bad weight,
-            kwargs that are not a dict or that the function does not accept,
-            a bad function spec (see :func:`load_function`), or duplicate names.
+        ResourceError: a function that does not import or does not take its ``kwargs``
+            (``streamrl check`` reports these first; see ``RewardSpec.function_problems``).
+        ValueError: an empty list or duplicate names.
+        OSError: a reward-model folder that does not hold a loadable model.
     """
-    if not isinstance(specs, (list, tuple)) or not specs:
-        raise ValueError(f"build_reward: expected a non-empty list of reward specs, got {specs!r}")
     components: list[RewardComponent] = []
-    for i, spec in enumerate(specs):
-        where = f"reward spec #{i}"
-        if not isinstance(spec, dict):
-            raise ValueError(f"{where}: expected a dict, got {type(spec).__name__}")
-        has_fn, has_model = "function" in spec, "model" in spec
-        if has_fn == has_model:
-            raise ValueError(
-                f"{where}: exactly one of 'function' (e.g. '{_SPEC_EXAMPLE}') or 'model' (a local folder) "
-                f"is required, got keys {sorted(spec)}"
-            )
-        allowed = _FUNCTION_KEYS if has_fn else _MODEL_KEYS
-        unknown = sorted(set(spec) - allowed)
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(allowed)}")
-        weight = spec.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ValueError(f"{where}: 'weight' must be a finite number, got {weight!r}")
-        name = spec.get("name")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise ValueError(f"{where}: 'name' must be a non-empty string, got {name!r}")
-        if has_fn:
-            fn = load_function(spec["function"])
-            kwargs = spec.get("kwargs", {})
-            if kwargs is None:
-                kwargs = {}
-            if not isinstance(kwargs, dict):
-                raise ValueError(f"{where}: 'kwargs' must be a table/dict, got {type(kwargs).__name__}")
-            try:
-                signature = inspect.signature(fn)
-            except (TypeError, ValueError):
-                signature = None
-            if signature is not None:
-                try:
-                    signature.bind([], [], [], **kwargs)
-                except TypeError as exc:
-                    raise ValueError(
-                        f"{where}: {spec['function']} cannot be called as fn(prompts, completions, metadata"
-                        f"{''.join(', ' + k + '=...' for k in kwargs)}): {exc}"
-                    ) from exc
-            bound = functools.partial(fn, **kwargs) if kwargs else fn
-            default_name = getattr(fn, "__name__", None) or spec["function"].split(":")[1]
-            components.append(RewardComponent(name=name or default_name, weight=float(weight), fn=bound))
+    for spec in specs:
+        if spec.function is not None:
+            fn = spec.resolve()
+            bound = functools.partial(fn, **spec.kwargs) if spec.kwargs else fn
+            default_name = getattr(fn, "__name__", None) or spec.function.rpartition(":")[2]
+            components.append(RewardComponent(name=spec.name or default_name, weight=spec.weight, fn=bound))
         else:
-            path = spec["model"]
-            if not isinstance(path, str) or not path:
-                raise ValueError(f"{where}: 'model' must be a local folder path, got {path!r}")
-            scorer = RewardModelScorer(
-                path,
-                batch_size=spec.get("batch_size", 8),
-                device=device,
-                max_length=spec.get("max_length", 512),
-            )
-            components.append(RewardComponent(name=name or "reward_model", weight=float(weight), fn=scorer))
+            scorer = RewardModelScorer(spec.model, batch_size=spec.batch_size, device=device,
+                                       max_length=spec.max_length)
+            components.append(RewardComponent(name=spec.name or "reward_model", weight=spec.weight, fn=scorer))
     return CompositeReward(components)

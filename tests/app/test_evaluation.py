@@ -26,7 +26,7 @@ def tiny_config(model_dir):
 
 def test_held_out_prompts_are_the_eval_split(tiny_model_dir):
     cfg = tiny_config(tiny_model_dir)
-    prompts = load_prompts(cfg.generator.prompts.loader_options())
+    prompts = load_prompts(cfg.generator.prompts)
     train, held = split_prompts(prompts, eval_fraction=0.1, seed=0)
     got = held_out_prompts(cfg, None)
     assert [p.prompt_id for p in got] == [p.prompt_id for p in held]

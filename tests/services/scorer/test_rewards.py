@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
+from streamrl.common.config import BUILTIN_REWARDS, ResourceError, RewardSpec
 from streamrl.services.scorer import rewards
 from streamrl.services.scorer.rewards import (
     CompositeReward,
@@ -18,7 +20,6 @@ from streamrl.services.scorer.rewards import (
     count_char,
     extract_final_number,
     gsm8k_exact_match,
-    load_function,
     vader_sentiment,
 )
 
@@ -129,43 +130,37 @@ def test_count_char_hand_computed() -> None:
 
 
 def test_count_char_bad_args() -> None:
-    with pytest.raises(ValueError, match="single character"):
-        count_char([""], ["a"], [{}], char="ab")
-    with pytest.raises(ValueError, match="max_count"):
-        count_char([""], ["a"], [{}], max_count=0)
+    for char in ("ab", "", 1):
+        with pytest.raises(ValidationError, match="char"):
+            count_char([""], ["a"], [{}], char=char)
+    for max_count in (0, -1, True, 2.0, "3"):
+        with pytest.raises(ValidationError, match="max_count"):
+            count_char([""], ["a"], [{}], max_count=max_count)
 
 
-# ------------------------------------------------------------- load_function
+# -------------------------------------------------- resolving RewardSpec.function
 
 
-def test_load_function_ok() -> None:
-    assert load_function("streamrl.services.scorer.rewards:vader_sentiment") is vader_sentiment
-    assert load_function("os.path:join") is __import__("os").path.join
+def test_builtin_names_are_the_builtin_functions() -> None:
+    assert {name: RewardSpec(function=name).resolve() for name in BUILTIN_REWARDS} == {
+        "vader_sentiment": vader_sentiment, "gsm8k_exact_match": gsm8k_exact_match, "count_char": count_char}
+    assert RewardSpec(function="os.path:join").resolve() is __import__("os").path.join
 
 
 @pytest.mark.parametrize(
-    ("spec", "fragment"),
+    ("function", "kwargs", "key", "fragment"),
     [
-        ("streamrl.services.scorer.rewards.vader_sentiment", "malformed"),
-        ("a:b:c", "malformed"),
-        (":vader_sentiment", "malformed"),
-        ("streamrl.services.scorer.rewards:", "malformed"),
-        ("streamrl.services.scorer.rewards:not a name", "malformed"),
-        ("no_such_pkg_xyz.mod:fn", "not found"),
-        ("streamrl.services.scorer.rewards:no_such_fn", "no attribute"),
-        ("streamrl.services.scorer.rewards:__all__", "not callable"),
+        ("no_such_pkg_xyz.mod:fn", {}, "function", "No module named 'no_such_pkg_xyz'"),
+        ("streamrl.services.scorer.rewards:no_such_fn", {}, "function", "cannot import name 'no_such_fn'"),
+        ("streamrl.services.scorer.rewards:__all__", {}, "function", "is a list, not a function"),
+        ("count_char", {"chr": "a"}, "kwargs", "unexpected keyword argument 'chr'"),
+        ("count_char", {"char": "ab"}, "kwargs.char", "at most 1 character"),
     ],
 )
-def test_load_function_errors(spec: str, fragment: str) -> None:
-    with pytest.raises(ValueError, match=fragment) as info:
-        load_function(spec)
-    if fragment in ("malformed", "not found", "no attribute"):
-        assert "streamrl.services.scorer.rewards:vader_sentiment" in str(info.value)
-
-
-def test_load_function_not_a_string() -> None:
-    with pytest.raises(ValueError, match="malformed"):
-        load_function(None)  # type: ignore[arg-type]
+def test_resolve_errors(function: str, kwargs: dict, key: str, fragment: str) -> None:
+    with pytest.raises(ResourceError, match=fragment) as info:
+        RewardSpec(function=function, kwargs=kwargs).resolve()
+    assert info.value.key == key and "fix: " in str(info.value)
 
 
 # ------------------------------------------------------------ CompositeReward
@@ -212,6 +207,13 @@ def test_composite_constructor_errors() -> None:
         CompositeReward([])
     with pytest.raises(ValueError, match="duplicate"):
         CompositeReward([RewardComponent("x", 1.0, _const(1.0)), RewardComponent("x", 1.0, _const(2.0))])
+    for weight in (math.inf, math.nan, "heavy", True):
+        with pytest.raises(ValidationError, match="weight"):
+            RewardComponent(name="x", weight=weight, fn=_const(1.0))
+    with pytest.raises(ValidationError, match="name"):
+        RewardComponent(name="", weight=1.0, fn=_const(1.0))
+    with pytest.raises(ValidationError, match="fn"):
+        RewardComponent(name="x", weight=1.0, fn="not callable")
 
 
 # --------------------------------------------------------------- build_reward
@@ -220,8 +222,8 @@ def test_composite_constructor_errors() -> None:
 def test_build_reward_functions_with_kwargs_and_names() -> None:
     reward = build_reward(
         [
-            {"function": "streamrl.services.scorer.rewards:count_char", "weight": 2.0, "kwargs": {"char": "b"}},
-            {"function": "streamrl.services.scorer.rewards:count_char", "name": "a_count"},
+            RewardSpec(function="streamrl.services.scorer.rewards:count_char", weight=2.0, kwargs={"char": "b"}),
+            RewardSpec(function="count_char", name="a_count"),
         ],
         device=CPU,
     )
@@ -231,28 +233,15 @@ def test_build_reward_functions_with_kwargs_and_names() -> None:
     assert totals == pytest.approx([2 * 0.75 + 0.25, 1.0])
 
 
-@pytest.mark.parametrize(
-    ("specs", "fragment"),
-    [
-        ([], "non-empty"),
-        (["streamrl.services.scorer.rewards:count_char"], "expected a dict"),
-        ([{"weight": 1.0}], "exactly one of"),
-        ([{"function": "streamrl.services.scorer.rewards:count_char", "model": "/x"}], "exactly one of"),
-        ([{"function": "streamrl.services.scorer.rewards:count_char", "batch_size": 3}], "unknown keys"),
-        ([{"function": "streamrl.services.scorer.rewards:count_char", "weight": "heavy"}], "weight"),
-        ([{"function": "streamrl.services.scorer.rewards:count_char", "weight": math.inf}], "weight"),
-        ([{"function": "streamrl.services.scorer.rewards:count_char", "kwargs": [1]}], "kwargs"),
-        ([{"function": "streamrl.services.scorer.rewards:count_char", "kwargs": {"chr": "a"}}], "cannot be called"),
-        ([{"function": "streamrl.services.scorer.rewards:nope"}], "no attribute"),
-        (
-            [{"function": "streamrl.services.scorer.rewards:count_char"}, {"function": "streamrl.services.scorer.rewards:count_char"}],
-            "duplicate",
-        ),
-    ],
-)
-def test_build_reward_bad_specs(specs: list, fragment: str) -> None:
-    with pytest.raises(ValueError, match=fragment):
-        build_reward(specs, device=CPU)
+def test_build_reward_errors() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        build_reward([], device=CPU)
+    with pytest.raises(ValueError, match="duplicate"):
+        build_reward([RewardSpec(function="count_char"), RewardSpec(function="count_char")], device=CPU)
+    with pytest.raises(ResourceError, match="unexpected keyword argument 'chr'"):
+        build_reward([RewardSpec(function="count_char", kwargs={"chr": "a"})], device=CPU)
+    with pytest.raises(ResourceError, match="cannot import name 'nope'"):
+        build_reward([RewardSpec(function="streamrl.services.scorer.rewards:nope")], device=CPU)
 
 
 # ---------------------------------------------------------- RewardModelScorer
@@ -341,20 +330,24 @@ def test_reward_model_pad_falls_back_to_eos(tiny_rm_dir: Path, tmp_path: Path) -
 def test_reward_model_via_build_reward(tiny_rm_dir: Path) -> None:
     reward = build_reward(
         [
-            {"model": str(tiny_rm_dir), "weight": 0.5, "batch_size": 2},
-            {"function": "streamrl.services.scorer.rewards:count_char", "weight": 1.0, "kwargs": {"char": "a"}},
+            RewardSpec(model=str(tiny_rm_dir), weight=0.5, batch_size=2, max_length=4),
+            RewardSpec(function="count_char", weight=1.0, kwargs={"char": "a"}),
         ],
         device=CPU,
     )
     assert reward.names == ["reward_model", "count_char"]
+    assert (reward.components[0].fn.batch_size, reward.components[0].fn.max_length) == (2, 4)
     totals, parts = reward(PROMPTS, COMPLETIONS, [{}] * len(PROMPTS))
     for total, part in zip(totals, parts):
         assert total == pytest.approx(0.5 * part["reward_model"] + part["count_char"])
 
 
 def test_reward_model_bad_args(tiny_rm_dir: Path) -> None:
-    with pytest.raises(ValueError, match="batch_size"):
-        RewardModelScorer(str(tiny_rm_dir), batch_size=0, device=CPU)
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValidationError, match="batch_size"):
+            RewardModelScorer(str(tiny_rm_dir), batch_size=bad, device=CPU)
+    with pytest.raises(ValidationError, match="max_length"):
+        RewardModelScorer(str(tiny_rm_dir), max_length=0, device=CPU)
     scorer = RewardModelScorer(str(tiny_rm_dir), device=CPU)
     with pytest.raises(ValueError, match="prompts"):
         scorer(["a", "b"], ["c"], [{}])
