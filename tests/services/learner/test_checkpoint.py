@@ -60,3 +60,34 @@ def test_published_version_file(tmp_path):
     assert not path.with_name("published_version.tmp").exists()
     path.write_text("garbage")
     assert read_published_version(path) is None
+
+
+def test_a_full_disk_says_so_and_leaves_no_partial_checkpoint(tmp_path):
+    """A tmpfs too small for the next checkpoint: a clear error naming the cause and the path, no
+    ``.tmp-step-*`` left behind, the last complete checkpoint intact (before: ``basic_ios::clear:
+    iostream error`` and a temporary folder that was never cleaned up)."""
+    import os
+    import subprocess
+
+    import pytest
+
+    from streamrl.services.learner.checkpoint import CheckpointError
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    model = build_tiny_model(TOKENIZER, seed=1)
+    probe = save(tmp_path / "probe", 1, model)
+    size = sum(f.stat().st_size for f in probe.rglob("*") if f.is_file())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5)}", "tmpfs", str(disk)], check=True)
+    try:
+        good = save(disk, 1, model)
+        with pytest.raises(CheckpointError, match=rf"cannot write checkpoint step 2 to {disk}: no space left on "
+                                                  r"device \(\d+ bytes free\); fix: free space"):
+            save(disk, 2, model)
+        assert not list(disk.glob(".tmp-step-*"))
+        assert list_checkpoints(disk) == [good]
+        assert load_trainer_state(good)["step"] == 1
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
