@@ -218,8 +218,10 @@ class GeneratorSection(_Section):
     prompts: PromptSource = Field(default_factory=PromptSource, description="where prompts come from")
     group_size: int = Field(4, ge=1, description="G completions per prompt")
     prompts_per_batch: int = Field(2, ge=1, description="prompts per generation batch")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; recorded in every rollout, and the "
+                               "learner computes log-probs at the recorded value")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass; the learner reads pi_old and pi under "
+                         "the same nucleus (exact ratios at any top_p)")
     max_new_tokens: int = Field(32, ge=1, description="completion budget, tokens")
     max_prompt_tokens: int = Field(128, ge=1, description="prompts keep their last N tokens")
 

@@ -34,6 +34,25 @@ def fill_garbage(x, mask):
     return torch.where(mask, x, pad)
 
 
+def slow_nucleus(logits, top_p: float):
+    """Slow reference for top-p: a bool mask over the last dim keeping the most probable
+    tokens, in order, while the mass of the tokens strictly ahead of a token is < top_p
+    (so the kept mass reaches top_p); a python loop over positions and tokens."""
+    import torch
+
+    keep = torch.zeros(logits.shape, dtype=torch.bool)
+    flat, out = logits.reshape(-1, logits.shape[-1]), keep.view(-1, logits.shape[-1])
+    for row in range(flat.shape[0]):
+        probs = torch.softmax(flat[row].double(), -1)
+        mass = 0.0
+        for v in torch.argsort(probs, descending=True).tolist():
+            if mass >= top_p:
+                break
+            out[row, v] = True
+            mass += float(probs[v])
+    return keep
+
+
 def scored_item(group: str, k: int, *, size: int = 2, version: int = 0, prompt: str | None = None,
                 rid: str | None = None):
     """Member ``k`` of group ``group`` as a ScoredRollout (reward ``k``); rollout id ``{group}-{k}`` unless given."""

@@ -8,6 +8,7 @@ token ``t`` of row ``b`` is predicted by the logits at position
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from streamrl.common.messages import SamplingParams, ScoredRollout
 from streamrl.common.tensors import pad_right
-from streamrl.services.learner.losses import entropy_from_logits, token_logprobs
+from streamrl.services.learner.losses import entropy_from_logits, nucleus_mask, token_logprobs
 
 
 SAMPLING_FIELDS = ("temperature", "top_p")
@@ -171,14 +172,18 @@ class ModelOutput:
     """Per-completion-token outputs of one forward pass.
 
     Attributes:
-        logprobs: ``[B, T]`` log pi(token) at the batch's sampling temperature (nats).
-        entropy: ``[B, T]`` entropy of pi at each position (nats), or None if not asked.
+        logprobs: ``[B, T]`` log pi(token) under the batch's sampling distribution
+            (temperature, then the nucleus when ``top_p < 1``), nats; ``-inf`` for a token
+            outside the nucleus.
+        entropy: ``[B, T]`` entropy of that distribution at each position (nats), or None if not asked.
         values: ``[B, T]`` value-head predictions, or None without a value head.
+        nucleus: ``[B, T, V]`` bool, the tokens kept at each position when ``top_p < 1``, else None.
     """
 
     logprobs: Tensor
     entropy: Tensor | None
     values: Tensor | None
+    nucleus: Tensor | None = None
 
 
 def forward_completions(
@@ -187,12 +192,30 @@ def forward_completions(
     *,
     value_head: torch.nn.Module | None = None,
     with_entropy: bool = False,
+    nucleus: Tensor | None = None,
 ) -> ModelOutput:
-    """Run ``model`` over ``batch`` and gather completion-aligned outputs.
+    """Run ``model`` over ``batch`` and gather completion-aligned outputs under the
+    distribution the rollouts were sampled from.
 
     The logits are divided by the temperature recorded in the rollouts
-    (``batch.sampling.temperature``, not the learner's config), so pi is the
-    distribution the generators sampled from.
+    (``batch.sampling.temperature``, not the learner's config). With
+    ``batch.sampling.top_p < 1`` they are then truncated to the nucleus, as the
+    generators' sampler does (:func:`~streamrl.services.learner.losses.nucleus_mask`),
+    and renormalised over it: by default the nucleus of ``model`` itself (the policy
+    being evaluated), or the given ``nucleus`` (the reference model is read under the
+    policy's nucleus, so KL(pi || ref) is 0 while pi == ref). A token outside the
+    nucleus gets log-prob ``-inf``; its gradient is 0.
+
+    Args:
+        model: causal LM.
+        batch: the collated rollouts, on the model's device.
+        value_head: maps ``[.., H]`` hidden states to ``[.., 1]`` values, or None.
+        with_entropy: also return the per-position entropy.
+        nucleus: ``[B, T, V]`` bool kept-token mask to use instead of the model's own
+            (only with ``top_p < 1``).
+
+    Returns:
+        A :class:`ModelOutput` (``nucleus`` set when ``top_p < 1``).
     """
     # Run the transformer body, then the vocabulary projection only at completion
     # positions: prompt positions never need [V]-sized logits (V = 49k for SmolLM2).
@@ -200,9 +223,14 @@ def forward_completions(
     index = batch.positions.unsqueeze(-1)
     hidden = hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
     logits = model.get_output_embeddings()(hidden).float() / batch.sampling.temperature  # [B, T, V]
+    keep = None
+    if batch.sampling.top_p < 1:
+        keep = nucleus if nucleus is not None else nucleus_mask(logits, batch.sampling.top_p)
+        logits = logits.masked_fill(~keep, -math.inf)
     values = value_head(hidden.float()).squeeze(-1) if value_head is not None else None
     return ModelOutput(
         logprobs=token_logprobs(logits, batch.tokens),
         entropy=entropy_from_logits(logits) if with_entropy else None,
         values=values,
+        nucleus=keep,
     )

@@ -59,6 +59,7 @@ GAUGES = {
     "truncated_fraction": "truncated_fraction",
     "ess": "effective_sample_size",
     "ess_fraction": "effective_sample_size_ratio",
+    "outside_nucleus_fraction": "outside_nucleus_fraction",
     "grad_norm": "grad_norm",
     "reward_mean": "reward_mean",
     "samples_per_second": "samples_per_second",

@@ -31,11 +31,18 @@ __all__ = [
     "PolicyLossStats",
     "entropy_from_logits",
     "kl_to_reference",
+    "nucleus_mask",
     "policy_loss",
     "sft_loss",
     "token_logprobs",
     "value_loss",
 ]
+
+
+LOG_RATIO_CLAMP = 20.0
+"""Log-ratios are clamped to ``[-20, 20]`` before ``exp`` (as veRL does): a ratio of
+e^20 ~ 5e8 is already far outside any clip range, and ``exp`` of a larger log-ratio
+overflows (NaN or inf loss, a skipped minibatch)."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -72,7 +79,8 @@ class PolicyLossStats:
             is the ratio that gets clipped (``pi/mu`` for ``none``, ``pi/pi_old``
             otherwise); CleanRL's ``clipfrac``.
         approx_kl: mean k3 estimate of KL(pi_old || pi):
-            ``(rho - 1) - log rho`` with ``rho = pi / pi_old`` (CleanRL's ``approx_kl``).
+            ``(rho - 1) - log rho`` with ``rho = pi / pi_old`` (CleanRL's ``approx_kl``),
+            ``log rho`` clamped to ``+-LOG_RATIO_CLAMP``; 0 on tokens with ``pi_old = 0``.
         importance_ratio_mean: mean of the raw importance weight ``pi_old / mu``
             *before* truncation. For ``tis`` this is the sequence-level weight
             ``prod_t pi_old/mu`` broadcast to each token of its sequence (the
@@ -88,6 +96,9 @@ class PolicyLossStats:
             detached, unclipped). 0.0 when there are no tokens.
         ess_fraction: ``effective_sample_size / n_tokens`` in ``(0, 1]``
             (0.0 when there are no tokens).
+        outside_nucleus_fraction: fraction of tokens with ``pi_old = 0``: sampled by mu
+            outside pi_old's nucleus (``top_p < 1`` only); their weight is 0, which
+            the ratio statistics and the ESS include.
     """
 
     clip_fraction: Tensor
@@ -97,6 +108,7 @@ class PolicyLossStats:
     truncated_fraction: Tensor
     effective_sample_size: Tensor
     ess_fraction: Tensor
+    outside_nucleus_fraction: Tensor
 
     def tensors(self) -> dict[str, Tensor]:
         """The statistics by field name (detached 0-d tensors)."""
@@ -158,9 +170,13 @@ def policy_loss(
     ``w`` is detached; so are ``old_logprobs``, ``behaviour_logprobs`` and
     ``advantages`` -- the gradient flows only through ``logprobs``.
 
+    Log-probs under a truncated (top-p) distribution may be ``-inf`` on real tokens:
+    ``old_logprobs = -inf`` (pi_old = 0) gives the token weight 0 (its sequence's
+    weight for ``tis``), ``logprobs = -inf`` gives ``r = 0`` and no gradient.
+
     Args:
         logprobs: ``[B, T]`` float32, log pi of the sampled tokens, requires grad.
-        old_logprobs: ``[B, T]`` float32, log pi_old.
+        old_logprobs: ``[B, T]`` float32, log pi_old (``-inf`` allowed: pi_old = 0).
         behaviour_logprobs: ``[B, T]`` float32, log mu (from the generator).
         advantages: ``[B, T]`` float32.
         mask: ``[B, T]`` bool or float, non-zero = real completion token
@@ -191,17 +207,21 @@ def policy_loss(
         raise ValueError(f"is_cap must be > 0, got {is_cap}")
 
     lp = fill_padding(logprobs, m)
-    old = fill_padding(old_logprobs.detach(), m)
     beh = fill_padding(behaviour_logprobs.detach(), m)
     adv = fill_padding(advantages.detach(), m)
     n_tokens = m.sum()
+    # pi_old = 0 (log -inf): a token mu sampled outside pi_old's nucleus (top_p < 1). Its
+    # importance weight pi_old/mu is 0; pi_old is replaced by pi there (r = 1, no NaN).
+    outside = m & ~torch.isfinite(old_logprobs.detach())
+    lp_d = lp.detach()
+    old = torch.where(m & ~outside, old_logprobs.detach(), torch.where(torch.isfinite(lp_d), lp_d, 0.0))
 
     # Raw log importance weight log(pi_old/mu) of the correction, before truncation.
+    token_log_w = torch.where(outside, -math.inf, (old - beh).to(torch.float64))
     if correction is Correction.TIS:
-        seq_log_w = (old - beh).to(torch.float64).sum(dim=1, keepdim=True)  # [B, 1]
-        raw_log_w = seq_log_w.expand(shape)
+        raw_log_w = token_log_w.sum(dim=1, keepdim=True).expand(shape)  # [B, 1] -> one weight per sequence
     else:
-        raw_log_w = (old - beh).to(torch.float64)
+        raw_log_w = token_log_w
 
     if correction is Correction.NONE:
         log_ratio = lp - beh
@@ -226,7 +246,8 @@ def policy_loss(
         has_tokens = n > 0
         one = torch.ones((), dtype=torch.float64, device=lp.device)
         clip_fraction = (((ratio.detach() - 1).abs() > clip_eps) & m).sum() / d
-        rho = (lp.detach() - old).to(torch.float64)
+        # log(pi/pi_old), 0 where pi_old = 0, clamped: pi = 0 would make the estimate inf
+        rho = torch.where(outside, 0.0, lp_d - old).to(torch.float64).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         approx_kl = fill_padding(torch.expm1(rho) - rho, m).sum() / d
         raw_w = torch.exp(raw_log_w)
         ratio_mean = torch.where(has_tokens, fill_padding(raw_w, m).sum() / d, one)
@@ -244,6 +265,7 @@ def policy_loss(
         truncated_fraction=truncated.sum() / d,
         effective_sample_size=ess,
         ess_fraction=ess / d,
+        outside_nucleus_fraction=outside.sum() / d,
     )
     return loss, stats
 
@@ -337,6 +359,34 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     safe_logp = torch.where(p > 0, logp, zero)
     return -(p * safe_logp).sum(dim=-1)
+
+
+def nucleus_mask(logits: Tensor, top_p: float) -> Tensor:
+    """The tokens nucleus (top-p) sampling keeps at each position (Holtzman et al. 2020,
+    "The Curious Case of Neural Text Degeneration", sec. 3.1), computed exactly as Hugging
+    Face's ``TopPLogitsWarper`` does in the generators: sort ascending, drop the tokens
+    whose cumulative probability is ``<= 1 - top_p``, always keep the most probable one.
+    The kept set is the smallest set of most probable tokens whose mass reaches ``top_p``.
+
+    Args:
+        logits: ``[..., V]`` float logits *after* temperature scaling.
+        top_p: nucleus mass in ``(0, 1]``; 1 keeps every token.
+
+    Returns:
+        ``[..., V]`` bool, True on kept tokens (no gradient).
+
+    Raises:
+        ValueError: ``top_p`` outside ``(0, 1]``.
+    """
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p >= 1:
+        return torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+    with torch.no_grad():
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove[..., -1] = False
+        return ~remove.scatter(-1, order, remove)
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:

@@ -69,6 +69,16 @@ class Targets:
     kl_coef: float
 
 
+def _kl_tokens(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator) -> tuple[Tensor, Tensor]:
+    """Per-token KL estimates to the reference and the mask of the tokens they count on:
+    real tokens where both log-probs are finite (under top_p < 1 a token outside the
+    nucleus has probability 0 and carries no gradient). Inputs are sanitised *before* the
+    estimator, so no inf/NaN reaches a value or a gradient."""
+    valid = (mask > 0) & torch.isfinite(logprobs.detach()) & torch.isfinite(ref_logprobs)
+    kl = kl_to_reference(fill_padding(logprobs, valid), fill_padding(ref_logprobs, valid), estimator=estimator)
+    return kl, valid
+
+
 class StatSums:
     """Sums of per-update diagnostics kept as detached device tensors: nothing is copied
     to the host until :meth:`means`, once per learner step (each ``.item()`` would be a
@@ -166,8 +176,8 @@ class PPOTrainer:
                     loss = loss + cfg.vf_coef * vl
                     sums.add({"loss/value": vl, "value_clip_fraction": vclip})
                 if cfg.kl_penalty is KLPenaltyMode.LOSS and beta > 0:
-                    kl_term = masked_mean(kl_to_reference(out.logprobs, targets.ref_logprobs[rows, :t],
-                                                          estimator=cfg.kl_estimator), mb.mask)
+                    kl_term = masked_mean(*_kl_tokens(out.logprobs, targets.ref_logprobs[rows, :t], mb.mask,
+                                                      cfg.kl_estimator))
                     loss = loss + beta * kl_term
                     sums.add({"loss/kl": kl_term})
                 if cfg.ptx_coef > 0:
@@ -187,7 +197,8 @@ class PPOTrainer:
                           "clip_fraction": ps.clip_fraction, "approx_kl": ps.approx_kl,
                           "importance_ratio_mean": ps.importance_ratio_mean,
                           "truncated_fraction": ps.truncated_fraction, "ess": ps.effective_sample_size,
-                          "ess_fraction": ps.ess_fraction})
+                          "ess_fraction": ps.ess_fraction,
+                          "outside_nucleus_fraction": ps.outside_nucleus_fraction})
                 ratio_max = torch.maximum(ratio_max, ps.importance_ratio_max)
         out_stats = sums.means(updates, extra={"importance_ratio_max": ratio_max})
         out_stats["skipped_updates"] = float(skipped)
@@ -224,8 +235,9 @@ class PPOTrainer:
         cfg, mask = self.cfg, batch.mask
         self.policy.eval()
         old = forward_completions(self.policy, batch, value_head=self.value_head)
-        ref = forward_completions(self.reference, batch)
-        kl_tokens = fill_padding(kl_to_reference(old.logprobs, ref.logprobs, estimator=cfg.kl_estimator), mask)
+        ref = forward_completions(self.reference, batch, nucleus=old.nucleus)  # same nucleus (top_p < 1)
+        old.nucleus = None  # [B, T, V]: not needed past this point
+        kl_tokens = fill_padding(*_kl_tokens(old.logprobs, ref.logprobs, mask, cfg.kl_estimator))
         beta = self.kl_controller.value
         scores = batch.scores
         if cfg.normalize_rewards:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from support import slow_nucleus
 
 from streamrl.common.messages import FinishReason, SamplingParams
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
@@ -72,21 +73,9 @@ def token_lp(logp: torch.Tensor, c: Completion) -> np.ndarray:
 
 
 def nucleus_logprobs(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Slow reference for top-p: keep the most probable tokens, in order, while the mass
-    of the tokens strictly ahead of a token is < top_p; renormalise over the kept set."""
-    out = torch.full_like(logits, -torch.inf)
-    for row in range(logits.shape[0]):
-        probs = torch.softmax(logits[row], -1)
-        order = torch.argsort(probs, descending=True).tolist()
-        mass, kept = 0.0, []
-        for v in order:
-            if mass >= top_p:
-                break
-            kept.append(v)
-            mass += float(probs[v])
-        kept_t = torch.tensor(kept)
-        out[row, kept_t] = torch.log_softmax(logits[row, kept_t], -1)
-    return out
+    """Log-probs renormalised over the slow reference nucleus; -inf outside it."""
+    keep = slow_nucleus(logits, top_p)
+    return torch.log_softmax(logits.masked_fill(~keep, -torch.inf), -1)
 
 
 def all_completions(result):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from support import slow_nucleus
 
 from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
@@ -143,16 +144,19 @@ def random_rollouts(seed: int, temperature: float = 1.0) -> list[ScoredRollout]:
 
 
 @torch.no_grad()
-def row_reference(model, s: ScoredRollout, temperature: float, value_head=None):
-    """Log-probs / entropies / values of one rollout from an unpadded forward pass."""
+def row_reference(model, s: ScoredRollout, temperature: float, value_head=None, top_p: float = 1.0):
+    """Log-probs / entropies / values of one rollout from an unpadded forward pass (the
+    nucleus, when top_p < 1, from the slow reference)."""
     r = s.rollout
     ids = torch.from_numpy(np.concatenate([r.prompt_tokens, r.completion_tokens]).astype(np.int64))[None]
     out = model(input_ids=ids, output_hidden_states=value_head is not None)
     p, t = len(r.prompt_tokens), len(r.completion_tokens)
     logits = out.logits[0, p - 1 : p - 1 + t].double() / temperature
+    if top_p < 1:
+        logits = logits.masked_fill(~slow_nucleus(logits, top_p), -torch.inf)
     logp = torch.log_softmax(logits, -1)
     lp = logp.gather(-1, torch.from_numpy(r.completion_tokens.astype(np.int64))[:, None])[:, 0]
-    ent = -(logp.exp() * logp).sum(-1)
+    ent = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
     values = None
     if value_head is not None:
         values = value_head(out.hidden_states[-1][0, p - 1 : p - 1 + t]).squeeze(-1)
@@ -178,11 +182,43 @@ def test_forward_completions_matches_unpadded_rows(model, temperature):
     assert (out.logprobs[batch.mask > 0] < 0).all()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_completions_under_top_p_reads_the_nucleus(model, temperature):
+    """top_p < 1: log-probs and entropies of the nucleus-truncated distribution, row by row
+    against an unpadded pass and the slow nucleus; tokens outside it get -inf."""
+    top_p = 0.5
+    rollouts = []
+    for s in random_rollouts(4, temperature):
+        s.rollout.sampling = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=4)
+        rollouts.append(s)
+    batch = collate(rollouts, pad_id=0)
+    with torch.no_grad():
+        out = forward_completions(model, batch, with_entropy=True)
+    assert out.nucleus is not None and out.nucleus.shape == (*batch.mask.shape, model.config.vocab_size)
+    outside = 0
+    for i, s in enumerate(rollouts):
+        lp, ent, _ = row_reference(model, s, temperature, top_p=top_p)
+        n = len(lp)
+        torch.testing.assert_close(out.entropy[i, :n].double(), ent, atol=1e-5, rtol=0)
+        finite = torch.isfinite(lp)
+        outside += int((~finite).sum())
+        assert torch.equal(torch.isfinite(out.logprobs[i, :n]), finite)
+        torch.testing.assert_close(out.logprobs[i, :n][finite].double(), lp[finite], atol=1e-5, rtol=0)
+    assert outside > 0  # random tokens: some lie outside the nucleus, which the test then covers
+    # a given nucleus replaces the model's own (the reference is read under the policy's)
+    other = build_tiny_model(build_char_tokenizer(), seed=1)
+    with torch.no_grad():
+        under_given = forward_completions(other, batch, nucleus=out.nucleus)
+        own = forward_completions(other, batch)
+    assert torch.equal(under_given.nucleus, out.nucleus) and not torch.equal(own.nucleus, out.nucleus)
+    assert torch.equal(torch.isfinite(under_given.logprobs), torch.isfinite(out.logprobs))
+
+
 def test_forward_completions_without_extras(model):
     batch = collate(random_rollouts(1), pad_id=0)
     with torch.no_grad():
         out = forward_completions(model, batch)
-    assert out.entropy is None and out.values is None
+    assert out.entropy is None and out.values is None and out.nucleus is None
 
 
 def test_padding_content_does_not_change_logprobs(model):

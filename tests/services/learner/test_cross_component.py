@@ -75,3 +75,37 @@ def test_learner_uses_the_temperature_recorded_in_the_rollouts():
     at_config = copy.deepcopy(batch)
     at_config.sampling = SamplingParams(temperature=cfg.generator.temperature, top_p=1.0, max_new_tokens=10)
     assert raw_log_ratios(trainer_for(build_tiny_model(TOKENIZER, seed=0)), at_config).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_top_p_ratios_are_exact_under_the_learner_side_nucleus(temperature):
+    """top_p < 1: mu is the nucleus-truncated distribution; the learner computes pi_old
+    under the same truncation (the nucleus of the policy being evaluated), so at staleness
+    0 pi_old/mu = 1 on every token and every correction's weights are 1 (ESS fraction 1)."""
+    model = build_tiny_model(TOKENIZER, seed=0)
+    batch = generate(model, SamplingParams(temperature=temperature, top_p=0.7, max_new_tokens=10), seed=3)
+    for correction in ("none", "tis", "decoupled"):
+        trainer = trainer_for(build_tiny_model(TOKENIZER, seed=0), correction=correction, kl_coef=0.1)
+        assert_exact_ratios(trainer, copy.deepcopy(batch))
+    # the reference is read under the same nucleus: KL to it is 0 while pi == ref
+    trainer = trainer_for(build_tiny_model(TOKENIZER, seed=0), kl_coef=0.1)
+    assert trainer.targets(batch).kl_mean == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("correction", ["none", "tis", "decoupled"])
+def test_top_p_with_a_different_behaviour_policy_is_finite_and_seen_by_the_diagnostics(correction):
+    """mu from other weights at top_p 0.5: some sampled tokens lie outside pi_old's nucleus
+    (pi_old = 0). Their weight is 0, the ratio and ESS diagnostics report it, and the
+    step stays finite (no NaN from -inf log-probs in losses, KL or statistics)."""
+    behaviour = build_tiny_model(TOKENIZER, seed=1)
+    batch = generate(behaviour, SamplingParams(temperature=1.0, top_p=0.5, max_new_tokens=10), seed=5)
+    trainer = trainer_for(build_tiny_model(TOKENIZER, seed=0), correction=correction, kl_coef=0.1,
+                          ppo_epochs=2, minibatches=2)
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    stats = trainer.step(batch, current_version=1)
+    assert all(np.isfinite(v) for v in stats.values()), stats
+    assert stats["outside_nucleus_fraction"] > 0.05
+    assert stats["importance_ratio_mean"] < 0.9
+    if correction != "none":
+        assert stats["ess_fraction"] < 0.9
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))

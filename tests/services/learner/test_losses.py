@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from support import fill_garbage, ragged_mask
+from support import fill_garbage, ragged_mask, slow_nucleus
 
 from streamrl.common.modes import Correction, KLEstimator
 from streamrl.services.learner.losses import (
     entropy_from_logits,
     kl_to_reference,
+    nucleus_mask,
     policy_loss,
     sft_loss,
     token_logprobs,
@@ -68,6 +69,7 @@ def test_on_policy_invariant(onpolicy_batch, correction):
         "truncated_fraction": 0.0,
         "effective_sample_size": pytest.approx(13.0, abs=1e-9),
         "ess_fraction": pytest.approx(1.0, abs=1e-9),
+        "outside_nucleus_fraction": 0.0,
     }
     # statistics stay detached 0-d tensors (no device sync in the loss); floats() converts them at once
     for value in stats.tensors().values():
@@ -478,3 +480,70 @@ def test_sft_loss_garbage_in_padding_changes_nothing():
     assert dirty[0].item() == clean[0].item()
     assert torch.equal(dirty[1], clean[1])
     assert (dirty[1][~mask] == 0).all()
+
+
+# --------------------------------------------------------------------------- top-p: nucleus and pi_old = 0
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.7, 0.95, 1.0])
+def test_nucleus_mask_matches_hugging_face_and_slow_reference(top_p):
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(int(top_p * 100))
+    logits = torch.randn(3, 5, 40, generator=g) * 2
+    keep = nucleus_mask(logits, top_p)
+    assert keep.shape == logits.shape and keep.dtype == torch.bool
+    hf = TopPLogitsWarper(top_p)(None, logits.reshape(15, 40)).reshape(3, 5, 40)
+    assert torch.equal(keep, torch.isfinite(hf))
+    assert torch.equal(keep, slow_nucleus(logits, top_p))
+    kept_mass = (torch.softmax(logits, -1) * keep).sum(-1)
+    assert (kept_mass >= top_p - 1e-6).all()
+    assert keep.any(-1).all()
+
+
+def test_nucleus_mask_keeps_the_top_token_and_rejects_bad_top_p():
+    logits = torch.tensor([[10.0, 0.0, -1.0]])  # the top token alone holds > 0.99 of the mass
+    assert nucleus_mask(logits, 0.5).tolist() == [[True, False, False]]
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="top_p"):
+            nucleus_mask(logits, bad)
+
+
+@pytest.mark.parametrize("correction", ALL_CORRECTIONS)
+def test_pi_old_zero_gives_weight_zero_and_no_nan(correction):
+    """A token mu sampled outside pi_old's nucleus has pi_old = 0 (log -inf): its importance
+    weight is 0 (tis: its whole sequence), the ESS sees it, and nothing is NaN."""
+    lp = lp_leaf([[-1.0, -2.0, -0.5], [-1.5, -0.7, 0.0]])
+    old = torch.tensor([[-1.0, -math.inf, -0.5], [-1.5, -0.7, 0.0]])
+    beh = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.7, 0.0]])
+    adv = torch.tensor([[1.0, 2.0, -1.0], [0.5, -0.5, 0.0]])
+    mask = ragged_mask([3, 2], 3)
+    loss, stats, grad = run_policy(lp, old, beh, adv, mask, correction)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    s = stats.floats()
+    assert s["outside_nucleus_fraction"] == pytest.approx(1 / 5)
+    if correction is Correction.NONE:  # r = pi/mu does not involve pi_old
+        assert grad[0, 1].item() == pytest.approx(-2.0 / 5, abs=ATOL)
+        return
+    if correction is Correction.TIS:  # row 0's sequence weight is 0: rows 1 only
+        zero = torch.tensor([[True, True, True], [False, False, False]])
+        assert s["importance_ratio_mean"] == pytest.approx(2 / 5, abs=ATOL)
+        assert s["effective_sample_size"] == pytest.approx(2.0, abs=1e-6)
+    else:
+        zero = torch.tensor([[False, True, False], [False, False, False]])
+        assert s["importance_ratio_mean"] == pytest.approx(4 / 5, abs=ATOL)
+        assert s["effective_sample_size"] == pytest.approx(4.0, abs=1e-6)
+    assert (grad[zero] == 0).all()
+    torch.testing.assert_close(grad[~zero & mask], (-adv / 5)[~zero & mask], atol=ATOL, rtol=0)
+
+
+def test_pi_zero_gives_ratio_zero_and_zero_gradient():
+    """pi = 0 (the current policy's nucleus excludes the token): finite loss, no gradient."""
+    lp = lp_leaf([[-math.inf, -1.0]])
+    old = torch.tensor([[-1.0, -1.0]])
+    adv = torch.tensor([[1.0, -1.0]])
+    for correction in ALL_CORRECTIONS:
+        loss, stats, grad = run_policy(lp, old, old.clone(), adv, torch.ones(1, 2, dtype=torch.bool), correction)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        assert grad[0, 0].item() == 0.0
+        assert grad[0, 1].item() == pytest.approx(0.5, abs=ATOL)  # -A / n on the other token
