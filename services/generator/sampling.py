@@ -1,7 +1,8 @@
 """Batched sampling of G completions per prompt with behaviour log-probs.
 
-Generation uses Hugging Face ``generate`` (KV cache, left padding). The
-behaviour log-prob of each sampled token is taken from the *processed*
+Generation uses Hugging Face ``generate`` (KV cache, left padding) with a complete,
+explicit generation config (:func:`generation_config`): temperature and top-p only,
+never the model's own sampling defaults. The behaviour log-prob of each sampled token is taken from the *processed*
 scores ``generate`` sampled from (after temperature and top-p), so it is the
 log-probability under the distribution the token was actually drawn from: the
 behaviour policy mu that the learner's importance ratios divide by.
@@ -9,6 +10,7 @@ behaviour policy mu that the learner's importance ratios divide by.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,8 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from streamrl.common.messages import FinishReason, SamplingParams
 from streamrl.common.prompts import Prompt, format_prompt
 from streamrl.common.tensors import pad_left
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,6 +81,71 @@ def prepare_prompts(
     return texts, ids
 
 
+NEUTRAL_SETTINGS: dict[str, object] = {
+    "top_k": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+    "min_length": 0, "min_new_tokens": 0, "guidance_scale": 1.0, "renormalize_logits": False,
+    "remove_invalid_values": False, "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0,
+    "length_penalty": 1.0, "num_return_sequences": 1, "early_stopping": False,
+}
+"""``GenerationConfig`` fields that would add a logits processor (or change the search),
+each set to the value that turns it off. ``generate`` fills every field left unset from
+the model's own ``generation_config``; setting these explicitly keeps a checkpoint's
+defaults (a hub model's ``repetition_penalty`` or ``top_k``) out of the sampling."""
+
+HARMLESS_MODEL_SETTINGS = frozenset({
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length", "max_new_tokens",
+    "use_cache", "cache_implementation", "cache_config", "output_attentions", "output_hidden_states",
+    "output_scores", "output_logits", "return_dict_in_generate", "compile_config", "disable_compile",
+    "prefill_chunk_size", "transformers_version", "_from_model_config",
+})
+"""Fields of a model's ``generation_config`` that do not change the sampled distribution
+(ids the explicit config sets anyway, caching and output switches, bookkeeping)."""
+
+_warned_overrides: set[tuple] = set()
+
+
+def generation_config(model: PreTrainedModel, sampling: SamplingParams, *, pad_token_id: int,
+                      eos_token_id: int) -> GenerationConfig:
+    """The complete ``GenerationConfig`` a rollout is sampled with: ancestral sampling at
+    ``sampling.temperature`` then nucleus ``sampling.top_p``, every other distribution
+    setting explicitly neutral (:data:`NEUTRAL_SETTINGS`), so the only logits processors
+    are the temperature and top-p warpers, which the learner reproduces exactly.
+
+    A model's ``generation_config`` values for the settings of this config are overridden
+    (logged once: the rollout's sampling parameters are the truth). Any other setting it
+    makes that could change the distribution or cut a completion (``suppress_tokens``,
+    ``bad_words_ids``, ``min_p``, ``sequence_bias``, ``forced_eos_token_id``,
+    ``stop_strings``, a watermark, ...) is refused: the learner could not reproduce it.
+
+    Raises:
+        ValueError: the model's ``generation_config`` sets such a field; the message names it.
+    """
+    explicit = {
+        "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
+        "max_new_tokens": sampling.max_new_tokens, "pad_token_id": pad_token_id, "eos_token_id": eos_token_id,
+        "output_scores": True, "return_dict_in_generate": True, **NEUTRAL_SETTINGS,
+    }
+    model_settings = model.generation_config.to_diff_dict()
+    refused = {k: v for k, v in model_settings.items()
+               if k not in explicit and k not in HARMLESS_MODEL_SETTINGS and v is not None}
+    if refused:
+        settings = ", ".join(f"{k}={v!r}" for k, v in refused.items())
+        raise ValueError(
+            f"the model's generation_config sets {settings}: sampling settings the learner cannot reproduce (it "
+            "computes log-probs from temperature and top_p only), so every importance ratio would be biased; "
+            "fix: remove them from the model's generation_config.json"
+        )
+    overridden = tuple(sorted((k, repr(v)) for k, v in model_settings.items()
+                              if k in explicit and k not in HARMLESS_MODEL_SETTINGS and v != explicit[k]))
+    if overridden and overridden not in _warned_overrides:
+        _warned_overrides.add(overridden)
+        log.warning("ignoring the model's generation_config settings %s: rollouts are sampled with the configured "
+                    "temperature %g and top_p %g only (the learner reproduces exactly those)",
+                    ", ".join(f"{k}={v}" for k, v in overridden), sampling.temperature, sampling.top_p)
+    return GenerationConfig(**explicit)
+
+
 @torch.no_grad()
 def sample_completions(
     model: PreTrainedModel,
@@ -93,27 +162,22 @@ def sample_completions(
         tokenizer: its tokenizer (needs pad and eos tokens).
         prompts: token ids per prompt (from :func:`encode_prompts`).
         group_size: completions per prompt (G).
-        sampling: temperature, top-p and token budget.
+        sampling: temperature, top-p and token budget: the only settings that shape
+            the distribution (see :func:`generation_config`).
 
     Returns:
         One list of ``group_size`` :class:`Completion` per prompt, in input order.
+
+    Raises:
+        ValueError: the model's ``generation_config`` asks for a logits processor the
+            learner cannot reproduce (see :func:`generation_config`).
     """
     device = model.device
     rows = [ids for ids in prompts for _ in range(group_size)]
     pad = tokenizer.pad_token_id
     input_ids, attention = pad_left(rows, value=pad, dtype=torch.long)  # generation continues at the right edge
     width = input_ids.shape[1]
-    config = GenerationConfig(
-        do_sample=True,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=0,
-        max_new_tokens=sampling.max_new_tokens,
-        pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
+    config = generation_config(model, sampling, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.long().to(device),
                          generation_config=config)
     new_tokens = out.sequences[:, width:].cpu()  # [N, T']

@@ -16,7 +16,7 @@ from support import slow_nucleus
 
 from streamrl.common.messages import FinishReason, SamplingParams
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
-from streamrl.services.generator.sampling import Completion, encode_prompts, sample_completions
+from streamrl.services.generator.sampling import Completion, encode_prompts, generation_config, sample_completions
 
 PROMPT_TEXTS = ["Hello there, friend", "abc"]  # 19 and 3 tokens: left padding is exercised
 MAX_NEW = 12
@@ -192,3 +192,59 @@ def test_top_p_logprobs_are_renormalised_over_nucleus(model, tokenizer, prompts,
     shift = np.concatenate([c.logprobs - token_lp(torch.log_softmax(full_logits(model, c, temperature), -1), c)
                             for c in all_completions(result)])
     assert shift.min() > 0.3
+
+
+# --------------------------------------------------------------------------- the model's generation_config
+
+
+@pytest.fixture
+def opinionated_model(tokenizer):
+    """The tiny model with a generation_config full of sampling settings of its own (as
+    checkpoints on the hub ship): generate would otherwise fill unset fields from it."""
+    m = build_tiny_model(tokenizer, seed=0)
+    gc = m.generation_config
+    gc.repetition_penalty, gc.no_repeat_ngram_size, gc.top_k = 1.3, 2, 5
+    gc.typical_p, gc.temperature, gc.top_p, gc.min_length = 0.8, 0.5, 0.6, 6
+    gc.do_sample = False
+    return m
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8)])
+def test_model_generation_config_does_not_leak_into_sampling(opinionated_model, tokenizer, prompts,
+                                                             temperature, top_p):
+    """Only the rollout's temperature and top_p shape mu: the recorded log-probs are the
+    tempered (nucleus) softmax of an unpadded forward pass, whatever the model's own
+    generation_config says (repetition penalty, n-gram ban, top-k, typical-p, min length)."""
+    result = sample(opinionated_model, tokenizer, prompts, seed=4, temperature=temperature, top_p=top_p,
+                    group_size=4)
+    for c in all_completions(result):
+        logits = full_logits(opinionated_model, c, temperature)
+        ref = token_lp(nucleus_logprobs(logits, top_p) if top_p < 1 else torch.log_softmax(logits, -1), c)
+        np.testing.assert_allclose(c.logprobs, ref, atol=1e-4, rtol=0)
+
+
+def test_explicit_config_builds_only_the_processors_the_learner_reproduces(opinionated_model):
+    """The generation config used is complete: merged with the model's generation_config as
+    generate merges it, it yields a temperature and a top-p warper and nothing else."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    config = generation_config(opinionated_model, SamplingParams(temperature=0.7, top_p=0.8, max_new_tokens=4),
+                               pad_token_id=0, eos_token_id=1)
+    merged, _ = opinionated_model._prepare_generation_config(config)
+    processors = opinionated_model._get_logits_processor(generation_config=merged, input_ids_seq_length=3,
+                                                         device="cpu")
+    assert [type(p) for p in processors] == [TemperatureLogitsWarper, TopPLogitsWarper]
+    merged, _ = opinionated_model._prepare_generation_config(
+        generation_config(opinionated_model, SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=4),
+                          pad_token_id=0, eos_token_id=1))
+    assert list(opinionated_model._get_logits_processor(generation_config=merged, input_ids_seq_length=3,
+                                                        device="cpu")) == []
+
+
+@pytest.mark.parametrize("field,value", [("suppress_tokens", [5, 6]), ("bad_words_ids", [[7]]), ("min_p", 0.1),
+                                         ("forced_eos_token_id", 1), ("sequence_bias", {(8,): 2.0})])
+def test_a_processor_the_learner_cannot_reproduce_is_refused(tokenizer, prompts, field, value):
+    model = build_tiny_model(tokenizer, seed=0)
+    setattr(model.generation_config, field, value)
+    with pytest.raises(ValueError, match=f"generation_config sets {field}"):
+        sample(model, tokenizer, prompts)

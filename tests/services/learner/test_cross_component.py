@@ -109,3 +109,14 @@ def test_top_p_with_a_different_behaviour_policy_is_finite_and_seen_by_the_diagn
     if correction != "none":
         assert stats["ess_fraction"] < 0.9
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
+
+
+def test_a_model_with_its_own_generation_config_keeps_ratios_exact():
+    """A checkpoint whose generation_config carries sampling defaults (repetition penalty,
+    n-gram ban, top-k, typical-p, its own temperature): the generator overrides them, so
+    the learner's pi_old is mu on every token."""
+    model = build_tiny_model(TOKENIZER, seed=0)
+    gc = model.generation_config
+    gc.repetition_penalty, gc.no_repeat_ngram_size, gc.top_k, gc.typical_p, gc.temperature = 1.3, 2, 5, 0.8, 0.3
+    batch = generate(model, SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=10), seed=7)
+    assert_exact_ratios(trainer_for(build_tiny_model(TOKENIZER, seed=0)), batch)
