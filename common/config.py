@@ -6,6 +6,19 @@ key, the rule that was broken and how to fix it. Unknown keys are errors
 (with a spelling suggestion); modes are Enums (``streamrl.common.modes``), never free
 strings. ``--set section.key=value`` overrides take TOML values
 (``--set learner.lr=3e-6``, ``--set generator.prompts.path="x.jsonl"``).
+
+Every rule lives here once. The schema (types, ranges, Literals, options that apply to
+one prompt kind or one reward source, cross-section rules) needs neither the file
+system nor imports, so any process can load any config. What does
+(:func:`resource_problems`: model and reward-model folders, prompt files, reward
+functions and their ``kwargs``, creatable output folders, CUDA) runs when
+:func:`load_config` is given ``resources`` (service names): ``streamrl check`` asks for
+every service, each service process for its own at start-up, so both report the same
+lines. The loaders take the validated sections (:class:`PromptSource`,
+:class:`RewardSpec`) and do not check them again.
+
+Every field has a ``description``; :func:`reference_table` renders the README's config
+reference from them (``python -m streamrl.common.config [--update README.md]``).
 """
 
 from __future__ import annotations
