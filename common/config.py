@@ -441,7 +441,9 @@ class LearnerSection(_Section):
     kl_target: Optional[float] = Field(None, gt=0, description="set to adapt beta towards this KL per sequence "
                                        "(adaptive controller)")
     kl_horizon: int = Field(10000, ge=1, description="horizon of the adaptive KL controller")
-    kl_estimator: KLEstimator = Field(KLEstimator.K1, description="per-token KL estimator: `k1` or `k3`")
+    kl_estimator: KLEstimator = Field(KLEstimator.K1, description="per-token KL estimator: `k1` (log-ratio), `k2` "
+                                      "(half squared log-ratio) or `k3`; as a `loss` term `k2` has the gradient of "
+                                      "KL(pi || ref), `k3` that of KL(ref || pi) (GRPO), `k1` none (refused)")
     kl_penalty: KLPenaltyMode = Field(KLPenaltyMode.REWARD, description="KL penalty in the `reward` or as a "
                                       "`loss` term")
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus")
@@ -452,6 +454,14 @@ class LearnerSection(_Section):
                                              "`generator.prompts`")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (and one at the end)")
     batch_timeout_s: float = Field(600.0, gt=0, description="give up when no batch arrives for this long, seconds")
+
+    @model_validator(mode="after")
+    def _kl_loss_estimator(self) -> "LearnerSection":
+        if self.kl_penalty is KLPenaltyMode.LOSS and self.kl_estimator is KLEstimator.K1:
+            raise _rule("`kl_estimator = \"k1\"` as a loss term has expected gradient exactly 0 (it only adds noise); "
+                        "fix: set learner.kl_estimator = \"k2\" (gradient of KL(pi || ref)) or \"k3\" (gradient of "
+                        "KL(ref || pi), as GRPO), or learner.kl_penalty = \"reward\"", "kl_estimator")
+        return self
 
 
 class SecuritySection(_Section):

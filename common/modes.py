@@ -39,10 +39,16 @@ class AdvantageEstimator(str, Enum):
 class KLEstimator(str, Enum):
     """Per-token estimator of KL(pi || pi_ref) from samples of pi (Schulman 2020,
     "Approximating KL divergence"): ``k1`` = log pi - log pi_ref (unbiased, can be
-    negative), ``k3`` = (ratio - 1) - log ratio with ratio = pi_ref / pi (unbiased,
-    always >= 0)."""
+    negative), ``k2`` = (log pi - log pi_ref)^2 / 2 (biased, >= 0), ``k3`` = (ratio - 1)
+    - log ratio with ratio = pi_ref / pi (unbiased, always >= 0).
+
+    As a *loss* term (``KLPenaltyMode.LOSS``) what matters is the expected gradient:
+    ``k1``'s is exactly 0 (refused there), ``k2``'s is the gradient of KL(pi || pi_ref),
+    ``k3``'s the gradient of KL(pi_ref || pi) (GRPO's loss; Tang & Munos 2025, "On a few
+    pitfalls in KL divergence gradient estimation for RL")."""
 
     K1 = "k1"
+    K2 = "k2"
     K3 = "k3"
 
 

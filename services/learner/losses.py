@@ -433,11 +433,24 @@ def kl_to_reference(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: KLEsti
     """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi
     (Schulman 2020, "Approximating KL divergence")::
 
-        k1 = log pi - log pi_ref                     (unbiased, can be negative)
+        k1 = log pi - log pi_ref                      (unbiased, can be negative)
+        k2 = (log pi - log pi_ref)^2 / 2              (biased, always >= 0)
         k3 = (rho - 1) - log rho,  rho = pi_ref / pi  (unbiased, always >= 0)
 
     k1 is the penalty InstructGPT puts in the reward (Ouyang et al. 2022, eq. 2);
     k3 is the loss term of GRPO (Shao et al. 2024, eq. 4).
+
+    Used as a *loss* term (differentiated through ``logprobs``, the samples not
+    differentiated), the expected gradients over ``x ~ pi`` are (Tang & Munos 2025,
+    "On a few pitfalls in KL divergence gradient estimation for RL")::
+
+        E[grad k1] = E[grad log pi] = 0                              (noise only)
+        E[grad k2] = E[(log pi - log pi_ref) grad log pi] = grad KL(pi || pi_ref)
+        E[grad k3] = E[(1 - pi_ref/pi) grad log pi]   = grad KL(pi_ref || pi)
+
+    so k2 is the estimator whose loss gradient is that of the KL it estimates, and k3 as a
+    loss minimises the reverse KL(pi_ref || pi) (GRPO's behaviour). The learner refuses k1
+    as a loss.
 
     Args:
         logprobs: ``[B, T]`` float, log pi of the sampled tokens (may carry grad).
@@ -446,8 +459,8 @@ def kl_to_reference(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: KLEsti
 
     Returns:
         ``[B, T]`` per-token estimates, same dtype as ``logprobs``. Padded
-        positions are not masked here: reduce with :func:`masked_mean` (or
-        pass through a function that takes a mask), which ignores them.
+        positions are not masked here: reduce with ``streamrl.common.tensors.masked_mean``
+        (or pass through a function that takes a mask), which ignores them.
 
     Raises:
         ValueError: shapes differ; unknown estimator.
@@ -461,6 +474,8 @@ def kl_to_reference(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: KLEsti
     diff = ref_logprobs.detach() - logprobs  # log rho
     if estimator is KLEstimator.K1:
         return -diff
+    if estimator is KLEstimator.K2:
+        return 0.5 * diff * diff
     return torch.expm1(diff) - diff
 
 

@@ -361,3 +361,13 @@ def test_ptx_loss_is_token_mean_nll_of_sft_batch():
             count += len(row) - 1
     stats = trainer.step(on_policy(trainer, ragged_batch()), current_version=3)
     assert stats["loss/ptx"] == pytest.approx(nll / count, abs=1e-5)
+
+
+def test_kl_loss_with_k1_is_refused_with_the_fix():
+    """k1 as a loss term has expected gradient 0: the config refuses the combination."""
+    with pytest.raises(ValueError, match="kl_estimator") as err:
+        LearnerSection(kl_penalty="loss", kl_estimator="k1")
+    assert "k2" in str(err.value) and "k3" in str(err.value)
+    for estimator in ("k2", "k3"):
+        assert LearnerSection(kl_penalty="loss", kl_estimator=estimator).kl_estimator.value == estimator
+    assert LearnerSection(kl_penalty="reward", kl_estimator="k1").kl_penalty.value == "reward"
