@@ -77,9 +77,12 @@ Accounting
 
 Ledger
     ``on_event(event, rollout_ids)`` (optional) is called after the state
-    changed, with ``"accepted"`` (one id, per accepted add), ``"sampled"``
-    (every serve, reuse included; an id leaves on its K-th), ``"dropped_stale"``
-    and ``"evicted"``, one call per operation, never with an empty list.
+    changed, with a :class:`BufferEvent`: ``ACCEPTED`` (one id, per accepted
+    add), ``SAMPLED`` (every serve, reuse included; an id leaves on its K-th),
+    ``DROPPED_STALE`` and ``EVICTED``, one call per operation, never with an
+    empty list. :meth:`ReplayBuffer.admission` tells, without changing
+    anything, what :meth:`ReplayBuffer.add` would answer, so a write-ahead log
+    can record an accepted rollout before the store changes.
 
 Cost
     ``add`` is amortised O(log n) (a lazily pruned min-heap on version per
@@ -104,8 +107,19 @@ from streamrl.common.modes import OverflowPolicy
 DEFAULT_DEDUP_WINDOW = 1_000_000
 """How many accepted rollout ids (and closed group ids) are remembered."""
 
-LedgerHook = Callable[[str, list[str]], None]
-"""``on_event(event, rollout_ids)``; events: accepted, sampled, dropped_stale, evicted."""
+
+class BufferEvent(str, Enum):
+    """What happened to rollouts in the store (the ledger hook's first argument; the
+    values are the journal's and the history's event names)."""
+
+    ACCEPTED = "accepted"
+    SAMPLED = "sampled"
+    DROPPED_STALE = "dropped_stale"
+    EVICTED = "evicted"
+
+
+LedgerHook = Callable[[BufferEvent, list[str]], None]
+"""``on_event(event, rollout_ids)``, see "Ledger" in the module docstring."""
 
 
 class AddOutcome(str, Enum):
@@ -286,21 +300,37 @@ class ReplayBuffer:
 
     # ------------------------------------------------------------------ add
 
-    def add(self, item: ScoredRollout) -> AddOutcome:
-        """Admit one scored rollout; see the module docstring for the outcomes."""
+    def admission(self, item: ScoredRollout) -> AddOutcome:
+        """What :meth:`add` would answer for ``item`` now; changes and counts nothing.
+
+        Raises:
+            ValueError: ``group_size`` < 1 (``decode()`` refuses such a rollout).
+        """
         r = item.rollout
         if r.group_size < 1:
             raise ValueError(f"group_size must be >= 1 (got {r.group_size}); decode() checks this")
         if r.rollout_id in self._seen_ids:
-            return self._reject(AddOutcome.DUPLICATE)
+            return AddOutcome.DUPLICATE
         group = self._incomplete.get(r.group_id)
         if group is None:
             closed = self._closed_groups.get(r.group_id)
             if closed is not None:
-                return self._reject(closed)  # type: ignore[arg-type]
+                return closed  # type: ignore[return-value]
         elif r.group_size != group.size or r.prompt_id != group.prompt_id:
-            return self._reject(AddOutcome.GROUP_MISMATCH)
+            return AddOutcome.GROUP_MISMATCH
+        return AddOutcome.ACCEPTED
 
+    def add(self, item: ScoredRollout) -> AddOutcome:
+        """Admit one scored rollout; see the module docstring for the outcomes.
+
+        Raises:
+            ValueError: ``group_size`` < 1 (``decode()`` refuses such a rollout).
+        """
+        outcome = self.admission(item)
+        if outcome is not AddOutcome.ACCEPTED:
+            return self._reject(outcome)
+        r = item.rollout
+        group = self._incomplete.get(r.group_id)
         evicted: list[str] = []
         if group is None:
             if r.group_size > 1 and len(self._incomplete) >= self.capacity_groups:
@@ -329,8 +359,8 @@ class ReplayBuffer:
                 assert victim is not None
                 evicted += self._discard(victim, evict=True)
 
-        self._emit("accepted", [r.rollout_id])
-        self._emit("evicted", evicted)
+        self._emit(BufferEvent.ACCEPTED, [r.rollout_id])
+        self._emit(BufferEvent.EVICTED, evicted)
         return AddOutcome.ACCEPTED
 
     # ------------------------------------------------------------------ removal
@@ -346,7 +376,7 @@ class ReplayBuffer:
                 break
             del self._incomplete[oldest.group_id]
             evicted += self._discard(oldest, evict=True)
-        self._emit("evicted", evicted)
+        self._emit(BufferEvent.EVICTED, evicted)
         return len(evicted)
 
     def drop_stale(self, learner_version: int) -> int:
@@ -360,7 +390,7 @@ class ReplayBuffer:
         ):
             while (group := self._pop_oldest(heap, groups, limit)) is not None:
                 dropped += self._discard(group, evict=False)
-        self._emit("dropped_stale", dropped)
+        self._emit(BufferEvent.DROPPED_STALE, dropped)
         return len(dropped)
 
     # ------------------------------------------------------------------ sample
@@ -405,7 +435,7 @@ class ReplayBuffer:
         )
         self._pending_dropped = 0
         self._pending_evicted = 0
-        self._emit("sampled", [m.rollout.rollout_id for m in rollouts])
+        self._emit(BufferEvent.SAMPLED, [m.rollout.rollout_id for m in rollouts])
         return result
 
     # ------------------------------------------------------------------ durability
@@ -420,14 +450,14 @@ class ReplayBuffer:
         """Re-admit recovered groups, in order, with their serve counts.
 
         Members go through :meth:`add` (so dedup, grouping and the bounds
-        apply) without an ``accepted`` ledger event or counting as inserted:
+        apply) without an ``ACCEPTED`` ledger event or counting as inserted:
         they were counted when first accepted. Groups the bounds evict (a
         smaller capacity than before) are reported as ``evicted``. A restored
         incomplete group's timeout starts now.
         """
         hook = self.on_event
         if hook is not None:
-            self.on_event = lambda event, ids: None if event == "accepted" else hook(event, ids)
+            self.on_event = lambda event, ids: None if event is BufferEvent.ACCEPTED else hook(event, ids)
         try:
             for members, served in groups:
                 for item in members:
@@ -486,6 +516,6 @@ class ReplayBuffer:
             return group
         return None
 
-    def _emit(self, event: str, rollout_ids: list[str]) -> None:
+    def _emit(self, event: BufferEvent, rollout_ids: list[str]) -> None:
         if self.on_event is not None and rollout_ids:
             self.on_event(event, rollout_ids)

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from streamrl.common.modes import OverflowPolicy
-from streamrl.services.buffer.store import AddOutcome, ReplayBuffer, Sample
+from streamrl.services.buffer.store import AddOutcome, BufferEvent, ReplayBuffer, Sample
 from support import scored_item as item
 
 BLOCK = OverflowPolicy.BLOCK
@@ -477,10 +477,22 @@ def test_version_heaps_stay_bounded_under_long_reuse():
     assert len(buf._incomplete_heap) <= 2 * buf.incomplete_groups + 65
 
 
-def test_admission_capacity_bounds_buffer_to_what_learner_uses_within_eta():
-    from streamrl.services.buffer.loop import admission_capacity
-
-    assert admission_capacity(64, 4, 2) == 12  # 3 versions x 4 groups
-    assert admission_capacity(8, 4, 2) == 8  # the configured capacity is smaller
-    assert admission_capacity(64, 4, 0) == 4  # on-policy: one batch
-    assert admission_capacity(2, 4, 0) == 4  # never below one batch
+def test_admission_answers_what_add_would_without_changing_anything():
+    buf = make(capacity_groups=1, overflow=EVICT)
+    log = []
+    buf.on_event = lambda e, i: log.append((e, i))
+    first = item("a", 0)
+    assert buf.admission(first) is AddOutcome.ACCEPTED
+    assert (buf.held_rollouts, buf.inserted_total, log) == (0, 0, [])  # nothing changed
+    assert buf.add(first) is AddOutcome.ACCEPTED
+    assert buf.admission(first) is AddOutcome.DUPLICATE
+    assert buf.admission(item("a", 1, size=3)) is AddOutcome.GROUP_MISMATCH
+    assert buf.rejected_total[AddOutcome.DUPLICATE.value] == 0  # admission counts nothing; add does
+    assert buf.add(first) is AddOutcome.DUPLICATE and buf.rejected_total[AddOutcome.DUPLICATE.value] == 1
+    assert buf.add(item("a", 1)) is AddOutcome.ACCEPTED
+    assert buf.admission(item("a", 2)) is AddOutcome.GROUP_OVERFULL  # the group closed
+    assert [(type(e), e) for e, _ in log] == [(BufferEvent, BufferEvent.ACCEPTED)] * 2
+    bad = item("b", 0)
+    bad.rollout.group_size = 0
+    with pytest.raises(ValueError, match="group_size must be >= 1"):
+        buf.admission(bad)

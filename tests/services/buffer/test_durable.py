@@ -1,0 +1,186 @@
+"""DurableBuffer: admission capacity, the write-ahead journal (frames as received, nothing for a
+refusal, removals in order), the learner protocol (pending, serve, serve again, restamp,
+acknowledge) and recovery of all of it after a crash."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamrl.common.messages import Batch, BatchRequest, decode, encode
+from streamrl.common.modes import FsyncPolicy, OverflowPolicy
+from streamrl.services.buffer.durable import DurableBuffer, admission_capacity
+from streamrl.services.buffer.journal import Journal, RecordType, _segments, read_records
+from streamrl.services.buffer.store import AddOutcome, ReplayBuffer
+from support import scored_item
+
+ROUTE = b"\x00learner"
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def durable(directory=None, *, capacity=4, overflow=OverflowPolicy.EVICT_OLDEST, max_staleness=2, clock=None,
+            max_reuse=1) -> DurableBuffer:
+    store = ReplayBuffer(capacity_groups=capacity, overflow=overflow, max_reuse=max_reuse,
+                         max_staleness=max_staleness, group_timeout_s=5.0, clock=clock or Clock())
+    journal = None if directory is None else Journal(directory, fsync=FsyncPolicy.ALWAYS, max_reuse=max_reuse)
+    return DurableBuffer(store, journal)
+
+
+def add(buf: DurableBuffer, group: str, k: int, **kw) -> AddOutcome:
+    item = scored_item(group, k, **kw)
+    outcome = buf.add(item, encode(item))
+    buf.commit()
+    return outcome
+
+
+def add_group(buf: DurableBuffer, group: str, version: int = 0) -> None:
+    for k in range(2):
+        assert add(buf, group, k, version=version) is AddOutcome.ACCEPTED
+
+
+def records(directory) -> list[tuple[RecordType, object]]:
+    """State records on disk, in order (segment markers left out)."""
+    out = []
+    for _, path in _segments(directory):
+        out += [(kind, payload) for kind, payload in read_records(path)
+                if kind not in (RecordType.BEGIN, RecordType.SNAPSHOT_END)]
+    return out
+
+
+def request(version: int, groups: int = 1) -> BatchRequest:
+    return BatchRequest(sender="learner-0", learner_version=version, num_groups=groups)
+
+
+def ids(batch: Batch) -> list[str]:
+    return [s.rollout.rollout_id for s in batch.rollouts]
+
+
+def test_admission_capacity_bounds_buffer_to_what_learner_uses_within_eta():
+    assert admission_capacity(64, 4, 2) == 12  # 3 versions x 4 groups
+    assert admission_capacity(8, 4, 2) == 8  # the configured capacity is smaller
+    assert admission_capacity(64, 4, 0) == 4  # on-policy: one batch
+    assert admission_capacity(2, 4, 0) == 4  # never below one batch
+
+
+def test_accepted_rollouts_are_journaled_with_their_frames_and_refusals_are_not(tmp_path):
+    buf = durable(tmp_path)
+    item = scored_item("a", 0)
+    frames = encode(item)
+    assert buf.add(item, frames) is AddOutcome.ACCEPTED
+    assert buf.add(item, frames) is AddOutcome.DUPLICATE
+    assert buf.add(scored_item("a", 1, size=3), encode(scored_item("a", 1, size=3))) is AddOutcome.GROUP_MISMATCH
+    buf.commit()
+    (kind, payload), = records(tmp_path)
+    assert kind is RecordType.ACCEPT and payload == [bytes(f) for f in frames]  # the bytes as received
+
+
+def test_an_eviction_is_journaled_after_the_acceptance_that_caused_it(tmp_path):
+    """The newly completed group is the oldest version: it evicts itself; replay must not bring it back."""
+    buf = durable(tmp_path, capacity=1)
+    add_group(buf, "new", version=5)
+    assert add(buf, "old", 0, size=1, version=0) is AddOutcome.ACCEPTED
+    kinds = [(kind, payload.get("event") if kind is RecordType.REMOVE else None) for kind, payload in records(tmp_path)]
+    assert kinds == [(RecordType.ACCEPT, None)] * 3 + [(RecordType.REMOVE, "evicted")]
+    assert records(tmp_path)[-1][1]["ids"] == ["old-0"]
+    again = durable(tmp_path, capacity=1)
+    again.recover()
+    assert [[m.rollout.rollout_id for m in members] for members, _ in again.store.snapshot()] == [["new-0", "new-1"]]
+
+
+def test_a_request_waits_until_enough_groups_then_newer_requests_acknowledge(tmp_path):
+    buf = durable(tmp_path)
+    assert buf.take_request(ROUTE, request(0, groups=2)) is None
+    assert buf.serve_pending("buffer-0") is None  # nothing held yet
+    add_group(buf, "a")
+    assert buf.serve_pending("buffer-0") is None  # one group of two
+    assert buf.take_request(b"other", request(0, groups=1)) is None  # replaces the older pending request
+    route, batch = buf.serve_pending("buffer-0")
+    assert route == b"other" and ids(batch) == ["a-0", "a-1"] and batch.learner_version == 0
+    assert batch.sender == "buffer-0" and buf.pending is None and buf.unacked is batch
+    add_group(buf, "b")
+    assert buf.take_request(ROUTE, request(1)) is None  # a newer version: acknowledges "a"
+    assert buf.unacked is None
+    route, batch = buf.serve_pending("buffer-0")
+    assert ids(batch) == ["b-0", "b-1"] and batch.learner_version == 1
+    kinds = [kind for kind, _ in records(tmp_path)]
+    assert kinds == [RecordType.ACCEPT] * 2 + [RecordType.SERVE, RecordType.ACCEPT, RecordType.ACCEPT,
+                                               RecordType.ACK, RecordType.SERVE]
+
+
+def test_a_repeated_or_older_request_gets_the_unacknowledged_batch_again(tmp_path):
+    buf = durable(tmp_path)
+    add_group(buf, "a", version=3)
+    add_group(buf, "b", version=3)
+    buf.take_request(ROUTE, request(3))
+    _, first = buf.serve_pending("buffer-0")
+    sent_at = first.sent_at
+    again = buf.take_request(ROUTE, request(3))  # the learner lost the batch, or restarted at 3
+    assert again is first and ids(again) == ["a-0", "a-1"] and again.sent_at >= sent_at
+    assert buf.pending is None and buf.store.complete_groups == 1  # nothing new was sampled
+    older = buf.take_request(ROUTE, request(2))  # restarted behind its checkpoint: restamped
+    assert ids(older) == ["a-0", "a-1"] and older.learner_version == 2
+    assert records(tmp_path)[-1] == (RecordType.RESTAMP, {"version": 2})
+
+
+def test_a_crashed_buffer_recovers_the_unacknowledged_batch_and_serves_it_again(tmp_path):
+    buf = durable(tmp_path)
+    for g in "abc":
+        add_group(buf, g, version=1)
+    buf.take_request(ROUTE, request(1, groups=2))
+    _, served = buf.serve_pending("buffer-0")
+    # crash: no close; everything was committed before it was sent
+    restarted = durable(tmp_path)
+    recovered = restarted.recover()
+    assert recovered.rollouts == 2 and restarted.store.complete_groups == 1
+    assert ids(restarted.unacked) == ids(served) == ["a-0", "a-1", "b-0", "b-1"]
+    again = restarted.take_request(ROUTE, request(1, groups=2))
+    assert ids(again) == ids(served)  # served again, not new data
+    assert decode(encode(again), expected=[Batch]).learner_version == 1
+    assert restarted.take_request(ROUTE, request(2, groups=1)) is None  # trained on it: acknowledged
+    _, nxt = restarted.serve_pending("buffer-0")
+    assert ids(nxt) == ["c-0", "c-1"]
+
+
+def test_requests_that_can_never_be_met_are_refused():
+    buf = durable(capacity=2)
+    with pytest.raises(ValueError, match="3 groups > capacity 2"):
+        buf.take_request(ROUTE, request(0, groups=3))
+    assert buf.pending is None
+
+
+def test_without_a_journal_the_protocol_works_and_nothing_is_written(tmp_path):
+    buf = durable(None)
+    add_group(buf, "a")
+    buf.take_request(ROUTE, request(0))
+    _, batch = buf.serve_pending("buffer-0")
+    assert buf.take_request(ROUTE, request(0)) is batch
+    buf.housekeeping()
+    buf.close()
+    with pytest.raises(RuntimeError, match="no journal"):
+        buf.recover()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_housekeeping_expires_incomplete_groups_into_the_journal(tmp_path):
+    clock = Clock()
+    buf = durable(tmp_path, clock=clock)
+    add(buf, "lonely", 0)
+    clock.now = 10.0  # group_timeout_s = 5
+    buf.housekeeping()
+    assert buf.store.incomplete_groups == 0 and buf.store.evicted_total == 1
+    assert records(tmp_path)[-1] == (RecordType.REMOVE, {"event": "evicted", "ids": ["lonely-0"]})
+    restarted = durable(tmp_path)
+    assert restarted.recover().rollouts == 0
+
+
+def test_the_store_must_not_have_another_ledger_hook():
+    store = ReplayBuffer(capacity_groups=2, overflow=OverflowPolicy.BLOCK, max_reuse=1, max_staleness=1,
+                         group_timeout_s=1.0, on_event=lambda e, i: None)
+    with pytest.raises(ValueError, match="already has a ledger hook"):
+        DurableBuffer(store, None)
