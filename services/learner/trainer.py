@@ -79,6 +79,22 @@ def _kl_tokens(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator) 
     return kl, valid
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Make ``model`` deterministic for RL: every ``nn.Dropout`` gets ``p = 0`` (as TRL's
+    ``disable_dropout_in_model``) and the model is put in eval mode, which also turns off
+    functional dropout keyed on ``module.training`` (e.g. Llama's ``attention_dropout``).
+
+    The learner computes pi_old in a no-grad pass and pi in the update's pass; with dropout
+    active in either, pi != pi_old at the same weights and every step would start with a
+    spurious ratio (GPT-2 ships dropout 0.1). The trainer never calls ``.train()``:
+    gradients flow in eval mode.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.eval()
+
+
 class StatSums:
     """Sums of per-update diagnostics kept as detached device tensors: nothing is copied
     to the host until :meth:`means`, once per learner step (each ``.item()`` would be a
@@ -132,6 +148,9 @@ class PPOTrainer:
         self.reward_stats = RunningMeanStd()
         for p in reference.parameters():
             p.requires_grad_(False)
+        for model in (policy, reference, self.value_head):
+            if model is not None:
+                disable_dropout(model)
 
     # ------------------------------------------------------------------ step
 
@@ -158,7 +177,7 @@ class PPOTrainer:
         updates = 0
         skipped = 0
         ratio_max = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.policy.train()
+        self.policy.eval()  # never train mode: pi and pi_old must be the same function (no dropout)
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(batch.size, device=self.device)
             for rows in order.tensor_split(min(cfg.minibatches, batch.size)):  # no empty minibatch

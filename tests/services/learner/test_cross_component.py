@@ -60,6 +60,7 @@ def assert_exact_ratios(trainer: PPOTrainer, batch: TrainBatch) -> None:
     assert stats["importance_ratio_max"] == pytest.approx(1.0, abs=RATIO_ATOL)
     assert stats["ess_fraction"] == pytest.approx(1.0, abs=1e-6)
     assert stats["clip_fraction"] == 0.0  # first update: pi == pi_old
+    assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-10)
 
 
 def test_learner_uses_the_temperature_recorded_in_the_rollouts():
@@ -120,3 +121,39 @@ def test_a_model_with_its_own_generation_config_keeps_ratios_exact():
     gc.repetition_penalty, gc.no_repeat_ngram_size, gc.top_k, gc.typical_p, gc.temperature = 1.3, 2, 5, 0.8, 0.3
     batch = generate(model, SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=10), seed=7)
     assert_exact_ratios(trainer_for(build_tiny_model(TOKENIZER, seed=0)), batch)
+
+
+def tiny_gpt2(dropout: float = 0.1):
+    """A random tiny GPT-2 (dropout 0.1 in embeddings, attention and residuals, as GPT-2
+    ships) with the char tokenizer's vocabulary."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(TOKENIZER), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        bos_token_id=TOKENIZER.bos_token_id, eos_token_id=TOKENIZER.eos_token_id,
+                        pad_token_id=TOKENIZER.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama_with_attention_dropout():
+    """The tiny Llama with attention dropout 0.3 (functional dropout keyed on ``training``,
+    which ``nn.Dropout`` module surgery alone does not reach)."""
+    model = build_tiny_model(TOKENIZER, seed=0)
+    model.config.attention_dropout = 0.3
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    return model
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama_with_attention_dropout], ids=["gpt2", "llama"])
+def test_dropout_never_makes_a_spurious_ratio(make):
+    """A model with dropout: pi_old (no-grad pass) and pi (the update's pass) must be the
+    same function, so at staleness 0 every ratio is exactly 1 in the first update."""
+    batch = generate(make(), SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=10), seed=8)
+    trainer = trainer_for(make(), kl_coef=0.1, kl_penalty="loss", kl_estimator="k3")
+    assert_exact_ratios(trainer, batch)
+    stats = trainer.step(copy.deepcopy(batch), current_version=1)  # a second step: the policy moved
+    assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-10)  # still pi == pi_old in its first update
+    assert not any(m.training for m in trainer.reference.modules())

@@ -371,3 +371,25 @@ def test_kl_loss_with_k1_is_refused_with_the_fix():
     for estimator in ("k2", "k3"):
         assert LearnerSection(kl_penalty="loss", kl_estimator=estimator).kl_estimator.value == estimator
     assert LearnerSection(kl_penalty="reward", kl_estimator="k1").kl_penalty.value == "reward"
+
+
+def test_disable_dropout_zeroes_every_dropout_and_keeps_eval_mode():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from streamrl.services.learner.trainer import disable_dropout
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_positions=16, n_embd=16, n_layer=1, n_head=2)).train()
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0.1 for m in dropouts)
+    disable_dropout(model)
+    assert all(m.p == 0.0 for m in dropouts) and not model.training
+    ids = torch.arange(10).unsqueeze(0)
+    model.train()  # even if someone switches it back, the Dropout modules are off
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_trainer_models_stay_in_eval_mode():
+    trainer = make_trainer(learner_cfg(advantage="gae"))
+    trainer.step(on_policy(trainer, ragged_batch()), current_version=3)
+    for model in (trainer.policy, trainer.reference, trainer.value_head):
+        assert not any(m.training for m in model.modules())
