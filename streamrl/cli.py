@@ -178,6 +178,24 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stage(args: argparse.Namespace) -> int:
+    """``sft`` / ``rm``: run one offline training stage of the RLHF pipeline from its config section."""
+    from streamrl.finetune import StageError
+
+    config = _load(args)
+    if args.command == "sft":
+        from streamrl.sft import run_sft as run_stage
+    else:
+        from streamrl.reward_model import run_rm as run_stage
+    try:
+        summary = run_stage(config, force=args.force, log=lambda line: print(line, flush=True))
+    except StageError as err:
+        print(f"streamrl {args.command}: {err}", file=sys.stderr)
+        return 2
+    print(f"summary: {Path(summary['output_dir']) / 'summary.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``streamrl`` command and its subcommands."""
     parser = argparse.ArgumentParser(prog="streamrl", description="Streaming actor-learner RL for language models")
@@ -229,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("public_key", help="the client's public .key file")
     add.add_argument("--name", help="name in the allow-list (default: the file's stem)")
     keys.set_defaults(func=cmd_keys)
+    for name, text in (("sft", "supervised fine-tuning on demonstrations ([sft]): the policy and reference "
+                        "for PPO"), ("rm", "train a reward model on ranked responses ([rm]) for the scorer")):
+        stage = sub.add_parser(name, help=text)
+        _add_config_args(stage)
+        stage.add_argument("--force", action="store_true", help="train again even if the output folder is complete")
+        stage.set_defaults(func=cmd_stage)
     return parser
 
 
