@@ -55,6 +55,7 @@ from streamrl.common.modes import (
     Correction,
     Device,
     FsyncPolicy,
+    HumanCombination,
     KLEstimator,
     KLPenaltyMode,
     OverflowPolicy,
@@ -172,6 +173,10 @@ class EndpointsSection(_Section):
     batches: str = Field("tcp://127.0.0.1:5561", description="buffer's ROUTER for batch requests")
     weights_announce: str = Field("tcp://127.0.0.1:5570", description="learner's PUB of new policy versions")
     weights: str = Field("tcp://127.0.0.1:5571", description="learner's ROUTER for weight chunks")
+    feedback: str = Field("tcp://127.0.0.1:5580", description="feedback service's SUB for the scored-rollout "
+                          "feed (scorers connect a PUB: never blocks, drops when nobody watches)")
+    human_model: str = Field("tcp://127.0.0.1:5581", description="feedback service's PUB of H-hat versions "
+                             "(scorers and generators subscribe)")
 
 
 class TransportSection(_Section):
@@ -199,6 +204,7 @@ class MetricsSection(_Section):
     scorer_port: int = Field(9200, ge=0, le=65535, description="scorer i serves on this port + i; 0 = ephemeral")
     buffer_port: int = Field(9300, ge=0, le=65535, description="buffer metrics port; 0 = ephemeral")
     learner_port: int = Field(9400, ge=0, le=65535, description="learner metrics port; 0 = ephemeral")
+    feedback_port: int = Field(9500, ge=0, le=65535, description="feedback service metrics port; 0 = ephemeral")
 
 
 class PromptSource(_Section):
@@ -464,64 +470,6 @@ class LearnerSection(_Section):
         return self
 
 
-class StageData(_Section):
-    """Training data of ``streamrl sft`` / ``streamrl rm`` (layouts: :mod:`streamrl.rlhf_data`)."""
-
-    path: Optional[str] = Field(None, description="`.jsonl`, `.jsonl.gz` or `.parquet`: prompt+response, "
-                                "messages, prompt+chosen+rejected, hh-rlhf chosen+rejected dialogues or "
-                                "prompt+responses (ranked best first); required by the stage",
-                                json_schema_extra=LOCAL_PATH)
-    eval_rows: int = Field(500, ge=0, description="rows held out (never trained on), chosen by a seeded hash of "
-                           "the prompt: the same rows in `sft` and `rm` for the same file and `split_seed`")
-    split_seed: int = Field(0, ge=0, description="seed of the held-out hash")
-    train_rows: Optional[int] = Field(None, ge=1, description="train on at most this many rows (the next in hash "
-                                      "order after the held-out ones); unset = all the others")
-
-
-class _StageSection(_Section):
-    """Fields every offline training stage shares."""
-
-    base_model: str = Field("smollm2-135m-instruct", min_length=1, description="model the stage starts from: a "
-                            "folder, a hub id or a built-in name (as `model.path`)", json_schema_extra=MAYBE_LOCAL_PATH)
-    data: StageData = Field(default_factory=StageData, description="training data")
-    epochs: int = Field(1, ge=1, description="passes over the training rows")
-    batch_size: int = Field(8, ge=1, description="rows per optimizer step")
-    lr: float = Field(2e-5, gt=0, description="AdamW peak learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    warmup_ratio: float = Field(0.1, ge=0, le=1, description="fraction of the steps with a linear warm-up")
-    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate decay after "
-                                                               "the warm-up (`transformers.get_scheduler`)")
-    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping (global L2 norm)")
-    max_length: int = Field(256, ge=8, description="tokens per text; longer texts lose the start of the prompt")
-    trainable_layers: Optional[int] = Field(None, ge=0, description="train only the top N transformer blocks "
-                                            "(embeddings and lower blocks frozen); unset = every block")
-    cache_frozen: bool = Field(True, description="compute the frozen blocks' output once per text and reuse it "
-                               "every epoch (with `trainable_layers`)")
-    threads: int = Field(2, ge=1, description="torch threads")
-    device: Device = Field(Device.AUTO, description="`auto` = CUDA when available, else CPU")
-
-
-class SFTSection(_StageSection):
-    """``streamrl sft``: supervised fine-tuning on demonstrations (loss on response tokens only)."""
-
-    output_dir: Optional[str] = Field(None, description="the fine-tuned model (Hugging Face folder, usable as "
-                                      "`model.path`) and `summary.json`",
-                                      json_schema_extra={**LOCAL_PATH, "default_text": "`<run.output_dir>/sft`"})
-    eval_limit: Optional[int] = Field(200, ge=1, description="held-out rows whose response loss is measured "
-                                      "before and after; unset = all `eval_rows`")
-
-
-class RewardModelSection(_StageSection):
-    """``streamrl rm``: reward-model training on ranked responses (pairwise / K-wise loss)."""
-
-    output_dir: Optional[str] = Field(None, description="the reward model (Hugging Face sequence-classification "
-                                      "folder, usable in `[[scorer.rewards]] model`) and `summary.json`",
-                                      json_schema_extra={**LOCAL_PATH, "default_text": "`<run.output_dir>/rm`"})
-    lr: float = Field(5e-5, gt=0, description="AdamW peak learning rate")
-    normalize: bool = Field(True, description="store a bias so that the demonstrations (best responses of the "
-                            "training rows) score 0 on average (InstructGPT)")
-
-
 class FeedbackSection(_Section):
     """People in the loop: the feedback service (labellers' page and HTTP API), H-hat and TAMER+RL."""
 
@@ -598,8 +546,7 @@ class Config(_Section):
     buffer: BufferSection = Field(default_factory=BufferSection, description="experience replay buffer")
     learner: LearnerSection = Field(default_factory=LearnerSection, description="the PPO learner")
     security: SecuritySection = Field(default_factory=SecuritySection, description="CURVE keys")
-    sft: SFTSection = Field(default_factory=SFTSection, description="`streamrl sft` (offline stage)")
-    rm: RewardModelSection = Field(default_factory=RewardModelSection, description="`streamrl rm` (offline stage)")
+    feedback: FeedbackSection = Field(default_factory=FeedbackSection, description="people in the loop")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -634,7 +581,29 @@ def cross_problems(cfg: Config) -> list[str]:
             f"fix: set it >= learner.groups_per_step ({lr.groups_per_step})"
         )
     problems += _security_problems(cfg)
+    problems += _feedback_problems(cfg)
     return problems
+
+
+def _feedback_problems(cfg: Config) -> list[str]:
+    fb = cfg.feedback
+    problems = []
+    if (fb.tls_cert is None) != (fb.tls_key is None):
+        problems.append("feedback.tls_cert: HTTPS needs both tls_cert and tls_key; fix: set both or neither")
+    loopback = fb.http_host == "localhost" or _is_loopback_host(fb.http_host)
+    if not loopback and fb.tls_cert is None and not cfg.security.allow_insecure:
+        problems.append(f"feedback.http_host: {fb.http_host} is not a loopback address, and without TLS the "
+                        "labellers' tokens would cross the network in clear; fix: set feedback.tls_cert and "
+                        "feedback.tls_key, or bind 127.0.0.1 behind a TLS proxy, or set security.allow_insecure = "
+                        "true on a trusted network")
+    return problems
+
+
+def _is_loopback_host(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def is_local_endpoint(endpoint: str) -> bool:
@@ -660,7 +629,8 @@ def _security_problems(cfg: Config) -> list[str]:
         return []
     e = cfg.endpoints
     named = [(f"endpoints.scorers[{i}]", ep) for i, ep in enumerate(e.scorers)] + [
-        (f"endpoints.{k}", getattr(e, k)) for k in ("buffer", "batches", "weights_announce", "weights")]
+        (f"endpoints.{k}", getattr(e, k)) for k in ("buffer", "batches", "weights_announce", "weights",
+                                                     "feedback", "human_model")]
     return [
         f"{key}: {ep} is not a loopback address and security.keys_dir is unset, so anyone who reaches it can "
         "send data or read the weights; fix: streamrl keys generate --dir keys and set security.keys_dir = "
@@ -877,7 +847,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 # --------------------------------------------------------------------------- resources
 
-SERVICES = ("generator", "scorer", "buffer", "learner")
+SERVICES = ("generator", "scorer", "buffer", "learner", "feedback")
 """Service names :func:`resource_problems` knows what they need."""
 
 _PATH_FIX = "relative paths resolve against the config file's folder"
@@ -898,6 +868,8 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
       ``kwargs`` (see :meth:`RewardSpec.function_problems`); each ``model`` is a folder
       holding a model.
     - buffer: the journal folder can be created (when ``buffer.journal`` is on).
+    - feedback: ``model.path`` (H-hat's features), the database folder can be created, TLS files
+      exist; scorer with ``feedback.combination = "reward_shaping"``: ``model.path`` too.
 
     ``streamrl check`` runs it for every service, each service process for itself at
     start-up (through :func:`load_config`'s ``resources``), so both say the same thing.
@@ -936,6 +908,15 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
             problems.append(_creatable_problem("buffer.journal_dir", cfg.buffer.journal_dir))
         else:
             problems.append(_creatable_problem("run.output_dir", cfg.run.output_dir))
+    if "feedback" in services:
+        problems += _model_problems(cfg.model)  # H-hat's features come from the frozen reference model
+        problems.append(_creatable_problem("feedback.database", cfg.feedback.database_path(cfg.run.output_dir).parent))
+        for key in ("tls_cert", "tls_key"):
+            value = getattr(cfg.feedback, key)
+            if value is not None:
+                problems.append(_file_problem(f"feedback.{key}", value, "PEM file"))
+    if "scorer" in services and cfg.feedback.combination is HumanCombination.REWARD_SHAPING:
+        problems += _model_problems(cfg.model)  # the scorer computes H-hat's features for reward shaping
     return list(dict.fromkeys(p for p in problems if p))
 
 

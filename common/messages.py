@@ -35,8 +35,11 @@ from typing import Any, ClassVar, Sequence
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION: tuple[int, int] = (1, 0)
-"""(major, minor) of the wire schema. Bump major for incompatible changes."""
+SCHEMA_VERSION: tuple[int, int] = (1, 1)
+"""(major, minor) of the wire schema. Bump major for incompatible changes.
+
+1.1 added the optional ``Rollout.selection`` and ``ScoredRollout.human`` fields and the
+``human_model`` message (people in the loop); a 1.0 receiver ignores them."""
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """Largest message (all frames together) a decoder accepts, in bytes."""
@@ -147,6 +150,53 @@ class SamplingParams:
 
 
 @dataclass(kw_only=True)
+class Selection:
+    """How a control-sharing generator chose this completion among K candidates (TAMER+RL
+    control sharing; ``streamrl.common.human.control_share``).
+
+    The K candidates were drawn i.i.d. from mu; with probability ``probability`` H-hat's best
+    was kept, else a uniformly drawn candidate. The kept completion was therefore drawn from
+    q, not mu, and its ``behaviour_logprobs`` (mu's) do not describe how it was chosen.
+
+    Attributes:
+        candidates: K, the completions sampled for this slot (>= 2).
+        probability: p = min(beta_t * eligibility, 1), the chance H-hat's pick was kept.
+        by_model: True when the coin chose H-hat's pick (False: the uniform draw).
+        density_ratio: rho = K * P(this candidate kept | the K candidates) =
+            (1 - p) + p * K * [kept is an argmax] / (number of tied argmaxes); the learner
+            weights the rollout by 1 / rho (an exactly unbiased correction for p < 1).
+        human_value: H-hat of the kept completion.
+        model_version: the H-hat version that ranked the candidates.
+    """
+
+    candidates: int
+    probability: float
+    by_model: bool
+    density_ratio: float
+    human_value: float = 0.0
+    model_version: int = 0
+
+
+@dataclass(kw_only=True)
+class HumanScore:
+    """H-hat's view of a scored rollout (scorer -> buffer -> learner, for reward shaping).
+
+    Attributes:
+        value: H-hat(s, a), the predicted human reinforcement, clipped to [-1, 1].
+        eligibility: the eligibility module's factor in [0, 1] (1 when it is off):
+            how close the rollout is to recently labelled ones.
+        model_version: the H-hat version that scored it.
+        active: False while the labellers paused the human influence (the learner then
+            ignores ``value``).
+    """
+
+    value: float
+    eligibility: float = 1.0
+    model_version: int = 0
+    active: bool = True
+
+
+@dataclass(kw_only=True)
 class Rollout(Message):
     """One completion of one prompt, as sampled by a generator (generator -> scorer).
 
@@ -167,6 +217,8 @@ class Rollout(Message):
         prompt_text: the prompt as text (after any chat template).
         completion_text: the completion decoded without special tokens.
         metadata: extra per-prompt values for reward functions (e.g. a reference answer).
+        selection: set when a control-sharing generator chose this completion among
+            candidates (:class:`Selection`); None for a plain draw from mu.
     """
 
     KIND: ClassVar[str] = "rollout"
@@ -184,6 +236,7 @@ class Rollout(Message):
     prompt_text: str = ""
     completion_text: str = ""
     metadata: dict = field(default_factory=dict)
+    selection: Selection | None = None
 
     def check(self) -> None:
         _require(self.group_size >= 1, "group_size must be >= 1")
@@ -204,6 +257,16 @@ class Rollout(Message):
         _require(bool(np.all(lp <= 1e-4)), "behaviour_logprobs has positive log-probabilities")
         _require(self.sampling.temperature > 0, "sampling.temperature must be > 0")
         _require(0 < self.sampling.top_p <= 1, "sampling.top_p must be in (0, 1]")
+        sel = self.selection
+        if sel is not None:
+            _require(sel.candidates >= 2, "selection.candidates must be >= 2")
+            _require(0 <= sel.probability <= 1, "selection.probability must be in [0, 1]")
+            # rho = K * P(kept | candidates) lies in [1 - p, (1 - p) + p * K]
+            low, high = 1 - sel.probability, (1 - sel.probability) + sel.probability * sel.candidates
+            _require(math.isfinite(sel.density_ratio) and 0 < sel.density_ratio
+                     and low - 1e-6 <= sel.density_ratio <= high + 1e-6,
+                     "selection.density_ratio must be in [1 - p, 1 - p + p * K] and > 0")
+            _require(math.isfinite(sel.human_value), "selection.human_value is not finite")
 
 
 @dataclass(kw_only=True)
@@ -215,6 +278,8 @@ class ScoredRollout(Message):
         reward: the scalar reward (weighted sum of the parts), finite.
         reward_parts: unweighted value of each reward component, by name.
         scorer_id: the scorer process that scored it.
+        human: H-hat's score (:class:`HumanScore`) when a human-reinforcement model was
+            active in the scorer; None otherwise.
     """
 
     KIND: ClassVar[str] = "scored_rollout"
@@ -222,10 +287,16 @@ class ScoredRollout(Message):
     reward: float
     reward_parts: dict = field(default_factory=dict)
     scorer_id: str = ""
+    human: HumanScore | None = None
 
     def check(self) -> None:
         self.rollout.check()
         _require(math.isfinite(self.reward), "reward is not finite")
+        if self.human is not None:
+            _require(math.isfinite(self.human.value) and -1 <= self.human.value <= 1,
+                     "human.value must be a finite number in [-1, 1]")
+            _require(0 <= self.human.eligibility <= 1, "human.eligibility must be in [0, 1]")
+            _require(self.human.model_version >= 0, "human.model_version must be >= 0")
         for name, value in self.reward_parts.items():
             _require(
                 isinstance(value, (int, float)) and math.isfinite(value),
@@ -366,6 +437,57 @@ class WeightsChunk(Message):
 
 
 @dataclass(kw_only=True)
+class HumanModel(Message):
+    """A version of H-hat, the learned model of the labellers' reinforcement (feedback -> scorers
+    and generators, PUB; re-sent periodically so late joiners get it).
+
+    H-hat(x) = clip(weight . ((phi(x) - mean) / scale) + bias, -1, 1), with phi(x) the
+    ``feature`` of the frozen reference model (``streamrl.common.human.reference_features``).
+
+    Attributes:
+        version: H-hat version (>= 1), incremented by every refit.
+        active: False while the labellers paused the human influence.
+        feature: feature name (``streamrl.common.human.FEATURE``); a consumer with
+            another feature refuses the model.
+        mean: ``[D]`` float32 feature mean used for standardisation.
+        scale: ``[D]`` float32 feature scale (> 0).
+        weight: ``[D]`` float32 linear head.
+        bias: the head's bias.
+        anchors: ``[N, D]`` float32 standardised features of the most recently labelled
+            rollouts (the eligibility module's anchors), N >= 0.
+        anchor_times: ``[N]`` float64 Unix times (seconds) of those labels.
+        labels: number of labels the fit used.
+    """
+
+    KIND: ClassVar[str] = "human_model"
+    version: int
+    active: bool
+    feature: str
+    mean: np.ndarray = array_field("float32", 1)
+    scale: np.ndarray = array_field("float32", 1)
+    weight: np.ndarray = array_field("float32", 1)
+    bias: float
+    anchors: np.ndarray = array_field("float32", 2)
+    anchor_times: np.ndarray = array_field("float64", 1)
+    labels: int
+
+    def check(self) -> None:
+        _require(self.version >= 1, "version must be >= 1")
+        _require(self.labels >= 0, "labels must be >= 0")
+        dim = self.weight.shape[0]
+        _require(dim >= 1, "weight is empty")
+        _require(self.mean.shape == (dim,) and self.scale.shape == (dim,),
+                 "mean, scale and weight must have the same length")
+        _require(self.anchors.shape[1] == dim or self.anchors.shape[0] == 0,
+                 f"anchors must be [N, {dim}]")
+        _require(self.anchor_times.shape == (self.anchors.shape[0],), "anchor_times must be [N]")
+        for name in ("mean", "scale", "weight", "anchors", "anchor_times"):
+            _require(bool(np.all(np.isfinite(getattr(self, name)))), f"{name} has non-finite values")
+        _require(bool(np.all(self.scale > 0)), "scale must be > 0")
+        _require(math.isfinite(self.bias), "bias is not finite")
+
+
+@dataclass(kw_only=True)
 class Error(Message):
     """A reply saying a request failed.
 
@@ -391,6 +513,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         WeightsAnnounce,
         WeightsChunkRequest,
         WeightsChunk,
+        HumanModel,
         Error,
     )
 }

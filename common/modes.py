@@ -105,3 +105,24 @@ class FsyncPolicy(str, Enum):
     ALWAYS = "always"
     INTERVAL = "interval"
     NEVER = "never"
+
+
+class HumanCombination(str, Enum):
+    """How the learned human-reinforcement model H-hat meets the environment reward
+    (TAMER+RL, Knox & Stone 2010 "Combining manual feedback with subsequent MDP reward
+    signals for reinforcement learning"; 2012 "Reinforcement learning from simultaneous
+    human and MDP reward"):
+
+    - ``none``: labels are collected (and H-hat is trained and published) but nothing
+      the learner sees changes.
+    - ``reward_shaping``: R'(s, a) = R(s, a) + beta_t * H-hat(s, a), computed by the
+      learner per rollout with beta_t = beta * decay^t (t = learner step).
+    - ``control_sharing``: each generator samples K candidates per completion and, with
+      probability min(beta_t, 1), keeps H-hat's best, else a uniformly drawn candidate
+      (a draw from mu); the learner reweights each such rollout by mu/q (see
+      ``streamrl.common.human.control_share``).
+    """
+
+    NONE = "none"
+    REWARD_SHAPING = "reward_shaping"
+    CONTROL_SHARING = "control_sharing"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import types
 import typing
 from dataclasses import dataclass
 from enum import Enum
@@ -90,6 +91,10 @@ def samples(tag: str = "fuzz") -> list[m.Message]:
         m.WeightsChunkRequest(sender=f"{tag}-gen", version=3, chunk_index=1),
         m.WeightsChunk(sender=f"{tag}-learner", version=3, chunk_index=1, data=bytes(range(16))),
         m.Error(sender=f"{tag}-learner", code=m.ErrorCode.OUT_OF_RANGE, message="chunk 9 past the end"),
+        m.HumanModel(sender=f"{tag}-feedback", version=2, active=True, feature="mean_last_hidden",
+                     mean=np.zeros(3, np.float32), scale=np.ones(3, np.float32),
+                     weight=np.array([0.5, -1.0, 2.0], np.float32), bias=0.25,
+                     anchors=np.ones((2, 3), np.float32), anchor_times=np.array([10.0, 20.0]), labels=4),
     ]
     for i, msg in enumerate(messages):
         for j, inner in enumerate([msg, *getattr(msg, "rollouts", []), getattr(msg, "rollout", None)]):
@@ -200,6 +205,8 @@ def _wrong_values(tp: Any) -> list[tuple[Any, RejectReason]]:
         return [("x", f), (None, f), ([1.0], f), (True, f), (b"", f), (_TIMESTAMP, f)]
     if tp is str:
         return [(5, f), (None, f), (b"bytes", f), (["a"], f), (1.5, f), ({"a": "b"}, f)]
+    if tp is bool:
+        return [(1, f), (0, f), ("true", f), (None, f), (1.5, f), ([True], f)]
     if tp is bytes:
         return [("x", f), (5, f), (b"raw", f), (array_ref(1, "uint8", [4]), f)]
     if isinstance(tp, type) and issubclass(tp, Enum):
@@ -213,6 +220,9 @@ def _wrong_values(tp: Any) -> list[tuple[Any, RejectReason]]:
         return [("x", f), (5, f), ({}, f), (None, f)]
     if dataclasses.is_dataclass(tp):
         return [("x", f), (5, f), ([], f), ({}, f), (None, f)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # optional field: None is valid
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return [(value, reason) for value, reason in _wrong_values(inner) if value is not None]
     raise AssertionError(f"no wrong values for {tp!r}")
 
 

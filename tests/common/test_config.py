@@ -161,7 +161,7 @@ def test_every_problem_in_one_error(tmp_path):
     bogus = line_for(lines, "bogus")
     assert "unknown key" in bogus
     assert f"known keys: {', '.join(sorted(Config.model_fields))}" in bogus
-    assert "buffer, endpoints, generator, learner, metrics, model" in bogus
+    assert "buffer, endpoints, feedback, generator, learner, metrics, model" in bogus
 
     # out-of-range values: the rule, the value given and how to fix it
     clip = line_for(lines, "learner.clip_eps")
@@ -216,12 +216,12 @@ group_size = 2
 
 
 def test_reward_spec_needs_exactly_one_source(tmp_path):
-    for body in ["weight = 2.0", 'function = "m:f"\nmodel = "rm/"']:
+    for body in ["weight = 2.0", 'function = "m:f"\nmodel = "rm/"', 'model = "rm/"\nurl = "http://127.0.0.1:1/"']:
         path = write(tmp_path, f"[[scorer.rewards]]\n{body}\n")
         with pytest.raises(ConfigError) as info:
             load_config(path)
         line = line_for(problems(info.value), "scorer.rewards[0]")
-        assert "exactly one of `function`" in line and "fix: keep one of the two" in line
+        assert "exactly one of `function`" in line and "or `url` (a reward server); fix: keep one of them" in line
 
 
 def test_validate_config_names_its_source():
@@ -567,18 +567,19 @@ journal_dir = "{blocker}/journal"
         "scorer": ["scorer.rewards[0].model"],
         "buffer": ["buffer.journal_dir"],
         "learner": ["model.path", "learner.ptx_data.path", "run.output_dir"],
+        "feedback": ["model.path", "feedback.database"],
     }
     everything = resource_problems(cfg)
     assert [p.split(":")[0] for p in everything] == [
         "model.path", "generator.prompts.path", "learner.ptx_data.path", "run.output_dir",
-        "scorer.rewards[0].model", "buffer.journal_dir"]  # model.path once
+        "scorer.rewards[0].model", "buffer.journal_dir", "feedback.database"]  # model.path once
     assert f"{tmp_path} is not a file" in everything[2]
     assert f"cannot be created because {blocker} is a file" in everything[3]
     # output_dir as the journal's home when journal_dir is unset
     cfg = cfg.model_copy(update={"buffer": cfg.buffer.model_copy(update={"journal_dir": None})})
     assert [p.split(":")[0] for p in resource_problems(cfg, ["buffer"])] == ["run.output_dir"]
     with pytest.raises(ValueError, match="unknown services"):
-        resource_problems(cfg, ["feedback"])
+        resource_problems(cfg, ["judge"])
 
 
 def test_resource_problems_reward_functions(tmp_path, monkeypatch):

@@ -56,6 +56,14 @@ def all_messages() -> list[m.Message]:
         m.WeightsChunkRequest(version=7, chunk_index=2),
         m.WeightsChunk(version=7, chunk_index=2, data=bytes(range(10))),
         m.Error(code=m.ErrorCode.UNKNOWN_VERSION, message="gone", reply_to="x"),
+        make_rollout(selection=m.Selection(candidates=4, probability=0.5, by_model=True, density_ratio=2.5,
+                                           human_value=0.25, model_version=3)),
+        m.ScoredRollout(rollout=make_rollout(), reward=0.5,
+                        human=m.HumanScore(value=-0.5, eligibility=0.25, model_version=3, active=False)),
+        m.HumanModel(version=3, active=True, feature="mean_last_hidden", mean=np.zeros(3, np.float32),
+                     scale=np.ones(3, np.float32), weight=np.array([0.5, -1, 2], np.float32), bias=0.125,
+                     anchors=np.arange(6, dtype=np.float32).reshape(2, 3),
+                     anchor_times=np.array([1.5, 2.5]), labels=7),
     ]
 
 

@@ -1,0 +1,265 @@
+"""People in the loop: H-hat (the learned model of human reinforcement) and the TAMER+RL
+combination rules, shared by the scorer (reward shaping), the generator (control sharing),
+the learner (how both reach the loss) and the feedback service (which trains H-hat).
+
+Sources: Knox & Stone 2009 "Interactively shaping agents via human reinforcement: the TAMER
+framework" (H-hat regressed online from a person's reinforcement); Knox & Stone 2010
+"Combining manual feedback with subsequent MDP reward signals for reinforcement learning"
+(TAMER+RL: reward shaping R' = R + beta * H-hat, action biasing, control sharing with
+P(a = argmax_a H-hat(s, a)) = min(beta, 1), beta decayed by a constant factor); Knox & Stone
+2012 "Reinforcement learning from simultaneous human and MDP reward" (the eligibility
+module: H-hat's influence raised only near recently labelled state-actions).
+
+Mapping to language models: a state-action is a (prompt, completion) pair; phi is the frozen
+reference model's last hidden state averaged over the completion tokens
+(:func:`reference_features`); H-hat is a linear head on standardised phi; "time" for the
+beta schedule is the policy version (= learner step).
+
+Notation for shapes: N rollouts, D feature size, M eligibility anchors, K candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from streamrl.common.messages import HumanModel, ScoredRollout, Selection
+from streamrl.common.modes import HumanCombination
+from streamrl.common.tensors import pad_right
+
+FEATURE = "mean_last_hidden"
+"""Name of phi: the reference model's last-layer hidden state, averaged over the completion
+tokens of ``prompt + completion`` (the prompt conditions it, only completion positions count)."""
+
+
+@torch.inference_mode()
+def reference_features(model: torch.nn.Module, prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray], *,
+                       pad_id: int, batch_size: int = 16, max_tokens: int = 1024) -> np.ndarray:
+    """phi(x) for each rollout x: the mean of the frozen model's last hidden state over completion positions.
+
+    Args:
+        model: a causal LM (``transformers``; ``model.base_model`` returns ``last_hidden_state``) in eval mode.
+        prompts: N ``[P_i]`` int token arrays.
+        completions: N ``[T_i]`` int token arrays (T_i >= 1).
+        pad_id: padding token id (padded positions are masked out of attention and of the mean).
+        batch_size: rows per forward pass.
+        max_tokens: rows longer than this keep their last ``max_tokens`` tokens (the prompt is cut first).
+
+    Returns:
+        ``[N, D]`` float32 features (D = hidden size); ``[0, D]`` is not produced: N must be >= 1.
+
+    Raises:
+        ValueError: the lists differ in length, are empty, or a completion is empty.
+    """
+    if len(prompts) != len(completions) or not prompts:
+        raise ValueError(f"reference_features: {len(prompts)} prompts and {len(completions)} completions "
+                         "(need equal, non-zero counts)")
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        rows, spans = [], []
+        for p, c in zip(prompts[start:start + batch_size], completions[start:start + batch_size]):
+            if len(c) == 0:
+                raise ValueError("reference_features: an empty completion has no features")
+            ids = np.concatenate([np.asarray(p, dtype=np.int64), np.asarray(c, dtype=np.int64)])[-max_tokens:]
+            completion_len = min(len(c), len(ids))
+            rows.append(ids)
+            spans.append((len(ids) - completion_len, len(ids)))
+        input_ids, attention = pad_right(rows, value=pad_id)
+        hidden = model.base_model(input_ids=input_ids.to(device),
+                                  attention_mask=attention.long().to(device)).last_hidden_state.float()  # [B, L, D]
+        positions = torch.arange(hidden.shape[1], device=device)
+        lo = torch.tensor([s for s, _ in spans], device=device).unsqueeze(1)
+        hi = torch.tensor([e for _, e in spans], device=device).unsqueeze(1)
+        weights = ((positions >= lo) & (positions < hi)).float()  # [B, L] completion positions
+        pooled = (hidden * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True)
+        out.append(pooled.cpu().numpy().astype(np.float32))
+    return np.concatenate(out)
+
+
+@dataclass
+class HumanHead:
+    """H-hat(x) = clip(w . ((phi(x) - mean) / scale) + b, -1, 1).
+
+    Attributes:
+        mean: ``[D]`` float32 feature mean.
+        scale: ``[D]`` float32 feature scale (> 0).
+        weight: ``[D]`` float32.
+        bias: float.
+    """
+
+    mean: np.ndarray
+    scale: np.ndarray
+    weight: np.ndarray
+    bias: float
+
+    @classmethod
+    def from_message(cls, message: HumanModel) -> "HumanHead":
+        """The head carried by a :class:`~streamrl.common.messages.HumanModel`."""
+        return cls(mean=np.asarray(message.mean, np.float32), scale=np.asarray(message.scale, np.float32),
+                   weight=np.asarray(message.weight, np.float32), bias=float(message.bias))
+
+    @property
+    def dim(self) -> int:
+        """D, the feature size."""
+        return int(self.weight.shape[0])
+
+    def standardize(self, features: np.ndarray) -> np.ndarray:
+        """``[N, D]`` -> ``[N, D]`` float32 standardised features z = (phi - mean) / scale."""
+        return ((np.asarray(features, np.float32) - self.mean) / self.scale).astype(np.float32)
+
+    def raw(self, features: np.ndarray) -> np.ndarray:
+        """``[N, D]`` -> ``[N]`` float64 unclipped w . z + b."""
+        return self.standardize(features).astype(np.float64) @ self.weight.astype(np.float64) + self.bias
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """``[N, D]`` -> ``[N]`` float64 H-hat in [-1, 1] (the scale of a +1 / -1 rating)."""
+        return np.clip(self.raw(features), -1.0, 1.0)
+
+
+def eligibility(z: np.ndarray, anchors: np.ndarray, anchor_times: np.ndarray, now: float, *,
+                width: float, half_life_s: float) -> np.ndarray:
+    """The eligibility module: how much H-hat may act on each rollout, in [0, 1].
+
+    E(x, t) = max_j exp(-d_j(x)^2 / (2 width^2)) * 2^(-(t - t_j) / half_life),
+    d_j(x)^2 = (1/D) * sum_k (z_k(x) - a_jk)^2,
+
+    with z the standardised features of x, a_j those of the j-th recently labelled rollout and
+    t_j the time of its label. A rollout near a recent label gets E close to 1; far from every
+    label, or once the labels are old, E goes to 0 (Knox & Stone 2012: H-hat's influence is
+    raised where the trainer recently gave feedback, and not elsewhere). Labels from the
+    future (clock skew) count as just made.
+
+    Args:
+        z: ``[N, D]`` standardised features.
+        anchors: ``[M, D]`` standardised features of recently labelled rollouts (M may be 0).
+        anchor_times: ``[M]`` Unix times (s) of those labels.
+        now: Unix time (s) of the rollout.
+        width: kernel width in standardised units (> 0).
+        half_life_s: seconds after which a label's influence halves (> 0).
+
+    Returns:
+        ``[N]`` float64 in [0, 1]; all zeros when M = 0.
+
+    Raises:
+        ValueError: ``width`` or ``half_life_s`` not > 0, or mismatched dimensions.
+    """
+    if width <= 0 or half_life_s <= 0:
+        raise ValueError(f"eligibility: width ({width}) and half_life_s ({half_life_s}) must be > 0")
+    z = np.asarray(z, np.float64)
+    anchors = np.asarray(anchors, np.float64)
+    if len(anchors) == 0:
+        return np.zeros(len(z))
+    if anchors.shape[1] != z.shape[1] or len(anchor_times) != len(anchors):
+        raise ValueError(f"eligibility: z is {z.shape}, anchors {anchors.shape}, anchor_times {len(anchor_times)}")
+    d2 = ((z[:, None, :] - anchors[None, :, :]) ** 2).mean(-1)  # [N, M]
+    age = np.maximum(now - np.asarray(anchor_times, np.float64), 0.0)  # [M]
+    value = np.exp(-d2 / (2 * width**2)) * np.exp2(-age / half_life_s)[None, :]
+    return np.clip(value.max(1), 0.0, 1.0)
+
+
+def beta_at(beta: float, decay: float, t: int) -> float:
+    """beta_t = beta * decay^t: the TAMER+RL combination weight after ``t`` learner steps."""
+    return float(beta * decay ** max(t, 0))
+
+
+def control_share(values: np.ndarray, probability: float, rng: np.random.Generator) -> tuple[int, bool, float]:
+    """Choose one of K candidates drawn i.i.d. from mu: TAMER+RL control sharing.
+
+    With probability p the candidate H-hat rates highest (ties: uniformly among them), else a
+    uniformly drawn candidate (itself a draw from mu). The kept completion y was drawn from
+    q, not mu. Rule for the learner: weight the rollout by
+
+        1 / rho,  rho = K * P(J = j | c_1..c_K) = (1 - p) + p * K * [j in argmax] / |argmax|
+
+    (J the kept index). For any g, E[g(c_J) / rho] = E[sum_j P(J=j|c) g(c_j) / (K P(J=j|c))]
+    = E[(1/K) sum_j g(c_j)] = E_mu[g]: the weighted policy gradient is exactly the one of
+    rollouts drawn from mu, whatever H-hat says (unbiased whenever p < 1, since every
+    candidate then has P(J = j | c) >= (1 - p)/K > 0; at p = 1 the non-argmax candidates
+    are never kept and no weight can undo that: the learner then trains toward H-hat's
+    choices, as TAMER+RL's agent simply obeys H-hat at beta >= 1).
+
+    Args:
+        values: ``[K]`` H-hat of the candidates (K >= 2).
+        probability: p in [0, 1].
+        rng: the generator's random stream.
+
+    Returns:
+        ``(index, by_model, rho)``: the kept candidate, whether the coin chose H-hat's pick,
+        and rho as above.
+
+    Raises:
+        ValueError: K < 2 or p outside [0, 1].
+    """
+    values = np.asarray(values, np.float64)
+    k = len(values)
+    if k < 2 or not 0 <= probability <= 1:
+        raise ValueError(f"control_share: need K >= 2 candidates and p in [0, 1] (got K={k}, p={probability})")
+    best = np.flatnonzero(values == values.max())
+    by_model = bool(rng.random() < probability)
+    index = int(rng.choice(best)) if by_model else int(rng.integers(k))
+    rho = (1 - probability) + (probability * k / len(best) if index in best else 0.0)
+    return index, by_model, float(rho)
+
+
+@dataclass
+class HumanTerms:
+    """What H-hat adds to one learner batch.
+
+    Attributes:
+        shaping: ``[B]`` float32 beta_t * E * H-hat added to each reward (0 when not shaping,
+            paused, or unscored by H-hat).
+        weights: ``[B]`` float32 1 / rho of control-shared rollouts, 1 for the others.
+        stats: per-batch diagnostics (``human/*``) for the learner's log.
+    """
+
+    shaping: np.ndarray
+    weights: np.ndarray
+    stats: dict[str, float]
+
+
+def human_terms(rollouts: Sequence[ScoredRollout], *, combination: HumanCombination, beta_t: float) -> HumanTerms:
+    """The reward shaping and control-sharing weights of a batch (see the module docstring).
+
+    reward shaping (Knox & Stone 2010, R' = R + beta * H-hat, with the 2012 eligibility module):
+    ``shaping_b = beta_t * E_b * H-hat_b`` for rollouts the scorer rated with an active H-hat.
+    Control sharing: ``weights_b = 1 / rho_b`` (:func:`control_share`) for rollouts carrying a
+    :class:`~streamrl.common.messages.Selection`, whatever the current combination (the rule
+    follows how the rollout was drawn, not today's config).
+
+    Args:
+        rollouts: the batch (B scored rollouts).
+        combination: the configured :class:`~streamrl.common.modes.HumanCombination`.
+        beta_t: the decayed combination weight for this step (:func:`beta_at`).
+    """
+    n = len(rollouts)
+    shaping = np.zeros(n, np.float32)
+    weights = np.ones(n, np.float32)
+    scored = selected = by_model = 0
+    values = []
+    for i, s in enumerate(rollouts):
+        h = s.human
+        if h is not None:
+            values.append(h.value)
+            if combination is HumanCombination.REWARD_SHAPING and h.active:
+                shaping[i] = beta_t * h.eligibility * h.value
+                scored += 1
+        sel = s.rollout.selection
+        if sel is not None:
+            weights[i] = 1.0 / sel.density_ratio
+            selected += 1
+            by_model += int(sel.by_model)
+    stats = {
+        "human/beta": float(beta_t),
+        "human/shaped_fraction": scored / max(n, 1),
+        "human/shaping_mean": float(shaping.mean()) if n else 0.0,
+        "human/value_mean": float(np.mean(values)) if values else 0.0,
+        "human/scored_fraction": len(values) / max(n, 1),
+        "human/selected_fraction": selected / max(n, 1),
+        "human/by_model_fraction": by_model / max(n, 1),
+        "human/weight_mean": float(weights.mean()) if n else 1.0,
+    }
+    return HumanTerms(shaping=shaping, weights=weights, stats=stats)
