@@ -470,6 +470,112 @@ class LearnerSection(_Section):
         return self
 
 
+class StageData(_Section):
+    """Training data of ``streamrl sft`` / ``streamrl rm`` (layouts: :mod:`streamrl.rlhf_data`)."""
+
+    path: Optional[str] = Field(None, description="`.jsonl`, `.jsonl.gz` or `.parquet`: prompt+response, "
+                                "messages, prompt+chosen+rejected, hh-rlhf chosen+rejected dialogues or "
+                                "prompt+responses (ranked best first); required by the stage",
+                                json_schema_extra=LOCAL_PATH)
+    eval_rows: int = Field(500, ge=0, description="rows held out (never trained on), chosen by a seeded hash of "
+                           "the prompt: the same rows in `sft` and `rm` for the same file and `split_seed`")
+    split_seed: int = Field(0, ge=0, description="seed of the held-out hash")
+    train_rows: Optional[int] = Field(None, ge=1, description="train on at most this many rows (the next in hash "
+                                      "order after the held-out ones); unset = all the others")
+
+
+class _StageSection(_Section):
+    """Fields every offline training stage shares."""
+
+    base_model: str = Field("smollm2-135m-instruct", min_length=1, description="model the stage starts from: a "
+                            "folder, a hub id or a built-in name (as `model.path`)", json_schema_extra=MAYBE_LOCAL_PATH)
+    data: StageData = Field(default_factory=StageData, description="training data")
+    epochs: int = Field(1, ge=1, description="passes over the training rows")
+    batch_size: int = Field(8, ge=1, description="rows per optimizer step")
+    lr: float = Field(2e-5, gt=0, description="AdamW peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="fraction of the steps with a linear warm-up")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate decay after "
+                                                               "the warm-up (`transformers.get_scheduler`)")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping (global L2 norm)")
+    max_length: int = Field(256, ge=8, description="tokens per text; longer texts lose the start of the prompt")
+    trainable_layers: Optional[int] = Field(None, ge=0, description="train only the top N transformer blocks "
+                                            "(embeddings and lower blocks frozen); unset = every block")
+    cache_frozen: bool = Field(True, description="compute the frozen blocks' output once per text and reuse it "
+                               "every epoch (with `trainable_layers`)")
+    threads: int = Field(2, ge=1, description="torch threads")
+    device: Device = Field(Device.AUTO, description="`auto` = CUDA when available, else CPU")
+
+
+class SFTSection(_StageSection):
+    """``streamrl sft``: supervised fine-tuning on demonstrations (loss on response tokens only)."""
+
+    output_dir: Optional[str] = Field(None, description="the fine-tuned model (Hugging Face folder, usable as "
+                                      "`model.path`) and `summary.json`",
+                                      json_schema_extra={**LOCAL_PATH, "default_text": "`<run.output_dir>/sft`"})
+    eval_limit: Optional[int] = Field(200, ge=1, description="held-out rows whose response loss is measured "
+                                      "before and after; unset = all `eval_rows`")
+
+
+class RewardModelSection(_StageSection):
+    """``streamrl rm``: reward-model training on ranked responses (pairwise / K-wise loss)."""
+
+    output_dir: Optional[str] = Field(None, description="the reward model (Hugging Face sequence-classification "
+                                      "folder, usable in `[[scorer.rewards]] model`) and `summary.json`",
+                                      json_schema_extra={**LOCAL_PATH, "default_text": "`<run.output_dir>/rm`"})
+    lr: float = Field(5e-5, gt=0, description="AdamW peak learning rate")
+    normalize: bool = Field(True, description="store a bias so that the demonstrations (best responses of the "
+                            "training rows) score 0 on average (InstructGPT)")
+
+
+class FeedbackSection(_Section):
+    """People in the loop: the feedback service (labellers' page and HTTP API), H-hat and TAMER+RL."""
+
+    enabled: bool = Field(False, description="`streamrl run` starts the feedback service (its web page, labels "
+                          "and H-hat); the scorers' feed costs nothing when it is off")
+    http_host: str = Field("127.0.0.1", min_length=1, description="address the web page and JSON API bind; a "
+                           "non-loopback address needs `tls_cert` and `tls_key` (or security.allow_insecure)")
+    http_port: int = Field(8080, ge=0, le=65535, description="port of the web page and JSON API; 0 = ephemeral")
+    tls_cert: Optional[str] = Field(None, description="PEM certificate: serve HTTPS (cookies get `Secure`)",
+                                    json_schema_extra=LOCAL_PATH)
+    tls_key: Optional[str] = Field(None, description="PEM private key of `tls_cert`", json_schema_extra=LOCAL_PATH)
+    database: Optional[str] = Field(None, description="SQLite database (WAL) of labels, labelled rollouts, "
+                                    "labellers' token hashes and H-hat versions",
+                                    json_schema_extra={**LOCAL_PATH,
+                                                       "default_text": "`<run.output_dir>/feedback/labels.sqlite3`"})
+    combination: HumanCombination = Field(HumanCombination.NONE, description="TAMER+RL technique: `none` (collect "
+                                          "labels only), `reward_shaping` (R + beta_t * H-hat in the learner), "
+                                          "`control_sharing` (generators keep H-hat's best of K candidates with "
+                                          "probability min(beta_t, 1))")
+    beta: float = Field(1.0, ge=0, description="beta_0 of the combination weight beta_t = beta * beta_decay^t "
+                        "(t = learner step / policy version)")
+    beta_decay: float = Field(0.99, gt=0, le=1, description="factor beta is multiplied by per learner step")
+    eligibility: bool = Field(False, description="eligibility module: scale beta by closeness (in H-hat's feature "
+                              "space) to recently labelled rollouts, decaying with the labels' age")
+    eligibility_width: float = Field(0.5, gt=0, description="kernel width of the eligibility module, in "
+                                     "standardised feature units")
+    eligibility_half_life_s: float = Field(300.0, gt=0, description="seconds after which a label's eligibility "
+                                           "halves")
+    eligibility_anchors: int = Field(256, ge=1, description="most recent labelled rollouts kept as eligibility "
+                                     "anchors")
+    candidates: int = Field(4, ge=2, description="K completions sampled per kept completion under "
+                            "`control_sharing`")
+    l2: float = Field(0.01, gt=0, description="L2 penalty of H-hat's linear head")
+    min_labels: int = Field(4, ge=1, description="labels needed before the first H-hat version is published")
+    max_labels: int = Field(20000, ge=1, description="H-hat is refit on the most recent labels, at most this many")
+    fit_interval_s: float = Field(1.0, gt=0, description="labels arriving within this many seconds share one "
+                                  "refit (one new H-hat version)")
+    announce_interval_s: float = Field(5.0, gt=0, description="the newest H-hat version is re-published this "
+                                       "often, seconds (late subscribers get it)")
+    recent_rollouts: int = Field(2000, ge=10, description="streamed rollouts kept in memory for the page")
+    session_ttl_s: float = Field(8 * 3600.0, gt=0, description="a labeller's browser session lasts this long, "
+                                 "seconds")
+
+    def database_path(self, output_dir: str) -> Path:
+        """``database``, default ``<output_dir>/feedback/labels.sqlite3``."""
+        return Path(self.database) if self.database else Path(output_dir) / "feedback" / "labels.sqlite3"
+
+
 class FeedbackSection(_Section):
     """People in the loop: the feedback service (labellers' page and HTTP API), H-hat and TAMER+RL."""
 
@@ -547,6 +653,8 @@ class Config(_Section):
     learner: LearnerSection = Field(default_factory=LearnerSection, description="the PPO learner")
     security: SecuritySection = Field(default_factory=SecuritySection, description="CURVE keys")
     feedback: FeedbackSection = Field(default_factory=FeedbackSection, description="people in the loop")
+    sft: SFTSection = Field(default_factory=SFTSection, description="`streamrl sft` (offline stage)")
+    rm: RewardModelSection = Field(default_factory=RewardModelSection, description="`streamrl rm` (offline stage)")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
