@@ -164,11 +164,70 @@ class ModelSection(_Section):
         return Path(self.cache_dir) if self.cache_dir else None
 
 
+SINGLE_ENDPOINTS = ("buffer", "batches", "weights_announce", "weights", "feedback", "human_model")
+"""Endpoints of ``[endpoints]`` that one process binds (each may have an ``endpoints.bind`` address)."""
+WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "[::]", "")
+"""Hosts that mean "every interface": valid to bind, never an address a peer can connect to."""
+
+
+def endpoint_problem(endpoint: str, *, bind: bool) -> str | None:
+    """Why ``endpoint`` is not a usable ZeroMQ endpoint, or None when it is.
+
+    ``tcp://HOST:PORT`` (HOST an IP address, ``[IPv6]``, a DNS name; for a bind also ``*``
+    or an interface name; PORT 1..65535, a bind may also use ``*`` for any free port),
+    ``ipc://PATH`` or ``inproc://NAME``. A connect address never names a wildcard host.
+    """
+    transport, sep, address = endpoint.partition("://")
+    if not sep or transport not in ("tcp", "ipc", "inproc"):
+        return "is not tcp://HOST:PORT, ipc://PATH or inproc://NAME"
+    if transport != "tcp":
+        return None if address else "names no path"
+    host, colon, port = address.rpartition(":")
+    if not colon or not host:
+        return "has no HOST:PORT"
+    if not (port.isdigit() and 0 < int(port) < 65536) and not (bind and port == "*"):
+        return f"port {port!r} is not a number in 1..65535"
+    if not bind and host in WILDCARD_HOSTS:
+        return (f"`{host}` is a bind address (every interface), not one a peer can connect to; fix: put the host name "
+                "or address peers reach here and the wildcard in the matching endpoints.bind key")
+    return None
+
+
+def _bind_field(owner: str, name: str) -> Any:
+    return Field(None, description=f"where {owner} binds `endpoints.{name}`, e.g. `tcp://*:PORT`; unset: "
+                 f"`endpoints.{name}` itself")
+
+
+class BindSection(_Section):
+    """Where the binding process listens, when that is not the address its peers connect to."""
+
+    scorer: Optional[str] = Field(None, description="every scorer binds this, e.g. `tcp://*:5550` (one scorer "
+                                  "per host or pod); unset: scorer i binds `endpoints.scorers[i]`")
+    buffer: Optional[str] = _bind_field("the buffer", "buffer")
+    batches: Optional[str] = _bind_field("the buffer", "batches")
+    weights_announce: Optional[str] = _bind_field("the learner", "weights_announce")
+    weights: Optional[str] = _bind_field("the learner", "weights")
+    feedback: Optional[str] = _bind_field("the feedback service", "feedback")
+    human_model: Optional[str] = _bind_field("the feedback service", "human_model")
+
+    @field_validator("*")
+    @classmethod
+    def _valid_bind(cls, value: Optional[str]) -> Optional[str]:
+        problem = None if value is None else endpoint_problem(value, bind=True)
+        if problem:
+            raise _rule(f"{value}: {problem}")
+        return value
+
+
 class EndpointsSection(_Section):
-    """ZeroMQ endpoints. Binds use the same address; loopback by default."""
+    """ZeroMQ endpoints: the addresses peers connect to (IP addresses or DNS names) and, under
+    ``bind``, where their owners listen when that differs (``tcp://*:PORT`` behind a host name or a
+    Kubernetes Service). Loopback by default."""
 
     scorers: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:5550"], min_length=1,
-                               description="one endpoint per scorer replica (scorer i binds entry i)")
+                               description="where generators send rollouts: one endpoint per scorer (scorer i binds "
+                               "entry i unless `bind.scorer` is set); a host name gets a connection to every "
+                               "address it resolves to (e.g. a Kubernetes headless Service: one per scorer pod)")
     buffer: str = Field("tcp://127.0.0.1:5560", description="buffer's PULL for scored rollouts")
     batches: str = Field("tcp://127.0.0.1:5561", description="buffer's ROUTER for batch requests")
     weights_announce: str = Field("tcp://127.0.0.1:5570", description="learner's PUB of new policy versions")
@@ -177,6 +236,30 @@ class EndpointsSection(_Section):
                           "feed (scorers connect a PUB: never blocks, drops when nobody watches)")
     human_model: str = Field("tcp://127.0.0.1:5581", description="feedback service's PUB of H-hat versions "
                              "(scorers and generators subscribe)")
+    resolve_interval_s: float = Field(10.0, gt=0, description="generators look the scorer host names up again "
+                                      "this often, seconds (scorers that appear or go get connected or dropped)")
+    bind: BindSection = Field(default_factory=BindSection,
+                              description="bind addresses where they differ from the connect addresses")
+
+    @field_validator("scorers", *SINGLE_ENDPOINTS, check_fields=False)  # feedback's arrive with its service
+    @classmethod
+    def _valid_connect(cls, value: str | list[str]) -> str | list[str]:
+        for endpoint in value if isinstance(value, list) else [value]:
+            problem = endpoint_problem(endpoint, bind=False)
+            if problem:
+                raise _rule(f"{endpoint}: {problem}")
+        return value
+
+    def bind_address(self, name: str) -> str:
+        """The endpoint the owner of ``name`` binds: ``bind.<name>``, else the connect address itself.
+
+        ``name`` is one of :data:`SINGLE_ENDPOINTS`. (Scorers bind ``bind.scorer``, else
+        ``scorers[i]`` for the i-th scorer of a host.)
+        """
+        if name not in SINGLE_ENDPOINTS:
+            raise ValueError(f"no endpoint {name!r}")
+        bound = getattr(self.bind, name)
+        return bound if bound is not None else getattr(self, name)
 
 
 class TransportSection(_Section):
@@ -195,13 +278,16 @@ class TransportSection(_Section):
 
 
 class MetricsSection(_Section):
-    """Prometheus endpoints: one port per process; replicas add their index."""
+    """Prometheus endpoints: one port per process; replicas on one host add their index."""
 
     enabled: bool = Field(True, description="serve Prometheus metrics over HTTP")
-    host: str = Field("127.0.0.1", description="metrics bind address")
-    generator_port: int = Field(9100, ge=0, le=65535, description="generator i serves on this port + i; "
-                                "0 = ephemeral")
-    scorer_port: int = Field(9200, ge=0, le=65535, description="scorer i serves on this port + i; 0 = ephemeral")
+    host: str = Field("127.0.0.1", min_length=1, description="metrics bind address: `0.0.0.0` (or `::`) lets "
+                      "Prometheus on other hosts scrape it (read-only, unauthenticated: no ZeroMQ endpoint is exposed "
+                      "by it)")
+    generator_port: int = Field(9100, ge=0, le=65535, description="generator i of a host (`--index i`) serves on "
+                                "this port + i, a generator named by `STREAMRL_REPLICA` on this port; 0 = ephemeral")
+    scorer_port: int = Field(9200, ge=0, le=65535, description="scorer i of a host serves on this port + i; "
+                             "0 = ephemeral")
     buffer_port: int = Field(9300, ge=0, le=65535, description="buffer metrics port; 0 = ephemeral")
     learner_port: int = Field(9400, ge=0, le=65535, description="learner metrics port; 0 = ephemeral")
     feedback_port: int = Field(9500, ge=0, le=65535, description="feedback service metrics port; 0 = ephemeral")
@@ -738,7 +824,8 @@ def _security_problems(cfg: Config) -> list[str]:
     e = cfg.endpoints
     named = [(f"endpoints.scorers[{i}]", ep) for i, ep in enumerate(e.scorers)] + [
         (f"endpoints.{k}", getattr(e, k)) for k in ("buffer", "batches", "weights_announce", "weights",
-                                                     "feedback", "human_model")]
+                                                     "feedback", "human_model")] + [
+        (f"endpoints.bind.{k}", v) for k, v in e.bind.model_dump().items() if v is not None]
     return [
         f"{key}: {ep} is not a loopback address and security.keys_dir is unset, so anyone who reaches it can "
         "send data or read the weights; fix: streamrl keys generate --dir keys and set security.keys_dir = "

@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import threading
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -32,6 +33,8 @@ CONFIG_ENV = "STREAMRL_CONFIG"
 """Config path used when ``--config`` is not given (set by ``streamrl run`` for honcho)."""
 OVERRIDES_ENV = "STREAMRL_SET"
 """Newline-separated ``key=value`` overrides applied before ``--set`` ones."""
+REPLICA_ENV = "STREAMRL_REPLICA"
+"""A replica's unique name (pod name, ``generator-<host>-<n>``); see :func:`replica_identity`."""
 
 
 @dataclass
@@ -41,13 +44,15 @@ class ServiceContext:
     Attributes:
         config: the validated run config.
         service: ``generator``, ``scorer``, ``buffer`` or ``learner``.
-        index: replica index (0-based) among processes of this service.
-        instance: identity used in messages and metrics, e.g. ``generator-1``.
+        index: replica number, distinct per replica (seeds derive from it; see :class:`Replica`).
+        instance: identity used in logs, messages and metrics, e.g. ``generator-1`` or a pod name.
         metrics: this process's metrics registry (already served over HTTP if enabled).
         zmq: the process's ZeroMQ context.
         stop: set on SIGTERM/SIGINT; loops check it at least every second.
         security: CURVE keys and ZAP of this process (``security=ctx.security`` in
             ``make_socket``); None when ``security.keys_dir`` is unset.
+        local_index: position among the service's replicas on this host (metrics port offset,
+            scorer endpoint; see :class:`Replica`).
     """
 
     config: Config
@@ -59,6 +64,7 @@ class ServiceContext:
     stop: threading.Event = field(default_factory=threading.Event)
     security: Security | None = None
     run_lock: RunLock | None = None
+    local_index: int = 0
 
     def close(self) -> None:
         """Stop the ZAP handler, close every socket still open and end the ZeroMQ context, drop the run lock."""
@@ -95,12 +101,51 @@ def _refuse(service: str, message: str) -> NoReturn:
 
 
 def replica_index(explicit: int | None) -> int:
-    """The replica index: ``--index``, else honcho's ``HONCHO_PROCESS_NAME`` (``generator.3`` -> 2), else 0."""
+    """The replica's position on its host: ``--index``, else honcho's ``HONCHO_PROCESS_NAME`` (``generator.3`` -> 2), else 0."""
     if explicit is not None:
         return explicit
     name = os.environ.get("HONCHO_PROCESS_NAME", "")
     _, _, number = name.rpartition(".")
     return int(number) - 1 if number.isdigit() else 0
+
+
+@dataclass(frozen=True)
+class Replica:
+    """Who a process is among the replicas of its service (see :func:`replica_identity`).
+
+    Attributes:
+        index: replica number, distinct per replica of a run: seeds derive from it. The local
+            index, or for a replica named by ``$STREAMRL_REPLICA`` a number from its name.
+        local_index: position among the service's replicas on this host (``--index``, honcho):
+            metrics port = base port + local_index; scorer i binds ``endpoints.scorers[i]``.
+        instance: the name in logs, messages and metrics: ``generator-2``, or the given name.
+    """
+
+    index: int
+    local_index: int
+    instance: str
+
+
+def replica_identity(service: str, explicit: int | None, name: str | None = None) -> Replica:
+    """This process's identity, with no hand-set index needed where a name is given.
+
+    ``name`` (``$STREAMRL_REPLICA``: a Kubernetes pod name from the downward API, a host name)
+    makes any number of replicas started from one template distinct: the instance is the name
+    and the index a stable 31-bit number derived from it (CRC-32; two of n replicas collide with
+    probability about n^2 / 2^32), while the local index (metrics port offset) stays ``--index`` or
+    0, as each pod or host has its own ports. Without a name: ``--index``, else honcho's
+    ``HONCHO_PROCESS_NAME``, else 0, and the instance is ``<service>-<index>``.
+
+    Raises:
+        ValueError: ``name`` is empty or contains whitespace.
+    """
+    local = replica_index(explicit)
+    if name is None:
+        return Replica(index=local, local_index=local, instance=f"{service}-{local}")
+    if not name or any(c.isspace() for c in name):
+        raise ValueError(f"{REPLICA_ENV}={name!r}: a replica name must be non-empty and contain no whitespace; "
+                         "fix: e.g. the pod name (fieldRef metadata.name) or generator-<host>-<n>")
+    return Replica(index=zlib.crc32(name.encode()) & 0x7FFFFFFF, local_index=local, instance=name)
 
 
 def parse_args(service: str, argv: list[str] | None) -> argparse.Namespace:
@@ -112,7 +157,8 @@ def parse_args(service: str, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set learner.lr=1e-5 (repeatable)")
     parser.add_argument("--index", type=int, default=None,
-                        help="replica index (default: from HONCHO_PROCESS_NAME, else 0)")
+                        help="position among this service's replicas on this host: metrics port offset, scorer "
+                             f"endpoint (default: from HONCHO_PROCESS_NAME, else 0); ${REPLICA_ENV} names the replica")
     return parser.parse_args(argv)
 
 
@@ -130,8 +176,12 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
     except ConfigError as err:
         print(f"streamrl {service}: invalid config\n{err}", file=sys.stderr)
         raise SystemExit(2) from None
-    index = replica_index(args.index)
-    instance = f"{service}-{index}"
+    try:
+        replica = replica_identity(service, args.index, os.environ.get(REPLICA_ENV))
+    except ValueError as err:
+        print(f"streamrl {service}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    index, instance = replica.index, replica.instance
     logging.basicConfig(
         level=config.run.log_level,
         format=f"%(asctime)s {instance} %(levelname)s %(name)s: %(message)s",
@@ -145,7 +195,7 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
     metrics = ServiceMetrics(service, instance)
     if config.metrics.enabled:
         base = getattr(config.metrics, f"{service}_port")
-        port = base + index if base else 0
+        port = base + replica.local_index if base else 0
         try:
             metrics.serve(config.metrics.host, port)
         except OSError as err:
@@ -158,7 +208,8 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
         print(f"streamrl {service}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     ctx = ServiceContext(config=config, service=service, index=index, instance=instance,
-                         metrics=metrics, zmq=context, security=security, run_lock=run_lock)
+                         metrics=metrics, zmq=context, security=security, run_lock=run_lock,
+                         local_index=replica.local_index)
 
     def _on_signal(signum, _frame):
         log.info("%s got signal %d; stopping", instance, signum)

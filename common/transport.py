@@ -24,6 +24,7 @@ import zmq
 from streamrl.common.errors import StartupRefused
 from streamrl.common.messages import Message, ProtocolError, decode, encode
 from streamrl.common.metrics import ServiceMetrics
+from streamrl.common.resolve import ResolvingSocket
 from streamrl.common.security import Security
 from streamrl.common.throttle import should_log
 
@@ -55,6 +56,7 @@ def make_socket(
     identity: bytes | None = None,
     subscribe: bytes | None = None,
     security: Security | None = None,
+    resolve_every_s: float | None = None,
 ) -> zmq.Socket:
     """Create a socket with the transport limits applied.
 
@@ -69,12 +71,15 @@ def make_socket(
         subscribe: topic prefix for SUB sockets (``b""`` = everything).
         security: CURVE keys and ZAP of this process (:mod:`streamrl.common.security`); None = no
             authentication or encryption.
+        resolve_every_s: connect to every address the ``connect`` host names resolve to, looked up
+            again this often, seconds (a :class:`~streamrl.common.resolve.ResolvingSocket`); None = the
+            names as given (libzmq reaches one address per name).
 
     Raises:
         BindError: the endpoint cannot be bound (e.g. address in use); the socket is closed.
         streamrl.common.security.SecurityError: ``security`` lacks the key file this socket's role needs.
     """
-    sock = ctx.socket(kind)
+    sock = ctx.socket(kind, socket_class=ResolvingSocket if resolve_every_s else None)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     sock.setsockopt(zmq.SNDHWM, hwm)
@@ -103,6 +108,9 @@ def make_socket(
             fix = ("stop the process that holds it (another run?) or choose another endpoint in the config"
                    if err.errno == zmq.EADDRINUSE else "check the endpoint's address in the config")
             raise BindError(f"cannot bind {bind}: {err.strerror}; fix: {fix}") from None
+    if resolve_every_s:
+        sock.start_resolving(connect, resolve_every_s)
+        return sock
     for endpoint in connect:
         sock.connect(endpoint)
     return sock

@@ -65,6 +65,7 @@ class GeneratorService:
                                     timeout_s=t.request_timeout_s, max_message_bytes=t.max_message_bytes,
                                     hwm=t.hwm, security=ctx.security)
         self.push = make_socket(ctx.zmq, zmq.PUSH, connect=cfg.endpoints.scorers,
+                                resolve_every_s=cfg.endpoints.resolve_interval_s,
                                 max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
         self.version: int | None = None
         self.groups_sent = 0

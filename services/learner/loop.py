@@ -103,8 +103,8 @@ class Learner:
                         "version %d so that versions never go backwards", published, self.version, published + 1)
             self.version = published + 1
         t = cfg.transport
-        self.weights = WeightServer(ctx.zmq, announce_endpoint=cfg.endpoints.weights_announce,
-                                    fetch_endpoint=cfg.endpoints.weights, metrics=ctx.metrics,
+        self.weights = WeightServer(ctx.zmq, announce_endpoint=cfg.endpoints.bind_address("weights_announce"),
+                                    fetch_endpoint=cfg.endpoints.bind_address("weights"), metrics=ctx.metrics,
                                     sender=ctx.instance, announce_interval_s=t.announce_interval_s,
                                     max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
         self.dealer = make_socket(ctx.zmq, zmq.DEALER, connect=[cfg.endpoints.batches],

@@ -31,7 +31,7 @@ class ScorerService:
     def __init__(self, ctx: ServiceContext):
         cfg = ctx.config
         try:
-            self.endpoint = scorer_endpoint(cfg.endpoints.scorers, ctx.index)
+            self.endpoint = cfg.endpoints.bind.scorer or scorer_endpoint(cfg.endpoints.scorers, ctx.local_index)
         except ValueError as err:
             raise SystemExit(str(err)) from None
         configure_torch(cfg.scorer.threads, seed=cfg.run.seed)

@@ -296,16 +296,16 @@ def test_config_refuses_non_loopback_endpoints_without_keys(tmp_path):
                                            "tcp://learner.example:1", "tcp://eth0:1")] == [False] * 5
     load_config(None)  # the defaults bind to loopback
     with pytest.raises(ConfigError) as err:
-        load_config(None, ['endpoints.weights="tcp://0.0.0.0:5571"', 'endpoints.scorers=["tcp://10.0.0.2:1"]'])
+        load_config(None, ['endpoints.bind.weights="tcp://0.0.0.0:5571"', 'endpoints.scorers=["tcp://10.0.0.2:1"]'])
     lines = str(err.value).splitlines()
     assert lines[0].startswith("2 problem(s)")
     assert "endpoints.scorers[0]: tcp://10.0.0.2:1 is not a loopback address" in lines[1]
-    assert "endpoints.weights: tcp://0.0.0.0:5571" in lines[2] and "security.allow_insecure" in lines[2]
-    load_config(None, ['endpoints.weights="tcp://0.0.0.0:5571"', "security.allow_insecure=true"])
+    assert "endpoints.bind.weights: tcp://0.0.0.0:5571" in lines[2] and "security.allow_insecure" in lines[2]
+    load_config(None, ['endpoints.bind.weights="tcp://0.0.0.0:5571"', "security.allow_insecure=true"])
     with pytest.raises(ConfigError, match="server.key does not exist; fix: streamrl keys generate"):
-        load_config(None, [f'security.keys_dir="{tmp_path}"', 'endpoints.weights="tcp://0.0.0.0:5571"'])
+        load_config(None, [f'security.keys_dir="{tmp_path}"', 'endpoints.bind.weights="tcp://0.0.0.0:5571"'])
     generate_keys(tmp_path, ["learner"])
-    config = load_config(None, [f'security.keys_dir="{tmp_path}"', 'endpoints.weights="tcp://0.0.0.0:5571"'])
+    config = load_config(None, [f'security.keys_dir="{tmp_path}"', 'endpoints.bind.weights="tcp://0.0.0.0:5571"'])
     assert config.security.keys_dir == str(tmp_path)
 
 
