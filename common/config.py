@@ -520,6 +520,9 @@ class LearnerSection(_Section):
                                    "pi/mu), `tis` (truncated importance weight on PPO at pi_old), `decoupled` "
                                    "(decoupled PPO)")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clipping epsilon")
+    dual_clip: Optional[float] = Field(3.0, gt=1, description="c of dual-clip PPO: tokens with a negative "
+                                       "advantage use max(min(r A, clip(r) A), c A), bounding the loss of a huge "
+                                       "ratio (unset = plain clipping)")
     is_cap: float = Field(2.0, ge=1, description="C: truncation of the importance weight pi_old/mu")
     advantage: AdvantageEstimator = Field(AdvantageEstimator.GRPO, description="`gae` (critic), `grpo` "
                                           "(group-normalised), `rloo` (leave-one-out)")

@@ -99,6 +99,8 @@ class PolicyLossStats:
         outside_nucleus_fraction: fraction of tokens with ``pi_old = 0``: sampled by mu
             outside pi_old's nucleus (``top_p < 1`` only); their weight is 0, which
             the ratio statistics and the ESS include.
+        dual_clip_fraction: fraction of tokens where the dual clip bound ``c A`` was
+            active (``A < 0`` and the clipped objective below it); 0 without dual clip.
     """
 
     clip_fraction: Tensor
@@ -109,6 +111,7 @@ class PolicyLossStats:
     effective_sample_size: Tensor
     ess_fraction: Tensor
     outside_nucleus_fraction: Tensor
+    dual_clip_fraction: Tensor
 
     def tensors(self) -> dict[str, Tensor]:
         """The statistics by field name (detached 0-d tensors)."""
@@ -130,6 +133,7 @@ def policy_loss(
     correction: Correction,
     clip_eps: float,
     is_cap: float,
+    dual_clip: float | None = None,
 ) -> tuple[Tensor, PolicyLossStats]:
     """Clipped policy-gradient loss with a staleness correction.
 
@@ -167,6 +171,14 @@ def policy_loss(
 
     Since ``w > 0``, ``min(w r A, w clip(r) A) = w min(r A, clip(r) A)``: ``tis`` and
     ``decoupled`` differ only in whether ``w`` is per sequence or per token.
+
+    Every log-ratio (``log pi - log mu`` or ``log pi - log pi_old``) is clamped to
+    ``+-LOG_RATIO_CLAMP`` before ``exp``, so a huge ratio cannot overflow into a NaN or
+    inf loss (its gradient is 0: far outside the clip range anyway). With
+    ``dual_clip = c`` (Ye et al. 2020, "Mastering Complex Control in MOBA Games with
+    Deep Reinforcement Learning", dual-clip PPO; veRL's ``clip_ratio_c``), tokens with
+    ``A < 0`` use ``max(min(r A, clip(r) A), c A)``: a huge ratio on a negative advantage
+    no longer gives an unbounded loss (at most ``w c |A|``, and no gradient there).
     ``w`` is detached; so are ``old_logprobs``, ``behaviour_logprobs`` and
     ``advantages`` -- the gradient flows only through ``logprobs``.
 
@@ -184,6 +196,7 @@ def policy_loss(
         correction: a :class:`Correction` (or its string value).
         clip_eps: PPO clip range ``e > 0``.
         is_cap: truncation ``C > 0`` of the importance weight (unused by ``none``).
+        dual_clip: ``c > 1`` of dual-clip PPO, or ``None`` for plain clipping.
 
     Returns:
         ``(loss, stats)``: ``loss`` a 0-d tensor (0 for an all-padding batch),
@@ -191,7 +204,7 @@ def policy_loss(
 
     Raises:
         ValueError: shapes differ or are not ``[B, T]``; ``clip_eps <= 0``;
-            ``is_cap <= 0``; unknown ``correction``.
+            ``is_cap <= 0``; ``dual_clip <= 1``; unknown ``correction``.
     """
     shape = _check_same_shape(
         logprobs=logprobs,
@@ -205,6 +218,8 @@ def policy_loss(
         raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
     if not is_cap > 0:
         raise ValueError(f"is_cap must be > 0, got {is_cap}")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1 or None, got {dual_clip}")
 
     lp = fill_padding(logprobs, m)
     beh = fill_padding(behaviour_logprobs.detach(), m)
@@ -224,19 +239,27 @@ def policy_loss(
         raw_log_w = token_log_w
 
     if correction is Correction.NONE:
-        log_ratio = lp - beh
-        ratio = torch.exp(log_ratio)
-        per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-        w_stats = ratio.detach().to(torch.float64)
+        log_ratio = (lp - beh).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        w = None
         truncated = torch.zeros_like(m)
     else:
-        log_ratio = lp - old
-        ratio = torch.exp(log_ratio)
+        log_ratio = (lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         log_w = raw_log_w.clamp(max=math.log(is_cap))
-        w = torch.exp(log_w).to(lp.dtype)
-        per_token = -w * torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-        w_stats = torch.exp(log_w)
+        w = torch.exp(log_w)
         truncated = m & (raw_log_w > math.log(is_cap))
+    ratio = torch.exp(log_ratio)
+    objective = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    dual_clipped = torch.zeros_like(m)
+    if dual_clip is not None:  # A < 0: the objective is at least c * A, so -L <= c |A|
+        floor = dual_clip * adv
+        dual_clipped = m & (adv < 0) & (objective < floor)
+        objective = torch.where(adv < 0, torch.maximum(objective, floor), objective)
+    if w is None:
+        per_token = -objective
+        w_stats = ratio.detach().to(torch.float64)
+    else:
+        per_token = -w.to(lp.dtype) * objective
+        w_stats = w
 
     loss = fill_padding(per_token, m).sum() / n_tokens.clamp(min=1).to(per_token.dtype)
 
@@ -266,6 +289,7 @@ def policy_loss(
         effective_sample_size=ess,
         ess_fraction=ess / d,
         outside_nucleus_fraction=outside.sum() / d,
+        dual_clip_fraction=dual_clipped.sum() / d,
     )
     return loss, stats
 

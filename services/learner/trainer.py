@@ -186,7 +186,7 @@ class PPOTrainer:
                 out = forward_completions(self.policy, mb, value_head=self.value_head, with_entropy=True)
                 pl, ps = policy_loss(out.logprobs, old.logprobs[rows, :t], mb.behaviour_logprobs,
                                      advantages[rows, :t], mb.mask, correction=cfg.correction,
-                                     clip_eps=cfg.clip_eps, is_cap=cfg.is_cap)
+                                     clip_eps=cfg.clip_eps, is_cap=cfg.is_cap, dual_clip=cfg.dual_clip)
                 entropy = masked_mean(out.entropy, mb.mask)
                 loss = pl - cfg.entropy_coef * entropy
                 if self.value_head is not None:
@@ -217,7 +217,8 @@ class PPOTrainer:
                           "importance_ratio_mean": ps.importance_ratio_mean,
                           "truncated_fraction": ps.truncated_fraction, "ess": ps.effective_sample_size,
                           "ess_fraction": ps.ess_fraction,
-                          "outside_nucleus_fraction": ps.outside_nucleus_fraction})
+                          "outside_nucleus_fraction": ps.outside_nucleus_fraction,
+                          "dual_clip_fraction": ps.dual_clip_fraction})
                 ratio_max = torch.maximum(ratio_max, ps.importance_ratio_max)
         out_stats = sums.means(updates, extra={"importance_ratio_max": ratio_max})
         out_stats["skipped_updates"] = float(skipped)

@@ -70,6 +70,7 @@ def test_on_policy_invariant(onpolicy_batch, correction):
         "effective_sample_size": pytest.approx(13.0, abs=1e-9),
         "ess_fraction": pytest.approx(1.0, abs=1e-9),
         "outside_nucleus_fraction": 0.0,
+        "dual_clip_fraction": 0.0,
     }
     # statistics stay detached 0-d tensors (no device sync in the loss); floats() converts them at once
     for value in stats.tensors().values():
@@ -588,3 +589,65 @@ def test_pi_zero_gives_ratio_zero_and_zero_gradient():
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
         assert grad[0, 0].item() == 0.0
         assert grad[0, 1].item() == pytest.approx(0.5, abs=ATOL)  # -A / n on the other token
+
+
+# --------------------------------------------------------------------------- log-ratio clamp, dual clip
+
+
+@pytest.mark.parametrize("correction", ALL_CORRECTIONS)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_huge_log_ratio_gives_a_finite_loss_and_gradient(correction, sign):
+    """log(pi/mu) = 100 (or log(pi/pi_old) = 100): without a clamp exp overflows and the
+    loss is NaN (A > 0: inf * 0 in the clipped branch) or inf (A < 0)."""
+    lp = lp_leaf([[0.0, -1.0]])
+    stale = torch.tensor([[-100.0, -1.0]])
+    adv = torch.tensor([[sign, 0.5]])
+    old = stale if correction is not Correction.NONE else lp.detach().clone()
+    loss, stats, grad = run_policy(lp, old, stale, adv, torch.ones(1, 2, dtype=torch.bool), correction)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all(), (loss, grad)
+    assert all(math.isfinite(v) for v in stats.floats().values())
+
+
+def test_dual_clip_bounds_the_loss_of_negative_advantages():
+    """r = e^5, A = -1 (Ye et al. 2020, dual-clip PPO): -max(min(rA, clip(r)A), cA) = c|A|
+    = 3 with c = 3, no gradient; without the dual clip the loss is e^5 = 148.4."""
+    lp = lp_leaf([[0.0]])
+    beh = torch.tensor([[-5.0]])
+    adv = torch.tensor([[-1.0]])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    leaf = lp.detach().clone().requires_grad_(True)
+    loss, stats = policy_loss(leaf, leaf.detach(), beh, adv, mask, correction="none", clip_eps=0.2, is_cap=2.0,
+                              dual_clip=3.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(3.0, abs=ATOL)
+    assert leaf.grad.item() == 0.0
+    assert stats.floats()["dual_clip_fraction"] == 1.0
+    leaf = lp.detach().clone().requires_grad_(True)
+    loss, stats = policy_loss(leaf, leaf.detach(), beh, adv, mask, correction="none", clip_eps=0.2, is_cap=2.0,
+                              dual_clip=None)
+    assert loss.item() == pytest.approx(math.exp(5), rel=1e-5)
+    assert stats.floats()["dual_clip_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("correction", ALL_CORRECTIONS)
+def test_dual_clip_leaves_positive_advantages_and_small_ratios_alone(correction):
+    g = torch.Generator().manual_seed(11)
+    lp = lp_leaf(torch.randn(3, 4, generator=g) * 0.3 - 1)
+    old = lp.detach() + torch.randn(3, 4, generator=g) * 0.1
+    beh = old + torch.randn(3, 4, generator=g) * 0.1
+    adv = torch.randn(3, 4, generator=g)
+    mask = ragged_mask([4, 2, 3], 4)
+    plain = run_policy(lp, old, beh, adv, mask, correction)
+    leaf = lp.detach().clone().requires_grad_(True)
+    loss, stats = policy_loss(leaf, old, beh, adv, mask, correction=correction, clip_eps=0.2, is_cap=2.0,
+                              dual_clip=3.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(plain[0].item(), abs=1e-7)  # every ratio < 3: no difference
+    torch.testing.assert_close(leaf.grad, plain[2], atol=1e-7, rtol=0)
+    assert stats.floats()["dual_clip_fraction"] == 0.0
+
+
+def test_dual_clip_must_exceed_one():
+    z = torch.zeros(1, 1)
+    with pytest.raises(ValueError, match="dual_clip"):
+        policy_loss(z, z, z, z, torch.ones(1, 1), correction="none", clip_eps=0.2, is_cap=2.0, dual_clip=1.0)

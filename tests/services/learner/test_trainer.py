@@ -393,3 +393,17 @@ def test_trainer_models_stay_in_eval_mode():
     trainer.step(on_policy(trainer, ragged_batch()), current_version=3)
     for model in (trainer.policy, trainer.reference, trainer.value_head):
         assert not any(m.training for m in model.modules())
+
+
+def test_correction_none_with_a_huge_stale_ratio_is_finite_and_dual_clipped():
+    """log(pi/mu) = 100 on every token: good rows (A = +1) are clipped at 1 + eps, bad rows
+    (A = -1) are held at c = 3 by the dual clip: loss = mean(-1.2, +3) = 0.9, and the update
+    is not skipped."""
+    trainer = make_trainer(learner_cfg(correction="none", normalize_rewards=False))
+    batch = on_policy(trainer, preference_batch())
+    batch.behaviour_logprobs = batch.behaviour_logprobs - 100 * batch.mask
+    stats = trainer.step(batch, current_version=7)
+    assert all(math.isfinite(v) for v in stats.values()), stats
+    assert stats["skipped_updates"] == 0.0
+    assert stats["dual_clip_fraction"] == pytest.approx(0.5)
+    assert stats["loss/policy"] == pytest.approx(0.9, abs=1e-4)
