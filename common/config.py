@@ -102,16 +102,19 @@ class _Section(BaseModel):
 
     @model_validator(mode="after")
     def _options_apply(self) -> "_Section":
-        """Keys marked ``applies_to={selector: value}`` may only be set when ``selector`` has that value."""
+        """Keys marked ``applies_to={selector: value}`` (or a tuple of values) may only be set when
+        ``selector`` has that value (one of them)."""
         for name in type(self).model_fields:
             applies = _extra(type(self).model_fields[name]).get("applies_to")
             if not applies or name not in self.model_fields_set:
                 continue
             (selector, wanted), = applies.items()
+            wanted = wanted if isinstance(wanted, tuple) else (wanted,)
             actual = getattr(self, selector, None)
-            if actual is not None and actual != wanted:
-                raise _rule(f"`{name}` applies only when {selector} is \"{wanted}\" (here {selector} is "
-                            f"\"{actual}\"); fix: remove `{name}` or set {selector} = \"{wanted}\"", name)
+            if actual is not None and actual not in wanted:
+                choices = " or ".join(f"\"{w}\"" for w in wanted)
+                raise _rule(f"`{name}` applies only when {selector} is {choices} (here {selector} is "
+                            f"\"{actual}\"); fix: remove `{name}` or set {selector} = \"{wanted[0]}\"", name)
         return self
 
 
@@ -296,23 +299,63 @@ class MetricsSection(_Section):
 class PromptSource(_Section):
     """Where prompts come from (read by :func:`streamrl.common.prompts.load_prompts`)."""
 
-    kind: Literal["jsonl", "csv", "gsm8k"] = Field(
+    kind: Literal["jsonl", "csv", "gsm8k", "datasets"] = Field(
         "jsonl", description="`jsonl`: one JSON object per line; `csv`: a header row and a text column; "
-        "`gsm8k`: question/answer lines (the answer goes to the `gsm8k_exact_match` reward)")
-    path: str = Field(str(DEFAULT_PROMPTS), min_length=1, description="prompt file",
+        "`gsm8k`: question/answer lines (the answer goes to the `gsm8k_exact_match` reward); `datasets`: read "
+        "with Hugging Face `datasets`: a parquet, json, jsonl, csv or arrow file, a folder saved by "
+        "`save_to_disk`, or a hub data set (`dataset`)")
+    path: str = Field(str(DEFAULT_PROMPTS), min_length=1, description="prompt file (kind `datasets`: also a "
+                      "`save_to_disk` folder)",
                       json_schema_extra={**LOCAL_PATH, "default_text": "the review openings shipped in "
                                          "`streamrl.deploy` (`prompts/review_openings.jsonl`)"})
-    text_field: str = Field("text", min_length=1, description="key of the prompt text",
-                            json_schema_extra={"applies_to": {"kind": "jsonl"}})
-    id_field: Optional[str] = Field("id", min_length=1, description="key of the prompt id (unset, or a line "
-                                    "without it: `<file stem>:<line>`)",
-                                    json_schema_extra={"applies_to": {"kind": "jsonl"}})
+    dataset: Optional[str] = Field(None, min_length=1, description="hub data set id (`openai/gsm8k`) instead of "
+                                   "`path`; downloaded by `datasets.load_dataset` on first use (needs the network "
+                                   "or the Hugging Face cache)", json_schema_extra={"applies_to": {"kind": "datasets"}})
+    subset: Optional[str] = Field(None, min_length=1, description="configuration (subset) of the hub data set, "
+                                  "e.g. `main` for `openai/gsm8k`", json_schema_extra={"applies_to": {"kind": "datasets"}})
+    split: str = Field("train", min_length=1, description="split to read (a file counts as split `train`)",
+                       json_schema_extra={"applies_to": {"kind": "datasets"}})
+    format: Optional[Literal["parquet", "json", "csv", "arrow"]] = Field(
+        None, description="file format of `path`; unset = from its extension (`.parquet`, `.json`, `.jsonl`, "
+        "`.csv`, `.arrow`, optionally `.gz`)", json_schema_extra={"applies_to": {"kind": "datasets"}})
+    text_field: str = Field("text", min_length=1, description="key (column) of the prompt text",
+                            json_schema_extra={"applies_to": {"kind": ("jsonl", "datasets")}})
+    messages_field: Optional[str] = Field(None, min_length=1, description="key (column) holding the prompt as "
+                                          "a chat: a list of `{role, content}` messages, rendered with the "
+                                          "tokenizer's chat template (and `model.system_prompt` when the list has "
+                                          "no system message); replaces `text_field`",
+                                          json_schema_extra={"applies_to": {"kind": ("jsonl", "datasets")}})
+    id_field: Optional[str] = Field("id", min_length=1, description="key (column) of the prompt id (unset, or a "
+                                    "row without it: `<file stem>:<row>`)",
+                                    json_schema_extra={"applies_to": {"kind": ("jsonl", "datasets")}})
     column: str = Field("review", min_length=1, description="header of the text column (HTML is stripped)",
                         json_schema_extra={"applies_to": {"kind": "csv"}})
     first_k_words: Optional[int] = Field(None, ge=1, description="keep the first K words of each text "
                                          "(turns a review into an opening); unset = whole text",
                                          json_schema_extra={"applies_to": {"kind": "csv"}})
+    metadata_fields: list[str] = Field(default_factory=list, description="keys (columns) copied into each "
+                                       "prompt's `metadata`, the dict a reward function gets beside the completion "
+                                       "(kind `gsm8k` always carries `answer`); values must be JSON-like")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="held out by hashed prompt id, never trained on")
+
+    @model_validator(mode="after")
+    def _one_text(self) -> "PromptSource":
+        if self.dataset is not None and "path" in self.model_fields_set:
+            raise _rule("give either `path` (a local file or folder) or `dataset` (a hub id), not both; fix: "
+                        "remove one", "dataset")
+        if self.dataset is not None and self.format is not None:
+            raise _rule("`format` describes a local `path`; a hub data set brings its own; fix: remove `format`",
+                        "format")
+        if self.messages_field is not None and "text_field" in self.model_fields_set:
+            raise _rule("a prompt is either text (`text_field`) or a chat (`messages_field`); fix: remove one",
+                        "messages_field")
+        if self.messages_field is not None and self.messages_field in self.metadata_fields:
+            raise _rule(f"`{self.messages_field}` is the messages column and cannot also be metadata; fix: remove "
+                        "it from metadata_fields", "metadata_fields")
+        if len(set(self.metadata_fields)) != len(self.metadata_fields) or not all(self.metadata_fields):
+            raise _rule("metadata_fields must list distinct, non-empty names; fix: remove the repeats",
+                        "metadata_fields")
+        return self
 
 
 class GeneratorSection(_Section):
@@ -352,7 +395,7 @@ class ResourceError(ValueError):
 
 
 class RewardSpec(_Section):
-    """One reward component: a function or a reward-model folder."""
+    """One reward component: a function, a reward-model folder or a reward server (``url``)."""
 
     function: Optional[str] = Field(
         None,
@@ -367,17 +410,45 @@ class RewardSpec(_Section):
                                 "reward parts (default: the function's name or `reward_model`)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments passed to `function` "
                                    "on every call", json_schema_extra={"applies_to": {"source": "function"}})
-    batch_size: int = Field(8, ge=1, description="texts per reward-model forward pass",
-                            json_schema_extra={"applies_to": {"source": "model"}})
-    max_length: int = Field(512, ge=1, description="reward-model tokens per text after truncation",
-                            json_schema_extra={"applies_to": {"source": "model"}})
+    url: Optional[str] = Field(None, min_length=1, description="HTTP reward server: each request POSTs JSON "
+                               "`{prompts, completions, metadata}` and the answer is `{\"rewards\": [...]}` (README, "
+                               "\"Your own reward\")")
+    batch_size: int = Field(8, ge=1, description="texts per reward-model forward pass, or per request to `url`",
+                            json_schema_extra={"applies_to": {"source": ("model", "url")}})
+    max_length: Optional[int] = Field(None, ge=1, description="reward-model tokens per text; a longer text loses "
+                                      "its start; unset = the length the model was trained with (stored by "
+                                      "`streamrl rm`), else 512", json_schema_extra={"applies_to": {"source": "model"}})
+
+    label: Optional[int | str] = Field(None, description="reward-model output read as the score: an index or a "
+                                       "label name of `id2label` (`\"POSITIVE\"`); required when the model has more "
+                                       "than one label", json_schema_extra={"applies_to": {"source": "model"}})
+    chat_template: bool = Field(False, description="score the reward model on `[user: prompt, assistant: "
+                                "completion]` rendered with its tokenizer's chat template (for prompts the "
+                                "policy sees as raw text)", json_schema_extra={"applies_to": {"source": "model"}})
+    timeout_s: float = Field(30.0, gt=0, description="seconds one micro-batch may take: per HTTP request "
+                             "(connect and read), or for the reward model's forward passes (checked after each)",
+                             json_schema_extra={"applies_to": {"source": ("model", "url")}})
+    retries: int = Field(3, ge=0, description="times a failed request (connection error, timeout, HTTP 429 or "
+                         "5xx) is tried again", json_schema_extra={"applies_to": {"source": "url"}})
+    backoff_s: float = Field(0.5, gt=0, description="wait before the first retry, seconds; doubled for each "
+                             "further one (plus up to 10% jitter)", json_schema_extra={"applies_to": {"source": "url"}})
+    headers: dict[str, str] = Field(default_factory=dict, description="HTTP headers of every request, e.g. "
+                                    "`{Authorization = \"Bearer ${REWARD_TOKEN}\"}` (`${VAR}` is read from the "
+                                    "environment)", json_schema_extra={"applies_to": {"source": "url"}})
 
     @property
     def source(self) -> Optional[str]:
-        """``"function"`` or ``"model"`` (None while neither or both are set)."""
-        if (self.function is None) == (self.model is None):
-            return None
-        return "function" if self.function is not None else "model"
+        """``"function"``, ``"model"`` or ``"url"`` (None while none or several are set)."""
+        given = [name for name in ("function", "model", "url") if getattr(self, name) is not None]
+        return given[0] if len(given) == 1 else None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise _rule(f"`{value}` is not an http:// or https:// URL; fix: write e.g. "
+                        "\"http://127.0.0.1:8000/score\"")
+        return value
 
     @field_validator("function")
     @classmethod
@@ -395,8 +466,8 @@ class RewardSpec(_Section):
     @model_validator(mode="after")
     def _one_source(self) -> "RewardSpec":
         if self.source is None:
-            raise _rule("give exactly one of `function` (package.module:function or a built-in name) or "
-                        "`model` (a reward-model folder); fix: keep one of the two")
+            raise _rule("give exactly one of `function` (package.module:function or a built-in name), "
+                        "`model` (a reward-model folder) or `url` (a reward server); fix: keep one of them")
         return self
 
     def function_problems(self) -> tuple[Optional[Callable[..., Any]], list[ResourceError]]:
@@ -475,6 +546,9 @@ class ScorerSection(_Section):
         description="reward components, summed with their weights: one `[[scorer.rewards]]` table each",
         json_schema_extra={"default_text": "one component: `function = \"vader_sentiment\"`"},
     )
+    failing_after: int = Field(3, ge=1, description="micro-batches in a row whose reward raised before the scorer "
+                               "reports the reward as failing (log, `reward_failing` metric, `streamrl status`, the "
+                               "learner's wait message)")
 
 
 class BufferSection(_Section):
@@ -533,9 +607,11 @@ class LearnerSection(_Section):
     whiten_advantages: bool = Field(True, description="masked whitening of GAE advantages (group baselines are "
                                     "already normalised per group)")
     kl_coef: float = Field(0.05, ge=0, description="beta of the KL penalty to the reference model")
-    kl_target: Optional[float] = Field(None, gt=0, description="set to adapt beta towards this KL per sequence "
-                                       "(adaptive controller)")
-    kl_horizon: int = Field(10000, ge=1, description="horizon of the adaptive KL controller")
+    kl_target_per_sequence: Optional[float] = Field(
+        None, gt=0, description="set to adapt beta (Ziegler et al. 2019's controller) towards this KL to the "
+        "reference in nats per sequence: the per-token estimates summed over a completion, averaged over the batch "
+        "(logged as `kl_per_sequence`; `kl` is the per-token mean)")
+    kl_horizon: int = Field(10000, ge=1, description="horizon of the adaptive KL controller, in samples")
     kl_estimator: KLEstimator = Field(KLEstimator.K1, description="per-token KL estimator: `k1` (log-ratio), `k2` "
                                       "(half squared log-ratio) or `k3`; as a `loss` term `k2` has the gradient of "
                                       "KL(pi || ref), `k3` that of KL(ref || pi) (GRPO), `k1` none (refused)")
@@ -548,6 +624,7 @@ class LearnerSection(_Section):
     ptx_data: Optional[PromptSource] = Field(None, description="SFT texts for PPO-ptx: a table with the keys of "
                                              "`generator.prompts`")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (and one at the end)")
+    keep_checkpoints: int = Field(3, ge=1, description="newest complete checkpoints kept; older ones are deleted")
     batch_timeout_s: float = Field(600.0, gt=0, description="give up when no batch arrives for this long, seconds")
 
     @model_validator(mode="after")
@@ -728,6 +805,20 @@ class SecuritySection(_Section):
     )
 
 
+class TrackingSection(_Section):
+    """Experiment trackers fed by the learner, besides Prometheus and ``metrics.jsonl``: TensorBoard event
+    files always (``<run.output_dir>/tensorboard``), Weights & Biases when asked for."""
+
+    wandb: bool = Field(False, description="also log to Weights & Biases (`pip install wandb`): every step's "
+                        "metrics and the config as hyperparameters")
+    wandb_mode: Literal["offline", "online"] = Field("offline", description="`offline` writes the run under "
+                                                     "`<run.output_dir>/wandb` with no network (`wandb sync` uploads "
+                                                     "it later); `online` streams it (needs `wandb login`)")
+    wandb_project: str = Field("streamrl", min_length=1, description="W&B project")
+    wandb_entity: Optional[str] = Field(None, min_length=1, description="W&B entity (user or team); unset = "
+                                        "your default")
+
+
 class Config(_Section):
     """A whole run."""
 
@@ -741,6 +832,8 @@ class Config(_Section):
     buffer: BufferSection = Field(default_factory=BufferSection, description="experience replay buffer")
     learner: LearnerSection = Field(default_factory=LearnerSection, description="the PPO learner")
     security: SecuritySection = Field(default_factory=SecuritySection, description="CURVE keys")
+    tracking: TrackingSection = Field(default_factory=TrackingSection, description="experiment trackers "
+                                      "(TensorBoard, Weights & Biases)")
     feedback: FeedbackSection = Field(default_factory=FeedbackSection, description="people in the loop")
     sft: SFTSection = Field(default_factory=SFTSection, description="`streamrl sft` (offline stage)")
     rm: RewardModelSection = Field(default_factory=RewardModelSection, description="`streamrl rm` (offline stage)")
@@ -779,6 +872,11 @@ def cross_problems(cfg: Config) -> list[str]:
         )
     problems += _security_problems(cfg)
     problems += _feedback_problems(cfg)
+    if cfg.model.chat_template:
+        problems += [f"scorer.rewards[{i}].chat_template: the policy's prompts already carry a chat template "
+                     "(model.chat_template = true), so the reward model would see two; fix: remove it (the prompt is "
+                     "scored as the policy saw it) or set model.chat_template = false"
+                     for i, spec in enumerate(cfg.scorer.rewards) if spec is not None and spec.chat_template]
     return problems
 
 
@@ -1082,13 +1180,19 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
     if services & {"generator", "learner"}:
         problems += _model_problems(cfg.model)
     if "generator" in services:
-        problems.append(_file_problem("generator.prompts.path", cfg.generator.prompts.path, "prompt file"))
+        problems.append(_prompt_problem("generator.prompts", cfg.generator.prompts, "prompt file"))
         problems.append(_device_problem("generator.device", cfg.generator.device))
     if "learner" in services:
         if cfg.learner.ptx_data is not None:
-            problems.append(_file_problem("learner.ptx_data.path", cfg.learner.ptx_data.path, "SFT data file"))
+            problems.append(_prompt_problem("learner.ptx_data", cfg.learner.ptx_data, "SFT data file"))
         problems.append(_device_problem("learner.device", cfg.learner.device))
         problems.append(_creatable_problem("run.output_dir", cfg.run.output_dir))
+        if cfg.tracking.wandb:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                problems.append("tracking.wandb: true but the `wandb` package is not installed; fix: pip install "
+                                "wandb (offline mode needs no account), or set tracking.wandb = false")
     if "scorer" in services:
         for i, spec in enumerate(cfg.scorer.rewards):
             key = f"scorer.rewards[{i}]"
@@ -1096,10 +1200,11 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
                 continue
             if spec.function is not None:
                 problems += [f"{key}.{p.key}: {p}" for p in spec.function_problems()[1]]
-            else:
+            elif spec.model is not None:
                 problems.append(_model_folder_problem(f"{key}.model", spec.model, "reward-model folder",
                                                       "a folder saved by save_pretrained (sequence-classification "
-                                                      f"model and tokenizer); {_PATH_FIX}"))
+                                                      f"model and tokenizer); {_PATH_FIX}")
+                                or _reward_label_problem(key, spec))
         problems.append(_device_problem("scorer.device", cfg.scorer.device))
     if "buffer" in services and cfg.buffer.journal:
         if cfg.buffer.journal_dir is not None:
@@ -1166,6 +1271,53 @@ def _model_folder_problem(key: str, value: str, what: str, fix: str) -> str | No
     if not (path / "config.json").is_file():
         return f"{key}: {path} has no config.json, so it is not a saved model; fix: set {key} to {fix}"
     return None
+
+
+def _reward_label_problem(key: str, spec: RewardSpec) -> str | None:
+    """``label`` names an output of the reward model (read from its ``config.json``); a model with
+    several outputs needs one (reading output 0 of a sentiment classifier scores the NEGATIVE class)."""
+    import json
+
+    try:
+        model_config = json.loads((Path(spec.model).expanduser() / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"{key}.model: cannot read {spec.model}/config.json: {exc}; fix: save the model with save_pretrained"
+    id2label = {int(i): str(name) for i, name in (model_config.get("id2label") or {}).items()}
+    count = int(model_config.get("num_labels", len(id2label) or 1))
+    names = ", ".join(f"{i} = \"{name}\"" for i, name in sorted(id2label.items())) or f"0..{count - 1}"
+    if spec.label is None:
+        if count == 1:
+            return None
+        return (f"{key}.label: the reward model has {count} outputs ({names}) and no `label` says which one is the "
+                "reward; fix: set label to the index or name of the output that means good (a sentiment "
+                "classifier's positive class, not output 0 when that is NEGATIVE)")
+    if isinstance(spec.label, int):
+        if 0 <= spec.label < count:
+            return None
+        return f"{key}.label: {spec.label} is not an output of the reward model ({names}); fix: use one of them"
+    if spec.label in id2label.values():
+        return None
+    return f"{key}.label: \"{spec.label}\" is not a label of the reward model ({names}); fix: use one of them"
+
+
+def _prompt_problem(key: str, source: PromptSource, what: str) -> str | None:
+    """A prompt source's file (or, kind ``datasets``, its ``save_to_disk`` folder) is readable; a hub
+    ``dataset`` needs the hub or the cache, so it is looked for only when the hub is offline."""
+    if source.dataset is not None:
+        offline = os.environ.get("HF_DATASETS_OFFLINE", "") in ("1", "ON") or os.environ.get("HF_HUB_OFFLINE", "") in (
+            "1", "ON")
+        if offline:
+            import huggingface_hub
+
+            cached = huggingface_hub.try_to_load_from_cache(source.dataset, "README.md", repo_type="dataset")
+            if not isinstance(cached, str):
+                return (f"{key}.dataset: {source.dataset!r} is not in the Hugging Face cache and the hub is offline "
+                        "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE); fix: download it first (huggingface-cli download "
+                        f"--repo-type dataset {source.dataset}) or set {key}.path to a local file")
+        return None
+    if source.kind == "datasets" and Path(source.path).expanduser().is_dir():
+        return None  # a save_to_disk folder: datasets.load_from_disk says what is wrong with it
+    return _file_problem(f"{key}.path", source.path, what)
 
 
 def _file_problem(key: str, value: str, what: str) -> str | None:
@@ -1239,8 +1391,10 @@ def _meaning(field: FieldInfo) -> str:
     text = field.description or ""
     applies = _extra(field).get("applies_to")
     if applies:
-        (selector, value), = applies.items()
-        text += f" ({value} only)" if selector == "source" else f" ({selector} = \"{value}\" only)"
+        (selector, values), = applies.items()
+        values = values if isinstance(values, tuple) else (values,)
+        text += (f" ({', '.join(values)} only)" if selector == "source"
+                 else f" ({selector} = " + " or ".join(f'"{v}"' for v in values) + " only)")
     return text
 
 

@@ -18,6 +18,14 @@ Kinds:
 * ``"csv"``: :func:`load_csv` (e.g. the IMDB reviews CSV, column ``review``).
 * ``"gsm8k"``: :func:`load_gsm8k` (``question``/``answer`` jsonl; the answer
   goes to ``metadata["answer"]`` for the ``gsm8k_exact_match`` reward).
+* ``"datasets"``: :func:`load_dataset_prompts`, anything Hugging Face ``datasets``
+  reads: a parquet, json/jsonl, csv or arrow file, a ``save_to_disk`` folder, or a hub
+  data set id (downloaded, with its progress bar, when the machine is online).
+
+A prompt is text, or (``messages_field``) a chat: a list of ``{"role", "content"}``
+messages that :func:`format_prompt` renders with the tokenizer's chat template. The
+columns named in ``metadata_fields`` travel with every rollout of the prompt and reach
+the reward function as its ``metadata`` argument.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional, Sequence, Union
+from typing import Annotated, Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from pydantic import Field, InstanceOf, NonNegativeInt, PositiveInt, validate_call
@@ -41,6 +49,8 @@ from streamrl.common.config import STRICT_ARGS, PromptSource
 __all__ = [
     "Prompt",
     "load_jsonl",
+    "load_dataset_prompts",
+    "conversation_text",
     "load_csv",
     "load_gsm8k",
     "load_prompts",
@@ -64,11 +74,15 @@ class Prompt:
         metadata: per-prompt extras passed to reward functions (e.g.
             ``{"answer": "... #### 72"}``); JSON-serialisable values. The
             instance is frozen but, holding a dict, it is not hashable.
+        messages: the prompt as a chat (``[{"role": ..., "content": ...}, ...]``,
+            rendered by :func:`format_prompt` with the chat template), or None for a
+            text prompt; ``text`` is then the content of the last message.
     """
 
     prompt_id: str
     text: str
     metadata: dict = field(default_factory=dict)
+    messages: Optional[tuple[dict, ...]] = None
 
 
 def _check_unique(prompts: list[Prompt], path: Path) -> None:
@@ -79,12 +93,68 @@ def _check_unique(prompts: list[Prompt], path: Path) -> None:
         seen.add(p.prompt_id)
 
 
+def _json_like(value: Any, where: str, key: str) -> Any:
+    """``value`` unchanged when it is JSON-like (it travels in messages); else a ValueError naming it."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: metadata field {key!r} holds {type(value).__name__} {value!r:.80}, which cannot "
+                         f"travel with a rollout ({exc}); fix: convert it to a string or number, or drop it from "
+                         "metadata_fields") from None
+    return value
+
+
+def _chat(value: Any, where: str, key: str) -> tuple[dict, ...]:
+    """A validated chat: a non-empty list of ``{"role": str, "content": str}`` (other keys dropped)."""
+    fix = f"fix: make {key!r} a list of {{\"role\": ..., \"content\": ...}} messages, or use text_field"
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{where}: field {key!r} is {type(value).__name__} {value!r:.60}, not a non-empty list of "
+                         f"messages; {fix}")
+    out = []
+    for i, message in enumerate(value):
+        if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
+                or not isinstance(message.get("content"), str)):
+            raise ValueError(f"{where}: message {i} of {key!r} is {message!r:.80}; {fix}")
+        out.append({"role": message["role"], "content": message["content"]})
+    return tuple(out)
+
+
+def _row_prompt(row: dict, where: str, default_id: str, *, text_field: str, id_field: Optional[str],
+                messages_field: Optional[str], metadata_fields: Sequence[str]) -> Optional[Prompt]:
+    """One row (a JSON object, a data set row) as a :class:`Prompt`; None when its text is empty."""
+    key = messages_field if messages_field is not None else text_field
+    if key not in row:
+        raise ValueError(f"{where}: missing {'messages' if messages_field else 'text'} field {key!r} "
+                         f"(keys: {sorted(row)})")
+    messages = None
+    if messages_field is not None:
+        messages = _chat(row[key], where, key)
+        text = messages[-1]["content"]
+    else:
+        text = row[key]
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: field {key!r} is {type(text).__name__}, expected a string")
+        if not text.strip():
+            return None
+    if id_field is not None and row.get(id_field) is not None:
+        prompt_id = str(row[id_field])
+    else:
+        prompt_id = default_id
+    metadata: dict[str, Any] = {}
+    for name in metadata_fields:
+        if name not in row:
+            raise ValueError(f"{where}: missing metadata field {name!r} (keys: {sorted(row)})")
+        metadata[name] = _json_like(row[name], where, name)
+    return Prompt(prompt_id, text, metadata, messages)
+
+
 def load_jsonl(
     path: str | Path,
     *,
     text_field: str = "text",
     id_field: str | None = "id",
     metadata_fields: Sequence[str] = (),
+    messages_field: str | None = None,
 ) -> list[Prompt]:
     """Load prompts from a JSON-lines file.
 
@@ -94,7 +164,9 @@ def load_jsonl(
         id_field: key holding the prompt id (converted with ``str``). When
             ``None``, or when a line lacks the key, the id is
             ``f"{file stem}:{line number}"`` (1-based physical line).
-        metadata_fields: keys copied into ``Prompt.metadata``.
+        metadata_fields: keys copied into ``Prompt.metadata`` (JSON-like values).
+        messages_field: key holding the prompt as a chat (a list of ``{"role",
+            "content"}`` messages) instead of ``text_field``.
 
     Returns:
         Prompts in file order. Lines whose text is empty/whitespace are
@@ -103,46 +175,135 @@ def load_jsonl(
     Raises:
         FileNotFoundError: if the file does not exist.
         ValueError: on invalid JSON, a non-object line, a missing or non-string
-            text field, a missing metadata field, or duplicate ids (the
-            message gives the line number).
+            text field, a malformed messages list, a missing metadata field, or
+            duplicate ids (the message gives the line number).
     """
     path = Path(path)
     if isinstance(metadata_fields, str):
         metadata_fields = (metadata_fields,)
+
+    def rows() -> Iterator[tuple[dict, str, str]]:
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{line_no}: invalid JSON: {exc}") from exc
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+                yield row, f"{path}:{line_no}", f"{path.stem}:{line_no}"
+
+    return _rows_to_prompts(rows(), path, "lines", text_field=text_field, id_field=id_field,
+                            messages_field=messages_field, metadata_fields=metadata_fields)
+
+
+def _rows_to_prompts(rows: Iterable[tuple[dict, str, str]], origin: Union[str, Path], what: str,
+                     **fields: Any) -> list[Prompt]:
+    """Prompts of ``(row, where, default id)`` triples (:func:`_row_prompt`); empty texts skipped with
+    a warning, ids checked unique."""
     prompts: list[Prompt] = []
     skipped = 0
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: invalid JSON: {exc}") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            if text_field not in row:
-                raise ValueError(f"{path}:{line_no}: missing text field {text_field!r} (keys: {sorted(row)})")
-            text = row[text_field]
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{line_no}: field {text_field!r} is {type(text).__name__}, expected a string")
-            if not text.strip():
-                skipped += 1
-                continue
-            if id_field is not None and id_field in row and row[id_field] is not None:
-                prompt_id = str(row[id_field])
-            else:
-                prompt_id = f"{path.stem}:{line_no}"
-            metadata: dict[str, Any] = {}
-            for key in metadata_fields:
-                if key not in row:
-                    raise ValueError(f"{path}:{line_no}: missing metadata field {key!r} (keys: {sorted(row)})")
-                metadata[key] = row[key]
-            prompts.append(Prompt(prompt_id, text, metadata))
+    for row, where, default_id in rows:
+        prompt = _row_prompt(row, where, default_id, **fields)
+        if prompt is None:
+            skipped += 1
+        else:
+            prompts.append(prompt)
     if skipped:
-        log.warning("%s: skipped %d lines with empty text", path, skipped)
-    _check_unique(prompts, path)
+        log.warning("%s: skipped %d %s with empty text", origin, skipped, what)
+    _check_unique(prompts, Path(origin))
     return prompts
+
+
+DATASET_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+"""File extensions ``datasets`` reads, and the builder that reads them (a ``.gz`` suffix is allowed)."""
+
+
+def dataset_format(path: Union[str, Path]) -> str:
+    """The ``datasets`` builder for a data file, from its extension (``data.jsonl.gz`` -> ``json``).
+
+    Raises:
+        ValueError: an extension ``datasets`` does not read (the message lists those it does).
+    """
+    suffixes = [x.lower() for x in Path(path).suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes.pop()
+    found = DATASET_FORMATS.get(suffixes[-1]) if suffixes else None
+    if found is None:
+        raise ValueError(f"{path}: cannot tell the file format from its name; fix: use one of "
+                         f"{', '.join(DATASET_FORMATS)} (optionally .gz) or set format = \"parquet\"/\"json\"/"
+                         "\"csv\"/\"arrow\"")
+    return found
+
+
+def load_dataset_prompts(
+    path: Optional[Union[str, Path]] = None,
+    *,
+    dataset: Optional[str] = None,
+    subset: Optional[str] = None,
+    split: str = "train",
+    format: Optional[str] = None,
+    text_field: str = "text",
+    id_field: Optional[str] = "id",
+    messages_field: Optional[str] = None,
+    metadata_fields: Sequence[str] = (),
+) -> list[Prompt]:
+    """Load prompts with Hugging Face ``datasets``: a local file or folder, or a hub data set.
+
+    Exactly one of ``path`` and ``dataset``:
+
+    * ``path`` a file: ``datasets.load_dataset(format, data_files=path, split="train")``
+      with ``format`` from the extension (:func:`dataset_format`) unless given (parquet,
+      json for ``.json``/``.jsonl``, csv, arrow); a folder: ``datasets.load_from_disk``
+      (a ``DatasetDict`` gives its ``split``).
+    * ``dataset`` a hub id: ``datasets.load_dataset(dataset, subset, split=split)``
+      (downloaded once into the Hugging Face cache, with a progress bar; needs the network
+      or the cache).
+
+    Rows become prompts as in :func:`load_jsonl` (``text_field`` or ``messages_field``,
+    ``id_field``, ``metadata_fields``); the default id is ``f"{name}:{row}"`` (1-based row;
+    name = the file stem, or ``dataset/split``).
+
+    Returns:
+        Prompts in data set order; rows with empty text skipped (with a warning).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: neither or both of ``path``/``dataset``, an unknown extension, the split is
+            missing, a column is missing (the message lists the columns), a malformed row, or
+            duplicate ids.
+        Exception: what ``datasets`` raises for an unreadable file or an unknown hub id.
+    """
+    import datasets
+
+    if (path is None) == (dataset is None):
+        raise ValueError("load_dataset_prompts: give exactly one of path (a local file or folder) or dataset (a hub id)")
+    if dataset is not None:
+        data = datasets.load_dataset(dataset, subset, split=split)
+        name, origin = f"{dataset}/{split}", dataset
+    else:
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        name, origin = path.stem.split(".")[0], str(path)
+        if path.is_dir():
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise ValueError(f"{path}: no split {split!r} (splits: {sorted(data)}); fix: set split")
+                data = data[split]
+        else:
+            data = datasets.load_dataset(format or dataset_format(path), data_files=str(path), split="train")
+    wanted = [messages_field if messages_field is not None else text_field, *metadata_fields]
+    missing = [c for c in wanted if c not in data.column_names]
+    if missing:
+        raise ValueError(f"{origin}: columns {missing} not in the data set (columns: {data.column_names}); fix: set "
+                         "text_field / messages_field / metadata_fields to existing columns")
+    rows = ((row, f"{origin} row {row_no}", f"{name}:{row_no}") for row_no, row in enumerate(data, start=1))
+    return _rows_to_prompts(rows, origin, "rows", text_field=text_field, id_field=id_field,
+                            messages_field=messages_field, metadata_fields=metadata_fields)
 
 
 _BR_RE = re.compile(r"<\s*br\s*/?\s*>", re.IGNORECASE)
@@ -238,27 +399,31 @@ def load_csv(
     return prompts
 
 
-def load_gsm8k(path: str | Path) -> list[Prompt]:
+def load_gsm8k(path: str | Path, *, metadata_fields: Sequence[str] = ()) -> list[Prompt]:
     """Load GSM8K (``{"question": ..., "answer": "... #### 72"}`` per line).
 
     Args:
         path: GSM8K jsonl file.
+        metadata_fields: keys copied into the metadata besides ``answer``.
 
     Returns:
         Prompts with ``text`` = question, ``metadata = {"answer": full answer
-        text}``, ids ``f"{file stem}:{line number}"``.
+        text, ...}``, ids ``f"{file stem}:{line number}"``.
 
     Raises:
         FileNotFoundError, ValueError: as :func:`load_jsonl`.
     """
-    return load_jsonl(path, text_field="question", id_field=None, metadata_fields=("answer",))
+    extra = tuple(name for name in metadata_fields if name != "answer")
+    return load_jsonl(path, text_field="question", id_field=None, metadata_fields=("answer", *extra))
 
 
 def load_prompts(source: PromptSource) -> list[Prompt]:
     """Load the prompts of a validated prompt source (the options of its kind were checked at load).
 
-    ``jsonl``: :func:`load_jsonl` with ``text_field`` and ``id_field``; ``csv``:
-    :func:`load_csv` with ``column`` and ``first_k_words``; ``gsm8k``: :func:`load_gsm8k`.
+    ``jsonl``: :func:`load_jsonl`; ``csv``: :func:`load_csv` (``column``, ``first_k_words``,
+    ``metadata_fields`` as columns); ``gsm8k``: :func:`load_gsm8k`; ``datasets``:
+    :func:`load_dataset_prompts`. Every kind takes ``metadata_fields``; ``jsonl`` and
+    ``datasets`` take ``text_field`` or ``messages_field``, and ``id_field``.
 
     Args:
         source: ``generator.prompts`` or ``learner.ptx_data`` of a config.
@@ -268,13 +433,21 @@ def load_prompts(source: PromptSource) -> list[Prompt]:
 
     Raises:
         FileNotFoundError: if the file does not exist (``streamrl check`` reports it first).
-        ValueError: the loader rejects the data (the message gives file and line).
+        ValueError: the loader rejects the data (the message gives file and line or row).
     """
+    fields = tuple(source.metadata_fields)
     if source.kind == "jsonl":
-        return load_jsonl(source.path, text_field=source.text_field, id_field=source.id_field)
+        return load_jsonl(source.path, text_field=source.text_field, id_field=source.id_field,
+                          messages_field=source.messages_field, metadata_fields=fields)
     if source.kind == "csv":
-        return load_csv(source.path, column=source.column, first_k_words=source.first_k_words)
-    return load_gsm8k(source.path)
+        return load_csv(source.path, column=source.column, first_k_words=source.first_k_words,
+                        metadata_columns=fields)
+    if source.kind == "datasets":
+        location = {"dataset": source.dataset} if source.dataset is not None else {"path": source.path}
+        return load_dataset_prompts(**location, subset=source.subset, split=source.split, format=source.format,
+                                    text_field=source.text_field, id_field=source.id_field,
+                                    messages_field=source.messages_field, metadata_fields=fields)
+    return load_gsm8k(source.path, metadata_fields=fields)
 
 
 def _unit_hash(prompt_id: str, seed: int) -> float:
@@ -409,24 +582,39 @@ class PromptStream:
 _warned_no_template = False
 
 
-def format_prompt(text: str, tokenizer: Any, *, chat_template: bool, system: str | None = None) -> str:
-    """Turn raw prompt text into the string given to the model.
+def format_prompt(text: str, tokenizer: Any, *, chat_template: bool, system: str | None = None,
+                  messages: Optional[Sequence[dict]] = None) -> str:
+    """Turn a prompt into the string given to the model.
 
     Args:
-        text: raw prompt text.
-        tokenizer: a ``transformers`` tokenizer (only used when
-            ``chat_template`` is True).
+        text: raw prompt text (unused when ``messages`` is given).
+        tokenizer: a ``transformers`` tokenizer (only used with a chat template or ``messages``).
         chat_template: if True and ``tokenizer.chat_template`` is set, render
             ``[{"role": "system", "content": system}?, {"role": "user",
             "content": text}]`` with ``apply_chat_template(...,
             tokenize=False, add_generation_prompt=True)``.
-        system: optional system message (only used with a chat template).
+        system: optional system message (with a chat template; with ``messages``, added
+            first when they hold no system message).
+        messages: the prompt as a chat (:attr:`Prompt.messages`): always rendered with the
+            tokenizer's chat template and the generation prompt, whatever ``chat_template`` says.
 
     Returns:
         The formatted prompt string; ``text`` unchanged when no template is
         used (``chat_template`` False, or the tokenizer has none, in which
         case ``system`` is ignored).
+
+    Raises:
+        ValueError: ``messages`` given but the tokenizer has no chat template.
     """
+    if messages is not None:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the prompts are chat messages (prompts.messages_field) but the tokenizer of "
+                             "model.path has no chat template to render them; fix: use a chat model (one whose "
+                             "tokenizer_config.json has a chat_template) or give the prompts as text (text_field)")
+        chat = list(messages)
+        if system is not None and not any(m.get("role") == "system" for m in chat):
+            chat.insert(0, {"role": "system", "content": system})
+        return str(tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
     if not chat_template:
         return text
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -435,9 +623,24 @@ def format_prompt(text: str, tokenizer: Any, *, chat_template: bool, system: str
             log.warning("chat_template requested but the tokenizer has none; using raw prompt text")
             _warned_no_template = True
         return text
-    messages = []
+    chat = []
     if system is not None:
-        messages.append({"role": "system", "content": system})
-    messages.append({"role": "user", "content": text})
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        chat.append({"role": "system", "content": system})
+    chat.append({"role": "user", "content": text})
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     return str(rendered)
+
+
+def conversation_text(prompt: Prompt, tokenizer: Any) -> str:
+    """A prompt as training text (PPO-ptx): its text, or its whole chat rendered with the chat
+    template (no generation prompt: the conversation is complete).
+
+    Raises:
+        ValueError: a chat prompt and a tokenizer without a chat template.
+    """
+    if prompt.messages is None:
+        return prompt.text
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("learner.ptx_data holds chat messages but the tokenizer of model.path has no chat template; "
+                         "fix: use a chat model or give the data as text (text_field)")
+    return str(tokenizer.apply_chat_template(list(prompt.messages), tokenize=False))

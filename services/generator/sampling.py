@@ -76,8 +76,10 @@ def prepare_prompts(
     Raises:
         ValueError: a prompt encodes to no tokens.
     """
-    texts = [format_prompt(p.text, tokenizer, chat_template=chat_template, system=system_prompt) for p in prompts]
-    ids = encode_prompts(tokenizer, texts, max_prompt_tokens=max_prompt_tokens, add_special_tokens=not chat_template)
+    texts = [format_prompt(p.text, tokenizer, chat_template=chat_template, system=system_prompt, messages=p.messages)
+             for p in prompts]
+    templated = chat_template or any(p.messages is not None for p in prompts)  # the template holds the specials
+    ids = encode_prompts(tokenizer, texts, max_prompt_tokens=max_prompt_tokens, add_special_tokens=not templated)
     return texts, ids
 
 

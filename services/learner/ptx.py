@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from streamrl.common.config import PromptSource
-from streamrl.common.prompts import PromptStream, load_prompts
+from streamrl.common.prompts import PromptStream, conversation_text, load_prompts
 from streamrl.common.tensors import pad_right
 from streamrl.services.learner.trainer import PtxBatch
 
@@ -31,7 +31,7 @@ class PtxSampler:
         self.max_tokens = max_tokens
 
     def __call__(self) -> PtxBatch:
-        texts = [p.text for p in self.stream.next_batch(self.batch_size)]
+        texts = [conversation_text(p, self.tokenizer) for p in self.stream.next_batch(self.batch_size)]
         ids = [self.tokenizer(t)["input_ids"][: self.max_tokens] for t in texts]
         input_ids, attention = pad_right(ids, value=self.tokenizer.pad_token_id, dtype=torch.long)
         return PtxBatch(input_ids=input_ids, attention_mask=attention.long())
