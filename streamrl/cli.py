@@ -134,10 +134,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     env[OVERRIDES_ENV] = "\n".join(args.overrides)
     env["PYTHON"] = sys.executable
     env.setdefault("PYTHONUNBUFFERED", "1")
-    print(f"streamrl: starting learner, buffer, {scorers} scorer(s) and {args.generators} generator(s); "
-          f"output in {config.run.output_dir}", flush=True)
-    code = run_procfile(PROCFILE, {"generator": args.generators, "scorer": scorers}, env, os.getcwd(),
-                        stop_timeout_s=args.stop_timeout)
+    feedback = 1 if config.feedback.enabled else 0
+    print(f"streamrl: starting learner, buffer, {scorers} scorer(s) and {args.generators} generator(s)"
+          + (f", feedback page on http://{config.feedback.http_host}:{config.feedback.http_port}/" if feedback else "")
+          + f"; output in {config.run.output_dir}", flush=True)
+    code = run_procfile(PROCFILE, {"generator": args.generators, "scorer": scorers, "feedback": feedback}, env,
+                        os.getcwd(), stop_timeout_s=args.stop_timeout)
     if interrupted(code):
         print(f"streamrl: stopped by a signal (exit status {code}); every service has exited", file=sys.stderr)
         if args.eval:
@@ -146,13 +148,58 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def _add_target_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--generator-hosts", metavar="HOST[:N],...", help="generators run on these hosts, N on "
+                        "each (ports generator_port + 0..N-1), instead of --generators on this machine")
+
+
+def _config_targets(args: argparse.Namespace, config):
+    """The metrics endpoints of ``config`` (``--generators`` here, or ``--generator-hosts``); None after a usage error."""
+    from streamrl.status import parse_hosts, targets
+
+    try:
+        hosts = parse_hosts(args.generator_hosts) if args.generator_hosts else None
+    except ValueError as err:
+        print(f"streamrl: --generator-hosts {err}", file=sys.stderr)
+        return None
+    return targets(config, args.generators, hosts)
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    """Write the run's metrics endpoints as a Prometheus file_sd file (``deploy/targets/*.json``)."""
+    from streamrl.status import file_sd
+
+    ts = _config_targets(args, _load(args))
+    if ts is None:
+        return 2
+    text = json.dumps(file_sd(ts), indent=2) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"{args.output}: {len(ts)} targets", file=sys.stderr)
+    else:
+        print(text, end="")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Print (or with --watch keep refreshing) the status table of a running job."""
-    from streamrl.status import render
+    from streamrl.status import kubernetes_targets, read_file_sd, render
 
     config = _load(args)
-    while True:
-        table = render(config, args.generators, args.interval)
+    while True:  # the targets are read again at each refresh: pods and hosts come and go
+        try:
+            if args.kubernetes:
+                ts = kubernetes_targets(args.kubernetes, args.namespace)
+            elif args.targets:
+                ts = read_file_sd(args.targets)
+            else:
+                ts = _config_targets(args, config)
+        except (OSError, ValueError) as err:
+            print(f"streamrl: {err}", file=sys.stderr)
+            return 2
+        if ts is None:
+            return 2
+        table = render(config, args.generators, args.interval, ts)
         if not args.watch:
             print(table)
             return 0
@@ -232,7 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--generators", type=int, default=4, help="generator replicas to look for (default 4)")
     status.add_argument("--interval", type=float, default=2.0, help="seconds between the two scrapes for rates")
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    _add_target_args(status)
+    status.add_argument("--targets", help="read the targets from this Prometheus file_sd file (JSON or YAML) "
+                        "instead of the config")
+    status.add_argument("--kubernetes", metavar="API_URL", help="read the pods of --namespace through the "
+                        "Kubernetes API at this URL (`kubectl proxy` serves http://127.0.0.1:8001)")
+    status.add_argument("--namespace", default="streamrl", help="Kubernetes namespace (default streamrl)")
     status.set_defaults(func=cmd_status)
+    sd = sub.add_parser("targets", help="write the run's metrics endpoints as a Prometheus file_sd file")
+    _add_config_args(sd)
+    sd.add_argument("--generators", type=int, default=4, help="generators on this machine (default 4)")
+    _add_target_args(sd)
+    sd.add_argument("--output", "-o", help="file to write (default: standard output); Prometheus reads "
+                    "deploy/targets/*.json next to deploy/prometheus.yml")
+    sd.set_defaults(func=cmd_targets)
     keys = sub.add_parser("keys", help="CURVE keys for security.keys_dir (authentication and encryption)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     generate = keys_sub.add_parser("generate", help="server key pair, one client pair per name, allow-list "

@@ -1,38 +1,198 @@
-"""``streamrl status``: one table of the whole run, read from every service's metrics endpoint."""
+"""``streamrl status``: one table of the whole run, read from every service's metrics endpoint.
+
+Where the endpoints are comes from one of three places, the same ones Prometheus uses:
+
+* the run config (:func:`targets`): the learner's metrics on the host of ``endpoints.weights``,
+  the buffer's on the host of ``endpoints.buffer``, scorer i on the host of ``endpoints.scorers[i]``
+  (port = base + its position among the scorers of that host), generators on the hosts given
+  (``--generator-hosts gen-a:2,gen-b:2``; default: ``--generators N`` on this machine). Loopback
+  endpoints mean this machine at ``metrics.host``. :func:`file_sd` writes these targets as a
+  Prometheus ``file_sd_configs`` file (``streamrl targets``);
+* such a file (:func:`read_file_sd`), e.g. one a generator host added for itself;
+* a Kubernetes namespace (:func:`kubernetes_targets`), through ``kubectl proxy``: every pod with
+  the annotation ``prometheus.io/scrape: "true"`` (what ``deploy/k8s`` sets), read through the API
+  server's pod proxy, so it works from outside the cluster network.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamrl.common.config import Config
 
+SERVICES = ("learner", "buffer", "scorer", "generator")
+"""Services with a metrics endpoint, in table order."""
+COMPONENT_LABEL = "app.kubernetes.io/component"
+"""Pod label naming the service (``deploy/k8s`` sets it on every pod)."""
+
 
 @dataclass
 class Target:
-    """One service process to read: name and metrics port."""
+    """One service process to read: its name (``process`` label), service, host and metrics port.
+
+    ``url`` overrides ``http://host:port/metrics`` (e.g. the Kubernetes API server's pod proxy).
+    """
 
     name: str
     service: str
     port: int
+    host: str = "127.0.0.1"
+    url: str = ""
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as Prometheus writes a target (IPv6 in brackets)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return self.url or f"http://{self.address}/metrics"
 
 
-def targets(cfg: Config, generators: int) -> list[Target]:
-    """The metrics endpoints of a run: learner, buffer, one per scorer endpoint, ``generators`` generators."""
-    m = cfg.metrics
-    out = [Target("learner-0", "learner", m.learner_port), Target("buffer-0", "buffer", m.buffer_port)]
-    out += [Target(f"scorer-{i}", "scorer", m.scorer_port + i) for i in range(len(cfg.endpoints.scorers))]
-    out += [Target(f"generator-{i}", "generator", m.generator_port + i) for i in range(generators)]
+def _is_local(host: str) -> bool:
+    if host in ("localhost", "*", ""):
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
+def _endpoint_host(endpoint: str) -> str:
+    transport, _, address = endpoint.partition("://")
+    return address.rpartition(":")[0].strip("[]") if transport == "tcp" else ""
+
+
+def parse_hosts(text: str) -> list[tuple[str, int]]:
+    """``"gen-a:2,gen-b"`` -> ``[("gen-a", 2), ("gen-b", 1)]`` (host, replicas on it).
+
+    Raises:
+        ValueError: an empty host or a count that is not a positive integer.
+    """
+    out = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        host, colon, count = item.rpartition(":") if item.count(":") == 1 else (item, "", "1")
+        if not host or not count.isdigit() or int(count) < 1:
+            raise ValueError(f"{item!r}: expected HOST or HOST:COUNT (COUNT >= 1), e.g. gen-a:2")
+        out.append((host, int(count)))
     return out
 
 
-def read(host: str, port: int, timeout: float = 2.0) -> dict[str, float] | None:
-    """Unlabelled samples (plus ``name{k=v}`` for labelled ones) of one endpoint; None if it is down."""
+def targets(cfg: Config, generators: int, generator_hosts: list[tuple[str, int]] | None = None) -> list[Target]:
+    """The metrics endpoints of a run from its config (see the module docstring).
+
+    Args:
+        cfg: the run config.
+        generators: generators on this machine (ports ``generator_port + i``), when ``generator_hosts`` is None.
+        generator_hosts: ``(host, count)`` per generator host: ``count`` generators on ``host`` with the
+            local indices 0..count-1.
+    """
+    m, e = cfg.metrics, cfg.endpoints
+    local = "127.0.0.1" if _is_local(m.host) else m.host
+
+    def where(endpoint: str) -> str:
+        host = _endpoint_host(endpoint)
+        return local if _is_local(host) else host
+
+    out = [Target("learner-0", "learner", m.learner_port, where(e.weights)),
+           Target("buffer-0", "buffer", m.buffer_port, where(e.buffer))]
+    seen: dict[str, int] = {}
+    for i, endpoint in enumerate(e.scorers):
+        host = where(endpoint)
+        position = seen[host] = seen.get(host, -1) + 1
+        out.append(Target(f"scorer-{i}", "scorer", m.scorer_port + position, host))
+    hosts = generator_hosts if generator_hosts is not None else [(local, generators)]
+    number = 0
+    for host, count in hosts:
+        for position in range(count):
+            name = f"generator-{number}" if generator_hosts is None else f"generator-{host}-{position}"
+            out.append(Target(name, "generator", m.generator_port + position, host))
+            number += 1
+    return out
+
+
+def file_sd(ts: list[Target]) -> list[dict]:
+    """Prometheus ``file_sd_configs`` content: one group per target, labelled ``service`` and ``process``."""
+    return [{"targets": [t.address], "labels": {"service": t.service, "process": t.name}} for t in ts]
+
+
+def read_file_sd(path: str | Path) -> list[Target]:
+    """The targets of a Prometheus ``file_sd`` file (JSON or YAML) that carry a ``service`` label.
+
+    Raises:
+        ValueError: the file is not a list of ``{targets, labels}`` groups or a target is not ``host:port``.
+        OSError: the file cannot be read.
+    """
+    groups = yaml.safe_load(Path(path).read_text())  # JSON is YAML
+    if not isinstance(groups, list):
+        raise ValueError(f"{path}: expected a list of {{targets: [...], labels: {{...}}}} groups")
+    out = []
+    for group in groups:
+        labels = group.get("labels") or {}
+        if labels.get("service") not in SERVICES:
+            continue
+        for address in group.get("targets", []):
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{path}: target {address!r} is not host:port")
+            out.append(Target(labels.get("process", address), labels["service"], int(port), host.strip("[]")))
+    return out
+
+
+def kubernetes_targets(api: str, namespace: str, selector: str = "app.kubernetes.io/part-of=streamrl",
+                       timeout: float = 5.0) -> list[Target]:
+    """Every scrapable streamrl pod of ``namespace``, read through the API server (e.g. ``kubectl proxy``).
+
+    Args:
+        api: base URL of the Kubernetes API, e.g. ``http://127.0.0.1:8001`` from ``kubectl proxy``.
+        namespace: the run's namespace.
+        selector: label selector of the run's pods.
+
+    A pod counts when it is annotated ``prometheus.io/scrape: "true"`` with a ``prometheus.io/port``;
+    its service is its ``app.kubernetes.io/component`` label and its name the pod name. Metrics are
+    read at ``/api/v1/namespaces/NS/pods/NAME:PORT/proxy/metrics``.
+
+    Raises:
+        OSError: the API cannot be reached (the message names the URL).
+    """
+    base = api.rstrip("/")
+    url = f"{base}/api/v1/namespaces/{namespace}/pods?" + urllib.parse.urlencode({"labelSelector": selector})
     try:
-        body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout).read().decode()
+        pods = json.loads(urllib.request.urlopen(url, timeout=timeout).read())
+    except (OSError, ValueError) as err:
+        raise OSError(f"cannot list pods at {url}: {err}; fix: run `kubectl proxy` and pass its URL") from None
+    out = []
+    for pod in pods.get("items", []):
+        meta = pod.get("metadata", {})
+        notes, labels = meta.get("annotations") or {}, meta.get("labels") or {}
+        service, port = labels.get(COMPONENT_LABEL), notes.get("prometheus.io/port", "")
+        if notes.get("prometheus.io/scrape") != "true" or service not in SERVICES or not port.isdigit():
+            continue
+        name = meta["name"]
+        out.append(Target(name, service, int(port), pod.get("status", {}).get("podIP") or name,
+                          url=f"{base}/api/v1/namespaces/{namespace}/pods/{name}:{port}/proxy/metrics"))
+    return sorted(out, key=lambda t: (SERVICES.index(t.service), t.name))
+
+
+def read(host: str, port: int, timeout: float = 2.0) -> dict[str, float] | None:
+    """Unlabelled samples (plus ``name{k=v}`` for labelled ones) of ``http://host:port/metrics``; None if it is down."""
+    return read_url(Target("", "", port, host).metrics_url, timeout)
+
+
+def read_url(url: str, timeout: float = 2.0) -> dict[str, float] | None:
+    """Samples of the Prometheus text at ``url`` (see :func:`read`); None if it cannot be read."""
+    try:
+        body = urllib.request.urlopen(url, timeout=timeout).read().decode()
     except OSError:
         return None
     out: dict[str, float] = {}
@@ -49,7 +209,7 @@ def describe(service: str, now: dict[str, float], before: dict[str, float] | Non
         return now.get(f"streamrl_{service}_{name}", 0.0)
 
     def rate(name: str) -> float:
-        if not before:
+        if not before or dt <= 0:
             return 0.0
         key = f"streamrl_{service}_{name}"
         return (now.get(key, 0.0) - before.get(key, 0.0)) / dt
@@ -69,19 +229,22 @@ def describe(service: str, now: dict[str, float], before: dict[str, float] | Non
             f"waiting for weights {g('weight_wait_seconds_total'):.0f}s")
 
 
-def render(cfg: Config, generators: int, interval: float) -> str:
-    """Scrape every target twice, ``interval`` seconds apart, and return the table."""
-    host = cfg.metrics.host
-    ts = targets(cfg, generators)
-    first = {t.name: read(host, t.port) for t in ts}
+def render(cfg: Config, generators: int, interval: float, ts: list[Target] | None = None) -> str:
+    """Scrape every target twice, ``interval`` seconds apart, and return the table.
+
+    ``ts`` (from :func:`read_file_sd` or :func:`kubernetes_targets`) replaces the targets of the config.
+    """
+    ts = targets(cfg, generators) if ts is None else ts
+    first = {t.name: read_url(t.metrics_url) for t in ts}
     time.sleep(interval)
-    lines = [f"{'process':<13} {'state':<5} {'port':<6} detail"]
+    width = max([13, *(len(t.name) + 1 for t in ts)])
+    lines = [f"{'process':<{width}} {'state':<5} {'address':<21} detail"]
     for t in ts:
-        now = read(host, t.port)
+        now = read_url(t.metrics_url)
         state = "up" if now is not None else "DOWN"
         detail = describe(t.service, now, first[t.name], interval) if now is not None else ""
         rejected = sum(v for k, v in (now or {}).items() if "messages_rejected_total{" in k)
         if rejected:
             detail += f"  rejected {rejected:.0f}"
-        lines.append(f"{t.name:<13} {state:<5} {t.port:<6} {detail}")
+        lines.append(f"{t.name:<{width}} {state:<5} {t.address:<21} {detail}")
     return "\n".join(lines)

@@ -2,9 +2,8 @@
 
 One run (learner, buffer, scorer, 2 generators on loopback with fresh ports) and one
 ``prometheus`` process serve every test of this module. The scrape config is the
-shipped file with each target's port moved from the default base port to the run's
-(replica i stays base + i), targets of replicas not started dropped, job names and
-labels kept, and a 1 s scrape interval.
+shipped file (file-based discovery) with a 1 s scrape interval, reading a targets file
+that ``streamrl targets`` code wrote for the run's config.
 """
 
 from __future__ import annotations
@@ -19,9 +18,10 @@ import urllib.request
 import pytest
 import yaml
 
-from streamrl.common.config import MetricsSection
+from streamrl.common.config import load_config
+from streamrl.status import file_sd, targets
 from promql import load_dashboard, metric_names, queries, to_prometheus
-from streamrl.testing import free_port, local_run_config, wait_until, write_config
+from streamrl.testing import free_port, local_run_config, stop_process, wait_until, write_config
 from support import REPO
 
 pytestmark = pytest.mark.slow
@@ -30,24 +30,13 @@ GENERATORS, SCORERS = 2, 1
 PROCESSES = {"learner-0", "buffer-0", "scorer-0", "generator-0", "generator-1"}
 
 
-def run_scrape_config(ports: dict[str, int], replicas: dict[str, int]) -> dict:
-    """deploy/prometheus.yml pointed at a run's metrics ports (``{'generator_port': p, ...}``)."""
+def run_scrape_config(folder, cfg, generators: int) -> dict:
+    """deploy/prometheus.yml with a 1 s interval, and ``folder/targets/run.json`` written as ``streamrl targets``
+    writes it for the run's config (its ports) and ``generators`` generators."""
     config = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"}
-    defaults = MetricsSection()
-    for job in config["scrape_configs"]:
-        for static in job["static_configs"]:
-            service = static["labels"]["service"]
-            base = getattr(defaults, f"{service}_port")
-            moved = []
-            for target in static["targets"]:
-                host, port = target.rsplit(":", 1)
-                index = int(port) - base
-                assert 0 <= index < 16, f"{target} is not a {service} port of the default config"
-                if index < replicas[service]:
-                    moved.append(f"{host}:{ports[f'{service}_port'] + index}")
-            static["targets"] = moved
-        job["static_configs"] = [s for s in job["static_configs"] if s["targets"]]
+    (folder / "targets").mkdir()
+    (folder / "targets" / "run.json").write_text(json.dumps(file_sd(targets(cfg, generators))))
     return config
 
 
@@ -87,8 +76,7 @@ def prometheus_run(tmp_path_factory, tiny_model_dir):
             procs.start(name)
         for i in range(GENERATORS):
             procs.start("generator", i)
-        config = run_scrape_config(sections["metrics"], {"learner": 1, "buffer": 1, "scorer": SCORERS,
-                                                         "generator": GENERATORS})
+        config = run_scrape_config(tmp, load_config(tmp / "run.toml"), GENERATORS)
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         port = free_port()
         prom_log = open(tmp / "prometheus.log", "wb")
@@ -111,12 +99,7 @@ def prometheus_run(tmp_path_factory, tiny_model_dir):
         yield port, procs
     finally:
         if prom is not None:
-            prom.terminate()
-            try:
-                prom.wait(10)
-            except subprocess.TimeoutExpired:
-                prom.kill()
-                prom.wait()
+            stop_process(prom)
         procs.close()
 
 
