@@ -627,6 +627,16 @@ class LearnerSection(_Section):
     keep_checkpoints: int = Field(3, ge=1, description="newest complete checkpoints kept; older ones are deleted")
     batch_timeout_s: float = Field(600.0, gt=0, description="give up when no batch arrives for this long, seconds")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_kl_target(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "kl_target" in data:
+            raise _rule("`kl_target` is now `kl_target_per_sequence`, in nats per sequence (the per-token KL summed "
+                        "over a completion, as Ziegler et al. 2019), no longer per token; fix: rename it to "
+                        "learner.kl_target_per_sequence and multiply a per-token target by the mean completion "
+                        "length", "kl_target")
+        return data
+
     @model_validator(mode="after")
     def _kl_loss_estimator(self) -> "LearnerSection":
         if self.kl_penalty is KLPenaltyMode.LOSS and self.kl_estimator is KLEstimator.K1:

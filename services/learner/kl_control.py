@@ -1,11 +1,36 @@
-"""KL-penalty coefficient controllers (the beta of the KL penalty to the reference)."""
+"""KL-penalty coefficient controllers (the beta of the KL penalty to the reference).
+
+Units: the adaptive controller compares the KL *per sequence* (nats summed over a
+completion's tokens, averaged over the batch's sequences; :func:`per_sequence_kl`) with
+its target, as Ziegler et al. 2019 and TRL do; not the per-token mean.
+"""
 
 from __future__ import annotations
 
 import math
 from typing import Any, Protocol
 
-__all__ = ["AdaptiveKLController", "FixedKLController", "KLController", "make_kl_controller"]
+from torch import Tensor
+
+from streamrl.common.tensors import masked_sum
+
+__all__ = ["AdaptiveKLController", "FixedKLController", "KLController", "make_kl_controller", "per_sequence_kl"]
+
+
+def per_sequence_kl(kl_tokens: Tensor, mask: Tensor) -> Tensor:
+    """Mean over sequences of the summed per-token KL estimates: ``mean_b sum_t KL[b, t]``
+    (nats per sequence), the quantity the adaptive controller targets (Ziegler et al. 2019,
+    whose KL is that of whole samples; TRL's ``mean_kl = kl.sum(1).mean()``).
+
+    Args:
+        kl_tokens: ``[B, T]`` per-token KL estimates (garbage in padding is ignored).
+        mask: ``[B, T]`` bool or float, non-zero = real token.
+
+    Returns:
+        0-d tensor, dtype of ``kl_tokens``; 0 for an empty batch.
+    """
+    per_row = masked_sum(kl_tokens, mask, dim=1)
+    return per_row.mean() if per_row.numel() else per_row.sum()
 
 
 class KLController(Protocol):
@@ -48,8 +73,9 @@ class AdaptiveKLController:
 
     Args:
         init_kl_coef: starting beta (>= 0).
-        target: KL_target (> 0), in the same units as the KL passed to :meth:`update`.
-        horizon: steps (samples) over which beta may change by roughly e^(+-0.2) (> 0).
+        target: KL_target (> 0), nats per sequence (the units of :func:`per_sequence_kl`,
+            which the learner passes to :meth:`update`).
+        horizon: samples over which beta may change by roughly e^(+-0.2) (> 0).
 
     Raises:
         ValueError: on any argument out of range.
@@ -75,7 +101,7 @@ class AdaptiveKLController:
         """Move beta towards the value that holds the KL at ``target``.
 
         Args:
-            current_kl: mean KL of the batch just used (finite).
+            current_kl: KL per sequence of the batch just used (:func:`per_sequence_kl`; finite).
             n_steps: samples in that batch (>= 0).
 
         Raises:

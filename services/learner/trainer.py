@@ -30,7 +30,7 @@ from streamrl.common.modes import AdvantageEstimator, KLPenaltyMode
 from streamrl.common.tensors import fill_padding, masked_mean, masked_whiten
 from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards
 from streamrl.services.learner.batch import ModelOutput, TrainBatch, forward_completions
-from streamrl.services.learner.kl_control import make_kl_controller
+from streamrl.services.learner.kl_control import make_kl_controller, per_sequence_kl
 from streamrl.services.learner.losses import kl_to_reference, policy_loss, sft_loss, value_loss
 from streamrl.services.learner.normalization import RunningMeanStd
 
@@ -57,7 +57,9 @@ class Targets:
         ref_logprobs: ``[B, T]`` frozen reference log-probs (nats).
         advantages: ``[B, T]`` float32, 0 on padding.
         returns: ``[B, T]`` value targets (``gae`` only, else None).
-        kl_mean: mean per-token KL(pi_old || pi_ref) estimate, nats.
+        kl_mean: mean per-token KL(pi_old || pi_ref) estimate, nats per token.
+        kl_per_sequence: mean over sequences of the summed estimates, nats per sequence
+            (what the adaptive controller targets).
         kl_coef: the KL coefficient beta used for this step.
     """
 
@@ -66,6 +68,7 @@ class Targets:
     advantages: Tensor
     returns: Tensor | None
     kl_mean: float
+    kl_per_sequence: float
     kl_coef: float
 
 
@@ -128,9 +131,12 @@ class PPOTrainer:
         reference: frozen copy of the initial policy (eval mode, no grad).
         cfg: the learner config section.
         ptx_sampler: callable returning a :class:`PtxBatch`, required when ``cfg.ptx_coef > 0``.
+        value_model: with ``gae``, a separate critic (e.g. :class:`~streamrl.services.learner.
+            value_model.ValueModel` initialised from the reward model) used instead of the value
+            head on the policy's trunk; trained with learning rate ``cfg.value_lr`` (else ``cfg.lr``).
     """
 
-    def __init__(self, policy, reference, cfg: LearnerSection, *, ptx_sampler=None):
+    def __init__(self, policy, reference, cfg: LearnerSection, *, ptx_sampler=None, value_model=None):
         self.policy = policy
         self.reference = reference
         self.cfg = cfg
@@ -138,17 +144,21 @@ class PPOTrainer:
         self.device = next(policy.parameters()).device
         self.value_head: torch.nn.Linear | None = None
         params = list(policy.parameters())
-        if cfg.advantage is AdvantageEstimator.GAE:
+        self.value_model = value_model if cfg.advantage is AdvantageEstimator.GAE else None
+        if cfg.advantage is AdvantageEstimator.GAE and self.value_model is None:
             self.value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(self.device)
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
             params += list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.kl_controller = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        if self.value_model is not None:  # its own learning rate (a param group: own Adam moments)
+            self.optimizer.add_param_group({"params": list(self.value_model.parameters()),
+                                            "lr": cfg.value_lr or cfg.lr})
+        self.kl_controller = make_kl_controller(cfg.kl_coef, cfg.kl_target_per_sequence, cfg.kl_horizon)
         self.reward_stats = RunningMeanStd()
         for p in reference.parameters():
             p.requires_grad_(False)
-        for model in (policy, reference, self.value_head):
+        for model in (policy, reference, self.value_head, self.value_model):
             if model is not None:
                 disable_dropout(model)
 
@@ -184,12 +194,14 @@ class PPOTrainer:
                 mb = batch.select(rows)
                 t = mb.mask.shape[1]
                 out = forward_completions(self.policy, mb, value_head=self.value_head, with_entropy=True)
+                if self.value_model is not None:
+                    out.values = self.value_model(mb)
                 pl, ps = policy_loss(out.logprobs, old.logprobs[rows, :t], mb.behaviour_logprobs,
                                      advantages[rows, :t], mb.mask, correction=cfg.correction,
                                      clip_eps=cfg.clip_eps, is_cap=cfg.is_cap, dual_clip=cfg.dual_clip)
                 entropy = masked_mean(out.entropy, mb.mask)
                 loss = pl - cfg.entropy_coef * entropy
-                if self.value_head is not None:
+                if out.values is not None:
                     vl, vclip = value_loss(out.values, old.values[rows, :t], returns[rows, :t], mb.mask,
                                            clip_range=cfg.value_clip)
                     loss = loss + cfg.vf_coef * vl
@@ -222,12 +234,13 @@ class PPOTrainer:
                 ratio_max = torch.maximum(ratio_max, ps.importance_ratio_max)
         out_stats = sums.means(updates, extra={"importance_ratio_max": ratio_max})
         out_stats["skipped_updates"] = float(skipped)
-        self.kl_controller.update(targets.kl_mean, batch.size)
+        self.kl_controller.update(targets.kl_per_sequence, batch.size)
         staleness = (current_version - host.versions.cpu()).float()
         scores, mask = host.scores.cpu(), host.mask.cpu()
         out_stats.update(
             {
                 "kl": targets.kl_mean,
+                "kl_per_sequence": targets.kl_per_sequence,
                 "kl_coef": beta,
                 "reward_mean": float(scores.mean()),
                 "reward_std": float(scores.std(unbiased=False)),
@@ -255,6 +268,8 @@ class PPOTrainer:
         cfg, mask = self.cfg, batch.mask
         self.policy.eval()
         old = forward_completions(self.policy, batch, value_head=self.value_head)
+        if self.value_model is not None:
+            old.values = self.value_model(batch)
         ref = forward_completions(self.reference, batch, nucleus=old.nucleus)  # same nucleus (top_p < 1)
         old.nucleus = None  # [B, T, V]: not needed past this point
         kl_tokens = fill_padding(*_kl_tokens(old.logprobs, ref.logprobs, mask, cfg.kl_estimator))
@@ -277,8 +292,11 @@ class PPOTrainer:
             seq_adv = group_advantages(seq_scores, batch.group_ids, estimator=cfg.advantage)
             advantages = seq_adv.unsqueeze(1).expand_as(mask).clone()
         advantages = fill_padding(advantages, mask)
+        if batch.weights is not None:  # control-shared rollouts: the loss of row b is weighted by mu/q (1/rho)
+            advantages = advantages * batch.weights.to(advantages.dtype).unsqueeze(1)
         return Targets(old=old, ref_logprobs=ref.logprobs, advantages=advantages, returns=returns,
-                       kl_mean=float(masked_mean(kl_tokens, mask)), kl_coef=beta)
+                       kl_mean=float(masked_mean(kl_tokens, mask)),
+                       kl_per_sequence=float(per_sequence_kl(kl_tokens, mask)), kl_coef=beta)
 
     def _ptx_loss(self) -> Tensor:
         ptx = self.ptx_sampler()
@@ -294,6 +312,7 @@ class PPOTrainer:
         return {
             "optimizer": self.optimizer.state_dict(),
             "value_head": self.value_head.state_dict() if self.value_head is not None else None,
+            "value_model": self.value_model.state_dict() if self.value_model is not None else None,
             "kl_controller": self.kl_controller.state_dict(),
             "reward_stats": self.reward_stats.state_dict(),
         }
@@ -303,5 +322,7 @@ class PPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.value_head is not None and state.get("value_head") is not None:
             self.value_head.load_state_dict(state["value_head"])
+        if self.value_model is not None and state.get("value_model") is not None:
+            self.value_model.load_state_dict(state["value_model"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.reward_stats.load_state_dict(state["reward_stats"])

@@ -69,7 +69,7 @@ def test_defaults_without_a_file():
     assert cfg.learner.advantage is AdvantageEstimator.GRPO
     assert cfg.learner.kl_estimator is KLEstimator.K1
     assert cfg.learner.kl_penalty is KLPenaltyMode.REWARD
-    assert cfg.learner.kl_target is None and cfg.learner.ptx_data is None
+    assert cfg.learner.kl_target_per_sequence is None and cfg.learner.ptx_data is None
     assert cfg.buffer.overflow is OverflowPolicy.BLOCK
     assert cfg.generator.device is Device.AUTO
     assert (cfg.generator.group_size, cfg.generator.temperature, cfg.generator.top_p) == (4, 1.0, 1.0)
@@ -94,7 +94,7 @@ correction = "tis"
 advantage = "rloo"
 kl_estimator = "k3"
 kl_penalty = "loss"
-kl_target = 0.02
+kl_target_per_sequence = 0.02
 [generator]
 group_size = 2
 [generator.prompts]
@@ -111,7 +111,7 @@ weight = 0.5
     assert cfg.learner.advantage is AdvantageEstimator.RLOO
     assert cfg.learner.kl_estimator is KLEstimator.K3
     assert cfg.learner.kl_penalty is KLPenaltyMode.LOSS
-    assert cfg.learner.kl_target == 0.02
+    assert cfg.learner.kl_target_per_sequence == 0.02
     prompts = cfg.generator.prompts
     assert (prompts.kind, prompts.path, prompts.column, prompts.first_k_words) == (
         "csv", str(tmp_path / "reviews.csv"), "review", 5)

@@ -84,3 +84,36 @@ def test_errors():
         ctl.load_state_dict({})
     with pytest.raises(ValueError, match="value"):
         ctl.load_state_dict({"value": -1.0})
+
+
+def test_per_sequence_kl_sums_tokens_and_averages_sequences():
+    import torch
+    from support import fill_garbage, ragged_mask
+
+    from streamrl.services.learner.kl_control import per_sequence_kl
+
+    kl = torch.tensor([[0.1, 0.2, 0.3], [1.0, 0.0, 0.0]])
+    mask = ragged_mask([3, 1], 3)
+    # sequences: 0.6 and 1.0 -> mean 0.8 nats per sequence (the per-token mean would be 1.6 / 4 = 0.4)
+    assert per_sequence_kl(fill_garbage(kl, mask), mask).item() == pytest.approx(0.8, abs=1e-7)
+
+
+def test_adaptive_controller_reaches_its_target_in_nats_per_sequence():
+    """Closed loop: a policy that drifts from the reference in inverse proportion to beta
+    (per-token KL 0.05 / beta) on completions of 10, 20 and 30 tokens. Fed the learner's
+    statistic, the controller settles where the KL *per sequence* is the target (6 nats);
+    the per-token mean there is 6 / 20 = 0.3, which a per-token target of 6 would never reach."""
+    import torch
+    from support import ragged_mask
+
+    from streamrl.services.learner.kl_control import per_sequence_kl
+
+    mask = ragged_mask([10, 20, 30], 30)
+    ctl = make_kl_controller(0.05, 6.0, 60)
+    for _ in range(400):
+        kl_tokens = torch.full((3, 30), 0.05 / ctl.value) * mask
+        ctl.update(float(per_sequence_kl(kl_tokens, mask)), 3)
+    kl_tokens = torch.full((3, 30), 0.05 / ctl.value) * mask
+    assert float(per_sequence_kl(kl_tokens, mask)) == pytest.approx(6.0, rel=0.02)
+    assert float(kl_tokens.sum() / mask.sum()) == pytest.approx(0.3, rel=0.02)
+    assert ctl.value == pytest.approx(0.05 * 20 / 6.0, rel=0.02)

@@ -252,7 +252,7 @@ def test_correction_none_never_truncates_but_reports_raw_ratio():
 
 @pytest.mark.parametrize("advantage", ["grpo", "gae"])
 def test_state_dict_round_trip_reproduces_next_step(advantage):
-    cfg = learner_cfg(advantage=advantage, kl_coef=0.1, kl_target=0.01, kl_horizon=10,
+    cfg = learner_cfg(advantage=advantage, kl_coef=0.1, kl_target_per_sequence=0.01, kl_horizon=10,
                       minibatches=2, lr=3e-3)
     first = make_trainer(cfg)
     first.step(on_policy(first, ragged_batch()), current_version=3)
@@ -407,3 +407,20 @@ def test_correction_none_with_a_huge_stale_ratio_is_finite_and_dual_clipped():
     assert stats["skipped_updates"] == 0.0
     assert stats["dual_clip_fraction"] == pytest.approx(0.5)
     assert stats["loss/policy"] == pytest.approx(0.9, abs=1e-4)
+
+
+def test_adaptive_controller_is_fed_the_kl_per_sequence():
+    """Ziegler et al. 2019 (and TRL) adapt beta on the KL of whole samples: the trainer
+    gives the controller the mean over sequences of sum_t KL_t (nats per sequence)."""
+    trainer = make_trainer(learner_cfg(kl_coef=0.1, kl_target_per_sequence=0.5, kl_horizon=10))
+    batch = ragged_batch()
+    trainer.step(on_policy(trainer, batch), current_version=3)  # the policy leaves the reference
+    pi, ref = policy_logprobs(trainer.policy, batch), policy_logprobs(trainer.reference, batch)
+    per_sequence = float(((pi - ref) * batch.mask).sum(1).mean())
+    beta = trainer.kl_controller.value
+    stats = trainer.step(on_policy(trainer, batch), current_version=4)
+    assert stats["kl_per_sequence"] == pytest.approx(per_sequence, abs=1e-5)
+    error = min(max(per_sequence / 0.5 - 1, -0.2), 0.2)
+    assert trainer.kl_controller.value == pytest.approx(beta * (1 + error * 4 / 10), rel=1e-6)
+    per_token = float(((pi - ref) * batch.mask).sum() / batch.mask.sum())
+    assert abs(per_sequence - per_token) > 1e-3  # the units differ on this batch
