@@ -97,4 +97,4 @@ def readme_metrics(service: str) -> set[str]:
 
     rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith(f"| {service} |")]
     assert len(rows) == 1, f"the README metrics table has {len(rows)} rows for {service}"
-    return set(re.findall(r"`([a-z_]+)`", rows[0]))
+    return set(re.findall(r"`([a-z_]+)(?:\{[a-z_]+\})?`", rows[0]))  # `name` or `name{label}`

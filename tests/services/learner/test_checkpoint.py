@@ -1,4 +1,5 @@
-"""Learner checkpoints: atomic layout, half-written ones ignored, RNG restored; published version file."""
+"""Learner checkpoints: atomic layout, half-written ones ignored, RNG restored (the published
+version file: tests/services/learner/test_versions.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from transformers import AutoModelForCausalLM
 
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.services.learner.checkpoint import MARKER, latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
-from streamrl.services.learner.loop import read_published_version, write_published_version
 
 TOKENIZER = build_char_tokenizer()
 
@@ -49,17 +49,6 @@ def test_keeps_the_newest(tmp_path):
     for step in (1, 2, 3):
         save(tmp_path, step, model)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]
-
-
-def test_published_version_file(tmp_path):
-    path = tmp_path / "run" / "published_version"
-    assert read_published_version(path) is None
-    write_published_version(path, 12)
-    write_published_version(path, 13)
-    assert read_published_version(path) == 13
-    assert not path.with_name("published_version.tmp").exists()
-    path.write_text("garbage")
-    assert read_published_version(path) is None
 
 
 def test_a_full_disk_says_so_and_leaves_no_partial_checkpoint(tmp_path):
