@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Callable, Union
 
 from streamrl.common.metrics import ServiceMetrics
 
@@ -49,8 +49,9 @@ class Waits:
         self._since: dict[str, float] = {}
         self._warned: dict[str, float] = {}
 
-    def waiting(self, on: str, why: str) -> float:
-        """Report that the process is (still) waiting on ``on``; ``why`` is the log reason.
+    def waiting(self, on: str, why: Union[str, Callable[[], str]]) -> float:
+        """Report that the process is (still) waiting on ``on``; ``why`` is the log reason, or a
+        function returning it, called only when a warning is logged (it may look at peers).
 
         Returns:
             Seconds this wait has lasted so far.
@@ -61,7 +62,7 @@ class Waits:
         self.gauge.labels(on=on).set(elapsed)
         last = self._warned.get(on, since)
         if now - last >= self.warn_after_s:
-            log.warning("%s has waited %.0fs on %s: %s", self.instance, elapsed, on, why)
+            log.warning("%s has waited %.0fs on %s: %s", self.instance, elapsed, on, why if isinstance(why, str) else why())
             self._warned[on] = now
         return elapsed
 

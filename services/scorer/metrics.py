@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streamrl.common.metrics import REWARD_BUCKETS, MetricSet, counter, histogram
+from streamrl.common.metrics import REWARD_BUCKETS, MetricSet, counter, gauge, histogram
 
 
 class ScorerMetrics(MetricSet):
@@ -12,6 +12,11 @@ class ScorerMetrics(MetricSet):
     scored = counter("rollouts_scored_total", "Rollouts scored and sent to the buffer")
     lost = counter("rollouts_lost_total", "Rollouts lost (reward errors; stopped while the buffer was full)")
     errors = counter("scoring_errors_total", "Reward computations that raised")
+    failures = counter("reward_failures_total", "Micro-batches whose reward raised, by exception class", ["reason"])
+    consecutive = gauge("reward_consecutive_failures", "Micro-batches in a row whose reward raised (0 after a success)")
+    failing = gauge("reward_failing", "1 while the reward is failing (scorer.failing_after micro-batches in a row raised)")
+    last_error = gauge("reward_last_error", "1, labelled with the last reward failure's exception class and message",
+                       ["reason", "error"])
     rewards = histogram("reward", "Reward of each scored rollout", buckets=REWARD_BUCKETS)
     seconds = histogram("scoring_seconds", "Seconds to score one micro-batch")
     blocked = counter("send_blocked_seconds_total", "Seconds blocked sending to the buffer")

@@ -414,7 +414,8 @@ def build_reward(specs: Sequence[RewardSpec], *, device: torch.device) -> Compos
 
     A function spec becomes its function with ``kwargs`` bound (default name: the
     function's ``__name__``); a model spec a :class:`RewardModelScorer` (default name
-    ``"reward_model"``). The specs' own rules (one source, finite weight, options of the
+    ``"reward_model"``); a url spec an :class:`~streamrl.services.scorer.http_reward.HttpReward`
+    (default name ``"http_reward"``). The specs' own rules (one source, finite weight, options of the
     right source) were checked when the config was loaded.
 
     Args:
@@ -437,6 +438,12 @@ def build_reward(specs: Sequence[RewardSpec], *, device: torch.device) -> Compos
             bound = functools.partial(fn, **spec.kwargs) if spec.kwargs else fn
             default_name = getattr(fn, "__name__", None) or spec.function.rpartition(":")[2]
             components.append(RewardComponent(name=spec.name or default_name, weight=spec.weight, fn=bound))
+        elif spec.url is not None:
+            from streamrl.services.scorer.http_reward import HttpReward
+
+            server = HttpReward(spec.url, batch_size=spec.batch_size, timeout_s=spec.timeout_s, retries=spec.retries,
+                                backoff_s=spec.backoff_s, headers=spec.headers)
+            components.append(RewardComponent(name=spec.name or "http_reward", weight=spec.weight, fn=server))
         else:
             scorer = RewardModelScorer(spec.model, batch_size=spec.batch_size, device=device,
                                        max_length=spec.max_length)
