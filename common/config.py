@@ -422,9 +422,10 @@ class RewardSpec(_Section):
     label: Optional[int | str] = Field(None, description="reward-model output read as the score: an index or a "
                                        "label name of `id2label` (`\"POSITIVE\"`); required when the model has more "
                                        "than one label", json_schema_extra={"applies_to": {"source": "model"}})
-    chat_template: bool = Field(False, description="score the reward model on `[user: prompt, assistant: "
-                                "completion]` rendered with its tokenizer's chat template (for prompts the "
-                                "policy sees as raw text)", json_schema_extra={"applies_to": {"source": "model"}})
+    chat_template: bool = Field(False, description="render each prompt as the user turn of the reward model's "
+                                "chat template (after the system message it was trained with) before the "
+                                "completion: for an RM trained on chat-formatted prompts scoring a policy that "
+                                "sees raw text", json_schema_extra={"applies_to": {"source": "model"}})
     timeout_s: float = Field(30.0, gt=0, description="seconds one micro-batch may take: per HTTP request "
                              "(connect and read), or for the reward model's forward passes (checked after each)",
                              json_schema_extra={"applies_to": {"source": ("model", "url")}})
@@ -604,6 +605,12 @@ class LearnerSection(_Section):
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     value_clip: Optional[float] = Field(0.2, gt=0, description="value-loss clipping (unset = none)")
     vf_coef: float = Field(0.1, ge=0, description="value-loss weight")
+    value_model: Optional[str] = Field(None, description="reward-model folder (`streamrl rm` output, same vocabulary "
+                                       "as the policy): a separate critic initialised from it (InstructGPT) instead "
+                                       "of the value head on the policy's trunk",
+                                       json_schema_extra={**LOCAL_PATH, "applies_to": {"advantage": "gae"}})
+    value_lr: Optional[float] = Field(None, gt=0, description="AdamW learning rate of `value_model`; unset = `lr`",
+                                      json_schema_extra={"applies_to": {"advantage": "gae"}})
     whiten_advantages: bool = Field(True, description="masked whitening of GAE advantages (group baselines are "
                                     "already normalised per group)")
     kl_coef: float = Field(0.05, ge=0, description="beta of the KL penalty to the reference model")

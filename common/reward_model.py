@@ -155,50 +155,58 @@ def pool_last(hidden: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 def score_head(model: torch.nn.Module) -> torch.nn.Linear:
-    """The linear ``score`` head of a Hugging Face sequence classifier with one label.
+    """The linear ``score`` head of a decoder sequence classifier (Llama, Qwen, Mistral, ... in
+    transformers' ``GenericForSequenceClassification``: ``[H] -> [num_labels]``, read at the last token).
 
     Raises:
-        ValueError: the model has no ``score`` linear layer with one output.
+        ValueError: the model has no ``score`` linear layer.
     """
     head = getattr(model, "score", None)
-    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
-        raise ValueError(f"{type(model).__name__} is not a one-label sequence classifier with a linear `score` head "
-                         "(AutoModelForSequenceClassification with num_labels=1, e.g. a Llama, Qwen or Mistral)")
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no linear `score` head read at the last token (a decoder "
+                         "model loaded by AutoModelForSequenceClassification, e.g. a Llama, Qwen or Mistral)")
     return head
 
 
-def token_scores(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """The raw head output at every position: the reward of each prefix ``text[: t + 1]``.
+def token_scores(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, *, label: int = 0) -> Tensor:
+    """The raw head output (column ``label``) at every position: the score of each prefix ``text[: t + 1]``.
 
     With causal attention position ``t`` sees tokens ``0..t`` only, so ``out[b, t]`` is the
     score the model gives the text made of the first ``t + 1`` tokens (without the bias).
 
     Args:
-        model: a one-label sequence classifier (see :func:`score_head`).
+        model: a decoder sequence classifier (see :func:`score_head`).
         input_ids: ``[B, L]`` int64, right-padded.
         attention_mask: ``[B, L]`` int64.
+        label: the output column read.
 
     Returns:
         ``[B, L]`` float32 (padded positions hold garbage).
     """
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return score_head(model)(hidden).squeeze(-1).float()
+    return score_head(model)(hidden)[..., label].float()
 
 
-def sequence_scores(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """The raw head output at each row's last real token (what HF's classifier returns
-    for an unpadded text), without the bias.
+def sequence_scores(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, *, label: int = 0) -> Tensor:
+    """The raw output (column ``label``, no bias) for each row's whole text.
+
+    A decoder classifier (with a ``score`` head) is read at the last position whose
+    attention mask is 1 (what HF's classifier returns for an unpadded text, whatever the
+    pad id); any other classifier (BERT-like) pools as its own forward does.
 
     Args:
-        model: a one-label sequence classifier.
-        input_ids: ``[B, L]`` int64 (any padding side).
+        model: a sequence classifier.
+        input_ids: ``[B, L]`` int64 (any padding side for decoders).
         attention_mask: ``[B, L]`` int64.
+        label: the output column read.
 
     Returns:
         ``[B]`` float32.
     """
+    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, label].float()
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return score_head(model)(pool_last(hidden, attention_mask)).squeeze(-1).float()
+    return score_head(model)(pool_last(hidden, attention_mask))[:, label].float()
 
 
 class RewardModel:
@@ -209,14 +217,18 @@ class RewardModel:
         device: where to run it.
         batch_size: texts per forward pass.
         max_length: token budget per text; None = the one stored with the model.
+        label: the output read as the score, an index or a name of ``id2label``; None for a
+            one-label model (a reward model), required when it has more labels (e.g. a
+            sentiment classifier used as a reward).
 
     Raises:
-        ValueError: bad ``batch_size``/``max_length``, a model with more than one label,
-            a tokenizer with neither pad nor eos token, or a bad stored table.
+        ValueError: bad ``batch_size``/``max_length``, a missing or unknown ``label``, a
+            tokenizer with neither pad nor eos token, or a bad stored table.
         OSError: the folder holds no loadable model or tokenizer.
     """
 
-    def __init__(self, path: str, *, device: torch.device, batch_size: int = 8, max_length: int | None = None):
+    def __init__(self, path: str, *, device: torch.device, batch_size: int = 8, max_length: int | None = None,
+                 label: int | str | None = None):
         from transformers import AutoModelForSequenceClassification
 
         from streamrl.common.models import load_tokenizer
@@ -228,10 +240,7 @@ class RewardModel:
         self.batch_size = batch_size
         self.tokenizer = load_tokenizer(self.path)
         self.model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=torch.float32)
-        if self.model.config.num_labels != 1:
-            raise ValueError(f"reward model {path} has {self.model.config.num_labels} labels; a reward model "
-                             "has one (train it with `streamrl rm`)")
-        score_head(self.model)
+        self.label = _label_index(self.model.config, label, self.path)
         self.info = RewardModelInfo.from_config(self.model.config)
         self.max_length = self.info.max_length if max_length is None else max_length
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
@@ -254,17 +263,58 @@ class RewardModel:
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
             ids, mask = pad_right([encoded[i] for i in rows], pad_id=self.tokenizer.pad_token_id)
-            values = sequence_scores(self.model, ids.to(self.device), mask.to(self.device)).cpu().tolist()
-            for i, value in zip(rows, values):
+            values = sequence_scores(self.model, ids.to(self.device), mask.to(self.device), label=self.label)
+            for i, value in zip(rows, values.cpu().tolist()):
                 scores[i] = value + self.info.bias
         return scores
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    def render_prompt(self, prompt: str) -> str:
+        """``prompt`` as the user turn of this model's chat template (with the system message
+        stored at training, if any) followed by the assistant header: what a generator with
+        ``model.chat_template`` sends.
+
+        Raises:
+            ValueError: the tokenizer has no chat template.
+        """
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"reward model {self.path}: its tokenizer has no chat template to render prompts with")
+        messages = [{"role": "user", "content": prompt}]
+        if self.info.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.info.system_prompt})
+        return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], *, chat_template: bool = False) -> list[float]:
         """Normalised reward of each ``prompts[i] + responses[i]``.
+
+        Args:
+            prompts: prompts as the policy saw them.
+            responses: the completions.
+            chat_template: render each prompt with :meth:`render_prompt` first (for a
+                reward model trained on chat-formatted prompts scoring a policy that sees
+                raw text).
 
         Raises:
             ValueError: the lists differ in length.
         """
         if len(prompts) != len(responses):
             raise ValueError(f"reward model: got {len(prompts)} prompts but {len(responses)} responses")
+        if chat_template:
+            prompts = [self.render_prompt(p) for p in prompts]
         return self.score_texts([p + r for p, r in zip(prompts, responses)])
+
+
+def _label_index(config: Any, label: int | str | None, path: str) -> int:
+    count = config.num_labels
+    names = dict(getattr(config, "label2id", None) or {})
+    if label is None:
+        if count == 1:
+            return 0
+        raise ValueError(f"reward model {path} has {count} labels ({', '.join(map(str, names))}); fix: choose the "
+                         "one read as the reward with `label` (an index or a name)")
+    if isinstance(label, str):
+        if label not in names:
+            raise ValueError(f"reward model {path} has no label {label!r}; its labels: {', '.join(map(str, names))}")
+        return int(names[label])
+    if isinstance(label, bool) or not 0 <= label < count:
+        raise ValueError(f"reward model {path}: label {label!r} is not an index in 0..{count - 1}")
+    return label

@@ -40,6 +40,7 @@ from streamrl.services.learner.batch import collate, split_by_sampling
 from streamrl.services.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from streamrl.services.learner.ptx import PtxSampler
 from streamrl.services.learner.trainer import PPOTrainer
+from streamrl.services.learner.value_model import ValueModel
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,10 @@ class Learner:
             ptx = PtxSampler(lc.ptx_data, self.tokenizer, batch_size=lc.groups_per_step,
                              max_tokens=cfg.generator.max_prompt_tokens + cfg.generator.max_new_tokens,
                              seed=cfg.run.seed)
-        self.trainer = PPOTrainer(policy, reference, lc, ptx_sampler=ptx)
+        critic = None  # InstructGPT: the value function initialised from the reward model
+        if lc.value_model is not None:  # the config allows it with advantage = "gae" only
+            critic = ValueModel.from_reward_model(lc.value_model, device=self.device, tokenizer=self.tokenizer)
+        self.trainer = PPOTrainer(policy, reference, lc, ptx_sampler=ptx, value_model=critic)
         self.step = 0
         self.version = 0
         if resume is not None:

@@ -131,9 +131,12 @@ class PPOTrainer:
         reference: frozen copy of the initial policy (eval mode, no grad).
         cfg: the learner config section.
         ptx_sampler: callable returning a :class:`PtxBatch`, required when ``cfg.ptx_coef > 0``.
+        value_model: with ``gae``, a separate critic (e.g. :class:`~streamrl.services.learner.
+            value_model.ValueModel` initialised from the reward model) used instead of the value
+            head on the policy's trunk; trained with learning rate ``cfg.value_lr`` (else ``cfg.lr``).
     """
 
-    def __init__(self, policy, reference, cfg: LearnerSection, *, ptx_sampler=None):
+    def __init__(self, policy, reference, cfg: LearnerSection, *, ptx_sampler=None, value_model=None):
         self.policy = policy
         self.reference = reference
         self.cfg = cfg
@@ -141,17 +144,21 @@ class PPOTrainer:
         self.device = next(policy.parameters()).device
         self.value_head: torch.nn.Linear | None = None
         params = list(policy.parameters())
-        if cfg.advantage is AdvantageEstimator.GAE:
+        self.value_model = value_model if cfg.advantage is AdvantageEstimator.GAE else None
+        if cfg.advantage is AdvantageEstimator.GAE and self.value_model is None:
             self.value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(self.device)
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
             params += list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if self.value_model is not None:  # its own learning rate (a param group: own Adam moments)
+            self.optimizer.add_param_group({"params": list(self.value_model.parameters()),
+                                            "lr": cfg.value_lr or cfg.lr})
         self.kl_controller = make_kl_controller(cfg.kl_coef, cfg.kl_target_per_sequence, cfg.kl_horizon)
         self.reward_stats = RunningMeanStd()
         for p in reference.parameters():
             p.requires_grad_(False)
-        for model in (policy, reference, self.value_head):
+        for model in (policy, reference, self.value_head, self.value_model):
             if model is not None:
                 disable_dropout(model)
 
@@ -187,12 +194,14 @@ class PPOTrainer:
                 mb = batch.select(rows)
                 t = mb.mask.shape[1]
                 out = forward_completions(self.policy, mb, value_head=self.value_head, with_entropy=True)
+                if self.value_model is not None:
+                    out.values = self.value_model(mb)
                 pl, ps = policy_loss(out.logprobs, old.logprobs[rows, :t], mb.behaviour_logprobs,
                                      advantages[rows, :t], mb.mask, correction=cfg.correction,
                                      clip_eps=cfg.clip_eps, is_cap=cfg.is_cap, dual_clip=cfg.dual_clip)
                 entropy = masked_mean(out.entropy, mb.mask)
                 loss = pl - cfg.entropy_coef * entropy
-                if self.value_head is not None:
+                if out.values is not None:
                     vl, vclip = value_loss(out.values, old.values[rows, :t], returns[rows, :t], mb.mask,
                                            clip_range=cfg.value_clip)
                     loss = loss + cfg.vf_coef * vl
@@ -259,6 +268,8 @@ class PPOTrainer:
         cfg, mask = self.cfg, batch.mask
         self.policy.eval()
         old = forward_completions(self.policy, batch, value_head=self.value_head)
+        if self.value_model is not None:
+            old.values = self.value_model(batch)
         ref = forward_completions(self.reference, batch, nucleus=old.nucleus)  # same nucleus (top_p < 1)
         old.nucleus = None  # [B, T, V]: not needed past this point
         kl_tokens = fill_padding(*_kl_tokens(old.logprobs, ref.logprobs, mask, cfg.kl_estimator))
@@ -299,6 +310,7 @@ class PPOTrainer:
         return {
             "optimizer": self.optimizer.state_dict(),
             "value_head": self.value_head.state_dict() if self.value_head is not None else None,
+            "value_model": self.value_model.state_dict() if self.value_model is not None else None,
             "kl_controller": self.kl_controller.state_dict(),
             "reward_stats": self.reward_stats.state_dict(),
         }
@@ -308,5 +320,7 @@ class PPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.value_head is not None and state.get("value_head") is not None:
             self.value_head.load_state_dict(state["value_head"])
+        if self.value_model is not None and state.get("value_model") is not None:
+            self.value_model.load_state_dict(state["value_model"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.reward_stats.load_state_dict(state["reward_stats"])

@@ -231,84 +231,62 @@ def count_char(
 
 
 class RewardModelScorer:
-    """Scores ``prompt + completion`` with a local sequence-classification model.
+    """Scores ``prompt + completion`` with a local reward model (sequence classifier).
 
     Args:
-        path: local folder holding a ``transformers`` model loadable by
-            ``AutoModelForSequenceClassification`` and its tokenizer
-            (``AutoTokenizer``). Nothing is downloaded.
+        path: local folder loadable by ``AutoModelForSequenceClassification`` (one label)
+            and ``AutoTokenizer``, e.g. one written by ``streamrl rm``. Nothing is downloaded.
         batch_size: texts per forward pass (>= 1).
         device: torch device to run on (keyword-only, required).
-        max_length: tokens per text after truncation (>= 1). The tokenizer's
-            own ``truncation_side`` applies (right by default: the end of a
-            very long completion is cut).
+        max_length: tokens per text; None = the length the model was trained with
+            (``streamrl_reward.max_length`` in its ``config.json``, else 512).
+        label: the output read as the score (index or ``id2label`` name); None for a
+            one-label reward model, required for a classifier with more labels.
+        chat_template: wrap each prompt as a user turn in the reward model's chat template
+            first (for an RM trained on chat-formatted prompts scoring a policy that sees
+            raw prompts; when the generators already apply the template, leave it off).
 
-    The model is put in eval mode and run under ``torch.inference_mode``. If
-    the tokenizer has no pad token, the eos token is used; the model config's
-    ``pad_token_id`` is set to the tokenizer's pad id so the classifier pools
-    the last non-pad token. Padding is on the right, so padded and unpadded
-    runs of the same text give the same score. Note that with pad == eos,
-    trailing eos tokens in a text are treated as padding.
+    Scoring is :class:`streamrl.common.reward_model.RewardModel`, the code ``streamrl rm``
+    trains and evaluates with: the text is ``prompt + completion`` (the prompt as the
+    generator rendered it, chat template included), truncated on the left (the end, where
+    the score is read, always survives), right-padded, scored at the last real token, and
+    the normalisation bias stored with the model is added (so the SFT demonstrations score
+    0 on average). Batches are sorted by length; a text's score does not depend on its batch.
 
     Raises:
-        ValueError: when the tokenizer has neither a pad nor an eos token.
+        ValueError: a model with more than one label and no ``label``, an unknown ``label``,
+            or a tokenizer with neither a pad nor an eos token.
         pydantic.ValidationError: ``batch_size`` or ``max_length`` is not a positive int.
         OSError: if the folder does not hold a loadable model/tokenizer.
     """
 
     @validate_call(config=STRICT_ARGS)
     def __init__(self, path: Union[str, Path], *, batch_size: PositiveInt = 8, device: Union[torch.device, str],
-                 max_length: PositiveInt = 512) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+                 max_length: Optional[PositiveInt] = None, label: Optional[Union[int, str]] = None,
+                 chat_template: bool = False) -> None:
+        from streamrl.common.reward_model import RewardModel
 
-        self.path = str(path)
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        if self.tokenizer.pad_token is None:
-            if self.tokenizer.eos_token is None:
-                raise ValueError(f"RewardModelScorer: tokenizer in {self.path!r} has neither a pad nor an eos token")
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "right"
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.path)
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.to(self.device)
-        self.model.eval()
+        self.reward_model = RewardModel(str(path), device=torch.device(device), batch_size=batch_size,
+                                        max_length=max_length, label=label)
+        self.chat_template = chat_template
+        self.model, self.tokenizer, self.info = self.reward_model.model, self.reward_model.tokenizer, self.reward_model.info
+        self.path, self.batch_size, self.max_length = self.reward_model.path, batch_size, self.reward_model.max_length
 
     def __call__(self, prompts: list[str], completions: list[str], metadata: list[dict]) -> list[float]:
-        """Score each ``prompts[i] + completions[i]`` (plain concatenation).
+        """Score each ``prompts[i] + completions[i]``.
 
         Args:
-            prompts: prompt texts.
+            prompts: prompt texts (as the generator rendered them).
             completions: generated texts, same length as ``prompts``.
             metadata: per-prompt extras (unused).
 
         Returns:
-            One float per completion: the model's logit for label 0.
+            One float per completion: the model's score plus its stored bias.
 
         Raises:
             ValueError: if ``prompts`` and ``completions`` differ in length.
         """
-        if len(prompts) != len(completions):
-            raise ValueError(
-                f"RewardModelScorer: got {len(prompts)} prompts but {len(completions)} completions"
-            )
-        texts = [p + c for p, c in zip(prompts, completions)]
-        scores: list[float] = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(
-                    texts[start : start + self.batch_size],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
-                )
-                batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-                logits = self.model(**batch).logits
-                scores.extend(logits[:, 0].float().cpu().tolist())
-        return scores
+        return self.reward_model.score(prompts, completions, chat_template=self.chat_template)
 
 
 # ---------------------------------------------------------------------------
@@ -446,6 +424,7 @@ def build_reward(specs: Sequence[RewardSpec], *, device: torch.device) -> Compos
             components.append(RewardComponent(name=spec.name or "http_reward", weight=spec.weight, fn=server))
         else:
             scorer = RewardModelScorer(spec.model, batch_size=spec.batch_size, device=device,
-                                       max_length=spec.max_length)
+                                       max_length=spec.max_length, label=spec.label,
+                                       chat_template=spec.chat_template)
             components.append(RewardComponent(name=spec.name or "reward_model", weight=spec.weight, fn=scorer))
     return CompositeReward(components)
