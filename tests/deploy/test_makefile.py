@@ -44,3 +44,8 @@ def test_make_run_needs_no_root(tmp_path):
 def test_make_test_still_installs_prometheus(tmp_path):
     commands = dry_run("test", tmp_path)  # the prometheus recipe is one shell line, printed whole
     assert "apt-get install" in commands and "pytest" in commands
+
+
+def test_make_test_installs_the_kubernetes_tools_into_the_venv_only(tmp_path):
+    test, run = dry_run("test", tmp_path), dry_run("run", tmp_path)
+    assert 'pip install --quiet -e ".[k8s]"' in test and "[k8s]" not in run

