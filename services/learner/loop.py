@@ -1,4 +1,4 @@
-"""The learner service: request batches from the buffer, train, publish versioned weights.
+"""The learner service's socket loop: request batches from the buffer, train, publish versioned weights.
 
 Per step: ask the buffer for ``groups_per_step`` complete groups (DEALER ->
 ROUTER; the request is re-sent when the buffer stays silent, e.g. after a
@@ -17,13 +17,16 @@ the last batch until a request for a newer version acknowledges it, so with
 ``checkpoint_every = 1`` a killed learner retrains exactly the batch it lost;
 with a larger interval the steps since the last checkpoint are rolled back
 (their ids stay in ``trained.jsonl``).
+
+The pure parts live beside this module: the version rules in ``versions.py``,
+the vocabulary check of a received batch in ``intake.py``, the per-step record,
+ledger line and log line in ``records.py``, the metrics in ``metrics.py``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -31,43 +34,24 @@ import zmq
 
 from streamrl.common.liveness import Waits
 from streamrl.common.messages import Batch, BatchRequest
-from streamrl.common.metrics import STALENESS_BUCKETS
 from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
 from streamrl.common.service import ServiceContext
 from streamrl.common.transport import Inbox, make_socket, try_send
 from streamrl.common.weights import WeightServer, pack_state_dict
 from streamrl.services.learner.batch import collate, split_by_sampling
 from streamrl.services.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from streamrl.services.learner.intake import split_in_vocabulary
+from streamrl.services.learner.metrics import LearnerMetrics
 from streamrl.services.learner.ptx import PtxSampler
+from streamrl.services.learner.records import append_line, ledger_line, step_log_line, step_record
 from streamrl.services.learner.trainer import PPOTrainer
 from streamrl.services.learner.value_model import ValueModel
+from streamrl.services.learner.versions import continue_at, read_published_version, write_published_version
 
 log = logging.getLogger(__name__)
 
-GAUGES = {
-    "loss/total": "loss",
-    "loss/policy": "policy_loss",
-    "loss/value": "value_loss",
-    "loss/kl": "kl_loss",
-    "loss/ptx": "ptx_loss",
-    "kl": "kl",
-    "kl_coef": "kl_coef",
-    "entropy": "entropy",
-    "clip_fraction": "clip_fraction",
-    "approx_kl": "approx_kl",
-    "importance_ratio_mean": "importance_ratio_mean",
-    "importance_ratio_max": "importance_ratio_max",
-    "truncated_fraction": "truncated_fraction",
-    "ess": "effective_sample_size",
-    "ess_fraction": "effective_sample_size_ratio",
-    "outside_nucleus_fraction": "outside_nucleus_fraction",
-    "grad_norm": "grad_norm",
-    "reward_mean": "reward_mean",
-    "samples_per_second": "samples_per_second",
-}
 
-
-class Learner:
+class LearnerService:
     """The single learner process."""
 
     def __init__(self, ctx: ServiceContext):
@@ -102,10 +86,11 @@ class Learner:
             log.info("resumed from %s at step %d, version %d", resume, self.step, self.version)
         self.published_path = self.output / "published_version"
         published = read_published_version(self.published_path)
-        if published is not None and published > self.version:
+        version = continue_at(self.version, published)
+        if version != self.version:
             log.warning("version %d was published after the newest checkpoint (version %d): continuing at "
-                        "version %d so that versions never go backwards", published, self.version, published + 1)
-            self.version = published + 1
+                        "version %d so that versions never go backwards", published, self.version, version)
+            self.version = version
         t = cfg.transport
         self.weights = WeightServer(ctx.zmq, announce_endpoint=cfg.endpoints.bind_address("weights_announce"),
                                     fetch_endpoint=cfg.endpoints.bind_address("weights"), metrics=ctx.metrics,
@@ -114,24 +99,9 @@ class Learner:
         self.dealer = make_socket(ctx.zmq, zmq.DEALER, connect=[cfg.endpoints.batches],
                                   max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
         self.inbox = Inbox(ctx.metrics, [Batch], max_bytes=t.max_message_bytes, socket_name="batches")
-        m = ctx.metrics
-        self.gauges = {key: m.gauge(name, f"Learner {key} of the last step") for key, name in GAUGES.items()}
-        self.m_step = m.gauge("step", "Learner steps completed")
-        self.m_version = m.gauge("policy_version", "Current policy version")
-        self.m_samples = m.counter("samples_total", "Rollouts trained on")
-        self.m_tokens = m.counter("tokens_total", "Completion tokens trained on")
-        self.m_wait = m.counter("data_wait_seconds_total", "Seconds waiting for a batch")
-        self.m_publish = m.histogram("weight_publish_seconds", "Seconds to pack and publish one version")
-        self.m_staleness = m.histogram("staleness", "Staleness of trained rollouts (versions)",
-                                       buckets=STALENESS_BUCKETS)
-        self.m_dropped = m.counter("buffer_dropped_stale_total", "Stale rollouts the buffer reported dropping")
-        self.m_evicted = m.counter("buffer_evicted_total", "Rollouts the buffer reported evicting")
-        self.m_unexpected = m.counter("unexpected_batches_total",
-                                      "Batches for another version (late duplicates of a re-sent request), ignored")
-        self.m_refused = m.counter("rollouts_refused_total", "Rollouts refused: sampled with another temperature or "
-                                   "top_p than the rest of their batch", ["reason"])
+        self.metrics = LearnerMetrics(ctx.metrics)
         self.refusals_logged: set[str] = set()
-        self.waits = Waits(m, warn_after_s=cfg.transport.request_timeout_s * 3)
+        self.waits = Waits(ctx.metrics, warn_after_s=cfg.transport.request_timeout_s * 3)
         self.log_path = self.output / "metrics.jsonl"
         self.trained_path = self.output / "trained.jsonl"
 
@@ -165,33 +135,22 @@ class Learner:
         """
         started = time.perf_counter()
         tb = collate(batch.rollouts, pad_id=self.tokenizer.pad_token_id)
-        stats = self.trainer.step(tb, self.version)
+        trained_at = self.version
+        stats = self.trainer.step(tb, trained_at)
         self.step += 1
         self.version += 1
         train_s = time.perf_counter() - started
-        self._ledger(batch)
+        # the ledger is on disk before the checkpoint that makes the step permanent
+        append_line(self.trained_path, ledger_line(self.step, self.version, batch), fsync=True)
         if self.step % self.cfg.learner.checkpoint_every == 0:
             self.save()
         publish_s = self.publish()
-        stats["samples_per_second"] = tb.size / (train_s + wait_s)
-        record = {
-            "step": self.step,
-            "version": self.version,
-            "time": time.time(),
-            **stats,
-            "dropped_stale": batch.dropped_stale,
-            "evicted": batch.evicted,
-            "buffered_groups": batch.buffered_groups,
-            "behaviour_versions": sorted({int(v) for v in tb.versions}),
-            "generators_in_batch": len({s.rollout.generator_id for s in batch.rollouts}),
-            "samples": [{"prompt": s.rollout.prompt_text, "completion": s.rollout.completion_text,
-                         "reward": s.reward, "policy_version": s.rollout.policy_version}
-                        for s in batch.rollouts[:2]],
-            "wait_data_s": wait_s,
-            "train_s": train_s,
-            "publish_s": publish_s,
-        }
-        self._report(record, tb)
+        record = step_record(step=self.step, version=self.version, now=time.time(), stats=stats, batch=batch,
+                             behaviour_versions=tb.versions.tolist(), wait_s=wait_s, train_s=train_s,
+                             publish_s=publish_s)
+        self.metrics.observe_step(record, staleness=(trained_at - tb.versions).tolist())
+        append_line(self.log_path, json.dumps(record))
+        log.info("%s", step_log_line(record, self.cfg.learner.total_steps))
         return record
 
     def fetch_batch(self) -> Batch | None:
@@ -207,7 +166,7 @@ class Learner:
         try:
             return self._await_batch(request, start, sent)
         finally:
-            self.m_wait.inc(time.perf_counter() - start)
+            self.metrics.wait.inc(time.perf_counter() - start)
             self.waits.done("data")
 
     def _await_batch(self, request: BatchRequest, start: float, sent: bool) -> Batch | None:
@@ -219,7 +178,7 @@ class Learner:
                 if msg is None or not msg.rollouts:
                     continue
                 if msg.learner_version != self.version:
-                    self.m_unexpected.inc()
+                    self.metrics.unexpected.inc()
                     log.info("ignoring a batch for version %d (now %d): a late answer to a re-sent request",
                              msg.learner_version, self.version)
                     continue
@@ -255,13 +214,9 @@ class Learner:
         know the vocabulary; a larger id would crash the step, so such a rollout is counted
         in ``messages_rejected_total{reason="bad_value"}`` and left out."""
         vocab = self.trainer.policy.get_input_embeddings().num_embeddings
-        kept = []
-        for s in rollouts:
-            r = s.rollout  # decode guarantees non-empty int32 token arrays with ids >= 0
-            if max(int(r.prompt_tokens.max()), int(r.completion_tokens.max())) < vocab:
-                kept.append(s)
-            else:
-                self.inbox.reject("bad_value", f"rollout {r.rollout_id}: a token id >= vocabulary size {vocab}")
+        kept, refused = split_in_vocabulary(rollouts, vocab)
+        for s in refused:
+            self.inbox.reject("bad_value", f"rollout {s.rollout.rollout_id}: a token id >= vocabulary size {vocab}")
         return kept
 
     def _one_sampling(self, rollouts: list) -> list:
@@ -272,7 +227,7 @@ class Learner:
             return rollouts
         kept, refused = split_by_sampling(rollouts)
         for reason, items in refused.items():
-            self.m_refused.labels(reason=reason).inc(len(items))
+            self.metrics.refused.labels(reason=reason).inc(len(items))
             if reason not in self.refusals_logged:
                 self.refusals_logged.add(reason)
                 log.warning("refused %d rollouts sampled with %s (first: generator %s); the learner trains one "
@@ -292,61 +247,12 @@ class Learner:
                                  chunk_bytes=self.cfg.transport.weight_chunk_bytes, sender=self.ctx.instance)
         self.weights.publish(packed)
         seconds = time.perf_counter() - start
-        self.m_publish.observe(seconds)
-        self.m_version.set(self.version)
+        self.metrics.publish_seconds.observe(seconds)
+        self.metrics.version.set(self.version)
         return seconds
-
-    def _ledger(self, batch: Batch) -> None:
-        """Append the step's rollout ids to ``trained.jsonl`` (flushed before the checkpoint)."""
-        line = json.dumps({"step": self.step, "version": self.version,
-                           "rollout_ids": [s.rollout.rollout_id for s in batch.rollouts]})
-        with self.trained_path.open("a") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
 
     def save(self) -> Path:
         """Write a checkpoint of the current step and version; returns its folder."""
         return save_checkpoint(self.checkpoints, step=self.step, version=self.version,
                                policy=self.trainer.policy, tokenizer=self.tokenizer,
                                trainer_state=self.trainer.state_dict())
-
-    def _report(self, record: dict, tb) -> None:
-        for key, gauge in self.gauges.items():
-            if key in record:
-                gauge.set(record[key])
-        self.m_step.set(self.step)
-        self.m_samples.inc(tb.size)
-        self.m_tokens.inc(record["tokens"])
-        self.m_dropped.inc(record["dropped_stale"])
-        self.m_evicted.inc(record["evicted"])
-        for s in (self.version - 1 - tb.versions).tolist():
-            self.m_staleness.observe(s)
-        with self.log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        log.info(
-            "step %d/%d v%d | reward %.3f | kl %.4f | entropy %.3f | clip %.3f | ratio %.3f/%.3f | "
-            "ess %.2f | stale %.0f-%.0f | dropped %d | %.1f samples/s | wait %.1fs | generators %d",
-            record["step"], self.cfg.learner.total_steps, record["version"], record["reward_mean"], record["kl"],
-            record["entropy"], record["clip_fraction"], record["importance_ratio_mean"],
-            record["importance_ratio_max"], record["ess_fraction"], record["staleness_min"],
-            record["staleness_max"], record["dropped_stale"], record["samples_per_second"], record["wait_data_s"],
-            record["generators_in_batch"],
-        )
-
-
-
-def read_published_version(path: Path) -> int | None:
-    """The newest version a learner ever published into this output folder, or None."""
-    try:
-        return int(path.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def write_published_version(path: Path, version: int) -> None:
-    """Record ``version`` as published (write a temp file, then rename: never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{version}\n")
-    os.replace(tmp, path)
