@@ -53,6 +53,8 @@ from pydantic_core import PydanticCustomError
 from streamrl.common.modes import (
     AdvantageEstimator,
     Correction,
+    ISLevel,
+    ISMode,
     Device,
     FsyncPolicy,
     HumanCombination,
@@ -599,6 +601,12 @@ class LearnerSection(_Section):
                                        "advantage use max(min(r A, clip(r) A), c A), bounding the loss of a huge "
                                        "ratio (unset = plain clipping)")
     is_cap: float = Field(2.0, ge=1, description="C: truncation of the importance weight pi_old/mu")
+    is_level: ISLevel = Field(ISLevel.SEQUENCE, description="`tis` weights: one per `sequence` (the product of "
+                              "its token ratios) or one per `token` (IMPALA's per-step truncation; the same "
+                              "objective as `decoupled`)", json_schema_extra={"applies_to": {"correction": "tis"}})
+    is_mode: ISMode = Field(ISMode.TRUNCATE, description="a weight above `is_cap`: `truncate` it to C, or `mask` "
+                            "it to 0 (AReaL), dropping the token or sequence; logged as `masked_fraction`",
+                            json_schema_extra={"applies_to": {"correction": ("tis", "decoupled")}})
     advantage: AdvantageEstimator = Field(AdvantageEstimator.GRPO, description="`gae` (critic), `grpo` "
                                           "(group-normalised), `rloo` (leave-one-out)")
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount")

@@ -16,15 +16,34 @@ class Correction(str, Enum):
     - ``none``: PPO's theta' -> theta reuse with the behaviour policy as theta':
       r = pi / mu, clipped (Schulman et al. 2017, eq. 7).
     - ``tis``: PPO anchored at pi_old (the learner's policy before this update),
-      times the truncated importance weight w = min(pi_old / mu, C)
-      (truncated importance sampling, Espeholt et al. 2018, IMPALA eq. 1's rho-bar).
+      times the truncated importance weight w = min(pi_old / mu, C) (truncated
+      importance sampling), one weight per sequence (``ISLevel.SEQUENCE``: the product
+      of the token ratios) or per token (``ISLevel.TOKEN``: IMPALA's per-step rho-bar,
+      Espeholt et al. 2018 eq. 1; the same objective as ``decoupled``).
     - ``decoupled``: L = -w * min(r A, clip(r, 1-eps, 1+eps) A), r = pi / pi_old,
-      w = min(pi_old / mu, C) (decoupled PPO; Hilton et al. 2022, AReaL, Fu et al. 2025).
+      w = min(pi_old / mu, C) per token (decoupled PPO; Hilton et al. 2022, AReaL, Fu et al. 2025).
     """
 
     NONE = "none"
     TIS = "tis"
     DECOUPLED = "decoupled"
+
+
+class ISLevel(str, Enum):
+    """What one importance weight of ``tis`` covers: the whole completion (``sequence``,
+    the product of its token ratios) or one token (``token``, IMPALA's per-step rho-bar)."""
+
+    SEQUENCE = "sequence"
+    TOKEN = "token"
+
+
+class ISMode(str, Enum):
+    """What happens to an importance weight above the cap C: ``truncate`` to C (IMPALA's
+    rho-bar), or ``mask``: set it to 0, dropping the token (or sequence) from the loss
+    (AReaL, Fu et al. 2025, its behaviour-importance-weight cap)."""
+
+    TRUNCATE = "truncate"
+    MASK = "mask"
 
 
 class AdvantageEstimator(str, Enum):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from streamrl.common.modes import Correction, KLEstimator
+from streamrl.common.modes import Correction, ISLevel, ISMode, KLEstimator
 from streamrl.common.tensors import bool_mask, fill_padding, masked_mean
 
 __all__ = [
@@ -39,6 +39,9 @@ __all__ = [
 ]
 
 
+LOG_STAT_MAX = 700.0
+"""Log-space statistics are clamped here before ``exp`` (e^700 ~ 1e304 < float64 max)."""
+
 LOG_RATIO_CLAMP = 20.0
 """Log-ratios are clamped to ``[-20, 20]`` before ``exp`` (as veRL does): a ratio of
 e^20 ~ 5e8 is already far outside any clip range, and ``exp`` of a larger log-ratio
@@ -46,6 +49,13 @@ overflows (NaN or inf loss, a skipped minibatch)."""
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _member(enum: type, value, name: str):
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(f"{name} must be one of {[e.value for e in enum]}, got {value!r}") from None
 
 
 def _check_same_shape(**tensors: Tensor) -> torch.Size:
@@ -82,14 +92,15 @@ class PolicyLossStats:
             ``(rho - 1) - log rho`` with ``rho = pi / pi_old`` (CleanRL's ``approx_kl``),
             ``log rho`` clamped to ``+-LOG_RATIO_CLAMP``; 0 on tokens with ``pi_old = 0``.
         importance_ratio_mean: mean of the raw importance weight ``pi_old / mu``
-            *before* truncation. For ``tis`` this is the sequence-level weight
-            ``prod_t pi_old/mu`` broadcast to each token of its sequence (the
+            *before* truncation. For ``tis`` at sequence level this is the sequence
+            weight ``prod_t pi_old/mu`` broadcast to each token of its sequence (the
             weight ``tis`` actually truncates); otherwise the per-token ratio.
         importance_ratio_max: max of the same raw weight. Both are 1.0 when
-            there are no tokens.
+            there are no tokens; both are computed in log space and saturate at
+            ``exp(LOG_STAT_MAX)`` (~1e304) instead of overflowing.
         truncated_fraction: fraction of tokens whose raw weight exceeds
-            ``is_cap`` (and was therefore truncated). Always 0.0 for ``none``,
-            which truncates nothing.
+            ``is_cap`` and was therefore truncated (``is_mode = "truncate"``). Always
+            0.0 for ``none``, which truncates nothing.
         effective_sample_size: ``(sum w)^2 / sum w^2`` over tokens, ``w`` the
             truncated weights actually applied (``tis``: sequence weight per
             token; ``decoupled``: per-token weight; ``none``: ``pi/mu``
@@ -101,6 +112,8 @@ class PolicyLossStats:
             the ratio statistics and the ESS include.
         dual_clip_fraction: fraction of tokens where the dual clip bound ``c A`` was
             active (``A < 0`` and the clipped objective below it); 0 without dual clip.
+        masked_fraction: fraction of tokens whose weight exceeded ``is_cap`` and was set
+            to 0 (``is_mode = "mask"``, AReaL); 0 in ``truncate`` mode.
     """
 
     clip_fraction: Tensor
@@ -112,6 +125,7 @@ class PolicyLossStats:
     ess_fraction: Tensor
     outside_nucleus_fraction: Tensor
     dual_clip_fraction: Tensor
+    masked_fraction: Tensor
 
     def tensors(self) -> dict[str, Tensor]:
         """The statistics by field name (detached 0-d tensors)."""
@@ -134,6 +148,8 @@ def policy_loss(
     clip_eps: float,
     is_cap: float,
     dual_clip: float | None = None,
+    is_level: ISLevel = ISLevel.SEQUENCE,
+    is_mode: ISMode = ISMode.TRUNCATE,
 ) -> tuple[Tensor, PolicyLossStats]:
     """Clipped policy-gradient loss with a staleness correction.
 
@@ -148,9 +164,8 @@ def policy_loss(
 
           r = pi / mu,   L = -min(r A, clip(r) A)
 
-    - ``Correction.TIS`` -- *sequence-level* truncated importance sampling
-      (the rho-bar truncation of IMPALA, Espeholt et al. 2018, eq. 1) applied to
-      PPO anchored at pi_old::
+    - ``Correction.TIS`` -- truncated importance sampling applied to PPO anchored at
+      pi_old. ``is_level = "sequence"`` (default)::
 
           r = pi / pi_old,
           w = min(prod_{t in seq} pi_old_t / mu_t, C)    (one weight per sequence)
@@ -159,7 +174,10 @@ def policy_loss(
       The product is taken in log space, ``exp(min(sum_t (old - behaviour), log C))``,
       so it never overflows. Every token of a sequence shares its weight: the
       correction treats the whole completion as one action, which is unbiased for
-      sequence-level rewards but has higher variance than ``decoupled``.
+      sequence-level rewards but has higher variance than per-token weights.
+      ``is_level = "token"`` truncates per step, as IMPALA's rho-bar (Espeholt et al.
+      2018, eq. 1): ``w_t = min(pi_old_t / mu_t, C)``, the same objective as
+      ``decoupled``.
 
     - ``Correction.DECOUPLED`` -- decoupled PPO with a *per-token* weight
       (Hilton et al. 2022, "Batch size-invariance for policy optimization", sec. 3,
@@ -169,8 +187,13 @@ def policy_loss(
           r = pi / pi_old,   w_t = min(pi_old_t / mu_t, C),
           L = -w_t min(r A, clip(r) A)
 
-    Since ``w > 0``, ``min(w r A, w clip(r) A) = w min(r A, clip(r) A)``: ``tis`` and
+    Since ``w >= 0``, ``min(w r A, w clip(r) A) = w min(r A, clip(r) A)``: ``tis`` and
     ``decoupled`` differ only in whether ``w`` is per sequence or per token.
+
+    ``is_mode = "mask"`` (AReaL, Fu et al. 2025, its cap on the behaviour importance
+    weight) replaces truncation: a weight above ``C`` becomes 0, dropping the token (a
+    sequence-level ``tis`` weight: the whole sequence) from the loss instead of keeping it
+    at weight ``C``; ``masked_fraction`` reports how many tokens that dropped.
 
     Every log-ratio (``log pi - log mu`` or ``log pi - log pi_old``) is clamped to
     ``+-LOG_RATIO_CLAMP`` before ``exp``, so a huge ratio cannot overflow into a NaN or
@@ -197,6 +220,10 @@ def policy_loss(
         clip_eps: PPO clip range ``e > 0``.
         is_cap: truncation ``C > 0`` of the importance weight (unused by ``none``).
         dual_clip: ``c > 1`` of dual-clip PPO, or ``None`` for plain clipping.
+        is_level: ``tis`` only: one weight per ``sequence`` or per ``token`` (an
+            :class:`ISLevel` or its value).
+        is_mode: ``truncate`` or ``mask`` a weight above ``is_cap`` (an :class:`ISMode`
+            or its value; unused by ``none``).
 
     Returns:
         ``(loss, stats)``: ``loss`` a 0-d tensor (0 for an all-padding batch),
@@ -204,7 +231,8 @@ def policy_loss(
 
     Raises:
         ValueError: shapes differ or are not ``[B, T]``; ``clip_eps <= 0``;
-            ``is_cap <= 0``; ``dual_clip <= 1``; unknown ``correction``.
+            ``is_cap <= 0``; ``dual_clip <= 1``; unknown ``correction``,
+            ``is_level`` or ``is_mode``.
     """
     shape = _check_same_shape(
         logprobs=logprobs,
@@ -220,6 +248,7 @@ def policy_loss(
         raise ValueError(f"is_cap must be > 0, got {is_cap}")
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1 or None, got {dual_clip}")
+    is_level, is_mode = _member(ISLevel, is_level, "is_level"), _member(ISMode, is_mode, "is_mode")
 
     lp = fill_padding(logprobs, m)
     beh = fill_padding(behaviour_logprobs.detach(), m)
@@ -233,20 +262,24 @@ def policy_loss(
 
     # Raw log importance weight log(pi_old/mu) of the correction, before truncation.
     token_log_w = torch.where(outside, -math.inf, (old - beh).to(torch.float64))
-    if correction is Correction.TIS:
+    if correction is Correction.TIS and is_level is ISLevel.SEQUENCE:
         raw_log_w = token_log_w.sum(dim=1, keepdim=True).expand(shape)  # [B, 1] -> one weight per sequence
     else:
         raw_log_w = token_log_w
 
+    truncated = masked = torch.zeros_like(m)
     if correction is Correction.NONE:
         log_ratio = (lp - beh).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         w = None
-        truncated = torch.zeros_like(m)
     else:
         log_ratio = (lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        log_w = raw_log_w.clamp(max=math.log(is_cap))
-        w = torch.exp(log_w)
-        truncated = m & (raw_log_w > math.log(is_cap))
+        over = m & (raw_log_w > math.log(is_cap))
+        if is_mode is ISMode.MASK:  # AReaL: a weight above C drops its token (sequence) from the loss
+            masked = over
+            w = torch.where(over, 0.0, torch.exp(raw_log_w.clamp(max=math.log(is_cap))))
+        else:
+            truncated = over
+            w = torch.exp(raw_log_w.clamp(max=math.log(is_cap)))
     ratio = torch.exp(log_ratio)
     objective = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
     dual_clipped = torch.zeros_like(m)
@@ -272,10 +305,12 @@ def policy_loss(
         # log(pi/pi_old), 0 where pi_old = 0, clamped: pi = 0 would make the estimate inf
         rho = torch.where(outside, 0.0, lp_d - old).to(torch.float64).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         approx_kl = fill_padding(torch.expm1(rho) - rho, m).sum() / d
-        raw_w = torch.exp(raw_log_w)
-        ratio_mean = torch.where(has_tokens, fill_padding(raw_w, m).sum() / d, one)
-        masked_max = torch.cat([torch.where(m, raw_w, -math.inf).flatten(), -one.unsqueeze(0) * math.inf]).max()
-        ratio_max = torch.where(has_tokens, masked_max, one)
+        # in log space, saturating below the float64 maximum: exp of a long sequence's summed
+        # log-ratio overflows (sum 1000 -> inf), the statistics stay finite
+        real_log_w = torch.cat([torch.where(m, raw_log_w, -math.inf).flatten(), -one.unsqueeze(0) * math.inf])
+        log_mean = torch.logsumexp(real_log_w, dim=0) - torch.log(d)
+        ratio_mean = torch.where(has_tokens, torch.exp(log_mean.clamp(max=LOG_STAT_MAX)), one)
+        ratio_max = torch.where(has_tokens, torch.exp(real_log_w.max().clamp(max=LOG_STAT_MAX)), one)
         ws = fill_padding(w_stats, m)
         sum_w, sum_w2 = ws.sum(), (ws * ws).sum()
         ess = torch.where(sum_w2 > 0, sum_w * sum_w / sum_w2.clamp(min=torch.finfo(torch.float64).tiny), 0 * one)
@@ -290,6 +325,7 @@ def policy_loss(
         ess_fraction=ess / d,
         outside_nucleus_fraction=outside.sum() / d,
         dual_clip_fraction=dual_clipped.sum() / d,
+        masked_fraction=masked.sum() / d,
     )
     return loss, stats
 

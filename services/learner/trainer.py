@@ -198,7 +198,8 @@ class PPOTrainer:
                     out.values = self.value_model(mb)
                 pl, ps = policy_loss(out.logprobs, old.logprobs[rows, :t], mb.behaviour_logprobs,
                                      advantages[rows, :t], mb.mask, correction=cfg.correction,
-                                     clip_eps=cfg.clip_eps, is_cap=cfg.is_cap, dual_clip=cfg.dual_clip)
+                                     clip_eps=cfg.clip_eps, is_cap=cfg.is_cap, dual_clip=cfg.dual_clip,
+                                     is_level=cfg.is_level, is_mode=cfg.is_mode)
                 entropy = masked_mean(out.entropy, mb.mask)
                 loss = pl - cfg.entropy_coef * entropy
                 if out.values is not None:
@@ -230,7 +231,7 @@ class PPOTrainer:
                           "truncated_fraction": ps.truncated_fraction, "ess": ps.effective_sample_size,
                           "ess_fraction": ps.ess_fraction,
                           "outside_nucleus_fraction": ps.outside_nucleus_fraction,
-                          "dual_clip_fraction": ps.dual_clip_fraction})
+                          "dual_clip_fraction": ps.dual_clip_fraction, "masked_fraction": ps.masked_fraction})
                 ratio_max = torch.maximum(ratio_max, ps.importance_ratio_max)
         out_stats = sums.means(updates, extra={"importance_ratio_max": ratio_max})
         out_stats["skipped_updates"] = float(skipped)

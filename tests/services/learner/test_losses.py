@@ -71,6 +71,7 @@ def test_on_policy_invariant(onpolicy_batch, correction):
         "ess_fraction": pytest.approx(1.0, abs=1e-9),
         "outside_nucleus_fraction": 0.0,
         "dual_clip_fraction": 0.0,
+        "masked_fraction": 0.0,
     }
     # statistics stay detached 0-d tensors (no device sync in the loss); floats() converts them at once
     for value in stats.tensors().values():
@@ -651,3 +652,76 @@ def test_dual_clip_must_exceed_one():
     z = torch.zeros(1, 1)
     with pytest.raises(ValueError, match="dual_clip"):
         policy_loss(z, z, z, z, torch.ones(1, 1), correction="none", clip_eps=0.2, is_cap=2.0, dual_clip=1.0)
+
+
+# --------------------------------------------------------------------------- per-token tis, AReaL masking, overflow
+
+
+def test_tis_long_sequence_statistics_do_not_overflow():
+    """sum of log(pi_old/mu) = 1000: exp of it overflows float64. The statistics saturate at
+    a finite value (log-space mean and max), the loss uses the truncated weight C."""
+    t = 200
+    beh = torch.full((1, t), -6.0)
+    old = beh + 5.0
+    loss, stats, grad = run_policy(old.clone(), old, beh, torch.ones(1, t), torch.ones(1, t, dtype=torch.bool),
+                                   Correction.TIS, is_cap=2.0)
+    s = stats.floats()
+    assert all(math.isfinite(v) for v in s.values()), s
+    assert s["importance_ratio_max"] > 1e300 and s["importance_ratio_mean"] > 1e300
+    assert loss.item() == pytest.approx(-2.0, abs=ATOL)
+
+
+def test_tis_per_token_truncates_each_token_like_impala():
+    """is_level = "token": w_t = min(pi_old_t / mu_t, C) per token (IMPALA eq. 1's rho-bar
+    per step); the same weights and loss as decoupled."""
+    beh = torch.log(torch.tensor([[0.2, 0.6], [0.1, 0.5]]))
+    old = beh + torch.log(torch.tensor([[1.9, 0.5], [3.0, 1.0]]))
+    adv = torch.tensor([[1.0, 1.0], [1.0, 7.0]])
+    mask = ragged_mask([2, 1], 2)
+    leaf = old.clone().requires_grad_(True)
+    loss, stats = policy_loss(leaf, old, beh, adv, mask, correction="tis", clip_eps=0.2, is_cap=2.0,
+                              is_level="token")
+    loss.backward()
+    # per-token w = [1.9, 0.5, min(3, 2) = 2] -> -(1.9 + 0.5 + 2) / 3
+    assert loss.item() == pytest.approx(-4.4 / 3, abs=ATOL)
+    torch.testing.assert_close(leaf.grad, torch.tensor([[-1.9 / 3, -0.5 / 3], [-2 / 3, 0.0]]), atol=ATOL, rtol=0)
+    s = stats.floats()
+    assert s["importance_ratio_mean"] == pytest.approx((1.9 + 0.5 + 3) / 3, abs=1e-6)
+    assert s["truncated_fraction"] == pytest.approx(1 / 3, abs=ATOL)
+    decoupled, _, dgrad = run_policy(old, old, beh, adv, mask, Correction.DECOUPLED, is_cap=2.0)
+    assert decoupled.item() == pytest.approx(loss.item(), abs=ATOL)
+    torch.testing.assert_close(dgrad, leaf.grad, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_areal_mask_zeroes_tokens_over_the_cap_and_logs_the_fraction(level):
+    """is_mode = "mask" (AReaL): a weight above C is set to 0 instead of truncated to C."""
+    beh = torch.log(torch.tensor([[0.2, 0.6], [0.1, 0.5]]))
+    old = beh + torch.log(torch.tensor([[1.9, 0.5], [3.0, 1.0]]))
+    adv = torch.tensor([[1.0, 1.0], [1.0, 7.0]])
+    mask = ragged_mask([2, 1], 2)
+    for correction in (("tis", "decoupled") if level == "token" else ("tis",)):
+        leaf = old.clone().requires_grad_(True)
+        loss, stats = policy_loss(leaf, old, beh, adv, mask, correction=correction, clip_eps=0.2, is_cap=2.0,
+                                  is_level=level, is_mode="mask")
+        loss.backward()
+        s = stats.floats()
+        if level == "token":  # w = [1.9, 0.5, 3 -> 0]: -(1.9 + 0.5 + 0) / 3
+            assert loss.item() == pytest.approx(-2.4 / 3, abs=ATOL)
+            torch.testing.assert_close(leaf.grad, torch.tensor([[-1.9 / 3, -0.5 / 3], [0.0, 0.0]]), atol=ATOL,
+                                       rtol=0)
+            assert s["effective_sample_size"] == pytest.approx(2.4 ** 2 / (1.9 ** 2 + 0.25), abs=1e-5)
+        else:  # sequence weights [0.95, 0.95 | 3 -> 0]
+            assert loss.item() == pytest.approx(-1.9 / 3, abs=ATOL)
+            torch.testing.assert_close(leaf.grad, torch.tensor([[-0.95 / 3, -0.95 / 3], [0.0, 0.0]]), atol=ATOL,
+                                       rtol=0)
+        assert s["masked_fraction"] == pytest.approx(1 / 3, abs=ATOL)
+        assert s["truncated_fraction"] == 0.0
+
+
+def test_is_level_and_mode_are_checked():
+    z = torch.zeros(1, 1)
+    with pytest.raises(ValueError, match="is_level"):
+        policy_loss(z, z, z, z, torch.ones(1, 1), correction="tis", clip_eps=0.2, is_cap=2.0, is_level="step")
+    with pytest.raises(ValueError, match="is_mode"):
+        policy_loss(z, z, z, z, torch.ones(1, 1), correction="tis", clip_eps=0.2, is_cap=2.0, is_mode="drop")

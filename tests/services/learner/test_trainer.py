@@ -424,3 +424,34 @@ def test_adaptive_controller_is_fed_the_kl_per_sequence():
     assert trainer.kl_controller.value == pytest.approx(beta * (1 + error * 4 / 10), rel=1e-6)
     per_token = float(((pi - ref) * batch.mask).sum() / batch.mask.sum())
     assert abs(per_sequence - per_token) > 1e-3  # the units differ on this batch
+
+
+def test_tis_per_token_equals_decoupled_on_stale_data():
+    stats = {}
+    for name, cfg in {"tis_token": learner_cfg(correction="tis", is_level="token"),
+                      "decoupled": learner_cfg(correction="decoupled")}.items():
+        trainer = make_trainer(cfg)
+        batch, _ = shifted_batch(trainer)
+        stats[name] = trainer.step(batch, current_version=3)
+    for key in ("loss/policy", "importance_ratio_mean", "truncated_fraction", "ess"):
+        assert stats["tis_token"][key] == pytest.approx(stats["decoupled"][key], abs=1e-6), key
+    assert stats["tis_token"]["truncated_fraction"] == pytest.approx(2 / 20)
+
+
+def test_mask_mode_drops_the_tokens_over_the_cap():
+    """shifted_batch: 2 of 20 tokens have pi_old/mu = e > C = 2: masked (weight 0), logged."""
+    trainer = make_trainer(learner_cfg(correction="decoupled", is_mode="mask"))
+    batch, _ = shifted_batch(trainer)
+    stats = trainer.step(batch, current_version=3)
+    assert stats["masked_fraction"] == pytest.approx(2 / 20)
+    assert stats["truncated_fraction"] == 0.0
+    weights = [1.0] * 15 + [math.exp(-0.5)] * 3 + [0.0] * 2
+    assert stats["ess"] == pytest.approx(sum(weights) ** 2 / sum(w * w for w in weights), abs=1e-3)
+
+
+def test_is_options_apply_only_to_their_corrections():
+    with pytest.raises(ValueError, match="is_level"):
+        LearnerSection(correction="decoupled", is_level="token")
+    with pytest.raises(ValueError, match="is_mode"):
+        LearnerSection(correction="none", is_mode="mask")
+    assert LearnerSection(correction="tis", is_level="token", is_mode="mask").is_mode.value == "mask"
