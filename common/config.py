@@ -429,7 +429,8 @@ class RewardSpec(_Section):
                                 "completion: for an RM trained on chat-formatted prompts scoring a policy that "
                                 "sees raw text", json_schema_extra={"applies_to": {"source": "model"}})
     timeout_s: float = Field(30.0, gt=0, description="seconds one micro-batch may take: per HTTP request "
-                             "(connect and read), or for the reward model's forward passes (checked after each)",
+                             "(connect, write, read), or for the reward model to score it (then the scorer stops "
+                             "waiting and counts a `RewardTimeout`)",
                              json_schema_extra={"applies_to": {"source": ("model", "url")}})
     retries: int = Field(3, ge=0, description="times a failed request (connection error, timeout, HTTP 429 or "
                          "5xx) is tried again", json_schema_extra={"applies_to": {"source": "url"}})

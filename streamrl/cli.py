@@ -1,7 +1,8 @@
 """The ``streamrl`` command.
 
-``streamrl run --config FILE [--generators N] [--scorers M] [--set key=value ...]``
-validates the config, then starts every service as its own process from the
+``streamrl run --config FILE [--generators N] [--scorers M] [--resume | --fresh] [--set key=value ...]``
+validates the config, refuses a ``run.output_dir`` that already holds a run unless told to
+``--resume`` or start ``--fresh`` (:mod:`streamrl.runs`), records the launch there, then starts every service as its own process from the
 Procfile that ships in the package (``streamrl.deploy``) with honcho's process
 manager (:mod:`streamrl.launcher`), in the current directory; when the learner
 finishes (or any process dies, or ``streamrl run`` gets SIGTERM/SIGINT) every
@@ -112,7 +113,17 @@ def evaluate_run(config, args, started: float) -> dict:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate, optionally evaluate the initial policy, run all services under honcho, then report."""
+    from streamrl.common.errors import StartupRefused
+    from streamrl.runs import RunMode, RunRefused, prepare_run_folder, record_launch
+
     config = _load(args, SERVICES)
+    mode = RunMode.RESUME if args.resume else RunMode.FRESH if args.fresh else RunMode.NEW
+    try:
+        print(prepare_run_folder(config, mode), flush=True)
+    except (RunRefused, StartupRefused) as err:
+        print(f"streamrl: {err}", file=sys.stderr)
+        return 2
+    record_launch(config, mode=mode, config_path=args.config, overrides=args.overrides)
     started = time.time()
     args.before = None
     if args.eval:
@@ -257,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop-timeout", type=float, default=60.0,
                      help="seconds each service gets to exit after SIGTERM (the learner writes its final "
                           "checkpoint) before it is killed (default 60)")
+    rerun = run.add_mutually_exclusive_group()
+    rerun.add_argument("--resume", action="store_true",
+                       help="continue the run already in run.output_dir (newest checkpoint, buffer journal)")
+    rerun.add_argument("--fresh", action="store_true",
+                       help="start over: the files of a run already in run.output_dir move to "
+                            "<output_dir>/previous/<time>/")
     run.add_argument("--eval", action="store_true",
                      help="evaluate the initial and final policy on held-out prompts and print both")
     run.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts to use (default: all)")

@@ -40,6 +40,12 @@ class TimeLimited:
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
 
+    def __getattr__(self, name: str):
+        """The wrapped component's attributes (``batch_size``, ``max_length``, ...) show through."""
+        if name == "fn":
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
     def __call__(self, prompts: list[str], completions: list[str], metadata: list[dict]) -> Sequence[float]:
         """``fn(prompts, completions, metadata)``, or :class:`RewardTimeout` after ``timeout_s`` seconds.
 

@@ -426,5 +426,8 @@ def build_reward(specs: Sequence[RewardSpec], *, device: torch.device) -> Compos
             scorer = RewardModelScorer(spec.model, batch_size=spec.batch_size, device=device,
                                        max_length=spec.max_length, label=spec.label,
                                        chat_template=spec.chat_template)
-            components.append(RewardComponent(name=spec.name or "reward_model", weight=spec.weight, fn=scorer))
+            from streamrl.services.scorer.deadline import TimeLimited
+
+            limited = TimeLimited(scorer, timeout_s=spec.timeout_s, what=f"reward model {spec.model}")
+            components.append(RewardComponent(name=spec.name or "reward_model", weight=spec.weight, fn=limited))
     return CompositeReward(components)

@@ -1,0 +1,241 @@
+"""Reruns that never surprise: what ``streamrl run`` does with a run folder that already holds a run,
+and what it records in the folder about each launch.
+
+A run folder (``run.output_dir``) holds a run when the learner or the buffer left state there:
+checkpoints, ``metrics.jsonl``, ``trained.jsonl``, ``published_version``, or buffer journal
+segments (in ``buffer.journal_dir`` when that is set). Then ``streamrl run``
+
+* without a flag refuses (exit 2), saying what is there and the three fixes;
+* with ``--resume`` continues it: the learner resumes from its newest complete checkpoint and the
+  buffer replays its journal (refused, with the fix, when the run already reached
+  ``learner.total_steps``: nothing would happen);
+* with ``--fresh`` starts over: the previous run's files move to ``<output_dir>/previous/<time>/``
+  (never deleted; folders other runs or stages keep there, such as ``sft/`` and ``rm/``, stay).
+
+Services started by hand or by a supervisor (``python -m streamrl.services.learner``) keep
+resuming on their own: that is their crash recovery.
+
+Each launch is recorded in the folder: ``config.toml`` (the resolved config, every default filled
+in and paths absolute: ``streamrl run --config <output_dir>/config.toml`` runs it again) and one
+line of ``launches.jsonl`` (time, mode, command line, working directory, config file and
+overrides, the resolved config, package versions, Python and platform, and the git commit and
+dirty flag of the streamrl source and of the working directory when they are git checkouts).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from pydantic import BaseModel, TypeAdapter
+
+from streamrl.common.config import Config
+from streamrl.common.runlock import RunLock
+from streamrl.common.service import journal_folder
+
+__all__ = ["RunMode", "RunRefused", "run_state", "prepare_run_folder", "record_launch", "PACKAGES"]
+
+LEARNER_STATE = ("checkpoints", "metrics.jsonl", "trained.jsonl", "published_version")
+"""What the learner leaves in ``run.output_dir``; any of it means the folder holds a run."""
+RUN_FILES = (*LEARNER_STATE, "summary.json", "learning_curve.png", "tensorboard", "wandb", "config.toml",
+             "launches.jsonl")
+"""Everything a run writes in ``run.output_dir`` (besides the journal): moved away by ``--fresh``."""
+PACKAGES = ("streamrl", "torch", "transformers", "datasets", "pyzmq", "msgpack", "numpy", "pydantic", "tokenizers",
+            "safetensors", "huggingface_hub", "tensorboard", "wandb", "httpx2", "vaderSentiment", "prometheus_client")
+"""Distributions whose versions each launch records (absent ones as null)."""
+
+
+class RunMode(str, Enum):
+    """What ``streamrl run`` does with a folder that holds a run."""
+
+    NEW = "new"
+    RESUME = "resume"
+    FRESH = "fresh"
+
+
+class RunRefused(Exception):
+    """``streamrl run`` would surprise the user; the message says what is there and the fix."""
+
+
+def _segments(folder: Path) -> list[Path]:
+    return sorted(folder.glob("segment-*.log")) if folder.is_dir() else []
+
+
+def _steps_logged(metrics: Path) -> int:
+    try:
+        return sum(1 for line in metrics.read_text().splitlines() if line.strip())
+    except OSError:
+        return 0
+
+
+def run_state(cfg: Config) -> tuple[list[str], int | None]:
+    """What the previous run left: one phrase per thing found (empty: no run there), and the step of
+    its newest complete checkpoint (None without one)."""
+    from streamrl.services.learner.checkpoint import MARKER, latest_checkpoint
+
+    out = Path(cfg.run.output_dir)
+    found: list[str] = []
+    step = None
+    newest = latest_checkpoint(out / "checkpoints")
+    if newest is not None:
+        step = int(json.loads((newest / MARKER).read_text())["step"])
+        found.append(f"checkpoint {newest.name}")
+    steps = _steps_logged(out / "metrics.jsonl")
+    if steps:
+        found.append(f"metrics.jsonl with {steps} steps")
+    for name in ("trained.jsonl", "published_version"):
+        if (out / name).exists() and not found:
+            found.append(name)
+    segments = _segments(journal_folder(cfg)) if cfg.buffer.journal else []
+    if segments:
+        found.append(f"buffer journal with {len(segments)} segment(s) in {journal_folder(cfg)}")
+    return found, step
+
+
+def prepare_run_folder(cfg: Config, mode: RunMode, *, now: float | None = None) -> str:
+    """Apply ``mode`` to ``run.output_dir`` (see the module docstring); returns the line to print.
+
+    Raises:
+        RunRefused: a folder holding a run without ``--resume``/``--fresh``; ``--resume`` of a run
+            that reached ``learner.total_steps``; ``--fresh`` while a learner or buffer still holds
+            the folder (its lock).
+    """
+    out = Path(cfg.run.output_dir)
+    found, step = run_state(cfg)
+    total = cfg.learner.total_steps
+    if not found:
+        if mode is RunMode.RESUME:
+            return f"streamrl: nothing to resume in {out}; starting a new run"
+        return f"streamrl: new run in {out}"
+    if mode is RunMode.NEW:
+        raise RunRefused(
+            f"{out} already holds a run ({', '.join(found)}).\n"
+            f"fix: add --resume to continue it, or --fresh to start over (its files move to {out}/previous/), "
+            "or set run.output_dir to a new folder (--set run.output_dir=runs/NEW)")
+    if mode is RunMode.RESUME:
+        if step is not None and step >= total:
+            raise RunRefused(
+                f"{out} already reached learner.total_steps = {total} (checkpoint step-{step:06d}); --resume would "
+                f"do nothing.\nfix: raise it to train further (--resume --set learner.total_steps={2 * total}), or "
+                "--fresh to start over")
+        where = f"checkpoint step-{step:06d}" if step is not None else "step 0 (no complete checkpoint yet)"
+        return f"streamrl: resuming {out} from {where} of {total}; the buffer replays its journal"
+    return _archive(cfg, now if now is not None else time.time())
+
+
+def _archive(cfg: Config, now: float) -> str:
+    out = Path(cfg.run.output_dir)
+    journal = journal_folder(cfg)
+    locks = [RunLock(out, "learner")]  # raises RunFolderLocked (a RunRefused-like message) if a run is live
+    try:
+        if cfg.buffer.journal:
+            locks.append(RunLock(journal, "buffer"))
+        target = out / "previous" / time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+        moved = []
+        for name in RUN_FILES:
+            if (out / name).exists():
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(out / name), str(target / name))
+                moved.append(name)
+        if cfg.buffer.journal and journal.is_dir():
+            inside = journal.resolve().is_relative_to(out.resolve())
+            dest = target / journal.relative_to(out) if inside else journal / "previous" / target.name
+            entries = [p for p in journal.iterdir() if p.name not in ("buffer.lock", "previous")]
+            for entry in entries:
+                dest.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(entry), str(dest / entry.name))
+            if entries:
+                moved.append(f"the buffer journal ({dest})")
+    finally:
+        for lock in locks:
+            lock.release()
+    return f"streamrl: --fresh: moved the previous run ({', '.join(moved)}) to {target}; starting over"
+
+
+def _git(folder: Path) -> dict | None:
+    """``{"commit", "dirty"}`` of the git checkout holding ``folder``, or None."""
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def resolved_config(section: BaseModel) -> dict:
+    """``section`` as TOML-ready data: every value (defaults filled in), except unset optional keys
+    and options that do not apply to it (``applies_to`` in the schema: ``batch_size`` of a reward
+    function, ``split`` of a jsonl prompt file), which a config may not set."""
+    out = {}
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        applies = (field.json_schema_extra or {}).get("applies_to") if isinstance(field.json_schema_extra, dict) else None
+        if applies:
+            (selector, wanted), = applies.items()
+            wanted = wanted if isinstance(wanted, tuple) else (wanted,)
+            if getattr(section, selector, None) not in wanted:
+                continue
+        if value is None:
+            continue
+        if isinstance(value, BaseModel):
+            value = resolved_config(value)
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            value = [resolved_config(v) for v in value]
+        else:
+            value = TypeAdapter(Any).dump_python(value, mode="json")
+        out[name] = value
+    return out
+
+
+def record_launch(cfg: Config, *, mode: RunMode, config_path: str, overrides: list[str],
+                  argv: list[str] | None = None) -> Path:
+    """Write ``config.toml`` and append this launch to ``launches.jsonl`` in ``run.output_dir``.
+
+    Returns:
+        The path of ``launches.jsonl``.
+    """
+    import streamrl
+
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = resolved_config(cfg)
+    (out / "config.toml").write_text("# resolved config of the latest `streamrl run` in this folder (defaults filled "
+                                     "in, paths absolute)\n" + tomli_w.dumps(resolved))
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "mode": mode.value,
+        "command": [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)],
+        "cwd": os.getcwd(),
+        "config_file": str(Path(config_path).resolve()),
+        "overrides": list(overrides),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "git": {"streamrl": _git(Path(streamrl.__file__).resolve().parent), "cwd": _git(Path.cwd())},
+        "config": resolved,
+    }
+    path = out / "launches.jsonl"
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    return path
