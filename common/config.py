@@ -1190,8 +1190,8 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
       ``kwargs`` (see :meth:`RewardSpec.function_problems`); each ``model`` is a folder
       holding a model.
     - buffer: the journal folder can be created (when ``buffer.journal`` is on).
-    - feedback: ``model.path`` (H-hat's features), the database folder can be created, TLS files
-      exist; scorer with ``feedback.combination = "reward_shaping"``: ``model.path`` too.
+    - feedback (when enabled): ``model.path`` (H-hat's features), the database folder can be created,
+      TLS files exist; scorer with ``feedback.combination = "reward_shaping"``: ``model.path`` too.
 
     ``streamrl check`` runs it for every service, each service process for itself at
     start-up (through :func:`load_config`'s ``resources``), so both say the same thing.
@@ -1237,7 +1237,7 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
             problems.append(_creatable_problem("buffer.journal_dir", cfg.buffer.journal_dir))
         else:
             problems.append(_creatable_problem("run.output_dir", cfg.run.output_dir))
-    if "feedback" in services:
+    if "feedback" in services and cfg.feedback.enabled:  # a disabled feedback service exits at once
         problems += _model_problems(cfg.model)  # H-hat's features come from the frozen reference model
         problems.append(_creatable_problem("feedback.database", cfg.feedback.database_path(cfg.run.output_dir).parent))
         for key in ("tls_cert", "tls_key"):

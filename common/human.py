@@ -263,3 +263,83 @@ def human_terms(rollouts: Sequence[ScoredRollout], *, combination: HumanCombinat
         "human/weight_mean": float(weights.mean()) if n else 1.0,
     }
     return HumanTerms(shaping=shaping, weights=weights, stats=stats)
+
+
+class HumanModelView:
+    """The newest H-hat a scorer or generator received, and the frozen reference model that computes
+    its features (loaded on first use: a process that never receives a model never loads it).
+
+    Args:
+        model_path: ``model.path`` of the run (resolved with :func:`streamrl.common.models.resolve_model_path`).
+        cache_dir: ``model.cache_dir``.
+        use_eligibility: apply the eligibility module (``feedback.eligibility``); else E = 1.
+        width: ``feedback.eligibility_width``.
+        half_life_s: ``feedback.eligibility_half_life_s``.
+    """
+
+    def __init__(self, model_path: str, cache_dir=None, *, use_eligibility: bool, width: float, half_life_s: float):
+        self.model_path, self.cache_dir = model_path, cache_dir
+        self.use_eligibility, self.width, self.half_life_s = use_eligibility, width, half_life_s
+        self.message: HumanModel | None = None
+        self.head: HumanHead | None = None
+        self._model = None
+        self._pad_id = 0
+
+    @property
+    def version(self) -> int:
+        """Version of the model in use (0 before the first)."""
+        return self.message.version if self.message is not None else 0
+
+    @property
+    def active(self) -> bool:
+        """True when a model is in use and the labellers have not paused the human influence."""
+        return self.message is not None and self.message.active
+
+    def update(self, message: HumanModel) -> bool:
+        """Use ``message`` when it is at least as new as the current one (a same-version message
+        carries a start / pause of the influence). Returns True when taken.
+
+        Raises:
+            ValueError: the model uses another feature than :data:`FEATURE`.
+        """
+        if message.feature != FEATURE:
+            raise ValueError(f"H-hat version {message.version} uses feature {message.feature!r}; this process "
+                             f"computes {FEATURE!r}")
+        if self.message is not None and message.version < self.message.version:
+            return False
+        self.message, self.head = message, HumanHead.from_message(message)
+        return True
+
+    def _reference(self):
+        if self._model is None:
+            from streamrl.common.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+            path = resolve_model_path(self.model_path, self.cache_dir)
+            self._pad_id = load_tokenizer(path).pad_token_id
+            self._model = load_causal_lm(path, device=torch.device("cpu")).eval()
+        return self._model
+
+    def score(self, prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray],
+              now: float) -> tuple[np.ndarray, np.ndarray]:
+        """H-hat and the eligibility of N rollouts (token arrays).
+
+        Returns:
+            ``(values, eligibilities)``, each ``[N]`` float64 (values in [-1, 1], eligibilities in [0, 1];
+            all ones when the eligibility module is off).
+
+        Raises:
+            RuntimeError: no model received yet.
+            ValueError: the reference model's hidden size differs from the model's feature size.
+        """
+        if self.head is None or self.message is None:
+            raise RuntimeError("no H-hat version received yet")
+        features = reference_features(self._reference(), prompts, completions, pad_id=self._pad_id)
+        if features.shape[1] != self.head.dim:
+            raise ValueError(f"H-hat version {self.version} has {self.head.dim} features; the reference model "
+                             f"{self.model_path} gives {features.shape[1]} (another model.path?)")
+        values = self.head.predict(features)
+        if not self.use_eligibility:
+            return values, np.ones(len(values))
+        z = self.head.standardize(features)
+        return values, eligibility(z, self.message.anchors, self.message.anchor_times, now, width=self.width,
+                                   half_life_s=self.half_life_s)

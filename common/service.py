@@ -84,12 +84,15 @@ def owned_folder(config: Config, service: str) -> Path | None:
     """The folder whose state one process of ``service`` owns (locked at start), or None.
 
     The learner owns ``run.output_dir`` (checkpoints, ``trained.jsonl``, ``metrics.jsonl``); the buffer
-    owns its journal folder when the journal is on; generators and scorers keep no state on disk.
+    owns its journal folder when the journal is on; the feedback service the folder of its label
+    database (when enabled); generators and scorers keep no state on disk.
     """
     if service == "learner":
         return Path(config.run.output_dir)
     if service == "buffer" and config.buffer.journal:
         return journal_folder(config)
+    if service == "feedback" and config.feedback.enabled:
+        return config.feedback.database_path(config.run.output_dir).parent
     return None
 
 

@@ -161,3 +161,21 @@ def wait_until(predicate, timeout: float, interval: float = 0.5) -> bool:
     return predicate()
 
 
+
+
+def feedback_sections(sections: dict, **feedback) -> dict:
+    """``sections`` (from :func:`local_run_config`) with the feedback service on: fresh loopback ports for
+    its feed, H-hat publisher, web page and metrics, and the ``[feedback]`` keys given (``enabled`` is true)."""
+    sections["endpoints"].update(feedback=f"tcp://127.0.0.1:{free_port()}",
+                                 human_model=f"tcp://127.0.0.1:{free_port()}")
+    sections["metrics"]["feedback_port"] = free_port()
+    sections["feedback"] = {"enabled": True, "http_port": free_port(), "fit_interval_s": 0.5,
+                            "announce_interval_s": 1.0, **feedback}
+    return sections
+
+
+def add_labeller(config: Path, name: str) -> str:
+    """Create a labeller in the run's feedback database (the admin command, as a user would); returns the token."""
+    out = subprocess.run([sys.executable, "-m", "streamrl.services.feedback.admin", "--config", str(config),
+                          "labeller", "add", name], capture_output=True, text=True, check=True)
+    return out.stdout.strip()

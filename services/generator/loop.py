@@ -21,15 +21,19 @@ import logging
 import time
 import uuid
 
+import numpy as np
 import zmq
 
+from streamrl.common.human import HumanModelView, beta_at
 from streamrl.common.liveness import Waits
-from streamrl.common.messages import SamplingParams
+from streamrl.common.messages import HumanModel, SamplingParams
+from streamrl.common.modes import HumanCombination
 from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
 from streamrl.common.service import ServiceContext
-from streamrl.common.transport import make_socket, send_when_ready
+from streamrl.common.transport import Inbox, make_socket, send_when_ready
 from streamrl.common.weights import WeightClient, WeightSyncError, tied_duplicates
 from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
+from streamrl.services.generator.control import share_control
 from streamrl.services.generator.metrics import GeneratorMetrics
 from streamrl.services.generator.rollouts import group_rollouts
 from streamrl.services.generator.sampling import prepare_prompts, sample_completions
@@ -72,6 +76,16 @@ class GeneratorService:
         self.metrics = GeneratorMetrics(ctx.metrics)
         self.waits = Waits(ctx.metrics, warn_after_s=max(5.0, t.request_timeout_s))
         self.learner_silent_after_s = max(5.0, 5 * t.announce_interval_s)
+        fb = cfg.feedback
+        self.human = self.human_models = None  # control sharing: the newest H-hat from the feedback service
+        if fb.enabled and fb.combination is HumanCombination.CONTROL_SHARING:
+            self.human = HumanModelView(cfg.model.path, cfg.model.cache_path, use_eligibility=fb.eligibility,
+                                        width=fb.eligibility_width, half_life_s=fb.eligibility_half_life_s)
+            self.human_models = make_socket(ctx.zmq, zmq.SUB, connect=[cfg.endpoints.human_model], subscribe=b"",
+                                            max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
+            self.human_inbox = Inbox(ctx.metrics, [HumanModel], max_bytes=t.max_message_bytes,
+                                     socket_name="human_model")
+            self.rng = np.random.default_rng(cfg.run.seed + 104729 * (ctx.index + 1))
 
     def run(self) -> None:
         """Generate until stopped."""
@@ -84,6 +98,19 @@ class GeneratorService:
         finally:
             self.weights.close()
             self.push.close(0)
+            if self.human_models is not None:
+                self.human_models.close(0)
+
+    def _control_sharing(self) -> float:
+        """beta_t of control sharing for this batch (0: sample plainly), after taking the newest H-hat."""
+        if self.human is None:
+            return 0.0
+        while self.human_models.poll(0):
+            msg = self.human_inbox.decode(self.human_models.recv_multipart(copy=False))
+            if msg is not None and self.human.update(msg):
+                self.metrics.human_version.set(msg.version)
+        fb = self.cfg.feedback
+        return beta_at(fb.beta, fb.beta_decay, self.version or 0) if self.human.active else 0.0
 
     def sync_weights(self) -> bool:
         """Load the newest announced version; return True when generation may proceed."""
@@ -141,14 +168,24 @@ class GeneratorService:
         version = self.version
         self.metrics.in_flight.set(len(prompts))
         start = time.perf_counter()
-        groups = sample_completions(self.model, self.tokenizer, ids, group_size=gen.group_size,
+        beta_t = self._control_sharing()
+        k = self.cfg.feedback.candidates if beta_t > 0 else 1
+        groups = sample_completions(self.model, self.tokenizer, ids, group_size=gen.group_size * k,
                                     sampling=self.sampling)
+        selections = [None] * len(groups)
+        if k > 1:
+            groups, selections = share_control(self.human, groups, group_size=gen.group_size, k=k, beta_t=beta_t,
+                                               rng=self.rng, now=time.time())
+            chosen = sum(s.by_model for group in selections for s in group)
+            self.metrics.control_shared.inc(sum(len(group) for group in selections))
+            self.metrics.selected_by_model.inc(chosen)
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
         self.metrics.in_flight.set(0)
         unsent = sum(len(group) for group in groups)
-        for prompt, text, group in zip(prompts, texts, groups):
+        for prompt, text, group, selected in zip(prompts, texts, groups, selections):
             rollouts = group_rollouts(generator_id=self.generator_id, group_number=self.groups_sent, prompt=prompt,
-                                      prompt_text=text, completions=group, version=version, sampling=self.sampling)
+                                      prompt_text=text, completions=group, version=version, sampling=self.sampling,
+                                      selections=selected)
             self.groups_sent += 1
             for rollout in rollouts:
                 if not send_when_ready(self.push, rollout, stop=self.ctx.stop, blocked_seconds=self.metrics.blocked,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from streamrl.common.messages import Rollout, SamplingParams
+from streamrl.common.messages import Rollout, SamplingParams, Selection
 from streamrl.common.prompts import Prompt
 from streamrl.services.generator.sampling import Completion
 
 
 def group_rollouts(*, generator_id: str, group_number: int, prompt: Prompt, prompt_text: str,
-                   completions: Sequence[Completion], version: int, sampling: SamplingParams) -> list[Rollout]:
+                   completions: Sequence[Completion], version: int, sampling: SamplingParams,
+                   selections: Sequence[Selection] | None = None) -> list[Rollout]:
     """One :class:`Rollout` per completion of a group sampled for ``prompt``.
 
     Args:
@@ -22,6 +23,8 @@ def group_rollouts(*, generator_id: str, group_number: int, prompt: Prompt, prom
         completions: the group's G completions; member ``j``'s id is ``"{group_id}:{j}"``.
         version: the policy version that sampled them (the behaviour policy).
         sampling: the sampling parameters used (the learner recomputes log-probs with them).
+        selections: one :class:`Selection` per completion when control sharing chose them among
+            candidates (``services/generator/control.py``), else None.
 
     Returns:
         ``[G]`` rollouts, each declaring ``group_size = G``.
@@ -33,7 +36,7 @@ def group_rollouts(*, generator_id: str, group_number: int, prompt: Prompt, prom
             generator_id=generator_id, group_size=len(completions), prompt_tokens=c.prompt_tokens,
             completion_tokens=c.completion_tokens, behaviour_logprobs=c.logprobs, policy_version=version,
             finish_reason=c.finish_reason, sampling=sampling, prompt_text=prompt_text, completion_text=c.text,
-            metadata=dict(prompt.metadata),
+            metadata=dict(prompt.metadata), selection=selections[j] if selections is not None else None,
         )
         for j, c in enumerate(completions)
     ]

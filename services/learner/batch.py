@@ -90,6 +90,9 @@ class TrainBatch:
         versions: ``[B]`` int64 behaviour policy version of each row.
         sampling: the sampling parameters every row was drawn with (one setting per
             batch, see :func:`split_by_sampling`); the learner's log-probs use them.
+        weights: ``[B]`` float32 per-rollout loss weights, or None (all 1): mu/q = 1/rho of
+            rollouts a control-sharing generator selected (``streamrl.common.human.control_share``);
+            the trainer multiplies each row's advantages by it.
     """
 
     input_ids: Tensor
@@ -102,6 +105,7 @@ class TrainBatch:
     group_ids: Tensor
     versions: Tensor
     sampling: SamplingParams
+    weights: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -109,7 +113,8 @@ class TrainBatch:
         return self.input_ids.shape[0]
 
     def _tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sampling"}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "sampling" and getattr(self, f.name) is not None}
 
     def select(self, rows: Tensor) -> "TrainBatch":
         """The sub-batch of ``rows`` (``[b]`` int64 indices), trimmed of all-pad columns."""

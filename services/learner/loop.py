@@ -30,8 +30,10 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 import zmq
 
+from streamrl.common.human import beta_at, human_terms
 from streamrl.common.liveness import Waits
 from streamrl.common.messages import Batch, BatchRequest
 from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
@@ -137,8 +139,10 @@ class LearnerService:
         tb = collate(batch.rollouts, pad_id=self.tokenizer.pad_token_id)
         trained_at = self.version
         stats = self.trainer.step(tb, trained_at)
+        human = self._human_terms(batch, tb)
         self.step += 1
         self.version += 1
+        stats.update(human)
         train_s = time.perf_counter() - started
         # the ledger is on disk before the checkpoint that makes the step permanent
         append_line(self.trained_path, ledger_line(self.step, self.version, batch), fsync=True)
@@ -155,6 +159,20 @@ class LearnerService:
 
     def fetch_batch(self) -> Batch | None:
         """Ask the buffer for a batch and wait; None when stopped.
+    def _human_terms(self, batch: Batch, tb) -> dict:
+        """TAMER+RL (``streamrl.common.human``): add beta_t * E * H-hat to the rewards under reward shaping
+        (beta_t = beta * beta_decay^step) and weight control-shared rollouts by 1/rho; returns the
+        ``human/*`` statistics for the step record (none when no human terms exist)."""
+        fb = self.cfg.feedback
+        terms = human_terms(batch.rollouts, combination=fb.combination, beta_t=beta_at(fb.beta, fb.beta_decay,
+                                                                                          self.step))
+        if not fb.enabled and terms.stats["human/selected_fraction"] == 0:
+            return {}
+        terms.stats["human/env_reward_mean"] = float(tb.scores.mean())
+        tb.scores = tb.scores + torch.from_numpy(terms.shaping)
+        tb.weights = torch.from_numpy(terms.weights)
+        return terms.stats
+
 
         Raises:
             RuntimeError: no batch within ``learner.batch_timeout_s`` seconds.

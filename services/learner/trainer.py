@@ -293,6 +293,8 @@ class PPOTrainer:
             seq_adv = group_advantages(seq_scores, batch.group_ids, estimator=cfg.advantage)
             advantages = seq_adv.unsqueeze(1).expand_as(mask).clone()
         advantages = fill_padding(advantages, mask)
+        if batch.weights is not None:  # control-shared rollouts: the loss of row b is weighted by mu/q (1/rho)
+            advantages = advantages * batch.weights.to(advantages.dtype).unsqueeze(1)
         return Targets(old=old, ref_logprobs=ref.logprobs, advantages=advantages, returns=returns,
                        kl_mean=float(masked_mean(kl_tokens, mask)),
                        kl_per_sequence=float(per_sequence_kl(kl_tokens, mask)), kl_coef=beta)

@@ -14,11 +14,14 @@ import time
 
 import zmq
 
-from streamrl.common.messages import Rollout
+from streamrl.common.human import HumanModelView
+from streamrl.common.messages import HumanModel, Rollout
+from streamrl.common.modes import HumanCombination
 from streamrl.common.models import configure_torch, select_device
 from streamrl.common.service import ServiceContext
-from streamrl.common.transport import Inbox, make_socket, send_when_ready
+from streamrl.common.transport import Inbox, make_socket, send_when_ready, try_send
 from streamrl.services.scorer.health import RewardHealth
+from streamrl.services.scorer.human import add_human_scores
 from streamrl.services.scorer.metrics import ScorerMetrics
 from streamrl.services.scorer.rewards import build_reward
 from streamrl.services.scorer.scoring import MAX_BATCH, score_batch, scorer_endpoint
@@ -47,6 +50,20 @@ class ScorerService:
         self.inbox = Inbox(ctx.metrics, [Rollout], max_bytes=t.max_message_bytes, socket_name="rollouts")
         self.metrics = ScorerMetrics(ctx.metrics)
         self.health = RewardHealth(self.metrics, failing_after=cfg.scorer.failing_after, names=self.reward.names)
+        fb = cfg.feedback
+        # people in the loop: the feed to the feedback service (a PUB: never blocks, drops when nobody
+        # listens) and, for reward shaping, the newest H-hat from it
+        self.feed = (make_socket(ctx.zmq, zmq.PUB, connect=[cfg.endpoints.feedback],
+                                 max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
+                     if fb.enabled else None)
+        self.human = self.human_models = None
+        if fb.enabled and fb.combination is HumanCombination.REWARD_SHAPING:
+            self.human = HumanModelView(cfg.model.path, cfg.model.cache_path, use_eligibility=fb.eligibility,
+                                        width=fb.eligibility_width, half_life_s=fb.eligibility_half_life_s)
+            self.human_models = make_socket(ctx.zmq, zmq.SUB, connect=[cfg.endpoints.human_model], subscribe=b"",
+                                            max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
+            self.human_inbox = Inbox(ctx.metrics, [HumanModel], max_bytes=t.max_message_bytes,
+                                     socket_name="human_model")
 
     def run(self) -> None:
         """Score until stopped."""
@@ -61,6 +78,16 @@ class ScorerService:
             self.pull.close(0)
             self.push.close(0)
 
+            for sock in (self.feed, self.human_models):
+                if sock is not None:
+                    sock.close(0)
+
+    def _receive_human_models(self) -> None:
+        """Take the newest H-hat version published by the feedback service (never waits)."""
+        while self.human_models.poll(0):
+            msg = self.human_inbox.decode(self.human_models.recv_multipart(copy=False))
+            if msg is not None and self.human.update(msg):
+                self.metrics.human_version.set(msg.version)
     def _receive_batch(self) -> list[Rollout]:
         batch: list[Rollout] = []
         if not self.pull.poll(500):
@@ -82,6 +109,14 @@ class ScorerService:
             return
         self.health.succeeded()
         metrics.seconds.observe(time.perf_counter() - start)
+        if self.human is not None:
+            self._receive_human_models()
+            if self.human.message is not None:
+                try:
+                    add_human_scores(self.human, results, time.time())
+                    metrics.human_scored.inc(len(results))
+                except (RuntimeError, ValueError) as err:  # scored without H-hat rather than lost
+                    log.warning("H-hat could not score this micro-batch: %s", err)
         for sent, scored in enumerate(results):
             if not send_when_ready(self.push, scored, stop=self.ctx.stop, blocked_seconds=metrics.blocked,
                                    warn_after_s=self.ctx.config.transport.request_timeout_s, peer="the buffer"):
@@ -90,3 +125,5 @@ class ScorerService:
                 return
             metrics.scored.inc()
             metrics.rewards.observe(scored.reward)
+            if self.feed is not None and try_send(self.feed, scored):
+                metrics.feed_sent.inc()

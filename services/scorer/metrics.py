@@ -20,3 +20,7 @@ class ScorerMetrics(MetricSet):
     rewards = histogram("reward", "Reward of each scored rollout", buckets=REWARD_BUCKETS)
     seconds = histogram("scoring_seconds", "Seconds to score one micro-batch")
     blocked = counter("send_blocked_seconds_total", "Seconds blocked sending to the buffer")
+    feed_sent = counter("feed_sent_total", "Scored rollouts published to the feedback service's feed (PUB: dropped "
+                        "when it is not listening)")
+    human_scored = counter("human_scored_total", "Rollouts H-hat scored for reward shaping")
+    human_version = gauge("human_model_version", "H-hat version in use (0: none received)")

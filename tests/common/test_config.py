@@ -560,6 +560,8 @@ path = "{tmp_path}"
 model = "missing-rm"
 [buffer]
 journal_dir = "{blocker}/journal"
+[feedback]
+enabled = true
 """))
     by_service = {s: [p.split(":")[0] for p in resource_problems(cfg, [s])] for s in SERVICES}
     assert by_service == {

@@ -1,0 +1,272 @@
+"""The feedback service's socket loop: the scored-rollout feed in (SUB), H-hat versions out (PUB),
+and the labellers' web page and API (uvicorn in a thread).
+
+The scorers publish every scored rollout on a PUB socket connected to this service's SUB
+(``endpoints.feedback``): a PUB never blocks and drops when nobody subscribes, so the pipeline
+runs at the same speed with or without this service. The loop, every 0.1 s at most:
+
+1. drains the feed into the in-memory :class:`~streamrl.services.feedback.state.RecentRollouts`;
+2. when labels arrived (at most once per ``fit_interval_s``): computes the frozen reference
+   model's features of newly labelled rollouts, refits H-hat on the newest ``max_labels`` labels
+   (:func:`~streamrl.services.feedback.hhat.fit_head`), records the version in the database and
+   publishes it (``endpoints.human_model``);
+3. re-publishes the newest version every ``announce_interval_s`` (late subscribers).
+
+Labels are committed to SQLite by the web threads before they are acknowledged; the loop only
+reads them, so a crash between a label and its refit loses nothing (a restart refits).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import torch
+import uvicorn
+import zmq
+
+from streamrl.common.config import is_local_endpoint
+from streamrl.common.errors import StartupRefused
+from streamrl.common.human import reference_features
+from streamrl.common.messages import HumanModel, ScoredRollout
+from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path
+from streamrl.common.service import ServiceContext
+from streamrl.common.transport import Inbox, make_socket, send
+from streamrl.services.feedback.hhat import fit_head, model_message
+from streamrl.services.feedback.metrics import FeedbackMetrics
+from streamrl.services.feedback.state import RecentRollouts
+from streamrl.services.feedback.store import LabelStore
+from streamrl.services.feedback.web import LabelError, create_app
+
+log = logging.getLogger(__name__)
+
+INFLUENCE = "influence_active"
+"""Settings key of the page's start / pause switch."""
+
+
+class FeedbackService:
+    """The feedback process (see the module docstring); also the web app's backend."""
+
+    def __init__(self, ctx: ServiceContext):
+        cfg = ctx.config
+        fb = cfg.feedback
+        self.ctx, self.cfg, self.fb = ctx, cfg, fb
+        if not fb.enabled:
+            log.info("feedback.enabled is false: nothing to do (set feedback.enabled = true to serve the page)")
+            raise SystemExit(0)
+        configure_torch(1, seed=cfg.run.seed)
+        self.metrics = FeedbackMetrics(ctx.metrics)
+        self.store = LabelStore(fb.database_path(cfg.run.output_dir))
+        self.lock = threading.Lock()
+        self.rollouts = RecentRollouts(fb.recent_rollouts)
+        self.version, self.fitted_label_id = self.store.latest_model()
+        self.active = self.store.get_setting(INFLUENCE, "true") == "true"
+        self.metrics.influence.set(int(self.active))
+        self.metrics.model_version.set(self.version)
+        self.message: HumanModel | None = None
+        self.pending: list[tuple[int, float]] = []  # (label id, committed at) not yet in a published version
+        self.wake = threading.Event()
+        self.last_fit = 0.0
+        path = resolve_model_path(cfg.model.path, cfg.model.cache_path)
+        self.tokenizer = load_tokenizer(path)
+        self.reference = load_causal_lm(path, device=torch.device("cpu")).eval()
+        t = cfg.transport
+        self.feed = make_socket(ctx.zmq, zmq.SUB, bind=cfg.endpoints.bind_address("feedback"), subscribe=b"",
+                                max_message_bytes=t.max_message_bytes, hwm=max(t.hwm, 1000), security=ctx.security)
+        self.publisher = make_socket(ctx.zmq, zmq.PUB, bind=cfg.endpoints.bind_address("human_model"),
+                                     max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
+        self.inbox = Inbox(ctx.metrics, [ScoredRollout], max_bytes=t.max_message_bytes, socket_name="feed")
+        self.http_socket = self._bind_http()
+        tls = fb.tls_cert is not None
+        app = create_app(self, session_ttl_s=fb.session_ttl_s, secure_cookies=tls)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                ssl_certfile=fb.tls_cert, ssl_keyfile=fb.tls_key, timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.url = f"{'https' if tls else 'http'}://{fb.http_host}:{self.http_socket.getsockname()[1]}/"
+
+    def _bind_http(self) -> socket.socket:
+        fb = self.fb
+        family = socket.AF_INET6 if ":" in fb.http_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((fb.http_host.strip("[]"), fb.http_port))
+        except OSError as err:
+            sock.close()
+            raise StartupRefused(f"cannot serve the feedback page on {fb.http_host}:{fb.http_port}: {err.strerror}; "
+                                 "fix: stop the process that holds the port or set feedback.http_port "
+                                 "(0 = any free port)") from None
+        sock.listen(64)
+        return sock
+
+    # ----------------------------------------------------------------- loop
+
+    def run(self) -> None:
+        """Serve until stopped."""
+        thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.http_socket]},
+                                  name="feedback-http", daemon=True)
+        thread.start()
+        log.info("%s: labellers' page on %s (labels in %s); feed on %s, H-hat on %s", self.ctx.instance, self.url,
+                 self.store.path, self.cfg.endpoints.feedback, self.cfg.endpoints.human_model)
+        if not is_local_endpoint(self.cfg.endpoints.feedback):
+            log.info("the feed endpoint is not on loopback: scorers elsewhere reach it through CURVE")
+        last_announce = 0.0
+        try:
+            self._fit_and_publish()  # labels stored by an earlier run: a version at once
+            while not self.ctx.stop.is_set():
+                self._drain_feed()
+                now = time.time()
+                if self.pending and now - self.last_fit >= self.fb.fit_interval_s:
+                    self._fit_and_publish()
+                    last_announce = time.time()
+                elif self.wake.is_set() or (self.message is not None
+                                            and now - last_announce >= self.fb.announce_interval_s):
+                    self.wake.clear()
+                    self._publish()
+                    last_announce = now
+        finally:
+            self.server.should_exit = True
+            thread.join(timeout=5)
+            self.http_socket.close()
+            self.feed.close(0)
+            self.publisher.close(0)
+            self.store.close()
+
+    def _drain_feed(self) -> None:
+        if not self.feed.poll(100):
+            return
+        for _ in range(1000):
+            if not self.feed.poll(0):
+                break
+            msg = self.inbox.decode(self.feed.recv_multipart(copy=False))
+            if msg is None:
+                continue
+            with self.lock:
+                self.rollouts.add(msg, time.time())
+            self.metrics.received.inc()
+
+    def _fit_and_publish(self) -> None:
+        """Compute missing features, refit H-hat on the stored labels, publish a new version."""
+        self.last_fit = time.time()
+        started = time.perf_counter()
+        with self.lock:
+            pending, self.pending = self.pending, []
+        missing = self.store.rollouts_without_features()
+        while missing:
+            features = reference_features(self.reference, [p for _, p, _ in missing], [c for _, _, c in missing],
+                                          pad_id=self.tokenizer.pad_token_id)
+            self.store.set_features({rid: f for (rid, _, _), f in zip(missing, features)})
+            missing = self.store.rollouts_without_features()
+        rows = self.store.training_labels(self.fb.max_labels)
+        if len(rows) < self.fb.min_labels:
+            if rows:
+                log.info("%d label(s) so far; H-hat is first fit at feedback.min_labels = %d", len(rows),
+                         self.fb.min_labels)
+            with self.lock:
+                self.pending = pending + self.pending
+            return
+        head, loss = fit_head(rows, l2=self.fb.l2)
+        version = self.version + 1
+        with self.lock:
+            active = self.active
+        message = model_message(head, version=version, active=active, rows=rows,
+                                anchors=self.fb.eligibility_anchors, sender=self.ctx.instance)
+        self.store.record_model(version=version, labels=len(rows), last_label_id=rows[-1].id, loss=loss)
+        self.version, self.fitted_label_id, self.message = version, rows[-1].id, message
+        self._publish()
+        now = time.time()
+        for _, committed in pending:
+            self.metrics.label_to_model.observe(now - committed)
+        self.metrics.fit_seconds.observe(time.perf_counter() - started)
+        self.metrics.model_version.set(version)
+        self.metrics.labels_in_model.set(len(rows))
+        log.info("H-hat version %d fit on %d labels (loss %.4f) in %.2fs", version, len(rows), loss,
+                 time.perf_counter() - started)
+
+    def _publish(self) -> None:
+        if self.message is None:
+            return
+        with self.lock:
+            self.message.active = self.active
+        self.message.sent_at = time.time()
+        try:
+            send(self.publisher, self.message, flags=zmq.NOBLOCK)
+            self.metrics.published.inc()
+        except zmq.Again:  # a PUB drops rather than blocks; Again only on a full pipe with NOBLOCK
+            pass
+
+    # -------------------------------------------------------------- backend
+
+    def labeller_for_token(self, token: str) -> str | None:
+        return self.store.labeller_for_token(token)
+
+    def recent(self, after: int, limit: int) -> list[dict]:
+        with self.lock:
+            items = self.rollouts.after(after, limit)
+        return [seen.public() for seen in items]
+
+    def group(self, group_id: str) -> list[dict]:
+        with self.lock:
+            return [seen.public() for seen in self.rollouts.group(group_id)]
+
+    def _known(self, rollout_id: str):
+        with self.lock:
+            seen = self.rollouts.get(rollout_id)
+        if seen is None:
+            raise LabelError(404, f"rollout {rollout_id!r} is not among the {self.fb.recent_rollouts} most recent")
+        return seen
+
+    def _stored(self, label_id: int, committed: float, kind: str) -> None:
+        self.metrics.labels.labels(kind=kind).inc()
+        with self.lock:
+            self.pending.append((label_id, committed))
+
+    def rate(self, labeller: str, rollout_id: str, value: int) -> dict:
+        seen = self._known(rollout_id)
+        label_id, at = self.store.add_label(labeller=labeller, kind="rating", scored=seen.scored, value=value,
+                                            model_version=self.version, seen_at=seen.seen_at)
+        self._stored(label_id, at, "rating")
+        return {"label_id": label_id, "kind": "rating", "labeller": labeller, "rollout_id": rollout_id,
+                "value": value, "policy_version": seen.scored.rollout.policy_version, "created_at": at,
+                "model_version": self.version}
+
+    def prefer(self, labeller: str, chosen: str, rejected: str) -> dict:
+        if chosen == rejected:
+            raise LabelError(409, "chosen and rejected are the same rollout")
+        a, b = self._known(chosen), self._known(rejected)
+        if a.scored.rollout.group_id != b.scored.rollout.group_id:
+            raise LabelError(409, "a preference compares two completions of the same group (the same prompt draw)")
+        label_id, at = self.store.add_label(labeller=labeller, kind="preference", scored=a.scored, value=1,
+                                            other=b.scored, model_version=self.version, seen_at=a.seen_at)
+        self._stored(label_id, at, "preference")
+        return {"label_id": label_id, "kind": "preference", "labeller": labeller, "chosen": chosen,
+                "rejected": rejected, "created_at": at, "model_version": self.version}
+
+    def status(self) -> dict:
+        with self.lock:
+            series = self.rollouts.reward_series()
+            received = self.rollouts.seq
+            active = self.active
+        labels_in_model = self.message.labels if self.message is not None else 0
+        return {"labels": self.store.count_labels(), "labels_by_labeller": self.store.labels_by_labeller(),
+                "human_model_version": self.version, "labels_in_model": labels_in_model,
+                "influence_active": active, "combination": self.fb.combination.value, "beta": self.fb.beta,
+                "beta_decay": self.fb.beta_decay, "eligibility": self.fb.eligibility,
+                "rollouts_received": received, "reward_by_version": series}
+
+    def set_influence(self, labeller: str, active: bool) -> dict:
+        self.store.set_setting(INFLUENCE, "true" if active else "false")
+        with self.lock:
+            self.active = active
+        self.metrics.influence.set(int(active))
+        log.info("%s %s the human influence", labeller, "started" if active else "paused")
+        self.wake.set()  # the loop re-publishes the newest version with the new switch at once
+        return {"influence_active": active, "labeller": labeller}
+
+    def export(self, layout: str) -> list[dict]:
+        return list(self.store.export(layout))
+
+    def refused(self, reason: str) -> None:
+        self.metrics.refused.labels(reason=reason).inc()

@@ -1,0 +1,266 @@
+// The labellers' page: plain JavaScript, no build step. Every text from the stream is put in the
+// page with textContent (never innerHTML); state-changing requests carry the session's CSRF token.
+"use strict";
+
+const MAX_SHOWN = 100;
+const state = { csrf: null, cursor: 0, items: [], selected: 0, compare: null, timers: [] };
+const $ = (id) => document.getElementById(id);
+
+async function api(method, path, body) {
+  const headers = { "Accept": "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (method !== "GET" && state.csrf) headers["X-CSRF-Token"] = state.csrf;
+  const response = await fetch(path, {
+    method, headers, credentials: "same-origin",
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  let data = null;
+  try { data = await response.json(); } catch (e) { data = null; }
+  if (!response.ok) {
+    const detail = data && data.detail ? JSON.stringify(data.detail) : response.statusText;
+    const error = new Error(`${response.status}: ${detail}`);
+    error.status = response.status;
+    throw error;
+  }
+  return data;
+}
+
+function say(text, isError) {
+  const el = $("message");
+  el.textContent = text;
+  el.className = isError ? "error" : "";
+}
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function card(item) {
+  const li = el("li", "rollout");
+  li.dataset.id = item.rollout_id;
+  li.dataset.group = item.group_id;
+  li.dataset.seq = String(item.seq);
+  let meta = `${item.generator} · policy v${item.policy_version} · reward ${item.reward.toFixed(3)}`;
+  if (item.human) meta += ` · H-hat ${item.human.value.toFixed(2)} (v${item.human.model_version})`;
+  if (item.selection) meta += ` · chosen among ${item.selection.candidates}${item.selection.by_model ? " by H-hat" : ""}`;
+  li.appendChild(el("div", "meta", meta));
+  li.appendChild(el("div", "prompt", item.prompt));
+  li.appendChild(el("div", "completion", item.completion));
+  const actions = el("div", "actions");
+  const up = el("button", "rate-up", "+1 good");
+  up.type = "button";
+  up.addEventListener("click", () => rate(item.rollout_id, 1));
+  const down = el("button", "rate-down", "-1 bad");
+  down.type = "button";
+  down.addEventListener("click", () => rate(item.rollout_id, -1));
+  const compare = el("button", "compare", "compare");
+  compare.type = "button";
+  compare.addEventListener("click", () => openCompare(item));
+  actions.append(up, down, compare, el("span", "verdict", ""));
+  li.appendChild(actions);
+  li.addEventListener("click", () => select(state.items.findIndex((x) => x.rollout_id === item.rollout_id)));
+  return li;
+}
+
+function render() {
+  const list = $("rollouts");
+  const have = new Set(Array.from(list.children, (li) => li.dataset.id));
+  const fresh = state.items.filter((item) => !have.has(item.rollout_id));
+  for (const item of fresh.reverse()) list.insertBefore(card(item), list.firstChild);
+  while (list.children.length > MAX_SHOWN) list.removeChild(list.lastChild);
+  state.items = state.items.slice(0, MAX_SHOWN);
+  select(Math.min(state.selected, state.items.length - 1));
+}
+
+function select(index) {
+  if (index < 0) return;
+  state.selected = index;
+  Array.from($("rollouts").children).forEach((li, i) => li.classList.toggle("selected", i === index));
+}
+
+function cardOf(id) {
+  return document.querySelector(`#rollouts li[data-id="${CSS.escape(id)}"]`);
+}
+
+async function poll() {
+  try {
+    const data = await api("GET", `/api/rollouts?after=${state.cursor}&limit=50`);
+    if (data.rollouts.length) {
+      state.cursor = data.cursor;
+      state.items = data.rollouts.slice().reverse().concat(state.items);
+      render();
+    }
+  } catch (e) {
+    if (e.status === 401) return showLogin();
+    say(`cannot load rollouts (${e.message})`, true);
+  }
+}
+
+function drawChart(series) {
+  const svg = $("reward-chart");
+  while (svg.firstChild) svg.removeChild(svg.firstChild);
+  if (!series.length) return;
+  const values = series.map((p) => p.reward_mean);
+  const lo = Math.min(...values), hi = Math.max(...values);
+  const span = hi - lo || 1;
+  const points = series.map((p, i) => {
+    const x = series.length === 1 ? 240 : (i / (series.length - 1)) * 476 + 2;
+    const y = 76 - ((p.reward_mean - lo) / span) * 72;
+    return `${x.toFixed(1)},${y.toFixed(1)}`;
+  });
+  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+  line.setAttribute("points", points.join(" "));
+  svg.appendChild(line);
+  const last = series[series.length - 1];
+  $("reward-last").textContent = `v${last.version}: mean reward ${last.reward_mean.toFixed(3)} (${last.rollouts} rollouts)`;
+}
+
+async function refreshStatus() {
+  try {
+    const s = await api("GET", "/api/status");
+    $("labels").textContent = String(s.labels.total);
+    $("model-version").textContent = String(s.human_model_version);
+    $("labels-in-model").textContent = String(s.labels_in_model);
+    $("seen").textContent = String(s.rollouts_received);
+    $("combination").textContent = s.combination;
+    $("influence").textContent = s.influence_active ? "on" : "paused";
+    drawChart(s.reward_by_version);
+  } catch (e) {
+    if (e.status === 401) showLogin();
+  }
+}
+
+async function rate(id, value) {
+  try {
+    const label = await api("POST", "/api/ratings", { rollout_id: id, value });
+    const li = cardOf(id);
+    if (li) {
+      li.classList.toggle("rated-up", value > 0);
+      li.classList.toggle("rated-down", value < 0);
+      li.querySelector(".verdict").textContent = `label #${label.label_id}: ${value > 0 ? "+1" : "-1"}`;
+    }
+    say(`stored label #${label.label_id}`);
+    refreshStatus();
+  } catch (e) {
+    say(`label not stored (${e.message})`, true);
+  }
+}
+
+async function openCompare(item) {
+  try {
+    const group = await api("GET", `/api/groups/${encodeURIComponent(item.group_id)}`);
+    const other = group.rollouts.find((r) => r.rollout_id !== item.rollout_id);
+    if (!other) return say("no other completion of this prompt has streamed in yet", true);
+    state.compare = { left: item, right: other };
+    $("compare-prompt").textContent = item.prompt;
+    $("left").textContent = item.completion;
+    $("right").textContent = other.completion;
+    $("compare").hidden = false;
+  } catch (e) {
+    say(`cannot compare (${e.message})`, true);
+  }
+}
+
+async function pick(side) {
+  const pair = state.compare;
+  if (!pair) return;
+  const chosen = side === "left" ? pair.left : pair.right;
+  const rejected = side === "left" ? pair.right : pair.left;
+  try {
+    const label = await api("POST", "/api/preferences", { chosen: chosen.rollout_id, rejected: rejected.rollout_id });
+    say(`stored label #${label.label_id}: preferred ${side}`);
+    closeCompare();
+    refreshStatus();
+  } catch (e) {
+    say(`preference not stored (${e.message})`, true);
+  }
+}
+
+function closeCompare() {
+  state.compare = null;
+  $("compare").hidden = true;
+}
+
+async function setInfluence(active) {
+  try {
+    await api("POST", "/api/influence", { active });
+    refreshStatus();
+  } catch (e) {
+    say(`cannot switch the influence (${e.message})`, true);
+  }
+}
+
+function onKey(event) {
+  if (event.target instanceof HTMLInputElement || $("app").hidden) return;
+  const item = state.items[state.selected];
+  switch (event.key) {
+    case "j": select(Math.min(state.selected + 1, state.items.length - 1)); break;
+    case "k": select(Math.max(state.selected - 1, 0)); break;
+    case "+": case "=": case "u": if (item) rate(item.rollout_id, 1); break;
+    case "-": case "d": if (item) rate(item.rollout_id, -1); break;
+    case "c": if (item) openCompare(item); break;
+    case "1": pick("left"); break;
+    case "2": pick("right"); break;
+    case "Escape": closeCompare(); break;
+    default: return;
+  }
+  event.preventDefault();
+}
+
+function showLogin() {
+  state.timers.forEach(clearInterval);
+  state.timers = [];
+  $("app").hidden = true;
+  $("logout").hidden = true;
+  $("login").hidden = false;
+  $("who").textContent = "";
+}
+
+function showApp(session) {
+  state.csrf = session.csrf_token;
+  $("who").textContent = `labeller: ${session.labeller}`;
+  $("login").hidden = true;
+  $("app").hidden = false;
+  $("logout").hidden = false;
+  poll();
+  refreshStatus();
+  state.timers.push(setInterval(poll, 1000), setInterval(refreshStatus, 2000));
+}
+
+async function login(event) {
+  event.preventDefault();
+  $("login-error").textContent = "";
+  try {
+    showApp(await api("POST", "/api/login", { token: $("token").value }));
+    $("token").value = "";
+  } catch (e) {
+    $("login-error").textContent = `log-in refused (${e.message})`;
+  }
+}
+
+async function logout() {
+  try { await api("POST", "/api/logout"); } catch (e) { /* the session is gone either way */ }
+  state.csrf = null;
+  showLogin();
+}
+
+async function start() {
+  $("login-form").addEventListener("submit", login);
+  $("logout").addEventListener("click", logout);
+  $("start").addEventListener("click", () => setInfluence(true));
+  $("pause").addEventListener("click", () => setInfluence(false));
+  $("pick-left").addEventListener("click", () => pick("left"));
+  $("pick-right").addEventListener("click", () => pick("right"));
+  $("compare-close").addEventListener("click", closeCompare);
+  document.addEventListener("keydown", onKey);
+  try {
+    showApp(await api("GET", "/api/session"));
+  } catch (e) {
+    showLogin();
+  }
+}
+
+start();
