@@ -14,12 +14,10 @@ import pytest
 from honcho.environ import parse_procfile
 
 import streamrl.cli as cli
-from streamrl.common.config import load_config
+from streamrl.common.config import SERVICES, load_config
 from streamrl.common.service import CONFIG_ENV, OVERRIDES_ENV
 from streamrl.deploy import DEFAULT_CONFIG, PROCFILE
 from streamrl.testing import local_run_config, write_config
-
-SERVICES = ("learner", "buffer", "scorer", "generator")
 
 
 def run_main(argv: list[str]) -> int:
@@ -92,7 +90,8 @@ def test_run_starts_the_procfile_with_the_config_and_writes_the_summary(job, mon
     assert code == 0
     (call,) = launcher.calls
     assert call["procfile"] == PROCFILE
-    assert call["concurrency"] == {"generator": 3, "scorer": 2}  # scorers default to one per endpoint
+    # scorers default to one per endpoint; the feedback service runs only when feedback.enabled
+    assert call["concurrency"] == {"generator": 3, "scorer": 2, "feedback": 0}
     assert call["cwd"] == os.getcwd() and call["stop_timeout_s"] == 7.0
     env = call["env"]
     assert env[CONFIG_ENV] == str(job.resolve())  # absolute: services may run elsewhere
