@@ -44,7 +44,7 @@ from streamrl.services.learner.batch import collate, split_by_sampling
 from streamrl.services.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from streamrl.services.learner.intake import split_in_vocabulary
 from streamrl.services.learner.metrics import LearnerMetrics
-from streamrl.services.learner.ptx import PtxSampler
+from streamrl.services.learner.ptx import PtxSampler, held_out_prompts
 from streamrl.services.learner.records import append_line, ledger_line, step_log_line, step_record
 from streamrl.services.learner.trainer import PPOTrainer
 from streamrl.services.learner.value_model import ValueModel
@@ -74,7 +74,7 @@ class LearnerService:
         if lc.ptx_coef > 0:
             ptx = PtxSampler(lc.ptx_data, self.tokenizer, batch_size=lc.groups_per_step,
                              max_tokens=cfg.generator.max_prompt_tokens + cfg.generator.max_new_tokens,
-                             seed=cfg.run.seed)
+                             seed=cfg.run.seed, held_out=held_out_prompts(cfg.generator.prompts, seed=cfg.run.seed))
         critic = None  # InstructGPT: the value function initialised from the reward model
         if lc.value_model is not None:  # the config allows it with advantage = "gae" only
             critic = ValueModel.from_reward_model(lc.value_model, device=self.device, tokenizer=self.tokenizer)
@@ -157,8 +157,6 @@ class LearnerService:
         log.info("%s", step_log_line(record, self.cfg.learner.total_steps))
         return record
 
-    def fetch_batch(self) -> Batch | None:
-        """Ask the buffer for a batch and wait; None when stopped.
     def _human_terms(self, batch: Batch, tb) -> dict:
         """TAMER+RL (``streamrl.common.human``): add beta_t * E * H-hat to the rewards under reward shaping
         (beta_t = beta * beta_decay^step) and weight control-shared rollouts by 1/rho; returns the
@@ -173,6 +171,8 @@ class LearnerService:
         tb.weights = torch.from_numpy(terms.weights)
         return terms.stats
 
+    def fetch_batch(self) -> Batch | None:
+        """Ask the buffer for a batch and wait; None when stopped.
 
         Raises:
             RuntimeError: no batch within ``learner.batch_timeout_s`` seconds.
