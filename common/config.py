@@ -119,6 +119,30 @@ class _Section(BaseModel):
                             f"\"{actual}\"); fix: remove `{name}` or set {selector} = \"{wanted[0]}\"", name)
         return self
 
+    def applicable(self) -> dict[str, Any]:
+        """This section as plain data to write back as TOML: every value (defaults filled in) except
+        unset optional keys and options that do not apply here (``applies_to``: ``batch_size`` of a
+        reward function, ``split`` of a jsonl prompt file), which a config may not set. Loading the
+        result gives this section again (``<run.output_dir>/config.toml``)."""
+        out: dict[str, Any] = {}
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            applies = _extra(field).get("applies_to")
+            if applies:
+                (selector, wanted), = applies.items()
+                if getattr(self, selector, None) not in (wanted if isinstance(wanted, tuple) else (wanted,)):
+                    continue
+            if value is None:
+                continue
+            if isinstance(value, _Section):
+                value = value.applicable()
+            elif isinstance(value, list) and value and isinstance(value[0], _Section):
+                value = [v.applicable() for v in value]
+            else:
+                value = TypeAdapter(Any).dump_python(value, mode="json")
+            out[name] = value
+        return out
+
 
 class RunSection(_Section):
     """Settings every service shares."""

@@ -34,10 +34,8 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Any
 
 import tomli_w
-from pydantic import BaseModel, TypeAdapter
 
 from streamrl.common.config import Config
 from streamrl.common.runlock import RunLock
@@ -183,29 +181,9 @@ def _version(name: str) -> str | None:
         return None
 
 
-def resolved_config(section: BaseModel) -> dict:
-    """``section`` as TOML-ready data: every value (defaults filled in), except unset optional keys
-    and options that do not apply to it (``applies_to`` in the schema: ``batch_size`` of a reward
-    function, ``split`` of a jsonl prompt file), which a config may not set."""
-    out = {}
-    for name, field in type(section).model_fields.items():
-        value = getattr(section, name)
-        applies = (field.json_schema_extra or {}).get("applies_to") if isinstance(field.json_schema_extra, dict) else None
-        if applies:
-            (selector, wanted), = applies.items()
-            wanted = wanted if isinstance(wanted, tuple) else (wanted,)
-            if getattr(section, selector, None) not in wanted:
-                continue
-        if value is None:
-            continue
-        if isinstance(value, BaseModel):
-            value = resolved_config(value)
-        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
-            value = [resolved_config(v) for v in value]
-        else:
-            value = TypeAdapter(Any).dump_python(value, mode="json")
-        out[name] = value
-    return out
+def resolved_config(cfg: Config) -> dict:
+    """The config as TOML-ready data, every default filled in (:meth:`Config.applicable`)."""
+    return cfg.applicable()
 
 
 def record_launch(cfg: Config, *, mode: RunMode, config_path: str, overrides: list[str],

@@ -38,10 +38,12 @@ from streamrl.common.liveness import Waits
 from streamrl.common.messages import Batch, BatchRequest
 from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
 from streamrl.common.service import ServiceContext
+from streamrl.common.tracking import Tracker
 from streamrl.common.transport import Inbox, make_socket, try_send
 from streamrl.common.weights import WeightServer, pack_state_dict
 from streamrl.services.learner.batch import collate, split_by_sampling
 from streamrl.services.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from streamrl.services.learner.diagnosis import data_wait_reason
 from streamrl.services.learner.intake import split_in_vocabulary
 from streamrl.services.learner.metrics import LearnerMetrics
 from streamrl.services.learner.ptx import PtxSampler, held_out_prompts
@@ -106,6 +108,7 @@ class LearnerService:
         self.waits = Waits(ctx.metrics, warn_after_s=cfg.transport.request_timeout_s * 3)
         self.log_path = self.output / "metrics.jsonl"
         self.trained_path = self.output / "trained.jsonl"
+        self.tracker = Tracker.for_run(cfg, self.step)  # TensorBoard (+ W&B): README "Tracking"
 
     # ------------------------------------------------------------------ main
 
@@ -125,6 +128,7 @@ class LearnerService:
             if self.step > 0 and not (self.checkpoints / f"step-{self.step:06d}").exists():
                 self.save()
         finally:
+            self.tracker.close()
             self.weights.close()
             self.dealer.close(0)
         log.info("learner finished at step %d, version %d", self.step, self.version)
@@ -155,6 +159,7 @@ class LearnerService:
         self.metrics.observe_step(record, staleness=(trained_at - tb.versions).tolist())
         append_line(self.log_path, json.dumps(record))
         log.info("%s", step_log_line(record, self.cfg.learner.total_steps))
+        self.tracker.log(record)
         return record
 
     def _human_terms(self, batch: Batch, tb) -> dict:
@@ -207,13 +212,10 @@ class LearnerService:
                     continue
                 return msg
             now = time.perf_counter()
-            self.waits.waiting("data", f"no batch of {lc.groups_per_step} groups from the buffer at "
-                                       f"{self.cfg.endpoints.batches} (buffer down, or generators/scorers slow)")
+            self.waits.waiting("data", lambda: data_wait_reason(self.cfg))  # names a failing reward
             if now - start > lc.batch_timeout_s:
-                raise RuntimeError(
-                    f"no batch from the buffer at {self.cfg.endpoints.batches} for {lc.batch_timeout_s:.0f}s; "
-                    "are the buffer, scorers and generators running?"
-                )
+                raise RuntimeError(f"gave up after learner.batch_timeout_s = {lc.batch_timeout_s:.0f}s: "
+                                   f"{data_wait_reason(self.cfg)}")
             if not sent or now - last_sent > t.request_timeout_s:
                 if sent:
                     log.info("waiting %.0fs for a batch of %d groups (version %d); re-sending the request",
@@ -273,4 +275,4 @@ class LearnerService:
         """Write a checkpoint of the current step and version; returns its folder."""
         return save_checkpoint(self.checkpoints, step=self.step, version=self.version,
                                policy=self.trainer.policy, tokenizer=self.tokenizer,
-                               trainer_state=self.trainer.state_dict())
+                               trainer_state=self.trainer.state_dict(), keep=self.cfg.learner.keep_checkpoints)
