@@ -273,13 +273,19 @@ def _convert_smollm2(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize the GGUF into a plain float32 model + tokenizer saved in ``out_dir``."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    from tqdm.auto import tqdm
+
     folder, name = str(gguf_path.parent), gguf_path.name
+    progress = tqdm(total=4, desc="converting SmolLM2 (one-time)", unit="stage")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    progress.update()
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # a plain model; save_pretrained refuses quantized ones
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    progress.update()
     tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
+    progress.update()
     result = model.load_state_dict(
         {key: value.to(torch.float32) for key, value in tensors.items()}, strict=False
     )
@@ -294,6 +300,8 @@ def _convert_smollm2(gguf_path: Path, out_dir: Path) -> None:
     model.eval()
     model.save_pretrained(out_dir)  # safetensors, float32
     tokenizer.save_pretrained(out_dir)  # keeps the chat template
+    progress.update()
+    progress.close()
 
 
 def ensure_smollm2(cache_dir: Path | None = None) -> Path:

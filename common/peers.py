@@ -21,15 +21,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streamrl.common.config import WILDCARD_HOSTS, Config, is_local_endpoint
 
-__all__ = ["scrape", "scorer_metrics_addresses", "reward_troubles"]
+__all__ = ["scrape", "scrape_url", "scorer_metrics_addresses", "reward_troubles"]
 
 
 def scrape(host: str, port: int, timeout: float = 2.0) -> dict[str, float] | None:
-    """Samples of ``http://host:port/metrics`` as ``{"name": value, "name{k=v,...}": value}``
-    (labels sorted); None when nothing answers."""
+    """Samples of ``http://host:port/metrics`` (see :func:`scrape_url`); None when nothing answers."""
     address = f"[{host}]" if ":" in host else host
+    return scrape_url(f"http://{address}:{port}/metrics", timeout)
+
+
+def scrape_url(url: str, timeout: float = 2.0) -> dict[str, float] | None:
+    """Samples of the Prometheus text at ``url`` as ``{"name": value, "name{k=v,...}": value}``
+    (labels sorted); None when it cannot be read."""
     try:
-        body = urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=timeout).read().decode()
+        body = urllib.request.urlopen(url, timeout=timeout).read().decode()
     except OSError:
         return None
     out: dict[str, float] = {}

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-import transformers
 import zmq
 
 from streamrl.common.config import Config, ConfigError, load_config
@@ -189,7 +188,6 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
         level=config.run.log_level,
         format=f"%(asctime)s {instance} %(levelname)s %(name)s: %(message)s",
     )
-    transformers.utils.logging.disable_progress_bar()  # no tqdm bars in service logs
     folder = owned_folder(config, service)
     try:  # before anything reads the folder (the buffer's journal recovery, the learner's resume)
         run_lock = RunLock(folder, service) if folder is not None else None

@@ -173,7 +173,12 @@ def _config_targets(args: argparse.Namespace, config):
     except ValueError as err:
         print(f"streamrl: --generator-hosts {err}", file=sys.stderr)
         return None
-    return targets(config, args.generators, hosts)
+    generators = args.generators
+    if generators is None:  # streamrl status: the generators actually running here
+        from streamrl.status import discover_generators
+
+        generators = discover_generators(config) if hosts is None else 0
+    return targets(config, generators, hosts)
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
@@ -194,9 +199,10 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print (or with --watch keep refreshing) the status table of a running job."""
-    from streamrl.status import kubernetes_targets, read_file_sd, render
+    from streamrl.status import ScrapeHistory, kubernetes_targets, read_file_sd, render
 
     config = _load(args)
+    history = ScrapeHistory()  # --watch: rates span a learner step across refreshes
     while True:  # the targets are read again at each refresh: pods and hosts come and go
         try:
             if args.kubernetes:
@@ -210,7 +216,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 2
         if ts is None:
             return 2
-        table = render(config, args.generators, args.interval, ts)
+        table = render(config, args.generators, args.interval, ts, history)
         if not args.watch:
             print(table)
             return 0
@@ -293,8 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
     status = sub.add_parser("status", help="one table of every service's state, read from their metrics")
     _add_config_args(status)
-    status.add_argument("--generators", type=int, default=4, help="generator replicas to look for (default 4)")
-    status.add_argument("--interval", type=float, default=2.0, help="seconds between the two scrapes for rates")
+    status.add_argument("--generators", type=int, default=None,
+                        help="generator replicas to look for (default: those whose metrics ports answer here)")
+    status.add_argument("--interval", type=float, default=None,
+                        help="seconds between scrapes (default: one learner step for the first table, 2 s between "
+                             "--watch refreshes); rates always span at least one learner step")
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
     _add_target_args(status)
     status.add_argument("--targets", help="read the targets from this Prometheus file_sd file (JSON or YAML) "
@@ -336,10 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: parse arguments, run the subcommand, exit with its status."""
     args = build_parser().parse_args(argv)
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    raise SystemExit(args.func(args))
+    raise SystemExit(args.func(args))  # the libraries' progress bars stay on (downloads, conversion, evaluation)
 
 
 if __name__ == "__main__":

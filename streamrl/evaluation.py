@@ -5,16 +5,21 @@ source (split by hashed prompt id, so they are never trained on). Decoding is
 seeded sampling at the configured temperature and top-p (the distribution the
 policy is trained for), one completion per prompt, so two checkpoints are
 compared on the same prompts with the same random stream. Rewards come from the
-scorer's reward config; KL is the per-sequence sum over completion tokens of
-``log pi - log pi_ref`` (k1, nats), averaged over prompts.
+scorer's reward config. KL is ``log pi - log pi_ref`` (k1, nats) of the sampled tokens, reported
+per token (``kl_per_token``: their sum over all completions / the number of completion tokens),
+the unit of the learner's ``kl`` (step lines, metrics, TensorBoard, the learning-curve plot);
+``kl_mean`` keeps the per-completion sum averaged over completions. A progress bar counts the
+prompts scored.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from streamrl.common.config import Config
 from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
@@ -55,10 +60,11 @@ class EvalResult:
         return asdict(self)
 
     def line(self) -> str:
-        """One human-readable line: reward +- stderr, KL, completion length."""
+        """One human-readable line: reward +- stderr, KL per token (the unit of the learner's step lines,
+        metrics and plot), completion length."""
         return (f"reward {self.reward_mean:+.4f} +- {self.reward_stderr:.4f} "
                 f"(n={self.prompts} prompts x {self.samples_per_prompt}) | "
-                f"KL to reference {self.kl_mean:.4f} nats/completion | {self.completion_tokens_mean:.1f} tokens")
+                f"KL to reference {self.kl_per_token:.4f} nats/token | {self.completion_tokens_mean:.1f} tokens")
 
 
 def held_out_prompts(cfg: Config, limit: int | None):
@@ -96,6 +102,7 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
     kls: list[float] = []
     tokens: list[int] = []
     samples: list[dict] = []
+    progress = tqdm(total=len(prompts), desc=f"evaluating {Path(model_path).name}", unit="prompt")
     for start in range(0, len(prompts), batch_prompts):
         chunk = prompts[start : start + batch_prompts]
         texts, ids = prepare_prompts(tokenizer, chunk, chat_template=cfg.model.chat_template,
@@ -123,6 +130,8 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
         for text, c, v in zip(texts, completions, values):
             if len(samples) < num_samples:
                 samples.append({"prompt": text, "completion": c.text, "reward": v})
+        progress.update(min(batch_prompts, len(prompts) - start))
+    progress.close()
     n = len(rewards)  # prompts
     kl_total, token_total = sum(kls), max(sum(tokens), 1)
     mean = sum(rewards) / n

@@ -28,6 +28,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamrl.common.config import Config
+from streamrl.common.peers import scrape_url
 
 SERVICES = ("learner", "buffer", "scorer", "generator")
 """Services with a metrics endpoint, in table order."""
@@ -191,16 +192,48 @@ def read(host: str, port: int, timeout: float = 2.0) -> dict[str, float] | None:
 
 def read_url(url: str, timeout: float = 2.0) -> dict[str, float] | None:
     """Samples of the Prometheus text at ``url`` (see :func:`read`); None if it cannot be read."""
-    try:
-        body = urllib.request.urlopen(url, timeout=timeout).read().decode()
-    except OSError:
-        return None
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(body):
-        for s in family.samples:
-            key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}" if s.labels else "")
-            out[key] = s.value
-    return out
+    return scrape_url(url, timeout)
+
+
+DISCOVER_GENERATORS = 32
+"""Ports ``generator_port + 0 .. 31`` are probed when ``--generators`` is not given."""
+
+
+def discover_generators(cfg: Config, limit: int = DISCOVER_GENERATORS, timeout: float = 0.5) -> int:
+    """How many generators this machine's metrics ports show: the highest index whose port
+    ``generator_port + i`` answers as a streamrl generator, plus one (0 when none does). Indices
+    below it that do not answer are generators that died: they are listed as DOWN."""
+    local = "127.0.0.1" if _is_local(cfg.metrics.host) else cfg.metrics.host
+    found = 0
+    for i in range(limit):
+        samples = read(local, cfg.metrics.generator_port + i, timeout)
+        if samples is not None and any(key.startswith("streamrl_generator_info") for key in samples):
+            found = i + 1
+    return found
+
+
+def step_seconds(cfg: Config, learner: dict[str, float] | None) -> float | None:
+    """Seconds of the learner's last step (a batch over its samples/s, which counts waiting and
+    training); None before the first step."""
+    rate = (learner or {}).get("streamrl_learner_samples_per_second", 0.0)
+    return cfg.learner.groups_per_step * cfg.generator.group_size / rate if rate > 0 else None
+
+
+class ScrapeHistory:
+    """Timestamped scrapes of every target, so rates span a window long enough to include a learner
+    step (between steps the learner's and the buffer's counters stand still: a 2 s window shows 0/s)."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, dict[str, dict[str, float] | None]]] = []
+
+    def add(self, when: float, scrapes: dict[str, dict[str, float] | None], keep_s: float = 300.0) -> None:
+        self.samples.append((when, scrapes))
+        self.samples = [(t, s) for t, s in self.samples if t >= when - keep_s]
+
+    def before(self, now: float, window: float) -> tuple[float, dict[str, dict[str, float] | None]]:
+        """The newest scrape at least ``window`` seconds old (else the oldest kept)."""
+        older = [(t, s) for t, s in self.samples if t <= now - window]
+        return older[-1] if older else self.samples[0]
 
 
 def describe(service: str, now: dict[str, float], before: dict[str, float] | None, dt: float) -> str:
@@ -217,32 +250,58 @@ def describe(service: str, now: dict[str, float], before: dict[str, float] | Non
     if service == "learner":
         return (f"step {g('step'):.0f}  v{g('policy_version'):.0f}  reward {g('reward_mean'):+.3f}  kl {g('kl'):.4f}  "
                 f"ratio max {g('importance_ratio_max'):.2f}  ess {g('effective_sample_size_ratio'):.2f}  "
-                f"{rate('samples_total'):.2f} samples/s")
+                f"{g('samples_per_second'):.2f} samples/s")  # its own rate over the last step (wait + train)
     if service == "buffer":
         return (f"{g('groups'):.0f} groups ({g('rollouts'):.0f} rollouts, {g('incomplete_groups'):.0f} incomplete)  "
                 f"in {rate('inserted_total'):.2f}/s  out {rate('sampled_total'):.2f}/s  "
                 f"stale-dropped {g('dropped_stale_total'):.0f}  evicted {g('evicted_total'):.0f}")
     if service == "scorer":
-        return f"{g('rollouts_scored_total'):.0f} scored  {rate('rollouts_scored_total'):.2f}/s  lost {g('rollouts_lost_total'):.0f}"
+        line = f"{g('rollouts_scored_total'):.0f} scored  {rate('rollouts_scored_total'):.2f}/s  lost {g('rollouts_lost_total'):.0f}"
+        if g("reward_failing"):
+            errors = [k for k, v in now.items() if k.startswith("streamrl_scorer_reward_last_error{") and v]
+            error = errors[0].partition("error=")[2].rpartition(",reason=")[0] if errors else "?"
+            line += f"  REWARD FAILING ({g('reward_consecutive_failures'):.0f} micro-batches in a row: {error})"
+        return line
     return (f"v{g('policy_version'):.0f} (newest v{g('announced_version'):.0f})  {g('rollouts_total'):.0f} rollouts  "
             f"{rate('rollouts_total'):.2f}/s  {rate('tokens_total'):.1f} tok/s  "
             f"waiting for weights {g('weight_wait_seconds_total'):.0f}s")
 
 
-def render(cfg: Config, generators: int, interval: float, ts: list[Target] | None = None) -> str:
-    """Scrape every target twice, ``interval`` seconds apart, and return the table.
+def render(cfg: Config, generators: int, interval: float | None, ts: list[Target] | None = None,
+           history: ScrapeHistory | None = None, max_window: float = 60.0) -> str:
+    """Scrape every target, wait, scrape again, and return the table.
 
-    ``ts`` (from :func:`read_file_sd` or :func:`kubernetes_targets`) replaces the targets of the config.
+    Rates span ``max(interval, the learner's last step)`` seconds (at most ``max_window``), so a
+    learner step falls inside the window. ``interval`` None waits one learner step before the second
+    scrape (2 s before the first step); with a ``history`` (``--watch``) earlier scrapes are reused
+    and each refresh waits ``interval`` (2 s when None). ``ts`` (from :func:`read_file_sd` or
+    :func:`kubernetes_targets`) replaces the targets of the config.
     """
     ts = targets(cfg, generators) if ts is None else ts
-    first = {t.name: read_url(t.metrics_url) for t in ts}
-    time.sleep(interval)
+    history = ScrapeHistory() if history is None else history
+    learner = next((t for t in ts if t.service == "learner"), None)
+
+    def window(scrapes) -> float:
+        step = step_seconds(cfg, scrapes.get(learner.name) if learner else None) or 0.0
+        return min(max_window, max(interval or 2.0, step * 1.05))
+
+    if not history.samples:
+        history.add(time.monotonic(), {t.name: read_url(t.metrics_url) for t in ts})
+        time.sleep(window(history.samples[-1][1]) if interval is None else interval)
+    else:
+        time.sleep(interval or 2.0)
+    scrapes = {t.name: read_url(t.metrics_url) for t in ts}
+    now_t = time.monotonic()
+    history.add(now_t, scrapes)
+    then, earlier = history.before(now_t, window(scrapes))
     width = max([13, *(len(t.name) + 1 for t in ts)])
-    lines = [f"{'process':<{width}} {'state':<5} {'address':<21} detail"]
+    step = step_seconds(cfg, scrapes.get(learner.name) if learner else None)
+    note = f"  (rates over the last {now_t - then:.1f}s; a learner step takes {step:.1f}s)" if step else ""
+    lines = [f"{'process':<{width}} {'state':<5} {'address':<21} detail{note}"]
     for t in ts:
-        now = read_url(t.metrics_url)
+        now = scrapes[t.name]
         state = "up" if now is not None else "DOWN"
-        detail = describe(t.service, now, first[t.name], interval) if now is not None else ""
+        detail = describe(t.service, now, earlier.get(t.name), now_t - then) if now is not None else ""
         rejected = sum(v for k, v in (now or {}).items() if "messages_rejected_total{" in k)
         if rejected:
             detail += f"  rejected {rejected:.0f}"

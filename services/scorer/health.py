@@ -71,7 +71,7 @@ class RewardHealth:
             self.logged.add(reason)
             log.error("reward (%s) raised %s on rollout %s (and %d more of its micro-batch, all lost); further "
                       "%s failures are counted in reward_failures_total{reason=\"%s\"}, not logged",
-                      self.names, reason, first, len(batch) - 1, reason, reason, exc_info=exc)
+                      self.names, reason, first, max(len(batch) - 1, 0), reason, reason, exc_info=exc)
         if self.consecutive >= self.failing_after and not self.failing:
             self.failing = True
             m.failing.set(1)

@@ -23,7 +23,14 @@ def test_status_table_from_live_endpoints(monkeypatch):
     cfg = validate_config({"metrics": {"buffer_port": port, "generator_port": gport,
                                        "learner_port": free_port(), "scorer_port": free_port()}})
     # 10 rollouts arrive between the two scrapes, which are "2 s" apart
-    monkeypatch.setattr("streamrl.status.time.sleep", lambda seconds: inserted.inc(10))
+    clock = [100.0]
+
+    def sleep(seconds):
+        clock[0] += seconds
+        inserted.inc(10)
+
+    monkeypatch.setattr("streamrl.status.time.sleep", sleep)
+    monkeypatch.setattr("streamrl.status.time.monotonic", lambda: clock[0])
     table = render(cfg, generators=2, interval=2.0).splitlines()
     rows = {line.split()[0]: line for line in table[1:]}
     assert rows["learner-0"].split()[1] == "DOWN" and rows["scorer-0"].split()[1] == "DOWN"
