@@ -60,7 +60,9 @@ from streamrl.common.modes import (
     HumanCombination,
     KLEstimator,
     KLPenaltyMode,
+    LossAggregation,
     OverflowPolicy,
+    RewardScale,
     WeightDtype,
 )
 from streamrl.deploy import DEFAULT_PROMPTS
@@ -646,6 +648,17 @@ class LearnerSection(_Section):
                                       json_schema_extra={"applies_to": {"advantage": "gae"}})
     whiten_advantages: bool = Field(True, description="masked whitening of GAE advantages (group baselines are "
                                     "already normalised per group)")
+    scale_rewards: RewardScale = Field(RewardScale.GROUP, description="GRPO divides centred scores by the `group`'s "
+                                       "std (GRPO), the whole `batch`'s std (TRL) or nothing (`none`: Dr. GRPO)",
+                                       json_schema_extra={"applies_to": {"advantage": "grpo"}})
+    scale_std_floor: float = Field(1e-3, gt=0, description="GRPO divides by max(std, this): a group whose scores "
+                                   "differ by float noise gets near-zero advantages, not +-1 (scores' units: "
+                                   "normalised rewards with `normalize_rewards`)",
+                                   json_schema_extra={"applies_to": {"advantage": "grpo"}})
+    loss_aggregation: LossAggregation = Field(LossAggregation.TOKEN_MEAN, description="how per-token losses "
+                                              "(policy, value, entropy, KL) are reduced: `token_mean` (every token "
+                                              "weighs the same), `sequence_mean` (mean of per-sequence means: GRPO) "
+                                              "or `fixed_length_sum` (sum / (sequences x max_new_tokens): Dr. GRPO)")
     kl_coef: float = Field(0.05, ge=0, description="beta of the KL penalty to the reference model")
     kl_target_per_sequence: Optional[float] = Field(
         None, gt=0, description="set to adapt beta (Ziegler et al. 2019's controller) towards this KL to the "

@@ -55,6 +55,33 @@ class AdvantageEstimator(str, Enum):
     RLOO = "rloo"
 
 
+class RewardScale(str, Enum):
+    """What GRPO divides a group-centred score by (TRL's ``scale_rewards``): the ``group``'s
+    std (Shao et al. 2024), the whole ``batch``'s std, or nothing (``none``: Dr. GRPO,
+    Liu et al. 2025, which argues the group std biases towards too easy / too hard prompts)."""
+
+    GROUP = "group"
+    BATCH = "batch"
+    NONE = "none"
+
+
+class LossAggregation(str, Enum):
+    """How per-token losses become one number (veRL's ``loss_agg_mode``):
+
+    - ``token_mean``: sum over every real token of the (mini)batch / number of tokens
+      (each token weighs the same; DAPO, Yu et al. 2025);
+    - ``sequence_mean``: mean over sequences of each sequence's token mean (GRPO,
+      Shao et al. 2024 eq. 3: a short completion's tokens weigh more);
+    - ``fixed_length_sum``: sum over every real token / (sequences x the generation
+      budget ``max_new_tokens``), a constant normaliser (Dr. GRPO, Liu et al. 2025:
+      no length bias).
+    """
+
+    TOKEN_MEAN = "token_mean"
+    SEQUENCE_MEAN = "sequence_mean"
+    FIXED_LENGTH_SUM = "fixed_length_sum"
+
+
 class KLEstimator(str, Enum):
     """Per-token estimator of KL(pi || pi_ref) from samples of pi (Schulman 2020,
     "Approximating KL divergence"): ``k1`` = log pi - log pi_ref (unbiased, can be

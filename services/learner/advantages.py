@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from streamrl.common.modes import AdvantageEstimator
+from streamrl.common.modes import AdvantageEstimator, RewardScale
 from streamrl.common.tensors import bool_mask, check_right_padded, fill_padding
 
 __all__ = ["gae", "group_advantages", "per_token_rewards"]
@@ -84,8 +84,8 @@ def group_advantages(
     group_ids: Tensor,
     *,
     estimator: AdvantageEstimator,
-    scale_by_std: bool = True,
-    eps: float = 1e-6,
+    scale: RewardScale = RewardScale.GROUP,
+    std_floor: float = 1e-3,
 ) -> Tensor:
     """Sequence-level advantages from a per-group baseline.
 
@@ -95,12 +95,15 @@ def group_advantages(
     - ``AdvantageEstimator.GRPO`` (Shao et al. 2024, "DeepSeekMath", sec. 4.1.2,
       outcome supervision: ``A_i = (r_i - mean(r)) / std(r)``)::
 
-          A_i = (s_i - mean_g) / (std_g + eps)     scale_by_std=True
-          A_i =  s_i - mean_g                      scale_by_std=False (Dr. GRPO,
-                                                    Liu et al. 2025)
+          A_i = (s_i - mean_g) / max(std_g, f)     scale="group"
+          A_i = (s_i - mean_g) / max(std_B, f)     scale="batch" (TRL: the std of all
+                                                    the batch's scores)
+          A_i =  s_i - mean_g                      scale="none" (Dr. GRPO, Liu et al. 2025)
 
-      ``std_g`` is the *population* standard deviation (``unbiased=False``,
-      divide by ``n_g``). A group whose scores are all equal gets advantage 0.
+      Standard deviations are *population* ones (``unbiased=False``, divide by the
+      count). ``f = std_floor`` replaces the usual ``std + 1e-6``: a group whose scores
+      differ by float noise (a spread of 1e-6 gave +-0.33 .. +-1 advantages) now gets
+      advantages of order ``noise / f``, near 0; a group of equal scores gets exactly 0.
 
     - ``AdvantageEstimator.RLOO`` (REINFORCE leave-one-out: Kool et al. 2019,
       "Buy 4 REINFORCE samples, get a baseline for free!"; Ahmadian et al. 2024,
@@ -108,7 +111,7 @@ def group_advantages(
 
           A_i = s_i - (sum_{j in g, j != i} s_j) / (n_g - 1)
 
-      ``scale_by_std`` and ``eps`` are ignored.
+      ``scale`` and ``std_floor`` are ignored.
 
     Statistics are computed in float64.
 
@@ -116,8 +119,8 @@ def group_advantages(
         scores: ``[B]`` float sequence scores.
         group_ids: ``[B]`` integer group labels (any values; equal = same group).
         estimator: ``GRPO`` or ``RLOO`` (an :class:`AdvantageEstimator` or its value).
-        scale_by_std: GRPO only: divide by ``std_g + eps``.
-        eps: GRPO only: added to the std.
+        scale: GRPO only: a :class:`RewardScale` (or its value).
+        std_floor: GRPO only: the smallest std divided by (> 0; scores' units).
 
     Returns:
         ``[B]`` advantages, dtype of ``scores``, detached.
@@ -125,9 +128,12 @@ def group_advantages(
     Raises:
         ValueError: shapes are not matching 1-D ``[B]``; ``group_ids`` not integer;
             non-finite scores; ``estimator`` is ``GAE`` (needs a critic: use
-            :func:`gae`); RLOO with a group of fewer than 2 members.
+            :func:`gae`); RLOO with a group of fewer than 2 members; ``std_floor <= 0``.
     """
     estimator = AdvantageEstimator(estimator)
+    scale = RewardScale(scale)
+    if not std_floor > 0:
+        raise ValueError(f"std_floor must be > 0, got {std_floor}")
     if scores.dim() != 1:
         raise ValueError(f"scores must be [B], got shape {tuple(scores.shape)}")
     if group_ids.shape != scores.shape:
@@ -165,13 +171,16 @@ def group_advantages(
 
     mean = sums / n
     centred = s - mean[inverse]
-    if not scale_by_std:
+    if scale is RewardScale.NONE:
         return centred.to(scores.dtype)
-    var = torch.zeros(n_groups, dtype=torch.float64, device=s.device).index_add_(
-        0, inverse, centred * centred
-    ) / n
-    std = var.sqrt()
-    return (centred / (std[inverse] + eps)).to(scores.dtype)
+    if scale is RewardScale.BATCH:
+        std = s.std(unbiased=False)
+    else:
+        var = torch.zeros(n_groups, dtype=torch.float64, device=s.device).index_add_(
+            0, inverse, centred * centred
+        ) / n
+        std = var.sqrt()[inverse]
+    return (centred / std.clamp(min=std_floor)).to(scores.dtype)
 
 
 @torch.no_grad()

@@ -24,11 +24,12 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from streamrl.common.modes import Correction, ISLevel, ISMode, KLEstimator
+from streamrl.common.modes import Correction, ISLevel, ISMode, KLEstimator, LossAggregation
 from streamrl.common.tensors import bool_mask, fill_padding, masked_mean
 
 __all__ = [
     "PolicyLossStats",
+    "aggregate_tokens",
     "entropy_from_logits",
     "kl_to_reference",
     "nucleus_mask",
@@ -71,6 +72,39 @@ def _check_same_shape(**tensors: Tensor) -> torch.Size:
                 "all per-token inputs must be [B, T] with the same B and T"
             )
     return first.shape
+
+
+def aggregate_tokens(x: Tensor, mask: Tensor, aggregation: LossAggregation = LossAggregation.TOKEN_MEAN, *,
+                     max_tokens: int | None = None) -> Tensor:
+    """Reduce per-token losses ``[B, T]`` to one number (a :class:`LossAggregation`)::
+
+        token_mean        sum_{b,t} m x / sum_{b,t} m               (DAPO, Yu et al. 2025)
+        sequence_mean     mean_{b: len_b > 0} (sum_t m x / len_b)   (GRPO, Shao et al. 2024 eq. 3)
+        fixed_length_sum  sum_{b,t} m x / (B * max_tokens)          (Dr. GRPO, Liu et al. 2025)
+
+    Args:
+        x: ``[B, T]`` float per-token values (may carry grad); garbage in padding is ignored.
+        mask: ``[B, T]`` bool or float, non-zero = real token.
+        aggregation: a :class:`LossAggregation` (or its string value).
+        max_tokens: the generation budget ``max_new_tokens`` (``fixed_length_sum`` only).
+
+    Returns:
+        0-d tensor, dtype of ``x``; 0 when no token is real.
+
+    Raises:
+        ValueError: unknown aggregation; ``fixed_length_sum`` without a positive ``max_tokens``;
+            ``mask`` not of ``x``'s shape.
+    """
+    mode = _member(LossAggregation, aggregation, "aggregation")
+    m = bool_mask(mask, x.shape)
+    if mode is LossAggregation.TOKEN_MEAN:
+        return masked_mean(x, m)
+    if mode is LossAggregation.SEQUENCE_MEAN:
+        has_tokens = m.any(dim=1)
+        return masked_mean(masked_mean(x, m, dim=1), has_tokens)
+    if max_tokens is None or max_tokens < 1:
+        raise ValueError(f"fixed_length_sum needs max_tokens >= 1 (the generation budget), got {max_tokens}")
+    return fill_padding(x, m).sum() / (max(x.shape[0], 1) * max_tokens)
 
 
 # --------------------------------------------------------------------------- policy loss
@@ -150,6 +184,8 @@ def policy_loss(
     dual_clip: float | None = None,
     is_level: ISLevel = ISLevel.SEQUENCE,
     is_mode: ISMode = ISMode.TRUNCATE,
+    aggregation: LossAggregation = LossAggregation.TOKEN_MEAN,
+    max_tokens: int | None = None,
 ) -> tuple[Tensor, PolicyLossStats]:
     """Clipped policy-gradient loss with a staleness correction.
 
@@ -224,6 +260,8 @@ def policy_loss(
             :class:`ISLevel` or its value).
         is_mode: ``truncate`` or ``mask`` a weight above ``is_cap`` (an :class:`ISMode`
             or its value; unused by ``none``).
+        aggregation: how ``L_t`` becomes the loss (:func:`aggregate_tokens`).
+        max_tokens: the generation budget, for ``fixed_length_sum``.
 
     Returns:
         ``(loss, stats)``: ``loss`` a 0-d tensor (0 for an all-padding batch),
@@ -294,7 +332,7 @@ def policy_loss(
         per_token = -w.to(lp.dtype) * objective
         w_stats = w
 
-    loss = fill_padding(per_token, m).sum() / n_tokens.clamp(min=1).to(per_token.dtype)
+    loss = aggregate_tokens(per_token, m, aggregation, max_tokens=max_tokens)
 
     with torch.no_grad():
         n = n_tokens.to(torch.float64)
@@ -340,6 +378,8 @@ def value_loss(
     mask: Tensor,
     *,
     clip_range: float | None,
+    aggregation: LossAggregation = LossAggregation.TOKEN_MEAN,
+    max_tokens: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Clipped value loss (OpenAI baselines PPO2 ``vf_loss``; studied as "value
     function loss clipping" by Andrychowicz et al. 2021, "What Matters in
@@ -348,7 +388,7 @@ def value_loss(
         v_clip = old + clamp(v - old, -c, c)
         L = 0.5 * max((v - R)^2, (v_clip - R)^2)
 
-    masked token mean over the batch. ``clip_range=None`` gives the plain
+    aggregated over the batch's real tokens. ``clip_range=None`` gives the plain
     ``0.5 * (v - R)^2``.
 
     Args:
@@ -358,6 +398,9 @@ def value_loss(
         mask: ``[B, T]`` bool or float, non-zero = real token. Garbage in padded
             positions is ignored.
         clip_range: ``c > 0`` or ``None`` for no clipping.
+        aggregation: how per-token losses become the loss (:func:`aggregate_tokens`;
+            default the token mean).
+        max_tokens: the generation budget, for ``fixed_length_sum``.
 
     Returns:
         ``(loss, value_clip_fraction)``: ``loss`` a 0-d tensor;
@@ -385,7 +428,7 @@ def value_loss(
         per_token = torch.maximum(unclipped, clipped)
         with torch.no_grad():
             clip_fraction = ((clipped > unclipped) & m).sum() / m.sum().clamp(min=1).to(torch.float64)
-    loss = 0.5 * masked_mean(per_token, m)
+    loss = 0.5 * aggregate_tokens(per_token, m, aggregation, max_tokens=max_tokens)
     return loss, clip_fraction
 
 

@@ -31,7 +31,7 @@ from streamrl.common.tensors import fill_padding, masked_mean, masked_whiten
 from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards
 from streamrl.services.learner.batch import ModelOutput, TrainBatch, forward_completions
 from streamrl.services.learner.kl_control import make_kl_controller, per_sequence_kl
-from streamrl.services.learner.losses import kl_to_reference, policy_loss, sft_loss, value_loss
+from streamrl.services.learner.losses import aggregate_tokens, kl_to_reference, policy_loss, sft_loss, value_loss
 from streamrl.services.learner.normalization import RunningMeanStd
 
 
@@ -188,6 +188,10 @@ class PPOTrainer:
         skipped = 0
         ratio_max = torch.zeros((), dtype=torch.float64, device=self.device)
         self.policy.eval()  # never train mode: pi and pi_old must be the same function (no dropout)
+        # every per-token term (policy, value, entropy, KL loss) is aggregated the same way; the
+        # fixed-length normaliser is the generation budget (at least the longest completion)
+        aggregation = {"aggregation": cfg.loss_aggregation,
+                       "max_tokens": max(batch.sampling.max_new_tokens, batch.mask.shape[1])}
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(batch.size, device=self.device)
             for rows in order.tensor_split(min(cfg.minibatches, batch.size)):  # no empty minibatch
@@ -199,17 +203,17 @@ class PPOTrainer:
                 pl, ps = policy_loss(out.logprobs, old.logprobs[rows, :t], mb.behaviour_logprobs,
                                      advantages[rows, :t], mb.mask, correction=cfg.correction,
                                      clip_eps=cfg.clip_eps, is_cap=cfg.is_cap, dual_clip=cfg.dual_clip,
-                                     is_level=cfg.is_level, is_mode=cfg.is_mode)
-                entropy = masked_mean(out.entropy, mb.mask)
+                                     is_level=cfg.is_level, is_mode=cfg.is_mode, **aggregation)
+                entropy = aggregate_tokens(out.entropy, mb.mask, **aggregation)
                 loss = pl - cfg.entropy_coef * entropy
                 if out.values is not None:
                     vl, vclip = value_loss(out.values, old.values[rows, :t], returns[rows, :t], mb.mask,
-                                           clip_range=cfg.value_clip)
+                                           clip_range=cfg.value_clip, **aggregation)
                     loss = loss + cfg.vf_coef * vl
                     sums.add({"loss/value": vl, "value_clip_fraction": vclip})
                 if cfg.kl_penalty is KLPenaltyMode.LOSS and beta > 0:
-                    kl_term = masked_mean(*_kl_tokens(out.logprobs, targets.ref_logprobs[rows, :t], mb.mask,
-                                                      cfg.kl_estimator))
+                    kl_term = aggregate_tokens(*_kl_tokens(out.logprobs, targets.ref_logprobs[rows, :t], mb.mask,
+                                                           cfg.kl_estimator), **aggregation)
                     loss = loss + beta * kl_term
                     sums.add({"loss/kl": kl_term})
                 if cfg.ptx_coef > 0:
@@ -290,7 +294,8 @@ class PPOTrainer:
                 advantages = masked_whiten(advantages, mask)
         else:
             seq_scores = scores - beta * kl_tokens.sum(1) if in_reward else scores
-            seq_adv = group_advantages(seq_scores, batch.group_ids, estimator=cfg.advantage)
+            seq_adv = group_advantages(seq_scores, batch.group_ids, estimator=cfg.advantage,
+                                       scale=cfg.scale_rewards, std_floor=cfg.scale_std_floor)
             advantages = seq_adv.unsqueeze(1).expand_as(mask).clone()
         advantages = fill_padding(advantages, mask)
         if batch.weights is not None:  # control-shared rollouts: the loss of row b is weighted by mu/q (1/rho)

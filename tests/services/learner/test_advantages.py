@@ -110,9 +110,8 @@ GROUPS = torch.tensor([7, 3, 7, 3, 7])  # interleaved, sizes 3 and 2
 def test_grpo_hand_computed():
     # group 7: [1, 3, 5], mean 3, population std sqrt((4 + 0 + 4)/3) = sqrt(8/3) = 1.6329932
     # group 3: [2, 4],    mean 3, population std 1
-    eps = 1e-6
     s73 = math.sqrt(8 / 3)
-    expected = torch.tensor([-2 / (s73 + eps), -1 / (1 + eps), 0.0, 1 / (1 + eps), 2 / (s73 + eps)])
+    expected = torch.tensor([-2 / s73, -1.0, 0.0, 1.0, 2 / s73])
     out = group_advantages(SCORES, GROUPS, estimator=AdvantageEstimator.GRPO)
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
     assert out.dtype == torch.float32
@@ -120,8 +119,26 @@ def test_grpo_hand_computed():
 
 def test_grpo_without_std_scaling_is_mean_centred():
     # Dr. GRPO: s - mean_g = [1-3, 2-3, 3-3, 4-3, 5-3]
-    out = group_advantages(SCORES, GROUPS, estimator="grpo", scale_by_std=False)
+    out = group_advantages(SCORES, GROUPS, estimator="grpo", scale="none")
     torch.testing.assert_close(out, torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]), atol=ATOL, rtol=0)
+
+
+def test_grpo_batch_scale_divides_by_the_std_of_all_scores():
+    # TRL scale_rewards = "batch": centred per group, scaled by the std of the whole batch's
+    # scores [1..5]: population std sqrt(2)
+    out = group_advantages(SCORES, GROUPS, estimator="grpo", scale="batch")
+    torch.testing.assert_close(out, torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]) / math.sqrt(2), atol=ATOL, rtol=0)
+
+
+def test_grpo_near_identical_group_rewards_give_near_zero_advantages():
+    """A 1e-6 spread (float noise of a reward model) must not become +-0.5 or +-1
+    advantages: the std is floored at std_floor (1e-3 by default)."""
+    scores = torch.tensor([0.3, 0.3 + 1e-6, 2.0, 3.0], dtype=torch.float64)
+    out = group_advantages(scores, torch.tensor([0, 0, 1, 1]), estimator="grpo")
+    assert out[:2].abs().max().item() < 1e-3
+    torch.testing.assert_close(out[2:], torch.tensor([-1.0, 1.0], dtype=torch.float64), atol=1e-9, rtol=0)
+    floored = group_advantages(scores, torch.tensor([0, 0, 1, 1]), estimator="grpo", std_floor=1e-2)
+    assert floored[0].item() == pytest.approx(-0.5e-6 / 1e-2, rel=1e-6)
 
 
 def test_grpo_constant_group_and_singleton_give_zero():

@@ -13,6 +13,7 @@ from support import fill_garbage, ragged_mask, slow_nucleus
 from streamrl.common.modes import Correction, KLEstimator
 from streamrl.services.learner.losses import (
     entropy_from_logits,
+    aggregate_tokens,
     kl_to_reference,
     nucleus_mask,
     policy_loss,
@@ -725,3 +726,44 @@ def test_is_level_and_mode_are_checked():
         policy_loss(z, z, z, z, torch.ones(1, 1), correction="tis", clip_eps=0.2, is_cap=2.0, is_level="step")
     with pytest.raises(ValueError, match="is_mode"):
         policy_loss(z, z, z, z, torch.ones(1, 1), correction="tis", clip_eps=0.2, is_cap=2.0, is_mode="drop")
+
+
+# --------------------------------------------------------------------------- loss aggregation
+
+
+def test_aggregate_tokens_hand_computed():
+    """x = [[1, 2, 3], [4, pad, pad]]: token mean 10/4; sequence mean (2 + 4)/2 = 3;
+    fixed-length sum 10 / (2 rows * 5 tokens) = 1 (Dr. GRPO's constant normaliser)."""
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = ragged_mask([3, 1], 3)
+    garbage = fill_garbage(x, mask)
+    assert aggregate_tokens(garbage, mask, "token_mean").item() == pytest.approx(2.5)
+    assert aggregate_tokens(garbage, mask, "sequence_mean").item() == pytest.approx(3.0)
+    assert aggregate_tokens(garbage, mask, "fixed_length_sum", max_tokens=5).item() == pytest.approx(1.0)
+    empty = torch.zeros(2, 3, dtype=torch.bool)
+    for mode in ("token_mean", "sequence_mean", "fixed_length_sum"):
+        assert aggregate_tokens(garbage, empty, mode, max_tokens=5).item() == 0.0
+    # rows without tokens do not count as sequences
+    assert aggregate_tokens(garbage, ragged_mask([3, 0], 3), "sequence_mean").item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        aggregate_tokens(x, mask, "fixed_length_sum")
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate_tokens(x, mask, "sum")
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "sequence_mean", "fixed_length_sum"])
+def test_policy_loss_aggregation_weights_tokens_as_documented(mode):
+    """On-policy (r = 1, w = 1) the loss is the aggregate of -A and the gradient on token
+    (b, t) is -A / n_tokens, -A / (B' * len_b) or -A / (B * L)."""
+    lp = lp_leaf([[-1.0, -2.0, -0.5], [-1.5, 0.0, 0.0]])
+    adv = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = ragged_mask([3, 1], 3)
+    leaf = lp.detach().clone().requires_grad_(True)
+    loss, _ = policy_loss(leaf, lp.detach(), lp.detach(), adv, mask, correction="decoupled", clip_eps=0.2,
+                          is_cap=2.0, aggregation=mode, max_tokens=5)
+    loss.backward()
+    scale = {"token_mean": torch.tensor([[4.0] * 3, [4.0] * 3]),
+             "sequence_mean": torch.tensor([[6.0] * 3, [2.0] * 3]),
+             "fixed_length_sum": torch.full((2, 3), 10.0)}[mode]
+    torch.testing.assert_close(leaf.grad, torch.where(mask, -adv / scale, 0.0), atol=ATOL, rtol=0)
+    assert loss.item() == pytest.approx(-aggregate_tokens(adv, mask, mode, max_tokens=5).item(), abs=ATOL)

@@ -455,3 +455,30 @@ def test_is_options_apply_only_to_their_corrections():
     with pytest.raises(ValueError, match="is_mode"):
         LearnerSection(correction="none", is_mode="mask")
     assert LearnerSection(correction="tis", is_level="token", is_mode="mask").is_mode.value == "mask"
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "fixed_length_sum"])
+def test_loss_aggregation_reaches_the_policy_loss(aggregation):
+    """First update on-policy: r = w = 1, so loss/policy = -aggregate(A) in the chosen mode
+    (fixed_length_sum: over rows x max(max_new_tokens 8, longest completion 9))."""
+    from streamrl.services.learner.losses import aggregate_tokens
+
+    cfg = learner_cfg(loss_aggregation=aggregation)
+    probe = make_trainer(cfg)
+    expected = -aggregate_tokens(probe.targets(on_policy(probe, ragged_batch())).advantages, ragged_batch().mask,
+                                 aggregation, max_tokens=9)
+    trainer = make_trainer(cfg)
+    stats = trainer.step(on_policy(trainer, ragged_batch()), current_version=3)
+    assert stats["loss/policy"] == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_scale_rewards_options_reach_the_advantages():
+    batch = preference_batch()
+    batch.scores = torch.tensor([1.0, 0.0, 3.0, 0.0])  # group stds 0.5 and 1.5, batch std 1.2247
+    advantages = {}
+    for scale in ("group", "batch", "none"):
+        trainer = make_trainer(learner_cfg(scale_rewards=scale, normalize_rewards=False))
+        advantages[scale] = trainer.targets(on_policy(trainer, batch)).advantages[:, 0]
+    torch.testing.assert_close(advantages["none"], torch.tensor([0.5, -0.5, 1.5, -1.5]))
+    torch.testing.assert_close(advantages["group"], torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    torch.testing.assert_close(advantages["batch"], torch.tensor([0.5, -0.5, 1.5, -1.5]) / math.sqrt(1.5))
