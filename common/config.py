@@ -232,8 +232,9 @@ def _bind_field(owner: str, name: str) -> Any:
 class BindSection(_Section):
     """Where the binding process listens, when that is not the address its peers connect to."""
 
-    scorer: Optional[str] = Field(None, description="every scorer binds this, e.g. `tcp://*:5550` (one scorer "
-                                  "per host or pod); unset: scorer i binds `endpoints.scorers[i]`")
+    scorer: Optional[str] = Field(None, description="every scorer binds this, e.g. `tcp://*:5550`, the i-th "
+                                  "scorer of a host (`--index i`) at port + i; unset: scorer i binds "
+                                  "`endpoints.scorers[i]`")
     buffer: Optional[str] = _bind_field("the buffer", "buffer")
     batches: Optional[str] = _bind_field("the buffer", "batches")
     weights_announce: Optional[str] = _bind_field("the learner", "weights_announce")
@@ -280,6 +281,16 @@ class EndpointsSection(_Section):
             if problem:
                 raise _rule(f"{endpoint}: {problem}")
         return value
+
+    def scorer_bind(self, local_index: int) -> str | None:
+        """What the ``local_index``-th scorer of a host binds when ``bind.scorer`` is set: that endpoint with
+        ``local_index`` added to its port (``tcp://*:5550`` -> ``tcp://*:5551`` for the second scorer of a host;
+        ports ``*`` and non-tcp endpoints as they are); None when it is unset (then ``scorers[i]``)."""
+        bound = self.bind.scorer
+        if bound is None or not local_index or not bound.startswith("tcp://"):
+            return bound
+        head, _, port = bound.rpartition(":")
+        return f"{head}:{int(port) + local_index}" if port.isdigit() else bound
 
     def bind_address(self, name: str) -> str:
         """The endpoint the owner of ``name`` binds: ``bind.<name>``, else the connect address itself.

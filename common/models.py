@@ -97,10 +97,10 @@ def configure_torch(num_threads: int, seed: int | None = None) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError as error:
         logger.debug("torch.set_num_interop_threads(1) not applied: %s", error)
-    if seed is not None:
+    if seed is not None:  # any int >= 0 (replica seeds derive from 31-bit name hashes): numpy takes 32 bits
         random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed % 2**64)
 
 
 def select_device(device: Device) -> torch.device:

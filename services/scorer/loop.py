@@ -35,7 +35,8 @@ class ScorerService:
     def __init__(self, ctx: ServiceContext):
         cfg = ctx.config
         try:
-            self.endpoint = cfg.endpoints.bind.scorer or scorer_endpoint(cfg.endpoints.scorers, ctx.local_index)
+            self.endpoint = (cfg.endpoints.scorer_bind(ctx.local_index)
+                             or scorer_endpoint(cfg.endpoints.scorers, ctx.local_index))
         except ValueError as err:
             raise SystemExit(str(err)) from None
         configure_torch(cfg.scorer.threads, seed=cfg.run.seed)

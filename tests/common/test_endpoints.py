@@ -148,3 +148,18 @@ def test_a_bad_replica_name_exits_2(tmp_path, monkeypatch, process_state, capsys
         start_service("generator", ["--config", str(path)])
     assert exit_info.value.code == 2
     assert f"{REPLICA_ENV}='has space'" in capsys.readouterr().err
+
+
+def test_scorers_of_one_host_bind_consecutive_ports():
+    e = load_config(None, [INSECURE, 'endpoints.bind.scorer="tcp://*:5550"']).endpoints
+    assert [e.scorer_bind(i) for i in range(3)] == ["tcp://*:5550", "tcp://*:5551", "tcp://*:5552"]
+    assert load_config(None).endpoints.scorer_bind(1) is None  # unset: scorer i binds endpoints.scorers[i]
+    e = load_config(None, [INSECURE, 'endpoints.bind.scorer="tcp://eth0:*"']).endpoints
+    assert e.scorer_bind(2) == "tcp://eth0:*"  # any free port stays any free port
+
+
+def test_seeds_derived_from_a_named_replica_are_accepted():
+    from streamrl.common.models import configure_torch
+
+    index = replica_identity("generator", None, "streamrl-generator-5c7b9d6f4-x2k4q").index
+    configure_torch(1, seed=2**40 + 7919 * (index + 1))  # the generator's seed of a named replica (numpy: 32 bits)
