@@ -251,3 +251,35 @@ def test_the_dockerfile_builds_both_variants_for_the_manifests_user_and_cache():
 def workloads_from_files() -> dict[str, dict]:
     docs = [d for f in sorted((K8S / "base").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
     return workloads(docs)
+
+
+def readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_the_readme_walkthroughs_use_exactly_these_files_and_objects(rendered):
+    import re
+
+    for title in ("Kubernetes", "Several hosts"):
+        section = readme_section(title)
+        paths = set(re.findall(r"(?<![\w/])deploy/[\w./-]+", section))
+        assert paths, title
+        for path in paths:
+            path = path.rstrip(".")
+            if "deploy/targets/cluster.json" in path or path.startswith("deploy/k8s/base/keys"):
+                continue  # written by the walkthrough itself
+            assert (REPO / path).exists(), f"README section {title} names {path}, which does not exist"
+    walkthrough = readme_section("Kubernetes")
+    docs = rendered["base"]
+    pods = workloads(docs)
+    for command in ("statefulset/streamrl-learner", "deployment/streamrl-generator", "deployment/streamrl-scorer"):
+        kind, _, name = command.partition("/")
+        assert command in walkthrough and any(w["kind"].lower() == kind and w["metadata"]["name"] == name
+                                              for w in pods.values())
+    _, cfg = cluster_config(docs, rendered["keys"])
+    learner = pods["learner"]
+    assert f"{learner['metadata']['name']}-0:{cfg.run.output_dir}" in walkthrough  # kubectl cp of the run folder
+    assert f"--namespace {learner['metadata']['namespace']}" in walkthrough
+    assert "streamrl keys generate --dir deploy/k8s/base/keys" in walkthrough
