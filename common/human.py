@@ -343,3 +343,40 @@ class HumanModelView:
         z = self.head.standardize(features)
         return values, eligibility(z, self.message.anchors, self.message.anchor_times, now, width=self.width,
                                    half_life_s=self.half_life_s)
+
+
+class HumanModelSubscription:
+    """A scorer's or generator's subscription to the feedback service's H-hat versions
+    (``endpoints.human_model``, SUB) and the :class:`HumanModelView` it keeps up to date.
+
+    Args:
+        zmq_context: the process's ZeroMQ context.
+        config: the run config (``feedback``, ``model``, ``endpoints``, ``transport``).
+        metrics: the process's :class:`~streamrl.common.metrics.ServiceMetrics` (rejections are counted there).
+        security: the process's CURVE keys, or None.
+    """
+
+    def __init__(self, zmq_context, config, metrics, security=None):
+        import zmq
+
+        from streamrl.common.transport import Inbox, make_socket
+
+        fb, t = config.feedback, config.transport
+        self.view = HumanModelView(config.model.path, config.model.cache_path, use_eligibility=fb.eligibility,
+                                   width=fb.eligibility_width, half_life_s=fb.eligibility_half_life_s)
+        self.socket = make_socket(zmq_context, zmq.SUB, connect=[config.endpoints.human_model], subscribe=b"",
+                                  max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=security)
+        self.inbox = Inbox(metrics, [HumanModel], max_bytes=t.max_message_bytes, socket_name="human_model")
+
+    def receive(self) -> int | None:
+        """Take every H-hat message waiting (never blocks); the new version when one was taken, else None."""
+        taken = None
+        while self.socket.poll(0):
+            msg = self.inbox.decode(self.socket.recv_multipart(copy=False))
+            if msg is not None and self.view.update(msg):
+                taken = msg.version
+        return taken
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.socket.close(0)

@@ -46,7 +46,7 @@ from typing import Annotated, Callable, Literal, Protocol
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, StringConstraints
+from pydantic import BaseModel, ConfigDict, StrictInt, StringConstraints, field_validator
 
 MAX_BODY_BYTES = 16 * 1024
 """Largest request body accepted, bytes."""
@@ -92,7 +92,14 @@ class LoginIn(_Strict):
 
 class RatingIn(_Strict):
     rollout_id: Id
-    value: Literal[-1, 1]
+    value: StrictInt  # Literal[-1, 1] would take 1.0 and True (equal to 1)
+
+    @field_validator("value")
+    @classmethod
+    def _plus_or_minus_one(cls, value: int) -> int:
+        if value not in (-1, 1):
+            raise ValueError("a rating is 1 (good) or -1 (bad)")
+        return value
 
 
 class PreferenceIn(_Strict):

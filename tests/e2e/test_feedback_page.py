@@ -1,0 +1,166 @@
+"""The labellers' page in a real browser (headless Chromium from Debian, driven by Selenium) on a
+running job: learner, buffer, scorer, generator and feedback service as processes on loopback.
+
+A labeller logs in with their token, rollouts stream onto the page, a click and a keyboard
+shortcut each store a label (checked in the SQLite database), H-hat's version advances and the
+scorer starts shaping rewards with it; a request without a labeller and a cross-site form POST
+(from a page served on another port, which the browser sends with the session cookie) are
+refused and store nothing. The test saves a screenshot of the page (``$STREAMRL_SCREENSHOT``,
+when set, receives a copy: the README's picture is made this way).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import sqlite3
+import threading
+
+import pytest
+import requests
+
+from streamrl.testing import add_labeller, feedback_sections, local_run_config, scrape, wait_until, write_config
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,1500"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def attacker_site(target: str, rollout_id: str) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """A page on another origin (same host, another port: same-site, so the browser attaches the
+    session cookie) that submits a form to the feedback API as soon as it loads."""
+    body = json.dumps({"rollout_id": rollout_id, "value": -1, "x": ""})[:-2]  # `"x": "` + `=...` closes the JSON
+    page = f"""<!doctype html><html><body>
+<form id="f" method="POST" action="{target}api/ratings" enctype="text/plain">
+<input type="hidden" name='{body}' value='"}}'></form>
+<script>document.getElementById("f").submit();</script></body></html>""".encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}/"
+
+
+def forged(samples: dict) -> float:
+    """Requests the feedback service refused as forged (no CSRF token, or another origin)."""
+    return sum(samples.get(f"streamrl_feedback_requests_refused_total{{reason={r}}}", 0) for r in ("csrf", "cross_origin"))
+
+
+def labels(db) -> list[tuple]:
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT labeller, kind, rollout_id, value, policy_version FROM labels ORDER BY id").fetchall()
+
+
+@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
+                    reason="needs Debian's chromium and chromium-driver (make chromium; `make test` installs them)")
+def test_labels_from_a_real_browser_reach_the_database_and_hhat(tmp_path, tiny_model_dir, services):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    sections = feedback_sections(local_run_config(tmp_path, tiny_model_dir, learner={"total_steps": 100000}),
+                                 combination="reward_shaping", min_labels=2, fit_interval_s=0.2)
+    config = write_config(tmp_path / "run.toml", sections)
+    procs = services(config)
+    for name in ("learner", "buffer", "scorer", "generator", "feedback"):
+        procs.start(name)
+    url = f"http://127.0.0.1:{sections['feedback']['http_port']}/"
+    db = tmp_path / "run" / "feedback" / "labels.sqlite3"
+    token = add_labeller(config, "alice")
+
+    def streaming() -> bool:
+        try:
+            got = requests.get(url + "api/rollouts", headers={"Authorization": f"Bearer {token}"}, timeout=2)
+            return got.ok and len(got.json()["rollouts"]) >= 4
+        except requests.RequestException:
+            return False
+
+    assert wait_until(streaming, timeout=180), procs.logs()
+    # no labeller: refused
+    assert requests.get(url + "api/rollouts", timeout=5).status_code == 401
+    assert requests.post(url + "api/ratings", json={"rollout_id": "x", "value": 1}, timeout=5).status_code == 401
+
+    driver = browser()
+    try:
+        wait = WebDriverWait(driver, 60)
+        driver.get(url)
+        wait.until(ec.visibility_of_element_located((By.ID, "token"))).send_keys(token + Keys.ENTER)
+        wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#rollouts li.rollout")))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")) >= 3)
+        assert driver.find_element(By.ID, "who").text == "labeller: alice"
+
+        # a click
+        first = driver.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")[0]
+        clicked_id = first.get_attribute("data-id")
+        first.find_element(By.CSS_SELECTOR, "button.rate-up").click()
+        wait.until(lambda d: "label #" in d.find_element(By.CSS_SELECTOR,
+                                                         f'li[data-id="{clicked_id}"] .verdict').text)
+        # a keyboard shortcut on another card: select it, then "-"
+        second = driver.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")[2]
+        keyed_id = second.get_attribute("data-id")
+        second.find_element(By.CSS_SELECTOR, ".completion").click()
+        driver.find_element(By.TAG_NAME, "body").send_keys("-")
+        wait.until(lambda d: "label #" in d.find_element(By.CSS_SELECTOR,
+                                                         f'li[data-id="{keyed_id}"] .verdict').text)
+        stored = labels(db)
+        assert [(who, kind, rid, value) for who, kind, rid, value, _ in stored] == [
+            ("alice", "rating", clicked_id, 1), ("alice", "rating", keyed_id, -1)]
+        assert all(version >= 0 for *_, version in stored)
+
+        # H-hat's version advances (min_labels = 2) and the page shows it
+        wait.until(lambda d: int(d.find_element(By.ID, "model-version").text) >= 1)
+        status = requests.get(url + "api/status", headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
+        assert status["human_model_version"] >= 1 and status["labels"]["total"] == 2
+        # ... and the scorer shapes rewards with it
+        scorer_port = sections["metrics"]["scorer_port"]
+        assert wait_until(lambda: scrape(scorer_port).get("streamrl_scorer_human_scored_total", 0) > 0, 60), \
+            procs.logs()
+        assert scrape(scorer_port)["streamrl_scorer_human_model_version"] >= 1
+
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#reward-chart polyline"))
+        screenshot = tmp_path / "feedback-page.png"
+        driver.save_screenshot(str(screenshot))
+        assert screenshot.stat().st_size > 10_000
+        if os.environ.get("STREAMRL_SCREENSHOT"):
+            shutil.copy(screenshot, os.environ["STREAMRL_SCREENSHOT"])
+
+        # a cross-site form POST rides on the session cookie but carries no CSRF token: refused
+        feedback_port = sections["metrics"]["feedback_port"]
+        refused_before = forged(scrape(feedback_port))
+        server, attacker = attacker_site(url, clicked_id)
+        try:
+            driver.get(attacker)
+            wait.until(lambda d: d.current_url.startswith(url))  # the form was submitted to us
+            assert "403" in driver.page_source or "refused" in driver.page_source
+        finally:
+            server.shutdown()
+        refused_after = forged(scrape(feedback_port))
+        assert refused_after == refused_before + 1, (driver.page_source, scrape(feedback_port))
+        assert len(labels(db)) == 2  # nothing stored
+    finally:
+        driver.quit()
