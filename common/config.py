@@ -633,12 +633,19 @@ class LearnerSection(_Section):
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping (global L2 norm)")
     correction: Correction = Field(Correction.DECOUPLED, description="off-policy correction: `none` (PPO ratio "
                                    "pi/mu), `tis` (truncated importance weight on PPO at pi_old), `decoupled` "
-                                   "(decoupled PPO)")
+                                   "(decoupled PPO), `vtrace` (IMPALA's V-trace targets and advantages; needs "
+                                   "`advantage = \"gae\"`)")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clipping epsilon")
     dual_clip: Optional[float] = Field(3.0, gt=1, description="c of dual-clip PPO: tokens with a negative "
                                        "advantage use max(min(r A, clip(r) A), c A), bounding the loss of a huge "
                                        "ratio (unset = plain clipping)")
     is_cap: float = Field(2.0, ge=1, description="C: truncation of the importance weight pi_old/mu")
+    vtrace_rho_bar: float = Field(1.0, gt=0, description="V-trace rho-bar: truncation of pi_old/mu in the "
+                                  "temporal differences and the policy-gradient advantages (IMPALA eq. 1)",
+                                  json_schema_extra={"applies_to": {"correction": "vtrace"}})
+    vtrace_c_bar: float = Field(1.0, gt=0, description="V-trace c-bar: truncation of the traces c_t = lam "
+                                "min(c-bar, pi_old/mu) (with rho-bar >= c-bar, as IMPALA requires for its fixed point)",
+                                json_schema_extra={"applies_to": {"correction": "vtrace"}})
     is_level: ISLevel = Field(ISLevel.SEQUENCE, description="`tis` weights: one per `sequence` (the product of "
                               "its token ratios) or one per `token` (IMPALA's per-step truncation; the same "
                               "objective as `decoupled`)", json_schema_extra={"applies_to": {"correction": "tis"}})
@@ -707,6 +714,13 @@ class LearnerSection(_Section):
             raise _rule("`kl_estimator = \"k1\"` as a loss term has expected gradient exactly 0 (it only adds noise); "
                         "fix: set learner.kl_estimator = \"k2\" (gradient of KL(pi || ref)) or \"k3\" (gradient of "
                         "KL(ref || pi), as GRPO), or learner.kl_penalty = \"reward\"", "kl_estimator")
+        return self
+
+    @model_validator(mode="after")
+    def _vtrace_needs_a_critic(self) -> "LearnerSection":
+        if self.correction is Correction.VTRACE and self.advantage is not AdvantageEstimator.GAE:
+            raise _rule("`correction = \"vtrace\"` corrects the critic's value targets and needs a critic; fix: set "
+                        "learner.advantage = \"gae\" or another correction", "correction")
         return self
 
 

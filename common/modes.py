@@ -22,11 +22,16 @@ class Correction(str, Enum):
       Espeholt et al. 2018 eq. 1; the same objective as ``decoupled``).
     - ``decoupled``: L = -w * min(r A, clip(r, 1-eps, 1+eps) A), r = pi / pi_old,
       w = min(pi_old / mu, C) per token (decoupled PPO; Hilton et al. 2022, AReaL, Fu et al. 2025).
+    - ``vtrace``: the critic path (``advantage = "gae"``) with V-trace (Espeholt et al.
+      2018, IMPALA eqs. 1-3): value targets v_s from per-token truncated rho-bar and
+      c-bar traces of pi_old / mu, advantages rho_s (r_s + gamma v_{s+1} - V(x_s)); the
+      policy loss is PPO on r = pi / pi_old with no further weight.
     """
 
     NONE = "none"
     TIS = "tis"
     DECOUPLED = "decoupled"
+    VTRACE = "vtrace"
 
 
 class ISLevel(str, Enum):

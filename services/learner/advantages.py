@@ -1,4 +1,4 @@
-"""Advantage estimation and reward shaping: GAE, GRPO / RLOO group baselines,
+"""Advantage estimation and reward shaping: GAE, V-trace, GRPO / RLOO group baselines,
 InstructGPT per-token rewards (masked whitening is ``streamrl.common.tensors.masked_whiten``).
 
 Masks are ``[B, T]`` bool or float tensors, non-zero = real completion token;
@@ -9,13 +9,15 @@ Padded positions may hold garbage (NaN/inf); it is replaced through
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from streamrl.common.modes import AdvantageEstimator, RewardScale
 from streamrl.common.tensors import bool_mask, check_right_padded, fill_padding
 
-__all__ = ["gae", "group_advantages", "per_token_rewards"]
+__all__ = ["gae", "group_advantages", "per_token_rewards", "vtrace"]
 
 
 @torch.no_grad()
@@ -77,6 +79,97 @@ def gae(
         next_value = v[:, t]  # 0 at padded positions: no bootstrap past the end
     returns = fill_padding(advantages + v, m)
     return advantages, returns
+
+
+@torch.no_grad()
+def vtrace(
+    rewards: Tensor,
+    values: Tensor,
+    log_rhos: Tensor,
+    mask: Tensor,
+    *,
+    gamma: float,
+    lam: float = 1.0,
+    rho_bar: float = 1.0,
+    c_bar: float = 1.0,
+    bootstrap: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """V-trace off-policy value targets and policy-gradient advantages (Espeholt et al.
+    2018, "IMPALA", sec. 4, eqs. 1-3, with the lambda of its remark 3)::
+
+        rho_t     = min(rho_bar, pi_t / mu_t),   c_t = lam * min(c_bar, pi_t / mu_t)
+        delta_t V = rho_t (r_t + gamma V(x_{t+1}) - V(x_t))
+        v_s       = V(x_s) + sum_{t >= s} gamma^(t-s) (prod_{i=s}^{t-1} c_i) delta_t V    (eq. 1)
+                  = V(x_s) + delta_s V + gamma c_s (v_{s+1} - V(x_{s+1}))               (the recursion)
+        A_s       = rho_s (r_s + gamma v_{s+1} - V(x_s))                               (the policy gradient)
+
+    ``v_s`` are the critic's regression targets, ``A_s`` the advantages of the policy loss
+    (which then needs no other importance weight). Each row is one trajectory ending after
+    its last real token, where ``V(x_n) = v_n = bootstrap`` (0: a terminal end). On-policy
+    (``pi = mu``, ``rho_bar, c_bar >= 1``, ``lam = 1``) ``v_s`` is the n-step return
+    ``sum_{t>=s} gamma^(t-s) r_t + gamma^(n-s) bootstrap``. Loops backwards over ``T``,
+    vectorised over ``B``.
+
+    Args:
+        rewards: ``[B, T]`` float per-token rewards.
+        values: ``[B, T]`` float critic values ``V(x_t)``.
+        log_rhos: ``[B, T]`` float ``log(pi_t / mu_t)``, pi the policy being evaluated
+            (the learner's pi_old), mu the behaviour policy; ``-inf`` allowed (pi = 0:
+            rho = c = 0).
+        mask: ``[B, T]`` bool or float, non-zero = real token, right-padded. Garbage in
+            padded entries is ignored.
+        gamma: discount in ``[0, 1]``.
+        lam: trace-cutting lambda in ``[0, 1]`` (multiplies every ``c_t``).
+        rho_bar: truncation of rho (> 0); the fixed point is the value of a policy between
+            mu and pi (pi itself when ``rho_bar`` is infinite).
+        c_bar: truncation of the traces c (> 0); sets how fast the targets contract.
+        bootstrap: ``[B]`` value of the state after each row's last token, or None (0).
+
+    Returns:
+        ``(vs, advantages)``, both ``[B, T]`` in the dtype of ``rewards``, detached, 0 at
+        padded positions.
+
+    Raises:
+        ValueError: shape mismatch, mask not right-padded, gamma/lam outside [0, 1],
+            ``rho_bar <= 0`` or ``c_bar <= 0``.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [B, T], got shape {tuple(rewards.shape)}")
+    for name, t in (("values", values), ("log_rhos", log_rhos)):
+        if t.shape != rewards.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but rewards has {tuple(rewards.shape)}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    if not rho_bar > 0:
+        raise ValueError(f"rho_bar must be > 0, got {rho_bar}")
+    if not c_bar > 0:
+        raise ValueError(f"c_bar must be > 0, got {c_bar}")
+    m = bool_mask(mask, rewards.shape)
+    check_right_padded(m)
+    r = fill_padding(rewards.detach(), m)
+    v = fill_padding(values.detach().to(r.dtype), m)
+    log_rho = fill_padding(log_rhos.detach().to(r.dtype), m)
+    rho = torch.exp(log_rho.clamp(max=math.log(rho_bar)))  # exp(-inf) = 0
+    c = lam * torch.exp(log_rho.clamp(max=math.log(c_bar)))
+    batch, length = r.shape
+    boot = torch.zeros(batch, dtype=r.dtype, device=r.device) if bootstrap is None else bootstrap.detach().to(r.dtype)
+    if boot.shape != (batch,):
+        raise ValueError(f"bootstrap has shape {tuple(boot.shape)}, expected ({batch},)")
+    vs = torch.zeros_like(r)
+    advantages = torch.zeros_like(r)
+    next_value, next_vs = boot.clone(), boot.clone()  # V(x_{t+1}) and v_{t+1}; past a row's end: the bootstrap
+    for t in range(length - 1, -1, -1):
+        real = m[:, t]
+        delta = rho[:, t] * (r[:, t] + gamma * next_value - v[:, t])
+        vs_t = v[:, t] + delta + gamma * c[:, t] * (next_vs - next_value)
+        adv_t = rho[:, t] * (r[:, t] + gamma * next_vs - v[:, t])
+        vs[:, t] = torch.where(real, vs_t, 0.0)
+        advantages[:, t] = torch.where(real, adv_t, 0.0)
+        next_value = torch.where(real, v[:, t], next_value)
+        next_vs = torch.where(real, vs_t, next_vs)
+    return vs, advantages
 
 
 def group_advantages(

@@ -223,6 +223,13 @@ def policy_loss(
           r = pi / pi_old,   w_t = min(pi_old_t / mu_t, C),
           L = -w_t min(r A, clip(r) A)
 
+    - ``Correction.VTRACE`` -- the advantages are IMPALA's V-trace policy-gradient
+      advantages ``rho_s (r_s + gamma v_{s+1} - V(x_s))`` (:func:`~streamrl.services.
+      learner.advantages.vtrace`), which already carry the truncated weight
+      ``rho_s = min(rho_bar, pi_old/mu)``; the loss is PPO anchored at pi_old with no
+      further weight: ``r = pi / pi_old, L = -min(r A, clip(r) A)``. Pass
+      ``is_cap = rho_bar`` so that the statistics report rho's truncation.
+
     Since ``w >= 0``, ``min(w r A, w clip(r) A) = w min(r A, clip(r) A)``: ``tis`` and
     ``decoupled`` differ only in whether ``w`` is per sequence or per token.
 
@@ -254,7 +261,7 @@ def policy_loss(
             (right-padded). Padded positions may hold any garbage.
         correction: a :class:`Correction` (or its string value).
         clip_eps: PPO clip range ``e > 0``.
-        is_cap: truncation ``C > 0`` of the importance weight (unused by ``none``).
+        is_cap: truncation ``C > 0`` of the importance weight (unused by ``none``; ``vtrace``: rho-bar, for the statistics).
         dual_clip: ``c > 1`` of dual-clip PPO, or ``None`` for plain clipping.
         is_level: ``tis`` only: one weight per ``sequence`` or per ``token`` (an
             :class:`ISLevel` or its value).
@@ -309,6 +316,10 @@ def policy_loss(
     if correction is Correction.NONE:
         log_ratio = (lp - beh).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         w = None
+    elif correction is Correction.VTRACE:  # rho is inside the advantages; report it, apply nothing more
+        log_ratio = (lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        w = None
+        truncated = m & (raw_log_w > math.log(is_cap))
     else:
         log_ratio = (lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         over = m & (raw_log_w > math.log(is_cap))
@@ -328,6 +339,8 @@ def policy_loss(
     if w is None:
         per_token = -objective
         w_stats = ratio.detach().to(torch.float64)
+        if correction is Correction.VTRACE:
+            w_stats = torch.exp(raw_log_w.clamp(max=math.log(is_cap)))
     else:
         per_token = -w.to(lp.dtype) * objective
         w_stats = w

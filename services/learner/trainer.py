@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from streamrl.common.config import LearnerSection
-from streamrl.common.modes import AdvantageEstimator, KLPenaltyMode
+from streamrl.common.modes import AdvantageEstimator, Correction, KLPenaltyMode
 from streamrl.common.tensors import fill_padding, masked_mean, masked_whiten
-from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards
+from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards, vtrace
 from streamrl.services.learner.batch import ModelOutput, TrainBatch, forward_completions
 from streamrl.services.learner.kl_control import make_kl_controller, per_sequence_kl
 from streamrl.services.learner.losses import aggregate_tokens, kl_to_reference, policy_loss, sft_loss, value_loss
@@ -202,7 +202,8 @@ class PPOTrainer:
                     out.values = self.value_model(mb)
                 pl, ps = policy_loss(out.logprobs, old.logprobs[rows, :t], mb.behaviour_logprobs,
                                      advantages[rows, :t], mb.mask, correction=cfg.correction,
-                                     clip_eps=cfg.clip_eps, is_cap=cfg.is_cap, dual_clip=cfg.dual_clip,
+                                     clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip,
+                                     is_cap=cfg.vtrace_rho_bar if cfg.correction is Correction.VTRACE else cfg.is_cap,
                                      is_level=cfg.is_level, is_mode=cfg.is_mode, **aggregation)
                 entropy = aggregate_tokens(out.entropy, mb.mask, **aggregation)
                 loss = pl - cfg.entropy_coef * entropy
@@ -266,7 +267,8 @@ class PPOTrainer:
 
         Rewards are normalised (running mean/std) and clipped first. ``gae``: per-token
         rewards ``-beta * KL_t`` plus the score on the last token (InstructGPT eq. 2),
-        then GAE with the value head, whitened if configured. ``grpo``/``rloo``: group
+        then GAE with the value head (or, with ``correction = "vtrace"``, V-trace targets
+        and advantages from pi_old / mu), whitened if configured. ``grpo``/``rloo``: group
         baselines on the score, minus ``beta * sum_t KL_t`` when the penalty is in the
         reward; no whitening (it would mix groups).
         """
@@ -289,7 +291,12 @@ class PPOTrainer:
         returns = None
         if cfg.advantage is AdvantageEstimator.GAE:
             token_rewards = per_token_rewards(scores, kl_tokens if in_reward else None, mask, kl_coef=beta)
-            advantages, returns = gae(token_rewards, old.values, mask, gamma=cfg.gamma, lam=cfg.lam)
+            if cfg.correction is Correction.VTRACE:  # off-policy targets: IMPALA eqs. 1-3 on pi_old / mu
+                returns, advantages = vtrace(token_rewards, old.values, old.logprobs - batch.behaviour_logprobs,
+                                             mask, gamma=cfg.gamma, lam=cfg.lam, rho_bar=cfg.vtrace_rho_bar,
+                                             c_bar=cfg.vtrace_c_bar)
+            else:
+                advantages, returns = gae(token_rewards, old.values, mask, gamma=cfg.gamma, lam=cfg.lam)
             if cfg.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)
         else:

@@ -172,7 +172,7 @@ def test_every_problem_in_one_error(tmp_path):
 
     # a bad enum lists the allowed values
     enum = line_for(lines, "learner.correction")
-    assert "'none', 'tis' or 'decoupled'" in enum and "'decoupld'" in enum
+    assert "'none', 'tis', 'decoupled' or 'vtrace'" in enum and "'decoupld'" in enum
 
 
 def test_cross_checks_collected_together(tmp_path):
@@ -483,7 +483,7 @@ def test_reference_table_rows():
     assert rows["learner.lr"] == ["`1e-05`", "float > 0", "AdamW learning rate |"]
     assert rows["generator.top_p"][:2] == ["`1.0`", "float in (0, 1]"]
     assert rows["generator.prompts.eval_fraction"][1] == "float in [0, 1)"
-    assert rows["learner.correction"][:2] == ['`"decoupled"`', '"none", "tis", "decoupled"']
+    assert rows["learner.correction"][:2] == ['`"decoupled"`', '"none", "tis", "decoupled", "vtrace"']
     assert rows["endpoints.scorers"][:2] == ['`["tcp://127.0.0.1:5550"]`', "list of string"]
     # computed defaults read as what they are, not as this machine's values
     assert rows["run.output_dir"][0] == "`runs/<run.name>` in the current directory"

@@ -9,7 +9,7 @@ import torch
 from support import fill_garbage, ragged_mask
 
 from streamrl.common.modes import AdvantageEstimator
-from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards
+from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards, vtrace
 
 ATOL = 1e-6
 
@@ -233,3 +233,91 @@ def test_per_token_rewards_errors():
         per_token_rewards(torch.zeros(1), None, torch.ones(1, 2), kl_coef=-1.0)
     with pytest.raises(ValueError, match="shape"):
         per_token_rewards(torch.zeros(3), None, torch.ones(1, 2), kl_coef=0.1)
+
+
+# --------------------------------------------------------------------------- V-trace
+
+
+def vtrace_reference(rewards, values, log_rhos, lengths, bootstrap, gamma, lam, rho_bar, c_bar):
+    """The n-step V-trace target of IMPALA (Espeholt et al. 2018), eq. 1, as written: for each
+    s a sum over t >= s of gamma^(t-s) (prod_{i=s}^{t-1} c_i) delta_t V, with
+    delta_t V = rho_t (r_t + gamma V(x_{t+1}) - V(x_t)), rho_t = min(rho_bar, pi/mu),
+    c_i = lam min(c_bar, pi/mu), n = to the end of the row (V after it: the bootstrap);
+    the policy-gradient advantage rho_s (r_s + gamma v_{s+1} - V(x_s)) (sec. 4.2)."""
+    b_size, t_size = rewards.shape
+    vs = [[0.0] * t_size for _ in range(b_size)]
+    adv = [[0.0] * t_size for _ in range(b_size)]
+    for b in range(b_size):
+        n = lengths[b]
+        ratio = [math.exp(log_rhos[b][t].item()) for t in range(n)]
+        rho = [min(rho_bar, r) for r in ratio]
+        c = [lam * min(c_bar, r) for r in ratio]
+        value = [values[b][t].item() for t in range(n)] + [float(bootstrap[b])]
+        delta = [rho[t] * (rewards[b][t].item() + gamma * value[t + 1] - value[t]) for t in range(n)]
+        for s in range(n):
+            total = 0.0
+            for t in range(s, n):
+                total += gamma ** (t - s) * math.prod(c[s:t]) * delta[t]
+            vs[b][s] = value[s] + total
+        for s in range(n):
+            v_next = vs[b][s + 1] if s + 1 < n else float(bootstrap[b])
+            adv[b][s] = rho[s] * (rewards[b][s].item() + gamma * v_next - value[s])
+    return torch.tensor(vs, dtype=torch.float64), torch.tensor(adv, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("gamma,lam,rho_bar,c_bar", [(1.0, 1.0, 1.0, 1.0), (0.9, 0.95, 1.0, 1.0),
+                                                      (0.99, 1.0, 2.0, 0.5), (0.8, 0.7, 0.6, 1.5)])
+def test_vtrace_matches_a_slow_loop_of_the_paper_on_random_inputs(gamma, lam, rho_bar, c_bar):
+    g = torch.Generator().manual_seed(int(gamma * 100 + lam * 10 + rho_bar))
+    lengths = [7, 1, 4, 0, 7, 3]
+    mask = ragged_mask(lengths, 7)
+    rewards = torch.randn(6, 7, generator=g, dtype=torch.float64)
+    values = torch.randn(6, 7, generator=g, dtype=torch.float64)
+    log_rhos = torch.randn(6, 7, generator=g, dtype=torch.float64) * 0.7
+    bootstrap = torch.randn(6, generator=g, dtype=torch.float64)
+    vs, adv = vtrace(fill_garbage(rewards, mask), fill_garbage(values, mask), fill_garbage(log_rhos, mask), mask,
+                     gamma=gamma, lam=lam, rho_bar=rho_bar, c_bar=c_bar, bootstrap=bootstrap)
+    ref_vs, ref_adv = vtrace_reference(rewards, values, log_rhos, lengths, bootstrap.tolist(), gamma, lam,
+                                       rho_bar, c_bar)
+    torch.testing.assert_close(vs, ref_vs, atol=1e-12, rtol=0)
+    torch.testing.assert_close(adv, ref_adv, atol=1e-12, rtol=0)
+    assert (vs[~mask] == 0).all() and (adv[~mask] == 0).all()
+
+
+def test_vtrace_on_policy_is_the_n_step_return():
+    """pi = mu, rho_bar, c_bar >= 1, lambda = 1: v_s = sum_{t>=s} gamma^(t-s) r_t +
+    gamma^(n-s) V(x_n) (IMPALA sec. 4.1), and the advantage is r_s + gamma v_{s+1} - V(x_s)."""
+    g = torch.Generator().manual_seed(3)
+    lengths, gamma = [5, 2, 5], 0.9
+    mask = ragged_mask(lengths, 5)
+    rewards = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    values = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    bootstrap = torch.tensor([0.5, -1.0, 0.0], dtype=torch.float64)
+    vs, adv = vtrace(rewards, values, torch.zeros(3, 5, dtype=torch.float64), mask, gamma=gamma, lam=1.0,
+                     rho_bar=1.0, c_bar=1.0, bootstrap=bootstrap)
+    for b, n in enumerate(lengths):
+        for s in range(n):
+            ret = sum(gamma ** (t - s) * rewards[b, t].item() for t in range(s, n)) + gamma ** (n - s) * bootstrap[b]
+            assert vs[b, s].item() == pytest.approx(float(ret), abs=1e-12)
+            nxt = vs[b, s + 1].item() if s + 1 < n else bootstrap[b].item()
+            assert adv[b, s].item() == pytest.approx(rewards[b, s].item() + gamma * nxt - values[b, s].item(),
+                                                     abs=1e-12)
+    # with a terminal end (no bootstrap) and lambda = 1, on-policy V-trace is GAE(lambda = 1)'s return
+    vs0, _ = vtrace(rewards, values, torch.zeros(3, 5, dtype=torch.float64), mask, gamma=gamma, lam=1.0,
+                    rho_bar=1.0, c_bar=1.0)
+    torch.testing.assert_close(vs0, gae(rewards, values, mask, gamma=gamma, lam=1.0)[1], atol=1e-12, rtol=0)
+
+
+def test_vtrace_zero_ratio_and_errors():
+    """pi_old = 0 (log-ratio -inf, a token outside the nucleus): rho = c = 0, no NaN."""
+    mask = ragged_mask([3], 3)
+    rewards = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    values = torch.tensor([[0.5, 0.5, 0.5]], dtype=torch.float64)
+    log_rhos = torch.tensor([[0.0, -math.inf, 0.0]], dtype=torch.float64)
+    vs, adv = vtrace(rewards, values, log_rhos, mask, gamma=1.0, lam=1.0, rho_bar=1.0, c_bar=1.0)
+    assert torch.isfinite(vs).all() and torch.isfinite(adv).all()
+    assert adv[0, 1].item() == 0.0 and vs[0, 1].item() == 0.5  # rho = 0: v = V, no correction
+    with pytest.raises(ValueError, match="rho_bar"):
+        vtrace(rewards, values, log_rhos, mask, gamma=1.0, lam=1.0, rho_bar=0.0, c_bar=1.0)
+    with pytest.raises(ValueError, match="shape"):
+        vtrace(rewards, values[:, :2], log_rhos, mask, gamma=1.0, lam=1.0, rho_bar=1.0, c_bar=1.0)

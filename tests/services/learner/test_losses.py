@@ -223,7 +223,7 @@ def test_policy_loss_garbage_in_padding_changes_nothing(correction):
 
 
 def test_policy_loss_matches_slow_reference():
-    """Per-token python loop reference for all three corrections on random data."""
+    """Per-token python loop reference for every correction on random data."""
     g = torch.Generator().manual_seed(2)
     lengths = [4, 1, 3]
     mask = ragged_mask(lengths, 4)
@@ -241,6 +241,8 @@ def test_policy_loss_matches_slow_reference():
                 a = adv[b, t].item()
                 if correction is Correction.NONE:
                     r, w = math.exp(lp[b, t].item() - beh[b, t].item()), 1.0
+                elif correction is Correction.VTRACE:  # rho lives in the advantages
+                    r, w = math.exp(lp[b, t].item() - old[b, t].item()), 1.0
                 else:
                     r = math.exp(lp[b, t].item() - old[b, t].item())
                     tok_w = min(math.exp(old[b, t].item() - beh[b, t].item()), cap)
@@ -270,7 +272,7 @@ def test_policy_loss_accepts_string_correction_and_rejects_bad_args():
     loss, _ = policy_loss(z, z, z, torch.ones(1, 2), m, correction="tis", clip_eps=0.2, is_cap=2.0)
     assert loss.item() == pytest.approx(-1.0, abs=ATOL)
     with pytest.raises(ValueError):
-        policy_loss(z, z, z, z, m, correction="vtrace", clip_eps=0.2, is_cap=2.0)
+        policy_loss(z, z, z, z, m, correction="retrace", clip_eps=0.2, is_cap=2.0)
     with pytest.raises(ValueError, match="clip_eps"):
         policy_loss(z, z, z, z, m, correction=Correction.NONE, clip_eps=0.0, is_cap=2.0)
     with pytest.raises(ValueError, match="is_cap"):
@@ -568,6 +570,9 @@ def test_pi_old_zero_gives_weight_zero_and_no_nan(correction):
     assert s["outside_nucleus_fraction"] == pytest.approx(1 / 5)
     if correction is Correction.NONE:  # r = pi/mu does not involve pi_old
         assert grad[0, 1].item() == pytest.approx(-2.0 / 5, abs=ATOL)
+        return
+    if correction is Correction.VTRACE:  # rho = 0 is applied in the V-trace advantages, not here
+        assert s["importance_ratio_mean"] == pytest.approx(4 / 5, abs=ATOL)
         return
     if correction is Correction.TIS:  # row 0's sequence weight is 0: rows 1 only
         zero = torch.tensor([[True, True, True], [False, False, False]])

@@ -482,3 +482,40 @@ def test_scale_rewards_options_reach_the_advantages():
     torch.testing.assert_close(advantages["none"], torch.tensor([0.5, -0.5, 1.5, -1.5]))
     torch.testing.assert_close(advantages["group"], torch.tensor([1.0, -1.0, 1.0, -1.0]))
     torch.testing.assert_close(advantages["batch"], torch.tensor([0.5, -0.5, 1.5, -1.5]) / math.sqrt(1.5))
+
+
+def test_vtrace_targets_on_policy_equal_gae_returns_and_off_policy_use_the_ratios():
+    """correction = "vtrace": on-policy the value targets are GAE's returns (c = lam); on
+    stale data they are the V-trace recursion of pi_old / mu (checked against vtrace())."""
+    from streamrl.services.learner.advantages import per_token_rewards, vtrace
+
+    cfg = dict(advantage="gae", gamma=0.9, lam=0.95, kl_coef=0.1, whiten_advantages=False, normalize_rewards=False)
+    gae_trainer = make_trainer(learner_cfg(**cfg))
+    vt_trainer = make_trainer(learner_cfg(correction="vtrace", vtrace_rho_bar=1.5, vtrace_c_bar=1.0, **cfg))
+    with torch.no_grad():  # a non-zero critic, the same in both
+        for t in (gae_trainer, vt_trainer):
+            t.value_head.weight.copy_(torch.linspace(-0.1, 0.1, t.value_head.weight.numel()).view_as(t.value_head.weight))
+    on = on_policy(gae_trainer, ragged_batch())
+    g, v = gae_trainer.targets(on), vt_trainer.targets(copy.deepcopy(on))
+    torch.testing.assert_close(v.returns, g.returns, atol=1e-5, rtol=0)
+    assert not torch.allclose(v.advantages, g.advantages, atol=1e-3)  # rho (r + gamma v') - V, not GAE's
+
+    stale, shift = shifted_batch(make_trainer(learner_cfg(**cfg)))
+    trainer = make_trainer(learner_cfg(correction="vtrace", vtrace_rho_bar=1.5, vtrace_c_bar=1.0, **cfg))
+    with torch.no_grad():
+        trainer.value_head.weight.copy_(gae_trainer.value_head.weight)
+    targets = trainer.targets(stale)
+    kl = (targets.old.logprobs - targets.ref_logprobs) * stale.mask
+    rewards = per_token_rewards(stale.scores, kl, stale.mask, kl_coef=0.1)
+    vs, adv = vtrace(rewards, targets.old.values, targets.old.logprobs - stale.behaviour_logprobs, stale.mask,
+                     gamma=0.9, lam=0.95, rho_bar=1.5, c_bar=1.0)
+    torch.testing.assert_close(targets.returns, vs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(targets.advantages, adv, atol=1e-5, rtol=0)
+    stats = trainer.step(stale, current_version=3)
+    assert stats["truncated_fraction"] == pytest.approx(2 / 20)  # pi_old/mu = e > rho_bar = 1.5 on 2 tokens
+    assert math.isfinite(stats["loss/value"]) and math.isfinite(stats["loss/policy"])
+
+
+def test_vtrace_needs_the_critic():
+    with pytest.raises(ValueError, match="vtrace"):
+        LearnerSection(correction="vtrace", advantage="grpo")
