@@ -312,15 +312,26 @@ class BatchRequest(Message):
         learner_version: the learner's current policy version; the buffer drops
             items with ``learner_version - policy_version > max_staleness``.
         num_groups: number of complete groups wanted.
+        durable_version: (schema 1.2, optional) the version of the learner's newest checkpoint:
+            every batch it was served for an older version is durably trained and may be
+            forgotten; -1 (an older learner): a request for a newer version acknowledges.
+        resumed_at: (schema 1.2, optional) the version this learner process started at (names
+            the process: batches served to an earlier process and not covered by
+            ``durable_version`` were lost with it and are served again); -1: not stated.
     """
 
     KIND: ClassVar[str] = "batch_request"
     learner_version: int
     num_groups: int
+    durable_version: int = -1
+    resumed_at: int = -1
 
     def check(self) -> None:
         _require(self.learner_version >= 0, "learner_version must be >= 0")
         _require(self.num_groups >= 1, "num_groups must be >= 1")
+        _require(self.durable_version >= -1 and self.resumed_at >= -1, "durable_version, resumed_at must be >= -1")
+        _require(self.durable_version <= self.learner_version and self.resumed_at <= self.learner_version,
+                 "durable_version and resumed_at cannot be newer than learner_version")
 
 
 @dataclass(kw_only=True)

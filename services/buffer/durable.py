@@ -8,10 +8,19 @@ two pieces of state the learner protocol needs:
   arrived in, *before* the store changes (the store's :meth:`admission` tells what
   :meth:`add` will answer); removals (dropped stale, evicted) are journaled from the
   store's ledger events; a served batch is journaled and committed before it is sent.
-* **Acknowledgement.** The last batch served stays *unacknowledged* until a request
-  for a newer version arrives (proof the learner trained on it). A request for the
-  same or an older version (the learner restarted, or the batch was lost) gets that
-  batch again, restamped with the requested version, instead of new data.
+* **Acknowledgement.** A served batch is *held* until the learner states it was
+  durably trained: each request carries ``durable_version`` (the version of the
+  learner's newest checkpoint) and ``resumed_at`` (the version its process started
+  at, which names the process). A held batch served for a version older than
+  ``durable_version`` is acknowledged (forgotten). A request for a version the
+  process was already served (the batch was lost in transit) gets that batch again.
+  When a new learner process asks, the batches served to the previous one that its
+  checkpoint does not cover were trained by a process that died before checkpointing
+  them: they are marked *lost* and served again, oldest first and each restamped with
+  the requesting version, before any new data (``checkpoint_every > 1`` loses nothing).
+  A request from an older learner (no ``durable_version``) keeps the old rule: a
+  request for a newer version acknowledges, one for the same or an older version
+  gets the batch again.
 * **Pending request.** A request that cannot be served yet (too few complete groups)
   is kept, the newest replacing an older one, and served as soon as it can be.
 
@@ -25,7 +34,7 @@ import time
 from collections.abc import Sequence
 
 from streamrl.common.messages import Batch, BatchRequest, ScoredRollout
-from streamrl.services.buffer.journal import Journal, Recovered, RecoveredGroup
+from streamrl.services.buffer.journal import LOST, HeldBatch, Journal, Recovered, RecoveredGroup
 from streamrl.services.buffer.store import AddOutcome, BufferEvent, ReplayBuffer
 
 log = logging.getLogger(__name__)
@@ -57,7 +66,7 @@ class DurableBuffer:
         self.journal = journal
         if journal is not None:
             store.on_event = self._journal_removal
-        self.unacked: Batch | None = None
+        self.held: list[HeldBatch] = []  # served, not yet durably trained; oldest first
         self.pending: tuple[bytes, BatchRequest] | None = None
 
     # ------------------------------------------------------------------ producers
@@ -79,52 +88,79 @@ class DurableBuffer:
 
     # ------------------------------------------------------------------ the learner
 
+    @property
+    def unacked(self) -> Batch | None:
+        """The newest held batch (served, not yet durably trained), or None."""
+        return self.held[-1].batch if self.held else None
+
     def take_request(self, route: bytes, request: BatchRequest) -> Batch | None:
-        """Handle a batch request from ``route``.
+        """Handle a batch request from ``route`` (the protocol in the module docstring).
 
         Returns:
-            The unacknowledged batch to send again now (a request for the same or an older
-            version), or None: the request is kept pending (a request for a newer version
-            first acknowledges the unacknowledged batch).
+            A held batch to send now (lost in transit, or lost with a learner process that
+            died before checkpointing it), or None: the request is kept pending for new data.
 
         Raises:
             ValueError: the request asks for more groups than the buffer ever holds (it could never be met).
         """
         if request.num_groups > self.store.capacity_groups:
             raise ValueError(f"{request.num_groups} groups > capacity {self.store.capacity_groups}")
-        if self.unacked is not None:
-            if request.learner_version <= self.unacked.learner_version:
-                return self.serve_again(request)
-            self.acknowledge()
+        legacy = request.durable_version < 0
+        durable = request.learner_version if legacy else request.durable_version
+        for held in list(self.held):
+            if held.owner == LOST:
+                continue  # only serving it again makes it trainable, and only a checkpoint after that durable
+            if held.batch.learner_version < durable:
+                self.acknowledge(held)
+            elif not legacy and held.owner != request.resumed_at:
+                self._restamp(held, held.batch.learner_version, LOST)  # its process died before checkpointing it
+                log.warning("the learner restarted (now at version %d, checkpoint %d): the batch served for version "
+                            "%d was not checkpointed and will be served again", request.learner_version,
+                            request.durable_version, held.batch.learner_version)
+        owner = -1 if legacy else request.resumed_at
+        again = next((h for h in self.held if h.owner == owner and h.batch.learner_version >= request.learner_version),
+                     None) or next((h for h in self.held if h.owner == LOST), None)
+        if again is not None:
+            return self.serve_again(request, again)
         self.pending = (route, request)  # a newer request replaces an older unanswered one
         return None
 
-    def acknowledge(self) -> None:
-        """The learner asked for a newer version: it trained on the unacknowledged batch, which is forgotten."""
-        if self.unacked is None:
+    def acknowledge(self, held: HeldBatch | None = None) -> None:
+        """Forget ``held`` (default: the newest held batch): the learner durably trained it."""
+        held = held or (self.held[-1] if self.held else None)
+        if held is None:
             return
         if self.journal is not None:
-            self.journal.ack(self.unacked.learner_version)
-        self.unacked = None
+            self.journal.ack(held.batch.learner_version)
+        self.held.remove(held)
 
-    def serve_again(self, request: BatchRequest) -> Batch:
-        """The unacknowledged batch, restamped with ``request``'s version (journaled and committed) and a new ``sent_at``.
+    def serve_again(self, request: BatchRequest, held: HeldBatch | None = None) -> Batch:
+        """``held`` (default: the newest held batch) restamped with ``request``'s version and owner
+        (journaled and committed), with a new ``sent_at``.
 
         Raises:
-            RuntimeError: there is no unacknowledged batch.
+            RuntimeError: there is no held batch.
         """
-        batch = self.unacked
-        if batch is None:
+        held = held or (self.held[-1] if self.held else None)
+        if held is None:
             raise RuntimeError("no unacknowledged batch to serve again")
-        log.info("learner asked again for version %d; serving the unacknowledged batch of version %d again",
+        batch = held.batch
+        log.info("learner asked for version %d; serving the held batch of version %d again",
                  request.learner_version, batch.learner_version)
-        if batch.learner_version != request.learner_version:
-            batch.learner_version = request.learner_version
-            if self.journal is not None:
-                self.journal.restamp(request.learner_version)
+        owner = -1 if request.durable_version < 0 else request.resumed_at
+        if batch.learner_version != request.learner_version or held.owner != owner:
+            self._restamp(held, request.learner_version, owner)
         self.commit()
         batch.sent_at = time.time()
         return batch
+
+    def _restamp(self, held: HeldBatch, version: int, owner: int) -> None:
+        """``held`` now stands for ``version`` and belongs to ``owner`` (journaled; it becomes the newest held batch)."""
+        if self.journal is not None:
+            self.journal.restamp(version, from_version=held.batch.learner_version, owner=owner)
+        held.batch.learner_version, held.owner = version, owner
+        self.held.remove(held)
+        self.held.append(held)
 
     def serve_pending(self, sender: str) -> tuple[bytes, Batch] | None:
         """Serve the pending request if enough complete groups are held.
@@ -135,15 +171,16 @@ class DurableBuffer:
         if self.pending is None:
             return None
         route, request = self.pending
-        batch = self.serve(request.num_groups, request.learner_version, sender)
+        batch = self.serve(request.num_groups, request.learner_version, sender,
+                           owner=-1 if request.durable_version < 0 else request.resumed_at)
         if batch is None:
             return None
         self.pending = None
         return route, batch
 
-    def serve(self, num_groups: int, learner_version: int, sender: str) -> Batch | None:
-        """Sample ``num_groups`` groups for ``learner_version`` into a batch that becomes the
-        unacknowledged one (journaled and committed); None when too few complete groups are held."""
+    def serve(self, num_groups: int, learner_version: int, sender: str, owner: int = -1) -> Batch | None:
+        """Sample ``num_groups`` groups for ``learner_version`` into a batch held for learner process
+        ``owner`` until acknowledged (journaled and committed); None when too few complete groups are held."""
         sample = self.store.sample(num_groups, learner_version)
         if sample is None:
             return None
@@ -151,9 +188,9 @@ class DurableBuffer:
                       dropped_stale=sample.dropped_stale, evicted=sample.evicted,
                       buffered_groups=sample.buffered_groups)
         if self.journal is not None:
-            self.journal.serve(batch)
+            self.journal.serve(batch, owner)
             self.journal.commit()
-        self.unacked = batch
+        self.held.append(HeldBatch(batch, owner))
         return batch
 
     # ------------------------------------------------------------------ durability
@@ -170,13 +207,13 @@ class DurableBuffer:
             raise RuntimeError("no journal to recover from")
         recovered = self.journal.recover(repair=repair)
         self.store.restore([(g.members, g.served) for g in recovered.groups])
-        self.unacked = recovered.unacknowledged
+        self.held = list(recovered.held)
         if recovered.records:
             log.info("recovered %d rollouts in %d groups from %s (%d records, %d bad)%s",
                      recovered.rollouts, len(recovered.groups), self.journal.directory, recovered.records,
                      recovered.bad_records,
-                     f"; batch for version {self.unacked.learner_version} awaits acknowledgement"
-                     if self.unacked else "")
+                     f"; batches for versions {[h.batch.learner_version for h in self.held]} await acknowledgement"
+                     if self.held else "")
         self.compact()
         return recovered
 
@@ -184,7 +221,7 @@ class DurableBuffer:
         """Rewrite the journal as one snapshot of what is held now (no-op without a journal)."""
         if self.journal is not None:
             groups = [RecoveredGroup(members=members, served=served) for members, served in self.store.snapshot()]
-            self.journal.compact(groups, self.unacked)
+            self.journal.compact(groups, self.held)
 
     def housekeeping(self) -> None:
         """Periodic work: expire incomplete groups, make the journal durable, compact it when due."""

@@ -29,16 +29,18 @@ Record types:
 
 * ``ACCEPT`` ``[frames]``: one accepted :class:`~streamrl.common.messages.ScoredRollout`.
 * ``REMOVE`` ``{"event", "ids"}``: ids dropped as stale or evicted.
-* ``SERVE`` ``{"ids", "version", "batch"}``: a batch served to the learner
-  (its frames); every id's serve count goes up by one and its group goes to the
-  back of the FIFO (or leaves at ``max_reuse``); the batch becomes the
-  *unacknowledged* batch.
-* ``RESTAMP`` ``{"version"}``: the unacknowledged batch was served again
-  for a (restarted) learner at this version.
-* ``ACK`` ``{"version"}``: the learner asked for a newer version, so it
-  trained on the unacknowledged batch; it is forgotten.
+* ``SERVE`` ``{"ids", "version", "batch", "owner"}``: a batch served to the learner
+  (its frames) process ``owner`` (the version that learner process started at; -1:
+  an old learner that states none); every id's serve count goes up by one and its group
+  goes to the back of the FIFO (or leaves at ``max_reuse``); the batch is held
+  *unacknowledged* until the learner states it durably trained it.
+* ``RESTAMP`` ``{"version", "from", "owner"}``: the held batch served for version
+  ``from`` now stands for ``version`` and belongs to ``owner`` (served again, or
+  marked lost: ``owner`` = -2). Without ``from`` (older journals): the newest held batch.
+* ``ACK`` ``{"version"}``: the held batch served for this version was durably trained
+  (checkpointed); it is forgotten.
 * ``SERVED`` ``{"ids", "served"}``: (snapshots only) the serve count of a group.
-* ``UNACKED`` ``{"ids", "batch"}``: (snapshots only) the unacknowledged batch.
+* ``UNACKED`` ``{"ids", "batch", "owner"}``: (snapshots only) one held batch, oldest first.
 * ``BEGIN`` ``{"segment", "previous", "snapshot"}``: the first record of every segment:
   its number, the number of the segment it continues (None for the first segment and
   for snapshots, which depend on nothing before them) and whether it is a snapshot.
@@ -129,12 +131,32 @@ class RecoveredGroup:
 
 
 @dataclass
+class HeldBatch:
+    """A batch served to the learner and not yet durably trained (see ``services/buffer/durable.py``).
+
+    Attributes:
+        batch: the batch as served (``learner_version`` = the version it was last served for).
+        owner: the learner process it was served to, named by the version that process
+            started at (``BatchRequest.resumed_at``); :data:`LOST` once that process died
+            before checkpointing it (it must be served again); -1 for a learner that states none.
+    """
+
+    batch: Batch
+    owner: int = -1
+
+
+LOST = -2
+"""``HeldBatch.owner`` of a batch whose learner process died before checkpointing it."""
+
+
+@dataclass
 class Recovered:
     """What :meth:`Journal.recover` found.
 
     Attributes:
         groups: the groups held, in serve order (incomplete groups included).
-        unacknowledged: the last batch served that the learner did not acknowledge, or None.
+        held: the batches served and not yet durably trained, oldest first.
+        unacknowledged: the newest of them, or None.
         records: state records read (segment markers not counted).
         bad_records: torn or corrupt records skipped (each ends its segment).
         damage: what was lost other than a torn tail (only with ``repair``; else JournalDamaged).
@@ -142,6 +164,7 @@ class Recovered:
     """
 
     groups: list[RecoveredGroup] = field(default_factory=list)
+    held: list[HeldBatch] = field(default_factory=list)
     unacknowledged: Batch | None = None
     records: int = 0
     bad_records: int = 0
@@ -152,6 +175,18 @@ class Recovered:
     def rollouts(self) -> int:
         """Rollouts held, over all groups."""
         return sum(len(g.members) for g in self.groups)
+
+
+def _held(payload: dict) -> HeldBatch:
+    """The :class:`HeldBatch` of a ``SERVE`` or ``UNACKED`` payload (no ``owner``: an older journal, -1)."""
+    return HeldBatch(decode(payload["batch"], expected=[Batch]), int(payload.get("owner", -1)))
+
+
+def _find(held: list[tuple[HeldBatch, int]], version: int | None, *, exact: bool = False) -> int | None:
+    """Index of the held batch served for ``version`` (None: the newest, unless ``exact``), or None."""
+    if version is None:
+        return None if exact or not held else len(held) - 1
+    return next((i for i, (h, _) in enumerate(held) if h.batch.learner_version == version), None)
 
 
 def _pack_frames(frames: Sequence) -> list[bytes]:
@@ -272,18 +307,22 @@ class Journal:
         """Log ids dropped as stale (``dropped_stale``) or evicted (``evicted``)."""
         self._append(RecordType.REMOVE, {"event": event, "ids": ids})
 
-    def serve(self, batch: Batch) -> None:
-        """Log a batch served to the learner (it becomes the unacknowledged batch)."""
+    def serve(self, batch: Batch, owner: int = -1) -> None:
+        """Log a batch served to learner process ``owner`` (it is held until acknowledged)."""
         ids = [s.rollout.rollout_id for s in batch.rollouts]
         self._append(RecordType.SERVE, {"ids": ids, "version": batch.learner_version,
-                                        "batch": _pack_frames(encode(batch))})
+                                        "batch": _pack_frames(encode(batch)), "owner": owner})
 
-    def restamp(self, version: int) -> None:
-        """Log that the unacknowledged batch was served again for ``version``."""
-        self._append(RecordType.RESTAMP, {"version": version})
+    def restamp(self, version: int, *, from_version: int | None = None, owner: int = -1) -> None:
+        """Log that the held batch served for ``from_version`` (None: the newest) now stands for
+        ``version`` and belongs to ``owner`` (:data:`LOST`: to be served again)."""
+        payload = {"version": version, "owner": owner}
+        if from_version is not None:
+            payload["from"] = from_version
+        self._append(RecordType.RESTAMP, payload)
 
     def ack(self, version: int) -> None:
-        """Log that the learner acknowledged the batch served for ``version``."""
+        """Log that the learner durably trained the held batch served for ``version``."""
         self._append(RecordType.ACK, {"version": version})
 
     def commit(self, *, force: bool = False) -> None:
@@ -308,12 +347,13 @@ class Journal:
         """True when more than ``max_segments`` segments exist."""
         return self._segment > 0 and len(_segments(self.directory)) > self.max_segments
 
-    def compact(self, groups: list[RecoveredGroup], unacknowledged: Batch | None) -> None:
+    def compact(self, groups: list[RecoveredGroup], unacknowledged: Batch | list[HeldBatch] | None) -> None:
         """Write the live state as a snapshot segment, then delete the older segments.
 
         Args:
             groups: the groups held now, in serve order (see ``ReplayBuffer.snapshot``).
-            unacknowledged: the batch awaiting the learner's acknowledgement, or None.
+            unacknowledged: the held batches awaiting the learner's acknowledgement, oldest first
+                (one batch or None: an owner of -1).
         """
         old = _segments(self.directory)
         self._open_segment((old[-1][0] if old else 0) + 1, snapshot=True)
@@ -323,9 +363,11 @@ class Journal:
             if group.served:
                 self._append(RecordType.SERVED, {"ids": [m.rollout.rollout_id for m in group.members],
                                                  "served": group.served})
-        if unacknowledged is not None:
-            self._append(RecordType.UNACKED, {"ids": [s.rollout.rollout_id for s in unacknowledged.rollouts],
-                                              "batch": _pack_frames(encode(unacknowledged))})
+        if isinstance(unacknowledged, Batch):
+            unacknowledged = [HeldBatch(unacknowledged)]
+        for held in unacknowledged or []:
+            self._append(RecordType.UNACKED, {"ids": [s.rollout.rollout_id for s in held.batch.rollouts],
+                                              "batch": _pack_frames(encode(held.batch)), "owner": held.owner})
         self._append(RecordType.SNAPSHOT_END, {})
         self.commit(force=True)
         if self.keep_history:
@@ -360,8 +402,7 @@ class Journal:
         live: OrderedDict[str, RecoveredGroup] = OrderedDict()  # group_id -> group
         group_of: dict[str, str] = {}  # rollout_id -> group_id
         accepted_at: dict[str, int] = {}  # rollout_id -> replay position of its ACCEPT
-        unacked: Batch | None = None
-        unacked_at = 0
+        held: list[tuple[HeldBatch, int]] = []  # (batch, replay position of its SERVE/UNACKED record)
         position = 0
 
         def retire(group_id: str) -> None:
@@ -396,13 +437,20 @@ class Journal:
                         group.order = position
                         if group.served >= self.max_reuse:
                             retire(group_id)
-                    unacked, unacked_at = decode(payload["batch"], expected=[Batch]), position
+                    held.append((_held(payload), position))
                 elif kind is RecordType.UNACKED:
-                    unacked, unacked_at = decode(payload["batch"], expected=[Batch]), position
-                elif kind is RecordType.RESTAMP and unacked is not None:
-                    unacked.learner_version = int(payload["version"])
+                    held.append((_held(payload), position))
+                elif kind is RecordType.RESTAMP and held:
+                    at = _find(held, payload.get("from"))
+                    if at is not None:
+                        entry = held.pop(at)
+                        entry[0].batch.learner_version = int(payload["version"])
+                        entry[0].owner = int(payload.get("owner", entry[0].owner))
+                        held.append(entry)  # held batches stay in the order they were last served
                 elif kind is RecordType.ACK:
-                    unacked = None
+                    at = _find(held, payload.get("version"), exact=True)
+                    if at is not None:
+                        held.pop(at)
                 elif kind is RecordType.SERVED:
                     for group_id in {group_of[i] for i in payload["ids"] if i in group_of}:
                         live[group_id].served = int(payload["served"])
@@ -426,7 +474,8 @@ class Journal:
                       "records (not served)", "; ".join(result.damage), [str(m) for m in moved] or "nothing",
                       result.quarantined)
         result.groups = sorted(live.values(), key=lambda g: g.order)
-        result.unacknowledged = None if lost_before and unacked is not None and unacked_at < lost_before else unacked
+        result.held = [h for h, at in held if not (lost_before and at < lost_before)]
+        result.unacknowledged = result.held[-1].batch if result.held else None
         return result
 
     def history(self) -> Iterator[tuple[str, list[str]]]:
@@ -517,7 +566,7 @@ class Journal:
         return moved
 
     def _events(self, paths: list[Path]) -> Iterator[tuple[str, list[str]]]:
-        unacked: list[str] = []
+        unacked: dict[int, list[str]] = {}  # version served for -> ids
         for path in paths:
             for kind, payload in read_records(path):
                 if kind is None:
@@ -528,12 +577,17 @@ class Journal:
                 elif kind is RecordType.REMOVE:
                     yield payload["event"], payload["ids"]
                 elif kind is RecordType.SERVE:
-                    unacked = payload["ids"]
-                    yield "sampled", unacked
+                    unacked[payload["version"]] = payload["ids"]
+                    yield "sampled", payload["ids"]
                 elif kind is RecordType.UNACKED:
-                    unacked = payload["ids"]
+                    header = msgpack.unpackb(payload["batch"][0], raw=False)
+                    unacked[header["learner_version"]] = payload["ids"]
+                elif kind is RecordType.RESTAMP and unacked:
+                    old = payload.get("from", next(reversed(unacked)))
+                    if old in unacked:
+                        unacked[payload["version"]] = unacked.pop(old)
                 elif kind is RecordType.ACK:
-                    yield "acked", unacked
+                    yield "acked", unacked.pop(payload["version"], [])
 
     def _archive(self, paths: list[Path]) -> None:
         with (self.directory / "history.jsonl").open("a") as f:

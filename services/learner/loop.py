@@ -12,11 +12,14 @@ checkpoint in ``<output_dir>/checkpoints`` (weights, optimizer, RNG, step,
 version). The checkpoint is written *before* its version is published, and
 ``published_version`` records the newest version ever published; a learner
 that resumes behind it (killed between checkpoints) continues at
-``published + 1``, so versions never go backwards anywhere. The buffer keeps
-the last batch until a request for a newer version acknowledges it, so with
-``checkpoint_every = 1`` a killed learner retrains exactly the batch it lost;
-with a larger interval the steps since the last checkpoint are rolled back
-(their ids stay in ``trained.jsonl``).
+``published + 1``, so versions never go backwards anywhere. Each batch request
+states the version of the newest checkpoint (``durable_version``) and the version
+this process started at (``resumed_at``): the buffer holds every batch served
+since that checkpoint and serves the ones a killed learner trained but never
+checkpointed again (restamped) before new data, so nothing trained is lost with
+any ``checkpoint_every``. A resumed learner moves the ``trained.jsonl`` lines of
+its rolled-back steps to ``rolled_back.jsonl`` (durable-ledger rules in
+``records.py``), so ``trained.jsonl`` holds each step once.
 
 The pure parts live beside this module: the version rules in ``versions.py``,
 the vocabulary check of a received batch in ``intake.py``, the per-step record,
@@ -47,7 +50,7 @@ from streamrl.services.learner.diagnosis import data_wait_reason
 from streamrl.services.learner.intake import split_in_vocabulary
 from streamrl.services.learner.metrics import LearnerMetrics
 from streamrl.services.learner.ptx import PtxSampler, held_out_prompts
-from streamrl.services.learner.records import append_line, ledger_line, step_log_line, step_record
+from streamrl.services.learner.records import append_line, ledger_line, roll_back_ledger, step_log_line, step_record
 from streamrl.services.learner.trainer import PPOTrainer
 from streamrl.services.learner.value_model import ValueModel
 from streamrl.services.learner.versions import continue_at, read_published_version, write_published_version
@@ -88,6 +91,7 @@ class LearnerService:
             self.trainer.load_state_dict(state)
             self.step, self.version = int(state["step"]), int(state["version"])
             log.info("resumed from %s at step %d, version %d", resume, self.step, self.version)
+        self.durable_version = self.version  # the newest checkpoint's (0: the initial weights)
         self.published_path = self.output / "published_version"
         published = read_published_version(self.published_path)
         version = continue_at(self.version, published)
@@ -95,6 +99,13 @@ class LearnerService:
             log.warning("version %d was published after the newest checkpoint (version %d): continuing at "
                         "version %d so that versions never go backwards", published, self.version, version)
             self.version = version
+        self.resumed_at = self.version  # names this process in batch requests (durable_version rules)
+        self.trained_path = self.output / "trained.jsonl"
+        rolled_back = roll_back_ledger(self.trained_path, self.step)
+        if rolled_back:
+            log.warning("steps %s were trained after the newest checkpoint (step %d) and are lost with the killed "
+                        "learner: their ledger lines moved to rolled_back.jsonl, the buffer serves their batches "
+                        "again (durable_version)", rolled_back, self.step)
         t = cfg.transport
         self.weights = WeightServer(ctx.zmq, announce_endpoint=cfg.endpoints.bind_address("weights_announce"),
                                     fetch_endpoint=cfg.endpoints.bind_address("weights"), metrics=ctx.metrics,
@@ -107,7 +118,6 @@ class LearnerService:
         self.refusals_logged: set[str] = set()
         self.waits = Waits(ctx.metrics, warn_after_s=cfg.transport.request_timeout_s * 3)
         self.log_path = self.output / "metrics.jsonl"
-        self.trained_path = self.output / "trained.jsonl"
         self.tracker = Tracker.for_run(cfg, self.step)  # TensorBoard (+ W&B): README "Tracking"
 
     # ------------------------------------------------------------------ main
@@ -183,7 +193,8 @@ class LearnerService:
             RuntimeError: no batch within ``learner.batch_timeout_s`` seconds.
         """
         request = BatchRequest(sender=self.ctx.instance, learner_version=self.version,
-                               num_groups=self.cfg.learner.groups_per_step)
+                               num_groups=self.cfg.learner.groups_per_step,
+                               durable_version=self.durable_version, resumed_at=self.resumed_at)
         start = time.perf_counter()
         sent = self._request(request)
         try:
@@ -272,7 +283,10 @@ class LearnerService:
         return seconds
 
     def save(self) -> Path:
-        """Write a checkpoint of the current step and version; returns its folder."""
-        return save_checkpoint(self.checkpoints, step=self.step, version=self.version,
-                               policy=self.trainer.policy, tokenizer=self.tokenizer,
-                               trainer_state=self.trainer.state_dict(), keep=self.cfg.learner.keep_checkpoints)
+        """Write a checkpoint of the current step and version; returns its folder. The next batch
+        request tells the buffer that everything trained so far is durable (``durable_version``)."""
+        folder = save_checkpoint(self.checkpoints, step=self.step, version=self.version,
+                                 policy=self.trainer.policy, tokenizer=self.tokenizer,
+                                 trainer_state=self.trainer.state_dict(), keep=self.cfg.learner.keep_checkpoints)
+        self.durable_version = self.version
+        return folder

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,6 +55,49 @@ def ledger_line(step: int, version: int, batch: Batch) -> str:
     """The ``trained.jsonl`` line of a step: the rollout ids trained on (the learner's ledger)."""
     return json.dumps({"step": step, "version": version,
                        "rollout_ids": [s.rollout.rollout_id for s in batch.rollouts]})
+
+
+def roll_back_ledger(path: Path, checkpoint_step: int) -> list[int]:
+    """Move the ``trained.jsonl`` lines of steps after ``checkpoint_step`` (trained by a learner killed
+    before it checkpointed them: their updates are lost) to ``rolled_back.jsonl`` beside it, each with
+    ``"rolled_back_at"`` (Unix seconds); ``path`` is rewritten atomically (temp file, fsync, rename).
+
+    After this, ``trained.jsonl`` holds checkpointed steps only, each once; the steps trained from now
+    on are appended (durable at the next checkpoint). The buffer serves the rolled-back batches again
+    (``BatchRequest.durable_version``), so their rollout ids come back under new step numbers.
+
+    Returns:
+        The rolled-back step numbers, in file order (empty: nothing changed on disk).
+
+    Raises:
+        ValueError: a line of ``path`` is not a JSON object with an integer ``step``.
+    """
+    if not path.exists():
+        return []
+    kept, moved = [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{n}: not a ledger line ({err}); fix: repair or move the file aside") from err
+        (kept if step <= checkpoint_step else moved).append((step, line))
+    if not moved:
+        return []
+    now = time.time()
+    with path.with_name("rolled_back.jsonl").open("a") as f:
+        for _, line in moved:
+            f.write(json.dumps({**json.loads(line), "rolled_back_at": now}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write("".join(line + "\n" for _, line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return [step for step, _ in moved]
 
 
 def append_line(path: Path, line: str, *, fsync: bool = False) -> None:

@@ -3,9 +3,15 @@
 At the end: the learner reached its step target (set once the kills are done,
 so a fast run cannot finish before them); versions only went up (learner
 log, every generator process); and every rollout id the buffer ever accepted
-was trained on, dropped as stale, evicted, or is still held, with no id
-trained twice (``max_reuse = 1``). The buffer's journal history
-(``keep_history``) and the learner's ``trained.jsonl`` are the ledger.
+was trained on, dropped as stale, evicted, or is still held (in a group or
+in a batch served and not yet acknowledged), with no id trained twice
+(``max_reuse = 1``) and no step twice in ``trained.jsonl``. The buffer's
+journal history (``keep_history``) and the learner's ``trained.jsonl`` are
+the ledger. Run with ``checkpoint_every`` 10 (the learner is killed a few
+steps after a checkpoint: the steps since are rolled back and their batches
+served again, issue 17 item 2) and the config's default (the learner is killed
+before its first checkpoint: every step is rolled back). ``checkpoint_every = 1``
+(the batch in flight comes back) is covered by the buffer's protocol tests.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import time
 
 import pytest
 
+from streamrl.common.config import load_config
 from streamrl.common.modes import FsyncPolicy
 from streamrl.services.buffer.journal import Journal
 from streamrl.testing import local_run_config, wait_until, write_config
@@ -31,18 +38,23 @@ EXTRA_STEPS = 6
 SEED = 20261121
 
 
+def ledger_lines(run_dir, name: str = "trained.jsonl") -> list[dict]:
+    path = run_dir / name
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def trained_steps(run_dir) -> dict[int, list[str]]:
-    """step -> rollout ids, from the learner's ledger (a step retrained after a crash: last line wins)."""
-    path = run_dir / "trained.jsonl"
-    steps: dict[int, list[str]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            steps[record["step"]] = record["rollout_ids"]
-    return steps
+    """step -> rollout ids, from the learner's ledger (each step once: a resumed learner moves the lines
+    of its rolled-back steps to rolled_back.jsonl)."""
+    return {record["step"]: record["rollout_ids"] for record in ledger_lines(run_dir)}
 
 
-def test_kill_minus_nine_each_service_and_nothing_accepted_is_lost(tmp_path, tiny_model_dir, services):
+@pytest.mark.parametrize("checkpoint_every", [10, None], ids=["checkpoint_every=10", "default_checkpoint_every"])
+def test_kill_minus_nine_each_service_and_nothing_accepted_is_lost(tmp_path, tiny_model_dir, services,
+                                                                   checkpoint_every):
+    learner = {"total_steps": 1_000_000, "batch_timeout_s": 300.0}
+    if checkpoint_every is not None:
+        learner["checkpoint_every"] = checkpoint_every
     run_dir = tmp_path / "run"
     sections = local_run_config(
         tmp_path, tiny_model_dir,
@@ -50,7 +62,7 @@ def test_kill_minus_nine_each_service_and_nothing_accepted_is_lost(tmp_path, tin
         transport={"announce_interval_s": 0.2, "request_timeout_s": 1.0},
         buffer={"capacity_groups": 8, "group_timeout_s": 4.0, "keep_history": True},
         # no reachable target while the kills happen (the tiny model trains ~10 steps/s); it is set at the end
-        learner={"total_steps": 1_000_000, "checkpoint_every": 1, "batch_timeout_s": 300.0},
+        learner=learner,
     )
     procs = services(write_config(tmp_path / "run.toml", sections))
     for name in ("learner", "buffer", "scorer", "generator"):
@@ -60,12 +72,15 @@ def test_kill_minus_nine_each_service_and_nothing_accepted_is_lost(tmp_path, tin
     victims = ["generator", "scorer", "buffer", "learner"]
     rng.shuffle(victims)
     thresholds = sorted(rng.sample(range(2, KILL_BEFORE), len(victims)))
+    every = load_config(tmp_path / "run.toml").learner.checkpoint_every
     kills: list[tuple[str, int]] = []
     for victim, threshold in zip(victims, thresholds):
         # training must have moved on (2 steps) since the previous restart before the next kill
         target = max(threshold, kills[-1][1] + 2 if kills else 0)
+        if victim == "learner" and 1 < every < KILL_BEFORE:
+            target = max(target, every + 3)  # a few steps past a checkpoint: those steps are rolled back
         assert wait_until(lambda: max(trained_steps(run_dir), default=0) >= target, timeout=240), procs.logs()
-        time.sleep(rng.uniform(0.0, 1.5))
+        time.sleep(0.0 if victim == "learner" and every > 1 else rng.uniform(0.0, 1.5))
         name = f"{victim}-0"
         procs.procs[name].send_signal(signal.SIGKILL)
         procs.procs[name].wait(10)
@@ -87,7 +102,12 @@ def test_kill_minus_nine_each_service_and_nothing_accepted_is_lost(tmp_path, tin
 
     # the learner reached its target, each step exactly once in the end
     steps = trained_steps(run_dir)
-    assert sorted(steps) == list(range(1, steps_total + 1)), procs.logs()
+    assert [r["step"] for r in ledger_lines(run_dir)] == list(range(1, steps_total + 1)), procs.logs()
+    rolled_back = ledger_lines(run_dir, "rolled_back.jsonl")
+    if every > 1:  # the kill -9 lost steps trained after the newest checkpoint; their batches came back
+        assert rolled_back and "will be served again" in logs["buffer-0"], logs["learner-0"]
+    else:
+        assert not rolled_back
     # versions only went up: learner records, and every generator process's loads
     versions = [json.loads(line)["version"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert versions == sorted(versions) and len(set(versions)) == len(versions), versions
@@ -113,14 +133,25 @@ def test_kill_minus_nine_each_service_and_nothing_accepted_is_lost(tmp_path, tin
     trained = set(trained_list)
     assert len(trained_list) == len(trained), "a rollout was trained on twice"
     dropped, evicted = events.get("dropped_stale", set()), events.get("evicted", set())
-    held = {m.rollout.rollout_id for g in journal.recover().groups for m in g.members}
+    recovered = journal.recover()
+    held = {m.rollout.rollout_id for g in recovered.groups for m in g.members}
+    # served, not yet acknowledged (the last steps, checkpointed at the clean stop the buffer did not hear of)
+    served = {s.rollout.rollout_id for h in recovered.held for s in h.batch.rollouts}
     assert trained <= accepted
-    unaccounted = accepted - (trained | dropped | evicted | held)
+    unaccounted = accepted - (trained | dropped | evicted | held | served)
     assert not unaccounted, (len(unaccounted), sorted(unaccounted)[:5])
-    assert not held & (trained | dropped | evicted)
+    assert not held & (trained | dropped | evicted | served)
+    assert not served & (dropped | evicted)
+    # every rolled-back rollout was trained again (or is held for it)
+    lost = {i for r in rolled_back for i in r["rollout_ids"]}
+    assert lost <= trained | served, sorted(lost - trained - served)[:5]
 
     # each restart really recovered: the buffer from its journal, the learner from a checkpoint
-    assert "resumed from" in logs["learner-0"]
+    learner_killed_at = dict(kills)["learner"]
+    assert "resumed from" in logs["learner-0"]  # at least the clean stop's checkpoint
+    if every <= learner_killed_at:
+        assert logs["learner-0"].count("resumed from") >= 2
     assert re.search(r"recovered \d+ rollouts", logs["buffer-0"]) or "buffer" not in victims
-    print(f"kills (service, at step): {kills}; accepted {len(accepted)}, trained {len(trained)}, "
+    print(f"checkpoint_every {every}: rolled back {len(rolled_back)} steps ({len(lost)} rollouts); "
+          f"kills (service, at step): {kills}; accepted {len(accepted)}, trained {len(trained)}, "
           f"dropped stale {len(dropped)}, evicted {len(evicted)}, held at end {len(held)}")

@@ -25,10 +25,11 @@ class Clock:
 
 
 def durable(directory=None, *, capacity=4, overflow=OverflowPolicy.EVICT_OLDEST, max_staleness=2, clock=None,
-            max_reuse=1) -> DurableBuffer:
+            max_reuse=1, keep_history=False) -> DurableBuffer:
     store = ReplayBuffer(capacity_groups=capacity, overflow=overflow, max_reuse=max_reuse,
                          max_staleness=max_staleness, group_timeout_s=5.0, clock=clock or Clock())
-    journal = None if directory is None else Journal(directory, fsync=FsyncPolicy.ALWAYS, max_reuse=max_reuse)
+    journal = None if directory is None else Journal(directory, fsync=FsyncPolicy.ALWAYS, max_reuse=max_reuse,
+                                                         keep_history=keep_history)
     return DurableBuffer(store, journal)
 
 
@@ -125,7 +126,7 @@ def test_a_repeated_or_older_request_gets_the_unacknowledged_batch_again(tmp_pat
     assert buf.pending is None and buf.store.complete_groups == 1  # nothing new was sampled
     older = buf.take_request(ROUTE, request(2))  # restarted behind its checkpoint: restamped
     assert ids(older) == ["a-0", "a-1"] and older.learner_version == 2
-    assert records(tmp_path)[-1] == (RecordType.RESTAMP, {"version": 2})
+    assert records(tmp_path)[-1] == (RecordType.RESTAMP, {"version": 2, "from": 3, "owner": -1})
 
 
 def test_a_crashed_buffer_recovers_the_unacknowledged_batch_and_serves_it_again(tmp_path):
@@ -145,6 +146,81 @@ def test_a_crashed_buffer_recovers_the_unacknowledged_batch_and_serves_it_again(
     assert restarted.take_request(ROUTE, request(2, groups=1)) is None  # trained on it: acknowledged
     _, nxt = restarted.serve_pending("buffer-0")
     assert ids(nxt) == ["c-0", "c-1"]
+
+
+def checkpointed(version: int, durable: int, resumed_at: int) -> BatchRequest:
+    """A request from a learner that states its checkpoint (``durable``) and process (``resumed_at``)."""
+    return BatchRequest(sender="learner-0", learner_version=version, num_groups=1, durable_version=durable,
+                        resumed_at=resumed_at)
+
+
+def serve_one(buf: DurableBuffer, req: BatchRequest) -> Batch:
+    assert buf.take_request(ROUTE, req) is None
+    _, batch = buf.serve_pending("buffer-0")
+    return batch
+
+
+def test_batches_trained_after_the_checkpoint_are_served_again_to_a_restarted_learner(tmp_path):
+    """Issue 17 item 2: checkpoint_every = 3. A learner started at version 0 checkpoints at version 3,
+    trains batches 3 and 4 and dies with batch 5 in flight; it resumes at published + 1 = 6 from the
+    checkpoint of version 3. Batches 3, 4, 5 come back (oldest first, restamped 6, 7, 8) before new data;
+    the buffer forgets them only once a checkpoint covers them, and the journal keeps all of that across
+    a buffer crash."""
+    buf = durable(tmp_path, capacity=8, max_staleness=20, keep_history=True)
+    for g in "abcdefgh":
+        add_group(buf, g)
+    served = [serve_one(buf, checkpointed(v, durable=0 if v < 3 else 3, resumed_at=0)) for v in range(6)]
+    assert [ids(b)[0] for b in served] == ["a-0", "b-0", "c-0", "d-0", "e-0", "f-0"]
+    # at the request for 5 the checkpoint of version 3 covers batches 0, 1, 2: acknowledged
+    assert [h.batch.learner_version for h in buf.held] == [3, 4, 5]
+    # the process dies; a new one resumes from the checkpoint of version 3 at version 6
+    again = buf.take_request(ROUTE, checkpointed(6, durable=3, resumed_at=6))
+    assert ids(again) == ["d-0", "d-1"] and again.learner_version == 6 and buf.pending is None
+    assert [(h.batch.learner_version, h.owner) for h in buf.held] == [(4, -2), (5, -2), (6, 6)]
+    # the buffer crashes here: the journal knows which batches are lost
+    buf = durable(tmp_path, capacity=8, max_staleness=20, keep_history=True)
+    buf.recover()
+    assert [(h.batch.learner_version, h.owner) for h in buf.held] == [(4, -2), (5, -2), (6, 6)]
+    assert ids(buf.take_request(ROUTE, checkpointed(6, durable=3, resumed_at=6))) == ["d-0", "d-1"]  # in transit
+    assert ids(buf.take_request(ROUTE, checkpointed(7, durable=3, resumed_at=6))) == ["e-0", "e-1"]
+    assert ids(buf.take_request(ROUTE, checkpointed(8, durable=3, resumed_at=6))) == ["f-0", "f-1"]
+    nxt = serve_one(buf, checkpointed(9, durable=9, resumed_at=6))  # checkpointed at 9: all three are durable
+    assert ids(nxt) == ["g-0", "g-1"] and [h.batch.learner_version for h in buf.held] == [9]
+    # the ledger: every served batch acknowledged exactly once, under the ids it was served with
+    events = {}
+    for event, batch_ids in Journal(tmp_path, fsync=FsyncPolicy.NEVER).history():
+        events.setdefault(event, []).append(batch_ids[0] if batch_ids else None)
+    assert sorted(events["acked"]) == ["a-0", "b-0", "c-0", "d-0", "e-0", "f-0"]
+
+
+def test_a_clean_stop_checkpoint_acknowledges_what_it_covers_and_only_that(tmp_path):
+    """A learner stopped cleanly checkpoints where it is (no request tells the buffer); the next process's
+    first request states that checkpoint: the previous process's batches below it are durable, the one
+    above it (served but not trained) comes back. A lost batch is never acknowledged by a later checkpoint
+    before it has been served again."""
+    buf = durable(tmp_path, capacity=8, max_staleness=20)
+    for g in "abcde":
+        add_group(buf, g)
+    for v in range(3):
+        serve_one(buf, checkpointed(v, durable=0, resumed_at=0))
+    # stopped at version 2 with a checkpoint of version 2 (batch 2 was in flight, untrained)
+    again = buf.take_request(ROUTE, checkpointed(3, durable=2, resumed_at=3))
+    assert ids(again) == ["c-0", "c-1"] and [h.batch.learner_version for h in buf.held] == [3]
+    # that process dies untrained; the next one resumed at 4 (published 3) with a checkpoint it claims
+    # is newer than a lost batch: the lost batch is still served, not forgotten
+    buf.take_request(ROUTE, checkpointed(4, durable=2, resumed_at=4))
+    assert [(h.batch.learner_version, h.owner) for h in buf.held] == [(4, 4)]
+
+
+def test_a_new_learner_and_an_old_one_interoperate(tmp_path):
+    """A request without durable_version acknowledges everything older than it (the schema 1.1 rule)."""
+    buf = durable(tmp_path, capacity=8, max_staleness=20)
+    for g in "abc":
+        add_group(buf, g)
+    serve_one(buf, checkpointed(0, durable=0, resumed_at=0))
+    serve_one(buf, checkpointed(1, durable=0, resumed_at=0))
+    assert len(buf.held) == 2
+    assert buf.take_request(ROUTE, request(2)) is None and buf.held == []
 
 
 def test_requests_that_can_never_be_met_are_refused():

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from streamrl.common.messages import Batch
-from streamrl.services.learner.records import append_line, ledger_line, step_log_line, step_record
+from streamrl.services.learner.records import append_line, ledger_line, roll_back_ledger, step_log_line, step_record
 from support import scored_item
 
 STATS = {"loss/total": 0.5, "reward_mean": 0.25, "kl": 0.0123, "entropy": 1.5, "clip_fraction": 0.1,
@@ -55,3 +55,24 @@ def test_step_log_line():
         "stale 0-2 | dropped 3 | 2.0 samples/s | wait 1.5s | generators 2")
     with pytest.raises(KeyError):
         step_log_line({"step": 1}, total_steps=1)
+
+
+def test_roll_back_ledger_keeps_checkpointed_steps_and_moves_the_rest_aside(tmp_path):
+    """Issue 17 item 2: checkpoint at step 2, steps 3 and 4 trained then the learner was killed. After the
+    roll-back trained.jsonl holds steps 1-2 once; 3-4 are in rolled_back.jsonl with the time; retraining
+    appends step 3 again without a duplicate."""
+    path = tmp_path / "trained.jsonl"
+    for step in range(1, 5):
+        append_line(path, json.dumps({"step": step, "version": step + 10, "rollout_ids": [f"r{step}"]}))
+    assert roll_back_ledger(path, 2) == [3, 4]
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    moved = [json.loads(line) for line in (tmp_path / "rolled_back.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["rollout_ids"]) for m in moved] == [(3, ["r3"]), (4, ["r4"])]
+    assert all(m["rolled_back_at"] > 0 for m in moved)
+    assert roll_back_ledger(path, 2) == [] and not (tmp_path / "trained.jsonl.tmp").exists()
+    append_line(path, json.dumps({"step": 3, "version": 15, "rollout_ids": ["r3"]}))
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    assert roll_back_ledger(tmp_path / "missing.jsonl", 0) == []
+    path.write_text("not json\n")
+    with pytest.raises(ValueError, match="trained.jsonl:1: not a ledger line"):
+        roll_back_ledger(path, 0)
