@@ -1,27 +1,33 @@
 """Weight-sync benchmark: learner publishes version v -> every one of N generators runs on v.
 
-The learner side runs in this process exactly as ``services/learner`` does it:
-:func:`streamrl.common.weights.pack_state_dict` of the policy's ``state_dict`` (in the wire
-dtype) and :meth:`WeightServer.publish` (its background thread announces on PUB
-and serves chunks on ROUTER). Each generator is a separate OS process that loads
-the same model with :func:`streamrl.common.models.load_causal_lm`, waits on a
-:class:`WeightClient` for the announcement, fetches, verifies (sha256) and unpacks
-the blob, and ``load_state_dict``s it into the model, as ``services/generator``
-does between batches. Phases of one sync (seconds, wall clock of one machine):
+The learner side runs in this process exactly as ``services/learner`` does it: a
+:class:`~streamrl.common.weights.WeightServer` with the learner's settings, and
+:meth:`WeightServer.publish_state_dict` of the policy's ``state_dict`` (the caller
+is blocked only while the tensors are copied into a pooled blob; a packer thread
+hashes the chunks, the server thread announces on PUB and serves chunks on
+ROUTER). Each generator is a separate OS process that loads the same model with
+:func:`streamrl.common.models.load_causal_lm`, waits on a :class:`WeightClient` for
+the announcement, fetches (each chunk received into a reused buffer and hashed as
+it lands), checks the digest root, and ``load_state_dict``s the tensors, as
+``services/generator`` does between batches. Phases of one sync (seconds, wall
+clock of one machine):
 
-* ``pack``: learner packs the state dict (dtype cast, concatenation, sha256);
-* ``announce``: from ``publish`` returning until the generator has the announcement
+* ``snapshot``: the learner's loop is blocked (copy and cast into the pooled blob);
+* ``digest``: the packer thread hashes the chunks (XXH3-128) and seals the version;
+* ``announce``: from the version being sealed until the generator has the announcement
   (``announce_wakeup``: until the server thread sent it; the rest is the PUB/SUB hop);
-* ``transfer``: chunked fetch (credit-based requests, ``weight_chunk_bytes`` chunks);
-* ``verify``: sha256 of the blob and unpacking into tensor views;
+* ``transfer``: chunked fetch (credit-based requests, ``weight_chunk_bytes`` chunks),
+  per-chunk hashing included (``hash``: the part of it spent hashing);
+* ``verify``: comparing the digest root and building the tensor views;
 * ``load``: ``model.load_state_dict`` (a copy, with a dtype cast for bfloat16);
-* ``total``: from the start of ``pack`` until the *last* generator has loaded.
+* ``total``: from the start of ``publish_state_dict`` until the *last* generator has loaded.
 
 In the same run, with the same receiver processes, a raw ZeroMQ baseline sends the
 same number of bytes in chunks of the same size from one PUSH socket per receiver
-(no requests, no envelope, no copy into a blob) to each receiver's PULL; our
-effective bandwidth is reported as a ratio of that raw figure. Every figure is
-the median over ``--repeats`` measured syncs (after one warm-up sync).
+(no requests, no envelope, no copy, no hashing) to each receiver's PULL; our
+effective bandwidth is reported as a ratio of that raw figure. Each measured sync
+is followed by one raw push (interleaved, so both see the same background load);
+every figure is the median over ``--repeats`` (after one warm-up of each).
 
 Usage (from the repository root)::
 
@@ -48,7 +54,9 @@ from streamrl.common.modes import WeightDtype
 from streamrl.common.weights import WeightClient, WeightServer, pack_state_dict, tied_duplicates
 
 MODELS = {"tiny": "tiny-char-llama", "smollm2": "smollm2-135m-instruct"}
-PHASES = ("pack", "announce", "announce_wakeup", "transfer", "verify", "load", "total")
+PHASES = ("snapshot", "digest", "announce", "announce_wakeup", "transfer", "hash", "verify", "load", "total")
+WARMUP_SYNCS = 3
+"""Unmeasured syncs per row: connections, and the learner's pool of keep_versions + 1 = 3 blobs, fill up."""
 STARTUP_TIMEOUT_S = 180.0
 SYNC_TIMEOUT_S = 120.0
 
@@ -91,6 +99,7 @@ def _receiver(index: int, control: str, announce: str, fetch: str, model_path: s
                     latest = client.poll_announcements(timeout_s=0.5)
                 got_announce = time.time()
                 fetched = client.fetch(latest)
+                received = time.time()
                 loading = time.perf_counter()
                 missing, unexpected = model.load_state_dict(fetched.tensors, strict=False)
                 if unexpected or set(missing) - tied:
@@ -98,8 +107,9 @@ def _receiver(index: int, control: str, announce: str, fetch: str, model_path: s
                 load_s = time.perf_counter() - loading
                 ctl.send_json({"version": fetched.version, "announce_sent": latest.sent_at,
                                "announce_received": got_announce, "transfer": fetched.transfer_s,
+                               "transfer_end": received - fetched.verify_s, "hash": fetched.hash_s,
                                "verify": fetched.verify_s, "load": load_s, "loaded_at": time.time(),
-                               "nbytes": fetched.nbytes})
+                               "nbytes": fetched.nbytes, "buffers_allocated": client.buffers_allocated})
             elif cmd["cmd"] == "raw":
                 pull = ctx.socket(zmq.PULL)
                 pull.setsockopt(zmq.LINGER, 0)
@@ -135,7 +145,9 @@ class Bench:
         self.server = WeightServer(self.ctx, announce_endpoint=announce, fetch_endpoint=fetch,
                                    metrics=ServiceMetrics("bench", "bench-learner"), sender="bench-learner",
                                    announce_interval_s=transport.announce_interval_s,
-                                   max_message_bytes=transport.max_message_bytes, hwm=transport.hwm)
+                                   max_message_bytes=transport.max_message_bytes, hwm=transport.hwm,
+                                   dtype=transport.weight_dtype, chunk_bytes=transport.weight_chunk_bytes,
+                                   peer_max_bytes=2 * transport.weight_credit * transport.weight_chunk_bytes)
         spawn = mp.get_context("spawn")
         self.procs = [
             spawn.Process(target=_receiver, daemon=True,
@@ -169,26 +181,27 @@ class Bench:
     def sync(self, state_dict, version: int, dtype: WeightDtype) -> dict:
         """Publish ``version`` and wait until every generator has loaded it; returns the phases (seconds)."""
         self._broadcast({"cmd": "sync", "version": version})
+        self.server.dtype = dtype
         started = time.time()
-        packed = pack_state_dict(state_dict, version=version, dtype=dtype, chunk_bytes=self.t.weight_chunk_bytes,
-                                 sender="bench-learner")
-        packed_at = time.time()
-        self.server.publish(packed)
-        published = time.time()
+        self.server.publish_state_dict(state_dict, version)
         reports = [self._recv(SYNC_TIMEOUT_S)[1] for _ in self.routes]
+        timing = self.server.timings[version]
         first_request = min(r["announce_received"] for r in reports)
-        transfer_end = max(r["announce_received"] + r["transfer"] for r in reports)
+        transfer_end = max(r["transfer_end"] for r in reports)
         n = len(reports)
         return {
-            "nbytes": packed.announce.total_bytes,
-            "pack": packed_at - started,
-            "announce": sum(r["announce_received"] - published for r in reports) / n,
-            "announce_wakeup": sum(r["announce_sent"] - published for r in reports) / n,
+            "nbytes": reports[0]["nbytes"],
+            "snapshot": timing.snapshot_s,
+            "digest": timing.digest_s,
+            "announce": sum(r["announce_received"] - timing.sealed_at for r in reports) / n,
+            "announce_wakeup": (timing.announced_at or timing.sealed_at) - timing.sealed_at,
             "transfer": sum(r["transfer"] for r in reports) / n,
+            "hash": sum(r["hash"] for r in reports) / n,
             "verify": sum(r["verify"] for r in reports) / n,
             "load": sum(r["load"] for r in reports) / n,
             "total": max(r["loaded_at"] for r in reports) - started,
             "transfer_window": transfer_end - first_request,
+            "receive_buffers": max(r["buffers_allocated"] for r in reports),
         }
 
     def raw(self, blob, chunk_bytes: int) -> float:
@@ -231,10 +244,12 @@ class Bench:
 
 def run_case(model_key: str, model_path: str, generators: int, dtypes: list[WeightDtype], repeats: int,
              transport: TransportSection, deadline: Deadline) -> list[dict]:
-    """All dtypes for one (model, N): one warm-up and ``repeats`` measured syncs each, then the raw baseline."""
-    from streamrl.common.models import load_causal_lm, select_device
+    """All dtypes for one (model, N): ``WARMUP_SYNCS`` + ``repeats`` syncs each, each followed by a raw push."""
+    from streamrl.common.config import LearnerSection
+    from streamrl.common.models import configure_torch, load_causal_lm, select_device
     from streamrl.common.modes import Device
 
+    configure_torch(LearnerSection().threads)  # the learner's thread budget (1 by default), as in the service
     model = load_causal_lm(model_path, device=select_device(Device.CPU))
     state = model.state_dict()
     bench = Bench(model_path, generators, transport)
@@ -244,26 +259,30 @@ def run_case(model_key: str, model_path: str, generators: int, dtypes: list[Weig
         for dtype in dtypes:
             if deadline.expired():
                 break
-            syncs = []
-            for i in range(repeats + 1):
-                if i > 1 and deadline.expired():
-                    break
-                version += 1
-                result = bench.sync(state, version, dtype)
-                if i > 0:  # the first sync warms up connections and allocators
-                    syncs.append(result)
             packed = pack_state_dict(state, version=0, dtype=dtype, chunk_bytes=transport.weight_chunk_bytes,
                                      sender="bench-learner")
-            raws = []
-            for i in range(len(syncs) + 1):
-                seconds = bench.raw(packed.blob, transport.weight_chunk_bytes)
-                if i > 0:
+            syncs, raws = [], []
+            for i in range(WARMUP_SYNCS + repeats):
+                if i > WARMUP_SYNCS and deadline.expired():
+                    break
+                version += 1
+                if i == WARMUP_SYNCS:
+                    blobs_before = bench.server._pool.allocated
+                result = bench.sync(state, version, dtype)
+                seconds = bench.raw(packed.blob, transport.weight_chunk_bytes)  # interleaved: the same load
+                if i >= WARMUP_SYNCS:
+                    syncs.append(result)
                     raws.append(seconds)
             nbytes = packed.announce.total_bytes
+            del packed
             row = {"model": model_key, "dtype": dtype.value, "generators": generators, "nbytes": nbytes,
                    "repeats": len(syncs), "syncs": syncs, "raw_seconds": raws}
             for phase in (*PHASES, "transfer_window"):
                 row[phase] = median(s[phase] for s in syncs)
+            # allocations during the measured syncs (the warm-up filled the pools): 0 when buffers are reused
+            row["receive_buffers_allocated"] = max(s["receive_buffers"] for s in syncs) - min(
+                s["receive_buffers"] for s in syncs)
+            row["learner_blobs_allocated"] = bench.server._pool.allocated - blobs_before
             row["raw"] = median(raws)
             total_bytes = nbytes * generators
             row["ours_transfer_MBps"] = total_bytes / row["transfer_window"] / 1e6
@@ -272,8 +291,9 @@ def run_case(model_key: str, model_path: str, generators: int, dtypes: list[Weig
             row["transfer_ratio"] = row["ours_transfer_MBps"] / row["raw_MBps"]
             row["end_to_end_ratio"] = row["ours_end_to_end_MBps"] / row["raw_MBps"]
             print(f"{model_key} {dtype.value} N={generators}: {nbytes / 1e6:.1f} MB, total {row['total']:.3f}s "
-                  f"(pack {row['pack']:.3f}, announce {row['announce']:.3f}, transfer {row['transfer']:.3f}, "
-                  f"verify {row['verify']:.3f}, load {row['load']:.3f}); raw {row['raw']:.3f}s; "
+                  f"(snapshot {row['snapshot']:.3f}, digest {row['digest']:.3f}, announce {row['announce']:.3f}, "
+                  f"transfer {row['transfer']:.3f} (hash {row['hash']:.3f}), verify {row['verify']:.3f}, "
+                  f"load {row['load']:.3f}); raw {row['raw']:.3f}s; "
                   f"transfer {row['transfer_ratio']:.2f} x raw, end to end {row['end_to_end_ratio']:.2f} x raw",
                   flush=True)
             rows.append(row)
@@ -284,12 +304,13 @@ def run_case(model_key: str, model_path: str, generators: int, dtypes: list[Weig
 
 def render(rows: list[dict], env: dict, command: str, transport: TransportSection, skipped: list[str]) -> str:
     """The RESULTS.md section."""
-    header = ["model", "wire dtype", "N", "MB", "pack s", "announce s", "(of which wake-up)", "transfer s", "verify s", "load s",
-              "total s (last gen)", "ours MB/s (transfer)", "raw ZMQ MB/s", "transfer / raw", "end-to-end / raw"]
+    header = ["model", "wire dtype", "N", "MB", "learner blocked s (snapshot)", "digest s", "announce s",
+              "(of which wake-up)", "transfer s", "(of which hashing)", "verify s", "load s", "total s (last gen)",
+              "ours MB/s (transfer)", "raw ZMQ MB/s", "transfer / raw", "end-to-end / raw"]
     table = markdown_table(header, [
-        [r["model"], r["dtype"], r["generators"], r["nbytes"] / 1e6, r["pack"], r["announce"], r["announce_wakeup"], r["transfer"],
-         r["verify"], r["load"], r["total"], r["ours_transfer_MBps"], r["raw_MBps"], r["transfer_ratio"],
-         r["end_to_end_ratio"]]
+        [r["model"], r["dtype"], r["generators"], r["nbytes"] / 1e6, r["snapshot"], r["digest"], r["announce"],
+         r["announce_wakeup"], r["transfer"], r["hash"], r["verify"], r["load"], r["total"],
+         r["ours_transfer_MBps"], r["raw_MBps"], r["transfer_ratio"], r["end_to_end_ratio"]]
         for r in rows
     ])
     notes = [
@@ -301,16 +322,25 @@ def render(rows: list[dict], env: dict, command: str, transport: TransportSectio
         "",
         table,
         "",
-        f"Medians over {max((r['repeats'] for r in rows), default=0)} measured syncs per row (one warm-up sync "
-        f"first). Chunks of {transport.weight_chunk_bytes / 2**20:.0f} MiB, credit {transport.weight_credit}, "
-        "tcp loopback. announce = `publish` returning -> the generator holding the announcement; its wake-up "
-        "part = until the weight server's thread sent it (that thread notices a new version only when its "
-        "100 ms ROUTER poll returns). announce/transfer/verify/load are means over the N generators; total runs from the start of "
-        "pack to the last generator's `load_state_dict` returning. MB/s count N x blob bytes: ours over the "
-        "window from the first generator receiving the announcement to the last generator's last chunk; raw "
-        "ZeroMQ is one PUSH socket per receiver pushing the same chunks (no requests, envelope or copy) to "
-        "the same receiver processes. end-to-end / raw = (N x bytes / total) / raw MB/s. Every generator is "
-        "its own process with 1 torch thread; on 2 cores N = 4 receivers share the cores with the sender.",
+        f"Medians over {max((r['repeats'] for r in rows), default=0)} measured syncs per row ({WARMUP_SYNCS} "
+        "warm-up syncs first: connections, and the learner's pool of 3 blobs), each followed by one raw push of the same bytes (interleaved, so both see the same background "
+        f"load). Chunks of {transport.weight_chunk_bytes / 2**20:.0f} MiB, credit {transport.weight_credit}, "
+        "tcp loopback. learner blocked = `publish_state_dict` on the learner's thread (copy and cast into a "
+        "pooled blob); digest = the packer thread hashing the chunks (XXH3-128) and sealing the version while "
+        "the learner already trains; announce = sealed -> the generator holding the announcement, its wake-up "
+        "part = sealed -> sent by the server thread (woken by an inproc socket); transfer = the generator's "
+        "chunked fetch, each chunk received into a reused buffer and hashed as it lands (hashing = the part of "
+        "it spent hashing); verify = comparing the digest root and building tensor views. "
+        "announce/transfer/verify/load are means over the N generators; total runs from the start of "
+        "`publish_state_dict` to the last generator's `load_state_dict` returning. MB/s count N x blob bytes: "
+        "ours over the window from the first generator receiving the announcement to the last generator's "
+        "last chunk; raw ZeroMQ is one PUSH socket per receiver pushing the same chunks (no requests, "
+        "envelope, copy or hashing) to the same receiver processes. end-to-end / raw = (N x bytes / total) / "
+        "raw MB/s. Buffers allocated during the measured syncs (all rows): "
+        f"{sum(r['receive_buffers_allocated'] for r in rows)} receive buffers on the generators, "
+        f"{sum(r['learner_blobs_allocated'] for r in rows)} blobs on the learner (both reused across versions). "
+        "Every generator is its own process with 1 torch thread; on 2 cores N = 4 receivers share the cores "
+        "with the sender.",
     ]
     if skipped:
         notes += ["", "Skipped for the time bound: " + ", ".join(skipped) + "."]

@@ -43,7 +43,7 @@ from streamrl.common.models import configure_torch, load_causal_lm, load_tokeniz
 from streamrl.common.service import ServiceContext
 from streamrl.common.tracking import Tracker
 from streamrl.common.transport import Inbox, make_socket, try_send
-from streamrl.common.weights import WeightServer, pack_state_dict
+from streamrl.common.weights import WeightServer
 from streamrl.services.learner.batch import collate, split_by_sampling
 from streamrl.services.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from streamrl.services.learner.diagnosis import data_wait_reason
@@ -110,7 +110,9 @@ class LearnerService:
         self.weights = WeightServer(ctx.zmq, announce_endpoint=cfg.endpoints.bind_address("weights_announce"),
                                     fetch_endpoint=cfg.endpoints.bind_address("weights"), metrics=ctx.metrics,
                                     sender=ctx.instance, announce_interval_s=t.announce_interval_s,
-                                    max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
+                                    max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security,
+                                    dtype=t.weight_dtype, chunk_bytes=t.weight_chunk_bytes,
+                                    peer_max_bytes=2 * t.weight_credit * t.weight_chunk_bytes)
         self.dealer = make_socket(ctx.zmq, zmq.DEALER, connect=[cfg.endpoints.batches],
                                   max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
         self.inbox = Inbox(ctx.metrics, [Batch], max_bytes=t.max_message_bytes, socket_name="batches")
@@ -267,16 +269,15 @@ class LearnerService:
         return kept
 
     def publish(self) -> float:
-        """Pack and publish the current weights as ``self.version``; returns seconds taken.
+        """Publish the current weights as ``self.version``; returns the seconds the loop was blocked.
 
         ``published_version`` is updated (atomically) before the weights leave the process.
+        Only the snapshot (a copy into a reused blob) runs here; hashing, announcing and
+        serving run in the weight server's threads while the next step trains.
         """
         start = time.perf_counter()
         write_published_version(self.published_path, self.version)
-        packed = pack_state_dict(self.trainer.policy.state_dict(), version=self.version,
-                                 dtype=self.cfg.transport.weight_dtype,
-                                 chunk_bytes=self.cfg.transport.weight_chunk_bytes, sender=self.ctx.instance)
-        self.weights.publish(packed)
+        self.weights.publish_state_dict(self.trainer.policy.state_dict(), self.version)
         seconds = time.perf_counter() - start
         self.metrics.publish_seconds.observe(seconds)
         self.metrics.version.set(self.version)
