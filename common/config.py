@@ -411,6 +411,9 @@ class GeneratorSection(_Section):
                          "the same nucleus (exact ratios at any top_p)")
     max_new_tokens: int = Field(32, ge=1, description="completion budget, tokens")
     max_prompt_tokens: int = Field(128, ge=1, description="prompts keep their last N tokens")
+    credits: bool = Field(True, description="admission before generation: sample a group only with a credit from "
+                          "the buffer, granted so it can still be trained within `run.max_staleness` (sync mode: "
+                          "wait for the new version); false: sample freely, the buffer drops what got too stale")
 
 
 BUILTIN_REWARDS: dict[str, str] = {
@@ -600,6 +603,8 @@ class BufferSection(_Section):
                                      "backpressure) or `evict_oldest`")
     max_reuse: int = Field(1, ge=1, description="times a rollout may be served")
     group_timeout_s: float = Field(120.0, gt=0, description="incomplete groups older than this are evicted, seconds")
+    credit_ttl_s: float = Field(60.0, gt=0, description="generation credits of a generator silent this long, and "
+                                "groups it reported sent this long ago that never arrived, stop counting, seconds")
     journal: bool = Field(True, description="write-ahead journal: every accepted rollout is on disk before it "
                           "is counted or served; a restarted buffer recovers what it held")
     journal_dir: Optional[str] = Field(None, description="where the journal's segments live",

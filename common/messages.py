@@ -35,11 +35,12 @@ from typing import Any, ClassVar, Sequence
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION: tuple[int, int] = (1, 1)
+SCHEMA_VERSION: tuple[int, int] = (1, 2)
 """(major, minor) of the wire schema. Bump major for incompatible changes.
 
 1.1 added the optional ``Rollout.selection`` and ``ScoredRollout.human`` fields and the
-``human_model`` message (people in the loop); a 1.0 receiver ignores them."""
+``human_model`` message (people in the loop); a 1.0 receiver ignores them.
+1.2 added the ``credit_request`` / ``credit_grant`` messages (generation credits, issue 11)."""
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """Largest message (all frames together) a decoder accepts, in bytes."""
@@ -219,6 +220,8 @@ class Rollout(Message):
         metadata: extra per-prompt values for reward functions (e.g. a reference answer).
         selection: set when a control-sharing generator chose this completion among
             candidates (:class:`Selection`); None for a plain draw from mu.
+        model_fingerprint: (schema 1.2, optional) the generator's model config and tokenizer
+            fingerprint (``streamrl.common.fingerprint``); "" = not stated.
     """
 
     KIND: ClassVar[str] = "rollout"
@@ -237,6 +240,7 @@ class Rollout(Message):
     completion_text: str = ""
     metadata: dict = field(default_factory=dict)
     selection: Selection | None = None
+    model_fingerprint: str = ""
 
     def check(self) -> None:
         _require(self.group_size >= 1, "group_size must be >= 1")
@@ -335,6 +339,65 @@ class BatchRequest(Message):
 
 
 @dataclass(kw_only=True)
+class CreditRequest(Message):
+    """A generator asks the buffer for generation credits before sampling (generator -> buffer,
+    DEALER -> the buffer's batch ROUTER; the reply is a :class:`CreditGrant`).
+
+    Admission before generation (issue 11; AReaL, Fu et al. 2025, sec. 4): a generator samples
+    a group only while it holds a credit. Counts are cumulative per ``sender`` (the generator id,
+    unique per process start), so a lost or repeated request changes nothing.
+
+    Attributes:
+        instance: the generator's stable name (``generator-0``); a request from a new ``sender``
+            with the same instance means the old process restarted: its unspent credits expire.
+        policy_version: version of the weights the generator will sample with (its behaviour policy).
+        groups_sent: groups this process has sampled so far (sent, or lost while stopping).
+        want: groups it would sample next (its ``prompts_per_batch``).
+    """
+
+    KIND: ClassVar[str] = "credit_request"
+    instance: str
+    policy_version: int
+    groups_sent: int
+    want: int
+
+    def check(self) -> None:
+        _require(self.policy_version >= 0, "policy_version must be >= 0")
+        _require(self.groups_sent >= 0, "groups_sent must be >= 0")
+        _require(self.want >= 1, "want must be >= 1")
+        _require(bool(self.instance), "instance must not be empty")
+
+
+@dataclass(kw_only=True)
+class CreditGrant(Message):
+    """The buffer's answer to a :class:`CreditRequest` (buffer -> generator).
+
+    Attributes:
+        reply_to: ``msg_id`` of the request.
+        credits: groups the generator may sample now with ``policy_version`` weights, beyond its
+            ``groups_sent`` (0: wait; ask again after loading newer weights or a short pause).
+            It replaces whatever an earlier grant allowed (unspent credits never accumulate).
+        learner_version: newest version the learner asked a batch for (-1: none seen yet).
+        epoch: random id of the buffer process (a new one after a restart).
+        reason: why fewer credits than wanted were granted ("" when all were).
+        trained_groups: groups of this generator id the buffer has served to the learner so far
+            (trained / generated is the generator's useful ratio).
+    """
+
+    KIND: ClassVar[str] = "credit_grant"
+    reply_to: str
+    credits: int
+    learner_version: int = -1
+    epoch: str = ""
+    reason: str = ""
+    trained_groups: int = 0
+
+    def check(self) -> None:
+        _require(self.credits >= 0 and self.trained_groups >= 0, "credits and trained_groups must be >= 0")
+        _require(self.learner_version >= -1, "learner_version must be >= -1")
+
+
+@dataclass(kw_only=True)
 class Batch(Message):
     """A batch of complete groups (buffer -> learner).
 
@@ -389,6 +452,8 @@ class WeightsAnnounce(Message):
         chunk_bytes: size of each chunk in bytes (the last may be shorter).
         num_chunks: number of chunks.
         sha256: hex digest of the whole blob.
+        model_fingerprint: (schema 1.2, optional) the learner's model config and tokenizer
+            fingerprint (``streamrl.common.fingerprint``); "" = not stated.
     """
 
     KIND: ClassVar[str] = "weights_announce"
@@ -398,6 +463,7 @@ class WeightsAnnounce(Message):
     chunk_bytes: int
     num_chunks: int
     sha256: str
+    model_fingerprint: str = ""
 
     def check(self) -> None:
         _require(self.version >= 0, "version must be >= 0")
@@ -521,6 +587,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         ScoredRollout,
         BatchRequest,
         Batch,
+        CreditRequest,
+        CreditGrant,
         WeightsAnnounce,
         WeightsChunkRequest,
         WeightsChunk,

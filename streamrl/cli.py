@@ -77,7 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def evaluate_run(config, args, started: float) -> dict:
     """After a run: evaluate the final checkpoint, plot the curve, write and print the summary."""
     from streamrl.evaluation import evaluate
-    from streamrl.report import plot_learning_curve, read_metrics
+    from streamrl.report import generation_accounting, plot_learning_curve, read_metrics
     from streamrl.services.learner.checkpoint import latest_checkpoint
 
     output = Path(config.run.output_dir)
@@ -90,7 +90,7 @@ def evaluate_run(config, args, started: float) -> dict:
         k = max(1, len(records) // 5)
         summary["train_reward_first"] = sum(r["reward_mean"] for r in records[:k]) / k
         summary["train_reward_last"] = sum(r["reward_mean"] for r in records[-k:]) / k
-        summary["dropped_stale"] = sum(r["dropped_stale"] for r in records)
+        summary.update(generation_accounting(records, output / "trained.jsonl", config.generator.group_size))
         summary["behaviour_versions_seen"] = len({v for r in records for v in r["behaviour_versions"]})
     if args.before is not None and final is not None:
         after = evaluate(config, str(final / "model"), limit=args.eval_prompts, seed=args.eval_seed,

@@ -46,3 +46,30 @@ def plot_learning_curve(records: list[dict], png: Path) -> Path:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+def generation_accounting(records: list[dict], trained_path: Path, group_size: int) -> dict:
+    """Where the run's rollouts went (issue 11: "waste no generation").
+
+    Args:
+        records: the learner's ``metrics.jsonl`` records.
+        trained_path: the learner's ``trained.jsonl`` ledger (lines rolled back by a restart are not counted).
+        group_size: G, rollouts per group (to count the complete groups still held at the end).
+
+    Returns:
+        ``generated`` (rollouts that reached the buffer by the last step: trained + dropped + evicted + held
+        then; rollouts still in flight at the stop are not known here), ``trained``, ``dropped_stale``,
+        ``evicted``, ``held_at_end`` and ``waste_fraction`` = dropped_stale / generated (0 when nothing was).
+    """
+    trained = 0
+    if trained_path.exists():
+        for line in trained_path.read_text().splitlines():
+            entry = json.loads(line) if line.strip() else {}
+            if entry and "rolled_back_at" not in entry:
+                trained += len(entry["rollout_ids"])
+    dropped = sum(r.get("dropped_stale", 0) for r in records)
+    evicted = sum(r.get("evicted", 0) for r in records)
+    held = records[-1].get("buffered_groups", 0) * group_size if records else 0
+    generated = trained + dropped + evicted + held
+    return {"generated": generated, "trained": trained, "dropped_stale": dropped, "evicted": evicted,
+            "held_at_end": held, "waste_fraction": dropped / generated if generated else 0.0}

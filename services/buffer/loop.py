@@ -15,19 +15,26 @@ version (the learner restarted, or the batch was lost) gets the same batch
 again instead of new data, so a crash of either side loses no batch and
 serves none twice beyond ``max_reuse``. That logic, without sockets, is
 :class:`streamrl.services.buffer.durable.DurableBuffer`.
+
+Generation credits (issue 11, ``services/buffer/credits.py``): generators ask on
+the same ROUTER (``credit_request``) before sampling, and the buffer grants at
+most what can still be trained within ``max_staleness`` counting what it holds
+and what is granted but not arrived, so little is generated only to be dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 import zmq
 
 from streamrl.common.liveness import Waits
-from streamrl.common.messages import BatchRequest, ScoredRollout
+from streamrl.common.messages import BatchRequest, CreditGrant, CreditRequest, ScoredRollout
 from streamrl.common.service import ServiceContext, journal_folder
 from streamrl.common.transport import Inbox, make_socket, send
+from streamrl.services.buffer.credits import CreditLedger
 from streamrl.services.buffer.durable import DurableBuffer, admission_capacity
 from streamrl.services.buffer.journal import Journal
 from streamrl.services.buffer.metrics import BufferMetrics
@@ -67,7 +74,9 @@ class BufferService:
                                   max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
         self.rollout_inbox = Inbox(ctx.metrics, [ScoredRollout], max_bytes=t.max_message_bytes,
                                    socket_name="scored_rollouts")
-        self.request_inbox = Inbox(ctx.metrics, [BatchRequest], max_bytes=t.max_message_bytes,
+        self.credits = CreditLedger(cfg.learner.groups_per_step, cfg.run.max_staleness, ttl_s=b.credit_ttl_s)
+        self.epoch = uuid.uuid4().hex[:12]
+        self.request_inbox = Inbox(ctx.metrics, [BatchRequest, CreditRequest], max_bytes=t.max_message_bytes,
                                    socket_name="batches")
         self.waits = Waits(ctx.metrics, warn_after_s=cfg.transport.request_timeout_s * 3)
         self.last_request = time.monotonic()
@@ -111,6 +120,7 @@ class BufferService:
     def _housekeeping(self) -> None:
         """Once a second: expire incomplete groups, make the journal durable, compact it, report waits."""
         self.state.housekeeping()
+        self.credits.expire()
         silent = time.monotonic() - self.last_request
         if self.state.pending is None and silent > self.ctx.config.transport.request_timeout_s * 2:
             self.waits.waiting("learner", f"no batch request for {silent:.0f}s (learner down or training)")
@@ -124,6 +134,7 @@ class BufferService:
                 msg = self.rollout_inbox.decode(frames)
                 if msg is None:
                     continue
+                self.credits.arrived(msg.rollout.generator_id, msg.rollout.group_id)
                 outcome = self.state.add(msg, frames)
                 if outcome is not AddOutcome.ACCEPTED:
                     self.rollout_inbox.reject(outcome.value, f"rollout {msg.rollout.rollout_id}: {outcome.value}")
@@ -139,6 +150,10 @@ class BufferService:
         if msg is None:
             return
         route = frames[0].bytes
+        if isinstance(msg, CreditRequest):
+            self._grant(route, msg)
+            return
+        self.credits.learner_asked(msg.learner_version)
         try:
             again = self.state.take_request(route, msg)
         except ValueError as err:
@@ -150,14 +165,27 @@ class BufferService:
             send(self.router, again, prefix=[route])
             self.metrics.reserved.inc()
 
+    def _grant(self, route: bytes, request: CreditRequest) -> None:
+        """Answer a generator's credit request (``services/buffer/credits.py``)."""
+        held = self.store.complete_groups + self.store.incomplete_groups
+        grant = self.credits.grant(request, held)
+        send(self.router, CreditGrant(sender=self.ctx.instance, reply_to=request.msg_id, credits=grant.credits,
+                                      learner_version=-1 if self.credits.learner_version is None
+                                      else self.credits.learner_version, epoch=self.epoch, reason=grant.reason,
+                                      trained_groups=grant.trained_groups),
+             prefix=[route])
+
     def _serve_pending(self) -> None:
         served = self.state.serve_pending(self.ctx.instance)
         if served is not None:
             route, batch = served
             send(self.router, batch, prefix=[route])
+            groups = {s.rollout.group_id: s.rollout.generator_id for s in batch.rollouts}
+            self.credits.served(batch.learner_version, list(groups.values()))
             self.metrics.observe_batch(batch)
 
     def _update_metrics(self) -> None:
         self.metrics.observe_store(self.store)
+        self.metrics.observe_credits(self.credits)
         if self.state.journal is not None:
             self.metrics.observe_journal(self.state.journal)

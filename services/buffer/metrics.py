@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from streamrl.common.messages import Batch
 from streamrl.common.metrics import STALENESS_BUCKETS, MetricSet, ServiceMetrics, counter, gauge, histogram
+from streamrl.services.buffer.credits import CreditLedger
 from streamrl.services.buffer.journal import Journal
 from streamrl.services.buffer.store import REJECT_OUTCOMES, ReplayBuffer
 
@@ -33,6 +34,12 @@ class BufferMetrics(MetricSet):
     fsync = counter("journal_fsync_seconds_total", "Seconds spent in fsync of the journal")
     compactions = counter("journal_compactions_total", "Journal compactions (snapshot + delete)")
     recovered = gauge("recovered_rollouts", "Rollouts recovered from the journal at start")
+    credits_granted = counter("credits_granted_total", "Generation credits granted (one per group a generator "
+                              "may sample)")
+    credits_expired = counter("credits_expired_total", "Credits written off: a generator restarted or went "
+                              "silent, or its groups never arrived")
+    credits_outstanding = gauge("credits_outstanding", "Credits granted whose group has not arrived (in flight "
+                                "or not yet sampled)")
     reserved = counter("batches_reserved_total",
                        "Unacknowledged batches served again (learner restarted or lost a batch)")
 
@@ -42,6 +49,7 @@ class BufferMetrics(MetricSet):
             registry.rejected.labels(reason=outcome.value)
         self._store_totals = (0, 0, 0, 0)
         self._journal_totals: tuple[int, float, int] = (0, 0.0, 0)
+        self._credit_totals = (0, 0)
 
     def observe_store(self, store: ReplayBuffer) -> None:
         """Set the held gauges and add the growth of the store's totals to the counters."""
@@ -51,6 +59,13 @@ class BufferMetrics(MetricSet):
         now = (store.inserted_total, store.sampled_total, store.dropped_stale_total, store.evicted_total)
         _add_growth((self.inserted, self.sampled, self.stale, self.evicted), self._store_totals, now)
         self._store_totals = now
+
+    def observe_credits(self, ledger: CreditLedger) -> None:
+        """Set the outstanding-credits gauge and add the growth of granted and expired credits."""
+        self.credits_outstanding.set(ledger.outstanding())
+        now = (ledger.granted_total, ledger.expired_total)
+        _add_growth((self.credits_granted, self.credits_expired), self._credit_totals, now)
+        self._credit_totals = now
 
     def observe_journal(self, journal: Journal) -> None:
         """Add the growth of the journal's bytes, fsync seconds and compactions to the counters."""

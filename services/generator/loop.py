@@ -7,7 +7,11 @@ Loop, between generation batches only (so a batch never mixes versions):
 2. if the newest announced version is still more than ``max_staleness``
    ahead of the loaded one (the fetch failed), pause and retry: data that
    stale would be dropped by the buffer anyway;
-3. sample ``prompts_per_batch`` x ``group_size`` completions and push one
+3. ask the buffer for generation credits (``generator.credits``; module
+   :mod:`streamrl.services.generator.credits`): it grants only groups that can
+   still be trained within ``max_staleness``; with none, pause and go back to 1
+   (in sync mode: until the learner's next version is loaded);
+4. sample ``min(credits, prompts_per_batch)`` x ``group_size`` completions and push one
    ``rollout`` message per completion to the scorers (PUSH round-robins over
    the connected scorers; a full queue blocks here: backpressure).
 
@@ -34,6 +38,7 @@ from streamrl.common.transport import Inbox, make_socket, send_when_ready
 from streamrl.common.weights import WeightClient, WeightSyncError, tied_duplicates
 from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
 from streamrl.services.generator.control import share_control
+from streamrl.services.generator.credits import CreditClient
 from streamrl.services.generator.metrics import GeneratorMetrics
 from streamrl.services.generator.rollouts import group_rollouts
 from streamrl.services.generator.sampling import prepare_prompts, sample_completions
@@ -71,6 +76,11 @@ class GeneratorService:
         self.push = make_socket(ctx.zmq, zmq.PUSH, connect=cfg.endpoints.scorers,
                                 resolve_every_s=cfg.endpoints.resolve_interval_s,
                                 max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
+        self.credits = None
+        if gen.credits:
+            self.credits = CreditClient(ctx.zmq, endpoint=cfg.endpoints.batches, sender=self.generator_id,
+                                        instance=ctx.instance, metrics=ctx.metrics, timeout_s=t.request_timeout_s,
+                                        max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
         self.version: int | None = None
         self.groups_sent = 0
         self.metrics = GeneratorMetrics(ctx.metrics)
@@ -93,9 +103,11 @@ class GeneratorService:
                  self.generator_id, self.cfg.endpoints.weights_announce)
         try:
             while not self.ctx.stop.is_set():
-                if self.sync_weights():
-                    self.generate_batch()
+                if self.sync_weights() and (admitted := self.admit()):
+                    self.generate_batch(admitted)
         finally:
+            if self.credits is not None:
+                self.credits.close()
             self.weights.close()
             self.push.close(0)
             if self.human_models is not None:
@@ -149,6 +161,26 @@ class GeneratorService:
         self.waits.done("weights")
         return True
 
+    def admit(self) -> int:
+        """Groups this generator may sample now: its credits from the buffer (``prompts_per_batch`` at
+        most; all of them when ``generator.credits`` is off); 0 after pausing briefly."""
+        want = self.cfg.generator.prompts_per_batch
+        if self.credits is None:
+            return want
+        grant = self.credits.request(policy_version=self.version, groups_sent=self.groups_sent, want=want)
+        if grant is not None and self.groups_sent:
+            self.metrics.useful.set(grant.trained_groups / max(1, self.groups_sent))
+        if grant is not None and grant.credits > 0:
+            self.waits.done("credits")
+            self.metrics.credits.inc(grant.credits)
+            return min(grant.credits, want)
+        reason = "the buffer does not answer credit requests" if grant is None else grant.reason
+        self.waits.waiting("credits", f"no generation credit: {reason}")
+        wait_start = time.perf_counter()
+        self.ctx.stop.wait(0.1)
+        self.metrics.wait_credits.inc(time.perf_counter() - wait_start)
+        return 0
+
     def _check_learner(self) -> None:
         """Notice a learner that went silent (announcements come every ``announce_interval_s``)."""
         silent = self.weights.seconds_since_announce()
@@ -158,10 +190,10 @@ class GeneratorService:
         else:
             self.waits.done("learner")
 
-    def generate_batch(self) -> None:
-        """Sample one batch of groups with the loaded weights and send every rollout."""
+    def generate_batch(self, num_groups: int | None = None) -> None:
+        """Sample ``num_groups`` groups (default ``prompts_per_batch``) with the loaded weights and send every rollout."""
         gen = self.cfg.generator
-        prompts = self.stream.next_batch(gen.prompts_per_batch)
+        prompts = self.stream.next_batch(gen.prompts_per_batch if num_groups is None else num_groups)
         texts, ids = prepare_prompts(self.tokenizer, prompts, chat_template=self.cfg.model.chat_template,
                                      system_prompt=self.cfg.model.system_prompt,
                                      max_prompt_tokens=gen.max_prompt_tokens)

@@ -21,6 +21,10 @@ class GeneratorMetrics(MetricSet):
     weight_errors = counter("weight_sync_errors_total", "Failed weight fetches")
     wait_weights = counter("weight_wait_seconds_total", "Seconds paused waiting for fresher weights")
     blocked = counter("send_blocked_seconds_total", "Seconds blocked sending (backpressure)")
+    credits = counter("credits_total", "Generation credits received from the buffer (one per group)")
+    wait_credits = counter("credit_wait_seconds_total", "Seconds paused without a generation credit")
+    useful = gauge("useful_ratio", "Trained / generated: this generator's groups the buffer served to the learner "
+                   "over the groups it sampled (reported with each credit grant)")
     in_flight = gauge("prompts_in_flight", "Prompts being generated now")
     lost = counter("rollouts_lost_total", "Rollouts sampled but never sent (stopped while blocked)")
     control_shared = counter("control_shared_total", "Rollouts kept among K candidates by control sharing")

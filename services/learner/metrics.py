@@ -49,6 +49,8 @@ class LearnerMetrics(MetricSet):
     evicted = counter("buffer_evicted_total", "Rollouts the buffer reported evicting")
     unexpected = counter("unexpected_batches_total",
                          "Batches for another version (late duplicates of a re-sent request), ignored")
+    busy = gauge("busy_ratio", "Fraction of the learner's time since its first step spent training and publishing "
+                 "(not waiting for data): (train_s + publish_s) / (wait + train_s + publish_s), summed over steps")
     refused = counter("rollouts_refused_total",
                       "Rollouts refused: sampled with another temperature or top_p than the rest of their batch",
                       ["reason"])
@@ -57,6 +59,7 @@ class LearnerMetrics(MetricSet):
         super().__init__(registry)
         self.last_step = {key: registry.gauge(name, f"Learner {key} of the last step")
                           for key, name in STEP_GAUGES.items()}
+        self._busy_s = self._total_s = 0.0
 
     def observe_step(self, record: dict, staleness: Sequence[int]) -> None:
         """A step completed: its record (``metrics.jsonl``) and each trained row's staleness (versions)."""
@@ -64,6 +67,11 @@ class LearnerMetrics(MetricSet):
             if key in record:
                 g.set(record[key])
         self.step.set(record["step"])
+        busy = record.get("train_s", 0.0) + record.get("publish_s", 0.0)
+        self._busy_s += busy
+        self._total_s += busy + record.get("wait_data_s", 0.0)
+        if self._total_s > 0:
+            self.busy.set(self._busy_s / self._total_s)
         self.samples.inc(len(staleness))
         self.tokens.inc(record["tokens"])
         self.dropped.inc(record["dropped_stale"])

@@ -64,6 +64,8 @@ def all_messages() -> list[m.Message]:
                      scale=np.ones(3, np.float32), weight=np.array([0.5, -1, 2], np.float32), bias=0.125,
                      anchors=np.arange(6, dtype=np.float32).reshape(2, 3),
                      anchor_times=np.array([1.5, 2.5]), labels=7),
+        m.CreditRequest(sender="gen-0-ab12", instance="generator-0", policy_version=3, groups_sent=17, want=2),
+        m.CreditGrant(reply_to="x", credits=2, learner_version=4, epoch="e1", reason="2 of 3", trained_groups=9),
     ]
 
 

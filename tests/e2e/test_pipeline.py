@@ -26,9 +26,11 @@ def try_scrape(port: int) -> dict:
         return {}
 
 
-def start_pipeline(tmp_path, tiny_model_dir, services, *, max_staleness: int, steps: int, scorers: int = 1):
+def start_pipeline(tmp_path, tiny_model_dir, services, *, max_staleness: int, steps: int, scorers: int = 1,
+                   credits: bool = True):
     sections = local_run_config(tmp_path, tiny_model_dir, run={"max_staleness": max_staleness},
                                 learner={"total_steps": steps}, scorers=scorers)
+    sections["generator"]["credits"] = credits
     procs = services(write_config(tmp_path / "run.toml", sections))
     for name in ("learner", "buffer", "scorer"):
         procs.start(name)
@@ -93,8 +95,13 @@ def test_four_services_train_late_generator_joins_and_learner_resumes(tmp_path, 
     assert max(v for r in records[n:] for v in r["behaviour_versions"]) >= n + 1
 
 
-def test_small_max_staleness_drops_stale_rollouts(tmp_path, tiny_model_dir, services):
-    procs, ports = start_pipeline(tmp_path, tiny_model_dir, services, max_staleness=0, steps=6, scorers=2)
+@pytest.mark.parametrize("credits", [False, True], ids=["free_sampling", "credits"])
+def test_sync_mode_drops_stale_rollouts_unless_credits_admit_them(tmp_path, tiny_model_dir, services, credits):
+    """max_staleness = 0, two generators, two scorers: sampling freely, generators keep sampling with v
+    while the learner trains v + 1 and the buffer drops those rollouts; with generation credits
+    (issue 11) they wait for the new version instead and nothing generated is dropped."""
+    procs, ports = start_pipeline(tmp_path, tiny_model_dir, services, max_staleness=0, steps=6, scorers=2,
+                                  credits=credits)
     procs.start("scorer", 1)
     procs.start("generator", 1)
     learner = procs.procs["learner-0"]
@@ -104,8 +111,14 @@ def test_small_max_staleness_drops_stale_rollouts(tmp_path, tiny_model_dir, serv
     # strictly on-policy: every trained rollout was sampled by the current version
     assert all(r["staleness_max"] == 0 for r in records), [r["staleness_max"] for r in records]
     dropped = sum(r["dropped_stale"] for r in records)
-    assert dropped > 0, procs.logs()
-    assert scrape(ports["buffer_port"])["streamrl_buffer_dropped_stale_total"] >= dropped
+    buffer = scrape(ports["buffer_port"])
+    if credits:
+        assert dropped == 0 and buffer["streamrl_buffer_dropped_stale_total"] == 0, procs.logs()
+        assert buffer["streamrl_buffer_credits_granted_total"] > 0
+        assert scrape(ports["generator_port"])["streamrl_generator_credit_wait_seconds_total"] > 0  # it waited
+    else:
+        assert dropped > 0, procs.logs()
+        assert buffer["streamrl_buffer_dropped_stale_total"] >= dropped
     # both scorers took a share of the rollouts (generators round-robin over them)
     for i in (0, 1):
         assert scrape(ports["scorer_port"] + i)["streamrl_scorer_rollouts_scored_total"] > 0, procs.logs()

@@ -29,3 +29,13 @@ def test_observe_step():
     assert value("staleness_bucket", {"le": "0.0"}) == 3
     assert value("kl") == 0  # not in the record: left as it was
     assert set(metrics.last_step) == set(STEP_GAUGES)
+
+
+def test_busy_ratio_is_training_and_publishing_over_all_time():
+    registry = ServiceMetrics("learner", "learner-0")
+    metrics = LearnerMetrics(registry)
+    base = {"step": 1, "tokens": 1, "dropped_stale": 0, "evicted": 0}
+    metrics.observe_step({**base, "wait_data_s": 6.0, "train_s": 3.0, "publish_s": 1.0}, staleness=[0])
+    assert registry.registry.get_sample_value("streamrl_learner_busy_ratio") == 4 / 10
+    metrics.observe_step({**base, "wait_data_s": 0.0, "train_s": 9.5, "publish_s": 0.5}, staleness=[0])
+    assert registry.registry.get_sample_value("streamrl_learner_busy_ratio") == 14 / 20
