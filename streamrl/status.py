@@ -250,11 +250,12 @@ def describe(service: str, now: dict[str, float], before: dict[str, float] | Non
     if service == "learner":
         return (f"step {g('step'):.0f}  v{g('policy_version'):.0f}  reward {g('reward_mean'):+.3f}  kl {g('kl'):.4f}  "
                 f"ratio max {g('importance_ratio_max'):.2f}  ess {g('effective_sample_size_ratio'):.2f}  "
-                f"{g('samples_per_second'):.2f} samples/s")  # its own rate over the last step (wait + train)
+                f"{g('samples_per_second'):.2f} samples/s  busy {g('busy_ratio'):.0%}")  # its own rate over the last step
     if service == "buffer":
         return (f"{g('groups'):.0f} groups ({g('rollouts'):.0f} rollouts, {g('incomplete_groups'):.0f} incomplete)  "
                 f"in {rate('inserted_total'):.2f}/s  out {rate('sampled_total'):.2f}/s  "
-                f"stale-dropped {g('dropped_stale_total'):.0f}  evicted {g('evicted_total'):.0f}")
+                f"stale-dropped {g('dropped_stale_total'):.0f}  evicted {g('evicted_total'):.0f}  "
+                f"credits out {g('credits_outstanding'):.0f}")
     if service == "scorer":
         line = f"{g('rollouts_scored_total'):.0f} scored  {rate('rollouts_scored_total'):.2f}/s  lost {g('rollouts_lost_total'):.0f}"
         if g("reward_failing"):
@@ -264,7 +265,8 @@ def describe(service: str, now: dict[str, float], before: dict[str, float] | Non
         return line
     return (f"v{g('policy_version'):.0f} (newest v{g('announced_version'):.0f})  {g('rollouts_total'):.0f} rollouts  "
             f"{rate('rollouts_total'):.2f}/s  {rate('tokens_total'):.1f} tok/s  "
-            f"waiting for weights {g('weight_wait_seconds_total'):.0f}s")
+            f"waiting for weights {g('weight_wait_seconds_total'):.0f}s, credits {g('credit_wait_seconds_total'):.0f}s  "
+            f"useful {g('useful_ratio'):.0%}")
 
 
 def render(cfg: Config, generators: int, interval: float | None, ts: list[Target] | None = None,

@@ -15,11 +15,13 @@ def test_status_table_from_live_endpoints(monkeypatch):
     buffer.gauge("rollouts", "r").set(48)
     inserted = buffer.counter("inserted_total", "i")
     buffer.counter("dropped_stale_total", "d").inc(7)
+    buffer.gauge("credits_outstanding", "c").set(3)
     buffer.rejected.labels(reason="malformed").inc(3)
     gen = ServiceMetrics("generator", "generator-0")
     gport = gen.serve("127.0.0.1", 0)
     gen.gauge("policy_version", "v").set(5)
     gen.gauge("announced_version", "a").set(6)
+    gen.gauge("useful_ratio", "u").set(0.875)
     cfg = validate_config({"metrics": {"buffer_port": port, "generator_port": gport,
                                        "learner_port": free_port(), "scorer_port": free_port()}})
     # 10 rollouts arrive between the two scrapes, which are "2 s" apart
@@ -38,3 +40,4 @@ def test_status_table_from_live_endpoints(monkeypatch):
     assert "12 groups (48 rollouts" in rows["buffer-0"] and "stale-dropped 7" in rows["buffer-0"]
     assert "in 5.00/s" in rows["buffer-0"] and "rejected 3" in rows["buffer-0"]
     assert rows["generator-0"].split()[1] == "up" and "v5 (newest v6)" in rows["generator-0"]
+    assert "useful 88%" in rows["generator-0"] and "credits out 3" in rows["buffer-0"]

@@ -83,6 +83,7 @@ def test_rates_span_a_learner_step(fake_clock):
                 "learner": {"groups_per_step": 4}, "generator": {"group_size": 4}}
     cfg = validate_config(sections)
     learner.gauge("samples_per_second", "s").set(2.0)  # 16 rows per step / 2 per s: a step takes 8 s
+    learner.gauge("busy_ratio", "b").set(0.625)
     sampled = buffer.counter("sampled_total", "s")
     history = ScrapeHistory()
     fake_clock["during_sleep"].append(lambda: sampled.inc(16))  # one batch served during the first wait
@@ -92,6 +93,7 @@ def test_rates_span_a_learner_step(fake_clock):
     rows = {line.split()[0]: line for line in first[1:]}
     assert "out 1.90/s" in rows["buffer-0"]  # 16 / 8.4
     assert "2.00 samples/s" in rows["learner-0"]  # the learner's own rate over its last step
+    assert "busy 62%" in rows["learner-0"]  # training + publishing / all its time (0.625 rounds to even)
     # --watch: 2 s later no batch was served, yet the window still spans the last step
     second = {line.split()[0]: line for line in render(cfg, 0, None, history=history).splitlines()[1:]}
     assert fake_clock["slept"][1:] == [2.0]

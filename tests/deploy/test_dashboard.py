@@ -59,6 +59,7 @@ def test_dashboard_has_the_panels_the_issue_asks_for():
         "streamrl_buffer_producers_blocked_seconds_total",
         "streamrl_generator_weight_fetch_seconds_bucket", "streamrl_generator_weight_load_seconds_bucket",
         "streamrl_generator_policy_version",
+        "streamrl_learner_busy_ratio", "streamrl_generator_useful_ratio", "streamrl_buffer_credits_outstanding",
     ] + [f"streamrl_{s}_messages_rejected_total" for s in ("generator", "scorer", "buffer", "learner")]
     used = set().union(*(metric_names(e) for _, e in queries(load_dashboard())))
     assert not set(wanted) - used, set(wanted) - used
