@@ -1,0 +1,274 @@
+"""People in the loop on SmolLM2: TAMER+RL reward shaping vs control sharing vs no feedback, at equal wall time.
+
+The environment reward is VADER's compound score (the default job). A simulated labeller
+(``python -m streamrl.services.feedback.simulate``, HTTP API only) likes a property VADER ignores:
+``--likes`` (default ``char:o``: the fraction of the letter ``o`` in the completion). Each arm runs
+the five services (learner, buffer, scorer, generator and, for the feedback arms, the feedback
+service plus the labeller) from the same config (``deploy/configs/default.toml`` with the
+overrides below) for ``--seconds`` of wall time after the learner's first step, then the learner is
+stopped (SIGTERM: it checkpoints) and its last checkpoint is evaluated on held-out prompts:
+``--samples`` completions of each of ``--prompts`` held-out prompts, VADER and the labeller's
+property per completion, mean and standard error over prompts (completions of one prompt are
+correlated). Figures per arm: learner steps, labels used, both rewards +- SE, the delay from a label to
+the first H-hat version that includes it (``streamrl_feedback_label_to_model_seconds``, mean), and the
+delay from the first label to the first learner step whose batch H-hat influenced (shaped reward or
+H-hat's pick kept).
+
+Usage (from the repository root)::
+
+    flock /tmp/streamrl-heavy.lock .venv/bin/python -m bench.feedback --seconds 240
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+
+from bench.report import REPO, command_line, environment, environment_line, markdown_table, write_results
+from streamrl.common.config import load_config
+from streamrl.common.messages import SamplingParams
+from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path
+from streamrl.evaluation import held_out_prompts
+from streamrl.services.feedback.simulate import preference
+from streamrl.services.generator.sampling import prepare_prompts, sample_completions
+from streamrl.services.scorer.rewards import vader_sentiment
+from streamrl.testing import Services, add_labeller, free_port, scrape, wait_until
+
+ARMS = ("none", "reward_shaping", "control_sharing")
+CONFIG = REPO / "deploy" / "configs" / "default.toml"
+
+
+def arm_overrides(workdir: Path, arm: str, args) -> tuple[list[str], dict]:
+    """`--set` overrides of one arm: fresh loopback ports, output under ``workdir``; the ports used."""
+    ports = {k: free_port() for k in ("generator", "scorer", "buffer", "learner", "feedback", "http")}
+    values = {
+        "run.output_dir": str(workdir / "run"),
+        "learner.total_steps": 100000,
+        "learner.checkpoint_every": 100000,
+        "learner.lr": args.lr,
+        "learner.groups_per_step": 2,
+        "generator.max_new_tokens": args.max_new_tokens,
+        "endpoints.scorers": [f"tcp://127.0.0.1:{free_port()}"],
+        **{f"endpoints.{k}": f"tcp://127.0.0.1:{free_port()}" for k in ("buffer", "batches", "weights_announce",
+                                                                          "weights", "feedback", "human_model")},
+        **{f"metrics.{k}_port": ports[k] for k in ("generator", "scorer", "buffer", "learner", "feedback")},
+    }
+    if arm != "none":
+        values.update({"feedback.enabled": True, "feedback.combination": arm, "feedback.http_port": ports["http"],
+                       "feedback.beta": args.beta, "feedback.beta_decay": args.beta_decay,
+                       "feedback.candidates": args.candidates, "feedback.min_labels": 8})
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()], ports
+
+
+def run_arm(arm: str, args, workdir: Path) -> dict:
+    """Run one arm for ``args.seconds`` after the first learner step; returns its figures."""
+    overrides, ports = arm_overrides(workdir, arm, args)
+    config = workdir / "run.toml"
+    config.write_text(CONFIG.read_text().replace('path = "../prompts/', f'path = "{CONFIG.parent.parent}/prompts/'))
+    set_args = [a for o in overrides for a in ("--set", o)]
+    procs = Services(config, workdir)
+    names = ["learner", "buffer", "scorer", "generator"] + (["feedback"] if arm != "none" else [])
+    for name in names:
+        procs.start(name, 0, *set_args)
+    metrics_jsonl = workdir / "run" / "metrics.jsonl"
+    labeller = None
+    result: dict = {"arm": arm}
+    try:
+        if arm != "none":
+            url = f"http://127.0.0.1:{ports['http']}"
+
+            def up() -> bool:
+                try:
+                    return requests.get(url + "/healthz", timeout=2).ok
+                except requests.RequestException:
+                    return False
+
+            if not wait_until(up, 600):
+                raise RuntimeError(f"feedback service did not start\n{procs.logs()}")
+            cfg_args = ["--config", str(config)] + set_args
+            token = subprocess.run([sys.executable, "-m", "streamrl.services.feedback.admin", *cfg_args, "labeller",
+                                    "add", "simulated"], capture_output=True, text=True, check=True).stdout.strip()
+            labeller = subprocess.Popen([sys.executable, "-m", "streamrl.services.feedback.simulate", "--url", url,
+                                         "--token", token, "--likes", args.likes, "--labels-per-second",
+                                         str(args.labels_per_second), "--duration", str(args.seconds + 600)],
+                                        stdout=subprocess.PIPE, text=True)
+        if not wait_until(lambda: metrics_jsonl.exists() and metrics_jsonl.read_text().strip(), 900):
+            raise RuntimeError(f"no learner step\n{procs.logs()}")
+        started = time.time()
+        time.sleep(args.seconds)
+        if arm != "none":
+            feedback = scrape(ports["feedback"])
+            count = feedback.get("streamrl_feedback_label_to_model_seconds_count", 0)
+            result["label_to_model_s"] = (feedback.get("streamrl_feedback_label_to_model_seconds_sum", 0) / count
+                                          if count else math.nan)
+        procs.stop("learner-0", signal.SIGTERM, timeout=300)
+        records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
+        result["steps"] = len(records)
+        result["steps_in_window"] = sum(r["time"] >= started for r in records)
+        if arm != "none":
+            db = workdir / "run" / "feedback" / "labels.sqlite3"
+            with sqlite3.connect(db) as con:
+                result["labels"] = con.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
+                first_label = con.execute("SELECT MIN(created_at) FROM labels").fetchone()[0]
+            influenced = [r["time"] for r in records if r.get("human/shaped_fraction", 0) > 0
+                          or r.get("human/by_model_fraction", 0) > 0]
+            result["first_label_to_influenced_step_s"] = (min(influenced) - first_label
+                                                          if influenced and first_label else math.nan)
+        else:
+            result["labels"] = 0
+    finally:
+        if labeller is not None:
+            labeller.terminate()
+            labeller.wait(30)
+        procs.close()
+    checkpoints = sorted((workdir / "run" / "checkpoints").glob("step-*"))
+    result.update(evaluate(args, config, set_args, checkpoints[-1] / "model"))
+    return result
+
+
+def evaluate(args, config: Path, set_args: list[str], model_dir: Path) -> dict:
+    """VADER and the labeller's property of held-out completions: mean and SE over prompts."""
+    cfg = load_config(config, [o for o in set_args if o != "--set"])
+    configure_torch(2, seed=1234)
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.path, cfg.model.cache_path))
+    model = load_causal_lm(str(model_dir), device=torch.device("cpu")).eval()
+    prompts = held_out_prompts(cfg, args.prompts)
+    likes = preference(args.likes)
+    sampling = SamplingParams(temperature=cfg.generator.temperature, top_p=cfg.generator.top_p,
+                              max_new_tokens=cfg.generator.max_new_tokens)
+    vader, prop = [], []
+    for start in range(0, len(prompts), 8):
+        batch = prompts[start:start + 8]
+        _, ids = prepare_prompts(tokenizer, batch, chat_template=cfg.model.chat_template,
+                                 system_prompt=cfg.model.system_prompt, max_prompt_tokens=cfg.generator.max_prompt_tokens)
+        for group in sample_completions(model, tokenizer, ids, group_size=args.samples, sampling=sampling):
+            texts = [c.text for c in group]
+            vader.append(float(np.mean(vader_sentiment([""] * len(texts), texts, [{}] * len(texts)))))
+            prop.append(float(np.mean([likes(t) for t in texts])))
+
+    def mean_se(values):
+        values = np.array(values)
+        return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
+
+    (v, v_se), (p, p_se) = mean_se(vader), mean_se(prop)
+    return {"vader": v, "vader_se": v_se, "liked": p, "liked_se": p_se, "eval_prompts": len(prompts)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.feedback", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=240, help="wall time per arm after the first step")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--likes", default="char:o")
+    parser.add_argument("--labels-per-second", type=float, default=2.0)
+    parser.add_argument("--beta", type=float, default=1.0)
+    parser.add_argument("--beta-decay", type=float, default=0.99)
+    parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--prompts", type=int, default=48, help="held-out prompts evaluated")
+    parser.add_argument("--samples", type=int, default=4, help="completions per held-out prompt")
+    args = parser.parse_args(argv)
+    arms = args.arms.split(",")
+    results = []
+    for arm in arms:
+        with tempfile.TemporaryDirectory(prefix=f"bench-feedback-{arm}-") as tmp:
+            print(f"arm {arm}: {args.seconds:.0f}s", flush=True)
+            results.append(run_arm(arm, args, Path(tmp)))
+            print(json.dumps(results[-1]), flush=True)
+    env = environment()
+    rows = [[r["arm"], r["steps"], r["labels"], f"{r['vader']:.3f} ± {r['vader_se']:.3f}",
+             f"{r['liked']:.4f} ± {r['liked_se']:.4f}", r.get("label_to_model_s", math.nan),
+             r.get("first_label_to_influenced_step_s", math.nan)] for r in results]
+    table = markdown_table(["arm", "learner steps", "labels", "held-out VADER ± SE",
+                            f"held-out {args.likes} ± SE", "label -> H-hat (s, mean)",
+                            "first label -> influenced step (s)"], rows)
+    section = f"""## People in the loop: TAMER+RL on SmolLM2 (reward shaping vs control sharing vs none)
+
+`{command_line()}`
+
+Equal wall time per arm ({args.seconds:.0f} s after the learner's first step), VADER as the environment
+reward, a simulated labeller (HTTP API only, {args.labels_per_second:g} labels/s, ratings and pairwise picks
+alternating) that likes `{args.likes}`, which VADER ignores; beta = {args.beta:g}, decay {args.beta_decay:g} per
+step, K = {args.candidates} candidates under control sharing, lr {args.lr:g}, {args.max_new_tokens} new tokens.
+Held-out: {results[0]['eval_prompts']} prompts x {args.samples} completions of the last checkpoint; SE over prompts.
+
+{table}
+
+{environment_line(env)}
+"""
+    write_results("feedback", {"args": vars(args), "results": results, "environment": env}, section)
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+def feed_overhead(n: int = 20000) -> dict:
+    """Seconds per scored rollout a scorer spends publishing it on the feed (encode + PUB send), with nobody
+    subscribed and with a subscriber draining it, next to the seconds VADER takes to score one."""
+    import threading
+
+    import zmq
+
+    from streamrl.common.messages import FinishReason, Rollout, ScoredRollout
+    from streamrl.common.transport import make_socket, try_send
+
+    rollout = Rollout(prompt_id="p", group_id="g", rollout_id="g:0", generator_id="generator-0", group_size=4,
+                      prompt_tokens=np.arange(64, dtype=np.int32), completion_tokens=np.arange(32, dtype=np.int32),
+                      behaviour_logprobs=np.full(32, -1.5, np.float32), policy_version=3,
+                      finish_reason=FinishReason.LENGTH,
+                      sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=32),
+                      prompt_text="This movie was one of the " * 4, completion_text="best films I have seen " * 6)
+    scored = ScoredRollout(rollout=rollout, reward=0.5, reward_parts={"vader_sentiment": 0.5})
+    ctx = zmq.Context()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    out = {}
+    pub = make_socket(ctx, zmq.PUB, connect=[endpoint], max_message_bytes=1 << 26, hwm=32)
+    start = time.perf_counter()
+    for _ in range(n):
+        try_send(pub, scored)
+    out["publish_nobody_s"] = (time.perf_counter() - start) / n
+    sub = make_socket(ctx, zmq.SUB, bind=endpoint, subscribe=b"", max_message_bytes=1 << 26, hwm=1000)
+    received = [0]
+    stop = threading.Event()
+
+    def drain():
+        while not stop.is_set():
+            if sub.poll(100):
+                sub.recv_multipart(copy=False)
+                received[0] += 1
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    time.sleep(0.5)  # the subscription reaches the PUB
+    start = time.perf_counter()
+    for _ in range(n):
+        try_send(pub, scored)
+    out["publish_watched_s"] = (time.perf_counter() - start) / n
+    time.sleep(0.5)
+    stop.set()
+    thread.join()
+    out["received_watched"] = received[0]
+    texts = [rollout.completion_text] * 64
+    start = time.perf_counter()
+    for _ in range(20):
+        vader_sentiment([""] * 64, texts, [{}] * 64)
+    out["vader_per_rollout_s"] = (time.perf_counter() - start) / (20 * 64)
+    pub.close(0)
+    sub.close(0)
+    ctx.term()
+    return out

@@ -1,0 +1,94 @@
+"""Learning from a simulated labeller on the tiny model (reward shaping), against the same run without feedback.
+
+The environment reward is the fraction of ``e`` in a completion; the simulated labeller (a separate
+process that uses only the HTTP API) likes ``a``, which that reward ignores. With reward shaping
+(R + beta * H-hat, beta = 1, no decay), the final policy's completions carry more ``a`` than those
+of the run without feedback, by more than 2 standard errors of the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from streamrl.common.models import load_causal_lm, load_tokenizer
+from streamrl.common.messages import SamplingParams
+from streamrl.services.generator.sampling import encode_prompts, sample_completions
+from streamrl.testing import add_labeller, feedback_sections, local_run_config, wait_until, write_config
+
+pytestmark = pytest.mark.slow
+
+STEPS = 60
+PROMPTS = ["The film was", "I think that", "My review:", "Overall it is"]
+
+
+def run_job(tmp_path, tiny_model_dir, services, *, feedback: bool) -> tuple[np.ndarray, dict]:
+    """One job to STEPS learner steps; returns the final policy's ``a`` fractions and the labeller's counts."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    sections = local_run_config(tmp_path, tiny_model_dir, learner={
+        "total_steps": STEPS, "lr": 3e-3, "kl_coef": 0.0, "normalize_rewards": False, "checkpoint_every": STEPS},
+        generator={"group_size": 8, "max_new_tokens": 12}, buffer={"capacity_groups": 8})
+    if feedback:
+        sections = feedback_sections(sections, combination="reward_shaping", beta=1.0, beta_decay=1.0, min_labels=4,
+                                     fit_interval_s=0.3)
+    config = write_config(tmp_path / "run.toml", sections)
+    procs = services(config)
+    names = ("learner", "buffer", "scorer", "generator") + (("feedback",) if feedback else ())
+    for name in names:
+        procs.start(name)
+    counts: dict = {}
+    if feedback:
+        url = f"http://127.0.0.1:{sections['feedback']['http_port']}"
+
+        def up() -> bool:
+            try:
+                return requests.get(url + "/healthz", timeout=1).ok
+            except requests.RequestException:
+                return False
+
+        assert wait_until(up, 120), procs.logs()
+        token = add_labeller(config, "simulated")
+        labeller = subprocess.Popen([sys.executable, "-m", "streamrl.services.feedback.simulate", "--url", url,
+                                     "--token", token, "--likes", "char:a", "--labels-per-second", "10",
+                                     "--duration", "600"], stdout=subprocess.PIPE, text=True)
+    learner = procs.procs["learner-0"]
+    try:
+        assert wait_until(lambda: learner.poll() is not None, timeout=420) and learner.returncode == 0, procs.logs()
+    finally:
+        if feedback:
+            labeller.terminate()
+            labeller.wait(10)
+    if feedback:
+        records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        counts = {"shaped_steps": sum(r.get("human/shaped_fraction", 0) > 0 for r in records)}
+    model_dir = tmp_path / "run" / "checkpoints" / f"step-{STEPS:06d}" / "model"
+    return sample_a_fraction(model_dir), counts
+
+
+def sample_a_fraction(model_dir) -> np.ndarray:
+    torch.manual_seed(123)
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_causal_lm(str(model_dir), device=torch.device("cpu")).eval()
+    ids = encode_prompts(tokenizer, PROMPTS, max_prompt_tokens=32, add_special_tokens=False)
+    texts = [c.text for _ in range(4) for group in sample_completions(
+        model, tokenizer, ids, group_size=32, sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=12))
+        for c in group]
+    return np.array([t.count("a") / max(1, len(t)) for t in texts])
+
+
+def test_simulated_feedback_raises_the_property_the_reward_ignores(tmp_path, tiny_model_dir, services):
+    with_feedback, counts = run_job(tmp_path / "feedback", tiny_model_dir, services, feedback=True)
+    without, _ = run_job(tmp_path / "plain", tiny_model_dir, services, feedback=False)
+    diff = with_feedback.mean() - without.mean()
+    se = math.sqrt(with_feedback.var(ddof=1) / len(with_feedback) + without.var(ddof=1) / len(without))
+    print(f"fraction of 'a': with feedback {with_feedback.mean():.4f}, without {without.mean():.4f}, "
+          f"difference {diff:.4f} = {diff / se:.1f} SE; {counts}")
+    assert counts["shaped_steps"] > STEPS // 3
+    assert diff > 2 * se, (with_feedback.mean(), without.mean(), se)
