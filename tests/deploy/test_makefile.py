@@ -49,3 +49,4 @@ def test_make_test_still_installs_prometheus(tmp_path):
 def test_make_test_installs_the_kubernetes_tools_into_the_venv_only(tmp_path):
     test, run = dry_run("test", tmp_path), dry_run("run", tmp_path)
     assert 'pip install --quiet -e ".[k8s]"' in test and "[k8s]" not in run
+    assert "install -y -qq --no-install-recommends iproute2" in test and "iproute2" not in run
