@@ -86,7 +86,7 @@ def prepare_prompts(
 NEUTRAL_SETTINGS: dict[str, object] = {
     "top_k": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0,
     "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
-    "min_length": 0, "min_new_tokens": 0, "guidance_scale": 1.0, "renormalize_logits": False,
+    "min_length": 0, "guidance_scale": 1.0, "renormalize_logits": False,
     "remove_invalid_values": False, "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0,
     "length_penalty": 1.0, "num_return_sequences": 1, "early_stopping": False,
 }
