@@ -593,6 +593,9 @@ class ScorerSection(_Section):
     failing_after: int = Field(3, ge=1, description="micro-batches in a row whose reward raised before the scorer "
                                "reports the reward as failing (log, `reward_failing` metric, `streamrl status`, the "
                                "learner's wait message)")
+    reference_logprobs: bool = Field(True, description="scorers compute the frozen reference model's per-token "
+                                     "log-probs and send them with each rollout, so the learner skips its reference "
+                                     "pass (top_p = 1 only; otherwise, or when false, the learner runs it)")
 
 
 class BufferSection(_Section):

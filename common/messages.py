@@ -40,7 +40,8 @@ SCHEMA_VERSION: tuple[int, int] = (1, 2)
 
 1.1 added the optional ``Rollout.selection`` and ``ScoredRollout.human`` fields and the
 ``human_model`` message (people in the loop); a 1.0 receiver ignores them.
-1.2 added the ``credit_request`` / ``credit_grant`` messages (generation credits, issue 11)."""
+1.2 added the ``credit_request`` / ``credit_grant`` messages (generation credits, issue 11) and the
+optional ``ScoredRollout.reference_logprobs`` (reference pass in the scorers)."""
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """Largest message (all frames together) a decoder accepts, in bytes."""
@@ -105,10 +106,13 @@ class ErrorCode(str, Enum):
     INTERNAL = "internal"
 
 
-def array_field(dtype: str, ndim: int) -> Any:
-    """A dataclass field holding a ``numpy.ndarray`` of ``dtype`` with ``ndim`` dims."""
+def array_field(dtype: str, ndim: int, *, optional: bool = False) -> Any:
+    """A dataclass field holding a ``numpy.ndarray`` of ``dtype`` with ``ndim`` dims
+    (``optional``: or None, the default; a receiver gets None when it is absent or null)."""
     if dtype not in _ALLOWED_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not allowed on the wire")
+    if optional:
+        return field(default=None, metadata={"dtype": dtype, "ndim": ndim, "optional": True})
     return field(metadata={"dtype": dtype, "ndim": ndim})
 
 
@@ -284,6 +288,9 @@ class ScoredRollout(Message):
         scorer_id: the scorer process that scored it.
         human: H-hat's score (:class:`HumanScore`) when a human-reinforcement model was
             active in the scorer; None otherwise.
+        reference_logprobs: ``[T]`` float32 log-probs (nats) of the completion tokens under the
+            frozen reference model, computed by the scorer (``streamrl.common.reference``,
+            issue 11); None when not computed (the learner then runs its own reference pass).
     """
 
     KIND: ClassVar[str] = "scored_rollout"
@@ -292,9 +299,14 @@ class ScoredRollout(Message):
     reward_parts: dict = field(default_factory=dict)
     scorer_id: str = ""
     human: HumanScore | None = None
+    reference_logprobs: np.ndarray | None = array_field("float32", 1, optional=True)
 
     def check(self) -> None:
         self.rollout.check()
+        if self.reference_logprobs is not None:
+            _require(self.reference_logprobs.shape == self.rollout.completion_tokens.shape,
+                     "reference_logprobs must have one entry per completion token")
+            _require(bool(np.all(np.isfinite(self.reference_logprobs))), "reference_logprobs has non-finite values")
         _require(math.isfinite(self.reward), "reward is not finite")
         if self.human is not None:
             _require(math.isfinite(self.human.value) and -1 <= self.human.value <= 1,
@@ -794,7 +806,9 @@ def _build(cls: type, data: Any, payloads: _Frames, where: str) -> Any:
                 raise ProtocolError(RejectReason.BAD_FIELD, f"{name} is missing")
             continue
         value = data[f.name]
-        if f.metadata.get("dtype"):
+        if value is None and f.metadata.get("optional"):
+            kwargs[f.name] = None
+        elif f.metadata.get("dtype"):
             kwargs[f.name] = _build_array(value, f.metadata, payloads, name)
         else:
             kwargs[f.name] = _convert(hints[f.name], value, payloads, name)

@@ -163,7 +163,8 @@ def _fields(cls: type, prefix: tuple = ()) -> list[_Field]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
-        tp = "array" if f.metadata.get("dtype") else hints[f.name]
+        tp = ("optional_array" if f.metadata.get("optional") else "array") if f.metadata.get("dtype") \
+            else hints[f.name]
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         path = (*prefix, f.name)
         out.append(_Field(path, tp, required))
@@ -194,9 +195,10 @@ _TIMESTAMP = msgpack.Timestamp(1, 0)
 
 def _wrong_values(tp: Any) -> list[tuple[Any, RejectReason]]:
     """Values of the wrong type for a field declared ``tp``, with the reason each gets."""
-    if tp == "array":
-        return [("x", R.BAD_ARRAY), (5, R.BAD_ARRAY), (None, R.BAD_ARRAY), ([1, 2], R.BAD_ARRAY),
-                (msgpack.ExtType(2, msgpack.packb([1])), R.BAD_ARRAY)]
+    if tp in ("array", "optional_array"):  # None is a valid optional array (absent)
+        return [("x", R.BAD_ARRAY), (5, R.BAD_ARRAY), ([1, 2], R.BAD_ARRAY),
+                (msgpack.ExtType(2, msgpack.packb([1])), R.BAD_ARRAY)] + \
+            ([(None, R.BAD_ARRAY)] if tp == "array" else [])
     f = R.BAD_FIELD
     if tp is int:
         return [("7", f), (1.5, f), (None, f), ([1], f), ({"a": 1}, f), (True, f), (2**64 - 1, f), (b"\x01", f),

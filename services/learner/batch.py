@@ -93,6 +93,9 @@ class TrainBatch:
         weights: ``[B]`` float32 per-rollout loss weights, or None (all 1): mu/q = 1/rho of
             rollouts a control-sharing generator selected (``streamrl.common.human.control_share``);
             the trainer multiplies each row's advantages by it.
+        ref_logprobs: ``[B, T]`` float32 reference log-probs the scorers computed
+            (``ScoredRollout.reference_logprobs``, ``streamrl.common.reference``; 0 on padding), or
+            None when a rollout lacks them: the trainer then runs its own reference pass.
     """
 
     input_ids: Tensor
@@ -106,6 +109,7 @@ class TrainBatch:
     versions: Tensor
     sampling: SamplingParams
     weights: Tensor | None = None
+    ref_logprobs: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -123,8 +127,9 @@ class TrainBatch:
         t = max(int(sub["mask"].sum(1).max()), 1)
         for name in ("input_ids", "attention_mask"):
             sub[name] = sub[name][:, :width]
-        for name in ("positions", "tokens", "mask", "behaviour_logprobs"):
-            sub[name] = sub[name][:, :t]
+        for name in ("positions", "tokens", "mask", "behaviour_logprobs", "ref_logprobs"):
+            if name in sub:
+                sub[name] = sub[name][:, :t]
         return TrainBatch(**sub, sampling=self.sampling)
 
     def to(self, device: torch.device) -> "TrainBatch":
@@ -152,6 +157,10 @@ def collate(rollouts: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
     input_ids, attention = pad_right([np.concatenate(pc) for pc in zip(prompts, completions)], value=pad_id)
     tokens, mask = pad_right(completions, value=pad_id)
     behaviour, _ = pad_right([s.rollout.behaviour_logprobs for s in rollouts], value=0.0, dtype=torch.float32)
+    ref = None
+    if all(s.reference_logprobs is not None for s in rollouts):  # computed by the scorers (issue 11)
+        ref, _ = pad_right([s.reference_logprobs for s in rollouts], value=0.0, dtype=torch.float32,
+                           width=tokens.shape[1])
     prompt_lengths = torch.tensor([len(p) for p in prompts])
     # the logits at prompt_len - 1 + t predict completion token t (0 on padding)
     positions = (prompt_lengths.unsqueeze(1) - 1 + torch.arange(tokens.shape[1])) * mask
@@ -169,6 +178,7 @@ def collate(rollouts: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
         group_ids=torch.tensor([group_index[s.rollout.group_id] for s in rollouts], dtype=torch.long),
         versions=torch.tensor([s.rollout.policy_version for s in rollouts], dtype=torch.long),
         sampling=rollouts[0].rollout.sampling,
+        ref_logprobs=ref,
     )
 
 

@@ -3,7 +3,8 @@
 A step (Ouyang et al. 2022 "InstructGPT" sec. 3.5; Schulman et al. 2017 PPO):
 
 1. one no-grad pass computes pi_old (the policy before this update), the
-   frozen reference's log-probs and, for ``gae``, the old values;
+   frozen reference's log-probs (unless the scorers sent them with the rollouts,
+   ``TrainBatch.ref_logprobs``, issue 11) and, for ``gae``, the old values;
 2. rewards are normalised with running statistics and clipped;
 3. advantages: ``gae`` uses per-token rewards ``-beta * KL_t`` plus the score
    on the last token (InstructGPT eq. 2) and the value head; ``grpo`` / ``rloo``
@@ -277,9 +278,12 @@ class PPOTrainer:
         old = forward_completions(self.policy, batch, value_head=self.value_head)
         if self.value_model is not None:
             old.values = self.value_model(batch)
-        ref = forward_completions(self.reference, batch, nucleus=old.nucleus)  # same nucleus (top_p < 1)
+        if batch.ref_logprobs is not None and batch.sampling.top_p >= 1:  # the scorers' pass (issue 11)
+            ref_logprobs = batch.ref_logprobs
+        else:
+            ref_logprobs = forward_completions(self.reference, batch, nucleus=old.nucleus).logprobs  # same nucleus
         old.nucleus = None  # [B, T, V]: not needed past this point
-        kl_tokens = fill_padding(*_kl_tokens(old.logprobs, ref.logprobs, mask, cfg.kl_estimator))
+        kl_tokens = fill_padding(*_kl_tokens(old.logprobs, ref_logprobs, mask, cfg.kl_estimator))
         beta = self.kl_controller.value
         scores = batch.scores
         if cfg.normalize_rewards:
@@ -307,7 +311,7 @@ class PPOTrainer:
         advantages = fill_padding(advantages, mask)
         if batch.weights is not None:  # control-shared rollouts: the loss of row b is weighted by mu/q (1/rho)
             advantages = advantages * batch.weights.to(advantages.dtype).unsqueeze(1)
-        return Targets(old=old, ref_logprobs=ref.logprobs, advantages=advantages, returns=returns,
+        return Targets(old=old, ref_logprobs=ref_logprobs, advantages=advantages, returns=returns,
                        kl_mean=float(masked_mean(kl_tokens, mask)),
                        kl_per_sequence=float(per_sequence_kl(kl_tokens, mask)), kl_coef=beta)
 

@@ -23,6 +23,7 @@ from streamrl.common.transport import Inbox, make_socket, send_when_ready, try_s
 from streamrl.services.scorer.health import RewardHealth
 from streamrl.services.scorer.human import add_human_scores
 from streamrl.services.scorer.metrics import ScorerMetrics
+from streamrl.services.scorer.reference import ReferencePass
 from streamrl.services.scorer.rewards import build_reward
 from streamrl.services.scorer.scoring import MAX_BATCH, score_batch, scorer_endpoint
 
@@ -50,6 +51,7 @@ class ScorerService:
                                 max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
         self.inbox = Inbox(ctx.metrics, [Rollout], max_bytes=t.max_message_bytes, socket_name="rollouts")
         self.metrics = ScorerMetrics(ctx.metrics)
+        self.reference = ReferencePass(cfg) if cfg.scorer.reference_logprobs else None
         self.health = RewardHealth(self.metrics, failing_after=cfg.scorer.failing_after, names=self.reward.names)
         fb = cfg.feedback
         # people in the loop: the feed to the feedback service (a PUB: never blocks, drops when nobody
@@ -118,6 +120,8 @@ class ScorerService:
                     metrics.human_scored.inc(len(results))
                 except (RuntimeError, ValueError) as err:  # scored without H-hat rather than lost
                     log.warning("H-hat could not score this micro-batch: %s", err)
+        if self.reference is not None:  # the learner's reference pass, done here (issue 11)
+            metrics.reference_seconds.observe(self.reference.fill(results))
         for sent, scored in enumerate(results):
             if not send_when_ready(self.push, scored, stop=self.ctx.stop, blocked_seconds=metrics.blocked,
                                    warn_after_s=self.ctx.config.transport.request_timeout_s, peer="the buffer"):

@@ -19,6 +19,8 @@ class ScorerMetrics(MetricSet):
                        ["reason", "error"])
     rewards = histogram("reward", "Reward of each scored rollout", buckets=REWARD_BUCKETS)
     seconds = histogram("scoring_seconds", "Seconds to score one micro-batch")
+    reference_seconds = histogram("reference_seconds", "Seconds of the reference pass over one micro-batch "
+                                  "(scorer.reference_logprobs)")
     blocked = counter("send_blocked_seconds_total", "Seconds blocked sending to the buffer")
     feed_sent = counter("feed_sent_total", "Scored rollouts published to the feedback service's feed (PUB: dropped "
                         "when it is not listening)")

@@ -66,6 +66,9 @@ def all_messages() -> list[m.Message]:
                      anchor_times=np.array([1.5, 2.5]), labels=7),
         m.CreditRequest(sender="gen-0-ab12", instance="generator-0", policy_version=3, groups_sent=17, want=2),
         m.CreditGrant(reply_to="x", credits=2, learner_version=4, epoch="e1", reason="2 of 3", trained_groups=9),
+        m.ScoredRollout(rollout=make_rollout(), reward=0.25,
+                        reference_logprobs=np.linspace(-3, -0.5, len(make_rollout().completion_tokens),
+                                                       dtype=np.float32)),
     ]
 
 
@@ -232,3 +235,19 @@ def test_rejects_bad_manifest():
 def test_encode_refuses_object_arrays():
     with pytest.raises(TypeError):
         m.encode(make_rollout(prompt_tokens=np.array([object()], dtype=object)))
+
+
+def test_reference_logprobs_are_optional_and_checked():
+    plain = m.decode(m.encode(make_scored()), expected=[m.ScoredRollout])
+    assert plain.reference_logprobs is None  # sent as null
+    header, payloads = header_of(make_scored())
+    del header["reference_logprobs"]  # a 1.1 sender does not know the field
+    assert m.decode(repack(header, payloads), expected=[m.ScoredRollout]).reference_logprobs is None
+    msg = make_scored()
+    msg.reference_logprobs = np.array([-0.5], dtype=np.float32)  # the completion has 2 tokens
+    reject(m.encode(msg), RejectReason.BAD_VALUE)
+    msg.reference_logprobs = np.array([-0.5, np.nan], dtype=np.float32)
+    reject(m.encode(msg), RejectReason.BAD_VALUE)
+    msg.reference_logprobs = np.array([-0.5, -2.0], dtype=np.float64)  # declared float32
+    with pytest.raises(TypeError):
+        m.encode(msg)

@@ -1,0 +1,41 @@
+"""The scorer's reference pass: per-token reference log-probs travel with each scored rollout (issue 11 item 2).
+
+The frozen reference model (``model.path``, the learner's reference) needs no weight sync, so
+the scorers, which scale like the generators, compute its log-probs
+(:func:`streamrl.common.reference.reference_logprobs`) and the learner skips its own
+reference pass. Rollouts sampled with ``top_p < 1`` are left without them (the learner reads
+the reference under pi_old's nucleus, which only it knows).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from streamrl.common.config import Config
+from streamrl.common.messages import ScoredRollout
+from streamrl.common.models import load_causal_lm, load_tokenizer, resolve_model_path, select_device
+from streamrl.common.reference import reference_logprobs
+
+
+class ReferencePass:
+    """Loads the reference model once and fills ``reference_logprobs`` of scored rollouts.
+
+    Args:
+        cfg: the run's config (``model.path``, ``scorer.device``).
+    """
+
+    def __init__(self, cfg: Config):
+        path = resolve_model_path(cfg.model.path, cfg.model.cache_path)
+        self.pad_id = load_tokenizer(path).pad_token_id
+        self.model = load_causal_lm(path, device=select_device(cfg.scorer.device)).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def fill(self, scored: Sequence[ScoredRollout]) -> float:
+        """Set ``reference_logprobs`` of each rollout that can have them; returns the seconds it took."""
+        start = time.perf_counter()
+        values = reference_logprobs(self.model, [s.rollout for s in scored], pad_id=self.pad_id)
+        for s, v in zip(scored, values):
+            s.reference_logprobs = v
+        return time.perf_counter() - start

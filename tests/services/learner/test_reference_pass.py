@@ -1,0 +1,127 @@
+"""The reference pass outside the learner (issue 11 item 2): log-probs the scorers compute with
+streamrl.common.reference equal the learner's own reference pass, and the KL penalty, advantages
+and a whole step computed from them equal today's learner-side values."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from streamrl.common.config import LearnerSection
+from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
+from streamrl.common.models import build_char_tokenizer, build_tiny_model
+from streamrl.common.reference import reference_logprobs
+from streamrl.services.learner.batch import collate, forward_completions
+from streamrl.services.learner.trainer import PPOTrainer
+
+TOKENIZER = build_char_tokenizer()
+PAD = TOKENIZER.pad_token_id
+
+
+def scored(i: int, prompt: str, completion: str, *, temperature: float = 0.7, top_p: float = 1.0) -> ScoredRollout:
+    p = TOKENIZER(prompt, add_special_tokens=False)["input_ids"]
+    c = TOKENIZER(completion, add_special_tokens=False)["input_ids"]
+    return ScoredRollout(
+        rollout=Rollout(prompt_id=f"p{i // 2}", group_id=f"g{i // 2}", rollout_id=f"r{i}", generator_id="g0",
+                        group_size=2, prompt_tokens=np.asarray(p, np.int32), completion_tokens=np.asarray(c, np.int32),
+                        behaviour_logprobs=np.full(len(c), -1.5, np.float32), policy_version=0,
+                        finish_reason=FinishReason.LENGTH,
+                        sampling=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=12)),
+        reward=float(i % 3) - 0.5,
+    )
+
+
+TEXTS = [("Hi", "there friend"), ("Hi", "yo"), ("A much longer prompt here", "ok!"),
+         ("A much longer prompt here", "not ok at all"), ("Q:", "x"), ("Q:", "an answer of some length")]
+
+
+def rollouts(**kw) -> list[ScoredRollout]:
+    return [scored(i, p, c, **kw) for i, (p, c) in enumerate(TEXTS)]
+
+
+def models():
+    torch.manual_seed(0)
+    return build_tiny_model(TOKENIZER, seed=0), build_tiny_model(TOKENIZER, seed=1).eval()
+
+
+def with_scorer_reference(items: list[ScoredRollout], reference, micro_batch: int) -> list[ScoredRollout]:
+    """As the scorers do: micro-batches of another composition than the learner's batch."""
+    out = copy.deepcopy(items)
+    for s, v in zip(out, reference_logprobs(reference, [s.rollout for s in out], pad_id=PAD,
+                                            micro_batch=micro_batch)):
+        s.reference_logprobs = v
+    return out
+
+
+@pytest.mark.parametrize("micro_batch", [1, 4, 16])
+def test_scorer_log_probs_equal_the_learners_reference_pass(micro_batch):
+    _, reference = models()
+    items = with_scorer_reference(rollouts(), reference, micro_batch)
+    batch = collate(items, pad_id=PAD)
+    with torch.no_grad():
+        learner_side = forward_completions(reference, batch).logprobs
+    assert batch.ref_logprobs is not None and batch.ref_logprobs.shape == learner_side.shape
+    mask = batch.mask.bool()
+    torch.testing.assert_close(batch.ref_logprobs[mask], learner_side[mask], atol=1e-5, rtol=1e-5)
+    assert (batch.ref_logprobs[~mask] == 0).all()
+    for s in items:  # one value per completion token, each a log-probability
+        assert s.reference_logprobs.shape == s.rollout.completion_tokens.shape
+        assert s.reference_logprobs.dtype == np.float32 and (s.reference_logprobs <= 1e-6).all()
+
+
+@pytest.mark.parametrize("kl_penalty", ["reward", "loss"])
+@pytest.mark.parametrize("advantage", ["grpo", "gae"])
+def test_kl_penalty_and_step_equal_with_and_without_the_scorers_values(kl_penalty, advantage):
+    cfg = LearnerSection(lr=1e-2, kl_coef=0.2, kl_penalty=kl_penalty, advantage=advantage, device="cpu",
+                         minibatches=2, kl_estimator="k3" if kl_penalty == "loss" else "k1")
+    policy, reference = models()
+    plain = rollouts()
+    items = with_scorer_reference(plain, reference, micro_batch=4)
+    results = []
+    for batch_items in (plain, items):
+        trainer = PPOTrainer(copy.deepcopy(policy), copy.deepcopy(reference), cfg)
+        batch = collate(batch_items, pad_id=PAD)
+        targets = trainer.targets(batch)
+        torch.manual_seed(3)  # the same minibatch order
+        stats = trainer.step(collate(batch_items, pad_id=PAD), current_version=0)
+        results.append((batch, targets, stats, trainer.policy.state_dict()))
+    (b0, t0, s0, w0), (b1, t1, s1, w1) = results
+    assert b0.ref_logprobs is None and b1.ref_logprobs is not None
+    mask = b0.mask.bool()
+    torch.testing.assert_close(t1.ref_logprobs[mask], t0.ref_logprobs[mask], atol=1e-5, rtol=1e-5)
+    assert t0.kl_mean > 1e-3  # the reference differs from the policy: the penalty is not trivially 0
+    assert t1.kl_mean == pytest.approx(t0.kl_mean, abs=1e-6)
+    torch.testing.assert_close(t1.advantages, t0.advantages, atol=1e-5, rtol=1e-4)
+    for key in ("kl", "loss/total", "loss/policy", "entropy", "grad_norm"):
+        assert s1[key] == pytest.approx(s0[key], rel=1e-4, abs=1e-6), key
+    for name in w0:
+        torch.testing.assert_close(w1[name], w0[name], atol=1e-4, rtol=1e-3)  # Adam: lr 1e-2 per update
+
+
+def test_top_p_below_one_and_partial_batches_fall_back_to_the_learner():
+    _, reference = models()
+    nucleus = rollouts(top_p=0.9)
+    assert reference_logprobs(reference, [s.rollout for s in nucleus], pad_id=PAD) == [None] * len(nucleus)
+    items = with_scorer_reference(rollouts(), reference, micro_batch=4)
+    items[2].reference_logprobs = None  # one rollout came from a scorer without the pass
+    assert collate(items, pad_id=PAD).ref_logprobs is None
+    # a selected minibatch keeps the values, trimmed like the other completion-aligned tensors
+    full = collate(with_scorer_reference(rollouts(), reference, micro_batch=4), pad_id=PAD)
+    sub = full.select(torch.tensor([1, 4]))  # the two shortest completions
+    assert sub.ref_logprobs.shape == sub.mask.shape
+    torch.testing.assert_close(sub.ref_logprobs, full.ref_logprobs[[1, 4], :sub.mask.shape[1]])
+
+
+def test_temperatures_are_read_per_rollout():
+    _, reference = models()
+    hot = rollouts(temperature=1.3)
+    cold = rollouts(temperature=0.5)
+    mixed = [hot[0], cold[1], hot[2]]
+    got = reference_logprobs(reference, [s.rollout for s in mixed], pad_id=PAD)
+    for s, g in zip(mixed, got):
+        alone = reference_logprobs(reference, [s.rollout], pad_id=PAD)[0]
+        np.testing.assert_allclose(g, alone, atol=1e-5)
+    assert not np.allclose(got[0], reference_logprobs(reference, [cold[0].rollout], pad_id=PAD)[0], atol=1e-3)
