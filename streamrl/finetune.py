@@ -336,8 +336,10 @@ class Stage:
         return cls(key=key, output=output, train=train, held=held, device=select_device(section.device),
                    base=base, tokenizer=load_tokenizer(base), started=started)
 
-    def save(self, model: torch.nn.Module, summary: dict, log: Callable[[str], None]) -> dict:
-        """Write ``model``, the tokenizer and ``summary.json`` (with the wall time) atomically."""
+    def save(self, model: torch.nn.Module, summary: dict, log: Callable[[str], None],
+             files: dict[str, list[dict]] | None = None) -> dict:
+        """Write ``model``, the tokenizer, ``summary.json`` (with the wall time) and ``files``
+        (name -> rows, as JSON lines) atomically."""
         summary["wall_seconds"] = round(time.perf_counter() - self.started, 1)
         for p in model.parameters():
             p.requires_grad_(True)  # frozen only for training; the saved model is whole
@@ -345,5 +347,7 @@ class Stage:
             model.save_pretrained(folder)
             self.tokenizer.save_pretrained(folder)
             (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+            for name, rows in (files or {}).items():
+                (folder / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
         log(f"{self.key}: wrote {self.output} in {summary['wall_seconds']:.0f} s")
         return summary

@@ -10,7 +10,11 @@ tokens only (:func:`streamrl.rlhf_losses.response_nll`). Batches are length-buck
 the learning rate warms up linearly then decays (``[sft] schedule``). The response loss
 on held-out rows (never trained on) is measured before and after. The output folder is a
 Hugging Face causal LM with its tokenizer (chat template kept): set it as ``model.path``
-of a PPO run and it is both the initial policy and the frozen reference.
+of a PPO run and it is both the initial policy and the frozen reference. Beside it:
+``summary.json``, ``prompts.jsonl`` / ``heldout_prompts.jsonl`` (the prompts of each split,
+``{"id", "text", "messages"}``: a prompt source for the generators) and
+``demonstrations.jsonl`` (``{"id", "text"}``, the training demonstrations as whole texts:
+``learner.ptx_data`` for PPO-ptx).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from streamrl.common.models import load_causal_lm
 from streamrl.finetune import Stage, Trunk, optimise
 from streamrl.rlhf_data import Example, render_prompt, response_text
 
-__all__ = ["encode_demonstration", "heldout_loss", "response_loss", "run_sft"]
+__all__ = ["demonstration_text", "encode_demonstration", "heldout_loss", "prompt_rows", "response_loss", "run_sft"]
 
 
 def encode_demonstration(example: Example, tokenizer, *, chat_template: bool, system_prompt: str | None,
@@ -133,4 +137,21 @@ def run_sft(config: Config, *, force: bool = False, log: Callable[[str], None] =
         "frozen_blocks": trunk.frozen, "trainable_parameters": sum(p.numel() for p in trunk.trainable_parameters),
         "chat_template": config.model.chat_template, **stats, "config": cfg.model_dump(mode="json"),
     }
-    return stage.save(model, summary, log)
+    files = {"prompts.jsonl": prompt_rows(stage.train), "heldout_prompts.jsonl": prompt_rows(stage.held),
+             "demonstrations.jsonl": [{"id": f"row-{e.row}", "text": demonstration_text(
+                 e, tokenizer, chat_template=config.model.chat_template, system_prompt=config.model.system_prompt)}
+                                      for e in stage.train]}
+    return stage.save(model, summary, log, files=files)
+
+
+def demonstration_text(example: Example, tokenizer, *, chat_template: bool, system_prompt: str | None) -> str:
+    """The whole demonstration as one text (rendered prompt + response + EOS token): a line of
+    ``demonstrations.jsonl``, the SFT data set for PPO-ptx (``learner.ptx_data``)."""
+    prompt = render_prompt(example, tokenizer, chat_template=chat_template, system_prompt=system_prompt)
+    return prompt + response_text(example.demonstration, chat_template=chat_template) + (tokenizer.eos_token or "")
+
+
+def prompt_rows(examples: Sequence[Example]) -> list[dict]:
+    """``{"id", "text", "messages"}`` per example: a prompt file for the generators
+    (``generator.prompts``, kind ``jsonl``) with the prompts of a split."""
+    return [{"id": f"row-{e.row}", "text": e.text, "messages": list(e.messages)} for e in examples]

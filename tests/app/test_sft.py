@@ -93,6 +93,13 @@ def test_sft_lowers_heldout_loss_and_writes_a_causal_lm(tiny_model_dir, tmp_path
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=7, do_sample=False, pad_token_id=0)
     assert tokenizer.decode(out[0, prompt.shape[1]:]).startswith(" ")  # learned the response format
+    from streamrl.common.prompts import load_jsonl
+
+    prompts = load_jsonl(folder / "prompts.jsonl")  # a prompt source for PPO's generators
+    assert len(prompts) == 100 and prompts[0].text.startswith("say ")
+    assert len(load_jsonl(folder / "heldout_prompts.jsonl")) == 20
+    demo = load_jsonl(folder / "demonstrations.jsonl")[0].text  # PPO-ptx data: prompt + response + EOS
+    assert demo.startswith("say ") and demo.endswith(" ok<eos>")
     lines = []
     again = run_sft(config, log=lines.append)  # complete: skipped
     assert again == summary and "skipped" in lines[0]
