@@ -3,7 +3,9 @@
 Every blocking wait in streamrl polls with a timeout (at most a second) and
 reports itself here while it lasts. :class:`Waits` keeps, per thing waited on,
 the gauge ``streamrl_<service>_waiting_seconds{on="<what>"}`` (seconds the
-current wait has lasted, 0 when not waiting) and logs a WARNING with the
+current wait has lasted, 0 when not waiting; computed when scraped, so it keeps
+growing while the process is blocked inside a call, e.g. a weight fetch retrying
+against a frozen learner) and logs a WARNING with the
 reason after ``warn_after_s`` seconds, again every ``warn_after_s`` seconds
 while the wait lasts, and an INFO line when it ends. A hung process is thus
 never silent: ``streamrl status`` and a Prometheus alert on
@@ -57,9 +59,10 @@ class Waits:
             Seconds this wait has lasted so far.
         """
         now = self.clock()
+        if on not in self._since:
+            self.gauge.labels(on=on).set_function(lambda: self.current(on))  # live, read at scrape time
         since = self._since.setdefault(on, now)
         elapsed = now - since
-        self.gauge.labels(on=on).set(elapsed)
         last = self._warned.get(on, since)
         if now - last >= self.warn_after_s:
             log.warning("%s has waited %.0fs on %s: %s", self.instance, elapsed, on, why if isinstance(why, str) else why())
@@ -72,7 +75,6 @@ class Waits:
         if since is None:
             return 0.0
         elapsed = self.clock() - since
-        self.gauge.labels(on=on).set(0)
         if self._warned.pop(on, None) is not None:
             log.info("%s resumed after waiting %.0fs on %s", self.instance, elapsed, on)
         return elapsed

@@ -334,6 +334,10 @@ class BatchRequest(Message):
         resumed_at: (schema 1.2, optional) the version this learner process started at (names
             the process: batches served to an earlier process and not covered by
             ``durable_version`` were lost with it and are served again); -1: not stated.
+        refused_batch: (schema 1.2, optional) ``msg_id`` of a batch the learner refused entirely
+            (no rollout passed its checks: another model's fingerprint, an id past the
+            vocabulary, another sampling distribution): the buffer forgets it, journaled as
+            removed with event ``refused``, instead of serving it again; "" = none.
     """
 
     KIND: ClassVar[str] = "batch_request"
@@ -341,6 +345,7 @@ class BatchRequest(Message):
     num_groups: int
     durable_version: int = -1
     resumed_at: int = -1
+    refused_batch: str = ""
 
     def check(self) -> None:
         _require(self.learner_version >= 0, "learner_version must be >= 0")

@@ -341,6 +341,10 @@ class WeightServer:
         streamrl.common.transport.BindError: an endpoint cannot be bound.
     """
 
+    model_fingerprint: str = ""
+    """Set by the learner: sent in every announcement (``streamrl.common.fingerprint``; generators
+    refuse weights of another model config or tokenizer)."""
+
     def __init__(
         self,
         ctx: zmq.Context,
@@ -575,6 +579,7 @@ class WeightServer:
             latest = self._versions[max(self._versions)].announce
             timing = self.timings.get(latest.version)
         latest.sent_at = time.time()
+        latest.model_fingerprint = self.model_fingerprint
         send(pub, latest)
         if timing is not None and timing.announced_at is None:
             timing.announced_at = latest.sent_at

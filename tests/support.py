@@ -98,3 +98,25 @@ def readme_metrics(service: str) -> set[str]:
     rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith(f"| {service} |")]
     assert len(rows) == 1, f"the README metrics table has {len(rows)} rows for {service}"
     return set(re.findall(r"`([a-z_]+)(?:\{[a-z_]+\})?`", rows[0]))  # `name` or `name{label}`
+
+
+def permuted_char_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
+    """The tiny char tokenizer with its printable characters' ids shuffled (same size, same special ids)."""
+    import json
+    import random
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from streamrl.common.models import build_char_tokenizer
+
+    base = build_char_tokenizer()
+    spec = json.loads(base.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    chars = [t for t, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i >= 4]
+    ids = [vocab[c] for c in chars]
+    random.Random(seed).shuffle(ids)
+    spec["model"]["vocab"] = {**{t: i for t, i in vocab.items() if i < 4}, **dict(zip(chars, ids))}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), pad_token="<pad>",
+                                   eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+                                   clean_up_tokenization_spaces=False)

@@ -20,7 +20,8 @@ two pieces of state the learner protocol needs:
   the requesting version, before any new data (``checkpoint_every > 1`` loses nothing).
   A request from an older learner (no ``durable_version``) keeps the old rule: a
   request for a newer version acknowledges, one for the same or an older version
-  gets the batch again.
+  gets the batch again. A batch the learner refused entirely (``refused_batch``) is
+  journaled as removed (``refused``) and forgotten, so it is not served forever.
 * **Pending request.** A request that cannot be served yet (too few complete groups)
   is kept, the newest replacing an older one, and served as soon as it can be.
 
@@ -107,6 +108,11 @@ class DurableBuffer:
             raise ValueError(f"{request.num_groups} groups > capacity {self.store.capacity_groups}")
         legacy = request.durable_version < 0
         durable = request.learner_version if legacy else request.durable_version
+        refused = next((h for h in self.held if request.refused_batch and h.batch.msg_id == request.refused_batch), None)
+        if refused is not None:  # every rollout failed the learner's checks: recorded, never served again
+            if self.journal is not None:
+                self.journal.remove("refused", [s.rollout.rollout_id for s in refused.batch.rollouts])
+            self.acknowledge(refused)
         for held in list(self.held):
             if held.owner == LOST:
                 continue  # only serving it again makes it trainable, and only a checkpoint after that durable

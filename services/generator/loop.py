@@ -28,6 +28,7 @@ import uuid
 import numpy as np
 import zmq
 
+from streamrl.common.fingerprint import model_fingerprint, same_model
 from streamrl.common.human import HumanModelView, beta_at
 from streamrl.common.liveness import Waits
 from streamrl.common.messages import HumanModel, SamplingParams
@@ -61,6 +62,8 @@ class GeneratorService:
         self.tokenizer = load_tokenizer(path)
         self.model = load_causal_lm(path, device=self.device).eval()
         self.tied = tied_duplicates(self.model.state_dict())
+        self.fingerprint = model_fingerprint(self.model.config, self.tokenizer)  # in every rollout
+        self.refused_version: int | None = None  # newest announced version refused for another model
         prompts = load_prompts(gen.prompts)
         train, _held_out = split_prompts(prompts, eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
         self.stream = PromptStream(train, seed=cfg.run.seed + ctx.index)
@@ -132,14 +135,19 @@ class GeneratorService:
             self.waits.waiting("weights", "no weights announced yet (is the learner up?)")
             return False
         self.metrics.latest_version.set(latest.version)
+        if not self._same_model(latest):
+            return False
         if needs_fetch(self.version, latest.version):
             start = time.perf_counter()
+            # a fetch blocks while it retries: the live gauge shows it (a frozen learner never reads 0)
+            self.waits.waiting("learner", f"fetching version {latest.version} from {self.cfg.endpoints.weights}")
             try:
                 fetched = self.weights.fetch(latest)
             except WeightSyncError as err:
                 self.metrics.weight_errors.inc()
                 log.warning("weight fetch failed: %s", err)
             else:
+                self.waits.done("learner")
                 loaded = time.perf_counter()
                 missing, unexpected = self.model.load_state_dict(fetched.tensors, strict=False)
                 check_fit(missing, unexpected, self.tied)
@@ -181,6 +189,22 @@ class GeneratorService:
         self.metrics.wait_credits.inc(time.perf_counter() - wait_start)
         return 0
 
+    def _same_model(self, latest) -> bool:
+        """False (refuse to load, wait) when the learner announces another model config or tokenizer:
+        counted once per announced version in ``messages_rejected_total{socket="weights_announce",
+        reason="model_mismatch"}``, logged (rate-limited), and reported as a wait on ``weights``."""
+        if same_model(self.fingerprint, latest.model_fingerprint):
+            return True
+        why = (f"the learner's model fingerprint {latest.model_fingerprint} != this generator's {self.fingerprint} "
+               f"(another model config or tokenizer): weights not loaded; fix: give every service the same "
+               f"model.path ({self.cfg.model.path})")
+        if self.refused_version != latest.version:
+            self.refused_version = latest.version
+            self.weights.announce_inbox.reject("model_mismatch", f"version {latest.version}: {why}")
+        self.waits.waiting("weights", why)
+        self.ctx.stop.wait(0.2)
+        return False
+
     def _check_learner(self) -> None:
         """Notice a learner that went silent (announcements come every ``announce_interval_s``)."""
         silent = self.weights.seconds_since_announce()
@@ -220,6 +244,7 @@ class GeneratorService:
                                       selections=selected)
             self.groups_sent += 1
             for rollout in rollouts:
+                rollout.model_fingerprint = self.fingerprint
                 if not send_when_ready(self.push, rollout, stop=self.ctx.stop, blocked_seconds=self.metrics.blocked,
                                        warn_after_s=self.cfg.transport.request_timeout_s, peer="the scorers"):
                     self.metrics.lost.inc(unsent)

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import zmq
 
+from streamrl.common.fingerprint import model_fingerprint
 from streamrl.common.human import beta_at, human_terms
 from streamrl.common.liveness import Waits
 from streamrl.common.messages import Batch, BatchRequest
@@ -47,7 +48,7 @@ from streamrl.common.weights import WeightServer
 from streamrl.services.learner.batch import collate, split_by_sampling
 from streamrl.services.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from streamrl.services.learner.diagnosis import data_wait_reason
-from streamrl.services.learner.intake import split_in_vocabulary
+from streamrl.services.learner.intake import split_in_vocabulary, split_same_model
 from streamrl.services.learner.metrics import LearnerMetrics
 from streamrl.services.learner.ptx import PtxSampler, held_out_prompts
 from streamrl.services.learner.records import append_line, ledger_line, roll_back_ledger, step_log_line, step_record
@@ -116,6 +117,8 @@ class LearnerService:
         self.dealer = make_socket(ctx.zmq, zmq.DEALER, connect=[cfg.endpoints.batches],
                                   max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
         self.inbox = Inbox(ctx.metrics, [Batch], max_bytes=t.max_message_bytes, socket_name="batches")
+        self.fingerprint = model_fingerprint(policy.config, self.tokenizer)  # in every announcement
+        self.weights.model_fingerprint = self.fingerprint
         self.metrics = LearnerMetrics(ctx.metrics)
         self.refusals_logged: set[str] = set()
         self.waits = Waits(ctx.metrics, warn_after_s=cfg.transport.request_timeout_s * 3)
@@ -218,8 +221,15 @@ class LearnerService:
                     log.info("ignoring a batch for version %d (now %d): a late answer to a re-sent request",
                              msg.learner_version, self.version)
                     continue
+                received = msg.rollouts
                 msg.rollouts = self._one_sampling(self._in_vocabulary(msg.rollouts))
-                if not msg.rollouts:  # every rollout refused: ask again
+                if len(msg.rollouts) < len(received):  # the ledger of what was accepted but never trained
+                    kept = {s.rollout.rollout_id for s in msg.rollouts}
+                    append_line(self.output / "refused.jsonl", json.dumps(
+                        {"version": self.version, "rollout_ids": [s.rollout.rollout_id for s in received
+                                                                   if s.rollout.rollout_id not in kept]}), fsync=True)
+                if not msg.rollouts:  # every rollout refused: the buffer forgets that batch; ask again
+                    request.refused_batch = msg.msg_id
                     sent = self._request(request)
                     last_sent = time.perf_counter()
                     continue
@@ -243,9 +253,16 @@ class LearnerService:
         return try_send(self.dealer, request)
 
     def _in_vocabulary(self, rollouts: list) -> list:
-        """The rollouts whose token ids all index the policy's embedding. The decoder cannot
-        know the vocabulary; a larger id would crash the step, so such a rollout is counted
-        in ``messages_rejected_total{reason="bad_value"}`` and left out."""
+        """The rollouts of this model (fingerprint) whose token ids all index the policy's embedding.
+        A rollout from a generator with another model config or tokenizer is counted in
+        ``messages_rejected_total{reason="model_mismatch"}``; the decoder cannot know the vocabulary,
+        and a larger id would crash the step, so such a rollout is counted under ``bad_value``; both
+        are left out (each reason logged, rate-limited)."""
+        rollouts, foreign = split_same_model(rollouts, self.fingerprint)
+        for s in foreign:
+            self.inbox.reject("model_mismatch", f"rollout {s.rollout.rollout_id} of generator {s.rollout.generator_id}: "
+                              f"model fingerprint {s.rollout.model_fingerprint} != the learner's {self.fingerprint} "
+                              "(another model config or tokenizer); fix: give every service the same model.path")
         vocab = self.trainer.policy.get_input_embeddings().num_embeddings
         kept, refused = split_in_vocabulary(rollouts, vocab)
         for s in refused:

@@ -223,6 +223,21 @@ def test_a_new_learner_and_an_old_one_interoperate(tmp_path):
     assert buf.take_request(ROUTE, request(2)) is None and buf.held == []
 
 
+def test_a_batch_the_learner_refused_entirely_is_journaled_and_never_served_again(tmp_path):
+    buf = durable(tmp_path, capacity=8, max_staleness=20)
+    for g in "ab":
+        add_group(buf, g)
+    first = serve_one(buf, checkpointed(0, durable=0, resumed_at=0))
+    req = checkpointed(0, durable=0, resumed_at=0)
+    req.refused_batch = first.msg_id
+    assert buf.take_request(ROUTE, req) is None and buf.held == []  # forgotten: new data instead
+    _, nxt = buf.serve_pending("buffer-0")
+    assert ids(nxt) == ["b-0", "b-1"]
+    # the same request re-sent (the new batch is late): the new batch again, not forgotten
+    assert buf.take_request(ROUTE, req) is nxt and [h.batch for h in buf.held] == [nxt]
+    assert (RecordType.REMOVE, {"event": "refused", "ids": ["a-0", "a-1"]}) in records(tmp_path)
+
+
 def test_requests_that_can_never_be_met_are_refused():
     buf = durable(capacity=2)
     with pytest.raises(ValueError, match="3 groups > capacity 2"):

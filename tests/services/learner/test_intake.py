@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamrl.services.learner.intake import split_in_vocabulary
+from streamrl.services.learner.intake import split_in_vocabulary, split_same_model
 from support import scored_item
 
 
@@ -25,3 +25,13 @@ def test_ids_must_be_below_the_vocabulary_size():
     assert [s.rollout.rollout_id for s in refused] == ["a-1", "b-0"]
     assert split_in_vocabulary(batch, vocab_size=12) == (batch, [])
     assert split_in_vocabulary([], vocab_size=10) == ([], [])
+
+
+def test_rollouts_of_another_model_are_refused_and_unstated_ones_kept():
+    batch = [scored_item("a", k) for k in range(4)]
+    for s, fp in zip(batch, ["f00d", "beef", "", "f00d"]):
+        s.rollout.model_fingerprint = fp
+    kept, refused = split_same_model(batch, "f00d")
+    assert [s.rollout.rollout_id for s in kept] == ["a-0", "a-2", "a-3"]
+    assert [s.rollout.rollout_id for s in refused] == ["a-1"]
+    assert split_same_model(batch, "") == (batch, [])  # the learner states none: nothing compared
