@@ -636,6 +636,12 @@ class LearnerSection(_Section):
     groups_per_step: int = Field(4, ge=1, description="groups per batch")
     ppo_epochs: int = Field(1, ge=1, description="passes over each batch")
     minibatches: int = Field(1, ge=1, description="minibatches per pass")
+    reuse_first_pass: bool = Field(True, description="the first minibatch's forward pass (nothing updated yet) is "
+                                   "pi_old for its rows, so the no-grad pi_old pass covers only the other rows "
+                                   "(top_p = 1; exact)")
+    bucket_by_length: bool = Field(False, description="minibatches of rows of similar length (sorted, split, "
+                                   "shuffled) instead of random rows: less padding per pass; changes which rows "
+                                   "share an update")
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping (global L2 norm)")

@@ -4,7 +4,9 @@ A step (Ouyang et al. 2022 "InstructGPT" sec. 3.5; Schulman et al. 2017 PPO):
 
 1. one no-grad pass computes pi_old (the policy before this update), the
    frozen reference's log-probs (unless the scorers sent them with the rollouts,
-   ``TrainBatch.ref_logprobs``, issue 11) and, for ``gae``, the old values;
+   ``TrainBatch.ref_logprobs``, issue 11) and, for ``gae``, the old values; with
+   ``learner.reuse_first_pass`` the first minibatch's own forward pass (nothing is
+   updated yet) supplies pi_old for its rows and the no-grad pass covers the rest;
 2. rewards are normalised with running statistics and clipped;
 3. advantages: ``gae`` uses per-token rewards ``-beta * KL_t`` plus the score
    on the last token (InstructGPT eq. 2) and the value head; ``grpo`` / ``rloo``
@@ -181,7 +183,15 @@ class PPOTrainer:
         cfg = self.cfg
         host = batch  # per-batch statistics come from the host copy: no device sync
         batch = batch.to(self.device)
-        targets = self.targets(batch)
+        orders = [self._order(batch) for _ in range(cfg.ppo_epochs)]
+        first = None
+        if cfg.reuse_first_pass and batch.sampling.top_p >= 1:
+            # nothing is updated before the first minibatch: its forward pass is pi_old for its rows
+            # (exact), so the no-grad pass runs only over the other rows (issue 11 item 3)
+            self.policy.eval()
+            rows0 = orders[0][0]
+            first = (rows0, self._forward(batch.select(rows0)))
+        targets = self.targets(batch, first=first)
         old, advantages, returns, beta = targets.old, targets.advantages, targets.returns, targets.kl_coef
 
         sums = StatSums()  # detached tensors summed over minibatch updates, to floats once per step
@@ -193,14 +203,11 @@ class PPOTrainer:
         # fixed-length normaliser is the generation budget (at least the longest completion)
         aggregation = {"aggregation": cfg.loss_aggregation,
                        "max_tokens": max(batch.sampling.max_new_tokens, batch.mask.shape[1])}
-        for _epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(batch.size, device=self.device)
-            for rows in order.tensor_split(min(cfg.minibatches, batch.size)):  # no empty minibatch
+        for epoch, minibatches in enumerate(orders):
+            for k, rows in enumerate(minibatches):
                 mb = batch.select(rows)
                 t = mb.mask.shape[1]
-                out = forward_completions(self.policy, mb, value_head=self.value_head, with_entropy=True)
-                if self.value_model is not None:
-                    out.values = self.value_model(mb)
+                out = first[1] if first is not None and epoch == 0 and k == 0 else self._forward(mb)
                 pl, ps = policy_loss(out.logprobs, old.logprobs[rows, :t], mb.behaviour_logprobs,
                                      advantages[rows, :t], mb.mask, correction=cfg.correction,
                                      clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip,
@@ -262,8 +269,58 @@ class PPOTrainer:
         )
         return out_stats
 
+    def _forward(self, mb: TrainBatch) -> ModelOutput:
+        """The policy's (and critic's) outputs on a minibatch, with gradients and entropy."""
+        out = forward_completions(self.policy, mb, value_head=self.value_head, with_entropy=True)
+        if self.value_model is not None:
+            out.values = self.value_model(mb)
+        return out
+
+    def _order(self, batch: TrainBatch) -> list[Tensor]:
+        """One epoch's minibatches (row indices): a random permutation split into ``minibatches``
+        parts; with ``bucket_by_length``, rows sorted by length (prompt + completion) are split
+        instead and the parts shuffled, so each minibatch carries little padding."""
+        parts = min(self.cfg.minibatches, batch.size)  # no empty minibatch
+        order = torch.randperm(batch.size, device=self.device)
+        if not self.cfg.bucket_by_length or parts == 1:
+            return list(order.tensor_split(parts))
+        lengths = batch.attention_mask.sum(1)[order]
+        by_length = order[torch.sort(lengths, stable=True).indices]  # ties in random order
+        chunks = list(by_length.tensor_split(parts))
+        return [chunks[i] for i in torch.randperm(parts).tolist()]
+
     @torch.no_grad()
-    def targets(self, batch: TrainBatch) -> Targets:
+    def _old_outputs(self, batch: TrainBatch, first: tuple[Tensor, ModelOutput] | None) -> ModelOutput:
+        """pi_old (and old values) of every row: the first minibatch's outputs for its rows, one
+        no-grad pass over the others (over all rows without ``first``). ``[B, T]``, 0 on padding."""
+        if first is None:
+            old = forward_completions(self.policy, batch, value_head=self.value_head)
+            if self.value_model is not None:
+                old.values = self.value_model(batch)
+            return old
+        rows0, out0 = first
+        rest = torch.ones(batch.size, dtype=torch.bool, device=rows0.device)
+        rest[rows0] = False
+        parts = [(rows0, out0)]
+        if bool(rest.any()):
+            rows1 = rest.nonzero().squeeze(1)
+            mb = batch.select(rows1)
+            out1 = forward_completions(self.policy, mb, value_head=self.value_head)
+            if self.value_model is not None:
+                out1.values = self.value_model(mb)
+            parts.append((rows1, out1))
+        shape = batch.mask.shape
+        logprobs = torch.zeros(shape, device=batch.mask.device)
+        values = torch.zeros(shape, device=batch.mask.device) if out0.values is not None else None
+        for rows, out in parts:
+            t = out.logprobs.shape[1]
+            logprobs[rows, :t] = out.logprobs.detach().float()
+            if values is not None:
+                values[rows, :t] = out.values.detach().float()
+        return ModelOutput(logprobs=logprobs, entropy=None, values=values)
+
+    @torch.no_grad()
+    def targets(self, batch: TrainBatch, *, first: tuple[Tensor, ModelOutput] | None = None) -> Targets:
         """pi_old, reference log-probs and advantages for ``batch`` (already on the device).
 
         Rewards are normalised (running mean/std) and clipped first. ``gae``: per-token
@@ -272,12 +329,13 @@ class PPOTrainer:
         and advantages from pi_old / mu), whitened if configured. ``grpo``/``rloo``: group
         baselines on the score, minus ``beta * sum_t KL_t`` when the penalty is in the
         reward; no whitening (it would mix groups).
+
+        ``first``: ``(rows, outputs)`` of the first minibatch's forward pass with the current
+        weights (``learner.reuse_first_pass``, ``top_p = 1`` only): pi_old of those rows.
         """
         cfg, mask = self.cfg, batch.mask
         self.policy.eval()
-        old = forward_completions(self.policy, batch, value_head=self.value_head)
-        if self.value_model is not None:
-            old.values = self.value_model(batch)
+        old = self._old_outputs(batch, first)
         if batch.ref_logprobs is not None and batch.sampling.top_p >= 1:  # the scorers' pass (issue 11)
             ref_logprobs = batch.ref_logprobs
         else:
