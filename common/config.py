@@ -642,6 +642,9 @@ class LearnerSection(_Section):
     bucket_by_length: bool = Field(False, description="minibatches of rows of similar length (sorted, split, "
                                    "shuffled) instead of random rows: less padding per pass; changes which rows "
                                    "share an update")
+    autocast_bf16: bool = Field(False, description="run the learner's model passes under bf16 autocast (CPUs "
+                                "with AVX512-BF16, GPUs); opt-in: it adds a policy mismatch (see "
+                                "`bench/bf16.py`); log-probs, losses and the optimizer stay float32")
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping (global L2 norm)")

@@ -269,11 +269,17 @@ class PPOTrainer:
         )
         return out_stats
 
+    def _amp(self):
+        """bf16 autocast of the model passes when ``learner.autocast_bf16`` (opt-in; log-probs, losses and
+        the optimizer stay float32: ``forward_completions`` upcasts the logits)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16)
+
     def _forward(self, mb: TrainBatch) -> ModelOutput:
         """The policy's (and critic's) outputs on a minibatch, with gradients and entropy."""
-        out = forward_completions(self.policy, mb, value_head=self.value_head, with_entropy=True)
-        if self.value_model is not None:
-            out.values = self.value_model(mb)
+        with self._amp():
+            out = forward_completions(self.policy, mb, value_head=self.value_head, with_entropy=True)
+            if self.value_model is not None:
+                out.values = self.value_model(mb)
         return out
 
     def _order(self, batch: TrainBatch) -> list[Tensor]:
@@ -293,10 +299,16 @@ class PPOTrainer:
     def _old_outputs(self, batch: TrainBatch, first: tuple[Tensor, ModelOutput] | None) -> ModelOutput:
         """pi_old (and old values) of every row: the first minibatch's outputs for its rows, one
         no-grad pass over the others (over all rows without ``first``). ``[B, T]``, 0 on padding."""
+        with self._amp():
+            return self._old_outputs_amp(batch, first)
+
+    def _old_outputs_amp(self, batch: TrainBatch, first: tuple[Tensor, ModelOutput] | None) -> ModelOutput:
         if first is None:
             old = forward_completions(self.policy, batch, value_head=self.value_head)
             if self.value_model is not None:
                 old.values = self.value_model(batch)
+            if old.values is not None:
+                old.values = old.values.float()
             return old
         rows0, out0 = first
         rest = torch.ones(batch.size, dtype=torch.bool, device=rows0.device)
@@ -339,7 +351,8 @@ class PPOTrainer:
         if batch.ref_logprobs is not None and batch.sampling.top_p >= 1:  # the scorers' pass (issue 11)
             ref_logprobs = batch.ref_logprobs
         else:
-            ref_logprobs = forward_completions(self.reference, batch, nucleus=old.nucleus).logprobs  # same nucleus
+            with self._amp():
+                ref_logprobs = forward_completions(self.reference, batch, nucleus=old.nucleus).logprobs  # same nucleus
         old.nucleus = None  # [B, T, V]: not needed past this point
         kl_tokens = fill_padding(*_kl_tokens(old.logprobs, ref_logprobs, mask, cfg.kl_estimator))
         beta = self.kl_controller.value

@@ -100,3 +100,13 @@ def test_length_buckets_carry_less_padding():
     # sorted and split: the minimum possible for 4 parts of 2 rows of these lengths
     ordered = sorted(lengths.tolist())
     assert padding(trainer._order(b)) == sum(ordered[i + 1] - ordered[i] for i in range(0, 8, 2))
+
+
+def test_bf16_autocast_is_opt_in_and_close_to_fp32():
+    assert LearnerSection().autocast_bf16 is False
+    base = dict(lr=1e-2, kl_coef=0.1, minibatches=2, device="cpu")
+    s32, _ = run(LearnerSection(**base))
+    s16, w16 = run(LearnerSection(**base, autocast_bf16=True))
+    assert all(torch.isfinite(w).all() for w in w16.values())
+    assert s16["kl"] == pytest.approx(s32["kl"], rel=0.05, abs=1e-3)  # bf16's error, not another computation
+    assert s16["loss/total"] == pytest.approx(s32["loss/total"], rel=0.05, abs=1e-3)
