@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamrl.common.config import Config
 from streamrl.common.peers import scrape_url
 
-SERVICES = ("learner", "buffer", "scorer", "generator")
+SERVICES = ("learner", "buffer", "scorer", "generator", "feedback")
 """Services with a metrics endpoint, in table order."""
 COMPONENT_LABEL = "app.kubernetes.io/component"
 """Pod label naming the service (``deploy/k8s`` sets it on every pod)."""
@@ -119,6 +119,8 @@ def targets(cfg: Config, generators: int, generator_hosts: list[tuple[str, int]]
             name = f"generator-{number}" if generator_hosts is None else f"generator-{host}-{position}"
             out.append(Target(name, "generator", m.generator_port + position, host))
             number += 1
+    if cfg.feedback.enabled:
+        out.append(Target("feedback-0", "feedback", m.feedback_port, where(e.feedback)))
     return out
 
 
@@ -263,6 +265,10 @@ def describe(service: str, now: dict[str, float], before: dict[str, float] | Non
             error = errors[0].partition("error=")[2].rpartition(",reason=")[0] if errors else "?"
             line += f"  REWARD FAILING ({g('reward_consecutive_failures'):.0f} micro-batches in a row: {error})"
         return line
+    if service == "feedback":
+        return (f"{g('labels_total{kind=rating}') + g('labels_total{kind=preference}'):.0f} labels  H-hat "
+                f"v{g('human_model_version'):.0f}  influence {'on' if g('influence_active') else 'paused'}  "
+                f"feed {rate('rollouts_received_total'):.2f}/s")
     return (f"v{g('policy_version'):.0f} (newest v{g('announced_version'):.0f})  {g('rollouts_total'):.0f} rollouts  "
             f"{rate('rollouts_total'):.2f}/s  {rate('tokens_total'):.1f} tok/s  "
             f"waiting for weights {g('weight_wait_seconds_total'):.0f}s, credits {g('credit_wait_seconds_total'):.0f}s  "

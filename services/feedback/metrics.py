@@ -5,10 +5,16 @@ from __future__ import annotations
 from streamrl.common.metrics import MetricSet, counter, gauge, histogram
 
 LABEL_DELAY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
+REFUSALS = ("unauthenticated", "bad_token", "csrf", "cross_origin", "label")
+"""``reason`` labels of ``requests_refused_total``."""
 
 
 class FeedbackMetrics(MetricSet):
-    """Every metric the feedback service updates (see :class:`streamrl.common.metrics.MetricSet`)."""
+    """Every metric the feedback service updates (see :class:`streamrl.common.metrics.MetricSet`).
+
+    Every ``kind`` and ``reason`` label value is exported at 0 from the start (dashboards show
+    no labels or refusals, not no data).
+    """
 
     SERVICE = "feedback"
     received = counter("rollouts_received_total", "Scored rollouts received from the scorers' feed")
@@ -22,3 +28,10 @@ class FeedbackMetrics(MetricSet):
     label_to_model = histogram("label_to_model_seconds", "Seconds from a label's commit to the first H-hat version "
                                "that includes it", buckets=LABEL_DELAY_BUCKETS)
     influence = gauge("influence_active", "1 while the human influence is on (page start / pause)")
+
+    def __init__(self, registry):
+        super().__init__(registry)
+        for kind in ("rating", "preference"):
+            self.labels.labels(kind=kind)
+        for reason in REFUSALS:
+            self.refused.labels(reason=reason)

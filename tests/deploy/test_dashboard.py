@@ -47,7 +47,7 @@ def test_dashboard_has_the_panels_the_issue_asks_for():
     exprs = " ".join(expr for _, expr in queries(load_dashboard()))
     rows = [p["title"] for p in load_dashboard()["panels"] if p["type"] == "row"]
     assert rows == ["Throughput", "Staleness", "Reward and KL", "Importance ratios", "Queue depths",
-                    "Weight sync", "Health"]
+                    "Weight sync", "Health", "People in the loop"]
     wanted = [
         "streamrl_generator_rollouts_total", "streamrl_generator_tokens_total", "streamrl_learner_samples_total",
         "streamrl_buffer_staleness_bucket", "streamrl_learner_staleness_bucket",
@@ -60,6 +60,8 @@ def test_dashboard_has_the_panels_the_issue_asks_for():
         "streamrl_generator_weight_fetch_seconds_bucket", "streamrl_generator_weight_load_seconds_bucket",
         "streamrl_generator_policy_version",
         "streamrl_learner_busy_ratio", "streamrl_generator_useful_ratio", "streamrl_buffer_credits_outstanding",
+        "streamrl_feedback_labels_total", "streamrl_feedback_human_model_version",
+        "streamrl_feedback_label_to_model_seconds_bucket", "streamrl_scorer_feed_sent_total",
     ] + [f"streamrl_{s}_messages_rejected_total" for s in ("generator", "scorer", "buffer", "learner")]
     used = set().union(*(metric_names(e) for _, e in queries(load_dashboard())))
     assert not set(wanted) - used, set(wanted) - used

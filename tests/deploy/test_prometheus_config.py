@@ -34,7 +34,7 @@ def test_promtool_accepts_the_shipped_config_and_its_targets():
 def test_one_job_per_service_reading_the_targets_folder():
     config = yaml.safe_load(SHIPPED.read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert set(jobs) == {f"streamrl-{s}" for s in ("learner", "buffer", "scorer", "generator")}
+    assert set(jobs) == {f"streamrl-{s}" for s in ("learner", "buffer", "scorer", "generator", "feedback")}
     for name, job in jobs.items():
         assert job["file_sd_configs"] == [{"files": ["targets/*.json"]}]
         assert job["relabel_configs"] == [{"source_labels": ["service"], "regex": name.removeprefix("streamrl-"),
@@ -42,7 +42,8 @@ def test_one_job_per_service_reading_the_targets_folder():
 
 
 def test_local_targets_are_the_default_ports_of_two_scorers_and_four_generators():
-    cfg = validate_config({"endpoints": {"scorers": ["tcp://127.0.0.1:5550", "tcp://127.0.0.1:5551"]}})
+    cfg = validate_config({"endpoints": {"scorers": ["tcp://127.0.0.1:5550", "tcp://127.0.0.1:5551"]},
+                           "feedback": {"enabled": True}})  # and the feedback page's service
     shipped = json.loads(LOCAL_TARGETS.read_text())
     assert shipped == file_sd(targets(cfg, generators=4))  # what `streamrl targets` writes
     by_process = {g["labels"]["process"]: (g["labels"]["service"], g["targets"]) for g in shipped}

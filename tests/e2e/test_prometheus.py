@@ -21,13 +21,13 @@ import yaml
 from streamrl.common.config import load_config
 from streamrl.status import file_sd, targets
 from promql import load_dashboard, metric_names, queries, to_prometheus
-from streamrl.testing import free_port, local_run_config, stop_process, wait_until, write_config
+from streamrl.testing import feedback_sections, free_port, local_run_config, stop_process, wait_until, write_config
 from support import REPO
 
 pytestmark = pytest.mark.slow
 
 GENERATORS, SCORERS = 2, 1
-PROCESSES = {"learner-0", "buffer-0", "scorer-0", "generator-0", "generator-1"}
+PROCESSES = {"learner-0", "buffer-0", "scorer-0", "generator-0", "generator-1", "feedback-0"}
 
 
 def run_scrape_config(folder, cfg, generators: int) -> dict:
@@ -68,11 +68,12 @@ def prometheus_run(tmp_path_factory, tiny_model_dir):
     from streamrl.testing import Services
 
     tmp = tmp_path_factory.mktemp("prometheus_run")
-    sections = local_run_config(tmp, tiny_model_dir, scorers=SCORERS, learner={"total_steps": 1000})
+    sections = feedback_sections(local_run_config(tmp, tiny_model_dir, scorers=SCORERS, learner={"total_steps": 1000}),
+                                 combination="reward_shaping")  # the feedback service too: the dashboard reads it
     procs = Services(write_config(tmp / "run.toml", sections), tmp)
     prom = None
     try:
-        for name in ("learner", "buffer", "scorer"):
+        for name in ("learner", "buffer", "scorer", "feedback"):
             procs.start(name)
         for i in range(GENERATORS):
             procs.start("generator", i)
@@ -108,7 +109,7 @@ def test_every_service_target_is_up_and_rollouts_flow(prometheus_run):
     up = query(port, 'up{job=~"streamrl-.*"}')
     assert by_process(up) == {name: 1.0 for name in PROCESSES}, up
     assert {r["metric"]["job"] for r in up} == {"streamrl-learner", "streamrl-buffer", "streamrl-scorer",
-                                                "streamrl-generator"}
+                                                "streamrl-generator", "streamrl-feedback"}
     rate = query(port, "sum(rate(streamrl_generator_rollouts_total[30s]))")
     assert len(rate) == 1 and float(rate[0]["value"][1]) > 0, rate
     per_generator = by_process(query(port, "increase(streamrl_generator_rollouts_total[1m])"))
