@@ -29,13 +29,13 @@ import numpy as np
 import zmq
 
 from streamrl.common.fingerprint import model_fingerprint, same_model
-from streamrl.common.human import HumanModelView, beta_at
+from streamrl.common.human import HumanModelSubscription, beta_at
 from streamrl.common.liveness import Waits
-from streamrl.common.messages import HumanModel, SamplingParams
+from streamrl.common.messages import SamplingParams
 from streamrl.common.modes import HumanCombination
 from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
 from streamrl.common.service import ServiceContext
-from streamrl.common.transport import Inbox, make_socket, send_when_ready
+from streamrl.common.transport import make_socket, send_when_ready
 from streamrl.common.weights import WeightClient, WeightSyncError, tied_duplicates
 from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
 from streamrl.services.generator.control import share_control
@@ -90,14 +90,9 @@ class GeneratorService:
         self.waits = Waits(ctx.metrics, warn_after_s=max(5.0, t.request_timeout_s))
         self.learner_silent_after_s = max(5.0, 5 * t.announce_interval_s)
         fb = cfg.feedback
-        self.human = self.human_models = None  # control sharing: the newest H-hat from the feedback service
+        self.human = None  # control sharing: the newest H-hat from the feedback service
         if fb.enabled and fb.combination is HumanCombination.CONTROL_SHARING:
-            self.human = HumanModelView(cfg.model.path, cfg.model.cache_path, use_eligibility=fb.eligibility,
-                                        width=fb.eligibility_width, half_life_s=fb.eligibility_half_life_s)
-            self.human_models = make_socket(ctx.zmq, zmq.SUB, connect=[cfg.endpoints.human_model], subscribe=b"",
-                                            max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
-            self.human_inbox = Inbox(ctx.metrics, [HumanModel], max_bytes=t.max_message_bytes,
-                                     socket_name="human_model")
+            self.human = HumanModelSubscription(ctx.zmq, cfg, ctx.metrics, ctx.security)
             self.rng = np.random.default_rng(cfg.run.seed + 104729 * (ctx.index + 1))
 
     def run(self) -> None:
@@ -113,19 +108,17 @@ class GeneratorService:
                 self.credits.close()
             self.weights.close()
             self.push.close(0)
-            if self.human_models is not None:
-                self.human_models.close(0)
+            if self.human is not None:
+                self.human.close()
 
     def _control_sharing(self) -> float:
         """beta_t of control sharing for this batch (0: sample plainly), after taking the newest H-hat."""
         if self.human is None:
             return 0.0
-        while self.human_models.poll(0):
-            msg = self.human_inbox.decode(self.human_models.recv_multipart(copy=False))
-            if msg is not None and self.human.update(msg):
-                self.metrics.human_version.set(msg.version)
+        if (version := self.human.receive()) is not None:
+            self.metrics.human_version.set(version)
         fb = self.cfg.feedback
-        return beta_at(fb.beta, fb.beta_decay, self.version or 0) if self.human.active else 0.0
+        return beta_at(fb.beta, fb.beta_decay, self.version or 0) if self.human.view.active else 0.0
 
     def sync_weights(self) -> bool:
         """Load the newest announced version; return True when generation may proceed."""
@@ -230,7 +223,7 @@ class GeneratorService:
                                     sampling=self.sampling)
         selections = [None] * len(groups)
         if k > 1:
-            groups, selections = share_control(self.human, groups, group_size=gen.group_size, k=k, beta_t=beta_t,
+            groups, selections = share_control(self.human.view, groups, group_size=gen.group_size, k=k, beta_t=beta_t,
                                                rng=self.rng, now=time.time())
             chosen = sum(s.by_model for group in selections for s in group)
             self.metrics.control_shared.inc(sum(len(group) for group in selections))

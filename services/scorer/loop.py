@@ -14,8 +14,8 @@ import time
 
 import zmq
 
-from streamrl.common.human import HumanModelView
-from streamrl.common.messages import HumanModel, Rollout
+from streamrl.common.human import HumanModelSubscription
+from streamrl.common.messages import Rollout
 from streamrl.common.modes import HumanCombination
 from streamrl.common.models import configure_torch, select_device
 from streamrl.common.service import ServiceContext
@@ -51,22 +51,16 @@ class ScorerService:
                                 max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
         self.inbox = Inbox(ctx.metrics, [Rollout], max_bytes=t.max_message_bytes, socket_name="rollouts")
         self.metrics = ScorerMetrics(ctx.metrics)
-        self.reference = ReferencePass(cfg) if cfg.scorer.reference_logprobs else None
-        self.health = RewardHealth(self.metrics, failing_after=cfg.scorer.failing_after, names=self.reward.names)
         fb = cfg.feedback
         # people in the loop: the feed to the feedback service (a PUB: never blocks, drops when nobody
         # listens) and, for reward shaping, the newest H-hat from it
         self.feed = (make_socket(ctx.zmq, zmq.PUB, connect=[cfg.endpoints.feedback],
                                  max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
                      if fb.enabled else None)
-        self.human = self.human_models = None
-        if fb.enabled and fb.combination is HumanCombination.REWARD_SHAPING:
-            self.human = HumanModelView(cfg.model.path, cfg.model.cache_path, use_eligibility=fb.eligibility,
-                                        width=fb.eligibility_width, half_life_s=fb.eligibility_half_life_s)
-            self.human_models = make_socket(ctx.zmq, zmq.SUB, connect=[cfg.endpoints.human_model], subscribe=b"",
-                                            max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
-            self.human_inbox = Inbox(ctx.metrics, [HumanModel], max_bytes=t.max_message_bytes,
-                                     socket_name="human_model")
+        self.human = (HumanModelSubscription(ctx.zmq, cfg, ctx.metrics, ctx.security)
+                      if fb.enabled and fb.combination is HumanCombination.REWARD_SHAPING else None)
+        self.reference = ReferencePass(cfg) if cfg.scorer.reference_logprobs else None
+        self.health = RewardHealth(self.metrics, failing_after=cfg.scorer.failing_after, names=self.reward.names)
 
     def run(self) -> None:
         """Score until stopped."""
@@ -80,17 +74,11 @@ class ScorerService:
         finally:
             self.pull.close(0)
             self.push.close(0)
+            if self.feed is not None:
+                self.feed.close(0)
+            if self.human is not None:
+                self.human.close()
 
-            for sock in (self.feed, self.human_models):
-                if sock is not None:
-                    sock.close(0)
-
-    def _receive_human_models(self) -> None:
-        """Take the newest H-hat version published by the feedback service (never waits)."""
-        while self.human_models.poll(0):
-            msg = self.human_inbox.decode(self.human_models.recv_multipart(copy=False))
-            if msg is not None and self.human.update(msg):
-                self.metrics.human_version.set(msg.version)
     def _receive_batch(self) -> list[Rollout]:
         batch: list[Rollout] = []
         if not self.pull.poll(500):
@@ -111,15 +99,16 @@ class ScorerService:
             self.health.failed(exc, batch)
             return
         self.health.succeeded()
-        metrics.seconds.observe(time.perf_counter() - start)
         if self.human is not None:
-            self._receive_human_models()
-            if self.human.message is not None:
+            if (version := self.human.receive()) is not None:
+                metrics.human_version.set(version)
+            if self.human.view.message is not None:
                 try:
-                    add_human_scores(self.human, results, time.time())
+                    add_human_scores(self.human.view, results, time.time())
                     metrics.human_scored.inc(len(results))
                 except (RuntimeError, ValueError) as err:  # scored without H-hat rather than lost
                     log.warning("H-hat could not score this micro-batch: %s", err)
+        metrics.seconds.observe(time.perf_counter() - start)
         if self.reference is not None:  # the learner's reference pass, done here (issue 11)
             metrics.reference_seconds.observe(self.reference.fill(results))
         for sent, scored in enumerate(results):
