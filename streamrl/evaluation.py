@@ -122,9 +122,9 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
             for p, c, v in zip(chunk, completions, values)
         ]
         batch = collate(scored, pad_id=tokenizer.pad_token_id).to(device)
-        pi = forward_completions(policy, batch).logprobs
-        ref = forward_completions(reference, batch).logprobs
-        kls += ((pi - ref) * batch.mask).sum(1).tolist()
+        out = forward_completions(policy, batch)
+        ref = forward_completions(reference, batch, nucleus=out.nucleus).logprobs  # top_p < 1: the policy's nucleus
+        kls += torch.where(batch.mask > 0, out.logprobs - ref, 0.0).sum(1).tolist()  # padding may hold -inf
         tokens += batch.mask.sum(1).long().tolist()
         rewards += [sum(values[i : i + k]) / k for i in range(0, len(values), k)]
         for text, c, v in zip(texts, completions, values):

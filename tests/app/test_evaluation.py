@@ -60,6 +60,24 @@ def test_evaluate_reports_positive_kl_for_a_changed_policy(tiny_model_dir, tmp_p
     assert result.kl_mean > 0.01 and result.prompts == 8
 
 
+def test_evaluate_under_top_p_reads_the_reference_in_the_policy_nucleus(tiny_model_dir, tmp_path):
+    """top_p < 1: the reference is read under the policy's nucleus, as in the learner, so
+    KL is 0 for the initial policy and finite for a changed one (its own nucleus would
+    give -inf log-probs, an infinite KL, and NaN from padding)."""
+    cfg = tiny_config(tiny_model_dir)
+    cfg.generator.top_p = 0.6
+    same = evaluate(cfg, str(tiny_model_dir), limit=4, seed=2)
+    assert same.kl_mean == 0.0
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(tokenizer, seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.05 * torch.randn_like(model.lm_head.weight))
+    model.save_pretrained(tmp_path / "changed")
+    tokenizer.save_pretrained(tmp_path / "changed")
+    changed = evaluate(cfg, str(tmp_path / "changed"), limit=4, seed=2)
+    assert math.isfinite(changed.kl_mean) and changed.kl_mean != 0.0
+
+
 def test_learning_curve_png(tmp_path):
     records = [{"step": i, "reward_mean": i / 10, "kl": i / 100} for i in range(1, 21)]
     png = plot_learning_curve(records, tmp_path / "curve.png")
