@@ -16,7 +16,7 @@ from streamrl.testing import local_run_config, scrape, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 
-FREEZE_S = 20.0
+FREEZE_S = 10.0
 
 
 def sample(port: int, name: str) -> float:
