@@ -200,14 +200,17 @@ class FeedbackService:
     # -------------------------------------------------------------- backend
 
     def labeller_for_token(self, token: str) -> str | None:
+        """The enabled labeller whose token this is, else None."""
         return self.store.labeller_for_token(token)
 
     def recent(self, after: int, limit: int) -> list[dict]:
+        """The newest ``limit`` rollouts that streamed in after ``after`` (JSON-ready)."""
         with self.lock:
             items = self.rollouts.after(after, limit)
         return [seen.public() for seen in items]
 
     def group(self, group_id: str) -> list[dict]:
+        """The remembered completions of a group (JSON-ready)."""
         with self.lock:
             return [seen.public() for seen in self.rollouts.group(group_id)]
 
@@ -224,6 +227,11 @@ class FeedbackService:
             self.pending.append((label_id, committed))
 
     def rate(self, labeller: str, rollout_id: str, value: int) -> dict:
+        """Store a +1 / -1 rating (committed before returning).
+
+        Raises:
+            LabelError: 404 when the rollout is not among the recent ones.
+        """
         seen = self._known(rollout_id)
         label_id, at = self.store.add_label(labeller=labeller, kind="rating", scored=seen.scored, value=value,
                                             model_version=self.version, seen_at=seen.seen_at)
@@ -233,6 +241,11 @@ class FeedbackService:
                 "model_version": self.version}
 
     def prefer(self, labeller: str, chosen: str, rejected: str) -> dict:
+        """Store a pairwise pick of two completions of one group (committed before returning).
+
+        Raises:
+            LabelError: 404 for an unknown rollout, 409 for the same rollout twice or two groups.
+        """
         if chosen == rejected:
             raise LabelError(409, "chosen and rejected are the same rollout")
         a, b = self._known(chosen), self._known(rejected)
@@ -245,6 +258,7 @@ class FeedbackService:
                 "rejected": rejected, "created_at": at, "model_version": self.version}
 
     def status(self) -> dict:
+        """Labels, H-hat version, influence switch, combination and the reward by policy version."""
         with self.lock:
             series = self.rollouts.reward_series()
             received = self.rollouts.seq
@@ -257,6 +271,7 @@ class FeedbackService:
                 "rollouts_received": received, "reward_by_version": series}
 
     def set_influence(self, labeller: str, active: bool) -> dict:
+        """Start or pause the human influence (stored; re-published at once)."""
         self.store.set_setting(INFLUENCE, "true" if active else "false")
         with self.lock:
             self.active = active
@@ -266,7 +281,9 @@ class FeedbackService:
         return {"influence_active": active, "labeller": labeller}
 
     def export(self, layout: str) -> list[dict]:
+        """The labels as ``preferences`` or ``ratings`` rows (:meth:`LabelStore.export`)."""
         return list(self.store.export(layout))
 
     def refused(self, reason: str) -> None:
+        """Count a refused HTTP request."""
         self.metrics.refused.labels(reason=reason).inc()
