@@ -174,6 +174,14 @@ def command_line() -> str:
     return " ".join(["python -m bench." + module, *args])
 
 
+def output_arguments(parser, *, max_seconds: float, bound: str) -> None:
+    """Add ``--max-seconds`` (default ``max_seconds``; ``bound`` says what it stops) and the output
+    options ``--results-dir`` / ``--results-md`` (defaults ``bench/results`` and ``bench/RESULTS.md``)."""
+    parser.add_argument("--max-seconds", type=float, default=max_seconds, help=f"time bound: {bound}")
+    parser.add_argument("--results-dir", type=Path, default=None, help="default bench/results")
+    parser.add_argument("--results-md", type=Path, default=None, help="default bench/RESULTS.md")
+
+
 class Deadline:
     """A wall-clock budget: ``left()`` seconds remain, ``expired()`` once it is spent."""
 

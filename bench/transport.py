@@ -156,32 +156,15 @@ def _stand_in_learner(config_path: str, seconds: float, warmup_s: float, out: st
 
 def pipeline(seconds: float, warmup_s: float, workdir: Path) -> dict:
     """Run the real scorer and buffer between the stand-ins; returns the learner's rollouts/s."""
-    from streamrl.testing import Services, local_run_config, scrape, wait_until, write_config
+    from bench.stand_ins import join_stand_ins, stand_in_sections, start_scorer_and_buffer
 
-    sections = local_run_config(workdir, Path("tiny-char-llama"))
     # The stand-in generator never loads weights (its rollouts stay version 0) while the stand-in
     # learner moves one version per batch, so the staleness bound is lifted.
-    sections["run"]["max_staleness"] = 1_000_000
-    sections["model"]["path"] = "tiny-char-llama"
-    sections["buffer"]["capacity_groups"] = 16
-    sections["learner"]["groups_per_step"] = GROUPS_PER_STEP
-    sections["generator"]["group_size"] = GROUP_SIZE
+    sections = stand_in_sections(workdir, run={"max_staleness": 1_000_000}, buffer={"capacity_groups": 16},
+                                 learner={"groups_per_step": GROUPS_PER_STEP}, generator={"group_size": GROUP_SIZE})
     sections["transport"] = {}
-    config = write_config(workdir / "transport.toml", sections)
-    services = Services(config, workdir)
+    config, services = start_scorer_and_buffer(workdir, sections, "transport")
     try:
-        services.start("buffer")
-        services.start("scorer")
-        ports = [sections["metrics"]["buffer_port"], sections["metrics"]["scorer_port"]]
-
-        def up() -> bool:
-            try:
-                return all(scrape(port) for port in ports)
-            except ConnectionError:
-                return False
-
-        if not wait_until(up, timeout=60):
-            raise RuntimeError("scorer/buffer did not start; logs:\n" + services.logs())
         time.sleep(0.5)
         spawn = mp.get_context("spawn")
         gen_out, learner_out = workdir / "generator.json", workdir / "learner.json"
@@ -189,11 +172,7 @@ def pipeline(seconds: float, warmup_s: float, workdir: Path) -> dict:
                  spawn.Process(target=_stand_in_learner, args=(str(config), seconds, warmup_s, str(learner_out)))]
         for p in procs:
             p.start()
-        for p in procs:
-            p.join(seconds + 60)
-            if p.is_alive():
-                p.kill()
-                raise RuntimeError("a stand-in process did not finish; logs:\n" + services.logs())
+        join_stand_ins(procs, seconds + 60, services)
         learner = json.loads(learner_out.read_text())
         generator = json.loads(gen_out.read_text())
     finally:

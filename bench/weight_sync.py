@@ -42,12 +42,12 @@ import multiprocessing as mp
 import socket
 import sys
 import time
-from pathlib import Path
 
 import transformers
 import zmq
 
-from bench.report import Deadline, command_line, environment, environment_line, markdown_table, median, write_results
+from bench.report import (Deadline, command_line, environment, environment_line, markdown_table, median,
+                          output_arguments, write_results)
 from streamrl.common.config import TransportSection
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.modes import WeightDtype
@@ -354,10 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generators", default="1,2,4", help="comma-separated N values")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="wire dtypes (transport.weight_dtype)")
     parser.add_argument("--repeats", type=int, default=5, help="measured syncs per row (median reported)")
-    parser.add_argument("--max-seconds", type=float, default=900.0,
-                        help="time bound: no new case starts after it (a started case finishes its minimum)")
-    parser.add_argument("--results-dir", type=Path, default=None, help="default bench/results")
-    parser.add_argument("--results-md", type=Path, default=None, help="default bench/RESULTS.md")
+    output_arguments(parser, max_seconds=900.0, bound="no new case starts after it (a started case finishes its "
+                     "minimum)")
     args = parser.parse_args(argv)
     deadline = Deadline(args.max_seconds)
     transformers.utils.logging.disable_progress_bar()

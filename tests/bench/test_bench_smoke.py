@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from bench import e2e, transport, trl_grpo, weight_sync
+from bench import e2e, scale, transport, trl_grpo, weight_sync
 from bench.report import REPO
 
 pytestmark = pytest.mark.slow
@@ -85,3 +85,22 @@ def test_trl_grpo_trl_side(tmp_path):
     assert side["optimizer_steps"] >= 1
     assert side["samples"] == side["optimizer_steps"] * 16  # 4 prompts x 4, tiny.toml: 1 minibatch
     assert (tmp_path / "trl" / "model" / "config.json").exists()
+
+
+def test_scale_tiny(tmp_path):
+    """bench/scale.py at tiny size: every point ran, the buffer's staleness bound held for every
+    trained rollout, the figures are rates and fractions, the plot and the section are written."""
+    assert scale.main(["--generators", "1,2", "--max-staleness", "1", "--ceiling-generators", "", "--seconds", "2",
+                       "--warmup", "1", "--step-s", "0.1", "--max-seconds", "120", *outputs(tmp_path)]) == 0
+    result = json.loads((tmp_path / "scale.json").read_text())
+    modes = [True, False] if result["credits_available"] else [False]
+    assert [(p["credits"], p["n"]) for p in result["points"]] == [(m, n) for m in modes for n in (1, 2)]
+    for p in result["points"]:
+        assert p["max_staleness"] == 1 and p["offered_per_s"] == p["n"] * 256 / 32
+        assert p["generated_per_s"] > 0 and p["trained_per_s"] >= 0 and 0 <= p["waste"] <= 1
+        assert all(0 <= int(s) <= 1 for s in p["staleness"])  # the buffer never serves a rollout older than the bound
+        assert p["bound"] in ("learner", "scorer", "buffer", "cpu", "admission", "generators")
+    assert len(result["saturation"]) == len(modes)
+    assert (tmp_path / "scale.png").stat().st_size > 10_000
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "<!-- bench:scale -->" in md and "](scale.png)" in md
