@@ -9,11 +9,12 @@ answered as soon as enough groups arrive.
 Durability (``buffer.journal``, on by default; ``services/buffer/journal.py``):
 every accepted rollout, removal and served batch is written to the journal
 before it is counted or sent, and a restarted buffer recovers what it held.
-The last batch served stays *unacknowledged* until the learner asks for a
-newer version (proof it trained on it): a request for the same or an older
-version (the learner restarted, or the batch was lost) gets the same batch
-again instead of new data, so a crash of either side loses no batch and
-serves none twice beyond ``max_reuse``. That logic, without sockets, is
+Every batch served stays *held* until the learner's requests state a
+checkpoint that covers it (``durable_version``): a batch lost in transit, or
+trained by a learner killed before its next checkpoint, is served again
+(restamped) instead of new data, so a crash of either side loses no batch with
+any ``learner.checkpoint_every`` and serves none twice beyond ``max_reuse``.
+That logic, without sockets, is
 :class:`streamrl.services.buffer.durable.DurableBuffer`.
 
 Generation credits (issue 11, ``services/buffer/credits.py``): generators ask on

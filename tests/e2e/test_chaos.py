@@ -137,8 +137,10 @@ def test_kill_minus_nine_each_service_and_nothing_accepted_is_lost(tmp_path, tin
     held = {m.rollout.rollout_id for g in recovered.groups for m in g.members}
     # served, not yet acknowledged (the last steps, checkpointed at the clean stop the buffer did not hear of)
     served = {s.rollout.rollout_id for h in recovered.held for s in h.batch.rollouts}
+    # refused by the learner (another model, out of vocabulary, another sampling distribution): none expected
+    refused = {i for r in ledger_lines(run_dir, "refused.jsonl") for i in r["rollout_ids"]}
     assert trained <= accepted
-    unaccounted = accepted - (trained | dropped | evicted | held | served)
+    unaccounted = accepted - (trained | dropped | evicted | held | served | refused)
     assert not unaccounted, (len(unaccounted), sorted(unaccounted)[:5])
     assert not held & (trained | dropped | evicted | served)
     assert not served & (dropped | evicted)
@@ -154,4 +156,4 @@ def test_kill_minus_nine_each_service_and_nothing_accepted_is_lost(tmp_path, tin
     assert re.search(r"recovered \d+ rollouts", logs["buffer-0"]) or "buffer" not in victims
     print(f"checkpoint_every {every}: rolled back {len(rolled_back)} steps ({len(lost)} rollouts); "
           f"kills (service, at step): {kills}; accepted {len(accepted)}, trained {len(trained)}, "
-          f"dropped stale {len(dropped)}, evicted {len(evicted)}, held at end {len(held)}")
+          f"dropped stale {len(dropped)}, evicted {len(evicted)}, refused {len(refused)}, held at end {len(held)}")
