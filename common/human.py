@@ -373,8 +373,13 @@ class HumanModelSubscription:
         taken = None
         while self.socket.poll(0):
             msg = self.inbox.decode(self.socket.recv_multipart(copy=False))
-            if msg is not None and self.view.update(msg):
-                taken = msg.version
+            if msg is None:
+                continue
+            try:
+                if self.view.update(msg):
+                    taken = msg.version
+            except ValueError as err:  # another feature: counted and logged like any refused message
+                self.inbox.reject("bad_value", str(err))
         return taken
 
     def close(self) -> None:

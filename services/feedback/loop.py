@@ -167,7 +167,11 @@ class FeedbackService:
             with self.lock:
                 self.pending = pending + self.pending
             return
-        head, loss = fit_head(rows, l2=self.fb.l2)
+        try:
+            head, loss = fit_head(rows, l2=self.fb.l2)
+        except Exception:  # the labels are safe in the database: keep serving, retry with the next label
+            log.exception("H-hat refit on %d labels failed; version %d stays in use", len(rows), self.version)
+            return
         version = self.version + 1
         with self.lock:
             active = self.active

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import numpy as np
 import pytest
@@ -164,3 +165,46 @@ def test_reference_features_are_the_unpadded_mean_over_completion_positions():
                                    rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError):
         reference_features(model, prompts, completions[:2], pad_id=0)
+
+
+def test_a_model_with_another_feature_is_refused_and_counted_not_fatal():
+    import zmq
+
+    from streamrl.common.config import load_config
+    from streamrl.common.human import HumanModelSubscription
+    from streamrl.common.metrics import ServiceMetrics
+    from streamrl.common.transport import make_socket, send
+    from streamrl.testing import free_port
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cfg = load_config(None, [f'endpoints.human_model="{endpoint}"'])
+    ctx = zmq.Context()
+    pub = make_socket(ctx, zmq.PUB, bind=endpoint, max_message_bytes=1 << 20, hwm=10)
+    metrics = ServiceMetrics("scorer", "scorer-0")
+    sub = HumanModelSubscription(ctx, cfg, metrics)
+    try:
+        def model(version, feature):
+            return HumanModel(version=version, active=True, feature=feature, mean=np.zeros(2, np.float32),
+                              scale=np.ones(2, np.float32), weight=np.ones(2, np.float32), bias=0.0,
+                              anchors=np.zeros((0, 2), np.float32), anchor_times=np.zeros(0), labels=1)
+
+        got = None
+        for _ in range(100):  # the subscription takes a moment to reach the publisher
+            send(pub, model(2, "mean_last_hidden"))
+            got = sub.receive() or got
+            if got:
+                break
+            time.sleep(0.05)
+        assert got == 2 and sub.view.version == 2
+        send(pub, model(5, "something_else"))
+        send(pub, model(1, "mean_last_hidden"))  # older: ignored
+        for _ in range(50):
+            if sub.receive() is None and metrics.rejected.labels(reason="bad_value")._value.get() == 1:
+                break
+            time.sleep(0.05)
+        assert sub.view.version == 2
+        assert metrics.rejected.labels(reason="bad_value")._value.get() == 1
+    finally:
+        sub.close()
+        pub.close(0)
+        ctx.term()
