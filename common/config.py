@@ -632,6 +632,10 @@ class LearnerSection(_Section):
 
     threads: int = Field(1, ge=1, description="torch threads of the learner process")
     device: Device = Field(Device.AUTO, description="`auto` = CUDA when available, else CPU")
+    world_size: int = Field(1, ge=1, description="data-parallel learner ranks (DistributedDataParallel; gloo on "
+                            "CPU, NCCL on CUDA, one GPU per rank): start the learner with `torchrun "
+                            "--nproc-per-node N -m streamrl.services.learner`; rank 0 owns the sockets, "
+                            "checkpoints and metrics, every rank trains on its shard of each minibatch")
     total_steps: int = Field(100, ge=1, description="learner steps (= policy versions) to train")
     groups_per_step: int = Field(4, ge=1, description="groups per batch")
     ppo_epochs: int = Field(1, ge=1, description="passes over each batch")

@@ -40,20 +40,19 @@ from streamrl.common.fingerprint import model_fingerprint
 from streamrl.common.human import beta_at, human_terms
 from streamrl.common.liveness import Waits
 from streamrl.common.messages import Batch, BatchRequest
-from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
+from streamrl.common.models import configure_torch, select_device
 from streamrl.common.service import ServiceContext
 from streamrl.common.tracking import Tracker
 from streamrl.common.transport import Inbox, make_socket, try_send
 from streamrl.common.weights import WeightServer
 from streamrl.services.learner.batch import collate, split_by_sampling
-from streamrl.services.learner.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from streamrl.services.learner.build import build_trainer
+from streamrl.services.learner.checkpoint import latest_checkpoint, save_checkpoint
 from streamrl.services.learner.diagnosis import data_wait_reason
+from streamrl.services.learner.distributed import init_distributed
 from streamrl.services.learner.intake import split_in_vocabulary, split_same_model
 from streamrl.services.learner.metrics import LearnerMetrics
-from streamrl.services.learner.ptx import PtxSampler, held_out_prompts
 from streamrl.services.learner.records import append_line, ledger_line, roll_back_ledger, step_log_line, step_record
-from streamrl.services.learner.trainer import PPOTrainer
-from streamrl.services.learner.value_model import ValueModel
 from streamrl.services.learner.versions import continue_at, read_published_version, write_published_version
 
 log = logging.getLogger(__name__)
@@ -68,28 +67,16 @@ class LearnerService:
         self.ctx = ctx
         self.cfg = cfg
         configure_torch(lc.threads, seed=cfg.run.seed)
-        self.device = select_device(lc.device)
-        base = resolve_model_path(cfg.model.path, cfg.model.cache_path)
+        # learner.world_size > 1: rank 0 of a data-parallel learner (distributed.py; the others run_worker)
+        self.dist, self.device = init_distributed(lc, select_device(lc.device))
         self.output = Path(cfg.run.output_dir)
         self.checkpoints = self.output / "checkpoints"
         resume = latest_checkpoint(self.checkpoints)
-        self.tokenizer = load_tokenizer(base)
-        policy = load_causal_lm(str(resume / "model") if resume else base, device=self.device)
-        reference = load_causal_lm(base, device=self.device).eval()
-        ptx = None
-        if lc.ptx_coef > 0:
-            ptx = PtxSampler(lc.ptx_data, self.tokenizer, batch_size=lc.groups_per_step,
-                             max_tokens=cfg.generator.max_prompt_tokens + cfg.generator.max_new_tokens,
-                             seed=cfg.run.seed, held_out=held_out_prompts(cfg.generator.prompts, seed=cfg.run.seed))
-        critic = None  # InstructGPT: the value function initialised from the reward model
-        if lc.value_model is not None:  # the config allows it with advantage = "gae" only
-            critic = ValueModel.from_reward_model(lc.value_model, device=self.device, tokenizer=self.tokenizer)
-        self.trainer = PPOTrainer(policy, reference, lc, ptx_sampler=ptx, value_model=critic)
+        self.trainer, self.tokenizer, state = build_trainer(cfg, self.device, resume, dist=self.dist)
+        policy = self.trainer.policy
         self.step = 0
         self.version = 0
         if resume is not None:
-            state = load_trainer_state(resume)
-            self.trainer.load_state_dict(state)
             self.step, self.version = int(state["step"]), int(state["version"])
             log.info("resumed from %s at step %d, version %d", resume, self.step, self.version)
         self.durable_version = self.version  # the newest checkpoint's (0: the initial weights)
@@ -143,6 +130,8 @@ class LearnerService:
             if self.step > 0 and not (self.checkpoints / f"step-{self.step:06d}").exists():
                 self.save()
         finally:
+            if self.dist is not None:
+                self.trainer.close()  # the other ranks stop after the final checkpoint
             self.tracker.close()
             self.weights.close()
             self.dealer.close(0)

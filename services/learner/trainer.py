@@ -230,7 +230,7 @@ class PPOTrainer:
                     loss = loss + cfg.ptx_coef * ptx
                     sums.add({"loss/ptx": ptx})
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self._backward(loss, mb)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
                 if bool(torch.isfinite(grad_norm)):  # the one device sync per update: skip or step
@@ -273,6 +273,11 @@ class PPOTrainer:
         """bf16 autocast of the model passes when ``learner.autocast_bf16`` (opt-in; log-probs, losses and
         the optimizer stay float32: ``forward_completions`` upcasts the logits)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16)
+
+    def _backward(self, loss: Tensor, mb: TrainBatch) -> None:
+        """Backpropagate one minibatch's loss (the data-parallel learner rescales it first:
+        ``streamrl.services.learner.distributed``)."""
+        loss.backward()
 
     def _forward(self, mb: TrainBatch) -> ModelOutput:
         """The policy's (and critic's) outputs on a minibatch, with gradients and entropy."""

@@ -1,0 +1,61 @@
+"""The learner's model and trainer, built the same way on every rank of a data-parallel learner.
+
+Rank 0 (:class:`~streamrl.services.learner.loop.LearnerService`) and the other ranks
+(:func:`streamrl.services.learner.distributed.run_worker`) call :func:`build_trainer`, so
+every rank starts from the same weights, optimizer state, KL controller and reward
+statistics (the newest checkpoint when there is one, else the base model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from streamrl.common.config import Config
+from streamrl.common.models import load_causal_lm, load_tokenizer, resolve_model_path
+from streamrl.services.learner.checkpoint import load_trainer_state
+from streamrl.services.learner.ptx import PtxSampler, held_out_prompts
+from streamrl.services.learner.trainer import PPOTrainer
+from streamrl.services.learner.value_model import ValueModel
+
+
+def build_trainer(cfg: Config, device: torch.device, resume: Path | None, *, dist=None):
+    """The policy (from ``resume`` when given, else ``model.path``), the frozen reference, the
+    PPO-ptx sampler and critic when configured, and the trainer holding them.
+
+    Args:
+        cfg: the run config.
+        device: where the models live (``cuda:<local rank>`` for a data-parallel rank).
+        resume: a checkpoint folder (``checkpoints/step-NNNNNN``) or None.
+        dist: a :class:`~streamrl.services.learner.distributed.DistContext` for a data-parallel
+            learner (``learner.world_size > 1``): the trainer is then a
+            :class:`~streamrl.services.learner.distributed.DistributedPPOTrainer`.
+
+    Returns:
+        ``(trainer, tokenizer, state)``: ``state`` is the checkpoint's trainer state (already
+        loaded into the trainer; it also holds ``step`` and ``version``), None without ``resume``.
+    """
+    lc = cfg.learner
+    base = resolve_model_path(cfg.model.path, cfg.model.cache_path)
+    tokenizer = load_tokenizer(base)
+    policy = load_causal_lm(str(resume / "model") if resume else base, device=device)
+    reference = load_causal_lm(base, device=device).eval()
+    ptx = None
+    if lc.ptx_coef > 0:
+        ptx = PtxSampler(lc.ptx_data, tokenizer, batch_size=lc.groups_per_step,
+                         max_tokens=cfg.generator.max_prompt_tokens + cfg.generator.max_new_tokens,
+                         seed=cfg.run.seed, held_out=held_out_prompts(cfg.generator.prompts, seed=cfg.run.seed))
+    critic = None  # InstructGPT: the value function initialised from the reward model
+    if lc.value_model is not None:  # the config allows it with advantage = "gae" only
+        critic = ValueModel.from_reward_model(lc.value_model, device=device, tokenizer=tokenizer)
+    if dist is None:
+        trainer = PPOTrainer(policy, reference, lc, ptx_sampler=ptx, value_model=critic)
+    else:
+        from streamrl.services.learner.distributed import DistributedPPOTrainer
+        trainer = DistributedPPOTrainer(policy, reference, lc, dist, ptx_sampler=ptx, value_model=critic)
+    state = None
+    if resume is not None:
+        state = load_trainer_state(resume)
+        trainer.load_state_dict(state)
+    return trainer, tokenizer, state
