@@ -851,54 +851,6 @@ class FeedbackSection(_Section):
         return Path(self.database) if self.database else Path(output_dir) / "feedback" / "labels.sqlite3"
 
 
-class FeedbackSection(_Section):
-    """People in the loop: the feedback service (labellers' page and HTTP API), H-hat and TAMER+RL."""
-
-    enabled: bool = Field(False, description="`streamrl run` starts the feedback service (its web page, labels "
-                          "and H-hat); the scorers' feed costs nothing when it is off")
-    http_host: str = Field("127.0.0.1", min_length=1, description="address the web page and JSON API bind; a "
-                           "non-loopback address needs `tls_cert` and `tls_key` (or security.allow_insecure)")
-    http_port: int = Field(8080, ge=0, le=65535, description="port of the web page and JSON API; 0 = ephemeral")
-    tls_cert: Optional[str] = Field(None, description="PEM certificate: serve HTTPS (cookies get `Secure`)",
-                                    json_schema_extra=LOCAL_PATH)
-    tls_key: Optional[str] = Field(None, description="PEM private key of `tls_cert`", json_schema_extra=LOCAL_PATH)
-    database: Optional[str] = Field(None, description="SQLite database (WAL) of labels, labelled rollouts, "
-                                    "labellers' token hashes and H-hat versions",
-                                    json_schema_extra={**LOCAL_PATH,
-                                                       "default_text": "`<run.output_dir>/feedback/labels.sqlite3`"})
-    combination: HumanCombination = Field(HumanCombination.NONE, description="TAMER+RL technique: `none` (collect "
-                                          "labels only), `reward_shaping` (R + beta_t * H-hat in the learner), "
-                                          "`control_sharing` (generators keep H-hat's best of K candidates with "
-                                          "probability min(beta_t, 1))")
-    beta: float = Field(1.0, ge=0, description="beta_0 of the combination weight beta_t = beta * beta_decay^t "
-                        "(t = learner step / policy version)")
-    beta_decay: float = Field(0.99, gt=0, le=1, description="factor beta is multiplied by per learner step")
-    eligibility: bool = Field(False, description="eligibility module: scale beta by closeness (in H-hat's feature "
-                              "space) to recently labelled rollouts, decaying with the labels' age")
-    eligibility_width: float = Field(0.5, gt=0, description="kernel width of the eligibility module, in "
-                                     "standardised feature units")
-    eligibility_half_life_s: float = Field(300.0, gt=0, description="seconds after which a label's eligibility "
-                                           "halves")
-    eligibility_anchors: int = Field(256, ge=1, description="most recent labelled rollouts kept as eligibility "
-                                     "anchors")
-    candidates: int = Field(4, ge=2, description="K completions sampled per kept completion under "
-                            "`control_sharing`")
-    l2: float = Field(0.01, gt=0, description="L2 penalty of H-hat's linear head")
-    min_labels: int = Field(4, ge=1, description="labels needed before the first H-hat version is published")
-    max_labels: int = Field(20000, ge=1, description="H-hat is refit on the most recent labels, at most this many")
-    fit_interval_s: float = Field(1.0, gt=0, description="labels arriving within this many seconds share one "
-                                  "refit (one new H-hat version)")
-    announce_interval_s: float = Field(5.0, gt=0, description="the newest H-hat version is re-published this "
-                                       "often, seconds (late subscribers get it)")
-    recent_rollouts: int = Field(2000, ge=10, description="streamed rollouts kept in memory for the page")
-    session_ttl_s: float = Field(8 * 3600.0, gt=0, description="a labeller's browser session lasts this long, "
-                                 "seconds")
-
-    def database_path(self, output_dir: str) -> Path:
-        """``database``, default ``<output_dir>/feedback/labels.sqlite3``."""
-        return Path(self.database) if self.database else Path(output_dir) / "feedback" / "labels.sqlite3"
-
-
 class SecuritySection(_Section):
     """CURVE encryption and authentication of every ZeroMQ socket (see common/security.py)."""
 
