@@ -216,6 +216,16 @@ class _Trained(torch.nn.Module):
         return out
 
 
+def weights_digest(trainer: PPOTrainer) -> str:
+    """A float64 sum and sum of squares of every trained parameter (policy, value head, critic), as
+    text: equal on every rank exactly when the replicas stayed identical (the logs show it)."""
+    with torch.no_grad():
+        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        total = sum(float(p.double().sum()) for p in params)
+        squares = sum(float(p.double().square().sum()) for p in params)
+    return f"{total!r}/{squares!r}"
+
+
 def loss_normaliser(mask: Tensor, aggregation: LossAggregation) -> Tensor:
     """``D`` of :func:`~streamrl.services.learner.losses.aggregate_tokens` on ``mask`` ``[B, T]``
     without the constant ``max_tokens`` (float64 0-d): real tokens (``token_mean``), sequences
@@ -275,6 +285,7 @@ class DistributedPPOTrainer(PPOTrainer):
         with DDP's reducer alive can hang in gloo's threads)."""
         if self.dist.rank == 0 and not self._closed:
             self._closed = True
+            log.info("rank 0 stops the other ranks (weights digest %s)", weights_digest(self))
             try:
                 broadcast_batch(self.dist, None, op=STOP)
             except (RuntimeError, torch_dist.DistBackendError) as err:  # a rank died: torchrun ends the job
@@ -331,6 +342,45 @@ class DistributedPPOTrainer(PPOTrainer):
         return out
 
 
+# --------------------------------------------------------------------------- launching
+
+
+def torchrun_command(world_size: int, argv: list[str]) -> list[str]:
+    """The ``torchrun`` command line that starts ``world_size`` learner ranks on this host
+    (``--standalone``: a rendezvous on a free local port) with the same arguments."""
+    import sys
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+            "-m", "streamrl.services.learner", *argv]
+
+
+def relaunch_under_torchrun(argv: list[str]) -> None:
+    """``python -m streamrl.services.learner`` with ``learner.world_size = N > 1``, not started by
+    torchrun: replace this process with ``torchrun --standalone --nproc-per-node N`` (``os.execv``;
+    same pid, so honcho, supervisord and Kubernetes signal torchrun, which forwards SIGTERM to
+    the ranks: rank 0 checkpoints and stops the others). Every launcher (Procfile, supervisord,
+    ``streamrl run``, a container command) therefore starts a one-host data-parallel learner
+    unchanged; several hosts need ``torchrun --nnodes ... --rdzv-endpoint ...`` by hand.
+    Returns (does nothing) for ``world_size = 1``, under torchrun, or with an invalid config
+    (the service then reports it)."""
+    import sys
+
+    from streamrl.common.config import ConfigError, load_config
+    from streamrl.common.service import OVERRIDES_ENV, parse_args
+
+    if "WORLD_SIZE" in os.environ:
+        return
+    args = parse_args("learner", argv)
+    overrides = [line for line in os.environ.get(OVERRIDES_ENV, "").splitlines() if line.strip()]
+    try:
+        world_size = load_config(args.config, overrides + args.overrides).learner.world_size
+    except ConfigError:
+        return
+    if world_size > 1:
+        command = torchrun_command(world_size, argv)
+        print(f"learner.world_size = {world_size}: starting {' '.join(command)}", file=sys.stderr, flush=True)
+        os.execv(command[0], command)
+
+
 # --------------------------------------------------------------------------- ranks 1..N-1
 
 
@@ -343,14 +393,14 @@ def run_worker(argv: list[str] | None = None) -> None:
     this rank with its stop broadcast (torchrun ends the job if rank 0 dies)."""
     from streamrl.common.config import ConfigError, load_config
     from streamrl.common.models import configure_torch, select_device
-    from streamrl.common.service import CONFIG_ENV, OVERRIDES_ENV, parse_args
+    from streamrl.common.service import OVERRIDES_ENV, parse_args
     from streamrl.services.learner.build import build_trainer
     from streamrl.services.learner.checkpoint import latest_checkpoint
 
     args = parse_args("learner", argv)
     overrides = [line for line in os.environ.get(OVERRIDES_ENV, "").splitlines() if line.strip()]
     try:
-        cfg = load_config(args.config or os.environ.get(CONFIG_ENV), overrides + args.overrides)
+        cfg = load_config(args.config, overrides + args.overrides)
     except ConfigError as err:
         raise SystemExit(f"streamrl learner rank {os.environ.get('RANK')}: invalid config\n{err}") from None
     rank = os.environ.get("RANK")
@@ -367,5 +417,5 @@ def run_worker(argv: list[str] | None = None) -> None:
     resume = latest_checkpoint(Path(cfg.run.output_dir) / "checkpoints")
     trainer, _tokenizer, _state = build_trainer(cfg, device, resume, dist=dist)
     steps = trainer.serve()
-    log.info("rank %d stopped after %d steps", dist.rank, steps)
+    log.info("rank %d stopped after %d steps (weights digest %s)", dist.rank, steps, weights_digest(trainer))
     trainer.close()
