@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 
 import pytest
 import torch
@@ -51,3 +52,24 @@ def test_two_rank_learner_trains_with_the_other_services(tmp_path, tiny_model_di
     generator = scrape(sections["metrics"]["generator_port"])
     assert generator["streamrl_generator_weight_syncs_total"] >= 2, procs.logs()
     assert torch.isfinite(torch.tensor([r["loss/total"] for r in records])).all()
+
+
+def test_sigterm_checkpoints_and_stops_every_rank(tmp_path, tiny_model_dir, services):
+    """SIGTERM reaches torchrun (what honcho, supervisord and Kubernetes signal): it forwards it to the
+    ranks, rank 0 finishes its step, checkpoints and stops rank 1, and every rank exits within the grace
+    period. torchrun itself then exits 1 (it re-raises the signal as ``SignalException``): a stop, not a crash."""
+    sections = local_run_config(tmp_path, tiny_model_dir, learner={"total_steps": 1000, "world_size": 2})
+    procs = services(write_config(tmp_path / "run.toml", sections))
+    for name in ("buffer", "scorer", "generator"):
+        procs.start(name)
+    procs.start("learner")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 240), procs.logs()
+    learner = procs.procs["learner-0"]
+    learner.send_signal(signal.SIGTERM)
+    assert wait_until(lambda: learner.poll() is not None, 60), procs.logs()
+    logs = (tmp_path / "learner-0.log").read_text()
+    assert "SIGKILL" not in logs and "exitcode  : -" not in logs, logs[-4000:]  # no rank was killed
+    n = len(metrics.read_text().splitlines())
+    assert (tmp_path / "run" / "checkpoints" / f"step-{n:06d}").is_dir(), procs.logs()
+    assert f"rank 1 stopped after {n} steps" in logs, logs[-4000:]
