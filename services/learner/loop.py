@@ -145,9 +145,9 @@ class LearnerService:
         """
         started = time.perf_counter()
         tb = collate(batch.rollouts, pad_id=self.tokenizer.pad_token_id)
+        human = self._human_terms(batch, tb)  # before the step: shaped rewards and control-sharing weights
         trained_at = self.version
         stats = self.trainer.step(tb, trained_at)
-        human = self._human_terms(batch, tb)
         self.step += 1
         self.version += 1
         stats.update(human)
