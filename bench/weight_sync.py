@@ -101,7 +101,7 @@ def _receiver(index: int, control: str, announce: str, fetch: str, model_path: s
                 fetched = client.fetch(latest)
                 received = time.time()
                 loading = time.perf_counter()
-                missing, unexpected = model.load_state_dict(fetched.tensors, strict=False)
+                missing, unexpected = client.load_into(model, fetched)  # as the generator loads them
                 if unexpected or set(missing) - tied:
                     raise RuntimeError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
                 load_s = time.perf_counter() - loading

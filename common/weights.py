@@ -715,12 +715,14 @@ class FetchedWeights:
 
     Attributes:
         version: policy version.
-        tensors: name -> tensor, views of the client's receive buffer: valid until the
-            next :meth:`WeightClient.fetch` (load them before fetching again).
+        tensors: name -> tensor, views of one of the client's receive buffers: valid until
+            the next :meth:`WeightClient.fetch` (load them before fetching again, best with
+            :meth:`WeightClient.load_into`).
         nbytes: blob size in bytes.
         transfer_s: seconds from the first request to the last chunk (hashing included).
         verify_s: seconds to compare the digest root and build the tensor views.
         hash_s: seconds of ``transfer_s`` spent hashing chunks.
+        slot: which receive buffer holds the tensors (0 or 1).
     """
 
     version: int
@@ -729,6 +731,7 @@ class FetchedWeights:
     transfer_s: float
     verify_s: float
     hash_s: float = 0.0
+    slot: int = 0
 
 
 @dataclass
@@ -789,9 +792,11 @@ class WeightClient:
                                  socket_name="weights")
         self.latest: WeightsAnnounce | None = None
         self.last_announce: float | None = None
-        self._buffer: np.ndarray | None = None
+        self._buffers: list[np.ndarray | None] = [None, None]
+        self._adopted: int | None = None  # the receive buffer a model's parameters live in (load_into)
         self.buffers_allocated = 0
-        """Receive buffers allocated so far (1 while the blob size stays the same)."""
+        """Receive buffers allocated so far: 1 (2 once :meth:`load_into` lets a model keep one) while the
+        blob size stays the same."""
 
     def seconds_since_announce(self) -> float | None:
         """Seconds since the last valid announcement (None before the first): the learner's pulse."""
@@ -809,12 +814,58 @@ class WeightClient:
                 self.latest = msg
         return self.latest
 
-    def _receive_buffer(self, nbytes: int) -> np.ndarray:
-        if self._buffer is None or self._buffer.size != nbytes:
-            self._buffer = None  # let the old one go before mapping the new one
-            self._buffer = allocate_blob(nbytes)
+    def _receive_buffer(self, nbytes: int) -> tuple[int, np.ndarray]:
+        """The buffer to receive into: never the one a model's parameters live in (:meth:`load_into`)."""
+        slot = 1 if self._adopted == 0 else 0
+        buffer = self._buffers[slot]
+        if buffer is None or buffer.size != nbytes:
+            self._buffers[slot] = None  # let the old one go before mapping the new one
+            buffer = self._buffers[slot] = allocate_blob(nbytes)
             self.buffers_allocated += 1
-        return self._buffer
+        return slot, buffer
+
+    def load_into(self, model: torch.nn.Module, fetched: FetchedWeights) -> tuple[list[str], list[str]]:
+        """Load fetched weights into ``model``, zero-copy where possible.
+
+        A parameter or buffer on the CPU with the wire dtype and shape, at an aligned offset,
+        becomes a view of the receive buffer (``tensor.data = view``: no copy, and the model's
+        own storage is freed); the receive buffer then belongs to the model, and the next
+        fetch goes into the other one. Anything else (another device or dtype) is copied, as
+        ``load_state_dict`` would. Tied parameters (one tensor under two names) follow the
+        name that was sent.
+
+        Args:
+            model: the model to load into (its parameters stay the same ``Parameter`` objects).
+            fetched: the newest :meth:`fetch` result.
+
+        Returns:
+            ``(missing, unexpected)`` as ``model.load_state_dict(fetched.tensors, strict=False)``
+            reports them.
+
+        Raises:
+            RuntimeError: a tensor whose shape does not fit (nothing is loaded then).
+        """
+        own = model.state_dict(keep_vars=True)
+        unexpected = [name for name in fetched.tensors if name not in own]
+        missing = [name for name in own if name not in fetched.tensors]
+        for name, source in fetched.tensors.items():
+            if name in own and tuple(own[name].shape) != tuple(source.shape):
+                raise RuntimeError(f"{name}: shape {tuple(source.shape)} does not fit the model's "
+                                   f"{tuple(own[name].shape)}")
+        adopted = False
+        with torch.no_grad():
+            for name, source in fetched.tensors.items():
+                target = own.get(name)
+                if target is None:
+                    continue
+                if target.device.type == "cpu" and target.dtype == source.dtype:
+                    target.data = source
+                    adopted = True
+                else:
+                    target.copy_(source)
+        if adopted:
+            self._adopted = fetched.slot
+        return missing, unexpected
 
     def fetch(self, announce: WeightsAnnounce) -> FetchedWeights:
         """Fetch, verify and unpack one version.
@@ -828,7 +879,7 @@ class WeightClient:
                 the wrong size, or a digest mismatch (nothing of the version may be loaded).
         """
         start = time.perf_counter()
-        buffer = self._receive_buffer(announce.total_bytes)
+        slot, buffer = self._receive_buffer(announce.total_bytes)
         state = _Fetch(announce=announce, view=memoryview(buffer).cast("B"),
                        digests=bytearray(DIGEST_BYTES * announce.num_chunks))
         retries = 0
@@ -854,7 +905,7 @@ class WeightClient:
         tensors = _tensor_views(announce, buffer)
         return FetchedWeights(version=announce.version, tensors=tensors, nbytes=announce.total_bytes,
                               transfer_s=transfer_s, verify_s=time.perf_counter() - start - transfer_s,
-                              hash_s=state.hash_s)
+                              hash_s=state.hash_s, slot=slot)
 
     def _request_more(self, state: _Fetch) -> None:
         n = state.announce.num_chunks

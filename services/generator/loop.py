@@ -142,7 +142,7 @@ class GeneratorService:
             else:
                 self.waits.done("learner")
                 loaded = time.perf_counter()
-                missing, unexpected = self.model.load_state_dict(fetched.tensors, strict=False)
+                missing, unexpected = self.weights.load_into(self.model, fetched)  # zero-copy where it can
                 check_fit(missing, unexpected, self.tied)
                 self.version = fetched.version
                 self.metrics.fetch_seconds.observe(loaded - start)
