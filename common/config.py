@@ -1266,6 +1266,7 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
                                                       "a folder saved by save_pretrained (sequence-classification "
                                                       f"model and tokenizer); {_PATH_FIX}")
                                 or _reward_label_problem(key, spec))
+                problems.append(_reward_format_problem(key, spec, cfg.model))
         problems.append(_device_problem("scorer.device", cfg.scorer.device))
     if "buffer" in services and cfg.buffer.journal:
         if cfg.buffer.journal_dir is not None:
@@ -1332,6 +1333,34 @@ def _model_folder_problem(key: str, value: str, what: str, fix: str) -> str | No
     if not (path / "config.json").is_file():
         return f"{key}: {path} has no config.json, so it is not a saved model; fix: set {key} to {fix}"
     return None
+
+
+def _reward_format_problem(key: str, spec: RewardSpec, model: ModelSection) -> str | None:
+    """A reward model trained by ``streamrl rm`` is scored on prompts formatted as in its training:
+    chat-template prompts (``model.chat_template`` rendered by the generators, or
+    ``chat_template`` of the reward spec rendering raw ones) exactly when it was trained on them
+    (``streamrl_reward.chat_template`` in its ``config.json``; other models are not checked)."""
+    import json
+
+    try:
+        table = json.loads((Path(spec.model).expanduser() / "config.json").read_text()).get("streamrl_reward")
+    except (OSError, ValueError, AttributeError):
+        return None  # no readable config.json: the folder check reports it
+    if not isinstance(table, dict) or "chat_template" not in table:
+        return None
+    trained, given = bool(table["chat_template"]), [model.chat_template, spec.chat_template]
+    if given == [True, True]:
+        return (f"{key}.chat_template: the generators already render prompts with the chat template "
+                "(model.chat_template = true); wrapping them again scores a doubly wrapped prompt; fix: remove "
+                f"{key}.chat_template")
+    if trained == any(given):
+        return None
+    if trained:
+        return (f"{key}.model: the reward model was trained on chat-template prompts but would score raw ones; "
+                f"fix: set model.chat_template = true, or {key}.chat_template = true to render them for it")
+    return (f"{key}.model: the reward model was trained on plain prompts but would score chat-template ones; fix: "
+            f"set model.chat_template = false and remove {key}.chat_template, or retrain it with "
+            "model.chat_template = true (`streamrl rm`)")
 
 
 def _reward_label_problem(key: str, spec: RewardSpec) -> str | None:

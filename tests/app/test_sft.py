@@ -64,19 +64,23 @@ def test_stage_loss_is_the_response_nll_of_the_full_logits(tiny_model_dir):
     assert total.item() == pytest.approx(expected_total.item(), rel=1e-5)
 
 
-def test_frozen_cached_trunk_gives_the_same_loss(tiny_model_dir):
+@pytest.mark.parametrize("trainable", [0, 1, 2])
+def test_frozen_cached_trunk_gives_the_same_loss(tiny_model_dir, trainable):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     sequences = [tokenizer("hello world")["input_ids"], tokenizer("hi")["input_ids"]]
     masks = [[0] * 6 + [1] * 5, [0, 1]]
     full = Trunk(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), trainable_layers=None)
-    cached = Trunk(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), trainable_layers=1, cache=True)
+    cached = Trunk(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), trainable_layers=trainable,
+                   cache=True)
     cached.precompute(sequences, pad_id=0, batch_size=1)  # cached one at a time, used padded together
     with torch.no_grad():
         a = response_loss(full, sequences, masks, pad_id=0)[0]
         b = response_loss(cached, sequences, masks, pad_id=0)[0]
     assert b.item() == pytest.approx(a.item(), rel=1e-5)
-    assert cached.frozen == 1 and not any(p.requires_grad for p in cached.base.embed_tokens.parameters())
-    assert all(p.requires_grad for p in cached.base.layers[1].parameters())
+    assert cached.frozen == 2 - trainable and not any(p.requires_grad for p in cached.base.embed_tokens.parameters())
+    assert all(p.requires_grad == (i >= 2 - trainable) for i, block in enumerate(cached.base.layers)
+               for p in block.parameters())
+    assert all(p.requires_grad for p in cached.base.norm.parameters())
 
 
 @pytest.mark.slow

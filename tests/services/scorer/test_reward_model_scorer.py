@@ -68,3 +68,18 @@ def test_chat_template_wraps_raw_prompts_as_in_training(rm_folder, tmp_path):
     plain = RewardModelScorer(str(tmp_path), device=CPU)
     assert wrapped.reward_model.render_prompt("q1:") == "<user>q1:<assistant>"
     assert wrapped(["q1:"], [" aa"], [{}]) == pytest.approx(plain(["<user>q1:<assistant>"], [" aa"], [{}]), abs=1e-6)
+
+
+def test_check_refuses_prompts_formatted_unlike_training(rm_folder, tiny_model_dir):
+    """The RM was trained on plain prompts: scoring chat-template prompts is refused by the
+    config check (`streamrl check`, scorer start-up), with the key and the fix."""
+    from streamrl.common.config import resource_problems
+
+    def problems(**model):
+        cfg = validate_config({"model": {"path": str(tiny_model_dir), **model},
+                               "scorer": {"rewards": [{"model": str(rm_folder)}]}})
+        return [p for p in resource_problems(cfg, ["scorer"]) if p.startswith("scorer.rewards[0]")]
+
+    assert problems() == []
+    (found,) = problems(chat_template=True)
+    assert "trained on plain prompts but would score chat-template ones; fix: set model.chat_template = false" in found
