@@ -493,7 +493,7 @@ def test_reference_table_rows():
     # options of one kind / source say so; list items get an [i] row each
     assert rows["generator.prompts.column"][2].endswith('(kind = "csv" only) |')
     assert rows["scorer.rewards[i].kwargs"][2].endswith("(function only) |")
-    assert rows["scorer.rewards[i].max_length"][:2] == ["`512`", "int >= 1"]
+    assert rows["scorer.rewards[i].max_length"][:2] == ["unset", "int >= 1"]
     assert "learner.ptx_data" in rows and "learner.ptx_data.path" not in rows
 
 
