@@ -25,6 +25,10 @@ from dockerfile_parse import DockerfileParser
 from streamrl.common.config import load_config, validate_config
 from streamrl.common.security import generate_keys
 from streamrl.status import COMPONENT_LABEL, SERVICES
+
+PIPELINE = tuple(s for s in SERVICES if s != "feedback")
+"""The services the base manifests deploy: the optional feedback service (people in the loop) is not
+in them yet (it needs its SQLite volume and an ingress for the labelling page)."""
 from support import REPO
 
 K8S = REPO / "deploy" / "k8s"
@@ -116,7 +120,7 @@ def test_endpoints_ports_and_probes_agree_with_the_services(rendered):
     docs = rendered["base"]
     _, cfg = cluster_config(docs, rendered["keys"])
     services, pods = objects(docs, "Service"), workloads(docs)
-    assert set(pods) == set(SERVICES)
+    assert set(pods) == set(PIPELINE)
 
     def resolve(endpoint: str) -> tuple[str, int, dict]:
         """Service behind a connect endpoint, its port, and the container that port reaches."""
@@ -219,7 +223,7 @@ def test_state_lives_on_volumes_and_the_grace_periods_cover_a_graceful_stop(rend
 
 def test_the_gpu_overlay_gives_the_learner_and_generators_a_gpu_and_the_cuda_image(rendered):
     base, gpu = workloads(rendered["base"]), workloads(rendered["gpu"])
-    for name in SERVICES:
+    for name in PIPELINE:
         image = container(gpu[name])["image"]
         assert image.endswith("-cuda") and container(base[name])["image"].endswith("-cpu")
         limits = container(gpu[name])["resources"]["limits"]
