@@ -13,7 +13,8 @@ the SFT demonstrations score 0 on average (Ouyang et al. 2022, "Training languag
 to follow instructions with human feedback", sec. 3.5), the token budget and truncation
 used in training, and whether prompts were wrapped in the tokenizer's chat template.
 A folder without that table (any Hugging Face sequence classifier) scores with bias 0,
-512 tokens, left truncation.
+512 tokens, left truncation; a classifier with several outputs (e.g. a sentiment model
+used as a reward) is read at the output named by ``label``.
 
 Text layout. The text scored is ``prompt + response`` as one string (the prompt exactly as
 the policy saw it, chat template included; the response without end-of-turn tokens, as
