@@ -142,3 +142,22 @@ def test_missing_data_is_a_clear_error(tiny_model_dir, tmp_path):
     config = sft_config(tmp_path, tiny_model_dir, tmp_path / "missing.jsonl")
     with pytest.raises(StageError, match="does not exist"):
         run_sft(config)
+
+
+def test_cli_sft_command(tiny_model_dir, tmp_path, capsys):
+    from streamrl.cli import main
+    from streamrl.testing import write_config
+
+    data = copy_task(tmp_path / "d.jsonl", rows=40)
+    sections = {"run": {"output_dir": str(tmp_path / "run")},
+                "sft": {"base_model": str(tiny_model_dir), "threads": 1, "lr": 3e-3}, "sft.data": {"path": str(data),
+                                                                                          "eval_rows": 8}}
+    config = write_config(tmp_path / "stages.toml", sections)
+    with pytest.raises(SystemExit) as done:
+        main(["sft", "--config", str(config)])
+    assert done.value.code == 0 and (tmp_path / "run" / "sft" / "COMPLETE").is_file()
+    assert "summary: " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        main(["rm", "--config", str(config)])  # [rm] has no data
+    assert refused.value.code == 2
+    assert "streamrl rm: rm.data.path: not set; fix" in capsys.readouterr().err
