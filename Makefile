@@ -73,12 +73,13 @@ netns-tools:
 test: setup prometheus k8s-tools netns-tools chromium
 	$(PY) -m pytest
 
-# The four benchmarks of bench/ (about 45 minutes on 2 cores; not part of `make test`).
+# The benchmarks of bench/ (about 55 minutes on 2 cores; not part of `make test`).
 # Results: bench/results/*.json and bench/RESULTS.md. TRL is installed only into
 # .venv-trl (repository root) by bench/setup_trl.sh, never into the project's venv.
 bench: setup
 	$(PY) -m bench.weight_sync
 	$(PY) -m bench.transport
+	$(PY) -m bench.scale
 	$(PY) -m bench.e2e --profile
 	bash bench/setup_trl.sh
 	$(PY) -m bench.trl_grpo

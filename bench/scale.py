@@ -83,7 +83,9 @@ LEARNER_BOUND = 0.85
 PROCESS_BOUND = 0.85
 """...scorer- or buffer-bound when that process used this fraction of one core or more."""
 MACHINE_BOUND = 0.9
-"""...CPU-bound when all processes together used this fraction of the machine's cores or more."""
+"""...CPU-bound when the simulation's processes together used this fraction of the machine's cores or more."""
+WASTE_BOUND = 0.25
+"""...waste-bound when the buffer dropped this fraction of the generated rollouts or more."""
 START_TIMEOUT_S = 120.0
 """Seconds the stand-ins of a point may take to set up."""
 
@@ -227,7 +229,7 @@ def _learner(config_path: str, start_version: int, groups_per_step: int, step_s:
     start = time.monotonic()
     measure_from, end = start + warmup_s, start + warmup_s + seconds
     staleness: Counter = Counter()
-    rec = {"rollouts": 0, "steps": 0, "wait_s": 0.0, "train_s": 0.0}
+    rec = {"rollouts": 0, "leftover_rollouts": 0, "steps": 0, "wait_s": 0.0, "train_s": 0.0}
     while time.monotonic() < end:
         asked = time.monotonic()
         request = BatchRequest(sender="sim-learner", learner_version=version, num_groups=groups_per_step)
@@ -247,11 +249,15 @@ def _learner(config_path: str, start_version: int, groups_per_step: int, step_s:
         time.sleep(step_s)  # "training"
         measured = asked >= measure_from
         if measured:
+            # rollouts of an earlier point's generators (left in the buffer or its queues) take their
+            # share of the learner's steps but are not this point's throughput
+            own = [s for s in batch.rollouts if s.rollout.generator_id.startswith(f"sim-{start_version}-")]
             rec["steps"] += 1
-            rec["rollouts"] += len(batch.rollouts)
+            rec["rollouts"] += len(own)
+            rec["leftover_rollouts"] += len(batch.rollouts) - len(own)
             rec["wait_s"] += got - asked
             rec["train_s"] += step_s
-            staleness.update(version - s.rollout.policy_version for s in batch.rollouts)
+            staleness.update(version - s.rollout.policy_version for s in own)
         version += 1
         server.publish_state_dict(weights, version)
     rec["window_s"] = seconds
@@ -275,25 +281,39 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-BUFFER_COUNTERS = {
-    "inserted": "streamrl_buffer_inserted_total",
-    "dropped_stale": "streamrl_buffer_dropped_stale_total",
-    "evicted": "streamrl_buffer_evicted_total",
-    "discarded": "streamrl_buffer_messages_rejected_total{reason=group_discarded}",
+SERVICE_COUNTERS = {
+    "inserted": ("buffer", "streamrl_buffer_inserted_total"),
+    "dropped_stale": ("buffer", "streamrl_buffer_dropped_stale_total"),
+    "evicted": ("buffer", "streamrl_buffer_evicted_total"),
+    "discarded": ("buffer", "streamrl_buffer_messages_rejected_total{reason=group_discarded}"),
+    "fsync_s": ("buffer", "streamrl_buffer_journal_fsync_seconds_total"),
+    "scorer_blocked_s": ("scorer", "streamrl_scorer_send_blocked_seconds_total"),
 }
-"""The buffer's counters read over a point's window (``discarded``: rollouts of a group already dropped)."""
+"""Counters of the scorer and buffer read over a point's window (``discarded``: rollouts of a group the
+buffer had already dropped; ``fsync_s``: the journal's fsyncs; ``scorer_blocked_s``: the scorer waiting
+for the buffer to read)."""
 
 
-def _buffer_counters(port: int) -> dict[str, float]:
+def _service_counters(ports: dict[str, int]) -> dict[str, float]:
     from streamrl.testing import scrape
 
-    samples = scrape(port)
-    return {key: samples.get(name, 0.0) for key, name in BUFFER_COUNTERS.items()}
+    samples = {service: scrape(port) for service, port in ports.items()}
+    return {key: samples[service].get(name, 0.0) for key, (service, name) in SERVICE_COUNTERS.items()}
+
+
+def _machine_busy_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far, every process included (``/proc/stat``)."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0, 0
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values) - idle, sum(values)
 
 
 def run_point(config: Path, services, *, n: int, tokens_per_s: float, step_s: float, groups_per_step: int,
               use_credits: bool, start_version: int, warmup_s: float, seconds: float, processes: int,
-              workdir: Path, buffer_port: int) -> dict:
+              workdir: Path, ports: dict[str, int]) -> dict:
     """One (N, settings) point; returns its measurements (see ``summarise``)."""
     # fork: the children start with this process's imports (torch, zmq) instead of importing them again
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
@@ -316,34 +336,35 @@ def run_point(config: Path, services, *, n: int, tokens_per_s: float, step_s: fl
     start.wait(START_TIMEOUT_S)  # every stand-in is set up: the clocks start together
     time.sleep(warmup_s)
     cpu0 = {name: _cpu_seconds(pid) for name, pid in watched.items()}
-    buffer0 = _buffer_counters(buffer_port)
+    counters0, machine0 = _service_counters(ports), _machine_busy_ticks()
     time.sleep(seconds)
     cpu1 = {name: _cpu_seconds(pid) for name, pid in watched.items()}
-    buffer1 = _buffer_counters(buffer_port)
+    counters1, machine1 = _service_counters(ports), _machine_busy_ticks()
     join_stand_ins(procs, seconds + 60, services)
     learner = json.loads(learner_out.read_text())
     gens = [json.loads(out.read_text()) for out in gen_outs]
     cpu = {name: max(0.0, cpu1[name] - cpu0[name]) / seconds for name in watched}
     point = summarise(n=n, tokens_per_s=tokens_per_s, step_s=step_s, groups_per_step=groups_per_step,
                       use_credits=use_credits, learner=learner, generators=gens, cpu=cpu,
-                      buffer={key: buffer1[key] - buffer0[key] for key in BUFFER_COUNTERS})
+                      services={key: counters1[key] - counters0[key] for key in SERVICE_COUNTERS},
+                      machine_busy=(machine1[0] - machine0[0]) / max(1, machine1[1] - machine0[1]))
     point["next_version"] = learner["next_version"]  # the next point's learner goes on from here
     return point
 
 
 def summarise(*, n: int, tokens_per_s: float, step_s: float, groups_per_step: int, use_credits: bool,
-              learner: dict, generators: list[dict], cpu: dict, buffer: dict) -> dict:
-    """Rates, waste, staleness and the saturated stage of one point from the stand-ins' records
-    and the buffer's counters over the window (``buffer``: :data:`BUFFER_COUNTERS` deltas).
+              learner: dict, generators: list[dict], cpu: dict, services: dict, machine_busy: float) -> dict:
+    """Rates, waste, staleness and the saturated stage of one point from the stand-ins' records,
+    the scorer's and buffer's counters over the window (``services``: :data:`SERVICE_COUNTERS`
+    deltas) and the machine's busy fraction (all cores, every process).
 
     Returns:
         offered/generated/trained rollouts per second, the learner's capacity (rollouts/s; None
         when it never sleeps), busy fraction and wait per step, the waste fraction (rollouts the
         buffer dropped as stale, evicted or discarded with their group / generated), generator
         blocked and credit-wait fractions, staleness histogram, mean and 90th percentile, CPU
-        fraction of a core per process, and ``bound``: ``learner``,
-        ``scorer``, ``buffer``, ``cpu`` (the machine's cores), ``admission`` (generators held
-        back by credits or backpressure with no stage saturated) or ``generators``.
+        fraction of a core per process, the buffer's fsync and the scorer's blocked share of the
+        window, the machine's busy fraction, and ``bound`` (:func:`bound`).
     """
     window = learner["window_s"]
     generated = sum(g["rollouts"] for g in generators)
@@ -360,8 +381,13 @@ def summarise(*, n: int, tokens_per_s: float, step_s: float, groups_per_step: in
         "learner_busy": learner["train_s"] / window,
         "learner_wait_per_step_s": learner["wait_s"] / max(learner["steps"], 1),
         "steps": learner["steps"],
-        "buffer": buffer,
-        "waste": (buffer["dropped_stale"] + buffer["evicted"] + buffer["discarded"]) / generated if generated else 0.0,
+        "leftover_trained": learner["leftover_rollouts"],
+        "services": services,
+        "waste": ((services["dropped_stale"] + services["evicted"] + services["discarded"]) / generated
+                  if generated else 0.0),
+        "buffer_fsync": services["fsync_s"] / window,
+        "scorer_blocked": services["scorer_blocked_s"] / window,
+        "machine_busy": machine_busy,
         "generator_blocked": sum(g["blocked_s"] for g in generators) / (n * window),
         "generator_credit_wait": sum(g["credit_wait_s"] for g in generators) / (n * window),
         "staleness": staleness,
@@ -374,15 +400,24 @@ def summarise(*, n: int, tokens_per_s: float, step_s: float, groups_per_step: in
 
 
 def bound(point: dict) -> str:
-    """The stage that limits a point (see :func:`summarise`)."""
+    """The stage that limits a point: ``learner`` (it trains >= ``LEARNER_BOUND`` of the window),
+    ``buffer`` (its CPU plus fsync share >= ``PROCESS_BOUND`` of a core, or the scorer blocked on
+    it half the window), ``scorer`` (its CPU), ``cpu`` (the simulation's processes together use
+    >= ``MACHINE_BOUND`` of the machine's cores), ``waste`` (the buffer dropped >= ``WASTE_BOUND`` of
+    what was generated: the learner waits for fresh rollouts), ``admission`` (generators held back by credits or backpressure
+    a quarter of the time with nothing saturated) or ``generators``."""
     cpu = point["cpu"]
     if point["step_s"] > 0 and point["learner_busy"] >= LEARNER_BOUND:
         return "learner"
-    stage = max(("scorer", "buffer"), key=lambda name: cpu.get(name, 0.0))
-    if cpu.get(stage, 0.0) >= PROCESS_BOUND:
-        return stage
+    # the buffer is busy computing or in fsync; the scorer waiting on it says the same
+    if cpu.get("buffer", 0.0) + point["buffer_fsync"] >= PROCESS_BOUND or point["scorer_blocked"] >= 0.5:
+        return "buffer"
+    if cpu.get("scorer", 0.0) >= PROCESS_BOUND:
+        return "scorer"
     if sum(cpu.values()) >= MACHINE_BOUND * (os.cpu_count() or 1):
         return "cpu"
+    if point["waste"] >= WASTE_BOUND:
+        return "waste"
     if point["generator_blocked"] + point["generator_credit_wait"] > 0.25:
         return "admission"
     return "generators"
@@ -406,7 +441,7 @@ def sweep(name: str, *, ns: list[int], max_staleness: int, modes: list[bool], to
                                      learner={"groups_per_step": groups_per_step}, generator={"group_size": GROUP_SIZE})
         config, services = start_scorer_and_buffer(workdir, sections, "scale")
         try:
-            buffer_port = sections["metrics"]["buffer_port"]
+            ports = {service: sections["metrics"][f"{service}_port"] for service in ("buffer", "scorer")}
             version = 0
             for use_credits, n in ((mode, n) for mode in modes for n in ns):
                 label = f"{name} N={n} max_staleness={max_staleness} credits={'on' if use_credits else 'off'}"
@@ -416,7 +451,7 @@ def sweep(name: str, *, ns: list[int], max_staleness: int, modes: list[bool], to
                 point = run_point(config, services, n=n, tokens_per_s=tokens_per_s, step_s=step_s,
                                   groups_per_step=groups_per_step, use_credits=use_credits, start_version=version,
                                   warmup_s=warmup_s, seconds=seconds, processes=processes, workdir=workdir,
-                                  buffer_port=buffer_port)
+                                  ports=ports)
                 version = point.pop("next_version")
                 point.update(sweep=name, max_staleness=max_staleness)
                 points.append(point)
@@ -537,10 +572,13 @@ def render(result: dict, env: dict, command: str, plot_name: str) -> str:
              p["generated_per_s"], p["trained_per_s"], p["learner_busy"], f"{100 * p['waste']:.0f}%",
              p["staleness_mean"], p["staleness_p90"], f"{100 * p['generator_blocked']:.0f}%",
              f"{100 * p['generator_credit_wait']:.0f}%", f"{100 * p['cpu'].get('scorer', 0):.0f}%",
-             f"{100 * p['cpu'].get('buffer', 0):.0f}%", p["bound"]] for p in result["points"]]
+             f"{100 * p['scorer_blocked']:.0f}%", f"{100 * p['cpu'].get('buffer', 0):.0f}%",
+             f"{100 * p['buffer_fsync']:.0f}%", f"{100 * p['machine_busy']:.0f}%", p["bound"]]
+            for p in result["points"]]
     table = markdown_table(["sweep", "max_staleness", "credits", "N", "offered/s", "generated/s", "trained/s",
                             "learner busy", "waste", "staleness mean", "p90", "gen. blocked", "gen. credit wait",
-                            "scorer CPU", "buffer CPU", "bound"], rows)
+                            "scorer CPU", "scorer blocked", "buffer CPU", "buffer fsync", "machine busy", "bound"],
+                           rows)
     notes = [
         "## Scaling simulation (stand-in generators and learner, real scorer and buffer)",
         "",
@@ -565,10 +603,15 @@ def render(result: dict, env: dict, command: str, plot_name: str) -> str:
         f"N generator threads in {s['processes']} processes. waste = rollouts the buffer dropped as stale, "
         "evicted or discarded with their group / generated (the buffer's counters over the window); staleness = version trained - behaviour version of each trained rollout; gen. blocked = share "
         "of the generators' time spent waiting on backpressure, gen. credit wait = asking for or waiting on "
-        "credits; CPU = share of one core over the window. bound: `learner` when the learner trained "
-        f">= {LEARNER_BOUND:.0%} of the window, `scorer`/`buffer` when that process used >= {PROCESS_BOUND:.0%} of a "
-        f"core, `cpu` when all processes together used >= {MACHINE_BOUND:.0%} of the machine's cores, `admission` "
-        "when generators were held back (credits, backpressure) with nothing saturated, else `generators`. All "
+        "credits; CPU = share of one core over the window; scorer blocked = share of the window the scorer "
+        "waited for the buffer to read; buffer fsync = share spent in the journal's fsyncs; machine busy = all "
+        "cores, every process on the machine (other people's too). bound: `learner` when the learner trained "
+        f">= {LEARNER_BOUND:.0%} of the window, `buffer` when its CPU + fsync share reached {PROCESS_BOUND:.0%} "
+        "or the scorer was blocked on it half the window, `scorer` when its CPU reached "
+        f"{PROCESS_BOUND:.0%}, `cpu` when the simulation's processes used >= {MACHINE_BOUND:.0%} of the machine's "
+        f"cores, `waste` when the buffer dropped >= {WASTE_BOUND:.0%} of what was generated (the learner waits "
+        "for fresh rollouts), `admission` when "
+        "generators were held back (credits, backpressure) with nothing saturated, else `generators`. All "
         "processes share this machine's cores, so the ceiling is this box's, not the buffer's alone.",
     ]
     if result["skipped"]:

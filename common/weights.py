@@ -327,15 +327,17 @@ class WeightServer:
         chunk_bytes: chunk size of :meth:`publish_state_dict`, bytes; also the largest chunk
             :meth:`publish` accepts.
         peer_max_bytes: chunk bytes one peer may have queued (sent, not yet written to its
-            connection by libzmq, as zero-copy trackers report); a chunk request past it is
-            dropped. None = ``8 * chunk_bytes`` (twice the default credit of 4: a client that
-            re-sends its requests after a timeout still fits). The learner passes
+            connection by libzmq, as zero-copy trackers report); past it the peer's requests
+            wait, and past ``peer_max_bytes // chunk_bytes`` waiting ones they are dropped.
+            None = ``8 * chunk_bytes`` (twice the default credit of 4: a client that re-sends
+            its requests after a timeout still fits). The learner passes
             ``2 * transport.weight_credit * transport.weight_chunk_bytes``.
 
     Metrics (``streamrl_<service>_``): ``weight_chunks_served_total``, ``weight_bytes_served_total``,
     ``weight_replies_dropped_total{reason}`` (``peer_full``: the peer had ``peer_max_bytes`` of
-    chunks, or 64 replies, queued; ``peer_gone``: disconnected), ``weight_stalled_peers``,
-    ``weight_queued_bytes`` (updated with each announcement).
+    chunks queued and as many requests waiting, or 64 replies queued; ``peer_gone``:
+    disconnected), ``weight_stalled_peers``, ``weight_queued_bytes`` (updated with each
+    announcement).
 
     Raises:
         streamrl.common.transport.BindError: an endpoint cannot be bound.

@@ -99,7 +99,7 @@ def test_scale_tiny(tmp_path):
         assert p["max_staleness"] == 1 and p["offered_per_s"] == p["n"] * 256 / 32
         assert p["generated_per_s"] > 0 and p["trained_per_s"] >= 0 and 0 <= p["waste"] <= 1
         assert all(0 <= int(s) <= 1 for s in p["staleness"])  # the buffer never serves a rollout older than the bound
-        assert p["bound"] in ("learner", "scorer", "buffer", "cpu", "admission", "generators")
+        assert p["bound"] in ("learner", "scorer", "buffer", "cpu", "waste", "admission", "generators")
     assert len(result["saturation"]) == len(modes)
     assert (tmp_path / "scale.png").stat().st_size > 10_000
     md = (tmp_path / "RESULTS.md").read_text()
