@@ -31,6 +31,7 @@ the reward function as its ``metadata`` argument.
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import html
 import json
@@ -148,6 +149,30 @@ def _row_prompt(row: dict, where: str, default_id: str, *, text_field: str, id_f
     return Prompt(prompt_id, text, metadata, messages)
 
 
+def json_lines(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` of each non-blank line of a JSON-lines file, in order.
+
+    A path ending in ``.gz`` is read gzip-compressed. Line numbers are 1-based physical lines.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: invalid JSON or a line that is not a JSON object (the message gives ``path:line``).
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: invalid JSON: {exc}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+            yield line_no, row
+
+
 def load_jsonl(
     path: str | Path,
     *,
@@ -183,17 +208,8 @@ def load_jsonl(
         metadata_fields = (metadata_fields,)
 
     def rows() -> Iterator[tuple[dict, str, str]]:
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{line_no}: invalid JSON: {exc}") from exc
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-                yield row, f"{path}:{line_no}", f"{path.stem}:{line_no}"
+        for line_no, row in json_lines(path):
+            yield row, f"{path}:{line_no}", f"{path.stem}:{line_no}"
 
     return _rows_to_prompts(rows(), path, "lines", text_field=text_field, id_field=id_field,
                             messages_field=messages_field, metadata_fields=metadata_fields)

@@ -34,13 +34,13 @@ out the same prompts, and a prompt is never on both sides.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from streamrl.common.prompts import json_lines
 
 __all__ = [
     "Example",
@@ -102,20 +102,7 @@ def read_rows(path: str | Path) -> list[dict]:
     inner = suffixes[-2] if compressed and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")
     if inner not in (".jsonl", ".json"):
         raise ValueError(f"{path}: unknown data format; expected .jsonl, .json, .jsonl.gz or .parquet")
-    rows = []
-    opener = gzip.open if compressed else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: invalid JSON: {exc}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+    return [row for _, row in json_lines(path)]
 
 
 def _turns(context: str) -> list[dict]:
