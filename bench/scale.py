@@ -76,8 +76,8 @@ from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.transport import Inbox, make_socket, send_when_ready, try_send
 from streamrl.common.weights import WeightClient, WeightServer
 
-STALENESS_SHOWN = 4
-"""Staleness values 0..STALENESS_SHOWN-1 are plotted apart, the rest as ">= STALENESS_SHOWN"."""
+STALENESS_SHOWN = 8
+"""Staleness values 0..min(max_staleness, STALENESS_SHOWN) are plotted apart, larger ones together."""
 LEARNER_BOUND = 0.85
 """A point is learner-bound when the learner trains (sleeps) this fraction of the window or more."""
 PROCESS_BOUND = 0.85
@@ -533,7 +533,7 @@ def plot(points: list[dict], path: Path) -> None:
         for p in rows:
             ax_ceiling.annotate(f"N={p['n']}\nscorer {p['cpu'].get('scorer', 0):.0%}\n"
                                 f"buffer {p['cpu'].get('buffer', 0):.0%}", (p["offered_per_s"], p["trained_per_s"]),
-                                fontsize=6, textcoords="offset points", xytext=(3, -22))
+                                fontsize=6, textcoords="offset points", xytext=(-12, 8))
         ax_ceiling.set(xscale="log", yscale="log", xlabel="offered rollouts/s", ylabel="trained rollouts/s",
                        title="ceiling: learner never waits, no staleness bound")
         ax_ceiling.legend(fontsize=7)
@@ -550,12 +550,15 @@ def plot(points: list[dict], path: Path) -> None:
         rows = sorted((p for p in learner if p["max_staleness"] == eta and p["credits"] == credit_modes[0]),
                       key=lambda p: p["n"])
         bottom = np.zeros(len(rows))
-        for s in range(STALENESS_SHOWN + 1):
+        top = min(eta, STALENESS_SHOWN) + 1  # 0 .. top - 1 apart, the rest together
+        colors = plt.cm.viridis(np.linspace(0, 1, top + 1))
+        for s in range(top + 1):
             share = np.array([
-                (sum(c for k, c in p["staleness"].items() if (k == s if s < STALENESS_SHOWN else k >= s))
+                (sum(c for k, c in p["staleness"].items() if (int(k) == s if s < top else int(k) >= s))
                  / max(1, sum(p["staleness"].values()))) for p in rows])
-            ax.bar([str(p["n"]) for p in rows], share, bottom=bottom,
-                   label=str(s) if s < STALENESS_SHOWN else f">={s}")
+            if share.any():
+                ax.bar([str(p["n"]) for p in rows], share, bottom=bottom, color=colors[s],
+                       label=str(s) if s < top else f">={s}")
             bottom += share
         ax.set(xlabel="generators N", ylabel="share of trained rollouts",
                title=f"staleness, eta={eta}, credits {'on' if credit_modes[0] else 'off'}")
@@ -601,7 +604,9 @@ def render(result: dict, env: dict, command: str, plot_name: str) -> str:
         f"{s['ceiling_tokens_per_s']:.0f} tokens/s per generator, a learner that never sleeps, max_staleness "
         f"{s['ceiling_max_staleness']}. Every point: {s['warmup_s']:.0f} s warm-up then {s['seconds']:.0f} s measured; "
         f"N generator threads in {s['processes']} processes. waste = rollouts the buffer dropped as stale, "
-        "evicted or discarded with their group / generated (the buffer's counters over the window); staleness = version trained - behaviour version of each trained rollout; gen. blocked = share "
+        "evicted or discarded with their group / generated (the buffer's counters over the window, which can "
+        "include a previous point's leftovers; trained leftovers are left out of trained/s and reported as "
+        "`leftover_trained` in the JSON); staleness = version trained - behaviour version of each trained rollout; gen. blocked = share "
         "of the generators' time spent waiting on backpressure, gen. credit wait = asking for or waiting on "
         "credits; CPU = share of one core over the window; scorer blocked = share of the window the scorer "
         "waited for the buffer to read; buffer fsync = share spent in the journal's fsyncs; machine busy = all "
@@ -637,7 +642,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per point")
     parser.add_argument("--processes", type=int, default=2, help="processes hosting the generator threads")
     output_arguments(parser, max_seconds=600.0, bound="no new point starts after it (each sweep runs at least one)")
+    parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                        help="redraw the plot and rewrite the section from an earlier run's results (no measuring)")
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        return publish(json.loads(args.replot.read_text()), args.results_dir, args.results_md)
     deadline = Deadline(args.max_seconds)
     available = credits_available()
     modes = {"auto": [True, False] if available else [False], "on": [True], "off": [False],
@@ -657,22 +666,24 @@ def main(argv: list[str] | None = None) -> int:
     if ceiling_ns:
         points += sweep("ceiling", ns=ceiling_ns, max_staleness=ceiling_eta, modes=modes[:1],
                         tokens_per_s=args.ceiling_tokens_per_s, step_s=0.0, skipped=skipped, **common)
-    results_dir = Path(args.results_dir) if args.results_dir is not None else RESULTS_DIR
-    results_dir.mkdir(parents=True, exist_ok=True)
-    plot_path = results_dir / "scale.png"
-    plot(points, plot_path)
-    env = environment()
-    command = command_line()
-    result = {"command": command, "environment": env, "credits_available": available,
+    result = {"command": command_line(), "environment": environment(), "credits_available": available,
               "settings": {"tokens_per_s": args.tokens_per_s, "step_s": args.step_s,
                            "groups_per_step": args.groups_per_step, "prompts_per_batch": GeneratorSection().prompts_per_batch,
                            "ceiling_tokens_per_s": args.ceiling_tokens_per_s, "ceiling_max_staleness": ceiling_eta,
                            "seconds": args.seconds, "warmup_s": args.warmup, "processes": args.processes},
-              "points": points, "saturation": saturation(points), "skipped": skipped, "plot": plot_path.name}
-    md_dir = (Path(args.results_md) if args.results_md is not None else RESULTS_DIR.parent / "RESULTS.md").parent
-    plot_ref = os.path.relpath(plot_path, md_dir)
-    out = write_results("scale", result, render(result, env, command, plot_ref), results_dir=results_dir,
-                        results_md=args.results_md)
+              "points": points, "saturation": saturation(points), "skipped": skipped, "plot": "scale.png"}
+    return publish(result, args.results_dir, args.results_md)
+
+
+def publish(result: dict, results_dir: Path | None, results_md: Path | None) -> int:
+    """Draw ``<results_dir>/scale.png`` and write ``scale.json`` and the RESULTS.md section of ``result``."""
+    results_dir = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    results_dir.mkdir(parents=True, exist_ok=True)
+    plot_path = results_dir / "scale.png"
+    plot(result["points"], plot_path)
+    md_dir = (Path(results_md) if results_md is not None else RESULTS_DIR.parent / "RESULTS.md").parent
+    section = render(result, result["environment"], result["command"], os.path.relpath(plot_path, md_dir))
+    out = write_results("scale", result, section, results_dir=results_dir, results_md=results_md)
     for line in result["saturation"]:
         print(line)
     print(f"wrote {out} and {plot_path}")
