@@ -42,14 +42,20 @@ def finished(proc: subprocess.Popen, timeout: float) -> int | None:
         return None
 
 
-def test_a_second_buffer_on_a_live_folder_is_refused_and_touches_nothing(tmp_path, tiny_model_dir, services):
+def owner_and_intruder(tmp_path, tiny_model_dir, services, service: str, timeout: float):
+    """Start ``service`` on a run and wait (``timeout`` seconds) until it serves metrics; returns the
+    process and a config of the same run folder with every port changed (for the intruder)."""
     sections = local_run_config(tmp_path, tiny_model_dir)
     config = write_config(tmp_path / "run.toml", sections)
     second = write_config(tmp_path / "second.toml", other_ports(sections))
     svc = services(config)
-    first = svc.start("buffer")
-    port = sections["metrics"]["buffer_port"]
-    assert wait_until(lambda: _up(port), timeout=60), svc.logs()
+    first = svc.start(service)
+    assert wait_until(lambda: _up(sections["metrics"][f"{service}_port"]), timeout=timeout), svc.logs()
+    return first, second
+
+
+def test_a_second_buffer_on_a_live_folder_is_refused_and_touches_nothing(tmp_path, tiny_model_dir, services):
+    first, second = owner_and_intruder(tmp_path, tiny_model_dir, services, "buffer", 60)
     journal = tmp_path / "run" / "buffer"
     segments = sorted(p.name for p in journal.glob("segment-*"))
     assert segments
@@ -64,12 +70,7 @@ def test_a_second_buffer_on_a_live_folder_is_refused_and_touches_nothing(tmp_pat
 
 
 def test_a_second_learner_on_the_same_folder_is_refused(tmp_path, tiny_model_dir, services):
-    sections = local_run_config(tmp_path, tiny_model_dir)
-    config = write_config(tmp_path / "run.toml", sections)
-    second = write_config(tmp_path / "second.toml", other_ports(sections))
-    svc = services(config)
-    first = svc.start("learner")
-    assert wait_until(lambda: _up(sections["metrics"]["learner_port"]), timeout=90), svc.logs()
+    first, second = owner_and_intruder(tmp_path, tiny_model_dir, services, "learner", 90)
     intruder = services(second).start("learner", 1)
     code = finished(intruder, timeout=60)
     log = (tmp_path / "learner-1.log").read_text()
