@@ -411,6 +411,10 @@ class GeneratorSection(_Section):
                          "the same nucleus (exact ratios at any top_p)")
     max_new_tokens: int = Field(32, ge=1, description="completion budget, tokens")
     max_prompt_tokens: int = Field(128, ge=1, description="prompts keep their last N tokens")
+    autocast_bf16: bool = Field(False, description="sample under bf16 autocast (CPUs with AVX512-BF16, GPUs): "
+                                "~1.4x faster generation of SmolLM2 on one CPU core; the behaviour log-probs are "
+                                "those of the bf16 logits that were sampled, so the importance ratios stay exact "
+                                "and the learner's correction absorbs the fp32/bf16 mismatch")
     credits: bool = Field(True, description="admission before generation: sample a group only with a credit from "
                           "the buffer, granted so it can still be trained within `run.max_staleness` (sync mode: "
                           "wait for the new version); false: sample freely, the buffer drops what got too stale")

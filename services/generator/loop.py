@@ -220,7 +220,7 @@ class GeneratorService:
         beta_t = self._control_sharing()
         k = self.cfg.feedback.candidates if beta_t > 0 else 1
         groups = sample_completions(self.model, self.tokenizer, ids, group_size=gen.group_size * k,
-                                    sampling=self.sampling)
+                                    sampling=self.sampling, autocast_bf16=gen.autocast_bf16)
         selections = [None] * len(groups)
         if k > 1:
             groups, selections = share_control(self.human.view, groups, group_size=gen.group_size, k=k, beta_t=beta_t,

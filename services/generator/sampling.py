@@ -156,6 +156,7 @@ def sample_completions(
     *,
     group_size: int,
     sampling: SamplingParams,
+    autocast_bf16: bool = False,
 ) -> list[list[Completion]]:
     """Sample ``group_size`` completions for each prompt in one batched ``generate`` call.
 
@@ -166,6 +167,10 @@ def sample_completions(
         group_size: completions per prompt (G).
         sampling: temperature, top-p and token budget: the only settings that shape
             the distribution (see :func:`generation_config`).
+        autocast_bf16: run the model under bf16 autocast (``generator.autocast_bf16``). The
+            recorded log-probs are then those of the bf16-computed logits the tokens were
+            drawn from (still the exact behaviour policy mu); the learner's fp32 pi_old differs
+            from them by the bf16 rounding, which its importance ratios correct.
 
     Returns:
         One list of ``group_size`` :class:`Completion` per prompt, in input order.
@@ -180,8 +185,9 @@ def sample_completions(
     input_ids, attention = pad_left(rows, value=pad, dtype=torch.long)  # generation continues at the right edge
     width = input_ids.shape[1]
     config = generation_config(model, sampling, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.long().to(device),
-                         generation_config=config)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.long().to(device),
+                             generation_config=config)
     new_tokens = out.sequences[:, width:].cpu()  # [N, T']
     # one [N, V] step at a time: never materialise [N, T', V] log-probs
     sampled = out.sequences[:, width:]

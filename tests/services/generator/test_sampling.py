@@ -248,3 +248,26 @@ def test_a_processor_the_learner_cannot_reproduce_is_refused(tokenizer, prompts,
     setattr(model.generation_config, field, value)
     with pytest.raises(ValueError, match=f"generation_config sets {field}"):
         sample(model, tokenizer, prompts)
+
+
+# --------------------------------------------------------------------------- bf16 autocast
+
+
+@torch.no_grad()
+def test_bf16_autocast_records_the_logprobs_it_sampled_from(model, tokenizer, prompts):
+    """Under ``autocast_bf16`` the recorded log-probs are those of the bf16 logits (mu of the
+    tokens actually drawn): close to a bf16 forward pass of the same text, and off the fp32
+    pass by bf16 rounding (so the autocast really ran)."""
+    torch.manual_seed(3)
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=MAX_NEW)
+    result = sample_completions(model, tokenizer, prompts, group_size=3, sampling=params, autocast_bf16=True)
+    off_bf16, off_fp32 = [], []
+    for c in all_completions(result):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = token_lp(torch.log_softmax(full_logits(model, c, 1.0), -1), c)
+        fp32 = token_lp(torch.log_softmax(full_logits(model, c, 1.0), -1), c)
+        off_bf16.append(np.abs(c.logprobs - bf16))
+        off_fp32.append(np.abs(c.logprobs - fp32))
+    off_bf16, off_fp32 = np.concatenate(off_bf16), np.concatenate(off_fp32)
+    assert off_fp32.mean() > 1e-4  # fp32 sampling matches to ~1e-6 (above); bf16 rounding shows: the sampler did not run in fp32
+    assert off_bf16.mean() < off_fp32.mean() / 2  # and it matches the bf16 pass far better
