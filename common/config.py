@@ -805,6 +805,38 @@ class RewardModelSection(_StageSection):
     lr: float = Field(5e-5, gt=0, description="AdamW peak learning rate")
     normalize: bool = Field(True, description="store a bias so that the demonstrations (best responses of the "
                             "training rows) score 0 on average (InstructGPT)")
+    gold: bool = Field(False, description="train two reward models from `base_model` on disjoint halves of the "
+                       "training rows (split by a seeded hash of the prompt): `<output_dir>/proxy`, for the scorer "
+                       "and the critic (PPO optimises it), and `<output_dir>/gold`, never optimised, for "
+                       "`[[eval.rewards]]` (over-optimisation, Gao et al. 2022); both measured on the same held-out "
+                       "rows, the frozen blocks' output computed once for both")
+
+
+class EvalSection(_Section):
+    """Held-out evaluation of a policy (`streamrl eval`, `streamrl run --eval`, `streamrl pipeline`):
+    mean reward +- standard error over prompts and KL to the reference model."""
+
+    prompts: Optional[PromptSource] = Field(None, description="held-out prompts (all of the file; e.g. "
+                                            "`heldout_prompts.jsonl` written by `streamrl sft`); unset = the "
+                                            "`eval_fraction` split of `generator.prompts`")
+    rewards: list[RewardSpec] = Field(default_factory=list, description="further rewards scored on the same "
+                                      "completions and reported beside the training reward (`scorer.rewards`), "
+                                      "each by its `name` (required): e.g. the never-optimised gold reward model "
+                                      "(`rm.gold`)")
+    limit: Optional[int] = Field(None, ge=1, description="held-out prompts used (the first in order); unset = all")
+    samples_per_prompt: int = Field(4, ge=1, description="completions per prompt (a prompt's reward is their mean; "
+                                    "the standard error is over prompts)")
+    seed: int = Field(1234, ge=0, description="sampling seed (both policies see the same prompts and random stream)")
+
+    @model_validator(mode="after")
+    def _named(self) -> "EvalSection":
+        names = [spec.name for spec in self.rewards]
+        if any(name is None for name in names):
+            raise _rule("each eval reward is reported by its name; fix: set `name` (e.g. name = \"gold\")",
+                        "rewards")
+        if len(set(names)) != len(names):
+            raise _rule(f"names {names} repeat; fix: give each eval reward its own `name`", "rewards")
+        return self
 
 
 class FeedbackSection(_Section):
@@ -937,11 +969,32 @@ def cross_problems(cfg: Config) -> list[str]:
         )
     problems += _security_problems(cfg)
     problems += _feedback_problems(cfg)
+    problems += _gold_problems(cfg)
     if cfg.model.chat_template:
         problems += [f"scorer.rewards[{i}].chat_template: the policy's prompts already carry a chat template "
                      "(model.chat_template = true), so the reward model would see two; fix: remove it (the prompt is "
                      "scored as the policy saw it) or set model.chat_template = false"
                      for i, spec in enumerate(cfg.scorer.rewards) if spec is not None and spec.chat_template]
+    return problems
+
+
+def _gold_problems(cfg: Config) -> list[str]:
+    """With ``rm.gold``: PPO (scorer, critic) must use ``<rm>/proxy``, never the gold model or the bare folder."""
+    if not cfg.rm.gold:
+        return []
+    root = Path(cfg.rm.output_dir or Path(cfg.run.output_dir) / "rm").expanduser().resolve()
+    uses = [(f"scorer.rewards[{i}].model", spec.model) for i, spec in enumerate(cfg.scorer.rewards)
+            if spec is not None and spec.model] + [("learner.value_model", cfg.learner.value_model)]
+    problems = []
+    for key, value in uses:
+        where = Path(value).expanduser().resolve() if value else None
+        if where == root:
+            problems.append(f"{key}: with rm.gold = true, {root} holds two reward models (proxy/, gold/) and none at "
+                            f"its top; fix: set it to \"{root / 'proxy'}\"")
+        elif where == root / "gold":
+            problems.append(f"{key}: {where} is the gold reward model, which PPO must never optimise (it measures "
+                            f"over-optimisation); fix: use \"{root / 'proxy'}\" here and list the gold model in "
+                            "[[eval.rewards]]")
     return problems
 
 

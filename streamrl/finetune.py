@@ -79,6 +79,21 @@ class Trunk:
         self.caching = cache and trainable_layers is not None
         self._cache: dict[tuple[int, ...], Tensor] = {}
 
+    def share_features(self, other: "Trunk") -> None:
+        """Read (and add to) ``other``'s cache of frozen-part outputs instead of computing them again.
+
+        Valid for two models loaded from the same base with the same number of frozen blocks
+        (the frozen part never changes during training): e.g. the proxy and gold reward models
+        of ``streamrl rm`` with ``gold = true``, which then pay for the frozen forward passes once.
+
+        Raises:
+            ValueError: either trunk does not cache, or their frozen block counts differ.
+        """
+        if not (self.caching and other.caching) or self.frozen != other.frozen:
+            raise ValueError(f"features can be shared only between caching trunks with the same frozen blocks "
+                             f"(here {self.frozen} and {other.frozen}, caching {self.caching} and {other.caching})")
+        self._cache = other._cache
+
     @property
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters of the whole model that still require gradients."""
@@ -336,17 +351,25 @@ class Stage:
         return cls(key=key, output=output, train=train, held=held, device=select_device(section.device),
                    base=base, tokenizer=load_tokenizer(base), started=started)
 
-    def save(self, model: torch.nn.Module, summary: dict, log: Callable[[str], None],
-             files: dict[str, list[dict]] | None = None) -> dict:
+    def save(self, model: torch.nn.Module | None, summary: dict, log: Callable[[str], None],
+             files: dict[str, list[dict]] | None = None,
+             parts: dict[str, tuple[torch.nn.Module, dict]] | None = None) -> dict:
         """Write ``model``, the tokenizer, ``summary.json`` (with the wall time) and ``files``
-        (name -> rows, as JSON lines) atomically."""
+        (name -> rows, as JSON lines) atomically. ``parts`` (subfolder -> (model, its summary))
+        writes further models, each with the tokenizer and its own ``summary.json``, into
+        subfolders of the same atomic output (``streamrl rm`` with ``gold = true``: ``proxy/``,
+        ``gold/``); ``model`` may then be None (nothing at the top level)."""
         summary["wall_seconds"] = round(time.perf_counter() - self.started, 1)
-        for p in model.parameters():
-            p.requires_grad_(True)  # frozen only for training; the saved model is whole
         with stage_folder(self.output) as folder:
-            model.save_pretrained(folder)
-            self.tokenizer.save_pretrained(folder)
-            (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+            for where, (item, item_summary) in [("", (model, summary)), *(parts or {}).items()]:
+                target = folder / where
+                target.mkdir(parents=True, exist_ok=True)
+                if item is not None:
+                    for p in item.parameters():
+                        p.requires_grad_(True)  # frozen only for training; the saved model is whole
+                    item.save_pretrained(target)
+                    self.tokenizer.save_pretrained(target)
+                (target / "summary.json").write_text(json.dumps(item_summary, indent=2))
             for name, rows in (files or {}).items():
                 (folder / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
         log(f"{self.key}: wrote {self.output} in {summary['wall_seconds']:.0f} s")

@@ -109,12 +109,21 @@ def _load_classifier(path: str, pad_id: int, device: torch.device):
 def run_rm(config: Config, *, force: bool = False, log: Callable[[str], None] = print) -> dict:
     """Run the reward-model stage of ``config`` (section ``[rm]``) and return its summary.
 
-    A completed output folder is kept and its summary returned unless ``force``.
+    A completed output folder is kept and its summary returned unless ``force``. With
+    ``rm.gold = true`` two reward models are trained from the same base on disjoint halves
+    of the training rows (:func:`streamrl.rlhf_data.split_proxy_gold`): ``<output>/proxy``
+    (for PPO to optimise) and ``<output>/gold`` (for evaluation only), both measured on the
+    same held-out rows; the frozen part's output is computed once and shared by both
+    (:meth:`streamrl.finetune.Trunk.share_features`). The top-level ``summary.json`` then
+    holds both summaries under ``models`` (``proxy``, ``gold``) and the proxy's figures at
+    the top level.
 
     Raises:
-        StageError: missing or malformed data, rows with a single response, or a setting
-            the model cannot take.
+        StageError: missing or malformed data, rows with a single response, too few prompts
+            to split, or a setting the model cannot take.
     """
+    from streamrl.rlhf_data import split_proxy_gold
+
     cfg = config.rm
     stage = Stage.open(config, "rm", force=force, log=log)
     if isinstance(stage, dict):
@@ -128,22 +137,63 @@ def run_rm(config: Config, *, force: bool = False, log: Callable[[str], None] = 
     if not held:
         raise StageError("rm.data.eval_rows: 0 held-out rows leave nothing to measure accuracy on; fix: set "
                          "rm.data.eval_rows >= 1")
-    pad = tokenizer.pad_token_id
-    model, fresh = _load_classifier(stage.base, pad, stage.device)
-    trunk = Trunk(model, trainable_layers=cfg.trainable_layers, cache=cfg.cache_frozen)
+    if cfg.gold:
+        try:
+            halves = dict(zip(("proxy", "gold"), split_proxy_gold(train, seed=cfg.data.split_seed)))
+        except ValueError as exc:
+            raise StageError(f"rm.gold: {exc}") from None
+    else:
+        halves = {"": train}
     options = dict(chat_template=config.model.chat_template, system_prompt=config.model.system_prompt,
                    max_length=cfg.max_length)
-    encoded = [encode_responses(e, tokenizer, **options) for e in train]
+    encoded = {name: [encode_responses(e, tokenizer, **options) for e in rows] for name, rows in halves.items()}
     encoded_held = [encode_responses(e, tokenizer, **options) for e in held]
-    log(f"rm: {len(encoded)} training rows, {len(encoded_held)} held-out rows, {stage.base} "
-        f"({trunk.frozen} of {model.config.num_hidden_layers} blocks frozen, "
-        f"{'new' if fresh else 'loaded'} score head), {stage.device}")
-    trunk.precompute([s for group in encoded + encoded_held for s in group], pad_id=pad,
-                     batch_size=cfg.batch_size, log=log)
+    trained: dict[str, tuple[torch.nn.Module, dict]] = {}
+    first: Trunk | None = None
+    for name, rows in encoded.items():
+        model, fresh = _load_classifier(stage.base, tokenizer.pad_token_id, stage.device)
+        trunk = Trunk(model, trainable_layers=cfg.trainable_layers, cache=cfg.cache_frozen)
+        label = f"rm {name}" if name else "rm"
+        log(f"{label}: {len(rows)} training rows, {len(encoded_held)} held-out rows, {stage.base} "
+            f"({trunk.frozen} of {model.config.num_hidden_layers} blocks frozen, "
+            f"{'new' if fresh else 'loaded'} score head), {stage.device}")
+        if first is None:  # every text of every model: the frozen part's output is computed once
+            trunk.precompute([s for group in [g for e in encoded.values() for g in e] + encoded_held for s in group],
+                             pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, log=log)
+            first = trunk
+        elif trunk.caching:
+            trunk.share_features(first)
+        summary, info = _train_head(config, trunk, fresh, rows, encoded_held, label=label, log=log)
+        summary.update(stage="rm", base_model=cfg.base_model, data=cfg.data.path,
+                       output_dir=str(stage.output / name) if name else str(stage.output),
+                       config=cfg.model_dump(mode="json"), **({"role": name} if name else {}))
+        setattr(model.config, REWARD_INFO_KEY, info.to_dict())
+        trained[name] = (model, summary)
+    if not cfg.gold:
+        model, summary = trained[""]
+        return stage.save(model, summary, log)
+    proxy, gold = trained["proxy"][1], trained["gold"][1]
+    summary = {**{k: v for k, v in proxy.items() if k not in ("role", "output_dir")},
+               "output_dir": str(stage.output), "gold": True, "proxy_dir": proxy["output_dir"],
+               "gold_dir": gold["output_dir"], "models": {"proxy": proxy, "gold": gold},
+               "train_rows": proxy["train_rows"] + gold["train_rows"]}
+    log(f"rm: proxy held-out accuracy {proxy['heldout_accuracy']:.3f} +- {proxy['heldout_accuracy_stderr']:.3f}, "
+        f"gold {gold['heldout_accuracy']:.3f} +- {gold['heldout_accuracy_stderr']:.3f} on the same "
+        f"{len(encoded_held)} held-out rows")
+    return stage.save(None, summary, log, parts={name: trained[name] for name in ("proxy", "gold")})
+
+
+def _train_head(config: Config, trunk: Trunk, fresh: bool, encoded: list[list[list[int]]],
+                encoded_held: list[list[list[int]]], *, label: str,
+                log: Callable[[str], None]) -> tuple[dict, RewardModelInfo]:
+    """Train one reward model on ``encoded`` rows (token ids per response, best first), measure it
+    on ``encoded_held`` and compute its normalisation bias; returns its summary and stored info."""
+    cfg = config.rm
+    pad = trunk.model.config.pad_token_id
     before = None
     if not fresh:
         before, _ = _evaluate(trunk, encoded_held, pad_id=pad, batch_size=2 * cfg.batch_size)
-        log(f"rm: held-out before: {before.line()}")
+        log(f"{label}: held-out before: {before.line()}")
 
     def batch_loss(rows: list[int]) -> Tensor:
         groups = [encoded[i] for i in rows]
@@ -164,10 +214,9 @@ def run_rm(config: Config, *, force: bool = False, log: Callable[[str], None] = 
     train_accuracy, train_groups = _evaluate(trunk, encoded, pad_id=pad, batch_size=2 * cfg.batch_size)
     demonstrations = float(np.mean([g[0] for g in train_groups]))
     bias = -demonstrations if cfg.normalize else 0.0
-    log(f"rm: held-out {after.line()}; training rows {train_accuracy.line()}")
-    log(f"rm: demonstrations' mean raw score {demonstrations:+.4f}; stored bias {bias:+.4f}")
+    log(f"{label}: held-out {after.line()}; training rows {train_accuracy.line()}")
+    log(f"{label}: demonstrations' mean raw score {demonstrations:+.4f}; stored bias {bias:+.4f}")
     summary = {
-        "stage": "rm", "base_model": cfg.base_model, "data": cfg.data.path, "output_dir": str(stage.output),
         "train_rows": len(encoded), "heldout_rows": len(encoded_held),
         "heldout_accuracy": after.accuracy, "heldout_accuracy_stderr": after.stderr,
         "heldout_margin": after.margin, "heldout_margin_stderr": after.margin_stderr, "heldout_comparisons": after.n,
@@ -177,11 +226,11 @@ def run_rm(config: Config, *, force: bool = False, log: Callable[[str], None] = 
         "train_accuracy": train_accuracy.accuracy, "train_accuracy_stderr": train_accuracy.stderr,
         "demonstrations_mean_raw": demonstrations, "bias": bias,
         "frozen_blocks": trunk.frozen, "trainable_parameters": sum(p.numel() for p in trunk.trainable_parameters),
-        "chat_template": config.model.chat_template, **stats, "config": cfg.model_dump(mode="json"),
+        "chat_template": config.model.chat_template, **stats,
     }
     info = RewardModelInfo(bias=bias, max_length=cfg.max_length, chat_template=config.model.chat_template,
                            system_prompt=config.model.system_prompt,
                            extra={"base_model": cfg.base_model, "data": cfg.data.path,
-                                  "heldout_accuracy": after.accuracy, "heldout_accuracy_stderr": after.stderr})
-    setattr(model.config, REWARD_INFO_KEY, info.to_dict())
-    return stage.save(model, summary, log)
+                                  "heldout_accuracy": after.accuracy, "heldout_accuracy_stderr": after.stderr,
+                                  **({"role": label.split()[-1]} if " " in label else {})})
+    return summary, info

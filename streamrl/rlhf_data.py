@@ -51,6 +51,7 @@ __all__ = [
     "render_prompt",
     "response_text",
     "split_examples",
+    "split_proxy_gold",
 ]
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -266,6 +267,30 @@ def split_examples(examples: Sequence[Example], *, eval_rows: int, seed: int,
     held = [e for e in examples if e.text in held_prompts]
     train = [e for i, e in enumerate(examples) if i in chosen]
     return train, held
+
+
+def split_proxy_gold(examples: Sequence[Example], *, seed: int) -> tuple[list[Example], list[Example]]:
+    """Split training examples into two halves, disjoint by prompt: the *proxy* reward model's
+    and the *gold* one's (Gao et al. 2022, "Scaling laws for reward model overoptimization").
+
+    The distinct prompts are ordered by ``sha256(seed, "proxy-gold", prompt text)`` (a hash
+    independent of the held-out split's); the first ``ceil(P / 2)`` of the P prompts go to the
+    proxy, the rest to the gold model, and every example follows its prompt. Deterministic
+    (file contents and seed only, not row order or the process).
+
+    Returns:
+        ``(proxy, gold)``, each in input order; both non-empty when there are >= 2 prompts.
+
+    Raises:
+        ValueError: fewer than two distinct prompts (one half would be empty).
+    """
+    prompts = sorted({e.text for e in examples},
+                     key=lambda t: hashlib.sha256(f"{seed}\x00proxy-gold\x00{t}".encode("utf-8")).hexdigest())
+    if len(prompts) < 2:
+        raise ValueError(f"{len(prompts)} distinct training prompt(s) cannot be split into a proxy and a gold "
+                         "half; fix: train on more rows (raise rm.data.train_rows) or set rm.gold = false")
+    proxy_prompts = set(prompts[: (len(prompts) + 1) // 2])
+    return ([e for e in examples if e.text in proxy_prompts], [e for e in examples if e.text not in proxy_prompts])
 
 
 def render_prompt(example: Example, tokenizer: Any, *, chat_template: bool, system_prompt: str | None) -> str:

@@ -103,3 +103,89 @@ def test_single_responses_are_refused(tiny_model_dir, tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"p{i}", "response": " r"}) + "\n" for i in range(10)))
     with pytest.raises(StageError, match="has one response; a reward model learns from ranked responses"):
         run_rm(rm_config(tmp_path, tiny_model_dir, data, eval_rows=2))
+
+
+def test_proxy_gold_split_is_disjoint_deterministic_halves():
+    from streamrl.rlhf_data import Example, split_proxy_gold
+
+    examples = [Example(({"role": "user", "content": f"p{i % 37}"},), f"p{i % 37}", (" a", " b"), i + 1)
+                for i in range(60)]  # 37 prompts, 23 of them on two rows
+    proxy, gold = split_proxy_gold(examples, seed=3)
+    assert len(proxy) + len(gold) == 60 and not {e.text for e in proxy} & {e.text for e in gold}
+    assert len({e.text for e in proxy}) == 19 and len({e.text for e in gold}) == 18  # ceil / floor of 37 / 2
+    assert [e.row for e in proxy] == sorted(e.row for e in proxy)  # input order kept
+    shuffled = list(reversed(examples))
+    again_proxy, again_gold = split_proxy_gold(shuffled, seed=3)
+    assert {e.row for e in again_proxy} == {e.row for e in proxy} and {e.row for e in again_gold} == {e.row for e in gold}
+    other, _ = split_proxy_gold(examples, seed=4)
+    assert {e.text for e in other} != {e.text for e in proxy}  # the seed matters
+    with pytest.raises(ValueError, match="cannot be split into a proxy and a gold half"):
+        split_proxy_gold(examples[:1] + [examples[37]], seed=3)  # rows 1 and 38 share prompt p0
+
+
+@pytest.fixture(scope="module")
+def proxy_gold(tiny_model_dir, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("rm-gold")
+    data = preference_task(tmp_path / "pairs.jsonl", rows=120)
+    computed: list[int] = []
+    from streamrl.finetune import Trunk
+
+    lower = Trunk._lower
+
+    def counting(self, input_ids, attention_mask):
+        computed.append(input_ids.shape[0])
+        return lower(self, input_ids, attention_mask)
+
+    Trunk._lower = counting
+    try:
+        summary = run_rm(rm_config(tmp_path, tiny_model_dir, data, eval_rows=30, gold=True), log=lambda line: None)
+    finally:
+        Trunk._lower = lower
+    return summary, data, tmp_path, sum(computed)
+
+
+@pytest.mark.slow
+def test_gold_writes_proxy_and_gold_measured_on_the_same_heldout_rows(proxy_gold):
+    summary, data, _, computed = proxy_gold
+    root = Path(summary["output_dir"])
+    proxy, gold = summary["models"]["proxy"], summary["models"]["gold"]
+    assert summary["gold"] is True and (root / "COMPLETE").is_file()
+    assert proxy["output_dir"] == str(root / "proxy") and gold["output_dir"] == str(root / "gold")
+    assert proxy["train_rows"] + gold["train_rows"] == summary["train_rows"] == 90
+    assert abs(proxy["train_rows"] - gold["train_rows"]) <= 1  # one row per prompt here
+    assert proxy["heldout_rows"] == gold["heldout_rows"] == 30 == proxy["heldout_comparisons"]
+    for part in (proxy, gold):
+        assert part["heldout_accuracy"] - 3 * part["heldout_accuracy_stderr"] > 0.5
+        rm = RewardModel(part["output_dir"], device=CPU)
+        assert rm.score(["q1:"], [" aaaaa"])[0] > rm.score(["q1:"], [" bbbbb"])[0]
+    assert summary["heldout_accuracy"] == proxy["heldout_accuracy"]  # the proxy's figures at the top
+    # every distinct text (90 training + 30 held-out rows, 2 responses each) went through the frozen blocks once
+    assert computed == 240
+
+
+@pytest.mark.slow
+def test_shared_features_give_the_same_gold_head_as_training_it_alone(proxy_gold, tiny_model_dir):
+    """The gold model trained on the proxy's cached features equals the gold model trained alone
+    on its half (a file of the gold rows and the same held-out rows, which stay the first in hash
+    order), which computes its own features."""
+    from streamrl.rlhf_data import split_proxy_gold
+
+    summary, data, tmp_path, _ = proxy_gold
+    examples = load_examples(data)
+    train, held = split_examples(examples, eval_rows=30, seed=0)
+    _, gold_rows = split_proxy_gold(train, seed=0)
+    keep = {e.row for e in gold_rows + held}
+    lines = [line for i, line in enumerate(data.read_text().splitlines(), start=1) if i in keep]
+    alone_data = tmp_path / "gold-alone.jsonl"
+    alone_data.write_text("\n".join(lines) + "\n")
+    alone_cfg = rm_config(tmp_path / "alone", tiny_model_dir, alone_data, eval_rows=30)
+    alone = run_rm(alone_cfg, log=lambda line: None)
+    shared = summary["models"]["gold"]
+    assert alone["train_rows"] == shared["train_rows"] and alone["heldout_rows"] == shared["heldout_rows"]
+    a = AutoModelForSequenceClassification.from_pretrained(alone["output_dir"]).state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(shared["output_dir"]).state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+    assert alone["heldout_accuracy"] == pytest.approx(shared["heldout_accuracy"])
+    assert alone["bias"] == pytest.approx(shared["bias"], abs=1e-5)
