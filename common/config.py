@@ -934,6 +934,8 @@ class Config(_Section):
     feedback: FeedbackSection = Field(default_factory=FeedbackSection, description="people in the loop")
     sft: SFTSection = Field(default_factory=SFTSection, description="`streamrl sft` (offline stage)")
     rm: RewardModelSection = Field(default_factory=RewardModelSection, description="`streamrl rm` (offline stage)")
+    eval: EvalSection = Field(default_factory=EvalSection, description="held-out evaluation (`streamrl eval`, "
+                              "`--eval`, `streamrl pipeline`)")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":

@@ -8,7 +8,9 @@ manager (:mod:`streamrl.launcher`), in the current directory; when the learner
 finishes (or any process dies, or ``streamrl run`` gets SIGTERM/SIGINT) every
 service is stopped and waited for; with ``--eval`` the initial and final policies are scored
 on held-out prompts, and a summary (JSON) and learning curve (PNG) are written to
-the run's output folder. ``streamrl eval`` scores one checkpoint;
+the run's output folder. ``streamrl eval`` scores one checkpoint; ``streamrl sft`` and
+``streamrl rm`` run the offline RLHF stages and ``streamrl pipeline`` all of them then PPO
+(:mod:`streamrl.pipeline`);
 ``streamrl check --config FILE`` only validates.
 """
 
@@ -65,13 +67,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = _load(args, ("generator", "scorer"))  # the model, the prompts and the rewards
     path = args.checkpoint or resolve_model_path(config.model.path, config.model.cache_path)
-    result = evaluate(config, path, limit=args.limit, seed=args.seed, samples_per_prompt=args.samples)
+    result = evaluate(config, path, **eval_options(config, args.limit, args.seed, args.samples))
     print(f"{path}: {result.line()}")
     for sample in result.samples:
         print(f"  [{sample['reward']:+.3f}] {sample['prompt']!r} -> {sample['completion']!r}")
     if args.output:
         Path(args.output).write_text(json.dumps(result.as_dict(), indent=2))
     return 0
+
+
+def eval_options(config, limit: int | None, seed: int | None, samples: int | None) -> dict:
+    """``evaluate`` keyword arguments: the command-line values where given, else ``[eval]``'s."""
+    cfg = config.eval
+    return {"limit": limit if limit is not None else cfg.limit, "seed": seed if seed is not None else cfg.seed,
+            "samples_per_prompt": samples if samples is not None else cfg.samples_per_prompt}
 
 
 def evaluate_run(config, args, started: float) -> dict:
@@ -93,16 +102,22 @@ def evaluate_run(config, args, started: float) -> dict:
         summary.update(generation_accounting(records, output / "trained.jsonl", config.generator.group_size))
         summary["behaviour_versions_seen"] = len({v for r in records for v in r["behaviour_versions"]})
     if args.before is not None and final is not None:
-        after = evaluate(config, str(final / "model"), limit=args.eval_prompts, seed=args.eval_seed,
-                         samples_per_prompt=args.eval_samples)
+        from streamrl.evaluation import compare
+
+        after = evaluate(config, str(final / "model"),
+                         **eval_options(config, args.eval_prompts, args.eval_seed, args.eval_samples))
         before = args.before
         delta = after.reward_mean - before.reward_mean
         se = math.sqrt(before.reward_stderr ** 2 + after.reward_stderr ** 2)
+        changes = {name: compare(before, after, name) for name in before.per_prompt}
         summary.update(before=before.as_dict(), after=after.as_dict(), reward_delta=delta,
-                       reward_delta_stderr=se, improved_by_2_stderr=bool(delta > 2 * se))
+                       reward_delta_stderr=se, improved_by_2_stderr=bool(delta > 2 * se), changes=changes)
         print(f"held-out before: {before.line()}")
         print(f"held-out after:  {after.line()}")
         print(f"held-out reward change {delta:+.4f} +- {se:.4f} ({'>' if delta > 2 * se else '<='} 2 stderr)")
+        for name, change in changes.items():
+            print(f"  {name}: {change['before']:+.4f} -> {change['after']:+.4f}, change {change['delta']:+.4f} +- "
+                  f"{change['delta_stderr']:.4f} (paired over prompts)")
         for sample in after.samples:
             print(f"  [{sample['reward']:+.3f}] {sample['prompt']!r} -> {sample['completion']!r}")
     output.mkdir(parents=True, exist_ok=True)
@@ -132,8 +147,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         base = resolve_model_path(config.model.path, config.model.cache_path)
         print("streamrl: evaluating the initial policy on held-out prompts ...", flush=True)
-        args.before = evaluate(config, base, limit=args.eval_prompts, seed=args.eval_seed,
-                               samples_per_prompt=args.eval_samples)
+        args.before = evaluate(config, base, **eval_options(config, args.eval_prompts, args.eval_seed,
+                                                            args.eval_samples))
         print(f"held-out before: {args.before.line()}", flush=True)
     scorers = args.scorers if args.scorers is not None else len(config.endpoints.scorers)
     if scorers > len(config.endpoints.scorers):
@@ -260,6 +275,19 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """``pipeline``: SFT -> reward models -> held-out evaluation -> streaming PPO -> evaluation, resumable."""
+    from streamrl.pipeline import PipelineError, run_pipeline
+
+    try:
+        run_pipeline(args.config, args.overrides, force=args.force, generators=args.generators,
+                     log=lambda line: print(line, flush=True))
+    except PipelineError as err:
+        print(f"streamrl pipeline: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``streamrl`` command and its subcommands."""
     parser = argparse.ArgumentParser(prog="streamrl", description="Streaming actor-learner RL for language models")
@@ -282,16 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "<output_dir>/previous/<time>/")
     run.add_argument("--eval", action="store_true",
                      help="evaluate the initial and final policy on held-out prompts and print both")
-    run.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts to use (default: all)")
-    run.add_argument("--eval-seed", type=int, default=1234, help="sampling seed of the evaluation")
-    run.add_argument("--eval-samples", type=int, default=4, help="completions per held-out prompt (default 4)")
+    run.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts to use (default: eval.limit)")
+    run.add_argument("--eval-seed", type=int, default=None, help="sampling seed of the evaluation (default: "
+                     "eval.seed)")
+    run.add_argument("--eval-samples", type=int, default=None, help="completions per held-out prompt (default: "
+                     "eval.samples_per_prompt)")
     run.set_defaults(func=cmd_run)
     ev = sub.add_parser("eval", help="score a checkpoint on held-out prompts (reward +- stderr, KL)")
     _add_config_args(ev)
     ev.add_argument("--checkpoint", help="model folder (default: the config's initial model)")
-    ev.add_argument("--limit", type=int, default=None, help="held-out prompts to use (default: all)")
-    ev.add_argument("--seed", type=int, default=1234, help="sampling seed")
-    ev.add_argument("--samples", type=int, default=4, help="completions per prompt (default 4)")
+    ev.add_argument("--limit", type=int, default=None, help="held-out prompts to use (default: eval.limit)")
+    ev.add_argument("--seed", type=int, default=None, help="sampling seed (default: eval.seed)")
+    ev.add_argument("--samples", type=int, default=None, help="completions per prompt (default: "
+                    "eval.samples_per_prompt)")
     ev.add_argument("--output", help="write the result as JSON here")
     ev.set_defaults(func=cmd_eval)
     check = sub.add_parser("check", help="validate a config and print every problem")
@@ -339,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(stage)
         stage.add_argument("--force", action="store_true", help="train again even if the output folder is complete")
         stage.set_defaults(func=cmd_stage)
+    pipeline = sub.add_parser("pipeline", help="the whole RLHF pipeline: sft -> rm (proxy, gold) -> PPO against the "
+                              "proxy -> held-out evaluation before/after; complete stages are skipped")
+    _add_config_args(pipeline)
+    pipeline.add_argument("--force", action="store_true", help="run every stage again (the PPO run starts over; its "
+                          "previous files move to <output_dir>/previous/)")
+    pipeline.add_argument("--generators", type=int, default=1, help="rollout generator processes of the PPO run "
+                          "(default 1)")
+    pipeline.set_defaults(func=cmd_pipeline)
     return parser
 
 

@@ -1,11 +1,15 @@
 """Evaluate a policy on held-out prompts: mean reward +- standard error and KL to the reference.
 
-The held-out prompts are the ``eval_fraction`` split of the generators' prompt
+The held-out prompts are ``[eval] prompts`` when set (e.g. ``heldout_prompts.jsonl`` of
+``streamrl sft``), else the ``eval_fraction`` split of the generators' prompt
 source (split by hashed prompt id, so they are never trained on). Decoding is
 seeded sampling at the configured temperature and top-p (the distribution the
 policy is trained for), one completion per prompt, so two checkpoints are
 compared on the same prompts with the same random stream. Rewards come from the
-scorer's reward config. KL is ``log pi - log pi_ref`` (k1, nats) of the sampled tokens, reported
+scorer's reward config (the reward PPO optimises); each ``[[eval.rewards]]`` entry
+(e.g. the never-optimised gold reward model of ``rm.gold``, Gao et al. 2022) is scored on
+the same completions and reported by its name beside it. :func:`compare` gives the change
+of each between two policies with its paired standard error. KL is ``log pi - log pi_ref`` (k1, nats) of the sampled tokens, reported
 per token (``kl_per_token``: their sum over all completions / the number of completion tokens),
 the unit of the learner's ``kl`` (step lines, metrics, TensorBoard, the learning-curve plot);
 ``kl_mean`` keeps the per-completion sum averaged over completions. A progress bar counts the
@@ -43,6 +47,10 @@ class EvalResult:
         kl_per_token: mean per-token KL estimate, nats.
         completion_tokens_mean: mean completion length, tokens.
         samples: a few ``{"prompt", "completion", "reward"}`` examples.
+        rewards: ``{name: {"mean", "stderr"}}`` of each ``[[eval.rewards]]`` entry (its
+            unweighted value), over prompts as ``reward_mean``.
+        per_prompt: ``{"reward" or name: [per-prompt mean]}`` in prompt order (for paired changes).
+        prompt_ids: the prompts' ids, in that order.
     """
 
     model: str
@@ -54,6 +62,9 @@ class EvalResult:
     completion_tokens_mean: float
     samples_per_prompt: int = 1
     samples: list[dict] = field(default_factory=list)
+    rewards: dict[str, dict] = field(default_factory=dict)
+    per_prompt: dict[str, list[float]] = field(default_factory=dict)
+    prompt_ids: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         """Plain-JSON form (for summary.json)."""
@@ -62,13 +73,24 @@ class EvalResult:
     def line(self) -> str:
         """One human-readable line: reward +- stderr, KL per token (the unit of the learner's step lines,
         metrics and plot), completion length."""
+        extra = "".join(f" | {name} {r['mean']:+.4f} +- {r['stderr']:.4f}" for name, r in self.rewards.items())
         return (f"reward {self.reward_mean:+.4f} +- {self.reward_stderr:.4f} "
-                f"(n={self.prompts} prompts x {self.samples_per_prompt}) | "
+                f"(n={self.prompts} prompts x {self.samples_per_prompt}){extra} | "
                 f"KL to reference {self.kl_per_token:.4f} nats/token | {self.completion_tokens_mean:.1f} tokens")
 
 
 def held_out_prompts(cfg: Config, limit: int | None):
-    """The held-out split of the generators' prompt source (at most ``limit``)."""
+    """``[eval] prompts`` (all of them) when set, else the held-out split of the generators' prompt
+    source; at most ``limit``.
+
+    Raises:
+        ValueError: no held-out prompts.
+    """
+    if cfg.eval.prompts is not None:
+        prompts = load_prompts(cfg.eval.prompts)
+        if not prompts:
+            raise ValueError(f"eval.prompts: {cfg.eval.prompts.path} holds no prompts")
+        return prompts[:limit] if limit else prompts
     prompts = load_prompts(cfg.generator.prompts)
     _, held_out = split_prompts(prompts, eval_fraction=cfg.generator.prompts.eval_fraction, seed=cfg.run.seed)
     if not held_out:
@@ -92,8 +114,11 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
     base = resolve_model_path(cfg.model.path, cfg.model.cache_path)
     tokenizer = load_tokenizer(base)
     policy = load_causal_lm(model_path, device=device).eval()
-    reference = load_causal_lm(base, device=device).eval()
+    same = Path(model_path).resolve() == Path(base).resolve()
+    reference = policy if same else load_causal_lm(base, device=device).eval()  # the same: KL is exactly 0
     reward = build_reward(cfg.scorer.rewards, device=device)
+    extra = build_reward(cfg.eval.rewards, device=device) if cfg.eval.rewards else None
+    extra_rewards: dict[str, list[float]] = {name: [] for name in (extra.names if extra is not None else [])}
     gen = cfg.generator
     sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
     prompts = held_out_prompts(cfg, limit)
@@ -113,6 +138,10 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
         chunk = [p for p in chunk for _ in range(k)]
         texts = [t for t in texts for _ in range(k)]
         values, _ = reward(texts, [c.text for c in completions], [p.metadata for p in chunk])
+        if extra is not None:
+            _, parts = extra(texts, [c.text for c in completions], [p.metadata for p in chunk])
+            for name, per_prompt in extra_rewards.items():
+                per_prompt += [sum(part[name] for part in parts[i : i + k]) / k for i in range(0, len(parts), k)]
         scored = [
             ScoredRollout(reward=v, rollout=Rollout(
                 prompt_id=p.prompt_id, group_id=p.prompt_id, rollout_id=p.prompt_id, generator_id="eval",
@@ -123,7 +152,7 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
         ]
         batch = collate(scored, pad_id=tokenizer.pad_token_id).to(device)
         out = forward_completions(policy, batch)
-        ref = forward_completions(reference, batch, nucleus=out.nucleus).logprobs  # top_p < 1: the policy's nucleus
+        ref = out.logprobs if same else forward_completions(reference, batch, nucleus=out.nucleus).logprobs  # top_p < 1: the policy's nucleus
         kls += torch.where(batch.mask > 0, out.logprobs - ref, 0.0).sum(1).tolist()  # padding may hold -inf
         tokens += batch.mask.sum(1).long().tolist()
         rewards += [sum(values[i : i + k]) / k for i in range(0, len(values), k)]
@@ -134,10 +163,48 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
     progress.close()
     n = len(rewards)  # prompts
     kl_total, token_total = sum(kls), max(sum(tokens), 1)
-    mean = sum(rewards) / n
-    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1)) if n > 1 else 0.0
+    mean, stderr = mean_stderr(rewards)
     return EvalResult(
-        model=str(model_path), prompts=n, reward_mean=mean, reward_stderr=std / math.sqrt(n),
+        model=str(model_path), prompts=n, reward_mean=mean, reward_stderr=stderr,
+        rewards={name: dict(zip(("mean", "stderr"), mean_stderr(v))) for name, v in extra_rewards.items()},
+        per_prompt={"reward": rewards, **extra_rewards}, prompt_ids=[p.prompt_id for p in prompts],
         kl_mean=kl_total / len(kls), kl_per_token=kl_total / token_total, samples_per_prompt=samples_per_prompt,
         completion_tokens_mean=token_total / len(tokens), samples=samples,
     )
+
+
+def mean_stderr(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample std with n - 1 / sqrt(n); 0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std / math.sqrt(n)
+
+
+def compare(before: EvalResult, after: EvalResult, name: str = "reward") -> dict:
+    """Change of reward ``name`` (``"reward"``: the training reward, or an ``[[eval.rewards]]``
+    name) from ``before`` to ``after``, evaluated on the same prompts.
+
+    Returns:
+        ``{"before", "before_stderr", "after", "after_stderr", "delta", "delta_stderr",
+        "delta_stderr_unpaired", "delta_z"}``: ``delta_stderr`` is the paired standard error
+        (std over prompts of the per-prompt change / sqrt(n)), ``delta_stderr_unpaired`` is
+        ``sqrt(se_before^2 + se_after^2)`` (ignores that the prompts are shared), ``delta_z`` is
+        ``delta / delta_stderr``.
+
+    Raises:
+        ValueError: the two results were not computed on the same prompts, or lack ``name``.
+    """
+    if before.prompt_ids != after.prompt_ids:
+        raise ValueError("before and after were evaluated on different prompts; fix: the same eval.prompts, limit "
+                         "and seed for both")
+    if name not in before.per_prompt or name not in after.per_prompt:
+        raise ValueError(f"no reward {name!r} in both evaluations (have {sorted(before.per_prompt)}); fix: list it "
+                         "in [[eval.rewards]] for both")
+    b, a = before.per_prompt[name], after.per_prompt[name]
+    mean_b, se_b = mean_stderr(b)
+    mean_a, se_a = mean_stderr(a)
+    delta, se = mean_stderr([y - x for x, y in zip(b, a)])
+    return {"before": mean_b, "before_stderr": se_b, "after": mean_a, "after_stderr": se_a, "delta": delta,
+            "delta_stderr": se, "delta_stderr_unpaired": math.sqrt(se_a ** 2 + se_b ** 2),
+            "delta_z": delta / se if se > 0 else (math.inf if delta > 0 else -math.inf if delta < 0 else 0.0)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from streamrl.common.config import validate_config
@@ -93,3 +94,43 @@ def test_several_samples_per_prompt_average_within_prompt(tiny_model_dir):
     mean = sum(per_prompt) / 4
     std = math.sqrt(sum((r - mean) ** 2 for r in per_prompt) / 3)
     assert math.isclose(result.reward_stderr, std / 2)
+
+
+def test_eval_rewards_are_scored_on_the_same_completions_and_compared_paired(tiny_model_dir, tmp_path):
+    from streamrl.evaluation import compare
+
+    prompts = tmp_path / "heldout.jsonl"
+    prompts.write_text("".join(f'{{"id": "h{i}", "text": "The film {i}"}}\n' for i in range(5)))
+    cfg = tiny_config(tiny_model_dir)
+    cfg.eval = cfg.eval.model_validate({
+        "prompts": {"path": str(prompts)},
+        "rewards": [{"function": "streamrl.services.scorer.rewards:count_char", "kwargs": {"char": "a"},
+                     "name": "a_share", "weight": 3.0}]})
+    result = evaluate(cfg, str(tiny_model_dir), seed=5, samples_per_prompt=2, num_samples=10)
+    assert result.prompt_ids == [f"h{i}" for i in range(5)]  # all of eval.prompts, not a split of them
+    shares = [s["completion"].count("a") / max(1, len(s["completion"])) for s in result.samples]
+    per_prompt = [(shares[i] + shares[i + 1]) / 2 for i in range(0, 10, 2)]
+    assert result.per_prompt["a_share"] == pytest.approx(per_prompt)  # unweighted
+    mean = sum(per_prompt) / 5
+    se = math.sqrt(sum((x - mean) ** 2 for x in per_prompt) / 4) / math.sqrt(5)
+    assert result.rewards["a_share"] == pytest.approx({"mean": mean, "stderr": se})
+    assert "a_share" in result.line()
+
+    other = evaluate(cfg, str(tiny_model_dir), seed=6, samples_per_prompt=2)
+    change = compare(result, other, "a_share")
+    diffs = [y - x for x, y in zip(result.per_prompt["a_share"], other.per_prompt["a_share"])]
+    d = sum(diffs) / 5
+    paired = math.sqrt(sum((x - d) ** 2 for x in diffs) / 4) / math.sqrt(5)
+    assert change["delta"] == pytest.approx(d) and change["delta_stderr"] == pytest.approx(paired)
+    assert change["delta_stderr_unpaired"] == pytest.approx(math.hypot(se, other.rewards["a_share"]["stderr"]))
+    assert compare(result, other)["before"] == pytest.approx(result.reward_mean)
+    with pytest.raises(ValueError, match="different prompts"):
+        compare(result, evaluate(cfg, str(tiny_model_dir), limit=3, seed=6))
+
+
+def test_eval_rewards_need_distinct_names():
+    with pytest.raises(ValueError, match="set `name`"):
+        validate_config({"eval": {"rewards": [{"function": "count_char"}]}})
+    with pytest.raises(ValueError, match="repeat"):
+        validate_config({"eval": {"rewards": [{"function": "count_char", "name": "g"},
+                                              {"function": "count_char", "name": "g"}]}})

@@ -189,3 +189,22 @@ def test_shared_features_give_the_same_gold_head_as_training_it_alone(proxy_gold
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
     assert alone["heldout_accuracy"] == pytest.approx(shared["heldout_accuracy"])
     assert alone["bias"] == pytest.approx(shared["bias"], abs=1e-5)
+
+
+def test_check_refuses_ppo_on_the_gold_model_or_the_bare_rm_folder(tmp_path):
+    rm = tmp_path / "run" / "rm"
+
+    def problems(model: Path, value_model: Path | None = None) -> str:
+        learner = {"advantage": "gae", "value_model": str(value_model)} if value_model else {}
+        with pytest.raises(ValueError) as err:
+            validate_config({"run": {"output_dir": str(tmp_path / "run")}, "rm": {"gold": True},
+                             "scorer": {"rewards": [{"model": str(model)}]}, "learner": learner})
+        return str(err.value)
+
+    assert "is the gold reward model, which PPO must never optimise" in problems(rm / "gold")
+    assert f"fix: use \"{rm / 'proxy'}\"" in problems(rm / "gold")
+    assert "learner.value_model: with rm.gold = true" in problems(rm / "proxy", value_model=rm)
+    validate_config({"run": {"output_dir": str(tmp_path / "run")}, "rm": {"gold": True},
+                     "scorer": {"rewards": [{"model": str(rm / "proxy")}]}})  # the proxy is fine
+    validate_config({"run": {"output_dir": str(tmp_path / "run")},
+                     "scorer": {"rewards": [{"model": str(rm)}]}})  # one reward model: its folder
