@@ -261,8 +261,8 @@ def _summary(config: Config, config_path, overrides, stages, sft, rm, before, af
 def render_summary(summary: dict) -> str:
     """The summary as Markdown tables (stages; reward models; held-out scores before/after PPO)."""
     lines = [f"# RLHF pipeline summary ({summary['config']})", "", "| stage | status | wall (s) |", "|---|---|---|"]
-    lines += [f"| {name} | {s['status']} | {s['wall_seconds']:.0f} |" for name, s in summary["stages"].items()]
-    lines += [f"| total | | {summary['total_wall_seconds']:.0f} |", ""]
+    lines += [f"| {name} | {s['status']} | {s['wall_seconds']:.1f} |" for name, s in summary["stages"].items()]
+    lines += [f"| total | | {summary['total_wall_seconds']:.1f} |", ""]
     sft = summary["sft"]
     lines += [f"SFT: held-out response loss {sft['heldout_loss_before']:.4f} -> {sft['heldout_loss_after']:.4f} "
               f"nats/token ({sft['train_rows']} training rows, {sft['heldout_rows']} held out).", "",
