@@ -114,8 +114,8 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
     base = resolve_model_path(cfg.model.path, cfg.model.cache_path)
     tokenizer = load_tokenizer(base)
     policy = load_causal_lm(model_path, device=device).eval()
-    same = Path(model_path).resolve() == Path(base).resolve()
-    reference = policy if same else load_causal_lm(base, device=device).eval()  # the same: KL is exactly 0
+    same = Path(model_path).resolve() == Path(base).resolve()  # the reference itself: KL is exactly 0
+    reference = None if same else load_causal_lm(base, device=device).eval()
     reward = build_reward(cfg.scorer.rewards, device=device)
     extra = build_reward(cfg.eval.rewards, device=device) if cfg.eval.rewards else None
     extra_rewards: dict[str, list[float]] = {name: [] for name in (extra.names if extra is not None else [])}
@@ -151,9 +151,12 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
             for p, c, v in zip(chunk, completions, values)
         ]
         batch = collate(scored, pad_id=tokenizer.pad_token_id).to(device)
-        out = forward_completions(policy, batch)
-        ref = out.logprobs if same else forward_completions(reference, batch, nucleus=out.nucleus).logprobs  # top_p < 1: the policy's nucleus
-        kls += torch.where(batch.mask > 0, out.logprobs - ref, 0.0).sum(1).tolist()  # padding may hold -inf
+        if same:  # KL of a policy to itself: no forward pass needed
+            kls += [0.0] * len(scored)
+        else:
+            out = forward_completions(policy, batch)
+            ref = forward_completions(reference, batch, nucleus=out.nucleus).logprobs  # top_p < 1: the policy's nucleus
+            kls += torch.where(batch.mask > 0, out.logprobs - ref, 0.0).sum(1).tolist()  # padding may hold -inf
         tokens += batch.mask.sum(1).long().tolist()
         rewards += [sum(values[i : i + k]) / k for i in range(0, len(values), k)]
         for text, c, v in zip(texts, completions, values):

@@ -161,7 +161,7 @@ def test_every_problem_in_one_error(tmp_path):
     bogus = line_for(lines, "bogus")
     assert "unknown key" in bogus
     assert f"known keys: {', '.join(sorted(Config.model_fields))}" in bogus
-    assert "buffer, endpoints, feedback, generator, learner, metrics, model" in bogus
+    assert "buffer, endpoints, eval, feedback, generator, learner, metrics, model" in bogus
 
     # out-of-range values: the rule, the value given and how to fix it
     clip = line_for(lines, "learner.clip_eps")

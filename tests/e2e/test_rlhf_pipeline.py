@@ -103,3 +103,16 @@ def test_unconnected_stages_are_refused_with_the_stage_and_fix(tmp_path, tiny_mo
     assert f"ppo: model.path is {tiny_model_dir}" in message and f"model.path = \"{tmp_path / 'run' / 'sft'}\"" in message
     assert "eval: rm.gold = true but no [[eval.rewards]] reports the gold model" in message
     assert not (tmp_path / "run" / "sft").exists()  # nothing ran
+
+
+def test_the_recipe_connects_its_stages():
+    from streamrl.common.config import load_config
+    from streamrl.pipeline import stage_dirs, wiring_problems
+    from support import REPO
+
+    config = load_config(REPO / "deploy" / "configs" / "rlhf.toml")
+    assert wiring_problems(config) == [] and config.rm.gold
+    dirs = stage_dirs(config)
+    assert config.learner.value_model == str(dirs["proxy"]) and [s.name for s in config.eval.rewards] == ["gold"]
+    assert config.eval.prompts.path == str(dirs["sft"] / "heldout_prompts.jsonl")
+    assert config.sft.data.model_dump() == config.rm.data.model_dump()  # the same held-out rows in both stages
