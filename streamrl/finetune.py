@@ -227,6 +227,26 @@ def stage_folder(folder: Path) -> Iterator[Path]:
         raise
 
 
+IGNORED_SETTINGS = ("threads", "device", "output_dir")
+"""Settings that do not change what a stage makes (a complete stage is reused across them)."""
+
+
+def _changed_settings(stored: dict, current: dict, default: dict, prefix: str = "") -> list[str]:
+    """``key: stored -> current`` for each setting (nested ``data.*`` too) that differs, except
+    :data:`IGNORED_SETTINGS`; a key missing from ``stored`` (written by an older version) counts
+    as its ``default``."""
+    changed = []
+    for name, value in current.items():
+        if name in IGNORED_SETTINGS:
+            continue
+        old = stored.get(name, default.get(name))
+        if isinstance(value, dict) and isinstance(old, dict):
+            changed += _changed_settings(old, value, default.get(name) or {}, f"{prefix}{name}.")
+        elif old != value:
+            changed.append(f"{prefix}{name}: {old!r} -> {value!r}")
+    return changed
+
+
 def load_stage_data(section: Any, key: str) -> tuple[list, list]:
     """``(train, held_out)`` examples of a stage's ``data`` table (see :mod:`streamrl.rlhf_data`).
 
@@ -342,6 +362,12 @@ class Stage:
         output = Path(section.output_dir) if section.output_dir else Path(config.run.output_dir) / key
         done = stage_done(output)
         if done is not None and not force:
+            changed = _changed_settings(done.get("config", {}), section.model_dump(mode="json"),
+                                        type(section)().model_dump(mode="json"))
+            if changed:
+                raise StageError(f"{key}: {output} is complete but was made with other settings ({', '.join(changed)}); "
+                                 f"fix: redo it (`streamrl {key} --force`, or `streamrl pipeline --force` for every stage), "
+                                 f"or set {key}.output_dir to a new folder")
             log(f"{key}: {output} is complete; skipped (--force retrains)")
             return done
         started = time.perf_counter()

@@ -208,3 +208,17 @@ def test_check_refuses_ppo_on_the_gold_model_or_the_bare_rm_folder(tmp_path):
                      "scorer": {"rewards": [{"model": str(rm / "proxy")}]}})  # the proxy is fine
     validate_config({"run": {"output_dir": str(tmp_path / "run")},
                      "scorer": {"rewards": [{"model": str(rm)}]}})  # one reward model: its folder
+
+
+@pytest.mark.slow
+def test_a_complete_stage_is_reused_only_with_the_same_settings(trained, tiny_model_dir):
+    summary, data = trained
+    tmp_path = Path(summary["output_dir"]).parent.parent
+    lines: list[str] = []
+    again = run_rm(rm_config(tmp_path, tiny_model_dir, data, threads=2), log=lines.append)  # threads: same model
+    assert again == summary and any("is complete; skipped" in line for line in lines)
+    with pytest.raises(StageError, match=r"made with other settings \(data.eval_rows: 40 -> 30, lr: 0.003 -> 0.001\); "
+                                         r"fix: redo it \(`streamrl rm --force`"):
+        run_rm(rm_config(tmp_path, tiny_model_dir, data, eval_rows=30, lr=1e-3), log=lines.append)
+    with pytest.raises(StageError, match=r"gold: False -> True"):
+        run_rm(rm_config(tmp_path, tiny_model_dir, data, gold=True), log=lines.append)
