@@ -62,7 +62,8 @@ def run_whole(config_path: Path, overrides: list[str], *, force: bool) -> dict:
 
 
 def _rm_row(name: str, rm: dict) -> list:
-    z = (rm["heldout_accuracy"] - 0.5) / rm["heldout_accuracy_stderr"] if rm["heldout_accuracy_stderr"] else float("inf")
+    se = rm["heldout_accuracy_stderr"]
+    z = (rm["heldout_accuracy"] - 0.5) / se if se else float("inf")
     return [name, rm["train_rows"], rm["heldout_rows"], f"{rm['frozen_blocks']} blocks frozen",
             f"held-out accuracy {rm['heldout_accuracy']:.3f} +- {rm['heldout_accuracy_stderr']:.3f} "
             f"({z:.1f} SE above chance, n {rm['heldout_comparisons']}), margin {rm['heldout_margin']:+.3f} +- "

@@ -365,9 +365,9 @@ class Stage:
             changed = _changed_settings(done.get("config", {}), section.model_dump(mode="json"),
                                         type(section)().model_dump(mode="json"))
             if changed:
-                raise StageError(f"{key}: {output} is complete but was made with other settings ({', '.join(changed)}); "
-                                 f"fix: redo it (`streamrl {key} --force`, or `streamrl pipeline --force` for every stage), "
-                                 f"or set {key}.output_dir to a new folder")
+                raise StageError(f"{key}: {output} is complete but was made with other settings "
+                                 f"({', '.join(changed)}); fix: redo it (`streamrl {key} --force`, or `streamrl "
+                                 f"pipeline --force` for every stage), or set {key}.output_dir to a new folder")
             log(f"{key}: {output} is complete; skipped (--force retrains)")
             return done
         started = time.perf_counter()

@@ -266,7 +266,8 @@ def render_summary(summary: dict) -> str:
     sft = summary["sft"]
     lines += [f"SFT: held-out response loss {sft['heldout_loss_before']:.4f} -> {sft['heldout_loss_after']:.4f} "
               f"nats/token ({sft['train_rows']} training rows, {sft['heldout_rows']} held out).", "",
-              "| reward model | training pairs | held-out accuracy | held-out margin | comparisons |", "|---|---|---|---|---|"]
+              "| reward model | training pairs | held-out accuracy | held-out margin | comparisons |",
+              "|---|---|---|---|---|"]
     lines += [f"| {name} | {m['train_rows']} | {m['heldout_accuracy']:.3f} +- {m['heldout_accuracy_stderr']:.3f} | "
               f"{m['heldout_margin']:+.3f} +- {m['heldout_margin_stderr']:.3f} | {m['heldout_comparisons']} |"
               for name, m in summary["reward_models"].items()]

@@ -116,7 +116,8 @@ def test_proxy_gold_split_is_disjoint_deterministic_halves():
     assert [e.row for e in proxy] == sorted(e.row for e in proxy)  # input order kept
     shuffled = list(reversed(examples))
     again_proxy, again_gold = split_proxy_gold(shuffled, seed=3)
-    assert {e.row for e in again_proxy} == {e.row for e in proxy} and {e.row for e in again_gold} == {e.row for e in gold}
+    assert {e.row for e in again_proxy} == {e.row for e in proxy}
+    assert {e.row for e in again_gold} == {e.row for e in gold}
     other, _ = split_proxy_gold(examples, seed=4)
     assert {e.text for e in other} != {e.text for e in proxy}  # the seed matters
     with pytest.raises(ValueError, match="cannot be split into a proxy and a gold half"):

@@ -100,7 +100,8 @@ def test_unconnected_stages_are_refused_with_the_stage_and_fix(tmp_path, tiny_mo
     with pytest.raises(PipelineError) as err:
         run_pipeline(config, log=lambda line: None)
     message = str(err.value)
-    assert f"ppo: model.path is {tiny_model_dir}" in message and f"model.path = \"{tmp_path / 'run' / 'sft'}\"" in message
+    assert f"ppo: model.path is {tiny_model_dir}" in message
+    assert f"model.path = \"{tmp_path / 'run' / 'sft'}\"" in message
     assert "eval: rm.gold = true but no [[eval.rewards]] reports the gold model" in message
     assert not (tmp_path / "run" / "sft").exists()  # nothing ran
 
