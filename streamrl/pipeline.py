@@ -23,7 +23,8 @@ held-out accuracy +- standard error, and for the training reward (proxy) and eac
 reward (gold) the score before and after PPO with standard errors and the change with its paired
 standard error, plus KL to the SFT reference (nats per completion and per token).
 
-Errors: :class:`PipelineError`, whose message names the stage and the fix.
+Errors: :class:`PipelineError`, whose message names the stage (``stage rm: ...``; for stages
+that are not connected, one ``stage: key ...`` line per problem) and the fix.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def _evaluation(config: Config, stage: str, model: str, folder: Path, *, force: 
         result = evaluate(config, model, limit=config.eval.limit, seed=config.eval.seed,
                           samples_per_prompt=config.eval.samples_per_prompt)
     except (OSError, ValueError) as err:
-        raise PipelineError(f"{stage}: {err}; fix: check [eval] (prompts, rewards) and [[scorer.rewards]]") from None
+        raise PipelineError(f"stage {stage}: {err}; fix: check [eval] (prompts, rewards) and "
+                            "[[scorer.rewards]]") from None
     log(f"{stage}: {result.line()}")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -126,7 +128,7 @@ def _offline_stage(name: str, run: Callable, config: Config, folder: Path, *, fo
     try:
         return run(config, force=force, log=log), skipped
     except StageError as err:
-        raise PipelineError(f"{name}: {err}") from None
+        raise PipelineError(f"stage {name}: {err}") from None
 
 
 def _ppo(config_path: str | Path, overrides: list[str], config: Config, *, force: bool, generators: int,
@@ -149,7 +151,7 @@ def _ppo(config_path: str | Path, overrides: list[str], config: Config, *, force
         code = exc.code if isinstance(exc.code, int) else 2
     _, step = run_state(config)
     if code != 0 or step is None or step < total:
-        raise PipelineError(f"ppo: the streaming run exited with status {code} at checkpoint step "
+        raise PipelineError(f"stage ppo: the streaming run exited with status {code} at checkpoint step "
                             f"{step if step is not None else 0} of {total} (its messages are above); fix: the cause "
                             "printed there, then run `streamrl pipeline` again: it resumes from the newest checkpoint")
     return False

@@ -117,3 +117,13 @@ def test_the_recipe_connects_its_stages():
     assert config.learner.value_model == str(dirs["proxy"]) and [s.name for s in config.eval.rewards] == ["gold"]
     assert config.eval.prompts.path == str(dirs["sft"] / "heldout_prompts.jsonl")
     assert config.sft.data.model_dump() == config.rm.data.model_dump()  # the same held-out rows in both stages
+
+
+@pytest.mark.slow
+def test_a_failing_stage_is_named_with_its_fix(tmp_path, tiny_model_dir):
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": f"Review {i}:", "response": " eee"}) + "\n" for i in range(20)))
+    config = pipeline_config(tmp_path, tiny_model_dir, rm={"data": {"path": str(demos), "eval_rows": 4}})
+    with pytest.raises(PipelineError, match=r"^stage rm: rm.data: row \d+ of .* has one response; .* fix: use "):
+        run_pipeline(config, log=lambda line: None)
+    assert (tmp_path / "run" / "sft" / "COMPLETE").is_file() and not (tmp_path / "run" / "rm").exists()
