@@ -11,6 +11,8 @@ a shared machine hits all of them:
 * ``+bucket_by_length``: minibatches of similar lengths;
 * ``+autocast_bf16``: the learner's passes under bf16 autocast (opt-in).
 
+and the generator's batch is timed in fp32 and under bf16 autocast (``generator.autocast_bf16``).
+
 bf16 mismatch at staleness 0: the raw importance ratio pi_old / mu of the sampled tokens, mu
 the generator's fp32 behaviour log-probs, pi_old the learner's fp32 and bf16 passes over the
 same weights (fp32 should give ratios of 1 up to float noise; bf16 shows its own error).
@@ -77,6 +79,23 @@ def sample_batch(cfg, policy, tokenizer, reference):
     return scored, with_ref, generate_s, time.perf_counter() - started
 
 
+def time_sampling(cfg, policy, tokenizer, *, autocast_bf16: bool) -> float:
+    """Seconds one generator batch (``prompts_per_batch`` prompts x ``group_size``) takes to sample."""
+    from streamrl.common.messages import SamplingParams
+    from streamrl.common.prompts import load_prompts, split_prompts
+    from streamrl.services.generator.sampling import prepare_prompts, sample_completions
+
+    gen = cfg.generator
+    train, _ = split_prompts(load_prompts(gen.prompts), eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
+    _, ids = prepare_prompts(tokenizer, train[:gen.prompts_per_batch], chat_template=cfg.model.chat_template,
+                             system_prompt=cfg.model.system_prompt, max_prompt_tokens=gen.max_prompt_tokens)
+    sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
+    started = time.perf_counter()
+    sample_completions(policy, tokenizer, ids, group_size=gen.group_size, sampling=sampling,
+                       autocast_bf16=autocast_bf16)
+    return time.perf_counter() - started
+
+
 def ratio_mismatch(policy, batch, bf16: bool) -> dict:
     """Raw pi_old / mu over the sampled tokens at staleness 0 (same weights sampled them)."""
     import torch
@@ -122,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     names = args.variants.split(",")
     times: dict[str, list[float]] = {n: [] for n in names}
     stats: dict[str, dict] = {}
+    sampling_s: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for rep in range(args.repeats):
+        for mode in sampling_s:  # the generator's batch of the same prompts, fp32 and under bf16 autocast
+            sampling_s[mode].append(time_sampling(cfg, base, tokenizer, autocast_bf16=mode == "bf16"))
+            print(f"generator {mode} run {rep + 1}: {sampling_s[mode][-1]:.2f}s", flush=True)
         for name in names:
             v = VARIANTS[name]
             lc = cfg.learner.model_copy(update={k: v[k] for k in ("reuse_first_pass", "bucket_by_length",
@@ -136,13 +159,15 @@ def main(argv: list[str] | None = None) -> int:
             stats[name] = {k: out[k] for k in ("kl", "loss/total", "importance_ratio_max", "clip_fraction")}
             print(f"{name} run {rep + 1}: {times[name][-1]:.2f}s", flush=True)
     summary = {n: median(t) for n, t in times.items()}
+    sampling = {mode: median(t) for mode, t in sampling_s.items()}
     env = environment()
     command = command_line()
     rows = len(scored)
     result = {"command": command, "environment": env, "config": args.config, "overrides": args.overrides,
               "model": cfg.model.path, "rollouts": rows, "minibatches": cfg.learner.minibatches,
               "generate_s": generate_s, "scorer_reference_s": scorer_ref_s, "step_s": summary, "runs": times,
-              "stats": stats, "ratio_mismatch_staleness_0": mismatch}
+              "stats": stats, "ratio_mismatch_staleness_0": mismatch,
+              "generator_batch_s": sampling, "generator_batch_runs": sampling_s}
     first = summary[names[0]]
     table = markdown_table(["variant", "learner step (s, median)", "vs first", "kl", "ratio max"],
                            [[n, f"{summary[n]:.2f}", f"{first / summary[n]:.2f}x", f"{stats[n]['kl']:.4f}",
@@ -156,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                f"{args.repeats} alternating repeats. Sampling the batch took {generate_s:.1f}s; the scorers' "
                f"reference pass over it {scorer_ref_s:.1f}s (off the learner).\n\n{table}\n\n"
                f"Raw importance ratio pi_old/mu at staleness 0 (mu: fp32 sampler):\n\n{mm}\n\n"
-               "bf16 autocast stays opt-in (`learner.autocast_bf16`): whether held-out reward is unchanged was "
-               "not measured.\n")
+               f"The generator's batch ({cfg.generator.prompts_per_batch} prompts x {cfg.generator.group_size} "
+               f"completions, median of {args.repeats}): fp32 {sampling['fp32']:.2f}s, under bf16 autocast "
+               f"(`generator.autocast_bf16`) {sampling['bf16']:.2f}s ({sampling['fp32'] / sampling['bf16']:.2f}x).\n")
     out = write_results("learner_passes", result, section, results_dir=args.results_dir,
                         results_md=args.results_md)
     print(f"wrote {out}")

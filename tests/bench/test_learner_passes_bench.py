@@ -21,3 +21,4 @@ def test_learner_passes_bench_on_the_tiny_model(tmp_path, tiny_model_dir):
     assert fp32["abs_log_ratio_max"] < 1e-4  # the same fp32 weights sampled them: ratios of 1
     assert bf16["abs_log_ratio_max"] > fp32["abs_log_ratio_max"]  # bf16 adds its own error
     assert "Learner passes" in (tmp_path / "RESULTS.md").read_text()
+    assert set(result["generator_batch_s"]) == {"fp32", "bf16"} and min(result["generator_batch_s"].values()) > 0
