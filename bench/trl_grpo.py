@@ -99,7 +99,7 @@ def trl_prompts(cfg, path: Path) -> int:
     return len(texts)
 
 
-def run_trl(cfg, seconds: float, threads: int, python: Path, workdir: Path) -> dict:
+def run_trl(cfg, seconds: float, threads: int, python: Path, workdir: Path, bf16: bool = False) -> dict:
     """Train with TRL GRPOTrainer for ``seconds`` from launch; returns its log and the saved model folder."""
     from streamrl.common.models import resolve_model_path
 
@@ -111,6 +111,7 @@ def run_trl(cfg, seconds: float, threads: int, python: Path, workdir: Path) -> d
     spec = {
         "model": resolve_model_path(cfg.model.path, cfg.model.cache_path), "prompts": str(prompts),
         "output": str(workdir / "trl"), "deadline": launched + seconds, "threads": threads, "seed": cfg.run.seed,
+        "bf16": bf16,
         "hyper": {"minibatch_size": rollouts // lc.minibatches, "minibatches": lc.minibatches,
                   "group_size": gen.group_size, "ppo_epochs": lc.ppo_epochs, "max_new_tokens": gen.max_new_tokens,
                   "temperature": gen.temperature, "top_p": gen.top_p, "lr": lc.lr, "weight_decay": lc.weight_decay,
@@ -193,6 +194,9 @@ def render(result: dict, env: dict, command: str) -> str:
         markdown_table(["system", "samples trained", "samples/s (from launch)", "samples/s (after step 1)",
                         "held-out reward", "change vs initial", "KL to ref (nats/completion)"], rows),
         "",
+        "Precision: ours learner {ours_learner}, generator {ours_generator}; TRL {trl}.".format(
+            **result.get("precision", {"ours_learner": "fp32", "ours_generator": "fp32", "trl": "fp32"})),
+        "",
         f"Ratios ours/TRL: samples/s {r['samples_per_s']:.2f} (steady {r['steady_samples_per_s']:.2f}); "
         f"held-out reward gain {r['reward_gain']:.2f}.",
         "",
@@ -213,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=360.0, help="wall-clock budget per system")
     parser.add_argument("--trl-threads", type=int, default=2, help="torch threads of the TRL process")
     parser.add_argument("--trl-python", type=Path, default=TRL_VENV / "bin" / "python")
+    parser.add_argument("--trl-bf16", action="store_true",
+                        help="TRL trains and generates under bf16 autocast (GRPOConfig bf16), like our "
+                             "learner.autocast_bf16 / generator.autocast_bf16")
     parser.add_argument("--eval-samples", type=int, default=4)
     parser.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts (default: all)")
     parser.add_argument("--max-seconds", type=float, default=None,
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         (work / "trl").mkdir()
         ours = run_ours(args.config, args.overrides, args.seconds, work / "ours")
         print(f"ours: {ours['steps']} steps, {ours['samples']:.0f} samples", flush=True)
-        trl = run_trl(cfg, args.seconds, args.trl_threads, args.trl_python, work / "trl")
+        trl = run_trl(cfg, args.seconds, args.trl_threads, args.trl_python, work / "trl", bf16=args.trl_bf16)
         print(f"TRL: {trl['optimizer_steps']} optimizer steps, {trl['samples']} samples", flush=True)
         initial = evaluate(args.config, args.overrides, None, args.eval_samples, args.eval_prompts, work, "initial")
         ours["eval"] = evaluate(args.config, args.overrides, ours["model"], args.eval_samples, args.eval_prompts,
@@ -254,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     command = command_line()
     result = {"command": command, "environment": env, "config": args.config, "overrides": args.overrides,
               "model": cfg.model.path, "seconds": args.seconds, "trl_threads": args.trl_threads,
+              "precision": {"ours_learner": "bf16 autocast" if lc.autocast_bf16 else "fp32",
+                            "ours_generator": "bf16 autocast" if gen.autocast_bf16 else "fp32",
+                            "trl": "bf16 autocast" if args.trl_bf16 else "fp32"},
               "rollouts_per_step": lc.groups_per_step * gen.group_size, "group_size": gen.group_size,
               "max_new_tokens": gen.max_new_tokens, "lr": lc.lr, "kl_coef": lc.kl_coef,
               "temperature": gen.temperature, "clip_eps": lc.clip_eps, "initial_eval": initial,

@@ -84,7 +84,7 @@ def main() -> int:
         save_strategy="no",
         report_to="none",
         use_cpu=True,
-        bf16=False,
+        bf16=bool(spec.get("bf16", False)),  # CPU autocast through accelerate, like our autocast_bf16
         seed=spec["seed"],
         dataloader_num_workers=0,
     )

@@ -77,11 +77,12 @@ def test_trl_grpo_ours_side_and_evaluation(tmp_path):
 
 @pytest.mark.skipif(not trl_grpo.TRL_VENV.joinpath("bin", "python").exists(),
                     reason="TRL lives only in .venv-trl (bash bench/setup_trl.sh); never a streamrl dependency")
-def test_trl_grpo_trl_side(tmp_path):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_trl_grpo_trl_side(tmp_path, bf16):
     from streamrl.common.config import load_config
 
     cfg = load_config(TINY, ["generator.group_size=4"])
-    side = trl_grpo.run_trl(cfg, 5.0, 1, trl_grpo.TRL_VENV / "bin" / "python", tmp_path)
+    side = trl_grpo.run_trl(cfg, 5.0, 1, trl_grpo.TRL_VENV / "bin" / "python", tmp_path, bf16=bf16)
     assert side["optimizer_steps"] >= 1
     assert side["samples"] == side["optimizer_steps"] * 16  # 4 prompts x 4, tiny.toml: 1 minibatch
     assert (tmp_path / "trl" / "model" / "config.json").exists()
