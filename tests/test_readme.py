@@ -16,7 +16,8 @@ def config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     for name, field in model.model_fields.items():
         annotation = field.annotation
         nested = [a for a in (annotation, *getattr(annotation, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if nested and not prefix.startswith("scorer") and name not in ("rewards", "ptx_data"):
+        same_keys_as_generator_prompts = name == "ptx_data" or f"{prefix}{name}" == "eval.prompts"
+        if nested and not prefix.startswith("scorer") and name != "rewards" and not same_keys_as_generator_prompts:
             keys += config_keys(nested[0], f"{prefix}{name}.")
         else:
             keys.append(f"{prefix}{name}")
