@@ -256,13 +256,20 @@ def main(argv: list[str] | None = None) -> int:
               "reward": ours["eval"]["reward_mean"] / trl["eval"]["reward_mean"]
               if trl["eval"]["reward_mean"] else float("nan"),
               "reward_gain": gain_ours / gain_trl if gain_trl else float("nan")}
+    import torch
+
+    from streamrl.common.models import use_bf16_autocast
+
+    cpu = torch.device("cpu")
     lc, gen = cfg.learner, cfg.generator
     env = environment({"trl (bench venv)": trl["versions"]["trl"]})
     command = command_line()
     result = {"command": command, "environment": env, "config": args.config, "overrides": args.overrides,
               "model": cfg.model.path, "seconds": args.seconds, "trl_threads": args.trl_threads,
-              "precision": {"ours_learner": "bf16 autocast" if lc.autocast_bf16 else "fp32",
-                            "ours_generator": "bf16 autocast" if gen.autocast_bf16 else "fp32",
+              "precision": {"ours_learner": "bf16 autocast" if use_bf16_autocast(lc.autocast_bf16, cpu)
+                            else "fp32",
+                            "ours_generator": "bf16 autocast" if use_bf16_autocast(gen.autocast_bf16, cpu)
+                            else "fp32",
                             "trl": "bf16 autocast" if args.trl_bf16 else "fp32"},
               "rollouts_per_step": lc.groups_per_step * gen.group_size, "group_size": gen.group_size,
               "max_new_tokens": gen.max_new_tokens, "lr": lc.lr, "kl_coef": lc.kl_coef,

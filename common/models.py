@@ -121,6 +121,31 @@ def select_device(device: Device) -> torch.device:
     return torch.device("cuda" if cuda_available else "cpu")
 
 
+def bf16_native(device: torch.device) -> bool:
+    """True when ``device`` computes bf16 matmuls in hardware: a CUDA GPU with bf16 support
+    (compute capability 8.0+), or a CPU with AVX512-BF16 / AMX (oneDNN's bf16 path). Elsewhere
+    bf16 autocast is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def use_bf16_autocast(setting: bool | str, device: torch.device) -> bool:
+    """Resolve an ``autocast_bf16`` setting (``True``, ``False`` or ``"auto"``) for ``device``:
+    ``"auto"`` means :func:`bf16_native`.
+
+    Raises:
+        ValueError: any other setting.
+    """
+    if setting == "auto":
+        return bf16_native(device)
+    if isinstance(setting, bool):
+        return setting
+    raise ValueError(f"autocast_bf16 = {setting!r}: expected true, false or \"auto\"")
+
+
 # --------------------------------------------------------------------------------------
 # tiny test model
 # --------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ from streamrl.common.human import HumanModelSubscription, beta_at
 from streamrl.common.liveness import Waits
 from streamrl.common.messages import SamplingParams
 from streamrl.common.modes import HumanCombination
-from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path, select_device
+from streamrl.common.models import (configure_torch, load_causal_lm, load_tokenizer, resolve_model_path,
+                                    select_device, use_bf16_autocast)
 from streamrl.common.service import ServiceContext
 from streamrl.common.transport import make_socket, send_when_ready
 from streamrl.common.weights import WeightClient, WeightSyncError, tied_duplicates
@@ -61,6 +62,7 @@ class GeneratorService:
         path = resolve_model_path(cfg.model.path, cfg.model.cache_path)
         self.tokenizer = load_tokenizer(path)
         self.model = load_causal_lm(path, device=self.device).eval()
+        self.autocast_bf16 = use_bf16_autocast(gen.autocast_bf16, self.device)  # "auto": where it is native
         self.tied = tied_duplicates(self.model.state_dict())
         self.fingerprint = model_fingerprint(self.model.config, self.tokenizer)  # in every rollout
         self.refused_version: int | None = None  # newest announced version refused for another model
@@ -220,7 +222,7 @@ class GeneratorService:
         beta_t = self._control_sharing()
         k = self.cfg.feedback.candidates if beta_t > 0 else 1
         groups = sample_completions(self.model, self.tokenizer, ids, group_size=gen.group_size * k,
-                                    sampling=self.sampling, autocast_bf16=gen.autocast_bf16)
+                                    sampling=self.sampling, autocast_bf16=self.autocast_bf16)
         selections = [None] * len(groups)
         if k > 1:
             groups, selections = share_control(self.human.view, groups, group_size=gen.group_size, k=k, beta_t=beta_t,

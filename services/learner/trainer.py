@@ -30,6 +30,7 @@ from torch import Tensor
 
 from streamrl.common.config import LearnerSection
 from streamrl.common.modes import AdvantageEstimator, Correction, KLPenaltyMode
+from streamrl.common.models import use_bf16_autocast
 from streamrl.common.tensors import fill_padding, masked_mean, masked_whiten
 from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards, vtrace
 from streamrl.services.learner.batch import ModelOutput, TrainBatch, forward_completions
@@ -145,6 +146,7 @@ class PPOTrainer:
         self.cfg = cfg
         self.ptx_sampler = ptx_sampler
         self.device = next(policy.parameters()).device
+        self.bf16 = use_bf16_autocast(cfg.autocast_bf16, self.device)  # "auto": where the device has bf16
         self.value_head: torch.nn.Linear | None = None
         params = list(policy.parameters())
         self.value_model = value_model if cfg.advantage is AdvantageEstimator.GAE else None
@@ -272,7 +274,7 @@ class PPOTrainer:
     def _amp(self):
         """bf16 autocast of the model passes when ``learner.autocast_bf16`` (opt-in; log-probs, losses and
         the optimizer stay float32: ``forward_completions`` upcasts the logits)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def _backward(self, loss: Tensor, mb: TrainBatch) -> None:
         """Backpropagate one minibatch's loss (the data-parallel learner rescales it first:

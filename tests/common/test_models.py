@@ -327,3 +327,36 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(models, "_convert_smollm2", _fake_converter(calls))
     folder = models.ensure_smollm2(tmp_path)
     assert len(calls) == 1 and (folder / "COMPLETE").is_file()
+
+
+# --------------------------------------------------------------------------- bf16 autocast setting
+
+
+def test_bf16_auto_follows_the_hardware_and_explicit_settings_win(monkeypatch):
+    from streamrl.common import models
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(models, "bf16_native", lambda device, native=native: native)
+        assert models.use_bf16_autocast("auto", cpu) is native
+        assert models.use_bf16_autocast(True, cpu) is True and models.use_bf16_autocast(False, cpu) is False
+    with pytest.raises(ValueError, match="expected true, false or"):
+        models.use_bf16_autocast("maybe", cpu)
+
+
+def test_bf16_native_on_this_cpu_matches_onednn():
+    from streamrl.common.models import bf16_native
+
+    assert bf16_native(torch.device("cpu")) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert bf16_native(torch.device("meta")) is False
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), ("false", False), ('"auto"', "auto")])
+def test_autocast_settings_parse_and_a_bad_one_is_refused_with_the_fix(value, expected):
+    from streamrl.common.config import ConfigError, load_config
+
+    for section in ("learner", "generator"):
+        cfg = load_config(None, [f"{section}.autocast_bf16={value}"])
+        assert getattr(cfg, section).autocast_bf16 == expected
+        with pytest.raises(ConfigError, match=f'{section}.autocast_bf16: .maybe. is not a bf16 setting; fix: true'):
+            load_config(None, [f'{section}.autocast_bf16="maybe"'])
