@@ -8,9 +8,13 @@ groups (B = ``groups_per_step``):
 
     outstanding + served_for(L) <= (eta + 1 - lag) x B
 
-* ``L``: the newest version the learner asked a batch for (the version it trains now);
-* ``served_for(L)``: groups already served for version L (the learner's batch of L);
-* ``outstanding``: groups held by the store (complete or not) plus every generator's
+* ``L``: the version of the learner's latest batch request (the version it trains now;
+  lower than before after a learner restarted from an older checkpoint);
+* ``served_for(L)``: groups already served for version L (the learner's batch of L,
+  a batch served again and restamped L included; a batch sent twice counts once);
+* ``outstanding``: groups held by the store (complete or not), groups in served batches
+  waiting to be served again (lost with a learner process that died before
+  checkpointing them: they are served before any new data), plus every generator's
   groups granted and not yet arrived (in flight, or not yet sampled);
 * ``lag = max(0, L - w)`` for a generator whose weights are version ``w``: a group
   sampled with older weights is older by ``lag`` versions before it waits at all,
@@ -25,6 +29,18 @@ Fairness: with n active generators none may hold more than ``ceil((eta + 1) x B 
 outstanding credits, so one fast generator cannot starve the others.
 
 Restarts:
+* a restarted learner (``services/buffer/durable.py``) is served the batches its dead
+  process trained after its checkpoint again, restamped with its new versions, before
+  any new data. Those waiting count in ``outstanding``, the one served for L in
+  ``served_for(L)``; a request for an older version than the ledger's moves L back
+  (``served_for`` restarts at 0). Counting neither (before this rule) over-granted after
+  a restart at version R (``continue_at``: R > L_old): at the k-th request of the new
+  process (k = 0 .. n - 1, n re-served batches) the ledger saw ``served_for(R + k) = 0``
+  and none of the n - 1 - k still waiting, so it let up to (n - k) x B groups more
+  than (eta + 1) x B ahead of the learner, and groups sampled with weights R + k could
+  then be dropped as too stale; and a learner that went back to a version <= L_old
+  left ``served_for(L_old)`` and the lag against L_old in place, so once it asked new
+  data for a version <= L_old the generators got nothing (sync mode: a deadlock);
 * a restarted buffer has no ledger: it re-grants from what the store holds (the
   journal) and the next requests (credits granted by the old process and not yet
   sampled may overshoot once; their groups are still counted when they arrive);
@@ -43,13 +59,28 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Callable
 
-from streamrl.common.messages import CreditRequest
+from streamrl.common.messages import Batch, CreditRequest
+from streamrl.services.buffer.journal import LOST, HeldBatch
 
 SEEN_GROUPS = 100_000
 """Group ids remembered per generator (to count each group's arrival once)."""
+
+
+def batch_generators(batch: Batch) -> list[str]:
+    """Who sampled each group of ``batch``: one generator id per group, in the batch's order
+    (what :meth:`CreditLedger.served` takes)."""
+    return list({s.rollout.group_id: s.rollout.generator_id for s in batch.rollouts}.values())
+
+
+def awaiting_groups(held: Iterable[HeldBatch]) -> int:
+    """Groups in ``held`` batches lost with a learner process that died before checkpointing
+    them (``owner`` :data:`~streamrl.services.buffer.journal.LOST`): they are served again,
+    before any new data, so they are ahead of the learner like the groups in the store."""
+    return sum(len(batch_generators(h.batch)) for h in held if h.owner == LOST)
 
 
 @dataclass
@@ -102,6 +133,7 @@ class CreditLedger:
         self.groups_per_step, self.max_staleness, self.ttl_s, self.clock = groups_per_step, max_staleness, ttl_s, clock
         self.learner_version: int | None = None
         self.served_for_version = 0
+        self._served_batches: set[str] = set()  # msg_ids counted in served_for_version
         self.generators: dict[str, _Generator] = {}
         self.granted_total = 0  # credits granted (cumulative)
         self.expired_total = 0  # credits or in-flight groups written off (restart, silence, lost)
@@ -115,16 +147,37 @@ class CreditLedger:
         return (self.max_staleness + 1) * self.groups_per_step
 
     def learner_asked(self, learner_version: int) -> None:
-        """The learner asked a batch for ``learner_version`` (a newer one resets what was served for it)."""
-        if self.learner_version is None or learner_version > self.learner_version:
+        """The learner asked a batch for ``learner_version``.
+
+        Another version resets what was served for it, an older one too: only a learner
+        process that restarted from an older checkpoint (or a new learner) asks for an older
+        version, and from then on it is the learner the bound is measured from (module
+        docstring, "Restarts"). The same version again (a request repeated after a lost
+        reply) changes nothing.
+        """
+        if learner_version != self.learner_version:
             self.learner_version = learner_version
             self.served_for_version = 0
+            self._served_batches.clear()
 
-    def served(self, learner_version: int, generator_ids: list[str]) -> None:
-        """A batch was served for ``learner_version``: one entry of ``generator_ids`` per group (who sampled it)."""
-        self.learner_asked(learner_version)
-        if learner_version == self.learner_version:
+    def served(self, learner_version: int, generator_ids: list[str], *, batch_id: str = "",
+               again: bool = False) -> None:
+        """A batch was served for ``learner_version``: one entry of ``generator_ids`` per group (who sampled it).
+
+        ``batch_id`` (the batch's ``msg_id``): a batch sent again for the same version (its reply
+        was lost) counts once. ``again``: the batch was served before (its reply was lost, or its
+        learner process died before checkpointing it and it is restamped for ``learner_version``):
+        it counts toward what is served for that version, not again toward its generators'
+        trained groups.
+        """
+        if self.learner_version is None or learner_version > self.learner_version:
+            self.learner_asked(learner_version)
+        if learner_version == self.learner_version and not (batch_id and batch_id in self._served_batches):
             self.served_for_version += len(generator_ids)
+            if batch_id:
+                self._served_batches.add(batch_id)
+        if again:
+            return
         for gid in generator_ids:
             if (g := self.generators.get(gid)) is not None:
                 g.trained += 1
@@ -147,7 +200,9 @@ class CreditLedger:
         return sum(g.outstanding() for g in self.generators.values())
 
     def grant(self, request: CreditRequest, held_groups: int) -> Grant:
-        """Answer ``request`` given the ``held_groups`` (complete + incomplete) in the store.
+        """Answer ``request`` given the ``held_groups`` ahead of the learner in the buffer: in the
+        store (complete + incomplete) and in served batches waiting to be served again
+        (:func:`awaiting_groups`).
 
         The new grant replaces the generator's previous one: its authorisation becomes
         ``request.groups_sent + credits``.

@@ -21,6 +21,10 @@ Generation credits (issue 11, ``services/buffer/credits.py``): generators ask on
 the same ROUTER (``credit_request``) before sampling, and the buffer grants at
 most what can still be trained within ``max_staleness`` counting what it holds
 and what is granted but not arrived, so little is generated only to be dropped.
+Batches served again (lost in transit, or with a learner process that died
+before checkpointing them) count like new ones: those waiting to be served
+again are ahead of the learner, and one served again counts for the version it
+is restamped with.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from streamrl.common.liveness import Waits
 from streamrl.common.messages import BatchRequest, CreditGrant, CreditRequest, ScoredRollout
 from streamrl.common.service import ServiceContext, journal_folder
 from streamrl.common.transport import Inbox, make_socket, send
-from streamrl.services.buffer.credits import CreditLedger
+from streamrl.services.buffer.credits import CreditLedger, awaiting_groups, batch_generators
 from streamrl.services.buffer.durable import DurableBuffer, admission_capacity
 from streamrl.services.buffer.journal import Journal
 from streamrl.services.buffer.metrics import BufferMetrics
@@ -154,21 +158,22 @@ class BufferService:
         if isinstance(msg, CreditRequest):
             self._grant(route, msg)
             return
-        self.credits.learner_asked(msg.learner_version)
         try:
             again = self.state.take_request(route, msg)
         except ValueError as err:
             self.request_inbox.reject("bad_value", str(err))
             return
+        self.credits.learner_asked(msg.learner_version)  # a refused request moves nothing
         self.last_request = time.monotonic()
         self.waits.done("learner")
         if again is not None:
             send(self.router, again, prefix=[route])
+            self.credits.served(again.learner_version, batch_generators(again), batch_id=again.msg_id, again=True)
             self.metrics.reserved.inc()
 
     def _grant(self, route: bytes, request: CreditRequest) -> None:
         """Answer a generator's credit request (``services/buffer/credits.py``)."""
-        held = self.store.complete_groups + self.store.incomplete_groups
+        held = self.store.complete_groups + self.store.incomplete_groups + awaiting_groups(self.state.held)
         grant = self.credits.grant(request, held)
         send(self.router, CreditGrant(sender=self.ctx.instance, reply_to=request.msg_id, credits=grant.credits,
                                       learner_version=-1 if self.credits.learner_version is None
@@ -181,8 +186,7 @@ class BufferService:
         if served is not None:
             route, batch = served
             send(self.router, batch, prefix=[route])
-            groups = {s.rollout.group_id: s.rollout.generator_id for s in batch.rollouts}
-            self.credits.served(batch.learner_version, list(groups.values()))
+            self.credits.served(batch.learner_version, batch_generators(batch), batch_id=batch.msg_id)
             self.metrics.observe_batch(batch)
 
     def _update_metrics(self) -> None:
