@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from streamrl.common.messages import WeightsChunk, WeightsChunkRequest, decode, 
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.modes import WeightDtype
 from streamrl.common.transport import make_socket, send
+from streamrl.testing import free_port
 from streamrl.common.weights import (
     WeightClient,
     WeightServer,
@@ -22,12 +22,6 @@ from streamrl.common.weights import (
     pack_state_dict,
     unpack_state_dict,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def state(seed: int) -> dict[str, torch.Tensor]:
