@@ -289,13 +289,13 @@ def render(result: dict, env: dict, command: str) -> str:
         "",
         f"Staleness of trained rollouts (all runs pooled): sync {hist('sync')}; async {hist('async')}.",
         "",
-        "How to read it: a generator pauses only while it is more than `max_staleness` versions behind, so "
-        "with `max_staleness = 0` it does not idle while the learner trains version v+1: it keeps sampling "
-        "with v, and the buffer drops those groups as stale when the learner asks with v+1 (the stale drops "
-        "above); the learner then waits for a fresh generation. Asynchronous, the generator's batches overlap "
-        "the learner's step, the learner hardly waits, and throughput is bounded by the learner's step time "
-        "(see the split below); the generator runs ahead to the bound, so most trained rollouts are "
-        f"{result['async_max_staleness']} versions old and some groups still go stale in the queues.",
+        "How to read it: a generator samples a group only with a generation credit from the buffer, granted "
+        "so that the group can still be trained within `max_staleness`. With `max_staleness = 0` no credit is "
+        "granted once the batch of version v is served, so the generator waits for v+1 while the learner "
+        "trains and the learner then waits for a fresh generation: the two alternate and nothing is dropped. "
+        "Asynchronous, the generator samples the next batches while the learner trains, the learner hardly "
+        "waits, and the processes share the 2 cores; the generator runs up to the bound, so most trained "
+        f"rollouts are {result['async_max_staleness']} versions old.",
         "",
         per_run,
     ]
@@ -304,7 +304,9 @@ def render(result: dict, env: dict, command: str) -> str:
         lines += [
             "",
             "Where the time goes (in-process, 1 torch thread, median of 2; one learner step of "
-            f"{p['rollouts_per_step']} rollouts, {p['minibatches']} minibatch updates):",
+            f"{p['rollouts_per_step']} rollouts, {p['minibatches']} minibatch updates, every pass the learner "
+            "can run: the services skip the reference pass (the scorers send reference log-probs) and most "
+            "of the pi_old pass (`reuse_first_pass`); `bench.learner_passes` splits the step as configured):",
             "",
             markdown_table(["part", "seconds"], [
                 [f"generate {p['rollouts_per_generate']} completions (one generator batch)", p["generate"]],
