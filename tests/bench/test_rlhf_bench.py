@@ -26,6 +26,8 @@ def test_rlhf_bench_tiny(tmp_path):
     result = json.loads((tmp_path / "rlhf.json").read_text())
     assert result["rm"]["heldout_comparisons"] == result["rm"]["heldout_rows"] >= 12
     assert result["sft"]["heldout_loss_after"] < result["sft"]["heldout_loss_before"]
-    assert (tmp_path / "run" / "rm" / "config.json").is_file()
+    for model in ("proxy", "gold"):  # the recipe trains both (rm.gold), each a Hugging Face folder
+        assert (tmp_path / "run" / "rm" / model / "config.json").is_file()
     md = (tmp_path / "RESULTS.md").read_text()
     assert "<!-- bench:rlhf -->" in md and "held-out accuracy" in md and "held-out response loss" in md
+    assert "| rm proxy |" in md and "| rm gold |" in md
