@@ -120,3 +120,24 @@ def permuted_char_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), pad_token="<pad>",
                                    eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
                                    clean_up_tokenization_spaces=False)
+
+
+def train_tiny_reward_model(folder: Path, model_dir: Path, *, preferred: str, pairs: int, eval_rows: int,
+                            max_length: int) -> Path:
+    """Train a tiny reward model (``streamrl rm``, top block only) on ``pairs`` synthetic pairs whose
+    chosen response is drawn from ``preferred * 3 + "xyz"`` and rejected from ``"bbbxyz"`` (6 characters
+    each), under ``folder``; returns the reward-model folder."""
+    import json
+    import random
+
+    from streamrl.common.config import validate_config
+    from streamrl.reward_model import run_rm
+
+    rng = random.Random(0)
+    rows = [{"prompt": f"q{i}:", "chosen": " " + "".join(rng.choice(preferred * 3 + "xyz") for _ in range(6)),
+             "rejected": " " + "".join(rng.choice("bbbxyz") for _ in range(6))} for i in range(pairs)]
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = validate_config({"run": {"output_dir": str(folder / "run")}, "rm": {
+        "base_model": str(model_dir), "data": {"path": str(folder / "pairs.jsonl"), "eval_rows": eval_rows},
+        "epochs": 2, "lr": 3e-3, "threads": 1, "trainable_layers": 1, "max_length": max_length}})
+    return Path(run_rm(config, log=lambda line: None)["output_dir"])

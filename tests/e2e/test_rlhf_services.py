@@ -5,14 +5,12 @@ starts from it."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
+from support import train_tiny_reward_model
 
-from streamrl.common.config import validate_config
 from streamrl.common.reward_model import RewardModel
-from streamrl.reward_model import run_rm
 from streamrl.services.scorer.rewards import count_char
 from streamrl.testing import local_run_config, wait_until, write_config
 
@@ -20,14 +18,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_ppo_against_a_trained_reward_model_with_the_critic_from_it(tmp_path, tiny_model_dir, services):
-    rng = random.Random(0)
-    rows = [{"prompt": f"q{i}:", "chosen": " " + "".join(rng.choice("eeexyz") for _ in range(6)),
-             "rejected": " " + "".join(rng.choice("bbbxyz") for _ in range(6))} for i in range(80)]
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    stage = validate_config({"run": {"output_dir": str(tmp_path / "stages")}, "rm": {
-        "base_model": str(tiny_model_dir), "data": {"path": str(tmp_path / "pairs.jsonl"), "eval_rows": 16},
-        "epochs": 2, "lr": 3e-3, "threads": 1, "trainable_layers": 1, "max_length": 64}})
-    rm = run_rm(stage, log=lambda line: None)["output_dir"]
+    (tmp_path / "stages").mkdir()  # the PPO run below writes tmp_path / "run"
+    rm = str(train_tiny_reward_model(tmp_path / "stages", tiny_model_dir, preferred="e", pairs=80, eval_rows=16,
+                                     max_length=64))
 
     steps = 3
     sections = local_run_config(tmp_path, tiny_model_dir, learner={

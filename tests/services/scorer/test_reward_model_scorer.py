@@ -4,15 +4,14 @@ formatted as in training, summed with rule rewards."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from support import train_tiny_reward_model
 
 from streamrl.common.config import RewardSpec, validate_config
 from streamrl.common.reward_model import RewardModel
-from streamrl.reward_model import run_rm
 from streamrl.services.scorer.rewards import RewardModelScorer, build_reward
 
 CPU = torch.device("cpu")
@@ -21,15 +20,8 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def rm_folder(tiny_model_dir, tmp_path_factory) -> Path:
     """A tiny RM trained to prefer responses with 'a' over responses with 'b'."""
-    tmp = tmp_path_factory.mktemp("scorer-rm")
-    rng = random.Random(0)
-    rows = [{"prompt": f"q{i}:", "chosen": " " + "".join(rng.choice("aaaxyz") for _ in range(6)),
-             "rejected": " " + "".join(rng.choice("bbbxyz") for _ in range(6))} for i in range(120)]
-    (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = validate_config({"run": {"output_dir": str(tmp / "run")}, "rm": {
-        "base_model": str(tiny_model_dir), "data": {"path": str(tmp / "pairs.jsonl"), "eval_rows": 20},
-        "epochs": 2, "lr": 3e-3, "threads": 1, "trainable_layers": 1, "max_length": 24}})
-    return Path(run_rm(config, log=lambda line: None)["output_dir"])
+    return train_tiny_reward_model(tmp_path_factory.mktemp("scorer-rm"), tiny_model_dir, preferred="a", pairs=120,
+                                   eval_rows=20, max_length=24)
 
 
 PROMPTS = ["q1:", "q2:", "a much longer prompt that the stored max_length of 24 tokens truncates:", "q4:"]
