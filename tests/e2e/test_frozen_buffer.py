@@ -43,13 +43,18 @@ def test_a_generator_sends_at_most_its_credits_to_a_frozen_buffer(tmp_path, tiny
     try:
         before = sample(gen, "streamrl_generator_rollouts_total")
         time.sleep(FREEZE_S)
+        # The gauge is the current wait, which starts only once the generator has spent the credits it
+        # held (sampling those groups takes seconds on a loaded machine), so the freeze lasts until
+        # the wait has grown to FREEZE_S / 2: a longer freeze only makes the bound below stricter.
+        waited = wait_until(lambda: sample(gen, 'streamrl_generator_waiting_seconds{on=credits}') > FREEZE_S / 2,
+                            timeout=2 * FREEZE_S)
         sent = sample(gen, "streamrl_generator_rollouts_total") - before
         credit_wait = sample(gen, 'streamrl_generator_waiting_seconds{on=credits}')
     finally:
         buffer.send_signal(signal.SIGCONT)
     bound = (staleness + 1) * per_step * group_size
     assert sent <= bound, (sent, bound, procs.logs())
-    assert credit_wait > FREEZE_S / 2, (credit_wait, procs.logs())  # it says what it waits for
+    assert waited, (credit_wait, procs.logs())  # it says what it waits for
     # the buffer is back: credits flow and training goes on
     steps = len(trained.read_text().splitlines())
     assert wait_until(lambda: len(trained.read_text().splitlines()) >= steps + 2, timeout=120), procs.logs()
