@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from streamrl.common.models import adamw
+
 __all__ = ["COMPLETE", "Stage", "StageError", "Trunk", "length_batches", "load_stage_data", "make_schedule",
            "optimise", "stage_done", "stage_folder"]
 
@@ -294,7 +296,7 @@ def optimise(trunk: Trunk, section: Any, *, lengths: Sequence[int], batch_loss: 
     params = trunk.trainable_parameters
     if not params:
         raise StageError(f"{label}: every parameter is frozen; fix: raise {label}.trainable_layers")
-    optimizer = torch.optim.AdamW(params, lr=section.lr, weight_decay=section.weight_decay)
+    optimizer = adamw(params, lr=section.lr, weight_decay=section.weight_decay)
     per_epoch = math.ceil(len(lengths) / section.batch_size)
     total = per_epoch * section.epochs
     schedule = make_schedule(optimizer, name=section.schedule, warmup_ratio=section.warmup_ratio, total_steps=total)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from streamrl.common.config import LearnerSection
 from streamrl.common.modes import AdvantageEstimator, Correction, KLPenaltyMode
-from streamrl.common.models import use_bf16_autocast
+from streamrl.common.models import adamw, use_bf16_autocast
 from streamrl.common.tensors import fill_padding, masked_mean, masked_whiten
 from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards, vtrace
 from streamrl.services.learner.batch import ModelOutput, TrainBatch, forward_completions
@@ -155,7 +155,7 @@ class PPOTrainer:
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
             params += list(self.value_head.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if self.value_model is not None:  # its own learning rate (a param group: own Adam moments)
             self.optimizer.add_param_group({"params": list(self.value_model.parameters()),
                                             "lr": cfg.value_lr or cfg.lr})

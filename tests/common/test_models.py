@@ -360,3 +360,27 @@ def test_autocast_settings_parse_and_a_bad_one_is_refused_with_the_fix(value, ex
         assert getattr(cfg, section).autocast_bf16 == expected
         with pytest.raises(ConfigError, match=f'{section}.autocast_bf16: .maybe. is not a bf16 setting; fix: true'):
             load_config(None, [f'{section}.autocast_bf16="maybe"'])
+
+
+def test_adamw_is_fused_on_cpu_and_takes_adams_first_step_by_hand():
+    """Adam's first step with bias correction is m_hat = g, v_hat = g^2, so each weight moves by
+    lr * g / (|g| + eps) after the decoupled decay w <- w * (1 - lr * wd) (Loshchilov & Hutter 2019,
+    Algorithm 2): hand-computed values against the fused kernel, with two param groups."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    v = torch.nn.Parameter(torch.tensor([3.0]))
+    opt = models.adamw([{"params": [w]}, {"params": [v], "lr": 0.5}], lr=0.1, weight_decay=0.01)
+    assert opt.param_groups[0]["fused"] is True
+    w.grad, v.grad = torch.tensor([0.2, -4.0, 0.0]), torch.tensor([1e-3])
+    opt.step()
+    eps = 1e-8
+    expected_w = [1.0 * (1 - 0.1 * 0.01) - 0.1 * 0.2 / (0.2 + eps),
+                  -2.0 * (1 - 0.1 * 0.01) + 0.1 * 4.0 / (4.0 + eps),
+                  0.5 * (1 - 0.1 * 0.01)]
+    expected_v = [3.0 * (1 - 0.5 * 0.01) - 0.5 * 1e-3 / (1e-3 + eps)]
+    assert torch.allclose(w.detach(), torch.tensor(expected_w), atol=1e-6)
+    assert torch.allclose(v.detach(), torch.tensor(expected_v), atol=1e-6)
+
+
+def test_adamw_falls_back_to_the_default_kernel_for_non_float_devices():
+    meta = torch.nn.Parameter(torch.zeros(2, device="meta"))
+    assert models.adamw([meta], lr=0.1, weight_decay=0.0).param_groups[0]["fused"] is None
