@@ -11,7 +11,9 @@ a shared machine hits all of them:
 * ``+bucket_by_length``: minibatches of similar lengths;
 * ``+autocast_bf16``: the learner's passes under bf16 autocast (opt-in).
 
-and the generator's batch is timed in fp32 and under bf16 autocast (``generator.autocast_bf16``).
+the generator's batch is timed in fp32 and under bf16 autocast (``generator.autocast_bf16``), and
+so is the scorers' reference pass (``scorer.autocast_bf16``), with the bf16 - fp32 difference of its
+log-probs (the noise it adds to the KL penalty).
 
 bf16 mismatch at staleness 0: the raw importance ratio pi_old / mu of the sampled tokens, mu
 the generator's fp32 behaviour log-probs, pi_old the learner's fp32 and bf16 passes over the
@@ -96,6 +98,28 @@ def time_sampling(cfg, policy, tokenizer, *, autocast_bf16: bool) -> float:
     return time.perf_counter() - started
 
 
+def time_reference(reference, scored, pad_id: int, *, autocast_bf16: bool):
+    """Seconds the scorers' reference pass (``scorer.autocast_bf16`` on or off) takes over ``scored``,
+    and its per-rollout ``[T]`` log-probs."""
+    from streamrl.common.reference import reference_logprobs
+
+    started = time.perf_counter()
+    values = reference_logprobs(reference, [s.rollout for s in scored], pad_id=pad_id, autocast_bf16=autocast_bf16)
+    return time.perf_counter() - started, values
+
+
+def reference_mismatch(fp32: list, bf16: list) -> dict:
+    """bf16 minus fp32 reference log-probs (nats): per token (signed mean, mean abs, max abs) and summed
+    over each completion (what the k1 KL penalty of a rollout moves by)."""
+    import numpy as np
+
+    diff = np.concatenate([b - f for b, f in zip(bf16, fp32)]).astype(np.float64)
+    per_completion = np.array([float((b - f).sum()) for b, f in zip(bf16, fp32)])
+    return {"token_mean": float(diff.mean()), "token_abs_mean": float(np.abs(diff).mean()),
+            "token_abs_max": float(np.abs(diff).max()), "completion_mean": float(per_completion.mean()),
+            "completion_std": float(per_completion.std(ddof=1)) if len(per_completion) > 1 else 0.0}
+
+
 def ratio_mismatch(policy, batch, bf16: bool) -> dict:
     """Raw pi_old / mu over the sampled tokens at staleness 0 (same weights sampled them)."""
     import torch
@@ -142,10 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {n: [] for n in names}
     stats: dict[str, dict] = {}
     sampling_s: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    reference_s: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    reference_values: dict[str, list] = {}
     for rep in range(args.repeats):
         for mode in sampling_s:  # the generator's batch of the same prompts, fp32 and under bf16 autocast
             sampling_s[mode].append(time_sampling(cfg, base, tokenizer, autocast_bf16=mode == "bf16"))
             print(f"generator {mode} run {rep + 1}: {sampling_s[mode][-1]:.2f}s", flush=True)
+        for mode in reference_s:  # the scorers' reference pass over the step's rollouts (scorer.autocast_bf16)
+            seconds, reference_values[mode] = time_reference(reference, scored, pad, autocast_bf16=mode == "bf16")
+            reference_s[mode].append(seconds)
+            print(f"scorer reference pass {mode} run {rep + 1}: {seconds:.2f}s", flush=True)
         for name in names:
             v = VARIANTS[name]
             lc = cfg.learner.model_copy(update={k: v[k] for k in ("reuse_first_pass", "bucket_by_length",
@@ -160,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} run {rep + 1}: {times[name][-1]:.2f}s", flush=True)
     summary = {n: median(t) for n, t in times.items()}
     sampling = {mode: median(t) for mode, t in sampling_s.items()}
+    ref_time = {mode: median(t) for mode, t in reference_s.items()}
+    ref_mismatch = reference_mismatch(reference_values["fp32"], reference_values["bf16"])
     env = environment()
     command = command_line()
     rows = len(scored)
@@ -167,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
               "model": cfg.model.path, "rollouts": rows, "minibatches": cfg.learner.minibatches,
               "generate_s": generate_s, "scorer_reference_s": scorer_ref_s, "step_s": summary, "runs": times,
               "stats": stats, "ratio_mismatch_staleness_0": mismatch,
-              "generator_batch_s": sampling, "generator_batch_runs": sampling_s}
+              "generator_batch_s": sampling, "generator_batch_runs": sampling_s,
+              "scorer_reference_pass_s": ref_time, "scorer_reference_pass_runs": reference_s,
+              "reference_bf16_mismatch": ref_mismatch}
     first = summary[names[0]]
     table = markdown_table(["variant", "learner step (s, median)", "vs first", "kl", "ratio max"],
                            [[n, f"{summary[n]:.2f}", f"{first / summary[n]:.2f}x", f"{stats[n]['kl']:.4f}",
@@ -183,7 +217,13 @@ def main(argv: list[str] | None = None) -> int:
                f"Raw importance ratio pi_old/mu at staleness 0 (mu: fp32 sampler):\n\n{mm}\n\n"
                f"The generator's batch ({cfg.generator.prompts_per_batch} prompts x {cfg.generator.group_size} "
                f"completions, median of {args.repeats}): fp32 {sampling['fp32']:.2f}s, under bf16 autocast "
-               f"(`generator.autocast_bf16`) {sampling['bf16']:.2f}s ({sampling['fp32'] / sampling['bf16']:.2f}x).\n")
+               f"(`generator.autocast_bf16`) {sampling['bf16']:.2f}s ({sampling['fp32'] / sampling['bf16']:.2f}x).\n\n"
+               f"The scorers' reference pass over the step's {rows} rollouts (median of {args.repeats}): fp32 "
+               f"{ref_time['fp32']:.2f}s, under bf16 autocast (`scorer.autocast_bf16`) {ref_time['bf16']:.2f}s "
+               f"({ref_time['fp32'] / ref_time['bf16']:.2f}x). bf16 minus fp32 reference log-probs: per token mean "
+               f"{ref_mismatch['token_mean']:+.4f}, mean abs {ref_mismatch['token_abs_mean']:.4f}, max abs "
+               f"{ref_mismatch['token_abs_max']:.3f} nats; summed over a completion (what its k1 KL penalty moves "
+               f"by) {ref_mismatch['completion_mean']:+.3f} +- {ref_mismatch['completion_std']:.3f} (mean +- sd).\n")
     out = write_results("learner_passes", result, section, results_dir=args.results_dir,
                         results_md=args.results_md)
     print(f"wrote {out}")

@@ -617,6 +617,11 @@ class ScorerSection(_Section):
     reference_logprobs: bool = Field(True, description="scorers compute the frozen reference model's per-token "
                                      "log-probs and send them with each rollout, so the learner skips its reference "
                                      "pass (top_p = 1 only; otherwise, or when false, the learner runs it)")
+    autocast_bf16: BF16Setting = Field(False, description="compute the reference log-probs under bf16 autocast "
+                                       "(`true`, `false`, or `auto`: where the device computes bf16 natively): "
+                                       "~1.5x faster reference pass of SmolLM2 on one CPU core; they then carry "
+                                       "bf16 rounding (~0.03 nats per token, `bench/learner_passes.py`), which enters "
+                                       "the KL penalty as zero-mean noise; pair it with `learner.autocast_bf16`")
 
 
 class BufferSection(_Section):

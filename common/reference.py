@@ -37,7 +37,7 @@ def computable(rollout: Rollout) -> bool:
 
 @torch.no_grad()
 def reference_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], *, pad_id: int,
-                       micro_batch: int = 16) -> list[np.ndarray | None]:
+                       micro_batch: int = 16, autocast_bf16: bool = False) -> list[np.ndarray | None]:
     """Log pi_ref(completion token t | prompt, completion[:t]) for every rollout.
 
     Args:
@@ -45,6 +45,8 @@ def reference_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], *, p
         rollouts: the rollouts; rows of one forward pass share a temperature.
         pad_id: the tokenizer's pad id (padding only; it never reaches a real position's output).
         micro_batch: rows per forward pass.
+        autocast_bf16: run the passes under bf16 autocast (``scorer.autocast_bf16``), as the learner's
+            own reference pass does under ``learner.autocast_bf16``; the log-softmax stays float32.
 
     Returns:
         One ``[T]`` float32 array (nats, T = the completion's length) per rollout, in order;
@@ -61,8 +63,10 @@ def reference_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], *, p
     for temperature, rows in by_temperature.items():
         for start in range(0, len(rows), micro_batch):
             chunk = rows[start:start + micro_batch]
-            for i, values in zip(chunk, _forward(model, [rollouts[i] for i in chunk], temperature, pad_id, device)):
-                out[i] = values
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+                values = _forward(model, [rollouts[i] for i in chunk], temperature, pad_id, device)
+            for i, v in zip(chunk, values):
+                out[i] = v
     return out
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from streamrl.common.config import Config
 from streamrl.common.messages import ScoredRollout
-from streamrl.common.models import load_causal_lm, load_tokenizer, resolve_model_path, select_device
+from streamrl.common.models import load_causal_lm, load_tokenizer, resolve_model_path, select_device, use_bf16_autocast
 from streamrl.common.reference import reference_logprobs
 
 
@@ -22,20 +22,23 @@ class ReferencePass:
     """Loads the reference model once and fills ``reference_logprobs`` of scored rollouts.
 
     Args:
-        cfg: the run's config (``model.path``, ``scorer.device``).
+        cfg: the run's config (``model.path``, ``scorer.device``, ``scorer.autocast_bf16``).
     """
 
     def __init__(self, cfg: Config):
         path = resolve_model_path(cfg.model.path, cfg.model.cache_path)
         self.pad_id = load_tokenizer(path).pad_token_id
-        self.model = load_causal_lm(path, device=select_device(cfg.scorer.device)).eval()
+        device = select_device(cfg.scorer.device)
+        self.model = load_causal_lm(path, device=device).eval()
+        self.bf16 = use_bf16_autocast(cfg.scorer.autocast_bf16, device)
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     def fill(self, scored: Sequence[ScoredRollout]) -> float:
         """Set ``reference_logprobs`` of each rollout that can have them; returns the seconds it took."""
         start = time.perf_counter()
-        values = reference_logprobs(self.model, [s.rollout for s in scored], pad_id=self.pad_id)
+        values = reference_logprobs(self.model, [s.rollout for s in scored], pad_id=self.pad_id,
+                                    autocast_bf16=self.bf16)
         for s, v in zip(scored, values):
             s.reference_logprobs = v
         return time.perf_counter() - start

@@ -22,3 +22,8 @@ def test_learner_passes_bench_on_the_tiny_model(tmp_path, tiny_model_dir):
     assert bf16["abs_log_ratio_max"] > fp32["abs_log_ratio_max"]  # bf16 adds its own error
     assert "Learner passes" in (tmp_path / "RESULTS.md").read_text()
     assert set(result["generator_batch_s"]) == {"fp32", "bf16"} and min(result["generator_batch_s"].values()) > 0
+    reference_s = result["scorer_reference_pass_s"]
+    assert set(reference_s) == {"fp32", "bf16"} and min(reference_s.values()) > 0
+    ref = result["reference_bf16_mismatch"]
+    assert 0 < ref["token_abs_mean"] <= ref["token_abs_max"]  # the bf16 pass differs, by rounding only
+    assert abs(ref["token_mean"]) <= ref["token_abs_mean"]

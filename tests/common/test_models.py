@@ -355,7 +355,7 @@ def test_bf16_native_on_this_cpu_matches_onednn():
 def test_autocast_settings_parse_and_a_bad_one_is_refused_with_the_fix(value, expected):
     from streamrl.common.config import ConfigError, load_config
 
-    for section in ("learner", "generator"):
+    for section in ("learner", "generator", "scorer"):
         cfg = load_config(None, [f"{section}.autocast_bf16={value}"])
         assert getattr(cfg, section).autocast_bf16 == expected
         with pytest.raises(ConfigError, match=f'{section}.autocast_bf16: .maybe. is not a bf16 setting; fix: true'):

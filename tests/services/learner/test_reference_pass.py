@@ -72,6 +72,28 @@ def test_scorer_log_probs_equal_the_learners_reference_pass(micro_batch):
         assert s.reference_logprobs.dtype == np.float32 and (s.reference_logprobs <= 1e-6).all()
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="needs a CPU with native bf16")
+def test_scorer_log_probs_under_bf16_autocast_equal_the_learners_bf16_reference_pass():
+    """``scorer.autocast_bf16``: the values are those of the learner's reference pass under its own bf16
+    autocast (``learner.autocast_bf16``), not of the float32 pass."""
+    _, reference = models()
+    items = rollouts()
+    bf16, fp32 = copy.deepcopy(items), copy.deepcopy(items)
+    for out, on in ((bf16, True), (fp32, False)):
+        for s, v in zip(out, reference_logprobs(reference, [s.rollout for s in out], pad_id=PAD, micro_batch=4,
+                                                autocast_bf16=on)):
+            s.reference_logprobs = v
+    batch = collate(bf16, pad_id=PAD)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        learner_bf16 = forward_completions(reference, batch).logprobs
+    mask = batch.mask.bool()
+    from_bf16 = batch.ref_logprobs[mask]
+    from_fp32 = collate(fp32, pad_id=PAD).ref_logprobs[mask]
+    assert (from_bf16 - from_fp32).abs().max() > 1e-4  # the autocast is on
+    torch.testing.assert_close(from_bf16, learner_bf16[mask].float(), atol=1e-3, rtol=0)
+    assert (from_bf16 - learner_bf16[mask]).abs().max() < (from_bf16 - from_fp32).abs().max()
+
+
 @pytest.mark.parametrize("kl_penalty", ["reward", "loss"])
 @pytest.mark.parametrize("advantage", ["grpo", "gae"])
 def test_kl_penalty_and_step_equal_with_and_without_the_scorers_values(kl_penalty, advantage):
