@@ -194,8 +194,10 @@ def render(result: dict, env: dict, command: str) -> str:
         markdown_table(["system", "samples trained", "samples/s (from launch)", "samples/s (after step 1)",
                         "held-out reward", "change vs initial", "KL to ref (nats/completion)"], rows),
         "",
-        "Precision: ours learner {ours_learner}, generator {ours_generator}; TRL {trl}.".format(
-            **result.get("precision", {"ours_learner": "fp32", "ours_generator": "fp32", "trl": "fp32"})),
+        "Precision: ours learner {ours_learner}, generator {ours_generator}, scorer's reference pass "
+        "{ours_reference}; TRL {trl}.".format(
+            **({"ours_learner": "fp32", "ours_generator": "fp32", "ours_reference": "fp32", "trl": "fp32"}
+               | result.get("precision", {}))),
         "",
         f"Ratios ours/TRL: samples/s {r['samples_per_s']:.2f} (steady {r['steady_samples_per_s']:.2f}); "
         f"held-out reward gain {r['reward_gain']:.2f}.",
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trl-python", type=Path, default=TRL_VENV / "bin" / "python")
     parser.add_argument("--trl-bf16", action="store_true",
                         help="TRL trains and generates under bf16 autocast (GRPOConfig bf16), like our "
-                             "learner.autocast_bf16 / generator.autocast_bf16")
+                             "learner.autocast_bf16 / generator.autocast_bf16 / scorer.autocast_bf16")
     parser.add_argument("--eval-samples", type=int, default=4)
     parser.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts (default: all)")
     parser.add_argument("--max-seconds", type=float, default=None,
@@ -269,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
               "precision": {"ours_learner": "bf16 autocast" if use_bf16_autocast(lc.autocast_bf16, cpu)
                             else "fp32",
                             "ours_generator": "bf16 autocast" if use_bf16_autocast(gen.autocast_bf16, cpu)
+                            else "fp32",
+                            "ours_reference": "bf16 autocast" if use_bf16_autocast(cfg.scorer.autocast_bf16, cpu)
                             else "fp32",
                             "trl": "bf16 autocast" if args.trl_bf16 else "fp32"},
               "rollouts_per_step": lc.groups_per_step * gen.group_size, "group_size": gen.group_size,
