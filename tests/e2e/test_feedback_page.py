@@ -120,10 +120,15 @@ def test_labels_from_a_real_browser_reach_the_database_and_hhat(tmp_path, tiny_m
         first.find_element(By.CSS_SELECTOR, "button.rate-up").click()
         wait.until(lambda d: "label #" in d.find_element(By.CSS_SELECTOR,
                                                          f'li[data-id="{clicked_id}"] .verdict').text)
-        # a keyboard shortcut on another card: select it, then "-"
-        second = driver.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")[2]
+        # a keyboard shortcut on another card: select it, let fresh rollouts arrive above it, then "-"
+        # (the selection follows the rollout: it once stayed at its position and "-" rated another card)
+        cards = driver.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")
+        top, second = cards[0].get_attribute("data-id"), cards[2]
         keyed_id = second.get_attribute("data-id")
         second.find_element(By.CSS_SELECTOR, ".completion").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")[0].get_attribute("data-id")
+                   != top)
+        assert "selected" in driver.find_element(By.CSS_SELECTOR, f'li[data-id="{keyed_id}"]').get_attribute("class")
         driver.find_element(By.TAG_NAME, "body").send_keys("-")
         wait.until(lambda d: "label #" in d.find_element(By.CSS_SELECTOR,
                                                          f'li[data-id="{keyed_id}"] .verdict').text)

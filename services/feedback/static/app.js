@@ -3,7 +3,7 @@
 "use strict";
 
 const MAX_SHOWN = 100;
-const state = { csrf: null, cursor: 0, items: [], selected: 0, compare: null, timers: [] };
+const state = { csrf: null, cursor: 0, items: [], selected: 0, selectedId: null, compare: null, timers: [] };
 const $ = (id) => document.getElementById(id);
 
 async function api(method, path, body) {
@@ -72,12 +72,16 @@ function render() {
   for (const item of fresh.reverse()) list.insertBefore(card(item), list.firstChild);
   while (list.children.length > MAX_SHOWN) list.removeChild(list.lastChild);
   state.items = state.items.slice(0, MAX_SHOWN);
-  select(Math.min(state.selected, state.items.length - 1));
+  // the selection follows its rollout, not its position: fresh cards are inserted above it, and a
+  // key pressed after a poll must still label the card the labeller selected
+  const kept = state.items.findIndex((x) => x.rollout_id === state.selectedId);
+  select(kept >= 0 ? kept : Math.min(state.selected, state.items.length - 1));
 }
 
 function select(index) {
   if (index < 0) return;
   state.selected = index;
+  state.selectedId = state.items[index] ? state.items[index].rollout_id : null;
   Array.from($("rollouts").children).forEach((li, i) => li.classList.toggle("selected", i === index));
 }
 
