@@ -178,6 +178,11 @@ class RunSection(_Section):
         "behind the newest; the buffer drops rollouts older than eta at batch time; 0 = on-policy",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level of every service")
+    cpu_placement: Literal["none", "learner_owns_cores"] = Field(
+        "none", description="`learner_owns_cores`: each learner rank is pinned to `learner.threads` cores of its own "
+        "and every other service on the host to the remaining cores, so sampling and scoring never take the "
+        "learner's core (`common/placement.py`; per host: keep `none` on hosts without a learner); `none`: the "
+        "operating system schedules")
 
     @model_validator(mode="after")
     def _default_output_dir(self) -> "RunSection":

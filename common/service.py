@@ -23,6 +23,7 @@ import zmq
 from streamrl.common.config import Config, ConfigError, load_config
 from streamrl.common.errors import StartupRefused
 from streamrl.common.metrics import ServiceMetrics
+from streamrl.common.placement import place_process
 from streamrl.common.runlock import RunFolderLocked, RunLock
 from streamrl.common.security import Security, SecurityError, open_security
 
@@ -188,6 +189,9 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
         level=config.run.log_level,
         format=f"%(asctime)s {instance} %(levelname)s %(name)s: %(message)s",
     )
+    # before any thread of ours starts (metrics server, ZeroMQ I/O): they inherit the cores
+    place_process(service, config.run.cpu_placement, learner_threads=config.learner.threads,
+                  learner_ranks=config.learner.world_size)
     folder = owned_folder(config, service)
     try:  # before anything reads the folder (the buffer's journal recovery, the learner's resume)
         run_lock = RunLock(folder, service) if folder is not None else None
