@@ -106,14 +106,15 @@ def test_the_config_map_is_the_default_job_with_cluster_addresses(rendered):
     assert data == tomllib.loads((K8S / "base" / "streamrl.toml").read_text()) | {"security": data["security"]}
     default = load_config(REPO / "deploy" / "configs" / "default.toml")
     job, ours = default.model_dump(mode="json"), cluster.model_dump(mode="json")
-    placement = {("run", "output_dir"), ("buffer", "journal_dir"), ("metrics", "host")}
+    # where things run: the pods' volumes and interfaces; no CPU pinning (a pod's scheduler owns its CPUs)
+    placement = {("run", "output_dir"), ("buffer", "journal_dir"), ("metrics", "host"), ("run", "cpu_placement")}
     for section, key in placement:
         job[section].pop(key), ours[section].pop(key)
     for section in ("endpoints", "security"):
         job.pop(section), ours.pop(section)
     assert ours == job  # same model, prompts (the packaged file), rewards, algorithm, sizes
     assert cluster.run.output_dir == "/data/run" and cluster.buffer.journal_dir == "/data/journal"
-    assert cluster.metrics.host == "0.0.0.0"
+    assert cluster.metrics.host == "0.0.0.0" and cluster.run.cpu_placement == "none"
 
 
 def test_endpoints_ports_and_probes_agree_with_the_services(rendered):
