@@ -49,7 +49,6 @@ def sample_batch(cfg, policy, tokenizer, reference):
     reference log-probs the scorers would attach."""
     from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
     from streamrl.common.prompts import load_prompts, split_prompts
-    from streamrl.common.reference import reference_logprobs
     from streamrl.services.generator.sampling import prepare_prompts, sample_completions
     from streamrl.services.scorer.rewards import build_reward
 
@@ -74,11 +73,10 @@ def sample_batch(cfg, policy, tokenizer, reference):
                 behaviour_logprobs=c.logprobs, policy_version=0, finish_reason=FinishReason.LENGTH,
                 sampling=sampling)))
     with_ref = copy.deepcopy(scored)
-    started = time.perf_counter()
-    for s, v in zip(with_ref, reference_logprobs(reference, [s.rollout for s in with_ref],
-                                                 pad_id=tokenizer.pad_token_id)):
+    reference_s, values = time_reference(reference, with_ref, tokenizer.pad_token_id, autocast_bf16=False)
+    for s, v in zip(with_ref, values):
         s.reference_logprobs = v
-    return scored, with_ref, generate_s, time.perf_counter() - started
+    return scored, with_ref, generate_s, reference_s
 
 
 def time_sampling(cfg, policy, tokenizer, *, autocast_bf16: bool) -> float:

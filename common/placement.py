@@ -55,7 +55,16 @@ def placement(service: str, cpus: list[int], *, learner_threads: int, learner_ra
 
 
 def place_process(service: str, mode: str, *, learner_threads: int, learner_ranks: int) -> list[int] | None:
-    """Apply ``run.cpu_placement`` = ``mode`` to this process (all its threads).
+    """Apply ``run.cpu_placement`` = ``mode`` to this process (all its threads), by :func:`placement`.
+
+    Args:
+        service: this process's service name (``learner``, ``generator``, ...).
+        mode: ``none`` or ``learner_owns_cores``.
+        learner_threads: ``learner.threads``.
+        learner_ranks: ``learner.world_size``.
+
+    Raises:
+        OSError: the kernel refused the affinity (e.g. a core outside this process's cgroup cpuset).
 
     Returns:
         The cores it now runs on, or None when it was left to the scheduler (``mode = "none"``,
