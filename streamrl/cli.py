@@ -179,13 +179,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     """``sft`` / ``rm``: run one offline training stage of the RLHF pipeline from its config section."""
-    from streamrl.finetune import StageError
+    from streamrl.stages.finetune import StageError
 
     config = _load(args)
     if args.command == "sft":
-        from streamrl.sft import run_sft as run_stage
+        from streamrl.stages.sft import run_sft as run_stage
     else:
-        from streamrl.reward_model import run_rm as run_stage
+        from streamrl.stages.reward_model import run_rm as run_stage
     try:
         summary = run_stage(config, force=args.force, log=lambda line: print(line, flush=True))
     except StageError as err:

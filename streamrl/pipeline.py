@@ -2,9 +2,9 @@
 
 Stages, in order, each resumable (a complete stage is skipped when the command runs again):
 
-1. ``sft``: :func:`streamrl.sft.run_sft` (``[sft]``): the policy PPO starts from and is held to
+1. ``sft``: :func:`streamrl.stages.sft.run_sft` (``[sft]``): the policy PPO starts from and is held to
    (``model.path`` must be its output folder).
-2. ``rm``: :func:`streamrl.reward_model.run_rm` (``[rm]``); with ``rm.gold = true`` a proxy and a
+2. ``rm``: :func:`streamrl.stages.reward_model.run_rm` (``[rm]``); with ``rm.gold = true`` a proxy and a
    gold reward model on disjoint halves of the training pairs (Gao et al. 2022). PPO's reward
    (``[[scorer.rewards]]``) must be the proxy (or, without ``gold``, the reward model).
 3. ``eval_before``: the SFT policy on the held-out prompts (``[eval]``): the training reward (the
@@ -125,7 +125,7 @@ def _evaluation(config: Config, stage: str, model: str, folder: Path, *, force: 
 
 def _offline_stage(name: str, run: Callable, config: Config, folder: Path, *, force: bool,
                    log: Callable[[str], None]) -> tuple[dict, bool]:
-    from streamrl.finetune import StageError, stage_done
+    from streamrl.stages.finetune import StageError, stage_done
 
     skipped = stage_done(folder) is not None and not force
     try:
@@ -176,9 +176,9 @@ def run_pipeline(config_path: str | Path, overrides: list[str] | None = None, *,
         PipelineError: an invalid config, stages not wired together, or a stage that failed.
     """
     from streamrl.evaluation import compare
-    from streamrl.reward_model import run_rm
+    from streamrl.stages.reward_model import run_rm
     from streamrl.services.learner.checkpoint import latest_checkpoint
-    from streamrl.sft import run_sft
+    from streamrl.stages.sft import run_sft
 
     overrides = list(overrides or [])
     config = _load(config_path, overrides)

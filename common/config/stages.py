@@ -13,7 +13,7 @@ from streamrl.common.modes import Device
 
 
 class StageData(_Section):
-    """Training data of ``streamrl sft`` / ``streamrl rm`` (layouts: :mod:`streamrl.rlhf_data`)."""
+    """Training data of ``streamrl sft`` / ``streamrl rm`` (layouts: :mod:`streamrl.stages.rlhf_data`)."""
 
     path: Optional[str] = Field(None, description="`.jsonl`, `.jsonl.gz` or `.parquet`: prompt+response, "
                                 "messages, prompt+chosen+rejected, hh-rlhf chosen+rejected dialogues or "
