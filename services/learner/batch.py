@@ -157,7 +157,7 @@ def collate(rollouts: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
     tokens, mask = rows.tokens, rows.mask
     behaviour, _ = pad_right([s.rollout.behaviour_logprobs for s in rollouts], value=0.0, dtype=torch.float32)
     ref = None
-    if all(s.reference_logprobs is not None for s in rollouts):  # computed by the scorers (issue 11)
+    if all(s.reference_logprobs is not None for s in rollouts):  # computed by the scorers
         ref, _ = pad_right([s.reference_logprobs for s in rollouts], value=0.0, dtype=torch.float32,
                            width=tokens.shape[1])
     group_index: dict[str, int] = {}

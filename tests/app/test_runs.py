@@ -1,4 +1,4 @@
-"""Reruns that never surprise (issue 13 item 5): a folder holding a run is refused without --resume or
+"""Reruns that never surprise: a folder holding a run is refused without --resume or
 --fresh, --resume continues (or says it has nothing to do), --fresh moves the old run away, and every
 launch records its resolved config, command line, versions and git commit."""
 
