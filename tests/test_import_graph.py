@@ -168,7 +168,8 @@ def test_a_cycle_through_a_function_level_import_is_caught():
                                     "    from streamrl.common.b import x\n", False)
     assert cycles(import_graph(sources)) == []
     sources["streamrl.common.pkg.inner"] = ("from streamrl.common.pkg import z\n", False)  # its own package
-    assert cycles(import_graph(sources)) == [("streamrl.common.pkg", "streamrl.common.pkg.inner", "streamrl.common.pkg")]
+    assert cycles(import_graph(sources)) == [
+        ("streamrl.common.pkg", "streamrl.common.pkg.inner", "streamrl.common.pkg")]
 
 
 @pytest.mark.parametrize("module, planted, rule", [
