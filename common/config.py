@@ -911,7 +911,11 @@ class FeedbackSection(_Section):
                                        "often, seconds (late subscribers get it)")
     recent_rollouts: int = Field(2000, ge=10, description="streamed rollouts kept in memory for the page")
     session_ttl_s: float = Field(8 * 3600.0, gt=0, description="a labeller's browser session lasts this long, "
-                                 "seconds")
+                                 "seconds (it ends at once when the labeller is revoked)")
+    label_rate_per_s: float = Field(5.0, gt=0, description="labels per second one labeller may store on average; "
+                                    "beyond it the API answers 429 with Retry-After")
+    label_burst: int = Field(20, ge=1, description="labels one labeller may store in a burst above "
+                             "`label_rate_per_s`")
 
     def database_path(self, output_dir: str) -> Path:
         """``database``, default ``<output_dir>/feedback/labels.sqlite3``."""

@@ -80,7 +80,8 @@ class FeedbackService:
         self.inbox = Inbox(ctx.metrics, [ScoredRollout], max_bytes=t.max_message_bytes, socket_name="feed")
         self.http_socket = self._bind_http()
         tls = fb.tls_cert is not None
-        app = create_app(self, session_ttl_s=fb.session_ttl_s, secure_cookies=tls)
+        app = create_app(self, session_ttl_s=fb.session_ttl_s, secure_cookies=tls, label_rate_per_s=fb.label_rate_per_s,
+                         label_burst=fb.label_burst)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 ssl_certfile=fb.tls_cert, ssl_keyfile=fb.tls_key, timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
@@ -206,6 +207,10 @@ class FeedbackService:
     def labeller_for_token(self, token: str) -> str | None:
         """The enabled labeller whose token this is, else None."""
         return self.store.labeller_for_token(token)
+
+    def labeller_enabled(self, name: str) -> bool:
+        """True while ``name`` is an enabled labeller (a browser session of a revoked one ends)."""
+        return self.store.labeller_enabled(name)
 
     def recent(self, after: int, limit: int) -> list[dict]:
         """The newest ``limit`` rollouts that streamed in after ``after`` (JSON-ready)."""

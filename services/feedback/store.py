@@ -81,6 +81,13 @@ CREATE TABLE IF NOT EXISTS models (
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+VOTE = "labeller, kind, min(rollout_id, COALESCE(other_rollout_id, '')), max(rollout_id, COALESCE(other_rollout_id, ''))"
+"""What one vote is about: a labeller's rating of a rollout, or their pick within an unordered pair."""
+ONE_VOTE = f"CREATE UNIQUE INDEX IF NOT EXISTS labels_one_vote ON labels({VOTE})"
+"""At most one stored label per vote: a new rating of the same rollout (or a new pick within the
+same pair) by the same labeller replaces the old one, so one labeller repeating a label cannot
+outweigh the others in H-hat's fit."""
+
 LABELLER_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 """Allowed labeller names: 1-64 letters, digits and ``_ . @ -``."""
 
@@ -130,6 +137,11 @@ class LabelStore:
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.executescript(SCHEMA)
+        with self._lock:  # a database written before one vote per labeller: keep each vote's newest label
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(f"DELETE FROM labels WHERE id NOT IN (SELECT MAX(id) FROM labels GROUP BY {VOTE})")
+            self._db.execute(ONE_VOTE)
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         """Checkpoint the WAL and close."""
@@ -186,6 +198,11 @@ class LabelStore:
                 return name
         return None
 
+    def labeller_enabled(self, name: str) -> bool:
+        """True while ``name`` exists and is not revoked (read from the database: a revocation by
+        another process, e.g. the admin command, counts at once)."""
+        return bool(self._read("SELECT 1 FROM labellers WHERE name = ? AND disabled = 0", (name,)))
+
     def labellers(self) -> list[str]:
         """Names of the enabled labellers."""
         return [name for (name,) in self._read("SELECT name FROM labellers WHERE disabled = 0 ORDER BY name")]
@@ -206,6 +223,9 @@ class LabelStore:
     def add_label(self, *, labeller: str, kind: str, scored: ScoredRollout, value: int,
                   other: ScoredRollout | None = None, model_version: int, seen_at: float) -> tuple[int, float]:
         """Store one label and the rollout(s) it refers to, in one transaction (committed on return).
+
+        One vote per labeller: the labeller's earlier rating of the same rollout (or earlier pick
+        within the same pair, either way round) is replaced; the new label gets a new, larger id.
 
         Args:
             labeller: an existing labeller's name.
@@ -229,6 +249,8 @@ class LabelStore:
                 self._keep_rollout(scored, seen_at)
                 if other is not None:
                     self._keep_rollout(other, seen_at)
+                ids = sorted((scored.rollout.rollout_id, other.rollout.rollout_id if other is not None else ""))
+                self._db.execute(f"DELETE FROM labels WHERE ({VOTE}) = (?, ?, ?, ?)", (labeller, kind, *ids))
                 cursor = self._db.execute(
                     "INSERT INTO labels (created_at, labeller, kind, rollout_id, other_rollout_id, value, "
                     "policy_version, other_policy_version, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
