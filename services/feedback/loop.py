@@ -29,7 +29,7 @@ import zmq
 
 from streamrl.common.config import is_local_endpoint
 from streamrl.common.errors import StartupRefused
-from streamrl.common.human import reference_features
+from streamrl.common.human import beta_at, reference_features
 from streamrl.common.messages import HumanModel, ScoredRollout
 from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path
 from streamrl.common.service import ServiceContext
@@ -69,6 +69,7 @@ class FeedbackService:
         self.pending: list[tuple[int, float]] = []  # (label id, committed at) not yet in a published version
         self.wake = threading.Event()
         self.last_fit = 0.0
+        self.logged_below = 0  # label count last logged while below min_labels (logged once per change)
         path = resolve_model_path(cfg.model.path, cfg.model.cache_path)
         self.tokenizer = load_tokenizer(path)
         self.reference = load_causal_lm(path, device=torch.device("cpu")).eval()
@@ -162,7 +163,8 @@ class FeedbackService:
             missing = self.store.rollouts_without_features()
         rows = self.store.training_labels(self.fb.max_labels)
         if len(rows) < self.fb.min_labels:
-            if rows:
+            if rows and len(rows) != self.logged_below:
+                self.logged_below = len(rows)
                 log.info("%d label(s) so far; H-hat is first fit at feedback.min_labels = %d", len(rows),
                          self.fb.min_labels)
             with self.lock:
@@ -267,17 +269,24 @@ class FeedbackService:
                 "rejected": rejected, "created_at": at, "model_version": self.version}
 
     def status(self) -> dict:
-        """Labels, H-hat version, influence switch, combination and the reward by policy version."""
+        """Labels, H-hat version, influence switch, combination, beta_0 (``beta``) and the current
+        beta_t = beta * beta_decay^t (``beta_t``, t = the newest policy version streamed in, the
+        learner's step), and the reward and beta_t by policy version."""
         with self.lock:
             series = self.rollouts.reward_series()
             received = self.rollouts.seq
             active = self.active
         labels_in_model = self.message.labels if self.message is not None else 0
+        fb = self.fb
+        newest = series[-1]["version"] if series else 0
+        beta_by_version = [{"version": p["version"], "beta": beta_at(fb.beta, fb.beta_decay, p["version"])}
+                           for p in series]
         return {"labels": self.store.count_labels(), "labels_by_labeller": self.store.labels_by_labeller(),
                 "human_model_version": self.version, "labels_in_model": labels_in_model,
-                "influence_active": active, "combination": self.fb.combination.value, "beta": self.fb.beta,
-                "beta_decay": self.fb.beta_decay, "eligibility": self.fb.eligibility,
-                "rollouts_received": received, "reward_by_version": series}
+                "influence_active": active, "combination": fb.combination.value, "beta": fb.beta,
+                "beta_t": beta_at(fb.beta, fb.beta_decay, newest), "policy_version": newest,
+                "beta_decay": fb.beta_decay, "eligibility": fb.eligibility, "rollouts_received": received,
+                "reward_by_version": series, "beta_by_version": beta_by_version}
 
     def set_influence(self, labeller: str, active: bool) -> dict:
         """Start or pause the human influence (stored; re-published at once)."""

@@ -103,23 +103,31 @@ async function poll() {
   }
 }
 
-function drawChart(series) {
-  const svg = $("reward-chart");
+// a line of series[i][key] by policy version in the <svg> `id`; returns the newest point (or undefined)
+function drawLine(id, series, key, floor) {
+  const svg = $(id);
   while (svg.firstChild) svg.removeChild(svg.firstChild);
-  if (!series.length) return;
-  const values = series.map((p) => p.reward_mean);
-  const lo = Math.min(...values), hi = Math.max(...values);
+  if (!series.length) return undefined;
+  const values = series.map((p) => p[key]);
+  const lo = floor === undefined ? Math.min(...values) : floor, hi = Math.max(...values);
   const span = hi - lo || 1;
   const points = series.map((p, i) => {
     const x = series.length === 1 ? 240 : (i / (series.length - 1)) * 476 + 2;
-    const y = 76 - ((p.reward_mean - lo) / span) * 72;
+    const y = 76 - ((p[key] - lo) / span) * 72;
     return `${x.toFixed(1)},${y.toFixed(1)}`;
   });
   const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
   line.setAttribute("points", points.join(" "));
   svg.appendChild(line);
-  const last = series[series.length - 1];
-  $("reward-last").textContent = `v${last.version}: mean reward ${last.reward_mean.toFixed(3)} (${last.rollouts} rollouts)`;
+  return series[series.length - 1];
+}
+
+function drawCharts(status) {
+  const reward = drawLine("reward-chart", status.reward_by_version, "reward_mean");
+  $("reward-last").textContent = reward
+    ? `v${reward.version}: mean reward ${reward.reward_mean.toFixed(3)} (${reward.rollouts} rollouts)` : "";
+  const beta = drawLine("beta-chart", status.beta_by_version, "beta", 0);
+  $("beta-last").textContent = beta ? `v${beta.version}: beta_t ${beta.beta.toFixed(3)}` : "";
 }
 
 async function refreshStatus() {
@@ -131,7 +139,10 @@ async function refreshStatus() {
     $("seen").textContent = String(s.rollouts_received);
     $("combination").textContent = s.combination;
     $("influence").textContent = s.influence_active ? "on" : "paused";
-    drawChart(s.reward_by_version);
+    $("beta-t").textContent = s.beta_t.toFixed(3);
+    $("beta-version").textContent = String(s.policy_version);
+    $("beta-0").textContent = String(s.beta);
+    drawCharts(s);
   } catch (e) {
     if (e.status === 401) showLogin();
   }
