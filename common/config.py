@@ -885,8 +885,12 @@ class FeedbackSection(_Section):
                                     "labellers' token hashes and H-hat versions",
                                     json_schema_extra={**LOCAL_PATH,
                                                        "default_text": "`<run.output_dir>/feedback/labels.sqlite3`"})
-    combination: HumanCombination = Field(HumanCombination.NONE, description="TAMER+RL technique: `none` (collect "
-                                          "labels only), `reward_shaping` (R + beta_t * H-hat in the learner), "
+    combination: HumanCombination = Field(HumanCombination.NONE, description="TAMER+RL technique (Knox & Stone "
+                                          "2010): `none` (collect labels only), `reward_shaping` (R + beta_t * H-hat "
+                                          "in the learner), `q_augmentation` (beta_t * H-hat added to each rollout's "
+                                          "advantage after its baseline; reward and critic stay R's), "
+                                          "`action_biasing` (generators keep one of K candidates with probability "
+                                          "softmax(beta_t * H-hat), the learner reweights it exactly), "
                                           "`control_sharing` (generators keep H-hat's best of K candidates with "
                                           "probability min(beta_t, 1))")
     beta: float = Field(1.0, ge=0, description="beta_0 of the combination weight beta_t = beta * beta_decay^t "
@@ -901,7 +905,7 @@ class FeedbackSection(_Section):
     eligibility_anchors: int = Field(256, ge=1, description="most recent labelled rollouts kept as eligibility "
                                      "anchors")
     candidates: int = Field(4, ge=2, description="K completions sampled per kept completion under "
-                            "`control_sharing`")
+                            "`action_biasing` and `control_sharing`")
     l2: float = Field(0.01, gt=0, description="L2 penalty of H-hat's linear head")
     min_labels: int = Field(4, ge=1, description="labels needed before the first H-hat version is published")
     max_labels: int = Field(20000, ge=1, description="H-hat is refit on the most recent labels, at most this many")
@@ -1320,7 +1324,8 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
       holding a model.
     - buffer: the journal folder can be created (when ``buffer.journal`` is on).
     - feedback (when enabled): ``model.path`` (H-hat's features), the database folder can be created,
-      TLS files exist; scorer with ``feedback.combination = "reward_shaping"``: ``model.path`` too.
+      TLS files exist; scorer with ``feedback.combination = "reward_shaping"`` or ``"q_augmentation"``:
+      ``model.path`` too.
 
     ``streamrl check`` runs it for every service, each service process for itself at
     start-up (through :func:`load_config`'s ``resources``), so both say the same thing.
@@ -1374,8 +1379,8 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
             value = getattr(cfg.feedback, key)
             if value is not None:
                 problems.append(_file_problem(f"feedback.{key}", value, "PEM file"))
-    if "scorer" in services and cfg.feedback.combination is HumanCombination.REWARD_SHAPING:
-        problems += _model_problems(cfg.model)  # the scorer computes H-hat's features for reward shaping
+    if "scorer" in services and cfg.feedback.combination.scores_rollouts:
+        problems += _model_problems(cfg.model)  # the scorer computes H-hat's features
     return list(dict.fromkeys(p for p in problems if p))
 
 
