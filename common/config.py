@@ -916,6 +916,12 @@ class FeedbackSection(_Section):
     recent_rollouts: int = Field(2000, ge=10, description="streamed rollouts kept in memory for the page")
     session_ttl_s: float = Field(8 * 3600.0, gt=0, description="a labeller's browser session lasts this long, "
                                  "seconds (it ends at once when the labeller is revoked)")
+    credit_delay_min_s: float = Field(0.0, ge=0, description="TAMER credit assignment: a rating's credit is "
+                                      "shared evenly by the rated rollout and those that streamed in between "
+                                      "`credit_delay_max_s` and this many seconds before it (a person's reaction "
+                                      "delay)")
+    credit_delay_max_s: float = Field(0.0, ge=0, description="upper end of the reaction-delay window, seconds; 0 = "
+                                      "off (the rated rollout takes all the credit)")
     label_rate_per_s: float = Field(5.0, gt=0, description="labels per second one labeller may store on average; "
                                     "beyond it the API answers 429 with Retry-After")
     label_burst: int = Field(20, ge=1, description="labels one labeller may store in a burst above "
@@ -1044,6 +1050,9 @@ def _feedback_problems(cfg: Config) -> list[str]:
     problems = []
     if (fb.tls_cert is None) != (fb.tls_key is None):
         problems.append("feedback.tls_cert: HTTPS needs both tls_cert and tls_key; fix: set both or neither")
+    if fb.credit_delay_max_s and fb.credit_delay_min_s >= fb.credit_delay_max_s:
+        problems.append(f"feedback.credit_delay_min_s: {fb.credit_delay_min_s} is not below credit_delay_max_s = "
+                        f"{fb.credit_delay_max_s}; fix: set min < max (e.g. 1 and 3), or max = 0 to turn it off")
     loopback = fb.http_host == "localhost" or _is_loopback_host(fb.http_host)
     if not loopback and fb.tls_cert is None and not cfg.security.allow_insecure:
         problems.append(f"feedback.http_host: {fb.http_host} is not a loopback address, and without TLS the "

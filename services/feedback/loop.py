@@ -245,11 +245,27 @@ class FeedbackService:
         """
         seen = self._known(rollout_id)
         label_id, at = self.store.add_label(labeller=labeller, kind="rating", scored=seen.scored, value=value,
-                                            model_version=self.version, seen_at=seen.seen_at)
+                                            model_version=self.version, seen_at=seen.seen_at,
+                                            credit=self._credit(seen, time.time()))
         self._stored(label_id, at, "rating")
         return {"label_id": label_id, "kind": "rating", "labeller": labeller, "rollout_id": rollout_id,
                 "value": value, "policy_version": seen.scored.rollout.policy_version, "created_at": at,
                 "model_version": self.version}
+
+    def _credit(self, rated, now: float) -> list[tuple[ScoredRollout, float, float]]:
+        """TAMER's credit assignment of a rating given at ``now``: shared evenly by the rated rollout and
+        the rollouts that streamed in between ``credit_delay_max_s`` and ``credit_delay_min_s`` seconds
+        before it (what the person saw within their reaction delay); empty (all on the rated one) when
+        the window is off or holds nothing else. Returns ``(rollout, seen_at, weight)``, weights summing to 1."""
+        fb = self.fb
+        if not fb.credit_delay_max_s:
+            return []
+        with self.lock:
+            shown = self.rollouts.shown_between(now - fb.credit_delay_max_s, now - fb.credit_delay_min_s)
+        credited = [rated] + [s for s in shown if s.scored.rollout.rollout_id != rated.scored.rollout.rollout_id]
+        if len(credited) == 1:
+            return []
+        return [(s.scored, s.seen_at, 1.0 / len(credited)) for s in credited]
 
     def prefer(self, labeller: str, chosen: str, rejected: str) -> dict:
         """Store a pairwise pick of two completions of one group (committed before returning).

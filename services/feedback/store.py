@@ -9,6 +9,9 @@ Tables:
 * ``labels``: who (labeller), when (Unix seconds), which rollout(s), which policy version(s),
   which H-hat version the labeller saw; ``kind`` ``rating`` (value +1 / -1) or
   ``preference`` (``rollout_id`` preferred over ``other_rollout_id``, value 1).
+* ``credits``: how a rating's credit is shared (TAMER's credit assignment over the reaction
+  delay): (label, rollout, weight), the weights of one label summing to 1; a rating without
+  rows here credits its rated rollout alone.
 * ``models``: every H-hat version published (labels used, last label id, training loss).
 * ``settings``: ``influence_active`` (the page's start / pause of the human influence).
 
@@ -28,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -71,6 +74,12 @@ CREATE TABLE IF NOT EXISTS labels (
         OR (kind = 'preference' AND value = 1 AND other_rollout_id IS NOT NULL AND other_rollout_id != rollout_id))
 );
 CREATE INDEX IF NOT EXISTS labels_rollout ON labels(rollout_id);
+CREATE TABLE IF NOT EXISTS credits (
+    label_id INTEGER NOT NULL REFERENCES labels(id) ON DELETE CASCADE,
+    rollout_id TEXT NOT NULL REFERENCES rollouts(rollout_id),
+    weight REAL NOT NULL CHECK (weight > 0 AND weight <= 1),
+    PRIMARY KEY (label_id, rollout_id)
+);
 CREATE TABLE IF NOT EXISTS models (
     version INTEGER PRIMARY KEY,
     created_at REAL NOT NULL,
@@ -108,6 +117,9 @@ class LabelRow:
         value: +1 / -1 for a rating, 1 for a preference.
         features: ``[D]`` float32 of ``rollout_id`` (None until computed).
         other_features: ``[D]`` float32 of ``other_rollout_id`` (preferences), else None.
+        credit: a rating whose credit is shared: ``[(features [D] float32, weight)]`` of every
+            credited rollout (the rated one included; weights sum to 1), else None (all on
+            ``features``).
     """
 
     id: int
@@ -116,6 +128,7 @@ class LabelRow:
     value: int
     features: np.ndarray | None
     other_features: np.ndarray | None
+    credit: list[tuple[np.ndarray, float]] | None = None
 
 
 class LabelStore:
@@ -221,7 +234,8 @@ class LabelStore:
              seen_at))
 
     def add_label(self, *, labeller: str, kind: str, scored: ScoredRollout, value: int,
-                  other: ScoredRollout | None = None, model_version: int, seen_at: float) -> tuple[int, float]:
+                  other: ScoredRollout | None = None, model_version: int, seen_at: float,
+                  credit: Sequence[tuple[ScoredRollout, float, float]] = ()) -> tuple[int, float]:
         """Store one label and the rollout(s) it refers to, in one transaction (committed on return).
 
         One vote per labeller: the labeller's earlier rating of the same rollout (or earlier pick
@@ -235,6 +249,8 @@ class LabelStore:
             other: the rejected rollout of a preference.
             model_version: the H-hat version in force when the label was given.
             seen_at: when the rollout streamed in (Unix seconds).
+            credit: a rating's shared credit, ``(rollout, seen_at, weight)`` per credited rollout
+                (the rated one included, weights summing to 1); empty: all on ``scored``.
 
         Returns:
             ``(label id, created_at)``.
@@ -257,6 +273,10 @@ class LabelStore:
                     (now, labeller, kind, scored.rollout.rollout_id,
                      other.rollout.rollout_id if other is not None else None, value, scored.rollout.policy_version,
                      other.rollout.policy_version if other is not None else None, model_version))
+                for credited, credited_seen_at, weight in credit:
+                    self._keep_rollout(credited, credited_seen_at)
+                    self._db.execute("INSERT INTO credits (label_id, rollout_id, weight) VALUES (?, ?, ?)",
+                                     (cursor.lastrowid, credited.rollout.rollout_id, weight))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -293,14 +313,21 @@ class LabelStore:
             self._db.execute("COMMIT")
 
     def training_labels(self, limit: int) -> list[LabelRow]:
-        """The newest ``limit`` labels whose rollouts all have features, oldest first."""
+        """The newest ``limit`` labels whose rollouts (credited ones included) all have features, oldest first."""
         rows = self._read(
             "SELECT l.id, l.created_at, l.kind, l.value, a.features, b.features FROM labels l "
             "JOIN rollouts a ON a.rollout_id = l.rollout_id LEFT JOIN rollouts b ON b.rollout_id = l.other_rollout_id "
             "WHERE a.features IS NOT NULL AND (l.other_rollout_id IS NULL OR b.features IS NOT NULL) "
-            "ORDER BY l.id DESC LIMIT ?", (limit,))
+            "AND NOT EXISTS (SELECT 1 FROM credits c JOIN rollouts r ON r.rollout_id = c.rollout_id "
+            "WHERE c.label_id = l.id AND r.features IS NULL) ORDER BY l.id DESC LIMIT ?", (limit,))
+        credit: dict[int, list[tuple[np.ndarray, float]]] = {}
+        if rows:
+            for label_id, features, weight in self._read(
+                    "SELECT c.label_id, r.features, c.weight FROM credits c JOIN rollouts r ON r.rollout_id = "
+                    "c.rollout_id WHERE c.label_id >= ? ORDER BY c.label_id, c.rollout_id", (rows[-1][0],)):
+                credit.setdefault(label_id, []).append((np.frombuffer(features, "<f4"), float(weight)))
         return [LabelRow(id=i, created_at=t, kind=k, value=v, features=np.frombuffer(fa, "<f4"),
-                         other_features=np.frombuffer(fb, "<f4") if fb is not None else None)
+                         other_features=np.frombuffer(fb, "<f4") if fb is not None else None, credit=credit.get(i))
                 for i, t, k, v, fa, fb in reversed(rows)]
 
     # --------------------------------------------------------------- models

@@ -4,6 +4,7 @@ through the whole service."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -24,7 +25,8 @@ BETA, DECAY, VERSION = 0.5, 0.9, 10
 def feedback(tmp_path, tiny_model_dir, services):
     """A running feedback service fed 12 rollouts of policy versions up to VERSION; (url, token, procs)."""
     sections = feedback_sections(local_run_config(tmp_path, tiny_model_dir), combination="reward_shaping",
-                                 beta=BETA, beta_decay=DECAY, min_labels=3, fit_interval_s=0.2)
+                                 beta=BETA, beta_decay=DECAY, min_labels=3, fit_interval_s=0.2,
+                                 credit_delay_min_s=0.0, credit_delay_max_s=600.0)
     config = write_config(tmp_path / "run.toml", sections)
     procs = services(config)
     procs.start("feedback")
@@ -46,14 +48,14 @@ def feedback(tmp_path, tiny_model_dir, services):
 
     try:
         assert wait_until(streamed, timeout=120), procs.logs()
-        yield url, auth, procs
+        yield url, auth, procs, tmp_path / "run" / "feedback" / "labels.sqlite3"
     finally:
         feed.close(0)
         context.term()
 
 
 def test_the_page_is_told_the_current_beta_t_not_beta_0(feedback):
-    url, auth, _ = feedback
+    url, auth, _, _ = feedback
     status = requests.get(url + "api/status", headers=auth, timeout=5).json()
     assert status["beta"] == BETA and status["policy_version"] == VERSION
     assert status["beta_t"] == pytest.approx(BETA * DECAY**VERSION)
@@ -62,7 +64,7 @@ def test_the_page_is_told_the_current_beta_t_not_beta_0(feedback):
 
 
 def test_below_min_labels_the_count_is_logged_once_per_change(feedback):
-    url, auth, procs = feedback
+    url, auth, procs, _ = feedback
     log = Path(procs.log_dir) / "feedback-0.log"
 
     def below() -> int:
@@ -80,7 +82,7 @@ def test_below_min_labels_the_count_is_logged_once_per_change(feedback):
 
 
 def test_repeated_ratings_of_one_rollout_are_one_vote(feedback):
-    url, auth, procs = feedback
+    url, auth, procs, _ = feedback
     for value in (1, 1, 1, 1, -1):
         assert requests.post(url + "api/ratings", json={"rollout_id": "r2", "value": value}, headers=auth,
                              timeout=5).status_code == 201
@@ -88,3 +90,13 @@ def test_repeated_ratings_of_one_rollout_are_one_vote(feedback):
     assert status["labels"]["total"] == 1 and status["labels_by_labeller"] == {"alice": 1}
     exported = requests.get(url + "api/export?layout=ratings", headers=auth, timeout=5).json()
     assert exported["rating"] == -1 and exported["rollout_id"] == "r2"
+
+
+def test_a_ratings_credit_is_spread_over_the_rollouts_shown_within_the_delay_window(feedback):
+    url, auth, procs, db = feedback
+    # every one of the 12 rollouts streamed in within the last 600 s: each gets 1/12 of the credit
+    label = requests.post(url + "api/ratings", json={"rollout_id": "r5", "value": 1}, headers=auth, timeout=5).json()
+    rows = sqlite3.connect(db).execute("SELECT rollout_id, weight FROM credits WHERE label_id = ? ORDER BY rollout_id",
+                                       (label["label_id"],)).fetchall()
+    assert sorted(rid for rid, _ in rows) == sorted(f"r{i}" for i in range(12))
+    assert [w for _, w in rows] == pytest.approx([1 / 12] * 12)

@@ -150,3 +150,22 @@ def test_a_database_with_repeated_votes_keeps_the_newest_of_each(tmp_path):
     con.close()
     store = LabelStore(path)
     assert [(r["rating"]) for r in store.export("ratings")] == [-1]
+
+
+def test_shared_credit_is_stored_trained_on_and_replaced_with_its_vote(tmp_path):
+    store = LabelStore(tmp_path / "db.sqlite3")
+    store.add_labeller("alice")
+    rated, shown = scored("r1"), scored("r2")
+    store.add_label(labeller="alice", kind="rating", scored=rated, value=1, model_version=0, seen_at=5.0,
+                    credit=[(rated, 5.0, 0.5), (shown, 4.0, 0.5)])
+    store.set_features({"r1": np.array([1, 2], np.float32)})
+    assert store.training_labels(10) == []  # the credited r2 has no features yet
+    assert [rid for rid, _, _ in store.rollouts_without_features()] == ["r2"]  # kept to be featurised
+    store.set_features({"r2": np.array([3, 4], np.float32)})
+    (row,) = store.training_labels(10)
+    assert [(f.tolist(), w) for f, w in row.credit] == [([1, 2], 0.5), ([3, 4], 0.5)]
+    # a new vote replaces the old with its credit
+    store.add_label(labeller="alice", kind="rating", scored=rated, value=-1, model_version=0, seen_at=5.0)
+    (row,) = store.training_labels(10)
+    assert row.value == -1 and row.credit is None
+    assert sqlite3.connect(tmp_path / "db.sqlite3").execute("SELECT COUNT(*) FROM credits").fetchone() == (0,)

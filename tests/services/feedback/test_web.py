@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import pytest
 import requests
-import uvicorn
 
+from feedback_support import serving
 from streamrl.services.feedback.web import MAX_BODY_BYTES, LabelError, create_app
 
 TOKEN = "alice-token"
@@ -58,25 +56,8 @@ class FakeBackend:
 @pytest.fixture
 def server(request):
     backend = FakeBackend()
-    app = create_app(backend, session_ttl_s=60, secure_cookies=False, **getattr(request, "param", {}))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            requests.get(url + "/healthz", timeout=1)
-            break
-        except requests.ConnectionError:
-            time.sleep(0.05)
-    yield url, backend
-    uv.should_exit = True
-    thread.join(5)
-    sock.close()
+    with serving(create_app(backend, session_ttl_s=60, secure_cookies=False, **getattr(request, "param", {}))) as url:
+        yield url, backend
 
 
 def login(url) -> tuple[requests.Session, str, requests.Response]:
