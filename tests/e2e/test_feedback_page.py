@@ -71,6 +71,19 @@ def forged(samples: dict) -> float:
     return sum(samples.get(f"streamrl_feedback_requests_refused_total{{reason={r}}}", 0) for r in ("csrf", "cross_origin"))
 
 
+def start_job(tmp_path, tiny_model_dir, services, **feedback):
+    """Learner, buffer, scorer, generator and feedback service (reward shaping) on loopback, and a labeller
+    alice; returns ``(sections, procs, page url, database, alice's token)``."""
+    sections = feedback_sections(local_run_config(tmp_path, tiny_model_dir, learner={"total_steps": 100000}),
+                                 combination="reward_shaping", min_labels=2, **feedback)
+    config = write_config(tmp_path / "run.toml", sections)
+    procs = services(config)
+    for name in ("learner", "buffer", "scorer", "generator", "feedback"):
+        procs.start(name)
+    url = f"http://127.0.0.1:{sections['feedback']['http_port']}/"
+    return sections, procs, url, tmp_path / "run" / "feedback" / "labels.sqlite3", add_labeller(config, "alice")
+
+
 def labels(db) -> list[tuple]:
     with sqlite3.connect(db) as con:
         return con.execute("SELECT labeller, kind, rollout_id, value, policy_version FROM labels ORDER BY id").fetchall()
@@ -84,15 +97,7 @@ def test_labels_from_a_real_browser_reach_the_database_and_hhat(tmp_path, tiny_m
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    sections = feedback_sections(local_run_config(tmp_path, tiny_model_dir, learner={"total_steps": 100000}),
-                                 combination="reward_shaping", min_labels=2, fit_interval_s=0.2)
-    config = write_config(tmp_path / "run.toml", sections)
-    procs = services(config)
-    for name in ("learner", "buffer", "scorer", "generator", "feedback"):
-        procs.start(name)
-    url = f"http://127.0.0.1:{sections['feedback']['http_port']}/"
-    db = tmp_path / "run" / "feedback" / "labels.sqlite3"
-    token = add_labeller(config, "alice")
+    sections, procs, url, db, token = start_job(tmp_path, tiny_model_dir, services, fit_interval_s=0.2)
 
     def streaming() -> bool:
         try:
@@ -183,16 +188,8 @@ def test_a_labeller_labels_20_chosen_rollouts_in_a_row_while_the_stream_runs(tmp
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    sections = feedback_sections(local_run_config(tmp_path, tiny_model_dir, learner={"total_steps": 100000}),
-                                 combination="reward_shaping", min_labels=2, fit_interval_s=0.5,
-                                 label_rate_per_s=50.0, label_burst=50)
-    config = write_config(tmp_path / "run.toml", sections)
-    procs = services(config)
-    for name in ("learner", "buffer", "scorer", "generator", "feedback"):
-        procs.start(name)
-    url = f"http://127.0.0.1:{sections['feedback']['http_port']}/"
-    db = tmp_path / "run" / "feedback" / "labels.sqlite3"
-    token = add_labeller(config, "alice")
+    _, _, url, db, token = start_job(tmp_path, tiny_model_dir, services, fit_interval_s=0.5, label_rate_per_s=50.0,
+                                     label_burst=50)
     driver = browser()
     try:
         wait = WebDriverWait(driver, 240)
