@@ -38,9 +38,9 @@ def serving(app) -> Iterator[str]:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            requests.get(url + "/healthz", timeout=1)
+            requests.get(url + "/healthz", timeout=5)
             break
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or slow on a loaded machine
             time.sleep(0.05)
     try:
         yield url
