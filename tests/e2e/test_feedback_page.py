@@ -72,8 +72,8 @@ def forged(samples: dict) -> float:
 
 
 def start_job(tmp_path, tiny_model_dir, services, **feedback):
-    """Learner, buffer, scorer, generator and feedback service (reward shaping) on loopback, and a labeller
-    alice; returns ``(sections, procs, page url, database, alice's token)``."""
+    """Learner, buffer, scorer, generator and feedback service (reward shaping) on loopback, once the page
+    answers, and a labeller alice; returns ``(sections, procs, page url, database, alice's token)``."""
     sections = feedback_sections(local_run_config(tmp_path, tiny_model_dir, learner={"total_steps": 100000}),
                                  combination="reward_shaping", min_labels=2, **feedback)
     config = write_config(tmp_path / "run.toml", sections)
@@ -81,6 +81,14 @@ def start_job(tmp_path, tiny_model_dir, services, **feedback):
     for name in ("learner", "buffer", "scorer", "generator", "feedback"):
         procs.start(name)
     url = f"http://127.0.0.1:{sections['feedback']['http_port']}/"
+
+    def up() -> bool:
+        try:
+            return requests.get(url + "healthz", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    assert wait_until(up, timeout=180), procs.logs()
     return sections, procs, url, tmp_path / "run" / "feedback" / "labels.sqlite3", add_labeller(config, "alice")
 
 
