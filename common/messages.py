@@ -156,20 +156,25 @@ class SamplingParams:
 
 @dataclass(kw_only=True)
 class Selection:
-    """How a control-sharing generator chose this completion among K candidates (TAMER+RL
-    control sharing; ``streamrl.common.human.control_share``).
+    """How a generator chose this completion among K candidates by H-hat (TAMER+RL action
+    biasing, ``streamrl.common.human.bias_actions``, or control sharing,
+    ``streamrl.common.human.control_share``).
 
-    The K candidates were drawn i.i.d. from mu; with probability ``probability`` H-hat's best
-    was kept, else a uniformly drawn candidate. The kept completion was therefore drawn from
-    q, not mu, and its ``behaviour_logprobs`` (mu's) do not describe how it was chosen.
+    The K candidates were drawn i.i.d. from mu. Control sharing kept H-hat's best with
+    probability ``probability``, else a uniformly drawn candidate; action biasing kept candidate
+    j with probability softmax_j(beta_t * E_j * H-hat_j). The kept completion was therefore drawn
+    from q, not mu, and its ``behaviour_logprobs`` (mu's) do not describe how it was chosen.
 
     Attributes:
         candidates: K, the completions sampled for this slot (>= 2).
-        probability: p = min(beta_t * eligibility, 1), the chance H-hat's pick was kept.
-        by_model: True when the coin chose H-hat's pick (False: the uniform draw).
-        density_ratio: rho = K * P(this candidate kept | the K candidates) =
-            (1 - p) + p * K * [kept is an argmax] / (number of tied argmaxes); the learner
-            weights the rollout by 1 / rho (an exactly unbiased correction for p < 1).
+        probability: control sharing: p = min(beta_t * eligibility, 1), the chance H-hat's pick
+            was kept; action biasing: P(this candidate kept | the K candidates).
+        by_model: control sharing: True when the coin chose H-hat's pick (False: the uniform
+            draw); action biasing: True when the kept candidate is one H-hat rates highest.
+        density_ratio: rho = K * P(this candidate kept | the K candidates) (control sharing:
+            (1 - p) + p * K * [kept is an argmax] / (number of tied argmaxes)); the learner
+            weights the rollout by 1 / rho (an exactly unbiased correction whenever every
+            candidate could have been kept).
         human_value: H-hat of the kept completion.
         model_version: the H-hat version that ranked the candidates.
     """

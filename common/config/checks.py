@@ -73,6 +73,9 @@ def _feedback_problems(cfg: Config) -> list[str]:
     problems = []
     if (fb.tls_cert is None) != (fb.tls_key is None):
         problems.append("feedback.tls_cert: HTTPS needs both tls_cert and tls_key; fix: set both or neither")
+    if fb.credit_delay_max_s and fb.credit_delay_min_s >= fb.credit_delay_max_s:
+        problems.append(f"feedback.credit_delay_min_s: {fb.credit_delay_min_s} is not below credit_delay_max_s = "
+                        f"{fb.credit_delay_max_s}; fix: set min < max (e.g. 1 and 3), or max = 0 to turn it off")
     loopback = fb.http_host == "localhost" or _is_loopback_host(fb.http_host)
     if not loopback and fb.tls_cert is None and not cfg.security.allow_insecure:
         problems.append(f"feedback.http_host: {fb.http_host} is not a loopback address, and without TLS the "

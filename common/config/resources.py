@@ -11,7 +11,7 @@ from typing import Iterable
 
 from streamrl.common.config.schema import Config, ModelSection
 from streamrl.common.config.sources import PromptSource, RewardSpec
-from streamrl.common.modes import Device, Engine, HumanCombination
+from streamrl.common.modes import Device, Engine
 
 
 SERVICES = ("generator", "scorer", "buffer", "learner", "feedback")
@@ -36,7 +36,8 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
       holding a model.
     - buffer: the journal folder can be created (when ``buffer.journal`` is on).
     - feedback (when enabled): ``model.path`` (H-hat's features), the database folder can be created,
-      TLS files exist; scorer with ``feedback.combination = "reward_shaping"``: ``model.path`` too.
+      TLS files exist; scorer with ``feedback.combination = "reward_shaping"`` or ``"q_augmentation"``:
+      ``model.path`` too.
 
     ``streamrl check`` runs it for every service, each service process for itself at
     start-up (through :func:`load_config`'s ``resources``), so both say the same thing.
@@ -91,8 +92,8 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
             value = getattr(cfg.feedback, key)
             if value is not None:
                 problems.append(_file_problem(f"feedback.{key}", value, "PEM file"))
-    if "scorer" in services and cfg.feedback.combination is HumanCombination.REWARD_SHAPING:
-        problems += _model_problems(cfg.model)  # the scorer computes H-hat's features for reward shaping
+    if "scorer" in services and cfg.feedback.combination.scores_rollouts:
+        problems += _model_problems(cfg.model)  # the scorer computes H-hat's features
     return list(dict.fromkeys(p for p in problems if p))
 
 

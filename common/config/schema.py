@@ -320,8 +320,12 @@ class FeedbackSection(_Section):
                                     "labellers' token hashes and H-hat versions",
                                     json_schema_extra={**LOCAL_PATH,
                                                        "default_text": "`<run.output_dir>/feedback/labels.sqlite3`"})
-    combination: HumanCombination = Field(HumanCombination.NONE, description="TAMER+RL technique: `none` (collect "
-                                          "labels only), `reward_shaping` (R + beta_t * H-hat in the learner), "
+    combination: HumanCombination = Field(HumanCombination.NONE, description="TAMER+RL technique (Knox & Stone "
+                                          "2010): `none` (collect labels only), `reward_shaping` (R + beta_t * H-hat "
+                                          "in the learner), `q_augmentation` (beta_t * H-hat added to each rollout's "
+                                          "advantage after its baseline; reward and critic stay R's), "
+                                          "`action_biasing` (generators keep one of K candidates with probability "
+                                          "softmax(beta_t * H-hat), the learner reweights it exactly), "
                                           "`control_sharing` (generators keep H-hat's best of K candidates with "
                                           "probability min(beta_t, 1))")
     beta: float = Field(1.0, ge=0, description="beta_0 of the combination weight beta_t = beta * beta_decay^t "
@@ -336,7 +340,7 @@ class FeedbackSection(_Section):
     eligibility_anchors: int = Field(256, ge=1, description="most recent labelled rollouts kept as eligibility "
                                      "anchors")
     candidates: int = Field(4, ge=2, description="K completions sampled per kept completion under "
-                            "`control_sharing`")
+                            "`action_biasing` and `control_sharing`")
     l2: float = Field(0.01, gt=0, description="L2 penalty of H-hat's linear head")
     min_labels: int = Field(4, ge=1, description="labels needed before the first H-hat version is published")
     max_labels: int = Field(20000, ge=1, description="H-hat is refit on the most recent labels, at most this many")
@@ -346,7 +350,17 @@ class FeedbackSection(_Section):
                                        "often, seconds (late subscribers get it)")
     recent_rollouts: int = Field(2000, ge=10, description="streamed rollouts kept in memory for the page")
     session_ttl_s: float = Field(8 * 3600.0, gt=0, description="a labeller's browser session lasts this long, "
-                                 "seconds")
+                                 "seconds (it ends at once when the labeller is revoked)")
+    credit_delay_min_s: float = Field(0.0, ge=0, description="TAMER credit assignment: a rating's credit is "
+                                      "shared evenly by the rated rollout and those that streamed in between "
+                                      "`credit_delay_max_s` and this many seconds before it (a person's reaction "
+                                      "delay)")
+    credit_delay_max_s: float = Field(0.0, ge=0, description="upper end of the reaction-delay window, seconds; 0 = "
+                                      "off (the rated rollout takes all the credit)")
+    label_rate_per_s: float = Field(5.0, gt=0, description="labels per second one labeller may store on average; "
+                                    "beyond it the API answers 429 with Retry-After")
+    label_burst: int = Field(20, ge=1, description="labels one labeller may store in a burst above "
+                             "`label_rate_per_s`")
 
     def database_path(self, output_dir: str) -> Path:
         """``database``, default ``<output_dir>/feedback/labels.sqlite3``."""

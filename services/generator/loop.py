@@ -33,13 +33,12 @@ from streamrl.common.fingerprint import model_fingerprint, same_model
 from streamrl.common.human import HumanModelSubscription, beta_at
 from streamrl.common.liveness import Waits
 from streamrl.common.messages import SamplingParams
-from streamrl.common.modes import HumanCombination
 from streamrl.common.models import configure_torch, load_tokenizer, resolve_model_path, select_device, use_bf16_autocast
 from streamrl.common.service import ServiceContext
 from streamrl.common.transport import make_socket, send_when_ready
 from streamrl.common.weights import WeightClient, WeightSyncError
 from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
-from streamrl.services.generator.control import share_control
+from streamrl.services.generator.control import select_candidates
 from streamrl.services.generator.credits import CreditClient
 from streamrl.services.generator.metrics import GeneratorMetrics
 from streamrl.services.generator.rollouts import group_rollouts
@@ -95,8 +94,8 @@ class GeneratorService:
         self.waits = Waits(ctx.metrics, warn_after_s=max(5.0, t.request_timeout_s))
         self.learner_silent_after_s = max(5.0, 5 * t.announce_interval_s)
         fb = cfg.feedback
-        self.human = None  # control sharing: the newest H-hat from the feedback service
-        if fb.enabled and fb.combination is HumanCombination.CONTROL_SHARING:
+        self.human = None  # action biasing, control sharing: the newest H-hat from the feedback service
+        if fb.enabled and fb.combination.selects_candidates:
             self.human = HumanModelSubscription(ctx.zmq, cfg, ctx.metrics, ctx.security)
             self.rng = np.random.default_rng(cfg.run.seed + 104729 * (ctx.index + 1))
 
@@ -118,7 +117,8 @@ class GeneratorService:
                 self.human.close()
 
     def _control_sharing(self) -> float:
-        """beta_t of control sharing for this batch (0: sample plainly), after taking the newest H-hat."""
+        """beta_t of action biasing or control sharing for this batch (0: sample plainly), after taking the
+        newest H-hat."""
         if self.human is None:
             return 0.0
         if (version := self.human.receive()) is not None:
@@ -227,8 +227,9 @@ class GeneratorService:
         groups = self.engine.sample(ids, group_size=gen.group_size * k, sampling=self.sampling)
         selections = [None] * len(groups)
         if k > 1:
-            groups, selections = share_control(self.human.view, groups, group_size=gen.group_size, k=k, beta_t=beta_t,
-                                               rng=self.rng, now=time.time())
+            groups, selections = select_candidates(self.human.view, groups, group_size=gen.group_size, k=k,
+                                                   beta_t=beta_t, rng=self.rng, now=time.time(),
+                                                   combination=self.cfg.feedback.combination)
             chosen = sum(s.by_model for group in selections for s in group)
             self.metrics.control_shared.inc(sum(len(group) for group in selections))
             self.metrics.selected_by_model.inc(chosen)

@@ -91,11 +91,14 @@ class TrainBatch:
         sampling: the sampling parameters every row was drawn with (one setting per
             batch, see :func:`split_by_sampling`); the learner's log-probs use them.
         weights: ``[B]`` float32 per-rollout loss weights, or None (all 1): mu/q = 1/rho of
-            rollouts a control-sharing generator selected (``streamrl.common.human.control_share``);
-            the trainer multiplies each row's advantages by it.
+            rollouts a generator selected among K candidates (``streamrl.common.human.bias_actions``,
+            ``control_share``); the trainer multiplies each row's advantages by it.
         ref_logprobs: ``[B, T]`` float32 reference log-probs the scorers computed
             (``ScoredRollout.reference_logprobs``, ``streamrl.common.reference``; 0 on padding), or
             None when a rollout lacks them: the trainer then runs its own reference pass.
+        advantage_bonus: ``[B]`` float32 added to every token's advantage of a row after the
+            baseline and normalisation (Q-augmentation: beta_t * E * H-hat,
+            ``streamrl.common.human.human_terms``), or None (no bonus).
     """
 
     input_ids: Tensor
@@ -110,6 +113,7 @@ class TrainBatch:
     sampling: SamplingParams
     weights: Tensor | None = None
     ref_logprobs: Tensor | None = None
+    advantage_bonus: Tensor | None = None
 
     @property
     def size(self) -> int:

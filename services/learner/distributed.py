@@ -79,8 +79,9 @@ _FIELDS = [f.name for f in fields(TrainBatch) if f.name != "sampling"]
 _DTYPES = {"input_ids": torch.int64, "attention_mask": torch.int64, "positions": torch.int64,
            "tokens": torch.int64, "mask": torch.float32, "behaviour_logprobs": torch.float32,
            "scores": torch.float32, "group_ids": torch.int64, "versions": torch.int64,
-           "weights": torch.float32, "ref_logprobs": torch.float32}
-_ROW_FIELDS = {"scores", "group_ids", "versions", "weights"}  # [B]
+           "weights": torch.float32, "ref_logprobs": torch.float32, "advantage_bonus": torch.float32}
+_ROW_FIELDS = {"scores", "group_ids", "versions", "weights", "advantage_bonus"}  # [B]
+_OPTIONAL = ("weights", "ref_logprobs", "advantage_bonus")  # sent only when the header flags them
 _PROMPT_FIELDS = {"input_ids", "attention_mask"}  # [B, L]; the others are [B, T]
 
 
@@ -155,7 +156,8 @@ def broadcast_batch(dist: DistContext, batch: TrainBatch | None, version: int = 
                     op: int = STEP) -> tuple[int, TrainBatch | None, int]:
     """Rank 0 sends ``(op, batch, version)`` to every rank; the others pass ``None`` and receive it.
 
-    A fixed header (``[op, version, B, L, T, has_weights, has_ref_logprobs]`` int64 and the
+    A fixed header (``[op, version, B, L, T]`` then one present-flag per optional field
+    (``weights``, ``ref_logprobs``, ``advantage_bonus``), int64, and the
     sampling parameters float64), then each tensor of the batch in :class:`TrainBatch`
     field order (plain tensor broadcasts: nothing is pickled).
 
@@ -164,24 +166,25 @@ def broadcast_batch(dist: DistContext, batch: TrainBatch | None, version: int = 
         on ``dist.device``.
     """
     dev = dist.comm_device
-    header = torch.zeros(7, dtype=torch.int64, device=dev)
+    header = torch.zeros(5 + len(_OPTIONAL), dtype=torch.int64, device=dev)
     sampling = torch.zeros(3, dtype=torch.float64, device=dev)
     if dist.rank == 0:
         if batch is not None:
             header.copy_(torch.tensor([op, version, batch.size, batch.input_ids.shape[1], batch.mask.shape[1],
-                                       batch.weights is not None, batch.ref_logprobs is not None]))
+                                       *(getattr(batch, name) is not None for name in _OPTIONAL)]))
             s = batch.sampling
             sampling.copy_(torch.tensor([s.temperature, s.top_p, s.max_new_tokens], dtype=torch.float64))
         else:
             header[0] = op
     torch_dist.broadcast(header, 0)
     torch_dist.broadcast(sampling, 0)
-    op, version, b, width, t, has_weights, has_ref = header.tolist()
+    op, version, b, width, t, *present = header.tolist()
+    absent = {name for name, flag in zip(_OPTIONAL, present) if not flag}
     if op == STOP:
         return STOP, None, version
     tensors = {}
     for name in _FIELDS:
-        if (name == "weights" and not has_weights) or (name == "ref_logprobs" and not has_ref):
+        if name in absent:
             continue
         shape = (b,) if name in _ROW_FIELDS else (b, width) if name in _PROMPT_FIELDS else (b, t)
         if dist.rank == 0:

@@ -347,7 +347,8 @@ class PPOTrainer:
         then GAE with the value head (or, with ``correction = "vtrace"``, V-trace targets
         and advantages from pi_old / mu), whitened if configured. ``grpo``/``rloo``: group
         baselines on the score, minus ``beta * sum_t KL_t`` when the penalty is in the
-        reward; no whitening (it would mix groups).
+        reward; no whitening (it would mix groups). Then ``advantage_bonus`` (Q-augmentation)
+        is added to each row's advantages, and each row is multiplied by its ``weights``.
 
         ``first``: ``(rows, outputs)`` of the first minibatch's forward pass with the current
         weights (``learner.reuse_first_pass``, ``top_p = 1`` only): pi_old of those rows.
@@ -387,6 +388,8 @@ class PPOTrainer:
                                        scale=cfg.scale_rewards, std_floor=cfg.scale_std_floor)
             advantages = seq_adv.unsqueeze(1).expand_as(mask).clone()
         advantages = fill_padding(advantages, mask)
+        if batch.advantage_bonus is not None:  # Q-augmentation: A' = Q + beta_t E H-hat - V; R's critic untouched
+            advantages = fill_padding(advantages + batch.advantage_bonus.to(advantages.dtype).unsqueeze(1), mask)
         if batch.weights is not None:  # control-shared rollouts: the loss of row b is weighted by mu/q (1/rho)
             advantages = advantages * batch.weights.to(advantages.dtype).unsqueeze(1)
         return Targets(old=old, ref_logprobs=ref_logprobs, advantages=advantages, returns=returns,

@@ -16,7 +16,6 @@ import zmq
 
 from streamrl.common.human import HumanModelSubscription
 from streamrl.common.messages import Rollout
-from streamrl.common.modes import HumanCombination
 from streamrl.common.models import configure_torch, select_device
 from streamrl.common.service import ServiceContext
 from streamrl.common.transport import Inbox, make_socket, send_when_ready, try_send
@@ -58,7 +57,7 @@ class ScorerService:
                                  max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
                      if fb.enabled else None)
         self.human = (HumanModelSubscription(ctx.zmq, cfg, ctx.metrics, ctx.security)
-                      if fb.enabled and fb.combination is HumanCombination.REWARD_SHAPING else None)
+                      if fb.enabled and fb.combination.scores_rollouts else None)
         self.reference = ReferencePass(cfg) if cfg.scorer.reference_logprobs else None
         self.health = RewardHealth(self.metrics, failing_after=cfg.scorer.failing_after, names=self.reward.names)
 
