@@ -31,7 +31,7 @@ from torch import Tensor
 from streamrl.common.config import LearnerSection
 from streamrl.common.modes import AdvantageEstimator, Correction, KLPenaltyMode
 from streamrl.common.models import adamw, use_bf16_autocast
-from streamrl.common.tensors import fill_padding, masked_mean, masked_whiten
+from streamrl.common.tensors import fill_padding, masked_mean, masked_var, masked_whiten
 from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards, vtrace
 from streamrl.services.learner.batch import ModelOutput, TrainBatch, forward_completions
 from streamrl.services.learner.kl_control import make_kl_controller, per_sequence_kl
@@ -187,9 +187,9 @@ class PPOTrainer:
         batch = batch.to(self.device)
         orders = [self._order(batch) for _ in range(cfg.ppo_epochs)]
         first = None
-        if cfg.reuse_first_pass and batch.sampling.top_p >= 1:
+        if cfg.reuse_first_pass:
             # nothing is updated before the first minibatch: its forward pass is pi_old for its rows
-            # (exact), so the no-grad pass runs only over the other rows (issue 11 item 3)
+            # (exact, nucleus included), so the no-grad pass runs only over the other rows
             self.policy.eval()
             rows0 = orders[0][0]
             first = (rows0, self._forward(batch.select(rows0)))
@@ -349,18 +349,37 @@ class PPOTrainer:
         baselines on the score, minus ``beta * sum_t KL_t`` when the penalty is in the
         reward; no whitening (it would mix groups).
 
+        Whitening V-trace advantages only divides them by their masked standard deviation;
+        it never subtracts their mean. A V-trace advantage ``rho_s (r_s + gamma v_{s+1} -
+        V(x_s))`` (Espeholt et al. 2018, IMPALA, sec. 4.2) already carries its baseline
+        ``V(x_s)`` inside the importance weight, and its policy gradient is an expectation
+        over the behaviour policy mu with no further weight. Subtracting the batch mean ``b``
+        adds ``-b E_mu[grad log pi]``, which is not 0 when mu != pi: in a one-step bandit
+        (pi_old = (.5, .5), mu = (.9, .1), rewards (1, 0), V = -0.5, rho-bar = 10) it turns
+        the better action's logit gradient from +0.25 to -0.30. Dividing by a positive
+        number keeps the direction of every batch's gradient. (The other corrections apply
+        their weight ``pi_old / mu`` in the loss, after whitening: there the batch mean is a
+        baseline under pi_old and ``E_pi_old[grad log pi] = 0`` at the first update.)
+
         ``first``: ``(rows, outputs)`` of the first minibatch's forward pass with the current
-        weights (``learner.reuse_first_pass``, ``top_p = 1`` only): pi_old of those rows.
+        weights (``learner.reuse_first_pass``): pi_old of those rows.
+
+        The KL penalty compares pi_old as it samples (truncated to its nucleus when
+        ``top_p < 1``) with the untruncated reference at the rollouts' temperature: k1
+        estimates KL(pi_old,top-p || pi_ref), the divergence of the distribution that wrote
+        the completions. With a nucleus it is at least ``-log ref(nucleus)`` per token, so
+        even at pi = ref it is ``-log Z_t`` (``Z_t`` the nucleus mass, at least ``top_p``):
+        at most ``-log top_p`` nats per token (0.105 at top_p 0.9), which a
+        ``kl_target_per_sequence`` must leave room for.
         """
         cfg, mask = self.cfg, batch.mask
         self.policy.eval()
         old = self._old_outputs(batch, first)
-        if batch.ref_logprobs is not None and batch.sampling.top_p >= 1:  # the scorers' pass (issue 11)
+        if batch.ref_logprobs is not None:  # the scorers' reference pass
             ref_logprobs = batch.ref_logprobs
-        else:
+        else:  # the untruncated reference, as the scorers compute it
             with self._amp():
-                ref_logprobs = forward_completions(self.reference, batch, nucleus=old.nucleus).logprobs  # same nucleus
-        old.nucleus = None  # [B, T, V]: not needed past this point
+                ref_logprobs = forward_completions(self.reference, batch, truncate=False).logprobs
         kl_tokens = fill_padding(*_kl_tokens(old.logprobs, ref_logprobs, mask, cfg.kl_estimator))
         beta = self.kl_controller.value
         scores = batch.scores
@@ -379,7 +398,9 @@ class PPOTrainer:
                                              c_bar=cfg.vtrace_c_bar)
             else:
                 advantages, returns = gae(token_rewards, old.values, mask, gamma=cfg.gamma, lam=cfg.lam)
-            if cfg.whiten_advantages:
+            if cfg.whiten_advantages and cfg.correction is Correction.VTRACE:
+                advantages = fill_padding(advantages, mask) * torch.rsqrt(masked_var(advantages, mask) + 1e-8)
+            elif cfg.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)
         else:
             seq_scores = scores - beta * kl_tokens.sum(1) if in_reward else scores
