@@ -747,7 +747,8 @@ class LearnerSection(_Section):
                                       "(half squared log-ratio) or `k3`; as a `loss` term `k2` has the gradient of "
                                       "KL(pi || ref), `k3` that of KL(ref || pi) (GRPO), `k1` none (refused)")
     kl_penalty: KLPenaltyMode = Field(KLPenaltyMode.REWARD, description="KL penalty in the `reward` or as a "
-                                      "`loss` term")
+                                      "`loss` term (its tokens come from mu: each is weighted by min(pi_old/mu, "
+                                      "`is_cap`), rho-bar for `vtrace`)")
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus")
     normalize_rewards: bool = Field(True, description="running mean/std normalisation of rewards")
     reward_clip: Optional[float] = Field(5.0, gt=0, description="clip normalised rewards to +-this (unset = none)")

@@ -14,7 +14,11 @@ A step (Ouyang et al. 2022 "InstructGPT" sec. 3.5; Schulman et al. 2017 PPO):
    penalty is in the reward);
 4. ``ppo_epochs`` passes over ``minibatches`` shuffled minibatches, each one
    optimizer update of the policy loss (with the configured staleness
-   correction), value loss, entropy bonus, KL loss term and PPO-ptx term.
+   correction), value loss, entropy bonus, KL loss term and PPO-ptx term. The KL
+   loss term's tokens were sampled from mu, while the gradient identities of its
+   estimators hold for samples of pi (Tang & Munos 2025): each token's term is
+   weighted by ``min(pi_old / mu, C)`` (detached; ``C`` = ``is_cap``, or rho-bar
+   for ``vtrace``), decoupled PPO's per-token weight, whatever the correction.
 
 The policy version is the learner's step count: one step = one published
 version, however many optimizer updates it made.
@@ -35,7 +39,8 @@ from streamrl.common.tensors import fill_padding, masked_mean, masked_var, maske
 from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards, vtrace
 from streamrl.services.learner.batch import ModelOutput, TrainBatch, forward_completions
 from streamrl.services.learner.kl_control import make_kl_controller, per_sequence_kl
-from streamrl.services.learner.losses import aggregate_tokens, kl_to_reference, policy_loss, sft_loss, value_loss
+from streamrl.services.learner.losses import (aggregate_tokens, kl_to_reference, policy_loss, sft_loss,
+                                             truncated_token_weights, value_loss)
 from streamrl.services.learner.normalization import RunningMeanStd
 
 
@@ -205,6 +210,7 @@ class PPOTrainer:
         # fixed-length normaliser is the generation budget (at least the longest completion)
         aggregation = {"aggregation": cfg.loss_aggregation,
                        "max_tokens": max(batch.sampling.max_new_tokens, batch.mask.shape[1])}
+        cap = cfg.vtrace_rho_bar if cfg.correction is Correction.VTRACE else cfg.is_cap
         for epoch, minibatches in enumerate(orders):
             for k, rows in enumerate(minibatches):
                 mb = batch.select(rows)
@@ -212,8 +218,7 @@ class PPOTrainer:
                 out = first[1] if first is not None and epoch == 0 and k == 0 else self._forward(mb)
                 pl, ps = policy_loss(out.logprobs, old.logprobs[rows, :t], mb.behaviour_logprobs,
                                      advantages[rows, :t], mb.mask, correction=cfg.correction,
-                                     clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip,
-                                     is_cap=cfg.vtrace_rho_bar if cfg.correction is Correction.VTRACE else cfg.is_cap,
+                                     clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip, is_cap=cap,
                                      is_level=cfg.is_level, is_mode=cfg.is_mode, **aggregation)
                 entropy = aggregate_tokens(out.entropy, mb.mask, **aggregation)
                 loss = pl - cfg.entropy_coef * entropy
@@ -223,8 +228,9 @@ class PPOTrainer:
                     loss = loss + cfg.vf_coef * vl
                     sums.add({"loss/value": vl, "value_clip_fraction": vclip})
                 if cfg.kl_penalty is KLPenaltyMode.LOSS and beta > 0:
-                    kl_term = aggregate_tokens(*_kl_tokens(out.logprobs, targets.ref_logprobs[rows, :t], mb.mask,
-                                                           cfg.kl_estimator), **aggregation)
+                    kl, valid = _kl_tokens(out.logprobs, targets.ref_logprobs[rows, :t], mb.mask, cfg.kl_estimator)
+                    weight = truncated_token_weights(old.logprobs[rows, :t], mb.behaviour_logprobs, mb.mask, cap=cap)
+                    kl_term = aggregate_tokens(weight * kl, valid, **aggregation)
                     loss = loss + beta * kl_term
                     sums.add({"loss/kl": kl_term})
                 if cfg.ptx_coef > 0:

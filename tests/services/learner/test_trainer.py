@@ -608,3 +608,26 @@ def test_kl_penalty_under_top_p_is_against_the_untruncated_reference(probs, ref,
     torch.testing.assert_close(targets.old.logprobs, batch.behaviour_logprobs)  # pi_old = the sampler's mu
     assert targets.kl_mean == pytest.approx(kl, abs=1e-5)
     assert targets.kl_per_sequence == pytest.approx(kl, abs=1e-5)
+
+
+def test_kl_loss_term_is_importance_weighted_to_the_policy():
+    """kl_penalty = "loss", k2: the tokens come from mu = (.9, .1) (9 x A, 1 x B) while pi = pi_old
+    = (.5, .5). Weighted by pi_old / mu, the term's gradient is E_pi[(log pi - log ref) grad log pi]
+    = grad KL(pi || ref), computed here by autograd from the two distributions; unweighted it was
+    E_mu[...] instead (by hand 0.9 * 0.916 * 0.5 - 0.1 * (-0.470) * 0.5 = 0.436 for d/dz_A, against
+    0.5 * 0.916 * 0.5 + 0.5 * 0.470 * 0.5 = 0.347)."""
+    pi, ref = [0.5, 0.5], [0.2, 0.8]
+    trainer = PPOTrainer(FixedDistribution(pi), FixedDistribution(ref),
+                         learner_cfg(kl_penalty="loss", kl_estimator="k2", kl_coef=1.0, is_cap=10.0,
+                                     max_grad_norm=1e6, normalize_rewards=False))
+    tokens, mu = [0] * 9 + [1], [0.9, 0.1]
+    batch = collate([token_rollout(i, t, math.log(mu[t]), 1.0) for i, t in enumerate(tokens)], pad_id=0)
+    grads = []
+    trainer.optimizer.step = lambda *a, **k: grads.append(trainer.policy.head.weight.grad.clone().squeeze(1))
+    stats = trainer.step(batch, current_version=0)
+    assert stats["loss/policy"] == 0.0  # groups of one: zero advantages, the KL term alone
+    logits = torch.tensor(pi).log().requires_grad_()
+    p = torch.softmax(logits, -1)
+    (p * (p.log() - torch.tensor(ref).log())).sum().backward()
+    torch.testing.assert_close(grads[0], logits.grad, atol=1e-5, rtol=0)
+    assert float(grads[0][0]) == pytest.approx(0.5 * math.log(2.5) * 0.5 + 0.5 * math.log(0.5 / 0.8) * -0.5, abs=1e-5)
