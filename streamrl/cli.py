@@ -129,12 +129,12 @@ def evaluate_run(config, args, started: float) -> dict:
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate, optionally evaluate the initial policy, run all services under honcho, then report."""
     from streamrl.common.errors import StartupRefused
-    from streamrl.runs import RunMode, RunRefused, prepare_run_folder, record_launch
+    from streamrl.runs import JournalRewards, RunMode, RunRefused, prepare_run_folder, record_launch
 
     config = _load(args, SERVICES)
     mode = RunMode.RESUME if args.resume else RunMode.FRESH if args.fresh else RunMode.NEW
     try:
-        print(prepare_run_folder(config, mode), flush=True)
+        print(prepare_run_folder(config, mode, journal_rewards=JournalRewards(args.journal_rewards)), flush=True)
     except (RunRefused, StartupRefused) as err:
         print(f"streamrl: {err}", file=sys.stderr)
         return 2
@@ -308,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     rerun.add_argument("--fresh", action="store_true",
                        help="start over: the files of a run already in run.output_dir move to "
                             "<output_dir>/previous/<time>/")
+    run.add_argument("--journal-rewards", choices=("keep", "rescore", "drop"), default="keep",
+                     help="with --resume, when scorer.rewards changed since the last launch: train on the "
+                          "journaled rollouts as scored (keep, the default, with a warning naming the changed "
+                          "keys), score them again with the new reward (rescore), or move the journal to "
+                          "previous/ (drop)")
     run.add_argument("--eval", action="store_true",
                      help="evaluate the initial and final policy on held-out prompts and print both")
     run.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts to use (default: eval.limit)")
