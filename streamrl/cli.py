@@ -86,11 +86,11 @@ def eval_options(config, limit: int | None, seed: int | None, samples: int | Non
 def evaluate_run(config, args, started: float) -> dict:
     """After a run: evaluate the final checkpoint, plot the curve, write and print the summary."""
     from streamrl.evaluation import evaluate
-    from streamrl.report import generation_accounting, plot_learning_curve, read_metrics
+    from streamrl.report import distinct_steps, generation_accounting, plot_learning_curve, read_metrics
     from streamrl.services.learner.checkpoint import latest_checkpoint
 
     output = Path(config.run.output_dir)
-    records = read_metrics(output / "metrics.jsonl")
+    records = distinct_steps(read_metrics(output / "metrics.jsonl"))  # rolled-back steps once
     final = latest_checkpoint(output / "checkpoints")
     summary: dict = {"config": str(args.config), "overrides": args.overrides, "steps": len(records),
                      "wall_seconds": round(time.time() - started, 1)}
