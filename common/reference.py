@@ -7,9 +7,10 @@ scorers attach them to each :class:`~streamrl.common.messages.ScoredRollout`
 running its own reference pass.
 
 The computation is the learner's (``services/learner/batch.py``: ``collate`` then
-``forward_completions(..., truncate=False)``) for the same rows: ``prompt + completion``
-right-padded, the transformer body once, the vocabulary projection only at the completion
-positions and in float32 (:func:`completion_logits`), the logits divided by the rollout's
+``forward_completions(..., truncate=False)``, sharing :mod:`streamrl.common.completions`) for the
+same rows: ``prompt + completion`` right-padded, the transformer body once, the vocabulary
+projection only at the completion positions and in float32
+(:func:`~streamrl.common.completions.completion_logits`), the logits divided by the rollout's
 recorded temperature, ``log_softmax`` read at the sampled token (computed as
 ``logit - logsumexp``). With right padding and a causal mask, a row's values do not depend on
 the other rows of its micro-batch, so they equal the learner's within float tolerance.
@@ -28,8 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from streamrl.common.completions import completion_logits, completion_rows
 from streamrl.common.messages import Rollout
-from streamrl.common.tensors import linear_fp32, pad_right
 
 
 @torch.no_grad()
@@ -66,41 +67,13 @@ def reference_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], *, p
     return out
 
 
-def completion_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The transformer body over ``prompt + completion`` rows, then the vocabulary projection only
-    at the completion positions (prompt positions never need ``[V]``-sized logits), in float32.
-
-    The learner's passes (``services/learner/batch.py``) and the scorers' reference pass share it,
-    so both read the same numbers. Under bf16 autocast the body runs in bf16 but the output
-    projection runs in float32 (:func:`~streamrl.common.tensors.linear_fp32`): the logits are
-    those of a float32 head on the bf16 hidden states.
-
-    Args:
-        model: causal LM (``base_model`` and ``get_output_embeddings()``).
-        input_ids: ``[B, L]`` int64, right-padded.
-        attention_mask: ``[B, L]`` int64, 1 on real tokens.
-        positions: ``[B, T]`` int64 index into ``L`` of the hidden state predicting completion token t.
-
-    Returns:
-        ``(hidden, logits)``: ``[B, T, H]`` hidden states (the body's dtype) and ``[B, T, V]``
-        float32 logits (before any temperature).
-    """
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    hidden = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
-    return hidden, linear_fp32(model.get_output_embeddings(), hidden)
-
-
 def _forward(model, rollouts: Sequence[Rollout], temperature: float, pad_id: int, device) -> list[np.ndarray]:
-    prompts = [r.prompt_tokens.astype("int64") for r in rollouts]
-    completions = [r.completion_tokens.astype("int64") for r in rollouts]
-    input_ids, attention = pad_right([np.concatenate(pc) for pc in zip(prompts, completions)], value=pad_id)
-    tokens, mask = pad_right(completions, value=pad_id)
-    lengths = torch.tensor([len(p) for p in prompts])
-    positions = (lengths.unsqueeze(1) - 1 + torch.arange(tokens.shape[1])) * mask  # as the learner's collate
-    _, logits = completion_logits(model, input_ids.to(device), attention.long().to(device), positions.to(device))
+    rows = completion_rows([r.prompt_tokens for r in rollouts], [r.completion_tokens for r in rollouts],
+                           pad_id=pad_id)
+    _, logits = completion_logits(model, rows.input_ids.to(device), rows.attention_mask.long().to(device),
+                                  rows.positions.to(device))
     logits = logits / temperature  # [B, T, V]
-    tokens = tokens.to(device)
+    tokens = rows.tokens.to(device)
     logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     logprobs = logprobs.cpu().numpy().astype(np.float32)
-    return [logprobs[b, :len(c)].copy() for b, c in enumerate(completions)]
+    return [logprobs[b, :len(r.completion_tokens)].copy() for b, r in enumerate(rollouts)]

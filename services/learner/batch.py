@@ -11,12 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from streamrl.common.completions import completion_logits, completion_rows
 from streamrl.common.messages import SamplingParams, ScoredRollout
-from streamrl.common.reference import completion_logits
 from streamrl.common.tensors import linear_fp32, pad_right
 from streamrl.services.learner.losses import entropy_from_logits, nucleus_mask, token_logprobs
 
@@ -153,25 +152,21 @@ def collate(rollouts: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
         reason = next(iter(refused))
         raise MixedSamplingError(reason, f"{len(rollouts) - len(kept)} of {len(rollouts)} rollouts were sampled "
                                          f"with another {reason.removeprefix('mixed_')}; split_by_sampling first")
-    prompts = [s.rollout.prompt_tokens.astype("int64") for s in rollouts]
-    completions = [s.rollout.completion_tokens.astype("int64") for s in rollouts]
-    input_ids, attention = pad_right([np.concatenate(pc) for pc in zip(prompts, completions)], value=pad_id)
-    tokens, mask = pad_right(completions, value=pad_id)
+    rows = completion_rows([s.rollout.prompt_tokens for s in rollouts],
+                           [s.rollout.completion_tokens for s in rollouts], pad_id=pad_id)
+    tokens, mask = rows.tokens, rows.mask
     behaviour, _ = pad_right([s.rollout.behaviour_logprobs for s in rollouts], value=0.0, dtype=torch.float32)
     ref = None
-    if all(s.reference_logprobs is not None for s in rollouts):  # computed by the scorers (issue 11)
+    if all(s.reference_logprobs is not None for s in rollouts):  # computed by the scorers
         ref, _ = pad_right([s.reference_logprobs for s in rollouts], value=0.0, dtype=torch.float32,
                            width=tokens.shape[1])
-    prompt_lengths = torch.tensor([len(p) for p in prompts])
-    # the logits at prompt_len - 1 + t predict completion token t (0 on padding)
-    positions = (prompt_lengths.unsqueeze(1) - 1 + torch.arange(tokens.shape[1])) * mask
     group_index: dict[str, int] = {}
     for s in rollouts:
         group_index.setdefault(s.rollout.group_id, len(group_index))
     return TrainBatch(
-        input_ids=input_ids,
-        attention_mask=attention.long(),
-        positions=positions,
+        input_ids=rows.input_ids,
+        attention_mask=rows.attention_mask.long(),
+        positions=rows.positions,
         tokens=tokens,
         mask=mask.float(),
         behaviour_logprobs=behaviour,
@@ -223,7 +218,7 @@ def forward_completions(
     whatever the reference said).
 
     The output projection and the value head run in float32 even under bf16 autocast
-    (:func:`~streamrl.common.reference.completion_logits`).
+    (:func:`~streamrl.common.completions.completion_logits`).
 
     Args:
         model: causal LM.

@@ -4,7 +4,7 @@ A step (Ouyang et al. 2022 "InstructGPT" sec. 3.5; Schulman et al. 2017 PPO):
 
 1. one no-grad pass computes pi_old (the policy before this update), the
    frozen reference's log-probs (unless the scorers sent them with the rollouts,
-   ``TrainBatch.ref_logprobs``, issue 11) and, for ``gae``, the old values; with
+   ``TrainBatch.ref_logprobs``) and, for ``gae``, the old values; with
    ``learner.reuse_first_pass`` the first minibatch's own forward pass (nothing is
    updated yet) supplies pi_old for its rows and the no-grad pass covers the rest;
 2. rewards are normalised with running statistics and clipped;

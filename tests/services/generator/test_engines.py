@@ -19,6 +19,7 @@ import torch
 from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
 from streamrl.common.models import load_causal_lm, load_tokenizer, save_tiny_model
 from streamrl.common.modes import Engine
+from streamrl.common.weights import tied_duplicates
 from streamrl.services.generator.engine import build_engine
 from streamrl.services.generator.sampling import encode_prompts
 from streamrl.services.learner.batch import collate, forward_completions
@@ -67,7 +68,14 @@ def reference(model_dir, engine):
     changed them)."""
     model = load_causal_lm(str(model_dir), device=torch.device("cpu")).eval()
     yield model
-    engine.load_state_dict(model.state_dict())
+    engine.load_state_dict(as_sent(model))
+
+
+def as_sent(model) -> dict[str, torch.Tensor]:
+    """The state dict as the learner sends it: tied duplicates (the tied lm_head) left out."""
+    state = model.state_dict()
+    tied = tied_duplicates(state)
+    return {name: t.clone() for name, t in state.items() if name not in tied}
 
 
 @pytest.fixture(scope="module")
@@ -126,29 +134,34 @@ def test_groups_order_and_endings(engine, tokenizer, prompts):
     assert reasons == {FinishReason.STOP, FinishReason.LENGTH}
 
 
-def test_new_version_loaded_in_place_is_the_one_sampled(engine, reference, prompts):
-    """After loading version v+1 (every weight moved), the engine samples from v+1: its log-probs equal the
-    learner's under v+1 and not under v."""
+def test_each_new_version_loaded_in_place_is_the_one_sampled(engine, reference, prompts):
+    """Versions v+1, v+2, v+3 (every weight moved each time, sent as the learner sends them: the tied head
+    once, as the embedding) each load in place, and the engine samples from the newest: its log-probs equal
+    the learner's under that version and not under the one before."""
     sampling = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=16)
-    updated = load_causal_lm(str(reference.name_or_path), device=torch.device("cpu")).eval()
+    policy = load_causal_lm(str(reference.name_or_path), device=torch.device("cpu")).eval()
     generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in updated.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.3)
     engine.sample(prompts, group_size=2, sampling=sampling)  # fills the prefix cache with version v's blocks
-    engine.load_state_dict(updated.state_dict())
-    completions = flat(engine.sample(prompts, group_size=4, sampling=sampling))
-    under_new = learner_logprobs(updated, completions, sampling)
-    under_old = learner_logprobs(reference, completions, sampling)
-    for c, new, old in zip(completions, under_new, under_old):
-        np.testing.assert_allclose(c.logprobs, new, atol=TOLERANCE, rtol=0)
-    assert max(np.abs(c.logprobs - old).max() for c, old in zip(completions, under_old)) > 0.1
+    previous = reference
+    for _ in range(3):
+        updated = load_causal_lm(str(reference.name_or_path), device=torch.device("cpu")).eval()
+        updated.load_state_dict(policy.state_dict())
+        with torch.no_grad():
+            for p in updated.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * 0.2)
+        engine.load_state_dict(as_sent(updated))
+        completions = flat(engine.sample(prompts, group_size=4, sampling=sampling))
+        for c, new in zip(completions, learner_logprobs(updated, completions, sampling)):
+            np.testing.assert_allclose(c.logprobs, new, atol=TOLERANCE, rtol=0)
+        under_old = learner_logprobs(previous, completions, sampling)
+        assert max(np.abs(c.logprobs - old).max() for c, old in zip(completions, under_old)) > 0.1
+        previous = policy = updated
 
 
 def test_weights_of_another_model_are_refused(engine, reference):
-    state = reference.state_dict()
+    state = as_sent(reference)
     state.pop("model.layers.0.mlp.up_proj.weight")
     with pytest.raises(RuntimeError, match="missing"):
         engine.load_state_dict(state)
     with pytest.raises(RuntimeError, match="unexpected"):
-        engine.load_state_dict({**reference.state_dict(), "model.extra.weight": torch.zeros(2)})
+        engine.load_state_dict({**as_sent(reference), "model.extra.weight": torch.zeros(2)})
