@@ -78,13 +78,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     (:func:`streamrl.training.run`)."""
     from streamrl.common.errors import StartupRefused
     from streamrl.training import EvalOptions, run
-    from streamrl.runs import RunMode, RunRefused
+    from streamrl.runs import JournalRewards, RunMode, RunRefused
 
     mode = RunMode.RESUME if args.resume else RunMode.FRESH if args.fresh else RunMode.NEW
     evaluation = EvalOptions(args.eval_prompts, args.eval_seed, args.eval_samples) if args.eval else None
     try:
         result = run(args.config, args.overrides, mode=mode, generators=args.generators, scorers=args.scorers,
-                     stop_timeout_s=args.stop_timeout, evaluation=evaluation)
+                     stop_timeout_s=args.stop_timeout, evaluation=evaluation,
+                     journal_rewards=JournalRewards(args.journal_rewards))
     except ConfigError as err:
         print(f"streamrl: invalid config\n{err}", file=sys.stderr)
         return 2
@@ -228,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     rerun.add_argument("--fresh", action="store_true",
                        help="start over: the files of a run already in run.output_dir move to "
                             "<output_dir>/previous/<time>/")
+    run.add_argument("--journal-rewards", choices=("keep", "rescore", "drop"), default="keep",
+                     help="with --resume, when scorer.rewards changed since the last launch: train on the "
+                          "journaled rollouts as scored (keep, the default, with a warning naming the changed "
+                          "keys), score them again with the new reward (rescore), or move the journal to "
+                          "previous/ (drop)")
     run.add_argument("--eval", action="store_true",
                      help="evaluate the initial and final policy on held-out prompts and print both")
     run.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts to use (default: eval.limit)")

@@ -121,8 +121,9 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
               build_engine(gen.engine, model_path, tokenizer, device=device, autocast_bf16=False,
                            max_model_len=gen.max_prompt_tokens + gen.max_new_tokens, kv_cache_gib=gen.kv_cache_gib,
                            threads=torch.get_num_threads(), seed=seed))
-    same = Path(model_path).resolve() == Path(base).resolve()  # the reference itself: KL is exactly 0
-    reference = None if same else load_causal_lm(base, device=device).eval()
+    # the reference itself: KL is exactly 0 at top_p = 1 (below, the nucleus cuts -log(its mass) per token)
+    same = Path(model_path).resolve() == Path(base).resolve()
+    reference = policy if same else load_causal_lm(base, device=device).eval()
     reward = build_reward(cfg.scorer.rewards, device=device)
     extra = build_reward(cfg.eval.rewards, device=device) if cfg.eval.rewards else None
     extra_rewards: dict[str, list[float]] = {name: [] for name in (extra.names if extra is not None else [])}
@@ -157,11 +158,11 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
             for p, c, v in zip(chunk, completions, values)
         ]
         batch = collate(scored, pad_id=tokenizer.pad_token_id).to(device)
-        if same:  # KL of a policy to itself: no forward pass needed
+        if same and sampling.top_p >= 1:  # KL of a policy to itself: no forward pass needed
             kls += [0.0] * len(scored)
-        else:
+        else:  # the policy as it samples against the untruncated reference (as the learner's penalty)
             out = forward_completions(policy, batch)
-            ref = forward_completions(reference, batch, nucleus=out.nucleus).logprobs  # top_p < 1: the policy's nucleus
+            ref = forward_completions(reference, batch, truncate=False).logprobs
             kls += torch.where(batch.mask > 0, out.logprobs - ref, 0.0).sum(1).tolist()  # padding may hold -inf
         tokens += batch.mask.sum(1).long().tolist()
         rewards += [sum(values[i : i + k]) / k for i in range(0, len(values), k)]

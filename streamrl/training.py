@@ -26,8 +26,8 @@ from streamrl.common.service import CONFIG_ENV, OVERRIDES_ENV
 from streamrl.deploy import PROCFILE
 from streamrl.evaluation import EvalResult, compare, evaluate
 from streamrl.launcher import interrupted, run_procfile
-from streamrl.report import generation_accounting, plot_learning_curve, read_metrics
-from streamrl.runs import RunMode, RunRefused, prepare_run_folder, record_launch
+from streamrl.report import distinct_steps, generation_accounting, plot_learning_curve, read_metrics
+from streamrl.runs import JournalRewards, RunMode, RunRefused, prepare_run_folder, record_launch
 from streamrl.services.learner.checkpoint import latest_checkpoint
 
 __all__ = ["EvalOptions", "JobResult", "run", "summarize"]
@@ -72,7 +72,8 @@ class JobResult:
 
 def run(config_path: str | Path, overrides: Sequence[str] = (), *, mode: RunMode = RunMode.NEW,
         generators: int = 1, scorers: int | None = None, stop_timeout_s: float = 60.0,
-        evaluation: EvalOptions | None = None) -> JobResult:
+        evaluation: EvalOptions | None = None,
+        journal_rewards: JournalRewards = JournalRewards.KEEP) -> JobResult:
     """Run one streaming training job to its end (module docstring).
 
     Args:
@@ -83,6 +84,9 @@ def run(config_path: str | Path, overrides: Sequence[str] = (), *, mode: RunMode
         scorers: scorer processes; None = one per ``endpoints.scorers`` entry.
         stop_timeout_s: seconds each service gets to exit after SIGTERM before it is killed.
         evaluation: score the initial and the final policy on held-out prompts; None = no evaluation.
+        journal_rewards: with ``mode = RunMode.RESUME``, what happens to the journaled rollouts when
+            ``scorer.rewards`` changed since the previous launch (:class:`streamrl.runs.JournalRewards`:
+            keep them as scored, score them again, or move the journal to ``previous/``).
 
     Returns:
         The services' exit status and the run's summary.
@@ -99,7 +103,7 @@ def run(config_path: str | Path, overrides: Sequence[str] = (), *, mode: RunMode
     if scorers > len(config.endpoints.scorers):
         raise RunRefused(f"--scorers {scorers} but endpoints.scorers lists {len(config.endpoints.scorers)}; "
                          "fix: add one endpoint per scorer to the config")
-    print(prepare_run_folder(config, mode), flush=True)
+    print(prepare_run_folder(config, mode, journal_rewards=journal_rewards), flush=True)
     record_launch(config, mode=mode, config_path=str(config_path), overrides=overrides)
     started = time.time()
     before = None
@@ -142,7 +146,7 @@ def summarize(config: Config, config_path: str, overrides: list[str], started: f
         The summary, also written to ``<run.output_dir>/summary.json``.
     """
     output = Path(config.run.output_dir)
-    records = read_metrics(output / "metrics.jsonl")
+    records = distinct_steps(read_metrics(output / "metrics.jsonl"))  # rolled-back steps once
     final = latest_checkpoint(output / "checkpoints")
     summary: dict = {"config": config_path, "overrides": overrides, "steps": len(records),
                      "wall_seconds": round(time.time() - started, 1)}

@@ -37,7 +37,7 @@ class LearnerSection(_Section):
     minibatches: int = Field(1, ge=1, description="minibatches per pass")
     reuse_first_pass: bool = Field(True, description="the first minibatch's forward pass (nothing updated yet) is "
                                    "pi_old for its rows, so the no-grad pi_old pass covers only the other rows "
-                                   "(top_p = 1; exact)")
+                                   "(exact, at any top_p)")
     bucket_by_length: bool = Field(False, description="minibatches of rows of similar length (sorted, split, "
                                    "shuffled) instead of random rows: less padding per pass; changes which rows "
                                    "share an update")
@@ -84,7 +84,9 @@ class LearnerSection(_Section):
     value_lr: Optional[float] = Field(None, gt=0, description="AdamW learning rate of `value_model`; unset = `lr`",
                                       json_schema_extra={"applies_to": {"advantage": "gae"}})
     whiten_advantages: bool = Field(True, description="masked whitening of GAE advantages (group baselines are "
-                                    "already normalised per group)")
+                                    "already normalised per group); with `correction = \"vtrace\"` the advantages "
+                                    "are only divided by their std, never shifted: they carry the importance weight, "
+                                    "and subtracting an unweighted batch mean can flip the gradient's sign")
     scale_rewards: RewardScale = Field(RewardScale.GROUP, description="GRPO divides centred scores by the `group`'s "
                                        "std (GRPO), the whole `batch`'s std (TRL) or nothing (`none`: Dr. GRPO)",
                                        json_schema_extra={"applies_to": {"advantage": "grpo"}})
@@ -106,7 +108,8 @@ class LearnerSection(_Section):
                                       "(half squared log-ratio) or `k3`; as a `loss` term `k2` has the gradient of "
                                       "KL(pi || ref), `k3` that of KL(ref || pi) (GRPO), `k1` none (refused)")
     kl_penalty: KLPenaltyMode = Field(KLPenaltyMode.REWARD, description="KL penalty in the `reward` or as a "
-                                      "`loss` term")
+                                      "`loss` term (its tokens come from mu: each is weighted by min(pi_old/mu, "
+                                      "`is_cap`), rho-bar for `vtrace`)")
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus")
     normalize_rewards: bool = Field(True, description="running mean/std normalisation of rewards")
     reward_clip: Optional[float] = Field(5.0, gt=0, description="clip normalised rewards to +-this (unset = none)")

@@ -231,7 +231,9 @@ class GeneratorSection(_Section):
     temperature: float = Field(1.0, gt=0, description="sampling temperature; recorded in every rollout, and the "
                                "learner computes log-probs at the recorded value")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass; the learner reads pi_old and pi under "
-                         "the same nucleus (exact ratios at any top_p)")
+                         "the same nucleus (exact ratios at any top_p); the KL penalty compares that truncated "
+                         "policy with the untruncated reference, so below 1 it is at least -log(nucleus mass), "
+                         "up to -log(top_p) nats per token, even at the reference itself")
     max_new_tokens: int = Field(32, ge=1, description="completion budget, tokens")
     max_prompt_tokens: int = Field(128, ge=1, description="prompts keep their last N tokens")
     autocast_bf16: BF16Setting = Field(False, description="sample under bf16 autocast (`true`, `false`, or `auto`: "
@@ -267,7 +269,7 @@ class ScorerSection(_Section):
                                "learner's wait message)")
     reference_logprobs: bool = Field(True, description="scorers compute the frozen reference model's per-token "
                                      "log-probs and send them with each rollout, so the learner skips its reference "
-                                     "pass (top_p = 1 only; otherwise, or when false, the learner runs it)")
+                                     "pass (when false, the learner runs it)")
     autocast_bf16: BF16Setting = Field(False, description="compute the reference log-probs under bf16 autocast "
                                        "(`true`, `false`, or `auto`: where the device computes bf16 natively): "
                                        "1.7x faster reference pass of SmolLM2 on one CPU core (`bench/learner_passes.py`); "

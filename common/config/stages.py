@@ -67,7 +67,7 @@ class RewardModelSection(_StageSection):
                                       json_schema_extra={**LOCAL_PATH, "default_text": "`<run.output_dir>/rm`"})
     lr: float = Field(5e-5, gt=0, description="AdamW peak learning rate")
     normalize: bool = Field(True, description="store a bias so that the demonstrations (best responses of the "
-                            "training rows) score 0 on average (InstructGPT)")
+                            "training rows, both halves with `gold`) score 0 on average (InstructGPT)")
     gold: bool = Field(False, description="train two reward models from `base_model` on disjoint halves of the "
                        "training rows (split by a seeded hash of the prompt): `<output_dir>/proxy`, for the scorer "
                        "and the critic (PPO optimises it), and `<output_dir>/gold`, never optimised, for "

@@ -14,9 +14,9 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from streamrl.common.completions import completion_hidden, completion_rows
+from streamrl.common.completions import completion_logits, completion_rows
 from streamrl.common.messages import SamplingParams, ScoredRollout
-from streamrl.common.tensors import pad_right
+from streamrl.common.tensors import linear_fp32, pad_right
 from streamrl.services.learner.losses import entropy_from_logits, nucleus_mask, token_logprobs
 
 
@@ -187,18 +187,16 @@ class ModelOutput:
     """Per-completion-token outputs of one forward pass.
 
     Attributes:
-        logprobs: ``[B, T]`` log pi(token) under the batch's sampling distribution
+        logprobs: ``[B, T]`` float32 log pi(token) under the batch's sampling distribution
             (temperature, then the nucleus when ``top_p < 1``), nats; ``-inf`` for a token
             outside the nucleus.
         entropy: ``[B, T]`` entropy of that distribution at each position (nats), or None if not asked.
-        values: ``[B, T]`` value-head predictions, or None without a value head.
-        nucleus: ``[B, T, V]`` bool, the tokens kept at each position when ``top_p < 1``, else None.
+        values: ``[B, T]`` float32 value-head predictions, or None without a value head.
     """
 
     logprobs: Tensor
     entropy: Tensor | None
     values: Tensor | None
-    nucleus: Tensor | None = None
 
 
 def forward_completions(
@@ -207,42 +205,42 @@ def forward_completions(
     *,
     value_head: torch.nn.Module | None = None,
     with_entropy: bool = False,
-    nucleus: Tensor | None = None,
+    truncate: bool = True,
 ) -> ModelOutput:
     """Run ``model`` over ``batch`` and gather completion-aligned outputs under the
     distribution the rollouts were sampled from.
 
     The logits are divided by the temperature recorded in the rollouts
     (``batch.sampling.temperature``, not the learner's config). With
-    ``batch.sampling.top_p < 1`` they are then truncated to the nucleus, as the
-    generators' sampler does (:func:`~streamrl.services.learner.losses.nucleus_mask`),
-    and renormalised over it: by default the nucleus of ``model`` itself (the policy
-    being evaluated), or the given ``nucleus`` (the reference model is read under the
-    policy's nucleus, so KL(pi || ref) is 0 while pi == ref). A token outside the
-    nucleus gets log-prob ``-inf``; its gradient is 0.
+    ``batch.sampling.top_p < 1`` and ``truncate`` they are then truncated to the
+    nucleus of ``model`` itself, as the generators' sampler does
+    (:func:`~streamrl.services.learner.losses.nucleus_mask`), and renormalised over it:
+    the policy as it acts. A token outside the nucleus gets log-prob ``-inf``; its
+    gradient is 0. ``truncate=False`` gives the untruncated distribution at the
+    temperature: the reference model's, which the KL penalty compares against (read
+    under the policy's nucleus and renormalised, a one-token nucleus made the KL 0
+    whatever the reference said).
+
+    The output projection and the value head run in float32 even under bf16 autocast
+    (:func:`~streamrl.common.completions.completion_logits`).
 
     Args:
         model: causal LM.
         batch: the collated rollouts, on the model's device.
         value_head: maps ``[.., H]`` hidden states to ``[.., 1]`` values, or None.
         with_entropy: also return the per-position entropy.
-        nucleus: ``[B, T, V]`` bool kept-token mask to use instead of the model's own
-            (only with ``top_p < 1``).
+        truncate: apply the nucleus of ``batch.sampling.top_p`` (no effect at ``top_p = 1``).
 
     Returns:
-        A :class:`ModelOutput` (``nucleus`` set when ``top_p < 1``).
+        A :class:`ModelOutput`.
     """
-    # the transformer body, then the vocabulary projection only at completion positions
-    hidden = completion_hidden(model, batch.input_ids, batch.attention_mask, batch.positions)  # [B, T, H]
-    logits = model.get_output_embeddings()(hidden).float() / batch.sampling.temperature  # [B, T, V]
-    keep = None
-    if batch.sampling.top_p < 1:
-        keep = nucleus if nucleus is not None else nucleus_mask(logits, batch.sampling.top_p)
-        logits = logits.masked_fill(~keep, -math.inf)
-    values = value_head(hidden.float()).squeeze(-1) if value_head is not None else None
+    hidden, logits = completion_logits(model, batch.input_ids, batch.attention_mask, batch.positions)
+    logits = logits / batch.sampling.temperature  # [B, T, V] float32
+    if truncate and batch.sampling.top_p < 1:
+        logits = logits.masked_fill(~nucleus_mask(logits, batch.sampling.top_p), -math.inf)
+    values = linear_fp32(value_head, hidden).squeeze(-1) if value_head is not None else None
     return ModelOutput(
         logprobs=token_logprobs(logits, batch.tokens),
         entropy=entropy_from_logits(logits) if with_entropy else None,
         values=values,
-        nucleus=keep,
     )
