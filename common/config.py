@@ -66,6 +66,7 @@ from streamrl.common.modes import (
     RewardScale,
     WeightDtype,
 )
+from streamrl.common.user_code import make_importable, missing_module_fix
 from streamrl.deploy import DEFAULT_PROMPTS
 
 STRICT_ARGS = ConfigDict(strict=True, arbitrary_types_allowed=True)
@@ -556,6 +557,9 @@ class RewardSpec(_Section):
             fn = _IMPORT.validate_python(self.function)
         except ValidationError as exc:
             reason = exc.errors()[0]["msg"].removeprefix("Invalid python path: ")
+            module = self.function.partition(":")[0]
+            if reason.startswith("No module named") and f"'{module.split('.')[0]}'" in reason:
+                fix = missing_module_fix(module)
             return None, [ResourceError("function", f"cannot import {self.function}: {reason}; {fix}")]
         except Exception as exc:  # raised while importing the user's module
             return None, [ResourceError("function", f"importing {self.function} raised "
@@ -1230,7 +1234,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
     """Read a TOML config (or defaults when ``path`` is None), apply overrides, validate.
 
     Relative paths written in the file resolve against the file's folder; those given in
-    ``overrides`` (and defaults) against the current directory. With ``resources`` (service
+    ``overrides`` (and defaults) against the current directory. The file's folder and the current
+    directory are put first on ``sys.path`` (:func:`~streamrl.common.user_code.make_importable`), so a
+    reward module there imports in every process. With ``resources`` (service
     names), the files, folders and imports those services need are checked too
     (:func:`resource_problems`): ``streamrl check`` passes all of :data:`SERVICES`, each
     service process its own name.
@@ -1239,6 +1245,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
         ConfigError: unreadable TOML, any invalid value or missing resource; the message
             lists every problem.
     """
+    make_importable(path)  # reward modules next to the config or in the current directory
     data: dict = {}
     source = "<defaults>"
     if path is not None:
