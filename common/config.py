@@ -551,8 +551,8 @@ class RewardSpec(_Section):
             pydantic validates (``pydantic.validate_call``), ``kwargs`` values of the wrong type
             (checked strictly against the annotations, as :data:`STRICT_ARGS` does at call time).
         """
-        fix = ("fix: set it to an importable `package.module:function` (its module on the scorer's "
-               "PYTHONPATH) or a built-in name: " + ", ".join(BUILTIN_REWARDS))
+        fix = ("fix: set it to an importable `package.module:function` (its module in the config file's folder, "
+               "the current directory or on PYTHONPATH) or a built-in name: " + ", ".join(BUILTIN_REWARDS))
         try:
             fn = _IMPORT.validate_python(self.function)
         except ValidationError as exc:
@@ -1315,7 +1315,8 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
     - generator, learner: ``model.path`` is a model folder (a missing local folder says
       "folder not found"), a built-in name whose source is installed, or a hub id that can
       be fetched; the device exists.
-    - generator: ``generator.prompts.path`` is a readable file.
+    - generator: ``generator.prompts.path`` is a readable file; chat prompts (``messages_field``, also
+      in ``eval.prompts``) need a tokenizer with a chat template (likewise ``learner.ptx_data`` for the learner).
     - learner: ``learner.ptx_data.path`` (when set) is a readable file; ``run.output_dir``
       can be created.
     - scorer: each ``scorer.rewards[i].function`` imports, is callable and accepts its
@@ -1340,6 +1341,7 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
     if "generator" in services:
         problems.append(_prompt_problem("generator.prompts", cfg.generator.prompts, "prompt file"))
         problems.append(_device_problem("generator.device", cfg.generator.device))
+    problems += _chat_template_problems(cfg, services)
     if "learner" in services:
         if cfg.learner.ptx_data is not None:
             problems.append(_prompt_problem("learner.ptx_data", cfg.learner.ptx_data, "SFT data file"))
@@ -1419,6 +1421,31 @@ def _is_repo_id(value: str) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+def _chat_template_problems(cfg: Config, services: set[str]) -> list[str]:
+    """Chat prompts (``messages_field``) need a tokenizer with a chat template to render them: one line
+    per prompt source of ``services`` that holds chats when the tokenizer of ``model.path`` has none
+    (the generator reads ``generator.prompts``, and ``eval.prompts`` for the evaluation; the learner
+    ``learner.ptx_data``). A model that cannot be loaded is left to :func:`_model_problems`."""
+    sources = {"generator.prompts": cfg.generator.prompts if "generator" in services else None,
+               "eval.prompts": cfg.eval.prompts if "generator" in services else None,
+               "learner.ptx_data": cfg.learner.ptx_data if "learner" in services else None}
+    chats = [key for key, source in sources.items() if source is not None and source.messages_field is not None]
+    if not chats:
+        return []
+    from streamrl.common import models  # torch and transformers: only when checking
+
+    try:
+        tokenizer = models.load_tokenizer(models.resolve_model_path(cfg.model.path, cfg.model.cache_path))
+    except Exception:  # missing, unreadable or not downloadable: reported as a model.path problem
+        return []
+    if getattr(tokenizer, "chat_template", None):
+        return []
+    return [f"{key}.messages_field: the prompts are chats (messages_field = \"{sources[key].messages_field}\") but "
+            f"the tokenizer of model.path ({cfg.model.path}) has no chat template to render them; fix: set model.path "
+            f"to a chat model (its tokenizer_config.json has a chat_template, e.g. {models.SMOLLM2_NAME}), or give "
+            f"the prompts as text ({key}.text_field instead of messages_field)" for key in chats]
 
 
 def _model_folder_problem(key: str, value: str, what: str, fix: str) -> str | None:
