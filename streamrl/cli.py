@@ -1,6 +1,6 @@
 """The ``streamrl`` command.
 
-``streamrl run --config FILE [--generators N] [--scorers M] [--resume | --fresh] [--set key=value ...]``
+``streamrl run --config FILE [--generators N] [--scorers M] [--resume | --fresh] [--free-ports] [--set key=value ...]``
 validates the config, refuses a ``run.output_dir`` that already holds a run unless told to
 ``--resume`` or start ``--fresh`` (:mod:`streamrl.runs`), records the launch there, then starts every service as its own process from the
 Procfile that ships in the package (``streamrl.deploy``) with honcho's process
@@ -54,9 +54,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     The same checks each service runs at start-up; exit status 2 with every problem listed
     (key, rule, fix) when any fails.
     """
+    from streamrl.ports import ports_at_defaults, run_ports, taken_ports
+
     config = _load(args, SERVICES)
     print(f"{args.config}: OK ({config.run.name}, model {config.model.path}, "
           f"{config.learner.total_steps} steps, max_staleness {config.run.max_staleness})")
+    taken = taken_ports(run_ports(config, 1, len(config.endpoints.scorers)))
+    if taken:
+        then = ("`streamrl run` will pick free ones, as the config leaves every port at its default"
+                if ports_at_defaults(config) else "fix: set these keys to free ports, or run with "
+                "`streamrl run --free-ports`")
+        print(f"streamrl: note: ports in use on this machine now (another run?): {', '.join(map(str, taken))}; {then}",
+              file=sys.stderr)
     return 0
 
 
@@ -132,6 +141,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from streamrl.runs import RunMode, RunRefused, prepare_run_folder, record_launch
 
     config = _load(args, SERVICES)
+    scorers = args.scorers if args.scorers is not None else len(config.endpoints.scorers)
+    if scorers > len(config.endpoints.scorers) and not args.free_ports:
+        print(f"streamrl: --scorers {scorers} but endpoints.scorers lists {len(config.endpoints.scorers)}; "
+              "fix: add one endpoint per scorer to the config, or run with --free-ports", file=sys.stderr)
+        return 2
+    config = _claim_ports(args, config, scorers)
+    if config is None:
+        return 2
     mode = RunMode.RESUME if args.resume else RunMode.FRESH if args.fresh else RunMode.NEW
     try:
         print(prepare_run_folder(config, mode), flush=True)
@@ -150,11 +167,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.before = evaluate(config, base, **eval_options(config, args.eval_prompts, args.eval_seed,
                                                             args.eval_samples))
         print(f"held-out before: {args.before.line()}", flush=True)
-    scorers = args.scorers if args.scorers is not None else len(config.endpoints.scorers)
-    if scorers > len(config.endpoints.scorers):
-        print(f"streamrl: --scorers {scorers} but endpoints.scorers lists {len(config.endpoints.scorers)}; "
-              "fix: add one endpoint per scorer to the config", file=sys.stderr)
-        return 2
     env = dict(os.environ)
     env[CONFIG_ENV] = str(Path(args.config).resolve())
     env[OVERRIDES_ENV] = "\n".join(args.overrides)
@@ -172,6 +184,35 @@ def cmd_run(args: argparse.Namespace) -> int:
             args.before = None  # no final evaluation of an interrupted run
     evaluate_run(config, args, started)
     return code
+
+
+def _claim_ports(args: argparse.Namespace, config, scorers: int):
+    """The config the run starts with: ``config``, or with free loopback ports (``--free-ports``, or every
+    port left at its default and one of them taken: another run on this machine); None after printing
+    why the run cannot start (a port the config sets is taken, or free ports on a multi-host config)."""
+    from streamrl.ports import free_port_overrides, ports_at_defaults, run_ports, taken_ports
+
+    taken = taken_ports(run_ports(config, args.generators, scorers))
+    if not args.free_ports and not (taken and ports_at_defaults(config)):
+        if not taken:
+            return config
+        print(f"streamrl: ports in use on this machine (another run?): {', '.join(map(str, taken))}; fix: set "
+              "these keys to free ports, or add --free-ports (every port of this run on a free loopback port)",
+              file=sys.stderr)
+        return None
+    try:
+        overrides = free_port_overrides(config, args.generators, scorers)
+    except ValueError as err:
+        print(f"streamrl: --free-ports: {err}", file=sys.stderr)
+        return None
+    if taken and not args.free_ports:
+        print(f"streamrl: the default ports {', '.join(map(str, taken))} are in use (another run on this "
+              "machine?): this run uses free ports instead", flush=True)
+    args.overrides = [*args.overrides, *overrides]
+    config = _load(args, SERVICES)
+    print(f"streamrl: ports of this run: {' '.join(overrides)} (in {Path(config.run.output_dir) / 'config.toml'}; "
+          "`streamrl status --config` that file finds its services)", flush=True)
+    return config
 
 
 def _add_target_args(parser: argparse.ArgumentParser) -> None:
@@ -302,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop-timeout", type=float, default=60.0,
                      help="seconds each service gets to exit after SIGTERM (the learner writes its final "
                           "checkpoint) before it is killed (default 60)")
+    run.add_argument("--free-ports", action="store_true",
+                     help="bind every endpoint and metrics port of this run on a free loopback port (a second run "
+                          "on one machine); automatic when the config sets no port and a default one is taken")
     rerun = run.add_mutually_exclusive_group()
     rerun.add_argument("--resume", action="store_true",
                        help="continue the run already in run.output_dir (newest checkpoint, buffer journal)")
