@@ -421,7 +421,7 @@ class Security:
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             reason, why = "key_refused", (f"the server refused our key {self.keys_dir / CLIENTS_DIR}/"
                                           f"{self.client_name}.key (ZAP status {value}); fix: authorize it on the "
-                                          "server (streamrl keys authorize) and restart this process")
+                                          "server (streamrl keys authorize); this process dials again by itself")
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
             reason, why = "no_curve", "the server does not use CURVE; fix: give it the same security.keys_dir"
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
