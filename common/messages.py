@@ -40,7 +40,7 @@ SCHEMA_VERSION: tuple[int, int] = (1, 2)
 
 1.1 added the optional ``Rollout.selection`` and ``ScoredRollout.human`` fields and the
 ``human_model`` message (people in the loop); a 1.0 receiver ignores them.
-1.2 added the ``credit_request`` / ``credit_grant`` messages (generation credits, issue 11) and the
+1.2 added the ``credit_request`` / ``credit_grant`` messages (generation credits) and the
 optional ``ScoredRollout.reference_logprobs`` (reference pass in the scorers)."""
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -289,8 +289,8 @@ class ScoredRollout(Message):
         human: H-hat's score (:class:`HumanScore`) when a human-reinforcement model was
             active in the scorer; None otherwise.
         reference_logprobs: ``[T]`` float32 log-probs (nats) of the completion tokens under the
-            frozen reference model, computed by the scorer (``streamrl.common.reference``,
-            issue 11); None when not computed (the learner then runs its own reference pass).
+            frozen reference model, computed by the scorer (``streamrl.common.reference``);
+            None when not computed (the learner then runs its own reference pass).
     """
 
     KIND: ClassVar[str] = "scored_rollout"
@@ -360,7 +360,7 @@ class CreditRequest(Message):
     """A generator asks the buffer for generation credits before sampling (generator -> buffer,
     DEALER -> the buffer's batch ROUTER; the reply is a :class:`CreditGrant`).
 
-    Admission before generation (issue 11; AReaL, Fu et al. 2025, sec. 4): a generator samples
+    Admission before generation (AReaL, Fu et al. 2025, sec. 4): a generator samples
     a group only while it holds a credit. Counts are cumulative per ``sender`` (the generator id,
     unique per process start), so a lost or repeated request changes nothing.
 

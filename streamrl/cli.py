@@ -8,7 +8,7 @@ manager (:mod:`streamrl.launcher`), in the current directory; when the learner
 finishes (or any process dies, or ``streamrl run`` gets SIGTERM/SIGINT) every
 service is stopped and waited for; with ``--eval`` the initial and final policies are scored
 on held-out prompts, and a summary (JSON) and learning curve (PNG) are written to
-the run's output folder. ``streamrl eval`` scores one checkpoint; ``streamrl sft`` and
+the run's output folder (:func:`streamrl.training.run`). ``streamrl eval`` scores one checkpoint; ``streamrl sft`` and
 ``streamrl rm`` run the offline RLHF stages and ``streamrl pipeline`` all of them then PPO
 (:mod:`streamrl.pipeline`);
 ``streamrl check --config FILE`` only validates.
@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
 
 from streamrl import __version__
 from streamrl.common.config import SERVICES, ConfigError, load_config
-from streamrl.common.service import CONFIG_ENV, OVERRIDES_ENV
-from streamrl.deploy import DEFAULT_CONFIG, PROCFILE
-from streamrl.launcher import interrupted, run_procfile
+from streamrl.deploy import DEFAULT_CONFIG
 
 
 
@@ -71,12 +67,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Score one model folder on held-out prompts and print reward +- stderr, KL and samples."""
-    from streamrl.evaluation import evaluate
     from streamrl.common.models import resolve_model_path
+    from streamrl.evaluation import evaluate
+    from streamrl.training import EvalOptions
 
     config = _load(args, ("generator", "scorer"))  # the model, the prompts and the rewards
     path = args.checkpoint or resolve_model_path(config.model.path, config.model.cache_path)
-    result = evaluate(config, path, **eval_options(config, args.limit, args.seed, args.samples))
+    result = evaluate(config, path, **EvalOptions(args.limit, args.seed, args.samples).resolve(config))
     print(f"{path}: {result.line()}")
     for sample in result.samples:
         print(f"  [{sample['reward']:+.3f}] {sample['prompt']!r} -> {sample['completion']!r}")
@@ -85,134 +82,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def eval_options(config, limit: int | None, seed: int | None, samples: int | None) -> dict:
-    """``evaluate`` keyword arguments: the command-line values where given, else ``[eval]``'s."""
-    cfg = config.eval
-    return {"limit": limit if limit is not None else cfg.limit, "seed": seed if seed is not None else cfg.seed,
-            "samples_per_prompt": samples if samples is not None else cfg.samples_per_prompt}
-
-
-def evaluate_run(config, args, started: float) -> dict:
-    """After a run: evaluate the final checkpoint, plot the curve, write and print the summary."""
-    from streamrl.evaluation import evaluate
-    from streamrl.report import generation_accounting, plot_learning_curve, read_metrics
-    from streamrl.services.learner.checkpoint import latest_checkpoint
-
-    output = Path(config.run.output_dir)
-    records = read_metrics(output / "metrics.jsonl")
-    final = latest_checkpoint(output / "checkpoints")
-    summary: dict = {"config": str(args.config), "overrides": args.overrides, "steps": len(records),
-                     "wall_seconds": round(time.time() - started, 1)}
-    if records:
-        summary["learning_curve"] = str(plot_learning_curve(records, output / "learning_curve.png"))
-        k = max(1, len(records) // 5)
-        summary["train_reward_first"] = sum(r["reward_mean"] for r in records[:k]) / k
-        summary["train_reward_last"] = sum(r["reward_mean"] for r in records[-k:]) / k
-        summary.update(generation_accounting(records, output / "trained.jsonl", config.generator.group_size))
-        summary["behaviour_versions_seen"] = len({v for r in records for v in r["behaviour_versions"]})
-    if args.before is not None and final is not None:
-        from streamrl.evaluation import compare
-
-        after = evaluate(config, str(final / "model"),
-                         **eval_options(config, args.eval_prompts, args.eval_seed, args.eval_samples))
-        before = args.before
-        delta = after.reward_mean - before.reward_mean
-        se = math.sqrt(before.reward_stderr ** 2 + after.reward_stderr ** 2)
-        changes = {name: compare(before, after, name) for name in before.per_prompt}
-        summary.update(before=before.as_dict(), after=after.as_dict(), reward_delta=delta,
-                       reward_delta_stderr=se, improved_by_2_stderr=bool(delta > 2 * se), changes=changes)
-        print(f"held-out before: {before.line()}")
-        print(f"held-out after:  {after.line()}")
-        print(f"held-out reward change {delta:+.4f} +- {se:.4f} ({'>' if delta > 2 * se else '<='} 2 stderr)")
-        for name, change in changes.items():
-            print(f"  {name}: {change['before']:+.4f} -> {change['after']:+.4f}, change {change['delta']:+.4f} +- "
-                  f"{change['delta_stderr']:.4f} (paired over prompts)")
-        for sample in after.samples:
-            print(f"  [{sample['reward']:+.3f}] {sample['prompt']!r} -> {sample['completion']!r}")
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"summary: {output / 'summary.json'}" + (f", learning curve: {summary['learning_curve']}" if records else ""))
-    return summary
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    """Validate, optionally evaluate the initial policy, run all services under honcho, then report."""
+    """Validate, optionally evaluate the initial policy, run all services under honcho, then report
+    (:func:`streamrl.training.run`)."""
     from streamrl.common.errors import StartupRefused
-    from streamrl.runs import RunMode, RunRefused, prepare_run_folder, record_launch
+    from streamrl.training import EvalOptions, run
+    from streamrl.runs import RunMode, RunRefused
 
-    config = _load(args, SERVICES)
-    scorers = args.scorers if args.scorers is not None else len(config.endpoints.scorers)
-    if scorers > len(config.endpoints.scorers) and not args.free_ports:
-        print(f"streamrl: --scorers {scorers} but endpoints.scorers lists {len(config.endpoints.scorers)}; "
-              "fix: add one endpoint per scorer to the config, or run with --free-ports", file=sys.stderr)
-        return 2
-    config = _claim_ports(args, config, scorers)
-    if config is None:
-        return 2
     mode = RunMode.RESUME if args.resume else RunMode.FRESH if args.fresh else RunMode.NEW
+    evaluation = EvalOptions(args.eval_prompts, args.eval_seed, args.eval_samples) if args.eval else None
     try:
-        print(prepare_run_folder(config, mode), flush=True)
+        result = run(args.config, args.overrides, mode=mode, generators=args.generators, scorers=args.scorers,
+                     stop_timeout_s=args.stop_timeout, evaluation=evaluation, free_ports=args.free_ports)
+    except ConfigError as err:
+        print(f"streamrl: invalid config\n{err}", file=sys.stderr)
+        return 2
     except (RunRefused, StartupRefused) as err:
         print(f"streamrl: {err}", file=sys.stderr)
         return 2
-    record_launch(config, mode=mode, config_path=args.config, overrides=args.overrides)
-    started = time.time()
-    args.before = None
-    if args.eval:
-        from streamrl.evaluation import evaluate
-        from streamrl.common.models import resolve_model_path
-
-        base = resolve_model_path(config.model.path, config.model.cache_path)
-        print("streamrl: evaluating the initial policy on held-out prompts ...", flush=True)
-        args.before = evaluate(config, base, **eval_options(config, args.eval_prompts, args.eval_seed,
-                                                            args.eval_samples))
-        print(f"held-out before: {args.before.line()}", flush=True)
-    env = dict(os.environ)
-    env[CONFIG_ENV] = str(Path(args.config).resolve())
-    env[OVERRIDES_ENV] = "\n".join(args.overrides)
-    env["PYTHON"] = sys.executable
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    feedback = 1 if config.feedback.enabled else 0
-    print(f"streamrl: starting learner, buffer, {scorers} scorer(s) and {args.generators} generator(s)"
-          + (f", feedback page on http://{config.feedback.http_host}:{config.feedback.http_port}/" if feedback else "")
-          + f"; output in {config.run.output_dir}", flush=True)
-    code = run_procfile(PROCFILE, {"generator": args.generators, "scorer": scorers, "feedback": feedback}, env,
-                        os.getcwd(), stop_timeout_s=args.stop_timeout)
-    if interrupted(code):
-        print(f"streamrl: stopped by a signal (exit status {code}); every service has exited", file=sys.stderr)
-        if args.eval:
-            args.before = None  # no final evaluation of an interrupted run
-    evaluate_run(config, args, started)
-    return code
-
-
-def _claim_ports(args: argparse.Namespace, config, scorers: int):
-    """The config the run starts with: ``config``, or with free loopback ports (``--free-ports``, or every
-    port left at its default and one of them taken: another run on this machine); None after printing
-    why the run cannot start (a port the config sets is taken, or free ports on a multi-host config)."""
-    from streamrl.ports import free_port_overrides, ports_at_defaults, run_ports, taken_ports
-
-    taken = taken_ports(run_ports(config, args.generators, scorers))
-    if not args.free_ports and not (taken and ports_at_defaults(config)):
-        if not taken:
-            return config
-        print(f"streamrl: ports in use on this machine (another run?): {', '.join(map(str, taken))}; fix: set "
-              "these keys to free ports, or add --free-ports (every port of this run on a free loopback port)",
-              file=sys.stderr)
-        return None
-    try:
-        overrides = free_port_overrides(config, args.generators, scorers)
-    except ValueError as err:
-        print(f"streamrl: --free-ports: {err}", file=sys.stderr)
-        return None
-    if taken and not args.free_ports:
-        print(f"streamrl: the default ports {', '.join(map(str, taken))} are in use (another run on this "
-              "machine?): this run uses free ports instead", flush=True)
-    args.overrides = [*args.overrides, *overrides]
-    config = _load(args, SERVICES)
-    print(f"streamrl: ports of this run: {' '.join(overrides)} (in {Path(config.run.output_dir) / 'config.toml'}; "
-          "`streamrl status --config` that file finds its services)", flush=True)
-    return config
+    return result.exit_code
 
 
 def _add_target_args(parser: argparse.ArgumentParser) -> None:
@@ -300,13 +188,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     """``sft`` / ``rm``: run one offline training stage of the RLHF pipeline from its config section."""
-    from streamrl.finetune import StageError
+    from streamrl.stages.finetune import StageError
 
     config = _load(args)
     if args.command == "sft":
-        from streamrl.sft import run_sft as run_stage
+        from streamrl.stages.sft import run_sft as run_stage
     else:
-        from streamrl.reward_model import run_rm as run_stage
+        from streamrl.stages.reward_model import run_rm as run_stage
     try:
         summary = run_stage(config, force=args.force, log=lambda line: print(line, flush=True))
     except StageError as err:

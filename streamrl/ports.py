@@ -166,3 +166,36 @@ def free_port_overrides(cfg: Config, generators: int, scorers: int) -> list[str]
     if cfg.feedback.enabled and cfg.feedback.http_port:
         overrides.append(f"feedback.http_port={free_port()}")
     return overrides
+
+
+class PortsTaken(ValueError):
+    """A port the config sets is held on this machine, or free ports cannot be given; the message names
+    each taken port's key and the fix."""
+
+
+def claim_ports(cfg: Config, generators: int, scorers: int, *, free_ports: bool = False) -> list[str]:
+    """The ``--set`` overrides that give a run free ports ([] when its own are free), as the module
+    docstring says: with ``free_ports``, or when every port is at its default and one is taken.
+    Prints which default ports were taken and the ports chosen.
+
+    Raises:
+        PortsTaken: a port the config sets is taken (without ``free_ports``), or ``free_ports`` on a
+            config that is not on loopback.
+    """
+    taken = taken_ports(run_ports(cfg, generators, scorers))
+    if not free_ports and not (taken and ports_at_defaults(cfg)):
+        if taken:
+            raise PortsTaken(f"ports in use on this machine (another run?): {', '.join(map(str, taken))}; fix: set "
+                             "these keys to free ports, or add --free-ports (every port of this run on a free "
+                             "loopback port)")
+        return []
+    try:
+        overrides = free_port_overrides(cfg, generators, scorers)
+    except ValueError as err:
+        raise PortsTaken(f"--free-ports: {err}") from None
+    if taken and not free_ports:
+        print(f"streamrl: the default ports {', '.join(map(str, taken))} are in use (another run on this "
+              "machine?): this run uses free ports instead", flush=True)
+    print(f"streamrl: ports of this run: {' '.join(overrides)} (in {cfg.run.output_dir}/config.toml; "
+          "`streamrl status --config` that file finds its services)", flush=True)
+    return overrides

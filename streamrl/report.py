@@ -49,7 +49,7 @@ def plot_learning_curve(records: list[dict], png: Path) -> Path:
 
 
 def generation_accounting(records: list[dict], trained_path: Path, group_size: int) -> dict:
-    """Where the run's rollouts went (issue 11: "waste no generation").
+    """Where the run's rollouts went: trained, dropped as stale, evicted, still held (generation not wasted).
 
     Args:
         records: the learner's ``metrics.jsonl`` records.

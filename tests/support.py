@@ -131,7 +131,7 @@ def train_tiny_reward_model(folder: Path, model_dir: Path, *, preferred: str, pa
     import random
 
     from streamrl.common.config import validate_config
-    from streamrl.reward_model import run_rm
+    from streamrl.stages.reward_model import run_rm
 
     rng = random.Random(0)
     rows = [{"prompt": f"q{i}:", "chosen": " " + "".join(rng.choice(preferred * 3 + "xyz") for _ in range(6)),

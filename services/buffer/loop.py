@@ -17,7 +17,7 @@ any ``learner.checkpoint_every`` and serves none twice beyond ``max_reuse``.
 That logic, without sockets, is
 :class:`streamrl.services.buffer.durable.DurableBuffer`.
 
-Generation credits (issue 11, ``services/buffer/credits.py``): generators ask on
+Generation credits (``services/buffer/credits.py``): generators ask on
 the same ROUTER (``credit_request``) before sampling, and the buffer grants at
 most what can still be trained within ``max_staleness`` counting what it holds
 and what is granted but not arrived, so little is generated only to be dropped.

@@ -308,7 +308,7 @@ class LabelStore:
     # --------------------------------------------------------------- export
 
     def export(self, layout: str) -> Iterator[dict]:
-        """The labels as a dataset for the reward-model stage (``streamrl rm``, :mod:`streamrl.rlhf_data`).
+        """The labels as a dataset for the reward-model stage (``streamrl rm``, :mod:`streamrl.stages.rlhf_data`).
 
         Layouts:
             ``preferences``: one ``{"prompt", "chosen", "rejected"}`` row per pairwise pick, plus one per

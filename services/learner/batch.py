@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from streamrl.common.completions import completion_hidden, completion_rows
 from streamrl.common.messages import SamplingParams, ScoredRollout
 from streamrl.common.tensors import pad_right
 from streamrl.services.learner.losses import entropy_from_logits, nucleus_mask, token_logprobs
@@ -152,25 +152,21 @@ def collate(rollouts: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
         reason = next(iter(refused))
         raise MixedSamplingError(reason, f"{len(rollouts) - len(kept)} of {len(rollouts)} rollouts were sampled "
                                          f"with another {reason.removeprefix('mixed_')}; split_by_sampling first")
-    prompts = [s.rollout.prompt_tokens.astype("int64") for s in rollouts]
-    completions = [s.rollout.completion_tokens.astype("int64") for s in rollouts]
-    input_ids, attention = pad_right([np.concatenate(pc) for pc in zip(prompts, completions)], value=pad_id)
-    tokens, mask = pad_right(completions, value=pad_id)
+    rows = completion_rows([s.rollout.prompt_tokens for s in rollouts],
+                           [s.rollout.completion_tokens for s in rollouts], pad_id=pad_id)
+    tokens, mask = rows.tokens, rows.mask
     behaviour, _ = pad_right([s.rollout.behaviour_logprobs for s in rollouts], value=0.0, dtype=torch.float32)
     ref = None
-    if all(s.reference_logprobs is not None for s in rollouts):  # computed by the scorers (issue 11)
+    if all(s.reference_logprobs is not None for s in rollouts):  # computed by the scorers
         ref, _ = pad_right([s.reference_logprobs for s in rollouts], value=0.0, dtype=torch.float32,
                            width=tokens.shape[1])
-    prompt_lengths = torch.tensor([len(p) for p in prompts])
-    # the logits at prompt_len - 1 + t predict completion token t (0 on padding)
-    positions = (prompt_lengths.unsqueeze(1) - 1 + torch.arange(tokens.shape[1])) * mask
     group_index: dict[str, int] = {}
     for s in rollouts:
         group_index.setdefault(s.rollout.group_id, len(group_index))
     return TrainBatch(
-        input_ids=input_ids,
-        attention_mask=attention.long(),
-        positions=positions,
+        input_ids=rows.input_ids,
+        attention_mask=rows.attention_mask.long(),
+        positions=rows.positions,
         tokens=tokens,
         mask=mask.float(),
         behaviour_logprobs=behaviour,
@@ -232,11 +228,8 @@ def forward_completions(
     Returns:
         A :class:`ModelOutput` (``nucleus`` set when ``top_p < 1``).
     """
-    # Run the transformer body, then the vocabulary projection only at completion
-    # positions: prompt positions never need [V]-sized logits (V = 49k for SmolLM2).
-    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    index = batch.positions.unsqueeze(-1)
-    hidden = hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
+    # the transformer body, then the vocabulary projection only at completion positions
+    hidden = completion_hidden(model, batch.input_ids, batch.attention_mask, batch.positions)  # [B, T, H]
     logits = model.get_output_embeddings()(hidden).float() / batch.sampling.temperature  # [B, T, V]
     keep = None
     if batch.sampling.top_p < 1:

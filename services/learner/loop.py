@@ -67,7 +67,7 @@ class LearnerService:
         self.ctx = ctx
         self.cfg = cfg
         configure_torch(lc.threads, seed=cfg.run.seed)
-        # learner.world_size > 1: rank 0 of a data-parallel learner (distributed.py; the others run_worker)
+        # learner.world_size > 1: rank 0 of a data-parallel learner (distributed.py; the others launch.run_worker)
         self.dist, self.device = init_distributed(lc, select_device(lc.device))
         self.output = Path(cfg.run.output_dir)
         self.checkpoints = self.output / "checkpoints"

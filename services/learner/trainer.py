@@ -4,7 +4,7 @@ A step (Ouyang et al. 2022 "InstructGPT" sec. 3.5; Schulman et al. 2017 PPO):
 
 1. one no-grad pass computes pi_old (the policy before this update), the
    frozen reference's log-probs (unless the scorers sent them with the rollouts,
-   ``TrainBatch.ref_logprobs``, issue 11) and, for ``gae``, the old values; with
+   ``TrainBatch.ref_logprobs``) and, for ``gae``, the old values; with
    ``learner.reuse_first_pass`` the first minibatch's own forward pass (nothing is
    updated yet) supplies pi_old for its rows and the no-grad pass covers the rest;
 2. rewards are normalised with running statistics and clipped;
@@ -189,7 +189,7 @@ class PPOTrainer:
         first = None
         if cfg.reuse_first_pass and batch.sampling.top_p >= 1:
             # nothing is updated before the first minibatch: its forward pass is pi_old for its rows
-            # (exact), so the no-grad pass runs only over the other rows (issue 11 item 3)
+            # (exact), so the no-grad pass runs only over the other rows
             self.policy.eval()
             rows0 = orders[0][0]
             first = (rows0, self._forward(batch.select(rows0)))
@@ -355,7 +355,7 @@ class PPOTrainer:
         cfg, mask = self.cfg, batch.mask
         self.policy.eval()
         old = self._old_outputs(batch, first)
-        if batch.ref_logprobs is not None and batch.sampling.top_p >= 1:  # the scorers' pass (issue 11)
+        if batch.ref_logprobs is not None and batch.sampling.top_p >= 1:  # the scorers' pass
             ref_logprobs = batch.ref_logprobs
         else:
             with self._amp():

@@ -109,7 +109,7 @@ class ScorerService:
                 except (RuntimeError, ValueError) as err:  # scored without H-hat rather than lost
                     log.warning("H-hat could not score this micro-batch: %s", err)
         metrics.seconds.observe(time.perf_counter() - start)
-        if self.reference is not None:  # the learner's reference pass, done here (issue 11)
+        if self.reference is not None:  # the learner's reference pass, done here
             metrics.reference_seconds.observe(self.reference.fill(results))
         for sent, scored in enumerate(results):
             if not send_when_ready(self.push, scored, stop=self.ctx.stop, blocked_seconds=metrics.blocked,

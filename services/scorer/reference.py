@@ -1,4 +1,4 @@
-"""The scorer's reference pass: per-token reference log-probs travel with each scored rollout (issue 11 item 2).
+"""The scorer's reference pass: per-token reference log-probs travel with each scored rollout.
 
 The frozen reference model (``model.path``, the learner's reference) needs no weight sync, so
 the scorers, which scale like the generators, compute its log-probs

@@ -12,9 +12,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from streamrl.common.config import validate_config
 from streamrl.common.reward_model import RewardModel
-from streamrl.finetune import StageError
-from streamrl.reward_model import run_rm
-from streamrl.rlhf_data import load_examples, split_examples
+from streamrl.stages.finetune import StageError
+from streamrl.stages.reward_model import run_rm
+from streamrl.stages.rlhf_data import load_examples, split_examples
 
 CPU = torch.device("cpu")
 
@@ -106,7 +106,7 @@ def test_single_responses_are_refused(tiny_model_dir, tmp_path):
 
 
 def test_proxy_gold_split_is_disjoint_deterministic_halves():
-    from streamrl.rlhf_data import Example, split_proxy_gold
+    from streamrl.stages.rlhf_data import Example, split_proxy_gold
 
     examples = [Example(({"role": "user", "content": f"p{i % 37}"},), f"p{i % 37}", (" a", " b"), i + 1)
                 for i in range(60)]  # 37 prompts, 23 of them on two rows
@@ -129,7 +129,7 @@ def proxy_gold(tiny_model_dir, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("rm-gold")
     data = preference_task(tmp_path / "pairs.jsonl", rows=120)
     computed: list[int] = []
-    from streamrl.finetune import Trunk
+    from streamrl.stages.finetune import Trunk
 
     lower = Trunk._lower
 
@@ -169,7 +169,7 @@ def test_shared_features_give_the_same_gold_head_as_training_it_alone(proxy_gold
     """The gold model trained on the proxy's cached features equals the gold model trained alone
     on its half (a file of the gold rows and the same held-out rows, which stay the first in hash
     order), which computes its own features."""
-    from streamrl.rlhf_data import split_proxy_gold
+    from streamrl.stages.rlhf_data import split_proxy_gold
 
     summary, data, tmp_path, _ = proxy_gold
     examples = load_examples(data)

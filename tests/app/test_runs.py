@@ -1,4 +1,4 @@
-"""Reruns that never surprise (issue 13 item 5): a folder holding a run is refused without --resume or
+"""Reruns that never surprise: a folder holding a run is refused without --resume or
 --fresh, --resume continues (or says it has nothing to do), --fresh moves the old run away, and every
 launch records its resolved config, command line, versions and git commit."""
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import streamrl.cli as cli
+import streamrl.training as training
 from streamrl.common.config import load_config
 from streamrl.common.runlock import RunLock
 from streamrl.runs import RunMode, RunRefused, prepare_run_folder, record_launch, run_state
@@ -121,7 +122,7 @@ def test_the_cli_refuses_then_resumes_then_starts_fresh(tmp_path, tiny_model_dir
     monkeypatch.chdir(work)
     job = write_config(work / "job.toml", local_run_config(tmp_path, tiny_model_dir))
     calls = []
-    monkeypatch.setattr(cli, "run_procfile", lambda *a, **k: calls.append(a) or 0)
+    monkeypatch.setattr(training, "run_procfile", lambda *a, **k: calls.append(a) or 0)
     cfg = load_config(job)
     fake_run(cfg, 2)
 

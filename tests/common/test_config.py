@@ -1,4 +1,4 @@
-"""Tests for common/config.py: defaults, one ConfigError listing every problem (key,
+"""Tests for common/config/: defaults, one ConfigError listing every problem (key,
 rule, fix, spelling hints), cross checks, ``--set`` overrides, shipped configs, the
 schema's rules (one rule set), resource checks, the generated README reference."""
 

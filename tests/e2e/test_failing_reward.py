@@ -1,4 +1,4 @@
-"""A reward that raises on every batch, in a real run (issue 13 item 3): the scorer logs the exception
+"""A reward that raises on every batch, in a real run: the scorer logs the exception
 once with a rollout id and then REWARD FAILING, its metrics say so, `streamrl status` shows it, and the
 learner's wait message names the failing reward instead of guessing."""
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from streamrl.cli import build_parser, main
+from streamrl.cli import main
 from streamrl.common.config import load_config
-from streamrl.ports import port_taken, ports_at_defaults, run_ports
+from streamrl.ports import PortsTaken, claim_ports, port_taken, ports_at_defaults, run_ports, taken_ports
 from streamrl.testing import local_run_config, write_config
 
 pytestmark = pytest.mark.slow
@@ -91,31 +91,27 @@ def test_free_ports_runs_while_every_port_of_the_config_is_held(tmp_path, tiny_m
     assert f"ports of this run: endpoints.scorers=" in run.stdout and str(output / "config.toml") in run.stdout
 
 
-def test_default_ports_taken_by_another_run_are_replaced_without_asking(tmp_path, capsys, monkeypatch):
-    """A config with no port of its own (the README's example) while a default port is held: the run's
-    config gets free ports (the run itself is the previous test's; here only what it would start with)."""
-    from streamrl.cli import _claim_ports
-
+def test_default_ports_taken_by_another_run_are_replaced_without_asking(tmp_path, capsys):
+    """A config with no port of its own (the README's example) while a default port is held: the run gets
+    free ports (the run itself is the previous test's; here only the overrides it would start with)."""
     job = tmp_path / "my.toml"
     job.write_text('[run]\nname = "mine"\n[model]\npath = "tiny-char-llama"\n')
-    monkeypatch.chdir(tmp_path)
-    args = build_parser().parse_args(["run", "--config", str(job)])
     cfg = load_config(job)
     assert ports_at_defaults(cfg)
     with ExitStack() as stack:
         hold(stack, "127.0.0.1", cfg.metrics.buffer_port)  # held by us or by someone else: taken either way
         assert port_taken("127.0.0.1", cfg.metrics.buffer_port)
-        claimed = _claim_ports(args, cfg, 1)
+        overrides = claim_ports(cfg, 1, 1)
     out = capsys.readouterr().out
-    assert claimed is not None and not ports_at_defaults(claimed)
-    assert f"the default ports " in out and f"{cfg.metrics.buffer_port} (metrics.buffer_port)" in out
+    claimed = load_config(job, overrides)
+    assert not ports_at_defaults(claimed) and claimed.metrics.buffer_port != cfg.metrics.buffer_port
+    assert "the default ports " in out and f"{cfg.metrics.buffer_port} (metrics.buffer_port)" in out
     assert "this run uses free ports instead" in out
-    assert claimed.metrics.buffer_port != cfg.metrics.buffer_port
-    assert args.overrides and all("=" in o for o in args.overrides)  # recorded with the launch, passed to services
+    assert not taken_ports(run_ports(claimed, 1, 1))
 
     # a config on several hosts is never moved: the message says why and what to do
     remote = tmp_path / "cluster.toml"
     remote.write_text('[endpoints]\nbuffer = "tcp://trainer:5560"\n[security]\nallow_insecure = true\n')
-    args = build_parser().parse_args(["run", "--config", str(remote), "--free-ports"])
-    assert _claim_ports(args, load_config(remote), 1) is None
-    assert 'endpoints.buffer = "tcp://trainer:5560": free ports are for runs on one machine' in capsys.readouterr().err
+    with pytest.raises(PortsTaken, match='--free-ports: endpoints.buffer = "tcp://trainer:5560": free ports are '
+                                         'for runs on one machine'):
+        claim_ports(load_config(remote), 1, 1, free_ports=True)

@@ -86,7 +86,7 @@ def test_export_layouts_by_hand(tmp_path):
     assert pairs == [("The film was", "ok", "great"), ("The film was", "great", "awful"),
                      ("The film was", "great", "ok")]
     assert prefs[1]["labeller"] == "alice,bob" and prefs[0]["rollout_ids"] == ["r3", "r1"]
-    from streamrl.rlhf_data import parse_row  # what streamrl rm reads
+    from streamrl.stages.rlhf_data import parse_row  # what streamrl rm reads
 
     assert parse_row(json.loads(json.dumps(prefs[0])), row_number=0).responses == ("ok", "great")
     with pytest.raises(ValueError, match="layout"):

@@ -1,4 +1,4 @@
-"""The data-parallel learner (issue 16 item 4): 2 gloo ranks started by torchrun take the same
+"""The data-parallel learner: 2 gloo ranks started by torchrun take the same
 step as one rank on the same batch; the loss normalisation rule; the batch broadcast."""
 
 from __future__ import annotations

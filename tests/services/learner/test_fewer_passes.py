@@ -1,4 +1,4 @@
-"""Fewer and cheaper learner passes (issue 11 item 3): the first minibatch's forward pass reused as
+"""Fewer and cheaper learner passes: the first minibatch's forward pass reused as
 pi_old gives the same step as a separate pi_old pass; length buckets carry less padding."""
 
 from __future__ import annotations

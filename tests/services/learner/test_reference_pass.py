@@ -1,4 +1,4 @@
-"""The reference pass outside the learner (issue 11 item 2): log-probs the scorers compute with
+"""The reference pass outside the learner: log-probs the scorers compute with
 streamrl.common.reference equal the learner's own reference pass, and the KL penalty, advantages
 and a whole step computed from them equal today's learner-side values."""
 

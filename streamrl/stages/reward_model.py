@@ -6,7 +6,7 @@ model (a linear ``score`` head, read at the last non-padding token: see
 :mod:`streamrl.common.reward_model`), so its folder loads anywhere transformers does.
 Each training row is one prompt with K >= 2 responses ranked best first (a preference
 pair is K = 2); one batch element holds all C(K, 2) comparisons of its prompt and the
-loss is InstructGPT's eq. 1 (:func:`streamrl.rlhf_losses.kwise_ranking_loss`, equal to
+loss is InstructGPT's eq. 1 (:func:`streamrl.stages.rlhf_losses.kwise_ranking_loss`, equal to
 the pairwise Bradley-Terry loss for K = 2). Texts are ``rendered prompt + response``
 truncated on the left, exactly as the scorer will score them.
 
@@ -32,9 +32,9 @@ from torch import Tensor
 
 from streamrl.common.config import Config
 from streamrl.common.reward_model import REWARD_INFO_KEY, RewardModelInfo, encode_texts, pool_last, score_head
-from streamrl.finetune import Stage, StageError, Trunk, optimise
-from streamrl.rlhf_data import Example, render_prompt, response_text
-from streamrl.rlhf_losses import RankingAccuracy, kwise_ranking_loss, ranking_accuracy
+from streamrl.stages.finetune import Stage, StageError, Trunk, optimise
+from streamrl.stages.rlhf_data import Example, render_prompt, response_text
+from streamrl.stages.rlhf_losses import RankingAccuracy, kwise_ranking_loss, ranking_accuracy
 
 __all__ = ["comparisons", "encode_responses", "run_rm", "score_sequences"]
 
@@ -111,10 +111,10 @@ def run_rm(config: Config, *, force: bool = False, log: Callable[[str], None] = 
 
     A completed output folder is kept and its summary returned unless ``force``. With
     ``rm.gold = true`` two reward models are trained from the same base on disjoint halves
-    of the training rows (:func:`streamrl.rlhf_data.split_proxy_gold`): ``<output>/proxy``
+    of the training rows (:func:`streamrl.stages.rlhf_data.split_proxy_gold`): ``<output>/proxy``
     (for PPO to optimise) and ``<output>/gold`` (for evaluation only), both measured on the
     same held-out rows; the frozen part's output is computed once and shared by both
-    (:meth:`streamrl.finetune.Trunk.share_features`). The top-level ``summary.json`` then
+    (:meth:`streamrl.stages.finetune.Trunk.share_features`). The top-level ``summary.json`` then
     holds both summaries under ``models`` (``proxy``, ``gold``) and the proxy's figures at
     the top level.
 
@@ -122,7 +122,7 @@ def run_rm(config: Config, *, force: bool = False, log: Callable[[str], None] = 
         StageError: missing or malformed data, rows with a single response, too few prompts
             to split, or a setting the model cannot take.
     """
-    from streamrl.rlhf_data import split_proxy_gold
+    from streamrl.stages.rlhf_data import split_proxy_gold
 
     cfg = config.rm
     stage = Stage.open(config, "rm", force=force, log=log)

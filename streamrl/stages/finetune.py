@@ -250,7 +250,7 @@ def _changed_settings(stored: dict, current: dict, default: dict, prefix: str = 
 
 
 def load_stage_data(section: Any, key: str) -> tuple[list, list]:
-    """``(train, held_out)`` examples of a stage's ``data`` table (see :mod:`streamrl.rlhf_data`).
+    """``(train, held_out)`` examples of a stage's ``data`` table (see :mod:`streamrl.stages.rlhf_data`).
 
     Args:
         section: the stage's config section (``config.sft`` or ``config.rm``).
@@ -259,7 +259,7 @@ def load_stage_data(section: Any, key: str) -> tuple[list, list]:
     Raises:
         StageError: no data path, an unreadable or malformed file, or a split leaving no row.
     """
-    from streamrl.rlhf_data import load_examples, split_examples
+    from streamrl.stages.rlhf_data import load_examples, split_examples
 
     data = section.data
     if data.path is None:
