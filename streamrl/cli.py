@@ -1,6 +1,6 @@
 """The ``streamrl`` command.
 
-``streamrl run --config FILE [--generators N] [--scorers M] [--resume | --fresh] [--set key=value ...]``
+``streamrl run --config FILE [--generators N] [--scorers M] [--resume | --fresh] [--free-ports] [--set key=value ...]``
 validates the config, refuses a ``run.output_dir`` that already holds a run unless told to
 ``--resume`` or start ``--fresh`` (:mod:`streamrl.runs`), records the launch there, then starts every service as its own process from the
 Procfile that ships in the package (``streamrl.deploy``) with honcho's process
@@ -50,9 +50,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     The same checks each service runs at start-up; exit status 2 with every problem listed
     (key, rule, fix) when any fails.
     """
+    from streamrl.ports import ports_at_defaults, run_ports, taken_ports
+
     config = _load(args, SERVICES)
     print(f"{args.config}: OK ({config.run.name}, model {config.model.path}, "
           f"{config.learner.total_steps} steps, max_staleness {config.run.max_staleness})")
+    taken = taken_ports(run_ports(config, 1, len(config.endpoints.scorers)))
+    if taken:
+        then = ("`streamrl run` will pick free ones, as the config leaves every port at its default"
+                if ports_at_defaults(config) else "fix: set these keys to free ports, or run with "
+                "`streamrl run --free-ports`")
+        print(f"streamrl: note: ports in use on this machine now (another run?): {', '.join(map(str, taken))}; {then}",
+              file=sys.stderr)
     return 0
 
 
@@ -84,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     evaluation = EvalOptions(args.eval_prompts, args.eval_seed, args.eval_samples) if args.eval else None
     try:
         result = run(args.config, args.overrides, mode=mode, generators=args.generators, scorers=args.scorers,
-                     stop_timeout_s=args.stop_timeout, evaluation=evaluation,
+                     stop_timeout_s=args.stop_timeout, evaluation=evaluation, free_ports=args.free_ports,
                      journal_rewards=JournalRewards(args.journal_rewards))
     except ConfigError as err:
         print(f"streamrl: invalid config\n{err}", file=sys.stderr)
@@ -223,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop-timeout", type=float, default=60.0,
                      help="seconds each service gets to exit after SIGTERM (the learner writes its final "
                           "checkpoint) before it is killed (default 60)")
+    run.add_argument("--free-ports", action="store_true",
+                     help="bind every endpoint and metrics port of this run on a free loopback port (a second run "
+                          "on one machine); automatic when the config sets no port and a default one is taken")
     rerun = run.add_mutually_exclusive_group()
     rerun.add_argument("--resume", action="store_true",
                        help="continue the run already in run.output_dir (newest checkpoint, buffer journal)")

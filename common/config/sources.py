@@ -18,6 +18,7 @@ from streamrl.common.config.base import (
     _Section,
     _type_text,
 )
+from streamrl.common.user_code import missing_module_fix
 from streamrl.deploy import DEFAULT_PROMPTS
 
 
@@ -181,12 +182,15 @@ class RewardSpec(_Section):
             pydantic validates (``pydantic.validate_call``), ``kwargs`` values of the wrong type
             (checked strictly against the annotations, as :data:`STRICT_ARGS` does at call time).
         """
-        fix = ("fix: set it to an importable `package.module:function` (its module on the scorer's "
-               "PYTHONPATH) or a built-in name: " + ", ".join(BUILTIN_REWARDS))
+        fix = ("fix: set it to an importable `package.module:function` (its module in the config file's folder, "
+               "the current directory or on PYTHONPATH) or a built-in name: " + ", ".join(BUILTIN_REWARDS))
         try:
             fn = _IMPORT.validate_python(self.function)
         except ValidationError as exc:
             reason = exc.errors()[0]["msg"].removeprefix("Invalid python path: ")
+            module = self.function.partition(":")[0]
+            if reason.startswith("No module named") and f"'{module.split('.')[0]}'" in reason:
+                fix = missing_module_fix(module)
             return None, [ResourceError("function", f"cannot import {self.function}: {reason}; {fix}")]
         except Exception as exc:  # raised while importing the user's module
             return None, [ResourceError("function", f"importing {self.function} raised "
