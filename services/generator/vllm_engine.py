@@ -50,6 +50,15 @@ ENGINE_ENV = {
 """Environment vLLM reads at import; set (unless the user set them) before the first import."""
 
 
+class _DropThreadNotice(logging.Filter):
+    """vLLM's CPU worker replaces ``torch.set_num_threads`` with a function that logs a warning on every
+    call (it pins torch's threads after its start); the threads were set before the engine started, so
+    the repeated notice says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "doesn't allow to use `torch.set_num_threads`" not in str(record.msg)
+
+
 def checkpoint_names(path: str | Path) -> set[str]:
     """Tensor names of the safetensors checkpoint in Hugging Face folder ``path`` (read from the
     headers only)."""
@@ -120,6 +129,7 @@ class VLLMEngine:
         self.expected = checkpoint_names(path)
         self.tied = tied_output_embedding(path)
         self._vllm = vllm
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DropThreadNotice())
         self.llm = vllm.LLM(
             model=str(path), dtype="bfloat16" if bf16 else "float32", seed=seed,
             enforce_eager=device.type == "cpu",  # CPU: no graph capture (its compile costs minutes)
