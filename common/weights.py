@@ -72,7 +72,7 @@ from streamrl.common.messages import (
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.modes import WeightDtype
 from streamrl.common.security import Security
-from streamrl.common.transport import Inbox, make_socket, send, try_send
+from streamrl.common.transport import Inbox, make_socket, poll_unless_stopped, send, try_send
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,10 @@ STALLED_PEER_FORGET_S = 60.0
 
 class WeightSyncError(RuntimeError):
     """A weight fetch failed (timeout, digest mismatch, version retired)."""
+
+
+class FetchStopped(WeightSyncError):
+    """The process was asked to stop (its ``stop`` event was set) before a fetch completed."""
 
 
 # ---------------------------------------------------------------------- blobs and digests
@@ -763,6 +767,10 @@ class WeightClient:
         max_retries: re-sends before a fetch fails.
         max_message_bytes, hwm: socket limits.
         security: CURVE keys of this process (:mod:`streamrl.common.security`); None = none.
+        stop: the service's stop request (``ServiceContext.stop``): once set, a fetch and the wait
+            for announcements end within :data:`~streamrl.common.transport.STOP_CHECK_S` seconds
+            (a fetch raises :class:`FetchStopped`) instead of running out their timeouts and
+            retries; None = never stopped.
     """
 
     def __init__(
@@ -779,8 +787,10 @@ class WeightClient:
         hwm: int,
         max_retries: int = 5,
         security: Security | None = None,
+        stop: threading.Event | None = None,
     ):
         self.sender = sender
+        self.stop = stop
         self.credit = credit
         self.timeout_s = timeout_s
         self.max_retries = max_retries
@@ -806,9 +816,9 @@ class WeightClient:
 
     def poll_announcements(self, timeout_s: float = 0.0) -> WeightsAnnounce | None:
         """Drain announcements (waiting up to ``timeout_s`` for the first); return the newest seen."""
-        wait_ms = int(timeout_s * 1000)
-        while self.sub.poll(wait_ms):
-            wait_ms = 0
+        wait_s = timeout_s
+        while poll_unless_stopped(self.sub, wait_s, self.stop) if wait_s > 0 else self.sub.poll(0):
+            wait_s = 0.0
             msg = self.announce_inbox.decode(self.sub.recv_multipart(copy=False))
             if msg is not None:
                 self.last_announce = time.monotonic()
@@ -879,6 +889,7 @@ class WeightClient:
         Raises:
             WeightSyncError: version retired by the learner, too many timeouts, a chunk of
                 the wrong size, or a digest mismatch (nothing of the version may be loaded).
+            FetchStopped: ``stop`` was set before the fetch completed (a :class:`WeightSyncError`).
         """
         start = time.perf_counter()
         slot, buffer = self._receive_buffer(announce.total_bytes)
@@ -887,7 +898,10 @@ class WeightClient:
         retries = 0
         self._request_more(state)
         while state.received < announce.num_chunks:
-            if not self.dealer.poll(int(self.timeout_s * 1000)):
+            if not poll_unless_stopped(self.dealer, self.timeout_s, self.stop):
+                if self.stop is not None and self.stop.is_set():
+                    raise FetchStopped(f"version {announce.version}: stopped with {state.received} of "
+                                       f"{announce.num_chunks} chunks received")
                 retries += 1
                 if retries > self.max_retries:
                     raise WeightSyncError(

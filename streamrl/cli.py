@@ -26,7 +26,7 @@ from pathlib import Path
 
 from streamrl import __version__
 from streamrl.common.config import SERVICES, ConfigError, load_config
-from streamrl.common.service import CONFIG_ENV, OVERRIDES_ENV
+from streamrl.common.service import CONFIG_ENV, OVERRIDES_ENV, exit_now
 from streamrl.deploy import DEFAULT_CONFIG, PROCFILE
 from streamrl.launcher import interrupted, run_procfile
 
@@ -84,14 +84,15 @@ def eval_options(config, limit: int | None, seed: int | None, samples: int | Non
 
 
 def evaluate_run(config, args, started: float) -> dict:
-    """After a run: evaluate the final checkpoint, plot the curve, write and print the summary."""
-    from streamrl.evaluation import evaluate
+    """After a run: evaluate the final checkpoint, plot the curve, write and print the summary.
+
+    Without an evaluation nothing heavy is imported here (torch and the models take seconds on a
+    loaded machine, and this runs between the learner's ``learner finished`` and the run's exit).
+    """
     from streamrl.report import generation_accounting, plot_learning_curve, read_metrics
-    from streamrl.services.learner.checkpoint import latest_checkpoint
 
     output = Path(config.run.output_dir)
     records = read_metrics(output / "metrics.jsonl")
-    final = latest_checkpoint(output / "checkpoints")
     summary: dict = {"config": str(args.config), "overrides": args.overrides, "steps": len(records),
                      "wall_seconds": round(time.time() - started, 1)}
     if records:
@@ -101,8 +102,13 @@ def evaluate_run(config, args, started: float) -> dict:
         summary["train_reward_last"] = sum(r["reward_mean"] for r in records[-k:]) / k
         summary.update(generation_accounting(records, output / "trained.jsonl", config.generator.group_size))
         summary["behaviour_versions_seen"] = len({v for r in records for v in r["behaviour_versions"]})
+    final = None
+    if args.before is not None:
+        from streamrl.services.learner.checkpoint import latest_checkpoint
+
+        final = latest_checkpoint(output / "checkpoints")
     if args.before is not None and final is not None:
-        from streamrl.evaluation import compare
+        from streamrl.evaluation import compare, evaluate
 
         after = evaluate(config, str(final / "model"),
                          **eval_options(config, args.eval_prompts, args.eval_seed, args.eval_samples))
@@ -382,9 +388,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: parse arguments, run the subcommand, exit with its status."""
+    """Console entry point: parse arguments, run the subcommand, exit with its status.
+
+    ``streamrl run`` from the command line (``argv`` None) ends its process at once when the run is
+    over and its summary written (:func:`~streamrl.common.service.exit_now`): the config's checks
+    imported torch and transformers, and the interpreter's finalisation of them took seconds on a
+    loaded machine, between the learner's ``learner finished`` and the run's exit.
+    """
     args = build_parser().parse_args(argv)
-    raise SystemExit(args.func(args))  # the libraries' progress bars stay on (downloads, conversion, evaluation)
+    code = args.func(args)  # the libraries' progress bars stay on (downloads, conversion, evaluation)
+    if argv is None and args.func is cmd_run:
+        exit_now(code)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

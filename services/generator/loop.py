@@ -37,7 +37,7 @@ from streamrl.common.models import (configure_torch, load_causal_lm, load_tokeni
                                     select_device, use_bf16_autocast)
 from streamrl.common.service import ServiceContext
 from streamrl.common.transport import make_socket, send_when_ready
-from streamrl.common.weights import WeightClient, WeightSyncError, tied_duplicates
+from streamrl.common.weights import FetchStopped, WeightClient, WeightSyncError, tied_duplicates
 from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
 from streamrl.services.generator.control import share_control
 from streamrl.services.generator.credits import CreditClient
@@ -77,7 +77,7 @@ class GeneratorService:
                                     fetch_endpoint=cfg.endpoints.weights, inbox_metrics=ctx.metrics,
                                     sender=self.generator_id, credit=t.weight_credit,
                                     timeout_s=t.request_timeout_s, max_message_bytes=t.max_message_bytes,
-                                    hwm=t.hwm, security=ctx.security)
+                                    hwm=t.hwm, security=ctx.security, stop=ctx.stop)
         self.push = make_socket(ctx.zmq, zmq.PUSH, connect=cfg.endpoints.scorers,
                                 resolve_every_s=cfg.endpoints.resolve_interval_s,
                                 max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
@@ -85,7 +85,8 @@ class GeneratorService:
         if gen.credits:
             self.credits = CreditClient(ctx.zmq, endpoint=cfg.endpoints.batches, sender=self.generator_id,
                                         instance=ctx.instance, metrics=ctx.metrics, timeout_s=t.request_timeout_s,
-                                        max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
+                                        max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security,
+                                        stop=ctx.stop)
         self.version: int | None = None
         self.groups_sent = 0
         self.metrics = GeneratorMetrics(ctx.metrics)
@@ -138,6 +139,8 @@ class GeneratorService:
             self.waits.waiting("learner", f"fetching version {latest.version} from {self.cfg.endpoints.weights}")
             try:
                 fetched = self.weights.fetch(latest)
+            except FetchStopped:
+                return False  # the service is stopping: the loop ends
             except WeightSyncError as err:
                 self.metrics.weight_errors.inc()
                 log.warning("weight fetch failed: %s", err)

@@ -24,11 +24,13 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 import time
 from typing import Any, Mapping, Optional
 
 import httpx2 as httpx
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
+from tenacity import (Retrying, retry_if_exception, stop_after_attempt, stop_when_event_set, wait_exponential,
+                      wait_random)
 
 __all__ = ["HttpReward", "RewardServerError", "RewardServerDown"]
 
@@ -80,6 +82,8 @@ class HttpReward:
         backoff_s: wait before the first retry, seconds; doubled for each further one.
         headers: sent with every request (``${VAR}`` expanded from the environment).
         transport: an ``httpx`` transport (tests); None = the network.
+        stop: the scorer's stop request (``ServiceContext.stop``): once set, no further try is made and
+            a wait between tries ends at once (the call raises the last failure); None = never.
 
     Raises:
         ValueError: a non-positive batch size or timeout, negative retries, or a header naming
@@ -88,7 +92,7 @@ class HttpReward:
 
     def __init__(self, url: str, *, batch_size: int = 8, timeout_s: float = 30.0, retries: int = 3,
                  backoff_s: float = 0.5, headers: Optional[Mapping[str, str]] = None,
-                 transport: Any = None) -> None:
+                 transport: Any = None, stop: Optional[threading.Event] = None) -> None:
         if batch_size < 1 or timeout_s <= 0 or retries < 0 or backoff_s <= 0:
             raise ValueError(f"HttpReward: batch_size >= 1, timeout_s > 0, retries >= 0, backoff_s > 0 (got "
                              f"{batch_size}, {timeout_s}, {retries}, {backoff_s})")
@@ -97,6 +101,7 @@ class HttpReward:
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
+        self.stop = stop
         self.client = httpx.Client(timeout=httpx.Timeout(timeout_s), headers=expand_headers(headers or {}),
                                    transport=transport)
         self.__name__ = "http_reward"
@@ -128,15 +133,24 @@ class HttpReward:
     def _request(self, body: dict) -> list[float]:
         started = time.monotonic()
         attempts = 0
-        retrying = Retrying(stop=stop_after_attempt(self.retries + 1),
+        give_up = stop_after_attempt(self.retries + 1)
+        retrying = Retrying(stop=give_up if self.stop is None else give_up | stop_when_event_set(self.stop),
+                            sleep=time.sleep if self.stop is None else self.stop.wait,
                             wait=wait_exponential(multiplier=self.backoff_s, exp_base=2)
                             + wait_random(0, 0.1 * self.backoff_s),
                             retry=retry_if_exception(lambda e: isinstance(e, _Transient)), reraise=True)
+        last: _Transient | None = None
         try:
             for attempt in retrying:
                 with attempt:
+                    if last is not None and self.stop is not None and self.stop.is_set():
+                        raise last  # stopped while waiting to try again: no further try
                     attempts = attempt.retry_state.attempt_number
-                    return self._post_once(body)
+                    try:
+                        return self._post_once(body)
+                    except _Transient as exc:
+                        last = exc
+                        raise
         except _Transient as failure:
             tries = f"{attempts} tries over {time.monotonic() - started:.1f}s"
             if isinstance(failure.cause, httpx.ConnectError):

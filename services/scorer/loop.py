@@ -42,8 +42,7 @@ class ScorerService:
             raise SystemExit(str(err)) from None
         configure_torch(cfg.scorer.threads, seed=cfg.run.seed)
         self.ctx = ctx
-        self.reward = build_reward(cfg.scorer.rewards,
-                                   device=select_device(cfg.scorer.device))
+        self.reward = build_reward(cfg.scorer.rewards, device=select_device(cfg.scorer.device), stop=ctx.stop)
         t = cfg.transport
         self.pull = make_socket(ctx.zmq, zmq.PULL, bind=self.endpoint,
                                 max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)

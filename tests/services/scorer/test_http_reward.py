@@ -132,6 +132,18 @@ def test_a_server_that_is_down_says_so():
                                                               "scorer.rewards[].url")
 
 
+def test_a_stop_request_ends_the_retries_at_once():
+    """The scorer got SIGTERM while its reward server is down: no further try, no backoff wait left
+    (here 5 + 10 + 20 s); the call raises the failure so far."""
+    stop = threading.Event()
+    reward = HttpReward(f"http://127.0.0.1:{free_port()}/score", retries=3, backoff_s=5.0, stop=stop)
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(RewardServerDown, match=r"\(1 tries over"):
+        reward(PROMPTS, COMPLETIONS, METADATA)
+    assert time.monotonic() - started < 1.5
+
+
 @pytest.mark.parametrize("action, pattern", [
     (422, r"refused the request: HTTP 422 Unprocessable (Entity|Content): .*scripted failure"),
     ("short", r"answered 6 rewards for 7 completions; fix: answer \{\"rewards\": \[...\]\}"),
