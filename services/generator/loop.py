@@ -62,7 +62,7 @@ class GeneratorService:
         path = resolve_model_path(cfg.model.path, cfg.model.cache_path)
         self.tokenizer = load_tokenizer(path)
         self.model = load_causal_lm(path, device=self.device).eval()
-        self.autocast_bf16 = use_bf16_autocast(gen.autocast_bf16, self.device)  # "auto": where it is native
+        self.autocast_bf16 = use_bf16_autocast(gen.autocast_bf16, self.device, "generator.autocast_bf16")
         self.tied = tied_duplicates(self.model.state_dict())
         self.fingerprint = model_fingerprint(self.model.config, self.tokenizer)  # in every rollout
         self.refused_version: int | None = None  # newest announced version refused for another model

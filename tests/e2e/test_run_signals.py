@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from streamrl.common.models import bf16_native
 from streamrl.testing import free_port, scrape, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,12 +124,18 @@ def assert_clean_end(run: Launch, shutdown_s: float) -> None:
 
 
 def test_a_finished_run_stops_every_service_within_seconds(tmp_path):
-    run = Launch(tmp_path, "learner.total_steps=4", "learner.checkpoint_every=4")
+    keys = ("generator.autocast_bf16", "scorer.autocast_bf16", "learner.autocast_bf16")
+    run = Launch(tmp_path, "learner.total_steps=4", "learner.checkpoint_every=4", *(f'{key}="auto"' for key in keys))
     try:
         code, shutdown_s = run.wait_exit(timeout=300)
         assert code == 0, run.log()[-4000:]
         assert_clean_end(run, shutdown_s)
         assert json.loads((run.output / "summary.json").read_text())["steps"] == 4
+        # each service says once what "auto" resolved to on this machine, and why
+        resolved = "bf16 autocast" if bf16_native(torch.device("cpu")) else "float32"
+        for key in keys:
+            lines = [line for line in run.log().splitlines() if f'{key} = "auto": ' in line]
+            assert len(lines) == 1 and f'{key} = "auto": {resolved} on cpu (this CPU ' in lines[0], lines
     finally:
         run.close()
 
