@@ -39,6 +39,11 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override a config value (repeatable), e.g. --set learner.total_steps=20")
 
 
+def _add_probe_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-probe", action="store_true", help="do not send each HTTP reward server "
+                        "(scorer.rewards[].url) one request first")
+
+
 def _load(args: argparse.Namespace, resources=()):
     """The validated config; with ``resources`` (service names) also what those services need."""
     try:
@@ -48,13 +53,31 @@ def _load(args: argparse.Namespace, resources=()):
         raise SystemExit(2) from None
 
 
+def _probe_rewards(args: argparse.Namespace, config) -> bool:
+    """Send each HTTP reward server one request (unless ``--no-probe``); False, with every failure
+    printed (key, what happened, fix), when one could not answer."""
+    if args.no_probe or not any(spec.url for spec in config.scorer.rewards):
+        return True
+    from streamrl.services.scorer.http_reward import probe_problems
+
+    problems = probe_problems(config.scorer.rewards)
+    if problems:
+        print(f"streamrl: {len(problems)} reward server(s) did not answer one request\n"
+              + "\n".join(f"  - {line}" for line in problems)
+              + "\n(--no-probe skips this check, e.g. for a server that starts after the run)", file=sys.stderr)
+    return not problems
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate the config and what every service needs from it (files, folders, imports, devices).
+    """Validate the config and what every service needs from it (files, folders, imports, devices),
+    and send each HTTP reward server one request (``--no-probe`` skips it).
 
     The same checks each service runs at start-up; exit status 2 with every problem listed
     (key, rule, fix) when any fails.
     """
     config = _load(args, SERVICES)
+    if not _probe_rewards(args, config):
+        return 2
     print(f"{args.config}: OK ({config.run.name}, model {config.model.path}, "
           f"{config.learner.total_steps} steps, max_staleness {config.run.max_staleness})")
     return 0
@@ -138,6 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from streamrl.runs import RunMode, RunRefused, prepare_run_folder, record_launch
 
     config = _load(args, SERVICES)
+    if not _probe_rewards(args, config):  # at once, not after learner.batch_timeout_s of a run
+        return 2
     mode = RunMode.RESUME if args.resume else RunMode.FRESH if args.fresh else RunMode.NEW
     try:
         print(prepare_run_folder(config, mode), flush=True)
@@ -305,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rollout generator processes (default 1: on 2 cores the learner and one generator "
                           "each own a core)")
     run.add_argument("--scorers", type=int, default=None, help="scorer processes (default: one per endpoint)")
+    _add_probe_arg(run)
     run.add_argument("--stop-timeout", type=float, default=60.0,
                      help="seconds each service gets to exit after SIGTERM (the learner writes its final "
                           "checkpoint) before it is killed (default 60)")
@@ -333,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
     check = sub.add_parser("check", help="validate a config and print every problem")
     _add_config_args(check)
+    _add_probe_arg(check)
     check.set_defaults(func=cmd_check)
     status = sub.add_parser("status", help="one table of every service's state, read from their metrics")
     _add_config_args(status)

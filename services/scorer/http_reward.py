@@ -15,6 +15,11 @@ way the call raises :class:`RewardServerError` (:class:`RewardServerDown` when n
 listens) whose message names the URL, what happened, the tries and the fix; the scorer
 counts it by reason like any failing reward (``reward_failures_total{reason}``).
 
+Before a run. ``streamrl check`` and ``streamrl run`` send each reward server one request
+(:func:`probe_problems`; ``--no-probe`` skips it), so a server that cannot answer (nothing
+listening, HTTP 5xx after every retry, an answer of the wrong shape) stops the command at once
+with the server's message instead of a run whose learner waits ``learner.batch_timeout_s``.
+
 The HTTP client is ``httpx2`` (pydantic's maintained continuation of ``httpx``, already
 installed with ``huggingface_hub``): one connection pool per component, kept alive.
 """
@@ -26,13 +31,13 @@ import os
 import re
 import threading
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import httpx2 as httpx
 from tenacity import (Retrying, retry_if_exception, stop_after_attempt, stop_when_event_set, wait_exponential,
                       wait_random)
 
-__all__ = ["HttpReward", "RewardServerError", "RewardServerDown"]
+__all__ = ["HttpReward", "RewardServerError", "RewardServerDown", "probe_problems"]
 
 _UNSET_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 
@@ -191,3 +196,35 @@ class HttpReward:
                 raise RewardServerError(f"reward server {self.url} answered reward {value!r} at index {i}; fix: "
                                         "answer finite numbers")
         return [float(v) for v in rewards]
+
+
+PROBE_BODY = {"prompts": ["streamrl check"], "completions": ["a probe of the reward server"], "metadata": [{}]}
+"""The one request :func:`probe_problems` sends (the contract's three lists, one item each)."""
+
+
+def probe_problems(specs: Sequence[Any]) -> list[str]:
+    """Send each HTTP reward of ``specs`` (``scorer.rewards``; other sources are skipped) one request,
+    with its ``timeout_s``, ``retries``, ``backoff_s`` and ``headers``, as the scorer would.
+
+    Returns:
+        One line per reward that did not answer with one finite reward, naming its key, what
+        happened and the fix (``RewardServerError``'s message); [] when every one answered.
+    """
+    problems = []
+    for i, spec in enumerate(specs):
+        if getattr(spec, "url", None) is None:
+            continue
+        key = f"scorer.rewards[{i}].url"
+        try:
+            reward = HttpReward(spec.url, batch_size=1, timeout_s=spec.timeout_s, retries=spec.retries,
+                                backoff_s=spec.backoff_s, headers=spec.headers)
+        except ValueError as err:  # a header naming an unset variable
+            problems.append(f"{key}: {err}")
+            continue
+        try:
+            reward(**PROBE_BODY)
+        except RewardServerError as err:
+            problems.append(f"{key}: {err}")
+        finally:
+            reward.close()
+    return problems
