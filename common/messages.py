@@ -40,7 +40,7 @@ SCHEMA_VERSION: tuple[int, int] = (1, 3)
 
 1.1 added the optional ``Rollout.selection`` and ``ScoredRollout.human`` fields and the
 ``human_model`` message (people in the loop); a 1.0 receiver ignores them.
-1.2 added the ``credit_request`` / ``credit_grant`` messages (generation credits, issue 11) and the
+1.2 added the ``credit_request`` / ``credit_grant`` messages (generation credits) and the
 optional ``ScoredRollout.reference_logprobs`` (reference pass in the scorers).
 1.3 added the ``group_dropped`` message (a scorer dropped a group whose reward raised on a member;
 a 1.2 buffer rejects it as an unknown kind and the group times out there as before)."""
@@ -158,20 +158,25 @@ class SamplingParams:
 
 @dataclass(kw_only=True)
 class Selection:
-    """How a control-sharing generator chose this completion among K candidates (TAMER+RL
-    control sharing; ``streamrl.common.human.control_share``).
+    """How a generator chose this completion among K candidates by H-hat (TAMER+RL action
+    biasing, ``streamrl.common.human.bias_actions``, or control sharing,
+    ``streamrl.common.human.control_share``).
 
-    The K candidates were drawn i.i.d. from mu; with probability ``probability`` H-hat's best
-    was kept, else a uniformly drawn candidate. The kept completion was therefore drawn from
-    q, not mu, and its ``behaviour_logprobs`` (mu's) do not describe how it was chosen.
+    The K candidates were drawn i.i.d. from mu. Control sharing kept H-hat's best with
+    probability ``probability``, else a uniformly drawn candidate; action biasing kept candidate
+    j with probability softmax_j(beta_t * E_j * H-hat_j). The kept completion was therefore drawn
+    from q, not mu, and its ``behaviour_logprobs`` (mu's) do not describe how it was chosen.
 
     Attributes:
         candidates: K, the completions sampled for this slot (>= 2).
-        probability: p = min(beta_t * eligibility, 1), the chance H-hat's pick was kept.
-        by_model: True when the coin chose H-hat's pick (False: the uniform draw).
-        density_ratio: rho = K * P(this candidate kept | the K candidates) =
-            (1 - p) + p * K * [kept is an argmax] / (number of tied argmaxes); the learner
-            weights the rollout by 1 / rho (an exactly unbiased correction for p < 1).
+        probability: control sharing: p = min(beta_t * eligibility, 1), the chance H-hat's pick
+            was kept; action biasing: P(this candidate kept | the K candidates).
+        by_model: control sharing: True when the coin chose H-hat's pick (False: the uniform
+            draw); action biasing: True when the kept candidate is one H-hat rates highest.
+        density_ratio: rho = K * P(this candidate kept | the K candidates) (control sharing:
+            (1 - p) + p * K * [kept is an argmax] / (number of tied argmaxes)); the learner
+            weights the rollout by 1 / rho (an exactly unbiased correction whenever every
+            candidate could have been kept).
         human_value: H-hat of the kept completion.
         model_version: the H-hat version that ranked the candidates.
     """
@@ -291,8 +296,8 @@ class ScoredRollout(Message):
         human: H-hat's score (:class:`HumanScore`) when a human-reinforcement model was
             active in the scorer; None otherwise.
         reference_logprobs: ``[T]`` float32 log-probs (nats) of the completion tokens under the
-            frozen reference model, computed by the scorer (``streamrl.common.reference``,
-            issue 11); None when not computed (the learner then runs its own reference pass).
+            frozen reference model, computed by the scorer (``streamrl.common.reference``);
+            None when not computed (the learner then runs its own reference pass).
     """
 
     KIND: ClassVar[str] = "scored_rollout"
@@ -396,7 +401,7 @@ class CreditRequest(Message):
     """A generator asks the buffer for generation credits before sampling (generator -> buffer,
     DEALER -> the buffer's batch ROUTER; the reply is a :class:`CreditGrant`).
 
-    Admission before generation (issue 11; AReaL, Fu et al. 2025, sec. 4): a generator samples
+    Admission before generation (AReaL, Fu et al. 2025, sec. 4): a generator samples
     a group only while it holds a credit. Counts are cumulative per ``sender`` (the generator id,
     unique per process start), so a lost or repeated request changes nothing.
 

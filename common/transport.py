@@ -26,7 +26,7 @@ from streamrl.common.errors import StartupRefused
 from streamrl.common.messages import Message, ProtocolError, decode, encode
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.resolve import ResolvingSocket
-from streamrl.common.security import Security
+from streamrl.common.security import RedialingSocket, Security
 from streamrl.common.throttle import should_log
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,10 @@ application-level pulses in :mod:`streamrl.common.liveness` cover the fast path.
 STOP_CHECK_S = 0.1
 """Longest a wait polls a socket before it looks at its service's stop request again, seconds
 (:func:`poll_unless_stopped`): SIGTERM ends any wait within about this long."""
+
+
+class ResolvingRedialingSocket(ResolvingSocket, RedialingSocket):
+    """A CURVE client that connects every address of its peers' names and dials again after a refused handshake."""
 
 
 class BindError(StartupRefused):
@@ -74,7 +78,8 @@ def make_socket(
         identity: ``ZMQ_ROUTING_ID`` for DEALER sockets.
         subscribe: topic prefix for SUB sockets (``b""`` = everything).
         security: CURVE keys and ZAP of this process (:mod:`streamrl.common.security`); None = no
-            authentication or encryption.
+            authentication or encryption. A connecting socket with it is a
+            :class:`~streamrl.common.security.RedialingSocket` (it dials again after a refused handshake).
         resolve_every_s: connect to every address the ``connect`` host names resolve to, looked up
             again this often, seconds (a :class:`~streamrl.common.resolve.ResolvingSocket`); None = the
             names as given (libzmq reaches one address per name).
@@ -83,7 +88,10 @@ def make_socket(
         BindError: the endpoint cannot be bound (e.g. address in use); the socket is closed.
         streamrl.common.security.SecurityError: ``security`` lacks the key file this socket's role needs.
     """
-    sock = ctx.socket(kind, socket_class=ResolvingSocket if resolve_every_s else None)
+    redialing = security is not None and bind is None and bool(connect)  # see RedialingSocket
+    socket_class = ({(True, True): ResolvingRedialingSocket, (True, False): ResolvingSocket,
+                     (False, True): RedialingSocket}.get((bool(resolve_every_s), redialing)))
+    sock = ctx.socket(kind, socket_class=socket_class)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     sock.setsockopt(zmq.SNDHWM, hwm)

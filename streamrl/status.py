@@ -311,7 +311,9 @@ def render(cfg: Config, generators: int, interval: float | None, ts: list[Target
     for t in ts:
         now = scrapes[t.name]
         state = "up" if now is not None else "DOWN"
-        detail = describe(t.service, now, earlier.get(t.name), now_t - then) if now is not None else ""
+        detail = describe(t.service, now, earlier.get(t.name), now_t - then) if now is not None else (
+            "optional: training goes on without new H-hat versions; `streamrl run` restarts it"
+            if t.service == "feedback" else "")
         rejected = sum(v for k, v in (now or {}).items() if "messages_rejected_total{" in k)
         if rejected:
             detail += f"  rejected {rejected:.0f}"

@@ -135,7 +135,7 @@ def train_tiny_reward_model(folder: Path, model_dir: Path, *, preferred: str, pa
     import random
 
     from streamrl.common.config import validate_config
-    from streamrl.reward_model import run_rm
+    from streamrl.stages.reward_model import run_rm
 
     rng = random.Random(0)
     rows = [{"prompt": f"q{i}:", "chosen": " " + "".join(rng.choice(preferred * 3 + "xyz") for _ in range(6)),
@@ -145,6 +145,27 @@ def train_tiny_reward_model(folder: Path, model_dir: Path, *, preferred: str, pa
         "base_model": str(model_dir), "data": {"path": str(folder / "pairs.jsonl"), "eval_rows": eval_rows},
         "epochs": 2, "lr": 3e-3, "threads": 1, "trainable_layers": 1, "max_length": max_length}})
     return Path(run_rm(config, log=lambda line: None)["output_dir"])
+
+
+def fp32_head_on_bf16_body(model, batch, value_head):
+    """By hand: the body under bf16 autocast, then the float32 output projection and value head
+    on its hidden states (a Llama body keeps its residual stream in float32), for a learner ``TrainBatch``. Returns ``[B, T]`` log-probs,
+    ``[B, T]`` values and the largest log-prob change a bf16 projection of the same hidden
+    states makes (the control); at the batch's temperature, untruncated."""
+    import torch
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    hidden = hidden.gather(1, batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    weight = model.get_output_embeddings().weight.detach()
+    temperature = batch.sampling.temperature
+    logits = hidden.float() @ weight.float().T / temperature
+    in_bf16 = (hidden.to(torch.bfloat16) @ weight.to(torch.bfloat16).T).float() / temperature
+    pick = batch.tokens.unsqueeze(-1)
+    logprobs = torch.log_softmax(logits, -1).gather(-1, pick).squeeze(-1)
+    control = torch.log_softmax(in_bf16, -1).gather(-1, pick).squeeze(-1)
+    values = (hidden.float() @ value_head.weight.detach().T + value_head.bias.detach()).squeeze(-1)
+    return logprobs, values, float((control - logprobs)[batch.mask > 0].abs().max())
 
 
 class RewardServer:

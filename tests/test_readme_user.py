@@ -1,4 +1,4 @@
-"""The README's user sections (issue 13 item 8) describe what the code does: every troubleshooting
+"""The README's user sections describe what the code does: every troubleshooting
 message is one the services print, every metric in "What the metrics mean" exists, and KL is named
 in one unit everywhere it is shown."""
 

@@ -23,7 +23,7 @@ group (other scorers may have passed members on), refuses its later members, and
 group as arrived for the generator's credits, so the generator samples another at once
 instead of waiting for the credit to expire.
 
-Generation credits (issue 11, ``services/buffer/credits.py``): generators ask on
+Generation credits (``services/buffer/credits.py``): generators ask on
 the same ROUTER (``credit_request``) before sampling, and the buffer grants at
 most what can still be trained within ``max_staleness`` counting what it holds
 and what is granted but not arrived, so little is generated only to be dropped.

@@ -1,4 +1,4 @@
-"""The generator's side of generation credits: ask the buffer before sampling (issue 11 item 1).
+"""The generator's side of generation credits: ask the buffer before sampling.
 
 The buffer decides (``services/buffer/credits.py``); this module only asks and waits for
 the answer. A request states the weights version the generator will sample with and the

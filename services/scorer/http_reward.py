@@ -37,7 +37,7 @@ import httpx2 as httpx
 from tenacity import (Retrying, retry_if_exception, stop_after_attempt, stop_when_event_set, wait_exponential,
                       wait_random)
 
-__all__ = ["HttpReward", "RewardServerError", "RewardServerDown", "probe_problems"]
+__all__ = ["HttpReward", "RewardServerError", "RewardServerDown", "probe_problems", "probe_report"]
 
 _UNSET_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 
@@ -228,3 +228,15 @@ def probe_problems(specs: Sequence[Any]) -> list[str]:
         finally:
             reward.close()
     return problems
+
+
+def probe_report(specs: Sequence[Any]) -> str | None:
+    """:func:`probe_problems` as one message for ``streamrl check`` and ``streamrl run`` (None when
+    every HTTP reward answered, or there is none)."""
+    if not any(getattr(spec, "url", None) for spec in specs):
+        return None
+    problems = probe_problems(specs)
+    if not problems:
+        return None
+    return (f"{len(problems)} reward server(s) did not answer one request\n" + "\n".join(f"  - {p}" for p in problems)
+            + "\n(--no-probe skips this check, e.g. for a server that starts after the run)")

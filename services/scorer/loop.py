@@ -20,7 +20,6 @@ import zmq
 
 from streamrl.common.human import HumanModelSubscription
 from streamrl.common.messages import Rollout
-from streamrl.common.modes import HumanCombination
 from streamrl.common.models import configure_torch, select_device
 from streamrl.common.service import ServiceContext
 from streamrl.common.transport import Inbox, make_socket, send_when_ready, try_send
@@ -62,7 +61,7 @@ class ScorerService:
                                  max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
                      if fb.enabled else None)
         self.human = (HumanModelSubscription(ctx.zmq, cfg, ctx.metrics, ctx.security)
-                      if fb.enabled and fb.combination is HumanCombination.REWARD_SHAPING else None)
+                      if fb.enabled and fb.combination.scores_rollouts else None)
         self.reference = ReferencePass(cfg) if cfg.scorer.reference_logprobs else None
         sc = cfg.scorer
         self.health = RewardHealth(self.metrics, failing_after=sc.failing_after, names=self.reward.names,
@@ -129,7 +128,7 @@ class ScorerService:
                 except (RuntimeError, ValueError) as err:  # scored without H-hat rather than lost
                     log.warning("H-hat could not score this micro-batch: %s", err)
         metrics.seconds.observe(time.perf_counter() - start)
-        if self.reference is not None:  # the learner's reference pass, done here (issue 11)
+        if self.reference is not None:  # the learner's reference pass, done here
             metrics.reference_seconds.observe(self.reference.fill(results))
         for sent, scored in enumerate(results):
             if not send_when_ready(self.push, scored, stop=self.ctx.stop, blocked_seconds=metrics.blocked,

@@ -403,7 +403,7 @@ def resident_bytes() -> int:
 
 @pytest.mark.slow
 def test_a_client_that_never_reads_does_not_grow_the_learner(server_and_endpoints):
-    """Issue 17 item 5. A generator asks for a 4 MB chunk of every new version and never reads the
+    """A generator asks for a 4 MB chunk of every new version and never reads the
     replies. Each queued reply used to keep its whole version's blob alive (64 per peer), so the
     learner grew by a blob per version (252 MB over the last 30 of these 40 before this change); now replies come from the
     pooled blobs and one peer's queue is capped, so once the pool is full more versions cost nothing,

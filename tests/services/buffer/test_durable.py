@@ -161,7 +161,7 @@ def serve_one(buf: DurableBuffer, req: BatchRequest) -> Batch:
 
 
 def test_batches_trained_after_the_checkpoint_are_served_again_to_a_restarted_learner(tmp_path):
-    """Issue 17 item 2: checkpoint_every = 3. A learner started at version 0 checkpoints at version 3,
+    """checkpoint_every = 3. A learner started at version 0 checkpoints at version 3,
     trains batches 3 and 4 and dies with batch 5 in flight; it resumes at published + 1 = 6 from the
     checkpoint of version 3. Batches 3, 4, 5 come back (oldest first, restamped 6, 7, 8) before new data;
     the buffer forgets them only once a checkpoint covers them, and the journal keeps all of that across

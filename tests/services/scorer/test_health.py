@@ -1,5 +1,5 @@
 """A failing reward is counted, logged once, reported as failing, and named in the learner's wait
-message (issue 13 item 3)."""
+message."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The HTTP reward client against a real reward server on loopback (issue 13 item 3)."""
+"""The HTTP reward client against a real reward server on loopback."""
 
 from __future__ import annotations
 
