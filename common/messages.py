@@ -35,13 +35,15 @@ from typing import Any, ClassVar, Sequence
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION: tuple[int, int] = (1, 2)
+SCHEMA_VERSION: tuple[int, int] = (1, 3)
 """(major, minor) of the wire schema. Bump major for incompatible changes.
 
 1.1 added the optional ``Rollout.selection`` and ``ScoredRollout.human`` fields and the
 ``human_model`` message (people in the loop); a 1.0 receiver ignores them.
 1.2 added the ``credit_request`` / ``credit_grant`` messages (generation credits) and the
-optional ``ScoredRollout.reference_logprobs`` (reference pass in the scorers)."""
+optional ``ScoredRollout.reference_logprobs`` (reference pass in the scorers).
+1.3 added the ``group_dropped`` message (a scorer dropped a group whose reward raised on a member;
+a 1.2 buffer rejects it as an unknown kind and the group times out there as before)."""
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """Largest message (all frames together) a decoder accepts, in bytes."""
@@ -326,6 +328,40 @@ class ScoredRollout(Message):
 
 
 @dataclass(kw_only=True)
+class GroupDropped(Message):
+    """A scorer dropped a group: the reward raised on one of its rollouts (scorer -> buffer, on the
+    scored-rollout socket).
+
+    A group is trained as a whole (group-relative advantages compare each completion with the
+    others of its prompt), so a group with a rollout that has no reward cannot be trained; the
+    scorer sends none of its rollouts on, and the buffer drops what it holds of the group (other
+    scorers may have passed members on), refuses its later members and counts the group as
+    arrived for the generator's credits, so the generator samples a replacement at once.
+
+    Attributes:
+        group_id: the dropped group.
+        generator_id: the generator that sampled it (its credits are returned).
+        rollout_id: the rollout whose reward raised (the first one seen).
+        group_size: G of the group.
+        reason: the exception's class name, e.g. ``"ValueError"``.
+        error: ``"ValueError: message"``, at most 200 characters.
+    """
+
+    KIND: ClassVar[str] = "group_dropped"
+    group_id: str
+    generator_id: str
+    rollout_id: str
+    group_size: int
+    reason: str
+    error: str = ""
+
+    def check(self) -> None:
+        _require(bool(self.group_id) and bool(self.generator_id), "group_id and generator_id must not be empty")
+        _require(self.group_size >= 1, "group_size must be >= 1")
+        _require(bool(self.reason), "reason must not be empty")
+
+
+@dataclass(kw_only=True)
 class BatchRequest(Message):
     """The learner asks the buffer for a batch (learner -> buffer).
 
@@ -607,6 +643,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     for cls in (
         Rollout,
         ScoredRollout,
+        GroupDropped,
         BatchRequest,
         Batch,
         CreditRequest,

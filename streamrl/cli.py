@@ -24,6 +24,7 @@ from pathlib import Path
 
 from streamrl import __version__
 from streamrl.common.config import SERVICES, ConfigError, load_config
+from streamrl.common.service import exit_now
 from streamrl.deploy import DEFAULT_CONFIG
 
 
@@ -35,6 +36,11 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override a config value (repeatable), e.g. --set learner.total_steps=20")
 
 
+def _add_probe_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-probe", action="store_true", help="do not send each HTTP reward server "
+                        "(scorer.rewards[].url) one request first")
+
+
 def _load(args: argparse.Namespace, resources=()):
     """The validated config; with ``resources`` (service names) also what those services need."""
     try:
@@ -44,8 +50,22 @@ def _load(args: argparse.Namespace, resources=()):
         raise SystemExit(2) from None
 
 
+def _probe_rewards(args: argparse.Namespace, config) -> bool:
+    """Send each HTTP reward server one request (unless ``--no-probe``); False, with every failure
+    printed (key, what happened, fix), when one could not answer."""
+    if args.no_probe:
+        return True
+    from streamrl.services.scorer.http_reward import probe_report
+
+    report = probe_report(config.scorer.rewards)
+    if report is not None:
+        print(f"streamrl: {report}", file=sys.stderr)
+    return report is None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate the config and what every service needs from it (files, folders, imports, devices).
+    """Validate the config and what every service needs from it (files, folders, imports, devices),
+    and send each HTTP reward server one request (``--no-probe`` skips it).
 
     The same checks each service runs at start-up; exit status 2 with every problem listed
     (key, rule, fix) when any fails.
@@ -53,6 +73,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from streamrl.ports import ports_at_defaults, run_ports, taken_ports
 
     config = _load(args, SERVICES)
+    if not _probe_rewards(args, config):
+        return 2
     print(f"{args.config}: OK ({config.run.name}, model {config.model.path}, "
           f"{config.learner.total_steps} steps, max_staleness {config.run.max_staleness})")
     taken = taken_ports(run_ports(config, 1, len(config.endpoints.scorers)))
@@ -94,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         result = run(args.config, args.overrides, mode=mode, generators=args.generators, scorers=args.scorers,
                      stop_timeout_s=args.stop_timeout, evaluation=evaluation, free_ports=args.free_ports,
-                     journal_rewards=JournalRewards(args.journal_rewards))
+                     journal_rewards=JournalRewards(args.journal_rewards), probe_rewards=not args.no_probe)
     except ConfigError as err:
         print(f"streamrl: invalid config\n{err}", file=sys.stderr)
         return 2
@@ -229,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rollout generator processes (default 1: on 2 cores the learner and one generator "
                           "each own a core)")
     run.add_argument("--scorers", type=int, default=None, help="scorer processes (default: one per endpoint)")
+    _add_probe_arg(run)
     run.add_argument("--stop-timeout", type=float, default=60.0,
                      help="seconds each service gets to exit after SIGTERM (the learner writes its final "
                           "checkpoint) before it is killed (default 60)")
@@ -265,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
     check = sub.add_parser("check", help="validate a config and print every problem")
     _add_config_args(check)
+    _add_probe_arg(check)
     check.set_defaults(func=cmd_check)
     status = sub.add_parser("status", help="one table of every service's state, read from their metrics")
     _add_config_args(status)
@@ -320,9 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: parse arguments, run the subcommand, exit with its status."""
+    """Console entry point: parse arguments, run the subcommand, exit with its status.
+
+    ``streamrl run`` from the command line (``argv`` None) ends its process at once when the run is
+    over and its summary written (:func:`~streamrl.common.service.exit_now`): the config's checks
+    imported torch and transformers, and the interpreter's finalisation of them took seconds on a
+    loaded machine, between the learner's ``learner finished`` and the run's exit.
+    """
     args = build_parser().parse_args(argv)
-    raise SystemExit(args.func(args))  # the libraries' progress bars stay on (downloads, conversion, evaluation)
+    code = args.func(args)  # the libraries' progress bars stay on (downloads, conversion, evaluation)
+    if argv is None and args.func is cmd_run:
+        exit_now(code)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

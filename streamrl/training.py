@@ -30,6 +30,7 @@ from streamrl.ports import PortsTaken, claim_ports
 from streamrl.report import distinct_steps, generation_accounting, plot_learning_curve, read_metrics
 from streamrl.runs import JournalRewards, RunMode, RunRefused, prepare_run_folder, record_launch
 from streamrl.services.learner.checkpoint import latest_checkpoint
+from streamrl.services.scorer.http_reward import probe_report
 
 __all__ = ["EvalOptions", "JobResult", "run", "summarize"]
 
@@ -74,7 +75,7 @@ class JobResult:
 def run(config_path: str | Path, overrides: Sequence[str] = (), *, mode: RunMode = RunMode.NEW,
         generators: int = 1, scorers: int | None = None, stop_timeout_s: float = 60.0,
         evaluation: EvalOptions | None = None, free_ports: bool = False,
-        journal_rewards: JournalRewards = JournalRewards.KEEP) -> JobResult:
+        journal_rewards: JournalRewards = JournalRewards.KEEP, probe_rewards: bool = True) -> JobResult:
     """Run one streaming training job to its end (module docstring).
 
     Args:
@@ -90,6 +91,9 @@ def run(config_path: str | Path, overrides: Sequence[str] = (), *, mode: RunMode
             keep them as scored, score them again, or move the journal to ``previous/``).
         free_ports: every port of the run on a free loopback port (:func:`streamrl.ports.claim_ports`;
             also done when the config sets no port and a default one is taken).
+        probe_rewards: send each HTTP reward server one request before anything starts
+            (:func:`streamrl.services.scorer.http_reward.probe_report`), so a server that cannot answer
+            refuses the run at once instead of a learner waiting ``learner.batch_timeout_s``.
 
     Returns:
         The services' exit status and the run's summary.
@@ -97,11 +101,14 @@ def run(config_path: str | Path, overrides: Sequence[str] = (), *, mode: RunMode
     Raises:
         ConfigError: an invalid config, or a file, folder, import or device a service needs.
         RunRefused: the run folder and ``mode`` do not agree (:func:`streamrl.runs.prepare_run_folder`),
-            more ``scorers`` than ``endpoints.scorers`` lists, or a port the config sets is taken here.
+            more ``scorers`` than ``endpoints.scorers`` lists, a port the config sets is taken here, or
+            (``probe_rewards``) a reward server that did not answer.
         StartupRefused: the run folder is in use.
     """
     overrides = list(overrides)
     config = load_config(config_path, overrides, resources=SERVICES)
+    if probe_rewards and (report := probe_report(config.scorer.rewards)) is not None:
+        raise RunRefused(report)
     scorers = scorers if scorers is not None else len(config.endpoints.scorers)
     try:  # another run on this machine: free ports, or the keys of the taken ones (streamrl/ports.py)
         ports = claim_ports(config, generators, scorers, free_ports=free_ports)

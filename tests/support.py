@@ -1,4 +1,4 @@
-"""Test-only helpers: repository paths, ragged masks, garbage padding, scored rollouts.
+"""Test-only helpers: repository paths, ragged masks, garbage padding, scored rollouts, an HTTP reward server.
 
 Helpers that run real services (ports, configs, processes, scrapes) live in
 :mod:`streamrl.testing`, which the benchmarks share.
@@ -6,6 +6,10 @@ Helpers that run real services (ports, configs, processes, scrapes) live in
 
 from __future__ import annotations
 
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +166,65 @@ def fp32_head_on_bf16_body(model, batch, value_head):
     control = torch.log_softmax(in_bf16, -1).gather(-1, pick).squeeze(-1)
     values = (hidden.float() @ value_head.weight.detach().T + value_head.bias.detach()).squeeze(-1)
     return logprobs, values, float((control - logprobs)[batch.mask > 0].abs().max())
+
+
+class RewardServer:
+    """A real HTTP reward server: reward = number of 'a' in the completion (+ metadata bonus).
+
+    ``script`` lists how to answer the next requests (``"ok"``, an HTTP status, ``"sleep"``,
+    ``"short"``: one reward too few, ``"nan"``); afterwards every request is answered ``ok``.
+    """
+
+    def __init__(self, script=(), sleep_s: float = 0.0):
+        self.script = list(script)
+        self.sleep_s = sleep_s
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.times: list[float] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append(body)
+                server.headers.append(dict(self.headers))
+                server.times.append(time.monotonic())
+                action = server.script.pop(0) if server.script else "ok"
+                if action == "sleep":
+                    time.sleep(server.sleep_s)
+                if isinstance(action, int):
+                    self._send(action, {"detail": "scripted failure"})
+                    return
+                rewards = [c.count("a") + m.get("bonus", 0) for c, m in zip(body["completions"], body["metadata"])]
+                if action == "short":
+                    rewards = rewards[:-1]
+                if action == "nan":
+                    self._send(200, {"rewards": ["NaN"] * len(rewards)})
+                    return
+                self._send(200, {"rewards": rewards})
+
+            def _send(self, status, payload):
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client gave up (timeout test)
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/score"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -267,6 +267,11 @@ class ScorerSection(_Section):
     failing_after: int = Field(3, ge=1, description="micro-batches in a row whose reward raised before the scorer "
                                "reports the reward as failing (log, `reward_failing` metric, `streamrl status`, the "
                                "learner's wait message)")
+    failing_fraction: float = Field(0.1, gt=0, le=1, description="fraction of the last `failing_window` rollouts "
+                                    "whose reward raised (their groups are dropped) at which the scorer reports the "
+                                    "reward as failing, as for `failing_after`")
+    failing_window: int = Field(100, ge=1, description="rollouts the failure fraction is taken over (the "
+                                "`failing_fraction` rule applies once that many were scored)")
     reference_logprobs: bool = Field(True, description="scorers compute the frozen reference model's per-token "
                                      "log-probs and send them with each rollout, so the learner skips its reference "
                                      "pass (when false, the learner runs it)")

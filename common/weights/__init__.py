@@ -14,6 +14,7 @@ with a digest bound into the version's announcement:
 from streamrl.common.weights.blob import (
     DEFAULT_CHUNK_BYTES,
     DIGEST_BYTES,
+    FetchStopped,
     PackedWeights,
     WeightSyncError,
     allocate_blob,
@@ -28,7 +29,7 @@ from streamrl.common.weights.client import FetchedWeights, WeightClient
 from streamrl.common.weights.server import STALLED_PEER_FORGET_S, PublishTiming, WeightServer
 
 __all__ = [
-    "DEFAULT_CHUNK_BYTES", "DIGEST_BYTES", "FetchedWeights", "PackedWeights", "PublishTiming",
+    "DEFAULT_CHUNK_BYTES", "DIGEST_BYTES", "FetchStopped", "FetchedWeights", "PackedWeights", "PublishTiming",
     "STALLED_PEER_FORGET_S", "WeightClient", "WeightServer", "WeightSyncError", "allocate_blob", "blob_layout",
     "chunk_digests", "digest_root", "pack_state_dict", "tied_duplicates", "unpack_state_dict",
 ]

@@ -42,6 +42,10 @@ class WeightSyncError(RuntimeError):
     """A weight fetch failed (timeout, digest mismatch, version retired)."""
 
 
+class FetchStopped(WeightSyncError):
+    """The process was asked to stop (its ``stop`` event was set) before a fetch completed."""
+
+
 
 def allocate_blob(nbytes: int) -> np.ndarray:
     """A ``[nbytes]`` uint8 array whose pages are mapped up front (``MAP_POPULATE`` on Linux).

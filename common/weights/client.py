@@ -11,6 +11,7 @@ fetch).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -22,8 +23,8 @@ import zmq
 from streamrl.common.messages import Error, ErrorCode, WeightsAnnounce, WeightsChunk, WeightsChunkRequest
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.security import Security
-from streamrl.common.transport import Inbox, make_socket, try_send
-from streamrl.common.weights.blob import DIGEST_BYTES, WeightSyncError, _tensor_views, allocate_blob, digest_root
+from streamrl.common.transport import Inbox, make_socket, poll_unless_stopped, try_send
+from streamrl.common.weights.blob import DIGEST_BYTES, FetchStopped, WeightSyncError, _tensor_views, allocate_blob, digest_root
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,10 @@ class WeightClient:
         max_retries: re-sends before a fetch fails.
         max_message_bytes, hwm: socket limits.
         security: CURVE keys of this process (:mod:`streamrl.common.security`); None = none.
+        stop: the service's stop request (``ServiceContext.stop``): once set, a fetch and the wait
+            for announcements end within :data:`~streamrl.common.transport.STOP_CHECK_S` seconds
+            (a fetch raises :class:`FetchStopped`) instead of running out their timeouts and
+            retries; None = never stopped.
     """
 
     def __init__(
@@ -95,8 +100,10 @@ class WeightClient:
         hwm: int,
         max_retries: int = 5,
         security: Security | None = None,
+        stop: threading.Event | None = None,
     ):
         self.sender = sender
+        self.stop = stop
         self.credit = credit
         self.timeout_s = timeout_s
         self.max_retries = max_retries
@@ -122,9 +129,9 @@ class WeightClient:
 
     def poll_announcements(self, timeout_s: float = 0.0) -> WeightsAnnounce | None:
         """Drain announcements (waiting up to ``timeout_s`` for the first); return the newest seen."""
-        wait_ms = int(timeout_s * 1000)
-        while self.sub.poll(wait_ms):
-            wait_ms = 0
+        wait_s = timeout_s
+        while poll_unless_stopped(self.sub, wait_s, self.stop) if wait_s > 0 else self.sub.poll(0):
+            wait_s = 0.0
             msg = self.announce_inbox.decode(self.sub.recv_multipart(copy=False))
             if msg is not None:
                 self.last_announce = time.monotonic()
@@ -195,6 +202,7 @@ class WeightClient:
         Raises:
             WeightSyncError: version retired by the learner, too many timeouts, a chunk of
                 the wrong size, or a digest mismatch (nothing of the version may be loaded).
+            FetchStopped: ``stop`` was set before the fetch completed (a :class:`WeightSyncError`).
         """
         start = time.perf_counter()
         slot, buffer = self._receive_buffer(announce.total_bytes)
@@ -203,7 +211,10 @@ class WeightClient:
         retries = 0
         self._request_more(state)
         while state.received < announce.num_chunks:
-            if not self.dealer.poll(int(self.timeout_s * 1000)):
+            if not poll_unless_stopped(self.dealer, self.timeout_s, self.stop):
+                if self.stop is not None and self.stop.is_set():
+                    raise FetchStopped(f"version {announce.version}: stopped with {state.received} of "
+                                       f"{announce.num_chunks} chunks received")
                 retries += 1
                 if retries > self.max_retries:
                     raise WeightSyncError(

@@ -36,7 +36,7 @@ from streamrl.common.messages import SamplingParams
 from streamrl.common.models import configure_torch, load_tokenizer, resolve_model_path, select_device, use_bf16_autocast
 from streamrl.common.service import ServiceContext
 from streamrl.common.transport import make_socket, send_when_ready
-from streamrl.common.weights import WeightClient, WeightSyncError
+from streamrl.common.weights import FetchStopped, WeightClient, WeightSyncError
 from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
 from streamrl.services.generator.control import select_candidates
 from streamrl.services.generator.credits import CreditClient
@@ -61,7 +61,7 @@ class GeneratorService:
         self.device = select_device(gen.device)
         path = resolve_model_path(cfg.model.path, cfg.model.cache_path)
         self.tokenizer = load_tokenizer(path)
-        bf16 = use_bf16_autocast(gen.autocast_bf16, self.device)  # "auto": where it is native
+        bf16 = use_bf16_autocast(gen.autocast_bf16, self.device, "generator.autocast_bf16")  # "auto": where native
         self.engine = build_engine(gen.engine, path, self.tokenizer, device=self.device, autocast_bf16=bf16,
                                    max_model_len=gen.max_prompt_tokens + gen.max_new_tokens,
                                    kv_cache_gib=gen.kv_cache_gib, threads=gen.threads,
@@ -79,7 +79,7 @@ class GeneratorService:
                                     fetch_endpoint=cfg.endpoints.weights, inbox_metrics=ctx.metrics,
                                     sender=self.generator_id, credit=t.weight_credit,
                                     timeout_s=t.request_timeout_s, max_message_bytes=t.max_message_bytes,
-                                    hwm=t.hwm, security=ctx.security)
+                                    hwm=t.hwm, security=ctx.security, stop=ctx.stop)
         self.push = make_socket(ctx.zmq, zmq.PUSH, connect=cfg.endpoints.scorers,
                                 resolve_every_s=cfg.endpoints.resolve_interval_s,
                                 max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
@@ -87,7 +87,8 @@ class GeneratorService:
         if gen.credits:
             self.credits = CreditClient(ctx.zmq, endpoint=cfg.endpoints.batches, sender=self.generator_id,
                                         instance=ctx.instance, metrics=ctx.metrics, timeout_s=t.request_timeout_s,
-                                        max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
+                                        max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security,
+                                        stop=ctx.stop)
         self.version: int | None = None
         self.groups_sent = 0
         self.metrics = GeneratorMetrics(ctx.metrics)
@@ -142,6 +143,8 @@ class GeneratorService:
             self.waits.waiting("learner", f"fetching version {latest.version} from {self.cfg.endpoints.weights}")
             try:
                 fetched = self.weights.fetch(latest)
+            except FetchStopped:
+                return False  # the service is stopping: the loop ends
             except WeightSyncError as err:
                 self.metrics.weight_errors.inc()
                 log.warning("weight fetch failed: %s", err)

@@ -151,7 +151,7 @@ class PPOTrainer:
         self.cfg = cfg
         self.ptx_sampler = ptx_sampler
         self.device = next(policy.parameters()).device
-        self.bf16 = use_bf16_autocast(cfg.autocast_bf16, self.device)  # "auto": where the device has bf16
+        self.bf16 = use_bf16_autocast(cfg.autocast_bf16, self.device, "learner.autocast_bf16")
         self.value_head: torch.nn.Linear | None = None
         params = list(policy.parameters())
         self.value_model = value_model if cfg.advantage is AdvantageEstimator.GAE else None

@@ -31,7 +31,7 @@ class ReferencePass:
         self.pad_id = load_tokenizer(path).pad_token_id
         device = select_device(cfg.scorer.device)
         self.model = load_causal_lm(path, device=device).eval()
-        self.bf16 = use_bf16_autocast(cfg.scorer.autocast_bf16, device)
+        self.bf16 = use_bf16_autocast(cfg.scorer.autocast_bf16, device, "scorer.autocast_bf16")
         for p in self.model.parameters():
             p.requires_grad_(False)
 

@@ -67,10 +67,10 @@ def objects(docs: list[dict], kind: str) -> dict[str, dict]:
 
 
 def workloads(docs: list[dict]) -> dict[str, dict]:
-    """Service name (``app.kubernetes.io/component``) -> its StatefulSet or Deployment."""
+    """Service name (``app.kubernetes.io/component``) -> its StatefulSet, Deployment or Job."""
     found = {}
     for doc in docs:
-        if doc["kind"] in ("StatefulSet", "Deployment"):
+        if doc["kind"] in ("StatefulSet", "Deployment", "Job"):
             found[doc["spec"]["template"]["metadata"]["labels"][COMPONENT_LABEL]] = doc
     return found
 
@@ -89,10 +89,11 @@ def cluster_config(docs: list[dict], keys: Path):
 
 
 def test_every_object_validates_against_the_kubernetes_schemas(rendered):
-    docs = rendered["base"] + rendered["gpu"] + rendered["with-feedback"] + list(
-        yaml.safe_load_all((K8S / "examples" / "generator-hpa.yaml").read_text()))
+    examples = [d for f in sorted((K8S / "examples").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
+    docs = rendered["base"] + rendered["gpu"] + rendered["with-feedback"] + examples
     kinds = sorted({d["kind"] for d in rendered["base"]})
-    assert kinds == ["ConfigMap", "Deployment", "Namespace", "Secret", "Service", "StatefulSet"]
+    assert kinds == ["ConfigMap", "Deployment", "Job", "Namespace", "PersistentVolumeClaim", "Secret", "Service",
+                     "StatefulSet"]
     for doc in docs:
         for version in VERSIONS:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -178,7 +179,10 @@ def test_each_pod_mounts_the_config_and_only_the_keys_its_role_needs(rendered):
         spec, c = workload["spec"]["template"]["spec"], container(workload)
         env = {v["name"]: v for v in c["env"]}
         assert env["STREAMRL_CONFIG"]["value"] == f"{CONFIG_MOUNT}/streamrl.toml"
-        assert env["STREAMRL_REPLICA"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        if name == "learner":  # a Job's pod gets a new name when replaced: the learner keeps one
+            assert env["STREAMRL_REPLICA"]["value"] == "streamrl-learner-0"
+        else:
+            assert env["STREAMRL_REPLICA"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
         mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in spec["volumes"]}
         assert mounts["config"] == CONFIG_MOUNT and volumes["config"]["configMap"]["name"].startswith("streamrl-config")
@@ -210,11 +214,16 @@ def test_state_lives_on_volumes_and_the_grace_periods_cover_a_graceful_stop(rend
     _, cfg = cluster_config(docs, rendered["keys"])
     pods = workloads(docs)
     labels = str(cfg.feedback.database_path(cfg.run.output_dir).parent)
-    for name, folder in (("learner", cfg.run.output_dir), ("buffer", cfg.buffer.journal_dir), ("feedback", labels)):
+    for name, folder in (("buffer", cfg.buffer.journal_dir), ("feedback", labels)):
         workload = pods[name]
         assert workload["kind"] == "StatefulSet" and workload["spec"]["replicas"] == 1
         (claim,) = workload["spec"]["volumeClaimTemplates"]
         assert {"name": claim["metadata"]["name"], "mountPath": folder} in container(workload)["volumeMounts"]
+    learner = pods["learner"]  # its claim outlives the Job (the results stay after it completes)
+    assert learner["kind"] == "Job" and learner["spec"]["completions"] == learner["spec"]["parallelism"] == 1
+    (run,) = [v for v in learner["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert run["persistentVolumeClaim"]["claimName"] in objects(docs, "PersistentVolumeClaim")
+    assert {"name": run["name"], "mountPath": cfg.run.output_dir} in container(learner)["volumeMounts"]
     for name in ("scorer", "generator"):
         assert pods[name]["kind"] == "Deployment"  # kubectl scale deployment/streamrl-<name>
     stopwait = supervisord_stopwait()
@@ -224,6 +233,22 @@ def test_state_lives_on_volumes_and_the_grace_periods_cover_a_graceful_stop(rend
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                              "name": pods["generator"]["metadata"]["name"]}
     assert hpa["metadata"]["namespace"] == pods["generator"]["metadata"]["namespace"] == "streamrl"
+
+
+def test_a_finished_learner_is_not_restarted_and_a_crashed_one_is(rendered):
+    """The learner exits 0 when it reaches total_steps (or stops on SIGTERM after its final
+    checkpoint). Its StatefulSet restarted it: it found its final checkpoint, exited 0, again and
+    again. Now it is a Job whose pod restarts only on a non-zero exit, the rule of the supervisord
+    files (autorestart=unexpected, exitcodes=0) and of honcho (a learner's exit ends the run)."""
+    learner = workloads(rendered["base"])["learner"]
+    assert learner["kind"] == "Job" and learner["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
+    assert learner["spec"]["backoffLimit"] >= 1  # crashes are restarted (from the newest checkpoint)
+    for conf in (REPO / "deploy" / "supervisord.conf", REPO / "deploy" / "supervisor" / "trainer.conf"):
+        parser = configparser.RawConfigParser()
+        parser.read(conf)
+        assert (parser.get("program:learner", "autorestart"), parser.get("program:learner", "exitcodes")) == \
+            ("unexpected", "0"), conf
+    assert workloads(rendered["gpu"])["learner"]["kind"] == "Job"
 
 
 def test_the_feedback_component_turns_the_service_on_in_every_pod_and_nothing_else(rendered):
@@ -245,7 +270,8 @@ def test_the_feedback_component_turns_the_service_on_in_every_pod_and_nothing_el
         assert enabled.feedback.enabled and enabled.feedback.database == "/data/feedback/labels.sqlite3"
         without = copy.deepcopy(workload)  # the rest of each workload is the base one
         container(without)["env"] = [v for v in container(without)["env"] if v["name"] != "STREAMRL_SET"]
-        without["spec"]["replicas"] = workloads(base)[name]["spec"]["replicas"]
+        if "replicas" in without["spec"]:  # the learner's Job has none
+            without["spec"]["replicas"] = workloads(base)[name]["spec"]["replicas"]
         assert without == workloads(base)[name], name
     feedback = container(workloads(with_feedback)["feedback"])
     assert {"name": "http", "containerPort": enabled.feedback.http_port} in feedback["ports"]
@@ -309,12 +335,17 @@ def test_the_readme_walkthroughs_use_exactly_these_files_and_objects(rendered):
     walkthrough = readme_section("Kubernetes")
     docs = rendered["base"]
     pods = workloads(docs)
-    for command in ("statefulset/streamrl-learner", "deployment/streamrl-generator", "deployment/streamrl-scorer"):
+    for command in ("job/streamrl-learner", "deployment/streamrl-generator", "deployment/streamrl-scorer"):
         kind, _, name = command.partition("/")
         assert command in walkthrough and any(w["kind"].lower() == kind and w["metadata"]["name"] == name
                                               for w in pods.values())
     _, cfg = cluster_config(docs, rendered["keys"])
     learner = pods["learner"]
-    assert f"{learner['metadata']['name']}-0:{cfg.run.output_dir}" in walkthrough  # kubectl cp of the run folder
+    (files,) = yaml.safe_load_all((K8S / "examples" / "run-folder.yaml").read_text())  # kubectl cp of the run folder
+    assert f"{files['metadata']['name']}:{cfg.run.output_dir}" in walkthrough
+    (claim,) = objects(docs, "PersistentVolumeClaim")
+    assert files["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim
+    assert {"name": "run", "mountPath": cfg.run.output_dir, "readOnly": True} in files["spec"]["containers"][0][
+        "volumeMounts"]
     assert f"--namespace {learner['metadata']['namespace']}" in walkthrough
     assert "streamrl keys generate --dir deploy/k8s/base/keys" in walkthrough

@@ -270,6 +270,26 @@ def test_housekeeping_expires_incomplete_groups_into_the_journal(tmp_path):
     assert restarted.recover().rollouts == 0
 
 
+def test_a_group_a_scorer_dropped_is_evicted_journaled_and_its_later_members_refused(tmp_path):
+    """The reward raised on one member of a group in some scorer: the members other scorers passed on
+    leave at once (before, they waited group_timeout_s in the store, holding the generator's credit),
+    a restart does not bring them back, and later members cannot rebuild the group."""
+    buf = durable(tmp_path)
+    add(buf, "flaky", 0, size=3)
+    add_group(buf, "fine")
+    assert buf.drop_group("flaky") == 1
+    buf.commit()
+    assert buf.store.incomplete_groups == 0 and buf.store.complete_groups == 1 and buf.store.evicted_total == 1
+    assert records(tmp_path)[-1] == (RecordType.REMOVE, {"event": "reward_failed", "ids": ["flaky-0"]})
+    assert add(buf, "flaky", 2, size=3) is AddOutcome.GROUP_DISCARDED
+    assert buf.drop_group("unseen") == 0  # its members had not arrived yet: they are refused when they do
+    assert add(buf, "unseen", 0) is AddOutcome.GROUP_DISCARDED
+    assert buf.drop_group("fine") == 0 and buf.store.complete_groups == 1  # a complete group holds no failure
+    restarted = durable(tmp_path)
+    assert restarted.recover().rollouts == 2
+    assert [[m.rollout.rollout_id for m in members] for members, _ in restarted.store.snapshot()] == [["fine-0", "fine-1"]]
+
+
 def test_the_store_must_not_have_another_ledger_hook():
     store = ReplayBuffer(capacity_groups=2, overflow=OverflowPolicy.BLOCK, max_reuse=1, max_staleness=1,
                          group_timeout_s=1.0, on_event=lambda e, i: None)
