@@ -37,6 +37,7 @@ def test_tiny_run_with_the_vllm_engine_learns(tmp_path):
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1)), logs
     assert "vLLM" in done.stdout + done.stderr, "the generator did not start the vLLM engine"
+    assert "SIGKILL" not in done.stdout + done.stderr, logs  # the vLLM generator stops cleanly too
     # the generator loaded the learner's versions into the running engine and sampled with them
     assert len({v for r in records for v in r["behaviour_versions"]}) >= 10
     assert max(r["staleness_max"] for r in records) <= 1
