@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print(section)
     if not args.no_write:
-        write_results("engines", results, section)
+        write_results("engines" if args.dtype == "fp32" else "engines_bf16", results, section)
     return 0
 
 
