@@ -44,7 +44,7 @@ from streamrl.evaluation import held_out_prompts
 from streamrl.services.feedback.simulate import preference
 from streamrl.services.generator.sampling import prepare_prompts, sample_completions
 from streamrl.services.scorer.rewards import vader_sentiment
-from streamrl.testing import Services, add_labeller, free_port, scrape, wait_until
+from streamrl.testing import Services, free_port, scrape, wait_until
 
 ARMS = ("none", "reward_shaping", "control_sharing")
 CONFIG = REPO / "deploy" / "configs" / "default.toml"

@@ -37,7 +37,16 @@ import zmq
 
 from bench.report import Deadline, command_line, environment, environment_line, markdown_table, median, write_results
 from streamrl.common.config import load_config
-from streamrl.common.messages import Batch, BatchRequest, FinishReason, Rollout, SamplingParams, ScoredRollout, decode, encode
+from streamrl.common.messages import (
+    Batch,
+    BatchRequest,
+    FinishReason,
+    Rollout,
+    SamplingParams,
+    ScoredRollout,
+    decode,
+    encode,
+)
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.modes import OverflowPolicy
 from streamrl.common.transport import Inbox, make_socket, send, send_when_ready

@@ -46,8 +46,16 @@ import time
 import transformers
 import zmq
 
-from bench.report import (Deadline, command_line, environment, environment_line, markdown_table, median,
-                          output_arguments, write_results)
+from bench.report import (
+    Deadline,
+    command_line,
+    environment,
+    environment_line,
+    markdown_table,
+    median,
+    output_arguments,
+    write_results,
+)
 from streamrl.common.config import TransportSection
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.modes import WeightDtype

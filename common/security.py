@@ -53,8 +53,8 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import zmq
 import zmq.auth

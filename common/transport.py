@@ -15,11 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Sequence
-
-from prometheus_client import Counter
+from collections.abc import Sequence
 
 import zmq
+from prometheus_client import Counter
 
 from streamrl.common.errors import StartupRefused
 from streamrl.common.messages import Message, ProtocolError, decode, encode

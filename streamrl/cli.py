@@ -31,7 +31,6 @@ from streamrl.deploy import DEFAULT_CONFIG, PROCFILE
 from streamrl.launcher import interrupted, run_procfile
 
 
-
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
                         help="TOML run config (default: the packaged default job, streamrl.deploy/configs/default.toml)")
@@ -62,8 +61,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Score one model folder on held-out prompts and print reward +- stderr, KL and samples."""
-    from streamrl.evaluation import evaluate
     from streamrl.common.models import resolve_model_path
+    from streamrl.evaluation import evaluate
 
     config = _load(args, ("generator", "scorer"))  # the model, the prompts and the rewards
     path = args.checkpoint or resolve_model_path(config.model.path, config.model.cache_path)
@@ -142,8 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.time()
     args.before = None
     if args.eval:
-        from streamrl.evaluation import evaluate
         from streamrl.common.models import resolve_model_path
+        from streamrl.evaluation import evaluate
 
         base = resolve_model_path(config.model.path, config.model.cache_path)
         print("streamrl: evaluating the initial policy on held-out prompts ...", flush=True)

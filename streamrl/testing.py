@@ -19,8 +19,6 @@ from pathlib import Path
 from streamrl.deploy import DEFAULT_PROMPTS
 from streamrl.status import read as read_metrics
 
-
-
 _HANDED_OUT: set[int] = set()
 """Ports :func:`free_port` returned in this process (none is returned twice)."""
 

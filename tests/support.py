@@ -91,12 +91,12 @@ def declared_metrics(metric_set_class) -> set[str]:
     return {name.removeprefix(prefix) for name in metric_names(registry.registry) - bare}
 
 
-def readme_metrics(service: str) -> set[str]:
-    """The metric names the README's metrics table lists in the row of ``service``."""
+def documented_metrics(service: str) -> set[str]:
+    """The metric names the metrics table of docs/metrics.md lists in the row of ``service``."""
     import re
 
-    rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith(f"| {service} |")]
-    assert len(rows) == 1, f"the README metrics table has {len(rows)} rows for {service}"
+    rows = [line for line in (REPO / "docs" / "metrics.md").read_text().splitlines() if line.startswith(f"| {service} |")]
+    assert len(rows) == 1, f"the metrics table of docs/metrics.md has {len(rows)} rows for {service}"
     return set(re.findall(r"`([a-z_]+)(?:\{[a-z_]+\})?`", rows[0]))  # `name` or `name{label}`
 
 

@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import requests
 

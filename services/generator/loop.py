@@ -32,13 +32,19 @@ from streamrl.common.fingerprint import model_fingerprint, same_model
 from streamrl.common.human import HumanModelSubscription, beta_at
 from streamrl.common.liveness import Waits
 from streamrl.common.messages import SamplingParams
+from streamrl.common.models import (
+    configure_torch,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+    select_device,
+    use_bf16_autocast,
+)
 from streamrl.common.modes import HumanCombination
-from streamrl.common.models import (configure_torch, load_causal_lm, load_tokenizer, resolve_model_path,
-                                    select_device, use_bf16_autocast)
+from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
 from streamrl.common.service import ServiceContext
 from streamrl.common.transport import make_socket, send_when_ready
 from streamrl.common.weights import WeightClient, WeightSyncError, tied_duplicates
-from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
 from streamrl.services.generator.control import share_control
 from streamrl.services.generator.credits import CreditClient
 from streamrl.services.generator.metrics import GeneratorMetrics

@@ -22,15 +22,14 @@ version, however many optimizer updates it made.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from streamrl.common.config import LearnerSection
-from streamrl.common.modes import AdvantageEstimator, Correction, KLPenaltyMode
 from streamrl.common.models import adamw, use_bf16_autocast
+from streamrl.common.modes import AdvantageEstimator, Correction, KLPenaltyMode
 from streamrl.common.tensors import fill_padding, masked_mean, masked_whiten
 from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards, vtrace
 from streamrl.services.learner.batch import ModelOutput, TrainBatch, forward_completions

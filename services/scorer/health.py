@@ -16,7 +16,7 @@ raised, how often, that nothing reaches the buffer, the fix), the gauge
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from streamrl.common.messages import Rollout
 from streamrl.services.scorer.metrics import ScorerMetrics

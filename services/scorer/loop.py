@@ -16,8 +16,8 @@ import zmq
 
 from streamrl.common.human import HumanModelSubscription
 from streamrl.common.messages import Rollout
-from streamrl.common.modes import HumanCombination
 from streamrl.common.models import configure_torch, select_device
+from streamrl.common.modes import HumanCombination
 from streamrl.common.service import ServiceContext
 from streamrl.common.transport import Inbox, make_socket, send_when_ready, try_send
 from streamrl.services.scorer.health import RewardHealth

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from streamrl.common.config import validate_config
-from streamrl.evaluation import evaluate, held_out_prompts
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
-from streamrl.report import plot_learning_curve
 from streamrl.common.prompts import load_prompts, split_prompts
+from streamrl.evaluation import evaluate, held_out_prompts
+from streamrl.report import plot_learning_curve
 from support import REPO
 
 

@@ -51,7 +51,7 @@ def rendered(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("k8s") / "k8s"
     shutil.copytree(K8S, root, ignore=shutil.ignore_patterns("keys"))
     keys = root / "base" / "keys"
-    generate_keys(keys)  # what the README's walkthrough runs: streamrl keys generate --dir deploy/k8s/base/keys
+    generate_keys(keys)  # what the walkthrough of docs/scaling.md runs: streamrl keys generate --dir deploy/k8s/base/keys
     out: dict = {"keys": keys}
     for overlay in ("base", "gpu"):
         result = subprocess.run([kubectl(), "kustomize", str(root / overlay)], capture_output=True, text=True,
@@ -258,25 +258,26 @@ def workloads_from_files() -> dict[str, dict]:
     return workloads(docs)
 
 
-def readme_section(title: str) -> str:
-    text = (REPO / "README.md").read_text()
+def docs_section(title: str) -> str:
+    text = (REPO / "docs" / "scaling.md").read_text()
     start = text.index(f"\n## {title}\n")
-    return text[start:text.index("\n## ", start + 1)]
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
 
 
-def test_the_readme_walkthroughs_use_exactly_these_files_and_objects(rendered):
+def test_the_documented_walkthroughs_use_exactly_these_files_and_objects(rendered):
     import re
 
     for title in ("Kubernetes", "Several hosts"):
-        section = readme_section(title)
+        section = docs_section(title)
         paths = set(re.findall(r"(?<![\w/])deploy/[\w./-]+", section))
         assert paths, title
         for path in paths:
             path = path.rstrip(".")
             if "deploy/targets/cluster.json" in path or path.startswith("deploy/k8s/base/keys"):
                 continue  # written by the walkthrough itself
-            assert (REPO / path).exists(), f"README section {title} names {path}, which does not exist"
-    walkthrough = readme_section("Kubernetes")
+            assert (REPO / path).exists(), f"docs/scaling.md section {title} names {path}, which does not exist"
+    walkthrough = docs_section("Kubernetes")
     docs = rendered["base"]
     pods = workloads(docs)
     for command in ("statefulset/streamrl-learner", "deployment/streamrl-generator", "deployment/streamrl-scorer"):

@@ -18,8 +18,8 @@ import pytest
 import requests
 import torch
 
-from streamrl.common.models import load_causal_lm, load_tokenizer
 from streamrl.common.messages import SamplingParams
+from streamrl.common.models import load_causal_lm, load_tokenizer
 from streamrl.services.generator.sampling import encode_prompts, sample_completions
 from streamrl.testing import add_labeller, feedback_sections, local_run_config, wait_until, write_config
 

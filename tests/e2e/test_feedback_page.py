@@ -6,7 +6,7 @@ shortcut each store a label (checked in the SQLite database), H-hat's version ad
 scorer starts shaping rewards with it; a request without a labeller and a cross-site form POST
 (from a page served on another port, which the browser sends with the session cookie) are
 refused and store nothing. The test saves a screenshot of the page (``$STREAMRL_SCREENSHOT``,
-when set, receives a copy: the README's picture is made this way).
+when set, receives a copy: the picture of docs/feedback.md is made this way).
 """
 
 from __future__ import annotations

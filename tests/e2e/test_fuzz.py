@@ -27,11 +27,11 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from fuzz_frames import frames_of, hostile
 from streamrl.common import messages as m
 from streamrl.common.messages import ProtocolError
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.weights import WeightClient, WeightSyncError
-from fuzz_frames import frames_of, hostile
 from streamrl.testing import local_run_config, scrape, wait_until, write_config
 
 pytestmark = pytest.mark.slow
@@ -120,7 +120,7 @@ def zmtp_oversize_frame(endpoint: str, socket_type: bytes, frame_bytes: int, tim
                     return True
         except (ConnectionResetError, BrokenPipeError):
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
     return False
 

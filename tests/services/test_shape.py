@@ -1,4 +1,4 @@
-"""Every service has the one shape (README, "Layout"): ``__main__.py`` runs ``<Name>Service`` from
+"""Every service has the one shape (DESIGN.md, "Layout"): ``__main__.py`` runs ``<Name>Service`` from
 ``loop.py``, whose only top-level definition is that class; ``metrics.py`` holds the one
 ``<Name>Metrics`` MetricSet, the only place in the service that creates a metric."""
 

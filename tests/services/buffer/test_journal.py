@@ -8,8 +8,14 @@ import pytest
 
 from streamrl.common.messages import Batch, encode
 from streamrl.common.modes import FsyncPolicy, OverflowPolicy
-from streamrl.services.buffer.journal import (Journal, JournalDamaged, RecordType, RecoveredGroup, _segments,
-                                               read_records)
+from streamrl.services.buffer.journal import (
+    Journal,
+    JournalDamaged,
+    RecordType,
+    RecoveredGroup,
+    _segments,
+    read_records,
+)
 from streamrl.services.buffer.store import AddOutcome, ReplayBuffer
 from support import scored_item
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from feedback_support import scored
 from streamrl.common.config import LearnerSection
 from streamrl.common.human import human_terms
 from streamrl.common.messages import HumanScore, Selection
@@ -18,7 +19,6 @@ from streamrl.services.generator.control import share_control
 from streamrl.services.generator.sampling import Completion
 from streamrl.services.learner.batch import collate
 from streamrl.services.learner.trainer import PPOTrainer
-from feedback_support import scored
 
 
 class StubView:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from support import slow_nucleus
 
 from streamrl.common.messages import FinishReason, SamplingParams
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.services.generator.sampling import Completion, encode_prompts, generation_config, sample_completions
+from support import slow_nucleus
 
 PROMPT_TEXTS = ["Hello there, friend", "abc"]  # 19 and 3 tokens: left padding is exercised
 MAX_NEW = 12

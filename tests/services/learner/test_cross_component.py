@@ -14,8 +14,8 @@ import torch
 
 from streamrl.common.config import Config, LearnerSection
 from streamrl.common.messages import Rollout, SamplingParams, ScoredRollout
-from streamrl.common.modes import KLEstimator, KLPenaltyMode
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
+from streamrl.common.modes import KLEstimator, KLPenaltyMode
 from streamrl.services.generator.sampling import encode_prompts, sample_completions
 from streamrl.services.learner.batch import TrainBatch, collate
 from streamrl.services.learner.trainer import PPOTrainer

@@ -4,7 +4,6 @@ output read is chosen (`label`, index or name) and required when there are two, 
 
 from __future__ import annotations
 
-import logging
 import time
 
 import pytest
