@@ -152,7 +152,8 @@ def evaluate(args, config: Path, set_args: list[str], model_dir: Path) -> dict:
     for start in range(0, len(prompts), 8):
         batch = prompts[start:start + 8]
         _, ids = prepare_prompts(tokenizer, batch, chat_template=cfg.model.chat_template,
-                                 system_prompt=cfg.model.system_prompt, max_prompt_tokens=cfg.generator.max_prompt_tokens)
+                                 system_prompt=cfg.model.system_prompt,
+                                 max_prompt_tokens=cfg.generator.max_prompt_tokens)
         for group in sample_completions(model, tokenizer, ids, group_size=args.samples, sampling=sampling):
             texts = [c.text for c in group]
             vader.append(float(np.mean(vader_sentiment([""] * len(texts), texts, [{}] * len(texts)))))

@@ -7,10 +7,14 @@ Helpers that run real services (ports, configs, processes, scrapes) live in
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from streamrl.common import messages as m
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -95,7 +99,8 @@ def documented_metrics(service: str) -> set[str]:
     """The metric names the metrics table of docs/metrics.md lists in the row of ``service``."""
     import re
 
-    rows = [line for line in (REPO / "docs" / "metrics.md").read_text().splitlines() if line.startswith(f"| {service} |")]
+    table = (REPO / "docs" / "metrics.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith(f"| {service} |")]
     assert len(rows) == 1, f"the metrics table of docs/metrics.md has {len(rows)} rows for {service}"
     return set(re.findall(r"`([a-z_]+)(?:\{[a-z_]+\})?`", rows[0]))  # `name` or `name{label}`
 

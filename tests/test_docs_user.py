@@ -45,7 +45,8 @@ def literal_pieces(message: str) -> list[str]:
     return [p.strip(" ,:;()") for p in pieces if len(p.strip(" ,:;()")) >= 12]
 
 
-MESSAGES = [re.findall(r"`([^`]+)`", cell)[0] for cell in table_first_cells(section(TROUBLESHOOTING, "# Troubleshooting"))
+MESSAGES = [re.findall(r"`([^`]+)`", cell)[0]
+            for cell in table_first_cells(section(TROUBLESHOOTING, "# Troubleshooting"))
             if not cell.startswith("`journal")]  # the journal's own messages are listed under Fault tolerance
 
 

@@ -18,7 +18,8 @@ def config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
-        nested = [a for a in (annotation, *getattr(annotation, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)]
+        nested = [a for a in (annotation, *getattr(annotation, "__args__", ()))
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
         same_keys_as_generator_prompts = name == "ptx_data" or f"{prefix}{name}" == "eval.prompts"
         if nested and not prefix.startswith("scorer") and name != "rewards" and not same_keys_as_generator_prompts:
             keys += config_keys(nested[0], f"{prefix}{name}.")
@@ -45,7 +46,8 @@ def test_readme_names_the_commands_ci_runs():
     assert "make test" in ci and "make test" in README and "make run" in README
     for target in ("make tiny", "make test-fast", "make lint", "make docs"):
         assert target in README, target
-        assert f"\n{target.split()[1]}:" in (REPO / "Makefile").read_text(), f"README names {target}, which the Makefile lacks"
+        makefile = (REPO / "Makefile").read_text()
+        assert f"\n{target.split()[1]}:" in makefile, f"README names {target}, which the Makefile lacks"
 
 
 def test_readme_is_short_and_starts_with_what_a_newcomer_needs():

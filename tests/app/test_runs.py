@@ -27,8 +27,9 @@ def fake_run(cfg, steps: int, *, journal: Path | None = None) -> Path:
     ckpt = out / "checkpoints" / f"step-{steps:06d}"
     ckpt.mkdir(parents=True)
     (ckpt / MARKER).write_text(json.dumps({"step": steps, "version": steps}))
-    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "reward_mean": 0.0, "kl": 0.0, "dropped_stale": 0,
-                                                       "behaviour_versions": [i]}) + "\n" for i in range(steps)))
+    records = [{"step": i + 1, "reward_mean": 0.0, "kl": 0.0, "dropped_stale": 0, "behaviour_versions": [i]}
+               for i in range(steps)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (out / "trained.jsonl").write_text("{}\n")
     (out / "published_version").write_text(f"{steps}\n")
     journal = journal or out / "buffer"

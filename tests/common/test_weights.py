@@ -375,8 +375,8 @@ def resident_bytes() -> int:
 def test_a_client_that_never_reads_does_not_grow_the_learner(server_and_endpoints):
     """Issue 17 item 5. A generator asks for a 4 MB chunk of every new version and never reads the
     replies. Each queued reply used to keep its whole version's blob alive (64 per peer), so the
-    learner grew by a blob per version (252 MB over the last 30 of these 40 before this change); now replies come from the
-    pooled blobs and one peer's queue is capped, so once the pool is full more versions cost nothing,
+    learner grew by a blob per version (252 MB over the last 30 of these 40 before this change); now replies come
+    from the pooled blobs and one peer's queue is capped, so once the pool is full more versions cost nothing,
     the drops are counted, the stalled peer is shown, and another generator still fetches."""
     import gc
     import subprocess
@@ -429,7 +429,7 @@ def test_a_client_that_never_reads_does_not_grow_the_learner(server_and_endpoint
 
 def test_weight_server_metrics_are_the_readme_row():
     """The metrics the weight server adds to the learner's registry are the row of docs/metrics.md for it."""
-    from support import metric_names, documented_metrics
+    from support import documented_metrics, metric_names
 
     bare = metric_names(ServiceMetrics("learner", "l").registry)
     ctx = zmq.Context()

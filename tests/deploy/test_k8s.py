@@ -25,11 +25,11 @@ from dockerfile_parse import DockerfileParser
 from streamrl.common.config import load_config, validate_config
 from streamrl.common.security import generate_keys
 from streamrl.status import COMPONENT_LABEL, SERVICES
+from support import REPO
 
 PIPELINE = tuple(s for s in SERVICES if s != "feedback")
 """The services the base manifests deploy: the optional feedback service (people in the loop) is not
 in them yet (it needs its SQLite volume and an ingress for the labelling page)."""
-from support import REPO
 
 K8S = REPO / "deploy" / "k8s"
 VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
@@ -51,7 +51,8 @@ def rendered(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("k8s") / "k8s"
     shutil.copytree(K8S, root, ignore=shutil.ignore_patterns("keys"))
     keys = root / "base" / "keys"
-    generate_keys(keys)  # what the walkthrough of docs/scaling.md runs: streamrl keys generate --dir deploy/k8s/base/keys
+    # what the walkthrough of docs/scaling.md runs: streamrl keys generate --dir deploy/k8s/base/keys
+    generate_keys(keys)
     out: dict = {"keys": keys}
     for overlay in ("base", "gpu"):
         result = subprocess.run([kubectl(), "kustomize", str(root / overlay)], capture_output=True, text=True,

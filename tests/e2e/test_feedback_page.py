@@ -35,7 +35,8 @@ def browser():
 
     options = Options()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,1500"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1200,1500"):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
@@ -67,12 +68,14 @@ def attacker_site(target: str, rollout_id: str) -> tuple[http.server.ThreadingHT
 
 def forged(samples: dict) -> float:
     """Requests the feedback service refused as forged (no CSRF token, or another origin)."""
-    return sum(samples.get(f"streamrl_feedback_requests_refused_total{{reason={r}}}", 0) for r in ("csrf", "cross_origin"))
+    return sum(samples.get(f"streamrl_feedback_requests_refused_total{{reason={r}}}", 0)
+               for r in ("csrf", "cross_origin"))
 
 
 def labels(db) -> list[tuple]:
     with sqlite3.connect(db) as con:
-        return con.execute("SELECT labeller, kind, rollout_id, value, policy_version FROM labels ORDER BY id").fetchall()
+        return con.execute("SELECT labeller, kind, rollout_id, value, policy_version FROM labels "
+                           "ORDER BY id").fetchall()
 
 
 @pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,

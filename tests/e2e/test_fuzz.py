@@ -7,7 +7,8 @@ ROUTER (WeightsChunkRequest). For each message it predicts the rejection reason 
 decoder (the socket's kind, the configured size limit), or the service's own reason
 for a message the decoder accepts but the service refuses (a batch of more groups than
 the buffer holds, a chunk of a version not held or past the end, a rollout id already
-accepted, a token id past the learner's vocabulary); fuzz messages that turn out valid are not sent (they would be real traffic).
+accepted, a token id past the learner's vocabulary); fuzz messages that turn out valid are not sent (they
+would be real traffic).
 Every service's ``messages_rejected_total{reason}`` must then equal the prediction,
 reason by reason. Frames larger than ``transport.max_message_bytes`` never reach
 Python: libzmq (``ZMQ_MAXMSGSIZE``) drops the connection that sent them. Afterwards
@@ -211,7 +212,8 @@ def test_ten_thousand_hostile_messages_every_service_counts_and_stays_up(tmp_pat
             announce = m.decode(sub.recv_multipart(), expected=[m.WeightsAnnounce])
         assert announce is not None and announce.num_chunks >= 2  # several chunks of CHUNK_BYTES
         for i in range(SERVICE_LEVEL):
-            request = m.WeightsChunkRequest(sender="fuzz", version=announce.version, chunk_index=announce.num_chunks + i)
+            request = m.WeightsChunkRequest(sender="fuzz", version=announce.version,
+                                            chunk_index=announce.num_chunks + i)
             weights.send(frames_of(request), "out_of_range")
         sent_s = time.perf_counter() - started
 

@@ -58,7 +58,8 @@ def metric_creations(source: str) -> list[str]:
 
 
 def test_metric_creations_are_found():
-    planted = "class S:\n    def __init__(self, ctx):\n        m = ctx.metrics\n        self.x = m.counter('x_total', 'x')\n"
+    planted = ("class S:\n    def __init__(self, ctx):\n        m = ctx.metrics\n"
+               "        self.x = m.counter('x_total', 'x')\n")
     assert metric_creations(planted) == ["line 4: m.counter('x_total', 'x')"]
     assert metric_creations("self.metrics.rollouts.inc(); self.metrics.refused.labels(reason='a').inc(2)") == []
 

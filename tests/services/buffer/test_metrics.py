@@ -1,4 +1,5 @@
-"""BufferMetrics: the names of docs/metrics.md, counters that follow the store's and journal's totals, staleness per batch."""
+"""BufferMetrics: the names of docs/metrics.md, counters that follow the store's and journal's totals,
+staleness per batch."""
 
 from __future__ import annotations
 
