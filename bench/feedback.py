@@ -1,8 +1,14 @@
-"""People in the loop on SmolLM2: TAMER+RL reward shaping vs control sharing vs no feedback, at equal wall time.
+"""People in the loop on SmolLM2: the four TAMER+RL combinations vs no feedback, at equal wall time and label budget.
 
 The environment reward is VADER's compound score (the default job). A simulated labeller
 (``python -m streamrl.services.feedback.simulate``, HTTP API only) likes a property VADER ignores:
-``--likes`` (default ``char:o``: the fraction of the letter ``o`` in the completion). Each arm runs
+``--likes`` (default ``char:o``: the fraction of the letter ``o`` in the completion), and is a person,
+not an oracle: ``--attention`` (fraction of rollouts looked at), ``--delay-min``/``--delay-max``
+(seconds from a rollout appearing to its label), ``--noise`` (fraction of labels flipped),
+``--threshold`` (fixed rating threshold), at most ``--max-labels`` labels per run (the equal label
+budget); ``--credit-delay-min``/``--credit-delay-max`` set the service's TAMER credit window. Arms:
+``none``, ``reward_shaping``, ``q_augmentation``, ``action_biasing``, ``control_sharing``, each run
+once per ``--seeds`` seed (``run.seed``; the labeller's draws too). Each arm runs
 the five services (learner, buffer, scorer, generator and, for the feedback arms, the feedback
 service plus the labeller) from the same config (``deploy/configs/default.toml`` with the
 overrides below) for ``--seconds`` of wall time after the learner's first step, then the learner is
@@ -12,7 +18,8 @@ property per completion, mean and standard error over prompts (completions of on
 correlated). Figures per arm: learner steps, labels used, both rewards +- SE, the delay from a label to
 the first H-hat version that includes it (``streamrl_feedback_label_to_model_seconds``, mean), and the
 delay from the first label to the first learner step whose batch H-hat influenced (shaped reward or
-H-hat's pick kept).
+H-hat's pick kept). Across seeds: the mean of the per-run held-out means and its standard error,
+and each arm's difference from ``none`` in units of that SE.
 
 Usage (from the repository root)::
 
@@ -46,15 +53,16 @@ from streamrl.services.generator.sampling import prepare_prompts, sample_complet
 from streamrl.services.scorer.rewards import vader_sentiment
 from streamrl.testing import Services, free_port, scrape, wait_until
 
-ARMS = ("none", "reward_shaping", "control_sharing")
+ARMS = ("none", "reward_shaping", "q_augmentation", "action_biasing", "control_sharing")
 CONFIG = REPO / "deploy" / "configs" / "default.toml"
 
 
-def arm_overrides(workdir: Path, arm: str, args) -> tuple[list[str], dict]:
+def arm_overrides(workdir: Path, arm: str, args, seed: int = 0) -> tuple[list[str], dict]:
     """`--set` overrides of one arm: fresh loopback ports, output under ``workdir``; the ports used."""
     ports = {k: free_port() for k in ("generator", "scorer", "buffer", "learner", "feedback", "http")}
     values = {
         "run.output_dir": str(workdir / "run"),
+        "run.seed": seed,
         "learner.total_steps": 100000,
         "learner.checkpoint_every": 100000,
         "learner.lr": args.lr,
@@ -68,13 +76,28 @@ def arm_overrides(workdir: Path, arm: str, args) -> tuple[list[str], dict]:
     if arm != "none":
         values.update({"feedback.enabled": True, "feedback.combination": arm, "feedback.http_port": ports["http"],
                        "feedback.beta": args.beta, "feedback.beta_decay": args.beta_decay,
-                       "feedback.candidates": args.candidates, "feedback.min_labels": 8})
+                       "feedback.candidates": args.candidates, "feedback.min_labels": 8,
+                       "feedback.credit_delay_min_s": args.credit_delay_min,
+                       "feedback.credit_delay_max_s": args.credit_delay_max,
+                       "feedback.label_rate_per_s": max(5.0, 2 * args.labels_per_second)})
     return [f"{k}={json.dumps(v)}" for k, v in values.items()], ports
 
 
-def run_arm(arm: str, args, workdir: Path) -> dict:
+def person_args(args, seed: int) -> list[str]:
+    """The simulated person's command-line options (taste, attention, delay, noise, budget, seed)."""
+    out = ["--likes", args.likes, "--labels-per-second", str(args.labels_per_second), "--attention",
+           str(args.attention), "--delay-min", str(args.delay_min), "--delay-max", str(args.delay_max), "--noise",
+           str(args.noise), "--seed", str(seed)]
+    if args.threshold is not None:
+        out += ["--threshold", str(args.threshold)]
+    if args.max_labels is not None:
+        out += ["--max-labels", str(args.max_labels)]
+    return out
+
+
+def run_arm(arm: str, args, workdir: Path, seed: int = 0) -> dict:
     """Run one arm for ``args.seconds`` after the first learner step; returns its figures."""
-    overrides, ports = arm_overrides(workdir, arm, args)
+    overrides, ports = arm_overrides(workdir, arm, args, seed)
     config = workdir / "run.toml"
     config.write_text(CONFIG.read_text().replace('path = "../prompts/', f'path = "{CONFIG.parent.parent}/prompts/'))
     set_args = [a for o in overrides for a in ("--set", o)]
@@ -84,7 +107,7 @@ def run_arm(arm: str, args, workdir: Path) -> dict:
         procs.start(name, 0, *set_args)
     metrics_jsonl = workdir / "run" / "metrics.jsonl"
     labeller = None
-    result: dict = {"arm": arm}
+    result: dict = {"arm": arm, "seed": seed}
     try:
         if arm != "none":
             url = f"http://127.0.0.1:{ports['http']}"
@@ -101,9 +124,8 @@ def run_arm(arm: str, args, workdir: Path) -> dict:
             token = subprocess.run([sys.executable, "-m", "streamrl.services.feedback.admin", *cfg_args, "labeller",
                                     "add", "simulated"], capture_output=True, text=True, check=True).stdout.strip()
             labeller = subprocess.Popen([sys.executable, "-m", "streamrl.services.feedback.simulate", "--url", url,
-                                         "--token", token, "--likes", args.likes, "--labels-per-second",
-                                         str(args.labels_per_second), "--duration", str(args.seconds + 600)],
-                                        stdout=subprocess.PIPE, text=True)
+                                         "--token", token, *person_args(args, seed), "--duration",
+                                         str(args.seconds + 600)], stdout=subprocess.PIPE, text=True)
         if not wait_until(lambda: metrics_jsonl.exists() and metrics_jsonl.read_text().strip(), 900):
             raise RuntimeError(f"no learner step\n{procs.logs()}")
         started = time.time()
@@ -167,12 +189,31 @@ def evaluate(args, config: Path, set_args: list[str], model_dir: Path) -> dict:
     return {"vader": v, "vader_se": v_se, "liked": p, "liked_se": p_se, "eval_prompts": len(prompts)}
 
 
+def across_seeds(results: list[dict], key: str) -> dict[str, tuple[float, float, int]]:
+    """Per arm: (mean over seeds of ``key``, its standard error across seeds, seeds)."""
+    out = {}
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        values = np.array([r[key] for r in results if r["arm"] == arm], dtype=np.float64)
+        se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+        out[arm] = (float(values.mean()), se, len(values))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.feedback", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=240, help="wall time per arm after the first step")
     parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--seeds", default="0", help="comma-separated run seeds; every arm runs once per seed")
     parser.add_argument("--likes", default="char:o")
     parser.add_argument("--labels-per-second", type=float, default=2.0)
+    parser.add_argument("--max-labels", type=int, default=None, help="label budget per run (equal across arms)")
+    parser.add_argument("--threshold", type=float, default=None, help="the person's fixed rating threshold")
+    parser.add_argument("--attention", type=float, default=1.0, help="fraction of rollouts the person looks at")
+    parser.add_argument("--delay-min", type=float, default=0.0, help="the person's reaction delay, seconds, from")
+    parser.add_argument("--delay-max", type=float, default=0.0, help="... to")
+    parser.add_argument("--noise", type=float, default=0.0, help="fraction of the person's labels flipped")
+    parser.add_argument("--credit-delay-min", type=float, default=0.0, help="feedback.credit_delay_min_s")
+    parser.add_argument("--credit-delay-max", type=float, default=0.0, help="feedback.credit_delay_max_s (0: off)")
     parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--beta-decay", type=float, default=0.99)
     parser.add_argument("--candidates", type=int, default=4)
@@ -182,28 +223,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=4, help="completions per held-out prompt")
     args = parser.parse_args(argv)
     arms = args.arms.split(",")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        parser.error(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
+    seeds = [int(x) for x in args.seeds.split(",")]
     results = []
-    for arm in arms:
-        with tempfile.TemporaryDirectory(prefix=f"bench-feedback-{arm}-") as tmp:
-            print(f"arm {arm}: {args.seconds:.0f}s", flush=True)
-            results.append(run_arm(arm, args, Path(tmp)))
-            print(json.dumps(results[-1]), flush=True)
+    for seed in seeds:
+        for arm in arms:
+            with tempfile.TemporaryDirectory(prefix=f"bench-feedback-{arm}-{seed}-") as tmp:
+                print(f"arm {arm}, seed {seed}: {args.seconds:.0f}s", flush=True)
+                results.append(run_arm(arm, args, Path(tmp), seed))
+                print(json.dumps(results[-1]), flush=True)
     env = environment()
-    rows = [[r["arm"], r["steps"], r["labels"], f"{r['vader']:.3f} ± {r['vader_se']:.3f}",
-             f"{r['liked']:.4f} ± {r['liked_se']:.4f}", r.get("label_to_model_s", math.nan),
-             r.get("first_label_to_influenced_step_s", math.nan)] for r in results]
-    table = markdown_table(["arm", "learner steps", "labels", "held-out VADER ± SE",
-                            f"held-out {args.likes} ± SE", "label -> H-hat (s, mean)",
-                            "first label -> influenced step (s)"], rows)
-    section = f"""## People in the loop: TAMER+RL on SmolLM2 (reward shaping vs control sharing vs none)
+    liked, vader = across_seeds(results, "liked"), across_seeds(results, "vader")
+    base = liked.get("none")
+
+    def versus_none(arm: str) -> str:
+        if base is None or arm == "none":
+            return ""
+        diff = liked[arm][0] - base[0]
+        se = math.sqrt(liked[arm][1] ** 2 + base[1] ** 2)
+        return f"{diff:+.4f} ({diff / se:+.1f} SE)" if se > 0 else f"{diff:+.4f}"
+
+    ranked = sorted(liked, key=lambda a: -liked[a][0])
+    rows = [[arm, liked[arm][2], f"{liked[arm][0]:.4f} ± {liked[arm][1]:.4f}", versus_none(arm),
+             f"{vader[arm][0]:.3f} ± {vader[arm][1]:.3f}",
+             f"{vader[arm][0] - vader['none'][0]:+.3f}" if "none" in vader and arm != "none" else "",
+             round(float(np.mean([r["steps"] for r in results if r["arm"] == arm])), 1),
+             round(float(np.mean([r["labels"] for r in results if r["arm"] == arm])), 1)] for arm in ranked]
+    table = markdown_table(["arm (best first)", "seeds", f"held-out {args.likes} ± SE (seeds)", "vs none",
+                            "held-out VADER ± SE", "VADER cost vs none", "learner steps", "labels"], rows)
+    person = (f"looks at {args.attention:.0%} of rollouts, labels {args.delay_min:g}-{args.delay_max:g} s after "
+              f"they appear, flips {args.noise:.0%}, at most {args.labels_per_second:g} labels/s"
+              + (f" and {args.max_labels} labels" if args.max_labels else "")
+              + (f", rating threshold {args.threshold:g}" if args.threshold is not None else ""))
+    section = f"""## People in the loop: the four TAMER+RL combinations on SmolLM2
 
 `{command_line()}`
 
-Equal wall time per arm ({args.seconds:.0f} s after the learner's first step), VADER as the environment
-reward, a simulated labeller (HTTP API only, {args.labels_per_second:g} labels/s, ratings and pairwise picks
-alternating) that likes `{args.likes}`, which VADER ignores; beta = {args.beta:g}, decay {args.beta_decay:g} per
-step, K = {args.candidates} candidates under control sharing, lr {args.lr:g}, {args.max_new_tokens} new tokens.
-Held-out: {results[0]['eval_prompts']} prompts x {args.samples} completions of the last checkpoint; SE over prompts.
+Equal wall time per run ({args.seconds:.0f} s after the learner's first step), VADER as the environment
+reward, a simulated person (HTTP API only; ratings and pairwise picks alternating) who likes `{args.likes}`,
+which VADER ignores, and {person}; credit window {args.credit_delay_min:g}-{args.credit_delay_max:g} s;
+beta = {args.beta:g}, decay {args.beta_decay:g} per step, K = {args.candidates} candidates (action biasing,
+control sharing), lr {args.lr:g}, {args.max_new_tokens} new tokens. Held-out: {results[0]['eval_prompts']}
+prompts x {args.samples} completions of each run's last checkpoint, scored by the person's own taste; mean
+and SE across seeds {args.seeds}. First: {ranked[0]}.
 
 {table}
 

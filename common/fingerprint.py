@@ -3,7 +3,7 @@
 Weights travel as a manifest of named tensors; a generator whose tokenizer maps ids to
 other strings (a permuted vocabulary of the same size, another revision of a tokenizer)
 loads them without any shape error and samples token ids that the learner reads as other
-text: the run trains on garbage and nothing fails (issue 17 item 4). So the learner puts
+text: the run trains on garbage and nothing fails. So the learner puts
 its fingerprint in every :class:`~streamrl.common.messages.WeightsAnnounce`, a generator
 puts its own in every :class:`~streamrl.common.messages.Rollout`, the generator refuses
 weights whose fingerprint differs from its own, and the learner refuses rollouts whose

@@ -5,8 +5,9 @@ the learner (how both reach the loss) and the feedback service (which trains H-h
 Sources: Knox & Stone 2009 "Interactively shaping agents via human reinforcement: the TAMER
 framework" (H-hat regressed online from a person's reinforcement); Knox & Stone 2010
 "Combining manual feedback with subsequent MDP reward signals for reinforcement learning"
-(TAMER+RL: reward shaping R' = R + beta * H-hat, action biasing, control sharing with
-P(a = argmax_a H-hat(s, a)) = min(beta, 1), beta decayed by a constant factor); Knox & Stone
+(TAMER+RL: reward shaping R' = R + beta * H-hat, Q-augmentation Q' = Q + beta * H-hat,
+action biasing argmax_a [Q(s, a) + beta * H-hat(s, a)] at action selection only, control sharing
+with P(a = argmax_a H-hat(s, a)) = min(beta, 1), beta decayed by a constant factor); Knox & Stone
 2012 "Reinforcement learning from simultaneous human and MDP reward" (the eligibility
 module: H-hat's influence raised only near recently labelled state-actions).
 
@@ -205,28 +206,78 @@ def control_share(values: np.ndarray, probability: float, rng: np.random.Generat
     return index, by_model, float(rho)
 
 
+def bias_actions(values: np.ndarray, eligibilities: np.ndarray, beta_t: float,
+                 rng: np.random.Generator) -> tuple[int, float, float]:
+    """Choose one of K candidates drawn i.i.d. from mu: TAMER+RL action biasing.
+
+    Knox & Stone (2010) bias action *selection* by H-hat, a = argmax_a [Q(s, a) + beta *
+    H-hat(s, a)], and leave learning alone. A language policy's own preference among its
+    samples is its softmax, so the biased choice is the Boltzmann one: candidate j is kept
+    with probability
+
+        P(J = j | c_1..c_K) = exp(beta_t * E_j * H_j) / sum_k exp(beta_t * E_k * H_k)
+
+    (as K grows the kept completion's law tends to mu(y) * exp(beta_t * E * H-hat(y)) / Z: the
+    behaviour policy tilted by H-hat). The learner weights the rollout by 1 / rho with
+    rho = K * P(J = j | c), and E[g(c_J) / rho] = E_mu[g] exactly as for :func:`control_share`;
+    every P(J = j | c) >= exp(-2 beta_t) / K > 0 since H-hat is in [-1, 1] and E in [0, 1],
+    so the weight is bounded by exp(2 beta_t) and the correction is exact at any beta_t.
+
+    Args:
+        values: ``[K]`` H-hat of the candidates in [-1, 1] (K >= 2).
+        eligibilities: ``[K]`` eligibility of the candidates in [0, 1] (ones without the module).
+        beta_t: the decayed combination weight (>= 0).
+        rng: the generator's random stream.
+
+    Returns:
+        ``(index, probability, rho)``: the kept candidate, P(J = index | c) and rho = K * that.
+
+    Raises:
+        ValueError: K < 2, mismatched sizes, or beta_t < 0.
+    """
+    values = np.asarray(values, np.float64)
+    eligibilities = np.asarray(eligibilities, np.float64)
+    k = len(values)
+    if k < 2 or eligibilities.shape != values.shape or beta_t < 0:
+        raise ValueError(f"bias_actions: need K >= 2 values, as many eligibilities and beta_t >= 0 (got K={k}, "
+                         f"{eligibilities.shape[0] if eligibilities.ndim else 0} eligibilities, beta_t={beta_t})")
+    logits = beta_t * eligibilities * values
+    probabilities = np.exp(logits - logits.max())
+    probabilities /= probabilities.sum()
+    index = int(rng.choice(k, p=probabilities))
+    return index, float(probabilities[index]), float(k * probabilities[index])
+
+
 @dataclass
 class HumanTerms:
     """What H-hat adds to one learner batch.
 
     Attributes:
-        shaping: ``[B]`` float32 beta_t * E * H-hat added to each reward (0 when not shaping,
-            paused, or unscored by H-hat).
-        weights: ``[B]`` float32 1 / rho of control-shared rollouts, 1 for the others.
+        shaping: ``[B]`` float32 beta_t * E * H-hat added to each reward under reward shaping
+            (0 otherwise, paused, or unscored by H-hat).
+        bonus: ``[B]`` float32 beta_t * E * H-hat added to each rollout's advantage under
+            Q-augmentation (0 otherwise, paused, or unscored by H-hat).
+        weights: ``[B]`` float32 1 / rho of rollouts a generator selected among K candidates
+            (action biasing, control sharing), 1 for the others.
         stats: per-batch diagnostics (``human/*``) for the learner's log.
     """
 
     shaping: np.ndarray
+    bonus: np.ndarray
     weights: np.ndarray
     stats: dict[str, float]
 
 
 def human_terms(rollouts: Sequence[ScoredRollout], *, combination: HumanCombination, beta_t: float) -> HumanTerms:
-    """The reward shaping and control-sharing weights of a batch (see the module docstring).
+    """The reward shaping, Q-augmentation and selection weights of a batch (see the module docstring).
 
-    reward shaping (Knox & Stone 2010, R' = R + beta * H-hat, with the 2012 eligibility module):
+    Reward shaping (Knox & Stone 2010, R' = R + beta * H-hat, with the 2012 eligibility module):
     ``shaping_b = beta_t * E_b * H-hat_b`` for rollouts the scorer rated with an active H-hat.
-    Control sharing: ``weights_b = 1 / rho_b`` (:func:`control_share`) for rollouts carrying a
+    Q-augmentation (Knox & Stone 2010, Q' = Q + beta * H-hat): the same term as ``bonus_b``,
+    which the trainer adds to row b's advantage A = Q - V after the baseline and normalisation,
+    so A' = Q' - V; the reward, its running statistics, the group baselines and the critic's
+    targets are R's alone. Action biasing and control sharing: ``weights_b = 1 / rho_b``
+    (:func:`bias_actions`, :func:`control_share`) for rollouts carrying a
     :class:`~streamrl.common.messages.Selection`, whatever the current combination (the rule
     follows how the rollout was drawn, not today's config).
 
@@ -237,15 +288,17 @@ def human_terms(rollouts: Sequence[ScoredRollout], *, combination: HumanCombinat
     """
     n = len(rollouts)
     shaping = np.zeros(n, np.float32)
+    bonus = np.zeros(n, np.float32)
     weights = np.ones(n, np.float32)
     scored = selected = by_model = 0
     values = []
+    term = {HumanCombination.REWARD_SHAPING: shaping, HumanCombination.Q_AUGMENTATION: bonus}.get(combination)
     for i, s in enumerate(rollouts):
         h = s.human
         if h is not None:
             values.append(h.value)
-            if combination is HumanCombination.REWARD_SHAPING and h.active:
-                shaping[i] = beta_t * h.eligibility * h.value
+            if term is not None and h.active:
+                term[i] = beta_t * h.eligibility * h.value
                 scored += 1
         sel = s.rollout.selection
         if sel is not None:
@@ -256,13 +309,14 @@ def human_terms(rollouts: Sequence[ScoredRollout], *, combination: HumanCombinat
         "human/beta": float(beta_t),
         "human/shaped_fraction": scored / max(n, 1),
         "human/shaping_mean": float(shaping.mean()) if n else 0.0,
+        "human/advantage_bonus_mean": float(bonus.mean()) if n else 0.0,
         "human/value_mean": float(np.mean(values)) if values else 0.0,
         "human/scored_fraction": len(values) / max(n, 1),
         "human/selected_fraction": selected / max(n, 1),
         "human/by_model_fraction": by_model / max(n, 1),
         "human/weight_mean": float(weights.mean()) if n else 1.0,
     }
-    return HumanTerms(shaping=shaping, weights=weights, stats=stats)
+    return HumanTerms(shaping=shaping, bonus=bonus, weights=weights, stats=stats)
 
 
 class HumanModelView:

@@ -36,13 +36,15 @@ from typing import Any, ClassVar
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION: tuple[int, int] = (1, 2)
+SCHEMA_VERSION: tuple[int, int] = (1, 3)
 """(major, minor) of the wire schema. Bump major for incompatible changes.
 
 1.1 added the optional ``Rollout.selection`` and ``ScoredRollout.human`` fields and the
 ``human_model`` message (people in the loop); a 1.0 receiver ignores them.
-1.2 added the ``credit_request`` / ``credit_grant`` messages (generation credits, issue 11) and the
-optional ``ScoredRollout.reference_logprobs`` (reference pass in the scorers)."""
+1.2 added the ``credit_request`` / ``credit_grant`` messages (generation credits) and the
+optional ``ScoredRollout.reference_logprobs`` (reference pass in the scorers).
+1.3 added the ``group_dropped`` message (a scorer dropped a group whose reward raised on a member;
+a 1.2 buffer rejects it as an unknown kind and the group times out there as before)."""
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """Largest message (all frames together) a decoder accepts, in bytes."""
@@ -157,20 +159,25 @@ class SamplingParams:
 
 @dataclass(kw_only=True)
 class Selection:
-    """How a control-sharing generator chose this completion among K candidates (TAMER+RL
-    control sharing; ``streamrl.common.human.control_share``).
+    """How a generator chose this completion among K candidates by H-hat (TAMER+RL action
+    biasing, ``streamrl.common.human.bias_actions``, or control sharing,
+    ``streamrl.common.human.control_share``).
 
-    The K candidates were drawn i.i.d. from mu; with probability ``probability`` H-hat's best
-    was kept, else a uniformly drawn candidate. The kept completion was therefore drawn from
-    q, not mu, and its ``behaviour_logprobs`` (mu's) do not describe how it was chosen.
+    The K candidates were drawn i.i.d. from mu. Control sharing kept H-hat's best with
+    probability ``probability``, else a uniformly drawn candidate; action biasing kept candidate
+    j with probability softmax_j(beta_t * E_j * H-hat_j). The kept completion was therefore drawn
+    from q, not mu, and its ``behaviour_logprobs`` (mu's) do not describe how it was chosen.
 
     Attributes:
         candidates: K, the completions sampled for this slot (>= 2).
-        probability: p = min(beta_t * eligibility, 1), the chance H-hat's pick was kept.
-        by_model: True when the coin chose H-hat's pick (False: the uniform draw).
-        density_ratio: rho = K * P(this candidate kept | the K candidates) =
-            (1 - p) + p * K * [kept is an argmax] / (number of tied argmaxes); the learner
-            weights the rollout by 1 / rho (an exactly unbiased correction for p < 1).
+        probability: control sharing: p = min(beta_t * eligibility, 1), the chance H-hat's pick
+            was kept; action biasing: P(this candidate kept | the K candidates).
+        by_model: control sharing: True when the coin chose H-hat's pick (False: the uniform
+            draw); action biasing: True when the kept candidate is one H-hat rates highest.
+        density_ratio: rho = K * P(this candidate kept | the K candidates) (control sharing:
+            (1 - p) + p * K * [kept is an argmax] / (number of tied argmaxes)); the learner
+            weights the rollout by 1 / rho (an exactly unbiased correction whenever every
+            candidate could have been kept).
         human_value: H-hat of the kept completion.
         model_version: the H-hat version that ranked the candidates.
     """
@@ -290,8 +297,8 @@ class ScoredRollout(Message):
         human: H-hat's score (:class:`HumanScore`) when a human-reinforcement model was
             active in the scorer; None otherwise.
         reference_logprobs: ``[T]`` float32 log-probs (nats) of the completion tokens under the
-            frozen reference model, computed by the scorer (``streamrl.common.reference``,
-            issue 11); None when not computed (the learner then runs its own reference pass).
+            frozen reference model, computed by the scorer (``streamrl.common.reference``);
+            None when not computed (the learner then runs its own reference pass).
     """
 
     KIND: ClassVar[str] = "scored_rollout"
@@ -319,6 +326,40 @@ class ScoredRollout(Message):
                 isinstance(value, (int, float)) and math.isfinite(value),
                 f"reward part {name!r} is not a finite number",
             )
+
+
+@dataclass(kw_only=True)
+class GroupDropped(Message):
+    """A scorer dropped a group: the reward raised on one of its rollouts (scorer -> buffer, on the
+    scored-rollout socket).
+
+    A group is trained as a whole (group-relative advantages compare each completion with the
+    others of its prompt), so a group with a rollout that has no reward cannot be trained; the
+    scorer sends none of its rollouts on, and the buffer drops what it holds of the group (other
+    scorers may have passed members on), refuses its later members and counts the group as
+    arrived for the generator's credits, so the generator samples a replacement at once.
+
+    Attributes:
+        group_id: the dropped group.
+        generator_id: the generator that sampled it (its credits are returned).
+        rollout_id: the rollout whose reward raised (the first one seen).
+        group_size: G of the group.
+        reason: the exception's class name, e.g. ``"ValueError"``.
+        error: ``"ValueError: message"``, at most 200 characters.
+    """
+
+    KIND: ClassVar[str] = "group_dropped"
+    group_id: str
+    generator_id: str
+    rollout_id: str
+    group_size: int
+    reason: str
+    error: str = ""
+
+    def check(self) -> None:
+        _require(bool(self.group_id) and bool(self.generator_id), "group_id and generator_id must not be empty")
+        _require(self.group_size >= 1, "group_size must be >= 1")
+        _require(bool(self.reason), "reason must not be empty")
 
 
 @dataclass(kw_only=True)
@@ -361,7 +402,7 @@ class CreditRequest(Message):
     """A generator asks the buffer for generation credits before sampling (generator -> buffer,
     DEALER -> the buffer's batch ROUTER; the reply is a :class:`CreditGrant`).
 
-    Admission before generation (issue 11; AReaL, Fu et al. 2025, sec. 4): a generator samples
+    Admission before generation (AReaL, Fu et al. 2025, sec. 4): a generator samples
     a group only while it holds a credit. Counts are cumulative per ``sender`` (the generator id,
     unique per process start), so a lost or repeated request changes nothing.
 
@@ -603,6 +644,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     for cls in (
         Rollout,
         ScoredRollout,
+        GroupDropped,
         BatchRequest,
         Batch,
         CreditRequest,

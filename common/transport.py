@@ -13,6 +13,7 @@ connection is closed and re-dialled instead of hanging).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from streamrl.common.errors import StartupRefused
 from streamrl.common.messages import Message, ProtocolError, decode, encode
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.resolve import ResolvingSocket
-from streamrl.common.security import Security
+from streamrl.common.security import RedialingSocket, Security
 from streamrl.common.throttle import should_log
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,13 @@ connecting sockets re-dial. (ZMTP heartbeats, ZMQ_HEARTBEAT_IVL, would notice
 sooner, but with libzmq 4.3 they tripped an assertion, ``!_io_error`` in
 stream_engine_base.cpp, when a process with restarted peers shut down; the
 application-level pulses in :mod:`streamrl.common.liveness` cover the fast path.)"""
+STOP_CHECK_S = 0.1
+"""Longest a wait polls a socket before it looks at its service's stop request again, seconds
+(:func:`poll_unless_stopped`): SIGTERM ends any wait within about this long."""
+
+
+class ResolvingRedialingSocket(ResolvingSocket, RedialingSocket):
+    """A CURVE client that connects every address of its peers' names and dials again after a refused handshake."""
 
 
 class BindError(StartupRefused):
@@ -69,7 +77,8 @@ def make_socket(
         identity: ``ZMQ_ROUTING_ID`` for DEALER sockets.
         subscribe: topic prefix for SUB sockets (``b""`` = everything).
         security: CURVE keys and ZAP of this process (:mod:`streamrl.common.security`); None = no
-            authentication or encryption.
+            authentication or encryption. A connecting socket with it is a
+            :class:`~streamrl.common.security.RedialingSocket` (it dials again after a refused handshake).
         resolve_every_s: connect to every address the ``connect`` host names resolve to, looked up
             again this often, seconds (a :class:`~streamrl.common.resolve.ResolvingSocket`); None = the
             names as given (libzmq reaches one address per name).
@@ -78,7 +87,10 @@ def make_socket(
         BindError: the endpoint cannot be bound (e.g. address in use); the socket is closed.
         streamrl.common.security.SecurityError: ``security`` lacks the key file this socket's role needs.
     """
-    sock = ctx.socket(kind, socket_class=ResolvingSocket if resolve_every_s else None)
+    redialing = security is not None and bind is None and bool(connect)  # see RedialingSocket
+    socket_class = ({(True, True): ResolvingRedialingSocket, (True, False): ResolvingSocket,
+                     (False, True): RedialingSocket}.get((bool(resolve_every_s), redialing)))
+    sock = ctx.socket(kind, socket_class=socket_class)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     sock.setsockopt(zmq.SNDHWM, hwm)
@@ -113,6 +125,30 @@ def make_socket(
     for endpoint in connect:
         sock.connect(endpoint)
     return sock
+
+
+def poll_unless_stopped(sock: zmq.Socket, timeout_s: float, stop: threading.Event | None = None,
+                        flags: int = zmq.POLLIN) -> bool:
+    """Wait up to ``timeout_s`` seconds for ``sock`` to be ready for ``flags``, giving up as soon as
+    ``stop`` is set (it is looked at every :data:`STOP_CHECK_S` seconds; None = never stopped).
+
+    Every blocking wait of a service goes through here (or checks ``ctx.stop`` as often), so a
+    stop request (SIGTERM, SIGINT) ends the wait within :data:`STOP_CHECK_S` seconds, never only
+    after a long timeout and its retries.
+
+    Returns:
+        True when the socket is ready; False after ``timeout_s`` or once ``stop`` is set (look at
+        ``stop`` to tell the two apart).
+    """
+    deadline = time.monotonic() + timeout_s
+    while stop is None or not stop.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        wait_s = left if stop is None else min(left, STOP_CHECK_S)
+        if sock.poll(max(1, math.ceil(wait_s * 1000)), flags):
+            return True
+    return False
 
 
 def send(sock: zmq.Socket, message: Message, *, prefix: Sequence[bytes] = (), flags: int = 0) -> None:
@@ -163,7 +199,7 @@ def send_when_ready(
         while not stop.is_set():
             # never a blocking send: a peer that vanishes between poll and send would
             # block it with no timeout, and SIGTERM could not stop the process
-            if sock.poll(1000, zmq.POLLOUT) and try_send(sock, message):
+            if poll_unless_stopped(sock, 1.0, stop, zmq.POLLOUT) and try_send(sock, message):
                 return True
             now = time.perf_counter()
             if now - last_warning > warn_after_s:

@@ -1,6 +1,6 @@
 """The ``streamrl`` command.
 
-``streamrl run --config FILE [--generators N] [--scorers M] [--resume | --fresh] [--set key=value ...]``
+``streamrl run --config FILE [--generators N] [--scorers M] [--resume | --fresh] [--free-ports] [--set key=value ...]``
 validates the config, refuses a ``run.output_dir`` that already holds a run unless told to
 ``--resume`` or start ``--fresh`` (:mod:`streamrl.runs`), records the launch there, then starts every service as its own process from the
 Procfile that ships in the package (``streamrl.deploy``) with honcho's process
@@ -8,7 +8,7 @@ manager (:mod:`streamrl.launcher`), in the current directory; when the learner
 finishes (or any process dies, or ``streamrl run`` gets SIGTERM/SIGINT) every
 service is stopped and waited for; with ``--eval`` the initial and final policies are scored
 on held-out prompts, and a summary (JSON) and learning curve (PNG) are written to
-the run's output folder. ``streamrl eval`` scores one checkpoint; ``streamrl sft`` and
+the run's output folder (:func:`streamrl.training.run`). ``streamrl eval`` scores one checkpoint; ``streamrl sft`` and
 ``streamrl rm`` run the offline RLHF stages and ``streamrl pipeline`` all of them then PPO
 (:mod:`streamrl.pipeline`);
 ``streamrl check --config FILE`` only validates.
@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
 
 from streamrl import __version__
 from streamrl.common.config import SERVICES, ConfigError, load_config
-from streamrl.common.service import CONFIG_ENV, OVERRIDES_ENV
-from streamrl.deploy import DEFAULT_CONFIG, PROCFILE
-from streamrl.launcher import interrupted, run_procfile
+from streamrl.common.service import exit_now
+from streamrl.deploy import DEFAULT_CONFIG
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +33,11 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="TOML run config (default: the packaged default job, streamrl.deploy/configs/default.toml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (repeatable), e.g. --set learner.total_steps=20")
+
+
+def _add_probe_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-probe", action="store_true", help="do not send each HTTP reward server "
+                        "(scorer.rewards[].url) one request first")
 
 
 def _load(args: argparse.Namespace, resources=()):
@@ -47,15 +49,40 @@ def _load(args: argparse.Namespace, resources=()):
         raise SystemExit(2) from None
 
 
+def _probe_rewards(args: argparse.Namespace, config) -> bool:
+    """Send each HTTP reward server one request (unless ``--no-probe``); False, with every failure
+    printed (key, what happened, fix), when one could not answer."""
+    if args.no_probe:
+        return True
+    from streamrl.services.scorer.http_reward import probe_report
+
+    report = probe_report(config.scorer.rewards)
+    if report is not None:
+        print(f"streamrl: {report}", file=sys.stderr)
+    return report is None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate the config and what every service needs from it (files, folders, imports, devices).
+    """Validate the config and what every service needs from it (files, folders, imports, devices),
+    and send each HTTP reward server one request (``--no-probe`` skips it).
 
     The same checks each service runs at start-up; exit status 2 with every problem listed
     (key, rule, fix) when any fails.
     """
+    from streamrl.ports import ports_at_defaults, run_ports, taken_ports
+
     config = _load(args, SERVICES)
+    if not _probe_rewards(args, config):
+        return 2
     print(f"{args.config}: OK ({config.run.name}, model {config.model.path}, "
           f"{config.learner.total_steps} steps, max_staleness {config.run.max_staleness})")
+    taken = taken_ports(run_ports(config, 1, len(config.endpoints.scorers)))
+    if taken:
+        then = ("`streamrl run` will pick free ones, as the config leaves every port at its default"
+                if ports_at_defaults(config) else "fix: set these keys to free ports, or run with "
+                "`streamrl run --free-ports`")
+        print(f"streamrl: note: ports in use on this machine now (another run?): {', '.join(map(str, taken))}; {then}",
+              file=sys.stderr)
     return 0
 
 
@@ -63,10 +90,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Score one model folder on held-out prompts and print reward +- stderr, KL and samples."""
     from streamrl.common.models import resolve_model_path
     from streamrl.evaluation import evaluate
+    from streamrl.training import EvalOptions
 
     config = _load(args, ("generator", "scorer"))  # the model, the prompts and the rewards
     path = args.checkpoint or resolve_model_path(config.model.path, config.model.cache_path)
-    result = evaluate(config, path, **eval_options(config, args.limit, args.seed, args.samples))
+    result = evaluate(config, path, **EvalOptions(args.limit, args.seed, args.samples).resolve(config))
     print(f"{path}: {result.line()}")
     for sample in result.samples:
         print(f"  [{sample['reward']:+.3f}] {sample['prompt']!r} -> {sample['completion']!r}")
@@ -75,102 +103,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def eval_options(config, limit: int | None, seed: int | None, samples: int | None) -> dict:
-    """``evaluate`` keyword arguments: the command-line values where given, else ``[eval]``'s."""
-    cfg = config.eval
-    return {"limit": limit if limit is not None else cfg.limit, "seed": seed if seed is not None else cfg.seed,
-            "samples_per_prompt": samples if samples is not None else cfg.samples_per_prompt}
-
-
-def evaluate_run(config, args, started: float) -> dict:
-    """After a run: evaluate the final checkpoint, plot the curve, write and print the summary."""
-    from streamrl.evaluation import evaluate
-    from streamrl.report import generation_accounting, plot_learning_curve, read_metrics
-    from streamrl.services.learner.checkpoint import latest_checkpoint
-
-    output = Path(config.run.output_dir)
-    records = read_metrics(output / "metrics.jsonl")
-    final = latest_checkpoint(output / "checkpoints")
-    summary: dict = {"config": str(args.config), "overrides": args.overrides, "steps": len(records),
-                     "wall_seconds": round(time.time() - started, 1)}
-    if records:
-        summary["learning_curve"] = str(plot_learning_curve(records, output / "learning_curve.png"))
-        k = max(1, len(records) // 5)
-        summary["train_reward_first"] = sum(r["reward_mean"] for r in records[:k]) / k
-        summary["train_reward_last"] = sum(r["reward_mean"] for r in records[-k:]) / k
-        summary.update(generation_accounting(records, output / "trained.jsonl", config.generator.group_size))
-        summary["behaviour_versions_seen"] = len({v for r in records for v in r["behaviour_versions"]})
-    if args.before is not None and final is not None:
-        from streamrl.evaluation import compare
-
-        after = evaluate(config, str(final / "model"),
-                         **eval_options(config, args.eval_prompts, args.eval_seed, args.eval_samples))
-        before = args.before
-        delta = after.reward_mean - before.reward_mean
-        se = math.sqrt(before.reward_stderr ** 2 + after.reward_stderr ** 2)
-        changes = {name: compare(before, after, name) for name in before.per_prompt}
-        summary.update(before=before.as_dict(), after=after.as_dict(), reward_delta=delta,
-                       reward_delta_stderr=se, improved_by_2_stderr=bool(delta > 2 * se), changes=changes)
-        print(f"held-out before: {before.line()}")
-        print(f"held-out after:  {after.line()}")
-        print(f"held-out reward change {delta:+.4f} +- {se:.4f} ({'>' if delta > 2 * se else '<='} 2 stderr)")
-        for name, change in changes.items():
-            print(f"  {name}: {change['before']:+.4f} -> {change['after']:+.4f}, change {change['delta']:+.4f} +- "
-                  f"{change['delta_stderr']:.4f} (paired over prompts)")
-        for sample in after.samples:
-            print(f"  [{sample['reward']:+.3f}] {sample['prompt']!r} -> {sample['completion']!r}")
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"summary: {output / 'summary.json'}" + (f", learning curve: {summary['learning_curve']}" if records else ""))
-    return summary
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    """Validate, optionally evaluate the initial policy, run all services under honcho, then report."""
+    """Validate, optionally evaluate the initial policy, run all services under honcho, then report
+    (:func:`streamrl.training.run`)."""
     from streamrl.common.errors import StartupRefused
-    from streamrl.runs import RunMode, RunRefused, prepare_run_folder, record_launch
+    from streamrl.runs import JournalRewards, RunMode, RunRefused
+    from streamrl.training import EvalOptions, run
 
-    config = _load(args, SERVICES)
     mode = RunMode.RESUME if args.resume else RunMode.FRESH if args.fresh else RunMode.NEW
+    evaluation = EvalOptions(args.eval_prompts, args.eval_seed, args.eval_samples) if args.eval else None
     try:
-        print(prepare_run_folder(config, mode), flush=True)
+        result = run(args.config, args.overrides, mode=mode, generators=args.generators, scorers=args.scorers,
+                     stop_timeout_s=args.stop_timeout, evaluation=evaluation, free_ports=args.free_ports,
+                     journal_rewards=JournalRewards(args.journal_rewards), probe_rewards=not args.no_probe)
+    except ConfigError as err:
+        print(f"streamrl: invalid config\n{err}", file=sys.stderr)
+        return 2
     except (RunRefused, StartupRefused) as err:
         print(f"streamrl: {err}", file=sys.stderr)
         return 2
-    record_launch(config, mode=mode, config_path=args.config, overrides=args.overrides)
-    started = time.time()
-    args.before = None
-    if args.eval:
-        from streamrl.common.models import resolve_model_path
-        from streamrl.evaluation import evaluate
-
-        base = resolve_model_path(config.model.path, config.model.cache_path)
-        print("streamrl: evaluating the initial policy on held-out prompts ...", flush=True)
-        args.before = evaluate(config, base, **eval_options(config, args.eval_prompts, args.eval_seed,
-                                                            args.eval_samples))
-        print(f"held-out before: {args.before.line()}", flush=True)
-    scorers = args.scorers if args.scorers is not None else len(config.endpoints.scorers)
-    if scorers > len(config.endpoints.scorers):
-        print(f"streamrl: --scorers {scorers} but endpoints.scorers lists {len(config.endpoints.scorers)}; "
-              "fix: add one endpoint per scorer to the config", file=sys.stderr)
-        return 2
-    env = dict(os.environ)
-    env[CONFIG_ENV] = str(Path(args.config).resolve())
-    env[OVERRIDES_ENV] = "\n".join(args.overrides)
-    env["PYTHON"] = sys.executable
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    feedback = 1 if config.feedback.enabled else 0
-    print(f"streamrl: starting learner, buffer, {scorers} scorer(s) and {args.generators} generator(s)"
-          + (f", feedback page on http://{config.feedback.http_host}:{config.feedback.http_port}/" if feedback else "")
-          + f"; output in {config.run.output_dir}", flush=True)
-    code = run_procfile(PROCFILE, {"generator": args.generators, "scorer": scorers, "feedback": feedback}, env,
-                        os.getcwd(), stop_timeout_s=args.stop_timeout)
-    if interrupted(code):
-        print(f"streamrl: stopped by a signal (exit status {code}); every service has exited", file=sys.stderr)
-        if args.eval:
-            args.before = None  # no final evaluation of an interrupted run
-    evaluate_run(config, args, started)
-    return code
+    return result.exit_code
 
 
 def _add_target_args(parser: argparse.ArgumentParser) -> None:
@@ -258,13 +210,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     """``sft`` / ``rm``: run one offline training stage of the RLHF pipeline from its config section."""
-    from streamrl.finetune import StageError
+    from streamrl.stages.finetune import StageError
 
     config = _load(args)
     if args.command == "sft":
-        from streamrl.sft import run_sft as run_stage
+        from streamrl.stages.sft import run_sft as run_stage
     else:
-        from streamrl.reward_model import run_rm as run_stage
+        from streamrl.stages.reward_model import run_rm as run_stage
     try:
         summary = run_stage(config, force=args.force, log=lambda line: print(line, flush=True))
     except StageError as err:
@@ -298,15 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rollout generator processes (default 1: on 2 cores the learner and one generator "
                           "each own a core)")
     run.add_argument("--scorers", type=int, default=None, help="scorer processes (default: one per endpoint)")
+    _add_probe_arg(run)
     run.add_argument("--stop-timeout", type=float, default=60.0,
                      help="seconds each service gets to exit after SIGTERM (the learner writes its final "
                           "checkpoint) before it is killed (default 60)")
+    run.add_argument("--free-ports", action="store_true",
+                     help="bind every endpoint and metrics port of this run on a free loopback port (a second run "
+                          "on one machine); automatic when the config sets no port and a default one is taken")
     rerun = run.add_mutually_exclusive_group()
     rerun.add_argument("--resume", action="store_true",
                        help="continue the run already in run.output_dir (newest checkpoint, buffer journal)")
     rerun.add_argument("--fresh", action="store_true",
                        help="start over: the files of a run already in run.output_dir move to "
                             "<output_dir>/previous/<time>/")
+    run.add_argument("--journal-rewards", choices=("keep", "rescore", "drop"), default="keep",
+                     help="with --resume, when scorer.rewards changed since the last launch: train on the "
+                          "journaled rollouts as scored (keep, the default, with a warning naming the changed "
+                          "keys), score them again with the new reward (rescore), or move the journal to "
+                          "previous/ (drop)")
     run.add_argument("--eval", action="store_true",
                      help="evaluate the initial and final policy on held-out prompts and print both")
     run.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts to use (default: eval.limit)")
@@ -326,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
     check = sub.add_parser("check", help="validate a config and print every problem")
     _add_config_args(check)
+    _add_probe_arg(check)
     check.set_defaults(func=cmd_check)
     status = sub.add_parser("status", help="one table of every service's state, read from their metrics")
     _add_config_args(status)
@@ -381,9 +343,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: parse arguments, run the subcommand, exit with its status."""
+    """Console entry point: parse arguments, run the subcommand, exit with its status.
+
+    ``streamrl run`` from the command line (``argv`` None) ends its process at once when the run is
+    over and its summary written (:func:`~streamrl.common.service.exit_now`): the config's checks
+    imported torch and transformers, and the interpreter's finalisation of them took seconds on a
+    loaded machine, between the learner's ``learner finished`` and the run's exit.
+    """
     args = build_parser().parse_args(argv)
-    raise SystemExit(args.func(args))  # the libraries' progress bars stay on (downloads, conversion, evaluation)
+    code = args.func(args)  # the libraries' progress bars stay on (downloads, conversion, evaluation)
+    if argv is None and args.func is cmd_run:
+        exit_now(code)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,10 @@ from tqdm.auto import tqdm
 from streamrl.common.config import Config
 from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
 from streamrl.common.models import load_causal_lm, load_tokenizer, resolve_model_path, select_device
+from streamrl.common.modes import Engine
 from streamrl.common.prompts import load_prompts, split_prompts
-from streamrl.services.generator.sampling import prepare_prompts, sample_completions
+from streamrl.services.generator.engine import HFEngine, build_engine
+from streamrl.services.generator.sampling import prepare_prompts
 from streamrl.services.learner.batch import collate, forward_completions
 from streamrl.services.scorer.rewards import build_reward
 
@@ -114,12 +116,17 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
     base = resolve_model_path(cfg.model.path, cfg.model.cache_path)
     tokenizer = load_tokenizer(base)
     policy = load_causal_lm(model_path, device=device).eval()
-    same = Path(model_path).resolve() == Path(base).resolve()  # the reference itself: KL is exactly 0
-    reference = None if same else load_causal_lm(base, device=device).eval()
+    gen = cfg.generator
+    engine = (HFEngine(policy, tokenizer) if gen.engine is Engine.HF else  # fp32: the evaluation is exact
+              build_engine(gen.engine, model_path, tokenizer, device=device, autocast_bf16=False,
+                           max_model_len=gen.max_prompt_tokens + gen.max_new_tokens, kv_cache_gib=gen.kv_cache_gib,
+                           threads=torch.get_num_threads(), seed=seed))
+    # the reference itself: KL is exactly 0 at top_p = 1 (below, the nucleus cuts -log(its mass) per token)
+    same = Path(model_path).resolve() == Path(base).resolve()
+    reference = policy if same else load_causal_lm(base, device=device).eval()
     reward = build_reward(cfg.scorer.rewards, device=device)
     extra = build_reward(cfg.eval.rewards, device=device) if cfg.eval.rewards else None
     extra_rewards: dict[str, list[float]] = {name: [] for name in (extra.names if extra is not None else [])}
-    gen = cfg.generator
     sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
     prompts = held_out_prompts(cfg, limit)
     torch.manual_seed(seed)
@@ -132,7 +139,7 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
         chunk = prompts[start : start + batch_prompts]
         texts, ids = prepare_prompts(tokenizer, chunk, chat_template=cfg.model.chat_template,
                                      system_prompt=cfg.model.system_prompt, max_prompt_tokens=gen.max_prompt_tokens)
-        groups = sample_completions(policy, tokenizer, ids, group_size=samples_per_prompt, sampling=sampling)
+        groups = engine.sample(ids, group_size=samples_per_prompt, sampling=sampling)
         completions = [c for g in groups for c in g]
         k = samples_per_prompt
         chunk = [p for p in chunk for _ in range(k)]
@@ -151,11 +158,11 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
             for p, c, v in zip(chunk, completions, values)
         ]
         batch = collate(scored, pad_id=tokenizer.pad_token_id).to(device)
-        if same:  # KL of a policy to itself: no forward pass needed
+        if same and sampling.top_p >= 1:  # KL of a policy to itself: no forward pass needed
             kls += [0.0] * len(scored)
-        else:
+        else:  # the policy as it samples against the untruncated reference (as the learner's penalty)
             out = forward_completions(policy, batch)
-            ref = forward_completions(reference, batch, nucleus=out.nucleus).logprobs  # top_p < 1: the policy's nucleus
+            ref = forward_completions(reference, batch, truncate=False).logprobs
             kls += torch.where(batch.mask > 0, out.logprobs - ref, 0.0).sum(1).tolist()  # padding may hold -inf
         tokens += batch.mask.sum(1).long().tolist()
         rewards += [sum(values[i : i + k]) / k for i in range(0, len(values), k)]
@@ -164,6 +171,7 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
                 samples.append({"prompt": text, "completion": c.text, "reward": v})
         progress.update(min(batch_prompts, len(prompts) - start))
     progress.close()
+    engine.close()
     n = len(rewards)  # prompts
     kl_total, token_total = sum(kls), max(sum(tokens), 1)
     mean, stderr = mean_stderr(rewards)

@@ -2,9 +2,9 @@
 
 Stages, in order, each resumable (a complete stage is skipped when the command runs again):
 
-1. ``sft``: :func:`streamrl.sft.run_sft` (``[sft]``): the policy PPO starts from and is held to
+1. ``sft``: :func:`streamrl.stages.sft.run_sft` (``[sft]``): the policy PPO starts from and is held to
    (``model.path`` must be its output folder).
-2. ``rm``: :func:`streamrl.reward_model.run_rm` (``[rm]``); with ``rm.gold = true`` a proxy and a
+2. ``rm``: :func:`streamrl.stages.reward_model.run_rm` (``[rm]``); with ``rm.gold = true`` a proxy and a
    gold reward model on disjoint halves of the training pairs (Gao et al. 2022). PPO's reward
    (``[[scorer.rewards]]``) must be the proxy (or, without ``gold``, the reward model).
 3. ``eval_before``: the SFT policy on the held-out prompts (``[eval]``): the training reward (the
@@ -36,6 +36,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from streamrl.common.config import Config, ConfigError, load_config
+from streamrl.common.errors import StartupRefused
+from streamrl.runs import RunMode, RunRefused, run_state
+from streamrl.training import run as run_training
 
 __all__ = ["PipelineError", "STAGES", "run_pipeline", "stage_dirs", "wiring_problems"]
 
@@ -122,7 +125,7 @@ def _evaluation(config: Config, stage: str, model: str, folder: Path, *, force: 
 
 def _offline_stage(name: str, run: Callable, config: Config, folder: Path, *, force: bool,
                    log: Callable[[str], None]) -> tuple[dict, bool]:
-    from streamrl.finetune import StageError, stage_done
+    from streamrl.stages.finetune import StageError, stage_done
 
     skipped = stage_done(folder) is not None and not force
     try:
@@ -134,21 +137,18 @@ def _offline_stage(name: str, run: Callable, config: Config, folder: Path, *, fo
 def _ppo(config_path: str | Path, overrides: list[str], config: Config, *, force: bool, generators: int,
          log: Callable[[str], None]) -> bool:
     """Run (or resume) the streaming PPO stage; True when it had already reached ``total_steps``."""
-    from streamrl.cli import build_parser
-    from streamrl.runs import run_state
-
     _, step = run_state(config)
     total = config.learner.total_steps
     if step is not None and step >= total and not force:
         log(f"ppo: {config.run.output_dir} reached learner.total_steps = {total}; skipped")
         return True
-    argv = ["run", "--config", str(config_path), "--generators", str(generators),
-            "--fresh" if force else "--resume"] + [f"--set={o}" for o in overrides]
-    args = build_parser().parse_args(argv)
     try:
-        code = args.func(args)
-    except SystemExit as exc:  # an invalid config for the services (e.g. a missing reward-model folder)
-        code = exc.code if isinstance(exc.code, int) else 2
+        code = run_training(config_path, overrides, mode=RunMode.FRESH if force else RunMode.RESUME,
+                       generators=generators).exit_code
+    except ConfigError as err:  # what the services need (e.g. a missing reward-model folder)
+        raise PipelineError(f"stage ppo: the services cannot start\n{err}") from None
+    except (RunRefused, StartupRefused) as err:
+        raise PipelineError(f"stage ppo: {err}") from None
     _, step = run_state(config)
     if code != 0 or step is None or step < total:
         raise PipelineError(f"stage ppo: the streaming run exited with status {code} at checkpoint step "
@@ -176,9 +176,9 @@ def run_pipeline(config_path: str | Path, overrides: list[str] | None = None, *,
         PipelineError: an invalid config, stages not wired together, or a stage that failed.
     """
     from streamrl.evaluation import compare
-    from streamrl.reward_model import run_rm
     from streamrl.services.learner.checkpoint import latest_checkpoint
-    from streamrl.sft import run_sft
+    from streamrl.stages.reward_model import run_rm
+    from streamrl.stages.sft import run_sft
 
     overrides = list(overrides or [])
     config = _load(config_path, overrides)

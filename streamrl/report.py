@@ -18,6 +18,26 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def distinct_steps(records: list[dict]) -> list[dict]:
+    """The last record of each learner step, in step order.
+
+    A learner killed after its newest checkpoint trained steps whose updates are lost; the restarted
+    learner trains those step numbers again (their batches served again, with the same
+    ``dropped_stale``/``evicted`` counts the buffer reported in them), so ``metrics.jsonl`` holds
+    some steps twice. The last record of a step is the one that stands (the one in ``trained.jsonl``);
+    counting every record counted rolled-back steps and their buffer counts twice. Records without a
+    ``step`` are kept as they are, in order.
+    """
+    last: dict[int, dict] = {}
+    loose = []
+    for record in records:
+        if isinstance(record.get("step"), int):
+            last[record["step"]] = record
+        else:
+            loose.append(record)
+    return [last[step] for step in sorted(last)] + loose
+
+
 def plot_learning_curve(records: list[dict], png: Path) -> Path:
     """Plot mean reward and KL to the reference per learner step into ``png``.
 
@@ -49,10 +69,10 @@ def plot_learning_curve(records: list[dict], png: Path) -> Path:
 
 
 def generation_accounting(records: list[dict], trained_path: Path, group_size: int) -> dict:
-    """Where the run's rollouts went (issue 11: "waste no generation").
+    """Where the run's rollouts went: trained, dropped as stale, evicted, still held (generation not wasted).
 
     Args:
-        records: the learner's ``metrics.jsonl`` records.
+        records: the learner's ``metrics.jsonl`` records, one per step (:func:`distinct_steps`).
         trained_path: the learner's ``trained.jsonl`` ledger (lines rolled back by a restart are not counted).
         group_size: G, rollouts per group (to count the complete groups still held at the end).
 

@@ -8,7 +8,12 @@ segments (in ``buffer.journal_dir`` when that is set). Then ``streamrl run``
 * without a flag refuses (exit 2), saying what is there and the three fixes;
 * with ``--resume`` continues it: the learner resumes from its newest complete checkpoint and the
   buffer replays its journal (refused, with the fix, when the run already reached
-  ``learner.total_steps``: nothing would happen);
+  ``learner.total_steps``: nothing would happen). When ``scorer.rewards`` differs from the
+  previous launch's (its ``config.toml``), the journaled rollouts were scored by the old reward:
+  the line says so with the keys that differ, and ``--journal-rewards`` decides what happens to
+  them: ``keep`` (the default: trained on as they are), ``rescore`` (scored again with the new
+  reward before the buffer starts, :func:`rescore_journal`) or ``drop`` (the journal moves to
+  ``previous/``, as ``--fresh`` moves it; the learner keeps its checkpoint);
 * with ``--fresh`` starts over: the previous run's files move to ``<output_dir>/previous/<time>/``
   (never deleted; folders other runs or stages keep there, such as ``sft/`` and ``rm/``, stay).
 
@@ -41,7 +46,8 @@ from streamrl.common.config import Config
 from streamrl.common.runlock import RunLock
 from streamrl.common.service import journal_folder
 
-__all__ = ["RunMode", "RunRefused", "run_state", "prepare_run_folder", "record_launch", "PACKAGES"]
+__all__ = ["JournalRewards", "RunMode", "RunRefused", "run_state", "prepare_run_folder", "record_launch",
+           "reward_changes", "rescore_journal", "PACKAGES"]
 
 LEARNER_STATE = ("checkpoints", "metrics.jsonl", "trained.jsonl", "published_version")
 """What the learner leaves in ``run.output_dir``; any of it means the folder holds a run."""
@@ -59,6 +65,18 @@ class RunMode(str, Enum):
     NEW = "new"
     RESUME = "resume"
     FRESH = "fresh"
+
+
+class JournalRewards(str, Enum):
+    """What ``streamrl run --resume`` does with journaled rollouts when the reward changed."""
+
+    KEEP = "keep"
+    RESCORE = "rescore"
+    DROP = "drop"
+
+
+REWARD_IGNORED = ("batch_size",)
+"""``scorer.rewards`` fields that do not change a score (how many texts go in one call)."""
 
 
 class RunRefused(Exception):
@@ -100,8 +118,99 @@ def run_state(cfg: Config) -> tuple[list[str], int | None]:
     return found, step
 
 
-def prepare_run_folder(cfg: Config, mode: RunMode, *, now: float | None = None) -> str:
+def reward_changes(cfg: Config) -> list[str]:
+    """``scorer.rewards[i].key: old -> new`` for each reward setting that differs from the previous
+    launch's resolved config (``<run.output_dir>/config.toml``); [] when there is none to compare
+    with. A component added or removed shows as ``scorer.rewards[i]: ... -> ...``."""
+    import tomllib
+
+    previous = Path(cfg.run.output_dir) / "config.toml"
+    try:
+        old = tomllib.loads(previous.read_text()).get("scorer", {}).get("rewards", [])
+    except (OSError, tomllib.TOMLDecodeError):
+        return []
+    new = resolved_config(cfg).get("scorer", {}).get("rewards", [])
+    changes = []
+    for i in range(max(len(old), len(new))):
+        key = f"scorer.rewards[{i}]"
+        if i >= len(old) or i >= len(new):
+            changes.append(f"{key}: {old[i] if i < len(old) else None!r} -> {new[i] if i < len(new) else None!r}")
+            continue
+        for name in sorted(set(old[i]) | set(new[i])):
+            if name not in REWARD_IGNORED and old[i].get(name) != new[i].get(name):
+                changes.append(f"{key}.{name}: {old[i].get(name)!r} -> {new[i].get(name)!r}")
+    return changes
+
+
+def rescore_journal(cfg: Config) -> int:
+    """Score every rollout the buffer journal holds again with ``scorer.rewards`` (as the scorers
+    do: :func:`~streamrl.services.scorer.scoring.score_batch` on ``prompt_text``,
+    ``completion_text`` and ``metadata``) and write them back as one snapshot (the journal's own
+    compaction), the batches served and not yet acknowledged included. ``reward`` and
+    ``reward_parts`` change; the reference log-probs and any human score are kept. Run it only
+    while no buffer holds the journal (its lock is taken here).
+
+    Returns:
+        The number of rollouts scored again.
+
+    Raises:
+        RunFolderLocked: a buffer holds the journal.
+        JournalDamaged: the journal cannot be recovered (``buffer.journal_repair`` decides, in the buffer).
+        Exception: whatever the reward raises (the journal is then left as it was).
+    """
+    from streamrl.common.models import select_device
+    from streamrl.services.buffer.journal import Journal
+    from streamrl.services.scorer.rewards import build_reward
+    from streamrl.services.scorer.scoring import MAX_BATCH, score_batch
+
+    b = cfg.buffer
+    lock = RunLock(journal_folder(cfg), "buffer")
+    try:
+        journal = Journal(journal_folder(cfg), fsync=b.fsync, segment_bytes=b.segment_bytes,
+                          max_segments=b.max_segments, keep_history=b.keep_history, max_reuse=b.max_reuse)
+        recovered = journal.recover()
+        scored = [m for g in recovered.groups for m in g.members]
+        scored += [s for held in recovered.held for s in held.batch.rollouts]
+        reward = build_reward(cfg.scorer.rewards, device=select_device(cfg.scorer.device))
+        new = []
+        for start in range(0, len(scored), MAX_BATCH):
+            new += score_batch(reward, [s.rollout for s in scored[start:start + MAX_BATCH]], "rescore")
+        for old, fresh in zip(scored, new):
+            old.reward, old.reward_parts = fresh.reward, fresh.reward_parts
+        journal.compact(recovered.groups, recovered.held)
+        journal.close()
+    finally:
+        lock.release()
+    return len(scored)
+
+
+def _journal_rewards(cfg: Config, action: JournalRewards) -> str:
+    """What the resume line adds when the reward changed since the previous launch (see the module docstring)."""
+    changes = reward_changes(cfg)
+    if not changes or not cfg.buffer.journal or not _segments(journal_folder(cfg)):
+        return ""
+    what = f"\nstreamrl: warning: the reward changed since the last launch ({'; '.join(changes)})"
+    if action is JournalRewards.DROP:
+        target = journal_folder(cfg) / "previous" / time.strftime("%Y%m%d-%H%M%S")
+        lock = RunLock(journal_folder(cfg), "buffer")  # raises while a buffer holds the journal
+        try:
+            moved = _move_journal(cfg, target)
+        finally:
+            lock.release()
+        return f"{what}; --journal-rewards drop: moved the journal's {moved} file(s) to {target}"
+    if action is JournalRewards.RESCORE:
+        return f"{what}; --journal-rewards rescore: scored the journal's {rescore_journal(cfg)} rollouts again"
+    return (f"{what}; the journal's rollouts were scored by the old reward and are trained on as they are.\n"
+            "fix: --journal-rewards rescore (score them again with the new reward) or --journal-rewards drop "
+            "(move the journal to previous/)")
+
+
+def prepare_run_folder(cfg: Config, mode: RunMode, *, journal_rewards: JournalRewards = JournalRewards.KEEP,
+                       now: float | None = None) -> str:
     """Apply ``mode`` to ``run.output_dir`` (see the module docstring); returns the line to print.
+
+    ``journal_rewards``: what ``--resume`` does with journaled rollouts when ``scorer.rewards``
+    changed since the previous launch (:class:`JournalRewards`).
 
     Raises:
         RunRefused: a folder holding a run without ``--resume``/``--fresh``; ``--resume`` of a run
@@ -127,7 +236,8 @@ def prepare_run_folder(cfg: Config, mode: RunMode, *, now: float | None = None) 
                 f"do nothing.\nfix: raise it to train further (--resume --set learner.total_steps={2 * total}), or "
                 "--fresh to start over")
         where = f"checkpoint step-{step:06d}" if step is not None else "step 0 (no complete checkpoint yet)"
-        return f"streamrl: resuming {out} from {where} of {total}; the buffer replays its journal"
+        return (f"streamrl: resuming {out} from {where} of {total}; the buffer replays its journal"
+                + _journal_rewards(cfg, JournalRewards(journal_rewards)))
     return _archive(cfg, now if now is not None else time.time())
 
 
@@ -148,16 +258,22 @@ def _archive(cfg: Config, now: float) -> str:
         if cfg.buffer.journal and journal.is_dir():
             inside = journal.resolve().is_relative_to(out.resolve())
             dest = target / journal.relative_to(out) if inside else journal / "previous" / target.name
-            entries = [p for p in journal.iterdir() if p.name not in ("buffer.lock", "previous")]
-            for entry in entries:
-                dest.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(entry), str(dest / entry.name))
-            if entries:
+            if _move_journal(cfg, dest):
                 moved.append(f"the buffer journal ({dest})")
     finally:
         for lock in locks:
             lock.release()
     return f"streamrl: --fresh: moved the previous run ({', '.join(moved)}) to {target}; starting over"
+
+
+def _move_journal(cfg: Config, dest: Path) -> int:
+    """Move the journal folder's entries (not its lock or ``previous/``) into ``dest``; returns how many."""
+    journal = journal_folder(cfg)
+    entries = [p for p in journal.iterdir() if p.name not in ("buffer.lock", "previous")] if journal.is_dir() else []
+    for entry in entries:
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(entry), str(dest / entry.name))
+    return len(entries)
 
 
 def _git(folder: Path) -> dict | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from streamrl.common.config import Config
-from streamrl.common.peers import scrape_url
+from streamrl.common.peers import last_reward_error, scrape_url
 
 SERVICES = ("learner", "buffer", "scorer", "generator", "feedback")
 """Services with a metrics endpoint, in table order."""
@@ -259,10 +259,12 @@ def describe(service: str, now: dict[str, float], before: dict[str, float] | Non
                 f"credits out {g('credits_outstanding'):.0f}")
     if service == "scorer":
         line = f"{g('rollouts_scored_total'):.0f} scored  {rate('rollouts_scored_total'):.2f}/s  lost {g('rollouts_lost_total'):.0f}"
-        if g("reward_failing"):
-            errors = [k for k, v in now.items() if k.startswith("streamrl_scorer_reward_last_error{") and v]
-            error = errors[0].partition("error=")[2].rpartition(",reason=")[0] if errors else "?"
-            line += f"  REWARD FAILING ({g('reward_consecutive_failures'):.0f} micro-batches in a row: {error})"
+        in_a_row, fraction = g("reward_consecutive_failures"), g("reward_failure_fraction")
+        if g("reward_failing") and in_a_row:
+            line += f"  REWARD FAILING ({in_a_row:.0f} micro-batches in a row: {last_reward_error(now)})"
+        elif fraction:
+            line += (f"  {'REWARD FAILING' if g('reward_failing') else 'reward raises'} on {fraction:.0%} of recent "
+                     f"rollouts ({last_reward_error(now)}; their groups dropped)")
         return line
     if service == "feedback":
         return (f"{g('labels_total{kind=rating}') + g('labels_total{kind=preference}'):.0f} labels  H-hat "
@@ -308,7 +310,9 @@ def render(cfg: Config, generators: int, interval: float | None, ts: list[Target
     for t in ts:
         now = scrapes[t.name]
         state = "up" if now is not None else "DOWN"
-        detail = describe(t.service, now, earlier.get(t.name), now_t - then) if now is not None else ""
+        detail = describe(t.service, now, earlier.get(t.name), now_t - then) if now is not None else (
+            "optional: training goes on without new H-hat versions; `streamrl run` restarts it"
+            if t.service == "feedback" else "")
         rejected = sum(v for k, v in (now or {}).items() if "messages_rejected_total{" in k)
         if rejected:
             detail += f"  rejected {rejected:.0f}"

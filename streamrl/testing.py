@@ -10,37 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from streamrl.deploy import DEFAULT_PROMPTS
+from streamrl.ports import free_port  # noqa: F401  (tests and benchmarks take it from here)
 from streamrl.status import read as read_metrics
-
-_HANDED_OUT: set[int] = set()
-"""Ports :func:`free_port` returned in this process (none is returned twice)."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now and was not returned before in this process.
-
-    The kernel may hand the same ephemeral port to two ``bind(0)`` calls once the first socket
-    is closed, so two services of one test could otherwise get the same port (the second one
-    then fails with "Address already in use").
-
-    Raises:
-        RuntimeError: no new port after 1,000 tries.
-    """
-    for _ in range(1000):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
-    raise RuntimeError(f"no free TCP port on 127.0.0.1 that was not handed out already ({len(_HANDED_OUT)} were)")
 
 
 def toml_value(value) -> str:

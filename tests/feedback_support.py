@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
 import numpy as np
+import requests
+import uvicorn
 
 from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
 
@@ -15,3 +23,28 @@ def scored(rollout_id, *, group="g1", prompt="The film was", completion="good", 
                 finish_reason=FinishReason.STOP, sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=4),
                 prompt_text=prompt, completion_text=completion)
     return ScoredRollout(rollout=r, reward=reward, reward_parts={"vader": reward})
+
+
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """Serve the ASGI ``app`` with uvicorn on a free loopback port until the block ends; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url + "/healthz", timeout=5)
+            break
+        except requests.RequestException:  # not listening yet, or slow on a loaded machine
+            time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(5)
+        sock.close()

@@ -1,4 +1,4 @@
-"""Test-only helpers: repository paths, ragged masks, garbage padding, scored rollouts.
+"""Test-only helpers: repository paths, ragged masks, garbage padding, scored rollouts, an HTTP reward server.
 
 Helpers that run real services (ports, configs, processes, scrapes) live in
 :mod:`streamrl.testing`, which the benchmarks share.
@@ -6,6 +6,10 @@ Helpers that run real services (ports, configs, processes, scrapes) live in
 
 from __future__ import annotations
 
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -136,7 +140,7 @@ def train_tiny_reward_model(folder: Path, model_dir: Path, *, preferred: str, pa
     import random
 
     from streamrl.common.config import validate_config
-    from streamrl.reward_model import run_rm
+    from streamrl.stages.reward_model import run_rm
 
     rng = random.Random(0)
     rows = [{"prompt": f"q{i}:", "chosen": " " + "".join(rng.choice(preferred * 3 + "xyz") for _ in range(6)),
@@ -146,3 +150,86 @@ def train_tiny_reward_model(folder: Path, model_dir: Path, *, preferred: str, pa
         "base_model": str(model_dir), "data": {"path": str(folder / "pairs.jsonl"), "eval_rows": eval_rows},
         "epochs": 2, "lr": 3e-3, "threads": 1, "trainable_layers": 1, "max_length": max_length}})
     return Path(run_rm(config, log=lambda line: None)["output_dir"])
+
+
+def fp32_head_on_bf16_body(model, batch, value_head):
+    """By hand: the body under bf16 autocast, then the float32 output projection and value head
+    on its hidden states (a Llama body keeps its residual stream in float32), for a learner ``TrainBatch``.
+    Returns ``[B, T]`` log-probs, ``[B, T]`` values and the largest log-prob change a bf16 projection of the same hidden
+    states makes (the control); at the batch's temperature, untruncated."""
+    import torch
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    hidden = hidden.gather(1, batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    weight = model.get_output_embeddings().weight.detach()
+    temperature = batch.sampling.temperature
+    logits = hidden.float() @ weight.float().T / temperature
+    in_bf16 = (hidden.to(torch.bfloat16) @ weight.to(torch.bfloat16).T).float() / temperature
+    pick = batch.tokens.unsqueeze(-1)
+    logprobs = torch.log_softmax(logits, -1).gather(-1, pick).squeeze(-1)
+    control = torch.log_softmax(in_bf16, -1).gather(-1, pick).squeeze(-1)
+    values = (hidden.float() @ value_head.weight.detach().T + value_head.bias.detach()).squeeze(-1)
+    return logprobs, values, float((control - logprobs)[batch.mask > 0].abs().max())
+
+
+class RewardServer:
+    """A real HTTP reward server: reward = number of 'a' in the completion (+ metadata bonus).
+
+    ``script`` lists how to answer the next requests (``"ok"``, an HTTP status, ``"sleep"``,
+    ``"short"``: one reward too few, ``"nan"``); afterwards every request is answered ``ok``.
+    """
+
+    def __init__(self, script=(), sleep_s: float = 0.0):
+        self.script = list(script)
+        self.sleep_s = sleep_s
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.times: list[float] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append(body)
+                server.headers.append(dict(self.headers))
+                server.times.append(time.monotonic())
+                action = server.script.pop(0) if server.script else "ok"
+                if action == "sleep":
+                    time.sleep(server.sleep_s)
+                if isinstance(action, int):
+                    self._send(action, {"detail": "scripted failure"})
+                    return
+                rewards = [c.count("a") + m.get("bonus", 0) for c, m in zip(body["completions"], body["metadata"])]
+                if action == "short":
+                    rewards = rewards[:-1]
+                if action == "nan":
+                    self._send(200, {"rewards": ["NaN"] * len(rewards)})
+                    return
+                self._send(200, {"rewards": rewards})
+
+            def _send(self, status, payload):
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client gave up (timeout test)
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/score"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()

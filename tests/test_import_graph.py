@@ -3,12 +3,16 @@ imports another, nothing in the library imports the application (``streamrl.cli`
 and no module imports ``tests`` or ``bench``.
 
 Every ``import``/``from ... import`` in the source (top level, inside functions, and under
-``TYPE_CHECKING``) counts; the check parses the files with :mod:`ast` and imports nothing.
+``TYPE_CHECKING``) counts for the layers; the check parses the files with :mod:`ast` and
+imports nothing. The modules form a DAG: no cycle of imports that run, counting those inside
+functions (which hide a cycle from the interpreter, not from a reader) and not those under
+``TYPE_CHECKING`` (annotations only).
 """
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,15 +33,28 @@ def module_name(path: Path) -> str:
     raise ValueError(path)
 
 
-def imports_of(source: str, module: str) -> set[str]:
-    """Absolute names of every module that ``source`` (module ``module``) imports."""
+def import_nodes(tree: ast.AST, *, runtime_only: bool = False) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Every import statement in ``tree``, at any depth; ``runtime_only``: not those under
+    ``if TYPE_CHECKING:`` (never executed)."""
+    for node in ast.iter_child_nodes(tree):
+        if runtime_only and isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            yield from (n for child in node.orelse for n in import_nodes(child, runtime_only=True))
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        yield from import_nodes(node, runtime_only=runtime_only)
+
+
+def imports_of(source: str, module: str, *, is_package: bool = False, runtime_only: bool = False) -> set[str]:
+    """Absolute names of every module that ``source`` (module ``module``; ``is_package``: its
+    ``__init__.py``) imports; ``runtime_only``: leave out imports under ``TYPE_CHECKING``."""
     found = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in import_nodes(ast.parse(source), runtime_only=runtime_only):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = module.split(".")[: -node.level]
+                base = (module.split(".") + [""] * is_package)[: -node.level]
                 name = ".".join(base + ([node.module] if node.module else []))
             else:
                 name = node.module or ""
@@ -97,22 +114,62 @@ def test_layers_hold_in_the_source_tree():
     assert not problems, "\n".join(problems)
 
 
-def test_no_import_cycles_in_common():
-    """``streamrl.common`` modules form a DAG (a cycle once joined security and transport)."""
+def import_graph(sources: dict[str, tuple[str, bool]]) -> dict[str, set[str]]:
+    """``{module: modules of ``sources`` it imports at run time}`` from ``{module: (source,
+    is_package)}``. A ``from package import name`` counts as importing ``package.name`` when
+    that is a module. The parent packages Python imports on the way are not counted (a
+    package's ``__init__`` importing its own submodules is no cycle), but a submodule that
+    names its own package is (it would read the package half-initialised)."""
     graph = {}
-    for path in sorted((REPO / "common").glob("*.py")):
-        name = module_name(path)
-        graph[name] = {i for i in imports_of(path.read_text(), name) if i.startswith("streamrl.common.")
-                       and i.count(".") == 2}
-    for start in graph:
-        stack, seen = [(start, (start,))], set()
+    for module, (source, is_package) in sources.items():
+        imported = imports_of(source, module, is_package=is_package, runtime_only=True)
+        graph[module] = {name for name in imported if name in sources and name != module}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[tuple[str, ...]]:
+    """One cycle ``(a, b, ..., a)`` through each module that lies on one, each cycle reported once."""
+    found, reported = [], set()
+    for start in sorted(graph):
+        stack, seen = [(start, (start,))], {start}
         while stack:
             node, trail = stack.pop()
-            for nxt in graph.get(node, ()):
-                assert nxt != start, "import cycle: " + " -> ".join((*trail, nxt))
-                if nxt not in seen:
+            for nxt in sorted(graph.get(node, ())):
+                if nxt == start and frozenset(trail) not in reported:
+                    reported.add(frozenset(trail))
+                    found.append((*trail, start))
+                elif nxt not in seen:
                     seen.add(nxt)
                     stack.append((nxt, (*trail, nxt)))
+    return found
+
+
+def test_no_import_cycles():
+    """Every module of the package (common, services, application) forms a DAG with the others,
+    counting imports inside functions (a cycle once joined security and transport; two more hid
+    behind imports in functions: the learner's build and distributed modules, the pipeline and
+    the CLI)."""
+    sources = {module_name(path): (path.read_text(), path.name == "__init__.py") for path in source_files()}
+    found = cycles(import_graph(sources))
+    assert not found, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in found)
+
+
+def test_a_cycle_through_a_function_level_import_is_caught():
+    sources = {
+        "streamrl.common.a": ("from streamrl.common.b import x\n", False),
+        "streamrl.common.b": ("def f():\n    from streamrl.common import a\n", False),
+        "streamrl.common.c": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                              "    from streamrl.common.a import y\nfrom streamrl.common.b import x\n", False),
+        "streamrl.common.pkg": ("from streamrl.common.pkg.inner import z\n", True),
+        "streamrl.common.pkg.inner": ("from streamrl.common.a import x\n", False),
+    }
+    assert cycles(import_graph(sources)) == [("streamrl.common.a", "streamrl.common.b", "streamrl.common.a")]
+    sources["streamrl.common.a"] = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                    "    from streamrl.common.b import x\n", False)
+    assert cycles(import_graph(sources)) == []
+    sources["streamrl.common.pkg.inner"] = ("from streamrl.common.pkg import z\n", False)  # its own package
+    assert cycles(import_graph(sources)) == [
+        ("streamrl.common.pkg", "streamrl.common.pkg.inner", "streamrl.common.pkg")]
 
 
 @pytest.mark.parametrize("module, planted, rule", [

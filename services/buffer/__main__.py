@@ -4,4 +4,4 @@ from streamrl.common.service import run_service
 from streamrl.services.buffer.loop import BufferService
 
 if __name__ == "__main__":
-    run_service("buffer", BufferService)
+    run_service("buffer", BufferService, exit_process=True)

@@ -1,4 +1,4 @@
-"""Generation credits: admission before generation (issue 11 item 1), without sockets.
+"""Generation credits: admission before generation, without sockets.
 
 A generator samples a group only while it holds a credit, and the buffer grants
 credits so that every admitted group can still be trained within ``max_staleness``

@@ -82,6 +82,12 @@ class DurableBuffer:
             self.journal.accept(frames)
         return self.store.add(item)
 
+    def drop_group(self, group_id: str) -> int:
+        """A scorer dropped ``group_id`` (its reward raised on a member): what is held of it is evicted
+        (journaled as removed, event ``reward_failed``) and its later members are refused
+        (:meth:`ReplayBuffer.drop_group`). Returns the rollouts evicted. Made durable by :meth:`commit`."""
+        return self.store.drop_group(group_id)
+
     def commit(self) -> None:
         """Make what was journaled durable (per the journal's fsync policy); no-op without a journal."""
         if self.journal is not None:
@@ -246,5 +252,5 @@ class DurableBuffer:
     def _journal_removal(self, event: BufferEvent, rollout_ids: list[str]) -> None:
         """The store's ledger hook: removals go to the journal. ``ACCEPTED`` was journaled
         write-ahead by :meth:`add`; ``SAMPLED`` is journaled with the whole batch by :meth:`serve`."""
-        if event in (BufferEvent.DROPPED_STALE, BufferEvent.EVICTED):
+        if event in (BufferEvent.DROPPED_STALE, BufferEvent.EVICTED, BufferEvent.REWARD_FAILED):
             self.journal.remove(event.value, rollout_ids)

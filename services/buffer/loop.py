@@ -17,7 +17,13 @@ any ``learner.checkpoint_every`` and serves none twice beyond ``max_reuse``.
 That logic, without sockets, is
 :class:`streamrl.services.buffer.durable.DurableBuffer`.
 
-Generation credits (issue 11, ``services/buffer/credits.py``): generators ask on
+A scorer whose reward raised on a rollout drops that rollout's group and says so
+(``group_dropped``, on the scored-rollout socket): the buffer evicts what it holds of the
+group (other scorers may have passed members on), refuses its later members, and counts the
+group as arrived for the generator's credits, so the generator samples another at once
+instead of waiting for the credit to expire.
+
+Generation credits (``services/buffer/credits.py``): generators ask on
 the same ROUTER (``credit_request``) before sampling, and the buffer grants at
 most what can still be trained within ``max_staleness`` counting what it holds
 and what is granted but not arrived, so little is generated only to be dropped.
@@ -36,7 +42,7 @@ import uuid
 import zmq
 
 from streamrl.common.liveness import Waits
-from streamrl.common.messages import BatchRequest, CreditGrant, CreditRequest, ScoredRollout
+from streamrl.common.messages import BatchRequest, CreditGrant, CreditRequest, GroupDropped, ScoredRollout
 from streamrl.common.service import ServiceContext, journal_folder
 from streamrl.common.transport import Inbox, make_socket, send
 from streamrl.services.buffer.credits import CreditLedger, awaiting_groups, batch_generators
@@ -77,7 +83,7 @@ class BufferService:
                                 max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
         self.router = make_socket(ctx.zmq, zmq.ROUTER, bind=cfg.endpoints.bind_address("batches"),
                                   max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
-        self.rollout_inbox = Inbox(ctx.metrics, [ScoredRollout], max_bytes=t.max_message_bytes,
+        self.rollout_inbox = Inbox(ctx.metrics, [ScoredRollout, GroupDropped], max_bytes=t.max_message_bytes,
                                    socket_name="scored_rollouts")
         self.credits = CreditLedger(cfg.learner.groups_per_step, cfg.run.max_staleness, ttl_s=b.credit_ttl_s)
         self.epoch = uuid.uuid4().hex[:12]
@@ -138,6 +144,11 @@ class BufferService:
                 frames = self.pull.recv_multipart(copy=False)
                 msg = self.rollout_inbox.decode(frames)
                 if msg is None:
+                    continue
+                if isinstance(msg, GroupDropped):  # its reward raised on a member: never trainable
+                    self.credits.arrived(msg.generator_id, msg.group_id)  # the generator samples another
+                    self.state.drop_group(msg.group_id)
+                    self.metrics.groups_dropped.inc()
                     continue
                 self.credits.arrived(msg.rollout.generator_id, msg.rollout.group_id)
                 outcome = self.state.add(msg, frames)

@@ -25,7 +25,10 @@ class BufferMetrics(MetricSet):
     inserted = counter("inserted_total", "Rollouts accepted")
     sampled = counter("sampled_total", "Rollouts served to the learner (reuse counted)")
     stale = counter("dropped_stale_total", "Rollouts dropped for staleness > max_staleness")
-    evicted = counter("evicted_total", "Rollouts evicted (capacity, incomplete-group timeout)")
+    evicted = counter("evicted_total", "Rollouts evicted (capacity, incomplete-group timeout, a member's reward "
+                      "failed in a scorer)")
+    groups_dropped = counter("groups_dropped_by_scorers_total", "Reports of a group a scorer dropped because the "
+                             "reward raised on a member (what is held of it is evicted, its credit returned)")
     batches = counter("batches_total", "Batches served")
     staleness = histogram("staleness", "Staleness (versions) of served rollouts", buckets=STALENESS_BUCKETS)
     blocked = counter("producers_blocked_seconds_total",

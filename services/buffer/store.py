@@ -64,11 +64,15 @@ Overflow and backpressure
     * Timeout: :meth:`expire` evicts incomplete groups whose first member
       arrived more than ``group_timeout_s`` seconds ago (the service calls it
       periodically; nothing expires on its own).
+    * Reward failed: :meth:`drop_group` evicts an incomplete group at once when a
+      scorer reports that the reward raised on one of its members (that member
+      never arrives, so the group could never complete), and refuses its later
+      members (``GROUP_DISCARDED``). Ledger event ``REWARD_FAILED``.
 
 Accounting
     Every accepted rollout leaves the buffer exactly once: sampled for the
     K-th time, dropped as stale, or evicted (overflow, incomplete bound,
-    timeout). Hence, with K = 1,
+    timeout, a member's reward failed). Hence, with K = 1,
     ``inserted_total == sampled_total + dropped_stale_total + evicted_total
     + held_rollouts``. Counters are monotonic totals in rollouts (Prometheus
     counters); ``sampled_total`` counts every serve (reuse included). Each
@@ -79,7 +83,8 @@ Ledger
     ``on_event(event, rollout_ids)`` (optional) is called after the state
     changed, with a :class:`BufferEvent`: ``ACCEPTED`` (one id, per accepted
     add), ``SAMPLED`` (every serve, reuse included; an id leaves on its K-th),
-    ``DROPPED_STALE`` and ``EVICTED``, one call per operation, never with an
+    ``DROPPED_STALE``, ``EVICTED`` and ``REWARD_FAILED`` (evicted by :meth:`drop_group`;
+    counted in ``evicted_total``), one call per operation, never with an
     empty list. :meth:`ReplayBuffer.admission` tells, without changing
     anything, what :meth:`ReplayBuffer.add` would answer, so a write-ahead log
     can record an accepted rollout before the store changes.
@@ -116,6 +121,7 @@ class BufferEvent(str, Enum):
     SAMPLED = "sampled"
     DROPPED_STALE = "dropped_stale"
     EVICTED = "evicted"
+    REWARD_FAILED = "reward_failed"
 
 
 LedgerHook = Callable[[BufferEvent, list[str]], None]
@@ -377,6 +383,19 @@ class ReplayBuffer:
             del self._incomplete[oldest.group_id]
             evicted += self._discard(oldest, evict=True)
         self._emit(BufferEvent.EVICTED, evicted)
+        return len(evicted)
+
+    def drop_group(self, group_id: str) -> int:
+        """A scorer dropped ``group_id`` (the reward raised on one of its members): evict what is held
+        of it (an incomplete group; a complete one is left alone: it holds every member, so none of
+        them failed) and refuse its later members as ``GROUP_DISCARDED``. Returns the rollouts evicted."""
+        group = self._incomplete.pop(group_id, None)
+        if group is None:
+            if group_id not in self._complete:
+                self._closed_groups.add(group_id, AddOutcome.GROUP_DISCARDED)
+            return 0
+        evicted = self._discard(group, evict=True)  # remembered as GROUP_DISCARDED (incomplete)
+        self._emit(BufferEvent.REWARD_FAILED, evicted)
         return len(evicted)
 
     def drop_stale(self, learner_version: int) -> int:

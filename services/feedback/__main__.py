@@ -4,4 +4,4 @@ from streamrl.common.service import run_service
 from streamrl.services.feedback.loop import FeedbackService
 
 if __name__ == "__main__":
-    run_service("feedback", FeedbackService)
+    run_service("feedback", FeedbackService, exit_process=True)

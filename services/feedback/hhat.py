@@ -5,12 +5,16 @@ linear model on features of (s, a). Here phi is the frozen reference model's poo
 (:func:`streamrl.common.human.reference_features`) and H-hat a linear head on standardised phi,
 refit after every burst of labels on the newest ``max_labels`` of them:
 
-    minimise (1/N) [ sum_ratings (h(x) - y)^2 + sum_preferences softplus(-(h(x_chosen) - h(x_rejected))) ]
+    minimise (1/N) [ sum_ratings sum_i c_i (h(x_i) - y)^2 + sum_preferences softplus(-(h(x_chosen) - h(x_rejected))) ]
              + l2 * |w|^2,   h(x) = w . (phi(x) - mean) / scale + b
 
-(squared error toward the +1 / -1 ratings as TAMER; the Bradley-Terry log-likelihood of the
+where a rating's credit c_i is spread over the rollouts x_i the person saw within their
+reaction delay (TAMER's credit assignment, Knox & Stone 2009 sec. 3: c_i the share of the
+delay distribution falling on x_i; here uniform over the window, ``feedback.credit_delay_*``),
+sum_i c_i = 1, or all on the rated rollout (c = 1) without a window. Squared error toward the
++1 / -1 ratings as TAMER; the Bradley-Terry log-likelihood of the
 pairwise picks, as reward models are trained from comparisons: Christiano et al. 2017, Ouyang et
-al. 2022 eq. 1). The objective is convex (strictly in w, since l2 > 0), and L-BFGS starts from
+al. 2022 eq. 1. The objective is convex (strictly in w, since l2 > 0), and L-BFGS starts from
 zero every time, so the same labels always give the same head.
 """
 
@@ -44,10 +48,12 @@ def fit_head(rows: list[LabelRow], *, l2: float) -> tuple[HumanHead, float]:
         raise ValueError("fit_head: no labels")
     if any(r.features is None or (r.kind == "preference" and r.other_features is None) for r in rows):
         raise ValueError("fit_head: every label needs the features of its rollout(s)")
-    everything = np.stack([f for r in rows for f in (r.features, r.other_features) if f is not None]).astype(np.float64)
+    credited = [(f, c, float(r.value)) for r in rows if r.kind == "rating"
+                for f, c in (r.credit if r.credit else [(r.features, 1.0)])]  # (features, c_i, y) per credited rollout
+    everything = np.stack([f for r in rows if r.kind == "preference" for f in (r.features, r.other_features)]
+                          + [f for f, _, _ in credited]).astype(np.float64)
     mean = everything.mean(0)
     scale = np.maximum(everything.std(0), MIN_SCALE)
-    rated = [r for r in rows if r.kind == "rating"]
     pairs = [r for r in rows if r.kind == "preference"]
     dim = everything.shape[1]
 
@@ -56,14 +62,16 @@ def fit_head(rows: list[LabelRow], *, l2: float) -> tuple[HumanHead, float]:
             return torch.zeros((0, dim), dtype=torch.float64)
         return torch.from_numpy((np.stack(values).astype(np.float64) - mean) / scale)
 
-    x_rated, y = z([r.features for r in rated]), torch.tensor([float(r.value) for r in rated], dtype=torch.float64)
+    x_rated = z([f for f, _, _ in credited])
+    c = torch.tensor([c for _, c, _ in credited], dtype=torch.float64)
+    y = torch.tensor([y for _, _, y in credited], dtype=torch.float64)
     x_chosen, x_rejected = z([r.features for r in pairs]), z([r.other_features for r in pairs])
     w = torch.zeros(dim, dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     n = len(rows)
 
     def objective() -> torch.Tensor:
-        loss = ((x_rated @ w + b - y) ** 2).sum() / n
+        loss = (c * (x_rated @ w + b - y) ** 2).sum() / n
         loss = loss + torch.nn.functional.softplus(-((x_chosen - x_rejected) @ w)).sum() / n
         return loss + l2 * (w * w).sum()
 

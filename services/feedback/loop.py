@@ -29,7 +29,7 @@ import zmq
 
 from streamrl.common.config import is_local_endpoint
 from streamrl.common.errors import StartupRefused
-from streamrl.common.human import reference_features
+from streamrl.common.human import beta_at, reference_features
 from streamrl.common.messages import HumanModel, ScoredRollout
 from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path
 from streamrl.common.service import ServiceContext
@@ -69,6 +69,7 @@ class FeedbackService:
         self.pending: list[tuple[int, float]] = []  # (label id, committed at) not yet in a published version
         self.wake = threading.Event()
         self.last_fit = 0.0
+        self.logged_below = 0  # label count last logged while below min_labels (logged once per change)
         path = resolve_model_path(cfg.model.path, cfg.model.cache_path)
         self.tokenizer = load_tokenizer(path)
         self.reference = load_causal_lm(path, device=torch.device("cpu")).eval()
@@ -80,7 +81,8 @@ class FeedbackService:
         self.inbox = Inbox(ctx.metrics, [ScoredRollout], max_bytes=t.max_message_bytes, socket_name="feed")
         self.http_socket = self._bind_http()
         tls = fb.tls_cert is not None
-        app = create_app(self, session_ttl_s=fb.session_ttl_s, secure_cookies=tls)
+        app = create_app(self, session_ttl_s=fb.session_ttl_s, secure_cookies=tls, label_rate_per_s=fb.label_rate_per_s,
+                         label_burst=fb.label_burst)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 ssl_certfile=fb.tls_cert, ssl_keyfile=fb.tls_key, timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
@@ -161,7 +163,8 @@ class FeedbackService:
             missing = self.store.rollouts_without_features()
         rows = self.store.training_labels(self.fb.max_labels)
         if len(rows) < self.fb.min_labels:
-            if rows:
+            if rows and len(rows) != self.logged_below:
+                self.logged_below = len(rows)
                 log.info("%d label(s) so far; H-hat is first fit at feedback.min_labels = %d", len(rows),
                          self.fb.min_labels)
             with self.lock:
@@ -207,6 +210,10 @@ class FeedbackService:
         """The enabled labeller whose token this is, else None."""
         return self.store.labeller_for_token(token)
 
+    def labeller_enabled(self, name: str) -> bool:
+        """True while ``name`` is an enabled labeller (a browser session of a revoked one ends)."""
+        return self.store.labeller_enabled(name)
+
     def recent(self, after: int, limit: int) -> list[dict]:
         """The newest ``limit`` rollouts that streamed in after ``after`` (JSON-ready)."""
         with self.lock:
@@ -238,11 +245,27 @@ class FeedbackService:
         """
         seen = self._known(rollout_id)
         label_id, at = self.store.add_label(labeller=labeller, kind="rating", scored=seen.scored, value=value,
-                                            model_version=self.version, seen_at=seen.seen_at)
+                                            model_version=self.version, seen_at=seen.seen_at,
+                                            credit=self._credit(seen, time.time()))
         self._stored(label_id, at, "rating")
         return {"label_id": label_id, "kind": "rating", "labeller": labeller, "rollout_id": rollout_id,
                 "value": value, "policy_version": seen.scored.rollout.policy_version, "created_at": at,
                 "model_version": self.version}
+
+    def _credit(self, rated, now: float) -> list[tuple[ScoredRollout, float, float]]:
+        """TAMER's credit assignment of a rating given at ``now``: shared evenly by the rated rollout and
+        the rollouts that streamed in between ``credit_delay_max_s`` and ``credit_delay_min_s`` seconds
+        before it (what the person saw within their reaction delay); empty (all on the rated one) when
+        the window is off or holds nothing else. Returns ``(rollout, seen_at, weight)``, weights summing to 1."""
+        fb = self.fb
+        if not fb.credit_delay_max_s:
+            return []
+        with self.lock:
+            shown = self.rollouts.shown_between(now - fb.credit_delay_max_s, now - fb.credit_delay_min_s)
+        credited = [rated] + [s for s in shown if s.scored.rollout.rollout_id != rated.scored.rollout.rollout_id]
+        if len(credited) == 1:
+            return []
+        return [(s.scored, s.seen_at, 1.0 / len(credited)) for s in credited]
 
     def prefer(self, labeller: str, chosen: str, rejected: str) -> dict:
         """Store a pairwise pick of two completions of one group (committed before returning).
@@ -262,17 +285,24 @@ class FeedbackService:
                 "rejected": rejected, "created_at": at, "model_version": self.version}
 
     def status(self) -> dict:
-        """Labels, H-hat version, influence switch, combination and the reward by policy version."""
+        """Labels, H-hat version, influence switch, combination, beta_0 (``beta``) and the current
+        beta_t = beta * beta_decay^t (``beta_t``, t = the newest policy version streamed in, the
+        learner's step), and the reward and beta_t by policy version."""
         with self.lock:
             series = self.rollouts.reward_series()
             received = self.rollouts.seq
             active = self.active
         labels_in_model = self.message.labels if self.message is not None else 0
+        fb = self.fb
+        newest = series[-1]["version"] if series else 0
+        beta_by_version = [{"version": p["version"], "beta": beta_at(fb.beta, fb.beta_decay, p["version"])}
+                           for p in series]
         return {"labels": self.store.count_labels(), "labels_by_labeller": self.store.labels_by_labeller(),
                 "human_model_version": self.version, "labels_in_model": labels_in_model,
-                "influence_active": active, "combination": self.fb.combination.value, "beta": self.fb.beta,
-                "beta_decay": self.fb.beta_decay, "eligibility": self.fb.eligibility,
-                "rollouts_received": received, "reward_by_version": series}
+                "influence_active": active, "combination": fb.combination.value, "beta": fb.beta,
+                "beta_t": beta_at(fb.beta, fb.beta_decay, newest), "policy_version": newest,
+                "beta_decay": fb.beta_decay, "eligibility": fb.eligibility, "rollouts_received": received,
+                "reward_by_version": series, "beta_by_version": beta_by_version}
 
     def set_influence(self, labeller: str, active: bool) -> dict:
         """Start or pause the human influence (stored; re-published at once)."""

@@ -96,6 +96,16 @@ class RecentRollouts:
             out.append(seen)
         return out[::-1]
 
+    def shown_between(self, start: float, end: float) -> list[Seen]:
+        """The remembered rollouts that streamed in at Unix seconds in ``[start, end]``, oldest first."""
+        out: list[Seen] = []
+        for seen in reversed(self.items.values()):
+            if seen.seen_at < start:
+                break
+            if seen.seen_at <= end:
+                out.append(seen)
+        return out[::-1]
+
     def group(self, group_id: str) -> list[Seen]:
         """The remembered members of a group, in arrival order."""
         return [self.items[rid] for rid in self.groups.get(group_id, [])]

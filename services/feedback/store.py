@@ -9,6 +9,9 @@ Tables:
 * ``labels``: who (labeller), when (Unix seconds), which rollout(s), which policy version(s),
   which H-hat version the labeller saw; ``kind`` ``rating`` (value +1 / -1) or
   ``preference`` (``rollout_id`` preferred over ``other_rollout_id``, value 1).
+* ``credits``: how a rating's credit is shared (TAMER's credit assignment over the reaction
+  delay): (label, rollout, weight), the weights of one label summing to 1; a rating without
+  rows here credits its rated rollout alone.
 * ``models``: every H-hat version published (labels used, last label id, training loss).
 * ``settings``: ``influence_active`` (the page's start / pause of the human influence).
 
@@ -26,7 +29,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +74,12 @@ CREATE TABLE IF NOT EXISTS labels (
         OR (kind = 'preference' AND value = 1 AND other_rollout_id IS NOT NULL AND other_rollout_id != rollout_id))
 );
 CREATE INDEX IF NOT EXISTS labels_rollout ON labels(rollout_id);
+CREATE TABLE IF NOT EXISTS credits (
+    label_id INTEGER NOT NULL REFERENCES labels(id) ON DELETE CASCADE,
+    rollout_id TEXT NOT NULL REFERENCES rollouts(rollout_id),
+    weight REAL NOT NULL CHECK (weight > 0 AND weight <= 1),
+    PRIMARY KEY (label_id, rollout_id)
+);
 CREATE TABLE IF NOT EXISTS models (
     version INTEGER PRIMARY KEY,
     created_at REAL NOT NULL,
@@ -80,6 +89,13 @@ CREATE TABLE IF NOT EXISTS models (
 );
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+VOTE = "labeller, kind, min(rollout_id, COALESCE(other_rollout_id, '')), max(rollout_id, COALESCE(other_rollout_id, ''))"
+"""What one vote is about: a labeller's rating of a rollout, or their pick within an unordered pair."""
+ONE_VOTE = f"CREATE UNIQUE INDEX IF NOT EXISTS labels_one_vote ON labels({VOTE})"
+"""At most one stored label per vote: a new rating of the same rollout (or a new pick within the
+same pair) by the same labeller replaces the old one, so one labeller repeating a label cannot
+outweigh the others in H-hat's fit."""
 
 LABELLER_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 """Allowed labeller names: 1-64 letters, digits and ``_ . @ -``."""
@@ -101,6 +117,9 @@ class LabelRow:
         value: +1 / -1 for a rating, 1 for a preference.
         features: ``[D]`` float32 of ``rollout_id`` (None until computed).
         other_features: ``[D]`` float32 of ``other_rollout_id`` (preferences), else None.
+        credit: a rating whose credit is shared: ``[(features [D] float32, weight)]`` of every
+            credited rollout (the rated one included; weights sum to 1), else None (all on
+            ``features``).
     """
 
     id: int
@@ -109,6 +128,7 @@ class LabelRow:
     value: int
     features: np.ndarray | None
     other_features: np.ndarray | None
+    credit: list[tuple[np.ndarray, float]] | None = None
 
 
 class LabelStore:
@@ -130,6 +150,11 @@ class LabelStore:
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.executescript(SCHEMA)
+        with self._lock:  # a database written before one vote per labeller: keep each vote's newest label
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(f"DELETE FROM labels WHERE id NOT IN (SELECT MAX(id) FROM labels GROUP BY {VOTE})")
+            self._db.execute(ONE_VOTE)
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         """Checkpoint the WAL and close."""
@@ -186,6 +211,11 @@ class LabelStore:
                 return name
         return None
 
+    def labeller_enabled(self, name: str) -> bool:
+        """True while ``name`` exists and is not revoked (read from the database: a revocation by
+        another process, e.g. the admin command, counts at once)."""
+        return bool(self._read("SELECT 1 FROM labellers WHERE name = ? AND disabled = 0", (name,)))
+
     def labellers(self) -> list[str]:
         """Names of the enabled labellers."""
         return [name for (name,) in self._read("SELECT name FROM labellers WHERE disabled = 0 ORDER BY name")]
@@ -204,8 +234,12 @@ class LabelStore:
              seen_at))
 
     def add_label(self, *, labeller: str, kind: str, scored: ScoredRollout, value: int,
-                  other: ScoredRollout | None = None, model_version: int, seen_at: float) -> tuple[int, float]:
+                  other: ScoredRollout | None = None, model_version: int, seen_at: float,
+                  credit: Sequence[tuple[ScoredRollout, float, float]] = ()) -> tuple[int, float]:
         """Store one label and the rollout(s) it refers to, in one transaction (committed on return).
+
+        One vote per labeller: the labeller's earlier rating of the same rollout (or earlier pick
+        within the same pair, either way round) is replaced; the new label gets a new, larger id.
 
         Args:
             labeller: an existing labeller's name.
@@ -215,6 +249,8 @@ class LabelStore:
             other: the rejected rollout of a preference.
             model_version: the H-hat version in force when the label was given.
             seen_at: when the rollout streamed in (Unix seconds).
+            credit: a rating's shared credit, ``(rollout, seen_at, weight)`` per credited rollout
+                (the rated one included, weights summing to 1); empty: all on ``scored``.
 
         Returns:
             ``(label id, created_at)``.
@@ -229,12 +265,18 @@ class LabelStore:
                 self._keep_rollout(scored, seen_at)
                 if other is not None:
                     self._keep_rollout(other, seen_at)
+                ids = sorted((scored.rollout.rollout_id, other.rollout.rollout_id if other is not None else ""))
+                self._db.execute(f"DELETE FROM labels WHERE ({VOTE}) = (?, ?, ?, ?)", (labeller, kind, *ids))
                 cursor = self._db.execute(
                     "INSERT INTO labels (created_at, labeller, kind, rollout_id, other_rollout_id, value, "
                     "policy_version, other_policy_version, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (now, labeller, kind, scored.rollout.rollout_id,
                      other.rollout.rollout_id if other is not None else None, value, scored.rollout.policy_version,
                      other.rollout.policy_version if other is not None else None, model_version))
+                for credited, credited_seen_at, weight in credit:
+                    self._keep_rollout(credited, credited_seen_at)
+                    self._db.execute("INSERT INTO credits (label_id, rollout_id, weight) VALUES (?, ?, ?)",
+                                     (cursor.lastrowid, credited.rollout.rollout_id, weight))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -271,14 +313,21 @@ class LabelStore:
             self._db.execute("COMMIT")
 
     def training_labels(self, limit: int) -> list[LabelRow]:
-        """The newest ``limit`` labels whose rollouts all have features, oldest first."""
+        """The newest ``limit`` labels whose rollouts (credited ones included) all have features, oldest first."""
         rows = self._read(
             "SELECT l.id, l.created_at, l.kind, l.value, a.features, b.features FROM labels l "
             "JOIN rollouts a ON a.rollout_id = l.rollout_id LEFT JOIN rollouts b ON b.rollout_id = l.other_rollout_id "
             "WHERE a.features IS NOT NULL AND (l.other_rollout_id IS NULL OR b.features IS NOT NULL) "
-            "ORDER BY l.id DESC LIMIT ?", (limit,))
+            "AND NOT EXISTS (SELECT 1 FROM credits c JOIN rollouts r ON r.rollout_id = c.rollout_id "
+            "WHERE c.label_id = l.id AND r.features IS NULL) ORDER BY l.id DESC LIMIT ?", (limit,))
+        credit: dict[int, list[tuple[np.ndarray, float]]] = {}
+        if rows:
+            for label_id, features, weight in self._read(
+                    "SELECT c.label_id, r.features, c.weight FROM credits c JOIN rollouts r ON r.rollout_id = "
+                    "c.rollout_id WHERE c.label_id >= ? ORDER BY c.label_id, c.rollout_id", (rows[-1][0],)):
+                credit.setdefault(label_id, []).append((np.frombuffer(features, "<f4"), float(weight)))
         return [LabelRow(id=i, created_at=t, kind=k, value=v, features=np.frombuffer(fa, "<f4"),
-                         other_features=np.frombuffer(fb, "<f4") if fb is not None else None)
+                         other_features=np.frombuffer(fb, "<f4") if fb is not None else None, credit=credit.get(i))
                 for i, t, k, v, fa, fb in reversed(rows)]
 
     # --------------------------------------------------------------- models
@@ -308,7 +357,7 @@ class LabelStore:
     # --------------------------------------------------------------- export
 
     def export(self, layout: str) -> Iterator[dict]:
-        """The labels as a dataset for the reward-model stage (``streamrl rm``, :mod:`streamrl.rlhf_data`).
+        """The labels as a dataset for the reward-model stage (``streamrl rm``, :mod:`streamrl.stages.rlhf_data`).
 
         Layouts:
             ``preferences``: one ``{"prompt", "chosen", "rejected"}`` row per pairwise pick, plus one per

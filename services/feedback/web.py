@@ -36,6 +36,7 @@ Routes (JSON unless said otherwise):
 
 import hmac  # no `from __future__ import annotations`: FastAPI reads the route annotations at runtime
 import json
+import math
 import secrets
 import threading
 import time
@@ -73,6 +74,7 @@ class Backend(Protocol):
     """What the web app needs from the feedback service."""
 
     def labeller_for_token(self, token: str) -> str | None: ...
+    def labeller_enabled(self, name: str) -> bool: ...
     def recent(self, after: int, limit: int) -> list[dict]: ...
     def group(self, group_id: str) -> list[dict]: ...
     def rate(self, labeller: str, rollout_id: str, value: int) -> dict: ...
@@ -152,7 +154,10 @@ class Sessions:
 
 
 class _BodyLimit:
-    """ASGI middleware: refuse (413) a request whose body exceeds ``limit`` bytes, declared or streamed."""
+    """ASGI middleware: refuse (413) a request whose body exceeds ``limit`` bytes, declared
+    (``Content-Length``) or streamed (chunked). The body is read here, at most ``limit`` bytes
+    of it, before the application sees the request, so an oversized chunked body is answered
+    413 however the route would have parsed it."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -160,24 +165,64 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        too_large = JSONResponse({"detail": f"request body over {self.limit} bytes"}, 413)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await JSONResponse({"detail": f"request body over {self.limit} bytes"}, 413)(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+            return await too_large(scope, receive, send)
+        chunks, seen, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise HTTPException(413, f"request body over {self.limit} bytes")
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return None
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.limit:
+                return await too_large(scope, receive, send)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
 
-        return await self.app(scope, limited, send)
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
 
 
-def create_app(backend: Backend, *, session_ttl_s: float, secure_cookies: bool) -> "_BodyLimit":
+class RateLimit:
+    """Labels a labeller may store: a token bucket per labeller (``rate`` labels per second on
+    average, bursts of ``burst``). Thread-safe.
+
+    Args:
+        rate: sustained labels per second (> 0).
+        burst: bucket size (>= 1).
+        clock: monotonic seconds (tests pass their own).
+    """
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"RateLimit: rate ({rate}) must be > 0 and burst ({burst}) >= 1")
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # labeller -> (tokens, at)
+
+    def take(self, who: str) -> float:
+        """Take one label from ``who``'s bucket: 0.0 when allowed, else the seconds until one is."""
+        with self._lock:
+            now = self.clock()
+            tokens, at = self._buckets.get(who, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[who] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[who] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+
+
+def create_app(backend: Backend, *, session_ttl_s: float, secure_cookies: bool, label_rate_per_s: float = 5.0,
+               label_burst: int = 20) -> "_BodyLimit":
     """The ASGI application of the feedback service: FastAPI (routes in the module docstring) inside
     the request-body limit.
 
@@ -185,9 +230,13 @@ def create_app(backend: Backend, *, session_ttl_s: float, secure_cookies: bool) 
         backend: the service's side (rollouts, labels, status).
         session_ttl_s: lifetime of a browser session, seconds.
         secure_cookies: mark the session cookie ``Secure`` (HTTPS).
+        label_rate_per_s: labels per second one labeller may store on average (``feedback.label_rate_per_s``);
+            beyond it ``POST /api/ratings`` and ``/api/preferences`` answer 429 with ``Retry-After``.
+        label_burst: labels one labeller may store in a burst (``feedback.label_burst``).
     """
     app = FastAPI(title="streamrl feedback", docs_url=None, redoc_url=None, openapi_url=None)
     sessions = Sessions(session_ttl_s)
+    limit = RateLimit(label_rate_per_s, label_burst)
 
     @app.middleware("http")
     async def headers(request: Request, call_next: Callable):
@@ -218,9 +267,13 @@ def create_app(backend: Backend, *, session_ttl_s: float, secure_cookies: bool) 
             if name is None:
                 raise refuse("bad_token", 401, "unknown or revoked token")
             return name
-        session = sessions.get(request.cookies.get(COOKIE))
+        sid = request.cookies.get(COOKIE)
+        session = sessions.get(sid)
         if session is None:
             raise refuse("unauthenticated", 401, "log in first (POST /api/login) or send Authorization: Bearer TOKEN")
+        if not backend.labeller_enabled(session.labeller):  # revoked since logging in: the session dies now
+            sessions.drop(sid)
+            raise refuse("revoked", 401, f"labeller {session.labeller} was revoked; this session has ended")
         if request.method not in SAFE_METHODS:
             origin = request.headers.get("origin")
             if origin is not None and origin != own_origin(request):
@@ -276,7 +329,13 @@ def create_app(backend: Backend, *, session_ttl_s: float, secure_cookies: bool) 
     def group(group_id: Id, who: Labeller) -> dict:
         return {"group_id": group_id, "rollouts": backend.group(group_id)}
 
-    def labelled(action: Callable[[], dict]) -> JSONResponse:
+    def labelled(who: str, action: Callable[[], dict]) -> JSONResponse:
+        wait_s = limit.take(who)
+        if wait_s > 0:
+            backend.refused("rate_limited")
+            return JSONResponse({"detail": f"{who}: more than {label_rate_per_s:g} labels per second (bursts of "
+                                           f"{label_burst}); retry in {wait_s:.1f}s"}, status_code=429,
+                                headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
         try:
             return JSONResponse(action(), status_code=201)
         except LabelError as err:
@@ -285,11 +344,11 @@ def create_app(backend: Backend, *, session_ttl_s: float, secure_cookies: bool) 
 
     @app.post("/api/ratings", status_code=201)
     def rate(body: RatingIn, who: Labeller) -> JSONResponse:
-        return labelled(lambda: backend.rate(who, body.rollout_id, body.value))
+        return labelled(who, lambda: backend.rate(who, body.rollout_id, body.value))
 
     @app.post("/api/preferences", status_code=201)
     def prefer(body: PreferenceIn, who: Labeller) -> JSONResponse:
-        return labelled(lambda: backend.prefer(who, body.chosen, body.rejected))
+        return labelled(who, lambda: backend.prefer(who, body.chosen, body.rejected))
 
     @app.get("/api/status")
     def status(who: Labeller) -> dict:

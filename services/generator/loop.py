@@ -27,30 +27,24 @@ import uuid
 
 import numpy as np
 import zmq
+from transformers import AutoConfig
 
 from streamrl.common.fingerprint import model_fingerprint, same_model
 from streamrl.common.human import HumanModelSubscription, beta_at
 from streamrl.common.liveness import Waits
 from streamrl.common.messages import SamplingParams
-from streamrl.common.models import (
-    configure_torch,
-    load_causal_lm,
-    load_tokenizer,
-    resolve_model_path,
-    select_device,
-    use_bf16_autocast,
-)
-from streamrl.common.modes import HumanCombination
+from streamrl.common.models import configure_torch, load_tokenizer, resolve_model_path, select_device, use_bf16_autocast
 from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
 from streamrl.common.service import ServiceContext
 from streamrl.common.transport import make_socket, send_when_ready
-from streamrl.common.weights import WeightClient, WeightSyncError, tied_duplicates
-from streamrl.services.generator.control import share_control
+from streamrl.common.weights import FetchStopped, WeightClient, WeightSyncError
+from streamrl.services.generator.control import select_candidates
 from streamrl.services.generator.credits import CreditClient
+from streamrl.services.generator.engine import build_engine
 from streamrl.services.generator.metrics import GeneratorMetrics
 from streamrl.services.generator.rollouts import group_rollouts
-from streamrl.services.generator.sampling import prepare_prompts, sample_completions
-from streamrl.services.generator.versions import check_fit, needs_fetch, too_stale
+from streamrl.services.generator.sampling import prepare_prompts
+from streamrl.services.generator.versions import needs_fetch, too_stale
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +61,12 @@ class GeneratorService:
         self.device = select_device(gen.device)
         path = resolve_model_path(cfg.model.path, cfg.model.cache_path)
         self.tokenizer = load_tokenizer(path)
-        self.model = load_causal_lm(path, device=self.device).eval()
-        self.autocast_bf16 = use_bf16_autocast(gen.autocast_bf16, self.device)  # "auto": where it is native
-        self.tied = tied_duplicates(self.model.state_dict())
-        self.fingerprint = model_fingerprint(self.model.config, self.tokenizer)  # in every rollout
+        bf16 = use_bf16_autocast(gen.autocast_bf16, self.device, "generator.autocast_bf16")  # "auto": where native
+        self.engine = build_engine(gen.engine, path, self.tokenizer, device=self.device, autocast_bf16=bf16,
+                                   max_model_len=gen.max_prompt_tokens + gen.max_new_tokens,
+                                   kv_cache_gib=gen.kv_cache_gib, threads=gen.threads,
+                                   seed=cfg.run.seed + 7919 * (ctx.index + 1))
+        self.fingerprint = model_fingerprint(AutoConfig.from_pretrained(path), self.tokenizer)  # in every rollout
         self.refused_version: int | None = None  # newest announced version refused for another model
         prompts = load_prompts(gen.prompts)
         train, _held_out = split_prompts(prompts, eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
@@ -83,7 +79,7 @@ class GeneratorService:
                                     fetch_endpoint=cfg.endpoints.weights, inbox_metrics=ctx.metrics,
                                     sender=self.generator_id, credit=t.weight_credit,
                                     timeout_s=t.request_timeout_s, max_message_bytes=t.max_message_bytes,
-                                    hwm=t.hwm, security=ctx.security)
+                                    hwm=t.hwm, security=ctx.security, stop=ctx.stop)
         self.push = make_socket(ctx.zmq, zmq.PUSH, connect=cfg.endpoints.scorers,
                                 resolve_every_s=cfg.endpoints.resolve_interval_s,
                                 max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
@@ -91,15 +87,16 @@ class GeneratorService:
         if gen.credits:
             self.credits = CreditClient(ctx.zmq, endpoint=cfg.endpoints.batches, sender=self.generator_id,
                                         instance=ctx.instance, metrics=ctx.metrics, timeout_s=t.request_timeout_s,
-                                        max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
+                                        max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security,
+                                        stop=ctx.stop)
         self.version: int | None = None
         self.groups_sent = 0
         self.metrics = GeneratorMetrics(ctx.metrics)
         self.waits = Waits(ctx.metrics, warn_after_s=max(5.0, t.request_timeout_s))
         self.learner_silent_after_s = max(5.0, 5 * t.announce_interval_s)
         fb = cfg.feedback
-        self.human = None  # control sharing: the newest H-hat from the feedback service
-        if fb.enabled and fb.combination is HumanCombination.CONTROL_SHARING:
+        self.human = None  # action biasing, control sharing: the newest H-hat from the feedback service
+        if fb.enabled and fb.combination.selects_candidates:
             self.human = HumanModelSubscription(ctx.zmq, cfg, ctx.metrics, ctx.security)
             self.rng = np.random.default_rng(cfg.run.seed + 104729 * (ctx.index + 1))
 
@@ -116,11 +113,13 @@ class GeneratorService:
                 self.credits.close()
             self.weights.close()
             self.push.close(0)
+            self.engine.close()
             if self.human is not None:
                 self.human.close()
 
     def _control_sharing(self) -> float:
-        """beta_t of control sharing for this batch (0: sample plainly), after taking the newest H-hat."""
+        """beta_t of action biasing or control sharing for this batch (0: sample plainly), after taking the
+        newest H-hat."""
         if self.human is None:
             return 0.0
         if (version := self.human.receive()) is not None:
@@ -144,14 +143,15 @@ class GeneratorService:
             self.waits.waiting("learner", f"fetching version {latest.version} from {self.cfg.endpoints.weights}")
             try:
                 fetched = self.weights.fetch(latest)
+            except FetchStopped:
+                return False  # the service is stopping: the loop ends
             except WeightSyncError as err:
                 self.metrics.weight_errors.inc()
                 log.warning("weight fetch failed: %s", err)
             else:
                 self.waits.done("learner")
                 loaded = time.perf_counter()
-                missing, unexpected = self.weights.load_into(self.model, fetched)  # zero-copy where it can
-                check_fit(missing, unexpected, self.tied)
+                self.engine.load_fetched(self.weights, fetched)  # in place; complete before the next batch
                 self.version = fetched.version
                 self.metrics.fetch_seconds.observe(loaded - start)
                 self.metrics.load_seconds.observe(time.perf_counter() - loaded)
@@ -227,12 +227,12 @@ class GeneratorService:
         start = time.perf_counter()
         beta_t = self._control_sharing()
         k = self.cfg.feedback.candidates if beta_t > 0 else 1
-        groups = sample_completions(self.model, self.tokenizer, ids, group_size=gen.group_size * k,
-                                    sampling=self.sampling, autocast_bf16=self.autocast_bf16)
+        groups = self.engine.sample(ids, group_size=gen.group_size * k, sampling=self.sampling)
         selections = [None] * len(groups)
         if k > 1:
-            groups, selections = share_control(self.human.view, groups, group_size=gen.group_size, k=k, beta_t=beta_t,
-                                               rng=self.rng, now=time.time())
+            groups, selections = select_candidates(self.human.view, groups, group_size=gen.group_size, k=k,
+                                                   beta_t=beta_t, rng=self.rng, now=time.time(),
+                                                   combination=self.cfg.feedback.combination)
             chosen = sum(s.by_model for group in selections for s in group)
             self.metrics.control_shared.inc(sum(len(group) for group in selections))
             self.metrics.selected_by_model.inc(chosen)

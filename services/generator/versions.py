@@ -1,6 +1,6 @@
 """The generator's policy-version rules: when to fetch announced weights, when to pause, whether they fit.
 
-Versions are the learner's counter (DESIGN.md, "Versions and staleness"): a
+Versions are the learner's counter (``services/learner/versions.py``): a
 generator loads a newer announced version between batches, and pauses while
 the newest announced version is more than ``max_staleness`` (eta) ahead of the
 loaded one, because the buffer would drop what it sampled.

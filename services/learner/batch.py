@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from streamrl.common.completions import completion_logits, completion_rows
 from streamrl.common.messages import SamplingParams, ScoredRollout
-from streamrl.common.tensors import pad_right
+from streamrl.common.tensors import linear_fp32, pad_right
 from streamrl.services.learner.losses import entropy_from_logits, nucleus_mask, token_logprobs
 
 SAMPLING_FIELDS = ("temperature", "top_p")
@@ -90,11 +90,14 @@ class TrainBatch:
         sampling: the sampling parameters every row was drawn with (one setting per
             batch, see :func:`split_by_sampling`); the learner's log-probs use them.
         weights: ``[B]`` float32 per-rollout loss weights, or None (all 1): mu/q = 1/rho of
-            rollouts a control-sharing generator selected (``streamrl.common.human.control_share``);
-            the trainer multiplies each row's advantages by it.
+            rollouts a generator selected among K candidates (``streamrl.common.human.bias_actions``,
+            ``control_share``); the trainer multiplies each row's advantages by it.
         ref_logprobs: ``[B, T]`` float32 reference log-probs the scorers computed
             (``ScoredRollout.reference_logprobs``, ``streamrl.common.reference``; 0 on padding), or
             None when a rollout lacks them: the trainer then runs its own reference pass.
+        advantage_bonus: ``[B]`` float32 added to every token's advantage of a row after the
+            baseline and normalisation (Q-augmentation: beta_t * E * H-hat,
+            ``streamrl.common.human.human_terms``), or None (no bonus).
     """
 
     input_ids: Tensor
@@ -109,6 +112,7 @@ class TrainBatch:
     sampling: SamplingParams
     weights: Tensor | None = None
     ref_logprobs: Tensor | None = None
+    advantage_bonus: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -151,25 +155,21 @@ def collate(rollouts: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
         reason = next(iter(refused))
         raise MixedSamplingError(reason, f"{len(rollouts) - len(kept)} of {len(rollouts)} rollouts were sampled "
                                          f"with another {reason.removeprefix('mixed_')}; split_by_sampling first")
-    prompts = [s.rollout.prompt_tokens.astype("int64") for s in rollouts]
-    completions = [s.rollout.completion_tokens.astype("int64") for s in rollouts]
-    input_ids, attention = pad_right([np.concatenate(pc) for pc in zip(prompts, completions)], value=pad_id)
-    tokens, mask = pad_right(completions, value=pad_id)
+    rows = completion_rows([s.rollout.prompt_tokens for s in rollouts],
+                           [s.rollout.completion_tokens for s in rollouts], pad_id=pad_id)
+    tokens, mask = rows.tokens, rows.mask
     behaviour, _ = pad_right([s.rollout.behaviour_logprobs for s in rollouts], value=0.0, dtype=torch.float32)
     ref = None
-    if all(s.reference_logprobs is not None for s in rollouts):  # computed by the scorers (issue 11)
+    if all(s.reference_logprobs is not None for s in rollouts):  # computed by the scorers
         ref, _ = pad_right([s.reference_logprobs for s in rollouts], value=0.0, dtype=torch.float32,
                            width=tokens.shape[1])
-    prompt_lengths = torch.tensor([len(p) for p in prompts])
-    # the logits at prompt_len - 1 + t predict completion token t (0 on padding)
-    positions = (prompt_lengths.unsqueeze(1) - 1 + torch.arange(tokens.shape[1])) * mask
     group_index: dict[str, int] = {}
     for s in rollouts:
         group_index.setdefault(s.rollout.group_id, len(group_index))
     return TrainBatch(
-        input_ids=input_ids,
-        attention_mask=attention.long(),
-        positions=positions,
+        input_ids=rows.input_ids,
+        attention_mask=rows.attention_mask.long(),
+        positions=rows.positions,
         tokens=tokens,
         mask=mask.float(),
         behaviour_logprobs=behaviour,
@@ -186,18 +186,16 @@ class ModelOutput:
     """Per-completion-token outputs of one forward pass.
 
     Attributes:
-        logprobs: ``[B, T]`` log pi(token) under the batch's sampling distribution
+        logprobs: ``[B, T]`` float32 log pi(token) under the batch's sampling distribution
             (temperature, then the nucleus when ``top_p < 1``), nats; ``-inf`` for a token
             outside the nucleus.
         entropy: ``[B, T]`` entropy of that distribution at each position (nats), or None if not asked.
-        values: ``[B, T]`` value-head predictions, or None without a value head.
-        nucleus: ``[B, T, V]`` bool, the tokens kept at each position when ``top_p < 1``, else None.
+        values: ``[B, T]`` float32 value-head predictions, or None without a value head.
     """
 
     logprobs: Tensor
     entropy: Tensor | None
     values: Tensor | None
-    nucleus: Tensor | None = None
 
 
 def forward_completions(
@@ -206,45 +204,42 @@ def forward_completions(
     *,
     value_head: torch.nn.Module | None = None,
     with_entropy: bool = False,
-    nucleus: Tensor | None = None,
+    truncate: bool = True,
 ) -> ModelOutput:
     """Run ``model`` over ``batch`` and gather completion-aligned outputs under the
     distribution the rollouts were sampled from.
 
     The logits are divided by the temperature recorded in the rollouts
     (``batch.sampling.temperature``, not the learner's config). With
-    ``batch.sampling.top_p < 1`` they are then truncated to the nucleus, as the
-    generators' sampler does (:func:`~streamrl.services.learner.losses.nucleus_mask`),
-    and renormalised over it: by default the nucleus of ``model`` itself (the policy
-    being evaluated), or the given ``nucleus`` (the reference model is read under the
-    policy's nucleus, so KL(pi || ref) is 0 while pi == ref). A token outside the
-    nucleus gets log-prob ``-inf``; its gradient is 0.
+    ``batch.sampling.top_p < 1`` and ``truncate`` they are then truncated to the
+    nucleus of ``model`` itself, as the generators' sampler does
+    (:func:`~streamrl.services.learner.losses.nucleus_mask`), and renormalised over it:
+    the policy as it acts. A token outside the nucleus gets log-prob ``-inf``; its
+    gradient is 0. ``truncate=False`` gives the untruncated distribution at the
+    temperature: the reference model's, which the KL penalty compares against (read
+    under the policy's nucleus and renormalised, a one-token nucleus made the KL 0
+    whatever the reference said).
+
+    The output projection and the value head run in float32 even under bf16 autocast
+    (:func:`~streamrl.common.completions.completion_logits`).
 
     Args:
         model: causal LM.
         batch: the collated rollouts, on the model's device.
         value_head: maps ``[.., H]`` hidden states to ``[.., 1]`` values, or None.
         with_entropy: also return the per-position entropy.
-        nucleus: ``[B, T, V]`` bool kept-token mask to use instead of the model's own
-            (only with ``top_p < 1``).
+        truncate: apply the nucleus of ``batch.sampling.top_p`` (no effect at ``top_p = 1``).
 
     Returns:
-        A :class:`ModelOutput` (``nucleus`` set when ``top_p < 1``).
+        A :class:`ModelOutput`.
     """
-    # Run the transformer body, then the vocabulary projection only at completion
-    # positions: prompt positions never need [V]-sized logits (V = 49k for SmolLM2).
-    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    index = batch.positions.unsqueeze(-1)
-    hidden = hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
-    logits = model.get_output_embeddings()(hidden).float() / batch.sampling.temperature  # [B, T, V]
-    keep = None
-    if batch.sampling.top_p < 1:
-        keep = nucleus if nucleus is not None else nucleus_mask(logits, batch.sampling.top_p)
-        logits = logits.masked_fill(~keep, -math.inf)
-    values = value_head(hidden.float()).squeeze(-1) if value_head is not None else None
+    hidden, logits = completion_logits(model, batch.input_ids, batch.attention_mask, batch.positions)
+    logits = logits / batch.sampling.temperature  # [B, T, V] float32
+    if truncate and batch.sampling.top_p < 1:
+        logits = logits.masked_fill(~nucleus_mask(logits, batch.sampling.top_p), -math.inf)
+    values = linear_fp32(value_head, hidden).squeeze(-1) if value_head is not None else None
     return ModelOutput(
         logprobs=token_logprobs(logits, batch.tokens),
         entropy=entropy_from_logits(logits) if with_entropy else None,
         values=values,
-        nucleus=keep,
     )

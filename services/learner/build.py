@@ -1,7 +1,7 @@
 """The learner's model and trainer, built the same way on every rank of a data-parallel learner.
 
 Rank 0 (:class:`~streamrl.services.learner.loop.LearnerService`) and the other ranks
-(:func:`streamrl.services.learner.distributed.run_worker`) call :func:`build_trainer`, so
+(:func:`streamrl.services.learner.launch.run_worker`) call :func:`build_trainer`, so
 every rank starts from the same weights, optimizer state, KL controller and reward
 statistics (the newest checkpoint when there is one, else the base model).
 """
@@ -15,8 +15,8 @@ import torch
 from streamrl.common.config import Config
 from streamrl.common.models import load_causal_lm, load_tokenizer, resolve_model_path
 from streamrl.services.learner.checkpoint import load_trainer_state
+from streamrl.services.learner.distributed import make_trainer
 from streamrl.services.learner.ptx import PtxSampler, held_out_prompts
-from streamrl.services.learner.trainer import PPOTrainer
 from streamrl.services.learner.value_model import ValueModel
 
 
@@ -49,11 +49,7 @@ def build_trainer(cfg: Config, device: torch.device, resume: Path | None, *, dis
     critic = None  # InstructGPT: the value function initialised from the reward model
     if lc.value_model is not None:  # the config allows it with advantage = "gae" only
         critic = ValueModel.from_reward_model(lc.value_model, device=device, tokenizer=tokenizer)
-    if dist is None:
-        trainer = PPOTrainer(policy, reference, lc, ptx_sampler=ptx, value_model=critic)
-    else:
-        from streamrl.services.learner.distributed import DistributedPPOTrainer
-        trainer = DistributedPPOTrainer(policy, reference, lc, dist, ptx_sampler=ptx, value_model=critic)
+    trainer = make_trainer(policy, reference, lc, dist, ptx_sampler=ptx, value_model=critic)
     state = None
     if resume is not None:
         state = load_trainer_state(resume)

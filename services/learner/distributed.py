@@ -1,10 +1,10 @@
-"""A data-parallel learner on ``torch.distributed`` (``learner.world_size`` ranks, issue 16 item 4).
+"""A data-parallel learner on ``torch.distributed`` (``learner.world_size`` ranks).
 
 Start: ``torchrun --nproc-per-node N -m streamrl.services.learner --config FILE`` with
 ``learner.world_size = N`` (gloo on CPU, NCCL on CUDA with one GPU per rank,
 ``cuda:<LOCAL_RANK>``). Rank 0 is the learner service (sockets, batch requests, ledger,
 checkpoints, ``metrics.jsonl``, Prometheus, weight publishing); ranks 1..N-1 run
-:func:`run_worker`: no sockets, no files, they build the same trainer from the same
+:func:`~streamrl.services.learner.launch.run_worker`: no sockets, no files, they build the same trainer from the same
 checkpoint and train on what rank 0 broadcasts.
 
 One learner step on N ranks:
@@ -57,7 +57,6 @@ import gc
 import inspect
 import logging
 import os
-import signal
 from dataclasses import dataclass, fields
 from datetime import timedelta
 
@@ -80,8 +79,9 @@ _FIELDS = [f.name for f in fields(TrainBatch) if f.name != "sampling"]
 _DTYPES = {"input_ids": torch.int64, "attention_mask": torch.int64, "positions": torch.int64,
            "tokens": torch.int64, "mask": torch.float32, "behaviour_logprobs": torch.float32,
            "scores": torch.float32, "group_ids": torch.int64, "versions": torch.int64,
-           "weights": torch.float32, "ref_logprobs": torch.float32}
-_ROW_FIELDS = {"scores", "group_ids", "versions", "weights"}  # [B]
+           "weights": torch.float32, "ref_logprobs": torch.float32, "advantage_bonus": torch.float32}
+_ROW_FIELDS = {"scores", "group_ids", "versions", "weights", "advantage_bonus"}  # [B]
+_OPTIONAL = ("weights", "ref_logprobs", "advantage_bonus")  # sent only when the header flags them
 _PROMPT_FIELDS = {"input_ids", "attention_mask"}  # [B, L]; the others are [B, T]
 
 
@@ -156,7 +156,8 @@ def broadcast_batch(dist: DistContext, batch: TrainBatch | None, version: int = 
                     op: int = STEP) -> tuple[int, TrainBatch | None, int]:
     """Rank 0 sends ``(op, batch, version)`` to every rank; the others pass ``None`` and receive it.
 
-    A fixed header (``[op, version, B, L, T, has_weights, has_ref_logprobs]`` int64 and the
+    A fixed header (``[op, version, B, L, T]`` then one present-flag per optional field
+    (``weights``, ``ref_logprobs``, ``advantage_bonus``), int64, and the
     sampling parameters float64), then each tensor of the batch in :class:`TrainBatch`
     field order (plain tensor broadcasts: nothing is pickled).
 
@@ -165,24 +166,25 @@ def broadcast_batch(dist: DistContext, batch: TrainBatch | None, version: int = 
         on ``dist.device``.
     """
     dev = dist.comm_device
-    header = torch.zeros(7, dtype=torch.int64, device=dev)
+    header = torch.zeros(5 + len(_OPTIONAL), dtype=torch.int64, device=dev)
     sampling = torch.zeros(3, dtype=torch.float64, device=dev)
     if dist.rank == 0:
         if batch is not None:
             header.copy_(torch.tensor([op, version, batch.size, batch.input_ids.shape[1], batch.mask.shape[1],
-                                       batch.weights is not None, batch.ref_logprobs is not None]))
+                                       *(getattr(batch, name) is not None for name in _OPTIONAL)]))
             s = batch.sampling
             sampling.copy_(torch.tensor([s.temperature, s.top_p, s.max_new_tokens], dtype=torch.float64))
         else:
             header[0] = op
     torch_dist.broadcast(header, 0)
     torch_dist.broadcast(sampling, 0)
-    op, version, b, width, t, has_weights, has_ref = header.tolist()
+    op, version, b, width, t, *present = header.tolist()
+    absent = {name for name, flag in zip(_OPTIONAL, present) if not flag}
     if op == STOP:
         return STOP, None, version
     tensors = {}
     for name in _FIELDS:
-        if (name == "weights" and not has_weights) or (name == "ref_logprobs" and not has_ref):
+        if name in absent:
             continue
         shape = (b,) if name in _ROW_FIELDS else (b, width) if name in _PROMPT_FIELDS else (b, t)
         if dist.rank == 0:
@@ -342,80 +344,15 @@ class DistributedPPOTrainer(PPOTrainer):
         return out
 
 
-# --------------------------------------------------------------------------- launching
+def make_trainer(policy, reference, cfg: LearnerSection, dist: DistContext | None, **kwargs) -> PPOTrainer:
+    """The trainer of one learner rank: a :class:`PPOTrainer` for a single-rank learner (``dist``
+    None), a :class:`DistributedPPOTrainer` for a rank of a data-parallel one.
 
-
-def torchrun_command(world_size: int, argv: list[str]) -> list[str]:
-    """The ``torchrun`` command line that starts ``world_size`` learner ranks on this host
-    (``--standalone``: a rendezvous on a free local port) with the same arguments."""
-    import sys
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-            "-m", "streamrl.services.learner", *argv]
-
-
-def relaunch_under_torchrun(argv: list[str]) -> None:
-    """``python -m streamrl.services.learner`` with ``learner.world_size = N > 1``, not started by
-    torchrun: replace this process with ``torchrun --standalone --nproc-per-node N`` (``os.execv``;
-    same pid, so honcho, supervisord and Kubernetes signal torchrun, which forwards SIGTERM to
-    the ranks: rank 0 checkpoints and stops the others). Every launcher (Procfile, supervisord,
-    ``streamrl run``, a container command) therefore starts a one-host data-parallel learner
-    unchanged; several hosts need ``torchrun --nnodes ... --rdzv-endpoint ...`` by hand.
-    Returns (does nothing) for ``world_size = 1``, under torchrun, or with an invalid config
-    (the service then reports it)."""
-    import sys
-
-    from streamrl.common.config import ConfigError, load_config
-    from streamrl.common.service import OVERRIDES_ENV, parse_args
-
-    if "WORLD_SIZE" in os.environ:
-        return
-    args = parse_args("learner", argv)
-    overrides = [line for line in os.environ.get(OVERRIDES_ENV, "").splitlines() if line.strip()]
-    try:
-        world_size = load_config(args.config, overrides + args.overrides).learner.world_size
-    except ConfigError:
-        return
-    if world_size > 1:
-        command = torchrun_command(world_size, argv)
-        print(f"learner.world_size = {world_size}: starting {' '.join(command)}", file=sys.stderr, flush=True)
-        os.execv(command[0], command)
-
-
-# --------------------------------------------------------------------------- ranks 1..N-1
-
-
-def run_worker(argv: list[str] | None = None) -> None:
-    """Entry point of a rank > 0 (``python -m streamrl.services.learner`` under torchrun): load the
-    config, join the process group, build the trainer from the newest checkpoint (the output
-    folder must be shared by all hosts of a multi-host learner) and train on rank 0's batches
-    until it says stop. No sockets, metrics server, run lock or files. SIGTERM/SIGINT are
-    ignored: torchrun forwards them to every rank, and rank 0 first checkpoints, then ends
-    this rank with its stop broadcast (torchrun ends the job if rank 0 dies)."""
-    from streamrl.common.config import ConfigError, load_config
-    from streamrl.common.models import configure_torch, select_device
-    from streamrl.common.service import OVERRIDES_ENV, parse_args
-    from streamrl.services.learner.build import build_trainer
-    from streamrl.services.learner.checkpoint import latest_checkpoint
-
-    args = parse_args("learner", argv)
-    overrides = [line for line in os.environ.get(OVERRIDES_ENV, "").splitlines() if line.strip()]
-    try:
-        cfg = load_config(args.config, overrides + args.overrides)
-    except ConfigError as err:
-        raise SystemExit(f"streamrl learner rank {os.environ.get('RANK')}: invalid config\n{err}") from None
-    rank = os.environ.get("RANK")
-    logging.basicConfig(level=cfg.run.log_level,
-                        format=f"%(asctime)s learner-rank{rank} %(levelname)s %(name)s: %(message)s")
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-    lc = cfg.learner
-    configure_torch(lc.threads, seed=cfg.run.seed)
-    dist, device = init_distributed(lc, select_device(lc.device))
-    if dist is None or dist.rank == 0:
-        raise SystemExit("run_worker is for ranks 1..N-1 of a data-parallel learner (torchrun, world_size > 1)")
-    from pathlib import Path
-    resume = latest_checkpoint(Path(cfg.run.output_dir) / "checkpoints")
-    trainer, _tokenizer, _state = build_trainer(cfg, device, resume, dist=dist)
-    steps = trainer.serve()
-    log.info("rank %d stopped after %d steps (weights digest %s)", dist.rank, steps, weights_digest(trainer))
-    trainer.close()
+    Args:
+        policy, reference, cfg: as :class:`PPOTrainer`.
+        dist: this rank's :class:`DistContext` (:func:`init_distributed`), or None.
+        kwargs: ``ptx_sampler``, ``value_model``: as :class:`PPOTrainer`.
+    """
+    if dist is None:
+        return PPOTrainer(policy, reference, cfg, **kwargs)
+    return DistributedPPOTrainer(policy, reference, cfg, dist, **kwargs)

@@ -41,6 +41,7 @@ from streamrl.common.human import beta_at, human_terms
 from streamrl.common.liveness import Waits
 from streamrl.common.messages import Batch, BatchRequest
 from streamrl.common.models import configure_torch, select_device
+from streamrl.common.modes import HumanCombination
 from streamrl.common.service import ServiceContext
 from streamrl.common.tracking import Tracker
 from streamrl.common.transport import Inbox, make_socket, try_send
@@ -67,7 +68,7 @@ class LearnerService:
         self.ctx = ctx
         self.cfg = cfg
         configure_torch(lc.threads, seed=cfg.run.seed)
-        # learner.world_size > 1: rank 0 of a data-parallel learner (distributed.py; the others run_worker)
+        # learner.world_size > 1: rank 0 of a data-parallel learner (distributed.py; the others launch.run_worker)
         self.dist, self.device = init_distributed(lc, select_device(lc.device))
         self.output = Path(cfg.run.output_dir)
         self.checkpoints = self.output / "checkpoints"
@@ -168,7 +169,8 @@ class LearnerService:
 
     def _human_terms(self, batch: Batch, tb) -> dict:
         """TAMER+RL (``streamrl.common.human``): add beta_t * E * H-hat to the rewards under reward shaping
-        (beta_t = beta * beta_decay^step) and weight control-shared rollouts by 1/rho; returns the
+        or to the advantages under Q-augmentation (beta_t = beta * beta_decay^step) and weight rollouts
+        selected among K candidates (action biasing, control sharing) by 1/rho; returns the
         ``human/*`` statistics for the step record (none when no human terms exist)."""
         fb = self.cfg.feedback
         terms = human_terms(batch.rollouts, combination=fb.combination, beta_t=beta_at(fb.beta, fb.beta_decay,
@@ -178,6 +180,8 @@ class LearnerService:
         terms.stats["human/env_reward_mean"] = float(tb.scores.mean())
         tb.scores = tb.scores + torch.from_numpy(terms.shaping)
         tb.weights = torch.from_numpy(terms.weights)
+        if fb.combination is HumanCombination.Q_AUGMENTATION:
+            tb.advantage_bonus = torch.from_numpy(terms.bonus)
         return terms.stats
 
     def fetch_batch(self) -> Batch | None:

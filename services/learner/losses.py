@@ -36,6 +36,7 @@ __all__ = [
     "policy_loss",
     "sft_loss",
     "token_logprobs",
+    "truncated_token_weights",
     "value_loss",
 ]
 
@@ -379,6 +380,33 @@ def policy_loss(
         masked_fraction=masked.sum() / d,
     )
     return loss, stats
+
+
+def truncated_token_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, *, cap: float) -> Tensor:
+    """Per-token truncated importance weights ``w_t = min(pi_old_t / mu_t, C)`` (IMPALA's
+    rho-bar truncation, Espeholt et al. 2018 eq. 1; the weight of decoupled PPO), for a loss
+    term whose tokens were sampled from mu but whose expectation is meant under pi_old: the
+    KL loss term (``E_mu[w k(x)] = E_pi_old[k(x)]`` below the cap).
+
+    Args:
+        old_logprobs: ``[B, T]`` float log pi_old (``-inf`` allowed: pi_old = 0 gives weight 0).
+        behaviour_logprobs: ``[B, T]`` float log mu.
+        mask: ``[B, T]`` bool or float, non-zero = real token; garbage in padding is ignored.
+        cap: ``C > 0``.
+
+    Returns:
+        ``[B, T]`` detached weights in ``[0, C]``, dtype of ``old_logprobs``; 0 on padding.
+
+    Raises:
+        ValueError: shapes differ; ``cap <= 0``.
+    """
+    shape = _check_same_shape(old_logprobs=old_logprobs, behaviour_logprobs=behaviour_logprobs)
+    if not cap > 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    m = bool_mask(mask, shape)
+    old, beh = old_logprobs.detach(), fill_padding(behaviour_logprobs.detach(), m)
+    log_w = torch.where(m & torch.isfinite(old), old - beh, -math.inf)  # pi_old = 0 or padding: weight 0
+    return torch.exp(log_w.clamp(max=math.log(cap)))
 
 
 # --------------------------------------------------------------------------- value loss

@@ -4,7 +4,7 @@ A step (Ouyang et al. 2022 "InstructGPT" sec. 3.5; Schulman et al. 2017 PPO):
 
 1. one no-grad pass computes pi_old (the policy before this update), the
    frozen reference's log-probs (unless the scorers sent them with the rollouts,
-   ``TrainBatch.ref_logprobs``, issue 11) and, for ``gae``, the old values; with
+   ``TrainBatch.ref_logprobs``) and, for ``gae``, the old values; with
    ``learner.reuse_first_pass`` the first minibatch's own forward pass (nothing is
    updated yet) supplies pi_old for its rows and the no-grad pass covers the rest;
 2. rewards are normalised with running statistics and clipped;
@@ -14,7 +14,11 @@ A step (Ouyang et al. 2022 "InstructGPT" sec. 3.5; Schulman et al. 2017 PPO):
    penalty is in the reward);
 4. ``ppo_epochs`` passes over ``minibatches`` shuffled minibatches, each one
    optimizer update of the policy loss (with the configured staleness
-   correction), value loss, entropy bonus, KL loss term and PPO-ptx term.
+   correction), value loss, entropy bonus, KL loss term and PPO-ptx term. The KL
+   loss term's tokens were sampled from mu, while the gradient identities of its
+   estimators hold for samples of pi (Tang & Munos 2025): each token's term is
+   weighted by ``min(pi_old / mu, C)`` (detached; ``C`` = ``is_cap``, or rho-bar
+   for ``vtrace``), decoupled PPO's per-token weight, whatever the correction.
 
 The policy version is the learner's step count: one step = one published
 version, however many optimizer updates it made.
@@ -30,11 +34,18 @@ from torch import Tensor
 from streamrl.common.config import LearnerSection
 from streamrl.common.models import adamw, use_bf16_autocast
 from streamrl.common.modes import AdvantageEstimator, Correction, KLPenaltyMode
-from streamrl.common.tensors import fill_padding, masked_mean, masked_whiten
+from streamrl.common.tensors import fill_padding, masked_mean, masked_var, masked_whiten
 from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards, vtrace
 from streamrl.services.learner.batch import ModelOutput, TrainBatch, forward_completions
 from streamrl.services.learner.kl_control import make_kl_controller, per_sequence_kl
-from streamrl.services.learner.losses import aggregate_tokens, kl_to_reference, policy_loss, sft_loss, value_loss
+from streamrl.services.learner.losses import (
+    aggregate_tokens,
+    kl_to_reference,
+    policy_loss,
+    sft_loss,
+    truncated_token_weights,
+    value_loss,
+)
 from streamrl.services.learner.normalization import RunningMeanStd
 
 
@@ -145,7 +156,7 @@ class PPOTrainer:
         self.cfg = cfg
         self.ptx_sampler = ptx_sampler
         self.device = next(policy.parameters()).device
-        self.bf16 = use_bf16_autocast(cfg.autocast_bf16, self.device)  # "auto": where the device has bf16
+        self.bf16 = use_bf16_autocast(cfg.autocast_bf16, self.device, "learner.autocast_bf16")
         self.value_head: torch.nn.Linear | None = None
         params = list(policy.parameters())
         self.value_model = value_model if cfg.advantage is AdvantageEstimator.GAE else None
@@ -186,9 +197,9 @@ class PPOTrainer:
         batch = batch.to(self.device)
         orders = [self._order(batch) for _ in range(cfg.ppo_epochs)]
         first = None
-        if cfg.reuse_first_pass and batch.sampling.top_p >= 1:
+        if cfg.reuse_first_pass:
             # nothing is updated before the first minibatch: its forward pass is pi_old for its rows
-            # (exact), so the no-grad pass runs only over the other rows (issue 11 item 3)
+            # (exact, nucleus included), so the no-grad pass runs only over the other rows
             self.policy.eval()
             rows0 = orders[0][0]
             first = (rows0, self._forward(batch.select(rows0)))
@@ -204,6 +215,7 @@ class PPOTrainer:
         # fixed-length normaliser is the generation budget (at least the longest completion)
         aggregation = {"aggregation": cfg.loss_aggregation,
                        "max_tokens": max(batch.sampling.max_new_tokens, batch.mask.shape[1])}
+        cap = cfg.vtrace_rho_bar if cfg.correction is Correction.VTRACE else cfg.is_cap
         for epoch, minibatches in enumerate(orders):
             for k, rows in enumerate(minibatches):
                 mb = batch.select(rows)
@@ -211,8 +223,7 @@ class PPOTrainer:
                 out = first[1] if first is not None and epoch == 0 and k == 0 else self._forward(mb)
                 pl, ps = policy_loss(out.logprobs, old.logprobs[rows, :t], mb.behaviour_logprobs,
                                      advantages[rows, :t], mb.mask, correction=cfg.correction,
-                                     clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip,
-                                     is_cap=cfg.vtrace_rho_bar if cfg.correction is Correction.VTRACE else cfg.is_cap,
+                                     clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip, is_cap=cap,
                                      is_level=cfg.is_level, is_mode=cfg.is_mode, **aggregation)
                 entropy = aggregate_tokens(out.entropy, mb.mask, **aggregation)
                 loss = pl - cfg.entropy_coef * entropy
@@ -222,8 +233,9 @@ class PPOTrainer:
                     loss = loss + cfg.vf_coef * vl
                     sums.add({"loss/value": vl, "value_clip_fraction": vclip})
                 if cfg.kl_penalty is KLPenaltyMode.LOSS and beta > 0:
-                    kl_term = aggregate_tokens(*_kl_tokens(out.logprobs, targets.ref_logprobs[rows, :t], mb.mask,
-                                                           cfg.kl_estimator), **aggregation)
+                    kl, valid = _kl_tokens(out.logprobs, targets.ref_logprobs[rows, :t], mb.mask, cfg.kl_estimator)
+                    weight = truncated_token_weights(old.logprobs[rows, :t], mb.behaviour_logprobs, mb.mask, cap=cap)
+                    kl_term = aggregate_tokens(weight * kl, valid, **aggregation)
                     loss = loss + beta * kl_term
                     sums.add({"loss/kl": kl_term})
                 if cfg.ptx_coef > 0:
@@ -346,20 +358,40 @@ class PPOTrainer:
         then GAE with the value head (or, with ``correction = "vtrace"``, V-trace targets
         and advantages from pi_old / mu), whitened if configured. ``grpo``/``rloo``: group
         baselines on the score, minus ``beta * sum_t KL_t`` when the penalty is in the
-        reward; no whitening (it would mix groups).
+        reward; no whitening (it would mix groups). Then ``advantage_bonus`` (Q-augmentation)
+        is added to each row's advantages, and each row is multiplied by its ``weights``.
+
+        Whitening V-trace advantages only divides them by their masked standard deviation;
+        it never subtracts their mean. A V-trace advantage ``rho_s (r_s + gamma v_{s+1} -
+        V(x_s))`` (Espeholt et al. 2018, IMPALA, sec. 4.2) already carries its baseline
+        ``V(x_s)`` inside the importance weight, and its policy gradient is an expectation
+        over the behaviour policy mu with no further weight. Subtracting the batch mean ``b``
+        adds ``-b E_mu[grad log pi]``, which is not 0 when mu != pi: in a one-step bandit
+        (pi_old = (.5, .5), mu = (.9, .1), rewards (1, 0), V = -0.5, rho-bar = 10) it turns
+        the better action's logit gradient from +0.25 to -0.30. Dividing by a positive
+        number keeps the direction of every batch's gradient. (The other corrections apply
+        their weight ``pi_old / mu`` in the loss, after whitening: there the batch mean is a
+        baseline under pi_old and ``E_pi_old[grad log pi] = 0`` at the first update.)
 
         ``first``: ``(rows, outputs)`` of the first minibatch's forward pass with the current
-        weights (``learner.reuse_first_pass``, ``top_p = 1`` only): pi_old of those rows.
+        weights (``learner.reuse_first_pass``): pi_old of those rows.
+
+        The KL penalty compares pi_old as it samples (truncated to its nucleus when
+        ``top_p < 1``) with the untruncated reference at the rollouts' temperature: k1
+        estimates KL(pi_old,top-p || pi_ref), the divergence of the distribution that wrote
+        the completions. With a nucleus it is at least ``-log ref(nucleus)`` per token, so
+        even at pi = ref it is ``-log Z_t`` (``Z_t`` the nucleus mass, at least ``top_p``):
+        at most ``-log top_p`` nats per token (0.105 at top_p 0.9), which a
+        ``kl_target_per_sequence`` must leave room for.
         """
         cfg, mask = self.cfg, batch.mask
         self.policy.eval()
         old = self._old_outputs(batch, first)
-        if batch.ref_logprobs is not None and batch.sampling.top_p >= 1:  # the scorers' pass (issue 11)
+        if batch.ref_logprobs is not None:  # the scorers' reference pass
             ref_logprobs = batch.ref_logprobs
-        else:
+        else:  # the untruncated reference, as the scorers compute it
             with self._amp():
-                ref_logprobs = forward_completions(self.reference, batch, nucleus=old.nucleus).logprobs  # same nucleus
-        old.nucleus = None  # [B, T, V]: not needed past this point
+                ref_logprobs = forward_completions(self.reference, batch, truncate=False).logprobs
         kl_tokens = fill_padding(*_kl_tokens(old.logprobs, ref_logprobs, mask, cfg.kl_estimator))
         beta = self.kl_controller.value
         scores = batch.scores
@@ -378,7 +410,9 @@ class PPOTrainer:
                                              c_bar=cfg.vtrace_c_bar)
             else:
                 advantages, returns = gae(token_rewards, old.values, mask, gamma=cfg.gamma, lam=cfg.lam)
-            if cfg.whiten_advantages:
+            if cfg.whiten_advantages and cfg.correction is Correction.VTRACE:
+                advantages = fill_padding(advantages, mask) * torch.rsqrt(masked_var(advantages, mask) + 1e-8)
+            elif cfg.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)
         else:
             seq_scores = scores - beta * kl_tokens.sum(1) if in_reward else scores
@@ -386,6 +420,8 @@ class PPOTrainer:
                                        scale=cfg.scale_rewards, std_floor=cfg.scale_std_floor)
             advantages = seq_adv.unsqueeze(1).expand_as(mask).clone()
         advantages = fill_padding(advantages, mask)
+        if batch.advantage_bonus is not None:  # Q-augmentation: A' = Q + beta_t E H-hat - V; R's critic untouched
+            advantages = fill_padding(advantages + batch.advantage_bonus.to(advantages.dtype).unsqueeze(1), mask)
         if batch.weights is not None:  # control-shared rollouts: the loss of row b is weighted by mu/q (1/rho)
             advantages = advantages * batch.weights.to(advantages.dtype).unsqueeze(1)
         return Targets(old=old, ref_logprobs=ref_logprobs, advantages=advantages, returns=returns,

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from streamrl.common.reward_model import RewardModelInfo, score_head
+from streamrl.common.tensors import linear_fp32
 from streamrl.services.learner.batch import TrainBatch
 
 __all__ = ["ValueModel"]
@@ -72,4 +73,4 @@ class ValueModel(torch.nn.Module):
         hidden = self.classifier.base_model(input_ids=batch.input_ids,
                                             attention_mask=batch.attention_mask).last_hidden_state
         index = batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        return self.head(hidden.gather(1, index).float()).squeeze(-1) + self.bias
+        return linear_fp32(self.head, hidden.gather(1, index)).squeeze(-1) + self.bias  # fp32 under autocast

@@ -1,7 +1,7 @@
 """The learner's version counter across restarts: the ``published_version`` file and where to continue.
 
-The version increments once per optimizer step and never goes backwards anywhere
-(DESIGN.md, "Versions and staleness"). A checkpoint is written before its version is
+The version increments once per optimizer step and never goes backwards anywhere.
+A checkpoint is written before its version is
 published, and ``published_version`` (in ``run.output_dir``) records the newest version
 that ever left the process; a learner that resumes from an older checkpoint (killed
 between checkpoints) continues one past it, so generators and the buffer never see a

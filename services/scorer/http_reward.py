@@ -15,6 +15,11 @@ way the call raises :class:`RewardServerError` (:class:`RewardServerDown` when n
 listens) whose message names the URL, what happened, the tries and the fix; the scorer
 counts it by reason like any failing reward (``reward_failures_total{reason}``).
 
+Before a run. ``streamrl check`` and ``streamrl run`` send each reward server one request
+(:func:`probe_problems`; ``--no-probe`` skips it), so a server that cannot answer (nothing
+listening, HTTP 5xx after every retry, an answer of the wrong shape) stops the command at once
+with the server's message instead of a run whose learner waits ``learner.batch_timeout_s``.
+
 The HTTP client is ``httpx2`` (pydantic's maintained continuation of ``httpx``, already
 installed with ``huggingface_hub``): one connection pool per component, kept alive.
 """
@@ -24,14 +29,22 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx2 as httpx
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_when_event_set,
+    wait_exponential,
+    wait_random,
+)
 
-__all__ = ["HttpReward", "RewardServerError", "RewardServerDown"]
+__all__ = ["HttpReward", "RewardServerError", "RewardServerDown", "probe_problems", "probe_report"]
 
 _UNSET_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 
@@ -81,6 +94,8 @@ class HttpReward:
         backoff_s: wait before the first retry, seconds; doubled for each further one.
         headers: sent with every request (``${VAR}`` expanded from the environment).
         transport: an ``httpx`` transport (tests); None = the network.
+        stop: the scorer's stop request (``ServiceContext.stop``): once set, no further try is made and
+            a wait between tries ends at once (the call raises the last failure); None = never.
 
     Raises:
         ValueError: a non-positive batch size or timeout, negative retries, or a header naming
@@ -89,7 +104,7 @@ class HttpReward:
 
     def __init__(self, url: str, *, batch_size: int = 8, timeout_s: float = 30.0, retries: int = 3,
                  backoff_s: float = 0.5, headers: Mapping[str, str] | None = None,
-                 transport: Any = None) -> None:
+                 transport: Any = None, stop: threading.Event | None = None) -> None:
         if batch_size < 1 or timeout_s <= 0 or retries < 0 or backoff_s <= 0:
             raise ValueError(f"HttpReward: batch_size >= 1, timeout_s > 0, retries >= 0, backoff_s > 0 (got "
                              f"{batch_size}, {timeout_s}, {retries}, {backoff_s})")
@@ -98,6 +113,7 @@ class HttpReward:
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
+        self.stop = stop
         self.client = httpx.Client(timeout=httpx.Timeout(timeout_s), headers=expand_headers(headers or {}),
                                    transport=transport)
         self.__name__ = "http_reward"
@@ -129,15 +145,24 @@ class HttpReward:
     def _request(self, body: dict) -> list[float]:
         started = time.monotonic()
         attempts = 0
-        retrying = Retrying(stop=stop_after_attempt(self.retries + 1),
+        give_up = stop_after_attempt(self.retries + 1)
+        retrying = Retrying(stop=give_up if self.stop is None else give_up | stop_when_event_set(self.stop),
+                            sleep=time.sleep if self.stop is None else self.stop.wait,
                             wait=wait_exponential(multiplier=self.backoff_s, exp_base=2)
                             + wait_random(0, 0.1 * self.backoff_s),
                             retry=retry_if_exception(lambda e: isinstance(e, _Transient)), reraise=True)
+        last: _Transient | None = None
         try:
             for attempt in retrying:
                 with attempt:
+                    if last is not None and self.stop is not None and self.stop.is_set():
+                        raise last  # stopped while waiting to try again: no further try
                     attempts = attempt.retry_state.attempt_number
-                    return self._post_once(body)
+                    try:
+                        return self._post_once(body)
+                    except _Transient as exc:
+                        last = exc
+                        raise
         except _Transient as failure:
             tries = f"{attempts} tries over {time.monotonic() - started:.1f}s"
             if isinstance(failure.cause, httpx.ConnectError):
@@ -178,3 +203,47 @@ class HttpReward:
                 raise RewardServerError(f"reward server {self.url} answered reward {value!r} at index {i}; fix: "
                                         "answer finite numbers")
         return [float(v) for v in rewards]
+
+
+PROBE_BODY = {"prompts": ["streamrl check"], "completions": ["a probe of the reward server"], "metadata": [{}]}
+"""The one request :func:`probe_problems` sends (the contract's three lists, one item each)."""
+
+
+def probe_problems(specs: Sequence[Any]) -> list[str]:
+    """Send each HTTP reward of ``specs`` (``scorer.rewards``; other sources are skipped) one request,
+    with its ``timeout_s``, ``retries``, ``backoff_s`` and ``headers``, as the scorer would.
+
+    Returns:
+        One line per reward that did not answer with one finite reward, naming its key, what
+        happened and the fix (``RewardServerError``'s message); [] when every one answered.
+    """
+    problems = []
+    for i, spec in enumerate(specs):
+        if getattr(spec, "url", None) is None:
+            continue
+        key = f"scorer.rewards[{i}].url"
+        try:
+            reward = HttpReward(spec.url, batch_size=1, timeout_s=spec.timeout_s, retries=spec.retries,
+                                backoff_s=spec.backoff_s, headers=spec.headers)
+        except ValueError as err:  # a header naming an unset variable
+            problems.append(f"{key}: {err}")
+            continue
+        try:
+            reward(**PROBE_BODY)
+        except RewardServerError as err:
+            problems.append(f"{key}: {err}")
+        finally:
+            reward.close()
+    return problems
+
+
+def probe_report(specs: Sequence[Any]) -> str | None:
+    """:func:`probe_problems` as one message for ``streamrl check`` and ``streamrl run`` (None when
+    every HTTP reward answered, or there is none)."""
+    if not any(getattr(spec, "url", None) for spec in specs):
+        return None
+    problems = probe_problems(specs)
+    if not problems:
+        return None
+    return (f"{len(problems)} reward server(s) did not answer one request\n" + "\n".join(f"  - {p}" for p in problems)
+            + "\n(--no-probe skips this check, e.g. for a server that starts after the run)")

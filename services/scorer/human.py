@@ -1,4 +1,5 @@
-"""H-hat's score on scored rollouts, for reward shaping (``feedback.combination = "reward_shaping"``)."""
+"""H-hat's score on scored rollouts, for reward shaping and Q-augmentation (``feedback.combination =
+"reward_shaping"`` or ``"q_augmentation"``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from streamrl.common.messages import HumanScore, ScoredRollout
 
 def add_human_scores(view: HumanModelView, results: Sequence[ScoredRollout], now: float) -> None:
     """Set ``human`` on each scored rollout: H-hat(x), the eligibility E(x, now), the H-hat version and
-    whether the influence is on (the learner adds beta_t * E * H-hat to the reward when it is).
+    whether the influence is on (the learner adds beta_t * E * H-hat to the reward, or to the advantage,
+    when it is).
 
     Raises:
         RuntimeError: no H-hat version received yet.

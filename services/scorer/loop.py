@@ -2,9 +2,13 @@
 
 Rollouts are scored in micro-batches (whatever has arrived, up to
 ``MAX_BATCH``; :mod:`streamrl.services.scorer.scoring`) so a reward model runs
-batched. A reward function that raises loses only that micro-batch: it is
-logged, counted in ``scoring_errors_total`` and ``rollouts_lost_total``, and
-the scorer keeps going.
+batched. When the reward raises on a micro-batch, each of its rollouts is scored
+alone (``score_each``): only the rollouts whose reward raised are lost, each with
+its reason, and their groups are dropped whole (``drop_failed_groups``: a group
+cannot be trained without all its members), which the buffer is told (``group_dropped``)
+so it evicts what it holds of them and returns their credits to the generators.
+Failures are counted and reported (:mod:`streamrl.services.scorer.health`: the
+failure fraction, REWARD FAILING) and the scorer keeps going.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import zmq
 from streamrl.common.human import HumanModelSubscription
 from streamrl.common.messages import Rollout
 from streamrl.common.models import configure_torch, select_device
-from streamrl.common.modes import HumanCombination
 from streamrl.common.service import ServiceContext
 from streamrl.common.transport import Inbox, make_socket, send_when_ready, try_send
 from streamrl.services.scorer.health import RewardHealth
@@ -25,7 +28,14 @@ from streamrl.services.scorer.human import add_human_scores
 from streamrl.services.scorer.metrics import ScorerMetrics
 from streamrl.services.scorer.reference import ReferencePass
 from streamrl.services.scorer.rewards import build_reward
-from streamrl.services.scorer.scoring import MAX_BATCH, score_batch, scorer_endpoint
+from streamrl.services.scorer.scoring import (
+    MAX_BATCH,
+    DroppedGroups,
+    Scoring,
+    drop_failed_groups,
+    score_each,
+    scorer_endpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +52,7 @@ class ScorerService:
             raise SystemExit(str(err)) from None
         configure_torch(cfg.scorer.threads, seed=cfg.run.seed)
         self.ctx = ctx
-        self.reward = build_reward(cfg.scorer.rewards,
-                                   device=select_device(cfg.scorer.device))
+        self.reward = build_reward(cfg.scorer.rewards, device=select_device(cfg.scorer.device), stop=ctx.stop)
         t = cfg.transport
         self.pull = make_socket(ctx.zmq, zmq.PULL, bind=self.endpoint,
                                 max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
@@ -58,9 +67,14 @@ class ScorerService:
                                  max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
                      if fb.enabled else None)
         self.human = (HumanModelSubscription(ctx.zmq, cfg, ctx.metrics, ctx.security)
-                      if fb.enabled and fb.combination is HumanCombination.REWARD_SHAPING else None)
+                      if fb.enabled and fb.combination.scores_rollouts else None)
         self.reference = ReferencePass(cfg) if cfg.scorer.reference_logprobs else None
-        self.health = RewardHealth(self.metrics, failing_after=cfg.scorer.failing_after, names=self.reward.names)
+        sc = cfg.scorer
+        self.health = RewardHealth(self.metrics, failing_after=sc.failing_after, names=self.reward.names,
+                                   failing_fraction=sc.failing_fraction, failing_window=sc.failing_window)
+        self.dropped_groups = DroppedGroups()
+        for reason in ("reward_raised", "group_member_raised"):
+            self.metrics.dropped.labels(reason=reason)
 
     def run(self) -> None:
         """Score until stopped."""
@@ -90,15 +104,26 @@ class ScorerService:
         return batch
 
     def score_and_send(self, batch: list[Rollout]) -> None:
-        """Score a micro-batch and push each scored rollout to the buffer (blocking on backpressure)."""
+        """Score a micro-batch, drop the groups whose reward raised on a member (telling the buffer), and
+        push each scored rollout of the others to the buffer (blocking on backpressure)."""
         metrics = self.metrics
         start = time.perf_counter()
-        try:
-            results = score_batch(self.reward, batch, self.ctx.instance)
-        except Exception as exc:
-            self.health.failed(exc, batch)
+        batch, skipped = self.dropped_groups.split(batch)  # members of groups dropped in earlier micro-batches
+        scoring = score_each(self.reward, batch, self.ctx.instance) if batch else Scoring()
+        if batch:
+            self.health.record(batch, scoring.failures, scoring.raised)
+        results, notices = drop_failed_groups(batch, scoring, self.ctx.instance)
+        mates = len(skipped) + len(scoring.results) - len(results)
+        metrics.dropped.labels(reason="reward_raised").inc(len(scoring.failures))
+        metrics.dropped.labels(reason="group_member_raised").inc(mates)
+        metrics.lost.inc(len(scoring.failures) + mates)
+        for notice in notices:
+            self.dropped_groups.add(notice.group_id)
+            if not send_when_ready(self.push, notice, stop=self.ctx.stop, blocked_seconds=metrics.blocked,
+                                   warn_after_s=self.ctx.config.transport.request_timeout_s, peer="the buffer"):
+                return
+        if not results:
             return
-        self.health.succeeded()
         if self.human is not None:
             if (version := self.human.receive()) is not None:
                 metrics.human_version.set(version)
@@ -109,13 +134,13 @@ class ScorerService:
                 except (RuntimeError, ValueError) as err:  # scored without H-hat rather than lost
                     log.warning("H-hat could not score this micro-batch: %s", err)
         metrics.seconds.observe(time.perf_counter() - start)
-        if self.reference is not None:  # the learner's reference pass, done here (issue 11)
+        if self.reference is not None:  # the learner's reference pass, done here
             metrics.reference_seconds.observe(self.reference.fill(results))
         for sent, scored in enumerate(results):
             if not send_when_ready(self.push, scored, stop=self.ctx.stop, blocked_seconds=metrics.blocked,
                                    warn_after_s=self.ctx.config.transport.request_timeout_s, peer="the buffer"):
-                metrics.lost.inc(len(batch) - sent)
-                log.info("stopped while the buffer was full: %d scored rollouts not sent", len(batch) - sent)
+                metrics.lost.inc(len(results) - sent)
+                log.info("stopped while the buffer was full: %d scored rollouts not sent", len(results) - sent)
                 return
             metrics.scored.inc()
             metrics.rewards.observe(scored.reward)

@@ -1,10 +1,11 @@
-"""The scorer's reference pass: per-token reference log-probs travel with each scored rollout (issue 11 item 2).
+"""The scorer's reference pass: per-token reference log-probs travel with each scored rollout.
 
 The frozen reference model (``model.path``, the learner's reference) needs no weight sync, so
 the scorers, which scale like the generators, compute its log-probs
 (:func:`streamrl.common.reference.reference_logprobs`) and the learner skips its own
-reference pass. Rollouts sampled with ``top_p < 1`` are left without them (the learner reads
-the reference under pi_old's nucleus, which only it knows).
+reference pass. The reference is never truncated to a nucleus (the KL penalty compares the
+policy as it samples with the reference as it is), so every rollout gets them, whatever its
+``top_p``.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ class ReferencePass:
         self.pad_id = load_tokenizer(path).pad_token_id
         device = select_device(cfg.scorer.device)
         self.model = load_causal_lm(path, device=device).eval()
-        self.bf16 = use_bf16_autocast(cfg.scorer.autocast_bf16, device)
+        self.bf16 = use_bf16_autocast(cfg.scorer.autocast_bf16, device, "scorer.autocast_bf16")
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     def fill(self, scored: Sequence[ScoredRollout]) -> float:
-        """Set ``reference_logprobs`` of each rollout that can have them; returns the seconds it took."""
+        """Set ``reference_logprobs`` of every rollout; returns the seconds it took."""
         start = time.perf_counter()
         values = reference_logprobs(self.model, [s.rollout for s in scored], pad_id=self.pad_id,
                                     autocast_bf16=self.bf16)

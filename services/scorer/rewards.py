@@ -388,7 +388,8 @@ class CompositeReward:
         return totals, parts
 
 
-def build_reward(specs: Sequence[RewardSpec], *, device: torch.device) -> CompositeReward:
+def build_reward(specs: Sequence[RewardSpec], *, device: torch.device,
+                 stop: threading.Event | None = None) -> CompositeReward:
     """Build a :class:`CompositeReward` from validated reward specs (``config.scorer.rewards``).
 
     A function spec becomes its function with ``kwargs`` bound (default name: the
@@ -400,6 +401,7 @@ def build_reward(specs: Sequence[RewardSpec], *, device: torch.device) -> Compos
     Args:
         specs: non-empty sequence of :class:`~streamrl.common.config.RewardSpec`.
         device: torch device for reward models.
+        stop: the scorer's stop request: an HTTP reward's retries end once it is set (None = never).
 
     Returns:
         The composite reward.
@@ -421,7 +423,7 @@ def build_reward(specs: Sequence[RewardSpec], *, device: torch.device) -> Compos
             from streamrl.services.scorer.http_reward import HttpReward
 
             server = HttpReward(spec.url, batch_size=spec.batch_size, timeout_s=spec.timeout_s, retries=spec.retries,
-                                backoff_s=spec.backoff_s, headers=spec.headers)
+                                backoff_s=spec.backoff_s, headers=spec.headers, stop=stop)
             components.append(RewardComponent(name=spec.name or "http_reward", weight=spec.weight, fn=server))
         else:
             scorer = RewardModelScorer(spec.model, batch_size=spec.batch_size, device=device,

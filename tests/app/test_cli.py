@@ -14,6 +14,7 @@ import pytest
 from honcho.environ import parse_procfile
 
 import streamrl.cli as cli
+import streamrl.training as training
 from streamrl.common.config import SERVICES, load_config
 from streamrl.common.service import CONFIG_ENV, OVERRIDES_ENV
 from streamrl.deploy import DEFAULT_CONFIG, PROCFILE
@@ -84,7 +85,7 @@ def test_run_starts_the_procfile_with_the_config_and_writes_the_summary(job, mon
     records = [{"step": i + 1, "version": i + 1, "reward_mean": float(i), "kl": 0.01 * i, "dropped_stale": i % 2,
                 "behaviour_versions": [max(0, i - 1), i]} for i in range(10)]
     launcher = FakeLauncher(code=0, records=records)
-    monkeypatch.setattr(cli, "run_procfile", launcher)
+    monkeypatch.setattr(training, "run_procfile", launcher)
     code = run_main(["run", "--config", "job.toml", "--generators", "3", "--set", "learner.total_steps=2",
                      "--set", "run.seed=4", "--stop-timeout", "7"])
     assert code == 0
@@ -112,10 +113,21 @@ def test_run_starts_the_procfile_with_the_config_and_writes_the_summary(job, mon
     assert "before" not in summary  # no --eval
 
 
+def test_run_summary_counts_a_rolled_back_step_once(job, monkeypatch):
+    """A learner restarted from its step-1 checkpoint trains step 2 again: metrics.jsonl holds step 2
+    twice, and the summary counts 2 steps with the later record's reward."""
+    records = [{"step": s, "version": s, "reward_mean": r, "kl": 0.0, "dropped_stale": 0, "behaviour_versions": [0]}
+               for s, r in ((1, 0.0), (2, 0.5), (2, 0.7))]
+    monkeypatch.setattr(training, "run_procfile", FakeLauncher(code=0, records=records))
+    assert run_main(["run", "--config", str(job)]) == 0
+    summary = json.loads((Path(load_config(job).run.output_dir) / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["train_reward_last"] == pytest.approx(0.7)
+
+
 @pytest.mark.parametrize(("status", "says"), [(1, None), (143, "stopped by a signal (exit status 143)"),
                                              (130, "stopped by a signal (exit status 130)")])
 def test_run_exits_with_the_services_status(job, monkeypatch, capsys, status, says):
-    monkeypatch.setattr(cli, "run_procfile", FakeLauncher(code=status))
+    monkeypatch.setattr(training, "run_procfile", FakeLauncher(code=status))
     assert run_main(["run", "--config", str(job), "--scorers", "1"]) == status
     err = capsys.readouterr().err
     assert (says in err) if says else "stopped by a signal" not in err
@@ -123,16 +135,34 @@ def test_run_exits_with_the_services_status(job, monkeypatch, capsys, status, sa
 
 def test_run_refuses_more_scorers_than_endpoints(job, monkeypatch, capsys):
     launcher = FakeLauncher()
-    monkeypatch.setattr(cli, "run_procfile", launcher)
+    monkeypatch.setattr(training, "run_procfile", launcher)
     assert run_main(["run", "--config", str(job), "--scorers", "3"]) == 2
     assert "--scorers 3 but endpoints.scorers lists 2; fix: add one endpoint per scorer" in capsys.readouterr().err
     assert launcher.calls == []
 
 
+@pytest.mark.parametrize("action", ["keep", "rescore", "drop"])
+def test_run_journal_rewards_reaches_the_run_folder(job, monkeypatch, action):
+    """``streamrl run --resume --journal-rewards X`` hands X through :func:`streamrl.training.run`
+    to :func:`streamrl.runs.prepare_run_folder` (which decides what happens to the journal)."""
+    from streamrl.runs import JournalRewards
+
+    seen = []
+
+    def prepare(config, mode, *, journal_rewards=JournalRewards.KEEP):
+        seen.append((mode, journal_rewards))
+        return "streamrl: prepared"
+
+    monkeypatch.setattr(training, "prepare_run_folder", prepare)
+    monkeypatch.setattr(training, "run_procfile", FakeLauncher())
+    assert run_main(["run", "--config", str(job), "--resume", "--journal-rewards", action]) == 0
+    assert seen == [(training.RunMode.RESUME, JournalRewards(action))]
+
+
 @pytest.mark.parametrize("command", ["run", "check", "eval", "status"])
 def test_an_invalid_config_exits_2_naming_the_key(job, monkeypatch, capsys, command):
     launcher = FakeLauncher()
-    monkeypatch.setattr(cli, "run_procfile", launcher)
+    monkeypatch.setattr(training, "run_procfile", launcher)
     assert run_main([command, "--config", str(job), "--set", "run.max_staleness=-1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("streamrl: invalid config") and "run.max_staleness" in err

@@ -62,14 +62,14 @@ def test_evaluate_reports_positive_kl_for_a_changed_policy(tiny_model_dir, tmp_p
     assert result.kl_mean > 0.01 and result.prompts == 8
 
 
-def test_evaluate_under_top_p_reads_the_reference_in_the_policy_nucleus(tiny_model_dir, tmp_path):
-    """top_p < 1: the reference is read under the policy's nucleus, as in the learner, so
-    KL is 0 for the initial policy and finite for a changed one (its own nucleus would
-    give -inf log-probs, an infinite KL, and NaN from padding)."""
+def test_evaluate_under_top_p_compares_with_the_untruncated_reference(tiny_model_dir, tmp_path):
+    """top_p < 1: the policy as it samples against the untruncated reference, as in the learner:
+    for the initial policy each token's KL is -log(nucleus mass), in (0, -log top_p], and a
+    changed policy's is finite (the reference's own nucleus would give -inf log-probs)."""
     cfg = tiny_config(tiny_model_dir)
     cfg.generator.top_p = 0.6
     same = evaluate(cfg, str(tiny_model_dir), limit=4, seed=2)
-    assert same.kl_mean == 0.0
+    assert 0.0 < same.kl_per_token <= -math.log(0.6) + 1e-6
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(tokenizer, seed=0)
     with torch.no_grad():

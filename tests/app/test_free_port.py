@@ -33,7 +33,7 @@ def test_a_port_the_kernel_hands_back_again_is_skipped(monkeypatch):
         def getsockname(self):
             return ("127.0.0.1", self.port)
 
-    monkeypatch.setattr("streamrl.testing._HANDED_OUT", set())
-    monkeypatch.setattr("streamrl.testing.socket.socket", FakeSocket)
+    monkeypatch.setattr("streamrl.ports._HANDED_OUT", set())
+    monkeypatch.setattr("streamrl.ports.socket.socket", FakeSocket)
     assert free_port() == 40001
     assert free_port() == 40002

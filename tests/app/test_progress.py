@@ -1,4 +1,4 @@
-"""Progress where work is long (issue 13 item 7): the libraries' progress bars are never switched off
+"""Progress where work is long: the libraries' progress bars are never switched off
 globally (not by the CLI, not by a service), evaluation shows a bar over the held-out prompts, and it
 reports KL per token like the learner."""
 

@@ -12,9 +12,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from streamrl.common.config import validate_config
 from streamrl.common.reward_model import RewardModel
-from streamrl.finetune import StageError
-from streamrl.reward_model import run_rm
-from streamrl.rlhf_data import load_examples, split_examples
+from streamrl.stages.finetune import StageError
+from streamrl.stages.reward_model import run_rm
+from streamrl.stages.rlhf_data import load_examples, split_examples
 
 CPU = torch.device("cpu")
 
@@ -106,7 +106,7 @@ def test_single_responses_are_refused(tiny_model_dir, tmp_path):
 
 
 def test_proxy_gold_split_is_disjoint_deterministic_halves():
-    from streamrl.rlhf_data import Example, split_proxy_gold
+    from streamrl.stages.rlhf_data import Example, split_proxy_gold
 
     examples = [Example(({"role": "user", "content": f"p{i % 37}"},), f"p{i % 37}", (" a", " b"), i + 1)
                 for i in range(60)]  # 37 prompts, 23 of them on two rows
@@ -129,7 +129,7 @@ def proxy_gold(tiny_model_dir, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("rm-gold")
     data = preference_task(tmp_path / "pairs.jsonl", rows=120)
     computed: list[int] = []
-    from streamrl.finetune import Trunk
+    from streamrl.stages.finetune import Trunk
 
     lower = Trunk._lower
 
@@ -169,7 +169,7 @@ def test_shared_features_give_the_same_gold_head_as_training_it_alone(proxy_gold
     """The gold model trained on the proxy's cached features equals the gold model trained alone
     on its half (a file of the gold rows and the same held-out rows, which stay the first in hash
     order), which computes its own features."""
-    from streamrl.rlhf_data import split_proxy_gold
+    from streamrl.stages.rlhf_data import split_proxy_gold
 
     summary, data, tmp_path, _ = proxy_gold
     examples = load_examples(data)
@@ -189,7 +189,25 @@ def test_shared_features_give_the_same_gold_head_as_training_it_alone(proxy_gold
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
     assert alone["heldout_accuracy"] == pytest.approx(shared["heldout_accuracy"])
-    assert alone["bias"] == pytest.approx(shared["bias"], abs=1e-5)
+    # the same head; its bias is computed on every training row's demonstration, not on its half's only
+    assert alone["bias"] != pytest.approx(shared["bias"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_gold_models_are_normalised_on_every_demonstration(proxy_gold):
+    """rm.gold: the proxy and the gold model each score the demonstrations of all the training
+    rows (both halves: the SFT demonstrations) 0 on average, not only those of their own half."""
+    from streamrl.stages.rlhf_data import split_proxy_gold
+
+    summary, data, _, _ = proxy_gold
+    train, _ = split_examples(load_examples(data), eval_rows=30, seed=0)
+    halves = dict(zip(("proxy", "gold"), split_proxy_gold(train, seed=0)))
+    for role, part in summary["models"].items():
+        rm = RewardModel(part["output_dir"], device=CPU)
+        scores = rm.score([e.text for e in train], [e.demonstration for e in train])
+        assert sum(scores) / len(scores) == pytest.approx(0.0, abs=1e-4), role
+        own = rm.score([e.text for e in halves[role]], [e.demonstration for e in halves[role]])
+        assert abs(sum(own) / len(own)) > 1e-3  # on its own half alone the mean is not 0: the test can tell
 
 
 def test_check_refuses_ppo_on_the_gold_model_or_the_bare_rm_folder(tmp_path):
@@ -223,3 +241,26 @@ def test_a_complete_stage_is_reused_only_with_the_same_settings(trained, tiny_mo
         run_rm(rm_config(tmp_path, tiny_model_dir, data, eval_rows=30, lr=1e-3), log=lines.append)
     with pytest.raises(StageError, match=r"gold: False -> True"):
         run_rm(rm_config(tmp_path, tiny_model_dir, data, gold=True), log=lines.append)
+
+
+def test_a_complete_stage_is_refused_when_its_base_model_was_retrained(tmp_path):
+    """`streamrl sft --force` rewrites the SFT folder that `streamrl rm` starts from under the same
+    name: the complete reward model, trained on the old weights, is refused (with the fix) instead
+    of being silently kept; --force retrains it on the new weights."""
+    from streamrl.common.models import build_char_tokenizer, build_tiny_model, save_tiny_model
+
+    base = save_tiny_model(tmp_path / "sft", seed=0)
+    data = preference_task(tmp_path / "pairs.jsonl", rows=24)
+    config = rm_config(tmp_path, base, data, eval_rows=4, epochs=1)
+    first = run_rm(config, log=lambda line: None)
+    assert len(first["base_fingerprint"]) == 16
+    lines: list[str] = []
+    assert run_rm(config, log=lines.append) == first  # the same weights: reused
+    tokenizer = build_char_tokenizer()
+    build_tiny_model(tokenizer, seed=5).save_pretrained(base)  # what `streamrl sft --force` does to the folder
+    with pytest.raises(StageError, match=r"rm: .* is complete but was trained from other weights of rm.base_model = "
+                                         r".*fix: redo it \(`streamrl rm --force`"):
+        run_rm(config, log=lines.append)
+    again = run_rm(config, force=True, log=lambda line: None)
+    assert again["base_fingerprint"] not in ("", first["base_fingerprint"])
+    assert run_rm(config, log=lines.append)["base_fingerprint"] == again["base_fingerprint"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from streamrl.rlhf_data import load_examples, parse_dialogue, parse_row, read_rows, render_prompt, split_examples
+from streamrl.stages.rlhf_data import load_examples, parse_dialogue, parse_row, read_rows, render_prompt, split_examples
 
 HH = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "hh_rlhf_harmless_pairs.jsonl.gz"
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from streamrl.rlhf_losses import kwise_ranking_loss, pairwise_loss, ranking_accuracy, response_nll, sft_loss
+from streamrl.stages.rlhf_losses import kwise_ranking_loss, pairwise_loss, ranking_accuracy, response_nll, sft_loss
 
 
 def softplus_neg(x: float) -> float:

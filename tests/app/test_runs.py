@@ -1,4 +1,4 @@
-"""Reruns that never surprise (issue 13 item 5): a folder holding a run is refused without --resume or
+"""Reruns that never surprise: a folder holding a run is refused without --resume or
 --fresh, --resume continues (or says it has nothing to do), --fresh moves the old run away, and every
 launch records its resolved config, command line, versions and git commit."""
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import streamrl.cli as cli
+import streamrl.training as training
 from streamrl.common.config import load_config
 from streamrl.common.runlock import RunLock
 from streamrl.runs import RunMode, RunRefused, prepare_run_folder, record_launch, run_state
@@ -122,7 +123,7 @@ def test_the_cli_refuses_then_resumes_then_starts_fresh(tmp_path, tiny_model_dir
     monkeypatch.chdir(work)
     job = write_config(work / "job.toml", local_run_config(tmp_path, tiny_model_dir))
     calls = []
-    monkeypatch.setattr(cli, "run_procfile", lambda *a, **k: calls.append(a) or 0)
+    monkeypatch.setattr(training, "run_procfile", lambda *a, **k: calls.append(a) or 0)
     cfg = load_config(job)
     fake_run(cfg, 2)
 
@@ -143,3 +144,67 @@ def test_the_cli_refuses_then_resumes_then_starts_fresh(tmp_path, tiny_model_dir
     launches = [json.loads(line) for line in (Path(cfg.run.output_dir) / "launches.jsonl").read_text().splitlines()]
     assert [r["mode"] for r in launches] == ["fresh"]  # the resume's record moved away with the old run
     assert run("--resume", "--fresh") == 2  # mutually exclusive (usage error)
+
+
+def reward_config(tmp_path: Path, char: str):
+    path = tmp_path / f"job-{char}.toml"
+    path.write_text(f'[run]\noutput_dir = "{tmp_path / "run"}"\n[learner]\ntotal_steps = 4\n'
+                    f'[[scorer.rewards]]\nfunction = "count_char"\nkwargs = {{ char = "{char}" }}\n')
+    return load_config(path)
+
+
+def journaled_run(cfg) -> list[str]:
+    """A run at step 2 whose buffer journal holds one group of two rollouts scored by count_char("a");
+    returns their completions."""
+    from streamrl.common.messages import encode
+    from streamrl.common.service import journal_folder
+    from streamrl.services.buffer.journal import Journal
+    from support import scored_item
+
+    out = fake_run(cfg, 2)
+    (out / "buffer" / "segment-00000001.log").unlink()
+    journal = Journal(journal_folder(cfg), fsync="always")
+    texts = ["aab", "bbb"]
+    for k, text in enumerate(texts):
+        item = scored_item("g0", k)
+        item.rollout.prompt_text, item.rollout.completion_text = "say:", text
+        item.reward = float(text.count("a"))
+        journal.accept(encode(item))
+    journal.close()
+    return texts
+
+
+def journal_rewards(cfg) -> list[float]:
+    from streamrl.common.service import journal_folder
+    from streamrl.services.buffer.journal import Journal
+
+    return [s.reward for g in Journal(journal_folder(cfg), fsync="always").recover().groups for s in g.members]
+
+
+@pytest.mark.parametrize("action", ["keep", "rescore", "drop"])
+def test_resume_after_changing_the_reward_warns_and_rescores_or_drops_the_journal(tmp_path, action):
+    """--resume with another scorer.rewards than the last launch: the journal's rollouts were scored
+    by the old reward. The line names the keys that differ; --journal-rewards keeps them (with the
+    fix), scores them again with the new reward, or moves the journal away."""
+    from streamrl.common.service import journal_folder
+    from streamrl.runs import JournalRewards
+    from streamrl.services.scorer.rewards import count_char
+
+    old = reward_config(tmp_path, "a")
+    texts = journaled_run(old)
+    record_launch(old, mode=RunMode.NEW, config_path="job-a.toml", overrides=[])
+    assert prepare_run_folder(old, RunMode.RESUME).endswith("the buffer replays its journal")  # same reward: quiet
+    new = reward_config(tmp_path, "b")
+    line = prepare_run_folder(new, RunMode.RESUME, journal_rewards=JournalRewards(action))
+    assert ("warning: the reward changed since the last launch (scorer.rewards[0].kwargs: {'char': 'a'} -> "
+            "{'char': 'b'})") in line
+    if action == "keep":
+        assert "fix: --journal-rewards rescore" in line
+        assert journal_rewards(new) == [2.0, 0.0]
+    elif action == "rescore":
+        assert "scored the journal's 2 rollouts again" in line
+        expected = count_char(["say:"] * 2, texts, [{}, {}], char="b")
+        assert journal_rewards(new) == expected != [2.0, 0.0]
+    else:
+        assert "moved the journal's 1 file(s)" in line
+        assert not list(journal_folder(new).glob("segment-*")) and journal_rewards(new) == []

@@ -12,10 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from streamrl.common.config import validate_config
-from streamrl.finetune import StageError, Trunk
-from streamrl.rlhf_data import parse_row
-from streamrl.rlhf_losses import response_nll
-from streamrl.sft import encode_demonstration, response_loss, run_sft
+from streamrl.stages.finetune import StageError, Trunk
+from streamrl.stages.rlhf_data import parse_row
+from streamrl.stages.rlhf_losses import response_nll
+from streamrl.stages.sft import encode_demonstration, response_loss, run_sft
 
 
 def copy_task(path: Path, rows: int = 120, seed: int = 0) -> Path:

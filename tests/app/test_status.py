@@ -23,7 +23,8 @@ def test_status_table_from_live_endpoints(monkeypatch):
     gen.gauge("announced_version", "a").set(6)
     gen.gauge("useful_ratio", "u").set(0.875)
     cfg = validate_config({"metrics": {"buffer_port": port, "generator_port": gport,
-                                       "learner_port": free_port(), "scorer_port": free_port()}})
+                                       "learner_port": free_port(), "scorer_port": free_port(),
+                                       "feedback_port": free_port()}, "feedback": {"enabled": True}})
     # 10 rollouts arrive between the two scrapes, which are "2 s" apart
     clock = [100.0]
 
@@ -37,6 +38,8 @@ def test_status_table_from_live_endpoints(monkeypatch):
     rows = {line.split()[0]: line for line in table[1:]}
     assert rows["learner-0"].split()[1] == "DOWN" and rows["scorer-0"].split()[1] == "DOWN"
     assert rows["generator-1"].split()[1] == "DOWN"
+    # the feedback service is optional: down, the run trains on without it
+    assert rows["feedback-0"].split()[1] == "DOWN" and "training goes on without new H-hat" in rows["feedback-0"]
     assert "12 groups (48 rollouts" in rows["buffer-0"] and "stale-dropped 7" in rows["buffer-0"]
     assert "in 5.00/s" in rows["buffer-0"] and "rejected 3" in rows["buffer-0"]
     assert rows["generator-0"].split()[1] == "up" and "v5 (newest v6)" in rows["generator-0"]

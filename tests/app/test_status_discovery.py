@@ -1,4 +1,4 @@
-"""``streamrl status`` (issue 13 items 3 and 7): it finds the generators actually running, its rates span a
+"""``streamrl status``: it finds the generators actually running, its rates span a
 learner step (never 0.00/s just because no step ended in the last 2 s), and a failing reward shows."""
 
 from __future__ import annotations

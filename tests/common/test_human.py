@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from streamrl.common.human import HumanHead, beta_at, control_share, eligibility, human_terms, reference_features
+from streamrl.common.human import (
+    HumanHead,
+    beta_at,
+    bias_actions,
+    control_share,
+    eligibility,
+    human_terms,
+    reference_features,
+)
 from streamrl.common.messages import (
     FinishReason,
     HumanModel,
@@ -143,11 +151,45 @@ def test_human_terms_by_hand():
     assert terms.weights.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.4])
     assert terms.stats["human/shaped_fraction"] == 0.25
     assert terms.stats["human/selected_fraction"] == 0.25
-    # no shaping under control sharing or none; the weights follow how a rollout was drawn
-    for combination in (HumanCombination.NONE, HumanCombination.CONTROL_SHARING):
+    assert terms.bonus.tolist() == [0.0] * 4
+    # Q-augmentation: the same term, as an advantage bonus instead of a reward
+    terms = human_terms(batch, combination=HumanCombination.Q_AUGMENTATION, beta_t=0.8)
+    assert terms.bonus.tolist() == pytest.approx([0.8 * 0.5 * 0.5, 0.0, 0.0, 0.0])
+    assert terms.shaping.tolist() == [0.0] * 4 and terms.stats["human/shaped_fraction"] == 0.25
+    # neither under action biasing, control sharing or none; the weights follow how a rollout was drawn
+    for combination in (HumanCombination.NONE, HumanCombination.ACTION_BIASING, HumanCombination.CONTROL_SHARING):
         terms = human_terms(batch, combination=combination, beta_t=0.8)
-        assert terms.shaping.tolist() == [0.0] * 4
+        assert terms.shaping.tolist() == [0.0] * 4 and terms.bonus.tolist() == [0.0] * 4
         assert terms.weights.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.4])
+
+
+def test_bias_actions_keeps_a_candidate_with_the_softmax_of_beta_e_h_and_the_weight_undoes_it():
+    values, eligibilities = np.array([1.0, 0.0, -1.0]), np.array([1.0, 1.0, 0.5])
+    beta_t = math.log(2)  # exp(beta * E * H) = 2, 1, 2^-0.5
+    z = 2 + 1 + 2**-0.5
+    want = [2 / z, 1 / z, 2**-0.5 / z]
+    seen: dict[int, tuple[float, float]] = {}
+    counts = np.zeros(3)
+    rng = np.random.default_rng(0)
+    for _ in range(20000):
+        index, probability, rho = bias_actions(values, eligibilities, beta_t, rng)
+        seen[index] = (probability, rho)
+        counts[index] += 1
+    assert sorted(seen) == [0, 1, 2]
+    for j in range(3):
+        assert seen[j][0] == pytest.approx(want[j]) and seen[j][1] == pytest.approx(3 * want[j])
+    # drawn with those probabilities (within 4 standard errors)
+    assert np.abs(counts / 20000 - want).max() < 4 * math.sqrt(0.25 / 20000)
+    # the learner's weight 1/rho makes the kept candidate an exact draw from mu: for any g,
+    # sum_j P(J=j | c) g(c_j) / rho_j = the plain mean of g over the candidates
+    g = np.array([3.0, -1.0, 7.0])
+    assert sum(seen[j][0] * g[j] / seen[j][1] for j in range(3)) == pytest.approx(g.mean())
+    # beta_t = 0: uniform, weight 1
+    assert bias_actions(values, eligibilities, 0.0, rng)[1:] == pytest.approx((1 / 3, 1.0))
+    with pytest.raises(ValueError, match="K >= 2"):
+        bias_actions(values[:1], eligibilities[:1], 1.0, rng)
+    with pytest.raises(ValueError, match="beta_t >= 0"):
+        bias_actions(values, eligibilities, -1.0, rng)
 
 
 def test_reference_features_are_the_unpadded_mean_over_completion_positions():

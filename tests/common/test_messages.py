@@ -66,6 +66,8 @@ def all_messages() -> list[m.Message]:
                      anchor_times=np.array([1.5, 2.5]), labels=7),
         m.CreditRequest(sender="gen-0-ab12", instance="generator-0", policy_version=3, groups_sent=17, want=2),
         m.CreditGrant(reply_to="x", credits=2, learner_version=4, epoch="e1", reason="2 of 3", trained_groups=9),
+        m.GroupDropped(group_id="g:3", generator_id="generator-test", rollout_id="g:3:1", group_size=4,
+                       reason="ValueError", error="ValueError: no answer"),
         m.ScoredRollout(rollout=make_rollout(), reward=0.25,
                         reference_logprobs=np.linspace(-3, -0.5, len(make_rollout().completion_tokens),
                                                        dtype=np.float32)),

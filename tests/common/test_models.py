@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from pathlib import Path
 
@@ -342,6 +343,25 @@ def test_bf16_auto_follows_the_hardware_and_explicit_settings_win(monkeypatch):
         assert models.use_bf16_autocast(True, cpu) is True and models.use_bf16_autocast(False, cpu) is False
     with pytest.raises(ValueError, match="expected true, false or"):
         models.use_bf16_autocast("maybe", cpu)
+
+
+def test_the_resolved_bf16_setting_is_logged_with_the_reason(monkeypatch, caplog):
+    """A user could not tell from the log whether "auto" meant bf16 or float32 on their CPU."""
+    from streamrl.common import models
+
+    cpu = torch.device("cpu")
+    caplog.set_level(logging.INFO, logger="streamrl.common.models")
+    for native in (True, False):
+        monkeypatch.setattr(models, "bf16_native", lambda device, native=native: native)
+        models.use_bf16_autocast("auto", cpu, "learner.autocast_bf16")
+    models.use_bf16_autocast(True, cpu, "generator.autocast_bf16")
+    models.use_bf16_autocast("auto", cpu)  # no key: nothing logged
+    assert [r.getMessage() for r in caplog.records] == [
+        'learner.autocast_bf16 = "auto": bf16 autocast on cpu (this CPU computes bf16 natively (AVX512-BF16 or '
+        'AMX, through oneDNN))',
+        'learner.autocast_bf16 = "auto": float32 on cpu (this CPU has neither AVX512-BF16 nor AMX: bf16 would be '
+        'emulated, slower than float32)',
+        "generator.autocast_bf16 = true: bf16 autocast on cpu (set in the config)"]
 
 
 def test_bf16_native_on_this_cpu_matches_onednn():

@@ -1,4 +1,4 @@
-"""Bring your own data (issue 13 item 2): prompts read with Hugging Face ``datasets`` from real
+"""Bring your own data: prompts read with Hugging Face ``datasets`` from real
 files of ../shared/data converted in the test (parquet, csv, jsonl, arrow, save_to_disk), chat
 ``messages`` prompts rendered with a chat template, and metadata columns reaching the reward."""
 

@@ -1,4 +1,4 @@
-"""Experiment tracking (issue 13 item 6): TensorBoard event files read back with TensorBoard's own reader,
+"""Experiment tracking: TensorBoard event files read back with TensorBoard's own reader,
 hyperparameters included; a resumed learner purges the rolled-back steps; W&B gets the same."""
 
 from __future__ import annotations

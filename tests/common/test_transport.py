@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import zmq
 
 from streamrl.common.messages import BatchRequest, decode
 from streamrl.common.metrics import ServiceMetrics
-from streamrl.common.transport import make_socket, send_when_ready, try_send
+from streamrl.common.transport import STOP_CHECK_S, make_socket, poll_unless_stopped, send_when_ready, try_send
 from streamrl.testing import free_port
 
 
@@ -61,4 +62,31 @@ def test_try_send_never_blocks_without_a_peer():
         dealer.close(0)
         router.close(0)
     finally:
+        ctx.term()
+
+
+def test_poll_unless_stopped_ends_at_the_stop_request_not_the_timeout():
+    """Every wait of a service polls through it: ready -> True, timeout -> False, and a stop request
+    ends a long wait within STOP_CHECK_S (the generator's weight fetch and credit waits did not)."""
+    ctx = zmq.Context()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    pull = make_socket(ctx, zmq.PULL, bind=endpoint, max_message_bytes=1 << 20, hwm=4)
+    push = make_socket(ctx, zmq.PUSH, connect=[endpoint], max_message_bytes=1 << 20, hwm=4)
+    stop = threading.Event()
+    try:
+        start = time.monotonic()
+        assert not poll_unless_stopped(pull, 0.3, stop)  # nothing sent: the timeout
+        assert 0.29 < time.monotonic() - start < 1.0
+        threading.Timer(0.3, stop.set).start()
+        start = time.monotonic()
+        assert not poll_unless_stopped(pull, 60.0, stop)  # the stop request, not the 60 s
+        assert time.monotonic() - start < 0.3 + STOP_CHECK_S + 0.5
+        stop.clear()
+        push.send(b"x")
+        assert poll_unless_stopped(pull, 5.0, stop)
+        stop.set()
+        assert not poll_unless_stopped(pull, 5.0, stop)  # stopped: not even a ready socket is looked at
+    finally:
+        push.close(0)
+        pull.close(0)
         ctx.term()

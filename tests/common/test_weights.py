@@ -12,6 +12,7 @@ from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.modes import WeightDtype
 from streamrl.common.transport import make_socket, send
 from streamrl.common.weights import (
+    FetchStopped,
     WeightClient,
     WeightServer,
     WeightSyncError,
@@ -145,6 +146,34 @@ def test_fetch_from_a_vanished_learner_fails_in_bounded_time(server_and_endpoint
         with pytest.raises(WeightSyncError, match="no chunk"):
             c.fetch(announce)
         assert time.monotonic() - start < 0.2 * 4 + 2.0  # (retries + 1) timeouts, plus slack
+    finally:
+        c.close()
+
+
+def test_a_stop_request_ends_a_fetch_and_the_wait_for_announcements_at_once(server_and_endpoints):
+    """SIGTERM while a fetch waits on a learner that stopped answering: the fetch ends within a
+    fraction of a second (FetchStopped), not after its timeouts and retries (5 x 10 s by default),
+    which had the launcher SIGKILL the generator at the end of every run."""
+    import threading
+    import time
+
+    ctx, server, ann, fetch, _ = server_and_endpoints
+    server.publish(pack_state_dict(state(0), version=0, dtype=WeightDtype.FLOAT32, chunk_bytes=97, sender="l"))
+    stop = threading.Event()
+    c = WeightClient(ctx, announce_endpoint=ann, fetch_endpoint=f"tcp://127.0.0.1:{free_port()}",  # nobody there
+                     inbox_metrics=ServiceMetrics("generator", "g"), sender="g", credit=2, timeout_s=10.0,
+                     max_message_bytes=1 << 24, hwm=16, max_retries=5, stop=stop)
+    try:
+        announce = c.poll_announcements(timeout_s=3.0)
+        assert announce is not None
+        threading.Timer(0.3, stop.set).start()
+        start = time.monotonic()
+        with pytest.raises(FetchStopped, match="stopped with 0 of"):
+            c.fetch(announce)
+        assert time.monotonic() - start < 1.5
+        start = time.monotonic()
+        assert c.poll_announcements(timeout_s=30.0) is announce  # stopped: returns the newest seen at once
+        assert time.monotonic() - start < 0.5
     finally:
         c.close()
 
@@ -373,7 +402,7 @@ def resident_bytes() -> int:
 
 @pytest.mark.slow
 def test_a_client_that_never_reads_does_not_grow_the_learner(server_and_endpoints):
-    """Issue 17 item 5. A generator asks for a 4 MB chunk of every new version and never reads the
+    """A generator asks for a 4 MB chunk of every new version and never reads the
     replies. Each queued reply used to keep its whole version's blob alive (64 per peer), so the
     learner grew by a blob per version (252 MB over the last 30 of these 40 before this change); now replies come
     from the pooled blobs and one peer's queue is capped, so once the pool is full more versions cost nothing,

@@ -22,14 +22,14 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from streamrl.common.config import load_config, validate_config
+from streamrl.common.config import apply_overrides, load_config, validate_config
 from streamrl.common.security import generate_keys
 from streamrl.status import COMPONENT_LABEL, SERVICES
 from support import REPO
 
 PIPELINE = tuple(s for s in SERVICES if s != "feedback")
-"""The services the base manifests deploy: the optional feedback service (people in the loop) is not
-in them yet (it needs its SQLite volume and an ingress for the labelling page)."""
+"""The services the base manifests run; the optional feedback service (people in the loop) is there with no
+pod until the component deploy/k8s/feedback (the overlay deploy/k8s/with-feedback) turns it on."""
 
 K8S = REPO / "deploy" / "k8s"
 VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
@@ -47,14 +47,15 @@ def kubectl() -> str:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict:
-    """``{"base": [...], "gpu": [...], "keys": Path}``: both kustomizations rendered with freshly made keys."""
+    """``{"base": [...], "gpu": [...], "with-feedback": [...], "keys": Path}``: the kustomizations rendered
+    with freshly made keys."""
     root = tmp_path_factory.mktemp("k8s") / "k8s"
     shutil.copytree(K8S, root, ignore=shutil.ignore_patterns("keys"))
     keys = root / "base" / "keys"
     # what the walkthrough of docs/scaling.md runs: streamrl keys generate --dir deploy/k8s/base/keys
     generate_keys(keys)
     out: dict = {"keys": keys}
-    for overlay in ("base", "gpu"):
+    for overlay in ("base", "gpu", "with-feedback"):
         result = subprocess.run([kubectl(), "kustomize", str(root / overlay)], capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 0, result.stderr
@@ -67,10 +68,10 @@ def objects(docs: list[dict], kind: str) -> dict[str, dict]:
 
 
 def workloads(docs: list[dict]) -> dict[str, dict]:
-    """Service name (``app.kubernetes.io/component``) -> its StatefulSet or Deployment."""
+    """Service name (``app.kubernetes.io/component``) -> its StatefulSet, Deployment or Job."""
     found = {}
     for doc in docs:
-        if doc["kind"] in ("StatefulSet", "Deployment"):
+        if doc["kind"] in ("StatefulSet", "Deployment", "Job"):
             found[doc["spec"]["template"]["metadata"]["labels"][COMPONENT_LABEL]] = doc
     return found
 
@@ -89,10 +90,11 @@ def cluster_config(docs: list[dict], keys: Path):
 
 
 def test_every_object_validates_against_the_kubernetes_schemas(rendered):
-    docs = rendered["base"] + rendered["gpu"] + list(yaml.safe_load_all((K8S / "examples" / "generator-hpa.yaml")
-                                                                         .read_text()))
+    examples = [d for f in sorted((K8S / "examples").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
+    docs = rendered["base"] + rendered["gpu"] + rendered["with-feedback"] + examples
     kinds = sorted({d["kind"] for d in rendered["base"]})
-    assert kinds == ["ConfigMap", "Deployment", "Namespace", "Secret", "Service", "StatefulSet"]
+    assert kinds == ["ConfigMap", "Deployment", "Job", "Namespace", "PersistentVolumeClaim", "Secret", "Service",
+                     "StatefulSet"]
     for doc in docs:
         for version in VERSIONS:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -108,7 +110,8 @@ def test_the_config_map_is_the_default_job_with_cluster_addresses(rendered):
     default = load_config(REPO / "deploy" / "configs" / "default.toml")
     job, ours = default.model_dump(mode="json"), cluster.model_dump(mode="json")
     # where things run: the pods' volumes and interfaces; no CPU pinning (a pod's scheduler owns its CPUs)
-    placement = {("run", "output_dir"), ("buffer", "journal_dir"), ("metrics", "host"), ("run", "cpu_placement")}
+    placement = {("run", "output_dir"), ("buffer", "journal_dir"), ("metrics", "host"), ("run", "cpu_placement"),
+                 ("feedback", "database")}
     for section, key in placement:
         job[section].pop(key), ours[section].pop(key)
     for section in ("endpoints", "security"):
@@ -122,7 +125,7 @@ def test_endpoints_ports_and_probes_agree_with_the_services(rendered):
     docs = rendered["base"]
     _, cfg = cluster_config(docs, rendered["keys"])
     services, pods = objects(docs, "Service"), workloads(docs)
-    assert set(pods) == set(PIPELINE)
+    assert set(pods) == set(SERVICES)
 
     def resolve(endpoint: str) -> tuple[str, int, dict]:
         """Service behind a connect endpoint, its port, and the container that port reaches."""
@@ -137,7 +140,7 @@ def test_endpoints_ports_and_probes_agree_with_the_services(rendered):
 
     e = cfg.endpoints
     for name, owner in (("buffer", "buffer"), ("batches", "buffer"), ("weights_announce", "learner"),
-                        ("weights", "learner")):
+                        ("weights", "learner"), ("feedback", "feedback"), ("human_model", "feedback")):
         service, port, _ = resolve(getattr(e, name))
         assert service == owner
         assert e.bind_address(name) == f"tcp://*:{port}"  # every interface of the pod, same port
@@ -172,12 +175,15 @@ def test_each_pod_mounts_the_config_and_only_the_keys_its_role_needs(rendered):
         path = keys / item.replace("clients-", "clients/").replace("authorized-", "authorized/")
         assert base64.b64decode(data) == path.read_bytes(), item
     connects = {"learner", "scorer", "generator"}  # the buffer only binds
-    binds = {"learner", "buffer", "scorer"}
+    binds = {"learner", "buffer", "scorer", "feedback"}
     for name, workload in workloads(docs).items():
         spec, c = workload["spec"]["template"]["spec"], container(workload)
         env = {v["name"]: v for v in c["env"]}
         assert env["STREAMRL_CONFIG"]["value"] == f"{CONFIG_MOUNT}/streamrl.toml"
-        assert env["STREAMRL_REPLICA"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        if name == "learner":  # a Job's pod gets a new name when replaced: the learner keeps one
+            assert env["STREAMRL_REPLICA"]["value"] == "streamrl-learner-0"
+        else:
+            assert env["STREAMRL_REPLICA"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
         mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in spec["volumes"]}
         assert mounts["config"] == CONFIG_MOUNT and volumes["config"]["configMap"]["name"].startswith("streamrl-config")
@@ -194,6 +200,7 @@ def test_each_pod_mounts_the_config_and_only_the_keys_its_role_needs(rendered):
         assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsUser"] == 10001
         assert volumes["keys"]["secret"]["defaultMode"] == 0o440  # readable through fsGroup, by no one else
         assert c["securityContext"]["readOnlyRootFilesystem"] and "cache" in mounts or name == "buffer"
+    assert "feedback" in workloads(docs)
 
 
 def supervisord_stopwait() -> dict[str, int]:
@@ -204,14 +211,20 @@ def supervisord_stopwait() -> dict[str, int]:
 
 
 def test_state_lives_on_volumes_and_the_grace_periods_cover_a_graceful_stop(rendered):
-    docs = rendered["base"]
+    docs = rendered["with-feedback"]
     _, cfg = cluster_config(docs, rendered["keys"])
     pods = workloads(docs)
-    for name, folder in (("learner", cfg.run.output_dir), ("buffer", cfg.buffer.journal_dir)):
+    labels = str(cfg.feedback.database_path(cfg.run.output_dir).parent)
+    for name, folder in (("buffer", cfg.buffer.journal_dir), ("feedback", labels)):
         workload = pods[name]
         assert workload["kind"] == "StatefulSet" and workload["spec"]["replicas"] == 1
         (claim,) = workload["spec"]["volumeClaimTemplates"]
         assert {"name": claim["metadata"]["name"], "mountPath": folder} in container(workload)["volumeMounts"]
+    learner = pods["learner"]  # its claim outlives the Job (the results stay after it completes)
+    assert learner["kind"] == "Job" and learner["spec"]["completions"] == learner["spec"]["parallelism"] == 1
+    (run,) = [v for v in learner["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert run["persistentVolumeClaim"]["claimName"] in objects(docs, "PersistentVolumeClaim")
+    assert {"name": run["name"], "mountPath": cfg.run.output_dir} in container(learner)["volumeMounts"]
     for name in ("scorer", "generator"):
         assert pods[name]["kind"] == "Deployment"  # kubectl scale deployment/streamrl-<name>
     stopwait = supervisord_stopwait()
@@ -221,6 +234,49 @@ def test_state_lives_on_volumes_and_the_grace_periods_cover_a_graceful_stop(rend
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                              "name": pods["generator"]["metadata"]["name"]}
     assert hpa["metadata"]["namespace"] == pods["generator"]["metadata"]["namespace"] == "streamrl"
+
+
+def test_a_finished_learner_is_not_restarted_and_a_crashed_one_is(rendered):
+    """The learner exits 0 when it reaches total_steps (or stops on SIGTERM after its final
+    checkpoint). Its StatefulSet restarted it: it found its final checkpoint, exited 0, again and
+    again. Now it is a Job whose pod restarts only on a non-zero exit, the rule of the supervisord
+    files (autorestart=unexpected, exitcodes=0) and of honcho (a learner's exit ends the run)."""
+    learner = workloads(rendered["base"])["learner"]
+    assert learner["kind"] == "Job" and learner["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
+    assert learner["spec"]["backoffLimit"] >= 1  # crashes are restarted (from the newest checkpoint)
+    for conf in (REPO / "deploy" / "supervisord.conf", REPO / "deploy" / "supervisor" / "trainer.conf"):
+        parser = configparser.RawConfigParser()
+        parser.read(conf)
+        assert (parser.get("program:learner", "autorestart"), parser.get("program:learner", "exitcodes")) == \
+            ("unexpected", "0"), conf
+    assert workloads(rendered["gpu"])["learner"]["kind"] == "Job"
+
+
+def test_the_feedback_component_turns_the_service_on_in_every_pod_and_nothing_else(rendered):
+    """The base run is unchanged but for the component's objects, and every pod (the feedback one too)
+    reads feedback.enabled = true, which the config map leaves off."""
+    base, with_feedback = rendered["base"], rendered["with-feedback"]
+    _, cfg = cluster_config(base, rendered["keys"])
+    assert not cfg.feedback.enabled
+    assert [(d["kind"], d["metadata"]["name"]) for d in with_feedback] == [(d["kind"], d["metadata"]["name"])
+                                                                           for d in base]
+    assert workloads(base)["feedback"]["spec"]["replicas"] == 0  # no pod without the component
+    assert workloads(with_feedback)["feedback"]["spec"]["replicas"] == 1
+    for name, workload in workloads(with_feedback).items():
+        env = {v["name"]: v.get("value") for v in container(workload)["env"]}
+        overrides = env["STREAMRL_SET"].splitlines()
+        assert overrides == ["feedback.enabled=true"], name
+        data, _ = cluster_config(with_feedback, rendered["keys"])
+        enabled = validate_config(apply_overrides(data, overrides), "with STREAMRL_SET")
+        assert enabled.feedback.enabled and enabled.feedback.database == "/data/feedback/labels.sqlite3"
+        without = copy.deepcopy(workload)  # the rest of each workload is the base one
+        container(without)["env"] = [v for v in container(without)["env"] if v["name"] != "STREAMRL_SET"]
+        if "replicas" in without["spec"]:  # the learner's Job has none
+            without["spec"]["replicas"] = workloads(base)[name]["spec"]["replicas"]
+        assert without == workloads(base)[name], name
+    feedback = container(workloads(with_feedback)["feedback"])
+    assert {"name": "http", "containerPort": enabled.feedback.http_port} in feedback["ports"]
+    assert enabled.feedback.http_host == "127.0.0.1"  # the page is reached with kubectl port-forward
 
 
 def test_the_gpu_overlay_gives_the_learner_and_generators_a_gpu_and_the_cuda_image(rendered):
@@ -281,12 +337,17 @@ def test_the_documented_walkthroughs_use_exactly_these_files_and_objects(rendere
     walkthrough = docs_section("Kubernetes")
     docs = rendered["base"]
     pods = workloads(docs)
-    for command in ("statefulset/streamrl-learner", "deployment/streamrl-generator", "deployment/streamrl-scorer"):
+    for command in ("job/streamrl-learner", "deployment/streamrl-generator", "deployment/streamrl-scorer"):
         kind, _, name = command.partition("/")
         assert command in walkthrough and any(w["kind"].lower() == kind and w["metadata"]["name"] == name
                                               for w in pods.values())
     _, cfg = cluster_config(docs, rendered["keys"])
     learner = pods["learner"]
-    assert f"{learner['metadata']['name']}-0:{cfg.run.output_dir}" in walkthrough  # kubectl cp of the run folder
+    (files,) = yaml.safe_load_all((K8S / "examples" / "run-folder.yaml").read_text())  # kubectl cp of the run folder
+    assert f"{files['metadata']['name']}:{cfg.run.output_dir}" in walkthrough
+    (claim,) = objects(docs, "PersistentVolumeClaim")
+    assert files["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim
+    assert {"name": "run", "mountPath": cfg.run.output_dir, "readOnly": True} in files["spec"]["containers"][0][
+        "volumeMounts"]
     assert f"--namespace {learner['metadata']['namespace']}" in walkthrough
     assert "streamrl keys generate --dir deploy/k8s/base/keys" in walkthrough

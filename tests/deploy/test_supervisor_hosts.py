@@ -16,7 +16,7 @@ from streamrl.status import targets
 from support import REPO
 
 FOLDER = REPO / "deploy" / "supervisor"
-ROLES = {"trainer": {"learner", "buffer"}, "scorer": {"scorer-0", "scorer-1"},
+ROLES = {"trainer": {"learner", "buffer", "feedback"}, "scorer": {"scorer-0", "scorer-1"},
          "generator": {"generator-0", "generator-1", "generator-2"}}
 
 
@@ -68,6 +68,8 @@ def test_stop_and_restart_rules_are_those_of_the_one_host_file(monkeypatch, tmp_
             assert (process.stopwaitsecs, process.autorestart, process.exitcodes) == (
                 reference.stopwaitsecs, reference.autorestart, reference.exitcodes), name
     assert one_host["learner"].autorestart is RestartWhenExitUnexpected  # not restarted after total_steps
+    # the optional feedback service: a disabled one exits 0 at once and stays stopped
+    assert one_host["feedback"].autorestart is RestartWhenExitUnexpected and one_host["feedback"].exitcodes == [0]
     assert one_host["generator"].autorestart is RestartUnconditionally
 
 
@@ -82,6 +84,10 @@ def test_the_example_placement_is_consistent(tmp_path):
         f"tcp://*:{endpoint.rpartition(':')[2]}" for endpoint in e.scorers]  # scorer i of scorer-a: 5550 + i
     assert {e.bind_address(n).rpartition(":")[2] for n in ("buffer", "batches")} == {
         e.buffer.rpartition(":")[2], e.batches.rpartition(":")[2]}
+    assert {e.bind_address(n) for n in ("feedback", "human_model")} == {
+        f"tcp://*:{getattr(e, n).rpartition(':')[2]}" for n in ("feedback", "human_model")}
+    assert {getattr(e, n).partition("://")[2].rpartition(":")[0] for n in ("feedback", "human_model")} == {
+        "trainer"}  # the host whose role file runs it
     assert [(t.name, t.address) for t in targets(cfg, 0, [("gen-a", 2)])] == [
         ("learner-0", "trainer:9400"), ("buffer-0", "trainer:9300"), ("scorer-0", "scorer-a:9200"),
         ("scorer-1", "scorer-a:9201"), ("generator-gen-a-0", "gen-a:9100"), ("generator-gen-a-1", "gen-a:9101")]

@@ -9,7 +9,7 @@ in a batch served and not yet acknowledged), with no id trained twice
 journal history (``keep_history``) and the learner's ``trained.jsonl`` are
 the ledger. Run with ``checkpoint_every`` 10 (the learner is killed a few
 steps after a checkpoint: the steps since are rolled back and their batches
-served again, issue 17 item 2) and the config's default (the learner is killed
+served again) and the config's default (the learner is killed
 before its first checkpoint: every step is rolled back). ``checkpoint_every = 1``
 (the batch in flight comes back) is covered by the buffer's protocol tests.
 """

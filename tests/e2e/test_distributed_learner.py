@@ -1,4 +1,4 @@
-"""End to end: a 2-rank data-parallel learner (issue 16 item 4) trains with the buffer, a scorer and
+"""End to end: a 2-rank data-parallel learner trains with the buffer, a scorer and
 a generator on loopback. The learner is started exactly as the Procfile and supervisord start it
 (``python -m streamrl.services.learner``); ``learner.world_size = 2`` makes it torchrun itself."""
 

@@ -1,7 +1,10 @@
 """Learning from a simulated labeller on the tiny model (reward shaping), against the same run without feedback.
 
 The environment reward is the fraction of ``e`` in a completion; the simulated labeller (a separate
-process that uses only the HTTP API) likes ``a``, which that reward ignores. With reward shaping
+process that uses only the HTTP API) likes ``a``, which that reward ignores. It rates against a fixed
+threshold (+1 for any ``a``, else -1), so it always has something to rate: against the running median
+it skipped every completion tied with the median, and once most completions held no ``a`` it rated
+only the few with one (all +1), leaving H-hat nothing to contrast. With reward shaping
 (R + beta * H-hat, beta = 1, no decay), the final policy's completions carry more ``a`` than those
 of the run without feedback, by more than 2 standard errors of the difference.
 """
@@ -37,7 +40,7 @@ def run_job(tmp_path, tiny_model_dir, services, *, feedback: bool) -> tuple[np.n
         generator={"group_size": 8, "max_new_tokens": 12}, buffer={"capacity_groups": 8})
     if feedback:
         sections = feedback_sections(sections, combination="reward_shaping", beta=1.0, beta_decay=1.0, min_labels=4,
-                                     fit_interval_s=0.3)
+                                     fit_interval_s=0.3, label_rate_per_s=20.0)
     config = write_config(tmp_path / "run.toml", sections)
     procs = services(config)
     names = ("learner", "buffer", "scorer", "generator") + (("feedback",) if feedback else ())
@@ -56,8 +59,9 @@ def run_job(tmp_path, tiny_model_dir, services, *, feedback: bool) -> tuple[np.n
         assert wait_until(up, 120), procs.logs()
         token = add_labeller(config, "simulated")
         labeller = subprocess.Popen([sys.executable, "-m", "streamrl.services.feedback.simulate", "--url", url,
-                                     "--token", token, "--likes", "char:a", "--labels-per-second", "10",
-                                     "--duration", "600"], stdout=subprocess.PIPE, text=True)
+                                     "--token", token, "--likes", "char:a", "--threshold", "0",
+                                     "--labels-per-second", "10", "--duration", "600"],
+                                    stdout=subprocess.PIPE, text=True)
     learner = procs.procs["learner-0"]
     try:
         assert wait_until(lambda: learner.poll() is not None, timeout=420) and learner.returncode == 0, procs.logs()

@@ -17,6 +17,7 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 
 import pytest
 import requests
@@ -72,6 +73,27 @@ def forged(samples: dict) -> float:
                for r in ("csrf", "cross_origin"))
 
 
+def start_job(tmp_path, tiny_model_dir, services, **feedback):
+    """Learner, buffer, scorer, generator and feedback service (reward shaping) on loopback, once the page
+    answers, and a labeller alice; returns ``(sections, procs, page url, database, alice's token)``."""
+    sections = feedback_sections(local_run_config(tmp_path, tiny_model_dir, learner={"total_steps": 100000}),
+                                 combination="reward_shaping", min_labels=2, **feedback)
+    config = write_config(tmp_path / "run.toml", sections)
+    procs = services(config)
+    for name in ("learner", "buffer", "scorer", "generator", "feedback"):
+        procs.start(name)
+    url = f"http://127.0.0.1:{sections['feedback']['http_port']}/"
+
+    def up() -> bool:
+        try:
+            return requests.get(url + "healthz", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    assert wait_until(up, timeout=180), procs.logs()
+    return sections, procs, url, tmp_path / "run" / "feedback" / "labels.sqlite3", add_labeller(config, "alice")
+
+
 def labels(db) -> list[tuple]:
     with sqlite3.connect(db) as con:
         return con.execute("SELECT labeller, kind, rollout_id, value, policy_version FROM labels "
@@ -86,15 +108,7 @@ def test_labels_from_a_real_browser_reach_the_database_and_hhat(tmp_path, tiny_m
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    sections = feedback_sections(local_run_config(tmp_path, tiny_model_dir, learner={"total_steps": 100000}),
-                                 combination="reward_shaping", min_labels=2, fit_interval_s=0.2)
-    config = write_config(tmp_path / "run.toml", sections)
-    procs = services(config)
-    for name in ("learner", "buffer", "scorer", "generator", "feedback"):
-        procs.start(name)
-    url = f"http://127.0.0.1:{sections['feedback']['http_port']}/"
-    db = tmp_path / "run" / "feedback" / "labels.sqlite3"
-    token = add_labeller(config, "alice")
+    sections, procs, url, db, token = start_job(tmp_path, tiny_model_dir, services, fit_interval_s=0.2)
 
     def streaming() -> bool:
         try:
@@ -170,5 +184,65 @@ def test_labels_from_a_real_browser_reach_the_database_and_hhat(tmp_path, tiny_m
         refused_after = forged(scrape(feedback_port))
         assert refused_after == refused_before + 1, (driver.page_source, scrape(feedback_port))
         assert len(labels(db)) == 2  # nothing stored
+    finally:
+        driver.quit()
+
+
+@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
+                    reason="needs Debian's chromium and chromium-driver (make chromium; `make test` installs them)")
+def test_a_labeller_labels_20_chosen_rollouts_in_a_row_while_the_stream_runs(tmp_path, tiny_model_dir, services):
+    """Hold stops the list turning over, so 20 cards clicked one after another are the 20 labelled
+    (no stale element, no card shifting under the pointer); the queue then offers the oldest rollout
+    still unlabelled, and a held-down key (auto-repeat) labels once."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, _, url, db, token = start_job(tmp_path, tiny_model_dir, services, fit_interval_s=0.5, label_rate_per_s=50.0,
+                                     label_burst=50)
+    driver = browser()
+    try:
+        wait = WebDriverWait(driver, 240)
+        driver.get(url)
+        wait.until(ec.visibility_of_element_located((By.ID, "token"))).send_keys(token + Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")) >= 24)
+        driver.find_element(By.ID, "hold").click()
+        assert driver.find_element(By.ID, "stream-state").text == "held"
+        cards = driver.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")[:20]
+        chosen = [card.get_attribute("data-id") for card in cards]
+        for i, card in enumerate(cards):  # the same element objects throughout: none may go stale
+            card.find_element(By.CSS_SELECTOR, "button.rate-up" if i % 2 == 0 else "button.rate-down").click()
+            wait.until(lambda d, card=card: "label #" in card.find_element(By.CSS_SELECTOR, ".verdict").text)
+        # while held, new rollouts keep arriving but wait
+        wait.until(lambda d: "waiting" in d.find_element(By.ID, "held-count").text)
+        assert [c.get_attribute("data-id") for c in driver.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")[:20]
+                ] == chosen
+        stored = labels(db)
+        assert [(rid, value) for _, _, rid, value, _ in stored] == [(rid, 1 if i % 2 == 0 else -1)
+                                                                    for i, rid in enumerate(chosen)]
+        driver.find_element(By.ID, "resume").click()
+        assert driver.find_element(By.ID, "stream-state").text == "live"
+
+        # the queue: the oldest rollout not yet labelled; labelling it moves to the next
+        head = driver.find_element(By.ID, "queue-card").get_attribute("data-id")
+        assert head not in chosen
+        driver.find_element(By.ID, "queue-up").click()
+        wait.until(lambda d: len(labels(db)) == 21)
+        assert labels(db)[-1][2] == head
+        assert driver.find_element(By.ID, "queue-card").get_attribute("data-id") != head
+
+        # a held key sends repeated keydowns marked `repeat`: only the first labels
+        following = driver.find_element(By.ID, "queue-card").get_attribute("data-id")
+        driver.execute_script("""
+            for (const repeat of [false, true, true, true])
+              document.dispatchEvent(new KeyboardEvent("keydown", {key: "D", repeat, bubbles: true}));""")
+        wait.until(lambda d: len(labels(db)) == 22)
+        time.sleep(2)
+        assert len(labels(db)) == 22 and labels(db)[-1][2:4] == (following, -1)
+        # beta_t is shown (beta 1, decay 0.99 at the newest policy version)
+        status = requests.get(url + "api/status", headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
+        shown = float(driver.find_element(By.ID, "beta-t").text)
+        assert shown <= 1.0 and abs(shown - status["beta_t"]) < 0.05
     finally:
         driver.quit()

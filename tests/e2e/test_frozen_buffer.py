@@ -1,4 +1,4 @@
-"""A frozen buffer stops the generators (issue 17 item 7): before generation credits, a generator
+"""A frozen buffer stops the generators: before generation credits, a generator
 sampled on while the buffer was stopped (SIGSTOP) and queued 6,384 rollouts in operating-system
 buffers. With credits (``generator.credits``, the default) a generator samples a group only with a
 credit the buffer granted, and the buffer never has more than ``(max_staleness + 1) x groups_per_step``

@@ -1,4 +1,4 @@
-"""A frozen learner is never invisible (issue 17 item 7): while a generator's weight fetch retries
+"""A frozen learner is never invisible: while a generator's weight fetch retries
 against a learner stopped with SIGSTOP, ``waiting_seconds{on="learner"}`` grows with the wait instead
 of reading 0 until the fetch gives up.
 

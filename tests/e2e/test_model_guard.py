@@ -1,4 +1,4 @@
-"""Mismatched models are refused (issue 17 item 4): a generator whose tokenizer is a permutation of the
+"""Mismatched models are refused: a generator whose tokenizer is a permutation of the
 learner's (same size, same special ids, so no shape check can notice) refuses the learner's weights and
 never generates; rollouts stamped with another model's fingerprint that reach the learner are refused
 and counted, never trained."""

@@ -107,7 +107,7 @@ def test_four_services_train_late_generator_joins_and_learner_resumes(tmp_path, 
 def test_sync_mode_drops_stale_rollouts_unless_credits_admit_them(tmp_path, tiny_model_dir, services, credits):
     """max_staleness = 0, two generators, two scorers: sampling freely, generators keep sampling with v
     while the learner trains v + 1 and the buffer drops those rollouts; with generation credits
-    (issue 11) they wait for the new version instead and nothing generated is dropped."""
+    they wait for the new version instead and nothing generated is dropped."""
     procs, ports = start_pipeline(tmp_path, tiny_model_dir, services, max_staleness=0, steps=6, scorers=2,
                                   credits=credits)
     procs.start("scorer", 1)

@@ -1,4 +1,4 @@
-"""A real `streamrl run` twice on one folder (issue 13 items 5 and 6): the second is refused with the fix,
+"""A real `streamrl run` twice on one folder: the second is refused with the fix,
 `--resume` continues from the checkpoint to the raised total, only `keep_checkpoints` checkpoints stay,
 and the TensorBoard events (read back with TensorBoard's reader) hold every step of both launches."""
 

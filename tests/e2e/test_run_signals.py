@@ -1,12 +1,17 @@
-"""SIGTERM to ``streamrl run`` stops the whole run: every service exits (the learner after
-its final checkpoint), nothing is orphaned, and every port is free for the next run.
+"""A run ends cleanly, whether the learner finished or ``streamrl run`` got SIGTERM/SIGINT: every
+service exits within a few seconds of the learner's ``learner finished`` (no process is left to be
+SIGKILLed), nothing is orphaned, every port is free for the next run, and ``summary.json`` is written.
 
 Before, ``streamrl run`` started honcho with ``subprocess.call`` and did not forward
 signals: the launcher died and honcho and all four services kept running, holding ports.
+Later, the generator ignored the stop request while it waited inside a weight fetch (its
+retries: five times ``transport.request_timeout_s``) or a credit request, so a finished run
+spent a minute or more shutting down and ended with SIGKILLs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,7 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from streamrl.common.models import bf16_native
 from streamrl.testing import free_port, scrape, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,46 +57,104 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+SHUTDOWN_S = 10.0
+"""From the learner's ``learner finished`` to ``streamrl run``'s exit, at most (seconds)."""
+
+
+class Launch:
+    """``streamrl run`` of the tiny job on fresh loopback ports, its log written to ``run.log``."""
+
+    def __init__(self, tmp_path: Path, *overrides: str):
+        self.zmq_ports = [free_port() for _ in range(5)]
+        self.metric_ports = {name: free_port() for name in ("generator", "scorer", "buffer", "learner")}
+        self.output = tmp_path / "run"
+        values = [f"run.output_dir={str(self.output)!r}",
+                  f'endpoints.scorers=["tcp://127.0.0.1:{self.zmq_ports[0]}"]']
+        values += [f'endpoints.{name}="tcp://127.0.0.1:{port}"'
+                   for name, port in zip(("buffer", "batches", "weights_announce", "weights"), self.zmq_ports[1:])]
+        values += [f"metrics.{name}_port={port}" for name, port in self.metric_ports.items()]
+        command = [sys.executable, "-m", "streamrl", "run", "--config", str(REPO / "deploy/configs/tiny.toml")]
+        for value in [*values, *overrides]:
+            command += ["--set", value]
+        self.log_path = tmp_path / "run.log"
+        self.proc = subprocess.Popen(command, cwd=tmp_path, stdout=open(self.log_path, "wb"),
+                                     stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def learner_step(self) -> float:
+        try:
+            return scrape(self.metric_ports["learner"]).get("streamrl_learner_step", 0.0)
+        except ConnectionError:
+            return 0.0
+
+    def wait_exit(self, timeout: float) -> tuple[int, float]:
+        """Wait for ``streamrl run`` to exit; returns its status and the seconds from the first
+        ``learner finished`` in its log to its exit (the log is read every 50 ms while waiting)."""
+        deadline = time.monotonic() + timeout
+        finished_at = None
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            if finished_at is None and "learner finished at step" in self.log():
+                finished_at = time.monotonic()
+            time.sleep(0.05)
+        exited_at = time.monotonic()
+        assert self.proc.poll() is not None, f"streamrl run still running after {timeout:.0f}s\n{self.log()[-4000:]}"
+        assert finished_at is not None or "learner finished at step" in self.log(), self.log()[-4000:]
+        return self.proc.returncode, exited_at - (finished_at if finished_at is not None else exited_at)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        for pid in processes_with(str(self.output)):
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+
+
+def assert_clean_end(run: Launch, shutdown_s: float) -> None:
+    """Every service exited by itself soon after the learner finished, left nothing running, freed
+    every port, and the launcher wrote the run's summary."""
+    log = run.log()
+    assert shutdown_s <= SHUTDOWN_S, f"{shutdown_s:.1f}s from 'learner finished' to exit\n{log[-6000:]}"
+    assert "SIGKILL" not in log, log[-6000:]
+    assert wait_until(lambda: not processes_with(str(run.output)), timeout=10), processes_with(str(run.output))
+    for port in [*run.zmq_ports, *run.metric_ports.values()]:
+        assert port_is_free(port), port
+    assert (run.output / "summary.json").is_file(), log[-4000:]
+
+
+def test_a_finished_run_stops_every_service_within_seconds(tmp_path):
+    keys = ("generator.autocast_bf16", "scorer.autocast_bf16", "learner.autocast_bf16")
+    run = Launch(tmp_path, "learner.total_steps=4", "learner.checkpoint_every=4", *(f'{key}="auto"' for key in keys))
+    try:
+        code, shutdown_s = run.wait_exit(timeout=300)
+        assert code == 0, run.log()[-4000:]
+        assert_clean_end(run, shutdown_s)
+        assert json.loads((run.output / "summary.json").read_text())["steps"] == 4
+        # each service says once what "auto" resolved to on this machine, and why
+        resolved = "bf16 autocast" if bf16_native(torch.device("cpu")) else "float32"
+        for key in keys:
+            lines = [line for line in run.log().splitlines() if f'{key} = "auto": ' in line]
+            assert len(lines) == 1 and f'{key} = "auto": {resolved} on cpu (this CPU ' in lines[0], lines
+    finally:
+        run.close()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_streamrl_run_stops_every_service(tmp_path, sig):
-    zmq_ports = [free_port() for _ in range(5)]
-    metric_ports = {name: free_port() for name in ("generator", "scorer", "buffer", "learner")}
-    output = tmp_path / "run"
-    overrides = [f"run.output_dir={str(output)!r}", "learner.total_steps=100000", "learner.checkpoint_every=100000",
-                 f'endpoints.scorers=["tcp://127.0.0.1:{zmq_ports[0]}"]']
-    overrides += [f'endpoints.{name}="tcp://127.0.0.1:{port}"'
-                  for name, port in zip(("buffer", "batches", "weights_announce", "weights"), zmq_ports[1:])]
-    overrides += [f"metrics.{name}_port={port}" for name, port in metric_ports.items()]
-    command = [sys.executable, "-m", "streamrl", "run", "--config", str(REPO / "deploy/configs/tiny.toml")]
-    for value in overrides:
-        command += ["--set", value]
-    log = open(tmp_path / "run.log", "wb")
-    launcher = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    run = Launch(tmp_path, "learner.total_steps=100000", "learner.checkpoint_every=100000")
     try:
-        def learner_step() -> float:
-            try:
-                return scrape(metric_ports["learner"]).get("streamrl_learner_step", 0.0)
-            except ConnectionError:
-                return 0.0
-
-        assert wait_until(lambda: learner_step() >= 2, timeout=240), (tmp_path / "run.log").read_text()[-4000:]
-        services = processes_with(str(output))
+        assert wait_until(lambda: run.learner_step() >= 2, timeout=240), run.log()[-4000:]
+        services = processes_with(str(run.output))
         names = " ".join(services.values())
         for service in ("learner", "buffer", "scorer", "generator"):
             assert f"streamrl.services.{service}" in names, names
-        launcher.send_signal(sig)
-        code = launcher.wait(timeout=90)
+        run.proc.send_signal(sig)
+        code, shutdown_s = run.wait_exit(timeout=90)
         assert code == {signal.SIGTERM: 143, signal.SIGINT: 130}[sig]
-        assert wait_until(lambda: not processes_with(str(output)), timeout=10), processes_with(str(output))
-        for port in [*zmq_ports, *metric_ports.values()]:
-            assert port_is_free(port), port
-        steps = sorted(p.name for p in (output / "checkpoints").iterdir() if p.name.startswith("step-"))
+        assert_clean_end(run, shutdown_s)
+        steps = sorted(p.name for p in (run.output / "checkpoints").iterdir() if p.name.startswith("step-"))
         assert steps, "the learner wrote no final checkpoint on its way out"
-        assert "stopped by a signal" in (tmp_path / "run.log").read_text()
+        assert "stopped by a signal" in run.log()
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
-        for pid in processes_with(str(output)):
-            os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
+        run.close()

@@ -3,7 +3,11 @@
 "use strict";
 
 const MAX_SHOWN = 100;
-const state = { csrf: null, cursor: 0, items: [], selected: 0, selectedId: null, compare: null, timers: [] };
+const STALE_S = 300;  // a rollout older than this (by the stream's clock) is skipped by the queue
+const MAX_QUEUED = 2000;  // the service remembers feedback.recent_rollouts (default 2000)
+// held: the list stops turning over (new rollouts wait in `waiting`); queue: unlabelled rollouts, oldest first
+const state = { csrf: null, cursor: 0, items: [], selected: 0, selectedId: null, compare: null, timers: [],
+                held: false, waiting: [], queue: [], labelled: new Set(), newest: 0 };
 const $ = (id) => document.getElementById(id);
 
 async function api(method, path, body) {
@@ -94,8 +98,19 @@ async function poll() {
     const data = await api("GET", `/api/rollouts?after=${state.cursor}&limit=50`);
     if (data.rollouts.length) {
       state.cursor = data.cursor;
-      state.items = data.rollouts.slice().reverse().concat(state.items);
-      render();
+      for (const item of data.rollouts) {
+        state.newest = Math.max(state.newest, item.seen_at);
+        state.queue.push(item);
+      }
+      if (state.queue.length > MAX_QUEUED) state.queue.splice(0, state.queue.length - MAX_QUEUED);
+      if (state.held) {
+        state.waiting = state.waiting.concat(data.rollouts);
+        $("held-count").textContent = `${state.waiting.length} new rollouts waiting`;
+      } else {
+        state.items = data.rollouts.slice().reverse().concat(state.items);
+        render();
+      }
+      showQueue();
     }
   } catch (e) {
     if (e.status === 401) return showLogin();
@@ -103,23 +118,31 @@ async function poll() {
   }
 }
 
-function drawChart(series) {
-  const svg = $("reward-chart");
+// a line of series[i][key] by policy version in the <svg> `id`; returns the newest point (or undefined)
+function drawLine(id, series, key, floor) {
+  const svg = $(id);
   while (svg.firstChild) svg.removeChild(svg.firstChild);
-  if (!series.length) return;
-  const values = series.map((p) => p.reward_mean);
-  const lo = Math.min(...values), hi = Math.max(...values);
+  if (!series.length) return undefined;
+  const values = series.map((p) => p[key]);
+  const lo = floor === undefined ? Math.min(...values) : floor, hi = Math.max(...values);
   const span = hi - lo || 1;
   const points = series.map((p, i) => {
     const x = series.length === 1 ? 240 : (i / (series.length - 1)) * 476 + 2;
-    const y = 76 - ((p.reward_mean - lo) / span) * 72;
+    const y = 76 - ((p[key] - lo) / span) * 72;
     return `${x.toFixed(1)},${y.toFixed(1)}`;
   });
   const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
   line.setAttribute("points", points.join(" "));
   svg.appendChild(line);
-  const last = series[series.length - 1];
-  $("reward-last").textContent = `v${last.version}: mean reward ${last.reward_mean.toFixed(3)} (${last.rollouts} rollouts)`;
+  return series[series.length - 1];
+}
+
+function drawCharts(status) {
+  const reward = drawLine("reward-chart", status.reward_by_version, "reward_mean");
+  $("reward-last").textContent = reward
+    ? `v${reward.version}: mean reward ${reward.reward_mean.toFixed(3)} (${reward.rollouts} rollouts)` : "";
+  const beta = drawLine("beta-chart", status.beta_by_version, "beta", 0);
+  $("beta-last").textContent = beta ? `v${beta.version}: beta_t ${beta.beta.toFixed(3)}` : "";
 }
 
 async function refreshStatus() {
@@ -131,15 +154,68 @@ async function refreshStatus() {
     $("seen").textContent = String(s.rollouts_received);
     $("combination").textContent = s.combination;
     $("influence").textContent = s.influence_active ? "on" : "paused";
-    drawChart(s.reward_by_version);
+    $("beta-t").textContent = s.beta_t.toFixed(3);
+    $("beta-version").textContent = String(s.policy_version);
+    $("beta-0").textContent = String(s.beta);
+    drawCharts(s);
   } catch (e) {
     if (e.status === 401) showLogin();
   }
 }
 
+// the oldest rollout still waiting for a label: labelled and stale ones (older than STALE_S by the
+// stream's own clock, soon forgotten by the service) leave the queue
+function queueHead() {
+  while (state.queue.length) {
+    const item = state.queue[0];
+    if (!state.labelled.has(item.rollout_id) && state.newest - item.seen_at <= STALE_S) return item;
+    state.queue.shift();
+  }
+  return null;
+}
+
+function showQueue() {
+  const item = queueHead();
+  $("queue-card").hidden = !item;
+  $("queue-empty").hidden = !!item;
+  $("queue-count").textContent = `(${state.queue.length} waiting)`;
+  if (!item) return;
+  $("queue-card").dataset.id = item.rollout_id;
+  $("queue-meta").textContent = `policy v${item.policy_version} · reward ${item.reward.toFixed(3)} · ${item.rollout_id}`;
+  $("queue-prompt").textContent = item.prompt;
+  $("queue-completion").textContent = item.completion;
+}
+
+async function rateQueued(value) {
+  const item = queueHead();
+  if (!item) return;
+  state.labelled.add(item.rollout_id);  // at once: a second key press labels the next one, not this again
+  showQueue();
+  await rate(item.rollout_id, value);
+}
+
+function skipQueued() {
+  if (state.queue.length) state.queue.shift();
+  showQueue();
+}
+
+function setHeld(held) {
+  state.held = held;
+  $("hold").hidden = held;
+  $("resume").hidden = !held;
+  $("stream-state").textContent = held ? "held" : "live";
+  if (!held && state.waiting.length) {
+    state.items = state.waiting.slice().reverse().concat(state.items);
+    state.waiting = [];
+    render();
+  }
+  $("held-count").textContent = "";
+}
+
 async function rate(id, value) {
   try {
     const label = await api("POST", "/api/ratings", { rollout_id: id, value });
+    state.labelled.add(id);
     const li = cardOf(id);
     if (li) {
       li.classList.toggle("rated-up", value > 0);
@@ -199,8 +275,16 @@ async function setInfluence(active) {
 
 function onKey(event) {
   if (event.target instanceof HTMLInputElement || $("app").hidden) return;
+  if (event.repeat) {  // a held key: one label, not one per auto-repeat
+    event.preventDefault();
+    return;
+  }
   const item = state.items[state.selected];
   switch (event.key) {
+    case "h": setHeld(!state.held); break;
+    case "U": rateQueued(1); break;
+    case "D": rateQueued(-1); break;
+    case "S": skipQueued(); break;
     case "j": select(Math.min(state.selected + 1, state.items.length - 1)); break;
     case "k": select(Math.max(state.selected - 1, 0)); break;
     case "+": case "=": case "u": if (item) rate(item.rollout_id, 1); break;
@@ -259,6 +343,11 @@ async function start() {
   $("pick-left").addEventListener("click", () => pick("left"));
   $("pick-right").addEventListener("click", () => pick("right"));
   $("compare-close").addEventListener("click", closeCompare);
+  $("hold").addEventListener("click", () => setHeld(true));
+  $("resume").addEventListener("click", () => setHeld(false));
+  $("queue-up").addEventListener("click", () => rateQueued(1));
+  $("queue-down").addEventListener("click", () => rateQueued(-1));
+  $("queue-skip").addEventListener("click", skipQueued);
   document.addEventListener("keydown", onKey);
   try {
     showApp(await api("GET", "/api/session"));

@@ -161,7 +161,7 @@ def serve_one(buf: DurableBuffer, req: BatchRequest) -> Batch:
 
 
 def test_batches_trained_after_the_checkpoint_are_served_again_to_a_restarted_learner(tmp_path):
-    """Issue 17 item 2: checkpoint_every = 3. A learner started at version 0 checkpoints at version 3,
+    """checkpoint_every = 3. A learner started at version 0 checkpoints at version 3,
     trains batches 3 and 4 and dies with batch 5 in flight; it resumes at published + 1 = 6 from the
     checkpoint of version 3. Batches 3, 4, 5 come back (oldest first, restamped 6, 7, 8) before new data;
     the buffer forgets them only once a checkpoint covers them, and the journal keeps all of that across
@@ -268,6 +268,27 @@ def test_housekeeping_expires_incomplete_groups_into_the_journal(tmp_path):
     assert records(tmp_path)[-1] == (RecordType.REMOVE, {"event": "evicted", "ids": ["lonely-0"]})
     restarted = durable(tmp_path)
     assert restarted.recover().rollouts == 0
+
+
+def test_a_group_a_scorer_dropped_is_evicted_journaled_and_its_later_members_refused(tmp_path):
+    """The reward raised on one member of a group in some scorer: the members other scorers passed on
+    leave at once (before, they waited group_timeout_s in the store, holding the generator's credit),
+    a restart does not bring them back, and later members cannot rebuild the group."""
+    buf = durable(tmp_path)
+    add(buf, "flaky", 0, size=3)
+    add_group(buf, "fine")
+    assert buf.drop_group("flaky") == 1
+    buf.commit()
+    assert buf.store.incomplete_groups == 0 and buf.store.complete_groups == 1 and buf.store.evicted_total == 1
+    assert records(tmp_path)[-1] == (RecordType.REMOVE, {"event": "reward_failed", "ids": ["flaky-0"]})
+    assert add(buf, "flaky", 2, size=3) is AddOutcome.GROUP_DISCARDED
+    assert buf.drop_group("unseen") == 0  # its members had not arrived yet: they are refused when they do
+    assert add(buf, "unseen", 0) is AddOutcome.GROUP_DISCARDED
+    assert buf.drop_group("fine") == 0 and buf.store.complete_groups == 1  # a complete group holds no failure
+    restarted = durable(tmp_path)
+    assert restarted.recover().rollouts == 2
+    held = [[m.rollout.rollout_id for m in members] for members, _ in restarted.store.snapshot()]
+    assert held == [["fine-0", "fine-1"]]
 
 
 def test_the_store_must_not_have_another_ledger_hook():

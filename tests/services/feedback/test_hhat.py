@@ -67,3 +67,23 @@ def test_model_message_carries_the_newest_anchors():
     np.testing.assert_allclose(msg.anchors, expected, rtol=1e-6)
     assert msg.anchor_times.tolist() == [rows[-1].created_at, rows[-1].created_at, rows[-2].created_at]
     assert (msg.version, msg.active, msg.labels) == (3, False, 7)
+
+
+def test_a_rating_with_shared_credit_fits_as_its_share_of_a_rating_of_each_rollout():
+    # TAMER's credit assignment: a +1 credited 1/2, 1/2 over rollouts a and b and a -1 of c (credited to c
+    # twice) have the objective (1/2) [e_a / 2 + e_b / 2 + e_c] + l2 |w|^2 = (1/4) [e_a + e_b + 2 e_c] + l2 |w|^2,
+    # that of whole ratings +1 a, +1 b, -1 c, -1 c over N = 4, with the same features standardised
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.normal(size=4).astype(np.float32) for _ in range(3))
+    minus = LabelRow(5, 0.0, "rating", -1, c, None, credit=[(c, 0.5), (c, 0.5)])  # c twice: c's whole label
+    shared, loss = fit_head([LabelRow(1, 0.0, "rating", 1, a, None, credit=[(a, 0.5), (b, 0.5)]), minus], l2=0.01)
+    whole, loss_whole = fit_head([LabelRow(1, 0.0, "rating", 1, a, None), LabelRow(2, 0.0, "rating", 1, b, None),
+                                  LabelRow(5, 0.0, "rating", -1, c, None), LabelRow(6, 0.0, "rating", -1, c, None)],
+                                 l2=0.01)
+    x = np.stack([a, b, c])
+    np.testing.assert_allclose(shared.raw(x), whole.raw(x), atol=1e-5)
+    assert loss == pytest.approx(loss_whole, rel=1e-6)
+    # the shares matter: most of a +1's credit on a, a -1 on b: H-hat(a) > H-hat(b)
+    tilted, _ = fit_head([LabelRow(1, 0.0, "rating", 1, a, None, credit=[(a, 0.9), (b, 0.1)]),
+                          LabelRow(2, 0.0, "rating", -1, b, None)], l2=0.01)
+    assert tilted.raw(a[None])[0] > tilted.raw(b[None])[0]

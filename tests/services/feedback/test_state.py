@@ -23,3 +23,13 @@ def test_recent_rollouts_forget_the_oldest_and_page_by_seq():
                                       {"version": 2, "reward_mean": 4.0, "rollouts": 1}]
     page = recent.after(4, 1)[0].public()
     assert page["rollout_id"] == "r4" and page["completion"] == "good" and page["human"] is None
+
+
+def test_the_rollouts_shown_within_a_reaction_delay_window():
+    recent = RecentRollouts(10)
+    for i in range(6):
+        recent.add(scored(f"r{i}"), now=100.0 + i)  # r0 at 100 s ... r5 at 105 s
+    # a label at 105.5 s with a 1-3 s delay: what streamed in between 102.5 and 104.5 s
+    assert [s.scored.rollout.rollout_id for s in recent.shown_between(105.5 - 3, 105.5 - 1)] == ["r3", "r4"]
+    assert [s.scored.rollout.rollout_id for s in recent.shown_between(101.0, 102.0)] == ["r1", "r2"]  # inclusive
+    assert recent.shown_between(200.0, 300.0) == []

@@ -4,20 +4,23 @@ shaping term and the control-sharing weight."""
 from __future__ import annotations
 
 import copy
+import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from feedback_support import scored
-from streamrl.common.config import LearnerSection
+from streamrl.common.config import LearnerSection, validate_config
 from streamrl.common.human import human_terms
 from streamrl.common.messages import HumanScore, Selection
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.common.modes import HumanCombination
-from streamrl.services.generator.control import share_control
+from streamrl.services.generator.control import select_candidates, share_control
 from streamrl.services.generator.sampling import Completion
 from streamrl.services.learner.batch import collate
+from streamrl.services.learner.loop import LearnerService
 from streamrl.services.learner.trainer import PPOTrainer
 
 
@@ -79,3 +82,63 @@ def test_the_learner_weights_advantages_by_one_over_rho_and_shapes_rewards():
     assert plain[:, 0].tolist() == pytest.approx([-1.0, 1.0, -1.0, 1.0])
     # the weight survives minibatch selection
     assert tb.select(torch.tensor([1])).weights.tolist() == pytest.approx([0.4])
+
+
+def test_action_biasing_keeps_a_candidate_by_softmax_of_beta_e_hhat_and_records_its_exact_probability():
+    # one prompt, G = 1 slot of K = 3 candidates, tokens 1, 5, 3: H = 0.1, 0.5, 0.3; E = 0.9, 0.5, 0.7
+    candidates = [[completion(t) for t in (1, 5, 3)]]
+    beta_t = 4.0
+    logits = [beta_t * e * h for h, e in ((0.1, 0.9), (0.5, 0.5), (0.3, 0.7))]  # 0.36, 1.0, 0.84
+    want = [math.exp(x) / sum(math.exp(y) for y in logits) for x in logits]
+    got = {}
+    for seed in range(200):
+        kept, selections = select_candidates(StubView(), candidates, group_size=1, k=3, beta_t=beta_t,
+                                             rng=np.random.default_rng(seed), now=0.0,
+                                             combination=HumanCombination.ACTION_BIASING)
+        token, selection = int(kept[0][0].completion_tokens[0]), selections[0][0]
+        got[token] = selection
+        assert selection.human_value == pytest.approx(token / 10) and selection.model_version == 9
+    assert sorted(got) == [1, 3, 5]
+    for j, token in enumerate((1, 5, 3)):
+        assert got[token].probability == pytest.approx(want[j])
+        assert got[token].density_ratio == pytest.approx(3 * want[j])  # the learner weights by 1 / rho
+        assert got[token].by_model == (token == 5)  # H-hat's best
+    with pytest.raises(ValueError, match="does not select"):
+        select_candidates(StubView(), candidates, group_size=1, k=3, beta_t=1.0, rng=np.random.default_rng(0),
+                          now=0.0, combination=HumanCombination.REWARD_SHAPING)
+
+
+def learner_targets(combination: HumanCombination, rollouts, advantage: str = "rloo"):
+    """The trainer's targets of ``rollouts`` after the learner service applied the human terms (beta_t = 2)."""
+    torch.manual_seed(0)
+    tokenizer = build_char_tokenizer()
+    policy = build_tiny_model(tokenizer, seed=0)
+    cfg = validate_config({"feedback": {"enabled": True, "combination": combination.value, "beta": 2.0,
+                                        "beta_decay": 1.0},
+                           "learner": {"groups_per_step": 2, "kl_coef": 0.0, "advantage": advantage,
+                                       "normalize_rewards": False, "reward_clip": None,
+                                       "whiten_advantages": False, "lam": 1.0, "gamma": 1.0}})
+    trainer = PPOTrainer(policy, copy.deepcopy(policy).eval(), cfg.learner)
+    tb = collate(rollouts, pad_id=tokenizer.pad_token_id)
+    LearnerService._human_terms(SimpleNamespace(cfg=cfg, step=0), SimpleNamespace(rollouts=rollouts), tb)
+    return trainer.targets(tb)
+
+
+def test_q_augmentation_adds_beta_e_hhat_to_the_advantage_not_to_the_reward():
+    rollouts = [scored(f"r{i}", group=f"g{i // 2}", reward=float(i)) for i in range(4)]
+    rollouts[0].human = HumanScore(value=1.0, eligibility=1.0, model_version=1)
+    rollouts[2].human = HumanScore(value=-1.0, eligibility=0.5, model_version=1)
+    rollouts[3].human = HumanScore(value=1.0, eligibility=1.0, model_version=1, active=False)  # paused
+    augmented = learner_targets(HumanCombination.Q_AUGMENTATION, copy.deepcopy(rollouts)).advantages[:, 0]
+    shaped = learner_targets(HumanCombination.REWARD_SHAPING, copy.deepcopy(rollouts)).advantages[:, 0]
+    # rloo, groups of 2 on R = 0, 1 | 2, 3: A = -1, 1 | -1, 1; bonus = 2 * E * H = 2, 0 | -1, 0 (r3 paused)
+    assert augmented.tolist() == pytest.approx([-1 + 2, 1, -1 - 1, 1])
+    # reward shaping instead moves the rewards (2, 1 | 1, 3), so the group baseline moves with them
+    assert shaped.tolist() == pytest.approx([1, -1, -2, 2])
+    # GAE: the critic's targets (returns) stay R's; only the advantages move, by the bonus on every token
+    plain = learner_targets(HumanCombination.NONE, copy.deepcopy(rollouts), advantage="gae")
+    gae = learner_targets(HumanCombination.Q_AUGMENTATION, copy.deepcopy(rollouts), advantage="gae")
+    mask = plain.returns != 0
+    assert torch.equal(gae.returns, plain.returns)
+    bonus = torch.tensor([2.0, 0.0, -1.0, 0.0]).unsqueeze(1).expand_as(mask)
+    assert torch.allclose((gae.advantages - plain.advantages)[mask], bonus[mask])

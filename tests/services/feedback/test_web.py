@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import pytest
 import requests
-import uvicorn
 
+from feedback_support import serving
 from streamrl.services.feedback.web import MAX_BODY_BYTES, LabelError, create_app
 
 TOKEN = "alice-token"
@@ -17,10 +15,13 @@ TOKEN = "alice-token"
 
 class FakeBackend:
     def __init__(self):
-        self.labels, self.refusals, self.influence = [], [], True
+        self.labels, self.refusals, self.influence, self.revoked = [], [], True, set()
 
     def labeller_for_token(self, token):
-        return "alice" if token == TOKEN else None
+        return "alice" if token == TOKEN and "alice" not in self.revoked else None
+
+    def labeller_enabled(self, name):
+        return name == "alice" and name not in self.revoked
 
     def recent(self, after, limit):
         return [{"seq": after + 1, "rollout_id": "r1"}][:limit]
@@ -53,27 +54,10 @@ class FakeBackend:
 
 
 @pytest.fixture
-def server():
+def server(request):
     backend = FakeBackend()
-    app = create_app(backend, session_ttl_s=60, secure_cookies=False)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            requests.get(url + "/healthz", timeout=1)
-            break
-        except requests.ConnectionError:
-            time.sleep(0.05)
-    yield url, backend
-    uv.should_exit = True
-    thread.join(5)
-    sock.close()
+    with serving(create_app(backend, session_ttl_s=60, secure_cookies=False, **getattr(request, "param", {}))) as url:
+        yield url, backend
 
 
 def login(url) -> tuple[requests.Session, str, requests.Response]:
@@ -157,3 +141,49 @@ def test_limits_errors_headers_and_export(server):
     assert export.headers["content-type"].startswith("application/x-ndjson")
     assert export.text.splitlines() == [f'{{"layout": "ratings", "i": {i}}}' for i in range(3)]
     assert requests.get(url + "/api/export?layout=pickle", headers=auth).status_code == 422
+
+
+def test_a_revoked_labellers_browser_session_ends_at_once(server):
+    url, backend = server
+    session, csrf, _ = login(url)
+    headers = {"X-CSRF-Token": csrf, "Origin": url}
+    assert session.post(url + "/api/ratings", json={"rollout_id": "r1", "value": 1}, headers=headers).status_code == 201
+    backend.revoked.add("alice")
+    assert session.post(url + "/api/ratings", json={"rollout_id": "r1", "value": -1},
+                        headers=headers).status_code == 401
+    assert session.post(url + "/api/influence", json={"active": False}, headers=headers).status_code == 401
+    assert session.get(url + "/api/export").status_code == 401
+    backend.revoked.clear()  # the session was dropped: even a labeller enabled again must log in anew
+    assert session.get(url + "/api/rollouts").status_code == 401
+    assert backend.labels == [("alice", "r1", 1)] and backend.influence is True and "revoked" in backend.refusals
+
+
+@pytest.mark.parametrize("server", [{"label_rate_per_s": 2.0, "label_burst": 5}], indirect=True)
+def test_one_labeller_is_rate_limited_with_429_and_retry_after(server):
+    url, backend = server
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    codes = [requests.post(url + "/api/ratings", json={"rollout_id": "r1", "value": 1}, headers=auth)
+             for _ in range(12)]
+    assert [c.status_code for c in codes[:5]] == [201] * 5  # the burst
+    refused = [c for c in codes if c.status_code == 429]
+    assert len(refused) >= 6 and int(refused[0].headers["retry-after"]) >= 1
+    assert len(backend.labels) == 12 - len(refused) and backend.refusals.count("rate_limited") == len(refused)
+    time.sleep(0.6)  # 2 labels per second: one more after half a second
+    assert requests.post(url + "/api/ratings", json={"rollout_id": "r1", "value": 1}, headers=auth).status_code == 201
+
+
+def test_an_oversized_chunked_body_gets_413(server):
+    url, backend = server
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    def chunks():  # no Content-Length: Transfer-Encoding: chunked, 10 MB
+        yield b'{"rollout_id": "'
+        for _ in range(10 * 1024):
+            yield b"r" * 1024
+        yield b'", "value": 1}'
+
+    response = requests.post(url + "/api/ratings", data=chunks(), headers={**auth, "Content-Type": "application/json"})
+    assert response.status_code == 413, response.text
+    small = requests.post(url + "/api/ratings", data=iter([b'{"rollout_id": "r1", ', b'"value": 1}']),
+                          headers={**auth, "Content-Type": "application/json"})
+    assert small.status_code == 201 and backend.labels == [("alice", "r1", 1)]

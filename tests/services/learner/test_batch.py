@@ -16,7 +16,7 @@ from streamrl.services.learner.batch import (
     forward_completions,
     split_by_sampling,
 )
-from support import slow_nucleus
+from support import fp32_head_on_bf16_body, slow_nucleus
 
 FIELDS = ["input_ids", "attention_mask", "positions", "tokens", "mask", "behaviour_logprobs",
           "scores", "group_ids", "versions"]
@@ -194,7 +194,6 @@ def test_forward_completions_under_top_p_reads_the_nucleus(model, temperature):
     batch = collate(rollouts, pad_id=0)
     with torch.no_grad():
         out = forward_completions(model, batch, with_entropy=True)
-    assert out.nucleus is not None and out.nucleus.shape == (*batch.mask.shape, model.config.vocab_size)
     outside = 0
     for i, s in enumerate(rollouts):
         lp, ent, _ = row_reference(model, s, temperature, top_p=top_p)
@@ -205,20 +204,35 @@ def test_forward_completions_under_top_p_reads_the_nucleus(model, temperature):
         assert torch.equal(torch.isfinite(out.logprobs[i, :n]), finite)
         torch.testing.assert_close(out.logprobs[i, :n][finite].double(), lp[finite], atol=1e-5, rtol=0)
     assert outside > 0  # random tokens: some lie outside the nucleus, which the test then covers
-    # a given nucleus replaces the model's own (the reference is read under the policy's)
-    other = build_tiny_model(build_char_tokenizer(), seed=1)
+    # truncate=False (the reference's pass): the untruncated distribution at the temperature
     with torch.no_grad():
-        under_given = forward_completions(other, batch, nucleus=out.nucleus)
-        own = forward_completions(other, batch)
-    assert torch.equal(under_given.nucleus, out.nucleus) and not torch.equal(own.nucleus, out.nucleus)
-    assert torch.equal(torch.isfinite(under_given.logprobs), torch.isfinite(out.logprobs))
+        full = forward_completions(model, batch, truncate=False)
+    for i, s in enumerate(rollouts):
+        lp, _, _ = row_reference(model, s, temperature)
+        torch.testing.assert_close(full.logprobs[i, :len(lp)].double(), lp, atol=1e-5, rtol=0)
+
+
+def test_output_projection_and_value_head_run_in_fp32_under_bf16_autocast(model):
+    """Under the learner's bf16 autocast only the body is bf16: the log-probs are those of the
+    float32 output projection on the bf16 hidden states, the values those of the float32 value head."""
+    batch = collate(random_rollouts(3), pad_id=0)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = forward_completions(model, batch, value_head=head, with_entropy=True)
+    logprobs, values, bf16_change = fp32_head_on_bf16_body(model, batch, head)
+    mask = batch.mask > 0
+    assert out.logprobs.dtype == out.values.dtype == torch.float32
+    torch.testing.assert_close(out.logprobs[mask], logprobs[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.values[mask], values[mask], atol=1e-5, rtol=0)
+    assert bf16_change > 1e-3  # a bf16 projection would be told apart at this tolerance
 
 
 def test_forward_completions_without_extras(model):
     batch = collate(random_rollouts(1), pad_id=0)
     with torch.no_grad():
         out = forward_completions(model, batch)
-    assert out.entropy is None and out.values is None and out.nucleus is None
+    assert out.entropy is None and out.values is None
 
 
 def test_padding_content_does_not_change_logprobs(model):

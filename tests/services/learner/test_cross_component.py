@@ -19,6 +19,7 @@ from streamrl.common.modes import KLEstimator, KLPenaltyMode
 from streamrl.services.generator.sampling import encode_prompts, sample_completions
 from streamrl.services.learner.batch import TrainBatch, collate
 from streamrl.services.learner.trainer import PPOTrainer
+from support import slow_nucleus
 
 TOKENIZER = build_char_tokenizer()
 PROMPTS = ["The film was", "I think that", "abc"]
@@ -89,9 +90,19 @@ def test_top_p_ratios_are_exact_under_the_learner_side_nucleus(temperature):
     for correction in ("none", "tis", "decoupled"):
         trainer = trainer_for(build_tiny_model(TOKENIZER, seed=0), correction=correction, kl_coef=0.1)
         assert_exact_ratios(trainer, copy.deepcopy(batch))
-    # the reference is read under the same nucleus: KL to it is 0 while pi == ref
+    # the KL penalty compares the truncated policy with the untruncated reference: at pi == ref each
+    # token's k1 is log(p / Z_t) - log p = -log Z_t, Z_t the nucleus mass (from an unpadded pass)
     trainer = trainer_for(build_tiny_model(TOKENIZER, seed=0), kl_coef=0.1)
-    assert trainer.targets(batch).kl_mean == pytest.approx(0.0, abs=1e-6)
+    floor = []
+    with torch.no_grad():
+        for row in range(batch.size):
+            n, length = int(batch.mask[row].sum()), int(batch.attention_mask[row].sum())
+            logits = model(input_ids=batch.input_ids[row:row + 1, :length]).logits[0].double() / temperature
+            logits = logits[batch.positions[row, :n]]
+            mass = torch.where(slow_nucleus(logits, 0.7), torch.softmax(logits, -1), 0.0).sum(-1)
+            floor += (-mass.log()).tolist()
+    assert 0 < np.mean(floor) <= -np.log(0.7) + 1e-6
+    assert trainer.targets(batch).kl_mean == pytest.approx(np.mean(floor), abs=1e-5)
 
 
 @pytest.mark.parametrize("correction", ["none", "tis", "decoupled"])

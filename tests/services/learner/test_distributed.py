@@ -1,4 +1,4 @@
-"""The data-parallel learner (issue 16 item 4): 2 gloo ranks started by torchrun take the same
+"""The data-parallel learner: 2 gloo ranks started by torchrun take the same
 step as one rank on the same batch; the loss normalisation rule; the batch broadcast."""
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ def rank_main(out: Path) -> None:
     # the broadcast: rank 1 receives exactly rank 0's batch, optional fields included
     want = batch(weights=True)
     want.ref_logprobs = -torch.arange(want.mask.numel()).reshape(want.mask.shape).float() / 100 * want.mask
+    want.advantage_bonus = torch.linspace(-1, 1, want.size)  # Q-augmentation's [B] bonus
     op, got, version = broadcast_batch(dist, want if rank == 0 else None, 5)
     if rank == 1:
         assert (op, version, got.sampling) == (1, 5, want.sampling)

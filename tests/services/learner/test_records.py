@@ -58,7 +58,7 @@ def test_step_log_line():
 
 
 def test_roll_back_ledger_keeps_checkpointed_steps_and_moves_the_rest_aside(tmp_path):
-    """Issue 17 item 2: checkpoint at step 2, steps 3 and 4 trained then the learner was killed. After the
+    """Checkpoint at step 2, steps 3 and 4 trained then the learner was killed. After the
     roll-back trained.jsonl holds steps 1-2 once; 3-4 are in rolled_back.jsonl with the time; retraining
     appends step 3 again without a duplicate."""
     path = tmp_path / "trained.jsonl"

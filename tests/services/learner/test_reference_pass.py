@@ -1,4 +1,4 @@
-"""The reference pass outside the learner (issue 11 item 2): log-probs the scorers compute with
+"""The reference pass outside the learner: log-probs the scorers compute with
 streamrl.common.reference equal the learner's own reference pass, and the KL penalty, advantages
 and a whole step computed from them equal today's learner-side values."""
 
@@ -16,6 +16,7 @@ from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.common.reference import reference_logprobs
 from streamrl.services.learner.batch import collate, forward_completions
 from streamrl.services.learner.trainer import PPOTrainer
+from support import fp32_head_on_bf16_body
 
 TOKENIZER = build_char_tokenizer()
 PAD = TOKENIZER.pad_token_id
@@ -72,10 +73,10 @@ def test_scorer_log_probs_equal_the_learners_reference_pass(micro_batch):
         assert s.reference_logprobs.dtype == np.float32 and (s.reference_logprobs <= 1e-6).all()
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="needs a CPU with native bf16")
 def test_scorer_log_probs_under_bf16_autocast_equal_the_learners_bf16_reference_pass():
     """``scorer.autocast_bf16``: the values are those of the learner's reference pass under its own bf16
-    autocast (``learner.autocast_bf16``), not of the float32 pass."""
+    autocast (``learner.autocast_bf16``), not of the float32 pass: a bf16 body, then the float32
+    output projection on its hidden states (by hand)."""
     _, reference = models()
     items = rollouts()
     bf16, fp32 = copy.deepcopy(items), copy.deepcopy(items)
@@ -90,17 +91,28 @@ def test_scorer_log_probs_under_bf16_autocast_equal_the_learners_bf16_reference_
     from_bf16 = batch.ref_logprobs[mask]
     from_fp32 = collate(fp32, pad_id=PAD).ref_logprobs[mask]
     assert (from_bf16 - from_fp32).abs().max() > 1e-4  # the autocast is on
+    # other micro-batches than the learner's: bf16 matmuls of other shapes round differently
     torch.testing.assert_close(from_bf16, learner_bf16[mask].float(), atol=1e-3, rtol=0)
     assert (from_bf16 - learner_bf16[mask]).abs().max() < (from_bf16 - from_fp32).abs().max()
+    # one pass over the learner's rows: exactly a float32 output projection on the hidden states
+    one_pass = copy.deepcopy(items)
+    for s, v in zip(one_pass, reference_logprobs(reference, [s.rollout for s in one_pass], pad_id=PAD,
+                                                 micro_batch=len(items), autocast_bf16=True)):
+        s.reference_logprobs = v
+    head = torch.nn.Linear(reference.config.hidden_size, 1)
+    by_hand, _, bf16_change = fp32_head_on_bf16_body(reference, batch, head)
+    torch.testing.assert_close(collate(one_pass, pad_id=PAD).ref_logprobs[mask], by_hand[mask], atol=1e-5, rtol=0)
+    assert bf16_change > 1e-3  # a bf16 projection would be told apart
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.5])
 @pytest.mark.parametrize("kl_penalty", ["reward", "loss"])
 @pytest.mark.parametrize("advantage", ["grpo", "gae"])
-def test_kl_penalty_and_step_equal_with_and_without_the_scorers_values(kl_penalty, advantage):
+def test_kl_penalty_and_step_equal_with_and_without_the_scorers_values(kl_penalty, advantage, top_p):
     cfg = LearnerSection(lr=1e-2, kl_coef=0.2, kl_penalty=kl_penalty, advantage=advantage, device="cpu",
                          minibatches=2, kl_estimator="k3" if kl_penalty == "loss" else "k1")
     policy, reference = models()
-    plain = rollouts()
+    plain = rollouts(top_p=top_p)
     items = with_scorer_reference(plain, reference, micro_batch=4)
     results = []
     for batch_items in (plain, items):
@@ -123,10 +135,26 @@ def test_kl_penalty_and_step_equal_with_and_without_the_scorers_values(kl_penalt
         torch.testing.assert_close(w1[name], w0[name], atol=1e-4, rtol=1e-3)  # Adam: lr 1e-2 per update
 
 
-def test_top_p_below_one_and_partial_batches_fall_back_to_the_learner():
+def test_top_p_below_one_gets_the_untruncated_reference_on_both_sides():
+    """The reference is never truncated: a rollout sampled with top_p < 1 gets the reference's
+    full distribution at its temperature, from the scorers and from the learner's own pass alike."""
+    policy, reference = models()
+    items = with_scorer_reference(rollouts(top_p=0.5), reference, micro_batch=4)
+    batch = collate(items, pad_id=PAD)
+    mask = batch.mask.bool()
+    assert torch.isfinite(batch.ref_logprobs).all()
+    with torch.no_grad():
+        untruncated = forward_completions(reference, batch, truncate=False).logprobs
+        truncated = forward_completions(reference, batch).logprobs
+    torch.testing.assert_close(batch.ref_logprobs[mask], untruncated[mask], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(untruncated[mask], truncated[mask], atol=1e-3)  # the nucleus does cut
+    trainer = PPOTrainer(policy, reference, LearnerSection(device="cpu", kl_coef=0.1))
+    learner_side = trainer.targets(collate(rollouts(top_p=0.5), pad_id=PAD)).ref_logprobs
+    torch.testing.assert_close(learner_side[mask], batch.ref_logprobs[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_partial_batches_fall_back_to_the_learner():
     _, reference = models()
-    nucleus = rollouts(top_p=0.9)
-    assert reference_logprobs(reference, [s.rollout for s in nucleus], pad_id=PAD) == [None] * len(nucleus)
     items = with_scorer_reference(rollouts(), reference, micro_batch=4)
     items[2].reference_logprobs = None  # one rollout came from a scorer without the pass
     assert collate(items, pad_id=PAD).ref_logprobs is None

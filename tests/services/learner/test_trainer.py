@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from streamrl.common.config import LearnerSection
 from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.services.learner.batch import TrainBatch, collate, forward_completions
+from streamrl.services.learner.losses import policy_loss
 from streamrl.services.learner.trainer import PPOTrainer, PtxBatch
 
 TOKENIZER = build_char_tokenizer()
@@ -520,3 +522,113 @@ def test_vtrace_targets_on_policy_equal_gae_returns_and_off_policy_use_the_ratio
 def test_vtrace_needs_the_critic():
     with pytest.raises(ValueError, match="vtrace"):
         LearnerSection(correction="vtrace", advantage="grpo")
+
+
+def bandit_vtrace_gradient(whiten: bool) -> float:
+    """The one-step bandit of two actions, the better one first: pi_old = (.5, .5),
+    mu = (.9, .1), rewards (1, 0), V = -0.5, rho-bar = 10. The batch holds the actions in
+    mu's proportions (9 x A, 1 x B), so its token mean is the expectation under mu. The
+    trainer's V-trace advantages (pi_old / mu set through the behaviour log-probs, V through
+    the value head's bias) go into the policy loss of a two-logit softmax at pi_old; returns
+    the ascent direction of the better action's logit, -d loss / d z_A."""
+    trainer = make_trainer(learner_cfg(advantage="gae", correction="vtrace", vtrace_rho_bar=10.0,
+                                       vtrace_c_bar=10.0, gamma=1.0, lam=1.0, normalize_rewards=False,
+                                       reward_clip=None, whiten_advantages=whiten))
+    batch = collate([scored(f"g{i}", "x", "A" if i < 9 else "B", 1.0 if i < 9 else 0.0) for i in range(10)],
+                    pad_id=TOKENIZER.pad_token_id)
+    pi_old = torch.tensor([0.5] * 9 + [0.5]).log().unsqueeze(1)
+    mu = torch.tensor([0.9] * 9 + [0.1]).log().unsqueeze(1)
+    # log rho = log pi_old - log mu whatever the tiny model's own pi_old is
+    batch.behaviour_logprobs = policy_logprobs(trainer.policy, batch) - (pi_old - mu)
+    with torch.no_grad():
+        trainer.value_head.bias.fill_(-0.5)
+    advantages = trainer.targets(batch).advantages
+    logits = torch.zeros(2, requires_grad=True)
+    actions = torch.tensor([0] * 9 + [1])
+    logprobs = torch.log_softmax(logits, -1)[actions].unsqueeze(1)
+    loss, _ = policy_loss(logprobs, pi_old, mu, advantages, batch.mask, correction="vtrace", clip_eps=0.2,
+                          is_cap=10.0)
+    loss.backward()
+    return -float(logits.grad[0])
+
+
+def test_vtrace_whitening_keeps_the_sign_of_the_policy_gradient():
+    """By hand: A_s = rho_s (r_s - V): A = 0.5/0.9 * 1.5 = 5/6, B = 5 * 0.5 = 2.5; d log pi / d z_A =
+    +0.5 (A), -0.5 (B); E_mu = 0.9 * 5/6 * 0.5 - 0.1 * 2.5 * 0.5 = +0.25. Subtracting the batch
+    mean (E_mu A = 1, std 0.5) gave 0.9 * (-1/3) * 0.5 - 0.1 * 3 * 0.5 = -0.30: the better action
+    pushed down. Whitening V-trace advantages only rescales them (1 / std): +0.25 / 0.5 = +0.5."""
+    assert bandit_vtrace_gradient(whiten=False) == pytest.approx(0.25, abs=1e-5)
+    assert bandit_vtrace_gradient(whiten=True) == pytest.approx(0.25 / 0.5, abs=1e-4)
+
+
+class FixedDistribution(torch.nn.Module):
+    """A stand-in causal LM whose next-token distribution is ``probs`` at every position
+    (a constant hidden state 1 and an output projection holding the log-probabilities)."""
+
+    def __init__(self, probs: list[float]):
+        super().__init__()
+        self.head = torch.nn.Linear(1, len(probs), bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor(probs).log().unsqueeze(1))
+        self.base_model = lambda input_ids, attention_mask: SimpleNamespace(
+            last_hidden_state=torch.ones(*input_ids.shape, 1))
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
+
+
+def token_rollout(i: int, token: int, behaviour_logprob: float, top_p: float) -> ScoredRollout:
+    return ScoredRollout(
+        rollout=Rollout(
+            prompt_id=f"p{i}", group_id=f"g{i}", rollout_id=f"r{i}", generator_id="g0", group_size=1,
+            prompt_tokens=np.asarray([0], np.int32), completion_tokens=np.asarray([token], np.int32),
+            behaviour_logprobs=np.asarray([behaviour_logprob], np.float32), policy_version=0,
+            finish_reason=FinishReason.LENGTH, sampling=SamplingParams(temperature=1.0, top_p=top_p, max_new_tokens=1),
+        ),
+        reward=0.0,
+    )
+
+
+@pytest.mark.parametrize("probs, ref, top_p, tokens, kl", [
+    # one-token nucleus: pi_top-p = (1, 0); KL(pi_top-p || ref) = log(1 / 0.01) = 4.605 nats (the
+    # untruncated KL(pi || ref) = 0.95 log(95) + 0.05 log(0.05 / 0.99) = 4.18); read under the
+    # policy's nucleus the reference became (1, 0) too and the KL was 0
+    ([0.95, 0.05], [0.01, 0.99], 0.5, [0], math.log(100.0)),
+    # nucleus {A, B} of top_p 0.8: pi_top-p = (2/3, 1/3, 0), rows in those proportions, so the mean
+    # of k1 is KL(pi_top-p || ref) = 2/3 log((2/3) / 0.2) + 1/3 log((1/3) / 0.3) = 0.8378
+    ([0.6, 0.3, 0.1], [0.2, 0.3, 0.5], 0.8, [0, 0, 1],
+     2 / 3 * math.log((2 / 3) / 0.2) + 1 / 3 * math.log((1 / 3) / 0.3)),
+])
+def test_kl_penalty_under_top_p_is_against_the_untruncated_reference(probs, ref, top_p, tokens, kl):
+    assert kl > 0.8
+    policy, reference = FixedDistribution(probs), FixedDistribution(ref)
+    trainer = PPOTrainer(policy, reference, learner_cfg(kl_coef=0.1))
+    kept = sum(sorted(probs, reverse=True)[:len(set(tokens))])
+    batch = collate([token_rollout(i, t, math.log(probs[t] / kept), top_p) for i, t in enumerate(tokens)], pad_id=0)
+    targets = trainer.targets(batch)
+    torch.testing.assert_close(targets.old.logprobs, batch.behaviour_logprobs)  # pi_old = the sampler's mu
+    assert targets.kl_mean == pytest.approx(kl, abs=1e-5)
+    assert targets.kl_per_sequence == pytest.approx(kl, abs=1e-5)
+
+
+def test_kl_loss_term_is_importance_weighted_to_the_policy():
+    """kl_penalty = "loss", k2: the tokens come from mu = (.9, .1) (9 x A, 1 x B) while pi = pi_old
+    = (.5, .5). Weighted by pi_old / mu, the term's gradient is E_pi[(log pi - log ref) grad log pi]
+    = grad KL(pi || ref), computed here by autograd from the two distributions; unweighted it was
+    E_mu[...] instead (by hand 0.9 * 0.916 * 0.5 - 0.1 * (-0.470) * 0.5 = 0.436 for d/dz_A, against
+    0.5 * 0.916 * 0.5 + 0.5 * 0.470 * 0.5 = 0.347)."""
+    pi, ref = [0.5, 0.5], [0.2, 0.8]
+    trainer = PPOTrainer(FixedDistribution(pi), FixedDistribution(ref),
+                         learner_cfg(kl_penalty="loss", kl_estimator="k2", kl_coef=1.0, is_cap=10.0,
+                                     max_grad_norm=1e6, normalize_rewards=False))
+    tokens, mu = [0] * 9 + [1], [0.9, 0.1]
+    batch = collate([token_rollout(i, t, math.log(mu[t]), 1.0) for i, t in enumerate(tokens)], pad_id=0)
+    grads = []
+    trainer.optimizer.step = lambda *a, **k: grads.append(trainer.policy.head.weight.grad.clone().squeeze(1))
+    stats = trainer.step(batch, current_version=0)
+    assert stats["loss/policy"] == 0.0  # groups of one: zero advantages, the KL term alone
+    logits = torch.tensor(pi).log().requires_grad_()
+    p = torch.softmax(logits, -1)
+    (p * (p.log() - torch.tensor(ref).log())).sum().backward()
+    torch.testing.assert_close(grads[0], logits.grad, atol=1e-5, rtol=0)
+    assert float(grads[0][0]) == pytest.approx(0.5 * math.log(2.5) * 0.5 + 0.5 * math.log(0.5 / 0.8) * -0.5, abs=1e-5)

@@ -1,4 +1,4 @@
-"""Reward-model footguns (issue 13 item 4) on a real two-class classifier trained in the test: the
+"""Reward-model footguns on a real two-class classifier trained in the test: the
 output read is chosen (`label`, index or name) and required when there are two, `batch_size` and
 `max_length` apply, `chat_template` renders the prompt, and `timeout_s` bounds a micro-batch."""
 

@@ -1,5 +1,5 @@
 """A failing reward is counted, logged once, reported as failing, and named in the learner's wait
-message (issue 13 item 3)."""
+message."""
 
 from __future__ import annotations
 
@@ -45,8 +45,9 @@ def test_failures_are_counted_by_reason_logged_once_and_failing_after_n(caplog):
     assert not health.failing and sample(registry, "reward_failing") == 0
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1  # logged once per reason, with the rollout id and the traceback
-    assert errors[0].getMessage() == ("reward (my_reward) raised ValueError on rollout g:0:0 (and 3 more of its "
-                                      "micro-batch, all lost); further ValueError failures are counted in "
+    assert errors[0].getMessage() == ("reward (my_reward) raised ValueError on rollout g:0:0 (4 of the 4 rollouts of "
+                                      "its micro-batch raised it; the groups of the rollouts that raised are "
+                                      "dropped); further ValueError failures are counted in "
                                       "reward_failures_total{reason=\"ValueError\"}, not logged")
     assert errors[0].exc_info[1].args == ("bad answer 0",)
     health.failed(KeyError("answer"), rollouts(2))
@@ -55,7 +56,9 @@ def test_failures_are_counted_by_reason_logged_once_and_failing_after_n(caplog):
     assert sample(registry, "reward_failures_total", reason="KeyError") == 1
     assert sample(registry, "reward_consecutive_failures") == 3
     assert sample(registry, "reward_failing") == 1
-    assert sample(registry, "rollouts_lost_total") == 10 and sample(registry, "scoring_errors_total") == 3
+    assert sample(registry, "reward_failed_rollouts_total", reason="ValueError") == 8
+    assert sample(registry, "reward_failed_rollouts_total", reason="KeyError") == 2
+    assert sample(registry, "scoring_errors_total") == 3
     assert sample(registry, "reward_last_error", reason="KeyError", error="KeyError: 'answer'") == 1
     assert sample(registry, "reward_last_error", reason="ValueError", error="ValueError: bad answer 1") == 0
     failing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("REWARD FAILING")]
@@ -72,7 +75,8 @@ def test_failures_are_counted_by_reason_logged_once_and_failing_after_n(caplog):
 
 def test_the_learner_wait_message_names_a_failing_reward(tmp_path):
     port = free_port()
-    cfg = load_config(None, [f"metrics.scorer_port={port}", 'endpoints.scorers=["tcp://127.0.0.1:5550"]'])
+    cfg = load_config(None, [f"metrics.scorer_port={port}", 'endpoints.scorers=["tcp://127.0.0.1:5550"]',
+                             "scorer.failing_after=2"])
     assert scorer_metrics_addresses(cfg) == [("scorer-0", "127.0.0.1", port)]
     assert reward_troubles(cfg) == []  # nobody serves: nothing to say
     assert data_wait_reason(cfg) == ("no batch of 4 groups from the buffer at tcp://127.0.0.1:5561 (buffer down, or "
@@ -85,12 +89,13 @@ def test_the_learner_wait_message_names_a_failing_reward(tmp_path):
     for _ in range(2):
         health.failed(ZeroDivisionError("division by zero"), rollouts(1))
     expected = ("the reward is failing in scorer-0 (2 micro-batches in a row raised ZeroDivisionError: division by "
-                "zero; see its log)")
+                "zero; no scored rollout reaches the buffer; see its log)")
     assert reward_troubles(cfg) == [expected]
-    assert data_wait_reason(cfg) == (f"no batch of 4 groups from the buffer at tcp://127.0.0.1:5561: {expected} (no "
-                                     "scored rollout reaches the buffer)")
-    health.succeeded()
-    assert reward_troubles(cfg) == []
+    assert data_wait_reason(cfg) == f"no batch of 4 groups from the buffer at tcp://127.0.0.1:5561: {expected}"
+    health.succeeded(rollouts(8))  # recovered, but 2 of its last 10 rollouts raised: still named, as dropping
+    assert reward_troubles(cfg) == ["the reward raises on some inputs in scorer-0 (on 20% of its last 100 rollouts, "
+                                    "last ZeroDivisionError: division by zero; their groups are dropped, so fewer "
+                                    "reach the buffer; see its log)"]
 
 
 def test_a_wait_reason_given_as_a_function_is_computed_only_when_logged(caplog):
@@ -114,3 +119,31 @@ def test_a_wait_reason_given_as_a_function_is_computed_only_when_logged(caplog):
 def test_failing_after_must_be_positive():
     with pytest.raises(ValueError, match="failing_after must be >= 1"):
         RewardHealth(ScorerMetrics(ServiceMetrics("scorer", "s")), failing_after=0, names=[])
+
+
+def test_a_reward_that_raises_on_a_fraction_of_rollouts_is_reported_failing(caplog):
+    """Failures spread over micro-batches never make failing_after in a row: the fraction over the
+    last failing_window rollouts does (before, REWARD FAILING never printed for such a reward)."""
+    registry = ServiceMetrics("scorer", "scorer-0")
+    health = RewardHealth(ScorerMetrics(registry), failing_after=3, names=["flaky"], failing_fraction=0.2,
+                          failing_window=20)
+    caplog.set_level(logging.INFO, logger="streamrl.services.scorer.health")
+    for k in range(2):  # 1 of 5 raises: 20%, but the window is not full yet
+        batch = rollouts(5, start=5 * k)
+        health.record(batch, {batch[0].rollout_id: ValueError("no score")}, raised=[ValueError(), ValueError()])
+    assert not health.failing and sample(registry, "reward_failure_fraction") == pytest.approx(0.2)
+    assert sample(registry, "reward_consecutive_failures") == 0  # every micro-batch had scored rollouts
+    for k in range(2, 4):
+        batch = rollouts(5, start=5 * k)
+        health.record(batch, {batch[0].rollout_id: ValueError("no score")}, raised=[ValueError(), ValueError()])
+    assert health.failing and sample(registry, "reward_failing") == 1
+    assert sample(registry, "reward_failed_rollouts_total", reason="ValueError") == 4
+    assert sample(registry, "reward_failures_total", reason="ValueError") == 8  # calls: batch + the rollout alone
+    failing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("REWARD FAILING")]
+    assert failing == ["REWARD FAILING: the reward raised on 4 of the last 20 rollouts (20%, scorer.failing_fraction "
+                       "= 0.2; last: ValueError: no score); their groups are dropped, so the learner gets fewer groups "
+                       "and waits longer; fix: correct the reward (flaky; traceback above) so that it scores every "
+                       "input, and restart the scorer"]
+    health.succeeded(rollouts(1, start=20))  # the oldest failure leaves the window: 3 of the last 20
+    assert not health.failing and sample(registry, "reward_failing") == 0
+    assert caplog.records[-1].getMessage() == "reward recovered: it raised on 3 of the last 20 rollouts (15%)"

@@ -1,11 +1,9 @@
-"""The HTTP reward client against a real reward server on loopback (issue 13 item 3)."""
+"""The HTTP reward client against a real reward server on loopback."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -13,69 +11,7 @@ from streamrl.common.config import RewardSpec
 from streamrl.services.scorer.http_reward import HttpReward, RewardServerDown, RewardServerError
 from streamrl.services.scorer.rewards import build_reward
 from streamrl.testing import free_port
-
-
-class RewardServer:
-    """A real HTTP reward server: reward = number of 'a' in the completion (+ metadata bonus).
-
-    ``script`` lists how to answer the next requests (``"ok"``, an HTTP status, ``"sleep"``,
-    ``"short"``: one reward too few, ``"nan"``); afterwards every request is answered ``ok``.
-    """
-
-    def __init__(self, script=(), sleep_s: float = 0.0):
-        self.script = list(script)
-        self.sleep_s = sleep_s
-        self.requests: list[dict] = []
-        self.headers: list[dict] = []
-        self.times: list[float] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(body)
-                server.headers.append(dict(self.headers))
-                server.times.append(time.monotonic())
-                action = server.script.pop(0) if server.script else "ok"
-                if action == "sleep":
-                    time.sleep(server.sleep_s)
-                if isinstance(action, int):
-                    self._send(action, {"detail": "scripted failure"})
-                    return
-                rewards = [c.count("a") + m.get("bonus", 0) for c, m in zip(body["completions"], body["metadata"])]
-                if action == "short":
-                    rewards = rewards[:-1]
-                if action == "nan":
-                    self._send(200, {"rewards": ["NaN"] * len(rewards)})
-                    return
-                self._send(200, {"rewards": rewards})
-
-            def _send(self, status, payload):
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:  # the client gave up (timeout test)
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/score"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
+from support import RewardServer
 
 PROMPTS = [f"p{i}" for i in range(7)]
 COMPLETIONS = ["a", "aa", "b", "aaa", "", "ba", "aaaa"]
@@ -130,6 +66,18 @@ def test_a_server_that_is_down_says_so():
     assert message.startswith(f"reward server {url} is down: cannot connect (")
     assert "(3 tries over" in message and message.endswith("fix: start the reward server, or correct "
                                                               "scorer.rewards[].url")
+
+
+def test_a_stop_request_ends_the_retries_at_once():
+    """The scorer got SIGTERM while its reward server is down: no further try, no backoff wait left
+    (here 5 + 10 + 20 s); the call raises the failure so far."""
+    stop = threading.Event()
+    reward = HttpReward(f"http://127.0.0.1:{free_port()}/score", retries=3, backoff_s=5.0, stop=stop)
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(RewardServerDown, match=r"\(1 tries over"):
+        reward(PROMPTS, COMPLETIONS, METADATA)
+    assert time.monotonic() - started < 1.5
 
 
 @pytest.mark.parametrize("action, pattern", [

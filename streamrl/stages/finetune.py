@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from torch import Tensor
 from streamrl.common.models import adamw
 
 __all__ = ["COMPLETE", "Stage", "StageError", "Trunk", "length_batches", "load_stage_data", "make_schedule",
-           "optimise", "stage_done", "stage_folder"]
+           "optimise", "stage_done", "stage_folder", "weights_fingerprint"]
 
 COMPLETE = "COMPLETE"
 
@@ -200,6 +201,34 @@ def make_schedule(optimizer: torch.optim.Optimizer, *, name: str, warmup_ratio: 
     return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+"""Files of a model folder whose contents :func:`weights_fingerprint` digests."""
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """A digest of a model folder's weights: SHA-256 over the names and contents of its
+    :data:`WEIGHT_SUFFIXES` files, in name order, as 16 hex digits. Unlike the model
+    fingerprint of :mod:`streamrl.common.fingerprint` (architecture and tokenizer), it changes
+    when training rewrites the weights, as ``streamrl sft --force`` does to the model that
+    ``streamrl rm`` starts from. Reads every weight file once (about a second per 500 MB).
+
+    Returns:
+        The digest; "" for a path that is not a folder or holds no weight file.
+    """
+    folder = Path(path)
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES) \
+        if folder.is_dir() else []
+    if not files:
+        return ""
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\x00")
+        with f.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def stage_done(folder: Path) -> dict | None:
     """The summary of a completed stage in ``folder`` (its ``summary.json``), or None."""
     folder = Path(folder)
@@ -250,7 +279,7 @@ def _changed_settings(stored: dict, current: dict, default: dict, prefix: str = 
 
 
 def load_stage_data(section: Any, key: str) -> tuple[list, list]:
-    """``(train, held_out)`` examples of a stage's ``data`` table (see :mod:`streamrl.rlhf_data`).
+    """``(train, held_out)`` examples of a stage's ``data`` table (see :mod:`streamrl.stages.rlhf_data`).
 
     Args:
         section: the stage's config section (``config.sft`` or ``config.rm``).
@@ -259,7 +288,7 @@ def load_stage_data(section: Any, key: str) -> tuple[list, list]:
     Raises:
         StageError: no data path, an unreadable or malformed file, or a split leaving no row.
     """
-    from streamrl.rlhf_data import load_examples, split_examples
+    from streamrl.stages.rlhf_data import load_examples, split_examples
 
     data = section.data
     if data.path is None:
@@ -339,6 +368,8 @@ class Stage:
         base: resolved path of the model it starts from.
         tokenizer: that model's tokenizer (pad token set).
         started: ``time.perf_counter()`` at the start.
+        base_fingerprint: :func:`weights_fingerprint` of ``base``, stored in every summary the
+            stage writes: a complete stage whose base has other weights now is refused.
     """
 
     key: str
@@ -349,6 +380,7 @@ class Stage:
     base: str
     tokenizer: Any
     started: float
+    base_fingerprint: str = ""
 
     @classmethod
     def open(cls, config: Any, key: str, *, force: bool, log: Callable[[str], None]) -> Stage | dict:
@@ -363,13 +395,22 @@ class Stage:
         section = getattr(config, key)
         output = Path(section.output_dir) if section.output_dir else Path(config.run.output_dir) / key
         done = stage_done(output)
+        fix = (f"fix: redo it (`streamrl {key} --force`, or `streamrl pipeline --force` for every stage), or set "
+               f"{key}.output_dir to a new folder")
         if done is not None and not force:
             changed = _changed_settings(done.get("config", {}), section.model_dump(mode="json"),
                                         type(section)().model_dump(mode="json"))
             if changed:
                 raise StageError(f"{key}: {output} is complete but was made with other settings "
-                                 f"({', '.join(changed)}); fix: redo it (`streamrl {key} --force`, or `streamrl "
-                                 f"pipeline --force` for every stage), or set {key}.output_dir to a new folder")
+                                 f"({', '.join(changed)}); {fix}")
+            stored = done.get("base_fingerprint")
+            if stored:  # the base's weights may have changed under the same name (`streamrl sft --force`)
+                current = weights_fingerprint(resolve_model_path(section.base_model, config.model.cache_path))
+                if current != stored:
+                    raise StageError(f"{key}: {output} is complete but was trained from other weights of "
+                                     f"{key}.base_model = {section.base_model!r} (fingerprint {stored}, now "
+                                     f"{current or 'unreadable'}: e.g. `streamrl sft --force` retrained it since); "
+                                     f"{fix}")
             log(f"{key}: {output} is complete; skipped (--force retrains)")
             return done
         started = time.perf_counter()
@@ -377,7 +418,8 @@ class Stage:
         configure_torch(section.threads, seed=config.run.seed)
         base = resolve_model_path(section.base_model, config.model.cache_path)
         return cls(key=key, output=output, train=train, held=held, device=select_device(section.device),
-                   base=base, tokenizer=load_tokenizer(base), started=started)
+                   base=base, tokenizer=load_tokenizer(base), started=started,
+                   base_fingerprint=weights_fingerprint(base))
 
     def save(self, model: torch.nn.Module | None, summary: dict, log: Callable[[str], None],
              files: dict[str, list[dict]] | None = None,
@@ -390,6 +432,7 @@ class Stage:
         summary["wall_seconds"] = round(time.perf_counter() - self.started, 1)
         with stage_folder(self.output) as folder:
             for where, (item, item_summary) in [("", (model, summary)), *(parts or {}).items()]:
+                item_summary["base_fingerprint"] = self.base_fingerprint
                 target = folder / where
                 target.mkdir(parents=True, exist_ok=True)
                 if item is not None:

@@ -4,9 +4,9 @@ pipeline (Ouyang et al. 2022, "InstructGPT", sec. 3.5 "Supervised fine-tuning").
 Each training row is a prompt and its demonstration (the chosen response of a preference
 pair: for hh-rlhf the demonstrations are the chosen responses of the training split). A
 row is tokenized the way the generators see it: the rendered prompt
-(:func:`streamrl.rlhf_data.render_prompt`, chat template when ``model.chat_template``),
+(:func:`streamrl.stages.rlhf_data.render_prompt`, chat template when ``model.chat_template``),
 then the response followed by the EOS token, and the causal-LM loss counts the response
-tokens only (:func:`streamrl.rlhf_losses.response_nll`). Batches are length-bucketed;
+tokens only (:func:`streamrl.stages.rlhf_losses.response_nll`). Batches are length-bucketed;
 the learning rate warms up linearly then decays (``[sft] schedule``). The response loss
 on held-out rows (never trained on) is measured before and after. The output folder is a
 Hugging Face causal LM with its tokenizer (chat template kept): set it as ``model.path``
@@ -27,8 +27,8 @@ from torch import Tensor
 
 from streamrl.common.config import Config
 from streamrl.common.models import load_causal_lm
-from streamrl.finetune import Stage, Trunk, optimise
-from streamrl.rlhf_data import Example, render_prompt, response_text
+from streamrl.stages.finetune import Stage, Trunk, optimise
+from streamrl.stages.rlhf_data import Example, render_prompt, response_text
 
 __all__ = ["demonstration_text", "encode_demonstration", "heldout_loss", "prompt_rows", "response_loss", "run_sft"]
 
@@ -60,7 +60,7 @@ def response_loss(trunk: Trunk, sequences: Sequence[Sequence[int]], masks: Seque
                   pad_id: int) -> tuple[Tensor, Tensor]:
     """Summed NLL of the response tokens of a batch and their count (see ``response_nll``).
 
-    Same value as :func:`streamrl.rlhf_losses.response_nll` on the full logits, but the
+    Same value as :func:`streamrl.stages.rlhf_losses.response_nll` on the full logits, but the
     vocabulary projection runs only at the positions that predict a response token.
 
     Returns:

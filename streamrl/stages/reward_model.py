@@ -6,7 +6,7 @@ model (a linear ``score`` head, read at the last non-padding token: see
 :mod:`streamrl.common.reward_model`), so its folder loads anywhere transformers does.
 Each training row is one prompt with K >= 2 responses ranked best first (a preference
 pair is K = 2); one batch element holds all C(K, 2) comparisons of its prompt and the
-loss is InstructGPT's eq. 1 (:func:`streamrl.rlhf_losses.kwise_ranking_loss`, equal to
+loss is InstructGPT's eq. 1 (:func:`streamrl.stages.rlhf_losses.kwise_ranking_loss`, equal to
 the pairwise Bradley-Terry loss for K = 2). Texts are ``rendered prompt + response``
 truncated on the left, exactly as the scorer will score them.
 
@@ -16,7 +16,8 @@ about N / (number of blocks) of a full pass.
 
 After training, the reward is normalised: the bias ``-mean raw score of the
 demonstrations`` (the best response of every training row: for hh-rlhf the chosen
-responses, i.e. the SFT demonstrations) is stored in the folder's ``config.json``
+responses, i.e. the SFT demonstrations; with ``rm.gold`` the rows of both halves, so the
+proxy and the gold model score the same texts 0 on average) is stored in the folder's ``config.json``
 (``streamrl_reward.bias``) and added by every scorer, so the demonstrations score 0 on
 average. Reported: held-out accuracy (comparisons ranked right) with its standard error,
 the mean margin, and the same on the training rows.
@@ -32,9 +33,9 @@ from torch import Tensor
 
 from streamrl.common.config import Config
 from streamrl.common.reward_model import REWARD_INFO_KEY, RewardModelInfo, encode_texts, pool_last, score_head
-from streamrl.finetune import Stage, StageError, Trunk, optimise
-from streamrl.rlhf_data import Example, render_prompt, response_text
-from streamrl.rlhf_losses import RankingAccuracy, kwise_ranking_loss, ranking_accuracy
+from streamrl.stages.finetune import Stage, StageError, Trunk, optimise
+from streamrl.stages.rlhf_data import Example, render_prompt, response_text
+from streamrl.stages.rlhf_losses import RankingAccuracy, kwise_ranking_loss, ranking_accuracy
 
 __all__ = ["comparisons", "encode_responses", "run_rm", "score_sequences"]
 
@@ -111,10 +112,10 @@ def run_rm(config: Config, *, force: bool = False, log: Callable[[str], None] = 
 
     A completed output folder is kept and its summary returned unless ``force``. With
     ``rm.gold = true`` two reward models are trained from the same base on disjoint halves
-    of the training rows (:func:`streamrl.rlhf_data.split_proxy_gold`): ``<output>/proxy``
+    of the training rows (:func:`streamrl.stages.rlhf_data.split_proxy_gold`): ``<output>/proxy``
     (for PPO to optimise) and ``<output>/gold`` (for evaluation only), both measured on the
     same held-out rows; the frozen part's output is computed once and shared by both
-    (:meth:`streamrl.finetune.Trunk.share_features`). The top-level ``summary.json`` then
+    (:meth:`streamrl.stages.finetune.Trunk.share_features`). The top-level ``summary.json`` then
     holds both summaries under ``models`` (``proxy``, ``gold``) and the proxy's figures at
     the top level.
 
@@ -122,7 +123,7 @@ def run_rm(config: Config, *, force: bool = False, log: Callable[[str], None] = 
         StageError: missing or malformed data, rows with a single response, too few prompts
             to split, or a setting the model cannot take.
     """
-    from streamrl.rlhf_data import split_proxy_gold
+    from streamrl.stages.rlhf_data import split_proxy_gold
 
     cfg = config.rm
     stage = Stage.open(config, "rm", force=force, log=log)
@@ -148,6 +149,8 @@ def run_rm(config: Config, *, force: bool = False, log: Callable[[str], None] = 
                    max_length=cfg.max_length)
     encoded = {name: [encode_responses(e, tokenizer, **options) for e in rows] for name, rows in halves.items()}
     encoded_held = [encode_responses(e, tokenizer, **options) for e in held]
+    # the demonstrations: the best response of every training row, both halves with rm.gold
+    demonstrations = [responses[0] for rows in encoded.values() for responses in rows]
     trained: dict[str, tuple[torch.nn.Module, dict]] = {}
     first: Trunk | None = None
     for name, rows in encoded.items():
@@ -163,7 +166,7 @@ def run_rm(config: Config, *, force: bool = False, log: Callable[[str], None] = 
             first = trunk
         elif trunk.caching:
             trunk.share_features(first)
-        summary, info = _train_head(config, trunk, fresh, rows, encoded_held, label=label, log=log)
+        summary, info = _train_head(config, trunk, fresh, rows, encoded_held, demonstrations, label=label, log=log)
         summary.update(stage="rm", base_model=cfg.base_model, data=cfg.data.path,
                        output_dir=str(stage.output / name) if name else str(stage.output),
                        config=cfg.model_dump(mode="json"), **({"role": name} if name else {}))
@@ -184,10 +187,12 @@ def run_rm(config: Config, *, force: bool = False, log: Callable[[str], None] = 
 
 
 def _train_head(config: Config, trunk: Trunk, fresh: bool, encoded: list[list[list[int]]],
-                encoded_held: list[list[list[int]]], *, label: str,
+                encoded_held: list[list[list[int]]], demonstrations: list[list[int]], *, label: str,
                 log: Callable[[str], None]) -> tuple[dict, RewardModelInfo]:
     """Train one reward model on ``encoded`` rows (token ids per response, best first), measure it
-    on ``encoded_held`` and compute its normalisation bias; returns its summary and stored info."""
+    on ``encoded_held`` and compute its normalisation bias on ``demonstrations`` (token ids of the
+    best response of every training row: with ``rm.gold`` both halves', so the proxy and the gold
+    model are normalised on the same texts); returns its summary and stored info."""
     cfg = config.rm
     pad = trunk.model.config.pad_token_id
     before = None
@@ -211,11 +216,13 @@ def _train_head(config: Config, trunk: Trunk, fresh: bool, encoded: list[list[li
     stats = optimise(trunk, cfg, lengths=[max(len(s) for s in g) for g in encoded], batch_loss=batch_loss,
                      seed=config.run.seed, log=log, label="rm")
     after, held_groups = _evaluate(trunk, encoded_held, pad_id=pad, batch_size=2 * cfg.batch_size)
-    train_accuracy, train_groups = _evaluate(trunk, encoded, pad_id=pad, batch_size=2 * cfg.batch_size)
-    demonstrations = float(np.mean([g[0] for g in train_groups]))
-    bias = -demonstrations if cfg.normalize else 0.0
+    train_accuracy, _ = _evaluate(trunk, encoded, pad_id=pad, batch_size=2 * cfg.batch_size)
+    demonstrations_mean = float(np.mean(score_sequences(trunk, demonstrations, pad_id=pad,
+                                                        batch_size=2 * cfg.batch_size)))
+    bias = -demonstrations_mean if cfg.normalize else 0.0
     log(f"{label}: held-out {after.line()}; training rows {train_accuracy.line()}")
-    log(f"{label}: demonstrations' mean raw score {demonstrations:+.4f}; stored bias {bias:+.4f}")
+    log(f"{label}: mean raw score of the {len(demonstrations)} demonstrations {demonstrations_mean:+.4f}; "
+        f"stored bias {bias:+.4f}")
     summary = {
         "train_rows": len(encoded), "heldout_rows": len(encoded_held),
         "heldout_accuracy": after.accuracy, "heldout_accuracy_stderr": after.stderr,
@@ -224,7 +231,7 @@ def _train_head(config: Config, trunk: Trunk, fresh: bool, encoded: list[list[li
         "heldout_mean_best": float(np.mean([g[0] for g in held_groups])) + bias,
         "heldout_mean_others": float(np.mean([s for g in held_groups for s in g[1:]])) + bias,
         "train_accuracy": train_accuracy.accuracy, "train_accuracy_stderr": train_accuracy.stderr,
-        "demonstrations_mean_raw": demonstrations, "bias": bias,
+        "demonstrations_mean_raw": demonstrations_mean, "bias": bias,
         "frozen_blocks": trunk.frozen, "trainable_parameters": sum(p.numel() for p in trunk.trainable_parameters),
         "chat_template": config.model.chat_template, **stats,
     }
