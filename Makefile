@@ -1,13 +1,15 @@
 # Two commands do all set-up on a fresh machine:
 #   make run    -> venv + dependencies, then the default job
-#   make test   -> venv + dependencies, then the whole test suite
+#   make test   -> venv + dependencies, then lint, the docs build and the whole test suite (CI)
+# and for the inner loop:
+#   make test-fast -> the suite without the tests marked slow (pytest -m "not slow")
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel of torch 2.13.0 is installed first so that the plain `torch`
 # requirement of transformers does not pull GBs of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup setup-vllm prometheus k8s-tools netns-tools chromium run tiny test bench
+.PHONY: setup setup-vllm prometheus k8s-tools netns-tools chromium run tiny test test-fast lint docs bench
 
 # Python side only: no root, no system packages. `make run` needs nothing more.
 setup: $(VENV)/.installed
@@ -89,8 +91,34 @@ netns-tools:
 	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 >/dev/null
 
-test: setup setup-vllm prometheus k8s-tools netns-tools chromium
+# What the tests need besides the venv; each is a no-op where it is already there.
+TEST_TOOLS := setup setup-vllm prometheus k8s-tools netns-tools chromium
+
+# Everything, as CI runs it: lint, the documentation site, then the whole suite.
+test: $(TEST_TOOLS) lint docs
 	STREAMRL_REQUIRE_VLLM=1 $(PY) -m pytest
+
+# The developers' loop: the suite without the tests marked slow (real service processes,
+# a real model, or more than about 10 seconds each); see docs/development.md.
+test-fast: $(TEST_TOOLS) lint
+	STREAMRL_REQUIRE_VLLM=1 $(PY) -m pytest -m "not slow"
+
+# ruff (the `lint` extra, pinned in pyproject.toml), configured in pyproject.toml's [tool.ruff].
+lint: $(VENV)/.lint
+	$(VENV)/bin/ruff check .
+
+$(VENV)/.lint: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e ".[lint]"
+	touch $@
+
+# The documentation site (mkdocs.yml, docs/) into site/. --strict: a link to a missing page or
+# anchor, a page left out of the navigation, or a missing included README section fails it.
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+$(VENV)/.docs: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e ".[docs]"
+	touch $@
 
 # The benchmarks of bench/ (about 55 minutes on 2 cores; not part of `make test`).
 # Results: bench/results/*.json and bench/RESULTS.md. TRL is installed only into

@@ -127,7 +127,8 @@ def main() -> None:
 `{command_line()}`; {environment_line(env)}.
 
 One learner step on {rows_per_step} rollouts (completions of 8-48 tokens), tiny char Llama
-(hidden {args.hidden}, {args.layers} layers), {args.minibatches} minibatches, median of {args.steps} steps after a warm-up:
+(hidden {args.hidden}, {args.layers} layers), {args.minibatches} minibatches, median of {args.steps} steps after a
+warm-up:
 
 {markdown_table(["learner", "step (s)", "speed-up vs 1 rank, 1 thread"], rows)}
 
@@ -135,8 +136,8 @@ On this 2-core CPU machine 2 ranks cannot beat one process using both cores: eac
 the whole batch's no-grad pi_old/reference pass (the targets are computed on every rank so that all
 hold the same advantages without more communication), gloo all-reduces the gradients through
 loopback TCP, and other engineers' tests share the cores (a 2-thread row slower than the
-1-thread row means the cores were busy during the run: read these as one noisy sample). On a multi-GPU host (NCCL, one GPU per
-rank) the sharded forward and backward passes divide by the number of ranks N and DDP overlaps the
+1-thread row means the cores were busy during the run: read these as one noisy sample). On a multi-GPU host
+(NCCL, one GPU per rank) the sharded forward and backward passes divide by the number of ranks N and DDP overlaps the
 gradient all-reduce with the backward pass, but the no-grad pi_old pass (and the reference pass,
 unless the scorers sent reference log-probs) stays replicated on every rank. Counting a backward as
 two forwards, one epoch costs about R + 3 forward-equivalents on 1 GPU and R + 3/N on N GPUs (R = 1 or

@@ -35,10 +35,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.report import (REPO, Deadline, command_line, environment, environment_line, markdown_table, median,
-                          write_results)
+from bench.report import (
+    Deadline,
+    command_line,
+    environment,
+    environment_line,
+    markdown_table,
+    median,
+    write_results,
+)
 from streamrl.common.config import load_config
-
 from streamrl.testing import Services, free_port, scrape, toml_value, wait_until
 
 MODES = {"sync": 0, "async": None}  # None: the config's own max_staleness
@@ -168,8 +174,8 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
 
     from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
     from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path
-    from streamrl.common.weights import pack_state_dict
     from streamrl.common.prompts import load_prompts, split_prompts
+    from streamrl.common.weights import pack_state_dict
     from streamrl.services.generator.sampling import prepare_prompts, sample_completions
     from streamrl.services.learner.batch import collate, forward_completions
     from streamrl.services.learner.trainer import PPOTrainer

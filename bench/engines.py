@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             rows[name]["tokens"].append(tokens)
             rows[name]["completions"] += completions
     results = {"command": command_line(), "dtype": args.dtype, "threads": args.threads,
-               "batch": {"prompts": cfg.learner.groups_per_step, "group_size": gen.group_size, "max_new_tokens": max_new},
+               "batch": {"prompts": cfg.learner.groups_per_step, "group_size": gen.group_size,
+                         "max_new_tokens": max_new},
                "engines": {}}
     table = []
     for name, r in rows.items():

@@ -51,7 +51,7 @@ from streamrl.evaluation import held_out_prompts
 from streamrl.services.feedback.simulate import preference
 from streamrl.services.generator.sampling import prepare_prompts, sample_completions
 from streamrl.services.scorer.rewards import vader_sentiment
-from streamrl.testing import Services, add_labeller, free_port, scrape, wait_until
+from streamrl.testing import Services, free_port, scrape, wait_until
 
 ARMS = ("none", "reward_shaping", "q_augmentation", "action_biasing", "control_sharing")
 CONFIG = REPO / "deploy" / "configs" / "default.toml"
@@ -174,7 +174,8 @@ def evaluate(args, config: Path, set_args: list[str], model_dir: Path) -> dict:
     for start in range(0, len(prompts), 8):
         batch = prompts[start:start + 8]
         _, ids = prepare_prompts(tokenizer, batch, chat_template=cfg.model.chat_template,
-                                 system_prompt=cfg.model.system_prompt, max_prompt_tokens=cfg.generator.max_prompt_tokens)
+                                 system_prompt=cfg.model.system_prompt,
+                                 max_prompt_tokens=cfg.generator.max_prompt_tokens)
         for group in sample_completions(model, tokenizer, ids, group_size=args.samples, sampling=sampling):
             texts = [c.text for c in group]
             vader.append(float(np.mean(vader_sentiment([""] * len(texts), texts, [{}] * len(texts)))))

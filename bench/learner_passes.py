@@ -1,4 +1,5 @@
-"""Learner step cost with the cheaper passes (reference log-probs from the scorers, the first pass reused), side by side, and bf16's policy mismatch.
+"""Learner step cost with the cheaper passes (reference log-probs from the scorers, the first pass reused),
+side by side, and bf16's policy mismatch.
 
 One step's batch (``groups_per_step`` prompts x ``group_size`` completions of the config's
 model, sampled in fp32 by the generators' sampler, scored by its reward) is trained by fresh
@@ -208,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                          "outside [0.8, 1.25]"],
                         [[k, f"{m['abs_log_ratio_mean']:.2e}", f"{m['abs_log_ratio_max']:.2e}", f"{m['ratio_min']:.4f}",
                           f"{m['ratio_max']:.4f}", f"{m['outside_0.8_1.25']:.4f}"] for k, m in mismatch.items()])
-    section = (f"## Learner passes: reference from the scorers, first pass reused\n\n`{command}`\n\n{environment_line(env)}\n\n"
+    section = (f"## Learner passes: reference from the scorers, first pass reused\n\n`{command}`\n\n"
+               f"{environment_line(env)}\n\n"
                f"{cfg.model.path}, one step of {rows} rollouts, {cfg.learner.minibatches} minibatches, "
                f"{args.repeats} alternating repeats. Sampling the batch took {generate_s:.1f}s; the scorers' "
                f"reference pass over it {scorer_ref_s:.1f}s (off the learner).\n\n{table}\n\n"

@@ -27,7 +27,7 @@ RESULTS_MD = BENCH / "RESULTS.md"
 
 HEADER = """# Benchmark results
 
-Measured by the commands under `bench/` (see the README's "Benchmarks" section). Each
+Measured by the commands under `bench/` (see docs/benchmarks.md). Each
 section below is rewritten by its benchmark and states the machine, versions, commit
 and date of that run. The machine is a shared 2-core CPU VM (no GPU): three other
 engineers ran tests on it at the same time, so heavy runs took `flock
@@ -116,7 +116,7 @@ def git_commit() -> str:
 def environment(extra_versions: dict[str, str] | None = None) -> dict:
     """Machine (CPU model, cores, RAM GiB, GPU), package versions, git commit and UTC date."""
     env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git_commit(),
         "cpu": _cpu_model(),
         "cpu_flags": _cpu_flags(),
@@ -135,7 +135,8 @@ def environment(extra_versions: dict[str, str] | None = None) -> dict:
 def environment_line(env: dict) -> str:
     """One markdown line describing ``env``."""
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    return (f"Machine: {env['cpu']} (flags: {env.get('cpu_flags', 'unknown')}), {env['cores']} cores, {env['ram_gib']} GiB RAM, GPU {env['gpu']}; "
+    return (f"Machine: {env['cpu']} (flags: {env.get('cpu_flags', 'unknown')}), {env['cores']} cores, "
+            f"{env['ram_gib']} GiB RAM, GPU {env['gpu']}; "
             f"Python {env['python']}; {versions}; code: commit {env['commit']}; {env['date']}.")
 
 

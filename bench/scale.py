@@ -404,8 +404,8 @@ def bound(point: dict) -> str:
     ``buffer`` (its CPU plus fsync share >= ``PROCESS_BOUND`` of a core, or the scorer blocked on
     it half the window), ``scorer`` (its CPU), ``cpu`` (the simulation's processes together use
     >= ``MACHINE_BOUND`` of the machine's cores), ``waste`` (the buffer dropped >= ``WASTE_BOUND`` of
-    what was generated: the learner waits for fresh rollouts), ``admission`` (generators held back by credits or backpressure
-    a quarter of the time with nothing saturated) or ``generators``."""
+    what was generated: the learner waits for fresh rollouts), ``admission`` (generators held back by credits or
+    backpressure a quarter of the time with nothing saturated) or ``generators``."""
     cpu = point["cpu"]
     if point["step_s"] > 0 and point["learner_busy"] >= LEARNER_BOUND:
         return "learner"
@@ -472,7 +472,8 @@ def saturation(points: list[dict]) -> list[str]:
     lines = []
     configs = sorted({(p["sweep"], p["max_staleness"], p["credits"]) for p in points})
     for sweep_name, eta, credits in configs:
-        rows = sorted((p for p in points if (p["sweep"], p["max_staleness"], p["credits"]) == (sweep_name, eta, credits)),
+        same = (sweep_name, eta, credits)
+        rows = sorted((p for p in points if (p["sweep"], p["max_staleness"], p["credits"]) == same),
                       key=lambda p: p["n"])
         best = max(rows, key=lambda p: p["trained_per_s"])
         first = next((p for p in rows if p["trained_per_s"] >= 0.9 * best["trained_per_s"]), best)
@@ -502,7 +503,8 @@ def plot(points: list[dict], path: Path) -> None:
     configs = sorted({(p["max_staleness"], p["credits"]) for p in learner})
     ax_rate, ax_waste, ax_ceiling = axes[0][0], axes[0][1], axes[0][2]
     for eta, credits in configs:
-        rows = sorted((p for p in learner if (p["max_staleness"], p["credits"]) == (eta, credits)), key=lambda p: p["n"])
+        rows = sorted((p for p in learner if (p["max_staleness"], p["credits"]) == (eta, credits)),
+                      key=lambda p: p["n"])
         label = f"eta={eta}, credits {'on' if credits else 'off'}"
         line, = ax_rate.plot([p["n"] for p in rows], [p["trained_per_s"] for p in rows], "o-", label=label)
         ax_rate.plot([p["n"] for p in rows], [p["generated_per_s"] for p in rows], ":", color=line.get_color())
@@ -597,22 +599,23 @@ def render(result: dict, env: dict, command: str, plot_name: str) -> str:
         "",
         table,
         "",
-        f"Learner-bound sweep: each generator offers {s['tokens_per_s']:.0f} tokens/s ({s['tokens_per_s'] / COMPLETION_TOKENS:.0f} "
-        f"rollouts/s: groups of {GROUP_SIZE} completions of {COMPLETION_TOKENS} tokens, {s['prompts_per_batch']} groups per "
-        f"batch); the learner takes {s['groups_per_step']} groups per step and sleeps {s['step_s']} s per step "
+        f"Learner-bound sweep: each generator offers {s['tokens_per_s']:.0f} tokens/s "
+        f"({s['tokens_per_s'] / COMPLETION_TOKENS:.0f} rollouts/s: groups of {GROUP_SIZE} completions of "
+        f"{COMPLETION_TOKENS} tokens, {s['prompts_per_batch']} groups per batch); "
+        f"the learner takes {s['groups_per_step']} groups per step and sleeps {s['step_s']} s per step "
         f"(capacity {s['groups_per_step'] * GROUP_SIZE / s['step_s']:.0f} rollouts/s). Ceiling sweep: "
         f"{s['ceiling_tokens_per_s']:.0f} tokens/s per generator, a learner that never sleeps, max_staleness "
         f"{s['ceiling_max_staleness']}. Every point: {s['warmup_s']:.0f} s warm-up then {s['seconds']:.0f} s measured; "
         f"N generator threads in {s['processes']} processes. waste = rollouts the buffer dropped as stale, "
         "evicted or discarded with their group / generated (the buffer's counters over the window, which can "
         "include a previous point's leftovers; trained leftovers are left out of trained/s and reported as "
-        "`leftover_trained` in the JSON); staleness = version trained - behaviour version of each trained rollout; gen. blocked = share "
-        "of the generators' time spent waiting on backpressure, gen. credit wait = asking for or waiting on "
-        "credits; CPU = share of one core over the window; scorer blocked = share of the window the scorer "
-        "waited for the buffer to read; buffer fsync = share spent in the journal's fsyncs; machine busy = all "
-        "cores, every process on the machine (other people's too). bound: `learner` when the learner trained "
-        f">= {LEARNER_BOUND:.0%} of the window, `buffer` when its CPU + fsync share reached {PROCESS_BOUND:.0%} "
-        "or the scorer was blocked on it half the window, `scorer` when its CPU reached "
+        "`leftover_trained` in the JSON); staleness = version trained - behaviour version of each trained rollout; "
+        "gen. blocked = share of the generators' time spent waiting on backpressure, gen. credit wait = asking "
+        "for or waiting on credits; CPU = share of one core over the window; scorer blocked = share of the "
+        "window the scorer waited for the buffer to read; buffer fsync = share spent in the journal's fsyncs; "
+        "machine busy = all cores, every process on the machine (other people's too). bound: `learner` when the "
+        f"learner trained >= {LEARNER_BOUND:.0%} of the window, `buffer` when its CPU + fsync share reached "
+        f"{PROCESS_BOUND:.0%} or the scorer was blocked on it half the window, `scorer` when its CPU reached "
         f"{PROCESS_BOUND:.0%}, `cpu` when the simulation's processes used >= {MACHINE_BOUND:.0%} of the machine's "
         f"cores, `waste` when the buffer dropped >= {WASTE_BOUND:.0%} of what was generated (the learner waits "
         "for fresh rollouts), `admission` when "
@@ -668,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
                         tokens_per_s=args.ceiling_tokens_per_s, step_s=0.0, skipped=skipped, **common)
     result = {"command": command_line(), "environment": environment(), "credits_available": available,
               "settings": {"tokens_per_s": args.tokens_per_s, "step_s": args.step_s,
-                           "groups_per_step": args.groups_per_step, "prompts_per_batch": GeneratorSection().prompts_per_batch,
+                           "groups_per_step": args.groups_per_step,
+                           "prompts_per_batch": GeneratorSection().prompts_per_batch,
                            "ceiling_tokens_per_s": args.ceiling_tokens_per_s, "ceiling_max_staleness": ceiling_eta,
                            "seconds": args.seconds, "warmup_s": args.warmup, "processes": args.processes},
               "points": points, "saturation": saturation(points), "skipped": skipped, "plot": "scale.png"}

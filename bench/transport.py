@@ -37,7 +37,16 @@ import zmq
 
 from bench.report import Deadline, command_line, environment, environment_line, markdown_table, median, write_results
 from streamrl.common.config import load_config
-from streamrl.common.messages import Batch, BatchRequest, FinishReason, Rollout, SamplingParams, ScoredRollout, decode, encode
+from streamrl.common.messages import (
+    Batch,
+    BatchRequest,
+    FinishReason,
+    Rollout,
+    SamplingParams,
+    ScoredRollout,
+    decode,
+    encode,
+)
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.modes import OverflowPolicy
 from streamrl.common.transport import Inbox, make_socket, send, send_when_ready
@@ -103,7 +112,8 @@ def _stand_in_generator(config_path: str, seconds: float, out: str) -> None:
             break
         sent += 1
     timer.cancel()
-    Path(out).write_text(json.dumps({"sent": sent, "blocked_s": metrics.registry.get_sample_value("streamrl_bench_send_blocked_seconds_total")}))
+    blocked_s = metrics.registry.get_sample_value("streamrl_bench_send_blocked_seconds_total")
+    Path(out).write_text(json.dumps({"sent": sent, "blocked_s": blocked_s}))
     push.close(0)
     ctx.term()
 
@@ -272,8 +282,8 @@ def render(result: dict, env: dict, command: str) -> str:
         f"batches of {GROUPS_PER_STEP} groups x {GROUP_SIZE}; {result['seconds']:.0f} s per run after "
         f"{result['warmup_s']:.0f} s warm-up, median over runs. Four processes on 2 cores. The buffer runs "
         "with its default config (journal on, `fsync = always`); the stand-in learner asks for version v+1 "
-        "after each batch (acknowledging it, as the learner does) and the staleness bound is lifted because the stand-in "
-        "generator never loads weights. Generator blocked s = seconds the generator waited on backpressure "
+        "after each batch (acknowledging it, as the learner does) and the staleness bound is lifted because the "
+        "stand-in generator never loads weights. Generator blocked s = seconds the generator waited on backpressure "
         "over its whole run (the pipeline, not the producer, is the limit).",
         "",
         pipe,

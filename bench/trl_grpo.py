@@ -34,10 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.e2e import run_overrides, rollouts_per_step
+from bench.e2e import rollouts_per_step, run_overrides
 from bench.report import BENCH, REPO, command_line, environment, environment_line, markdown_table, write_results
 from streamrl.common.config import load_config
-
 from streamrl.testing import Services, wait_until
 
 TRL_VENV = REPO / ".venv-trl"

@@ -3,8 +3,8 @@
 Trains with ``trl.GRPOTrainer`` on CPU, offline, until an absolute wall-clock deadline,
 then saves the policy as a Hugging Face folder and writes a JSON log of its steps.
 The reward is streamrl's own ``streamrl.services.scorer.rewards:vader_sentiment`` (bench/setup_trl.sh
-installs streamrl into .venv-trl without dependencies; the reward needs only torch and vaderSentiment). Hyperparameters come
-from a JSON file written by bench/trl_grpo.py from streamrl's config.
+installs streamrl into .venv-trl without dependencies; the reward needs only torch and vaderSentiment).
+Hyperparameters come from a JSON file written by bench/trl_grpo.py from streamrl's config.
 
 Usage (bench/trl_grpo.py runs it)::
 

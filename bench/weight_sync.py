@@ -46,8 +46,16 @@ import time
 import transformers
 import zmq
 
-from bench.report import (Deadline, command_line, environment, environment_line, markdown_table, median,
-                          output_arguments, write_results)
+from bench.report import (
+    Deadline,
+    command_line,
+    environment,
+    environment_line,
+    markdown_table,
+    median,
+    output_arguments,
+    write_results,
+)
 from streamrl.common.config import TransportSection
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.modes import WeightDtype
@@ -323,7 +331,8 @@ def render(rows: list[dict], env: dict, command: str, transport: TransportSectio
         table,
         "",
         f"Medians over {max((r['repeats'] for r in rows), default=0)} measured syncs per row ({WARMUP_SYNCS} "
-        "warm-up syncs first: connections, and the learner's pool of 3 blobs), each followed by one raw push of the same bytes (interleaved, so both see the same background "
+        "warm-up syncs first: connections, and the learner's pool of 3 blobs), each followed by one raw push of "
+        "the same bytes (interleaved, so both see the same background "
         f"load). Chunks of {transport.weight_chunk_bytes / 2**20:.0f} MiB, credit {transport.weight_credit}, "
         "tcp loopback. learner blocked = `publish_state_dict` on the learner's thread (copy and cast into a "
         "pooled blob); digest = the packer thread hashing the chunks (XXH3-128) and sealing the version while "

@@ -21,13 +21,13 @@ Notation for shapes: N rollouts, D feature size, M eligibility anchors, K candid
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from streamrl.common.messages import HumanModel, ScoredRollout, Selection
+from streamrl.common.messages import HumanModel, ScoredRollout
 from streamrl.common.modes import HumanCombination
 from streamrl.common.tensors import pad_right
 
@@ -98,7 +98,7 @@ class HumanHead:
     bias: float
 
     @classmethod
-    def from_message(cls, message: HumanModel) -> "HumanHead":
+    def from_message(cls, message: HumanModel) -> HumanHead:
         """The head carried by a :class:`~streamrl.common.messages.HumanModel`."""
         return cls(mean=np.asarray(message.mean, np.float32), scale=np.asarray(message.scale, np.float32),
                    weight=np.asarray(message.weight, np.float32), bias=float(message.bias))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Union
+from collections.abc import Callable
 
 from streamrl.common.metrics import ServiceMetrics
 
@@ -51,7 +51,7 @@ class Waits:
         self._since: dict[str, float] = {}
         self._warned: dict[str, float] = {}
 
-    def waiting(self, on: str, why: Union[str, Callable[[], str]]) -> float:
+    def waiting(self, on: str, why: str | Callable[[], str]) -> float:
         """Report that the process is (still) waiting on ``on``; ``why`` is the log reason, or a
         function returning it, called only when a warning is logged (it may look at peers).
 

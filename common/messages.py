@@ -28,9 +28,10 @@ import time
 import types
 import typing
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import msgpack
 import numpy as np

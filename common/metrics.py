@@ -10,7 +10,8 @@ platform collectors, an info metric with the process identity, and the
 from __future__ import annotations
 
 import logging
-from typing import ClassVar, Generic, Sequence, TypeVar, overload
+from collections.abc import Sequence
+from typing import ClassVar, Generic, TypeVar, overload
 
 from prometheus_client import (
     CollectorRegistry,

@@ -343,9 +343,8 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
 
 def _convert_smollm2(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize the GGUF into a plain float32 model + tokenizer saved in ``out_dir``."""
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
     from tqdm.auto import tqdm
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     folder, name = str(gguf_path.parent), gguf_path.name
     progress = tqdm(total=4, desc="converting SmolLM2 (one-time)", unit="stage")

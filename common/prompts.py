@@ -38,9 +38,10 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import Field, InstanceOf, NonNegativeInt, PositiveInt, validate_call
@@ -83,7 +84,7 @@ class Prompt:
     prompt_id: str
     text: str
     metadata: dict = field(default_factory=dict)
-    messages: Optional[tuple[dict, ...]] = None
+    messages: tuple[dict, ...] | None = None
 
 
 def _check_unique(prompts: list[Prompt], path: Path) -> None:
@@ -120,8 +121,8 @@ def _chat(value: Any, where: str, key: str) -> tuple[dict, ...]:
     return tuple(out)
 
 
-def _row_prompt(row: dict, where: str, default_id: str, *, text_field: str, id_field: Optional[str],
-                messages_field: Optional[str], metadata_fields: Sequence[str]) -> Optional[Prompt]:
+def _row_prompt(row: dict, where: str, default_id: str, *, text_field: str, id_field: str | None,
+                messages_field: str | None, metadata_fields: Sequence[str]) -> Prompt | None:
     """One row (a JSON object, a data set row) as a :class:`Prompt`; None when its text is empty."""
     key = messages_field if messages_field is not None else text_field
     if key not in row:
@@ -215,7 +216,7 @@ def load_jsonl(
                             messages_field=messages_field, metadata_fields=metadata_fields)
 
 
-def _rows_to_prompts(rows: Iterable[tuple[dict, str, str]], origin: Union[str, Path], what: str,
+def _rows_to_prompts(rows: Iterable[tuple[dict, str, str]], origin: str | Path, what: str,
                      **fields: Any) -> list[Prompt]:
     """Prompts of ``(row, where, default id)`` triples (:func:`_row_prompt`); empty texts skipped with
     a warning, ids checked unique."""
@@ -237,7 +238,7 @@ DATASET_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".c
 """File extensions ``datasets`` reads, and the builder that reads them (a ``.gz`` suffix is allowed)."""
 
 
-def dataset_format(path: Union[str, Path]) -> str:
+def dataset_format(path: str | Path) -> str:
     """The ``datasets`` builder for a data file, from its extension (``data.jsonl.gz`` -> ``json``).
 
     Raises:
@@ -255,15 +256,15 @@ def dataset_format(path: Union[str, Path]) -> str:
 
 
 def load_dataset_prompts(
-    path: Optional[Union[str, Path]] = None,
+    path: str | Path | None = None,
     *,
-    dataset: Optional[str] = None,
-    subset: Optional[str] = None,
+    dataset: str | None = None,
+    subset: str | None = None,
     split: str = "train",
-    format: Optional[str] = None,
+    format: str | None = None,
     text_field: str = "text",
-    id_field: Optional[str] = "id",
-    messages_field: Optional[str] = None,
+    id_field: str | None = "id",
+    messages_field: str | None = None,
     metadata_fields: Sequence[str] = (),
 ) -> list[Prompt]:
     """Load prompts with Hugging Face ``datasets``: a local file or folder, or a hub data set.
@@ -349,13 +350,13 @@ def clean_text(text: str) -> str:
 
 @validate_call(config=STRICT_ARGS)
 def load_csv(
-    path: Union[str, Path],
+    path: str | Path,
     *,
     column: str,
-    first_k_words: Optional[PositiveInt] = None,
+    first_k_words: PositiveInt | None = None,
     strip_html: bool = True,
-    metadata_columns: Union[str, Sequence[str]] = (),
-    id_column: Optional[str] = None,
+    metadata_columns: str | Sequence[str] = (),
+    id_column: str | None = None,
 ) -> list[Prompt]:
     """Load prompts from a CSV file with a header row.
 
@@ -467,7 +468,7 @@ def load_prompts(source: PromptSource) -> list[Prompt]:
 
 
 def _unit_hash(prompt_id: str, seed: int) -> float:
-    digest = hashlib.sha256(f"{seed}\x00{prompt_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}\x00{prompt_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
@@ -599,7 +600,7 @@ _warned_no_template = False
 
 
 def format_prompt(text: str, tokenizer: Any, *, chat_template: bool, system: str | None = None,
-                  messages: Optional[Sequence[dict]] = None) -> str:
+                  messages: Sequence[dict] | None = None) -> str:
     """Turn a prompt into the string given to the model.
 
     Args:

@@ -27,7 +27,7 @@ import logging
 import socket
 import threading
 from collections import deque
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import zmq
 

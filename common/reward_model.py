@@ -76,7 +76,7 @@ class RewardModelInfo:
         return asdict(self)
 
     @classmethod
-    def from_config(cls, config: Any) -> "RewardModelInfo":
+    def from_config(cls, config: Any) -> RewardModelInfo:
         """Read the table from a model config (defaults when the model has none).
 
         Raises:

@@ -60,8 +60,8 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import zmq
 import zmq.auth

@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from streamrl.common.config import Config
@@ -127,7 +128,7 @@ class Tracker:
             log.info("W&B run %s (%s mode) in %s", run_id, wandb_mode, self.output_dir / "wandb")
 
     @classmethod
-    def for_run(cls, cfg: "Config", start_step: int) -> "Tracker":
+    def for_run(cls, cfg: Config, start_step: int) -> Tracker:
         """The learner's tracker: ``run.output_dir``, the resolved config as hyperparameters, ``tracking.*``."""
         t = cfg.tracking
         return cls(cfg.run.output_dir, hparams=cfg.applicable(), start_step=start_step, run_name=cfg.run.name,

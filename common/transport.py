@@ -16,11 +16,10 @@ import logging
 import math
 import threading
 import time
-from typing import Sequence
-
-from prometheus_client import Counter
+from collections.abc import Sequence
 
 import zmq
+from prometheus_client import Counter
 
 from streamrl.common.errors import StartupRefused
 from streamrl.common.messages import Message, ProtocolError, decode, encode

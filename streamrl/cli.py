@@ -28,7 +28,6 @@ from streamrl.common.service import exit_now
 from streamrl.deploy import DEFAULT_CONFIG
 
 
-
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
                         help="TOML run config (default: the packaged default job, streamrl.deploy/configs/default.toml)")
@@ -108,8 +107,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Validate, optionally evaluate the initial policy, run all services under honcho, then report
     (:func:`streamrl.training.run`)."""
     from streamrl.common.errors import StartupRefused
-    from streamrl.training import EvalOptions, run
     from streamrl.runs import JournalRewards, RunMode, RunRefused
+    from streamrl.training import EvalOptions, run
 
     mode = RunMode.RESUME if args.resume else RunMode.FRESH if args.fresh else RunMode.NEW
     evaluation = EvalOptions(args.eval_prompts, args.eval_seed, args.eval_samples) if args.eval else None

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from streamrl.common.config import Config
 from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
 from streamrl.common.models import load_causal_lm, load_tokenizer, resolve_model_path, select_device
-from streamrl.common.prompts import load_prompts, split_prompts
 from streamrl.common.modes import Engine
+from streamrl.common.prompts import load_prompts, split_prompts
 from streamrl.services.generator.engine import HFEngine, build_engine
 from streamrl.services.generator.sampling import prepare_prompts
 from streamrl.services.learner.batch import collate, forward_completions

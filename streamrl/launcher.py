@@ -36,7 +36,7 @@ class _Restarts:
     turned into a report and a scheduled restart (honcho never sees it stop, so it stops nothing);
     once the manager is terminating, a process still waiting for its restart is reported stopped."""
 
-    def __init__(self, manager: "_Manager", events: multiprocessing.Queue, optional: set[str]):
+    def __init__(self, manager: _Manager, events: multiprocessing.Queue, optional: set[str]):
         self.manager, self.events, self.optional = manager, events, optional
         self.due: dict[str, float] = {}  # process name -> monotonic time of its restart
         self.failures: dict[str, int] = {}

@@ -37,8 +37,8 @@ from pathlib import Path
 
 from streamrl.common.config import Config, ConfigError, load_config
 from streamrl.common.errors import StartupRefused
-from streamrl.training import run as run_training
 from streamrl.runs import RunMode, RunRefused, run_state
+from streamrl.training import run as run_training
 
 __all__ = ["PipelineError", "STAGES", "run_pipeline", "stage_dirs", "wiring_problems"]
 
@@ -176,8 +176,8 @@ def run_pipeline(config_path: str | Path, overrides: list[str] | None = None, *,
         PipelineError: an invalid config, stages not wired together, or a stage that failed.
     """
     from streamrl.evaluation import compare
-    from streamrl.stages.reward_model import run_rm
     from streamrl.services.learner.checkpoint import latest_checkpoint
+    from streamrl.stages.reward_model import run_rm
     from streamrl.stages.sft import run_sft
 
     overrides = list(overrides or [])

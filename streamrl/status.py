@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from streamrl.common.config import Config
 from streamrl.common.peers import last_reward_error, scrape_url

@@ -20,9 +20,10 @@ import math
 import random
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Iterator
+from typing import Any
 
 import msgpack
 import numpy as np

@@ -11,10 +11,14 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from streamrl.common import messages as m
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -95,12 +99,13 @@ def declared_metrics(metric_set_class) -> set[str]:
     return {name.removeprefix(prefix) for name in metric_names(registry.registry) - bare}
 
 
-def readme_metrics(service: str) -> set[str]:
-    """The metric names the README's metrics table lists in the row of ``service``."""
+def documented_metrics(service: str) -> set[str]:
+    """The metric names the metrics table of docs/metrics.md lists in the row of ``service``."""
     import re
 
-    rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith(f"| {service} |")]
-    assert len(rows) == 1, f"the README metrics table has {len(rows)} rows for {service}"
+    table = (REPO / "docs" / "metrics.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith(f"| {service} |")]
+    assert len(rows) == 1, f"the metrics table of docs/metrics.md has {len(rows)} rows for {service}"
     return set(re.findall(r"`([a-z_]+)(?:\{[a-z_]+\})?`", rows[0]))  # `name` or `name{label}`
 
 
@@ -149,8 +154,8 @@ def train_tiny_reward_model(folder: Path, model_dir: Path, *, preferred: str, pa
 
 def fp32_head_on_bf16_body(model, batch, value_head):
     """By hand: the body under bf16 autocast, then the float32 output projection and value head
-    on its hidden states (a Llama body keeps its residual stream in float32), for a learner ``TrainBatch``. Returns ``[B, T]`` log-probs,
-    ``[B, T]`` values and the largest log-prob change a bf16 projection of the same hidden
+    on its hidden states (a Llama body keeps its residual stream in float32), for a learner ``TrainBatch``.
+    Returns ``[B, T]`` log-probs, ``[B, T]`` values and the largest log-prob change a bf16 projection of the same hidden
     states makes (the control); at the batch's temperature, untruncated."""
     import torch
 

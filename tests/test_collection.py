@@ -14,6 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # each collects the whole suite in a fresh interpreter: 25-60 s on 2 cores
 @pytest.mark.parametrize("command", [[str(Path(sys.executable).with_name("pytest"))],
                                      [sys.executable, "-m", "pytest"]], ids=["pytest", "python -m pytest"])
 def test_the_suite_collects_from_the_repository_root(command):

@@ -17,8 +17,8 @@ every service, each service process for its own at start-up, so both report the 
 lines. The loaders take the validated sections (:class:`PromptSource`,
 :class:`RewardSpec`) and do not check them again.
 
-Every field has a ``description``; :func:`reference_table` renders the README's config
-reference from them (``python -m streamrl.common.config [--update README.md]``).
+Every field has a ``description``; :func:`reference_table` renders the config
+reference of docs/config.md from them (``python -m streamrl.common.config [--update docs/config.md]``).
 
 Modules, each importing only those above it:
 
@@ -30,7 +30,7 @@ Modules, each importing only those above it:
 - :mod:`~streamrl.common.config.schema`: the other sections and :class:`Config`;
 - :mod:`~streamrl.common.config.resources`: files, folders, imports and devices (:func:`resource_problems`);
 - :mod:`~streamrl.common.config.load`: TOML, overrides, path resolution, :func:`load_config`;
-- :mod:`~streamrl.common.config.reference_doc`: the README's reference table.
+- :mod:`~streamrl.common.config.reference_doc`: the reference table of docs/config.md.
 """
 
 from streamrl.common.config.base import (

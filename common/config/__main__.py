@@ -1,4 +1,4 @@
-"""``python -m streamrl.common.config [--update README.md]``: print the config reference table, or
+"""``python -m streamrl.common.config [--update docs/config.md]``: print the config reference table, or
 rewrite it in place (:func:`streamrl.common.config.reference_doc.replace_reference`)."""
 
 import sys

@@ -7,13 +7,12 @@ from __future__ import annotations
 import types
 import typing
 from enum import Enum
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import annotated_types
 from pydantic import BaseModel, BeforeValidator, ConfigDict, TypeAdapter, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
-
 
 STRICT_ARGS = ConfigDict(strict=True, arbitrary_types_allowed=True)
 """Config of ``pydantic.validate_call`` on library functions whose argument rules are
@@ -57,7 +56,7 @@ def _bf16_setting(value: Any) -> Any:
                 "it natively)")
 
 
-BF16Setting = Annotated[Union[bool, Literal["auto"]], BeforeValidator(_bf16_setting)]
+BF16Setting = Annotated[bool | Literal["auto"], BeforeValidator(_bf16_setting)]
 """``true``, ``false`` or ``"auto"`` (bf16 where the device computes it natively:
 :func:`streamrl.common.models.use_bf16_autocast`)."""
 
@@ -79,7 +78,7 @@ class _Section(BaseModel):
                               allow_inf_nan=False)
 
     @model_validator(mode="after")
-    def _options_apply(self) -> "_Section":
+    def _options_apply(self) -> _Section:
         """Keys marked ``applies_to={selector: value}`` (or a tuple of values) may only be set when
         ``selector`` has that value (one of them)."""
         for name in type(self).model_fields:

@@ -3,7 +3,7 @@ advantages, KL penalty, rewards, checkpoints)."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import Field, model_validator
 
@@ -55,7 +55,7 @@ class LearnerSection(_Section):
                                    "(decoupled PPO), `vtrace` (IMPALA's V-trace targets and advantages; needs "
                                    "`advantage = \"gae\"`)")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clipping epsilon")
-    dual_clip: Optional[float] = Field(3.0, gt=1, description="c of dual-clip PPO: tokens with a negative "
+    dual_clip: float | None = Field(3.0, gt=1, description="c of dual-clip PPO: tokens with a negative "
                                        "advantage use max(min(r A, clip(r) A), c A), bounding the loss of a huge "
                                        "ratio (unset = plain clipping)")
     is_cap: float = Field(2.0, ge=1, description="C: truncation of the importance weight pi_old/mu")
@@ -75,13 +75,13 @@ class LearnerSection(_Section):
                                           "(group-normalised), `rloo` (leave-one-out)")
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
-    value_clip: Optional[float] = Field(0.2, gt=0, description="value-loss clipping (unset = none)")
+    value_clip: float | None = Field(0.2, gt=0, description="value-loss clipping (unset = none)")
     vf_coef: float = Field(0.1, ge=0, description="value-loss weight")
-    value_model: Optional[str] = Field(None, description="reward-model folder (`streamrl rm` output, same vocabulary "
+    value_model: str | None = Field(None, description="reward-model folder (`streamrl rm` output, same vocabulary "
                                        "as the policy): a separate critic initialised from it (InstructGPT) instead "
                                        "of the value head on the policy's trunk",
                                        json_schema_extra={**LOCAL_PATH, "applies_to": {"advantage": "gae"}})
-    value_lr: Optional[float] = Field(None, gt=0, description="AdamW learning rate of `value_model`; unset = `lr`",
+    value_lr: float | None = Field(None, gt=0, description="AdamW learning rate of `value_model`; unset = `lr`",
                                       json_schema_extra={"applies_to": {"advantage": "gae"}})
     whiten_advantages: bool = Field(True, description="masked whitening of GAE advantages (group baselines are "
                                     "already normalised per group); with `correction = \"vtrace\"` the advantages "
@@ -99,7 +99,7 @@ class LearnerSection(_Section):
                                               "weighs the same), `sequence_mean` (mean of per-sequence means: GRPO) "
                                               "or `fixed_length_sum` (sum / (sequences x max_new_tokens): Dr. GRPO)")
     kl_coef: float = Field(0.05, ge=0, description="beta of the KL penalty to the reference model")
-    kl_target_per_sequence: Optional[float] = Field(
+    kl_target_per_sequence: float | None = Field(
         None, gt=0, description="set to adapt beta (Ziegler et al. 2019's controller) towards this KL to the "
         "reference in nats per sequence: the per-token estimates summed over a completion, averaged over the batch "
         "(logged as `kl_per_sequence`; `kl` is the per-token mean)")
@@ -112,9 +112,9 @@ class LearnerSection(_Section):
                                       "`is_cap`), rho-bar for `vtrace`)")
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus")
     normalize_rewards: bool = Field(True, description="running mean/std normalisation of rewards")
-    reward_clip: Optional[float] = Field(5.0, gt=0, description="clip normalised rewards to +-this (unset = none)")
+    reward_clip: float | None = Field(5.0, gt=0, description="clip normalised rewards to +-this (unset = none)")
     ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx gamma: weight of the SFT loss on `ptx_data`")
-    ptx_data: Optional[PromptSource] = Field(None, description="SFT texts for PPO-ptx: a table with the keys of "
+    ptx_data: PromptSource | None = Field(None, description="SFT texts for PPO-ptx: a table with the keys of "
                                              "`generator.prompts`")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (and one at the end)")
     keep_checkpoints: int = Field(3, ge=1, description="newest complete checkpoints kept; older ones are deleted")
@@ -131,7 +131,7 @@ class LearnerSection(_Section):
         return data
 
     @model_validator(mode="after")
-    def _kl_loss_estimator(self) -> "LearnerSection":
+    def _kl_loss_estimator(self) -> LearnerSection:
         if self.kl_penalty is KLPenaltyMode.LOSS and self.kl_estimator is KLEstimator.K1:
             raise _rule("`kl_estimator = \"k1\"` as a loss term has expected gradient exactly 0 (it only adds noise); "
                         "fix: set learner.kl_estimator = \"k2\" (gradient of KL(pi || ref)) or \"k3\" (gradient of "
@@ -139,7 +139,7 @@ class LearnerSection(_Section):
         return self
 
     @model_validator(mode="after")
-    def _vtrace_needs_a_critic(self) -> "LearnerSection":
+    def _vtrace_needs_a_critic(self) -> LearnerSection:
         if self.correction is Correction.VTRACE and self.advantage is not AdvantageEstimator.GAE:
             raise _rule("`correction = \"vtrace\"` corrects the critic's value targets and needs a critic; fix: set "
                         "learner.advantage = \"gae\" or another correction", "correction")

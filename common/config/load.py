@@ -7,8 +7,9 @@ from __future__ import annotations
 import copy
 import difflib
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 

@@ -1,12 +1,12 @@
-"""The README's config reference table, generated from the schema's field descriptions
-(``python -m streamrl.common.config [--update README.md]``)."""
+"""The config reference table (docs/config.md), generated from the schema's field descriptions
+(``python -m streamrl.common.config [--update docs/config.md]``)."""
 
 from __future__ import annotations
 
 import sys
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -19,7 +19,7 @@ REFERENCE_END = "<!-- end config-reference -->"
 
 
 def reference_table() -> str:
-    """The README's config reference: one markdown row per key, from the schema.
+    """The config reference of docs/config.md: one markdown row per key, from the schema.
 
     Columns: key, default, allowed values (type and constraints), meaning (the field's
     ``description``, plus the option it applies to). Defaults that are computed render as
@@ -78,14 +78,14 @@ def replace_reference(readme: str) -> str:
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m streamrl.common.config [--update README.md]``: print the table, or rewrite it in place."""
+    """``python -m streamrl.common.config [--update docs/config.md]``: print the table, or rewrite it in place."""
     if argv[:1] == ["--update"] and len(argv) == 2:
         path = Path(argv[1])
         path.write_text(replace_reference(path.read_text()))
         print(f"{path}: config reference regenerated")
         return 0
     if argv:
-        print("usage: python -m streamrl.common.config [--update README.md]", file=sys.stderr)
+        print("usage: python -m streamrl.common.config [--update docs/config.md]", file=sys.stderr)
         return 2
     print(reference_table(), end="")
     return 0

@@ -6,13 +6,12 @@ at start-up for itself."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from streamrl.common.config.schema import Config, ModelSection
 from streamrl.common.config.sources import PromptSource, RewardSpec
 from streamrl.common.modes import Device, Engine
-
 
 SERVICES = ("generator", "scorer", "buffer", "learner", "feedback")
 """Service names :func:`resource_problems` knows what they need."""

@@ -7,7 +7,7 @@ lives in :mod:`streamrl.common.config.learner`, the offline stages' in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -31,7 +31,7 @@ class RunSection(_Section):
 
     name: str = Field("streamrl", min_length=1, description="run name; names the default output folder")
     seed: int = Field(0, ge=0, description="base seed: prompt split and shuffles; generators add their index")
-    output_dir: Optional[str] = Field(
+    output_dir: str | None = Field(
         None,
         description="checkpoints, `metrics.jsonl`, `summary.json`, the buffer journal",
         json_schema_extra={**LOCAL_PATH, "default_text": "`runs/<run.name>` in the current directory"},
@@ -50,7 +50,7 @@ class RunSection(_Section):
         "operating system schedules")
 
     @model_validator(mode="after")
-    def _default_output_dir(self) -> "RunSection":
+    def _default_output_dir(self) -> RunSection:
         if self.output_dir is None:
             self.output_dir = str(Path("runs") / self.name)
         return self
@@ -68,14 +68,14 @@ class ModelSection(_Section):
         "`.`, `/` or `~` or names an existing folder",
         json_schema_extra=MAYBE_LOCAL_PATH,
     )
-    cache_dir: Optional[str] = Field(None, description="where built-in models are converted to",
+    cache_dir: str | None = Field(None, description="where built-in models are converted to",
                                      json_schema_extra={**LOCAL_PATH,
                                                         "default_text": "`$STREAMRL_CACHE` or `~/.cache/streamrl`"})
     chat_template: bool = Field(False, description="wrap prompts in the tokenizer's chat template")
-    system_prompt: Optional[str] = Field(None, description="system message when `chat_template` is on")
+    system_prompt: str | None = Field(None, description="system message when `chat_template` is on")
 
     @property
-    def cache_path(self) -> Optional[Path]:
+    def cache_path(self) -> Path | None:
         """``cache_dir`` as a Path, or None for the default cache (``$STREAMRL_CACHE`` or ~/.cache/streamrl)."""
         return Path(self.cache_dir) if self.cache_dir else None
 
@@ -117,19 +117,19 @@ def _bind_field(owner: str, name: str) -> Any:
 class BindSection(_Section):
     """Where the binding process listens, when that is not the address its peers connect to."""
 
-    scorer: Optional[str] = Field(None, description="every scorer binds this, e.g. `tcp://*:5550`, the i-th "
+    scorer: str | None = Field(None, description="every scorer binds this, e.g. `tcp://*:5550`, the i-th "
                                   "scorer of a host (`--index i`) at port + i; unset: scorer i binds "
                                   "`endpoints.scorers[i]`")
-    buffer: Optional[str] = _bind_field("the buffer", "buffer")
-    batches: Optional[str] = _bind_field("the buffer", "batches")
-    weights_announce: Optional[str] = _bind_field("the learner", "weights_announce")
-    weights: Optional[str] = _bind_field("the learner", "weights")
-    feedback: Optional[str] = _bind_field("the feedback service", "feedback")
-    human_model: Optional[str] = _bind_field("the feedback service", "human_model")
+    buffer: str | None = _bind_field("the buffer", "buffer")
+    batches: str | None = _bind_field("the buffer", "batches")
+    weights_announce: str | None = _bind_field("the learner", "weights_announce")
+    weights: str | None = _bind_field("the learner", "weights")
+    feedback: str | None = _bind_field("the feedback service", "feedback")
+    human_model: str | None = _bind_field("the feedback service", "human_model")
 
     @field_validator("*")
     @classmethod
-    def _valid_bind(cls, value: Optional[str]) -> Optional[str]:
+    def _valid_bind(cls, value: str | None) -> str | None:
         problem = None if value is None else endpoint_problem(value, bind=True)
         if problem:
             raise _rule(f"{value}: {problem}")
@@ -295,7 +295,7 @@ class BufferSection(_Section):
                                 "groups it reported sent this long ago that never arrived, stop counting, seconds")
     journal: bool = Field(True, description="write-ahead journal: every accepted rollout is on disk before it "
                           "is counted or served; a restarted buffer recovers what it held")
-    journal_dir: Optional[str] = Field(None, description="where the journal's segments live",
+    journal_dir: str | None = Field(None, description="where the journal's segments live",
                                        json_schema_extra={**LOCAL_PATH, "default_text": "`<run.output_dir>/buffer`"})
     fsync: FsyncPolicy = Field(FsyncPolicy.ALWAYS, description="`always` (group commit: one fsync per read burst "
                                "and before each batch), `interval` or `never`; a killed process loses nothing "
@@ -320,10 +320,10 @@ class FeedbackSection(_Section):
     http_host: str = Field("127.0.0.1", min_length=1, description="address the web page and JSON API bind; a "
                            "non-loopback address needs `tls_cert` and `tls_key` (or security.allow_insecure)")
     http_port: int = Field(8080, ge=0, le=65535, description="port of the web page and JSON API; 0 = ephemeral")
-    tls_cert: Optional[str] = Field(None, description="PEM certificate: serve HTTPS (cookies get `Secure`)",
+    tls_cert: str | None = Field(None, description="PEM certificate: serve HTTPS (cookies get `Secure`)",
                                     json_schema_extra=LOCAL_PATH)
-    tls_key: Optional[str] = Field(None, description="PEM private key of `tls_cert`", json_schema_extra=LOCAL_PATH)
-    database: Optional[str] = Field(None, description="SQLite database (WAL) of labels, labelled rollouts, "
+    tls_key: str | None = Field(None, description="PEM private key of `tls_cert`", json_schema_extra=LOCAL_PATH)
+    database: str | None = Field(None, description="SQLite database (WAL) of labels, labelled rollouts, "
                                     "labellers' token hashes and H-hat versions",
                                     json_schema_extra={**LOCAL_PATH,
                                                        "default_text": "`<run.output_dir>/feedback/labels.sqlite3`"})
@@ -377,7 +377,7 @@ class FeedbackSection(_Section):
 class SecuritySection(_Section):
     """CURVE encryption and authentication of every ZeroMQ socket (see common/security.py)."""
 
-    keys_dir: Optional[str] = Field(
+    keys_dir: str | None = Field(
         None,
         description="folder made by `streamrl keys generate`: every socket then uses CURVE and servers accept "
         "only client keys in `<keys_dir>/authorized`; unset = no authentication, no encryption",
@@ -399,7 +399,7 @@ class TrackingSection(_Section):
                                                      "`<run.output_dir>/wandb` with no network (`wandb sync` uploads "
                                                      "it later); `online` streams it (needs `wandb login`)")
     wandb_project: str = Field("streamrl", min_length=1, description="W&B project")
-    wandb_entity: Optional[str] = Field(None, min_length=1, description="W&B entity (user or team); unset = "
+    wandb_entity: str | None = Field(None, min_length=1, description="W&B entity (user or team); unset = "
                                         "your default")
 
 
@@ -425,7 +425,7 @@ class Config(_Section):
                               "`--eval`, `streamrl pipeline`)")
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Config":
+    def _cross_checks(self) -> Config:
         problems = cross_problems(self)
         if problems:
             raise ValueError("\n".join(problems))

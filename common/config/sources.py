@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import inspect
 import typing
-from typing import Any, Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Any, Literal
 
 from pydantic import Field, ImportString, TypeAdapter, ValidationError, field_validator, model_validator
 
@@ -34,29 +35,29 @@ class PromptSource(_Section):
                       "`save_to_disk` folder)",
                       json_schema_extra={**LOCAL_PATH, "default_text": "the review openings shipped in "
                                          "`streamrl.deploy` (`prompts/review_openings.jsonl`)"})
-    dataset: Optional[str] = Field(None, min_length=1, description="hub data set id (`openai/gsm8k`) instead of "
+    dataset: str | None = Field(None, min_length=1, description="hub data set id (`openai/gsm8k`) instead of "
                                    "`path`; downloaded by `datasets.load_dataset` on first use (needs the network "
                                    "or the Hugging Face cache)", json_schema_extra={"applies_to": {"kind": "datasets"}})
-    subset: Optional[str] = Field(None, min_length=1, description="configuration (subset) of the hub data set, "
+    subset: str | None = Field(None, min_length=1, description="configuration (subset) of the hub data set, "
                                   "e.g. `main` for `openai/gsm8k`", json_schema_extra={"applies_to": {"kind": "datasets"}})
     split: str = Field("train", min_length=1, description="split to read (a file counts as split `train`)",
                        json_schema_extra={"applies_to": {"kind": "datasets"}})
-    format: Optional[Literal["parquet", "json", "csv", "arrow"]] = Field(
+    format: Literal["parquet", "json", "csv", "arrow"] | None = Field(
         None, description="file format of `path`; unset = from its extension (`.parquet`, `.json`, `.jsonl`, "
         "`.csv`, `.arrow`, optionally `.gz`)", json_schema_extra={"applies_to": {"kind": "datasets"}})
     text_field: str = Field("text", min_length=1, description="key (column) of the prompt text",
                             json_schema_extra={"applies_to": {"kind": ("jsonl", "datasets")}})
-    messages_field: Optional[str] = Field(None, min_length=1, description="key (column) holding the prompt as "
+    messages_field: str | None = Field(None, min_length=1, description="key (column) holding the prompt as "
                                           "a chat: a list of `{role, content}` messages, rendered with the "
                                           "tokenizer's chat template (and `model.system_prompt` when the list has "
                                           "no system message); replaces `text_field`",
                                           json_schema_extra={"applies_to": {"kind": ("jsonl", "datasets")}})
-    id_field: Optional[str] = Field("id", min_length=1, description="key (column) of the prompt id (unset, or a "
+    id_field: str | None = Field("id", min_length=1, description="key (column) of the prompt id (unset, or a "
                                     "row without it: `<file stem>:<row>`)",
                                     json_schema_extra={"applies_to": {"kind": ("jsonl", "datasets")}})
     column: str = Field("review", min_length=1, description="header of the text column (HTML is stripped)",
                         json_schema_extra={"applies_to": {"kind": "csv"}})
-    first_k_words: Optional[int] = Field(None, ge=1, description="keep the first K words of each text "
+    first_k_words: int | None = Field(None, ge=1, description="keep the first K words of each text "
                                          "(turns a review into an opening); unset = whole text",
                                          json_schema_extra={"applies_to": {"kind": "csv"}})
     metadata_fields: list[str] = Field(default_factory=list, description="keys (columns) copied into each "
@@ -65,7 +66,7 @@ class PromptSource(_Section):
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="held out by hashed prompt id, never trained on")
 
     @model_validator(mode="after")
-    def _one_text(self) -> "PromptSource":
+    def _one_text(self) -> PromptSource:
         if self.dataset is not None and "path" in self.model_fields_set:
             raise _rule("give either `path` (a local file or folder) or `dataset` (a hub id), not both; fix: "
                         "remove one", "dataset")
@@ -97,29 +98,29 @@ _IMPORT = TypeAdapter(ImportString)
 class RewardSpec(_Section):
     """One reward component: a function, a reward-model folder or a reward server (``url``)."""
 
-    function: Optional[str] = Field(
+    function: str | None = Field(
         None,
         description="reward function `package.module:function` with the contract in "
         "`streamrl.services.scorer.rewards`, or a built-in name: "
         + ", ".join(f"`{name}`" for name in BUILTIN_REWARDS),
     )
-    model: Optional[str] = Field(None, min_length=1, description="local sequence-classification reward-model "
+    model: str | None = Field(None, min_length=1, description="local sequence-classification reward-model "
                                  "folder (score = logit 0 of prompt + completion)", json_schema_extra=LOCAL_PATH)
     weight: float = Field(1.0, description="multiplier of this component in the total reward")
-    name: Optional[str] = Field(None, min_length=1, description="key of this component in the per-sample "
+    name: str | None = Field(None, min_length=1, description="key of this component in the per-sample "
                                 "reward parts (default: the function's name or `reward_model`)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments passed to `function` "
                                    "on every call", json_schema_extra={"applies_to": {"source": "function"}})
-    url: Optional[str] = Field(None, min_length=1, description="HTTP reward server: each request POSTs JSON "
-                               "`{prompts, completions, metadata}` and the answer is `{\"rewards\": [...]}` (README, "
-                               "\"Your own reward\")")
+    url: str | None = Field(None, min_length=1, description="HTTP reward server: each request POSTs JSON "
+                               "`{prompts, completions, metadata}` and the answer is `{\"rewards\": [...]}` "
+                               "(docs/data-and-reward.md)")
     batch_size: int = Field(8, ge=1, description="texts per reward-model forward pass, or per request to `url`",
                             json_schema_extra={"applies_to": {"source": ("model", "url")}})
-    max_length: Optional[int] = Field(None, ge=1, description="reward-model tokens per text; a longer text loses "
+    max_length: int | None = Field(None, ge=1, description="reward-model tokens per text; a longer text loses "
                                       "its start; unset = the length the model was trained with (stored by "
                                       "`streamrl rm`), else 512", json_schema_extra={"applies_to": {"source": "model"}})
 
-    label: Optional[int | str] = Field(None, description="reward-model output read as the score: an index or a "
+    label: int | str | None = Field(None, description="reward-model output read as the score: an index or a "
                                        "label name of `id2label` (`\"POSITIVE\"`); required when the model has more "
                                        "than one label", json_schema_extra={"applies_to": {"source": "model"}})
     chat_template: bool = Field(False, description="render each prompt as the user turn of the reward model's "
@@ -139,14 +140,14 @@ class RewardSpec(_Section):
                                     "environment)", json_schema_extra={"applies_to": {"source": "url"}})
 
     @property
-    def source(self) -> Optional[str]:
+    def source(self) -> str | None:
         """``"function"``, ``"model"`` or ``"url"`` (None while none or several are set)."""
         given = [name for name in ("function", "model", "url") if getattr(self, name) is not None]
         return given[0] if len(given) == 1 else None
 
     @field_validator("url")
     @classmethod
-    def _http_url(cls, value: Optional[str]) -> Optional[str]:
+    def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
             raise _rule(f"`{value}` is not an http:// or https:// URL; fix: write e.g. "
                         "\"http://127.0.0.1:8000/score\"")
@@ -154,7 +155,7 @@ class RewardSpec(_Section):
 
     @field_validator("function")
     @classmethod
-    def _function_form(cls, value: Optional[str]) -> Optional[str]:
+    def _function_form(cls, value: str | None) -> str | None:
         if value is None or value in BUILTIN_REWARDS.values():
             return value
         if value in BUILTIN_REWARDS:
@@ -166,13 +167,13 @@ class RewardSpec(_Section):
         return value
 
     @model_validator(mode="after")
-    def _one_source(self) -> "RewardSpec":
+    def _one_source(self) -> RewardSpec:
         if self.source is None:
             raise _rule("give exactly one of `function` (package.module:function or a built-in name), "
                         "`model` (a reward-model folder) or `url` (a reward server); fix: keep one of them")
         return self
 
-    def function_problems(self) -> tuple[Optional[Callable[..., Any]], list[ResourceError]]:
+    def function_problems(self) -> tuple[Callable[..., Any] | None, list[ResourceError]]:
         """Import ``function`` and check that it takes ``kwargs``; needs the imports, so not run at load.
 
         Returns:

@@ -3,7 +3,7 @@ evaluation (``[eval]``)."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -15,14 +15,14 @@ from streamrl.common.modes import Device
 class StageData(_Section):
     """Training data of ``streamrl sft`` / ``streamrl rm`` (layouts: :mod:`streamrl.stages.rlhf_data`)."""
 
-    path: Optional[str] = Field(None, description="`.jsonl`, `.jsonl.gz` or `.parquet`: prompt+response, "
+    path: str | None = Field(None, description="`.jsonl`, `.jsonl.gz` or `.parquet`: prompt+response, "
                                 "messages, prompt+chosen+rejected, hh-rlhf chosen+rejected dialogues or "
                                 "prompt+responses (ranked best first); required by the stage",
                                 json_schema_extra=LOCAL_PATH)
     eval_rows: int = Field(500, ge=0, description="rows held out (never trained on), chosen by a seeded hash of "
                            "the prompt: the same rows in `sft` and `rm` for the same file and `split_seed`")
     split_seed: int = Field(0, ge=0, description="seed of the held-out hash")
-    train_rows: Optional[int] = Field(None, ge=1, description="train on at most this many rows (the next in hash "
+    train_rows: int | None = Field(None, ge=1, description="train on at most this many rows (the next in hash "
                                       "order after the held-out ones); unset = all the others")
 
 
@@ -41,7 +41,7 @@ class _StageSection(_Section):
                                                                "the warm-up (`transformers.get_scheduler`)")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping (global L2 norm)")
     max_length: int = Field(256, ge=8, description="tokens per text; longer texts lose the start of the prompt")
-    trainable_layers: Optional[int] = Field(None, ge=0, description="train only the top N transformer blocks "
+    trainable_layers: int | None = Field(None, ge=0, description="train only the top N transformer blocks "
                                             "(embeddings and lower blocks frozen); unset = every block")
     cache_frozen: bool = Field(True, description="compute the frozen blocks' output once per text and reuse it "
                                "every epoch (with `trainable_layers`)")
@@ -52,17 +52,17 @@ class _StageSection(_Section):
 class SFTSection(_StageSection):
     """``streamrl sft``: supervised fine-tuning on demonstrations (loss on response tokens only)."""
 
-    output_dir: Optional[str] = Field(None, description="the fine-tuned model (Hugging Face folder, usable as "
+    output_dir: str | None = Field(None, description="the fine-tuned model (Hugging Face folder, usable as "
                                       "`model.path`) and `summary.json`",
                                       json_schema_extra={**LOCAL_PATH, "default_text": "`<run.output_dir>/sft`"})
-    eval_limit: Optional[int] = Field(200, ge=1, description="held-out rows whose response loss is measured "
+    eval_limit: int | None = Field(200, ge=1, description="held-out rows whose response loss is measured "
                                       "before and after; unset = all `eval_rows`")
 
 
 class RewardModelSection(_StageSection):
     """``streamrl rm``: reward-model training on ranked responses (pairwise / K-wise loss)."""
 
-    output_dir: Optional[str] = Field(None, description="the reward model (Hugging Face sequence-classification "
+    output_dir: str | None = Field(None, description="the reward model (Hugging Face sequence-classification "
                                       "folder, usable in `[[scorer.rewards]] model`) and `summary.json`",
                                       json_schema_extra={**LOCAL_PATH, "default_text": "`<run.output_dir>/rm`"})
     lr: float = Field(5e-5, gt=0, description="AdamW peak learning rate")
@@ -79,20 +79,20 @@ class EvalSection(_Section):
     """Held-out evaluation of a policy (`streamrl eval`, `streamrl run --eval`, `streamrl pipeline`):
     mean reward +- standard error over prompts and KL to the reference model."""
 
-    prompts: Optional[PromptSource] = Field(None, description="held-out prompts (all of the file; e.g. "
+    prompts: PromptSource | None = Field(None, description="held-out prompts (all of the file; e.g. "
                                             "`heldout_prompts.jsonl` written by `streamrl sft`); unset = the "
                                             "`eval_fraction` split of `generator.prompts`")
     rewards: list[RewardSpec] = Field(default_factory=list, description="further rewards scored on the same "
                                       "completions and reported beside the training reward (`scorer.rewards`), "
                                       "each by its `name` (required): e.g. the never-optimised gold reward model "
                                       "(`rm.gold`)")
-    limit: Optional[int] = Field(None, ge=1, description="held-out prompts used (the first in order); unset = all")
+    limit: int | None = Field(None, ge=1, description="held-out prompts used (the first in order); unset = all")
     samples_per_prompt: int = Field(4, ge=1, description="completions per prompt (a prompt's reward is their mean; "
                                     "the standard error is over prompts)")
     seed: int = Field(1234, ge=0, description="sampling seed (both policies see the same prompts and random stream)")
 
     @model_validator(mode="after")
-    def _named(self) -> "EvalSection":
+    def _named(self) -> EvalSection:
         names = [spec.name for spec in self.rewards]
         if any(name is None for name in names):
             raise _rule("each eval reward is reported by its name; fix: set `name` (e.g. name = \"gold\")",

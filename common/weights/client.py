@@ -24,7 +24,14 @@ from streamrl.common.messages import Error, ErrorCode, WeightsAnnounce, WeightsC
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.security import Security
 from streamrl.common.transport import Inbox, make_socket, poll_unless_stopped, try_send
-from streamrl.common.weights.blob import DIGEST_BYTES, FetchStopped, WeightSyncError, _tensor_views, allocate_blob, digest_root
+from streamrl.common.weights.blob import (
+    DIGEST_BYTES,
+    FetchStopped,
+    WeightSyncError,
+    _tensor_views,
+    allocate_blob,
+    digest_root,
+)
 
 log = logging.getLogger(__name__)
 

@@ -59,9 +59,8 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from streamrl.common.messages import Batch, CreditRequest
 from streamrl.services.buffer.journal import LOST, HeldBatch

@@ -71,15 +71,15 @@ import struct
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import msgpack
 
-from streamrl.common.messages import Batch, ProtocolError, ScoredRollout, decode, encode
 from streamrl.common.errors import StartupRefused
+from streamrl.common.messages import Batch, ProtocolError, ScoredRollout, decode, encode
 from streamrl.common.modes import FsyncPolicy
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The buffer's Prometheus metrics, ``streamrl_buffer_*`` (README, "Metrics and logs")."""
+"""The buffer's Prometheus metrics, ``streamrl_buffer_*`` (docs/metrics.md)."""
 
 from __future__ import annotations
 

@@ -102,9 +102,9 @@ import heapq
 import itertools
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Hashable
 
 from streamrl.common.messages import ScoredRollout
 from streamrl.common.modes import OverflowPolicy

@@ -1,4 +1,4 @@
-"""The feedback service's Prometheus metrics, ``streamrl_feedback_*`` (README, "Metrics and logs")."""
+"""The feedback service's Prometheus metrics, ``streamrl_feedback_*`` (docs/metrics.md)."""
 
 from __future__ import annotations
 

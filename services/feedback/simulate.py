@@ -36,7 +36,7 @@ import statistics
 import sys
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import requests

@@ -34,15 +34,15 @@ from streamrl.common.human import HumanModelSubscription, beta_at
 from streamrl.common.liveness import Waits
 from streamrl.common.messages import SamplingParams
 from streamrl.common.models import configure_torch, load_tokenizer, resolve_model_path, select_device, use_bf16_autocast
+from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
 from streamrl.common.service import ServiceContext
 from streamrl.common.transport import make_socket, send_when_ready
 from streamrl.common.weights import FetchStopped, WeightClient, WeightSyncError
-from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
 from streamrl.services.generator.control import select_candidates
 from streamrl.services.generator.credits import CreditClient
+from streamrl.services.generator.engine import build_engine
 from streamrl.services.generator.metrics import GeneratorMetrics
 from streamrl.services.generator.rollouts import group_rollouts
-from streamrl.services.generator.engine import build_engine
 from streamrl.services.generator.sampling import prepare_prompts
 from streamrl.services.generator.versions import needs_fetch, too_stale
 

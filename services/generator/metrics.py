@@ -1,4 +1,4 @@
-"""The generator's Prometheus metrics, ``streamrl_generator_*`` (README, "Metrics and logs")."""
+"""The generator's Prometheus metrics, ``streamrl_generator_*`` (docs/metrics.md)."""
 
 from __future__ import annotations
 

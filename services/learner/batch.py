@@ -19,7 +19,6 @@ from streamrl.common.messages import SamplingParams, ScoredRollout
 from streamrl.common.tensors import linear_fp32, pad_right
 from streamrl.services.learner.losses import entropy_from_logits, nucleus_mask, token_logprobs
 
-
 SAMPLING_FIELDS = ("temperature", "top_p")
 """The :class:`SamplingParams` fields that change the distribution a token was drawn
 from; rollouts that differ in one of them cannot share a batch's log-prob pass."""
@@ -124,7 +123,7 @@ class TrainBatch:
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name != "sampling" and getattr(self, f.name) is not None}
 
-    def select(self, rows: Tensor) -> "TrainBatch":
+    def select(self, rows: Tensor) -> TrainBatch:
         """The sub-batch of ``rows`` (``[b]`` int64 indices), trimmed of all-pad columns."""
         sub = {name: t[rows] for name, t in self._tensors().items()}
         width = int(sub["attention_mask"].sum(1).max())
@@ -136,7 +135,7 @@ class TrainBatch:
                 sub[name] = sub[name][:, :t]
         return TrainBatch(**sub, sampling=self.sampling)
 
-    def to(self, device: torch.device) -> "TrainBatch":
+    def to(self, device: torch.device) -> TrainBatch:
         """A copy with every tensor on ``device``."""
         return TrainBatch(**{name: t.to(device) for name, t in self._tensors().items()}, sampling=self.sampling)
 

@@ -111,7 +111,7 @@ class LearnerService:
         self.refusals_logged: set[str] = set()
         self.waits = Waits(ctx.metrics, warn_after_s=cfg.transport.request_timeout_s * 3)
         self.log_path = self.output / "metrics.jsonl"
-        self.tracker = Tracker.for_run(cfg, self.step)  # TensorBoard (+ W&B): README "Tracking"
+        self.tracker = Tracker.for_run(cfg, self.step)  # TensorBoard (+ W&B): docs/metrics.md, "Tracking"
 
     # ------------------------------------------------------------------ main
 

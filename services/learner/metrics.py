@@ -1,4 +1,4 @@
-"""The learner's Prometheus metrics, ``streamrl_learner_*`` (README, "Metrics and logs")."""
+"""The learner's Prometheus metrics, ``streamrl_learner_*`` (docs/metrics.md)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ train on what the evaluation measures.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

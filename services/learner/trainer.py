@@ -26,21 +26,26 @@ version, however many optimizer updates it made.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from streamrl.common.config import LearnerSection
-from streamrl.common.modes import AdvantageEstimator, Correction, KLPenaltyMode
 from streamrl.common.models import adamw, use_bf16_autocast
+from streamrl.common.modes import AdvantageEstimator, Correction, KLPenaltyMode
 from streamrl.common.tensors import fill_padding, masked_mean, masked_var, masked_whiten
 from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards, vtrace
 from streamrl.services.learner.batch import ModelOutput, TrainBatch, forward_completions
 from streamrl.services.learner.kl_control import make_kl_controller, per_sequence_kl
-from streamrl.services.learner.losses import (aggregate_tokens, kl_to_reference, policy_loss, sft_loss,
-                                             truncated_token_weights, value_loss)
+from streamrl.services.learner.losses import (
+    aggregate_tokens,
+    kl_to_reference,
+    policy_loss,
+    sft_loss,
+    truncated_token_weights,
+    value_loss,
+)
 from streamrl.services.learner.normalization import RunningMeanStd
 
 

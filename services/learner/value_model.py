@@ -44,7 +44,7 @@ class ValueModel(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.tensor(float(bias)))
 
     @classmethod
-    def from_reward_model(cls, path: str, *, device: torch.device, tokenizer=None) -> "ValueModel":
+    def from_reward_model(cls, path: str, *, device: torch.device, tokenizer=None) -> ValueModel:
         """Load the RM folder ``path`` as a value model on ``device``.
 
         Args:

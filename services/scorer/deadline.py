@@ -11,7 +11,7 @@ while a timed-out one is still running waits behind it, within its own time limi
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["RewardTimeout", "TimeLimited"]
 

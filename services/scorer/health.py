@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from streamrl.common.messages import Rollout
 from streamrl.services.scorer.metrics import ScorerMetrics

@@ -1,6 +1,6 @@
 """A reward computed by a remote HTTP server (``[[scorer.rewards]] url = "http://..."``).
 
-Protocol (README, "Your own reward"). Each request is ``POST <url>`` with the JSON body
+Protocol (docs/data-and-reward.md, "A reward server over HTTP"). Each request is ``POST <url>`` with the JSON body
 ``{"prompts": [str], "completions": [str], "metadata": [object]}`` (at most ``batch_size``
 items, the reward function contract's three lists) and the server answers ``200`` with
 ``{"rewards": [number]}``, one finite number per completion, in order. Any language or
@@ -31,11 +31,18 @@ import os
 import re
 import threading
 import time
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import httpx2 as httpx
-from tenacity import (Retrying, retry_if_exception, stop_after_attempt, stop_when_event_set, wait_exponential,
-                      wait_random)
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_when_event_set,
+    wait_exponential,
+    wait_random,
+)
 
 __all__ = ["HttpReward", "RewardServerError", "RewardServerDown", "probe_problems", "probe_report"]
 
@@ -96,8 +103,8 @@ class HttpReward:
     """
 
     def __init__(self, url: str, *, batch_size: int = 8, timeout_s: float = 30.0, retries: int = 3,
-                 backoff_s: float = 0.5, headers: Optional[Mapping[str, str]] = None,
-                 transport: Any = None, stop: Optional[threading.Event] = None) -> None:
+                 backoff_s: float = 0.5, headers: Mapping[str, str] | None = None,
+                 transport: Any = None, stop: threading.Event | None = None) -> None:
         if batch_size < 1 or timeout_s <= 0 or retries < 0 or backoff_s <= 0:
             raise ValueError(f"HttpReward: batch_size >= 1, timeout_s > 0, retries >= 0, backoff_s > 0 (got "
                              f"{batch_size}, {timeout_s}, {retries}, {backoff_s})")

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from streamrl.common.human import HumanModelView
 from streamrl.common.messages import HumanScore, ScoredRollout

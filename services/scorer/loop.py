@@ -28,8 +28,14 @@ from streamrl.services.scorer.human import add_human_scores
 from streamrl.services.scorer.metrics import ScorerMetrics
 from streamrl.services.scorer.reference import ReferencePass
 from streamrl.services.scorer.rewards import build_reward
-from streamrl.services.scorer.scoring import (MAX_BATCH, DroppedGroups, Scoring, drop_failed_groups, score_each,
-                                              scorer_endpoint)
+from streamrl.services.scorer.scoring import (
+    MAX_BATCH,
+    DroppedGroups,
+    Scoring,
+    drop_failed_groups,
+    score_each,
+    scorer_endpoint,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The scorer's Prometheus metrics, ``streamrl_scorer_*`` (README, "Metrics and logs")."""
+"""The scorer's Prometheus metrics, ``streamrl_scorer_*`` (docs/metrics.md)."""
 
 from __future__ import annotations
 

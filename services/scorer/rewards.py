@@ -39,9 +39,10 @@ import functools
 import math
 import re
 import threading
+from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, Sequence, Union
+from typing import Annotated, Any
 
 import torch
 from pydantic import FiniteFloat, PositiveInt, StringConstraints, validate_call
@@ -194,7 +195,7 @@ def count_char(
     metadata: list[dict],
     *,
     char: Annotated[str, StringConstraints(min_length=1, max_length=1)] = "a",
-    max_count: Optional[PositiveInt] = None,
+    max_count: PositiveInt | None = None,
 ) -> list[float]:
     """Reward for emitting a target character (the test-suite learning task).
 
@@ -261,8 +262,8 @@ class RewardModelScorer:
     """
 
     @validate_call(config=STRICT_ARGS)
-    def __init__(self, path: Union[str, Path], *, batch_size: PositiveInt = 8, device: Union[torch.device, str],
-                 max_length: Optional[PositiveInt] = None, label: Optional[Union[int, str]] = None,
+    def __init__(self, path: str | Path, *, batch_size: PositiveInt = 8, device: torch.device | str,
+                 max_length: PositiveInt | None = None, label: int | str | None = None,
                  chat_template: bool = False) -> None:
         from streamrl.common.reward_model import RewardModel
 
@@ -388,7 +389,7 @@ class CompositeReward:
 
 
 def build_reward(specs: Sequence[RewardSpec], *, device: torch.device,
-                 stop: Optional[threading.Event] = None) -> CompositeReward:
+                 stop: threading.Event | None = None) -> CompositeReward:
     """Build a :class:`CompositeReward` from validated reward specs (``config.scorer.rewards``).
 
     A function spec becomes its function with ``kwargs`` bound (default name: the

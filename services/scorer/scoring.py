@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from streamrl.common.messages import GroupDropped, Rollout, ScoredRollout
-from streamrl.services.scorer.health import error_text
 from streamrl.services.scorer.deadline import RewardTimeout
+from streamrl.services.scorer.health import error_text
 from streamrl.services.scorer.http_reward import RewardServerError
 
 WHOLE_REWARD_FAILURES: tuple[type[BaseException], ...] = (RewardServerError, RewardTimeout)

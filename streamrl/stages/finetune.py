@@ -82,7 +82,7 @@ class Trunk:
         self.caching = cache and trainable_layers is not None
         self._cache: dict[tuple[int, ...], Tensor] = {}
 
-    def share_features(self, other: "Trunk") -> None:
+    def share_features(self, other: Trunk) -> None:
         """Read (and add to) ``other``'s cache of frozen-part outputs instead of computing them again.
 
         Valid for two models loaded from the same base with the same number of frozen blocks
@@ -383,7 +383,7 @@ class Stage:
     base_fingerprint: str = ""
 
     @classmethod
-    def open(cls, config: Any, key: str, *, force: bool, log: Callable[[str], None]) -> "Stage | dict":
+    def open(cls, config: Any, key: str, *, force: bool, log: Callable[[str], None]) -> Stage | dict:
         """Start stage ``key`` of ``config``; the stored summary instead when its output folder
         (``<key>.output_dir``, default ``<run.output_dir>/<key>``) is complete and not ``force``.
 

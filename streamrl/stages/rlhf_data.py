@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from streamrl.common.prompts import json_lines
 
@@ -236,7 +237,7 @@ def load_examples(path: str | Path) -> list[Example]:
 
 
 def _prompt_hash(example: Example, seed: int) -> str:
-    return hashlib.sha256(f"{seed}\x00{example.text}".encode("utf-8")).hexdigest()
+    return hashlib.sha256(f"{seed}\x00{example.text}".encode()).hexdigest()
 
 
 def split_examples(examples: Sequence[Example], *, eval_rows: int, seed: int,
@@ -285,7 +286,7 @@ def split_proxy_gold(examples: Sequence[Example], *, seed: int) -> tuple[list[Ex
         ValueError: fewer than two distinct prompts (one half would be empty).
     """
     prompts = sorted({e.text for e in examples},
-                     key=lambda t: hashlib.sha256(f"{seed}\x00proxy-gold\x00{t}".encode("utf-8")).hexdigest())
+                     key=lambda t: hashlib.sha256(f"{seed}\x00proxy-gold\x00{t}".encode()).hexdigest())
     if len(prompts) < 2:
         raise ValueError(f"{len(prompts)} distinct training prompt(s) cannot be split into a proxy and a gold "
                          "half; fix: train on more rows (raise rm.data.train_rows) or set rm.gold = false")

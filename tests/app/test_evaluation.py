@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from streamrl.common.config import validate_config
-from streamrl.evaluation import evaluate, held_out_prompts
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
-from streamrl.report import plot_learning_curve
 from streamrl.common.prompts import load_prompts, split_prompts
+from streamrl.evaluation import evaluate, held_out_prompts
+from streamrl.report import plot_learning_curve
 from support import REPO
 
 
@@ -39,7 +39,8 @@ def test_evaluate_is_reproducible_and_reward_matches_the_rule(tiny_model_dir):
     cfg = tiny_config(tiny_model_dir)
     a = evaluate(cfg, str(tiny_model_dir), limit=6, seed=7, num_samples=6)
     b = evaluate(cfg, str(tiny_model_dir), limit=6, seed=7, num_samples=6)
-    assert a.reward_mean == b.reward_mean and [s["completion"] for s in a.samples] == [s["completion"] for s in b.samples]
+    assert a.reward_mean == b.reward_mean
+    assert [s["completion"] for s in a.samples] == [s["completion"] for s in b.samples]
     # the policy is the reference: KL is exactly zero
     assert a.kl_mean == 0.0 and a.kl_per_token == 0.0
     # reward = fraction of "e" in each completion; stderr = sample std / sqrt(n)

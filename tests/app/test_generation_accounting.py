@@ -36,7 +36,8 @@ def test_rolled_back_steps_count_once(tmp_path):
     from streamrl.report import distinct_steps
 
     ledger = tmp_path / "trained.jsonl"
-    ledger.write_text("\n".join(json.dumps({"step": s, "version": s, "rollout_ids": ["a", "b"]}) for s in (1, 2)) + "\n")
+    ledger.write_text("\n".join(json.dumps({"step": s, "version": s, "rollout_ids": ["a", "b"]})
+                                for s in (1, 2)) + "\n")
     records = [{"step": 1, "dropped_stale": 1, "evicted": 0, "buffered_groups": 0, "reward_mean": 0.0},
                {"step": 2, "dropped_stale": 3, "evicted": 0, "buffered_groups": 1, "reward_mean": 0.1},  # rolled back
                {"step": 2, "dropped_stale": 3, "evicted": 0, "buffered_groups": 0, "reward_mean": 0.2}]

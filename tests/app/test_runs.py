@@ -28,8 +28,9 @@ def fake_run(cfg, steps: int, *, journal: Path | None = None) -> Path:
     ckpt = out / "checkpoints" / f"step-{steps:06d}"
     ckpt.mkdir(parents=True)
     (ckpt / MARKER).write_text(json.dumps({"step": steps, "version": steps}))
-    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "reward_mean": 0.0, "kl": 0.0, "dropped_stale": 0,
-                                                       "behaviour_versions": [i]}) + "\n" for i in range(steps)))
+    records = [{"step": i + 1, "reward_mean": 0.0, "kl": 0.0, "dropped_stale": 0, "behaviour_versions": [i]}
+               for i in range(steps)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (out / "trained.jsonl").write_text("{}\n")
     (out / "published_version").write_text(f"{steps}\n")
     journal = journal or out / "buffer"
@@ -155,11 +156,10 @@ def reward_config(tmp_path: Path, char: str):
 def journaled_run(cfg) -> list[str]:
     """A run at step 2 whose buffer journal holds one group of two rollouts scored by count_char("a");
     returns their completions."""
-    from support import scored_item
-
     from streamrl.common.messages import encode
     from streamrl.common.service import journal_folder
     from streamrl.services.buffer.journal import Journal
+    from support import scored_item
 
     out = fake_run(cfg, 2)
     (out / "buffer" / "segment-00000001.log").unlink()

@@ -48,7 +48,8 @@ def test_encode_demonstration_masks_the_prompt_and_ends_with_eos(tiny_model_dir)
 def test_stage_loss_is_the_response_nll_of_the_full_logits(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    examples = [parse_row({"prompt": p, "response": r}, row_number=1) for p, r in [("ab:", " c"), ("long prompt", " z")]]
+    examples = [parse_row({"prompt": p, "response": r}, row_number=1)
+                for p, r in [("ab:", " c"), ("long prompt", " z")]]
     encoded = [encode_demonstration(e, tokenizer, chat_template=False, system_prompt=None, max_length=64)
                for e in examples]
     with torch.no_grad():

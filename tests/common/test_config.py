@@ -1,6 +1,6 @@
 """Tests for common/config/: defaults, one ConfigError listing every problem (key,
 rule, fix, spelling hints), cross checks, ``--set`` overrides, shipped configs, the
-schema's rules (one rule set), resource checks, the generated README reference."""
+schema's rules (one rule set), resource checks, the generated reference (docs/config.md)."""
 
 from __future__ import annotations
 
@@ -465,15 +465,15 @@ def test_every_field_has_a_description():
 # --------------------------------------------------------------------------- reference table
 
 
-README = REPO / "README.md"
+REFERENCE_PAGE = REPO / "docs" / "config.md"
 
 
-def test_readme_config_reference_is_the_generated_table():
-    text = README.read_text()
+def test_the_docs_config_reference_is_the_generated_table():
+    text = REFERENCE_PAGE.read_text()
     assert text.count(REFERENCE_BEGIN) == 1 and text.count(REFERENCE_END) == 1
-    assert text.index("## Config reference") < text.index(REFERENCE_BEGIN) < text.index("## Benchmarks")
+    assert text.startswith("# Config reference\n") and text.rstrip().endswith(REFERENCE_END)
     assert replace_reference(text) == text, (
-        "README's config reference differs from the schema; fix: python -m streamrl.common.config --update README.md")
+        "docs/config.md differs from the schema; fix: python -m streamrl.common.config --update docs/config.md")
 
 
 def test_reference_table_rows():
@@ -500,7 +500,7 @@ def test_reference_table_rows():
 def test_config_module_prints_and_updates_the_table(tmp_path):
     out = subprocess.run([sys.executable, "-m", "streamrl.common.config"], capture_output=True, text=True, check=True)
     assert out.stdout == reference_table()
-    stale = tmp_path / "README.md"
+    stale = tmp_path / "config.md"
     stale.write_text(f"# x\n\n{REFERENCE_BEGIN}\n| old |\n{REFERENCE_END}\n\nafter\n")
     subprocess.run([sys.executable, "-m", "streamrl.common.config", "--update", str(stale)], check=True,
                    capture_output=True)

@@ -10,10 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from streamrl.common.human import (HumanHead, beta_at, bias_actions, control_share, eligibility, human_terms,
-                                   reference_features)
-from streamrl.common.messages import (FinishReason, HumanModel, HumanScore, Rollout, SamplingParams, ScoredRollout,
-                                      Selection)
+from streamrl.common.human import (
+    HumanHead,
+    beta_at,
+    bias_actions,
+    control_share,
+    eligibility,
+    human_terms,
+    reference_features,
+)
+from streamrl.common.messages import (
+    FinishReason,
+    HumanModel,
+    HumanScore,
+    Rollout,
+    SamplingParams,
+    ScoredRollout,
+    Selection,
+)
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.common.modes import HumanCombination
 

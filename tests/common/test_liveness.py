@@ -28,7 +28,8 @@ def make(warn_after_s=5.0):
 
 
 def warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "streamrl.common.liveness" and r.levelno == logging.WARNING]
+    return [r.getMessage() for r in caplog.records
+            if r.name == "streamrl.common.liveness" and r.levelno == logging.WARNING]
 
 
 def test_gauge_tracks_the_current_wait_and_resets(caplog):

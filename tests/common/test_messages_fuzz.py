@@ -16,10 +16,20 @@ import msgpack
 import numpy as np
 import pytest
 
+from fuzz_frames import (
+    ACCEPTED,
+    CATEGORIES,
+    HUGE_CLAIMS,
+    Raw,
+    array_ref,
+    frames_of,
+    hostile,
+    pack,
+    samples,
+    unpack_header,
+)
 from streamrl.common import messages as m
 from streamrl.common.messages import ProtocolError, RejectReason
-from fuzz_frames import ACCEPTED, CATEGORIES, HUGE_CLAIMS, Raw, array_ref, frames_of, hostile, pack, samples, \
-    unpack_header
 
 PER_SOCKET = 2_500
 MAX_BYTES = 64 * 1024  # small, so the oversize cases stay cheap

@@ -27,8 +27,8 @@ from streamrl.common.prompts import (
 )
 from streamrl.services.generator.rollouts import group_rollouts
 from streamrl.services.generator.sampling import Completion, prepare_prompts
-from streamrl.services.scorer.scoring import score_batch
 from streamrl.services.scorer.rewards import CompositeReward, RewardComponent
+from streamrl.services.scorer.scoring import score_batch
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}|{% endfor %}"

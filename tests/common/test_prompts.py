@@ -101,8 +101,10 @@ def test_default_prompt_file() -> None:
 
 def test_load_jsonl_options_and_errors(tmp_path: Path) -> None:
     f = tmp_path / "my_prompts.jsonl"
-    rows = [{"prompt": "one", "key": 7, "answer": "1"}, {"prompt": "two", "answer": "2"}, {"prompt": "  ", "answer": "x"}]
-    f.write_text("\n".join(json.dumps(r) for r in rows[:1]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[1:]) + "\n")
+    rows = [{"prompt": "one", "key": 7, "answer": "1"}, {"prompt": "two", "answer": "2"},
+            {"prompt": "  ", "answer": "x"}]
+    f.write_text("\n".join(json.dumps(r) for r in rows[:1]) + "\n\n"
+                 + "\n".join(json.dumps(r) for r in rows[1:]) + "\n")
     prompts = load_jsonl(f, text_field="prompt", id_field="key", metadata_fields=("answer",))
     # The second record is on physical line 3 (line 2 is blank); the empty-text line is skipped.
     assert prompts == [Prompt("7", "one", {"answer": "1"}), Prompt("my_prompts:3", "two", {"answer": "2"})]

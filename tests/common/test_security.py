@@ -253,8 +253,8 @@ def test_client_with_a_wrong_server_key_is_counted_as_bad_handshake(keys, proces
 def test_weight_push_over_curve_and_a_keyless_generator_gets_nothing(keys, processes):
     import torch
 
-    from streamrl.common.modes import WeightDtype
     from streamrl.common.messages import WeightsChunkRequest
+    from streamrl.common.modes import WeightDtype
     from streamrl.common.weights import WeightClient, WeightServer, pack_state_dict
 
     learner = processes(keys, "learner", "learner")

@@ -11,8 +11,7 @@ import urllib.request
 import pytest
 
 from streamrl.common.errors import StartupRefused
-from streamrl.common.service import (CONFIG_ENV, OVERRIDES_ENV, parse_args, replica_index, run_service,
-                                     start_service)
+from streamrl.common.service import CONFIG_ENV, OVERRIDES_ENV, parse_args, replica_index, run_service, start_service
 from streamrl.testing import free_port, write_config
 
 

@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from support import fill_garbage, ragged_mask
 
 from streamrl.common.tensors import (
     bool_mask,
@@ -21,6 +20,7 @@ from streamrl.common.tensors import (
     pad_left,
     pad_right,
 )
+from support import fill_garbage, ragged_mask
 
 ATOL = 1e-6
 

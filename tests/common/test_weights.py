@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +11,6 @@ from streamrl.common.messages import WeightsChunk, WeightsChunkRequest, decode, 
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.modes import WeightDtype
 from streamrl.common.transport import make_socket, send
-from streamrl.testing import free_port
 from streamrl.common.weights import (
     FetchStopped,
     WeightClient,
@@ -23,6 +21,7 @@ from streamrl.common.weights import (
     pack_state_dict,
     unpack_state_dict,
 )
+from streamrl.testing import free_port
 
 
 def state(seed: int) -> dict[str, torch.Tensor]:
@@ -405,8 +404,8 @@ def resident_bytes() -> int:
 def test_a_client_that_never_reads_does_not_grow_the_learner(server_and_endpoints):
     """A generator asks for a 4 MB chunk of every new version and never reads the
     replies. Each queued reply used to keep its whole version's blob alive (64 per peer), so the
-    learner grew by a blob per version (252 MB over the last 30 of these 40 before this change); now replies come from the
-    pooled blobs and one peer's queue is capped, so once the pool is full more versions cost nothing,
+    learner grew by a blob per version (252 MB over the last 30 of these 40 before this change); now replies come
+    from the pooled blobs and one peer's queue is capped, so once the pool is full more versions cost nothing,
     the drops are counted, the stalled peer is shown, and another generator still fetches."""
     import gc
     import subprocess
@@ -458,8 +457,8 @@ def test_a_client_that_never_reads_does_not_grow_the_learner(server_and_endpoint
 
 
 def test_weight_server_metrics_are_the_readme_row():
-    """The metrics the weight server adds to the learner's registry are the README's row for it."""
-    from support import metric_names, readme_metrics
+    """The metrics the weight server adds to the learner's registry are the row of docs/metrics.md for it."""
+    from support import documented_metrics, metric_names
 
     bare = metric_names(ServiceMetrics("learner", "l").registry)
     ctx = zmq.Context()
@@ -470,7 +469,7 @@ def test_weight_server_metrics_are_the_readme_row():
     finally:
         server.close()
         ctx.term()
-    assert added == readme_metrics("learner's weight server")
+    assert added == documented_metrics("learner's weight server")
 
 
 class TiedModel(torch.nn.Module):

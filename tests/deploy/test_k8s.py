@@ -25,11 +25,11 @@ from dockerfile_parse import DockerfileParser
 from streamrl.common.config import apply_overrides, load_config, validate_config
 from streamrl.common.security import generate_keys
 from streamrl.status import COMPONENT_LABEL, SERVICES
+from support import REPO
 
 PIPELINE = tuple(s for s in SERVICES if s != "feedback")
 """The services the base manifests run; the optional feedback service (people in the loop) is there with no
 pod until the component deploy/k8s/feedback (the overlay deploy/k8s/with-feedback) turns it on."""
-from support import REPO
 
 K8S = REPO / "deploy" / "k8s"
 VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
@@ -52,7 +52,8 @@ def rendered(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("k8s") / "k8s"
     shutil.copytree(K8S, root, ignore=shutil.ignore_patterns("keys"))
     keys = root / "base" / "keys"
-    generate_keys(keys)  # what the README's walkthrough runs: streamrl keys generate --dir deploy/k8s/base/keys
+    # what the walkthrough of docs/scaling.md runs: streamrl keys generate --dir deploy/k8s/base/keys
+    generate_keys(keys)
     out: dict = {"keys": keys}
     for overlay in ("base", "gpu", "with-feedback"):
         result = subprocess.run([kubectl(), "kustomize", str(root / overlay)], capture_output=True, text=True,
@@ -314,25 +315,26 @@ def workloads_from_files() -> dict[str, dict]:
     return workloads(docs)
 
 
-def readme_section(title: str) -> str:
-    text = (REPO / "README.md").read_text()
+def docs_section(title: str) -> str:
+    text = (REPO / "docs" / "scaling.md").read_text()
     start = text.index(f"\n## {title}\n")
-    return text[start:text.index("\n## ", start + 1)]
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
 
 
-def test_the_readme_walkthroughs_use_exactly_these_files_and_objects(rendered):
+def test_the_documented_walkthroughs_use_exactly_these_files_and_objects(rendered):
     import re
 
     for title in ("Kubernetes", "Several hosts"):
-        section = readme_section(title)
+        section = docs_section(title)
         paths = set(re.findall(r"(?<![\w/])deploy/[\w./-]+", section))
         assert paths, title
         for path in paths:
             path = path.rstrip(".")
             if "deploy/targets/cluster.json" in path or path.startswith("deploy/k8s/base/keys"):
                 continue  # written by the walkthrough itself
-            assert (REPO / path).exists(), f"README section {title} names {path}, which does not exist"
-    walkthrough = readme_section("Kubernetes")
+            assert (REPO / path).exists(), f"docs/scaling.md section {title} names {path}, which does not exist"
+    walkthrough = docs_section("Kubernetes")
     docs = rendered["base"]
     pods = workloads(docs)
     for command in ("job/streamrl-learner", "deployment/streamrl-generator", "deployment/streamrl-scorer"):

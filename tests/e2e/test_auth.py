@@ -106,7 +106,7 @@ def test_unauthenticated_clients_get_nothing_from_any_service(tmp_path, tiny_mod
         for service, (_port, endpoints) in bound.items():
             for endpoint in endpoints:
                 for reason in ("no_key", "unknown_key"):
-                    assert wait_until(lambda: counted(service, reason, endpoint) >= 1, timeout=5), \
+                    assert wait_until(lambda s=service, r=reason, e=endpoint: counted(s, r, e) >= 1, timeout=5), \
                         (service, endpoint, reason, scrape(bound[service][0]))
         # ... and logged, the unknown key named
         intruder_key = zmq.auth.load_certificate(keys / "clients" / "intruder.key")[0].decode()

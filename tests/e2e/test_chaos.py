@@ -79,7 +79,7 @@ def test_kill_minus_nine_each_service_and_nothing_accepted_is_lost(tmp_path, tin
         target = max(threshold, kills[-1][1] + 2 if kills else 0)
         if victim == "learner" and 1 < every < KILL_BEFORE:
             target = max(target, every + 3)  # a few steps past a checkpoint: those steps are rolled back
-        assert wait_until(lambda: max(trained_steps(run_dir), default=0) >= target, timeout=240), procs.logs()
+        assert wait_until(lambda t=target: max(trained_steps(run_dir), default=0) >= t, timeout=240), procs.logs()
         time.sleep(0.0 if victim == "learner" and every > 1 else rng.uniform(0.0, 1.5))
         name = f"{victim}-0"
         procs.procs[name].send_signal(signal.SIGKILL)

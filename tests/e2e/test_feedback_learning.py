@@ -21,8 +21,8 @@ import pytest
 import requests
 import torch
 
-from streamrl.common.models import load_causal_lm, load_tokenizer
 from streamrl.common.messages import SamplingParams
+from streamrl.common.models import load_causal_lm, load_tokenizer
 from streamrl.services.generator.sampling import encode_prompts, sample_completions
 from streamrl.testing import add_labeller, feedback_sections, local_run_config, wait_until, write_config
 
@@ -59,8 +59,9 @@ def run_job(tmp_path, tiny_model_dir, services, *, feedback: bool) -> tuple[np.n
         assert wait_until(up, 120), procs.logs()
         token = add_labeller(config, "simulated")
         labeller = subprocess.Popen([sys.executable, "-m", "streamrl.services.feedback.simulate", "--url", url,
-                                     "--token", token, "--likes", "char:a", "--threshold", "0", "--labels-per-second", "10",
-                                     "--duration", "600"], stdout=subprocess.PIPE, text=True)
+                                     "--token", token, "--likes", "char:a", "--threshold", "0",
+                                     "--labels-per-second", "10", "--duration", "600"],
+                                    stdout=subprocess.PIPE, text=True)
     learner = procs.procs["learner-0"]
     try:
         assert wait_until(lambda: learner.poll() is not None, timeout=420) and learner.returncode == 0, procs.logs()

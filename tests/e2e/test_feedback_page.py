@@ -6,7 +6,7 @@ shortcut each store a label (checked in the SQLite database), H-hat's version ad
 scorer starts shaping rewards with it; a request without a labeller and a cross-site form POST
 (from a page served on another port, which the browser sends with the session cookie) are
 refused and store nothing. The test saves a screenshot of the page (``$STREAMRL_SCREENSHOT``,
-when set, receives a copy: the README's picture is made this way).
+when set, receives a copy: the picture of docs/feedback.md is made this way).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def browser():
 
     options = Options()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,1500"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1200,1500"):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
@@ -68,7 +69,8 @@ def attacker_site(target: str, rollout_id: str) -> tuple[http.server.ThreadingHT
 
 def forged(samples: dict) -> float:
     """Requests the feedback service refused as forged (no CSRF token, or another origin)."""
-    return sum(samples.get(f"streamrl_feedback_requests_refused_total{{reason={r}}}", 0) for r in ("csrf", "cross_origin"))
+    return sum(samples.get(f"streamrl_feedback_requests_refused_total{{reason={r}}}", 0)
+               for r in ("csrf", "cross_origin"))
 
 
 def start_job(tmp_path, tiny_model_dir, services, **feedback):
@@ -94,7 +96,8 @@ def start_job(tmp_path, tiny_model_dir, services, **feedback):
 
 def labels(db) -> list[tuple]:
     with sqlite3.connect(db) as con:
-        return con.execute("SELECT labeller, kind, rollout_id, value, policy_version FROM labels ORDER BY id").fetchall()
+        return con.execute("SELECT labeller, kind, rollout_id, value, policy_version FROM labels "
+                           "ORDER BY id").fetchall()
 
 
 @pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,

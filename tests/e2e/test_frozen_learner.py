@@ -47,7 +47,7 @@ def test_waiting_on_the_learner_grows_while_a_fetch_retries_against_a_frozen_lea
     try:
         for _ in range(5):
             loaded = sample(gen, "streamrl_generator_policy_version")
-            assert wait_until(lambda: sample(learner_port, "streamrl_learner_policy_version") > loaded,
+            assert wait_until(lambda v=loaded: sample(learner_port, "streamrl_learner_policy_version") > v,
                               timeout=60, interval=0.02), procs.logs()
             learner.send_signal(signal.SIGSTOP)
             fetching = wait_until(lambda: sample(gen, "streamrl_generator_announced_version")

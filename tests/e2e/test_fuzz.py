@@ -7,7 +7,8 @@ ROUTER (WeightsChunkRequest). For each message it predicts the rejection reason 
 decoder (the socket's kind, the configured size limit), or the service's own reason
 for a message the decoder accepts but the service refuses (a batch of more groups than
 the buffer holds, a chunk of a version not held or past the end, a rollout id already
-accepted, a token id past the learner's vocabulary); fuzz messages that turn out valid are not sent (they would be real traffic).
+accepted, a token id past the learner's vocabulary); fuzz messages that turn out valid are not sent (they
+would be real traffic).
 Every service's ``messages_rejected_total{reason}`` must then equal the prediction,
 reason by reason. Frames larger than ``transport.max_message_bytes`` never reach
 Python: libzmq (``ZMQ_MAXMSGSIZE``) drops the connection that sent them. Afterwards
@@ -27,11 +28,11 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from fuzz_frames import frames_of, hostile
 from streamrl.common import messages as m
 from streamrl.common.messages import ProtocolError
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.weights import WeightClient, WeightSyncError
-from fuzz_frames import frames_of, hostile
 from streamrl.testing import local_run_config, scrape, wait_until, write_config
 
 pytestmark = pytest.mark.slow
@@ -120,7 +121,7 @@ def zmtp_oversize_frame(endpoint: str, socket_type: bytes, frame_bytes: int, tim
                     return True
         except (ConnectionResetError, BrokenPipeError):
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
     return False
 
@@ -211,7 +212,8 @@ def test_ten_thousand_hostile_messages_every_service_counts_and_stays_up(tmp_pat
             announce = m.decode(sub.recv_multipart(), expected=[m.WeightsAnnounce])
         assert announce is not None and announce.num_chunks >= 2  # several chunks of CHUNK_BYTES
         for i in range(SERVICE_LEVEL):
-            request = m.WeightsChunkRequest(sender="fuzz", version=announce.version, chunk_index=announce.num_chunks + i)
+            request = m.WeightsChunkRequest(sender="fuzz", version=announce.version,
+                                            chunk_index=announce.num_chunks + i)
             weights.send(frames_of(request), "out_of_range")
         sent_s = time.perf_counter() - started
 

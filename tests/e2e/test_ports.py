@@ -88,7 +88,7 @@ def test_free_ports_runs_while_every_port_of_the_config_is_held(tmp_path, tiny_m
     ports = [int(used["endpoints"][name].rpartition(":")[2]) for name in ("buffer", "batches", "weights")]
     ports += [used["metrics"][f"{s}_port"] for s in ("generator", "scorer", "buffer", "learner")]
     assert not held & set(ports) and len(set(ports)) == len(ports)
-    assert f"ports of this run: endpoints.scorers=" in run.stdout and str(output / "config.toml") in run.stdout
+    assert "ports of this run: endpoints.scorers=" in run.stdout and str(output / "config.toml") in run.stdout
 
 
 def test_default_ports_taken_by_another_run_are_replaced_without_asking(tmp_path, capsys):

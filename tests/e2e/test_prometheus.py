@@ -18,9 +18,9 @@ import urllib.request
 import pytest
 import yaml
 
+from promql import load_dashboard, metric_names, queries, to_prometheus
 from streamrl.common.config import load_config
 from streamrl.status import file_sd, targets
-from promql import load_dashboard, metric_names, queries, to_prometheus
 from streamrl.testing import feedback_sections, free_port, local_run_config, stop_process, wait_until, write_config
 from support import REPO
 

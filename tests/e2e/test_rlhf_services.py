@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
-from support import train_tiny_reward_model
 
 from streamrl.common.reward_model import RewardModel
 from streamrl.services.scorer.rewards import count_char
 from streamrl.testing import local_run_config, wait_until, write_config
+from support import train_tiny_reward_model
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from streamrl.testing import local_run_config, scrape, wait_until, write_config
-
 from support import REPO
 
 pytestmark = pytest.mark.slow

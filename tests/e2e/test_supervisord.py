@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from streamrl.testing import local_run_config, wait_until, write_config
-
 from support import REPO
 
 pytestmark = pytest.mark.slow

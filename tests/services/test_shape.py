@@ -1,4 +1,4 @@
-"""Every service has the one shape (README, "Layout"): ``__main__.py`` runs ``<Name>Service`` from
+"""Every service has the one shape (DESIGN.md, "Layout"): ``__main__.py`` runs ``<Name>Service`` from
 ``loop.py``, whose only top-level definition is that class; ``metrics.py`` holds the one
 ``<Name>Metrics`` MetricSet, the only place in the service that creates a metric."""
 
@@ -58,7 +58,8 @@ def metric_creations(source: str) -> list[str]:
 
 
 def test_metric_creations_are_found():
-    planted = "class S:\n    def __init__(self, ctx):\n        m = ctx.metrics\n        self.x = m.counter('x_total', 'x')\n"
+    planted = ("class S:\n    def __init__(self, ctx):\n        m = ctx.metrics\n"
+               "        self.x = m.counter('x_total', 'x')\n")
     assert metric_creations(planted) == ["line 4: m.counter('x_total', 'x')"]
     assert metric_creations("self.metrics.rollouts.inc(); self.metrics.refused.labels(reason='a').inc(2)") == []
 

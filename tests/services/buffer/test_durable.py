@@ -287,7 +287,8 @@ def test_a_group_a_scorer_dropped_is_evicted_journaled_and_its_later_members_ref
     assert buf.drop_group("fine") == 0 and buf.store.complete_groups == 1  # a complete group holds no failure
     restarted = durable(tmp_path)
     assert restarted.recover().rollouts == 2
-    assert [[m.rollout.rollout_id for m in members] for members, _ in restarted.store.snapshot()] == [["fine-0", "fine-1"]]
+    held = [[m.rollout.rollout_id for m in members] for members, _ in restarted.store.snapshot()]
+    assert held == [["fine-0", "fine-1"]]
 
 
 def test_the_store_must_not_have_another_ledger_hook():

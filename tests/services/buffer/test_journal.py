@@ -8,8 +8,14 @@ import pytest
 
 from streamrl.common.messages import Batch, encode
 from streamrl.common.modes import FsyncPolicy, OverflowPolicy
-from streamrl.services.buffer.journal import (Journal, JournalDamaged, RecordType, RecoveredGroup, _segments,
-                                               read_records)
+from streamrl.services.buffer.journal import (
+    Journal,
+    JournalDamaged,
+    RecordType,
+    RecoveredGroup,
+    _segments,
+    read_records,
+)
 from streamrl.services.buffer.store import AddOutcome, ReplayBuffer
 from support import scored_item
 
@@ -17,9 +23,9 @@ from support import scored_item
 class Journaled:
     """A ReplayBuffer wired to a Journal the way the buffer service wires them."""
 
-    def __init__(self, directory, *, max_reuse=1, capacity=6, clock=None, **journal_kw):
+    def __init__(self, directory, *, max_reuse=1, capacity=6, clock=None, fsync=FsyncPolicy.ALWAYS, **journal_kw):
         self.now = 0.0
-        self.journal = Journal(directory, fsync=FsyncPolicy.ALWAYS, max_reuse=max_reuse, **journal_kw)
+        self.journal = Journal(directory, fsync=fsync, max_reuse=max_reuse, **journal_kw)
         self.store = ReplayBuffer(capacity_groups=capacity, overflow=OverflowPolicy.EVICT_OLDEST,
                                   max_reuse=max_reuse, max_staleness=2, group_timeout_s=5.0,
                                   clock=clock or (lambda: self.now), on_event=self._event)
@@ -136,9 +142,12 @@ def test_corrupt_record_ends_its_segment(tmp_path):
 
 def test_compaction_bounds_disk_and_keeps_state_and_history(tmp_path):
     rng = random.Random(3)
-    j = Journaled(tmp_path, max_reuse=1, capacity=4, segment_bytes=4096, max_segments=2, keep_history=True)
+    # 100 groups compact the journal dozens of times; nothing crashes here, so commits need no fsync (the
+    # durability tests have their own): 300 groups with fsync = always made this the slowest unit test
+    j = Journaled(tmp_path, max_reuse=1, capacity=4, segment_bytes=4096, max_segments=2, keep_history=True,
+                  fsync=FsyncPolicy.NEVER)
     accepted, version = [], 0
-    for g in range(300):
+    for g in range(100):
         for k in range(2):
             item = scored_item(f"g{g}", k, version=version)
             assert j.add(item) is AddOutcome.ACCEPTED

@@ -1,4 +1,5 @@
-"""BufferMetrics: the README's names, counters that follow the store's and journal's totals, staleness per batch."""
+"""BufferMetrics: the names of docs/metrics.md, counters that follow the store's and journal's totals,
+staleness per batch."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from streamrl.common.modes import FsyncPolicy, OverflowPolicy
 from streamrl.services.buffer.journal import Journal
 from streamrl.services.buffer.metrics import BufferMetrics
 from streamrl.services.buffer.store import REJECT_OUTCOMES, ReplayBuffer
-from support import declared_metrics, readme_metrics, scored_item
+from support import declared_metrics, documented_metrics, scored_item
 
 
 def value(registry: ServiceMetrics, name: str, labels: dict | None = None) -> float:
@@ -16,7 +17,7 @@ def value(registry: ServiceMetrics, name: str, labels: dict | None = None) -> fl
 
 
 def test_buffer_metrics_are_the_readme_row():
-    assert declared_metrics(BufferMetrics) == readme_metrics("buffer")
+    assert declared_metrics(BufferMetrics) == documented_metrics("buffer")
 
 
 def test_admission_reasons_are_exported_at_zero():

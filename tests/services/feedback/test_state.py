@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from streamrl.services.feedback.state import RecentRollouts
 from feedback_support import scored
+from streamrl.services.feedback.state import RecentRollouts
 
 
 def test_recent_rollouts_forget_the_oldest_and_page_by_seq():

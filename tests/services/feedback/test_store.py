@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamrl.services.feedback.store import LabelStore, token_hash
 from feedback_support import scored
+from streamrl.services.feedback.store import LabelStore, token_hash
 
 
 def test_tokens_are_stored_hashed_and_checked(tmp_path):

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
+from feedback_support import scored
 from streamrl.common.config import LearnerSection, validate_config
 from streamrl.common.human import human_terms
 from streamrl.common.messages import HumanScore, Selection
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.common.modes import HumanCombination
 from streamrl.services.generator.control import select_candidates, share_control
-from streamrl.services.learner.loop import LearnerService
 from streamrl.services.generator.sampling import Completion
 from streamrl.services.learner.batch import collate
+from streamrl.services.learner.loop import LearnerService
 from streamrl.services.learner.trainer import PPOTrainer
-from feedback_support import scored
 
 
 class StubView:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streamrl.common.modes import WeightDtype
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
+from streamrl.common.modes import WeightDtype
 from streamrl.common.weights import pack_state_dict, tied_duplicates, unpack_state_dict
 from streamrl.services.generator.versions import check_fit, needs_fetch, too_stale
 

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from support import fill_garbage, ragged_mask
 
 from streamrl.common.modes import AdvantageEstimator
 from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards, vtrace
+from support import fill_garbage, ragged_mask
 
 ATOL = 1e-6
 

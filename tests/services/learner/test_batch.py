@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from support import fp32_head_on_bf16_body, slow_nucleus
 
 from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
@@ -17,6 +16,7 @@ from streamrl.services.learner.batch import (
     forward_completions,
     split_by_sampling,
 )
+from support import fp32_head_on_bf16_body, slow_nucleus
 
 FIELDS = ["input_ids", "attention_mask", "positions", "tokens", "mask", "behaviour_logprobs",
           "scores", "group_ids", "versions"]

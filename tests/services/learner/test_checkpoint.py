@@ -7,7 +7,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
-from streamrl.services.learner.checkpoint import MARKER, latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
+from streamrl.services.learner.checkpoint import (
+    MARKER,
+    latest_checkpoint,
+    list_checkpoints,
+    load_trainer_state,
+    save_checkpoint,
+)
 
 TOKENIZER = build_char_tokenizer()
 

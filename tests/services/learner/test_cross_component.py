@@ -11,15 +11,15 @@ import copy
 import numpy as np
 import pytest
 import torch
-from support import slow_nucleus
 
 from streamrl.common.config import Config, LearnerSection
 from streamrl.common.messages import Rollout, SamplingParams, ScoredRollout
-from streamrl.common.modes import KLEstimator, KLPenaltyMode
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
+from streamrl.common.modes import KLEstimator, KLPenaltyMode
 from streamrl.services.generator.sampling import encode_prompts, sample_completions
 from streamrl.services.learner.batch import TrainBatch, collate
 from streamrl.services.learner.trainer import PPOTrainer
+from support import slow_nucleus
 
 TOKENIZER = build_char_tokenizer()
 PROMPTS = ["The film was", "I think that", "abc"]

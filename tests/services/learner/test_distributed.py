@@ -47,7 +47,8 @@ def batch(weights: bool = False):
     items = []
     for i, (prompt, completion) in enumerate(TEXTS):
         item = scored_item(f"g{i // 2}", i % 2)
-        tokens = [np.asarray(TOKENIZER(x, add_special_tokens=False)["input_ids"], np.int32) for x in (prompt, completion)]
+        tokens = [np.asarray(TOKENIZER(x, add_special_tokens=False)["input_ids"], np.int32)
+                  for x in (prompt, completion)]
         item.rollout.prompt_tokens, item.rollout.completion_tokens = tokens
         item.rollout.behaviour_logprobs = np.full(len(tokens[1]), -2.5, np.float32)
         item.rollout.sampling = SamplingParams(temperature=0.9, top_p=1.0, max_new_tokens=32)
@@ -107,7 +108,7 @@ def rank_main(out: Path) -> None:
         kind = Unscaled if case == "unscaled" else Counting
         Counting.rows = 0
         if rank == 0:
-            trainer, stats = two_steps(lambda p, r: kind(p, r, cfg, dist))
+            trainer, stats = two_steps(lambda p, r, kind=kind, cfg=cfg: kind(p, r, cfg, dist))
             trainer.close(end=False)
             torch.save({k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
                        | ({"value_head." + k: v for k, v in trainer.value_head.state_dict().items()}
@@ -131,7 +132,7 @@ def test_two_gloo_ranks_take_the_single_rank_step(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     for case in CASES:
-        trainer, single = two_steps(lambda p, r: PPOTrainer(p, r, config(case, 1)))
+        trainer, single = two_steps(lambda p, r, case=case: PPOTrainer(p, r, config(case, 1)))
         want = dict(trainer.policy.state_dict())
         if trainer.value_head is not None:
             want |= {"value_head." + k: v for k, v in trainer.value_head.state_dict().items()}

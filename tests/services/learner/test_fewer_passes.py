@@ -3,8 +3,6 @@ pi_old gives the same step as a separate pi_old pass; length buckets carry less 
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch

@@ -88,9 +88,9 @@ def test_errors():
 
 def test_per_sequence_kl_sums_tokens_and_averages_sequences():
     import torch
-    from support import fill_garbage, ragged_mask
 
     from streamrl.services.learner.kl_control import per_sequence_kl
+    from support import fill_garbage, ragged_mask
 
     kl = torch.tensor([[0.1, 0.2, 0.3], [1.0, 0.0, 0.0]])
     mask = ragged_mask([3, 1], 3)
@@ -104,9 +104,9 @@ def test_adaptive_controller_reaches_its_target_in_nats_per_sequence():
     statistic, the controller settles where the KL *per sequence* is the target (6 nats);
     the per-token mean there is 6 / 20 = 0.3, which a per-token target of 6 would never reach."""
     import torch
-    from support import ragged_mask
 
     from streamrl.services.learner.kl_control import per_sequence_kl
+    from support import ragged_mask
 
     mask = ragged_mask([10, 20, 30], 30)
     ctl = make_kl_controller(0.05, 6.0, 60)

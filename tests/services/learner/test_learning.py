@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 from streamrl.common.config import LearnerSection
@@ -37,6 +38,7 @@ def scored_batch(groups, prompts, rewards, version):
     return out
 
 
+@pytest.mark.slow  # tens of PPO steps of the tiny model: about 20 s on 2 cores
 def test_policy_learns_to_emit_target_char():
     torch.manual_seed(0)
     tokenizer = build_char_tokenizer()

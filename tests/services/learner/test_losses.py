@@ -8,12 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from support import fill_garbage, ragged_mask, slow_nucleus
 
 from streamrl.common.modes import Correction, KLEstimator
 from streamrl.services.learner.losses import (
-    entropy_from_logits,
     aggregate_tokens,
+    entropy_from_logits,
     kl_to_reference,
     nucleus_mask,
     policy_loss,
@@ -21,6 +20,7 @@ from streamrl.services.learner.losses import (
     token_logprobs,
     value_loss,
 )
+from support import fill_garbage, ragged_mask, slow_nucleus
 
 ATOL = 1e-6
 ALL_CORRECTIONS = list(Correction)

@@ -1,14 +1,14 @@
-"""LearnerMetrics: the README's names; a step record reaches the gauges, counters and staleness histogram."""
+"""LearnerMetrics: the names of docs/metrics.md; a step record reaches the gauges, counters and staleness histogram."""
 
 from __future__ import annotations
 
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.services.learner.metrics import STEP_GAUGES, LearnerMetrics
-from support import declared_metrics, readme_metrics
+from support import declared_metrics, documented_metrics
 
 
 def test_learner_metrics_are_the_readme_row():
-    assert declared_metrics(LearnerMetrics) == readme_metrics("learner")
+    assert declared_metrics(LearnerMetrics) == documented_metrics("learner")
 
 
 def test_observe_step():

@@ -66,7 +66,8 @@ def test_an_empty_data_set_is_refused(tmp_path, tokenizer):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ValueError):
-        PtxSampler(PromptSource(kind="jsonl", path=str(empty)), tokenizer, batch_size=2, max_tokens=8, seed=0, held_out=[])
+        PtxSampler(PromptSource(kind="jsonl", path=str(empty)), tokenizer, batch_size=2, max_tokens=8, seed=0,
+                   held_out=[])
 
 
 # --------------------------------------------------------------------------- demonstrations and held-out prompts

@@ -9,7 +9,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from support import fp32_head_on_bf16_body
 
 from streamrl.common.config import LearnerSection
 from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
@@ -17,6 +16,7 @@ from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.common.reference import reference_logprobs
 from streamrl.services.learner.batch import collate, forward_completions
 from streamrl.services.learner.trainer import PPOTrainer
+from support import fp32_head_on_bf16_body
 
 TOKENIZER = build_char_tokenizer()
 PAD = TOKENIZER.pad_token_id

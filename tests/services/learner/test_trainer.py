@@ -496,7 +496,8 @@ def test_vtrace_targets_on_policy_equal_gae_returns_and_off_policy_use_the_ratio
     vt_trainer = make_trainer(learner_cfg(correction="vtrace", vtrace_rho_bar=1.5, vtrace_c_bar=1.0, **cfg))
     with torch.no_grad():  # a non-zero critic, the same in both
         for t in (gae_trainer, vt_trainer):
-            t.value_head.weight.copy_(torch.linspace(-0.1, 0.1, t.value_head.weight.numel()).view_as(t.value_head.weight))
+            weight = t.value_head.weight
+            weight.copy_(torch.linspace(-0.1, 0.1, weight.numel()).view_as(weight))
     on = on_policy(gae_trainer, ragged_batch())
     g, v = gae_trainer.targets(on), vt_trainer.targets(copy.deepcopy(on))
     torch.testing.assert_close(v.returns, g.returns, atol=1e-5, rtol=0)

@@ -89,8 +89,8 @@ def test_trainer_trains_the_value_model_with_its_own_learning_rate(rm_dir):
 
 
 def test_another_vocabulary_is_refused(rm_dir):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab={"<unk>": 0, "a": 1},
                                                                                 unk_token="<unk>")))

@@ -4,7 +4,6 @@ output read is chosen (`label`, index or name) and required when there are two, 
 
 from __future__ import annotations
 
-import logging
 import time
 
 import pytest
@@ -35,15 +34,24 @@ def sentiment_dir(tmp_path_factory, tiny_model_dir):
     texts = [GOOD, BAD, "great " + GOOD, "awful " + BAD]
     labels = torch.tensor([1, 0, 1, 0])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(60):
-        for text, label in zip(texts, labels):
-            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    encoded = [tokenizer(text, return_tensors="pt")["input_ids"] for text in texts]
+
+    def separated() -> bool:  # every text's own class ahead by at least 1 nat
+        with torch.no_grad():
+            margins = [(model(input_ids=ids).logits[0] * (1 if label else -1)).diff().item()
+                       for ids, label in zip(encoded, labels)]
+        return min(margins) >= 1.0
+
+    model.eval()  # the tiny Llama has no dropout: eval and train compute the same function
+    for epoch in range(60):
+        for ids, label in zip(encoded, labels):
             loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits, label[None])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    model.eval()
+        if epoch % 5 == 4 and separated():
+            break
+    assert separated(), "the classifier did not learn to separate the phrases"
     folder = tmp_path_factory.mktemp("sentiment") / "clf"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -23,7 +23,8 @@ def rollouts(n: int, start: int = 0) -> list[Rollout]:
     return [Rollout(sender="g", prompt_id="p", group_id="g:0", rollout_id=f"g:0:{i}", generator_id="g", group_size=n,
                     prompt_tokens=np.array([1], np.int32), completion_tokens=np.array([2], np.int32),
                     behaviour_logprobs=np.array([-1.0], np.float32), policy_version=0,
-                    finish_reason=FinishReason.LENGTH, sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=4))
+                    finish_reason=FinishReason.LENGTH,
+                    sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=4))
             for i in range(start, start + n)]
 
 

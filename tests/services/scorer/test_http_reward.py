@@ -13,7 +13,6 @@ from streamrl.services.scorer.rewards import build_reward
 from streamrl.testing import free_port
 from support import RewardServer
 
-
 PROMPTS = [f"p{i}" for i in range(7)]
 COMPLETIONS = ["a", "aa", "b", "aaa", "", "ba", "aaaa"]
 METADATA = [{"bonus": 10 * (i % 2)} for i in range(7)]

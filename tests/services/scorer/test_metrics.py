@@ -1,4 +1,4 @@
-"""The scorer declares exactly the metrics the README lists for it, on the scorer registry only."""
+"""The scorer declares exactly the metrics docs/metrics.md lists for it, on the scorer registry only."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import pytest
 
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.services.scorer.metrics import ScorerMetrics
-from support import declared_metrics, readme_metrics
+from support import declared_metrics, documented_metrics
 
 
 def test_scorer_metrics_are_the_readme_row():
-    assert declared_metrics(ScorerMetrics) == readme_metrics("scorer")
+    assert declared_metrics(ScorerMetrics) == documented_metrics("scorer")
 
 
 def test_scorer_metrics_refuse_another_services_registry():

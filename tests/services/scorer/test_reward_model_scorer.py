@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import train_tiny_reward_model
 
 from streamrl.common.config import RewardSpec, validate_config
 from streamrl.common.reward_model import RewardModel
 from streamrl.services.scorer.rewards import RewardModelScorer, build_reward
+from support import train_tiny_reward_model
 
 CPU = torch.device("cpu")
 

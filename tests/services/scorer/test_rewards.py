@@ -192,7 +192,8 @@ def test_composite_weighted_sum_hand_computed() -> None:
 
 
 def test_composite_wrong_length_and_non_finite() -> None:
-    bad_len = CompositeReward([RewardComponent("ok", 1.0, _const(1.0)), RewardComponent("short", 1.0, lambda p, c, m: [1.0])])
+    bad_len = CompositeReward([RewardComponent("ok", 1.0, _const(1.0)),
+                               RewardComponent("short", 1.0, lambda p, c, m: [1.0])])
     with pytest.raises(ValueError, match="'short' returned 1 values for 2"):
         bad_len(["a", "b"], ["x", "y"], [{}, {}])
     nan = CompositeReward([RewardComponent("nanny", 1.0, _const(math.nan))])

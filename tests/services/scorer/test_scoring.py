@@ -9,8 +9,7 @@ import pytest
 from streamrl.common.messages import GroupDropped, ScoredRollout, decode, encode
 from streamrl.services.scorer.http_reward import RewardServerDown
 from streamrl.services.scorer.rewards import CompositeReward, RewardComponent
-from streamrl.services.scorer.scoring import (DroppedGroups, drop_failed_groups, score_batch, score_each,
-                                              scorer_endpoint)
+from streamrl.services.scorer.scoring import DroppedGroups, drop_failed_groups, score_batch, score_each, scorer_endpoint
 from support import scored_item
 
 

@@ -1,6 +1,6 @@
-"""The README's user sections describe what the code does: every troubleshooting
-message is one the services print, every metric in "What the metrics mean" exists, and KL is named
-in one unit everywhere it is shown."""
+"""The documentation's user pages describe what the code does: every troubleshooting message
+(docs/troubleshooting.md) is one the services print, every metric in "What the metrics mean"
+(docs/metrics.md) exists, and KL is named in one unit everywhere it is shown."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-README = (REPO / "README.md").read_text()
+TROUBLESHOOTING = (REPO / "docs" / "troubleshooting.md").read_text()
+METRICS = (REPO / "docs" / "metrics.md").read_text()
 
 
 def _normalised(code: str) -> str:
@@ -25,10 +26,10 @@ SOURCES = "\n".join(_normalised(p.read_text()) for folder in ("common", "service
                      for p in (REPO / folder).rglob("*.py"))
 
 
-def section(title: str) -> str:
-    start = README.index(title)
-    end = README.find("\n## ", start + len(title))
-    return README[start:end if end > 0 else None]
+def section(page: str, title: str) -> str:
+    start = page.index(title)
+    end = page.find("\n## ", start + len(title))
+    return page[start:end if end > 0 else None]
 
 
 def table_first_cells(text: str) -> list[str]:
@@ -44,7 +45,8 @@ def literal_pieces(message: str) -> list[str]:
     return [p.strip(" ,:;()") for p in pieces if len(p.strip(" ,:;()")) >= 12]
 
 
-MESSAGES = [re.findall(r"`([^`]+)`", cell)[0] for cell in table_first_cells(section("## Troubleshooting"))
+MESSAGES = [re.findall(r"`([^`]+)`", cell)[0]
+            for cell in table_first_cells(section(TROUBLESHOOTING, "# Troubleshooting"))
             if not cell.startswith("`journal")]  # the journal's own messages are listed under Fault tolerance
 
 
@@ -57,7 +59,7 @@ def test_each_troubleshooting_message_is_printed_by_the_code(message):
     pieces = literal_pieces(message)
     assert pieces, message
     missing = [p for p in pieces if p not in SOURCES]
-    assert not missing, f"README message {message!r}: not in the sources: {missing}"
+    assert not missing, f"docs/troubleshooting.md message {message!r}: not in the sources: {missing}"
 
 
 def test_each_metric_explained_exists():
@@ -66,7 +68,7 @@ def test_each_metric_explained_exists():
 
     declared = {d.name for cls in (LearnerMetrics, ScorerMetrics) for d in cls.declared()} | set(STEP_GAUGES.values())
     declared |= {"waiting_seconds", "messages_rejected_total"}  # declared by shared components
-    explained = {name.split("{")[0] for cell in table_first_cells(section("### What the metrics mean"))
+    explained = {name.split("{")[0] for cell in table_first_cells(section(METRICS, "## What the metrics mean"))
                  for name in re.findall(r"`([a-z_{}]+)`", cell)}
     assert explained and explained <= declared, explained - declared
 
@@ -78,4 +80,4 @@ def test_kl_is_per_token_wherever_it_is_shown():
                       completion_tokens_mean=32.0).line()
     assert "KL to reference 0.1000 nats/token" in line
     assert 'set_ylabel("KL to reference (nats/token)")' in (REPO / "streamrl" / "report.py").read_text()
-    assert "KL is in **nats per completion token** everywhere" in README
+    assert "KL is in **nats per completion token** everywhere" in METRICS
