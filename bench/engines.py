@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.close()
     env = environment()
     section = "\n".join([
+        f"## Generator engines: Hugging Face generate vs vLLM ({args.dtype})", "",
         f"`{command_line()}`: {cfg.learner.groups_per_step} prompts x {gen.group_size} completions of up to "
         f"{max_new} tokens per batch, {args.dtype}, {args.threads} torch thread(s), batches alternating HF and vLLM "
         f"({args.repeats} timed each, after one warm-up).", "",
