@@ -22,6 +22,7 @@ import zmq
 
 from streamrl.common.config import Config, ConfigError, load_config
 from streamrl.common.errors import StartupRefused
+from streamrl.common.ledger import Ledger, ledger_path
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.placement import place_process
 from streamrl.common.runlock import RunFolderLocked, RunLock
@@ -53,6 +54,8 @@ class ServiceContext:
             ``make_socket``); None when ``security.keys_dir`` is unset.
         local_index: position among the service's replicas on this host (metrics port offset,
             scorer endpoint; see :class:`Replica`).
+        ledger: this replica's measured counts (:mod:`streamrl.common.ledger`), kept in
+            ``<run.output_dir>/ledger/<service>-<index>.json``; in memory only when built by hand.
     """
 
     config: Config
@@ -65,6 +68,7 @@ class ServiceContext:
     security: Security | None = None
     run_lock: RunLock | None = None
     local_index: int = 0
+    ledger: Ledger = field(default_factory=Ledger)
 
     def close(self) -> None:
         """Stop the ZAP handler, close every socket still open and end the ZeroMQ context, drop the run lock."""
@@ -206,6 +210,10 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
         except OSError as err:
             _refuse(service, f"cannot serve metrics on {config.metrics.host}:{port}: {err.strerror}; fix: stop the "
                     f"process that holds the port or set metrics.{service}_port (0 = any free port)")
+    try:  # a restarted replica continues from its counts file
+        ledger = Ledger(ledger_path(config.run.output_dir, service, index))
+    except ValueError as err:
+        _refuse(service, str(err))
     context = zmq.Context()
     try:
         security = open_security(config.security.keys_dir, service, context, metrics)
@@ -214,7 +222,7 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
         raise SystemExit(2) from None
     ctx = ServiceContext(config=config, service=service, index=index, instance=instance,
                          metrics=metrics, zmq=context, security=security, run_lock=run_lock,
-                         local_index=replica.local_index)
+                         local_index=replica.local_index, ledger=ledger)
 
     def _on_signal(signum, _frame):
         log.info("%s got signal %d; stopping", instance, signum)

@@ -34,6 +34,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from streamrl.common.ledger import Ledger
 from streamrl.common.messages import Batch, BatchRequest, ScoredRollout
 from streamrl.services.buffer.journal import LOST, HeldBatch, Journal, Recovered, RecoveredGroup
 from streamrl.services.buffer.store import AddOutcome, BufferEvent, ReplayBuffer
@@ -55,18 +56,23 @@ class DurableBuffer:
     Args:
         store: the replay buffer; its ledger hook is set here (it must have none).
         journal: the write-ahead journal, or None (``buffer.journal = false``: nothing survives a crash).
+        ledger: the buffer's measured counts (:mod:`streamrl.common.ledger`): each store event
+            (``accepted``, ``dropped_stale``, ``evicted``, ``reward_failed``), ``refused`` (rollouts
+            not admitted), ``learner_refused``, and the gauges ``held`` (rollouts in groups) and
+            ``served_unacked_ids`` (rollouts of batches served and not yet acknowledged), written
+            after each journal commit so they never count what the journal could still lose.
 
     Raises:
         ValueError: ``store`` already has a ledger hook.
     """
 
-    def __init__(self, store: ReplayBuffer, journal: Journal | None):
+    def __init__(self, store: ReplayBuffer, journal: Journal | None, ledger: Ledger | None = None):
         if store.on_event is not None:
             raise ValueError("the store already has a ledger hook; DurableBuffer journals its events")
         self.store = store
         self.journal = journal
-        if journal is not None:
-            store.on_event = self._journal_removal
+        self.ledger = ledger if ledger is not None else Ledger()
+        store.on_event = self._on_event
         self.held: list[HeldBatch] = []  # served, not yet durably trained; oldest first
         self.pending: tuple[bytes, BatchRequest] | None = None
 
@@ -80,7 +86,10 @@ class DurableBuffer:
         """
         if self.journal is not None and self.store.admission(item) is AddOutcome.ACCEPTED:
             self.journal.accept(frames)
-        return self.store.add(item)
+        outcome = self.store.add(item)
+        if outcome is not AddOutcome.ACCEPTED:
+            self.ledger.add("refused", flush=False)
+        return outcome
 
     def drop_group(self, group_id: str) -> int:
         """A scorer dropped ``group_id`` (its reward raised on a member): what is held of it is evicted
@@ -89,9 +98,10 @@ class DurableBuffer:
         return self.store.drop_group(group_id)
 
     def commit(self) -> None:
-        """Make what was journaled durable (per the journal's fsync policy); no-op without a journal."""
+        """Make what was journaled durable (per the journal's fsync policy), then write the measured ledger."""
         if self.journal is not None:
             self.journal.commit()
+        self._flush_ledger()
 
     # ------------------------------------------------------------------ the learner
 
@@ -118,6 +128,7 @@ class DurableBuffer:
         if refused is not None:  # every rollout failed the learner's checks: recorded, never served again
             if self.journal is not None:
                 self.journal.remove("refused", [s.rollout.rollout_id for s in refused.batch.rollouts])
+            self.ledger.add("learner_refused", len(refused.batch.rollouts), flush=False)
             self.acknowledge(refused)
         for held in list(self.held):
             if held.owner == LOST:
@@ -242,15 +253,29 @@ class DurableBuffer:
             self.journal.commit()
             if self.journal.needs_compaction():
                 self.compact()
+        self._flush_ledger()
 
     def close(self) -> None:
         """Close the journal (fsync: a clean stop leaves everything on disk)."""
         if self.journal is not None:
             self.journal.close()
             log.info("journal flushed: %d rollouts held in %s", self.store.held_rollouts, self.journal.directory)
+        self._flush_ledger()
 
-    def _journal_removal(self, event: BufferEvent, rollout_ids: list[str]) -> None:
-        """The store's ledger hook: removals go to the journal. ``ACCEPTED`` was journaled
-        write-ahead by :meth:`add`; ``SAMPLED`` is journaled with the whole batch by :meth:`serve`."""
+    def _flush_ledger(self) -> None:
+        """Write the measured counts and what is held now (after the journal made them durable)."""
+        self.ledger.set_gauge("held", self.store.held_rollouts)
+        self.ledger.set_gauge("served_unacked_ids",
+                              sorted(s.rollout.rollout_id for h in self.held for s in h.batch.rollouts))
+        self.ledger.flush()
+
+    def _on_event(self, event: BufferEvent, rollout_ids: list[str]) -> None:
+        """The store's ledger hook: each event is counted (written with the next commit), removals go
+        to the journal. ``ACCEPTED`` was journaled write-ahead by :meth:`add`; ``SAMPLED`` is journaled
+        with the whole batch by :meth:`serve`."""
+        if event is not BufferEvent.SAMPLED:
+            self.ledger.add(event.value, len(rollout_ids), flush=False)
+        if self.journal is None:
+            return
         if event in (BufferEvent.DROPPED_STALE, BufferEvent.EVICTED, BufferEvent.REWARD_FAILED):
             self.journal.remove(event.value, rollout_ids)

@@ -74,7 +74,7 @@ class BufferService:
             journal = Journal(journal_folder(cfg), fsync=b.fsync, fsync_interval_s=b.fsync_interval_s,
                               segment_bytes=b.segment_bytes, max_segments=b.max_segments,
                               keep_history=b.keep_history, max_reuse=b.max_reuse)
-        self.state = DurableBuffer(self.store, journal)
+        self.state = DurableBuffer(self.store, journal, ctx.ledger)
         self.metrics = BufferMetrics(ctx.metrics)
         if journal is not None:
             self.metrics.recovered.set(self.state.recover(repair=b.journal_repair).rollouts)

@@ -253,4 +253,5 @@ class GeneratorService:
                     return
                 unsent -= 1
                 self.metrics.rollouts.inc()
+                self.ctx.ledger.add("sent")
                 self.metrics.tokens.inc(len(rollout.completion_tokens))

@@ -117,10 +117,12 @@ class ScorerService:
         metrics.dropped.labels(reason="reward_raised").inc(len(scoring.failures))
         metrics.dropped.labels(reason="group_member_raised").inc(mates)
         metrics.lost.inc(len(scoring.failures) + mates)
+        self.ctx.ledger.add("dropped", len(scoring.failures) + mates)  # measured ledger: survives kill -9
         for notice in notices:
             self.dropped_groups.add(notice.group_id)
             if not send_when_ready(self.push, notice, stop=self.ctx.stop, blocked_seconds=metrics.blocked,
                                    warn_after_s=self.ctx.config.transport.request_timeout_s, peer="the buffer"):
+                self.ctx.ledger.add("unsent", len(results))
                 return
         if not results:
             return
@@ -140,9 +142,11 @@ class ScorerService:
             if not send_when_ready(self.push, scored, stop=self.ctx.stop, blocked_seconds=metrics.blocked,
                                    warn_after_s=self.ctx.config.transport.request_timeout_s, peer="the buffer"):
                 metrics.lost.inc(len(results) - sent)
+                self.ctx.ledger.add("unsent", len(results) - sent)
                 log.info("stopped while the buffer was full: %d scored rollouts not sent", len(results) - sent)
                 return
             metrics.scored.inc()
+            self.ctx.ledger.add("scored")
             metrics.rewards.observe(scored.reward)
             if self.feed is not None and try_send(self.feed, scored):
                 metrics.feed_sent.inc()
