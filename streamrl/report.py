@@ -93,3 +93,67 @@ def generation_accounting(records: list[dict], trained_path: Path, group_size: i
     generated = trained + dropped + evicted + held
     return {"generated": generated, "trained": trained, "dropped_stale": dropped, "evicted": evicted,
             "held_at_end": held, "waste_fraction": dropped / generated if generated else 0.0}
+
+
+def _trained_ids(trained_path: Path) -> set[str]:
+    """Rollout ids of the steps that stand in the learner's ``trained.jsonl`` (rolled-back lines not counted)."""
+    ids: set[str] = set()
+    if trained_path.exists():
+        for line in trained_path.read_text().splitlines():
+            entry = json.loads(line) if line.strip() else {}
+            if entry and "rolled_back_at" not in entry:
+                ids.update(entry["rollout_ids"])
+    return ids
+
+
+def measured_ledger(ledgers: dict[str, list[dict]], trained_path: Path) -> dict:
+    """The run's ledger from what each service counted itself (:mod:`streamrl.common.ledger`), hop by hop.
+
+    Unlike :func:`generation_accounting` nothing here is derived from the rest, so a rollout lost
+    between two services shows up as ``unaccounted`` at that hop.
+
+    Args:
+        ledgers: every replica's counts file by service (:func:`streamrl.common.ledger.read_ledgers`).
+        trained_path: the learner's ``trained.jsonl`` (its own measured ledger: each standing step's rollout ids).
+
+    Returns:
+        ``sent`` (sum over generators), ``scored`` (passed on by the scorers), ``scorer_dropped`` (their
+        reward raised, or a member of their group's did), ``scorer_unsent`` (scored, not sent: the scorer
+        stopped while the buffer was full), ``accepted`` and ``buffer_refused`` (by the buffer),
+        ``trained``, ``dropped_stale``, ``evicted`` (``reward_failed`` groups included), ``learner_refused``,
+        ``held_at_end`` (in groups, plus served batches not acknowledged and not trained) and
+        ``unaccounted``: per hop, ``generator_to_scorer`` = sent - scored - scorer_dropped - scorer_unsent
+        (rollouts in flight, or lost with a killed scorer), ``scorer_to_buffer`` = scored - accepted -
+        buffer_refused (in flight, or lost in a killed buffer's queue), ``buffer`` = accepted - trained -
+        dropped_stale - evicted - learner_refused - held_at_end (should be 0), and ``total``. A service
+        with no counts file counts 0 (the block says which were ``missing``).
+    """
+    def total(service: str, key: str) -> int:
+        return sum(int(f.get("counts", {}).get(key, 0)) for f in ledgers.get(service, []))
+
+    trained_ids = _trained_ids(trained_path)
+    buffers = ledgers.get("buffer", [])
+    held = sum(int(f.get("held", 0)) for f in buffers)
+    held += len({i for f in buffers for i in f.get("served_unacked_ids", [])} - trained_ids)
+    out = {
+        "sent": total("generator", "sent"),
+        "scored": total("scorer", "scored"),
+        "scorer_dropped": total("scorer", "dropped"),
+        "scorer_unsent": total("scorer", "unsent"),
+        "accepted": total("buffer", "accepted"),
+        "buffer_refused": total("buffer", "refused"),
+        "trained": len(trained_ids),
+        "dropped_stale": total("buffer", "dropped_stale"),
+        "evicted": total("buffer", "evicted") + total("buffer", "reward_failed"),
+        "learner_refused": total("buffer", "learner_refused"),
+        "held_at_end": held,
+    }
+    hops = {
+        "generator_to_scorer": out["sent"] - out["scored"] - out["scorer_dropped"] - out["scorer_unsent"],
+        "scorer_to_buffer": out["scored"] - out["accepted"] - out["buffer_refused"],
+        "buffer": (out["accepted"] - out["trained"] - out["dropped_stale"] - out["evicted"]
+                   - out["learner_refused"] - out["held_at_end"]),
+    }
+    out["unaccounted"] = {**hops, "total": sum(hops.values())}
+    out["missing"] = [s for s in ("generator", "scorer", "buffer") if not ledgers.get(s)]
+    return out

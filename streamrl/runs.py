@@ -52,7 +52,7 @@ __all__ = ["JournalRewards", "RunMode", "RunRefused", "run_state", "prepare_run_
 LEARNER_STATE = ("checkpoints", "metrics.jsonl", "trained.jsonl", "published_version")
 """What the learner leaves in ``run.output_dir``; any of it means the folder holds a run."""
 RUN_FILES = (*LEARNER_STATE, "summary.json", "learning_curve.png", "tensorboard", "wandb", "config.toml",
-             "launches.jsonl")
+             "launches.jsonl", "ledger")
 """Everything a run writes in ``run.output_dir`` (besides the journal): moved away by ``--fresh``."""
 PACKAGES = ("streamrl", "torch", "transformers", "datasets", "pyzmq", "msgpack", "numpy", "pydantic", "tokenizers",
             "safetensors", "huggingface_hub", "tensorboard", "wandb", "httpx2", "vaderSentiment", "prometheus_client")

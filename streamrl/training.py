@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streamrl.common.config import SERVICES, Config, load_config
+from streamrl.common.ledger import read_ledgers
 from streamrl.common.models import resolve_model_path
 from streamrl.common.service import CONFIG_ENV, OVERRIDES_ENV
 from streamrl.deploy import PROCFILE
 from streamrl.evaluation import EvalResult, compare, evaluate
 from streamrl.launcher import interrupted, run_procfile
 from streamrl.ports import PortsTaken, claim_ports
-from streamrl.report import distinct_steps, generation_accounting, plot_learning_curve, read_metrics
+from streamrl.report import distinct_steps, generation_accounting, measured_ledger, plot_learning_curve, read_metrics
 from streamrl.runs import JournalRewards, RunMode, RunRefused, prepare_run_folder, record_launch
 from streamrl.services.learner.checkpoint import latest_checkpoint
 from streamrl.services.scorer.http_reward import probe_report
@@ -174,6 +175,7 @@ def summarize(config: Config, config_path: str, overrides: list[str], started: f
         summary["train_reward_last"] = sum(r["reward_mean"] for r in records[-k:]) / k
         summary.update(generation_accounting(records, output / "trained.jsonl", config.generator.group_size))
         summary["behaviour_versions_seen"] = len({v for r in records for v in r["behaviour_versions"]})
+    summary["ledger"] = measured_ledger(read_ledgers(output), output / "trained.jsonl")
     if before is not None and final is not None:
         after = evaluate(config, str(final / "model"), **(evaluation or EvalOptions()).resolve(config))
         delta = after.reward_mean - before.reward_mean
