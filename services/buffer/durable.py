@@ -232,9 +232,9 @@ class DurableBuffer:
         self.store.restore([(g.members, g.served) for g in recovered.groups])
         self.held = list(recovered.held)
         if recovered.records:
-            log.info("recovered %d rollouts in %d groups from %s (%d records, %d bad)%s",
-                     recovered.rollouts, len(recovered.groups), self.journal.directory, recovered.records,
-                     recovered.bad_records,
+            log.info("recovered %d rollouts in %d groups from %s (%d records, %d bad, %d rollouts lost in a torn "
+                     "tail)%s", recovered.rollouts, len(recovered.groups), self.journal.directory, recovered.records,
+                     recovered.bad_records, recovered.torn_rollouts,
                      f"; batches for versions {[h.batch.learner_version for h in self.held]} await acknowledgement"
                      if self.held else "")
         self.compact()

@@ -159,6 +159,7 @@ class Recovered:
         unacknowledged: the newest of them, or None.
         records: state records read (segment markers not counted).
         bad_records: torn or corrupt records skipped (each ends its segment).
+        torn_rollouts: rollouts lost in a torn tail (an accept record cut mid-write: at most 1).
         damage: what was lost other than a torn tail (only with ``repair``; else JournalDamaged).
         quarantined: rollouts held back because records about them may be lost (``repair`` only).
     """
@@ -168,6 +169,7 @@ class Recovered:
     unacknowledged: Batch | None = None
     records: int = 0
     bad_records: int = 0
+    torn_rollouts: int = 0
     damage: list[str] = field(default_factory=list)
     quarantined: int = 0
 
@@ -223,12 +225,42 @@ def _intact_record_after(data: bytes, pos: int) -> int | None:
     return None
 
 
+class TornTail(str):
+    """The reason :func:`read_records` gives for a torn tail (a ``str``), with ``rollouts``: how many it lost."""
+
+    rollouts: int = 0
+
+
+def torn_tail(data: bytes, pos: int) -> TornTail:
+    """What the torn record starting at byte ``pos`` held, in records and rollouts (not bytes).
+
+    A torn tail is the one record a crash cut mid-write: its header (9 bytes) says its type when it
+    survived. An ``ACCEPT`` record is one rollout never committed (nor counted as accepted); a
+    removal or serve record loses an event about rollouts the journal still holds (they stay held).
+    """
+    where = f"torn tail at byte {pos} of {len(data)}"
+    rollouts = 1
+    if len(data) - pos < HEADER.size:
+        what = "1 record of unknown type lost (its header is torn too): at most 1 rollout"
+    elif (kind := HEADER.unpack_from(data, pos)[2]) == RecordType.ACCEPT:
+        what = "1 record lost (accept): 1 rollout never accepted"
+    elif kind in RecordType.__members__.values():
+        what, rollouts = f"1 record lost ({RecordType(kind).name.lower()}): 0 rollouts (an event about rollouts " \
+                         "still held)", 0
+    else:
+        what = f"1 record of unknown type {kind} lost: at most 1 rollout"
+    reason = TornTail(f"{where}: {what}")
+    reason.rollouts = rollouts
+    return reason
+
+
 def read_records(path: Path) -> Iterator[tuple[RecordType | None, object]]:
     """Yield ``(type, payload)`` of each intact record of one segment, in order.
 
     Stops at the first torn or corrupt record and then yields ``(None, reason)``
     once, ``reason`` a str (the caller counts it) that starts with ``"torn tail"``
-    when no intact record follows (a crash mid-write) and with ``"corrupt"`` when
+    when no intact record follows (a crash mid-write; a :class:`TornTail` saying the
+    records and rollouts lost) and with ``"corrupt"`` when
     intact records follow (damage: they and the bad record are not read).
     """
     data = path.read_bytes()
@@ -238,7 +270,7 @@ def read_records(path: Path) -> Iterator[tuple[RecordType | None, object]]:
         if found is None:
             later = _intact_record_after(data, pos)
             if later is None:
-                yield None, f"torn tail at byte {pos} of {len(data)}"
+                yield None, torn_tail(data, pos)
             else:
                 yield None, f"corrupt record at byte {pos}, intact records from byte {later} on"
             return
@@ -523,6 +555,7 @@ class Journal:
                 if kind is None:
                     result.bad_records += 1
                     if newest and str(payload).startswith("torn tail"):
+                        result.torn_rollouts += payload.rollouts
                         log.warning("journal %s: %s (a crash mid-write); ignored", path.name, payload)
                     else:
                         result.damage.append(f"{path.name}: {payload}")

@@ -13,8 +13,10 @@ from streamrl.services.buffer.journal import (
     JournalDamaged,
     RecordType,
     RecoveredGroup,
+    _record_at,
     _segments,
     read_records,
+    torn_tail,
 )
 from streamrl.services.buffer.store import AddOutcome, ReplayBuffer
 from support import scored_item
@@ -125,6 +127,26 @@ def test_torn_tail_is_ignored_and_counted(tmp_path, cut):
     assert rec.bad_records == 1
     assert rec.records == 2
     assert [[m.rollout.rollout_id for m in g.members] for g in rec.groups] == [["a-0", "a-1"]]
+    assert rec.torn_rollouts == 1  # the torn record accepted "b-0": reported in rollouts, not bytes
+
+
+def test_torn_tail_reason_says_records_and_rollouts(tmp_path):
+    j = Journaled(tmp_path)
+    j.add(scored_item("a", 0))
+    j.journal.close()
+    (_, path), = _segments(tmp_path)
+    data = path.read_bytes()
+    start = 0  # where the last record (the accept of "a-0") begins
+    while _record_at(data, start)[1] < len(data):
+        start = _record_at(data, start)[1]
+    assert _record_at(data, start)[0] == RecordType.ACCEPT
+    accept = torn_tail(data[:-3], start)
+    assert (accept.rollouts, str(accept).split(": ", 1)[1]) == (1, "1 record lost (accept): 1 rollout never accepted")
+    header_cut = torn_tail(data[:start + 4], start)
+    assert header_cut.rollouts == 1 and "header is torn" in header_cut
+    removal = bytearray(data[:-3])
+    removal[start + 8] = RecordType.REMOVE
+    assert torn_tail(bytes(removal), start).rollouts == 0
 
 
 def test_corrupt_record_ends_its_segment(tmp_path):
