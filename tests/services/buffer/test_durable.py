@@ -4,8 +4,11 @@ acknowledge) and recovery of all of it after a crash."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from streamrl.common.ledger import Ledger, ledger_path
 from streamrl.common.messages import Batch, BatchRequest, decode, encode
 from streamrl.common.modes import FsyncPolicy, OverflowPolicy
 from streamrl.services.buffer.durable import DurableBuffer, admission_capacity
@@ -296,3 +299,37 @@ def test_the_store_must_not_have_another_ledger_hook():
                          group_timeout_s=1.0, on_event=lambda e, i: None)
     with pytest.raises(ValueError, match="already has a ledger hook"):
         DurableBuffer(store, None)
+
+
+def test_the_measured_ledger_counts_what_the_journal_committed(tmp_path):
+    """accepted / refused / dropped_stale are written only after the journal commit, with what is
+    held in groups and the ids of batches served and not yet acknowledged; a restarted buffer
+    (recovery) continues the counts without counting the recovered rollouts as accepted again."""
+    path = ledger_path(tmp_path, "buffer", 0)
+
+    def with_ledger() -> DurableBuffer:
+        store = ReplayBuffer(capacity_groups=4, overflow=OverflowPolicy.EVICT_OLDEST, max_reuse=1,
+                             max_staleness=2, group_timeout_s=5.0, clock=Clock())
+        return DurableBuffer(store, Journal(tmp_path / "journal", fsync=FsyncPolicy.ALWAYS), Ledger(path))
+
+    buf = with_ledger()
+    item = scored_item("old", 0, version=0)
+    assert buf.add(item, encode(item)) is AddOutcome.ACCEPTED
+    assert not path.exists()  # not committed: not counted
+    buf.commit()
+    add(buf, "old", 1, version=0)
+    assert add(buf, "old", 1, version=0) is AddOutcome.DUPLICATE
+    add_group(buf, "new", version=5)
+    add(buf, "part", 0, version=5)
+    assert buf.take_request(ROUTE, request(5)) is None
+    _, batch = buf.serve_pending("buffer-0")  # drops "old" as stale (5 - 0 > 2), serves "new"
+    buf.commit()
+    saved = json.loads(path.read_text())
+    assert saved["counts"] == {"accepted": 5, "refused": 1, "dropped_stale": 2}
+    assert saved["held"] == 1  # "part-0"
+    assert saved["served_unacked_ids"] == sorted(s.rollout.rollout_id for s in batch.rollouts)
+    buf.close()
+    restarted = with_ledger()
+    restarted.recover()
+    restarted.commit()
+    assert json.loads(path.read_text())["counts"] == saved["counts"]
