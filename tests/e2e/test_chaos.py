@@ -7,7 +7,9 @@ was trained on, dropped as stale, evicted, or is still held (in a group or
 in a batch served and not yet acknowledged), with no id trained twice
 (``max_reuse = 1``) and no step twice in ``trained.jsonl``. The buffer's
 journal history (``keep_history``) and the learner's ``trained.jsonl`` are
-the ledger. Run with ``checkpoint_every`` 10 (the learner is killed a few
+the ledger. The measured ledger (each service's own counts file,
+``streamrl.common.ledger``) agrees with the journal and balances hop by hop
+within what a kill or the stop can leave in flight. Run with ``checkpoint_every`` 10 (the learner is killed a few
 steps after a checkpoint: the steps since are rolled back and their batches
 served again) and the config's default (the learner is killed
 before its first checkpoint: every step is rolled back). ``checkpoint_every = 1``
@@ -25,7 +27,9 @@ import time
 import pytest
 
 from streamrl.common.config import load_config
+from streamrl.common.ledger import read_ledgers
 from streamrl.common.modes import FsyncPolicy
+from streamrl.report import measured_ledger
 from streamrl.services.buffer.journal import Journal
 from streamrl.testing import local_run_config, wait_until, write_config
 
@@ -154,6 +158,23 @@ def test_kill_minus_nine_each_service_and_nothing_accepted_is_lost(tmp_path, tin
     if every <= learner_killed_at:
         assert logs["learner-0"].count("resumed from") >= 2
     assert re.search(r"recovered \d+ rollouts", logs["buffer-0"]) or "buffer" not in victims
+    # the measured ledger (each service's own counts file, continued across its restart) balances hop by
+    # hop within what can be in flight: a kill -9 or the stop loses what sat in the killed process's
+    # queues (at most what the credits let be generated ahead, bounded by capacity_groups groups per hop
+    # and event); a count can trail its send by one rollout per kill (killed between the two)
+    cfg = load_config(tmp_path / "run.toml")
+    ledger = measured_ledger(read_ledgers(run_dir), run_dir / "trained.jsonl")
+    assert ledger["missing"] == [], ledger
+    assert ledger["sent"] > 0 and ledger["trained"] == len(trained)
+    assert ledger["accepted"] == len(accepted), (ledger, len(accepted))  # the counts agree with the journal
+    assert (ledger["dropped_stale"], ledger["evicted"]) == (len(dropped), len(evicted)), ledger
+    assert ledger["unaccounted"]["buffer"] == 0, ledger
+    in_flight = cfg.buffer.capacity_groups * cfg.generator.group_size
+    for hop, upstream, downstream in (("generator_to_scorer", "generator", "scorer"),
+                                      ("scorer_to_buffer", "scorer", "buffer")):
+        events_count = 1 + sum(victim in (upstream, downstream) for victim, _ in kills)
+        assert -events_count < ledger["unaccounted"][hop] <= in_flight * events_count, (hop, ledger)
     print(f"checkpoint_every {every}: rolled back {len(rolled_back)} steps ({len(lost)} rollouts); "
           f"kills (service, at step): {kills}; accepted {len(accepted)}, trained {len(trained)}, "
-          f"dropped stale {len(dropped)}, evicted {len(evicted)}, refused {len(refused)}, held at end {len(held)}")
+          f"dropped stale {len(dropped)}, evicted {len(evicted)}, refused {len(refused)}, held at end {len(held)}; "
+          f"measured ledger {ledger}")
