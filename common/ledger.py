@@ -46,6 +46,7 @@ class Ledger:
         self.counts: dict[str, int] = {}
         self.gauges: dict[str, object] = {}
         self._dirty = False
+        self._warned = False
         if path is not None and path.exists():
             try:
                 saved = json.loads(path.read_text())
@@ -70,18 +71,28 @@ class Ledger:
             self._dirty = True
 
     def flush(self) -> None:
-        """Replace the file atomically with the current counts when anything changed (no-op without a path)."""
+        """Replace the file atomically with the current counts when anything changed (no-op without a path).
+
+        An ``OSError`` (a full disk) is logged once and not raised: the old file stays whole, the counts
+        stay in memory and are written by the next flush that succeeds.
+        """
         if self.path is None or not self._dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        tmp = None
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
             with os.fdopen(fd, "w") as f:
                 json.dump({"counts": self.counts, **self.gauges}, f)
             os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        except OSError as err:  # a full disk must not stop the service: the counts stay and are written later
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            if not self._warned:
+                log.warning("cannot write the ledger file %s (%s); counting on in memory, retrying at each count",
+                            self.path, err)
+                self._warned = True
+            return
         self._dirty = False
 
 

@@ -37,7 +37,7 @@ def test_deferred_counts_and_gauges_wait_for_flush(tmp_path):
     assert json.loads(path.read_text()) == {"counts": {"accepted": 5}, "held": 5}
 
 
-def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
+def test_a_failed_write_leaves_the_old_file_whole_and_is_retried(tmp_path, monkeypatch, caplog):
     path = ledger_path(tmp_path, "scorer", 0)
     ledger = Ledger(path)
     ledger.add("scored", 2)
@@ -45,11 +45,15 @@ def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
     def fail(*_args):
         raise OSError(28, "No space left on device")
 
+    real_replace = os.replace
     monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError):
-        ledger.add("scored")
+    ledger.add("scored")  # logged, not raised: the service keeps running
     assert json.loads(path.read_text())["counts"] == {"scored": 2}
     assert [p.name for p in path.parent.iterdir()] == ["scorer-0.json"]
+    monkeypatch.setattr(os, "replace", real_replace)
+    ledger.add("scored")  # the count kept in memory is written with the next one
+    assert json.loads(path.read_text())["counts"] == {"scored": 4}
+    assert caplog.text.count("cannot write the ledger file") == 1
 
 
 def test_an_unreadable_file_is_refused_with_the_fix(tmp_path):
