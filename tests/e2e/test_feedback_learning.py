@@ -4,7 +4,8 @@ The environment reward is the fraction of ``e`` in a completion; the simulated l
 process that uses only the HTTP API) likes ``a``, which that reward ignores. It rates against a fixed
 threshold (+1 for any ``a``, else -1), so it always has something to rate: against the running median
 it skipped every completion tied with the median, and once most completions held no ``a`` it rated
-only the few with one (all +1), leaving H-hat nothing to contrast. With reward shaping
+only the few with one (all +1), leaving H-hat nothing to contrast. The environment reward has weight 0.1
+(the person's taste is on H-hat's scale, about +-1). With reward shaping
 (R + beta * H-hat, beta = 1, no decay), the final policy's completions carry more ``a`` than those
 of the run without feedback, by more than 2 standard errors of the difference.
 """
@@ -38,6 +39,9 @@ def run_job(tmp_path, tiny_model_dir, services, *, feedback: bool) -> tuple[np.n
     sections = local_run_config(tmp_path, tiny_model_dir, learner={
         "total_steps": STEPS, "lr": 3e-3, "kl_coef": 0.0, "normalize_rewards": False, "checkpoint_every": STEPS},
         generator={"group_size": 8, "max_new_tokens": 12}, buffer={"capacity_groups": 8})
+    # the environment reward at a tenth of the person's scale (H-hat is about +-1): at full weight the policy
+    # was all "e" within 30 steps, no completion held an "a" left to reinforce, and both arms ended at 0.0
+    sections["scorer"]["rewards"][0]["weight"] = 0.1
     if feedback:
         sections = feedback_sections(sections, combination="reward_shaping", beta=1.0, beta_decay=1.0, min_labels=4,
                                      fit_interval_s=0.3, label_rate_per_s=20.0)
