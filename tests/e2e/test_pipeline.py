@@ -81,8 +81,11 @@ def test_four_services_train_late_generator_joins_and_learner_resumes(tmp_path, 
     assert scraped["generator-1"]["streamrl_generator_policy_version"] > joined_at
     assert scraped["scorer"]["streamrl_scorer_rollouts_scored_total"] > 0
     buffer = scraped["buffer"]
-    assert buffer["streamrl_buffer_batches_total"] == n
-    assert buffer["streamrl_buffer_sampled_total"] == n * GROUPS_PER_STEP * GROUP_SIZE
+    # every step trained one served batch; SIGTERM may also end the learner's wait just after the buffer served
+    # one more (the stop-aware batch wait): that batch is left unacknowledged and served again after a restart
+    served = buffer["streamrl_buffer_batches_total"]
+    assert n <= served <= n + 1
+    assert buffer["streamrl_buffer_sampled_total"] == served * GROUPS_PER_STEP * GROUP_SIZE
     assert buffer["streamrl_buffer_inserted_total"] >= n * GROUPS_PER_STEP * GROUP_SIZE
     assert learner_metrics["streamrl_learner_step"] >= 2
     assert learner_metrics["streamrl_learner_samples_total"] >= 2 * GROUPS_PER_STEP * GROUP_SIZE
