@@ -206,7 +206,7 @@ def test_ten_thousand_hostile_messages_every_service_counts_and_stays_up(tmp_pat
         # chunks past the end of the newest version: once the learner has answered all the fuzz
         # (its queue is empty), so the version is still held when these arrive (it is retired
         # two versions later)
-        assert wait_until(lambda: (drain_replies(100), sum(replies.values()) == weights.sent)[1], timeout=60), (
+        assert wait_until(lambda: (drain_replies(100), sum(replies.values()) == weights.sent)[1], timeout=120), (
             replies, weights.sent, {k: v for k, v in scrape(ports["learner_port"]).items() if "weight" in k})
         announce = None
         while sub.poll(0 if announce else 10_000):
