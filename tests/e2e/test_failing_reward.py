@@ -23,18 +23,23 @@ from streamrl.testing import local_run_config, scrape, wait_until, write_config
 pytestmark = pytest.mark.slow
 
 
+def start_job(tmp_path, sections: dict, services):
+    """Write ``sections`` as the job's config and start buffer, learner, scorer and generator; returns the
+    loaded config, the running services and the learner's and scorer's log paths."""
+    config = write_config(tmp_path / "job.toml", sections)
+    run = services(config)
+    for name in ("buffer", "learner", "scorer", "generator"):
+        run.start(name)
+    return load_config(config), run, {name: tmp_path / f"{name}-0.log" for name in ("learner", "scorer")}
+
+
 def test_a_failing_reward_is_named_by_scorer_status_and_learner(tmp_path, tiny_model_dir, services):
     sections = local_run_config(tmp_path, tiny_model_dir)
     # the review openings carry no reference answer: gsm8k_exact_match raises ValueError on every batch
     sections["scorer"] = {"rewards": [{"function": "gsm8k_exact_match"}], "failing_after": 2}
     sections["transport"]["request_timeout_s"] = 1.0  # the learner warns after 3 s of waiting
     sections["generator"].update(max_new_tokens=4)
-    config = write_config(tmp_path / "job.toml", sections)
-    cfg = load_config(config)
-    run = services(config)
-    for name in ("buffer", "learner", "scorer", "generator"):
-        run.start(name)
-    logs = {name: tmp_path / f"{name}-0.log" for name in ("learner", "scorer")}
+    cfg, run, logs = start_job(tmp_path, sections, services)
 
     def learner_names_it() -> bool:
         return "the reward is failing in scorer-0" in logs["learner"].read_text(errors="replace")
@@ -81,12 +86,7 @@ def test_a_reward_that_raises_on_some_inputs_slows_the_run_but_does_not_stall_it
     sections["buffer"]["group_timeout_s"] = 600.0  # a dropped group must not wait for its timeout
     sections["buffer"]["credit_ttl_s"] = 600.0  # nor its credit for the ledger's expiry
     sections["learner"].update(total_steps=8, batch_timeout_s=600.0)
-    config = write_config(tmp_path / "job.toml", sections)
-    cfg = load_config(config)
-    run = services(config)
-    for name in ("buffer", "learner", "scorer", "generator"):
-        run.start(name)
-    logs = {name: tmp_path / f"{name}-0.log" for name in ("learner", "scorer")}
+    cfg, run, logs = start_job(tmp_path, sections, services)
 
     def learner_step() -> float:
         try:
