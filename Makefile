@@ -103,9 +103,10 @@ test: $(TEST_TOOLS) lint docs
 test-fast: $(TEST_TOOLS) lint
 	STREAMRL_REQUIRE_VLLM=1 $(PY) -m pytest -m "not slow"
 
-# ruff (the `lint` extra, pinned in pyproject.toml), configured in pyproject.toml's [tool.ruff].
+# ruff lint and format (the `lint` extra, pinned in pyproject.toml), configured in pyproject.toml's [tool.ruff].
 lint: $(VENV)/.lint
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 $(VENV)/.lint: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install --quiet -e ".[lint]"

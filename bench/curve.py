@@ -31,9 +31,18 @@ def _receiver(keys_dir: str | None, announce: str, fetch: str, repeats: int, tra
     ctx = zmq.Context()
     metrics = ServiceMetrics("generator", "generator-0")
     security = Security(ctx, keys_dir, "generator", metrics) if keys_dir else None
-    client = WeightClient(ctx, announce_endpoint=announce, fetch_endpoint=fetch, inbox_metrics=metrics,
-                          sender="generator-0", credit=t.weight_credit, timeout_s=30.0,
-                          max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=security)
+    client = WeightClient(
+        ctx,
+        announce_endpoint=announce,
+        fetch_endpoint=fetch,
+        inbox_metrics=metrics,
+        sender="generator-0",
+        credit=t.weight_credit,
+        timeout_s=30.0,
+        max_message_bytes=t.max_message_bytes,
+        hwm=t.hwm,
+        security=security,
+    )
     seen = -1
     try:
         while seen < repeats:
@@ -60,19 +69,31 @@ def measure(size_mb: int, keys_dir: str | None, repeats: int, t: TransportSectio
     ctx = zmq.Context()
     metrics = ServiceMetrics("learner", "learner-0")
     security = Security(ctx, keys_dir, "learner", metrics) if keys_dir else None
-    server = WeightServer(ctx, announce_endpoint=announce, fetch_endpoint=fetch, metrics=metrics, sender="learner-0",
-                          announce_interval_s=t.announce_interval_s, max_message_bytes=t.max_message_bytes,
-                          hwm=t.hwm, security=security)
+    server = WeightServer(
+        ctx,
+        announce_endpoint=announce,
+        fetch_endpoint=fetch,
+        metrics=metrics,
+        sender="learner-0",
+        announce_interval_s=t.announce_interval_s,
+        max_message_bytes=t.max_message_bytes,
+        hwm=t.hwm,
+        security=security,
+    )
     parent, child = mp.get_context("spawn").Pipe()
-    proc = mp.get_context("spawn").Process(target=_receiver, args=(keys_dir, announce, fetch, repeats,
-                                                                    t.model_dump(mode="json"), child))
+    proc = mp.get_context("spawn").Process(
+        target=_receiver, args=(keys_dir, announce, fetch, repeats, t.model_dump(mode="json"), child)
+    )
     proc.start()
     state = {"w": torch.randn(size_mb * 1_000_000 // 4, generator=torch.Generator().manual_seed(size_mb))}
     rows = []
     try:
         for version in range(repeats + 1):
-            server.publish(pack_state_dict(state, version=version, dtype=t.weight_dtype,
-                                           chunk_bytes=t.weight_chunk_bytes, sender="learner-0"))
+            server.publish(
+                pack_state_dict(
+                    state, version=version, dtype=t.weight_dtype, chunk_bytes=t.weight_chunk_bytes, sender="learner-0"
+                )
+            )
             if not parent.poll(600):
                 raise RuntimeError("the receiver reported nothing for 600 s")
             rows.append(parent.recv())
@@ -101,27 +122,53 @@ def main(argv: list[str] | None = None) -> int:
                 syncs = measure(size, keys, args.repeats, t)
                 nbytes = syncs[0][1]
                 transfer = median(s[2] for s in syncs)
-                results.append({"size_mb": nbytes / 1e6, "security": mode, "syncs": syncs,
-                                "transfer_s": transfer, "verify_s": median(s[3] for s in syncs),
-                                "mb_per_s": nbytes / 1e6 / transfer})
+                results.append(
+                    {
+                        "size_mb": nbytes / 1e6,
+                        "security": mode,
+                        "syncs": syncs,
+                        "transfer_s": transfer,
+                        "verify_s": median(s[3] for s in syncs),
+                        "mb_per_s": nbytes / 1e6 / transfer,
+                    }
+                )
                 print(f"{size} MB {mode}: transfer {transfer:.3f}s ({nbytes / 1e6 / transfer:.0f} MB/s)", flush=True)
     env = environment()
     rows = []
     for plain, curve in zip(results[::2], results[1::2]):
-        rows.append([f"{plain['size_mb']:.0f}", plain["transfer_s"], curve["transfer_s"], plain["mb_per_s"],
-                     curve["mb_per_s"], curve["transfer_s"] / plain["transfer_s"]])
-    section = "\n\n".join([
-        "## CURVE cost on the weight push (security.keys_dir set vs unset)",
-        f"Command: `{command_line()}`",
-        environment_line(env),
-        markdown_table(["MB (float32)", "transfer s, no keys", "transfer s, CURVE", "MB/s, no keys",
-                        "MB/s, CURVE", "CURVE / no keys"], rows),
-        f"Medians over {args.repeats} syncs per row after one warm-up; one WeightServer (this process) and one "
-        "WeightClient (a spawned process) on tcp loopback, chunks of "
-        f"{t.weight_chunk_bytes // 2**20} MiB, credit {t.weight_credit}. Transfer = first request to last chunk "
-        "(CURVE encrypts and authenticates every frame in libzmq's I/O threads with libsodium's "
-        "XSalsa20-Poly1305; the handshake happens once per connection, before the first sync).",
-    ])
+        rows.append(
+            [
+                f"{plain['size_mb']:.0f}",
+                plain["transfer_s"],
+                curve["transfer_s"],
+                plain["mb_per_s"],
+                curve["mb_per_s"],
+                curve["transfer_s"] / plain["transfer_s"],
+            ]
+        )
+    section = "\n\n".join(
+        [
+            "## CURVE cost on the weight push (security.keys_dir set vs unset)",
+            f"Command: `{command_line()}`",
+            environment_line(env),
+            markdown_table(
+                [
+                    "MB (float32)",
+                    "transfer s, no keys",
+                    "transfer s, CURVE",
+                    "MB/s, no keys",
+                    "MB/s, CURVE",
+                    "CURVE / no keys",
+                ],
+                rows,
+            ),
+            f"Medians over {args.repeats} syncs per row after one warm-up; one WeightServer (this process) and one "
+            "WeightClient (a spawned process) on tcp loopback, chunks of "
+            f"{t.weight_chunk_bytes // 2**20} MiB, credit {t.weight_credit}. Transfer = first request to last chunk "
+            "(CURVE encrypts and authenticates every frame in libzmq's I/O threads with libsodium's "
+            "XSalsa20-Poly1305; the handshake happens once per connection, before the first sync).",
+        ]
+    )
     write_results("curve", {"results": results, "environment": env}, section)
     return 0
 

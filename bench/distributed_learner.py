@@ -41,11 +41,24 @@ def synthetic_batch(groups: int, seed: int = 0):
         prompt = rng.integers(4, 99, size=int(rng.integers(8, 24)), dtype=np.int32)
         for k in range(4):
             n = int(rng.integers(8, 49))
-            rows.append(ScoredRollout(reward=float(rng.random()), rollout=Rollout(
-                prompt_id=f"p{g}", group_id=f"g{g}", rollout_id=f"g{g}-{k}", generator_id="bench", group_size=4,
-                prompt_tokens=prompt, completion_tokens=rng.integers(4, 99, size=n, dtype=np.int32),
-                behaviour_logprobs=np.full(n, -4.5, np.float32), policy_version=0, finish_reason=FinishReason.LENGTH,
-                sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=48))))
+            rows.append(
+                ScoredRollout(
+                    reward=float(rng.random()),
+                    rollout=Rollout(
+                        prompt_id=f"p{g}",
+                        group_id=f"g{g}",
+                        rollout_id=f"g{g}-{k}",
+                        generator_id="bench",
+                        group_size=4,
+                        prompt_tokens=prompt,
+                        completion_tokens=rng.integers(4, 99, size=n, dtype=np.int32),
+                        behaviour_logprobs=np.full(n, -4.5, np.float32),
+                        policy_version=0,
+                        finish_reason=FinishReason.LENGTH,
+                        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=48),
+                    ),
+                )
+            )
     return collate(rows, pad_id=0)
 
 
@@ -86,8 +99,11 @@ def rank_main(args) -> None:
         from streamrl.common.models import build_char_tokenizer, build_tiny_model
 
         tokenizer = build_char_tokenizer()
-        trainer = DistributedPPOTrainer(*(build_tiny_model(tokenizer, seed=s, hidden_size=args.hidden,
-                                                           num_layers=args.layers) for s in (0, 1)), cfg, dist)
+        trainer = DistributedPPOTrainer(
+            *(build_tiny_model(tokenizer, seed=s, hidden_size=args.hidden, num_layers=args.layers) for s in (0, 1)),
+            cfg,
+            dist,
+        )
         trainer.serve()
     trainer.close()
 
@@ -114,9 +130,23 @@ def main() -> None:
         results[f"1 rank, {threads} thread{'s' if threads > 1 else ''}"] = seconds
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ranks.json"
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        "-m", "bench.distributed_learner", "--rank", "--out", str(out), *sys.argv[1:]],
-                       check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node=2",
+                "-m",
+                "bench.distributed_learner",
+                "--rank",
+                "--out",
+                str(out),
+                *sys.argv[1:],
+            ],
+            check=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
         results["2 ranks, 1 thread each"] = json.loads(out.read_text())
     base = median(results["1 rank, 1 thread"])
     rows = [[name, f"{median(s):.3f}", f"{base / median(s):.2f}x"] for name, s in results.items()]

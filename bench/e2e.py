@@ -93,8 +93,9 @@ def _staleness_histogram(samples: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def run_once(config: str, extra: list[str], mode: str, steps: int, generators: int, workdir: Path,
-             timeout_s: float) -> dict:
+def run_once(
+    config: str, extra: list[str], mode: str, steps: int, generators: int, workdir: Path, timeout_s: float
+) -> dict:
     """One run of ``steps`` learner steps; returns the per-run figures (see module docstring)."""
     cfg = load_config(config, extra)
     max_staleness = MODES[mode] if MODES[mode] is not None else cfg.run.max_staleness
@@ -191,8 +192,7 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
     reference = load_causal_lm(path, device=device).eval()
     trainer = PPOTrainer(policy, reference, lc)
     reward = build_reward(cfg.scorer.rewards, device=device)
-    train, _ = split_prompts(load_prompts(gen.prompts), eval_fraction=gen.prompts.eval_fraction,
-                             seed=cfg.run.seed)
+    train, _ = split_prompts(load_prompts(gen.prompts), eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
     sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
     timings: dict[str, list[float]] = {k: [] for k in ("generate", "old", "ref", "targets", "step", "pack")}
     for rep in range(repeats):
@@ -200,9 +200,13 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
         for b in range(lc.groups_per_step // gen.prompts_per_batch):
             start = rep * lc.groups_per_step + b * gen.prompts_per_batch
             prompts = train[start : start + gen.prompts_per_batch]
-            texts, ids = prepare_prompts(tokenizer, prompts, chat_template=cfg.model.chat_template,
-                                         system_prompt=cfg.model.system_prompt,
-                                         max_prompt_tokens=gen.max_prompt_tokens)
+            texts, ids = prepare_prompts(
+                tokenizer,
+                prompts,
+                chat_template=cfg.model.chat_template,
+                system_prompt=cfg.model.system_prompt,
+                max_prompt_tokens=gen.max_prompt_tokens,
+            )
             policy.eval()
             t0 = time.perf_counter()
             groups = sample_completions(policy, tokenizer, ids, group_size=gen.group_size, sampling=sampling)
@@ -211,11 +215,24 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
                 values, _ = reward([text] * len(group), [c.text for c in group], [p.metadata] * len(group))
                 for j, (c, v) in enumerate(zip(group, values)):
                     gid = f"{rep}:{b}:{p.prompt_id}"
-                    scored.append(ScoredRollout(reward=v, rollout=Rollout(
-                        prompt_id=p.prompt_id, group_id=gid, rollout_id=f"{gid}:{j}", generator_id="profile",
-                        group_size=gen.group_size, prompt_tokens=c.prompt_tokens,
-                        completion_tokens=c.completion_tokens, behaviour_logprobs=c.logprobs, policy_version=0,
-                        finish_reason=FinishReason.LENGTH, sampling=sampling)))
+                    scored.append(
+                        ScoredRollout(
+                            reward=v,
+                            rollout=Rollout(
+                                prompt_id=p.prompt_id,
+                                group_id=gid,
+                                rollout_id=f"{gid}:{j}",
+                                generator_id="profile",
+                                group_size=gen.group_size,
+                                prompt_tokens=c.prompt_tokens,
+                                completion_tokens=c.completion_tokens,
+                                behaviour_logprobs=c.logprobs,
+                                policy_version=0,
+                                finish_reason=FinishReason.LENGTH,
+                                sampling=sampling,
+                            ),
+                        )
+                    )
         batch = collate(scored, pad_id=tokenizer.pad_token_id)
         with torch.no_grad():
             policy.eval()
@@ -232,8 +249,13 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
         trainer.step(batch, 0)
         timings["step"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        pack_state_dict(policy.state_dict(), version=1, dtype=cfg.transport.weight_dtype,
-                        chunk_bytes=cfg.transport.weight_chunk_bytes, sender="profile")
+        pack_state_dict(
+            policy.state_dict(),
+            version=1,
+            dtype=cfg.transport.weight_dtype,
+            chunk_bytes=cfg.transport.weight_chunk_bytes,
+            sender="profile",
+        )
         timings["pack"].append(time.perf_counter() - t0)
     out = {k: median(v) for k, v in timings.items()}
     out["updates"] = out["step"] - out["targets"]
@@ -244,23 +266,40 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
     return out
 
 
-SUMMARY_KEYS = ("samples_per_s", "tokens_per_s", "learner_wait_s", "learner_wait_fraction", "learner_train_s",
-                "learner_publish_s", "generator_weight_wait_s", "generator_blocked_s", "generator_generation_s",
-                "dropped_stale", "staleness_mean", "window_s")
+SUMMARY_KEYS = (
+    "samples_per_s",
+    "tokens_per_s",
+    "learner_wait_s",
+    "learner_wait_fraction",
+    "learner_train_s",
+    "learner_publish_s",
+    "generator_weight_wait_s",
+    "generator_blocked_s",
+    "generator_generation_s",
+    "dropped_stale",
+    "staleness_mean",
+    "window_s",
+)
 
 
 def render(result: dict, env: dict, command: str) -> str:
     """The RESULTS.md section."""
     s, a = result["summary"]["sync"], result["summary"]["async"]
     ratio = result["async_over_sync"]
-    labels = {"samples_per_s": "samples/s", "tokens_per_s": "trained tokens/s",
-              "learner_wait_s": "learner s waiting for data", "learner_wait_fraction": "learner waiting fraction",
-              "learner_train_s": "learner s training", "learner_publish_s": "learner s publishing weights",
-              "generator_weight_wait_s": "generator s waiting for weights",
-              "generator_blocked_s": "generator s blocked (backpressure)",
-              "generator_generation_s": "generator s generating (whole run)",
-              "dropped_stale": "rollouts dropped as stale", "staleness_mean": "mean staleness (versions)",
-              "window_s": "steady window s"}
+    labels = {
+        "samples_per_s": "samples/s",
+        "tokens_per_s": "trained tokens/s",
+        "learner_wait_s": "learner s waiting for data",
+        "learner_wait_fraction": "learner waiting fraction",
+        "learner_train_s": "learner s training",
+        "learner_publish_s": "learner s publishing weights",
+        "generator_weight_wait_s": "generator s waiting for weights",
+        "generator_blocked_s": "generator s blocked (backpressure)",
+        "generator_generation_s": "generator s generating (whole run)",
+        "dropped_stale": "rollouts dropped as stale",
+        "staleness_mean": "mean staleness (versions)",
+        "window_s": "steady window s",
+    }
     rows = [[labels[k], s[k], a[k], ratio.get(k, float("nan"))] for k in SUMMARY_KEYS]
 
     def hist(mode: str) -> str:
@@ -273,10 +312,21 @@ def render(result: dict, env: dict, command: str) -> str:
         return ", ".join(f"{k}: {v / n:.0%}" for k, v in sorted(total.items(), key=lambda kv: float(kv[0])))
 
     per_run = markdown_table(
-        ["run", "mode", "samples/s", "tokens/s", "learner wait s", "generator weight-wait s", "stale drops",
-         "wall s"],
-        [[i + 1, r["mode"], r["samples_per_s"], r["tokens_per_s"], r["learner_wait_s"],
-          r["generator_weight_wait_s"], r["dropped_stale"], r["wall_s"]] for i, r in enumerate(result["runs"])])
+        ["run", "mode", "samples/s", "tokens/s", "learner wait s", "generator weight-wait s", "stale drops", "wall s"],
+        [
+            [
+                i + 1,
+                r["mode"],
+                r["samples_per_s"],
+                r["tokens_per_s"],
+                r["learner_wait_s"],
+                r["generator_weight_wait_s"],
+                r["dropped_stale"],
+                r["wall_s"],
+            ]
+            for i, r in enumerate(result["runs"])
+        ],
+    )
     lines = [
         "## 3. End to end: async vs sync",
         "",
@@ -314,16 +364,19 @@ def render(result: dict, env: dict, command: str) -> str:
             "can run: the services skip the reference pass (the scorers send reference log-probs) and most "
             "of the pi_old pass (`reuse_first_pass`); `bench.learner_passes` splits the step as configured):",
             "",
-            markdown_table(["part", "seconds"], [
-                [f"generate {p['rollouts_per_generate']} completions (one generator batch)", p["generate"]],
-                [f"generate {p['rollouts_per_step']} completions (one step's worth)", p["generate_per_step"]],
-                ["learner: pi_old forward pass (no grad)", p["old"]],
-                ["learner: reference forward pass (no grad)", p["ref"]],
-                ["learner: targets (pi_old + reference + advantages)", p["targets"]],
-                ["learner: forward + backward + AdamW over the minibatches", p["updates"]],
-                ["learner: whole step", p["step"]],
-                ["learner: pack weights for publishing", p["pack"]],
-            ]),
+            markdown_table(
+                ["part", "seconds"],
+                [
+                    [f"generate {p['rollouts_per_generate']} completions (one generator batch)", p["generate"]],
+                    [f"generate {p['rollouts_per_step']} completions (one step's worth)", p["generate_per_step"]],
+                    ["learner: pi_old forward pass (no grad)", p["old"]],
+                    ["learner: reference forward pass (no grad)", p["ref"]],
+                    ["learner: targets (pi_old + reference + advantages)", p["targets"]],
+                    ["learner: forward + backward + AdamW over the minibatches", p["updates"]],
+                    ["learner: whole step", p["step"]],
+                    ["learner: pack weights for publishing", p["pack"]],
+                ],
+            ),
         ]
     return "\n".join(lines)
 
@@ -337,8 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per mode (at least 2 unless the bound hits)")
     parser.add_argument("--generators", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="also split one learner step in-process")
-    parser.add_argument("--max-seconds", type=float, default=1800.0,
-                        help="time bound: no new pair of runs starts when the last pair would not fit")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=1800.0,
+        help="time bound: no new pair of runs starts when the last pair would not fit",
+    )
     parser.add_argument("--run-timeout", type=float, default=900.0, help="seconds one run may take")
     parser.add_argument("--results-dir", type=Path, default=None)
     parser.add_argument("--results-md", type=Path, default=None)
@@ -354,27 +411,42 @@ def main(argv: list[str] | None = None) -> int:
         pair_started = time.monotonic()
         for mode in MODES:
             with tempfile.TemporaryDirectory(prefix=f"streamrl-e2e-{mode}-") as tmp:
-                run = run_once(args.config, args.overrides, mode, args.steps, args.generators, Path(tmp),
-                               args.run_timeout)
+                run = run_once(
+                    args.config, args.overrides, mode, args.steps, args.generators, Path(tmp), args.run_timeout
+                )
             runs.append(run)
-            print(f"{mode} run {i + 1}: {run['samples_per_s']:.2f} samples/s, {run['tokens_per_s']:.1f} tokens/s, "
-                  f"learner wait {run['learner_wait_s']:.1f}s, generator weight wait "
-                  f"{run['generator_weight_wait_s']:.1f}s, staleness {run['staleness_histogram']}, "
-                  f"wall {run['wall_s']:.0f}s", flush=True)
+            print(
+                f"{mode} run {i + 1}: {run['samples_per_s']:.2f} samples/s, {run['tokens_per_s']:.1f} tokens/s, "
+                f"learner wait {run['learner_wait_s']:.1f}s, generator weight wait "
+                f"{run['generator_weight_wait_s']:.1f}s, staleness {run['staleness_histogram']}, "
+                f"wall {run['wall_s']:.0f}s",
+                flush=True,
+            )
         pair_s = time.monotonic() - pair_started
     summary = {mode: {k: median(r[k] for r in runs if r["mode"] == mode) for k in SUMMARY_KEYS} for mode in MODES}
     ratio = {k: summary["async"][k] / summary["sync"][k] for k in SUMMARY_KEYS if summary["sync"][k]}
     profile = profile_step(args.config, args.overrides) if args.profile else None
     env = environment()
     command = command_line()
-    result = {"command": command, "environment": env, "config": args.config, "overrides": args.overrides,
-              "model": cfg.model.path, "steps": args.steps, "generators": args.generators,
-              "rollouts_per_step": cfg.learner.groups_per_step * cfg.generator.group_size,
-              "async_max_staleness": cfg.run.max_staleness,
-              "runs_per_mode": {m: sum(r["mode"] == m for r in runs) for m in MODES},
-              "summary": summary, "async_over_sync": ratio, "runs": runs, "profile": profile}
-    out = write_results("e2e", result, render(result, env, command), results_dir=args.results_dir,
-                        results_md=args.results_md)
+    result = {
+        "command": command,
+        "environment": env,
+        "config": args.config,
+        "overrides": args.overrides,
+        "model": cfg.model.path,
+        "steps": args.steps,
+        "generators": args.generators,
+        "rollouts_per_step": cfg.learner.groups_per_step * cfg.generator.group_size,
+        "async_max_staleness": cfg.run.max_staleness,
+        "runs_per_mode": {m: sum(r["mode"] == m for r in runs) for m in MODES},
+        "summary": summary,
+        "async_over_sync": ratio,
+        "runs": runs,
+        "profile": profile,
+    }
+    out = write_results(
+        "e2e", result, render(result, env, command), results_dir=args.results_dir, results_md=args.results_md
+    )
     print(f"async/sync samples/s: {ratio.get('samples_per_s', float('nan')):.2f}; wrote {out}")
     return 0
 

@@ -43,10 +43,25 @@ DEFAULT_CONFIG = "deploy/configs/default.toml"
 
 def mismatch(policy, completions, sampling: SamplingParams) -> dict:
     """Per-token |log pi_old - log mu| (mean, p99, max, nats) and the ESS fraction of sequence ratios."""
-    scored = [ScoredRollout(reward=0.0, rollout=Rollout(
-        prompt_id="p", group_id="g", rollout_id=str(i), generator_id="bench", group_size=1,
-        prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens, behaviour_logprobs=c.logprobs,
-        policy_version=0, finish_reason=c.finish_reason, sampling=sampling)) for i, c in enumerate(completions)]
+    scored = [
+        ScoredRollout(
+            reward=0.0,
+            rollout=Rollout(
+                prompt_id="p",
+                group_id="g",
+                rollout_id=str(i),
+                generator_id="bench",
+                group_size=1,
+                prompt_tokens=c.prompt_tokens,
+                completion_tokens=c.completion_tokens,
+                behaviour_logprobs=c.logprobs,
+                policy_version=0,
+                finish_reason=c.finish_reason,
+                sampling=sampling,
+            ),
+        )
+        for i, c in enumerate(completions)
+    ]
     with torch.no_grad():
         out = forward_completions(policy, collate(scored, pad_id=0))
     gaps, log_w = [], []
@@ -56,8 +71,13 @@ def mismatch(policy, completions, sampling: SamplingParams) -> dict:
         log_w.append(gap.sum())
     gap = np.abs(np.concatenate(gaps))
     w = np.exp(np.array(log_w) - max(log_w))
-    return {"tokens": int(gap.size), "abs_mean": float(gap.mean()), "abs_p99": float(np.quantile(gap, 0.99)),
-            "abs_max": float(gap.max()), "ess_fraction": float(w.sum() ** 2 / (w ** 2).sum() / len(w))}
+    return {
+        "tokens": int(gap.size),
+        "abs_mean": float(gap.mean()),
+        "abs_p99": float(np.quantile(gap, 0.99)),
+        "abs_max": float(gap.max()),
+        "ess_fraction": float(w.sum() ** 2 / (w**2).sum() / len(w)),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,64 +98,116 @@ def main(argv: list[str] | None = None) -> int:
     max_new = args.max_new_tokens or gen.max_new_tokens
     sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=max_new)
     train, _ = split_prompts(load_prompts(gen.prompts), eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
-    batches = [train[i * cfg.learner.groups_per_step:(i + 1) * cfg.learner.groups_per_step]
-               for i in range(args.repeats + 1)]
+    batches = [
+        train[i * cfg.learner.groups_per_step : (i + 1) * cfg.learner.groups_per_step] for i in range(args.repeats + 1)
+    ]
     bf16 = args.dtype == "bf16"
     engines, start_s = {}, {}
     for engine in (Engine.HF, Engine.VLLM):
         t = time.perf_counter()
-        engines[engine.value] = build_engine(engine, path, tokenizer, device=device, autocast_bf16=bf16,
-                                             max_model_len=gen.max_prompt_tokens + max_new, kv_cache_gib=1.0,
-                                             threads=args.threads, seed=cfg.run.seed)
+        engines[engine.value] = build_engine(
+            engine,
+            path,
+            tokenizer,
+            device=device,
+            autocast_bf16=bf16,
+            max_model_len=gen.max_prompt_tokens + max_new,
+            kv_cache_gib=1.0,
+            threads=args.threads,
+            seed=cfg.run.seed,
+        )
         start_s[engine.value] = time.perf_counter() - t
     policy = load_causal_lm(path, device=device).eval()  # the learner's fp32 pi_old, same weights
     rows = {name: {"seconds": [], "tokens": [], "completions": []} for name in engines}
     warmup = {}
     for b, prompts in enumerate(batches):
-        _, ids = prepare_prompts(tokenizer, prompts, chat_template=cfg.model.chat_template,
-                                 system_prompt=cfg.model.system_prompt, max_prompt_tokens=gen.max_prompt_tokens)
+        _, ids = prepare_prompts(
+            tokenizer,
+            prompts,
+            chat_template=cfg.model.chat_template,
+            system_prompt=cfg.model.system_prompt,
+            max_prompt_tokens=gen.max_prompt_tokens,
+        )
         for name, engine in engines.items():
             t = time.perf_counter()
             groups = engine.sample(ids, group_size=gen.group_size, sampling=sampling)
             seconds = time.perf_counter() - t
             completions = [c for g in groups for c in g]
             tokens = sum(len(c.completion_tokens) for c in completions)
-            print(f"batch {b} {name}: {tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s)",
-                  flush=True)
+            print(f"batch {b} {name}: {tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s)", flush=True)
             if b == 0:
                 warmup[name] = seconds
                 continue
             rows[name]["seconds"].append(seconds)
             rows[name]["tokens"].append(tokens)
             rows[name]["completions"] += completions
-    results = {"command": command_line(), "dtype": args.dtype, "threads": args.threads,
-               "batch": {"prompts": cfg.learner.groups_per_step, "group_size": gen.group_size,
-                         "max_new_tokens": max_new},
-               "engines": {}}
+    results = {
+        "command": command_line(),
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "batch": {"prompts": cfg.learner.groups_per_step, "group_size": gen.group_size, "max_new_tokens": max_new},
+        "engines": {},
+    }
     table = []
     for name, r in rows.items():
         rate = sum(r["tokens"]) / sum(r["seconds"])
         gap = mismatch(policy, r["completions"], sampling)
-        results["engines"][name] = {"start_s": start_s[name], "warmup_batch_s": warmup[name],
-                                    "batch_s": r["seconds"], "tokens": r["tokens"], "tokens_per_s": rate,
-                                    "median_batch_s": median(r["seconds"]), "mismatch": gap}
-        table.append([name, start_s[name], warmup[name], median(r["seconds"]), rate, gap["abs_mean"],
-                      gap["abs_p99"], gap["abs_max"], gap["ess_fraction"]])
+        results["engines"][name] = {
+            "start_s": start_s[name],
+            "warmup_batch_s": warmup[name],
+            "batch_s": r["seconds"],
+            "tokens": r["tokens"],
+            "tokens_per_s": rate,
+            "median_batch_s": median(r["seconds"]),
+            "mismatch": gap,
+        }
+        table.append(
+            [
+                name,
+                start_s[name],
+                warmup[name],
+                median(r["seconds"]),
+                rate,
+                gap["abs_mean"],
+                gap["abs_p99"],
+                gap["abs_max"],
+                gap["ess_fraction"],
+            ]
+        )
     results["vllm_over_hf"] = results["engines"]["vllm"]["tokens_per_s"] / results["engines"]["hf"]["tokens_per_s"]
     for engine in engines.values():
         engine.close()
     env = environment()
-    section = "\n".join([
-        f"## Generator engines: Hugging Face generate vs vLLM ({args.dtype})", "",
-        f"`{command_line()}`: {cfg.learner.groups_per_step} prompts x {gen.group_size} completions of up to "
-        f"{max_new} tokens per batch, {args.dtype}, {args.threads} torch thread(s), batches alternating HF and vLLM "
-        f"({args.repeats} timed each, after one warm-up).", "",
-        markdown_table(["engine", "start s", "warm-up batch s", "median batch s", "tokens/s",
-                        "|log pi_old - log mu| mean", "p99", "max", "ESS fraction"], table), "",
-        f"vLLM / HF: **{results['vllm_over_hf']:.2f}x** tokens/s. Mismatch at staleness 0, same weights: the "
-        "learner's fp32 log-prob of each sampled token minus the engine's recorded behaviour log-prob.", "",
-        environment_line(env),
-    ])
+    section = "\n".join(
+        [
+            f"## Generator engines: Hugging Face generate vs vLLM ({args.dtype})",
+            "",
+            f"`{command_line()}`: {cfg.learner.groups_per_step} prompts x {gen.group_size} completions of up to "
+            f"{max_new} tokens per batch, {args.dtype}, {args.threads} torch thread(s), "
+            "batches alternating HF and vLLM "
+            f"({args.repeats} timed each, after one warm-up).",
+            "",
+            markdown_table(
+                [
+                    "engine",
+                    "start s",
+                    "warm-up batch s",
+                    "median batch s",
+                    "tokens/s",
+                    "|log pi_old - log mu| mean",
+                    "p99",
+                    "max",
+                    "ESS fraction",
+                ],
+                table,
+            ),
+            "",
+            f"vLLM / HF: **{results['vllm_over_hf']:.2f}x** tokens/s. Mismatch at staleness 0, same weights: the "
+            "learner's fp32 log-prob of each sampled token minus the engine's recorded behaviour log-prob.",
+            "",
+            environment_line(env),
+        ]
+    )
     print(section)
     if not args.no_write:
         write_results("engines" if args.dtype == "fp32" else "engines_bf16", results, section)

@@ -69,25 +69,48 @@ def arm_overrides(workdir: Path, arm: str, args, seed: int = 0) -> tuple[list[st
         "learner.groups_per_step": 2,
         "generator.max_new_tokens": args.max_new_tokens,
         "endpoints.scorers": [f"tcp://127.0.0.1:{free_port()}"],
-        **{f"endpoints.{k}": f"tcp://127.0.0.1:{free_port()}" for k in ("buffer", "batches", "weights_announce",
-                                                                          "weights", "feedback", "human_model")},
+        **{
+            f"endpoints.{k}": f"tcp://127.0.0.1:{free_port()}"
+            for k in ("buffer", "batches", "weights_announce", "weights", "feedback", "human_model")
+        },
         **{f"metrics.{k}_port": ports[k] for k in ("generator", "scorer", "buffer", "learner", "feedback")},
     }
     if arm != "none":
-        values.update({"feedback.enabled": True, "feedback.combination": arm, "feedback.http_port": ports["http"],
-                       "feedback.beta": args.beta, "feedback.beta_decay": args.beta_decay,
-                       "feedback.candidates": args.candidates, "feedback.min_labels": 8,
-                       "feedback.credit_delay_min_s": args.credit_delay_min,
-                       "feedback.credit_delay_max_s": args.credit_delay_max,
-                       "feedback.label_rate_per_s": max(5.0, 2 * args.labels_per_second)})
+        values.update(
+            {
+                "feedback.enabled": True,
+                "feedback.combination": arm,
+                "feedback.http_port": ports["http"],
+                "feedback.beta": args.beta,
+                "feedback.beta_decay": args.beta_decay,
+                "feedback.candidates": args.candidates,
+                "feedback.min_labels": 8,
+                "feedback.credit_delay_min_s": args.credit_delay_min,
+                "feedback.credit_delay_max_s": args.credit_delay_max,
+                "feedback.label_rate_per_s": max(5.0, 2 * args.labels_per_second),
+            }
+        )
     return [f"{k}={json.dumps(v)}" for k, v in values.items()], ports
 
 
 def person_args(args, seed: int) -> list[str]:
     """The simulated person's command-line options (taste, attention, delay, noise, budget, seed)."""
-    out = ["--likes", args.likes, "--labels-per-second", str(args.labels_per_second), "--attention",
-           str(args.attention), "--delay-min", str(args.delay_min), "--delay-max", str(args.delay_max), "--noise",
-           str(args.noise), "--seed", str(seed)]
+    out = [
+        "--likes",
+        args.likes,
+        "--labels-per-second",
+        str(args.labels_per_second),
+        "--attention",
+        str(args.attention),
+        "--delay-min",
+        str(args.delay_min),
+        "--delay-max",
+        str(args.delay_max),
+        "--noise",
+        str(args.noise),
+        "--seed",
+        str(seed),
+    ]
     if args.threshold is not None:
         out += ["--threshold", str(args.threshold)]
     if args.max_labels is not None:
@@ -121,11 +144,28 @@ def run_arm(arm: str, args, workdir: Path, seed: int = 0) -> dict:
             if not wait_until(up, 600):
                 raise RuntimeError(f"feedback service did not start\n{procs.logs()}")
             cfg_args = ["--config", str(config)] + set_args
-            token = subprocess.run([sys.executable, "-m", "streamrl.services.feedback.admin", *cfg_args, "labeller",
-                                    "add", "simulated"], capture_output=True, text=True, check=True).stdout.strip()
-            labeller = subprocess.Popen([sys.executable, "-m", "streamrl.services.feedback.simulate", "--url", url,
-                                         "--token", token, *person_args(args, seed), "--duration",
-                                         str(args.seconds + 600)], stdout=subprocess.PIPE, text=True)
+            token = subprocess.run(
+                [sys.executable, "-m", "streamrl.services.feedback.admin", *cfg_args, "labeller", "add", "simulated"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            labeller = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "streamrl.services.feedback.simulate",
+                    "--url",
+                    url,
+                    "--token",
+                    token,
+                    *person_args(args, seed),
+                    "--duration",
+                    str(args.seconds + 600),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
         if not wait_until(lambda: metrics_jsonl.exists() and metrics_jsonl.read_text().strip(), 900):
             raise RuntimeError(f"no learner step\n{procs.logs()}")
         started = time.time()
@@ -133,8 +173,9 @@ def run_arm(arm: str, args, workdir: Path, seed: int = 0) -> dict:
         if arm != "none":
             feedback = scrape(ports["feedback"])
             count = feedback.get("streamrl_feedback_label_to_model_seconds_count", 0)
-            result["label_to_model_s"] = (feedback.get("streamrl_feedback_label_to_model_seconds_sum", 0) / count
-                                          if count else math.nan)
+            result["label_to_model_s"] = (
+                feedback.get("streamrl_feedback_label_to_model_seconds_sum", 0) / count if count else math.nan
+            )
         procs.stop("learner-0", signal.SIGTERM, timeout=300)
         records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
         result["steps"] = len(records)
@@ -144,10 +185,14 @@ def run_arm(arm: str, args, workdir: Path, seed: int = 0) -> dict:
             with sqlite3.connect(db) as con:
                 result["labels"] = con.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
                 first_label = con.execute("SELECT MIN(created_at) FROM labels").fetchone()[0]
-            influenced = [r["time"] for r in records if r.get("human/shaped_fraction", 0) > 0
-                          or r.get("human/by_model_fraction", 0) > 0]
-            result["first_label_to_influenced_step_s"] = (min(influenced) - first_label
-                                                          if influenced and first_label else math.nan)
+            influenced = [
+                r["time"]
+                for r in records
+                if r.get("human/shaped_fraction", 0) > 0 or r.get("human/by_model_fraction", 0) > 0
+            ]
+            result["first_label_to_influenced_step_s"] = (
+                min(influenced) - first_label if influenced and first_label else math.nan
+            )
         else:
             result["labels"] = 0
     finally:
@@ -168,14 +213,19 @@ def evaluate(args, config: Path, set_args: list[str], model_dir: Path) -> dict:
     model = load_causal_lm(str(model_dir), device=torch.device("cpu")).eval()
     prompts = held_out_prompts(cfg, args.prompts)
     likes = preference(args.likes)
-    sampling = SamplingParams(temperature=cfg.generator.temperature, top_p=cfg.generator.top_p,
-                              max_new_tokens=cfg.generator.max_new_tokens)
+    sampling = SamplingParams(
+        temperature=cfg.generator.temperature, top_p=cfg.generator.top_p, max_new_tokens=cfg.generator.max_new_tokens
+    )
     vader, prop = [], []
     for start in range(0, len(prompts), 8):
-        batch = prompts[start:start + 8]
-        _, ids = prepare_prompts(tokenizer, batch, chat_template=cfg.model.chat_template,
-                                 system_prompt=cfg.model.system_prompt,
-                                 max_prompt_tokens=cfg.generator.max_prompt_tokens)
+        batch = prompts[start : start + 8]
+        _, ids = prepare_prompts(
+            tokenizer,
+            batch,
+            chat_template=cfg.model.chat_template,
+            system_prompt=cfg.model.system_prompt,
+            max_prompt_tokens=cfg.generator.max_prompt_tokens,
+        )
         for group in sample_completions(model, tokenizer, ids, group_size=args.samples, sampling=sampling):
             texts = [c.text for c in group]
             vader.append(float(np.mean(vader_sentiment([""] * len(texts), texts, [{}] * len(texts)))))
@@ -246,17 +296,38 @@ def main(argv: list[str] | None = None) -> int:
         return f"{diff:+.4f} ({diff / se:+.1f} SE)" if se > 0 else f"{diff:+.4f}"
 
     ranked = sorted(liked, key=lambda a: -liked[a][0])
-    rows = [[arm, liked[arm][2], f"{liked[arm][0]:.4f} ± {liked[arm][1]:.4f}", versus_none(arm),
-             f"{vader[arm][0]:.3f} ± {vader[arm][1]:.3f}",
-             f"{vader[arm][0] - vader['none'][0]:+.3f}" if "none" in vader and arm != "none" else "",
-             round(float(np.mean([r["steps"] for r in results if r["arm"] == arm])), 1),
-             round(float(np.mean([r["labels"] for r in results if r["arm"] == arm])), 1)] for arm in ranked]
-    table = markdown_table(["arm (best first)", "seeds", f"held-out {args.likes} ± SE (seeds)", "vs none",
-                            "held-out VADER ± SE", "VADER cost vs none", "learner steps", "labels"], rows)
-    person = (f"looks at {args.attention:.0%} of rollouts, labels {args.delay_min:g}-{args.delay_max:g} s after "
-              f"they appear, flips {args.noise:.0%}, at most {args.labels_per_second:g} labels/s"
-              + (f" and {args.max_labels} labels" if args.max_labels else "")
-              + (f", rating threshold {args.threshold:g}" if args.threshold is not None else ""))
+    rows = [
+        [
+            arm,
+            liked[arm][2],
+            f"{liked[arm][0]:.4f} ± {liked[arm][1]:.4f}",
+            versus_none(arm),
+            f"{vader[arm][0]:.3f} ± {vader[arm][1]:.3f}",
+            f"{vader[arm][0] - vader['none'][0]:+.3f}" if "none" in vader and arm != "none" else "",
+            round(float(np.mean([r["steps"] for r in results if r["arm"] == arm])), 1),
+            round(float(np.mean([r["labels"] for r in results if r["arm"] == arm])), 1),
+        ]
+        for arm in ranked
+    ]
+    table = markdown_table(
+        [
+            "arm (best first)",
+            "seeds",
+            f"held-out {args.likes} ± SE (seeds)",
+            "vs none",
+            "held-out VADER ± SE",
+            "VADER cost vs none",
+            "learner steps",
+            "labels",
+        ],
+        rows,
+    )
+    person = (
+        f"looks at {args.attention:.0%} of rollouts, labels {args.delay_min:g}-{args.delay_max:g} s after "
+        f"they appear, flips {args.noise:.0%}, at most {args.labels_per_second:g} labels/s"
+        + (f" and {args.max_labels} labels" if args.max_labels else "")
+        + (f", rating threshold {args.threshold:g}" if args.threshold is not None else "")
+    )
     section = f"""## People in the loop: the four TAMER+RL combinations on SmolLM2
 
 `{command_line()}`
@@ -265,7 +336,7 @@ Equal wall time per run ({args.seconds:.0f} s after the learner's first step), V
 reward, a simulated person (HTTP API only; ratings and pairwise picks alternating) who likes `{args.likes}`,
 which VADER ignores, and {person}; credit window {args.credit_delay_min:g}-{args.credit_delay_max:g} s;
 beta = {args.beta:g}, decay {args.beta_decay:g} per step, K = {args.candidates} candidates (action biasing,
-control sharing), lr {args.lr:g}, {args.max_new_tokens} new tokens. Held-out: {results[0]['eval_prompts']}
+control sharing), lr {args.lr:g}, {args.max_new_tokens} new tokens. Held-out: {results[0]["eval_prompts"]}
 prompts x {args.samples} completions of each run's last checkpoint, scored by the person's own taste; mean
 and SE across seeds {args.seeds}. First: {ranked[0]}.
 
@@ -292,12 +363,21 @@ def feed_overhead(n: int = 20000) -> dict:
     from streamrl.common.messages import FinishReason, Rollout, ScoredRollout
     from streamrl.common.transport import make_socket, try_send
 
-    rollout = Rollout(prompt_id="p", group_id="g", rollout_id="g:0", generator_id="generator-0", group_size=4,
-                      prompt_tokens=np.arange(64, dtype=np.int32), completion_tokens=np.arange(32, dtype=np.int32),
-                      behaviour_logprobs=np.full(32, -1.5, np.float32), policy_version=3,
-                      finish_reason=FinishReason.LENGTH,
-                      sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=32),
-                      prompt_text="This movie was one of the " * 4, completion_text="best films I have seen " * 6)
+    rollout = Rollout(
+        prompt_id="p",
+        group_id="g",
+        rollout_id="g:0",
+        generator_id="generator-0",
+        group_size=4,
+        prompt_tokens=np.arange(64, dtype=np.int32),
+        completion_tokens=np.arange(32, dtype=np.int32),
+        behaviour_logprobs=np.full(32, -1.5, np.float32),
+        policy_version=3,
+        finish_reason=FinishReason.LENGTH,
+        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=32),
+        prompt_text="This movie was one of the " * 4,
+        completion_text="best films I have seen " * 6,
+    )
     scored = ScoredRollout(rollout=rollout, reward=0.5, reward_parts={"vader_sentiment": 0.5})
     ctx = zmq.Context()
     endpoint = f"tcp://127.0.0.1:{free_port()}"

@@ -35,14 +35,22 @@ def rollout_frames(n: int) -> list[list]:
     rng = np.random.default_rng(0)
     frames = []
     for i in range(n):
-        r = Rollout(sender="bench", prompt_id=f"p{i // 4}", group_id=f"g{i // 4}", rollout_id=f"r{i}",
-                    generator_id="bench", group_size=4,
-                    prompt_tokens=rng.integers(0, 49152, 64, dtype=np.int32),
-                    completion_tokens=rng.integers(0, 49152, 32, dtype=np.int32),
-                    behaviour_logprobs=-rng.random(32, dtype=np.float32),
-                    policy_version=0, finish_reason=FinishReason.LENGTH,
-                    sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=32),
-                    prompt_text="x" * 300, completion_text="y" * 150)
+        r = Rollout(
+            sender="bench",
+            prompt_id=f"p{i // 4}",
+            group_id=f"g{i // 4}",
+            rollout_id=f"r{i}",
+            generator_id="bench",
+            group_size=4,
+            prompt_tokens=rng.integers(0, 49152, 64, dtype=np.int32),
+            completion_tokens=rng.integers(0, 49152, 32, dtype=np.int32),
+            behaviour_logprobs=-rng.random(32, dtype=np.float32),
+            policy_version=0,
+            finish_reason=FinishReason.LENGTH,
+            sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=32),
+            prompt_text="x" * 300,
+            completion_text="y" * 150,
+        )
         frames.append([bytes(f) for f in encode(ScoredRollout(rollout=r, reward=0.5, scorer_id="bench"))])
     return frames
 
@@ -62,21 +70,48 @@ def measure(frames: list[list], policy: FsyncPolicy, burst: int, directory: Path
     recovered = Journal(directory, fsync=FsyncPolicy.NEVER).recover()
     recover_s = time.perf_counter() - recover_start
     assert recovered.rollouts == len(frames)
-    return {"rollouts_per_s": len(frames) / seconds, "us_per_rollout": seconds / len(frames) * 1e6,
-            "fsyncs": journal.fsyncs, "fsync_s": journal.fsync_seconds, "bytes": journal.bytes_written,
-            "recover_s": recover_s}
+    return {
+        "rollouts_per_s": len(frames) / seconds,
+        "us_per_rollout": seconds / len(frames) * 1e6,
+        "fsyncs": journal.fsyncs,
+        "fsync_s": journal.fsync_seconds,
+        "bytes": journal.bytes_written,
+        "recover_s": recover_s,
+    }
 
 
 def render(result: dict, env: dict, command: str) -> str:
-    rows = [[r["policy"], r["burst"], r["rollouts_per_s"], r["us_per_rollout"], r["fsyncs"],
-             r["bytes"] / r["rollouts"], r["recover_s"]] for r in result["rows"]]
-    table = markdown_table(["fsync policy", "commit every (rollouts)", "rollouts/s", "µs per rollout",
-                            "fsyncs", "bytes per rollout", "recovery s"], rows)
-    return (f"## Buffer journal: cost of the fsync policy\n\n`{command}`\n\n{environment_line(env)}\n\n"
-            f"{result['rollouts']} rollouts per cell, median of {result['repeats']} runs, on the disk that "
-            f"holds {result['directory']}.\n\n{table}\n\n"
-            "The buffer service commits once per read burst (up to 256 rollouts) and before every batch, "
-            "so `always` costs one fsync per burst, not per rollout.")
+    rows = [
+        [
+            r["policy"],
+            r["burst"],
+            r["rollouts_per_s"],
+            r["us_per_rollout"],
+            r["fsyncs"],
+            r["bytes"] / r["rollouts"],
+            r["recover_s"],
+        ]
+        for r in result["rows"]
+    ]
+    table = markdown_table(
+        [
+            "fsync policy",
+            "commit every (rollouts)",
+            "rollouts/s",
+            "µs per rollout",
+            "fsyncs",
+            "bytes per rollout",
+            "recovery s",
+        ],
+        rows,
+    )
+    return (
+        f"## Buffer journal: cost of the fsync policy\n\n`{command}`\n\n{environment_line(env)}\n\n"
+        f"{result['rollouts']} rollouts per cell, median of {result['repeats']} runs, on the disk that "
+        f"holds {result['directory']}.\n\n{table}\n\n"
+        "The buffer service commits once per read burst (up to 256 rollouts) and before every batch, "
+        "so `always` costs one fsync per burst, not per rollout."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         result = {"rollouts": args.rollouts, "repeats": args.repeats, "rows": rows, "directory": tmp}
     env = environment()
     result["environment"] = env
-    write_results("journal", result, render(result, env, command_line()), results_dir=args.results_dir,
-                  results_md=args.results_md)
+    write_results(
+        "journal", result, render(result, env, command_line()), results_dir=args.results_dir, results_md=args.results_md
+    )
     return 0
 
 

@@ -57,9 +57,14 @@ def sample_batch(cfg, policy, tokenizer, reference):
     train, _ = split_prompts(load_prompts(gen.prompts), eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
     sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
     reward = build_reward(cfg.scorer.rewards, device=next(policy.parameters()).device)
-    prompts = train[:lc.groups_per_step]
-    texts, ids = prepare_prompts(tokenizer, prompts, chat_template=cfg.model.chat_template,
-                                 system_prompt=cfg.model.system_prompt, max_prompt_tokens=gen.max_prompt_tokens)
+    prompts = train[: lc.groups_per_step]
+    texts, ids = prepare_prompts(
+        tokenizer,
+        prompts,
+        chat_template=cfg.model.chat_template,
+        system_prompt=cfg.model.system_prompt,
+        max_prompt_tokens=gen.max_prompt_tokens,
+    )
     policy.eval()
     started = time.perf_counter()
     groups = sample_completions(policy, tokenizer, ids, group_size=gen.group_size, sampling=sampling)
@@ -68,11 +73,24 @@ def sample_batch(cfg, policy, tokenizer, reference):
     for p, text, group in zip(prompts, texts, groups):
         values, _ = reward([text] * len(group), [c.text for c in group], [p.metadata] * len(group))
         for j, (c, v) in enumerate(zip(group, values)):
-            scored.append(ScoredRollout(reward=v, rollout=Rollout(
-                prompt_id=p.prompt_id, group_id=p.prompt_id, rollout_id=f"{p.prompt_id}:{j}", generator_id="bench",
-                group_size=gen.group_size, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-                behaviour_logprobs=c.logprobs, policy_version=0, finish_reason=FinishReason.LENGTH,
-                sampling=sampling)))
+            scored.append(
+                ScoredRollout(
+                    reward=v,
+                    rollout=Rollout(
+                        prompt_id=p.prompt_id,
+                        group_id=p.prompt_id,
+                        rollout_id=f"{p.prompt_id}:{j}",
+                        generator_id="bench",
+                        group_size=gen.group_size,
+                        prompt_tokens=c.prompt_tokens,
+                        completion_tokens=c.completion_tokens,
+                        behaviour_logprobs=c.logprobs,
+                        policy_version=0,
+                        finish_reason=FinishReason.LENGTH,
+                        sampling=sampling,
+                    ),
+                )
+            )
     with_ref = copy.deepcopy(scored)
     reference_s, values = time_reference(reference, with_ref, tokenizer.pad_token_id, autocast_bf16=False)
     for s, v in zip(with_ref, values):
@@ -88,12 +106,18 @@ def time_sampling(cfg, policy, tokenizer, *, autocast_bf16: bool) -> float:
 
     gen = cfg.generator
     train, _ = split_prompts(load_prompts(gen.prompts), eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
-    _, ids = prepare_prompts(tokenizer, train[:gen.prompts_per_batch], chat_template=cfg.model.chat_template,
-                             system_prompt=cfg.model.system_prompt, max_prompt_tokens=gen.max_prompt_tokens)
+    _, ids = prepare_prompts(
+        tokenizer,
+        train[: gen.prompts_per_batch],
+        chat_template=cfg.model.chat_template,
+        system_prompt=cfg.model.system_prompt,
+        max_prompt_tokens=gen.max_prompt_tokens,
+    )
     sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
     started = time.perf_counter()
-    sample_completions(policy, tokenizer, ids, group_size=gen.group_size, sampling=sampling,
-                       autocast_bf16=autocast_bf16)
+    sample_completions(
+        policy, tokenizer, ids, group_size=gen.group_size, sampling=sampling, autocast_bf16=autocast_bf16
+    )
     return time.perf_counter() - started
 
 
@@ -114,9 +138,13 @@ def reference_mismatch(fp32: list, bf16: list) -> dict:
 
     diff = np.concatenate([b - f for b, f in zip(bf16, fp32)]).astype(np.float64)
     per_completion = np.array([float((b - f).sum()) for b, f in zip(bf16, fp32)])
-    return {"token_mean": float(diff.mean()), "token_abs_mean": float(np.abs(diff).mean()),
-            "token_abs_max": float(np.abs(diff).max()), "completion_mean": float(per_completion.mean()),
-            "completion_std": float(per_completion.std(ddof=1)) if len(per_completion) > 1 else 0.0}
+    return {
+        "token_mean": float(diff.mean()),
+        "token_abs_mean": float(np.abs(diff).mean()),
+        "token_abs_max": float(np.abs(diff).max()),
+        "completion_mean": float(per_completion.mean()),
+        "completion_std": float(per_completion.std(ddof=1)) if len(per_completion) > 1 else 0.0,
+    }
 
 
 def ratio_mismatch(policy, batch, bf16: bool) -> dict:
@@ -130,9 +158,13 @@ def ratio_mismatch(policy, batch, bf16: bool) -> dict:
     mask = batch.mask.bool()
     log_ratio = (logp - batch.behaviour_logprobs)[mask].double()
     ratio = log_ratio.exp()
-    return {"abs_log_ratio_mean": float(log_ratio.abs().mean()), "abs_log_ratio_max": float(log_ratio.abs().max()),
-            "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
-            "outside_0.8_1.25": float(((ratio < 0.8) | (ratio > 1.25)).double().mean())}
+    return {
+        "abs_log_ratio_mean": float(log_ratio.abs().mean()),
+        "abs_log_ratio_max": float(log_ratio.abs().max()),
+        "ratio_min": float(ratio.min()),
+        "ratio_max": float(ratio.max()),
+        "outside_0.8_1.25": float(((ratio < 0.8) | (ratio > 1.25)).double().mean()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     reference = load_causal_lm(path, device=torch.device("cpu")).eval()
     scored, with_ref, generate_s, scorer_ref_s = sample_batch(cfg, base, tokenizer, reference)
     pad = tokenizer.pad_token_id
-    mismatch = {"fp32": ratio_mismatch(base, collate(scored, pad_id=pad), False),
-                "bf16": ratio_mismatch(base, collate(scored, pad_id=pad), True)}
+    mismatch = {
+        "fp32": ratio_mismatch(base, collate(scored, pad_id=pad), False),
+        "bf16": ratio_mismatch(base, collate(scored, pad_id=pad), True),
+    }
     print(f"ratio mismatch at staleness 0: {mismatch}", flush=True)
     names = args.variants.split(",")
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -177,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"scorer reference pass {mode} run {rep + 1}: {seconds:.2f}s", flush=True)
         for name in names:
             v = VARIANTS[name]
-            lc = cfg.learner.model_copy(update={k: v[k] for k in ("reuse_first_pass", "bucket_by_length",
-                                                                  "autocast_bf16")})
+            lc = cfg.learner.model_copy(
+                update={k: v[k] for k in ("reuse_first_pass", "bucket_by_length", "autocast_bf16")}
+            )
             trainer = PPOTrainer(copy.deepcopy(base), reference, lc)
             batch = collate(with_ref if v["ref"] else scored, pad_id=pad)
             torch.manual_seed(rep)
@@ -194,38 +229,72 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     command = command_line()
     rows = len(scored)
-    result = {"command": command, "environment": env, "config": args.config, "overrides": args.overrides,
-              "model": cfg.model.path, "rollouts": rows, "minibatches": cfg.learner.minibatches,
-              "generate_s": generate_s, "scorer_reference_s": scorer_ref_s, "step_s": summary, "runs": times,
-              "stats": stats, "ratio_mismatch_staleness_0": mismatch,
-              "generator_batch_s": sampling, "generator_batch_runs": sampling_s,
-              "scorer_reference_pass_s": ref_time, "scorer_reference_pass_runs": reference_s,
-              "reference_bf16_mismatch": ref_mismatch}
+    result = {
+        "command": command,
+        "environment": env,
+        "config": args.config,
+        "overrides": args.overrides,
+        "model": cfg.model.path,
+        "rollouts": rows,
+        "minibatches": cfg.learner.minibatches,
+        "generate_s": generate_s,
+        "scorer_reference_s": scorer_ref_s,
+        "step_s": summary,
+        "runs": times,
+        "stats": stats,
+        "ratio_mismatch_staleness_0": mismatch,
+        "generator_batch_s": sampling,
+        "generator_batch_runs": sampling_s,
+        "scorer_reference_pass_s": ref_time,
+        "scorer_reference_pass_runs": reference_s,
+        "reference_bf16_mismatch": ref_mismatch,
+    }
     first = summary[names[0]]
-    table = markdown_table(["variant", "learner step (s, median)", "vs first", "kl", "ratio max"],
-                           [[n, f"{summary[n]:.2f}", f"{first / summary[n]:.2f}x", f"{stats[n]['kl']:.4f}",
-                             f"{stats[n]['importance_ratio_max']:.3f}"] for n in names])
-    mm = markdown_table(["pi_old pass", "mean abs log ratio", "max abs log ratio", "ratio min", "ratio max",
-                         "outside [0.8, 1.25]"],
-                        [[k, f"{m['abs_log_ratio_mean']:.2e}", f"{m['abs_log_ratio_max']:.2e}", f"{m['ratio_min']:.4f}",
-                          f"{m['ratio_max']:.4f}", f"{m['outside_0.8_1.25']:.4f}"] for k, m in mismatch.items()])
-    section = (f"## Learner passes: reference from the scorers, first pass reused\n\n`{command}`\n\n"
-               f"{environment_line(env)}\n\n"
-               f"{cfg.model.path}, one step of {rows} rollouts, {cfg.learner.minibatches} minibatches, "
-               f"{args.repeats} alternating repeats. Sampling the batch took {generate_s:.1f}s; the scorers' "
-               f"reference pass over it {scorer_ref_s:.1f}s (off the learner).\n\n{table}\n\n"
-               f"Raw importance ratio pi_old/mu at staleness 0 (mu: fp32 sampler):\n\n{mm}\n\n"
-               f"The generator's batch ({cfg.generator.prompts_per_batch} prompts x {cfg.generator.group_size} "
-               f"completions, median of {args.repeats}): fp32 {sampling['fp32']:.2f}s, under bf16 autocast "
-               f"(`generator.autocast_bf16`) {sampling['bf16']:.2f}s ({sampling['fp32'] / sampling['bf16']:.2f}x).\n\n"
-               f"The scorers' reference pass over the step's {rows} rollouts (median of {args.repeats}): fp32 "
-               f"{ref_time['fp32']:.2f}s, under bf16 autocast (`scorer.autocast_bf16`) {ref_time['bf16']:.2f}s "
-               f"({ref_time['fp32'] / ref_time['bf16']:.2f}x). bf16 minus fp32 reference log-probs: per token mean "
-               f"{ref_mismatch['token_mean']:+.4f}, mean abs {ref_mismatch['token_abs_mean']:.4f}, max abs "
-               f"{ref_mismatch['token_abs_max']:.3f} nats; summed over a completion (what its k1 KL penalty moves "
-               f"by) {ref_mismatch['completion_mean']:+.3f} +- {ref_mismatch['completion_std']:.3f} (mean +- sd).\n")
-    out = write_results("learner_passes", result, section, results_dir=args.results_dir,
-                        results_md=args.results_md)
+    table = markdown_table(
+        ["variant", "learner step (s, median)", "vs first", "kl", "ratio max"],
+        [
+            [
+                n,
+                f"{summary[n]:.2f}",
+                f"{first / summary[n]:.2f}x",
+                f"{stats[n]['kl']:.4f}",
+                f"{stats[n]['importance_ratio_max']:.3f}",
+            ]
+            for n in names
+        ],
+    )
+    mm = markdown_table(
+        ["pi_old pass", "mean abs log ratio", "max abs log ratio", "ratio min", "ratio max", "outside [0.8, 1.25]"],
+        [
+            [
+                k,
+                f"{m['abs_log_ratio_mean']:.2e}",
+                f"{m['abs_log_ratio_max']:.2e}",
+                f"{m['ratio_min']:.4f}",
+                f"{m['ratio_max']:.4f}",
+                f"{m['outside_0.8_1.25']:.4f}",
+            ]
+            for k, m in mismatch.items()
+        ],
+    )
+    section = (
+        f"## Learner passes: reference from the scorers, first pass reused\n\n`{command}`\n\n"
+        f"{environment_line(env)}\n\n"
+        f"{cfg.model.path}, one step of {rows} rollouts, {cfg.learner.minibatches} minibatches, "
+        f"{args.repeats} alternating repeats. Sampling the batch took {generate_s:.1f}s; the scorers' "
+        f"reference pass over it {scorer_ref_s:.1f}s (off the learner).\n\n{table}\n\n"
+        f"Raw importance ratio pi_old/mu at staleness 0 (mu: fp32 sampler):\n\n{mm}\n\n"
+        f"The generator's batch ({cfg.generator.prompts_per_batch} prompts x {cfg.generator.group_size} "
+        f"completions, median of {args.repeats}): fp32 {sampling['fp32']:.2f}s, under bf16 autocast "
+        f"(`generator.autocast_bf16`) {sampling['bf16']:.2f}s ({sampling['fp32'] / sampling['bf16']:.2f}x).\n\n"
+        f"The scorers' reference pass over the step's {rows} rollouts (median of {args.repeats}): fp32 "
+        f"{ref_time['fp32']:.2f}s, under bf16 autocast (`scorer.autocast_bf16`) {ref_time['bf16']:.2f}s "
+        f"({ref_time['fp32'] / ref_time['bf16']:.2f}x). bf16 minus fp32 reference log-probs: per token mean "
+        f"{ref_mismatch['token_mean']:+.4f}, mean abs {ref_mismatch['token_abs_mean']:.4f}, max abs "
+        f"{ref_mismatch['token_abs_max']:.3f} nats; summed over a completion (what its k1 KL penalty moves "
+        f"by) {ref_mismatch['completion_mean']:+.3f} +- {ref_mismatch['completion_std']:.3f} (mean +- sd).\n"
+    )
+    out = write_results("learner_passes", result, section, results_dir=args.results_dir, results_md=args.results_md)
     print(f"wrote {out}")
     return 0
 

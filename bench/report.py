@@ -101,10 +101,12 @@ def git_commit() -> str:
     tracked files with uncommitted changes when there are any: the benchmarks run the working
     tree, which on a shared machine may hold other people's work in progress."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--name-only", "HEAD"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout.split()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "diff", "--name-only", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     if dirty:
@@ -135,9 +137,11 @@ def environment(extra_versions: dict[str, str] | None = None) -> dict:
 def environment_line(env: dict) -> str:
     """One markdown line describing ``env``."""
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    return (f"Machine: {env['cpu']} (flags: {env.get('cpu_flags', 'unknown')}), {env['cores']} cores, "
-            f"{env['ram_gib']} GiB RAM, GPU {env['gpu']}; "
-            f"Python {env['python']}; {versions}; code: commit {env['commit']}; {env['date']}.")
+    return (
+        f"Machine: {env['cpu']} (flags: {env.get('cpu_flags', 'unknown')}), {env['cores']} cores, "
+        f"{env['ram_gib']} GiB RAM, GPU {env['gpu']}; "
+        f"Python {env['python']}; {versions}; code: commit {env['commit']}; {env['date']}."
+    )
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -155,8 +159,9 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, results: dict, section_markdown: str, *, results_dir: Path | None = None,
-                  results_md: Path | None = None) -> Path:
+def write_results(
+    name: str, results: dict, section_markdown: str, *, results_dir: Path | None = None, results_md: Path | None = None
+) -> Path:
     """Write ``<results_dir>/<name>.json`` and replace the ``name`` section of the results markdown.
 
     Args:

@@ -45,8 +45,12 @@ def run(config_path: Path, overrides: list[str], *, force: bool) -> dict:
     sft = run_sft(config, force=force, log=log)
     sft_seconds = time.perf_counter() - started
     rm = run_rm(config, force=force, log=log)
-    return {"sft": sft, "rm": rm, "sft_seconds": round(sft_seconds, 1),
-            "rm_seconds": round(time.perf_counter() - started - sft_seconds, 1)}
+    return {
+        "sft": sft,
+        "rm": rm,
+        "sft_seconds": round(sft_seconds, 1),
+        "rm_seconds": round(time.perf_counter() - started - sft_seconds, 1),
+    }
 
 
 def run_whole(config_path: Path, overrides: list[str], *, force: bool) -> dict:
@@ -64,11 +68,16 @@ def run_whole(config_path: Path, overrides: list[str], *, force: bool) -> dict:
 def _rm_row(name: str, rm: dict) -> list:
     se = rm["heldout_accuracy_stderr"]
     z = (rm["heldout_accuracy"] - 0.5) / se if se else float("inf")
-    return [name, rm["train_rows"], rm["heldout_rows"], f"{rm['frozen_blocks']} blocks frozen",
-            f"held-out accuracy {rm['heldout_accuracy']:.3f} +- {rm['heldout_accuracy_stderr']:.3f} "
-            f"({z:.1f} SE above chance, n {rm['heldout_comparisons']}), margin {rm['heldout_margin']:+.3f} +- "
-            f"{rm['heldout_margin_stderr']:.3f}; training rows {rm['train_accuracy']:.3f}; bias {rm['bias']:+.3f}",
-            rm.get("wall_seconds") or ""]
+    return [
+        name,
+        rm["train_rows"],
+        rm["heldout_rows"],
+        f"{rm['frozen_blocks']} blocks frozen",
+        f"held-out accuracy {rm['heldout_accuracy']:.3f} +- {rm['heldout_accuracy_stderr']:.3f} "
+        f"({z:.1f} SE above chance, n {rm['heldout_comparisons']}), margin {rm['heldout_margin']:+.3f} +- "
+        f"{rm['heldout_margin_stderr']:.3f}; training rows {rm['train_accuracy']:.3f}; bias {rm['bias']:+.3f}",
+        rm.get("wall_seconds") or "",
+    ]
 
 
 def render(result: dict, env: dict, command: str) -> str:
@@ -77,17 +86,38 @@ def render(result: dict, env: dict, command: str) -> str:
 
     sft, rm = result["sft"], result["rm"]
     models = rm.get("models") or {"rm": rm}
-    rows = [["sft", sft["train_rows"], sft["heldout_rows"], f"{sft['frozen_blocks']} blocks frozen",
-             f"held-out response loss {sft['heldout_loss_before']:.4f} -> {sft['heldout_loss_after']:.4f} nats/token "
-             f"({sft['heldout_tokens']} tokens)", sft["wall_seconds"]]]
+    rows = [
+        [
+            "sft",
+            sft["train_rows"],
+            sft["heldout_rows"],
+            f"{sft['frozen_blocks']} blocks frozen",
+            f"held-out response loss {sft['heldout_loss_before']:.4f} -> {sft['heldout_loss_after']:.4f} nats/token "
+            f"({sft['heldout_tokens']} tokens)",
+            sft["wall_seconds"],
+        ]
+    ]
     rows += [_rm_row(f"rm {name}" if name != "rm" else "rm", m) for name, m in models.items()]
     if "models" in rm:
-        rows.append(["rm (both)", rm["train_rows"], rm["heldout_rows"], "", "frozen transformer's output computed "
-                     "once for both heads", rm["wall_seconds"]])
-    table = markdown_table(["stage", "training rows", "held-out rows", "frozen / trainable", "result", "wall (s)"],
-                           rows)
-    gold = (" The proxy and the gold reward model are trained on disjoint halves of the training pairs (split "
-            "by a seeded hash of the prompt) and measured on the same held-out pairs." if "models" in rm else "")
+        rows.append(
+            [
+                "rm (both)",
+                rm["train_rows"],
+                rm["heldout_rows"],
+                "",
+                "frozen transformer's output computed once for both heads",
+                rm["wall_seconds"],
+            ]
+        )
+    table = markdown_table(
+        ["stage", "training rows", "held-out rows", "frozen / trainable", "result", "wall (s)"], rows
+    )
+    gold = (
+        " The proxy and the gold reward model are trained on disjoint halves of the training pairs (split "
+        "by a seeded hash of the prompt) and measured on the same held-out pairs."
+        if "models" in rm
+        else ""
+    )
     first = next(iter(models.values()))
     pipeline = ""
     if "pipeline" in result:
@@ -96,13 +126,14 @@ def render(result: dict, env: dict, command: str) -> str:
 
 {environment_line(env)}
 
-Command: `{command}` (config `deploy/configs/rlhf.toml`{', overrides ' + ', '.join(result['overrides'])
-                                                        if result['overrides'] else ''}).
-Data: Anthropic hh-rlhf harmless-base, 1,800 pairs; {first['heldout_rows']} held out by a seeded hash of the
+Command: `{command}` (config `deploy/configs/rlhf.toml`{
+        ", overrides " + ", ".join(result["overrides"]) if result["overrides"] else ""
+    }).
+Data: Anthropic hh-rlhf harmless-base, 1,800 pairs; {first["heldout_rows"]} held out by a seeded hash of the
 prompt (never trained on by either stage). Model SmolLM2-135M-Instruct; the reward model starts from the
 SFT model.{gold} The bias stored with each reward model makes its demonstrations (the chosen responses of its
 training pairs) score 0 on average; held-out chosen / rejected mean normalised score
-{', '.join(f"{name} {m['heldout_mean_best']:+.3f} / {m['heldout_mean_others']:+.3f}" for name, m in models.items())}.
+{", ".join(f"{name} {m['heldout_mean_best']:+.3f} / {m['heldout_mean_others']:+.3f}" for name, m in models.items())}.
 
 {table}
 {pipeline}"""
@@ -111,11 +142,20 @@ training pairs) score 0 on average; held-out chosen / rejected mean normalised s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(CONFIG), help="stage config (default deploy/configs/rlhf.toml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set rm.epochs=3")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set rm.epochs=3",
+    )
     parser.add_argument("--force", action="store_true", help="redo stages whose output is complete")
-    parser.add_argument("--pipeline", action="store_true", help="run the whole `streamrl pipeline` (PPO and the "
-                        "held-out evaluation with proxy and gold scores too)")
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="run the whole `streamrl pipeline` (PPO and the held-out evaluation with proxy and gold scores too)",
+    )
     parser.add_argument("--results-dir", type=Path, default=None)
     parser.add_argument("--results-md", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -136,11 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     result["overrides"] = args.overrides
     env = environment()
     result["environment"] = env
-    write_results("rlhf", result, render(result, env, command_line()), results_dir=args.results_dir,
-                  results_md=args.results_md)
+    write_results(
+        "rlhf", result, render(result, env, command_line()), results_dir=args.results_dir, results_md=args.results_md
+    )
     for name, rm in (result["rm"].get("models") or {"rm": result["rm"]}).items():
-        print(f"{name} held-out accuracy {rm['heldout_accuracy']:.3f} +- {rm['heldout_accuracy_stderr']:.3f} "
-              f"(n {rm['heldout_comparisons']})")
+        print(
+            f"{name} held-out accuracy {rm['heldout_accuracy']:.3f} +- {rm['heldout_accuracy_stderr']:.3f} "
+            f"(n {rm['heldout_comparisons']})"
+        )
     print(f"sft held-out loss {result['sft']['heldout_loss_before']:.4f} -> {result['sft']['heldout_loss_after']:.4f}")
     return 0
 

@@ -94,8 +94,10 @@ def credits_available() -> bool:
     """True when this tree has generation credits (``generator.credits`` and its client)."""
     import importlib.util
 
-    return ("credits" in GeneratorSection.model_fields
-            and importlib.util.find_spec("streamrl.services.generator.credits") is not None)
+    return (
+        "credits" in GeneratorSection.model_fields
+        and importlib.util.find_spec("streamrl.services.generator.credits") is not None
+    )
 
 
 # ---------------------------------------------------------------------- stand-in processes
@@ -111,8 +113,17 @@ class _Seconds:
         self.value += amount
 
 
-def _generator_thread(ctx: zmq.Context, cfg, index: int, tag: str, latest: list, stop: threading.Event,
-                      tokens_per_s: float, use_credits: bool, stats: dict) -> None:
+def _generator_thread(
+    ctx: zmq.Context,
+    cfg,
+    index: int,
+    tag: str,
+    latest: list,
+    stop: threading.Event,
+    tokens_per_s: float,
+    use_credits: bool,
+    stats: dict,
+) -> None:
     """One stand-in generator: newest version, credits, sleep for the tokens, send every rollout."""
     t = cfg.transport
     generator_id = f"sim-{tag}-{index}"
@@ -121,10 +132,17 @@ def _generator_thread(ctx: zmq.Context, cfg, index: int, tag: str, latest: list,
     if use_credits:
         from streamrl.services.generator.credits import CreditClient
 
-        credits = CreditClient(ctx, endpoint=cfg.endpoints.batches, sender=generator_id,
-                               instance=f"sim-generator-{index}", metrics=ServiceMetrics("bench", generator_id),
-                               timeout_s=t.request_timeout_s, max_message_bytes=t.max_message_bytes, hwm=t.hwm,
-                               security=None)
+        credits = CreditClient(
+            ctx,
+            endpoint=cfg.endpoints.batches,
+            sender=generator_id,
+            instance=f"sim-generator-{index}",
+            metrics=ServiceMetrics("bench", generator_id),
+            timeout_s=t.request_timeout_s,
+            max_message_bytes=t.max_message_bytes,
+            hwm=t.hwm,
+            security=None,
+        )
     blocked = _Seconds()
     rng = np.random.default_rng(index)
     want = cfg.generator.prompts_per_batch
@@ -150,8 +168,9 @@ def _generator_thread(ctx: zmq.Context, cfg, index: int, tag: str, latest: list,
                 first = stats["groups"] * GROUP_SIZE
                 for k in range(GROUP_SIZE):
                     rollout = make_rollout(first + k, generator_id=generator_id, version=version, rng=rng)
-                    if not send_when_ready(push, rollout, stop=stop, blocked_seconds=blocked, warn_after_s=600,
-                                           peer="the scorers"):
+                    if not send_when_ready(
+                        push, rollout, stop=stop, blocked_seconds=blocked, warn_after_s=600, peer="the scorers"
+                    ):
                         return
                     stats["rollouts"] += 1
                 stats["groups"] += 1
@@ -163,8 +182,17 @@ def _generator_thread(ctx: zmq.Context, cfg, index: int, tag: str, latest: list,
             credits.close()
 
 
-def _generators(config_path: str, indices: list[int], tag: str, tokens_per_s: float, use_credits: bool,
-                warmup_s: float, seconds: float, out: str, start) -> None:
+def _generators(
+    config_path: str,
+    indices: list[int],
+    tag: str,
+    tokens_per_s: float,
+    use_credits: bool,
+    warmup_s: float,
+    seconds: float,
+    out: str,
+    start,
+) -> None:
     """A process hosting the stand-in generators ``indices`` (threads) and one announcement listener;
     they start when every process of the point has passed the ``start`` barrier."""
     cfg = load_config(config_path)
@@ -174,10 +202,17 @@ def _generators(config_path: str, indices: list[int], tag: str, tokens_per_s: fl
     latest: list = [None]
 
     def listen() -> None:
-        client = WeightClient(ctx, announce_endpoint=cfg.endpoints.weights_announce,
-                              fetch_endpoint=cfg.endpoints.weights, inbox_metrics=ServiceMetrics("bench", f"sim-{tag}"),
-                              sender=f"sim-{tag}", credit=1, timeout_s=t.request_timeout_s,
-                              max_message_bytes=t.max_message_bytes, hwm=t.hwm)
+        client = WeightClient(
+            ctx,
+            announce_endpoint=cfg.endpoints.weights_announce,
+            fetch_endpoint=cfg.endpoints.weights,
+            inbox_metrics=ServiceMetrics("bench", f"sim-{tag}"),
+            sender=f"sim-{tag}",
+            credit=1,
+            timeout_s=t.request_timeout_s,
+            max_message_bytes=t.max_message_bytes,
+            hwm=t.hwm,
+        )
         try:
             while not stop.is_set():
                 announce = client.poll_announcements(timeout_s=0.05)
@@ -188,9 +223,14 @@ def _generators(config_path: str, indices: list[int], tag: str, tokens_per_s: fl
 
     stats = {i: {"groups": 0, "rollouts": 0, "blocked_s": 0.0, "credit_wait_s": 0.0} for i in indices}
     threads = [threading.Thread(target=listen, daemon=True)]
-    threads += [threading.Thread(target=_generator_thread, daemon=True,
-                                 args=(ctx, cfg, i, tag, latest, stop, tokens_per_s, use_credits, stats[i]))
-                for i in indices]
+    threads += [
+        threading.Thread(
+            target=_generator_thread,
+            daemon=True,
+            args=(ctx, cfg, i, tag, latest, stop, tokens_per_s, use_credits, stats[i]),
+        )
+        for i in indices
+    ]
     start.wait(START_TIMEOUT_S)
     for thread in threads:
         thread.start()
@@ -201,14 +241,24 @@ def _generators(config_path: str, indices: list[int], tag: str, tokens_per_s: fl
     stop.set()
     for thread in threads:
         thread.join(5)
-    window = {key: sum(at_end[i][key] - at_warmup[i][key] for i in indices)
-              for key in ("groups", "rollouts", "blocked_s", "credit_wait_s")}
+    window = {
+        key: sum(at_end[i][key] - at_warmup[i][key] for i in indices)
+        for key in ("groups", "rollouts", "blocked_s", "credit_wait_s")
+    }
     Path(out).write_text(json.dumps(window))
     ctx.term()
 
 
-def _learner(config_path: str, start_version: int, groups_per_step: int, step_s: float, warmup_s: float,
-             seconds: float, out: str, start_barrier) -> None:
+def _learner(
+    config_path: str,
+    start_version: int,
+    groups_per_step: int,
+    step_s: float,
+    warmup_s: float,
+    seconds: float,
+    out: str,
+    start_barrier,
+) -> None:
     """The stand-in learner: batches of ``groups_per_step`` groups, ``step_s`` of "training", publish v + 1;
     it starts when every process of the point has passed ``start_barrier``."""
     torch.set_num_threads(1)
@@ -216,11 +266,19 @@ def _learner(config_path: str, start_version: int, groups_per_step: int, step_s:
     t = cfg.transport
     ctx = zmq.Context()
     metrics = ServiceMetrics("bench", "sim-learner")
-    server = WeightServer(ctx, announce_endpoint=cfg.endpoints.weights_announce, fetch_endpoint=cfg.endpoints.weights,
-                          metrics=metrics, sender="sim-learner", announce_interval_s=t.announce_interval_s,
-                          max_message_bytes=t.max_message_bytes, hwm=t.hwm)
-    dealer = make_socket(ctx, zmq.DEALER, connect=[cfg.endpoints.batches], max_message_bytes=t.max_message_bytes,
-                         hwm=t.hwm)
+    server = WeightServer(
+        ctx,
+        announce_endpoint=cfg.endpoints.weights_announce,
+        fetch_endpoint=cfg.endpoints.weights,
+        metrics=metrics,
+        sender="sim-learner",
+        announce_interval_s=t.announce_interval_s,
+        max_message_bytes=t.max_message_bytes,
+        hwm=t.hwm,
+    )
+    dealer = make_socket(
+        ctx, zmq.DEALER, connect=[cfg.endpoints.batches], max_message_bytes=t.max_message_bytes, hwm=t.hwm
+    )
     inbox = Inbox(metrics, [Batch], max_bytes=t.max_message_bytes, socket_name="batches")
     weights = {"w": torch.zeros(4)}
     version = start_version
@@ -311,9 +369,22 @@ def _machine_busy_ticks() -> tuple[int, int]:
     return sum(values) - idle, sum(values)
 
 
-def run_point(config: Path, services, *, n: int, tokens_per_s: float, step_s: float, groups_per_step: int,
-              use_credits: bool, start_version: int, warmup_s: float, seconds: float, processes: int,
-              workdir: Path, ports: dict[str, int]) -> dict:
+def run_point(
+    config: Path,
+    services,
+    *,
+    n: int,
+    tokens_per_s: float,
+    step_s: float,
+    groups_per_step: int,
+    use_credits: bool,
+    start_version: int,
+    warmup_s: float,
+    seconds: float,
+    processes: int,
+    workdir: Path,
+    ports: dict[str, int],
+) -> dict:
     """One (N, settings) point; returns its measurements (see ``summarise``)."""
     # fork: the children start with this process's imports (torch, zmq) instead of importing them again
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
@@ -322,17 +393,29 @@ def run_point(config: Path, services, *, n: int, tokens_per_s: float, step_s: fl
     groups = [list(range(n))[p::processes] for p in range(min(processes, n))]
     gen_outs = [workdir / f"generators-{tag}-{p}.json" for p in range(len(groups))]
     start = context.Barrier(len(groups) + 2)  # the learner, the generator processes and this one
-    procs = [context.Process(target=_learner, daemon=True,
-                             args=(str(config), start_version, groups_per_step, step_s, warmup_s, seconds,
-                                   str(learner_out), start))]
-    procs += [context.Process(target=_generators, daemon=True,
-                              args=(str(config), indices, f"{tag}-{p}", tokens_per_s, use_credits, warmup_s, seconds,
-                                    str(out), start))
-              for p, (indices, out) in enumerate(zip(groups, gen_outs))]
+    procs = [
+        context.Process(
+            target=_learner,
+            daemon=True,
+            args=(str(config), start_version, groups_per_step, step_s, warmup_s, seconds, str(learner_out), start),
+        )
+    ]
+    procs += [
+        context.Process(
+            target=_generators,
+            daemon=True,
+            args=(str(config), indices, f"{tag}-{p}", tokens_per_s, use_credits, warmup_s, seconds, str(out), start),
+        )
+        for p, (indices, out) in enumerate(zip(groups, gen_outs))
+    ]
     for p in procs:
         p.start()
-    watched = {"scorer": services.procs["scorer-0"].pid, "buffer": services.procs["buffer-0"].pid,
-               "learner": procs[0].pid, **{f"generators-{i}": p.pid for i, p in enumerate(procs[1:])}}
+    watched = {
+        "scorer": services.procs["scorer-0"].pid,
+        "buffer": services.procs["buffer-0"].pid,
+        "learner": procs[0].pid,
+        **{f"generators-{i}": p.pid for i, p in enumerate(procs[1:])},
+    }
     start.wait(START_TIMEOUT_S)  # every stand-in is set up: the clocks start together
     time.sleep(warmup_s)
     cpu0 = {name: _cpu_seconds(pid) for name, pid in watched.items()}
@@ -344,16 +427,35 @@ def run_point(config: Path, services, *, n: int, tokens_per_s: float, step_s: fl
     learner = json.loads(learner_out.read_text())
     gens = [json.loads(out.read_text()) for out in gen_outs]
     cpu = {name: max(0.0, cpu1[name] - cpu0[name]) / seconds for name in watched}
-    point = summarise(n=n, tokens_per_s=tokens_per_s, step_s=step_s, groups_per_step=groups_per_step,
-                      use_credits=use_credits, learner=learner, generators=gens, cpu=cpu,
-                      services={key: counters1[key] - counters0[key] for key in SERVICE_COUNTERS},
-                      machine_busy=(machine1[0] - machine0[0]) / max(1, machine1[1] - machine0[1]))
+    point = summarise(
+        n=n,
+        tokens_per_s=tokens_per_s,
+        step_s=step_s,
+        groups_per_step=groups_per_step,
+        use_credits=use_credits,
+        learner=learner,
+        generators=gens,
+        cpu=cpu,
+        services={key: counters1[key] - counters0[key] for key in SERVICE_COUNTERS},
+        machine_busy=(machine1[0] - machine0[0]) / max(1, machine1[1] - machine0[1]),
+    )
     point["next_version"] = learner["next_version"]  # the next point's learner goes on from here
     return point
 
 
-def summarise(*, n: int, tokens_per_s: float, step_s: float, groups_per_step: int, use_credits: bool,
-              learner: dict, generators: list[dict], cpu: dict, services: dict, machine_busy: float) -> dict:
+def summarise(
+    *,
+    n: int,
+    tokens_per_s: float,
+    step_s: float,
+    groups_per_step: int,
+    use_credits: bool,
+    learner: dict,
+    generators: list[dict],
+    cpu: dict,
+    services: dict,
+    machine_busy: float,
+) -> dict:
     """Rates, waste, staleness and the saturated stage of one point from the stand-ins' records,
     the scorer's and buffer's counters over the window (``services``: :data:`SERVICE_COUNTERS`
     deltas) and the machine's busy fraction (all cores, every process).
@@ -373,7 +475,10 @@ def summarise(*, n: int, tokens_per_s: float, step_s: float, groups_per_step: in
     values = sorted(k for k, c in staleness.items() for _ in range(c))
     capacity = groups_per_step * GROUP_SIZE / step_s if step_s > 0 else None
     point = {
-        "n": n, "tokens_per_s": tokens_per_s, "step_s": step_s, "credits": use_credits,
+        "n": n,
+        "tokens_per_s": tokens_per_s,
+        "step_s": step_s,
+        "credits": use_credits,
         "offered_per_s": n * tokens_per_s / COMPLETION_TOKENS,
         "generated_per_s": generated / window,
         "trained_per_s": trained / window,
@@ -383,8 +488,9 @@ def summarise(*, n: int, tokens_per_s: float, step_s: float, groups_per_step: in
         "steps": learner["steps"],
         "leftover_trained": learner["leftover_rollouts"],
         "services": services,
-        "waste": ((services["dropped_stale"] + services["evicted"] + services["discarded"]) / generated
-                  if generated else 0.0),
+        "waste": (
+            (services["dropped_stale"] + services["evicted"] + services["discarded"]) / generated if generated else 0.0
+        ),
         "buffer_fsync": services["fsync_s"] / window,
         "scorer_blocked": services["scorer_blocked_s"] / window,
         "machine_busy": machine_busy,
@@ -426,9 +532,21 @@ def bound(point: dict) -> str:
 # ---------------------------------------------------------------------- sweeps
 
 
-def sweep(name: str, *, ns: list[int], max_staleness: int, modes: list[bool], tokens_per_s: float, step_s: float,
-          groups_per_step: int, warmup_s: float, seconds: float, processes: int, deadline: Deadline,
-          skipped: list[str]) -> list[dict]:
+def sweep(
+    name: str,
+    *,
+    ns: list[int],
+    max_staleness: int,
+    modes: list[bool],
+    tokens_per_s: float,
+    step_s: float,
+    groups_per_step: int,
+    warmup_s: float,
+    seconds: float,
+    processes: int,
+    deadline: Deadline,
+    skipped: list[str],
+) -> list[dict]:
     """Start the scorer and buffer with ``max_staleness`` and run every N in ``ns`` through them, for each
     credit mode in ``modes`` (the generators ask for credits or not; the services stay up)."""
     points: list[dict] = []
@@ -437,8 +555,13 @@ def sweep(name: str, *, ns: list[int], max_staleness: int, modes: list[bool], to
         buffer = {"capacity_groups": BufferSection().capacity_groups}
         if "credit_ttl_s" in BufferSection.model_fields:
             buffer["credit_ttl_s"] = 2.0  # stand-ins of the previous point leave unspent credits: expire them fast
-        sections = stand_in_sections(workdir, run={"max_staleness": max_staleness}, buffer=buffer,
-                                     learner={"groups_per_step": groups_per_step}, generator={"group_size": GROUP_SIZE})
+        sections = stand_in_sections(
+            workdir,
+            run={"max_staleness": max_staleness},
+            buffer=buffer,
+            learner={"groups_per_step": groups_per_step},
+            generator={"group_size": GROUP_SIZE},
+        )
         config, services = start_scorer_and_buffer(workdir, sections, "scale")
         try:
             ports = {service: sections["metrics"][f"{service}_port"] for service in ("buffer", "scorer")}
@@ -448,17 +571,31 @@ def sweep(name: str, *, ns: list[int], max_staleness: int, modes: list[bool], to
                 if points and deadline.left() < warmup_s + seconds + 5:
                     skipped.append(label)
                     continue
-                point = run_point(config, services, n=n, tokens_per_s=tokens_per_s, step_s=step_s,
-                                  groups_per_step=groups_per_step, use_credits=use_credits, start_version=version,
-                                  warmup_s=warmup_s, seconds=seconds, processes=processes, workdir=workdir,
-                                  ports=ports)
+                point = run_point(
+                    config,
+                    services,
+                    n=n,
+                    tokens_per_s=tokens_per_s,
+                    step_s=step_s,
+                    groups_per_step=groups_per_step,
+                    use_credits=use_credits,
+                    start_version=version,
+                    warmup_s=warmup_s,
+                    seconds=seconds,
+                    processes=processes,
+                    workdir=workdir,
+                    ports=ports,
+                )
                 version = point.pop("next_version")
                 point.update(sweep=name, max_staleness=max_staleness)
                 points.append(point)
-                print(f"{label}: trained {point['trained_per_s']:.1f}/s, generated {point['generated_per_s']:.1f}/s "
-                      f"(offered {point['offered_per_s']:.0f}), waste {point['waste']:.0%}, staleness mean "
-                      f"{point['staleness_mean']:.2f} p90 {point['staleness_p90']:.0f}, bound: {point['bound']} "
-                      f"(cpu {', '.join(f'{k} {v:.0%}' for k, v in point['cpu'].items())})", flush=True)
+                print(
+                    f"{label}: trained {point['trained_per_s']:.1f}/s, generated {point['generated_per_s']:.1f}/s "
+                    f"(offered {point['offered_per_s']:.0f}), waste {point['waste']:.0%}, staleness mean "
+                    f"{point['staleness_mean']:.2f} p90 {point['staleness_p90']:.0f}, bound: {point['bound']} "
+                    f"(cpu {', '.join(f'{k} {v:.0%}' for k, v in point['cpu'].items())})",
+                    flush=True,
+                )
         finally:
             services.close()
     return points
@@ -473,18 +610,23 @@ def saturation(points: list[dict]) -> list[str]:
     configs = sorted({(p["sweep"], p["max_staleness"], p["credits"]) for p in points})
     for sweep_name, eta, credits in configs:
         same = (sweep_name, eta, credits)
-        rows = sorted((p for p in points if (p["sweep"], p["max_staleness"], p["credits"]) == same),
-                      key=lambda p: p["n"])
+        rows = sorted(
+            (p for p in points if (p["sweep"], p["max_staleness"], p["credits"]) == same), key=lambda p: p["n"]
+        )
         best = max(rows, key=lambda p: p["trained_per_s"])
         first = next((p for p in rows if p["trained_per_s"] >= 0.9 * best["trained_per_s"]), best)
-        what = (f"{sweep_name}, max_staleness {eta}, credits {'on' if credits else 'off'}: "
-                f"throughput reaches {first['trained_per_s']:.1f} rollouts/s at N = {first['n']} "
-                f"(90% of the best, {best['trained_per_s']:.1f}/s at N = {best['n']}), bound there: {first['bound']}")
+        what = (
+            f"{sweep_name}, max_staleness {eta}, credits {'on' if credits else 'off'}: "
+            f"throughput reaches {first['trained_per_s']:.1f} rollouts/s at N = {first['n']} "
+            f"(90% of the best, {best['trained_per_s']:.1f}/s at N = {best['n']}), bound there: {first['bound']}"
+        )
         if first["learner_capacity_per_s"]:
             what += f"; learner capacity {first['learner_capacity_per_s']:.0f}/s"
         last = rows[-1]
-        what += (f"; at N = {last['n']}: waste {last['waste']:.0%}, staleness mean {last['staleness_mean']:.2f}, "
-                 f"scorer {last['cpu'].get('scorer', 0):.0%} / buffer {last['cpu'].get('buffer', 0):.0%} of a core")
+        what += (
+            f"; at N = {last['n']}: waste {last['waste']:.0%}, staleness mean {last['staleness_mean']:.2f}, "
+            f"scorer {last['cpu'].get('scorer', 0):.0%} / buffer {last['cpu'].get('buffer', 0):.0%} of a core"
+        )
         lines.append(what)
     return lines
 
@@ -503,25 +645,37 @@ def plot(points: list[dict], path: Path) -> None:
     configs = sorted({(p["max_staleness"], p["credits"]) for p in learner})
     ax_rate, ax_waste, ax_ceiling = axes[0][0], axes[0][1], axes[0][2]
     for eta, credits in configs:
-        rows = sorted((p for p in learner if (p["max_staleness"], p["credits"]) == (eta, credits)),
-                      key=lambda p: p["n"])
+        rows = sorted(
+            (p for p in learner if (p["max_staleness"], p["credits"]) == (eta, credits)), key=lambda p: p["n"]
+        )
         label = f"eta={eta}, credits {'on' if credits else 'off'}"
-        line, = ax_rate.plot([p["n"] for p in rows], [p["trained_per_s"] for p in rows], "o-", label=label)
+        (line,) = ax_rate.plot([p["n"] for p in rows], [p["trained_per_s"] for p in rows], "o-", label=label)
         ax_rate.plot([p["n"] for p in rows], [p["generated_per_s"] for p in rows], ":", color=line.get_color())
-        ax_waste.plot([p["n"] for p in rows], [100 * p["waste"] for p in rows], "o-", color=line.get_color(),
-                      label=label)
+        ax_waste.plot(
+            [p["n"] for p in rows], [100 * p["waste"] for p in rows], "o-", color=line.get_color(), label=label
+        )
     if learner:
         capacity = learner[0]["learner_capacity_per_s"]
         ns = sorted({p["n"] for p in learner})
         if capacity:
             ax_rate.axhline(capacity, color="gray", ls="--", label="learner capacity")
-        ax_rate.plot(ns, [n * learner[0]["tokens_per_s"] / COMPLETION_TOKENS for n in ns], color="gray", ls="-.",
-                     label="offered")
-    ax_rate.set(xscale="log", yscale="log", xlabel="generators N", ylabel="rollouts/s",
-                title="trained (solid) and generated (dotted)")
+        ax_rate.plot(
+            ns, [n * learner[0]["tokens_per_s"] / COMPLETION_TOKENS for n in ns], color="gray", ls="-.", label="offered"
+        )
+    ax_rate.set(
+        xscale="log",
+        yscale="log",
+        xlabel="generators N",
+        ylabel="rollouts/s",
+        title="trained (solid) and generated (dotted)",
+    )
     ax_rate.legend(fontsize=7)
-    ax_waste.set(xscale="log", xlabel="generators N", ylabel="% of generated rollouts dropped",
-                 title="wasted generation (stale, evicted, discarded)")
+    ax_waste.set(
+        xscale="log",
+        xlabel="generators N",
+        ylabel="% of generated rollouts dropped",
+        title="wasted generation (stale, evicted, discarded)",
+    )
     ax_waste.legend(fontsize=7)
     for ax in (ax_rate, ax_waste):
         ns = sorted({p["n"] for p in learner})
@@ -533,11 +687,20 @@ def plot(points: list[dict], path: Path) -> None:
         ax_ceiling.plot(offered, [p["trained_per_s"] for p in rows], "o-", label="trained")
         ax_ceiling.plot(offered, offered, color="gray", ls="--", label="offered")
         for p in rows:
-            ax_ceiling.annotate(f"N={p['n']}\nscorer {p['cpu'].get('scorer', 0):.0%}\n"
-                                f"buffer {p['cpu'].get('buffer', 0):.0%}", (p["offered_per_s"], p["trained_per_s"]),
-                                fontsize=6, textcoords="offset points", xytext=(-12, 8))
-        ax_ceiling.set(xscale="log", yscale="log", xlabel="offered rollouts/s", ylabel="trained rollouts/s",
-                       title="ceiling: learner never waits, no staleness bound")
+            ax_ceiling.annotate(
+                f"N={p['n']}\nscorer {p['cpu'].get('scorer', 0):.0%}\nbuffer {p['cpu'].get('buffer', 0):.0%}",
+                (p["offered_per_s"], p["trained_per_s"]),
+                fontsize=6,
+                textcoords="offset points",
+                xytext=(-12, 8),
+            )
+        ax_ceiling.set(
+            xscale="log",
+            yscale="log",
+            xlabel="offered rollouts/s",
+            ylabel="trained rollouts/s",
+            title="ceiling: learner never waits, no staleness bound",
+        )
         ax_ceiling.legend(fontsize=7)
     else:
         ax_ceiling.set_visible(False)
@@ -549,21 +712,36 @@ def plot(points: list[dict], path: Path) -> None:
             ax.set_visible(False)
             continue
         eta = etas[col]
-        rows = sorted((p for p in learner if p["max_staleness"] == eta and p["credits"] == credit_modes[0]),
-                      key=lambda p: p["n"])
+        rows = sorted(
+            (p for p in learner if p["max_staleness"] == eta and p["credits"] == credit_modes[0]), key=lambda p: p["n"]
+        )
         bottom = np.zeros(len(rows))
         top = min(eta, STALENESS_SHOWN) + 1  # 0 .. top - 1 apart, the rest together
         colors = plt.cm.viridis(np.linspace(0, 1, top + 1))
         for s in range(top + 1):
-            share = np.array([
-                (sum(c for k, c in p["staleness"].items() if (int(k) == s if s < top else int(k) >= s))
-                 / max(1, sum(p["staleness"].values()))) for p in rows])
+            share = np.array(
+                [
+                    (
+                        sum(c for k, c in p["staleness"].items() if (int(k) == s if s < top else int(k) >= s))
+                        / max(1, sum(p["staleness"].values()))
+                    )
+                    for p in rows
+                ]
+            )
             if share.any():
-                ax.bar([str(p["n"]) for p in rows], share, bottom=bottom, color=colors[s],
-                       label=str(s) if s < top else f">={s}")
+                ax.bar(
+                    [str(p["n"]) for p in rows],
+                    share,
+                    bottom=bottom,
+                    color=colors[s],
+                    label=str(s) if s < top else f">={s}",
+                )
             bottom += share
-        ax.set(xlabel="generators N", ylabel="share of trained rollouts",
-               title=f"staleness, eta={eta}, credits {'on' if credit_modes[0] else 'off'}")
+        ax.set(
+            xlabel="generators N",
+            ylabel="share of trained rollouts",
+            title=f"staleness, eta={eta}, credits {'on' if credit_modes[0] else 'off'}",
+        )
         ax.legend(title="staleness", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -573,17 +751,54 @@ def plot(points: list[dict], path: Path) -> None:
 def render(result: dict, env: dict, command: str, plot_name: str) -> str:
     """The RESULTS.md section."""
     s = result["settings"]
-    rows = [[p["sweep"], p["max_staleness"], "on" if p["credits"] else "off", p["n"], p["offered_per_s"],
-             p["generated_per_s"], p["trained_per_s"], p["learner_busy"], f"{100 * p['waste']:.0f}%",
-             p["staleness_mean"], p["staleness_p90"], f"{100 * p['generator_blocked']:.0f}%",
-             f"{100 * p['generator_credit_wait']:.0f}%", f"{100 * p['cpu'].get('scorer', 0):.0f}%",
-             f"{100 * p['scorer_blocked']:.0f}%", f"{100 * p['cpu'].get('buffer', 0):.0f}%",
-             f"{100 * p['buffer_fsync']:.0f}%", f"{100 * p['machine_busy']:.0f}%", p["bound"]]
-            for p in result["points"]]
-    table = markdown_table(["sweep", "max_staleness", "credits", "N", "offered/s", "generated/s", "trained/s",
-                            "learner busy", "waste", "staleness mean", "p90", "gen. blocked", "gen. credit wait",
-                            "scorer CPU", "scorer blocked", "buffer CPU", "buffer fsync", "machine busy", "bound"],
-                           rows)
+    rows = [
+        [
+            p["sweep"],
+            p["max_staleness"],
+            "on" if p["credits"] else "off",
+            p["n"],
+            p["offered_per_s"],
+            p["generated_per_s"],
+            p["trained_per_s"],
+            p["learner_busy"],
+            f"{100 * p['waste']:.0f}%",
+            p["staleness_mean"],
+            p["staleness_p90"],
+            f"{100 * p['generator_blocked']:.0f}%",
+            f"{100 * p['generator_credit_wait']:.0f}%",
+            f"{100 * p['cpu'].get('scorer', 0):.0f}%",
+            f"{100 * p['scorer_blocked']:.0f}%",
+            f"{100 * p['cpu'].get('buffer', 0):.0f}%",
+            f"{100 * p['buffer_fsync']:.0f}%",
+            f"{100 * p['machine_busy']:.0f}%",
+            p["bound"],
+        ]
+        for p in result["points"]
+    ]
+    table = markdown_table(
+        [
+            "sweep",
+            "max_staleness",
+            "credits",
+            "N",
+            "offered/s",
+            "generated/s",
+            "trained/s",
+            "learner busy",
+            "waste",
+            "staleness mean",
+            "p90",
+            "gen. blocked",
+            "gen. credit wait",
+            "scorer CPU",
+            "scorer blocked",
+            "buffer CPU",
+            "buffer fsync",
+            "machine busy",
+            "bound",
+        ],
+        rows,
+    )
     notes = [
         "## Scaling simulation (stand-in generators and learner, real scorer and buffer)",
         "",
@@ -634,8 +849,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
     parser.add_argument("--generators", default="1,2,4,8,16,32,64", help="N values, comma-separated")
     parser.add_argument("--max-staleness", default="0,2,8", help="max_staleness values of the learner-bound sweep")
-    parser.add_argument("--credits", default="auto", choices=["auto", "on", "off", "both"],
-                        help="generation credits in the learner-bound sweep (auto: both when this tree has them)")
+    parser.add_argument(
+        "--credits",
+        default="auto",
+        choices=["auto", "on", "off", "both"],
+        help="generation credits in the learner-bound sweep (auto: both when this tree has them)",
+    )
     parser.add_argument("--tokens-per-s", type=float, default=256.0, help="per generator, learner-bound sweep")
     parser.add_argument("--step-s", type=float, default=0.5, help="stand-in learner's seconds per step")
     parser.add_argument("--groups-per-step", type=int, default=4)
@@ -645,37 +864,77 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per point")
     parser.add_argument("--processes", type=int, default=2, help="processes hosting the generator threads")
     output_arguments(parser, max_seconds=600.0, bound="no new point starts after it (each sweep runs at least one)")
-    parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
-                        help="redraw the plot and rewrite the section from an earlier run's results (no measuring)")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="redraw the plot and rewrite the section from an earlier run's results (no measuring)",
+    )
     args = parser.parse_args(argv)
     if args.replot is not None:
         return publish(json.loads(args.replot.read_text()), args.results_dir, args.results_md)
     deadline = Deadline(args.max_seconds)
     available = credits_available()
-    modes = {"auto": [True, False] if available else [False], "on": [True], "off": [False],
-             "both": [True, False]}[args.credits]
+    modes = {"auto": [True, False] if available else [False], "on": [True], "off": [False], "both": [True, False]}[
+        args.credits
+    ]
     if True in modes and not available:
         parser.error("--credits on/both: this tree has no generation credits (generator.credits)")
     ns = [int(x) for x in args.generators.split(",")]
-    common = dict(groups_per_step=args.groups_per_step, warmup_s=args.warmup, seconds=args.seconds,
-                  processes=args.processes, deadline=deadline)
+    common = dict(
+        groups_per_step=args.groups_per_step,
+        warmup_s=args.warmup,
+        seconds=args.seconds,
+        processes=args.processes,
+        deadline=deadline,
+    )
     points: list[dict] = []
     skipped: list[str] = []
     for eta in (int(x) for x in args.max_staleness.split(",")):
-        points += sweep("learner-bound", ns=ns, max_staleness=eta, modes=modes, tokens_per_s=args.tokens_per_s,
-                        step_s=args.step_s, skipped=skipped, **common)
+        points += sweep(
+            "learner-bound",
+            ns=ns,
+            max_staleness=eta,
+            modes=modes,
+            tokens_per_s=args.tokens_per_s,
+            step_s=args.step_s,
+            skipped=skipped,
+            **common,
+        )
     ceiling_ns = [int(x) for x in args.ceiling_generators.split(",") if x]
     ceiling_eta = 1_000_000
     if ceiling_ns:
-        points += sweep("ceiling", ns=ceiling_ns, max_staleness=ceiling_eta, modes=modes[:1],
-                        tokens_per_s=args.ceiling_tokens_per_s, step_s=0.0, skipped=skipped, **common)
-    result = {"command": command_line(), "environment": environment(), "credits_available": available,
-              "settings": {"tokens_per_s": args.tokens_per_s, "step_s": args.step_s,
-                           "groups_per_step": args.groups_per_step,
-                           "prompts_per_batch": GeneratorSection().prompts_per_batch,
-                           "ceiling_tokens_per_s": args.ceiling_tokens_per_s, "ceiling_max_staleness": ceiling_eta,
-                           "seconds": args.seconds, "warmup_s": args.warmup, "processes": args.processes},
-              "points": points, "saturation": saturation(points), "skipped": skipped, "plot": "scale.png"}
+        points += sweep(
+            "ceiling",
+            ns=ceiling_ns,
+            max_staleness=ceiling_eta,
+            modes=modes[:1],
+            tokens_per_s=args.ceiling_tokens_per_s,
+            step_s=0.0,
+            skipped=skipped,
+            **common,
+        )
+    result = {
+        "command": command_line(),
+        "environment": environment(),
+        "credits_available": available,
+        "settings": {
+            "tokens_per_s": args.tokens_per_s,
+            "step_s": args.step_s,
+            "groups_per_step": args.groups_per_step,
+            "prompts_per_batch": GeneratorSection().prompts_per_batch,
+            "ceiling_tokens_per_s": args.ceiling_tokens_per_s,
+            "ceiling_max_staleness": ceiling_eta,
+            "seconds": args.seconds,
+            "warmup_s": args.warmup,
+            "processes": args.processes,
+        },
+        "points": points,
+        "saturation": saturation(points),
+        "skipped": skipped,
+        "plot": "scale.png",
+    }
     return publish(result, args.results_dir, args.results_md)
 
 

@@ -56,15 +56,20 @@ PROMPT_TOKENS = 64
 COMPLETION_TOKENS = 32
 GROUP_SIZE = 4
 GROUPS_PER_STEP = 4
-PROMPT_TEXT = ("I went into this film expecting a quiet character study, and what I got instead was a "
-               "sprawling, noisy, occasionally brilliant mess that I have not stopped thinking about since. "
-               "The first thing you notice about this movie is")
-COMPLETION_TEXT = (" how much care went into every frame. The performances are uniformly strong, the score "
-                   "never overstays its welcome, and the ending")
+PROMPT_TEXT = (
+    "I went into this film expecting a quiet character study, and what I got instead was a "
+    "sprawling, noisy, occasionally brilliant mess that I have not stopped thinking about since. "
+    "The first thing you notice about this movie is"
+)
+COMPLETION_TEXT = (
+    " how much care went into every frame. The performances are uniformly strong, the score "
+    "never overstays its welcome, and the ending"
+)
 
 
-def make_rollout(i: int, *, generator_id: str = "bench-generator", version: int = 0,
-                 rng: np.random.Generator | None = None) -> Rollout:
+def make_rollout(
+    i: int, *, generator_id: str = "bench-generator", version: int = 0, rng: np.random.Generator | None = None
+) -> Rollout:
     """A rollout of real size: ``[64]`` int32 prompt, ``[32]`` int32 completion and float32 log-probs.
 
     Rollout ``i`` belongs to group ``i // 4`` (group size 4).
@@ -72,21 +77,33 @@ def make_rollout(i: int, *, generator_id: str = "bench-generator", version: int 
     rng = rng or np.random.default_rng(i)
     group = f"{generator_id}:{i // GROUP_SIZE}"
     return Rollout(
-        sender=generator_id, prompt_id=f"p{i // GROUP_SIZE}", group_id=group, rollout_id=f"{group}:{i % GROUP_SIZE}",
-        generator_id=generator_id, group_size=GROUP_SIZE,
+        sender=generator_id,
+        prompt_id=f"p{i // GROUP_SIZE}",
+        group_id=group,
+        rollout_id=f"{group}:{i % GROUP_SIZE}",
+        generator_id=generator_id,
+        group_size=GROUP_SIZE,
         prompt_tokens=rng.integers(0, 49152, PROMPT_TOKENS, dtype=np.int32),
         completion_tokens=rng.integers(0, 49152, COMPLETION_TOKENS, dtype=np.int32),
         behaviour_logprobs=-rng.exponential(2.0, COMPLETION_TOKENS).astype(np.float32),
-        policy_version=version, finish_reason=FinishReason.LENGTH,
+        policy_version=version,
+        finish_reason=FinishReason.LENGTH,
         sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=COMPLETION_TOKENS),
-        prompt_text=PROMPT_TEXT, completion_text=COMPLETION_TEXT, metadata={"id": f"p{i // GROUP_SIZE}"},
+        prompt_text=PROMPT_TEXT,
+        completion_text=COMPLETION_TEXT,
+        metadata={"id": f"p{i // GROUP_SIZE}"},
     )
 
 
 def make_scored(i: int, **kwargs) -> ScoredRollout:
     """:func:`make_rollout` with a reward, as the scorer sends it."""
-    return ScoredRollout(sender="bench-scorer", rollout=make_rollout(i, **kwargs), reward=0.25,
-                         reward_parts={"count_char": 0.25}, scorer_id="bench-scorer")
+    return ScoredRollout(
+        sender="bench-scorer",
+        rollout=make_rollout(i, **kwargs),
+        reward=0.25,
+        reward_parts={"count_char": 0.25},
+        scorer_id="bench-scorer",
+    )
 
 
 # ---------------------------------------------------------------------- stand-in processes
@@ -97,8 +114,7 @@ def _stand_in_generator(config_path: str, seconds: float, out: str) -> None:
     cfg = load_config(config_path)
     t = cfg.transport
     ctx = zmq.Context()
-    push = make_socket(ctx, zmq.PUSH, connect=cfg.endpoints.scorers, max_message_bytes=t.max_message_bytes,
-                       hwm=t.hwm)
+    push = make_socket(ctx, zmq.PUSH, connect=cfg.endpoints.scorers, max_message_bytes=t.max_message_bytes, hwm=t.hwm)
     metrics = ServiceMetrics("bench", "bench-generator")
     blocked = metrics.counter("send_blocked_seconds_total", "Seconds blocked sending")
     stop = threading.Event()
@@ -125,10 +141,12 @@ def _stand_in_learner(config_path: str, seconds: float, warmup_s: float, out: st
     cfg = load_config(config_path)
     t = cfg.transport
     ctx = zmq.Context()
-    dealer = make_socket(ctx, zmq.DEALER, connect=[cfg.endpoints.batches], max_message_bytes=t.max_message_bytes,
-                         hwm=t.hwm)
-    inbox = Inbox(ServiceMetrics("bench", "bench-learner"), [Batch], max_bytes=t.max_message_bytes,
-                  socket_name="batches")
+    dealer = make_socket(
+        ctx, zmq.DEALER, connect=[cfg.endpoints.batches], max_message_bytes=t.max_message_bytes, hwm=t.hwm
+    )
+    inbox = Inbox(
+        ServiceMetrics("bench", "bench-learner"), [Batch], max_bytes=t.max_message_bytes, socket_name="batches"
+    )
     start = time.monotonic()
     end = start + seconds
     measured, first, last, batches, wait_s, version = 0, None, None, 0, 0.0, 0
@@ -157,9 +175,19 @@ def _stand_in_learner(config_path: str, seconds: float, warmup_s: float, out: st
                 wait_s += time.perf_counter() - asked
             last = now
     window = (last - first) if first is not None and last is not None else 0.0
-    Path(out).write_text(json.dumps({"rollouts": measured, "batches": batches, "window_s": window,
-                                     "wait_s": wait_s, "rejected": inbox.rejected_counts,
-                                     "duplicates": duplicates, "versions": version}))
+    Path(out).write_text(
+        json.dumps(
+            {
+                "rollouts": measured,
+                "batches": batches,
+                "window_s": window,
+                "wait_s": wait_s,
+                "rejected": inbox.rejected_counts,
+                "duplicates": duplicates,
+                "versions": version,
+            }
+        )
+    )
     dealer.close(0)
     ctx.term()
 
@@ -170,16 +198,23 @@ def pipeline(seconds: float, warmup_s: float, workdir: Path) -> dict:
 
     # The stand-in generator never loads weights (its rollouts stay version 0) while the stand-in
     # learner moves one version per batch, so the staleness bound is lifted.
-    sections = stand_in_sections(workdir, run={"max_staleness": 1_000_000}, buffer={"capacity_groups": 16},
-                                 learner={"groups_per_step": GROUPS_PER_STEP}, generator={"group_size": GROUP_SIZE})
+    sections = stand_in_sections(
+        workdir,
+        run={"max_staleness": 1_000_000},
+        buffer={"capacity_groups": 16},
+        learner={"groups_per_step": GROUPS_PER_STEP},
+        generator={"group_size": GROUP_SIZE},
+    )
     sections["transport"] = {}
     config, services = start_scorer_and_buffer(workdir, sections, "transport")
     try:
         time.sleep(0.5)
         spawn = mp.get_context("spawn")
         gen_out, learner_out = workdir / "generator.json", workdir / "learner.json"
-        procs = [spawn.Process(target=_stand_in_generator, args=(str(config), seconds + 2, str(gen_out))),
-                 spawn.Process(target=_stand_in_learner, args=(str(config), seconds, warmup_s, str(learner_out)))]
+        procs = [
+            spawn.Process(target=_stand_in_generator, args=(str(config), seconds + 2, str(gen_out))),
+            spawn.Process(target=_stand_in_learner, args=(str(config), seconds, warmup_s, str(learner_out))),
+        ]
         for p in procs:
             p.start()
         join_stand_ins(procs, seconds + 60, services)
@@ -188,11 +223,17 @@ def pipeline(seconds: float, warmup_s: float, workdir: Path) -> dict:
     finally:
         services.close()
     window = learner["window_s"]
-    return {"rollouts": learner["rollouts"], "batches": learner["batches"], "window_s": window,
-            "rollouts_per_s": learner["rollouts"] / window if window > 0 else float("nan"),
-            "learner_wait_s_per_batch": learner["wait_s"] / max(learner["batches"], 1),
-            "generator_sent": generator["sent"], "generator_blocked_s": generator["blocked_s"],
-            "rejected": learner["rejected"], "duplicates": learner["duplicates"]}
+    return {
+        "rollouts": learner["rollouts"],
+        "batches": learner["batches"],
+        "window_s": window,
+        "rollouts_per_s": learner["rollouts"] / window if window > 0 else float("nan"),
+        "learner_wait_s_per_batch": learner["wait_s"] / max(learner["batches"], 1),
+        "generator_sent": generator["sent"],
+        "generator_blocked_s": generator["blocked_s"],
+        "rejected": learner["rejected"],
+        "duplicates": learner["duplicates"],
+    }
 
 
 # ---------------------------------------------------------------------- in-process figures
@@ -203,8 +244,9 @@ def message_overhead(message, iterations: int) -> dict:
     cls = type(message)
     ctx = zmq.Context()
     pull = make_socket(ctx, zmq.PULL, bind="tcp://127.0.0.1:*", max_message_bytes=2**28, hwm=1000)
-    push = make_socket(ctx, zmq.PUSH, connect=[pull.getsockopt(zmq.LAST_ENDPOINT).decode()],
-                       max_message_bytes=2**28, hwm=1000)
+    push = make_socket(
+        ctx, zmq.PUSH, connect=[pull.getsockopt(zmq.LAST_ENDPOINT).decode()], max_message_bytes=2**28, hwm=1000
+    )
     frames = [bytes(f) for f in encode(message)]
     size = sum(len(f) for f in frames)
     out = {"kind": cls.KIND, "bytes": size, "frames": len(frames)}
@@ -234,8 +276,9 @@ def buffer_rates(n_rollouts: int) -> dict:
     """ReplayBuffer ``add`` rate (rollouts/s) and ``sample`` rate (batches of 4 groups / s)."""
     items = [make_scored(i) for i in range(n_rollouts)]
     groups = n_rollouts // GROUP_SIZE
-    store = ReplayBuffer(capacity_groups=groups, overflow=OverflowPolicy.BLOCK, max_reuse=1, max_staleness=2,
-                         group_timeout_s=600.0)
+    store = ReplayBuffer(
+        capacity_groups=groups, overflow=OverflowPolicy.BLOCK, max_reuse=1, max_staleness=2, group_timeout_s=600.0
+    )
     start = time.perf_counter()
     for item in items:
         store.add(item)
@@ -245,58 +288,85 @@ def buffer_rates(n_rollouts: int) -> dict:
     while store.sample(GROUPS_PER_STEP, 0) is not None:
         batches += 1
     sample_s = time.perf_counter() - start
-    return {"rollouts": n_rollouts, "add_per_s": n_rollouts / add_s, "add_us": add_s / n_rollouts * 1e6,
-            "sample_batches": batches, "sample_per_s": batches / sample_s,
-            "sample_us": sample_s / max(batches, 1) * 1e6}
+    return {
+        "rollouts": n_rollouts,
+        "add_per_s": n_rollouts / add_s,
+        "add_us": add_s / n_rollouts * 1e6,
+        "sample_batches": batches,
+        "sample_per_s": batches / sample_s,
+        "sample_us": sample_s / max(batches, 1) * 1e6,
+    }
 
 
 def render(result: dict, env: dict, command: str) -> str:
     """The RESULTS.md section."""
     p = result["pipeline"]
     pipe = markdown_table(
-        ["runs", "rollouts/s (median)", "per run", "learner wait per batch of 16 (s)", "generator blocked s",
-         "rollouts received twice"],
-        [[len(result["pipeline_runs"]), p["rollouts_per_s"],
-          ", ".join(f"{r['rollouts_per_s']:.0f}" for r in result["pipeline_runs"]),
-          p["learner_wait_s_per_batch"], p["generator_blocked_s"],
-          sum(r["duplicates"] for r in result["pipeline_runs"])]])
+        [
+            "runs",
+            "rollouts/s (median)",
+            "per run",
+            "learner wait per batch of 16 (s)",
+            "generator blocked s",
+            "rollouts received twice",
+        ],
+        [
+            [
+                len(result["pipeline_runs"]),
+                p["rollouts_per_s"],
+                ", ".join(f"{r['rollouts_per_s']:.0f}" for r in result["pipeline_runs"]),
+                p["learner_wait_s_per_batch"],
+                p["generator_blocked_s"],
+                sum(r["duplicates"] for r in result["pipeline_runs"]),
+            ]
+        ],
+    )
     msgs = markdown_table(
         ["message", "bytes", "frames", "encode us", "decode us", "encode+send+recv+decode us"],
-        [[m["kind"], m["bytes"], m["frames"], m["encode_us"], m["decode_us"], m["round_trip_us"]]
-         for m in result["messages"]])
+        [
+            [m["kind"], m["bytes"], m["frames"], m["encode_us"], m["decode_us"], m["round_trip_us"]]
+            for m in result["messages"]
+        ],
+    )
     b = result["buffer"]
-    buf = markdown_table(["operation", "rate", "per call"],
-                         [["ReplayBuffer.add", f"{b['add_per_s']:.0f} rollouts/s", f"{b['add_us']:.1f} us"],
-                          ["ReplayBuffer.sample(4 groups x 4)", f"{b['sample_per_s']:.0f} batches/s",
-                           f"{b['sample_us']:.1f} us"]])
-    return "\n".join([
-        "## 2. Transport overhead (generation and training replaced by stand-ins)",
-        "",
-        f"Command: `{command}`",
-        "",
-        environment_line(env),
-        "",
-        f"Pipeline: stand-in generator -> real scorer (reward `count_char`) -> real buffer -> stand-in learner, "
-        f"rollouts of real size ({PROMPT_TOKENS} prompt + {COMPLETION_TOKENS} completion int32 tokens, "
-        f"{COMPLETION_TOKENS} float32 log-probs, {len(PROMPT_TEXT)}+{len(COMPLETION_TEXT)} characters of text), "
-        f"batches of {GROUPS_PER_STEP} groups x {GROUP_SIZE}; {result['seconds']:.0f} s per run after "
-        f"{result['warmup_s']:.0f} s warm-up, median over runs. Four processes on 2 cores. The buffer runs "
-        "with its default config (journal on, `fsync = always`); the stand-in learner asks for version v+1 "
-        "after each batch (acknowledging it, as the learner does) and the staleness bound is lifted because the "
-        "stand-in generator never loads weights. Generator blocked s = seconds the generator waited on backpressure "
-        "over its whole run (the pipeline, not the producer, is the limit).",
-        "",
-        pipe,
-        "",
-        f"Per message, one process, PUSH -> PULL on tcp loopback, median of {result['repeats']} runs of "
-        f"{result['iterations']} messages (decode includes validation):",
-        "",
-        msgs,
-        "",
-        f"Replay buffer in-process ({b['rollouts']} rollouts, median of {result['repeats']} runs):",
-        "",
-        buf,
-    ])
+    buf = markdown_table(
+        ["operation", "rate", "per call"],
+        [
+            ["ReplayBuffer.add", f"{b['add_per_s']:.0f} rollouts/s", f"{b['add_us']:.1f} us"],
+            ["ReplayBuffer.sample(4 groups x 4)", f"{b['sample_per_s']:.0f} batches/s", f"{b['sample_us']:.1f} us"],
+        ],
+    )
+    return "\n".join(
+        [
+            "## 2. Transport overhead (generation and training replaced by stand-ins)",
+            "",
+            f"Command: `{command}`",
+            "",
+            environment_line(env),
+            "",
+            f"Pipeline: stand-in generator -> real scorer (reward `count_char`) -> real buffer -> stand-in learner, "
+            f"rollouts of real size ({PROMPT_TOKENS} prompt + {COMPLETION_TOKENS} completion int32 tokens, "
+            f"{COMPLETION_TOKENS} float32 log-probs, {len(PROMPT_TEXT)}+{len(COMPLETION_TEXT)} characters of text), "
+            f"batches of {GROUPS_PER_STEP} groups x {GROUP_SIZE}; {result['seconds']:.0f} s per run after "
+            f"{result['warmup_s']:.0f} s warm-up, median over runs. Four processes on 2 cores. The buffer runs "
+            "with its default config (journal on, `fsync = always`); the stand-in learner asks for version v+1 "
+            "after each batch (acknowledging it, as the learner does) and the staleness bound is lifted because the "
+            "stand-in generator never loads weights. Generator blocked s = seconds the generator waited on "
+            "backpressure "
+            "over its whole run (the pipeline, not the producer, is the limit).",
+            "",
+            pipe,
+            "",
+            f"Per message, one process, PUSH -> PULL on tcp loopback, median of {result['repeats']} runs of "
+            f"{result['iterations']} messages (decode includes validation):",
+            "",
+            msgs,
+            "",
+            f"Replay buffer in-process ({b['rollouts']} rollouts, median of {result['repeats']} runs):",
+            "",
+            buf,
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,16 +378,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=2000, help="messages per overhead measurement")
     parser.add_argument("--buffer-rollouts", type=int, default=8192, help="rollouts for the buffer rates")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the in-process figures")
-    parser.add_argument("--max-seconds", type=float, default=300.0,
-                        help="time bound: no pipeline run starts after it (at least one always runs)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=300.0,
+        help="time bound: no pipeline run starts after it (at least one always runs)",
+    )
     parser.add_argument("--results-dir", type=Path, default=None)
     parser.add_argument("--results-md", type=Path, default=None)
     args = parser.parse_args(argv)
     deadline = Deadline(args.max_seconds)
 
-    samples = [make_rollout(0), make_scored(0),
-               Batch(sender="bench-buffer", learner_version=0,
-                     rollouts=[make_scored(i) for i in range(GROUP_SIZE * GROUPS_PER_STEP)])]
+    samples = [
+        make_rollout(0),
+        make_scored(0),
+        Batch(
+            sender="bench-buffer",
+            learner_version=0,
+            rollouts=[make_scored(i) for i in range(GROUP_SIZE * GROUPS_PER_STEP)],
+        ),
+    ]
     messages = []
     for message in samples:
         runs = [message_overhead(message, args.iterations) for _ in range(args.repeats)]
@@ -325,8 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("encode_us", "decode_us", "round_trip_us"):
             row[key] = median(r[key] for r in runs)
         messages.append(row)
-        print(f"{row['kind']}: {row['bytes']} B, encode {row['encode_us']:.1f} us, decode {row['decode_us']:.1f} us, "
-              f"round trip {row['round_trip_us']:.1f} us", flush=True)
+        print(
+            f"{row['kind']}: {row['bytes']} B, encode {row['encode_us']:.1f} us, decode {row['decode_us']:.1f} us, "
+            f"round trip {row['round_trip_us']:.1f} us",
+            flush=True,
+        )
     buffers = [buffer_rates(args.buffer_rollouts) for _ in range(args.repeats)]
     buffer = dict(buffers[0])
     for key in ("add_per_s", "add_us", "sample_per_s", "sample_us"):
@@ -340,17 +423,32 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="streamrl-bench-") as tmp:
             run = pipeline(args.seconds + args.warmup, args.warmup, Path(tmp))
         pipeline_runs.append(run)
-        print(f"pipeline run {i + 1}: {run['rollouts_per_s']:.0f} rollouts/s "
-              f"({run['rollouts']} in {run['window_s']:.1f}s)", flush=True)
-    summary = {key: median(r[key] for r in pipeline_runs)
-               for key in ("rollouts_per_s", "learner_wait_s_per_batch", "generator_blocked_s")}
+        print(
+            f"pipeline run {i + 1}: {run['rollouts_per_s']:.0f} rollouts/s "
+            f"({run['rollouts']} in {run['window_s']:.1f}s)",
+            flush=True,
+        )
+    summary = {
+        key: median(r[key] for r in pipeline_runs)
+        for key in ("rollouts_per_s", "learner_wait_s_per_batch", "generator_blocked_s")
+    }
     env = environment()
     command = command_line()
-    result = {"command": command, "environment": env, "seconds": args.seconds, "warmup_s": args.warmup,
-              "iterations": args.iterations, "repeats": args.repeats, "pipeline": summary,
-              "pipeline_runs": pipeline_runs, "messages": messages, "buffer": buffer}
-    out = write_results("transport", result, render(result, env, command), results_dir=args.results_dir,
-                        results_md=args.results_md)
+    result = {
+        "command": command,
+        "environment": env,
+        "seconds": args.seconds,
+        "warmup_s": args.warmup,
+        "iterations": args.iterations,
+        "repeats": args.repeats,
+        "pipeline": summary,
+        "pipeline_runs": pipeline_runs,
+        "messages": messages,
+        "buffer": buffer,
+    }
+    out = write_results(
+        "transport", result, render(result, env, command), results_dir=args.results_dir, results_md=args.results_md
+    )
     print(f"wrote {out}")
     return 0
 

@@ -88,23 +88,45 @@ def main() -> int:
         seed=spec["seed"],
         dataloader_num_workers=0,
     )
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
-                              processing_class=tokenizer, callbacks=[Deadline()])
+    trainer = trl.GRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[Deadline()],
+    )
     started = time.time()
     trainer.train()
     finished = time.time()
     trainer.save_model(str(out / "model"))
     tokenizer.save_pretrained(str(out / "model"))
-    log = {"started": started, "finished": finished, "steps": steps,
-           "optimizer_steps": trainer.state.global_step,
-           "completions_per_step": h["minibatch_size"],
-           "versions": {"trl": trl.__version__, "transformers": transformers.__version__,
-                        "torch": torch.__version__},
-           "config": {k: getattr(config, k) for k in ("per_device_train_batch_size", "steps_per_generation",
-                                                       "generation_batch_size", "num_generations",
-                                                       "max_completion_length", "learning_rate", "beta",
-                                                       "epsilon", "loss_type", "scale_rewards", "temperature",
-                                                       "top_p", "num_iterations")}}
+    log = {
+        "started": started,
+        "finished": finished,
+        "steps": steps,
+        "optimizer_steps": trainer.state.global_step,
+        "completions_per_step": h["minibatch_size"],
+        "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
+        "config": {
+            k: getattr(config, k)
+            for k in (
+                "per_device_train_batch_size",
+                "steps_per_generation",
+                "generation_batch_size",
+                "num_generations",
+                "max_completion_length",
+                "learning_rate",
+                "beta",
+                "epsilon",
+                "loss_type",
+                "scale_rewards",
+                "temperature",
+                "top_p",
+                "num_iterations",
+            )
+        },
+    }
     (out / "trl_log.json").write_text(json.dumps(log, indent=2, default=str))
     return 0
 

@@ -87,10 +87,17 @@ def _receiver(index: int, control: str, announce: str, fetch: str, model_path: s
     ctl.connect(control)
     model = load_causal_lm(model_path, device=select_device(Device.CPU)).eval()
     tied = tied_duplicates(model.state_dict())
-    client = WeightClient(ctx, announce_endpoint=announce, fetch_endpoint=fetch,
-                          inbox_metrics=ServiceMetrics("bench", f"bench-generator-{index}"),
-                          sender=f"bench-generator-{index}", credit=t.weight_credit, timeout_s=t.request_timeout_s,
-                          max_message_bytes=t.max_message_bytes, hwm=t.hwm)
+    client = WeightClient(
+        ctx,
+        announce_endpoint=announce,
+        fetch_endpoint=fetch,
+        inbox_metrics=ServiceMetrics("bench", f"bench-generator-{index}"),
+        sender=f"bench-generator-{index}",
+        credit=t.weight_credit,
+        timeout_s=t.request_timeout_s,
+        max_message_bytes=t.max_message_bytes,
+        hwm=t.hwm,
+    )
     ctl.send_json({"ready": index})
     try:
         while True:
@@ -113,11 +120,21 @@ def _receiver(index: int, control: str, announce: str, fetch: str, model_path: s
                 if unexpected or set(missing) - tied:
                     raise RuntimeError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
                 load_s = time.perf_counter() - loading
-                ctl.send_json({"version": fetched.version, "announce_sent": latest.sent_at,
-                               "announce_received": got_announce, "transfer": fetched.transfer_s,
-                               "transfer_end": received - fetched.verify_s, "hash": fetched.hash_s,
-                               "verify": fetched.verify_s, "load": load_s, "loaded_at": time.time(),
-                               "nbytes": fetched.nbytes, "buffers_allocated": client.buffers_allocated})
+                ctl.send_json(
+                    {
+                        "version": fetched.version,
+                        "announce_sent": latest.sent_at,
+                        "announce_received": got_announce,
+                        "transfer": fetched.transfer_s,
+                        "transfer_end": received - fetched.verify_s,
+                        "hash": fetched.hash_s,
+                        "verify": fetched.verify_s,
+                        "load": load_s,
+                        "loaded_at": time.time(),
+                        "nbytes": fetched.nbytes,
+                        "buffers_allocated": client.buffers_allocated,
+                    }
+                )
             elif cmd["cmd"] == "raw":
                 pull = ctx.socket(zmq.PULL)
                 pull.setsockopt(zmq.LINGER, 0)
@@ -150,17 +167,33 @@ class Bench:
         control_port = self.control.bind_to_random_port("tcp://127.0.0.1")
         ports = [self._free_port() for _ in range(2)]
         announce, fetch = (f"tcp://127.0.0.1:{p}" for p in ports)
-        self.server = WeightServer(self.ctx, announce_endpoint=announce, fetch_endpoint=fetch,
-                                   metrics=ServiceMetrics("bench", "bench-learner"), sender="bench-learner",
-                                   announce_interval_s=transport.announce_interval_s,
-                                   max_message_bytes=transport.max_message_bytes, hwm=transport.hwm,
-                                   dtype=transport.weight_dtype, chunk_bytes=transport.weight_chunk_bytes,
-                                   peer_max_bytes=2 * transport.weight_credit * transport.weight_chunk_bytes)
+        self.server = WeightServer(
+            self.ctx,
+            announce_endpoint=announce,
+            fetch_endpoint=fetch,
+            metrics=ServiceMetrics("bench", "bench-learner"),
+            sender="bench-learner",
+            announce_interval_s=transport.announce_interval_s,
+            max_message_bytes=transport.max_message_bytes,
+            hwm=transport.hwm,
+            dtype=transport.weight_dtype,
+            chunk_bytes=transport.weight_chunk_bytes,
+            peer_max_bytes=2 * transport.weight_credit * transport.weight_chunk_bytes,
+        )
         spawn = mp.get_context("spawn")
         self.procs = [
-            spawn.Process(target=_receiver, daemon=True,
-                          args=(i, f"tcp://127.0.0.1:{control_port}", announce, fetch, model_path,
-                                transport.model_dump(mode="json")))
+            spawn.Process(
+                target=_receiver,
+                daemon=True,
+                args=(
+                    i,
+                    f"tcp://127.0.0.1:{control_port}",
+                    announce,
+                    fetch,
+                    model_path,
+                    transport.model_dump(mode="json"),
+                ),
+            )
             for i in range(generators)
         ]
         for p in self.procs:
@@ -223,8 +256,9 @@ class Bench:
             socks.append(s)
             endpoints.append(f"tcp://127.0.0.1:{port}")
         for route, endpoint in zip(self.routes, endpoints):
-            self.control.send_multipart([route, json.dumps({"cmd": "raw", "endpoint": endpoint,
-                                                            "nbytes": int(blob.size)}).encode()])
+            self.control.send_multipart(
+                [route, json.dumps({"cmd": "raw", "endpoint": endpoint, "nbytes": int(blob.size)}).encode()]
+            )
         for _ in self.routes:
             self._recv(SYNC_TIMEOUT_S)
         view = memoryview(blob)
@@ -250,8 +284,15 @@ class Bench:
         self.ctx.term()
 
 
-def run_case(model_key: str, model_path: str, generators: int, dtypes: list[WeightDtype], repeats: int,
-             transport: TransportSection, deadline: Deadline) -> list[dict]:
+def run_case(
+    model_key: str,
+    model_path: str,
+    generators: int,
+    dtypes: list[WeightDtype],
+    repeats: int,
+    transport: TransportSection,
+    deadline: Deadline,
+) -> list[dict]:
     """All dtypes for one (model, N): ``WARMUP_SYNCS`` + ``repeats`` syncs each, each followed by a raw push."""
     from streamrl.common.config import LearnerSection
     from streamrl.common.models import configure_torch, load_causal_lm, select_device
@@ -267,8 +308,9 @@ def run_case(model_key: str, model_path: str, generators: int, dtypes: list[Weig
         for dtype in dtypes:
             if deadline.expired():
                 break
-            packed = pack_state_dict(state, version=0, dtype=dtype, chunk_bytes=transport.weight_chunk_bytes,
-                                     sender="bench-learner")
+            packed = pack_state_dict(
+                state, version=0, dtype=dtype, chunk_bytes=transport.weight_chunk_bytes, sender="bench-learner"
+            )
             syncs, raws = [], []
             for i in range(WARMUP_SYNCS + repeats):
                 if i > WARMUP_SYNCS and deadline.expired():
@@ -283,13 +325,21 @@ def run_case(model_key: str, model_path: str, generators: int, dtypes: list[Weig
                     raws.append(seconds)
             nbytes = packed.announce.total_bytes
             del packed
-            row = {"model": model_key, "dtype": dtype.value, "generators": generators, "nbytes": nbytes,
-                   "repeats": len(syncs), "syncs": syncs, "raw_seconds": raws}
+            row = {
+                "model": model_key,
+                "dtype": dtype.value,
+                "generators": generators,
+                "nbytes": nbytes,
+                "repeats": len(syncs),
+                "syncs": syncs,
+                "raw_seconds": raws,
+            }
             for phase in (*PHASES, "transfer_window"):
                 row[phase] = median(s[phase] for s in syncs)
             # allocations during the measured syncs (the warm-up filled the pools): 0 when buffers are reused
             row["receive_buffers_allocated"] = max(s["receive_buffers"] for s in syncs) - min(
-                s["receive_buffers"] for s in syncs)
+                s["receive_buffers"] for s in syncs
+            )
             row["learner_blobs_allocated"] = bench.server._pool.allocated - blobs_before
             row["raw"] = median(raws)
             total_bytes = nbytes * generators
@@ -298,12 +348,14 @@ def run_case(model_key: str, model_path: str, generators: int, dtypes: list[Weig
             row["raw_MBps"] = total_bytes / row["raw"] / 1e6
             row["transfer_ratio"] = row["ours_transfer_MBps"] / row["raw_MBps"]
             row["end_to_end_ratio"] = row["ours_end_to_end_MBps"] / row["raw_MBps"]
-            print(f"{model_key} {dtype.value} N={generators}: {nbytes / 1e6:.1f} MB, total {row['total']:.3f}s "
-                  f"(snapshot {row['snapshot']:.3f}, digest {row['digest']:.3f}, announce {row['announce']:.3f}, "
-                  f"transfer {row['transfer']:.3f} (hash {row['hash']:.3f}), verify {row['verify']:.3f}, "
-                  f"load {row['load']:.3f}); raw {row['raw']:.3f}s; "
-                  f"transfer {row['transfer_ratio']:.2f} x raw, end to end {row['end_to_end_ratio']:.2f} x raw",
-                  flush=True)
+            print(
+                f"{model_key} {dtype.value} N={generators}: {nbytes / 1e6:.1f} MB, total {row['total']:.3f}s "
+                f"(snapshot {row['snapshot']:.3f}, digest {row['digest']:.3f}, announce {row['announce']:.3f}, "
+                f"transfer {row['transfer']:.3f} (hash {row['hash']:.3f}), verify {row['verify']:.3f}, "
+                f"load {row['load']:.3f}); raw {row['raw']:.3f}s; "
+                f"transfer {row['transfer_ratio']:.2f} x raw, end to end {row['end_to_end_ratio']:.2f} x raw",
+                flush=True,
+            )
             rows.append(row)
     finally:
         bench.close()
@@ -312,15 +364,50 @@ def run_case(model_key: str, model_path: str, generators: int, dtypes: list[Weig
 
 def render(rows: list[dict], env: dict, command: str, transport: TransportSection, skipped: list[str]) -> str:
     """The RESULTS.md section."""
-    header = ["model", "wire dtype", "N", "MB", "learner blocked s (snapshot)", "digest s", "announce s",
-              "(of which wake-up)", "transfer s", "(of which hashing)", "verify s", "load s", "total s (last gen)",
-              "ours MB/s (transfer)", "raw ZMQ MB/s", "transfer / raw", "end-to-end / raw"]
-    table = markdown_table(header, [
-        [r["model"], r["dtype"], r["generators"], r["nbytes"] / 1e6, r["snapshot"], r["digest"], r["announce"],
-         r["announce_wakeup"], r["transfer"], r["hash"], r["verify"], r["load"], r["total"],
-         r["ours_transfer_MBps"], r["raw_MBps"], r["transfer_ratio"], r["end_to_end_ratio"]]
-        for r in rows
-    ])
+    header = [
+        "model",
+        "wire dtype",
+        "N",
+        "MB",
+        "learner blocked s (snapshot)",
+        "digest s",
+        "announce s",
+        "(of which wake-up)",
+        "transfer s",
+        "(of which hashing)",
+        "verify s",
+        "load s",
+        "total s (last gen)",
+        "ours MB/s (transfer)",
+        "raw ZMQ MB/s",
+        "transfer / raw",
+        "end-to-end / raw",
+    ]
+    table = markdown_table(
+        header,
+        [
+            [
+                r["model"],
+                r["dtype"],
+                r["generators"],
+                r["nbytes"] / 1e6,
+                r["snapshot"],
+                r["digest"],
+                r["announce"],
+                r["announce_wakeup"],
+                r["transfer"],
+                r["hash"],
+                r["verify"],
+                r["load"],
+                r["total"],
+                r["ours_transfer_MBps"],
+                r["raw_MBps"],
+                r["transfer_ratio"],
+                r["end_to_end_ratio"],
+            ]
+            for r in rows
+        ],
+    )
     notes = [
         "## 1. Weight sync (learner publishes v -> N generators running on v)",
         "",
@@ -363,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generators", default="1,2,4", help="comma-separated N values")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="wire dtypes (transport.weight_dtype)")
     parser.add_argument("--repeats", type=int, default=5, help="measured syncs per row (median reported)")
-    output_arguments(parser, max_seconds=900.0, bound="no new case starts after it (a started case finishes its "
-                     "minimum)")
+    output_arguments(
+        parser, max_seconds=900.0, bound="no new case starts after it (a started case finishes its minimum)"
+    )
     args = parser.parse_args(argv)
     deadline = Deadline(args.max_seconds)
     transformers.utils.logging.disable_progress_bar()
@@ -382,10 +470,20 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_case(key, path, n, dtypes, args.repeats, transport, deadline)
     env = environment()
     command = command_line()
-    results = {"command": command, "environment": env, "transport": transport.model_dump(mode="json"),
-               "rows": rows, "skipped": skipped}
-    out = write_results("weight_sync", results, render(rows, env, command, transport, skipped),
-                        results_dir=args.results_dir, results_md=args.results_md)
+    results = {
+        "command": command,
+        "environment": env,
+        "transport": transport.model_dump(mode="json"),
+        "rows": rows,
+        "skipped": skipped,
+    }
+    out = write_results(
+        "weight_sync",
+        results,
+        render(rows, env, command, transport, skipped),
+        results_dir=args.results_dir,
+        results_md=args.results_md,
+    )
     print(f"wrote {out}")
     return 0
 

@@ -45,8 +45,7 @@ class CompletionRows:
     positions: Tensor
 
 
-def completion_rows(prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray], *,
-                    pad_id: int) -> CompletionRows:
+def completion_rows(prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray], *, pad_id: int) -> CompletionRows:
     """Lay out ``B`` rollouts as :class:`CompletionRows`.
 
     Args:
@@ -60,12 +59,10 @@ def completion_rows(prompts: Sequence[np.ndarray], completions: Sequence[np.ndar
     tokens, mask = pad_right(completions, value=pad_id)
     prompt_lengths = torch.tensor([len(p) for p in prompts])
     positions = (prompt_lengths.unsqueeze(1) - 1 + torch.arange(tokens.shape[1])) * mask
-    return CompletionRows(input_ids=input_ids, attention_mask=attention, tokens=tokens, mask=mask,
-                          positions=positions)
+    return CompletionRows(input_ids=input_ids, attention_mask=attention, tokens=tokens, mask=mask, positions=positions)
 
 
-def completion_hidden(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                      positions: Tensor) -> Tensor:
+def completion_hidden(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
     """The transformer body's last hidden states at the completion positions.
 
     Only the body runs over all ``L`` positions; :func:`completion_logits` applies the vocabulary
@@ -86,8 +83,9 @@ def completion_hidden(model: torch.nn.Module, input_ids: Tensor, attention_mask:
     return hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))
 
 
-def completion_logits(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                      positions: Tensor) -> tuple[Tensor, Tensor]:
+def completion_logits(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, positions: Tensor
+) -> tuple[Tensor, Tensor]:
     """:func:`completion_hidden`, then the vocabulary projection at those positions, in float32.
 
     Under bf16 autocast the body runs in bf16 but the output projection runs in float32

@@ -45,8 +45,10 @@ def tokenizer_identity(tokenizer) -> dict[str, Any]:
         tokenizer: a ``transformers`` tokenizer (``len``, ``convert_ids_to_tokens``, ``*_token``).
     """
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    special = {name: [getattr(tokenizer, f"{name}_token", None), getattr(tokenizer, f"{name}_token_id", None)]
-               for name in ("bos", "eos", "pad", "unk")}
+    special = {
+        name: [getattr(tokenizer, f"{name}_token", None), getattr(tokenizer, f"{name}_token_id", None)]
+        for name in ("bos", "eos", "pad", "unk")
+    }
     return {"vocab": vocab, "special": special}
 
 

@@ -37,8 +37,15 @@ tokens of ``prompt + completion`` (the prompt conditions it, only completion pos
 
 
 @torch.inference_mode()
-def reference_features(model: torch.nn.Module, prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray], *,
-                       pad_id: int, batch_size: int = 16, max_tokens: int = 1024) -> np.ndarray:
+def reference_features(
+    model: torch.nn.Module,
+    prompts: Sequence[np.ndarray],
+    completions: Sequence[np.ndarray],
+    *,
+    pad_id: int,
+    batch_size: int = 16,
+    max_tokens: int = 1024,
+) -> np.ndarray:
     """phi(x) for each rollout x: the mean of the frozen model's last hidden state over completion positions.
 
     Args:
@@ -56,13 +63,15 @@ def reference_features(model: torch.nn.Module, prompts: Sequence[np.ndarray], co
         ValueError: the lists differ in length, are empty, or a completion is empty.
     """
     if len(prompts) != len(completions) or not prompts:
-        raise ValueError(f"reference_features: {len(prompts)} prompts and {len(completions)} completions "
-                         "(need equal, non-zero counts)")
+        raise ValueError(
+            f"reference_features: {len(prompts)} prompts and {len(completions)} completions "
+            "(need equal, non-zero counts)"
+        )
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
         rows, spans = [], []
-        for p, c in zip(prompts[start:start + batch_size], completions[start:start + batch_size]):
+        for p, c in zip(prompts[start : start + batch_size], completions[start : start + batch_size]):
             if len(c) == 0:
                 raise ValueError("reference_features: an empty completion has no features")
             ids = np.concatenate([np.asarray(p, dtype=np.int64), np.asarray(c, dtype=np.int64)])[-max_tokens:]
@@ -70,8 +79,9 @@ def reference_features(model: torch.nn.Module, prompts: Sequence[np.ndarray], co
             rows.append(ids)
             spans.append((len(ids) - completion_len, len(ids)))
         input_ids, attention = pad_right(rows, value=pad_id)
-        hidden = model.base_model(input_ids=input_ids.to(device),
-                                  attention_mask=attention.long().to(device)).last_hidden_state.float()  # [B, L, D]
+        hidden = model.base_model(
+            input_ids=input_ids.to(device), attention_mask=attention.long().to(device)
+        ).last_hidden_state.float()  # [B, L, D]
         positions = torch.arange(hidden.shape[1], device=device)
         lo = torch.tensor([s for s, _ in spans], device=device).unsqueeze(1)
         hi = torch.tensor([e for _, e in spans], device=device).unsqueeze(1)
@@ -100,8 +110,12 @@ class HumanHead:
     @classmethod
     def from_message(cls, message: HumanModel) -> HumanHead:
         """The head carried by a :class:`~streamrl.common.messages.HumanModel`."""
-        return cls(mean=np.asarray(message.mean, np.float32), scale=np.asarray(message.scale, np.float32),
-                   weight=np.asarray(message.weight, np.float32), bias=float(message.bias))
+        return cls(
+            mean=np.asarray(message.mean, np.float32),
+            scale=np.asarray(message.scale, np.float32),
+            weight=np.asarray(message.weight, np.float32),
+            bias=float(message.bias),
+        )
 
     @property
     def dim(self) -> int:
@@ -121,8 +135,9 @@ class HumanHead:
         return np.clip(self.raw(features), -1.0, 1.0)
 
 
-def eligibility(z: np.ndarray, anchors: np.ndarray, anchor_times: np.ndarray, now: float, *,
-                width: float, half_life_s: float) -> np.ndarray:
+def eligibility(
+    z: np.ndarray, anchors: np.ndarray, anchor_times: np.ndarray, now: float, *, width: float, half_life_s: float
+) -> np.ndarray:
     """The eligibility module: how much H-hat may act on each rollout, in [0, 1].
 
     E(x, t) = max_j exp(-d_j(x)^2 / (2 width^2)) * 2^(-(t - t_j) / half_life),
@@ -206,8 +221,9 @@ def control_share(values: np.ndarray, probability: float, rng: np.random.Generat
     return index, by_model, float(rho)
 
 
-def bias_actions(values: np.ndarray, eligibilities: np.ndarray, beta_t: float,
-                 rng: np.random.Generator) -> tuple[int, float, float]:
+def bias_actions(
+    values: np.ndarray, eligibilities: np.ndarray, beta_t: float, rng: np.random.Generator
+) -> tuple[int, float, float]:
     """Choose one of K candidates drawn i.i.d. from mu: TAMER+RL action biasing.
 
     Knox & Stone (2010) bias action *selection* by H-hat, a = argmax_a [Q(s, a) + beta *
@@ -239,8 +255,10 @@ def bias_actions(values: np.ndarray, eligibilities: np.ndarray, beta_t: float,
     eligibilities = np.asarray(eligibilities, np.float64)
     k = len(values)
     if k < 2 or eligibilities.shape != values.shape or beta_t < 0:
-        raise ValueError(f"bias_actions: need K >= 2 values, as many eligibilities and beta_t >= 0 (got K={k}, "
-                         f"{eligibilities.shape[0] if eligibilities.ndim else 0} eligibilities, beta_t={beta_t})")
+        raise ValueError(
+            f"bias_actions: need K >= 2 values, as many eligibilities and beta_t >= 0 (got K={k}, "
+            f"{eligibilities.shape[0] if eligibilities.ndim else 0} eligibilities, beta_t={beta_t})"
+        )
     logits = beta_t * eligibilities * values
     probabilities = np.exp(logits - logits.max())
     probabilities /= probabilities.sum()
@@ -357,8 +375,9 @@ class HumanModelView:
             ValueError: the model uses another feature than :data:`FEATURE`.
         """
         if message.feature != FEATURE:
-            raise ValueError(f"H-hat version {message.version} uses feature {message.feature!r}; this process "
-                             f"computes {FEATURE!r}")
+            raise ValueError(
+                f"H-hat version {message.version} uses feature {message.feature!r}; this process computes {FEATURE!r}"
+            )
         if self.message is not None and message.version < self.message.version:
             return False
         self.message, self.head = message, HumanHead.from_message(message)
@@ -373,8 +392,9 @@ class HumanModelView:
             self._model = load_causal_lm(path, device=torch.device("cpu")).eval()
         return self._model
 
-    def score(self, prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray],
-              now: float) -> tuple[np.ndarray, np.ndarray]:
+    def score(
+        self, prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray], now: float
+    ) -> tuple[np.ndarray, np.ndarray]:
         """H-hat and the eligibility of N rollouts (token arrays).
 
         Returns:
@@ -389,14 +409,17 @@ class HumanModelView:
             raise RuntimeError("no H-hat version received yet")
         features = reference_features(self._reference(), prompts, completions, pad_id=self._pad_id)
         if features.shape[1] != self.head.dim:
-            raise ValueError(f"H-hat version {self.version} has {self.head.dim} features; the reference model "
-                             f"{self.model_path} gives {features.shape[1]} (another model.path?)")
+            raise ValueError(
+                f"H-hat version {self.version} has {self.head.dim} features; the reference model "
+                f"{self.model_path} gives {features.shape[1]} (another model.path?)"
+            )
         values = self.head.predict(features)
         if not self.use_eligibility:
             return values, np.ones(len(values))
         z = self.head.standardize(features)
-        return values, eligibility(z, self.message.anchors, self.message.anchor_times, now, width=self.width,
-                                   half_life_s=self.half_life_s)
+        return values, eligibility(
+            z, self.message.anchors, self.message.anchor_times, now, width=self.width, half_life_s=self.half_life_s
+        )
 
 
 class HumanModelSubscription:
@@ -416,10 +439,22 @@ class HumanModelSubscription:
         from streamrl.common.transport import Inbox, make_socket
 
         fb, t = config.feedback, config.transport
-        self.view = HumanModelView(config.model.path, config.model.cache_path, use_eligibility=fb.eligibility,
-                                   width=fb.eligibility_width, half_life_s=fb.eligibility_half_life_s)
-        self.socket = make_socket(zmq_context, zmq.SUB, connect=[config.endpoints.human_model], subscribe=b"",
-                                  max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=security)
+        self.view = HumanModelView(
+            config.model.path,
+            config.model.cache_path,
+            use_eligibility=fb.eligibility,
+            width=fb.eligibility_width,
+            half_life_s=fb.eligibility_half_life_s,
+        )
+        self.socket = make_socket(
+            zmq_context,
+            zmq.SUB,
+            connect=[config.endpoints.human_model],
+            subscribe=b"",
+            max_message_bytes=t.max_message_bytes,
+            hwm=t.hwm,
+            security=security,
+        )
         self.inbox = Inbox(metrics, [HumanModel], max_bytes=t.max_message_bytes, socket_name="human_model")
 
     def receive(self) -> int | None:

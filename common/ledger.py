@@ -52,8 +52,10 @@ class Ledger:
                 saved = json.loads(path.read_text())
                 self.counts = {str(k): int(v) for k, v in saved.get("counts", {}).items()}
             except (ValueError, TypeError, AttributeError) as err:
-                raise ValueError(f"ledger file {path} is not a JSON object of counts ({err}); fix: delete it "
-                                 "(the run's measured ledger then starts from zero for this replica)") from None
+                raise ValueError(
+                    f"ledger file {path} is not a JSON object of counts ({err}); fix: delete it "
+                    "(the run's measured ledger then starts from zero for this replica)"
+                ) from None
             log.info("ledger: continuing from %s (%s)", path, self.counts)
 
     def add(self, key: str, n: int = 1, *, flush: bool = True) -> None:
@@ -89,8 +91,11 @@ class Ledger:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
             if not self._warned:
-                log.warning("cannot write the ledger file %s (%s); counting on in memory, retrying at each count",
-                            self.path, err)
+                log.warning(
+                    "cannot write the ledger file %s (%s); counting on in memory, retrying at each count",
+                    self.path,
+                    err,
+                )
                 self._warned = True
             return
         self._dirty = False

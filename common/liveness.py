@@ -41,10 +41,8 @@ class Waits:
         clock: monotonic seconds (injected in tests).
     """
 
-    def __init__(self, metrics: ServiceMetrics, *, warn_after_s: float,
-                 clock: Callable[[], float] = time.monotonic):
-        self.gauge = metrics.gauge("waiting_seconds", "Seconds the current wait has lasted, by what is awaited",
-                                   ["on"])
+    def __init__(self, metrics: ServiceMetrics, *, warn_after_s: float, clock: Callable[[], float] = time.monotonic):
+        self.gauge = metrics.gauge("waiting_seconds", "Seconds the current wait has lasted, by what is awaited", ["on"])
         self.instance = metrics.instance
         self.warn_after_s = warn_after_s
         self.clock = clock
@@ -65,7 +63,9 @@ class Waits:
         elapsed = now - since
         last = self._warned.get(on, since)
         if now - last >= self.warn_after_s:
-            log.warning("%s has waited %.0fs on %s: %s", self.instance, elapsed, on, why if isinstance(why, str) else why())
+            log.warning(
+                "%s has waited %.0fs on %s: %s", self.instance, elapsed, on, why if isinstance(why, str) else why()
+            )
             self._warned[on] = now
         return elapsed
 

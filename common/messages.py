@@ -60,9 +60,7 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _EXT_ARRAY = 1
 _EXT_BYTES = 2
 
-_ALLOWED_DTYPES = frozenset(
-    ["bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"]
-)
+_ALLOWED_DTYPES = frozenset(["bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"])
 
 
 class RejectReason(str, Enum):
@@ -279,9 +277,12 @@ class Rollout(Message):
             _require(0 <= sel.probability <= 1, "selection.probability must be in [0, 1]")
             # rho = K * P(kept | candidates) lies in [1 - p, (1 - p) + p * K]
             low, high = 1 - sel.probability, (1 - sel.probability) + sel.probability * sel.candidates
-            _require(math.isfinite(sel.density_ratio) and 0 < sel.density_ratio
-                     and low - 1e-6 <= sel.density_ratio <= high + 1e-6,
-                     "selection.density_ratio must be in [1 - p, 1 - p + p * K] and > 0")
+            _require(
+                math.isfinite(sel.density_ratio)
+                and 0 < sel.density_ratio
+                and low - 1e-6 <= sel.density_ratio <= high + 1e-6,
+                "selection.density_ratio must be in [1 - p, 1 - p + p * K] and > 0",
+            )
             _require(math.isfinite(sel.human_value), "selection.human_value is not finite")
 
 
@@ -312,13 +313,17 @@ class ScoredRollout(Message):
     def check(self) -> None:
         self.rollout.check()
         if self.reference_logprobs is not None:
-            _require(self.reference_logprobs.shape == self.rollout.completion_tokens.shape,
-                     "reference_logprobs must have one entry per completion token")
+            _require(
+                self.reference_logprobs.shape == self.rollout.completion_tokens.shape,
+                "reference_logprobs must have one entry per completion token",
+            )
             _require(bool(np.all(np.isfinite(self.reference_logprobs))), "reference_logprobs has non-finite values")
         _require(math.isfinite(self.reward), "reward is not finite")
         if self.human is not None:
-            _require(math.isfinite(self.human.value) and -1 <= self.human.value <= 1,
-                     "human.value must be a finite number in [-1, 1]")
+            _require(
+                math.isfinite(self.human.value) and -1 <= self.human.value <= 1,
+                "human.value must be a finite number in [-1, 1]",
+            )
             _require(0 <= self.human.eligibility <= 1, "human.eligibility must be in [0, 1]")
             _require(self.human.model_version >= 0, "human.model_version must be >= 0")
         for name, value in self.reward_parts.items():
@@ -393,8 +398,10 @@ class BatchRequest(Message):
         _require(self.learner_version >= 0, "learner_version must be >= 0")
         _require(self.num_groups >= 1, "num_groups must be >= 1")
         _require(self.durable_version >= -1 and self.resumed_at >= -1, "durable_version, resumed_at must be >= -1")
-        _require(self.durable_version <= self.learner_version and self.resumed_at <= self.learner_version,
-                 "durable_version and resumed_at cannot be newer than learner_version")
+        _require(
+            self.durable_version <= self.learner_version and self.resumed_at <= self.learner_version,
+            "durable_version and resumed_at cannot be newer than learner_version",
+        )
 
 
 @dataclass(kw_only=True)
@@ -612,10 +619,10 @@ class HumanModel(Message):
         _require(self.labels >= 0, "labels must be >= 0")
         dim = self.weight.shape[0]
         _require(dim >= 1, "weight is empty")
-        _require(self.mean.shape == (dim,) and self.scale.shape == (dim,),
-                 "mean, scale and weight must have the same length")
-        _require(self.anchors.shape[1] == dim or self.anchors.shape[0] == 0,
-                 f"anchors must be [N, {dim}]")
+        _require(
+            self.mean.shape == (dim,) and self.scale.shape == (dim,), "mean, scale and weight must have the same length"
+        )
+        _require(self.anchors.shape[1] == dim or self.anchors.shape[0] == 0, f"anchors must be [N, {dim}]")
         _require(self.anchor_times.shape == (self.anchors.shape[0],), "anchor_times must be [N]")
         for name in ("mean", "scale", "weight", "anchors", "anchor_times"):
             _require(bool(np.all(np.isfinite(getattr(self, name)))), f"{name} has non-finite values")
@@ -789,11 +796,7 @@ def decode(
     if cls is None:
         raise ProtocolError(RejectReason.UNKNOWN_KIND, f"unknown kind {kind!r}")
     schema = header.get("schema")
-    if (
-        not isinstance(schema, list)
-        or len(schema) != 2
-        or not all(type(v) is int for v in schema)
-    ):
+    if not isinstance(schema, list) or len(schema) != 2 or not all(type(v) is int for v in schema):
         raise ProtocolError(RejectReason.MALFORMED, f"bad schema field {schema!r}")
     if schema[0] != SCHEMA_VERSION[0]:
         raise ProtocolError(
@@ -879,9 +882,7 @@ def _build_array(value: Any, spec: Any, payloads: _Frames, name: str) -> np.ndar
     wire_dtype = np.dtype(dtype).newbyteorder("<")
     expected = math.prod(shape) * wire_dtype.itemsize
     if buf.nbytes != expected:
-        raise ProtocolError(
-            RejectReason.BAD_ARRAY, f"{name} has {buf.nbytes} bytes, shape needs {expected}"
-        )
+        raise ProtocolError(RejectReason.BAD_ARRAY, f"{name} has {buf.nbytes} bytes, shape needs {expected}")
     return np.frombuffer(buf, dtype=wire_dtype).reshape(shape).astype(dtype, copy=False)
 
 

@@ -161,11 +161,14 @@ class MetricSet:
 
     def __init__(self, registry: ServiceMetrics):
         if registry.service != self.SERVICE:
-            raise ValueError(f"{type(self).__name__} declares streamrl_{self.SERVICE}_* metrics; "
-                             f"it was given the {registry.service!r} registry")
+            raise ValueError(
+                f"{type(self).__name__} declares streamrl_{self.SERVICE}_* metrics; "
+                f"it was given the {registry.service!r} registry"
+            )
         self.registry = registry
         self.built: dict[str, Counter | Gauge | Histogram] = {
-            declared.attribute: declared.build(registry) for declared in self.declared()}
+            declared.attribute: declared.build(registry) for declared in self.declared()
+        }
 
     @classmethod
     def declared(cls) -> list[Declared]:

@@ -139,8 +139,11 @@ def _bf16_why(device: torch.device, native: bool) -> str:
         gpu = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
         return f"{gpu} computes bf16 natively" if native else f"{gpu} has no native bf16 (it needs 8.0 or newer)"
     if device.type == "cpu":
-        return ("this CPU computes bf16 natively (AVX512-BF16 or AMX, through oneDNN)" if native else
-                "this CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated, slower than float32")
+        return (
+            "this CPU computes bf16 natively (AVX512-BF16 or AMX, through oneDNN)"
+            if native
+            else "this CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated, slower than float32"
+        )
     return f"no native bf16 path is known for {device.type} devices"
 
 
@@ -164,7 +167,7 @@ def use_bf16_autocast(setting: bool | str, device: torch.device, key: str | None
     elif isinstance(setting, bool):
         use, why = setting, "set in the config"
     else:
-        raise ValueError(f"autocast_bf16 = {setting!r}: expected true, false or \"auto\"")
+        raise ValueError(f'autocast_bf16 = {setting!r}: expected true, false or "auto"')
     if key is not None:
         shown = '"auto"' if setting == "auto" else str(setting).lower()
         logger.info("%s = %s: %s on %s (%s)", key, shown, "bf16 autocast" if use else "float32", device.type, why)
@@ -357,9 +360,7 @@ def _convert_smollm2(gguf_path: Path, out_dir: Path) -> None:
     progress.update()
     tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
     progress.update()
-    result = model.load_state_dict(
-        {key: value.to(torch.float32) for key, value in tensors.items()}, strict=False
-    )
+    result = model.load_state_dict({key: value.to(torch.float32) for key, value in tensors.items()}, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(result.missing_keys) - tied or result.unexpected_keys:
         raise RuntimeError(
@@ -409,8 +410,7 @@ def ensure_smollm2(cache_dir: Path | None = None) -> Path:
                 target.unlink()
 
         message = (
-            f"streamrl: converting SmolLM2 GGUF {gguf_path} -> {target} "
-            "(one-time, takes a few tens of seconds on CPU)"
+            f"streamrl: converting SmolLM2 GGUF {gguf_path} -> {target} (one-time, takes a few tens of seconds on CPU)"
         )
         logger.info(message)
         print(message, file=sys.stderr, flush=True)
@@ -480,9 +480,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_causal_lm(
-    path: str, *, device: torch.device, dtype: torch.dtype = torch.float32
-) -> PreTrainedModel:
+def load_causal_lm(path: str, *, device: torch.device, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained(path, dtype=dtype)`` moved to ``device``.
 
     The model comes back in eval mode (as ``from_pretrained`` leaves it); trainers call

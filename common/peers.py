@@ -56,7 +56,9 @@ def scorer_metrics_addresses(cfg: Config) -> list[tuple[str, str, int]]:
     seen: Counter[str] = Counter()
     out = []
     for i, endpoint in enumerate(cfg.endpoints.scorers):
-        host = local_host if is_local_endpoint(endpoint) else endpoint.partition("://")[2].rpartition(":")[0].strip("[]")
+        host = (
+            local_host if is_local_endpoint(endpoint) else endpoint.partition("://")[2].rpartition(":")[0].strip("[]")
+        )
         out.append((f"scorer-{i}", host, m.scorer_port + seen[host]))
         seen[host] += 1
     return out
@@ -87,10 +89,14 @@ def reward_troubles(cfg: Config, timeout: float = 0.5) -> list[str]:
             continue
         error = last_reward_error(samples)
         if failing and in_a_row >= cfg.scorer.failing_after:
-            troubles.append(f"the reward is failing in {name} ({in_a_row:.0f} micro-batches in a row raised {error}; "
-                            "no scored rollout reaches the buffer; see its log)")
+            troubles.append(
+                f"the reward is failing in {name} ({in_a_row:.0f} micro-batches in a row raised {error}; "
+                "no scored rollout reaches the buffer; see its log)"
+            )
             continue
         what = f"the reward is failing in {name}" if failing else f"the reward raises on some inputs in {name}"
-        troubles.append(f"{what} (on {fraction:.0%} of its last {cfg.scorer.failing_window} rollouts, last {error}; "
-                        "their groups are dropped, so fewer reach the buffer; see its log)")
+        troubles.append(
+            f"{what} (on {fraction:.0%} of its last {cfg.scorer.failing_window} rollouts, last {error}; "
+            "their groups are dropped, so fewer reach the buffer; see its log)"
+        )
     return troubles

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 LEARNER = "learner"
 
 
-def placement(service: str, cpus: list[int], *, learner_threads: int, learner_ranks: int,
-              local_rank: int = 0) -> list[int] | None:
+def placement(
+    service: str, cpus: list[int], *, learner_threads: int, learner_ranks: int, local_rank: int = 0
+) -> list[int] | None:
     """The cores ``service`` should run on under ``learner_owns_cores``.
 
     Args:
@@ -50,7 +51,7 @@ def placement(service: str, cpus: list[int], *, learner_threads: int, learner_ra
     if service == LEARNER:
         if not 0 <= local_rank < learner_ranks:
             return None
-        return cpus[local_rank * learner_threads:(local_rank + 1) * learner_threads]
+        return cpus[local_rank * learner_threads : (local_rank + 1) * learner_threads]
     return cpus[reserved:]
 
 
@@ -73,11 +74,21 @@ def place_process(service: str, mode: str, *, learner_threads: int, learner_rank
     if mode == "none" or not hasattr(os, "sched_setaffinity"):
         return None
     cpus = sorted(os.sched_getaffinity(0))
-    cores = placement(service, cpus, learner_threads=learner_threads, learner_ranks=learner_ranks,
-                      local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    cores = placement(
+        service,
+        cpus,
+        learner_threads=learner_threads,
+        learner_ranks=learner_ranks,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
     if cores is None:
-        log.warning("run.cpu_placement = %s: %d core(s) here, the learner reserves %d x %d; left to the scheduler",
-                    mode, len(cpus), learner_ranks, learner_threads)
+        log.warning(
+            "run.cpu_placement = %s: %d core(s) here, the learner reserves %d x %d; left to the scheduler",
+            mode,
+            len(cpus),
+            learner_ranks,
+            learner_threads,
+        )
         return None
     for tid in _threads():
         try:

@@ -100,34 +100,49 @@ def _json_like(value: Any, where: str, key: str) -> Any:
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: metadata field {key!r} holds {type(value).__name__} {value!r:.80}, which cannot "
-                         f"travel with a rollout ({exc}); fix: convert it to a string or number, or drop it from "
-                         "metadata_fields") from None
+        raise ValueError(
+            f"{where}: metadata field {key!r} holds {type(value).__name__} {value!r:.80}, which cannot "
+            f"travel with a rollout ({exc}); fix: convert it to a string or number, or drop it from "
+            "metadata_fields"
+        ) from None
     return value
 
 
 def _chat(value: Any, where: str, key: str) -> tuple[dict, ...]:
     """A validated chat: a non-empty list of ``{"role": str, "content": str}`` (other keys dropped)."""
-    fix = f"fix: make {key!r} a list of {{\"role\": ..., \"content\": ...}} messages, or use text_field"
+    fix = f'fix: make {key!r} a list of {{"role": ..., "content": ...}} messages, or use text_field'
     if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError(f"{where}: field {key!r} is {type(value).__name__} {value!r:.60}, not a non-empty list of "
-                         f"messages; {fix}")
+        raise ValueError(
+            f"{where}: field {key!r} is {type(value).__name__} {value!r:.60}, not a non-empty list of messages; {fix}"
+        )
     out = []
     for i, message in enumerate(value):
-        if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
-                or not isinstance(message.get("content"), str)):
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
             raise ValueError(f"{where}: message {i} of {key!r} is {message!r:.80}; {fix}")
         out.append({"role": message["role"], "content": message["content"]})
     return tuple(out)
 
 
-def _row_prompt(row: dict, where: str, default_id: str, *, text_field: str, id_field: str | None,
-                messages_field: str | None, metadata_fields: Sequence[str]) -> Prompt | None:
+def _row_prompt(
+    row: dict,
+    where: str,
+    default_id: str,
+    *,
+    text_field: str,
+    id_field: str | None,
+    messages_field: str | None,
+    metadata_fields: Sequence[str],
+) -> Prompt | None:
     """One row (a JSON object, a data set row) as a :class:`Prompt`; None when its text is empty."""
     key = messages_field if messages_field is not None else text_field
     if key not in row:
-        raise ValueError(f"{where}: missing {'messages' if messages_field else 'text'} field {key!r} "
-                         f"(keys: {sorted(row)})")
+        raise ValueError(
+            f"{where}: missing {'messages' if messages_field else 'text'} field {key!r} (keys: {sorted(row)})"
+        )
     messages = None
     if messages_field is not None:
         messages = _chat(row[key], where, key)
@@ -212,12 +227,20 @@ def load_jsonl(
         for line_no, row in json_lines(path):
             yield row, f"{path}:{line_no}", f"{path.stem}:{line_no}"
 
-    return _rows_to_prompts(rows(), path, "lines", text_field=text_field, id_field=id_field,
-                            messages_field=messages_field, metadata_fields=metadata_fields)
+    return _rows_to_prompts(
+        rows(),
+        path,
+        "lines",
+        text_field=text_field,
+        id_field=id_field,
+        messages_field=messages_field,
+        metadata_fields=metadata_fields,
+    )
 
 
-def _rows_to_prompts(rows: Iterable[tuple[dict, str, str]], origin: str | Path, what: str,
-                     **fields: Any) -> list[Prompt]:
+def _rows_to_prompts(
+    rows: Iterable[tuple[dict, str, str]], origin: str | Path, what: str, **fields: Any
+) -> list[Prompt]:
     """Prompts of ``(row, where, default id)`` triples (:func:`_row_prompt`); empty texts skipped with
     a warning, ids checked unique."""
     prompts: list[Prompt] = []
@@ -249,9 +272,11 @@ def dataset_format(path: str | Path) -> str:
         suffixes.pop()
     found = DATASET_FORMATS.get(suffixes[-1]) if suffixes else None
     if found is None:
-        raise ValueError(f"{path}: cannot tell the file format from its name; fix: use one of "
-                         f"{', '.join(DATASET_FORMATS)} (optionally .gz) or set format = \"parquet\"/\"json\"/"
-                         "\"csv\"/\"arrow\"")
+        raise ValueError(
+            f"{path}: cannot tell the file format from its name; fix: use one of "
+            f'{", ".join(DATASET_FORMATS)} (optionally .gz) or set format = "parquet"/"json"/'
+            '"csv"/"arrow"'
+        )
     return found
 
 
@@ -296,7 +321,9 @@ def load_dataset_prompts(
     import datasets
 
     if (path is None) == (dataset is None):
-        raise ValueError("load_dataset_prompts: give exactly one of path (a local file or folder) or dataset (a hub id)")
+        raise ValueError(
+            "load_dataset_prompts: give exactly one of path (a local file or folder) or dataset (a hub id)"
+        )
     if dataset is not None:
         data = datasets.load_dataset(dataset, subset, split=split)
         name, origin = f"{dataset}/{split}", dataset
@@ -316,11 +343,20 @@ def load_dataset_prompts(
     wanted = [messages_field if messages_field is not None else text_field, *metadata_fields]
     missing = [c for c in wanted if c not in data.column_names]
     if missing:
-        raise ValueError(f"{origin}: columns {missing} not in the data set (columns: {data.column_names}); fix: set "
-                         "text_field / messages_field / metadata_fields to existing columns")
+        raise ValueError(
+            f"{origin}: columns {missing} not in the data set (columns: {data.column_names}); fix: set "
+            "text_field / messages_field / metadata_fields to existing columns"
+        )
     rows = ((row, f"{origin} row {row_no}", f"{name}:{row_no}") for row_no, row in enumerate(data, start=1))
-    return _rows_to_prompts(rows, origin, "rows", text_field=text_field, id_field=id_field,
-                            messages_field=messages_field, metadata_fields=metadata_fields)
+    return _rows_to_prompts(
+        rows,
+        origin,
+        "rows",
+        text_field=text_field,
+        id_field=id_field,
+        messages_field=messages_field,
+        metadata_fields=metadata_fields,
+    )
 
 
 _BR_RE = re.compile(r"<\s*br\s*/?\s*>", re.IGNORECASE)
@@ -454,16 +490,27 @@ def load_prompts(source: PromptSource) -> list[Prompt]:
     """
     fields = tuple(source.metadata_fields)
     if source.kind == "jsonl":
-        return load_jsonl(source.path, text_field=source.text_field, id_field=source.id_field,
-                          messages_field=source.messages_field, metadata_fields=fields)
+        return load_jsonl(
+            source.path,
+            text_field=source.text_field,
+            id_field=source.id_field,
+            messages_field=source.messages_field,
+            metadata_fields=fields,
+        )
     if source.kind == "csv":
-        return load_csv(source.path, column=source.column, first_k_words=source.first_k_words,
-                        metadata_columns=fields)
+        return load_csv(source.path, column=source.column, first_k_words=source.first_k_words, metadata_columns=fields)
     if source.kind == "datasets":
         location = {"dataset": source.dataset} if source.dataset is not None else {"path": source.path}
-        return load_dataset_prompts(**location, subset=source.subset, split=source.split, format=source.format,
-                                    text_field=source.text_field, id_field=source.id_field,
-                                    messages_field=source.messages_field, metadata_fields=fields)
+        return load_dataset_prompts(
+            **location,
+            subset=source.subset,
+            split=source.split,
+            format=source.format,
+            text_field=source.text_field,
+            id_field=source.id_field,
+            messages_field=source.messages_field,
+            metadata_fields=fields,
+        )
     return load_gsm8k(source.path, metadata_fields=fields)
 
 
@@ -525,8 +572,14 @@ class PromptStream:
     """
 
     @validate_call(config=STRICT_ARGS)
-    def __init__(self, prompts: Sequence[InstanceOf[Prompt]], *, seed: NonNegativeInt, shard: NonNegativeInt = 0,
-                 num_shards: PositiveInt = 1) -> None:
+    def __init__(
+        self,
+        prompts: Sequence[InstanceOf[Prompt]],
+        *,
+        seed: NonNegativeInt,
+        shard: NonNegativeInt = 0,
+        num_shards: PositiveInt = 1,
+    ) -> None:
         self._prompts = tuple(prompts)
         if not self._prompts:
             raise ValueError("PromptStream: the prompt list is empty")
@@ -599,8 +652,9 @@ class PromptStream:
 _warned_no_template = False
 
 
-def format_prompt(text: str, tokenizer: Any, *, chat_template: bool, system: str | None = None,
-                  messages: Sequence[dict] | None = None) -> str:
+def format_prompt(
+    text: str, tokenizer: Any, *, chat_template: bool, system: str | None = None, messages: Sequence[dict] | None = None
+) -> str:
     """Turn a prompt into the string given to the model.
 
     Args:
@@ -625,9 +679,11 @@ def format_prompt(text: str, tokenizer: Any, *, chat_template: bool, system: str
     """
     if messages is not None:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the prompts are chat messages (prompts.messages_field) but the tokenizer of "
-                             "model.path has no chat template to render them; fix: use a chat model (one whose "
-                             "tokenizer_config.json has a chat_template) or give the prompts as text (text_field)")
+            raise ValueError(
+                "the prompts are chat messages (prompts.messages_field) but the tokenizer of "
+                "model.path has no chat template to render them; fix: use a chat model (one whose "
+                "tokenizer_config.json has a chat_template) or give the prompts as text (text_field)"
+            )
         chat = list(messages)
         if system is not None and not any(m.get("role") == "system" for m in chat):
             chat.insert(0, {"role": "system", "content": system})
@@ -658,6 +714,8 @@ def conversation_text(prompt: Prompt, tokenizer: Any) -> str:
     if prompt.messages is None:
         return prompt.text
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("learner.ptx_data holds chat messages but the tokenizer of model.path has no chat template; "
-                         "fix: use a chat model or give the data as text (text_field)")
+        raise ValueError(
+            "learner.ptx_data holds chat messages but the tokenizer of model.path has no chat template; "
+            "fix: use a chat model or give the data as text (text_field)"
+        )
     return str(tokenizer.apply_chat_template(list(prompt.messages), tokenize=False))

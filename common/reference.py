@@ -34,8 +34,14 @@ from streamrl.common.messages import Rollout
 
 
 @torch.no_grad()
-def reference_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], *, pad_id: int,
-                       micro_batch: int = 16, autocast_bf16: bool = False) -> list[np.ndarray]:
+def reference_logprobs(
+    model: torch.nn.Module,
+    rollouts: Sequence[Rollout],
+    *,
+    pad_id: int,
+    micro_batch: int = 16,
+    autocast_bf16: bool = False,
+) -> list[np.ndarray]:
     """Log pi_ref(completion token t | prompt, completion[:t]) for every rollout.
 
     Args:
@@ -59,7 +65,7 @@ def reference_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], *, p
             by_temperature.setdefault(float(r.sampling.temperature), []).append(i)
     for temperature, rows in by_temperature.items():
         for start in range(0, len(rows), micro_batch):
-            chunk = rows[start:start + micro_batch]
+            chunk = rows[start : start + micro_batch]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
                 values = _forward(model, [rollouts[i] for i in chunk], temperature, pad_id, device)
             for i, v in zip(chunk, values):
@@ -68,12 +74,12 @@ def reference_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], *, p
 
 
 def _forward(model, rollouts: Sequence[Rollout], temperature: float, pad_id: int, device) -> list[np.ndarray]:
-    rows = completion_rows([r.prompt_tokens for r in rollouts], [r.completion_tokens for r in rollouts],
-                           pad_id=pad_id)
-    _, logits = completion_logits(model, rows.input_ids.to(device), rows.attention_mask.long().to(device),
-                                  rows.positions.to(device))
+    rows = completion_rows([r.prompt_tokens for r in rollouts], [r.completion_tokens for r in rollouts], pad_id=pad_id)
+    _, logits = completion_logits(
+        model, rows.input_ids.to(device), rows.attention_mask.long().to(device), rows.positions.to(device)
+    )
     logits = logits / temperature  # [B, T, V]
     tokens = rows.tokens.to(device)
     logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     logprobs = logprobs.cpu().numpy().astype(np.float32)
-    return [logprobs[b, :len(r.completion_tokens)].copy() for b, r in enumerate(rollouts)]
+    return [logprobs[b, : len(r.completion_tokens)].copy() for b, r in enumerate(rollouts)]

@@ -164,9 +164,15 @@ class ResolvingSocket(zmq.Socket):
             except (OSError, UnicodeError) as err:
                 self._failures += 1
                 if should_log(self._failures):
-                    log.warning("cannot resolve %s (%s); keeping its %d known addresses, retrying every %.0fs "
-                                "(%d failed look-ups so far)", endpoint, err, len(self._found.get(endpoint, [[]])[-1]),
-                                self._every_s, self._failures)
+                    log.warning(
+                        "cannot resolve %s (%s); keeping its %d known addresses, retrying every %.0fs "
+                        "(%d failed look-ups so far)",
+                        endpoint,
+                        err,
+                        len(self._found.get(endpoint, [[]])[-1]),
+                        self._every_s,
+                        self._failures,
+                    )
                 continue
             with self._guard:
                 self._found.setdefault(endpoint, deque(maxlen=DROP_AFTER_LOOKUPS)).append(found)

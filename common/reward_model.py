@@ -92,8 +92,9 @@ class RewardModelInfo:
         if not isinstance(info.bias, (int, float)) or not math.isfinite(info.bias):
             raise ValueError(f"config.json: {REWARD_INFO_KEY}.bias must be a finite number, got {info.bias!r}")
         if not isinstance(info.max_length, int) or info.max_length < 1:
-            raise ValueError(f"config.json: {REWARD_INFO_KEY}.max_length must be a positive int, "
-                             f"got {info.max_length!r}")
+            raise ValueError(
+                f"config.json: {REWARD_INFO_KEY}.max_length must be a positive int, got {info.max_length!r}"
+            )
         return info
 
 
@@ -164,8 +165,10 @@ def score_head(model: torch.nn.Module) -> torch.nn.Linear:
     """
     head = getattr(model, "score", None)
     if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"{type(model).__name__} has no linear `score` head read at the last token (a decoder "
-                         "model loaded by AutoModelForSequenceClassification, e.g. a Llama, Qwen or Mistral)")
+        raise ValueError(
+            f"{type(model).__name__} has no linear `score` head read at the last token (a decoder "
+            "model loaded by AutoModelForSequenceClassification, e.g. a Llama, Qwen or Mistral)"
+        )
     return head
 
 
@@ -228,8 +231,15 @@ class RewardModel:
         OSError: the folder holds no loadable model or tokenizer.
     """
 
-    def __init__(self, path: str, *, device: torch.device, batch_size: int = 8, max_length: int | None = None,
-                 label: int | str | None = None):
+    def __init__(
+        self,
+        path: str,
+        *,
+        device: torch.device,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        label: int | str | None = None,
+    ):
         from transformers import AutoModelForSequenceClassification
 
         from streamrl.common.models import load_tokenizer
@@ -310,8 +320,10 @@ def _label_index(config: Any, label: int | str | None, path: str) -> int:
     if label is None:
         if count == 1:
             return 0
-        raise ValueError(f"reward model {path} has {count} labels ({', '.join(map(str, names))}); fix: choose the "
-                         "one read as the reward with `label` (an index or a name)")
+        raise ValueError(
+            f"reward model {path} has {count} labels ({', '.join(map(str, names))}); fix: choose the "
+            "one read as the reward with `label` (an index or a name)"
+        )
     if isinstance(label, str):
         if label not in names:
             raise ValueError(f"reward model {path} has no label {label!r}; its labels: {', '.join(map(str, names))}")

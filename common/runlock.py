@@ -49,10 +49,15 @@ class RunLock:
                 f"{self.path.parent} is in use by another {role} (pid {holder.get('pid', '?')} on host "
                 f"{holder.get('host', '?')}, since {holder.get('started', '?')}); two {role}s on one run folder "
                 f"would corrupt it. fix: stop that process, or give this run its own run.output_dir"
-                + (" / buffer.journal_dir" if role == "buffer" else "")) from None
+                + (" / buffer.journal_dir" if role == "buffer" else "")
+            ) from None
         os.ftruncate(self._fd, 0)
-        os.write(self._fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                       "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode())
+        os.write(
+            self._fd,
+            json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            ).encode(),
+        )
 
     def _read_holder(self) -> dict:
         try:

@@ -89,8 +89,7 @@ REDIAL_FIRST_S = 1.0
 REDIAL_MAX_S = 30.0
 """Longest wait between two dials of an endpoint that keeps refusing, seconds (the wait doubles)."""
 
-_SERVER_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                  | zmq.EVENT_MONITOR_STOPPED)
+_SERVER_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_MONITOR_STOPPED
 _CLIENT_EVENTS = _SERVER_EVENTS | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
 _monitor_ids = itertools.count()
 
@@ -102,8 +101,7 @@ class SecurityError(RuntimeError):
 # ---------------------------------------------------------------- key files
 
 
-def generate_keys(keys_dir: str | Path, clients: Iterable[str] = DEFAULT_CLIENTS, *,
-                  force: bool = False) -> list[Path]:
+def generate_keys(keys_dir: str | Path, clients: Iterable[str] = DEFAULT_CLIENTS, *, force: bool = False) -> list[Path]:
     """Create the server key pair, one client key pair per name, and authorize each client.
 
     Existing keys are kept (so the command also adds clients to a running
@@ -183,8 +181,10 @@ def _load(path: Path) -> tuple[bytes, bytes | None]:
     try:
         return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as err:
-        raise SecurityError(f"cannot read CURVE key {path}: {err}; fix: run "
-                            f"`streamrl keys generate --dir {path.parent}` or copy the file there") from None
+        raise SecurityError(
+            f"cannot read CURVE key {path}: {err}; fix: run "
+            f"`streamrl keys generate --dir {path.parent}` or copy the file there"
+        ) from None
 
 
 def load_allow_list(authorized_dir: str | Path) -> set[bytes]:
@@ -280,12 +280,16 @@ class Security:
         if not zmq.has("curve"):
             raise SecurityError("this libzmq was built without CURVE; fix: install pyzmq's wheel (bundles libsodium)")
         self.server_public, _ = _load(self.keys_dir / f"{SERVER_NAME}.key")
-        self.rejected = metrics.counter("auth_rejected_total",
-                                        "Connections refused by CURVE/ZAP authentication, by reason and endpoint",
-                                        ["reason", "endpoint"])
-        self.failed = metrics.counter("auth_failed_total",
-                                      "Handshakes this process's connecting sockets failed, by reason and endpoint",
-                                      ["reason", "endpoint"])
+        self.rejected = metrics.counter(
+            "auth_rejected_total",
+            "Connections refused by CURVE/ZAP authentication, by reason and endpoint",
+            ["reason", "endpoint"],
+        )
+        self.failed = metrics.counter(
+            "auth_failed_total",
+            "Handshakes this process's connecting sockets failed, by reason and endpoint",
+            ["reason", "endpoint"],
+        )
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, str], int] = {}
         self._auth: ThreadAuthenticator | None = None
@@ -335,9 +339,12 @@ class Security:
         """ZAP decision (pyzmq credentials provider): is ``client_key`` (Z85) in the allow-list?"""
         if client_key in load_allow_list(self.authorized_dir):
             return True
-        self.refuse("unknown_key", domain,
-                    f"client key {client_key.decode()} is not in {self.authorized_dir}; fix if it is ours: "
-                    f"streamrl keys authorize --dir {self.keys_dir} CLIENT.key")
+        self.refuse(
+            "unknown_key",
+            domain,
+            f"client key {client_key.decode()} is not in {self.authorized_dir}; fix if it is ours: "
+            f"streamrl keys authorize --dir {self.keys_dir} CLIENT.key",
+        )
         return False
 
     def refuse(self, reason: str, endpoint: str, detail: str) -> None:
@@ -346,8 +353,7 @@ class Security:
         with self._lock:
             n = self._counts[reason, endpoint] = self._counts.get((reason, endpoint), 0) + 1
         if should_log(n):
-            log.warning("%s refused a connection on %s (%s, %d so far): %s",
-                        self.instance, endpoint, reason, n, detail)
+            log.warning("%s refused a connection on %s (%s, %d so far): %s", self.instance, endpoint, reason, n, detail)
 
     def close(self) -> None:
         """Stop the monitor thread and the ZAP handler, closing their sockets (waits at most 5 s)."""
@@ -370,8 +376,9 @@ class Security:
                 self._thread.start()
 
     def _watch(self, sock: zmq.Socket, endpoint: str, *, server: bool) -> None:
-        monitor = sock.get_monitor_socket(_SERVER_EVENTS if server else _CLIENT_EVENTS,
-                                          addr=f"inproc://streamrl-auth-monitor-{next(_monitor_ids)}")
+        monitor = sock.get_monitor_socket(
+            _SERVER_EVENTS if server else _CLIENT_EVENTS, addr=f"inproc://streamrl-auth-monitor-{next(_monitor_ids)}"
+        )
         with self._lock:  # handed to the monitor thread (the lock is the memory barrier)
             self._new_monitors.append((monitor, endpoint, server, sock))
 
@@ -410,18 +417,30 @@ class Security:
             return
         if server:
             if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-                self.refuse("no_key", where, f"the client hung up before authenticating ({_errno_name(value)}; "
-                            "a client without keys, or a port probe)")
+                self.refuse(
+                    "no_key",
+                    where,
+                    f"the client hung up before authenticating ({_errno_name(value)}; "
+                    "a client without keys, or a port probe)",
+                )
             elif value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
                 self.refuse("no_key", where, "the client offered no CURVE key (NULL mechanism: no security.keys_dir?)")
             else:
-                self.refuse("bad_handshake", where,
-                            f"CURVE handshake failed ({_protocol_error_name(value)}); a client with a wrong server.key?")
+                self.refuse(
+                    "bad_handshake",
+                    where,
+                    f"CURVE handshake failed ({_protocol_error_name(value)}); a client with a wrong server.key?",
+                )
             return
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            reason, why = "key_refused", (f"the server refused our key {self.keys_dir / CLIENTS_DIR}/"
-                                          f"{self.client_name}.key (ZAP status {value}); fix: authorize it on the "
-                                          "server (streamrl keys authorize); this process dials again by itself")
+            reason, why = (
+                "key_refused",
+                (
+                    f"the server refused our key {self.keys_dir / CLIENTS_DIR}/"
+                    f"{self.client_name}.key (ZAP status {value}); fix: authorize it on the "
+                    "server (streamrl keys authorize); this process dials again by itself"
+                ),
+            )
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
             reason, why = "no_curve", "the server does not use CURVE; fix: give it the same security.keys_dir"
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
@@ -436,8 +455,14 @@ class Security:
         delay = min(REDIAL_MAX_S, REDIAL_FIRST_S * 2 ** (n - 1))
         sock.redial_later(where, delay)
         if should_log(n):
-            log.error("%s cannot connect to %s: %s; dialling again in %.0fs (%d failed in a row)",
-                      self.instance, where, why, delay, n)
+            log.error(
+                "%s cannot connect to %s: %s; dialling again in %.0fs (%d failed in a row)",
+                self.instance,
+                where,
+                why,
+                delay,
+                n,
+            )
 
 
 def _errno_name(value: int) -> str:
@@ -446,13 +471,15 @@ def _errno_name(value: int) -> str:
 
 def _protocol_error_name(value: int) -> str:
     """``ZMQ_PROTOCOL_ERROR_*`` name of a handshake-failure value, e.g. ``ZMTP_CRYPTOGRAPHIC``."""
-    names = [n.removeprefix("PROTOCOL_ERROR_") for n in dir(zmq) if n.startswith("PROTOCOL_ERROR_")
-             and getattr(zmq, n) == value]
+    names = [
+        n.removeprefix("PROTOCOL_ERROR_")
+        for n in dir(zmq)
+        if n.startswith("PROTOCOL_ERROR_") and getattr(zmq, n) == value
+    ]
     return names[0] if names else str(value)
 
 
-def open_security(keys_dir: str | None, service: str, ctx: zmq.Context,
-                  metrics: ServiceMetrics) -> Security | None:
+def open_security(keys_dir: str | None, service: str, ctx: zmq.Context, metrics: ServiceMetrics) -> Security | None:
     """A :class:`Security` for a service process, or None when ``keys_dir`` is unset (no CURVE).
 
     Raises:

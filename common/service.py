@@ -150,22 +150,38 @@ def replica_identity(service: str, explicit: int | None, name: str | None = None
     if name is None:
         return Replica(index=local, local_index=local, instance=f"{service}-{local}")
     if not name or any(c.isspace() for c in name):
-        raise ValueError(f"{REPLICA_ENV}={name!r}: a replica name must be non-empty and contain no whitespace; "
-                         "fix: e.g. the pod name (fieldRef metadata.name) or generator-<host>-<n>")
+        raise ValueError(
+            f"{REPLICA_ENV}={name!r}: a replica name must be non-empty and contain no whitespace; "
+            "fix: e.g. the pod name (fieldRef metadata.name) or generator-<host>-<n>"
+        )
     return Replica(index=zlib.crc32(name.encode()) & 0x7FFFFFFF, local_index=local, instance=name)
 
 
 def parse_args(service: str, argv: list[str] | None) -> argparse.Namespace:
     """``--config``, ``--set`` (repeatable) and ``--index`` of a service process."""
-    parser = argparse.ArgumentParser(prog=f"python -m streamrl.services.{service}",
-                                     description=f"streamrl {service} service")
-    parser.add_argument("--config", default=os.environ.get(CONFIG_ENV),
-                        help=f"TOML run config (default: ${CONFIG_ENV}; built-in defaults when unset)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set learner.lr=1e-5 (repeatable)")
-    parser.add_argument("--index", type=int, default=None,
-                        help="position among this service's replicas on this host: metrics port offset, scorer "
-                             f"endpoint (default: from HONCHO_PROCESS_NAME, else 0); ${REPLICA_ENV} names the replica")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m streamrl.services.{service}", description=f"streamrl {service} service"
+    )
+    parser.add_argument(
+        "--config",
+        default=os.environ.get(CONFIG_ENV),
+        help=f"TOML run config (default: ${CONFIG_ENV}; built-in defaults when unset)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set learner.lr=1e-5 (repeatable)",
+    )
+    parser.add_argument(
+        "--index",
+        type=int,
+        default=None,
+        help="position among this service's replicas on this host: metrics port offset, scorer "
+        f"endpoint (default: from HONCHO_PROCESS_NAME, else 0); ${REPLICA_ENV} names the replica",
+    )
     return parser.parse_args(argv)
 
 
@@ -194,8 +210,12 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
         format=f"%(asctime)s {instance} %(levelname)s %(name)s: %(message)s",
     )
     # before any thread of ours starts (metrics server, ZeroMQ I/O): they inherit the cores
-    place_process(service, config.run.cpu_placement, learner_threads=config.learner.threads,
-                  learner_ranks=config.learner.world_size)
+    place_process(
+        service,
+        config.run.cpu_placement,
+        learner_threads=config.learner.threads,
+        learner_ranks=config.learner.world_size,
+    )
     folder = owned_folder(config, service)
     try:  # before anything reads the folder (the buffer's journal recovery, the learner's resume)
         run_lock = RunLock(folder, service) if folder is not None else None
@@ -208,8 +228,11 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
         try:
             metrics.serve(config.metrics.host, port)
         except OSError as err:
-            _refuse(service, f"cannot serve metrics on {config.metrics.host}:{port}: {err.strerror}; fix: stop the "
-                    f"process that holds the port or set metrics.{service}_port (0 = any free port)")
+            _refuse(
+                service,
+                f"cannot serve metrics on {config.metrics.host}:{port}: {err.strerror}; fix: stop the "
+                f"process that holds the port or set metrics.{service}_port (0 = any free port)",
+            )
     try:  # a restarted replica continues from its counts file
         ledger = Ledger(ledger_path(config.run.output_dir, service, index))
     except ValueError as err:
@@ -220,9 +243,18 @@ def start_service(service: str, argv: list[str] | None = None) -> ServiceContext
     except SecurityError as err:
         print(f"streamrl {service}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    ctx = ServiceContext(config=config, service=service, index=index, instance=instance,
-                         metrics=metrics, zmq=context, security=security, run_lock=run_lock,
-                         local_index=replica.local_index, ledger=ledger)
+    ctx = ServiceContext(
+        config=config,
+        service=service,
+        index=index,
+        instance=instance,
+        metrics=metrics,
+        zmq=context,
+        security=security,
+        run_lock=run_lock,
+        local_index=replica.local_index,
+        ledger=ledger,
+    )
 
     def _on_signal(signum, _frame):
         log.info("%s got signal %d; stopping", instance, signum)

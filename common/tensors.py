@@ -192,8 +192,9 @@ def linear_fp32(layer: torch.nn.Module, x: Tensor) -> Tensor:
 Row = Sequence[float] | Sequence[int] | np.ndarray | Tensor
 
 
-def _pad(rows: Sequence[Row], value: float, dtype: torch.dtype | None, width: int | None,
-         left: bool) -> tuple[Tensor, Tensor]:
+def _pad(
+    rows: Sequence[Row], value: float, dtype: torch.dtype | None, width: int | None, left: bool
+) -> tuple[Tensor, Tensor]:
     if not rows:
         raise ValueError("cannot pad an empty list of sequences")
     tensors = [r if isinstance(r, Tensor) else torch.as_tensor(np.asarray(r)) for r in rows]
@@ -217,8 +218,9 @@ def _pad(rows: Sequence[Row], value: float, dtype: torch.dtype | None, width: in
     return out, mask
 
 
-def pad_right(rows: Sequence[Row], *, value: float = 0, dtype: torch.dtype | None = None,
-              width: int | None = None) -> tuple[Tensor, Tensor]:
+def pad_right(
+    rows: Sequence[Row], *, value: float = 0, dtype: torch.dtype | None = None, width: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Stack ragged 1-D sequences into ``[B, L]``, real entries first.
 
     Args:
@@ -238,8 +240,9 @@ def pad_right(rows: Sequence[Row], *, value: float = 0, dtype: torch.dtype | Non
     return _pad(rows, value, dtype, width, left=False)
 
 
-def pad_left(rows: Sequence[Row], *, value: float = 0, dtype: torch.dtype | None = None,
-             width: int | None = None) -> tuple[Tensor, Tensor]:
+def pad_left(
+    rows: Sequence[Row], *, value: float = 0, dtype: torch.dtype | None = None, width: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Stack ragged 1-D sequences into ``[B, L]``, real entries last (left padding, so
     batched generation continues every row from the right edge).
 

@@ -34,12 +34,32 @@ TENSORBOARD_DIR = "tensorboard"
 """Folder of the event files under ``run.output_dir``."""
 
 GROUPS = {
-    "reward": "reward", "kl": "kl", "entropy": "policy", "clip": "policy", "approx_kl": "kl", "importance": "ratio",
-    "truncated": "ratio", "ess": "ratio", "outside_nucleus": "ratio", "grad_norm": "optim", "lr": "optim",
-    "samples_per_second": "throughput", "tokens": "throughput", "wait_data_s": "time", "train_s": "time",
-    "publish_s": "time", "staleness": "staleness", "dropped_stale": "buffer", "evicted": "buffer",
-    "buffered_groups": "buffer", "generators_in_batch": "throughput", "value": "value", "advantage": "advantage",
-    "return": "value", "ptx": "loss", "dual_clip": "policy",
+    "reward": "reward",
+    "kl": "kl",
+    "entropy": "policy",
+    "clip": "policy",
+    "approx_kl": "kl",
+    "importance": "ratio",
+    "truncated": "ratio",
+    "ess": "ratio",
+    "outside_nucleus": "ratio",
+    "grad_norm": "optim",
+    "lr": "optim",
+    "samples_per_second": "throughput",
+    "tokens": "throughput",
+    "wait_data_s": "time",
+    "train_s": "time",
+    "publish_s": "time",
+    "staleness": "staleness",
+    "dropped_stale": "buffer",
+    "evicted": "buffer",
+    "buffered_groups": "buffer",
+    "generators_in_batch": "throughput",
+    "value": "value",
+    "advantage": "advantage",
+    "return": "value",
+    "ptx": "loss",
+    "dual_clip": "policy",
 }
 """First word(s) of a record key -> its TensorBoard section."""
 RENAMES = {"kl": "kl/per_token", "reward_mean": "reward/mean", "kl_coef": "kl/coef"}
@@ -101,17 +121,27 @@ class Tracker:
         ImportError: ``wandb`` is True but the package is not installed (``streamrl check`` says so first).
     """
 
-    def __init__(self, output_dir: str | Path, *, hparams: Mapping[str, Any], start_step: int = 0,
-                 run_name: str = "streamrl", wandb: bool = False, wandb_mode: str = "offline",
-                 wandb_project: str = "streamrl", wandb_entity: str | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        hparams: Mapping[str, Any],
+        start_step: int = 0,
+        run_name: str = "streamrl",
+        wandb: bool = False,
+        wandb_mode: str = "offline",
+        wandb_project: str = "streamrl",
+        wandb_entity: str | None = None,
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         self.output_dir = Path(output_dir)
         flat = flat_hparams(hparams)
         # resumed at step k: the events of steps after k (trained, then rolled back) are dropped
-        self.writer = SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_DIR),
-                                    purge_step=start_step + 1 if start_step else None)
+        self.writer = SummaryWriter(
+            log_dir=str(self.output_dir / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None
+        )
         if start_step == 0:  # hyperparameters once per run (a resumed run keeps its first ones)
             experiment, start, end = hparams_summary(flat, {"reward/mean": 0.0}, hparam_domain_discrete=None)
             for summary in (experiment, start, end):
@@ -122,17 +152,34 @@ class Tracker:
             import wandb as wandb_lib
 
             run_id = "streamrl-" + hashlib.sha256(str(self.output_dir.resolve()).encode()).hexdigest()[:12]
-            self.run = wandb_lib.init(project=wandb_project, entity=wandb_entity, name=run_name, id=run_id,
-                                      resume="allow", mode=wandb_mode, dir=str(self.output_dir), config=dict(hparams),
-                                      reinit="create_new", settings=wandb_lib.Settings(silent=True))
+            self.run = wandb_lib.init(
+                project=wandb_project,
+                entity=wandb_entity,
+                name=run_name,
+                id=run_id,
+                resume="allow",
+                mode=wandb_mode,
+                dir=str(self.output_dir),
+                config=dict(hparams),
+                reinit="create_new",
+                settings=wandb_lib.Settings(silent=True),
+            )
             log.info("W&B run %s (%s mode) in %s", run_id, wandb_mode, self.output_dir / "wandb")
 
     @classmethod
     def for_run(cls, cfg: Config, start_step: int) -> Tracker:
         """The learner's tracker: ``run.output_dir``, the resolved config as hyperparameters, ``tracking.*``."""
         t = cfg.tracking
-        return cls(cfg.run.output_dir, hparams=cfg.applicable(), start_step=start_step, run_name=cfg.run.name,
-                   wandb=t.wandb, wandb_mode=t.wandb_mode, wandb_project=t.wandb_project, wandb_entity=t.wandb_entity)
+        return cls(
+            cfg.run.output_dir,
+            hparams=cfg.applicable(),
+            start_step=start_step,
+            run_name=cfg.run.name,
+            wandb=t.wandb,
+            wandb_mode=t.wandb_mode,
+            wandb_project=t.wandb_project,
+            wandb_entity=t.wandb_entity,
+        )
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Log every finite numeric value of a ``metrics.jsonl`` record at its ``step``."""

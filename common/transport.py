@@ -88,8 +88,11 @@ def make_socket(
         streamrl.common.security.SecurityError: ``security`` lacks the key file this socket's role needs.
     """
     redialing = security is not None and bind is None and bool(connect)  # see RedialingSocket
-    socket_class = ({(True, True): ResolvingRedialingSocket, (True, False): ResolvingSocket,
-                     (False, True): RedialingSocket}.get((bool(resolve_every_s), redialing)))
+    socket_class = {
+        (True, True): ResolvingRedialingSocket,
+        (True, False): ResolvingSocket,
+        (False, True): RedialingSocket,
+    }.get((bool(resolve_every_s), redialing))
     sock = ctx.socket(kind, socket_class=socket_class)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
@@ -116,8 +119,11 @@ def make_socket(
             sock.bind(bind)
         except zmq.ZMQError as err:
             sock.close(linger=0)  # an open socket would keep zmq_ctx_term waiting forever
-            fix = ("stop the process that holds it (another run?) or choose another endpoint in the config"
-                   if err.errno == zmq.EADDRINUSE else "check the endpoint's address in the config")
+            fix = (
+                "stop the process that holds it (another run?) or choose another endpoint in the config"
+                if err.errno == zmq.EADDRINUSE
+                else "check the endpoint's address in the config"
+            )
             raise BindError(f"cannot bind {bind}: {err.strerror}; fix: {fix}") from None
     if resolve_every_s:
         sock.start_resolving(connect, resolve_every_s)
@@ -127,8 +133,9 @@ def make_socket(
     return sock
 
 
-def poll_unless_stopped(sock: zmq.Socket, timeout_s: float, stop: threading.Event | None = None,
-                        flags: int = zmq.POLLIN) -> bool:
+def poll_unless_stopped(
+    sock: zmq.Socket, timeout_s: float, stop: threading.Event | None = None, flags: int = zmq.POLLIN
+) -> bool:
     """Wait up to ``timeout_s`` seconds for ``sock`` to be ready for ``flags``, giving up as soon as
     ``stop`` is set (it is looked at every :data:`STOP_CHECK_S` seconds; None = never stopped).
 
@@ -254,5 +261,9 @@ class Inbox:
         if should_log(n):
             log.warning(
                 "%s rejected a message on %s (%s, %d so far): %s",
-                self.metrics.instance, self.socket_name, reason, n, detail,
+                self.metrics.instance,
+                self.socket_name,
+                reason,
+                n,
+                detail,
             )

@@ -52,5 +52,7 @@ def missing_module_fix(module: str) -> str:
     """The fix for ``No module named <module>``: where to put it so every service imports it."""
     top = module.split(".")[0]
     where = " or ".join(str(f) for f in IMPORT_FOLDERS) or "the config file's folder or the current directory"
-    return (f"fix: put {top}.py (or a package folder {top}/) in {where} (the config file's folder and the directory "
-            f"streamrl runs from are importable), or add its folder to PYTHONPATH")
+    return (
+        f"fix: put {top}.py (or a package folder {top}/) in {where} (the config file's folder and the directory "
+        f"streamrl runs from are importable), or add its folder to PYTHONPATH"
+    )

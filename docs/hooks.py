@@ -34,7 +34,7 @@ def rewrite_links(text: str, prefixes: dict[str, str]) -> str:
         target = match.group(2)
         for old, new in prefixes.items():
             if target.startswith(old):
-                return match.group(1) + new + target[len(old):]
+                return match.group(1) + new + target[len(old) :]
         return match.group(0)
 
     return _LINK.sub(one, text)

@@ -29,15 +29,27 @@ from streamrl.deploy import DEFAULT_CONFIG
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
-                        help="TOML run config (default: the packaged default job, streamrl.deploy/configs/default.toml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value (repeatable), e.g. --set learner.total_steps=20")
+    parser.add_argument(
+        "--config",
+        default=str(DEFAULT_CONFIG),
+        help="TOML run config (default: the packaged default job, streamrl.deploy/configs/default.toml)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable), e.g. --set learner.total_steps=20",
+    )
 
 
 def _add_probe_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-probe", action="store_true", help="do not send each HTTP reward server "
-                        "(scorer.rewards[].url) one request first")
+    parser.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="do not send each HTTP reward server (scorer.rewards[].url) one request first",
+    )
 
 
 def _load(args: argparse.Namespace, resources=()):
@@ -74,15 +86,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args, SERVICES)
     if not _probe_rewards(args, config):
         return 2
-    print(f"{args.config}: OK ({config.run.name}, model {config.model.path}, "
-          f"{config.learner.total_steps} steps, max_staleness {config.run.max_staleness})")
+    print(
+        f"{args.config}: OK ({config.run.name}, model {config.model.path}, "
+        f"{config.learner.total_steps} steps, max_staleness {config.run.max_staleness})"
+    )
     taken = taken_ports(run_ports(config, 1, len(config.endpoints.scorers)))
     if taken:
-        then = ("`streamrl run` will pick free ones, as the config leaves every port at its default"
-                if ports_at_defaults(config) else "fix: set these keys to free ports, or run with "
-                "`streamrl run --free-ports`")
-        print(f"streamrl: note: ports in use on this machine now (another run?): {', '.join(map(str, taken))}; {then}",
-              file=sys.stderr)
+        then = (
+            "`streamrl run` will pick free ones, as the config leaves every port at its default"
+            if ports_at_defaults(config)
+            else "fix: set these keys to free ports, or run with `streamrl run --free-ports`"
+        )
+        print(
+            f"streamrl: note: ports in use on this machine now (another run?): {', '.join(map(str, taken))}; {then}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -113,9 +131,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     mode = RunMode.RESUME if args.resume else RunMode.FRESH if args.fresh else RunMode.NEW
     evaluation = EvalOptions(args.eval_prompts, args.eval_seed, args.eval_samples) if args.eval else None
     try:
-        result = run(args.config, args.overrides, mode=mode, generators=args.generators, scorers=args.scorers,
-                     stop_timeout_s=args.stop_timeout, evaluation=evaluation, free_ports=args.free_ports,
-                     journal_rewards=JournalRewards(args.journal_rewards), probe_rewards=not args.no_probe)
+        result = run(
+            args.config,
+            args.overrides,
+            mode=mode,
+            generators=args.generators,
+            scorers=args.scorers,
+            stop_timeout_s=args.stop_timeout,
+            evaluation=evaluation,
+            free_ports=args.free_ports,
+            journal_rewards=JournalRewards(args.journal_rewards),
+            probe_rewards=not args.no_probe,
+        )
     except ConfigError as err:
         print(f"streamrl: invalid config\n{err}", file=sys.stderr)
         return 2
@@ -126,8 +153,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _add_target_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--generator-hosts", metavar="HOST[:N],...", help="generators run on these hosts, N on "
-                        "each (ports generator_port + 0..N-1), instead of --generators on this machine")
+    parser.add_argument(
+        "--generator-hosts",
+        metavar="HOST[:N],...",
+        help="generators run on these hosts, N on "
+        "each (ports generator_port + 0..N-1), instead of --generators on this machine",
+    )
 
 
 def _config_targets(args: argparse.Namespace, config):
@@ -231,8 +262,13 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from streamrl.pipeline import PipelineError, run_pipeline
 
     try:
-        run_pipeline(args.config, args.overrides, force=args.force, generators=args.generators,
-                     log=lambda line: print(line, flush=True))
+        run_pipeline(
+            args.config,
+            args.overrides,
+            force=args.force,
+            generators=args.generators,
+            log=lambda line: print(line, flush=True),
+        )
     except PipelineError as err:
         print(f"streamrl pipeline: {err}", file=sys.stderr)
         return 2
@@ -246,43 +282,67 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start all services (honcho) and train")
     _add_config_args(run)
-    run.add_argument("--generators", type=int, default=1,
-                     help="rollout generator processes (default 1: on 2 cores the learner and one generator "
-                          "each own a core)")
+    run.add_argument(
+        "--generators",
+        type=int,
+        default=1,
+        help="rollout generator processes (default 1: on 2 cores the learner and one generator each own a core)",
+    )
     run.add_argument("--scorers", type=int, default=None, help="scorer processes (default: one per endpoint)")
     _add_probe_arg(run)
-    run.add_argument("--stop-timeout", type=float, default=60.0,
-                     help="seconds each service gets to exit after SIGTERM (the learner writes its final "
-                          "checkpoint) before it is killed (default 60)")
-    run.add_argument("--free-ports", action="store_true",
-                     help="bind every endpoint and metrics port of this run on a free loopback port (a second run "
-                          "on one machine); automatic when the config sets no port and a default one is taken")
+    run.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=60.0,
+        help="seconds each service gets to exit after SIGTERM (the learner writes its final "
+        "checkpoint) before it is killed (default 60)",
+    )
+    run.add_argument(
+        "--free-ports",
+        action="store_true",
+        help="bind every endpoint and metrics port of this run on a free loopback port (a second run "
+        "on one machine); automatic when the config sets no port and a default one is taken",
+    )
     rerun = run.add_mutually_exclusive_group()
-    rerun.add_argument("--resume", action="store_true",
-                       help="continue the run already in run.output_dir (newest checkpoint, buffer journal)")
-    rerun.add_argument("--fresh", action="store_true",
-                       help="start over: the files of a run already in run.output_dir move to "
-                            "<output_dir>/previous/<time>/")
-    run.add_argument("--journal-rewards", choices=("keep", "rescore", "drop"), default="keep",
-                     help="with --resume, when scorer.rewards changed since the last launch: train on the "
-                          "journaled rollouts as scored (keep, the default, with a warning naming the changed "
-                          "keys), score them again with the new reward (rescore), or move the journal to "
-                          "previous/ (drop)")
-    run.add_argument("--eval", action="store_true",
-                     help="evaluate the initial and final policy on held-out prompts and print both")
+    rerun.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run already in run.output_dir (newest checkpoint, buffer journal)",
+    )
+    rerun.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: the files of a run already in run.output_dir move to <output_dir>/previous/<time>/",
+    )
+    run.add_argument(
+        "--journal-rewards",
+        choices=("keep", "rescore", "drop"),
+        default="keep",
+        help="with --resume, when scorer.rewards changed since the last launch: train on the "
+        "journaled rollouts as scored (keep, the default, with a warning naming the changed "
+        "keys), score them again with the new reward (rescore), or move the journal to "
+        "previous/ (drop)",
+    )
+    run.add_argument(
+        "--eval", action="store_true", help="evaluate the initial and final policy on held-out prompts and print both"
+    )
     run.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts to use (default: eval.limit)")
-    run.add_argument("--eval-seed", type=int, default=None, help="sampling seed of the evaluation (default: "
-                     "eval.seed)")
-    run.add_argument("--eval-samples", type=int, default=None, help="completions per held-out prompt (default: "
-                     "eval.samples_per_prompt)")
+    run.add_argument("--eval-seed", type=int, default=None, help="sampling seed of the evaluation (default: eval.seed)")
+    run.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="completions per held-out prompt (default: eval.samples_per_prompt)",
+    )
     run.set_defaults(func=cmd_run)
     ev = sub.add_parser("eval", help="score a checkpoint on held-out prompts (reward +- stderr, KL)")
     _add_config_args(ev)
     ev.add_argument("--checkpoint", help="model folder (default: the config's initial model)")
     ev.add_argument("--limit", type=int, default=None, help="held-out prompts to use (default: eval.limit)")
     ev.add_argument("--seed", type=int, default=None, help="sampling seed (default: eval.seed)")
-    ev.add_argument("--samples", type=int, default=None, help="completions per prompt (default: "
-                    "eval.samples_per_prompt)")
+    ev.add_argument(
+        "--samples", type=int, default=None, help="completions per prompt (default: eval.samples_per_prompt)"
+    )
     ev.add_argument("--output", help="write the result as JSON here")
     ev.set_defaults(func=cmd_eval)
     check = sub.add_parser("check", help="validate a config and print every problem")
@@ -291,53 +351,85 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
     status = sub.add_parser("status", help="one table of every service's state, read from their metrics")
     _add_config_args(status)
-    status.add_argument("--generators", type=int, default=None,
-                        help="generator replicas to look for (default: those whose metrics ports answer here)")
-    status.add_argument("--interval", type=float, default=None,
-                        help="seconds between scrapes (default: one learner step for the first table, 2 s between "
-                             "--watch refreshes); rates always span at least one learner step")
+    status.add_argument(
+        "--generators",
+        type=int,
+        default=None,
+        help="generator replicas to look for (default: those whose metrics ports answer here)",
+    )
+    status.add_argument(
+        "--interval",
+        type=float,
+        default=None,
+        help="seconds between scrapes (default: one learner step for the first table, 2 s between "
+        "--watch refreshes); rates always span at least one learner step",
+    )
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
     _add_target_args(status)
-    status.add_argument("--targets", help="read the targets from this Prometheus file_sd file (JSON or YAML) "
-                        "instead of the config")
-    status.add_argument("--kubernetes", metavar="API_URL", help="read the pods of --namespace through the "
-                        "Kubernetes API at this URL (`kubectl proxy` serves http://127.0.0.1:8001)")
+    status.add_argument(
+        "--targets", help="read the targets from this Prometheus file_sd file (JSON or YAML) instead of the config"
+    )
+    status.add_argument(
+        "--kubernetes",
+        metavar="API_URL",
+        help="read the pods of --namespace through the "
+        "Kubernetes API at this URL (`kubectl proxy` serves http://127.0.0.1:8001)",
+    )
     status.add_argument("--namespace", default="streamrl", help="Kubernetes namespace (default streamrl)")
     status.set_defaults(func=cmd_status)
     sd = sub.add_parser("targets", help="write the run's metrics endpoints as a Prometheus file_sd file")
     _add_config_args(sd)
     sd.add_argument("--generators", type=int, default=4, help="generators on this machine (default 4)")
     _add_target_args(sd)
-    sd.add_argument("--output", "-o", help="file to write (default: standard output); Prometheus reads "
-                    "deploy/targets/*.json next to deploy/prometheus.yml")
+    sd.add_argument(
+        "--output",
+        "-o",
+        help="file to write (default: standard output); Prometheus reads "
+        "deploy/targets/*.json next to deploy/prometheus.yml",
+    )
     sd.set_defaults(func=cmd_targets)
     keys = sub.add_parser("keys", help="CURVE keys for security.keys_dir (authentication and encryption)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    generate = keys_sub.add_parser("generate", help="server key pair, one client pair per name, allow-list "
-                                   "(existing keys are kept)")
+    generate = keys_sub.add_parser(
+        "generate", help="server key pair, one client pair per name, allow-list (existing keys are kept)"
+    )
     generate.add_argument("--dir", required=True, help="keys folder (security.keys_dir)")
-    generate.add_argument("--clients", nargs="*", default=["generator", "scorer", "buffer", "learner"],
-                          help="client key pairs to make (default: one per service)")
-    generate.add_argument("--force", action="store_true",
-                          help="replace the server key pair (every host then needs the new server.key)")
+    generate.add_argument(
+        "--clients",
+        nargs="*",
+        default=["generator", "scorer", "buffer", "learner"],
+        help="client key pairs to make (default: one per service)",
+    )
+    generate.add_argument(
+        "--force", action="store_true", help="replace the server key pair (every host then needs the new server.key)"
+    )
     add = keys_sub.add_parser("authorize", help="add a client's public .key file to DIR/authorized")
     add.add_argument("--dir", required=True, help="keys folder (security.keys_dir)")
     add.add_argument("public_key", help="the client's public .key file")
     add.add_argument("--name", help="name in the allow-list (default: the file's stem)")
     keys.set_defaults(func=cmd_keys)
-    for name, text in (("sft", "supervised fine-tuning on demonstrations ([sft]): the policy and reference "
-                        "for PPO"), ("rm", "train a reward model on ranked responses ([rm]) for the scorer")):
+    for name, text in (
+        ("sft", "supervised fine-tuning on demonstrations ([sft]): the policy and reference for PPO"),
+        ("rm", "train a reward model on ranked responses ([rm]) for the scorer"),
+    ):
         stage = sub.add_parser(name, help=text)
         _add_config_args(stage)
         stage.add_argument("--force", action="store_true", help="train again even if the output folder is complete")
         stage.set_defaults(func=cmd_stage)
-    pipeline = sub.add_parser("pipeline", help="the whole RLHF pipeline: sft -> rm (proxy, gold) -> PPO against the "
-                              "proxy -> held-out evaluation before/after; complete stages are skipped")
+    pipeline = sub.add_parser(
+        "pipeline",
+        help="the whole RLHF pipeline: sft -> rm (proxy, gold) -> PPO against the "
+        "proxy -> held-out evaluation before/after; complete stages are skipped",
+    )
     _add_config_args(pipeline)
-    pipeline.add_argument("--force", action="store_true", help="run every stage again (the PPO run starts over; its "
-                          "previous files move to <output_dir>/previous/)")
-    pipeline.add_argument("--generators", type=int, default=1, help="rollout generator processes of the PPO run "
-                          "(default 1)")
+    pipeline.add_argument(
+        "--force",
+        action="store_true",
+        help="run every stage again (the PPO run starts over; its previous files move to <output_dir>/previous/)",
+    )
+    pipeline.add_argument(
+        "--generators", type=int, default=1, help="rollout generator processes of the PPO run (default 1)"
+    )
     pipeline.set_defaults(func=cmd_pipeline)
     return parser
 

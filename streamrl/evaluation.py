@@ -76,9 +76,11 @@ class EvalResult:
         """One human-readable line: reward +- stderr, KL per token (the unit of the learner's step lines,
         metrics and plot), completion length."""
         extra = "".join(f" | {name} {r['mean']:+.4f} +- {r['stderr']:.4f}" for name, r in self.rewards.items())
-        return (f"reward {self.reward_mean:+.4f} +- {self.reward_stderr:.4f} "
-                f"(n={self.prompts} prompts x {self.samples_per_prompt}){extra} | "
-                f"KL to reference {self.kl_per_token:.4f} nats/token | {self.completion_tokens_mean:.1f} tokens")
+        return (
+            f"reward {self.reward_mean:+.4f} +- {self.reward_stderr:.4f} "
+            f"(n={self.prompts} prompts x {self.samples_per_prompt}){extra} | "
+            f"KL to reference {self.kl_per_token:.4f} nats/token | {self.completion_tokens_mean:.1f} tokens"
+        )
 
 
 def held_out_prompts(cfg: Config, limit: int | None):
@@ -101,8 +103,16 @@ def held_out_prompts(cfg: Config, limit: int | None):
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: int = 1234,
-             batch_prompts: int = 8, num_samples: int = 3, samples_per_prompt: int = 1) -> EvalResult:
+def evaluate(
+    cfg: Config,
+    model_path: str,
+    *,
+    limit: int | None = None,
+    seed: int = 1234,
+    batch_prompts: int = 8,
+    num_samples: int = 3,
+    samples_per_prompt: int = 1,
+) -> EvalResult:
     """Score ``model_path`` on the held-out prompts (see module docstring).
 
     With ``samples_per_prompt`` > 1 each prompt's reward is the mean over its
@@ -117,10 +127,22 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
     tokenizer = load_tokenizer(base)
     policy = load_causal_lm(model_path, device=device).eval()
     gen = cfg.generator
-    engine = (HFEngine(policy, tokenizer) if gen.engine is Engine.HF else  # fp32: the evaluation is exact
-              build_engine(gen.engine, model_path, tokenizer, device=device, autocast_bf16=False,
-                           max_model_len=gen.max_prompt_tokens + gen.max_new_tokens, kv_cache_gib=gen.kv_cache_gib,
-                           threads=torch.get_num_threads(), seed=seed))
+    engine = (
+        HFEngine(policy, tokenizer)
+        if gen.engine is Engine.HF
+        # fp32: the evaluation is exact
+        else build_engine(
+            gen.engine,
+            model_path,
+            tokenizer,
+            device=device,
+            autocast_bf16=False,
+            max_model_len=gen.max_prompt_tokens + gen.max_new_tokens,
+            kv_cache_gib=gen.kv_cache_gib,
+            threads=torch.get_num_threads(),
+            seed=seed,
+        )
+    )
     # the reference itself: KL is exactly 0 at top_p = 1 (below, the nucleus cuts -log(its mass) per token)
     same = Path(model_path).resolve() == Path(base).resolve()
     reference = policy if same else load_causal_lm(base, device=device).eval()
@@ -137,8 +159,13 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
     progress = tqdm(total=len(prompts), desc=f"evaluating {Path(model_path).name}", unit="prompt")
     for start in range(0, len(prompts), batch_prompts):
         chunk = prompts[start : start + batch_prompts]
-        texts, ids = prepare_prompts(tokenizer, chunk, chat_template=cfg.model.chat_template,
-                                     system_prompt=cfg.model.system_prompt, max_prompt_tokens=gen.max_prompt_tokens)
+        texts, ids = prepare_prompts(
+            tokenizer,
+            chunk,
+            chat_template=cfg.model.chat_template,
+            system_prompt=cfg.model.system_prompt,
+            max_prompt_tokens=gen.max_prompt_tokens,
+        )
         groups = engine.sample(ids, group_size=samples_per_prompt, sampling=sampling)
         completions = [c for g in groups for c in g]
         k = samples_per_prompt
@@ -150,11 +177,22 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
             for name, per_prompt in extra_rewards.items():
                 per_prompt += [sum(part[name] for part in parts[i : i + k]) / k for i in range(0, len(parts), k)]
         scored = [
-            ScoredRollout(reward=v, rollout=Rollout(
-                prompt_id=p.prompt_id, group_id=p.prompt_id, rollout_id=p.prompt_id, generator_id="eval",
-                group_size=1, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-                behaviour_logprobs=c.logprobs, policy_version=0, finish_reason=FinishReason.LENGTH,
-                sampling=sampling))
+            ScoredRollout(
+                reward=v,
+                rollout=Rollout(
+                    prompt_id=p.prompt_id,
+                    group_id=p.prompt_id,
+                    rollout_id=p.prompt_id,
+                    generator_id="eval",
+                    group_size=1,
+                    prompt_tokens=c.prompt_tokens,
+                    completion_tokens=c.completion_tokens,
+                    behaviour_logprobs=c.logprobs,
+                    policy_version=0,
+                    finish_reason=FinishReason.LENGTH,
+                    sampling=sampling,
+                ),
+            )
             for p, c, v in zip(chunk, completions, values)
         ]
         batch = collate(scored, pad_id=tokenizer.pad_token_id).to(device)
@@ -176,11 +214,18 @@ def evaluate(cfg: Config, model_path: str, *, limit: int | None = None, seed: in
     kl_total, token_total = sum(kls), max(sum(tokens), 1)
     mean, stderr = mean_stderr(rewards)
     return EvalResult(
-        model=str(model_path), prompts=n, reward_mean=mean, reward_stderr=stderr,
+        model=str(model_path),
+        prompts=n,
+        reward_mean=mean,
+        reward_stderr=stderr,
         rewards={name: dict(zip(("mean", "stderr"), mean_stderr(v))) for name, v in extra_rewards.items()},
-        per_prompt={"reward": rewards, **extra_rewards}, prompt_ids=[p.prompt_id for p in prompts],
-        kl_mean=kl_total / len(kls), kl_per_token=kl_total / token_total, samples_per_prompt=samples_per_prompt,
-        completion_tokens_mean=token_total / len(tokens), samples=samples,
+        per_prompt={"reward": rewards, **extra_rewards},
+        prompt_ids=[p.prompt_id for p in prompts],
+        kl_mean=kl_total / len(kls),
+        kl_per_token=kl_total / token_total,
+        samples_per_prompt=samples_per_prompt,
+        completion_tokens_mean=token_total / len(tokens),
+        samples=samples,
     )
 
 
@@ -207,15 +252,25 @@ def compare(before: EvalResult, after: EvalResult, name: str = "reward") -> dict
         ValueError: the two results were not computed on the same prompts, or lack ``name``.
     """
     if before.prompt_ids != after.prompt_ids:
-        raise ValueError("before and after were evaluated on different prompts; fix: the same eval.prompts, limit "
-                         "and seed for both")
+        raise ValueError(
+            "before and after were evaluated on different prompts; fix: the same eval.prompts, limit and seed for both"
+        )
     if name not in before.per_prompt or name not in after.per_prompt:
-        raise ValueError(f"no reward {name!r} in both evaluations (have {sorted(before.per_prompt)}); fix: list it "
-                         "in [[eval.rewards]] for both")
+        raise ValueError(
+            f"no reward {name!r} in both evaluations (have {sorted(before.per_prompt)}); fix: list it "
+            "in [[eval.rewards]] for both"
+        )
     b, a = before.per_prompt[name], after.per_prompt[name]
     mean_b, se_b = mean_stderr(b)
     mean_a, se_a = mean_stderr(a)
     delta, se = mean_stderr([y - x for x, y in zip(b, a)])
-    return {"before": mean_b, "before_stderr": se_b, "after": mean_a, "after_stderr": se_a, "delta": delta,
-            "delta_stderr": se, "delta_stderr_unpaired": math.sqrt(se_a ** 2 + se_b ** 2),
-            "delta_z": delta / se if se > 0 else (math.inf if delta > 0 else -math.inf if delta < 0 else 0.0)}
+    return {
+        "before": mean_b,
+        "before_stderr": se_b,
+        "after": mean_a,
+        "after_stderr": se_a,
+        "delta": delta,
+        "delta_stderr": se,
+        "delta_stderr_unpaired": math.sqrt(se_a**2 + se_b**2),
+        "delta_z": delta / se if se > 0 else (math.inf if delta > 0 else -math.inf if delta < 0 else 0.0),
+    }

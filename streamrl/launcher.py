@@ -50,8 +50,9 @@ class _Restarts:
         for name, at in list(self.due.items()):
             if self.manager._terminating:
                 del self.due[name]
-                return Message("stop", {"returncode": self.manager.returncode or 0}, self.manager._clock.now(), name,
-                               None)
+                return Message(
+                    "stop", {"returncode": self.manager.returncode or 0}, self.manager._clock.now(), name, None
+                )
             if now >= at:
                 del self.due[name]
                 self.started[name] = now
@@ -66,9 +67,13 @@ class _Restarts:
         self.failures[name] = 1 if lived >= STABLE_AFTER_S else self.failures.get(name, 0) + 1
         delay = min(RESTART_DELAY_S[0] * 2 ** (self.failures[name] - 1), RESTART_DELAY_S[1])
         self.due[name] = time.monotonic() + delay
-        return message._replace(type="line", name=honcho.manager.SYSTEM_PRINTER_NAME, colour=None,
-                                data=f"{name} exited (rc={code}); it is optional: the run goes on without it, "
-                                     f"restarting it in {delay:.0f}s (restart {self.failures[name]})\n")
+        return message._replace(
+            type="line",
+            name=honcho.manager.SYSTEM_PRINTER_NAME,
+            colour=None,
+            data=f"{name} exited (rc={code}); it is optional: the run goes on without it, "
+            f"restarting it in {delay:.0f}s (restart {self.failures[name]})\n",
+        )
 
     def __getattr__(self, name):
         return getattr(self.events, name)
@@ -89,8 +94,14 @@ class _Manager(honcho.manager.Manager):
         entry["process"].start()
 
 
-def run_procfile(procfile: Path, concurrency: dict[str, int], env: dict[str, str], cwd: str,
-                 stop_timeout_s: float = 60.0, optional: tuple[str, ...] = OPTIONAL) -> int:
+def run_procfile(
+    procfile: Path,
+    concurrency: dict[str, int],
+    env: dict[str, str],
+    cwd: str,
+    stop_timeout_s: float = 60.0,
+    optional: tuple[str, ...] = OPTIONAL,
+) -> int:
     """Start the Procfile's processes (``concurrency`` replicas each) and block until all have stopped.
 
     A process of an ``optional`` type that exits is reported and restarted; any other that exits
@@ -123,4 +134,3 @@ def run_procfile(procfile: Path, concurrency: dict[str, int], env: dict[str, str
 def interrupted(code: int) -> bool:
     """True for the exit statuses :func:`run_procfile` returns after SIGINT or SIGTERM."""
     return code in (130, 143)
-

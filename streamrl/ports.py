@@ -88,15 +88,22 @@ def run_ports(cfg: Config, generators: int, scorers: int) -> list[PortUse]:
 
     for i in range(scorers):
         bound = e.scorer_bind(i)
-        endpoint("endpoints.bind.scorer" if bound else f"endpoints.scorers[{i}]",
-                 bound if bound else e.scorers[min(i, len(e.scorers) - 1)])
+        endpoint(
+            "endpoints.bind.scorer" if bound else f"endpoints.scorers[{i}]",
+            bound if bound else e.scorers[min(i, len(e.scorers) - 1)],
+        )
     for name in SINGLE_ENDPOINTS:
         if name in ("feedback", "human_model") and not feedback:
             continue
         endpoint(f"endpoints.bind.{name}" if getattr(e.bind, name) else f"endpoints.{name}", e.bind_address(name))
     if m.enabled:
-        for service, count in (("generator", generators), ("scorer", scorers), ("buffer", 1), ("learner", 1),
-                               ("feedback", int(feedback))):
+        for service, count in (
+            ("generator", generators),
+            ("scorer", scorers),
+            ("buffer", 1),
+            ("learner", 1),
+            ("feedback", int(feedback)),
+        ):
             base = getattr(m, f"{service}_port")
             uses += [PortUse(f"metrics.{service}_port", m.host, base + i) for i in range(count) if base]
     if feedback and cfg.feedback.http_port:
@@ -134,8 +141,11 @@ def ports_at_defaults(cfg: Config) -> bool:
     endpoints = cfg.endpoints.model_dump(exclude={"resolve_interval_s"})
     ports = {k: v for k, v in cfg.metrics.model_dump().items() if k.endswith("_port")}
     default_ports = {k: v for k, v in MetricsSection().model_dump().items() if k.endswith("_port")}
-    return (endpoints == defaults.model_dump(exclude={"resolve_interval_s"}) and ports == default_ports
-            and cfg.feedback.http_port == type(cfg.feedback)().http_port)
+    return (
+        endpoints == defaults.model_dump(exclude={"resolve_interval_s"})
+        and ports == default_ports
+        and cfg.feedback.http_port == type(cfg.feedback)().http_port
+    )
 
 
 def free_port_overrides(cfg: Config, generators: int, scorers: int) -> list[str]:
@@ -152,11 +162,15 @@ def free_port_overrides(cfg: Config, generators: int, scorers: int) -> list[str]
     for key, address in addresses.items():
         host = address.partition("://")[2].rpartition(":")[0]
         if key.startswith("endpoints.bind.") or (address.startswith("tcp://") and host not in _LOOPBACK):
-            raise ValueError(f"{key} = \"{address}\": free ports are for runs on one machine, on loopback "
-                             "addresses; fix: set the ports in the config (every host reads the same one)")
+            raise ValueError(
+                f'{key} = "{address}": free ports are for runs on one machine, on loopback '
+                "addresses; fix: set the ports in the config (every host reads the same one)"
+            )
     if cfg.metrics.host not in _LOOPBACK:
-        raise ValueError(f"metrics.host = \"{cfg.metrics.host}\": free ports are for runs on one machine, where "
-                         "Prometheus reads the ports from the run's config; fix: set the metrics ports in the config")
+        raise ValueError(
+            f'metrics.host = "{cfg.metrics.host}": free ports are for runs on one machine, where '
+            "Prometheus reads the ports from the run's config; fix: set the metrics ports in the config"
+        )
     tcp = [f'"tcp://127.0.0.1:{free_port()}"' for _ in range(max(scorers, len(e.scorers)))]
     overrides = [f"endpoints.scorers=[{', '.join(tcp)}]"]
     overrides += [f'endpoints.{name}="tcp://127.0.0.1:{free_port()}"' for name in SINGLE_ENDPOINTS]
@@ -185,17 +199,25 @@ def claim_ports(cfg: Config, generators: int, scorers: int, *, free_ports: bool 
     taken = taken_ports(run_ports(cfg, generators, scorers))
     if not free_ports and not (taken and ports_at_defaults(cfg)):
         if taken:
-            raise PortsTaken(f"ports in use on this machine (another run?): {', '.join(map(str, taken))}; fix: set "
-                             "these keys to free ports, or add --free-ports (every port of this run on a free "
-                             "loopback port)")
+            raise PortsTaken(
+                f"ports in use on this machine (another run?): {', '.join(map(str, taken))}; fix: set "
+                "these keys to free ports, or add --free-ports (every port of this run on a free "
+                "loopback port)"
+            )
         return []
     try:
         overrides = free_port_overrides(cfg, generators, scorers)
     except ValueError as err:
         raise PortsTaken(f"--free-ports: {err}") from None
     if taken and not free_ports:
-        print(f"streamrl: the default ports {', '.join(map(str, taken))} are in use (another run on this "
-              "machine?): this run uses free ports instead", flush=True)
-    print(f"streamrl: ports of this run: {' '.join(overrides)} (in {cfg.run.output_dir}/config.toml; "
-          "`streamrl status --config` that file finds its services)", flush=True)
+        print(
+            f"streamrl: the default ports {', '.join(map(str, taken))} are in use (another run on this "
+            "machine?): this run uses free ports instead",
+            flush=True,
+        )
+    print(
+        f"streamrl: ports of this run: {' '.join(overrides)} (in {cfg.run.output_dir}/config.toml; "
+        "`streamrl status --config` that file finds its services)",
+        flush=True,
+    )
     return overrides

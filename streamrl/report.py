@@ -50,8 +50,11 @@ def plot_learning_curve(records: list[dict], png: Path) -> Path:
     fig, (ax_r, ax_kl) = plt.subplots(2, 1, sharex=True, figsize=(7, 5.5))
     ax_r.plot(steps, [r["reward_mean"] for r in records], color="tab:blue", alpha=0.35, label="batch mean")
     window = max(1, len(records) // 10)
-    smooth = [sum(r["reward_mean"] for r in records[max(0, i - window + 1): i + 1]) / len(records[max(0, i - window + 1): i + 1])
-              for i in range(len(records))]
+    smooth = [
+        sum(r["reward_mean"] for r in records[max(0, i - window + 1) : i + 1])
+        / len(records[max(0, i - window + 1) : i + 1])
+        for i in range(len(records))
+    ]
     ax_r.plot(steps, smooth, color="tab:blue", label=f"moving mean ({window} steps)")
     ax_r.set_ylabel("reward")
     ax_r.legend(loc="best")
@@ -91,8 +94,14 @@ def generation_accounting(records: list[dict], trained_path: Path, group_size: i
     evicted = sum(r.get("evicted", 0) for r in records)
     held = records[-1].get("buffered_groups", 0) * group_size if records else 0
     generated = trained + dropped + evicted + held
-    return {"generated": generated, "trained": trained, "dropped_stale": dropped, "evicted": evicted,
-            "held_at_end": held, "waste_fraction": dropped / generated if generated else 0.0}
+    return {
+        "generated": generated,
+        "trained": trained,
+        "dropped_stale": dropped,
+        "evicted": evicted,
+        "held_at_end": held,
+        "waste_fraction": dropped / generated if generated else 0.0,
+    }
 
 
 def _trained_ids(trained_path: Path) -> set[str]:
@@ -128,6 +137,7 @@ def measured_ledger(ledgers: dict[str, list[dict]], trained_path: Path) -> dict:
         dropped_stale - evicted - learner_refused - held_at_end (should be 0), and ``total``. A service
         with no counts file counts 0 (the block says which were ``missing``).
     """
+
     def total(service: str, key: str) -> int:
         return sum(int(f.get("counts", {}).get(key, 0)) for f in ledgers.get(service, []))
 
@@ -151,8 +161,14 @@ def measured_ledger(ledgers: dict[str, list[dict]], trained_path: Path) -> dict:
     hops = {
         "generator_to_scorer": out["sent"] - out["scored"] - out["scorer_dropped"] - out["scorer_unsent"],
         "scorer_to_buffer": out["scored"] - out["accepted"] - out["buffer_refused"],
-        "buffer": (out["accepted"] - out["trained"] - out["dropped_stale"] - out["evicted"]
-                   - out["learner_refused"] - out["held_at_end"]),
+        "buffer": (
+            out["accepted"]
+            - out["trained"]
+            - out["dropped_stale"]
+            - out["evicted"]
+            - out["learner_refused"]
+            - out["held_at_end"]
+        ),
     }
     out["unaccounted"] = {**hops, "total": sum(hops.values())}
     out["missing"] = [s for s in ("generator", "scorer", "buffer") if not ledgers.get(s)]

@@ -46,16 +46,49 @@ from streamrl.common.config import Config
 from streamrl.common.runlock import RunLock
 from streamrl.common.service import journal_folder
 
-__all__ = ["JournalRewards", "RunMode", "RunRefused", "run_state", "prepare_run_folder", "record_launch",
-           "reward_changes", "rescore_journal", "PACKAGES"]
+__all__ = [
+    "JournalRewards",
+    "RunMode",
+    "RunRefused",
+    "run_state",
+    "prepare_run_folder",
+    "record_launch",
+    "reward_changes",
+    "rescore_journal",
+    "PACKAGES",
+]
 
 LEARNER_STATE = ("checkpoints", "metrics.jsonl", "trained.jsonl", "published_version")
 """What the learner leaves in ``run.output_dir``; any of it means the folder holds a run."""
-RUN_FILES = (*LEARNER_STATE, "summary.json", "learning_curve.png", "tensorboard", "wandb", "config.toml",
-             "launches.jsonl", "ledger")
+RUN_FILES = (
+    *LEARNER_STATE,
+    "summary.json",
+    "learning_curve.png",
+    "tensorboard",
+    "wandb",
+    "config.toml",
+    "launches.jsonl",
+    "ledger",
+)
 """Everything a run writes in ``run.output_dir`` (besides the journal): moved away by ``--fresh``."""
-PACKAGES = ("streamrl", "torch", "transformers", "datasets", "pyzmq", "msgpack", "numpy", "pydantic", "tokenizers",
-            "safetensors", "huggingface_hub", "tensorboard", "wandb", "httpx2", "vaderSentiment", "prometheus_client")
+PACKAGES = (
+    "streamrl",
+    "torch",
+    "transformers",
+    "datasets",
+    "pyzmq",
+    "msgpack",
+    "numpy",
+    "pydantic",
+    "tokenizers",
+    "safetensors",
+    "huggingface_hub",
+    "tensorboard",
+    "wandb",
+    "httpx2",
+    "vaderSentiment",
+    "prometheus_client",
+)
 """Distributions whose versions each launch records (absent ones as null)."""
 
 
@@ -166,15 +199,21 @@ def rescore_journal(cfg: Config) -> int:
     b = cfg.buffer
     lock = RunLock(journal_folder(cfg), "buffer")
     try:
-        journal = Journal(journal_folder(cfg), fsync=b.fsync, segment_bytes=b.segment_bytes,
-                          max_segments=b.max_segments, keep_history=b.keep_history, max_reuse=b.max_reuse)
+        journal = Journal(
+            journal_folder(cfg),
+            fsync=b.fsync,
+            segment_bytes=b.segment_bytes,
+            max_segments=b.max_segments,
+            keep_history=b.keep_history,
+            max_reuse=b.max_reuse,
+        )
         recovered = journal.recover()
         scored = [m for g in recovered.groups for m in g.members]
         scored += [s for held in recovered.held for s in held.batch.rollouts]
         reward = build_reward(cfg.scorer.rewards, device=select_device(cfg.scorer.device))
         new = []
         for start in range(0, len(scored), MAX_BATCH):
-            new += score_batch(reward, [s.rollout for s in scored[start:start + MAX_BATCH]], "rescore")
+            new += score_batch(reward, [s.rollout for s in scored[start : start + MAX_BATCH]], "rescore")
         for old, fresh in zip(scored, new):
             old.reward, old.reward_parts = fresh.reward, fresh.reward_parts
         journal.compact(recovered.groups, recovered.held)
@@ -200,13 +239,16 @@ def _journal_rewards(cfg: Config, action: JournalRewards) -> str:
         return f"{what}; --journal-rewards drop: moved the journal's {moved} file(s) to {target}"
     if action is JournalRewards.RESCORE:
         return f"{what}; --journal-rewards rescore: scored the journal's {rescore_journal(cfg)} rollouts again"
-    return (f"{what}; the journal's rollouts were scored by the old reward and are trained on as they are.\n"
-            "fix: --journal-rewards rescore (score them again with the new reward) or --journal-rewards drop "
-            "(move the journal to previous/)")
+    return (
+        f"{what}; the journal's rollouts were scored by the old reward and are trained on as they are.\n"
+        "fix: --journal-rewards rescore (score them again with the new reward) or --journal-rewards drop "
+        "(move the journal to previous/)"
+    )
 
 
-def prepare_run_folder(cfg: Config, mode: RunMode, *, journal_rewards: JournalRewards = JournalRewards.KEEP,
-                       now: float | None = None) -> str:
+def prepare_run_folder(
+    cfg: Config, mode: RunMode, *, journal_rewards: JournalRewards = JournalRewards.KEEP, now: float | None = None
+) -> str:
     """Apply ``mode`` to ``run.output_dir`` (see the module docstring); returns the line to print.
 
     ``journal_rewards``: what ``--resume`` does with journaled rollouts when ``scorer.rewards``
@@ -228,16 +270,19 @@ def prepare_run_folder(cfg: Config, mode: RunMode, *, journal_rewards: JournalRe
         raise RunRefused(
             f"{out} already holds a run ({', '.join(found)}).\n"
             f"fix: add --resume to continue it, or --fresh to start over (its files move to {out}/previous/), "
-            "or set run.output_dir to a new folder (--set run.output_dir=runs/NEW)")
+            "or set run.output_dir to a new folder (--set run.output_dir=runs/NEW)"
+        )
     if mode is RunMode.RESUME:
         if step is not None and step >= total:
             raise RunRefused(
                 f"{out} already reached learner.total_steps = {total} (checkpoint step-{step:06d}); --resume would "
                 f"do nothing.\nfix: raise it to train further (--resume --set learner.total_steps={2 * total}), or "
-                "--fresh to start over")
+                "--fresh to start over"
+            )
         where = f"checkpoint step-{step:06d}" if step is not None else "step 0 (no complete checkpoint yet)"
-        return (f"streamrl: resuming {out} from {where} of {total}; the buffer replays its journal"
-                + _journal_rewards(cfg, JournalRewards(journal_rewards)))
+        return f"streamrl: resuming {out} from {where} of {total}; the buffer replays its journal" + _journal_rewards(
+            cfg, JournalRewards(journal_rewards)
+        )
     return _archive(cfg, now if now is not None else time.time())
 
 
@@ -279,12 +324,17 @@ def _move_journal(cfg: Config, dest: Path) -> int:
 def _git(folder: Path) -> dict | None:
     """``{"commit", "dirty"}`` of the git checkout holding ``folder``, or None."""
     try:
-        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
+        commit = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if commit.returncode != 0:
             return None
-        status = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=30)
+        status = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
@@ -302,8 +352,9 @@ def resolved_config(cfg: Config) -> dict:
     return cfg.applicable()
 
 
-def record_launch(cfg: Config, *, mode: RunMode, config_path: str, overrides: list[str],
-                  argv: list[str] | None = None) -> Path:
+def record_launch(
+    cfg: Config, *, mode: RunMode, config_path: str, overrides: list[str], argv: list[str] | None = None
+) -> Path:
     """Write ``config.toml`` and append this launch to ``launches.jsonl`` in ``run.output_dir``.
 
     Returns:
@@ -314,8 +365,10 @@ def record_launch(cfg: Config, *, mode: RunMode, config_path: str, overrides: li
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolved = resolved_config(cfg)
-    (out / "config.toml").write_text("# resolved config of the latest `streamrl run` in this folder (defaults filled "
-                                     "in, paths absolute)\n" + tomli_w.dumps(resolved))
+    (out / "config.toml").write_text(
+        "# resolved config of the latest `streamrl run` in this folder (defaults filled "
+        "in, paths absolute)\n" + tomli_w.dumps(resolved)
+    )
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "mode": mode.value,

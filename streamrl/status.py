@@ -104,8 +104,10 @@ def targets(cfg: Config, generators: int, generator_hosts: list[tuple[str, int]]
         host = _endpoint_host(endpoint)
         return local if _is_local(host) else host
 
-    out = [Target("learner-0", "learner", m.learner_port, where(e.weights)),
-           Target("buffer-0", "buffer", m.buffer_port, where(e.buffer))]
+    out = [
+        Target("learner-0", "learner", m.learner_port, where(e.weights)),
+        Target("buffer-0", "buffer", m.buffer_port, where(e.buffer)),
+    ]
     seen: dict[str, int] = {}
     for i, endpoint in enumerate(e.scorers):
         host = where(endpoint)
@@ -151,8 +153,9 @@ def read_file_sd(path: str | Path) -> list[Target]:
     return out
 
 
-def kubernetes_targets(api: str, namespace: str, selector: str = "app.kubernetes.io/part-of=streamrl",
-                       timeout: float = 5.0) -> list[Target]:
+def kubernetes_targets(
+    api: str, namespace: str, selector: str = "app.kubernetes.io/part-of=streamrl", timeout: float = 5.0
+) -> list[Target]:
     """Every scrapable streamrl pod of ``namespace``, read through the API server (e.g. ``kubectl proxy``).
 
     Args:
@@ -181,8 +184,15 @@ def kubernetes_targets(api: str, namespace: str, selector: str = "app.kubernetes
         if notes.get("prometheus.io/scrape") != "true" or service not in SERVICES or not port.isdigit():
             continue
         name = meta["name"]
-        out.append(Target(name, service, int(port), pod.get("status", {}).get("podIP") or name,
-                          url=f"{base}/api/v1/namespaces/{namespace}/pods/{name}:{port}/proxy/metrics"))
+        out.append(
+            Target(
+                name,
+                service,
+                int(port),
+                pod.get("status", {}).get("podIP") or name,
+                url=f"{base}/api/v1/namespaces/{namespace}/pods/{name}:{port}/proxy/metrics",
+            )
+        )
     return sorted(out, key=lambda t: (SERVICES.index(t.service), t.name))
 
 
@@ -239,6 +249,7 @@ class ScrapeHistory:
 
 def describe(service: str, now: dict[str, float], before: dict[str, float] | None, dt: float) -> str:
     """A one-line summary of a service from two scrapes ``dt`` seconds apart."""
+
     def g(name: str) -> float:
         return now.get(f"streamrl_{service}_{name}", 0.0)
 
@@ -249,35 +260,51 @@ def describe(service: str, now: dict[str, float], before: dict[str, float] | Non
         return (now.get(key, 0.0) - before.get(key, 0.0)) / dt
 
     if service == "learner":
-        return (f"step {g('step'):.0f}  v{g('policy_version'):.0f}  reward {g('reward_mean'):+.3f}  kl {g('kl'):.4f}  "
-                f"ratio max {g('importance_ratio_max'):.2f}  ess {g('effective_sample_size_ratio'):.2f}  "
-                f"{g('samples_per_second'):.2f} samples/s  busy {g('busy_ratio'):.0%}")  # its own rate over the last step
+        return (
+            f"step {g('step'):.0f}  v{g('policy_version'):.0f}  reward {g('reward_mean'):+.3f}  kl {g('kl'):.4f}  "
+            f"ratio max {g('importance_ratio_max'):.2f}  ess {g('effective_sample_size_ratio'):.2f}  "
+            f"{g('samples_per_second'):.2f} samples/s  busy {g('busy_ratio'):.0%}"
+        )  # its own rate over the last step
     if service == "buffer":
-        return (f"{g('groups'):.0f} groups ({g('rollouts'):.0f} rollouts, {g('incomplete_groups'):.0f} incomplete)  "
-                f"in {rate('inserted_total'):.2f}/s  out {rate('sampled_total'):.2f}/s  "
-                f"stale-dropped {g('dropped_stale_total'):.0f}  evicted {g('evicted_total'):.0f}  "
-                f"credits out {g('credits_outstanding'):.0f}")
+        return (
+            f"{g('groups'):.0f} groups ({g('rollouts'):.0f} rollouts, {g('incomplete_groups'):.0f} incomplete)  "
+            f"in {rate('inserted_total'):.2f}/s  out {rate('sampled_total'):.2f}/s  "
+            f"stale-dropped {g('dropped_stale_total'):.0f}  evicted {g('evicted_total'):.0f}  "
+            f"credits out {g('credits_outstanding'):.0f}"
+        )
     if service == "scorer":
         line = f"{g('rollouts_scored_total'):.0f} scored  {rate('rollouts_scored_total'):.2f}/s  lost {g('rollouts_lost_total'):.0f}"
         in_a_row, fraction = g("reward_consecutive_failures"), g("reward_failure_fraction")
         if g("reward_failing") and in_a_row:
             line += f"  REWARD FAILING ({in_a_row:.0f} micro-batches in a row: {last_reward_error(now)})"
         elif fraction:
-            line += (f"  {'REWARD FAILING' if g('reward_failing') else 'reward raises'} on {fraction:.0%} of recent "
-                     f"rollouts ({last_reward_error(now)}; their groups dropped)")
+            line += (
+                f"  {'REWARD FAILING' if g('reward_failing') else 'reward raises'} on {fraction:.0%} of recent "
+                f"rollouts ({last_reward_error(now)}; their groups dropped)"
+            )
         return line
     if service == "feedback":
-        return (f"{g('labels_total{kind=rating}') + g('labels_total{kind=preference}'):.0f} labels  H-hat "
-                f"v{g('human_model_version'):.0f}  influence {'on' if g('influence_active') else 'paused'}  "
-                f"feed {rate('rollouts_received_total'):.2f}/s")
-    return (f"v{g('policy_version'):.0f} (newest v{g('announced_version'):.0f})  {g('rollouts_total'):.0f} rollouts  "
-            f"{rate('rollouts_total'):.2f}/s  {rate('tokens_total'):.1f} tok/s  "
-            f"waiting for weights {g('weight_wait_seconds_total'):.0f}s, credits {g('credit_wait_seconds_total'):.0f}s  "
-            f"useful {g('useful_ratio'):.0%}")
+        return (
+            f"{g('labels_total{kind=rating}') + g('labels_total{kind=preference}'):.0f} labels  H-hat "
+            f"v{g('human_model_version'):.0f}  influence {'on' if g('influence_active') else 'paused'}  "
+            f"feed {rate('rollouts_received_total'):.2f}/s"
+        )
+    return (
+        f"v{g('policy_version'):.0f} (newest v{g('announced_version'):.0f})  {g('rollouts_total'):.0f} rollouts  "
+        f"{rate('rollouts_total'):.2f}/s  {rate('tokens_total'):.1f} tok/s  "
+        f"waiting for weights {g('weight_wait_seconds_total'):.0f}s, credits {g('credit_wait_seconds_total'):.0f}s  "
+        f"useful {g('useful_ratio'):.0%}"
+    )
 
 
-def render(cfg: Config, generators: int, interval: float | None, ts: list[Target] | None = None,
-           history: ScrapeHistory | None = None, max_window: float = 60.0) -> str:
+def render(
+    cfg: Config,
+    generators: int,
+    interval: float | None,
+    ts: list[Target] | None = None,
+    history: ScrapeHistory | None = None,
+    max_window: float = 60.0,
+) -> str:
     """Scrape every target, wait, scrape again, and return the table.
 
     Rates span ``max(interval, the learner's last step)`` seconds (at most ``max_window``), so a
@@ -310,9 +337,15 @@ def render(cfg: Config, generators: int, interval: float | None, ts: list[Target
     for t in ts:
         now = scrapes[t.name]
         state = "up" if now is not None else "DOWN"
-        detail = describe(t.service, now, earlier.get(t.name), now_t - then) if now is not None else (
-            "optional: training goes on without new H-hat versions; `streamrl run` restarts it"
-            if t.service == "feedback" else "")
+        detail = (
+            describe(t.service, now, earlier.get(t.name), now_t - then)
+            if now is not None
+            else (
+                "optional: training goes on without new H-hat versions; `streamrl run` restarts it"
+                if t.service == "feedback"
+                else ""
+            )
+        )
         rejected = sum(v for k, v in (now or {}).items() if "messages_rejected_total{" in k)
         if rejected:
             detail += f"  rejected {rejected:.0f}"

@@ -66,8 +66,12 @@ def local_run_config(tmp_path: Path, model_dir: Path, *, scorers: int = 1, **ove
             "buffer_port": free_port(),
             "learner_port": free_port(),
         },
-        "generator": {"max_new_tokens": 12, "group_size": 4, "prompts_per_batch": 2,
-                      "prompts": {"kind": "jsonl", "path": str(DEFAULT_PROMPTS)}},
+        "generator": {
+            "max_new_tokens": 12,
+            "group_size": 4,
+            "prompts_per_batch": 2,
+            "prompts": {"kind": "jsonl", "path": str(DEFAULT_PROMPTS)},
+        },
         "scorer": {"rewards": [{"function": "streamrl.services.scorer.rewards:count_char", "kwargs": {"char": "e"}}]},
         "buffer": {"capacity_groups": 8},
         "learner": {"total_steps": 6, "groups_per_step": 2, "lr": 1e-3, "batch_timeout_s": 120.0},
@@ -90,8 +94,20 @@ class Services:
         log = open(self.log_dir / f"{name}.log", "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(
-            [sys.executable, "-m", f"streamrl.services.{service}", "--config", str(self.config), "--index", str(index), *extra],
-            cwd=self.log_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                "-m",
+                f"streamrl.services.{service}",
+                "--config",
+                str(self.config),
+                "--index",
+                str(index),
+                *extra,
+            ],
+            cwd=self.log_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         self.procs[name] = proc
         return proc
@@ -153,21 +169,29 @@ def wait_until(predicate, timeout: float, interval: float = 0.5) -> bool:
     return predicate()
 
 
-
-
 def feedback_sections(sections: dict, **feedback) -> dict:
     """``sections`` (from :func:`local_run_config`) with the feedback service on: fresh loopback ports for
     its feed, H-hat publisher, web page and metrics, and the ``[feedback]`` keys given (``enabled`` is true)."""
-    sections["endpoints"].update(feedback=f"tcp://127.0.0.1:{free_port()}",
-                                 human_model=f"tcp://127.0.0.1:{free_port()}")
+    sections["endpoints"].update(
+        feedback=f"tcp://127.0.0.1:{free_port()}", human_model=f"tcp://127.0.0.1:{free_port()}"
+    )
     sections["metrics"]["feedback_port"] = free_port()
-    sections["feedback"] = {"enabled": True, "http_port": free_port(), "fit_interval_s": 0.5,
-                            "announce_interval_s": 1.0, **feedback}
+    sections["feedback"] = {
+        "enabled": True,
+        "http_port": free_port(),
+        "fit_interval_s": 0.5,
+        "announce_interval_s": 1.0,
+        **feedback,
+    }
     return sections
 
 
 def add_labeller(config: Path, name: str) -> str:
     """Create a labeller in the run's feedback database (the admin command, as a user would); returns the token."""
-    out = subprocess.run([sys.executable, "-m", "streamrl.services.feedback.admin", "--config", str(config),
-                          "labeller", "add", name], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "streamrl.services.feedback.admin", "--config", str(config), "labeller", "add", name],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()

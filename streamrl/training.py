@@ -53,10 +53,13 @@ class EvalOptions:
     def resolve(self, config: Config) -> dict:
         """:func:`streamrl.evaluation.evaluate` keyword arguments: these values where given, else ``[eval]``'s."""
         ev = config.eval
-        return {"limit": self.limit if self.limit is not None else ev.limit,
-                "seed": self.seed if self.seed is not None else ev.seed,
-                "samples_per_prompt": self.samples_per_prompt if self.samples_per_prompt is not None
-                else ev.samples_per_prompt}
+        return {
+            "limit": self.limit if self.limit is not None else ev.limit,
+            "seed": self.seed if self.seed is not None else ev.seed,
+            "samples_per_prompt": self.samples_per_prompt
+            if self.samples_per_prompt is not None
+            else ev.samples_per_prompt,
+        }
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,19 @@ class JobResult:
     summary: dict
 
 
-def run(config_path: str | Path, overrides: Sequence[str] = (), *, mode: RunMode = RunMode.NEW,
-        generators: int = 1, scorers: int | None = None, stop_timeout_s: float = 60.0,
-        evaluation: EvalOptions | None = None, free_ports: bool = False,
-        journal_rewards: JournalRewards = JournalRewards.KEEP, probe_rewards: bool = True) -> JobResult:
+def run(
+    config_path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    mode: RunMode = RunMode.NEW,
+    generators: int = 1,
+    scorers: int | None = None,
+    stop_timeout_s: float = 60.0,
+    evaluation: EvalOptions | None = None,
+    free_ports: bool = False,
+    journal_rewards: JournalRewards = JournalRewards.KEEP,
+    probe_rewards: bool = True,
+) -> JobResult:
     """Run one streaming training job to its end (module docstring).
 
     Args:
@@ -119,8 +131,10 @@ def run(config_path: str | Path, overrides: Sequence[str] = (), *, mode: RunMode
         overrides += ports
         config = load_config(config_path, overrides, resources=SERVICES)
     if scorers > len(config.endpoints.scorers):
-        raise RunRefused(f"--scorers {scorers} but endpoints.scorers lists {len(config.endpoints.scorers)}; "
-                         "fix: add one endpoint per scorer to the config, or run with --free-ports")
+        raise RunRefused(
+            f"--scorers {scorers} but endpoints.scorers lists {len(config.endpoints.scorers)}; "
+            "fix: add one endpoint per scorer to the config, or run with --free-ports"
+        )
     print(prepare_run_folder(config, mode, journal_rewards=journal_rewards), flush=True)
     record_launch(config, mode=mode, config_path=str(config_path), overrides=overrides)
     started = time.time()
@@ -136,11 +150,19 @@ def run(config_path: str | Path, overrides: Sequence[str] = (), *, mode: RunMode
     env["PYTHON"] = sys.executable
     env.setdefault("PYTHONUNBUFFERED", "1")
     feedback = 1 if config.feedback.enabled else 0
-    print(f"streamrl: starting learner, buffer, {scorers} scorer(s) and {generators} generator(s)"
-          + (f", feedback page on http://{config.feedback.http_host}:{config.feedback.http_port}/" if feedback else "")
-          + f"; output in {config.run.output_dir}", flush=True)
-    code = run_procfile(PROCFILE, {"generator": generators, "scorer": scorers, "feedback": feedback}, env,
-                        os.getcwd(), stop_timeout_s=stop_timeout_s)
+    print(
+        f"streamrl: starting learner, buffer, {scorers} scorer(s) and {generators} generator(s)"
+        + (f", feedback page on http://{config.feedback.http_host}:{config.feedback.http_port}/" if feedback else "")
+        + f"; output in {config.run.output_dir}",
+        flush=True,
+    )
+    code = run_procfile(
+        PROCFILE,
+        {"generator": generators, "scorer": scorers, "feedback": feedback},
+        env,
+        os.getcwd(),
+        stop_timeout_s=stop_timeout_s,
+    )
     if interrupted(code):
         print(f"streamrl: stopped by a signal (exit status {code}); every service has exited", file=sys.stderr)
         before = None  # no final evaluation of an interrupted run
@@ -148,8 +170,15 @@ def run(config_path: str | Path, overrides: Sequence[str] = (), *, mode: RunMode
     return JobResult(exit_code=code, summary=summary)
 
 
-def summarize(config: Config, config_path: str, overrides: list[str], started: float, *,
-              before: EvalResult | None = None, evaluation: EvalOptions | None = None) -> dict:
+def summarize(
+    config: Config,
+    config_path: str,
+    overrides: list[str],
+    started: float,
+    *,
+    before: EvalResult | None = None,
+    evaluation: EvalOptions | None = None,
+) -> dict:
     """After a run: plot the learning curve, evaluate the final checkpoint against ``before`` (the
     initial policy's held-out result, when there is one), write and print the summary.
 
@@ -166,8 +195,12 @@ def summarize(config: Config, config_path: str, overrides: list[str], started: f
     output = Path(config.run.output_dir)
     records = distinct_steps(read_metrics(output / "metrics.jsonl"))  # rolled-back steps once
     final = latest_checkpoint(output / "checkpoints")
-    summary: dict = {"config": config_path, "overrides": overrides, "steps": len(records),
-                     "wall_seconds": round(time.time() - started, 1)}
+    summary: dict = {
+        "config": config_path,
+        "overrides": overrides,
+        "steps": len(records),
+        "wall_seconds": round(time.time() - started, 1),
+    }
     if records:
         summary["learning_curve"] = str(plot_learning_curve(records, output / "learning_curve.png"))
         k = max(1, len(records) // 5)
@@ -179,16 +212,24 @@ def summarize(config: Config, config_path: str, overrides: list[str], started: f
     if before is not None and final is not None:
         after = evaluate(config, str(final / "model"), **(evaluation or EvalOptions()).resolve(config))
         delta = after.reward_mean - before.reward_mean
-        se = math.sqrt(before.reward_stderr ** 2 + after.reward_stderr ** 2)
+        se = math.sqrt(before.reward_stderr**2 + after.reward_stderr**2)
         changes = {name: compare(before, after, name) for name in before.per_prompt}
-        summary.update(before=before.as_dict(), after=after.as_dict(), reward_delta=delta,
-                       reward_delta_stderr=se, improved_by_2_stderr=bool(delta > 2 * se), changes=changes)
+        summary.update(
+            before=before.as_dict(),
+            after=after.as_dict(),
+            reward_delta=delta,
+            reward_delta_stderr=se,
+            improved_by_2_stderr=bool(delta > 2 * se),
+            changes=changes,
+        )
         print(f"held-out before: {before.line()}")
         print(f"held-out after:  {after.line()}")
         print(f"held-out reward change {delta:+.4f} +- {se:.4f} ({'>' if delta > 2 * se else '<='} 2 stderr)")
         for name, change in changes.items():
-            print(f"  {name}: {change['before']:+.4f} -> {change['after']:+.4f}, change {change['delta']:+.4f} +- "
-                  f"{change['delta_stderr']:.4f} (paired over prompts)")
+            print(
+                f"  {name}: {change['before']:+.4f} -> {change['after']:+.4f}, change {change['delta']:+.4f} +- "
+                f"{change['delta_stderr']:.4f} (paired over prompts)"
+            )
         for sample in after.samples:
             print(f"  [{sample['reward']:+.3f}] {sample['prompt']!r} -> {sample['completion']!r}")
     output.mkdir(parents=True, exist_ok=True)

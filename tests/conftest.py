@@ -45,5 +45,3 @@ def services(tmp_path):
     yield make
     for s in started:
         s.close()
-
-

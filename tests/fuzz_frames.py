@@ -65,37 +65,72 @@ def samples(tag: str = "fuzz") -> list[m.Message]:
 
     def rollout(i: int) -> m.Rollout:
         return m.Rollout(
-            sender=f"{tag}-gen", prompt_id=f"{tag}-p{i}", group_id=f"{tag}-g{i}", rollout_id=f"{tag}-r{i}",
-            generator_id=f"{tag}-gen", group_size=2,
+            sender=f"{tag}-gen",
+            prompt_id=f"{tag}-p{i}",
+            group_id=f"{tag}-g{i}",
+            rollout_id=f"{tag}-r{i}",
+            generator_id=f"{tag}-gen",
+            group_size=2,
             prompt_tokens=np.array([3, 4, 5, 6], dtype=np.int32),
             completion_tokens=np.array([7, 8, 2], dtype=np.int32),
             behaviour_logprobs=np.array([-0.25, -2.0, -0.125], dtype=np.float32),
-            policy_version=1, finish_reason=m.FinishReason.STOP,
+            policy_version=1,
+            finish_reason=m.FinishReason.STOP,
             sampling=m.SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=3),
-            prompt_text="abcd", completion_text="ef", metadata={"answer": [1, 2.5, "x", None, True]},
+            prompt_text="abcd",
+            completion_text="ef",
+            metadata={"answer": [1, 2.5, "x", None, True]},
         )
 
     def scored(i: int) -> m.ScoredRollout:
-        return m.ScoredRollout(sender=f"{tag}-scorer", rollout=rollout(i), reward=0.5,
-                               reward_parts={"count": 1, "vader": -0.25}, scorer_id=f"{tag}-scorer")
+        return m.ScoredRollout(
+            sender=f"{tag}-scorer",
+            rollout=rollout(i),
+            reward=0.5,
+            reward_parts={"count": 1, "vader": -0.25},
+            scorer_id=f"{tag}-scorer",
+        )
 
     messages = [
         rollout(0),
         scored(0),
         m.BatchRequest(sender=f"{tag}-learner", learner_version=2, num_groups=1),
-        m.Batch(sender=f"{tag}-buffer", learner_version=2, rollouts=[scored(1), scored(2)],
-                dropped_stale=1, evicted=0, buffered_groups=3),
-        m.WeightsAnnounce(sender=f"{tag}-learner", version=3, total_bytes=40, chunk_bytes=16, num_chunks=3,
-                          sha256="0f" * 32, manifest=[
-                              m.TensorSpec(name="w", dtype="float32", shape=[2, 4], offset=0, nbytes=32),
-                              m.TensorSpec(name="b", dtype="bfloat16", shape=[4], offset=32, nbytes=8)]),
+        m.Batch(
+            sender=f"{tag}-buffer",
+            learner_version=2,
+            rollouts=[scored(1), scored(2)],
+            dropped_stale=1,
+            evicted=0,
+            buffered_groups=3,
+        ),
+        m.WeightsAnnounce(
+            sender=f"{tag}-learner",
+            version=3,
+            total_bytes=40,
+            chunk_bytes=16,
+            num_chunks=3,
+            sha256="0f" * 32,
+            manifest=[
+                m.TensorSpec(name="w", dtype="float32", shape=[2, 4], offset=0, nbytes=32),
+                m.TensorSpec(name="b", dtype="bfloat16", shape=[4], offset=32, nbytes=8),
+            ],
+        ),
         m.WeightsChunkRequest(sender=f"{tag}-gen", version=3, chunk_index=1),
         m.WeightsChunk(sender=f"{tag}-learner", version=3, chunk_index=1, data=bytes(range(16))),
         m.Error(sender=f"{tag}-learner", code=m.ErrorCode.OUT_OF_RANGE, message="chunk 9 past the end"),
-        m.HumanModel(sender=f"{tag}-feedback", version=2, active=True, feature="mean_last_hidden",
-                     mean=np.zeros(3, np.float32), scale=np.ones(3, np.float32),
-                     weight=np.array([0.5, -1.0, 2.0], np.float32), bias=0.25,
-                     anchors=np.ones((2, 3), np.float32), anchor_times=np.array([10.0, 20.0]), labels=4),
+        m.HumanModel(
+            sender=f"{tag}-feedback",
+            version=2,
+            active=True,
+            feature="mean_last_hidden",
+            mean=np.zeros(3, np.float32),
+            scale=np.ones(3, np.float32),
+            weight=np.array([0.5, -1.0, 2.0], np.float32),
+            bias=0.25,
+            anchors=np.ones((2, 3), np.float32),
+            anchor_times=np.array([10.0, 20.0]),
+            labels=4,
+        ),
     ]
     for i, msg in enumerate(messages):
         for j, inner in enumerate([msg, *getattr(msg, "rollouts", []), getattr(msg, "rollout", None)]):
@@ -164,8 +199,7 @@ def _fields(cls: type, prefix: tuple = ()) -> list[_Field]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
-        tp = ("optional_array" if f.metadata.get("optional") else "array") if f.metadata.get("dtype") \
-            else hints[f.name]
+        tp = ("optional_array" if f.metadata.get("optional") else "array") if f.metadata.get("dtype") else hints[f.name]
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         path = (*prefix, f.name)
         out.append(_Field(path, tp, required))
@@ -197,13 +231,25 @@ _TIMESTAMP = msgpack.Timestamp(1, 0)
 def _wrong_values(tp: Any) -> list[tuple[Any, RejectReason]]:
     """Values of the wrong type for a field declared ``tp``, with the reason each gets."""
     if tp in ("array", "optional_array"):  # None is a valid optional array (absent)
-        return [("x", R.BAD_ARRAY), (5, R.BAD_ARRAY), ([1, 2], R.BAD_ARRAY),
-                (msgpack.ExtType(2, msgpack.packb([1])), R.BAD_ARRAY)] + \
-            ([(None, R.BAD_ARRAY)] if tp == "array" else [])
+        return [
+            ("x", R.BAD_ARRAY),
+            (5, R.BAD_ARRAY),
+            ([1, 2], R.BAD_ARRAY),
+            (msgpack.ExtType(2, msgpack.packb([1])), R.BAD_ARRAY),
+        ] + ([(None, R.BAD_ARRAY)] if tp == "array" else [])
     f = R.BAD_FIELD
     if tp is int:
-        return [("7", f), (1.5, f), (None, f), ([1], f), ({"a": 1}, f), (True, f), (2**64 - 1, f), (b"\x01", f),
-                (array_ref(1, "int32", [1]), f)]
+        return [
+            ("7", f),
+            (1.5, f),
+            (None, f),
+            ([1], f),
+            ({"a": 1}, f),
+            (True, f),
+            (2**64 - 1, f),
+            (b"\x01", f),
+            (array_ref(1, "int32", [1]), f),
+        ]
     if tp is float:
         return [("x", f), (None, f), ([1.0], f), (True, f), (b"", f), (_TIMESTAMP, f)]
     if tp is str:
@@ -215,10 +261,20 @@ def _wrong_values(tp: Any) -> list[tuple[Any, RejectReason]]:
     if isinstance(tp, type) and issubclass(tp, Enum):
         return [("bogus", f), (3, f), (None, f), ([], f), ({"a": 1}, f)]
     if tp is dict:
-        return [([], f), ("x", f), (5, f), ({"a": b"bin"}, f), ({"a": _TIMESTAMP}, f),
-                ({"a": msgpack.ExtType(2, msgpack.packb([1]))}, f), ({"a": 2**64 - 1}, f),
-                (_nested(MAX_MAP_DEPTH + 2), f), (_nested(900), f), ({1: "int key"}, UNREADABLE),
-                ({b"k": 1}, f), (_nested(2000), UNREADABLE)]
+        return [
+            ([], f),
+            ("x", f),
+            (5, f),
+            ({"a": b"bin"}, f),
+            ({"a": _TIMESTAMP}, f),
+            ({"a": msgpack.ExtType(2, msgpack.packb([1]))}, f),
+            ({"a": 2**64 - 1}, f),
+            (_nested(MAX_MAP_DEPTH + 2), f),
+            (_nested(900), f),
+            ({1: "int key"}, UNREADABLE),
+            ({b"k": 1}, f),
+            (_nested(2000), UNREADABLE),
+        ]
     if typing.get_origin(tp) is list:
         return [("x", f), (5, f), ({}, f), (None, f)]
     if dataclasses.is_dataclass(tp):
@@ -248,8 +304,7 @@ HUGE_CLAIMS = [
 
 
 class _Fuzzer:
-    def __init__(self, expected: type[m.Message] | None, seed: int, max_bytes: int, max_frames: int,
-                 version_held: int):
+    def __init__(self, expected: type[m.Message] | None, seed: int, max_bytes: int, max_frames: int, version_held: int):
         self.rng = random.Random(seed)
         self.expected = expected
         self.max_bytes = max_bytes
@@ -314,7 +369,7 @@ class _Fuzzer:
         frames = frames_of(self.base())
         h = frames[0]
         at = self.rng.randrange(len(h))
-        frames[0] = h[:at] + h[at + self.rng.randint(1, 8):]
+        frames[0] = h[:at] + h[at + self.rng.randint(1, 8) :]
         return frames, None
 
     def frame_count(self):
@@ -365,8 +420,7 @@ class _Fuzzer:
         return [pack(header), *frames[1:]], R.MALFORMED
 
     def bad_array_ref(self):
-        msg = self.rng.choice([s for s in self.own if isinstance(s, (m.Rollout, m.ScoredRollout))]
-                              or self.all[:2])
+        msg = self.rng.choice([s for s in self.own if isinstance(s, (m.Rollout, m.ScoredRollout))] or self.all[:2])
         frames = frames_of(msg)
         header = unpack_header(frames[0])
         path = ("prompt_tokens",) if isinstance(msg, m.Rollout) else ("rollout", "prompt_tokens")
@@ -414,21 +468,45 @@ class _Fuzzer:
         msg = self.base()
         frames = frames_of(msg)
         header = unpack_header(frames[0])
-        header["kind"] = self.rng.choice(["rollout2", "", "ROLLOUT", "__class__", "message", 5, None, [1],
-                                          {"kind": "rollout"}, b"rollout", 1.5, True])
+        header["kind"] = self.rng.choice(
+            [
+                "rollout2",
+                "",
+                "ROLLOUT",
+                "__class__",
+                "message",
+                5,
+                None,
+                [1],
+                {"kind": "rollout"},
+                b"rollout",
+                1.5,
+                True,
+            ]
+        )
         return [pack(header), *frames[1:]], R.UNKNOWN_KIND
 
     def bad_schema(self):
         msg = self.base()
         frames = frames_of(msg)
         header = unpack_header(frames[0])
-        schema, reason = self.rng.choice([
-            ([2, 0], R.SCHEMA_VERSION), ([0, 0], R.SCHEMA_VERSION), ([99, 1], R.SCHEMA_VERSION),
-            ([-1, 0], R.SCHEMA_VERSION), ([2**63, 0], R.SCHEMA_VERSION),
-            ("1.0", R.MALFORMED), ([1], R.MALFORMED), ([1, 0, 0], R.MALFORMED), ([1.0, 0], R.MALFORMED),
-            (None, R.MALFORMED), ([True, 0], R.MALFORMED), ({"major": 1}, R.MALFORMED),
-            ([1, 7], "minor"),  # a newer minor with a field this decoder does not know
-        ])
+        schema, reason = self.rng.choice(
+            [
+                ([2, 0], R.SCHEMA_VERSION),
+                ([0, 0], R.SCHEMA_VERSION),
+                ([99, 1], R.SCHEMA_VERSION),
+                ([-1, 0], R.SCHEMA_VERSION),
+                ([2**63, 0], R.SCHEMA_VERSION),
+                ("1.0", R.MALFORMED),
+                ([1], R.MALFORMED),
+                ([1, 0, 0], R.MALFORMED),
+                ([1.0, 0], R.MALFORMED),
+                (None, R.MALFORMED),
+                ([True, 0], R.MALFORMED),
+                ({"major": 1}, R.MALFORMED),
+                ([1, 7], "minor"),  # a newer minor with a field this decoder does not know
+            ]
+        )
         header["schema"] = schema
         if reason == "minor":
             header["field_from_the_future"] = {"x": [1, 2]}
@@ -484,10 +562,12 @@ def _absurd(msg: m.Message, version_held: int) -> list:
         def apply(header, frames):
             _set(header, path, value)
             return [pack(header), *frames[1:]]
+
         return apply
 
     def array(path, values, dtype):
         """Replace the array at ``path`` by ``values`` (same frame index)."""
+
         def apply(header, frames):
             index = msgpack.unpackb(_get(header, path).data)[0]
             arr = np.asarray(values, dtype=dtype)
@@ -495,6 +575,7 @@ def _absurd(msg: m.Message, version_held: int) -> list:
             frames = list(frames)
             frames[index] = arr.astype(np.dtype(dtype).newbyteorder("<")).tobytes()
             return [pack(header), *frames[1:]]
+
         return apply
 
     if isinstance(msg, (m.Rollout, m.ScoredRollout)):
@@ -533,27 +614,38 @@ def _absurd(msg: m.Message, version_held: int) -> list:
         return out
     if isinstance(msg, m.BatchRequest):
         return [
-            (field(("learner_version",), -1), BV), (field(("learner_version",), -(2**63)), BV),
-            (field(("num_groups",), 0), BV), (field(("num_groups",), -5), BV),
+            (field(("learner_version",), -1), BV),
+            (field(("learner_version",), -(2**63)), BV),
+            (field(("num_groups",), 0), BV),
+            (field(("num_groups",), -5), BV),
             (field(("num_groups",), 10**9), ACCEPTED),  # more than any buffer holds: the service rejects it
             (field(("num_groups",), 2**63 - 1), ACCEPTED),
         ]
     if isinstance(msg, m.WeightsChunkRequest):
         return [
-            (field(("version",), -1), BV), (field(("chunk_index",), -1), BV),
-            (field(("chunk_index",), -(2**63)), BV), (field(("version",), -(2**40)), BV),
+            (field(("version",), -1), BV),
+            (field(("chunk_index",), -1), BV),
+            (field(("chunk_index",), -(2**63)), BV),
+            (field(("version",), -(2**40)), BV),
             (field(("version",), version_held + 10**6), ACCEPTED),  # a version not held: the service rejects it
             (field(("version",), 2**63 - 1), ACCEPTED),
         ]
     if isinstance(msg, m.WeightsAnnounce):
         return [
-            (field(("version",), -1), BV), (field(("chunk_bytes",), 0), BV), (field(("num_chunks",), 9), BV),
-            (field(("sha256",), "ab"), BV), (field(("total_bytes",), 8), BV),
-            (field(("manifest", 1, "offset"), 8), BV), (field(("manifest", 0, "nbytes"), -1), BV),
+            (field(("version",), -1), BV),
+            (field(("chunk_bytes",), 0), BV),
+            (field(("num_chunks",), 9), BV),
+            (field(("sha256",), "ab"), BV),
+            (field(("total_bytes",), 8), BV),
+            (field(("manifest", 1, "offset"), 8), BV),
+            (field(("manifest", 0, "nbytes"), -1), BV),
         ]
     if isinstance(msg, m.Batch):
-        return [(field(("dropped_stale",), -1), BV), (field(("evicted",), -2), BV),
-                (field(("rollouts", 0, "reward"), math.nan), BV)]
+        return [
+            (field(("dropped_stale",), -1), BV),
+            (field(("evicted",), -2), BV),
+            (field(("rollouts", 0, "reward"), math.nan), BV),
+        ]
     return [(field(("msg_id",), ""), ACCEPTED)]  # WeightsChunk, Error: nothing is out of range
 
 

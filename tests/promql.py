@@ -13,8 +13,22 @@ DASHBOARD = REPO / "deploy" / "grafana" / "streamrl.json"
 # Grafana's range variables and what the tests give Prometheus instead.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
 
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset",
-             "and", "or", "unless", "inf", "nan", "atan2"}
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "offset",
+    "and",
+    "or",
+    "unless",
+    "inf",
+    "nan",
+    "atan2",
+}
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _MATCHERS = re.compile(r"\{[^{}]*\}")
 _RANGE = re.compile(r"\[[^\[\]]*\]")
@@ -64,7 +78,7 @@ def metric_names(expr: str) -> set[str]:
     names = set()
     for match in _IDENT.finditer(text):
         name = match.group()
-        if name.lower() in _KEYWORDS or re.match(r"\s*\(", text[match.end():]):
+        if name.lower() in _KEYWORDS or re.match(r"\s*\(", text[match.end() :]):
             continue
         names.add(name)
     return names

@@ -61,8 +61,9 @@ def slow_nucleus(logits, top_p: float):
     return keep
 
 
-def scored_item(group: str, k: int, *, size: int = 2, version: int = 0, prompt: str | None = None,
-                rid: str | None = None):
+def scored_item(
+    group: str, k: int, *, size: int = 2, version: int = 0, prompt: str | None = None, rid: str | None = None
+):
     """Member ``k`` of group ``group`` as a ScoredRollout (reward ``k``); rollout id ``{group}-{k}`` unless given."""
     rollout = m.Rollout(
         sender="generator-test",
@@ -83,8 +84,9 @@ def scored_item(group: str, k: int, *, size: int = 2, version: int = 0, prompt: 
 
 def metric_names(registry) -> set[str]:
     """Names in a prometheus_client registry as scraped (counters with ``_total``), process collectors left out."""
-    return {f.name + ("_total" if f.type == "counter" else "") for f in registry.collect()
-            if f.name.startswith("streamrl_")}
+    return {
+        f.name + ("_total" if f.type == "counter" else "") for f in registry.collect() if f.name.startswith("streamrl_")
+    }
 
 
 def declared_metrics(metric_set_class) -> set[str]:
@@ -126,13 +128,19 @@ def permuted_char_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
     ids = [vocab[c] for c in chars]
     random.Random(seed).shuffle(ids)
     spec["model"]["vocab"] = {**{t: i for t, i in vocab.items() if i < 4}, **dict(zip(chars, ids))}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), pad_token="<pad>",
-                                   eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
-                                   clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )
 
 
-def train_tiny_reward_model(folder: Path, model_dir: Path, *, preferred: str, pairs: int, eval_rows: int,
-                            max_length: int) -> Path:
+def train_tiny_reward_model(
+    folder: Path, model_dir: Path, *, preferred: str, pairs: int, eval_rows: int, max_length: int
+) -> Path:
     """Train a tiny reward model (``streamrl rm``, top block only) on ``pairs`` synthetic pairs whose
     chosen response is drawn from ``preferred * 3 + "xyz"`` and rejected from ``"bbbxyz"`` (6 characters
     each), under ``folder``; returns the reward-model folder."""
@@ -143,12 +151,29 @@ def train_tiny_reward_model(folder: Path, model_dir: Path, *, preferred: str, pa
     from streamrl.stages.reward_model import run_rm
 
     rng = random.Random(0)
-    rows = [{"prompt": f"q{i}:", "chosen": " " + "".join(rng.choice(preferred * 3 + "xyz") for _ in range(6)),
-             "rejected": " " + "".join(rng.choice("bbbxyz") for _ in range(6))} for i in range(pairs)]
+    rows = [
+        {
+            "prompt": f"q{i}:",
+            "chosen": " " + "".join(rng.choice(preferred * 3 + "xyz") for _ in range(6)),
+            "rejected": " " + "".join(rng.choice("bbbxyz") for _ in range(6)),
+        }
+        for i in range(pairs)
+    ]
     (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = validate_config({"run": {"output_dir": str(folder / "run")}, "rm": {
-        "base_model": str(model_dir), "data": {"path": str(folder / "pairs.jsonl"), "eval_rows": eval_rows},
-        "epochs": 2, "lr": 3e-3, "threads": 1, "trainable_layers": 1, "max_length": max_length}})
+    config = validate_config(
+        {
+            "run": {"output_dir": str(folder / "run")},
+            "rm": {
+                "base_model": str(model_dir),
+                "data": {"path": str(folder / "pairs.jsonl"), "eval_rows": eval_rows},
+                "epochs": 2,
+                "lr": 3e-3,
+                "threads": 1,
+                "trainable_layers": 1,
+                "max_length": max_length,
+            },
+        }
+    )
     return Path(run_rm(config, log=lambda line: None)["output_dir"])
 
 

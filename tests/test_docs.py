@@ -46,6 +46,8 @@ def test_every_relative_link_resolves():
 def test_a_broken_link_or_anchor_is_found(tmp_path):
     (tmp_path / "other.md").write_text("# Other page\n\n## A section: here\n")
     page = tmp_path / "page.md"
-    page.write_text("[ok](other.md) [ok](other.md#a-section-here) [gone](missing.md) [no](other.md#nowhere)\n"
-                    "![pic](pic.png) `[code](missing.md)`\n\n```\n[fenced](missing.md)\n```\n[web](https://example.org)\n")
+    page.write_text(
+        "[ok](other.md) [ok](other.md#a-section-here) [gone](missing.md) [no](other.md#nowhere)\n"
+        "![pic](pic.png) `[code](missing.md)`\n\n```\n[fenced](missing.md)\n```\n[web](https://example.org)\n"
+    )
     assert broken_links(page) == ["missing.md", "other.md#nowhere", "pic.png"]

@@ -18,8 +18,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ROOTS = {"streamrl.common": REPO / "common", "streamrl.services": REPO / "services",
-         "streamrl.deploy": REPO / "deploy", "streamrl": REPO / "streamrl"}
+ROOTS = {
+    "streamrl.common": REPO / "common",
+    "streamrl.services": REPO / "services",
+    "streamrl.deploy": REPO / "deploy",
+    "streamrl": REPO / "streamrl",
+}
 APPLICATION = "streamrl"
 
 
@@ -91,13 +95,16 @@ def violations(module: str, imported: set[str]) -> list[str]:
         if other[0] == "test":
             problems.append(f"{module} imports {name}: the package never imports tests/ or bench/")
         elif own[0] == "common" and other[0] in ("service", "app"):
-            problems.append(f"{module} imports {name}: streamrl.common is a library and imports no "
-                            "service and no application module")
+            problems.append(
+                f"{module} imports {name}: streamrl.common is a library and imports no "
+                "service and no application module"
+            )
         elif own[0] == "service" and other[0] == "app":
             problems.append(f"{module} imports {name}: a service imports no application module")
         elif own[0] == "service" and other[0] == "service" and other[1] not in (None, own[1]):
-            problems.append(f"{module} imports {name}: services do not import each other; move the shared "
-                            "code to streamrl.common")
+            problems.append(
+                f"{module} imports {name}: services do not import each other; move the shared code to streamrl.common"
+            )
     return problems
 
 
@@ -158,42 +165,61 @@ def test_a_cycle_through_a_function_level_import_is_caught():
     sources = {
         "streamrl.common.a": ("from streamrl.common.b import x\n", False),
         "streamrl.common.b": ("def f():\n    from streamrl.common import a\n", False),
-        "streamrl.common.c": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                              "    from streamrl.common.a import y\nfrom streamrl.common.b import x\n", False),
+        "streamrl.common.c": (
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+            "    from streamrl.common.a import y\nfrom streamrl.common.b import x\n",
+            False,
+        ),
         "streamrl.common.pkg": ("from streamrl.common.pkg.inner import z\n", True),
         "streamrl.common.pkg.inner": ("from streamrl.common.a import x\n", False),
     }
     assert cycles(import_graph(sources)) == [("streamrl.common.a", "streamrl.common.b", "streamrl.common.a")]
-    sources["streamrl.common.a"] = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                                    "    from streamrl.common.b import x\n", False)
+    sources["streamrl.common.a"] = (
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from streamrl.common.b import x\n",
+        False,
+    )
     assert cycles(import_graph(sources)) == []
     sources["streamrl.common.pkg.inner"] = ("from streamrl.common.pkg import z\n", False)  # its own package
     assert cycles(import_graph(sources)) == [
-        ("streamrl.common.pkg", "streamrl.common.pkg.inner", "streamrl.common.pkg")]
+        ("streamrl.common.pkg", "streamrl.common.pkg.inner", "streamrl.common.pkg")
+    ]
 
 
-@pytest.mark.parametrize("module, planted, rule", [
-    ("streamrl.common.evaluation_like", "from streamrl.services.generator.sampling import sample_completions",
-     "imports no service"),
-    ("streamrl.common.x", "import streamrl.cli", "no application module"),
-    ("streamrl.services.learner.ptx", "from streamrl.services.generator import loop", "do not import each other"),
-    ("streamrl.services.learner.ptx", "from ..generator.sampling import x", "do not import each other"),
-    ("streamrl.services.scorer.loop", "def f():\n    from streamrl.status import read", "no application module"),
-    ("streamrl.cli", "from tests.support import REPO", "never imports tests/"),
-    ("streamrl.common.transport", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-     "    from streamrl.services.buffer.store import ReplayBuffer", "imports no service"),
-])
+@pytest.mark.parametrize(
+    "module, planted, rule",
+    [
+        (
+            "streamrl.common.evaluation_like",
+            "from streamrl.services.generator.sampling import sample_completions",
+            "imports no service",
+        ),
+        ("streamrl.common.x", "import streamrl.cli", "no application module"),
+        ("streamrl.services.learner.ptx", "from streamrl.services.generator import loop", "do not import each other"),
+        ("streamrl.services.learner.ptx", "from ..generator.sampling import x", "do not import each other"),
+        ("streamrl.services.scorer.loop", "def f():\n    from streamrl.status import read", "no application module"),
+        ("streamrl.cli", "from tests.support import REPO", "never imports tests/"),
+        (
+            "streamrl.common.transport",
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+            "    from streamrl.services.buffer.store import ReplayBuffer",
+            "imports no service",
+        ),
+    ],
+)
 def test_a_planted_import_is_caught(module, planted, rule):
     found = violations(module, imports_of(planted, module))
     assert len(found) == 1 and rule in found[0], found
 
 
-@pytest.mark.parametrize("module, allowed", [
-    ("streamrl.services.learner.loop", "from streamrl.services.learner.batch import collate"),
-    ("streamrl.services.learner.loop", "from .batch import collate"),
-    ("streamrl.services.generator.loop", "from streamrl.common.prompts import load_prompts"),
-    ("streamrl.cli", "from streamrl.services.learner.checkpoint import latest_checkpoint"),
-    ("streamrl.common.config", "from streamrl.deploy import DEFAULT_PROMPTS"),
-])
+@pytest.mark.parametrize(
+    "module, allowed",
+    [
+        ("streamrl.services.learner.loop", "from streamrl.services.learner.batch import collate"),
+        ("streamrl.services.learner.loop", "from .batch import collate"),
+        ("streamrl.services.generator.loop", "from streamrl.common.prompts import load_prompts"),
+        ("streamrl.cli", "from streamrl.services.learner.checkpoint import latest_checkpoint"),
+        ("streamrl.common.config", "from streamrl.deploy import DEFAULT_PROMPTS"),
+    ],
+)
 def test_allowed_imports_pass(module, allowed):
     assert violations(module, imports_of(allowed, module)) == []

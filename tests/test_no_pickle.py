@@ -42,8 +42,13 @@ def violations(source: str, name: str = "<source>") -> list[str]:
 
 def python_files() -> list[Path]:
     """Tracked and untracked (not ignored) ``*.py`` files, as git sees them."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"],
-                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     return [REPO / p for p in listed if (REPO / p).is_file()]
 
 
@@ -58,8 +63,13 @@ sock.recv_pyobj()
 np.load(path, allow_pickle=True)
 """
     assert [v.split(": ", 1)[1] for v in violations(bad)] == [
-        "import pickle", "import dill", "from cloudpickle import ...", "torch.load without weights_only=True",
-        "torch.load without weights_only=True", ".recv_pyobj()", "numpy load with allow_pickle",
+        "import pickle",
+        "import dill",
+        "from cloudpickle import ...",
+        "torch.load without weights_only=True",
+        "torch.load without weights_only=True",
+        ".recv_pyobj()",
+        "numpy load with allow_pickle",
     ]
     fine = '"""We never pickle."""\ntorch.load(p, map_location="cpu", weights_only=True)\nnp.load(p)\n'
     assert violations(fine) == []
@@ -68,6 +78,7 @@ np.load(path, allow_pickle=True)
 def test_no_pickle_in_the_repository():
     files = python_files()
     assert any(p.name == "checkpoint.py" for p in files)  # the listing really covers the source tree
-    found = [v for p in files if p != Path(__file__).resolve()
-             for v in violations(p.read_text(), str(p.relative_to(REPO)))]
+    found = [
+        v for p in files if p != Path(__file__).resolve() for v in violations(p.read_text(), str(p.relative_to(REPO)))
+    ]
     assert not found, "pickle in the source tree:\n" + "\n".join(found)

@@ -18,8 +18,11 @@ def config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
-        nested = [a for a in (annotation, *getattr(annotation, "__args__", ()))
-                  if isinstance(a, type) and issubclass(a, BaseModel)]
+        nested = [
+            a
+            for a in (annotation, *getattr(annotation, "__args__", ()))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         same_keys_as_generator_prompts = name == "ptx_data" or f"{prefix}{name}" == "eval.prompts"
         if nested and not prefix.startswith("scorer") and name != "rewards" and not same_keys_as_generator_prompts:
             keys += config_keys(nested[0], f"{prefix}{name}.")
@@ -55,7 +58,7 @@ def test_readme_is_short_and_starts_with_what_a_newcomer_needs():
     assert len(lines) <= 400, f"README.md has {len(lines)} lines; move the detail to docs/ (at most 400)"
     heads = [line for line in lines if line.startswith("## ")]
     assert heads[:4] == ["## Quick start", "## The default job", "## Your own data and reward", "## Tests"], heads
-    before_data = README[:README.index("## Your own data and reward")]
+    before_data = README[: README.index("## Your own data and reward")]
     tables = [line for line in before_data.splitlines() if line.startswith("|")]
     assert not tables, f"measured-results tables belong on docs/benchmarks.md, not before the data section: {tables}"
     assert "### Your own reward function" in README and "def score(prompts: list[str]" in README

@@ -52,8 +52,9 @@ def _bf16_setting(value: Any) -> Any:
         return value
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
-    raise _rule(f"{value!r} is not a bf16 setting; fix: true, false or \"auto\" (bf16 where the device computes "
-                "it natively)")
+    raise _rule(
+        f'{value!r} is not a bf16 setting; fix: true, false or "auto" (bf16 where the device computes it natively)'
+    )
 
 
 BF16Setting = Annotated[bool | Literal["auto"], BeforeValidator(_bf16_setting)]
@@ -74,8 +75,7 @@ class ResourceError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True,
-                              allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _options_apply(self) -> _Section:
@@ -85,13 +85,16 @@ class _Section(BaseModel):
             applies = _extra(type(self).model_fields[name]).get("applies_to")
             if not applies or name not in self.model_fields_set:
                 continue
-            (selector, wanted), = applies.items()
+            ((selector, wanted),) = applies.items()
             wanted = wanted if isinstance(wanted, tuple) else (wanted,)
             actual = getattr(self, selector, None)
             if actual is not None and actual not in wanted:
-                choices = " or ".join(f"\"{w}\"" for w in wanted)
-                raise _rule(f"`{name}` applies only when {selector} is {choices} (here {selector} is "
-                            f"\"{actual}\"); fix: remove `{name}` or set {selector} = \"{wanted[0]}\"", name)
+                choices = " or ".join(f'"{w}"' for w in wanted)
+                raise _rule(
+                    f"`{name}` applies only when {selector} is {choices} (here {selector} is "
+                    f'"{actual}"); fix: remove `{name}` or set {selector} = "{wanted[0]}"',
+                    name,
+                )
         return self
 
     def applicable(self) -> dict[str, Any]:
@@ -104,7 +107,7 @@ class _Section(BaseModel):
             value = getattr(self, name)
             applies = _extra(field).get("applies_to")
             if applies:
-                (selector, wanted), = applies.items()
+                ((selector, wanted),) = applies.items()
                 if getattr(self, selector, None) not in (wanted if isinstance(wanted, tuple) else (wanted,)):
                     continue
             if value is None:
@@ -129,7 +132,6 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-
 def _toml(value: Any) -> str:
     if isinstance(value, Enum):
         value = value.value
@@ -150,8 +152,13 @@ def _type_text(annotation: Any, field: FieldInfo | None = None) -> str:
     origin = typing.get_origin(annotation)
     if origin is typing.Annotated:
         inner, *metadata = typing.get_args(annotation)
-        return _type_text(inner) + _bounds([m for group in metadata for m in
-                                            (group if isinstance(group, annotated_types.GroupedMetadata) else [group])])
+        return _type_text(inner) + _bounds(
+            [
+                m
+                for group in metadata
+                for m in (group if isinstance(group, annotated_types.GroupedMetadata) else [group])
+            ]
+        )
     if origin is Literal:
         return ", ".join(_toml(a) for a in args)
     if origin in (typing.Union, types.UnionType):
@@ -167,8 +174,9 @@ def _type_text(annotation: Any, field: FieldInfo | None = None) -> str:
     marker = _extra(field).get("local_path") if field is not None else None
     if marker:
         return "path" if marker is True else "path or name"
-    base = {bool: "bool", int: "int", float: "float", str: "string"}.get(annotation, getattr(annotation, "__name__",
-                                                                                            str(annotation)))
+    base = {bool: "bool", int: "int", float: "float", str: "string"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation))
+    )
     return base + _bounds(field.metadata if field is not None else [])
 
 
@@ -180,8 +188,9 @@ def _bounds(metadata: list) -> str:
     if shortest == 1 and longest is None:
         return ", not empty"
     if shortest is not None or longest is not None:
-        return " of length " + " and ".join(text for text in (shortest and f"at least {shortest}",
-                                                               longest and f"at most {longest}") if text)
+        return " of length " + " and ".join(
+            text for text in (shortest and f"at least {shortest}", longest and f"at most {longest}") if text
+        )
     low = high = None
     for m in metadata:
         if isinstance(m, (annotated_types.Ge, annotated_types.Gt)):

@@ -20,7 +20,7 @@ def cross_problems(cfg: Config) -> list[str]:
     if lr.advantage is AdvantageEstimator.RLOO and cfg.generator.group_size < 2:
         problems.append(
             "generator.group_size: rloo needs groups of at least 2; "
-            "fix: set generator.group_size >= 2 or learner.advantage = \"grpo\"/\"gae\""
+            'fix: set generator.group_size >= 2 or learner.advantage = "grpo"/"gae"'
         )
     batch = lr.groups_per_step * cfg.generator.group_size
     if lr.minibatches > batch:
@@ -41,10 +41,13 @@ def cross_problems(cfg: Config) -> list[str]:
     problems += _feedback_problems(cfg)
     problems += _gold_problems(cfg)
     if cfg.model.chat_template:
-        problems += [f"scorer.rewards[{i}].chat_template: the policy's prompts already carry a chat template "
-                     "(model.chat_template = true), so the reward model would see two; fix: remove it (the prompt is "
-                     "scored as the policy saw it) or set model.chat_template = false"
-                     for i, spec in enumerate(cfg.scorer.rewards) if spec is not None and spec.chat_template]
+        problems += [
+            f"scorer.rewards[{i}].chat_template: the policy's prompts already carry a chat template "
+            "(model.chat_template = true), so the reward model would see two; fix: remove it (the prompt is "
+            "scored as the policy saw it) or set model.chat_template = false"
+            for i, spec in enumerate(cfg.scorer.rewards)
+            if spec is not None and spec.chat_template
+        ]
     return problems
 
 
@@ -53,18 +56,25 @@ def _gold_problems(cfg: Config) -> list[str]:
     if not cfg.rm.gold:
         return []
     root = Path(cfg.rm.output_dir or Path(cfg.run.output_dir) / "rm").expanduser().resolve()
-    uses = [(f"scorer.rewards[{i}].model", spec.model) for i, spec in enumerate(cfg.scorer.rewards)
-            if spec is not None and spec.model] + [("learner.value_model", cfg.learner.value_model)]
+    uses = [
+        (f"scorer.rewards[{i}].model", spec.model)
+        for i, spec in enumerate(cfg.scorer.rewards)
+        if spec is not None and spec.model
+    ] + [("learner.value_model", cfg.learner.value_model)]
     problems = []
     for key, value in uses:
         where = Path(value).expanduser().resolve() if value else None
         if where == root:
-            problems.append(f"{key}: with rm.gold = true, {root} holds two reward models (proxy/, gold/) and none at "
-                            f"its top; fix: set it to \"{root / 'proxy'}\"")
+            problems.append(
+                f"{key}: with rm.gold = true, {root} holds two reward models (proxy/, gold/) and none at "
+                f'its top; fix: set it to "{root / "proxy"}"'
+            )
         elif where == root / "gold":
-            problems.append(f"{key}: {where} is the gold reward model, which PPO must never optimise (it measures "
-                            f"over-optimisation); fix: use \"{root / 'proxy'}\" here and list the gold model in "
-                            "[[eval.rewards]]")
+            problems.append(
+                f"{key}: {where} is the gold reward model, which PPO must never optimise (it measures "
+                f'over-optimisation); fix: use "{root / "proxy"}" here and list the gold model in '
+                "[[eval.rewards]]"
+            )
     return problems
 
 
@@ -74,14 +84,18 @@ def _feedback_problems(cfg: Config) -> list[str]:
     if (fb.tls_cert is None) != (fb.tls_key is None):
         problems.append("feedback.tls_cert: HTTPS needs both tls_cert and tls_key; fix: set both or neither")
     if fb.credit_delay_max_s and fb.credit_delay_min_s >= fb.credit_delay_max_s:
-        problems.append(f"feedback.credit_delay_min_s: {fb.credit_delay_min_s} is not below credit_delay_max_s = "
-                        f"{fb.credit_delay_max_s}; fix: set min < max (e.g. 1 and 3), or max = 0 to turn it off")
+        problems.append(
+            f"feedback.credit_delay_min_s: {fb.credit_delay_min_s} is not below credit_delay_max_s = "
+            f"{fb.credit_delay_max_s}; fix: set min < max (e.g. 1 and 3), or max = 0 to turn it off"
+        )
     loopback = fb.http_host == "localhost" or _is_loopback_host(fb.http_host)
     if not loopback and fb.tls_cert is None and not cfg.security.allow_insecure:
-        problems.append(f"feedback.http_host: {fb.http_host} is not a loopback address, and without TLS the "
-                        "labellers' tokens would cross the network in clear; fix: set feedback.tls_cert and "
-                        "feedback.tls_key, or bind 127.0.0.1 behind a TLS proxy, or set security.allow_insecure = "
-                        "true on a trusted network")
+        problems.append(
+            f"feedback.http_host: {fb.http_host} is not a loopback address, and without TLS the "
+            "labellers' tokens would cross the network in clear; fix: set feedback.tls_cert and "
+            "feedback.tls_key, or bind 127.0.0.1 behind a TLS proxy, or set security.allow_insecure = "
+            "true on a trusted network"
+        )
     return problems
 
 
@@ -108,19 +122,26 @@ def _security_problems(cfg: Config) -> list[str]:
     sec = cfg.security
     if sec.keys_dir is not None:
         if not (Path(sec.keys_dir) / "server.key").is_file():
-            return [f"security.keys_dir: {sec.keys_dir}/server.key does not exist; "
-                    f"fix: streamrl keys generate --dir {sec.keys_dir}"]
+            return [
+                f"security.keys_dir: {sec.keys_dir}/server.key does not exist; "
+                f"fix: streamrl keys generate --dir {sec.keys_dir}"
+            ]
         return []
     if sec.allow_insecure:
         return []
     e = cfg.endpoints
-    named = [(f"endpoints.scorers[{i}]", ep) for i, ep in enumerate(e.scorers)] + [
-        (f"endpoints.{k}", getattr(e, k)) for k in ("buffer", "batches", "weights_announce", "weights",
-                                                     "feedback", "human_model")] + [
-        (f"endpoints.bind.{k}", v) for k, v in e.bind.model_dump().items() if v is not None]
+    named = (
+        [(f"endpoints.scorers[{i}]", ep) for i, ep in enumerate(e.scorers)]
+        + [
+            (f"endpoints.{k}", getattr(e, k))
+            for k in ("buffer", "batches", "weights_announce", "weights", "feedback", "human_model")
+        ]
+        + [(f"endpoints.bind.{k}", v) for k, v in e.bind.model_dump().items() if v is not None]
+    )
     return [
         f"{key}: {ep} is not a loopback address and security.keys_dir is unset, so anyone who reaches it can "
         "send data or read the weights; fix: streamrl keys generate --dir keys and set security.keys_dir = "
-        "\"keys\", or set security.allow_insecure = true on a trusted network"
-        for key, ep in named if not is_local_endpoint(ep)
+        '"keys", or set security.allow_insecure = true on a trusted network'
+        for key, ep in named
+        if not is_local_endpoint(ep)
     ]

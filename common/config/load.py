@@ -74,9 +74,11 @@ def validate_config(data: dict, source: str = "<config>", *, resources: Iterable
             lines += [f"  - {p}" for p in cross_problems(best)]
         if resources:  # of keys that are valid: a bad key's default stands in for it in `best`
             bad = tuple(_key(err["loc"]) for err in errors)
-            lines += [f"  - {p}" for p in resource_problems(best, resources)
-                      if not p.split(":", 1)[0].startswith(bad) and not any(b.startswith(p.split(":", 1)[0])
-                                                                         for b in bad)]
+            lines += [
+                f"  - {p}"
+                for p in resource_problems(best, resources)
+                if not p.split(":", 1)[0].startswith(bad) and not any(b.startswith(p.split(":", 1)[0]) for b in bad)
+            ]
         raise ConfigError(f"{len(lines)} problem(s) in {source}:\n" + "\n".join(lines)) from None
     problems = resource_problems(config, resources) if resources else []
     if problems:
@@ -149,8 +151,9 @@ def resolve_paths(data: Any, model: type[BaseModel], base: Path) -> Any:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
-                resources: Iterable[str] = ()) -> Config:
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, *, resources: Iterable[str] = ()
+) -> Config:
     """Read a TOML config (or defaults when ``path`` is None), apply overrides, validate.
 
     Relative paths written in the file resolve against the file's folder; those given in

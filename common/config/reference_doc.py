@@ -14,7 +14,9 @@ from pydantic.fields import FieldInfo
 from streamrl.common.config.base import _extra, _section_type, _toml, _type_text
 from streamrl.common.config.schema import Config
 
-REFERENCE_BEGIN = "<!-- config-reference: generated from the schema by `python -m streamrl.common.config`; do not edit -->"
+REFERENCE_BEGIN = (
+    "<!-- config-reference: generated from the schema by `python -m streamrl.common.config`; do not edit -->"
+)
 REFERENCE_END = "<!-- end config-reference -->"
 
 
@@ -46,10 +48,13 @@ def _meaning(field: FieldInfo) -> str:
     text = field.description or ""
     applies = _extra(field).get("applies_to")
     if applies:
-        (selector, values), = applies.items()
+        ((selector, values),) = applies.items()
         values = values if isinstance(values, tuple) else (values,)
-        text += (f" ({', '.join(values)} only)" if selector == "source"
-                 else f" ({selector} = " + " or ".join(f'"{v}"' for v in values) + " only)")
+        text += (
+            f" ({', '.join(values)} only)"
+            if selector == "source"
+            else f" ({selector} = " + " or ".join(f'"{v}"' for v in values) + " only)"
+        )
     return text
 
 
@@ -89,4 +94,3 @@ def _main(argv: list[str]) -> int:
         return 2
     print(reference_table(), end="")
     return 0
-

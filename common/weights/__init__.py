@@ -29,7 +29,21 @@ from streamrl.common.weights.client import FetchedWeights, WeightClient
 from streamrl.common.weights.server import STALLED_PEER_FORGET_S, PublishTiming, WeightServer
 
 __all__ = [
-    "DEFAULT_CHUNK_BYTES", "DIGEST_BYTES", "FetchStopped", "FetchedWeights", "PackedWeights", "PublishTiming",
-    "STALLED_PEER_FORGET_S", "WeightClient", "WeightServer", "WeightSyncError", "allocate_blob", "blob_layout",
-    "chunk_digests", "digest_root", "pack_state_dict", "tied_duplicates", "unpack_state_dict",
+    "DEFAULT_CHUNK_BYTES",
+    "DIGEST_BYTES",
+    "FetchStopped",
+    "FetchedWeights",
+    "PackedWeights",
+    "PublishTiming",
+    "STALLED_PEER_FORGET_S",
+    "WeightClient",
+    "WeightServer",
+    "WeightSyncError",
+    "allocate_blob",
+    "blob_layout",
+    "chunk_digests",
+    "digest_root",
+    "pack_state_dict",
+    "tied_duplicates",
+    "unpack_state_dict",
 ]

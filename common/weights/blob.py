@@ -46,7 +46,6 @@ class FetchStopped(WeightSyncError):
     """The process was asked to stop (its ``stop`` event was set) before a fetch completed."""
 
 
-
 def allocate_blob(nbytes: int) -> np.ndarray:
     """A ``[nbytes]`` uint8 array whose pages are mapped up front (``MAP_POPULATE`` on Linux).
 
@@ -143,20 +142,26 @@ def _snapshot(state_dict: dict[str, torch.Tensor], specs: list[TensorSpec], blob
             if source.device.type == "cpu" and source.dtype == dtype:
                 # a plain memcpy on this thread (torch's copy_ would fan out to its intra-op
                 # pool, which on a loaded machine costs several times the copy itself)
-                np.copyto(blob[spec.offset : spec.offset + spec.nbytes],
-                          source.reshape(-1).view(torch.uint8).numpy())
+                np.copyto(blob[spec.offset : spec.offset + spec.nbytes], source.reshape(-1).view(torch.uint8).numpy())
             elif spec.offset % torch.empty(0, dtype=dtype).element_size() == 0:
                 target.view(dtype).view(spec.shape).copy_(source)  # cast while copying, no temporary
             else:  # an unaligned offset (a 2-byte tensor before a 4-byte one): go through bytes
                 target.copy_(source.to(device="cpu", dtype=dtype).contiguous().reshape(-1).view(torch.uint8))
 
 
-def _announce(specs: list[TensorSpec], blob: np.ndarray, *, version: int, chunk_bytes: int,
-              sender: str) -> WeightsAnnounce:
+def _announce(
+    specs: list[TensorSpec], blob: np.ndarray, *, version: int, chunk_bytes: int, sender: str
+) -> WeightsAnnounce:
     total = int(blob.size)
-    return WeightsAnnounce(sender=sender, version=version, manifest=specs, total_bytes=total,
-                           chunk_bytes=chunk_bytes, num_chunks=-(-total // chunk_bytes),
-                           sha256=digest_root(chunk_digests(blob, chunk_bytes)))
+    return WeightsAnnounce(
+        sender=sender,
+        version=version,
+        manifest=specs,
+        total_bytes=total,
+        chunk_bytes=chunk_bytes,
+        num_chunks=-(-total // chunk_bytes),
+        sha256=digest_root(chunk_digests(blob, chunk_bytes)),
+    )
 
 
 def pack_state_dict(
@@ -186,8 +191,9 @@ def pack_state_dict(
         raise ValueError(f"out has {out.size} bytes, the weights need {total}")
     blob = allocate_blob(total) if out is None else out
     _snapshot(state_dict, specs, blob)
-    return PackedWeights(announce=_announce(specs, blob, version=version, chunk_bytes=chunk_bytes, sender=sender),
-                         blob=blob)
+    return PackedWeights(
+        announce=_announce(specs, blob, version=version, chunk_bytes=chunk_bytes, sender=sender), blob=blob
+    )
 
 
 def _tensor_views(announce: WeightsAnnounce, blob) -> dict[str, torch.Tensor]:

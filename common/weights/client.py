@@ -35,6 +35,7 @@ from streamrl.common.weights.blob import (
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class FetchedWeights:
     """Result of :meth:`WeightClient.fetch`.
@@ -114,14 +115,29 @@ class WeightClient:
         self.credit = credit
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self.sub = make_socket(ctx, zmq.SUB, connect=[announce_endpoint], subscribe=b"",
-                               max_message_bytes=max_message_bytes, hwm=hwm, security=security)
-        self.dealer = make_socket(ctx, zmq.DEALER, connect=[fetch_endpoint],
-                                  max_message_bytes=max_message_bytes, hwm=max(hwm, 64), security=security)
-        self.announce_inbox = Inbox(inbox_metrics, [WeightsAnnounce], max_bytes=max_message_bytes,
-                                    socket_name="weights_announce")
-        self.chunk_inbox = Inbox(inbox_metrics, [WeightsChunk, Error], max_bytes=max_message_bytes,
-                                 socket_name="weights")
+        self.sub = make_socket(
+            ctx,
+            zmq.SUB,
+            connect=[announce_endpoint],
+            subscribe=b"",
+            max_message_bytes=max_message_bytes,
+            hwm=hwm,
+            security=security,
+        )
+        self.dealer = make_socket(
+            ctx,
+            zmq.DEALER,
+            connect=[fetch_endpoint],
+            max_message_bytes=max_message_bytes,
+            hwm=max(hwm, 64),
+            security=security,
+        )
+        self.announce_inbox = Inbox(
+            inbox_metrics, [WeightsAnnounce], max_bytes=max_message_bytes, socket_name="weights_announce"
+        )
+        self.chunk_inbox = Inbox(
+            inbox_metrics, [WeightsChunk, Error], max_bytes=max_message_bytes, socket_name="weights"
+        )
         self.latest: WeightsAnnounce | None = None
         self.last_announce: float | None = None
         self._buffers: list[np.ndarray | None] = [None, None]
@@ -182,8 +198,9 @@ class WeightClient:
         missing = [name for name in own if name not in fetched.tensors]
         for name, source in fetched.tensors.items():
             if name in own and tuple(own[name].shape) != tuple(source.shape):
-                raise RuntimeError(f"{name}: shape {tuple(source.shape)} does not fit the model's "
-                                   f"{tuple(own[name].shape)}")
+                raise RuntimeError(
+                    f"{name}: shape {tuple(source.shape)} does not fit the model's {tuple(own[name].shape)}"
+                )
         adopted = False
         with torch.no_grad():
             for name, source in fetched.tensors.items():
@@ -213,35 +230,47 @@ class WeightClient:
         """
         start = time.perf_counter()
         slot, buffer = self._receive_buffer(announce.total_bytes)
-        state = _Fetch(announce=announce, view=memoryview(buffer).cast("B"),
-                       digests=bytearray(DIGEST_BYTES * announce.num_chunks))
+        state = _Fetch(
+            announce=announce, view=memoryview(buffer).cast("B"), digests=bytearray(DIGEST_BYTES * announce.num_chunks)
+        )
         retries = 0
         self._request_more(state)
         while state.received < announce.num_chunks:
             if not poll_unless_stopped(self.dealer, self.timeout_s, self.stop):
                 if self.stop is not None and self.stop.is_set():
-                    raise FetchStopped(f"version {announce.version}: stopped with {state.received} of "
-                                       f"{announce.num_chunks} chunks received")
+                    raise FetchStopped(
+                        f"version {announce.version}: stopped with {state.received} of "
+                        f"{announce.num_chunks} chunks received"
+                    )
                 retries += 1
                 if retries > self.max_retries:
                     raise WeightSyncError(
                         f"version {announce.version}: no chunk for {self.timeout_s}s, "
                         f"{self.max_retries} retries; is the learner up?"
                     )
-                log.warning("weight fetch of version %d timed out; re-sending %d requests",
-                            announce.version, len(state.pending))
+                log.warning(
+                    "weight fetch of version %d timed out; re-sending %d requests", announce.version, len(state.pending)
+                )
                 for index in state.pending:
                     self._request(announce.version, index)
                 continue
             self._receive(state)
         transfer_s = time.perf_counter() - start
         if digest_root(state.digests) != announce.sha256:
-            raise WeightSyncError(f"version {announce.version}: the sha256 of the chunk digests does not match "
-                                  "the announcement (a corrupted or mixed-version chunk); not loaded")
+            raise WeightSyncError(
+                f"version {announce.version}: the sha256 of the chunk digests does not match "
+                "the announcement (a corrupted or mixed-version chunk); not loaded"
+            )
         tensors = _tensor_views(announce, buffer)
-        return FetchedWeights(version=announce.version, tensors=tensors, nbytes=announce.total_bytes,
-                              transfer_s=transfer_s, verify_s=time.perf_counter() - start - transfer_s,
-                              hash_s=state.hash_s, slot=slot)
+        return FetchedWeights(
+            version=announce.version,
+            tensors=tensors,
+            nbytes=announce.total_bytes,
+            transfer_s=transfer_s,
+            verify_s=time.perf_counter() - start - transfer_s,
+            hash_s=state.hash_s,
+            slot=slot,
+        )
 
     def _request_more(self, state: _Fetch) -> None:
         n = state.announce.num_chunks

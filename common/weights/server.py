@@ -163,7 +163,9 @@ class WeightServer:
         self.chunk_bytes = chunk_bytes
         self.peer_max_bytes = peer_max_bytes if peer_max_bytes is not None else 8 * chunk_bytes
         if self.peer_max_bytes < chunk_bytes:
-            raise ValueError(f"peer_max_bytes {self.peer_max_bytes} < chunk_bytes {chunk_bytes}: no chunk could be sent")
+            raise ValueError(
+                f"peer_max_bytes {self.peer_max_bytes} < chunk_bytes {chunk_bytes}: no chunk could be sent"
+            )
         self._versions: dict[int, PackedWeights] = {}
         self._pool = _BlobPool(keep_versions + 1)
         self._lock = threading.Lock()
@@ -184,11 +186,15 @@ class WeightServer:
         """Routing id -> requests waiting for its chunk queue to drain (at most ``peer_chunks``)."""
         self.m_served = metrics.counter("weight_chunks_served_total", "Weight chunks sent to generators")
         self.m_bytes = metrics.counter("weight_bytes_served_total", "Weight bytes sent to generators")
-        self.m_dropped = metrics.counter("weight_replies_dropped_total", "Weight replies not sent: the peer's "
-                                         "queue was full (peer_full) or it disconnected (peer_gone)", ["reason"])
+        self.m_dropped = metrics.counter(
+            "weight_replies_dropped_total",
+            "Weight replies not sent: the peer's queue was full (peer_full) or it disconnected (peer_gone)",
+            ["reason"],
+        )
         self.m_stalled = metrics.gauge("weight_stalled_peers", "Generators whose weight reply queue is full")
-        self.m_queued = metrics.gauge("weight_queued_bytes", "Weight chunk bytes queued to generators, not yet "
-                                      "written to their connections")
+        self.m_queued = metrics.gauge(
+            "weight_queued_bytes", "Weight chunk bytes queued to generators, not yet written to their connections"
+        )
         for reason in ("peer_full", "peer_gone"):
             self.m_dropped.labels(reason=reason)
         self._wake_endpoint = f"inproc://streamrl-weights-wake-{id(self):x}"
@@ -246,8 +252,9 @@ class WeightServer:
                 is counted in chunks).
         """
         if packed.announce.chunk_bytes > self.chunk_bytes:
-            raise ValueError(f"chunks of {packed.announce.chunk_bytes} bytes > this server's chunk_bytes "
-                             f"{self.chunk_bytes}")
+            raise ValueError(
+                f"chunks of {packed.announce.chunk_bytes} bytes > this server's chunk_bytes {self.chunk_bytes}"
+            )
         self._wait_sealed()
         start = time.perf_counter()
         with self._lock:
@@ -310,11 +317,23 @@ class WeightServer:
             sockets.append(wake)
             wake.setsockopt(zmq.LINGER, 0)
             wake.bind(self._wake_endpoint)
-            pub = make_socket(self._ctx, zmq.PUB, bind=self._announce_endpoint,
-                              max_message_bytes=self._max_bytes, hwm=self._hwm, security=self._security)
+            pub = make_socket(
+                self._ctx,
+                zmq.PUB,
+                bind=self._announce_endpoint,
+                max_message_bytes=self._max_bytes,
+                hwm=self._hwm,
+                security=self._security,
+            )
             sockets.append(pub)
-            router = make_socket(self._ctx, zmq.ROUTER, bind=self._fetch_endpoint, max_message_bytes=self._max_bytes,
-                                 hwm=max(self._hwm, 64), security=self._security)
+            router = make_socket(
+                self._ctx,
+                zmq.ROUTER,
+                bind=self._fetch_endpoint,
+                max_message_bytes=self._max_bytes,
+                hwm=max(self._hwm, 64),
+                security=self._security,
+            )
             sockets.append(router)
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full peer queue raises EAGAIN instead of dropping silently
         except BaseException as exc:  # surfaced to the constructor
@@ -405,8 +424,12 @@ class WeightServer:
             if queue.settle() + data.nbytes > self.peer_max_bytes:
                 return False
             self.chunks_served += 1  # before the send: a test may read it the moment the chunk lands
-            tracker = self._reply(router, [route], WeightsChunk(sender=self._sender, version=request.version,
-                                                                chunk_index=request.chunk_index, data=data), track=True)
+            tracker = self._reply(
+                router,
+                [route],
+                WeightsChunk(sender=self._sender, version=request.version, chunk_index=request.chunk_index, data=data),
+                track=True,
+            )
             if tracker is None:
                 self.chunks_served -= 1
             else:
@@ -424,8 +447,9 @@ class WeightServer:
         if len(backlog) < self.peer_chunks:
             backlog.append(request)
         else:
-            self._stall(route, f"{self.queues[route].queued} bytes of chunks queued and {len(backlog)} "
-                               "requests waiting")
+            self._stall(
+                route, f"{self.queues[route].queued} bytes of chunks queued and {len(backlog)} requests waiting"
+            )
 
     def _serve_backlogs(self, router: zmq.Socket, inbox: Inbox) -> None:
         for route, backlog in list(self.backlogs.items()):
@@ -434,8 +458,9 @@ class WeightServer:
             if not backlog:
                 del self.backlogs[route]
 
-    def _reply(self, router: zmq.Socket, route: list[bytes], message: Message,
-               track: bool = False) -> zmq.MessageTracker | None:
+    def _reply(
+        self, router: zmq.Socket, route: list[bytes], message: Message, track: bool = False
+    ) -> zmq.MessageTracker | None:
         """Send without blocking; None (counted) when the peer's queue is full or it is gone.
 
         With ``track``, every frame goes zero-copy and the returned tracker says when
@@ -463,8 +488,13 @@ class WeightServer:
     def _stall(self, route: bytes, why: str) -> None:
         self.m_dropped.labels(reason="peer_full").inc()
         if route not in self.stalled:
-            log.warning("weights peer %s is not reading (%s, the bound is %d bytes); dropping its requests until "
-                        "it reads again", route.hex(), why, self.peer_max_bytes)
+            log.warning(
+                "weights peer %s is not reading (%s, the bound is %d bytes); dropping its requests until "
+                "it reads again",
+                route.hex(),
+                why,
+                self.peer_max_bytes,
+            )
         self.stalled[route] = time.monotonic()
         self.m_stalled.set(len(self.stalled))
 

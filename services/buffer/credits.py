@@ -124,11 +124,18 @@ class CreditLedger:
         ValueError: a bad argument.
     """
 
-    def __init__(self, groups_per_step: int, max_staleness: int, *, ttl_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        groups_per_step: int,
+        max_staleness: int,
+        *,
+        ttl_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if groups_per_step < 1 or max_staleness < 0 or ttl_s <= 0:
-            raise ValueError(f"groups_per_step {groups_per_step} must be >= 1, max_staleness {max_staleness} "
-                             f">= 0, ttl_s {ttl_s} > 0")
+            raise ValueError(
+                f"groups_per_step {groups_per_step} must be >= 1, max_staleness {max_staleness} >= 0, ttl_s {ttl_s} > 0"
+            )
         self.groups_per_step, self.max_staleness, self.ttl_s, self.clock = groups_per_step, max_staleness, ttl_s, clock
         self.learner_version: int | None = None
         self.served_for_version = 0
@@ -159,8 +166,9 @@ class CreditLedger:
             self.served_for_version = 0
             self._served_batches.clear()
 
-    def served(self, learner_version: int, generator_ids: list[str], *, batch_id: str = "",
-               again: bool = False) -> None:
+    def served(
+        self, learner_version: int, generator_ids: list[str], *, batch_id: str = "", again: bool = False
+    ) -> None:
         """A batch was served for ``learner_version``: one entry of ``generator_ids`` per group (who sampled it).
 
         ``batch_id`` (the batch's ``msg_id``): a batch sent again for the same version (its reply
@@ -236,8 +244,10 @@ class CreditLedger:
         bound = (self.max_staleness + 1 - lag) * self.groups_per_step - self.served_for_version
         if bound <= 0:
             if lag:
-                return 0, (f"weights version {request.policy_version} are {lag} behind the learner's {learner} "
-                           f"(max_staleness {self.max_staleness}): load newer weights")
+                return 0, (
+                    f"weights version {request.policy_version} are {lag} behind the learner's {learner} "
+                    f"(max_staleness {self.max_staleness}): load newer weights"
+                )
             return 0, f"the batch of version {learner} is served: waiting for the learner's next version"
         used = held_groups + self.outstanding()
         free = bound - used
@@ -248,8 +258,12 @@ class CreditLedger:
         if fair <= 0:
             return 0, f"holds its fair share ({g.outstanding()} of {self.window} among {active} generators)"
         credits = min(request.want, free, fair)
-        return credits, "" if credits == request.want else f"{credits} of {request.want}: bound {bound}, " \
-                                                           f"{used} held or in flight, fair share {fair}"
+        return (
+            credits,
+            ""
+            if credits == request.want
+            else f"{credits} of {request.want}: bound {bound}, {used} held or in flight, fair share {fair}",
+        )
 
     def expire(self, now: float | None = None) -> None:
         """Write off silent generators' credits and groups reported sent ``ttl_s`` ago that never arrived."""

@@ -124,7 +124,9 @@ class DurableBuffer:
             raise ValueError(f"{request.num_groups} groups > capacity {self.store.capacity_groups}")
         legacy = request.durable_version < 0
         durable = request.learner_version if legacy else request.durable_version
-        refused = next((h for h in self.held if request.refused_batch and h.batch.msg_id == request.refused_batch), None)
+        refused = next(
+            (h for h in self.held if request.refused_batch and h.batch.msg_id == request.refused_batch), None
+        )
         if refused is not None:  # every rollout failed the learner's checks: recorded, never served again
             if self.journal is not None:
                 self.journal.remove("refused", [s.rollout.rollout_id for s in refused.batch.rollouts])
@@ -137,12 +139,17 @@ class DurableBuffer:
                 self.acknowledge(held)
             elif not legacy and held.owner != request.resumed_at:
                 self._restamp(held, held.batch.learner_version, LOST)  # its process died before checkpointing it
-                log.warning("the learner restarted (now at version %d, checkpoint %d): the batch served for version "
-                            "%d was not checkpointed and will be served again", request.learner_version,
-                            request.durable_version, held.batch.learner_version)
+                log.warning(
+                    "the learner restarted (now at version %d, checkpoint %d): the batch served for version "
+                    "%d was not checkpointed and will be served again",
+                    request.learner_version,
+                    request.durable_version,
+                    held.batch.learner_version,
+                )
         owner = -1 if legacy else request.resumed_at
-        again = next((h for h in self.held if h.owner == owner and h.batch.learner_version >= request.learner_version),
-                     None) or next((h for h in self.held if h.owner == LOST), None)
+        again = next(
+            (h for h in self.held if h.owner == owner and h.batch.learner_version >= request.learner_version), None
+        ) or next((h for h in self.held if h.owner == LOST), None)
         if again is not None:
             return self.serve_again(request, again)
         self.pending = (route, request)  # a newer request replaces an older unanswered one
@@ -168,8 +175,11 @@ class DurableBuffer:
         if held is None:
             raise RuntimeError("no unacknowledged batch to serve again")
         batch = held.batch
-        log.info("learner asked for version %d; serving the held batch of version %d again",
-                 request.learner_version, batch.learner_version)
+        log.info(
+            "learner asked for version %d; serving the held batch of version %d again",
+            request.learner_version,
+            batch.learner_version,
+        )
         owner = -1 if request.durable_version < 0 else request.resumed_at
         if batch.learner_version != request.learner_version or held.owner != owner:
             self._restamp(held, request.learner_version, owner)
@@ -194,8 +204,12 @@ class DurableBuffer:
         if self.pending is None:
             return None
         route, request = self.pending
-        batch = self.serve(request.num_groups, request.learner_version, sender,
-                           owner=-1 if request.durable_version < 0 else request.resumed_at)
+        batch = self.serve(
+            request.num_groups,
+            request.learner_version,
+            sender,
+            owner=-1 if request.durable_version < 0 else request.resumed_at,
+        )
         if batch is None:
             return None
         self.pending = None
@@ -207,9 +221,14 @@ class DurableBuffer:
         sample = self.store.sample(num_groups, learner_version)
         if sample is None:
             return None
-        batch = Batch(sender=sender, learner_version=learner_version, rollouts=sample.rollouts,
-                      dropped_stale=sample.dropped_stale, evicted=sample.evicted,
-                      buffered_groups=sample.buffered_groups)
+        batch = Batch(
+            sender=sender,
+            learner_version=learner_version,
+            rollouts=sample.rollouts,
+            dropped_stale=sample.dropped_stale,
+            evicted=sample.evicted,
+            buffered_groups=sample.buffered_groups,
+        )
         if self.journal is not None:
             self.journal.serve(batch, owner)
             self.journal.commit()
@@ -232,11 +251,18 @@ class DurableBuffer:
         self.store.restore([(g.members, g.served) for g in recovered.groups])
         self.held = list(recovered.held)
         if recovered.records:
-            log.info("recovered %d rollouts in %d groups from %s (%d records, %d bad, %d rollouts lost in a torn "
-                     "tail)%s", recovered.rollouts, len(recovered.groups), self.journal.directory, recovered.records,
-                     recovered.bad_records, recovered.torn_rollouts,
-                     f"; batches for versions {[h.batch.learner_version for h in self.held]} await acknowledgement"
-                     if self.held else "")
+            log.info(
+                "recovered %d rollouts in %d groups from %s (%d records, %d bad, %d rollouts lost in a torn tail)%s",
+                recovered.rollouts,
+                len(recovered.groups),
+                self.journal.directory,
+                recovered.records,
+                recovered.bad_records,
+                recovered.torn_rollouts,
+                f"; batches for versions {[h.batch.learner_version for h in self.held]} await acknowledgement"
+                if self.held
+                else "",
+            )
         self.compact()
         return recovered
 
@@ -265,8 +291,9 @@ class DurableBuffer:
     def _flush_ledger(self) -> None:
         """Write the measured counts and what is held now (after the journal made them durable)."""
         self.ledger.set_gauge("held", self.store.held_rollouts)
-        self.ledger.set_gauge("served_unacked_ids",
-                              sorted(s.rollout.rollout_id for h in self.held for s in h.batch.rollouts))
+        self.ledger.set_gauge(
+            "served_unacked_ids", sorted(s.rollout.rollout_id for h in self.held for s in h.batch.rollouts)
+        )
         self.ledger.flush()
 
     def _on_event(self, event: BufferEvent, rollout_ids: list[str]) -> None:

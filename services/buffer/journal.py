@@ -212,7 +212,7 @@ def _record_at(data: bytes, pos: int) -> tuple[int, int] | None:
     end = pos + HEADER.size + length
     if end > len(data) or kind not in RecordType._value2member_map_:
         return None
-    if zlib.crc32(bytes([kind]) + data[pos + HEADER.size:end]) != crc:
+    if zlib.crc32(bytes([kind]) + data[pos + HEADER.size : end]) != crc:
         return None
     return kind, end
 
@@ -245,8 +245,10 @@ def torn_tail(data: bytes, pos: int) -> TornTail:
     elif (kind := HEADER.unpack_from(data, pos)[2]) == RecordType.ACCEPT:
         what = "1 record lost (accept): 1 rollout never accepted"
     elif kind in RecordType.__members__.values():
-        what, rollouts = f"1 record lost ({RecordType(kind).name.lower()}): 0 rollouts (an event about rollouts " \
-                         "still held)", 0
+        what, rollouts = (
+            f"1 record lost ({RecordType(kind).name.lower()}): 0 rollouts (an event about rollouts still held)",
+            0,
+        )
     else:
         what = f"1 record of unknown type {kind} lost: at most 1 rollout"
     reason = TornTail(f"{where}: {what}")
@@ -275,7 +277,7 @@ def read_records(path: Path) -> Iterator[tuple[RecordType | None, object]]:
                 yield None, f"corrupt record at byte {pos}, intact records from byte {later} on"
             return
         kind, end = found
-        yield RecordType(kind), msgpack.unpackb(data[pos + HEADER.size:end], raw=False)
+        yield RecordType(kind), msgpack.unpackb(data[pos + HEADER.size : end], raw=False)
         pos = end
 
 
@@ -342,8 +344,10 @@ class Journal:
     def serve(self, batch: Batch, owner: int = -1) -> None:
         """Log a batch served to learner process ``owner`` (it is held until acknowledged)."""
         ids = [s.rollout.rollout_id for s in batch.rollouts]
-        self._append(RecordType.SERVE, {"ids": ids, "version": batch.learner_version,
-                                        "batch": _pack_frames(encode(batch)), "owner": owner})
+        self._append(
+            RecordType.SERVE,
+            {"ids": ids, "version": batch.learner_version, "batch": _pack_frames(encode(batch)), "owner": owner},
+        )
 
     def restamp(self, version: int, *, from_version: int | None = None, owner: int = -1) -> None:
         """Log that the held batch served for ``from_version`` (None: the newest) now stands for
@@ -393,13 +397,20 @@ class Journal:
             for member in group.members:
                 self.accept(encode(member))
             if group.served:
-                self._append(RecordType.SERVED, {"ids": [m.rollout.rollout_id for m in group.members],
-                                                 "served": group.served})
+                self._append(
+                    RecordType.SERVED, {"ids": [m.rollout.rollout_id for m in group.members], "served": group.served}
+                )
         if isinstance(unacknowledged, Batch):
             unacknowledged = [HeldBatch(unacknowledged)]
         for held in unacknowledged or []:
-            self._append(RecordType.UNACKED, {"ids": [s.rollout.rollout_id for s in held.batch.rollouts],
-                                              "batch": _pack_frames(encode(held.batch)), "owner": held.owner})
+            self._append(
+                RecordType.UNACKED,
+                {
+                    "ids": [s.rollout.rollout_id for s in held.batch.rollouts],
+                    "batch": _pack_frames(encode(held.batch)),
+                    "owner": held.owner,
+                },
+            )
         self._append(RecordType.SNAPSHOT_END, {})
         self.commit(force=True)
         if self.keep_history:
@@ -491,20 +502,26 @@ class Journal:
                 log.warning("journal: unreadable %s record (%s); skipped", kind.name, err)
         if result.damage and not repair:
             raise JournalDamaged(
-                f"buffer journal {self.directory} is damaged: " + "; ".join(result.damage)
+                f"buffer journal {self.directory} is damaged: "
+                + "; ".join(result.damage)
                 + ". Records were lost, so replay could serve rollouts that were already trained or removed. "
                 "fix: restore the folder from a backup, or start with buffer.journal_repair = true to move the "
                 "damaged segments to damaged/ (kept, never deleted) and quarantine every group the lost records "
-                "may have concerned")
+                "may have concerned"
+            )
         for group_id, group in list(live.items()):
             if min(accepted_at[m.rollout.rollout_id] for m in group.members) < lost_before:
                 result.quarantined += len(group.members)
                 retire(group_id)
         if result.damage:  # repair: keep the damaged files aside, never delete them
             moved = self.move_damaged()
-            log.error("journal repaired: %s; moved aside: %s; quarantined %d rollouts accepted before the lost "
-                      "records (not served)", "; ".join(result.damage), [str(m) for m in moved] or "nothing",
-                      result.quarantined)
+            log.error(
+                "journal repaired: %s; moved aside: %s; quarantined %d rollouts accepted before the lost "
+                "records (not served)",
+                "; ".join(result.damage),
+                [str(m) for m in moved] or "nothing",
+                result.quarantined,
+            )
         result.groups = sorted(live.values(), key=lambda g: g.order)
         result.held = [h for h, at in held if not (lost_before and at < lost_before)]
         result.unacknowledged = result.held[-1].batch if result.held else None
@@ -658,8 +675,14 @@ class Journal:
         self._segment_size = os.fstat(self._fd).st_size
         self._fsync_directory()
         if self._segment_size == 0:
-            self._append(RecordType.BEGIN, {"segment": number, "snapshot": snapshot,
-                                            "previous": number - 1 if continues and not snapshot else None})
+            self._append(
+                RecordType.BEGIN,
+                {
+                    "segment": number,
+                    "snapshot": snapshot,
+                    "previous": number - 1 if continues and not snapshot else None,
+                },
+            )
 
     def _fsync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)

@@ -65,37 +65,70 @@ class BufferService:
         self.ctx = ctx
         capacity = admission_capacity(b.capacity_groups, cfg.learner.groups_per_step, cfg.run.max_staleness)
         if capacity < b.capacity_groups:
-            log.info("admission control: holding at most %d groups (learner takes %d per version, max_staleness %d)",
-                     capacity, cfg.learner.groups_per_step, cfg.run.max_staleness)
-        self.store = ReplayBuffer(capacity_groups=capacity, overflow=b.overflow, max_reuse=b.max_reuse,
-                                  max_staleness=cfg.run.max_staleness, group_timeout_s=b.group_timeout_s)
+            log.info(
+                "admission control: holding at most %d groups (learner takes %d per version, max_staleness %d)",
+                capacity,
+                cfg.learner.groups_per_step,
+                cfg.run.max_staleness,
+            )
+        self.store = ReplayBuffer(
+            capacity_groups=capacity,
+            overflow=b.overflow,
+            max_reuse=b.max_reuse,
+            max_staleness=cfg.run.max_staleness,
+            group_timeout_s=b.group_timeout_s,
+        )
         journal = None
         if b.journal:
-            journal = Journal(journal_folder(cfg), fsync=b.fsync, fsync_interval_s=b.fsync_interval_s,
-                              segment_bytes=b.segment_bytes, max_segments=b.max_segments,
-                              keep_history=b.keep_history, max_reuse=b.max_reuse)
+            journal = Journal(
+                journal_folder(cfg),
+                fsync=b.fsync,
+                fsync_interval_s=b.fsync_interval_s,
+                segment_bytes=b.segment_bytes,
+                max_segments=b.max_segments,
+                keep_history=b.keep_history,
+                max_reuse=b.max_reuse,
+            )
         self.state = DurableBuffer(self.store, journal, ctx.ledger)
         self.metrics = BufferMetrics(ctx.metrics)
         if journal is not None:
             self.metrics.recovered.set(self.state.recover(repair=b.journal_repair).rollouts)
         t = cfg.transport
-        self.pull = make_socket(ctx.zmq, zmq.PULL, bind=cfg.endpoints.bind_address("buffer"),
-                                max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
-        self.router = make_socket(ctx.zmq, zmq.ROUTER, bind=cfg.endpoints.bind_address("batches"),
-                                  max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
-        self.rollout_inbox = Inbox(ctx.metrics, [ScoredRollout, GroupDropped], max_bytes=t.max_message_bytes,
-                                   socket_name="scored_rollouts")
+        self.pull = make_socket(
+            ctx.zmq,
+            zmq.PULL,
+            bind=cfg.endpoints.bind_address("buffer"),
+            max_message_bytes=t.max_message_bytes,
+            hwm=t.hwm,
+            security=ctx.security,
+        )
+        self.router = make_socket(
+            ctx.zmq,
+            zmq.ROUTER,
+            bind=cfg.endpoints.bind_address("batches"),
+            max_message_bytes=t.max_message_bytes,
+            hwm=t.hwm,
+            security=ctx.security,
+        )
+        self.rollout_inbox = Inbox(
+            ctx.metrics, [ScoredRollout, GroupDropped], max_bytes=t.max_message_bytes, socket_name="scored_rollouts"
+        )
         self.credits = CreditLedger(cfg.learner.groups_per_step, cfg.run.max_staleness, ttl_s=b.credit_ttl_s)
         self.epoch = uuid.uuid4().hex[:12]
-        self.request_inbox = Inbox(ctx.metrics, [BatchRequest, CreditRequest], max_bytes=t.max_message_bytes,
-                                   socket_name="batches")
+        self.request_inbox = Inbox(
+            ctx.metrics, [BatchRequest, CreditRequest], max_bytes=t.max_message_bytes, socket_name="batches"
+        )
         self.waits = Waits(ctx.metrics, warn_after_s=cfg.transport.request_timeout_s * 3)
         self.last_request = time.monotonic()
 
     def run(self) -> None:
         """Serve until stopped."""
-        log.info("%s accepting on %s, serving batches on %s", self.ctx.instance,
-                 self.ctx.config.endpoints.buffer, self.ctx.config.endpoints.batches)
+        log.info(
+            "%s accepting on %s, serving batches on %s",
+            self.ctx.instance,
+            self.ctx.config.endpoints.buffer,
+            self.ctx.config.endpoints.batches,
+        )
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         reading = False
@@ -186,11 +219,19 @@ class BufferService:
         """Answer a generator's credit request (``services/buffer/credits.py``)."""
         held = self.store.complete_groups + self.store.incomplete_groups + awaiting_groups(self.state.held)
         grant = self.credits.grant(request, held)
-        send(self.router, CreditGrant(sender=self.ctx.instance, reply_to=request.msg_id, credits=grant.credits,
-                                      learner_version=-1 if self.credits.learner_version is None
-                                      else self.credits.learner_version, epoch=self.epoch, reason=grant.reason,
-                                      trained_groups=grant.trained_groups),
-             prefix=[route])
+        send(
+            self.router,
+            CreditGrant(
+                sender=self.ctx.instance,
+                reply_to=request.msg_id,
+                credits=grant.credits,
+                learner_version=-1 if self.credits.learner_version is None else self.credits.learner_version,
+                epoch=self.epoch,
+                reason=grant.reason,
+                trained_groups=grant.trained_groups,
+            ),
+            prefix=[route],
+        )
 
     def _serve_pending(self) -> None:
         served = self.state.serve_pending(self.ctx.instance)

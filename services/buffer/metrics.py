@@ -25,26 +25,36 @@ class BufferMetrics(MetricSet):
     inserted = counter("inserted_total", "Rollouts accepted")
     sampled = counter("sampled_total", "Rollouts served to the learner (reuse counted)")
     stale = counter("dropped_stale_total", "Rollouts dropped for staleness > max_staleness")
-    evicted = counter("evicted_total", "Rollouts evicted (capacity, incomplete-group timeout, a member's reward "
-                      "failed in a scorer)")
-    groups_dropped = counter("groups_dropped_by_scorers_total", "Reports of a group a scorer dropped because the "
-                             "reward raised on a member (what is held of it is evicted, its credit returned)")
+    evicted = counter(
+        "evicted_total", "Rollouts evicted (capacity, incomplete-group timeout, a member's reward failed in a scorer)"
+    )
+    groups_dropped = counter(
+        "groups_dropped_by_scorers_total",
+        "Reports of a group a scorer dropped because the "
+        "reward raised on a member (what is held of it is evicted, its credit returned)",
+    )
     batches = counter("batches_total", "Batches served")
     staleness = histogram("staleness", "Staleness (versions) of served rollouts", buckets=STALENESS_BUCKETS)
-    blocked = counter("producers_blocked_seconds_total",
-                      "Seconds the buffer stopped reading producers because it was full")
+    blocked = counter(
+        "producers_blocked_seconds_total", "Seconds the buffer stopped reading producers because it was full"
+    )
     journal_bytes = counter("journal_written_bytes_total", "Bytes appended to the journal")
     fsync = counter("journal_fsync_seconds_total", "Seconds spent in fsync of the journal")
     compactions = counter("journal_compactions_total", "Journal compactions (snapshot + delete)")
     recovered = gauge("recovered_rollouts", "Rollouts recovered from the journal at start")
-    credits_granted = counter("credits_granted_total", "Generation credits granted (one per group a generator "
-                              "may sample)")
-    credits_expired = counter("credits_expired_total", "Credits written off: a generator restarted or went "
-                              "silent, or its groups never arrived")
-    credits_outstanding = gauge("credits_outstanding", "Credits granted whose group has not arrived (in flight "
-                                "or not yet sampled)")
-    reserved = counter("batches_reserved_total",
-                       "Unacknowledged batches served again (learner restarted or lost a batch)")
+    credits_granted = counter(
+        "credits_granted_total", "Generation credits granted (one per group a generator may sample)"
+    )
+    credits_expired = counter(
+        "credits_expired_total",
+        "Credits written off: a generator restarted or went silent, or its groups never arrived",
+    )
+    credits_outstanding = gauge(
+        "credits_outstanding", "Credits granted whose group has not arrived (in flight or not yet sampled)"
+    )
+    reserved = counter(
+        "batches_reserved_total", "Unacknowledged batches served again (learner restarted or lost a batch)"
+    )
 
     def __init__(self, registry: ServiceMetrics):
         super().__init__(registry)

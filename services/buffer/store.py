@@ -249,9 +249,7 @@ class ReplayBuffer:
         try:
             overflow = OverflowPolicy(overflow)
         except ValueError:
-            errors.append(
-                f"overflow must be one of {[p.value for p in OverflowPolicy]} (got {overflow!r})"
-            )
+            errors.append(f"overflow must be one of {[p.value for p in OverflowPolicy]} (got {overflow!r})")
         if errors:
             raise ValueError("ReplayBuffer: " + "; ".join(errors))
 

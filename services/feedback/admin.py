@@ -22,8 +22,10 @@ from streamrl.services.feedback.store import LabelStore
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2: bad config or arguments)."""
-    parser = argparse.ArgumentParser(prog="python -m streamrl.services.feedback.admin",
-                                     description="labellers' tokens and label export of the feedback service")
+    parser = argparse.ArgumentParser(
+        prog="python -m streamrl.services.feedback.admin",
+        description="labellers' tokens and label export of the feedback service",
+    )
     parser.add_argument("--config", help="TOML run config (its feedback.database; default: built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(err, file=sys.stderr)
                     return 2
                 print(token)
-                print(f"labeller {args.name} added; give them this token (it is not stored and cannot be shown "
-                      "again)", file=sys.stderr)
+                print(
+                    f"labeller {args.name} added; give them this token (it is not stored and cannot be shown again)",
+                    file=sys.stderr,
+                )
                 return 0
             if not store.revoke_labeller(args.name):
                 print(f"no labeller {args.name!r}", file=sys.stderr)

@@ -48,10 +48,16 @@ def fit_head(rows: list[LabelRow], *, l2: float) -> tuple[HumanHead, float]:
         raise ValueError("fit_head: no labels")
     if any(r.features is None or (r.kind == "preference" and r.other_features is None) for r in rows):
         raise ValueError("fit_head: every label needs the features of its rollout(s)")
-    credited = [(f, c, float(r.value)) for r in rows if r.kind == "rating"
-                for f, c in (r.credit if r.credit else [(r.features, 1.0)])]  # (features, c_i, y) per credited rollout
-    everything = np.stack([f for r in rows if r.kind == "preference" for f in (r.features, r.other_features)]
-                          + [f for f, _, _ in credited]).astype(np.float64)
+    credited = [
+        (f, c, float(r.value))
+        for r in rows
+        if r.kind == "rating"
+        for f, c in (r.credit if r.credit else [(r.features, 1.0)])
+    ]  # (features, c_i, y) per credited rollout
+    everything = np.stack(
+        [f for r in rows if r.kind == "preference" for f in (r.features, r.other_features)]
+        + [f for f, _, _ in credited]
+    ).astype(np.float64)
     mean = everything.mean(0)
     scale = np.maximum(everything.std(0), MIN_SCALE)
     pairs = [r for r in rows if r.kind == "preference"]
@@ -75,8 +81,15 @@ def fit_head(rows: list[LabelRow], *, l2: float) -> tuple[HumanHead, float]:
         loss = loss + torch.nn.functional.softplus(-((x_chosen - x_rejected) @ w)).sum() / n
         return loss + l2 * (w * w).sum()
 
-    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
-                                  history_size=20, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=500,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -87,13 +100,18 @@ def fit_head(rows: list[LabelRow], *, l2: float) -> tuple[HumanHead, float]:
     optimizer.step(closure)
     with torch.no_grad():
         loss = float(objective())
-    head = HumanHead(mean=mean.astype(np.float32), scale=scale.astype(np.float32),
-                     weight=w.detach().numpy().astype(np.float32), bias=float(b.detach()))
+    head = HumanHead(
+        mean=mean.astype(np.float32),
+        scale=scale.astype(np.float32),
+        weight=w.detach().numpy().astype(np.float32),
+        bias=float(b.detach()),
+    )
     return head, loss
 
 
-def model_message(head: HumanHead, *, version: int, active: bool, rows: list[LabelRow], anchors: int,
-                  sender: str) -> HumanModel:
+def model_message(
+    head: HumanHead, *, version: int, active: bool, rows: list[LabelRow], anchors: int, sender: str
+) -> HumanModel:
     """The :class:`~streamrl.common.messages.HumanModel` of a fitted head.
 
     The eligibility anchors are the standardised features of the newest ``anchors`` labelled
@@ -105,6 +123,16 @@ def model_message(head: HumanHead, *, version: int, active: bool, rows: list[Lab
             if f is not None and len(recent) < anchors:
                 recent.append((f, r.created_at))
     points = head.standardize(np.stack([f for f, _ in recent])) if recent else np.zeros((0, head.dim), np.float32)
-    return HumanModel(sender=sender, version=version, active=active, feature=FEATURE, mean=head.mean,
-                      scale=head.scale, weight=head.weight, bias=head.bias, anchors=points.astype(np.float32),
-                      anchor_times=np.array([t for _, t in recent], dtype=np.float64), labels=len(rows))
+    return HumanModel(
+        sender=sender,
+        version=version,
+        active=active,
+        feature=FEATURE,
+        mean=head.mean,
+        scale=head.scale,
+        weight=head.weight,
+        bias=head.bias,
+        anchors=points.astype(np.float32),
+        anchor_times=np.array([t for _, t in recent], dtype=np.float64),
+        labels=len(rows),
+    )

@@ -74,17 +74,42 @@ class FeedbackService:
         self.tokenizer = load_tokenizer(path)
         self.reference = load_causal_lm(path, device=torch.device("cpu")).eval()
         t = cfg.transport
-        self.feed = make_socket(ctx.zmq, zmq.SUB, bind=cfg.endpoints.bind_address("feedback"), subscribe=b"",
-                                max_message_bytes=t.max_message_bytes, hwm=max(t.hwm, 1000), security=ctx.security)
-        self.publisher = make_socket(ctx.zmq, zmq.PUB, bind=cfg.endpoints.bind_address("human_model"),
-                                     max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
+        self.feed = make_socket(
+            ctx.zmq,
+            zmq.SUB,
+            bind=cfg.endpoints.bind_address("feedback"),
+            subscribe=b"",
+            max_message_bytes=t.max_message_bytes,
+            hwm=max(t.hwm, 1000),
+            security=ctx.security,
+        )
+        self.publisher = make_socket(
+            ctx.zmq,
+            zmq.PUB,
+            bind=cfg.endpoints.bind_address("human_model"),
+            max_message_bytes=t.max_message_bytes,
+            hwm=t.hwm,
+            security=ctx.security,
+        )
         self.inbox = Inbox(ctx.metrics, [ScoredRollout], max_bytes=t.max_message_bytes, socket_name="feed")
         self.http_socket = self._bind_http()
         tls = fb.tls_cert is not None
-        app = create_app(self, session_ttl_s=fb.session_ttl_s, secure_cookies=tls, label_rate_per_s=fb.label_rate_per_s,
-                         label_burst=fb.label_burst)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                ssl_certfile=fb.tls_cert, ssl_keyfile=fb.tls_key, timeout_graceful_shutdown=2)
+        app = create_app(
+            self,
+            session_ttl_s=fb.session_ttl_s,
+            secure_cookies=tls,
+            label_rate_per_s=fb.label_rate_per_s,
+            label_burst=fb.label_burst,
+        )
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            ssl_certfile=fb.tls_cert,
+            ssl_keyfile=fb.tls_key,
+            timeout_graceful_shutdown=2,
+        )
         self.server = uvicorn.Server(config)
         self.url = f"{'https' if tls else 'http'}://{fb.http_host}:{self.http_socket.getsockname()[1]}/"
 
@@ -97,9 +122,11 @@ class FeedbackService:
             sock.bind((fb.http_host.strip("[]"), fb.http_port))
         except OSError as err:
             sock.close()
-            raise StartupRefused(f"cannot serve the feedback page on {fb.http_host}:{fb.http_port}: {err.strerror}; "
-                                 "fix: stop the process that holds the port or set feedback.http_port "
-                                 "(0 = any free port)") from None
+            raise StartupRefused(
+                f"cannot serve the feedback page on {fb.http_host}:{fb.http_port}: {err.strerror}; "
+                "fix: stop the process that holds the port or set feedback.http_port "
+                "(0 = any free port)"
+            ) from None
         sock.listen(64)
         return sock
 
@@ -107,11 +134,18 @@ class FeedbackService:
 
     def run(self) -> None:
         """Serve until stopped."""
-        thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.http_socket]},
-                                  name="feedback-http", daemon=True)
+        thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.http_socket]}, name="feedback-http", daemon=True
+        )
         thread.start()
-        log.info("%s: labellers' page on %s (labels in %s); feed on %s, H-hat on %s", self.ctx.instance, self.url,
-                 self.store.path, self.cfg.endpoints.feedback, self.cfg.endpoints.human_model)
+        log.info(
+            "%s: labellers' page on %s (labels in %s); feed on %s, H-hat on %s",
+            self.ctx.instance,
+            self.url,
+            self.store.path,
+            self.cfg.endpoints.feedback,
+            self.cfg.endpoints.human_model,
+        )
         if not is_local_endpoint(self.cfg.endpoints.feedback):
             log.info("the feed endpoint is not on loopback: scorers elsewhere reach it through CURVE")
         last_announce = 0.0
@@ -123,8 +157,9 @@ class FeedbackService:
                 if self.pending and now - self.last_fit >= self.fb.fit_interval_s:
                     self._fit_and_publish()
                     last_announce = time.time()
-                elif self.wake.is_set() or (self.message is not None
-                                            and now - last_announce >= self.fb.announce_interval_s):
+                elif self.wake.is_set() or (
+                    self.message is not None and now - last_announce >= self.fb.announce_interval_s
+                ):
                     self.wake.clear()
                     self._publish()
                     last_announce = now
@@ -157,16 +192,21 @@ class FeedbackService:
             pending, self.pending = self.pending, []
         missing = self.store.rollouts_without_features()
         while missing:
-            features = reference_features(self.reference, [p for _, p, _ in missing], [c for _, _, c in missing],
-                                          pad_id=self.tokenizer.pad_token_id)
+            features = reference_features(
+                self.reference,
+                [p for _, p, _ in missing],
+                [c for _, _, c in missing],
+                pad_id=self.tokenizer.pad_token_id,
+            )
             self.store.set_features({rid: f for (rid, _, _), f in zip(missing, features)})
             missing = self.store.rollouts_without_features()
         rows = self.store.training_labels(self.fb.max_labels)
         if len(rows) < self.fb.min_labels:
             if rows and len(rows) != self.logged_below:
                 self.logged_below = len(rows)
-                log.info("%d label(s) so far; H-hat is first fit at feedback.min_labels = %d", len(rows),
-                         self.fb.min_labels)
+                log.info(
+                    "%d label(s) so far; H-hat is first fit at feedback.min_labels = %d", len(rows), self.fb.min_labels
+                )
             with self.lock:
                 self.pending = pending + self.pending
             return
@@ -178,8 +218,14 @@ class FeedbackService:
         version = self.version + 1
         with self.lock:
             active = self.active
-        message = model_message(head, version=version, active=active, rows=rows,
-                                anchors=self.fb.eligibility_anchors, sender=self.ctx.instance)
+        message = model_message(
+            head,
+            version=version,
+            active=active,
+            rows=rows,
+            anchors=self.fb.eligibility_anchors,
+            sender=self.ctx.instance,
+        )
         self.store.record_model(version=version, labels=len(rows), last_label_id=rows[-1].id, loss=loss)
         self.version, self.fitted_label_id, self.message = version, rows[-1].id, message
         self._publish()
@@ -189,8 +235,13 @@ class FeedbackService:
         self.metrics.fit_seconds.observe(time.perf_counter() - started)
         self.metrics.model_version.set(version)
         self.metrics.labels_in_model.set(len(rows))
-        log.info("H-hat version %d fit on %d labels (loss %.4f) in %.2fs", version, len(rows), loss,
-                 time.perf_counter() - started)
+        log.info(
+            "H-hat version %d fit on %d labels (loss %.4f) in %.2fs",
+            version,
+            len(rows),
+            loss,
+            time.perf_counter() - started,
+        )
 
     def _publish(self) -> None:
         if self.message is None:
@@ -244,13 +295,26 @@ class FeedbackService:
             LabelError: 404 when the rollout is not among the recent ones.
         """
         seen = self._known(rollout_id)
-        label_id, at = self.store.add_label(labeller=labeller, kind="rating", scored=seen.scored, value=value,
-                                            model_version=self.version, seen_at=seen.seen_at,
-                                            credit=self._credit(seen, time.time()))
+        label_id, at = self.store.add_label(
+            labeller=labeller,
+            kind="rating",
+            scored=seen.scored,
+            value=value,
+            model_version=self.version,
+            seen_at=seen.seen_at,
+            credit=self._credit(seen, time.time()),
+        )
         self._stored(label_id, at, "rating")
-        return {"label_id": label_id, "kind": "rating", "labeller": labeller, "rollout_id": rollout_id,
-                "value": value, "policy_version": seen.scored.rollout.policy_version, "created_at": at,
-                "model_version": self.version}
+        return {
+            "label_id": label_id,
+            "kind": "rating",
+            "labeller": labeller,
+            "rollout_id": rollout_id,
+            "value": value,
+            "policy_version": seen.scored.rollout.policy_version,
+            "created_at": at,
+            "model_version": self.version,
+        }
 
     def _credit(self, rated, now: float) -> list[tuple[ScoredRollout, float, float]]:
         """TAMER's credit assignment of a rating given at ``now``: shared evenly by the rated rollout and
@@ -278,11 +342,25 @@ class FeedbackService:
         a, b = self._known(chosen), self._known(rejected)
         if a.scored.rollout.group_id != b.scored.rollout.group_id:
             raise LabelError(409, "a preference compares two completions of the same group (the same prompt draw)")
-        label_id, at = self.store.add_label(labeller=labeller, kind="preference", scored=a.scored, value=1,
-                                            other=b.scored, model_version=self.version, seen_at=a.seen_at)
+        label_id, at = self.store.add_label(
+            labeller=labeller,
+            kind="preference",
+            scored=a.scored,
+            value=1,
+            other=b.scored,
+            model_version=self.version,
+            seen_at=a.seen_at,
+        )
         self._stored(label_id, at, "preference")
-        return {"label_id": label_id, "kind": "preference", "labeller": labeller, "chosen": chosen,
-                "rejected": rejected, "created_at": at, "model_version": self.version}
+        return {
+            "label_id": label_id,
+            "kind": "preference",
+            "labeller": labeller,
+            "chosen": chosen,
+            "rejected": rejected,
+            "created_at": at,
+            "model_version": self.version,
+        }
 
     def status(self) -> dict:
         """Labels, H-hat version, influence switch, combination, beta_0 (``beta``) and the current
@@ -295,14 +373,25 @@ class FeedbackService:
         labels_in_model = self.message.labels if self.message is not None else 0
         fb = self.fb
         newest = series[-1]["version"] if series else 0
-        beta_by_version = [{"version": p["version"], "beta": beta_at(fb.beta, fb.beta_decay, p["version"])}
-                           for p in series]
-        return {"labels": self.store.count_labels(), "labels_by_labeller": self.store.labels_by_labeller(),
-                "human_model_version": self.version, "labels_in_model": labels_in_model,
-                "influence_active": active, "combination": fb.combination.value, "beta": fb.beta,
-                "beta_t": beta_at(fb.beta, fb.beta_decay, newest), "policy_version": newest,
-                "beta_decay": fb.beta_decay, "eligibility": fb.eligibility, "rollouts_received": received,
-                "reward_by_version": series, "beta_by_version": beta_by_version}
+        beta_by_version = [
+            {"version": p["version"], "beta": beta_at(fb.beta, fb.beta_decay, p["version"])} for p in series
+        ]
+        return {
+            "labels": self.store.count_labels(),
+            "labels_by_labeller": self.store.labels_by_labeller(),
+            "human_model_version": self.version,
+            "labels_in_model": labels_in_model,
+            "influence_active": active,
+            "combination": fb.combination.value,
+            "beta": fb.beta,
+            "beta_t": beta_at(fb.beta, fb.beta_decay, newest),
+            "policy_version": newest,
+            "beta_decay": fb.beta_decay,
+            "eligibility": fb.eligibility,
+            "rollouts_received": received,
+            "reward_by_version": series,
+            "beta_by_version": beta_by_version,
+        }
 
     def set_influence(self, labeller: str, active: bool) -> dict:
         """Start or pause the human influence (stored; re-published at once)."""

@@ -80,13 +80,26 @@ class SimulatedLabeller:
         ValueError: attention, delay or noise out of range.
     """
 
-    def __init__(self, url: str, token: str, likes: Callable[[str], float], *, mode: str = "both",
-                 labels_per_second: float = 5.0, timeout_s: float = 10.0, threshold: float | None = None,
-                 attention: float = 1.0, delay_s: tuple[float, float] = (0.0, 0.0), noise: float = 0.0,
-                 seed: int = 0):
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        likes: Callable[[str], float],
+        *,
+        mode: str = "both",
+        labels_per_second: float = 5.0,
+        timeout_s: float = 10.0,
+        threshold: float | None = None,
+        attention: float = 1.0,
+        delay_s: tuple[float, float] = (0.0, 0.0),
+        noise: float = 0.0,
+        seed: int = 0,
+    ):
         if not 0 < attention <= 1 or not 0 <= delay_s[0] <= delay_s[1] or not 0 <= noise <= 1:
-            raise ValueError(f"simulated labeller: need 0 < attention <= 1 (got {attention}), 0 <= delay min <= "
-                             f"delay max (got {delay_s}) and 0 <= noise <= 1 (got {noise})")
+            raise ValueError(
+                f"simulated labeller: need 0 < attention <= 1 (got {attention}), 0 <= delay min <= "
+                f"delay max (got {delay_s}) and 0 <= noise <= 1 (got {noise})"
+            )
         self.url = url.rstrip("/")
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
@@ -99,8 +112,15 @@ class SimulatedLabeller:
         self.history: deque[float] = deque(maxlen=200)
         self.due: list[tuple[float, int, dict]] = []  # (when it is labelled, arrival number, rollout): a heap
         self.groups: dict[str, list[dict]] = {}
-        self.counts = {"rating": 0, "preference": 0, "refused": 0, "seen": 0, "looked_at": 0, "flipped": 0,
-                       "rate_limited": 0}
+        self.counts = {
+            "rating": 0,
+            "preference": 0,
+            "refused": 0,
+            "seen": 0,
+            "looked_at": 0,
+            "flipped": 0,
+            "rate_limited": 0,
+        }
         self.turn = 0
 
     def _get(self, path: str) -> dict:
@@ -152,14 +172,19 @@ class SimulatedLabeller:
         while self.due and self.due[0][0] <= time.monotonic():
             item = heapq.heappop(self.due)[2]
             if want_pair:
-                others = [o for o in self.groups.get(item["group_id"], [])
-                          if o["rollout_id"] != item["rollout_id"] and o["score"] != item["score"]]
+                others = [
+                    o
+                    for o in self.groups.get(item["group_id"], [])
+                    if o["rollout_id"] != item["rollout_id"] and o["score"] != item["score"]
+                ]
                 if others:
                     other = others[-1]
-                    chosen, rejected = (item, other) if (item["score"] > other["score"]) != self._flip() else (other,
-                                                                                                            item)
-                    if self._post("/api/preferences", {"chosen": chosen["rollout_id"],
-                                                       "rejected": rejected["rollout_id"]}):
+                    chosen, rejected = (
+                        (item, other) if (item["score"] > other["score"]) != self._flip() else (other, item)
+                    )
+                    if self._post(
+                        "/api/preferences", {"chosen": chosen["rollout_id"], "rejected": rejected["rollout_id"]}
+                    ):
                         self.counts["preference"] += 1
                         return True
                     continue
@@ -195,8 +220,10 @@ class SimulatedLabeller:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m streamrl.services.feedback.simulate",
-                                     description="a simulated labeller that uses only the feedback HTTP API")
+    parser = argparse.ArgumentParser(
+        prog="python -m streamrl.services.feedback.simulate",
+        description="a simulated labeller that uses only the feedback HTTP API",
+    )
     parser.add_argument("--url", required=True, help="the feedback page, e.g. http://127.0.0.1:8080")
     parser.add_argument("--token", required=True, help="a labeller token (admin labeller add NAME)")
     parser.add_argument("--likes", default="char:a", help="char:X or word:W (default char:a)")
@@ -204,21 +231,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels-per-second", type=float, default=5.0)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds to run")
     parser.add_argument("--max-labels", type=int, default=None)
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="rate +1 above this score, -1 otherwise (default: against the running median)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="rate +1 above this score, -1 otherwise (default: against the running median)",
+    )
     parser.add_argument("--attention", type=float, default=1.0, help="fraction of rollouts looked at (default 1)")
-    parser.add_argument("--delay-min", type=float, default=0.0, help="seconds from a rollout appearing to its "
-                        "label, at least (default 0)")
+    parser.add_argument(
+        "--delay-min",
+        type=float,
+        default=0.0,
+        help="seconds from a rollout appearing to its label, at least (default 0)",
+    )
     parser.add_argument("--delay-max", type=float, default=0.0, help="... at most (default 0)")
     parser.add_argument("--noise", type=float, default=0.0, help="fraction of labels flipped (default 0)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
         likes = preference(args.likes)
-        labeller = SimulatedLabeller(args.url, args.token, likes, mode=args.mode,
-                                     labels_per_second=args.labels_per_second, threshold=args.threshold,
-                                     attention=args.attention, delay_s=(args.delay_min, args.delay_max),
-                                     noise=args.noise, seed=args.seed)
+        labeller = SimulatedLabeller(
+            args.url,
+            args.token,
+            likes,
+            mode=args.mode,
+            labels_per_second=args.labels_per_second,
+            threshold=args.threshold,
+            attention=args.attention,
+            delay_s=(args.delay_min, args.delay_max),
+            noise=args.noise,
+            seed=args.seed,
+        )
     except ValueError as err:
         parser.error(str(err))
     print(json.dumps(labeller.run(duration_s=args.duration, max_labels=args.max_labels)))

@@ -29,17 +29,36 @@ class Seen:
     def public(self) -> dict:
         """The JSON the page and the API get."""
         r, s = self.scored.rollout, self.scored
-        out = {"seq": self.seq, "rollout_id": r.rollout_id, "group_id": r.group_id, "prompt_id": r.prompt_id,
-               "prompt": r.prompt_text, "completion": r.completion_text, "reward": s.reward,
-               "reward_parts": s.reward_parts, "policy_version": r.policy_version, "generator": r.generator_id,
-               "group_size": r.group_size, "finish_reason": r.finish_reason.value, "seen_at": self.seen_at,
-               "human": None, "selection": None}
+        out = {
+            "seq": self.seq,
+            "rollout_id": r.rollout_id,
+            "group_id": r.group_id,
+            "prompt_id": r.prompt_id,
+            "prompt": r.prompt_text,
+            "completion": r.completion_text,
+            "reward": s.reward,
+            "reward_parts": s.reward_parts,
+            "policy_version": r.policy_version,
+            "generator": r.generator_id,
+            "group_size": r.group_size,
+            "finish_reason": r.finish_reason.value,
+            "seen_at": self.seen_at,
+            "human": None,
+            "selection": None,
+        }
         if s.human is not None:
-            out["human"] = {"value": s.human.value, "eligibility": s.human.eligibility,
-                            "model_version": s.human.model_version, "active": s.human.active}
+            out["human"] = {
+                "value": s.human.value,
+                "eligibility": s.human.eligibility,
+                "model_version": s.human.model_version,
+                "active": s.human.active,
+            }
         if r.selection is not None:
-            out["selection"] = {"candidates": r.selection.candidates, "by_model": r.selection.by_model,
-                                "probability": r.selection.probability}
+            out["selection"] = {
+                "candidates": r.selection.candidates,
+                "by_model": r.selection.by_model,
+                "probability": r.selection.probability,
+            }
         return out
 
 

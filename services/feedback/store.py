@@ -90,7 +90,9 @@ CREATE TABLE IF NOT EXISTS models (
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-VOTE = "labeller, kind, min(rollout_id, COALESCE(other_rollout_id, '')), max(rollout_id, COALESCE(other_rollout_id, ''))"
+VOTE = (
+    "labeller, kind, min(rollout_id, COALESCE(other_rollout_id, '')), max(rollout_id, COALESCE(other_rollout_id, ''))"
+)
 """What one vote is about: a labeller's rating of a rollout, or their pick within an unordered pair."""
 ONE_VOTE = f"CREATE UNIQUE INDEX IF NOT EXISTS labels_one_vote ON labels({VOTE})"
 """At most one stored label per vote: a new rating of the same rollout (or a new pick within the
@@ -189,8 +191,10 @@ class LabelStore:
             raise ValueError(f"labeller name {name!r}: use 1-64 letters, digits, _ . @ -")
         token = secrets.token_urlsafe(32)
         try:
-            self._write("INSERT INTO labellers (name, token_sha256, created_at) VALUES (?, ?, ?)",
-                        (name, token_hash(token), time.time()))
+            self._write(
+                "INSERT INTO labellers (name, token_sha256, created_at) VALUES (?, ?, ?)",
+                (name, token_hash(token), time.time()),
+            )
         except sqlite3.IntegrityError:
             raise ValueError(f"labeller {name!r} exists; fix: choose another name or revoke it first") from None
         return token
@@ -204,8 +208,7 @@ class LabelStore:
         if not token or len(token) > 256:
             return None
         digest = token_hash(token)
-        rows = self._read("SELECT name, token_sha256 FROM labellers WHERE token_sha256 = ? AND disabled = 0",
-                          (digest,))
+        rows = self._read("SELECT name, token_sha256 FROM labellers WHERE token_sha256 = ? AND disabled = 0", (digest,))
         for name, stored in rows:
             if hmac.compare_digest(stored, digest):
                 return name
@@ -228,14 +231,34 @@ class LabelStore:
             "INSERT OR IGNORE INTO rollouts (rollout_id, group_id, prompt_id, generator_id, policy_version, "
             "prompt_text, completion_text, reward, reward_parts, prompt_tokens, completion_tokens, seen_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (r.rollout_id, r.group_id, r.prompt_id, r.generator_id, r.policy_version, r.prompt_text,
-             r.completion_text, float(scored.reward), json.dumps(scored.reward_parts),
-             np.asarray(r.prompt_tokens, "<i4").tobytes(), np.asarray(r.completion_tokens, "<i4").tobytes(),
-             seen_at))
+            (
+                r.rollout_id,
+                r.group_id,
+                r.prompt_id,
+                r.generator_id,
+                r.policy_version,
+                r.prompt_text,
+                r.completion_text,
+                float(scored.reward),
+                json.dumps(scored.reward_parts),
+                np.asarray(r.prompt_tokens, "<i4").tobytes(),
+                np.asarray(r.completion_tokens, "<i4").tobytes(),
+                seen_at,
+            ),
+        )
 
-    def add_label(self, *, labeller: str, kind: str, scored: ScoredRollout, value: int,
-                  other: ScoredRollout | None = None, model_version: int, seen_at: float,
-                  credit: Sequence[tuple[ScoredRollout, float, float]] = ()) -> tuple[int, float]:
+    def add_label(
+        self,
+        *,
+        labeller: str,
+        kind: str,
+        scored: ScoredRollout,
+        value: int,
+        other: ScoredRollout | None = None,
+        model_version: int,
+        seen_at: float,
+        credit: Sequence[tuple[ScoredRollout, float, float]] = (),
+    ) -> tuple[int, float]:
         """Store one label and the rollout(s) it refers to, in one transaction (committed on return).
 
         One vote per labeller: the labeller's earlier rating of the same rollout (or earlier pick
@@ -270,13 +293,24 @@ class LabelStore:
                 cursor = self._db.execute(
                     "INSERT INTO labels (created_at, labeller, kind, rollout_id, other_rollout_id, value, "
                     "policy_version, other_policy_version, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (now, labeller, kind, scored.rollout.rollout_id,
-                     other.rollout.rollout_id if other is not None else None, value, scored.rollout.policy_version,
-                     other.rollout.policy_version if other is not None else None, model_version))
+                    (
+                        now,
+                        labeller,
+                        kind,
+                        scored.rollout.rollout_id,
+                        other.rollout.rollout_id if other is not None else None,
+                        value,
+                        scored.rollout.policy_version,
+                        other.rollout.policy_version if other is not None else None,
+                        model_version,
+                    ),
+                )
                 for credited, credited_seen_at, weight in credit:
                     self._keep_rollout(credited, credited_seen_at)
-                    self._db.execute("INSERT INTO credits (label_id, rollout_id, weight) VALUES (?, ?, ?)",
-                                     (cursor.lastrowid, credited.rollout.rollout_id, weight))
+                    self._db.execute(
+                        "INSERT INTO credits (label_id, rollout_id, weight) VALUES (?, ?, ?)",
+                        (cursor.lastrowid, credited.rollout.rollout_id, weight),
+                    )
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -300,16 +334,21 @@ class LabelStore:
 
     def rollouts_without_features(self, limit: int = 64) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """``(rollout_id, prompt_tokens, completion_tokens)`` of labelled rollouts whose features are missing."""
-        rows = self._read("SELECT rollout_id, prompt_tokens, completion_tokens FROM rollouts WHERE features IS NULL "
-                          "ORDER BY seen_at LIMIT ?", (limit,))
+        rows = self._read(
+            "SELECT rollout_id, prompt_tokens, completion_tokens FROM rollouts WHERE features IS NULL "
+            "ORDER BY seen_at LIMIT ?",
+            (limit,),
+        )
         return [(rid, np.frombuffer(p, "<i4"), np.frombuffer(c, "<i4")) for rid, p, c in rows]
 
     def set_features(self, features: dict[str, np.ndarray]) -> None:
         """Store H-hat features (``[D]`` float32 each) of labelled rollouts."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("UPDATE rollouts SET features = ? WHERE rollout_id = ?",
-                                 [(np.asarray(f, "<f4").tobytes(), rid) for rid, f in features.items()])
+            self._db.executemany(
+                "UPDATE rollouts SET features = ? WHERE rollout_id = ?",
+                [(np.asarray(f, "<f4").tobytes(), rid) for rid, f in features.items()],
+            )
             self._db.execute("COMMIT")
 
     def training_labels(self, limit: int) -> list[LabelRow]:
@@ -319,23 +358,38 @@ class LabelStore:
             "JOIN rollouts a ON a.rollout_id = l.rollout_id LEFT JOIN rollouts b ON b.rollout_id = l.other_rollout_id "
             "WHERE a.features IS NOT NULL AND (l.other_rollout_id IS NULL OR b.features IS NOT NULL) "
             "AND NOT EXISTS (SELECT 1 FROM credits c JOIN rollouts r ON r.rollout_id = c.rollout_id "
-            "WHERE c.label_id = l.id AND r.features IS NULL) ORDER BY l.id DESC LIMIT ?", (limit,))
+            "WHERE c.label_id = l.id AND r.features IS NULL) ORDER BY l.id DESC LIMIT ?",
+            (limit,),
+        )
         credit: dict[int, list[tuple[np.ndarray, float]]] = {}
         if rows:
             for label_id, features, weight in self._read(
-                    "SELECT c.label_id, r.features, c.weight FROM credits c JOIN rollouts r ON r.rollout_id = "
-                    "c.rollout_id WHERE c.label_id >= ? ORDER BY c.label_id, c.rollout_id", (rows[-1][0],)):
+                "SELECT c.label_id, r.features, c.weight FROM credits c JOIN rollouts r ON r.rollout_id = "
+                "c.rollout_id WHERE c.label_id >= ? ORDER BY c.label_id, c.rollout_id",
+                (rows[-1][0],),
+            ):
                 credit.setdefault(label_id, []).append((np.frombuffer(features, "<f4"), float(weight)))
-        return [LabelRow(id=i, created_at=t, kind=k, value=v, features=np.frombuffer(fa, "<f4"),
-                         other_features=np.frombuffer(fb, "<f4") if fb is not None else None, credit=credit.get(i))
-                for i, t, k, v, fa, fb in reversed(rows)]
+        return [
+            LabelRow(
+                id=i,
+                created_at=t,
+                kind=k,
+                value=v,
+                features=np.frombuffer(fa, "<f4"),
+                other_features=np.frombuffer(fb, "<f4") if fb is not None else None,
+                credit=credit.get(i),
+            )
+            for i, t, k, v, fa, fb in reversed(rows)
+        ]
 
     # --------------------------------------------------------------- models
 
     def record_model(self, *, version: int, labels: int, last_label_id: int, loss: float) -> None:
         """Record a published H-hat version."""
-        self._write("INSERT INTO models (version, created_at, labels, last_label_id, loss) VALUES (?, ?, ?, ?, ?)",
-                    (version, time.time(), labels, last_label_id, loss))
+        self._write(
+            "INSERT INTO models (version, created_at, labels, last_label_id, loss) VALUES (?, ?, ?, ?, ?)",
+            (version, time.time(), labels, last_label_id, loss),
+        )
 
     def latest_model(self) -> tuple[int, int]:
         """``(version, last_label_id)`` of the newest H-hat version, ``(0, 0)`` before the first."""
@@ -351,8 +405,10 @@ class LabelStore:
 
     def set_setting(self, key: str, value: str) -> None:
         """Store a setting (committed on return)."""
-        self._write("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = "
-                    "excluded.value", (key, value))
+        self._write(
+            "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     # --------------------------------------------------------------- export
 
@@ -371,26 +427,50 @@ class LabelStore:
         """
         if layout == "ratings":
             for row in self._read(
-                    "SELECT r.prompt_text, r.completion_text, l.value, r.reward, l.labeller, l.created_at, "
-                    "l.policy_version, r.rollout_id, r.generator_id FROM labels l JOIN rollouts r ON "
-                    "r.rollout_id = l.rollout_id WHERE l.kind = 'rating' ORDER BY l.id"):
-                yield dict(zip(("prompt", "completion", "rating", "reward", "labeller", "created_at",
-                                "policy_version", "rollout_id", "generator_id"), row))
+                "SELECT r.prompt_text, r.completion_text, l.value, r.reward, l.labeller, l.created_at, "
+                "l.policy_version, r.rollout_id, r.generator_id FROM labels l JOIN rollouts r ON "
+                "r.rollout_id = l.rollout_id WHERE l.kind = 'rating' ORDER BY l.id"
+            ):
+                yield dict(
+                    zip(
+                        (
+                            "prompt",
+                            "completion",
+                            "rating",
+                            "reward",
+                            "labeller",
+                            "created_at",
+                            "policy_version",
+                            "rollout_id",
+                            "generator_id",
+                        ),
+                        row,
+                    )
+                )
             return
         if layout != "preferences":
             raise ValueError(f"unknown export layout {layout!r}; use 'preferences' or 'ratings'")
         for prompt, chosen, rejected, who, at, va, vb, ra, rb in self._read(
-                "SELECT a.prompt_text, a.completion_text, b.completion_text, l.labeller, l.created_at, "
-                "l.policy_version, l.other_policy_version, a.rollout_id, b.rollout_id FROM labels l "
-                "JOIN rollouts a ON a.rollout_id = l.rollout_id JOIN rollouts b ON b.rollout_id = l.other_rollout_id "
-                "WHERE l.kind = 'preference' ORDER BY l.id"):
-            yield {"prompt": prompt, "chosen": chosen, "rejected": rejected, "labeller": who, "created_at": at,
-                   "policy_versions": [va, vb], "rollout_ids": [ra, rb]}
+            "SELECT a.prompt_text, a.completion_text, b.completion_text, l.labeller, l.created_at, "
+            "l.policy_version, l.other_policy_version, a.rollout_id, b.rollout_id FROM labels l "
+            "JOIN rollouts a ON a.rollout_id = l.rollout_id JOIN rollouts b ON b.rollout_id = l.other_rollout_id "
+            "WHERE l.kind = 'preference' ORDER BY l.id"
+        ):
+            yield {
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "labeller": who,
+                "created_at": at,
+                "policy_versions": [va, vb],
+                "rollout_ids": [ra, rb],
+            }
         # ratings of one prompt text: every +1 completion over every -1 completion (the newest rating of each)
         ratings = self._read(
             "SELECT r.prompt_text, r.completion_text, l.value, l.labeller, l.created_at, l.policy_version, "
             "r.rollout_id FROM labels l JOIN rollouts r ON r.rollout_id = l.rollout_id WHERE l.kind = 'rating' "
-            "ORDER BY l.id")
+            "ORDER BY l.id"
+        )
         latest: dict[str, tuple] = {}
         for row in ratings:
             latest[row[6]] = row
@@ -404,7 +484,12 @@ class LabelStore:
                 for b in bad:
                     if g[1] == b[1]:
                         continue  # the same text rated both ways carries no preference
-                    yield {"prompt": prompt, "chosen": g[1], "rejected": b[1],
-                           "labeller": g[3] if g[3] == b[3] else f"{g[3]},{b[3]}",
-                           "created_at": max(g[4], b[4]), "policy_versions": [g[5], b[5]],
-                           "rollout_ids": [g[6], b[6]]}
+                    yield {
+                        "prompt": prompt,
+                        "chosen": g[1],
+                        "rejected": b[1],
+                        "labeller": g[3] if g[3] == b[3] else f"{g[3]},{b[3]}",
+                        "created_at": max(g[4], b[4]),
+                        "policy_versions": [g[5], b[5]],
+                        "rollout_ids": [g[6], b[6]],
+                    }

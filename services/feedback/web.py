@@ -33,7 +33,6 @@ Routes (JSON unless said otherwise):
 =========================  ===========================================================
 """
 
-
 import hmac  # no `from __future__ import annotations`: FastAPI reads the route annotations at runtime
 import json
 import math
@@ -221,8 +220,14 @@ class RateLimit:
             return (1.0 - tokens) / self.rate
 
 
-def create_app(backend: Backend, *, session_ttl_s: float, secure_cookies: bool, label_rate_per_s: float = 5.0,
-               label_burst: int = 20) -> "_BodyLimit":
+def create_app(
+    backend: Backend,
+    *,
+    session_ttl_s: float,
+    secure_cookies: bool,
+    label_rate_per_s: float = 5.0,
+    label_burst: int = 20,
+) -> "_BodyLimit":
     """The ASGI application of the feedback service: FastAPI (routes in the module docstring) inside
     the request-body limit.
 
@@ -243,7 +248,8 @@ def create_app(backend: Backend, *, session_ttl_s: float, secure_cookies: bool, 
         response = await call_next(request)
         response.headers["Content-Security-Policy"] = (
             "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-            "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+            "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+        )
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["Referrer-Policy"] = "no-referrer"
@@ -304,8 +310,9 @@ def create_app(backend: Backend, *, session_ttl_s: float, secure_cookies: bool, 
             time.sleep(0.2)  # slows token guessing
             raise refuse("bad_token", 401, "unknown or revoked token")
         sid, session = sessions.create(name)
-        response.set_cookie(COOKIE, sid, max_age=int(session_ttl_s), httponly=True, samesite="strict",
-                            secure=secure_cookies, path="/")
+        response.set_cookie(
+            COOKIE, sid, max_age=int(session_ttl_s), httponly=True, samesite="strict", secure=secure_cookies, path="/"
+        )
         return {"labeller": name, "csrf_token": session.csrf}
 
     @app.post("/api/logout")
@@ -320,8 +327,9 @@ def create_app(backend: Backend, *, session_ttl_s: float, secure_cookies: bool, 
         return {"labeller": who, "csrf_token": current.csrf if current is not None else None}
 
     @app.get("/api/rollouts")
-    def rollouts(who: Labeller, after: Annotated[int, Query(ge=0)] = 0,
-                 limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict:
+    def rollouts(
+        who: Labeller, after: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 50
+    ) -> dict:
         items = backend.recent(after, limit)
         return {"rollouts": items, "cursor": items[-1]["seq"] if items else after}
 
@@ -333,9 +341,14 @@ def create_app(backend: Backend, *, session_ttl_s: float, secure_cookies: bool, 
         wait_s = limit.take(who)
         if wait_s > 0:
             backend.refused("rate_limited")
-            return JSONResponse({"detail": f"{who}: more than {label_rate_per_s:g} labels per second (bursts of "
-                                           f"{label_burst}); retry in {wait_s:.1f}s"}, status_code=429,
-                                headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
+            return JSONResponse(
+                {
+                    "detail": f"{who}: more than {label_rate_per_s:g} labels per second (bursts of "
+                    f"{label_burst}); retry in {wait_s:.1f}s"
+                },
+                status_code=429,
+                headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+            )
         try:
             return JSONResponse(action(), status_code=201)
         except LabelError as err:
@@ -361,7 +374,10 @@ def create_app(backend: Backend, *, session_ttl_s: float, secure_cookies: bool, 
     @app.get("/api/export")
     def export(who: Labeller, layout: Literal["preferences", "ratings"] = "preferences") -> StreamingResponse:
         rows = backend.export(layout)
-        return StreamingResponse((json.dumps(row) + "\n" for row in rows), media_type="application/x-ndjson",
-                                 headers={"Content-Disposition": f'attachment; filename="{layout}.jsonl"'})
+        return StreamingResponse(
+            (json.dumps(row) + "\n" for row in rows),
+            media_type="application/x-ndjson",
+            headers={"Content-Disposition": f'attachment; filename="{layout}.jsonl"'},
+        )
 
     return _BodyLimit(app, MAX_BODY_BYTES)

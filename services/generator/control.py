@@ -24,15 +24,17 @@ from streamrl.common.modes import HumanCombination
 from streamrl.services.generator.sampling import Completion
 
 
-def _control_sharing(values: np.ndarray, eligibilities: np.ndarray, beta_t: float,
-                     rng: np.random.Generator) -> tuple[int, bool, float, float]:
+def _control_sharing(
+    values: np.ndarray, eligibilities: np.ndarray, beta_t: float, rng: np.random.Generator
+) -> tuple[int, bool, float, float]:
     probability = min(beta_t * float(eligibilities.max()), 1.0)
     index, by_model, rho = control_share(values, probability, rng)
     return index, by_model, probability, rho
 
 
-def _action_biasing(values: np.ndarray, eligibilities: np.ndarray, beta_t: float,
-                    rng: np.random.Generator) -> tuple[int, bool, float, float]:
+def _action_biasing(
+    values: np.ndarray, eligibilities: np.ndarray, beta_t: float, rng: np.random.Generator
+) -> tuple[int, bool, float, float]:
     index, probability, rho = bias_actions(values, eligibilities, beta_t, rng)
     return index, bool(values[index] == values.max()), probability, rho
 
@@ -42,10 +44,17 @@ RULES = {HumanCombination.CONTROL_SHARING: _control_sharing, HumanCombination.AC
 ``(index, by_model, probability, rho)``."""
 
 
-def select_candidates(view: HumanModelView, candidates: list[list[Completion]], *, group_size: int, k: int,
-                      beta_t: float, rng: np.random.Generator, now: float,
-                      combination: HumanCombination = HumanCombination.CONTROL_SHARING,
-                      ) -> tuple[list[list[Completion]], list[list[Selection]]]:
+def select_candidates(
+    view: HumanModelView,
+    candidates: list[list[Completion]],
+    *,
+    group_size: int,
+    k: int,
+    beta_t: float,
+    rng: np.random.Generator,
+    now: float,
+    combination: HumanCombination = HumanCombination.CONTROL_SHARING,
+) -> tuple[list[list[Completion]], list[list[Selection]]]:
     """Keep ``group_size`` of the ``group_size * k`` candidates of each prompt.
 
     Args:
@@ -68,8 +77,10 @@ def select_candidates(view: HumanModelView, candidates: list[list[Completion]], 
             select candidates.
     """
     if combination not in RULES:
-        raise ValueError(f"select_candidates: feedback.combination {combination.value!r} does not select among "
-                         f"candidates (use one of {[c.value for c in RULES]})")
+        raise ValueError(
+            f"select_candidates: feedback.combination {combination.value!r} does not select among "
+            f"candidates (use one of {[c.value for c in RULES]})"
+        )
     if any(len(c) != group_size * k for c in candidates):
         raise ValueError(f"select_candidates: every prompt needs {group_size} x {k} candidates")
     rule = RULES[combination]
@@ -82,19 +93,42 @@ def select_candidates(view: HumanModelView, candidates: list[list[Completion]], 
         selections.append([])
         for slot in range(group_size):
             start = (p_index * group_size + slot) * k
-            slot_values = np.asarray(values[start:start + k], np.float64)
-            index, by_model, probability, rho = rule(slot_values, np.asarray(eligibilities[start:start + k]),
-                                                     beta_t, rng)
+            slot_values = np.asarray(values[start : start + k], np.float64)
+            index, by_model, probability, rho = rule(
+                slot_values, np.asarray(eligibilities[start : start + k]), beta_t, rng
+            )
             kept[-1].append(per_prompt[slot * k + index])
-            selections[-1].append(Selection(candidates=k, probability=probability, by_model=by_model,
-                                            density_ratio=rho, human_value=float(slot_values[index]),
-                                            model_version=view.version))
+            selections[-1].append(
+                Selection(
+                    candidates=k,
+                    probability=probability,
+                    by_model=by_model,
+                    density_ratio=rho,
+                    human_value=float(slot_values[index]),
+                    model_version=view.version,
+                )
+            )
     return kept, selections
 
 
-def share_control(view: HumanModelView, candidates: list[list[Completion]], *, group_size: int, k: int,
-                  beta_t: float, rng: np.random.Generator, now: float) -> tuple[list[list[Completion]],
-                                                                            list[list[Selection]]]:
+def share_control(
+    view: HumanModelView,
+    candidates: list[list[Completion]],
+    *,
+    group_size: int,
+    k: int,
+    beta_t: float,
+    rng: np.random.Generator,
+    now: float,
+) -> tuple[list[list[Completion]], list[list[Selection]]]:
     """Control sharing: :func:`select_candidates` with ``combination = control_sharing``."""
-    return select_candidates(view, candidates, group_size=group_size, k=k, beta_t=beta_t, rng=rng, now=now,
-                             combination=HumanCombination.CONTROL_SHARING)
+    return select_candidates(
+        view,
+        candidates,
+        group_size=group_size,
+        k=k,
+        beta_t=beta_t,
+        rng=rng,
+        now=now,
+        combination=HumanCombination.CONTROL_SHARING,
+    )

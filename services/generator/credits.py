@@ -38,12 +38,24 @@ class CreditClient:
             for its reply (within :data:`~streamrl.common.transport.STOP_CHECK_S` seconds); None = never.
     """
 
-    def __init__(self, ctx: zmq.Context, *, endpoint: str, sender: str, instance: str, metrics: ServiceMetrics,
-                 timeout_s: float, max_message_bytes: int, hwm: int, security: Security | None,
-                 stop: threading.Event | None = None):
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        *,
+        endpoint: str,
+        sender: str,
+        instance: str,
+        metrics: ServiceMetrics,
+        timeout_s: float,
+        max_message_bytes: int,
+        hwm: int,
+        security: Security | None,
+        stop: threading.Event | None = None,
+    ):
         self.sender, self.instance, self.timeout_s, self.stop = sender, instance, timeout_s, stop
-        self.sock = make_socket(ctx, zmq.DEALER, connect=[endpoint], max_message_bytes=max_message_bytes, hwm=hwm,
-                                security=security)
+        self.sock = make_socket(
+            ctx, zmq.DEALER, connect=[endpoint], max_message_bytes=max_message_bytes, hwm=hwm, security=security
+        )
         self.inbox = Inbox(metrics, [CreditGrant], max_bytes=max_message_bytes, socket_name="credits")
         self.epoch: str | None = None
 
@@ -53,8 +65,13 @@ class CreditClient:
 
         Replies to earlier, timed-out requests are discarded (their ``reply_to`` differs).
         """
-        request = CreditRequest(sender=self.sender, instance=self.instance, policy_version=policy_version,
-                                groups_sent=groups_sent, want=want)
+        request = CreditRequest(
+            sender=self.sender,
+            instance=self.instance,
+            policy_version=policy_version,
+            groups_sent=groups_sent,
+            want=want,
+        )
         if not try_send(self.sock, request):
             return None
         deadline = time.monotonic() + self.timeout_s

@@ -40,8 +40,7 @@ class SamplingEngine(Protocol):
     name: str
     """``"hf"`` or ``"vllm"`` (the ``generator.engine`` value)."""
 
-    def sample(self, prompts: list[list[int]], *, group_size: int,
-               sampling: SamplingParams) -> list[list[Completion]]:
+    def sample(self, prompts: list[list[int]], *, group_size: int, sampling: SamplingParams) -> list[list[Completion]]:
         """``group_size`` completions per prompt (token ids, after truncation), in input order, each
         with its ``[T]`` float32 behaviour log-probs (nats) under temperature and top-p.
 
@@ -83,10 +82,15 @@ class HFEngine:
         self.autocast_bf16 = autocast_bf16
         self.tied = tied_duplicates(self.model.state_dict())
 
-    def sample(self, prompts: list[list[int]], *, group_size: int,
-               sampling: SamplingParams) -> list[list[Completion]]:
-        return sample_completions(self.model, self.tokenizer, prompts, group_size=group_size, sampling=sampling,
-                                  autocast_bf16=self.autocast_bf16)
+    def sample(self, prompts: list[list[int]], *, group_size: int, sampling: SamplingParams) -> list[list[Completion]]:
+        return sample_completions(
+            self.model,
+            self.tokenizer,
+            prompts,
+            group_size=group_size,
+            sampling=sampling,
+            autocast_bf16=self.autocast_bf16,
+        )
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
         missing, unexpected = self.model.load_state_dict(dict(tensors), strict=False)
@@ -100,9 +104,18 @@ class HFEngine:
         pass
 
 
-def build_engine(engine: Engine, path: str, tokenizer: PreTrainedTokenizerBase, *, device: torch.device,
-                 autocast_bf16: bool, max_model_len: int, kv_cache_gib: float, threads: int,
-                 seed: int) -> SamplingEngine:
+def build_engine(
+    engine: Engine,
+    path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    device: torch.device,
+    autocast_bf16: bool,
+    max_model_len: int,
+    kv_cache_gib: float,
+    threads: int,
+    seed: int,
+) -> SamplingEngine:
     """The engine ``generator.engine`` names, holding the model at ``path``.
 
     Args:
@@ -122,6 +135,14 @@ def build_engine(engine: Engine, path: str, tokenizer: PreTrainedTokenizerBase, 
     if engine is Engine.VLLM:
         from streamrl.services.generator.vllm_engine import VLLMEngine  # optional dependency, slow import
 
-        return VLLMEngine(path, tokenizer, device=device, bf16=autocast_bf16, max_model_len=max_model_len,
-                          kv_cache_gib=kv_cache_gib, threads=threads, seed=seed)
+        return VLLMEngine(
+            path,
+            tokenizer,
+            device=device,
+            bf16=autocast_bf16,
+            max_model_len=max_model_len,
+            kv_cache_gib=kv_cache_gib,
+            threads=threads,
+            seed=seed,
+        )
     return HFEngine(load_causal_lm(path, device=device).eval(), tokenizer, autocast_bf16=autocast_bf16)

@@ -62,33 +62,61 @@ class GeneratorService:
         path = resolve_model_path(cfg.model.path, cfg.model.cache_path)
         self.tokenizer = load_tokenizer(path)
         bf16 = use_bf16_autocast(gen.autocast_bf16, self.device, "generator.autocast_bf16")  # "auto": where native
-        self.engine = build_engine(gen.engine, path, self.tokenizer, device=self.device, autocast_bf16=bf16,
-                                   max_model_len=gen.max_prompt_tokens + gen.max_new_tokens,
-                                   kv_cache_gib=gen.kv_cache_gib, threads=gen.threads,
-                                   seed=cfg.run.seed + 7919 * (ctx.index + 1))
+        self.engine = build_engine(
+            gen.engine,
+            path,
+            self.tokenizer,
+            device=self.device,
+            autocast_bf16=bf16,
+            max_model_len=gen.max_prompt_tokens + gen.max_new_tokens,
+            kv_cache_gib=gen.kv_cache_gib,
+            threads=gen.threads,
+            seed=cfg.run.seed + 7919 * (ctx.index + 1),
+        )
         self.fingerprint = model_fingerprint(AutoConfig.from_pretrained(path), self.tokenizer)  # in every rollout
         self.refused_version: int | None = None  # newest announced version refused for another model
         prompts = load_prompts(gen.prompts)
         train, _held_out = split_prompts(prompts, eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
         self.stream = PromptStream(train, seed=cfg.run.seed + ctx.index)
-        self.sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p,
-                                       max_new_tokens=gen.max_new_tokens)
+        self.sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
         self.generator_id = f"{ctx.instance}-{uuid.uuid4().hex[:8]}"
         t = cfg.transport
-        self.weights = WeightClient(ctx.zmq, announce_endpoint=cfg.endpoints.weights_announce,
-                                    fetch_endpoint=cfg.endpoints.weights, inbox_metrics=ctx.metrics,
-                                    sender=self.generator_id, credit=t.weight_credit,
-                                    timeout_s=t.request_timeout_s, max_message_bytes=t.max_message_bytes,
-                                    hwm=t.hwm, security=ctx.security, stop=ctx.stop)
-        self.push = make_socket(ctx.zmq, zmq.PUSH, connect=cfg.endpoints.scorers,
-                                resolve_every_s=cfg.endpoints.resolve_interval_s,
-                                max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
+        self.weights = WeightClient(
+            ctx.zmq,
+            announce_endpoint=cfg.endpoints.weights_announce,
+            fetch_endpoint=cfg.endpoints.weights,
+            inbox_metrics=ctx.metrics,
+            sender=self.generator_id,
+            credit=t.weight_credit,
+            timeout_s=t.request_timeout_s,
+            max_message_bytes=t.max_message_bytes,
+            hwm=t.hwm,
+            security=ctx.security,
+            stop=ctx.stop,
+        )
+        self.push = make_socket(
+            ctx.zmq,
+            zmq.PUSH,
+            connect=cfg.endpoints.scorers,
+            resolve_every_s=cfg.endpoints.resolve_interval_s,
+            max_message_bytes=t.max_message_bytes,
+            hwm=t.hwm,
+            security=ctx.security,
+        )
         self.credits = None
         if gen.credits:
-            self.credits = CreditClient(ctx.zmq, endpoint=cfg.endpoints.batches, sender=self.generator_id,
-                                        instance=ctx.instance, metrics=ctx.metrics, timeout_s=t.request_timeout_s,
-                                        max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security,
-                                        stop=ctx.stop)
+            self.credits = CreditClient(
+                ctx.zmq,
+                endpoint=cfg.endpoints.batches,
+                sender=self.generator_id,
+                instance=ctx.instance,
+                metrics=ctx.metrics,
+                timeout_s=t.request_timeout_s,
+                max_message_bytes=t.max_message_bytes,
+                hwm=t.hwm,
+                security=ctx.security,
+                stop=ctx.stop,
+            )
         self.version: int | None = None
         self.groups_sent = 0
         self.metrics = GeneratorMetrics(ctx.metrics)
@@ -102,8 +130,12 @@ class GeneratorService:
 
     def run(self) -> None:
         """Generate until stopped."""
-        log.info("%s (%s) waiting for the learner's weights on %s", self.ctx.instance,
-                 self.generator_id, self.cfg.endpoints.weights_announce)
+        log.info(
+            "%s (%s) waiting for the learner's weights on %s",
+            self.ctx.instance,
+            self.generator_id,
+            self.cfg.endpoints.weights_announce,
+        )
         try:
             while not self.ctx.stop.is_set():
                 if self.sync_weights() and (admitted := self.admit()):
@@ -158,11 +190,19 @@ class GeneratorService:
                 self.metrics.weight_bytes.inc(fetched.nbytes)
                 self.metrics.weight_syncs.inc()
                 self.metrics.version.set(self.version)
-                log.info("loaded policy version %d (%.1f MB, fetch %.2fs, verify %.2fs)",
-                         self.version, fetched.nbytes / 1e6, fetched.transfer_s, fetched.verify_s)
+                log.info(
+                    "loaded policy version %d (%.1f MB, fetch %.2fs, verify %.2fs)",
+                    self.version,
+                    fetched.nbytes / 1e6,
+                    fetched.transfer_s,
+                    fetched.verify_s,
+                )
         if too_stale(self.version, latest.version, self.cfg.run.max_staleness):
-            self.waits.waiting("weights", f"loaded version {self.version}, newest {latest.version}: more than "
-                                          f"max_staleness={self.cfg.run.max_staleness} behind and the fetch failed")
+            self.waits.waiting(
+                "weights",
+                f"loaded version {self.version}, newest {latest.version}: more than "
+                f"max_staleness={self.cfg.run.max_staleness} behind and the fetch failed",
+            )
             wait_start = time.perf_counter()
             self.ctx.stop.wait(0.2)
             self.metrics.wait_weights.inc(time.perf_counter() - wait_start)
@@ -196,9 +236,11 @@ class GeneratorService:
         reason="model_mismatch"}``, logged (rate-limited), and reported as a wait on ``weights``."""
         if same_model(self.fingerprint, latest.model_fingerprint):
             return True
-        why = (f"the learner's model fingerprint {latest.model_fingerprint} != this generator's {self.fingerprint} "
-               f"(another model config or tokenizer): weights not loaded; fix: give every service the same "
-               f"model.path ({self.cfg.model.path})")
+        why = (
+            f"the learner's model fingerprint {latest.model_fingerprint} != this generator's {self.fingerprint} "
+            f"(another model config or tokenizer): weights not loaded; fix: give every service the same "
+            f"model.path ({self.cfg.model.path})"
+        )
         if self.refused_version != latest.version:
             self.refused_version = latest.version
             self.weights.announce_inbox.reject("model_mismatch", f"version {latest.version}: {why}")
@@ -210,8 +252,10 @@ class GeneratorService:
         """Notice a learner that went silent (announcements come every ``announce_interval_s``)."""
         silent = self.weights.seconds_since_announce()
         if silent is not None and silent > self.learner_silent_after_s:
-            self.waits.waiting("learner", f"no announcement for {silent:.0f}s; generating with version "
-                                          f"{self.version} until the learner is back")
+            self.waits.waiting(
+                "learner",
+                f"no announcement for {silent:.0f}s; generating with version {self.version} until the learner is back",
+            )
         else:
             self.waits.done("learner")
 
@@ -219,9 +263,13 @@ class GeneratorService:
         """Sample ``num_groups`` groups (default ``prompts_per_batch``) with the loaded weights and send every rollout."""
         gen = self.cfg.generator
         prompts = self.stream.next_batch(gen.prompts_per_batch if num_groups is None else num_groups)
-        texts, ids = prepare_prompts(self.tokenizer, prompts, chat_template=self.cfg.model.chat_template,
-                                     system_prompt=self.cfg.model.system_prompt,
-                                     max_prompt_tokens=gen.max_prompt_tokens)
+        texts, ids = prepare_prompts(
+            self.tokenizer,
+            prompts,
+            chat_template=self.cfg.model.chat_template,
+            system_prompt=self.cfg.model.system_prompt,
+            max_prompt_tokens=gen.max_prompt_tokens,
+        )
         version = self.version
         self.metrics.in_flight.set(len(prompts))
         start = time.perf_counter()
@@ -230,9 +278,16 @@ class GeneratorService:
         groups = self.engine.sample(ids, group_size=gen.group_size * k, sampling=self.sampling)
         selections = [None] * len(groups)
         if k > 1:
-            groups, selections = select_candidates(self.human.view, groups, group_size=gen.group_size, k=k,
-                                                   beta_t=beta_t, rng=self.rng, now=time.time(),
-                                                   combination=self.cfg.feedback.combination)
+            groups, selections = select_candidates(
+                self.human.view,
+                groups,
+                group_size=gen.group_size,
+                k=k,
+                beta_t=beta_t,
+                rng=self.rng,
+                now=time.time(),
+                combination=self.cfg.feedback.combination,
+            )
             chosen = sum(s.by_model for group in selections for s in group)
             self.metrics.control_shared.inc(sum(len(group) for group in selections))
             self.metrics.selected_by_model.inc(chosen)
@@ -240,14 +295,27 @@ class GeneratorService:
         self.metrics.in_flight.set(0)
         unsent = sum(len(group) for group in groups)
         for prompt, text, group, selected in zip(prompts, texts, groups, selections):
-            rollouts = group_rollouts(generator_id=self.generator_id, group_number=self.groups_sent, prompt=prompt,
-                                      prompt_text=text, completions=group, version=version, sampling=self.sampling,
-                                      selections=selected)
+            rollouts = group_rollouts(
+                generator_id=self.generator_id,
+                group_number=self.groups_sent,
+                prompt=prompt,
+                prompt_text=text,
+                completions=group,
+                version=version,
+                sampling=self.sampling,
+                selections=selected,
+            )
             self.groups_sent += 1
             for rollout in rollouts:
                 rollout.model_fingerprint = self.fingerprint
-                if not send_when_ready(self.push, rollout, stop=self.ctx.stop, blocked_seconds=self.metrics.blocked,
-                                       warn_after_s=self.cfg.transport.request_timeout_s, peer="the scorers"):
+                if not send_when_ready(
+                    self.push,
+                    rollout,
+                    stop=self.ctx.stop,
+                    blocked_seconds=self.metrics.blocked,
+                    warn_after_s=self.cfg.transport.request_timeout_s,
+                    peer="the scorers",
+                ):
                     self.metrics.lost.inc(unsent)
                     log.info("stopped while the scorers were full: %d sampled rollouts not sent", unsent)
                     return

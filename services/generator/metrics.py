@@ -23,10 +23,15 @@ class GeneratorMetrics(MetricSet):
     blocked = counter("send_blocked_seconds_total", "Seconds blocked sending (backpressure)")
     credits = counter("credits_total", "Generation credits received from the buffer (one per group)")
     wait_credits = counter("credit_wait_seconds_total", "Seconds paused without a generation credit")
-    useful = gauge("useful_ratio", "Trained / generated: this generator's groups the buffer served to the learner "
-                   "over the groups it sampled (reported with each credit grant)")
+    useful = gauge(
+        "useful_ratio",
+        "Trained / generated: this generator's groups the buffer served to the learner "
+        "over the groups it sampled (reported with each credit grant)",
+    )
     in_flight = gauge("prompts_in_flight", "Prompts being generated now")
     lost = counter("rollouts_lost_total", "Rollouts sampled but never sent (stopped while blocked)")
-    control_shared = counter("control_shared_total", "Rollouts kept among K candidates by action biasing or control sharing")
+    control_shared = counter(
+        "control_shared_total", "Rollouts kept among K candidates by action biasing or control sharing"
+    )
     selected_by_model = counter("selected_by_model_total", "Control-shared rollouts H-hat chose (the coin said H-hat)")
     human_version = gauge("human_model_version", "H-hat version in use (0: none received)")

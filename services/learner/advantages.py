@@ -57,9 +57,7 @@ def gae(
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [B, T], got shape {tuple(rewards.shape)}")
     if values.shape != rewards.shape:
-        raise ValueError(
-            f"values has shape {tuple(values.shape)} but rewards has {tuple(rewards.shape)}"
-        )
+        raise ValueError(f"values has shape {tuple(values.shape)} but rewards has {tuple(rewards.shape)}")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     if not 0.0 <= lam <= 1.0:
@@ -230,9 +228,7 @@ def group_advantages(
     if scores.dim() != 1:
         raise ValueError(f"scores must be [B], got shape {tuple(scores.shape)}")
     if group_ids.shape != scores.shape:
-        raise ValueError(
-            f"group_ids has shape {tuple(group_ids.shape)} but scores has {tuple(scores.shape)}"
-        )
+        raise ValueError(f"group_ids has shape {tuple(group_ids.shape)} but scores has {tuple(scores.shape)}")
     if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
         raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
     if estimator is AdvantageEstimator.GAE:
@@ -269,9 +265,7 @@ def group_advantages(
     if scale is RewardScale.BATCH:
         std = s.std(unbiased=False)
     else:
-        var = torch.zeros(n_groups, dtype=torch.float64, device=s.device).index_add_(
-            0, inverse, centred * centred
-        ) / n
+        var = torch.zeros(n_groups, dtype=torch.float64, device=s.device).index_add_(0, inverse, centred * centred) / n
         std = var.sqrt()[inverse]
     return (centred / std.clamp(min=std_floor)).to(scores.dtype)
 

@@ -120,8 +120,11 @@ class TrainBatch:
         return self.input_ids.shape[0]
 
     def _tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name != "sampling" and getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "sampling" and getattr(self, f.name) is not None
+        }
 
     def select(self, rows: Tensor) -> TrainBatch:
         """The sub-batch of ``rows`` (``[b]`` int64 indices), trimmed of all-pad columns."""
@@ -153,16 +156,21 @@ def collate(rollouts: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
     kept, refused = split_by_sampling(rollouts)
     if refused:
         reason = next(iter(refused))
-        raise MixedSamplingError(reason, f"{len(rollouts) - len(kept)} of {len(rollouts)} rollouts were sampled "
-                                         f"with another {reason.removeprefix('mixed_')}; split_by_sampling first")
-    rows = completion_rows([s.rollout.prompt_tokens for s in rollouts],
-                           [s.rollout.completion_tokens for s in rollouts], pad_id=pad_id)
+        raise MixedSamplingError(
+            reason,
+            f"{len(rollouts) - len(kept)} of {len(rollouts)} rollouts were sampled "
+            f"with another {reason.removeprefix('mixed_')}; split_by_sampling first",
+        )
+    rows = completion_rows(
+        [s.rollout.prompt_tokens for s in rollouts], [s.rollout.completion_tokens for s in rollouts], pad_id=pad_id
+    )
     tokens, mask = rows.tokens, rows.mask
     behaviour, _ = pad_right([s.rollout.behaviour_logprobs for s in rollouts], value=0.0, dtype=torch.float32)
     ref = None
     if all(s.reference_logprobs is not None for s in rollouts):  # computed by the scorers
-        ref, _ = pad_right([s.reference_logprobs for s in rollouts], value=0.0, dtype=torch.float32,
-                           width=tokens.shape[1])
+        ref, _ = pad_right(
+            [s.reference_logprobs for s in rollouts], value=0.0, dtype=torch.float32, width=tokens.shape[1]
+        )
     group_index: dict[str, int] = {}
     for s in rollouts:
         group_index.setdefault(s.rollout.group_id, len(group_index))

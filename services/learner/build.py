@@ -43,9 +43,14 @@ def build_trainer(cfg: Config, device: torch.device, resume: Path | None, *, dis
     reference = load_causal_lm(base, device=device).eval()
     ptx = None
     if lc.ptx_coef > 0:
-        ptx = PtxSampler(lc.ptx_data, tokenizer, batch_size=lc.groups_per_step,
-                         max_tokens=cfg.generator.max_prompt_tokens + cfg.generator.max_new_tokens,
-                         seed=cfg.run.seed, held_out=held_out_prompts(cfg.generator.prompts, seed=cfg.run.seed))
+        ptx = PtxSampler(
+            lc.ptx_data,
+            tokenizer,
+            batch_size=lc.groups_per_step,
+            max_tokens=cfg.generator.max_prompt_tokens + cfg.generator.max_new_tokens,
+            seed=cfg.run.seed,
+            held_out=held_out_prompts(cfg.generator.prompts, seed=cfg.run.seed),
+        )
     critic = None  # InstructGPT: the value function initialised from the reward model
     if lc.value_model is not None:  # the config allows it with advantage = "gae" only
         critic = ValueModel.from_reward_model(lc.value_model, device=device, tokenizer=tokenizer)

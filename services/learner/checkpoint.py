@@ -72,7 +72,8 @@ def save_checkpoint(
         raise CheckpointError(
             f"cannot write checkpoint step {step} to {root}: {cause} ({free} bytes free); fix: free space on "
             f"that file system or point run.output_dir at a larger one, then restart the learner (it resumes "
-            f"from the last complete checkpoint)") from err
+            f"from the last complete checkpoint)"
+        ) from err
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

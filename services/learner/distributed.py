@@ -76,10 +76,20 @@ log = logging.getLogger(__name__)
 STOP, STEP = 0, 1
 # TrainBatch fields in broadcast order; the optional ones are flagged in the header
 _FIELDS = [f.name for f in fields(TrainBatch) if f.name != "sampling"]
-_DTYPES = {"input_ids": torch.int64, "attention_mask": torch.int64, "positions": torch.int64,
-           "tokens": torch.int64, "mask": torch.float32, "behaviour_logprobs": torch.float32,
-           "scores": torch.float32, "group_ids": torch.int64, "versions": torch.int64,
-           "weights": torch.float32, "ref_logprobs": torch.float32, "advantage_bonus": torch.float32}
+_DTYPES = {
+    "input_ids": torch.int64,
+    "attention_mask": torch.int64,
+    "positions": torch.int64,
+    "tokens": torch.int64,
+    "mask": torch.float32,
+    "behaviour_logprobs": torch.float32,
+    "scores": torch.float32,
+    "group_ids": torch.int64,
+    "versions": torch.int64,
+    "weights": torch.float32,
+    "ref_logprobs": torch.float32,
+    "advantage_bonus": torch.float32,
+}
 _ROW_FIELDS = {"scores", "group_ids", "versions", "weights", "advantage_bonus"}  # [B]
 _OPTIONAL = ("weights", "ref_logprobs", "advantage_bonus")  # sent only when the header flags them
 _PROMPT_FIELDS = {"input_ids", "attention_mask"}  # [B, L]; the others are [B, T]
@@ -123,37 +133,46 @@ def init_distributed(lc: LearnerSection, device: torch.device) -> tuple[DistCont
     env_world = os.environ.get("WORLD_SIZE")
     if lc.world_size == 1:
         if env_world not in (None, "1"):
-            raise ValueError(f"started by torchrun with WORLD_SIZE={env_world} but learner.world_size = 1; "
-                             f"fix: set learner.world_size = {env_world}, or start the learner without torchrun")
+            raise ValueError(
+                f"started by torchrun with WORLD_SIZE={env_world} but learner.world_size = 1; "
+                f"fix: set learner.world_size = {env_world}, or start the learner without torchrun"
+            )
         return None, device
     if env_world is None:
-        raise ValueError(f"learner.world_size = {lc.world_size} needs one process per rank; fix: start the learner "
-                         f"with `torchrun --nproc-per-node {lc.world_size} -m streamrl.services.learner ...` "
-                         "(the Procfile's learner-dp entry), or set learner.world_size = 1")
+        raise ValueError(
+            f"learner.world_size = {lc.world_size} needs one process per rank; fix: start the learner "
+            f"with `torchrun --nproc-per-node {lc.world_size} -m streamrl.services.learner ...` "
+            "(the Procfile's learner-dp entry), or set learner.world_size = 1"
+        )
     if int(env_world) != lc.world_size:
-        raise ValueError(f"torchrun started WORLD_SIZE={env_world} ranks but learner.world_size = {lc.world_size}; "
-                         f"fix: make them equal (torchrun --nproc-per-node {lc.world_size})")
+        raise ValueError(
+            f"torchrun started WORLD_SIZE={env_world} ranks but learner.world_size = {lc.world_size}; "
+            f"fix: make them equal (torchrun --nproc-per-node {lc.world_size})"
+        )
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"rank {rank} (local rank {local_rank}) has no GPU: {torch.cuda.device_count()} visible; "
-                             "fix: one GPU per rank (torchrun --nproc-per-node <= the GPU count) or device = 'cpu'")
+            raise ValueError(
+                f"rank {rank} (local rank {local_rank}) has no GPU: {torch.cuda.device_count()} visible; "
+                "fix: one GPU per rank (torchrun --nproc-per-node <= the GPU count) or device = 'cpu'"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                      timeout=timedelta(seconds=lc.batch_timeout_s + 600))
+        torch_dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=lc.batch_timeout_s + 600)
+        )
     ctx = DistContext(rank=rank, world_size=lc.world_size, local_rank=local_rank, device=device)
-    log.info("data-parallel learner: rank %d of %d on %s (%s)", rank, lc.world_size, device,
-             torch_dist.get_backend())
+    log.info("data-parallel learner: rank %d of %d on %s (%s)", rank, lc.world_size, device, torch_dist.get_backend())
     return ctx, device
 
 
 # --------------------------------------------------------------------------- the batch on the wire between ranks
 
 
-def broadcast_batch(dist: DistContext, batch: TrainBatch | None, version: int = 0,
-                    op: int = STEP) -> tuple[int, TrainBatch | None, int]:
+def broadcast_batch(
+    dist: DistContext, batch: TrainBatch | None, version: int = 0, op: int = STEP
+) -> tuple[int, TrainBatch | None, int]:
     """Rank 0 sends ``(op, batch, version)`` to every rank; the others pass ``None`` and receive it.
 
     A fixed header (``[op, version, B, L, T]`` then one present-flag per optional field
@@ -170,8 +189,18 @@ def broadcast_batch(dist: DistContext, batch: TrainBatch | None, version: int = 
     sampling = torch.zeros(3, dtype=torch.float64, device=dev)
     if dist.rank == 0:
         if batch is not None:
-            header.copy_(torch.tensor([op, version, batch.size, batch.input_ids.shape[1], batch.mask.shape[1],
-                                       *(getattr(batch, name) is not None for name in _OPTIONAL)]))
+            header.copy_(
+                torch.tensor(
+                    [
+                        op,
+                        version,
+                        batch.size,
+                        batch.input_ids.shape[1],
+                        batch.mask.shape[1],
+                        *(getattr(batch, name) is not None for name in _OPTIONAL),
+                    ]
+                )
+            )
             s = batch.sampling
             sampling.copy_(torch.tensor([s.temperature, s.top_p, s.max_new_tokens], dtype=torch.float64))
         else:
@@ -194,8 +223,13 @@ def broadcast_batch(dist: DistContext, batch: TrainBatch | None, version: int = 
         torch_dist.broadcast(tensor, 0)
         tensors[name] = tensor
     temperature, top_p, max_new_tokens = sampling.tolist()
-    return STEP, TrainBatch(**tensors, sampling=SamplingParams(temperature=temperature, top_p=top_p,
-                                                               max_new_tokens=int(max_new_tokens))), version
+    return (
+        STEP,
+        TrainBatch(
+            **tensors, sampling=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=int(max_new_tokens))
+        ),
+        version,
+    )
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -260,8 +294,11 @@ class DistributedPPOTrainer(PPOTrainer):
         self.dist = dist
         # DDP broadcasts rank 0's parameters and buffers here: every rank starts identical
         # (buffers, e.g. rotary tables, never change: no per-forward sync; the init sync stays)
-        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                   inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+        no_sync = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else {"broadcast_buffers": False}
+        )
         self.ddp = DistributedDataParallel(_Trained(self), device_ids=None, **no_sync)
         self._closed = False
 
@@ -306,13 +343,15 @@ class DistributedPPOTrainer(PPOTrainer):
         full = super()._order(batch)
         sizes = [len(rows) for rows in full]
         if min(sizes) < self.dist.world_size:
-            raise ValueError(f"a minibatch of {min(sizes)} rows cannot be shared by learner.world_size = "
-                             f"{self.dist.world_size} ranks; fix: more groups per step (learner.groups_per_step) or "
-                             "fewer learner.minibatches, so that every minibatch has at least one row per rank")
+            raise ValueError(
+                f"a minibatch of {min(sizes)} rows cannot be shared by learner.world_size = "
+                f"{self.dist.world_size} ranks; fix: more groups per step (learner.groups_per_step) or "
+                "fewer learner.minibatches, so that every minibatch has at least one row per rank"
+            )
         flat = torch.cat(full).to(self.dist.comm_device)
         torch_dist.broadcast(flat, 0)
         flat = flat.to(self.device)
-        return [rows[self.dist.rank::self.dist.world_size] for rows in flat.split(sizes)]
+        return [rows[self.dist.rank :: self.dist.world_size] for rows in flat.split(sizes)]
 
     def _forward(self, mb: TrainBatch) -> ModelOutput:
         return self.ddp(mb)

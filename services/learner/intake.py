@@ -9,8 +9,9 @@ from streamrl.common.fingerprint import same_model
 from streamrl.common.messages import ScoredRollout
 
 
-def split_in_vocabulary(rollouts: Sequence[ScoredRollout],
-                        vocab_size: int) -> tuple[list[ScoredRollout], list[ScoredRollout]]:
+def split_in_vocabulary(
+    rollouts: Sequence[ScoredRollout], vocab_size: int
+) -> tuple[list[ScoredRollout], list[ScoredRollout]]:
     """Split rollouts by whether every prompt and completion token id indexes the embedding.
 
     The decoder guarantees non-empty int32 token arrays with ids >= 0 but cannot know the
@@ -28,8 +29,9 @@ def split_in_vocabulary(rollouts: Sequence[ScoredRollout],
     return kept, refused
 
 
-def split_same_model(rollouts: Sequence[ScoredRollout],
-                     fingerprint: str) -> tuple[list[ScoredRollout], list[ScoredRollout]]:
+def split_same_model(
+    rollouts: Sequence[ScoredRollout], fingerprint: str
+) -> tuple[list[ScoredRollout], list[ScoredRollout]]:
     """Split rollouts by whether their generator's model fingerprint (``Rollout.model_fingerprint``,
     ``streamrl.common.fingerprint``) matches the learner's ``fingerprint``. A generator with another
     tokenizer of the same size (a permuted vocabulary) sends in-vocabulary ids that mean other text:

@@ -124,10 +124,7 @@ class AdaptiveKLController:
         self._value = _read_value(state)
 
     def __repr__(self) -> str:
-        return (
-            f"AdaptiveKLController(value={self._value:.6g}, target={self.target:g}, "
-            f"horizon={self.horizon})"
-        )
+        return f"AdaptiveKLController(value={self._value:.6g}, target={self.target:g}, horizon={self.horizon})"
 
 
 class FixedKLController:
@@ -164,9 +161,7 @@ class FixedKLController:
         return f"FixedKLController(value={self._value:.6g})"
 
 
-def make_kl_controller(
-    kl_coef: float, target: float | None, horizon: int
-) -> AdaptiveKLController | FixedKLController:
+def make_kl_controller(kl_coef: float, target: float | None, horizon: int) -> AdaptiveKLController | FixedKLController:
     """``target is None`` -> :class:`FixedKLController(kl_coef)`; otherwise
     :class:`AdaptiveKLController(kl_coef, target, horizon)` (``horizon`` is unused
     for the fixed controller).

@@ -25,8 +25,16 @@ log = logging.getLogger(__name__)
 def torchrun_command(world_size: int, argv: list[str]) -> list[str]:
     """The ``torchrun`` command line that starts ``world_size`` learner ranks on this host
     (``--standalone``: a rendezvous on a free local port) with the same arguments."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-            "-m", "streamrl.services.learner", *argv]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={world_size}",
+        "-m",
+        "streamrl.services.learner",
+        *argv,
+    ]
 
 
 def relaunch_under_torchrun(argv: list[str]) -> None:
@@ -69,8 +77,9 @@ def run_worker(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         raise SystemExit(f"streamrl learner rank {os.environ.get('RANK')}: invalid config\n{err}") from None
     rank = os.environ.get("RANK")
-    logging.basicConfig(level=cfg.run.log_level,
-                        format=f"%(asctime)s learner-rank{rank} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=cfg.run.log_level, format=f"%(asctime)s learner-rank{rank} %(levelname)s %(name)s: %(message)s"
+    )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     lc = cfg.learner

@@ -85,25 +85,48 @@ class LearnerService:
         published = read_published_version(self.published_path)
         version = continue_at(self.version, published)
         if version != self.version:
-            log.warning("version %d was published after the newest checkpoint (version %d): continuing at "
-                        "version %d so that versions never go backwards", published, self.version, version)
+            log.warning(
+                "version %d was published after the newest checkpoint (version %d): continuing at "
+                "version %d so that versions never go backwards",
+                published,
+                self.version,
+                version,
+            )
             self.version = version
         self.resumed_at = self.version  # names this process in batch requests (durable_version rules)
         self.trained_path = self.output / "trained.jsonl"
         rolled_back = roll_back_ledger(self.trained_path, self.step)
         if rolled_back:
-            log.warning("steps %s were trained after the newest checkpoint (step %d) and are lost with the killed "
-                        "learner: their ledger lines moved to rolled_back.jsonl, the buffer serves their batches "
-                        "again (durable_version)", rolled_back, self.step)
+            log.warning(
+                "steps %s were trained after the newest checkpoint (step %d) and are lost with the killed "
+                "learner: their ledger lines moved to rolled_back.jsonl, the buffer serves their batches "
+                "again (durable_version)",
+                rolled_back,
+                self.step,
+            )
         t = cfg.transport
-        self.weights = WeightServer(ctx.zmq, announce_endpoint=cfg.endpoints.bind_address("weights_announce"),
-                                    fetch_endpoint=cfg.endpoints.bind_address("weights"), metrics=ctx.metrics,
-                                    sender=ctx.instance, announce_interval_s=t.announce_interval_s,
-                                    max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security,
-                                    dtype=t.weight_dtype, chunk_bytes=t.weight_chunk_bytes,
-                                    peer_max_bytes=2 * t.weight_credit * t.weight_chunk_bytes)
-        self.dealer = make_socket(ctx.zmq, zmq.DEALER, connect=[cfg.endpoints.batches],
-                                  max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
+        self.weights = WeightServer(
+            ctx.zmq,
+            announce_endpoint=cfg.endpoints.bind_address("weights_announce"),
+            fetch_endpoint=cfg.endpoints.bind_address("weights"),
+            metrics=ctx.metrics,
+            sender=ctx.instance,
+            announce_interval_s=t.announce_interval_s,
+            max_message_bytes=t.max_message_bytes,
+            hwm=t.hwm,
+            security=ctx.security,
+            dtype=t.weight_dtype,
+            chunk_bytes=t.weight_chunk_bytes,
+            peer_max_bytes=2 * t.weight_credit * t.weight_chunk_bytes,
+        )
+        self.dealer = make_socket(
+            ctx.zmq,
+            zmq.DEALER,
+            connect=[cfg.endpoints.batches],
+            max_message_bytes=t.max_message_bytes,
+            hwm=t.hwm,
+            security=ctx.security,
+        )
         self.inbox = Inbox(ctx.metrics, [Batch], max_bytes=t.max_message_bytes, socket_name="batches")
         self.fingerprint = model_fingerprint(policy.config, self.tokenizer)  # in every announcement
         self.weights.model_fingerprint = self.fingerprint
@@ -158,9 +181,17 @@ class LearnerService:
         if self.step % self.cfg.learner.checkpoint_every == 0:
             self.save()
         publish_s = self.publish()
-        record = step_record(step=self.step, version=self.version, now=time.time(), stats=stats, batch=batch,
-                             behaviour_versions=tb.versions.tolist(), wait_s=wait_s, train_s=train_s,
-                             publish_s=publish_s)
+        record = step_record(
+            step=self.step,
+            version=self.version,
+            now=time.time(),
+            stats=stats,
+            batch=batch,
+            behaviour_versions=tb.versions.tolist(),
+            wait_s=wait_s,
+            train_s=train_s,
+            publish_s=publish_s,
+        )
         self.metrics.observe_step(record, staleness=(trained_at - tb.versions).tolist())
         append_line(self.log_path, json.dumps(record))
         log.info("%s", step_log_line(record, self.cfg.learner.total_steps))
@@ -173,8 +204,9 @@ class LearnerService:
         selected among K candidates (action biasing, control sharing) by 1/rho; returns the
         ``human/*`` statistics for the step record (none when no human terms exist)."""
         fb = self.cfg.feedback
-        terms = human_terms(batch.rollouts, combination=fb.combination, beta_t=beta_at(fb.beta, fb.beta_decay,
-                                                                                          self.step))
+        terms = human_terms(
+            batch.rollouts, combination=fb.combination, beta_t=beta_at(fb.beta, fb.beta_decay, self.step)
+        )
         if not fb.enabled and terms.stats["human/selected_fraction"] == 0:
             return {}
         terms.stats["human/env_reward_mean"] = float(tb.scores.mean())
@@ -190,9 +222,13 @@ class LearnerService:
         Raises:
             RuntimeError: no batch within ``learner.batch_timeout_s`` seconds.
         """
-        request = BatchRequest(sender=self.ctx.instance, learner_version=self.version,
-                               num_groups=self.cfg.learner.groups_per_step,
-                               durable_version=self.durable_version, resumed_at=self.resumed_at)
+        request = BatchRequest(
+            sender=self.ctx.instance,
+            learner_version=self.version,
+            num_groups=self.cfg.learner.groups_per_step,
+            durable_version=self.durable_version,
+            resumed_at=self.resumed_at,
+        )
         start = time.perf_counter()
         sent = self._request(request)
         try:
@@ -211,16 +247,28 @@ class LearnerService:
                     continue
                 if msg.learner_version != self.version:
                     self.metrics.unexpected.inc()
-                    log.info("ignoring a batch for version %d (now %d): a late answer to a re-sent request",
-                             msg.learner_version, self.version)
+                    log.info(
+                        "ignoring a batch for version %d (now %d): a late answer to a re-sent request",
+                        msg.learner_version,
+                        self.version,
+                    )
                     continue
                 received = msg.rollouts
                 msg.rollouts = self._one_sampling(self._in_vocabulary(msg.rollouts))
                 if len(msg.rollouts) < len(received):  # the ledger of what was accepted but never trained
                     kept = {s.rollout.rollout_id for s in msg.rollouts}
-                    append_line(self.output / "refused.jsonl", json.dumps(
-                        {"version": self.version, "rollout_ids": [s.rollout.rollout_id for s in received
-                                                                   if s.rollout.rollout_id not in kept]}), fsync=True)
+                    append_line(
+                        self.output / "refused.jsonl",
+                        json.dumps(
+                            {
+                                "version": self.version,
+                                "rollout_ids": [
+                                    s.rollout.rollout_id for s in received if s.rollout.rollout_id not in kept
+                                ],
+                            }
+                        ),
+                        fsync=True,
+                    )
                 if not msg.rollouts:  # every rollout refused: the buffer forgets that batch; ask again
                     request.refused_batch = msg.msg_id
                     sent = self._request(request)
@@ -230,12 +278,17 @@ class LearnerService:
             now = time.perf_counter()
             self.waits.waiting("data", lambda: data_wait_reason(self.cfg))  # names a failing reward
             if now - start > lc.batch_timeout_s:
-                raise RuntimeError(f"gave up after learner.batch_timeout_s = {lc.batch_timeout_s:.0f}s: "
-                                   f"{data_wait_reason(self.cfg)}")
+                raise RuntimeError(
+                    f"gave up after learner.batch_timeout_s = {lc.batch_timeout_s:.0f}s: {data_wait_reason(self.cfg)}"
+                )
             if not sent or now - last_sent > t.request_timeout_s:
                 if sent:
-                    log.info("waiting %.0fs for a batch of %d groups (version %d); re-sending the request",
-                             now - start, lc.groups_per_step, self.version)
+                    log.info(
+                        "waiting %.0fs for a batch of %d groups (version %d); re-sending the request",
+                        now - start,
+                        lc.groups_per_step,
+                        self.version,
+                    )
                 sent = self._request(request)  # not connected yet: tried again in 0.1 s
                 last_sent = now
         return None
@@ -253,9 +306,12 @@ class LearnerService:
         are left out (each reason logged, rate-limited)."""
         rollouts, foreign = split_same_model(rollouts, self.fingerprint)
         for s in foreign:
-            self.inbox.reject("model_mismatch", f"rollout {s.rollout.rollout_id} of generator {s.rollout.generator_id}: "
-                              f"model fingerprint {s.rollout.model_fingerprint} != the learner's {self.fingerprint} "
-                              "(another model config or tokenizer); fix: give every service the same model.path")
+            self.inbox.reject(
+                "model_mismatch",
+                f"rollout {s.rollout.rollout_id} of generator {s.rollout.generator_id}: "
+                f"model fingerprint {s.rollout.model_fingerprint} != the learner's {self.fingerprint} "
+                "(another model config or tokenizer); fix: give every service the same model.path",
+            )
         vocab = self.trainer.policy.get_input_embeddings().num_embeddings
         kept, refused = split_in_vocabulary(rollouts, vocab)
         for s in refused:
@@ -273,9 +329,14 @@ class LearnerService:
             self.metrics.refused.labels(reason=reason).inc(len(items))
             if reason not in self.refusals_logged:
                 self.refusals_logged.add(reason)
-                log.warning("refused %d rollouts sampled with %s (first: generator %s); the learner trains one "
-                            "sampling distribution per batch, here %s (logged once per reason)", len(items),
-                            items[0].rollout.sampling, items[0].rollout.generator_id, kept[0].rollout.sampling)
+                log.warning(
+                    "refused %d rollouts sampled with %s (first: generator %s); the learner trains one "
+                    "sampling distribution per batch, here %s (logged once per reason)",
+                    len(items),
+                    items[0].rollout.sampling,
+                    items[0].rollout.generator_id,
+                    kept[0].rollout.sampling,
+                )
         return kept
 
     def publish(self) -> float:
@@ -296,8 +357,14 @@ class LearnerService:
     def save(self) -> Path:
         """Write a checkpoint of the current step and version; returns its folder. The next batch
         request tells the buffer that everything trained so far is durable (``durable_version``)."""
-        folder = save_checkpoint(self.checkpoints, step=self.step, version=self.version,
-                                 policy=self.trainer.policy, tokenizer=self.tokenizer,
-                                 trainer_state=self.trainer.state_dict(), keep=self.cfg.learner.keep_checkpoints)
+        folder = save_checkpoint(
+            self.checkpoints,
+            step=self.step,
+            version=self.version,
+            policy=self.trainer.policy,
+            tokenizer=self.tokenizer,
+            trainer_state=self.trainer.state_dict(),
+            keep=self.cfg.learner.keep_checkpoints,
+        )
         self.durable_version = self.version
         return folder

@@ -75,8 +75,9 @@ def _check_same_shape(**tensors: Tensor) -> torch.Size:
     return first.shape
 
 
-def aggregate_tokens(x: Tensor, mask: Tensor, aggregation: LossAggregation = LossAggregation.TOKEN_MEAN, *,
-                     max_tokens: int | None = None) -> Tensor:
+def aggregate_tokens(
+    x: Tensor, mask: Tensor, aggregation: LossAggregation = LossAggregation.TOKEN_MEAN, *, max_tokens: int | None = None
+) -> Tensor:
     """Reduce per-token losses ``[B, T]`` to one number (a :class:`LossAggregation`)::
 
         token_mean        sum_{b,t} m x / sum_{b,t} m               (DAPO, Yu et al. 2025)
@@ -557,8 +558,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
         raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
     if tokens.shape != logits.shape[:2]:
         raise ValueError(
-            f"tokens has shape {tuple(tokens.shape)}, expected {tuple(logits.shape[:2])} "
-            "(the [B, T] of logits)"
+            f"tokens has shape {tuple(tokens.shape)}, expected {tuple(logits.shape[:2])} (the [B, T] of logits)"
         )
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
         raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
@@ -610,10 +610,7 @@ def kl_to_reference(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: KLEsti
         ValueError: shapes differ; unknown estimator.
     """
     if logprobs.shape != ref_logprobs.shape:
-        raise ValueError(
-            f"ref_logprobs has shape {tuple(ref_logprobs.shape)} but logprobs has "
-            f"{tuple(logprobs.shape)}"
-        )
+        raise ValueError(f"ref_logprobs has shape {tuple(ref_logprobs.shape)} but logprobs has {tuple(logprobs.shape)}")
     estimator = KLEstimator(estimator)
     diff = ref_logprobs.detach() - logprobs  # log rho
     if estimator is KLEstimator.K1:
@@ -649,7 +646,5 @@ def sft_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     if labels.shape != m.shape:
         raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(m.shape)}")
     safe_labels = torch.where(m, labels, torch.zeros((), dtype=labels.dtype, device=labels.device))
-    safe_logits = torch.where(
-        m.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device)
-    )
+    safe_logits = torch.where(m.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
     return -masked_mean(token_logprobs(safe_logits, safe_labels), m)

@@ -50,18 +50,25 @@ class LearnerMetrics(MetricSet):
     staleness = histogram("staleness", "Staleness of trained rollouts (versions)", buckets=STALENESS_BUCKETS)
     dropped = counter("buffer_dropped_stale_total", "Stale rollouts the buffer reported dropping")
     evicted = counter("buffer_evicted_total", "Rollouts the buffer reported evicting")
-    unexpected = counter("unexpected_batches_total",
-                         "Batches for another version (late duplicates of a re-sent request), ignored")
-    busy = gauge("busy_ratio", "Fraction of the learner's time since its first step spent training and publishing "
-                 "(not waiting for data): (train_s + publish_s) / (wait + train_s + publish_s), summed over steps")
-    refused = counter("rollouts_refused_total",
-                      "Rollouts refused: sampled with another temperature or top_p than the rest of their batch",
-                      ["reason"])
+    unexpected = counter(
+        "unexpected_batches_total", "Batches for another version (late duplicates of a re-sent request), ignored"
+    )
+    busy = gauge(
+        "busy_ratio",
+        "Fraction of the learner's time since its first step spent training and publishing "
+        "(not waiting for data): (train_s + publish_s) / (wait + train_s + publish_s), summed over steps",
+    )
+    refused = counter(
+        "rollouts_refused_total",
+        "Rollouts refused: sampled with another temperature or top_p than the rest of their batch",
+        ["reason"],
+    )
 
     def __init__(self, registry: ServiceMetrics):
         super().__init__(registry)
-        self.last_step = {key: registry.gauge(name, f"Learner {key} of the last step")
-                          for key, name in STEP_GAUGES.items()}
+        self.last_step = {
+            key: registry.gauge(name, f"Learner {key} of the last step") for key, name in STEP_GAUGES.items()
+        }
         self._busy_s = self._total_s = 0.0
 
     def observe_step(self, record: dict, staleness: Sequence[int]) -> None:

@@ -64,17 +64,31 @@ class PtxSampler:
             held-out prompts.
     """
 
-    def __init__(self, source: PromptSource, tokenizer, *, batch_size: int, max_tokens: int, seed: int,
-                 held_out: Sequence[Prompt]):
+    def __init__(
+        self,
+        source: PromptSource,
+        tokenizer,
+        *,
+        batch_size: int,
+        max_tokens: int,
+        seed: int,
+        held_out: Sequence[Prompt],
+    ):
         prompts = load_prompts(source)
         banned = {_normalised(p.text) for p in held_out}
         kept = [p for p in prompts if _normalised(p.text) not in banned]
         if len(kept) < len(prompts):
-            log.info("PPO-ptx: %d of %d prompts of %s are held out for evaluation and never trained on",
-                     len(prompts) - len(kept), len(prompts), source.path)
+            log.info(
+                "PPO-ptx: %d of %d prompts of %s are held out for evaluation and never trained on",
+                len(prompts) - len(kept),
+                len(prompts),
+                source.path,
+            )
         if prompts and not kept:
-            raise ValueError(f"learner.ptx_data: every prompt of {source.path} is a held-out evaluation prompt; "
-                             "fix: give SFT data that is not the evaluation split")
+            raise ValueError(
+                f"learner.ptx_data: every prompt of {source.path} is a held-out evaluation prompt; "
+                "fix: give SFT data that is not the evaluation split"
+            )
         self.stream = PromptStream(kept, seed=seed)
         self.kind = source.kind
         self.tokenizer = tokenizer

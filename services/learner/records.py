@@ -14,8 +14,18 @@ SAMPLES_PER_RECORD = 2
 """Prompt/completion pairs kept in each ``metrics.jsonl`` record, to read alongside the numbers."""
 
 
-def step_record(*, step: int, version: int, now: float, stats: dict, batch: Batch,
-                behaviour_versions: Sequence[int], wait_s: float, train_s: float, publish_s: float) -> dict:
+def step_record(
+    *,
+    step: int,
+    version: int,
+    now: float,
+    stats: dict,
+    batch: Batch,
+    behaviour_versions: Sequence[int],
+    wait_s: float,
+    train_s: float,
+    publish_s: float,
+) -> dict:
     """The ``metrics.jsonl`` record of one learner step.
 
     Args:
@@ -42,9 +52,15 @@ def step_record(*, step: int, version: int, now: float, stats: dict, batch: Batc
         "buffered_groups": batch.buffered_groups,
         "behaviour_versions": sorted({int(v) for v in behaviour_versions}),
         "generators_in_batch": len({s.rollout.generator_id for s in batch.rollouts}),
-        "samples": [{"prompt": s.rollout.prompt_text, "completion": s.rollout.completion_text,
-                     "reward": s.reward, "policy_version": s.rollout.policy_version}
-                    for s in batch.rollouts[:SAMPLES_PER_RECORD]],
+        "samples": [
+            {
+                "prompt": s.rollout.prompt_text,
+                "completion": s.rollout.completion_text,
+                "reward": s.reward,
+                "policy_version": s.rollout.policy_version,
+            }
+            for s in batch.rollouts[:SAMPLES_PER_RECORD]
+        ],
         "wait_data_s": wait_s,
         "train_s": train_s,
         "publish_s": publish_s,
@@ -53,8 +69,7 @@ def step_record(*, step: int, version: int, now: float, stats: dict, batch: Batc
 
 def ledger_line(step: int, version: int, batch: Batch) -> str:
     """The ``trained.jsonl`` line of a step: the rollout ids trained on (the learner's ledger)."""
-    return json.dumps({"step": step, "version": version,
-                       "rollout_ids": [s.rollout.rollout_id for s in batch.rollouts]})
+    return json.dumps({"step": step, "version": version, "rollout_ids": [s.rollout.rollout_id for s in batch.rollouts]})
 
 
 def roll_back_ledger(path: Path, checkpoint_step: int) -> list[int]:
@@ -112,9 +127,11 @@ def append_line(path: Path, line: str, *, fsync: bool = False) -> None:
 def step_log_line(record: dict, total_steps: int) -> str:
     """The console line of a step record (reward, KL, entropy, clipping, ratios, ESS, staleness, throughput)."""
     r = record
-    return (f"step {r['step']}/{total_steps} v{r['version']} | reward {r['reward_mean']:.3f} | kl {r['kl']:.4f} | "
-            f"entropy {r['entropy']:.3f} | clip {r['clip_fraction']:.3f} | "
-            f"ratio {r['importance_ratio_mean']:.3f}/{r['importance_ratio_max']:.3f} | ess {r['ess_fraction']:.2f} | "
-            f"stale {r['staleness_min']:.0f}-{r['staleness_max']:.0f} | dropped {r['dropped_stale']} | "
-            f"{r['samples_per_second']:.1f} samples/s | wait {r['wait_data_s']:.1f}s | "
-            f"generators {r['generators_in_batch']}")
+    return (
+        f"step {r['step']}/{total_steps} v{r['version']} | reward {r['reward_mean']:.3f} | kl {r['kl']:.4f} | "
+        f"entropy {r['entropy']:.3f} | clip {r['clip_fraction']:.3f} | "
+        f"ratio {r['importance_ratio_mean']:.3f}/{r['importance_ratio_max']:.3f} | ess {r['ess_fraction']:.2f} | "
+        f"stale {r['staleness_min']:.0f}-{r['staleness_max']:.0f} | dropped {r['dropped_stale']} | "
+        f"{r['samples_per_second']:.1f} samples/s | wait {r['wait_data_s']:.1f}s | "
+        f"generators {r['generators_in_batch']}"
+    )

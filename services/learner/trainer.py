@@ -130,8 +130,9 @@ class StatSums:
         """Every sum divided by ``count``, plus the ``extra`` tensors as they are, as python
         floats converted in one transfer."""
         names = list(self._sums) + list(extra or {})
-        values = [v / max(count, 1) for v in self._sums.values()] + [v.detach().to(torch.float64)
-                                                                    for v in (extra or {}).values()]
+        values = [v / max(count, 1) for v in self._sums.values()] + [
+            v.detach().to(torch.float64) for v in (extra or {}).values()
+        ]
         if not values:
             return {}
         return dict(zip(names, torch.stack(values).tolist()))
@@ -167,8 +168,9 @@ class PPOTrainer:
             params += list(self.value_head.parameters())
         self.optimizer = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if self.value_model is not None:  # its own learning rate (a param group: own Adam moments)
-            self.optimizer.add_param_group({"params": list(self.value_model.parameters()),
-                                            "lr": cfg.value_lr or cfg.lr})
+            self.optimizer.add_param_group(
+                {"params": list(self.value_model.parameters()), "lr": cfg.value_lr or cfg.lr}
+            )
         self.kl_controller = make_kl_controller(cfg.kl_coef, cfg.kl_target_per_sequence, cfg.kl_horizon)
         self.reward_stats = RunningMeanStd()
         for p in reference.parameters():
@@ -213,23 +215,41 @@ class PPOTrainer:
         self.policy.eval()  # never train mode: pi and pi_old must be the same function (no dropout)
         # every per-token term (policy, value, entropy, KL loss) is aggregated the same way; the
         # fixed-length normaliser is the generation budget (at least the longest completion)
-        aggregation = {"aggregation": cfg.loss_aggregation,
-                       "max_tokens": max(batch.sampling.max_new_tokens, batch.mask.shape[1])}
+        aggregation = {
+            "aggregation": cfg.loss_aggregation,
+            "max_tokens": max(batch.sampling.max_new_tokens, batch.mask.shape[1]),
+        }
         cap = cfg.vtrace_rho_bar if cfg.correction is Correction.VTRACE else cfg.is_cap
         for epoch, minibatches in enumerate(orders):
             for k, rows in enumerate(minibatches):
                 mb = batch.select(rows)
                 t = mb.mask.shape[1]
                 out = first[1] if first is not None and epoch == 0 and k == 0 else self._forward(mb)
-                pl, ps = policy_loss(out.logprobs, old.logprobs[rows, :t], mb.behaviour_logprobs,
-                                     advantages[rows, :t], mb.mask, correction=cfg.correction,
-                                     clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip, is_cap=cap,
-                                     is_level=cfg.is_level, is_mode=cfg.is_mode, **aggregation)
+                pl, ps = policy_loss(
+                    out.logprobs,
+                    old.logprobs[rows, :t],
+                    mb.behaviour_logprobs,
+                    advantages[rows, :t],
+                    mb.mask,
+                    correction=cfg.correction,
+                    clip_eps=cfg.clip_eps,
+                    dual_clip=cfg.dual_clip,
+                    is_cap=cap,
+                    is_level=cfg.is_level,
+                    is_mode=cfg.is_mode,
+                    **aggregation,
+                )
                 entropy = aggregate_tokens(out.entropy, mb.mask, **aggregation)
                 loss = pl - cfg.entropy_coef * entropy
                 if out.values is not None:
-                    vl, vclip = value_loss(out.values, old.values[rows, :t], returns[rows, :t], mb.mask,
-                                           clip_range=cfg.value_clip, **aggregation)
+                    vl, vclip = value_loss(
+                        out.values,
+                        old.values[rows, :t],
+                        returns[rows, :t],
+                        mb.mask,
+                        clip_range=cfg.value_clip,
+                        **aggregation,
+                    )
                     loss = loss + cfg.vf_coef * vl
                     sums.add({"loss/value": vl, "value_clip_fraction": vclip})
                 if cfg.kl_penalty is KLPenaltyMode.LOSS and beta > 0:
@@ -245,19 +265,30 @@ class PPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self._backward(loss, mb)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+                    [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
+                )
                 if bool(torch.isfinite(grad_norm)):  # the one device sync per update: skip or step
                     self.optimizer.step()
                 else:
                     skipped += 1
                 updates += 1
-                sums.add({"loss/total": loss, "loss/policy": pl, "entropy": entropy, "grad_norm": grad_norm,
-                          "clip_fraction": ps.clip_fraction, "approx_kl": ps.approx_kl,
-                          "importance_ratio_mean": ps.importance_ratio_mean,
-                          "truncated_fraction": ps.truncated_fraction, "ess": ps.effective_sample_size,
-                          "ess_fraction": ps.ess_fraction,
-                          "outside_nucleus_fraction": ps.outside_nucleus_fraction,
-                          "dual_clip_fraction": ps.dual_clip_fraction, "masked_fraction": ps.masked_fraction})
+                sums.add(
+                    {
+                        "loss/total": loss,
+                        "loss/policy": pl,
+                        "entropy": entropy,
+                        "grad_norm": grad_norm,
+                        "clip_fraction": ps.clip_fraction,
+                        "approx_kl": ps.approx_kl,
+                        "importance_ratio_mean": ps.importance_ratio_mean,
+                        "truncated_fraction": ps.truncated_fraction,
+                        "ess": ps.effective_sample_size,
+                        "ess_fraction": ps.ess_fraction,
+                        "outside_nucleus_fraction": ps.outside_nucleus_fraction,
+                        "dual_clip_fraction": ps.dual_clip_fraction,
+                        "masked_fraction": ps.masked_fraction,
+                    }
+                )
                 ratio_max = torch.maximum(ratio_max, ps.importance_ratio_max)
         out_stats = sums.means(updates, extra={"importance_ratio_max": ratio_max})
         out_stats["skipped_updates"] = float(skipped)
@@ -405,9 +436,16 @@ class PPOTrainer:
         if cfg.advantage is AdvantageEstimator.GAE:
             token_rewards = per_token_rewards(scores, kl_tokens if in_reward else None, mask, kl_coef=beta)
             if cfg.correction is Correction.VTRACE:  # off-policy targets: IMPALA eqs. 1-3 on pi_old / mu
-                returns, advantages = vtrace(token_rewards, old.values, old.logprobs - batch.behaviour_logprobs,
-                                             mask, gamma=cfg.gamma, lam=cfg.lam, rho_bar=cfg.vtrace_rho_bar,
-                                             c_bar=cfg.vtrace_c_bar)
+                returns, advantages = vtrace(
+                    token_rewards,
+                    old.values,
+                    old.logprobs - batch.behaviour_logprobs,
+                    mask,
+                    gamma=cfg.gamma,
+                    lam=cfg.lam,
+                    rho_bar=cfg.vtrace_rho_bar,
+                    c_bar=cfg.vtrace_c_bar,
+                )
             else:
                 advantages, returns = gae(token_rewards, old.values, mask, gamma=cfg.gamma, lam=cfg.lam)
             if cfg.whiten_advantages and cfg.correction is Correction.VTRACE:
@@ -416,17 +454,28 @@ class PPOTrainer:
                 advantages = masked_whiten(advantages, mask)
         else:
             seq_scores = scores - beta * kl_tokens.sum(1) if in_reward else scores
-            seq_adv = group_advantages(seq_scores, batch.group_ids, estimator=cfg.advantage,
-                                       scale=cfg.scale_rewards, std_floor=cfg.scale_std_floor)
+            seq_adv = group_advantages(
+                seq_scores,
+                batch.group_ids,
+                estimator=cfg.advantage,
+                scale=cfg.scale_rewards,
+                std_floor=cfg.scale_std_floor,
+            )
             advantages = seq_adv.unsqueeze(1).expand_as(mask).clone()
         advantages = fill_padding(advantages, mask)
         if batch.advantage_bonus is not None:  # Q-augmentation: A' = Q + beta_t E H-hat - V; R's critic untouched
             advantages = fill_padding(advantages + batch.advantage_bonus.to(advantages.dtype).unsqueeze(1), mask)
         if batch.weights is not None:  # control-shared rollouts: the loss of row b is weighted by mu/q (1/rho)
             advantages = advantages * batch.weights.to(advantages.dtype).unsqueeze(1)
-        return Targets(old=old, ref_logprobs=ref_logprobs, advantages=advantages, returns=returns,
-                       kl_mean=float(masked_mean(kl_tokens, mask)),
-                       kl_per_sequence=float(per_sequence_kl(kl_tokens, mask)), kl_coef=beta)
+        return Targets(
+            old=old,
+            ref_logprobs=ref_logprobs,
+            advantages=advantages,
+            returns=returns,
+            kl_mean=float(masked_mean(kl_tokens, mask)),
+            kl_per_sequence=float(per_sequence_kl(kl_tokens, mask)),
+            kl_coef=beta,
+        )
 
     def _ptx_loss(self) -> Tensor:
         ptx = self.ptx_sampler()

@@ -37,8 +37,7 @@ class ValueModel(torch.nn.Module):
     def __init__(self, classifier: torch.nn.Module, *, bias: float = 0.0):
         super().__init__()
         if classifier.config.num_labels != 1:
-            raise ValueError(f"a value model needs a one-label reward model, got {classifier.config.num_labels} "
-                             "labels")
+            raise ValueError(f"a value model needs a one-label reward model, got {classifier.config.num_labels} labels")
         self.classifier = classifier
         self.head = score_head(classifier)
         self.bias = torch.nn.Parameter(torch.tensor(float(bias)))
@@ -61,16 +60,19 @@ class ValueModel(torch.nn.Module):
 
         classifier = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
         if tokenizer is not None and AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"learner.value_model: {path} has another vocabulary than the policy, so it cannot "
-                             "read the policy's tokens; fix: train the reward model from the policy's base model "
-                             "(`streamrl rm` with rm.base_model = the SFT model) or unset learner.value_model")
+            raise ValueError(
+                f"learner.value_model: {path} has another vocabulary than the policy, so it cannot "
+                "read the policy's tokens; fix: train the reward model from the policy's base model "
+                "(`streamrl rm` with rm.base_model = the SFT model) or unset learner.value_model"
+            )
         info = RewardModelInfo.from_config(classifier.config)
         return cls(classifier, bias=info.bias).to(device)
 
     def forward(self, batch: TrainBatch) -> Tensor:
         """``[B, T]`` float32 values ``V(s_t)`` at the completion positions of ``batch``
         (padding positions hold garbage; the value loss masks them)."""
-        hidden = self.classifier.base_model(input_ids=batch.input_ids,
-                                            attention_mask=batch.attention_mask).last_hidden_state
+        hidden = self.classifier.base_model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state
         index = batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         return linear_fp32(self.head, hidden.gather(1, index)).squeeze(-1) + self.bias  # fp32 under autocast

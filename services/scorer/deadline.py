@@ -32,8 +32,9 @@ class TimeLimited:
         ValueError: ``timeout_s`` <= 0.
     """
 
-    def __init__(self, fn: Callable[[list[str], list[str], list[dict]], Sequence[float]], *, timeout_s: float,
-                 what: str) -> None:
+    def __init__(
+        self, fn: Callable[[list[str], list[str], list[dict]], Sequence[float]], *, timeout_s: float, what: str
+    ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.fn, self.timeout_s, self.what = fn, timeout_s, what
@@ -58,6 +59,8 @@ class TimeLimited:
             return future.result(timeout=self.timeout_s)
         except concurrent.futures.TimeoutError:
             future.cancel()  # only takes effect when it was still queued behind an earlier call
-            raise RewardTimeout(f"{self.what} took more than timeout_s = {self.timeout_s:g}s for {len(completions)} "
-                                "completions; fix: raise timeout_s, lower batch_size or max_length, or run it on a "
-                                "GPU (scorer.device)") from None
+            raise RewardTimeout(
+                f"{self.what} took more than timeout_s = {self.timeout_s:g}s for {len(completions)} "
+                "completions; fix: raise timeout_s, lower batch_size or max_length, or run it on a "
+                "GPU (scorer.device)"
+            ) from None

@@ -62,13 +62,22 @@ class RewardHealth:
         ValueError: an argument out of its range.
     """
 
-    def __init__(self, metrics: ScorerMetrics, *, failing_after: int, names: Sequence[str],
-                 failing_fraction: float = 0.1, failing_window: int = 100) -> None:
+    def __init__(
+        self,
+        metrics: ScorerMetrics,
+        *,
+        failing_after: int,
+        names: Sequence[str],
+        failing_fraction: float = 0.1,
+        failing_window: int = 100,
+    ) -> None:
         if failing_after < 1:
             raise ValueError(f"failing_after must be >= 1, got {failing_after}")
         if not 0 < failing_fraction <= 1 or failing_window < 1:
-            raise ValueError(f"failing_fraction must be in (0, 1] and failing_window >= 1, got {failing_fraction} "
-                             f"and {failing_window}")
+            raise ValueError(
+                f"failing_fraction must be in (0, 1] and failing_window >= 1, got {failing_fraction} "
+                f"and {failing_window}"
+            )
         self.metrics = metrics
         self.failing_after = failing_after
         self.failing_fraction = failing_fraction
@@ -87,8 +96,9 @@ class RewardHealth:
         """Fraction of the last ``failing_window`` rollouts (fewer at the start) whose reward raised."""
         return sum(self.recent) / len(self.recent) if self.recent else 0.0
 
-    def record(self, batch: Sequence[Rollout], failures: Mapping[str, BaseException],
-               raised: Sequence[BaseException] = ()) -> None:
+    def record(
+        self, batch: Sequence[Rollout], failures: Mapping[str, BaseException], raised: Sequence[BaseException] = ()
+    ) -> None:
         """Record a scored micro-batch.
 
         Args:
@@ -142,10 +152,19 @@ class RewardHealth:
             if exc is None or reason in self.logged:
                 continue
             self.logged.add(reason)
-            log.error("reward (%s) raised %s on rollout %s (%d of the %d rollouts of its micro-batch raised it; the "
-                      "groups of the rollouts that raised are dropped); further %s failures are counted in "
-                      "reward_failures_total{reason=\"%s\"}, not logged", self.names, reason, rollout.rollout_id,
-                      reasons[reason], len(batch), reason, reason, exc_info=exc)
+            log.error(
+                "reward (%s) raised %s on rollout %s (%d of the %d rollouts of its micro-batch raised it; the "
+                "groups of the rollouts that raised are dropped); further %s failures are counted in "
+                'reward_failures_total{reason="%s"}, not logged',
+                self.names,
+                reason,
+                rollout.rollout_id,
+                reasons[reason],
+                len(batch),
+                reason,
+                reason,
+                exc_info=exc,
+            )
 
     def _update(self, last: BaseException | None, ended: int) -> None:
         """Enter or leave the *failing* state (module docstring), saying so once each way; ``last`` is
@@ -157,20 +176,36 @@ class RewardHealth:
             self.metrics.failing.set(1)
             what = error_text(last) if last is not None else "see above"
             if in_a_row:
-                log.error("REWARD FAILING: the last %d micro-batches all raised (last: %s); no scored rollout reaches "
-                          "the buffer, so the learner waits; fix: correct the reward (%s; traceback above) and "
-                          "restart the scorer", self.consecutive, what, self.names)
+                log.error(
+                    "REWARD FAILING: the last %d micro-batches all raised (last: %s); no scored rollout reaches "
+                    "the buffer, so the learner waits; fix: correct the reward (%s; traceback above) and "
+                    "restart the scorer",
+                    self.consecutive,
+                    what,
+                    self.names,
+                )
             else:
-                log.error("REWARD FAILING: the reward raised on %d of the last %d rollouts (%.0f%%, scorer."
-                          "failing_fraction = %g; last: %s); their groups are dropped, so the learner gets fewer "
-                          "groups and waits longer; fix: correct the reward (%s; traceback above) so that it scores "
-                          "every input, and restart the scorer", sum(self.recent), len(self.recent),
-                          100 * self.fraction, self.failing_fraction, what, self.names)
+                log.error(
+                    "REWARD FAILING: the reward raised on %d of the last %d rollouts (%.0f%%, scorer."
+                    "failing_fraction = %g; last: %s); their groups are dropped, so the learner gets fewer "
+                    "groups and waits longer; fix: correct the reward (%s; traceback above) so that it scores "
+                    "every input, and restart the scorer",
+                    sum(self.recent),
+                    len(self.recent),
+                    100 * self.fraction,
+                    self.failing_fraction,
+                    what,
+                    self.names,
+                )
         elif self.failing and not (in_a_row or by_fraction):
             self.failing = False
             self.metrics.failing.set(0)
             if ended:
                 log.warning("reward recovered after %d failed micro-batches in a row", ended)
             else:
-                log.warning("reward recovered: it raised on %d of the last %d rollouts (%.0f%%)", sum(self.recent),
-                            len(self.recent), 100 * self.fraction)
+                log.warning(
+                    "reward recovered: it raised on %d of the last %d rollouts (%.0f%%)",
+                    sum(self.recent),
+                    len(self.recent),
+                    100 * self.fraction,
+                )

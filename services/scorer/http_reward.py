@@ -77,8 +77,10 @@ def expand_headers(headers: Mapping[str, str]) -> dict[str, str]:
         expanded = os.path.expandvars(value)
         missing = [m.group(1) for m in _UNSET_VAR.finditer(expanded) if m.group(1) not in os.environ]
         if missing:
-            raise ValueError(f"reward server header {name!r} uses ${missing[0]}, which is not set in the scorer's "
-                             f"environment; fix: export {missing[0]}=... before starting the scorer")
+            raise ValueError(
+                f"reward server header {name!r} uses ${missing[0]}, which is not set in the scorer's "
+                f"environment; fix: export {missing[0]}=... before starting the scorer"
+            )
         out[name] = expanded
     return out
 
@@ -102,20 +104,32 @@ class HttpReward:
             an unset environment variable.
     """
 
-    def __init__(self, url: str, *, batch_size: int = 8, timeout_s: float = 30.0, retries: int = 3,
-                 backoff_s: float = 0.5, headers: Mapping[str, str] | None = None,
-                 transport: Any = None, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        batch_size: int = 8,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        headers: Mapping[str, str] | None = None,
+        transport: Any = None,
+        stop: threading.Event | None = None,
+    ) -> None:
         if batch_size < 1 or timeout_s <= 0 or retries < 0 or backoff_s <= 0:
-            raise ValueError(f"HttpReward: batch_size >= 1, timeout_s > 0, retries >= 0, backoff_s > 0 (got "
-                             f"{batch_size}, {timeout_s}, {retries}, {backoff_s})")
+            raise ValueError(
+                f"HttpReward: batch_size >= 1, timeout_s > 0, retries >= 0, backoff_s > 0 (got "
+                f"{batch_size}, {timeout_s}, {retries}, {backoff_s})"
+            )
         self.url = url
         self.batch_size = batch_size
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
         self.stop = stop
-        self.client = httpx.Client(timeout=httpx.Timeout(timeout_s), headers=expand_headers(headers or {}),
-                                   transport=transport)
+        self.client = httpx.Client(
+            timeout=httpx.Timeout(timeout_s), headers=expand_headers(headers or {}), transport=transport
+        )
         self.__name__ = "http_reward"
 
     def __call__(self, prompts: list[str], completions: list[str], metadata: list[dict]) -> list[float]:
@@ -129,13 +143,15 @@ class HttpReward:
         """
         n = len(completions)
         if len(prompts) != n or len(metadata) != n:
-            raise ValueError(f"HttpReward: lengths differ: {len(prompts)} prompts, {n} completions, "
-                             f"{len(metadata)} metadata")
+            raise ValueError(
+                f"HttpReward: lengths differ: {len(prompts)} prompts, {n} completions, {len(metadata)} metadata"
+            )
         rewards: list[float] = []
         for start in range(0, n, self.batch_size):
             end = min(n, start + self.batch_size)
-            rewards += self._request({"prompts": prompts[start:end], "completions": completions[start:end],
-                                      "metadata": metadata[start:end]})
+            rewards += self._request(
+                {"prompts": prompts[start:end], "completions": completions[start:end], "metadata": metadata[start:end]}
+            )
         return rewards
 
     def close(self) -> None:
@@ -146,11 +162,13 @@ class HttpReward:
         started = time.monotonic()
         attempts = 0
         give_up = stop_after_attempt(self.retries + 1)
-        retrying = Retrying(stop=give_up if self.stop is None else give_up | stop_when_event_set(self.stop),
-                            sleep=time.sleep if self.stop is None else self.stop.wait,
-                            wait=wait_exponential(multiplier=self.backoff_s, exp_base=2)
-                            + wait_random(0, 0.1 * self.backoff_s),
-                            retry=retry_if_exception(lambda e: isinstance(e, _Transient)), reraise=True)
+        retrying = Retrying(
+            stop=give_up if self.stop is None else give_up | stop_when_event_set(self.stop),
+            sleep=time.sleep if self.stop is None else self.stop.wait,
+            wait=wait_exponential(multiplier=self.backoff_s, exp_base=2) + wait_random(0, 0.1 * self.backoff_s),
+            retry=retry_if_exception(lambda e: isinstance(e, _Transient)),
+            reraise=True,
+        )
         last: _Transient | None = None
         try:
             for attempt in retrying:
@@ -168,9 +186,12 @@ class HttpReward:
             if isinstance(failure.cause, httpx.ConnectError):
                 raise RewardServerDown(
                     f"reward server {self.url} is down: {failure.what} ({tries}); fix: start the reward server, or "
-                    "correct scorer.rewards[].url") from failure.cause
-            raise RewardServerError(f"reward server {self.url}: {failure.what} ({tries}); fix: check the server's "
-                                    "log and load, or raise timeout_s / retries") from failure.cause
+                    "correct scorer.rewards[].url"
+                ) from failure.cause
+            raise RewardServerError(
+                f"reward server {self.url}: {failure.what} ({tries}); fix: check the server's "
+                "log and load, or raise timeout_s / retries"
+            ) from failure.cause
         raise AssertionError("unreachable: tenacity either returns or re-raises")  # pragma: no cover
 
     def _post_once(self, body: dict) -> list[float]:
@@ -186,9 +207,11 @@ class HttpReward:
         if response.status_code == 429 or response.status_code >= 500:
             raise _Transient(f"HTTP {response.status_code} {response.reason_phrase}: {response.text[:200]!r}")
         if response.status_code != 200:
-            raise RewardServerError(f"reward server {self.url} refused the request: HTTP {response.status_code} "
-                                    f"{response.reason_phrase}: {response.text[:300]!r}; fix: the server must accept "
-                                    "POST {prompts, completions, metadata} as JSON")
+            raise RewardServerError(
+                f"reward server {self.url} refused the request: HTTP {response.status_code} "
+                f"{response.reason_phrase}: {response.text[:300]!r}; fix: the server must accept "
+                "POST {prompts, completions, metadata} as JSON"
+            )
         try:
             answer = response.json()
         except ValueError:
@@ -196,12 +219,15 @@ class HttpReward:
         rewards = answer.get("rewards") if isinstance(answer, dict) else None
         if not isinstance(rewards, list) or len(rewards) != n:
             got = f"{len(rewards)} rewards" if isinstance(rewards, list) else repr(response.text[:200])
-            raise RewardServerError(f"reward server {self.url} answered {got} for {n} completions; fix: answer "
-                                    f"{{\"rewards\": [...]}} with one number per completion, in order")
+            raise RewardServerError(
+                f"reward server {self.url} answered {got} for {n} completions; fix: answer "
+                f'{{"rewards": [...]}} with one number per completion, in order'
+            )
         for i, value in enumerate(rewards):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise RewardServerError(f"reward server {self.url} answered reward {value!r} at index {i}; fix: "
-                                        "answer finite numbers")
+                raise RewardServerError(
+                    f"reward server {self.url} answered reward {value!r} at index {i}; fix: answer finite numbers"
+                )
         return [float(v) for v in rewards]
 
 
@@ -223,8 +249,14 @@ def probe_problems(specs: Sequence[Any]) -> list[str]:
             continue
         key = f"scorer.rewards[{i}].url"
         try:
-            reward = HttpReward(spec.url, batch_size=1, timeout_s=spec.timeout_s, retries=spec.retries,
-                                backoff_s=spec.backoff_s, headers=spec.headers)
+            reward = HttpReward(
+                spec.url,
+                batch_size=1,
+                timeout_s=spec.timeout_s,
+                retries=spec.retries,
+                backoff_s=spec.backoff_s,
+                headers=spec.headers,
+            )
         except ValueError as err:  # a header naming an unset variable
             problems.append(f"{key}: {err}")
             continue
@@ -245,5 +277,8 @@ def probe_report(specs: Sequence[Any]) -> str | None:
     problems = probe_problems(specs)
     if not problems:
         return None
-    return (f"{len(problems)} reward server(s) did not answer one request\n" + "\n".join(f"  - {p}" for p in problems)
-            + "\n(--no-probe skips this check, e.g. for a server that starts after the run)")
+    return (
+        f"{len(problems)} reward server(s) did not answer one request\n"
+        + "\n".join(f"  - {p}" for p in problems)
+        + "\n(--no-probe skips this check, e.g. for a server that starts after the run)"
+    )

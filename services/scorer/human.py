@@ -18,8 +18,10 @@ def add_human_scores(view: HumanModelView, results: Sequence[ScoredRollout], now
         RuntimeError: no H-hat version received yet.
         ValueError: H-hat's feature size differs from the reference model's.
     """
-    values, eligibilities = view.score([s.rollout.prompt_tokens for s in results],
-                                       [s.rollout.completion_tokens for s in results], now)
+    values, eligibilities = view.score(
+        [s.rollout.prompt_tokens for s in results], [s.rollout.completion_tokens for s in results], now
+    )
     for scored, value, e in zip(results, values, eligibilities):
-        scored.human = HumanScore(value=float(value), eligibility=float(e), model_version=view.version,
-                                  active=view.active)
+        scored.human = HumanScore(
+            value=float(value), eligibility=float(e), model_version=view.version, active=view.active
+        )

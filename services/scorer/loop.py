@@ -46,40 +46,69 @@ class ScorerService:
     def __init__(self, ctx: ServiceContext):
         cfg = ctx.config
         try:
-            self.endpoint = (cfg.endpoints.scorer_bind(ctx.local_index)
-                             or scorer_endpoint(cfg.endpoints.scorers, ctx.local_index))
+            self.endpoint = cfg.endpoints.scorer_bind(ctx.local_index) or scorer_endpoint(
+                cfg.endpoints.scorers, ctx.local_index
+            )
         except ValueError as err:
             raise SystemExit(str(err)) from None
         configure_torch(cfg.scorer.threads, seed=cfg.run.seed)
         self.ctx = ctx
         self.reward = build_reward(cfg.scorer.rewards, device=select_device(cfg.scorer.device), stop=ctx.stop)
         t = cfg.transport
-        self.pull = make_socket(ctx.zmq, zmq.PULL, bind=self.endpoint,
-                                max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
-        self.push = make_socket(ctx.zmq, zmq.PUSH, connect=[cfg.endpoints.buffer],
-                                max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
+        self.pull = make_socket(
+            ctx.zmq,
+            zmq.PULL,
+            bind=self.endpoint,
+            max_message_bytes=t.max_message_bytes,
+            hwm=t.hwm,
+            security=ctx.security,
+        )
+        self.push = make_socket(
+            ctx.zmq,
+            zmq.PUSH,
+            connect=[cfg.endpoints.buffer],
+            max_message_bytes=t.max_message_bytes,
+            hwm=t.hwm,
+            security=ctx.security,
+        )
         self.inbox = Inbox(ctx.metrics, [Rollout], max_bytes=t.max_message_bytes, socket_name="rollouts")
         self.metrics = ScorerMetrics(ctx.metrics)
         fb = cfg.feedback
         # people in the loop: the feed to the feedback service (a PUB: never blocks, drops when nobody
         # listens) and, for reward shaping, the newest H-hat from it
-        self.feed = (make_socket(ctx.zmq, zmq.PUB, connect=[cfg.endpoints.feedback],
-                                 max_message_bytes=t.max_message_bytes, hwm=t.hwm, security=ctx.security)
-                     if fb.enabled else None)
-        self.human = (HumanModelSubscription(ctx.zmq, cfg, ctx.metrics, ctx.security)
-                      if fb.enabled and fb.combination.scores_rollouts else None)
+        self.feed = (
+            make_socket(
+                ctx.zmq,
+                zmq.PUB,
+                connect=[cfg.endpoints.feedback],
+                max_message_bytes=t.max_message_bytes,
+                hwm=t.hwm,
+                security=ctx.security,
+            )
+            if fb.enabled
+            else None
+        )
+        self.human = (
+            HumanModelSubscription(ctx.zmq, cfg, ctx.metrics, ctx.security)
+            if fb.enabled and fb.combination.scores_rollouts
+            else None
+        )
         self.reference = ReferencePass(cfg) if cfg.scorer.reference_logprobs else None
         sc = cfg.scorer
-        self.health = RewardHealth(self.metrics, failing_after=sc.failing_after, names=self.reward.names,
-                                   failing_fraction=sc.failing_fraction, failing_window=sc.failing_window)
+        self.health = RewardHealth(
+            self.metrics,
+            failing_after=sc.failing_after,
+            names=self.reward.names,
+            failing_fraction=sc.failing_fraction,
+            failing_window=sc.failing_window,
+        )
         self.dropped_groups = DroppedGroups()
         for reason in ("reward_raised", "group_member_raised"):
             self.metrics.dropped.labels(reason=reason)
 
     def run(self) -> None:
         """Score until stopped."""
-        log.info("%s scoring on %s with %s", self.ctx.instance, self.endpoint,
-                 ", ".join(self.reward.names))
+        log.info("%s scoring on %s with %s", self.ctx.instance, self.endpoint, ", ".join(self.reward.names))
         try:
             while not self.ctx.stop.is_set():
                 batch = self._receive_batch()
@@ -120,8 +149,14 @@ class ScorerService:
         self.ctx.ledger.add("dropped", len(scoring.failures) + mates)  # measured ledger: survives kill -9
         for notice in notices:
             self.dropped_groups.add(notice.group_id)
-            if not send_when_ready(self.push, notice, stop=self.ctx.stop, blocked_seconds=metrics.blocked,
-                                   warn_after_s=self.ctx.config.transport.request_timeout_s, peer="the buffer"):
+            if not send_when_ready(
+                self.push,
+                notice,
+                stop=self.ctx.stop,
+                blocked_seconds=metrics.blocked,
+                warn_after_s=self.ctx.config.transport.request_timeout_s,
+                peer="the buffer",
+            ):
                 self.ctx.ledger.add("unsent", len(results))
                 return
         if not results:
@@ -139,8 +174,14 @@ class ScorerService:
         if self.reference is not None:  # the learner's reference pass, done here
             metrics.reference_seconds.observe(self.reference.fill(results))
         for sent, scored in enumerate(results):
-            if not send_when_ready(self.push, scored, stop=self.ctx.stop, blocked_seconds=metrics.blocked,
-                                   warn_after_s=self.ctx.config.transport.request_timeout_s, peer="the buffer"):
+            if not send_when_ready(
+                self.push,
+                scored,
+                stop=self.ctx.stop,
+                blocked_seconds=metrics.blocked,
+                warn_after_s=self.ctx.config.transport.request_timeout_s,
+                peer="the buffer",
+            ):
                 metrics.lost.inc(len(results) - sent)
                 self.ctx.ledger.add("unsent", len(results) - sent)
                 log.info("stopped while the buffer was full: %d scored rollouts not sent", len(results) - sent)

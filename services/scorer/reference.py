@@ -38,8 +38,9 @@ class ReferencePass:
     def fill(self, scored: Sequence[ScoredRollout]) -> float:
         """Set ``reference_logprobs`` of every rollout; returns the seconds it took."""
         start = time.perf_counter()
-        values = reference_logprobs(self.model, [s.rollout for s in scored], pad_id=self.pad_id,
-                                    autocast_bf16=self.bf16)
+        values = reference_logprobs(
+            self.model, [s.rollout for s in scored], pad_id=self.pad_id, autocast_bf16=self.bf16
+        )
         for s, v in zip(scored, values):
             s.reference_logprobs = v
         return time.perf_counter() - start

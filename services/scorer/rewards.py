@@ -107,9 +107,7 @@ def vader_sentiment(prompts: list[str], completions: list[str], metadata: list[d
 # A number: optional minus (not when glued to a preceding word/digit, e.g. the
 # "-" in "3-4"), optional "$", then either comma-grouped thousands or plain
 # digits, with an optional decimal part; or a bare ".5".
-_NUMBER_RE = re.compile(
-    r"(?:(?<![\w.])-)?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?:(?<![\w.])-)?\$?\.\d+"
-)
+_NUMBER_RE = re.compile(r"(?:(?<![\w.])-)?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?:(?<![\w.])-)?\$?\.\d+")
 
 
 def _parse_number(token: str) -> Decimal | None:
@@ -170,9 +168,7 @@ def gsm8k_exact_match(prompts: list[str], completions: list[str], metadata: list
             or a reference answer contains no number.
     """
     if len(completions) != len(metadata):
-        raise ValueError(
-            f"gsm8k_exact_match: got {len(completions)} completions but {len(metadata)} metadata dicts"
-        )
+        raise ValueError(f"gsm8k_exact_match: got {len(completions)} completions but {len(metadata)} metadata dicts")
     scores: list[float] = []
     for i, (completion, meta) in enumerate(zip(completions, metadata)):
         if not isinstance(meta, dict) or "answer" not in meta:
@@ -262,15 +258,27 @@ class RewardModelScorer:
     """
 
     @validate_call(config=STRICT_ARGS)
-    def __init__(self, path: str | Path, *, batch_size: PositiveInt = 8, device: torch.device | str,
-                 max_length: PositiveInt | None = None, label: int | str | None = None,
-                 chat_template: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        batch_size: PositiveInt = 8,
+        device: torch.device | str,
+        max_length: PositiveInt | None = None,
+        label: int | str | None = None,
+        chat_template: bool = False,
+    ) -> None:
         from streamrl.common.reward_model import RewardModel
 
-        self.reward_model = RewardModel(str(path), device=torch.device(device), batch_size=batch_size,
-                                        max_length=max_length, label=label)
+        self.reward_model = RewardModel(
+            str(path), device=torch.device(device), batch_size=batch_size, max_length=max_length, label=label
+        )
         self.chat_template = chat_template
-        self.model, self.tokenizer, self.info = self.reward_model.model, self.reward_model.tokenizer, self.reward_model.info
+        self.model, self.tokenizer, self.info = (
+            self.reward_model.model,
+            self.reward_model.tokenizer,
+            self.reward_model.info,
+        )
         self.path, self.batch_size, self.max_length = self.reward_model.path, batch_size, self.reward_model.max_length
 
     def __call__(self, prompts: list[str], completions: list[str], metadata: list[dict]) -> list[float]:
@@ -380,7 +388,9 @@ class CompositeReward:
                 try:
                     value = float(raw)
                 except (TypeError, ValueError) as exc:
-                    raise ValueError(f"reward component {comp.name!r} returned a non-numeric value {raw!r} at index {i}") from exc
+                    raise ValueError(
+                        f"reward component {comp.name!r} returned a non-numeric value {raw!r} at index {i}"
+                    ) from exc
                 if not math.isfinite(value):
                     raise ValueError(f"reward component {comp.name!r} returned a non-finite value {value} at index {i}")
                 parts[i][comp.name] = value
@@ -388,8 +398,9 @@ class CompositeReward:
         return totals, parts
 
 
-def build_reward(specs: Sequence[RewardSpec], *, device: torch.device,
-                 stop: threading.Event | None = None) -> CompositeReward:
+def build_reward(
+    specs: Sequence[RewardSpec], *, device: torch.device, stop: threading.Event | None = None
+) -> CompositeReward:
     """Build a :class:`CompositeReward` from validated reward specs (``config.scorer.rewards``).
 
     A function spec becomes its function with ``kwargs`` bound (default name: the
@@ -422,13 +433,25 @@ def build_reward(specs: Sequence[RewardSpec], *, device: torch.device,
         elif spec.url is not None:
             from streamrl.services.scorer.http_reward import HttpReward
 
-            server = HttpReward(spec.url, batch_size=spec.batch_size, timeout_s=spec.timeout_s, retries=spec.retries,
-                                backoff_s=spec.backoff_s, headers=spec.headers, stop=stop)
+            server = HttpReward(
+                spec.url,
+                batch_size=spec.batch_size,
+                timeout_s=spec.timeout_s,
+                retries=spec.retries,
+                backoff_s=spec.backoff_s,
+                headers=spec.headers,
+                stop=stop,
+            )
             components.append(RewardComponent(name=spec.name or "http_reward", weight=spec.weight, fn=server))
         else:
-            scorer = RewardModelScorer(spec.model, batch_size=spec.batch_size, device=device,
-                                       max_length=spec.max_length, label=spec.label,
-                                       chat_template=spec.chat_template)
+            scorer = RewardModelScorer(
+                spec.model,
+                batch_size=spec.batch_size,
+                device=device,
+                max_length=spec.max_length,
+                label=spec.label,
+                chat_template=spec.chat_template,
+            )
             from streamrl.services.scorer.deadline import TimeLimited
 
             limited = TimeLimited(scorer, timeout_s=spec.timeout_s, what=f"reward model {spec.model}")

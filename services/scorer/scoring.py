@@ -31,8 +31,10 @@ def scorer_endpoint(endpoints: Sequence[str], index: int) -> str:
         ValueError: ``index`` has no endpoint (the message names the key and the fix).
     """
     if not 0 <= index < len(endpoints):
-        raise ValueError(f"scorer index {index} has no endpoint: endpoints.scorers lists "
-                         f"{len(endpoints)}; fix: add one per scorer replica")
+        raise ValueError(
+            f"scorer index {index} has no endpoint: endpoints.scorers lists "
+            f"{len(endpoints)}; fix: add one per scorer replica"
+        )
     return endpoints[index]
 
 
@@ -49,14 +51,17 @@ def score_batch(reward: RewardFn, batch: Sequence[Rollout], scorer_id: str) -> l
             (nothing of the batch is returned: a partial result would lose rollouts silently).
         Exception: whatever the reward function raises.
     """
-    totals, parts = reward([r.prompt_text for r in batch], [r.completion_text for r in batch],
-                           [r.metadata for r in batch])
+    totals, parts = reward(
+        [r.prompt_text for r in batch], [r.completion_text for r in batch], [r.metadata for r in batch]
+    )
     if len(totals) != len(batch) or len(parts) != len(batch):
-        raise ValueError(f"the reward returned {len(totals)} totals and {len(parts)} parts for "
-                         f"{len(batch)} rollouts")
-    return [ScoredRollout(sender=scorer_id, rollout=rollout, reward=float(total), reward_parts=dict(part),
-                          scorer_id=scorer_id)
-            for rollout, total, part in zip(batch, totals, parts)]
+        raise ValueError(f"the reward returned {len(totals)} totals and {len(parts)} parts for {len(batch)} rollouts")
+    return [
+        ScoredRollout(
+            sender=scorer_id, rollout=rollout, reward=float(total), reward_parts=dict(part), scorer_id=scorer_id
+        )
+        for rollout, total, part in zip(batch, totals, parts)
+    ]
 
 
 @dataclass
@@ -107,8 +112,9 @@ def score_each(reward: RewardFn, batch: Sequence[Rollout], scorer_id: str) -> Sc
     return out
 
 
-def drop_failed_groups(batch: Sequence[Rollout], scoring: Scoring,
-                       scorer_id: str) -> tuple[list[ScoredRollout], list[GroupDropped]]:
+def drop_failed_groups(
+    batch: Sequence[Rollout], scoring: Scoring, scorer_id: str
+) -> tuple[list[ScoredRollout], list[GroupDropped]]:
     """Split what :func:`score_each` made of ``batch`` into what goes on to the buffer and the groups
     dropped.
 
@@ -127,9 +133,14 @@ def drop_failed_groups(batch: Sequence[Rollout], scoring: Scoring,
         exc = scoring.failures.get(rollout.rollout_id)
         if exc is not None and rollout.group_id not in notices:
             notices[rollout.group_id] = GroupDropped(
-                sender=scorer_id, group_id=rollout.group_id, generator_id=rollout.generator_id,
-                rollout_id=rollout.rollout_id, group_size=rollout.group_size, reason=type(exc).__name__,
-                error=error_text(exc))
+                sender=scorer_id,
+                group_id=rollout.group_id,
+                generator_id=rollout.generator_id,
+                rollout_id=rollout.rollout_id,
+                group_size=rollout.group_size,
+                reason=type(exc).__name__,
+                error=error_text(exc),
+            )
     kept = [s for s in scoring.results if s.rollout.group_id not in notices]
     return kept, list(notices.values())
 

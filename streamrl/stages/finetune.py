@@ -34,8 +34,19 @@ from torch import Tensor
 
 from streamrl.common.models import adamw
 
-__all__ = ["COMPLETE", "Stage", "StageError", "Trunk", "length_batches", "load_stage_data", "make_schedule",
-           "optimise", "stage_done", "stage_folder", "weights_fingerprint"]
+__all__ = [
+    "COMPLETE",
+    "Stage",
+    "StageError",
+    "Trunk",
+    "length_batches",
+    "load_stage_data",
+    "make_schedule",
+    "optimise",
+    "stage_done",
+    "stage_folder",
+    "weights_fingerprint",
+]
 
 COMPLETE = "COMPLETE"
 
@@ -66,13 +77,18 @@ class Trunk:
         if trainable_layers is None:
             self.frozen = 0
         else:
-            if not isinstance(blocks, torch.nn.ModuleList) or not isinstance(getattr(self.base, "norm", None),
-                                                                              torch.nn.Module):
-                raise ValueError(f"{type(model).__name__}: freezing lower blocks needs a body with `layers` and "
-                                 "`norm` (Llama-style); fix: set trainable_layers to none (train every block)")
+            if not isinstance(blocks, torch.nn.ModuleList) or not isinstance(
+                getattr(self.base, "norm", None), torch.nn.Module
+            ):
+                raise ValueError(
+                    f"{type(model).__name__}: freezing lower blocks needs a body with `layers` and "
+                    "`norm` (Llama-style); fix: set trainable_layers to none (train every block)"
+                )
             if not 0 <= trainable_layers <= len(blocks):
-                raise ValueError(f"trainable_layers = {trainable_layers} but the model has {len(blocks)} blocks; "
-                                 f"fix: choose 0..{len(blocks)} or none")
+                raise ValueError(
+                    f"trainable_layers = {trainable_layers} but the model has {len(blocks)} blocks; "
+                    f"fix: choose 0..{len(blocks)} or none"
+                )
             self.frozen = len(blocks) - trainable_layers
             for p in self.base.get_input_embeddings().parameters():
                 p.requires_grad_(False)
@@ -93,8 +109,10 @@ class Trunk:
             ValueError: either trunk does not cache, or their frozen block counts differ.
         """
         if not (self.caching and other.caching) or self.frozen != other.frozen:
-            raise ValueError(f"features can be shared only between caching trunks with the same frozen blocks "
-                             f"(here {self.frozen} and {other.frozen}, caching {self.caching} and {other.caching})")
+            raise ValueError(
+                f"features can be shared only between caching trunks with the same frozen blocks "
+                f"(here {self.frozen} and {other.frozen}, caching {self.caching} and {other.caching})"
+            )
         self._cache = other._cache
 
     @property
@@ -119,8 +137,14 @@ class Trunk:
         with self._only_blocks(0, self.frozen, final_norm=False):
             return self.base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def precompute(self, sequences: Sequence[Sequence[int]], *, pad_id: int, batch_size: int,
-                   log: Callable[[str], None] | None = None) -> None:
+    def precompute(
+        self,
+        sequences: Sequence[Sequence[int]],
+        *,
+        pad_id: int,
+        batch_size: int,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         """Cache the frozen part's output of every new sequence (no-op when not caching);
         ``log`` gets a progress line about every tenth of the work."""
         if not self.caching:
@@ -135,8 +159,10 @@ class Trunk:
             for row, seq in enumerate(chunk):
                 self._cache[seq] = hidden[row, : len(seq)].clone()
             if log is not None and (number % max(1, batches // 10) == 0 or number == batches):
-                log(f"frozen blocks' output cached for {min(start + batch_size, len(todo))}/{len(todo)} texts "
-                    f"({time.perf_counter() - started:.0f} s)")
+                log(
+                    f"frozen blocks' output cached for {min(start + batch_size, len(todo))}/{len(todo)} texts "
+                    f"({time.perf_counter() - started:.0f} s)"
+                )
 
     def hidden(self, sequences: Sequence[Sequence[int]], *, pad_id: int) -> tuple[Tensor, Tensor]:
         """Final hidden states of right-padded ``sequences``.
@@ -167,8 +193,9 @@ def _pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tenso
     return pad_right(sequences, pad_id=pad_id)
 
 
-def length_batches(lengths: Sequence[int], *, batch_size: int, seed: int, epoch: int,
-                   window: int = 50) -> list[list[int]]:
+def length_batches(
+    lengths: Sequence[int], *, batch_size: int, seed: int, epoch: int, window: int = 50
+) -> list[list[int]]:
     """Length-bucketed batches of indices for one epoch.
 
     The indices are shuffled (seeded by ``seed`` and ``epoch``), cut into windows of
@@ -216,8 +243,9 @@ def weights_fingerprint(path: str | Path) -> str:
         The digest; "" for a path that is not a folder or holds no weight file.
     """
     folder = Path(path)
-    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES) \
-        if folder.is_dir() else []
+    files = (
+        sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
+    )
     if not files:
         return ""
     digest = hashlib.sha256()
@@ -292,8 +320,10 @@ def load_stage_data(section: Any, key: str) -> tuple[list, list]:
 
     data = section.data
     if data.path is None:
-        raise StageError(f"{key}.data.path: not set; fix: set [{key}.data] path = \"demonstrations.jsonl\" "
-                         f"or --set {key}.data.path=FILE")
+        raise StageError(
+            f'{key}.data.path: not set; fix: set [{key}.data] path = "demonstrations.jsonl" '
+            f"or --set {key}.data.path=FILE"
+        )
     try:
         examples = load_examples(data.path)
         return split_examples(examples, eval_rows=data.eval_rows, seed=data.split_seed, train_rows=data.train_rows)
@@ -301,8 +331,16 @@ def load_stage_data(section: Any, key: str) -> tuple[list, list]:
         raise StageError(f"{key}.data: {exc}") from None
 
 
-def optimise(trunk: Trunk, section: Any, *, lengths: Sequence[int], batch_loss: Callable[[list[int]], Tensor],
-             seed: int, log: Callable[[str], None], label: str) -> dict:
+def optimise(
+    trunk: Trunk,
+    section: Any,
+    *,
+    lengths: Sequence[int],
+    batch_loss: Callable[[list[int]], Tensor],
+    seed: int,
+    log: Callable[[str], None],
+    label: str,
+) -> dict:
     """Train ``trunk``'s trainable parameters: AdamW, warm-up + decay, gradient clipping.
 
     Args:
@@ -338,8 +376,7 @@ def optimise(trunk: Trunk, section: Any, *, lengths: Sequence[int], batch_loss: 
             loss = batch_loss(rows)
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise StageError(f"{label}: the loss became {value} at step {len(losses) + 1}; fix: lower "
-                                 f"{label}.lr")
+                raise StageError(f"{label}: the loss became {value} at step {len(losses) + 1}; fix: lower {label}.lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, section.max_grad_norm)
@@ -347,13 +384,18 @@ def optimise(trunk: Trunk, section: Any, *, lengths: Sequence[int], batch_loss: 
             schedule.step()
             losses.append(value)
             if len(losses) % every == 0 or len(losses) == total:
-                log(f"{label} step {len(losses)}/{total} loss {np.mean(losses[-every:]):.4f} "
-                    f"lr {schedule.get_last_lr()[0]:.2e} ({time.perf_counter() - started:.0f} s)")
+                log(
+                    f"{label} step {len(losses)}/{total} loss {np.mean(losses[-every:]):.4f} "
+                    f"lr {schedule.get_last_lr()[0]:.2e} ({time.perf_counter() - started:.0f} s)"
+                )
     trunk.model.eval()
     tenth = max(1, len(losses) // 10)
-    return {"steps": len(losses), "train_loss_first": float(np.mean(losses[:tenth])),
-            "train_loss_last": float(np.mean(losses[-tenth:])),
-            "train_seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "steps": len(losses),
+        "train_loss_first": float(np.mean(losses[:tenth])),
+        "train_loss_last": float(np.mean(losses[-tenth:])),
+        "train_seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 @dataclass
@@ -395,35 +437,54 @@ class Stage:
         section = getattr(config, key)
         output = Path(section.output_dir) if section.output_dir else Path(config.run.output_dir) / key
         done = stage_done(output)
-        fix = (f"fix: redo it (`streamrl {key} --force`, or `streamrl pipeline --force` for every stage), or set "
-               f"{key}.output_dir to a new folder")
+        fix = (
+            f"fix: redo it (`streamrl {key} --force`, or `streamrl pipeline --force` for every stage), or set "
+            f"{key}.output_dir to a new folder"
+        )
         if done is not None and not force:
-            changed = _changed_settings(done.get("config", {}), section.model_dump(mode="json"),
-                                        type(section)().model_dump(mode="json"))
+            changed = _changed_settings(
+                done.get("config", {}), section.model_dump(mode="json"), type(section)().model_dump(mode="json")
+            )
             if changed:
-                raise StageError(f"{key}: {output} is complete but was made with other settings "
-                                 f"({', '.join(changed)}); {fix}")
+                raise StageError(
+                    f"{key}: {output} is complete but was made with other settings ({', '.join(changed)}); {fix}"
+                )
             stored = done.get("base_fingerprint")
             if stored:  # the base's weights may have changed under the same name (`streamrl sft --force`)
                 current = weights_fingerprint(resolve_model_path(section.base_model, config.model.cache_path))
                 if current != stored:
-                    raise StageError(f"{key}: {output} is complete but was trained from other weights of "
-                                     f"{key}.base_model = {section.base_model!r} (fingerprint {stored}, now "
-                                     f"{current or 'unreadable'}: e.g. `streamrl sft --force` retrained it since); "
-                                     f"{fix}")
+                    raise StageError(
+                        f"{key}: {output} is complete but was trained from other weights of "
+                        f"{key}.base_model = {section.base_model!r} (fingerprint {stored}, now "
+                        f"{current or 'unreadable'}: e.g. `streamrl sft --force` retrained it since); "
+                        f"{fix}"
+                    )
             log(f"{key}: {output} is complete; skipped (--force retrains)")
             return done
         started = time.perf_counter()
         train, held = load_stage_data(section, key)
         configure_torch(section.threads, seed=config.run.seed)
         base = resolve_model_path(section.base_model, config.model.cache_path)
-        return cls(key=key, output=output, train=train, held=held, device=select_device(section.device),
-                   base=base, tokenizer=load_tokenizer(base), started=started,
-                   base_fingerprint=weights_fingerprint(base))
+        return cls(
+            key=key,
+            output=output,
+            train=train,
+            held=held,
+            device=select_device(section.device),
+            base=base,
+            tokenizer=load_tokenizer(base),
+            started=started,
+            base_fingerprint=weights_fingerprint(base),
+        )
 
-    def save(self, model: torch.nn.Module | None, summary: dict, log: Callable[[str], None],
-             files: dict[str, list[dict]] | None = None,
-             parts: dict[str, tuple[torch.nn.Module, dict]] | None = None) -> dict:
+    def save(
+        self,
+        model: torch.nn.Module | None,
+        summary: dict,
+        log: Callable[[str], None],
+        files: dict[str, list[dict]] | None = None,
+        parts: dict[str, tuple[torch.nn.Module, dict]] | None = None,
+    ) -> dict:
         """Write ``model``, the tokenizer, ``summary.json`` (with the wall time) and ``files``
         (name -> rows, as JSON lines) atomically. ``parts`` (subfolder -> (model, its summary))
         writes further models, each with the tokenizer and its own ``summary.json``, into

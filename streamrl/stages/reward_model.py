@@ -40,8 +40,9 @@ from streamrl.stages.rlhf_losses import RankingAccuracy, kwise_ranking_loss, ran
 __all__ = ["comparisons", "encode_responses", "run_rm", "score_sequences"]
 
 
-def encode_responses(example: Example, tokenizer, *, chat_template: bool, system_prompt: str | None,
-                     max_length: int) -> list[list[int]]:
+def encode_responses(
+    example: Example, tokenizer, *, chat_template: bool, system_prompt: str | None, max_length: int
+) -> list[list[int]]:
     """Token ids of ``rendered prompt + response`` for each response (best first), left-truncated
     as the scorer truncates (:func:`streamrl.common.reward_model.encode_texts`)."""
     prompt = render_prompt(example, tokenizer, chat_template=chat_template, system_prompt=system_prompt)
@@ -87,10 +88,10 @@ def _group(flat: Sequence[float], encoded: Sequence[Sequence]) -> list[list[floa
     return groups
 
 
-def _evaluate(trunk: Trunk, encoded: Sequence[Sequence[list[int]]], *, pad_id: int,
-              batch_size: int) -> tuple[RankingAccuracy, list[list[float]]]:
-    flat = score_sequences(trunk, [s for responses in encoded for s in responses], pad_id=pad_id,
-                           batch_size=batch_size)
+def _evaluate(
+    trunk: Trunk, encoded: Sequence[Sequence[list[int]]], *, pad_id: int, batch_size: int
+) -> tuple[RankingAccuracy, list[list[float]]]:
+    flat = score_sequences(trunk, [s for responses in encoded for s in responses], pad_id=pad_id, batch_size=batch_size)
     groups = _group(flat, encoded)
     return ranking_accuracy(*comparisons(groups)), groups
 
@@ -99,7 +100,8 @@ def _load_classifier(path: str, pad_id: int, device: torch.device):
     from transformers import AutoModelForSequenceClassification
 
     model, info = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=torch.float32, output_loading_info=True)
+        path, num_labels=1, dtype=torch.float32, output_loading_info=True
+    )
     fresh = any(key.startswith("score.") for key in info["missing_keys"])
     if fresh:  # a new head scores every text 0: the first comparisons are exact ties
         torch.nn.init.zeros_(score_head(model).weight)
@@ -132,12 +134,15 @@ def run_rm(config: Config, *, force: bool = False, log: Callable[[str], None] = 
     train, held, tokenizer = stage.train, stage.held, stage.tokenizer
     single = next((e for e in train + held if len(e.responses) < 2), None)
     if single is not None:
-        raise StageError(f"rm.data: row {single.row} of {cfg.data.path} has one response; a reward model learns "
-                         "from ranked responses; fix: use prompt+chosen+rejected, hh-rlhf chosen+rejected or "
-                         "prompt+responses rows")
+        raise StageError(
+            f"rm.data: row {single.row} of {cfg.data.path} has one response; a reward model learns "
+            "from ranked responses; fix: use prompt+chosen+rejected, hh-rlhf chosen+rejected or "
+            "prompt+responses rows"
+        )
     if not held:
-        raise StageError("rm.data.eval_rows: 0 held-out rows leave nothing to measure accuracy on; fix: set "
-                         "rm.data.eval_rows >= 1")
+        raise StageError(
+            "rm.data.eval_rows: 0 held-out rows leave nothing to measure accuracy on; fix: set rm.data.eval_rows >= 1"
+        )
     if cfg.gold:
         try:
             halves = dict(zip(("proxy", "gold"), split_proxy_gold(train, seed=cfg.data.split_seed)))
@@ -145,8 +150,9 @@ def run_rm(config: Config, *, force: bool = False, log: Callable[[str], None] = 
             raise StageError(f"rm.gold: {exc}") from None
     else:
         halves = {"": train}
-    options = dict(chat_template=config.model.chat_template, system_prompt=config.model.system_prompt,
-                   max_length=cfg.max_length)
+    options = dict(
+        chat_template=config.model.chat_template, system_prompt=config.model.system_prompt, max_length=cfg.max_length
+    )
     encoded = {name: [encode_responses(e, tokenizer, **options) for e in rows] for name, rows in halves.items()}
     encoded_held = [encode_responses(e, tokenizer, **options) for e in held]
     # the demonstrations: the best response of every training row, both halves with rm.gold
@@ -157,38 +163,64 @@ def run_rm(config: Config, *, force: bool = False, log: Callable[[str], None] = 
         model, fresh = _load_classifier(stage.base, tokenizer.pad_token_id, stage.device)
         trunk = Trunk(model, trainable_layers=cfg.trainable_layers, cache=cfg.cache_frozen)
         label = f"rm {name}" if name else "rm"
-        log(f"{label}: {len(rows)} training rows, {len(encoded_held)} held-out rows, {stage.base} "
+        log(
+            f"{label}: {len(rows)} training rows, {len(encoded_held)} held-out rows, {stage.base} "
             f"({trunk.frozen} of {model.config.num_hidden_layers} blocks frozen, "
-            f"{'new' if fresh else 'loaded'} score head), {stage.device}")
+            f"{'new' if fresh else 'loaded'} score head), {stage.device}"
+        )
         if first is None:  # every text of every model: the frozen part's output is computed once
-            trunk.precompute([s for group in [g for e in encoded.values() for g in e] + encoded_held for s in group],
-                             pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, log=log)
+            trunk.precompute(
+                [s for group in [g for e in encoded.values() for g in e] + encoded_held for s in group],
+                pad_id=tokenizer.pad_token_id,
+                batch_size=cfg.batch_size,
+                log=log,
+            )
             first = trunk
         elif trunk.caching:
             trunk.share_features(first)
         summary, info = _train_head(config, trunk, fresh, rows, encoded_held, demonstrations, label=label, log=log)
-        summary.update(stage="rm", base_model=cfg.base_model, data=cfg.data.path,
-                       output_dir=str(stage.output / name) if name else str(stage.output),
-                       config=cfg.model_dump(mode="json"), **({"role": name} if name else {}))
+        summary.update(
+            stage="rm",
+            base_model=cfg.base_model,
+            data=cfg.data.path,
+            output_dir=str(stage.output / name) if name else str(stage.output),
+            config=cfg.model_dump(mode="json"),
+            **({"role": name} if name else {}),
+        )
         setattr(model.config, REWARD_INFO_KEY, info.to_dict())
         trained[name] = (model, summary)
     if not cfg.gold:
         model, summary = trained[""]
         return stage.save(model, summary, log)
     proxy, gold = trained["proxy"][1], trained["gold"][1]
-    summary = {**{k: v for k, v in proxy.items() if k not in ("role", "output_dir")},
-               "output_dir": str(stage.output), "gold": True, "proxy_dir": proxy["output_dir"],
-               "gold_dir": gold["output_dir"], "models": {"proxy": proxy, "gold": gold},
-               "train_rows": proxy["train_rows"] + gold["train_rows"]}
-    log(f"rm: proxy held-out accuracy {proxy['heldout_accuracy']:.3f} +- {proxy['heldout_accuracy_stderr']:.3f}, "
+    summary = {
+        **{k: v for k, v in proxy.items() if k not in ("role", "output_dir")},
+        "output_dir": str(stage.output),
+        "gold": True,
+        "proxy_dir": proxy["output_dir"],
+        "gold_dir": gold["output_dir"],
+        "models": {"proxy": proxy, "gold": gold},
+        "train_rows": proxy["train_rows"] + gold["train_rows"],
+    }
+    log(
+        f"rm: proxy held-out accuracy {proxy['heldout_accuracy']:.3f} +- {proxy['heldout_accuracy_stderr']:.3f}, "
         f"gold {gold['heldout_accuracy']:.3f} +- {gold['heldout_accuracy_stderr']:.3f} on the same "
-        f"{len(encoded_held)} held-out rows")
+        f"{len(encoded_held)} held-out rows"
+    )
     return stage.save(None, summary, log, parts={name: trained[name] for name in ("proxy", "gold")})
 
 
-def _train_head(config: Config, trunk: Trunk, fresh: bool, encoded: list[list[list[int]]],
-                encoded_held: list[list[list[int]]], demonstrations: list[list[int]], *, label: str,
-                log: Callable[[str], None]) -> tuple[dict, RewardModelInfo]:
+def _train_head(
+    config: Config,
+    trunk: Trunk,
+    fresh: bool,
+    encoded: list[list[list[int]]],
+    encoded_held: list[list[list[int]]],
+    demonstrations: list[list[int]],
+    *,
+    label: str,
+    log: Callable[[str], None],
+) -> tuple[dict, RewardModelInfo]:
     """Train one reward model on ``encoded`` rows (token ids per response, best first), measure it
     on ``encoded_held`` and compute its normalisation bias on ``demonstrations`` (token ids of the
     best response of every training row: with ``rm.gold`` both halves', so the proxy and the gold
@@ -213,31 +245,57 @@ def _train_head(config: Config, trunk: Trunk, fresh: bool, encoded: list[list[li
             start += len(g)
         return kwise_ranking_loss(rewards, valid)
 
-    stats = optimise(trunk, cfg, lengths=[max(len(s) for s in g) for g in encoded], batch_loss=batch_loss,
-                     seed=config.run.seed, log=log, label="rm")
+    stats = optimise(
+        trunk,
+        cfg,
+        lengths=[max(len(s) for s in g) for g in encoded],
+        batch_loss=batch_loss,
+        seed=config.run.seed,
+        log=log,
+        label="rm",
+    )
     after, held_groups = _evaluate(trunk, encoded_held, pad_id=pad, batch_size=2 * cfg.batch_size)
     train_accuracy, _ = _evaluate(trunk, encoded, pad_id=pad, batch_size=2 * cfg.batch_size)
-    demonstrations_mean = float(np.mean(score_sequences(trunk, demonstrations, pad_id=pad,
-                                                        batch_size=2 * cfg.batch_size)))
+    demonstrations_mean = float(
+        np.mean(score_sequences(trunk, demonstrations, pad_id=pad, batch_size=2 * cfg.batch_size))
+    )
     bias = -demonstrations_mean if cfg.normalize else 0.0
     log(f"{label}: held-out {after.line()}; training rows {train_accuracy.line()}")
-    log(f"{label}: mean raw score of the {len(demonstrations)} demonstrations {demonstrations_mean:+.4f}; "
-        f"stored bias {bias:+.4f}")
+    log(
+        f"{label}: mean raw score of the {len(demonstrations)} demonstrations {demonstrations_mean:+.4f}; "
+        f"stored bias {bias:+.4f}"
+    )
     summary = {
-        "train_rows": len(encoded), "heldout_rows": len(encoded_held),
-        "heldout_accuracy": after.accuracy, "heldout_accuracy_stderr": after.stderr,
-        "heldout_margin": after.margin, "heldout_margin_stderr": after.margin_stderr, "heldout_comparisons": after.n,
+        "train_rows": len(encoded),
+        "heldout_rows": len(encoded_held),
+        "heldout_accuracy": after.accuracy,
+        "heldout_accuracy_stderr": after.stderr,
+        "heldout_margin": after.margin,
+        "heldout_margin_stderr": after.margin_stderr,
+        "heldout_comparisons": after.n,
         "heldout_accuracy_before": before.accuracy if before is not None else 0.5,
         "heldout_mean_best": float(np.mean([g[0] for g in held_groups])) + bias,
         "heldout_mean_others": float(np.mean([s for g in held_groups for s in g[1:]])) + bias,
-        "train_accuracy": train_accuracy.accuracy, "train_accuracy_stderr": train_accuracy.stderr,
-        "demonstrations_mean_raw": demonstrations_mean, "bias": bias,
-        "frozen_blocks": trunk.frozen, "trainable_parameters": sum(p.numel() for p in trunk.trainable_parameters),
-        "chat_template": config.model.chat_template, **stats,
+        "train_accuracy": train_accuracy.accuracy,
+        "train_accuracy_stderr": train_accuracy.stderr,
+        "demonstrations_mean_raw": demonstrations_mean,
+        "bias": bias,
+        "frozen_blocks": trunk.frozen,
+        "trainable_parameters": sum(p.numel() for p in trunk.trainable_parameters),
+        "chat_template": config.model.chat_template,
+        **stats,
     }
-    info = RewardModelInfo(bias=bias, max_length=cfg.max_length, chat_template=config.model.chat_template,
-                           system_prompt=config.model.system_prompt,
-                           extra={"base_model": cfg.base_model, "data": cfg.data.path,
-                                  "heldout_accuracy": after.accuracy, "heldout_accuracy_stderr": after.stderr,
-                                  **({"role": label.split()[-1]} if " " in label else {})})
+    info = RewardModelInfo(
+        bias=bias,
+        max_length=cfg.max_length,
+        chat_template=config.model.chat_template,
+        system_prompt=config.model.system_prompt,
+        extra={
+            "base_model": cfg.base_model,
+            "data": cfg.data.path,
+            "heldout_accuracy": after.accuracy,
+            "heldout_accuracy_stderr": after.stderr,
+            **({"role": label.split()[-1]} if " " in label else {}),
+        },
+    )
     return summary, info

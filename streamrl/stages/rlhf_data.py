@@ -147,8 +147,11 @@ def parse_dialogue(chosen: str, rejected: str | None = None) -> tuple[list[dict]
     shared = chosen if rejected is None else os.path.commonprefix([chosen, rejected])
     cut = shared.rfind(ASSISTANT)
     if cut < 0:
-        raise ValueError("the dialogues share no '\\n\\nAssistant:' turn" if rejected is not None
-                         else "dialogue has no '\\n\\nAssistant:' turn")
+        raise ValueError(
+            "the dialogues share no '\\n\\nAssistant:' turn"
+            if rejected is not None
+            else "dialogue has no '\\n\\nAssistant:' turn"
+        )
     end = cut + len(ASSISTANT)
     texts = [chosen] if rejected is None else [chosen, rejected]
     return _turns(chosen[:cut]), chosen[:end], [t[end:] for t in texts]
@@ -160,7 +163,9 @@ def _plain_text(messages: Sequence[dict]) -> str:
     if len(messages) == 1:
         return messages[0]["content"]
     parts = [m["content"] for m in messages if m["role"] == "system"]
-    parts += [f"{HUMAN if m['role'] == 'user' else ASSISTANT} {m['content']}" for m in messages if m["role"] != "system"]
+    parts += [
+        f"{HUMAN if m['role'] == 'user' else ASSISTANT} {m['content']}" for m in messages if m["role"] != "system"
+    ]
     return "".join(parts) + ASSISTANT
 
 
@@ -189,11 +194,19 @@ def parse_row(row: dict, *, row_number: int, source: str = "<data>") -> Example:
     keys = set(row)
     if "messages" in keys:
         messages = row["messages"]
-        if (not isinstance(messages, list) or len(messages) < 2
-                or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
-                           in ("system", "user", "assistant") for m in messages)):
-            raise ValueError(f"{where}: 'messages' must be a list of at least two {{role, content}} with roles "
-                             "system/user/assistant")
+        if (
+            not isinstance(messages, list)
+            or len(messages) < 2
+            or not all(
+                isinstance(m, dict)
+                and isinstance(m.get("content"), str)
+                and m.get("role") in ("system", "user", "assistant")
+                for m in messages
+            )
+        ):
+            raise ValueError(
+                f"{where}: 'messages' must be a list of at least two {{role, content}} with roles system/user/assistant"
+            )
         if messages[-1]["role"] != "assistant" or messages[-2]["role"] != "user":
             raise ValueError(f"{where}: 'messages' must end with a user turn then the assistant's response")
         context = tuple({"role": m["role"], "content": m["content"]} for m in messages[:-1])
@@ -206,21 +219,27 @@ def parse_row(row: dict, *, row_number: int, source: str = "<data>") -> Example:
         try:
             messages, text, responses = parse_dialogue(chosen, rejected)
         except ValueError as exc:
-            raise ValueError(f"{where}: without a 'prompt' key, 'chosen' and 'rejected' must be hh-rlhf "
-                             f"dialogues: {exc}") from None
+            raise ValueError(
+                f"{where}: without a 'prompt' key, 'chosen' and 'rejected' must be hh-rlhf dialogues: {exc}"
+            ) from None
         return Example(tuple(messages), text, tuple(responses), row_number)
     if {"prompt", "responses"} <= keys:
         responses = row["responses"]
-        if not isinstance(responses, (list, tuple)) or len(responses) < 2 or not all(isinstance(r, str)
-                                                                                       for r in responses):
+        if (
+            not isinstance(responses, (list, tuple))
+            or len(responses) < 2
+            or not all(isinstance(r, str) for r in responses)
+        ):
             raise ValueError(f"{where}: 'responses' must list at least two strings, best first")
         context, text = _user_prompt(row, where)
         return Example(context, text, tuple(responses), row_number)
     if {"prompt", "response"} <= keys:
         context, text = _user_prompt(row, where)
         return Example(context, text, (_string(row, "response", where, empty=True),), row_number)
-    raise ValueError(f"{where}: keys {sorted(keys)} match no layout; expected prompt+response, messages, "
-                     "prompt+chosen+rejected, chosen+rejected (hh-rlhf dialogues) or prompt+responses")
+    raise ValueError(
+        f"{where}: keys {sorted(keys)} match no layout; expected prompt+response, messages, "
+        "prompt+chosen+rejected, chosen+rejected (hh-rlhf dialogues) or prompt+responses"
+    )
 
 
 def load_examples(path: str | Path) -> list[Example]:
@@ -240,8 +259,9 @@ def _prompt_hash(example: Example, seed: int) -> str:
     return hashlib.sha256(f"{seed}\x00{example.text}".encode()).hexdigest()
 
 
-def split_examples(examples: Sequence[Example], *, eval_rows: int, seed: int,
-                   train_rows: int | None = None) -> tuple[list[Example], list[Example]]:
+def split_examples(
+    examples: Sequence[Example], *, eval_rows: int, seed: int, train_rows: int | None = None
+) -> tuple[list[Example], list[Example]]:
     """Hold out ``eval_rows`` examples chosen by a seeded hash of their prompt text.
 
     The examples are ordered by ``sha256(seed, prompt text)``; the first ``eval_rows``
@@ -257,8 +277,10 @@ def split_examples(examples: Sequence[Example], *, eval_rows: int, seed: int,
         ValueError: ``eval_rows`` negative or leaving no training example.
     """
     if eval_rows < 0 or eval_rows >= len(examples):
-        raise ValueError(f"eval_rows = {eval_rows} must be >= 0 and leave training rows (the data has "
-                         f"{len(examples)}); fix: lower eval_rows")
+        raise ValueError(
+            f"eval_rows = {eval_rows} must be >= 0 and leave training rows (the data has "
+            f"{len(examples)}); fix: lower eval_rows"
+        )
     ranked = sorted(range(len(examples)), key=lambda i: _prompt_hash(examples[i], seed))
     held_prompts = {examples[i].text for i in ranked[:eval_rows]}
     rest = [i for i in ranked if examples[i].text not in held_prompts]
@@ -285,11 +307,14 @@ def split_proxy_gold(examples: Sequence[Example], *, seed: int) -> tuple[list[Ex
     Raises:
         ValueError: fewer than two distinct prompts (one half would be empty).
     """
-    prompts = sorted({e.text for e in examples},
-                     key=lambda t: hashlib.sha256(f"{seed}\x00proxy-gold\x00{t}".encode()).hexdigest())
+    prompts = sorted(
+        {e.text for e in examples}, key=lambda t: hashlib.sha256(f"{seed}\x00proxy-gold\x00{t}".encode()).hexdigest()
+    )
     if len(prompts) < 2:
-        raise ValueError(f"{len(prompts)} distinct training prompt(s) cannot be split into a proxy and a gold "
-                         "half; fix: train on more rows (raise rm.data.train_rows) or set rm.gold = false")
+        raise ValueError(
+            f"{len(prompts)} distinct training prompt(s) cannot be split into a proxy and a gold "
+            "half; fix: train on more rows (raise rm.data.train_rows) or set rm.gold = false"
+        )
     proxy_prompts = set(prompts[: (len(prompts) + 1) // 2])
     return ([e for e in examples if e.text in proxy_prompts], [e for e in examples if e.text not in proxy_prompts])
 
@@ -308,8 +333,9 @@ def render_prompt(example: Example, tokenizer: Any, *, chat_template: bool, syst
     if not chat_template:
         return example.text
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat_template is on but the tokenizer has no chat template; fix: set "
-                         "model.chat_template = false")
+        raise ValueError(
+            "chat_template is on but the tokenizer has no chat template; fix: set model.chat_template = false"
+        )
     messages = list(example.messages)
     if system_prompt is not None and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system_prompt})

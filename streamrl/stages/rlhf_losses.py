@@ -47,8 +47,10 @@ def response_nll(logits: Tensor, input_ids: Tensor, target_mask: Tensor) -> tupl
         ValueError: shapes that do not line up.
     """
     if logits.dim() != 3 or input_ids.shape != logits.shape[:2] or target_mask.shape != input_ids.shape:
-        raise ValueError(f"expected logits [B, L, V] and input_ids, target_mask [B, L]; got "
-                         f"{tuple(logits.shape)}, {tuple(input_ids.shape)}, {tuple(target_mask.shape)}")
+        raise ValueError(
+            f"expected logits [B, L, V] and input_ids, target_mask [B, L]; got "
+            f"{tuple(logits.shape)}, {tuple(input_ids.shape)}, {tuple(target_mask.shape)}"
+        )
     targets = target_mask[:, 1:] != 0
     log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     picked = log_probs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -76,8 +78,10 @@ def pairwise_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
         ValueError: shapes differ, are not 1-D, or B = 0.
     """
     if chosen.dim() != 1 or chosen.shape != rejected.shape or chosen.numel() == 0:
-        raise ValueError(f"chosen and rejected must be non-empty [B] tensors of one shape, got "
-                         f"{tuple(chosen.shape)} and {tuple(rejected.shape)}")
+        raise ValueError(
+            f"chosen and rejected must be non-empty [B] tensors of one shape, got "
+            f"{tuple(chosen.shape)} and {tuple(rejected.shape)}"
+        )
     return -F.logsigmoid(chosen - rejected).mean()
 
 
@@ -144,8 +148,10 @@ class RankingAccuracy:
 
     def line(self) -> str:
         """``accuracy 0.612 +- 0.022 (n 500), margin +0.31 +- 0.05``."""
-        return (f"accuracy {self.accuracy:.3f} +- {self.stderr:.3f} (n {self.n}), "
-                f"margin {self.margin:+.3f} +- {self.margin_stderr:.3f}")
+        return (
+            f"accuracy {self.accuracy:.3f} +- {self.stderr:.3f} (n {self.n}), "
+            f"margin {self.margin:+.3f} +- {self.margin_stderr:.3f}"
+        )
 
 
 def ranking_accuracy(chosen: Tensor, rejected: Tensor) -> RankingAccuracy:
@@ -159,12 +165,19 @@ def ranking_accuracy(chosen: Tensor, rejected: Tensor) -> RankingAccuracy:
         ValueError: shapes differ or n = 0.
     """
     if chosen.dim() != 1 or chosen.shape != rejected.shape or chosen.numel() == 0:
-        raise ValueError(f"chosen and rejected must be non-empty [n] tensors of one shape, got "
-                         f"{tuple(chosen.shape)} and {tuple(rejected.shape)}")
+        raise ValueError(
+            f"chosen and rejected must be non-empty [n] tensors of one shape, got "
+            f"{tuple(chosen.shape)} and {tuple(rejected.shape)}"
+        )
     margins = (chosen - rejected).double()
     n = margins.numel()
     wins = (margins > 0).double() + 0.5 * (margins == 0).double()
     accuracy = float(wins.mean())
     spread = float(margins.std(unbiased=True)) if n > 1 else 0.0
-    return RankingAccuracy(accuracy=accuracy, stderr=math.sqrt(accuracy * (1 - accuracy) / n),
-                           margin=float(margins.mean()), margin_stderr=spread / math.sqrt(n), n=n)
+    return RankingAccuracy(
+        accuracy=accuracy,
+        stderr=math.sqrt(accuracy * (1 - accuracy) / n),
+        margin=float(margins.mean()),
+        margin_stderr=spread / math.sqrt(n),
+        n=n,
+    )

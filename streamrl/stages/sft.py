@@ -33,8 +33,9 @@ from streamrl.stages.rlhf_data import Example, render_prompt, response_text
 __all__ = ["demonstration_text", "encode_demonstration", "heldout_loss", "prompt_rows", "response_loss", "run_sft"]
 
 
-def encode_demonstration(example: Example, tokenizer, *, chat_template: bool, system_prompt: str | None,
-                         max_length: int) -> tuple[list[int], list[int]]:
+def encode_demonstration(
+    example: Example, tokenizer, *, chat_template: bool, system_prompt: str | None, max_length: int
+) -> tuple[list[int], list[int]]:
     """Token ids of prompt + demonstration + EOS, and the mask of the tokens the loss counts.
 
     The prompt is encoded as the generators encode it (special tokens added only without a
@@ -47,17 +48,19 @@ def encode_demonstration(example: Example, tokenizer, *, chat_template: bool, sy
     """
     prompt = render_prompt(example, tokenizer, chat_template=chat_template, system_prompt=system_prompt)
     prompt_ids = tokenizer(prompt, add_special_tokens=not chat_template)["input_ids"]
-    response = tokenizer(response_text(example.demonstration, chat_template=chat_template),
-                         add_special_tokens=False)["input_ids"]
+    response = tokenizer(response_text(example.demonstration, chat_template=chat_template), add_special_tokens=False)[
+        "input_ids"
+    ]
     if tokenizer.eos_token_id is not None:
         response = response + [tokenizer.eos_token_id]
     response = response[: max_length - 1]
-    prompt_ids = prompt_ids[-(max_length - len(response)):]
+    prompt_ids = prompt_ids[-(max_length - len(response)) :]
     return prompt_ids + response, [0] * len(prompt_ids) + [1] * len(response)
 
 
-def response_loss(trunk: Trunk, sequences: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], *,
-                  pad_id: int) -> tuple[Tensor, Tensor]:
+def response_loss(
+    trunk: Trunk, sequences: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], *, pad_id: int
+) -> tuple[Tensor, Tensor]:
     """Summed NLL of the response tokens of a batch and their count (see ``response_nll``).
 
     Same value as :func:`streamrl.stages.rlhf_losses.response_nll` on the full logits, but the
@@ -81,8 +84,9 @@ def response_loss(trunk: Trunk, sequences: Sequence[Sequence[int]], masks: Seque
 
 
 @torch.no_grad()
-def heldout_loss(trunk: Trunk, encoded: Sequence[tuple[list[int], list[int]]], *, pad_id: int,
-                 batch_size: int) -> tuple[float, int]:
+def heldout_loss(
+    trunk: Trunk, encoded: Sequence[tuple[list[int], list[int]]], *, pad_id: int, batch_size: int
+) -> tuple[float, int]:
     """Mean response NLL per token over ``encoded`` rows (nats/token) and the token count."""
     trunk.model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
@@ -109,16 +113,18 @@ def run_sft(config: Config, *, force: bool = False, log: Callable[[str], None] =
     tokenizer = stage.tokenizer
     model = load_causal_lm(stage.base, device=stage.device)
     trunk = Trunk(model, trainable_layers=cfg.trainable_layers, cache=cfg.cache_frozen)
-    options = dict(chat_template=config.model.chat_template, system_prompt=config.model.system_prompt,
-                   max_length=cfg.max_length)
+    options = dict(
+        chat_template=config.model.chat_template, system_prompt=config.model.system_prompt, max_length=cfg.max_length
+    )
     encoded = [encode_demonstration(e, tokenizer, **options) for e in stage.train]
     held = stage.held[: cfg.eval_limit] if cfg.eval_limit is not None else stage.held
     encoded_held = [encode_demonstration(e, tokenizer, **options) for e in held]
     pad = tokenizer.pad_token_id
-    log(f"sft: {len(encoded)} training rows, {len(encoded_held)} held-out rows, {stage.base} "
-        f"({trunk.frozen} of {model.config.num_hidden_layers} blocks frozen), {stage.device}")
-    trunk.precompute([e[0] for e in encoded + encoded_held], pad_id=pad, batch_size=cfg.batch_size,
-                     log=log)
+    log(
+        f"sft: {len(encoded)} training rows, {len(encoded_held)} held-out rows, {stage.base} "
+        f"({trunk.frozen} of {model.config.num_hidden_layers} blocks frozen), {stage.device}"
+    )
+    trunk.precompute([e[0] for e in encoded + encoded_held], pad_id=pad, batch_size=cfg.batch_size, log=log)
     before, tokens = heldout_loss(trunk, encoded_held, pad_id=pad, batch_size=cfg.batch_size)
     log(f"sft: held-out response loss before {before:.4f} nats/token ({tokens} tokens)")
 
@@ -126,21 +132,46 @@ def run_sft(config: Config, *, force: bool = False, log: Callable[[str], None] =
         total, count = response_loss(trunk, [encoded[i][0] for i in rows], [encoded[i][1] for i in rows], pad_id=pad)
         return total / count.clamp(min=1.0)
 
-    stats = optimise(trunk, cfg, lengths=[len(e[0]) for e in encoded], batch_loss=batch_loss,
-                     seed=config.run.seed, log=log, label="sft")
+    stats = optimise(
+        trunk,
+        cfg,
+        lengths=[len(e[0]) for e in encoded],
+        batch_loss=batch_loss,
+        seed=config.run.seed,
+        log=log,
+        label="sft",
+    )
     after, _ = heldout_loss(trunk, encoded_held, pad_id=pad, batch_size=cfg.batch_size)
     log(f"sft: held-out response loss after {after:.4f} nats/token ({after - before:+.4f})")
     summary = {
-        "stage": "sft", "base_model": cfg.base_model, "data": cfg.data.path, "output_dir": str(stage.output),
-        "train_rows": len(encoded), "heldout_rows": len(encoded_held), "heldout_tokens": tokens,
-        "heldout_loss_before": before, "heldout_loss_after": after,
-        "frozen_blocks": trunk.frozen, "trainable_parameters": sum(p.numel() for p in trunk.trainable_parameters),
-        "chat_template": config.model.chat_template, **stats, "config": cfg.model_dump(mode="json"),
+        "stage": "sft",
+        "base_model": cfg.base_model,
+        "data": cfg.data.path,
+        "output_dir": str(stage.output),
+        "train_rows": len(encoded),
+        "heldout_rows": len(encoded_held),
+        "heldout_tokens": tokens,
+        "heldout_loss_before": before,
+        "heldout_loss_after": after,
+        "frozen_blocks": trunk.frozen,
+        "trainable_parameters": sum(p.numel() for p in trunk.trainable_parameters),
+        "chat_template": config.model.chat_template,
+        **stats,
+        "config": cfg.model_dump(mode="json"),
     }
-    files = {"prompts.jsonl": prompt_rows(stage.train), "heldout_prompts.jsonl": prompt_rows(stage.held),
-             "demonstrations.jsonl": [{"id": f"row-{e.row}", "text": demonstration_text(
-                 e, tokenizer, chat_template=config.model.chat_template, system_prompt=config.model.system_prompt)}
-                                      for e in stage.train]}
+    files = {
+        "prompts.jsonl": prompt_rows(stage.train),
+        "heldout_prompts.jsonl": prompt_rows(stage.held),
+        "demonstrations.jsonl": [
+            {
+                "id": f"row-{e.row}",
+                "text": demonstration_text(
+                    e, tokenizer, chat_template=config.model.chat_template, system_prompt=config.model.system_prompt
+                ),
+            }
+            for e in stage.train
+        ],
+    }
     return stage.save(model, summary, log, files=files)
 
 

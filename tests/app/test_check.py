@@ -119,7 +119,8 @@ def test_check_refuses_each_case_with_key_and_fix(case: str, folder: Path, capsy
 
 
 def test_check_lists_all_five_at_once_and_services_refuse_with_the_same_lines(
-        folder: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     changes = {key: value for changes, _ in CASES.values() for key, value in changes.items()}
     changes["function"] = CASES["unknown_reward_function"][0]["function"]
     extra = '[[scorer.rewards]]\nname = "second"\n' + CASES["unexpected_reward_kwarg"][0]["function"]
@@ -127,15 +128,22 @@ def test_check_lists_all_five_at_once_and_services_refuse_with_the_same_lines(
     code, _, lines = check(path, capsys)
     assert code == 2
     assert [line.split(":")[0] for line in lines] == [
-        "model.path", "generator.prompts.path", "scorer.rewards[0].function", "scorer.rewards[1].model",
-        "scorer.rewards[2].kwargs"]
+        "model.path",
+        "generator.prompts.path",
+        "scorer.rewards[0].function",
+        "scorer.rewards[1].model",
+        "scorer.rewards[2].kwargs",
+    ]
     assert all("; fix: " in line for line in lines)
 
     # each service checks what it needs, with the code and the words of `streamrl check`
     monkeypatch.delenv(OVERRIDES_ENV, raising=False)
-    needs = {"generator": ["model.path", "generator.prompts.path"], "learner": ["model.path"],
-             "scorer": ["scorer.rewards[0].function", "scorer.rewards[1].model", "scorer.rewards[2].kwargs"],
-             "buffer": []}
+    needs = {
+        "generator": ["model.path", "generator.prompts.path"],
+        "learner": ["model.path"],
+        "scorer": ["scorer.rewards[0].function", "scorer.rewards[1].model", "scorer.rewards[2].kwargs"],
+        "buffer": [],
+    }
     for service, keys in needs.items():
         wanted = [line for line in lines if line.split(":")[0] in keys]
         if not wanted:
@@ -148,8 +156,9 @@ def test_check_lists_all_five_at_once_and_services_refuse_with_the_same_lines(
         assert [line[4:] for line in err.splitlines() if line.startswith("  - ")] == wanted
 
 
-def test_chat_prompts_need_a_model_with_a_chat_template(folder: Path, capsys: pytest.CaptureFixture,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chat_prompts_need_a_model_with_a_chat_template(
+    folder: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Chat prompts (``messages_field``) and a tokenizer without a chat template: refused by ``streamrl check``
     and by the generator at start-up with the fix (the generator used to die on its first batch)."""
     (folder / "chats.jsonl").write_text('{"id": "c1", "messages": [{"role": "user", "content": "Say hello"}]}\n')
@@ -157,10 +166,12 @@ def test_chat_prompts_need_a_model_with_a_chat_template(folder: Path, capsys: py
     path = write(folder, "chats", prompts=chats)
     code, out, lines = check(path, capsys)
     assert (code, out) == (2, "")
-    expected = ('generator.prompts.messages_field: the prompts are chats (messages_field = "messages") but the '
-                f'tokenizer of model.path ({folder}/model) has no chat template to render them; fix: set model.path '
-                'to a chat model (its tokenizer_config.json has a chat_template, e.g. smollm2-135m-instruct), or give '
-                'the prompts as text (generator.prompts.text_field instead of messages_field)')
+    expected = (
+        'generator.prompts.messages_field: the prompts are chats (messages_field = "messages") but the '
+        f"tokenizer of model.path ({folder}/model) has no chat template to render them; fix: set model.path "
+        "to a chat model (its tokenizer_config.json has a chat_template, e.g. smollm2-135m-instruct), or give "
+        "the prompts as text (generator.prompts.text_field instead of messages_field)"
+    )
     assert lines == [expected]
     monkeypatch.delenv(OVERRIDES_ENV, raising=False)
     with pytest.raises(SystemExit) as exit_info:
@@ -168,7 +179,7 @@ def test_chat_prompts_need_a_model_with_a_chat_template(folder: Path, capsys: py
     assert exit_info.value.code == 2 and capsys.readouterr().err.endswith(f"  - {expected}\n")
 
     # the learner's PPO-ptx data as chats: the learner's line
-    ptx = write(folder, "ptx-chats", '[learner]\nptx_coef = 0.1\n[learner.ptx_data]\n' + chats)
+    ptx = write(folder, "ptx-chats", "[learner]\nptx_coef = 0.1\n[learner.ptx_data]\n" + chats)
     code, _, lines = check(ptx, capsys)
     assert code == 2 and [line.split(":")[0] for line in lines] == ["learner.ptx_data.messages_field"]
 
@@ -179,8 +190,10 @@ def test_chat_prompts_need_a_model_with_a_chat_template(folder: Path, capsys: py
 
     shutil.copytree(folder / "model", folder / "chat-model", dirs_exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(folder / "chat-model")
-    tokenizer.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}|{% endfor %}"
-                               "{% if add_generation_prompt %}[assistant] {% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}|{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     tokenizer.save_pretrained(folder / "chat-model")
     code, out, lines = check(write(folder, "chats-ok", prompts=chats, model='path = "chat-model"'), capsys)
     assert (code, lines) == (0, []) and ": OK (" in out

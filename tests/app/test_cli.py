@@ -45,8 +45,9 @@ class FakeLauncher:
         self.code, self.records, self.calls = code, records or [], []
 
     def __call__(self, procfile, concurrency, env, cwd, stop_timeout_s=60.0):
-        self.calls.append({"procfile": procfile, "concurrency": concurrency, "env": env, "cwd": cwd,
-                           "stop_timeout_s": stop_timeout_s})
+        self.calls.append(
+            {"procfile": procfile, "concurrency": concurrency, "env": env, "cwd": cwd, "stop_timeout_s": stop_timeout_s}
+        )
         if self.records:
             output = Path(load_config(env[CONFIG_ENV]).run.output_dir)
             output.mkdir(parents=True, exist_ok=True)
@@ -82,12 +83,34 @@ def test_the_packaged_procfile_starts_each_service_module():
 
 
 def test_run_starts_the_procfile_with_the_config_and_writes_the_summary(job, monkeypatch, capsys):
-    records = [{"step": i + 1, "version": i + 1, "reward_mean": float(i), "kl": 0.01 * i, "dropped_stale": i % 2,
-                "behaviour_versions": [max(0, i - 1), i]} for i in range(10)]
+    records = [
+        {
+            "step": i + 1,
+            "version": i + 1,
+            "reward_mean": float(i),
+            "kl": 0.01 * i,
+            "dropped_stale": i % 2,
+            "behaviour_versions": [max(0, i - 1), i],
+        }
+        for i in range(10)
+    ]
     launcher = FakeLauncher(code=0, records=records)
     monkeypatch.setattr(training, "run_procfile", launcher)
-    code = run_main(["run", "--config", "job.toml", "--generators", "3", "--set", "learner.total_steps=2",
-                     "--set", "run.seed=4", "--stop-timeout", "7"])
+    code = run_main(
+        [
+            "run",
+            "--config",
+            "job.toml",
+            "--generators",
+            "3",
+            "--set",
+            "learner.total_steps=2",
+            "--set",
+            "run.seed=4",
+            "--stop-timeout",
+            "7",
+        ]
+    )
     assert code == 0
     (call,) = launcher.calls
     assert call["procfile"] == PROCFILE
@@ -116,16 +139,20 @@ def test_run_starts_the_procfile_with_the_config_and_writes_the_summary(job, mon
 def test_run_summary_counts_a_rolled_back_step_once(job, monkeypatch):
     """A learner restarted from its step-1 checkpoint trains step 2 again: metrics.jsonl holds step 2
     twice, and the summary counts 2 steps with the later record's reward."""
-    records = [{"step": s, "version": s, "reward_mean": r, "kl": 0.0, "dropped_stale": 0, "behaviour_versions": [0]}
-               for s, r in ((1, 0.0), (2, 0.5), (2, 0.7))]
+    records = [
+        {"step": s, "version": s, "reward_mean": r, "kl": 0.0, "dropped_stale": 0, "behaviour_versions": [0]}
+        for s, r in ((1, 0.0), (2, 0.5), (2, 0.7))
+    ]
     monkeypatch.setattr(training, "run_procfile", FakeLauncher(code=0, records=records))
     assert run_main(["run", "--config", str(job)]) == 0
     summary = json.loads((Path(load_config(job).run.output_dir) / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["train_reward_last"] == pytest.approx(0.7)
 
 
-@pytest.mark.parametrize(("status", "says"), [(1, None), (143, "stopped by a signal (exit status 143)"),
-                                             (130, "stopped by a signal (exit status 130)")])
+@pytest.mark.parametrize(
+    ("status", "says"),
+    [(1, None), (143, "stopped by a signal (exit status 143)"), (130, "stopped by a signal (exit status 130)")],
+)
 def test_run_exits_with_the_services_status(job, monkeypatch, capsys, status, says):
     monkeypatch.setattr(training, "run_procfile", FakeLauncher(code=status))
     assert run_main(["run", "--config", str(job), "--scorers", "1"]) == status

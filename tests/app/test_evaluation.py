@@ -16,13 +16,19 @@ from support import REPO
 
 
 def tiny_config(model_dir):
-    return validate_config({
-        "model": {"path": str(model_dir)},
-        "generator": {"max_new_tokens": 10, "prompts": {"path": str(REPO / "deploy/prompts/review_openings.jsonl"),
-                                                         "eval_fraction": 0.1}},
-        "scorer": {"rewards": [{"function": "streamrl.services.scorer.rewards:count_char", "kwargs": {"char": "e"}}]},
-        "learner": {"device": "cpu"},
-    })
+    return validate_config(
+        {
+            "model": {"path": str(model_dir)},
+            "generator": {
+                "max_new_tokens": 10,
+                "prompts": {"path": str(REPO / "deploy/prompts/review_openings.jsonl"), "eval_fraction": 0.1},
+            },
+            "scorer": {
+                "rewards": [{"function": "streamrl.services.scorer.rewards:count_char", "kwargs": {"char": "e"}}]
+            },
+            "learner": {"device": "cpu"},
+        }
+    )
 
 
 def test_held_out_prompts_are_the_eval_split(tiny_model_dir):
@@ -90,7 +96,7 @@ def test_several_samples_per_prompt_average_within_prompt(tiny_model_dir):
     cfg = tiny_config(tiny_model_dir)
     result = evaluate(cfg, str(tiny_model_dir), limit=4, seed=3, samples_per_prompt=3, num_samples=12)
     assert result.prompts == 4 and result.samples_per_prompt == 3 and len(result.samples) == 12
-    per_prompt = [sum(s["reward"] for s in result.samples[i:i + 3]) / 3 for i in range(0, 12, 3)]
+    per_prompt = [sum(s["reward"] for s in result.samples[i : i + 3]) / 3 for i in range(0, 12, 3)]
     assert math.isclose(result.reward_mean, sum(per_prompt) / 4)
     mean = sum(per_prompt) / 4
     std = math.sqrt(sum((r - mean) ** 2 for r in per_prompt) / 3)
@@ -103,10 +109,19 @@ def test_eval_rewards_are_scored_on_the_same_completions_and_compared_paired(tin
     prompts = tmp_path / "heldout.jsonl"
     prompts.write_text("".join(f'{{"id": "h{i}", "text": "The film {i}"}}\n' for i in range(5)))
     cfg = tiny_config(tiny_model_dir)
-    cfg.eval = cfg.eval.model_validate({
-        "prompts": {"path": str(prompts)},
-        "rewards": [{"function": "streamrl.services.scorer.rewards:count_char", "kwargs": {"char": "a"},
-                     "name": "a_share", "weight": 3.0}]})
+    cfg.eval = cfg.eval.model_validate(
+        {
+            "prompts": {"path": str(prompts)},
+            "rewards": [
+                {
+                    "function": "streamrl.services.scorer.rewards:count_char",
+                    "kwargs": {"char": "a"},
+                    "name": "a_share",
+                    "weight": 3.0,
+                }
+            ],
+        }
+    )
     result = evaluate(cfg, str(tiny_model_dir), seed=5, samples_per_prompt=2, num_samples=10)
     assert result.prompt_ids == [f"h{i}" for i in range(5)]  # all of eval.prompts, not a split of them
     shares = [s["completion"].count("a") / max(1, len(s["completion"])) for s in result.samples]
@@ -133,5 +148,6 @@ def test_eval_rewards_need_distinct_names():
     with pytest.raises(ValueError, match="set `name`"):
         validate_config({"eval": {"rewards": [{"function": "count_char"}]}})
     with pytest.raises(ValueError, match="repeat"):
-        validate_config({"eval": {"rewards": [{"function": "count_char", "name": "g"},
-                                              {"function": "count_char", "name": "g"}]}})
+        validate_config(
+            {"eval": {"rewards": [{"function": "count_char", "name": "g"}, {"function": "count_char", "name": "g"}]}}
+        )

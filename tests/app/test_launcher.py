@@ -24,8 +24,9 @@ def launch(tmp_path, procfile: str, timeout: float = 60) -> tuple[subprocess.Com
 
 def test_a_killed_optional_process_is_restarted_and_the_run_goes_on(tmp_path):
     # the feedback stand-in records each start, then SIGKILLs itself; the learner stand-in runs 6 s
-    done, _ = launch(tmp_path, "learner: sleep 6; echo learner finished\n"
-                               "feedback: echo start >> starts.txt; sleep 0.3; kill -9 $$\n")
+    done, _ = launch(
+        tmp_path, "learner: sleep 6; echo learner finished\nfeedback: echo start >> starts.txt; sleep 0.3; kill -9 $$\n"
+    )
     assert done.returncode == 0, done.stdout + done.stderr  # the learner's status: the run was not cut short
     assert "learner finished" in done.stdout
     starts = (tmp_path / "starts.txt").read_text().splitlines()

@@ -27,7 +27,7 @@ def job(tmp_path: Path, model: Path, url: str) -> Path:
     path = tmp_path / "job.toml"
     path.write_text(f"""
 [run]
-output_dir = "{tmp_path / 'run'}"
+output_dir = "{tmp_path / "run"}"
 [model]
 path = "{model}"
 [generator.prompts]

@@ -38,8 +38,16 @@ def preference_task(path: Path, rows: int = 160, k: int = 2, seed: int = 0) -> P
 
 
 def rm_config(tmp_path: Path, model: Path, data: Path, eval_rows: int = 40, **rm):
-    section = {"base_model": str(model), "data": {"path": str(data), "eval_rows": eval_rows}, "epochs": 3,
-               "batch_size": 8, "lr": 3e-3, "threads": 1, "trainable_layers": 1, **rm}
+    section = {
+        "base_model": str(model),
+        "data": {"path": str(data), "eval_rows": eval_rows},
+        "epochs": 3,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "threads": 1,
+        "trainable_layers": 1,
+        **rm,
+    }
     return validate_config({"run": {"output_dir": str(tmp_path / "run")}, "rm": section})
 
 
@@ -92,8 +100,10 @@ def test_demonstrations_score_zero_on_average(trained):
 @pytest.mark.slow
 def test_kwise_rows_train_with_all_comparisons(tiny_model_dir, tmp_path):
     data = preference_task(tmp_path / "ranked.jsonl", rows=100, k=3)
-    summary = run_rm(rm_config(tmp_path, tiny_model_dir, data, eval_rows=30,
-                               normalize=False, cache_frozen=False), log=lambda line: None)
+    summary = run_rm(
+        rm_config(tmp_path, tiny_model_dir, data, eval_rows=30, normalize=False, cache_frozen=False),
+        log=lambda line: None,
+    )
     assert summary["heldout_comparisons"] == 3 * summary["heldout_rows"]  # C(3, 2) per prompt
     assert summary["heldout_accuracy"] > 0.8 and summary["bias"] == 0.0
 
@@ -108,8 +118,9 @@ def test_single_responses_are_refused(tiny_model_dir, tmp_path):
 def test_proxy_gold_split_is_disjoint_deterministic_halves():
     from streamrl.stages.rlhf_data import Example, split_proxy_gold
 
-    examples = [Example(({"role": "user", "content": f"p{i % 37}"},), f"p{i % 37}", (" a", " b"), i + 1)
-                for i in range(60)]  # 37 prompts, 23 of them on two rows
+    examples = [
+        Example(({"role": "user", "content": f"p{i % 37}"},), f"p{i % 37}", (" a", " b"), i + 1) for i in range(60)
+    ]  # 37 prompts, 23 of them on two rows
     proxy, gold = split_proxy_gold(examples, seed=3)
     assert len(proxy) + len(gold) == 60 and not {e.text for e in proxy} & {e.text for e in gold}
     assert len({e.text for e in proxy}) == 19 and len({e.text for e in gold}) == 18  # ceil / floor of 37 / 2
@@ -216,17 +227,29 @@ def test_check_refuses_ppo_on_the_gold_model_or_the_bare_rm_folder(tmp_path):
     def problems(model: Path, value_model: Path | None = None) -> str:
         learner = {"advantage": "gae", "value_model": str(value_model)} if value_model else {}
         with pytest.raises(ValueError) as err:
-            validate_config({"run": {"output_dir": str(tmp_path / "run")}, "rm": {"gold": True},
-                             "scorer": {"rewards": [{"model": str(model)}]}, "learner": learner})
+            validate_config(
+                {
+                    "run": {"output_dir": str(tmp_path / "run")},
+                    "rm": {"gold": True},
+                    "scorer": {"rewards": [{"model": str(model)}]},
+                    "learner": learner,
+                }
+            )
         return str(err.value)
 
     assert "is the gold reward model, which PPO must never optimise" in problems(rm / "gold")
-    assert f"fix: use \"{rm / 'proxy'}\"" in problems(rm / "gold")
+    assert f'fix: use "{rm / "proxy"}"' in problems(rm / "gold")
     assert "learner.value_model: with rm.gold = true" in problems(rm / "proxy", value_model=rm)
-    validate_config({"run": {"output_dir": str(tmp_path / "run")}, "rm": {"gold": True},
-                     "scorer": {"rewards": [{"model": str(rm / "proxy")}]}})  # the proxy is fine
-    validate_config({"run": {"output_dir": str(tmp_path / "run")},
-                     "scorer": {"rewards": [{"model": str(rm)}]}})  # one reward model: its folder
+    validate_config(
+        {
+            "run": {"output_dir": str(tmp_path / "run")},
+            "rm": {"gold": True},
+            "scorer": {"rewards": [{"model": str(rm / "proxy")}]},
+        }
+    )  # the proxy is fine
+    validate_config(
+        {"run": {"output_dir": str(tmp_path / "run")}, "scorer": {"rewards": [{"model": str(rm)}]}}
+    )  # one reward model: its folder
 
 
 @pytest.mark.slow
@@ -236,8 +259,11 @@ def test_a_complete_stage_is_reused_only_with_the_same_settings(trained, tiny_mo
     lines: list[str] = []
     again = run_rm(rm_config(tmp_path, tiny_model_dir, data, threads=2), log=lines.append)  # threads: same model
     assert again == summary and any("is complete; skipped" in line for line in lines)
-    with pytest.raises(StageError, match=r"made with other settings \(data.eval_rows: 40 -> 30, lr: 0.003 -> 0.001\); "
-                                         r"fix: redo it \(`streamrl rm --force`"):
+    with pytest.raises(
+        StageError,
+        match=r"made with other settings \(data.eval_rows: 40 -> 30, lr: 0.003 -> 0.001\); "
+        r"fix: redo it \(`streamrl rm --force`",
+    ):
         run_rm(rm_config(tmp_path, tiny_model_dir, data, eval_rows=30, lr=1e-3), log=lines.append)
     with pytest.raises(StageError, match=r"gold: False -> True"):
         run_rm(rm_config(tmp_path, tiny_model_dir, data, gold=True), log=lines.append)
@@ -258,8 +284,11 @@ def test_a_complete_stage_is_refused_when_its_base_model_was_retrained(tmp_path)
     assert run_rm(config, log=lines.append) == first  # the same weights: reused
     tokenizer = build_char_tokenizer()
     build_tiny_model(tokenizer, seed=5).save_pretrained(base)  # what `streamrl sft --force` does to the folder
-    with pytest.raises(StageError, match=r"rm: .* is complete but was trained from other weights of rm.base_model = "
-                                         r".*fix: redo it \(`streamrl rm --force`"):
+    with pytest.raises(
+        StageError,
+        match=r"rm: .* is complete but was trained from other weights of rm.base_model = "
+        r".*fix: redo it \(`streamrl rm --force`",
+    ):
         run_rm(config, log=lines.append)
     again = run_rm(config, force=True, log=lambda line: None)
     assert again["base_fingerprint"] not in ("", first["base_fingerprint"])

@@ -25,19 +25,30 @@ def test_layouts_become_examples():
     assert demo.responses == (" r",) and demo.demonstration == " r"
     ranked = parse_row({"prompt": "p", "responses": ["1", "2", "3"]}, row_number=3)
     assert ranked.responses == ("1", "2", "3")
-    chat = parse_row({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                                   {"role": "assistant", "content": "a"}]}, row_number=4)
+    chat = parse_row(
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+        row_number=4,
+    )
     assert chat.demonstration == "a" and [m["role"] for m in chat.messages] == ["system", "user"]
     assert chat.text == "s\n\nHuman: u\n\nAssistant:"
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"prompt": "p"}, "match no layout"),
-    ({"prompt": "", "response": "r"}, "'prompt' must be a non-empty string"),
-    ({"prompt": "p", "responses": ["only one"]}, "at least two"),
-    ({"messages": [{"role": "user", "content": "u"}, {"role": "user", "content": "v"}]}, "end with a user turn"),
-    ({"chosen": "no turns", "rejected": "x"}, "hh-rlhf dialogues"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "p"}, "match no layout"),
+        ({"prompt": "", "response": "r"}, "'prompt' must be a non-empty string"),
+        ({"prompt": "p", "responses": ["only one"]}, "at least two"),
+        ({"messages": [{"role": "user", "content": "u"}, {"role": "user", "content": "v"}]}, "end with a user turn"),
+        ({"chosen": "no turns", "rejected": "x"}, "hh-rlhf dialogues"),
+    ],
+)
 def test_bad_rows_are_refused_with_the_row(row, message):
     with pytest.raises(ValueError, match=message) as info:
         parse_row(row, row_number=7, source="d.jsonl")
@@ -50,17 +61,22 @@ def test_hh_dialogue_prompt_is_the_shared_prefix():
     messages, text, responses = parse_dialogue(chosen, rejected)
     assert text == "\n\nHuman: q1\n\nAssistant: a1\n\nHuman: q2\n\nAssistant:"
     assert responses == [" yes", " no way"]
-    assert messages == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-                        {"role": "user", "content": "q2"}]
+    assert messages == [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+    ]
     # dialogues that part before the last turn (a malformed marker in real hh-rlhf rows)
-    _, text, responses = parse_dialogue("\n\nHuman: q\n\nAssistant: x  Human: more\n\nAssistant: y",
-                                        "\n\nHuman: q\n\nAssistant: z")
+    _, text, responses = parse_dialogue(
+        "\n\nHuman: q\n\nAssistant: x  Human: more\n\nAssistant: y", "\n\nHuman: q\n\nAssistant: z"
+    )
     assert text == "\n\nHuman: q\n\nAssistant:" and responses == [" x  Human: more\n\nAssistant: y", " z"]
 
 
 def test_split_is_deterministic_disjoint_and_order_free():
-    examples = [parse_row({"prompt": f"p{i % 40}", "chosen": f" c{i}", "rejected": " r"}, row_number=i)
-                for i in range(60)]
+    examples = [
+        parse_row({"prompt": f"p{i % 40}", "chosen": f" c{i}", "rejected": " r"}, row_number=i) for i in range(60)
+    ]
     train, held = split_examples(examples, eval_rows=10, seed=3)
     assert {e.text for e in train}.isdisjoint({e.text for e in held})
     assert len(held) >= 10 and len(train) + len(held) == 60
@@ -95,16 +111,25 @@ def test_files_jsonl_gz_and_parquet(tmp_path):
 def test_render_prompt_plain_and_chat_template(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    example = parse_row({"chosen": "\n\nHuman: hi\n\nAssistant: a1\n\nHuman: bye\n\nAssistant: ok",
-                         "rejected": "\n\nHuman: hi\n\nAssistant: a1\n\nHuman: bye\n\nAssistant: no"}, row_number=1)
+    example = parse_row(
+        {
+            "chosen": "\n\nHuman: hi\n\nAssistant: a1\n\nHuman: bye\n\nAssistant: ok",
+            "rejected": "\n\nHuman: hi\n\nAssistant: a1\n\nHuman: bye\n\nAssistant: no",
+        },
+        row_number=1,
+    )
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert render_prompt(example, tokenizer, chat_template=False, system_prompt=None) == example.text
     with pytest.raises(ValueError, match="no chat template"):
         render_prompt(example, tokenizer, chat_template=True, system_prompt=None)
-    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                               "{% if add_generation_prompt %}<assistant>{% endif %}")
-    assert (render_prompt(example, tokenizer, chat_template=True, system_prompt="be nice")
-            == "<system>be nice<user>hi<assistant>a1<user>bye<assistant>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    assert (
+        render_prompt(example, tokenizer, chat_template=True, system_prompt="be nice")
+        == "<system>be nice<user>hi<assistant>a1<user>bye<assistant>"
+    )
 
 
 @pytest.mark.skipif(not HH.is_file(), reason="shared hh-rlhf data not present")

@@ -28,8 +28,9 @@ def test_kwise_loss_hand_values_with_padding():
     # row 0: (2 * -log sigma(1) + -log sigma(2)) / C(3,2) = (0.626523 + 0.126928) / 3 = 0.251150
     # row 1 (K = 2, the padded 99 ignored): -log sigma(0 - 3) = 3.048587
     assert kwise_ranking_loss(rewards, valid).item() == pytest.approx(1.6498689068001073, abs=1e-6)
-    assert kwise_ranking_loss(rewards[:1]).item() == pytest.approx((2 * softplus_neg(1) + softplus_neg(2)) / 3,
-                                                                   abs=1e-6)
+    assert kwise_ranking_loss(rewards[:1]).item() == pytest.approx(
+        (2 * softplus_neg(1) + softplus_neg(2)) / 3, abs=1e-6
+    )
 
 
 def test_kwise_with_k2_equals_pairwise():

@@ -28,8 +28,10 @@ def fake_run(cfg, steps: int, *, journal: Path | None = None) -> Path:
     ckpt = out / "checkpoints" / f"step-{steps:06d}"
     ckpt.mkdir(parents=True)
     (ckpt / MARKER).write_text(json.dumps({"step": steps, "version": steps}))
-    records = [{"step": i + 1, "reward_mean": 0.0, "kl": 0.0, "dropped_stale": 0, "behaviour_versions": [i]}
-               for i in range(steps)]
+    records = [
+        {"step": i + 1, "reward_mean": 0.0, "kl": 0.0, "dropped_stale": 0, "behaviour_versions": [i]}
+        for i in range(steps)
+    ]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (out / "trained.jsonl").write_text("{}\n")
     (out / "published_version").write_text(f"{steps}\n")
@@ -48,8 +50,9 @@ def cfg(tmp_path):
 def test_an_empty_folder_is_a_new_run_and_resume_says_so(cfg):
     assert run_state(cfg) == ([], None)
     assert prepare_run_folder(cfg, RunMode.NEW) == f"streamrl: new run in {cfg.run.output_dir}"
-    assert prepare_run_folder(cfg, RunMode.RESUME) == (f"streamrl: nothing to resume in {cfg.run.output_dir}; "
-                                                       "starting a new run")
+    assert prepare_run_folder(cfg, RunMode.RESUME) == (
+        f"streamrl: nothing to resume in {cfg.run.output_dir}; starting a new run"
+    )
 
 
 def test_a_folder_holding_a_run_is_refused_with_the_fix(cfg):
@@ -59,17 +62,22 @@ def test_a_folder_holding_a_run_is_refused_with_the_fix(cfg):
     assert str(info.value) == (
         f"{out} already holds a run (checkpoint step-000002, metrics.jsonl with 2 steps, buffer journal with 1 "
         f"segment(s) in {out}/buffer).\nfix: add --resume to continue it, or --fresh to start over (its files move "
-        f"to {out}/previous/), or set run.output_dir to a new folder (--set run.output_dir=runs/NEW)")
+        f"to {out}/previous/), or set run.output_dir to a new folder (--set run.output_dir=runs/NEW)"
+    )
 
 
 def test_resume_continues_and_refuses_a_finished_run(cfg, tmp_path):
     out = fake_run(cfg, 2)
-    assert prepare_run_folder(cfg, RunMode.RESUME) == (f"streamrl: resuming {out} from checkpoint step-000002 of 4; "
-                                                       "the buffer replays its journal")
+    assert prepare_run_folder(cfg, RunMode.RESUME) == (
+        f"streamrl: resuming {out} from checkpoint step-000002 of 4; the buffer replays its journal"
+    )
     done = load_config(None, [f'run.output_dir="{out}"', "learner.total_steps=2"])
-    with pytest.raises(RunRefused, match=r"already reached learner.total_steps = 2 \(checkpoint step-000002\); "
-                                         r"--resume would do nothing.\nfix: raise it to train further \(--resume "
-                                         r"--set learner.total_steps=4\), or --fresh to start over"):
+    with pytest.raises(
+        RunRefused,
+        match=r"already reached learner.total_steps = 2 \(checkpoint step-000002\); "
+        r"--resume would do nothing.\nfix: raise it to train further \(--resume "
+        r"--set learner.total_steps=4\), or --fresh to start over",
+    ):
         prepare_run_folder(done, RunMode.RESUME)
     assert (out / "metrics.jsonl").exists()  # nothing touched
 
@@ -78,8 +86,10 @@ def test_fresh_moves_the_previous_run_away_and_keeps_other_stages(cfg):
     out = fake_run(cfg, 2)
     line = prepare_run_folder(cfg, RunMode.FRESH, now=0.0)
     target = next((out / "previous").iterdir())
-    assert line == ("streamrl: --fresh: moved the previous run (checkpoints, metrics.jsonl, trained.jsonl, "
-                    f"published_version, the buffer journal ({target}/buffer)) to {target}; starting over")
+    assert line == (
+        "streamrl: --fresh: moved the previous run (checkpoints, metrics.jsonl, trained.jsonl, "
+        f"published_version, the buffer journal ({target}/buffer)) to {target}; starting over"
+    )
     assert run_state(cfg) == ([], None)
     assert (target / "checkpoints" / "step-000002" / MARKER).exists()
     assert (target / "buffer" / "segment-00000001.log").exists() and (out / "sft").is_dir()
@@ -102,8 +112,9 @@ def test_fresh_moves_a_journal_kept_elsewhere_and_refuses_a_live_run(tmp_path):
 
 def test_each_launch_records_config_command_versions_and_git(cfg, monkeypatch):
     monkeypatch.chdir(REPO)
-    path = record_launch(cfg, mode=RunMode.FRESH, config_path="job.toml", overrides=["learner.total_steps=4"],
-                         argv=["run", "--fresh"])
+    path = record_launch(
+        cfg, mode=RunMode.FRESH, config_path="job.toml", overrides=["learner.total_steps=4"], argv=["run", "--fresh"]
+    )
     record_launch(cfg, mode=RunMode.RESUME, config_path="job.toml", overrides=[], argv=["run", "--resume"])
     first, second = [json.loads(line) for line in path.read_text().splitlines()]
     assert (first["mode"], second["mode"]) == ("fresh", "resume")
@@ -148,8 +159,10 @@ def test_the_cli_refuses_then_resumes_then_starts_fresh(tmp_path, tiny_model_dir
 
 def reward_config(tmp_path: Path, char: str):
     path = tmp_path / f"job-{char}.toml"
-    path.write_text(f'[run]\noutput_dir = "{tmp_path / "run"}"\n[learner]\ntotal_steps = 4\n'
-                    f'[[scorer.rewards]]\nfunction = "count_char"\nkwargs = {{ char = "{char}" }}\n')
+    path.write_text(
+        f'[run]\noutput_dir = "{tmp_path / "run"}"\n[learner]\ntotal_steps = 4\n'
+        f'[[scorer.rewards]]\nfunction = "count_char"\nkwargs = {{ char = "{char}" }}\n'
+    )
     return load_config(path)
 
 
@@ -196,8 +209,9 @@ def test_resume_after_changing_the_reward_warns_and_rescores_or_drops_the_journa
     assert prepare_run_folder(old, RunMode.RESUME).endswith("the buffer replays its journal")  # same reward: quiet
     new = reward_config(tmp_path, "b")
     line = prepare_run_folder(new, RunMode.RESUME, journal_rewards=JournalRewards(action))
-    assert ("warning: the reward changed since the last launch (scorer.rewards[0].kwargs: {'char': 'a'} -> "
-            "{'char': 'b'})") in line
+    assert (
+        "warning: the reward changed since the last launch (scorer.rewards[0].kwargs: {'char': 'a'} -> {'char': 'b'})"
+    ) in line
     if action == "keep":
         assert "fix: --journal-rewards rescore" in line
         assert journal_rewards(new) == [2.0, 0.0]

@@ -30,8 +30,15 @@ def copy_task(path: Path, rows: int = 120, seed: int = 0) -> Path:
 
 
 def sft_config(tmp_path: Path, model: Path, data: Path, eval_rows: int = 20, **sft) -> object:
-    section = {"base_model": str(model), "data": {"path": str(data), "eval_rows": eval_rows}, "epochs": 3,
-               "batch_size": 8, "lr": 3e-3, "threads": 1, **sft}
+    section = {
+        "base_model": str(model),
+        "data": {"path": str(data), "eval_rows": eval_rows},
+        "epochs": 3,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "threads": 1,
+        **sft,
+    }
     return validate_config({"run": {"output_dir": str(tmp_path / "run")}, "sft": section})
 
 
@@ -48,18 +55,25 @@ def test_encode_demonstration_masks_the_prompt_and_ends_with_eos(tiny_model_dir)
 def test_stage_loss_is_the_response_nll_of_the_full_logits(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    examples = [parse_row({"prompt": p, "response": r}, row_number=1)
-                for p, r in [("ab:", " c"), ("long prompt", " z")]]
-    encoded = [encode_demonstration(e, tokenizer, chat_template=False, system_prompt=None, max_length=64)
-               for e in examples]
+    examples = [
+        parse_row({"prompt": p, "response": r}, row_number=1) for p, r in [("ab:", " c"), ("long prompt", " z")]
+    ]
+    encoded = [
+        encode_demonstration(e, tokenizer, chat_template=False, system_prompt=None, max_length=64) for e in examples
+    ]
     with torch.no_grad():
-        total, count = response_loss(Trunk(model, trainable_layers=None), [e[0] for e in encoded],
-                                     [e[1] for e in encoded], pad_id=tokenizer.pad_token_id)
+        total, count = response_loss(
+            Trunk(model, trainable_layers=None),
+            [e[0] for e in encoded],
+            [e[1] for e in encoded],
+            pad_id=tokenizer.pad_token_id,
+        )
         width = max(len(e[0]) for e in encoded)
         ids = torch.tensor([e[0] + [0] * (width - len(e[0])) for e in encoded])
         mask = torch.tensor([e[1] + [0] * (width - len(e[1])) for e in encoded])
-        logits = model(input_ids=ids, attention_mask=(torch.arange(width) < torch.tensor(
-            [[len(e[0])] for e in encoded])).long()).logits
+        logits = model(
+            input_ids=ids, attention_mask=(torch.arange(width) < torch.tensor([[len(e[0])] for e in encoded])).long()
+        ).logits
         expected_total, expected_count = response_nll(logits, ids, mask)
     assert count.item() == expected_count.item() == 2 + 2 + 2  # " c"+eos, " z"+eos
     assert total.item() == pytest.approx(expected_total.item(), rel=1e-5)
@@ -71,16 +85,18 @@ def test_frozen_cached_trunk_gives_the_same_loss(tiny_model_dir, trainable):
     sequences = [tokenizer("hello world")["input_ids"], tokenizer("hi")["input_ids"]]
     masks = [[0] * 6 + [1] * 5, [0, 1]]
     full = Trunk(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), trainable_layers=None)
-    cached = Trunk(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), trainable_layers=trainable,
-                   cache=True)
+    cached = Trunk(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), trainable_layers=trainable, cache=True)
     cached.precompute(sequences, pad_id=0, batch_size=1)  # cached one at a time, used padded together
     with torch.no_grad():
         a = response_loss(full, sequences, masks, pad_id=0)[0]
         b = response_loss(cached, sequences, masks, pad_id=0)[0]
     assert b.item() == pytest.approx(a.item(), rel=1e-5)
     assert cached.frozen == 2 - trainable and not any(p.requires_grad for p in cached.base.embed_tokens.parameters())
-    assert all(p.requires_grad == (i >= 2 - trainable) for i, block in enumerate(cached.base.layers)
-               for p in block.parameters())
+    assert all(
+        p.requires_grad == (i >= 2 - trainable)
+        for i, block in enumerate(cached.base.layers)
+        for p in block.parameters()
+    )
     assert all(p.requires_grad for p in cached.base.norm.parameters())
 
 
@@ -97,7 +113,7 @@ def test_sft_lowers_heldout_loss_and_writes_a_causal_lm(tiny_model_dir, tmp_path
     prompt = tokenizer("say abcdef:", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=7, do_sample=False, pad_token_id=0)
-    assert tokenizer.decode(out[0, prompt.shape[1]:]).startswith(" ")  # learned the response format
+    assert tokenizer.decode(out[0, prompt.shape[1] :]).startswith(" ")  # learned the response format
     from streamrl.common.prompts import load_jsonl
 
     prompts = load_jsonl(folder / "prompts.jsonl")  # a prompt source for PPO's generators
@@ -116,8 +132,9 @@ def test_prompt_tokens_are_not_trained_on(tiny_model_dir, tmp_path):
     model learns that 'z' follows 'z' (measured with the mask forced to 1 everywhere: p 0.015 ->
     0.19); with the prompt masked it stays near its initial value (0.015 -> 0.02)."""
     rng = random.Random(1)
-    rows = [{"prompt": "z" * (20 + i), "response": " " + "".join(rng.choice("abc") for _ in range(5))}
-            for i in range(60)]
+    rows = [
+        {"prompt": "z" * (20 + i), "response": " " + "".join(rng.choice("abc") for _ in range(5))} for i in range(60)
+    ]
     (tmp_path / "z.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = sft_config(tmp_path, tiny_model_dir, tmp_path / "z.jsonl", eval_rows=5, epochs=2)
 
@@ -150,9 +167,11 @@ def test_cli_sft_command(tiny_model_dir, tmp_path, capsys):
     from streamrl.testing import write_config
 
     data = copy_task(tmp_path / "d.jsonl", rows=40)
-    sections = {"run": {"output_dir": str(tmp_path / "run")},
-                "sft": {"base_model": str(tiny_model_dir), "threads": 1, "lr": 3e-3}, "sft.data": {"path": str(data),
-                                                                                          "eval_rows": 8}}
+    sections = {
+        "run": {"output_dir": str(tmp_path / "run")},
+        "sft": {"base_model": str(tiny_model_dir), "threads": 1, "lr": 3e-3},
+        "sft.data": {"path": str(data), "eval_rows": 8},
+    }
     config = write_config(tmp_path / "stages.toml", sections)
     with pytest.raises(SystemExit) as done:
         main(["sft", "--config", str(config)])

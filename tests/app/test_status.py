@@ -22,9 +22,18 @@ def test_status_table_from_live_endpoints(monkeypatch):
     gen.gauge("policy_version", "v").set(5)
     gen.gauge("announced_version", "a").set(6)
     gen.gauge("useful_ratio", "u").set(0.875)
-    cfg = validate_config({"metrics": {"buffer_port": port, "generator_port": gport,
-                                       "learner_port": free_port(), "scorer_port": free_port(),
-                                       "feedback_port": free_port()}, "feedback": {"enabled": True}})
+    cfg = validate_config(
+        {
+            "metrics": {
+                "buffer_port": port,
+                "generator_port": gport,
+                "learner_port": free_port(),
+                "scorer_port": free_port(),
+                "feedback_port": free_port(),
+            },
+            "feedback": {"enabled": True},
+        }
+    )
     # 10 rollouts arrive between the two scrapes, which are "2 s" apart
     clock = [100.0]
 

@@ -60,8 +60,14 @@ def test_status_lists_the_generators_that_run_and_a_failing_reward(tmp_path, fak
     health = RewardHealth(ScorerMetrics(scorer), failing_after=3, names=["mine"])
     for _ in range(3):
         health.failed(ValueError("boom"), [])
-    sections = {"metrics": {"generator_port": base, "scorer_port": scorer_port, "learner_port": free_port(),
-                            "buffer_port": free_port()}}
+    sections = {
+        "metrics": {
+            "generator_port": base,
+            "scorer_port": scorer_port,
+            "learner_port": free_port(),
+            "buffer_port": free_port(),
+        }
+    }
     cfg = validate_config(sections)
     assert discover_generators(cfg) == 3
     job = write_config(tmp_path / "job.toml", sections)
@@ -69,18 +75,30 @@ def test_status_lists_the_generators_that_run_and_a_failing_reward(tmp_path, fak
         cli.main(["status", "--config", str(job), "--interval", "1"])
     assert info.value.code == 0
     rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
-    assert rows == {"learner-0": "DOWN", "buffer-0": "DOWN", "scorer-0": "up", "generator-0": "up",
-                    "generator-1": "DOWN", "generator-2": "up"}
+    assert rows == {
+        "learner-0": "DOWN",
+        "buffer-0": "DOWN",
+        "scorer-0": "up",
+        "generator-0": "up",
+        "generator-1": "DOWN",
+        "generator-2": "up",
+    }
     table = render(cfg, 3, 1.0)
     assert "REWARD FAILING (3 micro-batches in a row: ValueError: boom)" in table
 
 
 def test_rates_span_a_learner_step(fake_clock):
     learner, buffer = ServiceMetrics("learner", "learner-0"), ServiceMetrics("buffer", "buffer-0")
-    sections = {"metrics": {"learner_port": learner.serve("127.0.0.1", 0),
-                            "buffer_port": buffer.serve("127.0.0.1", 0),
-                            "scorer_port": free_port(), "generator_port": free_port()},
-                "learner": {"groups_per_step": 4}, "generator": {"group_size": 4}}
+    sections = {
+        "metrics": {
+            "learner_port": learner.serve("127.0.0.1", 0),
+            "buffer_port": buffer.serve("127.0.0.1", 0),
+            "scorer_port": free_port(),
+            "generator_port": free_port(),
+        },
+        "learner": {"groups_per_step": 4},
+        "generator": {"group_size": 4},
+    }
     cfg = validate_config(sections)
     learner.gauge("samples_per_second", "s").set(2.0)  # 16 rows per step / 2 per s: a step takes 8 s
     learner.gauge("busy_ratio", "b").set(0.625)

@@ -16,10 +16,14 @@ from streamrl.status import file_sd, kubernetes_targets, parse_hosts, read_file_
 from streamrl.testing import write_config
 
 CLUSTER = {
-    "endpoints": {"scorers": ["tcp://scorer-a.lan:5550", "tcp://scorer-a.lan:5551", "tcp://10.0.0.7:5550"],
-                  "buffer": "tcp://trainer.lan:5560", "batches": "tcp://trainer.lan:5561",
-                  "weights_announce": "tcp://trainer.lan:5570", "weights": "tcp://trainer.lan:5571",
-                  "bind": {"buffer": "tcp://*:5560", "batches": "tcp://*:5561"}},
+    "endpoints": {
+        "scorers": ["tcp://scorer-a.lan:5550", "tcp://scorer-a.lan:5551", "tcp://10.0.0.7:5550"],
+        "buffer": "tcp://trainer.lan:5560",
+        "batches": "tcp://trainer.lan:5561",
+        "weights_announce": "tcp://trainer.lan:5570",
+        "weights": "tcp://trainer.lan:5571",
+        "bind": {"buffer": "tcp://*:5560", "batches": "tcp://*:5561"},
+    },
     "metrics": {"host": "0.0.0.0"},
     "security": {"allow_insecure": True},
 }
@@ -46,12 +50,15 @@ def test_targets_follow_the_endpoint_hosts_and_the_generator_hosts():
         ("scorer-2", "scorer", "10.0.0.7:9200"),
         ("generator-gen-a-0", "generator", "gen-a:9100"),
         ("generator-gen-a-1", "generator", "gen-a:9101"),
-        ("generator-gen-b-0", "generator", "gen-b:9100")]
+        ("generator-gen-b-0", "generator", "gen-b:9100"),
+    ]
     local = validate_config({"metrics": {"host": "0.0.0.0"}})  # loopback endpoints: this machine
-    assert rows(targets(local, 1)) == [("learner-0", "learner", "127.0.0.1:9400"),
-                                       ("buffer-0", "buffer", "127.0.0.1:9300"),
-                                       ("scorer-0", "scorer", "127.0.0.1:9200"),
-                                       ("generator-0", "generator", "127.0.0.1:9100")]
+    assert rows(targets(local, 1)) == [
+        ("learner-0", "learner", "127.0.0.1:9400"),
+        ("buffer-0", "buffer", "127.0.0.1:9300"),
+        ("scorer-0", "scorer", "127.0.0.1:9200"),
+        ("generator-0", "generator", "127.0.0.1:9100"),
+    ]
     for bad in ("gen-a:0", ":2", "gen-a:two"):
         with pytest.raises(ValueError, match="expected HOST or HOST:COUNT"):
             parse_hosts(bad)
@@ -78,9 +85,11 @@ def test_status_reads_remote_targets_from_a_file(tmp_path, capsys, monkeypatch):
     port = scorer.serve("127.0.0.2", 0)  # another loopback address stands for another host
     scorer.counter("rollouts_scored_total", "s").inc(41)
     sd = tmp_path / "t.yml"  # YAML works too
-    sd.write_text(f"- targets: ['127.0.0.2:{port}']\n  labels: {{service: scorer, process: scorer-b}}\n"
-                  "- targets: ['127.0.0.3:1']\n  labels: {service: buffer, process: buffer-0}\n"
-                  "- targets: ['127.0.0.4:1']\n  labels: {job: node}\n")
+    sd.write_text(
+        f"- targets: ['127.0.0.2:{port}']\n  labels: {{service: scorer, process: scorer-b}}\n"
+        "- targets: ['127.0.0.3:1']\n  labels: {service: buffer, process: buffer-0}\n"
+        "- targets: ['127.0.0.4:1']\n  labels: {job: node}\n"
+    )
     monkeypatch.setattr("streamrl.status.time.sleep", lambda seconds: None)
     assert cli(["status", "--targets", str(sd), "--interval", "0"]) == 0
     table = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
@@ -117,26 +126,38 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def k8s_pod(name: str, component: str, port: str, scrape: str = "true") -> dict:
-    return {"metadata": {"name": name, "labels": {"app.kubernetes.io/component": component},
-                         "annotations": {"prometheus.io/scrape": scrape, "prometheus.io/port": port}},
-            "status": {"podIP": "10.244.1.7"}}
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/component": component},
+            "annotations": {"prometheus.io/scrape": scrape, "prometheus.io/port": port},
+        },
+        "status": {"podIP": "10.244.1.7"},
+    }
 
 
 def test_status_lists_kubernetes_pods_and_reads_them_through_the_api_proxy(capsys, monkeypatch):
-    exposition = (b"# TYPE streamrl_generator_rollouts_total counter\nstreamrl_generator_rollouts_total 12\n"
-                  b"# TYPE streamrl_generator_policy_version gauge\nstreamrl_generator_policy_version 3\n")
-    pods = [k8s_pod("streamrl-generator-7c9d-x2k4q", "generator", "9100"), k8s_pod("streamrl-learner-0", "learner",
-                                                                                   "9400"),
-            k8s_pod("streamrl-generator-7c9d-off", "generator", "9100", scrape="false"),
-            k8s_pod("prometheus-0", "monitoring", "9090")]
-    api = FakeApiServer(pods, {"/api/v1/namespaces/rl/pods/streamrl-generator-7c9d-x2k4q:9100/proxy/metrics":
-                               exposition})
+    exposition = (
+        b"# TYPE streamrl_generator_rollouts_total counter\nstreamrl_generator_rollouts_total 12\n"
+        b"# TYPE streamrl_generator_policy_version gauge\nstreamrl_generator_policy_version 3\n"
+    )
+    pods = [
+        k8s_pod("streamrl-generator-7c9d-x2k4q", "generator", "9100"),
+        k8s_pod("streamrl-learner-0", "learner", "9400"),
+        k8s_pod("streamrl-generator-7c9d-off", "generator", "9100", scrape="false"),
+        k8s_pod("prometheus-0", "monitoring", "9090"),
+    ]
+    api = FakeApiServer(
+        pods, {"/api/v1/namespaces/rl/pods/streamrl-generator-7c9d-x2k4q:9100/proxy/metrics": exposition}
+    )
     threading.Thread(target=api.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{api.server_port}"
     try:
         ts = kubernetes_targets(url, "rl")
-        assert rows(ts) == [("streamrl-learner-0", "learner", "10.244.1.7:9400"),
-                            ("streamrl-generator-7c9d-x2k4q", "generator", "10.244.1.7:9100")]
+        assert rows(ts) == [
+            ("streamrl-learner-0", "learner", "10.244.1.7:9400"),
+            ("streamrl-generator-7c9d-x2k4q", "generator", "10.244.1.7:9100"),
+        ]
         monkeypatch.setattr("streamrl.status.time.sleep", lambda seconds: None)
         assert cli(["status", "--kubernetes", url, "--namespace", "rl", "--interval", "0"]) == 0
         table = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}

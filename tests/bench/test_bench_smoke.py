@@ -23,8 +23,24 @@ def outputs(tmp_path) -> list[str]:
 
 
 def test_weight_sync_tiny(tmp_path):
-    assert weight_sync.main(["--models", "tiny", "--generators", "2", "--dtypes", "float32,bfloat16",
-                             "--repeats", "1", "--max-seconds", "60", *outputs(tmp_path)]) == 0
+    assert (
+        weight_sync.main(
+            [
+                "--models",
+                "tiny",
+                "--generators",
+                "2",
+                "--dtypes",
+                "float32,bfloat16",
+                "--repeats",
+                "1",
+                "--max-seconds",
+                "60",
+                *outputs(tmp_path),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "weight_sync.json").read_text())
     fp32, bf16 = result["rows"]
     assert (fp32["dtype"], bf16["dtype"], fp32["generators"]) == ("float32", "bfloat16", 2)
@@ -40,8 +56,26 @@ def test_weight_sync_tiny(tmp_path):
 
 
 def test_transport_tiny(tmp_path):
-    assert transport.main(["--seconds", "2", "--warmup", "1", "--runs", "1", "--iterations", "50",
-                           "--buffer-rollouts", "256", "--repeats", "1", *outputs(tmp_path)]) == 0
+    assert (
+        transport.main(
+            [
+                "--seconds",
+                "2",
+                "--warmup",
+                "1",
+                "--runs",
+                "1",
+                "--iterations",
+                "50",
+                "--buffer-rollouts",
+                "256",
+                "--repeats",
+                "1",
+                *outputs(tmp_path),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "transport.json").read_text())
     run = result["pipeline_runs"][0]
     assert run["rollouts"] > 0 and run["rollouts"] % 16 == 0  # whole batches of 4 groups x 4
@@ -75,8 +109,10 @@ def test_trl_grpo_ours_side_and_evaluation(tmp_path):
     assert result["prompts"] == 2 and result["model"] == ours["model"]
 
 
-@pytest.mark.skipif(not trl_grpo.TRL_VENV.joinpath("bin", "python").exists(),
-                    reason="TRL lives only in .venv-trl (bash bench/setup_trl.sh); never a streamrl dependency")
+@pytest.mark.skipif(
+    not trl_grpo.TRL_VENV.joinpath("bin", "python").exists(),
+    reason="TRL lives only in .venv-trl (bash bench/setup_trl.sh); never a streamrl dependency",
+)
 @pytest.mark.parametrize("bf16", [False, True])
 def test_trl_grpo_trl_side(tmp_path, bf16):
     from streamrl.common.config import load_config
@@ -91,8 +127,28 @@ def test_trl_grpo_trl_side(tmp_path, bf16):
 def test_scale_tiny(tmp_path):
     """bench/scale.py at tiny size: every point ran, the buffer's staleness bound held for every
     trained rollout, the figures are rates and fractions, the plot and the section are written."""
-    assert scale.main(["--generators", "1,2", "--max-staleness", "1", "--ceiling-generators", "", "--seconds", "2",
-                       "--warmup", "1", "--step-s", "0.1", "--max-seconds", "120", *outputs(tmp_path)]) == 0
+    assert (
+        scale.main(
+            [
+                "--generators",
+                "1,2",
+                "--max-staleness",
+                "1",
+                "--ceiling-generators",
+                "",
+                "--seconds",
+                "2",
+                "--warmup",
+                "1",
+                "--step-s",
+                "0.1",
+                "--max-seconds",
+                "120",
+                *outputs(tmp_path),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "scale.json").read_text())
     modes = [True, False] if result["credits_available"] else [False]
     assert [(p["credits"], p["n"]) for p in result["points"]] == [(m, n) for m in modes for n in (1, 2)]

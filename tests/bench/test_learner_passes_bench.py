@@ -11,9 +11,20 @@ from bench import learner_passes
 
 @pytest.mark.slow
 def test_learner_passes_bench_on_the_tiny_model(tmp_path, tiny_model_dir):
-    code = learner_passes.main(["--set", f"model.path={tiny_model_dir}", "--set", "model.chat_template=false",
-                                "--repeats", "1", "--results-dir", str(tmp_path), "--results-md",
-                                str(tmp_path / "RESULTS.md")])
+    code = learner_passes.main(
+        [
+            "--set",
+            f"model.path={tiny_model_dir}",
+            "--set",
+            "model.chat_template=false",
+            "--repeats",
+            "1",
+            "--results-dir",
+            str(tmp_path),
+            "--results-md",
+            str(tmp_path / "RESULTS.md"),
+        ]
+    )
     assert code == 0
     result = json.loads((tmp_path / "learner_passes.json").read_text())
     assert set(result["step_s"]) == set(learner_passes.VARIANTS)

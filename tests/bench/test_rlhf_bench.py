@@ -16,10 +16,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HH.is_file(), reason="sha
 
 
 def test_rlhf_bench_tiny(tmp_path):
-    tiny = ["model=tiny-char-llama", "max_length=48", "trainable_layers=1", "threads=1", "data.eval_rows=12",
-            "data.train_rows=24", "lr=3e-3"]
-    overrides = [f"run.output_dir={tmp_path / 'run'}", "sft.base_model=tiny-char-llama",
-                 f"rm.base_model={tmp_path / 'run' / 'sft'}"]
+    tiny = [
+        "model=tiny-char-llama",
+        "max_length=48",
+        "trainable_layers=1",
+        "threads=1",
+        "data.eval_rows=12",
+        "data.train_rows=24",
+        "lr=3e-3",
+    ]
+    overrides = [
+        f"run.output_dir={tmp_path / 'run'}",
+        "sft.base_model=tiny-char-llama",
+        f"rm.base_model={tmp_path / 'run' / 'sft'}",
+    ]
     overrides += [f"{stage}.{o}" for stage in ("sft", "rm") for o in tiny if not o.startswith("model=")]
     args = [a for o in overrides for a in ("--set", o)]
     assert rlhf.main([*args, "--results-dir", str(tmp_path), "--results-md", str(tmp_path / "RESULTS.md")]) == 0

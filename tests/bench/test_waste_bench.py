@@ -13,9 +13,25 @@ pytestmark = pytest.mark.slow
 
 
 def test_waste_bench_tiny_sync(tmp_path):
-    assert waste.main(["--config", str(REPO / "deploy" / "configs" / "tiny.toml"), "--steps", "3",
-                       "--staleness", "0", "--generators", "2", "--results-dir", str(tmp_path),
-                       "--results-md", str(tmp_path / "RESULTS.md")]) == 0
+    assert (
+        waste.main(
+            [
+                "--config",
+                str(REPO / "deploy" / "configs" / "tiny.toml"),
+                "--steps",
+                "3",
+                "--staleness",
+                "0",
+                "--generators",
+                "2",
+                "--results-dir",
+                str(tmp_path),
+                "--results-md",
+                str(tmp_path / "RESULTS.md"),
+            ]
+        )
+        == 0
+    )
     on, off = json.loads((tmp_path / "waste.json").read_text())["runs"]
     assert (on["credits"], off["credits"]) == (True, False)
     # sync mode with credits: everything sampled was trained, nothing dropped

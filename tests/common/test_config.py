@@ -86,7 +86,10 @@ def test_sections_are_independent_instances():
 
 
 def test_valid_file_with_enum_strings(tmp_path):
-    cfg = load_config(write(tmp_path, """
+    cfg = load_config(
+        write(
+            tmp_path,
+            """
 [run]
 max_staleness = 0
 [learner]
@@ -105,7 +108,9 @@ first_k_words = 5
 function = "streamrl.services.scorer.rewards:count_char"
 kwargs = { char = "e" }
 weight = 0.5
-"""))
+""",
+        )
+    )
     assert cfg.run.max_staleness == 0
     assert cfg.learner.correction is Correction.TIS
     assert cfg.learner.advantage is AdvantageEstimator.RLOO
@@ -114,10 +119,17 @@ weight = 0.5
     assert cfg.learner.kl_target_per_sequence == 0.02
     prompts = cfg.generator.prompts
     assert (prompts.kind, prompts.path, prompts.column, prompts.first_k_words) == (
-        "csv", str(tmp_path / "reviews.csv"), "review", 5)
+        "csv",
+        str(tmp_path / "reviews.csv"),
+        "review",
+        5,
+    )
     reward = cfg.scorer.rewards[0]
     assert (reward.function, reward.weight, reward.kwargs) == (
-        "streamrl.services.scorer.rewards:count_char", 0.5, {"char": "e"})
+        "streamrl.services.scorer.rewards:count_char",
+        0.5,
+        {"char": "e"},
+    )
     assert cfg.learner.lr == 1e-5  # untouched keys keep defaults
 
 
@@ -176,7 +188,9 @@ def test_every_problem_in_one_error(tmp_path):
 
 
 def test_cross_checks_collected_together(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [learner]
 advantage = "rloo"
 ptx_coef = 0.1
@@ -186,7 +200,8 @@ minibatches = 3
 group_size = 1
 [buffer]
 capacity_groups = 1
-""")
+""",
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path)
     lines = problems(info.value)
@@ -202,7 +217,10 @@ capacity_groups = 1
 
 
 def test_cross_checks_pass_when_fixed(tmp_path):
-    cfg = load_config(write(tmp_path, """
+    cfg = load_config(
+        write(
+            tmp_path,
+            """
 [learner]
 advantage = "rloo"
 ptx_coef = 0.1
@@ -210,7 +228,9 @@ ptx_coef = 0.1
 path = "sft.jsonl"
 [generator]
 group_size = 2
-"""))
+""",
+        )
+    )
     assert cfg.learner.ptx_data.path == str(tmp_path / "sft.jsonl")
     assert cfg.learner.ptx_coef == 0.1
 
@@ -257,16 +277,19 @@ def test_invalid_toml(tmp_path):
 
 def test_override_number_string_nested_enum_bool(tmp_path):
     path = write(tmp_path, '[run]\nname = "from-file"\n[learner]\nlr = 1e-4\n')
-    cfg = load_config(path, [
-        "learner.lr=3e-6",
-        "run.name=my-run",                          # bare word: a string
-        'model.path="models/tiny dir"',            # TOML string with a space
-        "generator.prompts.path=data/x.jsonl",      # nested section, bare path
-        "learner.correction=tis",                   # enum by value
-        "learner.whiten_advantages=false",          # TOML bool
-        "generator.group_size=8",                   # TOML int
-        'endpoints.scorers=["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]',
-    ])
+    cfg = load_config(
+        path,
+        [
+            "learner.lr=3e-6",
+            "run.name=my-run",  # bare word: a string
+            'model.path="models/tiny dir"',  # TOML string with a space
+            "generator.prompts.path=data/x.jsonl",  # nested section, bare path
+            "learner.correction=tis",  # enum by value
+            "learner.whiten_advantages=false",  # TOML bool
+            "generator.group_size=8",  # TOML int
+            'endpoints.scorers=["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]',
+        ],
+    )
     assert cfg.learner.lr == 3e-6 and isinstance(cfg.learner.lr, float)
     assert cfg.run.name == "my-run"
     assert cfg.model.path == "models/tiny dir"
@@ -332,14 +355,17 @@ def test_shipped_configs_validate(path):
 
 def test_cross_checks_reported_together_with_field_errors(tmp_path):
     # one message lists the unknown key, the range error AND the cross-section rule
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [learner]
 lrr = 1
 clip_eps = 3
 advantage = "rloo"
 [generator]
 group_size = 1
-""")
+""",
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path)
     lines = problems(info.value)
@@ -357,7 +383,9 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    path = write(conf, """
+    path = write(
+        conf,
+        """
 [run]
 output_dir = "out/run1"
 [model]
@@ -369,7 +397,8 @@ path = "data/prompts.jsonl"
 model = "./rm"
 [buffer]
 journal_dir = "journal"
-""")
+""",
+    )
     cfg = load_config(path, ["learner.ptx_coef=0.1", 'learner.ptx_data.path="sft.jsonl"'])
     assert cfg.run.output_dir == str(conf / "out" / "run1")
     assert cfg.model.path == str(conf / "models" / "policy")
@@ -387,10 +416,13 @@ journal_dir = "journal"
 
 
 def test_builtin_reward_names_and_function_form(tmp_path):
-    cfg = load_config(None, ['scorer.rewards=[{function = "count_char", kwargs = {char = "e"}}, '
-                             '{function = "gsm8k_exact_match"}]'])
-    assert [r.function for r in cfg.scorer.rewards] == [BUILTIN_REWARDS["count_char"],
-                                                        "streamrl.services.scorer.rewards:gsm8k_exact_match"]
+    cfg = load_config(
+        None, ['scorer.rewards=[{function = "count_char", kwargs = {char = "e"}}, {function = "gsm8k_exact_match"}]']
+    )
+    assert [r.function for r in cfg.scorer.rewards] == [
+        BUILTIN_REWARDS["count_char"],
+        "streamrl.services.scorer.rewards:gsm8k_exact_match",
+    ]
     assert Config().scorer.rewards[0].function == "streamrl.services.scorer.rewards:vader_sentiment"
     for bad in ("count_chr", "pkg.mod.fn", "pkg:", ":fn", "a:b:c", "pkg.1mod:fn", "pkg:not a name"):
         with pytest.raises(ConfigError) as info:
@@ -401,7 +433,9 @@ def test_builtin_reward_names_and_function_form(tmp_path):
 
 
 def test_options_of_another_kind_or_source_are_refused(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [generator.prompts]
 kind = "jsonl"
 column = "review"
@@ -415,7 +449,8 @@ batch_size = 4
 [[scorer.rewards]]
 model = "rm"
 kwargs = { char = "e" }
-""")
+""",
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path)
     lines = problems(info.value)
@@ -427,8 +462,13 @@ kwargs = { char = "e" }
     assert 'applies only when source is "model"' in line_for(lines, "scorer.rewards[0].batch_size")
     assert 'applies only when source is "function"' in line_for(lines, "scorer.rewards[1].kwargs")
     # defaults of the other kind's options are not "set", and the right kind takes them
-    cfg = load_config(write(tmp_path, '[generator.prompts]\nkind = "csv"\npath = "r.csv"\nfirst_k_words = 3\n'
-                                      '[[scorer.rewards]]\nmodel = "rm"\nmax_length = 128\nbatch_size = 2\n'))
+    cfg = load_config(
+        write(
+            tmp_path,
+            '[generator.prompts]\nkind = "csv"\npath = "r.csv"\nfirst_k_words = 3\n'
+            '[[scorer.rewards]]\nmodel = "rm"\nmax_length = 128\nbatch_size = 2\n',
+        )
+    )
     assert cfg.generator.prompts.first_k_words == 3
     assert (cfg.scorer.rewards[0].max_length, cfg.scorer.rewards[0].batch_size) == (128, 2)
 
@@ -436,9 +476,16 @@ kwargs = { char = "e" }
 def test_rules_the_loaders_used_to_recheck_are_in_the_schema(tmp_path):
     """Rules build_reward / load_prompts / PromptStream checked by hand now fail at load."""
     with pytest.raises(ConfigError) as info:
-        load_config(None, ["run.seed=-1", "generator.prompts.first_k_words=0", "generator.prompts.kind=csv",
-                           'scorer.rewards=[{function = "count_char", weight = inf, name = ""}]',
-                           "learner.lr=nan"])
+        load_config(
+            None,
+            [
+                "run.seed=-1",
+                "generator.prompts.first_k_words=0",
+                "generator.prompts.kind=csv",
+                'scorer.rewards=[{function = "count_char", weight = inf, name = ""}]',
+                "learner.lr=nan",
+            ],
+        )
     lines = problems(info.value)
     assert len(lines) == 5, lines
     assert "greater than or equal to 0" in line_for(lines, "run.seed")
@@ -473,7 +520,8 @@ def test_the_docs_config_reference_is_the_generated_table():
     assert text.count(REFERENCE_BEGIN) == 1 and text.count(REFERENCE_END) == 1
     assert text.startswith("# Config reference\n") and text.rstrip().endswith(REFERENCE_END)
     assert replace_reference(text) == text, (
-        "docs/config.md differs from the schema; fix: python -m streamrl.common.config --update docs/config.md")
+        "docs/config.md differs from the schema; fix: python -m streamrl.common.config --update docs/config.md"
+    )
 
 
 def test_reference_table_rows():
@@ -502,8 +550,9 @@ def test_config_module_prints_and_updates_the_table(tmp_path):
     assert out.stdout == reference_table()
     stale = tmp_path / "config.md"
     stale.write_text(f"# x\n\n{REFERENCE_BEGIN}\n| old |\n{REFERENCE_END}\n\nafter\n")
-    subprocess.run([sys.executable, "-m", "streamrl.common.config", "--update", str(stale)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "streamrl.common.config", "--update", str(stale)], check=True, capture_output=True
+    )
     assert stale.read_text() == f"# x\n\n{REFERENCE_BEGIN}\n\n{reference_table()}\n{REFERENCE_END}\n\nafter\n"
     with pytest.raises(ValueError, match="no config reference markers"):
         replace_reference("# no markers\n")
@@ -523,7 +572,8 @@ def test_resource_problems_model_path(tmp_path, monkeypatch):
     assert model_problems(str(model)) == [
         f"model.path: {model} has no config.json, so it is not a saved model; fix: set model.path to a Hugging Face "
         "model folder (relative paths resolve against the config file's folder), a hub id or a built-in name: "
-        "smollm2-135m-instruct, tiny-char-llama"]
+        "smollm2-135m-instruct, tiny-char-llama"
+    ]
     (model / "config.json").write_text("{}")
     assert model_problems(str(model)) == []
     assert model_problems("tiny-char-llama") == []
@@ -547,7 +597,10 @@ def test_resource_problems_model_path(tmp_path, monkeypatch):
 def test_resource_problems_per_service(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    cfg = load_config(write(tmp_path, f"""
+    cfg = load_config(
+        write(
+            tmp_path,
+            f"""
 [run]
 output_dir = "{blocker}/run"
 [model]
@@ -564,7 +617,9 @@ model = "missing-rm"
 journal_dir = "{blocker}/journal"
 [feedback]
 enabled = true
-"""))
+""",
+        )
+    )
     by_service = {s: [p.split(":")[0] for p in resource_problems(cfg, [s])] for s in SERVICES}
     assert by_service == {
         "generator": ["model.path", "generator.prompts.path"],
@@ -575,8 +630,14 @@ enabled = true
     }
     everything = resource_problems(cfg)
     assert [p.split(":")[0] for p in everything] == [
-        "model.path", "generator.prompts.path", "learner.ptx_data.path", "run.output_dir",
-        "scorer.rewards[0].model", "buffer.journal_dir", "feedback.database"]  # model.path once
+        "model.path",
+        "generator.prompts.path",
+        "learner.ptx_data.path",
+        "run.output_dir",
+        "scorer.rewards[0].model",
+        "buffer.journal_dir",
+        "feedback.database",
+    ]  # model.path once
     assert f"{tmp_path} is not a file" in everything[2]
     assert f"cannot be created because {blocker} is a file" in everything[3]
     # output_dir as the journal's home when journal_dir is unset
@@ -592,7 +653,8 @@ def test_resource_problems_reward_functions(tmp_path, monkeypatch):
         "    return [scale * len(c) for c in completions]\n"
         "def anything(prompts, completions, metadata, **kwargs):\n"
         "    return [0.0] * len(completions)\n"
-        "NOT_CALLABLE = 3\n")
+        "NOT_CALLABLE = 3\n"
+    )
     (tmp_path / "broken_rewards.py").write_text("raise RuntimeError('boom at import')\n")
     (tmp_path / "needs_dep.py").write_text("import no_such_dependency_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -600,33 +662,45 @@ def test_resource_problems_reward_functions(tmp_path, monkeypatch):
     def lines(*specs: dict) -> list[str]:
         return resource_problems(Config(scorer={"rewards": list(specs)}), ["scorer"])
 
-    assert lines({"function": "my_rewards:length", "kwargs": {"scale": "anything: not validated"}},
-                 {"function": "my_rewards:anything", "kwargs": {"x": 1, "y": 2}},
-                 {"function": "count_char", "kwargs": {"char": "e", "max_count": 3}}) == []
+    assert (
+        lines(
+            {"function": "my_rewards:length", "kwargs": {"scale": "anything: not validated"}},
+            {"function": "my_rewards:anything", "kwargs": {"x": 1, "y": 2}},
+            {"function": "count_char", "kwargs": {"char": "e", "max_count": 3}},
+        )
+        == []
+    )
     [wrong_name] = lines({"function": "my_rewards:length", "kwargs": {"scal": 2}})
     assert wrong_name.startswith("scorer.rewards[0].kwargs: my_rewards:length cannot be called as ")
     assert "unexpected keyword argument 'scal'" in wrong_name and wrong_name.endswith("fix: use only scale")
     assert lines({"function": "gsm8k_exact_match", "kwargs": {"x": 1}})[0].endswith("fix: remove `kwargs`")
     [missing, not_callable, broken, dep] = lines(
-        {"function": "my_rewards:nope"}, {"function": "my_rewards:NOT_CALLABLE"},
-        {"function": "broken_rewards:f"}, {"function": "needs_dep:f"})
+        {"function": "my_rewards:nope"},
+        {"function": "my_rewards:NOT_CALLABLE"},
+        {"function": "broken_rewards:f"},
+        {"function": "needs_dep:f"},
+    )
     assert missing.startswith("scorer.rewards[0].function: cannot import my_rewards:nope: cannot import name 'nope'")
     assert "fix: set it to an importable `package.module:function`" in missing and "count_char" in missing
     assert not_callable.startswith("scorer.rewards[1].function: my_rewards:NOT_CALLABLE is a int, not a function")
     assert broken.startswith("scorer.rewards[2].function: importing broken_rewards:f raised RuntimeError: boom")
-    assert dep.startswith("scorer.rewards[3].function: cannot import needs_dep:f: No module named "
-                          "'no_such_dependency_xyz'")
+    assert dep.startswith(
+        "scorer.rewards[3].function: cannot import needs_dep:f: No module named 'no_such_dependency_xyz'"
+    )
     # typed (validate_call) functions: the values too, each bad one on its own line
     typed = lines({"function": "count_char", "kwargs": {"char": "ee", "max_count": True}})
     assert typed == [
         "scorer.rewards[0].kwargs.char: String should have at most 1 character (got 'ee'); "
         "fix: set it to a value of type string of length 1",
         "scorer.rewards[0].kwargs.max_count: Input should be a valid integer (got True); "
-        "fix: set it to a value of type int > 0"]
+        "fix: set it to a value of type int > 0",
+    ]
 
 
 def test_load_config_with_resources_lists_schema_and_resource_problems_together(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [learner]
 lrr = 1
 [generator.prompts]
@@ -636,7 +710,8 @@ function = "not a function"
 [[scorer.rewards]]
 function = "count_char"
 kwargs = { chr = "e" }
-""")
+""",
+    )
     only_missing = write(tmp_path, '[generator.prompts]\npath = "missing.jsonl"\n', "ok.toml")
     assert load_config(only_missing).generator.prompts.path == str(tmp_path / "missing.jsonl")  # no file look-up
     with pytest.raises(ConfigError, match="prompt file not found"):
@@ -646,12 +721,18 @@ kwargs = { chr = "e" }
         load_config(path, resources=SERVICES)
     lines = problems(info.value)
     assert [line.split(":")[0].strip(" -") for line in lines] == [
-        "scorer.rewards[0].function", "learner.lrr", "generator.prompts.path", "scorer.rewards[1].kwargs"]
+        "scorer.rewards[0].function",
+        "learner.lrr",
+        "generator.prompts.path",
+        "scorer.rewards[1].kwargs",
+    ]
     # a key the schema refused is not checked again with its default in its place
     with pytest.raises(ConfigError) as info:
         load_config(None, ["generator.prompts.path=5", "generator.prompts.kind=bogus"], resources=SERVICES)
     assert [line.split(":")[0].strip(" -") for line in problems(info.value)] == [
-        "generator.prompts.kind", "generator.prompts.path"]
+        "generator.prompts.kind",
+        "generator.prompts.path",
+    ]
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")

@@ -28,10 +28,22 @@ def problems(overrides: list[str]) -> list[str]:
 def test_bind_defaults_to_the_connect_address_and_can_differ():
     e = load_config(None).endpoints
     assert [e.bind_address(n) for n in ("buffer", "batches", "weights_announce", "weights")] == [
-        "tcp://127.0.0.1:5560", "tcp://127.0.0.1:5561", "tcp://127.0.0.1:5570", "tcp://127.0.0.1:5571"]
-    e = load_config(None, [INSECURE, 'endpoints.buffer="tcp://buffer.streamrl.svc:5560"',
-                           'endpoints.bind.buffer="tcp://*:5560"', 'endpoints.bind.weights="tcp://0.0.0.0:6000"',
-                           'endpoints.scorers=["tcp://scorer:5550"]', 'endpoints.bind.scorer="tcp://*:5550"']).endpoints
+        "tcp://127.0.0.1:5560",
+        "tcp://127.0.0.1:5561",
+        "tcp://127.0.0.1:5570",
+        "tcp://127.0.0.1:5571",
+    ]
+    e = load_config(
+        None,
+        [
+            INSECURE,
+            'endpoints.buffer="tcp://buffer.streamrl.svc:5560"',
+            'endpoints.bind.buffer="tcp://*:5560"',
+            'endpoints.bind.weights="tcp://0.0.0.0:6000"',
+            'endpoints.scorers=["tcp://scorer:5550"]',
+            'endpoints.bind.scorer="tcp://*:5550"',
+        ],
+    ).endpoints
     assert (e.buffer, e.bind_address("buffer")) == ("tcp://buffer.streamrl.svc:5560", "tcp://*:5560")
     assert (e.weights, e.bind_address("weights")) == ("tcp://127.0.0.1:5571", "tcp://0.0.0.0:6000")
     assert e.bind_address("batches") == "tcp://127.0.0.1:5561" and e.bind.scorer == "tcp://*:5550"
@@ -39,29 +51,38 @@ def test_bind_defaults_to_the_connect_address_and_can_differ():
         e.bind_address("scorer")
 
 
-@pytest.mark.parametrize(("endpoint", "bind", "problem"), [
-    ("tcp://learner.example.org:5571", False, None),  # a DNS name
-    ("tcp://[fd00::5]:5571", False, None),
-    ("ipc:///run/streamrl/buffer", False, None),
-    ("tcp://*:5560", True, None),
-    ("tcp://eth0:*", True, None),  # an interface, any free port
-    ("tcp://*:5560", False, "`*` is a bind address (every interface), not one a peer can connect to; fix: put"),
-    ("tcp://0.0.0.0:5560", False, "`0.0.0.0` is a bind address"),
-    ("tcp://[::]:5560", False, "`[::]` is a bind address"),
-    ("tcp://host:*", False, "port '*' is not a number in 1..65535"),
-    ("tcp://host:70000", True, "port '70000' is not a number in 1..65535"),
-    ("tcp://host", False, "has no HOST:PORT"),
-    ("udp://host:1", False, "is not tcp://HOST:PORT, ipc://PATH or inproc://NAME"),
-    ("127.0.0.1:5560", True, "is not tcp://HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    ("endpoint", "bind", "problem"),
+    [
+        ("tcp://learner.example.org:5571", False, None),  # a DNS name
+        ("tcp://[fd00::5]:5571", False, None),
+        ("ipc:///run/streamrl/buffer", False, None),
+        ("tcp://*:5560", True, None),
+        ("tcp://eth0:*", True, None),  # an interface, any free port
+        ("tcp://*:5560", False, "`*` is a bind address (every interface), not one a peer can connect to; fix: put"),
+        ("tcp://0.0.0.0:5560", False, "`0.0.0.0` is a bind address"),
+        ("tcp://[::]:5560", False, "`[::]` is a bind address"),
+        ("tcp://host:*", False, "port '*' is not a number in 1..65535"),
+        ("tcp://host:70000", True, "port '70000' is not a number in 1..65535"),
+        ("tcp://host", False, "has no HOST:PORT"),
+        ("udp://host:1", False, "is not tcp://HOST:PORT, ipc://PATH or inproc://NAME"),
+        ("127.0.0.1:5560", True, "is not tcp://HOST:PORT"),
+    ],
+)
 def test_endpoint_syntax(endpoint, bind, problem):
     found = endpoint_problem(endpoint, bind=bind)
     assert (found is None) if problem is None else found.startswith(problem) or problem in found
 
 
 def test_config_names_the_key_of_a_bad_endpoint_and_the_fix():
-    lines = problems([INSECURE, 'endpoints.weights="tcp://0.0.0.0:5571"', 'endpoints.bind.buffer="buffer:5560"',
-                      'endpoints.scorers=["tcp://a:1", "tcp://*:2"]'])
+    lines = problems(
+        [
+            INSECURE,
+            'endpoints.weights="tcp://0.0.0.0:5571"',
+            'endpoints.bind.buffer="buffer:5560"',
+            'endpoints.scorers=["tcp://a:1", "tcp://*:2"]',
+        ]
+    )
     assert len(lines) == 3, lines
     assert lines[0].startswith("endpoints.scorers: tcp://*:2: `*` is a bind address") and "endpoints.bind" in lines[0]
     assert lines[1].startswith("endpoints.weights: tcp://0.0.0.0:5571: `0.0.0.0` is a bind address")
@@ -69,11 +90,17 @@ def test_config_names_the_key_of_a_bad_endpoint_and_the_fix():
 
 
 def test_non_loopback_binds_and_names_need_keys_or_the_explicit_opt_out(tmp_path):
-    cluster = ['endpoints.buffer="tcp://buffer:5560"', 'endpoints.bind.buffer="tcp://*:5560"',
-               'endpoints.bind.batches="tcp://10.0.0.4:5561"']
+    cluster = [
+        'endpoints.buffer="tcp://buffer:5560"',
+        'endpoints.bind.buffer="tcp://*:5560"',
+        'endpoints.bind.batches="tcp://10.0.0.4:5561"',
+    ]
     lines = problems(cluster)
-    assert [line.split(":")[0] for line in lines] == ["endpoints.buffer", "endpoints.bind.buffer",
-                                                      "endpoints.bind.batches"]
+    assert [line.split(":")[0] for line in lines] == [
+        "endpoints.buffer",
+        "endpoints.bind.buffer",
+        "endpoints.bind.batches",
+    ]
     assert all("is not a loopback address and security.keys_dir is unset" in line for line in lines)
     assert load_config(None, cluster + [INSECURE]).endpoints.bind.buffer == "tcp://*:5560"
     generate_keys(tmp_path / "keys")
@@ -83,16 +110,23 @@ def test_non_loopback_binds_and_names_need_keys_or_the_explicit_opt_out(tmp_path
     load_config(None, ['endpoints.buffer="tcp://localhost:5560"', 'endpoints.bind.buffer="tcp://127.0.0.1:5560"'])
 
 
-@pytest.mark.parametrize(("name", "explicit", "honcho", "expected"), [
-    (None, None, None, Replica(0, 0, "generator-0")),
-    (None, 2, None, Replica(2, 2, "generator-2")),
-    (None, None, "generator.4", Replica(3, 3, "generator-3")),
-    # a name from the pod / host: distinct replicas from one template, metrics on the base port
-    ("streamrl-generator-7d9f8c-x2k4q", None, None,
-     Replica(zlib.crc32(b"streamrl-generator-7d9f8c-x2k4q") & 0x7FFFFFFF, 0, "streamrl-generator-7d9f8c-x2k4q")),
-    # supervisord on several hosts: the name makes it unique, --index keeps the host's port offsets
-    ("generator-hostb-1", 1, None, Replica(zlib.crc32(b"generator-hostb-1") & 0x7FFFFFFF, 1, "generator-hostb-1")),
-])
+@pytest.mark.parametrize(
+    ("name", "explicit", "honcho", "expected"),
+    [
+        (None, None, None, Replica(0, 0, "generator-0")),
+        (None, 2, None, Replica(2, 2, "generator-2")),
+        (None, None, "generator.4", Replica(3, 3, "generator-3")),
+        # a name from the pod / host: distinct replicas from one template, metrics on the base port
+        (
+            "streamrl-generator-7d9f8c-x2k4q",
+            None,
+            None,
+            Replica(zlib.crc32(b"streamrl-generator-7d9f8c-x2k4q") & 0x7FFFFFFF, 0, "streamrl-generator-7d9f8c-x2k4q"),
+        ),
+        # supervisord on several hosts: the name makes it unique, --index keeps the host's port offsets
+        ("generator-hostb-1", 1, None, Replica(zlib.crc32(b"generator-hostb-1") & 0x7FFFFFFF, 1, "generator-hostb-1")),
+    ],
+)
 def test_replica_identity(monkeypatch, name, explicit, honcho, expected):
     monkeypatch.delenv("HONCHO_PROCESS_NAME", raising=False)
     if honcho:
@@ -125,8 +159,10 @@ def process_state(monkeypatch):
 
 def test_a_named_replica_serves_metrics_on_every_interface_at_the_base_port(tmp_path, monkeypatch, process_state):
     port = free_port()
-    path = write_config(tmp_path / "run.toml", {"run": {"output_dir": str(tmp_path / "out")},
-                                                "metrics": {"host": "0.0.0.0", "scorer_port": port}})
+    path = write_config(
+        tmp_path / "run.toml",
+        {"run": {"output_dir": str(tmp_path / "out")}, "metrics": {"host": "0.0.0.0", "scorer_port": port}},
+    )
     monkeypatch.setenv(REPLICA_ENV, "streamrl-scorer-6b8d-kq2vx")
     ctx = start_service("scorer", ["--config", str(path)])
     try:
@@ -141,8 +177,9 @@ def test_a_named_replica_serves_metrics_on_every_interface_at_the_base_port(tmp_
 
 
 def test_a_bad_replica_name_exits_2(tmp_path, monkeypatch, process_state, capsys):
-    path = write_config(tmp_path / "run.toml", {"run": {"output_dir": str(tmp_path / "out")},
-                                                "metrics": {"enabled": False}})
+    path = write_config(
+        tmp_path / "run.toml", {"run": {"output_dir": str(tmp_path / "out")}, "metrics": {"enabled": False}}
+    )
     monkeypatch.setenv(REPLICA_ENV, "has space")
     with pytest.raises(SystemExit) as exit_info:
         start_service("generator", ["--config", str(path)])

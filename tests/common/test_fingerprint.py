@@ -37,8 +37,13 @@ def test_config_changes_that_change_the_function_differ_and_bookkeeping_does_not
     fp = model_fingerprint(config, tokenizer)
     assert model_fingerprint({**config, "rope_theta": 1.0}, tokenizer) != fp
     assert model_fingerprint({**config, "eos_token_id": 2}, tokenizer) != fp
-    bookkeeping = {**config, "_name_or_path": "/elsewhere", "transformers_version": "0.0", "torch_dtype": "bfloat16",
-                   "use_cache": False}
+    bookkeeping = {
+        **config,
+        "_name_or_path": "/elsewhere",
+        "transformers_version": "0.0",
+        "torch_dtype": "bfloat16",
+        "use_cache": False,
+    }
     assert model_fingerprint(bookkeeping, tokenizer) == fp
     assert "_name_or_path" not in config_identity(bookkeeping)
 

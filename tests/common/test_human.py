@@ -106,8 +106,9 @@ def test_eligibility_by_hand():
     assert got == pytest.approx([math.exp(-0.5) * 0.5, math.exp(-2) * 0.5])
     assert eligibility(z, np.zeros((0, 2)), np.zeros(0), now=0.0, width=1.0, half_life_s=1.0).tolist() == [0, 0]
     # a label "from the future" (clock skew) counts as just made
-    assert eligibility(z[:1], anchors[:1], np.array([200.0]), now=110.0, width=1.0,
-                       half_life_s=10.0) == pytest.approx([math.exp(-0.5)])
+    assert eligibility(z[:1], anchors[:1], np.array([200.0]), now=110.0, width=1.0, half_life_s=10.0) == pytest.approx(
+        [math.exp(-0.5)]
+    )
     with pytest.raises(ValueError):
         eligibility(z, anchors, times, now=0.0, width=0.0, half_life_s=1.0)
 
@@ -119,23 +120,46 @@ def test_beta_decays_per_step():
 
 
 def test_head_standardises_and_clips():
-    head = HumanHead(mean=np.array([1.0, 0.0], np.float32), scale=np.array([2.0, 1.0], np.float32),
-                     weight=np.array([1.0, -0.5], np.float32), bias=0.25)
+    head = HumanHead(
+        mean=np.array([1.0, 0.0], np.float32),
+        scale=np.array([2.0, 1.0], np.float32),
+        weight=np.array([1.0, -0.5], np.float32),
+        bias=0.25,
+    )
     x = np.array([[3.0, 0.5], [1.0, 4.0], [41.0, 0.0]])
     # z = [[1, .5], [0, 4], [20, 0]] -> w.z + b = [1 - .25 + .25, -2 + .25, 20.25]
     assert head.raw(x) == pytest.approx([1.0, -1.75, 20.25])
     assert head.predict(x) == pytest.approx([1.0, -1.0, 1.0])
-    message = HumanModel(version=1, active=True, feature="mean_last_hidden", mean=head.mean, scale=head.scale,
-                         weight=head.weight, bias=head.bias, anchors=np.zeros((0, 2), np.float32),
-                         anchor_times=np.zeros(0), labels=0)
+    message = HumanModel(
+        version=1,
+        active=True,
+        feature="mean_last_hidden",
+        mean=head.mean,
+        scale=head.scale,
+        weight=head.weight,
+        bias=head.bias,
+        anchors=np.zeros((0, 2), np.float32),
+        anchor_times=np.zeros(0),
+        labels=0,
+    )
     assert HumanHead.from_message(message).predict(x) == pytest.approx(head.predict(x))
 
 
 def scored(rollout_id, *, human=None, selection=None, reward=1.0):
-    r = Rollout(prompt_id="p", group_id="g", rollout_id=rollout_id, generator_id="gen", group_size=1,
-                prompt_tokens=np.array([1], np.int32), completion_tokens=np.array([2], np.int32),
-                behaviour_logprobs=np.array([-1.0], np.float32), policy_version=0, finish_reason=FinishReason.STOP,
-                sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=4), selection=selection)
+    r = Rollout(
+        prompt_id="p",
+        group_id="g",
+        rollout_id=rollout_id,
+        generator_id="gen",
+        group_size=1,
+        prompt_tokens=np.array([1], np.int32),
+        completion_tokens=np.array([2], np.int32),
+        behaviour_logprobs=np.array([-1.0], np.float32),
+        policy_version=0,
+        finish_reason=FinishReason.STOP,
+        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=4),
+        selection=selection,
+    )
     return ScoredRollout(rollout=r, reward=reward, human=human)
 
 
@@ -204,13 +228,14 @@ def test_reference_features_are_the_unpadded_mean_over_completion_positions():
         for i, (p, c) in enumerate(zip(prompts, completions)):
             ids = torch.tensor(np.concatenate([p, c]), dtype=torch.long)[None]
             hidden = model.base_model(input_ids=ids).last_hidden_state[0]
-            np.testing.assert_allclose(got[i], hidden[len(p):].mean(0).numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(got[i], hidden[len(p) :].mean(0).numpy(), rtol=1e-4, atol=1e-5)
     # truncation keeps the completion's end
     short = reference_features(model, prompts[2:], completions[2:], pad_id=tokenizer.pad_token_id, max_tokens=2)
     with torch.no_grad():
         ids = torch.tensor([[13, 20]])
-        np.testing.assert_allclose(short[0], model.base_model(input_ids=ids).last_hidden_state[0, 1:].mean(0).numpy(),
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            short[0], model.base_model(input_ids=ids).last_hidden_state[0, 1:].mean(0).numpy(), rtol=1e-4, atol=1e-5
+        )
     with pytest.raises(ValueError):
         reference_features(model, prompts, completions[:2], pad_id=0)
 
@@ -231,10 +256,20 @@ def test_a_model_with_another_feature_is_refused_and_counted_not_fatal():
     metrics = ServiceMetrics("scorer", "scorer-0")
     sub = HumanModelSubscription(ctx, cfg, metrics)
     try:
+
         def model(version, feature):
-            return HumanModel(version=version, active=True, feature=feature, mean=np.zeros(2, np.float32),
-                              scale=np.ones(2, np.float32), weight=np.ones(2, np.float32), bias=0.0,
-                              anchors=np.zeros((0, 2), np.float32), anchor_times=np.zeros(0), labels=1)
+            return HumanModel(
+                version=version,
+                active=True,
+                feature=feature,
+                mean=np.zeros(2, np.float32),
+                scale=np.ones(2, np.float32),
+                weight=np.ones(2, np.float32),
+                bias=0.0,
+                anchors=np.zeros((0, 2), np.float32),
+                anchor_times=np.zeros(0),
+                labels=1,
+            )
 
         got = None
         for _ in range(100):  # the subscription takes a moment to reach the publisher

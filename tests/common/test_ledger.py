@@ -68,9 +68,11 @@ def test_a_process_killed_mid_count_leaves_a_whole_file_that_its_restart_continu
     """A real process counts as fast as it can and gets SIGKILL: the file is whole JSON (the atomic
     replace), and a restarted process continues from what it says."""
     path = ledger_path(tmp_path, "generator", 0)
-    code = ("import sys; from pathlib import Path; from streamrl.common.ledger import Ledger\n"
-            "ledger = Ledger(Path(sys.argv[1]))\n"
-            "while True:\n    ledger.add('sent')\n")
+    code = (
+        "import sys; from pathlib import Path; from streamrl.common.ledger import Ledger\n"
+        "ledger = Ledger(Path(sys.argv[1]))\n"
+        "while True:\n    ledger.add('sent')\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)])
     try:
         deadline = time.monotonic() + 60

@@ -28,8 +28,9 @@ def make(warn_after_s=5.0):
 
 
 def warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == "streamrl.common.liveness" and r.levelno == logging.WARNING]
+    return [
+        r.getMessage() for r in caplog.records if r.name == "streamrl.common.liveness" and r.levelno == logging.WARNING
+    ]
 
 
 def test_gauge_tracks_the_current_wait_and_resets(caplog):
@@ -51,8 +52,10 @@ def test_warns_with_the_reason_then_every_interval_and_says_when_it_resumed(capl
     for _ in range(12):  # polls 1 s apart for 11 s
         waits.waiting("weights", "no weights announced yet")
         clock.now += 1.0
-    assert warnings(caplog) == ["learner-0 has waited 5s on weights: no weights announced yet",
-                                "learner-0 has waited 10s on weights: no weights announced yet"]
+    assert warnings(caplog) == [
+        "learner-0 has waited 5s on weights: no weights announced yet",
+        "learner-0 has waited 10s on weights: no weights announced yet",
+    ]
     waits.done("weights")
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert infos == ["learner-0 resumed after waiting 12s on weights"]

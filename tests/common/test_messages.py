@@ -35,9 +35,7 @@ def make_rollout(**overrides) -> m.Rollout:
 
 
 def make_scored(**overrides) -> m.ScoredRollout:
-    return m.ScoredRollout(
-        rollout=make_rollout(**overrides), reward=0.75, reward_parts={"vader": 0.75}, scorer_id="s0"
-    )
+    return m.ScoredRollout(rollout=make_rollout(**overrides), reward=0.75, reward_parts={"vader": 0.75}, scorer_id="s0")
 
 
 def all_messages() -> list[m.Message]:
@@ -49,28 +47,56 @@ def all_messages() -> list[m.Message]:
         make_rollout(),
         make_scored(),
         m.BatchRequest(learner_version=4, num_groups=2),
-        m.Batch(learner_version=4, rollouts=[make_scored(), make_scored(rollout_id="r2")],
-                dropped_stale=3, evicted=1, buffered_groups=5),
-        m.WeightsAnnounce(version=7, manifest=blob_specs, total_bytes=32, chunk_bytes=10,
-                          num_chunks=4, sha256="ab" * 32),
+        m.Batch(
+            learner_version=4,
+            rollouts=[make_scored(), make_scored(rollout_id="r2")],
+            dropped_stale=3,
+            evicted=1,
+            buffered_groups=5,
+        ),
+        m.WeightsAnnounce(
+            version=7, manifest=blob_specs, total_bytes=32, chunk_bytes=10, num_chunks=4, sha256="ab" * 32
+        ),
         m.WeightsChunkRequest(version=7, chunk_index=2),
         m.WeightsChunk(version=7, chunk_index=2, data=bytes(range(10))),
         m.Error(code=m.ErrorCode.UNKNOWN_VERSION, message="gone", reply_to="x"),
-        make_rollout(selection=m.Selection(candidates=4, probability=0.5, by_model=True, density_ratio=2.5,
-                                           human_value=0.25, model_version=3)),
-        m.ScoredRollout(rollout=make_rollout(), reward=0.5,
-                        human=m.HumanScore(value=-0.5, eligibility=0.25, model_version=3, active=False)),
-        m.HumanModel(version=3, active=True, feature="mean_last_hidden", mean=np.zeros(3, np.float32),
-                     scale=np.ones(3, np.float32), weight=np.array([0.5, -1, 2], np.float32), bias=0.125,
-                     anchors=np.arange(6, dtype=np.float32).reshape(2, 3),
-                     anchor_times=np.array([1.5, 2.5]), labels=7),
+        make_rollout(
+            selection=m.Selection(
+                candidates=4, probability=0.5, by_model=True, density_ratio=2.5, human_value=0.25, model_version=3
+            )
+        ),
+        m.ScoredRollout(
+            rollout=make_rollout(),
+            reward=0.5,
+            human=m.HumanScore(value=-0.5, eligibility=0.25, model_version=3, active=False),
+        ),
+        m.HumanModel(
+            version=3,
+            active=True,
+            feature="mean_last_hidden",
+            mean=np.zeros(3, np.float32),
+            scale=np.ones(3, np.float32),
+            weight=np.array([0.5, -1, 2], np.float32),
+            bias=0.125,
+            anchors=np.arange(6, dtype=np.float32).reshape(2, 3),
+            anchor_times=np.array([1.5, 2.5]),
+            labels=7,
+        ),
         m.CreditRequest(sender="gen-0-ab12", instance="generator-0", policy_version=3, groups_sent=17, want=2),
         m.CreditGrant(reply_to="x", credits=2, learner_version=4, epoch="e1", reason="2 of 3", trained_groups=9),
-        m.GroupDropped(group_id="g:3", generator_id="generator-test", rollout_id="g:3:1", group_size=4,
-                       reason="ValueError", error="ValueError: no answer"),
-        m.ScoredRollout(rollout=make_rollout(), reward=0.25,
-                        reference_logprobs=np.linspace(-3, -0.5, len(make_rollout().completion_tokens),
-                                                       dtype=np.float32)),
+        m.GroupDropped(
+            group_id="g:3",
+            generator_id="generator-test",
+            rollout_id="g:3:1",
+            group_size=4,
+            reason="ValueError",
+            error="ValueError: no answer",
+        ),
+        m.ScoredRollout(
+            rollout=make_rollout(),
+            reward=0.25,
+            reference_logprobs=np.linspace(-3, -0.5, len(make_rollout().completion_tokens), dtype=np.float32),
+        ),
     ]
 
 
@@ -103,8 +129,9 @@ def test_round_trip(msg):
 
 
 def test_arrays_travel_in_extra_frames_not_in_header():
-    msg = make_rollout(completion_tokens=np.arange(1000, dtype=np.int32),
-                       behaviour_logprobs=np.full(1000, -1.0, dtype=np.float32))
+    msg = make_rollout(
+        completion_tokens=np.arange(1000, dtype=np.int32), behaviour_logprobs=np.full(1000, -1.0, dtype=np.float32)
+    )
     frames = m.encode(msg)
     assert len(frames) == 4  # header + prompt, completion, logprobs
     assert len(frames[0]) < 600

@@ -77,14 +77,21 @@ def test_hostile_messages_get_protocol_errors_only(socket):
 
 
 def test_rare_categories_give_their_reason():
-    stream = hostile(m.Rollout, seed=3, max_bytes=MAX_BYTES,
-                     weights={name: 0 for name in CATEGORIES} | {"too_many_frames": 1, "oversize": 1, "empty": 1})
+    stream = hostile(
+        m.Rollout,
+        seed=3,
+        max_bytes=MAX_BYTES,
+        weights={name: 0 for name in CATEGORIES} | {"too_many_frames": 1, "oversize": 1, "empty": 1},
+    )
     seen = collections.Counter()
     for case in itertools.islice(stream, 60):
         assert outcome(case.frames, [m.Rollout]) == case.expect
         seen[case.category, case.expect] += 1
-    assert set(seen) == {("too_many_frames", RejectReason.OVERSIZE), ("oversize", RejectReason.OVERSIZE),
-                         ("empty", RejectReason.MALFORMED)}
+    assert set(seen) == {
+        ("too_many_frames", RejectReason.OVERSIZE),
+        ("oversize", RejectReason.OVERSIZE),
+        ("empty", RejectReason.MALFORMED),
+    }
 
 
 def test_stream_is_a_function_of_the_seed():
@@ -128,12 +135,16 @@ def decode_rollout_with(**fields):
     return m.decode([pack(header), *frames[1:]], expected=[m.Rollout])
 
 
-@pytest.mark.parametrize("metadata", [
-    {"when": msgpack.Timestamp(1, 0)},  # was accepted, then the scorer's re-encode raised TypeError
-    {"blob": b"\x00\x01"},  # was accepted, re-encoded as a payload frame the buffer then rejected
-    Raw(b"\x81\xa1a" * 900 + b"\x01"),  # 900 nested maps: was a RecursionError
-    {"n": 2**64 - 1},  # past int64
-], ids=["timestamp", "bytes", "deep", "uint64"])
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"when": msgpack.Timestamp(1, 0)},  # was accepted, then the scorer's re-encode raised TypeError
+        {"blob": b"\x00\x01"},  # was accepted, re-encoded as a payload frame the buffer then rejected
+        Raw(b"\x81\xa1a" * 900 + b"\x01"),  # 900 nested maps: was a RecursionError
+        {"n": 2**64 - 1},  # past int64
+    ],
+    ids=["timestamp", "bytes", "deep", "uint64"],
+)
 def test_plain_maps_take_msgpack_primitives_only(metadata):
     with pytest.raises(ProtocolError) as err:
         decode_rollout_with(metadata=metadata)

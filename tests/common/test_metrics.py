@@ -17,8 +17,11 @@ def samples(metrics: ServiceMetrics) -> dict[tuple[str, tuple], float]:
     from prometheus_client import generate_latest
 
     text = generate_latest(metrics.registry).decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_names_are_prefixed_and_counters_end_in_total():
@@ -38,8 +41,11 @@ def test_names_are_prefixed_and_counters_end_in_total():
 
 def test_every_decoder_reason_is_exported_at_zero():
     got = samples(ServiceMetrics("scorer", "scorer-1"))
-    exported = {dict(labels)["reason"]: value for (name, labels), value in got.items()
-                if name == "streamrl_scorer_messages_rejected_total"}
+    exported = {
+        dict(labels)["reason"]: value
+        for (name, labels), value in got.items()
+        if name == "streamrl_scorer_messages_rejected_total"
+    }
     assert exported == {reason.value: 0.0 for reason in RejectReason}
 
 

@@ -127,9 +127,7 @@ def test_tiny_model_save_load_round_trip(tmp_path: Path):
     assert loaded_logits.shape == (1, len(text), len(tokenizer))
     torch.testing.assert_close(loaded_logits, memory_logits, atol=1e-6, rtol=0)
 
-    out = model.generate(
-        ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id
-    )
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] > ids.shape[1]
     assert out[0, : ids.shape[1]].tolist() == ids[0].tolist()
 
@@ -145,9 +143,7 @@ def test_load_tokenizer_falls_back_to_eos_for_padding(tmp_path: Path):
 
 def test_resolve_model_path_passthrough(tmp_path: Path):
     assert models.resolve_model_path(str(tmp_path)) == str(tmp_path)
-    assert models.resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == (
-        "HuggingFaceTB/SmolLM2-135M-Instruct"
-    )
+    assert models.resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct")
     missing = tmp_path / "does-not-exist"
     assert models.resolve_model_path(str(missing)) == str(missing)
 
@@ -249,9 +245,7 @@ def test_smollm2_loads_and_generates(smollm2: dict):
     assert logits.shape == (1, ids.shape[1], 49152)
     assert torch.isfinite(logits).all()
 
-    out = model.generate(
-        ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id
-    )
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert text.strip()
     # Random or mis-mapped weights would not know this; a correct conversion does.
@@ -358,10 +352,11 @@ def test_the_resolved_bf16_setting_is_logged_with_the_reason(monkeypatch, caplog
     models.use_bf16_autocast("auto", cpu)  # no key: nothing logged
     assert [r.getMessage() for r in caplog.records] == [
         'learner.autocast_bf16 = "auto": bf16 autocast on cpu (this CPU computes bf16 natively (AVX512-BF16 or '
-        'AMX, through oneDNN))',
+        "AMX, through oneDNN))",
         'learner.autocast_bf16 = "auto": float32 on cpu (this CPU has neither AVX512-BF16 nor AMX: bf16 would be '
-        'emulated, slower than float32)',
-        "generator.autocast_bf16 = true: bf16 autocast on cpu (set in the config)"]
+        "emulated, slower than float32)",
+        "generator.autocast_bf16 = true: bf16 autocast on cpu (set in the config)",
+    ]
 
 
 def test_bf16_native_on_this_cpu_matches_onednn():
@@ -378,7 +373,7 @@ def test_autocast_settings_parse_and_a_bad_one_is_refused_with_the_fix(value, ex
     for section in ("learner", "generator", "scorer"):
         cfg = load_config(None, [f"{section}.autocast_bf16={value}"])
         assert getattr(cfg, section).autocast_bf16 == expected
-        with pytest.raises(ConfigError, match=f'{section}.autocast_bf16: .maybe. is not a bf16 setting; fix: true'):
+        with pytest.raises(ConfigError, match=f"{section}.autocast_bf16: .maybe. is not a bf16 setting; fix: true"):
             load_config(None, [f'{section}.autocast_bf16="maybe"'])
 
 
@@ -393,9 +388,11 @@ def test_adamw_is_fused_on_cpu_and_takes_adams_first_step_by_hand():
     w.grad, v.grad = torch.tensor([0.2, -4.0, 0.0]), torch.tensor([1e-3])
     opt.step()
     eps = 1e-8
-    expected_w = [1.0 * (1 - 0.1 * 0.01) - 0.1 * 0.2 / (0.2 + eps),
-                  -2.0 * (1 - 0.1 * 0.01) + 0.1 * 4.0 / (4.0 + eps),
-                  0.5 * (1 - 0.1 * 0.01)]
+    expected_w = [
+        1.0 * (1 - 0.1 * 0.01) - 0.1 * 0.2 / (0.2 + eps),
+        -2.0 * (1 - 0.1 * 0.01) + 0.1 * 4.0 / (4.0 + eps),
+        0.5 * (1 - 0.1 * 0.01),
+    ]
     expected_v = [3.0 * (1 - 0.5 * 0.01) - 0.5 * 1e-3 / (1e-3 + eps)]
     assert torch.allclose(w.detach(), torch.tensor(expected_w), atol=1e-6)
     assert torch.allclose(v.detach(), torch.tensor(expected_v), atol=1e-6)

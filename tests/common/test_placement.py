@@ -14,19 +14,22 @@ from streamrl.common.config import load_config
 from streamrl.common.placement import placement
 
 
-@pytest.mark.parametrize("service, cpus, threads, ranks, rank, expected", [
-    ("learner", [0, 1], 1, 1, 0, [0]),
-    ("generator", [0, 1], 1, 1, 0, [1]),
-    ("scorer", [0, 1], 1, 1, 0, [1]),
-    ("buffer", [0, 1, 2, 3], 1, 1, 0, [1, 2, 3]),
-    ("learner", [2, 3, 5, 7, 11], 2, 1, 0, [2, 3]),  # the cores this process may use, not 0..n-1
-    ("feedback", [2, 3, 5, 7, 11], 2, 1, 0, [5, 7, 11]),
-    ("learner", list(range(8)), 2, 2, 1, [2, 3]),  # rank 1 of 2 data-parallel ranks
-    ("generator", list(range(8)), 2, 2, 0, [4, 5, 6, 7]),
-    ("learner", list(range(8)), 2, 2, 2, None),  # a rank beyond the reserved ones
-    ("learner", [0], 1, 1, 0, None),  # one core: nothing left for the others
-    ("generator", [0, 1], 2, 1, 0, None),  # the learner's threads take every core
-])
+@pytest.mark.parametrize(
+    "service, cpus, threads, ranks, rank, expected",
+    [
+        ("learner", [0, 1], 1, 1, 0, [0]),
+        ("generator", [0, 1], 1, 1, 0, [1]),
+        ("scorer", [0, 1], 1, 1, 0, [1]),
+        ("buffer", [0, 1, 2, 3], 1, 1, 0, [1, 2, 3]),
+        ("learner", [2, 3, 5, 7, 11], 2, 1, 0, [2, 3]),  # the cores this process may use, not 0..n-1
+        ("feedback", [2, 3, 5, 7, 11], 2, 1, 0, [5, 7, 11]),
+        ("learner", list(range(8)), 2, 2, 1, [2, 3]),  # rank 1 of 2 data-parallel ranks
+        ("generator", list(range(8)), 2, 2, 0, [4, 5, 6, 7]),
+        ("learner", list(range(8)), 2, 2, 2, None),  # a rank beyond the reserved ones
+        ("learner", [0], 1, 1, 0, None),  # one core: nothing left for the others
+        ("generator", [0, 1], 2, 1, 0, None),  # the learner's threads take every core
+    ],
+)
 def test_the_learner_owns_its_cores_and_the_others_share_the_rest(service, cpus, threads, ranks, rank, expected):
     assert placement(service, cpus, learner_threads=threads, learner_ranks=ranks, local_rank=rank) == expected
 
@@ -59,8 +62,14 @@ stop.set()
 @pytest.mark.parametrize("service", ["learner", "generator"])
 def test_every_thread_of_a_real_process_moves_to_its_cores(service):
     cpus = sorted(os.sched_getaffinity(0))
-    out = subprocess.run([sys.executable, "-c", CHILD], env=dict(os.environ, SERVICE=service), capture_output=True,
-                         text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        env=dict(os.environ, SERVICE=service),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     got = json.loads(out.stdout.strip().splitlines()[-1])
     want = cpus[:1] if service == "learner" else cpus[1:]
     assert got["cores"] == want and got["threads"] >= 2

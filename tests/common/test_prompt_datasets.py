@@ -31,8 +31,10 @@ from streamrl.services.scorer.rewards import CompositeReward, RewardComponent
 from streamrl.services.scorer.scoring import score_batch
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}|{% endfor %}"
-            "{% if add_generation_prompt %}[assistant] {% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}|{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
 
 
 def gsm8k_rows(n: int) -> list[dict]:
@@ -62,8 +64,13 @@ def test_gsm8k_as_parquet_equals_the_jsonl_loader(tmp_path):
     rows = gsm8k_rows(300)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gsm8k.parquet")
     (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    source = PromptSource(kind="datasets", path=str(tmp_path / "gsm8k.parquet"), text_field="question",
-                          id_field=None, metadata_fields=["answer"])
+    source = PromptSource(
+        kind="datasets",
+        path=str(tmp_path / "gsm8k.parquet"),
+        text_field="question",
+        id_field=None,
+        metadata_fields=["answer"],
+    )
     got = load_prompts(source)
     want = load_gsm8k(tmp_path / "gsm8k.jsonl")
     assert [(p.text, p.metadata) for p in got] == [(p.text, p.metadata) for p in want]
@@ -73,13 +80,27 @@ def test_gsm8k_as_parquet_equals_the_jsonl_loader(tmp_path):
 
 def test_imdb_csv_and_parquet_through_datasets_keep_the_sentiment_column(tmp_path):
     reviews = load_csv(DATA / "imdb_reviews.csv", column="review", strip_html=False, metadata_columns=("sentiment",))
-    table = pa.Table.from_pylist([{"review_id": f"r{i}", "review": p.text, "sentiment": p.metadata["sentiment"]}
-                                  for i, p in enumerate(reviews[:200])])
+    table = pa.Table.from_pylist(
+        [
+            {"review_id": f"r{i}", "review": p.text, "sentiment": p.metadata["sentiment"]}
+            for i, p in enumerate(reviews[:200])
+        ]
+    )
     pq.write_table(table, tmp_path / "imdb.parquet")
-    by_csv = load_prompts(PromptSource(kind="datasets", path=str(DATA / "imdb_reviews.csv"), text_field="review",
-                                       metadata_fields=["sentiment"]))
-    by_parquet = load_prompts(PromptSource(kind="datasets", path=str(tmp_path / "imdb.parquet"),
-                                           text_field="review", id_field="review_id", metadata_fields=["sentiment"]))
+    by_csv = load_prompts(
+        PromptSource(
+            kind="datasets", path=str(DATA / "imdb_reviews.csv"), text_field="review", metadata_fields=["sentiment"]
+        )
+    )
+    by_parquet = load_prompts(
+        PromptSource(
+            kind="datasets",
+            path=str(tmp_path / "imdb.parquet"),
+            text_field="review",
+            id_field="review_id",
+            metadata_fields=["sentiment"],
+        )
+    )
     assert len(by_csv) == 1100 and by_csv[0].prompt_id == "imdb_reviews:1"
     assert [(p.text, p.metadata) for p in by_csv[:200]] == [(p.text, p.metadata) for p in by_parquet]
     assert by_parquet[5].prompt_id == "r5"
@@ -109,10 +130,16 @@ def test_chat_messages_from_real_dialogues_are_rendered_with_the_chat_template(t
     assert all(c["messages"] and c["messages"][-1]["role"] == "user" for c in chats)
     (tmp_path / "hh.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     pq.write_table(pa.Table.from_pylist(chats), tmp_path / "hh.parquet")
-    from_jsonl = load_prompts(PromptSource(kind="jsonl", path=str(tmp_path / "hh.jsonl"), messages_field="messages",
-                                           metadata_fields=["source"]))
-    from_parquet = load_prompts(PromptSource(kind="datasets", path=str(tmp_path / "hh.parquet"),
-                                             messages_field="messages", metadata_fields=["source"]))
+    from_jsonl = load_prompts(
+        PromptSource(
+            kind="jsonl", path=str(tmp_path / "hh.jsonl"), messages_field="messages", metadata_fields=["source"]
+        )
+    )
+    from_parquet = load_prompts(
+        PromptSource(
+            kind="datasets", path=str(tmp_path / "hh.parquet"), messages_field="messages", metadata_fields=["source"]
+        )
+    )
     for a, b, chat in zip(from_jsonl, from_parquet, chats):
         assert a.messages == b.messages == tuple(chat["messages"])
         assert a.prompt_id == b.prompt_id == chat["id"] and a.metadata == b.metadata == {"source": "hh-rlhf"}
@@ -125,8 +152,9 @@ def test_chat_messages_from_real_dialogues_are_rendered_with_the_chat_template(t
     with_system = format_prompt(first.text, tokenizer, chat_template=False, system="Be kind.", messages=first.messages)
     assert with_system == "[system] Be kind.|" + expected
     # the generator's own path: rendered, and no BOS added on top of the template
-    texts, ids = prepare_prompts(tokenizer, from_parquet[:2], chat_template=False, system_prompt=None,
-                                 max_prompt_tokens=10_000)
+    texts, ids = prepare_prompts(
+        tokenizer, from_parquet[:2], chat_template=False, system_prompt=None, max_prompt_tokens=10_000
+    )
     assert texts[0] == expected
     assert ids[0] == tokenizer(expected, add_special_tokens=False)["input_ids"]
     tokenizer.chat_template = None
@@ -140,20 +168,40 @@ def test_metadata_columns_reach_the_reward_function(tmp_path):
     for i, row in enumerate(rows):
         row["difficulty"] = i
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "g.parquet")
-    prompts = load_prompts(PromptSource(kind="datasets", path=str(tmp_path / "g.parquet"), text_field="question",
-                                        metadata_fields=["answer", "difficulty"]))
+    prompts = load_prompts(
+        PromptSource(
+            kind="datasets",
+            path=str(tmp_path / "g.parquet"),
+            text_field="question",
+            metadata_fields=["answer", "difficulty"],
+        )
+    )
     seen = []
 
     def verifier(prompt_texts, completions, metadata):
         seen.extend(metadata)
         return [1.0 if m["answer"].rsplit("#### ", 1)[1] in c else 0.0 for c, m in zip(completions, metadata)]
 
-    completion = Completion(prompt_tokens=np.array([5, 6], dtype=np.int32),
-                            completion_tokens=np.array([7], dtype=np.int32),
-                            logprobs=np.array([-0.5], dtype=np.float32), finish_reason=FinishReason.LENGTH, text="72")
-    rollouts = [r for p in prompts[:2] for r in group_rollouts(
-        generator_id="g", group_number=0, prompt=p, prompt_text=p.text, completions=[completion], version=0,
-        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=4))]
+    completion = Completion(
+        prompt_tokens=np.array([5, 6], dtype=np.int32),
+        completion_tokens=np.array([7], dtype=np.int32),
+        logprobs=np.array([-0.5], dtype=np.float32),
+        finish_reason=FinishReason.LENGTH,
+        text="72",
+    )
+    rollouts = [
+        r
+        for p in prompts[:2]
+        for r in group_rollouts(
+            generator_id="g",
+            group_number=0,
+            prompt=p,
+            prompt_text=p.text,
+            completions=[completion],
+            version=0,
+            sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=4),
+        )
+    ]
     rollouts = [decode(encode(r)) for r in rollouts]
     scored = score_batch(CompositeReward([RewardComponent(name="verify", weight=1.0, fn=verifier)]), rollouts, "s")
     assert seen == [{"answer": rows[0]["answer"], "difficulty": 0}, {"answer": rows[1]["answer"], "difficulty": 1}]
@@ -177,8 +225,11 @@ def test_unusable_data_is_refused_with_the_column_and_the_fix(tmp_path):
 def test_config_rules_and_resource_checks_of_the_new_options(tmp_path, monkeypatch):
     config = tmp_path / "c.toml"
     config.write_text('[generator.prompts]\nkind = "csv"\nmessages_field = "m"\n')
-    with pytest.raises(ConfigError, match=r"generator.prompts.messages_field: `messages_field` applies only when "
-                                          r"kind is \"jsonl\" or \"datasets\""):
+    with pytest.raises(
+        ConfigError,
+        match=r"generator.prompts.messages_field: `messages_field` applies only when "
+        r"kind is \"jsonl\" or \"datasets\"",
+    ):
         load_config(config)
     config.write_text('[generator.prompts]\nkind = "datasets"\npath = "x.parquet"\ndataset = "openai/gsm8k"\n')
     with pytest.raises(ConfigError, match=r"generator.prompts.dataset: give either `path` .* or `dataset`"):
@@ -190,5 +241,6 @@ def test_config_rules_and_resource_checks_of_the_new_options(tmp_path, monkeypat
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     hub = load_config(None, ['generator.prompts.kind="datasets"', 'generator.prompts.dataset="nobody/no-such-set"'])
     [problem] = resource_problems(hub, ["generator"])
-    assert problem.startswith("generator.prompts.dataset: 'nobody/no-such-set' is not in the Hugging Face cache and "
-                              "the hub is offline")
+    assert problem.startswith(
+        "generator.prompts.dataset: 'nobody/no-such-set' is not in the Hugging Face cache and the hub is offline"
+    )

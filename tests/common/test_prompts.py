@@ -101,10 +101,14 @@ def test_default_prompt_file() -> None:
 
 def test_load_jsonl_options_and_errors(tmp_path: Path) -> None:
     f = tmp_path / "my_prompts.jsonl"
-    rows = [{"prompt": "one", "key": 7, "answer": "1"}, {"prompt": "two", "answer": "2"},
-            {"prompt": "  ", "answer": "x"}]
-    f.write_text("\n".join(json.dumps(r) for r in rows[:1]) + "\n\n"
-                 + "\n".join(json.dumps(r) for r in rows[1:]) + "\n")
+    rows = [
+        {"prompt": "one", "key": 7, "answer": "1"},
+        {"prompt": "two", "answer": "2"},
+        {"prompt": "  ", "answer": "x"},
+    ]
+    f.write_text(
+        "\n".join(json.dumps(r) for r in rows[:1]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[1:]) + "\n"
+    )
     prompts = load_jsonl(f, text_field="prompt", id_field="key", metadata_fields=("answer",))
     # The second record is on physical line 3 (line 2 is blank); the empty-text line is skipped.
     assert prompts == [Prompt("7", "one", {"answer": "1"}), Prompt("my_prompts:3", "two", {"answer": "2"})]
@@ -129,9 +133,13 @@ def test_load_prompts_takes_the_typed_section(tmp_path: Path) -> None:
     f = tmp_path / "q.jsonl"
     f.write_text('{"q": "one", "key": 7}\n{"q": "two"}\n')
     assert load_prompts(PromptSource(path=str(f), text_field="q", id_field="key")) == [
-        Prompt("7", "one"), Prompt("q:2", "two")]
+        Prompt("7", "one"),
+        Prompt("q:2", "two"),
+    ]
     assert [p.prompt_id for p in load_prompts(PromptSource(path=str(f), text_field="q", id_field=None))] == [
-        "q:1", "q:2"]
+        "q:1",
+        "q:2",
+    ]
     with pytest.raises(FileNotFoundError):
         load_prompts(PromptSource(path=str(tmp_path / "missing.jsonl")))
     # what the loader used to re-check by hand is refused by the section itself
@@ -179,7 +187,11 @@ def test_split_stable_across_processes() -> None:
         "print(','.join(p.prompt_id for p in split_prompts(ps, eval_fraction=0.25, seed=3)[1]))\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
         env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"},
     ).stdout.strip()
     assert out == ",".join(p.prompt_id for p in evaluation)
@@ -235,8 +247,12 @@ def test_stream_errors() -> None:
         PromptStream(_items(5), seed=0, shard=2, num_shards=2)
     with pytest.raises(ValueError, match="num_shards=3 exceeds the number of prompts"):
         PromptStream(_items(2), seed=0, shard=0, num_shards=3)
-    for kwargs, field in [({"seed": -1}, "seed"), ({"seed": True}, "seed"), ({"seed": 0, "shard": -1}, "shard"),
-                          ({"seed": 0, "num_shards": 0}, "num_shards")]:
+    for kwargs, field in [
+        ({"seed": -1}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"seed": 0, "shard": -1}, "shard"),
+        ({"seed": 0, "num_shards": 0}, "num_shards"),
+    ]:
         with pytest.raises(ValidationError, match=field):
             PromptStream(_items(2), **kwargs)
     for n in (-1, 1.0, True):

@@ -18,7 +18,10 @@ def test_resolve_endpoint_expands_names_and_keeps_literals():
     table = {"scorers.svc": ["10.0.0.9", "10.0.0.7", "10.0.0.9", "fe80::1%eth0"]}
     lookup = lambda host, port: table[host]  # noqa: E731
     assert resolve_endpoint("tcp://scorers.svc:5550", lookup) == [
-        "tcp://10.0.0.7:5550", "tcp://10.0.0.9:5550", "tcp://[fe80::1]:5550"]
+        "tcp://10.0.0.7:5550",
+        "tcp://10.0.0.9:5550",
+        "tcp://[fe80::1]:5550",
+    ]
     for endpoint in ("tcp://10.1.2.3:5550", "tcp://[::1]:5550", "ipc:///tmp/x", "inproc://y"):
         assert literal_host(endpoint) and resolve_endpoint(endpoint, lookup) == [endpoint]
     assert not literal_host("tcp://localhost:1")
@@ -75,11 +78,17 @@ def test_push_reaches_every_address_and_follows_the_name():
         first = received_by_each(40)
         assert first["127.0.0.3"] == 0 and first["127.0.0.1"] >= 10 and first["127.0.0.2"] >= 10
         table.set(["127.0.0.2", "127.0.0.3"])  # one scorer left, another joined
-        assert wait_until(lambda: push.poll(0, zmq.POLLOUT) is not None and len(push.peers) == 3, timeout=5,
-                          interval=0.05)
+        assert wait_until(
+            lambda: push.poll(0, zmq.POLLOUT) is not None and len(push.peers) == 3, timeout=5, interval=0.05
+        )
         pulls["127.0.0.1"].close(0)  # it leaves (its connection closes) before DNS forgets it for good
-        assert wait_until(lambda: push.poll(0, zmq.POLLOUT) is not None and
-                          push.peers == [f"tcp://127.0.0.2:{port}", f"tcp://127.0.0.3:{port}"], timeout=5)
+        assert wait_until(
+            lambda: (
+                push.poll(0, zmq.POLLOUT) is not None
+                and push.peers == [f"tcp://127.0.0.2:{port}", f"tcp://127.0.0.3:{port}"]
+            ),
+            timeout=5,
+        )
         threading.Event().wait(0.2)  # the closed connection and the disconnect reach libzmq's I/O thread
         pulls["127.0.0.1"] = ctx.socket(zmq.PULL)  # unbound: counts nothing
         second = received_by_each(40)

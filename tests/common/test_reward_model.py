@@ -64,8 +64,9 @@ def test_scores_match_the_hf_classifier_and_add_the_bias(rm_dir):
 
 def test_token_scores_are_prefix_scores(rm_dir):
     rm = RewardModel(str(rm_dir), device=CPU)
-    ids, mask = pad_right([rm.tokenizer("abcdef")["input_ids"], rm.tokenizer("xy")["input_ids"]],
-                          pad_id=rm.tokenizer.pad_token_id)
+    ids, mask = pad_right(
+        [rm.tokenizer("abcdef")["input_ids"], rm.tokenizer("xy")["input_ids"]], pad_id=rm.tokenizer.pad_token_id
+    )
     with torch.no_grad():
         per_token = token_scores(rm.model, ids, mask)
         for t in range(1, 7):

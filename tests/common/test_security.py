@@ -45,7 +45,8 @@ class Process:
 
     def rejected(self, reason: str, endpoint: str) -> float:
         value = self.metrics.registry.get_sample_value(
-            f"streamrl_{self.metrics.service}_auth_rejected_total", {"reason": reason, "endpoint": endpoint})
+            f"streamrl_{self.metrics.service}_auth_rejected_total", {"reason": reason, "endpoint": endpoint}
+        )
         return value or 0.0
 
     def close(self):
@@ -77,9 +78,14 @@ def test_generate_writes_pairs_with_private_secrets_and_an_allow_list(tmp_path):
     root = tmp_path / "keys"
     written = generate_keys(root, ["generator", "learner"])
     assert {p.relative_to(root).as_posix() for p in written} == {
-        "server.key", "server.key_secret",
-        "clients/generator.key", "clients/generator.key_secret", "clients/learner.key", "clients/learner.key_secret",
-        "authorized/generator.key", "authorized/learner.key",
+        "server.key",
+        "server.key_secret",
+        "clients/generator.key",
+        "clients/generator.key_secret",
+        "clients/learner.key",
+        "clients/learner.key_secret",
+        "authorized/generator.key",
+        "authorized/learner.key",
     }
     for path in root.rglob("*.key_secret"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -93,7 +99,10 @@ def test_generate_writes_pairs_with_private_secrets_and_an_allow_list(tmp_path):
     assert public not in clients
     # a second run keeps every key and adds the new client; --force replaces the server pair
     assert [p.name for p in generate_keys(root, ["generator", "scorer"])] == [
-        "scorer.key", "scorer.key_secret", "scorer.key"]
+        "scorer.key",
+        "scorer.key_secret",
+        "scorer.key",
+    ]
     assert zmq.auth.load_certificate(root / "server.key")[0] == public
     assert len(load_allow_list(root / "authorized")) == 3
     generate_keys(root, [], force=True)
@@ -125,8 +134,13 @@ def test_missing_key_files_are_reported_with_the_fix(keys, tmp_path):
         with pytest.raises(SecurityError, match="server.key_secret"):
             make_socket(ctx, zmq.PULL, bind=f"tcp://127.0.0.1:{free_port()}", security=security, **LIMITS)
         with pytest.raises(SecurityError, match="nobody.key_secret"):
-            make_socket(ctx, zmq.PUSH, connect=["tcp://127.0.0.1:1"], **LIMITS,
-                        security=Security(ctx, keys, "nobody", ServiceMetrics("scorer", "s")))
+            make_socket(
+                ctx,
+                zmq.PUSH,
+                connect=["tcp://127.0.0.1:1"],
+                **LIMITS,
+                security=Security(ctx, keys, "nobody", ServiceMetrics("scorer", "s")),
+            )
         security.close()
     finally:
         ctx.destroy(0)
@@ -200,11 +214,19 @@ def test_unknown_key_gets_nothing_and_is_counted_and_logged(keys, processes, cap
         assert not sub.poll(500), "an unauthorized subscriber received a message"
     assert server.rejected("unknown_key", endpoint) <= 2  # refused again at most after REDIAL_FIRST_S (backoff)
     other = zmq.auth.load_certificate(keys / "clients" / "other.key")[0].decode()
-    assert any("unknown_key" in r.message and other in r.message and endpoint in r.message
-               for r in caplog.records), caplog.text
+    assert any("unknown_key" in r.message and other in r.message and endpoint in r.message for r in caplog.records), (
+        caplog.text
+    )
     # the intruder's own side says why it cannot connect
-    assert wait_until(lambda: intruder.metrics.registry.get_sample_value(
-        "streamrl_generator_auth_failed_total", {"reason": "key_refused", "endpoint": endpoint}) >= 1, timeout=5)
+    assert wait_until(
+        lambda: (
+            intruder.metrics.registry.get_sample_value(
+                "streamrl_generator_auth_failed_total", {"reason": "key_refused", "endpoint": endpoint}
+            )
+            >= 1
+        ),
+        timeout=5,
+    )
 
 
 def test_key_added_to_the_allow_list_is_accepted_without_restart(keys, processes):
@@ -259,15 +281,32 @@ def test_weight_push_over_curve_and_a_keyless_generator_gets_nothing(keys, proce
 
     learner = processes(keys, "learner", "learner")
     ann, fetch = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    server = WeightServer(learner.ctx, announce_endpoint=ann, fetch_endpoint=fetch, metrics=learner.metrics,
-                          sender="learner-0", announce_interval_s=0.1, security=learner.security, **LIMITS)
+    server = WeightServer(
+        learner.ctx,
+        announce_endpoint=ann,
+        fetch_endpoint=fetch,
+        metrics=learner.metrics,
+        sender="learner-0",
+        announce_interval_s=0.1,
+        security=learner.security,
+        **LIMITS,
+    )
     weights = {"w": torch.arange(3000, dtype=torch.float32)}
     server.publish(pack_state_dict(weights, version=4, dtype=WeightDtype.FLOAT32, chunk_bytes=4096, sender="l"))
 
     def client(proc):
-        return WeightClient(proc.ctx, announce_endpoint=ann, fetch_endpoint=fetch, inbox_metrics=proc.metrics,
-                            sender=proc.metrics.instance, credit=2, timeout_s=0.5, max_retries=1,
-                            security=proc.security, **LIMITS)
+        return WeightClient(
+            proc.ctx,
+            announce_endpoint=ann,
+            fetch_endpoint=fetch,
+            inbox_metrics=proc.metrics,
+            sender=proc.metrics.instance,
+            credit=2,
+            timeout_s=0.5,
+            max_retries=1,
+            security=proc.security,
+            **LIMITS,
+        )
 
     good = client(processes(keys, "good", "generator"))
     keyless = client(processes(None, "-", "generator"))
@@ -290,10 +329,21 @@ def test_weight_push_over_curve_and_a_keyless_generator_gets_nothing(keys, proce
 def test_config_refuses_non_loopback_endpoints_without_keys(tmp_path):
     from streamrl.common.config import ConfigError, is_local_endpoint, load_config
 
-    assert [is_local_endpoint(e) for e in ("tcp://127.0.0.1:1", "tcp://127.3.0.1:1", "tcp://localhost:1",
-                                           "tcp://[::1]:1", "ipc:///tmp/x", "inproc://x")] == [True] * 6
-    assert [is_local_endpoint(e) for e in ("tcp://*:1", "tcp://0.0.0.0:1", "tcp://10.0.0.5:1",
-                                           "tcp://learner.example:1", "tcp://eth0:1")] == [False] * 5
+    assert [
+        is_local_endpoint(e)
+        for e in (
+            "tcp://127.0.0.1:1",
+            "tcp://127.3.0.1:1",
+            "tcp://localhost:1",
+            "tcp://[::1]:1",
+            "ipc:///tmp/x",
+            "inproc://x",
+        )
+    ] == [True] * 6
+    assert [
+        is_local_endpoint(e)
+        for e in ("tcp://*:1", "tcp://0.0.0.0:1", "tcp://10.0.0.5:1", "tcp://learner.example:1", "tcp://eth0:1")
+    ] == [False] * 5
     load_config(None)  # the defaults bind to loopback
     with pytest.raises(ConfigError) as err:
         load_config(None, ['endpoints.bind.weights="tcp://0.0.0.0:5571"', 'endpoints.scorers=["tcp://10.0.0.2:1"]'])
@@ -322,12 +372,31 @@ def test_cli_generates_and_authorizes(tmp_path, capsys):
     assert cli("keys", "generate", "--dir", str(tmp_path / "k"), "--clients", "generator") == 0
     assert "every key already exists" in capsys.readouterr().out
     generate_keys(tmp_path / "elsewhere", ["laptop"])
-    assert cli("keys", "authorize", "--dir", str(tmp_path / "k"),
-               str(tmp_path / "elsewhere" / "clients" / "laptop.key"), "--name", "alice") == 0
-    assert (tmp_path / "k" / "authorized" / "alice.key").read_bytes() == \
-        (tmp_path / "elsewhere" / "clients" / "laptop.key").read_bytes()
-    assert cli("keys", "authorize", "--dir", str(tmp_path / "k"),
-               str(tmp_path / "elsewhere" / "clients" / "laptop.key_secret")) == 2
+    assert (
+        cli(
+            "keys",
+            "authorize",
+            "--dir",
+            str(tmp_path / "k"),
+            str(tmp_path / "elsewhere" / "clients" / "laptop.key"),
+            "--name",
+            "alice",
+        )
+        == 0
+    )
+    assert (tmp_path / "k" / "authorized" / "alice.key").read_bytes() == (
+        tmp_path / "elsewhere" / "clients" / "laptop.key"
+    ).read_bytes()
+    assert (
+        cli(
+            "keys",
+            "authorize",
+            "--dir",
+            str(tmp_path / "k"),
+            str(tmp_path / "elsewhere" / "clients" / "laptop.key_secret"),
+        )
+        == 2
+    )
     assert "holds a secret key" in capsys.readouterr().err
 
 
@@ -345,8 +414,11 @@ def test_a_client_refused_while_the_server_shuts_down_dials_again_and_connects(k
     shutil.rmtree(serving_keys / "authorized")  # the shutting-down server's allow-list is gone
     client = processes(keys, "good", "generator")
     dealer = client.socket(zmq.DEALER, connect=[endpoint])
-    failed = lambda: client.metrics.registry.get_sample_value(  # noqa: E731
-        "streamrl_generator_auth_failed_total", {"reason": "key_refused", "endpoint": endpoint}) or 0
+
+    def failed():
+        labels = {"reason": "key_refused", "endpoint": endpoint}
+        return client.metrics.registry.get_sample_value("streamrl_generator_auth_failed_total", labels) or 0
+
     assert wait_until(lambda: failed() >= 1, timeout=10)
     assert old.rejected("unknown_key", endpoint) >= 1
     router.close(0)  # the old server process ends ...

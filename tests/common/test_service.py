@@ -30,18 +30,23 @@ def process_state(monkeypatch):
 
 
 def scorer_config(tmp_path, **metrics):
-    return write_config(tmp_path / "run.toml", {"run": {"name": "svc", "output_dir": str(tmp_path / "out")},
-                                                "metrics": {"enabled": False, **metrics}})
+    return write_config(
+        tmp_path / "run.toml",
+        {"run": {"name": "svc", "output_dir": str(tmp_path / "out")}, "metrics": {"enabled": False, **metrics}},
+    )
 
 
-@pytest.mark.parametrize(("explicit", "honcho", "index"), [
-    (3, "generator.7", 3),  # --index wins
-    (None, "generator.3", 2),  # honcho numbers replicas from 1
-    (None, "scorer.1", 0),
-    (None, "learner", 0),  # no number
-    (None, "generator.x", 0),
-    (None, None, 0),
-])
+@pytest.mark.parametrize(
+    ("explicit", "honcho", "index"),
+    [
+        (3, "generator.7", 3),  # --index wins
+        (None, "generator.3", 2),  # honcho numbers replicas from 1
+        (None, "scorer.1", 0),
+        (None, "learner", 0),  # no number
+        (None, "generator.x", 0),
+        (None, None, 0),
+    ],
+)
 def test_replica_index(monkeypatch, explicit, honcho, index):
     if honcho is None:
         monkeypatch.delenv("HONCHO_PROCESS_NAME", raising=False)
@@ -90,8 +95,9 @@ def test_a_signal_sets_stop(tmp_path, process_state, sig):
 
 def test_metrics_are_served_on_base_port_plus_index(tmp_path, process_state):
     base = free_port()
-    ctx = start_service("scorer", ["--config", str(scorer_config(tmp_path, enabled=True, scorer_port=base - 1)),
-                                   "--index", "1"])
+    ctx = start_service(
+        "scorer", ["--config", str(scorer_config(tmp_path, enabled=True, scorer_port=base - 1)), "--index", "1"]
+    )
     try:
         assert ctx.metrics.port == base
         text = urllib.request.urlopen(f"http://127.0.0.1:{base}/metrics", timeout=10).read().decode()

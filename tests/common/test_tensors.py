@@ -116,8 +116,9 @@ def test_masked_whiten_hand_computed():
     k = 1 / math.sqrt(2 / 3 + 1e-8)
     torch.testing.assert_close(masked_whiten(x, mask), torch.tensor([[-k, 0.0, k, 0.0]]), atol=ATOL, rtol=0)
     # shift_mean=False keeps the mean 2: [2 - k, 2, 2 + k]
-    torch.testing.assert_close(masked_whiten(x, mask, shift_mean=False),
-                               torch.tensor([[2 - k, 2.0, 2 + k, 0.0]]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        masked_whiten(x, mask, shift_mean=False), torch.tensor([[2 - k, 2.0, 2 + k, 0.0]]), atol=ATOL, rtol=0
+    )
 
 
 def test_masked_whiten_statistics_garbage_and_gradient():

@@ -16,9 +16,23 @@ from streamrl.runs import resolved_config
 
 
 def records(steps):
-    return [{"step": s, "version": s, "time": 1.7e9 + s, "reward_mean": 0.1 * s, "kl": 0.01 * s, "loss/policy": -s,
-             "clip_fraction": 0.05, "importance_ratio_max": 1.5, "samples": [{"prompt": "x"}], "tokens": 64,
-             "behaviour_versions": [s - 1], "entropy": float("nan")} for s in steps]
+    return [
+        {
+            "step": s,
+            "version": s,
+            "time": 1.7e9 + s,
+            "reward_mean": 0.1 * s,
+            "kl": 0.01 * s,
+            "loss/policy": -s,
+            "clip_fraction": 0.05,
+            "importance_ratio_max": 1.5,
+            "samples": [{"prompt": "x"}],
+            "tokens": 64,
+            "behaviour_versions": [s - 1],
+            "entropy": float("nan"),
+        }
+        for s in steps
+    ]
 
 
 def read(folder):
@@ -28,15 +42,21 @@ def read(folder):
 
 
 def test_every_numeric_value_is_a_scalar_read_back_by_tensorboard(tmp_path):
-    cfg = load_config(None, [f'run.output_dir="{tmp_path}"', "learner.lr=3e-6", "run.name=\"tb-test\""])
+    cfg = load_config(None, [f'run.output_dir="{tmp_path}"', "learner.lr=3e-6", 'run.name="tb-test"'])
     tracker = Tracker(tmp_path, hparams=resolved_config(cfg))
     for record in records(range(1, 4)):
         tracker.log(record)
     tracker.close()
     events = read(tmp_path)
     tags = set(events.Tags()["scalars"])
-    assert tags == {"reward/mean", "kl/per_token", "loss/policy", "policy/clip_fraction",
-                    "ratio/importance_ratio_max", "throughput/tokens"}  # not step/version/time, lists or NaN
+    assert tags == {
+        "reward/mean",
+        "kl/per_token",
+        "loss/policy",
+        "policy/clip_fraction",
+        "ratio/importance_ratio_max",
+        "throughput/tokens",
+    }  # not step/version/time, lists or NaN
     assert [(e.step, round(e.value, 6)) for e in events.Scalars("reward/mean")] == [(1, 0.1), (2, 0.2), (3, 0.3)]
     assert [e.value for e in events.Scalars("loss/policy")] == [-1.0, -2.0, -3.0]
     # hyperparameters: the HParams plugin's session-start record holds the flattened config
@@ -63,12 +83,38 @@ def test_a_resumed_learner_drops_the_rolled_back_steps(tmp_path):
 
 
 def test_tags_and_flat_hparams():
-    assert [tag(k) for k in ("loss/value", "kl", "kl_coef", "reward_mean", "clip_fraction", "ess_fraction",
-                             "samples_per_second", "wait_data_s", "staleness_max", "mystery")] == [
-        "loss/value", "kl/per_token", "kl/coef", "reward/mean", "policy/clip_fraction", "ratio/ess_fraction",
-        "throughput/samples_per_second", "time/wait_data_s", "staleness/staleness_max", "other/mystery"]
-    assert flat_hparams({"a": {"b": 1, "c": None, "d": [1, 2]}, "e": True}) == {"a.b": 1, "a.c": "unset",
-                                                                               "a.d": "[1, 2]", "e": True}
+    assert [
+        tag(k)
+        for k in (
+            "loss/value",
+            "kl",
+            "kl_coef",
+            "reward_mean",
+            "clip_fraction",
+            "ess_fraction",
+            "samples_per_second",
+            "wait_data_s",
+            "staleness_max",
+            "mystery",
+        )
+    ] == [
+        "loss/value",
+        "kl/per_token",
+        "kl/coef",
+        "reward/mean",
+        "policy/clip_fraction",
+        "ratio/ess_fraction",
+        "throughput/samples_per_second",
+        "time/wait_data_s",
+        "staleness/staleness_max",
+        "other/mystery",
+    ]
+    assert flat_hparams({"a": {"b": 1, "c": None, "d": [1, 2]}, "e": True}) == {
+        "a.b": 1,
+        "a.c": "unset",
+        "a.d": "[1, 2]",
+        "e": True,
+    }
 
 
 def test_wandb_gets_the_config_and_every_step(tmp_path, monkeypatch):
@@ -81,11 +127,18 @@ def test_wandb_gets_the_config_and_every_step(tmp_path, monkeypatch):
         def finish(self):
             calls.append(("finish",))
 
-    fake = types.SimpleNamespace(init=lambda **kwargs: calls.append(("init", kwargs)) or Run(),
-                                 Settings=lambda **kwargs: kwargs)
+    fake = types.SimpleNamespace(
+        init=lambda **kwargs: calls.append(("init", kwargs)) or Run(), Settings=lambda **kwargs: kwargs
+    )
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    tracker = Tracker(tmp_path, hparams={"learner": {"lr": 1e-5}}, run_name="demo", wandb=True,
-                      wandb_project="proj", wandb_entity="team")
+    tracker = Tracker(
+        tmp_path,
+        hparams={"learner": {"lr": 1e-5}},
+        run_name="demo",
+        wandb=True,
+        wandb_project="proj",
+        wandb_entity="team",
+    )
     tracker.log(records([1])[0])
     tracker.close()
     (_, init), (_, step, values), finish = calls

@@ -23,15 +23,27 @@ def test_send_when_ready_waits_for_a_peer_and_counts_the_wait():
     try:
         # nobody listens: the send waits until stopped and reports False
         threading.Timer(0.3, stop.set).start()
-        assert not send_when_ready(push, BatchRequest(learner_version=0, num_groups=1), stop=stop,
-                                   blocked_seconds=blocked, warn_after_s=60, peer="test")
+        assert not send_when_ready(
+            push,
+            BatchRequest(learner_version=0, num_groups=1),
+            stop=stop,
+            blocked_seconds=blocked,
+            warn_after_s=60,
+            peer="test",
+        )
         waited = metrics.registry.get_sample_value("streamrl_generator_send_blocked_seconds_total")
         assert 0.25 < waited < 2.0
         # a receiver appears: the message goes through
         pull = make_socket(ctx, zmq.PULL, bind=endpoint, max_message_bytes=1 << 20, hwm=1)
         stop.clear()
-        assert send_when_ready(push, BatchRequest(learner_version=3, num_groups=2), stop=stop,
-                               blocked_seconds=blocked, warn_after_s=60, peer="test")
+        assert send_when_ready(
+            push,
+            BatchRequest(learner_version=3, num_groups=2),
+            stop=stop,
+            blocked_seconds=blocked,
+            warn_after_s=60,
+            peer="test",
+        )
         assert pull.poll(5000)
         assert decode(pull.recv_multipart()).learner_version == 3
         pull.close(0)
@@ -43,8 +55,9 @@ def test_send_when_ready_waits_for_a_peer_and_counts_the_wait():
 def test_try_send_never_blocks_without_a_peer():
     ctx = zmq.Context()
     try:
-        dealer = make_socket(ctx, zmq.DEALER, connect=[f"tcp://127.0.0.1:{free_port()}"],
-                             max_message_bytes=1 << 20, hwm=4)
+        dealer = make_socket(
+            ctx, zmq.DEALER, connect=[f"tcp://127.0.0.1:{free_port()}"], max_message_bytes=1 << 20, hwm=4
+        )
         assert try_send(dealer, BatchRequest(learner_version=0, num_groups=1)) is False
         port = free_port()
         router = make_socket(ctx, zmq.ROUTER, bind=f"tcp://127.0.0.1:{port}", max_message_bytes=1 << 20, hwm=4)

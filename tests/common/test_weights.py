@@ -59,25 +59,41 @@ def server_and_endpoints():
     ctx = zmq.Context()
     ann, fetch = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     metrics = ServiceMetrics("learner", "learner-test")
-    server = WeightServer(ctx, announce_endpoint=ann, fetch_endpoint=fetch, metrics=metrics,
-                          sender="learner-test", announce_interval_s=0.1,
-                          max_message_bytes=1 << 24, hwm=16)
+    server = WeightServer(
+        ctx,
+        announce_endpoint=ann,
+        fetch_endpoint=fetch,
+        metrics=metrics,
+        sender="learner-test",
+        announce_interval_s=0.1,
+        max_message_bytes=1 << 24,
+        hwm=16,
+    )
     yield ctx, server, ann, fetch, metrics
     server.close()
     ctx.term()
 
 
 def client(ctx, ann, fetch, credit=2):
-    return WeightClient(ctx, announce_endpoint=ann, fetch_endpoint=fetch,
-                        inbox_metrics=ServiceMetrics("generator", "g"), sender="g",
-                        credit=credit, timeout_s=2.0, max_message_bytes=1 << 24, hwm=16)
+    return WeightClient(
+        ctx,
+        announce_endpoint=ann,
+        fetch_endpoint=fetch,
+        inbox_metrics=ServiceMetrics("generator", "g"),
+        sender="g",
+        credit=credit,
+        timeout_s=2.0,
+        max_message_bytes=1 << 24,
+        hwm=16,
+    )
 
 
 def test_late_joiner_fetches_latest_version(server_and_endpoints):
     ctx, server, ann, fetch, _ = server_and_endpoints
     for v in range(3):
-        server.publish(pack_state_dict(state(v), version=v, dtype=WeightDtype.FLOAT32,
-                                       chunk_bytes=97, sender="learner-test"))
+        server.publish(
+            pack_state_dict(state(v), version=v, dtype=WeightDtype.FLOAT32, chunk_bytes=97, sender="learner-test")
+        )
     c = client(ctx, ann, fetch)  # joins after all versions were published
     try:
         announce = c.poll_announcements(timeout_s=3.0)
@@ -100,8 +116,7 @@ def test_retired_version_raises(server_and_endpoints):
     try:
         old = c.poll_announcements(timeout_s=3.0)
         for v in (1, 2):  # keep_versions=2 retires version 0
-            server.publish(pack_state_dict(state(v), version=v, dtype=WeightDtype.FLOAT32,
-                                           chunk_bytes=97, sender="l"))
+            server.publish(pack_state_dict(state(v), version=v, dtype=WeightDtype.FLOAT32, chunk_bytes=97, sender="l"))
         with pytest.raises(WeightSyncError, match="retired"):
             c.fetch(old)
     finally:
@@ -136,9 +151,18 @@ def test_fetch_from_a_vanished_learner_fails_in_bounded_time(server_and_endpoint
 
     ctx, server, ann, fetch, _ = server_and_endpoints
     server.publish(pack_state_dict(state(0), version=0, dtype=WeightDtype.FLOAT32, chunk_bytes=97, sender="l"))
-    c = WeightClient(ctx, announce_endpoint=ann, fetch_endpoint=f"tcp://127.0.0.1:{free_port()}",  # nobody there
-                     inbox_metrics=ServiceMetrics("generator", "g"), sender="g", credit=2, timeout_s=0.2,
-                     max_message_bytes=1 << 24, hwm=16, max_retries=3)
+    c = WeightClient(
+        ctx,
+        announce_endpoint=ann,
+        fetch_endpoint=f"tcp://127.0.0.1:{free_port()}",  # nobody there
+        inbox_metrics=ServiceMetrics("generator", "g"),
+        sender="g",
+        credit=2,
+        timeout_s=0.2,
+        max_message_bytes=1 << 24,
+        hwm=16,
+        max_retries=3,
+    )
     try:
         announce = c.poll_announcements(timeout_s=3.0)
         assert announce is not None
@@ -160,9 +184,19 @@ def test_a_stop_request_ends_a_fetch_and_the_wait_for_announcements_at_once(serv
     ctx, server, ann, fetch, _ = server_and_endpoints
     server.publish(pack_state_dict(state(0), version=0, dtype=WeightDtype.FLOAT32, chunk_bytes=97, sender="l"))
     stop = threading.Event()
-    c = WeightClient(ctx, announce_endpoint=ann, fetch_endpoint=f"tcp://127.0.0.1:{free_port()}",  # nobody there
-                     inbox_metrics=ServiceMetrics("generator", "g"), sender="g", credit=2, timeout_s=10.0,
-                     max_message_bytes=1 << 24, hwm=16, max_retries=5, stop=stop)
+    c = WeightClient(
+        ctx,
+        announce_endpoint=ann,
+        fetch_endpoint=f"tcp://127.0.0.1:{free_port()}",  # nobody there
+        inbox_metrics=ServiceMetrics("generator", "g"),
+        sender="g",
+        credit=2,
+        timeout_s=10.0,
+        max_message_bytes=1 << 24,
+        hwm=16,
+        max_retries=5,
+        stop=stop,
+    )
     try:
         announce = c.poll_announcements(timeout_s=3.0)
         assert announce is not None
@@ -186,15 +220,29 @@ def big_state(seed: int, n: int = 300_000) -> dict[str, torch.Tensor]:
     (whose 10 bytes leave the last chunk unaligned)."""
     g = torch.Generator().manual_seed(seed)
     embed = torch.randn(n // 100, 100, generator=g)
-    return {"embed.weight": embed, "mlp.weight": torch.randn(1000, 7, generator=g),
-            "lm_head.weight": embed, "positions": torch.arange(5, dtype=torch.float16) + seed}
+    return {
+        "embed.weight": embed,
+        "mlp.weight": torch.randn(1000, 7, generator=g),
+        "lm_head.weight": embed,
+        "positions": torch.arange(5, dtype=torch.float16) + seed,
+    }
 
 
 def server_for(ctx, metrics, *, dtype=WeightDtype.FLOAT32, chunk_bytes=64 * 1024, interval=0.1, **kwargs):
     ann, fetch = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    server = WeightServer(ctx, announce_endpoint=ann, fetch_endpoint=fetch, metrics=metrics, sender="l",
-                          announce_interval_s=interval, max_message_bytes=1 << 24, hwm=16, dtype=dtype,
-                          chunk_bytes=chunk_bytes, **kwargs)
+    server = WeightServer(
+        ctx,
+        announce_endpoint=ann,
+        fetch_endpoint=fetch,
+        metrics=metrics,
+        sender="l",
+        announce_interval_s=interval,
+        max_message_bytes=1 << 24,
+        hwm=16,
+        dtype=dtype,
+        chunk_bytes=chunk_bytes,
+        **kwargs,
+    )
     return server, ann, fetch
 
 
@@ -287,8 +335,13 @@ class FakeLearner:
         self.thread.start()
 
     def honest(self, index, version=None, data=None):
-        return encode(WeightsChunk(version=self.packed.announce.version if version is None else version,
-                                   chunk_index=index, data=self.packed.chunk(index) if data is None else data))
+        return encode(
+            WeightsChunk(
+                version=self.packed.announce.version if version is None else version,
+                chunk_index=index,
+                data=self.packed.chunk(index) if data is None else data,
+            )
+        )
 
     def run(self):
         while not self.stop.is_set():
@@ -314,9 +367,18 @@ def fetch_from_fake(tamper, *, credit=2, timeout_s=0.5):
     packed = pack_state_dict(state(4), version=4, dtype=WeightDtype.FLOAT32, chunk_bytes=97, sender="l")
     fake = FakeLearner(ctx, packed, tamper)
     metrics = ServiceMetrics("generator", "g")
-    c = WeightClient(ctx, announce_endpoint=f"tcp://127.0.0.1:{free_port()}", fetch_endpoint=fake.endpoint,
-                     inbox_metrics=metrics, sender="g", credit=credit, timeout_s=timeout_s,
-                     max_message_bytes=1 << 24, hwm=16, max_retries=3)
+    c = WeightClient(
+        ctx,
+        announce_endpoint=f"tcp://127.0.0.1:{free_port()}",
+        fetch_endpoint=fake.endpoint,
+        inbox_metrics=metrics,
+        sender="g",
+        credit=credit,
+        timeout_s=timeout_s,
+        max_message_bytes=1 << 24,
+        hwm=16,
+        max_retries=3,
+    )
     try:
         return c.fetch(packed.announce), fake, metrics
     finally:
@@ -359,6 +421,7 @@ def test_truncated_chunk_fails_the_fetch():
 def test_stray_and_malformed_replies_are_skipped_and_lost_chunks_re_requested():
     """A reply tagged with another version is ignored, a chunk with an extra frame is rejected
     (counted) and re-requested after the timeout, a dropped reply too; the fetch then verifies."""
+
     def misbehave(fake, index, attempt):
         if index == 0 and attempt == 1:
             return [fake.honest(0, version=3), fake.honest(0)]  # a late reply of another version first
@@ -371,8 +434,7 @@ def test_stray_and_malformed_replies_are_skipped_and_lost_chunks_re_requested():
     got, fake, metrics = fetch_from_fake(misbehave, timeout_s=0.3)
     assert torch.equal(got.tensors["embed.weight"], state(4)["embed.weight"])
     assert fake.attempts[5] == 2 and fake.attempts[9] == 2 and fake.attempts[0] == 1
-    assert metrics.registry.get_sample_value("streamrl_generator_messages_rejected_total",
-                                             {"reason": "malformed"}) == 1
+    assert metrics.registry.get_sample_value("streamrl_generator_messages_rejected_total", {"reason": "malformed"}) == 1
 
 
 STALLED_CLIENT = """
@@ -413,8 +475,9 @@ def test_a_client_that_never_reads_does_not_grow_the_learner(server_and_endpoint
     import time
 
     ctx, server, ann, fetch, metrics = server_and_endpoints
-    stalled = subprocess.Popen([sys.executable, "-c", STALLED_CLIENT, fetch], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)
+    stalled = subprocess.Popen(
+        [sys.executable, "-c", STALLED_CLIENT, fetch], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     healthy = client(ctx, ann, fetch, credit=2)
     blob_bytes = 4 * 1024 * 1024
     try:
@@ -426,8 +489,9 @@ def test_a_client_that_never_reads_does_not_grow_the_learner(server_and_endpoint
 
         resident = {}
         for v in range(40):
-            server.publish(pack_state_dict(version(v), version=v, dtype=WeightDtype.FLOAT32,
-                                           chunk_bytes=blob_bytes, sender="l"))
+            server.publish(
+                pack_state_dict(version(v), version=v, dtype=WeightDtype.FLOAT32, chunk_bytes=blob_bytes, sender="l")
+            )
             stalled.stdin.write(f"{v} 1\n")
             stalled.stdin.flush()
             assert stalled.stdout.readline().strip() == "sent"
@@ -487,8 +551,12 @@ class TiedModel(torch.nn.Module):
 def tied_state(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     embed = torch.randn(300, 100, generator=g)
-    return {"embed.weight": embed, "mlp.weight": torch.randn(1000, 7, generator=g), "head.weight": embed,
-            "positions": torch.arange(5.0) + seed}
+    return {
+        "embed.weight": embed,
+        "mlp.weight": torch.randn(1000, 7, generator=g),
+        "head.weight": embed,
+        "positions": torch.arange(5.0) + seed,
+    }
 
 
 def test_load_into_adopts_the_receive_buffer_and_fetches_into_the_other():
@@ -522,8 +590,7 @@ def test_load_into_adopts_the_receive_buffer_and_fetches_into_the_other():
 
 def test_load_into_copies_what_it_cannot_adopt_and_refuses_a_misfit(server_and_endpoints):
     ctx, server, ann, fetch, _ = server_and_endpoints
-    server.publish(pack_state_dict(tied_state(3), version=0, dtype=WeightDtype.FLOAT32, chunk_bytes=4096,
-                                   sender="l"))
+    server.publish(pack_state_dict(tied_state(3), version=0, dtype=WeightDtype.FLOAT32, chunk_bytes=4096, sender="l"))
     c = client(ctx, ann, fetch)
     try:
         got = c.fetch(c.poll_announcements(timeout_s=3.0))

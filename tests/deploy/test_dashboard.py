@@ -17,8 +17,9 @@ from promql import load_dashboard, metric_names, panels, queries, to_prometheus
 
 def test_metric_names_of_hand_written_expressions():
     assert metric_names("rate(streamrl_a_total[$__rate_interval])") == {"streamrl_a_total"}
-    assert metric_names('histogram_quantile(0.9, sum by (le, process) (rate(x_bucket{job=~"a.*", le!="1"}[5m])))') \
-        == {"x_bucket"}
+    assert metric_names('histogram_quantile(0.9, sum by (le, process) (rate(x_bucket{job=~"a.*", le!="1"}[5m])))') == {
+        "x_bucket"
+    }
     assert metric_names("sum(rate(a_sum[1m])) / sum without (instance) (rate(a_count[1m]))") == {"a_sum", "a_count"}
     assert metric_names("a * on(instance) group_left(process) b offset 5m > bool 1e3") == {"a", "b"}
     assert metric_names('up{job="by"} and topk(3, c:rule)') == {"up", "c:rule"}
@@ -46,22 +47,43 @@ def test_dashboard_is_importable_with_a_prometheus_datasource_variable():
 def test_dashboard_has_the_panels_the_issue_asks_for():
     exprs = " ".join(expr for _, expr in queries(load_dashboard()))
     rows = [p["title"] for p in load_dashboard()["panels"] if p["type"] == "row"]
-    assert rows == ["Throughput", "Staleness", "Reward and KL", "Importance ratios", "Queue depths",
-                    "Weight sync", "Health", "People in the loop"]
+    assert rows == [
+        "Throughput",
+        "Staleness",
+        "Reward and KL",
+        "Importance ratios",
+        "Queue depths",
+        "Weight sync",
+        "Health",
+        "People in the loop",
+    ]
     wanted = [
-        "streamrl_generator_rollouts_total", "streamrl_generator_tokens_total", "streamrl_learner_samples_total",
-        "streamrl_buffer_staleness_bucket", "streamrl_learner_staleness_bucket",
-        "streamrl_learner_reward_mean", "streamrl_learner_kl",
-        "streamrl_learner_importance_ratio_mean", "streamrl_learner_importance_ratio_max",
-        "streamrl_learner_truncated_fraction", "streamrl_learner_effective_sample_size",
+        "streamrl_generator_rollouts_total",
+        "streamrl_generator_tokens_total",
+        "streamrl_learner_samples_total",
+        "streamrl_buffer_staleness_bucket",
+        "streamrl_learner_staleness_bucket",
+        "streamrl_learner_reward_mean",
+        "streamrl_learner_kl",
+        "streamrl_learner_importance_ratio_mean",
+        "streamrl_learner_importance_ratio_max",
+        "streamrl_learner_truncated_fraction",
+        "streamrl_learner_effective_sample_size",
         "streamrl_learner_clip_fraction",
-        "streamrl_buffer_rollouts", "streamrl_buffer_groups", "streamrl_buffer_incomplete_groups",
+        "streamrl_buffer_rollouts",
+        "streamrl_buffer_groups",
+        "streamrl_buffer_incomplete_groups",
         "streamrl_buffer_producers_blocked_seconds_total",
-        "streamrl_generator_weight_fetch_seconds_bucket", "streamrl_generator_weight_load_seconds_bucket",
+        "streamrl_generator_weight_fetch_seconds_bucket",
+        "streamrl_generator_weight_load_seconds_bucket",
         "streamrl_generator_policy_version",
-        "streamrl_learner_busy_ratio", "streamrl_generator_useful_ratio", "streamrl_buffer_credits_outstanding",
-        "streamrl_feedback_labels_total", "streamrl_feedback_human_model_version",
-        "streamrl_feedback_label_to_model_seconds_bucket", "streamrl_scorer_feed_sent_total",
+        "streamrl_learner_busy_ratio",
+        "streamrl_generator_useful_ratio",
+        "streamrl_buffer_credits_outstanding",
+        "streamrl_feedback_labels_total",
+        "streamrl_feedback_human_model_version",
+        "streamrl_feedback_label_to_model_seconds_bucket",
+        "streamrl_scorer_feed_sent_total",
     ] + [f"streamrl_{s}_messages_rejected_total" for s in ("generator", "scorer", "buffer", "learner")]
     used = set().union(*(metric_names(e) for _, e in queries(load_dashboard())))
     assert not set(wanted) - used, set(wanted) - used
@@ -77,8 +99,16 @@ def test_every_query_selects_a_metric_and_passes_promtool(tmp_path):
     for title, expr in qs:
         assert metric_names(expr), (title, expr)
     # promtool parses every expression when it checks a rule file with one recording rule per query
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": to_prometheus(expr)} for i, (_, expr) in enumerate(qs)]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{i}", "expr": to_prometheus(expr)} for i, (_, expr) in enumerate(qs)
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump(rules))
     result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
@@ -92,6 +122,16 @@ def test_promtool_rejects_a_broken_expression(tmp_path):
     if promtool is None:
         pytest.fail("promtool is not installed: run `make setup` (apt-get install prometheus)")
     path = tmp_path / "bad.yml"
-    path.write_text(yaml.safe_dump({"groups": [{"name": "g", "rules": [
-        {"record": "bad:query", "expr": "sum(rate(streamrl_generator_rollouts_total[1m])"}]}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {
+                        "name": "g",
+                        "rules": [{"record": "bad:query", "expr": "sum(rate(streamrl_generator_rollouts_total[1m])"}],
+                    }
+                ]
+            }
+        )
+    )
     assert subprocess.run([promtool, "check", "rules", str(path)], capture_output=True).returncode != 0

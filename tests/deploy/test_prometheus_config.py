@@ -37,13 +37,15 @@ def test_one_job_per_service_reading_the_targets_folder():
     assert set(jobs) == {f"streamrl-{s}" for s in ("learner", "buffer", "scorer", "generator", "feedback")}
     for name, job in jobs.items():
         assert job["file_sd_configs"] == [{"files": ["targets/*.json"]}]
-        assert job["relabel_configs"] == [{"source_labels": ["service"], "regex": name.removeprefix("streamrl-"),
-                                           "action": "keep"}]
+        assert job["relabel_configs"] == [
+            {"source_labels": ["service"], "regex": name.removeprefix("streamrl-"), "action": "keep"}
+        ]
 
 
 def test_local_targets_are_the_default_ports_of_two_scorers_and_four_generators():
-    cfg = validate_config({"endpoints": {"scorers": ["tcp://127.0.0.1:5550", "tcp://127.0.0.1:5551"]},
-                           "feedback": {"enabled": True}})  # and the feedback page's service
+    cfg = validate_config(
+        {"endpoints": {"scorers": ["tcp://127.0.0.1:5550", "tcp://127.0.0.1:5551"]}, "feedback": {"enabled": True}}
+    )  # and the feedback page's service
     shipped = json.loads(LOCAL_TARGETS.read_text())
     assert shipped == file_sd(targets(cfg, generators=4))  # what `streamrl targets` writes
     by_process = {g["labels"]["process"]: (g["labels"]["service"], g["targets"]) for g in shipped}
@@ -51,7 +53,8 @@ def test_local_targets_are_the_default_ports_of_two_scorers_and_four_generators(
     assert by_process["scorer-1"] == ("scorer", ["127.0.0.1:9201"])
     assert by_process["generator-3"] == ("generator", ["127.0.0.1:9103"])
     assert [(t.name, t.service, t.host, t.port) for t in read_file_sd(LOCAL_TARGETS)] == [
-        (t.name, t.service, t.host, t.port) for t in targets(cfg, generators=4)]
+        (t.name, t.service, t.host, t.port) for t in targets(cfg, generators=4)
+    ]
 
 
 def test_kubernetes_config_keeps_annotated_streamrl_pods_and_names_them_like_status(tmp_path):

@@ -16,14 +16,22 @@ from streamrl.status import targets
 from support import REPO
 
 FOLDER = REPO / "deploy" / "supervisor"
-ROLES = {"trainer": {"learner", "buffer", "feedback"}, "scorer": {"scorer-0", "scorer-1"},
-         "generator": {"generator-0", "generator-1", "generator-2"}}
+ROLES = {
+    "trainer": {"learner", "buffer", "feedback"},
+    "scorer": {"scorer-0", "scorer-1"},
+    "generator": {"generator-0", "generator-1", "generator-2"},
+}
 
 
 def programs(role: str, monkeypatch, tmp_path) -> dict:
     """``{process name: supervisord's process config}`` of a role file, as supervisord reads it."""
-    env = {"STREAMRL_CONFIG": "/etc/streamrl/cluster.toml", "STREAMRL_PYTHON": "/opt/streamrl/bin/python",
-           "STREAMRL_LOGS": str(tmp_path), "STREAMRL_SCORERS": "2", "STREAMRL_GENERATORS": "3"}
+    env = {
+        "STREAMRL_CONFIG": "/etc/streamrl/cluster.toml",
+        "STREAMRL_PYTHON": "/opt/streamrl/bin/python",
+        "STREAMRL_LOGS": str(tmp_path),
+        "STREAMRL_SCORERS": "2",
+        "STREAMRL_GENERATORS": "3",
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     options = ServerOptions()
@@ -66,7 +74,10 @@ def test_stop_and_restart_rules_are_those_of_the_one_host_file(monkeypatch, tmp_
         for name, process in programs(role, monkeypatch, tmp_path).items():
             reference = one_host[name.partition("-")[0]]
             assert (process.stopwaitsecs, process.autorestart, process.exitcodes) == (
-                reference.stopwaitsecs, reference.autorestart, reference.exitcodes), name
+                reference.stopwaitsecs,
+                reference.autorestart,
+                reference.exitcodes,
+            ), name
     assert one_host["learner"].autorestart is RestartWhenExitUnexpected  # not restarted after total_steps
     # the optional feedback service: a disabled one exits 0 at once and stays stopped
     assert one_host["feedback"].autorestart is RestartWhenExitUnexpected and one_host["feedback"].exitcodes == [0]
@@ -81,13 +92,23 @@ def test_the_example_placement_is_consistent(tmp_path):
     cfg = load_config(tmp_path / "cluster.toml")
     e = cfg.endpoints
     assert [e.scorer_bind(i) for i in range(len(e.scorers))] == [
-        f"tcp://*:{endpoint.rpartition(':')[2]}" for endpoint in e.scorers]  # scorer i of scorer-a: 5550 + i
+        f"tcp://*:{endpoint.rpartition(':')[2]}" for endpoint in e.scorers
+    ]  # scorer i of scorer-a: 5550 + i
     assert {e.bind_address(n).rpartition(":")[2] for n in ("buffer", "batches")} == {
-        e.buffer.rpartition(":")[2], e.batches.rpartition(":")[2]}
+        e.buffer.rpartition(":")[2],
+        e.batches.rpartition(":")[2],
+    }
     assert {e.bind_address(n) for n in ("feedback", "human_model")} == {
-        f"tcp://*:{getattr(e, n).rpartition(':')[2]}" for n in ("feedback", "human_model")}
+        f"tcp://*:{getattr(e, n).rpartition(':')[2]}" for n in ("feedback", "human_model")
+    }
     assert {getattr(e, n).partition("://")[2].rpartition(":")[0] for n in ("feedback", "human_model")} == {
-        "trainer"}  # the host whose role file runs it
+        "trainer"
+    }  # the host whose role file runs it
     assert [(t.name, t.address) for t in targets(cfg, 0, [("gen-a", 2)])] == [
-        ("learner-0", "trainer:9400"), ("buffer-0", "trainer:9300"), ("scorer-0", "scorer-a:9200"),
-        ("scorer-1", "scorer-a:9201"), ("generator-gen-a-0", "gen-a:9100"), ("generator-gen-a-1", "gen-a:9101")]
+        ("learner-0", "trainer:9400"),
+        ("buffer-0", "trainer:9300"),
+        ("scorer-0", "scorer-a:9200"),
+        ("scorer-1", "scorer-a:9201"),
+        ("generator-gen-a-0", "gen-a:9100"),
+        ("generator-gen-a-1", "gen-a:9101"),
+    ]

@@ -42,7 +42,8 @@ def client_socket(ctx: zmq.Context, kind: int, endpoint: str, keys_dir: Path, cl
     if client is not None:
         sock.curve_serverkey = zmq.auth.load_certificate(keys_dir / "server.key")[0]
         sock.curve_publickey, sock.curve_secretkey = zmq.auth.load_certificate(
-            keys_dir / "clients" / f"{client}.key_secret")
+            keys_dir / "clients" / f"{client}.key_secret"
+        )
     if kind == zmq.SUB:
         sock.subscribe(b"")
     sock.connect(endpoint)
@@ -62,8 +63,9 @@ def test_unauthenticated_clients_get_nothing_from_any_service(tmp_path, tiny_mod
     keys = tmp_path / "keys"
     generate_keys(keys, ["generator", "scorer", "learner", "intruder"])
     (keys / "authorized" / "intruder.key").unlink()  # a well-formed pair the servers do not know
-    sections = local_run_config(tmp_path, tiny_model_dir, security={"keys_dir": str(keys)},
-                                learner={"total_steps": 1000})
+    sections = local_run_config(
+        tmp_path, tiny_model_dir, security={"keys_dir": str(keys)}, learner={"total_steps": 1000}
+    )
     procs = services(write_config(tmp_path / "run.toml", sections))
     for name in ("learner", "buffer", "scorer", "generator"):
         procs.start(name)
@@ -101,13 +103,18 @@ def test_unauthenticated_clients_get_nothing_from_any_service(tmp_path, tiny_mod
         # each refusal is counted per reason and endpoint by the service that owns the socket ...
         def counted(service: str, reason: str, endpoint: str) -> float:
             return scrape(bound[service][0]).get(
-                f"streamrl_{service}_auth_rejected_total{{endpoint={endpoint},reason={reason}}}", 0.0)
+                f"streamrl_{service}_auth_rejected_total{{endpoint={endpoint},reason={reason}}}", 0.0
+            )
 
         for service, (_port, endpoints) in bound.items():
             for endpoint in endpoints:
                 for reason in ("no_key", "unknown_key"):
-                    assert wait_until(lambda s=service, r=reason, e=endpoint: counted(s, r, e) >= 1, timeout=5), \
-                        (service, endpoint, reason, scrape(bound[service][0]))
+                    assert wait_until(lambda s=service, r=reason, e=endpoint: counted(s, r, e) >= 1, timeout=5), (
+                        service,
+                        endpoint,
+                        reason,
+                        scrape(bound[service][0]),
+                    )
         # ... and logged, the unknown key named
         intruder_key = zmq.auth.load_certificate(keys / "clients" / "intruder.key")[0].decode()
         logs = {s: (tmp_path / f"{s}-0.log").read_text() for s in bound}

@@ -54,14 +54,16 @@ def trained_steps(run_dir) -> dict[int, list[str]]:
 
 
 @pytest.mark.parametrize("checkpoint_every", [10, None], ids=["checkpoint_every=10", "default_checkpoint_every"])
-def test_kill_minus_nine_each_service_and_nothing_accepted_is_lost(tmp_path, tiny_model_dir, services,
-                                                                   checkpoint_every):
+def test_kill_minus_nine_each_service_and_nothing_accepted_is_lost(
+    tmp_path, tiny_model_dir, services, checkpoint_every
+):
     learner = {"total_steps": 1_000_000, "batch_timeout_s": 300.0}
     if checkpoint_every is not None:
         learner["checkpoint_every"] = checkpoint_every
     run_dir = tmp_path / "run"
     sections = local_run_config(
-        tmp_path, tiny_model_dir,
+        tmp_path,
+        tiny_model_dir,
         run={"max_staleness": 2},
         transport={"announce_interval_s": 0.2, "request_timeout_s": 1.0},
         buffer={"capacity_groups": 8, "group_timeout_s": 4.0, "keep_history": True},
@@ -93,8 +95,9 @@ def test_kill_minus_nine_each_service_and_nothing_accepted_is_lost(tmp_path, tin
 
     # training goes on after the last restart; then the learner stops cleanly (SIGTERM: checkpoint)
     # and is started with a target a few steps on, which it must reach and exit 0
-    assert wait_until(lambda: max(trained_steps(run_dir), default=0) >= kills[-1][1] + EXTRA_STEPS,
-                      timeout=240), procs.logs()
+    assert wait_until(lambda: max(trained_steps(run_dir), default=0) >= kills[-1][1] + EXTRA_STEPS, timeout=240), (
+        procs.logs()
+    )
     assert procs.stop("learner-0", signal.SIGTERM, timeout=60) == 0, procs.logs()
     steps_total = max(trained_steps(run_dir)) + 4
     learner = procs.start("learner", 0, "--set", f"learner.total_steps={steps_total}")
@@ -170,11 +173,15 @@ def test_kill_minus_nine_each_service_and_nothing_accepted_is_lost(tmp_path, tin
     assert (ledger["dropped_stale"], ledger["evicted"]) == (len(dropped), len(evicted)), ledger
     assert ledger["unaccounted"]["buffer"] == 0, ledger
     in_flight = cfg.buffer.capacity_groups * cfg.generator.group_size
-    for hop, upstream, downstream in (("generator_to_scorer", "generator", "scorer"),
-                                      ("scorer_to_buffer", "scorer", "buffer")):
+    for hop, upstream, downstream in (
+        ("generator_to_scorer", "generator", "scorer"),
+        ("scorer_to_buffer", "scorer", "buffer"),
+    ):
         events_count = 1 + sum(victim in (upstream, downstream) for victim, _ in kills)
         assert -events_count < ledger["unaccounted"][hop] <= in_flight * events_count, (hop, ledger)
-    print(f"checkpoint_every {every}: rolled back {len(rolled_back)} steps ({len(lost)} rollouts); "
-          f"kills (service, at step): {kills}; accepted {len(accepted)}, trained {len(trained)}, "
-          f"dropped stale {len(dropped)}, evicted {len(evicted)}, refused {len(refused)}, held at end {len(held)}; "
-          f"measured ledger {ledger}")
+    print(
+        f"checkpoint_every {every}: rolled back {len(rolled_back)} steps ({len(lost)} rollouts); "
+        f"kills (service, at step): {kills}; accepted {len(accepted)}, trained {len(trained)}, "
+        f"dropped stale {len(dropped)}, evicted {len(evicted)}, refused {len(refused)}, held at end {len(held)}; "
+        f"measured ledger {ledger}"
+    )

@@ -19,8 +19,9 @@ STEPS = 6  # 12 groups: some group has unequal rewards (count_char 'e' on random
 
 
 def test_two_rank_learner_trains_with_the_other_services(tmp_path, tiny_model_dir, services):
-    sections = local_run_config(tmp_path, tiny_model_dir, learner={"total_steps": STEPS, "world_size": 2,
-                                                                   "checkpoint_every": 2})
+    sections = local_run_config(
+        tmp_path, tiny_model_dir, learner={"total_steps": STEPS, "world_size": 2, "checkpoint_every": 2}
+    )
     procs = services(write_config(tmp_path / "run.toml", sections))
     for name in ("buffer", "scorer", "generator"):
         procs.start(name)

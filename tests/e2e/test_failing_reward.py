@@ -48,10 +48,13 @@ def test_a_failing_reward_is_named_by_scorer_status_and_learner(tmp_path, tiny_m
     scorer_log = logs["scorer"].read_text()
     assert scorer_log.count("reward (gsm8k_exact_match) raised ValueError on rollout ") == 1
     assert "metadata[0] has no 'answer' key" in scorer_log  # the traceback, once
-    assert "REWARD FAILING: the last 2 micro-batches all raised (last: ValueError: gsm8k_exact_match: metadata[0] " \
-           "has no 'answer' key" in scorer_log
-    learner_line = next(line for line in logs["learner"].read_text().splitlines()
-                        if "the reward is failing in scorer-0" in line)
+    assert (
+        "REWARD FAILING: the last 2 micro-batches all raised (last: ValueError: gsm8k_exact_match: metadata[0] "
+        "has no 'answer' key" in scorer_log
+    )
+    learner_line = next(
+        line for line in logs["learner"].read_text().splitlines() if "the reward is failing in scorer-0" in line
+    )
     assert "has waited" in learner_line and "on data: no batch of 2 groups from the buffer at" in learner_line
     assert "raised ValueError: gsm8k_exact_match: metadata[0] has no 'answer' key" in learner_line
     samples = scrape(cfg.metrics.scorer_port)
@@ -81,8 +84,11 @@ def test_a_reward_that_raises_on_some_inputs_slows_the_run_but_does_not_stall_it
     REWARD FAILING was logged and the learner blamed the buffer."""
     (tmp_path / "flaky_reward.py").write_text(FLAKY_REWARD)  # the services start in tmp_path
     sections = local_run_config(tmp_path, tiny_model_dir)
-    sections["scorer"] = {"rewards": [{"function": "flaky_reward:score"}], "failing_fraction": 0.05,
-                          "failing_window": 40}
+    sections["scorer"] = {
+        "rewards": [{"function": "flaky_reward:score"}],
+        "failing_fraction": 0.05,
+        "failing_window": 40,
+    }
     sections["buffer"]["group_timeout_s"] = 600.0  # a dropped group must not wait for its timeout
     sections["buffer"]["credit_ttl_s"] = 600.0  # nor its credit for the ledger's expiry
     sections["learner"].update(total_steps=8, batch_timeout_s=600.0)

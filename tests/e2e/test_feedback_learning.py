@@ -36,15 +36,32 @@ PROMPTS = ["The film was", "I think that", "My review:", "Overall it is"]
 def run_job(tmp_path, tiny_model_dir, services, *, feedback: bool) -> tuple[np.ndarray, dict]:
     """One job to STEPS learner steps; returns the final policy's ``a`` fractions and the labeller's counts."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    sections = local_run_config(tmp_path, tiny_model_dir, learner={
-        "total_steps": STEPS, "lr": 3e-3, "kl_coef": 0.0, "normalize_rewards": False, "checkpoint_every": STEPS},
-        generator={"group_size": 8, "max_new_tokens": 12}, buffer={"capacity_groups": 8})
+    sections = local_run_config(
+        tmp_path,
+        tiny_model_dir,
+        learner={
+            "total_steps": STEPS,
+            "lr": 3e-3,
+            "kl_coef": 0.0,
+            "normalize_rewards": False,
+            "checkpoint_every": STEPS,
+        },
+        generator={"group_size": 8, "max_new_tokens": 12},
+        buffer={"capacity_groups": 8},
+    )
     # the environment reward at a tenth of the person's scale (H-hat is about +-1): at full weight the policy
     # was all "e" within 30 steps, no completion held an "a" left to reinforce, and both arms ended at 0.0
     sections["scorer"]["rewards"][0]["weight"] = 0.1
     if feedback:
-        sections = feedback_sections(sections, combination="reward_shaping", beta=1.0, beta_decay=1.0, min_labels=4,
-                                     fit_interval_s=0.3, label_rate_per_s=20.0)
+        sections = feedback_sections(
+            sections,
+            combination="reward_shaping",
+            beta=1.0,
+            beta_decay=1.0,
+            min_labels=4,
+            fit_interval_s=0.3,
+            label_rate_per_s=20.0,
+        )
     config = write_config(tmp_path / "run.toml", sections)
     procs = services(config)
     names = ("learner", "buffer", "scorer", "generator") + (("feedback",) if feedback else ())
@@ -62,10 +79,27 @@ def run_job(tmp_path, tiny_model_dir, services, *, feedback: bool) -> tuple[np.n
 
         assert wait_until(up, 120), procs.logs()
         token = add_labeller(config, "simulated")
-        labeller = subprocess.Popen([sys.executable, "-m", "streamrl.services.feedback.simulate", "--url", url,
-                                     "--token", token, "--likes", "char:a", "--threshold", "0",
-                                     "--labels-per-second", "10", "--duration", "600"],
-                                    stdout=subprocess.PIPE, text=True)
+        labeller = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "streamrl.services.feedback.simulate",
+                "--url",
+                url,
+                "--token",
+                token,
+                "--likes",
+                "char:a",
+                "--threshold",
+                "0",
+                "--labels-per-second",
+                "10",
+                "--duration",
+                "600",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
     learner = procs.procs["learner-0"]
     try:
         assert wait_until(lambda: learner.poll() is not None, timeout=420) and learner.returncode == 0, procs.logs()
@@ -85,9 +119,14 @@ def sample_a_fraction(model_dir) -> np.ndarray:
     tokenizer = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir), device=torch.device("cpu")).eval()
     ids = encode_prompts(tokenizer, PROMPTS, max_prompt_tokens=32, add_special_tokens=False)
-    texts = [c.text for _ in range(4) for group in sample_completions(
-        model, tokenizer, ids, group_size=32, sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=12))
-        for c in group]
+    texts = [
+        c.text
+        for _ in range(4)
+        for group in sample_completions(
+            model, tokenizer, ids, group_size=32, sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=12)
+        )
+        for c in group
+    ]
     return np.array([t.count("a") / max(1, len(t)) for t in texts])
 
 
@@ -96,7 +135,9 @@ def test_simulated_feedback_raises_the_property_the_reward_ignores(tmp_path, tin
     without, _ = run_job(tmp_path / "plain", tiny_model_dir, services, feedback=False)
     diff = with_feedback.mean() - without.mean()
     se = math.sqrt(with_feedback.var(ddof=1) / len(with_feedback) + without.var(ddof=1) / len(without))
-    print(f"fraction of 'a': with feedback {with_feedback.mean():.4f}, without {without.mean():.4f}, "
-          f"difference {diff:.4f} = {diff / se:.1f} SE; {counts}")
+    print(
+        f"fraction of 'a': with feedback {with_feedback.mean():.4f}, without {without.mean():.4f}, "
+        f"difference {diff:.4f} = {diff / se:.1f} SE; {counts}"
+    )
     assert counts["shaped_steps"] > STEPS // 3
     assert diff > 2 * se, (with_feedback.mean(), without.mean(), se)

@@ -36,8 +36,13 @@ def browser():
 
     options = Options()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1200,1500"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,1500",
+    ):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
@@ -69,15 +74,20 @@ def attacker_site(target: str, rollout_id: str) -> tuple[http.server.ThreadingHT
 
 def forged(samples: dict) -> float:
     """Requests the feedback service refused as forged (no CSRF token, or another origin)."""
-    return sum(samples.get(f"streamrl_feedback_requests_refused_total{{reason={r}}}", 0)
-               for r in ("csrf", "cross_origin"))
+    return sum(
+        samples.get(f"streamrl_feedback_requests_refused_total{{reason={r}}}", 0) for r in ("csrf", "cross_origin")
+    )
 
 
 def start_job(tmp_path, tiny_model_dir, services, **feedback):
     """Learner, buffer, scorer, generator and feedback service (reward shaping) on loopback, once the page
     answers, and a labeller alice; returns ``(sections, procs, page url, database, alice's token)``."""
-    sections = feedback_sections(local_run_config(tmp_path, tiny_model_dir, learner={"total_steps": 100000}),
-                                 combination="reward_shaping", min_labels=2, **feedback)
+    sections = feedback_sections(
+        local_run_config(tmp_path, tiny_model_dir, learner={"total_steps": 100000}),
+        combination="reward_shaping",
+        min_labels=2,
+        **feedback,
+    )
     config = write_config(tmp_path / "run.toml", sections)
     procs = services(config)
     for name in ("learner", "buffer", "scorer", "generator", "feedback"):
@@ -96,12 +106,15 @@ def start_job(tmp_path, tiny_model_dir, services, **feedback):
 
 def labels(db) -> list[tuple]:
     with sqlite3.connect(db) as con:
-        return con.execute("SELECT labeller, kind, rollout_id, value, policy_version FROM labels "
-                           "ORDER BY id").fetchall()
+        return con.execute(
+            "SELECT labeller, kind, rollout_id, value, policy_version FROM labels ORDER BY id"
+        ).fetchall()
 
 
-@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                    reason="needs Debian's chromium and chromium-driver (make chromium; `make test` installs them)")
+@pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs Debian's chromium and chromium-driver (make chromium; `make test` installs them)",
+)
 def test_labels_from_a_real_browser_reach_the_database_and_hhat(tmp_path, tiny_model_dir, services):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -135,23 +148,24 @@ def test_labels_from_a_real_browser_reach_the_database_and_hhat(tmp_path, tiny_m
         first = driver.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")[0]
         clicked_id = first.get_attribute("data-id")
         first.find_element(By.CSS_SELECTOR, "button.rate-up").click()
-        wait.until(lambda d: "label #" in d.find_element(By.CSS_SELECTOR,
-                                                         f'li[data-id="{clicked_id}"] .verdict').text)
+        wait.until(lambda d: "label #" in d.find_element(By.CSS_SELECTOR, f'li[data-id="{clicked_id}"] .verdict').text)
         # a keyboard shortcut on another card: select it, let fresh rollouts arrive above it, then "-"
         # (the selection follows the rollout: it once stayed at its position and "-" rated another card)
         cards = driver.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")
         top, second = cards[0].get_attribute("data-id"), cards[2]
         keyed_id = second.get_attribute("data-id")
         second.find_element(By.CSS_SELECTOR, ".completion").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")[0].get_attribute("data-id")
-                   != top)
+        wait.until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")[0].get_attribute("data-id") != top
+        )
         assert "selected" in driver.find_element(By.CSS_SELECTOR, f'li[data-id="{keyed_id}"]').get_attribute("class")
         driver.find_element(By.TAG_NAME, "body").send_keys("-")
-        wait.until(lambda d: "label #" in d.find_element(By.CSS_SELECTOR,
-                                                         f'li[data-id="{keyed_id}"] .verdict').text)
+        wait.until(lambda d: "label #" in d.find_element(By.CSS_SELECTOR, f'li[data-id="{keyed_id}"] .verdict').text)
         stored = labels(db)
         assert [(who, kind, rid, value) for who, kind, rid, value, _ in stored] == [
-            ("alice", "rating", clicked_id, 1), ("alice", "rating", keyed_id, -1)]
+            ("alice", "rating", clicked_id, 1),
+            ("alice", "rating", keyed_id, -1),
+        ]
         assert all(version >= 0 for *_, version in stored)
 
         # H-hat's version advances (min_labels = 2) and the page shows it
@@ -160,8 +174,9 @@ def test_labels_from_a_real_browser_reach_the_database_and_hhat(tmp_path, tiny_m
         assert status["human_model_version"] >= 1 and status["labels"]["total"] == 2
         # ... and the scorer shapes rewards with it
         scorer_port = sections["metrics"]["scorer_port"]
-        assert wait_until(lambda: scrape(scorer_port).get("streamrl_scorer_human_scored_total", 0) > 0, 60), \
+        assert wait_until(lambda: scrape(scorer_port).get("streamrl_scorer_human_scored_total", 0) > 0, 60), (
             procs.logs()
+        )
         assert scrape(scorer_port)["streamrl_scorer_human_model_version"] >= 1
 
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#reward-chart polyline"))
@@ -188,8 +203,10 @@ def test_labels_from_a_real_browser_reach_the_database_and_hhat(tmp_path, tiny_m
         driver.quit()
 
 
-@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                    reason="needs Debian's chromium and chromium-driver (make chromium; `make test` installs them)")
+@pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs Debian's chromium and chromium-driver (make chromium; `make test` installs them)",
+)
 def test_a_labeller_labels_20_chosen_rollouts_in_a_row_while_the_stream_runs(tmp_path, tiny_model_dir, services):
     """Hold stops the list turning over, so 20 cards clicked one after another are the 20 labelled
     (no stale element, no card shifting under the pointer); the queue then offers the oldest rollout
@@ -199,8 +216,9 @@ def test_a_labeller_labels_20_chosen_rollouts_in_a_row_while_the_stream_runs(tmp
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    _, _, url, db, token = start_job(tmp_path, tiny_model_dir, services, fit_interval_s=0.5, label_rate_per_s=50.0,
-                                     label_burst=50)
+    _, _, url, db, token = start_job(
+        tmp_path, tiny_model_dir, services, fit_interval_s=0.5, label_rate_per_s=50.0, label_burst=50
+    )
     driver = browser()
     try:
         wait = WebDriverWait(driver, 240)
@@ -216,11 +234,13 @@ def test_a_labeller_labels_20_chosen_rollouts_in_a_row_while_the_stream_runs(tmp
             wait.until(lambda d, card=card: "label #" in card.find_element(By.CSS_SELECTOR, ".verdict").text)
         # while held, new rollouts keep arriving but wait
         wait.until(lambda d: "waiting" in d.find_element(By.ID, "held-count").text)
-        assert [c.get_attribute("data-id") for c in driver.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")[:20]
-                ] == chosen
+        assert [
+            c.get_attribute("data-id") for c in driver.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")[:20]
+        ] == chosen
         stored = labels(db)
-        assert [(rid, value) for _, _, rid, value, _ in stored] == [(rid, 1 if i % 2 == 0 else -1)
-                                                                    for i, rid in enumerate(chosen)]
+        assert [(rid, value) for _, _, rid, value, _ in stored] == [
+            (rid, 1 if i % 2 == 0 else -1) for i, rid in enumerate(chosen)
+        ]
         driver.find_element(By.ID, "resume").click()
         assert driver.find_element(By.ID, "stream-state").text == "live"
 

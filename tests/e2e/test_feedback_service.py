@@ -24,9 +24,16 @@ BETA, DECAY, VERSION = 0.5, 0.9, 10
 @pytest.fixture
 def feedback(tmp_path, tiny_model_dir, services):
     """A running feedback service fed 12 rollouts of policy versions up to VERSION; (url, token, procs)."""
-    sections = feedback_sections(local_run_config(tmp_path, tiny_model_dir), combination="reward_shaping",
-                                 beta=BETA, beta_decay=DECAY, min_labels=3, fit_interval_s=0.2,
-                                 credit_delay_min_s=0.0, credit_delay_max_s=600.0)
+    sections = feedback_sections(
+        local_run_config(tmp_path, tiny_model_dir),
+        combination="reward_shaping",
+        beta=BETA,
+        beta_decay=DECAY,
+        min_labels=3,
+        fit_interval_s=0.2,
+        credit_delay_min_s=0.0,
+        credit_delay_max_s=600.0,
+    )
     config = write_config(tmp_path / "run.toml", sections)
     procs = services(config)
     procs.start("feedback")
@@ -59,8 +66,9 @@ def test_the_page_is_told_the_current_beta_t_not_beta_0(feedback):
     status = requests.get(url + "api/status", headers=auth, timeout=5).json()
     assert status["beta"] == BETA and status["policy_version"] == VERSION
     assert status["beta_t"] == pytest.approx(BETA * DECAY**VERSION)
-    assert status["beta_by_version"] == [{"version": v, "beta": pytest.approx(BETA * DECAY**v)}
-                                         for v in (VERSION - 2, VERSION - 1, VERSION)]
+    assert status["beta_by_version"] == [
+        {"version": v, "beta": pytest.approx(BETA * DECAY**v)} for v in (VERSION - 2, VERSION - 1, VERSION)
+    ]
 
 
 def test_below_min_labels_the_count_is_logged_once_per_change(feedback):
@@ -70,13 +78,17 @@ def test_below_min_labels_the_count_is_logged_once_per_change(feedback):
     def below() -> int:
         return log.read_text().count("H-hat is first fit at feedback.min_labels = 3")
 
-    assert requests.post(url + "api/ratings", json={"rollout_id": "r0", "value": 1}, headers=auth,
-                         timeout=5).status_code == 201
+    assert (
+        requests.post(url + "api/ratings", json={"rollout_id": "r0", "value": 1}, headers=auth, timeout=5).status_code
+        == 201
+    )
     assert wait_until(lambda: below() >= 1, timeout=30), procs.logs()
     time.sleep(3)  # 15 refit intervals of 0.2 s, each of which once logged the same count again
     assert below() == 1, procs.logs()
-    assert requests.post(url + "api/ratings", json={"rollout_id": "r1", "value": -1}, headers=auth,
-                         timeout=5).status_code == 201
+    assert (
+        requests.post(url + "api/ratings", json={"rollout_id": "r1", "value": -1}, headers=auth, timeout=5).status_code
+        == 201
+    )
     time.sleep(3)
     assert below() == 2 and "2 label(s) so far" in log.read_text(), procs.logs()
 
@@ -84,8 +96,12 @@ def test_below_min_labels_the_count_is_logged_once_per_change(feedback):
 def test_repeated_ratings_of_one_rollout_are_one_vote(feedback):
     url, auth, procs, _ = feedback
     for value in (1, 1, 1, 1, -1):
-        assert requests.post(url + "api/ratings", json={"rollout_id": "r2", "value": value}, headers=auth,
-                             timeout=5).status_code == 201
+        assert (
+            requests.post(
+                url + "api/ratings", json={"rollout_id": "r2", "value": value}, headers=auth, timeout=5
+            ).status_code
+            == 201
+        )
     status = requests.get(url + "api/status", headers=auth, timeout=5).json()
     assert status["labels"]["total"] == 1 and status["labels_by_labeller"] == {"alice": 1}
     exported = requests.get(url + "api/export?layout=ratings", headers=auth, timeout=5).json()
@@ -96,7 +112,10 @@ def test_a_ratings_credit_is_spread_over_the_rollouts_shown_within_the_delay_win
     url, auth, procs, db = feedback
     # every one of the 12 rollouts streamed in within the last 600 s: each gets 1/12 of the credit
     label = requests.post(url + "api/ratings", json={"rollout_id": "r5", "value": 1}, headers=auth, timeout=5).json()
-    rows = sqlite3.connect(db).execute("SELECT rollout_id, weight FROM credits WHERE label_id = ? ORDER BY rollout_id",
-                                       (label["label_id"],)).fetchall()
+    rows = (
+        sqlite3.connect(db)
+        .execute("SELECT rollout_id, weight FROM credits WHERE label_id = ? ORDER BY rollout_id", (label["label_id"],))
+        .fetchall()
+    )
     assert sorted(rid for rid, _ in rows) == sorted(f"r{i}" for i in range(12))
     assert [w for _, w in rows] == pytest.approx([1 / 12] * 12)

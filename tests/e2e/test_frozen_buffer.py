@@ -28,16 +28,21 @@ def sample(port: int, name: str) -> float:
 
 def test_a_generator_sends_at_most_its_credits_to_a_frozen_buffer(tmp_path, tiny_model_dir, services):
     staleness, per_step, group_size = 1, 2, 4
-    sections = local_run_config(tmp_path, tiny_model_dir, run={"max_staleness": staleness},
-                                generator={"group_size": group_size, "prompts_per_batch": 2},
-                                learner={"total_steps": 1_000_000, "groups_per_step": per_step})
+    sections = local_run_config(
+        tmp_path,
+        tiny_model_dir,
+        run={"max_staleness": staleness},
+        generator={"group_size": group_size, "prompts_per_batch": 2},
+        learner={"total_steps": 1_000_000, "groups_per_step": per_step},
+    )
     procs = services(write_config(tmp_path / "run.toml", sections))
     for name in ("learner", "buffer", "scorer", "generator"):
         procs.start(name)
     gen = sections["metrics"]["generator_port"]
     trained = tmp_path / "run" / "trained.jsonl"
-    assert wait_until(lambda: trained.exists() and len(trained.read_text().splitlines()) >= 3, timeout=180), \
+    assert wait_until(lambda: trained.exists() and len(trained.read_text().splitlines()) >= 3, timeout=180), (
         procs.logs()
+    )
     buffer = procs.procs["buffer-0"]
     buffer.send_signal(signal.SIGSTOP)
     try:
@@ -46,10 +51,11 @@ def test_a_generator_sends_at_most_its_credits_to_a_frozen_buffer(tmp_path, tiny
         # The gauge is the current wait, which starts only once the generator has spent the credits it
         # held (sampling those groups takes seconds on a loaded machine), so the freeze lasts until
         # the wait has grown to FREEZE_S / 2: a longer freeze only makes the bound below stricter.
-        waited = wait_until(lambda: sample(gen, 'streamrl_generator_waiting_seconds{on=credits}') > FREEZE_S / 2,
-                            timeout=2 * FREEZE_S)
+        waited = wait_until(
+            lambda: sample(gen, "streamrl_generator_waiting_seconds{on=credits}") > FREEZE_S / 2, timeout=2 * FREEZE_S
+        )
         sent = sample(gen, "streamrl_generator_rollouts_total") - before
-        credit_wait = sample(gen, 'streamrl_generator_waiting_seconds{on=credits}')
+        credit_wait = sample(gen, "streamrl_generator_waiting_seconds{on=credits}")
     finally:
         buffer.send_signal(signal.SIGCONT)
     bound = (staleness + 1) * per_step * group_size

@@ -22,7 +22,7 @@ from streamrl.testing import local_run_config, scrape, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 
-WAITING = 'streamrl_generator_waiting_seconds{on=learner}'
+WAITING = "streamrl_generator_waiting_seconds{on=learner}"
 
 
 def sample(port: int, name: str) -> float:
@@ -32,11 +32,16 @@ def sample(port: int, name: str) -> float:
         return 0.0
 
 
-def test_waiting_on_the_learner_grows_while_a_fetch_retries_against_a_frozen_learner(tmp_path, tiny_model_dir,
-                                                                                     services):
-    sections = local_run_config(tmp_path, tiny_model_dir, run={"max_staleness": 4},
-                                transport={"announce_interval_s": 5.0, "request_timeout_s": 60.0},
-                                learner={"total_steps": 1_000_000, "groups_per_step": 1})
+def test_waiting_on_the_learner_grows_while_a_fetch_retries_against_a_frozen_learner(
+    tmp_path, tiny_model_dir, services
+):
+    sections = local_run_config(
+        tmp_path,
+        tiny_model_dir,
+        run={"max_staleness": 4},
+        transport={"announce_interval_s": 5.0, "request_timeout_s": 60.0},
+        learner={"total_steps": 1_000_000, "groups_per_step": 1},
+    )
     procs = services(write_config(tmp_path / "run.toml", sections))
     for name in ("learner", "buffer", "scorer", "generator"):
         procs.start(name)
@@ -47,11 +52,17 @@ def test_waiting_on_the_learner_grows_while_a_fetch_retries_against_a_frozen_lea
     try:
         for _ in range(5):
             loaded = sample(gen, "streamrl_generator_policy_version")
-            assert wait_until(lambda v=loaded: sample(learner_port, "streamrl_learner_policy_version") > v,
-                              timeout=60, interval=0.02), procs.logs()
+            assert wait_until(
+                lambda v=loaded: sample(learner_port, "streamrl_learner_policy_version") > v, timeout=60, interval=0.02
+            ), procs.logs()
             learner.send_signal(signal.SIGSTOP)
-            fetching = wait_until(lambda: sample(gen, "streamrl_generator_announced_version")
-                                  > sample(gen, "streamrl_generator_policy_version"), timeout=4)
+            fetching = wait_until(
+                lambda: (
+                    sample(gen, "streamrl_generator_announced_version")
+                    > sample(gen, "streamrl_generator_policy_version")
+                ),
+                timeout=4,
+            )
             if fetching:
                 break
             learner.send_signal(signal.SIGCONT)  # the announcement was not out yet: try at the next version
@@ -67,5 +78,10 @@ def test_waiting_on_the_learner_grows_while_a_fetch_retries_against_a_frozen_lea
     finally:
         learner.send_signal(signal.SIGCONT)
     # the learner is back: the fetch completes and the wait ends
-    assert wait_until(lambda: sample(gen, WAITING) == 0 and sample(gen, "streamrl_generator_policy_version")
-                      >= sample(gen, "streamrl_generator_announced_version"), timeout=120), procs.logs()
+    assert wait_until(
+        lambda: (
+            sample(gen, WAITING) == 0
+            and sample(gen, "streamrl_generator_policy_version") >= sample(gen, "streamrl_generator_announced_version")
+        ),
+        timeout=120,
+    ), procs.logs()

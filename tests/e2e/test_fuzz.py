@@ -48,8 +48,7 @@ SEND_TIMEOUT_MS = 30_000
 class Target:
     """One bound socket under fuzz: our connected socket, what it takes, whose metrics count."""
 
-    def __init__(self, name: str, ctx: zmq.Context, kind: int, endpoint: str, expects: type[m.Message],
-                 service: str):
+    def __init__(self, name: str, ctx: zmq.Context, kind: int, endpoint: str, expects: type[m.Message], service: str):
         self.name, self.expects, self.service = name, expects, service
         self.sock = ctx.socket(kind)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -85,17 +84,25 @@ def service_reason(message: m.Message) -> str | None:
 def scored(rollout_id: str, group_id: str, bad_token: int) -> m.ScoredRollout:
     """A well-formed scored rollout of a group of 4; ``bad_token`` (if not 0) among its completion tokens."""
     rollout = m.Rollout(
-        sender="fuzz", prompt_id=group_id, group_id=group_id, rollout_id=rollout_id, generator_id="fuzz",
-        group_size=4, prompt_tokens=np.array([5, 6, 7], dtype=np.int32),
+        sender="fuzz",
+        prompt_id=group_id,
+        group_id=group_id,
+        rollout_id=rollout_id,
+        generator_id="fuzz",
+        group_size=4,
+        prompt_tokens=np.array([5, 6, 7], dtype=np.int32),
         completion_tokens=np.array([8, bad_token or 9, 1], dtype=np.int32),
-        behaviour_logprobs=np.array([-1.0, -0.5, -2.0], dtype=np.float32), policy_version=0,
-        finish_reason=m.FinishReason.STOP, sampling=m.SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=12))
+        behaviour_logprobs=np.array([-1.0, -0.5, -2.0], dtype=np.float32),
+        policy_version=0,
+        finish_reason=m.FinishReason.STOP,
+        sampling=m.SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=12),
+    )
     return m.ScoredRollout(sender="fuzz", rollout=rollout, reward=1.0, scorer_id="fuzz")
 
 
 def rejected(port: int, service: str) -> collections.Counter:
     prefix = f"streamrl_{service}_messages_rejected_total{{reason="
-    return collections.Counter({k[len(prefix):-1]: v for k, v in scrape(port).items() if k.startswith(prefix)})
+    return collections.Counter({k[len(prefix) : -1]: v for k, v in scrape(port).items() if k.startswith(prefix)})
 
 
 def minus(after: collections.Counter, before: collections.Counter) -> collections.Counter:
@@ -128,7 +135,8 @@ def zmtp_oversize_frame(endpoint: str, socket_type: bytes, frame_bytes: int, tim
 
 def test_ten_thousand_hostile_messages_every_service_counts_and_stays_up(tmp_path, tiny_model_dir, services):
     sections = local_run_config(
-        tmp_path, tiny_model_dir,
+        tmp_path,
+        tiny_model_dir,
         transport={"max_message_bytes": MAX_MESSAGE_BYTES, "weight_chunk_bytes": CHUNK_BYTES},
         buffer={"capacity_groups": CAPACITY_GROUPS},
         # the tiny pipeline makes ~10 steps/s: no staleness limit, so no group is dropped while
@@ -207,14 +215,18 @@ def test_ten_thousand_hostile_messages_every_service_counts_and_stays_up(tmp_pat
         # (its queue is empty), so the version is still held when these arrive (it is retired
         # two versions later)
         assert wait_until(lambda: (drain_replies(100), sum(replies.values()) == weights.sent)[1], timeout=120), (
-            replies, weights.sent, {k: v for k, v in scrape(ports["learner_port"]).items() if "weight" in k})
+            replies,
+            weights.sent,
+            {k: v for k, v in scrape(ports["learner_port"]).items() if "weight" in k},
+        )
         announce = None
         while sub.poll(0 if announce else 10_000):
             announce = m.decode(sub.recv_multipart(), expected=[m.WeightsAnnounce])
         assert announce is not None and announce.num_chunks >= 2  # several chunks of CHUNK_BYTES
         for i in range(SERVICE_LEVEL):
-            request = m.WeightsChunkRequest(sender="fuzz", version=announce.version,
-                                            chunk_index=announce.num_chunks + i)
+            request = m.WeightsChunkRequest(
+                sender="fuzz", version=announce.version, chunk_index=announce.num_chunks + i
+            )
             weights.send(frames_of(request), "out_of_range")
         sent_s = time.perf_counter() - started
 
@@ -239,7 +251,9 @@ def test_ten_thousand_hostile_messages_every_service_counts_and_stays_up(tmp_pat
 
         assert wait_until(counted_as_predicted, timeout=60), (
             "\n".join(f"{svc}: predicted {dict(predicted[svc])} got {dict(got[svc])}" for svc in metric_port)
-            + "\n" + procs.logs())
+            + "\n"
+            + procs.logs()
+        )
         counted_s = time.perf_counter() - started
         # the learner answered every request: BAD_REQUEST for what its decoder refused, else the refusal's code
         want_replies = collections.Counter()
@@ -247,8 +261,10 @@ def test_ten_thousand_hostile_messages_every_service_counts_and_stays_up(tmp_pat
             want_replies["bad_request" if r not in ("unknown_version", "out_of_range") else r] += n
         assert wait_until(lambda: (drain_replies(100), replies == want_replies)[1], timeout=30), (replies, want_replies)
 
-        report = {t.name: {"sent": t.sent, "skipped_as_valid": skipped_valid[t.name], "rejected": dict(t.predicted)}
-                  for t in targets}
+        report = {
+            t.name: {"sent": t.sent, "skipped_as_valid": skipped_valid[t.name], "rejected": dict(t.predicted)}
+            for t in targets
+        }
         print(f"\nfuzz: {total} messages sent in {sent_s:.1f}s, all counted after {counted_s:.1f}s")
         for name, row in report.items():
             print(f"  {name}: {row}")
@@ -256,8 +272,13 @@ def test_ten_thousand_hostile_messages_every_service_counts_and_stays_up(tmp_pat
 
         # ZMQ_MAXMSGSIZE: a frame over the limit is refused by libzmq, which drops the sending
         # connection; nothing reaches the decoders (the counts do not move)
-        for endpoint, peer_type in ((ep["scorers"][0], b"PUSH"), (ep["buffer"], b"PUSH"), (ep["batches"], b"DEALER"),
-                                    (ep["weights"], b"DEALER"), (ep["weights_announce"], b"SUB")):
+        for endpoint, peer_type in (
+            (ep["scorers"][0], b"PUSH"),
+            (ep["buffer"], b"PUSH"),
+            (ep["batches"], b"DEALER"),
+            (ep["weights"], b"DEALER"),
+            (ep["weights_announce"], b"SUB"),
+        ):
             assert zmtp_oversize_frame(endpoint, peer_type, MAX_MESSAGE_BYTES + 1), endpoint
             assert zmtp_oversize_frame(endpoint, peer_type, 2**62), endpoint  # a claim no one could allocate
         big = ctx.socket(zmq.PUSH)
@@ -278,9 +299,17 @@ def test_ten_thousand_hostile_messages_every_service_counts_and_stays_up(tmp_pat
         assert all(p.poll() is None for p in procs.procs.values()), procs.logs()
         step = learner_step()
         assert wait_until(lambda: learner_step() >= step + 2, timeout=120), procs.logs()
-        client = WeightClient(ctx, announce_endpoint=ep["weights_announce"], fetch_endpoint=ep["weights"],
-                              inbox_metrics=ServiceMetrics("generator", "fuzz-check"), sender="fuzz-check",
-                              credit=2, timeout_s=5.0, max_message_bytes=MAX_MESSAGE_BYTES, hwm=64)
+        client = WeightClient(
+            ctx,
+            announce_endpoint=ep["weights_announce"],
+            fetch_endpoint=ep["weights"],
+            inbox_metrics=ServiceMetrics("generator", "fuzz-check"),
+            sender="fuzz-check",
+            credit=2,
+            timeout_s=5.0,
+            max_message_bytes=MAX_MESSAGE_BYTES,
+            hwm=64,
+        )
         try:
             for attempt in range(5):  # the tiny learner steps ~10 times a second: a version may retire mid-fetch
                 latest = client.poll_announcements(timeout_s=5.0)

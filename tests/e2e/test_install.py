@@ -30,14 +30,23 @@ def installed(tmp_path_factory) -> Path:
     env_dir = root / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     bin_dir = env_dir / "bin"
-    purelib = subprocess.run([bin_dir / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [bin_dir / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # third-party packages of this environment, but not its (editable) streamrl
     Path(purelib, "test_env_packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     work = root / "build"
     work.mkdir()
-    result = subprocess.run([bin_dir / "python", "-m", "pip", "install", "--quiet", str(REPO)],
-                            cwd=work, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [bin_dir / "python", "-m", "pip", "install", "--quiet", str(REPO)],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return bin_dir
 
@@ -45,16 +54,20 @@ def installed(tmp_path_factory) -> Path:
 def run_cli(bin_dir: Path, cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    return subprocess.run([bin_dir / "streamrl", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [bin_dir / "streamrl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_the_wheel_imports_from_the_venv_not_the_repository(installed, tmp_path):
-    code = ("import streamrl, streamrl.common.config, streamrl.services.learner.loop, streamrl.deploy as d;"
-            "import json; print(json.dumps([streamrl.__file__, streamrl.common.config.__file__,"
-            " str(d.PROCFILE), d.PROCFILE.is_file(), d.DEFAULT_PROMPTS.is_file(), streamrl.__version__]))")
-    out = subprocess.run([installed / "python", "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         check=True).stdout
+    code = (
+        "import streamrl, streamrl.common.config, streamrl.services.learner.loop, streamrl.deploy as d;"
+        "import json; print(json.dumps([streamrl.__file__, streamrl.common.config.__file__,"
+        " str(d.PROCFILE), d.PROCFILE.is_file(), d.DEFAULT_PROMPTS.is_file(), streamrl.__version__]))"
+    )
+    out = subprocess.run(
+        [installed / "python", "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
     init, config, procfile, has_procfile, has_prompts, version = json.loads(out)
     venv_root = installed.parent
     for path in (init, config, procfile):
@@ -76,10 +89,20 @@ def test_check_and_a_short_run_from_an_empty_directory(installed, tmp_path):
     from streamrl.testing import free_port
 
     endpoints = [f'endpoints.scorers=["tcp://127.0.0.1:{free_port()}"]'] + [
-        f'endpoints.{name}="tcp://127.0.0.1:{free_port()}"' for name in ("buffer", "batches", "weights_announce",
-                                                                          "weights")]
-    args = ["run", "--config", str(config), "--set", "learner.total_steps=3", "--set", "learner.checkpoint_every=3",
-            "--set", "run.name=fresh"]
+        f'endpoints.{name}="tcp://127.0.0.1:{free_port()}"'
+        for name in ("buffer", "batches", "weights_announce", "weights")
+    ]
+    args = [
+        "run",
+        "--config",
+        str(config),
+        "--set",
+        "learner.total_steps=3",
+        "--set",
+        "learner.checkpoint_every=3",
+        "--set",
+        "run.name=fresh",
+    ]
     for value in ports + endpoints:
         args += ["--set", value]
     run = run_cli(installed, empty, *args, timeout=600)

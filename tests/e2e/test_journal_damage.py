@@ -24,7 +24,7 @@ def test_a_damaged_journal_stops_the_buffer_until_the_operator_repairs(tmp_path,
         for k in range(2):
             journal.accept(encode(scored_item(f"g{g}", k)))
     journal.close()
-    (_, segment), = _segments(journal_dir)
+    ((_, segment),) = _segments(journal_dir)
     data = bytearray(segment.read_bytes())
     data[len(data) // 3] ^= 0xFF  # mid-segment: intact records follow
     segment.write_bytes(bytes(data))
@@ -42,11 +42,13 @@ def test_a_damaged_journal_stops_the_buffer_until_the_operator_repairs(tmp_path,
 
     repaired = services(config).start("buffer", 1, "--set", "buffer.journal_repair=true")
     port = sections["metrics"]["buffer_port"] + 1
+
     def recovered():
         try:
             return scrape(port).get("streamrl_buffer_recovered_rollouts")
         except ConnectionError:
             return None
+
     assert wait_until(lambda: recovered() is not None, timeout=60), (tmp_path / "buffer-1.log").read_text()
     assert recovered() == 0  # everything accepted before the lost records is quarantined
     assert repaired.poll() is None

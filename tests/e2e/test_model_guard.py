@@ -30,8 +30,9 @@ def metrics_or_empty(port: int) -> dict[str, float]:
         return {}
 
 
-def test_another_tokenizer_of_the_same_shape_is_refused_by_the_generator_and_the_learner(tmp_path, tiny_model_dir,
-                                                                                        services):
+def test_another_tokenizer_of_the_same_shape_is_refused_by_the_generator_and_the_learner(
+    tmp_path, tiny_model_dir, services
+):
     permuted = tmp_path / "permuted"
     shutil.copytree(tiny_model_dir, permuted)
     for path in permuted.glob("*token*"):
@@ -45,8 +46,9 @@ def test_another_tokenizer_of_the_same_shape_is_refused_by_the_generator_and_the
     # the generator refuses the learner's weights and never samples
     port = sections["metrics"]["generator_port"]
     assert wait_until(lambda: rejected(metrics_or_empty(port), "model_mismatch") >= 1, timeout=120), procs.logs()
-    assert wait_until(lambda: metrics_or_empty(port).get('streamrl_generator_waiting_seconds{on=weights}', 0) > 1,
-                      timeout=30), procs.logs()
+    assert wait_until(
+        lambda: metrics_or_empty(port).get("streamrl_generator_waiting_seconds{on=weights}", 0) > 1, timeout=30
+    ), procs.logs()
     log = (tmp_path / "generator-0.log").read_text()
     assert "model fingerprint" in log and "give every service the same model.path" in log
     assert "loaded policy version" not in log  # never loaded, so never sampled

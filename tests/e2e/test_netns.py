@@ -104,9 +104,23 @@ class Hosts:
     def start(self, host: str, service: str, name: str, *args: str) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1", STREAMRL_REPLICA=name)
         self.procs[name] = subprocess.Popen(
-            ["ip", "netns", "exec", self.names[host], sys.executable, "-m", f"streamrl.services.{service}",
-             "--config", str(self.config), *args],
-            cwd=self.logs, env=env, stdout=open(self.logs / f"{name}.log", "ab"), stderr=subprocess.STDOUT)
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.names[host],
+                sys.executable,
+                "-m",
+                f"streamrl.services.{service}",
+                "--config",
+                str(self.config),
+                *args,
+            ],
+            cwd=self.logs,
+            env=env,
+            stdout=open(self.logs / f"{name}.log", "ab"),
+            stderr=subprocess.STDOUT,
+        )
 
     def stop(self, name: str, timeout: float = 60.0) -> int:
         proc = self.procs[name]
@@ -119,8 +133,9 @@ class Hosts:
             return proc.returncode
 
     def text(self) -> str:
-        return "\n".join(f"===== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(
-            self.logs.glob("*.log")))
+        return "\n".join(
+            f"===== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logs.glob("*.log"))
+        )
 
 
 def trained(run_dir: Path) -> dict[int, list[str]]:
@@ -145,15 +160,28 @@ def metric(host: str, port: int, name: str) -> float | None:
 def test_run_across_hosts_survives_a_partition_and_a_host_joining_and_leaving(network, tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
     sections = local_run_config(
-        tmp_path, tiny_model_dir, run={"max_staleness": 2},
+        tmp_path,
+        tiny_model_dir,
+        run={"max_staleness": 2},
         transport={"announce_interval_s": 0.2, "request_timeout_s": 1.0},
         buffer={"capacity_groups": 8, "group_timeout_s": 10.0, "keep_history": True},
-        learner={"total_steps": 1_000_000, "batch_timeout_s": 300.0, "checkpoint_every": 5})
+        learner={"total_steps": 1_000_000, "batch_timeout_s": 300.0, "checkpoint_every": 5},
+    )
     sections["endpoints"] = {
-        "scorers": ["tcp://scorer:5550"], "buffer": "tcp://trainer:5560", "batches": "tcp://trainer:5561",
-        "weights_announce": "tcp://trainer:5570", "weights": "tcp://trainer:5571", "resolve_interval_s": 1.0,
-        "bind": {"scorer": "tcp://*:5550", "buffer": "tcp://*:5560", "batches": "tcp://*:5561",
-                 "weights_announce": "tcp://*:5570", "weights": "tcp://*:5571"}}
+        "scorers": ["tcp://scorer:5550"],
+        "buffer": "tcp://trainer:5560",
+        "batches": "tcp://trainer:5561",
+        "weights_announce": "tcp://trainer:5570",
+        "weights": "tcp://trainer:5571",
+        "resolve_interval_s": 1.0,
+        "bind": {
+            "scorer": "tcp://*:5550",
+            "buffer": "tcp://*:5560",
+            "batches": "tcp://*:5561",
+            "weights_announce": "tcp://*:5570",
+            "weights": "tcp://*:5571",
+        },
+    }
     sections["metrics"] = {"host": "0.0.0.0"}  # default ports: each host has its own
     generate_keys(tmp_path / "keys")
     sections["security"] = {"keys_dir": str(tmp_path / "keys")}
@@ -172,8 +200,11 @@ def test_run_across_hosts_survives_a_partition_and_a_host_joining_and_leaving(ne
 
         # a generator host joins; its rollouts are trained; it leaves
         hosts.start("late", "generator", "gen-d-0")
-        assert wait_until(lambda: any(i.startswith("gen-d-0-") for ids in trained(run_dir).values() for i in ids),
-                          timeout=240, interval=1.0), hosts.text()
+        assert wait_until(
+            lambda: any(i.startswith("gen-d-0-") for ids in trained(run_dir).values() for i in ids),
+            timeout=240,
+            interval=1.0,
+        ), hosts.text()
         assert hosts.stop("gen-d-0", 60) == 0, hosts.text()
         left_at = last_step(run_dir)
         assert wait_until(lambda: last_step(run_dir) >= left_at + 3, timeout=240, interval=1.0), hosts.text()

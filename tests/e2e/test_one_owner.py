@@ -24,8 +24,10 @@ pytestmark = pytest.mark.slow
 def other_ports(sections: dict) -> dict:
     """The same run with every endpoint and metrics port replaced by a fresh one."""
     fresh = {k: dict(v) for k, v in sections.items()}
-    fresh["endpoints"] = {k: ([f"tcp://127.0.0.1:{free_port()}" for _ in v] if isinstance(v, list)
-                              else f"tcp://127.0.0.1:{free_port()}") for k, v in sections["endpoints"].items()}
+    fresh["endpoints"] = {
+        k: ([f"tcp://127.0.0.1:{free_port()}" for _ in v] if isinstance(v, list) else f"tcp://127.0.0.1:{free_port()}")
+        for k, v in sections["endpoints"].items()
+    }
     fresh["metrics"] = {k: free_port() for k in sections["metrics"]}
     return fresh
 

@@ -27,11 +27,24 @@ def try_scrape(port: int) -> dict:
         return {}
 
 
-def start_pipeline(tmp_path, tiny_model_dir, services, *, max_staleness: int, steps: int, scorers: int = 1,
-                   credits: bool = True, cpu_placement: str = "none"):
-    sections = local_run_config(tmp_path, tiny_model_dir, run={"max_staleness": max_staleness,
-                                                                "cpu_placement": cpu_placement},
-                                learner={"total_steps": steps}, scorers=scorers)
+def start_pipeline(
+    tmp_path,
+    tiny_model_dir,
+    services,
+    *,
+    max_staleness: int,
+    steps: int,
+    scorers: int = 1,
+    credits: bool = True,
+    cpu_placement: str = "none",
+):
+    sections = local_run_config(
+        tmp_path,
+        tiny_model_dir,
+        run={"max_staleness": max_staleness, "cpu_placement": cpu_placement},
+        learner={"total_steps": steps},
+        scorers=scorers,
+    )
     sections["generator"]["credits"] = credits
     procs = services(write_config(tmp_path / "run.toml", sections))
     for name in ("learner", "buffer", "scorer"):
@@ -41,15 +54,17 @@ def start_pipeline(tmp_path, tiny_model_dir, services, *, max_staleness: int, st
 
 
 def test_four_services_train_late_generator_joins_and_learner_resumes(tmp_path, tiny_model_dir, services):
-    procs, ports = start_pipeline(tmp_path, tiny_model_dir, services, max_staleness=1, steps=1000,
-                                  cpu_placement="learner_owns_cores")
+    procs, ports = start_pipeline(
+        tmp_path, tiny_model_dir, services, max_staleness=1, steps=1000, cpu_placement="learner_owns_cores"
+    )
     # training starts with one generator; a second one joins while it runs
     assert wait_until(lambda: len(read_records(tmp_path)) >= 2, timeout=120), procs.logs()
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) >= 2:  # run.cpu_placement: the learner owns a core, the other services share the rest
         placed = {name: sorted(os.sched_getaffinity(p.pid)) for name, p in procs.procs.items()}
-        assert placed == {"learner-0": cpus[:1], "buffer-0": cpus[1:], "scorer-0": cpus[1:],
-                          "generator-0": cpus[1:]}, placed
+        assert placed == {"learner-0": cpus[:1], "buffer-0": cpus[1:], "scorer-0": cpus[1:], "generator-0": cpus[1:]}, (
+            placed
+        )
     joined_at = read_records(tmp_path)[-1]["version"]
     procs.start("generator", 1)
     g1 = ports["generator_port"] + 1
@@ -111,8 +126,9 @@ def test_sync_mode_drops_stale_rollouts_unless_credits_admit_them(tmp_path, tiny
     """max_staleness = 0, two generators, two scorers: sampling freely, generators keep sampling with v
     while the learner trains v + 1 and the buffer drops those rollouts; with generation credits
     they wait for the new version instead and nothing generated is dropped."""
-    procs, ports = start_pipeline(tmp_path, tiny_model_dir, services, max_staleness=0, steps=6, scorers=2,
-                                  credits=credits)
+    procs, ports = start_pipeline(
+        tmp_path, tiny_model_dir, services, max_staleness=0, steps=6, scorers=2, credits=credits
+    )
     procs.start("scorer", 1)
     procs.start("generator", 1)
     learner = procs.procs["learner-0"]

@@ -54,10 +54,11 @@ def test_a_taken_port_is_named_with_its_key_by_check_and_run(tmp_path, tiny_mode
             main(["check", "--config", str(job)])
         err = capsys.readouterr().err
         assert checked.value.code == 0  # the config is fine; the machine is busy now
-        assert (f"streamrl: note: ports in use on this machine now (another run?): "
-                f"{cfg.endpoints.batches.rpartition(':')[2]} (endpoints.batches), {cfg.metrics.buffer_port} "
-                "(metrics.buffer_port); fix: set these keys to free ports, or run with `streamrl run --free-ports`"
-                ) in err
+        assert (
+            f"streamrl: note: ports in use on this machine now (another run?): "
+            f"{cfg.endpoints.batches.rpartition(':')[2]} (endpoints.batches), {cfg.metrics.buffer_port} "
+            "(metrics.buffer_port); fix: set these keys to free ports, or run with `streamrl run --free-ports`"
+        ) in err
         with pytest.raises(SystemExit) as ran:
             main(["run", "--config", str(job)])
         err = capsys.readouterr().err
@@ -69,16 +70,29 @@ def test_free_ports_runs_while_every_port_of_the_config_is_held(tmp_path, tiny_m
     job = small_job(tmp_path, tiny_model_dir)
     cfg = load_config(job)
     uses = run_ports(cfg, 1, 1)
-    assert {u.key for u in uses} >= {"endpoints.scorers[0]", "endpoints.buffer", "endpoints.batches",
-                                     "endpoints.weights_announce", "endpoints.weights", "metrics.generator_port",
-                                     "metrics.scorer_port", "metrics.buffer_port", "metrics.learner_port"}
+    assert {u.key for u in uses} >= {
+        "endpoints.scorers[0]",
+        "endpoints.buffer",
+        "endpoints.batches",
+        "endpoints.weights_announce",
+        "endpoints.weights",
+        "metrics.generator_port",
+        "metrics.scorer_port",
+        "metrics.buffer_port",
+        "metrics.learner_port",
+    }
     with ExitStack() as stack:
         for use in uses:  # the first run on this machine
             assert hold(stack, use.host, use.port)
         assert all(port_taken(u.host, u.port) for u in uses)
-        run = subprocess.run([Path(sys.executable).parent / "streamrl", "run", "--config", str(job), "--free-ports"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=500,
-                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        run = subprocess.run(
+            [Path(sys.executable).parent / "streamrl", "run", "--config", str(job), "--free-ports"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=500,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "Address already in use" not in run.stdout + run.stderr
     output = tmp_path / "job" / "run"
@@ -112,6 +126,8 @@ def test_default_ports_taken_by_another_run_are_replaced_without_asking(tmp_path
     # a config on several hosts is never moved: the message says why and what to do
     remote = tmp_path / "cluster.toml"
     remote.write_text('[endpoints]\nbuffer = "tcp://trainer:5560"\n[security]\nallow_insecure = true\n')
-    with pytest.raises(PortsTaken, match='--free-ports: endpoints.buffer = "tcp://trainer:5560": free ports are '
-                                         'for runs on one machine'):
+    with pytest.raises(
+        PortsTaken,
+        match='--free-ports: endpoints.buffer = "tcp://trainer:5560": free ports are for runs on one machine',
+    ):
         claim_ports(load_config(remote), 1, 1, free_ports=True)

@@ -68,8 +68,10 @@ def prometheus_run(tmp_path_factory, tiny_model_dir):
     from streamrl.testing import Services
 
     tmp = tmp_path_factory.mktemp("prometheus_run")
-    sections = feedback_sections(local_run_config(tmp, tiny_model_dir, scorers=SCORERS, learner={"total_steps": 1000}),
-                                 combination="reward_shaping")  # the feedback service too: the dashboard reads it
+    sections = feedback_sections(
+        local_run_config(tmp, tiny_model_dir, scorers=SCORERS, learner={"total_steps": 1000}),
+        combination="reward_shaping",
+    )  # the feedback service too: the dashboard reads it
     procs = Services(write_config(tmp / "run.toml", sections), tmp)
     prom = None
     try:
@@ -82,9 +84,15 @@ def prometheus_run(tmp_path_factory, tiny_model_dir):
         port = free_port()
         prom_log = open(tmp / "prometheus.log", "wb")
         prom = subprocess.Popen(
-            [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=prom_log, stderr=subprocess.STDOUT,
+            [
+                binary,
+                f"--config.file={tmp / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=prom_log,
+            stderr=subprocess.STDOUT,
         )
 
         def trained_and_scraped() -> bool:
@@ -108,8 +116,13 @@ def test_every_service_target_is_up_and_rollouts_flow(prometheus_run):
     port, procs = prometheus_run
     up = query(port, 'up{job=~"streamrl-.*"}')
     assert by_process(up) == {name: 1.0 for name in PROCESSES}, up
-    assert {r["metric"]["job"] for r in up} == {"streamrl-learner", "streamrl-buffer", "streamrl-scorer",
-                                                "streamrl-generator", "streamrl-feedback"}
+    assert {r["metric"]["job"] for r in up} == {
+        "streamrl-learner",
+        "streamrl-buffer",
+        "streamrl-scorer",
+        "streamrl-generator",
+        "streamrl-feedback",
+    }
     rate = query(port, "sum(rate(streamrl_generator_rollouts_total[30s]))")
     assert len(rate) == 1 and float(rate[0]["value"][1]) > 0, rate
     per_generator = by_process(query(port, "increase(streamrl_generator_rollouts_total[1m])"))
@@ -147,8 +160,10 @@ def test_every_endpoint_passes_promtool_metric_lint(prometheus_run):
     """``promtool check metrics`` (naming conventions: _total counters, base units) on each exposition."""
     port, _ = prometheus_run
     promtool = shutil.which("promtool")
-    bad = b"# HELP streamrl_x_wait_milliseconds w\n# TYPE streamrl_x_wait_milliseconds counter\n" \
-          b"streamrl_x_wait_milliseconds 1\n"
+    bad = (
+        b"# HELP streamrl_x_wait_milliseconds w\n# TYPE streamrl_x_wait_milliseconds counter\n"
+        b"streamrl_x_wait_milliseconds 1\n"
+    )
     assert len(lint(promtool, bad)) == 2  # no _total suffix, not a base unit: the lint can fail
     targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/targets", timeout=5).read())
     urls = [t["scrapeUrl"] for t in targets["data"]["activeTargets"]]

@@ -25,11 +25,14 @@ pytestmark = pytest.mark.slow
 
 
 def pod(name: str, component: str, port: int, *, scrape: str = "true", path: str | None = None) -> dict:
-    labels = {"__meta_kubernetes_namespace": "streamrl", "__meta_kubernetes_pod_name": name,
-              "__meta_kubernetes_pod_ip": "127.0.0.1",
-              "__meta_kubernetes_pod_label_app_kubernetes_io_component": component,
-              "__meta_kubernetes_pod_annotation_prometheus_io_scrape": scrape,
-              "__meta_kubernetes_pod_annotation_prometheus_io_port": str(port)}
+    labels = {
+        "__meta_kubernetes_namespace": "streamrl",
+        "__meta_kubernetes_pod_name": name,
+        "__meta_kubernetes_pod_ip": "127.0.0.1",
+        "__meta_kubernetes_pod_label_app_kubernetes_io_component": component,
+        "__meta_kubernetes_pod_annotation_prometheus_io_scrape": scrape,
+        "__meta_kubernetes_pod_annotation_prometheus_io_port": str(port),
+    }
     if path:
         labels["__meta_kubernetes_pod_annotation_prometheus_io_path"] = path
     return {"targets": ["pod-ip:1"], "labels": labels}  # replaced by pod ip:annotated port
@@ -42,10 +45,12 @@ def test_pods_are_scraped_on_their_annotated_port_with_job_service_and_process(t
     scorer, generator = ServiceMetrics("scorer", "streamrl-scorer-6b8d-kq2vx"), ServiceMetrics("generator", "g")
     sport, gport = scorer.serve("127.0.0.1", 0), generator.serve("127.0.0.1", 0)
     other = free_port()
-    pods = [pod("streamrl-scorer-6b8d-kq2vx", "scorer", sport),
-            pod("streamrl-generator-7c9d-x2k4q", "generator", gport, path="/metrics"),
-            pod("streamrl-generator-7c9d-off", "generator", other, scrape="false"),  # not annotated for scraping
-            pod("someone-elses-app", "web", other)]  # not a streamrl component
+    pods = [
+        pod("streamrl-scorer-6b8d-kq2vx", "scorer", sport),
+        pod("streamrl-generator-7c9d-x2k4q", "generator", gport, path="/metrics"),
+        pod("streamrl-generator-7c9d-off", "generator", other, scrape="false"),  # not annotated for scraping
+        pod("someone-elses-app", "web", other),
+    ]  # not a streamrl component
     (tmp_path / "targets").mkdir()
     (tmp_path / "targets" / "pods.json").write_text(json.dumps(pods))
     config = yaml.safe_load((REPO / "deploy" / "prometheus-kubernetes.yml").read_text())
@@ -56,9 +61,17 @@ def test_pods_are_scraped_on_their_annotated_port_with_job_service_and_process(t
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     log = open(tmp_path / "prometheus.log", "wb")
-    prom = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
-                             "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT)
+    prom = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
     def up() -> list[dict]:
         url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": "up"})
@@ -68,12 +81,22 @@ def test_pods_are_scraped_on_their_annotated_port_with_job_service_and_process(t
             return []
 
     try:
-        assert wait_until(lambda: len(up()) == 2 and all(r["value"][1] == "1" for r in up()), timeout=60,
-                          interval=1.0), (up(), (tmp_path / "prometheus.log").read_text())
-        seen = sorted((r["metric"]["job"], r["metric"]["service"], r["metric"]["process"], r["metric"]["instance"],
-                       r["metric"]["namespace"]) for r in up())
+        assert wait_until(
+            lambda: len(up()) == 2 and all(r["value"][1] == "1" for r in up()), timeout=60, interval=1.0
+        ), (up(), (tmp_path / "prometheus.log").read_text())
+        seen = sorted(
+            (
+                r["metric"]["job"],
+                r["metric"]["service"],
+                r["metric"]["process"],
+                r["metric"]["instance"],
+                r["metric"]["namespace"],
+            )
+            for r in up()
+        )
         assert seen == [
             ("streamrl-generator", "generator", "streamrl-generator-7c9d-x2k4q", f"127.0.0.1:{gport}", "streamrl"),
-            ("streamrl-scorer", "scorer", "streamrl-scorer-6b8d-kq2vx", f"127.0.0.1:{sport}", "streamrl")]
+            ("streamrl-scorer", "scorer", "streamrl-scorer-6b8d-kq2vx", f"127.0.0.1:{sport}", "streamrl"),
+        ]
     finally:
         stop_process(prom)

@@ -19,8 +19,14 @@ pytestmark = pytest.mark.slow
 
 
 def streamrl_run(job: Path, cwd: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "streamrl", "run", "--config", str(job), *flags], cwd=cwd,
-                          capture_output=True, text=True, timeout=400, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return subprocess.run(
+        [sys.executable, "-m", "streamrl", "run", "--config", str(job), *flags],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
 
 
 def test_refused_rerun_then_resume(tmp_path, tiny_model_dir):
@@ -37,8 +43,9 @@ def test_refused_rerun_then_resume(tmp_path, tiny_model_dir):
 
     again = streamrl_run(job, tmp_path)
     assert again.returncode == 2
-    assert again.stderr.startswith(f"streamrl: {output} already holds a run (checkpoint step-000002, metrics.jsonl "
-                                   "with 2 steps")
+    assert again.stderr.startswith(
+        f"streamrl: {output} already holds a run (checkpoint step-000002, metrics.jsonl with 2 steps"
+    )
     assert "fix: add --resume to continue it, or --fresh to start over" in again.stderr
 
     resumed = streamrl_run(job, tmp_path, "--resume", "--set", "learner.total_steps=3")
@@ -50,8 +57,9 @@ def test_refused_rerun_then_resume(tmp_path, tiny_model_dir):
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-000003"]  # keep_checkpoints = 1
     launches = [json.loads(line) for line in (output / "launches.jsonl").read_text().splitlines()]
     assert [r["mode"] for r in launches] == ["new", "resume"]
-    assert launches[1]["overrides"] == ["learner.total_steps=3"] and launches[1]["config"]["learner"][
-        "total_steps"] == 3
+    assert (
+        launches[1]["overrides"] == ["learner.total_steps=3"] and launches[1]["config"]["learner"]["total_steps"] == 3
+    )
 
     events = EventAccumulator(str(output / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()

@@ -17,8 +17,14 @@ from streamrl.testing import local_run_config, write_config
 def pairs(path: Path, rows: int = 48) -> Path:
     """Preference pairs whose chosen responses hold more 'e' (learnable by the tiny model)."""
     rng = random.Random(0)
-    lines = [{"prompt": f"Review {i}:", "chosen": " " + "".join(rng.choice("eeexyz ") for _ in range(8)),
-              "rejected": " " + "".join(rng.choice("bbbxyz ") for _ in range(8))} for i in range(rows)]
+    lines = [
+        {
+            "prompt": f"Review {i}:",
+            "chosen": " " + "".join(rng.choice("eeexyz ") for _ in range(8)),
+            "rejected": " " + "".join(rng.choice("bbbxyz ") for _ in range(8)),
+        }
+        for i in range(rows)
+    ]
     path.write_text("".join(json.dumps(row) + "\n" for row in lines))
     return path
 
@@ -26,19 +32,39 @@ def pairs(path: Path, rows: int = 48) -> Path:
 def pipeline_config(tmp_path: Path, tiny_model_dir: Path, **changes) -> Path:
     run = tmp_path / "run"
     sft, rm = run / "sft", run / "rm"
-    stage = {"data": {"path": str(pairs(tmp_path / "pairs.jsonl")), "eval_rows": 8}, "threads": 1,
-             "batch_size": 8, "max_length": 48}
-    sections = local_run_config(tmp_path, tiny_model_dir, learner={
-        "total_steps": 2, "advantage": "gae", "value_model": str(rm / "proxy"), "value_lr": 1e-3, "lr": 1e-3,
-        "kl_coef": 0.05, "ptx_coef": 0.1, "ptx_data": {"kind": "jsonl", "path": str(sft / "demonstrations.jsonl")}})
+    stage = {
+        "data": {"path": str(pairs(tmp_path / "pairs.jsonl")), "eval_rows": 8},
+        "threads": 1,
+        "batch_size": 8,
+        "max_length": 48,
+    }
+    sections = local_run_config(
+        tmp_path,
+        tiny_model_dir,
+        learner={
+            "total_steps": 2,
+            "advantage": "gae",
+            "value_model": str(rm / "proxy"),
+            "value_lr": 1e-3,
+            "lr": 1e-3,
+            "kl_coef": 0.05,
+            "ptx_coef": 0.1,
+            "ptx_data": {"kind": "jsonl", "path": str(sft / "demonstrations.jsonl")},
+        },
+    )
     sections["model"] = {"path": str(sft)}
-    sections["generator"].update(max_new_tokens=8, prompts={"kind": "jsonl", "path": str(sft / "prompts.jsonl"),
-                                                            "eval_fraction": 0.0})
+    sections["generator"].update(
+        max_new_tokens=8, prompts={"kind": "jsonl", "path": str(sft / "prompts.jsonl"), "eval_fraction": 0.0}
+    )
     sections["scorer"] = {"rewards": [{"model": str(rm / "proxy"), "name": "proxy"}]}
     sections["sft"] = {**stage, "base_model": str(tiny_model_dir), "lr": 1e-3, "trainable_layers": 1}
     sections["rm"] = {**stage, "base_model": str(sft), "lr": 3e-3, "epochs": 2, "trainable_layers": 0, "gold": True}
-    sections["eval"] = {"prompts": {"kind": "jsonl", "path": str(sft / "heldout_prompts.jsonl")}, "limit": 4,
-                        "samples_per_prompt": 2, "rewards": [{"model": str(rm / "gold"), "name": "gold"}]}
+    sections["eval"] = {
+        "prompts": {"kind": "jsonl", "path": str(sft / "heldout_prompts.jsonl")},
+        "limit": 4,
+        "samples_per_prompt": 2,
+        "rewards": [{"model": str(rm / "gold"), "name": "gold"}],
+    }
     for section, values in changes.items():
         sections[section].update(values)
     return write_config(tmp_path / "pipeline.toml", sections)
@@ -89,19 +115,19 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir):
     # a second invocation skips every completed stage and reports the same figures
     again = run_pipeline(config, log=lines.append)
     assert all(s["status"] == "skipped" for s in again["stages"].values())
-    assert {k: s["wall_seconds"] for k, s in again["stages"].items()} == \
-        {k: s["wall_seconds"] for k, s in summary["stages"].items()}
+    assert {k: s["wall_seconds"] for k, s in again["stages"].items()} == {
+        k: s["wall_seconds"] for k, s in summary["stages"].items()
+    }
     assert again["eval"] == summary["eval"] and again["reward_models"] == summary["reward_models"]
 
 
 def test_unconnected_stages_are_refused_with_the_stage_and_fix(tmp_path, tiny_model_dir):
-    config = pipeline_config(tmp_path, tiny_model_dir, model={"path": str(tiny_model_dir)},
-                             eval={"rewards": []})
+    config = pipeline_config(tmp_path, tiny_model_dir, model={"path": str(tiny_model_dir)}, eval={"rewards": []})
     with pytest.raises(PipelineError) as err:
         run_pipeline(config, log=lambda line: None)
     message = str(err.value)
     assert f"ppo: model.path is {tiny_model_dir}" in message
-    assert f"model.path = \"{tmp_path / 'run' / 'sft'}\"" in message
+    assert f'model.path = "{tmp_path / "run" / "sft"}"' in message
     assert "eval: rm.gold = true but no [[eval.rewards]] reports the gold model" in message
     assert not (tmp_path / "run" / "sft").exists()  # nothing ran
 

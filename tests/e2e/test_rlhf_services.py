@@ -19,14 +19,22 @@ pytestmark = pytest.mark.slow
 
 def test_ppo_against_a_trained_reward_model_with_the_critic_from_it(tmp_path, tiny_model_dir, services):
     (tmp_path / "stages").mkdir()  # the PPO run below writes tmp_path / "run"
-    rm = str(train_tiny_reward_model(tmp_path / "stages", tiny_model_dir, preferred="e", pairs=80, eval_rows=16,
-                                     max_length=64))
+    rm = str(
+        train_tiny_reward_model(
+            tmp_path / "stages", tiny_model_dir, preferred="e", pairs=80, eval_rows=16, max_length=64
+        )
+    )
 
     steps = 3
-    sections = local_run_config(tmp_path, tiny_model_dir, learner={
-        "total_steps": steps, "advantage": "gae", "value_model": rm, "value_lr": 1e-3, "kl_coef": 0.05})
-    sections["scorer"]["rewards"] = [{"model": rm, "weight": 1.0, "name": "rm"},
-                                     {"function": "count_char", "weight": 0.5, "kwargs": {"char": "e"}}]
+    sections = local_run_config(
+        tmp_path,
+        tiny_model_dir,
+        learner={"total_steps": steps, "advantage": "gae", "value_model": rm, "value_lr": 1e-3, "kl_coef": 0.05},
+    )
+    sections["scorer"]["rewards"] = [
+        {"model": rm, "weight": 1.0, "name": "rm"},
+        {"function": "count_char", "weight": 0.5, "kwargs": {"char": "e"}},
+    ]
     procs = services(write_config(tmp_path / "run.toml", sections))
     for name in ("learner", "buffer", "scorer"):
         procs.start(name)
@@ -41,7 +49,8 @@ def test_ppo_against_a_trained_reward_model_with_the_critic_from_it(tmp_path, ti
     reward_model = RewardModel(rm, device=torch.device("cpu"))
     samples = [s for r in records for s in r["samples"]]
     expected = reward_model.score([s["prompt"] for s in samples], [s["completion"] for s in samples])
-    rules = count_char([s["prompt"] for s in samples], [s["completion"] for s in samples], [{}] * len(samples),
-                       char="e")
+    rules = count_char(
+        [s["prompt"] for s in samples], [s["completion"] for s in samples], [{}] * len(samples), char="e"
+    )
     for sample, rm_score, rule in zip(samples, expected, rules):
         assert sample["reward"] == pytest.approx(rm_score + 0.5 * rule, abs=1e-4)

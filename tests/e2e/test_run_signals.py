@@ -68,17 +68,23 @@ class Launch:
         self.zmq_ports = [free_port() for _ in range(5)]
         self.metric_ports = {name: free_port() for name in ("generator", "scorer", "buffer", "learner")}
         self.output = tmp_path / "run"
-        values = [f"run.output_dir={str(self.output)!r}",
-                  f'endpoints.scorers=["tcp://127.0.0.1:{self.zmq_ports[0]}"]']
-        values += [f'endpoints.{name}="tcp://127.0.0.1:{port}"'
-                   for name, port in zip(("buffer", "batches", "weights_announce", "weights"), self.zmq_ports[1:])]
+        values = [f"run.output_dir={str(self.output)!r}", f'endpoints.scorers=["tcp://127.0.0.1:{self.zmq_ports[0]}"]']
+        values += [
+            f'endpoints.{name}="tcp://127.0.0.1:{port}"'
+            for name, port in zip(("buffer", "batches", "weights_announce", "weights"), self.zmq_ports[1:])
+        ]
         values += [f"metrics.{name}_port={port}" for name, port in self.metric_ports.items()]
         command = [sys.executable, "-m", "streamrl", "run", "--config", str(REPO / "deploy/configs/tiny.toml")]
         for value in [*values, *overrides]:
             command += ["--set", value]
         self.log_path = tmp_path / "run.log"
-        self.proc = subprocess.Popen(command, cwd=tmp_path, stdout=open(self.log_path, "wb"),
-                                     stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.proc = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            stdout=open(self.log_path, "wb"),
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

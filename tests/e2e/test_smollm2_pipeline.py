@@ -18,10 +18,15 @@ def test_smollm2_trains_with_vader_reward(tmp_path, services):
 
     base = resolve_model_path(SMOLLM2_NAME)  # converted once per machine into the cache
     sections = local_run_config(
-        tmp_path, base,
+        tmp_path,
+        base,
         run={"max_staleness": 1},
-        generator={"max_new_tokens": 6, "group_size": 2, "prompts_per_batch": 2,
-                   "prompts": {"kind": "jsonl", "path": str(REPO / "deploy/prompts/review_openings.jsonl")}},
+        generator={
+            "max_new_tokens": 6,
+            "group_size": 2,
+            "prompts_per_batch": 2,
+            "prompts": {"kind": "jsonl", "path": str(REPO / "deploy/prompts/review_openings.jsonl")},
+        },
         scorer={"rewards": [{"function": "streamrl.services.scorer.rewards:vader_sentiment"}]},
         buffer={"capacity_groups": 4},
         learner={"total_steps": 3, "groups_per_step": 2, "lr": 1e-4, "kl_coef": 0.05},
@@ -60,4 +65,4 @@ def test_smollm2_trains_with_vader_reward(tmp_path, services):
     ids = tokenizer("The movie was", return_tensors="pt")
     out = trained.generate(**ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
-    assert tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -42,16 +42,21 @@ def free_pair(host: str) -> int:
 
 def steps_done(run_dir: Path) -> int:
     path = run_dir / "trained.jsonl"
-    return max((json.loads(line)["step"] for line in path.read_text().splitlines()), default=0) \
-        if path.exists() else 0
+    return max((json.loads(line)["step"] for line in path.read_text().splitlines()), default=0) if path.exists() else 0
 
 
 def test_three_host_roles_run_a_job_to_completion(tmp_path, tiny_model_dir):
     scorer_port = free_pair("127.0.0.2")
-    sections = local_run_config(tmp_path, tiny_model_dir, learner={"total_steps": STEPS, "checkpoint_every": 20},
-                                transport={"announce_interval_s": 0.2, "request_timeout_s": 1.0})
-    sections["endpoints"].update(scorers=[f"tcp://127.0.0.2:{scorer_port}", f"tcp://127.0.0.2:{scorer_port + 1}"],
-                                 bind={"scorer": f"tcp://127.0.0.2:{scorer_port}"})
+    sections = local_run_config(
+        tmp_path,
+        tiny_model_dir,
+        learner={"total_steps": STEPS, "checkpoint_every": 20},
+        transport={"announce_interval_s": 0.2, "request_timeout_s": 1.0},
+    )
+    sections["endpoints"].update(
+        scorers=[f"tcp://127.0.0.2:{scorer_port}", f"tcp://127.0.0.2:{scorer_port + 1}"],
+        bind={"scorer": f"tcp://127.0.0.2:{scorer_port}"},
+    )
     sections["metrics"].update(scorer_port=free_pair("127.0.0.1"), generator_port=free_pair("127.0.0.1"))
     generate_keys(tmp_path / "keys")
     sections["security"] = {"keys_dir": str(tmp_path / "keys")}
@@ -60,29 +65,63 @@ def test_three_host_roles_run_a_job_to_completion(tmp_path, tiny_model_dir):
     daemons, logs = {}, {}
     try:
         # the trainer starts last, when the other hosts' processes serve metrics (imports done)
-        for role, counts in (("scorer", {"STREAMRL_SCORERS": "2"}), ("generator", {"STREAMRL_GENERATORS": "2"}),
-                             ("trainer", {})):
+        for role, counts in (
+            ("scorer", {"STREAMRL_SCORERS": "2"}),
+            ("generator", {"STREAMRL_GENERATORS": "2"}),
+            ("trainer", {}),
+        ):
             if role == "trainer":
-                assert wait_until(lambda: all(read_metrics("127.0.0.1", sections["metrics"][f"{s}_port"] + i)
-                                              for s in ("scorer", "generator") for i in range(2)), timeout=120)
+                assert wait_until(
+                    lambda: all(
+                        read_metrics("127.0.0.1", sections["metrics"][f"{s}_port"] + i)
+                        for s in ("scorer", "generator")
+                        for i in range(2)
+                    ),
+                    timeout=120,
+                )
             logs[role] = tmp_path / role
             logs[role].mkdir()
-            env = dict(os.environ, STREAMRL_CONFIG=str(config), STREAMRL_PYTHON=sys.executable,
-                       STREAMRL_LOGS=str(logs[role]), PYTHONUNBUFFERED="1", **counts)
+            env = dict(
+                os.environ,
+                STREAMRL_CONFIG=str(config),
+                STREAMRL_PYTHON=sys.executable,
+                STREAMRL_LOGS=str(logs[role]),
+                PYTHONUNBUFFERED="1",
+                **counts,
+            )
             env.pop("STREAMRL_REPLICA", None)
-            daemons[role] = (subprocess.Popen([str(bin_dir / "supervisord"), "-c",
-                                               str(REPO / "deploy" / "supervisor" / f"{role}.conf")],
-                                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                                              stderr=subprocess.STDOUT), env)
+            daemons[role] = (
+                subprocess.Popen(
+                    [str(bin_dir / "supervisord"), "-c", str(REPO / "deploy" / "supervisor" / f"{role}.conf")],
+                    cwd=tmp_path,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.STDOUT,
+                ),
+                env,
+            )
 
         def all_logs() -> str:
-            return "\n".join(f"===== {p}\n{p.read_text(errors='replace')[-3000:]}"
-                             for folder in logs.values() for p in sorted(folder.glob("*.log")))
+            return "\n".join(
+                f"===== {p}\n{p.read_text(errors='replace')[-3000:]}"
+                for folder in logs.values()
+                for p in sorted(folder.glob("*.log"))
+            )
 
         def learner_exited() -> bool:
-            result = subprocess.run([str(bin_dir / "supervisorctl"), "-c",
-                                     str(REPO / "deploy" / "supervisor" / "trainer.conf"), "status", "learner"],
-                                    env=daemons["trainer"][1], capture_output=True, text=True, timeout=30)
+            result = subprocess.run(
+                [
+                    str(bin_dir / "supervisorctl"),
+                    "-c",
+                    str(REPO / "deploy" / "supervisor" / "trainer.conf"),
+                    "status",
+                    "learner",
+                ],
+                env=daemons["trainer"][1],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             return "EXITED" in result.stdout
 
         assert wait_until(learner_exited, timeout=300, interval=1.0), all_logs()
@@ -94,7 +133,7 @@ def test_three_host_roles_run_a_job_to_completion(tmp_path, tiny_model_dir):
         host = socket.gethostname()
         for i in range(2):
             scorer = scrape(sections["metrics"]["scorer_port"] + i)
-            assert scorer[f'streamrl_scorer_info{{instance_id=scorer-{host}-{i},service=scorer}}'] == 1.0
+            assert scorer[f"streamrl_scorer_info{{instance_id=scorer-{host}-{i},service=scorer}}"] == 1.0
             assert scorer["streamrl_scorer_rollouts_scored_total"] > 0  # generators reached both scorers
             generator = scrape(sections["metrics"]["generator_port"] + i)
             assert generator[f"streamrl_generator_info{{instance_id=generator-{host}-{i},service=generator}}"] == 1.0

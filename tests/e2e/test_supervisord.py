@@ -22,8 +22,13 @@ STEPS = 8
 
 def supervisorctl(env: dict, *args: str) -> str:
     bin_dir = Path(sys.executable).parent
-    result = subprocess.run([str(bin_dir / "supervisorctl"), "-c", str(REPO / "deploy/supervisord.conf"), *args],
-                            env=env, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [str(bin_dir / "supervisorctl"), "-c", str(REPO / "deploy/supervisord.conf"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return result.stdout
 
 
@@ -34,22 +39,36 @@ def pid_of(env: dict, name: str) -> int:
 
 def steps_done(run_dir: Path) -> int:
     path = run_dir / "trained.jsonl"
-    return max((json.loads(line)["step"] for line in path.read_text().splitlines()), default=0) \
-        if path.exists() else 0
+    return max((json.loads(line)["step"] for line in path.read_text().splitlines()), default=0) if path.exists() else 0
 
 
 def test_killed_services_are_restarted_and_the_run_completes(tmp_path, tiny_model_dir):
-    sections = local_run_config(tmp_path, tiny_model_dir,
-                                transport={"announce_interval_s": 0.2, "request_timeout_s": 1.0},
-                                learner={"total_steps": STEPS, "checkpoint_every": 1})
+    sections = local_run_config(
+        tmp_path,
+        tiny_model_dir,
+        transport={"announce_interval_s": 0.2, "request_timeout_s": 1.0},
+        learner={"total_steps": STEPS, "checkpoint_every": 1},
+    )
     config = write_config(tmp_path / "run.toml", sections)
     logs = tmp_path / "logs"
     logs.mkdir()
-    env = dict(os.environ, STREAMRL_CONFIG=str(config), STREAMRL_GENERATORS="2", STREAMRL_SCORERS="1",
-               STREAMRL_PYTHON=sys.executable, STREAMRL_LOGS=str(logs), PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        STREAMRL_CONFIG=str(config),
+        STREAMRL_GENERATORS="2",
+        STREAMRL_SCORERS="1",
+        STREAMRL_PYTHON=sys.executable,
+        STREAMRL_LOGS=str(logs),
+        PYTHONUNBUFFERED="1",
+    )
     bin_dir = Path(sys.executable).parent
-    daemon = subprocess.Popen([str(bin_dir / "supervisord"), "-c", str(REPO / "deploy/supervisord.conf")],
-                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    daemon = subprocess.Popen(
+        [str(bin_dir / "supervisord"), "-c", str(REPO / "deploy/supervisord.conf")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     run_dir = tmp_path / "run"
 
     def all_logs() -> str:
@@ -63,8 +82,9 @@ def test_killed_services_are_restarted_and_the_run_completes(tmp_path, tiny_mode
             assert killed[name] > 0, supervisorctl(env, "status")
             os.kill(killed[name], signal.SIGKILL)
         # supervisord starts each again (a new pid) and the learner still reaches its target
-        assert wait_until(lambda: all(pid_of(env, n) not in (0, p) for n, p in killed.items()), timeout=60), \
+        assert wait_until(lambda: all(pid_of(env, n) not in (0, p) for n, p in killed.items()), timeout=60), (
             supervisorctl(env, "status")
+        )
         assert wait_until(lambda: "EXITED" in supervisorctl(env, "status", "learner"), timeout=240), all_logs()
         assert steps_done(run_dir) == STEPS
         assert "exit status 0" in (logs / "supervisord.log").read_text()

@@ -29,7 +29,7 @@ def readme_section(title: str) -> str:
     text = (REPO / "README.md").read_text()
     start = text.index(f"\n### {title}\n")
     end = re.compile(r"\n#{2,3} ").search(text, start + 1)
-    return text[start:end.start() if end else None]
+    return text[start : end.start() if end else None]
 
 
 def block_after(section: str, marker: str, language: str) -> str:
@@ -48,8 +48,9 @@ MISSING = block_after(SECTION, "**Where the module is imported from.**", "").str
 
 def streamrl(cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([STREAMRL, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=dict(env, PYTHONUNBUFFERED="1"))
+    return subprocess.run(
+        [STREAMRL, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=dict(env, PYTHONUNBUFFERED="1")
+    )
 
 
 def test_the_readme_example_runs_from_an_empty_folder(tmp_path):
@@ -62,8 +63,16 @@ def test_the_readme_example_runs_from_an_empty_folder(tmp_path):
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.startswith("my.toml: OK (my-reward, model tiny-char-llama, 20 steps")
     # the README's command, shortened to 2 steps, on free ports (tests share this machine)
-    run = streamrl(folder, *COMMANDS[1].split()[1:], "--free-ports", "--set", "learner.total_steps=2",
-                   "--set", "learner.checkpoint_every=2", timeout=500)
+    run = streamrl(
+        folder,
+        *COMMANDS[1].split()[1:],
+        "--free-ports",
+        "--set",
+        "learner.total_steps=2",
+        "--set",
+        "learner.checkpoint_every=2",
+        timeout=500,
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "scoring on tcp://127.0.0.1:" in run.stdout and "with mentions" in run.stdout
     output = folder / "runs" / "my-reward"
@@ -81,7 +90,8 @@ def test_the_readme_example_runs_from_an_empty_folder(tmp_path):
 
 
 def test_a_module_next_to_the_config_or_in_the_launch_directory_imports_in_check_and_services(
-        tmp_path, tiny_model_dir, services):
+    tmp_path, tiny_model_dir, services
+):
     from streamrl.testing import local_run_config, scrape, write_config
 
     exp, launch, other = tmp_path / "exp", tmp_path / "launch", tmp_path / "other"

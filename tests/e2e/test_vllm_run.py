@@ -19,18 +19,26 @@ pytestmark = pytest.mark.slow
 STEPS = 30
 
 
-@pytest.mark.skipif(not (os.environ.get("STREAMRL_REQUIRE_VLLM") or __import__("importlib").util.find_spec("vllm")),
-                    reason="vLLM not installed (make setup-vllm)")
+@pytest.mark.skipif(
+    not (os.environ.get("STREAMRL_REQUIRE_VLLM") or __import__("importlib").util.find_spec("vllm")),
+    reason="vLLM not installed (make setup-vllm)",
+)
 def test_tiny_run_with_the_vllm_engine_learns(tmp_path):
     model = save_tiny_model(tmp_path / "model", seed=0, hidden_size=128, num_heads=2)  # vLLM CPU: head_dim 64
     sections = local_run_config(tmp_path, model, run={"max_staleness": 1})
-    sections["generator"].update(engine="vllm", kv_cache_gib=0.25, max_new_tokens=16, group_size=8,
-                                 prompts_per_batch=2)
-    sections["learner"].update(total_steps=STEPS, groups_per_step=4, lr=3e-3, kl_coef=0.0,
-                               normalize_rewards=False, checkpoint_every=STEPS)
+    sections["generator"].update(engine="vllm", kv_cache_gib=0.25, max_new_tokens=16, group_size=8, prompts_per_batch=2)
+    sections["learner"].update(
+        total_steps=STEPS, groups_per_step=4, lr=3e-3, kl_coef=0.0, normalize_rewards=False, checkpoint_every=STEPS
+    )
     job = write_config(tmp_path / "job.toml", sections)
-    done = subprocess.run([sys.executable, "-m", "streamrl", "run", "--config", str(job)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    done = subprocess.run(
+        [sys.executable, "-m", "streamrl", "run", "--config", str(job)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     output = tmp_path / "run"
     logs = done.stdout[-4000:] + done.stderr[-4000:]
     assert done.returncode == 0, logs

@@ -33,10 +33,19 @@ class Clock:
         return self.now
 
 
-def ask(ledger: CreditLedger, gid: str, *, version: int, sent: int, want: int = 4, instance: str | None = None,
-        held: int = 0):
-    req = m.CreditRequest(sender=gid, instance=instance or gid.split("#")[0], policy_version=version,
-                          groups_sent=sent, want=want)
+def ask(
+    ledger: CreditLedger,
+    gid: str,
+    *,
+    version: int,
+    sent: int,
+    want: int = 4,
+    instance: str | None = None,
+    held: int = 0,
+):
+    req = m.CreditRequest(
+        sender=gid, instance=instance or gid.split("#")[0], policy_version=version, groups_sent=sent, want=want
+    )
     return ledger.grant(req, held)
 
 
@@ -55,8 +64,14 @@ def simulate(*, eta: int, B: int, generators: int, steps: int, seed: int, lag_p:
     rng = random.Random(seed)
     clock = Clock()
     ledger = CreditLedger(B, eta, ttl_s=1e9, clock=clock)
-    store = ReplayBuffer(capacity_groups=10_000, overflow=OverflowPolicy.BLOCK, max_reuse=1, max_staleness=eta,
-                         group_timeout_s=1e9, clock=clock)
+    store = ReplayBuffer(
+        capacity_groups=10_000,
+        overflow=OverflowPolicy.BLOCK,
+        max_reuse=1,
+        max_staleness=eta,
+        group_timeout_s=1e9,
+        clock=clock,
+    )
     gens = [{"id": f"gen-{i}#a", "w": 0, "sent": 0} for i in range(generators)]
     channel: deque = deque()  # (gid, group id, version), in send order
     learner = 0
@@ -70,8 +85,9 @@ def simulate(*, eta: int, B: int, generators: int, steps: int, seed: int, lag_p:
         event = rng.random()
         if event < 0.35:  # a generator asks and samples what it got, with the weights it has
             g = rng.choice(gens)
-            grant = ask(ledger, g["id"], version=g["w"], sent=g["sent"], want=rng.randint(1, 3),
-                        held=held_groups(store))
+            grant = ask(
+                ledger, g["id"], version=g["w"], sent=g["sent"], want=rng.randint(1, 3), held=held_groups(store)
+            )
             for _ in range(grant.credits):
                 channel.append((g["id"], f"{g['id']}:{g['sent']}", g["w"]))
                 g["sent"] += 1
@@ -98,8 +114,11 @@ def simulate(*, eta: int, B: int, generators: int, steps: int, seed: int, lag_p:
         assert ledger.outstanding() >= in_flight
         worst = max(worst, held_groups(store) + in_flight + ledger.served_for_version)
     assert learner >= steps, "the pipeline stalled"
-    return store, ledger, {"served": served, "staleness_max": staleness_max, "generated": generated,
-                           "worst": worst, "gens": gens}
+    return (
+        store,
+        ledger,
+        {"served": served, "staleness_max": staleness_max, "generated": generated, "worst": worst, "gens": gens},
+    )
 
 
 @pytest.mark.parametrize("eta,B,generators,seed", [(2, 4, 1, 0), (1, 3, 3, 1), (3, 2, 4, 2), (2, 8, 2, 3)])
@@ -222,6 +241,7 @@ def test_bad_arguments_and_backwards_counts():
 # The buffer service's glue between the batch protocol (DurableBuffer) and the ledger, as in
 # services/buffer/loop.py (_take_request, _serve_pending, _grant), driven without sockets.
 
+
 def learner_request(ledger: CreditLedger, state: DurableBuffer, req: m.BatchRequest) -> m.Batch | None:
     """BufferService._take_request then _serve_pending: the batch sent for ``req``, or None (pending)."""
     again = state.take_request(b"learner", req)
@@ -239,16 +259,26 @@ def learner_request(ledger: CreditLedger, state: DurableBuffer, req: m.BatchRequ
 
 def generator_asks(ledger: CreditLedger, state: DurableBuffer, request: m.CreditRequest):
     """BufferService._grant."""
-    return ledger.grant(request, state.store.complete_groups + state.store.incomplete_groups
-                        + awaiting_groups(state.held))
+    return ledger.grant(
+        request, state.store.complete_groups + state.store.incomplete_groups + awaiting_groups(state.held)
+    )
 
 
 def groups_in(batch: m.Batch) -> int:
     return len({s.rollout.group_id for s in batch.rollouts})
 
 
-def restart_run(*, eta: int, B: int, resume: str, seed: int | None, crash_at: int = 4, checkpoint_every: int = 3,
-                steps: int = 16, generators: int = 2):
+def restart_run(
+    *,
+    eta: int,
+    B: int,
+    resume: str,
+    seed: int | None,
+    crash_at: int = 4,
+    checkpoint_every: int = 3,
+    steps: int = 16,
+    generators: int = 2,
+):
     """A pipeline whose learner is killed while training ``crash_at`` and restarts (DurableBuffer protocol).
 
     ``resume``: "published" (the learner continues at published + 1 so versions never go back,
@@ -264,8 +294,14 @@ def restart_run(*, eta: int, B: int, resume: str, seed: int | None, crash_at: in
     rng = random.Random(seed)
     clock = Clock()
     ledger = CreditLedger(B, eta, ttl_s=1e9, clock=clock)
-    store = ReplayBuffer(capacity_groups=admission_capacity(10_000, B, eta), overflow=OverflowPolicy.BLOCK,
-                         max_reuse=1, max_staleness=eta, group_timeout_s=1e9, clock=clock)
+    store = ReplayBuffer(
+        capacity_groups=admission_capacity(10_000, B, eta),
+        overflow=OverflowPolicy.BLOCK,
+        max_reuse=1,
+        max_staleness=eta,
+        group_timeout_s=1e9,
+        clock=clock,
+    )
     state = DurableBuffer(store, None)
     dropped: list[str] = []
     store.on_event = lambda event, ids: dropped.extend(ids) if event is BufferEvent.DROPPED_STALE else None
@@ -287,9 +323,13 @@ def restart_run(*, eta: int, B: int, resume: str, seed: int | None, crash_at: in
         event = rng.random() if seed is not None else (tick % 4) / 4
         if event < 0.25:  # a generator asks and samples what it got
             g = gens[rng.randrange(generators)] if seed is not None else gens[(tick // 4) % generators]
-            grant = generator_asks(ledger, state, m.CreditRequest(
-                sender=g["id"], instance=g["id"].split("#")[0], policy_version=g["w"], groups_sent=g["sent"],
-                want=B))
+            grant = generator_asks(
+                ledger,
+                state,
+                m.CreditRequest(
+                    sender=g["id"], instance=g["id"].split("#")[0], policy_version=g["w"], groups_sent=g["sent"], want=B
+                ),
+            )
             for _ in range(grant.credits):
                 group = f"{g['id']}:{g['sent']}"
                 channel.append((g["id"], group, g["w"]))
@@ -308,9 +348,17 @@ def restart_run(*, eta: int, B: int, resume: str, seed: int | None, crash_at: in
                     state.add(item(gid, group, k, version), [])
         elif event < 0.75:  # the learner asks, or trains what it was given
             if lrn["batch"] is None:
-                lrn["batch"] = learner_request(ledger, state, m.BatchRequest(
-                    sender="learner", learner_version=lrn["version"], num_groups=B,
-                    durable_version=lrn["durable"], resumed_at=lrn["resumed"]))
+                lrn["batch"] = learner_request(
+                    ledger,
+                    state,
+                    m.BatchRequest(
+                        sender="learner",
+                        learner_version=lrn["version"],
+                        num_groups=B,
+                        durable_version=lrn["durable"],
+                        resumed_at=lrn["resumed"],
+                    ),
+                )
             elif not restarted and lrn["version"] == crash_at:  # killed while training it
                 restarted = True
                 newest = lrn["checkpoints"][-1]
@@ -321,12 +369,19 @@ def restart_run(*, eta: int, B: int, resume: str, seed: int | None, crash_at: in
                 else:
                     at = lrn["checkpoints"][-2]
                     lrn["checkpoints"].pop()
-                lrn.update(version=at, durable=at if resume != "published" else newest, resumed=at, batch=None,
-                           published=max(lrn["published"], at))
+                lrn.update(
+                    version=at,
+                    durable=at if resume != "published" else newest,
+                    resumed=at,
+                    batch=None,
+                    published=max(lrn["published"], at),
+                )
             else:
                 for s in lrn["batch"].rollouts:
-                    assert lrn["version"] - s.rollout.policy_version <= eta or s.rollout.group_id not in \
-                        out["generated_after_restart"], "a group admitted after the restart was trained too stale"
+                    assert (
+                        lrn["version"] - s.rollout.policy_version <= eta
+                        or s.rollout.group_id not in out["generated_after_restart"]
+                    ), "a group admitted after the restart was trained too stale"
                 out["trained"] += groups_in(lrn["batch"])
                 lrn["version"] += 1
                 lrn["published"] = max(lrn["published"], lrn["version"])
@@ -339,8 +394,7 @@ def restart_run(*, eta: int, B: int, resume: str, seed: int | None, crash_at: in
             g["w"] = max(g["w"], lrn["version"])
     out["finished"] = lrn["version"] >= steps
     out["restarted"] = restarted
-    out["dropped_after_restart"] = sorted({rid.rsplit("-", 1)[0] for rid in dropped}
-                                          & out["generated_after_restart"])
+    out["dropped_after_restart"] = sorted({rid.rsplit("-", 1)[0] for rid in dropped} & out["generated_after_restart"])
     return out
 
 
@@ -369,15 +423,19 @@ def test_batches_served_again_after_a_learner_restart_count_hand_computed():
     died; it restarts at version 3 (published 2 + 1). Its 3 batches are served again as 3, 4, 5."""
     clock = Clock()
     ledger = CreditLedger(2, 1, ttl_s=1e9, clock=clock)
-    store = ReplayBuffer(capacity_groups=4, overflow=OverflowPolicy.BLOCK, max_reuse=1, max_staleness=1,
-                         group_timeout_s=1e9, clock=clock)
+    store = ReplayBuffer(
+        capacity_groups=4, overflow=OverflowPolicy.BLOCK, max_reuse=1, max_staleness=1, group_timeout_s=1e9, clock=clock
+    )
     state = DurableBuffer(store, None)
     sent = 0
 
     def generate(version: int, want: int) -> int:
         nonlocal sent
-        grant = generator_asks(ledger, state, m.CreditRequest(sender="g#1", instance="g", policy_version=version,
-                                                              groups_sent=sent, want=want))
+        grant = generator_asks(
+            ledger,
+            state,
+            m.CreditRequest(sender="g#1", instance="g", policy_version=version, groups_sent=sent, want=want),
+        )
         for _ in range(grant.credits):
             for k in range(G):
                 ledger.arrived("g#1", f"g:{sent}")
@@ -386,8 +444,13 @@ def test_batches_served_again_after_a_learner_restart_count_hand_computed():
         return grant.credits
 
     def ask(version: int, resumed: int) -> m.Batch | None:
-        return learner_request(ledger, state, m.BatchRequest(sender="learner", learner_version=version, num_groups=2,
-                                                             durable_version=0, resumed_at=resumed))
+        return learner_request(
+            ledger,
+            state,
+            m.BatchRequest(
+                sender="learner", learner_version=version, num_groups=2, durable_version=0, resumed_at=resumed
+            ),
+        )
 
     assert generate(0, 10) == 4
     for v in range(3):

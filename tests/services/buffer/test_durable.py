@@ -27,12 +27,29 @@ class Clock:
         return self.now
 
 
-def durable(directory=None, *, capacity=4, overflow=OverflowPolicy.EVICT_OLDEST, max_staleness=2, clock=None,
-            max_reuse=1, keep_history=False) -> DurableBuffer:
-    store = ReplayBuffer(capacity_groups=capacity, overflow=overflow, max_reuse=max_reuse,
-                         max_staleness=max_staleness, group_timeout_s=5.0, clock=clock or Clock())
-    journal = None if directory is None else Journal(directory, fsync=FsyncPolicy.ALWAYS, max_reuse=max_reuse,
-                                                         keep_history=keep_history)
+def durable(
+    directory=None,
+    *,
+    capacity=4,
+    overflow=OverflowPolicy.EVICT_OLDEST,
+    max_staleness=2,
+    clock=None,
+    max_reuse=1,
+    keep_history=False,
+) -> DurableBuffer:
+    store = ReplayBuffer(
+        capacity_groups=capacity,
+        overflow=overflow,
+        max_reuse=max_reuse,
+        max_staleness=max_staleness,
+        group_timeout_s=5.0,
+        clock=clock or Clock(),
+    )
+    journal = (
+        None
+        if directory is None
+        else Journal(directory, fsync=FsyncPolicy.ALWAYS, max_reuse=max_reuse, keep_history=keep_history)
+    )
     return DurableBuffer(store, journal)
 
 
@@ -52,8 +69,11 @@ def records(directory) -> list[tuple[RecordType, object]]:
     """State records on disk, in order (segment markers left out)."""
     out = []
     for _, path in _segments(directory):
-        out += [(kind, payload) for kind, payload in read_records(path)
-                if kind not in (RecordType.BEGIN, RecordType.SNAPSHOT_END)]
+        out += [
+            (kind, payload)
+            for kind, payload in read_records(path)
+            if kind not in (RecordType.BEGIN, RecordType.SNAPSHOT_END)
+        ]
     return out
 
 
@@ -80,7 +100,7 @@ def test_accepted_rollouts_are_journaled_with_their_frames_and_refusals_are_not(
     assert buf.add(item, frames) is AddOutcome.DUPLICATE
     assert buf.add(scored_item("a", 1, size=3), encode(scored_item("a", 1, size=3))) is AddOutcome.GROUP_MISMATCH
     buf.commit()
-    (kind, payload), = records(tmp_path)
+    ((kind, payload),) = records(tmp_path)
     assert kind is RecordType.ACCEPT and payload == [bytes(f) for f in frames]  # the bytes as received
 
 
@@ -113,8 +133,13 @@ def test_a_request_waits_until_enough_groups_then_newer_requests_acknowledge(tmp
     route, batch = buf.serve_pending("buffer-0")
     assert ids(batch) == ["b-0", "b-1"] and batch.learner_version == 1
     kinds = [kind for kind, _ in records(tmp_path)]
-    assert kinds == [RecordType.ACCEPT] * 2 + [RecordType.SERVE, RecordType.ACCEPT, RecordType.ACCEPT,
-                                               RecordType.ACK, RecordType.SERVE]
+    assert kinds == [RecordType.ACCEPT] * 2 + [
+        RecordType.SERVE,
+        RecordType.ACCEPT,
+        RecordType.ACCEPT,
+        RecordType.ACK,
+        RecordType.SERVE,
+    ]
 
 
 def test_a_repeated_or_older_request_gets_the_unacknowledged_batch_again(tmp_path):
@@ -153,8 +178,9 @@ def test_a_crashed_buffer_recovers_the_unacknowledged_batch_and_serves_it_again(
 
 def checkpointed(version: int, durable: int, resumed_at: int) -> BatchRequest:
     """A request from a learner that states its checkpoint (``durable``) and process (``resumed_at``)."""
-    return BatchRequest(sender="learner-0", learner_version=version, num_groups=1, durable_version=durable,
-                        resumed_at=resumed_at)
+    return BatchRequest(
+        sender="learner-0", learner_version=version, num_groups=1, durable_version=durable, resumed_at=resumed_at
+    )
 
 
 def serve_one(buf: DurableBuffer, req: BatchRequest) -> Batch:
@@ -295,8 +321,14 @@ def test_a_group_a_scorer_dropped_is_evicted_journaled_and_its_later_members_ref
 
 
 def test_the_store_must_not_have_another_ledger_hook():
-    store = ReplayBuffer(capacity_groups=2, overflow=OverflowPolicy.BLOCK, max_reuse=1, max_staleness=1,
-                         group_timeout_s=1.0, on_event=lambda e, i: None)
+    store = ReplayBuffer(
+        capacity_groups=2,
+        overflow=OverflowPolicy.BLOCK,
+        max_reuse=1,
+        max_staleness=1,
+        group_timeout_s=1.0,
+        on_event=lambda e, i: None,
+    )
     with pytest.raises(ValueError, match="already has a ledger hook"):
         DurableBuffer(store, None)
 
@@ -308,8 +340,14 @@ def test_the_measured_ledger_counts_what_the_journal_committed(tmp_path):
     path = ledger_path(tmp_path, "buffer", 0)
 
     def with_ledger() -> DurableBuffer:
-        store = ReplayBuffer(capacity_groups=4, overflow=OverflowPolicy.EVICT_OLDEST, max_reuse=1,
-                             max_staleness=2, group_timeout_s=5.0, clock=Clock())
+        store = ReplayBuffer(
+            capacity_groups=4,
+            overflow=OverflowPolicy.EVICT_OLDEST,
+            max_reuse=1,
+            max_staleness=2,
+            group_timeout_s=5.0,
+            clock=Clock(),
+        )
         return DurableBuffer(store, Journal(tmp_path / "journal", fsync=FsyncPolicy.ALWAYS), Ledger(path))
 
     buf = with_ledger()

@@ -28,9 +28,15 @@ class Journaled:
     def __init__(self, directory, *, max_reuse=1, capacity=6, clock=None, fsync=FsyncPolicy.ALWAYS, **journal_kw):
         self.now = 0.0
         self.journal = Journal(directory, fsync=fsync, max_reuse=max_reuse, **journal_kw)
-        self.store = ReplayBuffer(capacity_groups=capacity, overflow=OverflowPolicy.EVICT_OLDEST,
-                                  max_reuse=max_reuse, max_staleness=2, group_timeout_s=5.0,
-                                  clock=clock or (lambda: self.now), on_event=self._event)
+        self.store = ReplayBuffer(
+            capacity_groups=capacity,
+            overflow=OverflowPolicy.EVICT_OLDEST,
+            max_reuse=max_reuse,
+            max_staleness=2,
+            group_timeout_s=5.0,
+            clock=clock or (lambda: self.now),
+            on_event=self._event,
+        )
         self._frames = None
         self.unacked: Batch | None = None
 
@@ -49,8 +55,13 @@ class Journaled:
     def sample(self, n, version):
         s = self.store.sample(n, version)
         if s is not None:
-            self.unacked = Batch(learner_version=version, rollouts=s.rollouts, dropped_stale=s.dropped_stale,
-                                 evicted=s.evicted, buffered_groups=s.buffered_groups)
+            self.unacked = Batch(
+                learner_version=version,
+                rollouts=s.rollouts,
+                dropped_stale=s.dropped_stale,
+                evicted=s.evicted,
+                buffered_groups=s.buffered_groups,
+            )
             self.journal.serve(self.unacked)
             self.journal.commit()
         return s
@@ -62,8 +73,14 @@ class Journaled:
 
 def restored(directory, *, max_reuse=1, capacity=6) -> tuple[ReplayBuffer, Batch | None]:
     rec = Journal(directory, fsync=FsyncPolicy.NEVER, max_reuse=max_reuse).recover()
-    store = ReplayBuffer(capacity_groups=capacity, overflow=OverflowPolicy.EVICT_OLDEST, max_reuse=max_reuse,
-                         max_staleness=2, group_timeout_s=5.0, clock=lambda: 0.0)
+    store = ReplayBuffer(
+        capacity_groups=capacity,
+        overflow=OverflowPolicy.EVICT_OLDEST,
+        max_reuse=max_reuse,
+        max_staleness=2,
+        group_timeout_s=5.0,
+        clock=lambda: 0.0,
+    )
     store.restore([(g.members, g.served) for g in rec.groups])
     return store, rec.unacknowledged
 
@@ -82,8 +99,13 @@ def test_recovery_reproduces_groups_order_serve_counts_and_unacked_batch(tmp_pat
     assert [m.rollout.group_id for m in first.rollouts] == ["a", "a", "b", "b"]
     j.ack()
     j.sample(1, 1)  # c served once; unacknowledged
-    assert state(j.store) == [(["e-0"], 0), (["d-0", "d-1"], 0), (["a-0", "a-1"], 1), (["b-0", "b-1"], 1),
-                              (["c-0", "c-1"], 1)]
+    assert state(j.store) == [
+        (["e-0"], 0),
+        (["d-0", "d-1"], 0),
+        (["a-0", "a-1"], 1),
+        (["b-0", "b-1"], 1),
+        (["c-0", "c-1"], 1),
+    ]
 
     store, unacked = restored(tmp_path, max_reuse=2)
     assert state(store) == state(j.store)
@@ -120,7 +142,7 @@ def test_torn_tail_is_ignored_and_counted(tmp_path, cut):
         j.add(scored_item("a", k))
     j.add(scored_item("b", 0))
     j.journal.close()
-    (_, path), = _segments(tmp_path)
+    ((_, path),) = _segments(tmp_path)
     data = path.read_bytes()
     path.write_bytes(data[:-cut])  # the crash tore the last record
     rec = Journal(tmp_path, fsync=FsyncPolicy.NEVER).recover()
@@ -134,7 +156,7 @@ def test_torn_tail_reason_says_records_and_rollouts(tmp_path):
     j = Journaled(tmp_path)
     j.add(scored_item("a", 0))
     j.journal.close()
-    (_, path), = _segments(tmp_path)
+    ((_, path),) = _segments(tmp_path)
     data = path.read_bytes()
     start = 0  # where the last record (the accept of "a-0") begins
     while _record_at(data, start)[1] < len(data):
@@ -142,7 +164,7 @@ def test_torn_tail_reason_says_records_and_rollouts(tmp_path):
     assert _record_at(data, start)[0] == RecordType.ACCEPT
     accept = torn_tail(data[:-3], start)
     assert (accept.rollouts, str(accept).split(": ", 1)[1]) == (1, "1 record lost (accept): 1 rollout never accepted")
-    header_cut = torn_tail(data[:start + 4], start)
+    header_cut = torn_tail(data[: start + 4], start)
     assert header_cut.rollouts == 1 and "header is torn" in header_cut
     removal = bytearray(data[:-3])
     removal[start + 8] = RecordType.REMOVE
@@ -154,7 +176,7 @@ def test_corrupt_record_ends_its_segment(tmp_path):
     for k in range(2):
         j.add(scored_item("a", k))
     j.journal.close()
-    (_, path), = _segments(tmp_path)
+    ((_, path),) = _segments(tmp_path)
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF  # flip bits inside the second record's payload: crc mismatch
     path.write_bytes(bytes(data))
@@ -166,8 +188,15 @@ def test_compaction_bounds_disk_and_keeps_state_and_history(tmp_path):
     rng = random.Random(3)
     # 100 groups compact the journal dozens of times; nothing crashes here, so commits need no fsync (the
     # durability tests have their own): 300 groups with fsync = always made this the slowest unit test
-    j = Journaled(tmp_path, max_reuse=1, capacity=4, segment_bytes=4096, max_segments=2, keep_history=True,
-                  fsync=FsyncPolicy.NEVER)
+    j = Journaled(
+        tmp_path,
+        max_reuse=1,
+        capacity=4,
+        segment_bytes=4096,
+        max_segments=2,
+        keep_history=True,
+        fsync=FsyncPolicy.NEVER,
+    )
     accepted, version = [], 0
     for g in range(100):
         for k in range(2):
@@ -222,6 +251,7 @@ def test_fsync_policy_interval_and_never(tmp_path):
 
 # ---------------------------------------------------------------- damage is never skipped silently
 
+
 def served_journal(directory, groups=6, segment_bytes=1 << 20):
     """A journal of ``groups`` complete groups of 2; the first half served (and acknowledged)."""
     j = Journaled(directory, capacity=groups, segment_bytes=segment_bytes)
@@ -245,7 +275,7 @@ def flip_byte(path, offset):
 
 def test_a_flipped_byte_mid_segment_stops_recovery(tmp_path):
     served_journal(tmp_path)
-    (_, path), = _segments(tmp_path)
+    ((_, path),) = _segments(tmp_path)
     flip_byte(path, 200)  # inside an early ACCEPT record; intact records follow
     before = path.read_bytes()
     with pytest.raises(JournalDamaged, match=r"segment-000001\.log: corrupt record at byte .*journal_repair"):
@@ -261,7 +291,7 @@ def test_repair_moves_the_damaged_segment_aside_and_resurrects_nothing(tmp_path)
         events.setdefault(event, set()).update(ids)
     trained = events["sampled"]
     assert len(trained) == 6  # three groups of two were served and acknowledged
-    (_, path), = _segments(tmp_path)
+    ((_, path),) = _segments(tmp_path)
     flip_byte(path, 200)
     rec = Journal(tmp_path, fsync=FsyncPolicy.NEVER).recover(repair=True)
     held = {m.rollout.rollout_id for g in rec.groups for m in g.members}
@@ -282,8 +312,9 @@ def serve_in_the_middle(directory):
             j.sample(1, 0)
             j.ack()
     j.journal.close()
-    serve_segment = next(path for _, path in _segments(directory)
-                         if any(kind is RecordType.SERVE for kind, _ in read_records(path)))
+    serve_segment = next(
+        path for _, path in _segments(directory) if any(kind is RecordType.SERVE for kind, _ in read_records(path))
+    )
     return j, serve_segment
 
 

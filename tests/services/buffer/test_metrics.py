@@ -30,8 +30,14 @@ def test_admission_reasons_are_exported_at_zero():
 def test_counters_add_what_the_store_and_journal_totals_grew(tmp_path):
     registry = ServiceMetrics("buffer", "buffer-0")
     metrics = BufferMetrics(registry)
-    store = ReplayBuffer(capacity_groups=1, overflow=OverflowPolicy.EVICT_OLDEST, max_reuse=1, max_staleness=1,
-                         group_timeout_s=60.0, clock=lambda: 0.0)
+    store = ReplayBuffer(
+        capacity_groups=1,
+        overflow=OverflowPolicy.EVICT_OLDEST,
+        max_reuse=1,
+        max_staleness=1,
+        group_timeout_s=60.0,
+        clock=lambda: 0.0,
+    )
     for group, version in (("a", 0), ("b", 0), ("c", 5)):  # capacity 1: a, then b are evicted
         for k in range(2):
             store.add(scored_item(group, k, version=version))

@@ -25,8 +25,9 @@ def add_group(buf: ReplayBuffer, group: str, *, size: int = 2, version: int | li
 
 
 def make(**kw) -> ReplayBuffer:
-    args = dict(capacity_groups=8, overflow=BLOCK, max_reuse=1, max_staleness=100,
-                group_timeout_s=60.0, clock=lambda: 0.0)
+    args = dict(
+        capacity_groups=8, overflow=BLOCK, max_reuse=1, max_staleness=100, group_timeout_s=60.0, clock=lambda: 0.0
+    )
     args.update(kw)
     return ReplayBuffer(**args)
 
@@ -54,9 +55,7 @@ class FakeClock:
 
 
 def assert_conservation(buf: ReplayBuffer) -> None:
-    assert buf.inserted_total == (
-        buf.sampled_total + buf.dropped_stale_total + buf.evicted_total + buf.held_rollouts
-    )
+    assert buf.inserted_total == (buf.sampled_total + buf.dropped_stale_total + buf.evicted_total + buf.held_rollouts)
 
 
 # ---------------------------------------------------------------- grouping and FIFO
@@ -348,8 +347,7 @@ def test_member_for_completed_group_is_overfull():
     assert buf.add(item("a", 2)) is AddOutcome.GROUP_OVERFULL
     buf.sample(1, 0)
     assert buf.add(item("a", 3)) is AddOutcome.GROUP_OVERFULL
-    assert buf.rejected_total == {"duplicate": 0, "group_mismatch": 0, "group_overfull": 2,
-                                  "group_discarded": 0}
+    assert buf.rejected_total == {"duplicate": 0, "group_mismatch": 0, "group_overfull": 2, "group_discarded": 0}
     assert buf.inserted_total == 2
 
 
@@ -379,8 +377,7 @@ def test_dropped_and_evicted_reported_once_in_next_sample_then_reset():
 
 def test_config_errors_name_every_rule():
     with pytest.raises(ValueError) as exc:
-        ReplayBuffer(capacity_groups=0, overflow="nope", max_reuse=0, max_staleness=-1,
-                     group_timeout_s=0)
+        ReplayBuffer(capacity_groups=0, overflow="nope", max_reuse=0, max_staleness=-1, group_timeout_s=0)
     text = str(exc.value)
     for word in ("capacity_groups", "overflow", "max_reuse", "max_staleness", "group_timeout_s"):
         assert word in text
@@ -404,9 +401,15 @@ def test_ledger_conservation_in_a_seeded_random_scenario(overflow, seed):
     rng = random.Random(seed)
     clock = FakeClock()
     events: dict[str, list[str]] = {"accepted": [], "sampled": [], "dropped_stale": [], "evicted": []}
-    buf = ReplayBuffer(capacity_groups=6, overflow=overflow, max_reuse=1, max_staleness=2,
-                       group_timeout_s=5.0, clock=clock,
-                       on_event=lambda e, i: events[e].extend(i))
+    buf = ReplayBuffer(
+        capacity_groups=6,
+        overflow=overflow,
+        max_reuse=1,
+        max_staleness=2,
+        group_timeout_s=5.0,
+        clock=clock,
+        on_event=lambda e, i: events[e].extend(i),
+    )
     eta = 2
     learner_version = 0
     pending: list = []  # members in flight, delivered in random order
@@ -416,8 +419,7 @@ def test_ledger_conservation_in_a_seeded_random_scenario(overflow, seed):
         if r < 0.15:
             size = rng.randint(1, 4)
             lo = max(0, learner_version - 3)
-            members = [item(f"g{n}", k, size=size, version=rng.randint(lo, learner_version))
-                       for k in range(size)]
+            members = [item(f"g{n}", k, size=size, version=rng.randint(lo, learner_version)) for k in range(size)]
             if rng.random() < 0.1:
                 members.pop()  # a lost member: the group can only time out / be evicted
             pending.extend(members)

@@ -77,13 +77,21 @@ def test_a_rating_with_shared_credit_fits_as_its_share_of_a_rating_of_each_rollo
     a, b, c = (rng.normal(size=4).astype(np.float32) for _ in range(3))
     minus = LabelRow(5, 0.0, "rating", -1, c, None, credit=[(c, 0.5), (c, 0.5)])  # c twice: c's whole label
     shared, loss = fit_head([LabelRow(1, 0.0, "rating", 1, a, None, credit=[(a, 0.5), (b, 0.5)]), minus], l2=0.01)
-    whole, loss_whole = fit_head([LabelRow(1, 0.0, "rating", 1, a, None), LabelRow(2, 0.0, "rating", 1, b, None),
-                                  LabelRow(5, 0.0, "rating", -1, c, None), LabelRow(6, 0.0, "rating", -1, c, None)],
-                                 l2=0.01)
+    whole, loss_whole = fit_head(
+        [
+            LabelRow(1, 0.0, "rating", 1, a, None),
+            LabelRow(2, 0.0, "rating", 1, b, None),
+            LabelRow(5, 0.0, "rating", -1, c, None),
+            LabelRow(6, 0.0, "rating", -1, c, None),
+        ],
+        l2=0.01,
+    )
     x = np.stack([a, b, c])
     np.testing.assert_allclose(shared.raw(x), whole.raw(x), atol=1e-5)
     assert loss == pytest.approx(loss_whole, rel=1e-6)
     # the shares matter: most of a +1's credit on a, a -1 on b: H-hat(a) > H-hat(b)
-    tilted, _ = fit_head([LabelRow(1, 0.0, "rating", 1, a, None, credit=[(a, 0.9), (b, 0.1)]),
-                          LabelRow(2, 0.0, "rating", -1, b, None)], l2=0.01)
+    tilted, _ = fit_head(
+        [LabelRow(1, 0.0, "rating", 1, a, None, credit=[(a, 0.9), (b, 0.1)]), LabelRow(2, 0.0, "rating", -1, b, None)],
+        l2=0.01,
+    )
     assert tilted.raw(a[None])[0] > tilted.raw(b[None])[0]

@@ -19,8 +19,15 @@ class Stream:
     """N rollouts, all streamed in before the labeller starts; completion i holds i % 4 letters 'a' in 4."""
 
     def __init__(self):
-        self.items = [{"seq": i + 1, "rollout_id": f"r{i}", "group_id": f"g{i // 2}",
-                       "completion": "a" * (i % 4) + "b" * (4 - i % 4)} for i in range(N)]
+        self.items = [
+            {
+                "seq": i + 1,
+                "rollout_id": f"r{i}",
+                "group_id": f"g{i // 2}",
+                "completion": "a" * (i % 4) + "b" * (4 - i % 4),
+            }
+            for i in range(N)
+        ]
         self.ratings: list[tuple[str, int, float]] = []  # (rollout, value, monotonic time)
 
     def labeller_for_token(self, token):
@@ -43,14 +50,16 @@ class Stream:
 @pytest.fixture
 def stream():
     backend = Stream()
-    with serving(create_app(backend, session_ttl_s=60, secure_cookies=False, label_rate_per_s=1000.0,
-                            label_burst=1000)) as url:
+    with serving(
+        create_app(backend, session_ttl_s=60, secure_cookies=False, label_rate_per_s=1000.0, label_burst=1000)
+    ) as url:
         yield url, backend
 
 
 def run(url, **person) -> tuple[SimulatedLabeller, float]:
-    labeller = SimulatedLabeller(url, TOKEN, preference("char:a"), mode="rating", labels_per_second=100.0,
-                                 threshold=0.3, seed=1, **person)
+    labeller = SimulatedLabeller(
+        url, TOKEN, preference("char:a"), mode="rating", labels_per_second=100.0, threshold=0.3, seed=1, **person
+    )
     started = time.monotonic()
     labeller.run(duration_s=8.0)
     return labeller, started

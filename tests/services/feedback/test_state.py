@@ -18,9 +18,11 @@ def test_recent_rollouts_forget_the_oldest_and_page_by_seq():
     assert [s.scored.rollout.rollout_id for s in recent.group("g1")] == ["r2", "r3"]
     assert recent.group("g0") == []
     # every version seen keeps its mean reward, forgotten rollouts included
-    assert recent.reward_series() == [{"version": 0, "reward_mean": 0.5, "rollouts": 2},
-                                      {"version": 1, "reward_mean": 2.5, "rollouts": 2},
-                                      {"version": 2, "reward_mean": 4.0, "rollouts": 1}]
+    assert recent.reward_series() == [
+        {"version": 0, "reward_mean": 0.5, "rollouts": 2},
+        {"version": 1, "reward_mean": 2.5, "rollouts": 2},
+        {"version": 2, "reward_mean": 4.0, "rollouts": 1},
+    ]
     page = recent.after(4, 1)[0].public()
     assert page["rollout_id"] == "r4" and page["completion"] == "good" and page["human"] is None
 

@@ -52,11 +52,18 @@ def test_labels_record_who_when_what_and_the_schema_refuses_nonsense(tmp_path):
     store = LabelStore(tmp_path / "db.sqlite3")
     store.add_labeller("alice")
     a, b = scored("r1", completion="aaa", version=4), scored("r2", completion="bbb", version=5)
-    label_id, at = store.add_label(labeller="alice", kind="preference", scored=a, other=b, value=1,
-                                   model_version=7, seen_at=10.0)
-    row = sqlite3.connect(tmp_path / "db.sqlite3").execute(
-        "SELECT labeller, kind, rollout_id, other_rollout_id, value, policy_version, other_policy_version, "
-        "model_version, created_at FROM labels WHERE id = ?", (label_id,)).fetchone()
+    label_id, at = store.add_label(
+        labeller="alice", kind="preference", scored=a, other=b, value=1, model_version=7, seen_at=10.0
+    )
+    row = (
+        sqlite3.connect(tmp_path / "db.sqlite3")
+        .execute(
+            "SELECT labeller, kind, rollout_id, other_rollout_id, value, policy_version, other_policy_version, "
+            "model_version, created_at FROM labels WHERE id = ?",
+            (label_id,),
+        )
+        .fetchone()
+    )
     assert row == ("alice", "preference", "r1", "r2", 1, 4, 5, 7, at)
     with pytest.raises(sqlite3.IntegrityError):  # a rating of 2
         store.add_label(labeller="alice", kind="rating", scored=a, value=2, model_version=0, seen_at=1.0)
@@ -79,12 +86,18 @@ def test_export_layouts_by_hand(tmp_path):
     store.add_label(labeller="bob", kind="preference", scored=meh, other=good, value=1, model_version=0, seen_at=1.0)
     ratings = list(store.export("ratings"))
     assert [(r["completion"], r["rating"], r["labeller"]) for r in ratings] == [
-        ("great", 1, "alice"), ("awful", -1, "bob"), ("ok", -1, "alice")]  # the new vote replaced the old
+        ("great", 1, "alice"),
+        ("awful", -1, "bob"),
+        ("ok", -1, "alice"),
+    ]  # the new vote replaced the old
     prefs = list(store.export("preferences"))
     pairs = [(p["prompt"], p["chosen"], p["rejected"]) for p in prefs]
     # the pick, then every +1 over every -1 of the same prompt using each rollout's newest rating
-    assert pairs == [("The film was", "ok", "great"), ("The film was", "great", "awful"),
-                     ("The film was", "great", "ok")]
+    assert pairs == [
+        ("The film was", "ok", "great"),
+        ("The film was", "great", "awful"),
+        ("The film was", "great", "ok"),
+    ]
     assert prefs[1]["labeller"] == "alice,bob" and prefs[0]["rollout_ids"] == ["r3", "r1"]
     from streamrl.stages.rlhf_data import parse_row  # what streamrl rm reads
 
@@ -97,8 +110,15 @@ def test_features_and_training_rows(tmp_path):
     store = LabelStore(tmp_path / "db.sqlite3")
     store.add_labeller("alice")
     store.add_label(labeller="alice", kind="rating", scored=scored("r1"), value=1, model_version=0, seen_at=1.0)
-    store.add_label(labeller="alice", kind="preference", scored=scored("r2"), other=scored("r3"), value=1,
-                    model_version=0, seen_at=1.0)
+    store.add_label(
+        labeller="alice",
+        kind="preference",
+        scored=scored("r2"),
+        other=scored("r3"),
+        value=1,
+        model_version=0,
+        seen_at=1.0,
+    )
     missing = store.rollouts_without_features()
     assert sorted(rid for rid, _, _ in missing) == ["r1", "r2", "r3"]
     assert missing[0][1].tolist() == [1, 2, 3] and missing[0][2].tolist() == [4, 5]
@@ -128,10 +148,17 @@ def test_one_vote_per_labeller_and_rollout_a_new_vote_replaces_the_old(tmp_path)
     store.add_label(labeller="alice", kind="preference", scored=r2, other=r3, value=1, model_version=0, seen_at=1.0)
     store.add_label(labeller="alice", kind="preference", scored=r3, other=r2, value=1, model_version=0, seen_at=1.0)
     store.add_label(labeller="alice", kind="rating", scored=r2, value=1, model_version=0, seen_at=1.0)  # another kind
-    rows = sqlite3.connect(tmp_path / "db.sqlite3").execute(
-        "SELECT id, labeller, kind, rollout_id, other_rollout_id, value FROM labels ORDER BY id").fetchall()
-    assert [r[1:] for r in rows] == [("alice", "rating", "r1", None, -1), ("bob", "rating", "r1", None, 1),
-                                     ("alice", "preference", "r3", "r2", 1), ("alice", "rating", "r2", None, 1)]
+    rows = (
+        sqlite3.connect(tmp_path / "db.sqlite3")
+        .execute("SELECT id, labeller, kind, rollout_id, other_rollout_id, value FROM labels ORDER BY id")
+        .fetchall()
+    )
+    assert [r[1:] for r in rows] == [
+        ("alice", "rating", "r1", None, -1),
+        ("bob", "rating", "r1", None, 1),
+        ("alice", "preference", "r3", "r2", 1),
+        ("alice", "rating", "r2", None, 1),
+    ]
     assert rows[0][0] == last > first and store.labels_by_labeller() == {"alice": 3, "bob": 1}
 
 
@@ -144,8 +171,11 @@ def test_a_database_with_repeated_votes_keeps_the_newest_of_each(tmp_path):
     con = sqlite3.connect(path)  # as an older version wrote it: no one-vote index, the same vote three times
     con.execute("DROP INDEX labels_one_vote")
     for value in (1, -1, 1, -1):
-        con.execute("INSERT INTO labels (created_at, labeller, kind, rollout_id, value, policy_version, model_version) "
-                    "VALUES (2.0, 'alice', 'rating', 'r1', ?, 3, 0)", (value,))
+        con.execute(
+            "INSERT INTO labels (created_at, labeller, kind, rollout_id, value, policy_version, model_version) "
+            "VALUES (2.0, 'alice', 'rating', 'r1', ?, 3, 0)",
+            (value,),
+        )
     con.commit()
     con.close()
     store = LabelStore(path)
@@ -156,8 +186,15 @@ def test_shared_credit_is_stored_trained_on_and_replaced_with_its_vote(tmp_path)
     store = LabelStore(tmp_path / "db.sqlite3")
     store.add_labeller("alice")
     rated, shown = scored("r1"), scored("r2")
-    store.add_label(labeller="alice", kind="rating", scored=rated, value=1, model_version=0, seen_at=5.0,
-                    credit=[(rated, 5.0, 0.5), (shown, 4.0, 0.5)])
+    store.add_label(
+        labeller="alice",
+        kind="rating",
+        scored=rated,
+        value=1,
+        model_version=0,
+        seen_at=5.0,
+        credit=[(rated, 5.0, 0.5), (shown, 4.0, 0.5)],
+    )
     store.set_features({"r1": np.array([1, 2], np.float32)})
     assert store.training_labels(10) == []  # the credited r2 has no features yet
     assert [rid for rid, _, _ in store.rollouts_without_features()] == ["r2"]  # kept to be featurised

@@ -35,15 +35,21 @@ class StubView:
 
 
 def completion(token):
-    return Completion(prompt_tokens=np.array([1], np.int32), completion_tokens=np.array([token], np.int32),
-                      logprobs=np.array([-1.0], np.float32), finish_reason=None, text=str(token))
+    return Completion(
+        prompt_tokens=np.array([1], np.int32),
+        completion_tokens=np.array([token], np.int32),
+        logprobs=np.array([-1.0], np.float32),
+        finish_reason=None,
+        text=str(token),
+    )
 
 
 def test_share_control_keeps_hhat_best_with_the_recorded_rule():
     # one prompt, G = 2 slots of K = 3 candidates: slot 0 = tokens 1, 5, 3; slot 1 = 2, 2, 0
     candidates = [[completion(t) for t in (1, 5, 3, 2, 2, 0)]]
-    kept, selections = share_control(StubView(), candidates, group_size=2, k=3, beta_t=10.0,
-                                     rng=np.random.default_rng(0), now=0.0)
+    kept, selections = share_control(
+        StubView(), candidates, group_size=2, k=3, beta_t=10.0, rng=np.random.default_rng(0), now=0.0
+    )
     # beta_t * max eligibility >= 1 -> p = 1: H-hat's pick every time; slot 1 ties tokens 2 and 2
     assert [c.completion_tokens[0] for c in kept[0]] == [5, 2]
     first, second = selections[0]
@@ -51,20 +57,19 @@ def test_share_control_keeps_hhat_best_with_the_recorded_rule():
     assert first.density_ratio == pytest.approx(3.0) and first.human_value == pytest.approx(0.5)
     assert second.density_ratio == pytest.approx(1.5)  # K * P(kept) = 3 * (1/2) between the two tied
     # p = beta_t * max eligibility: slot 0's best eligibility is 1 - 0.1 = 0.9
-    _, low = share_control(StubView(), candidates, group_size=2, k=3, beta_t=0.5,
-                           rng=np.random.default_rng(1), now=0.0)
+    _, low = share_control(StubView(), candidates, group_size=2, k=3, beta_t=0.5, rng=np.random.default_rng(1), now=0.0)
     assert low[0][0].probability == pytest.approx(0.45) and low[0][1].probability == pytest.approx(0.5)
     with pytest.raises(ValueError, match="2 x 3"):
-        share_control(StubView(), [candidates[0][:5]], group_size=2, k=3, beta_t=1.0,
-                      rng=np.random.default_rng(0), now=0.0)
+        share_control(
+            StubView(), [candidates[0][:5]], group_size=2, k=3, beta_t=1.0, rng=np.random.default_rng(0), now=0.0
+        )
 
 
 def test_the_learner_weights_advantages_by_one_over_rho_and_shapes_rewards():
     torch.manual_seed(0)
     tokenizer = build_char_tokenizer()
     policy = build_tiny_model(tokenizer, seed=0)
-    cfg = LearnerSection(groups_per_step=2, kl_coef=0.0, advantage="rloo", normalize_rewards=False,
-                         reward_clip=None)
+    cfg = LearnerSection(groups_per_step=2, kl_coef=0.0, advantage="rloo", normalize_rewards=False, reward_clip=None)
     trainer = PPOTrainer(policy, copy.deepcopy(policy).eval(), cfg)
     rollouts = [scored(f"r{i}", group=f"g{i // 2}", reward=float(i)) for i in range(4)]
     rollouts[1].rollout.selection = Selection(candidates=4, probability=0.5, by_model=True, density_ratio=2.5)
@@ -92,9 +97,16 @@ def test_action_biasing_keeps_a_candidate_by_softmax_of_beta_e_hhat_and_records_
     want = [math.exp(x) / sum(math.exp(y) for y in logits) for x in logits]
     got = {}
     for seed in range(200):
-        kept, selections = select_candidates(StubView(), candidates, group_size=1, k=3, beta_t=beta_t,
-                                             rng=np.random.default_rng(seed), now=0.0,
-                                             combination=HumanCombination.ACTION_BIASING)
+        kept, selections = select_candidates(
+            StubView(),
+            candidates,
+            group_size=1,
+            k=3,
+            beta_t=beta_t,
+            rng=np.random.default_rng(seed),
+            now=0.0,
+            combination=HumanCombination.ACTION_BIASING,
+        )
         token, selection = int(kept[0][0].completion_tokens[0]), selections[0][0]
         got[token] = selection
         assert selection.human_value == pytest.approx(token / 10) and selection.model_version == 9
@@ -104,8 +116,16 @@ def test_action_biasing_keeps_a_candidate_by_softmax_of_beta_e_hhat_and_records_
         assert got[token].density_ratio == pytest.approx(3 * want[j])  # the learner weights by 1 / rho
         assert got[token].by_model == (token == 5)  # H-hat's best
     with pytest.raises(ValueError, match="does not select"):
-        select_candidates(StubView(), candidates, group_size=1, k=3, beta_t=1.0, rng=np.random.default_rng(0),
-                          now=0.0, combination=HumanCombination.REWARD_SHAPING)
+        select_candidates(
+            StubView(),
+            candidates,
+            group_size=1,
+            k=3,
+            beta_t=1.0,
+            rng=np.random.default_rng(0),
+            now=0.0,
+            combination=HumanCombination.REWARD_SHAPING,
+        )
 
 
 def learner_targets(combination: HumanCombination, rollouts, advantage: str = "rloo"):
@@ -113,11 +133,21 @@ def learner_targets(combination: HumanCombination, rollouts, advantage: str = "r
     torch.manual_seed(0)
     tokenizer = build_char_tokenizer()
     policy = build_tiny_model(tokenizer, seed=0)
-    cfg = validate_config({"feedback": {"enabled": True, "combination": combination.value, "beta": 2.0,
-                                        "beta_decay": 1.0},
-                           "learner": {"groups_per_step": 2, "kl_coef": 0.0, "advantage": advantage,
-                                       "normalize_rewards": False, "reward_clip": None,
-                                       "whiten_advantages": False, "lam": 1.0, "gamma": 1.0}})
+    cfg = validate_config(
+        {
+            "feedback": {"enabled": True, "combination": combination.value, "beta": 2.0, "beta_decay": 1.0},
+            "learner": {
+                "groups_per_step": 2,
+                "kl_coef": 0.0,
+                "advantage": advantage,
+                "normalize_rewards": False,
+                "reward_clip": None,
+                "whiten_advantages": False,
+                "lam": 1.0,
+                "gamma": 1.0,
+            },
+        }
+    )
     trainer = PPOTrainer(policy, copy.deepcopy(policy).eval(), cfg.learner)
     tb = collate(rollouts, pad_id=tokenizer.pad_token_id)
     LearnerService._human_terms(SimpleNamespace(cfg=cfg, step=0), SimpleNamespace(rollouts=rollouts), tb)

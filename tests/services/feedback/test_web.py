@@ -69,9 +69,16 @@ def login(url) -> tuple[requests.Session, str, requests.Response]:
 
 def test_every_api_route_needs_a_labeller(server):
     url, backend = server
-    for method, path in [("get", "/api/rollouts"), ("get", "/api/status"), ("get", "/api/groups/g1"),
-                         ("get", "/api/export"), ("post", "/api/ratings"), ("post", "/api/preferences"),
-                         ("post", "/api/influence"), ("get", "/api/session")]:
+    for method, path in [
+        ("get", "/api/rollouts"),
+        ("get", "/api/status"),
+        ("get", "/api/groups/g1"),
+        ("get", "/api/export"),
+        ("post", "/api/ratings"),
+        ("post", "/api/preferences"),
+        ("post", "/api/influence"),
+        ("get", "/api/session"),
+    ]:
         assert getattr(requests, method)(url + path, json={}).status_code == 401, path
     assert requests.get(url + "/api/rollouts", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert requests.get(url + "/api/rollouts", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
@@ -83,8 +90,10 @@ def test_every_api_route_needs_a_labeller(server):
 def test_login_sets_a_strict_http_only_cookie_and_refuses_bad_tokens(server):
     url, backend = server
     assert requests.post(url + "/api/login", json={"token": "nope"}).status_code == 401
-    assert requests.post(url + "/api/login", json={"token": TOKEN},
-                         headers={"Origin": "http://evil.example"}).status_code == 403
+    assert (
+        requests.post(url + "/api/login", json={"token": TOKEN}, headers={"Origin": "http://evil.example"}).status_code
+        == 403
+    )
     session, csrf, response = login(url)
     cookie = response.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie and "path=/" in cookie
@@ -99,8 +108,12 @@ def test_cookie_requests_that_change_state_need_the_csrf_token_and_our_origin(se
     body = {"rollout_id": "r1", "value": 1}
     assert session.post(url + "/api/ratings", json=body).status_code == 403  # no token
     assert session.post(url + "/api/ratings", json=body, headers={"X-CSRF-Token": "forged"}).status_code == 403
-    assert session.post(url + "/api/ratings", json=body, headers={"X-CSRF-Token": csrf,
-                                                                   "Origin": "http://127.0.0.1:1"}).status_code == 403
+    assert (
+        session.post(
+            url + "/api/ratings", json=body, headers={"X-CSRF-Token": csrf, "Origin": "http://127.0.0.1:1"}
+        ).status_code
+        == 403
+    )
     assert session.post(url + "/api/influence", json={"active": False}).status_code == 403
     assert backend.labels == [] and backend.influence is True
     assert backend.refusals.count("csrf") == 3 and backend.refusals.count("cross_origin") == 1
@@ -108,15 +121,27 @@ def test_cookie_requests_that_change_state_need_the_csrf_token_and_our_origin(se
     assert ok.status_code == 201 and ok.json() == {"label_id": 1}
     assert backend.labels == [("alice", "r1", 1)]
     # a bearer token carries no ambient authority: no CSRF token needed
-    bearer = requests.post(url + "/api/preferences", json={"chosen": "a", "rejected": "b"},
-                           headers={"Authorization": f"Bearer {TOKEN}"})
+    bearer = requests.post(
+        url + "/api/preferences", json={"chosen": "a", "rejected": "b"}, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
     assert bearer.status_code == 201 and backend.labels[-1] == ("alice", "a", "b")
 
 
-@pytest.mark.parametrize("body", [
-    {"rollout_id": "r1", "value": 2}, {"rollout_id": "r1", "value": "1"}, {"rollout_id": "r1", "value": True},
-    {"rollout_id": "r1", "value": 1.0}, {"rollout_id": "", "value": 1}, {"rollout_id": "x" * 257, "value": 1},
-    {"rollout_id": "r1", "value": 1, "extra": 0}, {"value": 1}, ["r1", 1], "r1"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"rollout_id": "r1", "value": 2},
+        {"rollout_id": "r1", "value": "1"},
+        {"rollout_id": "r1", "value": True},
+        {"rollout_id": "r1", "value": 1.0},
+        {"rollout_id": "", "value": 1},
+        {"rollout_id": "x" * 257, "value": 1},
+        {"rollout_id": "r1", "value": 1, "extra": 0},
+        {"value": 1},
+        ["r1", 1],
+        "r1",
+    ],
+)
 def test_bad_input_is_refused_and_stores_nothing(server, body):
     url, backend = server
     response = requests.post(url + "/api/ratings", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
@@ -149,8 +174,9 @@ def test_a_revoked_labellers_browser_session_ends_at_once(server):
     headers = {"X-CSRF-Token": csrf, "Origin": url}
     assert session.post(url + "/api/ratings", json={"rollout_id": "r1", "value": 1}, headers=headers).status_code == 201
     backend.revoked.add("alice")
-    assert session.post(url + "/api/ratings", json={"rollout_id": "r1", "value": -1},
-                        headers=headers).status_code == 401
+    assert (
+        session.post(url + "/api/ratings", json={"rollout_id": "r1", "value": -1}, headers=headers).status_code == 401
+    )
     assert session.post(url + "/api/influence", json={"active": False}, headers=headers).status_code == 401
     assert session.get(url + "/api/export").status_code == 401
     backend.revoked.clear()  # the session was dropped: even a labeller enabled again must log in anew
@@ -162,8 +188,9 @@ def test_a_revoked_labellers_browser_session_ends_at_once(server):
 def test_one_labeller_is_rate_limited_with_429_and_retry_after(server):
     url, backend = server
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    codes = [requests.post(url + "/api/ratings", json={"rollout_id": "r1", "value": 1}, headers=auth)
-             for _ in range(12)]
+    codes = [
+        requests.post(url + "/api/ratings", json={"rollout_id": "r1", "value": 1}, headers=auth) for _ in range(12)
+    ]
     assert [c.status_code for c in codes[:5]] == [201] * 5  # the burst
     refused = [c for c in codes if c.status_code == 429]
     assert len(refused) >= 6 and int(refused[0].headers["retry-after"]) >= 1
@@ -184,6 +211,9 @@ def test_an_oversized_chunked_body_gets_413(server):
 
     response = requests.post(url + "/api/ratings", data=chunks(), headers={**auth, "Content-Type": "application/json"})
     assert response.status_code == 413, response.text
-    small = requests.post(url + "/api/ratings", data=iter([b'{"rollout_id": "r1", ', b'"value": 1}']),
-                          headers={**auth, "Content-Type": "application/json"})
+    small = requests.post(
+        url + "/api/ratings",
+        data=iter([b'{"rollout_id": "r1", ', b'"value": 1}']),
+        headers={**auth, "Content-Type": "application/json"},
+    )
     assert small.status_code == 201 and backend.labels == [("alice", "r1", 1)]

@@ -20,9 +20,18 @@ def test_a_stop_request_ends_the_wait_for_a_credit_grant():
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     router = make_socket(ctx, zmq.ROUTER, bind=endpoint, max_message_bytes=1 << 20, hwm=4)
     stop = threading.Event()
-    client = CreditClient(ctx, endpoint=endpoint, sender="g-1", instance="generator-0",
-                          metrics=ServiceMetrics("generator", "generator-0"), timeout_s=30.0,
-                          max_message_bytes=1 << 20, hwm=4, security=None, stop=stop)
+    client = CreditClient(
+        ctx,
+        endpoint=endpoint,
+        sender="g-1",
+        instance="generator-0",
+        metrics=ServiceMetrics("generator", "generator-0"),
+        timeout_s=30.0,
+        max_message_bytes=1 << 20,
+        hwm=4,
+        security=None,
+        stop=stop,
+    )
     try:
         deadline = time.monotonic() + 5
         while not router.poll(0) and time.monotonic() < deadline:  # connected once a request gets through

@@ -39,8 +39,16 @@ def _vllm_available() -> bool:
     return False
 
 
-ENGINES = [Engine.HF, pytest.param(Engine.VLLM, marks=[
-    pytest.mark.slow, pytest.mark.skipif(not _vllm_available(), reason="vLLM not installed (make setup-vllm)")])]
+ENGINES = [
+    Engine.HF,
+    pytest.param(
+        Engine.VLLM,
+        marks=[
+            pytest.mark.slow,
+            pytest.mark.skipif(not _vllm_available(), reason="vLLM not installed (make setup-vllm)"),
+        ],
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +64,17 @@ def tokenizer(model_dir):
 
 @pytest.fixture(scope="module", params=ENGINES, ids=lambda e: e.value)
 def engine(request, model_dir, tokenizer):
-    engine = build_engine(request.param, str(model_dir), tokenizer, device=torch.device("cpu"), autocast_bf16=False,
-                          max_model_len=256, kv_cache_gib=0.25, threads=1, seed=0)
+    engine = build_engine(
+        request.param,
+        str(model_dir),
+        tokenizer,
+        device=torch.device("cpu"),
+        autocast_bf16=False,
+        max_model_len=256,
+        kv_cache_gib=0.25,
+        threads=1,
+        seed=0,
+    )
     yield engine
     engine.close()
 
@@ -85,10 +102,25 @@ def prompts(tokenizer):
 
 def learner_logprobs(model, completions, sampling: SamplingParams) -> list[np.ndarray]:
     """The learner's log-probs of each completion's tokens (temperature and top-p applied), ``[T]`` each."""
-    scored = [ScoredRollout(reward=0.0, rollout=Rollout(
-        prompt_id="p", group_id="g", rollout_id=str(i), generator_id="test", group_size=1,
-        prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens, behaviour_logprobs=c.logprobs,
-        policy_version=0, finish_reason=c.finish_reason, sampling=sampling)) for i, c in enumerate(completions)]
+    scored = [
+        ScoredRollout(
+            reward=0.0,
+            rollout=Rollout(
+                prompt_id="p",
+                group_id="g",
+                rollout_id=str(i),
+                generator_id="test",
+                group_size=1,
+                prompt_tokens=c.prompt_tokens,
+                completion_tokens=c.completion_tokens,
+                behaviour_logprobs=c.logprobs,
+                policy_version=0,
+                finish_reason=c.finish_reason,
+                sampling=sampling,
+            ),
+        )
+        for i, c in enumerate(completions)
+    ]
     batch = collate(scored, pad_id=0)
     with torch.no_grad():
         out = forward_completions(model, batch)

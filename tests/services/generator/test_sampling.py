@@ -189,8 +189,12 @@ def test_top_p_logprobs_are_renormalised_over_nucleus(model, tokenizer, prompts,
         np.testing.assert_allclose(c.logprobs, nucleus, atol=1e-4, rtol=0)
     # With a near-uniform tiny model the nucleus is about half the vocabulary: the
     # shift is close to log 2 (i.e. the correction is not vacuous).
-    shift = np.concatenate([c.logprobs - token_lp(torch.log_softmax(full_logits(model, c, temperature), -1), c)
-                            for c in all_completions(result)])
+    shift = np.concatenate(
+        [
+            c.logprobs - token_lp(torch.log_softmax(full_logits(model, c, temperature), -1), c)
+            for c in all_completions(result)
+        ]
+    )
     assert shift.min() > 0.3
 
 
@@ -210,13 +214,11 @@ def opinionated_model(tokenizer):
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8)])
-def test_model_generation_config_does_not_leak_into_sampling(opinionated_model, tokenizer, prompts,
-                                                             temperature, top_p):
+def test_model_generation_config_does_not_leak_into_sampling(opinionated_model, tokenizer, prompts, temperature, top_p):
     """Only the rollout's temperature and top_p shape mu: the recorded log-probs are the
     tempered (nucleus) softmax of an unpadded forward pass, whatever the model's own
     generation_config says (repetition penalty, n-gram ban, top-k, typical-p, min length)."""
-    result = sample(opinionated_model, tokenizer, prompts, seed=4, temperature=temperature, top_p=top_p,
-                    group_size=4)
+    result = sample(opinionated_model, tokenizer, prompts, seed=4, temperature=temperature, top_p=top_p, group_size=4)
     for c in all_completions(result):
         logits = full_logits(opinionated_model, c, temperature)
         ref = token_lp(nucleus_logprobs(logits, top_p) if top_p < 1 else torch.log_softmax(logits, -1), c)
@@ -228,21 +230,36 @@ def test_explicit_config_builds_only_the_processors_the_learner_reproduces(opini
     generate merges it, it yields a temperature and a top-p warper and nothing else."""
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-    config = generation_config(opinionated_model, SamplingParams(temperature=0.7, top_p=0.8, max_new_tokens=4),
-                               pad_token_id=0, eos_token_id=1)
+    config = generation_config(
+        opinionated_model, SamplingParams(temperature=0.7, top_p=0.8, max_new_tokens=4), pad_token_id=0, eos_token_id=1
+    )
     merged, _ = opinionated_model._prepare_generation_config(config)
-    processors = opinionated_model._get_logits_processor(generation_config=merged, input_ids_seq_length=3,
-                                                         device="cpu")
+    processors = opinionated_model._get_logits_processor(generation_config=merged, input_ids_seq_length=3, device="cpu")
     assert [type(p) for p in processors] == [TemperatureLogitsWarper, TopPLogitsWarper]
     merged, _ = opinionated_model._prepare_generation_config(
-        generation_config(opinionated_model, SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=4),
-                          pad_token_id=0, eos_token_id=1))
-    assert list(opinionated_model._get_logits_processor(generation_config=merged, input_ids_seq_length=3,
-                                                        device="cpu")) == []
+        generation_config(
+            opinionated_model,
+            SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=4),
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    assert (
+        list(opinionated_model._get_logits_processor(generation_config=merged, input_ids_seq_length=3, device="cpu"))
+        == []
+    )
 
 
-@pytest.mark.parametrize("field,value", [("suppress_tokens", [5, 6]), ("bad_words_ids", [[7]]), ("min_p", 0.1),
-                                         ("forced_eos_token_id", 1), ("sequence_bias", {(8,): 2.0})])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("suppress_tokens", [5, 6]),
+        ("bad_words_ids", [[7]]),
+        ("min_p", 0.1),
+        ("forced_eos_token_id", 1),
+        ("sequence_bias", {(8,): 2.0}),
+    ],
+)
 def test_a_processor_the_learner_cannot_reproduce_is_refused(tokenizer, prompts, field, value):
     model = build_tiny_model(tokenizer, seed=0)
     setattr(model.generation_config, field, value)

@@ -18,14 +18,17 @@ def test_needs_fetch_only_for_a_newer_version():
     assert not needs_fetch(5, 4)  # an older announcement (a restarted learner resumed behind) is not loaded
 
 
-@pytest.mark.parametrize(("loaded", "announced", "eta", "stale"), [
-    (None, 0, 4, True),  # nothing to sample with
-    (3, 3, 0, False),  # on-policy, up to date
-    (3, 4, 0, True),  # on-policy, one behind: pause
-    (3, 5, 2, False),  # exactly eta behind: still trainable
-    (3, 6, 2, True),  # eta + 1 behind: the buffer would drop it
-    (7, 5, 0, False),  # loaded is newer than the announcement seen
-])
+@pytest.mark.parametrize(
+    ("loaded", "announced", "eta", "stale"),
+    [
+        (None, 0, 4, True),  # nothing to sample with
+        (3, 3, 0, False),  # on-policy, up to date
+        (3, 4, 0, True),  # on-policy, one behind: pause
+        (3, 5, 2, False),  # exactly eta behind: still trainable
+        (3, 6, 2, True),  # eta + 1 behind: the buffer would drop it
+        (7, 5, 0, False),  # loaded is newer than the announcement seen
+    ],
+)
 def test_too_stale_is_more_than_eta_behind(loaded, announced, eta, stale):
     assert too_stale(loaded, announced, eta) is stale
 
@@ -34,8 +37,9 @@ def test_check_fit_accepts_the_learners_weights_without_tied_copies():
     torch.manual_seed(0)
     tokenizer = build_char_tokenizer()
     learner, generator = build_tiny_model(tokenizer, seed=1), build_tiny_model(tokenizer, seed=2)
-    packed = pack_state_dict(learner.state_dict(), version=1, dtype=WeightDtype.FLOAT32, chunk_bytes=1 << 16,
-                             sender="learner-0")
+    packed = pack_state_dict(
+        learner.state_dict(), version=1, dtype=WeightDtype.FLOAT32, chunk_bytes=1 << 16, sender="learner-0"
+    )
     tensors = unpack_state_dict(packed.announce, bytearray(packed.blob.tobytes()))
     tied = tied_duplicates(generator.state_dict())
     assert tied == {"lm_head.weight"} and "lm_head.weight" not in tensors

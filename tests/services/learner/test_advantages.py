@@ -25,10 +25,7 @@ def gae_reference(rewards, values, lengths, gamma, lam):
             delta = rewards[b][t].item() + gamma * next_v - values[b][t].item()
             last = delta + gamma * lam * last
             adv[b][t] = last
-    ret = [
-        [adv[b][t] + values[b][t].item() if t < lengths[b] else 0.0 for t in range(t_size)]
-        for b in range(b_size)
-    ]
+    ret = [[adv[b][t] + values[b][t].item() if t < lengths[b] else 0.0 for t in range(t_size)] for b in range(b_size)]
     return torch.tensor(adv, dtype=torch.float64), torch.tensor(ret, dtype=torch.float64)
 
 
@@ -81,8 +78,7 @@ def test_gae_garbage_in_padding_changes_nothing_and_output_is_detached():
     rewards = torch.randn(3, 5, generator=g)
     values = torch.randn(3, 5, generator=g, requires_grad=True)
     clean = gae(rewards, values, mask, gamma=0.99, lam=0.95)
-    dirty = gae(fill_garbage(rewards, mask), fill_garbage(values.detach(), mask), mask.float(),
-                gamma=0.99, lam=0.95)
+    dirty = gae(fill_garbage(rewards, mask), fill_garbage(values.detach(), mask), mask.float(), gamma=0.99, lam=0.95)
     assert torch.isfinite(clean[0]).all()
     assert torch.equal(clean[0], dirty[0]) and torch.equal(clean[1], dirty[1])
     assert not clean[0].requires_grad and not clean[1].requires_grad
@@ -204,9 +200,7 @@ def test_per_token_rewards_hand_computed():
     kl = torch.tensor([[0.5, -0.2, 1.0], [2.0, math.nan, math.inf]])
     mask = ragged_mask([3, 1], 3)
     out = per_token_rewards(scores, kl, mask, kl_coef=0.1)
-    torch.testing.assert_close(
-        out, torch.tensor([[-0.05, 0.02, 0.9], [-3.2, 0.0, 0.0]]), atol=ATOL, rtol=0
-    )
+    torch.testing.assert_close(out, torch.tensor([[-0.05, 0.02, 0.9], [-3.2, 0.0, 0.0]]), atol=ATOL, rtol=0)
     # no KL: score only on the last real token
     out0 = per_token_rewards(scores, None, mask.float(), kl_coef=0.1)
     assert torch.equal(out0, torch.tensor([[0.0, 0.0, 1.0], [-3.0, 0.0, 0.0]]))
@@ -265,8 +259,10 @@ def vtrace_reference(rewards, values, log_rhos, lengths, bootstrap, gamma, lam, 
     return torch.tensor(vs, dtype=torch.float64), torch.tensor(adv, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("gamma,lam,rho_bar,c_bar", [(1.0, 1.0, 1.0, 1.0), (0.9, 0.95, 1.0, 1.0),
-                                                      (0.99, 1.0, 2.0, 0.5), (0.8, 0.7, 0.6, 1.5)])
+@pytest.mark.parametrize(
+    "gamma,lam,rho_bar,c_bar",
+    [(1.0, 1.0, 1.0, 1.0), (0.9, 0.95, 1.0, 1.0), (0.99, 1.0, 2.0, 0.5), (0.8, 0.7, 0.6, 1.5)],
+)
 def test_vtrace_matches_a_slow_loop_of_the_paper_on_random_inputs(gamma, lam, rho_bar, c_bar):
     g = torch.Generator().manual_seed(int(gamma * 100 + lam * 10 + rho_bar))
     lengths = [7, 1, 4, 0, 7, 3]
@@ -275,10 +271,20 @@ def test_vtrace_matches_a_slow_loop_of_the_paper_on_random_inputs(gamma, lam, rh
     values = torch.randn(6, 7, generator=g, dtype=torch.float64)
     log_rhos = torch.randn(6, 7, generator=g, dtype=torch.float64) * 0.7
     bootstrap = torch.randn(6, generator=g, dtype=torch.float64)
-    vs, adv = vtrace(fill_garbage(rewards, mask), fill_garbage(values, mask), fill_garbage(log_rhos, mask), mask,
-                     gamma=gamma, lam=lam, rho_bar=rho_bar, c_bar=c_bar, bootstrap=bootstrap)
-    ref_vs, ref_adv = vtrace_reference(rewards, values, log_rhos, lengths, bootstrap.tolist(), gamma, lam,
-                                       rho_bar, c_bar)
+    vs, adv = vtrace(
+        fill_garbage(rewards, mask),
+        fill_garbage(values, mask),
+        fill_garbage(log_rhos, mask),
+        mask,
+        gamma=gamma,
+        lam=lam,
+        rho_bar=rho_bar,
+        c_bar=c_bar,
+        bootstrap=bootstrap,
+    )
+    ref_vs, ref_adv = vtrace_reference(
+        rewards, values, log_rhos, lengths, bootstrap.tolist(), gamma, lam, rho_bar, c_bar
+    )
     torch.testing.assert_close(vs, ref_vs, atol=1e-12, rtol=0)
     torch.testing.assert_close(adv, ref_adv, atol=1e-12, rtol=0)
     assert (vs[~mask] == 0).all() and (adv[~mask] == 0).all()
@@ -293,18 +299,29 @@ def test_vtrace_on_policy_is_the_n_step_return():
     rewards = torch.randn(3, 5, generator=g, dtype=torch.float64)
     values = torch.randn(3, 5, generator=g, dtype=torch.float64)
     bootstrap = torch.tensor([0.5, -1.0, 0.0], dtype=torch.float64)
-    vs, adv = vtrace(rewards, values, torch.zeros(3, 5, dtype=torch.float64), mask, gamma=gamma, lam=1.0,
-                     rho_bar=1.0, c_bar=1.0, bootstrap=bootstrap)
+    vs, adv = vtrace(
+        rewards,
+        values,
+        torch.zeros(3, 5, dtype=torch.float64),
+        mask,
+        gamma=gamma,
+        lam=1.0,
+        rho_bar=1.0,
+        c_bar=1.0,
+        bootstrap=bootstrap,
+    )
     for b, n in enumerate(lengths):
         for s in range(n):
             ret = sum(gamma ** (t - s) * rewards[b, t].item() for t in range(s, n)) + gamma ** (n - s) * bootstrap[b]
             assert vs[b, s].item() == pytest.approx(float(ret), abs=1e-12)
             nxt = vs[b, s + 1].item() if s + 1 < n else bootstrap[b].item()
-            assert adv[b, s].item() == pytest.approx(rewards[b, s].item() + gamma * nxt - values[b, s].item(),
-                                                     abs=1e-12)
+            assert adv[b, s].item() == pytest.approx(
+                rewards[b, s].item() + gamma * nxt - values[b, s].item(), abs=1e-12
+            )
     # with a terminal end (no bootstrap) and lambda = 1, on-policy V-trace is GAE(lambda = 1)'s return
-    vs0, _ = vtrace(rewards, values, torch.zeros(3, 5, dtype=torch.float64), mask, gamma=gamma, lam=1.0,
-                    rho_bar=1.0, c_bar=1.0)
+    vs0, _ = vtrace(
+        rewards, values, torch.zeros(3, 5, dtype=torch.float64), mask, gamma=gamma, lam=1.0, rho_bar=1.0, c_bar=1.0
+    )
     torch.testing.assert_close(vs0, gae(rewards, values, mask, gamma=gamma, lam=1.0)[1], atol=1e-12, rtol=0)
 
 

@@ -18,12 +18,30 @@ from streamrl.services.learner.batch import (
 )
 from support import fp32_head_on_bf16_body, slow_nucleus
 
-FIELDS = ["input_ids", "attention_mask", "positions", "tokens", "mask", "behaviour_logprobs",
-          "scores", "group_ids", "versions"]
+FIELDS = [
+    "input_ids",
+    "attention_mask",
+    "positions",
+    "tokens",
+    "mask",
+    "behaviour_logprobs",
+    "scores",
+    "group_ids",
+    "versions",
+]
 
 
-def scored(group_id: str, prompt: list[int], completion: list[int], logprobs: list[float], *,
-           version: int, reward: float, temperature: float = 1.0, top_p: float = 1.0) -> ScoredRollout:
+def scored(
+    group_id: str,
+    prompt: list[int],
+    completion: list[int],
+    logprobs: list[float],
+    *,
+    version: int,
+    reward: float,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> ScoredRollout:
     rollout = Rollout(
         prompt_id=f"p-{group_id}",
         group_id=group_id,
@@ -65,9 +83,17 @@ def test_collate_exact_tensors():
         "group_ids": [0, 1, 0],  # groups numbered in order of first appearance
         "versions": [3, 5, 4],
     }
-    dtypes = {"input_ids": torch.int64, "attention_mask": torch.int64, "positions": torch.int64,
-              "tokens": torch.int64, "mask": torch.float32, "behaviour_logprobs": torch.float32,
-              "scores": torch.float32, "group_ids": torch.int64, "versions": torch.int64}
+    dtypes = {
+        "input_ids": torch.int64,
+        "attention_mask": torch.int64,
+        "positions": torch.int64,
+        "tokens": torch.int64,
+        "mask": torch.float32,
+        "behaviour_logprobs": torch.float32,
+        "scores": torch.float32,
+        "group_ids": torch.int64,
+        "versions": torch.int64,
+    }
     for name in FIELDS:
         got = getattr(b, name)
         assert got.dtype == dtypes[name], name
@@ -138,8 +164,9 @@ def random_rollouts(seed: int, temperature: float = 1.0) -> list[ScoredRollout]:
     for i, (p, t) in enumerate([(3, 7), (9, 2), (1, 5), (6, 6)]):
         prompt = g.integers(4, 99, size=p).tolist()
         completion = g.integers(1, 99, size=t).tolist()
-        out.append(scored(f"g{i % 2}", prompt, completion, [-1.0] * t, version=i, reward=float(i),
-                          temperature=temperature))
+        out.append(
+            scored(f"g{i % 2}", prompt, completion, [-1.0] * t, version=i, reward=float(i), temperature=temperature)
+        )
     return out
 
 
@@ -209,7 +236,7 @@ def test_forward_completions_under_top_p_reads_the_nucleus(model, temperature):
         full = forward_completions(model, batch, truncate=False)
     for i, s in enumerate(rollouts):
         lp, _, _ = row_reference(model, s, temperature)
-        torch.testing.assert_close(full.logprobs[i, :len(lp)].double(), lp, atol=1e-5, rtol=0)
+        torch.testing.assert_close(full.logprobs[i, : len(lp)].double(), lp, atol=1e-5, rtol=0)
 
 
 def test_output_projection_and_value_head_run_in_fp32_under_bf16_autocast(model):

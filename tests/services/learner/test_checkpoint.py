@@ -19,8 +19,15 @@ TOKENIZER = build_char_tokenizer()
 
 
 def save(root, step, model, **state):
-    return save_checkpoint(root, step=step, version=step + 100, policy=model, tokenizer=TOKENIZER,
-                           trainer_state={"optimizer": {"lr": torch.tensor(0.5)}, **state}, keep=2)
+    return save_checkpoint(
+        root,
+        step=step,
+        version=step + 100,
+        policy=model,
+        tokenizer=TOKENIZER,
+        trainer_state={"optimizer": {"lr": torch.tensor(0.5)}, **state},
+        keep=2,
+    )
 
 
 def test_round_trip_weights_state_and_rng(tmp_path):
@@ -78,8 +85,11 @@ def test_a_full_disk_says_so_and_leaves_no_partial_checkpoint(tmp_path):
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5)}", "tmpfs", str(disk)], check=True)
     try:
         good = save(disk, 1, model)
-        with pytest.raises(CheckpointError, match=rf"cannot write checkpoint step 2 to {disk}: no space left on "
-                                                  r"device \(\d+ bytes free\); fix: free space"):
+        with pytest.raises(
+            CheckpointError,
+            match=rf"cannot write checkpoint step 2 to {disk}: no space left on "
+            r"device \(\d+ bytes free\); fix: free space",
+        ):
             save(disk, 2, model)
         assert not list(disk.glob(".tmp-step-*"))
         assert list_checkpoints(disk) == [good]

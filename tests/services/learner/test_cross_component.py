@@ -34,10 +34,19 @@ def generate(model, sampling: SamplingParams, *, seed: int = 0, version: int = 0
     rows = []
     for g, group in enumerate(groups):
         for j, c in enumerate(group):
-            rollout = Rollout(prompt_id=str(g), group_id=f"g{g}", rollout_id=f"g{g}-{j}", generator_id="gen-0",
-                              group_size=group_size, prompt_tokens=c.prompt_tokens,
-                              completion_tokens=c.completion_tokens, behaviour_logprobs=c.logprobs,
-                              policy_version=version, finish_reason=c.finish_reason, sampling=sampling)
+            rollout = Rollout(
+                prompt_id=str(g),
+                group_id=f"g{g}",
+                rollout_id=f"g{g}-{j}",
+                generator_id="gen-0",
+                group_size=group_size,
+                prompt_tokens=c.prompt_tokens,
+                completion_tokens=c.completion_tokens,
+                behaviour_logprobs=c.logprobs,
+                policy_version=version,
+                finish_reason=c.finish_reason,
+                sampling=sampling,
+            )
             rows.append(ScoredRollout(rollout=rollout, reward=float(len(rows) % 3)))
     return collate(rows, pad_id=TOKENIZER.pad_token_id)
 
@@ -97,7 +106,7 @@ def test_top_p_ratios_are_exact_under_the_learner_side_nucleus(temperature):
     with torch.no_grad():
         for row in range(batch.size):
             n, length = int(batch.mask[row].sum()), int(batch.attention_mask[row].sum())
-            logits = model(input_ids=batch.input_ids[row:row + 1, :length]).logits[0].double() / temperature
+            logits = model(input_ids=batch.input_ids[row : row + 1, :length]).logits[0].double() / temperature
             logits = logits[batch.positions[row, :n]]
             mass = torch.where(slow_nucleus(logits, 0.7), torch.softmax(logits, -1), 0.0).sum(-1)
             floor += (-mass.log()).tolist()
@@ -112,8 +121,9 @@ def test_top_p_with_a_different_behaviour_policy_is_finite_and_seen_by_the_diagn
     step stays finite (no NaN from -inf log-probs in losses, KL or statistics)."""
     behaviour = build_tiny_model(TOKENIZER, seed=1)
     batch = generate(behaviour, SamplingParams(temperature=1.0, top_p=0.5, max_new_tokens=10), seed=5)
-    trainer = trainer_for(build_tiny_model(TOKENIZER, seed=0), correction=correction, kl_coef=0.1,
-                          ppo_epochs=2, minibatches=2)
+    trainer = trainer_for(
+        build_tiny_model(TOKENIZER, seed=0), correction=correction, kl_coef=0.1, ppo_epochs=2, minibatches=2
+    )
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     stats = trainer.step(batch, current_version=1)
     assert all(np.isfinite(v) for v in stats.values()), stats
@@ -140,10 +150,19 @@ def tiny_gpt2(dropout: float = 0.1):
     ships) with the char tokenizer's vocabulary."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=len(TOKENIZER), n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-                        bos_token_id=TOKENIZER.bos_token_id, eos_token_id=TOKENIZER.eos_token_id,
-                        pad_token_id=TOKENIZER.pad_token_id)
+    config = GPT2Config(
+        vocab_size=len(TOKENIZER),
+        n_positions=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=TOKENIZER.bos_token_id,
+        eos_token_id=TOKENIZER.eos_token_id,
+        pad_token_id=TOKENIZER.pad_token_id,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return GPT2LMHeadModel(config).eval()
@@ -175,6 +194,7 @@ def test_dropout_never_makes_a_spurious_ratio(make):
 def exact_kl_to_reference(policy, reference, batch: TrainBatch) -> float:
     """KL(pi || ref) summed over the vocabulary at every completion position, averaged over
     real tokens (not a sampled estimate)."""
+
     def logp(model):
         hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         hidden = hidden.gather(1, batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
@@ -198,8 +218,9 @@ def kl_loss_run(estimator: str, steps: int = 6) -> list[float]:
     trainer = PPOTrainer(policy, reference, cfg)
     kls = []
     for step in range(steps):
-        batch = generate(trainer.policy, SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8), seed=step,
-                         version=step)
+        batch = generate(
+            trainer.policy, SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8), seed=step, version=step
+        )
         batch.scores = torch.zeros_like(batch.scores)
         kls.append(exact_kl_to_reference(trainer.policy, reference, batch))
         trainer.step(batch, current_version=step)
@@ -225,8 +246,18 @@ def test_the_value_head_learns_a_fixed_task(correction):
     model = build_tiny_model(TOKENIZER, seed=0)
     batch = generate(model, SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8), seed=11)
     batch.scores = torch.linspace(-1.0, 1.0, batch.size)
-    trainer = trainer_for(model, advantage="gae", correction=correction, gamma=1.0, lam=1.0, lr=1e-3, vf_coef=1.0,
-                          kl_coef=0.0, normalize_rewards=False, value_clip=None)
+    trainer = trainer_for(
+        model,
+        advantage="gae",
+        correction=correction,
+        gamma=1.0,
+        lam=1.0,
+        lr=1e-3,
+        vf_coef=1.0,
+        kl_coef=0.0,
+        normalize_rewards=False,
+        value_clip=None,
+    )
     losses = []
     for step in range(25):
         losses.append(trainer.step(copy.deepcopy(batch), current_version=step)["loss/value"])

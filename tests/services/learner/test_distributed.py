@@ -29,16 +29,34 @@ TESTS = Path(__file__).parents[2]  # support.py
 TOKENIZER = build_char_tokenizer()
 # completions of very different lengths: the shards of a minibatch hold different token counts, so a
 # mean of per-shard token means would differ from the single-rank step
-TEXTS = [("Hi", "there friend, a long reply"), ("Hi", "yo"), ("A much longer prompt here", "ok!"),
-         ("A much longer prompt here", "not ok at all, no"), ("Q:", "x"), ("Q:", "an answer of some length"),
-         ("Tell", "abc"), ("Tell", "a b c d e f g h i"), ("Why", "because"), ("Why", "b")]
+TEXTS = [
+    ("Hi", "there friend, a long reply"),
+    ("Hi", "yo"),
+    ("A much longer prompt here", "ok!"),
+    ("A much longer prompt here", "not ok at all, no"),
+    ("Q:", "x"),
+    ("Q:", "an answer of some length"),
+    ("Tell", "abc"),
+    ("Tell", "a b c d e f g h i"),
+    ("Why", "because"),
+    ("Why", "b"),
+]
 CASES = {
-    "grpo-token-mean": dict(advantage="grpo", minibatches=2, ppo_epochs=2, loss_aggregation="token_mean",
-                            kl_coef=0.1, kl_penalty="loss", kl_estimator="k3"),
-    "gae-sequence-mean": dict(advantage="gae", minibatches=1, ppo_epochs=2, loss_aggregation="sequence_mean",
-                              reuse_first_pass=False),
-    "rloo-fixed-length-buckets": dict(advantage="rloo", minibatches=2, ppo_epochs=1, bucket_by_length=True,
-                                      loss_aggregation="fixed_length_sum"),
+    "grpo-token-mean": dict(
+        advantage="grpo",
+        minibatches=2,
+        ppo_epochs=2,
+        loss_aggregation="token_mean",
+        kl_coef=0.1,
+        kl_penalty="loss",
+        kl_estimator="k3",
+    ),
+    "gae-sequence-mean": dict(
+        advantage="gae", minibatches=1, ppo_epochs=2, loss_aggregation="sequence_mean", reuse_first_pass=False
+    ),
+    "rloo-fixed-length-buckets": dict(
+        advantage="rloo", minibatches=2, ppo_epochs=1, bucket_by_length=True, loss_aggregation="fixed_length_sum"
+    ),
 }
 
 
@@ -47,8 +65,9 @@ def batch(weights: bool = False):
     items = []
     for i, (prompt, completion) in enumerate(TEXTS):
         item = scored_item(f"g{i // 2}", i % 2)
-        tokens = [np.asarray(TOKENIZER(x, add_special_tokens=False)["input_ids"], np.int32)
-                  for x in (prompt, completion)]
+        tokens = [
+            np.asarray(TOKENIZER(x, add_special_tokens=False)["input_ids"], np.int32) for x in (prompt, completion)
+        ]
         item.rollout.prompt_tokens, item.rollout.completion_tokens = tokens
         item.rollout.behaviour_logprobs = np.full(len(tokens[1]), -2.5, np.float32)
         item.rollout.sampling = SamplingParams(temperature=0.9, top_p=1.0, max_new_tokens=32)
@@ -92,6 +111,7 @@ def rank_main(out: Path) -> None:
         assert (op, version, got.sampling) == (1, 5, want.sampling)
         for name, tensor in want._tensors().items():
             assert torch.equal(getattr(got, name), tensor), name
+
     class Counting(DistributedPPOTrainer):  # the rows this rank trains on (forward passes with gradients)
         rows = 0
 
@@ -110,14 +130,19 @@ def rank_main(out: Path) -> None:
         if rank == 0:
             trainer, stats = two_steps(lambda p, r, kind=kind, cfg=cfg: kind(p, r, cfg, dist))
             trainer.close(end=False)
-            torch.save({k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
-                       | ({"value_head." + k: v for k, v in trainer.value_head.state_dict().items()}
-                          if trainer.value_head is not None else {}), out / f"{case}.pt")
+            torch.save(
+                {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
+                | (
+                    {"value_head." + k: v for k, v in trainer.value_head.state_dict().items()}
+                    if trainer.value_head is not None
+                    else {}
+                ),
+                out / f"{case}.pt",
+            )
             (out / f"{case}.json").write_text(json.dumps({"stats": stats, "rows": Counting.rows}))
         else:
             torch.manual_seed(0)
-            trainer = kind(build_tiny_model(TOKENIZER, seed=0), build_tiny_model(TOKENIZER, seed=1),
-                                            cfg, dist)
+            trainer = kind(build_tiny_model(TOKENIZER, seed=0), build_tiny_model(TOKENIZER, seed=1), cfg, dist)
             assert trainer.serve() == 2
     del trainer  # DDP's reducer before the process group: exiting with it alive can hang in gloo's threads
     gc.collect()
@@ -127,9 +152,22 @@ def rank_main(out: Path) -> None:
 @pytest.mark.slow
 def test_two_gloo_ranks_take_the_single_rank_step(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(map(str, (Path(__file__).parent, TESTS))))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           f"--master-port={free_port()}", __file__, str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            f"--master-port={free_port()}",
+            __file__,
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     for case in CASES:
         trainer, single = two_steps(lambda p, r, case=case: PPOTrainer(p, r, config(case, 1)))
@@ -169,8 +207,10 @@ def test_rescaled_shard_losses_average_to_the_whole_minibatch_loss(aggregation):
     whole = aggregate_tokens(x, mask, aggregation, max_tokens=12)
     shards = [torch.arange(6)[r::2] for r in range(2)]
     d = loss_normaliser(mask, aggregation)
-    rescaled = [2 * loss_normaliser(mask[s], aggregation) / d * aggregate_tokens(x[s], mask[s], aggregation,
-                                                                                   max_tokens=12) for s in shards]
+    rescaled = [
+        2 * loss_normaliser(mask[s], aggregation) / d * aggregate_tokens(x[s], mask[s], aggregation, max_tokens=12)
+        for s in shards
+    ]
     assert sum(rescaled) / 2 == pytest.approx(float(whole), rel=1e-12)
     assert sum(loss_normaliser(mask[s], aggregation) for s in shards) == d
     if aggregation is not LossAggregation.FIXED_LENGTH_SUM:  # equal rows per shard: there the plain mean is exact

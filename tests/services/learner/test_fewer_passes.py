@@ -16,21 +16,40 @@ from streamrl.services.learner.trainer import PPOTrainer
 
 TOKENIZER = build_char_tokenizer()
 PAD = TOKENIZER.pad_token_id
-TEXTS = [("Hi", "there friend"), ("Hi", "yo"), ("A much longer prompt here", "ok!"),
-         ("A much longer prompt here", "not ok at all"), ("Q:", "x"), ("Q:", "an answer of some length"),
-         ("Tell", "abc"), ("Tell", "a b c d e f g")]
+TEXTS = [
+    ("Hi", "there friend"),
+    ("Hi", "yo"),
+    ("A much longer prompt here", "ok!"),
+    ("A much longer prompt here", "not ok at all"),
+    ("Q:", "x"),
+    ("Q:", "an answer of some length"),
+    ("Tell", "abc"),
+    ("Tell", "a b c d e f g"),
+]
 
 
 def batch(top_p: float = 1.0):
     items = []
     for i, (p, c) in enumerate(TEXTS):
         pi, ci = (TOKENIZER(x, add_special_tokens=False)["input_ids"] for x in (p, c))
-        items.append(ScoredRollout(rollout=Rollout(
-            prompt_id=f"p{i // 2}", group_id=f"g{i // 2}", rollout_id=f"r{i}", generator_id="g0", group_size=2,
-            prompt_tokens=np.asarray(pi, np.int32), completion_tokens=np.asarray(ci, np.int32),
-            behaviour_logprobs=np.full(len(ci), -2.0, np.float32), policy_version=0,
-            finish_reason=FinishReason.LENGTH,
-            sampling=SamplingParams(temperature=0.8, top_p=top_p, max_new_tokens=16)), reward=float(i % 3)))
+        items.append(
+            ScoredRollout(
+                rollout=Rollout(
+                    prompt_id=f"p{i // 2}",
+                    group_id=f"g{i // 2}",
+                    rollout_id=f"r{i}",
+                    generator_id="g0",
+                    group_size=2,
+                    prompt_tokens=np.asarray(pi, np.int32),
+                    completion_tokens=np.asarray(ci, np.int32),
+                    behaviour_logprobs=np.full(len(ci), -2.0, np.float32),
+                    policy_version=0,
+                    finish_reason=FinishReason.LENGTH,
+                    sampling=SamplingParams(temperature=0.8, top_p=top_p, max_new_tokens=16),
+                ),
+                reward=float(i % 3),
+            )
+        )
     return collate(items, pad_id=PAD)
 
 
@@ -44,9 +63,10 @@ def run(cfg: LearnerSection, *, top_p: float = 1.0, count=None):
     return stats, trainer.policy.state_dict()
 
 
-@pytest.mark.parametrize("advantage,minibatches,epochs,top_p", [("grpo", 2, 1, 1.0), ("grpo", 4, 2, 1.0),
-                                                                ("gae", 2, 2, 1.0), ("grpo", 1, 1, 1.0),
-                                                                ("gae", 2, 2, 0.9)])
+@pytest.mark.parametrize(
+    "advantage,minibatches,epochs,top_p",
+    [("grpo", 2, 1, 1.0), ("grpo", 4, 2, 1.0), ("gae", 2, 2, 1.0), ("grpo", 1, 1, 1.0), ("gae", 2, 2, 0.9)],
+)
 def test_reusing_the_first_pass_gives_the_same_step(advantage, minibatches, epochs, top_p):
     base = dict(lr=1e-2, kl_coef=0.1, advantage=advantage, minibatches=minibatches, ppo_epochs=epochs, device="cpu")
     s0, w0 = run(LearnerSection(**base, reuse_first_pass=False), top_p=top_p)
@@ -90,8 +110,14 @@ def test_length_buckets_carry_less_padding():
         return sum(int((lengths[rows].max() - lengths[rows]).sum()) for rows in parts)
 
     torch.manual_seed(0)
-    random_pad = [padding(PPOTrainer(trainer.policy, trainer.reference, LearnerSection(
-        lr=1e-2, minibatches=4, device="cpu"))._order(b)) for _ in range(20)]
+    random_pad = [
+        padding(
+            PPOTrainer(trainer.policy, trainer.reference, LearnerSection(lr=1e-2, minibatches=4, device="cpu"))._order(
+                b
+            )
+        )
+        for _ in range(20)
+    ]
     for _ in range(20):
         parts = trainer._order(b)
         assert sorted(torch.cat(parts).tolist()) == list(range(b.size))  # every row once

@@ -16,10 +16,12 @@ def with_tokens(group: str, k: int, prompt: list[int], completion: list[int]):
 
 
 def test_ids_must_be_below_the_vocabulary_size():
-    batch = [with_tokens("a", 0, [0, 5], [9]),  # largest id 9 < 10
-             with_tokens("a", 1, [10], [1]),  # prompt id 10 == vocab: out
-             with_tokens("b", 0, [3], [2, 11]),  # completion id 11: out
-             with_tokens("b", 1, [9], [9, 9])]
+    batch = [
+        with_tokens("a", 0, [0, 5], [9]),  # largest id 9 < 10
+        with_tokens("a", 1, [10], [1]),  # prompt id 10 == vocab: out
+        with_tokens("b", 0, [3], [2, 11]),  # completion id 11: out
+        with_tokens("b", 1, [9], [9, 9]),
+    ]
     kept, refused = split_in_vocabulary(batch, vocab_size=10)
     assert [s.rollout.rollout_id for s in kept] == ["a-0", "b-1"]
     assert [s.rollout.rollout_id for s in refused] == ["a-1", "b-0"]

@@ -28,12 +28,20 @@ def scored_batch(groups, prompts, rewards, version):
     out = []
     for g, (prompt, group) in enumerate(zip(prompts, groups)):
         for j, c in enumerate(group):
-            r = Rollout(prompt_id=prompt, group_id=f"g{version}-{g}", rollout_id=f"{version}-{g}-{j}",
-                        generator_id="test", group_size=len(group), prompt_tokens=c.prompt_tokens,
-                        completion_tokens=c.completion_tokens, behaviour_logprobs=c.logprobs,
-                        policy_version=version, finish_reason=FinishReason.LENGTH,
-                        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8),
-                        completion_text=c.text)
+            r = Rollout(
+                prompt_id=prompt,
+                group_id=f"g{version}-{g}",
+                rollout_id=f"{version}-{g}-{j}",
+                generator_id="test",
+                group_size=len(group),
+                prompt_tokens=c.prompt_tokens,
+                completion_tokens=c.completion_tokens,
+                behaviour_logprobs=c.logprobs,
+                policy_version=version,
+                finish_reason=FinishReason.LENGTH,
+                sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8),
+                completion_text=c.text,
+            )
             out.append(ScoredRollout(rollout=r, reward=rewards[g * len(group) + j]))
     return out
 
@@ -45,8 +53,9 @@ def test_policy_learns_to_emit_target_char():
     policy = build_tiny_model(tokenizer, seed=0)
     reference = copy.deepcopy(policy).eval()
     behaviour = copy.deepcopy(policy).eval()  # the generator's copy, one version behind
-    cfg = LearnerSection(lr=3e-3, groups_per_step=4, kl_coef=0.0, advantage="grpo", correction="decoupled",
-                         normalize_rewards=False)
+    cfg = LearnerSection(
+        lr=3e-3, groups_per_step=4, kl_coef=0.0, advantage="grpo", correction="decoupled", normalize_rewards=False
+    )
     trainer = PPOTrainer(policy, reference, cfg)
     sampling = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8)
     ids = encode_prompts(tokenizer, PROMPTS, max_prompt_tokens=32, add_special_tokens=False)
@@ -57,8 +66,9 @@ def test_policy_learns_to_emit_target_char():
         texts = [c.text for g in groups for c in g]
         rewards = count_char([""] * len(texts), texts, [{}] * len(texts), char="e")
         mean_rewards.append(float(np.mean(rewards)))
-        stats = trainer.step(collate(scored_batch(groups, PROMPTS, rewards, behaviour_version),
-                                     pad_id=tokenizer.pad_token_id), version)
+        stats = trainer.step(
+            collate(scored_batch(groups, PROMPTS, rewards, behaviour_version), pad_id=tokenizer.pad_token_id), version
+        )
         staleness.append(stats["staleness_max"])
         if version % 2 == 1:  # the generator syncs every other version: its data is 0-1 versions stale
             behaviour.load_state_dict(policy.state_dict())

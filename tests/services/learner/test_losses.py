@@ -33,9 +33,7 @@ def lp_leaf(values: list[list[float]] | torch.Tensor) -> torch.Tensor:
 
 def run_policy(lp, old, beh, adv, mask, correction, clip_eps=0.2, is_cap=2.0):
     leaf = lp.detach().clone().requires_grad_(True)
-    loss, stats = policy_loss(
-        leaf, old, beh, adv, mask, correction=correction, clip_eps=clip_eps, is_cap=is_cap
-    )
+    loss, stats = policy_loss(leaf, old, beh, adv, mask, correction=correction, clip_eps=clip_eps, is_cap=is_cap)
     loss.backward()
     return loss.detach(), stats, leaf.grad
 
@@ -166,9 +164,7 @@ def test_tis_uses_one_weight_per_sequence():
     mask = ragged_mask([2, 1], 2)
     loss, stats, grad = run_policy(lp, old, beh, adv, mask, Correction.TIS, is_cap=2.0)
     assert loss.item() == pytest.approx(-4 / 3, abs=ATOL)
-    torch.testing.assert_close(
-        grad, torch.tensor([[-1 / 3, -1 / 3], [-2 / 3, 0.0]]), atol=ATOL, rtol=0
-    )
+    torch.testing.assert_close(grad, torch.tensor([[-1 / 3, -1 / 3], [-2 / 3, 0.0]]), atol=ATOL, rtol=0)
     # raw sequence weights broadcast to tokens: [1, 1, 3]
     assert stats.importance_ratio_mean == pytest.approx(5 / 3, abs=1e-5)
     assert stats.importance_ratio_max == pytest.approx(3.0, abs=1e-5)
@@ -249,17 +245,21 @@ def test_policy_loss_matches_slow_reference():
                     w = seq_w if correction is Correction.TIS else tok_w
                 total += -w * min(r * a, min(max(r, 1 - eps), 1 + eps) * a)
                 n += 1
-        loss, _ = policy_loss(
-            lp, old, beh, adv, mask, correction=correction, clip_eps=eps, is_cap=cap
-        )
+        loss, _ = policy_loss(lp, old, beh, adv, mask, correction=correction, clip_eps=eps, is_cap=cap)
         assert loss.item() == pytest.approx(total / n, abs=1e-9), correction
 
 
 def test_policy_loss_empty_mask():
     z = torch.zeros(2, 3)
     loss, stats = policy_loss(
-        z.clone().requires_grad_(True), z, z, z, torch.zeros(2, 3, dtype=torch.bool),
-        correction=Correction.DECOUPLED, clip_eps=0.2, is_cap=2.0,
+        z.clone().requires_grad_(True),
+        z,
+        z,
+        z,
+        torch.zeros(2, 3, dtype=torch.bool),
+        correction=Correction.DECOUPLED,
+        clip_eps=0.2,
+        is_cap=2.0,
     )
     assert loss.item() == 0.0
     assert stats.effective_sample_size == 0.0 and stats.ess_fraction == 0.0
@@ -322,9 +322,7 @@ def test_value_loss_garbage_in_padding_changes_nothing(clip_range):
         return loss.detach(), frac, leaf.grad
 
     clean = run(v, old, ret, mask)
-    dirty = run(
-        fill_garbage(v, mask), fill_garbage(old, mask), fill_garbage(ret, mask), mask.float()
-    )
+    dirty = run(fill_garbage(v, mask), fill_garbage(old, mask), fill_garbage(ret, mask), mask.float())
     assert torch.isfinite(clean[0])
     assert dirty[0].item() == clean[0].item() and dirty[1] == clean[1]
     assert torch.equal(dirty[2], clean[2])
@@ -344,13 +342,10 @@ def test_entropy_hand_computed():
     # uniform over 4 -> log 4; one-hot-ish (one logit 0, rest -inf) -> 0
     # [0, log 3] -> p = [1/4, 3/4] -> H = -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.5623351446
     logits = torch.tensor(
-        [[[0.0, 0.0, 0.0, 0.0], [0.0, -math.inf, -math.inf, -math.inf],
-          [0.0, math.log(3.0), -math.inf, -math.inf]]]
+        [[[0.0, 0.0, 0.0, 0.0], [0.0, -math.inf, -math.inf, -math.inf], [0.0, math.log(3.0), -math.inf, -math.inf]]]
     )
     h = entropy_from_logits(logits)
-    torch.testing.assert_close(
-        h, torch.tensor([[math.log(4.0), 0.0, 0.5623351446]]), atol=ATOL, rtol=0
-    )
+    torch.testing.assert_close(h, torch.tensor([[math.log(4.0), 0.0, 0.5623351446]]), atol=ATOL, rtol=0)
 
 
 def test_entropy_matches_reference_and_is_stable_for_huge_logits():
@@ -390,9 +385,7 @@ def test_token_logprobs_matches_log_softmax_gather():
     got = token_logprobs(two, torch.tensor([[1]])).item()
     assert got == pytest.approx(math.log(0.75), abs=ATOL)
     # stability: +1e4 shift
-    torch.testing.assert_close(
-        token_logprobs(logits + 1e4, tokens).double(), ref, atol=5e-3, rtol=0
-    )
+    torch.testing.assert_close(token_logprobs(logits + 1e4, tokens).double(), ref, atol=5e-3, rtol=0)
 
 
 def test_token_logprobs_rejects_bad_ids_and_shapes():
@@ -418,9 +411,7 @@ def test_kl_estimators_hand_computed():
     k1 = kl_to_reference(lp, ref, estimator=KLEstimator.K1)
     k3 = kl_to_reference(lp, ref, estimator="k3")
     torch.testing.assert_close(k1, torch.tensor([[math.log(2), -math.log(2)]]), atol=ATOL, rtol=0)
-    torch.testing.assert_close(
-        k3, torch.tensor([[math.log(2) - 0.5, 1 - math.log(2)]]), atol=ATOL, rtol=0
-    )
+    torch.testing.assert_close(k3, torch.tensor([[math.log(2) - 0.5, 1 - math.log(2)]]), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("estimator", [KLEstimator.K1, KLEstimator.K3])
@@ -623,15 +614,17 @@ def test_dual_clip_bounds_the_loss_of_negative_advantages():
     adv = torch.tensor([[-1.0]])
     mask = torch.ones(1, 1, dtype=torch.bool)
     leaf = lp.detach().clone().requires_grad_(True)
-    loss, stats = policy_loss(leaf, leaf.detach(), beh, adv, mask, correction="none", clip_eps=0.2, is_cap=2.0,
-                              dual_clip=3.0)
+    loss, stats = policy_loss(
+        leaf, leaf.detach(), beh, adv, mask, correction="none", clip_eps=0.2, is_cap=2.0, dual_clip=3.0
+    )
     loss.backward()
     assert loss.item() == pytest.approx(3.0, abs=ATOL)
     assert leaf.grad.item() == 0.0
     assert stats.floats()["dual_clip_fraction"] == 1.0
     leaf = lp.detach().clone().requires_grad_(True)
-    loss, stats = policy_loss(leaf, leaf.detach(), beh, adv, mask, correction="none", clip_eps=0.2, is_cap=2.0,
-                              dual_clip=None)
+    loss, stats = policy_loss(
+        leaf, leaf.detach(), beh, adv, mask, correction="none", clip_eps=0.2, is_cap=2.0, dual_clip=None
+    )
     assert loss.item() == pytest.approx(math.exp(5), rel=1e-5)
     assert stats.floats()["dual_clip_fraction"] == 0.0
 
@@ -646,8 +639,7 @@ def test_dual_clip_leaves_positive_advantages_and_small_ratios_alone(correction)
     mask = ragged_mask([4, 2, 3], 4)
     plain = run_policy(lp, old, beh, adv, mask, correction)
     leaf = lp.detach().clone().requires_grad_(True)
-    loss, stats = policy_loss(leaf, old, beh, adv, mask, correction=correction, clip_eps=0.2, is_cap=2.0,
-                              dual_clip=3.0)
+    loss, stats = policy_loss(leaf, old, beh, adv, mask, correction=correction, clip_eps=0.2, is_cap=2.0, dual_clip=3.0)
     loss.backward()
     assert loss.item() == pytest.approx(plain[0].item(), abs=1e-7)  # every ratio < 3: no difference
     torch.testing.assert_close(leaf.grad, plain[2], atol=1e-7, rtol=0)
@@ -669,8 +661,9 @@ def test_tis_long_sequence_statistics_do_not_overflow():
     t = 200
     beh = torch.full((1, t), -6.0)
     old = beh + 5.0
-    loss, stats, grad = run_policy(old.clone(), old, beh, torch.ones(1, t), torch.ones(1, t, dtype=torch.bool),
-                                   Correction.TIS, is_cap=2.0)
+    loss, stats, grad = run_policy(
+        old.clone(), old, beh, torch.ones(1, t), torch.ones(1, t, dtype=torch.bool), Correction.TIS, is_cap=2.0
+    )
     s = stats.floats()
     assert all(math.isfinite(v) for v in s.values()), s
     assert s["importance_ratio_max"] > 1e300 and s["importance_ratio_mean"] > 1e300
@@ -685,8 +678,7 @@ def test_tis_per_token_truncates_each_token_like_impala():
     adv = torch.tensor([[1.0, 1.0], [1.0, 7.0]])
     mask = ragged_mask([2, 1], 2)
     leaf = old.clone().requires_grad_(True)
-    loss, stats = policy_loss(leaf, old, beh, adv, mask, correction="tis", clip_eps=0.2, is_cap=2.0,
-                              is_level="token")
+    loss, stats = policy_loss(leaf, old, beh, adv, mask, correction="tis", clip_eps=0.2, is_cap=2.0, is_level="token")
     loss.backward()
     # per-token w = [1.9, 0.5, min(3, 2) = 2] -> -(1.9 + 0.5 + 2) / 3
     assert loss.item() == pytest.approx(-4.4 / 3, abs=ATOL)
@@ -706,21 +698,20 @@ def test_areal_mask_zeroes_tokens_over_the_cap_and_logs_the_fraction(level):
     old = beh + torch.log(torch.tensor([[1.9, 0.5], [3.0, 1.0]]))
     adv = torch.tensor([[1.0, 1.0], [1.0, 7.0]])
     mask = ragged_mask([2, 1], 2)
-    for correction in (("tis", "decoupled") if level == "token" else ("tis",)):
+    for correction in ("tis", "decoupled") if level == "token" else ("tis",):
         leaf = old.clone().requires_grad_(True)
-        loss, stats = policy_loss(leaf, old, beh, adv, mask, correction=correction, clip_eps=0.2, is_cap=2.0,
-                                  is_level=level, is_mode="mask")
+        loss, stats = policy_loss(
+            leaf, old, beh, adv, mask, correction=correction, clip_eps=0.2, is_cap=2.0, is_level=level, is_mode="mask"
+        )
         loss.backward()
         s = stats.floats()
         if level == "token":  # w = [1.9, 0.5, 3 -> 0]: -(1.9 + 0.5 + 0) / 3
             assert loss.item() == pytest.approx(-2.4 / 3, abs=ATOL)
-            torch.testing.assert_close(leaf.grad, torch.tensor([[-1.9 / 3, -0.5 / 3], [0.0, 0.0]]), atol=ATOL,
-                                       rtol=0)
-            assert s["effective_sample_size"] == pytest.approx(2.4 ** 2 / (1.9 ** 2 + 0.25), abs=1e-5)
+            torch.testing.assert_close(leaf.grad, torch.tensor([[-1.9 / 3, -0.5 / 3], [0.0, 0.0]]), atol=ATOL, rtol=0)
+            assert s["effective_sample_size"] == pytest.approx(2.4**2 / (1.9**2 + 0.25), abs=1e-5)
         else:  # sequence weights [0.95, 0.95 | 3 -> 0]
             assert loss.item() == pytest.approx(-1.9 / 3, abs=ATOL)
-            torch.testing.assert_close(leaf.grad, torch.tensor([[-0.95 / 3, -0.95 / 3], [0.0, 0.0]]), atol=ATOL,
-                                       rtol=0)
+            torch.testing.assert_close(leaf.grad, torch.tensor([[-0.95 / 3, -0.95 / 3], [0.0, 0.0]]), atol=ATOL, rtol=0)
         assert s["masked_fraction"] == pytest.approx(1 / 3, abs=ATOL)
         assert s["truncated_fraction"] == 0.0
 
@@ -764,11 +755,23 @@ def test_policy_loss_aggregation_weights_tokens_as_documented(mode):
     adv = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
     mask = ragged_mask([3, 1], 3)
     leaf = lp.detach().clone().requires_grad_(True)
-    loss, _ = policy_loss(leaf, lp.detach(), lp.detach(), adv, mask, correction="decoupled", clip_eps=0.2,
-                          is_cap=2.0, aggregation=mode, max_tokens=5)
+    loss, _ = policy_loss(
+        leaf,
+        lp.detach(),
+        lp.detach(),
+        adv,
+        mask,
+        correction="decoupled",
+        clip_eps=0.2,
+        is_cap=2.0,
+        aggregation=mode,
+        max_tokens=5,
+    )
     loss.backward()
-    scale = {"token_mean": torch.tensor([[4.0] * 3, [4.0] * 3]),
-             "sequence_mean": torch.tensor([[6.0] * 3, [2.0] * 3]),
-             "fixed_length_sum": torch.full((2, 3), 10.0)}[mode]
+    scale = {
+        "token_mean": torch.tensor([[4.0] * 3, [4.0] * 3]),
+        "sequence_mean": torch.tensor([[6.0] * 3, [2.0] * 3]),
+        "fixed_length_sum": torch.full((2, 3), 10.0),
+    }[mode]
     torch.testing.assert_close(leaf.grad, torch.where(mask, -adv / scale, 0.0), atol=ATOL, rtol=0)
     assert loss.item() == pytest.approx(-aggregate_tokens(adv, mask, mode, max_tokens=5).item(), abs=ATOL)

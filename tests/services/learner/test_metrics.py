@@ -14,8 +14,15 @@ def test_learner_metrics_are_the_readme_row():
 def test_observe_step():
     registry = ServiceMetrics("learner", "learner-0")
     metrics = LearnerMetrics(registry)
-    record = {"step": 3, "tokens": 40, "dropped_stale": 2, "evicted": 1, "loss/total": 0.5, "ess": 3.5,
-              "samples_per_second": 8.0}
+    record = {
+        "step": 3,
+        "tokens": 40,
+        "dropped_stale": 2,
+        "evicted": 1,
+        "loss/total": 0.5,
+        "ess": 3.5,
+        "samples_per_second": 8.0,
+    }
     metrics.observe_step(record, staleness=[0, 1, 1, 2])
     metrics.observe_step({**record, "step": 4, "loss/total": 0.25}, staleness=[0, 0])
 

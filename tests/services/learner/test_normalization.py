@@ -51,9 +51,7 @@ def test_normalize_with_clip_and_center():
     x = torch.tensor([3.0, 5.0, 30.0, -30.0])
     s = math.sqrt(2.0)
     # (x - 3)/sqrt(2) = [0, 1.41421, 19.09, -23.33] -> clip 5
-    torch.testing.assert_close(
-        rms.normalize(x, clip=5.0), torch.tensor([0.0, 2 / s, 5.0, -5.0]), atol=1e-6, rtol=0
-    )
+    torch.testing.assert_close(rms.normalize(x, clip=5.0), torch.tensor([0.0, 2 / s, 5.0, -5.0]), atol=1e-6, rtol=0)
     torch.testing.assert_close(rms.normalize(x, center=False), x / s, atol=1e-6, rtol=0)
     assert rms.normalize(x.double()).dtype == torch.float64
     with pytest.raises(ValueError, match="clip"):

@@ -66,8 +66,9 @@ def test_an_empty_data_set_is_refused(tmp_path, tokenizer):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ValueError):
-        PtxSampler(PromptSource(kind="jsonl", path=str(empty)), tokenizer, batch_size=2, max_tokens=8, seed=0,
-                   held_out=[])
+        PtxSampler(
+            PromptSource(kind="jsonl", path=str(empty)), tokenizer, batch_size=2, max_tokens=8, seed=0, held_out=[]
+        )
 
 
 # --------------------------------------------------------------------------- demonstrations and held-out prompts
@@ -106,8 +107,11 @@ def test_no_held_out_prompt_is_ever_in_ptx_data(tmp_path, tokenizer):
     held_out = held_out_prompts(source, seed=0)
     assert 3 <= len(held_out) < 30
     copy = tmp_path / "copy.jsonl"  # the held-out questions again, under other ids, among new ones
-    copy.write_text("".join(json.dumps({"id": f"x{i}", "text": "  " + p.text.upper() + " "}) + "\n"
-                            for i, p in enumerate(held_out)) + json.dumps({"id": "new", "text": "a new text"}) + "\n")
+    copy.write_text(
+        "".join(json.dumps({"id": f"x{i}", "text": "  " + p.text.upper() + " "}) + "\n" for i, p in enumerate(held_out))
+        + json.dumps({"id": "new", "text": "a new text"})
+        + "\n"
+    )
     for data in (source, PromptSource(kind="jsonl", path=str(copy))):
         sampler = PtxSampler(data, tokenizer, batch_size=8, max_tokens=4096, seed=0, held_out=held_out)
         seen = set()
@@ -117,8 +121,17 @@ def test_no_held_out_prompt_is_ever_in_ptx_data(tmp_path, tokenizer):
             q = tokenizer.decode(tokenizer(p.text)["input_ids"])
             assert not any(q.casefold() in s.casefold() for s in seen), p.prompt_id
         assert seen  # something is trained on
-    assert rows(PtxSampler(PromptSource(kind="jsonl", path=str(copy)), tokenizer, batch_size=1, max_tokens=64,
-                           seed=0, held_out=held_out)(), tokenizer) == ["a new text"]
+    assert rows(
+        PtxSampler(
+            PromptSource(kind="jsonl", path=str(copy)),
+            tokenizer,
+            batch_size=1,
+            max_tokens=64,
+            seed=0,
+            held_out=held_out,
+        )(),
+        tokenizer,
+    ) == ["a new text"]
 
 
 def test_ptx_data_of_only_held_out_prompts_is_refused(tmp_path, tokenizer):

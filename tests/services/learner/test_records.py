@@ -10,9 +10,19 @@ from streamrl.common.messages import Batch
 from streamrl.services.learner.records import append_line, ledger_line, roll_back_ledger, step_log_line, step_record
 from support import scored_item
 
-STATS = {"loss/total": 0.5, "reward_mean": 0.25, "kl": 0.0123, "entropy": 1.5, "clip_fraction": 0.1,
-         "importance_ratio_mean": 1.01, "importance_ratio_max": 1.5, "ess_fraction": 0.95, "staleness_min": 0.0,
-         "staleness_max": 2.0, "tokens": 40}
+STATS = {
+    "loss/total": 0.5,
+    "reward_mean": 0.25,
+    "kl": 0.0123,
+    "entropy": 1.5,
+    "clip_fraction": 0.1,
+    "importance_ratio_mean": 1.01,
+    "importance_ratio_max": 1.5,
+    "ess_fraction": 0.95,
+    "staleness_min": 0.0,
+    "staleness_max": 2.0,
+    "tokens": 40,
+}
 
 
 def batch() -> Batch:
@@ -24,16 +34,27 @@ def batch() -> Batch:
 
 def test_step_record():
     b = batch()
-    record = step_record(step=6, version=6, now=1234.5, stats=STATS, batch=b, behaviour_versions=[3, 3, 5, 5],
-                         wait_s=1.5, train_s=0.5, publish_s=0.25)
+    record = step_record(
+        step=6,
+        version=6,
+        now=1234.5,
+        stats=STATS,
+        batch=b,
+        behaviour_versions=[3, 3, 5, 5],
+        wait_s=1.5,
+        train_s=0.5,
+        publish_s=0.25,
+    )
     assert {k: record[k] for k in STATS} == STATS
     assert (record["step"], record["version"], record["time"]) == (6, 6, 1234.5)
     assert record["samples_per_second"] == 4 / (1.5 + 0.5)
     assert (record["dropped_stale"], record["evicted"], record["buffered_groups"]) == (3, 1, 2)
     assert record["behaviour_versions"] == [3, 5]
     assert record["generators_in_batch"] == 2
-    assert record["samples"] == [{"prompt": "Q", "completion": "A", "reward": 0.0, "policy_version": 3},
-                                 {"prompt": "", "completion": "", "reward": 1.0, "policy_version": 3}]
+    assert record["samples"] == [
+        {"prompt": "Q", "completion": "A", "reward": 0.0, "policy_version": 3},
+        {"prompt": "", "completion": "", "reward": 1.0, "policy_version": 3},
+    ]
     assert (record["wait_data_s"], record["train_s"], record["publish_s"]) == (1.5, 0.5, 0.25)
     assert json.loads(json.dumps(record)) == record  # one JSON line as written
 
@@ -48,11 +69,21 @@ def test_ledger_line_and_append(tmp_path):
 
 
 def test_step_log_line():
-    record = step_record(step=6, version=6, now=0.0, stats=STATS, batch=batch(), behaviour_versions=[3, 3, 5, 5],
-                         wait_s=1.5, train_s=0.5, publish_s=0.25)
+    record = step_record(
+        step=6,
+        version=6,
+        now=0.0,
+        stats=STATS,
+        batch=batch(),
+        behaviour_versions=[3, 3, 5, 5],
+        wait_s=1.5,
+        train_s=0.5,
+        publish_s=0.25,
+    )
     assert step_log_line(record, total_steps=100) == (
         "step 6/100 v6 | reward 0.250 | kl 0.0123 | entropy 1.500 | clip 0.100 | ratio 1.010/1.500 | ess 0.95 | "
-        "stale 0-2 | dropped 3 | 2.0 samples/s | wait 1.5s | generators 2")
+        "stale 0-2 | dropped 3 | 2.0 samples/s | wait 1.5s | generators 2"
+    )
     with pytest.raises(KeyError):
         step_log_line({"step": 1}, total_steps=1)
 

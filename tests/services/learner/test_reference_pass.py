@@ -26,17 +26,31 @@ def scored(i: int, prompt: str, completion: str, *, temperature: float = 0.7, to
     p = TOKENIZER(prompt, add_special_tokens=False)["input_ids"]
     c = TOKENIZER(completion, add_special_tokens=False)["input_ids"]
     return ScoredRollout(
-        rollout=Rollout(prompt_id=f"p{i // 2}", group_id=f"g{i // 2}", rollout_id=f"r{i}", generator_id="g0",
-                        group_size=2, prompt_tokens=np.asarray(p, np.int32), completion_tokens=np.asarray(c, np.int32),
-                        behaviour_logprobs=np.full(len(c), -1.5, np.float32), policy_version=0,
-                        finish_reason=FinishReason.LENGTH,
-                        sampling=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=12)),
+        rollout=Rollout(
+            prompt_id=f"p{i // 2}",
+            group_id=f"g{i // 2}",
+            rollout_id=f"r{i}",
+            generator_id="g0",
+            group_size=2,
+            prompt_tokens=np.asarray(p, np.int32),
+            completion_tokens=np.asarray(c, np.int32),
+            behaviour_logprobs=np.full(len(c), -1.5, np.float32),
+            policy_version=0,
+            finish_reason=FinishReason.LENGTH,
+            sampling=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=12),
+        ),
         reward=float(i % 3) - 0.5,
     )
 
 
-TEXTS = [("Hi", "there friend"), ("Hi", "yo"), ("A much longer prompt here", "ok!"),
-         ("A much longer prompt here", "not ok at all"), ("Q:", "x"), ("Q:", "an answer of some length")]
+TEXTS = [
+    ("Hi", "there friend"),
+    ("Hi", "yo"),
+    ("A much longer prompt here", "ok!"),
+    ("A much longer prompt here", "not ok at all"),
+    ("Q:", "x"),
+    ("Q:", "an answer of some length"),
+]
 
 
 def rollouts(**kw) -> list[ScoredRollout]:
@@ -51,8 +65,7 @@ def models():
 def with_scorer_reference(items: list[ScoredRollout], reference, micro_batch: int) -> list[ScoredRollout]:
     """As the scorers do: micro-batches of another composition than the learner's batch."""
     out = copy.deepcopy(items)
-    for s, v in zip(out, reference_logprobs(reference, [s.rollout for s in out], pad_id=PAD,
-                                            micro_batch=micro_batch)):
+    for s, v in zip(out, reference_logprobs(reference, [s.rollout for s in out], pad_id=PAD, micro_batch=micro_batch)):
         s.reference_logprobs = v
     return out
 
@@ -81,8 +94,9 @@ def test_scorer_log_probs_under_bf16_autocast_equal_the_learners_bf16_reference_
     items = rollouts()
     bf16, fp32 = copy.deepcopy(items), copy.deepcopy(items)
     for out, on in ((bf16, True), (fp32, False)):
-        for s, v in zip(out, reference_logprobs(reference, [s.rollout for s in out], pad_id=PAD, micro_batch=4,
-                                                autocast_bf16=on)):
+        for s, v in zip(
+            out, reference_logprobs(reference, [s.rollout for s in out], pad_id=PAD, micro_batch=4, autocast_bf16=on)
+        ):
             s.reference_logprobs = v
     batch = collate(bf16, pad_id=PAD)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -96,8 +110,12 @@ def test_scorer_log_probs_under_bf16_autocast_equal_the_learners_bf16_reference_
     assert (from_bf16 - learner_bf16[mask]).abs().max() < (from_bf16 - from_fp32).abs().max()
     # one pass over the learner's rows: exactly a float32 output projection on the hidden states
     one_pass = copy.deepcopy(items)
-    for s, v in zip(one_pass, reference_logprobs(reference, [s.rollout for s in one_pass], pad_id=PAD,
-                                                 micro_batch=len(items), autocast_bf16=True)):
+    for s, v in zip(
+        one_pass,
+        reference_logprobs(
+            reference, [s.rollout for s in one_pass], pad_id=PAD, micro_batch=len(items), autocast_bf16=True
+        ),
+    ):
         s.reference_logprobs = v
     head = torch.nn.Linear(reference.config.hidden_size, 1)
     by_hand, _, bf16_change = fp32_head_on_bf16_body(reference, batch, head)
@@ -109,8 +127,15 @@ def test_scorer_log_probs_under_bf16_autocast_equal_the_learners_bf16_reference_
 @pytest.mark.parametrize("kl_penalty", ["reward", "loss"])
 @pytest.mark.parametrize("advantage", ["grpo", "gae"])
 def test_kl_penalty_and_step_equal_with_and_without_the_scorers_values(kl_penalty, advantage, top_p):
-    cfg = LearnerSection(lr=1e-2, kl_coef=0.2, kl_penalty=kl_penalty, advantage=advantage, device="cpu",
-                         minibatches=2, kl_estimator="k3" if kl_penalty == "loss" else "k1")
+    cfg = LearnerSection(
+        lr=1e-2,
+        kl_coef=0.2,
+        kl_penalty=kl_penalty,
+        advantage=advantage,
+        device="cpu",
+        minibatches=2,
+        kl_estimator="k3" if kl_penalty == "loss" else "k1",
+    )
     policy, reference = models()
     plain = rollouts(top_p=top_p)
     items = with_scorer_reference(plain, reference, micro_batch=4)
@@ -162,7 +187,7 @@ def test_partial_batches_fall_back_to_the_learner():
     full = collate(with_scorer_reference(rollouts(), reference, micro_batch=4), pad_id=PAD)
     sub = full.select(torch.tensor([1, 4]))  # the two shortest completions
     assert sub.ref_logprobs.shape == sub.mask.shape
-    torch.testing.assert_close(sub.ref_logprobs, full.ref_logprobs[[1, 4], :sub.mask.shape[1]])
+    torch.testing.assert_close(sub.ref_logprobs, full.ref_logprobs[[1, 4], : sub.mask.shape[1]])
 
 
 def test_temperatures_are_read_per_rollout():

@@ -33,9 +33,15 @@ def scored(group: str, prompt: str, completion: str, reward: float, version: int
     p, c = ids(prompt), ids(completion)
     return ScoredRollout(
         rollout=Rollout(
-            prompt_id=group, group_id=group, rollout_id=f"{group}/{completion}", generator_id="g0",
-            group_size=2, prompt_tokens=np.asarray(p, np.int32), completion_tokens=np.asarray(c, np.int32),
-            behaviour_logprobs=np.full(len(c), -1.0, np.float32), policy_version=version,
+            prompt_id=group,
+            group_id=group,
+            rollout_id=f"{group}/{completion}",
+            generator_id="g0",
+            group_size=2,
+            prompt_tokens=np.asarray(p, np.int32),
+            completion_tokens=np.asarray(c, np.int32),
+            behaviour_logprobs=np.full(len(c), -1.0, np.float32),
+            policy_version=version,
             finish_reason=FinishReason.LENGTH,
             sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8),
         ),
@@ -254,8 +260,9 @@ def test_correction_none_never_truncates_but_reports_raw_ratio():
 
 @pytest.mark.parametrize("advantage", ["grpo", "gae"])
 def test_state_dict_round_trip_reproduces_next_step(advantage):
-    cfg = learner_cfg(advantage=advantage, kl_coef=0.1, kl_target_per_sequence=0.01, kl_horizon=10,
-                      minibatches=2, lr=3e-3)
+    cfg = learner_cfg(
+        advantage=advantage, kl_coef=0.1, kl_target_per_sequence=0.01, kl_horizon=10, minibatches=2, lr=3e-3
+    )
     first = make_trainer(cfg)
     first.step(on_policy(first, ragged_batch()), current_version=3)
     first.step(on_policy(first, preference_batch()), current_version=8)
@@ -314,8 +321,7 @@ def test_later_epochs_see_moved_policy():
 
 @pytest.mark.parametrize("advantage", ["grpo", "rloo"])
 def test_equal_rewards_in_every_group_leave_policy_unchanged(advantage):
-    trainer = make_trainer(learner_cfg(advantage=advantage, entropy_coef=0.0, kl_coef=0.0,
-                                       ppo_epochs=2, minibatches=2))
+    trainer = make_trainer(learner_cfg(advantage=advantage, entropy_coef=0.0, kl_coef=0.0, ppo_epochs=2, minibatches=2))
     batch = preference_batch()
     batch.scores = torch.tensor([0.7, 0.7, -2.0, -2.0])  # equal within each group
     batch = on_policy(trainer, batch)
@@ -430,8 +436,10 @@ def test_adaptive_controller_is_fed_the_kl_per_sequence():
 
 def test_tis_per_token_equals_decoupled_on_stale_data():
     stats = {}
-    for name, cfg in {"tis_token": learner_cfg(correction="tis", is_level="token"),
-                      "decoupled": learner_cfg(correction="decoupled")}.items():
+    for name, cfg in {
+        "tis_token": learner_cfg(correction="tis", is_level="token"),
+        "decoupled": learner_cfg(correction="decoupled"),
+    }.items():
         trainer = make_trainer(cfg)
         batch, _ = shifted_batch(trainer)
         stats[name] = trainer.step(batch, current_version=3)
@@ -467,8 +475,9 @@ def test_loss_aggregation_reaches_the_policy_loss(aggregation):
 
     cfg = learner_cfg(loss_aggregation=aggregation)
     probe = make_trainer(cfg)
-    expected = -aggregate_tokens(probe.targets(on_policy(probe, ragged_batch())).advantages, ragged_batch().mask,
-                                 aggregation, max_tokens=9)
+    expected = -aggregate_tokens(
+        probe.targets(on_policy(probe, ragged_batch())).advantages, ragged_batch().mask, aggregation, max_tokens=9
+    )
     trainer = make_trainer(cfg)
     stats = trainer.step(on_policy(trainer, ragged_batch()), current_version=3)
     assert stats["loss/policy"] == pytest.approx(expected.item(), abs=1e-6)
@@ -510,8 +519,16 @@ def test_vtrace_targets_on_policy_equal_gae_returns_and_off_policy_use_the_ratio
     targets = trainer.targets(stale)
     kl = (targets.old.logprobs - targets.ref_logprobs) * stale.mask
     rewards = per_token_rewards(stale.scores, kl, stale.mask, kl_coef=0.1)
-    vs, adv = vtrace(rewards, targets.old.values, targets.old.logprobs - stale.behaviour_logprobs, stale.mask,
-                     gamma=0.9, lam=0.95, rho_bar=1.5, c_bar=1.0)
+    vs, adv = vtrace(
+        rewards,
+        targets.old.values,
+        targets.old.logprobs - stale.behaviour_logprobs,
+        stale.mask,
+        gamma=0.9,
+        lam=0.95,
+        rho_bar=1.5,
+        c_bar=1.0,
+    )
     torch.testing.assert_close(targets.returns, vs, atol=1e-5, rtol=0)
     torch.testing.assert_close(targets.advantages, adv, atol=1e-5, rtol=0)
     stats = trainer.step(stale, current_version=3)
@@ -531,11 +548,23 @@ def bandit_vtrace_gradient(whiten: bool) -> float:
     trainer's V-trace advantages (pi_old / mu set through the behaviour log-probs, V through
     the value head's bias) go into the policy loss of a two-logit softmax at pi_old; returns
     the ascent direction of the better action's logit, -d loss / d z_A."""
-    trainer = make_trainer(learner_cfg(advantage="gae", correction="vtrace", vtrace_rho_bar=10.0,
-                                       vtrace_c_bar=10.0, gamma=1.0, lam=1.0, normalize_rewards=False,
-                                       reward_clip=None, whiten_advantages=whiten))
-    batch = collate([scored(f"g{i}", "x", "A" if i < 9 else "B", 1.0 if i < 9 else 0.0) for i in range(10)],
-                    pad_id=TOKENIZER.pad_token_id)
+    trainer = make_trainer(
+        learner_cfg(
+            advantage="gae",
+            correction="vtrace",
+            vtrace_rho_bar=10.0,
+            vtrace_c_bar=10.0,
+            gamma=1.0,
+            lam=1.0,
+            normalize_rewards=False,
+            reward_clip=None,
+            whiten_advantages=whiten,
+        )
+    )
+    batch = collate(
+        [scored(f"g{i}", "x", "A" if i < 9 else "B", 1.0 if i < 9 else 0.0) for i in range(10)],
+        pad_id=TOKENIZER.pad_token_id,
+    )
     pi_old = torch.tensor([0.5] * 9 + [0.5]).log().unsqueeze(1)
     mu = torch.tensor([0.9] * 9 + [0.1]).log().unsqueeze(1)
     # log rho = log pi_old - log mu whatever the tiny model's own pi_old is
@@ -546,8 +575,7 @@ def bandit_vtrace_gradient(whiten: bool) -> float:
     logits = torch.zeros(2, requires_grad=True)
     actions = torch.tensor([0] * 9 + [1])
     logprobs = torch.log_softmax(logits, -1)[actions].unsqueeze(1)
-    loss, _ = policy_loss(logprobs, pi_old, mu, advantages, batch.mask, correction="vtrace", clip_eps=0.2,
-                          is_cap=10.0)
+    loss, _ = policy_loss(logprobs, pi_old, mu, advantages, batch.mask, correction="vtrace", clip_eps=0.2, is_cap=10.0)
     loss.backward()
     return -float(logits.grad[0])
 
@@ -571,7 +599,8 @@ class FixedDistribution(torch.nn.Module):
         with torch.no_grad():
             self.head.weight.copy_(torch.tensor(probs).log().unsqueeze(1))
         self.base_model = lambda input_ids, attention_mask: SimpleNamespace(
-            last_hidden_state=torch.ones(*input_ids.shape, 1))
+            last_hidden_state=torch.ones(*input_ids.shape, 1)
+        )
 
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.head
@@ -580,30 +609,45 @@ class FixedDistribution(torch.nn.Module):
 def token_rollout(i: int, token: int, behaviour_logprob: float, top_p: float) -> ScoredRollout:
     return ScoredRollout(
         rollout=Rollout(
-            prompt_id=f"p{i}", group_id=f"g{i}", rollout_id=f"r{i}", generator_id="g0", group_size=1,
-            prompt_tokens=np.asarray([0], np.int32), completion_tokens=np.asarray([token], np.int32),
-            behaviour_logprobs=np.asarray([behaviour_logprob], np.float32), policy_version=0,
-            finish_reason=FinishReason.LENGTH, sampling=SamplingParams(temperature=1.0, top_p=top_p, max_new_tokens=1),
+            prompt_id=f"p{i}",
+            group_id=f"g{i}",
+            rollout_id=f"r{i}",
+            generator_id="g0",
+            group_size=1,
+            prompt_tokens=np.asarray([0], np.int32),
+            completion_tokens=np.asarray([token], np.int32),
+            behaviour_logprobs=np.asarray([behaviour_logprob], np.float32),
+            policy_version=0,
+            finish_reason=FinishReason.LENGTH,
+            sampling=SamplingParams(temperature=1.0, top_p=top_p, max_new_tokens=1),
         ),
         reward=0.0,
     )
 
 
-@pytest.mark.parametrize("probs, ref, top_p, tokens, kl", [
-    # one-token nucleus: pi_top-p = (1, 0); KL(pi_top-p || ref) = log(1 / 0.01) = 4.605 nats (the
-    # untruncated KL(pi || ref) = 0.95 log(95) + 0.05 log(0.05 / 0.99) = 4.18); read under the
-    # policy's nucleus the reference became (1, 0) too and the KL was 0
-    ([0.95, 0.05], [0.01, 0.99], 0.5, [0], math.log(100.0)),
-    # nucleus {A, B} of top_p 0.8: pi_top-p = (2/3, 1/3, 0), rows in those proportions, so the mean
-    # of k1 is KL(pi_top-p || ref) = 2/3 log((2/3) / 0.2) + 1/3 log((1/3) / 0.3) = 0.8378
-    ([0.6, 0.3, 0.1], [0.2, 0.3, 0.5], 0.8, [0, 0, 1],
-     2 / 3 * math.log((2 / 3) / 0.2) + 1 / 3 * math.log((1 / 3) / 0.3)),
-])
+@pytest.mark.parametrize(
+    "probs, ref, top_p, tokens, kl",
+    [
+        # one-token nucleus: pi_top-p = (1, 0); KL(pi_top-p || ref) = log(1 / 0.01) = 4.605 nats (the
+        # untruncated KL(pi || ref) = 0.95 log(95) + 0.05 log(0.05 / 0.99) = 4.18); read under the
+        # policy's nucleus the reference became (1, 0) too and the KL was 0
+        ([0.95, 0.05], [0.01, 0.99], 0.5, [0], math.log(100.0)),
+        # nucleus {A, B} of top_p 0.8: pi_top-p = (2/3, 1/3, 0), rows in those proportions, so the mean
+        # of k1 is KL(pi_top-p || ref) = 2/3 log((2/3) / 0.2) + 1/3 log((1/3) / 0.3) = 0.8378
+        (
+            [0.6, 0.3, 0.1],
+            [0.2, 0.3, 0.5],
+            0.8,
+            [0, 0, 1],
+            2 / 3 * math.log((2 / 3) / 0.2) + 1 / 3 * math.log((1 / 3) / 0.3),
+        ),
+    ],
+)
 def test_kl_penalty_under_top_p_is_against_the_untruncated_reference(probs, ref, top_p, tokens, kl):
     assert kl > 0.8
     policy, reference = FixedDistribution(probs), FixedDistribution(ref)
     trainer = PPOTrainer(policy, reference, learner_cfg(kl_coef=0.1))
-    kept = sum(sorted(probs, reverse=True)[:len(set(tokens))])
+    kept = sum(sorted(probs, reverse=True)[: len(set(tokens))])
     batch = collate([token_rollout(i, t, math.log(probs[t] / kept), top_p) for i, t in enumerate(tokens)], pad_id=0)
     targets = trainer.targets(batch)
     torch.testing.assert_close(targets.old.logprobs, batch.behaviour_logprobs)  # pi_old = the sampler's mu
@@ -618,9 +662,13 @@ def test_kl_loss_term_is_importance_weighted_to_the_policy():
     E_mu[...] instead (by hand 0.9 * 0.916 * 0.5 - 0.1 * (-0.470) * 0.5 = 0.436 for d/dz_A, against
     0.5 * 0.916 * 0.5 + 0.5 * 0.470 * 0.5 = 0.347)."""
     pi, ref = [0.5, 0.5], [0.2, 0.8]
-    trainer = PPOTrainer(FixedDistribution(pi), FixedDistribution(ref),
-                         learner_cfg(kl_penalty="loss", kl_estimator="k2", kl_coef=1.0, is_cap=10.0,
-                                     max_grad_norm=1e6, normalize_rewards=False))
+    trainer = PPOTrainer(
+        FixedDistribution(pi),
+        FixedDistribution(ref),
+        learner_cfg(
+            kl_penalty="loss", kl_estimator="k2", kl_coef=1.0, is_cap=10.0, max_grad_norm=1e6, normalize_rewards=False
+        ),
+    )
     tokens, mu = [0] * 9 + [1], [0.9, 0.1]
     batch = collate([token_rollout(i, t, math.log(mu[t]), 1.0) for i, t in enumerate(tokens)], pad_id=0)
     grads = []

@@ -36,17 +36,34 @@ def rm_dir(tiny_model_dir, tmp_path_factory):
 def scored(group: str, prompt: str, completion: str, reward: float) -> ScoredRollout:
     p = TOKENIZER(prompt, add_special_tokens=False)["input_ids"]
     c = TOKENIZER(completion, add_special_tokens=False)["input_ids"]
-    return ScoredRollout(rollout=Rollout(
-        prompt_id=group, group_id=group, rollout_id=f"{group}/{completion}", generator_id="g0", group_size=2,
-        prompt_tokens=np.asarray(p, np.int32), completion_tokens=np.asarray(c, np.int32),
-        behaviour_logprobs=np.full(len(c), -1.0, np.float32), policy_version=0, finish_reason=FinishReason.LENGTH,
-        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8)), reward=reward)
+    return ScoredRollout(
+        rollout=Rollout(
+            prompt_id=group,
+            group_id=group,
+            rollout_id=f"{group}/{completion}",
+            generator_id="g0",
+            group_size=2,
+            prompt_tokens=np.asarray(p, np.int32),
+            completion_tokens=np.asarray(c, np.int32),
+            behaviour_logprobs=np.full(len(c), -1.0, np.float32),
+            policy_version=0,
+            finish_reason=FinishReason.LENGTH,
+            sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8),
+        ),
+        reward=reward,
+    )
 
 
 def batch():
-    return collate([scored("a", "Say:", "good!!", 1.0), scored("a", "Say:", "no", 0.0),
-                    scored("b", "A longer prompt", "abc", 0.5), scored("b", "A longer prompt", "zz top!", 0.2)],
-                   pad_id=TOKENIZER.pad_token_id)
+    return collate(
+        [
+            scored("a", "Say:", "good!!", 1.0),
+            scored("a", "Say:", "no", 0.0),
+            scored("b", "A longer prompt", "abc", 0.5),
+            scored("b", "A longer prompt", "zz top!", 0.2),
+        ],
+        pad_id=TOKENIZER.pad_token_id,
+    )
 
 
 def test_first_values_equal_the_reward_models_scores(rm_dir):
@@ -69,8 +86,9 @@ def test_trainer_trains_the_value_model_with_its_own_learning_rate(rm_dir):
     cfg = LearnerSection(advantage="gae", lr=1e-2, value_lr=3e-3, kl_coef=0.0, device="cpu")
     critic = ValueModel.from_reward_model(str(rm_dir), device=CPU, tokenizer=TOKENIZER)
     before = {k: v.clone() for k, v in critic.state_dict().items()}
-    trainer = PPOTrainer(build_tiny_model(TOKENIZER, seed=0), build_tiny_model(TOKENIZER, seed=0), cfg,
-                         value_model=critic)
+    trainer = PPOTrainer(
+        build_tiny_model(TOKENIZER, seed=0), build_tiny_model(TOKENIZER, seed=0), cfg, value_model=critic
+    )
     assert trainer.value_head is None and trainer.value_model is critic
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-2, 3e-3]
     with torch.no_grad():
@@ -81,8 +99,7 @@ def test_trainer_trains_the_value_model_with_its_own_learning_rate(rm_dir):
     assert not torch.equal(critic.state_dict()["bias"], before["bias"])
     state = trainer.state_dict()
     fresh = ValueModel.from_reward_model(str(rm_dir), device=CPU)
-    other = PPOTrainer(build_tiny_model(TOKENIZER, seed=0), build_tiny_model(TOKENIZER, seed=0), cfg,
-                       value_model=fresh)
+    other = PPOTrainer(build_tiny_model(TOKENIZER, seed=0), build_tiny_model(TOKENIZER, seed=0), cfg, value_model=fresh)
     other.load_state_dict(state)
     for key, value in critic.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value)
@@ -92,8 +109,9 @@ def test_another_vocabulary_is_refused(rm_dir):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab={"<unk>": 0, "a": 1},
-                                                                                unk_token="<unk>")))
+    other = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab={"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    )
     with pytest.raises(ValueError, match="another vocabulary than the policy"):
         ValueModel.from_reward_model(str(rm_dir), device=CPU, tokenizer=other)
 

@@ -28,7 +28,8 @@ def sentiment_dir(tmp_path_factory, tiny_model_dir):
     separates the two phrases (as a sentiment classifier does: output 0 is the NEGATIVE class)."""
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(
-        tiny_model_dir, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+        tiny_model_dir, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1}
+    )
     tokenizer = build_char_tokenizer()
     model.config.pad_token_id = tokenizer.pad_token_id
     texts = [GOOD, BAD, "great " + GOOD, "awful " + BAD]
@@ -38,8 +39,10 @@ def sentiment_dir(tmp_path_factory, tiny_model_dir):
 
     def separated() -> bool:  # every text's own class ahead by at least 1 nat
         with torch.no_grad():
-            margins = [(model(input_ids=ids).logits[0] * (1 if label else -1)).diff().item()
-                       for ids, label in zip(encoded, labels)]
+            margins = [
+                (model(input_ids=ids).logits[0] * (1 if label else -1)).diff().item()
+                for ids, label in zip(encoded, labels)
+            ]
         return min(margins) >= 1.0
 
     model.eval()  # the tiny Llama has no dropout: eval and train compute the same function
@@ -69,14 +72,17 @@ def logits(folder, text: str) -> torch.Tensor:
 def test_a_two_class_classifier_needs_a_label_and_reads_the_one_named(sentiment_dir, tmp_path):
     cfg = load_config(None, [f'scorer.rewards=[{{model = "{sentiment_dir}"}}]'])
     [problem] = resource_problems(cfg, ["scorer"])
-    assert problem == ("scorer.rewards[0].label: the reward model has 2 outputs (0 = \"NEGATIVE\", 1 = \"POSITIVE\") "
-                       "and no `label` says which one is the reward; fix: set label to the index or name of the "
-                       "output that means good (a sentiment classifier's positive class, not output 0 when that is "
-                       "NEGATIVE)")
+    assert problem == (
+        'scorer.rewards[0].label: the reward model has 2 outputs (0 = "NEGATIVE", 1 = "POSITIVE") '
+        "and no `label` says which one is the reward; fix: set label to the index or name of the "
+        "output that means good (a sentiment classifier's positive class, not output 0 when that is "
+        "NEGATIVE)"
+    )
     bad = load_config(None, [f'scorer.rewards=[{{model = "{sentiment_dir}", label = "JOYFUL"}}]'])
     assert resource_problems(bad, ["scorer"]) == [
-        "scorer.rewards[0].label: \"JOYFUL\" is not a label of the reward model (0 = \"NEGATIVE\", 1 = \"POSITIVE\"); "
-        "fix: use one of them"]
+        'scorer.rewards[0].label: "JOYFUL" is not a label of the reward model (0 = "NEGATIVE", 1 = "POSITIVE"); '
+        "fix: use one of them"
+    ]
     good = load_config(None, [f'scorer.rewards=[{{model = "{sentiment_dir}", label = "POSITIVE"}}]'])
     assert resource_problems(good, ["scorer"]) == []
 
@@ -86,8 +92,9 @@ def test_a_two_class_classifier_needs_a_label_and_reads_the_one_named(sentiment_
     prompts, completions = ["a ", "a "], [GOOD[2:], BAD[2:]]
     pos_scores, _ = by_name(prompts, completions, [{}, {}])
     assert pos_scores == pytest.approx(by_index(prompts, completions, [{}, {}])[0], abs=1e-6)
-    assert pos_scores == pytest.approx([logits(sentiment_dir, GOOD)[1].item(), logits(sentiment_dir, BAD)[1].item()],
-                                       abs=1e-4)
+    assert pos_scores == pytest.approx(
+        [logits(sentiment_dir, GOOD)[1].item(), logits(sentiment_dir, BAD)[1].item()], abs=1e-4
+    )
     assert pos_scores[0] > pos_scores[1]  # the positive text earns more with the POSITIVE output ...
     neg_scores, _ = negative(prompts, completions, [{}, {}])
     assert neg_scores[0] < neg_scores[1]  # ... and less with output 0, the old default's footgun
@@ -110,21 +117,28 @@ def test_chat_template_renders_the_prompt_as_the_user_turn(sentiment_dir, tmp_pa
     folder = tmp_path / "chat"
     shutil.copytree(sentiment_dir, folder)
     tokenizer = build_char_tokenizer()
-    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     tokenizer.save_pretrained(folder)
     reward = build_reward([RewardSpec(model=str(folder), label=1, chat_template=True)], device=CPU)
     scores, _ = reward(["review:"], [" great"], [{}])
     assert scores == pytest.approx([logits(folder, "<user>review:<assistant> great")[1].item()], abs=1e-4)
     with pytest.raises(Exception, match="model.chat_template = true"):
-        load_config(None, ["model.chat_template=true", f'scorer.rewards=[{{model = "{folder}", label = 1, '
-                                                       'chat_template = true}]'])
+        load_config(
+            None,
+            ["model.chat_template=true", f'scorer.rewards=[{{model = "{folder}", label = 1, chat_template = true}}]'],
+        )
 
 
 def test_a_slow_reward_model_times_out_and_is_counted(sentiment_dir, caplog):
     reward = build_reward([RewardSpec(model=str(sentiment_dir), label=1, timeout_s=1e-4)], device=CPU)
-    with pytest.raises(RewardTimeout, match=rf"reward model {sentiment_dir} took more than timeout_s = 0.0001s for 64 "
-                                            r"completions; fix: raise timeout_s, lower batch_size or max_length"):
+    with pytest.raises(
+        RewardTimeout,
+        match=rf"reward model {sentiment_dir} took more than timeout_s = 0.0001s for 64 "
+        r"completions; fix: raise timeout_s, lower batch_size or max_length",
+    ):
         reward([""] * 64, [GOOD * 3] * 64, [{}] * 64)
     registry = ServiceMetrics("scorer", "scorer-0")
     health = RewardHealth(ScorerMetrics(registry), failing_after=1, names=["reward_model"])
@@ -132,8 +146,7 @@ def test_a_slow_reward_model_times_out_and_is_counted(sentiment_dir, caplog):
         reward([""] * 64, [GOOD * 3] * 64, [{}] * 64)
     except RewardTimeout as exc:
         health.failed(exc, [])
-    assert registry.registry.get_sample_value("streamrl_scorer_reward_failures_total",
-                                              {"reason": "RewardTimeout"}) == 1
+    assert registry.registry.get_sample_value("streamrl_scorer_reward_failures_total", {"reason": "RewardTimeout"}) == 1
 
 
 def test_time_limited_keeps_one_call_at_a_time():

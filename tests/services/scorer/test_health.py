@@ -20,12 +20,23 @@ from streamrl.testing import free_port
 
 
 def rollouts(n: int, start: int = 0) -> list[Rollout]:
-    return [Rollout(sender="g", prompt_id="p", group_id="g:0", rollout_id=f"g:0:{i}", generator_id="g", group_size=n,
-                    prompt_tokens=np.array([1], np.int32), completion_tokens=np.array([2], np.int32),
-                    behaviour_logprobs=np.array([-1.0], np.float32), policy_version=0,
-                    finish_reason=FinishReason.LENGTH,
-                    sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=4))
-            for i in range(start, start + n)]
+    return [
+        Rollout(
+            sender="g",
+            prompt_id="p",
+            group_id="g:0",
+            rollout_id=f"g:0:{i}",
+            generator_id="g",
+            group_size=n,
+            prompt_tokens=np.array([1], np.int32),
+            completion_tokens=np.array([2], np.int32),
+            behaviour_logprobs=np.array([-1.0], np.float32),
+            policy_version=0,
+            finish_reason=FinishReason.LENGTH,
+            sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=4),
+        )
+        for i in range(start, start + n)
+    ]
 
 
 def sample(registry: ServiceMetrics, name: str, **labels) -> float:
@@ -45,10 +56,12 @@ def test_failures_are_counted_by_reason_logged_once_and_failing_after_n(caplog):
     assert not health.failing and sample(registry, "reward_failing") == 0
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1  # logged once per reason, with the rollout id and the traceback
-    assert errors[0].getMessage() == ("reward (my_reward) raised ValueError on rollout g:0:0 (4 of the 4 rollouts of "
-                                      "its micro-batch raised it; the groups of the rollouts that raised are "
-                                      "dropped); further ValueError failures are counted in "
-                                      "reward_failures_total{reason=\"ValueError\"}, not logged")
+    assert errors[0].getMessage() == (
+        "reward (my_reward) raised ValueError on rollout g:0:0 (4 of the 4 rollouts of "
+        "its micro-batch raised it; the groups of the rollouts that raised are "
+        "dropped); further ValueError failures are counted in "
+        'reward_failures_total{reason="ValueError"}, not logged'
+    )
     assert errors[0].exc_info[1].args == ("bad answer 0",)
     health.failed(KeyError("answer"), rollouts(2))
     assert health.failing
@@ -62,9 +75,11 @@ def test_failures_are_counted_by_reason_logged_once_and_failing_after_n(caplog):
     assert sample(registry, "reward_last_error", reason="KeyError", error="KeyError: 'answer'") == 1
     assert sample(registry, "reward_last_error", reason="ValueError", error="ValueError: bad answer 1") == 0
     failing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("REWARD FAILING")]
-    assert failing == ["REWARD FAILING: the last 3 micro-batches all raised (last: KeyError: 'answer'); no scored "
-                       "rollout reaches the buffer, so the learner waits; fix: correct the reward (my_reward; "
-                       "traceback above) and restart the scorer"]
+    assert failing == [
+        "REWARD FAILING: the last 3 micro-batches all raised (last: KeyError: 'answer'); no scored "
+        "rollout reaches the buffer, so the learner waits; fix: correct the reward (my_reward; "
+        "traceback above) and restart the scorer"
+    ]
     health.failed(KeyError("answer"), rollouts(1))  # still failing: not announced again
     assert sum(r.getMessage().startswith("REWARD FAILING") for r in caplog.records) == 1
     health.succeeded()
@@ -75,12 +90,15 @@ def test_failures_are_counted_by_reason_logged_once_and_failing_after_n(caplog):
 
 def test_the_learner_wait_message_names_a_failing_reward(tmp_path):
     port = free_port()
-    cfg = load_config(None, [f"metrics.scorer_port={port}", 'endpoints.scorers=["tcp://127.0.0.1:5550"]',
-                             "scorer.failing_after=2"])
+    cfg = load_config(
+        None, [f"metrics.scorer_port={port}", 'endpoints.scorers=["tcp://127.0.0.1:5550"]', "scorer.failing_after=2"]
+    )
     assert scorer_metrics_addresses(cfg) == [("scorer-0", "127.0.0.1", port)]
     assert reward_troubles(cfg) == []  # nobody serves: nothing to say
-    assert data_wait_reason(cfg) == ("no batch of 4 groups from the buffer at tcp://127.0.0.1:5561 (buffer down, or "
-                                     "generators/scorers slow or not running)")
+    assert data_wait_reason(cfg) == (
+        "no batch of 4 groups from the buffer at tcp://127.0.0.1:5561 (buffer down, or "
+        "generators/scorers slow or not running)"
+    )
     registry = ServiceMetrics("scorer", "scorer-0")
     health = RewardHealth(ScorerMetrics(registry), failing_after=2, names=["verifier"])
     registry.serve("127.0.0.1", port)
@@ -88,14 +106,18 @@ def test_the_learner_wait_message_names_a_failing_reward(tmp_path):
     assert reward_troubles(cfg) == []
     for _ in range(2):
         health.failed(ZeroDivisionError("division by zero"), rollouts(1))
-    expected = ("the reward is failing in scorer-0 (2 micro-batches in a row raised ZeroDivisionError: division by "
-                "zero; no scored rollout reaches the buffer; see its log)")
+    expected = (
+        "the reward is failing in scorer-0 (2 micro-batches in a row raised ZeroDivisionError: division by "
+        "zero; no scored rollout reaches the buffer; see its log)"
+    )
     assert reward_troubles(cfg) == [expected]
     assert data_wait_reason(cfg) == f"no batch of 4 groups from the buffer at tcp://127.0.0.1:5561: {expected}"
     health.succeeded(rollouts(8))  # recovered, but 2 of its last 10 rollouts raised: still named, as dropping
-    assert reward_troubles(cfg) == ["the reward raises on some inputs in scorer-0 (on 20% of its last 100 rollouts, "
-                                    "last ZeroDivisionError: division by zero; their groups are dropped, so fewer "
-                                    "reach the buffer; see its log)"]
+    assert reward_troubles(cfg) == [
+        "the reward raises on some inputs in scorer-0 (on 20% of its last 100 rollouts, "
+        "last ZeroDivisionError: division by zero; their groups are dropped, so fewer "
+        "reach the buffer; see its log)"
+    ]
 
 
 def test_a_wait_reason_given_as_a_function_is_computed_only_when_logged(caplog):
@@ -112,8 +134,10 @@ def test_a_wait_reason_given_as_a_function_is_computed_only_when_logged(caplog):
         now[0] = float(t)
         waits.waiting("data", why)
     assert calls == [10.0, 20.0]
-    assert [r.getMessage() for r in caplog.records] == ["learner-0 has waited 10s on data: because",
-                                                        "learner-0 has waited 20s on data: because"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "learner-0 has waited 10s on data: because",
+        "learner-0 has waited 20s on data: because",
+    ]
 
 
 def test_failing_after_must_be_positive():
@@ -125,8 +149,9 @@ def test_a_reward_that_raises_on_a_fraction_of_rollouts_is_reported_failing(capl
     """Failures spread over micro-batches never make failing_after in a row: the fraction over the
     last failing_window rollouts does (before, REWARD FAILING never printed for such a reward)."""
     registry = ServiceMetrics("scorer", "scorer-0")
-    health = RewardHealth(ScorerMetrics(registry), failing_after=3, names=["flaky"], failing_fraction=0.2,
-                          failing_window=20)
+    health = RewardHealth(
+        ScorerMetrics(registry), failing_after=3, names=["flaky"], failing_fraction=0.2, failing_window=20
+    )
     caplog.set_level(logging.INFO, logger="streamrl.services.scorer.health")
     for k in range(2):  # 1 of 5 raises: 20%, but the window is not full yet
         batch = rollouts(5, start=5 * k)
@@ -140,10 +165,12 @@ def test_a_reward_that_raises_on_a_fraction_of_rollouts_is_reported_failing(capl
     assert sample(registry, "reward_failed_rollouts_total", reason="ValueError") == 4
     assert sample(registry, "reward_failures_total", reason="ValueError") == 8  # calls: batch + the rollout alone
     failing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("REWARD FAILING")]
-    assert failing == ["REWARD FAILING: the reward raised on 4 of the last 20 rollouts (20%, scorer.failing_fraction "
-                       "= 0.2; last: ValueError: no score); their groups are dropped, so the learner gets fewer groups "
-                       "and waits longer; fix: correct the reward (flaky; traceback above) so that it scores every "
-                       "input, and restart the scorer"]
+    assert failing == [
+        "REWARD FAILING: the reward raised on 4 of the last 20 rollouts (20%, scorer.failing_fraction "
+        "= 0.2; last: ValueError: no score); their groups are dropped, so the learner gets fewer groups "
+        "and waits longer; fix: correct the reward (flaky; traceback above) so that it scores every "
+        "input, and restart the scorer"
+    ]
     health.succeeded(rollouts(1, start=20))  # the oldest failure leaves the window: 3 of the last 20
     assert not health.failing and sample(registry, "reward_failing") == 0
     assert caplog.records[-1].getMessage() == "reward recovered: it raised on 3 of the last 20 rollouts (15%)"

@@ -41,8 +41,11 @@ def test_transient_failures_are_retried_with_exponential_backoff():
 def test_retries_run_out_with_the_status_tries_and_fix():
     with RewardServer(script=[500, 500, 500]) as server:
         reward = HttpReward(server.url, timeout_s=5, retries=2, backoff_s=0.05)
-        with pytest.raises(RewardServerError, match=r"HTTP 500 Internal Server Error: .*\(3 tries over "
-                                                     r"[0-9.]+s\); fix: check the server's log"):
+        with pytest.raises(
+            RewardServerError,
+            match=r"HTTP 500 Internal Server Error: .*\(3 tries over "
+            r"[0-9.]+s\); fix: check the server's log",
+        ):
             reward(PROMPTS, COMPLETIONS, METADATA)
     assert len(server.requests) == 3
 
@@ -64,8 +67,9 @@ def test_a_server_that_is_down_says_so():
         reward(PROMPTS, COMPLETIONS, METADATA)
     message = str(info.value)
     assert message.startswith(f"reward server {url} is down: cannot connect (")
-    assert "(3 tries over" in message and message.endswith("fix: start the reward server, or correct "
-                                                              "scorer.rewards[].url")
+    assert "(3 tries over" in message and message.endswith(
+        "fix: start the reward server, or correct scorer.rewards[].url"
+    )
 
 
 def test_a_stop_request_ends_the_retries_at_once():
@@ -80,11 +84,14 @@ def test_a_stop_request_ends_the_retries_at_once():
     assert time.monotonic() - started < 1.5
 
 
-@pytest.mark.parametrize("action, pattern", [
-    (422, r"refused the request: HTTP 422 Unprocessable (Entity|Content): .*scripted failure"),
-    ("short", r"answered 6 rewards for 7 completions; fix: answer \{\"rewards\": \[...\]\}"),
-    ("nan", r"answered reward 'NaN' at index 0; fix: answer finite numbers"),
-])
+@pytest.mark.parametrize(
+    "action, pattern",
+    [
+        (422, r"refused the request: HTTP 422 Unprocessable (Entity|Content): .*scripted failure"),
+        ("short", r"answered 6 rewards for 7 completions; fix: answer \{\"rewards\": \[...\]\}"),
+        ("nan", r"answered reward 'NaN' at index 0; fix: answer finite numbers"),
+    ],
+)
 def test_answers_that_are_not_rewards_are_not_retried(action, pattern):
     with RewardServer(script=[action]) as server:
         reward = HttpReward(server.url, batch_size=8, retries=3, backoff_s=0.05)
@@ -99,8 +106,11 @@ def test_headers_read_the_environment(monkeypatch):
         HttpReward(server.url, headers={"Authorization": "Bearer ${REWARD_TOKEN}"})(["p"], ["a"], [{}])
     assert server.headers[0]["Authorization"] == "Bearer s3cret"
     monkeypatch.delenv("REWARD_TOKEN")
-    with pytest.raises(ValueError, match=r"header 'Authorization' uses \$REWARD_TOKEN, which is not set .* fix: "
-                                         r"export REWARD_TOKEN="):
+    with pytest.raises(
+        ValueError,
+        match=r"header 'Authorization' uses \$REWARD_TOKEN, which is not set .* fix: "
+        r"export REWARD_TOKEN=",
+    ):
         HttpReward("http://127.0.0.1:1/", headers={"Authorization": "Bearer ${REWARD_TOKEN}"})
 
 

@@ -20,8 +20,9 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def rm_folder(tiny_model_dir, tmp_path_factory) -> Path:
     """A tiny RM trained to prefer responses with 'a' over responses with 'b'."""
-    return train_tiny_reward_model(tmp_path_factory.mktemp("scorer-rm"), tiny_model_dir, preferred="a", pairs=120,
-                                   eval_rows=20, max_length=24)
+    return train_tiny_reward_model(
+        tmp_path_factory.mktemp("scorer-rm"), tiny_model_dir, preferred="a", pairs=120, eval_rows=20, max_length=24
+    )
 
 
 PROMPTS = ["q1:", "q2:", "a much longer prompt that the stored max_length of 24 tokens truncates:", "q4:"]
@@ -40,8 +41,13 @@ def test_scorer_uses_the_stored_bias_and_length(rm_folder):
 
 
 def test_rm_summed_with_a_rule_reward(rm_folder):
-    reward = build_reward([RewardSpec(model=str(rm_folder), weight=2.0, batch_size=2, name="rm"),
-                           RewardSpec(function="count_char", weight=0.5, kwargs={"char": "a"})], device=CPU)
+    reward = build_reward(
+        [
+            RewardSpec(model=str(rm_folder), weight=2.0, batch_size=2, name="rm"),
+            RewardSpec(function="count_char", weight=0.5, kwargs={"char": "a"}),
+        ],
+        device=CPU,
+    )
     totals, parts = reward(PROMPTS, COMPLETIONS, [{}] * 4)
     expected_rm = RewardModel(str(rm_folder), device=CPU).score(PROMPTS, COMPLETIONS)
     for total, part, rm_score in zip(totals, parts, expected_rm):
@@ -53,8 +59,10 @@ def test_chat_template_wraps_raw_prompts_as_in_training(rm_folder, tmp_path):
     for f in rm_folder.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    config["chat_template"] = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    config["chat_template"] = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     wrapped = RewardModelScorer(str(tmp_path), device=CPU, chat_template=True)
     plain = RewardModelScorer(str(tmp_path), device=CPU)
@@ -68,8 +76,9 @@ def test_check_refuses_prompts_formatted_unlike_training(rm_folder, tiny_model_d
     from streamrl.common.config import resource_problems
 
     def problems(**model):
-        cfg = validate_config({"model": {"path": str(tiny_model_dir), **model},
-                               "scorer": {"rewards": [{"model": str(rm_folder)}]}})
+        cfg = validate_config(
+            {"model": {"path": str(tiny_model_dir), **model}, "scorer": {"rewards": [{"model": str(rm_folder)}]}}
+        )
         return [p for p in resource_problems(cfg, ["scorer"]) if p.startswith("scorer.rewards[0]")]
 
     assert problems() == []

@@ -143,7 +143,10 @@ def test_count_char_bad_args() -> None:
 
 def test_builtin_names_are_the_builtin_functions() -> None:
     assert {name: RewardSpec(function=name).resolve() for name in BUILTIN_REWARDS} == {
-        "vader_sentiment": vader_sentiment, "gsm8k_exact_match": gsm8k_exact_match, "count_char": count_char}
+        "vader_sentiment": vader_sentiment,
+        "gsm8k_exact_match": gsm8k_exact_match,
+        "count_char": count_char,
+    }
     assert RewardSpec(function="os.path:join").resolve() is __import__("os").path.join
 
 
@@ -192,8 +195,9 @@ def test_composite_weighted_sum_hand_computed() -> None:
 
 
 def test_composite_wrong_length_and_non_finite() -> None:
-    bad_len = CompositeReward([RewardComponent("ok", 1.0, _const(1.0)),
-                               RewardComponent("short", 1.0, lambda p, c, m: [1.0])])
+    bad_len = CompositeReward(
+        [RewardComponent("ok", 1.0, _const(1.0)), RewardComponent("short", 1.0, lambda p, c, m: [1.0])]
+    )
     with pytest.raises(ValueError, match="'short' returned 1 values for 2"):
         bad_len(["a", "b"], ["x", "y"], [{}, {}])
     nan = CompositeReward([RewardComponent("nanny", 1.0, _const(math.nan))])

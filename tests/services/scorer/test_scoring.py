@@ -15,8 +15,10 @@ from support import scored_item
 
 def rollouts(texts: list[tuple[str, str, dict]]):
     base = scored_item("g", 0).rollout
-    return [dataclasses.replace(base, rollout_id=f"g-{i}", prompt_text=p, completion_text=c, metadata=meta)
-            for i, (p, c, meta) in enumerate(texts)]
+    return [
+        dataclasses.replace(base, rollout_id=f"g-{i}", prompt_text=p, completion_text=c, metadata=meta)
+        for i, (p, c, meta) in enumerate(texts)
+    ]
 
 
 def length(prompts, completions, metadata):
@@ -41,8 +43,11 @@ def test_score_batch_weights_parts_and_keeps_order_and_rollouts():
     scored = score_batch(reward, batch, "scorer-3")
     # totals by hand: 0.5 * len + 2 * exact
     assert [s.reward for s in scored] == [0.5 * 4 + 2.0, 0.5 * 2, 0.0]
-    assert [s.reward_parts for s in scored] == [{"length": 4.0, "exact": 1.0}, {"length": 2.0, "exact": 0.0},
-                                               {"length": 0.0, "exact": 0.0}]
+    assert [s.reward_parts for s in scored] == [
+        {"length": 4.0, "exact": 1.0},
+        {"length": 2.0, "exact": 0.0},
+        {"length": 0.0, "exact": 0.0},
+    ]
     assert [s.rollout for s in scored] == batch
     assert {(s.sender, s.scorer_id) for s in scored} == {("scorer-3", "scorer-3")}
     again = decode(encode(scored[0]), expected=(ScoredRollout,))  # what the buffer receives
@@ -65,8 +70,10 @@ def test_score_batch_passes_reward_errors_on():
 
 def grouped(completions: list[str], group_size: int):
     """Rollouts ``g-i`` of groups ``G0, G1, ...`` of ``group_size`` each, one per completion."""
-    return [dataclasses.replace(r, group_id=f"G{i // group_size}", group_size=group_size, generator_id="gen-1")
-            for i, r in enumerate(rollouts([("Q", c, {}) for c in completions]))]
+    return [
+        dataclasses.replace(r, group_id=f"G{i // group_size}", group_size=group_size, generator_id="gen-1")
+        for i, r in enumerate(rollouts([("Q", c, {}) for c in completions]))
+    ]
 
 
 def picky(prompts, completions, metadata):
@@ -86,11 +93,19 @@ def test_a_reward_that_raises_on_some_inputs_loses_only_those_and_their_groups()
     assert set(scoring.failures) == {"g-2", "g-7"}
     assert [type(e).__name__ for e in scoring.raised] == ["ValueError"] * 3  # the batch, then g-2 and g-7 alone
     assert [(s.rollout.rollout_id, s.reward) for s in scoring.results] == [
-        ("g-0", 2.0), ("g-1", 3.0), ("g-3", 1.0), ("g-4", 2.0), ("g-5", 1.0), ("g-6", 3.0)]
+        ("g-0", 2.0),
+        ("g-1", 3.0),
+        ("g-3", 1.0),
+        ("g-4", 2.0),
+        ("g-5", 1.0),
+        ("g-6", 3.0),
+    ]
     kept, notices = drop_failed_groups(batch, scoring, "scorer-0")
     assert [s.rollout.rollout_id for s in kept] == ["g-0", "g-1", "g-4", "g-5"]  # G0 and G2 whole
     assert [(n.group_id, n.rollout_id, n.generator_id, n.group_size, n.reason) for n in notices] == [
-        ("G1", "g-2", "gen-1", 2, "ValueError"), ("G3", "g-7", "gen-1", 2, "ValueError")]
+        ("G1", "g-2", "gen-1", 2, "ValueError"),
+        ("G3", "g-7", "gen-1", 2, "ValueError"),
+    ]
     assert notices[0].error == "ValueError: cannot score 'x'"
     assert decode(encode(notices[0]), expected=(GroupDropped,)).group_id == "G1"  # what the buffer receives
     assert score_each(reward, batch[:2], "scorer-0").failures == {}  # no 'x': scored in one call
