@@ -42,21 +42,18 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
 
 from streamrl.common.modes import Device
+
+if TYPE_CHECKING:
+    # transformers is imported where a model or tokenizer is built or loaded, not here: its import
+    # takes 2-3 s on an idle core (over 6 s on 2 loaded ones), and a scorer without a reference
+    # pass or a learner's launcher (configure_torch, select_device) never needs it.
+    from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +209,7 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     ``clean_up_tokenization_spaces`` is off so " ," is not rewritten to ",").
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {token: index for index, token in enumerate(CHAR_SPECIAL_TOKENS)}
     for code in range(32, 127):
@@ -244,6 +242,8 @@ def build_tiny_model(
 
     Initialisation is deterministic in ``seed`` and does not disturb the global torch RNG.
     """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
     config = LlamaConfig(
@@ -347,6 +347,7 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
 def _convert_smollm2(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize the GGUF into a plain float32 model + tokenizer saved in ``out_dir``."""
     from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     folder, name = str(gguf_path.parent), gguf_path.name
@@ -472,6 +473,8 @@ def resolve_model_path(name_or_path: str, cache_dir: Path | None = None) -> str:
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained(path)``; pad token falls back to EOS when absent."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -486,5 +489,7 @@ def load_causal_lm(path: str, *, device: torch.device, dtype: torch.dtype = torc
     The model comes back in eval mode (as ``from_pretrained`` leaves it); trainers call
     ``.train()`` themselves.
     """
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.to(device)
