@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION: tuple[int, int] = (1, 3)
+SCHEMA_VERSION: tuple[int, int] = (1, 4)
 """(major, minor) of the wire schema. Bump major for incompatible changes.
 
 1.1 added the optional ``Rollout.selection`` and ``ScoredRollout.human`` fields and the
@@ -44,7 +44,10 @@ SCHEMA_VERSION: tuple[int, int] = (1, 3)
 1.2 added the ``credit_request`` / ``credit_grant`` messages (generation credits) and the
 optional ``ScoredRollout.reference_logprobs`` (reference pass in the scorers).
 1.3 added the ``group_dropped`` message (a scorer dropped a group whose reward raised on a member;
-a 1.2 buffer rejects it as an unknown kind and the group times out there as before)."""
+a 1.2 buffer rejects it as an unknown kind and the group times out there as before).
+1.4 added the optional ``WeightsAnnounce.adapter`` (:class:`AdapterSpec`): the blob holds LoRA adapter
+tensors, not the whole policy (``learner.lora``). A 1.3 generator ignores the field, finds that the
+tensors do not fit its model and loads nothing."""
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """Largest message (all frames together) a decoder accepts, in bytes."""
@@ -508,6 +511,32 @@ class TensorSpec:
 
 
 @dataclass(kw_only=True)
+class AdapterSpec:
+    """The LoRA adapter a weights blob holds (``learner.lora``; Hu et al. 2021, eq. 3).
+
+    The blob's manifest then names, for each adapted linear layer ``<module>`` of the base model,
+    ``<module>.lora_A.weight`` (``[rank, in]``) and ``<module>.lora_B.weight`` (``[out, rank]``); the
+    generator computes ``<module>.weight = W0 + (alpha / rank) * B @ A`` from the base ``W0`` it loaded
+    from its own ``model.path``. The base must be the one named by the announcement's
+    ``model_fingerprint``.
+
+    Attributes:
+        rank: r.
+        alpha: LoRA alpha (the update is scaled by ``alpha / rank``).
+        target_modules: the adapted layers' names (PEFT ``target_modules``), for diagnostics.
+    """
+
+    rank: int
+    alpha: float
+    target_modules: list[str]
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank``."""
+        return self.alpha / self.rank
+
+
+@dataclass(kw_only=True)
 class WeightsAnnounce(Message):
     """A new policy version is available (learner -> all, PUB; repeated periodically).
 
@@ -519,7 +548,9 @@ class WeightsAnnounce(Message):
         num_chunks: number of chunks.
         sha256: hex digest of the whole blob.
         model_fingerprint: (schema 1.2, optional) the learner's model config and tokenizer
-            fingerprint (``streamrl.common.fingerprint``); "" = not stated.
+            fingerprint (``streamrl.common.fingerprint``); "" = not stated. With ``adapter``: the
+            fingerprint of the base model the adapter was trained on.
+        adapter: (schema 1.4, optional) the blob holds this LoRA adapter, not the whole policy.
     """
 
     KIND: ClassVar[str] = "weights_announce"
@@ -530,9 +561,12 @@ class WeightsAnnounce(Message):
     num_chunks: int
     sha256: str
     model_fingerprint: str = ""
+    adapter: AdapterSpec | None = None
 
     def check(self) -> None:
         _require(self.version >= 0, "version must be >= 0")
+        if self.adapter is not None:
+            _require(self.adapter.rank >= 1 and self.adapter.alpha > 0, "adapter rank must be >= 1 and alpha > 0")
         _require(self.chunk_bytes > 0, "chunk_bytes must be > 0")
         _require(
             self.num_chunks == -(-self.total_bytes // self.chunk_bytes),
