@@ -70,13 +70,27 @@ def complete_fused(names: set[str]) -> set[str]:
     return out
 
 
-class _DropThreadNotice(logging.Filter):
-    """vLLM's CPU worker replaces ``torch.set_num_threads`` with a function that logs a warning on every
-    call (it pins torch's threads after its start); the threads were set before the engine started, so
-    the repeated notice says nothing."""
+class _DropNotice(logging.Filter):
+    """Drops vLLM records whose message contains one of ``texts``: notices repeated on every call
+    that say nothing here (see where each filter is installed)."""
+
+    def __init__(self, *texts: str):
+        super().__init__()
+        self.texts = texts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "doesn't allow to use `torch.set_num_threads`" not in str(record.msg)
+        return not any(text in str(record.msg) for text in self.texts)
+
+
+_NOTICES = {
+    # the CPU worker replaces torch.set_num_threads with a function that warns on every call (it pins
+    # torch's threads after its start); the threads were set before the engine started
+    "vllm.v1.worker.cpu_worker": ("doesn't allow to use `torch.set_num_threads`",),
+    # an adapter version reloads only the merged layers; every other layer is restored as it was,
+    # which vLLM reports as a warning per layer and per version
+    "vllm.model_executor.model_loader.reload.inplace": ("Following weights were not loaded",),
+    "vllm.model_executor.model_loader.reload.layerwise": ("Failed to load weights",),
+}
 
 
 def checkpoint_names(path: str | Path) -> set[str]:
@@ -163,7 +177,8 @@ class VLLMEngine:
         self.expected = checkpoint_names(path)
         self.tied = tied_output_embedding(path)
         self._vllm = vllm
-        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DropThreadNotice())
+        for name, texts in _NOTICES.items():
+            logging.getLogger(name).addFilter(_DropNotice(*texts))
         self.llm = vllm.LLM(
             model=str(path),
             dtype="bfloat16" if bf16 else "float32",
