@@ -9,12 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from streamrl.cli import main
-from streamrl.common.config import LoraSection, validate_config
+from streamrl.common.config import LoraSection
 from streamrl.common.lora import apply_lora, is_adapter_folder
 from streamrl.common.models import load_causal_lm, load_tokenizer, save_tiny_model
 from streamrl.evaluation import evaluate
 from streamrl.services.learner.checkpoint import save_checkpoint
-from support import REPO
+from support import tiny_eval_config
 
 
 def lora_checkpoint(tmp_path):
@@ -63,19 +63,7 @@ def test_export_writes_the_adapter_and_a_merged_model_with_the_same_logits(tmp_p
 
 def test_eval_takes_an_adapter_folder_or_the_merged_model(tmp_path):
     base, _, checkpoint = lora_checkpoint(tmp_path)
-    cfg = validate_config(
-        {
-            "model": {"path": str(base)},
-            "generator": {
-                "max_new_tokens": 10,
-                "prompts": {"path": str(REPO / "deploy/prompts/review_openings.jsonl"), "eval_fraction": 0.1},
-            },
-            "scorer": {
-                "rewards": [{"function": "streamrl.services.scorer.rewards:count_char", "kwargs": {"char": "e"}}]
-            },
-            "learner": {"device": "cpu"},
-        }
-    )
+    cfg = tiny_eval_config(base)
     main_args = ["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "export")]
     try:
         main([*main_args, "--set", f"model.path={base}"])

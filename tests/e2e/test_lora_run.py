@@ -27,11 +27,7 @@ def test_a_lora_run_trains_and_streams_only_adapters(tmp_path, tiny_model_dir, s
         tmp_path, tiny_model_dir, learner={"total_steps": STEPS, "lr": 1e-2, "checkpoint_every": 3, "lora": LORA}
     )
     procs = services(write_config(tmp_path / "run.toml", sections))
-    for name in ("buffer", "scorer", "generator"):
-        procs.start(name)
-    learner = procs.start("learner")
-    assert wait_until(lambda: learner.poll() is not None, timeout=240), procs.logs()
-    assert learner.returncode == 0, procs.logs()
+    procs.train()
     generator = scrape(sections["metrics"]["generator_port"])
 
     run = tmp_path / "run"
