@@ -19,7 +19,8 @@ clock of one machine):
 * ``transfer``: chunked fetch (credit-based requests, ``weight_chunk_bytes`` chunks),
   per-chunk hashing included (``hash``: the part of it spent hashing);
 * ``verify``: comparing the digest root and building the tensor views;
-* ``load``: ``model.load_state_dict`` (a copy, with a dtype cast for bfloat16);
+* ``load``: the HF engine's ``load_fetched`` (zero-copy adoption of the receive buffer where it can,
+  else a copy with a dtype cast; a LoRA adapter, ``bench/lora.py``: the merge into the base);
 * ``total``: from the start of ``publish_state_dict`` until the *last* generator has loaded.
 
 In the same run, with the same receiver processes, a raw ZeroMQ baseline sends the
@@ -59,7 +60,7 @@ from bench.report import (
 from streamrl.common.config import TransportSection
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.modes import WeightDtype
-from streamrl.common.weights import WeightClient, WeightServer, pack_state_dict, tied_duplicates
+from streamrl.common.weights import WeightClient, WeightServer, pack_state_dict
 
 MODELS = {"tiny": "tiny-char-llama", "smollm2": "smollm2-135m-instruct"}
 PHASES = ("snapshot", "digest", "announce", "announce_wakeup", "transfer", "hash", "verify", "load", "total")
@@ -74,8 +75,9 @@ SYNC_TIMEOUT_S = 120.0
 
 def _receiver(index: int, control: str, announce: str, fetch: str, model_path: str, transport: dict) -> None:
     """One generator stand-in process: answers ``sync`` and ``raw`` commands from the bench's ROUTER."""
-    from streamrl.common.models import configure_torch, load_causal_lm, select_device
+    from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, select_device
     from streamrl.common.modes import Device
+    from streamrl.services.generator.engine import HFEngine
 
     configure_torch(1)
     transformers.utils.logging.disable_progress_bar()
@@ -86,7 +88,7 @@ def _receiver(index: int, control: str, announce: str, fetch: str, model_path: s
     ctl.setsockopt(zmq.ROUTING_ID, f"g{index}".encode())
     ctl.connect(control)
     model = load_causal_lm(model_path, device=select_device(Device.CPU)).eval()
-    tied = tied_duplicates(model.state_dict())
+    engine = HFEngine(model, load_tokenizer(model_path), path=model_path)  # the generator's engine
     client = WeightClient(
         ctx,
         announce_endpoint=announce,
@@ -116,9 +118,7 @@ def _receiver(index: int, control: str, announce: str, fetch: str, model_path: s
                 fetched = client.fetch(latest)
                 received = time.time()
                 loading = time.perf_counter()
-                missing, unexpected = client.load_into(model, fetched)  # as the generator loads them
-                if unexpected or set(missing) - tied:
-                    raise RuntimeError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
+                engine.load_fetched(client, fetched)  # as the generator loads them (a LoRA adapter: merged)
                 load_s = time.perf_counter() - loading
                 ctl.send_json(
                     {

@@ -23,7 +23,7 @@ from streamrl.common.lora import (
 from streamrl.common.messages import AdapterSpec, WeightsAnnounce, decode, encode
 from streamrl.common.models import build_char_tokenizer, build_tiny_model, save_tiny_model
 from streamrl.common.modes import WeightDtype
-from streamrl.common.weights import pack_state_dict, unpack_state_dict
+from streamrl.common.weights import blob_layout, pack_state_dict, unpack_state_dict
 
 TOKENIZER = build_char_tokenizer()
 
@@ -144,3 +144,16 @@ def test_adapter_blob_and_announcement_round_trip():
     assert all(torch.equal(got[k], tensors[k]) for k in tensors)
     full = sum(t.numel() * 4 for t in build_tiny_model(TOKENIZER, seed=0).state_dict().values())
     assert announce.total_bytes < full / 4  # only the adapter travels
+
+
+@pytest.mark.slow
+def test_the_default_adapter_of_the_default_job_is_under_one_percent_of_its_bytes():
+    """SmolLM2-135M (the default job's ``model.path``), ``[learner.lora]`` defaults, float32 wire: 4,884,480
+    adapter bytes per version against 538,060,032 for the whole model (0.91%)."""
+    from streamrl.common.models import load_causal_lm, resolve_model_path
+
+    model = load_causal_lm(resolve_model_path("smollm2-135m-instruct"), device=torch.device("cpu"))
+    _, full = blob_layout(model.state_dict(), WeightDtype.FLOAT32)
+    _, adapter = blob_layout(adapter_tensors(apply_lora(model, LoraSection())), WeightDtype.FLOAT32)
+    assert adapter <= full / 100, (adapter, full)
+    assert adapter == 4 * LoraSection().rank * 30 * (2 * 1152 + 2 * 768 + 3 * 2112)  # 30 blocks, r (in + out)

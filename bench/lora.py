@@ -1,0 +1,171 @@
+"""LoRA weight-sync benchmark: bytes and seconds per policy version, whole model vs adapter only
+(``learner.lora``), for N generators.
+
+The machinery is :mod:`bench.weight_sync`'s (:class:`~bench.weight_sync.Bench`): the learner's
+:class:`~streamrl.common.weights.WeightServer` in this process, each generator a separate OS process
+that fetches, verifies and loads every version with the HF engine (``load_fetched``), as the
+generator service does. A *full* version is the policy's ``state_dict`` (loaded zero-copy where it
+can be); an *adapter* version is the LoRA adapter of a PEFT policy with ``[learner.lora]``'s defaults
+(rank 4, alpha 8, every attention and MLP projection), announced with its ``AdapterSpec`` and merged
+into the generator's base (``W0 + (alpha / r) B A`` for every adapted layer). Per row: the median over
+``--repeats`` syncs (after warm-up syncs) of the learner's blocked time (snapshot), the generator's
+transfer and load (the merge, for an adapter), and the total from publishing until the last generator
+has loaded.
+
+Usage (from the repository root)::
+
+    flock /tmp/streamrl-heavy.lock .venv/bin/python -m bench.lora --max-seconds 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import transformers
+
+from bench.report import (
+    Deadline,
+    command_line,
+    environment,
+    environment_line,
+    markdown_table,
+    median,
+    output_arguments,
+    write_results,
+)
+from bench.weight_sync import MODELS, WARMUP_SYNCS, Bench
+from streamrl.common.config import LearnerSection, LoraSection, TransportSection
+from streamrl.common.lora import adapter_spec, adapter_tensors, apply_lora
+from streamrl.common.modes import WeightDtype
+
+PHASES = ("snapshot", "transfer", "load", "total")
+
+
+def run_case(
+    model_key: str, model_path: str, generators: int, repeats: int, transport: TransportSection, deadline: Deadline
+) -> list[dict]:
+    """The full-model row and the adapter row for one (model, N)."""
+    import torch
+
+    from streamrl.common.models import configure_torch, load_causal_lm
+
+    configure_torch(LearnerSection().threads)  # the learner's thread budget, as in the service
+    full = load_causal_lm(model_path, device=torch.device("cpu")).state_dict()
+    lora = apply_lora(load_causal_lm(model_path, device=torch.device("cpu")), LoraSection())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained adapters, not B = 0
+        for name, p in lora.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.01)
+    cases = (("full", full, None), ("adapter", adapter_tensors(lora), adapter_spec(lora)))
+    bench = Bench(model_path, generators, transport)
+    rows, version = [], 0
+    try:
+        for mode, state, spec in cases:
+            if deadline.expired():
+                break
+            bench.server.adapter = spec
+            syncs = []
+            for i in range(WARMUP_SYNCS + repeats):
+                if i > WARMUP_SYNCS and deadline.expired():
+                    break
+                version += 1
+                result = bench.sync(state, version, transport.weight_dtype)
+                if i >= WARMUP_SYNCS:
+                    syncs.append(result)
+            row = {"model": model_key, "version": mode, "generators": generators, "repeats": len(syncs)}
+            row["nbytes"] = syncs[0]["nbytes"]
+            row.update({phase: median(s[phase] for s in syncs) for phase in PHASES})
+            row["syncs"] = syncs
+            print(
+                f"{model_key} {mode} N={generators}: {row['nbytes'] / 1e6:.2f} MB, total {row['total']:.3f}s "
+                f"(snapshot {row['snapshot']:.3f}, transfer {row['transfer']:.3f}, load {row['load']:.3f})",
+                flush=True,
+            )
+            rows.append(row)
+    finally:
+        bench.close()
+    return rows
+
+
+def render(rows: list[dict], env: dict, command: str, transport: TransportSection, skipped: list[str]) -> str:
+    """The RESULTS.md section."""
+    full = {(r["model"], r["generators"]): r for r in rows if r["version"] == "full"}
+    table = markdown_table(
+        ["model", "version", "N", "MB", "% of full", "learner blocked s", "transfer s", "load s", "total s"],
+        [
+            [
+                r["model"],
+                r["version"],
+                r["generators"],
+                r["nbytes"] / 1e6,
+                100 * r["nbytes"] / full[(r["model"], r["generators"])]["nbytes"]
+                if (r["model"], r["generators"]) in full
+                else float("nan"),
+                r["snapshot"],
+                r["transfer"],
+                r["load"],
+                r["total"],
+            ]
+            for r in rows
+        ],
+    )
+    notes = [
+        "## LoRA: weight sync of the whole model vs the adapter only",
+        "",
+        f"Command: `{command}`",
+        "",
+        environment_line(env),
+        "",
+        table,
+        "",
+        f"Medians over {max((r['repeats'] for r in rows), default=0)} syncs per row after {WARMUP_SYNCS} warm-up "
+        f"syncs; wire dtype {transport.weight_dtype.value}, chunks of {transport.weight_chunk_bytes / 2**20:.0f} "
+        "MiB, tcp loopback, each generator its own process with 1 torch thread. adapter = `[learner.lora]` "
+        "defaults (rank 4, alpha 8, q/k/v/o/gate/up/down_proj); its load is the merge W0 + (alpha/r) B A of "
+        "every adapted layer from the generator's base. total = publish until the last generator has loaded.",
+    ]
+    if skipped:
+        notes += ["", "Skipped for the time bound: " + ", ".join(skipped) + "."]
+    return "\n".join(notes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring."""
+    parser = argparse.ArgumentParser(prog="python -m bench.lora", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="smollm2", help="comma-separated: tiny, smollm2")
+    parser.add_argument("--generators", default="1,2,4", help="comma-separated N values")
+    parser.add_argument("--dtype", default="float32", help="wire dtype (transport.weight_dtype)")
+    parser.add_argument("--repeats", type=int, default=5, help="measured syncs per row (median reported)")
+    output_arguments(parser, max_seconds=600.0, bound="no new case starts after it")
+    args = parser.parse_args(argv)
+    deadline = Deadline(args.max_seconds)
+    transformers.utils.logging.disable_progress_bar()
+    transport = TransportSection(weight_dtype=WeightDtype(args.dtype))
+    from streamrl.common.models import resolve_model_path
+
+    rows, skipped = [], []
+    for key in args.models.split(","):
+        path = resolve_model_path(MODELS[key])
+        for n in (int(x) for x in args.generators.split(",")):
+            if deadline.expired():
+                skipped.append(f"{key} N={n}")
+                continue
+            rows += run_case(key, path, n, args.repeats, transport, deadline)
+    env = environment()
+    command = command_line()
+    results = {"command": command, "environment": env, "rows": rows, "skipped": skipped}
+    out = write_results(
+        "lora",
+        results,
+        render(rows, env, command, transport, skipped),
+        results_dir=args.results_dir,
+        results_md=args.results_md,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
