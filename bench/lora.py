@@ -34,7 +34,7 @@ from bench.report import (
     output_arguments,
     write_results,
 )
-from bench.weight_sync import MODELS, WARMUP_SYNCS, Bench
+from bench.weight_sync import WARMUP_SYNCS, Bench, cases
 from streamrl.common.config import LearnerSection, LoraSection, TransportSection
 from streamrl.common.lora import adapter_spec, adapter_tensors, apply_lora
 from streamrl.common.modes import WeightDtype
@@ -143,16 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     deadline = Deadline(args.max_seconds)
     transformers.utils.logging.disable_progress_bar()
     transport = TransportSection(weight_dtype=WeightDtype(args.dtype))
-    from streamrl.common.models import resolve_model_path
-
     rows, skipped = [], []
-    for key in args.models.split(","):
-        path = resolve_model_path(MODELS[key])
-        for n in (int(x) for x in args.generators.split(",")):
-            if deadline.expired():
-                skipped.append(f"{key} N={n}")
-                continue
-            rows += run_case(key, path, n, args.repeats, transport, deadline)
+    for key, path, n in cases(args.models, args.generators, deadline, skipped):
+        rows += run_case(key, path, n, args.repeats, transport, deadline)
     env = environment()
     command = command_line()
     results = {"command": command, "environment": env, "rows": rows, "skipped": skipped}

@@ -43,6 +43,7 @@ import multiprocessing as mp
 import socket
 import sys
 import time
+from collections.abc import Iterator
 
 import transformers
 import zmq
@@ -443,6 +444,20 @@ def render(rows: list[dict], env: dict, command: str, transport: TransportSectio
     return "\n".join(notes)
 
 
+def cases(models: str, generators: str, deadline: Deadline, skipped: list[str]) -> Iterator[tuple[str, str, int]]:
+    """``(model key, model folder, N)`` for every model of ``models`` (comma-separated :data:`MODELS` keys) and
+    every N of ``generators`` (comma-separated); a case reached after ``deadline`` is appended to ``skipped``."""
+    from streamrl.common.models import resolve_model_path
+
+    for key in models.split(","):
+        path = resolve_model_path(MODELS[key])
+        for n in (int(x) for x in generators.split(",")):
+            if deadline.expired():
+                skipped.append(f"{key} N={n}")
+                continue
+            yield key, path, n
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m bench.weight_sync", description=__doc__.split("\n")[0])
@@ -458,16 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     transport = TransportSection()
     dtypes = [WeightDtype(d) for d in args.dtypes.split(",")]
-    from streamrl.common.models import resolve_model_path
-
     rows, skipped = [], []
-    for key in args.models.split(","):
-        path = resolve_model_path(MODELS[key])
-        for n in (int(x) for x in args.generators.split(",")):
-            if deadline.expired():
-                skipped.append(f"{key} N={n}")
-                continue
-            rows += run_case(key, path, n, dtypes, args.repeats, transport, deadline)
+    for key, path, n in cases(args.models, args.generators, deadline, skipped):
+        rows += run_case(key, path, n, dtypes, args.repeats, transport, deadline)
     env = environment()
     command = command_line()
     results = {
