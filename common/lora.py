@@ -182,23 +182,33 @@ class AdapterMerger:
             self.base.update({k: v.float() for k, v in read_base_weights(self.path, new).items()})
         return {name: self.base[name] for name in names}
 
-    def merge(self, tensors: Mapping[str, torch.Tensor], spec: AdapterSpec) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def merge(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        spec: AdapterSpec,
+        out: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The merged weight of every layer the adapter adapts.
 
         Args:
             tensors: the version's adapter tensors (:func:`adapter_tensors` names), any float dtype.
             spec: the announcement's adapter description (rank, alpha).
+            out: ``{"<module>.weight": tensor}`` to write the merged weights into (an engine's own
+                parameters): float32 CPU ones in one pass (``addmm`` from ``W0``, no temporary), others
+                through a float32 temporary. None: new tensors in ``dtype``.
 
         Returns:
-            ``{"<module>.weight": [out, in] tensor}`` in ``dtype``.
+            ``{"<module>.weight": [out, in] tensor}`` (the ``out`` tensors where given).
 
         Raises:
-            ValueError: malformed adapter tensors, or a rank other than ``spec.rank``.
-            RuntimeError: the adapter does not fit the base (a layer the checkpoint lacks, or shapes).
+            ValueError: malformed adapter tensors.
+            RuntimeError: the adapter does not fit the base (a layer the checkpoint lacks, or shapes,
+                or a rank other than ``spec.rank``).
         """
         layers = adapted_layers(tensors)
         base = self.base_weights(set(layers))
-        out = {}
+        merged = {}
         for name, (a, b) in layers.items():
             w0 = base[name]
             if a.shape[0] != spec.rank or (b.shape[0], a.shape[1]) != tuple(w0.shape):
@@ -206,6 +216,14 @@ class AdapterMerger:
                     f"the adapter does not fit the base: {name} is {list(w0.shape)}, A {list(a.shape)}, "
                     f"B {list(b.shape)}, rank {spec.rank}"
                 )
-            # PEFT's merge (LoraLayer.get_delta_weight): delta = (B @ A) * scaling, added to W0
-            out[name] = (w0 + (b.float() @ a.float()) * spec.scaling).to(self.dtype)
-        return out
+            if out is not None and name not in out:
+                raise RuntimeError(f"the adapter does not fit the model: it has no parameter {name}")
+            target = out[name] if out is not None else None
+            # W0 + scaling * (B @ A), PEFT's merge (LoraLayer.get_delta_weight) in one fused pass
+            if target is not None and target.dtype == w0.dtype and target.device == w0.device:
+                merged[name] = torch.addmm(w0, b.float(), a.float(), alpha=spec.scaling, out=target)
+            elif target is not None:
+                merged[name] = target.copy_(torch.addmm(w0, b.float(), a.float(), alpha=spec.scaling))
+            else:
+                merged[name] = torch.addmm(w0, b.float(), a.float(), alpha=spec.scaling).to(self.dtype)
+        return merged

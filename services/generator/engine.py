@@ -126,10 +126,7 @@ class HFEngine:
     def load_adapter(self, tensors: Mapping[str, torch.Tensor], spec: AdapterSpec) -> None:
         if self.merger is None:
             raise RuntimeError("this HF engine was built without its checkpoint path: it cannot merge adapters")
-        merged = self.merger.merge(tensors, spec)
-        with torch.no_grad():
-            for name, weight in merged.items():
-                self.model.get_parameter(name).copy_(weight)
+        self.merger.merge(tensors, spec, out=dict(self.model.named_parameters()))  # straight into them
 
     def close(self) -> None:
         pass
