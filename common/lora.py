@@ -44,14 +44,15 @@ def adapter_base_path(folder: str | Path) -> str:
     return json.loads((Path(folder) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
 
 
-def lora_config(section):
+def lora_config(section, *, causal_lm: bool = True):
     """PEFT's ``LoraConfig`` for a ``[learner.lora]`` section
-    (:class:`~streamrl.common.config.LoraSection`): causal LM, no bias, dropout 0, plain ``alpha / r``
-    scaling (no rsLoRA, no DoRA: the generators merge exactly that)."""
+    (:class:`~streamrl.common.config.LoraSection`): no bias, dropout 0, plain ``alpha / r`` scaling (no
+    rsLoRA, no DoRA: the generators merge exactly that); task ``CAUSAL_LM``, or none (another head, such
+    as a reward model's, which the caller trains or freezes itself)."""
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        task_type=TaskType.CAUSAL_LM if causal_lm else None,
         r=section.rank,
         lora_alpha=section.alpha,
         lora_dropout=0.0,
@@ -62,8 +63,9 @@ def lora_config(section):
     )
 
 
-def apply_lora(model: torch.nn.Module, section):
-    """Wrap ``model`` (a Hugging Face causal LM) in a trainable PEFT ``PeftModel`` with fresh adapters.
+def apply_lora(model: torch.nn.Module, section, *, causal_lm: bool = True):
+    """Wrap ``model`` (a Hugging Face causal LM; ``causal_lm=False``: any model, e.g. a sequence
+    classifier) in a trainable PEFT ``PeftModel`` with fresh adapters.
 
     Only the adapter weights require gradients afterwards; ``B = 0``, so the wrapped model computes
     exactly what ``model`` did.
@@ -73,7 +75,7 @@ def apply_lora(model: torch.nn.Module, section):
     """
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(section))
+    return get_peft_model(model, lora_config(section, causal_lm=causal_lm))
 
 
 def load_lora(model: torch.nn.Module, folder: str | Path, *, trainable: bool):
