@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,8 +25,12 @@ LORA = LoraSection(rank=4, alpha=8.0)
 
 
 def rewarded_batch():
-    """Two groups of two; rewards 0 and 1 in each (non-zero group advantages)."""
+    """Two groups of two; in each, reward 1 for completion ``[20, 21]`` and 0 for ``[8, 9]``: non-zero
+    group advantages on different completions (a policy-gradient step moves the policy)."""
     items = [scored_item(g, k) for g in ("a", "b") for k in (0, 1)]
+    for item in items:
+        if item.reward == 1.0:
+            item.rollout.completion_tokens = np.array([20, 21], dtype=np.int32)
     return collate(items, pad_id=TOKENIZER.pad_token_id)
 
 
