@@ -1,5 +1,5 @@
-"""LoRA weight-sync benchmark: bytes and seconds per policy version, whole model vs adapter only
-(``learner.lora``), for N generators.
+"""LoRA benchmark: bytes and seconds per policy version, whole model vs adapter only (``learner.lora``),
+for N generators; and the learner's step time and peak RSS with each.
 
 The machinery is :mod:`bench.weight_sync`'s (:class:`~bench.weight_sync.Bench`): the learner's
 :class:`~streamrl.common.weights.WeightServer` in this process, each generator a separate OS process
@@ -20,7 +20,9 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import sys
+import time
 
 import transformers
 
@@ -34,7 +36,7 @@ from bench.report import (
     output_arguments,
     write_results,
 )
-from bench.weight_sync import WARMUP_SYNCS, Bench, cases
+from bench.weight_sync import MODELS, WARMUP_SYNCS, Bench, cases
 from streamrl.common.config import LearnerSection, LoraSection, TransportSection
 from streamrl.common.lora import adapter_spec, adapter_tensors, apply_lora
 from streamrl.common.modes import WeightDtype
@@ -89,7 +91,56 @@ def run_case(
     return rows
 
 
-def render(rows: list[dict], env: dict, command: str, transport: TransportSection, skipped: list[str]) -> str:
+def _learner(model_path: str, lora: bool, steps: int, groups: int, conn) -> None:
+    """One learner process: build the trainer as the learner service does (``build_trainer``; LoRA: PEFT
+    policy, no reference copy), time ``steps`` steps after a warm-up one, report its peak RSS."""
+    import resource
+
+    import torch
+
+    from bench.distributed_learner import synthetic_batch
+    from streamrl.common.config import Config
+    from streamrl.services.learner.build import build_trainer
+
+    torch.set_num_threads(LearnerSection().threads)
+    learner = {"device": "cpu", "lr": 1e-4, "lora": LoraSection().model_dump() if lora else None}
+    config = Config(model={"path": model_path}, learner=learner)
+    trainer, _, _ = build_trainer(config, torch.device("cpu"), None)
+    batch = synthetic_batch(groups)
+    seconds = []
+    for step in range(steps + 1):
+        started = time.perf_counter()
+        trainer.step(batch, current_version=step)
+        seconds.append(time.perf_counter() - started)
+    trained = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    conn.send({"step_seconds": seconds[1:], "peak_rss_mb": peak_mb, "trained_parameters": trained})
+
+
+def learner_rows(model_key: str, model_path: str, steps: int, groups: int) -> list[dict]:
+    """Learner step time and peak RSS, whole policy vs LoRA, each in a fresh process."""
+    rows = []
+    spawn = mp.get_context("spawn")
+    for mode in ("full", "adapter"):
+        parent, child = spawn.Pipe()
+        proc = spawn.Process(target=_learner, args=(model_path, mode == "adapter", steps, groups, child))
+        proc.start()
+        result = parent.recv()
+        proc.join()
+        row = {"model": model_key, "version": mode, "groups": groups, **result}
+        row["step"] = median(result["step_seconds"])
+        print(
+            f"{model_key} learner {mode}: step {row['step']:.2f}s, peak RSS {row['peak_rss_mb']:.0f} MB, "
+            f"{row['trained_parameters']} trained parameters",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
+def render(
+    rows: list[dict], learner: list[dict], env: dict, command: str, transport: TransportSection, skipped: list[str]
+) -> str:
     """The RESULTS.md section."""
     full = {(r["model"], r["generators"]): r for r in rows if r["version"] == "full"}
     table = markdown_table(
@@ -126,6 +177,18 @@ def render(rows: list[dict], env: dict, command: str, transport: TransportSectio
         "defaults (rank 4, alpha 8, q/k/v/o/gate/up/down_proj); its load is the merge W0 + (alpha/r) B A of "
         "every adapted layer from the generator's base. total = publish until the last generator has loaded.",
     ]
+    if learner:
+        notes += [
+            "",
+            markdown_table(
+                ["model", "policy", "trained parameters", "learner step s", "peak RSS MB"],
+                [[r["model"], r["version"], r["trained_parameters"], r["step"], r["peak_rss_mb"]] for r in learner],
+            ),
+            "",
+            f"Learner: `build_trainer` as the service builds it (LoRA: the PEFT policy and no reference copy), "
+            f"median of {len(learner[0]['step_seconds'])} steps after a warm-up step on {learner[0]['groups']} "
+            "groups x 4 synthetic rollouts (8-48 tokens), one process per row, its peak RSS.",
+        ]
     if skipped:
         notes += ["", "Skipped for the time bound: " + ", ".join(skipped) + "."]
     return "\n".join(notes)
@@ -138,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generators", default="1,2,4", help="comma-separated N values")
     parser.add_argument("--dtype", default="float32", help="wire dtype (transport.weight_dtype)")
     parser.add_argument("--repeats", type=int, default=5, help="measured syncs per row (median reported)")
+    parser.add_argument("--learner-steps", type=int, default=3, help="timed learner steps per policy (0: none)")
+    parser.add_argument("--learner-groups", type=int, default=4, help="groups (x 4 rollouts) per learner step")
     output_arguments(parser, max_seconds=600.0, bound="no new case starts after it")
     args = parser.parse_args(argv)
     deadline = Deadline(args.max_seconds)
@@ -146,13 +211,22 @@ def main(argv: list[str] | None = None) -> int:
     rows, skipped = [], []
     for key, path, n in cases(args.models, args.generators, deadline, skipped):
         rows += run_case(key, path, n, args.repeats, transport, deadline)
+    learner = []
+    if args.learner_steps:
+        from streamrl.common.models import resolve_model_path
+
+        for key in args.models.split(","):
+            if deadline.expired():
+                skipped.append(f"{key} learner")
+                continue
+            learner += learner_rows(key, resolve_model_path(MODELS[key]), args.learner_steps, args.learner_groups)
     env = environment()
     command = command_line()
-    results = {"command": command, "environment": env, "rows": rows, "skipped": skipped}
+    results = {"command": command, "environment": env, "rows": rows, "learner": learner, "skipped": skipped}
     out = write_results(
         "lora",
         results,
-        render(rows, env, command, transport, skipped),
+        render(rows, learner, env, command, transport, skipped),
         results_dir=args.results_dir,
         results_md=args.results_md,
     )
