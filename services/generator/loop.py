@@ -191,9 +191,10 @@ class GeneratorService:
                 self.metrics.weight_syncs.inc()
                 self.metrics.version.set(self.version)
                 log.info(
-                    "loaded policy version %d (%.1f MB, fetch %.2fs, verify %.2fs)",
+                    "loaded policy version %d (%.1f MB%s, fetch %.2fs, verify %.2fs)",
                     self.version,
                     fetched.nbytes / 1e6,
+                    f", LoRA adapter rank {fetched.adapter.rank} merged" if fetched.adapter else "",
                     fetched.transfer_s,
                     fetched.verify_s,
                 )

@@ -43,7 +43,15 @@ def load_policy(cfg: Config, base: str, device: torch.device, resume: Path | Non
         policy = load_causal_lm(str(saved) if saved else base, device=device)
         return policy, load_causal_lm(base, device=device).eval()
     model = load_causal_lm(base, device=device)
-    return (load_lora(model, saved, trainable=True) if saved else apply_lora(model, lora)), None
+    if saved is not None:
+        return load_lora(model, saved, trainable=True), None
+    try:
+        return apply_lora(model, lora), None
+    except ValueError as err:  # PEFT: no module of the model matches a target
+        raise RuntimeError(
+            f"learner.lora.target_modules {lora.target_modules} do not fit {base} ({err}); fix: name linear "
+            "layers of the model (the last part of their module names, e.g. q_proj, v_proj)"
+        ) from err
 
 
 def build_trainer(cfg: Config, device: torch.device, resume: Path | None, *, dist=None):

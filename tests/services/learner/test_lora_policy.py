@@ -107,3 +107,10 @@ def test_build_checkpoint_and_resume_an_adapter(tmp_path):
     assert max(float((want[k] - got[k]).abs().max()) for k in want) == 0.0
     with pytest.raises(RuntimeError, match="holds a LoRA adapter but learner.lora is not set"):
         build_trainer(Config(model={"path": str(folder)}), torch.device("cpu"), saved)
+
+
+def test_target_modules_the_model_lacks_are_refused_with_the_key(tmp_path):
+    folder = save_tiny_model(tmp_path / "base", seed=0)
+    cfg = Config(model={"path": str(folder)}, learner={"lora": {"target_modules": ["c_attn"]}})
+    with pytest.raises(RuntimeError, match=r"learner.lora.target_modules \['c_attn'\] do not fit"):
+        build_trainer(cfg, torch.device("cpu"), None)
