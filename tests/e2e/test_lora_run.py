@@ -1,6 +1,7 @@
 """End to end: a LoRA learner (``learner.lora``) trains with the buffer, a scorer and a generator on
-loopback, and the generator receives adapter-only versions: every version it loads is exactly the
-adapter's bytes, a small fraction of the whole model's."""
+loopback, a new learner process resumes from its adapter checkpoint, and the generator receives
+adapter-only versions throughout: every version it loads is exactly the adapter's bytes, a small
+fraction of the whole model's."""
 
 from __future__ import annotations
 
@@ -28,13 +29,19 @@ def test_a_lora_run_trains_and_streams_only_adapters(tmp_path, tiny_model_dir, s
     )
     procs = services(write_config(tmp_path / "run.toml", sections))
     procs.train()
+    run = tmp_path / "run"
+    assert is_adapter_folder(run / "checkpoints" / f"step-{STEPS:06d}" / "model")
+    # a new learner process resumes from the adapter checkpoint and goes on; the generator follows
+    learner = procs.start("learner", 0, "--set", f"learner.total_steps={STEPS + 3}")
+    assert wait_until(lambda: learner.poll() is not None, timeout=240), procs.logs()
+    assert learner.returncode == 0, procs.logs()
+    assert f"step-{STEPS:06d} at step {STEPS}, version {STEPS}" in (tmp_path / "learner-0.log").read_text()
     generator = scrape(sections["metrics"]["generator_port"])
 
-    run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in records] == list(range(1, STEPS + 4))
     assert any(r["grad_norm"] > 0 for r in records)
-    assert is_adapter_folder(run / "checkpoints" / f"step-{STEPS:06d}" / "model")
+    assert is_adapter_folder(run / "checkpoints" / f"step-{STEPS + 3:06d}" / "model")
 
     base = load_causal_lm(str(tiny_model_dir), device=torch.device("cpu"))
     state = base.state_dict()
@@ -44,7 +51,7 @@ def test_a_lora_run_trains_and_streams_only_adapters(tmp_path, tiny_model_dir, s
     assert syncs >= 2, procs.logs()
     assert generator["streamrl_generator_weight_bytes_total"] == syncs * adapter_bytes  # adapters only
     assert adapter_bytes < full_bytes / 10
-    assert generator["streamrl_generator_policy_version"] >= 1
+    assert generator["streamrl_generator_policy_version"] > STEPS  # a version of the resumed learner
 
 
 def test_a_generator_with_another_base_refuses_the_adapter_and_keeps_running(tmp_path, tiny_model_dir, services):
