@@ -15,12 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from streamrl.common.tensors import linear_fp32, pad_right
+
+if TYPE_CHECKING:  # transformers is imported only where a model is built
+    from transformers import PreTrainedModel
 
 __all__ = ["CompletionRows", "completion_hidden", "completion_logits", "completion_rows"]
 
@@ -62,7 +66,7 @@ def completion_rows(prompts: Sequence[np.ndarray], completions: Sequence[np.ndar
     return CompletionRows(input_ids=input_ids, attention_mask=attention, tokens=tokens, mask=mask, positions=positions)
 
 
-def completion_hidden(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
+def completion_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
     """The transformer body's last hidden states at the completion positions.
 
     Only the body runs over all ``L`` positions; :func:`completion_logits` applies the vocabulary
@@ -84,7 +88,7 @@ def completion_hidden(model: torch.nn.Module, input_ids: Tensor, attention_mask:
 
 
 def completion_logits(
-    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, positions: Tensor
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, positions: Tensor
 ) -> tuple[Tensor, Tensor]:
     """:func:`completion_hidden`, then the vocabulary projection at those positions, in float32.
 

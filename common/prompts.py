@@ -328,6 +328,7 @@ def load_dataset_prompts(
         data = datasets.load_dataset(dataset, subset, split=split)
         name, origin = f"{dataset}/{split}", dataset
     else:
+        assert path is not None  # exactly one of path and dataset, checked above
         path = Path(path).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file or folder")
