@@ -110,12 +110,12 @@ class BufferService:
             hwm=t.hwm,
             security=ctx.security,
         )
-        self.rollout_inbox = Inbox(
+        self.rollout_inbox: Inbox[ScoredRollout | GroupDropped] = Inbox(
             ctx.metrics, [ScoredRollout, GroupDropped], max_bytes=t.max_message_bytes, socket_name="scored_rollouts"
         )
         self.credits = CreditLedger(cfg.learner.groups_per_step, cfg.run.max_staleness, ttl_s=b.credit_ttl_s)
         self.epoch = uuid.uuid4().hex[:12]
-        self.request_inbox = Inbox(
+        self.request_inbox: Inbox[BatchRequest | CreditRequest] = Inbox(
             ctx.metrics, [BatchRequest, CreditRequest], max_bytes=t.max_message_bytes, socket_name="batches"
         )
         self.waits = Waits(ctx.metrics, warn_after_s=cfg.transport.request_timeout_s * 3)

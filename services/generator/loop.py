@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 
 import numpy as np
 import zmq
@@ -32,7 +33,7 @@ from transformers import AutoConfig
 from streamrl.common.fingerprint import model_fingerprint, same_model
 from streamrl.common.human import HumanModelSubscription, beta_at
 from streamrl.common.liveness import Waits
-from streamrl.common.messages import SamplingParams
+from streamrl.common.messages import SamplingParams, Selection
 from streamrl.common.models import configure_torch, load_tokenizer, resolve_model_path, select_device, use_bf16_autocast
 from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
 from streamrl.common.service import ServiceContext
@@ -216,6 +217,7 @@ class GeneratorService:
         want = self.cfg.generator.prompts_per_batch
         if self.credits is None:
             return want
+        assert self.version is not None  # sync_weights loaded one
         grant = self.credits.request(policy_version=self.version, groups_sent=self.groups_sent, want=want)
         if grant is not None and self.groups_sent:
             self.metrics.useful.set(grant.trained_groups / max(1, self.groups_sent))
@@ -272,14 +274,16 @@ class GeneratorService:
             max_prompt_tokens=gen.max_prompt_tokens,
         )
         version = self.version
+        assert version is not None  # sync_weights loaded one
         self.metrics.in_flight.set(len(prompts))
         start = time.perf_counter()
         beta_t = self._control_sharing()
         k = self.cfg.feedback.candidates if beta_t > 0 else 1
         groups = self.engine.sample(ids, group_size=gen.group_size * k, sampling=self.sampling)
-        selections = [None] * len(groups)
+        selections: Sequence[list[Selection] | None] = [None] * len(groups)
         if k > 1:
-            groups, selections = select_candidates(
+            assert self.human is not None  # k > 1 only with an H-hat (_control_sharing)
+            groups, chosen_by = select_candidates(
                 self.human.view,
                 groups,
                 group_size=gen.group_size,
@@ -289,8 +293,9 @@ class GeneratorService:
                 now=time.time(),
                 combination=self.cfg.feedback.combination,
             )
-            chosen = sum(s.by_model for group in selections for s in group)
-            self.metrics.control_shared.inc(sum(len(group) for group in selections))
+            selections = chosen_by
+            chosen = sum(s.by_model for group in chosen_by for s in group)
+            self.metrics.control_shared.inc(sum(len(group) for group in chosen_by))
             self.metrics.selected_by_model.inc(chosen)
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
         self.metrics.in_flight.set(0)

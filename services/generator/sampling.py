@@ -237,7 +237,8 @@ def sample_completions(
     width = input_ids.shape[1]
     config = generation_config(model, sampling, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-        out = model.generate(
+        # generate is GenerationMixin's (on every causal LM), not on PreTrainedModel's type
+        out = model.generate(  # type: ignore[operator]
             input_ids=input_ids.to(device), attention_mask=attention.long().to(device), generation_config=config
         )
     new_tokens = out.sequences[:, width:].cpu()  # [N, T']
@@ -263,7 +264,7 @@ def sample_completions(
                 completion_tokens=completion.numpy().astype(np.int32),
                 logprobs=logprobs[i, :length].numpy().astype(np.float32),
                 finish_reason=FinishReason.STOP if len(hits) else FinishReason.LENGTH,
-                text=tokenizer.decode(completion, skip_special_tokens=True),
+                text=tokenizer.decode(completion, skip_special_tokens=True),  # type: ignore[arg-type]  # transformers: decode of one sequence is a str
             )
         )
     return result

@@ -209,7 +209,7 @@ class VLLMEngine:
                         completion_tokens=tokens,
                         logprobs=logprobs,
                         finish_reason=FinishReason.STOP if stopped else FinishReason.LENGTH,
-                        text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                        text=self.tokenizer.decode(tokens, skip_special_tokens=True),  # type: ignore[arg-type]  # transformers: decode of one sequence is a str
                     )
                 )
             result.append(group)

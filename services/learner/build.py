@@ -43,6 +43,7 @@ def build_trainer(cfg: Config, device: torch.device, resume: Path | None, *, dis
     reference = load_causal_lm(base, device=device).eval()
     ptx = None
     if lc.ptx_coef > 0:
+        assert lc.ptx_data is not None  # the config's cross checks require it with ptx_coef > 0
         ptx = PtxSampler(
             lc.ptx_data,
             tokenizer,
