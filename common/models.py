@@ -261,7 +261,8 @@ def build_tiny_model(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32)  # type: ignore[arg-type]  # transformers types its wrapped .to as unbound
+        # transformers types its wrapped PreTrainedModel.to as an unbound function
+        model = LlamaForCausalLM(config).to(torch.float32)  # type: ignore[arg-type]
     model.eval()
     return model
 

@@ -87,7 +87,8 @@ class PackedWeights:
     def chunk(self, index: int) -> memoryview:
         """Bytes of chunk ``index`` (a view, not a copy)."""
         size = self.announce.chunk_bytes
-        return memoryview(self.blob[index * size : (index + 1) * size])  # type: ignore[arg-type]  # numpy stubs: no __buffer__ before 3.12
+        # numpy's stubs declare ndarray.__buffer__ for Python 3.12+ only
+        return memoryview(self.blob[index * size : (index + 1) * size])  # type: ignore[arg-type]
 
 
 def tied_duplicates(state_dict: dict[str, torch.Tensor]) -> set[str]:

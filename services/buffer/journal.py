@@ -656,9 +656,10 @@ class Journal:
         elif self._segment_size >= self.segment_bytes:
             self.commit(force=True)
             self._open_segment(self._segment + 1)
+        assert self._fd is not None  # _open_segment opened one
         body = msgpack.packb(payload, use_bin_type=True)
         record = HEADER.pack(len(body), zlib.crc32(bytes([kind]) + body), kind) + body
-        os.write(self._fd, record)  # type: ignore[arg-type]
+        os.write(self._fd, record)
         self._segment_size += len(record)
         self.bytes_written += len(record)
         self._dirty = True

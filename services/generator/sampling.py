@@ -264,7 +264,8 @@ def sample_completions(
                 completion_tokens=completion.numpy().astype(np.int32),
                 logprobs=logprobs[i, :length].numpy().astype(np.float32),
                 finish_reason=FinishReason.STOP if len(hits) else FinishReason.LENGTH,
-                text=tokenizer.decode(completion, skip_special_tokens=True),  # type: ignore[arg-type]  # transformers: decode of one sequence is a str
+                # transformers types decode as str | list[str]; of one sequence it is a str
+                text=tokenizer.decode(completion, skip_special_tokens=True),  # type: ignore[arg-type]
             )
         )
     return result
