@@ -36,8 +36,8 @@ from streamrl.common.liveness import Waits
 from streamrl.common.messages import SamplingParams, Selection
 from streamrl.common.models import configure_torch, load_tokenizer, resolve_model_path, select_device, use_bf16_autocast
 from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
-from streamrl.common.service import ServiceContext
-from streamrl.common.transport import make_socket, send_when_ready
+from streamrl.common.service import ServiceContext, ServiceLoop
+from streamrl.common.transport import send_when_ready
 from streamrl.common.weights import FetchStopped, WeightClient, WeightSyncError
 from streamrl.services.generator.control import select_candidates
 from streamrl.services.generator.credits import CreditClient
@@ -50,12 +50,12 @@ from streamrl.services.generator.versions import needs_fetch, too_stale
 log = logging.getLogger(__name__)
 
 
-class GeneratorService:
+class GeneratorService(ServiceLoop):
     """One rollout generator process (see module docstring)."""
 
     def __init__(self, ctx: ServiceContext):
+        super().__init__(ctx)
         cfg = ctx.config
-        self.ctx = ctx
         self.cfg = cfg
         gen = cfg.generator
         configure_torch(gen.threads, seed=cfg.run.seed + 7919 * (ctx.index + 1))
@@ -74,6 +74,7 @@ class GeneratorService:
             threads=gen.threads,
             seed=cfg.run.seed + 7919 * (ctx.index + 1),
         )
+        self.closing(self.engine.close)
         self.fingerprint = model_fingerprint(AutoConfig.from_pretrained(path), self.tokenizer)  # in every rollout
         self.refused_version: int | None = None  # newest announced version refused for another model
         prompts = load_prompts(gen.prompts)
@@ -90,19 +91,12 @@ class GeneratorService:
             sender=self.generator_id,
             credit=t.weight_credit,
             timeout_s=t.request_timeout_s,
-            max_message_bytes=t.max_message_bytes,
-            hwm=t.hwm,
-            security=ctx.security,
             stop=ctx.stop,
+            **ctx.socket_limits,
         )
-        self.push = make_socket(
-            ctx.zmq,
-            zmq.PUSH,
-            connect=cfg.endpoints.scorers,
-            resolve_every_s=cfg.endpoints.resolve_interval_s,
-            max_message_bytes=t.max_message_bytes,
-            hwm=t.hwm,
-            security=ctx.security,
+        self.closing(self.weights.close)
+        self.push = self.socket(
+            zmq.PUSH, connect=cfg.endpoints.scorers, resolve_every_s=cfg.endpoints.resolve_interval_s
         )
         self.credits = None
         if gen.credits:
@@ -113,11 +107,10 @@ class GeneratorService:
                 instance=ctx.instance,
                 metrics=ctx.metrics,
                 timeout_s=t.request_timeout_s,
-                max_message_bytes=t.max_message_bytes,
-                hwm=t.hwm,
-                security=ctx.security,
                 stop=ctx.stop,
+                **ctx.socket_limits,
             )
+            self.closing(self.credits.close)
         self.version: int | None = None
         self.groups_sent = 0
         self.metrics = GeneratorMetrics(ctx.metrics)
@@ -127,28 +120,21 @@ class GeneratorService:
         self.human = None  # action biasing, control sharing: the newest H-hat from the feedback service
         if fb.enabled and fb.combination.selects_candidates:
             self.human = HumanModelSubscription(ctx.zmq, cfg, ctx.metrics, ctx.security)
+            self.closing(self.human.close)
             self.rng = np.random.default_rng(cfg.run.seed + 104729 * (ctx.index + 1))
 
-    def run(self) -> None:
-        """Generate until stopped."""
+    def starting(self) -> None:
         log.info(
             "%s (%s) waiting for the learner's weights on %s",
             self.ctx.instance,
             self.generator_id,
             self.cfg.endpoints.weights_announce,
         )
-        try:
-            while not self.ctx.stop.is_set():
-                if self.sync_weights() and (admitted := self.admit()):
-                    self.generate_batch(admitted)
-        finally:
-            if self.credits is not None:
-                self.credits.close()
-            self.weights.close()
-            self.push.close(0)
-            self.engine.close()
-            if self.human is not None:
-                self.human.close()
+
+    def turn(self) -> None:
+        """Load the newest weights, ask for credits, sample and send what was granted."""
+        if self.sync_weights() and (admitted := self.admit()):
+            self.generate_batch(admitted)
 
     def _control_sharing(self) -> float:
         """beta_t of action biasing or control sharing for this batch (0: sample plainly), after taking the
