@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from streamrl.common.lora import is_lora
 from streamrl.common.tensors import linear_fp32, pad_right
 
 if TYPE_CHECKING:  # transformers is imported only where a model is built
@@ -74,7 +75,8 @@ def completion_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask:
     logits (V = 49k for SmolLM2).
 
     Args:
-        model: a Hugging Face causal LM (``base_model`` returns ``last_hidden_state``).
+        model: a Hugging Face causal LM (``base_model`` returns ``last_hidden_state``), or a PEFT
+            ``PeftModel`` of one (LoRA: the adapted body, or the base under ``disable_adapter()``).
         input_ids: ``[B, L]`` int64 on the model's device.
         attention_mask: ``[B, L]`` int64 (1 = real token) on the model's device.
         positions: ``[B, T]`` int64 on the model's device (:attr:`CompletionRows.positions`).
@@ -82,7 +84,8 @@ def completion_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask:
     Returns:
         ``[B, T, H]`` hidden states, in the model's (or autocast's) dtype.
     """
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    body = model.get_base_model().base_model if is_lora(model) else model.base_model  # PEFT wraps the LM
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     index = positions.unsqueeze(-1)
     return hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))
 

@@ -121,6 +121,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a checkpoint as an adapter folder (LoRA) and a merged Hugging Face model (streamrl/export.py)."""
+    from streamrl.common.models import resolve_model_path
+    from streamrl.export import export_model
+
+    config = _load(args)
+    written = export_model(
+        args.checkpoint, args.output, base=resolve_model_path(config.model.path, config.model.cache_path)
+    )
+    for kind, folder in written.items():
+        print(f"{kind}: {folder}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate, optionally evaluate the initial policy, run all services under honcho, then report
     (:func:`streamrl.training.run`)."""
@@ -338,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     ev = sub.add_parser("eval", help="score a checkpoint on held-out prompts (reward +- stderr, KL)")
     _add_config_args(ev)
-    ev.add_argument("--checkpoint", help="model folder (default: the config's initial model)")
+    ev.add_argument("--checkpoint", help="model or LoRA adapter folder (default: the config's initial model)")
     ev.add_argument("--limit", type=int, default=None, help="held-out prompts to use (default: eval.limit)")
     ev.add_argument("--seed", type=int, default=None, help="sampling seed (default: eval.seed)")
     ev.add_argument(
@@ -346,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--output", help="write the result as JSON here")
     ev.set_defaults(func=cmd_eval)
+    export = sub.add_parser(
+        "export", help="write a checkpoint as <output>/merged (Hugging Face model) and, for LoRA, <output>/adapter"
+    )
+    _add_config_args(export)
+    export.add_argument("--checkpoint", required=True, help="checkpoint folder (step-NNNNNN) or its model/")
+    export.add_argument("--output", required=True, help="folder to write adapter/ and merged/ into")
+    export.set_defaults(func=cmd_export)
     check = sub.add_parser("check", help="validate a config and print every problem")
     _add_config_args(check)
     _add_probe_arg(check)

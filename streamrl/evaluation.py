@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from streamrl.common.config import Config
+from streamrl.common.lora import adapter_spec, adapter_tensors, is_adapter_folder, load_lora
 from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
 from streamrl.common.models import load_causal_lm, load_tokenizer, resolve_model_path, select_device
 from streamrl.common.modes import Engine
@@ -116,6 +117,9 @@ def evaluate(
 ) -> EvalResult:
     """Score ``model_path`` on the held-out prompts (see module docstring).
 
+    ``model_path`` is a Hugging Face model folder or a LoRA adapter folder (``learner.lora``
+    checkpoints, ``streamrl export``'s ``adapter/``) trained on ``model.path``, merged into it here.
+
     With ``samples_per_prompt`` > 1 each prompt's reward is the mean over its
     completions, and the standard error is taken over prompts (completions of one
     prompt are correlated, so counting them as independent would understate it).
@@ -126,7 +130,13 @@ def evaluate(
     device = select_device(cfg.learner.device)
     base = resolve_model_path(cfg.model.path, cfg.model.cache_path)
     tokenizer = load_tokenizer(base)
-    policy = load_causal_lm(model_path, device=device).eval()
+    adapter = None  # a LoRA adapter folder (learner.lora checkpoints): merged into the base here
+    if is_adapter_folder(model_path):
+        lora = load_lora(load_causal_lm(base, device=device), model_path, trainable=False)
+        adapter = ({k: v.clone() for k, v in adapter_tensors(lora).items()}, adapter_spec(lora))
+        policy = lora.merge_and_unload().eval()
+    else:
+        policy = load_causal_lm(model_path, device=device).eval()
     gen = cfg.generator
     engine = (
         HFEngine(policy, tokenizer)
@@ -134,7 +144,7 @@ def evaluate(
         # fp32: the evaluation is exact
         else build_engine(
             gen.engine,
-            model_path,
+            base if adapter is not None else model_path,
             tokenizer,
             device=device,
             autocast_bf16=False,
@@ -144,6 +154,8 @@ def evaluate(
             seed=seed,
         )
     )
+    if adapter is not None and gen.engine is not Engine.HF:
+        engine.load_adapter(*adapter)  # the base, merged in place as a generator does
     # the reference itself: KL is exactly 0 at top_p = 1 (below, the nucleus cuts -log(its mass) per token)
     same = Path(model_path).resolve() == Path(base).resolve()
     reference = policy if same else load_causal_lm(base, device=device).eval()

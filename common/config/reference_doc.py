@@ -43,6 +43,8 @@ def _rows(model: type[BaseModel], prefix: str) -> Iterable[tuple[str, str, str, 
         yield key, _cell(_default_text(field)), _cell(_type_text(field.annotation, field)), _cell(_meaning(field))
         if sub is not None and typing.get_origin(field.annotation) is list:
             yield from _rows(sub, f"{key}[i].")
+        elif sub is not None and _extra(field).get("list_keys"):  # an optional section whose keys are its own
+            yield from _rows(sub, f"{key}.")
 
 
 def _meaning(field: FieldInfo) -> str:

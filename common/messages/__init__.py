@@ -52,9 +52,10 @@ from streamrl.common.messages.rollouts import (
     ScoredRollout,
     Selection,
 )
-from streamrl.common.messages.weights import TensorSpec, WeightsAnnounce, WeightsChunk, WeightsChunkRequest
+from streamrl.common.messages.weights import AdapterSpec, TensorSpec, WeightsAnnounce, WeightsChunk, WeightsChunkRequest
 
 __all__ = [
+    "AdapterSpec",
     "DEFAULT_MAX_FRAMES",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "MAX_MAP_DEPTH",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
 
-SCHEMA_VERSION: tuple[int, int] = (1, 3)
+SCHEMA_VERSION: tuple[int, int] = (1, 4)
 """(major, minor) of the wire schema. Bump major for incompatible changes.
 
 1.1 added the optional ``Rollout.selection`` and ``ScoredRollout.human`` fields and the
@@ -20,7 +20,10 @@ SCHEMA_VERSION: tuple[int, int] = (1, 3)
 1.2 added the ``credit_request`` / ``credit_grant`` messages (generation credits) and the
 optional ``ScoredRollout.reference_logprobs`` (reference pass in the scorers).
 1.3 added the ``group_dropped`` message (a scorer dropped a group whose reward raised on a member;
-a 1.2 buffer rejects it as an unknown kind and the group times out there as before)."""
+a 1.2 buffer rejects it as an unknown kind and the group times out there as before).
+1.4 added the optional ``WeightsAnnounce.adapter`` (:class:`AdapterSpec`): the blob holds LoRA adapter
+tensors, not the whole policy (``learner.lora``). A 1.3 generator ignores the field, finds that the
+tensors do not fit its model and loads nothing."""
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """Largest message (all frames together) a decoder accepts, in bytes."""

@@ -32,6 +32,32 @@ class TensorSpec:
 
 
 @dataclass(kw_only=True)
+class AdapterSpec:
+    """The LoRA adapter a weights blob holds (``learner.lora``; Hu et al. 2021, eq. 3).
+
+    The blob's manifest then names, for each adapted linear layer ``<module>`` of the base model,
+    ``<module>.lora_A.weight`` (``[rank, in]``) and ``<module>.lora_B.weight`` (``[out, rank]``); the
+    generator computes ``<module>.weight = W0 + (alpha / rank) * B @ A`` from the base ``W0`` it loaded
+    from its own ``model.path``. The base must be the one named by the announcement's
+    ``model_fingerprint``.
+
+    Attributes:
+        rank: r.
+        alpha: LoRA alpha (the update is scaled by ``alpha / rank``).
+        target_modules: the adapted layers' names (PEFT ``target_modules``), for diagnostics.
+    """
+
+    rank: int
+    alpha: float
+    target_modules: list[str]
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank``."""
+        return self.alpha / self.rank
+
+
+@dataclass(kw_only=True)
 class WeightsAnnounce(Message):
     """A new policy version is available (learner -> all, PUB; repeated periodically).
 
@@ -43,7 +69,9 @@ class WeightsAnnounce(Message):
         num_chunks: number of chunks.
         sha256: hex digest of the whole blob.
         model_fingerprint: (schema 1.2, optional) the learner's model config and tokenizer
-            fingerprint (``streamrl.common.fingerprint``); "" = not stated.
+            fingerprint (``streamrl.common.fingerprint``); "" = not stated. With ``adapter``: the
+            fingerprint of the base model the adapter was trained on.
+        adapter: (schema 1.4, optional) the blob holds this LoRA adapter, not the whole policy.
     """
 
     KIND: ClassVar[str] = "weights_announce"
@@ -54,9 +82,12 @@ class WeightsAnnounce(Message):
     num_chunks: int
     sha256: str
     model_fingerprint: str = ""
+    adapter: AdapterSpec | None = None
 
     def check(self) -> None:
         require(self.version >= 0, "version must be >= 0")
+        if self.adapter is not None:
+            require(self.adapter.rank >= 1 and self.adapter.alpha > 0, "adapter rank must be >= 1 and alpha > 0")
         require(self.chunk_bytes > 0, "chunk_bytes must be > 0")
         require(
             self.num_chunks == -(-self.total_bytes // self.chunk_bytes),

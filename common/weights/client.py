@@ -20,7 +20,7 @@ import torch
 import xxhash
 import zmq
 
-from streamrl.common.messages import Error, ErrorCode, WeightsAnnounce, WeightsChunk, WeightsChunkRequest
+from streamrl.common.messages import AdapterSpec, Error, ErrorCode, WeightsAnnounce, WeightsChunk, WeightsChunkRequest
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.security import Security
 from streamrl.common.transport import Inbox, make_socket, poll_unless_stopped, try_send
@@ -50,6 +50,8 @@ class FetchedWeights:
         verify_s: seconds to compare the digest root and build the tensor views.
         hash_s: seconds of ``transfer_s`` spent hashing chunks.
         slot: which receive buffer holds the tensors (0 or 1).
+        adapter: the announcement's :class:`AdapterSpec` when ``tensors`` are a LoRA adapter
+            (``learner.lora``), not the whole policy; None for a whole policy.
     """
 
     version: int
@@ -59,6 +61,7 @@ class FetchedWeights:
     verify_s: float
     hash_s: float = 0.0
     slot: int = 0
+    adapter: AdapterSpec | None = None
 
 
 @dataclass
@@ -269,6 +272,7 @@ class WeightClient:
             verify_s=time.perf_counter() - start - transfer_s,
             hash_s=state.hash_s,
             slot=slot,
+            adapter=announce.adapter,
         )
 
     def _request_more(self, state: _Fetch) -> None:

@@ -33,7 +33,16 @@ import numpy as np
 import torch
 import zmq
 
-from streamrl.common.messages import Error, ErrorCode, Message, TensorSpec, WeightsChunk, WeightsChunkRequest, encode
+from streamrl.common.messages import (
+    AdapterSpec,
+    Error,
+    ErrorCode,
+    Message,
+    TensorSpec,
+    WeightsChunk,
+    WeightsChunkRequest,
+    encode,
+)
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.modes import WeightDtype
 from streamrl.common.security import Security
@@ -130,6 +139,9 @@ class WeightServer:
     model_fingerprint: str = ""
     """Set by the learner: sent in every announcement (``streamrl.common.fingerprint``; generators
     refuse weights of another model config or tokenizer)."""
+    adapter: AdapterSpec | None = None
+    """Set by a LoRA learner (``learner.lora``): the published state dicts are adapter tensors
+    (:func:`streamrl.common.lora.adapter_tensors`) and every announcement says so."""
 
     def __init__(
         self,
@@ -385,6 +397,8 @@ class WeightServer:
             timing = self.timings.get(latest.version)
         latest.sent_at = time.time()
         latest.model_fingerprint = self.model_fingerprint
+        if self.adapter is not None:
+            latest.adapter = self.adapter
         send(pub, latest)
         if timing is not None and timing.announced_at is None:
             timing.announced_at = latest.sent_at

@@ -39,6 +39,7 @@ import zmq
 from streamrl.common.fingerprint import model_fingerprint
 from streamrl.common.human import beta_at, human_terms
 from streamrl.common.liveness import Waits
+from streamrl.common.lora import adapter_spec, is_lora, wire_state
 from streamrl.common.messages import Batch, BatchRequest
 from streamrl.common.models import configure_torch, select_device
 from streamrl.common.modes import HumanCombination
@@ -123,7 +124,8 @@ class LearnerService(ServiceLoop):
         self.dealer = self.socket(zmq.DEALER, connect=[cfg.endpoints.batches])
         self.inbox = ctx.inbox([Batch], "batches")
         self.fingerprint = model_fingerprint(policy.config, self.tokenizer)  # in every announcement
-        self.weights.model_fingerprint = self.fingerprint
+        self.weights.model_fingerprint = self.fingerprint  # with learner.lora: the base's (PEFT forwards .config)
+        self.weights.adapter = adapter_spec(policy) if is_lora(policy) else None  # then only adapters are sent
         self.metrics = LearnerMetrics(ctx.metrics)
         self.refusals_logged: set[str] = set()
         self.waits = Waits(ctx.metrics, warn_after_s=cfg.transport.request_timeout_s * 3)
@@ -344,7 +346,7 @@ class LearnerService(ServiceLoop):
         """
         start = time.perf_counter()
         write_published_version(self.published_path, self.version)
-        self.weights.publish_state_dict(self.trainer.policy.state_dict(), self.version)
+        self.weights.publish_state_dict(wire_state(self.trainer.policy), self.version)
         seconds = time.perf_counter() - start
         self.metrics.publish_seconds.observe(seconds)
         self.metrics.version.set(self.version)

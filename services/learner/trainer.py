@@ -26,6 +26,7 @@ version, however many optimizer updates it made.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor
 
 from streamrl.common.config import LearnerSection
+from streamrl.common.lora import is_lora
 from streamrl.common.models import adamw, use_bf16_autocast
 from streamrl.common.modes import AdvantageEstimator, Correction, KLPenaltyMode, LossAggregation
 from streamrl.common.tensors import fill_padding, masked_mean, masked_var, masked_whiten
@@ -151,7 +153,9 @@ class PPOTrainer:
 
     Args:
         policy: causal LM being trained (on ``device``).
-        reference: frozen copy of the initial policy (eval mode, no grad).
+        reference: frozen copy of the initial policy (eval mode, no grad); None for a LoRA policy
+            (:func:`streamrl.common.lora.apply_lora`): the reference is then the policy itself with its
+            adapters disabled (PEFT's ``disable_adapter()``), the base weights, with no second copy.
         cfg: the learner config section.
         ptx_sampler: callable returning a :class:`PtxBatch`, required when ``cfg.ptx_coef > 0``.
         value_model: with ``gae``, a separate critic (e.g. :class:`~streamrl.services.learner.
@@ -161,13 +165,16 @@ class PPOTrainer:
 
     def __init__(self, policy, reference, cfg: LearnerSection, *, ptx_sampler=None, value_model=None):
         self.policy = policy
-        self.reference = reference
+        if reference is None and not is_lora(policy):
+            raise ValueError("reference=None needs a LoRA policy (the base with its adapters disabled)")
+        self.reference = policy if reference is None else reference
+        self._reference_scope = policy.disable_adapter if reference is None else contextlib.nullcontext
         self.cfg = cfg
         self.ptx_sampler = ptx_sampler
         self.device = next(policy.parameters()).device
         self.bf16 = use_bf16_autocast(cfg.autocast_bf16, self.device, "learner.autocast_bf16")
         self.value_head: torch.nn.Linear | None = None
-        params = list(policy.parameters())
+        params = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters only
         self.value_model = value_model if cfg.advantage is AdvantageEstimator.GAE else None
         if cfg.advantage is AdvantageEstimator.GAE and self.value_model is None:
             self.value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(self.device)
@@ -181,7 +188,7 @@ class PPOTrainer:
             )
         self.kl_controller = make_kl_controller(cfg.kl_coef, cfg.kl_target_per_sequence, cfg.kl_horizon)
         self.reward_stats = RunningMeanStd()
-        for p in reference.parameters():
+        for p in reference.parameters() if reference is not None else ():
             p.requires_grad_(False)
         for model in (policy, reference, self.value_head, self.value_model):
             if model is not None:
@@ -431,7 +438,7 @@ class PPOTrainer:
         if batch.ref_logprobs is not None:  # the scorers' reference pass
             ref_logprobs = batch.ref_logprobs
         else:  # the untruncated reference, as the scorers compute it
-            with self._amp():
+            with self._amp(), self._reference_scope():
                 ref_logprobs = forward_completions(self.reference, batch, truncate=False).logprobs
         kl_tokens = fill_padding(*_kl_tokens(old.logprobs, ref_logprobs, mask, cfg.kl_estimator))
         beta = self.kl_controller.value
