@@ -21,6 +21,7 @@ from streamrl.common.tensors import linear_fp32, pad_right
 from streamrl.services.learner.losses import entropy_from_logits, nucleus_mask, token_logprobs
 
 if TYPE_CHECKING:  # transformers is imported only where a model is built
+    from peft import PeftModel
     from transformers import PreTrainedModel
 
 SAMPLING_FIELDS = ("temperature", "top_p")
@@ -211,7 +212,7 @@ class ModelOutput:
 
 
 def forward_completions(
-    model: PreTrainedModel,
+    model: PreTrainedModel | PeftModel,
     batch: TrainBatch,
     *,
     value_head: torch.nn.Module | None = None,
