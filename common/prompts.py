@@ -327,8 +327,7 @@ def load_dataset_prompts(
     if dataset is not None:
         data = datasets.load_dataset(dataset, subset, split=split)
         name, origin = f"{dataset}/{split}", dataset
-    else:
-        assert path is not None  # exactly one of path and dataset, checked above
+    elif path is not None:  # always, when there is no dataset (exactly one of the two, checked above)
         path = Path(path).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file or folder")
