@@ -44,7 +44,7 @@ from bench.report import (
     median,
     write_results,
 )
-from streamrl.common.config import load_config
+from streamrl.common.config import add_config_arguments, load_config
 from streamrl.testing import Services, free_port, scrape, toml_value, wait_until
 
 MODES = {"sync": 0, "async": None}  # None: the config's own max_staleness
@@ -384,8 +384,7 @@ def render(result: dict, env: dict, command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="deploy/configs/default.toml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser, default="deploy/configs/default.toml")
     parser.add_argument("--steps", type=int, default=8, help="learner steps per run")
     parser.add_argument("--runs", type=int, default=3, help="runs per mode (at least 2 unless the bound hits)")
     parser.add_argument("--generators", type=int, default=1)

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from bench.report import command_line, environment, environment_line, markdown_table, median, write_results
-from streamrl.common.config import load_config
+from streamrl.common.config import add_config_arguments, load_config
 
 VARIANTS = {
     "baseline": dict(reuse_first_pass=False, bucket_by_length=False, autocast_bf16=False, ref=False),
@@ -169,8 +169,7 @@ def ratio_mismatch(policy, batch, bf16: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="deploy/configs/default.toml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser, default="deploy/configs/default.toml")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--results-dir", type=Path, default=None)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bench.e2e import rollouts_per_step, run_overrides
 from bench.report import BENCH, REPO, command_line, environment, environment_line, markdown_table, write_results
-from streamrl.common.config import load_config
+from streamrl.common.config import add_config_arguments, load_config
 from streamrl.testing import Services, wait_until
 
 TRL_VENV = REPO / ".venv-trl"
@@ -295,8 +295,7 @@ def render(result: dict, env: dict, command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m bench.trl_grpo", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="deploy/configs/default.toml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser, default="deploy/configs/default.toml")
     parser.add_argument("--seconds", type=float, default=360.0, help="wall-clock budget per system")
     parser.add_argument("--trl-threads", type=int, default=2, help="torch threads of the TRL process")
     parser.add_argument("--trl-python", type=Path, default=TRL_VENV / "bin" / "python")
