@@ -18,7 +18,8 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from streamrl.common.messages import FinishReason, SamplingParams
-from streamrl.common.prompts import Prompt, format_prompt
+from streamrl.common.prompt_text import format_prompt
+from streamrl.common.prompts import Prompt
 from streamrl.common.tensors import pad_left
 
 log = logging.getLogger(__name__)
