@@ -202,7 +202,8 @@ def _refuse(service: str, message: str) -> NoReturn:
 
 
 def replica_index(explicit: int | None) -> int:
-    """The replica's position on its host: ``--index``, else honcho's ``HONCHO_PROCESS_NAME`` (``generator.3`` -> 2), else 0."""
+    """The replica's position on its host: ``--index``, else honcho's ``HONCHO_PROCESS_NAME``
+    (``generator.3`` -> 2), else 0."""
     if explicit is not None:
         return explicit
     name = os.environ.get("HONCHO_PROCESS_NAME", "")

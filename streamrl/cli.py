@@ -2,8 +2,8 @@
 
 ``streamrl run --config FILE [--generators N] [--scorers M] [--resume | --fresh] [--free-ports] [--set key=value ...]``
 validates the config, refuses a ``run.output_dir`` that already holds a run unless told to
-``--resume`` or start ``--fresh`` (:mod:`streamrl.runs`), records the launch there, then starts every service as its own process from the
-Procfile that ships in the package (``streamrl.deploy``) with honcho's process
+``--resume`` or start ``--fresh`` (:mod:`streamrl.runs`), records the launch there, then starts every
+service as its own process from the Procfile that ships in the package (``streamrl.deploy``) with honcho's process
 manager (:mod:`streamrl.launcher`), in the current directory; when the learner
 finishes (or any process dies, or ``streamrl run`` gets SIGTERM/SIGINT) every
 service is stopped and waited for; with ``--eval`` the initial and final policies are scored
@@ -155,7 +155,8 @@ def _add_target_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_targets(args: argparse.Namespace, config):
-    """The metrics endpoints of ``config`` (``--generators`` here, or ``--generator-hosts``); None after a usage error."""
+    """The metrics endpoints of ``config`` (``--generators`` here, or ``--generator-hosts``); None after a
+    usage error."""
     from streamrl.status import parse_hosts, targets
 
     try:

@@ -9,7 +9,8 @@ compared on the same prompts with the same random stream. Rewards come from the
 scorer's reward config (the reward PPO optimises); each ``[[eval.rewards]]`` entry
 (e.g. the never-optimised gold reward model of ``rm.gold``, Gao et al. 2022) is scored on
 the same completions and reported by its name beside it. :func:`compare` gives the change
-of each between two policies with its paired standard error. KL is ``log pi - log pi_ref`` (k1, nats) of the sampled tokens, reported
+of each between two policies with its paired standard error. KL is ``log pi - log pi_ref`` (k1, nats)
+of the sampled tokens, reported
 per token (``kl_per_token``: their sum over all completions / the number of completion tokens),
 the unit of the learner's ``kl`` (step lines, metrics, TensorBoard, the learning-curve plot);
 ``kl_mean`` keeps the per-completion sum averaged over completions. A progress bar counts the

@@ -206,7 +206,8 @@ class DurableBuffer:
         return batch
 
     def _restamp(self, held: HeldBatch, version: int, owner: int) -> None:
-        """``held`` now stands for ``version`` and belongs to ``owner`` (journaled; it becomes the newest held batch)."""
+        """``held`` now stands for ``version`` and belongs to ``owner`` (journaled; it becomes the newest
+        held batch)."""
         if self.journal is not None:
             self.journal.restamp(version, from_version=held.batch.learner_version, owner=owner)
         held.batch.learner_version, held.owner = version, owner

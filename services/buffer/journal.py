@@ -602,7 +602,8 @@ class Journal:
         return None
 
     def move_damaged(self) -> list[Path]:
-        """Move the segments :meth:`recover` found damaged to ``damaged/`` (kept for inspection); returns the new paths."""
+        """Move the segments :meth:`recover` found damaged to ``damaged/`` (kept for inspection); returns
+        the new paths."""
         moved = []
         if self._damaged:
             target = self.directory / "damaged"

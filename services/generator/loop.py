@@ -246,7 +246,8 @@ class GeneratorService(ServiceLoop):
             self.waits.done("learner")
 
     def generate_batch(self, num_groups: int | None = None) -> None:
-        """Sample ``num_groups`` groups (default ``prompts_per_batch``) with the loaded weights and send every rollout."""
+        """Sample ``num_groups`` groups (default ``prompts_per_batch``) with the loaded weights and send
+        every rollout."""
         gen = self.cfg.generator
         prompts = self.stream.next_batch(gen.prompts_per_batch if num_groups is None else num_groups)
         texts, ids = prepare_prompts(

@@ -263,7 +263,8 @@ def policy_loss(
             (right-padded). Padded positions may hold any garbage.
         correction: a :class:`Correction` (or its string value).
         clip_eps: PPO clip range ``e > 0``.
-        is_cap: truncation ``C > 0`` of the importance weight (unused by ``none``; ``vtrace``: rho-bar, for the statistics).
+        is_cap: truncation ``C > 0`` of the importance weight (unused by ``none``; ``vtrace``: rho-bar,
+            for the statistics).
         dual_clip: ``c > 1`` of dual-clip PPO, or ``None`` for plain clipping.
         is_level: ``tis`` only: one weight per ``sequence`` or per ``token`` (an
             :class:`ISLevel` or its value).
