@@ -177,7 +177,7 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
     from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path
     from streamrl.common.prompts import load_prompts, split_prompts
     from streamrl.common.weights import pack_state_dict
-    from streamrl.services.generator.sampling import prepare_prompts, sample_completions
+    from streamrl.services.generator.sampling import prepare_run_prompts, sample_completions
     from streamrl.services.learner.batch import collate, forward_completions
     from streamrl.services.learner.trainer import PPOTrainer
     from streamrl.services.scorer.rewards import build_reward
@@ -200,13 +200,7 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
         for b in range(lc.groups_per_step // gen.prompts_per_batch):
             start = rep * lc.groups_per_step + b * gen.prompts_per_batch
             prompts = train[start : start + gen.prompts_per_batch]
-            texts, ids = prepare_prompts(
-                tokenizer,
-                prompts,
-                chat_template=cfg.model.chat_template,
-                system_prompt=cfg.model.system_prompt,
-                max_prompt_tokens=gen.max_prompt_tokens,
-            )
+            texts, ids = prepare_run_prompts(tokenizer, prompts, cfg)
             policy.eval()
             t0 = time.perf_counter()
             groups = sample_completions(policy, tokenizer, ids, group_size=gen.group_size, sampling=sampling)

@@ -92,18 +92,12 @@ def trl_prompts(cfg, path: Path) -> int:
     """Write the training split of the config's prompts, formatted as our generators see them, as JSONL."""
     from streamrl.common.models import load_tokenizer, resolve_model_path
     from streamrl.common.prompts import load_prompts, split_prompts
-    from streamrl.services.generator.sampling import prepare_prompts
+    from streamrl.services.generator.sampling import prepare_run_prompts
 
     gen = cfg.generator
     train, _ = split_prompts(load_prompts(gen.prompts), eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.path, cfg.model.cache_path))
-    texts, _ = prepare_prompts(
-        tokenizer,
-        train,
-        chat_template=cfg.model.chat_template,
-        system_prompt=cfg.model.system_prompt,
-        max_prompt_tokens=gen.max_prompt_tokens,
-    )
+    texts, _ = prepare_run_prompts(tokenizer, train, cfg)
     path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
     return len(texts)
 
