@@ -25,7 +25,7 @@ from typing import Any, NoReturn, TypeVar
 import zmq
 from zmq import Socket as ZmqSocket  # in ServiceContext, `zmq` is the context field
 
-from streamrl.common.config import Config, ConfigError, load_config
+from streamrl.common.config import Config, ConfigError, add_config_arguments, load_config
 from streamrl.common.errors import StartupRefused
 from streamrl.common.ledger import Ledger, ledger_path
 from streamrl.common.messages import Message
@@ -260,18 +260,10 @@ def parse_args(service: str, argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=f"python -m streamrl.services.{service}", description=f"streamrl {service} service"
     )
-    parser.add_argument(
-        "--config",
+    add_config_arguments(
+        parser,
         default=os.environ.get(CONFIG_ENV),
-        help=f"TOML run config (default: ${CONFIG_ENV}; built-in defaults when unset)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set learner.lr=1e-5 (repeatable)",
+        config_help=f"TOML run config (default: ${CONFIG_ENV}; built-in defaults when unset)",
     )
     parser.add_argument(
         "--index",

@@ -4,6 +4,7 @@ problem (schema, cross-section and, when asked, resources)."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import difflib
 import tomllib
@@ -19,6 +20,30 @@ from streamrl.common.config.checks import cross_problems
 from streamrl.common.config.resources import resource_problems
 from streamrl.common.config.schema import Config
 from streamrl.common.user_code import make_importable
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    default: str | None = None,
+    config_help: str | None = None,
+    example: str = "learner.lr=1e-5",
+) -> None:
+    """Add the two arguments of every command that reads a run config: ``--config PATH`` (into
+    ``args.config``, default ``default``) and ``--set KEY=VALUE`` (repeatable, into ``args.overrides``;
+    :func:`load_config` applies them in order, each a TOML value: :func:`parse_override`);
+    ``config_help`` defaults to naming ``default`` (None: the built-in defaults)."""
+    if config_help is None:
+        config_help = f"TOML run config (default: {default or 'built-in defaults'})"
+    parser.add_argument("--config", default=default, help=config_help)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value (repeatable), e.g. --set {example}",
+    )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

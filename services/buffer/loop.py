@@ -43,11 +43,10 @@ import zmq
 
 from streamrl.common.liveness import Waits
 from streamrl.common.messages import BatchRequest, CreditGrant, CreditRequest, GroupDropped, ScoredRollout
-from streamrl.common.service import ServiceContext, ServiceLoop, journal_folder
+from streamrl.common.service import ServiceContext, ServiceLoop
 from streamrl.common.transport import Inbox, send
 from streamrl.services.buffer.credits import CreditLedger, awaiting_groups, batch_generators
-from streamrl.services.buffer.durable import DurableBuffer, admission_capacity
-from streamrl.services.buffer.journal import Journal
+from streamrl.services.buffer.durable import DurableBuffer, admission_capacity, open_journal
 from streamrl.services.buffer.metrics import BufferMetrics
 from streamrl.services.buffer.store import AddOutcome, ReplayBuffer
 
@@ -78,17 +77,7 @@ class BufferService(ServiceLoop):
             max_staleness=cfg.run.max_staleness,
             group_timeout_s=b.group_timeout_s,
         )
-        journal = None
-        if b.journal:
-            journal = Journal(
-                journal_folder(cfg),
-                fsync=b.fsync,
-                fsync_interval_s=b.fsync_interval_s,
-                segment_bytes=b.segment_bytes,
-                max_segments=b.max_segments,
-                keep_history=b.keep_history,
-                max_reuse=b.max_reuse,
-            )
+        journal = open_journal(cfg) if b.journal else None
         self.state = DurableBuffer(self.store, journal, ctx.ledger)
         self.closing(self.state.close)  # fsync: a clean stop leaves everything on disk
         self.metrics = BufferMetrics(ctx.metrics)

@@ -44,7 +44,7 @@ from streamrl.services.generator.credits import CreditClient
 from streamrl.services.generator.engine import build_engine
 from streamrl.services.generator.metrics import GeneratorMetrics
 from streamrl.services.generator.rollouts import group_rollouts
-from streamrl.services.generator.sampling import prepare_prompts
+from streamrl.services.generator.sampling import prepare_run_prompts
 from streamrl.services.generator.versions import needs_fetch, too_stale
 
 log = logging.getLogger(__name__)
@@ -252,13 +252,7 @@ class GeneratorService(ServiceLoop):
         every rollout."""
         gen = self.cfg.generator
         prompts = self.stream.next_batch(gen.prompts_per_batch if num_groups is None else num_groups)
-        texts, ids = prepare_prompts(
-            self.tokenizer,
-            prompts,
-            chat_template=self.cfg.model.chat_template,
-            system_prompt=self.cfg.model.system_prompt,
-            max_prompt_tokens=gen.max_prompt_tokens,
-        )
+        texts, ids = prepare_run_prompts(self.tokenizer, prompts, self.cfg)
         version = self.version
         assert version is not None  # sync_weights loaded one
         self.metrics.in_flight.set(len(prompts))
