@@ -22,10 +22,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from streamrl.common.messages import AdapterSpec
+
+if TYPE_CHECKING:  # for the type checker only: no import of peft (nor typing_extensions) at run time
+    from peft import PeftModel
+    from typing_extensions import TypeIs
 
 ADAPTER_CONFIG = "adapter_config.json"
 """The file that marks a PEFT adapter folder (``PeftModel.save_pretrained``)."""
@@ -85,7 +90,7 @@ def load_lora(model: torch.nn.Module, folder: str | Path, *, trainable: bool):
     return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
 
 
-def is_lora(model) -> bool:
+def is_lora(model: object) -> TypeIs[PeftModel]:
     """True for a PEFT ``PeftModel`` (:func:`apply_lora`, :func:`load_lora`)."""
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 

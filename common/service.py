@@ -20,11 +20,12 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import zmq
+from zmq import Socket as ZmqSocket  # in ServiceContext, `zmq` is the context field
 
-from streamrl.common.config import Config, ConfigError, load_config
+from streamrl.common.config import Config, ConfigError, add_config_arguments, load_config
 from streamrl.common.errors import StartupRefused
 from streamrl.common.ledger import Ledger, ledger_path
 from streamrl.common.messages import Message
@@ -33,6 +34,8 @@ from streamrl.common.placement import place_process
 from streamrl.common.runlock import RunFolderLocked, RunLock
 from streamrl.common.security import Security, SecurityError, open_security
 from streamrl.common.transport import Inbox, make_socket, poll_unless_stopped
+
+M = TypeVar("M", bound=Message)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ class ServiceContext:
         t = self.config.transport
         return {"max_message_bytes": t.max_message_bytes, "hwm": t.hwm, "security": self.security}
 
-    def socket(self, kind: int, *, hwm: int | None = None, **options: Any) -> zmq.Socket:
+    def socket(self, kind: int, *, hwm: int | None = None, **options: Any) -> ZmqSocket:
         """A socket of this process: :func:`~streamrl.common.transport.make_socket` with its context and
         :attr:`socket_limits` (``hwm`` replaces ``transport.hwm``); ``options``: ``bind``, ``connect``,
         ``subscribe``, ``identity``, ``resolve_every_s``.
@@ -98,7 +101,7 @@ class ServiceContext:
             limits["hwm"] = hwm
         return make_socket(self.zmq, kind, **limits, **options)
 
-    def inbox(self, expected: Sequence[type[Message]], socket_name: str) -> Inbox:
+    def inbox(self, expected: Sequence[type[M]], socket_name: str) -> Inbox[M]:
         """The decoder of one socket: accepts ``expected`` kinds up to ``transport.max_message_bytes``,
         counts and logs rejections in this process's metrics under ``socket_name``."""
         return Inbox(self.metrics, expected, max_bytes=self.config.transport.max_message_bytes, socket_name=socket_name)
@@ -257,18 +260,10 @@ def parse_args(service: str, argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=f"python -m streamrl.services.{service}", description=f"streamrl {service} service"
     )
-    parser.add_argument(
-        "--config",
+    add_config_arguments(
+        parser,
         default=os.environ.get(CONFIG_ENV),
-        help=f"TOML run config (default: ${CONFIG_ENV}; built-in defaults when unset)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set learner.lr=1e-5 (repeatable)",
+        config_help=f"TOML run config (default: ${CONFIG_ENV}; built-in defaults when unset)",
     )
     parser.add_argument(
         "--index",

@@ -23,24 +23,17 @@ import time
 from pathlib import Path
 
 from streamrl import __version__
-from streamrl.common.config import SERVICES, ConfigError, load_config
+from streamrl.common.config import SERVICES, ConfigError, add_config_arguments, load_config
 from streamrl.common.service import exit_now
 from streamrl.deploy import DEFAULT_CONFIG
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
+    add_config_arguments(
+        parser,
         default=str(DEFAULT_CONFIG),
-        help="TOML run config (default: the packaged default job, streamrl.deploy/configs/default.toml)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable), e.g. --set learner.total_steps=20",
+        config_help="TOML run config (default: the packaged default job, streamrl.deploy/configs/default.toml)",
+        example="learner.total_steps=20",
     )
 
 

@@ -33,7 +33,7 @@ from streamrl.common.models import load_causal_lm, load_tokenizer, resolve_model
 from streamrl.common.modes import Engine
 from streamrl.common.prompts import load_prompts, split_prompts
 from streamrl.services.generator.engine import HFEngine, build_engine
-from streamrl.services.generator.sampling import prepare_prompts
+from streamrl.services.generator.sampling import prepare_run_prompts
 from streamrl.services.learner.batch import collate, forward_completions
 from streamrl.services.scorer.rewards import build_reward
 
@@ -172,13 +172,7 @@ def evaluate(
     progress = tqdm(total=len(prompts), desc=f"evaluating {Path(model_path).name}", unit="prompt")
     for start in range(0, len(prompts), batch_prompts):
         chunk = prompts[start : start + batch_prompts]
-        texts, ids = prepare_prompts(
-            tokenizer,
-            chunk,
-            chat_template=cfg.model.chat_template,
-            system_prompt=cfg.model.system_prompt,
-            max_prompt_tokens=gen.max_prompt_tokens,
-        )
+        texts, ids = prepare_run_prompts(tokenizer, chunk, cfg)
         groups = engine.sample(ids, group_size=samples_per_prompt, sampling=sampling)
         completions = [c for g in groups for c in g]
         k = samples_per_prompt

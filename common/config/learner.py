@@ -150,7 +150,7 @@ class LearnerSection(_Section):
         ISMode.TRUNCATE,
         description="a weight above `is_cap`: `truncate` it to C, or `mask` "
         "it to 0 (AReaL), dropping the token or sequence; logged as `masked_fraction`",
-        json_schema_extra={"applies_to": {"correction": ("tis", "decoupled")}},
+        json_schema_extra={"applies_to": {"correction": ["tis", "decoupled"]}},
     )
     advantage: AdvantageEstimator = Field(
         AdvantageEstimator.GRPO, description="`gae` (critic), `grpo` (group-normalised), `rloo` (leave-one-out)"

@@ -10,9 +10,9 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import msgpack
 import numpy as np
@@ -81,14 +81,15 @@ def encode(message: Message) -> list[bytes | memoryview]:
     return [msgpack.packb(body, use_bin_type=True), *payloads]
 
 
-def _encode_value(value: Any, payloads: list, spec: dict | None) -> Any:
+def _encode_value(value: Any, payloads: list, spec: Mapping[str, Any] | None) -> Any:
     if isinstance(value, np.ndarray):
         if value.dtype.kind == "O" or value.dtype.name not in WIRE_DTYPES:
             raise TypeError(f"array dtype {value.dtype} cannot go on the wire")
         if spec is not None and value.dtype.name != spec["dtype"]:
             raise TypeError(f"array must be {spec['dtype']}, got {value.dtype.name}")
         wire = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
-        payloads.append(memoryview(wire).cast("B") if wire.size else b"")
+        view = memoryview(wire)  # type: ignore[arg-type]  # numpy stubs: no __buffer__ before 3.12
+        payloads.append(view.cast("B") if wire.size else b"")
         ref = [len(payloads), value.dtype.name, list(value.shape)]
         return msgpack.ExtType(_EXT_ARRAY, msgpack.packb(ref))
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -135,6 +136,25 @@ def _buffer(frame: Any) -> Any:
     return frame.buffer if hasattr(frame, "buffer") else frame
 
 
+M = TypeVar("M", bound=Message)
+
+
+@overload
+def decode(
+    frames: Sequence[Any],
+    *,
+    expected: Sequence[type[M]],
+    max_bytes: int = ...,
+    max_frames: int = ...,
+) -> M: ...
+@overload
+def decode(
+    frames: Sequence[Any],
+    *,
+    expected: None = None,
+    max_bytes: int = ...,
+    max_frames: int = ...,
+) -> Message: ...
 def decode(
     frames: Sequence[Any],
     *,
@@ -192,7 +212,7 @@ def decode(
         )
     if expected is not None and cls not in expected:
         raise ProtocolError(RejectReason.UNEXPECTED_KIND, f"kind {kind!r} not accepted here")
-    message = _build(cls, header, payloads, kind)
+    message = _build(cls, header, payloads, cls.KIND)
     if not all(payloads.used):
         raise ProtocolError(RejectReason.MALFORMED, "unreferenced payload frames")
     message.check()
@@ -236,7 +256,7 @@ def _build(cls: type, data: Any, payloads: _Frames, where: str) -> Any:
     if issubclass(cls, Message) and data.get("kind") != cls.KIND:
         raise ProtocolError(RejectReason.BAD_FIELD, f"{where}: nested kind is not {cls.KIND!r}")
     hints = _hints(cls)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         name = f"{where}.{f.name}"
         if f.name not in data:
@@ -294,7 +314,7 @@ def _convert(tp: Any, value: Any, payloads: _Frames, name: str) -> Any:
             return tp(value)
         except ValueError:
             raise ProtocolError(RejectReason.BAD_FIELD, f"{name}: {value!r} is not a {tp.__name__}") from None
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, payloads, name)
     if tp is float:
         if type(value) not in (int, float):

@@ -138,7 +138,7 @@ class WeightClient:
         self.announce_inbox = Inbox(
             inbox_metrics, [WeightsAnnounce], max_bytes=max_message_bytes, socket_name="weights_announce"
         )
-        self.chunk_inbox = Inbox(
+        self.chunk_inbox: Inbox[WeightsChunk | Error] = Inbox(
             inbox_metrics, [WeightsChunk, Error], max_bytes=max_message_bytes, socket_name="weights"
         )
         self.latest: WeightsAnnounce | None = None
@@ -233,9 +233,8 @@ class WeightClient:
         """
         start = time.perf_counter()
         slot, buffer = self._receive_buffer(announce.total_bytes)
-        state = _Fetch(
-            announce=announce, view=memoryview(buffer).cast("B"), digests=bytearray(DIGEST_BYTES * announce.num_chunks)
-        )
+        view = memoryview(buffer)  # type: ignore[arg-type]  # numpy stubs: no __buffer__ before 3.12
+        state = _Fetch(announce=announce, view=view.cast("B"), digests=bytearray(DIGEST_BYTES * announce.num_chunks))
         retries = 0
         self._request_more(state)
         while state.received < announce.num_chunks:
@@ -300,10 +299,10 @@ class WeightClient:
                 log.warning("weight server error: %s %s", msg.code.value, msg.message)
             return
         msg = self.chunk_inbox.decode([head, b""])
-        index = msg.chunk_index if isinstance(msg, WeightsChunk) else -1
-        if msg is None or msg.version != announce.version or index not in state.pending:
+        if not isinstance(msg, WeightsChunk) or msg.version != announce.version or msg.chunk_index not in state.pending:
             self._discard_rest()  # rejected, or a late duplicate of a re-sent request
             return
+        index = msg.chunk_index
         begin = index * announce.chunk_bytes
         expected = min(announce.chunk_bytes, announce.total_bytes - begin)
         target = state.view[begin : begin + expected]

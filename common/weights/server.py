@@ -27,6 +27,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -413,7 +414,7 @@ class WeightServer:
         self.m_stalled.set(len(self.stalled))
         self.m_queued.set(sum(q.queued for q in self.queues.values()))
 
-    def _answer(self, router: zmq.Socket, frames: list, inbox: Inbox) -> None:
+    def _answer(self, router: zmq.Socket, frames: list, inbox: Inbox[WeightsChunkRequest]) -> None:
         if len(frames) < 2:
             inbox.reject("malformed", "no routing id")
             return
@@ -441,7 +442,13 @@ class WeightServer:
             tracker = self._reply(
                 router,
                 [route],
-                WeightsChunk(sender=self._sender, version=request.version, chunk_index=request.chunk_index, data=data),
+                # ``data`` is a view of the packed blob, sent without a copy: encode takes any buffer
+                WeightsChunk(
+                    sender=self._sender,
+                    version=request.version,
+                    chunk_index=request.chunk_index,
+                    data=cast(bytes, data),
+                ),
                 track=True,
             )
             if tracker is None:

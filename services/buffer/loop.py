@@ -43,11 +43,10 @@ import zmq
 
 from streamrl.common.liveness import Waits
 from streamrl.common.messages import BatchRequest, CreditGrant, CreditRequest, GroupDropped, ScoredRollout
-from streamrl.common.service import ServiceContext, ServiceLoop, journal_folder
-from streamrl.common.transport import send
+from streamrl.common.service import ServiceContext, ServiceLoop
+from streamrl.common.transport import Inbox, send
 from streamrl.services.buffer.credits import CreditLedger, awaiting_groups, batch_generators
-from streamrl.services.buffer.durable import DurableBuffer, admission_capacity
-from streamrl.services.buffer.journal import Journal
+from streamrl.services.buffer.durable import DurableBuffer, admission_capacity, open_journal
 from streamrl.services.buffer.metrics import BufferMetrics
 from streamrl.services.buffer.store import AddOutcome, ReplayBuffer
 
@@ -78,17 +77,7 @@ class BufferService(ServiceLoop):
             max_staleness=cfg.run.max_staleness,
             group_timeout_s=b.group_timeout_s,
         )
-        journal = None
-        if b.journal:
-            journal = Journal(
-                journal_folder(cfg),
-                fsync=b.fsync,
-                fsync_interval_s=b.fsync_interval_s,
-                segment_bytes=b.segment_bytes,
-                max_segments=b.max_segments,
-                keep_history=b.keep_history,
-                max_reuse=b.max_reuse,
-            )
+        journal = open_journal(cfg) if b.journal else None
         self.state = DurableBuffer(self.store, journal, ctx.ledger)
         self.closing(self.state.close)  # fsync: a clean stop leaves everything on disk
         self.metrics = BufferMetrics(ctx.metrics)
@@ -96,10 +85,12 @@ class BufferService(ServiceLoop):
             self.metrics.recovered.set(self.state.recover(repair=b.journal_repair).rollouts)
         self.pull = self.socket(zmq.PULL, bind=cfg.endpoints.bind_address("buffer"))
         self.router = self.socket(zmq.ROUTER, bind=cfg.endpoints.bind_address("batches"))
-        self.rollout_inbox = ctx.inbox([ScoredRollout, GroupDropped], "scored_rollouts")
+        self.rollout_inbox: Inbox[ScoredRollout | GroupDropped] = ctx.inbox(
+            [ScoredRollout, GroupDropped], "scored_rollouts"
+        )
         self.credits = CreditLedger(cfg.learner.groups_per_step, cfg.run.max_staleness, ttl_s=b.credit_ttl_s)
         self.epoch = uuid.uuid4().hex[:12]
-        self.request_inbox = ctx.inbox([BatchRequest, CreditRequest], "batches")
+        self.request_inbox: Inbox[BatchRequest | CreditRequest] = ctx.inbox([BatchRequest, CreditRequest], "batches")
         self.waits = Waits(ctx.metrics, warn_after_s=cfg.transport.request_timeout_s * 3)
         self.last_request = time.monotonic()
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 
 import numpy as np
 import zmq
@@ -32,7 +33,7 @@ from transformers import AutoConfig
 from streamrl.common.fingerprint import model_fingerprint, same_model
 from streamrl.common.human import HumanModelSubscription, beta_at
 from streamrl.common.liveness import Waits
-from streamrl.common.messages import SamplingParams
+from streamrl.common.messages import SamplingParams, Selection
 from streamrl.common.models import configure_torch, load_tokenizer, resolve_model_path, select_device, use_bf16_autocast
 from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
 from streamrl.common.service import ServiceContext, ServiceLoop
@@ -43,7 +44,7 @@ from streamrl.services.generator.credits import CreditClient
 from streamrl.services.generator.engine import build_engine
 from streamrl.services.generator.metrics import GeneratorMetrics
 from streamrl.services.generator.rollouts import group_rollouts
-from streamrl.services.generator.sampling import prepare_prompts
+from streamrl.services.generator.sampling import prepare_run_prompts
 from streamrl.services.generator.versions import needs_fetch, too_stale
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ class GeneratorService(ServiceLoop):
         want = self.cfg.generator.prompts_per_batch
         if self.credits is None:
             return want
+        assert self.version is not None  # sync_weights loaded one
         grant = self.credits.request(policy_version=self.version, groups_sent=self.groups_sent, want=want)
         if grant is not None and self.groups_sent:
             self.metrics.useful.set(grant.trained_groups / max(1, self.groups_sent))
@@ -251,22 +253,18 @@ class GeneratorService(ServiceLoop):
         every rollout."""
         gen = self.cfg.generator
         prompts = self.stream.next_batch(gen.prompts_per_batch if num_groups is None else num_groups)
-        texts, ids = prepare_prompts(
-            self.tokenizer,
-            prompts,
-            chat_template=self.cfg.model.chat_template,
-            system_prompt=self.cfg.model.system_prompt,
-            max_prompt_tokens=gen.max_prompt_tokens,
-        )
+        texts, ids = prepare_run_prompts(self.tokenizer, prompts, self.cfg)
         version = self.version
+        assert version is not None  # sync_weights loaded one
         self.metrics.in_flight.set(len(prompts))
         start = time.perf_counter()
         beta_t = self._control_sharing()
         k = self.cfg.feedback.candidates if beta_t > 0 else 1
         groups = self.engine.sample(ids, group_size=gen.group_size * k, sampling=self.sampling)
-        selections = [None] * len(groups)
+        selections: Sequence[list[Selection] | None] = [None] * len(groups)
         if k > 1:
-            groups, selections = select_candidates(
+            assert self.human is not None  # k > 1 only with an H-hat (_control_sharing)
+            groups, chosen_by = select_candidates(
                 self.human.view,
                 groups,
                 group_size=gen.group_size,
@@ -276,8 +274,9 @@ class GeneratorService(ServiceLoop):
                 now=time.time(),
                 combination=self.cfg.feedback.combination,
             )
-            chosen = sum(s.by_model for group in selections for s in group)
-            self.metrics.control_shared.inc(sum(len(group) for group in selections))
+            selections = chosen_by
+            chosen = sum(s.by_model for group in chosen_by for s in group)
+            self.metrics.control_shared.inc(sum(len(group) for group in chosen_by))
             self.metrics.selected_by_model.inc(chosen)
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
         self.metrics.in_flight.set(0)

@@ -243,7 +243,8 @@ class VLLMEngine:
                         completion_tokens=tokens,
                         logprobs=logprobs,
                         finish_reason=FinishReason.STOP if stopped else FinishReason.LENGTH,
-                        text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                        # transformers types decode as str | list[str]; of one sequence it is a str
+                        text=self.tokenizer.decode(tokens, skip_special_tokens=True),  # type: ignore[arg-type]
                     )
                 )
             result.append(group)

@@ -76,6 +76,7 @@ def build_trainer(cfg: Config, device: torch.device, resume: Path | None, *, dis
     policy, reference = load_policy(cfg, base, device, resume)
     ptx = None
     if lc.ptx_coef > 0:
+        assert lc.ptx_data is not None  # the config's cross checks require it with ptx_coef > 0
         ptx = PtxSampler(
             lc.ptx_data,
             tokenizer,

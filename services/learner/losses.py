@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,7 +55,7 @@ overflows (NaN or inf loss, a skipped minibatch)."""
 # --------------------------------------------------------------------------- helpers
 
 
-def _member(enum: type, value, name: str):
+def _member(enum: type[Enum], value: Any, name: str) -> Any:
     try:
         return enum(value)
     except ValueError:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 from torch import Tensor
@@ -35,7 +36,7 @@ from torch import Tensor
 from streamrl.common.config import LearnerSection
 from streamrl.common.lora import is_lora
 from streamrl.common.models import adamw, use_bf16_autocast
-from streamrl.common.modes import AdvantageEstimator, Correction, KLPenaltyMode
+from streamrl.common.modes import AdvantageEstimator, Correction, KLPenaltyMode, LossAggregation
 from streamrl.common.tensors import fill_padding, masked_mean, masked_var, masked_whiten
 from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards, vtrace
 from streamrl.services.learner.batch import ModelOutput, TrainBatch, forward_completions
@@ -49,6 +50,13 @@ from streamrl.services.learner.losses import (
     value_loss,
 )
 from streamrl.services.learner.normalization import RunningMeanStd
+
+
+class _Aggregation(TypedDict):
+    """How every per-token loss term is reduced (the keywords of :func:`aggregate_tokens`)."""
+
+    aggregation: LossAggregation
+    max_tokens: int | None
 
 
 @dataclass
@@ -222,7 +230,7 @@ class PPOTrainer:
         self.policy.eval()  # never train mode: pi and pi_old must be the same function (no dropout)
         # every per-token term (policy, value, entropy, KL loss) is aggregated the same way; the
         # fixed-length normaliser is the generation budget (at least the longest completion)
-        aggregation = {
+        aggregation: _Aggregation = {
             "aggregation": cfg.loss_aggregation,
             "max_tokens": max(batch.sampling.max_new_tokens, batch.mask.shape[1]),
         }
@@ -246,9 +254,11 @@ class PPOTrainer:
                     is_mode=cfg.is_mode,
                     **aggregation,
                 )
+                assert out.entropy is not None  # _forward asks for it
                 entropy = aggregate_tokens(out.entropy, mb.mask, **aggregation)
                 loss = pl - cfg.entropy_coef * entropy
                 if out.values is not None:
+                    assert old.values is not None and returns is not None  # a critic: GAE targets (targets())
                     vl, vclip = value_loss(
                         out.values,
                         old.values[rows, :t],
@@ -383,7 +393,7 @@ class PPOTrainer:
         for rows, out in parts:
             t = out.logprobs.shape[1]
             logprobs[rows, :t] = out.logprobs.detach().float()
-            if values is not None:
+            if values is not None and out.values is not None:  # every part has values, or none
                 values[rows, :t] = out.values.detach().float()
         return ModelOutput(logprobs=logprobs, entropy=None, values=values)
 
@@ -441,6 +451,7 @@ class PPOTrainer:
         in_reward = cfg.kl_penalty is KLPenaltyMode.REWARD
         returns = None
         if cfg.advantage is AdvantageEstimator.GAE:
+            assert old.values is not None  # GAE comes with a critic: a value head or learner.value_model
             token_rewards = per_token_rewards(scores, kl_tokens if in_reward else None, mask, kl_coef=beta)
             if cfg.correction is Correction.VTRACE:  # off-policy targets: IMPALA eqs. 1-3 on pi_old / mu
                 returns, advantages = vtrace(

@@ -19,7 +19,7 @@ import time
 import zmq
 
 from streamrl.common.human import HumanModelSubscription
-from streamrl.common.messages import Rollout
+from streamrl.common.messages import GroupDropped, Rollout, ScoredRollout
 from streamrl.common.models import configure_torch, select_device
 from streamrl.common.service import ServiceContext, ServiceLoop
 from streamrl.common.transport import send_when_ready, try_send
@@ -115,14 +115,7 @@ class ScorerService(ServiceLoop):
         self.ctx.ledger.add("dropped", len(scoring.failures) + mates)  # measured ledger: survives kill -9
         for notice in notices:
             self.dropped_groups.add(notice.group_id)
-            if not send_when_ready(
-                self.push,
-                notice,
-                stop=self.ctx.stop,
-                blocked_seconds=metrics.blocked,
-                warn_after_s=self.ctx.config.transport.request_timeout_s,
-                peer="the buffer",
-            ):
+            if not self._send(notice):
                 self.ctx.ledger.add("unsent", len(results))
                 return
         if not results:
@@ -140,14 +133,7 @@ class ScorerService(ServiceLoop):
         if self.reference is not None:  # the learner's reference pass, done here
             metrics.reference_seconds.observe(self.reference.fill(results))
         for sent, scored in enumerate(results):
-            if not send_when_ready(
-                self.push,
-                scored,
-                stop=self.ctx.stop,
-                blocked_seconds=metrics.blocked,
-                warn_after_s=self.ctx.config.transport.request_timeout_s,
-                peer="the buffer",
-            ):
+            if not self._send(scored):
                 metrics.lost.inc(len(results) - sent)
                 self.ctx.ledger.add("unsent", len(results) - sent)
                 log.info("stopped while the buffer was full: %d scored rollouts not sent", len(results) - sent)
@@ -157,3 +143,14 @@ class ScorerService(ServiceLoop):
             metrics.rewards.observe(scored.reward)
             if self.feed is not None and try_send(self.feed, scored):
                 metrics.feed_sent.inc()
+
+    def _send(self, message: ScoredRollout | GroupDropped) -> bool:
+        """Push ``message`` to the buffer, waiting while it is full (backpressure); False when stopped first."""
+        return send_when_ready(
+            self.push,
+            message,
+            stop=self.ctx.stop,
+            blocked_seconds=self.metrics.blocked,
+            warn_after_s=self.ctx.config.transport.request_timeout_s,
+            peer="the buffer",
+        )
