@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # requirement of transformers does not pull GBs of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup setup-vllm prometheus k8s-tools netns-tools chromium run tiny test test-fast lint docs bench
+.PHONY: setup setup-vllm prometheus k8s-tools netns-tools chromium run tiny test test-fast lint types docs bench
 
 # Python side only: no root, no system packages. `make run` needs nothing more.
 setup: $(VENV)/.installed
@@ -103,10 +103,25 @@ test: $(TEST_TOOLS) lint docs
 test-fast: $(TEST_TOOLS) lint
 	STREAMRL_REQUIRE_VLLM=1 $(PY) -m pytest -m "not slow"
 
-# ruff lint and format (the `lint` extra, pinned in pyproject.toml), configured in pyproject.toml's [tool.ruff].
+# ruff lint and format, then mypy (`make types`): the `lint` extra, pinned in pyproject.toml and
+# configured in its [tool.ruff] and [tool.mypy].
 lint: $(VENV)/.lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	@$(MAKE) --no-print-directory types
+
+# mypy on streamrl.common and streamrl.services (common/, services/). Installed, they live under
+# streamrl/ (package-dir in pyproject.toml), a mapping mypy cannot follow, so links in
+# .mypy_cache/src/streamrl/ give it that layout ([tool.mypy] mypy_path); its report names the
+# repository's paths. Incremental: .mypy_cache keeps what it read (torch, transformers, pydantic),
+# so a run after a small change takes seconds, the first one about a minute of CPU.
+MYPY_TREE := .mypy_cache/src/streamrl
+types: $(VENV)/.lint
+	@mkdir -p $(MYPY_TREE)
+	@for d in common services deploy; do ln -sfn ../../../$$d $(MYPY_TREE)/$$d; done
+	@ln -sfn ../../../streamrl/__init__.py $(MYPY_TREE)/__init__.py
+	@$(VENV)/bin/mypy > .mypy_cache/report.txt 2>&1; status=$$?; \
+		sed 's|^$(MYPY_TREE)/||' .mypy_cache/report.txt; exit $$status
 
 $(VENV)/.lint: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install --quiet -e ".[lint]"

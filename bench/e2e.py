@@ -44,7 +44,7 @@ from bench.report import (
     median,
     write_results,
 )
-from streamrl.common.config import load_config
+from streamrl.common.config import add_config_arguments, load_config
 from streamrl.testing import Services, free_port, scrape, toml_value, wait_until
 
 MODES = {"sync": 0, "async": None}  # None: the config's own max_staleness
@@ -177,7 +177,7 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
     from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path
     from streamrl.common.prompts import load_prompts, split_prompts
     from streamrl.common.weights import pack_state_dict
-    from streamrl.services.generator.sampling import prepare_prompts, sample_completions
+    from streamrl.services.generator.sampling import prepare_run_prompts, sample_completions
     from streamrl.services.learner.batch import collate, forward_completions
     from streamrl.services.learner.trainer import PPOTrainer
     from streamrl.services.scorer.rewards import build_reward
@@ -200,13 +200,7 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
         for b in range(lc.groups_per_step // gen.prompts_per_batch):
             start = rep * lc.groups_per_step + b * gen.prompts_per_batch
             prompts = train[start : start + gen.prompts_per_batch]
-            texts, ids = prepare_prompts(
-                tokenizer,
-                prompts,
-                chat_template=cfg.model.chat_template,
-                system_prompt=cfg.model.system_prompt,
-                max_prompt_tokens=gen.max_prompt_tokens,
-            )
+            texts, ids = prepare_run_prompts(tokenizer, prompts, cfg)
             policy.eval()
             t0 = time.perf_counter()
             groups = sample_completions(policy, tokenizer, ids, group_size=gen.group_size, sampling=sampling)
@@ -384,8 +378,7 @@ def render(result: dict, env: dict, command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="deploy/configs/default.toml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser, default="deploy/configs/default.toml")
     parser.add_argument("--steps", type=int, default=8, help="learner steps per run")
     parser.add_argument("--runs", type=int, default=3, help="runs per mode (at least 2 unless the bound hits)")
     parser.add_argument("--generators", type=int, default=1)

@@ -35,7 +35,7 @@ from streamrl.common.models import configure_torch, load_causal_lm, load_tokeniz
 from streamrl.common.modes import Engine
 from streamrl.common.prompts import load_prompts, split_prompts
 from streamrl.services.generator.engine import build_engine
-from streamrl.services.generator.sampling import prepare_prompts
+from streamrl.services.generator.sampling import prepare_run_prompts
 from streamrl.services.learner.batch import collate, forward_completions
 
 DEFAULT_CONFIG = "deploy/configs/default.toml"
@@ -121,13 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {name: {"seconds": [], "tokens": [], "completions": []} for name in engines}
     warmup = {}
     for b, prompts in enumerate(batches):
-        _, ids = prepare_prompts(
-            tokenizer,
-            prompts,
-            chat_template=cfg.model.chat_template,
-            system_prompt=cfg.model.system_prompt,
-            max_prompt_tokens=gen.max_prompt_tokens,
-        )
+        _, ids = prepare_run_prompts(tokenizer, prompts, cfg)
         for name, engine in engines.items():
             t = time.perf_counter()
             groups = engine.sample(ids, group_size=gen.group_size, sampling=sampling)

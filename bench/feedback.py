@@ -49,7 +49,7 @@ from streamrl.common.messages import SamplingParams
 from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path
 from streamrl.evaluation import held_out_prompts
 from streamrl.services.feedback.simulate import preference
-from streamrl.services.generator.sampling import prepare_prompts, sample_completions
+from streamrl.services.generator.sampling import prepare_run_prompts, sample_completions
 from streamrl.services.scorer.rewards import vader_sentiment
 from streamrl.testing import Services, free_port, scrape, wait_until
 
@@ -219,13 +219,7 @@ def evaluate(args, config: Path, set_args: list[str], model_dir: Path) -> dict:
     vader, prop = [], []
     for start in range(0, len(prompts), 8):
         batch = prompts[start : start + 8]
-        _, ids = prepare_prompts(
-            tokenizer,
-            batch,
-            chat_template=cfg.model.chat_template,
-            system_prompt=cfg.model.system_prompt,
-            max_prompt_tokens=cfg.generator.max_prompt_tokens,
-        )
+        _, ids = prepare_run_prompts(tokenizer, batch, cfg)
         for group in sample_completions(model, tokenizer, ids, group_size=args.samples, sampling=sampling):
             texts = [c.text for c in group]
             vader.append(float(np.mean(vader_sentiment([""] * len(texts), texts, [{}] * len(texts)))))

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from bench.report import command_line, environment, environment_line, markdown_table, median, write_results
-from streamrl.common.config import load_config
+from streamrl.common.config import add_config_arguments, load_config
 
 VARIANTS = {
     "baseline": dict(reuse_first_pass=False, bucket_by_length=False, autocast_bf16=False, ref=False),
@@ -50,7 +50,7 @@ def sample_batch(cfg, policy, tokenizer, reference):
     reference log-probs the scorers would attach."""
     from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
     from streamrl.common.prompts import load_prompts, split_prompts
-    from streamrl.services.generator.sampling import prepare_prompts, sample_completions
+    from streamrl.services.generator.sampling import prepare_run_prompts, sample_completions
     from streamrl.services.scorer.rewards import build_reward
 
     gen, lc = cfg.generator, cfg.learner
@@ -58,13 +58,7 @@ def sample_batch(cfg, policy, tokenizer, reference):
     sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
     reward = build_reward(cfg.scorer.rewards, device=next(policy.parameters()).device)
     prompts = train[: lc.groups_per_step]
-    texts, ids = prepare_prompts(
-        tokenizer,
-        prompts,
-        chat_template=cfg.model.chat_template,
-        system_prompt=cfg.model.system_prompt,
-        max_prompt_tokens=gen.max_prompt_tokens,
-    )
+    texts, ids = prepare_run_prompts(tokenizer, prompts, cfg)
     policy.eval()
     started = time.perf_counter()
     groups = sample_completions(policy, tokenizer, ids, group_size=gen.group_size, sampling=sampling)
@@ -102,17 +96,11 @@ def time_sampling(cfg, policy, tokenizer, *, autocast_bf16: bool) -> float:
     """Seconds one generator batch (``prompts_per_batch`` prompts x ``group_size``) takes to sample."""
     from streamrl.common.messages import SamplingParams
     from streamrl.common.prompts import load_prompts, split_prompts
-    from streamrl.services.generator.sampling import prepare_prompts, sample_completions
+    from streamrl.services.generator.sampling import prepare_run_prompts, sample_completions
 
     gen = cfg.generator
     train, _ = split_prompts(load_prompts(gen.prompts), eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
-    _, ids = prepare_prompts(
-        tokenizer,
-        train[: gen.prompts_per_batch],
-        chat_template=cfg.model.chat_template,
-        system_prompt=cfg.model.system_prompt,
-        max_prompt_tokens=gen.max_prompt_tokens,
-    )
+    _, ids = prepare_run_prompts(tokenizer, train[: gen.prompts_per_batch], cfg)
     sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
     started = time.perf_counter()
     sample_completions(
@@ -169,8 +157,7 @@ def ratio_mismatch(policy, batch, bf16: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="deploy/configs/default.toml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser, default="deploy/configs/default.toml")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--results-dir", type=Path, default=None)

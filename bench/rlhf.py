@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench.report import REPO, command_line, environment, environment_line, markdown_table, write_results
-from streamrl.common.config import ConfigError, load_config
+from streamrl.common.config import ConfigError, add_config_arguments, load_config
 
 CONFIG = REPO / "deploy" / "configs" / "rlhf.toml"
 
@@ -141,14 +141,11 @@ training pairs) score 0 on average; held-out chosen / rejected mean normalised s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(CONFIG), help="stage config (default deploy/configs/rlhf.toml)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set rm.epochs=3",
+    add_config_arguments(
+        parser,
+        default=str(CONFIG),
+        config_help="stage config (default deploy/configs/rlhf.toml)",
+        example="rm.epochs=3",
     )
     parser.add_argument("--force", action="store_true", help="redo stages whose output is complete")
     parser.add_argument(

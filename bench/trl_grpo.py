@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bench.e2e import rollouts_per_step, run_overrides
 from bench.report import BENCH, REPO, command_line, environment, environment_line, markdown_table, write_results
-from streamrl.common.config import load_config
+from streamrl.common.config import add_config_arguments, load_config
 from streamrl.testing import Services, wait_until
 
 TRL_VENV = REPO / ".venv-trl"
@@ -92,18 +92,12 @@ def trl_prompts(cfg, path: Path) -> int:
     """Write the training split of the config's prompts, formatted as our generators see them, as JSONL."""
     from streamrl.common.models import load_tokenizer, resolve_model_path
     from streamrl.common.prompts import load_prompts, split_prompts
-    from streamrl.services.generator.sampling import prepare_prompts
+    from streamrl.services.generator.sampling import prepare_run_prompts
 
     gen = cfg.generator
     train, _ = split_prompts(load_prompts(gen.prompts), eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.path, cfg.model.cache_path))
-    texts, _ = prepare_prompts(
-        tokenizer,
-        train,
-        chat_template=cfg.model.chat_template,
-        system_prompt=cfg.model.system_prompt,
-        max_prompt_tokens=gen.max_prompt_tokens,
-    )
+    texts, _ = prepare_run_prompts(tokenizer, train, cfg)
     path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
     return len(texts)
 
@@ -295,8 +289,7 @@ def render(result: dict, env: dict, command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m bench.trl_grpo", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="deploy/configs/default.toml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser, default="deploy/configs/default.toml")
     parser.add_argument("--seconds", type=float, default=360.0, help="wall-clock budget per system")
     parser.add_argument("--trl-threads", type=int, default=2, help="torch threads of the TRL process")
     parser.add_argument("--trl-python", type=Path, default=TRL_VENV / "bin" / "python")

@@ -19,7 +19,8 @@ clock of one machine):
 * ``transfer``: chunked fetch (credit-based requests, ``weight_chunk_bytes`` chunks),
   per-chunk hashing included (``hash``: the part of it spent hashing);
 * ``verify``: comparing the digest root and building the tensor views;
-* ``load``: ``model.load_state_dict`` (a copy, with a dtype cast for bfloat16);
+* ``load``: the HF engine's ``load_fetched`` (zero-copy adoption of the receive buffer where it can,
+  else a copy with a dtype cast; a LoRA adapter, ``bench/lora.py``: the merge into the base);
 * ``total``: from the start of ``publish_state_dict`` until the *last* generator has loaded.
 
 In the same run, with the same receiver processes, a raw ZeroMQ baseline sends the
@@ -42,6 +43,7 @@ import multiprocessing as mp
 import socket
 import sys
 import time
+from collections.abc import Iterator
 
 import transformers
 import zmq
@@ -59,7 +61,7 @@ from bench.report import (
 from streamrl.common.config import TransportSection
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.modes import WeightDtype
-from streamrl.common.weights import WeightClient, WeightServer, pack_state_dict, tied_duplicates
+from streamrl.common.weights import WeightClient, WeightServer, pack_state_dict
 
 MODELS = {"tiny": "tiny-char-llama", "smollm2": "smollm2-135m-instruct"}
 PHASES = ("snapshot", "digest", "announce", "announce_wakeup", "transfer", "hash", "verify", "load", "total")
@@ -74,8 +76,9 @@ SYNC_TIMEOUT_S = 120.0
 
 def _receiver(index: int, control: str, announce: str, fetch: str, model_path: str, transport: dict) -> None:
     """One generator stand-in process: answers ``sync`` and ``raw`` commands from the bench's ROUTER."""
-    from streamrl.common.models import configure_torch, load_causal_lm, select_device
+    from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, select_device
     from streamrl.common.modes import Device
+    from streamrl.services.generator.engine import HFEngine
 
     configure_torch(1)
     transformers.utils.logging.disable_progress_bar()
@@ -86,7 +89,7 @@ def _receiver(index: int, control: str, announce: str, fetch: str, model_path: s
     ctl.setsockopt(zmq.ROUTING_ID, f"g{index}".encode())
     ctl.connect(control)
     model = load_causal_lm(model_path, device=select_device(Device.CPU)).eval()
-    tied = tied_duplicates(model.state_dict())
+    engine = HFEngine(model, load_tokenizer(model_path), path=model_path)  # the generator's engine
     client = WeightClient(
         ctx,
         announce_endpoint=announce,
@@ -116,9 +119,7 @@ def _receiver(index: int, control: str, announce: str, fetch: str, model_path: s
                 fetched = client.fetch(latest)
                 received = time.time()
                 loading = time.perf_counter()
-                missing, unexpected = client.load_into(model, fetched)  # as the generator loads them
-                if unexpected or set(missing) - tied:
-                    raise RuntimeError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
+                engine.load_fetched(client, fetched)  # as the generator loads them (a LoRA adapter: merged)
                 load_s = time.perf_counter() - loading
                 ctl.send_json(
                     {
@@ -443,6 +444,20 @@ def render(rows: list[dict], env: dict, command: str, transport: TransportSectio
     return "\n".join(notes)
 
 
+def cases(models: str, generators: str, deadline: Deadline, skipped: list[str]) -> Iterator[tuple[str, str, int]]:
+    """``(model key, model folder, N)`` for every model of ``models`` (comma-separated :data:`MODELS` keys) and
+    every N of ``generators`` (comma-separated); a case reached after ``deadline`` is appended to ``skipped``."""
+    from streamrl.common.models import resolve_model_path
+
+    for key in models.split(","):
+        path = resolve_model_path(MODELS[key])
+        for n in (int(x) for x in generators.split(",")):
+            if deadline.expired():
+                skipped.append(f"{key} N={n}")
+                continue
+            yield key, path, n
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m bench.weight_sync", description=__doc__.split("\n")[0])
@@ -458,16 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     transport = TransportSection()
     dtypes = [WeightDtype(d) for d in args.dtypes.split(",")]
-    from streamrl.common.models import resolve_model_path
-
     rows, skipped = [], []
-    for key in args.models.split(","):
-        path = resolve_model_path(MODELS[key])
-        for n in (int(x) for x in args.generators.split(",")):
-            if deadline.expired():
-                skipped.append(f"{key} N={n}")
-                continue
-            rows += run_case(key, path, n, dtypes, args.repeats, transport, deadline)
+    for key, path, n in cases(args.models, args.generators, deadline, skipped):
+        rows += run_case(key, path, n, dtypes, args.repeats, transport, deadline)
     env = environment()
     command = command_line()
     results = {

@@ -15,12 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from streamrl.common.lora import is_lora
 from streamrl.common.tensors import linear_fp32, pad_right
+
+if TYPE_CHECKING:  # transformers is imported only where a model is built
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 __all__ = ["CompletionRows", "completion_hidden", "completion_logits", "completion_rows"]
 
@@ -62,7 +68,9 @@ def completion_rows(prompts: Sequence[np.ndarray], completions: Sequence[np.ndar
     return CompletionRows(input_ids=input_ids, attention_mask=attention, tokens=tokens, mask=mask, positions=positions)
 
 
-def completion_hidden(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
+def completion_hidden(
+    model: PreTrainedModel | PeftModel, input_ids: Tensor, attention_mask: Tensor, positions: Tensor
+) -> Tensor:
     """The transformer body's last hidden states at the completion positions.
 
     Only the body runs over all ``L`` positions; :func:`completion_logits` applies the vocabulary
@@ -70,7 +78,8 @@ def completion_hidden(model: torch.nn.Module, input_ids: Tensor, attention_mask:
     logits (V = 49k for SmolLM2).
 
     Args:
-        model: a Hugging Face causal LM (``base_model`` returns ``last_hidden_state``).
+        model: a Hugging Face causal LM (``base_model`` returns ``last_hidden_state``), or a PEFT
+            ``PeftModel`` of one (LoRA: the adapted body, or the base under ``disable_adapter()``).
         input_ids: ``[B, L]`` int64 on the model's device.
         attention_mask: ``[B, L]`` int64 (1 = real token) on the model's device.
         positions: ``[B, T]`` int64 on the model's device (:attr:`CompletionRows.positions`).
@@ -78,13 +87,15 @@ def completion_hidden(model: torch.nn.Module, input_ids: Tensor, attention_mask:
     Returns:
         ``[B, T, H]`` hidden states, in the model's (or autocast's) dtype.
     """
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    # PEFT wraps the LM (and types it as a plain nn.Module): its body carries the adapters
+    lm = cast("PreTrainedModel", model.get_base_model()) if is_lora(model) else model
+    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     index = positions.unsqueeze(-1)
     return hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))
 
 
 def completion_logits(
-    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, positions: Tensor
+    model: PreTrainedModel | PeftModel, input_ids: Tensor, attention_mask: Tensor, positions: Tensor
 ) -> tuple[Tensor, Tensor]:
     """:func:`completion_hidden`, then the vocabulary projection at those positions, in float32.
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from streamrl.common.messages import HumanModel, ScoredRollout
 from streamrl.common.modes import HumanCombination
 from streamrl.common.tensors import pad_right
 
+if TYPE_CHECKING:  # transformers is imported only where a model is built
+    from transformers import PreTrainedModel
+
 FEATURE = "mean_last_hidden"
 """Name of phi: the reference model's last-layer hidden state, averaged over the completion
 tokens of ``prompt + completion`` (the prompt conditions it, only completion positions count)."""
@@ -38,7 +42,7 @@ tokens of ``prompt + completion`` (the prompt conditions it, only completion pos
 
 @torch.inference_mode()
 def reference_features(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     prompts: Sequence[np.ndarray],
     completions: Sequence[np.ndarray],
     *,

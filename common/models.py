@@ -261,7 +261,8 @@ def build_tiny_model(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32)
+        # transformers types its wrapped PreTrainedModel.to as an unbound function
+        model = LlamaForCausalLM(config).to(torch.float32)  # type: ignore[arg-type]
     model.eval()
     return model
 
@@ -492,4 +493,4 @@ def load_causal_lm(path: str, *, device: torch.device, dtype: torch.dtype = torc
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers types its wrapped .to as unbound

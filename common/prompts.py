@@ -6,7 +6,7 @@ that kind) turned into a list of :class:`Prompt` by :func:`load_prompts`. The li
 split into train/eval by :func:`split_prompts` (stable hash of the prompt id)
 and the train part is consumed by each generator replica through a
 :class:`PromptStream` (seeded per-epoch shuffle, sharded across replicas).
-:func:`format_prompt` applies the tokenizer's chat template when asked.
+:func:`streamrl.common.prompt_text.format_prompt` applies the tokenizer's chat template when asked.
 
 Argument rules of the public functions are declared as types and enforced by
 ``pydantic.validate_call`` (strict: no bool for an int); a broken rule raises
@@ -23,7 +23,7 @@ Kinds:
   data set id (downloaded, with its progress bar, when the machine is online).
 
 A prompt is text, or (``messages_field``) a chat: a list of ``{"role", "content"}``
-messages that :func:`format_prompt` renders with the tokenizer's chat template. The
+messages that :func:`~streamrl.common.prompt_text.format_prompt` renders with the tokenizer's chat template. The
 columns named in ``metadata_fields`` travel with every rollout of the prompt and reach
 the reward function as its ``metadata`` argument.
 """
@@ -52,13 +52,11 @@ __all__ = [
     "Prompt",
     "load_jsonl",
     "load_dataset_prompts",
-    "conversation_text",
     "load_csv",
     "load_gsm8k",
     "load_prompts",
     "split_prompts",
     "PromptStream",
-    "format_prompt",
     "clean_text",
 ]
 
@@ -77,7 +75,7 @@ class Prompt:
             ``{"answer": "... #### 72"}``); JSON-serialisable values. The
             instance is frozen but, holding a dict, it is not hashable.
         messages: the prompt as a chat (``[{"role": ..., "content": ...}, ...]``,
-            rendered by :func:`format_prompt` with the chat template), or None for a
+            rendered by :func:`~streamrl.common.prompt_text.format_prompt` with the chat template), or None for a
             text prompt; ``text`` is then the content of the last message.
     """
 
@@ -327,7 +325,7 @@ def load_dataset_prompts(
     if dataset is not None:
         data = datasets.load_dataset(dataset, subset, split=split)
         name, origin = f"{dataset}/{split}", dataset
-    else:
+    elif path is not None:  # always, when there is no dataset (exactly one of the two, checked above)
         path = Path(path).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file or folder")
@@ -647,75 +645,3 @@ class PromptStream:
             pydantic.ValidationError: ``n`` is negative or not an int.
         """
         return [next(self) for _ in range(n)]
-
-
-_warned_no_template = False
-
-
-def format_prompt(
-    text: str, tokenizer: Any, *, chat_template: bool, system: str | None = None, messages: Sequence[dict] | None = None
-) -> str:
-    """Turn a prompt into the string given to the model.
-
-    Args:
-        text: raw prompt text (unused when ``messages`` is given).
-        tokenizer: a ``transformers`` tokenizer (only used with a chat template or ``messages``).
-        chat_template: if True and ``tokenizer.chat_template`` is set, render
-            ``[{"role": "system", "content": system}?, {"role": "user",
-            "content": text}]`` with ``apply_chat_template(...,
-            tokenize=False, add_generation_prompt=True)``.
-        system: optional system message (with a chat template; with ``messages``, added
-            first when they hold no system message).
-        messages: the prompt as a chat (:attr:`Prompt.messages`): always rendered with the
-            tokenizer's chat template and the generation prompt, whatever ``chat_template`` says.
-
-    Returns:
-        The formatted prompt string; ``text`` unchanged when no template is
-        used (``chat_template`` False, or the tokenizer has none, in which
-        case ``system`` is ignored).
-
-    Raises:
-        ValueError: ``messages`` given but the tokenizer has no chat template.
-    """
-    if messages is not None:
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                "the prompts are chat messages (prompts.messages_field) but the tokenizer of "
-                "model.path has no chat template to render them; fix: use a chat model (one whose "
-                "tokenizer_config.json has a chat_template) or give the prompts as text (text_field)"
-            )
-        chat = list(messages)
-        if system is not None and not any(m.get("role") == "system" for m in chat):
-            chat.insert(0, {"role": "system", "content": system})
-        return str(tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
-    if not chat_template:
-        return text
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        global _warned_no_template
-        if not _warned_no_template:
-            log.warning("chat_template requested but the tokenizer has none; using raw prompt text")
-            _warned_no_template = True
-        return text
-    chat = []
-    if system is not None:
-        chat.append({"role": "system", "content": system})
-    chat.append({"role": "user", "content": text})
-    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    return str(rendered)
-
-
-def conversation_text(prompt: Prompt, tokenizer: Any) -> str:
-    """A prompt as training text (PPO-ptx): its text, or its whole chat rendered with the chat
-    template (no generation prompt: the conversation is complete).
-
-    Raises:
-        ValueError: a chat prompt and a tokenizer without a chat template.
-    """
-    if prompt.messages is None:
-        return prompt.text
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "learner.ptx_data holds chat messages but the tokenizer of model.path has no chat template; "
-            "fix: use a chat model or give the data as text (text_field)"
-        )
-    return str(tokenizer.apply_chat_template(list(prompt.messages), tokenize=False))

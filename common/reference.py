@@ -81,5 +81,5 @@ def _forward(model, rollouts: Sequence[Rollout], temperature: float, pad_id: int
     logits = logits / temperature  # [B, T, V]
     tokens = rows.tokens.to(device)
     logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    logprobs = logprobs.cpu().numpy().astype(np.float32)
-    return [logprobs[b, : len(r.completion_tokens)].copy() for b, r in enumerate(rollouts)]
+    rows_np = logprobs.cpu().numpy().astype(np.float32)  # [B, T]
+    return [rows_np[b, : len(r.completion_tokens)].copy() for b, r in enumerate(rollouts)]

@@ -48,7 +48,7 @@ def lookup_addresses(host: str, port: int) -> list[str]:
     Raises:
         OSError: (``socket.gaierror``) the name does not resolve.
     """
-    return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    return [str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
 
 
 def literal_host(endpoint: str) -> bool:
@@ -95,8 +95,8 @@ class ResolvingSocket(zmq.Socket):
     _endpoints: tuple[str, ...] = ()
     _every_s: float = 10.0
     _lookup: Lookup = staticmethod(lookup_addresses)
-    _found: dict | None = None
-    _connected: set | None = None
+    _found: dict[str, deque[list[str]]] | None = None  # endpoint -> its newest look-ups
+    _connected: set[str] | None = None
     _guard: threading.Lock | None = None
     _stopping: threading.Event | None = None
     _thread: threading.Thread | None = None
@@ -128,7 +128,7 @@ class ResolvingSocket(zmq.Socket):
 
     def apply(self) -> None:
         """Connect the addresses found since the last call and disconnect those that are gone (owning thread only)."""
-        if self._guard is None:
+        if self._guard is None or self._found is None or self._connected is None:  # not resolving
             return
         with self._guard:
             wanted = {address for recent in self._found.values() for found in recent for address in found}
@@ -158,6 +158,8 @@ class ResolvingSocket(zmq.Socket):
         super().close(linger)
 
     def _resolve_all(self) -> None:
+        if self._guard is None or self._found is None:  # start_resolving sets both first
+            return
         for endpoint in self._endpoints:
             try:
                 found = resolve_endpoint(endpoint, self._lookup)
@@ -178,5 +180,5 @@ class ResolvingSocket(zmq.Socket):
                 self._found.setdefault(endpoint, deque(maxlen=DROP_AFTER_LOOKUPS)).append(found)
 
     def _resolve_loop(self) -> None:
-        while not self._stopping.wait(self._every_s):
+        while self._stopping is not None and not self._stopping.wait(self._every_s):
             self._resolve_all()

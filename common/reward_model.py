@@ -30,10 +30,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # transformers is imported only where a model is built
+    from transformers import PreTrainedModel
 
 __all__ = [
     "REWARD_INFO_KEY",
@@ -172,7 +175,7 @@ def score_head(model: torch.nn.Module) -> torch.nn.Linear:
     return head
 
 
-def token_scores(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, *, label: int = 0) -> Tensor:
+def token_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, *, label: int = 0) -> Tensor:
     """The raw head output (column ``label``) at every position: the score of each prefix ``text[: t + 1]``.
 
     With causal attention position ``t`` sees tokens ``0..t`` only, so ``out[b, t]`` is the
@@ -191,7 +194,7 @@ def token_scores(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tens
     return score_head(model)(hidden)[..., label].float()
 
 
-def sequence_scores(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, *, label: int = 0) -> Tensor:
+def sequence_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, *, label: int = 0) -> Tensor:
     """The raw output (column ``label``, no bias) for each row's whole text.
 
     A decoder classifier (with a ``score`` head) is read at the last position whose

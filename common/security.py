@@ -208,19 +208,19 @@ class RedialingSocket(zmq.Socket):
     """
 
     # pyzmq treats unknown attribute names as socket options: declare ours on the class
-    _redials: dict | None = None  # endpoint -> monotonic time it is due
+    _redials: dict[str, float] | None = None  # endpoint -> monotonic time it is due
     _redial_guard: threading.Lock | None = None
 
     def redial_later(self, endpoint: str, delay_s: float) -> None:
         """Dial ``endpoint`` again in ``delay_s`` seconds (any thread)."""
-        if self._redial_guard is None:
+        if self._redial_guard is None or self._redials is None:  # not redialing
             return
         with self._redial_guard:
             self._redials[endpoint] = time.monotonic() + delay_s
 
     def redial_due(self) -> list[str]:
         """Disconnect and connect each endpoint whose dial is due (owning thread only); returns them."""
-        if not self._redials:
+        if not self._redials or self._redial_guard is None:
             return []
         now = time.monotonic()
         with self._redial_guard:
@@ -311,8 +311,7 @@ class Security:
             _public, secret = _load(self.keys_dir / f"{SERVER_NAME}.key_secret")
             if secret is None:
                 raise SecurityError(f"{self.keys_dir / (SERVER_NAME + '.key_secret')} has no secret key")
-            self._start()
-            self._auth.configure_curve_callback(domain=bind, credentials_provider=self)
+            self._start().configure_curve_callback(domain=bind, credentials_provider=self)
             sock.curve_server = True
             sock.curve_secretkey = secret
             sock.zap_domain = bind.encode()
@@ -366,7 +365,8 @@ class Security:
 
     # -- internals
 
-    def _start(self) -> None:
+    def _start(self) -> ThreadAuthenticator:
+        """Start the ZAP handler and the monitor thread unless running; returns the handler."""
         with self._lock:
             if self._auth is None:
                 self._auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("zmq.auth"))
@@ -374,6 +374,7 @@ class Security:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch_loop, name="auth-monitor", daemon=True)
                 self._thread.start()
+            return self._auth
 
     def _watch(self, sock: zmq.Socket, endpoint: str, *, server: bool) -> None:
         monitor = sock.get_monitor_socket(

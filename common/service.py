@@ -1,7 +1,9 @@
-"""What every service process does at start: arguments, config, logging, identity, metrics, signals.
+"""What every service process does at start: arguments, config, logging, identity, metrics, signals;
+and the skeleton of its loop.
 
-Each ``python -m streamrl.services.<name>`` calls :func:`start_service` and then runs
-its loop until ``ctx.stop`` is set (SIGTERM / SIGINT set it).
+Each ``python -m streamrl.services.<name>`` calls :func:`run_service`, which calls
+:func:`start_service` and then runs its loop (a :class:`ServiceLoop`) until ``ctx.stop`` is set
+(SIGTERM / SIGINT set it).
 """
 
 from __future__ import annotations
@@ -14,19 +16,26 @@ import socket
 import sys
 import threading
 import zlib
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import zmq
+from zmq import Socket as ZmqSocket  # in ServiceContext, `zmq` is the context field
 
-from streamrl.common.config import Config, ConfigError, load_config
+from streamrl.common.config import Config, ConfigError, add_config_arguments, load_config
 from streamrl.common.errors import StartupRefused
 from streamrl.common.ledger import Ledger, ledger_path
+from streamrl.common.messages import Message
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.placement import place_process
 from streamrl.common.runlock import RunFolderLocked, RunLock
 from streamrl.common.security import Security, SecurityError, open_security
+from streamrl.common.transport import Inbox, make_socket, poll_unless_stopped
+
+M = TypeVar("M", bound=Message)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +79,33 @@ class ServiceContext:
     local_index: int = 0
     ledger: Ledger = field(default_factory=Ledger)
 
+    @property
+    def socket_limits(self) -> dict[str, Any]:
+        """The arguments every socket of this process is made with: ``max_message_bytes`` and ``hwm``
+        (``transport.max_message_bytes``, bytes; ``transport.hwm``, messages) and ``security`` (its
+        CURVE keys, or None); for :func:`~streamrl.common.transport.make_socket` and the classes that
+        make their own sockets (``WeightClient``, ``WeightServer``, ``CreditClient``)."""
+        t = self.config.transport
+        return {"max_message_bytes": t.max_message_bytes, "hwm": t.hwm, "security": self.security}
+
+    def socket(self, kind: int, *, hwm: int | None = None, **options: Any) -> ZmqSocket:
+        """A socket of this process: :func:`~streamrl.common.transport.make_socket` with its context and
+        :attr:`socket_limits` (``hwm`` replaces ``transport.hwm``); ``options``: ``bind``, ``connect``,
+        ``subscribe``, ``identity``, ``resolve_every_s``.
+
+        Raises:
+            streamrl.common.transport.BindError: the endpoint cannot be bound (a :class:`StartupRefused`).
+        """
+        limits = self.socket_limits
+        if hwm is not None:
+            limits["hwm"] = hwm
+        return make_socket(self.zmq, kind, **limits, **options)
+
+    def inbox(self, expected: Sequence[type[M]], socket_name: str) -> Inbox[M]:
+        """The decoder of one socket: accepts ``expected`` kinds up to ``transport.max_message_bytes``,
+        counts and logs rejections in this process's metrics under ``socket_name``."""
+        return Inbox(self.metrics, expected, max_bytes=self.config.transport.max_message_bytes, socket_name=socket_name)
+
     def close(self) -> None:
         """Stop the ZAP handler, close every socket still open and end the ZeroMQ context, drop the run lock."""
         if self.security is not None:
@@ -77,6 +113,67 @@ class ServiceContext:
         self.zmq.destroy(linger=0)  # also after a failure that left sockets open (term would wait forever)
         if self.run_lock is not None:
             self.run_lock.release()
+
+
+class ServiceLoop:
+    """The skeleton of a service's loop, shared by the buffer, generator, scorer, learner and
+    feedback services.
+
+    A service subclasses it; in ``__init__`` it calls ``super().__init__(ctx)``, opens its sockets
+    with :meth:`socket` and hands whatever else must be closed at the end to :meth:`closing`. It
+    implements :meth:`turn`, one turn of its loop, which returns within about a second (waiting on a
+    socket with :meth:`wait_for`, which gives up as soon as a stop is requested), and may override
+    :meth:`starting` (before the first turn), :meth:`more` (whether to take another turn; by default
+    until a stop is requested) and :meth:`finishing` (after the last turn, when no exception ended
+    the loop). :meth:`run` runs them and then closes what was handed to it, the last opened first,
+    also when a turn raised (each is closed even when another's close raises). :func:`run_service`
+    then ends the process (``os._exit`` after a clean stop).
+
+    Attributes:
+        ctx: the process's :class:`ServiceContext`.
+    """
+
+    def __init__(self, ctx: ServiceContext):
+        self.ctx = ctx
+        self._resources = ExitStack()
+
+    def socket(self, kind: int, **options: Any) -> zmq.Socket:
+        """A socket made by :meth:`ServiceContext.socket` (same arguments), closed when the loop ends."""
+        sock = self.ctx.socket(kind, **options)
+        self._resources.callback(sock.close, 0)
+        return sock
+
+    def closing(self, close: Callable[..., object], *args: Any) -> None:
+        """Call ``close(*args)`` when the loop ends (after :meth:`finishing`; last handed, first called)."""
+        self._resources.callback(close, *args)
+
+    def wait_for(self, sock: zmq.Socket, timeout_s: float, flags: int = zmq.POLLIN) -> bool:
+        """Wait up to ``timeout_s`` seconds for ``sock`` to be ready (``flags``); False after the timeout
+        or as soon as a stop is requested (:func:`~streamrl.common.transport.poll_unless_stopped`)."""
+        return poll_unless_stopped(sock, timeout_s, self.ctx.stop, flags)
+
+    def starting(self) -> None:
+        """Before the first turn (a log line, a thread, a first publish)."""
+
+    def more(self) -> bool:
+        """Whether to take another turn: until a stop is requested (SIGTERM, SIGINT)."""
+        return not self.ctx.stop.is_set()
+
+    def turn(self) -> None:
+        """One turn of the loop; returns within about a second so that a stop request is seen."""
+        raise NotImplementedError
+
+    def finishing(self) -> None:
+        """After the last turn, when no exception ended the loop (a final checkpoint)."""
+
+    def run(self) -> None:
+        """:meth:`starting`, :meth:`turn` while :meth:`more`, :meth:`finishing`; then close everything
+        handed to :meth:`socket` and :meth:`closing`, whatever happened."""
+        with self._resources:
+            self.starting()
+            while self.more():
+                self.turn()
+            self.finishing()
 
 
 def journal_folder(config: Config) -> Path:
@@ -108,7 +205,8 @@ def _refuse(service: str, message: str) -> NoReturn:
 
 
 def replica_index(explicit: int | None) -> int:
-    """The replica's position on its host: ``--index``, else honcho's ``HONCHO_PROCESS_NAME`` (``generator.3`` -> 2), else 0."""
+    """The replica's position on its host: ``--index``, else honcho's ``HONCHO_PROCESS_NAME``
+    (``generator.3`` -> 2), else 0."""
     if explicit is not None:
         return explicit
     name = os.environ.get("HONCHO_PROCESS_NAME", "")
@@ -162,18 +260,10 @@ def parse_args(service: str, argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=f"python -m streamrl.services.{service}", description=f"streamrl {service} service"
     )
-    parser.add_argument(
-        "--config",
+    add_config_arguments(
+        parser,
         default=os.environ.get(CONFIG_ENV),
-        help=f"TOML run config (default: ${CONFIG_ENV}; built-in defaults when unset)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set learner.lr=1e-5 (repeatable)",
+        config_help=f"TOML run config (default: ${CONFIG_ENV}; built-in defaults when unset)",
     )
     parser.add_argument(
         "--index",

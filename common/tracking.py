@@ -21,7 +21,7 @@ import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from streamrl.common.config import Config
@@ -129,7 +129,7 @@ class Tracker:
         start_step: int = 0,
         run_name: str = "streamrl",
         wandb: bool = False,
-        wandb_mode: str = "offline",
+        wandb_mode: Literal["offline", "online"] = "offline",
         wandb_project: str = "streamrl",
         wandb_entity: str | None = None,
     ) -> None:
@@ -145,7 +145,8 @@ class Tracker:
         if start_step == 0:  # hyperparameters once per run (a resumed run keeps its first ones)
             experiment, start, end = hparams_summary(flat, {"reward/mean": 0.0}, hparam_domain_discrete=None)
             for summary in (experiment, start, end):
-                self.writer.file_writer.add_summary(summary)
+                # torch types file_writer by its first value, None; SummaryWriter sets it in __init__
+                self.writer.file_writer.add_summary(summary)  # type: ignore[attr-defined]
             self.writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in sorted(flat.items())), 0)
         self.run = None
         if wandb:

@@ -17,6 +17,7 @@ import math
 import threading
 import time
 from collections.abc import Sequence
+from typing import Generic, TypeVar
 
 import zmq
 from prometheus_client import Counter
@@ -27,6 +28,8 @@ from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.resolve import ResolvingSocket
 from streamrl.common.security import RedialingSocket, Security
 from streamrl.common.throttle import should_log
+
+M = TypeVar("M", bound=Message)
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +220,7 @@ def send_when_ready(
         blocked_seconds.inc(time.perf_counter() - start)
 
 
-class Inbox:
+class Inbox(Generic[M]):
     """Decodes received frames for one socket, counting and logging rejections.
 
     A rejected message is logged at WARNING the first time its reason is seen
@@ -234,7 +237,7 @@ class Inbox:
     def __init__(
         self,
         metrics: ServiceMetrics,
-        expected: Sequence[type[Message]],
+        expected: Sequence[type[M]],
         *,
         max_bytes: int,
         socket_name: str,
@@ -245,7 +248,7 @@ class Inbox:
         self.socket_name = socket_name
         self.rejected_counts: dict[str, int] = {}
 
-    def decode(self, frames: Sequence) -> Message | None:
+    def decode(self, frames: Sequence) -> M | None:
         """Return the message, or ``None`` when it was rejected (and counted)."""
         try:
             return decode(frames, expected=self.expected, max_bytes=self.max_bytes)

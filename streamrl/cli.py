@@ -2,8 +2,8 @@
 
 ``streamrl run --config FILE [--generators N] [--scorers M] [--resume | --fresh] [--free-ports] [--set key=value ...]``
 validates the config, refuses a ``run.output_dir`` that already holds a run unless told to
-``--resume`` or start ``--fresh`` (:mod:`streamrl.runs`), records the launch there, then starts every service as its own process from the
-Procfile that ships in the package (``streamrl.deploy``) with honcho's process
+``--resume`` or start ``--fresh`` (:mod:`streamrl.runs`), records the launch there, then starts every
+service as its own process from the Procfile that ships in the package (``streamrl.deploy``) with honcho's process
 manager (:mod:`streamrl.launcher`), in the current directory; when the learner
 finishes (or any process dies, or ``streamrl run`` gets SIGTERM/SIGINT) every
 service is stopped and waited for; with ``--eval`` the initial and final policies are scored
@@ -23,24 +23,17 @@ import time
 from pathlib import Path
 
 from streamrl import __version__
-from streamrl.common.config import SERVICES, ConfigError, load_config
+from streamrl.common.config import SERVICES, ConfigError, add_config_arguments, load_config
 from streamrl.common.service import exit_now
 from streamrl.deploy import DEFAULT_CONFIG
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
+    add_config_arguments(
+        parser,
         default=str(DEFAULT_CONFIG),
-        help="TOML run config (default: the packaged default job, streamrl.deploy/configs/default.toml)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable), e.g. --set learner.total_steps=20",
+        config_help="TOML run config (default: the packaged default job, streamrl.deploy/configs/default.toml)",
+        example="learner.total_steps=20",
     )
 
 
@@ -121,6 +114,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a checkpoint as an adapter folder (LoRA) and a merged Hugging Face model (streamrl/export.py)."""
+    from streamrl.common.models import resolve_model_path
+    from streamrl.export import export_model
+
+    config = _load(args)
+    written = export_model(
+        args.checkpoint, args.output, base=resolve_model_path(config.model.path, config.model.cache_path)
+    )
+    for kind, folder in written.items():
+        print(f"{kind}: {folder}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate, optionally evaluate the initial policy, run all services under honcho, then report
     (:func:`streamrl.training.run`)."""
@@ -162,7 +169,8 @@ def _add_target_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_targets(args: argparse.Namespace, config):
-    """The metrics endpoints of ``config`` (``--generators`` here, or ``--generator-hosts``); None after a usage error."""
+    """The metrics endpoints of ``config`` (``--generators`` here, or ``--generator-hosts``); None after a
+    usage error."""
     from streamrl.status import parse_hosts, targets
 
     try:
@@ -337,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     ev = sub.add_parser("eval", help="score a checkpoint on held-out prompts (reward +- stderr, KL)")
     _add_config_args(ev)
-    ev.add_argument("--checkpoint", help="model folder (default: the config's initial model)")
+    ev.add_argument("--checkpoint", help="model or LoRA adapter folder (default: the config's initial model)")
     ev.add_argument("--limit", type=int, default=None, help="held-out prompts to use (default: eval.limit)")
     ev.add_argument("--seed", type=int, default=None, help="sampling seed (default: eval.seed)")
     ev.add_argument(
@@ -345,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--output", help="write the result as JSON here")
     ev.set_defaults(func=cmd_eval)
+    export = sub.add_parser(
+        "export", help="write a checkpoint as <output>/merged (Hugging Face model) and, for LoRA, <output>/adapter"
+    )
+    _add_config_args(export)
+    export.add_argument("--checkpoint", required=True, help="checkpoint folder (step-NNNNNN) or its model/")
+    export.add_argument("--output", required=True, help="folder to write adapter/ and merged/ into")
+    export.set_defaults(func=cmd_export)
     check = sub.add_parser("check", help="validate a config and print every problem")
     _add_config_args(check)
     _add_probe_arg(check)

@@ -9,7 +9,8 @@ compared on the same prompts with the same random stream. Rewards come from the
 scorer's reward config (the reward PPO optimises); each ``[[eval.rewards]]`` entry
 (e.g. the never-optimised gold reward model of ``rm.gold``, Gao et al. 2022) is scored on
 the same completions and reported by its name beside it. :func:`compare` gives the change
-of each between two policies with its paired standard error. KL is ``log pi - log pi_ref`` (k1, nats) of the sampled tokens, reported
+of each between two policies with its paired standard error. KL is ``log pi - log pi_ref`` (k1, nats)
+of the sampled tokens, reported
 per token (``kl_per_token``: their sum over all completions / the number of completion tokens),
 the unit of the learner's ``kl`` (step lines, metrics, TensorBoard, the learning-curve plot);
 ``kl_mean`` keeps the per-completion sum averaged over completions. A progress bar counts the
@@ -26,12 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from streamrl.common.config import Config
+from streamrl.common.lora import adapter_spec, adapter_tensors, is_adapter_folder, load_lora
 from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
 from streamrl.common.models import load_causal_lm, load_tokenizer, resolve_model_path, select_device
 from streamrl.common.modes import Engine
 from streamrl.common.prompts import load_prompts, split_prompts
 from streamrl.services.generator.engine import HFEngine, build_engine
-from streamrl.services.generator.sampling import prepare_prompts
+from streamrl.services.generator.sampling import prepare_run_prompts
 from streamrl.services.learner.batch import collate, forward_completions
 from streamrl.services.scorer.rewards import build_reward
 
@@ -115,6 +117,9 @@ def evaluate(
 ) -> EvalResult:
     """Score ``model_path`` on the held-out prompts (see module docstring).
 
+    ``model_path`` is a Hugging Face model folder or a LoRA adapter folder (``learner.lora``
+    checkpoints, ``streamrl export``'s ``adapter/``) trained on ``model.path``, merged into it here.
+
     With ``samples_per_prompt`` > 1 each prompt's reward is the mean over its
     completions, and the standard error is taken over prompts (completions of one
     prompt are correlated, so counting them as independent would understate it).
@@ -125,7 +130,13 @@ def evaluate(
     device = select_device(cfg.learner.device)
     base = resolve_model_path(cfg.model.path, cfg.model.cache_path)
     tokenizer = load_tokenizer(base)
-    policy = load_causal_lm(model_path, device=device).eval()
+    adapter = None  # a LoRA adapter folder (learner.lora checkpoints): merged into the base here
+    if is_adapter_folder(model_path):
+        lora = load_lora(load_causal_lm(base, device=device), model_path, trainable=False)
+        adapter = ({k: v.clone() for k, v in adapter_tensors(lora).items()}, adapter_spec(lora))
+        policy = lora.merge_and_unload().eval()
+    else:
+        policy = load_causal_lm(model_path, device=device).eval()
     gen = cfg.generator
     engine = (
         HFEngine(policy, tokenizer)
@@ -133,7 +144,7 @@ def evaluate(
         # fp32: the evaluation is exact
         else build_engine(
             gen.engine,
-            model_path,
+            base if adapter is not None else model_path,
             tokenizer,
             device=device,
             autocast_bf16=False,
@@ -143,6 +154,8 @@ def evaluate(
             seed=seed,
         )
     )
+    if adapter is not None and gen.engine is not Engine.HF:
+        engine.load_adapter(*adapter)  # the base, merged in place as a generator does
     # the reference itself: KL is exactly 0 at top_p = 1 (below, the nucleus cuts -log(its mass) per token)
     same = Path(model_path).resolve() == Path(base).resolve()
     reference = policy if same else load_causal_lm(base, device=device).eval()
@@ -159,13 +172,7 @@ def evaluate(
     progress = tqdm(total=len(prompts), desc=f"evaluating {Path(model_path).name}", unit="prompt")
     for start in range(0, len(prompts), batch_prompts):
         chunk = prompts[start : start + batch_prompts]
-        texts, ids = prepare_prompts(
-            tokenizer,
-            chunk,
-            chat_template=cfg.model.chat_template,
-            system_prompt=cfg.model.system_prompt,
-            max_prompt_tokens=gen.max_prompt_tokens,
-        )
+        texts, ids = prepare_run_prompts(tokenizer, chunk, cfg)
         groups = engine.sample(ids, group_size=samples_per_prompt, sampling=sampling)
         completions = [c for g in groups for c in g]
         k = samples_per_prompt

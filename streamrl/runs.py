@@ -192,21 +192,13 @@ def rescore_journal(cfg: Config) -> int:
         Exception: whatever the reward raises (the journal is then left as it was).
     """
     from streamrl.common.models import select_device
-    from streamrl.services.buffer.journal import Journal
+    from streamrl.services.buffer.durable import open_journal
     from streamrl.services.scorer.rewards import build_reward
     from streamrl.services.scorer.scoring import MAX_BATCH, score_batch
 
-    b = cfg.buffer
     lock = RunLock(journal_folder(cfg), "buffer")
     try:
-        journal = Journal(
-            journal_folder(cfg),
-            fsync=b.fsync,
-            segment_bytes=b.segment_bytes,
-            max_segments=b.max_segments,
-            keep_history=b.keep_history,
-            max_reuse=b.max_reuse,
-        )
+        journal = open_journal(cfg)
         recovered = journal.recover()
         scored = [m for g in recovered.groups for m in g.members]
         scored += [s for held in recovered.held for s in held.batch.rollouts]

@@ -273,7 +273,10 @@ def describe(service: str, now: dict[str, float], before: dict[str, float] | Non
             f"credits out {g('credits_outstanding'):.0f}"
         )
     if service == "scorer":
-        line = f"{g('rollouts_scored_total'):.0f} scored  {rate('rollouts_scored_total'):.2f}/s  lost {g('rollouts_lost_total'):.0f}"
+        line = (
+            f"{g('rollouts_scored_total'):.0f} scored  {rate('rollouts_scored_total'):.2f}/s"
+            f"  lost {g('rollouts_lost_total'):.0f}"
+        )
         in_a_row, fraction = g("reward_consecutive_failures"), g("reward_failure_fraction")
         if g("reward_failing") and in_a_row:
             line += f"  REWARD FAILING ({in_a_row:.0f} micro-batches in a row: {last_reward_error(now)})"

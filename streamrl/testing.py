@@ -112,6 +112,16 @@ class Services:
         self.procs[name] = proc
         return proc
 
+    def train(self, timeout: float = 240.0) -> subprocess.Popen:
+        """Start the buffer, a scorer, a generator and the learner; wait for the learner to finish its
+        ``total_steps`` and check it exited 0 (AssertionError with every log otherwise)."""
+        for name in ("buffer", "scorer", "generator"):
+            self.start(name)
+        learner = self.start("learner")
+        assert wait_until(lambda: learner.poll() is not None, timeout=timeout), self.logs()
+        assert learner.returncode == 0, self.logs()
+        return learner
+
     def stop(self, name: str, sig=signal.SIGTERM, timeout: float = 15.0) -> int | None:
         proc = self.procs[name]
         if proc.poll() is None:

@@ -180,7 +180,7 @@ def pack(value: Any) -> bytes:
 
 
 def array_ref(index: Any, dtype: Any, shape: Any) -> msgpack.ExtType:
-    """A hand-made array extension (``m._EXT_ARRAY``) as ``encode`` writes them."""
+    """A hand-made array extension (``streamrl.common.messages.codec._EXT_ARRAY``) as ``encode`` writes them."""
     return msgpack.ExtType(1, msgpack.packb([index, dtype, shape]))
 
 

@@ -258,3 +258,23 @@ class RewardServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def tiny_eval_config(model_dir):
+    """A validated config for held-out evaluations of the tiny model in ``model_dir``: the review openings
+    (10% held out), 10 new tokens, the count-"e" reward, the learner on the CPU."""
+    from streamrl.common.config import validate_config
+
+    return validate_config(
+        {
+            "model": {"path": str(model_dir)},
+            "generator": {
+                "max_new_tokens": 10,
+                "prompts": {"path": str(REPO / "deploy/prompts/review_openings.jsonl"), "eval_fraction": 0.1},
+            },
+            "scorer": {
+                "rewards": [{"function": "streamrl.services.scorer.rewards:count_char", "kwargs": {"char": "e"}}]
+            },
+            "learner": {"device": "cpu"},
+        }
+    )

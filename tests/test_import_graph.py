@@ -12,6 +12,7 @@ functions (which hide a cycle from the interpreter, not from a reader) and not t
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,9 +157,33 @@ def test_no_import_cycles():
     counting imports inside functions (a cycle once joined security and transport; two more hid
     behind imports in functions: the learner's build and distributed modules, the pipeline and
     the CLI)."""
-    sources = {module_name(path): (path.read_text(), path.name == "__init__.py") for path in source_files()}
-    found = cycles(import_graph(sources))
+    found = tree_cycles()
     assert not found, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in found)
+
+
+def tree_cycles() -> list[tuple[str, ...]]:
+    """The import cycles among the source files under ``ROOTS``."""
+    sources = {module_name(path): (path.read_text(), path.name == "__init__.py") for path in source_files()}
+    return cycles(import_graph(sources))
+
+
+def test_a_cycle_planted_in_a_package_on_disk_is_caught(tmp_path, monkeypatch):
+    """The files as test_no_import_cycles reads them: a relative import inside a function closes a cycle."""
+    root = tmp_path / "common"
+    files = {
+        "__init__.py": "",
+        "a.py": "from streamrl.common.b import x\n",
+        "b.py": "x = 1\n\n\ndef f():\n    from . import a\n\n    return a\n",
+        "pkg/__init__.py": "from .inner import z\n",
+        "pkg/inner.py": "import streamrl.common.a\n\nz = 2\n",
+    }
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    monkeypatch.setattr(sys.modules[__name__], "ROOTS", {"streamrl.common": root})
+    assert tree_cycles() == [("streamrl.common.a", "streamrl.common.b", "streamrl.common.a")]
+    (root / "b.py").write_text("x = 1\n")
+    assert tree_cycles() == []
 
 
 def test_a_cycle_through_a_function_level_import_is_caught():

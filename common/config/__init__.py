@@ -43,8 +43,15 @@ from streamrl.common.config.base import (
     _section_type,
 )
 from streamrl.common.config.checks import cross_problems, is_local_endpoint
-from streamrl.common.config.learner import LearnerSection
-from streamrl.common.config.load import apply_overrides, load_config, parse_override, resolve_paths, validate_config
+from streamrl.common.config.learner import LearnerSection, LoraSection
+from streamrl.common.config.load import (
+    add_config_arguments,
+    apply_overrides,
+    load_config,
+    parse_override,
+    resolve_paths,
+    validate_config,
+)
 from streamrl.common.config.reference_doc import REFERENCE_BEGIN, REFERENCE_END, reference_table, replace_reference
 from streamrl.common.config.resources import SERVICES, resource_problems
 from streamrl.common.config.schema import (
@@ -81,6 +88,7 @@ __all__ = [
     "GeneratorSection",
     "LOCAL_PATH",
     "LearnerSection",
+    "LoraSection",
     "MAYBE_LOCAL_PATH",
     "MetricsSection",
     "ModelSection",
@@ -102,6 +110,7 @@ __all__ = [
     "TransportSection",
     "WILDCARD_HOSTS",
     "_section_type",
+    "add_config_arguments",
     "apply_overrides",
     "cross_problems",
     "endpoint_problem",

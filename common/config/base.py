@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import annotated_types
 from pydantic import BaseModel, BeforeValidator, ConfigDict, TypeAdapter, model_validator
 from pydantic.fields import FieldInfo
+from pydantic.json_schema import JsonDict
 from pydantic_core import PydanticCustomError
 
 STRICT_ARGS = ConfigDict(strict=True, arbitrary_types_allowed=True)
@@ -23,11 +24,11 @@ class ConfigError(ValueError):
     """Every problem found in a config, one per line, each with rule and fix."""
 
 
-LOCAL_PATH = {"local_path": True}
+LOCAL_PATH: JsonDict = {"local_path": True}
 """Schema marker of a field holding a file or folder path: a relative path written in a
 config file resolves against that file's folder (``--set`` values and defaults: the
 current directory)."""
-MAYBE_LOCAL_PATH = {"local_path": "maybe"}
+MAYBE_LOCAL_PATH: JsonDict = {"local_path": "maybe"}
 """Schema marker of a field that is a local path or a name (hub id, built-in model):
 resolved like ``LOCAL_PATH`` when it starts with ``.``, ``/`` or ``~`` or names an
 existing file or folder next to the config file."""
@@ -79,14 +80,14 @@ class _Section(BaseModel):
 
     @model_validator(mode="after")
     def _options_apply(self) -> _Section:
-        """Keys marked ``applies_to={selector: value}`` (or a tuple of values) may only be set when
+        """Keys marked ``applies_to={selector: value}`` (or a list of values) may only be set when
         ``selector`` has that value (one of them)."""
         for name in type(self).model_fields:
             applies = _extra(type(self).model_fields[name]).get("applies_to")
             if not applies or name not in self.model_fields_set:
                 continue
             ((selector, wanted),) = applies.items()
-            wanted = wanted if isinstance(wanted, tuple) else (wanted,)
+            wanted = wanted if isinstance(wanted, list) else [wanted]
             actual = getattr(self, selector, None)
             if actual is not None and actual not in wanted:
                 choices = " or ".join(f'"{w}"' for w in wanted)
@@ -108,7 +109,7 @@ class _Section(BaseModel):
             applies = _extra(field).get("applies_to")
             if applies:
                 ((selector, wanted),) = applies.items()
-                if getattr(self, selector, None) not in (wanted if isinstance(wanted, tuple) else (wanted,)):
+                if getattr(self, selector, None) not in (wanted if isinstance(wanted, list) else [wanted]):
                     continue
             if value is None:
                 continue

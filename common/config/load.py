@@ -4,6 +4,7 @@ problem (schema, cross-section and, when asked, resources)."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import difflib
 import tomllib
@@ -12,12 +13,37 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
-from streamrl.common.config.base import ConfigError, _section_type
+from streamrl.common.config.base import ConfigError, _extra, _section_type
 from streamrl.common.config.checks import cross_problems
 from streamrl.common.config.resources import resource_problems
 from streamrl.common.config.schema import Config
 from streamrl.common.user_code import make_importable
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    default: str | None = None,
+    config_help: str | None = None,
+    example: str = "learner.lr=1e-5",
+) -> None:
+    """Add the two arguments of every command that reads a run config: ``--config PATH`` (into
+    ``args.config``, default ``default``) and ``--set KEY=VALUE`` (repeatable, into ``args.overrides``;
+    :func:`load_config` applies them in order, each a TOML value: :func:`parse_override`);
+    ``config_help`` defaults to naming ``default`` (None: the built-in defaults)."""
+    if config_help is None:
+        config_help = f"TOML run config (default: {default or 'built-in defaults'})"
+    parser.add_argument("--config", default=default, help=config_help)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value (repeatable), e.g. --set {example}",
+    )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -67,7 +93,9 @@ def validate_config(data: dict, source: str = "<config>", *, resources: Iterable
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
+        # a default computed from other keys (run.output_dir from run.name) is not computed when one of
+        # them is invalid; pydantic reports that too, but the invalid key's own error says it all
+        errors = [err for err in exc.errors() if err["type"] != "default_factory_not_called"]
         lines = "\n".join(_describe(err, source) for err in errors).splitlines()
         best = _best_effort(data)
         if not any(err["loc"] == () for err in errors):  # cross checks did not run: run them
@@ -92,25 +120,28 @@ def _best_effort(data: dict) -> Config:
     In a list of sections (``scorer.rewards``) the items that validate are kept at their
     index and the others become None, so later checks still see (and number) the good ones.
     """
-    sections = {}
+    sections: dict[str, Any] = {}
     for name, field in Config.model_fields.items():
+        section = _section_type(field.annotation)
+        if section is None:
+            raise TypeError(f"Config.{name} is not a section")
         raw = data.get(name, {})
         raw = dict(raw) if isinstance(raw, dict) else {}
         try:
-            sections[name] = field.annotation.model_validate(raw)
+            sections[name] = section.model_validate(raw)
         except ValidationError as exc:  # keep the keys that are fine, drop the bad ones
             lists = {}
             for err in exc.errors():
-                key = err["loc"][0] if err["loc"] else None
-                sub = field.annotation.model_fields.get(key)
+                key = str(err["loc"][0]) if err["loc"] else ""
+                sub = section.model_fields.get(key)
                 item_type = _section_type(sub.annotation) if sub is not None else None
                 if item_type is not None and isinstance(raw.get(key), list) and len(err["loc"]) > 1:
                     lists[key] = [_valid_or_none(item_type, item) for item in raw[key]]
                 raw.pop(key, None)
             try:
-                sections[name] = field.annotation.model_validate(raw).model_copy(update=lists)
+                sections[name] = section.model_validate(raw).model_copy(update=lists)
             except ValidationError:
-                sections[name] = field.annotation()
+                sections[name] = section()
     return Config.model_construct(**sections)
 
 
@@ -138,7 +169,7 @@ def resolve_paths(data: Any, model: type[BaseModel], base: Path) -> Any:
     for name, field in model.model_fields.items():
         if name not in out:
             continue
-        value, marker = out[name], (field.json_schema_extra or {}).get("local_path")
+        value, marker = out[name], _extra(field).get("local_path")
         if marker and isinstance(value, str):
             if marker is True or _is_local(value, base):
                 out[name] = str((base / Path(value).expanduser()).resolve())
@@ -188,7 +219,7 @@ def _key(loc: tuple) -> str:
     return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
 
 
-def _describe(err: dict, source: str) -> str:
+def _describe(err: ErrorDetails, source: str) -> str:
     loc = _key(err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
         parent = _model_at(err["loc"][:-1])

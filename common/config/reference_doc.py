@@ -36,12 +36,15 @@ def _rows(model: type[BaseModel], prefix: str) -> Iterable[tuple[str, str, str, 
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         sub = _section_type(field.annotation)
-        if sub is not None and field.default_factory is sub:  # a nested section: its keys
+        nested = field.default_factory is sub  # a section of its own (not a list of them, not optional)
+        if sub is not None and nested:  # its keys
             yield from _rows(sub, f"{key}.")
             continue
         yield key, _cell(_default_text(field)), _cell(_type_text(field.annotation, field)), _cell(_meaning(field))
         if sub is not None and typing.get_origin(field.annotation) is list:
             yield from _rows(sub, f"{key}[i].")
+        elif sub is not None and _extra(field).get("list_keys"):  # an optional section whose keys are its own
+            yield from _rows(sub, f"{key}.")
 
 
 def _meaning(field: FieldInfo) -> str:
@@ -49,7 +52,7 @@ def _meaning(field: FieldInfo) -> str:
     applies = _extra(field).get("applies_to")
     if applies:
         ((selector, values),) = applies.items()
-        values = values if isinstance(values, tuple) else (values,)
+        values = values if isinstance(values, list) else [values]
         text += (
             f" ({', '.join(values)} only)"
             if selector == "source"
@@ -62,7 +65,7 @@ def _default_text(field: FieldInfo) -> str:
     extra = _extra(field)
     if "default_text" in extra:
         return extra["default_text"]
-    value = field.default_factory() if field.default_factory is not None else field.default
+    value = field.get_default(call_default_factory=True)
     return "unset" if value is None else f"`{_toml(value)}`"
 
 

@@ -174,12 +174,13 @@ def _chat_template_problems(cfg: Config, services: set[str]) -> list[str]:
     per prompt source of ``services`` that holds chats when the tokenizer of ``model.path`` has none
     (the generator reads ``generator.prompts``, and ``eval.prompts`` for the evaluation; the learner
     ``learner.ptx_data``). A model that cannot be loaded is left to :func:`_model_problems`."""
-    sources = {
+    read = {
         "generator.prompts": cfg.generator.prompts if "generator" in services else None,
         "eval.prompts": cfg.eval.prompts if "generator" in services else None,
         "learner.ptx_data": cfg.learner.ptx_data if "learner" in services else None,
     }
-    chats = [key for key, source in sources.items() if source is not None and source.messages_field is not None]
+    sources = {key: source for key, source in read.items() if source is not None}
+    chats = [key for key, source in sources.items() if source.messages_field is not None]
     if not chats:
         return []
     from streamrl.common import models  # torch and transformers: only when checking
@@ -217,6 +218,8 @@ def _reward_format_problem(key: str, spec: RewardSpec, model: ModelSection) -> s
     (``streamrl_reward.chat_template`` in its ``config.json``; other models are not checked)."""
     import json
 
+    if spec.model is None:  # a reward function or server: no training format to check
+        return None
     try:
         table = json.loads((Path(spec.model).expanduser() / "config.json").read_text()).get("streamrl_reward")
     except (OSError, ValueError, AttributeError):
@@ -249,6 +252,8 @@ def _reward_label_problem(key: str, spec: RewardSpec) -> str | None:
     several outputs needs one (reading output 0 of a sentiment classifier scores the NEGATIVE class)."""
     import json
 
+    if spec.model is None:  # a reward function or server: no outputs to name
+        return None
     try:
         model_config = json.loads((Path(spec.model).expanduser() / "config.json").read_text())
     except (OSError, ValueError) as exc:

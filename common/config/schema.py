@@ -31,8 +31,8 @@ class RunSection(_Section):
 
     name: str = Field("streamrl", min_length=1, description="run name; names the default output folder")
     seed: int = Field(0, ge=0, description="base seed: prompt split and shuffles; generators add their index")
-    output_dir: str | None = Field(
-        None,
+    output_dir: str = Field(
+        default_factory=lambda run: str(Path("runs") / run["name"]),
         description="checkpoints, `metrics.jsonl`, `summary.json`, the buffer journal",
         json_schema_extra={**LOCAL_PATH, "default_text": "`runs/<run.name>` in the current directory"},
     )
@@ -50,12 +50,6 @@ class RunSection(_Section):
         "learner's core (`common/placement.py`; per host: keep `none` on hosts without a learner); `none`: the "
         "operating system schedules",
     )
-
-    @model_validator(mode="after")
-    def _default_output_dir(self) -> RunSection:
-        if self.output_dir is None:
-            self.output_dir = str(Path("runs") / self.name)
-        return self
 
 
 class ModelSection(_Section):

@@ -72,7 +72,7 @@ class PromptSource(_Section):
         "text",
         min_length=1,
         description="key (column) of the prompt text",
-        json_schema_extra={"applies_to": {"kind": ("jsonl", "datasets")}},
+        json_schema_extra={"applies_to": {"kind": ["jsonl", "datasets"]}},
     )
     messages_field: str | None = Field(
         None,
@@ -81,13 +81,13 @@ class PromptSource(_Section):
         "a chat: a list of `{role, content}` messages, rendered with the "
         "tokenizer's chat template (and `model.system_prompt` when the list has "
         "no system message); replaces `text_field`",
-        json_schema_extra={"applies_to": {"kind": ("jsonl", "datasets")}},
+        json_schema_extra={"applies_to": {"kind": ["jsonl", "datasets"]}},
     )
     id_field: str | None = Field(
         "id",
         min_length=1,
         description="key (column) of the prompt id (unset, or a row without it: `<file stem>:<row>`)",
-        json_schema_extra={"applies_to": {"kind": ("jsonl", "datasets")}},
+        json_schema_extra={"applies_to": {"kind": ["jsonl", "datasets"]}},
     )
     column: str = Field(
         "review",
@@ -182,7 +182,7 @@ class RewardSpec(_Section):
         8,
         ge=1,
         description="texts per reward-model forward pass, or per request to `url`",
-        json_schema_extra={"applies_to": {"source": ("model", "url")}},
+        json_schema_extra={"applies_to": {"source": ["model", "url"]}},
     )
     max_length: int | None = Field(
         None,
@@ -214,7 +214,7 @@ class RewardSpec(_Section):
         description="seconds one micro-batch may take: per HTTP request "
         "(connect, write, read), or for the reward model to score it (then the scorer stops "
         "waiting and counts a `RewardTimeout`)",
-        json_schema_extra={"applies_to": {"source": ("model", "url")}},
+        json_schema_extra={"applies_to": {"source": ["model", "url"]}},
     )
     retries: int = Field(
         3,
@@ -282,7 +282,12 @@ class RewardSpec(_Section):
             ``fn(prompts, completions, metadata, **kwargs)``, and, for functions whose arguments
             pydantic validates (``pydantic.validate_call``), ``kwargs`` values of the wrong type
             (checked strictly against the annotations, as :data:`STRICT_ARGS` does at call time).
+
+        Raises:
+            ValueError: this spec is a reward model or server, not a function.
         """
+        if self.function is None:
+            raise ValueError(f"reward spec {self.model or self.url!r} is a reward {self.source}, not a function")
         fix = (
             "fix: set it to an importable `package.module:function` (its module in the config file's folder, "
             "the current directory or on PYTHONPATH) or a built-in name: " + ", ".join(BUILTIN_REWARDS)
@@ -351,9 +356,7 @@ class RewardSpec(_Section):
             ResourceError: the first problem :meth:`function_problems` found (its ``key`` and fix).
             ValueError: this spec is a reward model, not a function.
         """
-        if self.function is None:
-            raise ValueError(f"reward spec with model {self.model!r} has no function")
         fn, problems = self.function_problems()
-        if problems:
+        if problems or fn is None:  # fn is None only with a problem that says why
             raise problems[0]
         return fn

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from streamrl.common.config.base import LOCAL_PATH, MAYBE_LOCAL_PATH, _rule, _Section
+from streamrl.common.config.learner import LoraSection
 from streamrl.common.config.sources import PromptSource, RewardSpec
 from streamrl.common.modes import Device
 
@@ -69,6 +70,21 @@ class _StageSection(_Section):
     )
     threads: int = Field(2, ge=1, description="torch threads")
     device: Device = Field(Device.AUTO, description="`auto` = CUDA when available, else CPU")
+    lora: LoraSection | None = Field(
+        None,
+        description="train LoRA adapters on every block instead of the weights (keys as `[learner.lora]`; "
+        "`rm`: the score head trains too); the output is the merged model",
+        json_schema_extra={"list_keys": True},
+    )
+
+    @model_validator(mode="after")
+    def _lora_or_frozen_blocks(self) -> _StageSection:
+        if self.lora is not None and self.trainable_layers is not None:
+            raise _rule(
+                "`lora` adapts every block and `trainable_layers` freezes the lower ones; fix: set one of them",
+                "trainable_layers",
+            )
+        return self
 
 
 class SFTSection(_StageSection):

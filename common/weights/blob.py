@@ -63,7 +63,7 @@ def allocate_blob(nbytes: int) -> np.ndarray:
 
 def chunk_digests(blob: np.ndarray | memoryview | bytes | bytearray, chunk_bytes: int) -> bytes:
     """XXH3-128 digest of every ``chunk_bytes`` chunk of ``blob``, concatenated (16 bytes per chunk)."""
-    view = memoryview(blob).cast("B")
+    view = memoryview(blob).cast("B")  # type: ignore[arg-type]  # numpy stubs: no __buffer__ before 3.12
     return b"".join(xxhash.xxh3_128_digest(view[i : i + chunk_bytes]) for i in range(0, view.nbytes, chunk_bytes))
 
 
@@ -87,13 +87,14 @@ class PackedWeights:
     def chunk(self, index: int) -> memoryview:
         """Bytes of chunk ``index`` (a view, not a copy)."""
         size = self.announce.chunk_bytes
-        return memoryview(self.blob[index * size : (index + 1) * size])
+        # numpy's stubs declare ndarray.__buffer__ for Python 3.12+ only
+        return memoryview(self.blob[index * size : (index + 1) * size])  # type: ignore[arg-type]
 
 
 def tied_duplicates(state_dict: dict[str, torch.Tensor]) -> set[str]:
     """Names of tensors that share storage with an earlier entry (tied weights such as
     ``lm_head.weight`` = ``embed_tokens.weight``); they are sent once, under the first name."""
-    seen: set[tuple[int, int, tuple]] = set()
+    seen: set[tuple[int, int | torch.SymInt, tuple[int, ...]]] = set()
     duplicates = set()
     for name, t in state_dict.items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))

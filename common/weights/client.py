@@ -20,7 +20,7 @@ import torch
 import xxhash
 import zmq
 
-from streamrl.common.messages import Error, ErrorCode, WeightsAnnounce, WeightsChunk, WeightsChunkRequest
+from streamrl.common.messages import AdapterSpec, Error, ErrorCode, WeightsAnnounce, WeightsChunk, WeightsChunkRequest
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.security import Security
 from streamrl.common.transport import Inbox, make_socket, poll_unless_stopped, try_send
@@ -50,6 +50,8 @@ class FetchedWeights:
         verify_s: seconds to compare the digest root and build the tensor views.
         hash_s: seconds of ``transfer_s`` spent hashing chunks.
         slot: which receive buffer holds the tensors (0 or 1).
+        adapter: the announcement's :class:`AdapterSpec` when ``tensors`` are a LoRA adapter
+            (``learner.lora``), not the whole policy; None for a whole policy.
     """
 
     version: int
@@ -59,6 +61,7 @@ class FetchedWeights:
     verify_s: float
     hash_s: float = 0.0
     slot: int = 0
+    adapter: AdapterSpec | None = None
 
 
 @dataclass
@@ -135,7 +138,7 @@ class WeightClient:
         self.announce_inbox = Inbox(
             inbox_metrics, [WeightsAnnounce], max_bytes=max_message_bytes, socket_name="weights_announce"
         )
-        self.chunk_inbox = Inbox(
+        self.chunk_inbox: Inbox[WeightsChunk | Error] = Inbox(
             inbox_metrics, [WeightsChunk, Error], max_bytes=max_message_bytes, socket_name="weights"
         )
         self.latest: WeightsAnnounce | None = None
@@ -230,9 +233,8 @@ class WeightClient:
         """
         start = time.perf_counter()
         slot, buffer = self._receive_buffer(announce.total_bytes)
-        state = _Fetch(
-            announce=announce, view=memoryview(buffer).cast("B"), digests=bytearray(DIGEST_BYTES * announce.num_chunks)
-        )
+        view = memoryview(buffer)  # type: ignore[arg-type]  # numpy stubs: no __buffer__ before 3.12
+        state = _Fetch(announce=announce, view=view.cast("B"), digests=bytearray(DIGEST_BYTES * announce.num_chunks))
         retries = 0
         self._request_more(state)
         while state.received < announce.num_chunks:
@@ -270,6 +272,7 @@ class WeightClient:
             verify_s=time.perf_counter() - start - transfer_s,
             hash_s=state.hash_s,
             slot=slot,
+            adapter=announce.adapter,
         )
 
     def _request_more(self, state: _Fetch) -> None:
@@ -296,10 +299,10 @@ class WeightClient:
                 log.warning("weight server error: %s %s", msg.code.value, msg.message)
             return
         msg = self.chunk_inbox.decode([head, b""])
-        index = msg.chunk_index if isinstance(msg, WeightsChunk) else -1
-        if msg is None or msg.version != announce.version or index not in state.pending:
+        if not isinstance(msg, WeightsChunk) or msg.version != announce.version or msg.chunk_index not in state.pending:
             self._discard_rest()  # rejected, or a late duplicate of a re-sent request
             return
+        index = msg.chunk_index
         begin = index * announce.chunk_bytes
         expected = min(announce.chunk_bytes, announce.total_bytes - begin)
         target = state.view[begin : begin + expected]

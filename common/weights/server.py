@@ -27,12 +27,22 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 import zmq
 
-from streamrl.common.messages import Error, ErrorCode, Message, TensorSpec, WeightsChunk, WeightsChunkRequest, encode
+from streamrl.common.messages import (
+    AdapterSpec,
+    Error,
+    ErrorCode,
+    Message,
+    TensorSpec,
+    WeightsChunk,
+    WeightsChunkRequest,
+    encode,
+)
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.modes import WeightDtype
 from streamrl.common.security import Security
@@ -129,6 +139,9 @@ class WeightServer:
     model_fingerprint: str = ""
     """Set by the learner: sent in every announcement (``streamrl.common.fingerprint``; generators
     refuse weights of another model config or tokenizer)."""
+    adapter: AdapterSpec | None = None
+    """Set by a LoRA learner (``learner.lora``): the published state dicts are adapter tensors
+    (:func:`streamrl.common.lora.adapter_tensors`) and every announcement says so."""
 
     def __init__(
         self,
@@ -384,6 +397,8 @@ class WeightServer:
             timing = self.timings.get(latest.version)
         latest.sent_at = time.time()
         latest.model_fingerprint = self.model_fingerprint
+        if self.adapter is not None:
+            latest.adapter = self.adapter
         send(pub, latest)
         if timing is not None and timing.announced_at is None:
             timing.announced_at = latest.sent_at
@@ -399,7 +414,7 @@ class WeightServer:
         self.m_stalled.set(len(self.stalled))
         self.m_queued.set(sum(q.queued for q in self.queues.values()))
 
-    def _answer(self, router: zmq.Socket, frames: list, inbox: Inbox) -> None:
+    def _answer(self, router: zmq.Socket, frames: list, inbox: Inbox[WeightsChunkRequest]) -> None:
         if len(frames) < 2:
             inbox.reject("malformed", "no routing id")
             return
@@ -427,7 +442,13 @@ class WeightServer:
             tracker = self._reply(
                 router,
                 [route],
-                WeightsChunk(sender=self._sender, version=request.version, chunk_index=request.chunk_index, data=data),
+                # ``data`` is a view of the packed blob, sent without a copy: encode takes any buffer
+                WeightsChunk(
+                    sender=self._sender,
+                    version=request.version,
+                    chunk_index=request.chunk_index,
+                    data=cast(bytes, data),
+                ),
                 track=True,
             )
             if tracker is None:

@@ -34,12 +34,30 @@ import logging
 import time
 from collections.abc import Sequence
 
+from streamrl.common.config import Config
 from streamrl.common.ledger import Ledger
 from streamrl.common.messages import Batch, BatchRequest, ScoredRollout
+from streamrl.common.service import journal_folder
 from streamrl.services.buffer.journal import LOST, HeldBatch, Journal, Recovered, RecoveredGroup
 from streamrl.services.buffer.store import AddOutcome, BufferEvent, ReplayBuffer
 
 log = logging.getLogger(__name__)
+
+
+def open_journal(config: Config) -> Journal:
+    """The buffer's journal as ``[buffer]`` configures it (fsync policy, segments, history, reuse), in
+    :func:`~streamrl.common.service.journal_folder`; for the buffer and for ``streamrl`` commands that
+    rewrite it offline (they hold the folder's run lock first)."""
+    b = config.buffer
+    return Journal(
+        journal_folder(config),
+        fsync=b.fsync,
+        fsync_interval_s=b.fsync_interval_s,
+        segment_bytes=b.segment_bytes,
+        max_segments=b.max_segments,
+        keep_history=b.keep_history,
+        max_reuse=b.max_reuse,
+    )
 
 
 def admission_capacity(capacity_groups: int, groups_per_step: int, max_staleness: int) -> int:
@@ -188,7 +206,8 @@ class DurableBuffer:
         return batch
 
     def _restamp(self, held: HeldBatch, version: int, owner: int) -> None:
-        """``held`` now stands for ``version`` and belongs to ``owner`` (journaled; it becomes the newest held batch)."""
+        """``held`` now stands for ``version`` and belongs to ``owner`` (journaled; it becomes the newest
+        held batch)."""
         if self.journal is not None:
             self.journal.restamp(version, from_version=held.batch.learner_version, owner=owner)
         held.batch.learner_version, held.owner = version, owner

@@ -75,6 +75,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
@@ -256,8 +257,9 @@ def torn_tail(data: bytes, pos: int) -> TornTail:
     return reason
 
 
-def read_records(path: Path) -> Iterator[tuple[RecordType | None, object]]:
-    """Yield ``(type, payload)`` of each intact record of one segment, in order.
+def read_records(path: Path) -> Iterator[tuple[RecordType | None, Any]]:
+    """Yield ``(type, payload)`` of each intact record of one segment, in order (``payload``: the
+    record's msgpack value, as decoded).
 
     Stops at the first torn or corrupt record and then yields ``(None, reason)``
     once, ``reason`` a str (the caller counts it) that starts with ``"torn tail"``
@@ -545,7 +547,7 @@ class Journal:
 
     # ------------------------------------------------------------------ internals
 
-    def _replay(self, result: Recovered) -> Iterator[tuple[RecordType | None, object]]:
+    def _replay(self, result: Recovered) -> Iterator[tuple[RecordType | None, Any]]:
         """State records from the newest complete snapshot on; ``(None, reason)`` where records were lost.
 
         Appends each loss other than a torn tail of the newest segment to ``result.damage`` and,
@@ -602,7 +604,8 @@ class Journal:
         return None
 
     def move_damaged(self) -> list[Path]:
-        """Move the segments :meth:`recover` found damaged to ``damaged/`` (kept for inspection); returns the new paths."""
+        """Move the segments :meth:`recover` found damaged to ``damaged/`` (kept for inspection); returns
+        the new paths."""
         moved = []
         if self._damaged:
             target = self.directory / "damaged"
@@ -653,9 +656,10 @@ class Journal:
         elif self._segment_size >= self.segment_bytes:
             self.commit(force=True)
             self._open_segment(self._segment + 1)
+        assert self._fd is not None  # _open_segment opened one
         body = msgpack.packb(payload, use_bin_type=True)
         record = HEADER.pack(len(body), zlib.crc32(bytes([kind]) + body), kind) + body
-        os.write(self._fd, record)  # type: ignore[arg-type]
+        os.write(self._fd, record)
         self._segment_size += len(record)
         self.bytes_written += len(record)
         self._dirty = True

@@ -43,11 +43,10 @@ import zmq
 
 from streamrl.common.liveness import Waits
 from streamrl.common.messages import BatchRequest, CreditGrant, CreditRequest, GroupDropped, ScoredRollout
-from streamrl.common.service import ServiceContext, journal_folder
-from streamrl.common.transport import Inbox, make_socket, send
+from streamrl.common.service import ServiceContext, ServiceLoop
+from streamrl.common.transport import Inbox, send
 from streamrl.services.buffer.credits import CreditLedger, awaiting_groups, batch_generators
-from streamrl.services.buffer.durable import DurableBuffer, admission_capacity
-from streamrl.services.buffer.journal import Journal
+from streamrl.services.buffer.durable import DurableBuffer, admission_capacity, open_journal
 from streamrl.services.buffer.metrics import BufferMetrics
 from streamrl.services.buffer.store import AddOutcome, ReplayBuffer
 
@@ -56,13 +55,13 @@ log = logging.getLogger(__name__)
 EXPIRE_EVERY_S = 1.0
 
 
-class BufferService:
+class BufferService(ServiceLoop):
     """The single buffer process."""
 
     def __init__(self, ctx: ServiceContext):
+        super().__init__(ctx)
         cfg = ctx.config
         b = cfg.buffer
-        self.ctx = ctx
         capacity = admission_capacity(b.capacity_groups, cfg.learner.groups_per_step, cfg.run.max_staleness)
         if capacity < b.capacity_groups:
             log.info(
@@ -78,88 +77,59 @@ class BufferService:
             max_staleness=cfg.run.max_staleness,
             group_timeout_s=b.group_timeout_s,
         )
-        journal = None
-        if b.journal:
-            journal = Journal(
-                journal_folder(cfg),
-                fsync=b.fsync,
-                fsync_interval_s=b.fsync_interval_s,
-                segment_bytes=b.segment_bytes,
-                max_segments=b.max_segments,
-                keep_history=b.keep_history,
-                max_reuse=b.max_reuse,
-            )
+        journal = open_journal(cfg) if b.journal else None
         self.state = DurableBuffer(self.store, journal, ctx.ledger)
+        self.closing(self.state.close)  # fsync: a clean stop leaves everything on disk
         self.metrics = BufferMetrics(ctx.metrics)
         if journal is not None:
             self.metrics.recovered.set(self.state.recover(repair=b.journal_repair).rollouts)
-        t = cfg.transport
-        self.pull = make_socket(
-            ctx.zmq,
-            zmq.PULL,
-            bind=cfg.endpoints.bind_address("buffer"),
-            max_message_bytes=t.max_message_bytes,
-            hwm=t.hwm,
-            security=ctx.security,
-        )
-        self.router = make_socket(
-            ctx.zmq,
-            zmq.ROUTER,
-            bind=cfg.endpoints.bind_address("batches"),
-            max_message_bytes=t.max_message_bytes,
-            hwm=t.hwm,
-            security=ctx.security,
-        )
-        self.rollout_inbox = Inbox(
-            ctx.metrics, [ScoredRollout, GroupDropped], max_bytes=t.max_message_bytes, socket_name="scored_rollouts"
+        self.pull = self.socket(zmq.PULL, bind=cfg.endpoints.bind_address("buffer"))
+        self.router = self.socket(zmq.ROUTER, bind=cfg.endpoints.bind_address("batches"))
+        self.rollout_inbox: Inbox[ScoredRollout | GroupDropped] = ctx.inbox(
+            [ScoredRollout, GroupDropped], "scored_rollouts"
         )
         self.credits = CreditLedger(cfg.learner.groups_per_step, cfg.run.max_staleness, ttl_s=b.credit_ttl_s)
         self.epoch = uuid.uuid4().hex[:12]
-        self.request_inbox = Inbox(
-            ctx.metrics, [BatchRequest, CreditRequest], max_bytes=t.max_message_bytes, socket_name="batches"
-        )
+        self.request_inbox: Inbox[BatchRequest | CreditRequest] = ctx.inbox([BatchRequest, CreditRequest], "batches")
         self.waits = Waits(ctx.metrics, warn_after_s=cfg.transport.request_timeout_s * 3)
         self.last_request = time.monotonic()
 
-    def run(self) -> None:
-        """Serve until stopped."""
+    def starting(self) -> None:
         log.info(
             "%s accepting on %s, serving batches on %s",
             self.ctx.instance,
             self.ctx.config.endpoints.buffer,
             self.ctx.config.endpoints.batches,
         )
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        reading = False
-        next_expire = time.monotonic() + EXPIRE_EVERY_S
-        blocked_since: float | None = None
-        try:
-            while not self.ctx.stop.is_set():
-                full = self.store.is_full()
-                if full and reading:
-                    poller.unregister(self.pull)
-                    reading, blocked_since = False, time.monotonic()
-                elif not full and not reading:
-                    poller.register(self.pull, zmq.POLLIN)
-                    reading = True
-                    if blocked_since is not None:
-                        self.metrics.blocked.inc(time.monotonic() - blocked_since)
-                        blocked_since = None
-                events = dict(poller.poll(200))
-                if self.pull in events:
-                    self._drain_rollouts()
-                if self.router in events:
-                    self._take_request()
-                if time.monotonic() >= next_expire:
-                    self._housekeeping()
-                    next_expire = time.monotonic() + EXPIRE_EVERY_S
-                self._serve_pending()
-                self._update_metrics()
-        finally:
-            self.state.close()  # fsync: a clean stop leaves everything on disk
-            self.pull.close(0)
-            self.router.close(0)
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self.reading = False
+        self.next_expire = time.monotonic() + EXPIRE_EVERY_S
+        self.blocked_since: float | None = None
+
+    def turn(self) -> None:
+        """Read the scored rollouts while the store has room (else leave them queued: backpressure),
+        answer requests, expire once a second, serve a pending batch, update the metrics."""
+        full = self.store.is_full()
+        if full and self.reading:
+            self.poller.unregister(self.pull)
+            self.reading, self.blocked_since = False, time.monotonic()
+        elif not full and not self.reading:
+            self.poller.register(self.pull, zmq.POLLIN)
+            self.reading = True
+            if self.blocked_since is not None:
+                self.metrics.blocked.inc(time.monotonic() - self.blocked_since)
+                self.blocked_since = None
+        events = dict(self.poller.poll(200))
+        if self.pull in events:
+            self._drain_rollouts()
+        if self.router in events:
+            self._take_request()
+        if time.monotonic() >= self.next_expire:
+            self._housekeeping()
+            self.next_expire = time.monotonic() + EXPIRE_EVERY_S
+        self._serve_pending()
+        self._update_metrics()
 
     def _housekeeping(self) -> None:
         """Once a second: expire incomplete groups, make the journal durable, compact it, report waits."""

@@ -318,8 +318,8 @@ class ReplayBuffer:
         group = self._incomplete.get(r.group_id)
         if group is None:
             closed = self._closed_groups.get(r.group_id)
-            if closed is not None:
-                return closed  # type: ignore[return-value]
+            if isinstance(closed, AddOutcome):  # the group was closed: its late members get its outcome
+                return closed
         elif r.group_size != group.size or r.prompt_id != group.prompt_id:
             return AddOutcome.GROUP_MISMATCH
         return AddOutcome.ACCEPTED

@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from streamrl.common.config import ConfigError, load_config
+from streamrl.common.config import ConfigError, add_config_arguments, load_config
 from streamrl.services.feedback.store import LabelStore
 
 
@@ -26,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m streamrl.services.feedback.admin",
         description="labellers' tokens and label export of the feedback service",
     )
-    parser.add_argument("--config", help="TOML run config (its feedback.database; default: built-in defaults)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser, config_help="TOML run config (its feedback.database; default: built-in defaults)")
     commands = parser.add_subparsers(dest="command", required=True)
     labeller = commands.add_parser("labeller", help="add, revoke or list labellers")
     labeller.add_argument("action", choices=["add", "revoke", "list"])

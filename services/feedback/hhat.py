@@ -46,21 +46,21 @@ def fit_head(rows: list[LabelRow], *, l2: float) -> tuple[HumanHead, float]:
     """
     if not rows:
         raise ValueError("fit_head: no labels")
-    if any(r.features is None or (r.kind == "preference" and r.other_features is None) for r in rows):
-        raise ValueError("fit_head: every label needs the features of its rollout(s)")
-    credited = [
-        (f, c, float(r.value))
-        for r in rows
-        if r.kind == "rating"
-        for f, c in (r.credit if r.credit else [(r.features, 1.0)])
-    ]  # (features, c_i, y) per credited rollout
-    everything = np.stack(
-        [f for r in rows if r.kind == "preference" for f in (r.features, r.other_features)]
-        + [f for f, _, _ in credited]
-    ).astype(np.float64)
+    chosen: list[np.ndarray] = []  # the preferred rollout of each preference, [D] each
+    rejected: list[np.ndarray] = []  # the other one
+    credited: list[tuple[np.ndarray, float, float]] = []  # (features, c_i, y) per credited rollout
+    for r in rows:
+        features, other = r.features, r.other_features
+        if features is None or (r.kind == "preference" and other is None):
+            raise ValueError("fit_head: every label needs the features of its rollout(s)")
+        if r.kind == "preference" and other is not None:
+            chosen.append(features)
+            rejected.append(other)
+        elif r.kind == "rating":
+            credited += [(f, c, float(r.value)) for f, c in (r.credit if r.credit else [(features, 1.0)])]
+    everything = np.stack(chosen + rejected + [f for f, _, _ in credited]).astype(np.float64)
     mean = everything.mean(0)
     scale = np.maximum(everything.std(0), MIN_SCALE)
-    pairs = [r for r in rows if r.kind == "preference"]
     dim = everything.shape[1]
 
     def z(values: list[np.ndarray]) -> torch.Tensor:
@@ -71,7 +71,7 @@ def fit_head(rows: list[LabelRow], *, l2: float) -> tuple[HumanHead, float]:
     x_rated = z([f for f, _, _ in credited])
     c = torch.tensor([c for _, c, _ in credited], dtype=torch.float64)
     y = torch.tensor([y for _, _, y in credited], dtype=torch.float64)
-    x_chosen, x_rejected = z([r.features for r in pairs]), z([r.other_features for r in pairs])
+    x_chosen, x_rejected = z(chosen), z(rejected)
     w = torch.zeros(dim, dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     n = len(rows)

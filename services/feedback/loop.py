@@ -32,8 +32,8 @@ from streamrl.common.errors import StartupRefused
 from streamrl.common.human import beta_at, reference_features
 from streamrl.common.messages import HumanModel, ScoredRollout
 from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path
-from streamrl.common.service import ServiceContext
-from streamrl.common.transport import Inbox, make_socket, send
+from streamrl.common.service import ServiceContext, ServiceLoop
+from streamrl.common.transport import send
 from streamrl.services.feedback.hhat import fit_head, model_message
 from streamrl.services.feedback.metrics import FeedbackMetrics
 from streamrl.services.feedback.state import RecentRollouts
@@ -46,19 +46,21 @@ INFLUENCE = "influence_active"
 """Settings key of the page's start / pause switch."""
 
 
-class FeedbackService:
+class FeedbackService(ServiceLoop):
     """The feedback process (see the module docstring); also the web app's backend."""
 
     def __init__(self, ctx: ServiceContext):
+        super().__init__(ctx)
         cfg = ctx.config
         fb = cfg.feedback
-        self.ctx, self.cfg, self.fb = ctx, cfg, fb
+        self.cfg, self.fb = cfg, fb
         if not fb.enabled:
             log.info("feedback.enabled is false: nothing to do (set feedback.enabled = true to serve the page)")
             raise SystemExit(0)
         configure_torch(1, seed=cfg.run.seed)
         self.metrics = FeedbackMetrics(ctx.metrics)
         self.store = LabelStore(fb.database_path(cfg.run.output_dir))
+        self.closing(self.store.close)
         self.lock = threading.Lock()
         self.rollouts = RecentRollouts(fb.recent_rollouts)
         self.version, self.fitted_label_id = self.store.latest_model()
@@ -73,26 +75,13 @@ class FeedbackService:
         path = resolve_model_path(cfg.model.path, cfg.model.cache_path)
         self.tokenizer = load_tokenizer(path)
         self.reference = load_causal_lm(path, device=torch.device("cpu")).eval()
-        t = cfg.transport
-        self.feed = make_socket(
-            ctx.zmq,
-            zmq.SUB,
-            bind=cfg.endpoints.bind_address("feedback"),
-            subscribe=b"",
-            max_message_bytes=t.max_message_bytes,
-            hwm=max(t.hwm, 1000),
-            security=ctx.security,
+        self.feed = self.socket(
+            zmq.SUB, bind=cfg.endpoints.bind_address("feedback"), subscribe=b"", hwm=max(cfg.transport.hwm, 1000)
         )
-        self.publisher = make_socket(
-            ctx.zmq,
-            zmq.PUB,
-            bind=cfg.endpoints.bind_address("human_model"),
-            max_message_bytes=t.max_message_bytes,
-            hwm=t.hwm,
-            security=ctx.security,
-        )
-        self.inbox = Inbox(ctx.metrics, [ScoredRollout], max_bytes=t.max_message_bytes, socket_name="feed")
+        self.publisher = self.socket(zmq.PUB, bind=cfg.endpoints.bind_address("human_model"))
+        self.inbox = ctx.inbox([ScoredRollout], "feed")
         self.http_socket = self._bind_http()
+        self.closing(self.http_socket.close)
         tls = fb.tls_cert is not None
         app = create_app(
             self,
@@ -132,12 +121,13 @@ class FeedbackService:
 
     # ----------------------------------------------------------------- loop
 
-    def run(self) -> None:
-        """Serve until stopped."""
+    def starting(self) -> None:
+        """Start the web server's thread, then fit and publish H-hat on the labels stored by an earlier run."""
         thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.http_socket]}, name="feedback-http", daemon=True
         )
         thread.start()
+        self.closing(self._stop_http, thread)
         log.info(
             "%s: labellers' page on %s (labels in %s); feed on %s, H-hat on %s",
             self.ctx.instance,
@@ -148,31 +138,29 @@ class FeedbackService:
         )
         if not is_local_endpoint(self.cfg.endpoints.feedback):
             log.info("the feed endpoint is not on loopback: scorers elsewhere reach it through CURVE")
-        last_announce = 0.0
-        try:
-            self._fit_and_publish()  # labels stored by an earlier run: a version at once
-            while not self.ctx.stop.is_set():
-                self._drain_feed()
-                now = time.time()
-                if self.pending and now - self.last_fit >= self.fb.fit_interval_s:
-                    self._fit_and_publish()
-                    last_announce = time.time()
-                elif self.wake.is_set() or (
-                    self.message is not None and now - last_announce >= self.fb.announce_interval_s
-                ):
-                    self.wake.clear()
-                    self._publish()
-                    last_announce = now
-        finally:
-            self.server.should_exit = True
-            thread.join(timeout=5)
-            self.http_socket.close()
-            self.feed.close(0)
-            self.publisher.close(0)
-            self.store.close()
+        self.last_announce = 0.0
+        self._fit_and_publish()  # labels stored by an earlier run: a version at once
+
+    def turn(self) -> None:
+        """Take the feed (waiting up to 0.1 s), refit when labels arrived, re-publish when due."""
+        self._drain_feed()
+        now = time.time()
+        if self.pending and now - self.last_fit >= self.fb.fit_interval_s:
+            self._fit_and_publish()
+            self.last_announce = time.time()
+        elif self.wake.is_set() or (
+            self.message is not None and now - self.last_announce >= self.fb.announce_interval_s
+        ):
+            self.wake.clear()
+            self._publish()
+            self.last_announce = now
+
+    def _stop_http(self, thread: threading.Thread) -> None:
+        self.server.should_exit = True
+        thread.join(timeout=5)
 
     def _drain_feed(self) -> None:
-        if not self.feed.poll(100):
+        if not self.wait_for(self.feed, 0.1):
             return
         for _ in range(1000):
             if not self.feed.poll(0):

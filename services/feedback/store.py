@@ -315,7 +315,8 @@ class LabelStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-        return int(cursor.lastrowid), now
+        assert cursor.lastrowid is not None  # set by the INSERT above
+        return cursor.lastrowid, now
 
     def count_labels(self) -> dict[str, int]:
         """``{"rating": n, "preference": m, "total": n + m}``."""

@@ -109,26 +109,3 @@ def select_candidates(
                 )
             )
     return kept, selections
-
-
-def share_control(
-    view: HumanModelView,
-    candidates: list[list[Completion]],
-    *,
-    group_size: int,
-    k: int,
-    beta_t: float,
-    rng: np.random.Generator,
-    now: float,
-) -> tuple[list[list[Completion]], list[list[Selection]]]:
-    """Control sharing: :func:`select_candidates` with ``combination = control_sharing``."""
-    return select_candidates(
-        view,
-        candidates,
-        group_size=group_size,
-        k=k,
-        beta_t=beta_t,
-        rng=rng,
-        now=now,
-        combination=HumanCombination.CONTROL_SHARING,
-    )

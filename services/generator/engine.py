@@ -24,7 +24,8 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from streamrl.common.messages import SamplingParams
+from streamrl.common.lora import AdapterMerger
+from streamrl.common.messages import AdapterSpec, SamplingParams
 from streamrl.common.models import load_causal_lm
 from streamrl.common.modes import Engine
 from streamrl.common.weights import FetchedWeights, WeightClient, tied_duplicates
@@ -57,7 +58,18 @@ class SamplingEngine(Protocol):
 
     def load_fetched(self, weights: WeightClient, fetched: FetchedWeights) -> None:
         """Load a verified version from the weight client's receive buffer (zero-copy where the engine
-        can adopt it). Same errors as :meth:`load_state_dict`."""
+        can adopt it; a LoRA adapter, ``fetched.adapter``, through :meth:`load_adapter`). Same errors
+        as :meth:`load_state_dict` and :meth:`load_adapter`."""
+
+    def load_adapter(self, tensors: Mapping[str, torch.Tensor], spec: AdapterSpec) -> None:
+        """Load a LoRA adapter version in place: every adapted layer's weight becomes
+        ``W0 + (alpha / r) B A`` (:class:`~streamrl.common.lora.AdapterMerger`, from the base ``W0`` of
+        this engine's own checkpoint, never from the previous version); other layers keep the base.
+
+        Raises:
+            ValueError: malformed adapter tensors.
+            RuntimeError: the adapter does not fit the base model (layers or shapes).
+        """
 
     def close(self) -> None:
         """Free the engine (idempotent)."""
@@ -76,11 +88,19 @@ class HFEngine:
 
     name = Engine.HF.value
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, autocast_bf16: bool = False):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        autocast_bf16: bool = False,
+        path: str | None = None,
+    ):
         self.tokenizer = tokenizer
         self.model = model
         self.autocast_bf16 = autocast_bf16
         self.tied = tied_duplicates(self.model.state_dict())
+        self.merger = AdapterMerger(path, dtype=model.dtype) if path is not None else None
 
     def sample(self, prompts: list[list[int]], *, group_size: int, sampling: SamplingParams) -> list[list[Completion]]:
         return sample_completions(
@@ -97,8 +117,16 @@ class HFEngine:
         check_fit(missing, unexpected, self.tied)
 
     def load_fetched(self, weights: WeightClient, fetched: FetchedWeights) -> None:
+        if fetched.adapter is not None:
+            self.load_adapter(fetched.tensors, fetched.adapter)
+            return
         missing, unexpected = weights.load_into(self.model, fetched)  # zero-copy where it can
         check_fit(missing, unexpected, self.tied)
+
+    def load_adapter(self, tensors: Mapping[str, torch.Tensor], spec: AdapterSpec) -> None:
+        if self.merger is None:
+            raise RuntimeError("this HF engine was built without its checkpoint path: it cannot merge adapters")
+        self.merger.merge(tensors, spec, out=dict(self.model.named_parameters()))  # straight into them
 
     def close(self) -> None:
         pass
@@ -145,4 +173,4 @@ def build_engine(
             threads=threads,
             seed=seed,
         )
-    return HFEngine(load_causal_lm(path, device=device).eval(), tokenizer, autocast_bf16=autocast_bf16)
+    return HFEngine(load_causal_lm(path, device=device).eval(), tokenizer, autocast_bf16=autocast_bf16, path=path)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 
 import numpy as np
 import zmq
@@ -32,29 +33,29 @@ from transformers import AutoConfig
 from streamrl.common.fingerprint import model_fingerprint, same_model
 from streamrl.common.human import HumanModelSubscription, beta_at
 from streamrl.common.liveness import Waits
-from streamrl.common.messages import SamplingParams
+from streamrl.common.messages import SamplingParams, Selection
 from streamrl.common.models import configure_torch, load_tokenizer, resolve_model_path, select_device, use_bf16_autocast
 from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
-from streamrl.common.service import ServiceContext
-from streamrl.common.transport import make_socket, send_when_ready
+from streamrl.common.service import ServiceContext, ServiceLoop
+from streamrl.common.transport import send_when_ready
 from streamrl.common.weights import FetchStopped, WeightClient, WeightSyncError
 from streamrl.services.generator.control import select_candidates
 from streamrl.services.generator.credits import CreditClient
 from streamrl.services.generator.engine import build_engine
 from streamrl.services.generator.metrics import GeneratorMetrics
 from streamrl.services.generator.rollouts import group_rollouts
-from streamrl.services.generator.sampling import prepare_prompts
+from streamrl.services.generator.sampling import prepare_run_prompts
 from streamrl.services.generator.versions import needs_fetch, too_stale
 
 log = logging.getLogger(__name__)
 
 
-class GeneratorService:
+class GeneratorService(ServiceLoop):
     """One rollout generator process (see module docstring)."""
 
     def __init__(self, ctx: ServiceContext):
+        super().__init__(ctx)
         cfg = ctx.config
-        self.ctx = ctx
         self.cfg = cfg
         gen = cfg.generator
         configure_torch(gen.threads, seed=cfg.run.seed + 7919 * (ctx.index + 1))
@@ -73,6 +74,7 @@ class GeneratorService:
             threads=gen.threads,
             seed=cfg.run.seed + 7919 * (ctx.index + 1),
         )
+        self.closing(self.engine.close)
         self.fingerprint = model_fingerprint(AutoConfig.from_pretrained(path), self.tokenizer)  # in every rollout
         self.refused_version: int | None = None  # newest announced version refused for another model
         prompts = load_prompts(gen.prompts)
@@ -89,19 +91,12 @@ class GeneratorService:
             sender=self.generator_id,
             credit=t.weight_credit,
             timeout_s=t.request_timeout_s,
-            max_message_bytes=t.max_message_bytes,
-            hwm=t.hwm,
-            security=ctx.security,
             stop=ctx.stop,
+            **ctx.socket_limits,
         )
-        self.push = make_socket(
-            ctx.zmq,
-            zmq.PUSH,
-            connect=cfg.endpoints.scorers,
-            resolve_every_s=cfg.endpoints.resolve_interval_s,
-            max_message_bytes=t.max_message_bytes,
-            hwm=t.hwm,
-            security=ctx.security,
+        self.closing(self.weights.close)
+        self.push = self.socket(
+            zmq.PUSH, connect=cfg.endpoints.scorers, resolve_every_s=cfg.endpoints.resolve_interval_s
         )
         self.credits = None
         if gen.credits:
@@ -112,11 +107,10 @@ class GeneratorService:
                 instance=ctx.instance,
                 metrics=ctx.metrics,
                 timeout_s=t.request_timeout_s,
-                max_message_bytes=t.max_message_bytes,
-                hwm=t.hwm,
-                security=ctx.security,
                 stop=ctx.stop,
+                **ctx.socket_limits,
             )
+            self.closing(self.credits.close)
         self.version: int | None = None
         self.groups_sent = 0
         self.metrics = GeneratorMetrics(ctx.metrics)
@@ -126,28 +120,21 @@ class GeneratorService:
         self.human = None  # action biasing, control sharing: the newest H-hat from the feedback service
         if fb.enabled and fb.combination.selects_candidates:
             self.human = HumanModelSubscription(ctx.zmq, cfg, ctx.metrics, ctx.security)
+            self.closing(self.human.close)
             self.rng = np.random.default_rng(cfg.run.seed + 104729 * (ctx.index + 1))
 
-    def run(self) -> None:
-        """Generate until stopped."""
+    def starting(self) -> None:
         log.info(
             "%s (%s) waiting for the learner's weights on %s",
             self.ctx.instance,
             self.generator_id,
             self.cfg.endpoints.weights_announce,
         )
-        try:
-            while not self.ctx.stop.is_set():
-                if self.sync_weights() and (admitted := self.admit()):
-                    self.generate_batch(admitted)
-        finally:
-            if self.credits is not None:
-                self.credits.close()
-            self.weights.close()
-            self.push.close(0)
-            self.engine.close()
-            if self.human is not None:
-                self.human.close()
+
+    def turn(self) -> None:
+        """Load the newest weights, ask for credits, sample and send what was granted."""
+        if self.sync_weights() and (admitted := self.admit()):
+            self.generate_batch(admitted)
 
     def _control_sharing(self) -> float:
         """beta_t of action biasing or control sharing for this batch (0: sample plainly), after taking the
@@ -191,9 +178,10 @@ class GeneratorService:
                 self.metrics.weight_syncs.inc()
                 self.metrics.version.set(self.version)
                 log.info(
-                    "loaded policy version %d (%.1f MB, fetch %.2fs, verify %.2fs)",
+                    "loaded policy version %d (%.1f MB%s, fetch %.2fs, verify %.2fs)",
                     self.version,
                     fetched.nbytes / 1e6,
+                    f", LoRA adapter rank {fetched.adapter.rank} merged" if fetched.adapter else "",
                     fetched.transfer_s,
                     fetched.verify_s,
                 )
@@ -216,6 +204,7 @@ class GeneratorService:
         want = self.cfg.generator.prompts_per_batch
         if self.credits is None:
             return want
+        assert self.version is not None  # sync_weights loaded one
         grant = self.credits.request(policy_version=self.version, groups_sent=self.groups_sent, want=want)
         if grant is not None and self.groups_sent:
             self.metrics.useful.set(grant.trained_groups / max(1, self.groups_sent))
@@ -260,25 +249,22 @@ class GeneratorService:
             self.waits.done("learner")
 
     def generate_batch(self, num_groups: int | None = None) -> None:
-        """Sample ``num_groups`` groups (default ``prompts_per_batch``) with the loaded weights and send every rollout."""
+        """Sample ``num_groups`` groups (default ``prompts_per_batch``) with the loaded weights and send
+        every rollout."""
         gen = self.cfg.generator
         prompts = self.stream.next_batch(gen.prompts_per_batch if num_groups is None else num_groups)
-        texts, ids = prepare_prompts(
-            self.tokenizer,
-            prompts,
-            chat_template=self.cfg.model.chat_template,
-            system_prompt=self.cfg.model.system_prompt,
-            max_prompt_tokens=gen.max_prompt_tokens,
-        )
+        texts, ids = prepare_run_prompts(self.tokenizer, prompts, self.cfg)
         version = self.version
+        assert version is not None  # sync_weights loaded one
         self.metrics.in_flight.set(len(prompts))
         start = time.perf_counter()
         beta_t = self._control_sharing()
         k = self.cfg.feedback.candidates if beta_t > 0 else 1
         groups = self.engine.sample(ids, group_size=gen.group_size * k, sampling=self.sampling)
-        selections = [None] * len(groups)
+        selections: Sequence[list[Selection] | None] = [None] * len(groups)
         if k > 1:
-            groups, selections = select_candidates(
+            assert self.human is not None  # k > 1 only with an H-hat (_control_sharing)
+            groups, chosen_by = select_candidates(
                 self.human.view,
                 groups,
                 group_size=gen.group_size,
@@ -288,8 +274,9 @@ class GeneratorService:
                 now=time.time(),
                 combination=self.cfg.feedback.combination,
             )
-            chosen = sum(s.by_model for group in selections for s in group)
-            self.metrics.control_shared.inc(sum(len(group) for group in selections))
+            selections = chosen_by
+            chosen = sum(s.by_model for group in chosen_by for s in group)
+            self.metrics.control_shared.inc(sum(len(group) for group in chosen_by))
             self.metrics.selected_by_model.inc(chosen)
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
         self.metrics.in_flight.set(0)

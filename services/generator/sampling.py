@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from streamrl.common.config import Config
 from streamrl.common.messages import FinishReason, SamplingParams
-from streamrl.common.prompts import Prompt, format_prompt
+from streamrl.common.prompt_text import format_prompt
+from streamrl.common.prompts import Prompt
 from streamrl.common.tensors import pad_left
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,21 @@ def prepare_prompts(
     templated = chat_template or any(p.messages is not None for p in prompts)  # the template holds the specials
     ids = encode_prompts(tokenizer, texts, max_prompt_tokens=max_prompt_tokens, add_special_tokens=not templated)
     return texts, ids
+
+
+def prepare_run_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], config: Config
+) -> tuple[list[str], list[list[int]]]:
+    """:func:`prepare_prompts` as the run's generators call it (``model.chat_template``,
+    ``model.system_prompt``, ``generator.max_prompt_tokens``), so that evaluation and the
+    benchmarks give the policy the prompts exactly as training sampled them."""
+    return prepare_prompts(
+        tokenizer,
+        prompts,
+        chat_template=config.model.chat_template,
+        system_prompt=config.model.system_prompt,
+        max_prompt_tokens=config.generator.max_prompt_tokens,
+    )
 
 
 NEUTRAL_SETTINGS: dict[str, object] = {
@@ -237,7 +254,8 @@ def sample_completions(
     width = input_ids.shape[1]
     config = generation_config(model, sampling, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-        out = model.generate(
+        # generate is GenerationMixin's (on every causal LM), not on PreTrainedModel's type
+        out = model.generate(  # type: ignore[operator]
             input_ids=input_ids.to(device), attention_mask=attention.long().to(device), generation_config=config
         )
     new_tokens = out.sequences[:, width:].cpu()  # [N, T']
@@ -263,7 +281,8 @@ def sample_completions(
                 completion_tokens=completion.numpy().astype(np.int32),
                 logprobs=logprobs[i, :length].numpy().astype(np.float32),
                 finish_reason=FinishReason.STOP if len(hits) else FinishReason.LENGTH,
-                text=tokenizer.decode(completion, skip_special_tokens=True),
+                # transformers types decode as str | list[str]; of one sequence it is a str
+                text=tokenizer.decode(completion, skip_special_tokens=True),  # type: ignore[arg-type]
             )
         )
     return result

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from streamrl.common.messages import FinishReason, SamplingParams
+from streamrl.common.lora import AdapterMerger
+from streamrl.common.messages import AdapterSpec, FinishReason, SamplingParams
 from streamrl.common.modes import Engine
 from streamrl.common.weights import FetchedWeights, WeightClient
 from streamrl.services.generator.sampling import Completion
@@ -52,13 +53,44 @@ ENGINE_ENV = {
 """Environment vLLM reads at import; set (unless the user set them) before the first import."""
 
 
-class _DropThreadNotice(logging.Filter):
-    """vLLM's CPU worker replaces ``torch.set_num_threads`` with a function that logs a warning on every
-    call (it pins torch's threads after its start); the threads were set before the engine started, so
-    the repeated notice says nothing."""
+FUSED_LAYERS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Hugging Face layers vLLM packs into one parameter (``qkv_proj``, ``gate_up_proj`` of Llama-style
+models). An adapter version loads every member of a packed group it touches (the base weight for
+members it does not adapt), so a packed parameter is never left half-written."""
+
+
+def complete_fused(names: set[str]) -> set[str]:
+    """``names`` (``<prefix>.<layer>.weight``) plus the other members of each fused group they touch."""
+    out = set(names)
+    for name in names:
+        prefix, _, rest = name.rpartition(".")[0].rpartition(".")
+        for group in FUSED_LAYERS:
+            if rest in group:
+                out.update(f"{prefix}.{member}.weight" for member in group)
+    return out
+
+
+class _DropNotice(logging.Filter):
+    """Drops vLLM records whose message contains one of ``texts``: notices repeated on every call
+    that say nothing here (see where each filter is installed)."""
+
+    def __init__(self, *texts: str):
+        super().__init__()
+        self.texts = texts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "doesn't allow to use `torch.set_num_threads`" not in str(record.msg)
+        return not any(text in str(record.msg) for text in self.texts)
+
+
+_NOTICES = {
+    # the CPU worker replaces torch.set_num_threads with a function that warns on every call (it pins
+    # torch's threads after its start); the threads were set before the engine started
+    "vllm.v1.worker.cpu_worker": ("doesn't allow to use `torch.set_num_threads`",),
+    # an adapter version reloads only the merged layers; every other layer is restored as it was,
+    # which vLLM reports as a warning per layer and per version
+    "vllm.model_executor.model_loader.reload.inplace": ("Following weights were not loaded",),
+    "vllm.model_executor.model_loader.reload.layerwise": ("Failed to load weights",),
+}
 
 
 def checkpoint_names(path: str | Path) -> set[str]:
@@ -141,10 +173,12 @@ class VLLMEngine:
                 "(make setup-vllm picks the right one), or set generator.device"
             )
         self.tokenizer = tokenizer
+        self.merger = AdapterMerger(path, dtype=torch.bfloat16 if bf16 else torch.float32)
         self.expected = checkpoint_names(path)
         self.tied = tied_output_embedding(path)
         self._vllm = vllm
-        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DropThreadNotice())
+        for name, texts in _NOTICES.items():
+            logging.getLogger(name).addFilter(_DropNotice(*texts))
         self.llm = vllm.LLM(
             model=str(path),
             dtype="bfloat16" if bf16 else "float32",
@@ -209,7 +243,8 @@ class VLLMEngine:
                         completion_tokens=tokens,
                         logprobs=logprobs,
                         finish_reason=FinishReason.STOP if stopped else FinishReason.LENGTH,
-                        text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                        # transformers types decode as str | list[str]; of one sequence it is a str
+                        text=self.tokenizer.decode(tokens, skip_special_tokens=True),  # type: ignore[arg-type]
                     )
                 )
             result.append(group)
@@ -222,11 +257,26 @@ class VLLMEngine:
         weights = dict(tensors)
         for output, embedding in self.tied.items():  # vLLM's reload must see every layer, the tied head too:
             weights.setdefault(output, weights[embedding])  # one it never sees is restored to its old values
+        self._reload(weights)
+
+    def _reload(self, weights: Mapping[str, torch.Tensor]) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items())})
         self.llm.reset_prefix_cache()  # no KV block of the old weights is reused
 
     def load_fetched(self, weights: WeightClient, fetched: FetchedWeights) -> None:
+        if fetched.adapter is not None:
+            self.load_adapter(fetched.tensors, fetched.adapter)
+            return
         self.load_state_dict(fetched.tensors)  # vLLM copies into its own (repacked) parameters
+
+    def load_adapter(self, tensors: Mapping[str, torch.Tensor], spec: AdapterSpec) -> None:
+        """Merge the adapter into the base (``W0 + (alpha / r) B A``, :class:`AdapterMerger`) and load only
+        the merged layers, with the base weight of each untouched member of a fused group
+        (:data:`FUSED_LAYERS`); vLLM's reload leaves every layer it is not given as it was (the base)."""
+        merged = self.merger.merge(tensors, spec)
+        rest = complete_fused(set(merged)) - set(merged)
+        merged.update({k: v.to(self.merger.dtype) for k, v in self.merger.base_weights(rest).items()})
+        self._reload(merged)
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

@@ -133,9 +133,9 @@ def vtrace(
     """
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [B, T], got shape {tuple(rewards.shape)}")
-    for name, t in (("values", values), ("log_rhos", log_rhos)):
-        if t.shape != rewards.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but rewards has {tuple(rewards.shape)}")
+    for name, given in (("values", values), ("log_rhos", log_rhos)):
+        if given.shape != rewards.shape:
+            raise ValueError(f"{name} has shape {tuple(given.shape)} but rewards has {tuple(rewards.shape)}")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     if not 0.0 <= lam <= 1.0:

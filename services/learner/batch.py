@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -18,6 +19,10 @@ from streamrl.common.completions import completion_logits, completion_rows
 from streamrl.common.messages import SamplingParams, ScoredRollout
 from streamrl.common.tensors import linear_fp32, pad_right
 from streamrl.services.learner.losses import entropy_from_logits, nucleus_mask, token_logprobs
+
+if TYPE_CHECKING:  # transformers is imported only where a model is built
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 SAMPLING_FIELDS = ("temperature", "top_p")
 """The :class:`SamplingParams` fields that change the distribution a token was drawn
@@ -63,7 +68,8 @@ def split_by_sampling(rollouts: list[ScoredRollout]) -> tuple[list[ScoredRollout
     for key in keys:
         counts[key] = counts.get(key, 0) + 1
     best = max(counts, key=lambda k: counts[k])  # max keeps the first of equal counts
-    kept, refused = [], {}
+    kept: list[ScoredRollout] = []
+    refused: dict[str, list[ScoredRollout]] = {}
     for s, key in zip(rollouts, keys):
         if key == best:
             kept.append(s)
@@ -167,10 +173,9 @@ def collate(rollouts: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
     tokens, mask = rows.tokens, rows.mask
     behaviour, _ = pad_right([s.rollout.behaviour_logprobs for s in rollouts], value=0.0, dtype=torch.float32)
     ref = None
-    if all(s.reference_logprobs is not None for s in rollouts):  # computed by the scorers
-        ref, _ = pad_right(
-            [s.reference_logprobs for s in rollouts], value=0.0, dtype=torch.float32, width=tokens.shape[1]
-        )
+    refs = [s.reference_logprobs for s in rollouts if s.reference_logprobs is not None]
+    if len(refs) == len(rollouts):  # computed by the scorers
+        ref, _ = pad_right(refs, value=0.0, dtype=torch.float32, width=tokens.shape[1])
     group_index: dict[str, int] = {}
     for s in rollouts:
         group_index.setdefault(s.rollout.group_id, len(group_index))
@@ -207,7 +212,7 @@ class ModelOutput:
 
 
 def forward_completions(
-    model: torch.nn.Module,
+    model: PreTrainedModel | PeftModel,
     batch: TrainBatch,
     *,
     value_head: torch.nn.Module | None = None,

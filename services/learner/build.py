@@ -13,11 +13,45 @@ from pathlib import Path
 import torch
 
 from streamrl.common.config import Config
+from streamrl.common.lora import apply_lora, is_adapter_folder, load_lora
 from streamrl.common.models import load_causal_lm, load_tokenizer, resolve_model_path
 from streamrl.services.learner.checkpoint import load_trainer_state
 from streamrl.services.learner.distributed import make_trainer
 from streamrl.services.learner.ptx import PtxSampler, held_out_prompts
 from streamrl.services.learner.value_model import ValueModel
+
+
+def load_policy(cfg: Config, base: str, device: torch.device, resume: Path | None):
+    """``(policy, reference)``: the policy from ``resume`` (its ``model/`` folder) or the base, and a
+    frozen copy of the base; with ``learner.lora`` the policy is a PEFT model (fresh adapters, or the
+    checkpoint's adapter folder on the base) and the reference is None: the policy with its adapters
+    disabled (:class:`~streamrl.services.learner.trainer.PPOTrainer`).
+
+    Raises:
+        RuntimeError: the checkpoint holds a whole model and ``learner.lora`` is set, or an adapter and
+            it is not (the fix says which to change).
+    """
+    lora = cfg.learner.lora
+    saved = resume / "model" if resume is not None else None
+    if saved is not None and is_adapter_folder(saved) != (lora is not None):
+        held = "a LoRA adapter" if is_adapter_folder(saved) else "a whole model"
+        raise RuntimeError(
+            f"checkpoint {resume} holds {held} but learner.lora is {'set' if lora else 'not set'}; fix: "
+            f"{'remove' if lora else 'add'} [learner.lora] to resume it, or start in a new run.output_dir"
+        )
+    if lora is None:
+        policy = load_causal_lm(str(saved) if saved else base, device=device)
+        return policy, load_causal_lm(base, device=device).eval()
+    model = load_causal_lm(base, device=device)
+    if saved is not None:
+        return load_lora(model, saved, trainable=True), None
+    try:
+        return apply_lora(model, lora), None
+    except ValueError as err:  # PEFT: no module of the model matches a target
+        raise RuntimeError(
+            f"learner.lora.target_modules {lora.target_modules} do not fit {base} ({err}); fix: name linear "
+            "layers of the model (the last part of their module names, e.g. q_proj, v_proj)"
+        ) from err
 
 
 def build_trainer(cfg: Config, device: torch.device, resume: Path | None, *, dist=None):
@@ -39,10 +73,10 @@ def build_trainer(cfg: Config, device: torch.device, resume: Path | None, *, dis
     lc = cfg.learner
     base = resolve_model_path(cfg.model.path, cfg.model.cache_path)
     tokenizer = load_tokenizer(base)
-    policy = load_causal_lm(str(resume / "model") if resume else base, device=device)
-    reference = load_causal_lm(base, device=device).eval()
+    policy, reference = load_policy(cfg, base, device, resume)
     ptx = None
     if lc.ptx_coef > 0:
+        assert lc.ptx_data is not None  # the config's cross checks require it with ptx_coef > 0
         ptx = PtxSampler(
             lc.ptx_data,
             tokenizer,

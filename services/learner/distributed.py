@@ -59,6 +59,7 @@ import logging
 import os
 from dataclasses import dataclass, fields
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -294,12 +295,12 @@ class DistributedPPOTrainer(PPOTrainer):
         self.dist = dist
         # DDP broadcasts rank 0's parameters and buffers here: every rank starts identical
         # (buffers, e.g. rotary tables, never change: no per-forward sync; the init sync stays)
-        no_sync = (
+        no_sync: dict[str, Any] = (
             {"forward_sync_buffers": False}
             if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
             else {"broadcast_buffers": False}
         )
-        self.ddp = DistributedDataParallel(_Trained(self), device_ids=None, **no_sync)
+        self.ddp: DistributedDataParallel | None = DistributedDataParallel(_Trained(self), device_ids=None, **no_sync)
         self._closed = False
 
     def step(self, batch: TrainBatch, current_version: int) -> dict[str, float]:
@@ -315,6 +316,7 @@ class DistributedPPOTrainer(PPOTrainer):
             op, batch, version = broadcast_batch(self.dist, None)
             if op == STOP:
                 return steps
+            assert batch is not None  # every other op carries a batch
             self._reduce_stats(super().step(batch, version))
             steps += 1
 
@@ -354,6 +356,8 @@ class DistributedPPOTrainer(PPOTrainer):
         return [rows[self.dist.rank :: self.dist.world_size] for rows in flat.split(sizes)]
 
     def _forward(self, mb: TrainBatch) -> ModelOutput:
+        if self.ddp is None:
+            raise RuntimeError("the distributed trainer was closed: it cannot train any more")
         return self.ddp(mb)
 
     def _backward(self, loss: Tensor, mb: TrainBatch) -> None:

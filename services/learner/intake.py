@@ -21,7 +21,8 @@ def split_in_vocabulary(
     Returns:
         ``(kept, refused)``, each in input order.
     """
-    kept, refused = [], []
+    kept: list[ScoredRollout] = []
+    refused: list[ScoredRollout] = []
     for s in rollouts:
         r = s.rollout
         ok = max(int(r.prompt_tokens.max()), int(r.completion_tokens.max())) < vocab_size
@@ -40,7 +41,8 @@ def split_same_model(
     Returns:
         ``(kept, refused)``, each in input order.
     """
-    kept, refused = [], []
+    kept: list[ScoredRollout] = []
+    refused: list[ScoredRollout] = []
     for s in rollouts:
         (kept if same_model(fingerprint, s.rollout.model_fingerprint) else refused).append(s)
     return kept, refused

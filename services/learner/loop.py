@@ -39,12 +39,13 @@ import zmq
 from streamrl.common.fingerprint import model_fingerprint
 from streamrl.common.human import beta_at, human_terms
 from streamrl.common.liveness import Waits
+from streamrl.common.lora import adapter_spec, is_lora, wire_state
 from streamrl.common.messages import Batch, BatchRequest
 from streamrl.common.models import configure_torch, select_device
 from streamrl.common.modes import HumanCombination
-from streamrl.common.service import ServiceContext
+from streamrl.common.service import ServiceContext, ServiceLoop
 from streamrl.common.tracking import Tracker
-from streamrl.common.transport import Inbox, make_socket, try_send
+from streamrl.common.transport import try_send
 from streamrl.common.weights import WeightServer
 from streamrl.services.learner.batch import collate, split_by_sampling
 from streamrl.services.learner.build import build_trainer
@@ -59,13 +60,13 @@ from streamrl.services.learner.versions import continue_at, read_published_versi
 log = logging.getLogger(__name__)
 
 
-class LearnerService:
+class LearnerService(ServiceLoop):
     """The single learner process."""
 
     def __init__(self, ctx: ServiceContext):
+        super().__init__(ctx)
         cfg = ctx.config
         lc = cfg.learner
-        self.ctx = ctx
         self.cfg = cfg
         configure_torch(lc.threads, seed=cfg.run.seed)
         # learner.world_size > 1: rank 0 of a data-parallel learner (distributed.py; the others launch.run_worker)
@@ -74,6 +75,8 @@ class LearnerService:
         self.checkpoints = self.output / "checkpoints"
         resume = latest_checkpoint(self.checkpoints)
         self.trainer, self.tokenizer, state = build_trainer(cfg, self.device, resume, dist=self.dist)
+        if self.dist is not None:
+            self.closing(self.trainer.close)  # the other ranks stop after the final checkpoint
         policy = self.trainer.policy
         self.step = 0
         self.version = 0
@@ -112,54 +115,49 @@ class LearnerService:
             metrics=ctx.metrics,
             sender=ctx.instance,
             announce_interval_s=t.announce_interval_s,
-            max_message_bytes=t.max_message_bytes,
-            hwm=t.hwm,
-            security=ctx.security,
             dtype=t.weight_dtype,
             chunk_bytes=t.weight_chunk_bytes,
             peer_max_bytes=2 * t.weight_credit * t.weight_chunk_bytes,
+            **ctx.socket_limits,
         )
-        self.dealer = make_socket(
-            ctx.zmq,
-            zmq.DEALER,
-            connect=[cfg.endpoints.batches],
-            max_message_bytes=t.max_message_bytes,
-            hwm=t.hwm,
-            security=ctx.security,
-        )
-        self.inbox = Inbox(ctx.metrics, [Batch], max_bytes=t.max_message_bytes, socket_name="batches")
+        self.closing(self.weights.close)
+        self.dealer = self.socket(zmq.DEALER, connect=[cfg.endpoints.batches])
+        self.inbox = ctx.inbox([Batch], "batches")
         self.fingerprint = model_fingerprint(policy.config, self.tokenizer)  # in every announcement
-        self.weights.model_fingerprint = self.fingerprint
+        self.weights.model_fingerprint = self.fingerprint  # with learner.lora: the base's (PEFT forwards .config)
+        self.weights.adapter = adapter_spec(policy) if is_lora(policy) else None  # then only adapters are sent
         self.metrics = LearnerMetrics(ctx.metrics)
         self.refusals_logged: set[str] = set()
         self.waits = Waits(ctx.metrics, warn_after_s=cfg.transport.request_timeout_s * 3)
         self.log_path = self.output / "metrics.jsonl"
         self.tracker = Tracker.for_run(cfg, self.step)  # TensorBoard (+ W&B): docs/metrics.md, "Tracking"
+        self.closing(self.tracker.close)
 
     # ------------------------------------------------------------------ main
 
     def run(self) -> None:
         """Train until ``total_steps`` or a stop signal; checkpoint at the end."""
-        lc = self.cfg.learner
+        super().run()
+        log.info("learner finished at step %d, version %d", self.step, self.version)
+
+    def starting(self) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
         self.publish()
-        try:
-            while self.step < lc.total_steps and not self.ctx.stop.is_set():
-                waited_from = time.perf_counter()
-                batch = self.fetch_batch()
-                if batch is None:
-                    break
-                wait_s = time.perf_counter() - waited_from
-                self.train_on(batch, wait_s)
-            if self.step > 0 and not (self.checkpoints / f"step-{self.step:06d}").exists():
-                self.save()
-        finally:
-            if self.dist is not None:
-                self.trainer.close()  # the other ranks stop after the final checkpoint
-            self.tracker.close()
-            self.weights.close()
-            self.dealer.close(0)
-        log.info("learner finished at step %d, version %d", self.step, self.version)
+
+    def more(self) -> bool:
+        return self.step < self.cfg.learner.total_steps and super().more()
+
+    def turn(self) -> None:
+        """Wait for a batch (None: stopped while waiting) and train one step on it."""
+        waited_from = time.perf_counter()
+        batch = self.fetch_batch()
+        if batch is not None:
+            self.train_on(batch, time.perf_counter() - waited_from)
+
+    def finishing(self) -> None:
+        """The final checkpoint (unless this step has one)."""
+        if self.step > 0 and not (self.checkpoints / f"step-{self.step:06d}").exists():
+            self.save()
 
     def train_on(self, batch: Batch, wait_s: float) -> dict:
         """One learner step on ``batch``: train, ledger, checkpoint (when due), publish, log.
@@ -241,7 +239,7 @@ class LearnerService:
         lc, t = self.cfg.learner, self.cfg.transport
         last_sent = start
         while not self.ctx.stop.is_set():
-            if self.dealer.poll(500 if sent else 100):
+            if self.wait_for(self.dealer, 0.5 if sent else 0.1):
                 msg = self.inbox.decode(self.dealer.recv_multipart(copy=False))
                 if msg is None or not msg.rollouts:
                     continue
@@ -348,7 +346,7 @@ class LearnerService:
         """
         start = time.perf_counter()
         write_published_version(self.published_path, self.version)
-        self.weights.publish_state_dict(self.trainer.policy.state_dict(), self.version)
+        self.weights.publish_state_dict(wire_state(self.trainer.policy), self.version)
         seconds = time.perf_counter() - start
         self.metrics.publish_seconds.observe(seconds)
         self.metrics.version.set(self.version)

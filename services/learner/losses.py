@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,7 +55,7 @@ overflows (NaN or inf loss, a skipped minibatch)."""
 # --------------------------------------------------------------------------- helpers
 
 
-def _member(enum: type, value, name: str):
+def _member(enum: type[Enum], value: Any, name: str) -> Any:
     try:
         return enum(value)
     except ValueError:
@@ -263,7 +265,8 @@ def policy_loss(
             (right-padded). Padded positions may hold any garbage.
         correction: a :class:`Correction` (or its string value).
         clip_eps: PPO clip range ``e > 0``.
-        is_cap: truncation ``C > 0`` of the importance weight (unused by ``none``; ``vtrace``: rho-bar, for the statistics).
+        is_cap: truncation ``C > 0`` of the importance weight (unused by ``none``; ``vtrace``: rho-bar,
+            for the statistics).
         dual_clip: ``c > 1`` of dual-clip PPO, or ``None`` for plain clipping.
         is_level: ``tis`` only: one weight per ``sequence`` or per ``token`` (an
             :class:`ISLevel` or its value).

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import torch
 
 from streamrl.common.config import PromptSource
-from streamrl.common.prompts import Prompt, PromptStream, conversation_text, load_prompts, split_prompts
+from streamrl.common.prompt_text import conversation_text
+from streamrl.common.prompts import Prompt, PromptStream, load_prompts, split_prompts
 from streamrl.common.tensors import pad_right
 from streamrl.services.learner.trainer import PtxBatch
 

@@ -89,7 +89,8 @@ def roll_back_ledger(path: Path, checkpoint_step: int) -> list[int]:
     """
     if not path.exists():
         return []
-    kept, moved = [], []
+    kept: list[tuple[int, str]] = []
+    moved: list[tuple[int, str]] = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue

@@ -26,14 +26,17 @@ version, however many optimizer updates it made.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 from torch import Tensor
 
 from streamrl.common.config import LearnerSection
+from streamrl.common.lora import is_lora
 from streamrl.common.models import adamw, use_bf16_autocast
-from streamrl.common.modes import AdvantageEstimator, Correction, KLPenaltyMode
+from streamrl.common.modes import AdvantageEstimator, Correction, KLPenaltyMode, LossAggregation
 from streamrl.common.tensors import fill_padding, masked_mean, masked_var, masked_whiten
 from streamrl.services.learner.advantages import gae, group_advantages, per_token_rewards, vtrace
 from streamrl.services.learner.batch import ModelOutput, TrainBatch, forward_completions
@@ -47,6 +50,13 @@ from streamrl.services.learner.losses import (
     value_loss,
 )
 from streamrl.services.learner.normalization import RunningMeanStd
+
+
+class _Aggregation(TypedDict):
+    """How every per-token loss term is reduced (the keywords of :func:`aggregate_tokens`)."""
+
+    aggregation: LossAggregation
+    max_tokens: int | None
 
 
 @dataclass
@@ -143,7 +153,9 @@ class PPOTrainer:
 
     Args:
         policy: causal LM being trained (on ``device``).
-        reference: frozen copy of the initial policy (eval mode, no grad).
+        reference: frozen copy of the initial policy (eval mode, no grad); None for a LoRA policy
+            (:func:`streamrl.common.lora.apply_lora`): the reference is then the policy itself with its
+            adapters disabled (PEFT's ``disable_adapter()``), the base weights, with no second copy.
         cfg: the learner config section.
         ptx_sampler: callable returning a :class:`PtxBatch`, required when ``cfg.ptx_coef > 0``.
         value_model: with ``gae``, a separate critic (e.g. :class:`~streamrl.services.learner.
@@ -153,13 +165,16 @@ class PPOTrainer:
 
     def __init__(self, policy, reference, cfg: LearnerSection, *, ptx_sampler=None, value_model=None):
         self.policy = policy
-        self.reference = reference
+        if reference is None and not is_lora(policy):
+            raise ValueError("reference=None needs a LoRA policy (the base with its adapters disabled)")
+        self.reference = policy if reference is None else reference
+        self._reference_scope = policy.disable_adapter if reference is None else contextlib.nullcontext
         self.cfg = cfg
         self.ptx_sampler = ptx_sampler
         self.device = next(policy.parameters()).device
         self.bf16 = use_bf16_autocast(cfg.autocast_bf16, self.device, "learner.autocast_bf16")
         self.value_head: torch.nn.Linear | None = None
-        params = list(policy.parameters())
+        params = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters only
         self.value_model = value_model if cfg.advantage is AdvantageEstimator.GAE else None
         if cfg.advantage is AdvantageEstimator.GAE and self.value_model is None:
             self.value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(self.device)
@@ -173,7 +188,7 @@ class PPOTrainer:
             )
         self.kl_controller = make_kl_controller(cfg.kl_coef, cfg.kl_target_per_sequence, cfg.kl_horizon)
         self.reward_stats = RunningMeanStd()
-        for p in reference.parameters():
+        for p in reference.parameters() if reference is not None else ():
             p.requires_grad_(False)
         for model in (policy, reference, self.value_head, self.value_model):
             if model is not None:
@@ -215,7 +230,7 @@ class PPOTrainer:
         self.policy.eval()  # never train mode: pi and pi_old must be the same function (no dropout)
         # every per-token term (policy, value, entropy, KL loss) is aggregated the same way; the
         # fixed-length normaliser is the generation budget (at least the longest completion)
-        aggregation = {
+        aggregation: _Aggregation = {
             "aggregation": cfg.loss_aggregation,
             "max_tokens": max(batch.sampling.max_new_tokens, batch.mask.shape[1]),
         }
@@ -239,9 +254,11 @@ class PPOTrainer:
                     is_mode=cfg.is_mode,
                     **aggregation,
                 )
+                assert out.entropy is not None  # _forward asks for it
                 entropy = aggregate_tokens(out.entropy, mb.mask, **aggregation)
                 loss = pl - cfg.entropy_coef * entropy
                 if out.values is not None:
+                    assert old.values is not None and returns is not None  # a critic: GAE targets (targets())
                     vl, vclip = value_loss(
                         out.values,
                         old.values[rows, :t],
@@ -376,7 +393,7 @@ class PPOTrainer:
         for rows, out in parts:
             t = out.logprobs.shape[1]
             logprobs[rows, :t] = out.logprobs.detach().float()
-            if values is not None:
+            if values is not None and out.values is not None:  # every part has values, or none
                 values[rows, :t] = out.values.detach().float()
         return ModelOutput(logprobs=logprobs, entropy=None, values=values)
 
@@ -421,7 +438,7 @@ class PPOTrainer:
         if batch.ref_logprobs is not None:  # the scorers' reference pass
             ref_logprobs = batch.ref_logprobs
         else:  # the untruncated reference, as the scorers compute it
-            with self._amp():
+            with self._amp(), self._reference_scope():
                 ref_logprobs = forward_completions(self.reference, batch, truncate=False).logprobs
         kl_tokens = fill_padding(*_kl_tokens(old.logprobs, ref_logprobs, mask, cfg.kl_estimator))
         beta = self.kl_controller.value
@@ -434,6 +451,7 @@ class PPOTrainer:
         in_reward = cfg.kl_penalty is KLPenaltyMode.REWARD
         returns = None
         if cfg.advantage is AdvantageEstimator.GAE:
+            assert old.values is not None  # GAE comes with a critic: a value head or learner.value_model
             token_rewards = per_token_rewards(scores, kl_tokens if in_reward else None, mask, kl_coef=beta)
             if cfg.correction is Correction.VTRACE:  # off-policy targets: IMPALA eqs. 1-3 on pi_old / mu
                 returns, advantages = vtrace(

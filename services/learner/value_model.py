@@ -16,10 +16,15 @@ text ``s_t`` (tested), the score the scorer would give it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from streamrl.common.reward_model import RewardModelInfo, score_head
+
+if TYPE_CHECKING:  # transformers is imported only where a model is built
+    from transformers import PreTrainedModel
 from streamrl.common.tensors import linear_fp32
 from streamrl.services.learner.batch import TrainBatch
 
@@ -34,7 +39,7 @@ class ValueModel(torch.nn.Module):
         bias: initial value of the additive scalar (the RM's normalisation bias).
     """
 
-    def __init__(self, classifier: torch.nn.Module, *, bias: float = 0.0):
+    def __init__(self, classifier: PreTrainedModel, *, bias: float = 0.0):
         super().__init__()
         if classifier.config.num_labels != 1:
             raise ValueError(f"a value model needs a one-label reward model, got {classifier.config.num_labels} labels")

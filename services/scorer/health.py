@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from streamrl.common.messages import Rollout
 from streamrl.services.scorer.metrics import ScorerMetrics
@@ -97,7 +97,7 @@ class RewardHealth:
         return sum(self.recent) / len(self.recent) if self.recent else 0.0
 
     def record(
-        self, batch: Sequence[Rollout], failures: Mapping[str, BaseException], raised: Sequence[BaseException] = ()
+        self, batch: Sequence[Rollout], failures: dict[str, BaseException], raised: Sequence[BaseException] = ()
     ) -> None:
         """Record a scored micro-batch.
 
@@ -141,7 +141,7 @@ class RewardHealth:
         self.metrics.consecutive.set(0)
         self._update(None, ended)
 
-    def _count(self, batch: Sequence[Rollout], failures: Mapping[str, BaseException]) -> None:
+    def _count(self, batch: Sequence[Rollout], failures: dict[str, BaseException]) -> None:
         """Count the failed rollouts by reason and log each reason's first failure."""
         reasons = Counter(type(exc).__name__ for exc in failures.values())
         for reason, count in reasons.items():

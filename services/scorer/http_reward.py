@@ -162,9 +162,17 @@ class HttpReward:
         started = time.monotonic()
         attempts = 0
         give_up = stop_after_attempt(self.retries + 1)
+        stop = self.stop
+
+        def pause(seconds: float) -> None:  # the back-off, cut short when the service stops
+            if stop is None:
+                time.sleep(seconds)
+            else:
+                stop.wait(seconds)
+
         retrying = Retrying(
-            stop=give_up if self.stop is None else give_up | stop_when_event_set(self.stop),
-            sleep=time.sleep if self.stop is None else self.stop.wait,
+            stop=give_up if stop is None else give_up | stop_when_event_set(stop),
+            sleep=pause,
             wait=wait_exponential(multiplier=self.backoff_s, exp_base=2) + wait_random(0, 0.1 * self.backoff_s),
             retry=retry_if_exception(lambda e: isinstance(e, _Transient)),
             reraise=True,
@@ -231,7 +239,11 @@ class HttpReward:
         return [float(v) for v in rewards]
 
 
-PROBE_BODY = {"prompts": ["streamrl check"], "completions": ["a probe of the reward server"], "metadata": [{}]}
+PROBE_BODY: dict[str, Any] = {
+    "prompts": ["streamrl check"],
+    "completions": ["a probe of the reward server"],
+    "metadata": [{}],
+}
 """The one request :func:`probe_problems` sends (the contract's three lists, one item each)."""
 
 

@@ -19,10 +19,10 @@ import time
 import zmq
 
 from streamrl.common.human import HumanModelSubscription
-from streamrl.common.messages import Rollout
+from streamrl.common.messages import GroupDropped, Rollout, ScoredRollout
 from streamrl.common.models import configure_torch, select_device
-from streamrl.common.service import ServiceContext
-from streamrl.common.transport import Inbox, make_socket, send_when_ready, try_send
+from streamrl.common.service import ServiceContext, ServiceLoop
+from streamrl.common.transport import send_when_ready, try_send
 from streamrl.services.scorer.health import RewardHealth
 from streamrl.services.scorer.human import add_human_scores
 from streamrl.services.scorer.metrics import ScorerMetrics
@@ -40,10 +40,11 @@ from streamrl.services.scorer.scoring import (
 log = logging.getLogger(__name__)
 
 
-class ScorerService:
+class ScorerService(ServiceLoop):
     """One scorer process; binds ``endpoints.scorers[index]``."""
 
     def __init__(self, ctx: ServiceContext):
+        super().__init__(ctx)
         cfg = ctx.config
         try:
             self.endpoint = cfg.endpoints.scorer_bind(ctx.local_index) or scorer_endpoint(
@@ -52,47 +53,19 @@ class ScorerService:
         except ValueError as err:
             raise SystemExit(str(err)) from None
         configure_torch(cfg.scorer.threads, seed=cfg.run.seed)
-        self.ctx = ctx
         self.reward = build_reward(cfg.scorer.rewards, device=select_device(cfg.scorer.device), stop=ctx.stop)
-        t = cfg.transport
-        self.pull = make_socket(
-            ctx.zmq,
-            zmq.PULL,
-            bind=self.endpoint,
-            max_message_bytes=t.max_message_bytes,
-            hwm=t.hwm,
-            security=ctx.security,
-        )
-        self.push = make_socket(
-            ctx.zmq,
-            zmq.PUSH,
-            connect=[cfg.endpoints.buffer],
-            max_message_bytes=t.max_message_bytes,
-            hwm=t.hwm,
-            security=ctx.security,
-        )
-        self.inbox = Inbox(ctx.metrics, [Rollout], max_bytes=t.max_message_bytes, socket_name="rollouts")
+        self.pull = self.socket(zmq.PULL, bind=self.endpoint)
+        self.push = self.socket(zmq.PUSH, connect=[cfg.endpoints.buffer])
+        self.inbox = ctx.inbox([Rollout], "rollouts")
         self.metrics = ScorerMetrics(ctx.metrics)
         fb = cfg.feedback
         # people in the loop: the feed to the feedback service (a PUB: never blocks, drops when nobody
         # listens) and, for reward shaping, the newest H-hat from it
-        self.feed = (
-            make_socket(
-                ctx.zmq,
-                zmq.PUB,
-                connect=[cfg.endpoints.feedback],
-                max_message_bytes=t.max_message_bytes,
-                hwm=t.hwm,
-                security=ctx.security,
-            )
-            if fb.enabled
-            else None
-        )
-        self.human = (
-            HumanModelSubscription(ctx.zmq, cfg, ctx.metrics, ctx.security)
-            if fb.enabled and fb.combination.scores_rollouts
-            else None
-        )
+        self.feed = self.socket(zmq.PUB, connect=[cfg.endpoints.feedback]) if fb.enabled else None
+        self.human = None
+        if fb.enabled and fb.combination.scores_rollouts:
+            self.human = HumanModelSubscription(ctx.zmq, cfg, ctx.metrics, ctx.security)
+            self.closing(self.human.close)
         self.reference = ReferencePass(cfg) if cfg.scorer.reference_logprobs else None
         sc = cfg.scorer
         self.health = RewardHealth(
@@ -106,25 +79,18 @@ class ScorerService:
         for reason in ("reward_raised", "group_member_raised"):
             self.metrics.dropped.labels(reason=reason)
 
-    def run(self) -> None:
-        """Score until stopped."""
+    def starting(self) -> None:
         log.info("%s scoring on %s with %s", self.ctx.instance, self.endpoint, ", ".join(self.reward.names))
-        try:
-            while not self.ctx.stop.is_set():
-                batch = self._receive_batch()
-                if batch:
-                    self.score_and_send(batch)
-        finally:
-            self.pull.close(0)
-            self.push.close(0)
-            if self.feed is not None:
-                self.feed.close(0)
-            if self.human is not None:
-                self.human.close()
+
+    def turn(self) -> None:
+        """Score the micro-batch that arrived (waiting up to 0.5 s for one)."""
+        batch = self._receive_batch()
+        if batch:
+            self.score_and_send(batch)
 
     def _receive_batch(self) -> list[Rollout]:
         batch: list[Rollout] = []
-        if not self.pull.poll(500):
+        if not self.wait_for(self.pull, 0.5):
             return batch
         while len(batch) < MAX_BATCH and self.pull.poll(0):
             msg = self.inbox.decode(self.pull.recv_multipart(copy=False))
@@ -149,14 +115,7 @@ class ScorerService:
         self.ctx.ledger.add("dropped", len(scoring.failures) + mates)  # measured ledger: survives kill -9
         for notice in notices:
             self.dropped_groups.add(notice.group_id)
-            if not send_when_ready(
-                self.push,
-                notice,
-                stop=self.ctx.stop,
-                blocked_seconds=metrics.blocked,
-                warn_after_s=self.ctx.config.transport.request_timeout_s,
-                peer="the buffer",
-            ):
+            if not self._send(notice):
                 self.ctx.ledger.add("unsent", len(results))
                 return
         if not results:
@@ -174,14 +133,7 @@ class ScorerService:
         if self.reference is not None:  # the learner's reference pass, done here
             metrics.reference_seconds.observe(self.reference.fill(results))
         for sent, scored in enumerate(results):
-            if not send_when_ready(
-                self.push,
-                scored,
-                stop=self.ctx.stop,
-                blocked_seconds=metrics.blocked,
-                warn_after_s=self.ctx.config.transport.request_timeout_s,
-                peer="the buffer",
-            ):
+            if not self._send(scored):
                 metrics.lost.inc(len(results) - sent)
                 self.ctx.ledger.add("unsent", len(results) - sent)
                 log.info("stopped while the buffer was full: %d scored rollouts not sent", len(results) - sent)
@@ -191,3 +143,14 @@ class ScorerService:
             metrics.rewards.observe(scored.reward)
             if self.feed is not None and try_send(self.feed, scored):
                 metrics.feed_sent.inc()
+
+    def _send(self, message: ScoredRollout | GroupDropped) -> bool:
+        """Push ``message`` to the buffer, waiting while it is full (backpressure); False when stopped first."""
+        return send_when_ready(
+            self.push,
+            message,
+            stop=self.ctx.stop,
+            blocked_seconds=self.metrics.blocked,
+            warn_after_s=self.ctx.config.transport.request_timeout_s,
+            peer="the buffer",
+        )

@@ -420,7 +420,7 @@ def build_reward(
     Raises:
         ResourceError: a function that does not import or does not take its ``kwargs``
             (``streamrl check`` reports these first; see ``RewardSpec.function_problems``).
-        ValueError: an empty list or duplicate names.
+        ValueError: an empty list, duplicate names, or a spec with no function, url or model.
         OSError: a reward-model folder that does not hold a loadable model.
     """
     components: list[RewardComponent] = []
@@ -443,7 +443,7 @@ def build_reward(
                 stop=stop,
             )
             components.append(RewardComponent(name=spec.name or "http_reward", weight=spec.weight, fn=server))
-        else:
+        elif spec.model is not None:
             scorer = RewardModelScorer(
                 spec.model,
                 batch_size=spec.batch_size,
@@ -456,4 +456,6 @@ def build_reward(
 
             limited = TimeLimited(scorer, timeout_s=spec.timeout_s, what=f"reward model {spec.model}")
             components.append(RewardComponent(name=spec.name or "reward_model", weight=spec.weight, fn=limited))
+        else:  # the schema refuses such a spec; one built by hand may still lack all three
+            raise ValueError(f"reward spec {spec.name!r} has no function, url or model")
     return CompositeReward(components)

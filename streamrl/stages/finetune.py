@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from streamrl.common.lora import apply_lora
 from streamrl.common.models import adamw
 
 __all__ = [
@@ -64,15 +65,36 @@ class Trunk:
         trainable_layers: the top blocks trained; the embeddings and every block below them
             are frozen. None = train everything (nothing frozen, nothing cached).
         cache: keep the frozen part's output per text (by token ids) instead of recomputing it.
+        lora: a ``[learner.lora]``-style section: LoRA adapters (PEFT, :func:`streamrl.common.lora.apply_lora`)
+            on every block and only they train (with ``heads``); :meth:`merge` then folds them into the
+            weights. Needs ``trainable_layers = None``.
+        heads: names of top-level modules of ``model`` that train in full beside the adapters (the
+            reward model's ``score`` head).
 
     Raises:
         ValueError: ``trainable_layers`` outside ``[0, number of blocks]``, or a body without
             ``layers``/``norm`` when blocks are to be frozen.
     """
 
-    def __init__(self, model: torch.nn.Module, *, trainable_layers: int | None, cache: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        trainable_layers: int | None,
+        cache: bool = True,
+        lora=None,
+        heads: Sequence[str] = (),
+    ):
         self.model = model
         self.base = model.base_model
+        self.lora = None
+        if lora is not None:
+            if trainable_layers is not None:
+                raise ValueError("lora adapts every block; fix: set trainable_layers to none")
+            # adapters injected into `model`, its weights frozen (a generic PEFT model: SFT or reward model)
+            self.lora = apply_lora(model, lora, causal_lm=False)
+            for name in heads:
+                getattr(model, name).requires_grad_(True)
         blocks = getattr(self.base, "layers", None)
         if trainable_layers is None:
             self.frozen = 0
@@ -114,6 +136,14 @@ class Trunk:
                 f"(here {self.frozen} and {other.frozen}, caching {self.caching} and {other.caching})"
             )
         self._cache = other._cache
+
+    def merge(self) -> torch.nn.Module:
+        """Fold the LoRA adapters into the weights (PEFT's ``merge_and_unload``; ``W0 + (alpha / r) B A``)
+        and return the plain model (``self.model``, now without adapter modules); no-op without ``lora``."""
+        if self.lora is not None:
+            self.model = self.lora.merge_and_unload()
+            self.lora = None
+        return self.model
 
     @property
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

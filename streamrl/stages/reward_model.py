@@ -161,7 +161,9 @@ def run_rm(config: Config, *, force: bool = False, log: Callable[[str], None] = 
     first: Trunk | None = None
     for name, rows in encoded.items():
         model, fresh = _load_classifier(stage.base, tokenizer.pad_token_id, stage.device)
-        trunk = Trunk(model, trainable_layers=cfg.trainable_layers, cache=cfg.cache_frozen)
+        trunk = Trunk(
+            model, trainable_layers=cfg.trainable_layers, cache=cfg.cache_frozen, lora=cfg.lora, heads=("score",)
+        )
         label = f"rm {name}" if name else "rm"
         log(
             f"{label}: {len(rows)} training rows, {len(encoded_held)} held-out rows, {stage.base} "
@@ -187,6 +189,7 @@ def run_rm(config: Config, *, force: bool = False, log: Callable[[str], None] = 
             config=cfg.model_dump(mode="json"),
             **({"role": name} if name else {}),
         )
+        model = trunk.merge()  # LoRA: adapters folded in, a plain sequence classifier
         setattr(model.config, REWARD_INFO_KEY, info.to_dict())
         trained[name] = (model, summary)
     if not cfg.gold:

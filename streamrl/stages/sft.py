@@ -112,7 +112,7 @@ def run_sft(config: Config, *, force: bool = False, log: Callable[[str], None] =
         return stage
     tokenizer = stage.tokenizer
     model = load_causal_lm(stage.base, device=stage.device)
-    trunk = Trunk(model, trainable_layers=cfg.trainable_layers, cache=cfg.cache_frozen)
+    trunk = Trunk(model, trainable_layers=cfg.trainable_layers, cache=cfg.cache_frozen, lora=cfg.lora)
     options = dict(
         chat_template=config.model.chat_template, system_prompt=config.model.system_prompt, max_length=cfg.max_length
     )
@@ -122,7 +122,8 @@ def run_sft(config: Config, *, force: bool = False, log: Callable[[str], None] =
     pad = tokenizer.pad_token_id
     log(
         f"sft: {len(encoded)} training rows, {len(encoded_held)} held-out rows, {stage.base} "
-        f"({trunk.frozen} of {model.config.num_hidden_layers} blocks frozen), {stage.device}"
+        f"({trunk.frozen} of {model.config.num_hidden_layers} blocks frozen{', LoRA' if cfg.lora else ''}), "
+        f"{stage.device}"
     )
     trunk.precompute([e[0] for e in encoded + encoded_held], pad_id=pad, batch_size=cfg.batch_size, log=log)
     before, tokens = heldout_loss(trunk, encoded_held, pad_id=pad, batch_size=cfg.batch_size)
@@ -172,7 +173,7 @@ def run_sft(config: Config, *, force: bool = False, log: Callable[[str], None] =
             for e in stage.train
         ],
     }
-    return stage.save(model, summary, log, files=files)
+    return stage.save(trunk.merge(), summary, log, files=files)
 
 
 def demonstration_text(example: Example, tokenizer, *, chat_template: bool, system_prompt: str | None) -> str:

@@ -12,23 +12,7 @@ from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.common.prompts import load_prompts, split_prompts
 from streamrl.evaluation import evaluate, held_out_prompts
 from streamrl.report import plot_learning_curve
-from support import REPO
-
-
-def tiny_config(model_dir):
-    return validate_config(
-        {
-            "model": {"path": str(model_dir)},
-            "generator": {
-                "max_new_tokens": 10,
-                "prompts": {"path": str(REPO / "deploy/prompts/review_openings.jsonl"), "eval_fraction": 0.1},
-            },
-            "scorer": {
-                "rewards": [{"function": "streamrl.services.scorer.rewards:count_char", "kwargs": {"char": "e"}}]
-            },
-            "learner": {"device": "cpu"},
-        }
-    )
+from support import tiny_eval_config as tiny_config
 
 
 def test_held_out_prompts_are_the_eval_split(tiny_model_dir):

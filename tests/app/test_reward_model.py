@@ -293,3 +293,17 @@ def test_a_complete_stage_is_refused_when_its_base_model_was_retrained(tmp_path)
     again = run_rm(config, force=True, log=lambda line: None)
     assert again["base_fingerprint"] not in ("", first["base_fingerprint"])
     assert run_rm(config, log=lines.append)["base_fingerprint"] == again["base_fingerprint"]
+
+
+@pytest.mark.slow
+def test_rm_with_lora_trains_adapters_and_the_score_head(tiny_model_dir, tmp_path):
+    """``[rm.lora]``: adapters on every block plus the whole score head train; the output is a plain
+    sequence classifier (adapters merged) that beats chance on held-out pairs."""
+    data = preference_task(tmp_path / "pairs.jsonl")
+    config = rm_config(tmp_path, tiny_model_dir, data, trainable_layers=None, lora={"rank": 4})
+    summary = run_rm(config, log=lambda line: None)
+    assert summary["trainable_parameters"] == 2 * 4 * (4 * 128 + 3 * 320) + 64  # adapters + score [1, 64]
+    assert summary["heldout_accuracy"] - 3 * summary["heldout_accuracy_stderr"] > 0.5
+    model = AutoModelForSequenceClassification.from_pretrained(summary["output_dir"])
+    assert not any("lora" in name for name in model.state_dict())
+    assert model.score.weight.abs().sum() > 0  # the zero-initialised head trained

@@ -181,3 +181,21 @@ def test_cli_sft_command(tiny_model_dir, tmp_path, capsys):
         main(["rm", "--config", str(config)])  # [rm] has no data
     assert refused.value.code == 2
     assert "streamrl rm: rm.data.path: not set; fix" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sft_with_lora_trains_adapters_and_writes_the_merged_model(tiny_model_dir, tmp_path):
+    """``[sft.lora]``: only the adapters train (the embeddings and norms come out bit for bit the base's),
+    the held-out loss falls, and the output is a plain causal LM with the adapters merged."""
+    config = sft_config(tmp_path, tiny_model_dir, copy_task(tmp_path / "d.jsonl"), lr=1e-2, lora={"rank": 8})
+    summary = run_sft(config, log=lambda line: None)
+    assert summary["heldout_loss_after"] < summary["heldout_loss_before"] - 0.5
+    lora_params = 2 * 8 * (4 * (64 + 64) + 3 * (64 + 256))  # 2 blocks, r (in + out) per projection
+    assert summary["trainable_parameters"] == lora_params
+    trained = AutoModelForCausalLM.from_pretrained(summary["output_dir"]).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert trained.keys() == base.keys()  # no adapter modules left
+    adapted = {k for k in base if not torch.equal(trained[k], base[k])}
+    assert adapted and all(k.endswith("_proj.weight") for k in adapted), adapted
+    with pytest.raises(ValueError, match="set one of them"):
+        sft_config(tmp_path, tiny_model_dir, tmp_path / "d.jsonl", lora={"rank": 8}, trainable_layers=1)

@@ -19,6 +19,7 @@ from streamrl.common.config import (
     Config,
     ConfigError,
     LearnerSection,
+    RewardSpec,
     _section_type,
     apply_overrides,
     load_config,
@@ -247,6 +248,25 @@ def test_reward_spec_needs_exactly_one_source(tmp_path):
 def test_validate_config_names_its_source():
     with pytest.raises(ConfigError, match=r"^1 problem\(s\) in my-source:"):
         validate_config({"learner": {"lr": 0}}, "my-source")
+
+
+def test_output_dir_defaults_from_the_run_name_and_a_bad_name_is_one_problem():
+    cfg = validate_config({"run": {"name": "exp7"}}, "test")
+    assert cfg.run.output_dir == "runs/exp7"
+    # the default is computed from run.name: an invalid name is reported once, not also as output_dir
+    with pytest.raises(ConfigError) as info:
+        validate_config({"run": {"name": ""}}, "test")
+    assert "1 problem(s)" in str(info.value) and "run.name" in str(info.value)
+    assert "output_dir" not in str(info.value)
+
+
+def test_function_problems_of_a_model_or_url_spec_is_a_clear_error():
+    for source in ({"model": "rm/"}, {"url": "http://127.0.0.1:1/score"}):
+        spec = RewardSpec(**source)
+        with pytest.raises(ValueError, match=r"is a reward (model|url), not a function"):
+            spec.function_problems()
+        with pytest.raises(ValueError, match="not a function"):
+            spec.resolve()
 
 
 def test_learner_section_alone_validates():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import msgpack
@@ -280,3 +281,90 @@ def test_reference_logprobs_are_optional_and_checked():
     msg.reference_logprobs = np.array([-0.5, -2.0], dtype=np.float64)  # declared float32
     with pytest.raises(TypeError):
         m.encode(msg)
+
+
+# ----------------------------------------------------------------- the wire bytes, pinned
+
+
+def pinned(msg: m.Message, i: int = 0) -> m.Message:
+    """``msg`` with its envelope (and that of every message inside it) fixed, so its bytes are too."""
+    for inner in [msg, *getattr(msg, "rollouts", []), *[s.rollout for s in getattr(msg, "rollouts", [])]]:
+        inner.msg_id, inner.sent_at = f"{i:032x}", 1_700_000_000.25 + i
+    if isinstance(msg, m.ScoredRollout):
+        msg.rollout.msg_id, msg.rollout.sent_at = f"{i:032x}", 1_700_000_000.25 + i
+    return msg
+
+
+def ext(code: int, args: list) -> msgpack.ExtType:
+    return msgpack.ExtType(code, msgpack.packb(args))
+
+
+def test_wire_bytes_of_a_credit_request_follow_the_documented_layout():
+    """Frame 0 is the msgpack map of the envelope, then the fields in declaration order, then
+    ``kind`` and ``schema`` (module docstring of ``streamrl.common.messages``); built here by hand."""
+    msg = pinned(m.CreditRequest(sender="gen-0", instance="generator-0", policy_version=3, groups_sent=17, want=2))
+    header = {
+        "msg_id": "0" * 32,
+        "sender": "gen-0",
+        "sent_at": 1_700_000_000.25,
+        "instance": "generator-0",
+        "policy_version": 3,
+        "groups_sent": 17,
+        "want": 2,
+        "kind": "credit_request",
+        "schema": list(m.SCHEMA_VERSION),
+    }
+    assert [bytes(f) for f in m.encode(msg)] == [msgpack.packb(header, use_bin_type=True)]
+
+
+def test_wire_bytes_of_a_rollout_put_arrays_and_bytes_in_frames():
+    """Arrays travel as little-endian frames referenced by extension 1 ``[frame, dtype, shape]``,
+    ``bytes`` fields by extension 2 ``[frame]``; nested dataclasses and enums as maps and values."""
+    msg = pinned(make_rollout())
+    header = {
+        "msg_id": "0" * 32,
+        "sender": "generator-test",
+        "sent_at": 1_700_000_000.25,
+        "prompt_id": "p1",
+        "group_id": "g1",
+        "rollout_id": "r1",
+        "generator_id": "generator-test",
+        "group_size": 2,
+        "prompt_tokens": ext(1, [1, "int32", [3]]),
+        "completion_tokens": ext(1, [2, "int32", [2]]),
+        "behaviour_logprobs": ext(1, [3, "float32", [2]]),
+        "policy_version": 3,
+        "finish_reason": "stop",
+        "sampling": {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 16},
+        "prompt_text": "hello",
+        "completion_text": "world",
+        "metadata": {"answer": "42"},
+        "selection": None,
+        "model_fingerprint": "",
+        "kind": "rollout",
+        "schema": list(m.SCHEMA_VERSION),
+    }
+    assert [bytes(f) for f in m.encode(msg)] == [
+        msgpack.packb(header, use_bin_type=True),
+        bytes([5, 0, 0, 0, 6, 0, 0, 0, 7, 0, 0, 0]),
+        bytes([8, 0, 0, 0, 9, 0, 0, 0]),
+        np.array([-0.5, -1.25], dtype="<f4").tobytes(),
+    ]
+    chunk = pinned(m.WeightsChunk(version=7, chunk_index=2, data=b"\x00\x01\x02"))
+    frames = [bytes(f) for f in m.encode(chunk)]
+    assert msgpack.unpackb(frames[0], raw=False)["data"] == ext(2, [1]) and frames[1:] == [b"\x00\x01\x02"]
+
+
+WIRE_DIGEST = "adff84f7630646dc578c2e6c938810fb589bd56b31f6c21f1287649ce147ab7f"
+"""sha256 over every frame (8-byte little-endian length, then the bytes) of ``all_messages()``, pinned:
+schema 1.4 (``WeightsAnnounce.adapter``; 1.3 before the package split was b2aaa4e0...). A change here changes what
+goes on the wire, which needs a new ``SCHEMA_VERSION`` and a note in DESIGN.md, "The wire"."""
+
+
+def test_wire_bytes_of_every_message_type_are_pinned():
+    digest = hashlib.sha256()
+    for i, msg in enumerate(all_messages()):
+        for frame in m.encode(pinned(msg, i)):
+            data = bytes(frame)
+            digest.update(len(data).to_bytes(8, "little") + data)
+    assert digest.hexdigest() == WIRE_DIGEST

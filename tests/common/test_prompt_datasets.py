@@ -17,9 +17,9 @@ import pytest
 from streamrl.common.config import ConfigError, PromptSource, load_config, resource_problems
 from streamrl.common.messages import FinishReason, SamplingParams, decode, encode
 from streamrl.common.models import build_char_tokenizer
+from streamrl.common.prompt_text import format_prompt
 from streamrl.common.prompts import (
     dataset_format,
-    format_prompt,
     load_csv,
     load_dataset_prompts,
     load_gsm8k,

@@ -11,11 +11,11 @@ import pytest
 from pydantic import ValidationError
 
 from streamrl.common.config import PromptSource
+from streamrl.common.prompt_text import format_prompt
 from streamrl.common.prompts import (
     Prompt,
     PromptStream,
     clean_text,
-    format_prompt,
     load_csv,
     load_gsm8k,
     load_jsonl,

@@ -6,12 +6,27 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+import time
 import urllib.request
 
 import pytest
+import zmq
 
+from streamrl.common import messages as m
+from streamrl.common.config import load_config
 from streamrl.common.errors import StartupRefused
-from streamrl.common.service import CONFIG_ENV, OVERRIDES_ENV, parse_args, replica_index, run_service, start_service
+from streamrl.common.metrics import ServiceMetrics
+from streamrl.common.service import (
+    CONFIG_ENV,
+    OVERRIDES_ENV,
+    ServiceContext,
+    ServiceLoop,
+    parse_args,
+    replica_index,
+    run_service,
+    start_service,
+)
 from streamrl.testing import free_port, write_config
 
 
@@ -158,3 +173,101 @@ def test_run_service_runs_the_loop_and_always_closes(tmp_path, process_state, ca
             run_service("scorer", Recorder, argv)
     (ctx,) = Recorder.seen
     assert ctx.zmq.closed
+
+
+# ------------------------------------------------------------------ the loop skeleton
+
+
+@pytest.fixture
+def make_context():
+    """``make_context(**transport)``: a scorer's :class:`ServiceContext` built by hand (the config's
+    defaults with these ``transport`` keys), closed after the test."""
+    made = []
+
+    def make(**transport) -> ServiceContext:
+        config = load_config(None, [f"transport.{key}={value}" for key, value in transport.items()])
+        metrics = ServiceMetrics("scorer", "scorer-0")
+        made.append(
+            ServiceContext(
+                config=config, service="scorer", index=0, instance="scorer-0", metrics=metrics, zmq=zmq.Context()
+            )
+        )
+        return made[-1]
+
+    yield make
+    for ctx in made:
+        ctx.close()
+
+
+def test_context_sockets_take_the_limits_from_the_config(make_context):
+    ctx = make_context(max_message_bytes=4096, hwm=7)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    plain = ctx.socket(zmq.PULL, bind=endpoint)
+    wide = ctx.socket(zmq.PUSH, connect=[endpoint], hwm=50)
+    assert [plain.getsockopt(option) for option in (zmq.MAXMSGSIZE, zmq.SNDHWM, zmq.RCVHWM)] == [4096, 7, 7]
+    assert (wide.getsockopt(zmq.MAXMSGSIZE), wide.getsockopt(zmq.SNDHWM)) == (4096, 50)
+    assert ctx.socket_limits == {"max_message_bytes": 4096, "hwm": 7, "security": None}
+    inbox = ctx.inbox([m.BatchRequest], "batches")
+    assert (inbox.max_bytes, inbox.expected, inbox.socket_name) == (4096, (m.BatchRequest,), "batches")
+    assert inbox.decode([b"\x00" * 5000]) is None  # over the limit: rejected and counted
+    assert inbox.rejected_counts == {"oversize": 1}
+
+
+class Counting(ServiceLoop):
+    """A loop of ``turns`` turns (then it asks itself to stop) that records what ran, in order."""
+
+    def __init__(self, ctx, turns, fail_at=None):
+        super().__init__(ctx)
+        self.events, self.turns, self.fail_at = [], turns, fail_at
+        self.sock = self.socket(zmq.PULL, bind=f"tcp://127.0.0.1:{free_port()}")
+        self.closing(self.events.append, "close first opened")
+        self.closing(self.events.append, "close last opened")
+
+    def starting(self):
+        self.events.append("starting")
+
+    def turn(self):
+        self.events.append("turn")
+        if len(self.events) - 1 == self.fail_at:
+            raise RuntimeError("turn failed")
+        if self.events.count("turn") == self.turns:
+            self.ctx.stop.set()
+
+    def finishing(self):
+        self.events.append("finishing")
+
+
+def test_service_loop_runs_its_turns_until_stopped_then_closes_last_opened_first(make_context):
+    ctx = make_context()
+    loop = Counting(ctx, turns=3)
+    loop.run()
+    assert loop.events == [
+        "starting",
+        "turn",
+        "turn",
+        "turn",
+        "finishing",
+        "close last opened",
+        "close first opened",
+    ]
+    assert loop.sock.closed
+
+
+def test_service_loop_closes_everything_when_a_turn_raises(make_context):
+    ctx = make_context()
+    loop = Counting(ctx, turns=5, fail_at=2)
+    with pytest.raises(RuntimeError, match="turn failed"):
+        loop.run()
+    assert loop.events == ["starting", "turn", "turn", "close last opened", "close first opened"]
+    assert loop.sock.closed
+
+
+def test_service_loop_waits_end_at_a_stop_request(make_context):
+    ctx = make_context()
+    loop = Counting(ctx, turns=1)
+    threading.Timer(0.2, ctx.stop.set).start()
+    started = time.monotonic()
+    assert loop.wait_for(loop.sock, 30.0) is False  # nothing arrives; the stop ends the wait
+    assert 0.2 <= time.monotonic() - started < 2.0
+    assert loop.wait_for(loop.sock, 30.0) is False  # stopped already: at once
+    assert time.monotonic() - started < 2.0

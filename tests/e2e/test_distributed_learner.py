@@ -23,11 +23,7 @@ def test_two_rank_learner_trains_with_the_other_services(tmp_path, tiny_model_di
         tmp_path, tiny_model_dir, learner={"total_steps": STEPS, "world_size": 2, "checkpoint_every": 2}
     )
     procs = services(write_config(tmp_path / "run.toml", sections))
-    for name in ("buffer", "scorer", "generator"):
-        procs.start(name)
-    learner = procs.start("learner")
-    assert wait_until(lambda: learner.poll() is not None, timeout=240), procs.logs()
-    assert learner.returncode == 0, procs.logs()
+    procs.train()
     logs = (tmp_path / "learner-0.log").read_text()
     assert "torch.distributed.run --standalone --nproc-per-node=2" in logs
     assert "rank 1 of 2" in logs and f"rank 1 stopped after {STEPS} steps" in logs, logs[-4000:]

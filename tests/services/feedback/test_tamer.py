@@ -17,7 +17,7 @@ from streamrl.common.human import human_terms
 from streamrl.common.messages import HumanScore, Selection
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.common.modes import HumanCombination
-from streamrl.services.generator.control import select_candidates, share_control
+from streamrl.services.generator.control import select_candidates
 from streamrl.services.generator.sampling import Completion
 from streamrl.services.learner.batch import collate
 from streamrl.services.learner.loop import LearnerService
@@ -42,6 +42,10 @@ def completion(token):
         finish_reason=None,
         text=str(token),
     )
+
+
+def share_control(*args, **kwargs):
+    return select_candidates(*args, combination=HumanCombination.CONTROL_SHARING, **kwargs)
 
 
 def test_share_control_keeps_hhat_best_with_the_recorded_rule():

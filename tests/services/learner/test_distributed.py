@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from streamrl.common.config import LearnerSection
+from streamrl.common.lora import apply_lora
 from streamrl.common.messages import SamplingParams
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.common.modes import LossAggregation
@@ -57,6 +58,8 @@ CASES = {
     "rloo-fixed-length-buckets": dict(
         advantage="rloo", minibatches=2, ppo_epochs=1, bucket_by_length=True, loss_aggregation="fixed_length_sum"
     ),
+    # a LoRA policy: DDP averages the adapters' gradients only; the reference is the base, adapters disabled
+    "grpo-lora": dict(advantage="grpo", minibatches=2, ppo_epochs=1, kl_coef=0.1, lora={"rank": 4, "alpha": 8.0}),
 }
 
 
@@ -82,12 +85,19 @@ def config(case: str, world_size: int) -> LearnerSection:
     return LearnerSection(lr=1e-2, device="cpu", world_size=world_size, **CASES[case])
 
 
-def two_steps(trainer_factory):
+def policy_and_reference(cfg: LearnerSection):
+    """The tiny policy and its frozen reference; with ``cfg.lora`` the PEFT policy (adapters initialised from
+    the global RNG: seed it the same on every rank) and None (the base with adapters disabled)."""
+    policy = build_tiny_model(TOKENIZER, seed=0)
+    if cfg.lora is not None:
+        return apply_lora(policy, cfg.lora), None
+    return policy, build_tiny_model(TOKENIZER, seed=1)
+
+
+def two_steps(trainer_factory, cfg: LearnerSection):
     """Two learner steps (the second one from the first's optimizer state) with fixed RNG."""
     torch.manual_seed(0)
-    policy = build_tiny_model(TOKENIZER, seed=0)
-    reference = build_tiny_model(TOKENIZER, seed=1)
-    trainer = trainer_factory(policy, reference)
+    trainer = trainer_factory(*policy_and_reference(cfg))
     stats = []
     for version in range(2):
         torch.manual_seed(7 + version)
@@ -128,7 +138,7 @@ def rank_main(out: Path) -> None:
         kind = Unscaled if case == "unscaled" else Counting
         Counting.rows = 0
         if rank == 0:
-            trainer, stats = two_steps(lambda p, r, kind=kind, cfg=cfg: kind(p, r, cfg, dist))
+            trainer, stats = two_steps(lambda p, r, kind=kind, cfg=cfg: kind(p, r, cfg, dist), cfg)
             trainer.close(end=False)
             torch.save(
                 {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
@@ -142,7 +152,7 @@ def rank_main(out: Path) -> None:
             (out / f"{case}.json").write_text(json.dumps({"stats": stats, "rows": Counting.rows}))
         else:
             torch.manual_seed(0)
-            trainer = kind(build_tiny_model(TOKENIZER, seed=0), build_tiny_model(TOKENIZER, seed=1), cfg, dist)
+            trainer = kind(*policy_and_reference(cfg), cfg, dist)
             assert trainer.serve() == 2
     del trainer  # DDP's reducer before the process group: exiting with it alive can hang in gloo's threads
     gc.collect()
@@ -170,7 +180,7 @@ def test_two_gloo_ranks_take_the_single_rank_step(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     for case in CASES:
-        trainer, single = two_steps(lambda p, r, case=case: PPOTrainer(p, r, config(case, 1)))
+        trainer, single = two_steps(lambda p, r, case=case: PPOTrainer(p, r, config(case, 1)), config(case, 1))
         want = dict(trainer.policy.state_dict())
         if trainer.value_head is not None:
             want |= {"value_head." + k: v for k, v in trainer.value_head.state_dict().items()}
@@ -179,7 +189,8 @@ def test_two_gloo_ranks_take_the_single_rank_step(tmp_path):
         for name, value in want.items():
             # Adam divides by sqrt(v): float noise in a near-zero gradient moves its weight by up to ~1e-4 of lr
             torch.testing.assert_close(got[name], value, atol=2e-4, rtol=1e-3, msg=f"{case}: {name}")
-        initial = build_tiny_model(TOKENIZER, seed=0).state_dict()
+        torch.manual_seed(0)
+        initial = policy_and_reference(config(case, 1))[0].state_dict()
         moved = max(float((want[name] - value).abs().max()) for name, value in initial.items())
         assert moved > 1e-3, f"{case}: the steps did not move the weights; the comparison would be empty"
         record = json.loads((tmp_path / f"{case}.json").read_text())
@@ -192,7 +203,7 @@ def test_two_gloo_ranks_take_the_single_rank_step(tmp_path):
                 assert step_stats[key] == pytest.approx(single_stats[key], rel=2e-5, abs=1e-6), (case, key)
     # without the N * D_r / D rescaling the averaged gradient is another one (the shards' token counts differ)
     unscaled = json.loads((tmp_path / "unscaled.json").read_text())["stats"]
-    _, single = two_steps(lambda p, r: PPOTrainer(p, r, config("grpo-token-mean", 1)))
+    _, single = two_steps(lambda p, r: PPOTrainer(p, r, config("grpo-token-mean", 1)), config("grpo-token-mean", 1))
     assert unscaled[0]["grad_norm"] != pytest.approx(single[0]["grad_norm"], rel=1e-2)
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from streamrl.common.config import ConfigError, LearnerSection, validate_config
+from streamrl.common.config import ConfigError, LearnerSection, LoraSection, validate_config
+from streamrl.common.lora import apply_lora
 from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.common.reward_model import REWARD_INFO_KEY, RewardModel, RewardModelInfo
@@ -82,15 +83,25 @@ def test_first_values_equal_the_reward_models_scores(rm_dir):
     assert len({round(values[b, t].item(), 4) for b, t in enumerate(last)}) == tb.size  # not a constant
 
 
-def test_trainer_trains_the_value_model_with_its_own_learning_rate(rm_dir):
-    cfg = LearnerSection(advantage="gae", lr=1e-2, value_lr=3e-3, kl_coef=0.0, device="cpu")
+@pytest.mark.parametrize("lora", [None, LoraSection(rank=4, alpha=8.0)], ids=["full", "lora"])
+def test_trainer_trains_the_value_model_with_its_own_learning_rate(rm_dir, lora):
+    """Also with a LoRA policy (``learner.lora``): the critic from the RM is a model of its own, trained
+    in full with its own learning rate, while the policy trains only its adapters."""
+    cfg = LearnerSection(advantage="gae", lr=1e-2, value_lr=3e-3, kl_coef=0.0, device="cpu", lora=lora)
+
+    def policy_and_reference():
+        policy = build_tiny_model(TOKENIZER, seed=0)
+        return (apply_lora(policy, lora), None) if lora else (policy, build_tiny_model(TOKENIZER, seed=0))
+
     critic = ValueModel.from_reward_model(str(rm_dir), device=CPU, tokenizer=TOKENIZER)
     before = {k: v.clone() for k, v in critic.state_dict().items()}
-    trainer = PPOTrainer(
-        build_tiny_model(TOKENIZER, seed=0), build_tiny_model(TOKENIZER, seed=0), cfg, value_model=critic
-    )
+    trainer = PPOTrainer(*policy_and_reference(), cfg, value_model=critic)
     assert trainer.value_head is None and trainer.value_model is critic
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-2, 3e-3]
+    policy_group, critic_group = (g["params"] for g in trainer.optimizer.param_groups)
+    assert len(critic_group) == len(list(critic.parameters()))
+    trained = [p for n, p in trainer.policy.named_parameters() if "lora_" in n or not lora]
+    assert {id(p) for p in policy_group} == {id(p) for p in trained}
     with torch.no_grad():
         first = critic(batch())
     assert torch.equal(trainer.targets(batch()).old.values, first)  # GAE bootstraps from the RM's values
@@ -99,7 +110,7 @@ def test_trainer_trains_the_value_model_with_its_own_learning_rate(rm_dir):
     assert not torch.equal(critic.state_dict()["bias"], before["bias"])
     state = trainer.state_dict()
     fresh = ValueModel.from_reward_model(str(rm_dir), device=CPU)
-    other = PPOTrainer(build_tiny_model(TOKENIZER, seed=0), build_tiny_model(TOKENIZER, seed=0), cfg, value_model=fresh)
+    other = PPOTrainer(*policy_and_reference(), cfg, value_model=fresh)
     other.load_state_dict(state)
     for key, value in critic.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value)
