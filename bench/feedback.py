@@ -14,10 +14,8 @@ service plus the labeller) from the same config (``deploy/configs/default.toml``
 overrides below) for ``--seconds`` of wall time after the learner's first step, then the learner is
 stopped (SIGTERM: it checkpoints); with ``--steps N`` instead every arm trains exactly N learner steps
 (the learner stops itself; equal training, unequal wall time, which is recorded: on a machine shared
-with other work equal wall time gives unequal training), and a feedback arm's learner starts once the
-feedback service has published its first H-hat (the generator fills the buffer meanwhile and the
-person labels those rollouts), so a short run is not spent before any label can act. Then the last
-checkpoint is evaluated on held-out prompts:
+with other work equal wall time gives unequal training), and every checkpoint (``--eval-every``) is
+evaluated for the curve. Then the last checkpoint is evaluated on held-out prompts:
 ``--samples`` completions of each of ``--prompts`` held-out prompts, VADER and the labeller's
 property per completion, mean and standard error over prompts (completions of one prompt are
 correlated). Figures per arm: learner steps, labels used, both rewards +- SE, the delay from a label to
@@ -144,9 +142,7 @@ def run_arm(arm: str, args, workdir: Path, seed: int = 0) -> dict:
     """Run one arm for ``args.seconds`` after the first learner step; returns its figures."""
     config, set_args, ports = arm_config(workdir, arm, args, seed)
     procs = Services(config, workdir)
-    # with --steps and feedback, the learner starts once H-hat exists (see the module docstring)
-    gate = bool(args.steps) and arm != "none"
-    names = ([] if gate else ["learner"]) + ["buffer", "scorer", "generator"] + (["feedback"] if arm != "none" else [])
+    names = ["learner", "buffer", "scorer", "generator"] + (["feedback"] if arm != "none" else [])
     for name in names:
         procs.start(name, 0, *set_args)
     metrics_jsonl = workdir / "run" / "metrics.jsonl"
@@ -187,18 +183,6 @@ def run_arm(arm: str, args, workdir: Path, seed: int = 0) -> dict:
                 stdout=subprocess.PIPE,
                 text=True,
             )
-        if gate:
-            waited = time.time()
-
-            def hhat_published() -> bool:
-                try:
-                    return scrape(ports["feedback"]).get("streamrl_feedback_human_model_version", 0) >= 1
-                except ConnectionError:
-                    return False
-
-            result["hhat_before_learner"] = wait_until(hhat_published, args.gate_timeout)
-            result["gate_wait_s"] = time.time() - waited
-            procs.start("learner", 0, *set_args)
         if not wait_until(lambda: metrics_jsonl.exists() and metrics_jsonl.read_text().strip(), 900):
             raise RuntimeError(f"no learner step\n{procs.logs()}")
         started = time.time()
@@ -327,9 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=None, help="with --steps: checkpoint and evaluate every N")
     parser.add_argument("--step-timeout", type=float, default=3600, help="with --steps: seconds to wait for them")
     parser.add_argument("--min-labels", type=int, default=8, help="feedback.min_labels")
-    parser.add_argument(
-        "--gate-timeout", type=float, default=600, help="with --steps: seconds a feedback arm's learner waits for H-hat"
-    )
     parser.add_argument("--engine", default=None, help="generator.engine (default: the default job's)")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--seeds", default="0", help="comma-separated run seeds; every arm runs once per seed")
