@@ -311,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=None, help="with --steps: checkpoint and evaluate every N")
     parser.add_argument("--step-timeout", type=float, default=3600, help="with --steps: seconds to wait for them")
     parser.add_argument("--min-labels", type=int, default=8, help="feedback.min_labels")
+    parser.add_argument(
+        "--from-log", default=None, help="no runs: summarise the per-run JSON lines an earlier invocation printed"
+    )
     parser.add_argument("--engine", default=None, help="generator.engine (default: the default job's)")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--seeds", default="0", help="comma-separated run seeds; every arm runs once per seed")
@@ -341,7 +344,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--eval-every {args.eval_every} must divide --steps {args.steps}")
     budget = f"{args.steps} learner steps" if args.steps else f"{args.seconds:.0f} s"
     results, base_curve = [], {}
-    for i, seed in enumerate(seeds):
+    if args.from_log:  # the runs a killed or unfinished invocation printed, one JSON line each
+        lines = [json.loads(line) for line in Path(args.from_log).read_text().splitlines() if line.startswith('{"arm"')]
+        results = [r for r in lines if r["arm"] in arms and r["seed"] in seeds]
+        if not results:
+            parser.error(f"--from-log {args.from_log}: no runs of arms {arms} and seeds {seeds}")
+        seeds = sorted({r["seed"] for r in results})
+        args.seeds = ",".join(map(str, seeds))
+    for i, seed in enumerate([] if args.from_log else seeds):
         if args.steps:
             with tempfile.TemporaryDirectory(prefix=f"bench-feedback-base-{seed}-") as tmp:
                 base_curve[seed] = evaluate_base(args, Path(tmp), seed)
