@@ -50,6 +50,10 @@ from streamrl.testing import (
 pytestmark = pytest.mark.slow
 
 STEPS = 60
+STARTUP_S = 900
+"""Bound of each wait for a service to come up or act, seconds: on a 2-core machine at load average 12-16 the
+feedback service had not answered /healthz after 300 s (importing torch and loading the model at a small
+share of a core); the waits end as soon as the condition holds, so this only bounds a hang."""
 PROMPTS = ["The film was", "I think that", "My review:", "Overall it is"]
 
 
@@ -97,7 +101,7 @@ def run_job(tmp_path, tiny_model_dir, services, *, feedback: bool) -> tuple[np.n
             except requests.RequestException:
                 return False
 
-        assert wait_until(up, 300), procs.logs()
+        assert wait_until(up, STARTUP_S), procs.logs()
         token = add_labeller(config, "simulated")
         labeller = subprocess.Popen(
             [
@@ -127,10 +131,10 @@ def run_job(tmp_path, tiny_model_dir, services, *, feedback: bool) -> tuple[np.n
             # has the learner's first weights by then and fills the buffer meanwhile (the learner cannot start
             # later: the generators wait for its weights)
             port = sections["metrics"]["feedback_port"]
-            assert wait_until(lambda: feedback_metric(port, "rollouts_received_total") >= 1, 300), procs.logs()
+            assert wait_until(lambda: feedback_metric(port, "rollouts_received_total") >= 1, STARTUP_S), procs.logs()
             learner.send_signal(signal.SIGSTOP)
             try:
-                assert wait_until(lambda: feedback_metric(port, "human_model_version") >= 1, 300), procs.logs()
+                assert wait_until(lambda: feedback_metric(port, "human_model_version") >= 1, STARTUP_S), procs.logs()
             finally:
                 learner.send_signal(signal.SIGCONT)
         # a fixed number of steps: the learner stops itself; the timeout only bounds a very loaded machine
