@@ -100,9 +100,8 @@ def start_job(tmp_path, tiny_model_dir, services, **feedback):
         except requests.RequestException:
             return False
 
-    assert wait_until(
-        up, timeout=900
-    )  # only bounds a hang: at load 12-16 a service took > 300 s to start, procs.logs()
+    # the bound only ends a hang: at load average 12-16 on 2 cores a feedback service took > 300 s to start
+    assert wait_until(up, timeout=900), procs.logs()
     return sections, procs, url, tmp_path / "run" / "feedback" / "labels.sqlite3", add_labeller(config, "alice")
 
 
