@@ -314,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--from-log", default=None, help="no runs: summarise the per-run JSON lines an earlier invocation printed"
     )
+    parser.add_argument(
+        "--no-base-eval", action="store_true", help="with --steps: no step-0 evaluation (another invocation has it)"
+    )
     parser.add_argument("--engine", default=None, help="generator.engine (default: the default job's)")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--seeds", default="0", help="comma-separated run seeds; every arm runs once per seed")
@@ -345,14 +348,18 @@ def main(argv: list[str] | None = None) -> int:
     budget = f"{args.steps} learner steps" if args.steps else f"{args.seconds:.0f} s"
     results, base_curve = [], {}
     if args.from_log:  # the runs a killed or unfinished invocation printed, one JSON line each
-        lines = [json.loads(line) for line in Path(args.from_log).read_text().splitlines() if line.startswith('{"arm"')]
-        results = [r for r in lines if r["arm"] in arms and r["seed"] in seeds]
+        lines = [json.loads(line) for line in Path(args.from_log).read_text().splitlines() if line.startswith('{"')]
+        results = [r for r in lines if r.get("arm") in arms and r["seed"] in seeds]
+        bases = {line["seed"]: line["base"] for line in lines if line.get("base")}
+        for r in results:  # a run with --no-base-eval: step 0 from another invocation of its seed (deterministic)
+            if r.get("curve") and r["curve"][0]["step"] != 0 and r["seed"] in bases:
+                r["curve"].insert(0, bases[r["seed"]])
         if not results:
             parser.error(f"--from-log {args.from_log}: no runs of arms {arms} and seeds {seeds}")
         seeds = sorted({r["seed"] for r in results})
         args.seeds = ",".join(map(str, seeds))
     for i, seed in enumerate([] if args.from_log else seeds):
-        if args.steps:
+        if args.steps and not args.no_base_eval:
             with tempfile.TemporaryDirectory(prefix=f"bench-feedback-base-{seed}-") as tmp:
                 base_curve[seed] = evaluate_base(args, Path(tmp), seed)
                 print(json.dumps({"seed": seed, "base": base_curve[seed]}), flush=True)
@@ -362,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix=f"bench-feedback-{arm}-{seed}-") as tmp:
                 print(f"arm {arm}, seed {seed}: {budget}", flush=True)
                 results.append(run_arm(arm, args, Path(tmp), seed))
-                if args.steps:
+                if seed in base_curve:
                     results[-1]["curve"].insert(0, base_curve[seed])
                 print(json.dumps(results[-1]), flush=True)
     results.sort(key=lambda r: (arms.index(r["arm"]), r["seed"]))
