@@ -12,7 +12,10 @@ once per ``--seeds`` seed (``run.seed``; the labeller's draws too). Each arm run
 the five services (learner, buffer, scorer, generator and, for the feedback arms, the feedback
 service plus the labeller) from the same config (``deploy/configs/default.toml`` with the
 overrides below) for ``--seconds`` of wall time after the learner's first step, then the learner is
-stopped (SIGTERM: it checkpoints) and its last checkpoint is evaluated on held-out prompts:
+stopped (SIGTERM: it checkpoints); with ``--steps N`` instead every arm trains exactly N learner steps
+(the learner stops itself; equal training, unequal wall time, which is recorded: on a machine shared
+with other work equal wall time gives unequal training), and every checkpoint (``--eval-every``) is
+evaluated for the curve. Then the last checkpoint is evaluated on held-out prompts:
 ``--samples`` completions of each of ``--prompts`` held-out prompts, VADER and the labeller's
 property per completion, mean and standard error over prompts (completions of one prompt are
 correlated). Figures per arm: learner steps, labels used, both rewards +- SE, the delay from a label to
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sqlite3
 import subprocess
@@ -43,7 +47,7 @@ import numpy as np
 import requests
 import torch
 
-from bench.report import REPO, command_line, environment, environment_line, markdown_table, write_results
+from bench.report import REPO, RESULTS_DIR, command_line, environment, environment_line, markdown_table, write_results
 from streamrl.common.config import load_config
 from streamrl.common.messages import SamplingParams
 from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path
@@ -63,11 +67,12 @@ def arm_overrides(workdir: Path, arm: str, args, seed: int = 0) -> tuple[list[st
     values = {
         "run.output_dir": str(workdir / "run"),
         "run.seed": seed,
-        "learner.total_steps": 100000,
-        "learner.checkpoint_every": 100000,
+        "learner.total_steps": args.steps or 100000,
+        "learner.checkpoint_every": args.eval_every or args.steps or 100000,
         "learner.lr": args.lr,
         "learner.groups_per_step": 2,
         "generator.max_new_tokens": args.max_new_tokens,
+        **({"generator.engine": args.engine} if args.engine else {}),
         "endpoints.scorers": [f"tcp://127.0.0.1:{free_port()}"],
         **{
             f"endpoints.{k}": f"tcp://127.0.0.1:{free_port()}"
@@ -84,13 +89,28 @@ def arm_overrides(workdir: Path, arm: str, args, seed: int = 0) -> tuple[list[st
                 "feedback.beta": args.beta,
                 "feedback.beta_decay": args.beta_decay,
                 "feedback.candidates": args.candidates,
-                "feedback.min_labels": 8,
+                "feedback.min_labels": args.min_labels,
                 "feedback.credit_delay_min_s": args.credit_delay_min,
                 "feedback.credit_delay_max_s": args.credit_delay_max,
                 "feedback.label_rate_per_s": max(5.0, 2 * args.labels_per_second),
             }
         )
     return [f"{k}={json.dumps(v)}" for k, v in values.items()], ports
+
+
+def arm_config(workdir: Path, arm: str, args, seed: int) -> tuple[Path, list[str], dict]:
+    """The default job's config under ``workdir`` (prompt paths made absolute), its ``--set`` arguments, ports."""
+    overrides, ports = arm_overrides(workdir, arm, args, seed)
+    config = workdir / "run.toml"
+    config.write_text(CONFIG.read_text().replace('path = "../prompts/', f'path = "{CONFIG.parent.parent}/prompts/'))
+    return config, [a for o in overrides for a in ("--set", o)], ports
+
+
+def evaluate_base(args, workdir: Path, seed: int) -> dict:
+    """Held-out figures of the model before training (step 0 of every arm's curve), on seed ``seed``'s split."""
+    config, set_args, _ = arm_config(workdir, "none", args, seed)
+    cfg = load_config(config, [o for o in set_args if o != "--set"])
+    return {"step": 0, **evaluate(args, config, set_args, resolve_model_path(cfg.model.path, cfg.model.cache_path))}
 
 
 def person_args(args, seed: int) -> list[str]:
@@ -120,10 +140,7 @@ def person_args(args, seed: int) -> list[str]:
 
 def run_arm(arm: str, args, workdir: Path, seed: int = 0) -> dict:
     """Run one arm for ``args.seconds`` after the first learner step; returns its figures."""
-    overrides, ports = arm_overrides(workdir, arm, args, seed)
-    config = workdir / "run.toml"
-    config.write_text(CONFIG.read_text().replace('path = "../prompts/', f'path = "{CONFIG.parent.parent}/prompts/'))
-    set_args = [a for o in overrides for a in ("--set", o)]
+    config, set_args, ports = arm_config(workdir, arm, args, seed)
     procs = Services(config, workdir)
     names = ["learner", "buffer", "scorer", "generator"] + (["feedback"] if arm != "none" else [])
     for name in names:
@@ -169,17 +186,25 @@ def run_arm(arm: str, args, workdir: Path, seed: int = 0) -> dict:
         if not wait_until(lambda: metrics_jsonl.exists() and metrics_jsonl.read_text().strip(), 900):
             raise RuntimeError(f"no learner step\n{procs.logs()}")
         started = time.time()
-        time.sleep(args.seconds)
+        if args.steps:  # equal learner steps: the learner stops itself at learner.total_steps (and checkpoints)
+            learner = procs.procs["learner-0"]
+            if not wait_until(lambda: learner.poll() is not None, args.step_timeout) or learner.returncode != 0:
+                raise RuntimeError(f"learner did not finish {args.steps} steps\n{procs.logs()}")
+        else:
+            time.sleep(args.seconds)
         if arm != "none":
             feedback = scrape(ports["feedback"])
             count = feedback.get("streamrl_feedback_label_to_model_seconds_count", 0)
             result["label_to_model_s"] = (
                 feedback.get("streamrl_feedback_label_to_model_seconds_sum", 0) / count if count else math.nan
             )
-        procs.stop("learner-0", signal.SIGTERM, timeout=300)
+        if procs.procs["learner-0"].poll() is None:
+            procs.stop("learner-0", signal.SIGTERM, timeout=300)
         records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
         result["steps"] = len(records)
         result["steps_in_window"] = sum(r["time"] >= started for r in records)
+        result["wall_s"] = records[-1]["time"] - records[0]["time"]  # first to last learner step
+        result["load_1min"] = os.getloadavg()[0]
         if arm != "none":
             db = workdir / "run" / "feedback" / "labels.sqlite3"
             with sqlite3.connect(db) as con:
@@ -202,6 +227,11 @@ def run_arm(arm: str, args, workdir: Path, seed: int = 0) -> dict:
         procs.close()
     checkpoints = sorted((workdir / "run" / "checkpoints").glob("step-*"))
     result.update(evaluate(args, config, set_args, checkpoints[-1] / "model"))
+    if args.steps:  # the held-out curve: every checkpoint before the last one too
+        result["curve"] = [
+            {"step": int(c.name.split("-")[1]), **evaluate(args, config, set_args, c / "model")}
+            for c in checkpoints[:-1]
+        ] + [{"step": int(checkpoints[-1].name.split("-")[1]), **{k: result[k] for k in ("liked", "liked_se")}}]
     return result
 
 
@@ -243,9 +273,45 @@ def across_seeds(results: list[dict], key: str) -> dict[str, tuple[float, float,
     return out
 
 
+def plot_curve(results: list[dict], args, path: Path) -> None:
+    """Held-out preference score (mean +- SE across seeds) against learner step, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        runs = [r["curve"] for r in results if r["arm"] == arm]
+        steps = [p["step"] for p in runs[0]]
+        values = np.array([[p["liked"] for p in curve] for curve in runs])
+        se = values.std(axis=0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else np.zeros(len(steps))
+        ax.errorbar(steps, values.mean(axis=0), yerr=se, capsize=3, marker="o", label=arm)
+    ax.set_xlabel("learner step")
+    ax.set_ylabel(f"held-out {args.likes} (simulated person's score)")
+    ax.set_title(f"SmolLM2-135M, {len(runs)} seeds, mean ± SE across seeds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.feedback", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=240, help="wall time per arm after the first step")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="equal learner steps per arm instead of equal wall time (--seconds)"
+    )
+    parser.add_argument("--eval-every", type=int, default=None, help="with --steps: checkpoint and evaluate every N")
+    parser.add_argument("--step-timeout", type=float, default=3600, help="with --steps: seconds to wait for them")
+    parser.add_argument("--min-labels", type=int, default=8, help="feedback.min_labels")
+    parser.add_argument(
+        "--from-log", default=None, help="no runs: summarise the per-run JSON lines an earlier invocation printed"
+    )
+    parser.add_argument(
+        "--no-base-eval", action="store_true", help="with --steps: no step-0 evaluation (another invocation has it)"
+    )
+    parser.add_argument("--engine", default=None, help="generator.engine (default: the default job's)")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--seeds", default="0", help="comma-separated run seeds; every arm runs once per seed")
     parser.add_argument("--likes", default="char:o")
@@ -271,23 +337,56 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
     seeds = [int(x) for x in args.seeds.split(",")]
-    results = []
-    for seed in seeds:
-        for arm in arms:
+    if args.steps and args.eval_every and args.steps % args.eval_every:
+        parser.error(f"--eval-every {args.eval_every} must divide --steps {args.steps}")
+    budget = f"{args.steps} learner steps" if args.steps else f"{args.seconds:.0f} s"
+    results, base_curve = [], {}
+    if args.from_log:  # the runs a killed or unfinished invocation printed, one JSON line each
+        lines = [json.loads(line) for line in Path(args.from_log).read_text().splitlines() if line.startswith('{"')]
+        results = [r for r in lines if r.get("arm") in arms and r["seed"] in seeds]
+        bases = {line["seed"]: line["base"] for line in lines if line.get("base")}
+        for r in results:  # a run with --no-base-eval: step 0 from another invocation of its seed (deterministic)
+            if r.get("curve") and r["curve"][0]["step"] != 0 and r["seed"] in bases:
+                r["curve"].insert(0, bases[r["seed"]])
+        if not results:
+            parser.error(f"--from-log {args.from_log}: no runs of arms {arms} and seeds {seeds}")
+        seeds = sorted({r["seed"] for r in results})
+        args.seeds = ",".join(map(str, seeds))
+    for i, seed in enumerate([] if args.from_log else seeds):
+        if args.steps and not args.no_base_eval:
+            with tempfile.TemporaryDirectory(prefix=f"bench-feedback-base-{seed}-") as tmp:
+                base_curve[seed] = evaluate_base(args, Path(tmp), seed)
+                print(json.dumps({"seed": seed, "base": base_curve[seed]}), flush=True)
+        # arms interleaved within each seed, their order rotated from seed to seed, so a spell of load
+        # from other work on the machine falls on every arm alike
+        for arm in arms[i % len(arms) :] + arms[: i % len(arms)]:
             with tempfile.TemporaryDirectory(prefix=f"bench-feedback-{arm}-{seed}-") as tmp:
-                print(f"arm {arm}, seed {seed}: {args.seconds:.0f}s", flush=True)
+                print(f"arm {arm}, seed {seed}: {budget}", flush=True)
                 results.append(run_arm(arm, args, Path(tmp), seed))
+                if seed in base_curve:
+                    results[-1]["curve"].insert(0, base_curve[seed])
                 print(json.dumps(results[-1]), flush=True)
+    results.sort(key=lambda r: (arms.index(r["arm"]), r["seed"]))
     env = environment()
     liked, vader = across_seeds(results, "liked"), across_seeds(results, "vader")
     base = liked.get("none")
+
+    def paired(arm: str) -> tuple[float, float]:
+        """Mean over seeds of (arm - none) on the same seed (same prompts split), and its SE across seeds."""
+        by_seed = {r["seed"]: r["liked"] for r in results if r["arm"] == "none"}
+        diffs = np.array([r["liked"] - by_seed[r["seed"]] for r in results if r["arm"] == arm and r["seed"] in by_seed])
+        se = float(diffs.std(ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else math.nan
+        return float(diffs.mean()), se
 
     def versus_none(arm: str) -> str:
         if base is None or arm == "none":
             return ""
         diff = liked[arm][0] - base[0]
         se = math.sqrt(liked[arm][1] ** 2 + base[1] ** 2)
-        return f"{diff:+.4f} ({diff / se:+.1f} SE)" if se > 0 else f"{diff:+.4f}"
+        pd, pse = paired(arm)
+        return (f"{diff:+.4f} ({diff / se:+.1f} SE)" if se > 0 else f"{diff:+.4f}") + (
+            f"; paired {pd:+.4f} ({pd / pse:+.1f} SE)" if pse > 0 else ""
+        )
 
     ranked = sorted(liked, key=lambda a: -liked[a][0])
     rows = [
@@ -300,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{vader[arm][0] - vader['none'][0]:+.3f}" if "none" in vader and arm != "none" else "",
             round(float(np.mean([r["steps"] for r in results if r["arm"] == arm])), 1),
             round(float(np.mean([r["labels"] for r in results if r["arm"] == arm])), 1),
+            round(float(np.mean([r["wall_s"] for r in results if r["arm"] == arm and "wall_s" in r] or [math.nan]))),
         ]
         for arm in ranked
     ]
@@ -313,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             "VADER cost vs none",
             "learner steps",
             "labels",
+            "learner wall s",
         ],
         rows,
     )
@@ -322,11 +423,21 @@ def main(argv: list[str] | None = None) -> int:
         + (f" and {args.max_labels} labels" if args.max_labels else "")
         + (f", rating threshold {args.threshold:g}" if args.threshold is not None else "")
     )
+    budget_line = (
+        f"Equal learner steps per run ({args.steps}, wall time recorded per run: the machine was shared, so "
+        "equal wall time would have meant unequal training)"
+        if args.steps
+        else f"Equal wall time per run ({args.seconds:.0f} s after the learner's first step)"
+    )
+    plot = ""
+    if args.steps:
+        plot_curve(results, args, RESULTS_DIR / "feedback.png")
+        plot = f"\n![held-out {args.likes} vs learner step per arm](results/feedback.png)\n"
     section = f"""## People in the loop: the four TAMER+RL combinations on SmolLM2
 
 `{command_line()}`
 
-Equal wall time per run ({args.seconds:.0f} s after the learner's first step), VADER as the environment
+{budget_line}, VADER as the environment
 reward, a simulated person (HTTP API only; ratings and pairwise picks alternating) who likes `{args.likes}`,
 which VADER ignores, and {person}; credit window {args.credit_delay_min:g}-{args.credit_delay_max:g} s;
 beta = {args.beta:g}, decay {args.beta_decay:g} per step, K = {args.candidates} candidates (action biasing,
@@ -335,7 +446,7 @@ prompts x {args.samples} completions of each run's last checkpoint, scored by th
 and SE across seeds {args.seeds}. First: {ranked[0]}.
 
 {table}
-
+{plot}
 {environment_line(env)}
 """
     write_results("feedback", {"args": vars(args), "results": results, "environment": env}, section)

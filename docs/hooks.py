@@ -21,7 +21,7 @@ PAGES = {
     "design.md": ("DESIGN.md", {"docs/": "", "bench/RESULTS.md": "results.md"}),
     "results.md": ("bench/RESULTS.md", {}),
 }
-PICTURES = {"results/scale.png": "bench/results/scale.png"}
+PICTURES = {"results/scale.png": "bench/results/scale.png", "results/feedback.png": "bench/results/feedback.png"}
 
 _LINK = re.compile(r"(\]\()([^)\s#]*)")
 

@@ -8,12 +8,25 @@ only the few with one (all +1), leaving H-hat nothing to contrast. The environme
 (the person's taste is on H-hat's scale, about +-1). With reward shaping
 (R + beta * H-hat, beta = 1, no decay), the final policy's completions carry more ``a`` than those
 of the run without feedback, by more than 2 standard errors of the difference.
+
+Robust to a loaded machine: both runs train a fixed number of learner steps (the learner stops itself;
+wall time only bounds the wait), and in the feedback run the learner is held (SIGSTOP) from the first
+rollout the feedback service receives until it has published H-hat fit on the labeller's first labels,
+so every step but the few on rollouts scored before that carries the person's term, however the
+feedback service, the labeller and the learner share the cores (unheld, how many of the tiny learner's 60
+steps, seconds of work, came before the first fit depended on how busy the machine was).
+
+The standard error is that of the two final policies' sampling (512 completions each, the same 4
+prompts in both, seeded): it says the two policies differ, not how much another pair of training
+runs would; pooling over the prompts makes it larger than the within-prompt (stratified) error, so the
+2-SE bar is conservative for that claim.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 
@@ -25,11 +38,22 @@ import torch
 from streamrl.common.messages import SamplingParams
 from streamrl.common.models import load_causal_lm, load_tokenizer
 from streamrl.services.generator.sampling import encode_prompts, sample_completions
-from streamrl.testing import add_labeller, feedback_sections, local_run_config, wait_until, write_config
+from streamrl.testing import (
+    add_labeller,
+    feedback_sections,
+    local_run_config,
+    scrape,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
 STEPS = 60
+STARTUP_S = 900
+"""Bound of each wait for a service to come up or act, seconds: on a 2-core machine at load average 12-16 the
+feedback service had not answered /healthz after 300 s (importing torch and loading the model at a small
+share of a core); the waits end as soon as the condition holds, so this only bounds a hang."""
 PROMPTS = ["The film was", "I think that", "My review:", "Overall it is"]
 
 
@@ -77,7 +101,7 @@ def run_job(tmp_path, tiny_model_dir, services, *, feedback: bool) -> tuple[np.n
             except requests.RequestException:
                 return False
 
-        assert wait_until(up, 120), procs.logs()
+        assert wait_until(up, STARTUP_S), procs.logs()
         token = add_labeller(config, "simulated")
         labeller = subprocess.Popen(
             [
@@ -102,7 +126,19 @@ def run_job(tmp_path, tiny_model_dir, services, *, feedback: bool) -> tuple[np.n
         )
     learner = procs.procs["learner-0"]
     try:
-        assert wait_until(lambda: learner.poll() is not None, timeout=420) and learner.returncode == 0, procs.logs()
+        if feedback:
+            # the learner is held (SIGSTOP) from the first streamed rollout until H-hat exists; the generator
+            # has the learner's first weights by then and fills the buffer meanwhile (the learner cannot start
+            # later: the generators wait for its weights)
+            port = sections["metrics"]["feedback_port"]
+            assert wait_until(lambda: feedback_metric(port, "rollouts_received_total") >= 1, STARTUP_S), procs.logs()
+            learner.send_signal(signal.SIGSTOP)
+            try:
+                assert wait_until(lambda: feedback_metric(port, "human_model_version") >= 1, STARTUP_S), procs.logs()
+            finally:
+                learner.send_signal(signal.SIGCONT)
+        # a fixed number of steps: the learner stops itself; the timeout only bounds a very loaded machine
+        assert wait_until(lambda: learner.poll() is not None, timeout=900) and learner.returncode == 0, procs.logs()
     finally:
         if feedback:
             labeller.terminate()
@@ -112,6 +148,14 @@ def run_job(tmp_path, tiny_model_dir, services, *, feedback: bool) -> tuple[np.n
         counts = {"shaped_steps": sum(r.get("human/shaped_fraction", 0) > 0 for r in records)}
     model_dir = tmp_path / "run" / "checkpoints" / f"step-{STEPS:06d}" / "model"
     return sample_a_fraction(model_dir), counts
+
+
+def feedback_metric(port: int, name: str) -> float:
+    """``streamrl_feedback_<name>`` of the feedback service (0 while it starts)."""
+    try:
+        return scrape(port).get(f"streamrl_feedback_{name}", 0.0)
+    except ConnectionError:
+        return 0.0
 
 
 def sample_a_fraction(model_dir) -> np.ndarray:
@@ -139,5 +183,5 @@ def test_simulated_feedback_raises_the_property_the_reward_ignores(tmp_path, tin
         f"fraction of 'a': with feedback {with_feedback.mean():.4f}, without {without.mean():.4f}, "
         f"difference {diff:.4f} = {diff / se:.1f} SE; {counts}"
     )
-    assert counts["shaped_steps"] > STEPS // 3
+    assert counts["shaped_steps"] >= STEPS - 10, counts  # all but the steps on rollouts scored before H-hat
     assert diff > 2 * se, (with_feedback.mean(), without.mean(), se)
