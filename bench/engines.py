@@ -41,8 +41,9 @@ from streamrl.services.learner.batch import collate, forward_completions
 DEFAULT_CONFIG = "deploy/configs/default.toml"
 
 
-def mismatch(policy, completions, sampling: SamplingParams) -> dict:
-    """Per-token |log pi_old - log mu| (mean, p99, max, nats) and the ESS fraction of sequence ratios."""
+def learner_logprobs(model, completions, sampling: SamplingParams) -> list[np.ndarray]:
+    """The learner's log-probs (``forward_completions``: temperature and top-p applied, nats) of each
+    engine-sampled completion's tokens under ``model``, ``[T]`` float64 each."""
     scored = [
         ScoredRollout(
             reward=0.0,
@@ -63,12 +64,17 @@ def mismatch(policy, completions, sampling: SamplingParams) -> dict:
         for i, c in enumerate(completions)
     ]
     with torch.no_grad():
-        out = forward_completions(policy, collate(scored, pad_id=0))
-    gaps, log_w = [], []
-    for i, c in enumerate(completions):
-        gap = out.logprobs[i, : len(c.completion_tokens)].double().numpy() - c.logprobs.astype(np.float64)
-        gaps.append(gap)
-        log_w.append(gap.sum())
+        out = forward_completions(model, collate(scored, pad_id=0))
+    return [out.logprobs[i, : len(c.completion_tokens)].double().numpy() for i, c in enumerate(completions)]
+
+
+def mismatch(policy, completions, sampling: SamplingParams) -> dict:
+    """Per-token |log pi_old - log mu| (mean, p99, max, nats) and the ESS fraction of sequence ratios."""
+    gaps = [
+        pi_old - c.logprobs.astype(np.float64)
+        for c, pi_old in zip(completions, learner_logprobs(policy, completions, sampling))
+    ]
+    log_w = [gap.sum() for gap in gaps]
     gap = np.abs(np.concatenate(gaps))
     w = np.exp(np.array(log_w) - max(log_w))
     return {

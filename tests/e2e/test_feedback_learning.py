@@ -4,8 +4,9 @@ The environment reward is the fraction of ``e`` in a completion; the simulated l
 process that uses only the HTTP API) likes ``a``, which that reward ignores. It rates against a fixed
 threshold (+1 for any ``a``, else -1), so it always has something to rate: against the running median
 it skipped every completion tied with the median, and once most completions held no ``a`` it rated
-only the few with one (all +1), leaving H-hat nothing to contrast. The environment reward has weight 0.1
-(the person's taste is on H-hat's scale, about +-1). With reward shaping
+only the few with one (all +1), leaving H-hat nothing to contrast. The environment reward (the fraction of
+``e``) has weight 0: the run without feedback then keeps the base policy's rate of ``a``, and the run with
+feedback can only move it through H-hat. With reward shaping
 (R + beta * H-hat, beta = 1, no decay), the final policy's completions carry more ``a`` than those
 of the run without feedback, by more than 2 standard errors of the difference.
 
@@ -73,9 +74,10 @@ def run_job(tmp_path, tiny_model_dir, services, *, feedback: bool) -> tuple[np.n
         generator={"group_size": 8, "max_new_tokens": 12},
         buffer={"capacity_groups": 8},
     )
-    # the environment reward at a tenth of the person's scale (H-hat is about +-1): at full weight the policy
-    # was all "e" within 30 steps, no completion held an "a" left to reinforce, and both arms ended at 0.0
-    sections["scorer"]["rewards"][0]["weight"] = 0.1
+    # the environment reward at weight 0: at full weight the policy was all "e" within 30 steps, and at 0.1 it
+    # still was on a quiet machine (a clean-clone rehearsal): no completion held an "a" left to reinforce, and
+    # both arms ended at 0.0; the person's term alone then drives the feedback run (+0.030, 8.3 SE, 54 s)
+    sections["scorer"]["rewards"][0]["weight"] = 0.0
     if feedback:
         sections = feedback_sections(
             sections,

@@ -17,16 +17,16 @@ import pytest
 import torch
 import zmq
 
+from bench.engines import learner_logprobs
 from streamrl.common.config import LoraSection
 from streamrl.common.lora import adapter_spec, adapter_tensors, apply_lora, wire_state
-from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
+from streamrl.common.messages import FinishReason, SamplingParams
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.common.models import load_causal_lm, load_tokenizer, save_tiny_model
 from streamrl.common.modes import Engine
 from streamrl.common.weights import WeightClient, WeightServer, tied_duplicates
 from streamrl.services.generator.engine import build_engine
 from streamrl.services.generator.sampling import encode_prompts
-from streamrl.services.learner.batch import collate, forward_completions
 from streamrl.testing import free_port
 
 PROMPT_TEXTS = ["Hello there, friend", "abc"]  # different lengths
@@ -103,33 +103,6 @@ def as_sent(model) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
     return encode_prompts(tokenizer, PROMPT_TEXTS, max_prompt_tokens=64, add_special_tokens=False)
-
-
-def learner_logprobs(model, completions, sampling: SamplingParams) -> list[np.ndarray]:
-    """The learner's log-probs of each completion's tokens (temperature and top-p applied), ``[T]`` each."""
-    scored = [
-        ScoredRollout(
-            reward=0.0,
-            rollout=Rollout(
-                prompt_id="p",
-                group_id="g",
-                rollout_id=str(i),
-                generator_id="test",
-                group_size=1,
-                prompt_tokens=c.prompt_tokens,
-                completion_tokens=c.completion_tokens,
-                behaviour_logprobs=c.logprobs,
-                policy_version=0,
-                finish_reason=c.finish_reason,
-                sampling=sampling,
-            ),
-        )
-        for i, c in enumerate(completions)
-    ]
-    batch = collate(scored, pad_id=0)
-    with torch.no_grad():
-        out = forward_completions(model, batch)
-    return [out.logprobs[i, : len(c.completion_tokens)].double().numpy() for i, c in enumerate(completions)]
 
 
 def flat(groups):
