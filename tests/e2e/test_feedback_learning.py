@@ -86,7 +86,10 @@ def run_job(tmp_path, tiny_model_dir, services, *, feedback: bool) -> tuple[np.n
             beta_decay=1.0,
             min_labels=4,
             fit_interval_s=0.3,
-            label_rate_per_s=20.0,
+            # 50 labels/s from the simulated person (limit 200): at 10/s the quiet machine's tiny learner took its
+            # 60 steps in seconds, H-hat lagged, and the policy found completions H-hat rated high without an "a"
+            # (shaping mean 0.93, 'a' 0.0008 vs 0.0112 in a clean-clone rehearsal); at 50/s: 0.91 and 0.83 vs 0.011
+            label_rate_per_s=200.0,
         )
     config = write_config(tmp_path / "run.toml", sections)
     procs = services(config)
@@ -119,7 +122,7 @@ def run_job(tmp_path, tiny_model_dir, services, *, feedback: bool) -> tuple[np.n
                 "--threshold",
                 "0",
                 "--labels-per-second",
-                "10",
+                "50",
                 "--duration",
                 "600",
             ],
