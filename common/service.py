@@ -8,6 +8,7 @@ Each ``python -m streamrl.services.<name>`` calls :func:`run_service`, which cal
 
 from __future__ import annotations
 
+import abc
 import argparse
 import logging
 import os
@@ -115,7 +116,7 @@ class ServiceContext:
             self.run_lock.release()
 
 
-class ServiceLoop:
+class ServiceLoop(abc.ABC):
     """The skeleton of a service's loop, shared by the buffer, generator, scorer, learner and
     feedback services.
 
@@ -152,18 +153,18 @@ class ServiceLoop:
         or as soon as a stop is requested (:func:`~streamrl.common.transport.poll_unless_stopped`)."""
         return poll_unless_stopped(sock, timeout_s, self.ctx.stop, flags)
 
-    def starting(self) -> None:
+    def starting(self) -> None:  # noqa: B027 (an optional hook: most services have nothing to do)
         """Before the first turn (a log line, a thread, a first publish)."""
 
     def more(self) -> bool:
         """Whether to take another turn: until a stop is requested (SIGTERM, SIGINT)."""
         return not self.ctx.stop.is_set()
 
+    @abc.abstractmethod
     def turn(self) -> None:
         """One turn of the loop; returns within about a second so that a stop request is seen."""
-        raise NotImplementedError
 
-    def finishing(self) -> None:
+    def finishing(self) -> None:  # noqa: B027 (an optional hook)
         """After the last turn, when no exception ended the loop (a final checkpoint)."""
 
     def run(self) -> None:
