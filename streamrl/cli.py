@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from streamrl import __version__
-from streamrl.common.config import SERVICES, ConfigError, add_config_arguments, load_config
+from streamrl.common.config import SERVICES, ConfigError, add_config_arguments, cross_hints, load_config
 from streamrl.common.service import exit_now
 from streamrl.deploy import DEFAULT_CONFIG
 
@@ -72,7 +72,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     and send each HTTP reward server one request (``--no-probe`` skips it).
 
     The same checks each service runs at start-up; exit status 2 with every problem listed
-    (key, rule, fix) when any fails.
+    (key, rule, fix) when any fails. Settings that are valid but measured to work poorly are printed
+    as ``streamrl: hint: ...`` lines on stderr (:func:`~streamrl.common.config.cross_hints`); they do
+    not change the exit status.
     """
     from streamrl.ports import ports_at_defaults, run_ports, taken_ports
 
@@ -83,6 +85,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"{args.config}: OK ({config.run.name}, model {config.model.path}, "
         f"{config.learner.total_steps} steps, max_staleness {config.run.max_staleness})"
     )
+    for hint in cross_hints(config):  # valid, measured to work poorly: said, not refused
+        print(f"streamrl: hint: {hint}", file=sys.stderr)
     taken = taken_ports(run_ports(config, 1, len(config.endpoints.scorers)))
     if taken:
         then = (

@@ -82,6 +82,38 @@ def scored_item(
     return m.ScoredRollout(rollout=rollout, reward=float(k), scorer_id="s0")
 
 
+def text_rollout(
+    tokenizer,
+    i: int,
+    prompt: str,
+    completion: str,
+    *,
+    reward: float,
+    behaviour_logprob: float,
+    temperature: float,
+    top_p: float = 1.0,
+    max_new_tokens: int = 16,
+) -> m.ScoredRollout:
+    """Rollout ``r{i}`` of group ``g{i // 2}`` (groups of 2, prompt ``p{i // 2}``, policy version 0, cut at
+    the length limit): ``prompt`` and ``completion`` as ``tokenizer``'s ids (no special tokens, int32), every
+    behaviour log-prob ``behaviour_logprob`` (nats), scored ``reward``."""
+    p, c = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in (prompt, completion))
+    rollout = m.Rollout(
+        prompt_id=f"p{i // 2}",
+        group_id=f"g{i // 2}",
+        rollout_id=f"r{i}",
+        generator_id="g0",
+        group_size=2,
+        prompt_tokens=np.asarray(p, np.int32),
+        completion_tokens=np.asarray(c, np.int32),
+        behaviour_logprobs=np.full(len(c), behaviour_logprob, np.float32),
+        policy_version=0,
+        finish_reason=m.FinishReason.LENGTH,
+        sampling=m.SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
+    )
+    return m.ScoredRollout(rollout=rollout, reward=reward)
+
+
 def metric_names(registry) -> set[str]:
     """Names in a prometheus_client registry as scraped (counters with ``_total``), process collectors left out."""
     return {

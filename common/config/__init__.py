@@ -26,7 +26,7 @@ Modules, each importing only those above it:
 - :mod:`~streamrl.common.config.sources`: :class:`PromptSource`, :class:`RewardSpec`;
 - :mod:`~streamrl.common.config.learner`: :class:`LearnerSection`;
 - :mod:`~streamrl.common.config.stages`: the offline stages' sections and ``[eval]``;
-- :mod:`~streamrl.common.config.checks`: cross-section rules (:func:`cross_problems`);
+- :mod:`~streamrl.common.config.checks`: cross-section rules (:func:`cross_problems`) and hints (:func:`cross_hints`);
 - :mod:`~streamrl.common.config.schema`: the other sections and :class:`Config`;
 - :mod:`~streamrl.common.config.resources`: files, folders, imports and devices (:func:`resource_problems`);
 - :mod:`~streamrl.common.config.load`: TOML, overrides, path resolution, :func:`load_config`;
@@ -42,7 +42,7 @@ from streamrl.common.config.base import (
     ResourceError,
     _section_type,
 )
-from streamrl.common.config.checks import cross_problems, is_local_endpoint
+from streamrl.common.config.checks import cross_hints, cross_problems, is_local_endpoint
 from streamrl.common.config.learner import LearnerSection, LoraSection
 from streamrl.common.config.load import (
     add_config_arguments,
@@ -112,6 +112,7 @@ __all__ = [
     "_section_type",
     "add_config_arguments",
     "apply_overrides",
+    "cross_hints",
     "cross_problems",
     "endpoint_problem",
     "is_local_endpoint",

@@ -149,6 +149,24 @@ class TrainBatch:
         return TrainBatch(**{name: t.to(device) for name, t in self._tensors().items()}, sampling=self.sampling)
 
 
+TRAIN_BATCH_DTYPES: dict[str, torch.dtype] = {
+    "input_ids": torch.int64,
+    "attention_mask": torch.int64,
+    "positions": torch.int64,
+    "tokens": torch.int64,
+    "mask": torch.float32,
+    "behaviour_logprobs": torch.float32,
+    "scores": torch.float32,
+    "group_ids": torch.int64,
+    "versions": torch.int64,
+    "weights": torch.float32,
+    "ref_logprobs": torch.float32,
+    "advantage_bonus": torch.float32,
+}
+"""The dtype of each tensor field of :class:`TrainBatch` (its Attributes): what :func:`collate` makes and
+what the data-parallel learner broadcasts and allocates on the other ranks (``distributed.py``)."""
+
+
 def collate(rollouts: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
     """Pack scored rollouts into a :class:`TrainBatch` (groups keep their ids).
 

@@ -69,7 +69,7 @@ from torch.nn.parallel import DistributedDataParallel
 from streamrl.common.config import LearnerSection
 from streamrl.common.messages import SamplingParams
 from streamrl.common.modes import LossAggregation
-from streamrl.services.learner.batch import ModelOutput, TrainBatch, forward_completions
+from streamrl.services.learner.batch import TRAIN_BATCH_DTYPES, ModelOutput, TrainBatch, forward_completions
 from streamrl.services.learner.trainer import PPOTrainer
 
 log = logging.getLogger(__name__)
@@ -77,20 +77,6 @@ log = logging.getLogger(__name__)
 STOP, STEP = 0, 1
 # TrainBatch fields in broadcast order; the optional ones are flagged in the header
 _FIELDS = [f.name for f in fields(TrainBatch) if f.name != "sampling"]
-_DTYPES = {
-    "input_ids": torch.int64,
-    "attention_mask": torch.int64,
-    "positions": torch.int64,
-    "tokens": torch.int64,
-    "mask": torch.float32,
-    "behaviour_logprobs": torch.float32,
-    "scores": torch.float32,
-    "group_ids": torch.int64,
-    "versions": torch.int64,
-    "weights": torch.float32,
-    "ref_logprobs": torch.float32,
-    "advantage_bonus": torch.float32,
-}
 _ROW_FIELDS = {"scores", "group_ids", "versions", "weights", "advantage_bonus"}  # [B]
 _OPTIONAL = ("weights", "ref_logprobs", "advantage_bonus")  # sent only when the header flags them
 _PROMPT_FIELDS = {"input_ids", "attention_mask"}  # [B, L]; the others are [B, T]
@@ -218,9 +204,9 @@ def broadcast_batch(
             continue
         shape = (b,) if name in _ROW_FIELDS else (b, width) if name in _PROMPT_FIELDS else (b, t)
         if dist.rank == 0:
-            tensor = getattr(batch, name).to(dev, _DTYPES[name]).contiguous()
+            tensor = getattr(batch, name).to(dev, TRAIN_BATCH_DTYPES[name]).contiguous()
         else:
-            tensor = torch.empty(shape, dtype=_DTYPES[name], device=dev)
+            tensor = torch.empty(shape, dtype=TRAIN_BATCH_DTYPES[name], device=dev)
         torch_dist.broadcast(tensor, 0)
         tensors[name] = tensor
     temperature, top_p, max_new_tokens = sampling.tolist()

@@ -197,3 +197,32 @@ def test_chat_prompts_need_a_model_with_a_chat_template(
     tokenizer.save_pretrained(folder / "chat-model")
     code, out, lines = check(write(folder, "chats-ok", prompts=chats, model='path = "chat-model"'), capsys)
     assert (code, lines) == (0, []) and ": OK (" in out
+
+
+@pytest.mark.parametrize(
+    ("lr", "lora", "hinted"),
+    [
+        ("5e-5", "[learner.lora]\nrank = 4", True),
+        ("1e-4", "[learner.lora]\nrank = 4", False),  # the bound itself: no hint
+        ("3e-4", "[learner.lora]\nrank = 8", False),
+        ("5e-5", "", False),  # the whole model at a low learning rate: as it should be
+    ],
+    ids=["lora_at_5e-5", "lora_at_1e-4", "lora_at_3e-4", "whole_model_at_5e-5"],
+)
+def test_check_hints_at_a_low_lora_learning_rate_and_still_passes(
+    folder: Path, capsys: pytest.CaptureFixture, lr: str, lora: str, hinted: bool
+) -> None:
+    """LoRA with learner.lr < 1e-4: one hint on stderr naming the key, the rank and 3e-4 (docs/lora.md);
+    the check still passes (exit 0)."""
+    path = write(folder, f"lora-{lr}-{bool(lora)}", f"[learner]\nlr = {lr}\n{lora}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", "--no-probe", "--config", str(path)])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 0 and out.startswith(f"{path}: OK ("), (out, err)
+    hints = [line for line in err.splitlines() if line.startswith("streamrl: hint: ")]
+    expected = (
+        f"streamrl: hint: learner.lr: {float(lr):g} is low for LoRA adapters (learner.lora.rank = 4): on the "
+        "default job rank 4 at lr 1e-4 barely moved in 60 steps; suggestion: start LoRA at learner.lr = 3e-4 "
+        "(docs/lora.md)"
+    )
+    assert hints == ([expected] if hinted else []), err

@@ -74,7 +74,8 @@ def server_and_endpoints():
     ctx.term()
 
 
-def client(ctx, ann, fetch, credit=2):
+def client(ctx, ann, fetch, credit=2, *, timeout_s=2.0, **options):
+    """A generator's WeightClient on ``ann``/``fetch``; ``options``: ``max_retries``, ``stop``."""
     return WeightClient(
         ctx,
         announce_endpoint=ann,
@@ -82,9 +83,10 @@ def client(ctx, ann, fetch, credit=2):
         inbox_metrics=ServiceMetrics("generator", "g"),
         sender="g",
         credit=credit,
-        timeout_s=2.0,
+        timeout_s=timeout_s,
         max_message_bytes=1 << 24,
         hwm=16,
+        **options,
     )
 
 
@@ -151,18 +153,7 @@ def test_fetch_from_a_vanished_learner_fails_in_bounded_time(server_and_endpoint
 
     ctx, server, ann, fetch, _ = server_and_endpoints
     server.publish(pack_state_dict(state(0), version=0, dtype=WeightDtype.FLOAT32, chunk_bytes=97, sender="l"))
-    c = WeightClient(
-        ctx,
-        announce_endpoint=ann,
-        fetch_endpoint=f"tcp://127.0.0.1:{free_port()}",  # nobody there
-        inbox_metrics=ServiceMetrics("generator", "g"),
-        sender="g",
-        credit=2,
-        timeout_s=0.2,
-        max_message_bytes=1 << 24,
-        hwm=16,
-        max_retries=3,
-    )
+    c = client(ctx, ann, f"tcp://127.0.0.1:{free_port()}", timeout_s=0.2, max_retries=3)  # nobody there
     try:
         announce = c.poll_announcements(timeout_s=3.0)
         assert announce is not None
@@ -184,19 +175,7 @@ def test_a_stop_request_ends_a_fetch_and_the_wait_for_announcements_at_once(serv
     ctx, server, ann, fetch, _ = server_and_endpoints
     server.publish(pack_state_dict(state(0), version=0, dtype=WeightDtype.FLOAT32, chunk_bytes=97, sender="l"))
     stop = threading.Event()
-    c = WeightClient(
-        ctx,
-        announce_endpoint=ann,
-        fetch_endpoint=f"tcp://127.0.0.1:{free_port()}",  # nobody there
-        inbox_metrics=ServiceMetrics("generator", "g"),
-        sender="g",
-        credit=2,
-        timeout_s=10.0,
-        max_message_bytes=1 << 24,
-        hwm=16,
-        max_retries=5,
-        stop=stop,
-    )
+    c = client(ctx, ann, f"tcp://127.0.0.1:{free_port()}", timeout_s=10.0, max_retries=5, stop=stop)  # nobody there
     try:
         announce = c.poll_announcements(timeout_s=3.0)
         assert announce is not None

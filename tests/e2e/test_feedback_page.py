@@ -27,6 +27,8 @@ from streamrl.testing import add_labeller, feedback_sections, local_run_config, 
 pytestmark = pytest.mark.slow
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+SHOWN = 4
+"""Cards the page shows in the keyboard check (``?shown=4``): the list turns over within a few polls."""
 
 
 def browser():
@@ -117,6 +119,7 @@ def labels(db) -> list[tuple]:
     reason="needs Debian's chromium and chromium-driver (make chromium; `make test` installs them)",
 )
 def test_labels_from_a_real_browser_reach_the_database_and_hhat(tmp_path, tiny_model_dir, services):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
@@ -136,32 +139,52 @@ def test_labels_from_a_real_browser_reach_the_database_and_hhat(tmp_path, tiny_m
     assert requests.get(url + "api/rollouts", timeout=5).status_code == 401
     assert requests.post(url + "api/ratings", json={"rollout_id": "x", "value": 1}, timeout=5).status_code == 401
 
+    def shown_ids(d) -> list[str]:
+        """The rollout ids on the page, top first (read in one script: the list may turn over meanwhile)."""
+        return d.execute_script(
+            "return Array.from(document.querySelectorAll('#rollouts li.rollout'), li => li.dataset.id)"
+        )
+
+    def click_a_card(selector: str, skip: str | None = None):
+        """Click ``selector`` in the first card on the page other than ``skip``'s; returns that card. Waited
+        for: a card that left the list between finding and clicking it is stale, and another is tried."""
+
+        def click(d):
+            card = next(
+                c
+                for c in d.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")
+                if c.get_attribute("data-id") != skip
+            )
+            card.find_element(By.CSS_SELECTOR, selector).click()
+            return card
+
+        return WebDriverWait(driver, 60, ignored_exceptions=[StaleElementReferenceException]).until(click)
+
     driver = browser()
     try:
-        wait = WebDriverWait(driver, 60)
-        driver.get(url)
+        wait = WebDriverWait(driver, 240)
+        driver.get(url + f"?shown={SHOWN}")  # a short list: it turns over within a few polls
         wait.until(ec.visibility_of_element_located((By.ID, "token"))).send_keys(token + Keys.ENTER)
         wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#rollouts li.rollout")))
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")) >= 3)
+        wait.until(lambda d: len(shown_ids(d)) == SHOWN)
         assert driver.find_element(By.ID, "who").text == "labeller: alice"
 
         # a click
-        first = driver.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")[0]
-        clicked_id = first.get_attribute("data-id")
-        first.find_element(By.CSS_SELECTOR, "button.rate-up").click()
+        clicked_id = click_a_card("button.rate-up").get_attribute("data-id")  # the card is selected: pinned
         wait.until(lambda d: "label #" in d.find_element(By.CSS_SELECTOR, f'li[data-id="{clicked_id}"] .verdict').text)
-        # a keyboard shortcut on another card: select it, let fresh rollouts arrive above it, then "-"
-        # (the selection follows the rollout: it once stayed at its position and "-" rated another card)
-        cards = driver.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")
-        top, second = cards[0].get_attribute("data-id"), cards[2]
+        # a keyboard shortcut on another card: select it, let the list turn over past it, then "-". The
+        # selected card is pinned: the same element stays on the page, selected, while every card that was
+        # around it leaves (it once stayed at its position and "-" rated another card; later it left the
+        # list when SHOWN newer rollouts arrived, as a page catching up on its first polls gets 50 at once)
+        around = set(shown_ids(driver))
+        second = click_a_card(".completion", skip=clicked_id)
         keyed_id = second.get_attribute("data-id")
-        second.find_element(By.CSS_SELECTOR, ".completion").click()
-        wait.until(
-            lambda d: d.find_elements(By.CSS_SELECTOR, "#rollouts li.rollout")[0].get_attribute("data-id") != top
-        )
-        assert "selected" in driver.find_element(By.CSS_SELECTOR, f'li[data-id="{keyed_id}"]').get_attribute("class")
+        around |= set(shown_ids(driver))
+        wait.until(lambda d: not (set(shown_ids(d)) & around) - {keyed_id})
+        assert keyed_id in shown_ids(driver) and len(shown_ids(driver)) == SHOWN
+        assert "selected" in second.get_attribute("class")  # the same element: not rebuilt (else: stale)
         driver.find_element(By.TAG_NAME, "body").send_keys("-")
-        wait.until(lambda d: "label #" in d.find_element(By.CSS_SELECTOR, f'li[data-id="{keyed_id}"] .verdict').text)
+        wait.until(lambda d: "label #" in second.find_element(By.CSS_SELECTOR, ".verdict").text)
         stored = labels(db)
         assert [(who, kind, rid, value) for who, kind, rid, value, _ in stored] == [
             ("alice", "rating", clicked_id, 1),
@@ -180,6 +203,8 @@ def test_labels_from_a_real_browser_reach_the_database_and_hhat(tmp_path, tiny_m
         )
         assert scrape(scorer_port)["streamrl_scorer_human_model_version"] >= 1
 
+        driver.get(url)  # the whole list for the screenshot (the session cookie logs in again)
+        wait.until(lambda d: len(shown_ids(d)) >= 3)
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#reward-chart polyline"))
         screenshot = tmp_path / "feedback-page.png"
         driver.save_screenshot(str(screenshot))

@@ -2,11 +2,14 @@
 // page with textContent (never innerHTML); state-changing requests carry the session's CSRF token.
 "use strict";
 
-const MAX_SHOWN = 100;
+// cards the list shows (newest first); `?shown=N` in the page's address sets it (default 100)
+const MAX_SHOWN = Math.max(1, parseInt(new URLSearchParams(location.search).get("shown"), 10) || 100);
 const STALE_S = 300;  // a rollout older than this (by the stream's clock) is skipped by the queue
 const MAX_QUEUED = 2000;  // the service remembers feedback.recent_rollouts (default 2000)
-// held: the list stops turning over (new rollouts wait in `waiting`); queue: unlabelled rollouts, oldest first
-const state = { csrf: null, cursor: 0, items: [], selected: 0, selectedId: null, compare: null, timers: [],
+// held: the list stops turning over (new rollouts wait in `waiting`); queue: unlabelled rollouts, oldest first;
+// selectedId: the rollout the labeller selected (click, j/k; null: none). Its card is pinned: while it is
+// selected it never leaves the list and is never rebuilt, however many rollouts arrive above it
+const state = { csrf: null, cursor: 0, items: [], selectedId: null, compare: null, timers: [],
                 held: false, waiting: [], queue: [], labelled: new Set(), newest: 0 };
 const $ = (id) => document.getElementById(id);
 
@@ -69,24 +72,35 @@ function card(item) {
   return li;
 }
 
+// the newest MAX_SHOWN of `items` (newest first), always with the selected one, in their order
+function shown(items) {
+  const pinned = items.some((x) => x.rollout_id === state.selectedId);
+  let others = 0;
+  return items.filter((x) => x.rollout_id === state.selectedId || others++ < MAX_SHOWN - (pinned ? 1 : 0));
+}
+
+// fresh cards go on top; cards past MAX_SHOWN leave, except the selected one (pinned: a key pressed
+// after a poll labels the card the labeller selected, which is still the same element on the page)
 function render() {
   const list = $("rollouts");
   const have = new Set(Array.from(list.children, (li) => li.dataset.id));
   const fresh = state.items.filter((item) => !have.has(item.rollout_id));
   for (const item of fresh.reverse()) list.insertBefore(card(item), list.firstChild);
-  while (list.children.length > MAX_SHOWN) list.removeChild(list.lastChild);
-  state.items = state.items.slice(0, MAX_SHOWN);
-  // the selection follows its rollout, not its position: fresh cards are inserted above it, and a
-  // key pressed after a poll must still label the card the labeller selected
-  const kept = state.items.findIndex((x) => x.rollout_id === state.selectedId);
-  select(kept >= 0 ? kept : Math.min(state.selected, state.items.length - 1));
+  state.items = shown(state.items);
+  const kept = new Set(state.items.map((x) => x.rollout_id));
+  for (const li of Array.from(list.children)) if (!kept.has(li.dataset.id)) list.removeChild(li);
+  select(selectedIndex());
 }
 
+// the position of the selected card in state.items (and on the page), -1 when none is selected
+function selectedIndex() {
+  return state.items.findIndex((x) => x.rollout_id === state.selectedId);
+}
+
+// select the card at `index` (-1: none; the labeller's Esc deselects, which unpins it)
 function select(index) {
-  if (index < 0) return;
-  state.selected = index;
-  state.selectedId = state.items[index] ? state.items[index].rollout_id : null;
-  Array.from($("rollouts").children).forEach((li, i) => li.classList.toggle("selected", i === index));
+  state.selectedId = index >= 0 && state.items[index] ? state.items[index].rollout_id : null;
+  Array.from($("rollouts").children).forEach((li) => li.classList.toggle("selected", li.dataset.id === state.selectedId));
 }
 
 function cardOf(id) {
@@ -279,20 +293,21 @@ function onKey(event) {
     event.preventDefault();
     return;
   }
-  const item = state.items[state.selected];
+  const index = selectedIndex();
+  const item = state.items[index];
   switch (event.key) {
     case "h": setHeld(!state.held); break;
     case "U": rateQueued(1); break;
     case "D": rateQueued(-1); break;
     case "S": skipQueued(); break;
-    case "j": select(Math.min(state.selected + 1, state.items.length - 1)); break;
-    case "k": select(Math.max(state.selected - 1, 0)); break;
+    case "j": select(Math.min(index + 1, state.items.length - 1)); break;
+    case "k": select(Math.max(index - 1, 0)); break;
     case "+": case "=": case "u": if (item) rate(item.rollout_id, 1); break;
     case "-": case "d": if (item) rate(item.rollout_id, -1); break;
     case "c": if (item) openCompare(item); break;
     case "1": pick("left"); break;
     case "2": pick("right"); break;
-    case "Escape": closeCompare(); break;
+    case "Escape": if (state.compare) closeCompare(); else select(-1); break;
     default: return;
   }
   event.preventDefault();

@@ -3,6 +3,9 @@ log-probs against a per-row unpadded forward pass, and ``TrainBatch.select``."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +13,7 @@ import torch
 from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.services.learner.batch import (
+    TRAIN_BATCH_DTYPES,
     MixedSamplingError,
     TrainBatch,
     collate,
@@ -69,6 +73,15 @@ def hand_rollouts() -> list[ScoredRollout]:
 # --------------------------------------------------------------------------- collate
 
 
+def test_the_dtype_table_is_the_documented_one():
+    """TRAIN_BATCH_DTYPES (what collate makes, what the data-parallel learner broadcasts and allocates)
+    covers every tensor field of TrainBatch, each with the dtype the class docstring states."""
+    documented = re.findall(r"^ +(\w+): ``\[[^\]]*\]`` (int64|float32)\b", TrainBatch.__doc__, re.MULTILINE)
+    tensors = [f.name for f in dataclasses.fields(TrainBatch) if f.name != "sampling"]
+    assert [name for name, _ in documented] == tensors
+    assert TRAIN_BATCH_DTYPES == {name: getattr(torch, dtype) for name, dtype in documented}
+
+
 def test_collate_exact_tensors():
     b = collate(hand_rollouts(), pad_id=0)
     expected = {
@@ -83,21 +96,10 @@ def test_collate_exact_tensors():
         "group_ids": [0, 1, 0],  # groups numbered in order of first appearance
         "versions": [3, 5, 4],
     }
-    dtypes = {
-        "input_ids": torch.int64,
-        "attention_mask": torch.int64,
-        "positions": torch.int64,
-        "tokens": torch.int64,
-        "mask": torch.float32,
-        "behaviour_logprobs": torch.float32,
-        "scores": torch.float32,
-        "group_ids": torch.int64,
-        "versions": torch.int64,
-    }
     for name in FIELDS:
         got = getattr(b, name)
-        assert got.dtype == dtypes[name], name
-        assert torch.equal(got, torch.tensor(expected[name], dtype=dtypes[name])), name
+        assert got.dtype == TRAIN_BATCH_DTYPES[name], name
+        assert torch.equal(got, torch.tensor(expected[name], dtype=TRAIN_BATCH_DTYPES[name])), name
     assert b.size == 3
 
 

@@ -3,16 +3,15 @@ pi_old gives the same step as a separate pi_old pass; length buckets carry less 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from streamrl.common.config import LearnerSection
-from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.services.learner import trainer as trainer_module
 from streamrl.services.learner.batch import collate
 from streamrl.services.learner.trainer import PPOTrainer
+from support import text_rollout
 
 TOKENIZER = build_char_tokenizer()
 PAD = TOKENIZER.pad_token_id
@@ -29,27 +28,10 @@ TEXTS = [
 
 
 def batch(top_p: float = 1.0):
-    items = []
-    for i, (p, c) in enumerate(TEXTS):
-        pi, ci = (TOKENIZER(x, add_special_tokens=False)["input_ids"] for x in (p, c))
-        items.append(
-            ScoredRollout(
-                rollout=Rollout(
-                    prompt_id=f"p{i // 2}",
-                    group_id=f"g{i // 2}",
-                    rollout_id=f"r{i}",
-                    generator_id="g0",
-                    group_size=2,
-                    prompt_tokens=np.asarray(pi, np.int32),
-                    completion_tokens=np.asarray(ci, np.int32),
-                    behaviour_logprobs=np.full(len(ci), -2.0, np.float32),
-                    policy_version=0,
-                    finish_reason=FinishReason.LENGTH,
-                    sampling=SamplingParams(temperature=0.8, top_p=top_p, max_new_tokens=16),
-                ),
-                reward=float(i % 3),
-            )
-        )
+    items = [
+        text_rollout(TOKENIZER, i, p, c, reward=float(i % 3), behaviour_logprob=-2.0, temperature=0.8, top_p=top_p)
+        for i, (p, c) in enumerate(TEXTS)
+    ]
     return collate(items, pad_id=PAD)
 
 

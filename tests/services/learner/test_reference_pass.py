@@ -11,35 +11,28 @@ import pytest
 import torch
 
 from streamrl.common.config import LearnerSection
-from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
+from streamrl.common.messages import ScoredRollout
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.common.reference import reference_logprobs
 from streamrl.services.learner.batch import collate, forward_completions
 from streamrl.services.learner.trainer import PPOTrainer
-from support import fp32_head_on_bf16_body
+from support import fp32_head_on_bf16_body, text_rollout
 
 TOKENIZER = build_char_tokenizer()
 PAD = TOKENIZER.pad_token_id
 
 
 def scored(i: int, prompt: str, completion: str, *, temperature: float = 0.7, top_p: float = 1.0) -> ScoredRollout:
-    p = TOKENIZER(prompt, add_special_tokens=False)["input_ids"]
-    c = TOKENIZER(completion, add_special_tokens=False)["input_ids"]
-    return ScoredRollout(
-        rollout=Rollout(
-            prompt_id=f"p{i // 2}",
-            group_id=f"g{i // 2}",
-            rollout_id=f"r{i}",
-            generator_id="g0",
-            group_size=2,
-            prompt_tokens=np.asarray(p, np.int32),
-            completion_tokens=np.asarray(c, np.int32),
-            behaviour_logprobs=np.full(len(c), -1.5, np.float32),
-            policy_version=0,
-            finish_reason=FinishReason.LENGTH,
-            sampling=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=12),
-        ),
+    return text_rollout(
+        TOKENIZER,
+        i,
+        prompt,
+        completion,
         reward=float(i % 3) - 0.5,
+        behaviour_logprob=-1.5,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=12,
     )
 
 
