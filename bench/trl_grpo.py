@@ -48,8 +48,13 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_ours(config: str, extra: list[str], seconds: float, workdir: Path) -> dict:
-    """Train with streamrl for ``seconds`` from launch; returns steps, samples and the final checkpoint."""
+def run_ours(config: str, extra: list[str], seconds: float, workdir: Path, stop_after_steps: int | None = None) -> dict:
+    """Train with streamrl for ``seconds`` from launch; returns steps, samples and the final checkpoint.
+
+    ``stop_after_steps``: stop as soon as the learner has logged that many steps, even before
+    ``seconds`` (the smoke test: the same launch, stop and read-back at the smallest size); None = the
+    benchmark's equal wall time.
+    """
     cfg = load_config(config, extra)
     overrides = [*extra, *run_overrides(cfg, workdir, 100_000, cfg.run.max_staleness, len(cfg.endpoints.scorers))]
     cfg = load_config(config, overrides)
@@ -62,9 +67,17 @@ def run_ours(config: str, extra: list[str], seconds: float, workdir: Path) -> di
         for i in range(len(cfg.endpoints.scorers)):
             services.start("scorer", i, *args)
         services.start("generator", 0, *args)
+        metrics = Path(cfg.run.output_dir) / "metrics.jsonl"
         while time.time() < launched + seconds:
             if any(p.poll() is not None for p in services.procs.values()):
                 raise RuntimeError("a service exited early:\n" + services.logs())
+            # complete lines only: the learner may be writing the next one
+            if (
+                stop_after_steps is not None
+                and metrics.exists()
+                and metrics.read_text().count("\n") >= stop_after_steps
+            ):
+                break
             time.sleep(0.5)
         learner.send_signal(signal.SIGTERM)
         if not wait_until(lambda: learner.poll() is not None, timeout=300):

@@ -170,7 +170,13 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         proc.wait()
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.5) -> bool:
+def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
+    """Call ``predicate`` every ``interval`` seconds until it returns true or ``timeout`` seconds pass.
+
+    Returns True as soon as it holds, else its value at the deadline. The interval is short because the
+    test suite waits hundreds of times: each wait overshoots by half an interval on average (it
+    was 0.5 s); a predicate that costs more than a few milliseconds should pass a longer one.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

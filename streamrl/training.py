@@ -19,19 +19,24 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streamrl.common.config import SERVICES, Config, load_config
 from streamrl.common.ledger import read_ledgers
-from streamrl.common.models import resolve_model_path
 from streamrl.common.service import CONFIG_ENV, OVERRIDES_ENV
 from streamrl.deploy import PROCFILE
-from streamrl.evaluation import EvalResult, compare, evaluate
 from streamrl.launcher import interrupted, run_procfile
 from streamrl.ports import PortsTaken, claim_ports
 from streamrl.report import distinct_steps, generation_accounting, measured_ledger, plot_learning_curve, read_metrics
 from streamrl.runs import JournalRewards, RunMode, RunRefused, prepare_run_folder, record_launch
-from streamrl.services.learner.checkpoint import latest_checkpoint
 from streamrl.services.scorer.http_reward import probe_report
+
+if TYPE_CHECKING:
+    from streamrl.evaluation import EvalResult
+
+# The evaluation (transformers, the generator's engine) and the checkpoint and model helpers (torch)
+# are imported where they are used: a run without --eval would otherwise import torch and transformers
+# before starting any service, seconds of CPU on every `streamrl run`.
 
 __all__ = ["EvalOptions", "JobResult", "run", "summarize"]
 
@@ -140,6 +145,9 @@ def run(
     started = time.time()
     before = None
     if evaluation is not None:
+        from streamrl.common.models import resolve_model_path
+        from streamrl.evaluation import evaluate
+
         base = resolve_model_path(config.model.path, config.model.cache_path)
         print("streamrl: evaluating the initial policy on held-out prompts ...", flush=True)
         before = evaluate(config, base, **evaluation.resolve(config))
@@ -192,6 +200,8 @@ def summarize(
     Returns:
         The summary, also written to ``<run.output_dir>/summary.json``.
     """
+    from streamrl.services.learner.checkpoint import latest_checkpoint
+
     output = Path(config.run.output_dir)
     records = distinct_steps(read_metrics(output / "metrics.jsonl"))  # rolled-back steps once
     final = latest_checkpoint(output / "checkpoints")
@@ -210,6 +220,8 @@ def summarize(
         summary["behaviour_versions_seen"] = len({v for r in records for v in r["behaviour_versions"]})
     summary["ledger"] = measured_ledger(read_ledgers(output), output / "trained.jsonl")
     if before is not None and final is not None:
+        from streamrl.evaluation import compare, evaluate
+
         after = evaluate(config, str(final / "model"), **(evaluation or EvalOptions()).resolve(config))
         delta = after.reward_mean - before.reward_mean
         se = math.sqrt(before.reward_stderr**2 + after.reward_stderr**2)
