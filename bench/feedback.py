@@ -1,28 +1,38 @@
-"""People in the loop on SmolLM2: the four TAMER+RL combinations vs no feedback, at equal wall time and label budget.
+"""People in the loop on SmolLM2: the four TAMER+RL combinations vs no feedback, at equal wall time and label
+budget.
 
-The environment reward is VADER's compound score (the default job). A simulated labeller
-(``python -m streamrl.services.feedback.simulate``, HTTP API only) likes a property VADER ignores:
-``--likes`` (default ``char:o``: the fraction of the letter ``o`` in the completion), and is a person,
-not an oracle: ``--attention`` (fraction of rollouts looked at), ``--delay-min``/``--delay-max``
-(seconds from a rollout appearing to its label), ``--noise`` (fraction of labels flipped),
-``--threshold`` (fixed rating threshold), at most ``--max-labels`` labels per run (the equal label
-budget); ``--credit-delay-min``/``--credit-delay-max`` set the service's TAMER credit window. Arms:
-``none``, ``reward_shaping``, ``q_augmentation``, ``action_biasing``, ``control_sharing``, each run
-once per ``--seeds`` seed (``run.seed``; the labeller's draws too). Each arm runs
-the five services (learner, buffer, scorer, generator and, for the feedback arms, the feedback
-service plus the labeller) from the same config (``deploy/configs/default.toml`` with the
-overrides below) for ``--seconds`` of wall time after the learner's first step, then the learner is
-stopped (SIGTERM: it checkpoints); with ``--steps N`` instead every arm trains exactly N learner steps
-(the learner stops itself; equal training, unequal wall time, which is recorded: on a machine shared
-with other work equal wall time gives unequal training), and every checkpoint (``--eval-every``) is
-evaluated for the curve. Then the last checkpoint is evaluated on held-out prompts:
-``--samples`` completions of each of ``--prompts`` held-out prompts, VADER and the labeller's
-property per completion, mean and standard error over prompts (completions of one prompt are
-correlated). Figures per arm: learner steps, labels used, both rewards +- SE, the delay from a label to
-the first H-hat version that includes it (``streamrl_feedback_label_to_model_seconds``, mean), and the
-delay from the first label to the first learner step whose batch H-hat influenced (shaped reward or
-H-hat's pick kept). Across seeds: the mean of the per-run held-out means and its standard error,
-and each arm's difference from ``none`` in units of that SE.
+The environment reward is VADER's compound score (the default job). A simulated labeller (``python -m
+streamrl.services.feedback.simulate``, HTTP API only) likes a property VADER ignores: ``--likes`` (default
+``char:o``: the fraction of the letter ``o`` in the completion), and is a person, not an oracle:
+``--attention`` (fraction of rollouts looked at), ``--delay-min``/``--delay-max`` (seconds from a rollout
+appearing to its label), ``--noise`` (fraction of labels flipped), ``--threshold`` (fixed rating threshold),
+at most ``--max-labels`` labels per run (the equal label budget); ``--credit-delay-min``/``--credit-delay-max``
+set the service's TAMER credit window. Arms: ``none``, ``reward_shaping``, ``q_augmentation``,
+``action_biasing``, ``control_sharing``, each run once per ``--seeds`` seed (``run.seed``; the labeller's
+draws too). Each arm runs the five services (learner, buffer, scorer, generator and the feedback service, plus
+the labeller) from the same config (``deploy/configs/default.toml`` with the overrides below) for
+``--seconds`` of wall time after the learner's first step, then the learner is stopped (SIGTERM: it
+checkpoints); with ``--steps N`` instead every arm trains exactly N learner steps (the learner stops itself;
+equal training, unequal wall time, which is recorded: on a machine shared with other work equal wall time
+gives unequal training), and every checkpoint (``--eval-every``) is evaluated for the curve. Then the last
+checkpoint is evaluated on held-out prompts: ``--samples`` x ``--candidates`` completions of each of
+``--prompts`` held-out prompts, VADER and the labeller's property per completion, mean and standard error over
+prompts (completions of one prompt are correlated): the *checkpoint alone*; and the *agent*: for
+``action_biasing`` / ``control_sharing`` the generators' own rule
+(:func:`~streamrl.services.generator.control.select_candidates`) keeps ``--samples`` of each prompt's
+completions, ``--candidates`` = K per kept one, with the last H-hat version the generators received (the bench
+subscribes to ``endpoints.human_model`` as they do) and the final beta_t (Knox & Stone 2010 report the agent
+for action biasing: H-hat acts on action selection, the learner's update is exact); for the other arms the
+agent is the checkpoint. Every arm, ``none`` included (``feedback.combination = "none"``: labels and H-hat
+collected, used nowhere), runs the feedback service and the person, so the bench also reports the person's own
+score of the rollouts the page streamed from H-hat's first version on (what the person saw) and how well the
+final H-hat ranks the person's taste on the held-out completions (Pearson correlation, pair accuracy);
+``--hhat-curve`` measures that against the number of labels from copies of the runs' label databases. Figures
+per arm: learner steps, labels used, both rewards +- SE, the delay from a label to the first H-hat version
+that includes it (``streamrl_feedback_label_to_model_seconds``, mean), and the delay from the first label to
+the first learner step whose batch H-hat influenced (shaped reward or H-hat's pick kept). Across seeds: the
+mean of the per-run held-out means and its standard error, and each arm's difference from ``none`` in units of
+that SE.
 
 Usage (from the repository root)::
 
