@@ -455,22 +455,28 @@ def across_seeds(results: list[dict], key: str) -> dict[str, tuple[float, float,
 
 
 def plot_curve(results: list[dict], args, path: Path) -> None:
-    """Held-out preference score (mean +- SE across seeds) against learner step, one line per arm (the
-    checkpoint alone), and a star at the last step for the agent of an action-selection arm."""
+    """Left: held-out preference score (mean +- SE across seeds) against learner step, one line per arm (the
+    checkpoint alone), and a star at the last step for the agent of an action-selection arm. Right: each seed's
+    last-step figures (checkpoint: circles; agent of an action-selection arm: stars), so the spread behind the
+    SE shows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm in dict.fromkeys(r["arm"] for r in results):
-        runs = [r["curve"] for r in results if r["arm"] == arm]
+    fig, (ax, by_seed) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
+    arms = list(dict.fromkeys(r["arm"] for r in results))
+    for n, arm in enumerate(arms):
+        mine = [r for r in results if r["arm"] == arm]
+        runs = [r["curve"] for r in mine]
         steps = [p["step"] for p in runs[0]]
         values = np.array([[p["liked"] for p in curve] for curve in runs])
         se = values.std(axis=0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else np.zeros(len(steps))
         line = ax.errorbar(steps, values.mean(axis=0), yerr=se, capsize=3, marker="o", label=f"{arm}: checkpoint")
+        color = line[0].get_color()
         agent = np.array([curve[-1].get("agent_liked", curve[-1]["liked"]) for curve in runs])
-        if not np.allclose(agent, values[:, -1]):  # an action-selection arm: the agent at the last step
+        selects = not np.allclose(agent, values[:, -1])  # an action-selection arm: the agent at the last step
+        if selects:
             agent_se = agent.std(ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else 0.0
             ax.errorbar(
                 [steps[-1] + 0.15],
@@ -480,13 +486,24 @@ def plot_curve(results: list[dict], args, path: Path) -> None:
                 marker="*",
                 markersize=11,
                 linestyle="none",
-                color=line[0].get_color(),
+                color=color,
                 label=f"{arm}: agent (checkpoint + H-hat's selection)",
             )
+        seeds = np.array([r["seed"] for r in mine], np.float64) + 0.12 * (n - (len(arms) - 1) / 2)
+        by_seed.plot(seeds, values[:, -1], "o", color=color, label=f"{arm}: checkpoint")
+        if selects:
+            by_seed.plot(seeds, agent, "*", markersize=11, color=color, label=f"{arm}: agent")
+    all_steps = sorted({p["step"] for r in results for p in r["curve"]})
+    ax.set_xticks(all_steps)
+    ax.set_xlim(all_steps[0] - 0.5, all_steps[-1] + 0.5)
     ax.set_xlabel("learner step")
     ax.set_ylabel(f"held-out {args.likes} (simulated person's score)")
-    ax.set_title(f"SmolLM2-135M, {len(runs)} seeds, mean ± SE across seeds")
+    ax.set_title(f"SmolLM2-135M, {len(runs)} seeds, mean ± SE across seeds", fontsize=10)
     ax.legend(fontsize=8)
+    by_seed.set_xlabel("seed")
+    by_seed.set_xticks(sorted({r["seed"] for r in results}))
+    by_seed.set_title("each seed, last step", fontsize=10)
+    by_seed.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
