@@ -336,6 +336,7 @@ def human_terms(rollouts: Sequence[ScoredRollout], *, combination: HumanCombinat
         "human/scored_fraction": len(values) / max(n, 1),
         "human/selected_fraction": selected / max(n, 1),
         "human/by_model_fraction": by_model / max(n, 1),
+        "human/weight_max": float(weights.max()) if n else 1.0,
         "human/weight_mean": float(weights.mean()) if n else 1.0,
     }
     return HumanTerms(shaping=shaping, bonus=bonus, weights=weights, stats=stats)

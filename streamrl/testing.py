@@ -202,12 +202,45 @@ def feedback_sections(sections: dict, **feedback) -> dict:
     return sections
 
 
-def add_labeller(config: Path, name: str) -> str:
-    """Create a labeller in the run's feedback database (the admin command, as a user would); returns the token."""
+def answers(url: str, timeout: float = 2.0) -> bool:
+    """True when a GET of ``url`` answers 2xx within ``timeout`` seconds (False on any connection error)."""
+    import requests
+
+    try:
+        return requests.get(url, timeout=timeout).ok
+    except requests.RequestException:
+        return False
+
+
+def add_labeller(config: Path, name: str, *config_args: str) -> str:
+    """Create a labeller in the run's feedback database (the admin command, as a user would); returns the token.
+    ``config_args``: the run's ``--set KEY=VALUE`` arguments, if any."""
     out = subprocess.run(
-        [sys.executable, "-m", "streamrl.services.feedback.admin", "--config", str(config), "labeller", "add", name],
+        [
+            sys.executable,
+            "-m",
+            "streamrl.services.feedback.admin",
+            "--config",
+            str(config),
+            *config_args,
+            "labeller",
+            "add",
+            name,
+        ],
         capture_output=True,
         text=True,
         check=True,
     )
     return out.stdout.strip()
+
+
+def start_simulated_labeller(
+    config: Path, url: str, person: list[str], *config_args: str, name: str = "simulated"
+) -> tuple[str, subprocess.Popen]:
+    """Add labeller ``name`` (:func:`add_labeller`) and start the simulated person on the feedback page at ``url``
+    with its options ``person`` (``--likes``, ``--duration``, ...: ``python -m
+    streamrl.services.feedback.simulate --help``); returns ``(token, process)`` (stdout piped, text: the person
+    prints its counts as one JSON line when it ends by itself). The caller terminates the process."""
+    token = add_labeller(config, name, *config_args)
+    argv = [sys.executable, "-m", "streamrl.services.feedback.simulate", "--url", url, "--token", token, *person]
+    return token, subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)

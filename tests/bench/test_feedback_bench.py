@@ -7,11 +7,25 @@ import argparse
 import json
 import math
 
+import numpy as np
 import pytest
 
-from bench.feedback import ARMS, CONFIG, across_seeds, arm_overrides, main, person_args
+from bench.feedback import (
+    ARMS,
+    CONFIG,
+    Agent,
+    across_seeds,
+    arm_overrides,
+    main,
+    person_args,
+    score_held_out,
+    streamed_after,
+)
 from streamrl.common.config import load_config
+from streamrl.common.messages import FinishReason
 from streamrl.common.modes import HumanCombination
+from streamrl.services.feedback.simulate import preference
+from streamrl.services.generator.sampling import Completion
 
 
 @pytest.mark.parametrize("arm", ARMS)
@@ -38,9 +52,9 @@ def test_every_arm_is_a_valid_config(tmp_path, arm):
     args.steps, args.eval_every, args.engine = 12, 4, "hf"
     cfg = load_config(CONFIG, arm_overrides(tmp_path, arm, args, seed=3)[0])
     assert (cfg.learner.total_steps, cfg.learner.checkpoint_every, cfg.generator.engine) == (12, 4, "hf")
-    assert cfg.feedback.enabled == (arm != "none")
-    if arm != "none":
-        assert (cfg.feedback.credit_delay_min_s, cfg.feedback.credit_delay_max_s) == (1.0, 3.0)
+    # every arm runs the feedback service and the person (`none`: labels and H-hat collected, used nowhere)
+    assert cfg.feedback.enabled
+    assert (cfg.feedback.credit_delay_min_s, cfg.feedback.credit_delay_max_s) == (1.0, 3.0)
     assert set(ARMS) == {c.value for c in HumanCombination}
 
 
@@ -85,25 +99,123 @@ def test_the_person_and_the_seeds():
 
 def test_a_summary_from_the_printed_runs(tmp_path, monkeypatch):
     """--from-log: the per-run JSON lines of an unfinished invocation give the table, the paired per-seed
-    differences (hand-computed: q - none = +0.2 and +0.4 on seeds 0 and 1: mean 0.3, SE 0.1) and the plot."""
+    differences and the plot. Hand-computed: the agent of action biasing - none = +0.2 and +0.4 on seeds 0
+    and 1 (mean 0.3, SE 0.1, 3.0 SE); its checkpoint alone - none = 0.0 and +0.1 (mean 0.05, SE 0.05, 1.0 SE);
+    a run printed before the agent-level evaluation (none) counts its checkpoint as its agent."""
     import bench.feedback as feedback
 
-    def run(arm, seed, liked):
+    def run(arm, seed, liked, agent=None):
         curve = [{"step": 0, "liked": 0.5}, {"step": 6, "liked": liked}]
-        return {"arm": arm, "seed": seed, "steps": 6, "labels": 0, "wall_s": 60.0, "liked": liked, "vader": 0.1} | {
+        out = {"arm": arm, "seed": seed, "steps": 6, "labels": 0, "wall_s": 60.0, "liked": liked, "vader": 0.1} | {
             "liked_se": 0.05,
             "vader_se": 0.01,
             "eval_prompts": 16,
             "curve": curve,
         }
+        if agent is not None:
+            out |= {"agent_liked": agent, "agent_liked_se": 0.05, "agent_vader": 0.1, "agent_vader_se": 0.01}
+            out |= {"streamed_liked": agent, "streamed_n": 40, "hhat_corr": 0.5, "hhat_pair_acc": 0.7}
+            curve[-1]["agent_liked"] = agent
+        return out
 
-    runs = [run("none", 0, 1.0), run("q_augmentation", 0, 1.2), run("none", 1, 0.8), run("q_augmentation", 1, 1.2)]
+    runs = [run("none", 0, 1.0), run("action_biasing", 0, 1.0, 1.2), run("none", 1, 0.8)]
+    runs.append(run("action_biasing", 1, 0.9, 1.2))
     log = tmp_path / "bench.log"
     log.write_text('{"seed": 0, "base": {}}\narm none, seed 0\n' + "\n".join(json.dumps(r) for r in runs) + "\n")
+    notes = tmp_path / "notes.md"
+    notes.write_text("Reading: by hand.\n")
     written = {}
     monkeypatch.setattr(feedback, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(feedback, "write_results", lambda name, res, section: written.update(res=res, md=section))
-    main(["--steps", "6", "--seeds", "0,1,2", "--arms", "none,q_augmentation", "--from-log", str(log)])
+    argv = ["--steps", "6", "--seeds", "0,1,2", "--arms", "none,action_biasing", "--from-log", str(log)]
+    main(argv + ["--notes", str(notes)])
     assert [r["seed"] for r in written["res"]["results"]] == [0, 1, 0, 1]
-    assert "paired +0.3000 (+3.0 SE)" in written["md"] and "First: q_augmentation" in written["md"]
+    md = written["md"]
+    assert "paired +0.300 (+3.0 SE)" in md and "paired +0.050 (+1.0 SE)" in md and "First (agent): action_biasing" in md
+    assert md.rstrip().endswith("Reading: by hand.")
     assert (tmp_path / "feedback.png").stat().st_size > 10_000
+
+
+class FakeHhat:
+    """H-hat by completion: ``values[completion_tokens[0]]``; eligibility 1."""
+
+    version = 3
+
+    def __init__(self, values):
+        self.values = values
+
+    def score(self, prompts, completions, now):
+        return np.array([self.values[int(c[0])] for c in completions]), np.ones(len(completions))
+
+
+def completions(*texts_and_ids):
+    return [
+        Completion(np.array([7], np.int32), np.array([i], np.int32), np.zeros(1, np.float32), FinishReason.LENGTH, t)
+        for t, i in texts_and_ids
+    ]
+
+
+@pytest.mark.parametrize(
+    "combination, beta_t",
+    [(HumanCombination.CONTROL_SHARING, 1.0), (HumanCombination.ACTION_BIASING, 60.0)],
+)
+def test_the_agent_keeps_what_the_generators_rule_keeps(combination, beta_t):
+    """The agent-level held-out figure against hand-computed values: two prompts, K = 2 candidates, G = 1 kept.
+    Control sharing at beta_t = 1 (p = 1) and action biasing at beta_t = 60 (P(other) = 1/(1 + e^48) and
+    1/(1 + e^60)) keep H-hat's best: prompt 0 "the the great cat" (word:the 2; H-hat 0.5 over -0.5), prompt 1 "dog"
+    (0; H-hat 0.9 over 0.1 for "the dog", 1: H-hat is wrong there). The checkpoint's figure is the mean of all
+    candidates: (2 + 0)/2 and (0 + 1)/2. H-hat's pair accuracy 1/2 (right on prompt 0, wrong on 1); its
+    correlation with the person over (0.5, -0.5, 0.9, 0.1) vs (2, 0, 0, 1): 0.35 / sqrt(1.07 x 2.75) = 0.20404."""
+    groups = [completions(("the the great cat", 0), ("a cat", 1)), completions(("dog", 2), ("the dog", 3))]
+    view = FakeHhat({0: 0.5, 1: -0.5, 2: 0.9, 3: 0.1})
+    agent = Agent(view, combination, beta_t, k=2, now=0.0)
+    got = score_held_out(groups, preference("word:the"), samples=1, agent=agent)
+    assert got["liked"] == [1.0, 0.5] and got["agent_liked"] == [2.0, 0.0]
+    assert got["hhat_pair_acc"] == 0.5 and got["hhat_corr"] == pytest.approx(0.20404, abs=1e-5)
+    # VADER of the kept completions, not of the pool: "the the great cat" is positive, the others neutral (0)
+    assert got["vader"][0] > 0 and got["agent_vader"] == [2 * got["vader"][0], 0.0]
+    # no agent (none, reward shaping, Q-augmentation): the agent is the checkpoint, every completion counts
+    plain = score_held_out(groups, preference("word:the"), samples=2, view=view)
+    assert plain["agent_liked"] == plain["liked"] == [1.0, 0.5] and plain["hhat_pair_acc"] == 0.5
+    with pytest.raises(ValueError, match="1 x 2 completions"):
+        score_held_out([groups[0][:1]], preference("word:the"), samples=1, agent=agent)
+
+
+def test_what_the_person_saw_after_the_first_fit():
+    """Scores of rollouts streamed from H-hat's first version on: (0 + 1)/2, SE std(0, 1)/sqrt(2) = 0.5."""
+    streamed = [(1.0, 2.0), (2.0, 0.0), (3.0, 1.0)]
+    assert streamed_after(streamed, 2.0) == {"streamed_liked": 0.5, "streamed_liked_se": 0.5, "streamed_n": 2}
+    assert math.isnan(streamed_after(streamed, None)["streamed_liked"])
+
+
+def test_how_many_labels_hhat_needs(tmp_path):
+    """H-hat's learning curve from two runs' label databases, each fit on its first n labels and measured on the
+    other's rollouts. Feature x = the number of "the" in the text (D = 1), ratings +1 when x >= 2: the service's
+    fit finds w > 0 from 4 labels, so on the other database H-hat is linear in x = the person's score:
+    correlation 1 and every pair of one group ordered right."""
+    from bench.feedback import hhat_learning_curve
+    from services.feedback.store import LabelStore
+    from tests.feedback_support import scored
+
+    paths = []
+    for run in range(2):
+        store = LabelStore(tmp_path / f"run{run}.sqlite3")
+        store.add_labeller("person")
+        for i, count in enumerate([0, 1, 2, 3]):
+            rollout = scored(f"r{run}-{i}", group=f"g{run}", completion=" ".join(["the"] * count + ["film"]))
+            store.add_label(
+                labeller="person",
+                kind="rating",
+                scored=rollout,
+                value=1 if count >= 2 else -1,
+                model_version=0,
+                seen_at=float(i),
+            )
+            store.set_features({rollout.rollout.rollout_id: np.array([count], np.float32)})
+        store.close()
+        paths.append(tmp_path / f"run{run}.sqlite3")
+    curve = hhat_learning_curve(paths, preference("word:the"), [2, 4, 8])
+    assert [c["labels"] for c in curve] == [2, 4]  # no database holds 8 labels
+    assert curve[1] == {"labels": 4, "corr": pytest.approx(1.0), "pair_acc": 1.0, "fits": 2}
+    with pytest.raises(ValueError, match="two or more"):
+        hhat_learning_curve(paths[:1], preference("word:the"), [4])

@@ -28,22 +28,20 @@ from __future__ import annotations
 import json
 import math
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-import requests
 import torch
 
 from streamrl.common.messages import SamplingParams
 from streamrl.common.models import load_causal_lm, load_tokenizer
 from streamrl.services.generator.sampling import encode_prompts, sample_completions
 from streamrl.testing import (
-    add_labeller,
+    answers,
     feedback_sections,
     local_run_config,
     scrape,
+    start_simulated_labeller,
     wait_until,
     write_config,
 )
@@ -99,35 +97,11 @@ def run_job(tmp_path, tiny_model_dir, services, *, feedback: bool) -> tuple[np.n
     counts: dict = {}
     if feedback:
         url = f"http://127.0.0.1:{sections['feedback']['http_port']}"
-
-        def up() -> bool:
-            try:
-                return requests.get(url + "/healthz", timeout=1).ok
-            except requests.RequestException:
-                return False
-
-        assert wait_until(up, STARTUP_S), procs.logs()
-        token = add_labeller(config, "simulated")
-        labeller = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamrl.services.feedback.simulate",
-                "--url",
-                url,
-                "--token",
-                token,
-                "--likes",
-                "char:a",
-                "--threshold",
-                "0",
-                "--labels-per-second",
-                "50",
-                "--duration",
-                "600",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
+        assert wait_until(lambda: answers(url + "/healthz", timeout=1), STARTUP_S), procs.logs()
+        _, labeller = start_simulated_labeller(
+            config,
+            url,
+            ["--likes", "char:a", "--threshold", "0", "--labels-per-second", "50", "--duration", "600"],
         )
     learner = procs.procs["learner-0"]
     try:

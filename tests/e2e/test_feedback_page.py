@@ -22,7 +22,15 @@ import time
 import pytest
 import requests
 
-from streamrl.testing import add_labeller, feedback_sections, local_run_config, scrape, wait_until, write_config
+from streamrl.testing import (
+    add_labeller,
+    answers,
+    feedback_sections,
+    local_run_config,
+    scrape,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -96,14 +104,8 @@ def start_job(tmp_path, tiny_model_dir, services, **feedback):
         procs.start(name)
     url = f"http://127.0.0.1:{sections['feedback']['http_port']}/"
 
-    def up() -> bool:
-        try:
-            return requests.get(url + "healthz", timeout=2).ok
-        except requests.RequestException:
-            return False
-
     # the bound only ends a hang: at load average 12-16 on 2 cores a feedback service took > 300 s to start
-    assert wait_until(up, timeout=900), procs.logs()
+    assert wait_until(lambda: answers(url + "healthz"), timeout=900), procs.logs()
     return sections, procs, url, tmp_path / "run" / "feedback" / "labels.sqlite3", add_labeller(config, "alice")
 
 
