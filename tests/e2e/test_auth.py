@@ -63,8 +63,12 @@ def test_unauthenticated_clients_get_nothing_from_any_service(tmp_path, tiny_mod
     keys = tmp_path / "keys"
     generate_keys(keys, ["generator", "scorer", "learner", "intruder"])
     (keys / "authorized" / "intruder.key").unlink()  # a well-formed pair the servers do not know
-    sections = local_run_config(
-        tmp_path, tiny_model_dir, security={"keys_dir": str(keys)}, learner={"total_steps": 1000}
+    sections = local_run_config(  # the scorer starts faster without a model; CURVE is the claim
+        tmp_path,
+        tiny_model_dir,
+        reference_in_scorer=False,
+        security={"keys_dir": str(keys)},
+        learner={"total_steps": 1000},
     )
     procs = services(write_config(tmp_path / "run.toml", sections))
     for name in ("learner", "buffer", "scorer", "generator"):

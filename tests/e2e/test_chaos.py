@@ -64,6 +64,7 @@ def test_kill_minus_nine_each_service_and_nothing_accepted_is_lost(
     sections = local_run_config(
         tmp_path,
         tiny_model_dir,
+        reference_in_scorer=False,  # a scorer (re)starts faster without a model; the ledger is this test's claim
         run={"max_staleness": 2},
         transport={"announce_interval_s": 0.2, "request_timeout_s": 1.0},
         buffer={"capacity_groups": 8, "group_timeout_s": 4.0, "keep_history": True},

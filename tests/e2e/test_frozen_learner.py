@@ -38,6 +38,7 @@ def test_waiting_on_the_learner_grows_while_a_fetch_retries_against_a_frozen_lea
     sections = local_run_config(
         tmp_path,
         tiny_model_dir,
+        reference_in_scorer=False,  # the scorer starts faster without a model; the generator's wait is the claim
         run={"max_staleness": 4},
         transport={"announce_interval_s": 5.0, "request_timeout_s": 60.0},
         learner={"total_steps": 1_000_000, "groups_per_step": 1},

@@ -41,6 +41,7 @@ def start_pipeline(
     sections = local_run_config(
         tmp_path,
         tiny_model_dir,
+        reference_in_scorer=False,  # scorers start faster without a model; staleness and resumption are the claims
         run={"max_staleness": max_staleness, "cpu_placement": cpu_placement},
         learner={"total_steps": steps},
         scorers=scorers,
