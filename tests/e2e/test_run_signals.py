@@ -45,6 +45,32 @@ def processes_with(marker: str) -> dict[int, str]:
     return found
 
 
+TCP_STATES = {
+    "01": "ESTABLISHED",
+    "02": "SYN_SENT",
+    "03": "SYN_RECV",
+    "04": "FIN_WAIT1",
+    "05": "FIN_WAIT2",
+    "06": "TIME_WAIT",
+    "07": "CLOSE",
+    "08": "CLOSE_WAIT",
+    "09": "LAST_ACK",
+    "0A": "LISTEN",
+    "0B": "CLOSING",
+}
+
+
+def sockets_on(port: int) -> list[str]:
+    """The TCP sockets bound to local ``port`` (``/proc/net/tcp``), as ``STATE local -> remote`` lines:
+    what a failed :func:`port_is_free` found in its way."""
+    found = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        if int(local.rpartition(":")[2], 16) == port:
+            found.append(f"{TCP_STATES.get(state, state)} {local} -> {remote}")
+    return found
+
+
 def port_is_free(port: int) -> bool:
     """A listener can bind ``port`` again, as the next run's would (SO_REUSEADDR, like ZeroMQ and the
     metrics server: connections of the old run may linger in TIME_WAIT)."""
@@ -106,7 +132,9 @@ class Launch:
             time.sleep(0.05)
         exited_at = time.monotonic()
         assert self.proc.poll() is not None, f"streamrl run still running after {timeout:.0f}s\n{self.log()[-4000:]}"
-        assert finished_at is not None or "learner finished at step" in self.log(), self.log()[-4000:]
+        assert finished_at is not None or "learner finished at step" in self.log(), (
+            f"no 'learner finished at step' line: the learner did not end its loop\n{self.log()[-4000:]}"
+        )
         return self.proc.returncode, exited_at - (finished_at if finished_at is not None else exited_at)
 
     def close(self) -> None:
@@ -125,7 +153,7 @@ def assert_clean_end(run: Launch, shutdown_s: float) -> None:
     assert "SIGKILL" not in log, log[-6000:]
     assert wait_until(lambda: not processes_with(str(run.output)), timeout=10), processes_with(str(run.output))
     for port in [*run.zmq_ports, *run.metric_ports.values()]:
-        assert port_is_free(port), port
+        assert port_is_free(port), (port, sockets_on(port), processes_with(str(run.output)))
     assert (run.output / "summary.json").is_file(), log[-4000:]
 
 
@@ -157,10 +185,11 @@ def test_a_signal_to_streamrl_run_stops_every_service(tmp_path, sig):
             assert f"streamrl.services.{service}" in names, names
         run.proc.send_signal(sig)
         code, shutdown_s = run.wait_exit(timeout=90)
-        assert code == {signal.SIGTERM: 143, signal.SIGINT: 130}[sig]
+        expected = {signal.SIGTERM: 143, signal.SIGINT: 130}[sig]
+        assert code == expected, f"exit status {code}, not {expected}\n{run.log()[-4000:]}"
         assert_clean_end(run, shutdown_s)
         steps = sorted(p.name for p in (run.output / "checkpoints").iterdir() if p.name.startswith("step-"))
-        assert steps, "the learner wrote no final checkpoint on its way out"
-        assert "stopped by a signal" in run.log()
+        assert steps, f"the learner wrote no final checkpoint on its way out\n{run.log()[-4000:]}"
+        assert "stopped by a signal" in run.log(), run.log()[-4000:]
     finally:
         run.close()
