@@ -173,10 +173,11 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
     """Split one learner step and one generation batch on this machine (1 torch thread, in-process)."""
     import torch
 
-    from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
+    from streamrl.common.messages import SamplingParams
     from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path
     from streamrl.common.prompts import load_prompts, split_prompts
     from streamrl.common.weights import pack_state_dict
+    from streamrl.evaluation import scored_group
     from streamrl.services.generator.sampling import prepare_run_prompts, sample_completions
     from streamrl.services.learner.batch import collate, forward_completions
     from streamrl.services.learner.trainer import PPOTrainer
@@ -207,26 +208,9 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
             timings["generate"].append(time.perf_counter() - t0)
             for p, text, group in zip(prompts, texts, groups):
                 values, _ = reward([text] * len(group), [c.text for c in group], [p.metadata] * len(group))
-                for j, (c, v) in enumerate(zip(group, values)):
-                    gid = f"{rep}:{b}:{p.prompt_id}"
-                    scored.append(
-                        ScoredRollout(
-                            reward=v,
-                            rollout=Rollout(
-                                prompt_id=p.prompt_id,
-                                group_id=gid,
-                                rollout_id=f"{gid}:{j}",
-                                generator_id="profile",
-                                group_size=gen.group_size,
-                                prompt_tokens=c.prompt_tokens,
-                                completion_tokens=c.completion_tokens,
-                                behaviour_logprobs=c.logprobs,
-                                policy_version=0,
-                                finish_reason=FinishReason.LENGTH,
-                                sampling=sampling,
-                            ),
-                        )
-                    )
+                scored += scored_group(
+                    p, group, values, sampling=sampling, generator_id="profile", group_number=len(scored)
+                )
         batch = collate(scored, pad_id=tokenizer.pad_token_id)
         with torch.no_grad():
             policy.eval()

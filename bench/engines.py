@@ -30,10 +30,11 @@ import torch
 
 from bench.report import command_line, environment, environment_line, markdown_table, median, write_results
 from streamrl.common.config import load_config
-from streamrl.common.messages import Rollout, SamplingParams, ScoredRollout
+from streamrl.common.messages import SamplingParams
 from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path
 from streamrl.common.modes import Engine
-from streamrl.common.prompts import load_prompts, split_prompts
+from streamrl.common.prompts import Prompt, load_prompts, split_prompts
+from streamrl.evaluation import scored_group
 from streamrl.services.generator.engine import build_engine
 from streamrl.services.generator.sampling import prepare_run_prompts
 from streamrl.services.learner.batch import collate, forward_completions
@@ -44,25 +45,10 @@ DEFAULT_CONFIG = "deploy/configs/default.toml"
 def learner_logprobs(model, completions, sampling: SamplingParams) -> list[np.ndarray]:
     """The learner's log-probs (``forward_completions``: temperature and top-p applied, nats) of each
     engine-sampled completion's tokens under ``model``, ``[T]`` float64 each."""
-    scored = [
-        ScoredRollout(
-            reward=0.0,
-            rollout=Rollout(
-                prompt_id="p",
-                group_id="g",
-                rollout_id=str(i),
-                generator_id="bench",
-                group_size=1,
-                prompt_tokens=c.prompt_tokens,
-                completion_tokens=c.completion_tokens,
-                behaviour_logprobs=c.logprobs,
-                policy_version=0,
-                finish_reason=c.finish_reason,
-                sampling=sampling,
-            ),
-        )
-        for i, c in enumerate(completions)
-    ]
+    rewards = [0.0] * len(completions)
+    scored = scored_group(
+        Prompt("p", ""), completions, rewards, sampling=sampling, generator_id="bench", group_number=0
+    )
     with torch.no_grad():
         out = forward_completions(model, collate(scored, pad_id=0))
     return [out.logprobs[i, : len(c.completion_tokens)].double().numpy() for i, c in enumerate(completions)]

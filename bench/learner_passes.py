@@ -48,8 +48,9 @@ VARIANTS = {
 def sample_batch(cfg, policy, tokenizer, reference):
     """One step's scored rollouts, sampled in fp32 (behaviour log-probs mu), with and without the
     reference log-probs the scorers would attach."""
-    from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
+    from streamrl.common.messages import SamplingParams
     from streamrl.common.prompts import load_prompts, split_prompts
+    from streamrl.evaluation import scored_group
     from streamrl.services.generator.sampling import prepare_run_prompts, sample_completions
     from streamrl.services.scorer.rewards import build_reward
 
@@ -66,25 +67,7 @@ def sample_batch(cfg, policy, tokenizer, reference):
     scored = []
     for p, text, group in zip(prompts, texts, groups):
         values, _ = reward([text] * len(group), [c.text for c in group], [p.metadata] * len(group))
-        for j, (c, v) in enumerate(zip(group, values)):
-            scored.append(
-                ScoredRollout(
-                    reward=v,
-                    rollout=Rollout(
-                        prompt_id=p.prompt_id,
-                        group_id=p.prompt_id,
-                        rollout_id=f"{p.prompt_id}:{j}",
-                        generator_id="bench",
-                        group_size=gen.group_size,
-                        prompt_tokens=c.prompt_tokens,
-                        completion_tokens=c.completion_tokens,
-                        behaviour_logprobs=c.logprobs,
-                        policy_version=0,
-                        finish_reason=FinishReason.LENGTH,
-                        sampling=sampling,
-                    ),
-                )
-            )
+        scored += scored_group(p, group, values, sampling=sampling, generator_id="bench", group_number=len(scored))
     with_ref = copy.deepcopy(scored)
     reference_s, values = time_reference(reference, with_ref, tokenizer.pad_token_id, autocast_bf16=False)
     for s, v in zip(with_ref, values):

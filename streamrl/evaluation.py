@@ -20,6 +20,7 @@ prompts scored.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,12 +29,13 @@ from tqdm.auto import tqdm
 
 from streamrl.common.config import Config
 from streamrl.common.lora import adapter_spec, adapter_tensors, is_adapter_folder, load_lora
-from streamrl.common.messages import FinishReason, Rollout, SamplingParams, ScoredRollout
+from streamrl.common.messages import SamplingParams, ScoredRollout
 from streamrl.common.models import load_causal_lm, load_tokenizer, resolve_model_path, select_device
 from streamrl.common.modes import Engine
-from streamrl.common.prompts import load_prompts, split_prompts
+from streamrl.common.prompts import Prompt, load_prompts, split_prompts
 from streamrl.services.generator.engine import HFEngine, build_engine
-from streamrl.services.generator.sampling import prepare_run_prompts
+from streamrl.services.generator.rollouts import group_rollouts
+from streamrl.services.generator.sampling import Completion, prepare_run_prompts
 from streamrl.services.learner.batch import collate, forward_completions
 from streamrl.services.scorer.rewards import build_reward
 
@@ -83,6 +85,39 @@ class EvalResult:
             f"(n={self.prompts} prompts x {self.samples_per_prompt}){extra} | "
             f"KL to reference {self.kl_per_token:.4f} nats/token | {self.completion_tokens_mean:.1f} tokens"
         )
+
+
+def scored_group(
+    prompt: Prompt,
+    completions: Sequence[Completion],
+    rewards: Sequence[float],
+    *,
+    sampling: SamplingParams,
+    generator_id: str,
+    group_number: int,
+    prompt_text: str = "",
+) -> list[ScoredRollout]:
+    """Completions of ``prompt`` sampled outside the streaming pipeline (evaluation, benchmarks) as one
+    group of scored rollouts of policy version 0, ready for :func:`~streamrl.services.learner.batch.collate`:
+    the generators' own :func:`~streamrl.services.generator.rollouts.group_rollouts` (group
+    ``{generator_id}:{group_number}``, member ``j`` its rollout ``:{j}``, behaviour log-probs the
+    completion's ``[T]`` float32 nats drawn with ``sampling``) with member ``j`` scored ``rewards[j]``.
+
+    Raises:
+        ValueError: ``rewards`` and ``completions`` differ in length.
+    """
+    if len(rewards) != len(completions):
+        raise ValueError(f"{len(completions)} completions but {len(rewards)} rewards")
+    rollouts = group_rollouts(
+        generator_id=generator_id,
+        group_number=group_number,
+        prompt=prompt,
+        prompt_text=prompt_text,
+        completions=completions,
+        version=0,
+        sampling=sampling,
+    )
+    return [ScoredRollout(reward=float(reward), rollout=r) for r, reward in zip(rollouts, rewards)]
 
 
 def held_out_prompts(cfg: Config, limit: int | None):
@@ -184,23 +219,11 @@ def evaluate(
             for name, per_prompt in extra_rewards.items():
                 per_prompt += [sum(part[name] for part in parts[i : i + k]) / k for i in range(0, len(parts), k)]
         scored = [
-            ScoredRollout(
-                reward=v,
-                rollout=Rollout(
-                    prompt_id=p.prompt_id,
-                    group_id=p.prompt_id,
-                    rollout_id=p.prompt_id,
-                    generator_id="eval",
-                    group_size=1,
-                    prompt_tokens=c.prompt_tokens,
-                    completion_tokens=c.completion_tokens,
-                    behaviour_logprobs=c.logprobs,
-                    policy_version=0,
-                    finish_reason=FinishReason.LENGTH,
-                    sampling=sampling,
-                ),
+            rollout
+            for i, (p, group) in enumerate(zip(prompts[start : start + batch_prompts], groups))
+            for rollout in scored_group(
+                p, group, values[i * k : (i + 1) * k], sampling=sampling, generator_id="eval", group_number=start + i
             )
-            for p, c, v in zip(chunk, completions, values)
         ]
         batch = collate(scored, pad_id=tokenizer.pad_token_id).to(device)
         if same and sampling.top_p >= 1:  # KL of a policy to itself: no forward pass needed

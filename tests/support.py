@@ -82,6 +82,20 @@ def scored_item(
     return m.ScoredRollout(rollout=rollout, reward=float(k), scorer_id="s0")
 
 
+PROMPT_COMPLETIONS = [
+    ("Hi", "there friend"),
+    ("Hi", "yo"),
+    ("A much longer prompt here", "ok!"),
+    ("A much longer prompt here", "not ok at all"),
+    ("Q:", "x"),
+    ("Q:", "an answer of some length"),
+    ("Tell", "abc"),
+    ("Tell", "a b c d e f g"),
+]
+"""Four groups of two (prompt, completion) texts of unequal lengths, for :func:`text_rollout` (member ``i``
+is in group ``i // 2``)."""
+
+
 def text_rollout(
     tokenizer,
     i: int,

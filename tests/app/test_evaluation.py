@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from streamrl.common.config import validate_config
+from streamrl.common.messages import FinishReason, SamplingParams
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
-from streamrl.common.prompts import load_prompts, split_prompts
-from streamrl.evaluation import evaluate, held_out_prompts
+from streamrl.common.prompts import Prompt, load_prompts, split_prompts
+from streamrl.evaluation import evaluate, held_out_prompts, scored_group
 from streamrl.report import plot_learning_curve
+from streamrl.services.generator.sampling import Completion
+from streamrl.services.learner.batch import collate
 from support import tiny_eval_config as tiny_config
 
 
@@ -135,3 +139,35 @@ def test_eval_rewards_need_distinct_names():
         validate_config(
             {"eval": {"rewards": [{"function": "count_char", "name": "g"}, {"function": "count_char", "name": "g"}]}}
         )
+
+
+def test_scored_group_makes_one_group_of_completions_sampled_offline():
+    """scored_group (the generators' group_rollouts, scored): member j is rollout '{group}:{j}' with reward
+    j, the completion's tokens, log-probs and finish reason, group_size = the number of completions;
+    collate takes the result as one group."""
+    completions = [
+        Completion(
+            prompt_tokens=np.array([5, 6], np.int32),
+            completion_tokens=np.array([7, 8, 9][: n + 1], np.int32),
+            logprobs=np.array([-0.5, -1.0, -1.5][: n + 1], np.float32),
+            finish_reason=reason,
+            text="xyz"[: n + 1],
+        )
+        for n, reason in enumerate([FinishReason.STOP, FinishReason.LENGTH])
+    ]
+    sampling = SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=3)
+    prompt = Prompt("p3", "Hi", metadata={"answer": "7"})
+    got = scored_group(prompt, completions, [0.25, -1.0], sampling=sampling, generator_id="eval", group_number=7)
+    assert [(s.rollout.rollout_id, s.rollout.group_id, s.rollout.prompt_id, s.reward) for s in got] == [
+        ("eval:7:0", "eval:7", "p3", 0.25),
+        ("eval:7:1", "eval:7", "p3", -1.0),
+    ]
+    assert [(s.rollout.group_size, s.rollout.policy_version, s.rollout.metadata) for s in got] == [
+        (2, 0, {"answer": "7"})
+    ] * 2
+    assert [s.rollout.finish_reason for s in got] == [FinishReason.STOP, FinishReason.LENGTH]
+    np.testing.assert_array_equal(got[1].rollout.behaviour_logprobs, [-0.5, -1.0])
+    b = collate(got, pad_id=0)
+    assert b.group_ids.tolist() == [0, 0] and b.mask.tolist() == [[1, 0], [1, 1]]
+    with pytest.raises(ValueError, match="2 completions but 1 rewards"):
+        scored_group(prompt, completions, [1.0], sampling=sampling, generator_id="eval", group_number=8)

@@ -45,6 +45,32 @@ def processes_with(marker: str) -> dict[int, str]:
     return found
 
 
+TCP_STATES = {
+    "01": "ESTABLISHED",
+    "02": "SYN_SENT",
+    "03": "SYN_RECV",
+    "04": "FIN_WAIT1",
+    "05": "FIN_WAIT2",
+    "06": "TIME_WAIT",
+    "07": "CLOSE",
+    "08": "CLOSE_WAIT",
+    "09": "LAST_ACK",
+    "0A": "LISTEN",
+    "0B": "CLOSING",
+}
+
+
+def sockets_on(port: int) -> list[str]:
+    """The TCP sockets bound to local ``port`` (``/proc/net/tcp``), as ``STATE local -> remote`` lines:
+    what a failed :func:`port_is_free` found in its way."""
+    found = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        if int(local.rpartition(":")[2], 16) == port:
+            found.append(f"{TCP_STATES.get(state, state)} {local} -> {remote}")
+    return found
+
+
 def port_is_free(port: int) -> bool:
     """A listener can bind ``port`` again, as the next run's would (SO_REUSEADDR, like ZeroMQ and the
     metrics server: connections of the old run may linger in TIME_WAIT)."""
@@ -58,7 +84,18 @@ def port_is_free(port: int) -> bool:
 
 
 SHUTDOWN_S = 10.0
-"""From the learner's ``learner finished`` to ``streamrl run``'s exit, at most (seconds)."""
+"""From the learner's ``learner finished`` until no service process is left, at most (seconds)."""
+END_CPU_S = 2.0
+"""CPU seconds ``streamrl run`` may spend from the learner's ``learner finished`` to its exit (its summary
+and learning curve, about 0.2 s; the interpreter's finalisation of torch once added seconds here), counted
+in CPU time, not wall time: on a loaded machine the niced launcher waits for a core many times longer than
+it works (0.23 s of CPU took 3.2 s, and once 10.5 s, at load 7-11 with one core held by a busy loop)."""
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Launch:
@@ -95,19 +132,33 @@ class Launch:
         except ConnectionError:
             return 0.0
 
-    def wait_exit(self, timeout: float) -> tuple[int, float]:
-        """Wait for ``streamrl run`` to exit; returns its status and the seconds from the first
-        ``learner finished`` in its log to its exit (the log is read every 50 ms while waiting)."""
+    def wait_exit(self, timeout: float) -> tuple[int, float, float]:
+        """Wait for ``streamrl run`` to exit (reaped here, with its resource usage); returns its status, the
+        seconds from the first ``learner finished`` in its log until no service process is left, and the CPU
+        seconds ``streamrl run`` used from that line to its exit (log and processes read every 50 ms)."""
         deadline = time.monotonic() + timeout
-        finished_at = None
-        while self.proc.poll() is None and time.monotonic() < deadline:
+        finished_at = gone_at = None
+        cpu_at_finish = 0.0
+        while time.monotonic() < deadline:
+            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+            if pid:
+                self.proc.returncode = os.waitstatus_to_exitcode(status)
+                break
             if finished_at is None and "learner finished at step" in self.log():
-                finished_at = time.monotonic()
+                finished_at, cpu_at_finish = time.monotonic(), cpu_seconds(self.proc.pid)
+            if finished_at is not None and gone_at is None and not processes_with(str(self.output)):
+                gone_at = time.monotonic()
             time.sleep(0.05)
         exited_at = time.monotonic()
-        assert self.proc.poll() is not None, f"streamrl run still running after {timeout:.0f}s\n{self.log()[-4000:]}"
-        assert finished_at is not None or "learner finished at step" in self.log(), self.log()[-4000:]
-        return self.proc.returncode, exited_at - (finished_at if finished_at is not None else exited_at)
+        assert self.proc.returncode is not None, (
+            f"streamrl run still running after {timeout:.0f}s\n{self.log()[-4000:]}"
+        )
+        assert finished_at is not None or "learner finished at step" in self.log(), (
+            f"no 'learner finished at step' line: the learner did not end its loop\n{self.log()[-4000:]}"
+        )
+        finished_at = exited_at if finished_at is None else finished_at  # seen only at the exit
+        services_s = (exited_at if gone_at is None else gone_at) - finished_at
+        return self.proc.returncode, services_s, usage.ru_utime + usage.ru_stime - cpu_at_finish
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -117,15 +168,17 @@ class Launch:
         time.sleep(0.1)
 
 
-def assert_clean_end(run: Launch, shutdown_s: float) -> None:
-    """Every service exited by itself soon after the learner finished, left nothing running, freed
-    every port, and the launcher wrote the run's summary."""
+def assert_clean_end(run: Launch, services_s: float, end_cpu_s: float) -> None:
+    """Every service exited by itself soon after the learner finished, the launcher did little more
+    before its exit, nothing is left running, every port is free and the run's summary is written."""
     log = run.log()
-    assert shutdown_s <= SHUTDOWN_S, f"{shutdown_s:.1f}s from 'learner finished' to exit\n{log[-6000:]}"
+    print(f"services gone {services_s:.2f} s after 'learner finished'; streamrl run then used {end_cpu_s:.2f} s of CPU")
+    assert services_s <= SHUTDOWN_S, f"{services_s:.1f}s from 'learner finished' to the services' exit\n{log[-6000:]}"
+    assert end_cpu_s <= END_CPU_S, f"streamrl run used {end_cpu_s:.2f} s of CPU after 'learner finished'\n{log[-3000:]}"
     assert "SIGKILL" not in log, log[-6000:]
     assert wait_until(lambda: not processes_with(str(run.output)), timeout=10), processes_with(str(run.output))
     for port in [*run.zmq_ports, *run.metric_ports.values()]:
-        assert port_is_free(port), port
+        assert port_is_free(port), (port, sockets_on(port), processes_with(str(run.output)))
     assert (run.output / "summary.json").is_file(), log[-4000:]
 
 
@@ -133,9 +186,9 @@ def test_a_finished_run_stops_every_service_within_seconds(tmp_path):
     keys = ("generator.autocast_bf16", "scorer.autocast_bf16", "learner.autocast_bf16")
     run = Launch(tmp_path, "learner.total_steps=4", "learner.checkpoint_every=4", *(f'{key}="auto"' for key in keys))
     try:
-        code, shutdown_s = run.wait_exit(timeout=300)
+        code, services_s, end_cpu_s = run.wait_exit(timeout=300)
         assert code == 0, run.log()[-4000:]
-        assert_clean_end(run, shutdown_s)
+        assert_clean_end(run, services_s, end_cpu_s)
         assert json.loads((run.output / "summary.json").read_text())["steps"] == 4
         # each service says once what "auto" resolved to on this machine, and why
         resolved = "bf16 autocast" if bf16_native(torch.device("cpu")) else "float32"
@@ -156,11 +209,12 @@ def test_a_signal_to_streamrl_run_stops_every_service(tmp_path, sig):
         for service in ("learner", "buffer", "scorer", "generator"):
             assert f"streamrl.services.{service}" in names, names
         run.proc.send_signal(sig)
-        code, shutdown_s = run.wait_exit(timeout=90)
-        assert code == {signal.SIGTERM: 143, signal.SIGINT: 130}[sig]
-        assert_clean_end(run, shutdown_s)
+        code, services_s, end_cpu_s = run.wait_exit(timeout=90)
+        expected = {signal.SIGTERM: 143, signal.SIGINT: 130}[sig]
+        assert code == expected, f"exit status {code}, not {expected}\n{run.log()[-4000:]}"
+        assert_clean_end(run, services_s, end_cpu_s)
         steps = sorted(p.name for p in (run.output / "checkpoints").iterdir() if p.name.startswith("step-"))
-        assert steps, "the learner wrote no final checkpoint on its way out"
-        assert "stopped by a signal" in run.log()
+        assert steps, f"the learner wrote no final checkpoint on its way out\n{run.log()[-4000:]}"
+        assert "stopped by a signal" in run.log(), run.log()[-4000:]
     finally:
         run.close()

@@ -11,20 +11,11 @@ from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.services.learner import trainer as trainer_module
 from streamrl.services.learner.batch import collate
 from streamrl.services.learner.trainer import PPOTrainer
-from support import text_rollout
+from support import PROMPT_COMPLETIONS, text_rollout
 
 TOKENIZER = build_char_tokenizer()
 PAD = TOKENIZER.pad_token_id
-TEXTS = [
-    ("Hi", "there friend"),
-    ("Hi", "yo"),
-    ("A much longer prompt here", "ok!"),
-    ("A much longer prompt here", "not ok at all"),
-    ("Q:", "x"),
-    ("Q:", "an answer of some length"),
-    ("Tell", "abc"),
-    ("Tell", "a b c d e f g"),
-]
+TEXTS = PROMPT_COMPLETIONS
 
 
 def batch(top_p: float = 1.0):

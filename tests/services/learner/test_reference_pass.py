@@ -16,7 +16,7 @@ from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.common.reference import reference_logprobs
 from streamrl.services.learner.batch import collate, forward_completions
 from streamrl.services.learner.trainer import PPOTrainer
-from support import fp32_head_on_bf16_body, text_rollout
+from support import PROMPT_COMPLETIONS, fp32_head_on_bf16_body, text_rollout
 
 TOKENIZER = build_char_tokenizer()
 PAD = TOKENIZER.pad_token_id
@@ -36,14 +36,7 @@ def scored(i: int, prompt: str, completion: str, *, temperature: float = 0.7, to
     )
 
 
-TEXTS = [
-    ("Hi", "there friend"),
-    ("Hi", "yo"),
-    ("A much longer prompt here", "ok!"),
-    ("A much longer prompt here", "not ok at all"),
-    ("Q:", "x"),
-    ("Q:", "an answer of some length"),
-]
+TEXTS = PROMPT_COMPLETIONS[:6]
 
 
 def rollouts(**kw) -> list[ScoredRollout]:
