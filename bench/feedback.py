@@ -606,6 +606,7 @@ def summary(results: list[dict], args, arms: list[str], env: dict) -> str:
             f"{checkpoint[arm][0]:.3f} ± {checkpoint[arm][1]:.3f}",
             versus_none(arm, "liked"),
             f"{streamed[arm][0]:.3f} ± {streamed[arm][1]:.3f}",
+            versus_none(arm, "streamed_liked"),
             f"{mean(arm, 'hhat_corr'):+.2f} / {mean(arm, 'hhat_pair_acc'):.2f}",
             f"{vader[arm][0]:.3f} ± {vader[arm][1]:.3f}",
             f"{vader[arm][0] - vader['none'][0]:+.3f}" if "none" in vader and arm != "none" else "",
@@ -624,6 +625,7 @@ def summary(results: list[dict], args, arms: list[str], env: dict) -> str:
             "checkpoint alone ± SE",
             "checkpoint vs none",
             "streamed after H-hat's first fit ± SE",
+            "streamed vs none",
             "H-hat corr / pair acc (held-out)",
             "agent VADER ± SE",
             "VADER cost vs none",
@@ -802,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     section = summary(results, args, arms, env)
     hhat_curve = None
     if args.hhat_curve:
-        hhat_curve = hhat_learning_curve([Path(p) for p in args.hhat_curve], preference(args.likes), [4, 8, 16, 32, 64])
+        hhat_curve = hhat_learning_curve([Path(p) for p in args.hhat_curve], preference(args.likes), [4, 8, 16, 32, 48])
         section += (
             f"\nHow many labels H-hat needs to rank `{args.likes}`: H-hat fit by the service's own fit on the first n"
             f" labels of one run's database, measured on the labelled rollouts of the other runs"
