@@ -676,6 +676,8 @@ def summary(results: list[dict], args, arms: list[str], env: dict) -> str:
         if args.steps
         else f"Equal wall time per run ({args.seconds:.0f} s after the learner's first step)"
     )
+    counts = sorted({r["eval_prompts"] for r in results})
+    held_out = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     plot = ""
     if args.steps and all(r.get("curve") for r in results):
         plot_curve(results, args, RESULTS_DIR / "feedback.png")
@@ -690,7 +692,7 @@ which VADER ignores, and {person}; credit window {args.credit_delay_min:g}-{args
 beta = {args.beta:g} (importance weights 1/rho <= exp(2 beta_t) under action biasing), decay
 {args.beta_decay:g} per step, K = {args.candidates} candidates (action biasing, control sharing), lr {args.lr:g},
 {args.max_new_tokens} new tokens. Every arm, `none` included, runs the feedback service and the person (same
-label budget; under `none` H-hat is fit and used nowhere). Held-out: {results[0]["eval_prompts"]} prompts of
+label budget; under `none` H-hat is fit and used nowhere). Held-out: {held_out} prompts (each seed's split) of
 each run's last checkpoint, scored by the person's own taste; mean and SE across seeds {args.seeds}.
 First (agent): {ranked[0]}.
 
