@@ -606,6 +606,7 @@ def summary(results: list[dict], args, arms: list[str], env: dict) -> str:
             f"{checkpoint[arm][0]:.3f} ± {checkpoint[arm][1]:.3f}",
             versus_none(arm, "liked"),
             f"{streamed[arm][0]:.3f} ± {streamed[arm][1]:.3f}",
+            versus_none(arm, "streamed_liked"),
             f"{mean(arm, 'hhat_corr'):+.2f} / {mean(arm, 'hhat_pair_acc'):.2f}",
             f"{vader[arm][0]:.3f} ± {vader[arm][1]:.3f}",
             f"{vader[arm][0] - vader['none'][0]:+.3f}" if "none" in vader and arm != "none" else "",
@@ -624,6 +625,7 @@ def summary(results: list[dict], args, arms: list[str], env: dict) -> str:
             "checkpoint alone ± SE",
             "checkpoint vs none",
             "streamed after H-hat's first fit ± SE",
+            "streamed vs none",
             "H-hat corr / pair acc (held-out)",
             "agent VADER ± SE",
             "VADER cost vs none",
@@ -674,6 +676,8 @@ def summary(results: list[dict], args, arms: list[str], env: dict) -> str:
         if args.steps
         else f"Equal wall time per run ({args.seconds:.0f} s after the learner's first step)"
     )
+    counts = sorted({r["eval_prompts"] for r in results})
+    held_out = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     plot = ""
     if args.steps and all(r.get("curve") for r in results):
         plot_curve(results, args, RESULTS_DIR / "feedback.png")
@@ -688,7 +692,7 @@ which VADER ignores, and {person}; credit window {args.credit_delay_min:g}-{args
 beta = {args.beta:g} (importance weights 1/rho <= exp(2 beta_t) under action biasing), decay
 {args.beta_decay:g} per step, K = {args.candidates} candidates (action biasing, control sharing), lr {args.lr:g},
 {args.max_new_tokens} new tokens. Every arm, `none` included, runs the feedback service and the person (same
-label budget; under `none` H-hat is fit and used nowhere). Held-out: {results[0]["eval_prompts"]} prompts of
+label budget; under `none` H-hat is fit and used nowhere). Held-out: {held_out} prompts (each seed's split) of
 each run's last checkpoint, scored by the person's own taste; mean and SE across seeds {args.seeds}.
 First (agent): {ranked[0]}.
 
@@ -802,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
     section = summary(results, args, arms, env)
     hhat_curve = None
     if args.hhat_curve:
-        hhat_curve = hhat_learning_curve([Path(p) for p in args.hhat_curve], preference(args.likes), [4, 8, 16, 32, 64])
+        hhat_curve = hhat_learning_curve([Path(p) for p in args.hhat_curve], preference(args.likes), [4, 8, 16, 32, 48])
         section += (
             f"\nHow many labels H-hat needs to rank `{args.likes}`: H-hat fit by the service's own fit on the first n"
             f" labels of one run's database, measured on the labelled rollouts of the other runs"

@@ -252,5 +252,6 @@ def start_simulated_labeller(
     streamrl.services.feedback.simulate --help``); returns ``(token, process)`` (stdout piped, text: the person
     prints its counts as one JSON line when it ends by itself). The caller terminates the process."""
     token = add_labeller(config, name, *config_args)
-    argv = [sys.executable, "-m", "streamrl.services.feedback.simulate", "--url", url, "--token", token, *person]
+    # --token=TOKEN, not "--token TOKEN": a token may start with "-" (base64url), which argparse takes for an option
+    argv = [sys.executable, "-m", "streamrl.services.feedback.simulate", "--url", url, f"--token={token}", *person]
     return token, subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)

@@ -219,3 +219,17 @@ def test_how_many_labels_hhat_needs(tmp_path):
     assert curve[1] == {"labels": 4, "corr": pytest.approx(1.0), "pair_acc": 1.0, "fits": 2}
     with pytest.raises(ValueError, match="two or more"):
         hhat_learning_curve(paths[:1], preference("word:the"), [4])
+
+
+def test_a_token_that_starts_with_a_dash_reaches_the_labeller(tmp_path, monkeypatch):
+    """A labeller token is base64url and may start with "-" (1 in 32): passed as "--token TOKEN", argparse took
+    it for an option and the person never started (a bench run with 0 labels). With --token=TOKEN the person
+    runs (here for 0 s against a page nobody serves) and prints its counts."""
+    import streamrl.testing as testing
+
+    monkeypatch.setattr(testing, "add_labeller", lambda config, name, *args: "-Ab_c")
+    token, proc = testing.start_simulated_labeller(
+        tmp_path / "run.toml", f"http://127.0.0.1:{testing.free_port()}", ["--duration", "0"]
+    )
+    out, _ = proc.communicate(timeout=120)
+    assert token == "-Ab_c" and proc.returncode == 0 and json.loads(out)["rating"] == 0
