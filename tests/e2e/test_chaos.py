@@ -85,7 +85,12 @@ def test_kill_minus_nine_each_service_and_nothing_accepted_is_lost(
         # training must have moved on (2 steps) since the previous restart before the next kill
         target = max(threshold, kills[-1][1] + 2 if kills else 0)
         if victim == "learner" and 1 < every < KILL_BEFORE:
-            target = max(target, every + 3)  # a few steps past a checkpoint: those steps are rolled back
+            # a few steps past a checkpoint (those steps are rolled back), with room before the next one for
+            # the steps trained while the kill is sent: a kill landing on a checkpoint rolls back nothing (a
+            # warm rerun killed at step 20 with every = 10 after an earlier kill had moved the target to 20)
+            target = max(target, every + 3)
+            if not 3 <= target % every <= every - 4:
+                target = (target // every + (target % every > 3)) * every + 3
         assert wait_until(lambda t=target: max(trained_steps(run_dir), default=0) >= t, timeout=240), procs.logs()
         time.sleep(0.0 if victim == "learner" and every > 1 else rng.uniform(0.0, 1.5))
         name = f"{victim}-0"
