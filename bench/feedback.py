@@ -334,6 +334,32 @@ class FixedScores:
         return self.values, self.eligibilities
 
 
+def hhat_agreement(values: np.ndarray, person: np.ndarray, groups: list) -> tuple[float, float]:
+    """How well H-hat ranks the person's taste over the same rollouts.
+
+    Args:
+        values: ``[N]`` H-hat's values.
+        person: ``[N]`` the person's scores.
+        groups: ``[N]`` group keys; pairs are compared only within a group (the same prompt).
+
+    Returns:
+        ``(corr, pair_acc)``: Pearson correlation of ``values`` with ``person`` (0 when either is constant),
+        and the fraction of same-group pairs the person scores differently that H-hat orders the same way
+        (an H-hat tie counts one half; NaN without such pairs).
+    """
+    corr = float(np.corrcoef(values, person)[0, 1]) if values.std() > 0 and person.std() > 0 else 0.0
+    keys = np.asarray(groups)
+    agree = pairs = 0.0
+    for key in dict.fromkeys(groups):
+        members = np.flatnonzero(keys == key)
+        dp = np.sign(person[members, None] - person[None, members])
+        dv = np.sign(values[members, None] - values[None, members])
+        upper = np.triu(dp != 0, k=1)
+        pairs += upper.sum()
+        agree += ((dv == dp) + 0.5 * (dv == 0))[upper].sum()
+    return corr, float(agree / pairs) if pairs else math.nan
+
+
 def score_held_out(
     groups: list[list[Completion]],
     likes,
@@ -381,17 +407,8 @@ def score_held_out(
         [c.prompt_tokens for c in flat], [c.completion_tokens for c in flat], agent.now if agent else time.time()
     )
     person = np.concatenate(scores)
-    out["hhat_corr"] = float(np.corrcoef(values, person)[0, 1]) if values.std() > 0 and person.std() > 0 else 0.0
-    agree, pairs, start = 0.0, 0, 0
-    for s in scores:
-        h = values[start : start + len(s)]
-        start += len(s)
-        for i in range(len(s)):
-            for j in range(i + 1, len(s)):
-                if s[i] != s[j]:
-                    pairs += 1
-                    agree += 0.5 if h[i] == h[j] else float((h[i] > h[j]) == (s[i] > s[j]))
-    out["hhat_pair_acc"] = agree / pairs if pairs else math.nan
+    prompt_of = [i for i, g in enumerate(groups) for _ in g]
+    out["hhat_corr"], out["hhat_pair_acc"] = hhat_agreement(np.asarray(values, np.float64), person, prompt_of)
     if agent is not None:
         fixed = FixedScores(view.version, np.asarray(values), np.asarray(eligibilities))
         kept, _ = select_candidates(
@@ -515,7 +532,7 @@ def hhat_learning_curve(databases: list[Path], likes, sizes: list[int], l2: floa
     service's own fit) on its first n labels, n in ``sizes`` (and all of them), measured on the labelled rollouts
     of the *other* databases (other seeds' runs: rollouts it never saw) against the person's score of their
     text. Per n: mean over databases of the Pearson correlation and of the pair accuracy within groups (pairs
-    the person scores differently, ordered the same way), and the number of databases.
+    the person scores differently, ordered the same way; :func:`hhat_agreement`), and the number of databases.
 
     Raises:
         ValueError: fewer than two databases.
@@ -550,16 +567,10 @@ def hhat_learning_curve(databases: list[Path], likes, sizes: list[int], l2: floa
             for j, (groups, person, features) in enumerate(pools):
                 if j == i or len(person) < 3:
                     continue
-                values = head.raw(features)
-                corr.append(float(np.corrcoef(values, person)[0, 1]) if values.std() > 0 else 0.0)
-                agree = pairs = 0.0
-                for a in range(len(person)):
-                    for b in range(a + 1, len(person)):
-                        if groups[a] == groups[b] and person[a] != person[b]:
-                            pairs += 1
-                            agree += float((values[a] > values[b]) == (person[a] > person[b]))
-                if pairs:
-                    acc.append(agree / pairs)
+                r, pair_acc = hhat_agreement(np.asarray(head.raw(features), np.float64), person, groups)
+                corr.append(r)
+                if not math.isnan(pair_acc):
+                    acc.append(pair_acc)
         if corr:
             curve.append(
                 {"labels": n, "corr": float(np.mean(corr)), "pair_acc": float(np.mean(acc)), "fits": len(corr)}
