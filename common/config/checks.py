@@ -65,11 +65,11 @@ def cross_hints(cfg: Config) -> list[str]:
       model (docs/lora.md: rank 4 at lr 1e-4 barely moved in 60 steps of the default job; start at 3e-4).
     """
     hints = []
-    lr = cfg.learner
-    if lr.lora is not None and lr.lora.rank > 0 and lr.lr < LORA_MIN_LR:
+    learner = cfg.learner
+    if learner.lora is not None and learner.lora.rank > 0 and learner.lr < LORA_MIN_LR:
         hints.append(
-            f"learner.lr: {lr.lr:g} is low for LoRA adapters (learner.lora.rank = {lr.lora.rank}): on the default "
-            "job rank 4 at lr 1e-4 barely moved in 60 steps; suggestion: start LoRA at learner.lr = 3e-4 "
+            f"learner.lr: {learner.lr:g} is low for LoRA adapters (learner.lora.rank = {learner.lora.rank}): on the "
+            "default job rank 4 at lr 1e-4 barely moved in 60 steps; suggestion: start LoRA at learner.lr = 3e-4 "
             "(docs/lora.md)"
         )
     return hints
