@@ -175,7 +175,7 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
 
     from streamrl.common.messages import SamplingParams
     from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path
-    from streamrl.common.prompts import load_prompts, split_prompts
+    from streamrl.common.prompts import run_split
     from streamrl.common.weights import pack_state_dict
     from streamrl.evaluation import scored_group
     from streamrl.services.generator.sampling import prepare_run_prompts, sample_completions
@@ -193,7 +193,7 @@ def profile_step(config: str, extra: list[str], repeats: int = 2) -> dict:
     reference = load_causal_lm(path, device=device).eval()
     trainer = PPOTrainer(policy, reference, lc)
     reward = build_reward(cfg.scorer.rewards, device=device)
-    train, _ = split_prompts(load_prompts(gen.prompts), eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
+    train, _ = run_split(gen.prompts, cfg.run.seed)
     sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
     timings: dict[str, list[float]] = {k: [] for k in ("generate", "old", "ref", "targets", "step", "pack")}
     for rep in range(repeats):

@@ -33,7 +33,7 @@ from streamrl.common.config import load_config
 from streamrl.common.messages import SamplingParams
 from streamrl.common.models import configure_torch, load_causal_lm, load_tokenizer, resolve_model_path
 from streamrl.common.modes import Engine
-from streamrl.common.prompts import Prompt, load_prompts, split_prompts
+from streamrl.common.prompts import Prompt, run_split
 from streamrl.evaluation import scored_group
 from streamrl.services.generator.engine import build_engine
 from streamrl.services.generator.sampling import prepare_run_prompts
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu")
     max_new = args.max_new_tokens or gen.max_new_tokens
     sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=max_new)
-    train, _ = split_prompts(load_prompts(gen.prompts), eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
+    train, _ = run_split(gen.prompts, cfg.run.seed)
     batches = [
         train[i * cfg.learner.groups_per_step : (i + 1) * cfg.learner.groups_per_step] for i in range(args.repeats + 1)
     ]

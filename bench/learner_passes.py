@@ -49,13 +49,13 @@ def sample_batch(cfg, policy, tokenizer, reference):
     """One step's scored rollouts, sampled in fp32 (behaviour log-probs mu), with and without the
     reference log-probs the scorers would attach."""
     from streamrl.common.messages import SamplingParams
-    from streamrl.common.prompts import load_prompts, split_prompts
+    from streamrl.common.prompts import run_split
     from streamrl.evaluation import scored_group
     from streamrl.services.generator.sampling import prepare_run_prompts, sample_completions
     from streamrl.services.scorer.rewards import build_reward
 
     gen, lc = cfg.generator, cfg.learner
-    train, _ = split_prompts(load_prompts(gen.prompts), eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
+    train, _ = run_split(gen.prompts, cfg.run.seed)
     sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
     reward = build_reward(cfg.scorer.rewards, device=next(policy.parameters()).device)
     prompts = train[: lc.groups_per_step]
@@ -78,11 +78,11 @@ def sample_batch(cfg, policy, tokenizer, reference):
 def time_sampling(cfg, policy, tokenizer, *, autocast_bf16: bool) -> float:
     """Seconds one generator batch (``prompts_per_batch`` prompts x ``group_size``) takes to sample."""
     from streamrl.common.messages import SamplingParams
-    from streamrl.common.prompts import load_prompts, split_prompts
+    from streamrl.common.prompts import run_split
     from streamrl.services.generator.sampling import prepare_run_prompts, sample_completions
 
     gen = cfg.generator
-    train, _ = split_prompts(load_prompts(gen.prompts), eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
+    train, _ = run_split(gen.prompts, cfg.run.seed)
     _, ids = prepare_run_prompts(tokenizer, train[: gen.prompts_per_batch], cfg)
     sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
     started = time.perf_counter()

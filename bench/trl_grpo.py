@@ -104,11 +104,11 @@ def run_ours(config: str, extra: list[str], seconds: float, workdir: Path, stop_
 def trl_prompts(cfg, path: Path) -> int:
     """Write the training split of the config's prompts, formatted as our generators see them, as JSONL."""
     from streamrl.common.models import load_tokenizer, resolve_model_path
-    from streamrl.common.prompts import load_prompts, split_prompts
+    from streamrl.common.prompts import run_split
     from streamrl.services.generator.sampling import prepare_run_prompts
 
     gen = cfg.generator
-    train, _ = split_prompts(load_prompts(gen.prompts), eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
+    train, _ = run_split(gen.prompts, cfg.run.seed)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.path, cfg.model.cache_path))
     texts, _ = prepare_run_prompts(tokenizer, train, cfg)
     path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))

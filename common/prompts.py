@@ -548,6 +548,18 @@ def split_prompts(
     return train, evaluation
 
 
+def run_split(source: PromptSource, run_seed: int) -> tuple[list[Prompt], list[Prompt]]:
+    """``(train, held_out)`` of a run's prompt source: :func:`split_prompts` with the source's
+    ``eval_fraction`` and ``split_seed`` (``run_seed``, the run's ``run.seed``, when unset), so that the
+    generators, ``streamrl eval`` and the benches agree on which prompts are never trained on.
+
+    Raises:
+        OSError, ValueError: the source cannot be read (:func:`load_prompts`).
+    """
+    seed = run_seed if source.split_seed is None else source.split_seed
+    return split_prompts(load_prompts(source), eval_fraction=source.eval_fraction, seed=seed)
+
+
 class PromptStream:
     """Infinite, seeded, sharded iterator over prompts.
 

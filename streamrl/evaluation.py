@@ -32,7 +32,7 @@ from streamrl.common.lora import adapter_spec, adapter_tensors, is_adapter_folde
 from streamrl.common.messages import SamplingParams, ScoredRollout
 from streamrl.common.models import load_causal_lm, load_tokenizer, resolve_model_path, select_device
 from streamrl.common.modes import Engine
-from streamrl.common.prompts import Prompt, load_prompts, split_prompts
+from streamrl.common.prompts import Prompt, load_prompts, run_split
 from streamrl.services.generator.engine import HFEngine, build_engine
 from streamrl.services.generator.rollouts import group_rollouts
 from streamrl.services.generator.sampling import Completion, prepare_run_prompts
@@ -132,8 +132,7 @@ def held_out_prompts(cfg: Config, limit: int | None):
         if not prompts:
             raise ValueError(f"eval.prompts: {cfg.eval.prompts.path} holds no prompts")
         return prompts[:limit] if limit else prompts
-    prompts = load_prompts(cfg.generator.prompts)
-    _, held_out = split_prompts(prompts, eval_fraction=cfg.generator.prompts.eval_fraction, seed=cfg.run.seed)
+    _, held_out = run_split(cfg.generator.prompts, cfg.run.seed)
     if not held_out:
         raise ValueError("no held-out prompts: set generator.prompts.eval_fraction > 0")
     return held_out[:limit] if limit else held_out

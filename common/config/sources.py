@@ -108,6 +108,12 @@ class PromptSource(_Section):
         "(kind `gsm8k` always carries `answer`); values must be JSON-like",
     )
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="held out by hashed prompt id, never trained on")
+    split_seed: int | None = Field(
+        None,
+        ge=0,
+        description="seed of the held-out hash; unset = `run.seed`. Set it to compare runs of several seeds on "
+        "the same held-out prompts",
+    )
 
     @model_validator(mode="after")
     def _one_text(self) -> PromptSource:

@@ -35,7 +35,7 @@ from streamrl.common.human import HumanModelSubscription, beta_at
 from streamrl.common.liveness import Waits
 from streamrl.common.messages import SamplingParams, Selection
 from streamrl.common.models import configure_torch, load_tokenizer, resolve_model_path, select_device, use_bf16_autocast
-from streamrl.common.prompts import PromptStream, load_prompts, split_prompts
+from streamrl.common.prompts import PromptStream, run_split
 from streamrl.common.service import ServiceContext, ServiceLoop
 from streamrl.common.transport import send_when_ready
 from streamrl.common.weights import FetchStopped, WeightClient, WeightSyncError
@@ -77,8 +77,7 @@ class GeneratorService(ServiceLoop):
         self.closing(self.engine.close)
         self.fingerprint = model_fingerprint(AutoConfig.from_pretrained(path), self.tokenizer)  # in every rollout
         self.refused_version: int | None = None  # newest announced version refused for another model
-        prompts = load_prompts(gen.prompts)
-        train, _held_out = split_prompts(prompts, eval_fraction=gen.prompts.eval_fraction, seed=cfg.run.seed)
+        train, _held_out = run_split(gen.prompts, cfg.run.seed)
         self.stream = PromptStream(train, seed=cfg.run.seed + ctx.index)
         self.sampling = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
         self.generator_id = f"{ctx.instance}-{uuid.uuid4().hex[:8]}"

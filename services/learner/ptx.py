@@ -16,7 +16,7 @@ import torch
 
 from streamrl.common.config import PromptSource
 from streamrl.common.prompt_text import conversation_text
-from streamrl.common.prompts import Prompt, PromptStream, load_prompts, split_prompts
+from streamrl.common.prompts import Prompt, PromptStream, load_prompts, run_split
 from streamrl.common.tensors import pad_right
 from streamrl.services.learner.trainer import PtxBatch
 
@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 
 def held_out_prompts(source: PromptSource, *, seed: int) -> list[Prompt]:
-    """The evaluation split of a prompt source: ``split_prompts`` with its ``eval_fraction``
-    and the run seed (the prompts ``streamrl eval`` scores and no generator samples)."""
-    return split_prompts(load_prompts(source), eval_fraction=source.eval_fraction, seed=seed)[1]
+    """The evaluation split of a prompt source (:func:`~streamrl.common.prompts.run_split` with the run
+    seed ``seed``): the prompts ``streamrl eval`` scores and no generator samples."""
+    return run_split(source, seed)[1]
 
 
 def _normalised(text: str) -> str:

@@ -20,6 +20,7 @@ from streamrl.common.prompts import (
     load_gsm8k,
     load_jsonl,
     load_prompts,
+    run_split,
     split_prompts,
 )
 
@@ -176,6 +177,20 @@ def test_split_disjoint_complete_stable_and_fraction() -> None:
     # Growing the fraction only moves prompts from train to eval.
     _, eval_bigger = split_prompts(prompts, eval_fraction=0.3, seed=7)
     assert eval_ids <= {p.prompt_id for p in eval_bigger}
+
+
+def test_run_split_takes_split_seed_over_the_run_seed() -> None:
+    source = PromptSource(kind="jsonl", path=str(DEFAULT_PROMPTS))
+    prompts = load_prompts(source)
+    by_run_seed = {s: {p.prompt_id for p in run_split(source, s)[1]} for s in (0, 1)}
+    assert by_run_seed[0] == {p.prompt_id for p in split_prompts(prompts, eval_fraction=0.1, seed=0)[1]}
+    assert by_run_seed[0] != by_run_seed[1]
+    # split_seed fixes the held-out prompts whatever the run seed: several seeds, one held-out set
+    fixed = source.model_copy(update={"split_seed": 0})
+    for run_seed in (0, 1, 5):
+        train, held_out = run_split(fixed, run_seed)
+        assert {p.prompt_id for p in held_out} == by_run_seed[0]
+        assert len(train) + len(held_out) == len(prompts)
 
 
 def test_split_stable_across_processes() -> None:
