@@ -66,7 +66,7 @@ from streamrl.common.models import configure_torch, load_causal_lm, load_tokeniz
 from streamrl.common.modes import HumanCombination
 from streamrl.evaluation import held_out_prompts
 from streamrl.services.feedback.simulate import preference
-from streamrl.services.generator.control import select_candidates
+from streamrl.services.generator.control import candidate_law
 from streamrl.services.generator.sampling import Completion, prepare_run_prompts, sample_completions
 from streamrl.services.scorer.rewards import vader_sentiment
 from streamrl.testing import Services, answers, free_port, scrape, start_simulated_labeller, wait_until
@@ -81,6 +81,7 @@ def arm_overrides(workdir: Path, arm: str, args, seed: int = 0) -> tuple[list[st
     values: dict = {
         "run.output_dir": str(workdir / "run"),
         "run.seed": seed,
+        "generator.prompts.split_seed": args.split_seed,  # one held-out set for every arm and seed
         "learner.total_steps": args.steps or 100000,
         "learner.checkpoint_every": args.eval_every or args.steps or 100000,
         "learner.lr": args.lr,
@@ -319,21 +320,6 @@ def run_arm(arm: str, args, workdir: Path, seed: int = 0) -> dict:
     return result
 
 
-class FixedScores:
-    """An H-hat view whose values were computed once (``values``, ``eligibilities``: ``[N]`` each, in the order
-    :func:`~streamrl.services.generator.control.select_candidates` asks for them), so that selecting and
-    measuring H-hat share one feature pass."""
-
-    def __init__(self, version: int, values: np.ndarray, eligibilities: np.ndarray):
-        self.version, self.values, self.eligibilities = version, values, eligibilities
-
-    def score(self, prompts, completions, now: float) -> tuple[np.ndarray, np.ndarray]:
-        """``(values, eligibilities)`` as given; ValueError when asked about another number of rollouts."""
-        if len(completions) != len(self.values):
-            raise ValueError(f"FixedScores: {len(completions)} rollouts asked, {len(self.values)} scored")
-        return self.values, self.eligibilities
-
-
 def hhat_agreement(values: np.ndarray, person: np.ndarray, groups: list) -> tuple[float, float]:
     """How well H-hat ranks the person's taste over the same rollouts.
 
@@ -367,7 +353,6 @@ def score_held_out(
     samples: int,
     view=None,
     agent: Agent | None = None,
-    rng: np.random.Generator | None = None,
 ) -> dict:
     """Per held-out prompt, the checkpoint's and the agent's figures.
 
@@ -379,11 +364,14 @@ def score_held_out(
             against the person's taste, or None.
         agent: the action-selection rule with ``agent.view`` (the generators'
             :func:`~streamrl.services.generator.control.select_candidates`), or None: the agent is the checkpoint.
-        rng: the selection's random stream (default seed 1234).
 
     Returns:
         ``liked``, ``vader``: ``[prompts]`` lists, the mean over every completion (all are the checkpoint's
-        samples); ``agent_liked``, ``agent_vader``: the mean over the G kept of each prompt's ``G * K``; and,
+        samples); ``agent_liked``, ``agent_vader``: the expected mean over the G kept of each prompt's ``G * K``
+        (each slot's scores weighted by the law the generators' rule draws from,
+        :func:`~streamrl.services.generator.control.candidate_law`: the average over infinitely many draws of
+        ``select_candidates`` on these candidates, so the selection adds no sampling noise); ``agent_gain``:
+        ``agent_liked - liked``, what the selection adds on the same candidates; and,
         with an H-hat, ``hhat_corr`` (Pearson correlation of H-hat with the person's score over all
         completions) and ``hhat_pair_acc`` (fraction of same-prompt pairs the person scores differently that
         H-hat orders the same way; ties count one half).
@@ -410,20 +398,17 @@ def score_held_out(
     prompt_of = [i for i, g in enumerate(groups) for _ in g]
     out["hhat_corr"], out["hhat_pair_acc"] = hhat_agreement(np.asarray(values, np.float64), person, prompt_of)
     if agent is not None:
-        fixed = FixedScores(view.version, np.asarray(values), np.asarray(eligibilities))
-        kept, _ = select_candidates(
-            fixed,
-            groups,
-            group_size=samples,
-            k=k,
-            beta_t=agent.beta_t,
-            rng=rng if rng is not None else np.random.default_rng(1234),
-            now=agent.now,
-            combination=agent.combination,
-        )
-        index, all_vader = {id(c): i for i, c in enumerate(flat)}, np.concatenate(vader)
-        out["agent_liked"] = [float(np.mean([person[index[id(c)]] for c in g])) for g in kept]
-        out["agent_vader"] = [float(np.mean([all_vader[index[id(c)]] for c in g])) for g in kept]
+        values, eligibilities, all_vader = np.asarray(values), np.asarray(eligibilities), np.concatenate(vader)
+        # slot j of a prompt holds candidates [j K, (j + 1) K) of that prompt (select_candidates' layout)
+        laws = [
+            candidate_law(agent.combination, values[s : s + k], eligibilities[s : s + k], agent.beta_t)
+            for s in range(0, len(flat), k)
+        ]
+        slot_liked = np.array([law @ person[i * k : (i + 1) * k] for i, law in enumerate(laws)])
+        slot_vader = np.array([law @ all_vader[i * k : (i + 1) * k] for i, law in enumerate(laws)])
+        out["agent_liked"] = [float(x) for x in slot_liked.reshape(len(groups), samples).mean(axis=1)]
+        out["agent_vader"] = [float(x) for x in slot_vader.reshape(len(groups), samples).mean(axis=1)]
+    out["agent_gain"] = [a - c for a, c in zip(out["agent_liked"], out["liked"], strict=True)]
     return out
 
 
@@ -455,7 +440,7 @@ def evaluate(args, config: Path, set_args: list[str], model_dir: Path, agent: Ag
         return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
 
     out: dict = {"eval_prompts": len(prompts)}
-    for key in ("vader", "liked", "agent_vader", "agent_liked"):
+    for key in ("vader", "liked", "agent_vader", "agent_liked", "agent_gain"):
         out[key], out[f"{key}_se"] = mean_se(per_prompt[key])
     out.update({k: per_prompt[k] for k in ("hhat_corr", "hhat_pair_acc") if k in per_prompt})
     return out
@@ -703,8 +688,9 @@ which VADER ignores, and {person}; credit window {args.credit_delay_min:g}-{args
 beta = {args.beta:g} (importance weights 1/rho <= exp(2 beta_t) under action biasing), decay
 {args.beta_decay:g} per step, K = {args.candidates} candidates (action biasing, control sharing), lr {args.lr:g},
 {args.max_new_tokens} new tokens. Every arm, `none` included, runs the feedback service and the person (same
-label budget; under `none` H-hat is fit and used nowhere). Held-out: {held_out} prompts (each seed's split) of
-each run's last checkpoint, scored by the person's own taste; mean and SE across seeds {args.seeds}.
+label budget; under `none` H-hat is fit and used nowhere). Held-out: the same {held_out} prompts for every run
+(`generator.prompts.split_seed = {getattr(args, "split_seed", None)}`: no run trained on them) of each run's
+last checkpoint, scored by the person's own taste; mean and SE across seeds {args.seeds}.
 First (agent): {ranked[0]}.
 
 Which figure is which: **checkpoint alone** = {args.samples * args.candidates} completions per prompt sampled
@@ -712,7 +698,8 @@ from the last checkpoint, nothing else. **agent** = what the run's generators wo
 `action_biasing`/`control_sharing`, K = {args.candidates} candidates from the checkpoint per kept completion
 ({args.samples} kept per prompt, the same candidates as the checkpoint figure), one kept by the generators' own
 rule (`services/generator/control.py`, `select_candidates`) with the last H-hat version the generators received
-and the final beta_t; for the other arms the agent is the checkpoint. The agent figure is the one Knox & Stone
+and the final beta_t, averaged exactly over that rule's law (`candidate_law`), so the selection adds no sampling
+noise of its own; for the other arms the agent is the checkpoint. The agent figure is the one Knox & Stone
 (2010) report for action biasing: there H-hat acts on action selection only and the learner's update is left
 alone (here exactly: weighted by 1/rho), so its effect is in what the agent does, not in the checkpoint.
 **streamed** = the person's own score of the rollouts the page streamed from H-hat's first version to the
@@ -728,6 +715,72 @@ Per seed:
 {plot}
 {environment_line(env)}
 """
+
+
+def feed_overhead(n: int = 20000) -> dict:
+    """Seconds per scored rollout a scorer spends publishing it on the feed (encode + PUB send), with nobody
+    subscribed and with a subscriber draining it, next to the seconds VADER takes to score one."""
+    import threading
+
+    import zmq
+
+    from streamrl.common.messages import FinishReason, Rollout, ScoredRollout
+    from streamrl.common.transport import make_socket, try_send
+
+    rollout = Rollout(
+        prompt_id="p",
+        group_id="g",
+        rollout_id="g:0",
+        generator_id="generator-0",
+        group_size=4,
+        prompt_tokens=np.arange(64, dtype=np.int32),
+        completion_tokens=np.arange(32, dtype=np.int32),
+        behaviour_logprobs=np.full(32, -1.5, np.float32),
+        policy_version=3,
+        finish_reason=FinishReason.LENGTH,
+        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=32),
+        prompt_text="This movie was one of the " * 4,
+        completion_text="best films I have seen " * 6,
+    )
+    scored = ScoredRollout(rollout=rollout, reward=0.5, reward_parts={"vader_sentiment": 0.5})
+    ctx = zmq.Context()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    out = {}
+    pub = make_socket(ctx, zmq.PUB, connect=[endpoint], max_message_bytes=1 << 26, hwm=32)
+    start = time.perf_counter()
+    for _ in range(n):
+        try_send(pub, scored)
+    out["publish_nobody_s"] = (time.perf_counter() - start) / n
+    sub = make_socket(ctx, zmq.SUB, bind=endpoint, subscribe=b"", max_message_bytes=1 << 26, hwm=1000)
+    received = [0]
+    stop = threading.Event()
+
+    def drain():
+        while not stop.is_set():
+            if sub.poll(100):
+                sub.recv_multipart(copy=False)
+                received[0] += 1
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    time.sleep(0.5)  # the subscription reaches the PUB
+    start = time.perf_counter()
+    for _ in range(n):
+        try_send(pub, scored)
+    out["publish_watched_s"] = (time.perf_counter() - start) / n
+    time.sleep(0.5)
+    stop.set()
+    thread.join()
+    out["received_watched"] = received[0]
+    texts = [rollout.completion_text] * 64
+    start = time.perf_counter()
+    for _ in range(20):
+        vader_sentiment([""] * 64, texts, [{}] * 64)
+    out["vader_per_rollout_s"] = (time.perf_counter() - start) / (20 * 64)
+    pub.close(0)
+    sub.close(0)
+    ctx.term()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -764,6 +817,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--prompts", type=int, default=48, help="held-out prompts evaluated")
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="generator.prompts.split_seed of every run: the same held-out prompts for every arm and seed",
+    )
     parser.add_argument("--samples", type=int, default=4, help="completions per held-out prompt")
     parser.add_argument("--notes", default=None, help="a markdown file appended to the RESULTS.md section")
     parser.add_argument(
@@ -839,69 +898,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def feed_overhead(n: int = 20000) -> dict:
-    """Seconds per scored rollout a scorer spends publishing it on the feed (encode + PUB send), with nobody
-    subscribed and with a subscriber draining it, next to the seconds VADER takes to score one."""
-    import threading
-
-    import zmq
-
-    from streamrl.common.messages import FinishReason, Rollout, ScoredRollout
-    from streamrl.common.transport import make_socket, try_send
-
-    rollout = Rollout(
-        prompt_id="p",
-        group_id="g",
-        rollout_id="g:0",
-        generator_id="generator-0",
-        group_size=4,
-        prompt_tokens=np.arange(64, dtype=np.int32),
-        completion_tokens=np.arange(32, dtype=np.int32),
-        behaviour_logprobs=np.full(32, -1.5, np.float32),
-        policy_version=3,
-        finish_reason=FinishReason.LENGTH,
-        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=32),
-        prompt_text="This movie was one of the " * 4,
-        completion_text="best films I have seen " * 6,
-    )
-    scored = ScoredRollout(rollout=rollout, reward=0.5, reward_parts={"vader_sentiment": 0.5})
-    ctx = zmq.Context()
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    out = {}
-    pub = make_socket(ctx, zmq.PUB, connect=[endpoint], max_message_bytes=1 << 26, hwm=32)
-    start = time.perf_counter()
-    for _ in range(n):
-        try_send(pub, scored)
-    out["publish_nobody_s"] = (time.perf_counter() - start) / n
-    sub = make_socket(ctx, zmq.SUB, bind=endpoint, subscribe=b"", max_message_bytes=1 << 26, hwm=1000)
-    received = [0]
-    stop = threading.Event()
-
-    def drain():
-        while not stop.is_set():
-            if sub.poll(100):
-                sub.recv_multipart(copy=False)
-                received[0] += 1
-
-    thread = threading.Thread(target=drain, daemon=True)
-    thread.start()
-    time.sleep(0.5)  # the subscription reaches the PUB
-    start = time.perf_counter()
-    for _ in range(n):
-        try_send(pub, scored)
-    out["publish_watched_s"] = (time.perf_counter() - start) / n
-    time.sleep(0.5)
-    stop.set()
-    thread.join()
-    out["received_watched"] = received[0]
-    texts = [rollout.completion_text] * 64
-    start = time.perf_counter()
-    for _ in range(20):
-        vader_sentiment([""] * 64, texts, [{}] * 64)
-    out["vader_per_rollout_s"] = (time.perf_counter() - start) / (20 * 64)
-    pub.close(0)
-    sub.close(0)
-    ctx.term()
-    return out

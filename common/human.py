@@ -214,15 +214,30 @@ def control_share(values: np.ndarray, probability: float, rng: np.random.Generat
     Raises:
         ValueError: K < 2 or p outside [0, 1].
     """
+    law = control_share_law(values, probability)
+    best = np.flatnonzero(np.asarray(values) == np.max(values))
+    by_model = bool(rng.random() < probability)
+    index = int(rng.choice(best)) if by_model else int(rng.integers(len(law)))
+    return index, by_model, float(len(law) * law[index])
+
+
+def control_share_law(values: np.ndarray, probability: float) -> np.ndarray:
+    """The law of :func:`control_share`'s choice: ``[K]`` float64 P(J = j | c_1..c_K) =
+    (1 - p) / K + p * [j in argmax] / |argmax| (sums to 1).
+
+    Args:
+        values: ``[K]`` H-hat of the candidates (K >= 2).
+        probability: p in [0, 1].
+
+    Raises:
+        ValueError: K < 2 or p outside [0, 1].
+    """
     values = np.asarray(values, np.float64)
     k = len(values)
     if k < 2 or not 0 <= probability <= 1:
         raise ValueError(f"control_share: need K >= 2 candidates and p in [0, 1] (got K={k}, p={probability})")
-    best = np.flatnonzero(values == values.max())
-    by_model = bool(rng.random() < probability)
-    index = int(rng.choice(best)) if by_model else int(rng.integers(k))
-    rho = (1 - probability) + (probability * k / len(best) if index in best else 0.0)
-    return index, by_model, float(rho)
+    best = values == values.max()
+    return (1 - probability) / k + probability * best / best.sum()
 
 
 def bias_actions(
@@ -255,6 +270,23 @@ def bias_actions(
     Raises:
         ValueError: K < 2, mismatched sizes, or beta_t < 0.
     """
+    probabilities = bias_actions_law(values, eligibilities, beta_t)
+    k = len(probabilities)
+    index = int(rng.choice(k, p=probabilities))
+    return index, float(probabilities[index]), float(k * probabilities[index])
+
+
+def bias_actions_law(values: np.ndarray, eligibilities: np.ndarray, beta_t: float) -> np.ndarray:
+    """The law of :func:`bias_actions`' choice: ``[K]`` float64 softmax_j(beta_t * E_j * H_j).
+
+    Args:
+        values: ``[K]`` H-hat of the candidates in [-1, 1] (K >= 2).
+        eligibilities: ``[K]`` eligibility of the candidates in [0, 1].
+        beta_t: the decayed combination weight (>= 0).
+
+    Raises:
+        ValueError: K < 2, mismatched sizes, or beta_t < 0.
+    """
     values = np.asarray(values, np.float64)
     eligibilities = np.asarray(eligibilities, np.float64)
     k = len(values)
@@ -265,9 +297,7 @@ def bias_actions(
         )
     logits = beta_t * eligibilities * values
     probabilities = np.exp(logits - logits.max())
-    probabilities /= probabilities.sum()
-    index = int(rng.choice(k, p=probabilities))
-    return index, float(probabilities[index]), float(k * probabilities[index])
+    return probabilities / probabilities.sum()
 
 
 @dataclass

@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamrl.common.human import HumanModelView, bias_actions, control_share
+from streamrl.common.human import HumanModelView, bias_actions, bias_actions_law, control_share, control_share_law
 from streamrl.common.messages import Selection
 from streamrl.common.modes import HumanCombination
 from streamrl.services.generator.sampling import Completion
 
 
+def _sharing_probability(eligibilities: np.ndarray, beta_t: float) -> float:
+    return min(beta_t * float(np.max(eligibilities)), 1.0)
+
+
 def _control_sharing(
     values: np.ndarray, eligibilities: np.ndarray, beta_t: float, rng: np.random.Generator
 ) -> tuple[int, bool, float, float]:
-    probability = min(beta_t * float(eligibilities.max()), 1.0)
+    probability = _sharing_probability(eligibilities, beta_t)
     index, by_model, rho = control_share(values, probability, rng)
     return index, by_model, probability, rho
 
@@ -42,6 +46,28 @@ def _action_biasing(
 RULES = {HumanCombination.CONTROL_SHARING: _control_sharing, HumanCombination.ACTION_BIASING: _action_biasing}
 """How each combination keeps one of K candidates: ``(values [K], eligibilities [K], beta_t, rng)`` ->
 ``(index, by_model, probability, rho)``."""
+
+
+def candidate_law(
+    combination: HumanCombination, values: np.ndarray, eligibilities: np.ndarray, beta_t: float
+) -> np.ndarray:
+    """The law of the candidate :data:`RULES` keeps for ``combination``: ``[K]`` float64 P(J = j | the K
+    candidates), summing to 1 (control sharing: :func:`~streamrl.common.human.control_share_law` with
+    p = min(beta_t * max E, 1); action biasing: :func:`~streamrl.common.human.bias_actions_law`). The
+    expected value of any score of the kept completion is ``law @ scores``: what an evaluation of the agent
+    would reach averaging over infinitely many draws.
+
+    Args:
+        values: ``[K]`` H-hat of the candidates; eligibilities: ``[K]`` in [0, 1]; beta_t: >= 0.
+
+    Raises:
+        ValueError: a combination that does not select candidates, or the law's own errors.
+    """
+    if combination is HumanCombination.CONTROL_SHARING:
+        return control_share_law(values, _sharing_probability(eligibilities, beta_t))
+    if combination is HumanCombination.ACTION_BIASING:
+        return bias_actions_law(values, eligibilities, beta_t)
+    raise ValueError(f"candidate_law: feedback.combination {combination.value!r} does not select among candidates")
 
 
 def select_candidates(

@@ -25,6 +25,7 @@ from streamrl.common.config import load_config
 from streamrl.common.messages import FinishReason
 from streamrl.common.modes import HumanCombination
 from streamrl.services.feedback.simulate import preference
+from streamrl.services.generator.control import select_candidates
 from streamrl.services.generator.sampling import Completion
 
 
@@ -43,10 +44,13 @@ def test_every_arm_is_a_valid_config(tmp_path, arm):
         steps=None,
         eval_every=None,
         engine=None,
+        split_seed=0,
     )
     overrides, _ = arm_overrides(tmp_path, arm, args, seed=3)
     cfg = load_config(CONFIG, overrides)
     assert cfg.run.seed == 3 and cfg.feedback.combination is HumanCombination(arm)
+    # every arm and seed is evaluated on the same held-out prompts, none of which any run trains on
+    assert cfg.generator.prompts.split_seed == 0
     assert cfg.learner.total_steps == 100000 and cfg.generator.engine == load_config(CONFIG, []).generator.engine
     # equal learner steps: the learner stops itself at --steps and checkpoints every --eval-every
     args.steps, args.eval_every, args.engine = 12, 4, "hf"
@@ -170,15 +174,46 @@ def test_the_agent_keeps_what_the_generators_rule_keeps(combination, beta_t):
     view = FakeHhat({0: 0.5, 1: -0.5, 2: 0.9, 3: 0.1})
     agent = Agent(view, combination, beta_t, k=2, now=0.0)
     got = score_held_out(groups, preference("word:the"), samples=1, agent=agent)
-    assert got["liked"] == [1.0, 0.5] and got["agent_liked"] == [2.0, 0.0]
+    assert got["liked"] == [1.0, 0.5] and got["agent_liked"] == pytest.approx([2.0, 0.0], abs=1e-12)
+    assert got["agent_gain"] == pytest.approx([1.0, -0.5], abs=1e-12)
     assert got["hhat_pair_acc"] == 0.5 and got["hhat_corr"] == pytest.approx(0.20404, abs=1e-5)
     # VADER of the kept completions, not of the pool: "the the great cat" is positive, the others neutral (0)
-    assert got["vader"][0] > 0 and got["agent_vader"] == [2 * got["vader"][0], 0.0]
+    assert got["vader"][0] > 0 and got["agent_vader"] == pytest.approx([2 * got["vader"][0], 0.0], abs=1e-12)
     # no agent (none, reward shaping, Q-augmentation): the agent is the checkpoint, every completion counts
     plain = score_held_out(groups, preference("word:the"), samples=2, view=view)
     assert plain["agent_liked"] == plain["liked"] == [1.0, 0.5] and plain["hhat_pair_acc"] == 0.5
     with pytest.raises(ValueError, match="1 x 2 completions"):
         score_held_out([groups[0][:1]], preference("word:the"), samples=1, agent=agent)
+
+
+@pytest.mark.parametrize("combination", [HumanCombination.CONTROL_SHARING, HumanCombination.ACTION_BIASING])
+def test_the_agent_figure_is_the_mean_over_many_draws_of_the_generators_rule(combination):
+    """Slow reference: 4000 draws of select_candidates on the same candidates (two prompts, G = 2 slots of
+    K = 3, beta_t = 0.8, eligibility 1) average to the exact figure within 4 SE of the draws."""
+    texts = ["the the the", "a", "the b", "c", "the the", "d", "e", "the", "the the the the", "f g", "h", "the x"]
+    groups = [
+        completions(*((t, i) for i, t in enumerate(texts[:6]))),
+        completions(*((t, i + 6) for i, t in enumerate(texts[6:]))),
+    ]
+    view = FakeHhat({i: v for i, v in enumerate([0.9, -0.2, 0.3, 0.1, 0.5, -0.8, 0.0, 0.4, 0.7, -0.3, 0.2, 0.6])})
+    likes = preference("word:the")
+    got = score_held_out(groups, likes, samples=2, agent=Agent(view, combination, 0.8, k=3, now=0.0))
+    rng = np.random.default_rng(0)
+    draws = np.array(
+        [
+            [
+                np.mean([likes(c.text) for c in g])
+                for g in select_candidates(
+                    view, groups, group_size=2, k=3, beta_t=0.8, rng=rng, now=0.0, combination=combination
+                )[0]
+            ]
+            for _ in range(4000)
+        ]
+    )
+    se = draws.std(axis=0, ddof=1) / math.sqrt(len(draws))
+    assert np.all(np.abs(draws.mean(axis=0) - got["agent_liked"]) < 4 * se), (draws.mean(axis=0), got)
+    # the selection favours "the": above the plain mean of the candidates on both prompts
+    assert all(gain > 0.05 for gain in got["agent_gain"])
 
 
 def test_what_the_person_saw_after_the_first_fit():

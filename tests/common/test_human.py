@@ -14,7 +14,9 @@ from streamrl.common.human import (
     HumanHead,
     beta_at,
     bias_actions,
+    bias_actions_law,
     control_share,
+    control_share_law,
     eligibility,
     human_terms,
     reference_features,
@@ -86,6 +88,20 @@ def test_control_share_monte_carlo_weighted_mean_is_mu_mean():
     weighted = kept * weights
     assert abs(weighted.mean() - target) < 4 * weighted.std() / math.sqrt(len(kept))
     assert kept.mean() - target > 10 * kept.std() / math.sqrt(len(kept))  # the raw kept draws are biased
+
+
+def test_the_laws_are_the_rules_probabilities_by_hand():
+    values = np.array([0.2, 0.7, -0.1, 0.7])
+    for p in (0.0, 0.6, 1.0):  # against the slow reference, ties included
+        assert control_share_law(values, p) == pytest.approx(keep_probabilities(list(values), p), abs=1e-15)
+    # exp(log2 * E * H): 2, 1, 2^-0.5 over their sum
+    law = bias_actions_law(np.array([1.0, 0.0, -1.0]), np.array([1.0, 1.0, 0.5]), math.log(2))
+    z = 2 + 1 + 2**-0.5
+    assert law == pytest.approx([2 / z, 1 / z, 2**-0.5 / z], abs=1e-15)
+    with pytest.raises(ValueError, match="p in"):
+        control_share_law(values, -0.1)
+    with pytest.raises(ValueError, match="as many eligibilities"):
+        bias_actions_law(values, np.ones(3), 1.0)
 
 
 def test_control_share_refuses_bad_arguments():

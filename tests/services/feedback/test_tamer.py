@@ -17,7 +17,7 @@ from streamrl.common.human import human_terms
 from streamrl.common.messages import HumanScore, Selection
 from streamrl.common.models import build_char_tokenizer, build_tiny_model
 from streamrl.common.modes import HumanCombination
-from streamrl.services.generator.control import select_candidates
+from streamrl.services.generator.control import candidate_law, select_candidates
 from streamrl.services.generator.sampling import Completion
 from streamrl.services.learner.batch import collate
 from streamrl.services.learner.loop import LearnerService
@@ -119,6 +119,14 @@ def test_action_biasing_keeps_a_candidate_by_softmax_of_beta_e_hhat_and_records_
         assert got[token].probability == pytest.approx(want[j])
         assert got[token].density_ratio == pytest.approx(3 * want[j])  # the learner weights by 1 / rho
         assert got[token].by_model == (token == 5)  # H-hat's best
+    # the law the evaluation averages over is the one the rule draws from
+    h, e = np.array([0.1, 0.5, 0.3]), np.array([0.9, 0.5, 0.7])
+    assert candidate_law(HumanCombination.ACTION_BIASING, h, e, beta_t) == pytest.approx(want, abs=1e-15)
+    # control sharing: p = min(beta_t * max E, 1) = 0.45 on H-hat's best, the rest uniform
+    law = candidate_law(HumanCombination.CONTROL_SHARING, h, e, 0.5)
+    assert law == pytest.approx([0.55 / 3, 0.55 / 3 + 0.45, 0.55 / 3], abs=1e-15)
+    with pytest.raises(ValueError, match="does not select"):
+        candidate_law(HumanCombination.Q_AUGMENTATION, h, e, 1.0)
     with pytest.raises(ValueError, match="does not select"):
         select_candidates(
             StubView(),
