@@ -82,6 +82,7 @@ def arm_overrides(workdir: Path, arm: str, args, seed: int = 0) -> tuple[list[st
         "run.output_dir": str(workdir / "run"),
         "run.seed": seed,
         "generator.prompts.split_seed": args.split_seed,  # one held-out set for every arm and seed
+        **({"generator.prompts.eval_fraction": args.eval_fraction} if args.eval_fraction is not None else {}),
         "learner.total_steps": args.steps or 100000,
         "learner.checkpoint_every": args.eval_every or args.steps or 100000,
         "learner.lr": args.lr,
@@ -822,6 +823,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="generator.prompts.split_seed of every run: the same held-out prompts for every arm and seed",
+    )
+    parser.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=None,
+        help="generator.prompts.eval_fraction of every run (default: the default job's): more held-out prompts",
     )
     parser.add_argument("--samples", type=int, default=4, help="completions per held-out prompt")
     parser.add_argument("--notes", default=None, help="a markdown file appended to the RESULTS.md section")

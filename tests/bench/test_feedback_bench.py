@@ -45,6 +45,7 @@ def test_every_arm_is_a_valid_config(tmp_path, arm):
         eval_every=None,
         engine=None,
         split_seed=0,
+        eval_fraction=None,
     )
     overrides, _ = arm_overrides(tmp_path, arm, args, seed=3)
     cfg = load_config(CONFIG, overrides)
@@ -53,9 +54,10 @@ def test_every_arm_is_a_valid_config(tmp_path, arm):
     assert cfg.generator.prompts.split_seed == 0
     assert cfg.learner.total_steps == 100000 and cfg.generator.engine == load_config(CONFIG, []).generator.engine
     # equal learner steps: the learner stops itself at --steps and checkpoints every --eval-every
-    args.steps, args.eval_every, args.engine = 12, 4, "hf"
+    args.steps, args.eval_every, args.engine, args.eval_fraction = 12, 4, "hf", 0.5
     cfg = load_config(CONFIG, arm_overrides(tmp_path, arm, args, seed=3)[0])
     assert (cfg.learner.total_steps, cfg.learner.checkpoint_every, cfg.generator.engine) == (12, 4, "hf")
+    assert cfg.generator.prompts.eval_fraction == 0.5
     # every arm runs the feedback service and the person (`none`: labels and H-hat collected, used nowhere)
     assert cfg.feedback.enabled
     assert (cfg.feedback.credit_delay_min_s, cfg.feedback.credit_delay_max_s) == (1.0, 3.0)
