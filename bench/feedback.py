@@ -590,6 +590,13 @@ def summary(results: list[dict], args, arms: list[str], env: dict) -> str:
             f"; paired {pd:+.3f} ({pd / pse:+.1f} SE)" if pse > 0 else ""
         )
 
+    def selection_gain(arm: str) -> str:
+        gains = np.array([r.get("agent_gain", 0.0) for r in results if r["arm"] == arm], np.float64)
+        if not gains.any():
+            return ""
+        se = gains.std(ddof=1) / math.sqrt(len(gains)) if len(gains) > 1 else math.nan
+        return f"{gains.mean():+.3f} ± {se:.3f}" + (f" ({gains.mean() / se:+.1f} SE)" if se > 0 else "")
+
     def mean(arm: str, key: str) -> float:
         return float(np.mean([r.get(key, math.nan) for r in results if r["arm"] == arm]))
 
@@ -600,6 +607,7 @@ def summary(results: list[dict], args, arms: list[str], env: dict) -> str:
             agent[arm][2],
             f"{agent[arm][0]:.3f} ± {agent[arm][1]:.3f}",
             versus_none(arm, "agent_liked"),
+            selection_gain(arm),
             f"{checkpoint[arm][0]:.3f} ± {checkpoint[arm][1]:.3f}",
             versus_none(arm, "liked"),
             f"{streamed[arm][0]:.3f} ± {streamed[arm][1]:.3f}",
@@ -619,6 +627,7 @@ def summary(results: list[dict], args, arms: list[str], env: dict) -> str:
             "seeds",
             f"agent: held-out {args.likes} ± SE (seeds)",
             "agent vs none",
+            "agent vs its own checkpoint (same candidates) ± SE (seeds)",
             "checkpoint alone ± SE",
             "checkpoint vs none",
             "streamed after H-hat's first fit ± SE",
@@ -638,6 +647,7 @@ def summary(results: list[dict], args, arms: list[str], env: dict) -> str:
             "arm",
             "checkpoint ± SE (prompts)",
             "agent ± SE (prompts)",
+            "agent - checkpoint ± SE (prompts)",
             "streamed (rollouts)",
             "H-hat corr / pair acc",
             "labels (H-hat's)",
@@ -651,6 +661,7 @@ def summary(results: list[dict], args, arms: list[str], env: dict) -> str:
                 r["arm"],
                 f"{r['liked']:.3f} ± {r.get('liked_se', math.nan):.3f}",
                 f"{r['agent_liked']:.3f} ± {r['agent_liked_se']:.3f}",
+                f"{r['agent_gain']:+.3f} ± {r['agent_gain_se']:.3f}" if r.get("agent_gain") else "",
                 f"{r['streamed_liked']:.3f} ({r.get('streamed_n', 0)})",
                 f"{r.get('hhat_corr', math.nan):+.2f} / {r.get('hhat_pair_acc', math.nan):.2f}",
                 f"{r['labels']} ({r.get('hhat_labels', '')})",

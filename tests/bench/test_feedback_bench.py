@@ -107,7 +107,8 @@ def test_a_summary_from_the_printed_runs(tmp_path, monkeypatch):
     """--from-log: the per-run JSON lines of an unfinished invocation give the table, the paired per-seed
     differences and the plot. Hand-computed: the agent of action biasing - none = +0.2 and +0.4 on seeds 0
     and 1 (mean 0.3, SE 0.1, 3.0 SE); its checkpoint alone - none = 0.0 and +0.1 (mean 0.05, SE 0.05, 1.0 SE);
-    a run printed before the agent-level evaluation (none) counts its checkpoint as its agent."""
+    a run printed before the agent-level evaluation (none) counts its checkpoint as its agent. The agent against
+    its own checkpoint: +0.2 and +0.3 (mean 0.25, SE 0.05, 5.0 SE)."""
     import bench.feedback as feedback
 
     def run(arm, seed, liked, agent=None):
@@ -120,6 +121,7 @@ def test_a_summary_from_the_printed_runs(tmp_path, monkeypatch):
         }
         if agent is not None:
             out |= {"agent_liked": agent, "agent_liked_se": 0.05, "agent_vader": 0.1, "agent_vader_se": 0.01}
+            out |= {"agent_gain": agent - liked, "agent_gain_se": 0.02}
             out |= {"streamed_liked": agent, "streamed_n": 40, "hhat_corr": 0.5, "hhat_pair_acc": 0.7}
             curve[-1]["agent_liked"] = agent
         return out
@@ -138,6 +140,7 @@ def test_a_summary_from_the_printed_runs(tmp_path, monkeypatch):
     assert [r["seed"] for r in written["res"]["results"]] == [0, 1, 0, 1]
     md = written["md"]
     assert "paired +0.300 (+3.0 SE)" in md and "paired +0.050 (+1.0 SE)" in md and "First (agent): action_biasing" in md
+    assert "| +0.250 ± 0.050 (+5.0 SE) |" in md and "| +0.300 ± 0.020 |" in md
     assert md.rstrip().endswith("Reading: by hand.")
     assert (tmp_path / "feedback.png").stat().st_size > 10_000
 
