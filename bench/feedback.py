@@ -714,6 +714,9 @@ and the final beta_t, averaged exactly over that rule's law (`candidate_law`), s
 noise of its own; for the other arms the agent is the checkpoint. The agent figure is the one Knox & Stone
 (2010) report for action biasing: there H-hat acts on action selection only and the learner's update is left
 alone (here exactly: weighted by 1/rho), so its effect is in what the agent does, not in the checkpoint.
+**agent vs its own checkpoint**: the agent minus the checkpoint on the same candidates of the same run, what
+H-hat's selection adds, free of the seed-to-seed spread of training (under `action_biasing` the learner's
+gradient is exact, so the checkpoint differs from `none`'s only by that spread).
 **streamed** = the person's own score of the rollouts the page streamed from H-hat's first version to the
 end of training (what the person saw). **H-hat corr / pair acc**: the final H-hat against the person's score
 on the held-out completions (Pearson; fraction of same-prompt pairs the person tells apart that H-hat orders
