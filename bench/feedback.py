@@ -387,6 +387,7 @@ def score_held_out(
     vader = [np.array(vader_sentiment([""] * len(g), [c.text for c in g], [{}] * len(g)), np.float64) for g in groups]
     out: dict = {"liked": [float(s.mean()) for s in scores], "vader": [float(v.mean()) for v in vader]}
     out["agent_liked"], out["agent_vader"] = out["liked"], out["vader"]
+    out["agent_gain"] = [0.0] * len(groups)
     if agent is not None:
         view = agent.view
     if view is None:
@@ -409,7 +410,7 @@ def score_held_out(
         slot_vader = np.array([law @ all_vader[i * k : (i + 1) * k] for i, law in enumerate(laws)])
         out["agent_liked"] = [float(x) for x in slot_liked.reshape(len(groups), samples).mean(axis=1)]
         out["agent_vader"] = [float(x) for x in slot_vader.reshape(len(groups), samples).mean(axis=1)]
-    out["agent_gain"] = [a - c for a, c in zip(out["agent_liked"], out["liked"], strict=True)]
+        out["agent_gain"] = [a - c for a, c in zip(out["agent_liked"], out["liked"], strict=True)]
     return out
 
 

@@ -187,6 +187,9 @@ def test_the_agent_keeps_what_the_generators_rule_keeps(combination, beta_t):
     # no agent (none, reward shaping, Q-augmentation): the agent is the checkpoint, every completion counts
     plain = score_held_out(groups, preference("word:the"), samples=2, view=view)
     assert plain["agent_liked"] == plain["liked"] == [1.0, 0.5] and plain["hhat_pair_acc"] == 0.5
+    # nor an H-hat (a checkpoint before the last, the model before training): the same, gain 0
+    bare = score_held_out(groups, preference("word:the"), samples=2)
+    assert bare["agent_liked"] == bare["liked"] == [1.0, 0.5] and bare["agent_gain"] == [0.0, 0.0]
     with pytest.raises(ValueError, match="1 x 2 completions"):
         score_held_out([groups[0][:1]], preference("word:the"), samples=1, agent=agent)
 
