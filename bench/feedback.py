@@ -591,12 +591,13 @@ def summary(results: list[dict], args, arms: list[str], env: dict) -> str:
             f"; paired {pd:+.3f} ({pd / pse:+.1f} SE)" if pse > 0 else ""
         )
 
+    gain = across_seeds(results, "agent_gain")
+
     def selection_gain(arm: str) -> str:
-        gains = np.array([r.get("agent_gain", 0.0) for r in results if r["arm"] == arm], np.float64)
-        if not gains.any():
+        if not any(r["agent_gain"] for r in results if r["arm"] == arm):  # the agent is the checkpoint
             return ""
-        se = gains.std(ddof=1) / math.sqrt(len(gains)) if len(gains) > 1 else math.nan
-        return f"{gains.mean():+.3f} ± {se:.3f}" + (f" ({gains.mean() / se:+.1f} SE)" if se > 0 else "")
+        mean, se, _ = gain[arm]
+        return f"{mean:+.3f} ± {se:.3f}" + (f" ({mean / se:+.1f} SE)" if se > 0 else "")
 
     def mean(arm: str, key: str) -> float:
         return float(np.mean([r.get(key, math.nan) for r in results if r["arm"] == arm]))
@@ -893,6 +894,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("liked", "vader"):
             r.setdefault(f"agent_{key}", r[key])
             r.setdefault(f"agent_{key}_se", r.get(f"{key}_se", math.nan))
+        r.setdefault("agent_gain", 0.0)
         r.setdefault("streamed_liked", math.nan)
     env = environment()
     section = summary(results, args, arms, env)
