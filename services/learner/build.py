@@ -15,9 +15,10 @@ import torch
 from streamrl.common.config import Config
 from streamrl.common.lora import apply_lora, is_adapter_folder, load_lora
 from streamrl.common.models import load_causal_lm, load_tokenizer, resolve_model_path
+from streamrl.common.prompts import run_split
 from streamrl.services.learner.checkpoint import load_trainer_state
 from streamrl.services.learner.distributed import make_trainer
-from streamrl.services.learner.ptx import PtxSampler, held_out_prompts
+from streamrl.services.learner.ptx import PtxSampler
 from streamrl.services.learner.value_model import ValueModel
 
 
@@ -83,7 +84,7 @@ def build_trainer(cfg: Config, device: torch.device, resume: Path | None, *, dis
             batch_size=lc.groups_per_step,
             max_tokens=cfg.generator.max_prompt_tokens + cfg.generator.max_new_tokens,
             seed=cfg.run.seed,
-            held_out=held_out_prompts(cfg.generator.prompts, seed=cfg.run.seed),
+            held_out=run_split(cfg.generator.prompts, cfg.run.seed)[1],
         )
     critic = None  # InstructGPT: the value function initialised from the reward model
     if lc.value_model is not None:  # the config allows it with advantage = "gae" only

@@ -16,17 +16,11 @@ import torch
 
 from streamrl.common.config import PromptSource
 from streamrl.common.prompt_text import conversation_text
-from streamrl.common.prompts import Prompt, PromptStream, load_prompts, run_split
+from streamrl.common.prompts import Prompt, PromptStream, load_prompts
 from streamrl.common.tensors import pad_right
 from streamrl.services.learner.trainer import PtxBatch
 
 log = logging.getLogger(__name__)
-
-
-def held_out_prompts(source: PromptSource, *, seed: int) -> list[Prompt]:
-    """The evaluation split of a prompt source (:func:`~streamrl.common.prompts.run_split` with the run
-    seed ``seed``): the prompts ``streamrl eval`` scores and no generator samples."""
-    return run_split(source, seed)[1]
 
 
 def _normalised(text: str) -> str:
@@ -57,7 +51,7 @@ class PtxSampler:
         max_tokens: texts are truncated to this many tokens.
         seed: shuffle seed.
         held_out: prompts that must never be trained on (the generators' evaluation split,
-            :func:`held_out_prompts`): any SFT prompt with the same text (whitespace and
+            :func:`~streamrl.common.prompts.run_split`): any SFT prompt with the same text (whitespace and
             case ignored) is removed, whatever its id or file.
 
     Raises:

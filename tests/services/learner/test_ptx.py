@@ -9,8 +9,8 @@ import torch
 
 from streamrl.common.config import PromptSource
 from streamrl.common.models import build_char_tokenizer
-from streamrl.common.prompts import load_prompts
-from streamrl.services.learner.ptx import PtxSampler, held_out_prompts
+from streamrl.common.prompts import load_prompts, run_split
+from streamrl.services.learner.ptx import PtxSampler
 
 TEXTS = ["a", "hello there", "abc", "the quick brown fox", "ok"]
 
@@ -104,7 +104,7 @@ def test_no_held_out_prompt_is_ever_in_ptx_data(tmp_path, tokenizer):
     """The generators' held-out (evaluation) prompts never reach the SFT data, whether the
     ptx data is the same file or another file holding the same question under another id."""
     source = gsm8k_source(tmp_path)
-    held_out = held_out_prompts(source, seed=0)
+    _, held_out = run_split(source, 0)
     assert 3 <= len(held_out) < 30
     copy = tmp_path / "copy.jsonl"  # the held-out questions again, under other ids, among new ones
     copy.write_text(
