@@ -229,7 +229,7 @@ def render(result: dict, env: dict, command: str) -> str:
 
     rows = [
         [
-            "streamrl (4 processes, 1 generator)",
+            f"streamrl (4 processes, 1 generator, {result.get('engine', 'hf')} engine)",
             o["samples"],
             o["samples_per_s"],
             o["steady_samples_per_s"],
@@ -238,7 +238,7 @@ def render(result: dict, env: dict, command: str) -> str:
             o["eval"]["kl_mean"],
         ],
         [
-            f"TRL GRPOTrainer ({result['trl_threads']} threads)",
+            f"TRL GRPOTrainer ({result['trl_threads']} threads, HF generate)",
             t["samples"],
             t["samples_per_s"],
             t["steady_samples_per_s"],
@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": cfg.model.path,
         "seconds": args.seconds,
         "trl_threads": args.trl_threads,
+        "engine": gen.engine.value,
         "precision": {
             "ours_learner": "bf16 autocast" if use_bf16_autocast(lc.autocast_bf16, cpu) else "fp32",
             "ours_generator": "bf16 autocast" if use_bf16_autocast(gen.autocast_bf16, cpu) else "fp32",
