@@ -9,13 +9,16 @@ every arm (the yardstick does not change with the arm). The gain of each arm is 
 
 Arms (:data:`ARMS`): ``full`` (the default job as it stands: the whole model at ``learner.lr``, the
 config's engine), ``lora`` (``learner.lora.rank`` > 0 at ``--lora-lr``; docs/lora.md starts LoRA at
-3e-4) and ``hf`` (the default job with ``generator.engine = "hf"``: Hugging Face ``generate``
-instead of vLLM). The section written is ``<other arms>_job`` (``lora_job``, ``hf_job``).
+3e-4), ``hf`` (the default job with ``generator.engine = "hf"``: Hugging Face ``generate`` instead
+of vLLM) and ``learner2`` (the learner on 2 torch threads and every process left to the scheduler,
+against the default's one learner thread on a core of its own). The section written is
+``<arms after the first>_job`` (``lora_job``, ``hf_learner2_job``).
 
 Usage (from the repository root, nothing else running)::
 
     .venv/bin/python -m bench.job_arms --seconds 480                # full against lora
     .venv/bin/python -m bench.job_arms --seconds 480 --arms full,hf # the default job's engines
+    .venv/bin/python -m bench.job_arms --seconds 480 --arms full,learner2  # its placement
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ ARMS = {
     "full": "the whole model",
     "lora": "LoRA",
     "hf": "Hugging Face generate",
+    "learner2": "the learner on 2 threads, unpinned",
 }
 """Arm name -> what the section's title calls it."""
 
@@ -52,6 +56,8 @@ def arm_overrides(arm: str, rank: int, lora_lr: float) -> list[str]:
         return [f"learner.lora.rank={rank}", f"learner.lr={lora_lr}"]
     if arm == "hf":
         return ["generator.engine=hf"]
+    if arm == "learner2":
+        return ["learner.threads=2", "run.cpu_placement=none"]
     raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
 
 
