@@ -36,9 +36,9 @@ from streamrl.common.config import load_config
 from streamrl.evaluation import EvalResult, compare
 
 ARMS = {
-    "full": "the whole model",
+    "full": "the default job",
     "lora": "LoRA",
-    "hf": "Hugging Face generate",
+    "hf": "Hugging Face generate (generator.engine = hf)",
     "learner2": "the learner on 2 threads, unpinned",
 }
 """Arm name -> what the section's title calls it."""
@@ -63,7 +63,7 @@ def arm_overrides(arm: str, rank: int, lora_lr: float) -> list[str]:
 
 def arm_label(arm: str, engine: str) -> str:
     """What the section calls ``arm``; ``engine``: the config's ``generator.engine``."""
-    return f"the default job ({engine} engine, whole model)" if arm == "full" else ARMS[arm]
+    return f"{ARMS[arm]} ({engine} engine, whole model)" if arm == "full" else ARMS[arm]
 
 
 def section_name(arms: list[str]) -> str:
@@ -92,15 +92,17 @@ def render(result: dict, env: dict, command: str) -> str:
         )
     arms, engine = result["arms"], result["engine"]
     first = arms[0]
-    lines = [
-        f"{arm_label(arm, engine)} minus {arm_label(first, engine)}, final policies paired over prompts: "
-        f"{d['delta']:+.3f} +- {d['delta_stderr']:.3f} ({d['delta_z']:+.1f} SE); samples/s "
-        f"{result['runs'][arm]['samples_per_s'] / result['runs'][first]['samples_per_s']:.2f}x."
-        for arm, d in ((arm, result["differences"][f"{arm}_minus_{first}"]) for arm in arms[1:])
-    ]
+    lines = []
+    for arm in arms[1:]:
+        d, label = result["differences"][f"{arm}_minus_{first}"], arm_label(arm, engine)
+        ratio = result["runs"][arm]["samples_per_s"] / result["runs"][first]["samples_per_s"]
+        lines.append(
+            f"{label[:1].upper()}{label[1:]} minus {arm_label(first, engine)}, final policies paired over prompts: "
+            f"{d['delta']:+.3f} +- {d['delta_stderr']:.3f} ({d['delta_z']:+.1f} SE); samples/s {ratio:.2f}x."
+        )
     return "\n".join(
         [
-            f"## {' vs '.join(arm_label(arm, engine) for arm in arms)}: the default job at equal wall time",
+            f"## The default job at equal wall time: {' vs '.join(arm_label(arm, engine) for arm in arms)}",
             "",
             f"Command: `{command}`",
             "",
@@ -172,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{arm}: held-out {g['after']:+.4f}, gain {g['delta']:+.4f} (paired z {g['delta_z']:.1f})", flush=True
             )
+    env = environment()
+    command = command_line()
     result = {
+        "command": command,
+        "environment": env,
         "config": args.config,
         "engine": load_config(args.config, []).generator.engine.value,
         "seconds": args.seconds,
@@ -183,8 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "differences": {f"{arm}_minus_{arms[0]}": compare(finals[arms[0]], finals[arm]) for arm in arms[1:]},
     }
-    env = environment()
-    command = command_line()
     out = write_results(
         section_name(arms),
         result,
