@@ -260,7 +260,12 @@ class VLLMEngine:
         self._reload(weights)
 
     def _reload(self, weights: Mapping[str, torch.Tensor]) -> None:
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items())})
+        """Load ``weights`` into the running engine, each floating-point tensor cast to the engine's
+        dtype first, one at a time (the learner sends float32 master weights; a bf16 engine would
+        otherwise cast them itself and log a warning per tensor and version)."""
+        dtype = self.merger.dtype
+        pairs = ((name, t.to(dtype) if t.is_floating_point() else t) for name, t in weights.items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})
         self.llm.reset_prefix_cache()  # no KV block of the old weights is reused
 
     def load_fetched(self, weights: WeightClient, fetched: FetchedWeights) -> None:
@@ -275,7 +280,7 @@ class VLLMEngine:
         (:data:`FUSED_LAYERS`); vLLM's reload leaves every layer it is not given as it was (the base)."""
         merged = self.merger.merge(tensors, spec)
         rest = complete_fused(set(merged)) - set(merged)
-        merged.update({k: v.to(self.merger.dtype) for k, v in self.merger.base_weights(rest).items()})
+        merged.update(self.merger.base_weights(rest))  # cast to the engine's dtype by _reload
         self._reload(merged)
 
     def close(self) -> None:

@@ -253,3 +253,34 @@ def test_an_adapter_for_another_base_is_refused(engine, reference, model_dir):
     renamed = {k.replace("layers.1.", "layers.7."): v for k, v in tensors.items()}
     with pytest.raises(RuntimeError, match="does not fit the base"):
         engine.load_adapter(renamed, adapter_spec(lora))
+
+
+def test_vllm_reload_gets_each_tensor_in_the_engines_dtype():
+    """The learner sends float32 master weights; a bf16 vLLM engine is handed bf16 tensors, cast one at a time
+    from a lazy iterator (vLLM would otherwise cast each itself and log a warning per tensor and version).
+    No vLLM needed: the engine's ``llm`` is a stand-in that records what ``reload_weights`` was given."""
+    from types import SimpleNamespace
+
+    from streamrl.services.generator.vllm_engine import VLLMEngine
+
+    class RecordingLLM:
+        def __init__(self):
+            self.seen: list[tuple[str, torch.dtype, list]] = []
+            self.resets = 0
+
+        def collective_rpc(self, method, kwargs):
+            assert method == "reload_weights"
+            weights = kwargs["weights_iterator"]
+            assert iter(weights) is weights  # an iterator, not a materialised copy of the whole model
+            self.seen += [(name, t.dtype, t.tolist()) for name, t in weights]
+
+        def reset_prefix_cache(self):
+            self.resets += 1
+
+    engine = object.__new__(VLLMEngine)  # no engine start: only the reload path is under test
+    engine.merger = SimpleNamespace(dtype=torch.bfloat16)
+    engine.llm = RecordingLLM()
+    engine._reload({"w.weight": torch.tensor([1.0 + 2**-10, -3.0]), "ids": torch.tensor([1, 2])})
+    # 1 + 2^-10 is below bf16's resolution at 1 (2^-7): it rounds to 1.0; integer tensors are left alone
+    assert engine.llm.seen == [("w.weight", torch.bfloat16, [1.0, -3.0]), ("ids", torch.int64, [1, 2])]
+    assert engine.llm.resets == 1
