@@ -12,7 +12,7 @@ from streamrl.common.config import validate_config
 from streamrl.common.metrics import ServiceMetrics
 from streamrl.services.scorer.health import RewardHealth
 from streamrl.services.scorer.metrics import ScorerMetrics
-from streamrl.status import ScrapeHistory, discover_generators, render
+from streamrl.status import DISCOVER_GENERATORS, ScrapeHistory, discover_generators, render
 from streamrl.testing import free_port, write_config
 
 
@@ -49,7 +49,9 @@ def fake_clock(monkeypatch):
 
 
 def test_status_lists_the_generators_that_run_and_a_failing_reward(tmp_path, fake_clock, capsys):
-    base = free_run(3)
+    # every port discovery scans is free at the start: a metrics server of an earlier test in this process
+    # (or of another job on the machine) at base + 24 once made discovery count 25 generators
+    base = free_run(DISCOVER_GENERATORS)
     running = []
     for i in (0, 2):  # generator 1 died; nothing listens on base + 3 and above
         gen = ServiceMetrics("generator", f"generator-{i}")
