@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     results["vllm_over_hf"] = results["engines"]["vllm"]["tokens_per_s"] / results["engines"]["hf"]["tokens_per_s"]
     for engine in engines.values():
         engine.close()
-    env = environment()
+    env = results["environment"] = environment()
     section = "\n".join(
         [
             f"## Generator engines: Hugging Face generate vs vLLM ({args.dtype})",

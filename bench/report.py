@@ -166,7 +166,8 @@ def write_results(
 
     Args:
         name: benchmark name (file stem and section marker).
-        results: JSON-serialisable measurements (the environment is added under ``environment``).
+        results: JSON-serialisable measurements; :func:`environment` is added under ``environment`` when
+            they do not carry one (the benches that render it into their section pass their own).
         section_markdown: the section body (heading, command, tables, notes).
         results_dir, results_md: where to write (default ``bench/results`` and ``bench/RESULTS.md``).
 
@@ -177,6 +178,7 @@ def write_results(
     results_md = Path(results_md) if results_md is not None else RESULTS_MD
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{name}.json"
+    results = {**results, "environment": results.get("environment") or environment()}
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = f"{begin}\n{section_markdown.strip()}\n{end}"
